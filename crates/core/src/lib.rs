@@ -1,0 +1,1 @@
+//! The decision path: policies + content -> reasoner -> validated verdicts and an outcome.

@@ -1,0 +1,1 @@
+//! Datasets, metrics, comparisons and offline HTML reports for policies.

@@ -1,0 +1,1 @@
+//! OpenAI-compatible remote engines (vLLM, SGLang, Ollama, LM Studio, llama.cpp server) as reasoners.

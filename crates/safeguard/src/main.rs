@@ -1,0 +1,67 @@
+//! The `safeguard` command line: argument handling and output only; the work lives in the library crates.
+
+mod cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "safeguard", version, about = "Policy-following content moderation with gpt-oss-safeguard, on your own hardware")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Render the exact harmony prompt for a policy and content.
+    Prompt(cmd::prompt::Args),
+    /// Classify content against one or more policies with a model.
+    Classify(cmd::classify::Args),
+    /// Work with policy files: lint, hash, test.
+    #[command(subcommand)]
+    Policy(cmd::policy::Command),
+    /// Download, convert or generate model files.
+    #[command(subcommand)]
+    Models(cmd::models::Command),
+    /// Evaluate policies on labelled datasets, or score saved predictions.
+    Eval(cmd::eval::Args),
+    /// Train and evaluate the fast triage classifier.
+    #[command(subcommand)]
+    Triage(cmd::triage::Command),
+    /// Low-level tools for checking the engine against references.
+    #[command(subcommand)]
+    Debug(cmd::debug::Command),
+    /// Benchmarks that print ratios against a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(cmd::bench::Command),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SAFEGUARD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Prompt(args) => cmd::prompt::run(args),
+        Command::Classify(args) => cmd::classify::run(args),
+        Command::Policy(command) => cmd::policy::run(command),
+        Command::Models(command) => cmd::models::run(command),
+        Command::Eval(args) => cmd::eval::run(args),
+        Command::Triage(command) => cmd::triage::run(command),
+        Command::Debug(command) => cmd::debug::run(command),
+        Command::Bench(command) => cmd::bench::run(command),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(cmd::EXIT_FAILURE)
+        }
+    }
+}

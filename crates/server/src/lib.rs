@@ -1,0 +1,1 @@
+//! safeguard serve: the HTTP API, OpenAI-compatible surfaces, auth, metrics, review page.

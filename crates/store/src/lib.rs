@@ -1,0 +1,1 @@
+//! Durable storage on SQLite or PostgreSQL: policies, decisions, jobs, reviews, keys.
