@@ -1,0 +1,307 @@
+//! Hashed n-gram features: word uni/bi-grams and character n-grams, signed feature hashing.
+//!
+//! Nothing here allocates: normalization, word hashes and character n-gram hashes (FNV-1a over a shift
+//! register of the last bytes) are computed in one streaming pass, and features go into a caller-owned
+//! buffer or straight into a dot product.
+
+use serde::{Deserialize, Serialize};
+
+use crate::TriageError;
+
+/// Largest supported hash space; beyond this the weight file stops fitting in cache for no measured gain.
+pub const MAX_HASH_BITS: u32 = 24;
+/// Longest character n-gram; the rolling hash keeps one state per order up to this.
+pub const MAX_CHAR_NGRAM: u8 = 8;
+
+/// Which n-grams are hashed and into how many buckets. Stored in `model.json`: a model only makes sense
+/// with the exact featurization it was trained with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureConfig {
+    /// log2 of the number of weight buckets.
+    pub hash_bits: u32,
+    pub word_unigrams: bool,
+    pub word_bigrams: bool,
+    /// Inclusive range of character n-gram lengths (in bytes of the normalized text); `None` disables them.
+    pub char_ngrams: Option<(u8, u8)>,
+    /// Signed hashing: the sign of each feature comes from a hash bit, so collisions cancel on average
+    /// instead of piling up.
+    pub signed: bool,
+}
+
+impl Default for FeatureConfig {
+    fn default() -> Self {
+        FeatureConfig {
+            hash_bits: 20,
+            word_unigrams: true,
+            word_bigrams: true,
+            char_ngrams: Some((3, 5)),
+            signed: true,
+        }
+    }
+}
+
+impl FeatureConfig {
+    /// Word uni+bigrams only: the cheaper of the two featurizations compared in BENCHMARKS.md.
+    pub fn words_only() -> Self {
+        FeatureConfig { char_ngrams: None, ..FeatureConfig::default() }
+    }
+
+    pub fn buckets(&self) -> usize {
+        1usize << self.hash_bits
+    }
+
+    pub fn validate(&self) -> Result<(), TriageError> {
+        if self.hash_bits == 0 || self.hash_bits > MAX_HASH_BITS {
+            return Err(TriageError::InvalidConfig(format!(
+                "hash_bits must be in 1..={MAX_HASH_BITS}, got {}",
+                self.hash_bits
+            )));
+        }
+        if let Some((lo, hi)) = self.char_ngrams
+            && (lo == 0 || lo > hi || hi > MAX_CHAR_NGRAM)
+        {
+            return Err(TriageError::InvalidConfig(format!(
+                "char_ngrams must satisfy 1 <= min <= max <= {MAX_CHAR_NGRAM}, got ({lo}, {hi})"
+            )));
+        }
+        if !self.word_unigrams && !self.word_bigrams && self.char_ngrams.is_none() {
+            return Err(TriageError::InvalidConfig("feature config enables no features".into()));
+        }
+        Ok(())
+    }
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+// Distinct seeds keep a word unigram "abc" and the character trigram "abc" in different buckets.
+const SEED_WORD: u64 = 0x9e37_79b9_7f4a_7c15;
+const SEED_BIGRAM: u64 = 0xc2b2_ae3d_27d4_eb4f;
+const SEED_CHAR: u64 = 0x1656_67b1_9e37_79f9;
+
+/// murmur3's 64-bit finalizer: FNV's low bits are weak, and we index by low bits.
+#[inline(always)]
+fn mix(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    h
+}
+
+#[inline(always)]
+fn fnv_step(h: u64, byte: u8) -> u64 {
+    (h ^ byte as u64).wrapping_mul(FNV_PRIME)
+}
+
+#[inline(always)]
+fn is_word_byte(b: u8) -> bool {
+    // Bytes >= 0x80 are parts of non-ASCII letters; treating them as word bytes keeps e.g. Cyrillic words whole.
+    b.is_ascii_alphanumeric() || b >= 0x80
+}
+
+/// Turns text into hashed features. Holds no buffers: normalization and hashing are streamed over the
+/// bytes with an 8-byte shift register for character n-grams, so one `Featurizer` can be shared by threads.
+#[derive(Debug, Clone)]
+pub struct Featurizer {
+    config: FeatureConfig,
+    mask: u64,
+}
+
+impl Featurizer {
+    pub fn new(config: FeatureConfig) -> Result<Self, TriageError> {
+        config.validate()?;
+        let mask = (1u64 << config.hash_bits) - 1;
+        Ok(Featurizer { config, mask })
+    }
+
+    pub fn config(&self) -> &FeatureConfig {
+        &self.config
+    }
+
+    /// Calls `emit(bucket, sign)` for every feature of `text`; returns the number of features.
+    ///
+    /// The text is seen ASCII-lowercased, with whitespace runs collapsed to one space and a space at each
+    /// end, so that character n-grams see word starts and ends.
+    #[inline]
+    pub fn for_each_feature(&self, text: &str, mut emit: impl FnMut(usize, f32)) -> usize {
+        let mask = self.mask;
+        let signed = self.config.signed;
+        let words = self.config.word_unigrams || self.config.word_bigrams;
+        let (char_lo, char_hi) = match self.config.char_ngrams {
+            Some((lo, hi)) => (lo as usize, hi as usize),
+            None => (usize::MAX, 0),
+        };
+        let mut count = 0usize;
+        let mut put = |h: u64| {
+            let h = mix(h);
+            let sign = if signed && (h >> 63) != 0 { -1.0 } else { 1.0 };
+            emit((h & mask) as usize, sign);
+            count += 1;
+        };
+
+        // Last up-to-8 normalized bytes, newest in the low byte.
+        let mut window: u64 = 0;
+        let mut seen: usize = 0;
+        let mut word_hash = FNV_OFFSET;
+        let mut in_word = false;
+        let mut previous_word: Option<u64> = None;
+
+        let mut feed = |b: u8| {
+            if words {
+                if is_word_byte(b) {
+                    word_hash = fnv_step(word_hash, b);
+                    in_word = true;
+                } else if in_word {
+                    if self.config.word_unigrams {
+                        put(word_hash ^ SEED_WORD);
+                    }
+                    if self.config.word_bigrams
+                        && let Some(prev) = previous_word
+                    {
+                        put(prev.rotate_left(17).wrapping_mul(FNV_PRIME) ^ word_hash ^ SEED_BIGRAM);
+                    }
+                    previous_word = Some(word_hash);
+                    word_hash = FNV_OFFSET;
+                    in_word = false;
+                }
+            }
+            if char_hi > 0 {
+                window = (window << 8) | b as u64;
+                seen += 1;
+                let longest = seen.min(char_hi);
+                // Hash each n-gram ending here from its last byte backwards; reversed order is as good a
+                // key as forward order and lets every length share one pass.
+                let mut h = FNV_OFFSET ^ SEED_CHAR;
+                for n in 1..=longest {
+                    h = fnv_step(h, (window >> (8 * (n - 1))) as u8);
+                    if n >= char_lo {
+                        // Mixing in the length separates an n-gram from a prefix of a longer one.
+                        put(h ^ ((n as u64) << 56));
+                    }
+                }
+            }
+        };
+
+        feed(b' ');
+        let mut last_space = true;
+        for &b in text.as_bytes() {
+            if b.is_ascii_whitespace() {
+                if !last_space {
+                    feed(b' ');
+                    last_space = true;
+                }
+            } else {
+                feed(b.to_ascii_lowercase());
+                last_space = false;
+            }
+        }
+        if !last_space {
+            feed(b' ');
+        }
+        count
+    }
+
+    /// Appends `(bucket, value)` pairs to `out` (cleared first), L2-normalized by treating each emitted
+    /// feature as distinct; repeated n-grams are rare enough in short texts that merging them is not worth a sort.
+    pub fn featurize_into(&self, text: &str, out: &mut Vec<(u32, f32)>) {
+        out.clear();
+        let n = self.for_each_feature(text, |bucket, sign| out.push((bucket as u32, sign)));
+        if n > 0 {
+            let scale = 1.0 / (n as f32).sqrt();
+            for pair in out.iter_mut() {
+                pair.1 *= scale;
+            }
+        }
+    }
+
+    /// `weights · features(text)` without materializing the features.
+    #[inline]
+    pub fn dot(&self, text: &str, weights: &[f32]) -> f32 {
+        let mut sum = 0.0f32;
+        let n = self.for_each_feature(text, |bucket, sign| {
+            // `bucket` is masked to the hash space and `weights` has exactly that many entries (checked on load).
+            sum += sign * weights[bucket];
+        });
+        if n == 0 { 0.0 } else { sum / (n as f32).sqrt() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn features(config: FeatureConfig, text: &str) -> Vec<(u32, f32)> {
+        let f = Featurizer::new(config).unwrap();
+        let mut out = Vec::new();
+        f.featurize_into(text, &mut out);
+        out
+    }
+
+    #[test]
+    fn counts_match_the_ngram_arithmetic() {
+        let words = FeatureConfig { char_ngrams: None, ..FeatureConfig::default() };
+        // 3 words -> 3 unigrams + 2 bigrams
+        assert_eq!(features(words, "the cat sat").len(), 5);
+        let chars = FeatureConfig {
+            word_unigrams: false,
+            word_bigrams: false,
+            char_ngrams: Some((3, 5)),
+            ..FeatureConfig::default()
+        };
+        // normalized " abcd " has 6 bytes: trigrams 4, 4-grams 3, 5-grams 2
+        assert_eq!(features(chars, "abcd").len(), 9);
+    }
+
+    #[test]
+    fn normalization_ignores_case_and_whitespace_runs() {
+        let a = features(FeatureConfig::default(), "Hello   World");
+        let b = features(FeatureConfig::default(), "hello world\n");
+        assert_eq!(a, b);
+        assert_ne!(a, features(FeatureConfig::default(), "hello worle"));
+    }
+
+    #[test]
+    fn buckets_stay_in_range_and_are_l2_normalized() {
+        let config = FeatureConfig { hash_bits: 10, ..FeatureConfig::default() };
+        let out = features(config, "Ünïcödé text, with punctuation!!! and numbers 12345");
+        assert!(out.iter().all(|&(b, _)| b < 1024));
+        let norm: f32 = out.iter().map(|&(_, v)| v * v).sum();
+        assert!((norm - 1.0).abs() < 1e-4, "norm {norm}");
+        assert!(out.iter().any(|&(_, v)| v < 0.0), "signed hashing gives some negative features");
+    }
+
+    #[test]
+    fn word_and_char_ngrams_of_same_bytes_hash_apart() {
+        let word = features(FeatureConfig { char_ngrams: None, word_bigrams: false, ..FeatureConfig::default() }, "abc");
+        let chars = features(
+            FeatureConfig { word_unigrams: false, word_bigrams: false, char_ngrams: Some((3, 3)), ..FeatureConfig::default() },
+            "abc",
+        );
+        assert_eq!(word.len(), 1);
+        assert!(chars.iter().all(|c| c.0 != word[0].0));
+    }
+
+    #[test]
+    fn dot_equals_sparse_product() {
+        let config = FeatureConfig { hash_bits: 12, ..FeatureConfig::default() };
+        let weights: Vec<f32> = (0..4096).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+        let text = "some text to score, twice twice";
+        let sparse: f32 = features(config.clone(), text).iter().map(|&(b, v)| weights[b as usize] * v).sum();
+        let f = Featurizer::new(config).unwrap();
+        assert!((f.dot(text, &weights) - sparse).abs() < 1e-4);
+        assert_eq!(f.dot("", &weights), 0.0);
+    }
+
+    #[test]
+    fn invalid_configs_are_refused() {
+        assert!(Featurizer::new(FeatureConfig { hash_bits: 0, ..FeatureConfig::default() }).is_err());
+        assert!(Featurizer::new(FeatureConfig { hash_bits: 30, ..FeatureConfig::default() }).is_err());
+        assert!(Featurizer::new(FeatureConfig { char_ngrams: Some((4, 2)), ..FeatureConfig::default() }).is_err());
+        assert!(
+            Featurizer::new(FeatureConfig { word_unigrams: false, word_bigrams: false, char_ngrams: None, ..FeatureConfig::default() })
+                .is_err()
+        );
+    }
+}
