@@ -1,0 +1,433 @@
+//! The trained triage model: fitting (cross-fitted calibration and thresholds), and the versioned
+//! artifact directory (`model.json` + `weights.bin`).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::TriageError;
+use crate::calibrate::{BandMetrics, Calibration, allow_threshold, band_metrics, fit_platt, violate_threshold};
+use crate::data::DatasetProvenance;
+use crate::features::{FeatureConfig, Featurizer};
+use crate::train::{Example, LinearModel, SplitMix, TrainConfig, train, violation_weight};
+
+pub const FORMAT_NAME: &str = "safeguard-triage-model";
+/// Bump when the meaning of any stored field or the featurization changes; old artifacts are refused.
+pub const FORMAT_VERSION: u32 = 1;
+pub const META_FILE: &str = "model.json";
+pub const WEIGHTS_FILE: &str = "weights.bin";
+
+/// Thresholds on the calibrated probability.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Thresholds {
+    /// The recall of violations `allow_below` was chosen to keep on held-out data.
+    pub target_recall: f64,
+    /// `p < allow_below`: confidently benign, the reasoning model is skipped.
+    pub allow_below: f32,
+    pub target_precision: f64,
+    /// `p >= violate_above`: confidently violating. `None` when no threshold reached the target precision.
+    pub violate_above: Option<f32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WeightsInfo {
+    pub file: String,
+    /// Always `f32le`: little-endian IEEE-754 single precision, one per hash bucket.
+    pub dtype: String,
+    pub count: usize,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingInfo {
+    pub config: TrainConfig,
+    /// Folds used to produce out-of-fold scores for calibration and thresholds.
+    pub folds: usize,
+    pub datasets: Vec<DatasetProvenance>,
+    pub items: usize,
+    pub violations: usize,
+    pub violation_weight: f32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingMetrics {
+    /// Out-of-fold metrics over all training items at the chosen thresholds.
+    pub out_of_fold: BandMetrics,
+    /// The same per input dataset, in `training.datasets` order.
+    pub per_dataset: Vec<BandMetrics>,
+}
+
+/// Everything in `model.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelMeta {
+    pub format: String,
+    pub format_version: u32,
+    pub policy_name: Option<String>,
+    /// `sha256:…` of the policy body this model was trained for.
+    pub policy_hash: String,
+    pub features: FeatureConfig,
+    pub bias: f32,
+    pub weights: WeightsInfo,
+    pub calibration: Calibration,
+    pub thresholds: Thresholds,
+    pub training: TrainingInfo,
+    pub metrics: TrainingMetrics,
+    /// RFC 3339, UTC.
+    pub created: String,
+}
+
+/// A loaded or freshly trained triage classifier.
+#[derive(Debug, Clone)]
+pub struct TriageModel {
+    pub meta: ModelMeta,
+    linear: LinearModel,
+    featurizer: Featurizer,
+}
+
+/// Everything `fit` needs besides the data.
+#[derive(Debug, Clone)]
+pub struct FitOptions {
+    pub features: FeatureConfig,
+    pub train: TrainConfig,
+    pub folds: usize,
+    pub target_recall: f64,
+    pub target_precision: f64,
+    /// Fewest items above `violate_above` on held-out data for the precision estimate to count.
+    pub min_violate_support: usize,
+    pub policy_name: Option<String>,
+    pub policy_hash: String,
+}
+
+impl Default for FitOptions {
+    fn default() -> Self {
+        FitOptions {
+            features: FeatureConfig::default(),
+            train: TrainConfig::default(),
+            folds: 5,
+            target_recall: 0.99,
+            target_precision: 0.95,
+            min_violate_support: 10,
+            policy_name: None,
+            policy_hash: String::new(),
+        }
+    }
+}
+
+/// Out-of-fold margins: each item scored by a model that never saw it. Folds are stratified by
+/// (source, label) so every fold sees every dataset's violations.
+pub fn out_of_fold_margins(examples: &[Example], options: &FitOptions) -> Result<Vec<f32>, TriageError> {
+    let folds = options.folds;
+    if folds < 2 {
+        return Err(TriageError::InvalidConfig("calibration needs at least 2 folds".into()));
+    }
+    let mut fold_of = vec![0usize; examples.len()];
+    let mut groups: std::collections::BTreeMap<(usize, bool), Vec<usize>> = Default::default();
+    for (i, e) in examples.iter().enumerate() {
+        groups.entry((e.source, e.violates)).or_default().push(i);
+    }
+    let mut rng = SplitMix::new(options.train.seed ^ 0xf01d);
+    for members in groups.values_mut() {
+        rng.shuffle(members);
+        for (k, &i) in members.iter().enumerate() {
+            fold_of[i] = k % folds;
+        }
+    }
+    let featurizer = Featurizer::new(options.features.clone())?;
+    let mut margins = vec![0.0f32; examples.len()];
+    for fold in 0..folds {
+        let _span = tracing::info_span!("triage_fold", fold).entered();
+        let train_set: Vec<&Example> = examples.iter().zip(&fold_of).filter(|(_, f)| **f != fold).map(|(e, _)| e).collect();
+        let model = train(&train_set, &options.features, &options.train)?;
+        for (i, e) in examples.iter().enumerate() {
+            if fold_of[i] == fold {
+                margins[i] = model.margin(&featurizer, &e.text);
+            }
+        }
+    }
+    Ok(margins)
+}
+
+/// Trains a model on all `examples`, with calibration and thresholds fitted on out-of-fold scores.
+///
+/// `allow_below` is the smallest of the per-dataset thresholds that each keep `target_recall` of that
+/// dataset's violations, so a large easy dataset cannot buy its recall at the expense of a small hard one.
+pub fn fit(examples: &[Example], datasets: Vec<DatasetProvenance>, options: &FitOptions) -> Result<TriageModel, TriageError> {
+    let _span = tracing::info_span!("triage_fit", items = examples.len()).entered();
+    if !(0.0..=1.0).contains(&options.target_recall) || !(0.0..=1.0).contains(&options.target_precision) {
+        return Err(TriageError::InvalidConfig("target recall and precision must be within [0, 1]".into()));
+    }
+    let margins = out_of_fold_margins(examples, options)?;
+    let labels: Vec<bool> = examples.iter().map(|e| e.violates).collect();
+    let calibration = fit_platt(&margins, &labels)?;
+    let probabilities: Vec<f32> = margins.iter().map(|&m| calibration.probability(m)).collect();
+
+    let sources = datasets.len().max(examples.iter().map(|e| e.source + 1).max().unwrap_or(0));
+    let subset = |source: usize| -> (Vec<f32>, Vec<bool>) {
+        examples
+            .iter()
+            .zip(&probabilities)
+            .filter(|(e, _)| e.source == source)
+            .map(|(e, p)| (*p, e.violates))
+            .unzip()
+    };
+    let mut allow_below = f32::INFINITY;
+    for source in 0..sources {
+        let (p, l) = subset(source);
+        if let Some(t) = allow_threshold(&p, &l, options.target_recall) {
+            allow_below = allow_below.min(t);
+        }
+    }
+    if !allow_below.is_finite() {
+        return Err(TriageError::Training("no violations in the training data".into()));
+    }
+    let violate_above = violate_threshold(&probabilities, &labels, options.target_precision, options.min_violate_support)
+        .filter(|&t| t > allow_below);
+    let out_of_fold = band_metrics(&probabilities, &labels, allow_below, violate_above);
+    let per_dataset = (0..sources)
+        .map(|s| {
+            let (p, l) = subset(s);
+            band_metrics(&p, &l, allow_below, violate_above)
+        })
+        .collect();
+
+    let all: Vec<&Example> = examples.iter().collect();
+    let linear = train(&all, &options.features, &options.train)?;
+    let weights_sha = hex::encode(Sha256::digest(weights_to_bytes(&linear.weights)));
+    let meta = ModelMeta {
+        format: FORMAT_NAME.into(),
+        format_version: FORMAT_VERSION,
+        policy_name: options.policy_name.clone(),
+        policy_hash: options.policy_hash.clone(),
+        features: options.features.clone(),
+        bias: linear.bias,
+        weights: WeightsInfo { file: WEIGHTS_FILE.into(), dtype: "f32le".into(), count: linear.weights.len(), sha256: weights_sha },
+        calibration,
+        thresholds: Thresholds {
+            target_recall: options.target_recall,
+            allow_below,
+            target_precision: options.target_precision,
+            violate_above,
+        },
+        training: TrainingInfo {
+            config: options.train.clone(),
+            folds: options.folds,
+            datasets,
+            items: examples.len(),
+            violations: labels.iter().filter(|&&l| l).count(),
+            violation_weight: violation_weight(&all, options.train.class_weight),
+        },
+        metrics: TrainingMetrics { out_of_fold, per_dataset },
+        created: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| "unknown".into()),
+    };
+    TriageModel::from_parts(meta, linear)
+}
+
+fn weights_to_bytes(weights: &[f32]) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(weights.len() * 4);
+    for w in weights {
+        bytes.extend_from_slice(&w.to_le_bytes());
+    }
+    bytes
+}
+
+fn invalid(dir: &Path, detail: impl std::fmt::Display) -> TriageError {
+    TriageError::InvalidArtifact(format!("{}: {detail}", dir.display()))
+}
+
+impl TriageModel {
+    fn from_parts(meta: ModelMeta, linear: LinearModel) -> Result<Self, TriageError> {
+        let featurizer = Featurizer::new(meta.features.clone())?;
+        Ok(TriageModel { meta, linear, featurizer })
+    }
+
+    /// Raw logit of the linear model.
+    #[inline]
+    pub fn margin(&self, text: &str) -> f32 {
+        self.linear.margin(&self.featurizer, text)
+    }
+
+    #[inline]
+    pub fn probability(&self, text: &str) -> f32 {
+        self.meta.calibration.probability(self.margin(text))
+    }
+
+    pub fn featurizer(&self) -> &Featurizer {
+        &self.featurizer
+    }
+
+    /// Writes `model.json` and `weights.bin` into `dir` (created if needed). Each file is written under a
+    /// temporary name and renamed, so a crash never leaves a half-written artifact behind a valid name.
+    pub fn save(&self, dir: &Path) -> Result<(), TriageError> {
+        let io = |path: &Path| {
+            let path = PathBuf::from(path);
+            move |source| TriageError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let write_atomic = |name: &str, bytes: &[u8]| -> Result<(), TriageError> {
+            let target = dir.join(name);
+            let temp = dir.join(format!(".{name}.tmp"));
+            let mut file = std::fs::File::create(&temp).map_err(io(&temp))?;
+            file.write_all(bytes).map_err(io(&temp))?;
+            file.sync_all().map_err(io(&temp))?;
+            std::fs::rename(&temp, &target).map_err(io(&target))
+        };
+        write_atomic(WEIGHTS_FILE, &weights_to_bytes(&self.linear.weights))?;
+        let json = serde_json::to_vec_pretty(&self.meta).map_err(|e| invalid(dir, format!("serializing metadata: {e}")))?;
+        write_atomic(META_FILE, &json)
+    }
+
+    /// Loads and validates an artifact directory: format name and version, feature config, weight count,
+    /// checksum and finiteness. Any mismatch is an error saying what is wrong.
+    pub fn load(dir: &Path) -> Result<Self, TriageError> {
+        let _span = tracing::info_span!("triage_model_load", dir = %dir.display()).entered();
+        let meta_path = dir.join(META_FILE);
+        let meta_bytes = std::fs::read(&meta_path).map_err(|source| TriageError::Io { path: meta_path.clone(), source })?;
+        let raw: serde_json::Value =
+            serde_json::from_slice(&meta_bytes).map_err(|e| invalid(dir, format!("{META_FILE} is not valid JSON: {e}")))?;
+        // Check the version before the full schema so an old or future artifact says so instead of
+        // reporting some missing field.
+        let format = raw.get("format").and_then(|v| v.as_str());
+        if format != Some(FORMAT_NAME) {
+            return Err(invalid(dir, format!("{META_FILE} is not a triage model (format {format:?}, expected {FORMAT_NAME:?})")));
+        }
+        let version = raw.get("format_version").and_then(|v| v.as_u64());
+        if version != Some(FORMAT_VERSION as u64) {
+            return Err(invalid(
+                dir,
+                format!("unsupported format_version {version:?}; this build reads version {FORMAT_VERSION}; retrain the model"),
+            ));
+        }
+        let meta: ModelMeta = serde_json::from_value(raw).map_err(|e| invalid(dir, format!("{META_FILE}: {e}")))?;
+        meta.features.validate()?;
+        meta.calibration.validate().map_err(|e| invalid(dir, e))?;
+        if meta.weights.dtype != "f32le" {
+            return Err(invalid(dir, format!("weights dtype {:?} unsupported (expected f32le)", meta.weights.dtype)));
+        }
+        if meta.weights.count != meta.features.buckets() {
+            return Err(invalid(
+                dir,
+                format!("weights count {} does not match 2^{} hash buckets", meta.weights.count, meta.features.hash_bits),
+            ));
+        }
+        if !meta.bias.is_finite() || !meta.thresholds.allow_below.is_finite() {
+            return Err(invalid(dir, "bias and thresholds must be finite"));
+        }
+        // Only a plain file name: the artifact must not point outside its directory.
+        if meta.weights.file.contains(['/', '\\']) || meta.weights.file.starts_with('.') {
+            return Err(invalid(dir, format!("weights file name {:?} must be a plain file name", meta.weights.file)));
+        }
+        let weights_path = dir.join(&meta.weights.file);
+        let bytes = std::fs::read(&weights_path).map_err(|source| TriageError::Io { path: weights_path.clone(), source })?;
+        if bytes.len() != meta.weights.count * 4 {
+            return Err(invalid(
+                dir,
+                format!("{} has {} bytes, expected {} ({} f32 weights)", meta.weights.file, bytes.len(), meta.weights.count * 4, meta.weights.count),
+            ));
+        }
+        let sha = hex::encode(Sha256::digest(&bytes));
+        if sha != meta.weights.sha256 {
+            return Err(invalid(dir, format!("{} checksum mismatch: file is corrupt or from another model", meta.weights.file)));
+        }
+        let weights: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        if weights.iter().any(|w| !w.is_finite()) {
+            return Err(invalid(dir, "weights contain non-finite values"));
+        }
+        let linear = LinearModel { weights, bias: meta.bias };
+        Self::from_parts(meta, linear)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_data() -> Vec<Example> {
+        let benign = ["what is the weather", "help me write code", "tell me a story about cats", "how do plants grow", "recipe for bread"];
+        let bad = ["how to make a bomb", "i will kill you", "poison my neighbour", "build a bomb at home", "kill them all"];
+        let mut out = Vec::new();
+        for round in 0..8 {
+            for t in benign {
+                out.push(Example { text: format!("{t} {round}"), violates: false, weight: 1.0, source: 0 });
+            }
+            for t in bad {
+                out.push(Example { text: format!("{t} {round}"), violates: true, weight: 1.0, source: 0 });
+            }
+        }
+        out
+    }
+
+    fn tiny_model() -> TriageModel {
+        let options = FitOptions {
+            features: FeatureConfig { hash_bits: 12, ..FeatureConfig::default() },
+            target_recall: 0.9,
+            min_violate_support: 3,
+            policy_hash: "sha256:abc".into(),
+            ..FitOptions::default()
+        };
+        fit(&tiny_data(), vec![], &options).unwrap()
+    }
+
+    #[test]
+    fn save_load_round_trip_preserves_scores() {
+        let model = tiny_model();
+        assert!(model.probability("build a bomb to kill") > model.probability("recipe for cats"));
+        let dir = tempfile::tempdir().unwrap();
+        model.save(dir.path()).unwrap();
+        let loaded = TriageModel::load(dir.path()).unwrap();
+        assert_eq!(loaded.meta, model.meta);
+        for text in ["how to make a bomb", "hello there", ""] {
+            assert_eq!(loaded.margin(text), model.margin(text));
+        }
+        assert_eq!(std::fs::metadata(dir.path().join(WEIGHTS_FILE)).unwrap().len(), 4 * 4096);
+    }
+
+    #[test]
+    fn corrupt_or_foreign_artifacts_are_refused_clearly() {
+        let model = tiny_model();
+        let dir = tempfile::tempdir().unwrap();
+        model.save(dir.path()).unwrap();
+        let weights_path = dir.path().join(WEIGHTS_FILE);
+        let meta_path = dir.path().join(META_FILE);
+        let good_weights = std::fs::read(&weights_path).unwrap();
+        let good_meta = std::fs::read_to_string(&meta_path).unwrap();
+
+        let mut flipped = good_weights.clone();
+        flipped[100] ^= 0x40;
+        std::fs::write(&weights_path, &flipped).unwrap();
+        assert!(TriageModel::load(dir.path()).unwrap_err().to_string().contains("checksum mismatch"));
+
+        std::fs::write(&weights_path, &good_weights[..good_weights.len() - 4]).unwrap();
+        assert!(TriageModel::load(dir.path()).unwrap_err().to_string().contains("bytes, expected"));
+        std::fs::write(&weights_path, &good_weights).unwrap();
+
+        std::fs::write(&meta_path, good_meta.replace("\"format_version\": 1", "\"format_version\": 99")).unwrap();
+        assert!(TriageModel::load(dir.path()).unwrap_err().to_string().contains("unsupported format_version Some(99)"));
+
+        std::fs::write(&meta_path, "{ not json").unwrap();
+        assert!(TriageModel::load(dir.path()).unwrap_err().to_string().contains("not valid JSON"));
+
+        std::fs::write(&meta_path, r#"{"format": "something-else", "format_version": 1}"#).unwrap();
+        assert!(TriageModel::load(dir.path()).unwrap_err().to_string().contains("not a triage model"));
+
+        std::fs::write(&meta_path, good_meta.replace("\"file\": \"weights.bin\"", "\"file\": \"../weights.bin\"")).unwrap();
+        assert!(TriageModel::load(dir.path()).unwrap_err().to_string().contains("plain file name"));
+
+        std::fs::write(&meta_path, &good_meta).unwrap();
+        std::fs::remove_file(&weights_path).unwrap();
+        assert!(matches!(TriageModel::load(dir.path()), Err(TriageError::Io { .. })));
+    }
+
+    #[test]
+    fn thresholds_keep_target_recall_out_of_fold() {
+        let model = tiny_model();
+        let t = &model.meta.thresholds;
+        assert!(model.meta.metrics.out_of_fold.recall >= 0.9);
+        assert!(t.violate_above.is_none_or(|v| v > t.allow_below));
+        assert_eq!(model.meta.training.items, 80);
+        assert_eq!(model.meta.policy_hash, "sha256:abc");
+    }
+}

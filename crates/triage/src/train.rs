@@ -1,0 +1,228 @@
+//! Logistic regression over hashed features, trained with AdaGrad SGD.
+//!
+//! AdaGrad suits hashed n-grams: rare n-grams (most of them) keep large step sizes while frequent ones
+//! settle, without a learning-rate schedule to tune per dataset.
+
+use serde::{Deserialize, Serialize};
+
+use crate::TriageError;
+use crate::features::{FeatureConfig, Featurizer};
+
+/// One labelled training item.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub text: String,
+    pub violates: bool,
+    /// Multiplies the loss of this item; human corrections get more than bulk labels.
+    pub weight: f32,
+    /// Which input the item came from; thresholds must hold on every source (see `calibrate`).
+    pub source: usize,
+}
+
+/// How much a violation counts relative to a benign item.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "value")]
+pub enum ClassWeight {
+    /// Weight violations by benign/violating so both classes carry equal total weight.
+    Balanced,
+    /// Fixed weight on violations (benign items weigh 1).
+    Violation(f32),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    pub learning_rate: f32,
+    /// L2 penalty, applied to the weights an item touches (lazy regularization).
+    pub l2: f32,
+    pub class_weight: ClassWeight,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig { epochs: 6, learning_rate: 0.3, l2: 1e-6, class_weight: ClassWeight::Balanced, seed: 0x5afe }
+    }
+}
+
+/// A trained linear model: `sigmoid(bias + weights · features(text))` is the uncalibrated score.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinearModel {
+    pub weights: Vec<f32>,
+    pub bias: f32,
+}
+
+impl LinearModel {
+    /// Raw margin (logit) of `text`.
+    #[inline]
+    pub fn margin(&self, featurizer: &Featurizer, text: &str) -> f32 {
+        self.bias + featurizer.dot(text, &self.weights)
+    }
+}
+
+/// Small deterministic RNG (splitmix64) for shuffling; results must not change between runs or platforms.
+#[derive(Debug, Clone)]
+pub(crate) struct SplitMix(u64);
+
+impl SplitMix {
+    pub(crate) fn new(seed: u64) -> Self {
+        SplitMix(seed)
+    }
+    pub(crate) fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    pub(crate) fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            let j = (self.next_u64() % (i as u64 + 1)) as usize;
+            items.swap(i, j);
+        }
+    }
+}
+
+pub(crate) fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+/// Weight on violations implied by `config.class_weight` for these items.
+pub fn violation_weight(examples: &[&Example], class_weight: ClassWeight) -> f32 {
+    match class_weight {
+        ClassWeight::Violation(w) => w,
+        ClassWeight::Balanced => {
+            let (mut pos, mut neg) = (0.0f64, 0.0f64);
+            for e in examples {
+                if e.violates {
+                    pos += e.weight as f64;
+                } else {
+                    neg += e.weight as f64;
+                }
+            }
+            if pos > 0.0 && neg > 0.0 { (neg / pos) as f32 } else { 1.0 }
+        }
+    }
+}
+
+/// Trains on `examples`; fails on empty input, a single class, or non-finite weights.
+pub fn train(examples: &[&Example], features: &FeatureConfig, config: &TrainConfig) -> Result<LinearModel, TriageError> {
+    let _span = tracing::info_span!("triage_train", items = examples.len(), epochs = config.epochs).entered();
+    let featurizer = Featurizer::new(features.clone())?;
+    if examples.is_empty() {
+        return Err(TriageError::Training("no training items".into()));
+    }
+    let positives = examples.iter().filter(|e| e.violates).count();
+    if positives == 0 || positives == examples.len() {
+        return Err(TriageError::Training(format!(
+            "training needs both classes; got {positives} violations among {} items",
+            examples.len()
+        )));
+    }
+    if let Some(bad) = examples.iter().find(|e| !e.weight.is_finite() || e.weight < 0.0) {
+        return Err(TriageError::Training(format!("item weight must be finite and >= 0, got {}", bad.weight)));
+    }
+    if !(config.learning_rate > 0.0) || !(config.l2 >= 0.0) || config.epochs == 0 {
+        return Err(TriageError::InvalidConfig("learning_rate must be > 0, l2 >= 0, epochs >= 1".into()));
+    }
+    let positive_weight = violation_weight(examples, config.class_weight);
+
+    let buckets = features.buckets();
+    let mut weights = vec![0.0f32; buckets];
+    let mut grad_squares = vec![0.0f32; buckets];
+    let mut bias = 0.0f32;
+    let mut bias_grad_square = 0.0f32;
+    const EPS: f32 = 1e-8;
+
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    let mut rng = SplitMix::new(config.seed);
+    let mut feats: Vec<(u32, f32)> = Vec::with_capacity(4096);
+    for _epoch in 0..config.epochs {
+        rng.shuffle(&mut order);
+        for &i in &order {
+            let example = examples[i];
+            let item_weight = example.weight * if example.violates { positive_weight } else { 1.0 };
+            if item_weight == 0.0 {
+                continue;
+            }
+            featurizer.featurize_into(&example.text, &mut feats);
+            let mut z = bias;
+            for &(j, v) in &feats {
+                z += weights[j as usize] * v;
+            }
+            let y = if example.violates { 1.0 } else { 0.0 };
+            let g = (sigmoid(z) - y) * item_weight;
+            for &(j, v) in &feats {
+                let j = j as usize;
+                let grad = g * v + config.l2 * weights[j];
+                grad_squares[j] += grad * grad;
+                weights[j] -= config.learning_rate * grad / (grad_squares[j] + EPS).sqrt();
+            }
+            bias_grad_square += g * g;
+            bias -= config.learning_rate * g / (bias_grad_square + EPS).sqrt();
+        }
+    }
+    if !bias.is_finite() || weights.iter().any(|w| !w.is_finite()) {
+        return Err(TriageError::Training("training diverged (non-finite weights); lower the learning rate".into()));
+    }
+    Ok(LinearModel { weights, bias })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn synthetic(n: usize, seed: u64) -> Vec<Example> {
+        // Violations mention one of a few "bad" words among filler; benign items only filler.
+        let filler = ["the", "weather", "today", "please", "help", "me", "with", "my", "homework", "about", "cats", "code"];
+        let bad = ["kill", "bomb", "poison", "stab"];
+        let mut rng = SplitMix::new(seed);
+        (0..n)
+            .map(|i| {
+                let violates = i % 3 == 0;
+                let mut words: Vec<&str> = (0..8).map(|_| filler[(rng.next_u64() % filler.len() as u64) as usize]).collect();
+                if violates {
+                    let pos = (rng.next_u64() % 8) as usize;
+                    words[pos] = bad[(rng.next_u64() % bad.len() as u64) as usize];
+                }
+                Example { text: words.join(" "), violates, weight: 1.0, source: 0 }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn learns_a_separable_set() {
+        let train_set = synthetic(600, 1);
+        let test_set = synthetic(300, 2);
+        let config = FeatureConfig { hash_bits: 16, ..FeatureConfig::default() };
+        let refs: Vec<&Example> = train_set.iter().collect();
+        let model = train(&refs, &config, &TrainConfig::default()).unwrap();
+        let f = Featurizer::new(config).unwrap();
+        let correct = test_set.iter().filter(|e| (model.margin(&f, &e.text) > 0.0) == e.violates).count();
+        let accuracy = correct as f64 / test_set.len() as f64;
+        assert!(accuracy >= 0.98, "accuracy {accuracy}");
+    }
+
+    #[test]
+    fn sample_weight_pulls_the_decision() {
+        // Same text labelled both ways; the heavier label wins.
+        let a = Example { text: "ambiguous phrase".into(), violates: true, weight: 10.0, source: 0 };
+        let b = Example { text: "ambiguous phrase".into(), violates: false, weight: 1.0, source: 0 };
+        let c = Example { text: "clearly fine".into(), violates: false, weight: 1.0, source: 0 };
+        let config = FeatureConfig { hash_bits: 12, ..FeatureConfig::default() };
+        let train_config = TrainConfig { class_weight: ClassWeight::Violation(1.0), ..TrainConfig::default() };
+        let model = train(&[&a, &b, &c], &config, &train_config).unwrap();
+        let f = Featurizer::new(config).unwrap();
+        assert!(model.margin(&f, "ambiguous phrase") > 0.0);
+    }
+
+    #[test]
+    fn refuses_single_class_and_bad_weights() {
+        let a = Example { text: "x".into(), violates: false, weight: 1.0, source: 0 };
+        let config = FeatureConfig { hash_bits: 10, ..FeatureConfig::default() };
+        assert!(matches!(train(&[&a], &config, &TrainConfig::default()), Err(TriageError::Training(_))));
+        let b = Example { text: "y".into(), violates: true, weight: f32::NAN, source: 0 };
+        assert!(matches!(train(&[&a, &b], &config, &TrainConfig::default()), Err(TriageError::Training(_))));
+        assert!(train(&[], &config, &TrainConfig::default()).is_err());
+    }
+}
