@@ -1,0 +1,360 @@
+//! A lenient reader for saved `safeguard classify` output (one JSON object per line).
+//!
+//! Unknown fields are kept (`extra`) so records written back to a cache lose nothing.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+
+use crate::EvalError;
+
+/// The outcome of a decision, as classify writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Allow,
+    Violation,
+    #[serde(alias = "needs-review", alias = "review")]
+    NeedsReview,
+}
+
+/// What an item was predicted to be for the policy being scored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Predicted {
+    Violation,
+    Allow,
+    NeedsReview,
+}
+
+impl From<Outcome> for Predicted {
+    fn from(outcome: Outcome) -> Self {
+        match outcome {
+            Outcome::Allow => Predicted::Allow,
+            Outcome::Violation => Predicted::Violation,
+            Outcome::NeedsReview => Predicted::NeedsReview,
+        }
+    }
+}
+
+impl Predicted {
+    /// The label this prediction stands for, or `None` for needs_review.
+    pub fn as_label(self) -> Option<bool> {
+        match self {
+            Predicted::Violation => Some(true),
+            Predicted::Allow => Some(false),
+            Predicted::NeedsReview => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Predicted::Violation => "violation",
+            Predicted::Allow => "allow",
+            Predicted::NeedsReview => "needs_review",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub prompt_tokens: u64,
+    #[serde(default)]
+    pub cached_prompt_tokens: u64,
+    #[serde(default)]
+    pub completion_tokens: u64,
+}
+
+/// One policy's verdict inside a prediction line.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PredictedVerdict {
+    pub policy: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_hash: Option<String>,
+    #[serde(default)]
+    pub violation: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rule_ids: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rationale: Option<String>,
+    /// Kept as JSON: the flag encoding belongs to the verdict crate; [`flag_name`] reads any of its shapes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// Flags meaning the model's answer could not be read as a verdict.
+const PARSE_FAILURE_FLAGS: [&str; 4] = [
+    "no_final_message",
+    "unparseable",
+    "truncated",
+    "missing_field",
+];
+
+/// The snake_case name of a flag, whether it is serialised as `"truncated"`, `{"kind":"unparseable",…}` or
+/// `{"unparseable":{…}}`.
+pub fn flag_name(flag: &Value) -> Option<String> {
+    let raw = match flag {
+        Value::String(name) => name.clone(),
+        Value::Object(object) => {
+            let tagged = ["kind", "type", "flag"]
+                .iter()
+                .find_map(|tag| object.get(*tag).and_then(Value::as_str));
+            match tagged {
+                Some(name) => name.to_string(),
+                None if object.len() == 1 => object.keys().next()?.clone(),
+                None => return None,
+            }
+        }
+        _ => return None,
+    };
+    Some(to_snake_case(&raw))
+}
+
+fn to_snake_case(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else if c == '-' {
+            out.push('_');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+impl PredictedVerdict {
+    pub fn predicted(&self) -> Predicted {
+        match (self.outcome, self.violation) {
+            (Some(outcome), _) => outcome.into(),
+            (None, Some(true)) => Predicted::Violation,
+            (None, Some(false)) => Predicted::Allow,
+            (None, None) => Predicted::NeedsReview,
+        }
+    }
+
+    /// True when the model's answer could not be parsed into a verdict.
+    pub fn is_parse_failure(&self) -> bool {
+        self.flags
+            .iter()
+            .filter_map(flag_name)
+            .any(|name| PARSE_FAILURE_FLAGS.contains(&name.as_str()))
+    }
+}
+
+/// One line of classify output (or one cached live result).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PredictionRecord {
+    #[serde(deserialize_with = "string_or_number")]
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
+    #[serde(default)]
+    pub verdicts: Vec<PredictedVerdict>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub timings: Map<String, Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effort: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Set when classifying the item failed; such an item counts as needs_review.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+fn string_or_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    match Value::deserialize(deserializer)? {
+        Value::String(s) => Ok(s),
+        Value::Number(n) => Ok(n.to_string()),
+        other => Err(serde::de::Error::custom(format!(
+            "id must be a string or number, got {other}"
+        ))),
+    }
+}
+
+impl PredictionRecord {
+    /// The verdict for `policy`, or the only verdict when no policy is named.
+    pub fn verdict(&self, policy: Option<&str>) -> Option<&PredictedVerdict> {
+        match policy {
+            Some(name) => self.verdicts.iter().find(|v| v.policy == name),
+            None if self.verdicts.len() == 1 => self.verdicts.first(),
+            None => None,
+        }
+    }
+
+    /// The prediction for `policy`; with no policy, the overall outcome. A missing verdict or a failed
+    /// classification is needs_review: never a silent allow.
+    pub fn predicted(&self, policy: Option<&str>) -> Predicted {
+        if let Some(name) = policy {
+            return self
+                .verdict(Some(name))
+                .map_or(Predicted::NeedsReview, PredictedVerdict::predicted);
+        }
+        if let Some(outcome) = self.outcome {
+            return outcome.into();
+        }
+        if self.verdicts.is_empty() {
+            return Predicted::NeedsReview;
+        }
+        let each: Vec<Predicted> = self
+            .verdicts
+            .iter()
+            .map(PredictedVerdict::predicted)
+            .collect();
+        if each.contains(&Predicted::NeedsReview) {
+            Predicted::NeedsReview
+        } else if each.contains(&Predicted::Violation) {
+            Predicted::Violation
+        } else {
+            Predicted::Allow
+        }
+    }
+
+    /// True when the answer for `policy` (any policy when `None`) could not be parsed.
+    pub fn is_parse_failure(&self, policy: Option<&str>) -> bool {
+        match policy {
+            Some(name) => self
+                .verdict(Some(name))
+                .is_some_and(PredictedVerdict::is_parse_failure),
+            None => self.verdicts.iter().any(PredictedVerdict::is_parse_failure),
+        }
+    }
+
+    /// The rationale for `policy` (or the only/first verdict that has one).
+    pub fn rationale(&self, policy: Option<&str>) -> Option<&str> {
+        match policy {
+            Some(name) => self
+                .verdict(Some(name))
+                .and_then(|v| v.rationale.as_deref()),
+            None => self.verdicts.iter().find_map(|v| v.rationale.as_deref()),
+        }
+        .or(self.error.as_deref())
+    }
+
+    /// End-to-end latency in milliseconds: `total_ms` (or `latency_ms`/`wall_ms`) if recorded, else prefill + decode.
+    pub fn latency_ms(&self) -> Option<f64> {
+        let number = |name: &str| self.timings.get(name).and_then(Value::as_f64);
+        if let Some(total) = ["total_ms", "latency_ms", "wall_ms"]
+            .iter()
+            .find_map(|name| number(name))
+        {
+            return Some(total);
+        }
+        match (number("prefill_ms"), number("decode_ms")) {
+            (None, None) => None,
+            (prefill, decode) => Some(prefill.unwrap_or(0.0) + decode.unwrap_or(0.0)),
+        }
+    }
+}
+
+/// Reads a predictions JSONL file. A malformed line is an error naming its line number.
+pub fn read_predictions(path: &Path) -> Result<Vec<PredictionRecord>, EvalError> {
+    let file = File::open(path).map_err(|source| EvalError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut records = Vec::new();
+    for (index, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|source| EvalError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record: PredictionRecord =
+            serde_json::from_str(&line).map_err(|err| EvalError::Data {
+                path: path.to_path_buf(),
+                line: index + 1,
+                message: format!("not a prediction record: {err}"),
+            })?;
+        records.push(record);
+    }
+    Ok(records)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn record(value: Value) -> PredictionRecord {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn reads_the_classify_line_shape() {
+        let line = json!({"id":"x","outcome":"violation","verdicts":[{"policy":"spam","policy_hash":"sha256:ab",
+            "violation":true,"label":"1","rule_ids":[],"flags":[],"outcome":"violation"}],
+            "usage":{"prompt_tokens":10,"cached_prompt_tokens":4,"completion_tokens":3},
+            "timings":{"prefill_ms":5.0,"decode_ms":7.5},"reasoning":["kept"]});
+        let r = record(line.clone());
+        assert_eq!(r.predicted(None), Predicted::Violation);
+        assert_eq!(r.predicted(Some("spam")), Predicted::Violation);
+        assert_eq!(r.predicted(Some("other")), Predicted::NeedsReview);
+        assert_eq!(r.latency_ms(), Some(12.5));
+        assert_eq!(r.usage.as_ref().unwrap().cached_prompt_tokens, 4);
+        // Unknown fields survive a round trip, so cached records lose nothing.
+        let back = serde_json::to_value(&r).unwrap();
+        assert_eq!(back["reasoning"], json!(["kept"]));
+    }
+
+    #[test]
+    fn missing_outcomes_fall_back_to_verdicts_and_never_to_allow() {
+        let r = record(json!({"id": 7, "verdicts": [
+            {"policy": "a", "violation": false}, {"policy": "b", "violation": null}]}));
+        assert_eq!(r.id, "7");
+        assert_eq!(r.predicted(None), Predicted::NeedsReview);
+        assert_eq!(r.predicted(Some("a")), Predicted::Allow);
+        let empty = record(json!({"id": "e", "error": "engine died"}));
+        assert_eq!(empty.predicted(None), Predicted::NeedsReview);
+        assert_eq!(empty.rationale(None), Some("engine died"));
+    }
+
+    #[test]
+    fn flags_are_read_in_any_serde_shape() {
+        assert_eq!(flag_name(&json!("truncated")).as_deref(), Some("truncated"));
+        assert_eq!(
+            flag_name(&json!({"kind": "unparseable", "detail": "x"})).as_deref(),
+            Some("unparseable")
+        );
+        assert_eq!(
+            flag_name(&json!({"Unparseable": {"detail": "x"}})).as_deref(),
+            Some("unparseable")
+        );
+        assert_eq!(
+            flag_name(&json!("NoFinalMessage")).as_deref(),
+            Some("no_final_message")
+        );
+        let v = PredictedVerdict {
+            flags: vec![json!({"type": "hallucinated_rule", "rule_id": "X"})],
+            ..Default::default()
+        };
+        assert!(!v.is_parse_failure());
+        let v = PredictedVerdict {
+            flags: vec![json!("no_final_message")],
+            ..Default::default()
+        };
+        assert!(v.is_parse_failure());
+    }
+}

@@ -1,0 +1,213 @@
+//! score_predictions against values computed by hand from the fixture in `common`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use safeguard_eval::{DatasetSpec, FieldMapping, ScoreOptions, score_predictions};
+use serde_json::json;
+
+fn close(actual: Option<f64>, expected: f64) {
+    let actual = actual.expect("metric is defined");
+    assert!((actual - expected).abs() < 1e-9, "{actual} != {expected}");
+}
+
+#[test]
+fn hand_computed_metrics_with_needs_review_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let dataset = common::load_dataset(dir.path());
+    let report =
+        score_predictions(&common::predictions(), &dataset, &ScoreOptions::default()).unwrap();
+
+    // Joined: 1-8 and 10. Labelled: 1-8. Item 4 (violating) and 8 (safe) are needs_review.
+    assert_eq!(report.joined, 9);
+    assert_eq!(report.unlabelled, 1);
+    // needs_review as positive: tp = 1,2,4; fn = 3; fp = 5,8; tn = 6,7.
+    let c = report.metrics.confusion;
+    assert_eq!((c.tp, c.fp, c.tn, c.fn_), (3, 2, 2, 1));
+    close(report.metrics.precision, 3.0 / 5.0);
+    close(report.metrics.recall, 3.0 / 4.0);
+    close(report.metrics.f1, 6.0 / 9.0);
+    close(report.metrics.accuracy, 5.0 / 8.0);
+    // needs_review excluded: tp = 1,2; fn = 3; fp = 5; tn = 6,7.
+    let x = report.excluding_needs_review.confusion;
+    assert_eq!((x.tp, x.fp, x.tn, x.fn_), (2, 1, 2, 1));
+    close(report.excluding_needs_review.precision, 2.0 / 3.0);
+    close(report.excluding_needs_review.recall, 2.0 / 3.0);
+    close(report.excluding_needs_review.accuracy, 4.0 / 6.0);
+    assert_eq!(report.needs_review.count, 2);
+    close(report.needs_review.rate, 2.0 / 8.0);
+    assert_eq!(
+        (report.needs_review.positives, report.needs_review.negatives),
+        (1, 1)
+    );
+    assert_eq!(report.parse_failures, 1);
+    close(report.parse_failure_rate, 1.0 / 9.0);
+
+    assert_eq!(report.missing_predictions.count, 1);
+    assert_eq!(report.missing_predictions.ids, vec!["9"]);
+    assert_eq!(report.unknown_predictions.ids, vec!["zzz"]);
+    assert_eq!(report.duplicate_predictions.count, 0);
+
+    // Group a = items 1 (TP), 3 (FN), 5 (FP).
+    let a = report.per_group["a"].confusion;
+    assert_eq!((a.tp, a.fp, a.tn, a.fn_), (1, 1, 0, 1));
+
+    // Effort low: items 1-4, total_ms 100..400, completion tokens 10..40.
+    let low = &report.by_effort["low"];
+    assert_eq!(low.items, 4);
+    let latency = low.latency_ms.unwrap();
+    assert_eq!(
+        (latency.mean, latency.p50, latency.p95),
+        (250.0, 200.0, 400.0)
+    );
+    let completion = low.completion_tokens.unwrap();
+    assert_eq!(
+        (completion.mean, completion.p50, completion.p95),
+        (25.0, 20.0, 40.0)
+    );
+    assert_eq!(low.cached_prompt_tokens.unwrap().mean, 800.0);
+    assert_eq!(low.needs_review, 1);
+    // Effort high: items 5-8 and 10, latency 50 + 10*i = 100, 110, 120, 130, 150.
+    let high = &report.by_effort["high"];
+    assert_eq!(high.items, 5);
+    let latency = high.latency_ms.unwrap();
+    assert_eq!(
+        (latency.mean, latency.p50, latency.p95),
+        (122.0, 120.0, 150.0)
+    );
+    assert_eq!(
+        high.latency_histogram.iter().map(|b| b.count).sum::<u64>(),
+        5
+    );
+
+    // Examples keep the text and the rationale.
+    assert_eq!(report.false_positives.len(), 1);
+    assert_eq!(report.false_positives[0].id, "5");
+    assert_eq!(
+        report.false_negatives[0].rationale.as_deref(),
+        Some("rationale for 3 <b>")
+    );
+    assert_eq!(report.needs_review_items.len(), 2);
+
+    // The JSON carries the headline scores and counts at the top level.
+    let value = serde_json::to_value(&report).unwrap();
+    for key in [
+        "precision",
+        "recall",
+        "f1",
+        "accuracy",
+        "tp",
+        "fp",
+        "tn",
+        "fn",
+    ] {
+        assert!(value.get(key).is_some(), "missing {key}");
+    }
+    assert_eq!(value["fn"], json!(1));
+}
+
+#[test]
+fn selecting_a_policy_scores_its_verdict_and_rejects_unknown_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let dataset = common::load_dataset(dir.path());
+    let opts = ScoreOptions {
+        policy: Some("spam".into()),
+        ..ScoreOptions::default()
+    };
+    let report = score_predictions(&common::predictions(), &dataset, &opts).unwrap();
+    assert_eq!(report.metrics.confusion.tp, 3);
+    assert_eq!(report.policy_missing.count, 0);
+
+    let opts = ScoreOptions {
+        policy: Some("hate".into()),
+        ..ScoreOptions::default()
+    };
+    let err = score_predictions(&common::predictions(), &dataset, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("hate") && err.contains("spam"), "{err}");
+}
+
+#[test]
+fn duplicate_predictions_use_the_last_and_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let dataset = common::load_dataset(dir.path());
+    let mut predictions = common::predictions();
+    predictions.push(common::prediction("3", "violation", "second look"));
+    let report = score_predictions(&predictions, &dataset, &ScoreOptions::default()).unwrap();
+    assert_eq!(report.duplicate_predictions.ids, vec!["3"]);
+    // Item 3 turned from FN into TP.
+    assert_eq!(report.metrics.confusion.tp, 4);
+    assert_eq!(report.metrics.confusion.fn_, 0);
+}
+
+#[test]
+fn multi_policy_accuracy_needs_every_policy_right() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = [
+        json!({"id": "A", "text": "a", "spam": 1, "hate": 0}),
+        json!({"id": "B", "text": "b", "spam": 0, "hate": 1}),
+        json!({"id": "C", "text": "c", "spam": 0, "hate": 0}),
+        json!({"id": "D", "text": "d", "spam": 1, "hate": null}),
+        json!({"id": "E", "text": "e", "spam": 1, "hate": 1}),
+    ];
+    let path = common::write_lines(dir.path(), "multi.jsonl", &rows);
+    let mapping = FieldMapping {
+        label_field: Some("spam".into()),
+        category_fields: vec!["spam".into(), "hate".into()],
+        ..FieldMapping::default()
+    };
+    let dataset = DatasetSpec::File(path)
+        .load(Path::new("."), &mapping)
+        .unwrap();
+    let line = |id: &str, spam: &str, hate: &str| {
+        serde_json::from_value(json!({"id": id, "verdicts": [
+            {"policy": "spam", "outcome": spam}, {"policy": "Hate Policy v2", "outcome": hate}]}))
+        .unwrap()
+    };
+    let predictions = vec![
+        line("A", "violation", "allow"),
+        line("B", "allow", "allow"),
+        line("C", "allow", "allow"),
+        line("D", "violation", "allow"),
+        line("E", "violation", "needs_review"),
+    ];
+    let opts = ScoreOptions {
+        policy: Some("spam".into()),
+        policy_labels: BTreeMap::from([("Hate Policy v2".to_string(), "hate".to_string())]),
+        ..ScoreOptions::default()
+    };
+    let report = score_predictions(&predictions, &dataset, &opts).unwrap();
+    let multi = report.multi_policy.expect("two policies map to categories");
+    assert_eq!(multi.policies["spam"], "spam");
+    assert_eq!(multi.policies["Hate Policy v2"], "hate");
+    // A and C are right on both; B misses hate; E's needs_review is not a label; D has an unknown label.
+    assert_eq!((multi.items, multi.correct, multi.excluded), (4, 2, 1));
+    assert_eq!(multi.accuracy, Some(0.5));
+    let spam = multi.per_policy["spam"].confusion;
+    assert_eq!((spam.tp, spam.fp, spam.tn, spam.fn_), (3, 0, 2, 0));
+    let hate = multi.per_policy["Hate Policy v2"].confusion;
+    assert_eq!((hate.tp, hate.fp, hate.tn, hate.fn_), (1, 0, 2, 1));
+    // Per-category scores compare the spam verdict with each known category label.
+    let hate_category = report.per_category["hate"].confusion;
+    assert_eq!(
+        (
+            hate_category.tp,
+            hate_category.fp,
+            hate_category.tn,
+            hate_category.fn_
+        ),
+        (1, 1, 1, 1)
+    );
+
+    let bad = ScoreOptions {
+        policy_labels: BTreeMap::from([("spam".to_string(), "nope".to_string())]),
+        ..ScoreOptions::default()
+    };
+    let err = score_predictions(&predictions, &dataset, &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("nope") && err.contains("hate, spam"), "{err}");
+}
