@@ -1,0 +1,222 @@
+//! Every decision, with its inputs recorded well enough to replay it; the reasoning kept apart.
+
+use serde::{Deserialize, Serialize};
+use sqlx::any::AnyRow;
+use sqlx::{Any, Row, Transaction};
+
+use crate::{Result, Store, from_json, to_json};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecisionRecord {
+    pub id: String,
+    pub created_at: i64,
+    pub policy_hashes: Vec<String>,
+    pub policy_names: Vec<String>,
+    pub model_id: String,
+    pub effort: String,
+    /// sha256 of the exact prompt tokens, when the reasoner reports it.
+    pub prompt_hash: Option<String>,
+    pub sampling: serde_json::Value,
+    /// The judged content, kept so that a decision can be replayed.
+    pub content: serde_json::Value,
+    pub verdicts: serde_json::Value,
+    pub outcome: String,
+    /// Why the decision fell back to needs_review (engine failure, timeout, …).
+    pub failure_reason: Option<String>,
+    pub timings: serde_json::Value,
+    pub prompt_tokens: i64,
+    pub cached_prompt_tokens: i64,
+    pub completion_tokens: i64,
+    /// "api", "job", "batch", "moderations", "replay", …
+    pub source: String,
+    pub job_id: Option<String>,
+    pub replay_of: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct DecisionFilter {
+    pub outcome: Option<String>,
+    /// A policy name or a "sha256:…" hash.
+    pub policy: Option<String>,
+    /// Only decisions at or after this time (unix ms).
+    pub since: Option<i64>,
+    /// Only decisions strictly before this time (unix ms); for paging backwards.
+    pub before: Option<i64>,
+    pub limit: i64,
+}
+
+const COLUMNS: &str = "id, created_at, policy_hashes, policy_names, model_id, effort, prompt_hash, sampling, content, \
+    verdicts, outcome, failure_reason, timings, prompt_tokens, cached_prompt_tokens, completion_tokens, source, job_id, \
+    replay_of";
+
+fn row_to_decision(row: &AnyRow) -> Result<DecisionRecord> {
+    Ok(DecisionRecord {
+        id: row.try_get("id")?,
+        created_at: row.try_get("created_at")?,
+        policy_hashes: from_json(&row.try_get::<String, _>("policy_hashes")?, "decisions.policy_hashes")?,
+        policy_names: from_json(&row.try_get::<String, _>("policy_names")?, "decisions.policy_names")?,
+        model_id: row.try_get("model_id")?,
+        effort: row.try_get("effort")?,
+        prompt_hash: row.try_get("prompt_hash")?,
+        sampling: from_json(&row.try_get::<String, _>("sampling")?, "decisions.sampling")?,
+        content: from_json(&row.try_get::<String, _>("content")?, "decisions.content")?,
+        verdicts: from_json(&row.try_get::<String, _>("verdicts")?, "decisions.verdicts")?,
+        outcome: row.try_get("outcome")?,
+        failure_reason: row.try_get("failure_reason")?,
+        timings: from_json(&row.try_get::<String, _>("timings")?, "decisions.timings")?,
+        prompt_tokens: row.try_get("prompt_tokens")?,
+        cached_prompt_tokens: row.try_get("cached_prompt_tokens")?,
+        completion_tokens: row.try_get("completion_tokens")?,
+        source: row.try_get("source")?,
+        job_id: row.try_get("job_id")?,
+        replay_of: row.try_get("replay_of")?,
+    })
+}
+
+pub(crate) async fn insert_decision_tx(
+    tx: &mut Transaction<'static, Any>,
+    decision: &DecisionRecord,
+    reasoning: Option<&[String]>,
+) -> Result<()> {
+    sqlx::query(sql!(
+        "INSERT INTO decisions ({COLUMNS}) VALUES \
+         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)"
+    ))
+    .bind(&decision.id)
+    .bind(decision.created_at)
+    .bind(to_json(&decision.policy_hashes))
+    .bind(to_json(&decision.policy_names))
+    .bind(&decision.model_id)
+    .bind(&decision.effort)
+    .bind(decision.prompt_hash.as_deref())
+    .bind(to_json(&decision.sampling))
+    .bind(to_json(&decision.content))
+    .bind(to_json(&decision.verdicts))
+    .bind(&decision.outcome)
+    .bind(decision.failure_reason.as_deref())
+    .bind(to_json(&decision.timings))
+    .bind(decision.prompt_tokens)
+    .bind(decision.cached_prompt_tokens)
+    .bind(decision.completion_tokens)
+    .bind(&decision.source)
+    .bind(decision.job_id.as_deref())
+    .bind(decision.replay_of.as_deref())
+    .execute(&mut **tx)
+    .await?;
+    for (index, hash) in decision.policy_hashes.iter().enumerate() {
+        let name = decision.policy_names.get(index).map(String::as_str).unwrap_or("");
+        sqlx::query(
+            "INSERT INTO decision_policies (decision_id, policy_hash, policy_name) VALUES ($1, $2, $3) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&decision.id)
+        .bind(hash)
+        .bind(name)
+        .execute(&mut **tx)
+        .await?;
+    }
+    if let Some(reasoning) = reasoning.filter(|r| !r.is_empty()) {
+        sqlx::query("INSERT INTO decision_reasoning (decision_id, reasoning) VALUES ($1, $2)")
+            .bind(&decision.id)
+            .bind(to_json(&reasoning))
+            .execute(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Stores a decision and (separately) its reasoning, atomically.
+    #[tracing::instrument(skip_all, fields(id = %decision.id, outcome = %decision.outcome))]
+    pub async fn insert_decision(&self, decision: &DecisionRecord, reasoning: Option<&[String]>) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        insert_decision_tx(&mut tx, decision, reasoning).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn get_decision(&self, id: &str) -> Result<Option<DecisionRecord>> {
+        let row = sqlx::query(sql!("SELECT {COLUMNS} FROM decisions WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(row_to_decision).transpose()
+    }
+
+    /// The chain of thought behind a decision; callers must check the audit scope first.
+    pub async fn get_reasoning(&self, decision_id: &str) -> Result<Option<Vec<String>>> {
+        let row = sqlx::query("SELECT reasoning FROM decision_reasoning WHERE decision_id = $1")
+            .bind(decision_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| from_json(&r.try_get::<String, _>("reasoning")?, "decision_reasoning.reasoning")).transpose()
+    }
+
+    /// Decisions matching the filter, newest first.
+    pub async fn list_decisions(&self, filter: &DecisionFilter) -> Result<Vec<DecisionRecord>> {
+        enum Arg {
+            Text(String),
+            Int(i64),
+        }
+        let mut conditions: Vec<String> = Vec::new();
+        // Placeholder $N is args[N-1]: conditions and args are pushed together.
+        let mut args: Vec<Arg> = Vec::new();
+        if let Some(outcome) = &filter.outcome {
+            args.push(Arg::Text(outcome.clone()));
+            conditions.push(format!("outcome = ${}", args.len()));
+        }
+        if let Some(policy) = &filter.policy {
+            args.push(Arg::Text(policy.clone()));
+            let n = args.len();
+            conditions.push(format!(
+                "id IN (SELECT decision_id FROM decision_policies WHERE policy_name = ${n} OR policy_hash = ${n})"
+            ));
+        }
+        if let Some(since) = filter.since {
+            args.push(Arg::Int(since));
+            conditions.push(format!("created_at >= ${}", args.len()));
+        }
+        if let Some(before) = filter.before {
+            args.push(Arg::Int(before));
+            conditions.push(format!("created_at < ${}", args.len()));
+        }
+        let where_clause =
+            if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
+        let sql = format!(
+            "SELECT {COLUMNS} FROM decisions {where_clause} ORDER BY created_at DESC, id DESC LIMIT ${}",
+            args.len() + 1
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for arg in args {
+            query = match arg {
+                Arg::Text(text) => query.bind(text),
+                Arg::Int(number) => query.bind(number),
+            };
+        }
+        let rows = query.bind(filter.limit.clamp(1, 1000)).fetch_all(&self.pool).await?;
+        rows.iter().map(row_to_decision).collect()
+    }
+
+    /// Queues a decision for human review (the review workflow itself lives elsewhere).
+    pub async fn enqueue_review(&self, decision_id: &str, priority: i64) -> Result<String> {
+        let id = crate::new_id();
+        sqlx::query(
+            "INSERT INTO reviews (id, decision_id, status, priority, created_at) VALUES ($1, $2, 'pending', $3, $4)",
+        )
+        .bind(&id)
+        .bind(decision_id)
+        .bind(priority)
+        .bind(crate::now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    pub async fn count_reviews(&self, status: &str) -> Result<i64> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM reviews WHERE status = $1")
+            .bind(status)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<i64, _>("n")?)
+    }
+}

@@ -1,0 +1,261 @@
+//! Durable jobs: persisted before the API answers, claimed with a lease, finished exactly once.
+
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use crate::decisions::insert_decision_tx;
+use crate::webhooks::{NewDelivery, insert_delivery_tx};
+use crate::{Backend, DecisionRecord, Result, Store, from_json, new_id, now_ms, to_json};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Pending,
+    Running,
+    Done,
+    Failed,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Pending => "pending",
+            JobStatus::Running => "running",
+            JobStatus::Done => "done",
+            JobStatus::Failed => "failed",
+        }
+    }
+
+    fn parse(text: &str) -> JobStatus {
+        match text {
+            "running" => JobStatus::Running,
+            "done" => JobStatus::Done,
+            "failed" => JobStatus::Failed,
+            _ => JobStatus::Pending,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub request: serde_json::Value,
+    pub idempotency_key: Option<String>,
+    pub webhook_url: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub idempotency_key: Option<String>,
+    pub status: JobStatus,
+    pub request: serde_json::Value,
+    pub attempts: i64,
+    /// Proves which claim owns a running job; a finish with a stale token is refused.
+    #[serde(skip)]
+    pub lease_token: Option<String>,
+    pub locked_until: Option<i64>,
+    pub result_decision_id: Option<String>,
+    pub error: Option<String>,
+    pub webhook_url: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct QueueDepth {
+    pub pending: i64,
+    pub running: i64,
+    pub done: i64,
+    pub failed: i64,
+}
+
+const COLUMNS: &str = "id, idempotency_key, status, request, attempts, lease_token, locked_until, result_decision_id, \
+    error, webhook_url, created_at, updated_at";
+
+fn row_to_job(row: &AnyRow) -> Result<JobRecord> {
+    Ok(JobRecord {
+        id: row.try_get("id")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        status: JobStatus::parse(&row.try_get::<String, _>("status")?),
+        request: from_json(&row.try_get::<String, _>("request")?, "jobs.request")?,
+        attempts: row.try_get("attempts")?,
+        lease_token: row.try_get("lease_token")?,
+        locked_until: row.try_get("locked_until")?,
+        result_decision_id: row.try_get("result_decision_id")?,
+        error: row.try_get("error")?,
+        webhook_url: row.try_get("webhook_url")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+impl Store {
+    /// Persists a job. With an idempotency key that is already stored, returns the existing job and `false`.
+    #[tracing::instrument(skip_all)]
+    pub async fn enqueue_job(&self, job: &NewJob) -> Result<(JobRecord, bool)> {
+        let id = new_id();
+        let now = now_ms();
+        let inserted = sqlx::query(sql!(
+            "INSERT INTO jobs ({COLUMNS}) VALUES ($1, $2, 'pending', $3, 0, NULL, NULL, NULL, NULL, $4, $5, $5) \
+             ON CONFLICT (idempotency_key) DO NOTHING"
+        ))
+        .bind(&id)
+        .bind(job.idempotency_key.as_deref())
+        .bind(to_json(&job.request))
+        .bind(job.webhook_url.as_deref())
+        .bind(now)
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            == 1;
+        let stored = if inserted {
+            self.get_job(&id).await?
+        } else {
+            let row = sqlx::query(sql!("SELECT {COLUMNS} FROM jobs WHERE idempotency_key = $1"))
+                .bind(job.idempotency_key.as_deref())
+                .fetch_optional(&self.pool)
+                .await?;
+            row.as_ref().map(row_to_job).transpose()?
+        };
+        let stored = stored.ok_or(sqlx::Error::RowNotFound)?;
+        Ok((stored, inserted))
+    }
+
+    pub async fn get_job(&self, id: &str) -> Result<Option<JobRecord>> {
+        let row =
+            sqlx::query(sql!("SELECT {COLUMNS} FROM jobs WHERE id = $1")).bind(id).fetch_optional(&self.pool).await?;
+        row.as_ref().map(row_to_job).transpose()
+    }
+
+    /// Claims the oldest pending job, or a running one whose lease ran out (its worker died), for `lease_ms`.
+    #[tracing::instrument(skip(self))]
+    pub async fn claim_job(&self, lease_ms: i64) -> Result<Option<JobRecord>> {
+        let now = now_ms();
+        let lock = if self.backend == Backend::Postgres { "FOR UPDATE SKIP LOCKED" } else { "" };
+        let sql = format!(
+            "UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_token = $1, locked_until = $2, \
+             updated_at = $3 \
+             WHERE id = (SELECT id FROM jobs \
+                 WHERE status = 'pending' OR (status = 'running' AND locked_until < $3) \
+                 ORDER BY created_at, id LIMIT 1 {lock}) \
+             AND (status = 'pending' OR (status = 'running' AND locked_until < $3)) \
+             RETURNING {COLUMNS}"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(new_id())
+            .bind(now + lease_ms)
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(row_to_job).transpose()
+    }
+
+    /// Extends a running job's lease while its worker is still busy with it. False if the lease was lost.
+    pub async fn renew_lease(&self, job_id: &str, lease_token: &str, lease_ms: i64) -> Result<bool> {
+        let now = now_ms();
+        let updated = sqlx::query(
+            "UPDATE jobs SET locked_until = $1, updated_at = $2 WHERE id = $3 AND status = 'running' AND lease_token = $4",
+        )
+        .bind(now + lease_ms)
+        .bind(now)
+        .bind(job_id)
+        .bind(lease_token)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(updated == 1)
+    }
+
+    /// Writes the decision and marks the job done in one transaction, only if `lease_token` still owns the job.
+    /// Returns false (and writes nothing) when another worker took it over or it is already finished: that is
+    /// what makes each job's decision exactly-once even when leases expire or processes die mid-way.
+    #[tracing::instrument(skip_all, fields(job_id))]
+    pub async fn finish_job(
+        &self,
+        job_id: &str,
+        lease_token: &str,
+        decision: &DecisionRecord,
+        reasoning: Option<&[String]>,
+        webhook: Option<&NewDelivery>,
+    ) -> Result<bool> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE jobs SET status = 'done', result_decision_id = $1, locked_until = NULL, updated_at = $2 \
+             WHERE id = $3 AND status = 'running' AND lease_token = $4",
+        )
+        .bind(&decision.id)
+        .bind(now)
+        .bind(job_id)
+        .bind(lease_token)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        insert_decision_tx(&mut tx, decision, reasoning).await?;
+        if let Some(delivery) = webhook {
+            insert_delivery_tx(&mut tx, delivery, now).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Marks a job failed (a request that can never be decided, e.g. a policy that vanished).
+    pub async fn fail_job(&self, job_id: &str, lease_token: &str, error: &str) -> Result<bool> {
+        let updated = sqlx::query(
+            "UPDATE jobs SET status = 'failed', error = $1, locked_until = NULL, updated_at = $2 \
+             WHERE id = $3 AND status = 'running' AND lease_token = $4",
+        )
+        .bind(error)
+        .bind(now_ms())
+        .bind(job_id)
+        .bind(lease_token)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(updated == 1)
+    }
+
+    /// Hands a running job back to the queue (graceful shutdown that could not finish it).
+    pub async fn release_job(&self, job_id: &str, lease_token: &str) -> Result<bool> {
+        let updated = sqlx::query(
+            "UPDATE jobs SET status = 'pending', lease_token = NULL, locked_until = NULL, updated_at = $1 \
+             WHERE id = $2 AND status = 'running' AND lease_token = $3",
+        )
+        .bind(now_ms())
+        .bind(job_id)
+        .bind(lease_token)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(updated == 1)
+    }
+
+    pub async fn queue_depth(&self) -> Result<QueueDepth> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status").fetch_all(&self.pool).await?;
+        let mut depth = QueueDepth::default();
+        for row in rows {
+            let n: i64 = row.try_get("n")?;
+            match JobStatus::parse(&row.try_get::<String, _>("status")?) {
+                JobStatus::Pending => depth.pending = n,
+                JobStatus::Running => depth.running = n,
+                JobStatus::Done => depth.done = n,
+                JobStatus::Failed => depth.failed = n,
+            }
+        }
+        Ok(depth)
+    }
+
+    /// How many decisions were written for a job; exactly-once means 0 until done, then 1.
+    pub async fn decisions_for_job(&self, job_id: &str) -> Result<i64> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM decisions WHERE job_id = $1")
+            .bind(job_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<i64, _>("n")?)
+    }
+}

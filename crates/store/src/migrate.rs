@@ -1,0 +1,62 @@
+//! A tiny migration runner: portable SQL files applied in order, recorded in `safeguard_migrations`.
+//! (sqlx's migrator checksums whole files per driver; one portable file set is simpler to keep identical.)
+
+use sqlx::{Acquire, Executor, Row};
+
+use crate::{Backend, Result, Store, StoreError, now_ms};
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/0001_init.sql"))];
+
+/// Arbitrary constant so that concurrent servers starting on one PostgreSQL database migrate one at a time.
+const PG_MIGRATION_LOCK: i64 = 0x5afe_6a4d;
+
+pub(crate) async fn run(store: &Store) -> Result<()> {
+    let mut conn = store.pool.acquire().await?;
+    if store.backend == Backend::Postgres {
+        conn.execute(sqlx::AssertSqlSafe(format!("SELECT pg_advisory_lock({PG_MIGRATION_LOCK})"))).await?;
+    }
+    let outcome = apply_pending(&mut conn).await;
+    if store.backend == Backend::Postgres {
+        conn.execute(sqlx::AssertSqlSafe(format!("SELECT pg_advisory_unlock({PG_MIGRATION_LOCK})"))).await?;
+    }
+    outcome
+}
+
+async fn apply_pending(conn: &mut sqlx::AnyConnection) -> Result<()> {
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS safeguard_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+    )
+    .await?;
+    let applied: Vec<i64> = sqlx::query("SELECT version FROM safeguard_migrations")
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|row| row.try_get::<i64, _>(0))
+        .collect::<Result<_, _>>()?;
+    for (version, sql) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        tracing::info!(version, "applying migration");
+        let mut tx = conn.begin().await?;
+        for statement in split_statements(sql) {
+            tx.execute(sqlx::AssertSqlSafe(statement.clone()))
+                .await
+                .map_err(|source| StoreError::Migration { version: *version, source })?;
+        }
+        sqlx::query("INSERT INTO safeguard_migrations (version, applied_at) VALUES ($1, $2)")
+            .bind(*version)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+    }
+    Ok(())
+}
+
+/// Splits on `;` at line ends, dropping `--` comment lines; our migration files contain no string literals with `;`.
+fn split_statements(sql: &str) -> Vec<String> {
+    let without_comments: String =
+        sql.lines().filter(|line| !line.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n");
+    without_comments.split(';').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+}

@@ -1,0 +1,135 @@
+//! Immutable policy versions keyed by body hash, plus a name -> active version pin.
+
+use serde::Serialize;
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use crate::{Result, Store, StoreError, from_json, now_ms, to_json};
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StoredPolicy {
+    /// "sha256:<hex>" of the body; the version's identity.
+    pub hash: String,
+    pub name: String,
+    pub body: String,
+    pub meta: serde_json::Value,
+    pub created_at: i64,
+    /// Whether this version is the one `name` currently resolves to.
+    pub active: bool,
+}
+
+const COLUMNS: &str = "p.hash, p.name, p.body, p.meta, p.created_at, \
+    CASE WHEN pin.hash IS NULL THEN 0 ELSE 1 END AS active";
+const FROM: &str = "policies p LEFT JOIN policy_pins pin ON pin.name = p.name AND pin.hash = p.hash";
+
+fn row_to_policy(row: &AnyRow) -> Result<StoredPolicy> {
+    Ok(StoredPolicy {
+        hash: row.try_get("hash")?,
+        name: row.try_get("name")?,
+        body: row.try_get("body")?,
+        meta: from_json(&row.try_get::<String, _>("meta")?, "policies.meta")?,
+        created_at: row.try_get("created_at")?,
+        active: row.try_get::<i64, _>("active")? != 0,
+    })
+}
+
+impl Store {
+    /// Stores a policy version. Returns the stored row and whether it was new. The first version of a name
+    /// becomes its active version; later ones wait for an explicit `activate_policy`.
+    #[tracing::instrument(skip(self, body, meta))]
+    pub async fn put_policy(
+        &self,
+        hash: &str,
+        name: &str,
+        body: &str,
+        meta: &serde_json::Value,
+    ) -> Result<(StoredPolicy, bool)> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO policies (hash, name, body, meta, created_at) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (hash) DO NOTHING",
+        )
+        .bind(hash)
+        .bind(name)
+        .bind(body)
+        .bind(to_json(meta))
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if inserted {
+            sqlx::query(
+                "INSERT INTO policy_pins (name, hash, updated_at) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(name)
+            .bind(hash)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        let stored = self.get_policy(hash).await?.ok_or_else(|| StoreError::PolicyNotFound(hash.to_string()))?;
+        Ok((stored, inserted))
+    }
+
+    pub async fn get_policy(&self, hash: &str) -> Result<Option<StoredPolicy>> {
+        let row = sqlx::query(sql!("SELECT {COLUMNS} FROM {FROM} WHERE p.hash = $1"))
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(row_to_policy).transpose()
+    }
+
+    /// The active version of a named policy.
+    pub async fn active_policy(&self, name: &str) -> Result<Option<StoredPolicy>> {
+        let row = sqlx::query(sql!(
+            "SELECT {COLUMNS} FROM policies p JOIN policy_pins pin ON pin.hash = p.hash WHERE pin.name = $1"
+        ))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(row_to_policy).transpose()
+    }
+
+    /// Every stored version, newest first.
+    pub async fn list_policies(&self) -> Result<Vec<StoredPolicy>> {
+        let rows = sqlx::query(sql!("SELECT {COLUMNS} FROM {FROM} ORDER BY p.name, p.created_at DESC, p.hash"))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(row_to_policy).collect()
+    }
+
+    /// All versions of one name, newest first.
+    pub async fn policy_versions(&self, name: &str) -> Result<Vec<StoredPolicy>> {
+        let rows = sqlx::query(sql!("SELECT {COLUMNS} FROM {FROM} WHERE p.name = $1 ORDER BY p.created_at DESC"))
+            .bind(name)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(row_to_policy).collect()
+    }
+
+    /// Points `name` at a stored version of that name.
+    #[tracing::instrument(skip(self))]
+    pub async fn activate_policy(&self, name: &str, hash: &str) -> Result<StoredPolicy> {
+        let policy = self.get_policy(hash).await?.ok_or_else(|| StoreError::PolicyNotFound(hash.to_string()))?;
+        if policy.name != name {
+            return Err(StoreError::PolicyNameMismatch {
+                hash: hash.to_string(),
+                actual: policy.name,
+                requested: name.to_string(),
+            });
+        }
+        sqlx::query(
+            "INSERT INTO policy_pins (name, hash, updated_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET hash = excluded.hash, updated_at = excluded.updated_at",
+        )
+        .bind(name)
+        .bind(hash)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        Ok(StoredPolicy { active: true, ..policy })
+    }
+}

@@ -1,0 +1,122 @@
+//! Webhook deliveries: written in the same transaction as the job result, then retried until delivered.
+
+use serde::Serialize;
+use sqlx::any::AnyRow;
+use sqlx::{Any, Row, Transaction};
+
+use crate::{Result, Store, new_id, now_ms};
+
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    pub job_id: String,
+    pub url: String,
+    /// The exact bytes that get signed and sent.
+    pub body: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Delivery {
+    pub id: String,
+    pub job_id: String,
+    pub url: String,
+    pub body: String,
+    pub status: String,
+    pub attempts: i64,
+    pub next_at: i64,
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
+}
+
+const COLUMNS: &str = "id, job_id, url, body, status, attempts, next_at, last_status, last_error";
+
+fn row_to_delivery(row: &AnyRow) -> Result<Delivery> {
+    Ok(Delivery {
+        id: row.try_get("id")?,
+        job_id: row.try_get("job_id")?,
+        url: row.try_get("url")?,
+        body: row.try_get("body")?,
+        status: row.try_get("status")?,
+        attempts: row.try_get("attempts")?,
+        next_at: row.try_get("next_at")?,
+        last_status: row.try_get("last_status")?,
+        last_error: row.try_get("last_error")?,
+    })
+}
+
+pub(crate) async fn insert_delivery_tx(
+    tx: &mut Transaction<'static, Any>,
+    delivery: &NewDelivery,
+    now: i64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO webhook_deliveries (id, job_id, url, body, status, attempts, next_at, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, 'pending', 0, $5, $5, $5)",
+    )
+    .bind(new_id())
+    .bind(&delivery.job_id)
+    .bind(&delivery.url)
+    .bind(&delivery.body)
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+impl Store {
+    /// Takes one due delivery, pushing its `next_at` out by `lease_ms` so no other sender picks it meanwhile.
+    pub async fn claim_delivery(&self, lease_ms: i64) -> Result<Option<Delivery>> {
+        let now = now_ms();
+        let lock = if self.backend == crate::Backend::Postgres { "FOR UPDATE SKIP LOCKED" } else { "" };
+        let row = sqlx::query(sql!(
+            "UPDATE webhook_deliveries SET next_at = $1, updated_at = $2 \
+             WHERE id = (SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_at <= $2 \
+                 ORDER BY next_at LIMIT 1 {lock}) \
+             AND status = 'pending' AND next_at <= $2 \
+             RETURNING {COLUMNS}"
+        ))
+        .bind(now + lease_ms)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(row_to_delivery).transpose()
+    }
+
+    /// Records one attempt. `retry_at` None with a failure means: give up.
+    pub async fn record_delivery_attempt(
+        &self,
+        id: &str,
+        delivered: bool,
+        http_status: Option<u16>,
+        error: Option<&str>,
+        retry_at: Option<i64>,
+    ) -> Result<()> {
+        let status = if delivered {
+            "delivered"
+        } else if retry_at.is_some() {
+            "pending"
+        } else {
+            "failed"
+        };
+        sqlx::query(
+            "UPDATE webhook_deliveries SET status = $1, attempts = attempts + 1, last_status = $2, last_error = $3, \
+             next_at = $4, updated_at = $5 WHERE id = $6",
+        )
+        .bind(status)
+        .bind(http_status.map(i64::from))
+        .bind(error)
+        .bind(retry_at.unwrap_or(0))
+        .bind(now_ms())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn deliveries_for_job(&self, job_id: &str) -> Result<Vec<Delivery>> {
+        let rows = sqlx::query(sql!("SELECT {COLUMNS} FROM webhook_deliveries WHERE job_id = $1 ORDER BY created_at"))
+            .bind(job_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(row_to_delivery).collect()
+    }
+}

@@ -1,0 +1,307 @@
+//! Every test runs against SQLite and, when reachable, PostgreSQL (in a throwaway schema).
+
+use std::sync::Arc;
+
+use safeguard_store::{DecisionFilter, DecisionRecord, JobStatus, NewDelivery, NewJob, Store, StoreOptions, now_ms};
+use serde_json::json;
+
+const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+struct TestStore {
+    store: Store,
+    label: &'static str,
+    _dir: Option<tempfile::TempDir>,
+    pg_schema: Option<(String, String)>,
+}
+
+impl TestStore {
+    async fn cleanup(self) {
+        self.store.close().await;
+        if let Some((url, schema)) = self.pg_schema {
+            Store::drop_schema(&url, &schema).await.expect("drop test schema");
+        }
+    }
+}
+
+async fn stores() -> Vec<TestStore> {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = Store::open_sqlite(&dir.path().join("test.db")).await.unwrap();
+    let mut out = vec![TestStore { store: sqlite, label: "sqlite", _dir: Some(dir), pg_schema: None }];
+    let url = std::env::var("SAFEGUARD_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_string());
+    let schema = format!(
+        "sgtest_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    );
+    let options = StoreOptions { schema: Some(schema.clone()), max_connections: 8 };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), Store::connect(&url, options)).await {
+        Ok(Ok(store)) => out.push(TestStore { store, label: "postgres", _dir: None, pg_schema: Some((url, schema)) }),
+        Ok(Err(err)) => {
+            eprintln!("SKIPPING PostgreSQL half of this test: {url} unreachable: {err}")
+        }
+        Err(_) => eprintln!("SKIPPING PostgreSQL half of this test: {url} timed out"),
+    }
+    out
+}
+
+fn decision(id: &str, outcome: &str, policy: &str, job_id: Option<&str>) -> DecisionRecord {
+    DecisionRecord {
+        id: id.to_string(),
+        created_at: now_ms(),
+        policy_hashes: vec![format!("sha256:{policy}hash")],
+        policy_names: vec![policy.to_string()],
+        model_id: "tiny".into(),
+        effort: "low".into(),
+        prompt_hash: Some("abc".into()),
+        sampling: json!({"greedy": true}),
+        content: json!({"kind": "text", "text": "hello"}),
+        verdicts: json!([{"policy": policy, "outcome": outcome}]),
+        outcome: outcome.into(),
+        failure_reason: None,
+        timings: json!({"total_ms": 1.5}),
+        prompt_tokens: 10,
+        cached_prompt_tokens: 4,
+        completion_tokens: 3,
+        source: "api".into(),
+        job_id: job_id.map(str::to_string),
+        replay_of: None,
+    }
+}
+
+#[tokio::test]
+async fn migrations_are_idempotent_and_ping_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("again.db");
+    let first = Store::open_sqlite(&path).await.unwrap();
+    first.close().await;
+    let second = Store::open_sqlite(&path).await.unwrap();
+    assert!(second.ping(std::time::Duration::from_secs(2)).await);
+    let err = Store::connect("mysql://x", StoreOptions::default()).await.unwrap_err();
+    assert!(err.to_string().contains("unsupported database URL"), "{err}");
+}
+
+#[tokio::test]
+async fn policy_versions_are_immutable_and_pinned() {
+    for t in stores().await {
+        let s = &t.store;
+        let (v1, created) = s.put_policy("sha256:aaa", "spam", "body one", &json!({"name": "spam"})).await.unwrap();
+        assert!(created, "{}", t.label);
+        assert!(v1.active, "first version is active ({})", t.label);
+        let (again, created) = s.put_policy("sha256:aaa", "spam", "body one", &json!({})).await.unwrap();
+        assert!(!created, "{}", t.label);
+        assert_eq!(again.meta, json!({"name": "spam"}), "original meta kept ({})", t.label);
+        let (v2, _) = s.put_policy("sha256:bbb", "spam", "body two", &json!({})).await.unwrap();
+        assert!(!v2.active, "{}", t.label);
+        assert_eq!(s.active_policy("spam").await.unwrap().unwrap().hash, "sha256:aaa");
+        s.activate_policy("spam", "sha256:bbb").await.unwrap();
+        assert_eq!(s.active_policy("spam").await.unwrap().unwrap().hash, "sha256:bbb", "{}", t.label);
+        assert!(!s.get_policy("sha256:aaa").await.unwrap().unwrap().active);
+        assert_eq!(s.policy_versions("spam").await.unwrap().len(), 2);
+        assert_eq!(s.list_policies().await.unwrap().len(), 2);
+        s.put_policy("sha256:ccc", "other", "x", &json!({})).await.unwrap();
+        assert!(s.activate_policy("spam", "sha256:ccc").await.is_err(), "name mismatch refused ({})", t.label);
+        assert!(s.activate_policy("spam", "sha256:nope").await.is_err());
+        assert!(s.active_policy("missing").await.unwrap().is_none());
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn decisions_round_trip_and_filter() {
+    for t in stores().await {
+        let s = &t.store;
+        let a = decision("d-a", "allow", "spam", None);
+        s.insert_decision(&a, Some(&["thinking about spam".to_string()])).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+        let b = decision("d-b", "violation", "hate", None);
+        s.insert_decision(&b, None).await.unwrap();
+        let got = s.get_decision("d-a").await.unwrap().unwrap();
+        assert_eq!(got, a, "{}", t.label);
+        assert_eq!(s.get_reasoning("d-a").await.unwrap().unwrap(), vec!["thinking about spam"]);
+        assert!(s.get_reasoning("d-b").await.unwrap().is_none());
+        let all = s.list_decisions(&DecisionFilter { limit: 10, ..Default::default() }).await.unwrap();
+        assert_eq!(all.iter().map(|d| d.id.as_str()).collect::<Vec<_>>(), ["d-b", "d-a"], "{}", t.label);
+        let violations = s
+            .list_decisions(&DecisionFilter { outcome: Some("violation".into()), limit: 10, ..Default::default() })
+            .await
+            .unwrap();
+        assert_eq!(violations.len(), 1);
+        let by_policy = s
+            .list_decisions(&DecisionFilter { policy: Some("spam".into()), limit: 10, ..Default::default() })
+            .await
+            .unwrap();
+        assert_eq!(by_policy[0].id, "d-a");
+        let by_hash = s
+            .list_decisions(&DecisionFilter { policy: Some("sha256:hatehash".into()), limit: 10, ..Default::default() })
+            .await
+            .unwrap();
+        assert_eq!(by_hash[0].id, "d-b");
+        let recent = s
+            .list_decisions(&DecisionFilter {
+                since: Some(b.created_at),
+                outcome: Some("violation".into()),
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(recent.len(), 1, "{}", t.label);
+        let none = s
+            .list_decisions(&DecisionFilter { since: Some(now_ms() + 60_000), limit: 10, ..Default::default() })
+            .await
+            .unwrap();
+        assert!(none.is_empty());
+        s.enqueue_review("d-a", 1).await.unwrap();
+        assert_eq!(s.count_reviews("pending").await.unwrap(), 1);
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn jobs_are_idempotent_leased_and_finished_once() {
+    for t in stores().await {
+        let s = &t.store;
+        let new = NewJob { request: json!({"text": "hi"}), idempotency_key: Some("k1".into()), webhook_url: None };
+        let (job, created) = s.enqueue_job(&new).await.unwrap();
+        assert!(created);
+        assert_eq!(job.status, JobStatus::Pending);
+        let (same, created) = s.enqueue_job(&new).await.unwrap();
+        assert!(!created, "{}", t.label);
+        assert_eq!(same.id, job.id);
+
+        let claimed = s.claim_job(60_000).await.unwrap().expect("claim");
+        assert_eq!(claimed.id, job.id);
+        assert_eq!(claimed.attempts, 1);
+        assert!(s.claim_job(60_000).await.unwrap().is_none(), "leased job not claimable ({})", t.label);
+
+        let token = claimed.lease_token.clone().unwrap();
+        let d = decision("dj-1", "allow", "spam", Some(&job.id));
+        let hook = NewDelivery { job_id: job.id.clone(), url: "http://127.0.0.1:9/hook".into(), body: "{}".into() };
+        assert!(!s.finish_job(&job.id, "stale-token", &d, None, None).await.unwrap(), "{}", t.label);
+        assert!(s.finish_job(&job.id, &token, &d, None, Some(&hook)).await.unwrap());
+        let d2 = decision("dj-2", "allow", "spam", Some(&job.id));
+        assert!(!s.finish_job(&job.id, &token, &d2, None, None).await.unwrap(), "second finish refused");
+        assert_eq!(s.decisions_for_job(&job.id).await.unwrap(), 1);
+        let done = s.get_job(&job.id).await.unwrap().unwrap();
+        assert_eq!(done.status, JobStatus::Done);
+        assert_eq!(done.result_decision_id.as_deref(), Some("dj-1"));
+        assert_eq!(s.deliveries_for_job(&job.id).await.unwrap().len(), 1);
+
+        // An expired lease (dead worker) is reclaimed, and the dead worker's late finish is refused.
+        let (j2, _) =
+            s.enqueue_job(&NewJob { request: json!({}), idempotency_key: None, webhook_url: None }).await.unwrap();
+        let first = s.claim_job(-1).await.unwrap().unwrap();
+        assert_eq!(first.id, j2.id);
+        let second = s.claim_job(60_000).await.unwrap().expect("expired lease reclaimed");
+        assert_eq!(second.id, j2.id);
+        assert_eq!(second.attempts, 2);
+        assert!(!s.renew_lease(&j2.id, first.lease_token.as_deref().unwrap(), 1000).await.unwrap());
+        assert!(s.renew_lease(&j2.id, second.lease_token.as_deref().unwrap(), 1000).await.unwrap());
+        let late = decision("dj-late", "allow", "spam", Some(&j2.id));
+        assert!(!s.finish_job(&j2.id, first.lease_token.as_deref().unwrap(), &late, None, None).await.unwrap());
+        assert!(s.release_job(&j2.id, second.lease_token.as_deref().unwrap()).await.unwrap());
+        let depth = s.queue_depth().await.unwrap();
+        assert_eq!((depth.pending, depth.running, depth.done), (1, 0, 1), "{}", t.label);
+        let third = s.claim_job(60_000).await.unwrap().unwrap();
+        assert!(s.fail_job(&j2.id, third.lease_token.as_deref().unwrap(), "bad").await.unwrap());
+        assert_eq!(s.get_job(&j2.id).await.unwrap().unwrap().status, JobStatus::Failed);
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn concurrent_workers_finish_each_job_exactly_once() {
+    for t in stores().await {
+        let s = Arc::new(t.store.clone());
+        let mut ids = Vec::new();
+        for i in 0..20 {
+            let (job, _) = s
+                .enqueue_job(&NewJob {
+                    request: json!({"i": i}),
+                    idempotency_key: Some(format!("c{i}")),
+                    webhook_url: None,
+                })
+                .await
+                .unwrap();
+            ids.push(job.id);
+        }
+        let mut workers = Vec::new();
+        for w in 0..4 {
+            let s = s.clone();
+            workers.push(tokio::spawn(async move {
+                let mut finished = 0;
+                while let Some(job) = s.claim_job(30_000).await.unwrap() {
+                    let d = decision(&format!("w{w}-{}", job.id), "allow", "spam", Some(&job.id));
+                    if s.finish_job(&job.id, job.lease_token.as_deref().unwrap(), &d, None, None).await.unwrap() {
+                        finished += 1;
+                    }
+                }
+                finished
+            }));
+        }
+        let mut total = 0;
+        for w in workers {
+            total += w.await.unwrap();
+        }
+        assert_eq!(total, 20, "{}", t.label);
+        for id in &ids {
+            assert_eq!(s.decisions_for_job(id).await.unwrap(), 1, "{}", t.label);
+        }
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn webhook_deliveries_retry_then_settle() {
+    for t in stores().await {
+        let s = &t.store;
+        let (job, _) =
+            s.enqueue_job(&NewJob { request: json!({}), idempotency_key: None, webhook_url: None }).await.unwrap();
+        let claimed = s.claim_job(60_000).await.unwrap().unwrap();
+        let hook = NewDelivery { job_id: job.id.clone(), url: "http://x/hook".into(), body: "{\"a\":1}".into() };
+        s.finish_job(
+            &job.id,
+            claimed.lease_token.as_deref().unwrap(),
+            &decision("dw", "allow", "p", Some(&job.id)),
+            None,
+            Some(&hook),
+        )
+        .await
+        .unwrap();
+        let d = s.claim_delivery(30_000).await.unwrap().expect("due");
+        assert_eq!(d.body, "{\"a\":1}");
+        assert!(s.claim_delivery(30_000).await.unwrap().is_none(), "claimed delivery hidden ({})", t.label);
+        s.record_delivery_attempt(&d.id, false, Some(500), Some("boom"), Some(now_ms() - 1)).await.unwrap();
+        let again = s.claim_delivery(30_000).await.unwrap().expect("retry due");
+        assert_eq!(again.attempts, 1);
+        assert_eq!(again.last_status, Some(500));
+        s.record_delivery_attempt(&d.id, true, Some(200), None, None).await.unwrap();
+        assert!(s.claim_delivery(30_000).await.unwrap().is_none());
+        assert_eq!(s.deliveries_for_job(&job.id).await.unwrap()[0].status, "delivered", "{}", t.label);
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn api_keys_are_hashed_scoped_and_revocable() {
+    for t in stores().await {
+        let s = &t.store;
+        let (record, secret) = s.create_api_key("ci", &["classify".to_string()]).await.unwrap();
+        assert!(secret.starts_with("sg_") && secret.len() > 40);
+        let found = s.authenticate(&secret).await.unwrap().expect("authenticates");
+        assert_eq!(found.id, record.id);
+        assert!(found.has_scope("classify") && !found.has_scope("audit"));
+        assert!(s.authenticate("sg_wrong").await.unwrap().is_none());
+        let admin = s.insert_api_key("admin", &["admin".to_string()], "chosen-admin-secret").await.unwrap();
+        let again = s.insert_api_key("admin", &["admin".to_string()], "chosen-admin-secret").await.unwrap();
+        assert_eq!(admin.id, again.id, "bootstrap key is idempotent ({})", t.label);
+        assert!(admin.has_scope("audit"), "admin implies all scopes");
+        // The plaintext is never stored.
+        let raw: Vec<String> = sqlx::query_scalar("SELECT key_hash FROM api_keys").fetch_all(s.pool()).await.unwrap();
+        assert!(raw.iter().all(|h| h.len() == 64 && !h.contains("chosen")));
+        assert!(s.revoke_api_key(&record.id).await.unwrap());
+        assert!(s.authenticate(&secret).await.unwrap().is_none());
+        assert_eq!(s.list_api_keys().await.unwrap().len(), 2);
+        t.cleanup().await;
+    }
+}
