@@ -1,1 +1,447 @@
 //! OpenAI-compatible remote engines (vLLM, SGLang, Ollama, LM Studio, llama.cpp server) as reasoners.
+//!
+//! [`RemoteReasoner`] spreads requests over several endpoints that serve the same model: least-loaded
+//! choice among healthy endpoints, a concurrency limit and a circuit breaker per endpoint, timeouts, and
+//! retries with exponential backoff on 408/429/5xx and transport errors (honouring `Retry-After`).
+//! Whatever still fails comes back as a [`ReasonError`], which the classifier turns into `needs_review`.
+
+mod breaker;
+mod wire;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rand::Rng;
+use safeguard_core::{ReasonError, ReasonOutput, ReasonRequest, Reasoner};
+use safeguard_harmony::Effort;
+use tokio::sync::Semaphore;
+use tracing::{Instrument, debug, info_span, warn};
+
+pub use breaker::{Breaker, BreakerState};
+
+/// Which family of server an endpoint is: they differ in how effort is sent and where reasoning comes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Flavor {
+    /// vLLM, SGLang, LM Studio and other Chat Completions servers: top-level `reasoning_effort`.
+    #[default]
+    OpenAi,
+    /// Ollama's native `/api/chat`: `think: "low"|"medium"|"high"`, reasoning in `message.thinking`.
+    Ollama,
+    /// llama.cpp's `llama-server --jinja`: effort through `chat_template_kwargs`.
+    LlamaCpp,
+}
+
+impl fmt::Display for Flavor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Flavor::OpenAi => "openai",
+            Flavor::Ollama => "ollama",
+            Flavor::LlamaCpp => "llamacpp",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("unknown backend flavor {0:?}: expected openai (vllm, sglang, lmstudio), ollama or llamacpp")]
+    UnknownFlavor(String),
+    #[error("backend URL {0:?} must start with http:// or https://")]
+    BadUrl(String),
+    #[error("no backend endpoints were given")]
+    NoEndpoints,
+}
+
+impl FromStr for Flavor {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "openai" | "vllm" | "sglang" | "lmstudio" | "lm-studio" => Ok(Flavor::OpenAi),
+            "ollama" => Ok(Flavor::Ollama),
+            "llamacpp" | "llama.cpp" | "llama-cpp" | "llama-server" => Ok(Flavor::LlamaCpp),
+            _ => Err(ConfigError::UnknownFlavor(s.to_string())),
+        }
+    }
+}
+
+/// One server. Written on the command line as `[FLAVOR+]URL`, e.g. `http://gpu1:8000/v1`,
+/// `ollama+http://127.0.0.1:11434`, `llamacpp+http://127.0.0.1:8080/v1`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointConfig {
+    pub flavor: Flavor,
+    /// Base URL: for Chat Completions servers it ends in `/v1`; for Ollama it is the server root.
+    pub base_url: String,
+    pub api_key: Option<String>,
+    /// Requests in flight to this endpoint at most; more wait.
+    pub max_concurrency: usize,
+}
+
+impl FromStr for EndpointConfig {
+    type Err = ConfigError;
+
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        let (flavor, url) = match spec.split_once('+') {
+            Some((flavor, url)) if !flavor.contains("://") => (flavor.parse()?, url),
+            _ => (Flavor::OpenAi, spec),
+        };
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(ConfigError::BadUrl(url.to_string()));
+        }
+        Ok(EndpointConfig {
+            flavor,
+            base_url: url.trim_end_matches('/').to_string(),
+            api_key: None,
+            max_concurrency: 8,
+        })
+    }
+}
+
+/// How hard to try before giving up on a request.
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    /// The model name the servers know it by, e.g. `openai/gpt-oss-safeguard-20b` or `gpt-oss-safeguard:20b`.
+    pub model: String,
+    pub endpoints: Vec<EndpointConfig>,
+    /// One HTTP attempt, connect to last byte.
+    pub request_timeout: Duration,
+    /// Attempts per request, across endpoints.
+    pub max_attempts: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Consecutive failures that open an endpoint's breaker, and how long it stays open.
+    pub breaker_threshold: u32,
+    pub breaker_cooldown: Duration,
+    /// Completion budget per effort when a request leaves it to us. Reasoning models spend most of it
+    /// thinking; too small a budget means no answer at all.
+    pub budget_low: usize,
+    pub budget_medium: usize,
+    pub budget_high: usize,
+    /// Ask Chat Completions servers for logprobs, giving the engine's confidence in the answer.
+    pub logprobs: bool,
+}
+
+impl RemoteConfig {
+    pub fn new(model: impl Into<String>, endpoints: Vec<EndpointConfig>) -> Self {
+        Self {
+            model: model.into(),
+            endpoints,
+            request_timeout: Duration::from_secs(120),
+            max_attempts: 3,
+            backoff_base: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(5),
+            breaker_threshold: 5,
+            breaker_cooldown: Duration::from_secs(30),
+            budget_low: 2048,
+            budget_medium: 4096,
+            budget_high: 8192,
+            logprobs: false,
+        }
+    }
+
+    fn budget(&self, effort: Effort) -> usize {
+        match effort {
+            Effort::Low => self.budget_low,
+            Effort::Medium => self.budget_medium,
+            Effort::High => self.budget_high,
+        }
+    }
+}
+
+struct Endpoint {
+    config: EndpointConfig,
+    permits: Semaphore,
+    in_flight: AtomicUsize,
+    breaker: std::sync::Mutex<Breaker>,
+    /// Set by health checks; a fresh endpoint is presumed healthy until a probe says otherwise.
+    healthy: AtomicBool,
+}
+
+/// A snapshot of one endpoint, for `/readyz` and metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointStatus {
+    pub url: String,
+    pub flavor: Flavor,
+    pub healthy: bool,
+    pub breaker: BreakerState,
+    pub in_flight: usize,
+}
+
+/// A [`Reasoner`] backed by one or more OpenAI-compatible servers serving the same model.
+#[derive(Clone)]
+pub struct RemoteReasoner {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: RemoteConfig,
+    endpoints: Vec<Endpoint>,
+    client: reqwest::Client,
+    next: AtomicUsize,
+}
+
+/// The outcome of one HTTP attempt, classified for the retry loop.
+enum AttemptError {
+    /// Worth another try, possibly after the server's own `Retry-After`.
+    Retryable { detail: String, retry_after: Option<Duration> },
+    /// Trying again would fail the same way (a 400, a 404 for an unknown model).
+    Fatal(String),
+}
+
+impl RemoteReasoner {
+    pub fn new(config: RemoteConfig) -> Result<Self, ConfigError> {
+        if config.endpoints.is_empty() {
+            return Err(ConfigError::NoEndpoints);
+        }
+        let client = reqwest::Client::builder()
+            .timeout(config.request_timeout)
+            .connect_timeout(config.request_timeout.min(Duration::from_secs(10)))
+            .build()
+            .map_err(|e| ConfigError::BadUrl(e.to_string()))?;
+        let endpoints = config
+            .endpoints
+            .iter()
+            .map(|c| Endpoint {
+                config: c.clone(),
+                permits: Semaphore::new(c.max_concurrency.max(1)),
+                in_flight: AtomicUsize::new(0),
+                breaker: std::sync::Mutex::new(Breaker::new(config.breaker_threshold, config.breaker_cooldown)),
+                healthy: AtomicBool::new(true),
+            })
+            .collect();
+        Ok(Self { inner: Arc::new(Inner { config, endpoints, client, next: AtomicUsize::new(0) }) })
+    }
+
+    pub fn status(&self) -> Vec<EndpointStatus> {
+        let now = Instant::now();
+        self.inner
+            .endpoints
+            .iter()
+            .map(|e| EndpointStatus {
+                url: e.config.base_url.clone(),
+                flavor: e.config.flavor,
+                healthy: e.healthy.load(Ordering::Relaxed),
+                breaker: lock(&e.breaker).state(now),
+                in_flight: e.in_flight.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// Probes every endpoint once; returns how many answered.
+    pub async fn check_health(&self) -> usize {
+        let mut healthy = 0;
+        for endpoint in &self.inner.endpoints {
+            let url = format!("{}/{}", endpoint.config.base_url, wire::health_path(endpoint.config.flavor));
+            let mut request = self.inner.client.get(&url).timeout(Duration::from_secs(5));
+            if let Some(key) = &endpoint.config.api_key {
+                request = request.bearer_auth(key);
+            }
+            let ok = matches!(request.send().await, Ok(r) if r.status().is_success());
+            if endpoint.healthy.swap(ok, Ordering::Relaxed) != ok {
+                warn!(endpoint = %endpoint.config.base_url, healthy = ok, "backend health changed");
+            }
+            healthy += usize::from(ok);
+        }
+        healthy
+    }
+
+    /// Runs [`check_health`](Self::check_health) every `interval` until the returned handle is aborted.
+    pub fn spawn_health_checks(&self, interval: Duration) -> tokio::task::JoinHandle<()> {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            loop {
+                ticker.tick().await;
+                this.check_health().await;
+            }
+        })
+    }
+
+    /// Picks the least-loaded endpoint that is healthy and whose breaker lets a request through.
+    /// Unhealthy endpoints are the last resort rather than never tried: a stale health flag must not
+    /// turn a working backend into a total outage.
+    fn choose(&self, exclude: Option<usize>) -> Option<usize> {
+        let endpoints = &self.inner.endpoints;
+        let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut order: Vec<usize> = (0..endpoints.len()).map(|i| (start + i) % endpoints.len()).collect();
+        order.sort_by_key(|&i| {
+            let e = &endpoints[i];
+            (Some(i) == exclude, !e.healthy.load(Ordering::Relaxed), e.in_flight.load(Ordering::Relaxed))
+        });
+        order.into_iter().find(|&i| lock(&endpoints[i].breaker).try_acquire(now))
+    }
+
+    async fn attempt(&self, index: usize, body: &serde_json::Value) -> Result<ReasonOutput, AttemptError> {
+        let endpoint = &self.inner.endpoints[index];
+        let Ok(_permit) = endpoint.permits.acquire().await else {
+            return Err(AttemptError::Fatal("endpoint closed".into()));
+        };
+        endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let result = self.send(endpoint, body).await;
+        endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let mut breaker = lock(&endpoint.breaker);
+        match &result {
+            Ok(_) => breaker.on_success(),
+            // A request the server rejected as malformed says nothing about the server's health.
+            Err(AttemptError::Fatal(_)) => breaker.on_success(),
+            Err(AttemptError::Retryable { .. }) => breaker.on_failure(Instant::now()),
+        }
+        drop(breaker);
+        result.map(|mut out| {
+            if out.timings.prefill_ms == 0.0 && out.timings.decode_ms == 0.0 {
+                // The server did not split its time; the whole round trip counts as decode.
+                out.timings.decode_ms = started.elapsed().as_secs_f64() * 1e3;
+            }
+            out
+        })
+    }
+
+    async fn send(&self, endpoint: &Endpoint, body: &serde_json::Value) -> Result<ReasonOutput, AttemptError> {
+        let flavor = endpoint.config.flavor;
+        let url = format!("{}/{}", endpoint.config.base_url, wire::chat_path(flavor));
+        let mut request = self.inner.client.post(&url).json(body);
+        if let Some(key) = &endpoint.config.api_key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.map_err(|e| AttemptError::Retryable {
+            detail: format!("{url}: {}", if e.is_timeout() { "timed out".to_string() } else { e.to_string() }),
+            retry_after: None,
+        })?;
+        let status = response.status();
+        if !status.is_success() {
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let text = response.text().await.unwrap_or_default();
+            let detail = format!("{url}: HTTP {status}: {}", excerpt(&text));
+            return Err(if matches!(status.as_u16(), 408 | 429) || status.is_server_error() {
+                AttemptError::Retryable { detail, retry_after }
+            } else {
+                AttemptError::Fatal(detail)
+            });
+        }
+        let value: serde_json::Value = response.json().await.map_err(|e| AttemptError::Retryable {
+            detail: format!("{url}: unreadable response body: {e}"),
+            retry_after: None,
+        })?;
+        wire::parse_response(flavor, &value).map_err(|e| AttemptError::Fatal(format!("{url}: {e}")))
+    }
+
+    fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
+        let cfg = &self.inner.config;
+        let exp = cfg.backoff_base.saturating_mul(1u32 << attempt.min(16)).min(cfg.backoff_max);
+        // Full jitter keeps many clients that failed together from retrying together.
+        let jittered = exp.mul_f64(rand::rng().random_range(0.5..=1.0));
+        retry_after.map_or(jittered, |server| server.max(jittered))
+    }
+}
+
+#[async_trait]
+impl Reasoner for RemoteReasoner {
+    fn model_id(&self) -> String {
+        format!("remote:{}", self.inner.config.model)
+    }
+
+    async fn reason(&self, req: ReasonRequest) -> Result<ReasonOutput, ReasonError> {
+        let cfg = &self.inner.config;
+        let max_tokens = if req.max_tokens == 0 { cfg.budget(req.effort) } else { req.max_tokens };
+        let started = Instant::now();
+        let mut last_error = String::from("no endpoint accepted the request (all circuit breakers open)");
+        let mut previous = None;
+        for attempt in 0..cfg.max_attempts.max(1) {
+            let Some(index) = self.choose(previous) else {
+                break;
+            };
+            previous = Some(index);
+            let endpoint = &self.inner.endpoints[index];
+            let body = wire::request_body(endpoint.config.flavor, &cfg.model, &req, max_tokens, cfg.logprobs);
+            let span = info_span!("remote_attempt", endpoint = %endpoint.config.base_url, attempt);
+            match self.attempt(index, &body).instrument(span).await {
+                Ok(mut out) => {
+                    out.timings.total_ms = started.elapsed().as_secs_f64() * 1e3;
+                    return Ok(out);
+                }
+                Err(AttemptError::Fatal(detail)) => return Err(ReasonError::Backend(detail)),
+                Err(AttemptError::Retryable { detail, retry_after }) => {
+                    debug!(%detail, attempt, "backend attempt failed");
+                    last_error = detail;
+                    if attempt + 1 < cfg.max_attempts {
+                        tokio::time::sleep(self.backoff(attempt, retry_after)).await;
+                    }
+                }
+            }
+        }
+        Err(ReasonError::Backend(last_error))
+    }
+
+    async fn reason_batch(&self, reqs: Vec<ReasonRequest>) -> Vec<Result<ReasonOutput, ReasonError>> {
+        // The servers batch across concurrent requests themselves; send them together.
+        let mut tasks = tokio::task::JoinSet::new();
+        let count = reqs.len();
+        for (i, req) in reqs.into_iter().enumerate() {
+            let this = self.clone();
+            tasks.spawn(async move { (i, this.reason(req).await) });
+        }
+        let mut results: Vec<Option<Result<ReasonOutput, ReasonError>>> = (0..count).map(|_| None).collect();
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((i, result)) => results[i] = Some(result),
+                Err(e) => warn!("a backend request task died: {e}"),
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(ReasonError::Backend("the request task died".into()))))
+            .collect()
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding the breaker lock leaves plain counters behind; they are still usable.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn excerpt(text: &str) -> &str {
+    let end = text.char_indices().nth(300).map_or(text.len(), |(i, _)| i);
+    text[..end].trim()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_specs_parse_flavor_and_url() {
+        let plain: EndpointConfig = "http://gpu1:8000/v1/".parse().unwrap();
+        assert_eq!(plain.flavor, Flavor::OpenAi);
+        assert_eq!(plain.base_url, "http://gpu1:8000/v1");
+        let ollama: EndpointConfig = "ollama+http://127.0.0.1:11434".parse().unwrap();
+        assert_eq!(ollama.flavor, Flavor::Ollama);
+        let llama: EndpointConfig = "llama.cpp+https://x/v1".parse().unwrap();
+        assert_eq!(llama.flavor, Flavor::LlamaCpp);
+        assert_eq!("vllm+http://x".parse::<EndpointConfig>().unwrap().flavor, Flavor::OpenAi);
+        assert!(matches!("tgi+http://x".parse::<EndpointConfig>(), Err(ConfigError::UnknownFlavor(_))));
+        assert!(matches!("ftp://x".parse::<EndpointConfig>(), Err(ConfigError::BadUrl(_))));
+        assert!(RemoteReasoner::new(RemoteConfig::new("m", vec![])).is_err());
+    }
+
+    #[test]
+    fn backoff_grows_is_capped_and_honours_retry_after() {
+        let mut cfg = RemoteConfig::new("m", vec!["http://x/v1".parse().unwrap()]);
+        cfg.backoff_base = Duration::from_millis(100);
+        cfg.backoff_max = Duration::from_millis(800);
+        let r = RemoteReasoner::new(cfg).unwrap();
+        assert!(r.backoff(0, None) <= Duration::from_millis(100));
+        assert!(r.backoff(10, None) <= Duration::from_millis(800));
+        assert!(r.backoff(10, None) >= Duration::from_millis(400));
+        assert_eq!(r.backoff(0, Some(Duration::from_secs(3))), Duration::from_secs(3));
+    }
+}

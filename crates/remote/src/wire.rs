@@ -1,0 +1,332 @@
+//! The wire formats: how each server family wants effort and budget, and where it puts the reasoning.
+//!
+//! Pure functions over `serde_json::Value`, so every documented response shape is a table test away.
+
+use safeguard_core::{ReasonOutput, ReasonRequest, Timings, Usage};
+use safeguard_engine::Sampling;
+use safeguard_harmony::user_message_text;
+use serde_json::{Value, json};
+
+use crate::Flavor;
+
+/// The HTTP path (relative to the endpoint's base URL) a flavor's chat requests go to.
+pub(crate) fn chat_path(flavor: Flavor) -> &'static str {
+    match flavor {
+        Flavor::Ollama => "api/chat",
+        Flavor::OpenAi | Flavor::LlamaCpp => "chat/completions",
+    }
+}
+
+/// The path a health check probes: cheap, and served by every server of the family.
+pub(crate) fn health_path(flavor: Flavor) -> &'static str {
+    match flavor {
+        Flavor::Ollama => "api/tags",
+        Flavor::OpenAi | Flavor::LlamaCpp => "models",
+    }
+}
+
+/// Builds the request body. The policy goes first, as the system message (servers map it to the harmony
+/// developer message), and the content second, so that a server's prefix cache can reuse the policy's tokens.
+pub(crate) fn request_body(
+    flavor: Flavor,
+    model: &str,
+    req: &ReasonRequest,
+    max_tokens: usize,
+    logprobs: bool,
+) -> Value {
+    let messages = json!([
+        {"role": "system", "content": req.instructions},
+        {"role": "user", "content": user_message_text(&req.content)},
+    ]);
+    let effort = req.effort.as_str();
+    match flavor {
+        Flavor::Ollama => {
+            let mut options = json!({"num_predict": max_tokens});
+            apply_sampling(&mut options, &req.sampling, "seed");
+            // The native API needs the string form of `think` for gpt-oss; a boolean is ignored.
+            json!({"model": model, "messages": messages, "think": effort, "stream": false, "options": options})
+        }
+        Flavor::OpenAi | Flavor::LlamaCpp => {
+            let mut body = json!({
+                "model": model,
+                "messages": messages,
+                "max_tokens": max_tokens,
+                "reasoning_effort": effort,
+                "stream": false,
+            });
+            apply_sampling(&mut body, &req.sampling, "seed");
+            if flavor == Flavor::LlamaCpp {
+                // llama-server ignored the top-level field before mid-2026; the template kwarg always works.
+                body["chat_template_kwargs"] = json!({"reasoning_effort": effort});
+            }
+            if logprobs {
+                body["logprobs"] = json!(true);
+            }
+            body
+        }
+    }
+}
+
+fn apply_sampling(target: &mut Value, sampling: &Sampling, seed_key: &str) {
+    match sampling {
+        Sampling::Greedy => target["temperature"] = json!(0.0),
+        Sampling::Seeded { seed, temperature, top_p } => {
+            target["temperature"] = json!(temperature);
+            target["top_p"] = json!(top_p);
+            target[seed_key] = json!(seed);
+        }
+    }
+}
+
+/// A response body that is not the shape its flavor documents.
+#[derive(Debug, thiserror::Error)]
+#[error("unexpected response shape: {0}")]
+pub struct ShapeError(pub String);
+
+/// Reads a response into the reasoner's output. Accepts every reasoning field name in the wild
+/// (`reasoning`, `reasoning_content`, `thinking`) and raw harmony channels leaked into `content`.
+pub(crate) fn parse_response(flavor: Flavor, body: &Value) -> Result<ReasonOutput, ShapeError> {
+    match flavor {
+        Flavor::Ollama => parse_ollama(body),
+        Flavor::OpenAi | Flavor::LlamaCpp => parse_openai(body),
+    }
+}
+
+fn parse_openai(body: &Value) -> Result<ReasonOutput, ShapeError> {
+    if let Some(error) = body.get("error") {
+        // vLLM 0.16 returned some errors with HTTP 200.
+        return Err(ShapeError(format!("the server answered with an error: {error}")));
+    }
+    let choice = body.get("choices").and_then(|c| c.get(0)).ok_or_else(|| ShapeError("no choices[0]".into()))?;
+    let message = choice.get("message").ok_or_else(|| ShapeError("no choices[0].message".into()))?;
+    let content = non_empty_str(message.get("content"));
+    let reasoning =
+        ["reasoning", "reasoning_content", "thinking"].iter().find_map(|key| non_empty_str(message.get(*key)));
+    let finish = choice.get("finish_reason").and_then(Value::as_str).unwrap_or("");
+    let (analysis, final_text) = split_leaked_channels(reasoning, content);
+
+    let usage = body.get("usage");
+    let count = |v: Option<&Value>| v.and_then(Value::as_u64).unwrap_or(0) as usize;
+    let mut out = ReasonOutput {
+        truncated: finish == "length",
+        usage: Usage {
+            prompt_tokens: count(usage.and_then(|u| u.get("prompt_tokens"))),
+            cached_prompt_tokens: count(usage.and_then(|u| u.pointer("/prompt_tokens_details/cached_tokens"))),
+            completion_tokens: count(usage.and_then(|u| u.get("completion_tokens"))),
+        },
+        final_token_prob: final_token_prob(choice.pointer("/logprobs/content")),
+        ..ReasonOutput::default()
+    };
+    // llama-server reports its own timings and how much of the prompt came from its cache.
+    if let Some(t) = body.get("timings") {
+        let ms = |k: &str| t.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+        out.timings = Timings { prefill_ms: ms("prompt_ms"), decode_ms: ms("predicted_ms"), ..Timings::default() };
+        if out.usage.cached_prompt_tokens == 0 {
+            out.usage.cached_prompt_tokens = count(t.get("cache_n"));
+        }
+    }
+    out.analysis = analysis;
+    out.final_text = final_text;
+    // A final answer cut off by the budget is not an answer.
+    if out.truncated {
+        out.final_text = None;
+    }
+    Ok(out)
+}
+
+fn parse_ollama(body: &Value) -> Result<ReasonOutput, ShapeError> {
+    if let Some(error) = body.get("error") {
+        return Err(ShapeError(format!("the server answered with an error: {error}")));
+    }
+    let message = body.get("message").ok_or_else(|| ShapeError("no message".into()))?;
+    let content = non_empty_str(message.get("content"));
+    let reasoning =
+        ["thinking", "reasoning", "reasoning_content"].iter().find_map(|key| non_empty_str(message.get(*key)));
+    let (analysis, final_text) = split_leaked_channels(reasoning, content);
+    let truncated = body.get("done_reason").and_then(Value::as_str) == Some("length");
+    let count = |k: &str| body.get(k).and_then(Value::as_u64).unwrap_or(0) as usize;
+    let ns_to_ms = |k: &str| body.get(k).and_then(Value::as_f64).unwrap_or(0.0) / 1e6;
+    Ok(ReasonOutput {
+        analysis,
+        final_text: if truncated { None } else { final_text },
+        truncated,
+        usage: Usage {
+            prompt_tokens: count("prompt_eval_count"),
+            cached_prompt_tokens: 0,
+            completion_tokens: count("eval_count"),
+        },
+        timings: Timings {
+            prefill_ms: ns_to_ms("prompt_eval_duration"),
+            decode_ms: ns_to_ms("eval_duration"),
+            ..Timings::default()
+        },
+        ..ReasonOutput::default()
+    })
+}
+
+fn non_empty_str(v: Option<&Value>) -> Option<String> {
+    v.and_then(Value::as_str).map(str::trim).filter(|s| !s.is_empty()).map(str::to_string)
+}
+
+/// Servers run without a reasoning parser (llama-server `--reasoning-format none`, old LM Studio) return the
+/// raw harmony text in `content`. Split it so the CoT never passes for the answer.
+fn split_leaked_channels(reasoning: Option<String>, content: Option<String>) -> (Option<String>, Option<String>) {
+    const FINAL: &str = "<|channel|>final<|message|>";
+    const ANALYSIS: &str = "<|channel|>analysis<|message|>";
+    let Some(text) = content.as_deref().filter(|t| t.contains("<|channel|>")) else {
+        return (reasoning, content);
+    };
+    let analysis = text.find(ANALYSIS).map(|at| {
+        let rest = &text[at + ANALYSIS.len()..];
+        rest[..rest.find("<|end|>").unwrap_or(rest.len())].trim().to_string()
+    });
+    let final_text = text.rfind(FINAL).and_then(|at| {
+        let rest = &text[at + FINAL.len()..];
+        let end = ["<|return|>", "<|end|>", "<|call|>"].iter().filter_map(|m| rest.find(m)).min().unwrap_or(rest.len());
+        Some(rest[..end].trim().to_string()).filter(|s| !s.is_empty())
+    });
+    (reasoning.or(analysis), final_text)
+}
+
+/// Geometric mean of the probabilities of the answer's tokens, from OpenAI-style `logprobs.content`.
+fn final_token_prob(entries: Option<&Value>) -> Option<f32> {
+    let logprobs: Vec<f64> = entries?.as_array()?.iter().filter_map(|e| e.get("logprob")?.as_f64()).collect();
+    if logprobs.is_empty() {
+        return None;
+    }
+    Some((logprobs.iter().sum::<f64>() / logprobs.len() as f64).exp() as f32)
+}
+
+#[cfg(test)]
+mod tests {
+    use safeguard_harmony::{Content, Effort};
+
+    use super::*;
+
+    fn req(effort: Effort) -> ReasonRequest {
+        ReasonRequest::new("# Spam\nReturn 0 or 1.", Content::text("buy now"), effort)
+    }
+
+    #[test]
+    fn each_flavor_sends_effort_its_own_way() {
+        let openai = request_body(Flavor::OpenAi, "m", &req(Effort::High), 512, false);
+        assert_eq!(openai["reasoning_effort"], "high");
+        assert_eq!(openai["max_tokens"], 512);
+        assert!(openai.get("chat_template_kwargs").is_none());
+        assert_eq!(openai["messages"][0]["role"], "system");
+        assert_eq!(openai["messages"][1]["content"], "buy now");
+
+        let llama = request_body(Flavor::LlamaCpp, "m", &req(Effort::Low), 64, false);
+        assert_eq!(llama["chat_template_kwargs"]["reasoning_effort"], "low");
+
+        let ollama = request_body(Flavor::Ollama, "m", &req(Effort::Medium), 64, false);
+        assert_eq!(ollama["think"], "medium");
+        assert_eq!(ollama["options"]["num_predict"], 64);
+        assert_eq!(ollama["stream"], false);
+        assert!(ollama.get("reasoning_effort").is_none());
+    }
+
+    #[test]
+    fn greedy_pins_temperature_and_seeded_sends_the_seed() {
+        let greedy = request_body(Flavor::OpenAi, "m", &req(Effort::Low), 8, false);
+        assert_eq!(greedy["temperature"], 0.0);
+        let mut seeded = req(Effort::Low);
+        seeded.sampling = Sampling::Seeded { seed: 42, temperature: 1.0, top_p: 0.9 };
+        let body = request_body(Flavor::Ollama, "m", &seeded, 8, false);
+        assert_eq!(body["options"]["seed"], 42);
+    }
+
+    #[test]
+    fn reads_vllm_reasoning_and_cached_tokens() {
+        let body = json!({
+            "choices": [{"index": 0, "finish_reason": "stop",
+                "message": {"role": "assistant", "content": "1", "reasoning": "It is a phishing lure.", "reasoning_content": "It is a phishing lure."}}],
+            "usage": {"prompt_tokens": 420, "completion_tokens": 37, "total_tokens": 457, "prompt_tokens_details": {"cached_tokens": 384}}
+        });
+        let out = parse_response(Flavor::OpenAi, &body).unwrap();
+        assert_eq!(out.final_text.as_deref(), Some("1"));
+        assert_eq!(out.analysis.as_deref(), Some("It is a phishing lure."));
+        assert_eq!(out.usage.cached_prompt_tokens, 384);
+        assert_eq!(out.usage.completion_tokens, 37);
+        assert!(!out.truncated);
+    }
+
+    #[test]
+    fn reads_old_vllm_reasoning_content_and_lm_studio_reasoning() {
+        let old =
+            json!({"choices": [{"finish_reason": "stop", "message": {"content": "0", "reasoning_content": "benign"}}]});
+        assert_eq!(parse_response(Flavor::OpenAi, &old).unwrap().analysis.as_deref(), Some("benign"));
+        let lms =
+            json!({"choices": [{"finish_reason": "stop", "message": {"content": "0", "reasoning": "benign too"}}]});
+        assert_eq!(parse_response(Flavor::OpenAi, &lms).unwrap().analysis.as_deref(), Some("benign too"));
+    }
+
+    #[test]
+    fn budget_spent_in_reasoning_gives_no_answer() {
+        let body = json!({"choices": [{"finish_reason": "length", "message": {"content": null, "reasoning": "Let me think..."}}],
+                          "usage": {"prompt_tokens": 10, "completion_tokens": 64}});
+        let out = parse_response(Flavor::OpenAi, &body).unwrap();
+        assert!(out.truncated);
+        assert_eq!(out.final_text, None);
+        // A final answer that was itself cut off is not trusted either.
+        let cut = json!({"choices": [{"finish_reason": "length", "message": {"content": "{\"violation\": 1, \"rule_", "reasoning": "x"}}]});
+        assert_eq!(parse_response(Flavor::OpenAi, &cut).unwrap().final_text, None);
+    }
+
+    #[test]
+    fn reads_llama_server_timings_and_cache() {
+        let body = json!({
+            "choices": [{"finish_reason": "stop", "message": {"content": "INVALID", "reasoning_content": "spam"}}],
+            "usage": {"prompt_tokens": 300, "completion_tokens": 20},
+            "timings": {"cache_n": 256, "prompt_n": 44, "prompt_ms": 120.5, "predicted_n": 20, "predicted_ms": 400.0}
+        });
+        let out = parse_response(Flavor::LlamaCpp, &body).unwrap();
+        assert_eq!(out.usage.cached_prompt_tokens, 256);
+        assert_eq!(out.timings.prefill_ms, 120.5);
+        assert_eq!(out.final_text.as_deref(), Some("INVALID"));
+    }
+
+    #[test]
+    fn splits_raw_harmony_leaked_into_content() {
+        let body = json!({"choices": [{"finish_reason": "stop", "message": {"content":
+            "<|channel|>analysis<|message|>Looks like spam.<|end|><|start|>assistant<|channel|>final<|message|>1<|return|>"}}]});
+        let out = parse_response(Flavor::LlamaCpp, &body).unwrap();
+        assert_eq!(out.analysis.as_deref(), Some("Looks like spam."));
+        assert_eq!(out.final_text.as_deref(), Some("1"));
+        // Only the analysis channel leaked: there is no answer, and the CoT must not pass for one.
+        let only = json!({"choices": [{"finish_reason": "stop", "message": {"content": "<|channel|>analysis<|message|>hmm 1"}}]});
+        let out = parse_response(Flavor::LlamaCpp, &only).unwrap();
+        assert_eq!(out.final_text, None);
+        assert_eq!(out.analysis.as_deref(), Some("hmm 1"));
+    }
+
+    #[test]
+    fn reads_ollama_native_thinking() {
+        let body = json!({"model": "gpt-oss-safeguard:20b", "message": {"role": "assistant", "content": "0", "thinking": "harmless greeting"},
+            "done": true, "done_reason": "stop", "prompt_eval_count": 210, "prompt_eval_duration": 350_000_000u64,
+            "eval_count": 42, "eval_duration": 1_000_000_000u64});
+        let out = parse_response(Flavor::Ollama, &body).unwrap();
+        assert_eq!(out.analysis.as_deref(), Some("harmless greeting"));
+        assert_eq!(out.final_text.as_deref(), Some("0"));
+        assert_eq!(out.usage.prompt_tokens, 210);
+        assert_eq!(out.timings.prefill_ms, 350.0);
+        let cut = json!({"message": {"content": "", "thinking": "..."}, "done_reason": "length"});
+        assert!(parse_response(Flavor::Ollama, &cut).unwrap().truncated);
+    }
+
+    #[test]
+    fn errors_in_a_200_body_are_errors() {
+        let body = json!({"error": {"message": "Harmony does not support"}});
+        assert!(parse_response(Flavor::OpenAi, &body).is_err());
+        assert!(parse_response(Flavor::OpenAi, &json!({"choices": []})).is_err());
+        assert!(parse_response(Flavor::Ollama, &json!({"done": true})).is_err());
+    }
+
+    #[test]
+    fn final_probability_is_the_geometric_mean_of_answer_tokens() {
+        let body = json!({"choices": [{"finish_reason": "stop", "message": {"content": "1"},
+            "logprobs": {"content": [{"token": "1", "logprob": (0.25f64).ln()}, {"token": "x", "logprob": 0.0}]}}]});
+        let p = parse_response(Flavor::OpenAi, &body).unwrap().final_token_prob.unwrap();
+        assert!((p - 0.5).abs() < 1e-6, "{p}");
+    }
+}
