@@ -13,21 +13,11 @@ fn load(name: &str) -> Value {
 }
 
 fn ids(value: &Value) -> Vec<u32> {
-    value
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap() as u32)
-        .collect()
+    value.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect()
 }
 
 fn strings(value: &Value) -> HashMap<String, String> {
-    value
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
-        .collect()
+    value.as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())).collect()
 }
 
 #[test]
@@ -36,32 +26,19 @@ fn rendered_prompts_match_openai_harmony_token_for_token() {
     let policies = strings(&fixture["policies"]);
     let contents = strings(&fixture["contents"]);
     let cases = fixture["cases"].as_array().unwrap();
-    assert!(
-        cases.len() >= 90,
-        "fixture unexpectedly small: {}",
-        cases.len()
-    );
+    assert!(cases.len() >= 90, "fixture unexpectedly small: {}", cases.len());
     for case in cases {
         let policy = &policies[case["policy"].as_str().unwrap()];
         let content = &contents[case["content"].as_str().unwrap()];
         let effort: Effort = case["effort"].as_str().unwrap().parse().unwrap();
-        let opts = PromptOptions {
-            effort,
-            date: case["date"].as_str().map(str::to_string),
-        };
+        let opts = PromptOptions { effort, date: case["date"].as_str().map(str::to_string) };
         let rendered = render_prompt(policy, &Content::text(content.clone()), &opts).unwrap();
         let expected = ids(&case["tokens"]);
-        let label = format!(
-            "policy={} content={} effort={effort} date={:?}",
-            case["policy"], case["content"], opts.date
-        );
+        let label =
+            format!("policy={} content={} effort={effort} date={:?}", case["policy"], case["content"], opts.date);
         assert_eq!(rendered.tokens.len(), expected.len(), "{label}");
         assert_eq!(rendered.tokens, expected, "{label}");
-        assert_eq!(
-            rendered.prefix_len as u64,
-            case["prefix_len"].as_u64().unwrap(),
-            "{label}"
-        );
+        assert_eq!(rendered.prefix_len as u64, case["prefix_len"].as_u64().unwrap(), "{label}");
     }
 }
 
@@ -76,19 +53,10 @@ fn parsed_completions_match_openai_harmony_messages() {
             assert_eq!(parsed.final_text, None, "{name}");
             continue;
         };
-        assert_eq!(
-            parsed.messages.len(),
-            expected.len(),
-            "{name}: {:?}",
-            parsed.messages
-        );
+        assert_eq!(parsed.messages.len(), expected.len(), "{name}: {:?}", parsed.messages);
         for (ours, theirs) in parsed.messages.iter().zip(expected) {
             assert_eq!(ours.role, theirs["role"].as_str().unwrap(), "{name}");
-            assert_eq!(
-                ours.channel.as_deref(),
-                theirs["channel"].as_str(),
-                "{name}"
-            );
+            assert_eq!(ours.channel.as_deref(), theirs["channel"].as_str(), "{name}");
             assert_eq!(ours.text, theirs["text"].as_str().unwrap(), "{name}");
             // harmony 0.0.8 files a lone `<|constrain|>json` under recipient; upstream harmony (and we) call it
             // the content type. Either way it is the same header part.
@@ -98,11 +66,7 @@ fn parsed_completions_match_openai_harmony_messages() {
                 assert_eq!(ours.recipient, None, "{name}");
             } else {
                 assert_eq!(ours.recipient.as_deref(), theirs_recipient, "{name}");
-                assert_eq!(
-                    ours.content_type.as_deref(),
-                    theirs["content_type"].as_str(),
-                    "{name}"
-                );
+                assert_eq!(ours.content_type.as_deref(), theirs["content_type"].as_str(), "{name}");
             }
         }
     }
