@@ -1,1 +1,20 @@
 //! The decision path: policies + content -> reasoner -> validated verdicts and an outcome.
+//!
+//! - [`Reasoner`] is the seam to a model: [`EmbeddedReasoner`] runs an in-process [`safeguard_engine::Engine`];
+//!   remote backends implement the same trait elsewhere.
+//! - [`Classifier`] turns policies and content into prompts, asks the reasoner, validates the answers with
+//!   `safeguard-verdict` and folds them into one [`Decision`]. A failed reasoning step is `needs_review`,
+//!   never an allow.
+//! - [`input`] reads items to classify from JSONL, one error per bad line.
+//! - [`golden`] runs the golden cases kept beside a policy file.
+
+pub mod classifier;
+pub mod embedded;
+pub mod golden;
+pub mod input;
+pub mod reasoner;
+
+pub use classifier::{Classifier, ClassifyOptions, Decision, Mode, PromptTrace};
+pub use embedded::{EmbeddedConfig, EmbeddedReasoner, TokenBudgets};
+pub use input::{InputLimits, InputLine, Item, ItemError, ItemReader};
+pub use reasoner::{ReasonError, ReasonOutput, ReasonRequest, Reasoner, Timings, USE_EFFORT_BUDGET, Usage};

@@ -1,0 +1,679 @@
+//! Policies + content -> prompts -> reasoner -> verdicts -> one outcome.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use safeguard_engine::Sampling;
+use safeguard_harmony::{Content, Effort};
+use safeguard_policy::Policy;
+use safeguard_verdict::{Outcome, Verdict, combined_instructions, judge, judge_combined, overall_outcome};
+use serde::{Deserialize, Serialize};
+use tracing::{Instrument, info_span};
+use uuid::Uuid;
+
+use crate::reasoner::{ReasonError, ReasonOutput, ReasonRequest, Reasoner, Timings, USE_EFFORT_BUDGET, Usage};
+
+/// How several policies are put to the model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// One prompt per policy: the most accurate, and each policy's prefix is cached on its own.
+    #[default]
+    Separate,
+    /// One prompt holding every policy, asking for a per-policy answer: one decode instead of N, at some
+    /// cost in accuracy per added policy.
+    Combined,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "separate" => Ok(Mode::Separate),
+            "combined" => Ok(Mode::Combined),
+            other => Err(format!("unknown mode {other:?}; expected \"separate\" or \"combined\"")),
+        }
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Mode::Separate => "separate",
+            Mode::Combined => "combined",
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ClassifyOptions {
+    pub effort: Effort,
+    pub date: Option<String>,
+    pub mode: Mode,
+    /// Completion-token cap per prompt; `None` uses the reasoner's budget for the effort.
+    pub max_tokens: Option<usize>,
+    /// Keep the chain of thought in the decision. Off by default: it is for reviewers, not end users.
+    pub include_reasoning: bool,
+    pub sampling: Sampling,
+}
+
+impl Default for ClassifyOptions {
+    fn default() -> Self {
+        Self {
+            effort: Effort::default(),
+            date: None,
+            mode: Mode::default(),
+            max_tokens: None,
+            include_reasoning: false,
+            sampling: Sampling::Greedy,
+        }
+    }
+}
+
+/// What happened to one prompt: enough to audit and replay it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptTrace {
+    /// Names of the policies this prompt held (one in separate mode, all in combined mode).
+    pub policies: Vec<String>,
+    pub prompt_sha256: Option<String>,
+    pub usage: Usage,
+    pub timings: Timings,
+    pub truncated: bool,
+    pub final_token_prob: Option<f32>,
+    /// The model's raw answer, before validation.
+    pub final_text: Option<String>,
+    /// Why the reasoner produced nothing; the verdicts of this prompt are then `needs_review`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The decision for one item of content under a set of policies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(into = "wire::DecisionWire", from = "wire::DecisionWire")]
+pub struct Decision {
+    /// UUID v7: sorts by creation time.
+    pub id: Uuid,
+    pub outcome: Outcome,
+    /// One per policy, in the order the policies were given.
+    pub verdicts: Vec<Verdict>,
+    /// Aligned with `verdicts`: the engine's confidence in the answer that verdict came from
+    /// (see [`ReasonOutput::final_token_prob`]). Serialized inside each verdict.
+    pub engine_confidence: Vec<Option<f32>>,
+    pub usage: Usage,
+    pub timings: Timings,
+    /// Chain of thought per prompt, in prompt order; empty unless asked for.
+    pub reasoning: Vec<String>,
+    pub model: String,
+    pub effort: Effort,
+    pub mode: Mode,
+    pub prompts: Vec<PromptTrace>,
+}
+
+mod wire {
+    //! The JSON shape: each verdict carries its engine confidence next to its own fields.
+
+    use super::*;
+
+    #[derive(Serialize, Deserialize)]
+    pub struct VerdictWire {
+        #[serde(flatten)]
+        verdict: Verdict,
+        #[serde(default)]
+        engine_confidence: Option<f32>,
+    }
+
+    #[derive(Serialize, Deserialize)]
+    pub struct DecisionWire {
+        id: Uuid,
+        outcome: Outcome,
+        verdicts: Vec<VerdictWire>,
+        usage: Usage,
+        timings: Timings,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        reasoning: Vec<String>,
+        model: String,
+        effort: Effort,
+        mode: Mode,
+        prompts: Vec<PromptTrace>,
+    }
+
+    impl From<Decision> for DecisionWire {
+        fn from(d: Decision) -> Self {
+            let mut confidence = d.engine_confidence.into_iter();
+            let verdicts = d
+                .verdicts
+                .into_iter()
+                .map(|verdict| VerdictWire { verdict, engine_confidence: confidence.next().flatten() })
+                .collect();
+            DecisionWire {
+                id: d.id,
+                outcome: d.outcome,
+                verdicts,
+                usage: d.usage,
+                timings: d.timings,
+                reasoning: d.reasoning,
+                model: d.model,
+                effort: d.effort,
+                mode: d.mode,
+                prompts: d.prompts,
+            }
+        }
+    }
+
+    impl From<DecisionWire> for Decision {
+        fn from(w: DecisionWire) -> Self {
+            let (verdicts, engine_confidence) =
+                w.verdicts.into_iter().map(|v| (v.verdict, v.engine_confidence)).unzip();
+            Decision {
+                id: w.id,
+                outcome: w.outcome,
+                verdicts,
+                engine_confidence,
+                usage: w.usage,
+                timings: w.timings,
+                reasoning: w.reasoning,
+                model: w.model,
+                effort: w.effort,
+                mode: w.mode,
+                prompts: w.prompts,
+            }
+        }
+    }
+}
+
+/// Classifies content under policies with any [`Reasoner`].
+#[derive(Clone)]
+pub struct Classifier {
+    reasoner: Arc<dyn Reasoner>,
+}
+
+impl Classifier {
+    pub fn new(reasoner: Arc<dyn Reasoner>) -> Self {
+        Self { reasoner }
+    }
+
+    pub fn reasoner(&self) -> &Arc<dyn Reasoner> {
+        &self.reasoner
+    }
+
+    /// Never fails: whatever goes wrong in the reasoning step becomes `needs_review` with the reason in
+    /// the verdict's rationale and in the prompt trace. No policies at all is also `needs_review`.
+    pub async fn classify(&self, policies: &[Policy], content: &Content, options: &ClassifyOptions) -> Decision {
+        self.classify_many(policies, std::slice::from_ref(content), options).await.pop().unwrap_or_else(|| {
+            // classify_many returns one decision per item; this only guards the invariant.
+            assemble(Vec::new(), Vec::new(), Vec::new(), options, self.reasoner.model_id(), 0.0)
+        })
+    }
+
+    /// Classifies several items with every prompt sent in one `reason_batch`, so backends that batch
+    /// decode them together. Decisions come back in item order.
+    pub async fn classify_many(
+        &self,
+        policies: &[Policy],
+        items: &[Content],
+        options: &ClassifyOptions,
+    ) -> Vec<Decision> {
+        let span = info_span!("classify", items = items.len(), policies = policies.len(), mode = %options.mode);
+        async move {
+            let started = Instant::now();
+            let plan = plan_prompts(policies, items, options);
+            let requests = plan.iter().map(|p| p.request.clone()).collect();
+            let mut results = self.reasoner.reason_batch(requests).await.into_iter();
+            let wall_ms = started.elapsed().as_secs_f64() * 1e3;
+            let model = self.reasoner.model_id();
+
+            let mut per_item: Vec<Vec<(PlannedPrompt, Result<ReasonOutput, ReasonError>)>> =
+                (0..items.len()).map(|_| Vec::new()).collect();
+            for planned in plan {
+                let result = results.next().unwrap_or_else(|| {
+                    Err(ReasonError::Backend("the reasoner returned fewer results than prompts".into()))
+                });
+                per_item[planned.item].push((planned, result));
+            }
+            per_item
+                .into_iter()
+                .map(|prompts| {
+                    let mut verdicts = Vec::new();
+                    let mut confidence = Vec::new();
+                    let mut traces = Vec::new();
+                    for (planned, result) in prompts {
+                        let selected: Vec<&Policy> = planned.policies.iter().map(|&i| &policies[i]).collect();
+                        let (prompt_verdicts, trace) = judge_prompt(&selected, result, options.mode);
+                        confidence.extend(std::iter::repeat_n(trace.0.final_token_prob, prompt_verdicts.len()));
+                        verdicts.extend(prompt_verdicts);
+                        traces.push(trace);
+                    }
+                    assemble(verdicts, confidence, traces, options, model.clone(), wall_ms)
+                })
+                .collect()
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+struct PlannedPrompt {
+    item: usize,
+    /// Indices into the policy list.
+    policies: Vec<usize>,
+    request: ReasonRequest,
+}
+
+fn plan_prompts(policies: &[Policy], items: &[Content], options: &ClassifyOptions) -> Vec<PlannedPrompt> {
+    let request = |instructions: String, content: &Content| ReasonRequest {
+        instructions,
+        content: content.clone(),
+        effort: options.effort,
+        date: options.date.clone(),
+        max_tokens: options.max_tokens.unwrap_or(USE_EFFORT_BUDGET),
+        sampling: options.sampling,
+    };
+    let mut plan = Vec::new();
+    if policies.is_empty() {
+        return plan;
+    }
+    // Policy-major order: prompts sharing a policy prefix sit next to each other in the batch.
+    match options.mode {
+        Mode::Separate => {
+            for (p, policy) in policies.iter().enumerate() {
+                for (item, content) in items.iter().enumerate() {
+                    plan.push(PlannedPrompt {
+                        item,
+                        policies: vec![p],
+                        request: request(policy.body.clone(), content),
+                    });
+                }
+            }
+        }
+        Mode::Combined => {
+            let instructions = combined_instructions(policies);
+            for (item, content) in items.iter().enumerate() {
+                plan.push(PlannedPrompt {
+                    item,
+                    policies: (0..policies.len()).collect(),
+                    request: request(instructions.clone(), content),
+                });
+            }
+        }
+    }
+    plan
+}
+
+/// The verdicts for one prompt's policies, plus its trace and reasoning.
+fn judge_prompt(
+    policies: &[&Policy],
+    result: Result<ReasonOutput, ReasonError>,
+    mode: Mode,
+) -> (Vec<Verdict>, (PromptTrace, Option<String>)) {
+    let names = policies.iter().map(|p| p.meta.name.clone()).collect();
+    match result {
+        Ok(output) => {
+            let analysis = output.analysis.as_deref();
+            let final_text = output.final_text.as_deref();
+            let verdicts = match mode {
+                Mode::Separate => policies.iter().map(|p| judge(p, analysis, final_text, output.truncated)).collect(),
+                Mode::Combined => {
+                    let owned: Vec<Policy> = policies.iter().map(|&p| p.clone()).collect();
+                    judge_combined(&owned, analysis, final_text, output.truncated)
+                }
+            };
+            let trace = PromptTrace {
+                policies: names,
+                prompt_sha256: output.prompt_sha256,
+                usage: output.usage,
+                timings: output.timings,
+                truncated: output.truncated,
+                final_token_prob: output.final_token_prob,
+                final_text: output.final_text,
+                error: None,
+            };
+            (verdicts, (trace, output.analysis))
+        }
+        Err(error) => {
+            let reason = error.to_string();
+            tracing::warn!(%reason, "reasoning failed; the verdicts need review");
+            let verdicts = policies.iter().map(|p| failed_verdict(p, &reason)).collect();
+            let trace = PromptTrace {
+                policies: names,
+                prompt_sha256: None,
+                usage: Usage::default(),
+                timings: Timings::default(),
+                truncated: false,
+                final_token_prob: None,
+                final_text: None,
+                error: Some(reason),
+            };
+            (verdicts, (trace, None))
+        }
+    }
+}
+
+/// A verdict for a policy the model never answered: built by the verdict crate from "no final message",
+/// so it is `needs_review` by the same rule as any other missing answer, with the failure as rationale.
+fn failed_verdict(policy: &Policy, reason: &str) -> Verdict {
+    let mut verdict = judge(policy, None, None, false);
+    verdict.violation = None;
+    verdict.outcome = Outcome::NeedsReview;
+    verdict.rationale = Some(format!("reasoning failed: {reason}"));
+    verdict
+}
+
+fn assemble(
+    verdicts: Vec<Verdict>,
+    engine_confidence: Vec<Option<f32>>,
+    prompts: Vec<(PromptTrace, Option<String>)>,
+    options: &ClassifyOptions,
+    model: String,
+    wall_ms: f64,
+) -> Decision {
+    let mut usage = Usage::default();
+    let mut timings = Timings::default();
+    let mut reasoning = Vec::new();
+    let mut traces = Vec::with_capacity(prompts.len());
+    for (trace, analysis) in prompts {
+        usage += trace.usage;
+        timings.add_work(&trace.timings);
+        if options.include_reasoning {
+            reasoning.push(analysis.unwrap_or_default());
+        }
+        traces.push(trace);
+    }
+    timings.total_ms = wall_ms;
+    Decision {
+        id: Uuid::now_v7(),
+        outcome: overall_outcome(&verdicts),
+        verdicts,
+        engine_confidence,
+        usage,
+        timings,
+        reasoning,
+        model,
+        effort: options.effort,
+        mode: options.mode,
+        prompts: traces,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use safeguard_harmony::{Tokenizer, parse_completion, tokens};
+
+    use super::*;
+
+    /// A test double that replays recorded completions: the script maps the judged text to the raw
+    /// completion the model "wrote", which goes through the real harmony parser like engine output does.
+    struct ReplayReasoner {
+        script: Vec<(&'static str, Replay)>,
+        batches: Mutex<Vec<usize>>,
+        seen_instructions: Mutex<Vec<String>>,
+    }
+
+    #[derive(Clone)]
+    enum Replay {
+        /// Analysis, then the final message, closed with `<|return|>`.
+        Answer {
+            analysis: &'static str,
+            final_text: &'static str,
+        },
+        /// Reasoning that runs out of tokens before any final message.
+        CutOff {
+            analysis: &'static str,
+        },
+        Fail(&'static str),
+    }
+
+    impl ReplayReasoner {
+        fn new(script: Vec<(&'static str, Replay)>) -> Self {
+            Self { script, batches: Mutex::new(Vec::new()), seen_instructions: Mutex::new(Vec::new()) }
+        }
+
+        fn completion(replay: &Replay) -> Vec<u32> {
+            let tokenizer = Tokenizer::shared();
+            let mut out = vec![tokens::CHANNEL];
+            out.extend(tokenizer.encode_ordinary("analysis"));
+            out.push(tokens::MESSAGE);
+            match replay {
+                Replay::Answer { analysis, final_text } => {
+                    out.extend(tokenizer.encode_ordinary(analysis));
+                    out.push(tokens::END);
+                    out.push(tokens::START);
+                    out.extend(tokenizer.encode_ordinary("assistant"));
+                    out.push(tokens::CHANNEL);
+                    out.extend(tokenizer.encode_ordinary("final"));
+                    out.push(tokens::MESSAGE);
+                    out.extend(tokenizer.encode_ordinary(final_text));
+                    out.push(tokens::RETURN);
+                }
+                Replay::CutOff { analysis } => out.extend(tokenizer.encode_ordinary(analysis)),
+                Replay::Fail(_) => {}
+            }
+            out
+        }
+    }
+
+    #[async_trait]
+    impl Reasoner for ReplayReasoner {
+        fn model_id(&self) -> String {
+            "replay".into()
+        }
+
+        async fn reason(&self, req: ReasonRequest) -> Result<ReasonOutput, ReasonError> {
+            self.seen_instructions.lock().unwrap().push(req.instructions.clone());
+            let judged = req.content.judged_text();
+            let replay = self
+                .script
+                .iter()
+                .find(|(text, _)| *text == judged)
+                .map(|(_, replay)| replay.clone())
+                .unwrap_or_else(|| panic!("no recorded completion for {judged:?}"));
+            if let Replay::Fail(reason) = replay {
+                return Err(ReasonError::Backend(reason.into()));
+            }
+            let completion = Self::completion(&replay);
+            let parsed = parse_completion(&completion);
+            Ok(ReasonOutput {
+                analysis: parsed.analysis.clone(),
+                final_text: parsed.final_text.clone(),
+                truncated: parsed.truncated(),
+                usage: Usage { prompt_tokens: 100, cached_prompt_tokens: 60, completion_tokens: completion.len() },
+                timings: Timings { queue_ms: 1.0, prefill_ms: 2.0, decode_ms: 3.0, total_ms: 6.0 },
+                final_token_prob: parsed.final_text.as_ref().map(|_| 0.75),
+                prompt_sha256: Some("sha256:replayed".into()),
+            })
+        }
+
+        async fn reason_batch(&self, reqs: Vec<ReasonRequest>) -> Vec<Result<ReasonOutput, ReasonError>> {
+            self.batches.lock().unwrap().push(reqs.len());
+            let mut out = Vec::new();
+            for req in reqs {
+                out.push(self.reason(req).await);
+            }
+            out
+        }
+    }
+
+    fn policy(name: &str) -> Policy {
+        Policy::parse(&format!(
+            "---\nname: {name}\noutput: binary\n---\n# {name}\n\n## INSTRUCTIONS\nReturn exactly one character: 0 or 1.\n\n\
+             ## VIOLATES (1)\nUnsolicited promotion of {name}.\n\n## SAFE (0)\nEverything else.\n"
+        ))
+        .expect("test policy parses")
+    }
+
+    fn script() -> Vec<(&'static str, Replay)> {
+        vec![
+            ("BUY NOW", Replay::Answer { analysis: "Cold promotion: violates.", final_text: "1" }),
+            ("hello Sam", Replay::Answer { analysis: "A greeting: safe.", final_text: "0" }),
+            ("rambling", Replay::CutOff { analysis: "Let me think about this for a very long" }),
+            ("gibberish", Replay::Answer { analysis: "hmm", final_text: "banana" }),
+            ("broken", Replay::Fail("connection reset")),
+            (
+                "combo",
+                Replay::Answer {
+                    analysis: "Promotion yes, fraud no.",
+                    final_text: r#"{"spam": {"violation": 1, "policy_category": null, "rule_ids": [], "confidence": "high", "rationale": "cold promotion", "action": "block"}, "scam": {"violation": 0, "policy_category": null, "rule_ids": [], "confidence": "high", "rationale": "no fraud", "action": "allow"}}"#,
+                },
+            ),
+            (
+                "half",
+                Replay::Answer {
+                    analysis: "Only thought about spam.",
+                    final_text: r#"{"spam": {"violation": 0, "policy_category": null, "rule_ids": [], "confidence": "high", "rationale": "fine", "action": "allow"}}"#,
+                },
+            ),
+        ]
+    }
+
+    fn classifier(script: Vec<(&'static str, Replay)>) -> (Classifier, Arc<ReplayReasoner>) {
+        let reasoner = Arc::new(ReplayReasoner::new(script));
+        (Classifier::new(reasoner.clone()), reasoner)
+    }
+
+    #[tokio::test]
+    async fn answers_map_to_outcomes() {
+        let (classifier, _) = classifier(script());
+        let spam = policy("spam");
+        let options = ClassifyOptions::default();
+        let policies = std::slice::from_ref(&spam);
+
+        let decision = classifier.classify(policies, &Content::text("BUY NOW"), &options).await;
+        assert_eq!(decision.outcome, Outcome::Violation);
+        assert_eq!(decision.verdicts.len(), 1);
+        assert_eq!(decision.verdicts[0].violation, Some(true));
+        assert_eq!(decision.verdicts[0].policy, "spam");
+        assert_eq!(decision.verdicts[0].policy_hash, spam.hash.to_string());
+        assert_eq!(decision.engine_confidence, vec![Some(0.75)]);
+        assert_eq!(decision.model, "replay");
+
+        let decision = classifier.classify(policies, &Content::text("hello Sam"), &options).await;
+        assert_eq!(decision.outcome, Outcome::Allow);
+        assert_eq!(decision.verdicts[0].violation, Some(false));
+    }
+
+    #[tokio::test]
+    async fn no_answer_is_never_an_allow() {
+        let (classifier, _) = classifier(script());
+        let spam = policy("spam");
+        let options = ClassifyOptions::default();
+        for text in ["rambling", "gibberish", "broken"] {
+            let decision = classifier.classify(std::slice::from_ref(&spam), &Content::text(text), &options).await;
+            assert_eq!(decision.outcome, Outcome::NeedsReview, "{text}");
+            assert_eq!(decision.verdicts.len(), 1, "{text}");
+            assert_eq!(decision.verdicts[0].violation, None, "{text}");
+            assert_eq!(decision.verdicts[0].outcome, Outcome::NeedsReview, "{text}");
+        }
+        let decision = classifier.classify(std::slice::from_ref(&spam), &Content::text("broken"), &options).await;
+        let rationale = decision.verdicts[0].rationale.as_deref().unwrap_or_default();
+        assert!(rationale.contains("connection reset"), "{rationale}");
+        assert!(decision.prompts[0].error.as_deref().unwrap_or_default().contains("connection reset"));
+
+        let decision = classifier.classify(&[], &Content::text("BUY NOW"), &options).await;
+        assert_eq!(decision.outcome, Outcome::NeedsReview, "no policies, no decision");
+    }
+
+    #[tokio::test]
+    async fn separate_mode_asks_once_per_policy_and_any_violation_wins() {
+        let (classifier, reasoner) = classifier(script());
+        let policies = [policy("spam"), policy("scam")];
+        let decision = classifier.classify(&policies, &Content::text("BUY NOW"), &ClassifyOptions::default()).await;
+        assert_eq!(decision.verdicts.iter().map(|v| v.policy.as_str()).collect::<Vec<_>>(), ["spam", "scam"]);
+        assert_eq!(decision.prompts.len(), 2);
+        assert_eq!(
+            decision.usage,
+            Usage {
+                prompt_tokens: 200,
+                cached_prompt_tokens: 120,
+                completion_tokens: decision.usage.completion_tokens
+            }
+        );
+        assert_eq!(
+            decision.usage.completion_tokens,
+            decision.prompts.iter().map(|p| p.usage.completion_tokens).sum::<usize>()
+        );
+        assert!((decision.timings.prefill_ms - 4.0).abs() < 1e-9);
+        let seen = reasoner.seen_instructions.lock().unwrap().clone();
+        assert_eq!(seen, [policies[0].body.clone(), policies[1].body.clone()], "instructions are each policy's body");
+    }
+
+    #[tokio::test]
+    async fn classify_many_sends_one_batch_and_keeps_item_order() {
+        let (classifier, reasoner) = classifier(script());
+        let policies = [policy("spam"), policy("scam")];
+        let items = [Content::text("hello Sam"), Content::text("BUY NOW"), Content::text("broken")];
+        let decisions = classifier.classify_many(&policies, &items, &ClassifyOptions::default()).await;
+        assert_eq!(*reasoner.batches.lock().unwrap(), [6], "all prompts in one batch");
+        let outcomes: Vec<Outcome> = decisions.iter().map(|d| d.outcome).collect();
+        assert_eq!(outcomes, [Outcome::Allow, Outcome::Violation, Outcome::NeedsReview]);
+        for decision in &decisions {
+            assert_eq!(decision.verdicts.iter().map(|v| v.policy.as_str()).collect::<Vec<_>>(), ["spam", "scam"]);
+        }
+        let ids: std::collections::HashSet<Uuid> = decisions.iter().map(|d| d.id).collect();
+        assert_eq!(ids.len(), 3, "every decision has its own id");
+    }
+
+    #[tokio::test]
+    async fn combined_mode_asks_once_and_splits_the_answer_per_policy() {
+        let (classifier, reasoner) = classifier(script());
+        let policies = [policy("spam"), policy("scam")];
+        let options = ClassifyOptions { mode: Mode::Combined, ..ClassifyOptions::default() };
+
+        let decision = classifier.classify(&policies, &Content::text("combo"), &options).await;
+        assert_eq!(*reasoner.seen_instructions.lock().unwrap(), [combined_instructions(&policies)]);
+        assert_eq!(decision.prompts.len(), 1);
+        assert_eq!(decision.prompts[0].policies, ["spam", "scam"]);
+        assert_eq!(decision.verdicts.iter().map(|v| v.violation).collect::<Vec<_>>(), [Some(true), Some(false)]);
+        assert_eq!(decision.verdicts[1].policy_hash, policies[1].hash.to_string());
+        assert_eq!(decision.engine_confidence, [Some(0.75), Some(0.75)], "both verdicts come from the one answer");
+        assert_eq!(decision.outcome, Outcome::Violation);
+
+        // A policy the answer leaves out is undecided, and so is the item.
+        let decision = classifier.classify(&policies, &Content::text("half"), &options).await;
+        assert_eq!(decision.verdicts[0].outcome, Outcome::Allow);
+        assert_eq!(decision.verdicts[1].outcome, Outcome::NeedsReview);
+        assert_eq!(decision.outcome, Outcome::NeedsReview);
+
+        // A failed prompt leaves every policy it held undecided.
+        let decision = classifier.classify(&policies, &Content::text("broken"), &options).await;
+        assert_eq!(decision.verdicts.len(), 2);
+        assert!(decision.verdicts.iter().all(|v| v.outcome == Outcome::NeedsReview && v.violation.is_none()));
+    }
+
+    #[tokio::test]
+    async fn reasoning_is_kept_only_when_asked() {
+        let (classifier, _) = classifier(script());
+        let spam = policy("spam");
+        let mut options = ClassifyOptions::default();
+        let decision = classifier.classify(std::slice::from_ref(&spam), &Content::text("BUY NOW"), &options).await;
+        assert!(decision.reasoning.is_empty());
+        let json = serde_json::to_value(&decision).unwrap();
+        assert!(json.get("reasoning").is_none());
+
+        options.include_reasoning = true;
+        let decision = classifier.classify(std::slice::from_ref(&spam), &Content::text("BUY NOW"), &options).await;
+        assert_eq!(decision.reasoning, ["Cold promotion: violates."]);
+    }
+
+    #[tokio::test]
+    async fn decision_json_has_the_cli_shape_and_round_trips() {
+        let (classifier, _) = classifier(script());
+        let spam = policy("spam");
+        let decision = classifier
+            .classify(std::slice::from_ref(&spam), &Content::text("BUY NOW"), &ClassifyOptions::default())
+            .await;
+        let json = serde_json::to_value(&decision).unwrap();
+        assert_eq!(json["outcome"], "violation");
+        assert_eq!(json["verdicts"][0]["policy"], "spam");
+        assert_eq!(json["verdicts"][0]["violation"], true);
+        assert_eq!(json["verdicts"][0]["engine_confidence"], 0.75);
+        assert_eq!(json["usage"]["prompt_tokens"], 100);
+        assert_eq!(json["usage"]["cached_prompt_tokens"], 60);
+        assert_eq!(json["effort"], "medium");
+        assert_eq!(json["mode"], "separate");
+        assert!(json["timings"]["total_ms"].is_number());
+        let back: Decision = serde_json::from_value(json).unwrap();
+        assert_eq!(back, decision);
+    }
+}

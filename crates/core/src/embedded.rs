@@ -1,0 +1,345 @@
+//! The in-process reasoner: harmony prompt -> [`Engine`] on a blocking thread -> parsed channels.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use safeguard_engine::{Engine, GenRequest, Generation, StopReason};
+use safeguard_harmony::{CompletionEnd, Effort, PromptOptions, RenderedPrompt, Tokenizer, parse_completion, tokens};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tracing::{Instrument, info_span};
+
+use crate::reasoner::{ReasonError, ReasonOutput, ReasonRequest, Reasoner, Timings, USE_EFFORT_BUDGET, Usage};
+
+/// Completion-token budget per effort level. Higher effort reasons longer, so it needs more room
+/// before its answer; running out means no final answer and a `needs_review`, so err on the generous side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenBudgets {
+    pub low: usize,
+    pub medium: usize,
+    pub high: usize,
+}
+
+impl Default for TokenBudgets {
+    fn default() -> Self {
+        Self { low: 1024, medium: 2048, high: 4096 }
+    }
+}
+
+impl TokenBudgets {
+    pub fn for_effort(&self, effort: Effort) -> usize {
+        match effort {
+            Effort::Low => self.low,
+            Effort::Medium => self.medium,
+            Effort::High => self.high,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmbeddedConfig {
+    pub budgets: TokenBudgets,
+    /// Longest content (user message plus its framing) accepted, in tokens. Longer content is refused
+    /// with [`ReasonError::ContentTooLong`] rather than silently cut, because a cut could drop the
+    /// very part that violates.
+    pub max_content_tokens: usize,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        Self { budgets: TokenBudgets::default(), max_content_tokens: 16_384 }
+    }
+}
+
+/// Runs prompts on an in-process [`Engine`] (llama.cpp).
+pub struct EmbeddedReasoner {
+    engine: Arc<dyn Engine>,
+    config: EmbeddedConfig,
+}
+
+impl EmbeddedReasoner {
+    pub fn new(engine: Arc<dyn Engine>, config: EmbeddedConfig) -> Self {
+        Self { engine, config }
+    }
+
+    pub fn config(&self) -> &EmbeddedConfig {
+        &self.config
+    }
+
+    /// Renders and checks one request; what is returned can go straight into a batch.
+    fn prepare(&self, req: &ReasonRequest) -> Result<Prepared, ReasonError> {
+        let options = PromptOptions { effort: req.effort, date: req.date.clone() };
+        let RenderedPrompt { tokens, prefix_len } =
+            safeguard_harmony::render_prompt(&req.instructions, &req.content, &options)?;
+        let prefix_len = prefix_len.min(tokens.len());
+        let content_tokens = tokens.len() - prefix_len;
+        if content_tokens > self.config.max_content_tokens {
+            return Err(ReasonError::ContentTooLong { content_tokens, limit: self.config.max_content_tokens });
+        }
+        let max_tokens = if req.max_tokens == USE_EFFORT_BUDGET {
+            self.config.budgets.for_effort(req.effort)
+        } else {
+            req.max_tokens
+        };
+        let prompt_sha256 = prompt_sha256(&tokens);
+        let prompt_len = tokens.len();
+        let mut prefix = tokens;
+        // Prefix = system + developer messages, shared by every item under the same policy: the engine
+        // caches its KV state, so only the suffix (the content) is prefilled per item.
+        let suffix = prefix.split_off(prefix_len);
+        Ok(Prepared {
+            request: GenRequest { prefix, suffix, max_tokens, sampling: req.sampling, stop: tokens::STOP.to_vec() },
+            prompt_sha256,
+            prompt_len,
+        })
+    }
+
+    /// Runs prepared requests in one engine batch on a blocking thread.
+    async fn generate(&self, prepared: Vec<Prepared>) -> Vec<Result<ReasonOutput, ReasonError>> {
+        if prepared.is_empty() {
+            return Vec::new();
+        }
+        let submitted = Instant::now();
+        let engine = Arc::clone(&self.engine);
+        let (metas, requests): (Vec<_>, Vec<_>) =
+            prepared.into_iter().map(|p| ((p.prompt_sha256, p.prompt_len), p.request)).unzip();
+        let expected = requests.len();
+        let joined = tokio::task::spawn_blocking(move || {
+            let queue_ms = submitted.elapsed().as_secs_f64() * 1e3;
+            let results = engine.generate(&requests, &|_, _| {});
+            (queue_ms, results)
+        })
+        .await;
+        let total_ms = submitted.elapsed().as_secs_f64() * 1e3;
+        let (queue_ms, results) = match joined {
+            Ok(done) => done,
+            Err(join_error) => {
+                let message = join_error.to_string();
+                return (0..expected).map(|_| Err(ReasonError::EngineThread(message.clone()))).collect();
+            }
+        };
+        if results.len() != expected {
+            let got = results.len();
+            return (0..expected).map(|_| Err(ReasonError::EngineResultCount { expected, got })).collect();
+        }
+        results
+            .into_iter()
+            .zip(metas)
+            .map(|(result, (prompt_sha256, prompt_len))| {
+                let generation = result?;
+                Ok(to_output(generation, prompt_sha256, prompt_len, queue_ms, total_ms))
+            })
+            .collect()
+    }
+}
+
+struct Prepared {
+    request: GenRequest,
+    prompt_sha256: String,
+    prompt_len: usize,
+}
+
+#[async_trait]
+impl Reasoner for EmbeddedReasoner {
+    fn model_id(&self) -> String {
+        self.engine.model_id()
+    }
+
+    async fn reason(&self, req: ReasonRequest) -> Result<ReasonOutput, ReasonError> {
+        self.reason_batch(vec![req]).await.pop().unwrap_or(Err(ReasonError::EngineResultCount { expected: 1, got: 0 }))
+    }
+
+    async fn reason_batch(&self, reqs: Vec<ReasonRequest>) -> Vec<Result<ReasonOutput, ReasonError>> {
+        let span = info_span!("reason_batch", requests = reqs.len(), model = %self.engine.model_id());
+        async move {
+            // Requests that cannot be rendered fail alone; the rest still share one engine batch.
+            let mut slots: Vec<Option<Result<ReasonOutput, ReasonError>>> = Vec::with_capacity(reqs.len());
+            let mut ready = Vec::new();
+            let mut ready_slots = Vec::new();
+            for req in &reqs {
+                match self.prepare(req) {
+                    Ok(prepared) => {
+                        ready_slots.push(slots.len());
+                        ready.push(prepared);
+                        slots.push(None);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "request refused before the engine");
+                        slots.push(Some(Err(error)));
+                    }
+                }
+            }
+            for (slot, result) in ready_slots.into_iter().zip(self.generate(ready).await) {
+                slots[slot] = Some(result);
+            }
+            slots
+                .into_iter()
+                .map(|slot| slot.unwrap_or(Err(ReasonError::EngineResultCount { expected: reqs.len(), got: 0 })))
+                .collect()
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+fn to_output(
+    generation: Generation,
+    prompt_sha256: String,
+    prompt_len: usize,
+    queue_ms: f64,
+    total_ms: f64,
+) -> ReasonOutput {
+    let parsed = parse_completion(&generation.tokens);
+    let ran_out = matches!(generation.stop_reason, StopReason::MaxTokens | StopReason::ContextFull);
+    let truncated = ran_out || matches!(parsed.end, CompletionEnd::Truncated);
+    if generation.prompt_tokens != prompt_len {
+        tracing::warn!(
+            rendered = prompt_len,
+            engine = generation.prompt_tokens,
+            "engine counted a different prompt length"
+        );
+    }
+    ReasonOutput {
+        final_token_prob: final_message_confidence(&generation.tokens, &generation.token_probs),
+        analysis: parsed.analysis,
+        final_text: parsed.final_text,
+        truncated,
+        usage: Usage {
+            prompt_tokens: generation.prompt_tokens,
+            cached_prompt_tokens: generation.cached_prompt_tokens,
+            completion_tokens: generation.tokens.len(),
+        },
+        timings: Timings { queue_ms, prefill_ms: generation.prefill_ms, decode_ms: generation.decode_ms, total_ms },
+        prompt_sha256: Some(prompt_sha256),
+    }
+}
+
+/// `sha256:<hex>` over the token ids as little-endian u32: the prompt exactly as the model saw it.
+pub fn prompt_sha256(tokens: &[u32]) -> String {
+    let mut hasher = Sha256::new();
+    for token in tokens {
+        hasher.update(token.to_le_bytes());
+    }
+    format!("sha256:{}", hex::encode(hasher.finalize()))
+}
+
+/// Geometric mean of the probabilities of the tokens inside the last `final` message.
+///
+/// Returns `None` without a final message, with an empty one, or when the engine gave no probabilities.
+pub fn final_message_confidence(completion: &[u32], probs: &[f32]) -> Option<f32> {
+    let body = final_message_span(completion)?;
+    let body_probs = probs.get(body)?;
+    if body_probs.is_empty() {
+        return None;
+    }
+    // Summing logs avoids underflow on long answers; the floor keeps a zero from turning into -inf.
+    let mean_log = body_probs.iter().map(|&p| f64::from(p.max(1e-30)).ln()).sum::<f64>() / body_probs.len() as f64;
+    Some(mean_log.exp() as f32)
+}
+
+/// Index range of the content tokens of the last message whose channel is `final`.
+fn final_message_span(completion: &[u32]) -> Option<std::ops::Range<usize>> {
+    let tokenizer = Tokenizer::shared();
+    let mut found = None;
+    let mut i = 0;
+    while i < completion.len() {
+        if completion[i] == tokens::CHANNEL {
+            let header_start = i + 1;
+            let Some(message_at) =
+                completion[header_start..].iter().position(|&t| t == tokens::MESSAGE).map(|p| header_start + p)
+            else {
+                break;
+            };
+            let header = tokenizer.decode_lossy(&completion[header_start..message_at]);
+            let body_start = message_at + 1;
+            let body_end = completion[body_start..]
+                .iter()
+                .position(|&t| t == tokens::END || t == tokens::START || tokens::STOP.contains(&t))
+                .map_or(completion.len(), |p| body_start + p);
+            if header.trim_start().starts_with("final") {
+                found = Some(body_start..body_end);
+            }
+            i = body_end;
+        } else {
+            i += 1;
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(text: &str) -> Vec<u32> {
+        Tokenizer::shared().encode_ordinary(text)
+    }
+
+    #[test]
+    fn confidence_covers_only_the_final_message_tokens() {
+        let mut completion = vec![tokens::CHANNEL];
+        completion.extend(encode("analysis"));
+        completion.push(tokens::MESSAGE);
+        completion.extend(encode("thinking about it"));
+        completion.push(tokens::END);
+        completion.push(tokens::START);
+        completion.extend(encode("assistant"));
+        completion.push(tokens::CHANNEL);
+        completion.extend(encode("final"));
+        completion.push(tokens::MESSAGE);
+        let body_start = completion.len();
+        completion.extend(encode("1"));
+        let body_end = completion.len();
+        completion.push(tokens::RETURN);
+
+        let mut probs = vec![0.01_f32; completion.len()];
+        for p in &mut probs[body_start..body_end] {
+            *p = 0.5;
+        }
+        let confidence = final_message_confidence(&completion, &probs).expect("has a final message");
+        assert!((confidence - 0.5).abs() < 1e-6, "{confidence}");
+    }
+
+    #[test]
+    fn confidence_is_a_geometric_mean() {
+        let mut completion = vec![tokens::CHANNEL];
+        completion.extend(encode("final"));
+        completion.push(tokens::MESSAGE);
+        let body_start = completion.len();
+        completion.extend([1000, 1001]);
+        let mut probs = vec![1.0_f32; completion.len()];
+        probs[body_start] = 0.25;
+        probs[body_start + 1] = 1.0;
+        let confidence = final_message_confidence(&completion, &probs).expect("has a final message");
+        assert!((confidence - 0.5).abs() < 1e-6, "{confidence}");
+    }
+
+    #[test]
+    fn no_final_message_means_no_confidence() {
+        let mut completion = vec![tokens::CHANNEL];
+        completion.extend(encode("analysis"));
+        completion.push(tokens::MESSAGE);
+        completion.extend(encode("still thinking"));
+        let probs = vec![0.9_f32; completion.len()];
+        assert_eq!(final_message_confidence(&completion, &probs), None);
+        assert_eq!(final_message_confidence(&[], &[]), None);
+        // Garbage with a dangling channel marker must not panic.
+        assert_eq!(final_message_confidence(&[tokens::CHANNEL], &[0.5]), None);
+    }
+
+    #[test]
+    fn prompt_hash_depends_on_every_token() {
+        let a = prompt_sha256(&[1, 2, 3]);
+        assert!(a.starts_with("sha256:") && a.len() == 7 + 64);
+        assert_ne!(a, prompt_sha256(&[1, 2, 4]));
+        assert_ne!(a, prompt_sha256(&[1, 2]));
+    }
+
+    #[test]
+    fn budgets_follow_effort() {
+        let budgets = TokenBudgets::default();
+        assert!(budgets.for_effort(Effort::Low) < budgets.for_effort(Effort::Medium));
+        assert!(budgets.for_effort(Effort::Medium) < budgets.for_effort(Effort::High));
+    }
+}

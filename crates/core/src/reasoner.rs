@@ -1,0 +1,142 @@
+//! The `Reasoner` seam: one policy prompt in, the model's reasoning and answer out.
+//!
+//! Everything above this trait (the classifier, the server, eval) is independent of where the model runs;
+//! the embedded llama.cpp engine and remote OpenAI-compatible backends both implement it.
+
+use std::ops::AddAssign;
+
+use async_trait::async_trait;
+use safeguard_engine::Sampling;
+use safeguard_harmony::{Content, Effort};
+use serde::{Deserialize, Serialize};
+
+/// Ask the reasoner for its effort-level default budget instead of a fixed completion-token cap.
+pub const USE_EFFORT_BUDGET: usize = 0;
+
+/// One prompt for the model: instructions (a policy, or several combined) and the content to judge.
+#[derive(Debug, Clone)]
+pub struct ReasonRequest {
+    /// Goes into the developer message verbatim.
+    pub instructions: String,
+    pub content: Content,
+    pub effort: Effort,
+    /// `YYYY-MM-DD` for the system message; `None` leaves the date out so prompts are reproducible.
+    pub date: Option<String>,
+    /// Completion-token cap; [`USE_EFFORT_BUDGET`] (0) means the reasoner's budget for `effort`.
+    pub max_tokens: usize,
+    pub sampling: Sampling,
+}
+
+impl ReasonRequest {
+    /// Greedy decoding, no date, the reasoner's budget for `effort`.
+    pub fn new(instructions: impl Into<String>, content: Content, effort: Effort) -> Self {
+        Self {
+            instructions: instructions.into(),
+            content,
+            effort,
+            date: None,
+            max_tokens: USE_EFFORT_BUDGET,
+            sampling: Sampling::Greedy,
+        }
+    }
+}
+
+/// What the model said for one prompt, with the accounting needed for audit and replay.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReasonOutput {
+    /// The chain of thought ("analysis" channel). Meant for developers and reviewers, never end users.
+    pub analysis: Option<String>,
+    /// The answer ("final" channel); `None` when the model never reached it.
+    pub final_text: Option<String>,
+    /// The token budget or the context ran out before the model finished its answer.
+    pub truncated: bool,
+    pub usage: Usage,
+    pub timings: Timings,
+    /// Geometric mean of the probabilities the engine gave the tokens inside the final message.
+    ///
+    /// A geometric mean rather than the product so that a long JSON answer is not marked less
+    /// certain than a one-character label merely for being long. `None` when there is no final message
+    /// or the backend does not report token probabilities.
+    pub final_token_prob: Option<f32>,
+    /// `sha256:<hex>` of the prompt token ids (each as little-endian u32), so a decision can be tied
+    /// to the exact prompt and replayed. `None` when the backend renders the prompt itself.
+    pub prompt_sha256: Option<String>,
+}
+
+/// Token accounting, summed over prompts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Tokens of the rendered prompt, cached or not.
+    pub prompt_tokens: usize,
+    /// Of `prompt_tokens`, how many were served from the engine's prefix cache instead of prefilled.
+    pub cached_prompt_tokens: usize,
+    /// Generated tokens: reasoning and answer together.
+    pub completion_tokens: usize,
+}
+
+impl AddAssign for Usage {
+    fn add_assign(&mut self, other: Self) {
+        self.prompt_tokens += other.prompt_tokens;
+        self.cached_prompt_tokens += other.cached_prompt_tokens;
+        self.completion_tokens += other.completion_tokens;
+    }
+}
+
+/// Where the time went, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    /// Waiting for an engine thread before any work started.
+    pub queue_ms: f64,
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+    /// Wall time from the request to the answer.
+    pub total_ms: f64,
+}
+
+impl Timings {
+    /// Adds the work-time components. `total_ms` is left alone: summing wall times of prompts that ran
+    /// together in one batch would overstate it, so callers set it from their own clock.
+    pub fn add_work(&mut self, other: &Timings) {
+        self.queue_ms += other.queue_ms;
+        self.prefill_ms += other.prefill_ms;
+        self.decode_ms += other.decode_ms;
+    }
+}
+
+/// Why a reasoner could not produce an output. Callers turn any of these into `needs_review`.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReasonError {
+    #[error("could not render the prompt: {0}")]
+    Prompt(#[from] safeguard_harmony::HarmonyError),
+    #[error("the content is {content_tokens} tokens long; the limit is {limit} (split it or raise the limit)")]
+    ContentTooLong { content_tokens: usize, limit: usize },
+    #[error("the engine failed: {0}")]
+    Engine(#[from] safeguard_engine::EngineError),
+    #[error("the engine returned {got} results for {expected} requests")]
+    EngineResultCount { expected: usize, got: usize },
+    #[error("the engine thread stopped before answering: {0}")]
+    EngineThread(String),
+    /// For backends outside this crate (remote servers): their own error, as text.
+    #[error("the backend failed: {0}")]
+    Backend(String),
+}
+
+/// Turns a policy prompt into the model's reasoning and answer.
+#[async_trait]
+pub trait Reasoner: Send + Sync {
+    /// Names the model (and backend) in every decision, e.g. `gpt-oss-safeguard-20b-mxfp4.gguf`.
+    fn model_id(&self) -> String;
+
+    async fn reason(&self, req: ReasonRequest) -> Result<ReasonOutput, ReasonError>;
+
+    /// Several prompts at once; results in request order. Backends that can decode several
+    /// sequences together (and share a policy prefix between them) override this.
+    async fn reason_batch(&self, reqs: Vec<ReasonRequest>) -> Vec<Result<ReasonOutput, ReasonError>> {
+        let mut outputs = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            outputs.push(self.reason(req).await);
+        }
+        outputs
+    }
+}
