@@ -1,1 +1,220 @@
 //! Policy files: front matter, sections, rule ids, content-hash versions, lint, the starter library.
+//!
+//! A policy is a Markdown file, optionally starting with YAML front matter between `---` lines. The
+//! front matter is for tooling (name, output format, severity tiers, …); the body is the exact text the
+//! model reads, so the body alone decides a policy's identity ([`PolicyHash`]).
+
+mod error;
+mod front_matter;
+pub mod lint;
+mod markdown;
+mod starter;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use error::PolicyError;
+pub use markdown::{FenceTracker, RuleDefinition, Section, find_rule_ids, heading, is_rule_id};
+pub use starter::{STARTER_POLICIES, StarterPolicy, starter_library};
+
+/// Policy files larger than this are refused: a policy this long is far past the length the model
+/// handles well (about 10,000 tokens), so it is almost certainly the wrong file.
+pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
+
+/// A parsed policy. `body` is exactly what goes into the prompt.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Policy {
+    pub meta: PolicyMeta,
+    /// The file minus front matter, trimmed, with CRLF line ends turned into LF.
+    pub body: String,
+    /// sha256 of `body`.
+    pub hash: PolicyHash,
+    /// Headings of the body with the text under each (up to the next heading of any level).
+    pub sections: Vec<Section>,
+    /// Rule ids the policy defines: at the start of a line or list item, in a heading, or in bold.
+    pub rule_ids: BTreeSet<String>,
+    /// Every rule-id-shaped token in the body, defined or merely mentioned.
+    pub mentioned_rule_ids: BTreeSet<String>,
+    /// Each place a rule id is defined, in order; the same id twice means a duplicate definition.
+    pub rule_definitions: Vec<RuleDefinition>,
+    /// 1-based line of the file on which the body starts (after any front matter), for error messages.
+    pub body_start_line: usize,
+}
+
+/// Content address of a policy body. Display is `sha256:<64 hex>`.
+///
+/// Only the body is hashed: the model sees only the body, so two files whose bodies agree produce the same
+/// prompts and the same verdicts, whatever their front matter says. Renaming a policy or bumping its
+/// human version label therefore does not invalidate stored verdicts or cached prompt prefixes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PolicyHash(pub String);
+
+impl PolicyHash {
+    pub fn of_body(body: &str) -> Self {
+        PolicyHash(format!("sha256:{}", hex::encode(Sha256::digest(body.as_bytes()))))
+    }
+
+    /// The 64 hex digits without the `sha256:` prefix.
+    pub fn hex(&self) -> &str {
+        self.0.strip_prefix("sha256:").unwrap_or(&self.0)
+    }
+
+    /// First 12 hex digits: enough to tell versions apart in logs and headings.
+    pub fn short(&self) -> &str {
+        let hex = self.hex();
+        hex.get(..12).unwrap_or(hex)
+    }
+}
+
+impl fmt::Display for PolicyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What the front matter says about a policy (with defaults filled in from the body).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyMeta {
+    pub name: String,
+    /// A human label such as "2026-11 draft"; identity is the hash, not this.
+    pub version: Option<String>,
+    pub output: OutputFormat,
+    /// True when `output` was read from the front matter rather than guessed from the body.
+    pub output_declared: bool,
+    pub description: Option<String>,
+    /// Violation categories the policy reports in `policy_category` (usually rule-id tiers such as `HT3`).
+    pub categories: Vec<String>,
+    /// Severity tiers from least to most severe.
+    pub severities: Vec<String>,
+    /// High-risk policies are never skipped by triage and a low-confidence answer goes to a person.
+    pub high_risk: bool,
+    /// Rule ids or id prefixes (e.g. `SX4`) whose violations always go to a person.
+    pub escalate_on: Vec<String>,
+    /// Which policy wins when several flag the same content, higher first.
+    pub precedence: Option<i64>,
+    pub owner: Option<String>,
+    pub tags: Vec<String>,
+    /// Front matter keys this version does not know, kept so that nothing the author wrote is lost.
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+/// How the policy asks the model to answer in the final channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "format", rename_all = "snake_case")]
+pub enum OutputFormat {
+    /// One character: `1` violates, `0` does not.
+    Binary,
+    /// A word label such as `VALID` / `INVALID` / `INVALID + ESCALATE`.
+    Labels { violating: Vec<String>, safe: Vec<String>, escalate: Vec<String> },
+    /// A JSON object with at least `violation`.
+    Json,
+}
+
+impl OutputFormat {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            OutputFormat::Binary => "binary",
+            OutputFormat::Labels { .. } => "labels",
+            OutputFormat::Json => "json",
+        }
+    }
+}
+
+impl Policy {
+    /// Parse policy text. The name falls back to the first `# ` heading.
+    pub fn parse(text: &str) -> Result<Policy, PolicyError> {
+        Self::parse_with_fallback_name(text, None)
+    }
+
+    /// Parse policy text; `fallback_name` (usually the file stem) is used when neither the front matter
+    /// nor a `# ` heading names the policy.
+    pub fn parse_with_fallback_name(text: &str, fallback_name: Option<&str>) -> Result<Policy, PolicyError> {
+        let _span = tracing::debug_span!("policy_parse", bytes = text.len()).entered();
+        if text.len() > MAX_POLICY_BYTES {
+            return Err(PolicyError::TooLarge { bytes: text.len(), limit: MAX_POLICY_BYTES });
+        }
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        // Normalised so that a checkout with Windows line ends hashes to the same policy version.
+        let text = text.replace("\r\n", "\n");
+        let split = front_matter::split(&text)?;
+        let raw_body = &text[split.body_offset..];
+        let leading = raw_body.len() - raw_body.trim_start().len();
+        let body_start_line = split.body_start_line + raw_body[..leading].matches('\n').count();
+        let body = raw_body.trim().to_string();
+        if body.is_empty() {
+            return Err(PolicyError::EmptyBody { line: split.body_start_line });
+        }
+        let doc = markdown::analyze(&body, body_start_line);
+        let heading_name = doc
+            .sections
+            .iter()
+            .find(|section| section.level == 1 && !section.title.is_empty())
+            .map(|section| section.title.clone());
+        let meta = front_matter::build_meta(split.front_matter, heading_name, fallback_name, &body)?;
+        Ok(Policy {
+            hash: PolicyHash::of_body(&body),
+            meta,
+            sections: doc.sections,
+            rule_ids: doc.definitions.iter().map(|d| d.rule_id.clone()).collect(),
+            mentioned_rule_ids: doc.mentioned,
+            rule_definitions: doc.definitions,
+            body,
+            body_start_line,
+        })
+    }
+
+    /// Read and parse a policy file; its stem names the policy when nothing else does.
+    pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+        let bytes = read_policy_file(path)?;
+        let text = decode_utf8(&bytes).map_err(|err| err.at_path(path))?;
+        let stem = path.file_stem().and_then(|stem| stem.to_str());
+        Self::parse_with_fallback_name(text, stem).map_err(|err| err.at_path(path))
+    }
+
+    /// The section whose title matches `predicate`, first one wins.
+    pub fn section(&self, mut predicate: impl FnMut(&str) -> bool) -> Option<&Section> {
+        self.sections.iter().find(|section| predicate(&section.title))
+    }
+
+    /// True when `rule_id` is defined by this policy, or is a tier prefix of a defined rule
+    /// (`SP2` when the policy defines `SP2.a`).
+    pub fn knows_rule(&self, rule_id: &str) -> bool {
+        if self.rule_ids.contains(rule_id) {
+            return true;
+        }
+        let prefix = format!("{rule_id}.");
+        self.rule_ids.iter().any(|known| known.starts_with(&prefix))
+    }
+}
+
+/// Read a policy file, refusing anything over [`MAX_POLICY_BYTES`] before reading it whole.
+pub fn read_policy_file(path: &Path) -> Result<Vec<u8>, PolicyError> {
+    let io_err = |source| PolicyError::Io { path: path.to_path_buf(), source };
+    let len = std::fs::metadata(path).map_err(io_err)?.len();
+    if len > MAX_POLICY_BYTES as u64 {
+        return Err(PolicyError::TooLarge {
+            bytes: usize::try_from(len).unwrap_or(usize::MAX),
+            limit: MAX_POLICY_BYTES,
+        }
+        .at_path(path));
+    }
+    std::fs::read(path).map_err(io_err)
+}
+
+/// UTF-8 decode with the line and column of the first bad byte in the error.
+pub fn decode_utf8(bytes: &[u8]) -> Result<&str, PolicyError> {
+    std::str::from_utf8(bytes).map_err(|err| {
+        let valid = &bytes[..err.valid_up_to()];
+        let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
+        let line_start = valid.iter().rposition(|&b| b == b'\n').map_or(0, |pos| pos + 1);
+        PolicyError::InvalidUtf8 { line, column: err.valid_up_to() - line_start + 1, byte_offset: err.valid_up_to() }
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,272 @@
+//! YAML front matter: splitting it off the body and turning it into [`PolicyMeta`].
+
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
+
+use regex::Regex;
+use serde_yaml_ng::Value;
+
+use crate::{OutputFormat, PolicyError, PolicyMeta};
+
+pub(crate) struct FrontMatter<'a> {
+    pub text: &'a str,
+    /// File line of the first YAML line (the one after the opening `---`).
+    pub first_line: usize,
+}
+
+pub(crate) struct Split<'a> {
+    pub front_matter: Option<FrontMatter<'a>>,
+    pub body_offset: usize,
+    pub body_start_line: usize,
+}
+
+fn is_fence(line: &str, closing: bool) -> bool {
+    let line = line.trim_end();
+    line == "---" || (closing && line == "...")
+}
+
+pub(crate) fn split(text: &str) -> Result<Split<'_>, PolicyError> {
+    let first_line_end = text.find('\n').unwrap_or(text.len());
+    if !is_fence(&text[..first_line_end], false) {
+        return Ok(Split { front_matter: None, body_offset: 0, body_start_line: 1 });
+    }
+    let yaml_start = (first_line_end + 1).min(text.len());
+    let mut offset = yaml_start;
+    let mut line_no = 2;
+    while offset < text.len() {
+        let line_end = text[offset..].find('\n').map_or(text.len(), |pos| offset + pos);
+        if is_fence(&text[offset..line_end], true) {
+            let body_offset = (line_end + 1).min(text.len());
+            return Ok(Split {
+                front_matter: Some(FrontMatter { text: &text[yaml_start..offset], first_line: 2 }),
+                body_offset,
+                body_start_line: line_no + 1,
+            });
+        }
+        offset = line_end + 1;
+        line_no += 1;
+    }
+    Err(PolicyError::UnclosedFrontMatter { line: 1 })
+}
+
+static BINARY_HINT: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?i)\b0 or 1\b|\b1 or 0\b|exactly one character|\(0\s*/\s*1\)|\b0/1\b").expect("static regex")
+});
+static JSON_HINT: LazyLock<Regex> = LazyLock::new(|| Regex::new(r#""violation"\s*:"#).expect("static regex"));
+static INVALID_WORD: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\bINVALID\b").expect("static regex"));
+static VALID_WORD: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(^|[^A-Z])VALID\b").expect("static regex"));
+
+/// Guess the output format from the body. A JSON example naming `violation` is the strongest signal
+/// (JSON policies also say "0 or 1" for that field), then a binary answer, then VALID/INVALID labels.
+pub(crate) fn infer_output(body: &str) -> Option<OutputFormat> {
+    if JSON_HINT.is_match(body) {
+        return Some(OutputFormat::Json);
+    }
+    if BINARY_HINT.is_match(body) {
+        return Some(OutputFormat::Binary);
+    }
+    if INVALID_WORD.is_match(body) && VALID_WORD.is_match(body) {
+        let escalate = if body.contains("ESCALATE") { vec!["INVALID + ESCALATE".to_string()] } else { Vec::new() };
+        return Some(OutputFormat::Labels {
+            violating: vec!["INVALID".to_string()],
+            safe: vec!["VALID".to_string()],
+            escalate,
+        });
+    }
+    None
+}
+
+struct Fields<'a> {
+    map: serde_yaml_ng::Mapping,
+    source: &'a str,
+    first_line: usize,
+}
+
+impl Fields<'_> {
+    fn line_of(&self, key: &str) -> usize {
+        self.source
+            .lines()
+            .position(|line| {
+                line.strip_prefix(key).is_some_and(|rest| rest.trim_start().starts_with(':'))
+                    || line.strip_prefix(&format!("\"{key}\"")).is_some_and(|rest| rest.trim_start().starts_with(':'))
+            })
+            .map_or(self.first_line, |index| self.first_line + index)
+    }
+
+    fn error(&self, key: &str, message: impl Into<String>) -> PolicyError {
+        PolicyError::FrontMatterField { field: key.to_string(), line: self.line_of(key), message: message.into() }
+    }
+
+    fn take(&mut self, key: &str) -> Option<Value> {
+        self.map.remove(key).filter(|value| !value.is_null())
+    }
+
+    fn string(&mut self, key: &str) -> Result<Option<String>, PolicyError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(value) => scalar_string(&value).map(Some).ok_or_else(|| self.error(key, "expected a string")),
+        }
+    }
+
+    fn list(&mut self, key: &str) -> Result<Vec<String>, PolicyError> {
+        match self.take(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Sequence(items)) => items
+                .iter()
+                .map(|item| scalar_string(item).ok_or_else(|| self.error(key, "expected a list of strings")))
+                .collect(),
+            Some(value) => scalar_string(&value)
+                .map(|single| vec![single])
+                .ok_or_else(|| self.error(key, "expected a list of strings")),
+        }
+    }
+
+    fn bool(&mut self, key: &str) -> Result<bool, PolicyError> {
+        match self.take(key) {
+            None => Ok(false),
+            Some(Value::Bool(flag)) => Ok(flag),
+            Some(_) => Err(self.error(key, "expected true or false")),
+        }
+    }
+
+    fn int(&mut self, key: &str) -> Result<Option<i64>, PolicyError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(Value::Number(number)) if number.as_i64().is_some() => Ok(number.as_i64()),
+            Some(_) => Err(self.error(key, "expected an integer")),
+        }
+    }
+}
+
+fn scalar_string(value: &Value) -> Option<String> {
+    match value {
+        Value::String(text) => Some(text.clone()),
+        Value::Number(number) => Some(number.to_string()),
+        Value::Bool(flag) => Some(flag.to_string()),
+        _ => None,
+    }
+}
+
+fn yaml_error_line(err: &serde_yaml_ng::Error, first_line: usize) -> usize {
+    // Locations are 1-based lines of the front matter text.
+    err.location().map_or(first_line, |location| first_line + location.line().saturating_sub(1))
+}
+
+fn labels_from(fields: &Fields<'_>, key: &str, value: &Value) -> Result<OutputFormat, PolicyError> {
+    let Value::Mapping(map) = value else {
+        return Err(fields.error(key, "expected a mapping with `violating`, `safe` and optional `escalate` lists"));
+    };
+    let list = |name: &str| -> Result<Vec<String>, PolicyError> {
+        match map.get(name) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Sequence(items)) => items
+                .iter()
+                .map(|item| scalar_string(item).ok_or_else(|| fields.error(key, format!("`{name}` must list strings"))))
+                .collect(),
+            Some(single) => scalar_string(single)
+                .map(|label| vec![label])
+                .ok_or_else(|| fields.error(key, format!("`{name}` must list strings"))),
+        }
+    };
+    let violating = list("violating")?;
+    let safe = list("safe")?;
+    let escalate = list("escalate")?;
+    if violating.is_empty() || safe.is_empty() {
+        return Err(fields.error(key, "labels output needs non-empty `violating` and `safe` lists"));
+    }
+    Ok(OutputFormat::Labels { violating, safe, escalate })
+}
+
+fn output_from(fields: &mut Fields<'_>) -> Result<Option<OutputFormat>, PolicyError> {
+    let key = ["output", "output_format", "format"].into_iter().find(|key| fields.map.contains_key(*key));
+    let Some(key) = key else { return Ok(None) };
+    let Some(value) = fields.take(key) else { return Ok(None) };
+    let labels = fields.take("labels");
+    let (kind, inline) = match &value {
+        Value::String(kind) => (kind.trim().to_ascii_lowercase(), None),
+        Value::Mapping(map) => match map.get("format").and_then(scalar_string) {
+            Some(kind) => (kind.trim().to_ascii_lowercase(), Some(&value)),
+            None => return Err(fields.error(key, "a mapping needs `format: binary|labels|json`")),
+        },
+        _ => return Err(fields.error(key, "expected binary, labels or json")),
+    };
+    match kind.as_str() {
+        "binary" => Ok(Some(OutputFormat::Binary)),
+        "json" => Ok(Some(OutputFormat::Json)),
+        "labels" => match (inline, labels) {
+            (Some(inline), _) => labels_from(fields, key, inline).map(Some),
+            (None, Some(labels)) => labels_from(fields, "labels", &labels).map(Some),
+            (None, None) => {
+                Err(fields.error(key, "labels output needs a `labels:` mapping with `violating` and `safe`"))
+            }
+        },
+        other => Err(fields.error(key, format!("unknown output format `{other}`; expected binary, labels or json"))),
+    }
+}
+
+pub(crate) fn build_meta(
+    front_matter: Option<FrontMatter<'_>>,
+    heading_name: Option<String>,
+    fallback_name: Option<&str>,
+    body: &str,
+) -> Result<PolicyMeta, PolicyError> {
+    let (source, first_line) = front_matter.as_ref().map_or(("", 2), |fm| (fm.text, fm.first_line));
+    let map = if source.trim().is_empty() {
+        serde_yaml_ng::Mapping::new()
+    } else {
+        match serde_yaml_ng::from_str::<Value>(source) {
+            Ok(Value::Mapping(map)) => map,
+            Ok(Value::Null) => serde_yaml_ng::Mapping::new(),
+            Ok(_) => {
+                return Err(PolicyError::FrontMatter {
+                    line: first_line,
+                    message: "expected `key: value` lines (a YAML mapping)".to_string(),
+                });
+            }
+            Err(err) => {
+                return Err(PolicyError::FrontMatter {
+                    line: yaml_error_line(&err, first_line),
+                    message: err.to_string(),
+                });
+            }
+        }
+    };
+    let mut fields = Fields { map, source, first_line };
+
+    let name = fields
+        .string("name")?
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .or(heading_name)
+        .or_else(|| fallback_name.map(str::to_string))
+        .ok_or(PolicyError::NoName)?;
+    let (output, output_declared) = match output_from(&mut fields)? {
+        Some(output) => (output, true),
+        None => (infer_output(body).ok_or(PolicyError::UndeterminedOutput)?, false),
+    };
+    let meta = PolicyMeta {
+        name,
+        version: fields.string("version")?,
+        output,
+        output_declared,
+        description: fields.string("description")?,
+        categories: fields.list("categories")?,
+        severities: fields.list("severities")?,
+        high_risk: fields.bool("high_risk")?,
+        escalate_on: fields.list("escalate_on")?,
+        precedence: fields.int("precedence")?,
+        owner: fields.string("owner")?,
+        tags: fields.list("tags")?,
+        extra: BTreeMap::new(),
+    };
+    let extra = fields
+        .map
+        .into_iter()
+        .filter_map(|(key, value)| {
+            let key = scalar_string(&key)?;
+            // YAML values that JSON cannot hold (e.g. non-string keys) are dropped rather than failing the file.
+            serde_json::to_value(&value).ok().map(|value| (key, value))
+        })
+        .collect();
+    Ok(PolicyMeta { extra, ..meta })
+}

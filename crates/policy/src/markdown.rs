@@ -1,0 +1,167 @@
+//! Just enough Markdown for policies: ATX headings, fenced code blocks, list items and rule ids.
+
+use std::collections::BTreeSet;
+use std::sync::LazyLock;
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+
+/// A heading and the text under it, up to the next heading of any level.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Section {
+    pub level: u8,
+    pub title: String,
+    pub text: String,
+    /// 1-based file line of the heading.
+    pub line: usize,
+}
+
+/// One place where the policy defines a rule id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleDefinition {
+    pub rule_id: String,
+    /// 1-based file line.
+    pub line: usize,
+}
+
+pub(crate) struct Doc {
+    pub sections: Vec<Section>,
+    pub definitions: Vec<RuleDefinition>,
+    pub mentioned: BTreeSet<String>,
+}
+
+static RULE_ID: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"[A-Z]{1,4}[0-9]+(?:\.[a-z0-9]+)?").expect("static regex"));
+static LIST_MARKER: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"^(?:[-*+]|[0-9]{1,3}[.)])\s+").expect("static regex"));
+
+fn is_word_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || byte == b'_'
+}
+
+/// Rule-id-shaped tokens in `text` with their byte offsets: 1-4 uppercase letters, digits, and an optional
+/// `.suffix` of lowercase letters or digits (`SP2.a`, `H2.f`, `SP0`), not glued to other word characters.
+pub fn find_rule_ids(text: &str) -> Vec<(usize, &str)> {
+    let bytes = text.as_bytes();
+    RULE_ID
+        .find_iter(text)
+        .filter(|found| {
+            let before_ok = found.start() == 0 || !is_word_byte(bytes[found.start() - 1]);
+            let after_ok = found.end() == bytes.len() || !is_word_byte(bytes[found.end()]);
+            before_ok && after_ok
+        })
+        .map(|found| (found.start(), found.as_str()))
+        .collect()
+}
+
+/// True when `text` is exactly one rule id.
+pub fn is_rule_id(text: &str) -> bool {
+    matches!(find_rule_ids(text).as_slice(), [(0, id)] if id.len() == text.len())
+}
+
+/// `(level, title)` when `line` is an ATX heading such as `## VIOLATES (1)`.
+pub fn heading(line: &str) -> Option<(u8, &str)> {
+    let trimmed = line.trim_start_matches(' ');
+    if line.len() - trimmed.len() > 3 {
+        return None;
+    }
+    let level = trimmed.bytes().take_while(|&b| b == b'#').count();
+    if level == 0 || level > 6 {
+        return None;
+    }
+    let rest = &trimmed[level..];
+    if !rest.is_empty() && !rest.starts_with([' ', '\t']) {
+        return None;
+    }
+    let title = rest.trim().trim_end_matches('#').trim_end();
+    Some((u8::try_from(level).ok()?, title))
+}
+
+/// Tracks ``` / ~~~ fences so that headings and definitions inside code are ignored.
+#[derive(Default)]
+pub struct FenceTracker {
+    open: Option<(u8, usize)>,
+}
+
+impl FenceTracker {
+    /// Feed a line; returns true when the line is code (a fence line or inside a fence).
+    pub fn is_code(&mut self, line: &str) -> bool {
+        let trimmed = line.trim_start();
+        let fence_char = trimmed.bytes().next().filter(|&b| b == b'`' || b == b'~');
+        let run = fence_char.map_or(0, |c| trimmed.bytes().take_while(|&b| b == c).count());
+        match (self.open, fence_char) {
+            (Some((c, len)), Some(found)) if found == c && run >= len && trimmed[run..].trim().is_empty() => {
+                self.open = None;
+                true
+            }
+            (Some(_), _) => true,
+            (None, Some(c)) if run >= 3 => {
+                self.open = Some((c, run));
+                true
+            }
+            (None, _) => false,
+        }
+    }
+}
+
+/// Strip list markers, quote markers and emphasis that may precede a defined rule id.
+fn line_lead(line: &str) -> &str {
+    let mut rest = line.trim_start();
+    while let Some(stripped) = rest.strip_prefix('>') {
+        rest = stripped.trim_start();
+    }
+    if let Some(found) = LIST_MARKER.find(rest) {
+        rest = &rest[found.end()..];
+    }
+    rest.trim_start_matches(['*', '_', '`', '[', '('])
+}
+
+pub(crate) fn analyze(body: &str, first_line: usize) -> Doc {
+    let mut sections: Vec<Section> = Vec::new();
+    let mut definitions = Vec::new();
+    let mut mentioned = BTreeSet::new();
+    let mut fences = FenceTracker::default();
+    let mut section_lines: Vec<&str> = Vec::new();
+
+    let flush = |sections: &mut Vec<Section>, lines: &mut Vec<&str>| {
+        if let Some(last) = sections.last_mut() {
+            last.text = lines.join("\n").trim().to_string();
+        }
+        lines.clear();
+    };
+
+    for (index, line) in body.lines().enumerate() {
+        let line_no = first_line + index;
+        let in_code = fences.is_code(line);
+        for (_, id) in find_rule_ids(line) {
+            mentioned.insert(id.to_string());
+        }
+        if in_code {
+            section_lines.push(line);
+            continue;
+        }
+        if let Some((level, title)) = heading(line) {
+            flush(&mut sections, &mut section_lines);
+            for (_, id) in find_rule_ids(title) {
+                definitions.push(RuleDefinition { rule_id: id.to_string(), line: line_no });
+            }
+            sections.push(Section { level, title: title.to_string(), text: String::new(), line: line_no });
+            continue;
+        }
+        section_lines.push(line);
+        let mut defined_here: Vec<&str> = Vec::new();
+        if let Some((0, id)) = find_rule_ids(line_lead(line)).first().copied() {
+            defined_here.push(id);
+        }
+        for (offset, id) in find_rule_ids(line) {
+            let before = &line[..offset];
+            if (before.ends_with("**") || before.ends_with("__")) && !defined_here.contains(&id) {
+                defined_here.push(id);
+            }
+        }
+        definitions
+            .extend(defined_here.into_iter().map(|id| RuleDefinition { rule_id: id.to_string(), line: line_no }));
+    }
+    flush(&mut sections, &mut section_lines);
+    Doc { sections, definitions, mentioned }
+}

@@ -1,0 +1,432 @@
+use std::sync::LazyLock;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::lint::{LintOptions, Severity, lint, lint_policy};
+
+static O200K: LazyLock<tiktoken_rs::CoreBPE> =
+    LazyLock::new(|| tiktoken_rs::o200k_base().expect("o200k_base is bundled with tiktoken-rs"));
+
+fn count_tokens(text: &str) -> usize {
+    O200K.encode_ordinary(text).len()
+}
+
+fn exact_opts() -> LintOptions<'static> {
+    LintOptions { count_tokens: Some(&count_tokens), ..LintOptions::default() }
+}
+
+const GOOD: &str = r#"---
+name: demo
+version: "2"
+output: json
+categories: [DM1]
+high_risk: true
+escalate_on: [DM1.b]
+reviewer: alice
+---
+
+# Demo Policy (DM)
+
+## INSTRUCTIONS
+Return exactly one JSON object: {"violation": 0 or 1, "rule_ids": [...]}.
+
+## DEFINITIONS
+- **Thing**: a thing.
+
+## VIOLATES (1)
+- DM1.a Selling things.
+- **DM1.b** Giving things away with a link.
+
+## DOES NOT VIOLATE (0)
+- DM0.a Talking about things, as in DM1.a discussions.
+
+## EXAMPLES
+Answer with the JSON object, as in INSTRUCTIONS.
+- "buy my thing" -> {"violation": 1, "rule_ids": ["DM1.a"]}
+- "I like things" -> {"violation": 0, "rule_ids": ["DM0.a"]}
+If unsure, escalate to human review.
+"#;
+
+#[test]
+fn parses_front_matter_and_body() {
+    let policy = Policy::parse(GOOD).unwrap();
+    assert_eq!(policy.meta.name, "demo");
+    assert_eq!(policy.meta.version.as_deref(), Some("2"));
+    assert_eq!(policy.meta.output, OutputFormat::Json);
+    assert!(policy.meta.output_declared);
+    assert!(policy.meta.high_risk);
+    assert_eq!(policy.meta.escalate_on, vec!["DM1.b"]);
+    assert_eq!(policy.meta.extra.get("reviewer"), Some(&serde_json::json!("alice")));
+    assert!(policy.body.starts_with("# Demo Policy (DM)"));
+    assert!(policy.body.ends_with("If unsure, escalate to human review."));
+    assert_eq!(policy.body_start_line, 11);
+    assert_eq!(policy.sections[0].line, 11);
+    assert_eq!(policy.sections.len(), 6);
+    assert_eq!(policy.sections[1].title, "INSTRUCTIONS");
+    assert_eq!(policy.sections[1].level, 2);
+    assert!(policy.sections[3].text.starts_with("- DM1.a Selling things."));
+}
+
+#[test]
+fn rule_ids_defined_vs_mentioned() {
+    let policy = Policy::parse(GOOD).unwrap();
+    let defined: Vec<_> = policy.rule_ids.iter().map(String::as_str).collect();
+    assert_eq!(defined, vec!["DM0.a", "DM1.a", "DM1.b"]);
+    assert!(policy.mentioned_rule_ids.contains("DM1.a"));
+    // The heading's "(DM)" has no digits, so it is not a rule id.
+    assert!(!policy.mentioned_rule_ids.contains("DM"));
+    assert!(policy.knows_rule("DM1"), "a tier prefix of a defined rule is known");
+    assert!(!policy.knows_rule("DM2"));
+    assert!(!policy.knows_rule("DM1.c"));
+}
+
+#[test]
+fn rule_id_shapes() {
+    let ids: Vec<_> = markdown::find_rule_ids("SP2.a, H2.f (SP0) D-SP3 V3.b. GPT4o xSP2 ABCDE1 SP2.A H2O")
+        .into_iter()
+        .map(|(_, id)| id)
+        .collect();
+    assert_eq!(ids, vec!["SP2.a", "H2.f", "SP0", "SP3", "V3.b", "SP2"]);
+    assert!(markdown::is_rule_id("HT3.a"));
+    assert!(!markdown::is_rule_id("HT3.a "));
+    assert!(!markdown::is_rule_id("ht3"));
+}
+
+#[test]
+fn headings_inside_code_fences_are_ignored() {
+    let policy = Policy::parse(
+        "# P\nReturn 0 or 1.\n```\n# not a heading\n- XX1.a not a definition\n```\n## Real\n- AB1 defined\n",
+    )
+    .unwrap();
+    let titles: Vec<_> = policy.sections.iter().map(|s| s.title.as_str()).collect();
+    assert_eq!(titles, vec!["P", "Real"]);
+    assert!(policy.rule_ids.contains("AB1"));
+    assert!(!policy.rule_ids.contains("XX1.a"));
+    assert!(policy.mentioned_rule_ids.contains("XX1.a"));
+}
+
+#[test]
+fn hash_depends_on_body_only() {
+    let with_meta = Policy::parse(GOOD).unwrap();
+    let other_meta = GOOD.replace("name: demo", "name: renamed").replace("version: \"2\"", "version: \"3\"");
+    let renamed = Policy::parse(&other_meta).unwrap();
+    assert_eq!(with_meta.hash, renamed.hash);
+    assert_ne!(with_meta.meta.name, renamed.meta.name);
+
+    let body_only = Policy::parse(&format!("\n\n{}\n\n", with_meta.body)).unwrap();
+    assert_eq!(body_only.hash, with_meta.hash, "surrounding whitespace is not part of the body");
+
+    let crlf = Policy::parse(&GOOD.replace('\n', "\r\n")).unwrap();
+    assert_eq!(crlf.hash, with_meta.hash, "CRLF line ends hash like LF");
+
+    let edited = Policy::parse(&GOOD.replace("Selling things.", "Selling things!")).unwrap();
+    assert_ne!(edited.hash, with_meta.hash);
+
+    let hash = &with_meta.hash;
+    assert!(hash.to_string().starts_with("sha256:"));
+    assert_eq!(hash.hex().len(), 64);
+    assert_eq!(hash.short().len(), 12);
+    assert_eq!(hash.to_string(), format!("sha256:{}", hex::encode(Sha256::digest(with_meta.body.as_bytes()))));
+}
+
+#[test]
+fn name_falls_back_to_heading_then_stem() {
+    let policy = Policy::parse("# Spam Policy (#SP)\nReturn exactly one character: 0 or 1.").unwrap();
+    assert_eq!(policy.meta.name, "Spam Policy (#SP)");
+    let policy = Policy::parse_with_fallback_name("Return 0 or 1 for spam.", Some("spam")).unwrap();
+    assert_eq!(policy.meta.name, "spam");
+    assert!(matches!(Policy::parse("Return 0 or 1 for spam."), Err(PolicyError::NoName)));
+}
+
+#[test]
+fn output_format_is_inferred_or_demanded() {
+    let binary = Policy::parse("# P\nAnswer (0 or 1):").unwrap();
+    assert_eq!(binary.meta.output, OutputFormat::Binary);
+    assert!(!binary.meta.output_declared);
+    let json = Policy::parse("# P\nReturn {\"violation\": 0 or 1, \"policy_category\": null}").unwrap();
+    assert_eq!(json.meta.output, OutputFormat::Json);
+    let labels = Policy::parse("# P\nAnswer VALID, INVALID or INVALID + ESCALATE.").unwrap();
+    assert_eq!(
+        labels.meta.output,
+        OutputFormat::Labels {
+            violating: vec!["INVALID".into()],
+            safe: vec!["VALID".into()],
+            escalate: vec!["INVALID + ESCALATE".into()]
+        }
+    );
+    let err = Policy::parse("# P\nDecide if this is bad.").unwrap_err();
+    assert!(matches!(err, PolicyError::UndeterminedOutput));
+    assert!(err.to_string().contains("front matter"), "{err}");
+
+    let declared = Policy::parse(
+        "---\noutput: labels\nlabels:\n  violating: [BLOCK]\n  safe: [OK]\n  escalate: [REVIEW]\n---\n# P\nSay OK or BLOCK.",
+    )
+    .unwrap();
+    assert_eq!(
+        declared.meta.output,
+        OutputFormat::Labels {
+            violating: vec!["BLOCK".into()],
+            safe: vec!["OK".into()],
+            escalate: vec!["REVIEW".into()]
+        }
+    );
+    let inline = Policy::parse("---\noutput: {format: labels, violating: BAD, safe: GOOD}\n---\n# P\nSay it.").unwrap();
+    assert!(matches!(inline.meta.output, OutputFormat::Labels { ref violating, .. } if violating == &["BAD"]));
+}
+
+#[test]
+fn front_matter_errors_carry_lines() {
+    let err = Policy::parse("---\nname: x\n# P\n").unwrap_err();
+    assert!(matches!(err, PolicyError::UnclosedFrontMatter { line: 1 }), "{err:?}");
+
+    let err = Policy::parse("---\nname: x\nversion: [1, 2\n---\n# P\nReturn 0 or 1.").unwrap_err();
+    assert!(matches!(err, PolicyError::FrontMatter { .. }), "{err:?}");
+    assert!(matches!(err.line(), Some(3..=4)), "{err:?} line {:?}", err.line());
+
+    let err = Policy::parse("---\nname: x\nhigh_risk: maybe\n---\n# P\nReturn 0 or 1.").unwrap_err();
+    assert!(matches!(err, PolicyError::FrontMatterField { ref field, line: 3, .. } if field == "high_risk"), "{err:?}");
+
+    let err = Policy::parse("---\noutput: xml\n---\n# P\n").unwrap_err();
+    assert!(matches!(err, PolicyError::FrontMatterField { line: 2, .. }), "{err:?}");
+    assert!(err.to_string().contains("xml"));
+
+    let err = Policy::parse("---\noutput: labels\n---\n# P\nSay it.").unwrap_err();
+    assert!(matches!(err, PolicyError::FrontMatterField { .. }), "{err:?}");
+
+    let err = Policy::parse("---\n- a\n- b\n---\n# P\nReturn 0 or 1.").unwrap_err();
+    assert!(matches!(err, PolicyError::FrontMatter { line: 2, .. }), "{err:?}");
+}
+
+#[test]
+fn empty_body_is_an_error() {
+    let err = Policy::parse("---\nname: x\n---\n\n   \n").unwrap_err();
+    assert!(matches!(err, PolicyError::EmptyBody { line: 4 }), "{err:?}");
+    assert!(matches!(Policy::parse("  \n\t"), Err(PolicyError::EmptyBody { line: 1 })));
+}
+
+#[test]
+fn load_reports_invalid_utf8_and_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.md");
+    std::fs::write(&bad, b"# P\nReturn 0 or 1.\nab\xffcd\n").unwrap();
+    let err = Policy::load(&bad).unwrap_err();
+    let PolicyError::InFile { source, .. } = &err else { panic!("{err:?}") };
+    assert!(matches!(**source, PolicyError::InvalidUtf8 { line: 3, column: 3, .. }), "{source:?}");
+    assert!(err.to_string().contains("bad.md"));
+
+    let big = dir.path().join("big.md");
+    std::fs::write(&big, "a".repeat(MAX_POLICY_BYTES + 1)).unwrap();
+    let err = Policy::load(&big).unwrap_err();
+    assert!(err.to_string().contains("limit"), "{err}");
+    assert!(matches!(Policy::parse(&"a".repeat(MAX_POLICY_BYTES + 1)), Err(PolicyError::TooLarge { .. })));
+
+    let stem = dir.path().join("my-policy.md");
+    std::fs::write(&stem, "Return 0 or 1.").unwrap();
+    assert_eq!(Policy::load(&stem).unwrap().meta.name, "my-policy");
+
+    let missing = Policy::load(&dir.path().join("nope.md")).unwrap_err();
+    assert!(matches!(missing, PolicyError::Io { .. }));
+}
+
+#[test]
+fn lint_good_policy_has_only_length_warning() {
+    let report = lint(GOOD, &exact_opts());
+    let codes: Vec<_> = report.findings.iter().map(|f| f.code.as_str()).collect();
+    assert_eq!(codes, vec!["length-outside-sweet-spot"], "{:#?}", report.findings);
+    assert!(report.tokens_exact);
+    assert!(!report.has_errors());
+}
+
+const BAD: &str = r#"# Bad Policy
+## Rules
+- BD1.a Posts that usually contain insults.
+- BD1.a Posts that might be rude.
+## Examples
+- "you are dumb" (BD9.z)
+- "hello there"
+"#;
+
+#[test]
+fn lint_bad_policy_finds_each_problem() {
+    let report = lint(&format!("---\noutput: binary\n---\n{BAD}"), &exact_opts());
+    let codes: Vec<_> = report.findings.iter().map(|f| f.code.as_str()).collect();
+    for expected in [
+        "missing-instructions",
+        "missing-output-format",
+        "duplicate-rule-id",
+        "undefined-rule-id",
+        "hedge-word",
+        "missing-definitions",
+        "missing-safe-criteria",
+        "unlabeled-example",
+        "no-escalation-path",
+        "length-outside-sweet-spot",
+    ] {
+        assert!(codes.contains(&expected), "missing {expected} in {codes:?}");
+    }
+    assert!(report.has_errors());
+    let dup = report.findings.iter().find(|f| f.code == "duplicate-rule-id").unwrap();
+    assert_eq!(dup.line, Some(7), "file line of the second definition");
+    let hedges: Vec<_> = report.findings.iter().filter(|f| f.code == "hedge-word").filter_map(|f| f.line).collect();
+    assert_eq!(hedges, vec![6, 7]);
+    let undefined = report.findings.iter().find(|f| f.code == "undefined-rule-id").unwrap();
+    assert!(undefined.message.contains("BD9.z") && undefined.message.contains("example"));
+    // Both examples lack labels? No: "(BD9.z)" is no label, and neither is the second.
+    assert_eq!(report.findings.iter().filter(|f| f.code == "unlabeled-example").count(), 2);
+    // Errors sort before warnings.
+    let first_warning = report.findings.iter().position(|f| f.severity == Severity::Warning).unwrap();
+    assert!(report.findings[..first_warning].iter().all(|f| f.severity == Severity::Error));
+}
+
+#[test]
+fn lint_token_limits() {
+    let long = format!("{GOOD}\n{}", "More words about things here. ".repeat(400));
+    let opts = LintOptions { max_tokens: 1_000, ..exact_opts() };
+    let report = lint(&long, &opts);
+    assert!(report.findings.iter().any(|f| f.code == "too-long" && f.severity == Severity::Error));
+    let approx = lint(GOOD, &LintOptions::default());
+    assert!(!approx.tokens_exact);
+    let warning = approx.findings.iter().find(|f| f.code == "length-outside-sweet-spot").unwrap();
+    assert!(warning.message.contains("estimated"));
+}
+
+#[test]
+fn lint_output_format_stated_once_and_mismatch() {
+    let text = "---\noutput: binary\n---\n# P\n## INSTRUCTIONS\nReturn 0 or 1.\n## DEFINITIONS\nx\n## VIOLATES\n- AA1 bad\n## SAFE\n- AA0 good\n## EXAMPLES\n- \"x\" -> 1\nEscalate if unsure.";
+    let report = lint(text, &exact_opts());
+    let once = report.findings.iter().find(|f| f.code == "output-format-stated-once").unwrap();
+    assert_eq!(once.line, Some(6));
+    let json_declared =
+        text.replace("output: binary", "output: json").replace("Return 0 or 1.", "Return JSON {\"violation\": 1}.");
+    let report = lint(&json_declared, &exact_opts());
+    assert!(!report.findings.iter().any(|f| f.code == "output-format-mismatch"), "{:#?}", report.findings);
+    let mismatched = text.replace("output: binary", "output: json");
+    let report = lint(&mismatched, &exact_opts());
+    assert!(report.findings.iter().any(|f| f.code == "output-format-mismatch"));
+    assert!(report.findings.iter().any(|f| f.code == "missing-output-format"));
+}
+
+#[test]
+fn lint_parse_errors_become_findings() {
+    let report = lint("---\nname: x\n", &LintOptions::default());
+    assert_eq!(report.findings.len(), 1);
+    assert_eq!(report.findings[0].code, "parse-error");
+    assert_eq!(report.findings[0].line, Some(1));
+}
+
+#[test]
+fn starter_library_parses_and_lints_clean() {
+    let library = starter_library();
+    assert_eq!(library.len(), STARTER_POLICIES.len());
+    let names: Vec<_> = library.iter().map(|p| p.meta.name.as_str()).collect();
+    assert_eq!(names, vec!["spam", "hate", "harassment", "violence", "self-harm", "sexual", "prompt-injection"]);
+    for policy in &library {
+        let report = lint_policy(policy, &exact_opts());
+        let tokens = report.tokens.unwrap();
+        assert!(report.is_clean(), "{} ({tokens} tokens): {:#?}", policy.meta.name, report.findings);
+        assert!((400..=600).contains(&tokens), "{}: {tokens} tokens", policy.meta.name);
+        assert!(policy.meta.output_declared, "{}", policy.meta.name);
+        assert!(policy.rule_ids.len() >= 8, "{}", policy.meta.name);
+        assert_eq!(
+            policy.mentioned_rule_ids.difference(&policy.rule_ids).filter(|id| !policy.knows_rule(id)).count(),
+            0
+        );
+        for category in &policy.meta.categories {
+            assert!(policy.knows_rule(category), "{}: category {category} is not a rule tier", policy.meta.name);
+        }
+        for escalate in &policy.meta.escalate_on {
+            assert!(policy.knows_rule(escalate), "{}: escalate_on {escalate} unknown", policy.meta.name);
+        }
+    }
+    let spam = library.iter().find(|p| p.meta.name == "spam").unwrap();
+    assert_eq!(spam.meta.output, OutputFormat::Binary);
+    let sexual = library.iter().find(|p| p.meta.name == "sexual").unwrap();
+    assert_eq!(sexual.meta.severities.last().map(String::as_str), Some("critical"));
+    assert_eq!(sexual.meta.escalate_on, vec!["SX3"]);
+    assert!(sexual.rule_ids.iter().any(|id| id.starts_with("SX3")));
+}
+
+#[test]
+fn starter_golden_tests_are_well_formed() {
+    for starter in STARTER_POLICIES {
+        let mut ids = std::collections::BTreeSet::new();
+        let mut expected = std::collections::BTreeMap::<String, usize>::new();
+        for line in starter.tests.lines().filter(|line| !line.trim().is_empty()) {
+            let case: serde_json::Value = serde_json::from_str(line).unwrap();
+            let id = case["id"].as_str().unwrap();
+            assert!(ids.insert(id.to_string()), "{}: duplicate id {id}", starter.file_name);
+            assert!(!case["text"].as_str().unwrap().trim().is_empty());
+            let label = case["expected"].as_str().unwrap();
+            assert!(label == "violation" || label == "allow", "{}: {label}", starter.file_name);
+            *expected.entry(label.to_string()).or_default() += 1;
+        }
+        assert!((6..=10).contains(&ids.len()), "{}: {} cases", starter.file_name, ids.len());
+        assert!(expected.get("violation").copied().unwrap_or(0) >= 3, "{}", starter.file_name);
+        assert!(expected.get("allow").copied().unwrap_or(0) >= 3, "{}", starter.file_name);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn parse_never_panics(text in "\\PC*") {
+        let _ = Policy::parse(&text);
+        let _ = lint(&text, &LintOptions::default());
+    }
+
+    #[test]
+    fn parse_never_panics_on_policy_shaped_text(
+        lines in proptest::collection::vec(
+            prop_oneof![
+                Just("---".to_string()), Just("```".to_string()), Just("# T".to_string()),
+                Just("## VIOLATES".to_string()), Just("- SP1.a x".to_string()), Just("output: json".to_string()),
+                Just("Return 0 or 1.".to_string()), "[ -~]{0,20}".prop_map(|s| s), Just("**AB2** y".to_string()),
+            ],
+            0..20,
+        )
+    ) {
+        let text = lines.join("\n");
+        let _ = Policy::parse(&text);
+        let _ = lint(&text, &LintOptions::default());
+    }
+
+    #[test]
+    fn hash_is_stable_and_front_matter_blind(body in "[a-zA-Z0-9 .,]{1,200}", name in "[a-z]{1,10}") {
+        let body = format!("# T\nReturn 0 or 1. {body}");
+        let plain = Policy::parse(&body).unwrap();
+        let again = Policy::parse(&body).unwrap();
+        prop_assert_eq!(&plain.hash, &again.hash);
+        let with_meta = Policy::parse(&format!("---\nname: {name}\n---\n{body}\n")).unwrap();
+        prop_assert_eq!(&plain.hash, &with_meta.hash);
+        prop_assert_eq!(plain.hash.clone(), PolicyHash::of_body(plain.body.trim()));
+    }
+}
+
+/// `cargo test -p safeguard-policy token_report -- --ignored --nocapture`: body and per-section token counts of
+/// the policy files on disk, for editing the starter library without recompiling.
+#[test]
+#[ignore]
+fn token_report() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+    let mut paths: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "md"))
+        .collect();
+    paths.sort();
+    for path in paths {
+        let policy = Policy::load(&path).unwrap();
+        let report = lint_policy(&policy, &exact_opts());
+        eprintln!(
+            "{}: {} tokens, findings {:?}",
+            policy.meta.name,
+            report.tokens.unwrap(),
+            report.findings.iter().map(|f| (&f.code, f.line)).collect::<Vec<_>>()
+        );
+        for section in &policy.sections {
+            eprintln!("    {:>4}  {}", count_tokens(&section.text) + count_tokens(&section.title), section.title);
+        }
+    }
+}
