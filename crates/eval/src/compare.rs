@@ -108,11 +108,7 @@ pub fn compare_runs(
         }
     }
     let common = |records: &[PredictionRecord], other: &HashSet<&str>| -> Vec<PredictionRecord> {
-        records
-            .iter()
-            .filter(|r| other.contains(r.id.as_str()))
-            .cloned()
-            .collect()
+        records.iter().filter(|r| other.contains(r.id.as_str())).cloned().collect()
     };
     let before_common = common(before, &after_ids);
     let after_common = common(after, &before_ids);
@@ -120,18 +116,13 @@ pub fn compare_runs(
     let after_report = score_predictions(&after_common, dataset, opts)?;
 
     // The last record for an id wins, as in scoring.
-    let before_by_id: HashMap<&str, &PredictionRecord> =
-        before_common.iter().map(|r| (r.id.as_str(), r)).collect();
-    let after_by_id: HashMap<&str, &PredictionRecord> =
-        after_common.iter().map(|r| (r.id.as_str(), r)).collect();
+    let before_by_id: HashMap<&str, &PredictionRecord> = before_common.iter().map(|r| (r.id.as_str(), r)).collect();
+    let after_by_id: HashMap<&str, &PredictionRecord> = after_common.iter().map(|r| (r.id.as_str(), r)).collect();
     let policy = opts.policy.as_deref();
     let mut flips = Vec::new();
     let mut common_items = 0;
     for item in &dataset.items {
-        let (Some(old), Some(new)) = (
-            before_by_id.get(item.id.as_str()),
-            after_by_id.get(item.id.as_str()),
-        ) else {
+        let (Some(old), Some(new)) = (before_by_id.get(item.id.as_str()), after_by_id.get(item.id.as_str())) else {
             continue;
         };
         common_items += 1;
@@ -159,11 +150,7 @@ pub fn compare_runs(
         });
     }
     let count = |kind: FlipKind| flips.iter().filter(|f| f.kind == kind).count();
-    let (fixed, broken, changed) = (
-        count(FlipKind::Fixed),
-        count(FlipKind::Broken),
-        count(FlipKind::Changed),
-    );
+    let (fixed, broken, changed) = (count(FlipKind::Fixed), count(FlipKind::Broken), count(FlipKind::Changed));
 
     let before_latency = run_distribution(&before_common, PredictionRecord::latency_ms);
     let after_latency = run_distribution(&after_common, PredictionRecord::latency_ms);
@@ -171,28 +158,13 @@ pub fn compare_runs(
     let before_tokens = run_distribution(&before_common, completion);
     let after_tokens = run_distribution(&after_common, completion);
     let deltas = MetricDeltas {
-        precision: delta(
-            before_report.metrics.precision,
-            after_report.metrics.precision,
-        ),
+        precision: delta(before_report.metrics.precision, after_report.metrics.precision),
         recall: delta(before_report.metrics.recall, after_report.metrics.recall),
         f1: delta(before_report.metrics.f1, after_report.metrics.f1),
-        accuracy: delta(
-            before_report.metrics.accuracy,
-            after_report.metrics.accuracy,
-        ),
-        false_positive_rate: delta(
-            before_report.metrics.false_positive_rate,
-            after_report.metrics.false_positive_rate,
-        ),
-        needs_review_rate: delta(
-            before_report.needs_review.rate,
-            after_report.needs_review.rate,
-        ),
-        parse_failure_rate: delta(
-            before_report.parse_failure_rate,
-            after_report.parse_failure_rate,
-        ),
+        accuracy: delta(before_report.metrics.accuracy, after_report.metrics.accuracy),
+        false_positive_rate: delta(before_report.metrics.false_positive_rate, after_report.metrics.false_positive_rate),
+        needs_review_rate: delta(before_report.needs_review.rate, after_report.needs_review.rate),
+        parse_failure_rate: delta(before_report.parse_failure_rate, after_report.parse_failure_rate),
         latency_p50_ms: delta(before_latency.map(|d| d.p50), after_latency.map(|d| d.p50)),
         latency_p95_ms: delta(before_latency.map(|d| d.p95), after_latency.map(|d| d.p95)),
         completion_tokens_mean: delta(before_tokens.map(|d| d.mean), after_tokens.map(|d| d.mean)),

@@ -50,12 +50,7 @@ impl Dataset {
                 )));
             }
         }
-        Ok(Dataset {
-            name,
-            items,
-            category_aliases: BTreeMap::new(),
-            index,
-        })
+        Ok(Dataset { name, items, category_aliases: BTreeMap::new(), index })
     }
 
     pub fn get(&self, id: &str) -> Option<&Item> {
@@ -76,11 +71,7 @@ impl Dataset {
 
     /// All category keys that occur in the dataset.
     pub fn category_keys(&self) -> Vec<String> {
-        let mut keys: Vec<String> = self
-            .items
-            .iter()
-            .flat_map(|i| i.categories.keys().cloned())
-            .collect();
+        let mut keys: Vec<String> = self.items.iter().flat_map(|i| i.categories.keys().cloned()).collect();
         keys.sort();
         keys.dedup();
         keys
@@ -92,9 +83,7 @@ impl Dataset {
         if let Some(key) = self.category_aliases.get(&wanted) {
             return Some(key.clone());
         }
-        self.category_keys()
-            .into_iter()
-            .find(|key| key.to_lowercase() == wanted)
+        self.category_keys().into_iter().find(|key| key.to_lowercase() == wanted)
     }
 }
 
@@ -178,19 +167,14 @@ impl FromStr for DatasetSpec {
     type Err = EvalError;
 
     fn from_str(spec: &str) -> Result<Self, EvalError> {
-        let bad = |message: String| EvalError::Spec {
-            spec: spec.to_string(),
-            message,
-        };
+        let bad = |message: String| EvalError::Spec { spec: spec.to_string(), message };
         let mut parts = spec.split(':');
         let head = parts.next().unwrap_or_default();
         let args: Vec<&str> = parts.collect();
         match head {
             "openai-moderation" => {
                 let [category] = args[..] else {
-                    return Err(bad(
-                        "expected openai-moderation:<S|H|V|HR|SH|S3|H2|V2|any>".into()
-                    ));
+                    return Err(bad("expected openai-moderation:<S|H|V|HR|SH|S3|H2|V2|any>".into()));
                 };
                 if category.eq_ignore_ascii_case("any") {
                     return Ok(DatasetSpec::OpenAiModeration { category: None });
@@ -199,20 +183,13 @@ impl FromStr for DatasetSpec {
                 OPENAI_CATEGORIES
                     .iter()
                     .find(|(key, name)| {
-                        key.to_lowercase() == wanted
-                            || name.replace(['/', '-'], "") == wanted.replace('/', "")
+                        key.to_lowercase() == wanted || name.replace(['/', '-'], "") == wanted.replace('/', "")
                     })
-                    .map(|(key, _)| DatasetSpec::OpenAiModeration {
-                        category: Some(key),
-                    })
+                    .map(|(key, _)| DatasetSpec::OpenAiModeration { category: Some(key) })
                     .ok_or_else(|| {
                         bad(format!(
                             "unknown category `{category}`; use any or one of {}",
-                            OPENAI_CATEGORIES
-                                .iter()
-                                .map(|(k, n)| format!("{k} ({n})"))
-                                .collect::<Vec<_>>()
-                                .join(", ")
+                            OPENAI_CATEGORIES.iter().map(|(k, n)| format!("{k} ({n})")).collect::<Vec<_>>().join(", ")
                         ))
                     })
             }
@@ -221,18 +198,14 @@ impl FromStr for DatasetSpec {
                     [label] => (label, "test"),
                     [label, split] => (label, split),
                     _ => {
-                        return Err(bad(
-                            "expected toxicchat:<toxicity|jailbreaking>[:test|train]".into(),
-                        ));
+                        return Err(bad("expected toxicchat:<toxicity|jailbreaking>[:test|train]".into()));
                     }
                 };
                 let label = match label {
                     "toxicity" => ToxicChatLabel::Toxicity,
                     "jailbreaking" | "jailbreak" => ToxicChatLabel::Jailbreaking,
                     other => {
-                        return Err(bad(format!(
-                            "unknown label `{other}`; use toxicity or jailbreaking"
-                        )));
+                        return Err(bad(format!("unknown label `{other}`; use toxicity or jailbreaking")));
                     }
                 };
                 let split = match split {
@@ -270,9 +243,7 @@ impl DatasetSpec {
     pub fn load(&self, data_dir: &Path, mapping: &FieldMapping) -> Result<Dataset, EvalError> {
         match self {
             DatasetSpec::File(path) => load_file(path, mapping),
-            DatasetSpec::OpenAiModeration { category } => {
-                load_openai_moderation(data_dir, *category)
-            }
+            DatasetSpec::OpenAiModeration { category } => load_openai_moderation(data_dir, *category),
             DatasetSpec::ToxicChat { label, split } => load_toxicchat(data_dir, *label, *split),
             DatasetSpec::XsTest => load_xstest(data_dir),
             DatasetSpec::Davidson { label } => load_davidson(data_dir, *label),
@@ -282,11 +253,7 @@ impl DatasetSpec {
 
 /// Reads a JSONL (`.jsonl`, `.ndjson`, `.json`) or CSV (`.csv`, `.tsv`) file.
 pub fn load_file(path: &Path, mapping: &FieldMapping) -> Result<Dataset, EvalError> {
-    let extension = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or_default()
-        .to_lowercase();
+    let extension = path.extension().and_then(|e| e.to_str()).unwrap_or_default().to_lowercase();
     let rows = match extension.as_str() {
         "csv" => read_csv_rows(path, b',')?,
         "tsv" => read_csv_rows(path, b'\t')?,
@@ -303,17 +270,11 @@ struct Row {
 }
 
 fn read_jsonl_rows(path: &Path) -> Result<Vec<Row>, EvalError> {
-    let file = File::open(path).map_err(|source| EvalError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let file = File::open(path).map_err(|source| EvalError::Io { path: path.to_path_buf(), source })?;
     let mut rows = Vec::new();
     for (index, line) in BufReader::new(file).lines().enumerate() {
         let line_number = index + 1;
-        let line = line.map_err(|source| EvalError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let line = line.map_err(|source| EvalError::Io { path: path.to_path_buf(), source })?;
         if line.trim().is_empty() {
             continue;
         }
@@ -329,23 +290,14 @@ fn read_jsonl_rows(path: &Path) -> Result<Vec<Row>, EvalError> {
                 message: "expected a JSON object per line".into(),
             });
         }
-        rows.push(Row {
-            line: line_number,
-            value,
-        });
+        rows.push(Row { line: line_number, value });
     }
     Ok(rows)
 }
 
 fn read_csv_rows(path: &Path, delimiter: u8) -> Result<Vec<Row>, EvalError> {
-    let file = File::open(path).map_err(|source| EvalError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let mut reader = csv::ReaderBuilder::new()
-        .delimiter(delimiter)
-        .flexible(false)
-        .from_reader(file);
+    let file = File::open(path).map_err(|source| EvalError::Io { path: path.to_path_buf(), source })?;
+    let mut reader = csv::ReaderBuilder::new().delimiter(delimiter).flexible(false).from_reader(file);
     let headers = reader
         .headers()
         .map_err(|err| EvalError::Data {
@@ -367,18 +319,11 @@ fn read_csv_rows(path: &Path, delimiter: u8) -> Result<Vec<Row>, EvalError> {
             .zip(record.iter())
             .map(|(name, field)| {
                 // CSV cannot say "no value" except by leaving the cell empty.
-                let value = if field.is_empty() {
-                    Value::Null
-                } else {
-                    Value::String(field.to_string())
-                };
+                let value = if field.is_empty() { Value::Null } else { Value::String(field.to_string()) };
                 (name.to_string(), value)
             })
             .collect();
-        rows.push(Row {
-            line,
-            value: Value::Object(object),
-        });
+        rows.push(Row { line, value: Value::Object(object) });
     }
     Ok(rows)
 }
@@ -400,53 +345,38 @@ fn choose_field(rows: &[Row], explicit: Option<&str>, candidates: &[&str]) -> Op
         return Some(name.to_string());
     }
     let first = rows.first()?;
-    candidates
-        .iter()
-        .find(|name| first.value.get(**name).is_some())
-        .map(|name| name.to_string())
+    candidates.iter().find(|name| first.value.get(**name).is_some()).map(|name| name.to_string())
 }
 
 fn available_fields(row: &Value) -> String {
-    row.as_object()
-        .map(|o| o.keys().cloned().collect::<Vec<_>>().join(", "))
-        .unwrap_or_default()
+    row.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>().join(", ")).unwrap_or_default()
 }
 
-fn rows_to_items(
-    path: &Path,
-    rows: &[Row],
-    mapping: &FieldMapping,
-) -> Result<Vec<Item>, EvalError> {
+fn rows_to_items(path: &Path, rows: &[Row], mapping: &FieldMapping) -> Result<Vec<Item>, EvalError> {
     let Some(first) = rows.first() else {
         return Ok(Vec::new());
     };
-    let data_error = |line: usize, message: String| EvalError::Data {
-        path: path.to_path_buf(),
-        line,
-        message,
-    };
-    let text_field =
-        choose_field(rows, mapping.text_field.as_deref(), &TEXT_FIELDS).ok_or_else(|| {
-            data_error(
-                first.line,
-                format!(
-                    "no text field (tried {}); pass --text-field; fields here: {}",
-                    TEXT_FIELDS.join(", "),
-                    available_fields(&first.value)
-                ),
-            )
-        })?;
-    let label_field = choose_field(rows, mapping.label_field.as_deref(), &LABEL_FIELDS)
-        .ok_or_else(|| {
-            data_error(
-                first.line,
-                format!(
-                    "no label field (tried {}); pass --label-field; fields here: {}",
-                    LABEL_FIELDS.join(", "),
-                    available_fields(&first.value)
-                ),
-            )
-        })?;
+    let data_error = |line: usize, message: String| EvalError::Data { path: path.to_path_buf(), line, message };
+    let text_field = choose_field(rows, mapping.text_field.as_deref(), &TEXT_FIELDS).ok_or_else(|| {
+        data_error(
+            first.line,
+            format!(
+                "no text field (tried {}); pass --text-field; fields here: {}",
+                TEXT_FIELDS.join(", "),
+                available_fields(&first.value)
+            ),
+        )
+    })?;
+    let label_field = choose_field(rows, mapping.label_field.as_deref(), &LABEL_FIELDS).ok_or_else(|| {
+        data_error(
+            first.line,
+            format!(
+                "no label field (tried {}); pass --label-field; fields here: {}",
+                LABEL_FIELDS.join(", "),
+                available_fields(&first.value)
+            ),
+        )
+    })?;
     let id_field = mapping.id_field.clone().unwrap_or_else(|| "id".to_string());
     let positive = mapping.positive_label.as_deref();
 
@@ -455,20 +385,14 @@ fn rows_to_items(
         let missing = |name: &str, flag: &str| {
             data_error(
                 row.line,
-                format!(
-                    "missing field `{name}` (set {flag}); fields here: {}",
-                    available_fields(&row.value)
-                ),
+                format!("missing field `{name}` (set {flag}); fields here: {}", available_fields(&row.value)),
             )
         };
         let id = match field(&row.value, &id_field) {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             Some(Value::Number(n)) => n.to_string(),
             Some(other) if !other.is_null() && !other.is_string() => {
-                return Err(data_error(
-                    row.line,
-                    format!("id field `{id_field}` must be a string or number"),
-                ));
+                return Err(data_error(row.line, format!("id field `{id_field}` must be a string or number")));
             }
             _ => return Err(missing(&id_field, "--id-field")),
         };
@@ -478,35 +402,24 @@ fn rows_to_items(
             Some(other) => other.to_string(),
             None => return Err(missing(&text_field, "--text-field")),
         };
-        let raw_label = field(&row.value, &label_field)
-            .ok_or_else(|| missing(&label_field, "--label-field"))?;
+        let raw_label = field(&row.value, &label_field).ok_or_else(|| missing(&label_field, "--label-field"))?;
         let label = parse_label(raw_label, positive)
             .map_err(|message| data_error(row.line, format!("field `{label_field}`: {message}")))?;
         let mut categories = BTreeMap::new();
         for category in &mapping.category_fields {
-            let raw =
-                field(&row.value, category).ok_or_else(|| missing(category, "--category-field"))?;
+            let raw = field(&row.value, category).ok_or_else(|| missing(category, "--category-field"))?;
             if let Some(value) = parse_label(raw, positive)
                 .map_err(|message| data_error(row.line, format!("field `{category}`: {message}")))?
             {
                 categories.insert(category.clone(), value);
             }
         }
-        let group = mapping
-            .group_field
-            .as_ref()
-            .and_then(|name| match field(&row.value, name) {
-                Some(Value::String(s)) => Some(s.clone()),
-                Some(Value::Null) | None => None,
-                Some(other) => Some(other.to_string()),
-            });
-        items.push(Item {
-            id,
-            text,
-            label,
-            categories,
-            group,
+        let group = mapping.group_field.as_ref().and_then(|name| match field(&row.value, name) {
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Null) | None => None,
+            Some(other) => Some(other.to_string()),
         });
+        items.push(Item { id, text, label, categories, group });
     }
     Ok(items)
 }
@@ -520,9 +433,7 @@ pub fn parse_label(value: &Value, positive_label: Option<&str>) -> Result<Option
         Value::Number(n) => n.to_string(),
         Value::String(s) => s.trim().to_string(),
         other => {
-            return Err(format!(
-                "label must be a string, number or boolean, got {other}"
-            ));
+            return Err(format!("label must be a string, number or boolean, got {other}"));
         }
     };
     if text.is_empty() {
@@ -556,34 +467,24 @@ fn shared_file(data_dir: &Path, folder: &str, file: &str) -> Result<PathBuf, Eva
 }
 
 fn int_field(row: &Row, path: &Path, name: &str) -> Result<i64, EvalError> {
-    row.value
-        .get(name)
-        .and_then(Value::as_i64)
-        .ok_or_else(|| EvalError::Data {
-            path: path.to_path_buf(),
-            line: row.line,
-            message: format!("missing integer field `{name}`"),
-        })
+    row.value.get(name).and_then(Value::as_i64).ok_or_else(|| EvalError::Data {
+        path: path.to_path_buf(),
+        line: row.line,
+        message: format!("missing integer field `{name}`"),
+    })
 }
 
 fn string_field(row: &Row, path: &Path, name: &str) -> Result<String, EvalError> {
-    row.value
-        .get(name)
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .ok_or_else(|| EvalError::Data {
-            path: path.to_path_buf(),
-            line: row.line,
-            message: format!("missing string field `{name}`"),
-        })
+    row.value.get(name).and_then(Value::as_str).map(str::to_string).ok_or_else(|| EvalError::Data {
+        path: path.to_path_buf(),
+        line: row.line,
+        message: format!("missing string field `{name}`"),
+    })
 }
 
 /// OpenAI moderation 2022 from the derived `binary.jsonl`, whose ids (`oai-N`) are what classify runs use.
 /// A missing category key means the label is unknown, so such items drop out of that category's scores.
-fn load_openai_moderation(
-    data_dir: &Path,
-    category: Option<&'static str>,
-) -> Result<Dataset, EvalError> {
+fn load_openai_moderation(data_dir: &Path, category: Option<&'static str>) -> Result<Dataset, EvalError> {
     let path = shared_file(data_dir, "openai-moderation-2022", "binary.jsonl")?;
     let rows = read_jsonl_rows(&path)?;
     let mut items = Vec::with_capacity(rows.len());
@@ -612,24 +513,14 @@ fn load_openai_moderation(
     let name = format!("openai-moderation:{}", category.unwrap_or("any"));
     let mut dataset = Dataset::new(name, items)?;
     for (key, long_name) in OPENAI_CATEGORIES {
-        dataset
-            .category_aliases
-            .insert(long_name.to_string(), key.to_string());
-        dataset
-            .category_aliases
-            .insert(long_name.replace('/', "-"), key.to_string());
-        dataset
-            .category_aliases
-            .insert(long_name.replace('/', "_"), key.to_string());
+        dataset.category_aliases.insert(long_name.to_string(), key.to_string());
+        dataset.category_aliases.insert(long_name.replace('/', "-"), key.to_string());
+        dataset.category_aliases.insert(long_name.replace('/', "_"), key.to_string());
     }
     Ok(dataset)
 }
 
-fn load_toxicchat(
-    data_dir: &Path,
-    label: ToxicChatLabel,
-    split: Split,
-) -> Result<Dataset, EvalError> {
+fn load_toxicchat(data_dir: &Path, label: ToxicChatLabel, split: Split) -> Result<Dataset, EvalError> {
     let (file, split_name) = match split {
         Split::Test => ("toxicchat0124_test_human.jsonl", "test"),
         Split::Train => ("toxicchat0124_train_human.jsonl", "train"),
@@ -673,11 +564,7 @@ fn load_xstest(data_dir: &Path) -> Result<Dataset, EvalError> {
             text: string_field(row, &path, "text")?,
             label: Some(int_field(row, &path, "violates")? == 1),
             categories: BTreeMap::new(),
-            group: row
-                .value
-                .get("type")
-                .and_then(Value::as_str)
-                .map(str::to_string),
+            group: row.value.get("type").and_then(Value::as_str).map(str::to_string),
         });
     }
     Dataset::new("xstest", items)
@@ -699,10 +586,7 @@ fn load_davidson(data_dir: &Path, label: DavidsonLabel) -> Result<Dataset, EvalE
                 DavidsonLabel::Offensive => offensive,
                 DavidsonLabel::Any => hate || offensive,
             }),
-            categories: BTreeMap::from([
-                ("hate".to_string(), hate),
-                ("offensive".to_string(), offensive),
-            ]),
+            categories: BTreeMap::from([("hate".to_string(), hate), ("offensive".to_string(), offensive)]),
             group: None,
         });
     }
@@ -728,16 +612,9 @@ mod tests {
         assert_eq!(parse_label(&json!(" yes "), None), Ok(Some(true)));
         assert_eq!(parse_label(&json!(null), None), Ok(None));
         assert_eq!(parse_label(&json!(""), None), Ok(None));
-        assert!(
-            parse_label(&json!("unsafe"), None)
-                .unwrap_err()
-                .contains("--positive-label")
-        );
+        assert!(parse_label(&json!("unsafe"), None).unwrap_err().contains("--positive-label"));
         assert!(parse_label(&json!(2), None).is_err());
-        assert_eq!(
-            parse_label(&json!("unsafe"), Some("unsafe")),
-            Ok(Some(true))
-        );
+        assert_eq!(parse_label(&json!("unsafe"), Some("unsafe")), Ok(Some(true)));
         assert_eq!(parse_label(&json!("safe"), Some("unsafe")), Ok(Some(false)));
         assert_eq!(parse_label(&json!(true), Some("true")), Ok(Some(true)));
     }
@@ -746,25 +623,15 @@ mod tests {
     fn specs_parse_adapters_and_paths() {
         assert_eq!(
             "openai-moderation:SH".parse::<DatasetSpec>().unwrap(),
-            DatasetSpec::OpenAiModeration {
-                category: Some("SH")
-            }
+            DatasetSpec::OpenAiModeration { category: Some("SH") }
         );
         assert_eq!(
-            "openai-moderation:self-harm"
-                .parse::<DatasetSpec>()
-                .unwrap(),
-            DatasetSpec::OpenAiModeration {
-                category: Some("SH")
-            }
+            "openai-moderation:self-harm".parse::<DatasetSpec>().unwrap(),
+            DatasetSpec::OpenAiModeration { category: Some("SH") }
         );
         assert_eq!(
-            "openai-moderation:hate/threatening"
-                .parse::<DatasetSpec>()
-                .unwrap(),
-            DatasetSpec::OpenAiModeration {
-                category: Some("H2")
-            }
+            "openai-moderation:hate/threatening".parse::<DatasetSpec>().unwrap(),
+            DatasetSpec::OpenAiModeration { category: Some("H2") }
         );
         assert_eq!(
             "openai-moderation:any".parse::<DatasetSpec>().unwrap(),
@@ -772,31 +639,15 @@ mod tests {
         );
         assert!("openai-moderation:XX".parse::<DatasetSpec>().is_err());
         assert_eq!(
-            "toxicchat:jailbreaking:train"
-                .parse::<DatasetSpec>()
-                .unwrap(),
-            DatasetSpec::ToxicChat {
-                label: ToxicChatLabel::Jailbreaking,
-                split: Split::Train
-            }
+            "toxicchat:jailbreaking:train".parse::<DatasetSpec>().unwrap(),
+            DatasetSpec::ToxicChat { label: ToxicChatLabel::Jailbreaking, split: Split::Train }
         );
         assert_eq!(
             "toxicchat:toxicity".parse::<DatasetSpec>().unwrap(),
-            DatasetSpec::ToxicChat {
-                label: ToxicChatLabel::Toxicity,
-                split: Split::Test
-            }
+            DatasetSpec::ToxicChat { label: ToxicChatLabel::Toxicity, split: Split::Test }
         );
         assert!("toxicchat:toxicity:dev".parse::<DatasetSpec>().is_err());
-        assert_eq!(
-            "davidson:any".parse::<DatasetSpec>().unwrap(),
-            DatasetSpec::Davidson {
-                label: DavidsonLabel::Any
-            }
-        );
-        assert_eq!(
-            "data/x.jsonl".parse::<DatasetSpec>().unwrap(),
-            DatasetSpec::File("data/x.jsonl".into())
-        );
+        assert_eq!("davidson:any".parse::<DatasetSpec>().unwrap(), DatasetSpec::Davidson { label: DavidsonLabel::Any });
+        assert_eq!("data/x.jsonl".parse::<DatasetSpec>().unwrap(), DatasetSpec::File("data/x.jsonl".into()));
     }
 }

@@ -62,18 +62,9 @@ pub fn render_report_html(title: &str, runs: &[(String, ScoreReport)]) -> String
         [(_, only)] => only
             .by_effort
             .iter()
-            .map(|(effort, stats)| {
-                (
-                    effort.clone(),
-                    stats.metrics.precision,
-                    stats.metrics.recall,
-                )
-            })
+            .map(|(effort, stats)| (effort.clone(), stats.metrics.precision, stats.metrics.recall))
             .collect(),
-        _ => runs
-            .iter()
-            .map(|(name, r)| (name.clone(), r.metrics.precision, r.metrics.recall))
-            .collect(),
+        _ => runs.iter().map(|(name, r)| (name.clone(), r.metrics.precision, r.metrics.recall)).collect(),
     };
     body.push_str("<h2>Precision and recall by effort</h2>\n");
     body.push_str(&precision_recall_bars(&bars));
@@ -102,38 +93,13 @@ pub fn render_comparison_html(title: &str, comparison: &Comparison) -> String {
     body.push_str("<h2>Deltas (after − before)</h2>\n<table>\n<tr><th>metric</th><th>before</th><th>after</th><th>delta</th></tr>\n");
     let (b, a) = (&comparison.before, &comparison.after);
     let rows = [
-        (
-            "precision",
-            b.metrics.precision,
-            a.metrics.precision,
-            d.precision,
-        ),
+        ("precision", b.metrics.precision, a.metrics.precision, d.precision),
         ("recall", b.metrics.recall, a.metrics.recall, d.recall),
         ("F1", b.metrics.f1, a.metrics.f1, d.f1),
-        (
-            "accuracy",
-            b.metrics.accuracy,
-            a.metrics.accuracy,
-            d.accuracy,
-        ),
-        (
-            "false positive rate",
-            b.metrics.false_positive_rate,
-            a.metrics.false_positive_rate,
-            d.false_positive_rate,
-        ),
-        (
-            "needs_review rate",
-            b.needs_review.rate,
-            a.needs_review.rate,
-            d.needs_review_rate,
-        ),
-        (
-            "parse failure rate",
-            b.parse_failure_rate,
-            a.parse_failure_rate,
-            d.parse_failure_rate,
-        ),
+        ("accuracy", b.metrics.accuracy, a.metrics.accuracy, d.accuracy),
+        ("false positive rate", b.metrics.false_positive_rate, a.metrics.false_positive_rate, d.false_positive_rate),
+        ("needs_review rate", b.needs_review.rate, a.needs_review.rate, d.needs_review_rate),
+        ("parse failure rate", b.parse_failure_rate, a.parse_failure_rate, d.parse_failure_rate),
     ];
     for (name, before, after, delta) in rows {
         let _ = writeln!(
@@ -201,11 +167,7 @@ fn run_section(report: &ScoreReport) -> String {
         "<p>Dataset <b>{}</b>{}: {} dataset items, {} prediction records, {} joined, {} unlabelled; \
          {} missing predictions, {} predictions not in the dataset, {} duplicates.</p>",
         escape(&report.dataset),
-        report
-            .policy
-            .as_ref()
-            .map(|p| format!(", policy <b>{}</b>", escape(p)))
-            .unwrap_or_default(),
+        report.policy.as_ref().map(|p| format!(", policy <b>{}</b>", escape(p))).unwrap_or_default(),
         report.dataset_items,
         report.prediction_records,
         report.joined,
@@ -214,13 +176,12 @@ fn run_section(report: &ScoreReport) -> String {
         report.unknown_predictions.count,
         report.duplicate_predictions.count
     );
-    out.push_str("<h3>Scores</h3>\n<table>\n<tr><th>view</th><th>n</th><th>TP</th><th>FP</th><th>TN</th><th>FN</th>\
-                  <th>precision</th><th>recall</th><th>F1</th><th>accuracy</th><th>FPR</th></tr>\n");
+    out.push_str(
+        "<h3>Scores</h3>\n<table>\n<tr><th>view</th><th>n</th><th>TP</th><th>FP</th><th>TN</th><th>FN</th>\
+                  <th>precision</th><th>recall</th><th>F1</th><th>accuracy</th><th>FPR</th></tr>\n",
+    );
     out.push_str(&metrics_row("needs_review as positive", &report.metrics));
-    out.push_str(&metrics_row(
-        "needs_review excluded",
-        &report.excluding_needs_review,
-    ));
+    out.push_str(&metrics_row("needs_review excluded", &report.excluding_needs_review));
     out.push_str("</table>\n");
     let _ = writeln!(
         out,
@@ -255,19 +216,17 @@ fn run_section(report: &ScoreReport) -> String {
         out.push_str("<h3>Per group</h3>\n");
         out.push_str(&metrics_table("group", report.per_group.iter()));
     }
-    out.push_str("<h3>Latency and tokens by effort</h3>\n<table>\n<tr><th>effort</th><th>items</th>\
+    out.push_str(
+        "<h3>Latency and tokens by effort</h3>\n<table>\n<tr><th>effort</th><th>items</th>\
                   <th>latency mean / p50 / p95 (ms)</th><th>prompt tokens mean</th><th>cached mean</th>\
-                  <th>completion tokens mean / p50 / p95</th></tr>\n");
+                  <th>completion tokens mean / p50 / p95</th></tr>\n",
+    );
     for (effort, stats) in &report.by_effort {
         let triple = |d: Option<crate::metrics::Distribution>| {
-            d.map_or_else(
-                || "n/a".to_string(),
-                |d| format!("{:.1} / {:.1} / {:.1}", d.mean, d.p50, d.p95),
-            )
+            d.map_or_else(|| "n/a".to_string(), |d| format!("{:.1} / {:.1} / {:.1}", d.mean, d.p50, d.p95))
         };
-        let mean = |d: Option<crate::metrics::Distribution>| {
-            d.map_or_else(|| "n/a".to_string(), |d| format!("{:.1}", d.mean))
-        };
+        let mean =
+            |d: Option<crate::metrics::Distribution>| d.map_or_else(|| "n/a".to_string(), |d| format!("{:.1}", d.mean));
         let _ = writeln!(
             out,
             "<tr><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
@@ -319,10 +278,7 @@ fn metrics_row(name: &str, m: &Metrics) -> String {
     )
 }
 
-fn metrics_table<'a>(
-    heading: &str,
-    rows: impl Iterator<Item = (&'a String, &'a Metrics)>,
-) -> String {
+fn metrics_table<'a>(heading: &str, rows: impl Iterator<Item = (&'a String, &'a Metrics)>) -> String {
     let mut out = format!(
         "<table>\n<tr><th>{heading}</th><th>n</th><th>TP</th><th>FP</th><th>TN</th><th>FN</th><th>precision</th>\
          <th>recall</th><th>F1</th><th>accuracy</th><th>FPR</th></tr>\n"
@@ -358,24 +314,10 @@ fn confusion_heatmap(report: &ScoreReport) -> String {
     let c = report.excluding_needs_review.confusion;
     let review = &report.needs_review;
     let cells = [
-        [
-            ("TP", c.tp, true),
-            ("FN", c.fn_, false),
-            ("review", review.positives, false),
-        ],
-        [
-            ("FP", c.fp, false),
-            ("TN", c.tn, true),
-            ("review", review.negatives, false),
-        ],
+        [("TP", c.tp, true), ("FN", c.fn_, false), ("review", review.positives, false)],
+        [("FP", c.fp, false), ("TN", c.tn, true), ("review", review.negatives, false)],
     ];
-    let max = cells
-        .iter()
-        .flatten()
-        .map(|cell| cell.1)
-        .max()
-        .unwrap_or(0)
-        .max(1);
+    let max = cells.iter().flatten().map(|cell| cell.1).max().unwrap_or(0).max(1);
     let (left, top, cell_w, cell_h) = (130, 40, 110, 60);
     let mut svg = format!(
         "<svg class=\"confusion\" width=\"{}\" height=\"{}\" viewBox=\"0 0 {} {}\" role=\"img\" aria-label=\"confusion matrix\">\n",
@@ -384,10 +326,7 @@ fn confusion_heatmap(report: &ScoreReport) -> String {
         left + 3 * cell_w + 10,
         top + 2 * cell_h + 10
     );
-    for (col, name) in ["predicted violation", "predicted allow", "needs review"]
-        .iter()
-        .enumerate()
-    {
+    for (col, name) in ["predicted violation", "predicted allow", "needs review"].iter().enumerate() {
         let _ = writeln!(
             svg,
             "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{name}</text>",
@@ -444,12 +383,8 @@ fn precision_recall_bars(groups: &[(String, Option<f64>, Option<f64>)]) -> Strin
     );
     for (index, (name, precision, recall)) in groups.iter().enumerate() {
         let x0 = left + gap + index as f64 * (2.0 * bar_w + gap);
-        for (offset, (metric, value, color)) in [
-            ("precision", precision, "#1e64c8"),
-            ("recall", recall, "#e07b00"),
-        ]
-        .iter()
-        .enumerate()
+        for (offset, (metric, value, color)) in
+            [("precision", precision, "#1e64c8"), ("recall", recall, "#e07b00")].iter().enumerate()
         {
             let x = x0 + offset as f64 * bar_w;
             let bar_h = value.unwrap_or(0.0).clamp(0.0, 1.0) * plot_h;

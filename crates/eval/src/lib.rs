@@ -22,11 +22,9 @@ pub use compare::{Comparison, Flip, FlipKind, MetricDeltas, compare_runs};
 pub use dataset::{Dataset, DatasetSpec, FieldMapping, Item};
 pub use metrics::{Confusion, Distribution, Metrics};
 pub use predictions::{
-    Outcome, Predicted, PredictedVerdict, PredictionRecord, Usage, read_predictions,
+    Outcome, Predicted, PredictedVerdict, PredictionRecord, Usage, parse_prediction_line, read_predictions,
 };
-pub use run::{
-    CacheKey, EvalCache, FnClassifier, ItemClassifier, Progress, RunOptions, RunOutput, run_eval,
-};
+pub use run::{CacheKey, EvalCache, FnClassifier, ItemClassifier, Progress, RunOptions, RunOutput, run_eval};
 pub use score::{ScoreOptions, ScoreReport, score_predictions};
 
 /// Everything that can go wrong while loading data or scoring it. Data errors carry the file and line so the
@@ -46,11 +44,7 @@ pub enum EvalError {
         source: std::io::Error,
     },
     #[error("{path}:{line}: {message}")]
-    Data {
-        path: PathBuf,
-        line: usize,
-        message: String,
-    },
+    Data { path: PathBuf, line: usize, message: String },
     #[error("bad dataset spec `{spec}`: {message}")]
     Spec { spec: String, message: String },
     #[error("{0}")]

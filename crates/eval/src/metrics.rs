@@ -130,27 +130,17 @@ pub struct HistogramBin {
 /// Equal-width bins between the smallest and largest value.
 pub fn histogram(values: &[f64], bins: usize) -> Vec<HistogramBin> {
     let finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
-    let (Some(min), Some(max)) = (
-        finite.iter().copied().reduce(f64::min),
-        finite.iter().copied().reduce(f64::max),
-    ) else {
+    let (Some(min), Some(max)) = (finite.iter().copied().reduce(f64::min), finite.iter().copied().reduce(f64::max))
+    else {
         return Vec::new();
     };
     let bins = bins.max(1);
     if max == min {
-        return vec![HistogramBin {
-            lo: min,
-            hi: max,
-            count: finite.len() as u64,
-        }];
+        return vec![HistogramBin { lo: min, hi: max, count: finite.len() as u64 }];
     }
     let width = (max - min) / bins as f64;
     let mut out: Vec<HistogramBin> = (0..bins)
-        .map(|i| HistogramBin {
-            lo: min + width * i as f64,
-            hi: min + width * (i + 1) as f64,
-            count: 0,
-        })
+        .map(|i| HistogramBin { lo: min + width * i as f64, hi: min + width * (i + 1) as f64, count: 0 })
         .collect();
     for value in finite {
         let index = (((value - min) / width) as usize).min(bins - 1);
@@ -166,12 +156,7 @@ mod tests {
     #[test]
     fn scores_match_hand_computation() {
         // tp=3 fp=1 tn=4 fn=2: P=3/4, R=3/5, F1=6/9, acc=7/10, FPR=1/5.
-        let c = Confusion {
-            tp: 3,
-            fp: 1,
-            tn: 4,
-            fn_: 2,
-        };
+        let c = Confusion { tp: 3, fp: 1, tn: 4, fn_: 2 };
         let m = c.metrics();
         assert_eq!(m.precision, Some(0.75));
         assert_eq!(m.recall, Some(0.6));
@@ -186,12 +171,7 @@ mod tests {
 
     #[test]
     fn empty_denominators_are_none_not_zero() {
-        let c = Confusion {
-            tp: 0,
-            fp: 0,
-            tn: 5,
-            fn_: 0,
-        };
+        let c = Confusion { tp: 0, fp: 0, tn: 5, fn_: 0 };
         assert_eq!(c.precision(), None);
         assert_eq!(c.recall(), None);
         assert_eq!(c.f1(), None);
@@ -219,18 +199,8 @@ mod tests {
     fn histogram_bins_hold_every_value() {
         let bins = histogram(&[0.0, 1.0, 2.0, 9.0, 10.0], 5);
         assert_eq!(bins.len(), 5);
-        assert_eq!(
-            bins.iter().map(|b| b.count).collect::<Vec<_>>(),
-            vec![2, 1, 0, 0, 2]
-        );
-        assert_eq!(
-            histogram(&[4.0, 4.0], 3),
-            vec![HistogramBin {
-                lo: 4.0,
-                hi: 4.0,
-                count: 2
-            }]
-        );
+        assert_eq!(bins.iter().map(|b| b.count).collect::<Vec<_>>(), vec![2, 1, 0, 0, 2]);
+        assert_eq!(histogram(&[4.0, 4.0], 3), vec![HistogramBin { lo: 4.0, hi: 4.0, count: 2 }]);
         assert!(histogram(&[], 3).is_empty());
     }
 }

@@ -95,12 +95,7 @@ pub struct PredictedVerdict {
 }
 
 /// Flags meaning the model's answer could not be read as a verdict.
-const PARSE_FAILURE_FLAGS: [&str; 4] = [
-    "no_final_message",
-    "unparseable",
-    "truncated",
-    "missing_field",
-];
+const PARSE_FAILURE_FLAGS: [&str; 4] = ["no_final_message", "unparseable", "truncated", "missing_field"];
 
 /// The snake_case name of a flag, whether it is serialised as `"truncated"`, `{"kind":"unparseable",…}` or
 /// `{"unparseable":{…}}`.
@@ -108,9 +103,7 @@ pub fn flag_name(flag: &Value) -> Option<String> {
     let raw = match flag {
         Value::String(name) => name.clone(),
         Value::Object(object) => {
-            let tagged = ["kind", "type", "flag"]
-                .iter()
-                .find_map(|tag| object.get(*tag).and_then(Value::as_str));
+            let tagged = ["kind", "type", "flag"].iter().find_map(|tag| object.get(*tag).and_then(Value::as_str));
             match tagged {
                 Some(name) => name.to_string(),
                 None if object.len() == 1 => object.keys().next()?.clone(),
@@ -151,10 +144,7 @@ impl PredictedVerdict {
 
     /// True when the model's answer could not be parsed into a verdict.
     pub fn is_parse_failure(&self) -> bool {
-        self.flags
-            .iter()
-            .filter_map(flag_name)
-            .any(|name| PARSE_FAILURE_FLAGS.contains(&name.as_str()))
+        self.flags.iter().filter_map(flag_name).any(|name| PARSE_FAILURE_FLAGS.contains(&name.as_str()))
     }
 }
 
@@ -186,9 +176,7 @@ fn string_or_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String
     match Value::deserialize(deserializer)? {
         Value::String(s) => Ok(s),
         Value::Number(n) => Ok(n.to_string()),
-        other => Err(serde::de::Error::custom(format!(
-            "id must be a string or number, got {other}"
-        ))),
+        other => Err(serde::de::Error::custom(format!("id must be a string or number, got {other}"))),
     }
 }
 
@@ -206,9 +194,7 @@ impl PredictionRecord {
     /// classification is needs_review: never a silent allow.
     pub fn predicted(&self, policy: Option<&str>) -> Predicted {
         if let Some(name) = policy {
-            return self
-                .verdict(Some(name))
-                .map_or(Predicted::NeedsReview, PredictedVerdict::predicted);
+            return self.verdict(Some(name)).map_or(Predicted::NeedsReview, PredictedVerdict::predicted);
         }
         if let Some(outcome) = self.outcome {
             return outcome.into();
@@ -216,11 +202,7 @@ impl PredictionRecord {
         if self.verdicts.is_empty() {
             return Predicted::NeedsReview;
         }
-        let each: Vec<Predicted> = self
-            .verdicts
-            .iter()
-            .map(PredictedVerdict::predicted)
-            .collect();
+        let each: Vec<Predicted> = self.verdicts.iter().map(PredictedVerdict::predicted).collect();
         if each.contains(&Predicted::NeedsReview) {
             Predicted::NeedsReview
         } else if each.contains(&Predicted::Violation) {
@@ -233,9 +215,7 @@ impl PredictionRecord {
     /// True when the answer for `policy` (any policy when `None`) could not be parsed.
     pub fn is_parse_failure(&self, policy: Option<&str>) -> bool {
         match policy {
-            Some(name) => self
-                .verdict(Some(name))
-                .is_some_and(PredictedVerdict::is_parse_failure),
+            Some(name) => self.verdict(Some(name)).is_some_and(PredictedVerdict::is_parse_failure),
             None => self.verdicts.iter().any(PredictedVerdict::is_parse_failure),
         }
     }
@@ -243,9 +223,7 @@ impl PredictionRecord {
     /// The rationale for `policy` (or the only/first verdict that has one).
     pub fn rationale(&self, policy: Option<&str>) -> Option<&str> {
         match policy {
-            Some(name) => self
-                .verdict(Some(name))
-                .and_then(|v| v.rationale.as_deref()),
+            Some(name) => self.verdict(Some(name)).and_then(|v| v.rationale.as_deref()),
             None => self.verdicts.iter().find_map(|v| v.rationale.as_deref()),
         }
         .or(self.error.as_deref())
@@ -254,10 +232,7 @@ impl PredictionRecord {
     /// End-to-end latency in milliseconds: `total_ms` (or `latency_ms`/`wall_ms`) if recorded, else prefill + decode.
     pub fn latency_ms(&self) -> Option<f64> {
         let number = |name: &str| self.timings.get(name).and_then(Value::as_f64);
-        if let Some(total) = ["total_ms", "latency_ms", "wall_ms"]
-            .iter()
-            .find_map(|name| number(name))
-        {
+        if let Some(total) = ["total_ms", "latency_ms", "wall_ms"].iter().find_map(|name| number(name)) {
             return Some(total);
         }
         match (number("prefill_ms"), number("decode_ms")) {
@@ -267,27 +242,60 @@ impl PredictionRecord {
     }
 }
 
+/// A JSON object that keeps the first value of a repeated top-level key.
+///
+/// classify flattens a decision into a record that already holds the caller's `id`, so a line can carry
+/// `"id"` twice: the item id first, then the decision's UUID. The item id is what joins with the dataset; the
+/// later value is kept as `decision_id`.
+struct FirstKeyWins(Map<String, Value>);
+
+impl<'de> Deserialize<'de> for FirstKeyWins {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = FirstKeyWins;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut access: A) -> Result<FirstKeyWins, A::Error> {
+                let mut object = Map::new();
+                while let Some(key) = access.next_key::<String>()? {
+                    let value: Value = access.next_value()?;
+                    if !object.contains_key(&key) {
+                        object.insert(key, value);
+                    } else if key == "id" {
+                        object.entry("decision_id").or_insert(value);
+                    }
+                }
+                Ok(FirstKeyWins(object))
+            }
+        }
+        deserializer.deserialize_map(Visitor)
+    }
+}
+
+/// Parses one line of classify output.
+pub fn parse_prediction_line(line: &str) -> Result<PredictionRecord, serde_json::Error> {
+    let FirstKeyWins(object) = serde_json::from_str(line)?;
+    serde_json::from_value(Value::Object(object))
+}
+
 /// Reads a predictions JSONL file. A malformed line is an error naming its line number.
 pub fn read_predictions(path: &Path) -> Result<Vec<PredictionRecord>, EvalError> {
-    let file = File::open(path).map_err(|source| EvalError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let file = File::open(path).map_err(|source| EvalError::Io { path: path.to_path_buf(), source })?;
     let mut records = Vec::new();
     for (index, line) in BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|source| EvalError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let line = line.map_err(|source| EvalError::Io { path: path.to_path_buf(), source })?;
         if line.trim().is_empty() {
             continue;
         }
-        let record: PredictionRecord =
-            serde_json::from_str(&line).map_err(|err| EvalError::Data {
-                path: path.to_path_buf(),
-                line: index + 1,
-                message: format!("not a prediction record: {err}"),
-            })?;
+        let record: PredictionRecord = serde_json::from_str(&line).map_err(|err| EvalError::Data {
+            path: path.to_path_buf(),
+            line: index + 1,
+            message: format!("not a prediction record: {err}"),
+        })?;
         records.push(record);
     }
     Ok(records)
@@ -320,6 +328,17 @@ mod tests {
     }
 
     #[test]
+    fn a_repeated_id_keeps_the_item_id_first() {
+        let line = r#"{"id":"item-1","line":1,"id":"0193a5c0-uuid","outcome":"allow","verdicts":[]}"#;
+        let r = parse_prediction_line(line).unwrap();
+        assert_eq!(r.id, "item-1");
+        assert_eq!(r.extra["decision_id"], json!("0193a5c0-uuid"));
+        assert_eq!(r.predicted(None), Predicted::Allow);
+        assert!(parse_prediction_line(r#"{"outcome":"allow"}"#).unwrap_err().to_string().contains("id"));
+        assert!(parse_prediction_line("[1]").is_err());
+    }
+
+    #[test]
     fn missing_outcomes_fall_back_to_verdicts_and_never_to_allow() {
         let r = record(json!({"id": 7, "verdicts": [
             {"policy": "a", "violation": false}, {"policy": "b", "violation": null}]}));
@@ -334,27 +353,15 @@ mod tests {
     #[test]
     fn flags_are_read_in_any_serde_shape() {
         assert_eq!(flag_name(&json!("truncated")).as_deref(), Some("truncated"));
-        assert_eq!(
-            flag_name(&json!({"kind": "unparseable", "detail": "x"})).as_deref(),
-            Some("unparseable")
-        );
-        assert_eq!(
-            flag_name(&json!({"Unparseable": {"detail": "x"}})).as_deref(),
-            Some("unparseable")
-        );
-        assert_eq!(
-            flag_name(&json!("NoFinalMessage")).as_deref(),
-            Some("no_final_message")
-        );
+        assert_eq!(flag_name(&json!({"kind": "unparseable", "detail": "x"})).as_deref(), Some("unparseable"));
+        assert_eq!(flag_name(&json!({"Unparseable": {"detail": "x"}})).as_deref(), Some("unparseable"));
+        assert_eq!(flag_name(&json!("NoFinalMessage")).as_deref(), Some("no_final_message"));
         let v = PredictedVerdict {
             flags: vec![json!({"type": "hallucinated_rule", "rule_id": "X"})],
             ..Default::default()
         };
         assert!(!v.is_parse_failure());
-        let v = PredictedVerdict {
-            flags: vec![json!("no_final_message")],
-            ..Default::default()
-        };
+        let v = PredictedVerdict { flags: vec![json!("no_final_message")], ..Default::default() };
         assert!(v.is_parse_failure());
     }
 }

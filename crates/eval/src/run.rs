@@ -73,10 +73,7 @@ pub struct EvalCache {
 impl EvalCache {
     /// Opens (or creates) the cache and loads every complete entry.
     pub fn open(path: &Path, sync_every: usize) -> Result<EvalCache, EvalError> {
-        let read_error = |source| EvalError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
+        let read_error = |source| EvalError::Io { path: path.to_path_buf(), source };
         let mut entries = HashMap::new();
         let mut skipped_lines = 0;
         if path.exists() {
@@ -102,14 +99,8 @@ impl EvalCache {
             .read(true)
             .append(true)
             .open(path)
-            .map_err(|source| EvalError::Write {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        ensure_trailing_newline(&mut file).map_err(|source| EvalError::Write {
-            path: path.to_path_buf(),
-            source,
-        })?;
+            .map_err(|source| EvalError::Write { path: path.to_path_buf(), source })?;
+        ensure_trailing_newline(&mut file).map_err(|source| EvalError::Write { path: path.to_path_buf(), source })?;
         Ok(EvalCache {
             path: path.to_path_buf(),
             entries,
@@ -134,15 +125,10 @@ impl EvalCache {
 
     /// Appends one result; syncs to disk every `sync_every` results.
     pub fn put(&mut self, key: CacheKey, record: PredictionRecord) -> Result<(), EvalError> {
-        let write_error = |source| EvalError::Write {
-            path: self.path.clone(),
-            source,
-        };
+        let write_error = |source| EvalError::Write { path: self.path.clone(), source };
         let line = CacheLine { key, record };
-        let mut bytes = serde_json::to_vec(&line).map_err(|err| EvalError::Write {
-            path: self.path.clone(),
-            source: std::io::Error::other(err),
-        })?;
+        let mut bytes = serde_json::to_vec(&line)
+            .map_err(|err| EvalError::Write { path: self.path.clone(), source: std::io::Error::other(err) })?;
         bytes.push(b'\n');
         // One write per line: with O_APPEND a crash leaves whole lines or one cut-short tail, never interleaving.
         self.file.write_all(&bytes).map_err(write_error)?;
@@ -156,10 +142,7 @@ impl EvalCache {
 
     pub fn sync(&mut self) -> Result<(), EvalError> {
         if self.unsynced > 0 {
-            self.file.sync_data().map_err(|source| EvalError::Write {
-                path: self.path.clone(),
-                source,
-            })?;
+            self.file.sync_data().map_err(|source| EvalError::Write { path: self.path.clone(), source })?;
             self.unsynced = 0;
         }
         Ok(())
@@ -247,9 +230,7 @@ pub async fn run_eval(
     on_progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<RunOutput, EvalError> {
     if opts.efforts.is_empty() {
-        return Err(EvalError::Options(
-            "run_eval needs at least one effort".into(),
-        ));
+        return Err(EvalError::Options("run_eval needs at least one effort".into()));
     }
     let mut cache = match &opts.cache_path {
         Some(path) => Some(EvalCache::open(path, opts.sync_every)?),
@@ -263,15 +244,9 @@ pub async fn run_eval(
     };
 
     let total = items.len() * opts.efforts.len();
-    let mut slots: Vec<Vec<Option<PredictionRecord>>> =
-        vec![vec![None; items.len()]; opts.efforts.len()];
+    let mut slots: Vec<Vec<Option<PredictionRecord>>> = vec![vec![None; items.len()]; opts.efforts.len()];
     let mut pending = Vec::new();
-    let mut progress = Progress {
-        done: 0,
-        total,
-        from_cache: 0,
-        failed: 0,
-    };
+    let mut progress = Progress { done: 0, total, from_cache: 0, failed: 0 };
     for (effort_index, effort) in opts.efforts.iter().enumerate() {
         for (item_index, item) in items.iter().enumerate() {
             match cache.as_ref().and_then(|c| c.get(&key(item, effort))) {
@@ -286,10 +261,7 @@ pub async fn run_eval(
     }
     on_progress(progress);
 
-    let mut output = RunOutput {
-        from_cache: progress.from_cache,
-        ..RunOutput::default()
-    };
+    let mut output = RunOutput { from_cache: progress.from_cache, ..RunOutput::default() };
     let mut results = futures::stream::iter(pending)
         .map(|(effort_index, item_index)| {
             let item = &items[item_index];
@@ -297,12 +269,7 @@ pub async fn run_eval(
             async move {
                 let started = Instant::now();
                 let result = classifier.classify(item, effort).await;
-                (
-                    effort_index,
-                    item_index,
-                    result,
-                    started.elapsed().as_secs_f64() * 1000.0,
-                )
+                (effort_index, item_index, result, started.elapsed().as_secs_f64() * 1000.0)
             }
         })
         .buffer_unordered(opts.concurrency.max(1));
@@ -318,9 +285,7 @@ pub async fn run_eval(
                     record.model = Some(opts.model_id.clone());
                 }
                 if record.latency_ms().is_none() {
-                    record
-                        .timings
-                        .insert("total_ms".into(), Value::from(elapsed_ms));
+                    record.timings.insert("total_ms".into(), Value::from(elapsed_ms));
                 }
                 if let Some(cache) = cache.as_mut() {
                     cache.put(key(item, effort), record.clone())?;
@@ -330,9 +295,7 @@ pub async fn run_eval(
             }
             Err(error) => {
                 tracing::warn!(id = %item.id, %effort, %error, "classification failed; counting it as needs_review");
-                output
-                    .failed
-                    .push((item.id.clone(), effort.clone(), error.clone()));
+                output.failed.push((item.id.clone(), effort.clone(), error.clone()));
                 progress.failed += 1;
                 failed_record(item, effort, &opts.model_id, error, elapsed_ms)
             }
@@ -354,13 +317,7 @@ pub async fn run_eval(
     Ok(output)
 }
 
-fn failed_record(
-    item: &Item,
-    effort: &str,
-    model_id: &str,
-    error: String,
-    elapsed_ms: f64,
-) -> PredictionRecord {
+fn failed_record(item: &Item, effort: &str, model_id: &str, error: String, elapsed_ms: f64) -> PredictionRecord {
     let mut record = PredictionRecord {
         id: item.id.clone(),
         outcome: Some(Outcome::NeedsReview),
@@ -369,8 +326,6 @@ fn failed_record(
         error: Some(error),
         ..PredictionRecord::default()
     };
-    record
-        .timings
-        .insert("total_ms".into(), Value::from(elapsed_ms));
+    record.timings.insert("total_ms".into(), Value::from(elapsed_ms));
     record
 }

@@ -156,10 +156,7 @@ struct EffortAccumulator {
 
 /// All policy names that appear in any verdict.
 pub fn policy_names(predictions: &[PredictionRecord]) -> BTreeSet<String> {
-    predictions
-        .iter()
-        .flat_map(|r| r.verdicts.iter().map(|v| v.policy.clone()))
-        .collect()
+    predictions.iter().flat_map(|r| r.verdicts.iter().map(|v| v.policy.clone())).collect()
 }
 
 /// Joins `predictions` with `dataset` on id and scores them.
@@ -176,11 +173,7 @@ pub fn score_predictions(
     {
         return Err(EvalError::Options(format!(
             "no verdict for policy `{name}` in the predictions; policies present: {}",
-            if names.is_empty() {
-                "none".to_string()
-            } else {
-                names.iter().cloned().collect::<Vec<_>>().join(", ")
-            }
+            if names.is_empty() { "none".to_string() } else { names.iter().cloned().collect::<Vec<_>>().join(", ") }
         )));
     }
     let multi_policy_map = map_policies_to_categories(&names, dataset, opts)?;
@@ -197,14 +190,10 @@ pub fn score_predictions(
     let mut reported_unknown = HashSet::new();
     for record in predictions {
         if by_id.insert(record.id.as_str(), record).is_some() {
-            report
-                .duplicate_predictions
-                .push(&record.id, opts.max_listed_ids);
+            report.duplicate_predictions.push(&record.id, opts.max_listed_ids);
         }
         if dataset.get(&record.id).is_none() && reported_unknown.insert(record.id.as_str()) {
-            report
-                .unknown_predictions
-                .push(&record.id, opts.max_listed_ids);
+            report.unknown_predictions.push(&record.id, opts.max_listed_ids);
         }
     }
 
@@ -217,9 +206,7 @@ pub fn score_predictions(
 
     for item in &dataset.items {
         let Some(record) = by_id.get(item.id.as_str()).copied() else {
-            report
-                .missing_predictions
-                .push(&item.id, opts.max_listed_ids);
+            report.missing_predictions.push(&item.id, opts.max_listed_ids);
             continue;
         };
         report.joined += 1;
@@ -235,36 +222,23 @@ pub fn score_predictions(
         let predicted = record.predicted(policy);
         let flagged = predicted != Predicted::Allow;
 
-        let effort = efforts
-            .entry(
-                record
-                    .effort
-                    .clone()
-                    .unwrap_or_else(|| UNSPECIFIED_EFFORT.to_string()),
-            )
-            .or_default();
+        let effort =
+            efforts.entry(record.effort.clone().unwrap_or_else(|| UNSPECIFIED_EFFORT.to_string())).or_default();
         effort.items += 1;
         if let Some(latency) = record.latency_ms() {
             effort.latency.push(latency);
         }
         if let Some(usage) = &record.usage {
             effort.prompt_tokens.push(usage.prompt_tokens as f64);
-            effort
-                .cached_prompt_tokens
-                .push(usage.cached_prompt_tokens as f64);
-            effort
-                .completion_tokens
-                .push(usage.completion_tokens as f64);
+            effort.cached_prompt_tokens.push(usage.cached_prompt_tokens as f64);
+            effort.completion_tokens.push(usage.completion_tokens as f64);
         }
         if predicted == Predicted::NeedsReview {
             effort.needs_review += 1;
         }
 
         for (category, &known) in &item.categories {
-            per_category
-                .entry(category.clone())
-                .or_default()
-                .add(known, flagged);
+            per_category.entry(category.clone()).or_default().add(known, flagged);
         }
         multi.add(item, record, &multi_policy_map);
 
@@ -273,10 +247,7 @@ pub fn score_predictions(
             continue;
         };
         if let Some(group) = &item.group {
-            per_group
-                .entry(group.clone())
-                .or_default()
-                .add(actual, flagged);
+            per_group.entry(group.clone()).or_default().add(actual, flagged);
         }
         with_review.add(actual, flagged);
         effort.with_review.add(actual, flagged);
@@ -310,18 +281,10 @@ pub fn score_predictions(
     let scored = with_review.total();
     report.metrics = with_review.metrics();
     report.excluding_needs_review = without_review.metrics();
-    report.needs_review.rate =
-        (scored > 0).then(|| report.needs_review.count as f64 / scored as f64);
-    report.parse_failure_rate =
-        (report.joined > 0).then(|| report.parse_failures as f64 / report.joined as f64);
-    report.per_category = per_category
-        .into_iter()
-        .map(|(k, c)| (k, c.metrics()))
-        .collect();
-    report.per_group = per_group
-        .into_iter()
-        .map(|(k, c)| (k, c.metrics()))
-        .collect();
+    report.needs_review.rate = (scored > 0).then(|| report.needs_review.count as f64 / scored as f64);
+    report.parse_failure_rate = (report.joined > 0).then(|| report.parse_failures as f64 / report.joined as f64);
+    report.per_category = per_category.into_iter().map(|(k, c)| (k, c.metrics())).collect();
+    report.per_group = per_group.into_iter().map(|(k, c)| (k, c.metrics())).collect();
     report.multi_policy = multi.finish(multi_policy_map);
     report.by_effort = efforts
         .into_iter()
@@ -344,12 +307,7 @@ pub fn score_predictions(
     Ok(report)
 }
 
-fn example(
-    item: &Item,
-    record: &PredictionRecord,
-    predicted: Predicted,
-    policy: Option<&str>,
-) -> Example {
+fn example(item: &Item, record: &PredictionRecord, predicted: Predicted, policy: Option<&str>) -> Example {
     Example {
         id: item.id.clone(),
         text: excerpt(&item.text, 300),
@@ -405,10 +363,7 @@ impl MultiAccumulator {
             let predicted = record.predicted(Some(policy));
             match item.categories.get(category) {
                 Some(&actual) => {
-                    self.per_policy
-                        .entry(policy.clone())
-                        .or_default()
-                        .add(actual, predicted != Predicted::Allow);
+                    self.per_policy.entry(policy.clone()).or_default().add(actual, predicted != Predicted::Allow);
                     // needs_review is not a label, so it is never right here.
                     all_right &= predicted.as_label() == Some(actual);
                 }
@@ -433,11 +388,7 @@ impl MultiAccumulator {
             correct: self.correct,
             accuracy: (self.items > 0).then(|| self.correct as f64 / self.items as f64),
             excluded: self.excluded,
-            per_policy: self
-                .per_policy
-                .into_iter()
-                .map(|(k, c)| (k, c.metrics()))
-                .collect(),
+            per_policy: self.per_policy.into_iter().map(|(k, c)| (k, c.metrics())).collect(),
         })
     }
 }
