@@ -1,0 +1,541 @@
+//! Triage → reasoning at the first effort → reasoning at the escalation effort → a person.
+//!
+//! Each policy of an item walks the cascade on its own and stops at the first stage that is sure:
+//! - triage settles what it is confident about (never for high-risk policies' "benign");
+//! - the model reasons at `first_effort` about the rest (high-risk policies start at `escalation_effort`);
+//! - a verdict that needs review, whose engine confidence is low, or that disagrees with triage is asked
+//!   again at `escalation_effort`;
+//! - what is still unsure goes to human review. Appeals skip straight to the escalation effort and then a person.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use safeguard_core::{Classifier, ClassifyOptions, Decision, Timings, Usage};
+use safeguard_harmony::{Content, Effort, user_message_text};
+use safeguard_policy::Policy;
+use safeguard_triage::{Band, Triage, TriageResult};
+use safeguard_verdict::{Outcome, Verdict};
+use serde::{Deserialize, Serialize};
+use tracing::Instrument;
+use tracing::{debug, info_span};
+use uuid::Uuid;
+
+use crate::budget::ReasoningBudget;
+
+/// Where in the cascade a policy's outcome was settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Triage,
+    ReasoningLow,
+    ReasoningMedium,
+    ReasoningHigh,
+    HumanReview,
+}
+
+impl Stage {
+    pub fn reasoning(effort: Effort) -> Stage {
+        match effort {
+            Effort::Low => Stage::ReasoningLow,
+            Effort::Medium => Stage::ReasoningMedium,
+            Effort::High => Stage::ReasoningHigh,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Triage => "triage",
+            Stage::ReasoningLow => "reasoning_low",
+            Stage::ReasoningMedium => "reasoning_medium",
+            Stage::ReasoningHigh => "reasoning_high",
+            Stage::HumanReview => "human_review",
+        }
+    }
+}
+
+/// What triage may do with a confident violation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnTriageViolation {
+    /// Act on it: the outcome is a violation without the model.
+    #[default]
+    Act,
+    /// Ask the model to confirm it first.
+    Confirm,
+    /// Hand it to a person.
+    Review,
+}
+
+#[derive(Debug, Clone)]
+pub struct RoutingConfig {
+    pub first_effort: Effort,
+    pub escalation_effort: Effort,
+    /// Below this engine probability for the answer, the verdict is asked again at the escalation effort.
+    pub min_engine_confidence: f32,
+    /// Re-ask when the triage classifier leans the other way from the model.
+    pub escalate_on_triage_disagreement: bool,
+    pub on_triage_violation: OnTriageViolation,
+    /// Completion budget per prompt; `None` leaves it to the reasoner's per-effort budget.
+    pub max_tokens: Option<usize>,
+    /// The most one reasoning stage may take; past it the stage counts as failed (and escalates).
+    pub stage_timeout: Option<Duration>,
+    /// How long to wait for reasoning budget before giving the item back as [`Deferred`].
+    pub max_budget_wait: Duration,
+    pub date: Option<String>,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            first_effort: Effort::Low,
+            escalation_effort: Effort::High,
+            min_engine_confidence: 0.5,
+            escalate_on_triage_disagreement: true,
+            on_triage_violation: OnTriageViolation::Act,
+            max_tokens: None,
+            stage_timeout: None,
+            max_budget_wait: Duration::ZERO,
+            date: None,
+        }
+    }
+}
+
+/// Per-request context that changes the route.
+#[derive(Debug, Clone, Default)]
+pub struct RouteContext {
+    /// An appeal of an earlier decision: escalation effort, then a person, whatever the model says.
+    pub appeal: bool,
+    /// Keep the chain of thought in the reasoning decisions.
+    pub include_reasoning: bool,
+}
+
+/// Why a policy went on to the next stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Escalation {
+    TriageUncertain,
+    NoTriage,
+    HighRisk,
+    Appeal,
+    TriageViolationToConfirm,
+    TriageViolationToReview,
+    NeedsReview { flags: Vec<String> },
+    LowEngineConfidence { probability: f32 },
+    TriageDisagrees { triage_probability: f32 },
+    StageFailed { detail: String },
+}
+
+/// One policy's walk through the cascade.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyRoute {
+    pub policy: String,
+    pub policy_hash: String,
+    pub outcome: Outcome,
+    pub decided_by: Stage,
+    pub triage: Option<TriageResult>,
+    /// The last model verdict, if the model was asked.
+    pub verdict: Option<Verdict>,
+    pub engine_confidence: Option<f32>,
+    /// Why it left each stage it passed through, in order.
+    pub escalations: Vec<Escalation>,
+}
+
+/// One stage run for an item: which policies it held and what it cost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub stage: Stage,
+    pub policies: Vec<String>,
+    pub elapsed_ms: f64,
+    /// The reasoning decision's id, for reasoning stages.
+    pub decision_id: Option<Uuid>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CascadeDecision {
+    pub id: Uuid,
+    pub outcome: Outcome,
+    /// The furthest stage any policy needed.
+    pub decided_by: Stage,
+    pub policies: Vec<PolicyRoute>,
+    pub stages: Vec<StageRecord>,
+    /// The model's decisions, in stage order (first effort, then escalation).
+    pub reasoning: Vec<Decision>,
+    pub usage: Usage,
+    pub total_ms: f64,
+}
+
+/// The reasoning budget is spent: hold the item (pending) and try again after `retry_after`.
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+#[error("the reasoning budget is spent; retry in {retry_after:?}")]
+pub struct Deferred {
+    pub retry_after: Duration,
+}
+
+/// The cascade over a classifier, with optional triage per policy (keyed by policy hash).
+#[derive(Clone)]
+pub struct Pipeline {
+    classifier: Classifier,
+    triage: HashMap<String, Arc<Triage>>,
+    config: RoutingConfig,
+    budget: Option<Arc<ReasoningBudget>>,
+}
+
+impl Pipeline {
+    pub fn new(classifier: Classifier, config: RoutingConfig) -> Self {
+        Self { classifier, triage: HashMap::new(), config, budget: None }
+    }
+
+    /// Triage for the policy version with this hash (`sha256:…`). A triage trained for another version of
+    /// the policy does not apply: the policy's meaning may have changed.
+    pub fn with_triage(mut self, policy_hash: impl Into<String>, triage: Arc<Triage>) -> Self {
+        self.triage.insert(policy_hash.into(), triage);
+        self
+    }
+
+    pub fn with_budget(mut self, budget: Arc<ReasoningBudget>) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    pub fn config(&self) -> &RoutingConfig {
+        &self.config
+    }
+
+    pub fn classifier(&self) -> &Classifier {
+        &self.classifier
+    }
+
+    /// Routes one item through the cascade. Never allows on a failure: a failed or timed-out stage escalates,
+    /// and the end of the line is a person.
+    pub async fn decide(
+        &self,
+        policies: &[Policy],
+        content: &Content,
+        ctx: &RouteContext,
+    ) -> Result<CascadeDecision, Deferred> {
+        let span = info_span!("cascade", policies = policies.len(), appeal = ctx.appeal);
+        self.decide_inner(policies, content, ctx).instrument(span).await
+    }
+
+    async fn decide_inner(
+        &self,
+        policies: &[Policy],
+        content: &Content,
+        ctx: &RouteContext,
+    ) -> Result<CascadeDecision, Deferred> {
+        let started = Instant::now();
+        let text = user_message_text(content);
+        let mut routes: Vec<PolicyRoute> = policies.iter().map(|p| self.triage_route(p, &text, ctx)).collect();
+        let mut stages = Vec::new();
+        if routes.iter().any(|r| r.triage.is_some()) {
+            stages.push(StageRecord {
+                stage: Stage::Triage,
+                policies: routes.iter().filter(|r| r.triage.is_some()).map(|r| r.policy.clone()).collect(),
+                elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
+                decision_id: None,
+            });
+        }
+
+        // Which policies go to the model first, and at what effort.
+        let first: Vec<usize> = (0..routes.len())
+            .filter(|&i| routes[i].decided_by != Stage::Triage && routes[i].decided_by != Stage::HumanReview)
+            .collect();
+        self.take_budget(first.len()).await?;
+
+        let mut reasoning = Vec::new();
+        let (start_high, start_first): (Vec<usize>, Vec<usize>) =
+            first.into_iter().partition(|&i| policies[i].meta.high_risk || ctx.appeal);
+        let mut escalate = Vec::new();
+        for (effort, group) in [(self.config.first_effort, start_first), (self.config.escalation_effort, start_high)] {
+            if group.is_empty() {
+                continue;
+            }
+            let (decision, record) = self.reason(policies, &group, content, effort, ctx).await;
+            for (slot, &i) in group.iter().enumerate() {
+                let route = &mut routes[i];
+                apply_verdict(route, &decision, slot, Stage::reasoning(effort));
+                if effort != self.config.escalation_effort {
+                    if let Some(why) = self.escalation_reason(route) {
+                        route.escalations.push(why);
+                        escalate.push(i);
+                    }
+                }
+            }
+            stages.push(record);
+            reasoning.push(decision);
+        }
+
+        if !escalate.is_empty() {
+            self.take_budget(escalate.len()).await?;
+            let effort = self.config.escalation_effort;
+            let (decision, record) = self.reason(policies, &escalate, content, effort, ctx).await;
+            for (slot, &i) in escalate.iter().enumerate() {
+                apply_verdict(&mut routes[i], &decision, slot, Stage::reasoning(effort));
+            }
+            stages.push(record);
+            reasoning.push(decision);
+        }
+
+        // The end of the line: whatever the model could not settle, and every appeal, goes to a person.
+        for route in &mut routes {
+            if route.outcome == Outcome::NeedsReview || ctx.appeal {
+                if route.decided_by != Stage::HumanReview {
+                    if ctx.appeal {
+                        route.escalations.push(Escalation::Appeal);
+                    } else if let Some(verdict) = &route.verdict {
+                        route.escalations.push(Escalation::NeedsReview { flags: flag_names(verdict) });
+                    }
+                }
+                route.decided_by = Stage::HumanReview;
+                route.outcome = Outcome::NeedsReview;
+            }
+        }
+
+        let outcome = fold_outcomes(routes.iter().map(|r| r.outcome));
+        let decided_by =
+            routes.iter().map(|r| r.decided_by).max_by_key(|s| stage_rank(*s)).unwrap_or(Stage::HumanReview);
+        let mut usage = Usage::default();
+        for decision in &reasoning {
+            usage += decision.usage;
+        }
+        for route in &routes {
+            metrics::counter!("safeguard_pipeline_decisions_total",
+                "policy" => route.policy.clone(), "stage" => route.decided_by.as_str(), "outcome" => outcome_str(route.outcome))
+            .increment(1);
+            for why in &route.escalations {
+                metrics::counter!("safeguard_pipeline_escalations_total", "reason" => escalation_str(why)).increment(1);
+            }
+        }
+        Ok(CascadeDecision {
+            id: Uuid::now_v7(),
+            outcome,
+            decided_by,
+            policies: routes,
+            stages,
+            reasoning,
+            usage,
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    fn triage_route(&self, policy: &Policy, text: &str, ctx: &RouteContext) -> PolicyRoute {
+        let mut route = PolicyRoute {
+            policy: policy.meta.name.clone(),
+            policy_hash: policy.hash.to_string(),
+            outcome: Outcome::NeedsReview,
+            decided_by: Stage::reasoning(self.config.first_effort),
+            triage: None,
+            verdict: None,
+            engine_confidence: None,
+            escalations: Vec::new(),
+        };
+        if ctx.appeal {
+            route.escalations.push(Escalation::Appeal);
+            return route;
+        }
+        let Some(triage) = self.triage.get(&route.policy_hash) else {
+            route.escalations.push(if policy.meta.high_risk { Escalation::HighRisk } else { Escalation::NoTriage });
+            return route;
+        };
+        let result = triage.route(text);
+        match result.band {
+            // High-risk policies never take triage's word for "benign": a miss there costs too much.
+            Band::ConfidentBenign if !policy.meta.high_risk => {
+                route.outcome = Outcome::Allow;
+                route.decided_by = Stage::Triage;
+            }
+            Band::ConfidentViolation => match self.config.on_triage_violation {
+                OnTriageViolation::Act => {
+                    route.outcome = Outcome::Violation;
+                    route.decided_by = Stage::Triage;
+                }
+                OnTriageViolation::Confirm => route.escalations.push(Escalation::TriageViolationToConfirm),
+                OnTriageViolation::Review => {
+                    route.escalations.push(Escalation::TriageViolationToReview);
+                    route.decided_by = Stage::HumanReview;
+                }
+            },
+            Band::ConfidentBenign => route.escalations.push(Escalation::HighRisk),
+            Band::Uncertain => route.escalations.push(if policy.meta.high_risk {
+                Escalation::HighRisk
+            } else {
+                Escalation::TriageUncertain
+            }),
+        }
+        route.triage = Some(result);
+        route
+    }
+
+    /// Whether a first-effort verdict should be asked again at the escalation effort, and why.
+    fn escalation_reason(&self, route: &PolicyRoute) -> Option<Escalation> {
+        let verdict = route.verdict.as_ref()?;
+        if verdict.outcome == Outcome::NeedsReview {
+            return Some(Escalation::NeedsReview { flags: flag_names(verdict) });
+        }
+        if let Some(p) = route.engine_confidence.filter(|p| *p < self.config.min_engine_confidence) {
+            return Some(Escalation::LowEngineConfidence { probability: p });
+        }
+        if self.config.escalate_on_triage_disagreement {
+            let triage_p = route.triage.as_ref().and_then(|t| t.calibrated_probability);
+            if let (Some(p), Some(violation)) = (triage_p, verdict.violation) {
+                if (p >= 0.5) != violation {
+                    return Some(Escalation::TriageDisagrees { triage_probability: p });
+                }
+            }
+        }
+        None
+    }
+
+    async fn reason(
+        &self,
+        policies: &[Policy],
+        group: &[usize],
+        content: &Content,
+        effort: Effort,
+        ctx: &RouteContext,
+    ) -> (Decision, StageRecord) {
+        let selected: Vec<Policy> = group.iter().map(|&i| policies[i].clone()).collect();
+        let options = ClassifyOptions {
+            effort,
+            date: self.config.date.clone(),
+            max_tokens: self.config.max_tokens,
+            include_reasoning: ctx.include_reasoning,
+            ..ClassifyOptions::default()
+        };
+        let started = Instant::now();
+        let classify = self.classifier.classify(&selected, content, &options);
+        let decision = match self.config.stage_timeout {
+            None => classify.await,
+            Some(limit) => match tokio::time::timeout(limit, classify).await {
+                Ok(decision) => decision,
+                Err(_) => {
+                    debug!(?limit, "reasoning stage timed out");
+                    timed_out_decision(&selected, &options, self.classifier.reasoner().model_id(), limit)
+                }
+            },
+        };
+        let elapsed = started.elapsed();
+        metrics::histogram!("safeguard_pipeline_stage_seconds", "stage" => Stage::reasoning(effort).as_str())
+            .record(elapsed.as_secs_f64());
+        let record = StageRecord {
+            stage: Stage::reasoning(effort),
+            policies: selected.iter().map(|p| p.meta.name.clone()).collect(),
+            elapsed_ms: elapsed.as_secs_f64() * 1e3,
+            decision_id: Some(decision.id),
+        };
+        (decision, record)
+    }
+
+    async fn take_budget(&self, prompts: usize) -> Result<(), Deferred> {
+        let Some(budget) = &self.budget else { return Ok(()) };
+        if prompts == 0 {
+            return Ok(());
+        }
+        let deadline = Instant::now() + self.config.max_budget_wait;
+        loop {
+            match budget.try_take(prompts) {
+                Ok(()) => return Ok(()),
+                Err(wait) if Instant::now() + wait <= deadline => tokio::time::sleep(wait).await,
+                Err(wait) => {
+                    metrics::counter!("safeguard_pipeline_deferred_total").increment(1);
+                    return Err(Deferred { retry_after: wait });
+                }
+            }
+        }
+    }
+}
+
+/// A stage that ran out of time decided nothing: every verdict needs review, with the reason in its rationale.
+fn timed_out_decision(policies: &[Policy], options: &ClassifyOptions, model: String, limit: Duration) -> Decision {
+    let verdicts: Vec<Verdict> = policies
+        .iter()
+        .map(|policy| {
+            let mut verdict = safeguard_verdict::judge(policy, None, None, false);
+            verdict.outcome = Outcome::NeedsReview;
+            verdict.rationale = Some(format!("the reasoning stage timed out after {limit:?}"));
+            verdict
+        })
+        .collect();
+    Decision {
+        id: Uuid::now_v7(),
+        outcome: Outcome::NeedsReview,
+        engine_confidence: vec![None; verdicts.len()],
+        verdicts,
+        usage: Usage::default(),
+        timings: Timings { total_ms: limit.as_secs_f64() * 1e3, ..Timings::default() },
+        reasoning: Vec::new(),
+        model,
+        effort: options.effort,
+        mode: options.mode,
+        prompts: Vec::new(),
+    }
+}
+
+fn apply_verdict(route: &mut PolicyRoute, decision: &Decision, slot: usize, stage: Stage) {
+    let verdict = decision.verdicts.get(slot).cloned();
+    route.outcome = verdict.as_ref().map_or(Outcome::NeedsReview, |v| v.outcome);
+    route.engine_confidence = decision.engine_confidence.get(slot).copied().flatten();
+    route.verdict = verdict;
+    route.decided_by = stage;
+}
+
+fn flag_names(verdict: &Verdict) -> Vec<String> {
+    verdict
+        .flags
+        .iter()
+        .filter_map(|f| serde_json::to_value(f).ok()?.get("kind")?.as_str().map(str::to_string))
+        .collect()
+}
+
+/// Same rule as a single decision's outcome: anything undecided holds the item; otherwise a violation wins.
+fn fold_outcomes(outcomes: impl Iterator<Item = Outcome>) -> Outcome {
+    let mut any = false;
+    let mut violation = false;
+    for outcome in outcomes {
+        any = true;
+        match outcome {
+            Outcome::NeedsReview => return Outcome::NeedsReview,
+            Outcome::Violation => violation = true,
+            Outcome::Allow => {}
+        }
+    }
+    match (any, violation) {
+        (false, _) => Outcome::NeedsReview,
+        (true, true) => Outcome::Violation,
+        (true, false) => Outcome::Allow,
+    }
+}
+
+fn stage_rank(stage: Stage) -> u8 {
+    match stage {
+        Stage::Triage => 0,
+        Stage::ReasoningLow => 1,
+        Stage::ReasoningMedium => 2,
+        Stage::ReasoningHigh => 3,
+        Stage::HumanReview => 4,
+    }
+}
+
+fn outcome_str(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Allow => "allow",
+        Outcome::Violation => "violation",
+        Outcome::NeedsReview => "needs_review",
+    }
+}
+
+fn escalation_str(why: &Escalation) -> &'static str {
+    match why {
+        Escalation::TriageUncertain => "triage_uncertain",
+        Escalation::NoTriage => "no_triage",
+        Escalation::HighRisk => "high_risk",
+        Escalation::Appeal => "appeal",
+        Escalation::TriageViolationToConfirm => "triage_violation_confirm",
+        Escalation::TriageViolationToReview => "triage_violation_review",
+        Escalation::NeedsReview { .. } => "needs_review",
+        Escalation::LowEngineConfidence { .. } => "low_engine_confidence",
+        Escalation::TriageDisagrees { .. } => "triage_disagrees",
+        Escalation::StageFailed { .. } => "stage_failed",
+    }
+}

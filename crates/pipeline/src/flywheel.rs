@@ -1,0 +1,264 @@
+//! Decisions and human corrections become labelled data: training sets for triage, golden tests, evaluations.
+//!
+//! Every example carries its provenance (policy hash, model, effort, stage, reviewer), so a dataset can be
+//! filtered to one policy version and a correction can outweigh the model it corrected.
+
+use std::io::{self, Write};
+
+use safeguard_verdict::Outcome;
+use serde::{Deserialize, Serialize};
+
+use crate::cascade::{CascadeDecision, PolicyRoute, Stage};
+
+/// Where a label came from. Human labels are ground truth; model labels are as good as the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LabelSource {
+    Triage,
+    Model,
+    Human,
+}
+
+/// One line of an exported dataset. `text` + `violates` + `weight` is what `safeguard triage train` reads
+/// (`--weight-field weight`); the rest is provenance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabeledExample {
+    pub id: String,
+    pub text: String,
+    /// 1 = violates the policy, 0 = does not.
+    pub violates: u8,
+    pub weight: f32,
+    pub policy: String,
+    pub policy_hash: String,
+    pub source: LabelSource,
+    pub stage: Stage,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effort: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reviewer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule_id: Option<String>,
+}
+
+/// A person's decision on one policy of an item: an approval of the model's verdict or an override.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Correction {
+    pub item_id: String,
+    pub text: String,
+    pub policy: String,
+    pub policy_hash: String,
+    pub violates: bool,
+    pub reviewer: String,
+    pub rule_id: Option<String>,
+}
+
+/// How much one example counts in training, by where its label came from.
+#[derive(Debug, Clone, Copy)]
+pub struct Weights {
+    pub model: f32,
+    pub human: f32,
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        // A correction is rare and deliberate; it should move the classifier more than one more model label.
+        Self { model: 1.0, human: 5.0 }
+    }
+}
+
+/// The model's settled verdicts of one cascade decision, as examples. Triage-settled policies are left out:
+/// training triage on its own output teaches it nothing. Undecided policies have no label to give.
+pub fn examples_from_decision(
+    item_id: &str,
+    text: &str,
+    decision: &CascadeDecision,
+    weights: Weights,
+) -> Vec<LabeledExample> {
+    decision
+        .policies
+        .iter()
+        .filter(|route| route.decided_by != Stage::Triage)
+        .filter_map(|route| {
+            let violates = match route.outcome {
+                Outcome::Violation => 1,
+                Outcome::Allow => 0,
+                Outcome::NeedsReview => return None,
+            };
+            let reasoning =
+                decision.reasoning.iter().rev().find(|d| d.verdicts.iter().any(|v| v.policy_hash == route.policy_hash));
+            Some(LabeledExample {
+                id: item_id.to_string(),
+                text: text.to_string(),
+                violates,
+                weight: weights.model,
+                policy: route.policy.clone(),
+                policy_hash: route.policy_hash.clone(),
+                source: LabelSource::Model,
+                stage: route.decided_by,
+                model: reasoning.map(|d| d.model.clone()),
+                effort: reasoning.map(|d| d.effort.to_string()),
+                reviewer: None,
+                rule_id: route.verdict.as_ref().and_then(|v| v.rule_ids.first().cloned()),
+            })
+        })
+        .collect()
+}
+
+pub fn example_from_correction(correction: &Correction, weights: Weights) -> LabeledExample {
+    LabeledExample {
+        id: correction.item_id.clone(),
+        text: correction.text.clone(),
+        violates: u8::from(correction.violates),
+        weight: weights.human,
+        policy: correction.policy.clone(),
+        policy_hash: correction.policy_hash.clone(),
+        source: LabelSource::Human,
+        stage: Stage::HumanReview,
+        model: None,
+        effort: None,
+        reviewer: Some(correction.reviewer.clone()),
+        rule_id: correction.rule_id.clone(),
+    }
+}
+
+/// Merges model labels and corrections: where a person labelled the same item and policy, their label
+/// replaces the model's.
+pub fn merge(model: Vec<LabeledExample>, corrections: Vec<LabeledExample>) -> Vec<LabeledExample> {
+    let corrected: std::collections::HashSet<(String, String)> =
+        corrections.iter().map(|c| (c.id.clone(), c.policy_hash.clone())).collect();
+    model
+        .into_iter()
+        .filter(|m| !corrected.contains(&(m.id.clone(), m.policy_hash.clone())))
+        .chain(corrections)
+        .collect()
+}
+
+pub fn write_jsonl<W: Write>(examples: &[LabeledExample], mut out: W) -> io::Result<()> {
+    for example in examples {
+        serde_json::to_writer(&mut out, example)?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()
+}
+
+/// Why a decided item is worth a person's look even though nobody had to review it (active learning).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SampleReason {
+    /// Triage's classifier leaned one way and the model decided the other.
+    TriageModelDisagree { triage_probability: f32 },
+    /// Triage's probability sat close to its decision boundary.
+    SmallTriageMargin { triage_probability: f32 },
+    /// The engine gave the model's answer a low probability.
+    LowEngineConfidence { probability: f32 },
+}
+
+/// Picks the policies of a decision that would teach the most if a person labelled them. `margin` is the
+/// distance from 0.5 under which a triage probability counts as undecided; `min_confidence` the engine
+/// probability under which a model answer counts as shaky.
+pub fn sample_for_review(route: &PolicyRoute, margin: f32, min_confidence: f32) -> Option<SampleReason> {
+    if route.decided_by == Stage::HumanReview {
+        return None;
+    }
+    let triage_p = route.triage.as_ref().and_then(|t| t.calibrated_probability);
+    let model_violation = match route.outcome {
+        Outcome::Violation => Some(true),
+        Outcome::Allow => Some(false),
+        Outcome::NeedsReview => None,
+    };
+    if let (Some(p), Some(violation), true) = (triage_p, model_violation, route.decided_by != Stage::Triage) {
+        if (p >= 0.5) != violation {
+            return Some(SampleReason::TriageModelDisagree { triage_probability: p });
+        }
+    }
+    if let Some(p) = triage_p.filter(|p| (p - 0.5).abs() < margin) {
+        return Some(SampleReason::SmallTriageMargin { triage_probability: p });
+    }
+    route
+        .engine_confidence
+        .filter(|p| *p < min_confidence)
+        .map(|probability| SampleReason::LowEngineConfidence { probability })
+}
+
+#[cfg(test)]
+mod tests {
+    use safeguard_triage::{Band, TriageResult};
+
+    use super::*;
+
+    fn route(outcome: Outcome, stage: Stage, triage_p: Option<f32>, engine: Option<f32>) -> PolicyRoute {
+        PolicyRoute {
+            policy: "spam".into(),
+            policy_hash: "sha256:aa".into(),
+            outcome,
+            decided_by: stage,
+            triage: triage_p.map(|p| TriageResult {
+                score: Some(0.0),
+                calibrated_probability: Some(p),
+                band: Band::Uncertain,
+                rule_match: None,
+            }),
+            verdict: None,
+            engine_confidence: engine,
+            escalations: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn disagreement_beats_margin_and_confidence() {
+        let r = route(Outcome::Allow, Stage::ReasoningLow, Some(0.9), Some(0.1));
+        assert!(matches!(sample_for_review(&r, 0.1, 0.5), Some(SampleReason::TriageModelDisagree { .. })));
+        let r = route(Outcome::Violation, Stage::ReasoningLow, Some(0.55), None);
+        assert!(matches!(sample_for_review(&r, 0.1, 0.5), Some(SampleReason::SmallTriageMargin { .. })));
+        let r = route(Outcome::Violation, Stage::ReasoningHigh, Some(0.95), Some(0.3));
+        assert!(matches!(sample_for_review(&r, 0.1, 0.5), Some(SampleReason::LowEngineConfidence { .. })));
+        let r = route(Outcome::Violation, Stage::ReasoningHigh, Some(0.95), Some(0.9));
+        assert_eq!(sample_for_review(&r, 0.1, 0.5), None);
+        let r = route(Outcome::NeedsReview, Stage::HumanReview, Some(0.5), None);
+        assert_eq!(sample_for_review(&r, 0.1, 0.5), None, "already with a person");
+    }
+
+    #[test]
+    fn corrections_replace_model_labels_and_weigh_more() {
+        let weights = Weights::default();
+        let model = LabeledExample {
+            id: "a".into(),
+            text: "t".into(),
+            violates: 1,
+            weight: weights.model,
+            policy: "spam".into(),
+            policy_hash: "sha256:aa".into(),
+            source: LabelSource::Model,
+            stage: Stage::ReasoningLow,
+            model: Some("m".into()),
+            effort: Some("low".into()),
+            reviewer: None,
+            rule_id: None,
+        };
+        let other = LabeledExample { id: "b".into(), ..model.clone() };
+        let correction = example_from_correction(
+            &Correction {
+                item_id: "a".into(),
+                text: "t".into(),
+                policy: "spam".into(),
+                policy_hash: "sha256:aa".into(),
+                violates: false,
+                reviewer: "alice".into(),
+                rule_id: Some("SP0".into()),
+            },
+            weights,
+        );
+        let merged = merge(vec![model, other], vec![correction]);
+        assert_eq!(merged.len(), 2);
+        let a = merged.iter().find(|e| e.id == "a").unwrap();
+        assert_eq!((a.violates, a.source, a.weight), (0, LabelSource::Human, 5.0));
+        let mut buf = Vec::new();
+        write_jsonl(&merged, &mut buf).unwrap();
+        let lines: Vec<serde_json::Value> =
+            String::from_utf8(buf).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines.iter().all(|l| l["text"] == "t" && l.get("violates").is_some() && l.get("weight").is_some()));
+    }
+}

@@ -1,0 +1,16 @@
+//! The cascade: triage, then reasoning with effort chosen per item, then human review; budgets and the data flywheel.
+//!
+//! Reasoning on every item is slow and costly. [`Pipeline`] lets cheap triage settle the obvious, sends the
+//! ambiguous and the risky to the reasoning model at an effort chosen per item, asks again harder when the
+//! answer is shaky, and hands what remains to people. [`flywheel`] turns the decisions and the people's
+//! corrections back into training data for triage.
+
+pub mod budget;
+pub mod cascade;
+pub mod flywheel;
+
+pub use budget::ReasoningBudget;
+pub use cascade::{
+    CascadeDecision, Deferred, Escalation, OnTriageViolation, Pipeline, PolicyRoute, RouteContext, RoutingConfig,
+    Stage, StageRecord,
+};
