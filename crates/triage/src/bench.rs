@@ -91,7 +91,12 @@ pub struct BenchOptions {
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        BenchOptions { data_dir: PathBuf::from("../shared/data"), target_recall: 0.99, folds: 5, throughput_seconds: 2.0 }
+        BenchOptions {
+            data_dir: PathBuf::from("../shared/data"),
+            target_recall: 0.99,
+            folds: 5,
+            throughput_seconds: 2.0,
+        }
     }
 }
 
@@ -145,7 +150,11 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TriageError> {
     let dir = &options.data_dir;
     let need = |rel: &str| -> Result<PathBuf, TriageError> {
         let p = dir.join(rel);
-        if p.exists() { Ok(p) } else { Err(TriageError::Dataset(format!("{} not found (is --data-dir right?)", p.display()))) }
+        if p.exists() {
+            Ok(p)
+        } else {
+            Err(TriageError::Dataset(format!("{} not found (is --data-dir right?)", p.display())))
+        }
     };
     let fields = DatasetFields::default();
     let tc_train = load_dataset(&need(TOXICCHAT_TRAIN)?, &fields, 0)?;
@@ -220,12 +229,17 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TriageError> {
     let mut throughput_results = Vec::new();
     if let Some(model) = best_model {
         let rules = RuleSet::compile(&RulesConfig {
-            keywords: vec![KeywordList { name: "top-rate words".into(), action: RuleAction::Flag, keywords: keywords.top_keywords(200) }],
+            keywords: vec![KeywordList {
+                name: "top-rate words".into(),
+                action: RuleAction::Flag,
+                keywords: keywords.top_keywords(200),
+            }],
             ..RulesConfig::default()
         })?;
         let classifier_only = Triage::new(None, Some(model.clone()));
         let rules_and_classifier = Triage::new(Some(rules), Some(model));
-        for (texts_name, texts) in [("davidson tweets (short)", &short_texts), ("toxicchat test prompts", &test_texts)] {
+        for (texts_name, texts) in [("davidson tweets (short)", &short_texts), ("toxicchat test prompts", &test_texts)]
+        {
             let ips = throughput(texts, min_time, |t| classifier_only.route(t).calibrated_probability.unwrap_or(0.0));
             throughput_results.push(ThroughputResult {
                 what: "route: classifier".into(),
@@ -233,7 +247,8 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TriageError> {
                 mean_chars: mean_chars(texts),
                 items_per_second: ips,
             });
-            let ips = throughput(texts, min_time, |t| rules_and_classifier.route(t).calibrated_probability.unwrap_or(0.0));
+            let ips =
+                throughput(texts, min_time, |t| rules_and_classifier.route(t).calibrated_probability.unwrap_or(0.0));
             throughput_results.push(ThroughputResult {
                 what: "route: 200 keywords + classifier".into(),
                 texts: texts_name.into(),

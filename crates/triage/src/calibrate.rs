@@ -41,7 +41,7 @@ pub fn fit_platt(margins: &[f32], labels: &[bool]) -> Result<Calibration, Triage
         return Err(TriageError::Training("calibration needs both classes in the held-out scores".into()));
     }
     let (min, max) = margins.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &m| (lo.min(m), hi.max(m)));
-    if !(max > min) || !min.is_finite() || !max.is_finite() {
+    if max <= min || !min.is_finite() || !max.is_finite() {
         return Err(TriageError::Training(format!(
             "the classifier's held-out scores carry no signal (all in [{min}, {max}]); more or cleaner data is needed"
         )));
@@ -50,7 +50,7 @@ pub fn fit_platt(margins: &[f32], labels: &[bool]) -> Result<Calibration, Triage
     let lo = 1.0 / (negatives + 2.0);
     let targets: Vec<f64> = labels.iter().map(|&l| if l { hi } else { lo }).collect();
 
-    let (mut a, mut b) = (1.0f64, ((negatives + 1.0) / (positives + 1.0)).ln() * -1.0);
+    let (mut a, mut b) = (1.0f64, -((negatives + 1.0) / (positives + 1.0)).ln());
     let loss = |a: f64, b: f64| -> f64 {
         margins
             .iter()
@@ -125,7 +125,12 @@ pub fn allow_threshold(probabilities: &[f32], labels: &[bool], target_recall: f6
 
 /// The smallest threshold `t` at which the items with `p >= t` have precision >= `target_precision`
 /// with at least `min_support` of them, scanning from the top; `None` when no threshold qualifies.
-pub fn violate_threshold(probabilities: &[f32], labels: &[bool], target_precision: f64, min_support: usize) -> Option<f32> {
+pub fn violate_threshold(
+    probabilities: &[f32],
+    labels: &[bool],
+    target_precision: f64,
+    min_support: usize,
+) -> Option<f32> {
     let mut pairs: Vec<(f32, bool)> = probabilities.iter().copied().zip(labels.iter().copied()).collect();
     pairs.sort_by(|x, y| y.0.total_cmp(&x.0));
     let mut best = None;
@@ -188,7 +193,12 @@ pub struct BandMetrics {
     pub auc: Option<f64>,
 }
 
-pub fn band_metrics(probabilities: &[f32], labels: &[bool], allow_below: f32, violate_above: Option<f32>) -> BandMetrics {
+pub fn band_metrics(
+    probabilities: &[f32],
+    labels: &[bool],
+    allow_below: f32,
+    violate_above: Option<f32>,
+) -> BandMetrics {
     let (mut tp, mut fp, mut fn_, mut tn, mut cv_tp, mut cv_fp) = (0usize, 0usize, 0usize, 0usize, 0usize, 0usize);
     for (&p, &l) in probabilities.iter().zip(labels) {
         let benign = p < allow_below;

@@ -42,8 +42,8 @@ pub fn parse_label(value: &serde_json::Value) -> Option<bool> {
     match value {
         serde_json::Value::Bool(b) => Some(*b),
         serde_json::Value::Number(n) => match n.as_f64() {
-            Some(x) if x == 1.0 => Some(true),
-            Some(x) if x == 0.0 => Some(false),
+            Some(1.0) => Some(true),
+            Some(0.0) => Some(false),
             _ => None,
         },
         serde_json::Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
@@ -55,7 +55,13 @@ pub fn parse_label(value: &serde_json::Value) -> Option<bool> {
     }
 }
 
-fn pick_field(explicit: &Option<String>, candidates: &[&str], has: impl Fn(&str) -> bool, what: &str, path: &Path) -> Result<String, TriageError> {
+fn pick_field(
+    explicit: &Option<String>,
+    candidates: &[&str],
+    has: impl Fn(&str) -> bool,
+    what: &str,
+    path: &Path,
+) -> Result<String, TriageError> {
     match explicit {
         Some(name) if has(name) => Ok(name.clone()),
         Some(name) => Err(TriageError::Dataset(format!("{}: first row has no {what} field {name:?}", path.display()))),
@@ -75,15 +81,22 @@ pub fn load_dataset(path: &Path, fields: &DatasetFields, source: usize) -> Resul
     let _span = tracing::info_span!("load_dataset", path = %path.display()).entered();
     let bytes = std::fs::read(path).map_err(|e| TriageError::Io { path: PathBuf::from(path), source: e })?;
     let sha256 = hex::encode(Sha256::digest(&bytes));
-    let text = std::str::from_utf8(&bytes).map_err(|e| TriageError::Dataset(format!("{}: not UTF-8: {e}", path.display())))?;
+    let text =
+        std::str::from_utf8(&bytes).map_err(|e| TriageError::Dataset(format!("{}: not UTF-8: {e}", path.display())))?;
     let is_csv = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv"));
     let rows: Vec<(usize, serde_json::Map<String, serde_json::Value>)> = if is_csv {
         let mut reader = csv::ReaderBuilder::new().from_reader(text.as_bytes());
-        let headers = reader.headers().map_err(|e| TriageError::Dataset(format!("{}: CSV header: {e}", path.display())))?.clone();
+        let headers =
+            reader.headers().map_err(|e| TriageError::Dataset(format!("{}: CSV header: {e}", path.display())))?.clone();
         let mut rows = Vec::new();
         for (i, record) in reader.records().enumerate() {
-            let record = record.map_err(|e| TriageError::Dataset(format!("{}: CSV record {}: {e}", path.display(), i + 1)))?;
-            let map = headers.iter().zip(record.iter()).map(|(h, v)| (h.to_string(), serde_json::Value::String(v.to_string()))).collect();
+            let record =
+                record.map_err(|e| TriageError::Dataset(format!("{}: CSV record {}: {e}", path.display(), i + 1)))?;
+            let map = headers
+                .iter()
+                .zip(record.iter())
+                .map(|(h, v)| (h.to_string(), serde_json::Value::String(v.to_string())))
+                .collect();
             rows.push((i + 2, map));
         }
         rows
@@ -95,7 +108,9 @@ pub fn load_dataset(path: &Path, fields: &DatasetFields, source: usize) -> Resul
             }
             match serde_json::from_str::<serde_json::Value>(line) {
                 Ok(serde_json::Value::Object(map)) => rows.push((i + 1, map)),
-                Ok(_) => return Err(TriageError::Dataset(format!("{}:{}: expected a JSON object", path.display(), i + 1))),
+                Ok(_) => {
+                    return Err(TriageError::Dataset(format!("{}:{}: expected a JSON object", path.display(), i + 1)));
+                }
                 Err(e) => return Err(TriageError::Dataset(format!("{}:{}: {e}", path.display(), i + 1))),
             }
         }
@@ -115,9 +130,13 @@ pub fn load_dataset(path: &Path, fields: &DatasetFields, source: usize) -> Resul
         let at = || format!("{}:{line}", path.display());
         let text = match row.get(&text_field) {
             Some(serde_json::Value::String(s)) => s.clone(),
-            other => return Err(TriageError::Dataset(format!("{}: field {text_field:?} is not a string: {other:?}", at()))),
+            other => {
+                return Err(TriageError::Dataset(format!("{}: field {text_field:?} is not a string: {other:?}", at())));
+            }
         };
-        let label = row.get(&label_field).ok_or_else(|| TriageError::Dataset(format!("{}: missing label field {label_field:?}", at())))?;
+        let label = row
+            .get(&label_field)
+            .ok_or_else(|| TriageError::Dataset(format!("{}: missing label field {label_field:?}", at())))?;
         let violates = parse_label(label).ok_or_else(|| {
             TriageError::Dataset(format!("{}: label {label} is not 0/1/true/false/\"violation\"/\"allow\"", at()))
         })?;
@@ -188,13 +207,16 @@ mod tests {
     #[test]
     fn bad_rows_name_their_line() {
         let dir = tempfile::tempdir().unwrap();
-        let bad_label = write(dir.path(), "c.jsonl", "{\"text\":\"a\",\"violates\":0}\n{\"text\":\"b\",\"violates\":\"maybe\"}\n");
+        let bad_label =
+            write(dir.path(), "c.jsonl", "{\"text\":\"a\",\"violates\":0}\n{\"text\":\"b\",\"violates\":\"maybe\"}\n");
         let err = load_dataset(&bad_label, &DatasetFields::default(), 0).unwrap_err().to_string();
         assert!(err.contains("c.jsonl:2") && err.contains("maybe"), "{err}");
         let broken = write(dir.path(), "d.jsonl", "{\"text\":\"a\",\"violates\":0}\n{not json\n");
         assert!(load_dataset(&broken, &DatasetFields::default(), 0).unwrap_err().to_string().contains("d.jsonl:2"));
         let no_field = write(dir.path(), "e.jsonl", "{\"body\":\"a\",\"violates\":0}\n");
-        assert!(load_dataset(&no_field, &DatasetFields::default(), 0).unwrap_err().to_string().contains("no text field"));
+        assert!(
+            load_dataset(&no_field, &DatasetFields::default(), 0).unwrap_err().to_string().contains("no text field")
+        );
         assert!(load_dataset(&dir.path().join("missing.jsonl"), &DatasetFields::default(), 0).is_err());
     }
 }

@@ -274,9 +274,15 @@ mod tests {
 
     #[test]
     fn word_and_char_ngrams_of_same_bytes_hash_apart() {
-        let word = features(FeatureConfig { char_ngrams: None, word_bigrams: false, ..FeatureConfig::default() }, "abc");
+        let word =
+            features(FeatureConfig { char_ngrams: None, word_bigrams: false, ..FeatureConfig::default() }, "abc");
         let chars = features(
-            FeatureConfig { word_unigrams: false, word_bigrams: false, char_ngrams: Some((3, 3)), ..FeatureConfig::default() },
+            FeatureConfig {
+                word_unigrams: false,
+                word_bigrams: false,
+                char_ngrams: Some((3, 3)),
+                ..FeatureConfig::default()
+            },
             "abc",
         );
         assert_eq!(word.len(), 1);
@@ -300,8 +306,13 @@ mod tests {
         assert!(Featurizer::new(FeatureConfig { hash_bits: 30, ..FeatureConfig::default() }).is_err());
         assert!(Featurizer::new(FeatureConfig { char_ngrams: Some((4, 2)), ..FeatureConfig::default() }).is_err());
         assert!(
-            Featurizer::new(FeatureConfig { word_unigrams: false, word_bigrams: false, char_ngrams: None, ..FeatureConfig::default() })
-                .is_err()
+            Featurizer::new(FeatureConfig {
+                word_unigrams: false,
+                word_bigrams: false,
+                char_ngrams: None,
+                ..FeatureConfig::default()
+            })
+            .is_err()
         );
     }
 }

@@ -94,7 +94,12 @@ impl Triage {
         let flagged = rule_match.as_ref().is_some_and(|m| m.flagged());
         if decision == RuleDecision::Deny {
             // The classifier is not consulted: the rule decides, and skipping it keeps deny hits cheap.
-            return TriageResult { score: None, calibrated_probability: None, band: Band::ConfidentViolation, rule_match };
+            return TriageResult {
+                score: None,
+                calibrated_probability: None,
+                band: Band::ConfidentViolation,
+                rule_match,
+            };
         }
         let scored = self.model.as_ref().map(|m| {
             let margin = m.margin(text);

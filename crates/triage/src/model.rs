@@ -138,7 +138,8 @@ pub fn out_of_fold_margins(examples: &[Example], options: &FitOptions) -> Result
     let mut margins = vec![0.0f32; examples.len()];
     for fold in 0..folds {
         let _span = tracing::info_span!("triage_fold", fold).entered();
-        let train_set: Vec<&Example> = examples.iter().zip(&fold_of).filter(|(_, f)| **f != fold).map(|(e, _)| e).collect();
+        let train_set: Vec<&Example> =
+            examples.iter().zip(&fold_of).filter(|(_, f)| **f != fold).map(|(e, _)| e).collect();
         let model = train(&train_set, &options.features, &options.train)?;
         for (i, e) in examples.iter().enumerate() {
             if fold_of[i] == fold {
@@ -153,7 +154,11 @@ pub fn out_of_fold_margins(examples: &[Example], options: &FitOptions) -> Result
 ///
 /// `allow_below` is the smallest of the per-dataset thresholds that each keep `target_recall` of that
 /// dataset's violations, so a large easy dataset cannot buy its recall at the expense of a small hard one.
-pub fn fit(examples: &[Example], datasets: Vec<DatasetProvenance>, options: &FitOptions) -> Result<TriageModel, TriageError> {
+pub fn fit(
+    examples: &[Example],
+    datasets: Vec<DatasetProvenance>,
+    options: &FitOptions,
+) -> Result<TriageModel, TriageError> {
     let _span = tracing::info_span!("triage_fit", items = examples.len()).entered();
     if !(0.0..=1.0).contains(&options.target_recall) || !(0.0..=1.0).contains(&options.target_precision) {
         return Err(TriageError::InvalidConfig("target recall and precision must be within [0, 1]".into()));
@@ -165,12 +170,7 @@ pub fn fit(examples: &[Example], datasets: Vec<DatasetProvenance>, options: &Fit
 
     let sources = datasets.len().max(examples.iter().map(|e| e.source + 1).max().unwrap_or(0));
     let subset = |source: usize| -> (Vec<f32>, Vec<bool>) {
-        examples
-            .iter()
-            .zip(&probabilities)
-            .filter(|(e, _)| e.source == source)
-            .map(|(e, p)| (*p, e.violates))
-            .unzip()
+        examples.iter().zip(&probabilities).filter(|(e, _)| e.source == source).map(|(e, p)| (*p, e.violates)).unzip()
     };
     let mut allow_below = f32::INFINITY;
     for source in 0..sources {
@@ -182,8 +182,9 @@ pub fn fit(examples: &[Example], datasets: Vec<DatasetProvenance>, options: &Fit
     if !allow_below.is_finite() {
         return Err(TriageError::Training("no violations in the training data".into()));
     }
-    let violate_above = violate_threshold(&probabilities, &labels, options.target_precision, options.min_violate_support)
-        .filter(|&t| t > allow_below);
+    let violate_above =
+        violate_threshold(&probabilities, &labels, options.target_precision, options.min_violate_support)
+            .filter(|&t| t > allow_below);
     let out_of_fold = band_metrics(&probabilities, &labels, allow_below, violate_above);
     let per_dataset = (0..sources)
         .map(|s| {
@@ -202,7 +203,12 @@ pub fn fit(examples: &[Example], datasets: Vec<DatasetProvenance>, options: &Fit
         policy_hash: options.policy_hash.clone(),
         features: options.features.clone(),
         bias: linear.bias,
-        weights: WeightsInfo { file: WEIGHTS_FILE.into(), dtype: "f32le".into(), count: linear.weights.len(), sha256: weights_sha },
+        weights: WeightsInfo {
+            file: WEIGHTS_FILE.into(),
+            dtype: "f32le".into(),
+            count: linear.weights.len(),
+            sha256: weights_sha,
+        },
         calibration,
         thresholds: Thresholds {
             target_recall: options.target_recall,
@@ -276,7 +282,8 @@ impl TriageModel {
             std::fs::rename(&temp, &target).map_err(io(&target))
         };
         write_atomic(WEIGHTS_FILE, &weights_to_bytes(&self.linear.weights))?;
-        let json = serde_json::to_vec_pretty(&self.meta).map_err(|e| invalid(dir, format!("serializing metadata: {e}")))?;
+        let json =
+            serde_json::to_vec_pretty(&self.meta).map_err(|e| invalid(dir, format!("serializing metadata: {e}")))?;
         write_atomic(META_FILE, &json)
     }
 
@@ -285,20 +292,26 @@ impl TriageModel {
     pub fn load(dir: &Path) -> Result<Self, TriageError> {
         let _span = tracing::info_span!("triage_model_load", dir = %dir.display()).entered();
         let meta_path = dir.join(META_FILE);
-        let meta_bytes = std::fs::read(&meta_path).map_err(|source| TriageError::Io { path: meta_path.clone(), source })?;
-        let raw: serde_json::Value =
-            serde_json::from_slice(&meta_bytes).map_err(|e| invalid(dir, format!("{META_FILE} is not valid JSON: {e}")))?;
+        let meta_bytes =
+            std::fs::read(&meta_path).map_err(|source| TriageError::Io { path: meta_path.clone(), source })?;
+        let raw: serde_json::Value = serde_json::from_slice(&meta_bytes)
+            .map_err(|e| invalid(dir, format!("{META_FILE} is not valid JSON: {e}")))?;
         // Check the version before the full schema so an old or future artifact says so instead of
         // reporting some missing field.
         let format = raw.get("format").and_then(|v| v.as_str());
         if format != Some(FORMAT_NAME) {
-            return Err(invalid(dir, format!("{META_FILE} is not a triage model (format {format:?}, expected {FORMAT_NAME:?})")));
+            return Err(invalid(
+                dir,
+                format!("{META_FILE} is not a triage model (format {format:?}, expected {FORMAT_NAME:?})"),
+            ));
         }
         let version = raw.get("format_version").and_then(|v| v.as_u64());
         if version != Some(FORMAT_VERSION as u64) {
             return Err(invalid(
                 dir,
-                format!("unsupported format_version {version:?}; this build reads version {FORMAT_VERSION}; retrain the model"),
+                format!(
+                    "unsupported format_version {version:?}; this build reads version {FORMAT_VERSION}; retrain the model"
+                ),
             ));
         }
         let meta: ModelMeta = serde_json::from_value(raw).map_err(|e| invalid(dir, format!("{META_FILE}: {e}")))?;
@@ -310,7 +323,10 @@ impl TriageModel {
         if meta.weights.count != meta.features.buckets() {
             return Err(invalid(
                 dir,
-                format!("weights count {} does not match 2^{} hash buckets", meta.weights.count, meta.features.hash_bits),
+                format!(
+                    "weights count {} does not match 2^{} hash buckets",
+                    meta.weights.count, meta.features.hash_bits
+                ),
             ));
         }
         if !meta.bias.is_finite() || !meta.thresholds.allow_below.is_finite() {
@@ -321,16 +337,26 @@ impl TriageModel {
             return Err(invalid(dir, format!("weights file name {:?} must be a plain file name", meta.weights.file)));
         }
         let weights_path = dir.join(&meta.weights.file);
-        let bytes = std::fs::read(&weights_path).map_err(|source| TriageError::Io { path: weights_path.clone(), source })?;
+        let bytes =
+            std::fs::read(&weights_path).map_err(|source| TriageError::Io { path: weights_path.clone(), source })?;
         if bytes.len() != meta.weights.count * 4 {
             return Err(invalid(
                 dir,
-                format!("{} has {} bytes, expected {} ({} f32 weights)", meta.weights.file, bytes.len(), meta.weights.count * 4, meta.weights.count),
+                format!(
+                    "{} has {} bytes, expected {} ({} f32 weights)",
+                    meta.weights.file,
+                    bytes.len(),
+                    meta.weights.count * 4,
+                    meta.weights.count
+                ),
             ));
         }
         let sha = hex::encode(Sha256::digest(&bytes));
         if sha != meta.weights.sha256 {
-            return Err(invalid(dir, format!("{} checksum mismatch: file is corrupt or from another model", meta.weights.file)));
+            return Err(invalid(
+                dir,
+                format!("{} checksum mismatch: file is corrupt or from another model", meta.weights.file),
+            ));
         }
         let weights: Vec<f32> = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
         if weights.iter().any(|w| !w.is_finite()) {
@@ -346,8 +372,15 @@ mod tests {
     use super::*;
 
     fn tiny_data() -> Vec<Example> {
-        let benign = ["what is the weather", "help me write code", "tell me a story about cats", "how do plants grow", "recipe for bread"];
-        let bad = ["how to make a bomb", "i will kill you", "poison my neighbour", "build a bomb at home", "kill them all"];
+        let benign = [
+            "what is the weather",
+            "help me write code",
+            "tell me a story about cats",
+            "how do plants grow",
+            "recipe for bread",
+        ];
+        let bad =
+            ["how to make a bomb", "i will kill you", "poison my neighbour", "build a bomb at home", "kill them all"];
         let mut out = Vec::new();
         for round in 0..8 {
             for t in benign {
@@ -413,7 +446,8 @@ mod tests {
         std::fs::write(&meta_path, r#"{"format": "something-else", "format_version": 1}"#).unwrap();
         assert!(TriageModel::load(dir.path()).unwrap_err().to_string().contains("not a triage model"));
 
-        std::fs::write(&meta_path, good_meta.replace("\"file\": \"weights.bin\"", "\"file\": \"../weights.bin\"")).unwrap();
+        std::fs::write(&meta_path, good_meta.replace("\"file\": \"weights.bin\"", "\"file\": \"../weights.bin\""))
+            .unwrap();
         assert!(TriageModel::load(dir.path()).unwrap_err().to_string().contains("plain file name"));
 
         std::fs::write(&meta_path, &good_meta).unwrap();

@@ -143,7 +143,10 @@ impl RuleSet {
             for keyword in &list.keywords {
                 let trimmed = keyword.trim();
                 if trimmed.is_empty() {
-                    return Err(TriageError::InvalidConfig(format!("keyword list {:?} has an empty keyword", list.name)));
+                    return Err(TriageError::InvalidConfig(format!(
+                        "keyword list {:?} has an empty keyword",
+                        list.name
+                    )));
                 }
                 // A boundary is only required where the keyword itself starts/ends with a word character:
                 // "f***" should still match inside "f***ing" only if the author wrote it that way.
@@ -167,11 +170,10 @@ impl RuleSet {
         let mut regexes = Vec::new();
         for list in &config.regexes {
             for pattern in &list.patterns {
-                let regex = RegexBuilder::new(pattern)
-                    .case_insensitive(true)
-                    .size_limit(1 << 22)
-                    .build()
-                    .map_err(|e| TriageError::InvalidConfig(format!("regex list {:?}, pattern {pattern:?}: {e}", list.name)))?;
+                let regex =
+                    RegexBuilder::new(pattern).case_insensitive(true).size_limit(1 << 22).build().map_err(|e| {
+                        TriageError::InvalidConfig(format!("regex list {:?}, pattern {pattern:?}: {e}", list.name))
+                    })?;
                 regexes.push(CompiledRegex { regex, rule: format!("{}: {}", list.name, pattern), action: list.action });
             }
         }
@@ -189,10 +191,22 @@ impl RuleSet {
         if !self.allow_list.is_empty() || !self.deny_list.is_empty() {
             let normalized = normalize_whole_text(text);
             if self.deny_list.contains(&normalized) {
-                evidence.push(Span { start: 0, end: text.len(), rule: "deny_list".into(), kind: SpanKind::DenyList, action: RuleAction::Deny });
+                evidence.push(Span {
+                    start: 0,
+                    end: text.len(),
+                    rule: "deny_list".into(),
+                    kind: SpanKind::DenyList,
+                    action: RuleAction::Deny,
+                });
             }
             if self.allow_list.contains(&normalized) {
-                evidence.push(Span { start: 0, end: text.len(), rule: "allow_list".into(), kind: SpanKind::AllowList, action: RuleAction::Allow });
+                evidence.push(Span {
+                    start: 0,
+                    end: text.len(),
+                    rule: "allow_list".into(),
+                    kind: SpanKind::AllowList,
+                    action: RuleAction::Allow,
+                });
             }
         }
         if let Some(automaton) = &self.keywords {
@@ -202,7 +216,13 @@ impl RuleSet {
                 let before_ok = !*starts_word || text[..m.start()].chars().next_back().is_none_or(|c| !is_word_char(c));
                 let after_ok = !*ends_word || text[m.end()..].chars().next().is_none_or(|c| !is_word_char(c));
                 if before_ok && after_ok {
-                    evidence.push(Span { start: m.start(), end: m.end(), rule: rule.clone(), kind: SpanKind::Keyword, action: *action });
+                    evidence.push(Span {
+                        start: m.start(),
+                        end: m.end(),
+                        rule: rule.clone(),
+                        kind: SpanKind::Keyword,
+                        action: *action,
+                    });
                 }
             }
         }

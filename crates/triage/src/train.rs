@@ -39,9 +39,10 @@ pub struct TrainConfig {
     pub seed: u64,
 }
 
+/// The defaults were picked by out-of-fold AUC on ToxicChat train (see BENCHMARKS.md, "Triage").
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { epochs: 6, learning_rate: 0.3, l2: 1e-6, class_weight: ClassWeight::Balanced, seed: 0x5afe }
+        TrainConfig { epochs: 5, learning_rate: 0.05, l2: 1e-6, class_weight: ClassWeight::Balanced, seed: 0x5afe }
     }
 }
 
@@ -106,7 +107,11 @@ pub fn violation_weight(examples: &[&Example], class_weight: ClassWeight) -> f32
 }
 
 /// Trains on `examples`; fails on empty input, a single class, or non-finite weights.
-pub fn train(examples: &[&Example], features: &FeatureConfig, config: &TrainConfig) -> Result<LinearModel, TriageError> {
+pub fn train(
+    examples: &[&Example],
+    features: &FeatureConfig,
+    config: &TrainConfig,
+) -> Result<LinearModel, TriageError> {
     let _span = tracing::info_span!("triage_train", items = examples.len(), epochs = config.epochs).entered();
     let featurizer = Featurizer::new(features.clone())?;
     if examples.is_empty() {
@@ -122,7 +127,8 @@ pub fn train(examples: &[&Example], features: &FeatureConfig, config: &TrainConf
     if let Some(bad) = examples.iter().find(|e| !e.weight.is_finite() || e.weight < 0.0) {
         return Err(TriageError::Training(format!("item weight must be finite and >= 0, got {}", bad.weight)));
     }
-    if !(config.learning_rate > 0.0) || !(config.l2 >= 0.0) || config.epochs == 0 {
+    let valid_rate = config.learning_rate.is_finite() && config.learning_rate > 0.0;
+    if !valid_rate || !config.l2.is_finite() || config.l2 < 0.0 || config.epochs == 0 {
         return Err(TriageError::InvalidConfig("learning_rate must be > 0, l2 >= 0, epochs >= 1".into()));
     }
     let positive_weight = violation_weight(examples, config.class_weight);
@@ -174,13 +180,15 @@ mod tests {
 
     fn synthetic(n: usize, seed: u64) -> Vec<Example> {
         // Violations mention one of a few "bad" words among filler; benign items only filler.
-        let filler = ["the", "weather", "today", "please", "help", "me", "with", "my", "homework", "about", "cats", "code"];
+        let filler =
+            ["the", "weather", "today", "please", "help", "me", "with", "my", "homework", "about", "cats", "code"];
         let bad = ["kill", "bomb", "poison", "stab"];
         let mut rng = SplitMix::new(seed);
         (0..n)
             .map(|i| {
                 let violates = i % 3 == 0;
-                let mut words: Vec<&str> = (0..8).map(|_| filler[(rng.next_u64() % filler.len() as u64) as usize]).collect();
+                let mut words: Vec<&str> =
+                    (0..8).map(|_| filler[(rng.next_u64() % filler.len() as u64) as usize]).collect();
                 if violates {
                     let pos = (rng.next_u64() % 8) as usize;
                     words[pos] = bad[(rng.next_u64() % bad.len() as u64) as usize];

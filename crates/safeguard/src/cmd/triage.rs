@@ -1,8 +1,385 @@
+//! `safeguard triage train|eval` and the `bench triage` report: argument handling and output only;
+//! the work is in `safeguard-triage`.
+
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use safeguard_triage::bench::{BenchOptions, BenchReport};
+use safeguard_triage::calibrate::{allow_threshold, auc, band_metrics};
+use safeguard_triage::{
+    Band, DatasetFields, FeatureConfig, FitOptions, RuleSet, RulesConfig, TrainConfig, Triage, TriageModel, fit,
+    load_dataset,
+};
+use serde_json::json;
+
+use super::EXIT_FINDINGS;
 
 #[derive(clap::Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Train a triage classifier for a policy on labelled JSONL/CSV data and save it as an artifact directory.
+    Train(TrainArgs),
+    /// Evaluate a triage artifact on labelled data: recall of violations, skip rate, precision, AUC, speed.
+    Eval(EvalArgs),
+}
+
+#[derive(clap::Args)]
+pub struct FieldArgs {
+    /// Field holding the text (default: the first of text, user_input, prompt, content, tweet).
+    #[arg(long)]
+    pub text_field: Option<String>,
+    /// Field holding the label: 0/1, true/false, "violation"/"allow" (default: violates, label, toxicity).
+    #[arg(long)]
+    pub label_field: Option<String>,
+    /// Field holding a per-item weight, e.g. higher for human corrections (default: every item weighs 1).
+    #[arg(long)]
+    pub weight_field: Option<String>,
+}
+
+impl FieldArgs {
+    fn fields(&self) -> DatasetFields {
+        DatasetFields {
+            text: self.text_field.clone(),
+            label: self.label_field.clone(),
+            weight: self.weight_field.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Features {
+    /// Word unigrams and bigrams.
+    Words,
+    /// Word unigrams and bigrams plus character 3-5-grams.
+    WordsChars,
+}
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// Policy file the model is trained for: its hash is recorded, its front matter `triage.rules` compiled as a check.
+    #[arg(long)]
+    pub policy: PathBuf,
+    /// Labelled data (.jsonl or .csv); repeat for several. The recall target must hold on each one.
+    #[arg(long = "dataset", required = true)]
+    pub datasets: Vec<PathBuf>,
+    #[command(flatten)]
+    pub fields: FieldArgs,
+    /// Share of violations that must not be let through as confidently benign (on held-out folds).
+    #[arg(long, default_value_t = 0.99)]
+    pub target_recall: f64,
+    /// Precision required of the confident-violation band (on held-out folds).
+    #[arg(long, default_value_t = 0.95)]
+    pub target_precision: f64,
+    #[arg(long, value_enum, default_value_t = Features::WordsChars)]
+    pub features: Features,
+    /// log2 of the number of hash buckets.
+    #[arg(long, default_value_t = 20)]
+    pub hash_bits: u32,
+    #[arg(long, default_value_t = TrainConfig::default().epochs)]
+    pub epochs: usize,
+    /// Cross-fitting folds for calibration and thresholds.
+    #[arg(long, default_value_t = 5)]
+    pub folds: usize,
+    /// Output artifact directory (model.json + weights.bin).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    /// Artifact directory written by `triage train`.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub dataset: PathBuf,
+    #[command(flatten)]
+    pub fields: FieldArgs,
+    /// Also report the threshold this dataset itself would need for this recall (an upper bound), and exit
+    /// with status 2 if the model's own threshold misses it.
+    #[arg(long)]
+    pub target_recall: Option<f64>,
+    /// Apply the rules in this policy's front matter (`triage.rules`); the policy's hash must match the model's.
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    /// Apply the rules in this JSON file (a `RulesConfig`).
+    #[arg(long, conflicts_with = "policy")]
+    pub rules: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
 
 pub fn run(command: Command) -> anyhow::Result<ExitCode> {
-    match command {}
+    match command {
+        Command::Train(args) => train(args),
+        Command::Eval(args) => eval(args),
+    }
+}
+
+/// The `triage:` block of policy front matter.
+fn rules_from_policy(policy: &safeguard_policy::Policy) -> anyhow::Result<Option<RulesConfig>> {
+    let Some(section) = policy.meta.extra.get("triage") else { return Ok(None) };
+    let Some(rules) = section.get("rules") else { return Ok(None) };
+    let config: RulesConfig = serde_json::from_value(rules.clone())
+        .with_context(|| format!("policy {:?}: front matter triage.rules", policy.meta.name))?;
+    Ok(Some(config))
+}
+
+fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    let policy = safeguard_policy::Policy::load(&args.policy)
+        .with_context(|| format!("loading policy {}", args.policy.display()))?;
+    if let Some(rules) = rules_from_policy(&policy)? {
+        // Fail now rather than at serving time if the policy's rules do not compile.
+        RuleSet::compile(&rules)?;
+    }
+    let fields = args.fields.fields();
+    let mut examples = Vec::new();
+    let mut provenance = Vec::new();
+    for (source, path) in args.datasets.iter().enumerate() {
+        let dataset = load_dataset(path, &fields, source)?;
+        eprintln!(
+            "{}: {} items, {} violations (text {:?}, label {:?})",
+            path.display(),
+            dataset.provenance.items,
+            dataset.provenance.violations,
+            dataset.provenance.text_field,
+            dataset.provenance.label_field
+        );
+        examples.extend(dataset.examples);
+        provenance.push(dataset.provenance);
+    }
+    let base = match args.features {
+        Features::Words => FeatureConfig::words_only(),
+        Features::WordsChars => FeatureConfig::default(),
+    };
+    let options = FitOptions {
+        features: FeatureConfig { hash_bits: args.hash_bits, ..base },
+        train: TrainConfig { epochs: args.epochs, ..TrainConfig::default() },
+        folds: args.folds,
+        target_recall: args.target_recall,
+        target_precision: args.target_precision,
+        policy_name: Some(policy.meta.name.clone()),
+        policy_hash: policy.hash.to_string(),
+        ..FitOptions::default()
+    };
+    let started = Instant::now();
+    let model = fit(&examples, provenance, &options)?;
+    model.save(&args.out).with_context(|| format!("saving the model to {}", args.out.display()))?;
+    let meta = &model.meta;
+    let oof = &meta.metrics.out_of_fold;
+    println!(
+        "trained for policy {} ({}) in {:.1} s",
+        policy.meta.name,
+        policy.hash.short(),
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "thresholds      allow_below {:.4}  violate_above {}",
+        meta.thresholds.allow_below,
+        meta.thresholds.violate_above.map_or("none".to_string(), |v| format!("{v:.4}"))
+    );
+    println!(
+        "out-of-fold     recall {:.4}  skip_rate {:.4}  precision {:.4}  auc {}",
+        oof.recall,
+        oof.skip_rate,
+        oof.precision,
+        oof.auc.map_or("n/a".into(), |a| format!("{a:.4}"))
+    );
+    for (d, m) in meta.training.datasets.iter().zip(&meta.metrics.per_dataset) {
+        println!("  {:<40} recall {:.4}  skip_rate {:.4}", d.path, m.recall, m.skip_rate);
+    }
+    println!("saved           {}", args.out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn load_rules(args: &EvalArgs, model: &TriageModel) -> anyhow::Result<Option<RuleSet>> {
+    let config = if let Some(path) = &args.policy {
+        let policy =
+            safeguard_policy::Policy::load(path).with_context(|| format!("loading policy {}", path.display()))?;
+        if policy.hash.to_string() != model.meta.policy_hash {
+            bail!(
+                "policy {} has hash {} but the model was trained for {}; retrain the model for this policy version",
+                path.display(),
+                policy.hash,
+                model.meta.policy_hash
+            );
+        }
+        rules_from_policy(&policy)?
+    } else if let Some(path) = &args.rules {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Some(serde_json::from_str(&text).with_context(|| format!("{}: not a rules config", path.display()))?)
+    } else {
+        None
+    };
+    Ok(config.map(|c| RuleSet::compile(&c)).transpose()?)
+}
+
+fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    if let Some(t) = args.target_recall {
+        anyhow::ensure!((0.0..=1.0).contains(&t), "--target-recall must be within [0, 1]");
+    }
+    let model = TriageModel::load(&args.model)?;
+    let rules = load_rules(&args, &model)?;
+    let dataset = load_dataset(&args.dataset, &args.fields.fields(), 0)?;
+    let triage = Triage::new(rules, Some(model));
+    let model = triage.model().context("triage has no model")?;
+
+    let started = Instant::now();
+    let results: Vec<_> = dataset.examples.iter().map(|e| triage.route(&e.text)).collect();
+    let seconds = started.elapsed().as_secs_f64();
+    let items_per_second = if seconds > 0.0 { results.len() as f64 / seconds } else { f64::NAN };
+
+    let labels: Vec<bool> = dataset.examples.iter().map(|e| e.violates).collect();
+    // Deny-rule hits carry no probability; they sit at the top of the ranking.
+    let probabilities: Vec<f32> = results.iter().map(|r| r.calibrated_probability.unwrap_or(1.0)).collect();
+    let count = |band: Band, violates: Option<bool>| {
+        results.iter().zip(&labels).filter(|(r, l)| r.band == band && violates.is_none_or(|v| v == **l)).count()
+    };
+    let violations = labels.iter().filter(|&&l| l).count();
+    let benign = labels.len() - violations;
+    let missed = count(Band::ConfidentBenign, Some(true));
+    let skipped = count(Band::ConfidentBenign, Some(false));
+    let sent_on = labels.len() - count(Band::ConfidentBenign, None);
+    let ratio = |a: usize, b: usize| if b == 0 { None } else { Some(a as f64 / b as f64) };
+    let recall = ratio(violations - missed, violations);
+    let skip_rate = ratio(skipped, benign);
+    let precision = ratio(violations - missed, sent_on);
+    let cv_total = count(Band::ConfidentViolation, None);
+    let cv_precision = ratio(count(Band::ConfidentViolation, Some(true)), cv_total);
+    let area = auc(&probabilities, &labels);
+    let oracle = args.target_recall.and_then(|target| {
+        allow_threshold(&probabilities, &labels, target).map(|t| {
+            let m = band_metrics(&probabilities, &labels, t, None);
+            json!({"target_recall": target, "allow_below": t, "recall": m.recall, "skip_rate": m.skip_rate})
+        })
+    });
+    let thresholds = &model.meta.thresholds;
+    let report = json!({
+        "model": args.model.display().to_string(),
+        "policy_hash": model.meta.policy_hash,
+        "dataset": args.dataset.display().to_string(),
+        "items": labels.len(),
+        "violations": violations,
+        "allow_below": thresholds.allow_below,
+        "violate_above": thresholds.violate_above,
+        "recall": recall,
+        "skip_rate": skip_rate,
+        "precision": precision,
+        "auc": area,
+        "items_per_second": items_per_second,
+        "bands": {
+            "confident_benign": count(Band::ConfidentBenign, None),
+            "uncertain": count(Band::Uncertain, None),
+            "confident_violation": cv_total,
+        },
+        "confident_violation_precision": cv_precision,
+        "oracle": oracle,
+    });
+    if args.format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let show = |x: Option<f64>| x.map_or("n/a".to_string(), |v| format!("{v:.4}"));
+        println!("{} items, {violations} violations ({})", labels.len(), args.dataset.display());
+        println!(
+            "thresholds      allow_below {:.4}  violate_above {}",
+            thresholds.allow_below,
+            thresholds.violate_above.map_or("none".to_string(), |v| format!("{v:.4}"))
+        );
+        println!("recall          {}  (violations not let through)", show(recall));
+        println!("skip_rate       {}  (benign items that skip the model)", show(skip_rate));
+        println!("precision       {}  (violations among items sent on)", show(precision));
+        println!("auc             {}", show(area));
+        println!(
+            "bands           benign {}  uncertain {}  violation {} (precision {})",
+            report["bands"]["confident_benign"],
+            report["bands"]["uncertain"],
+            cv_total,
+            show(cv_precision)
+        );
+        println!("speed           {items_per_second:.0} items/s (one thread)");
+        if let Some(o) = &oracle {
+            println!(
+                "oracle          this data would need allow_below {:.4} for recall {}: skip_rate {:.4}",
+                o["allow_below"].as_f64().unwrap_or(f64::NAN),
+                o["target_recall"],
+                o["skip_rate"].as_f64().unwrap_or(f64::NAN)
+            );
+        }
+    }
+    match (args.target_recall, recall) {
+        (Some(target), Some(r)) if r < target => Ok(ExitCode::from(EXIT_FINDINGS)),
+        _ => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// `safeguard bench triage`.
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// Folder holding toxicchat-0124/ and davidson-hate-offensive/.
+    #[arg(long, default_value = "../shared/data")]
+    pub data_dir: PathBuf,
+    #[arg(long, default_value_t = 0.99)]
+    pub target_recall: f64,
+    /// Seconds per throughput measurement.
+    #[arg(long, default_value_t = 2.0)]
+    pub seconds: f64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn bench(args: BenchArgs) -> anyhow::Result<ExitCode> {
+    let options = BenchOptions {
+        data_dir: args.data_dir.clone(),
+        target_recall: args.target_recall,
+        throughput_seconds: args.seconds,
+        ..BenchOptions::default()
+    };
+    let report = safeguard_triage::bench::run(&options)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_bench(&report, &args.data_dir);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_bench(report: &BenchReport, data_dir: &Path) {
+    println!(
+        "ToxicChat test ({} items, {} toxic) from {}; target recall {}",
+        report.test_items,
+        report.test_violations,
+        data_dir.display(),
+        report.target_recall
+    );
+    println!("{:<46} {:>7} {:>16} {:>16} {:>9}", "variant", "AUC", "skip@target(test)", "deployed r/skip", "train s");
+    for v in &report.variants {
+        let deployed = match (v.deployed_recall, v.deployed_skip_rate) {
+            (Some(r), Some(s)) => format!("{r:.3}/{s:.3}"),
+            _ => "-".into(),
+        };
+        println!(
+            "{:<46} {:>7} {:>10.3} (r {:.3}) {:>16} {:>9.2}",
+            v.name,
+            v.auc.map_or("n/a".into(), |a| format!("{a:.3}")),
+            v.oracle_skip_rate,
+            v.oracle_recall,
+            deployed,
+            v.train_seconds
+        );
+    }
+    if let Some(ratio) = report.skip_ratio_vs_keywords {
+        println!("best classifier skips {ratio:.2}× as many benign items as the keyword baseline at the same recall");
+    }
+    for t in &report.throughput {
+        println!(
+            "{:<36} {:<26} {:>6.0} chars  {:>10.0} items/s (one thread)",
+            t.what, t.texts, t.mean_chars, t.items_per_second
+        );
+    }
 }
