@@ -79,15 +79,11 @@ const SEED_WORD: u64 = 0x9e37_79b9_7f4a_7c15;
 const SEED_BIGRAM: u64 = 0xc2b2_ae3d_27d4_eb4f;
 const SEED_CHAR: u64 = 0x1656_67b1_9e37_79f9;
 
-/// murmur3's 64-bit finalizer: FNV's low bits are weak, and we index by low bits.
+/// Multiply-shift hashing (Fibonacci): one multiply, buckets from the well-mixed high bits. The xor-shift
+/// first folds the high half (where the n-gram length tag sits) into the low half that the multiply spreads.
 #[inline(always)]
-fn mix(mut h: u64) -> u64 {
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^= h >> 33;
-    h
+fn mix(h: u64) -> u64 {
+    (h ^ (h >> 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
 }
 
 #[inline(always)]
@@ -106,14 +102,12 @@ fn is_word_byte(b: u8) -> bool {
 #[derive(Debug, Clone)]
 pub struct Featurizer {
     config: FeatureConfig,
-    mask: u64,
 }
 
 impl Featurizer {
     pub fn new(config: FeatureConfig) -> Result<Self, TriageError> {
         config.validate()?;
-        let mask = (1u64 << config.hash_bits) - 1;
-        Ok(Featurizer { config, mask })
+        Ok(Featurizer { config })
     }
 
     pub fn config(&self) -> &FeatureConfig {
@@ -126,7 +120,7 @@ impl Featurizer {
     /// end, so that character n-grams see word starts and ends.
     #[inline]
     pub fn for_each_feature(&self, text: &str, mut emit: impl FnMut(usize, f32)) -> usize {
-        let mask = self.mask;
+        let shift = 64 - self.config.hash_bits;
         let signed = self.config.signed;
         let words = self.config.word_unigrams || self.config.word_bigrams;
         let (char_lo, char_hi) = match self.config.char_ngrams {
@@ -136,8 +130,9 @@ impl Featurizer {
         let mut count = 0usize;
         let mut put = |h: u64| {
             let h = mix(h);
-            let sign = if signed && (h >> 63) != 0 { -1.0 } else { 1.0 };
-            emit((h & mask) as usize, sign);
+            // The bit just below the bucket bits picks the sign.
+            let sign = if signed && (h >> (shift - 1)) & 1 != 0 { -1.0 } else { 1.0 };
+            emit((h >> shift) as usize, sign);
             count += 1;
         };
 
@@ -219,12 +214,15 @@ impl Featurizer {
     /// `weights · features(text)` without materializing the features.
     #[inline]
     pub fn dot(&self, text: &str, weights: &[f32]) -> f32 {
-        let mut sum = 0.0f32;
+        // Two accumulators halve the floating-point add dependency chain, the bottleneck once weights are cached.
+        let mut sums = [0.0f32; 2];
+        let mut parity = 0usize;
         let n = self.for_each_feature(text, |bucket, sign| {
-            // `bucket` is masked to the hash space and `weights` has exactly that many entries (checked on load).
-            sum += sign * weights[bucket];
+            // `bucket` is below 2^hash_bits and `weights` has exactly that many entries (checked on load).
+            sums[parity] += sign * weights[bucket];
+            parity ^= 1;
         });
-        if n == 0 { 0.0 } else { sum / (n as f32).sqrt() }
+        if n == 0 { 0.0 } else { (sums[0] + sums[1]) / (n as f32).sqrt() }
     }
 }
 
