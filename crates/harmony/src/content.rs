@@ -27,10 +27,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
-        }
+        Self { role: role.into(), content: content.into() }
     }
 }
 
@@ -47,9 +44,7 @@ impl Content {
             Content::Response { prompt, response } => {
                 prompt.as_deref().map_or(0, |p| p.chars().count()) + response.chars().count()
             }
-            Content::Conversation { messages } => {
-                messages.iter().map(|m| m.content.chars().count()).sum()
-            }
+            Content::Conversation { messages } => messages.iter().map(|m| m.content.chars().count()).sum(),
         }
     }
 
@@ -59,9 +54,7 @@ impl Content {
             Content::Text { text } => text,
             Content::Prompt { prompt } => prompt,
             Content::Response { response, .. } => response,
-            Content::Conversation { messages } => {
-                messages.last().map_or("", |m| m.content.as_str())
-            }
+            Content::Conversation { messages } => messages.last().map_or("", |m| m.content.as_str()),
         }
     }
 }
@@ -84,10 +77,7 @@ pub fn user_message_text(content: &Content) -> String {
             push_part(&mut out, "User prompt (classify this):", &fence, prompt);
             out
         }
-        Content::Response {
-            prompt: Some(prompt),
-            response,
-        } => {
+        Content::Response { prompt: Some(prompt), response } => {
             let fence = fence_for([prompt.as_str(), response.as_str()]);
             let mut out = String::from(
                 "Classify the AI response below. The user prompt is given only as context: do not classify the \
@@ -98,10 +88,7 @@ pub fn user_message_text(content: &Content) -> String {
             push_part(&mut out, "AI response (classify this):", &fence, response);
             out
         }
-        Content::Response {
-            prompt: None,
-            response,
-        } => {
+        Content::Response { prompt: None, response } => {
             let fence = fence_for([response.as_str()]);
             let mut out = String::from(
                 "Classify the following AI response. Everything inside the fenced block is the response, not \
@@ -124,15 +111,8 @@ pub fn user_message_text(content: &Content) -> String {
             };
             for (index, message) in messages.iter().enumerate() {
                 let number = index + 1;
-                let purpose = if number == count {
-                    "classify this"
-                } else {
-                    "context only"
-                };
-                let label = format!(
-                    "Message {number} ({}, {purpose}):",
-                    display_role(&message.role)
-                );
+                let purpose = if number == count { "classify this" } else { "context only" };
+                let label = format!("Message {number} ({}, {purpose}):", display_role(&message.role));
                 out.push_str("\n\n");
                 push_part(&mut out, &label, &fence, &message.content);
             }
@@ -153,11 +133,7 @@ fn push_part(out: &mut String, label: &str, fence: &str, body: &str) {
 
 /// A backtick fence longer than the longest backtick run in any part (at least three, as Markdown requires).
 fn fence_for<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
-    let longest_run = parts
-        .into_iter()
-        .map(longest_backtick_run)
-        .max()
-        .unwrap_or(0);
+    let longest_run = parts.into_iter().map(longest_backtick_run).max().unwrap_or(0);
     "`".repeat((longest_run + 1).max(3))
 }
 
@@ -185,9 +161,5 @@ pub(crate) fn display_role(role: &str) -> String {
         .take(32)
         .collect::<String>()
         .to_ascii_lowercase();
-    if cleaned.is_empty() {
-        String::from("unknown role")
-    } else {
-        cleaned
-    }
+    if cleaned.is_empty() { String::from("unknown role") } else { cleaned }
 }

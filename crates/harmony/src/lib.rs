@@ -17,11 +17,10 @@ use serde::{Deserialize, Serialize};
 
 pub use content::{ChatMessage, Content, user_message_text};
 pub use parse::{
-    CompletionEnd, MessageClose, ParsedCompletion, ParsedMessage, StreamDelta, StreamParser,
-    parse_completion,
+    CompletionEnd, MessageClose, ParsedCompletion, ParsedMessage, StreamDelta, StreamParser, parse_completion,
 };
 pub use render::{
-    PromptOptions, RenderedPrompt, developer_message_text, render_prefix, render_prompt,
+    PromptOptions, PromptPrefix, RenderedPrompt, developer_message_text, render_prefix, render_prompt,
     render_prompt_text, system_message_text, validate_date,
 };
 pub use tokenizer::Tokenizer;

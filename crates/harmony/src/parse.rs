@@ -53,10 +53,7 @@ impl MessageClose {
 
     /// Whether the model deliberately finished this message as an answer (a tool call is not an answer).
     fn completes_answer(self) -> bool {
-        matches!(
-            self,
-            MessageClose::End | MessageClose::Return | MessageClose::EndOfText
-        )
+        matches!(self, MessageClose::End | MessageClose::Return | MessageClose::EndOfText)
     }
 }
 
@@ -178,11 +175,7 @@ impl Default for StreamParser {
 impl StreamParser {
     pub fn new() -> Self {
         Self {
-            state: State::Header {
-                tokens: Vec::new(),
-                role_implied: true,
-                opened: true,
-            },
+            state: State::Header { tokens: Vec::new(), role_implied: true, opened: true },
             messages: Vec::new(),
             end: None,
             ignored_tokens: 0,
@@ -204,14 +197,7 @@ impl StreamParser {
             }
             State::ExpectStart => {
                 if token == START {
-                    (
-                        State::Header {
-                            tokens: Vec::new(),
-                            role_implied: false,
-                            opened: true,
-                        },
-                        None,
-                    )
+                    (State::Header { tokens: Vec::new(), role_implied: false, opened: true }, None)
                 } else if token == END {
                     // A stray `<|end|>` between messages carries nothing.
                     (State::ExpectStart, None)
@@ -219,78 +205,35 @@ impl StreamParser {
                     (self.after_close(token), None)
                 } else {
                     // The model skipped `<|start|>assistant`: read on as a header of its own turn, never trusted.
-                    self.step(
-                        State::Header {
-                            tokens: Vec::new(),
-                            role_implied: true,
-                            opened: false,
-                        },
-                        token,
-                    )
+                    self.step(State::Header { tokens: Vec::new(), role_implied: true, opened: false }, token)
                 }
             }
-            State::Header {
-                mut tokens,
-                role_implied,
-                opened,
-            } => {
+            State::Header { mut tokens, role_implied, opened } => {
                 if token == MESSAGE {
                     let header = parse_header(&tokens, role_implied, opened);
-                    (
-                        State::Content {
-                            header,
-                            bytes: Vec::new(),
-                            emitted: 0,
-                        },
-                        None,
-                    )
+                    (State::Content { header, bytes: Vec::new(), emitted: 0 }, None)
                 } else if token == START {
                     self.push_headerless(&tokens, role_implied, MessageClose::Interrupted);
-                    (
-                        State::Header {
-                            tokens: Vec::new(),
-                            role_implied: false,
-                            opened: true,
-                        },
-                        None,
-                    )
+                    (State::Header { tokens: Vec::new(), role_implied: false, opened: true }, None)
                 } else if let Some(close) = MessageClose::from_token(token) {
                     self.push_headerless(&tokens, role_implied, close);
                     (self.after_close(token), None)
                 } else {
                     tokens.push(token);
-                    (
-                        State::Header {
-                            tokens,
-                            role_implied,
-                            opened,
-                        },
-                        None,
-                    )
+                    (State::Header { tokens, role_implied, opened }, None)
                 }
             }
-            State::Content {
-                header,
-                mut bytes,
-                mut emitted,
-            } => {
-                let close = if token == START {
-                    Some(MessageClose::Interrupted)
-                } else {
-                    MessageClose::from_token(token)
-                };
+            State::Content { header, mut bytes, mut emitted } => {
+                let close =
+                    if token == START { Some(MessageClose::Interrupted) } else { MessageClose::from_token(token) };
                 match close {
                     Some(close) => {
-                        let delta = header.streams().and_then(|wrap| {
-                            nonempty(drain_utf8(&bytes, &mut emitted, true)).map(wrap)
-                        });
+                        let delta = header
+                            .streams()
+                            .and_then(|wrap| nonempty(drain_utf8(&bytes, &mut emitted, true)).map(wrap));
                         self.push_message(header, &bytes, close);
                         let next = if token == START {
-                            State::Header {
-                                tokens: Vec::new(),
-                                role_implied: false,
-                                opened: true,
-                            }
+                            State::Header { tokens: Vec::new(), role_implied: false, opened: true }
                         } else {
                             self.after_close(token)
                         };
@@ -298,17 +241,10 @@ impl StreamParser {
                     }
                     None => {
                         append_token_bytes(&mut bytes, token);
-                        let delta = header.streams().and_then(|wrap| {
-                            nonempty(drain_utf8(&bytes, &mut emitted, false)).map(wrap)
-                        });
-                        (
-                            State::Content {
-                                header,
-                                bytes,
-                                emitted,
-                            },
-                            delta,
-                        )
+                        let delta = header
+                            .streams()
+                            .and_then(|wrap| nonempty(drain_utf8(&bytes, &mut emitted, false)).map(wrap));
+                        (State::Content { header, bytes, emitted }, delta)
                     }
                 }
             }
@@ -317,21 +253,13 @@ impl StreamParser {
 
     pub fn finish(mut self) -> ParsedCompletion {
         match std::mem::replace(&mut self.state, State::Stopped) {
-            State::Content { header, bytes, .. } => {
-                self.push_message(header, &bytes, MessageClose::Unclosed)
+            State::Content { header, bytes, .. } => self.push_message(header, &bytes, MessageClose::Unclosed),
+            State::Header { tokens, role_implied, .. } => {
+                self.push_headerless(&tokens, role_implied, MessageClose::Unclosed)
             }
-            State::Header {
-                tokens,
-                role_implied,
-                ..
-            } => self.push_headerless(&tokens, role_implied, MessageClose::Unclosed),
             State::ExpectStart | State::Stopped => {}
         }
-        summarize(
-            self.messages,
-            self.end.unwrap_or(CompletionEnd::Truncated),
-            self.ignored_tokens,
-        )
+        summarize(self.messages, self.end.unwrap_or(CompletionEnd::Truncated), self.ignored_tokens)
     }
 
     fn after_close(&mut self, token: u32) -> State {
@@ -426,19 +354,13 @@ const KNOWN_ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "too
 /// Splits a decoded header the way openai-harmony's `parse_header_from_string` does:
 /// `{role}[<|channel|>{channel}][ to={recipient}][ <|constrain|>{type}]`. Returns leftover words, which harmony
 /// rejects, as the second value.
-fn split_header(
-    text: &str,
-    role_implied: bool,
-    parse_recipient_and_type: bool,
-) -> (Header, Option<String>) {
+fn split_header(text: &str, role_implied: bool, parse_recipient_and_type: bool) -> (Header, Option<String>) {
     let mut well_formed = true;
     let mut rest = text.to_string();
     let mut channel = None;
     if let Some(idx) = rest.find(CHANNEL_TEXT) {
         let after = &rest[idx + CHANNEL_TEXT.len()..];
-        let name_len = after
-            .find(|c: char| c.is_whitespace() || c == '<')
-            .unwrap_or(after.len());
+        let name_len = after.find(|c: char| c.is_whitespace() || c == '<').unwrap_or(after.len());
         if name_len == 0 {
             well_formed = false;
         } else {
@@ -448,10 +370,7 @@ fn split_header(
     }
     let mut rest = rest.trim().to_string();
     if rest.contains(CONSTRAIN_TEXT) {
-        rest = rest
-            .replace(CONSTRAIN_TEXT, &format!(" {CONSTRAIN_TEXT}"))
-            .trim()
-            .to_string();
+        rest = rest.replace(CONSTRAIN_TEXT, &format!(" {CONSTRAIN_TEXT}")).trim().to_string();
     }
     let mut parts: Vec<&str> = rest.split_ascii_whitespace().collect();
 
@@ -485,58 +404,21 @@ fn split_header(
             }
         }
     }
-    let leftover = if parts.is_empty() {
-        None
-    } else {
-        Some(parts.join(" "))
-    };
-    (
-        Header {
-            role,
-            channel,
-            recipient,
-            content_type,
-            well_formed,
-        },
-        leftover,
-    )
+    let leftover = if parts.is_empty() { None } else { Some(parts.join(" ")) };
+    (Header { role, channel, recipient, content_type, well_formed }, leftover)
 }
 
-fn summarize(
-    messages: Vec<ParsedMessage>,
-    end: CompletionEnd,
-    ignored_tokens: usize,
-) -> ParsedCompletion {
+fn summarize(messages: Vec<ParsedMessage>, end: CompletionEnd, ignored_tokens: usize) -> ParsedCompletion {
     let is_assistant_channel =
         |m: &ParsedMessage, name: &str| m.role == "assistant" && m.channel.as_deref() == Some(name);
-    let analysis_parts: Vec<&str> = messages
-        .iter()
-        .filter(|m| is_assistant_channel(m, "analysis"))
-        .map(|m| m.text.as_str())
-        .collect();
-    let analysis = if analysis_parts.is_empty() {
-        None
-    } else {
-        Some(analysis_parts.join("\n"))
-    };
+    let analysis_parts: Vec<&str> =
+        messages.iter().filter(|m| is_assistant_channel(m, "analysis")).map(|m| m.text.as_str()).collect();
+    let analysis = if analysis_parts.is_empty() { None } else { Some(analysis_parts.join("\n")) };
 
-    let (final_text, partial_final) = match messages
-        .iter()
-        .rev()
-        .find(|m| is_assistant_channel(m, "final"))
-    {
-        Some(last) if last.well_formed && last.close.completes_answer() => {
-            (Some(last.text.clone()), None)
-        }
+    let (final_text, partial_final) = match messages.iter().rev().find(|m| is_assistant_channel(m, "final")) {
+        Some(last) if last.well_formed && last.close.completes_answer() => (Some(last.text.clone()), None),
         Some(last) => (None, Some(last.text.clone())),
         None => (None, None),
     };
-    ParsedCompletion {
-        analysis,
-        final_text,
-        end,
-        partial_final,
-        messages,
-        ignored_tokens,
-    }
+    ParsedCompletion { analysis, final_text, end, partial_final, messages, ignored_tokens }
 }

@@ -55,10 +55,7 @@ pub fn system_message_text(opts: &PromptOptions) -> Result<String, HarmonyError>
         top.push_str("\nCurrent date: ");
         top.push_str(date);
     }
-    Ok(format!(
-        "{top}\n\nReasoning: {}\n\n{CHANNELS_LINE}",
-        opts.effort
-    ))
+    Ok(format!("{top}\n\nReasoning: {}\n\n{CHANNELS_LINE}", opts.effort))
 }
 
 /// The developer message body: the policy goes in as harmony's `# Instructions` section.
@@ -75,12 +72,7 @@ pub fn render_prefix(instructions: &str, opts: &PromptOptions) -> Result<Vec<u32
     let tokenizer = Tokenizer::shared();
     let mut tokens = Vec::with_capacity(64 + instructions.len() / 3);
     push_message(tokenizer, &mut tokens, "system", &system);
-    push_message(
-        tokenizer,
-        &mut tokens,
-        "developer",
-        &developer_message_text(instructions),
-    );
+    push_message(tokenizer, &mut tokens, "developer", &developer_message_text(instructions));
     Ok(tokens)
 }
 
@@ -91,21 +83,44 @@ pub fn render_prompt(
     opts: &PromptOptions,
 ) -> Result<RenderedPrompt, HarmonyError> {
     validate_content(content)?;
-    let mut tokens = render_prefix(instructions, opts)?;
-    let prefix_len = tokens.len();
-    let tokenizer = Tokenizer::shared();
-    push_message(tokenizer, &mut tokens, "user", &user_message_text(content));
-    tokens.push(START);
-    tokens.extend(tokenizer.encode_ordinary("assistant"));
-    Ok(RenderedPrompt { tokens, prefix_len })
+    PromptPrefix::new(instructions, opts)?.render(content)
+}
+
+/// The rendered system + developer messages, for judging many items under one policy without re-tokenizing
+/// the policy each time. `prefix.render(content)` equals `render_prompt(instructions, content, opts)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptPrefix {
+    tokens: Vec<u32>,
+}
+
+impl PromptPrefix {
+    pub fn new(instructions: &str, opts: &PromptOptions) -> Result<Self, HarmonyError> {
+        Ok(Self { tokens: render_prefix(instructions, opts)? })
+    }
+
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    pub fn render(&self, content: &Content) -> Result<RenderedPrompt, HarmonyError> {
+        validate_content(content)?;
+        let tokenizer = Tokenizer::shared();
+        let user = tokenizer.encode_ordinary(&user_message_text(content));
+        let mut tokens = Vec::with_capacity(self.tokens.len() + user.len() + 8);
+        tokens.extend_from_slice(&self.tokens);
+        tokens.push(START);
+        tokens.extend(tokenizer.encode_ordinary("user"));
+        tokens.push(MESSAGE);
+        tokens.extend(user);
+        tokens.push(END);
+        tokens.push(START);
+        tokens.extend(tokenizer.encode_ordinary("assistant"));
+        Ok(RenderedPrompt { tokens, prefix_len: self.tokens.len() })
+    }
 }
 
 /// The same prompt as [`render_prompt`], decoded for people (special tokens appear as `<|start|>` etc.).
-pub fn render_prompt_text(
-    instructions: &str,
-    content: &Content,
-    opts: &PromptOptions,
-) -> Result<String, HarmonyError> {
+pub fn render_prompt_text(instructions: &str, content: &Content, opts: &PromptOptions) -> Result<String, HarmonyError> {
     let rendered = render_prompt(instructions, content, opts)?;
     Ok(Tokenizer::shared().decode_lossy(&rendered.tokens))
 }
@@ -140,9 +155,7 @@ pub fn validate_date(date: &str) -> Result<(), HarmonyError> {
         if !part.iter().all(u8::is_ascii_digit) {
             return None;
         }
-        part.iter().try_fold(0u32, |acc, d| {
-            acc.checked_mul(10)?.checked_add(u32::from(d - b'0'))
-        })
+        part.iter().try_fold(0u32, |acc, d| acc.checked_mul(10)?.checked_add(u32::from(d - b'0')))
     };
     let (Some(year), Some(month), Some(day)) = (number(0..4), number(5..7), number(8..10)) else {
         return Err(invalid());

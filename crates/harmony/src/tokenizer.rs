@@ -17,8 +17,7 @@ impl Tokenizer {
     pub fn shared() -> &'static Tokenizer {
         SHARED.get_or_init(|| {
             // The vocabulary is compiled into tiktoken-rs; failing to parse it is a build defect, not an input error.
-            let bpe =
-                tiktoken_rs::o200k_harmony().expect("embedded o200k_harmony vocabulary is valid");
+            let bpe = tiktoken_rs::o200k_harmony().expect("embedded o200k_harmony vocabulary is valid");
             Tokenizer { bpe }
         })
     }

@@ -352,3 +352,17 @@ proptest! {
         assert_structure(&rendered.tokens, &user_message_text(&content));
     }
 }
+
+#[test]
+fn a_reused_prefix_renders_the_same_prompts() {
+    let o = opts(Effort::High, Some("2025-11-01"));
+    let prefix = safeguard_harmony::PromptPrefix::new(POLICY, &o).unwrap();
+    for attack in adversarial_strings() {
+        let content = Content::Response { prompt: None, response: attack };
+        assert_eq!(prefix.render(&content).unwrap(), render_prompt(POLICY, &content, &o).unwrap());
+    }
+    assert_eq!(prefix.tokens(), render_prompt(POLICY, &Content::text("x"), &o).unwrap().prefix());
+    let empty = Content::Conversation { messages: vec![] };
+    assert_eq!(prefix.render(&empty), Err(HarmonyError::EmptyConversation));
+    assert_eq!(safeguard_harmony::PromptPrefix::new("", &o), Err(HarmonyError::EmptyInstructions));
+}
