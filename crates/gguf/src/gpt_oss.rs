@@ -73,7 +73,7 @@ impl GptOssHparams {
             (Self::key("attention.key_length"), self.head_dim.into()),
             (Self::key("attention.value_length"), self.head_dim.into()),
             (Self::key("rope.freq_base"), self.rope_theta.into()),
-            (Self::key("attention.layer_norm_rms_eps"), self.rms_eps.into()),
+            (Self::key("attention.layer_norm_rms_epsilon"), self.rms_eps.into()),
             (Self::key("expert_count"), self.n_expert.into()),
             (Self::key("expert_used_count"), self.n_expert_used.into()),
             (Self::key("expert_feed_forward_length"), self.n_ff_exp.into()),
@@ -124,13 +124,13 @@ impl GptOssHparams {
             yarn_factor: yarn,
             yarn_original_context: u("rope.scaling.original_context_length").unwrap_or(0),
             sliding_window: u("attention.sliding_window")?,
-            rms_eps: f("attention.layer_norm_rms_eps")?,
+            rms_eps: f("attention.layer_norm_rms_epsilon")?,
         })
     }
 
     /// True for the layers llama.cpp (pattern 2) and HF `layer_types` treat as sliding-window.
     pub fn is_sliding(&self, layer: u32) -> bool {
-        layer % 2 == 0
+        layer.is_multiple_of(2)
     }
 }
 

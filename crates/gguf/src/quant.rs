@@ -33,7 +33,7 @@ fn floor_log2(x: f32) -> i32 {
 }
 
 fn check_blocks(n: usize, what: &str) -> Result<()> {
-    if n % QK != 0 {
+    if !n.is_multiple_of(QK) {
         return Err(GgufError::Malformed(format!("{what}: {n} values are not a multiple of the block size {QK}")));
     }
     Ok(())
@@ -55,7 +55,7 @@ pub fn quantize_q8_0(values: &[f32]) -> Result<Vec<u8>> {
 }
 
 pub fn dequantize_q8_0(bytes: &[u8]) -> Result<Vec<f32>> {
-    if bytes.len() % Q8_0_BLOCK_BYTES != 0 {
+    if !bytes.len().is_multiple_of(Q8_0_BLOCK_BYTES) {
         return Err(GgufError::Malformed(format!("Q8_0 data of {} bytes is not whole blocks", bytes.len())));
     }
     let mut out = Vec::with_capacity(bytes.len() / Q8_0_BLOCK_BYTES * QK);
@@ -99,7 +99,7 @@ pub fn quantize_mxfp4(values: &[f32]) -> Result<Vec<u8>> {
 }
 
 pub fn dequantize_mxfp4(bytes: &[u8]) -> Result<Vec<f32>> {
-    if bytes.len() % MXFP4_BLOCK_BYTES != 0 {
+    if !bytes.len().is_multiple_of(MXFP4_BLOCK_BYTES) {
         return Err(GgufError::Malformed(format!("MXFP4 data of {} bytes is not whole blocks", bytes.len())));
     }
     let mut out = vec![0.0f32; bytes.len() / MXFP4_BLOCK_BYTES * QK];
@@ -127,7 +127,7 @@ pub fn encode(values: &[f32], ty: GgmlType) -> Result<Vec<u8>> {
 /// Decode `ty`'s on-disk bytes to f32.
 pub fn decode(bytes: &[u8], ty: GgmlType) -> Result<Vec<f32>> {
     let whole = |width: usize| {
-        if bytes.len() % width != 0 {
+        if !bytes.len().is_multiple_of(width) {
             Err(GgufError::Malformed(format!("{ty} data of {} bytes is not whole elements", bytes.len())))
         } else {
             Ok(())

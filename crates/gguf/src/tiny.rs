@@ -85,7 +85,7 @@ impl TinyConfig {
         if self.layers == 0 || self.heads == 0 || self.kv_heads == 0 || self.experts == 0 {
             return bad("layers, heads, kv_heads and experts must be positive");
         }
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return bad("heads must be a multiple of kv_heads");
         }
         if self.experts_used == 0 || self.experts_used > self.experts {
@@ -98,7 +98,11 @@ impl TinyConfig {
             return bad("dense_type must be F32, F16 or Q8_0");
         }
         let needs_blocks = [self.expert_type, self.dense_type].iter().any(|t| t.block_elems() > 1);
-        if needs_blocks && (self.hidden % 32 != 0 || self.ff % 32 != 0 || (self.heads * self.head_dim) % 32 != 0) {
+        if needs_blocks
+            && (!self.hidden.is_multiple_of(32)
+                || !self.ff.is_multiple_of(32)
+                || !(self.heads * self.head_dim).is_multiple_of(32))
+        {
             return bad("quantized types need hidden, ff and heads*head_dim to be multiples of 32");
         }
         Ok(())

@@ -65,7 +65,7 @@ impl GgmlType {
     /// Bytes needed for `n_elems` elements; errors when blocks do not divide the count.
     pub fn data_bytes(self, n_elems: u64) -> Result<u64> {
         let block = self.block_elems() as u64;
-        if n_elems % block != 0 {
+        if !n_elems.is_multiple_of(block) {
             return Err(GgufError::Malformed(format!(
                 "{} elements do not fill whole {} blocks of {block}",
                 n_elems,

@@ -102,10 +102,11 @@ fn bpe_parts(bytes: &[u8], max_rank: u32, ranks: &FnvMap<&[u8], u32>, bounds: &m
         let mut best: Option<(u32, usize)> = None;
         for i in 0..bounds.len().saturating_sub(2) {
             let piece = &bytes[bounds[i]..bounds[i + 2]];
-            if let Some(&r) = ranks.get(piece) {
-                if r < max_rank && best.is_none_or(|(br, _)| r < br) {
-                    best = Some((r, i));
-                }
+            if let Some(&r) = ranks.get(piece)
+                && r < max_rank
+                && best.is_none_or(|(br, _)| r < br)
+            {
+                best = Some((r, i));
             }
         }
         match best {

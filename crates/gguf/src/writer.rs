@@ -33,13 +33,13 @@ impl TensorSpec {
     }
 
     pub fn n_bytes(&self) -> Result<u64> {
-        if let Some(&ne0) = self.shape.first() {
-            if ne0 % self.ty.block_elems() as u64 != 0 {
-                return Err(GgufError::Tensor {
-                    name: self.name.clone(),
-                    problem: format!("row length {ne0} is not a multiple of the {} block size", self.ty),
-                });
-            }
+        if let Some(&ne0) = self.shape.first()
+            && ne0 % self.ty.block_elems() as u64 != 0
+        {
+            return Err(GgufError::Tensor {
+                name: self.name.clone(),
+                problem: format!("row length {ne0} is not a multiple of the {} block size", self.ty),
+            });
         }
         self.ty.data_bytes(self.n_elements())
     }
