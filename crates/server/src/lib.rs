@@ -1,1 +1,283 @@
 //! safeguard serve: the HTTP API, OpenAI-compatible surfaces, auth, metrics, review page.
+//!
+//! [`Server::start`] takes any [`Reasoner`] (embedded engine, remote backend, or a test double) and a
+//! [`Store`], and serves:
+//! - `/v1/policies…` immutable policy versions, pins and diffs;
+//! - `/v1/classify`, `/v1/classify/batch` synchronous decisions; `/v1/jobs` durable asynchronous ones with
+//!   signed, retried webhooks;
+//! - `/v1/decisions…` the audit trail, with replay;
+//! - `/v1/moderations` and `/v1/chat/completions` in OpenAI's shapes;
+//! - `/healthz`, `/readyz`, `/metrics`, `/openapi.json`.
+//!
+//! Every decision is stored. Whatever goes wrong while reasoning becomes `needs_review`, never an allow.
+
+mod auth;
+mod classify;
+mod decisions;
+mod error;
+mod guard;
+mod jobs;
+mod metrics_setup;
+mod openai;
+mod openapi;
+mod policies;
+mod webhooks;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
+use safeguard_core::{Classifier, Reasoner};
+use safeguard_harmony::Effort;
+use safeguard_store::Store;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use auth::SCOPES;
+pub use error::ApiError;
+pub use guard::GuardedReasoner;
+pub use webhooks::{sign_webhook, verify_webhook};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("storage: {0}")]
+    Store(#[from] safeguard_store::StoreError),
+    #[error(
+        "refusing to serve {0} without authentication: no API key exists. Set SAFEGUARD_ADMIN_KEY, create one with \
+         `safeguard keys create --scope admin`, or listen on a loopback address"
+    )]
+    NoKeysOnPublicAddress(SocketAddr),
+    #[error("the server task failed: {0}")]
+    Task(String),
+}
+
+/// Request limits; each breach is a 4xx with a JSON error naming the limit.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_content_tokens: usize,
+    pub max_content_chars: usize,
+    pub max_policies: usize,
+    pub max_tokens: usize,
+    pub max_batch_items: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 2 * 1024 * 1024,
+            max_content_tokens: 16_384,
+            max_content_chars: 100_000,
+            max_policies: 16,
+            max_tokens: 8_192,
+            max_batch_items: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Registered (hashed) as an admin key at start-up.
+    pub admin_key: Option<String>,
+    /// Serve without keys. Only taken when no key exists and the address is loopback; decided at start.
+    pub open_access: bool,
+    pub limits: Limits,
+    pub rate_limit_per_minute: u32,
+    pub rate_limit_burst: u32,
+    pub job_workers: usize,
+    pub job_lease: Duration,
+    /// A reasoning step that takes longer becomes `needs_review` with the reason "timed out".
+    pub reason_timeout: Duration,
+    /// HMAC key for webhook signatures.
+    pub webhook_secret: String,
+    pub webhook_max_attempts: i64,
+    pub webhook_backoff: Duration,
+    /// Policy names `/v1/moderations` classifies against; empty means the starter library.
+    pub moderation_policies: Vec<String>,
+    pub default_effort: Effort,
+    /// How long shutdown waits for in-flight requests and jobs.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_key: None,
+            open_access: false,
+            limits: Limits::default(),
+            rate_limit_per_minute: 600,
+            rate_limit_burst: 60,
+            job_workers: 2,
+            job_lease: Duration::from_secs(120),
+            reason_timeout: Duration::from_secs(300),
+            webhook_secret: String::new(),
+            webhook_max_attempts: 8,
+            webhook_backoff: Duration::from_secs(2),
+            moderation_policies: Vec::new(),
+            default_effort: Effort::Low,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub(crate) config: Arc<ServerConfig>,
+    pub(crate) store: Store,
+    pub(crate) classifier: Classifier,
+    pub(crate) reasoner: Arc<dyn Reasoner>,
+    pub(crate) rate_limiter: Arc<auth::RateLimiter>,
+    pub(crate) metrics: PrometheusHandle,
+    pub(crate) jobs_waiting: Arc<Notify>,
+    pub(crate) http: reqwest::Client,
+}
+
+/// A started server: its address, and the handle to stop it.
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), ServerError>>,
+}
+
+impl RunningServer {
+    /// Stops accepting, drains in-flight requests and jobs, then returns.
+    pub async fn shutdown(self) -> Result<(), ServerError> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+
+    /// Waits until the server stops (after the token given to [`Server::start`] is cancelled).
+    pub async fn wait(self) -> Result<(), ServerError> {
+        self.task.await.map_err(|e| ServerError::Task(e.to_string()))?
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+pub struct Server;
+
+impl Server {
+    /// Prepares the store (starter policies, admin key), binds, and starts HTTP, job workers and webhook
+    /// delivery. Returns once the socket is listening.
+    pub async fn start(
+        mut config: ServerConfig,
+        reasoner: Arc<dyn Reasoner>,
+        store: Store,
+    ) -> Result<RunningServer, ServerError> {
+        policies::seed_starter_library(&store).await?;
+        if let Some(key) = &config.admin_key {
+            store.insert_api_key("admin (SAFEGUARD_ADMIN_KEY)", &["admin".to_string()], key).await?;
+        }
+        let any_key = !store.list_api_keys().await?.is_empty();
+        config.open_access = !any_key;
+        if config.open_access {
+            if !config.listen.ip().is_loopback() {
+                return Err(ServerError::NoKeysOnPublicAddress(config.listen));
+            }
+            tracing::warn!(
+                "no API keys exist: serving WITHOUT authentication on loopback {}; set SAFEGUARD_ADMIN_KEY to require keys",
+                config.listen
+            );
+        }
+        if config.webhook_secret.is_empty() {
+            config.webhook_secret = uuid::Uuid::new_v4().simple().to_string();
+        }
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+        let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
+
+        let guarded: Arc<dyn Reasoner> = Arc::new(GuardedReasoner::new(reasoner, config.reason_timeout));
+        let state = AppState {
+            rate_limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst)),
+            config: Arc::new(config),
+            store,
+            classifier: Classifier::new(guarded.clone()),
+            reasoner: guarded,
+            metrics: metrics_setup::handle(),
+            jobs_waiting: Arc::new(Notify::new()),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap_or_default(),
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(run(state, listener, shutdown.clone()));
+        tracing::info!(%addr, "safeguard server listening");
+        Ok(RunningServer { addr, shutdown, task })
+    }
+}
+
+async fn run(state: AppState, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServerError> {
+    let workers: Vec<JoinHandle<()>> = (0..state.config.job_workers.max(1))
+        .map(|i| tokio::spawn(jobs::worker(state.clone(), i, shutdown.clone())))
+        .collect();
+    let webhook_sender = tokio::spawn(webhooks::sender(state.clone(), shutdown.clone()));
+    let drain_timeout = state.config.drain_timeout;
+    let app = router(state);
+    let signal = shutdown.clone();
+    let served = axum::serve(listener, app).with_graceful_shutdown(async move { signal.cancelled().await });
+    let result = served.await.map_err(|e| ServerError::Task(e.to_string()));
+    // HTTP is drained; now let workers finish the job each is on (they stop claiming once cancelled).
+    let drained = tokio::time::timeout(drain_timeout, async {
+        for worker in workers {
+            let _ = worker.await;
+        }
+        let _ = webhook_sender.await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("drain timed out; unfinished jobs will be picked up again after their lease expires");
+    }
+    result
+}
+
+pub fn router(state: AppState) -> Router {
+    let body_limit = state.config.limits.max_body_bytes;
+    Router::new()
+        .route("/healthz", get(health))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics_setup::render))
+        .route("/openapi.json", get(openapi::spec))
+        .route("/v1/policies", post(policies::create).get(policies::list))
+        .route("/v1/policies/{id}", get(policies::get_one))
+        .route("/v1/policies/{id}/diff/{other}", get(policies::diff))
+        .route("/v1/policies/{name}/activate", post(policies::activate))
+        .route("/v1/classify", post(classify::classify))
+        .route("/v1/classify/batch", post(classify::classify_batch))
+        .route("/v1/jobs", post(jobs::submit))
+        .route("/v1/jobs/{id}", get(jobs::get_one))
+        .route("/v1/decisions", get(decisions::list))
+        .route("/v1/decisions/{id}", get(decisions::get_one))
+        .route("/v1/decisions/{id}/replay", post(decisions::replay))
+        .route("/v1/moderations", post(openai::moderations))
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/models", get(openai::models))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+async fn health() -> &'static str {
+    "ok"
+}
+
+async fn ready(axum::extract::State(state): axum::extract::State<AppState>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let db = state.store.ping(Duration::from_secs(2)).await;
+    let body = serde_json::json!({"ready": db, "database": db, "model": state.reasoner.model_id()});
+    let status = if db { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(body)).into_response()
+}

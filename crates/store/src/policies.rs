@@ -34,8 +34,9 @@ fn row_to_policy(row: &AnyRow) -> Result<StoredPolicy> {
 }
 
 impl Store {
-    /// Stores a policy version. Returns the stored row and whether it was new. The first version of a name
-    /// becomes its active version; later ones wait for an explicit `activate_policy`.
+    /// Stores a policy version. Returns the stored row and whether it was new. With `pin_first_version`,
+    /// the first version of a name becomes its active version; later ones wait for `activate_policy`.
+    /// (Inline policies sent with a single request are stored unpinned: they must not capture a name.)
     #[tracing::instrument(skip(self, body, meta))]
     pub async fn put_policy(
         &self,
@@ -43,6 +44,7 @@ impl Store {
         name: &str,
         body: &str,
         meta: &serde_json::Value,
+        pin_first_version: bool,
     ) -> Result<(StoredPolicy, bool)> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
@@ -59,7 +61,7 @@ impl Store {
         .await?
         .rows_affected()
             == 1;
-        if inserted {
+        if inserted && pin_first_version {
             sqlx::query(
                 "INSERT INTO policy_pins (name, hash, updated_at) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
             )

@@ -84,13 +84,14 @@ async fn migrations_are_idempotent_and_ping_works() {
 async fn policy_versions_are_immutable_and_pinned() {
     for t in stores().await {
         let s = &t.store;
-        let (v1, created) = s.put_policy("sha256:aaa", "spam", "body one", &json!({"name": "spam"})).await.unwrap();
+        let (v1, created) =
+            s.put_policy("sha256:aaa", "spam", "body one", &json!({"name": "spam"}), true).await.unwrap();
         assert!(created, "{}", t.label);
         assert!(v1.active, "first version is active ({})", t.label);
-        let (again, created) = s.put_policy("sha256:aaa", "spam", "body one", &json!({})).await.unwrap();
+        let (again, created) = s.put_policy("sha256:aaa", "spam", "body one", &json!({}), true).await.unwrap();
         assert!(!created, "{}", t.label);
         assert_eq!(again.meta, json!({"name": "spam"}), "original meta kept ({})", t.label);
-        let (v2, _) = s.put_policy("sha256:bbb", "spam", "body two", &json!({})).await.unwrap();
+        let (v2, _) = s.put_policy("sha256:bbb", "spam", "body two", &json!({}), true).await.unwrap();
         assert!(!v2.active, "{}", t.label);
         assert_eq!(s.active_policy("spam").await.unwrap().unwrap().hash, "sha256:aaa");
         s.activate_policy("spam", "sha256:bbb").await.unwrap();
@@ -98,10 +99,12 @@ async fn policy_versions_are_immutable_and_pinned() {
         assert!(!s.get_policy("sha256:aaa").await.unwrap().unwrap().active);
         assert_eq!(s.policy_versions("spam").await.unwrap().len(), 2);
         assert_eq!(s.list_policies().await.unwrap().len(), 2);
-        s.put_policy("sha256:ccc", "other", "x", &json!({})).await.unwrap();
+        s.put_policy("sha256:ccc", "other", "x", &json!({}), true).await.unwrap();
         assert!(s.activate_policy("spam", "sha256:ccc").await.is_err(), "name mismatch refused ({})", t.label);
         assert!(s.activate_policy("spam", "sha256:nope").await.is_err());
         assert!(s.active_policy("missing").await.unwrap().is_none());
+        let (inline, _) = s.put_policy("sha256:ddd", "inline", "y", &json!({}), false).await.unwrap();
+        assert!(!inline.active && s.active_policy("inline").await.unwrap().is_none(), "unpinned ({})", t.label);
         t.cleanup().await;
     }
 }

@@ -1,0 +1,332 @@
+//! `/v1/classify` and `/v1/classify/batch`, and the decision path shared by jobs, replay and moderations:
+//! parse and bound the request, resolve policies to immutable versions, classify, record, count.
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::extract::State;
+use safeguard_core::input::{InputLimits, parse_item};
+use safeguard_core::{ClassifyOptions, Decision, Mode};
+use safeguard_engine::Sampling;
+use safeguard_harmony::{Content, Effort, Tokenizer, user_message_text};
+use safeguard_policy::Policy;
+use safeguard_store::{DecisionRecord, now_ms};
+use safeguard_verdict::Outcome;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiJson};
+use crate::policies::resolve_policy;
+
+/// How to decide, independent of what is decided. Stored with jobs so that a job decides exactly what
+/// was asked, with the policy versions resolved at submission.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Settings {
+    pub effort: Effort,
+    pub mode: Mode,
+    pub max_tokens: Option<usize>,
+}
+
+/// Parses and checks a request body: its content, policy references and settings.
+pub(crate) struct Parsed {
+    pub content: Content,
+    pub policies: Vec<Policy>,
+    pub settings: Settings,
+    pub return_reasoning: bool,
+}
+
+pub(crate) fn parse_content(state: &AppState, body: &Value) -> Result<Content, ApiError> {
+    let limits = &state.config.limits;
+    let object = body.as_object().ok_or_else(|| ApiError::bad("invalid_request", "expected a JSON object"))?;
+    // Only the content fields go to the shared item parser; the rest of the request is ours.
+    let mut content_fields = serde_json::Map::new();
+    for key in ["text", "prompt", "response", "messages"] {
+        if let Some(value) = object.get(key) {
+            content_fields.insert(key.to_string(), value.clone());
+        }
+    }
+    let content = if let Some(explicit) = object.get("content") {
+        if !content_fields.is_empty() {
+            return Err(ApiError::bad("invalid_content", "give either \"content\" or text/prompt/response/messages"));
+        }
+        serde_json::from_value::<Content>(explicit.clone())
+            .map_err(|e| ApiError::bad("invalid_content", format!("\"content\": {e}")))?
+    } else {
+        let item = parse_item(
+            &Value::Object(content_fields).to_string(),
+            &InputLimits { max_chars: limits.max_content_chars },
+        )
+        .map_err(|e| ApiError::bad("invalid_content", e.to_string()))?;
+        item.content
+    };
+    check_content_tokens(state, &content)?;
+    Ok(content)
+}
+
+fn check_content_tokens(state: &AppState, content: &Content) -> Result<(), ApiError> {
+    let limits = &state.config.limits;
+    let chars = content.char_len();
+    if chars > limits.max_content_chars {
+        return Err(ApiError::bad(
+            "content_too_long",
+            format!("the content is {chars} characters; the limit is {}", limits.max_content_chars),
+        ));
+    }
+    let tokens = Tokenizer::shared().count(&user_message_text(content));
+    if tokens > limits.max_content_tokens {
+        return Err(ApiError::bad(
+            "content_too_long",
+            format!("the content is {tokens} tokens; the limit is {}", limits.max_content_tokens),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn parse_settings(state: &AppState, body: &Value) -> Result<(Settings, bool), ApiError> {
+    let effort = match body.get("effort").or_else(|| body.get("reasoning_effort")) {
+        None | Some(Value::Null) => state.config.default_effort,
+        Some(Value::String(s)) => s
+            .parse::<Effort>()
+            .map_err(|_| ApiError::bad("invalid_effort", format!("unknown effort {s:?}; use low, medium or high")))?,
+        Some(_) => return Err(ApiError::bad("invalid_effort", "\"effort\" must be a string")),
+    };
+    let mode = match body.get("mode") {
+        None | Some(Value::Null) => Mode::default(),
+        Some(Value::String(s)) => s.parse::<Mode>().map_err(|e| ApiError::bad("invalid_mode", e))?,
+        Some(_) => return Err(ApiError::bad("invalid_mode", "\"mode\" must be a string")),
+    };
+    let max_tokens = match body.get("max_tokens") {
+        None | Some(Value::Null) => None,
+        Some(value) => {
+            let n = value
+                .as_u64()
+                .ok_or_else(|| ApiError::bad("invalid_max_tokens", "\"max_tokens\" must be a positive integer"))?;
+            let cap = state.config.limits.max_tokens;
+            if n == 0 || n as usize > cap {
+                return Err(ApiError::bad(
+                    "max_tokens_exceeded",
+                    format!("\"max_tokens\" must be between 1 and {cap}"),
+                ));
+            }
+            Some(n as usize)
+        }
+    };
+    let return_reasoning = body.get("return_reasoning").and_then(Value::as_bool).unwrap_or(false);
+    Ok((Settings { effort, mode, max_tokens }, return_reasoning))
+}
+
+pub(crate) async fn parse_policies(state: &AppState, body: &Value, caller: &Caller) -> Result<Vec<Policy>, ApiError> {
+    let refs = match body.get("policies") {
+        Some(Value::Array(refs)) if !refs.is_empty() => refs.clone(),
+        Some(Value::String(single)) => vec![Value::String(single.clone())],
+        _ => {
+            return Err(ApiError::bad(
+                "missing_policies",
+                "\"policies\" must list at least one policy: a name, a \"sha256:…\" version, or {\"text\": \"…\"}",
+            ));
+        }
+    };
+    let limit = state.config.limits.max_policies;
+    if refs.len() > limit {
+        return Err(ApiError::bad("too_many_policies", format!("{} policies given; the limit is {limit}", refs.len())));
+    }
+    let mut policies = Vec::with_capacity(refs.len());
+    for reference in &refs {
+        policies.push(resolve_policy(state, reference, caller).await?);
+    }
+    Ok(policies)
+}
+
+pub(crate) async fn parse_request(state: &AppState, body: &Value, caller: &Caller) -> Result<Parsed, ApiError> {
+    let content = parse_content(state, body)?;
+    let (settings, return_reasoning) = parse_settings(state, body)?;
+    if return_reasoning {
+        caller.require("audit")?;
+    }
+    let policies = parse_policies(state, body, caller).await?;
+    Ok(Parsed { content, policies, settings, return_reasoning })
+}
+
+pub(crate) fn options(settings: &Settings) -> ClassifyOptions {
+    ClassifyOptions {
+        effort: settings.effort,
+        date: None,
+        mode: settings.mode,
+        max_tokens: settings.max_tokens,
+        // Always kept: it is stored apart, readable with the audit scope, and stripped from replies.
+        include_reasoning: true,
+        sampling: Sampling::Greedy,
+    }
+}
+
+fn sampling_json(sampling: &Sampling) -> Value {
+    match sampling {
+        Sampling::Greedy => json!({"kind": "greedy"}),
+        Sampling::Seeded { seed, temperature, top_p } => {
+            json!({"kind": "seeded", "seed": seed, "temperature": temperature, "top_p": top_p})
+        }
+    }
+}
+
+pub(crate) fn outcome_str(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Allow => "allow",
+        Outcome::Violation => "violation",
+        Outcome::NeedsReview => "needs_review",
+    }
+}
+
+/// The stored form of a decision. The reasoning is returned apart, for its own table.
+pub(crate) fn record_of(
+    decision: &Decision,
+    policies: &[Policy],
+    content: &Content,
+    settings: &Settings,
+    source: &str,
+    job_id: Option<&str>,
+) -> (DecisionRecord, Vec<String>) {
+    let wire = serde_json::to_value(decision).unwrap_or(Value::Null);
+    let errors: Vec<String> = decision.prompts.iter().filter_map(|p| p.error.clone()).collect();
+    let prompt_hashes: Vec<&str> = decision.prompts.iter().filter_map(|p| p.prompt_sha256.as_deref()).collect();
+    let record = DecisionRecord {
+        id: decision.id.to_string(),
+        created_at: now_ms(),
+        policy_hashes: policies.iter().map(|p| p.hash.to_string()).collect(),
+        policy_names: policies.iter().map(|p| p.meta.name.clone()).collect(),
+        model_id: decision.model.clone(),
+        effort: settings.effort.to_string(),
+        prompt_hash: (!prompt_hashes.is_empty()).then(|| prompt_hashes.join(",")),
+        sampling: json!({"sampling": sampling_json(&options(settings).sampling), "mode": settings.mode, "max_tokens": settings.max_tokens}),
+        content: serde_json::to_value(content).unwrap_or(Value::Null),
+        verdicts: wire.get("verdicts").cloned().unwrap_or(Value::Array(Vec::new())),
+        outcome: outcome_str(decision.outcome).to_string(),
+        failure_reason: (!errors.is_empty()).then(|| errors.join("; ")),
+        timings: json!({"total": decision.timings, "prompts": wire.get("prompts").cloned().unwrap_or(Value::Null)}),
+        prompt_tokens: decision.usage.prompt_tokens as i64,
+        cached_prompt_tokens: decision.usage.cached_prompt_tokens as i64,
+        completion_tokens: decision.usage.completion_tokens as i64,
+        source: source.to_string(),
+        job_id: job_id.map(str::to_string),
+        replay_of: None,
+    };
+    (record, decision.reasoning.clone())
+}
+
+pub(crate) fn count_decision(decision: &Decision, source: &str, elapsed_secs: f64) {
+    let effort = decision.effort.to_string();
+    for verdict in &decision.verdicts {
+        metrics::counter!("safeguard_decisions_total",
+            "policy" => verdict.policy.clone(), "outcome" => outcome_str(verdict.outcome), "effort" => effort.clone())
+        .increment(1);
+    }
+    metrics::counter!("safeguard_outcomes_total", "outcome" => outcome_str(decision.outcome), "source" => source.to_string())
+        .increment(1);
+    metrics::histogram!("safeguard_decision_latency_seconds", "source" => source.to_string()).record(elapsed_secs);
+    let usage = decision.usage;
+    metrics::counter!("safeguard_tokens_total", "kind" => "prompt").increment(usage.prompt_tokens as u64);
+    metrics::counter!("safeguard_tokens_total", "kind" => "completion").increment(usage.completion_tokens as u64);
+    metrics::counter!("safeguard_prompt_cache_hit_tokens_total").increment(usage.cached_prompt_tokens as u64);
+}
+
+/// Classifies and stores one item. The decision is stored before it is returned.
+pub(crate) async fn decide_and_store(
+    state: &AppState,
+    policies: &[Policy],
+    content: &Content,
+    settings: &Settings,
+    source: &str,
+) -> Result<(Decision, DecisionRecord), ApiError> {
+    let started = Instant::now();
+    let decision = state.classifier.classify(policies, content, &options(settings)).await;
+    count_decision(&decision, source, started.elapsed().as_secs_f64());
+    let (record, reasoning) = record_of(&decision, policies, content, settings, source, None);
+    state.store.insert_decision(&record, Some(&reasoning)).await?;
+    Ok((decision, record))
+}
+
+/// The reply body for a decision: core's decision JSON plus what the service adds.
+pub(crate) fn decision_reply(decision: &Decision, record: &DecisionRecord, with_reasoning: bool) -> Value {
+    let mut value = serde_json::to_value(decision).unwrap_or(Value::Null);
+    if let Some(object) = value.as_object_mut() {
+        if !with_reasoning {
+            object.remove("reasoning");
+        }
+        object.insert("decision_id".into(), json!(record.id));
+        object.insert(
+            "policies".into(),
+            json!(
+                record
+                    .policy_names
+                    .iter()
+                    .zip(&record.policy_hashes)
+                    .map(|(n, h)| json!({"name": n, "hash": h}))
+                    .collect::<Vec<_>>()
+            ),
+        );
+        if let Some(reason) = &record.failure_reason {
+            object.insert("failure_reason".into(), json!(reason));
+        }
+    }
+    value
+}
+
+pub(crate) async fn classify(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require("classify")?;
+    let parsed = parse_request(&state, &body, &caller).await?;
+    let (decision, record) =
+        decide_and_store(&state, &parsed.policies, &parsed.content, &parsed.settings, "api").await?;
+    Ok(Json(decision_reply(&decision, &record, parsed.return_reasoning)))
+}
+
+/// `{"items": [{content…}, …], "policies": …, "effort": …}` → one result per item, in order: a decision, or
+/// the error for that item. Valid items are decided together in one `reason_batch`.
+pub(crate) async fn classify_batch(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require("classify")?;
+    let items = body
+        .get("items")
+        .and_then(Value::as_array)
+        .filter(|items| !items.is_empty())
+        .ok_or_else(|| ApiError::bad("missing_items", "\"items\" must be a non-empty array of contents"))?;
+    let limit = state.config.limits.max_batch_items;
+    if items.len() > limit {
+        return Err(ApiError::bad("too_many_items", format!("{} items given; the limit is {limit}", items.len())));
+    }
+    let (settings, return_reasoning) = parse_settings(&state, &body)?;
+    if return_reasoning {
+        caller.require("audit")?;
+    }
+    let policies = parse_policies(&state, &body, &caller).await?;
+    let parsed: Vec<Result<Content, ApiError>> = items.iter().map(|item| parse_content(&state, item)).collect();
+    let valid: Vec<Content> = parsed.iter().filter_map(|p| p.as_ref().ok().cloned()).collect();
+    let started = Instant::now();
+    let decisions = state.classifier.classify_many(&policies, &valid, &options(&settings)).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut decisions = decisions.into_iter().zip(valid.iter());
+    let mut results = Vec::with_capacity(items.len());
+    for item in parsed {
+        match item {
+            Err(error) => results.push(json!({"error": {"message": error.to_string()}})),
+            Ok(_) => {
+                let Some((decision, content)) = decisions.next() else {
+                    results.push(json!({"error": {"message": "no decision was produced for this item"}}));
+                    continue;
+                };
+                count_decision(&decision, "batch", elapsed);
+                let (record, reasoning) = record_of(&decision, &policies, content, &settings, "batch", None);
+                state.store.insert_decision(&record, Some(&reasoning)).await?;
+                results.push(decision_reply(&decision, &record, return_reasoning));
+            }
+        }
+    }
+    Ok(Json(json!({"results": results})))
+}

@@ -1,0 +1,143 @@
+//! The audit trail: list and read stored decisions; replay one against the same policy versions.
+
+use std::time::Instant;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use safeguard_harmony::{Content, Effort};
+use safeguard_store::{DecisionFilter, DecisionRecord};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::auth::Caller;
+use crate::classify::{Settings, count_decision, options, record_of};
+use crate::error::ApiError;
+use crate::policies::policy_of;
+
+pub(crate) fn record_reply(record: &DecisionRecord, reasoning: Option<Vec<String>>) -> Value {
+    let mut value = json!({
+        "id": record.id,
+        "created_at": record.created_at,
+        "outcome": record.outcome,
+        "verdicts": record.verdicts,
+        "policies": record.policy_names.iter().zip(&record.policy_hashes).map(|(n, h)| json!({"name": n, "hash": h})).collect::<Vec<_>>(),
+        "model": record.model_id,
+        "effort": record.effort,
+        "prompt_hash": record.prompt_hash,
+        "sampling": record.sampling,
+        "usage": {"prompt_tokens": record.prompt_tokens, "cached_prompt_tokens": record.cached_prompt_tokens,
+                  "completion_tokens": record.completion_tokens},
+        "timings": record.timings,
+        "source": record.source,
+        "job_id": record.job_id,
+        "replay_of": record.replay_of,
+        "failure_reason": record.failure_reason,
+    });
+    if let Some(reasoning) = reasoning {
+        value["reasoning"] = json!(reasoning);
+    }
+    value
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ListQuery {
+    outcome: Option<String>,
+    policy: Option<String>,
+    /// Unix milliseconds.
+    since: Option<i64>,
+    before: Option<i64>,
+    limit: Option<i64>,
+}
+
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require("review").or_else(|_| caller.require("audit"))?;
+    let Query(query) = query.map_err(|e| ApiError::bad("invalid_query", e.body_text()))?;
+    if let Some(outcome) = &query.outcome
+        && !["allow", "violation", "needs_review"].contains(&outcome.as_str())
+    {
+        return Err(ApiError::bad("invalid_query", "outcome is allow, violation or needs_review"));
+    }
+    let filter = DecisionFilter {
+        outcome: query.outcome,
+        policy: query.policy,
+        since: query.since,
+        before: query.before,
+        limit: query.limit.unwrap_or(50).clamp(1, 1000),
+    };
+    let decisions = state.store.list_decisions(&filter).await?;
+    Ok(Json(json!({"decisions": decisions.iter().map(|d| record_reply(d, None)).collect::<Vec<_>>()})))
+}
+
+pub(crate) async fn get_one(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require("review").or_else(|_| caller.require("audit")).or_else(|_| caller.require("classify"))?;
+    let record = state.store.get_decision(&id).await?.ok_or_else(|| ApiError::NotFound(format!("no decision {id}")))?;
+    // The chain of thought is for auditors only.
+    let reasoning = if caller.has("audit") { state.store.get_reasoning(&id).await? } else { None };
+    Ok(Json(record_reply(&record, reasoning)))
+}
+
+/// Re-runs a stored decision with the same content, policy versions, effort and mode; says whether the
+/// outcome or any verdict changed. The replay is stored too (`replay_of` points at the original).
+pub(crate) async fn replay(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require("audit").or_else(|_| caller.require("review"))?;
+    let original =
+        state.store.get_decision(&id).await?.ok_or_else(|| ApiError::NotFound(format!("no decision {id}")))?;
+    let content: Content = serde_json::from_value(original.content.clone())
+        .map_err(|e| ApiError::Unavailable(format!("stored content of {id} is unreadable: {e}")))?;
+    let mut policies = Vec::new();
+    for hash in &original.policy_hashes {
+        let stored = state
+            .store
+            .get_policy(hash)
+            .await?
+            .ok_or_else(|| ApiError::Unavailable(format!("policy {hash} is no longer stored")))?;
+        policies.push(policy_of(&stored)?);
+    }
+    let effort: Effort = original.effort.parse().unwrap_or_default();
+    let mode = original.sampling.get("mode").cloned().and_then(|m| serde_json::from_value(m).ok()).unwrap_or_default();
+    let max_tokens = original.sampling.get("max_tokens").and_then(Value::as_u64).map(|n| n as usize);
+    let settings = Settings { effort, mode, max_tokens };
+    let started = Instant::now();
+    let decision = state.classifier.classify(&policies, &content, &options(&settings)).await;
+    count_decision(&decision, "replay", started.elapsed().as_secs_f64());
+    let (mut record, reasoning) = record_of(&decision, &policies, &content, &settings, "replay", None);
+    record.replay_of = Some(original.id.clone());
+    state.store.insert_decision(&record, Some(&reasoning)).await?;
+    let verdict_summary = |verdicts: &Value| -> Vec<(Value, Value)> {
+        verdicts
+            .as_array()
+            .map(|vs| {
+                vs.iter()
+                    .map(|v| {
+                        (
+                            v.get("policy_hash").cloned().unwrap_or(Value::Null),
+                            v.get("outcome").cloned().unwrap_or(Value::Null),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let outcome_changed = original.outcome != record.outcome;
+    let verdicts_changed = verdict_summary(&original.verdicts) != verdict_summary(&record.verdicts);
+    Ok(Json(json!({
+        "original": record_reply(&original, None),
+        "replay": record_reply(&record, None),
+        "outcome_changed": outcome_changed,
+        "changed": outcome_changed || verdicts_changed,
+        "model_changed": original.model_id != record.model_id,
+    })))
+}

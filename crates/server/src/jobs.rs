@@ -1,0 +1,215 @@
+//! Asynchronous jobs: persisted before the 202, decided by a worker pool that claims them with a lease,
+//! finished exactly once (the store refuses a finish from a worker that lost its lease).
+
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use safeguard_harmony::Content;
+use safeguard_policy::Policy;
+use safeguard_store::{JobRecord, JobStatus, NewDelivery, NewJob};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::AppState;
+use crate::auth::Caller;
+use crate::classify::{Settings, count_decision, options, parse_request, record_of};
+use crate::error::{ApiError, ApiJson};
+use crate::policies::policy_of;
+
+/// What a job row holds: everything resolved, so the worker decides exactly what was accepted.
+#[derive(Debug, Serialize, Deserialize)]
+struct JobRequest {
+    content: Content,
+    policy_hashes: Vec<String>,
+    settings: Settings,
+}
+
+fn job_reply(job: &JobRecord) -> Value {
+    json!({
+        "id": job.id,
+        "status": job.status,
+        "attempts": job.attempts,
+        "decision_id": job.result_decision_id,
+        "error": job.error,
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+    })
+}
+
+pub(crate) async fn submit(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Response, ApiError> {
+    caller.require("classify")?;
+    let parsed = parse_request(&state, &body, &caller).await?;
+    let webhook_url = match body.get("webhook_url") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(url)) if url.starts_with("http://") || url.starts_with("https://") => Some(url.clone()),
+        Some(_) => return Err(ApiError::bad("invalid_webhook_url", "\"webhook_url\" must be an http(s) URL")),
+    };
+    let idempotency_key = match headers.get("idempotency-key") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .filter(|k| !k.is_empty() && k.len() <= 255)
+                .ok_or_else(|| {
+                    ApiError::bad("invalid_idempotency_key", "Idempotency-Key must be 1-255 visible ASCII characters")
+                })?
+                .to_string(),
+        ),
+    };
+    let request = JobRequest {
+        content: parsed.content,
+        policy_hashes: parsed.policies.iter().map(|p| p.hash.to_string()).collect(),
+        settings: parsed.settings,
+    };
+    let request_json = serde_json::to_value(&request).map_err(|e| ApiError::bad("invalid_request", e.to_string()))?;
+    let (job, created) = state
+        .store
+        .enqueue_job(&NewJob { request: request_json.clone(), idempotency_key, webhook_url: webhook_url.clone() })
+        .await?;
+    if !created && (job.request != request_json || job.webhook_url != webhook_url) {
+        return Err(ApiError::Conflict("this Idempotency-Key was already used for a different request".into()));
+    }
+    if created {
+        metrics::counter!("safeguard_jobs_submitted_total").increment(1);
+        state.jobs_waiting.notify_one();
+    }
+    let status = if created { StatusCode::ACCEPTED } else { StatusCode::OK };
+    Ok((status, Json(job_reply(&job))).into_response())
+}
+
+pub(crate) async fn get_one(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require("classify")?;
+    let job = state.store.get_job(&id).await?.ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
+    let mut reply = job_reply(&job);
+    // Until decided, the content's outcome is `pending`: it must not be shown as allowed.
+    reply["outcome"] = json!("pending");
+    if let Some(decision_id) = &job.result_decision_id
+        && let Some(decision) = state.store.get_decision(decision_id).await?
+    {
+        reply["outcome"] = json!(decision.outcome);
+        reply["decision"] = crate::decisions::record_reply(&decision, None);
+    }
+    if job.status == JobStatus::Failed {
+        reply["outcome"] = json!("needs_review");
+    }
+    Ok(Json(reply))
+}
+
+/// One worker: claim, decide, finish; until shutdown. The job in hand is always finished before exiting.
+pub(crate) async fn worker(state: AppState, index: usize, shutdown: CancellationToken) {
+    let lease_ms = state.config.job_lease.as_millis() as i64;
+    tracing::debug!(index, "job worker started");
+    loop {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        match state.store.claim_job(lease_ms).await {
+            Ok(Some(job)) => process(&state, job).await,
+            Ok(None) => {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = state.jobs_waiting.notified() => {}
+                    // Jobs also arrive from other server processes and from expired leases.
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "claiming a job failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+    tracing::debug!(index, "job worker stopped");
+}
+
+async fn load_policies(state: &AppState, hashes: &[String]) -> Result<Vec<Policy>, String> {
+    let mut policies = Vec::with_capacity(hashes.len());
+    for hash in hashes {
+        let stored = state
+            .store
+            .get_policy(hash)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("policy {hash} is not stored"))?;
+        policies.push(policy_of(&stored).map_err(|e| e.to_string())?);
+    }
+    Ok(policies)
+}
+
+#[tracing::instrument(skip_all, fields(job_id = %job.id, attempt = job.attempts))]
+async fn process(state: &AppState, job: JobRecord) {
+    let Some(token) = job.lease_token.clone() else { return };
+    let request: JobRequest = match serde_json::from_value(job.request.clone()) {
+        Ok(request) => request,
+        Err(err) => {
+            let _ = state.store.fail_job(&job.id, &token, &format!("stored request is unreadable: {err}")).await;
+            return;
+        }
+    };
+    let policies = match load_policies(state, &request.policy_hashes).await {
+        Ok(policies) => policies,
+        Err(err) => {
+            let _ = state.store.fail_job(&job.id, &token, &err).await;
+            return;
+        }
+    };
+    // Keep the lease alive while the model works, so a slow decision is not handed to a second worker.
+    let renew = {
+        let store = state.store.clone();
+        let (id, token) = (job.id.clone(), token.clone());
+        let lease = state.config.job_lease;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(lease / 3).await;
+                if !matches!(store.renew_lease(&id, &token, lease.as_millis() as i64).await, Ok(true)) {
+                    break;
+                }
+            }
+        })
+    };
+    let started = Instant::now();
+    let decision = state.classifier.classify(&policies, &request.content, &options(&request.settings)).await;
+    renew.abort();
+    count_decision(&decision, "job", started.elapsed().as_secs_f64());
+    let (record, reasoning) =
+        record_of(&decision, &policies, &request.content, &request.settings, "job", Some(&job.id));
+    let webhook = job.webhook_url.as_ref().map(|url| NewDelivery {
+        job_id: job.id.clone(),
+        url: url.clone(),
+        body: json!({
+            "type": "job.completed",
+            "job_id": job.id,
+            "decision_id": record.id,
+            "outcome": record.outcome,
+            "verdicts": record.verdicts,
+            "failure_reason": record.failure_reason,
+        })
+        .to_string(),
+    });
+    match state.store.finish_job(&job.id, &token, &record, Some(&reasoning), webhook.as_ref()).await {
+        Ok(true) => {
+            metrics::counter!("safeguard_jobs_finished_total").increment(1);
+            tracing::debug!(decision_id = %record.id, "job finished");
+        }
+        Ok(false) => tracing::warn!("job lease was lost before finishing; another worker owns it"),
+        // Nothing was written; the lease expires and the job is decided again.
+        Err(err) => tracing::error!(error = %err, "storing the job result failed"),
+    }
+}

@@ -1,0 +1,247 @@
+//! OpenAI-compatible surfaces, so existing clients and SDKs work unchanged:
+//! - `/v1/moderations`: OpenAI's moderation shape, decided by a configured policy set;
+//! - `/v1/chat/completions`: the served model itself, harmony-aware (reasoning returned apart);
+//! - `/v1/models`.
+
+use std::convert::Infallible;
+use std::time::Instant;
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::stream;
+use safeguard_core::{Mode, ReasonRequest};
+use safeguard_engine::Sampling;
+use safeguard_harmony::{ChatMessage, Content, Effort};
+use safeguard_store::now_ms;
+use safeguard_verdict::Outcome;
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::auth::Caller;
+use crate::classify::{Settings, count_decision, options, parse_settings, record_of};
+use crate::error::{ApiError, ApiJson};
+use crate::policies::policy_of;
+
+pub(crate) async fn models(State(state): State<AppState>, _caller: Caller) -> Json<Value> {
+    Json(
+        json!({"object": "list", "data": [{"id": state.reasoner.model_id(), "object": "model", "created": 0, "owned_by": "safeguard"}]}),
+    )
+}
+
+async fn moderation_policies(state: &AppState) -> Result<Vec<safeguard_policy::Policy>, ApiError> {
+    let names: Vec<String> = if state.config.moderation_policies.is_empty() {
+        safeguard_policy::STARTER_POLICIES.iter().map(|s| s.file_name.trim_end_matches(".md").to_string()).collect()
+    } else {
+        state.config.moderation_policies.clone()
+    };
+    let mut policies = Vec::new();
+    for name in names {
+        if let Some(stored) = state.store.active_policy(&name).await? {
+            policies.push(policy_of(&stored)?);
+        }
+    }
+    if policies.is_empty() {
+        return Err(ApiError::Unavailable("no moderation policies are configured".into()));
+    }
+    Ok(policies)
+}
+
+/// `{"input": "text" | ["text", …]}` → `{"id", "model", "results": [{"flagged", "categories", "category_scores"}]}`.
+/// One category per policy. Fail closed: an item that needs review is flagged, with score 0.5.
+pub(crate) async fn moderations(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require("classify")?;
+    let inputs: Vec<String> = match body.get("input") {
+        Some(Value::String(text)) => vec![text.clone()],
+        Some(Value::Array(items)) if !items.is_empty() => items
+            .iter()
+            .map(|item| match item {
+                Value::String(text) => Ok(text.clone()),
+                Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("text") => o
+                    .get("text")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                    .ok_or_else(|| ApiError::bad("invalid_input", "text part without \"text\"")),
+                _ => Err(ApiError::bad("invalid_input", "only text inputs are supported")),
+            })
+            .collect::<Result<_, _>>()?,
+        _ => return Err(ApiError::bad("invalid_input", "\"input\" must be a string or a non-empty array of strings")),
+    };
+    if inputs.len() > state.config.limits.max_batch_items {
+        return Err(ApiError::bad("too_many_items", format!("at most {} inputs", state.config.limits.max_batch_items)));
+    }
+    let mut contents = Vec::with_capacity(inputs.len());
+    for text in inputs {
+        contents.push(crate::classify::parse_content(&state, &json!({"text": text}))?);
+    }
+    let policies = moderation_policies(&state).await?;
+    let settings = Settings { effort: state.config.default_effort, mode: Mode::Separate, max_tokens: None };
+    let started = Instant::now();
+    let decisions = state.classifier.classify_many(&policies, &contents, &options(&settings)).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let mut results = Vec::with_capacity(decisions.len());
+    let mut ids = Vec::new();
+    for (decision, content) in decisions.iter().zip(&contents) {
+        count_decision(decision, "moderations", elapsed);
+        let (record, reasoning) = record_of(decision, &policies, content, &settings, "moderations", None);
+        state.store.insert_decision(&record, Some(&reasoning)).await?;
+        ids.push(record.id.clone());
+        let mut categories = serde_json::Map::new();
+        let mut scores = serde_json::Map::new();
+        let mut applied = serde_json::Map::new();
+        for verdict in &decision.verdicts {
+            let (flag, score) = match verdict.outcome {
+                Outcome::Violation => (true, 1.0),
+                Outcome::NeedsReview => (true, 0.5),
+                Outcome::Allow => (false, 0.0),
+            };
+            categories.insert(verdict.policy.clone(), json!(flag));
+            scores.insert(verdict.policy.clone(), json!(score));
+            applied.insert(verdict.policy.clone(), json!(["text"]));
+        }
+        results.push(json!({
+            "flagged": decision.outcome != Outcome::Allow,
+            "categories": categories,
+            "category_scores": scores,
+            "category_applied_input_types": applied,
+            "safeguard": {"decision_id": record.id, "outcome": record.outcome},
+        }));
+    }
+    Ok(Json(json!({
+        "id": format!("modr-{}", ids.first().cloned().unwrap_or_default()),
+        "model": state.reasoner.model_id(),
+        "results": results,
+    })))
+}
+
+fn message_text(content: &Value) -> Result<String, ApiError> {
+    match content {
+        Value::String(text) => Ok(text.clone()),
+        Value::Array(parts) => Ok(parts
+            .iter()
+            .filter_map(|p| {
+                (p.get("type").and_then(Value::as_str) == Some("text"))
+                    .then(|| p.get("text").and_then(Value::as_str))
+                    .flatten()
+            })
+            .collect::<Vec<_>>()
+            .join("")),
+        Value::Null => Ok(String::new()),
+        _ => Err(ApiError::bad("invalid_messages", "message content must be a string or text parts")),
+    }
+}
+
+/// Chat Completions for the served model. System and developer messages become the harmony developer
+/// message (the policy); the rest is the content: one user message as text, several as a conversation.
+pub(crate) async fn chat_completions(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiJson(body): ApiJson<Value>,
+) -> Result<Response, ApiError> {
+    caller.require("classify")?;
+    let messages = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| ApiError::bad("invalid_messages", "\"messages\" must be a non-empty array"))?;
+    let mut instructions = Vec::new();
+    let mut chat = Vec::new();
+    for message in messages {
+        let role = message
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::bad("invalid_messages", "every message needs a \"role\""))?;
+        let text = message_text(message.get("content").unwrap_or(&Value::Null))?;
+        match role {
+            "system" | "developer" => instructions.push(text),
+            "user" | "assistant" | "tool" => chat.push(ChatMessage::new(role, text)),
+            other => return Err(ApiError::bad("invalid_messages", format!("unknown role {other:?}"))),
+        }
+    }
+    let content = match chat.as_slice() {
+        [] => return Err(ApiError::bad("invalid_messages", "at least one user message is needed")),
+        [only] if only.role == "user" => Content::text(only.content.clone()),
+        _ => Content::Conversation { messages: chat },
+    };
+    let content = crate::classify::parse_content(&state, &json!({"content": content}))?;
+    let mut settings_body = json!({});
+    if let Some(effort) = body.get("reasoning_effort") {
+        settings_body["effort"] = effort.clone();
+    }
+    if let Some(max) = body.get("max_completion_tokens").or_else(|| body.get("max_tokens")) {
+        settings_body["max_tokens"] = max.clone();
+    }
+    let (settings, _) = parse_settings(&state, &settings_body)?;
+    let effort: Effort = settings.effort;
+    let sampling = match (body.get("seed").and_then(Value::as_u64), body.get("temperature").and_then(Value::as_f64)) {
+        (Some(seed), temperature) if temperature.unwrap_or(1.0) > 0.0 => Sampling::Seeded {
+            seed: seed as u32,
+            temperature: temperature.unwrap_or(1.0) as f32,
+            top_p: body.get("top_p").and_then(Value::as_f64).unwrap_or(1.0) as f32,
+        },
+        _ => Sampling::Greedy,
+    };
+    let request = ReasonRequest {
+        instructions: instructions.join("\n\n"),
+        content,
+        effort,
+        date: None,
+        max_tokens: settings.max_tokens.unwrap_or(safeguard_core::USE_EFFORT_BUDGET),
+        sampling,
+    };
+    let started = Instant::now();
+    let output =
+        state.reasoner.reason(request).await.map_err(|e| ApiError::Unavailable(format!("the model failed: {e}")))?;
+    metrics::histogram!("safeguard_chat_latency_seconds").record(started.elapsed().as_secs_f64());
+    let model =
+        body.get("model").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| state.reasoner.model_id());
+    let id = format!("chatcmpl-{}", uuid::Uuid::now_v7().simple());
+    let created = now_ms() / 1000;
+    let finish_reason = if output.truncated { "length" } else { "stop" };
+    let usage = json!({
+        "prompt_tokens": output.usage.prompt_tokens,
+        "completion_tokens": output.usage.completion_tokens,
+        "total_tokens": output.usage.prompt_tokens + output.usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": output.usage.cached_prompt_tokens},
+    });
+    let reasoning = output.analysis.clone();
+    let answer = output.final_text.clone().unwrap_or_default();
+    if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
+        // The reasoner answers whole; the stream carries reasoning, then the answer, then usage.
+        let chunk = |delta: Value, finish: Value| {
+            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+        };
+        let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
+        if let Some(r) = &reasoning {
+            events.push(chunk(json!({"reasoning": r, "reasoning_content": r}), Value::Null));
+        }
+        events.push(chunk(json!({"content": answer}), Value::Null));
+        events.push(chunk(json!({}), json!(finish_reason)));
+        if body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false) {
+            events.push(json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage}));
+        }
+        let mut items: Vec<Result<Event, Infallible>> =
+            events.into_iter().map(|e| Ok(Event::default().data(e.to_string()))).collect();
+        items.push(Ok(Event::default().data("[DONE]")));
+        return Ok(Sse::new(stream::iter(items)).into_response());
+    }
+    Ok(Json(json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": answer, "reasoning": reasoning, "reasoning_content": reasoning},
+            "finish_reason": finish_reason,
+        }],
+        "usage": usage,
+    }))
+    .into_response())
+}

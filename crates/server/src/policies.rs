@@ -1,0 +1,228 @@
+//! Policy versions: immutable, identified by the sha256 of their body; names point at an active version.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use safeguard_policy::{Policy, STARTER_POLICIES};
+use safeguard_store::{Store, StoreError, StoredPolicy};
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::auth::Caller;
+use crate::error::ApiError;
+
+/// What we keep beside the body so the exact `Policy` (front matter included) can be rebuilt.
+fn stored_meta(policy: &Policy, source: &str, fallback_name: Option<&str>) -> Value {
+    json!({"meta": policy.meta, "source": source, "fallback_name": fallback_name})
+}
+
+/// Rebuilds a stored version by re-parsing its source, and checks it still hashes to its id.
+pub(crate) fn policy_of(stored: &StoredPolicy) -> Result<Policy, ApiError> {
+    let source = stored.meta.get("source").and_then(Value::as_str).unwrap_or(&stored.body);
+    let fallback = stored.meta.get("fallback_name").and_then(Value::as_str).or(Some(stored.name.as_str()));
+    let policy = Policy::parse_with_fallback_name(source, fallback)
+        .map_err(|e| ApiError::Unavailable(format!("stored policy {} no longer parses: {e}", stored.hash)))?;
+    if policy.hash.to_string() != stored.hash {
+        return Err(ApiError::Unavailable(format!(
+            "stored policy {} re-parses to {}; refusing to use a different version",
+            stored.hash, policy.hash
+        )));
+    }
+    Ok(policy)
+}
+
+async fn store_policy(
+    store: &Store,
+    policy: &Policy,
+    source: &str,
+    fallback: Option<&str>,
+    pin: bool,
+) -> Result<(StoredPolicy, bool), ApiError> {
+    Ok(store
+        .put_policy(
+            &policy.hash.to_string(),
+            &policy.meta.name,
+            &policy.body,
+            &stored_meta(policy, source, fallback),
+            pin,
+        )
+        .await?)
+}
+
+/// The shipped starter policies become the first versions of their names (a no-op when already stored).
+pub(crate) async fn seed_starter_library(store: &Store) -> Result<(), StoreError> {
+    for starter in STARTER_POLICIES {
+        let stem = starter.file_name.trim_end_matches(".md");
+        match Policy::parse_with_fallback_name(starter.source, Some(stem)) {
+            Ok(policy) => {
+                store
+                    .put_policy(
+                        &policy.hash.to_string(),
+                        &policy.meta.name,
+                        &policy.body,
+                        &stored_meta(&policy, starter.source, Some(stem)),
+                        true,
+                    )
+                    .await?;
+            }
+            Err(err) => {
+                tracing::error!(file = starter.file_name, error = %err, "starter policy does not parse; not served")
+            }
+        }
+    }
+    Ok(())
+}
+
+fn looks_like_hash(id: &str) -> bool {
+    id.starts_with("sha256:")
+}
+
+/// A policy reference in a request: `"name"` (its active version), `"sha256:…"`, or `{"text": "…"}` inline.
+pub(crate) async fn resolve_policy(state: &AppState, reference: &Value, _caller: &Caller) -> Result<Policy, ApiError> {
+    match reference {
+        Value::String(id) if looks_like_hash(id) => {
+            let stored = state
+                .store
+                .get_policy(id)
+                .await?
+                .ok_or_else(|| ApiError::bad("unknown_policy", format!("no policy version {id}")))?;
+            policy_of(&stored)
+        }
+        Value::String(name) => {
+            let stored = state.store.active_policy(name).await?.ok_or_else(|| {
+                ApiError::bad("unknown_policy", format!("no policy named {name:?}; POST it to /v1/policies first"))
+            })?;
+            policy_of(&stored)
+        }
+        Value::Object(object) => {
+            let text = object
+                .get("text")
+                .and_then(Value::as_str)
+                .ok_or_else(|| ApiError::bad("invalid_policy", "an inline policy is {\"text\": \"…\"}"))?;
+            let name = object.get("name").and_then(Value::as_str);
+            let policy = Policy::parse_with_fallback_name(text, Some(name.unwrap_or("inline")))
+                .map_err(|e| ApiError::bad("invalid_policy", format!("inline policy: {e}")))?;
+            // Stored (unpinned) so that the decision's policy hash can be looked up and replayed.
+            store_policy(&state.store, &policy, text, Some(name.unwrap_or("inline")), false).await?;
+            Ok(policy)
+        }
+        _ => Err(ApiError::bad("invalid_policy", "a policy is a name, a \"sha256:…\" version, or {\"text\": \"…\"}")),
+    }
+}
+
+fn summary(p: &StoredPolicy) -> Value {
+    json!({"id": p.hash, "hash": p.hash, "name": p.name, "active": p.active, "created_at": p.created_at,
+           "version": p.meta.get("meta").and_then(|m| m.get("version")).cloned().unwrap_or(Value::Null)})
+}
+
+fn full(p: &StoredPolicy) -> Value {
+    let mut value = summary(p);
+    value["body"] = json!(p.body);
+    value["meta"] = p.meta.get("meta").cloned().unwrap_or(Value::Null);
+    value["source"] = p.meta.get("source").cloned().unwrap_or(Value::Null);
+    value
+}
+
+/// `POST /v1/policies`: markdown as the body, or JSON `{"text": "…", "name": "…"}`. 201 for a new version,
+/// 200 when that exact body is already stored.
+pub(crate) async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    caller.require("policies:write")?;
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(e.body_text())
+        } else {
+            ApiError::bad("invalid_body", e.body_text())
+        }
+    })?;
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/json"));
+    let (text, name) = if is_json {
+        let value: Value = serde_json::from_slice(&body).map_err(|e| ApiError::bad("invalid_json", e.to_string()))?;
+        let text = value
+            .get("text")
+            .and_then(Value::as_str)
+            .ok_or_else(|| ApiError::bad("invalid_policy", "expected {\"text\": \"<policy markdown>\"}"))?
+            .to_string();
+        (text, value.get("name").and_then(Value::as_str).map(str::to_string))
+    } else {
+        let text = String::from_utf8(body.to_vec())
+            .map_err(|_| ApiError::bad("invalid_policy", "the policy is not valid UTF-8"))?;
+        (text, None)
+    };
+    let policy = Policy::parse_with_fallback_name(&text, name.as_deref())
+        .map_err(|e| ApiError::bad("invalid_policy", e.to_string()))?;
+    let (stored, created) = store_policy(&state.store, &policy, &text, name.as_deref(), true).await?;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(full(&stored))).into_response())
+}
+
+pub(crate) async fn list(State(state): State<AppState>, _caller: Caller) -> Result<Json<Value>, ApiError> {
+    let policies = state.store.list_policies().await?;
+    Ok(Json(json!({"policies": policies.iter().map(summary).collect::<Vec<_>>()})))
+}
+
+async fn find(state: &AppState, id: &str) -> Result<StoredPolicy, ApiError> {
+    let found =
+        if looks_like_hash(id) { state.store.get_policy(id).await? } else { state.store.active_policy(id).await? };
+    found.ok_or_else(|| ApiError::NotFound(format!("no policy {id:?}")))
+}
+
+/// A hash gives that version; a name gives its active version and the list of all its versions.
+pub(crate) async fn get_one(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let policy = find(&state, &id).await?;
+    let mut value = full(&policy);
+    if !looks_like_hash(&id) {
+        let versions = state.store.policy_versions(&policy.name).await?;
+        value["versions"] = json!(versions.iter().map(summary).collect::<Vec<_>>());
+    }
+    Ok(Json(value))
+}
+
+/// Unified diff of two versions' bodies (names resolve to their active versions).
+pub(crate) async fn diff(
+    State(state): State<AppState>,
+    _caller: Caller,
+    Path((id, other)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let from = find(&state, &id).await?;
+    let to = find(&state, &other).await?;
+    let text = similar::TextDiff::from_lines(&from.body, &to.body)
+        .unified_diff()
+        .context_radius(3)
+        .header(&from.hash, &to.hash)
+        .to_string();
+    Ok(([(header::CONTENT_TYPE, "text/x-diff; charset=utf-8")], text).into_response())
+}
+
+pub(crate) async fn activate(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    crate::error::ApiJson(body): crate::error::ApiJson<Value>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require("policies:write")?;
+    let hash = body
+        .get("hash")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::bad("invalid_request", "expected {\"hash\": \"sha256:…\"}"))?;
+    match state.store.activate_policy(&name, hash).await {
+        Ok(policy) => Ok(Json(full(&policy))),
+        Err(StoreError::PolicyNotFound(h)) => Err(ApiError::NotFound(format!("no policy version {h}"))),
+        Err(e @ StoreError::PolicyNameMismatch { .. }) => Err(ApiError::bad("policy_name_mismatch", e.to_string())),
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,484 @@
+//! The HTTP API end to end over a real socket, with a scripted reasoner standing in for the model:
+//! content containing "BUY NOW" is spam ("1"), "FAIL" makes the backend fail, "SLOW" makes it hang.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use safeguard_core::{ReasonError, ReasonOutput, ReasonRequest, Reasoner, Usage};
+use safeguard_server::{RunningServer, Server, ServerConfig, verify_webhook};
+use safeguard_store::Store;
+use serde_json::{Value, json};
+
+const ADMIN: &str = "test-admin-key";
+
+struct ScriptedReasoner {
+    calls: AtomicUsize,
+}
+
+#[async_trait]
+impl Reasoner for ScriptedReasoner {
+    fn model_id(&self) -> String {
+        "scripted-test-model".into()
+    }
+
+    async fn reason(&self, req: ReasonRequest) -> Result<ReasonOutput, ReasonError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let text = serde_json::to_string(&req.content).unwrap();
+        if text.contains("FAIL") {
+            return Err(ReasonError::Backend("scripted backend failure".into()));
+        }
+        if text.contains("SLOW") {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        if text.contains("WAIT") {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
+        let spam = text.contains("BUY NOW");
+        Ok(ReasonOutput {
+            analysis: Some(format!("The content {} promotional.", if spam { "is" } else { "is not" })),
+            final_text: Some(if spam { "1" } else { "0" }.into()),
+            truncated: false,
+            usage: Usage { prompt_tokens: 100, cached_prompt_tokens: 40, completion_tokens: 12 },
+            prompt_sha256: Some("sha256:feed".into()),
+            ..ReasonOutput::default()
+        })
+    }
+}
+
+struct Harness {
+    server: Option<RunningServer>,
+    base: String,
+    http: reqwest::Client,
+    reasoner: Arc<ScriptedReasoner>,
+    store: Store,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    async fn start(tweak: impl FnOnce(&mut ServerConfig)) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite")).await.unwrap();
+        let mut config = ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_key: Some(ADMIN.into()),
+            webhook_secret: "hook-secret".into(),
+            reason_timeout: Duration::from_secs(2),
+            webhook_backoff: Duration::from_millis(50),
+            ..ServerConfig::default()
+        };
+        tweak(&mut config);
+        let reasoner = Arc::new(ScriptedReasoner { calls: AtomicUsize::new(0) });
+        let server = Server::start(config, reasoner.clone(), store.clone()).await.unwrap();
+        let base = format!("http://{}", server.addr);
+        Harness { server: Some(server), base, http: reqwest::Client::new(), reasoner, store, _dir: dir }
+    }
+
+    async fn call(&self, method: &str, path: &str, key: Option<&str>, body: Option<Value>) -> (u16, Value) {
+        let mut request = self.http.request(method.parse().unwrap(), format!("{}{path}", self.base));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn key(&self, scopes: &[&str]) -> String {
+        let scopes: Vec<String> = scopes.iter().map(|s| s.to_string()).collect();
+        self.store.create_api_key("test", &scopes).await.unwrap().1
+    }
+}
+
+#[tokio::test]
+async fn auth_scopes_and_json_errors() {
+    let h = Harness::start(|_| {}).await;
+    let (status, body) = h.call("POST", "/v1/classify", None, Some(json!({"text": "hi", "policies": ["spam"]}))).await;
+    assert_eq!(status, 401);
+    assert_eq!(body["error"]["code"], "unauthorized");
+    let (status, _) =
+        h.call("POST", "/v1/classify", Some("sg_not_a_key"), Some(json!({"text": "hi", "policies": ["spam"]}))).await;
+    assert_eq!(status, 401);
+    let classify_only = h.key(&["classify"]).await;
+    let (status, body) =
+        h.call("POST", "/v1/policies", Some(&classify_only), Some(json!({"text": "# X\n\nbody 0 or 1"}))).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("policies:write"));
+    let (status, _) = h.call("GET", "/v1/decisions", Some(&classify_only), None).await;
+    assert_eq!(status, 403);
+    let (status, body) = h
+        .call(
+            "POST",
+            "/v1/classify",
+            Some(&classify_only),
+            Some(json!({"text": "hi", "policies": ["spam"], "return_reasoning": true})),
+        )
+        .await;
+    assert_eq!(status, 403, "reasoning needs audit: {body}");
+    // Health and docs need no key.
+    assert_eq!(h.call("GET", "/healthz", None, None).await.0, 200);
+    let (status, ready) = h.call("GET", "/readyz", None, None).await;
+    assert_eq!((status, ready["database"].clone()), (200, json!(true)));
+    let (status, spec) = h.call("GET", "/openapi.json", None, None).await;
+    assert_eq!(status, 200);
+    assert!(spec["paths"]["/v1/classify"]["post"].is_object());
+}
+
+#[tokio::test]
+async fn classify_decides_stores_and_fails_closed() {
+    let h = Harness::start(|_| {}).await;
+    let key = h.key(&["classify"]).await;
+    let (status, spam) = h
+        .call(
+            "POST",
+            "/v1/classify",
+            Some(&key),
+            Some(json!({"text": "BUY NOW cheap pills", "policies": ["spam"], "effort": "low"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{spam}");
+    assert_eq!(spam["outcome"], "violation");
+    assert_eq!(spam["verdicts"][0]["policy"], "spam");
+    assert!(spam["verdicts"][0]["policy_hash"].as_str().unwrap().starts_with("sha256:"));
+    assert_eq!(spam["usage"]["prompt_tokens"], 100);
+    assert!(spam.get("reasoning").is_none(), "no reasoning without asking");
+    let (_, ok) = h
+        .call("POST", "/v1/classify", Some(&key), Some(json!({"prompt": "how do I bake bread?", "policies": ["spam"]})))
+        .await;
+    assert_eq!(ok["outcome"], "allow");
+
+    // A backend failure and a timeout are needs_review with the reason, and stored.
+    let (status, failed) =
+        h.call("POST", "/v1/classify", Some(&key), Some(json!({"text": "FAIL please", "policies": ["spam"]}))).await;
+    assert_eq!(status, 200);
+    assert_eq!(failed["outcome"], "needs_review");
+    assert!(failed["failure_reason"].as_str().unwrap().contains("scripted backend failure"), "{failed}");
+    let (_, slow) =
+        h.call("POST", "/v1/classify", Some(&key), Some(json!({"text": "SLOW", "policies": ["spam"]}))).await;
+    assert_eq!(slow["outcome"], "needs_review");
+    assert!(slow["failure_reason"].as_str().unwrap().contains("timed out"), "{slow}");
+
+    let auditor = h.key(&["audit"]).await;
+    let id = spam["decision_id"].as_str().unwrap();
+    let (status, stored) = h.call("GET", &format!("/v1/decisions/{id}"), Some(&auditor), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(stored["outcome"], "violation");
+    assert_eq!(stored["source"], "api");
+    assert_eq!(stored["reasoning"][0], "The content is promotional.");
+    let reviewer = h.key(&["review"]).await;
+    let (_, redacted) = h.call("GET", &format!("/v1/decisions/{id}"), Some(&reviewer), None).await;
+    assert!(redacted.get("reasoning").is_none(), "reasoning is audit-only: {redacted}");
+
+    let (_, list) = h.call("GET", "/v1/decisions?outcome=needs_review&limit=10", Some(&reviewer), None).await;
+    assert_eq!(list["decisions"].as_array().unwrap().len(), 2);
+    let (_, by_policy) = h.call("GET", "/v1/decisions?policy=spam", Some(&reviewer), None).await;
+    assert_eq!(by_policy["decisions"].as_array().unwrap().len(), 4);
+    let (status, _) = h.call("GET", "/v1/decisions?outcome=maybe", Some(&reviewer), None).await;
+    assert_eq!(status, 400);
+
+    // Replay: same policy version and effort, same scripted answer -> unchanged.
+    let (status, replay) = h.call("POST", &format!("/v1/decisions/{id}/replay"), Some(&auditor), None).await;
+    assert_eq!(status, 200, "{replay}");
+    assert_eq!(replay["changed"], false);
+    assert_eq!(replay["replay"]["replay_of"], id);
+    assert_eq!(replay["replay"]["policies"], stored["policies"]);
+
+    // Batch: valid items decided together; a bad item gets its own error.
+    let (status, batch) = h
+        .call(
+            "POST",
+            "/v1/classify/batch",
+            Some(&key),
+            Some(json!({"items": [{"text": "BUY NOW"}, {"text": ""}, {"text": "hello"}], "policies": ["spam"]})),
+        )
+        .await;
+    assert_eq!(status, 200, "{batch}");
+    let results = batch["results"].as_array().unwrap();
+    assert_eq!(results[0]["outcome"], "violation");
+    assert!(results[1]["error"]["message"].as_str().unwrap().contains("empty"));
+    assert_eq!(results[2]["outcome"], "allow");
+
+    let (_, metrics) = h.call("GET", "/metrics", None, None).await;
+    let metrics = metrics.as_str().unwrap().to_string();
+    assert!(metrics.contains("safeguard_decisions_total"), "{metrics}");
+    assert!(metrics.contains("safeguard_backend_errors_total"));
+    assert!(metrics.contains("safeguard_decision_latency_seconds_bucket"));
+}
+
+#[tokio::test]
+async fn policies_are_versioned_pinned_and_diffed() {
+    let h = Harness::start(|_| {}).await;
+    let writer = h.key(&["policies:write", "classify"]).await;
+    let v1 = "---\nname: promo\noutput: binary\n---\n# Promo\n\nReturn 1 if the content is promotion, else 0.\n";
+    let response = h.http.post(format!("{}/v1/policies", h.base)).bearer_auth(&writer).body(v1).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 201);
+    let first: Value = response.json().await.unwrap();
+    let (status, again) = h.call("POST", "/v1/policies", Some(&writer), Some(json!({"text": v1}))).await;
+    assert_eq!(status, 200, "same body, same version");
+    assert_eq!(again["id"], first["id"]);
+    let v2 = v1.replace("promotion", "advertising");
+    let (status, second) = h.call("POST", "/v1/policies", Some(&writer), Some(json!({"text": v2}))).await;
+    assert_eq!(status, 201);
+    assert_eq!(second["active"], false, "a new version waits for activation");
+    let (_, active) = h.call("GET", "/v1/policies/promo", Some(&writer), None).await;
+    assert_eq!(active["hash"], first["hash"]);
+    assert_eq!(active["versions"].as_array().unwrap().len(), 2);
+    let (status, _) =
+        h.call("POST", "/v1/policies/promo/activate", Some(&writer), Some(json!({"hash": second["hash"]}))).await;
+    assert_eq!(status, 200);
+    let (_, active) = h.call("GET", "/v1/policies/promo", Some(&writer), None).await;
+    assert_eq!(active["hash"], second["hash"]);
+    let (status, _) =
+        h.call("POST", "/v1/policies/spam/activate", Some(&writer), Some(json!({"hash": second["hash"]}))).await;
+    assert_eq!(status, 400, "a version of another name cannot be pinned");
+    let (status, diff) = h
+        .call(
+            "GET",
+            &format!("/v1/policies/{}/diff/{}", first["hash"].as_str().unwrap(), second["hash"].as_str().unwrap()),
+            Some(&writer),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let diff = diff.as_str().unwrap();
+    assert!(
+        diff.contains("-Return 1 if the content is promotion")
+            && diff.contains("+Return 1 if the content is advertising"),
+        "{diff}"
+    );
+    let (_, list) = h.call("GET", "/v1/policies", Some(&writer), None).await;
+    assert!(list["policies"].as_array().unwrap().iter().any(|p| p["name"] == "spam"), "starter library seeded");
+    let (status, bad) =
+        h.call("POST", "/v1/policies", Some(&writer), Some(json!({"text": "---\nname: x\n---\n"}))).await;
+    assert_eq!(status, 400, "{bad}");
+    // Classify by version hash and with an inline policy.
+    let (status, by_hash) = h
+        .call(
+            "POST",
+            "/v1/classify",
+            Some(&writer),
+            Some(
+                json!({"text": "BUY NOW", "policies": [first["hash"], {"text": v1.replace("promo", "inline-promo")}]}),
+            ),
+        )
+        .await;
+    assert_eq!(status, 200, "{by_hash}");
+    assert_eq!(by_hash["verdicts"].as_array().unwrap().len(), 2);
+    let (status, _) =
+        h.call("POST", "/v1/classify", Some(&writer), Some(json!({"text": "x", "policies": ["no-such-policy"]}))).await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test]
+async fn limits_give_clear_4xx() {
+    let h = Harness::start(|c| {
+        c.limits.max_body_bytes = 4096;
+        c.limits.max_content_tokens = 50;
+        c.limits.max_policies = 2;
+        c.limits.max_tokens = 1000;
+        c.rate_limit_per_minute = 60;
+        c.rate_limit_burst = 12;
+    })
+    .await;
+    let key = h.key(&["classify"]).await;
+    let (status, body) = h
+        .call("POST", "/v1/classify", Some(&key), Some(json!({"text": "word ".repeat(200), "policies": ["spam"]})))
+        .await;
+    assert_eq!((status, body["error"]["code"].clone()), (400, json!("content_too_long")), "{body}");
+    let (status, body) =
+        h.call("POST", "/v1/classify", Some(&key), Some(json!({"text": "x".repeat(5000), "policies": ["spam"]}))).await;
+    assert_eq!((status, body["error"]["code"].clone()), (413, json!("payload_too_large")), "{body}");
+    let (status, body) = h
+        .call("POST", "/v1/classify", Some(&key), Some(json!({"text": "x", "policies": ["spam", "hate", "violence"]})))
+        .await;
+    assert_eq!((status, body["error"]["code"].clone()), (400, json!("too_many_policies")));
+    let (status, body) = h
+        .call("POST", "/v1/classify", Some(&key), Some(json!({"text": "x", "policies": ["spam"], "max_tokens": 5000})))
+        .await;
+    assert_eq!((status, body["error"]["code"].clone()), (400, json!("max_tokens_exceeded")));
+    let (status, body) = h.call("POST", "/v1/classify", Some(&key), Some(json!({"policies": ["spam"]}))).await;
+    assert_eq!((status, body["error"]["code"].clone()), (400, json!("invalid_content")));
+    let (status, _) = h
+        .call("POST", "/v1/classify", Some(&key), Some(json!({"text": "x", "policies": ["spam"], "effort": "extreme"})))
+        .await;
+    assert_eq!(status, 400);
+    let response = h
+        .http
+        .post(format!("{}/v1/classify", h.base))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body("{oops")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    // Burst of 12 spent above (7 calls) -> a few more pass, then 429 with Retry-After.
+    let mut limited = None;
+    for _ in 0..10 {
+        let response = h.http.get(format!("{}/v1/policies", h.base)).bearer_auth(&key).send().await.unwrap();
+        if response.status().as_u16() == 429 {
+            limited = Some(response);
+            break;
+        }
+    }
+    let limited = limited.expect("rate limit reached");
+    assert!(limited.headers().get("retry-after").unwrap().to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    let body: Value = limited.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited");
+}
+
+#[tokio::test]
+async fn jobs_are_idempotent_finished_once_and_signed_webhooks_arrive() {
+    // A webhook receiver that fails the first delivery, then accepts.
+    let received: Arc<tokio::sync::Mutex<Vec<(String, String, String)>>> = Arc::default();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let receiver = {
+        let received = received.clone();
+        let hits = hits.clone();
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+                let received = received.clone();
+                let hits = hits.clone();
+                async move {
+                    if hits.fetch_add(1, Ordering::SeqCst) == 0 {
+                        return axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+                    }
+                    let header = |name: &str| headers.get(name).unwrap().to_str().unwrap().to_string();
+                    received.lock().await.push((
+                        header("x-safeguard-signature"),
+                        header("x-safeguard-timestamp"),
+                        body,
+                    ));
+                    axum::http::StatusCode::OK
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, receiver).await.unwrap() });
+
+    let h = Harness::start(|_| {}).await;
+    let key = h.key(&["classify"]).await;
+    let submit = |body: Value, idem: &'static str| {
+        let request =
+            h.http.post(format!("{}/v1/jobs", h.base)).bearer_auth(&key).header("Idempotency-Key", idem).json(&body);
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        }
+    };
+    let body = json!({"text": "BUY NOW", "policies": ["spam"], "webhook_url": hook_url});
+    let (status, job) = submit(body.clone(), "idem-1").await;
+    assert_eq!(status, 202, "{job}");
+    let (status, again) = submit(body.clone(), "idem-1").await;
+    assert_eq!((status, &again["id"]), (200, &job["id"]));
+    let (status, conflict) = submit(json!({"text": "other", "policies": ["spam"]}), "idem-1").await;
+    assert_eq!(status, 409, "{conflict}");
+    let (status, bad) = submit(json!({"text": "x", "policies": ["nope"]}), "idem-2").await;
+    assert_eq!(status, 400, "a bad job is refused before it is queued: {bad}");
+
+    let id = job["id"].as_str().unwrap();
+    let mut done = Value::Null;
+    for _ in 0..100 {
+        let (_, polled) = h.call("GET", &format!("/v1/jobs/{id}"), Some(&key), None).await;
+        if polled["status"] == "done" {
+            done = polled;
+            break;
+        }
+        assert_eq!(polled["outcome"], "pending");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(done["outcome"], "violation", "{done}");
+    assert_eq!(h.store.decisions_for_job(id).await.unwrap(), 1);
+
+    for _ in 0..100 {
+        if !received.lock().await.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deliveries = received.lock().await.clone();
+    assert_eq!(deliveries.len(), 1, "delivered once, after one retry");
+    let (signature, timestamp, payload) = &deliveries[0];
+    assert!(verify_webhook("hook-secret", timestamp.parse().unwrap(), payload, signature));
+    let payload: Value = serde_json::from_str(payload).unwrap();
+    assert_eq!(payload["job_id"], id);
+    assert_eq!(payload["outcome"], "violation");
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn shutdown_drains_in_flight_jobs() {
+    let mut h = Harness::start(|_| {}).await;
+    let key = h.key(&["classify"]).await;
+    let (status, job) =
+        h.call("POST", "/v1/jobs", Some(&key), Some(json!({"text": "WAIT then BUY NOW", "policies": ["spam"]}))).await;
+    assert_eq!(status, 202);
+    // Let a worker pick it up, then shut down while it is reasoning.
+    for _ in 0..50 {
+        if h.reasoner.calls.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    h.server.take().unwrap().shutdown().await.unwrap();
+    let stored = h.store.get_job(job["id"].as_str().unwrap()).await.unwrap().unwrap();
+    assert_eq!(stored.status, safeguard_store::JobStatus::Done, "the in-flight job finished before exit");
+}
+
+#[tokio::test]
+async fn openai_moderations_and_chat_shapes() {
+    let h = Harness::start(|c| c.moderation_policies = vec!["spam".into()]).await;
+    let key = h.key(&["classify"]).await;
+    let (status, moderation) =
+        h.call("POST", "/v1/moderations", Some(&key), Some(json!({"input": ["BUY NOW!!!", "hello", "FAIL"]}))).await;
+    assert_eq!(status, 200, "{moderation}");
+    let results = moderation["results"].as_array().unwrap();
+    assert_eq!(results[0]["flagged"], true);
+    assert_eq!(results[0]["categories"]["spam"], true);
+    assert_eq!(results[1]["flagged"], false);
+    assert_eq!(results[1]["category_scores"]["spam"], 0.0);
+    assert_eq!(results[2]["flagged"], true, "a failure is flagged, never allowed");
+    assert_eq!(moderation["model"], "scripted-test-model");
+
+    let chat = json!({"model": "x", "messages": [{"role": "system", "content": "policy"}, {"role": "user", "content": "BUY NOW"}], "reasoning_effort": "high"});
+    let (status, reply) = h.call("POST", "/v1/chat/completions", Some(&key), Some(chat.clone())).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["choices"][0]["message"]["content"], "1");
+    assert_eq!(reply["choices"][0]["message"]["reasoning_content"], "The content is promotional.");
+    assert_eq!(reply["usage"]["total_tokens"], 112);
+    let mut streaming = chat.clone();
+    streaming["stream"] = json!(true);
+    let response =
+        h.http.post(format!("{}/v1/chat/completions", h.base)).bearer_auth(&key).json(&streaming).send().await.unwrap();
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let text = response.text().await.unwrap();
+    assert!(text.contains("\"reasoning\":\"The content is promotional.\"") && text.contains("data: [DONE]"), "{text}");
+}
+
+#[tokio::test]
+async fn keyless_servers_only_on_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(&dir.path().join("db.sqlite")).await.unwrap();
+    let reasoner = Arc::new(ScriptedReasoner { calls: AtomicUsize::new(0) });
+    let public = ServerConfig { listen: "0.0.0.0:0".parse().unwrap(), ..ServerConfig::default() };
+    let err = Server::start(public, reasoner.clone(), store.clone()).await.err().expect("refused");
+    assert!(err.to_string().contains("without authentication"), "{err}");
+    let local = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..ServerConfig::default() };
+    let server = Server::start(local, reasoner, store).await.unwrap();
+    let response = reqwest::Client::new()
+        .post(format!("http://{}/v1/classify", server.addr))
+        .json(&json!({"text": "hello", "policies": ["spam"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    server.shutdown().await.unwrap();
+}
