@@ -1,1 +1,238 @@
 //! Turn a model's final answer into a validated verdict and an outcome; never a silent allow.
+//!
+//! The decision rule, in one place ([`decide`]):
+//! - the answer must parse per the policy's output format into a clear violation value;
+//! - every check that fails adds a [`Flag`]; any flag at all makes the outcome `NeedsReview`;
+//! - so `Allow` happens only when the model clearly said "safe" and nothing looked wrong, and
+//!   `Violation` only when it clearly said "violation", cited only rules the policy has, and its reasoning
+//!   did not conclude otherwise.
+//!
+//! Parsing is liberal (code fences, prose around the answer, `**1**`, `"violation": "yes"`, trailing commas
+//! in JSON) but never guesses: when two different answers are present, the answer is `Unparseable`.
+
+mod answer;
+mod combined;
+mod reasoning;
+
+use serde::{Deserialize, Serialize};
+
+use safeguard_policy::{OutputFormat, Policy};
+
+pub use answer::{ParsedAnswer, parse_answer};
+pub use combined::{combined_instructions, combined_keys, judge_combined};
+pub use reasoning::{Conclusion, reasoning_conclusion};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Allow,
+    Violation,
+    NeedsReview,
+}
+
+/// Why a verdict needs a person. Every flag forces `NeedsReview`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Flag {
+    /// Generation ended without a final-channel message (usually the token budget went to reasoning).
+    NoFinalMessage,
+    /// Generation ran out of tokens mid-message, so the answer is incomplete.
+    Truncated,
+    /// The final answer does not match the policy's output format, or holds conflicting answers.
+    Unparseable { detail: String },
+    /// The answer cites a rule id the policy does not define.
+    HallucinatedRule { rule_id: String },
+    /// The end of the reasoning concludes the opposite of the final answer.
+    ReasoningDisagrees { detail: String },
+    /// A field the policy asks for is missing from the JSON answer (or a policy is missing from a combined answer).
+    MissingField { field: String },
+    /// The model asked for a person (ESCALATE / `"action": "escalate"`), or the policy escalates the cited rule.
+    Escalated,
+    /// The model reported low confidence on a high-risk policy, or on a "safe" answer.
+    LowConfidence,
+    /// Parts of the answer contradict each other, e.g. `"violation": 1` with `"action": "allow"`.
+    Inconsistent { detail: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Verdict {
+    /// Policy name.
+    pub policy: String,
+    /// `sha256:…` of the policy body the model read.
+    pub policy_hash: String,
+    /// None when the answer does not say clearly.
+    pub violation: Option<bool>,
+    /// The raw label as the model gave it ("1", "INVALID", …).
+    pub label: Option<String>,
+    pub category: Option<String>,
+    pub rule_ids: Vec<String>,
+    pub severity: Option<String>,
+    /// The model's self-reported confidence (uncalibrated).
+    pub confidence: Option<String>,
+    pub action: Option<String>,
+    pub rationale: Option<String>,
+    pub flags: Vec<Flag>,
+    pub outcome: Outcome,
+}
+
+impl Verdict {
+    fn undetermined(policy: &Policy, flags: Vec<Flag>) -> Verdict {
+        let mut verdict = Verdict {
+            policy: policy.meta.name.clone(),
+            policy_hash: policy.hash.to_string(),
+            violation: None,
+            label: None,
+            category: None,
+            rule_ids: Vec::new(),
+            severity: None,
+            confidence: None,
+            action: None,
+            rationale: None,
+            flags,
+            outcome: Outcome::NeedsReview,
+        };
+        verdict.outcome = decide(verdict.violation, &verdict.flags);
+        verdict
+    }
+
+    fn from_answer(policy: &Policy, answer: ParsedAnswer, mut flags: Vec<Flag>) -> Verdict {
+        flags.extend(answer.flags);
+        Verdict {
+            policy: policy.meta.name.clone(),
+            policy_hash: policy.hash.to_string(),
+            violation: answer.violation,
+            label: answer.label,
+            category: answer.category,
+            rule_ids: answer.rule_ids,
+            severity: answer.severity,
+            confidence: answer.confidence,
+            action: answer.action,
+            rationale: answer.rationale,
+            flags,
+            outcome: Outcome::NeedsReview,
+        }
+    }
+
+    fn push_flag(&mut self, flag: Flag) {
+        if !self.flags.contains(&flag) {
+            self.flags.push(flag);
+        }
+    }
+}
+
+/// The outcome rule: any flag, or no clear violation value, means a person decides.
+pub fn decide(violation: Option<bool>, flags: &[Flag]) -> Outcome {
+    match (violation, flags.is_empty()) {
+        (Some(true), true) => Outcome::Violation,
+        (Some(false), true) => Outcome::Allow,
+        _ => Outcome::NeedsReview,
+    }
+}
+
+/// Judge one policy's completion. `truncated` is true when generation ran out of tokens mid-message.
+pub fn judge(policy: &Policy, analysis: Option<&str>, final_text: Option<&str>, truncated: bool) -> Verdict {
+    let _span = tracing::debug_span!("judge", policy = %policy.meta.name, hash = %policy.hash.short()).entered();
+    let mut flags = Vec::new();
+    if truncated {
+        flags.push(Flag::Truncated);
+    }
+    let Some(final_text) = final_text.filter(|text| !text.trim().is_empty()) else {
+        flags.insert(0, Flag::NoFinalMessage);
+        tracing::debug!("no final message");
+        return Verdict::undetermined(policy, flags);
+    };
+    let answer = parse_answer(&policy.meta.output, final_text, &json_fields_asked_for(policy));
+    let mut verdict = Verdict::from_answer(policy, answer, flags);
+    validate(policy, &mut verdict, analysis);
+    verdict.outcome = decide(verdict.violation, &verdict.flags);
+    tracing::debug!(outcome = ?verdict.outcome, flags = verdict.flags.len(), "judged");
+    verdict
+}
+
+/// Fields the policy's JSON format asks for: those it names in double quotes, plus `violation` always.
+/// A user policy that only asks for `{"violation": …, "policy_category": …}` is not punished for the
+/// rationale it never requested.
+fn json_fields_asked_for(policy: &Policy) -> Vec<&'static str> {
+    if !matches!(policy.meta.output, OutputFormat::Json) {
+        return Vec::new();
+    }
+    let mut fields = vec!["violation"];
+    for field in ["policy_category", "rule_ids", "confidence", "rationale"] {
+        if policy.body.contains(&format!("\"{field}\"")) {
+            fields.push(field);
+        }
+    }
+    fields
+}
+
+/// Checks shared by single and combined judging.
+fn validate(policy: &Policy, verdict: &mut Verdict, analysis: Option<&str>) {
+    for rule_id in verdict.rule_ids.clone() {
+        if !policy.knows_rule(&rule_id) {
+            verdict.push_flag(Flag::HallucinatedRule { rule_id });
+        }
+    }
+    if let Some(category) = verdict.category.clone()
+        && safeguard_policy::is_rule_id(&category)
+        && !policy.knows_rule(&category)
+        && !policy.meta.categories.contains(&category)
+    {
+        verdict.push_flag(Flag::HallucinatedRule { rule_id: category });
+    }
+    if let (Some(violation), Some(analysis)) = (verdict.violation, analysis)
+        && let Some(conclusion) = reasoning_conclusion(analysis, &policy.meta.output)
+        && conclusion.violation != violation
+    {
+        verdict.push_flag(Flag::ReasoningDisagrees {
+            detail: format!(
+                "the reasoning ends with \"{}\" but the final answer says {}",
+                conclusion.phrase,
+                if violation { "violation" } else { "no violation" }
+            ),
+        });
+    }
+    if verdict.violation == Some(true) && escalates(policy, verdict) {
+        verdict.push_flag(Flag::Escalated);
+    }
+    let low_confidence = verdict.confidence.as_deref().is_some_and(|c| c.trim().eq_ignore_ascii_case("low"));
+    if low_confidence && (policy.meta.high_risk || verdict.violation == Some(false)) {
+        verdict.push_flag(Flag::LowConfidence);
+    }
+    if let (Some(violation), Some(action)) = (verdict.violation, verdict.action.as_deref()) {
+        let action = action.trim().to_ascii_lowercase();
+        let contradicts = (violation && matches!(action.as_str(), "allow" | "none" | "approve"))
+            || (!violation && matches!(action.as_str(), "block" | "remove" | "reject" | "delete"));
+        if contradicts {
+            verdict.push_flag(Flag::Inconsistent {
+                detail: format!("\"action\": \"{action}\" contradicts violation {}", u8::from(violation)),
+            });
+        }
+    }
+}
+
+/// The policy's `escalate_on` list names rule ids or tiers whose violations always go to a person.
+fn escalates(policy: &Policy, verdict: &Verdict) -> bool {
+    let cited = verdict.rule_ids.iter().chain(verdict.category.iter());
+    cited.into_iter().any(|cited| {
+        policy
+            .meta
+            .escalate_on
+            .iter()
+            .any(|tier| cited == tier || cited.strip_prefix(tier.as_str()).is_some_and(|rest| rest.starts_with('.')))
+    })
+}
+
+/// Any undecided verdict makes the whole item undecided; otherwise any violation wins. No verdicts at all
+/// is undecided too: nothing was checked.
+pub fn overall_outcome(verdicts: &[Verdict]) -> Outcome {
+    if verdicts.is_empty() || verdicts.iter().any(|v| v.outcome == Outcome::NeedsReview) {
+        Outcome::NeedsReview
+    } else if verdicts.iter().any(|v| v.outcome == Outcome::Violation) {
+        Outcome::Violation
+    } else {
+        Outcome::Allow
+    }
+}
+
+#[cfg(test)]
+mod tests;

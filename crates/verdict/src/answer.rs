@@ -1,0 +1,496 @@
+//! Reading the final-channel answer per output format: liberal in what it accepts, never guessing.
+
+use std::sync::LazyLock;
+
+use regex::Regex;
+use serde_json::{Map, Value};
+
+use safeguard_policy::OutputFormat;
+
+use crate::Flag;
+
+/// What the final answer says, before validation against the policy.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ParsedAnswer {
+    pub violation: Option<bool>,
+    pub label: Option<String>,
+    pub category: Option<String>,
+    pub rule_ids: Vec<String>,
+    pub severity: Option<String>,
+    pub confidence: Option<String>,
+    pub action: Option<String>,
+    pub rationale: Option<String>,
+    pub flags: Vec<Flag>,
+}
+
+impl ParsedAnswer {
+    fn unparseable(detail: impl Into<String>) -> Self {
+        ParsedAnswer { flags: vec![Flag::Unparseable { detail: detail.into() }], ..ParsedAnswer::default() }
+    }
+
+    fn push_flag(&mut self, flag: Flag) {
+        if !self.flags.contains(&flag) {
+            self.flags.push(flag);
+        }
+    }
+}
+
+/// Parse a final answer. `required_fields` applies to JSON answers: each one absent is a `MissingField`.
+pub fn parse_answer(output: &OutputFormat, final_text: &str, required_fields: &[&str]) -> ParsedAnswer {
+    match output {
+        OutputFormat::Binary => parse_binary(final_text),
+        OutputFormat::Labels { violating, safe, escalate } => parse_labels(final_text, violating, safe, escalate),
+        OutputFormat::Json => parse_json(final_text, required_fields),
+    }
+}
+
+static ESCALATE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(?i)\bescalat\w*").expect("static regex"));
+static KEYED_DIGIT: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?i)\b(?:final answer|answer|label|output|verdict|classification|result|score)\b\W{0,6}([01])\b")
+        .expect("static regex")
+});
+static BARE_DIGIT: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\b[01]\b").expect("static regex"));
+static FENCE: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(?s)```[A-Za-z0-9_-]*[ \t]*\n?(.*?)```").expect("static regex"));
+
+/// The inside of the first code fence, or the whole text.
+fn unfence(text: &str) -> &str {
+    FENCE.captures(text).and_then(|caps| caps.get(1)).map_or(text, |inner| inner.as_str())
+}
+
+/// Trim whitespace and the punctuation models wrap answers in: `**1**`, `"INVALID".`, `(0)`.
+fn strip_wrapping(text: &str) -> &str {
+    text.trim_matches(|c: char| c.is_whitespace() || "*`\"'.,:;!?()[]{}<>_#".contains(c))
+}
+
+/// A digit is a standalone answer unless it is part of a decimal ("0.5", "1,5") or a list marker ("1.", "1)")
+/// at a line start followed by more text.
+fn digit_candidates<'a>(text: &'a str, regex: &Regex) -> Vec<(usize, &'a str)> {
+    let bytes = text.as_bytes();
+    regex
+        .captures_iter(text)
+        .filter_map(|caps| caps.get(1).or_else(|| caps.get(0)))
+        .filter(|found| {
+            let after = &bytes[found.end()..];
+            let before = &bytes[..found.start()];
+            let decimal_after = after.len() >= 2 && matches!(after[0], b'.' | b',') && after[1].is_ascii_digit();
+            let decimal_before = before.len() >= 2
+                && matches!(before[before.len() - 1], b'.' | b',')
+                && before[before.len() - 2].is_ascii_digit();
+            // "0 or 1", "0/1", "0-1": the model restating the format, not answering.
+            let rest = std::str::from_utf8(after).unwrap_or("").trim_start();
+            let restates = rest.starts_with("or ") && rest[3..].trim_start().starts_with(['0', '1'])
+                || rest.starts_with('/') && rest[1..].trim_start().starts_with(['0', '1'])
+                || rest.starts_with('-') && rest[1..].starts_with(['0', '1']);
+            let restated_tail = {
+                let head = std::str::from_utf8(before).unwrap_or("").trim_end();
+                head.ends_with(" or") && head.trim_end_matches(" or").trim_end().ends_with(['0', '1'])
+                    || head.ends_with('/') && head.trim_end_matches('/').trim_end().ends_with(['0', '1'])
+            };
+            let line_start = before.iter().rev().take_while(|&&b| b != b'\n').all(|b| b.is_ascii_whitespace());
+            let list_marker = line_start
+                && after.first().is_some_and(|&b| b == b'.' || b == b')')
+                && after.get(1).is_some_and(|&b| b == b' ')
+                && after.get(2).is_some_and(|b| !b.is_ascii_whitespace());
+            !(decimal_after || decimal_before || restates || restated_tail || list_marker)
+        })
+        .map(|found| (found.start(), found.as_str()))
+        .collect()
+}
+
+fn word_answer(text: &str) -> Option<bool> {
+    match text.to_ascii_lowercase().as_str() {
+        "violation" | "violates" | "violating" | "yes" | "true" | "unsafe" | "flagged" => Some(true),
+        "safe" | "no" | "false" | "allow" | "allowed" | "no violation" | "not a violation" | "does not violate"
+        | "non-violating" | "not violating" => Some(false),
+        _ => None,
+    }
+}
+
+fn parse_binary(final_text: &str) -> ParsedAnswer {
+    let text = unfence(final_text);
+    let stripped = strip_wrapping(text);
+    let escalated = ESCALATE.is_match(text);
+    let mut answer = ParsedAnswer::default();
+    let decided = match stripped {
+        "0" => Ok(Some(false)),
+        "1" => Ok(Some(true)),
+        other => match word_answer(other) {
+            Some(value) => Ok(Some(value)),
+            None if text.contains('{') => match violation_from_json(text) {
+                Some((value, label)) => {
+                    answer.label = label;
+                    Ok(Some(value))
+                }
+                None => binary_from_prose(text),
+            },
+            None => binary_from_prose(text),
+        },
+    };
+    match decided {
+        Ok(Some(value)) => {
+            answer.violation = Some(value);
+            answer.label.get_or_insert_with(|| if value { "1" } else { "0" }.to_string());
+        }
+        Ok(None) if escalated => {}
+        Ok(None) => answer.push_flag(Flag::Unparseable { detail: format!("expected 0 or 1, got {}", excerpt(text)) }),
+        Err(detail) => answer.push_flag(Flag::Unparseable { detail }),
+    }
+    if escalated {
+        answer.label = Some(match answer.label.take() {
+            Some(label) => format!("{label} + ESCALATE"),
+            None => "ESCALATE".to_string(),
+        });
+        answer.push_flag(Flag::Escalated);
+    }
+    answer
+}
+
+/// A `{"violation": …}` object inside a binary or labels answer: the meaning is clear even if the format is off.
+fn violation_from_json(text: &str) -> Option<(bool, Option<String>)> {
+    let objects = json_objects(text);
+    let mut values = objects
+        .iter()
+        .filter_map(answer_object)
+        .filter_map(|object| object.get("violation"))
+        .map(|value| (coerce_violation(value).ok().flatten(), value_text(value)));
+    let (first, label) = values.next()?;
+    let first = first?;
+    values.all(|(value, _)| value == Some(first)).then_some((first, label))
+}
+
+/// Prose such as "Answer: 1" or "The content is spam, so 1." One distinct candidate decides; two do not.
+fn binary_from_prose(text: &str) -> Result<Option<bool>, String> {
+    let keyed = digit_candidates(text, &KEYED_DIGIT);
+    let candidates = if keyed.is_empty() { digit_candidates(text, &BARE_DIGIT) } else { keyed };
+    let has_zero = candidates.iter().any(|(_, digit)| *digit == "0");
+    let has_one = candidates.iter().any(|(_, digit)| *digit == "1");
+    match (has_zero, has_one) {
+        (true, true) => Err(format!("both 0 and 1 appear as answers in {}", excerpt(text))),
+        (true, false) => Ok(Some(false)),
+        (false, true) => Ok(Some(true)),
+        (false, false) => Ok(None),
+    }
+}
+
+/// Uppercase, single spaces, `+` spaced: "invalid+escalate" and "INVALID + ESCALATE" compare equal.
+fn normalize_label(label: &str) -> String {
+    let spaced = label.replace('+', " + ");
+    spaced.split_whitespace().collect::<Vec<_>>().join(" ").to_uppercase()
+}
+
+fn parse_labels(final_text: &str, violating: &[String], safe: &[String], escalate: &[String]) -> ParsedAnswer {
+    let text = unfence(final_text);
+    let stripped = strip_wrapping(text);
+    let normalized = normalize_label(stripped);
+    let is_violating_label = |label: &str| {
+        let label = normalize_label(label);
+        violating.iter().any(|v| label.split(' ').any(|word| word == normalize_label(v)))
+    };
+    let mut answer = ParsedAnswer::default();
+
+    // Whole answer equals a label: the common case.
+    let exact = escalate
+        .iter()
+        .map(|label| (label, None, true))
+        .chain(violating.iter().map(|label| (label, Some(true), false)))
+        .chain(safe.iter().map(|label| (label, Some(false), false)))
+        .find(|(label, _, _)| normalize_label(label) == normalized);
+    if let Some((label, value, escalated)) = exact {
+        answer.label = Some(stripped.to_string());
+        answer.violation = if escalated { is_violating_label(label).then_some(true) } else { value };
+        if escalated {
+            answer.push_flag(Flag::Escalated);
+        }
+        return answer;
+    }
+
+    // Otherwise look for labels as whole words inside prose. Longer labels first, so that "INVALID + ESCALATE"
+    // is not also read as a bare "INVALID", and word boundaries keep "VALID" from matching inside "INVALID".
+    let mut labels: Vec<(String, Option<bool>, bool)> = escalate
+        .iter()
+        .map(|l| (normalize_label(l), is_violating_label(l).then_some(true), true))
+        .chain(violating.iter().map(|l| (normalize_label(l), Some(true), false)))
+        .chain(safe.iter().map(|l| (normalize_label(l), Some(false), false)))
+        .filter(|(label, _, _)| !label.is_empty())
+        .collect();
+    labels.sort_by_key(|(label, _, _)| std::cmp::Reverse(label.len()));
+    let mut haystack = normalize_label(text);
+    let mut found: Vec<(String, Option<bool>, bool)> = Vec::new();
+    for (label, value, escalated) in labels {
+        let pattern = format!(r"(^|[^A-Z0-9_]){}($|[^A-Z0-9_])", regex::escape(&label));
+        let Ok(regex) = Regex::new(&pattern) else { continue };
+        if regex.is_match(&haystack) {
+            found.push((label.clone(), value, escalated));
+            haystack = regex.replace_all(&haystack, "${1} ${2}").into_owned();
+        }
+    }
+    let escalated = found.iter().any(|(_, _, escalated)| *escalated) || ESCALATE.is_match(text);
+    let values: Vec<bool> = found.iter().filter_map(|(_, value, _)| *value).collect();
+    let any_true = values.contains(&true);
+    let any_false = values.contains(&false);
+    if any_true && any_false {
+        answer.push_flag(Flag::Unparseable {
+            detail: format!("both violating and safe labels appear in {}", excerpt(text)),
+        });
+    } else if any_true || any_false {
+        answer.violation = Some(any_true);
+        answer.label = found.first().map(|(label, _, _)| label.clone());
+    } else if let Some((value, label)) = violation_from_json(text) {
+        answer.violation = Some(value);
+        answer.label = label;
+    }
+    if escalated {
+        answer.label.get_or_insert_with(|| "ESCALATE".to_string());
+        answer.push_flag(Flag::Escalated);
+    } else if answer.violation.is_none() && answer.flags.is_empty() {
+        let expected: Vec<&str> = violating.iter().chain(safe).chain(escalate).map(String::as_str).collect();
+        answer.push_flag(Flag::Unparseable {
+            detail: format!("expected one of {}, got {}", expected.join(" / "), excerpt(text)),
+        });
+    }
+    answer
+}
+
+/// JSON objects in `text`, in order. Balanced-brace scanning (string-aware) finds them inside prose or code
+/// fences; a failed parse is retried once with trailing commas removed, the one repair that cannot change
+/// meaning. Single quotes, comments and Python literals are not repaired: they are rare from this model and
+/// guessing at them risks reading an answer the model did not give.
+pub(crate) fn json_objects(text: &str) -> Vec<Map<String, Value>> {
+    const MAX_ATTEMPTS: usize = 64;
+    let bytes = text.as_bytes();
+    let mut objects = Vec::new();
+    let mut start = 0;
+    let mut attempts = 0;
+    while let Some(offset) = text[start..].find('{') {
+        attempts += 1;
+        if attempts > MAX_ATTEMPTS {
+            break;
+        }
+        let open = start + offset;
+        match matching_brace(bytes, open) {
+            Some(close) => {
+                let candidate = &text[open..=close];
+                let parsed = serde_json::from_str::<Value>(candidate)
+                    .or_else(|_| serde_json::from_str::<Value>(&remove_trailing_commas(candidate)));
+                if let Ok(Value::Object(map)) = parsed {
+                    objects.push(map);
+                    start = close + 1;
+                } else {
+                    start = open + 1;
+                }
+            }
+            None => start = open + 1,
+        }
+    }
+    objects
+}
+
+fn matching_brace(bytes: &[u8], open: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for (index, &byte) in bytes.iter().enumerate().skip(open) {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'{' => depth += 1,
+            b'}' => {
+                depth = depth.checked_sub(1)?;
+                if depth == 0 {
+                    return Some(index);
+                }
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+fn remove_trailing_commas(json: &str) -> String {
+    let mut out = String::with_capacity(json.len());
+    let mut in_string = false;
+    let mut escaped = false;
+    let chars: Vec<char> = json.chars().collect();
+    for (index, &c) in chars.iter().enumerate() {
+        if in_string {
+            match c {
+                _ if escaped => escaped = false,
+                '\\' => escaped = true,
+                '"' => in_string = false,
+                _ => {}
+            }
+            out.push(c);
+            continue;
+        }
+        if c == '"' {
+            in_string = true;
+        }
+        if c == ',' {
+            let next = chars[index + 1..].iter().find(|c| !c.is_whitespace());
+            if matches!(next, Some('}') | Some(']')) {
+                continue;
+            }
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// `violation` as the model wrote it: 0/1, true/false, or words such as "yes".
+pub(crate) fn coerce_violation(value: &Value) -> Result<Option<bool>, String> {
+    match value {
+        Value::Bool(flag) => Ok(Some(*flag)),
+        Value::Number(number) => match number.as_f64() {
+            Some(1.0) => Ok(Some(true)),
+            Some(0.0) => Ok(Some(false)),
+            _ => Err(format!("\"violation\": {number} is neither 0 nor 1")),
+        },
+        Value::String(text) => match strip_wrapping(text).to_ascii_lowercase().as_str() {
+            "1" | "true" | "yes" | "y" | "violation" | "violating" | "violates" | "unsafe" | "invalid" => {
+                Ok(Some(true))
+            }
+            "0" | "false" | "no" | "n" | "safe" | "none" | "valid" | "allow" | "allowed" | "non-violating"
+            | "no violation" | "not a violation" => Ok(Some(false)),
+            _ => Err(format!("\"violation\": \"{}\" is not a yes/no answer", excerpt(text))),
+        },
+        Value::Null => Err("\"violation\" is null".to_string()),
+        other => Err(format!("\"violation\" is {other}, not 0 or 1")),
+    }
+}
+
+fn value_text(value: &Value) -> Option<String> {
+    match value {
+        Value::Null => None,
+        Value::String(text) => Some(text.trim().to_string()).filter(|text| !text.is_empty()),
+        Value::Array(items) => {
+            let parts: Vec<String> = items.iter().filter_map(value_text).collect();
+            (!parts.is_empty()).then(|| parts.join("\n"))
+        }
+        other => Some(other.to_string()),
+    }
+}
+
+fn rule_id_list(value: &Value) -> Vec<String> {
+    let mut ids: Vec<String> = match value {
+        Value::Array(items) => items.iter().filter_map(value_text).collect(),
+        Value::String(text) => text.split([',', ';']).map(|part| strip_wrapping(part).to_string()).collect(),
+        _ => Vec::new(),
+    };
+    ids.retain(|id| !id.is_empty());
+    let mut seen = std::collections::HashSet::new();
+    ids.retain(|id| seen.insert(id.clone()));
+    ids
+}
+
+/// Field names with the aliases models use for them.
+fn field<'a>(map: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    let aliases: &[&str] = match name {
+        "policy_category" => &["policy_category", "category"],
+        "rule_ids" => &["rule_ids", "rule_id", "rules"],
+        _ => &[],
+    };
+    map.get(name).or_else(|| aliases.iter().find_map(|alias| map.get(*alias)))
+}
+
+/// Build an answer from one JSON object (a single-policy answer or one policy's entry in a combined answer).
+pub(crate) fn answer_from_object(map: &Map<String, Value>, required_fields: &[&str]) -> ParsedAnswer {
+    let mut answer = ParsedAnswer::default();
+    match field(map, "violation") {
+        Some(value) => {
+            answer.label = value_text(value);
+            match coerce_violation(value) {
+                Ok(violation) => answer.violation = violation,
+                Err(detail) => answer.push_flag(Flag::Unparseable { detail }),
+            }
+        }
+        None => answer.push_flag(Flag::MissingField { field: "violation".to_string() }),
+    }
+    for &required in required_fields {
+        if required != "violation" && field(map, required).is_none() {
+            answer.push_flag(Flag::MissingField { field: required.to_string() });
+        }
+    }
+    answer.category = field(map, "policy_category").and_then(value_text);
+    answer.rule_ids = field(map, "rule_ids").map(rule_id_list).unwrap_or_default();
+    answer.confidence = field(map, "confidence").and_then(value_text);
+    answer.rationale = field(map, "rationale").and_then(value_text);
+    answer.severity = field(map, "severity").and_then(value_text);
+    answer.action = field(map, "action").and_then(value_text);
+    let asks_for_person = answer.action.as_deref().is_some_and(|action| {
+        ESCALATE.is_match(action)
+            || matches!(action.to_ascii_lowercase().as_str(), "review" | "needs_review" | "human_review")
+    }) || map.get("label").and_then(value_text).is_some_and(|label| ESCALATE.is_match(&label));
+    if asks_for_person {
+        answer.push_flag(Flag::Escalated);
+    }
+    answer
+}
+
+/// The object holding the answer: one with `violation` at the top, or nested one level down
+/// (`{"result": {"violation": 1}}`).
+fn answer_object(map: &Map<String, Value>) -> Option<&Map<String, Value>> {
+    if map.contains_key("violation") {
+        return Some(map);
+    }
+    let mut nested = map.values().filter_map(|value| match value {
+        Value::Object(inner) if inner.contains_key("violation") => Some(inner),
+        _ => None,
+    });
+    match (nested.next(), nested.next()) {
+        (Some(only), None) => Some(only),
+        _ => None,
+    }
+}
+
+fn parse_json(final_text: &str, required_fields: &[&str]) -> ParsedAnswer {
+    let objects = json_objects(final_text);
+    if objects.is_empty() {
+        // A bare "1" or "INVALID" instead of JSON: keep what it says, but the requested fields are missing.
+        let mut bare = parse_binary(final_text);
+        if bare.violation.is_some() {
+            bare.push_flag(Flag::Unparseable {
+                detail: format!("expected a JSON object, got {}", excerpt(final_text)),
+            });
+            return bare;
+        }
+        return ParsedAnswer::unparseable(format!("no JSON object in {}", excerpt(final_text)));
+    }
+    let answers: Vec<&Map<String, Value>> = objects.iter().filter_map(answer_object).collect();
+    let Some(last) = answers.last() else {
+        let mut answer = answer_from_object(objects.last().unwrap_or(&Map::new()), required_fields);
+        answer.push_flag(Flag::MissingField { field: "violation".to_string() });
+        return answer;
+    };
+    let values: Vec<Option<bool>> = answers
+        .iter()
+        .map(|object| object.get("violation").and_then(|value| coerce_violation(value).ok().flatten()))
+        .collect();
+    let mut answer = answer_from_object(last, required_fields);
+    if values.iter().flatten().any(|value| Some(*value) != answer.violation) {
+        answer.violation = None;
+        answer.push_flag(Flag::Unparseable {
+            detail: format!("{} JSON answers disagree on \"violation\"", answers.len()),
+        });
+    }
+    answer
+}
+
+/// A short, single-line excerpt of model text for error details.
+pub(crate) fn excerpt(text: &str) -> String {
+    const MAX_CHARS: usize = 80;
+    let flat: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if flat.chars().count() <= MAX_CHARS {
+        format!("\"{flat}\"")
+    } else {
+        format!("\"{}…\"", flat.chars().take(MAX_CHARS).collect::<String>())
+    }
+}

@@ -1,0 +1,177 @@
+//! Several policies in one prompt, one JSON answer keyed by policy name, one verdict per policy.
+//!
+//! The model's per-policy answers share one chain of thought that discusses every policy, so a conclusion
+//! phrase at its end cannot be attributed to one policy. With more than one policy the reasoning-agreement
+//! check is therefore skipped; every other check applies per policy.
+
+use serde_json::{Map, Value};
+
+use safeguard_policy::{FenceTracker, Policy, heading};
+
+use crate::answer::{answer_from_object, coerce_violation, excerpt, json_objects};
+use crate::{Flag, Verdict, decide, validate};
+
+/// Fields each policy entry of a combined answer must carry.
+const REQUIRED: [&str; 5] = ["violation", "policy_category", "rule_ids", "confidence", "rationale"];
+
+/// Keys of the combined answer, one per policy: the policy name, made unique with the short hash when two
+/// policies share a name (two versions of one policy, say).
+pub fn combined_keys(policies: &[Policy]) -> Vec<String> {
+    policies
+        .iter()
+        .map(|policy| {
+            let shared = policies.iter().filter(|other| other.meta.name == policy.meta.name).count() > 1;
+            if shared { format!("{}@{}", policy.meta.name, policy.hash.short()) } else { policy.meta.name.clone() }
+        })
+        .collect()
+}
+
+/// Push a policy's headings two levels down so they nest under the `##` heading that names the policy.
+fn demote_headings(body: &str) -> String {
+    let mut fences = FenceTracker::default();
+    body.lines()
+        .map(|line| {
+            if !fences.is_code(line)
+                && let Some((level, title)) = heading(line)
+            {
+                let level = usize::from(level + 2).min(6);
+                format!("{} {title}", "#".repeat(level))
+            } else {
+                line.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn format_line(keys: &[String]) -> String {
+    let quoted: Vec<String> = keys.iter().map(|key| format!("\"{key}\"")).collect();
+    format!(
+        "Return exactly one JSON object and nothing else, with exactly these keys: {}. The value for each key is \
+         that policy's answer: {{\"violation\": 0 or 1, \"policy_category\": \"<tier or rule id>\" or null, \
+         \"rule_ids\": [\"<rule ids from that policy>\"], \"confidence\": \"high\" | \"medium\" | \"low\", \
+         \"rationale\": \"one sentence citing rule ids\", \"action\": \"allow\" | \"block\" | \"escalate\"}}.",
+        quoted.join(", ")
+    )
+}
+
+/// One developer-message text holding several policies. Each policy keeps its own text (headings demoted)
+/// under a heading with its key and short hash; its own answer format is replaced by the combined JSON.
+pub fn combined_instructions(policies: &[Policy]) -> String {
+    let keys = combined_keys(policies);
+    let mut text = String::new();
+    text.push_str("# Multi-policy classification\n\n## INSTRUCTIONS\n");
+    text.push_str(&format!(
+        "Check the user content against each of the {} policies below. Judge each policy on its own terms: \
+         violating one policy does not make the content violate another, and cite only that policy's rule ids. \
+         Where a policy asks for a different answer format (a single 0 or 1, a label, its own JSON), answer it \
+         in the combined format below instead: \"violation\" is 1 exactly when that policy's answer would mean a \
+         violation. Where a policy says to escalate, or you cannot decide, set \"action\": \"escalate\".\n",
+        policies.len()
+    ));
+    text.push_str(&format_line(&keys));
+    text.push('\n');
+    let example: Vec<String> = keys
+        .iter()
+        .map(|key| format!("\"{key}\": {{\"violation\": 0, \"policy_category\": null, \"rule_ids\": [], \"confidence\": \"high\", \"rationale\": \"...\", \"action\": \"allow\"}}"))
+        .collect();
+    text.push_str(&format!("Shape: {{{}}}\n", example.join(", ")));
+    for (policy, key) in policies.iter().zip(&keys) {
+        text.push_str(&format!("\n## Policy \"{key}\" ({})\n\n", policy.hash.short()));
+        text.push_str(&demote_headings(&policy.body));
+        text.push('\n');
+    }
+    text.push_str("\n## ANSWER FORMAT (repeated)\n");
+    text.push_str(&format_line(&keys));
+    text
+}
+
+fn normalize_key(key: &str) -> String {
+    key.chars().filter(|c| c.is_alphanumeric()).flat_map(char::to_lowercase).collect()
+}
+
+/// The value for `key`: exact key, else the same key ignoring case and punctuation ("Self-Harm" = "self_harm").
+fn lookup<'a>(object: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    object.get(key).or_else(|| {
+        let wanted = normalize_key(key);
+        object.iter().find(|(candidate, _)| normalize_key(candidate) == wanted).map(|(_, value)| value)
+    })
+}
+
+/// One verdict per policy, in order, from a combined answer.
+pub fn judge_combined(
+    policies: &[Policy],
+    analysis: Option<&str>,
+    final_text: Option<&str>,
+    truncated: bool,
+) -> Vec<Verdict> {
+    let _span = tracing::debug_span!("judge_combined", policies = policies.len()).entered();
+    let keys = combined_keys(policies);
+    let base_flags = if truncated { vec![Flag::Truncated] } else { Vec::new() };
+    let Some(final_text) = final_text.filter(|text| !text.trim().is_empty()) else {
+        let mut flags = vec![Flag::NoFinalMessage];
+        flags.extend(base_flags);
+        return policies.iter().map(|policy| Verdict::undetermined(policy, flags.clone())).collect();
+    };
+    // Objects that answer at least one policy, in order; a nested wrapper ({"results": {...}}) is unwrapped.
+    let keyed: Vec<Map<String, Value>> = json_objects(final_text)
+        .into_iter()
+        .flat_map(|object| {
+            let direct = keys.iter().any(|key| lookup(&object, key).is_some());
+            if direct {
+                vec![object]
+            } else {
+                object
+                    .into_iter()
+                    .filter_map(|(_, value)| match value {
+                        Value::Object(inner) if keys.iter().any(|key| lookup(&inner, key).is_some()) => Some(inner),
+                        _ => None,
+                    })
+                    .collect()
+            }
+        })
+        .collect();
+    if keyed.is_empty() {
+        let mut flags = base_flags;
+        flags.push(Flag::Unparseable {
+            detail: format!("no JSON object keyed by policy name in {}", excerpt(final_text)),
+        });
+        return policies.iter().map(|policy| Verdict::undetermined(policy, flags.clone())).collect();
+    }
+    // With one policy the whole chain of thought is about it, so its conclusion can be checked.
+    let analysis = if policies.len() == 1 { analysis } else { None };
+    policies
+        .iter()
+        .zip(&keys)
+        .map(|(policy, key)| {
+            let entries: Vec<&Value> = keyed.iter().filter_map(|object| lookup(object, key)).collect();
+            let Some(entry) = entries.last() else {
+                let mut flags = base_flags.clone();
+                flags.push(Flag::MissingField { field: key.clone() });
+                return Verdict::undetermined(policy, flags);
+            };
+            let object = match entry {
+                Value::Object(object) => (*object).clone(),
+                // A bare 0/1 or label for this policy: the value is clear, the other fields are missing.
+                other => Map::from_iter([("violation".to_string(), (*other).clone())]),
+            };
+            let mut verdict = Verdict::from_answer(policy, answer_from_object(&object, &REQUIRED), base_flags.clone());
+            let values: Vec<Option<bool>> = entries
+                .iter()
+                .map(|entry| match entry {
+                    Value::Object(object) => object.get("violation").and_then(|v| coerce_violation(v).ok().flatten()),
+                    other => coerce_violation(other).ok().flatten(),
+                })
+                .collect();
+            if values.iter().flatten().any(|value| Some(*value) != verdict.violation) {
+                verdict.violation = None;
+                verdict.push_flag(Flag::Unparseable {
+                    detail: format!("{} answers for \"{key}\" disagree", entries.len()),
+                });
+            }
+            validate(policy, &mut verdict, analysis);
+            verdict.outcome = decide(verdict.violation, &verdict.flags);
+            verdict
+        })
+        .collect()
+}

@@ -1,0 +1,120 @@
+//! What the chain of thought concluded, read from its last few sentences.
+//!
+//! A small, explainable heuristic: find conclusion phrases ("so it's a violation", "does not violate",
+//! "label 0", "answer: 1", "=> INVALID", "not spam", `"violation": 1`) in the tail of the analysis and take
+//! the one nearest the end. When a negated phrase overlaps a positive one ("not spam" contains "spam"), the
+//! longer, negated reading wins. No phrase found means no conclusion, and no disagreement is reported.
+
+use std::sync::LazyLock;
+
+use regex::Regex;
+
+use safeguard_policy::OutputFormat;
+
+/// Only the end of the reasoning is read: earlier text weighs both sides before deciding.
+const TAIL_BYTES: usize = 700;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conclusion {
+    pub violation: bool,
+    /// The phrase that decided it, as written.
+    pub phrase: String,
+}
+
+const HARM_NOUNS: &str = r"violation|violating|violative|spam|phishing|a scam|harassment|hate speech|hateful|prompt injection|a jailbreak|disallowed|prohibited|not allowed";
+
+static VIOLATION_PHRASES: LazyLock<Vec<Regex>> = LazyLock::new(|| {
+    [
+        format!(
+            r"(?i)\b(?:it|this|that|the (?:content|message|text|post|request|prompt|input))(?:'s|\s+is|\s+would be|\s+counts as|\s+constitutes|\s+seems to be|\s+looks like)\s+(?:a\s+|an\s+)?(?:clear\s+|clearly\s+|definitely\s+|policy\s+)?(?:{HARM_NOUNS})\b"
+        ),
+        r"(?i)\b(?:it|this|that|content|message|text|post|request|prompt|input)\s+(?:clearly\s+|directly\s+|also\s+)?violates\b".to_string(),
+        r"(?i)\bso\s+(?:it's\s+|it\s+is\s+)?(?:a\s+)?violation\b".to_string(),
+        r"(?i)\b(?:is|as)\s+(?:a\s+)?violation\b".to_string(),
+        r#"(?i)"?violation"?\s*[:=]\s*"?(?:1|true|yes)\b"#.to_string(),
+        r"(?i)\b(?:classify|classified|label(?:led|ed)?|flag(?:ged)?|mark(?:ed)?)\s+(?:it\s+|this\s+)?(?:as\s+)?(?:a\s+)?(?:violation|violating|spam|unsafe)\b".to_string(),
+    ]
+    .iter()
+    .map(|pattern| Regex::new(pattern).expect("static regex"))
+    .collect()
+});
+
+static SAFE_PHRASES: LazyLock<Vec<Regex>> = LazyLock::new(|| {
+    [
+        format!(
+            r"(?i)\b(?:not|no|isn't|is not|doesn't|does not|didn't|did not|nor|without)\s+(?:a\s+|an\s+|any\s+)?(?:clear\s+|real\s+|actual\s+)?(?:{HARM_NOUNS}|violat\w*)"
+        ),
+        r"(?i)\b(?:it|this|that|the (?:content|message|text|post|request|prompt|input))(?:'s|\s+is|\s+seems|\s+looks|\s+appears)\s+(?:to be\s+)?(?:completely\s+|clearly\s+|totally\s+)?(?:safe|benign|fine|allowed|acceptable|compliant|harmless|ok|okay|legitimate|non-violating)\b".to_string(),
+        r#"(?i)"?violation"?\s*[:=]\s*"?(?:0|false|no)\b"#.to_string(),
+        r"(?i)\b(?:classify|classified|label(?:led|ed)?|mark(?:ed)?)\s+(?:it\s+|this\s+)?(?:as\s+)?(?:safe|non-violating|allowed|benign)\b".to_string(),
+    ]
+    .iter()
+    .map(|pattern| Regex::new(pattern).expect("static regex"))
+    .collect()
+});
+
+/// "label 1", "answer: 0", "output 1", "=> 0", "-> 1": the digit decides. Checked apart from the phrases
+/// so that "output 0 or 1" (restating the format) is skipped.
+static DIGIT_ANSWER: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r#"(?i)(?:\b(?:label|answer|output|verdict|classification|return|respond with|final)\b(?:\s+(?:is|should be|would be|will be|must be))?|=>|->|→)\s*[:=]?\s*["'`*]*([01])\b"#)
+        .expect("static regex")
+});
+
+struct Match {
+    start: usize,
+    end: usize,
+    violation: bool,
+}
+
+fn tail(text: &str) -> &str {
+    if text.len() <= TAIL_BYTES {
+        return text;
+    }
+    let mut start = text.len() - TAIL_BYTES;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
+fn label_matches(text: &str, output: &OutputFormat, found: &mut Vec<Match>) {
+    let OutputFormat::Labels { violating, safe, escalate } = output else { return };
+    let cue = r"(?:\b(?:label|answer|output|verdict|classification|classify as|return|respond with|final)\b(?:\s+(?:is|should be|would be))?|=>|->|→|\bso\b|\bthus\b|\btherefore\b)\s*[:=]?\s*[\x22'`*]*";
+    let mut labels: Vec<(&String, bool)> =
+        violating.iter().map(|l| (l, true)).chain(safe.iter().map(|l| (l, false))).collect();
+    // An escalate label with a violating word in it ("INVALID + ESCALATE") concludes a violation.
+    labels.extend(escalate.iter().filter(|l| violating.iter().any(|v| l.contains(v.as_str()))).map(|l| (l, true)));
+    for (label, violation) in labels {
+        let pattern = format!(r"(?i){cue}{}\b", regex::escape(label.trim()));
+        if let Ok(regex) = Regex::new(&pattern) {
+            found.extend(regex.find_iter(text).map(|m| Match { start: m.start(), end: m.end(), violation }));
+        }
+    }
+}
+
+/// The conclusion at the end of the reasoning, if a known phrase states one.
+pub fn reasoning_conclusion(analysis: &str, output: &OutputFormat) -> Option<Conclusion> {
+    let text = tail(analysis);
+    let mut found: Vec<Match> = Vec::new();
+    for (phrases, violation) in [(&*VIOLATION_PHRASES, true), (&*SAFE_PHRASES, false)] {
+        for regex in phrases {
+            found.extend(regex.find_iter(text).map(|m| Match { start: m.start(), end: m.end(), violation }));
+        }
+    }
+    for caps in DIGIT_ANSWER.captures_iter(text) {
+        let (Some(whole), Some(digit)) = (caps.get(0), caps.get(1)) else { continue };
+        let rest = text[whole.end()..].trim_start();
+        let restates_format = rest.starts_with("or ") || rest.starts_with('/') || rest.starts_with("and ");
+        if !restates_format {
+            found.push(Match { start: whole.start(), end: whole.end(), violation: digit.as_str() == "1" });
+        }
+    }
+    label_matches(text, output, &mut found);
+
+    let last_end = found.iter().map(|m| m.end).max()?;
+    let last = found.iter().filter(|m| m.end == last_end).min_by_key(|m| m.start)?;
+    // Among phrases overlapping the last one, the longest (earliest start) carries the negation.
+    let chosen = found.iter().filter(|m| m.end > last.start && m.start < last.end).min_by_key(|m| m.start)?;
+    let phrase = text[chosen.start..chosen.end.max(last.end)].trim().to_string();
+    Some(Conclusion { violation: chosen.violation, phrase })
+}

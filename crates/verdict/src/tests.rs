@@ -1,0 +1,417 @@
+use proptest::prelude::*;
+use safeguard_policy::{OutputFormat, Policy, starter_library};
+
+use super::*;
+
+fn binary_policy() -> Policy {
+    Policy::parse(
+        "---\nname: spam\noutput: binary\n---\n# Spam\n## INSTRUCTIONS\nReturn exactly one character: 0 or 1.\n\
+         ## VIOLATES (1)\n- SP2.a Bulk promotion.\n- SP4.a Phishing.\n## DOES NOT VIOLATE (0)\n- SP0.a Questions.\n",
+    )
+    .unwrap()
+}
+
+fn labels_policy() -> Policy {
+    Policy::parse("# Spam (#SP)\nAnswer VALID, INVALID or INVALID + ESCALATE.\n- SP2.a Bulk.\n").unwrap()
+}
+
+fn json_policy() -> Policy {
+    Policy::parse(
+        "---\nname: hate\noutput: json\nhigh_risk: false\n---\n# Hate\nReturn {\"violation\": 0 or 1, \"policy_category\": \"HT2\", \
+         \"rule_ids\": [], \"confidence\": \"high\", \"rationale\": \"...\"}\n- HT2.a Dehumanization.\n- HT3.a Threats.\n- HT0.a Critique.\n",
+    )
+    .unwrap()
+}
+
+fn starter(name: &str) -> Policy {
+    starter_library().into_iter().find(|policy| policy.meta.name == name).unwrap()
+}
+
+fn has_unparseable(verdict: &Verdict) -> bool {
+    verdict.flags.iter().any(|flag| matches!(flag, Flag::Unparseable { .. }))
+}
+
+#[test]
+fn binary_answers_table() {
+    let policy = binary_policy();
+    let cases: &[(&str, Option<bool>, Outcome)] = &[
+        ("1", Some(true), Outcome::Violation),
+        ("0", Some(false), Outcome::Allow),
+        (" 1\n", Some(true), Outcome::Violation),
+        ("1.", Some(true), Outcome::Violation),
+        ("**0**", Some(false), Outcome::Allow),
+        ("`1`", Some(true), Outcome::Violation),
+        ("\"0\"", Some(false), Outcome::Allow),
+        ("```\n1\n```", Some(true), Outcome::Violation),
+        ("Answer: 1", Some(true), Outcome::Violation),
+        ("The content is a phishing lure, so the answer is 1.", Some(true), Outcome::Violation),
+        ("Label: 0 (does not violate)", Some(false), Outcome::Allow),
+        ("{\"violation\": 1}", Some(true), Outcome::Violation),
+        ("violation", Some(true), Outcome::Violation),
+        ("Safe.", Some(false), Outcome::Allow),
+        ("Answer: 0 (0 = safe, 1 = violation)", Some(false), Outcome::Allow),
+        ("0 or 1", None, Outcome::NeedsReview),
+        ("1 0", None, Outcome::NeedsReview),
+        ("I think 0, no wait, 1", None, Outcome::NeedsReview),
+        ("maybe", None, Outcome::NeedsReview),
+        ("0.7", None, Outcome::NeedsReview),
+        ("10", None, Outcome::NeedsReview),
+        ("ESCALATE", None, Outcome::NeedsReview),
+        ("1 ESCALATE", Some(true), Outcome::NeedsReview),
+    ];
+    for (text, violation, outcome) in cases {
+        let verdict = judge(&policy, None, Some(text), false);
+        assert_eq!(verdict.violation, *violation, "{text:?}: {verdict:?}");
+        assert_eq!(verdict.outcome, *outcome, "{text:?}: {verdict:?}");
+    }
+    let verdict = judge(&policy, None, Some("1 0"), false);
+    assert!(has_unparseable(&verdict));
+    let verdict = judge(&policy, None, Some("ESCALATE"), false);
+    assert_eq!(verdict.flags, vec![Flag::Escalated]);
+    assert_eq!(verdict.label.as_deref(), Some("ESCALATE"));
+    assert_eq!(judge(&policy, None, Some("1."), false).label.as_deref(), Some("1"));
+}
+
+#[test]
+fn labels_answers_table() {
+    let policy = labels_policy();
+    let cases: &[(&str, Option<bool>, Outcome)] = &[
+        ("INVALID", Some(true), Outcome::Violation),
+        ("VALID", Some(false), Outcome::Allow),
+        ("valid", Some(false), Outcome::Allow),
+        ("**INVALID**.", Some(true), Outcome::Violation),
+        ("Invalid", Some(true), Outcome::Violation),
+        ("INVALID + ESCALATE", Some(true), Outcome::NeedsReview),
+        ("invalid+escalate", Some(true), Outcome::NeedsReview),
+        ("Label: VALID", Some(false), Outcome::Allow),
+        ("The post is INVALID under SP2.a.", Some(true), Outcome::Violation),
+        ("VALID or INVALID?", None, Outcome::NeedsReview),
+        ("unsure", None, Outcome::NeedsReview),
+    ];
+    for (text, violation, outcome) in cases {
+        let verdict = judge(&policy, None, Some(text), false);
+        assert_eq!(verdict.violation, *violation, "{text:?}: {verdict:?}");
+        assert_eq!(verdict.outcome, *outcome, "{text:?}: {verdict:?}");
+    }
+    let escalated = judge(&policy, None, Some("INVALID + ESCALATE"), false);
+    assert!(escalated.flags.contains(&Flag::Escalated));
+    assert_eq!(escalated.label.as_deref(), Some("INVALID + ESCALATE"));
+}
+
+#[test]
+fn json_answers_table() {
+    let policy = json_policy();
+    let full = r#"{"violation": 1, "policy_category": "HT2", "rule_ids": ["HT2.a"], "confidence": "high", "rationale": "Compares a group to vermin."}"#;
+    let cases: Vec<(String, Option<bool>, Outcome)> = vec![
+        (full.to_string(), Some(true), Outcome::Violation),
+        (format!("```json\n{full}\n```"), Some(true), Outcome::Violation),
+        (format!("Here is my answer:\n{full}\nThanks."), Some(true), Outcome::Violation),
+        (full.replace("\"violation\": 1", "\"violation\": true"), Some(true), Outcome::Violation),
+        (full.replace("\"violation\": 1", "\"violation\": \"yes\""), Some(true), Outcome::Violation),
+        (full.replace("}", ", \"extra\": {\"a\": [1, 2]}}"), Some(true), Outcome::Violation),
+        (full.replace("\"Compares a group to vermin.\"", "\"x\",\n"), Some(true), Outcome::Violation),
+        (
+            r#"{"violation": 0, "policy_category": null, "rule_ids": ["HT0.a"], "confidence": "high", "rationale": "Critique."}"#.to_string(),
+            Some(false),
+            Outcome::Allow,
+        ),
+        (
+            r#"{"violation": false, "policy_category": null, "rule_ids": [], "confidence": "medium", "rationale": "Fine."}"#.to_string(),
+            Some(false),
+            Outcome::Allow,
+        ),
+        (r#"{"result": {"violation": 0, "policy_category": null, "rule_ids": [], "confidence": "high", "rationale": "ok"}}"#.to_string(), Some(false), Outcome::Allow),
+        (r#"{"violation": 2, "rule_ids": []}"#.to_string(), None, Outcome::NeedsReview),
+        (r#"{"violation": null}"#.to_string(), None, Outcome::NeedsReview),
+        (r#"{"policy_category": "HT2"}"#.to_string(), None, Outcome::NeedsReview),
+        ("not json at all".to_string(), None, Outcome::NeedsReview),
+        ("1".to_string(), Some(true), Outcome::NeedsReview),
+        (format!("{full}\n{}", full.replace("\"violation\": 1", "\"violation\": 0")), None, Outcome::NeedsReview),
+        // Cut off mid-object: the value is readable, but the answer is incomplete.
+        ("{\"violation\": 1, \"rule_ids\": [\"HT2.a\"".to_string(), Some(true), Outcome::NeedsReview),
+    ];
+    for (text, violation, outcome) in &cases {
+        let verdict = judge(&policy, None, Some(text), false);
+        assert_eq!(verdict.violation, *violation, "{text:?}: {verdict:?}");
+        assert_eq!(verdict.outcome, *outcome, "{text:?}: {verdict:?}");
+    }
+    let verdict = judge(&policy, None, Some(full), false);
+    assert_eq!(verdict.category.as_deref(), Some("HT2"));
+    assert_eq!(verdict.rule_ids, vec!["HT2.a"]);
+    assert_eq!(verdict.confidence.as_deref(), Some("high"));
+    assert_eq!(verdict.rationale.as_deref(), Some("Compares a group to vermin."));
+    assert!(verdict.flags.is_empty());
+    assert_eq!(verdict.policy_hash, policy.hash.to_string());
+}
+
+#[test]
+fn json_required_fields_follow_the_policy() {
+    let policy = json_policy();
+    let verdict =
+        judge(&policy, None, Some(r#"{"violation": 1, "policy_category": "HT2", "rule_ids": ["HT2.a"]}"#), false);
+    let missing: Vec<_> = verdict
+        .flags
+        .iter()
+        .filter_map(|flag| match flag {
+            Flag::MissingField { field } => Some(field.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(missing, vec!["confidence", "rationale"]);
+    assert_eq!(verdict.outcome, Outcome::NeedsReview);
+
+    // A policy that only asks for violation and category is satisfied by just those.
+    let minimal =
+        Policy::parse("# M\nReturn {\"violation\": 0 or 1, \"policy_category\": \"M1\"}\n- M1 bad\n").unwrap();
+    let verdict = judge(&minimal, None, Some(r#"{"violation": 1, "policy_category": "M1"}"#), false);
+    assert_eq!(verdict.outcome, Outcome::Violation, "{verdict:?}");
+}
+
+#[test]
+fn hallucinated_rules_go_to_review() {
+    let policy = json_policy();
+    let answer = r#"{"violation": 1, "policy_category": "HT2", "rule_ids": ["HT2.a", "HT9.z"], "confidence": "high", "rationale": "x"}"#;
+    let verdict = judge(&policy, None, Some(answer), false);
+    assert_eq!(verdict.flags, vec![Flag::HallucinatedRule { rule_id: "HT9.z".into() }]);
+    assert_eq!(verdict.outcome, Outcome::NeedsReview);
+    // A tier prefix of a defined rule is fine.
+    let tier = answer.replace(", \"HT9.z\"", ", \"HT3\"");
+    assert_eq!(judge(&policy, None, Some(&tier), false).outcome, Outcome::Violation);
+    // An unknown category that looks like a rule id is a hallucination too.
+    let category = answer.replace(", \"HT9.z\"", "").replace("\"HT2\"", "\"HT7\"");
+    let verdict = judge(&policy, None, Some(&category), false);
+    assert_eq!(verdict.flags, vec![Flag::HallucinatedRule { rule_id: "HT7".into() }]);
+    // A safe answer citing a nonexistent rule is not "clearly safe".
+    let safe =
+        r#"{"violation": 0, "policy_category": null, "rule_ids": ["XX1"], "confidence": "high", "rationale": "x"}"#;
+    assert_eq!(judge(&policy, None, Some(safe), false).outcome, Outcome::NeedsReview);
+}
+
+#[test]
+fn missing_or_truncated_final_is_never_allow() {
+    let policy = binary_policy();
+    for final_text in [None, Some(""), Some("  \n")] {
+        let verdict = judge(&policy, Some("The content is safe, so 0."), final_text, false);
+        assert_eq!(verdict.outcome, Outcome::NeedsReview);
+        assert_eq!(verdict.flags, vec![Flag::NoFinalMessage]);
+        assert_eq!(verdict.violation, None);
+    }
+    let verdict = judge(&policy, Some("thinking..."), None, true);
+    assert_eq!(verdict.flags, vec![Flag::NoFinalMessage, Flag::Truncated]);
+    let verdict = judge(&policy, None, Some("0"), true);
+    assert_eq!(verdict.violation, Some(false));
+    assert_eq!(verdict.outcome, Outcome::NeedsReview);
+    assert!(verdict.flags.contains(&Flag::Truncated));
+}
+
+#[test]
+fn reasoning_disagreement_is_flagged() {
+    let policy = binary_policy();
+    let cases: &[(&str, &str, bool)] = &[
+        ("The message impersonates a bank to get a password. So it's a violation.", "0", true),
+        ("The message impersonates a bank to get a password. So it's a violation.", "1", false),
+        ("This is a question about plumbers. It does not violate the policy.", "1", true),
+        ("This is a question about plumbers. It does not violate the policy.", "0", false),
+        ("Could be spam? It mentions a link. But it's a support request, not spam.", "1", true),
+        ("We need to output 0 or 1. The content is cold promotion with a link: SP2.b. Answer: 1", "1", false),
+        ("We need to output 0 or 1. The content is cold promotion with a link. Answer: 1", "0", true),
+        ("It is a friendly note. Label 0.", "1", true),
+        ("Hmm. The user asks about weather.", "1", false),
+        ("Thus => 1.", "0", true),
+    ];
+    for (analysis, answer, disagrees) in cases {
+        let verdict = judge(&policy, Some(analysis), Some(answer), false);
+        let flagged = verdict.flags.iter().any(|flag| matches!(flag, Flag::ReasoningDisagrees { .. }));
+        assert_eq!(flagged, *disagrees, "{analysis:?} / {answer}: {verdict:?}");
+        if *disagrees {
+            assert_eq!(verdict.outcome, Outcome::NeedsReview);
+        }
+    }
+}
+
+#[test]
+fn reasoning_conclusions() {
+    let binary = OutputFormat::Binary;
+    let check = |text: &str, output: &OutputFormat| reasoning_conclusion(text, output).map(|c| c.violation);
+    assert_eq!(check("so it's a violation", &binary), Some(true));
+    assert_eq!(check("It is not a violation.", &binary), Some(false));
+    assert_eq!(check("This is not spam.", &binary), Some(false));
+    assert_eq!(check("This is spam.", &binary), Some(true));
+    assert_eq!(check("It doesn't violate anything.", &binary), Some(false));
+    assert_eq!(check("The content violates SP2.a.", &binary), Some(true));
+    assert_eq!(check("answer: 1", &binary), Some(true));
+    assert_eq!(check("We must answer 0 or 1.", &binary), None);
+    assert_eq!(check("The content is benign.", &binary), Some(false));
+    assert_eq!(check("{\"violation\": 0, ...} is what we output", &OutputFormat::Json), Some(false));
+    assert_eq!(check("Nothing conclusive here", &binary), None);
+    let labels = OutputFormat::Labels {
+        violating: vec!["INVALID".into()],
+        safe: vec!["VALID".into()],
+        escalate: vec!["INVALID + ESCALATE".into()],
+    };
+    assert_eq!(check("So => INVALID", &labels), Some(true));
+    assert_eq!(check("The label should be VALID.", &labels), Some(false));
+    // Only the tail counts: an early "violation" is outweighed by a later conclusion.
+    let long = format!("Is this a violation? {} Final: it is not a violation.", "Considering context. ".repeat(60));
+    assert_eq!(check(&long, &binary), Some(false));
+}
+
+#[test]
+fn escalation_paths() {
+    let policy = starter("sexual");
+    let answer = r#"{"violation": 1, "policy_category": "SX3", "rule_ids": ["SX3.a"], "confidence": "high", "rationale": "Minor.", "severity": "critical", "action": "block"}"#;
+    let verdict = judge(&policy, None, Some(answer), false);
+    assert!(verdict.flags.contains(&Flag::Escalated), "escalate_on: [SX3] {verdict:?}");
+    assert_eq!(verdict.outcome, Outcome::NeedsReview);
+    assert_eq!(verdict.severity.as_deref(), Some("critical"));
+
+    let adult = answer.replace("SX3.a", "SX1.b").replace("\"SX3\"", "\"SX1\"");
+    assert_eq!(judge(&policy, None, Some(&adult), false).outcome, Outcome::Violation);
+
+    let hate = starter("hate");
+    let asked = r#"{"violation": 0, "policy_category": null, "rule_ids": ["HT0.b"], "confidence": "low", "rationale": "Unclear quote.", "severity": "none", "action": "escalate"}"#;
+    let verdict = judge(&hate, None, Some(asked), false);
+    assert!(verdict.flags.contains(&Flag::Escalated));
+    assert!(verdict.flags.contains(&Flag::LowConfidence));
+    assert_eq!(verdict.outcome, Outcome::NeedsReview);
+}
+
+#[test]
+fn confidence_and_consistency() {
+    let hate = starter("hate");
+    let low_violation = r#"{"violation": 1, "policy_category": "HT2", "rule_ids": ["HT2.a"], "confidence": "low", "rationale": "x", "severity": "medium", "action": "block"}"#;
+    assert_eq!(judge(&hate, None, Some(low_violation), false).outcome, Outcome::Violation, "not high-risk");
+    let violence = starter("violence");
+    let low = low_violation.replace("HT2.a", "VI2.a").replace("\"HT2\"", "\"VI2\"");
+    let verdict = judge(&violence, None, Some(&low), false);
+    assert_eq!(verdict.flags, vec![Flag::LowConfidence], "high-risk policy");
+    let contradiction = low_violation.replace("\"low\"", "\"high\"").replace("\"block\"", "\"allow\"");
+    let verdict = judge(&hate, None, Some(&contradiction), false);
+    assert!(matches!(verdict.flags.as_slice(), [Flag::Inconsistent { .. }]), "{verdict:?}");
+}
+
+#[test]
+fn starter_policies_judge_their_own_example_answers() {
+    for policy in starter_library() {
+        let answer = match policy.meta.output {
+            OutputFormat::Binary => "1".to_string(),
+            _ => {
+                let rule = policy.rule_ids.iter().find(|id| !id.contains('0')).unwrap();
+                let tier = rule.split('.').next().unwrap();
+                format!(
+                    r#"{{"violation": 1, "policy_category": "{tier}", "rule_ids": ["{rule}"], "confidence": "high", "rationale": "r", "severity": "medium", "action": "block"}}"#
+                )
+            }
+        };
+        let verdict = judge(&policy, Some("It clearly violates the policy."), Some(&answer), false);
+        assert_eq!(verdict.outcome, Outcome::Violation, "{}: {verdict:?}", policy.meta.name);
+    }
+}
+
+#[test]
+fn combined_round_trip() {
+    let library = starter_library();
+    let policies: Vec<Policy> =
+        library.into_iter().filter(|p| ["spam", "hate", "sexual"].contains(&p.meta.name.as_str())).collect();
+    let instructions = combined_instructions(&policies);
+    for policy in &policies {
+        assert!(instructions.contains(&format!("## Policy \"{}\" ({})", policy.meta.name, policy.hash.short())));
+    }
+    assert!(instructions.contains("### Spam Policy (SP)"), "headings are demoted under the policy heading");
+    assert!(instructions.contains("\"spam\", \"hate\", \"sexual\""));
+    assert_eq!(
+        instructions.matches("Return exactly one JSON object and nothing else, with exactly these keys").count(),
+        2
+    );
+
+    let final_text = r#"```json
+{"spam": {"violation": 1, "policy_category": "SP4", "rule_ids": ["SP4.a"], "confidence": "high", "rationale": "Phishing.", "action": "block"},
+ "Hate": {"violation": 0, "policy_category": null, "rule_ids": ["HT0.a"], "confidence": "high", "rationale": "No attack.", "action": "allow"}}
+```"#;
+    let verdicts = judge_combined(&policies, Some("spam yes, hate no"), Some(final_text), false);
+    assert_eq!(verdicts.len(), 3);
+    assert_eq!(verdicts[0].policy, "spam");
+    assert_eq!(verdicts[0].outcome, Outcome::Violation, "{:?}", verdicts[0]);
+    assert_eq!(verdicts[0].rule_ids, vec!["SP4.a"]);
+    assert_eq!(verdicts[1].outcome, Outcome::Allow, "key matched case-insensitively: {:?}", verdicts[1]);
+    assert_eq!(verdicts[2].outcome, Outcome::NeedsReview);
+    assert_eq!(verdicts[2].flags, vec![Flag::MissingField { field: "sexual".into() }]);
+    assert_eq!(overall_outcome(&verdicts), Outcome::NeedsReview);
+
+    let cross_cited = final_text.replace("[\"HT0.a\"]", "[\"SP0.a\"]");
+    let verdicts = judge_combined(&policies, None, Some(&cross_cited), false);
+    assert_eq!(verdicts[1].flags, vec![Flag::HallucinatedRule { rule_id: "SP0.a".into() }]);
+
+    let none = judge_combined(&policies, None, None, true);
+    assert!(
+        none.iter()
+            .all(|v| v.outcome == Outcome::NeedsReview && v.flags == vec![Flag::NoFinalMessage, Flag::Truncated])
+    );
+    let garbage = judge_combined(&policies, None, Some("spam: 1, hate: 0"), false);
+    assert!(garbage.iter().all(|v| v.outcome == Outcome::NeedsReview && has_unparseable(v)));
+}
+
+#[test]
+fn combined_keys_disambiguate_same_name() {
+    let a = Policy::parse("# P\nReturn 0 or 1.").unwrap();
+    let b = Policy::parse("# P\nReturn 0 or 1!").unwrap();
+    let keys = combined_keys(&[a.clone(), b.clone()]);
+    assert_eq!(keys, vec![format!("P@{}", a.hash.short()), format!("P@{}", b.hash.short())]);
+    let answer = format!(r#"{{"{}": 1, "{}": {{"violation": 0}}}}"#, keys[0], keys[1]);
+    let verdicts = judge_combined(&[a, b], None, Some(&answer), false);
+    assert_eq!(verdicts[0].violation, Some(true));
+    assert_eq!(verdicts[1].violation, Some(false));
+    assert!(verdicts.iter().all(|v| v.outcome == Outcome::NeedsReview), "required fields are missing");
+}
+
+#[test]
+fn overall_outcome_rules() {
+    let policy = binary_policy();
+    let allow = judge(&policy, None, Some("0"), false);
+    let violation = judge(&policy, None, Some("1"), false);
+    let review = judge(&policy, None, None, false);
+    assert_eq!(overall_outcome(&[]), Outcome::NeedsReview);
+    assert_eq!(overall_outcome(std::slice::from_ref(&allow)), Outcome::Allow);
+    assert_eq!(overall_outcome(&[allow.clone(), violation.clone()]), Outcome::Violation);
+    assert_eq!(overall_outcome(&[violation, review, allow]), Outcome::NeedsReview);
+}
+
+#[test]
+fn serde_shapes() {
+    let verdict = judge(&binary_policy(), None, Some("1 0"), true);
+    let json = serde_json::to_value(&verdict).unwrap();
+    assert_eq!(json["outcome"], "needs_review");
+    assert_eq!(json["flags"][0], serde_json::json!({"kind": "truncated"}));
+    assert_eq!(json["flags"][1]["kind"], "unparseable");
+    let back: Verdict = serde_json::from_value(json).unwrap();
+    assert_eq!(back, verdict);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn parsers_never_panic(text in "\\PC{0,300}", analysis in "\\PC{0,300}") {
+        let policies = [binary_policy(), labels_policy(), json_policy()];
+        for policy in &policies {
+            let verdict = judge(policy, Some(&analysis), Some(&text), false);
+            prop_assert!(verdict.outcome != Outcome::Allow || verdict.flags.is_empty());
+        }
+        let _ = judge_combined(&policies, Some(&analysis), Some(&text), false);
+    }
+
+    #[test]
+    fn json_like_text_never_panics(text in "[{}\\[\\]\",:0-9a-z \\n]{0,200}") {
+        let verdict = judge(&json_policy(), None, Some(&text), false);
+        prop_assert!(verdict.outcome != Outcome::Allow || verdict.violation == Some(false));
+    }
+
+    #[test]
+    fn allow_requires_a_clear_zero(text in "\\PC{0,60}") {
+        let verdict = judge(&binary_policy(), None, Some(&text), false);
+        if verdict.outcome == Outcome::Allow {
+            prop_assert_eq!(verdict.violation, Some(false));
+            prop_assert!(verdict.flags.is_empty());
+        }
+    }
+}
