@@ -8,6 +8,7 @@
 pub mod budget;
 pub mod cascade;
 pub mod flywheel;
+pub mod nats;
 
 pub use budget::ReasoningBudget;
 pub use cascade::{

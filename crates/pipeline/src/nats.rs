@@ -1,0 +1,429 @@
+//! Async ingestion over NATS JetStream: content events in, decisions out.
+//!
+//! Delivery is at-least-once, decisions are exactly-once per idempotency key:
+//! - content arrives on `{prefix}.content.>` in the work stream, read by a shared durable pull consumer, so any
+//!   number of workers split the load;
+//! - each event's idempotency key (the `Nats-Msg-Id` header, else the payload's `id`) is looked up in a ledger
+//!   stream of settled decisions (one subject per key). A redelivered event whose decision exists is re-published, not re-decided;
+//! - a new decision is written to the ledger with `Nats-Expected-Last-Subject-Sequence: 0`, which the server
+//!   refuses if another worker got there first (then that one's decision stands), published to `{prefix}.decisions.{key}` with the key as `Nats-Msg-Id` (the
+//!   stream's duplicate window drops a re-publish), and only then is the event acked;
+//! - a `pending` status is published on receipt, so producers can hold the content until the decision comes;
+//! - when the reasoning budget is spent the event is NAKed with the budget's retry delay and the worker
+//!   pauses pulling: back-pressure instead of dropping or allowing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, AckKind, consumer, stream};
+use futures::StreamExt;
+use safeguard_core::input::{InputLimits, parse_item};
+use safeguard_policy::Policy;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::cascade::{CascadeDecision, Pipeline, RouteContext};
+
+/// Names of everything the worker creates or uses; workers sharing these share the work.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    pub url: String,
+    /// Subject prefix: content on `{prefix}.content.>`, decisions on `{prefix}.decisions.>`.
+    pub prefix: String,
+    pub work_stream: String,
+    pub decision_stream: String,
+    pub consumer: String,
+    pub decided_stream: String,
+    /// How long an unacked event waits before it is delivered again (to this or another worker).
+    pub ack_wait: Duration,
+    /// Events pulled at a time per worker; small keeps back-pressure tight.
+    pub batch: usize,
+}
+
+impl NatsConfig {
+    pub fn new(url: impl Into<String>, prefix: impl Into<String>) -> Self {
+        let prefix = prefix.into();
+        let tag = prefix.replace(['.', '-', '*', '>'], "_").to_ascii_uppercase();
+        Self {
+            url: url.into(),
+            work_stream: format!("{tag}_CONTENT"),
+            decision_stream: format!("{tag}_DECISIONS"),
+            consumer: format!("{tag}_workers"),
+            decided_stream: format!("{tag}_DECIDED"),
+            prefix,
+            ack_wait: Duration::from_secs(60),
+            batch: 4,
+        }
+    }
+
+    pub fn content_subject(&self, key: &str) -> String {
+        format!("{}.content.{key}", self.prefix)
+    }
+
+    pub fn decision_subject(&self, key: &str) -> String {
+        format!("{}.decisions.{key}", self.prefix)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NatsError {
+    #[error("cannot connect to NATS at {url}: {detail}")]
+    Connect { url: String, detail: String },
+    #[error("JetStream setup failed: {0}")]
+    Setup(String),
+    #[error("JetStream: {0}")]
+    Stream(String),
+}
+
+fn setup_err(e: impl std::fmt::Display) -> NatsError {
+    NatsError::Setup(e.to_string())
+}
+
+/// What the worker publishes for each event: first `pending`, then `decided` (or `rejected` for an event
+/// that can never be decided, such as invalid JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecisionEvent {
+    pub key: String,
+    /// The producer's own item id, when the event had one.
+    pub item_id: Option<String>,
+    pub status: EventStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<CascadeDecision>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventStatus {
+    Pending,
+    Decided,
+    Rejected,
+}
+
+/// Connected JetStream handles for one worker (or a producer/observer in tests).
+#[derive(Clone)]
+pub struct Bus {
+    pub config: NatsConfig,
+    pub js: jetstream::Context,
+    /// The ledger of settled keys: one message per key, written only if none exists yet.
+    pub decided: stream::Stream,
+}
+
+impl Bus {
+    /// Connects and creates the work, decision and ledger streams if they do not exist yet.
+    pub async fn connect(config: NatsConfig) -> Result<Bus, NatsError> {
+        let client = async_nats::connect(&config.url)
+            .await
+            .map_err(|e| NatsError::Connect { url: config.url.clone(), detail: e.to_string() })?;
+        let js = jetstream::new(client);
+        js.get_or_create_stream(stream::Config {
+            name: config.work_stream.clone(),
+            subjects: vec![format!("{}.content.>", config.prefix)],
+            // An event leaves the work stream once a worker acks it.
+            retention: stream::RetentionPolicy::WorkQueue,
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| NatsError::Setup(format!("work stream: {e}")))?;
+        js.get_or_create_stream(stream::Config {
+            name: config.decision_stream.clone(),
+            subjects: vec![format!("{}.decisions.>", config.prefix)],
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| NatsError::Setup(format!("decision stream: {e}")))?;
+        let decided = js
+            .get_or_create_stream(stream::Config {
+                name: config.decided_stream.clone(),
+                subjects: vec![format!("{}.decided.>", config.prefix)],
+                max_messages_per_subject: 1,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| NatsError::Setup(format!("decided ledger: {e}")))?;
+        Ok(Bus { config, js, decided })
+    }
+
+    /// Publishes one content event (what a producer does). `key` is the idempotency key.
+    pub async fn publish_content(&self, key: &str, payload: &Value) -> Result<(), NatsError> {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", key);
+        let body = serde_json::to_vec(payload).map_err(|e| NatsError::Stream(e.to_string()))?;
+        self.js
+            .publish_with_headers(self.config.content_subject(&subject_token(key)), headers, body.into())
+            .await
+            .map_err(|e| NatsError::Stream(e.to_string()))?
+            .await
+            .map_err(|e| NatsError::Stream(e.to_string()))?;
+        Ok(())
+    }
+
+    /// The settled decision for an idempotency key, if any.
+    pub async fn decided(&self, key: &str) -> Result<Option<DecisionEvent>, NatsError> {
+        let subject = format!("{}.decided.{}", self.config.prefix, subject_token(key));
+        match self.decided.get_last_raw_message_by_subject(&subject).await {
+            Ok(message) => Ok(serde_json::from_slice(&message.payload).ok()),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(NatsError::Stream(e.to_string())),
+        }
+    }
+
+    /// Writes the key's settled event unless one exists. `Ok(false)`: another worker settled it first.
+    async fn record_once(&self, event: &DecisionEvent) -> Result<bool, NatsError> {
+        let subject = format!("{}.decided.{}", self.config.prefix, subject_token(&event.key));
+        let body = serde_json::to_vec(event).map_err(|e| NatsError::Stream(e.to_string()))?;
+        let mut headers = HeaderMap::new();
+        // The server refuses the write if the subject already holds a message: an atomic create.
+        headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+        let ack = self
+            .js
+            .publish_with_headers(subject, headers, body.into())
+            .await
+            .map_err(|e| NatsError::Stream(e.to_string()))?
+            .await;
+        match ack {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => Ok(false),
+            Err(e) => Err(NatsError::Stream(e.to_string())),
+        }
+    }
+
+    async fn publish_event(&self, event: &DecisionEvent) -> Result<(), NatsError> {
+        let token = subject_token(&event.key);
+        let mut headers = HeaderMap::new();
+        // The duplicate window drops a second publish of the same status for the same key.
+        headers.insert("Nats-Msg-Id", format!("{token}:{:?}", event.status).as_str());
+        let body = serde_json::to_vec(event).map_err(|e| NatsError::Stream(e.to_string()))?;
+        self.js
+            .publish_with_headers(self.config.decision_subject(&token), headers, body.into())
+            .await
+            .map_err(|e| NatsError::Stream(e.to_string()))?
+            .await
+            .map_err(|e| NatsError::Stream(e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// A subject token for any idempotency key: the user's key may hold characters subjects do not allow.
+pub fn subject_token(key: &str) -> String {
+    let clean =
+        !key.is_empty() && key.len() <= 64 && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if clean { key.to_string() } else { format!("h{}", &hex::encode(Sha256::digest(key.as_bytes()))[..40]) }
+}
+
+/// One worker: pulls content events and routes them through the pipeline until `stop` is set.
+pub struct Worker {
+    bus: Bus,
+    pipeline: Pipeline,
+    policies: Arc<Vec<Policy>>,
+    limits: InputLimits,
+}
+
+impl Worker {
+    pub fn new(bus: Bus, pipeline: Pipeline, policies: Vec<Policy>) -> Self {
+        Self { bus, pipeline, policies: Arc::new(policies), limits: InputLimits::default() }
+    }
+
+    pub async fn run(&self, stop: CancellationToken) -> Result<(), NatsError> {
+        let cfg = &self.bus.config;
+        let stream = self.bus.js.get_stream(&cfg.work_stream).await.map_err(setup_err)?;
+        let consumer: consumer::PullConsumer = stream
+            .get_or_create_consumer(
+                &cfg.consumer,
+                consumer::pull::Config {
+                    durable_name: Some(cfg.consumer.clone()),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: cfg.ack_wait,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(setup_err)?;
+        info!(consumer = %cfg.consumer, "NATS worker started");
+        while !stop.is_cancelled() {
+            let batch = consumer
+                .fetch()
+                .max_messages(cfg.batch.max(1))
+                .expires(Duration::from_millis(500))
+                .messages()
+                .await
+                .map_err(|e| NatsError::Stream(e.to_string()))?;
+            let mut batch = std::pin::pin!(batch);
+            while let Some(message) = batch.next().await {
+                let message = match message {
+                    Ok(message) => message,
+                    Err(e) => {
+                        warn!("pull failed: {e}");
+                        break;
+                    }
+                };
+                if let Some(pause) = self.handle(&message).await {
+                    // Back-pressure: stop pulling until the budget refills; the NAKed event waits in the stream.
+                    tokio::time::sleep(pause).await;
+                    break;
+                }
+                if stop.is_cancelled() {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles one event; returns how long to pause pulling when the reasoning budget is spent.
+    async fn handle(&self, message: &jetstream::Message) -> Option<Duration> {
+        let payload: Option<Value> = serde_json::from_slice(&message.payload).ok();
+        let item_id = payload.as_ref().and_then(|p| p.get("id")).and_then(Value::as_str).map(str::to_string);
+        let key = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .map(|v| v.as_str().to_string())
+            .or_else(|| item_id.clone());
+        let Some(key) = key else {
+            return self
+                .reject(message, "unknown".into(), None, "the event has neither a Nats-Msg-Id header nor an \"id\"")
+                .await;
+        };
+
+        // Settled already (a redelivery after a crash between deciding and acking): publish again, ack.
+        match self.bus.decided(&key).await {
+            Ok(Some(event)) => {
+                debug!(%key, "already decided; re-publishing");
+                if self.bus.publish_event(&event).await.is_ok() {
+                    ack(message, AckKind::Ack).await;
+                }
+                return None;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!(%key, "cannot read the decided ledger: {e}");
+                ack(message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                return None;
+            }
+        }
+
+        let line = String::from_utf8_lossy(&message.payload);
+        let item = match parse_item(&line, &self.limits) {
+            Ok(item) => item,
+            Err(e) => return self.reject(message, key, item_id, &e.to_string()).await,
+        };
+        let _ = self
+            .bus
+            .publish_event(&DecisionEvent {
+                key: key.clone(),
+                item_id: item_id.clone(),
+                status: EventStatus::Pending,
+                decision: None,
+                error: None,
+            })
+            .await;
+        let policies = select_policies(&self.policies, payload.as_ref());
+        let ctx = RouteContext {
+            appeal: payload.as_ref().and_then(|p| p.get("appeal")).and_then(Value::as_bool).unwrap_or(false),
+            include_reasoning: false,
+        };
+        let decision = match self.pipeline.decide(&policies, &item.content, &ctx).await {
+            Ok(decision) => decision,
+            Err(deferred) => {
+                ack(message, AckKind::Nak(Some(deferred.retry_after))).await;
+                return Some(deferred.retry_after);
+            }
+        };
+        let event = DecisionEvent {
+            key: key.clone(),
+            item_id,
+            status: EventStatus::Decided,
+            decision: Some(decision),
+            error: None,
+        };
+        self.settle(message, event).await;
+        None
+    }
+
+    async fn reject(
+        &self,
+        message: &jetstream::Message,
+        key: String,
+        item_id: Option<String>,
+        error: &str,
+    ) -> Option<Duration> {
+        warn!(%key, %error, "rejecting a content event");
+        let event = DecisionEvent {
+            key,
+            item_id,
+            status: EventStatus::Rejected,
+            decision: None,
+            error: Some(error.to_string()),
+        };
+        self.settle(message, event).await;
+        None
+    }
+
+    /// Records the event's final state exactly once, publishes it, then acks.
+    async fn settle(&self, message: &jetstream::Message, event: DecisionEvent) {
+        let stored = match self.bus.record_once(&event).await {
+            Ok(true) => event,
+            Ok(false) => {
+                // Another worker decided the same key first; its decision is the one.
+                match self.bus.decided(&event.key).await {
+                    Ok(Some(theirs)) => theirs,
+                    _ => return,
+                }
+            }
+            Err(e) => {
+                warn!(key = %event.key, "cannot record the decision: {e}");
+                ack(message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                return;
+            }
+        };
+        match self.bus.publish_event(&stored).await {
+            Ok(()) => ack(message, AckKind::Ack).await,
+            // Recorded but not announced: the redelivery will find it in the ledger and publish it.
+            Err(e) => warn!(key = %stored.key, "cannot publish the decision: {e}"),
+        }
+    }
+}
+
+async fn ack(message: &jetstream::Message, kind: AckKind) {
+    if let Err(e) = message.ack_with(kind).await {
+        warn!("ack failed (the event will be redelivered): {e}");
+    }
+}
+
+/// The event may name the policies it is to be judged under; otherwise all of the worker's policies apply.
+fn select_policies(all: &[Policy], payload: Option<&Value>) -> Vec<Policy> {
+    let named: Option<Vec<&str>> = payload
+        .and_then(|p| p.get("policies"))
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect());
+    match named {
+        Some(names) if !names.is_empty() => all
+            .iter()
+            .filter(|p| names.iter().any(|n| *n == p.meta.name || *n == p.hash.to_string()))
+            .cloned()
+            .collect(),
+        _ => all.to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_safe_for_subjects() {
+        assert_eq!(subject_token("item-42_a"), "item-42_a");
+        let hashed = subject_token("user/123 ?*>");
+        assert!(hashed.starts_with('h') && hashed.len() == 41 && hashed.bytes().all(|b| b.is_ascii_alphanumeric()));
+        assert_eq!(hashed, subject_token("user/123 ?*>"), "stable");
+        assert_ne!(subject_token(""), "");
+    }
+}
