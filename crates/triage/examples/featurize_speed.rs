@@ -7,8 +7,12 @@ use safeguard_triage::{DatasetFields, FeatureConfig, Featurizer, load_dataset};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::path::PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "../shared/data".into()));
-    let texts: Vec<String> =
-        load_dataset(&dir.join(DAVIDSON), &DatasetFields::default(), 0)?.examples.into_iter().take(5000).map(|e| e.text).collect();
+    let texts: Vec<String> = load_dataset(&dir.join(DAVIDSON), &DatasetFields::default(), 0)?
+        .examples
+        .into_iter()
+        .take(5000)
+        .map(|e| e.text)
+        .collect();
     for (name, base) in [("words", FeatureConfig::words_only()), ("words+chars3-5", FeatureConfig::default())] {
         for bits in [16, 18, 20] {
             let f = Featurizer::new(FeatureConfig { hash_bits: bits, ..base.clone() })?;

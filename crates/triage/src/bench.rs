@@ -19,21 +19,25 @@ pub const TOXICCHAT_TRAIN: &str = "toxicchat-0124/toxicchat0124_train_human.json
 pub const TOXICCHAT_TEST: &str = "toxicchat-0124/toxicchat0124_test_human.jsonl";
 pub const DAVIDSON: &str = "davidson-hate-offensive/binary.jsonl";
 
-/// Items per second of `f` over `texts`, repeated until `min_time` has passed (one thread).
+/// Items per second of `f` over `texts` on this thread: the best of three rounds of `min_time / 3`, because
+/// on a shared machine the slowest rounds measure the neighbours, not the code.
 pub fn throughput(texts: &[String], min_time: Duration, mut f: impl FnMut(&str) -> f32) -> f64 {
     let mut sink = 0.0f32;
-    let mut items = 0usize;
-    let start = Instant::now();
-    while start.elapsed() < min_time || items == 0 {
-        for t in texts {
-            sink += f(t);
+    let mut best = 0.0f64;
+    for _round in 0..3 {
+        let mut items = 0usize;
+        let start = Instant::now();
+        while start.elapsed() < min_time / 3 || items == 0 {
+            for t in texts {
+                sink += f(t);
+            }
+            items += texts.len();
         }
-        items += texts.len();
+        best = best.max(items as f64 / start.elapsed().as_secs_f64());
     }
-    let elapsed = start.elapsed().as_secs_f64();
     // Keeps the optimizer from deleting the work being timed.
     std::hint::black_box(sink);
-    items as f64 / elapsed
+    best
 }
 
 fn words(text: &str) -> impl Iterator<Item = String> + '_ {
@@ -188,8 +192,8 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TriageError> {
         ("toxicchat", &tc_train.examples, vec![tc_train.provenance.clone()]),
         ("toxicchat+davidson", &both, vec![tc_train.provenance.clone(), davidson.provenance.clone()]),
     ];
-    let mut best_model = None;
     let mut best_skip = -1.0;
+    let mut timed_models = Vec::new();
     for (set_name, examples, provenance) in &sets {
         for (feature_name, features) in &configs {
             let fit_options = FitOptions {
@@ -204,9 +208,9 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TriageError> {
             let probs: Vec<f32> = test_texts.iter().map(|t| model.probability(t)).collect();
             let deployed = band_metrics(&probs, &labels, model.meta.thresholds.allow_below, None);
             let (or, os) = oracle(&probs, &labels, options.target_recall);
-            if os > best_skip {
-                best_skip = os;
-                best_model = Some(model.clone());
+            best_skip = f64::max(best_skip, os);
+            if *set_name == "toxicchat" {
+                timed_models.push((feature_name.to_string(), model.clone()));
             }
             variants.push(VariantResult {
                 name: format!("{feature_name} on {set_name}"),
@@ -227,34 +231,36 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TriageError> {
     let short_texts: Vec<String> = davidson.examples.iter().take(5000).map(|e| e.text.clone()).collect();
     let mean_chars = |t: &[String]| t.iter().map(|s| s.chars().count()).sum::<usize>() as f64 / t.len().max(1) as f64;
     let mut throughput_results = Vec::new();
-    if let Some(model) = best_model {
-        let rules = RuleSet::compile(&RulesConfig {
-            keywords: vec![KeywordList {
-                name: "top-rate words".into(),
-                action: RuleAction::Flag,
-                keywords: keywords.top_keywords(200),
-            }],
-            ..RulesConfig::default()
-        })?;
-        let classifier_only = Triage::new(None, Some(model.clone()));
-        let rules_and_classifier = Triage::new(Some(rules), Some(model));
-        for (texts_name, texts) in [("davidson tweets (short)", &short_texts), ("toxicchat test prompts", &test_texts)]
-        {
-            let ips = throughput(texts, min_time, |t| classifier_only.route(t).calibrated_probability.unwrap_or(0.0));
-            throughput_results.push(ThroughputResult {
-                what: "route: classifier".into(),
-                texts: texts_name.into(),
-                mean_chars: mean_chars(texts),
-                items_per_second: ips,
-            });
-            let ips =
-                throughput(texts, min_time, |t| rules_and_classifier.route(t).calibrated_probability.unwrap_or(0.0));
-            throughput_results.push(ThroughputResult {
-                what: "route: 200 keywords + classifier".into(),
-                texts: texts_name.into(),
-                mean_chars: mean_chars(texts),
-                items_per_second: ips,
-            });
+    let rules = RuleSet::compile(&RulesConfig {
+        keywords: vec![KeywordList {
+            name: "top-rate words".into(),
+            action: RuleAction::Flag,
+            keywords: keywords.top_keywords(200),
+        }],
+        ..RulesConfig::default()
+    })?;
+    let mut rules = Some(rules);
+    for (feature_name, model) in timed_models.into_iter().rev() {
+        let mut triages = vec![(format!("route: classifier ({feature_name})"), Triage::new(None, Some(model.clone())))];
+        // Rules are timed once, with the default (richer) featurization.
+        if let Some(r) = rules.take() {
+            triages.push((
+                format!("route: 200 keywords + classifier ({feature_name})"),
+                Triage::new(Some(r), Some(model)),
+            ));
+        }
+        for (what, triage) in &triages {
+            for (texts_name, texts) in
+                [("davidson tweets (short)", &short_texts), ("toxicchat test prompts", &test_texts)]
+            {
+                let ips = throughput(texts, min_time, |t| triage.route(t).calibrated_probability.unwrap_or(0.0));
+                throughput_results.push(ThroughputResult {
+                    what: what.clone(),
+                    texts: texts_name.into(),
+                    mean_chars: mean_chars(texts),
+                    items_per_second: ips,
+                });
+            }
         }
     }
     Ok(BenchReport {

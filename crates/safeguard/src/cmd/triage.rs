@@ -74,7 +74,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum, default_value_t = Features::WordsChars)]
     pub features: Features,
     /// log2 of the number of hash buckets.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = FeatureConfig::default().hash_bits)]
     pub hash_bits: u32,
     #[arg(long, default_value_t = TrainConfig::default().epochs)]
     pub epochs: usize,
