@@ -251,6 +251,19 @@ impl StreamParser {
         }
     }
 
+    /// The channel of the message being written, once its header is complete (e.g. to show "reasoning…").
+    pub fn current_channel(&self) -> Option<&str> {
+        match &self.state {
+            State::Content { header, .. } => header.channel.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// True once a stop token arrived; later tokens are ignored.
+    pub fn is_stopped(&self) -> bool {
+        self.end.is_some()
+    }
+
     pub fn finish(mut self) -> ParsedCompletion {
         match std::mem::replace(&mut self.state, State::Stopped) {
             State::Content { header, bytes, .. } => self.push_message(header, &bytes, MessageClose::Unclosed),

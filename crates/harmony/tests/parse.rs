@@ -403,3 +403,37 @@ proptest! {
         prop_assert_eq!(truncated.end, CompletionEnd::Truncated);
     }
 }
+
+#[test]
+fn stream_reports_the_current_channel_and_the_stop() {
+    let tokens = standard("why", "1");
+    let mut parser = StreamParser::new();
+    let mut channels = Vec::new();
+    for &t in &tokens {
+        parser.push(t);
+        channels.push(parser.current_channel().map(str::to_string));
+    }
+    assert!(channels.contains(&Some("analysis".to_string())));
+    assert!(channels.contains(&Some("final".to_string())));
+    assert!(parser.is_stopped());
+    assert_eq!(parser.current_channel(), None);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    /// Whatever the cut, the deltas streamed so far never claim more than the parse of the same tokens holds.
+    #[test]
+    fn streamed_deltas_agree_with_the_parse_at_every_cut(
+        analysis in "[a-zé中🤔 ]{0,40}", answer in "[01{}\":a-z 🤔]{0,20}", cut in 0usize..200,
+    ) {
+        let tokens = standard(&analysis, &answer);
+        let cut = cut.min(tokens.len());
+        let (streamed_analysis, streamed_final, parsed) = stream(&tokens[..cut]);
+        let parsed_analysis = parsed.analysis.unwrap_or_default();
+        prop_assert!(parsed_analysis.starts_with(&streamed_analysis), "{:?} vs {:?}", streamed_analysis, parsed_analysis);
+        let parsed_final = parsed.final_text.or(parsed.partial_final).unwrap_or_default();
+        prop_assert!(parsed_final.starts_with(&streamed_final), "{:?} vs {:?}", streamed_final, parsed_final);
+        prop_assert!(!streamed_final.contains(char::REPLACEMENT_CHARACTER), "replacement in {:?}", streamed_final);
+    }
+}
