@@ -115,6 +115,34 @@ pub fn lint(policy_text: &str, opts: &LintOptions<'_>) -> LintReport {
     }
 }
 
+/// Lint a policy file. Only an unreadable file is an `Err`; a file that is too large, not UTF-8 or not a
+/// valid policy is a report with one `parse-error` finding, so a batch lint keeps going.
+pub fn lint_file(path: &std::path::Path, opts: &LintOptions<'_>) -> Result<LintReport, crate::PolicyError> {
+    let parse_error = |err: crate::PolicyError| LintReport {
+        findings: vec![Finding {
+            severity: Severity::Error,
+            code: "parse-error".to_string(),
+            message: err.to_string(),
+            line: err.line(),
+        }],
+        ..LintReport::default()
+    };
+    let bytes = match crate::read_policy_file(path) {
+        Ok(bytes) => bytes,
+        Err(err @ crate::PolicyError::Io { .. }) => return Err(err),
+        Err(err) => return Ok(parse_error(err)),
+    };
+    let text = match crate::decode_utf8(&bytes) {
+        Ok(text) => text,
+        Err(err) => return Ok(parse_error(err)),
+    };
+    let stem = path.file_stem().and_then(|stem| stem.to_str());
+    Ok(match Policy::parse_with_fallback_name(text, stem) {
+        Ok(policy) => lint_policy(&policy, opts),
+        Err(err) => parse_error(err),
+    })
+}
+
 /// Lint an already parsed policy.
 pub fn lint_policy(policy: &Policy, opts: &LintOptions<'_>) -> LintReport {
     let _span = tracing::debug_span!("policy_lint", policy = %policy.meta.name).entered();
