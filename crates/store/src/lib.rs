@@ -17,6 +17,7 @@ mod jobs;
 mod keys;
 mod migrate;
 mod policies;
+mod reviews;
 mod webhooks;
 
 use std::path::Path;
@@ -29,6 +30,7 @@ pub use decisions::{DecisionFilter, DecisionRecord};
 pub use jobs::{JobRecord, JobStatus, NewJob, QueueDepth};
 pub use keys::{ApiKeyRecord, hash_api_key};
 pub use policies::StoredPolicy;
+pub use reviews::{NewReview, ReviewDecision, ReviewRecord, ReviewStats};
 pub use webhooks::{Delivery, NewDelivery};
 
 #[derive(Debug, thiserror::Error)]

@@ -308,3 +308,47 @@ async fn api_keys_are_hashed_scoped_and_revocable() {
         t.cleanup().await;
     }
 }
+
+#[tokio::test]
+async fn reviews_queue_in_priority_and_sla_order_and_are_decided_once() {
+    use safeguard_store::{NewReview, ReviewDecision};
+    for t in stores().await {
+        let s = &t.store;
+        for (id, outcome) in [("r-a", "needs_review"), ("r-b", "needs_review"), ("r-c", "violation")] {
+            s.insert_decision(&decision(id, outcome, "spam", None), None).await.unwrap();
+        }
+        let queue = |decision_id: &str, kind: &str, priority: i64, sla_ms: Option<i64>| NewReview {
+            decision_id: decision_id.into(),
+            kind: kind.into(),
+            priority,
+            reason: Some("needs_review".into()),
+            sla_ms,
+        };
+        let low = s.queue_review(&queue("r-a", "review", 1, Some(60_000))).await.unwrap();
+        let urgent = s.queue_review(&queue("r-b", "review", 1, Some(1_000))).await.unwrap();
+        let appeal = s.queue_review(&queue("r-c", "appeal", 5, None)).await.unwrap();
+        let again = s.queue_review(&queue("r-a", "review", 9, None)).await.unwrap();
+        assert_eq!(again.id, low.id, "{}: one pending review per decision and kind", t.label);
+
+        let order: Vec<String> = s.list_reviews("pending", 10).await.unwrap().into_iter().map(|r| r.id).collect();
+        assert_eq!(order, vec![appeal.id.clone(), urgent.id.clone(), low.id.clone()], "{}", t.label);
+
+        let verdict = ReviewDecision {
+            reviewer: "alice".into(),
+            outcome: "allow".into(),
+            rationale: "A personal message, not promotion.".into(),
+            rule_id: "SP0.a".into(),
+            policy_hash: Some("sha256:spamhash".into()),
+            overrides_model: true,
+        };
+        let decided = s.decide_review(&appeal.id, &verdict).await.unwrap().unwrap();
+        assert_eq!(decided.status, "decided");
+        assert_eq!(decided.overrides_model, Some(true), "{}", t.label);
+        assert_eq!(decided.reviewer.as_deref(), Some("alice"));
+        assert!(s.decide_review(&appeal.id, &verdict).await.unwrap().is_none(), "{}: decided once", t.label);
+
+        let stats = s.review_stats().await.unwrap();
+        assert_eq!((stats.pending, stats.decided, stats.overrides), (2, 1, 1), "{}", t.label);
+        t.cleanup().await;
+    }
+}

@@ -1,0 +1,184 @@
+//! The human review queue: items the cascade could not settle, and appeals. A person's decision needs a
+//! rationale and the rule it applies; whether it overrides the model is recorded for agreement metrics.
+
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use crate::{Result, Store, StoreError, now_ms};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReviewRecord {
+    pub id: String,
+    pub decision_id: String,
+    /// "pending" or "decided".
+    pub status: String,
+    /// "review" (the cascade could not settle it) or "appeal".
+    pub kind: String,
+    /// Higher first.
+    pub priority: i64,
+    pub reason: Option<String>,
+    pub created_at: i64,
+    /// When the SLA says it must be decided (unix ms).
+    pub due_at: Option<i64>,
+    pub reviewer: Option<String>,
+    pub rationale: Option<String>,
+    pub rule_id: Option<String>,
+    pub policy_hash: Option<String>,
+    /// The person's outcome: "allow" or "violation".
+    pub outcome: Option<String>,
+    /// Whether the person's outcome differs from the model's.
+    pub overrides_model: Option<bool>,
+    pub decided_at: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewReview {
+    pub decision_id: String,
+    pub kind: String,
+    pub priority: i64,
+    pub reason: Option<String>,
+    /// How long the SLA gives a person, from now.
+    pub sla_ms: Option<i64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReviewDecision {
+    pub reviewer: String,
+    pub outcome: String,
+    pub rationale: String,
+    pub rule_id: String,
+    pub policy_hash: Option<String>,
+    pub overrides_model: bool,
+}
+
+/// Reviewer agreement with the model, over decided reviews.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReviewStats {
+    pub pending: i64,
+    pub overdue: i64,
+    pub decided: i64,
+    pub overrides: i64,
+}
+
+const COLUMNS: &str = "id, decision_id, status, kind, priority, reason, created_at, due_at, reviewer, rationale, rule_id, \
+    policy_hash, outcome, overrides_model, decided_at";
+
+fn row_to_review(row: &AnyRow) -> Result<ReviewRecord> {
+    Ok(ReviewRecord {
+        id: row.try_get("id")?,
+        decision_id: row.try_get("decision_id")?,
+        status: row.try_get("status")?,
+        kind: row.try_get("kind")?,
+        priority: row.try_get("priority")?,
+        reason: row.try_get("reason")?,
+        created_at: row.try_get("created_at")?,
+        due_at: row.try_get("due_at")?,
+        reviewer: row.try_get("reviewer")?,
+        rationale: row.try_get("rationale")?,
+        rule_id: row.try_get("rule_id")?,
+        policy_hash: row.try_get("policy_hash")?,
+        outcome: row.try_get("outcome")?,
+        // Stored as 0/1: booleans do not travel the same way through both drivers.
+        overrides_model: row.try_get::<Option<i64>, _>("overrides_model")?.map(|v| v != 0),
+        decided_at: row.try_get("decided_at")?,
+    })
+}
+
+impl Store {
+    /// Queues a decision for a person. One pending review per decision and kind: queuing again returns the
+    /// existing one.
+    pub async fn queue_review(&self, review: &NewReview) -> Result<ReviewRecord> {
+        let existing = sqlx::query(sql!(
+            "SELECT {COLUMNS} FROM reviews WHERE decision_id = $1 AND kind = $2 AND status = 'pending'"
+        ))
+        .bind(&review.decision_id)
+        .bind(&review.kind)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(row) = existing {
+            return row_to_review(&row);
+        }
+        let id = crate::new_id();
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO reviews (id, decision_id, status, kind, priority, reason, created_at, due_at) \
+             VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7)",
+        )
+        .bind(&id)
+        .bind(&review.decision_id)
+        .bind(&review.kind)
+        .bind(review.priority)
+        .bind(&review.reason)
+        .bind(now)
+        .bind(review.sla_ms.map(|ms| now + ms))
+        .execute(&self.pool)
+        .await?;
+        self.get_review(&id).await?.ok_or(StoreError::Db(sqlx::Error::RowNotFound))
+    }
+
+    pub async fn get_review(&self, id: &str) -> Result<Option<ReviewRecord>> {
+        let row = sqlx::query(sql!("SELECT {COLUMNS} FROM reviews WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(row_to_review).transpose()
+    }
+
+    /// The queue in working order: highest priority first, then the earliest SLA deadline, then the oldest.
+    pub async fn list_reviews(&self, status: &str, limit: i64) -> Result<Vec<ReviewRecord>> {
+        let rows = sqlx::query(sql!(
+            "SELECT {COLUMNS} FROM reviews WHERE status = $1 \
+             ORDER BY priority DESC, CASE WHEN due_at IS NULL THEN 1 ELSE 0 END, due_at, created_at LIMIT $2"
+        ))
+        .bind(status)
+        .bind(limit.clamp(1, 1000))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(row_to_review).collect()
+    }
+
+    /// Records a person's decision once; `Ok(None)` if the review is unknown or was already decided.
+    pub async fn decide_review(&self, id: &str, decision: &ReviewDecision) -> Result<Option<ReviewRecord>> {
+        let updated = sqlx::query(
+            "UPDATE reviews SET status = 'decided', reviewer = $1, outcome = $2, rationale = $3, rule_id = $4, \
+             policy_hash = $5, overrides_model = $6, decided_at = $7 WHERE id = $8 AND status = 'pending'",
+        )
+        .bind(&decision.reviewer)
+        .bind(&decision.outcome)
+        .bind(&decision.rationale)
+        .bind(&decision.rule_id)
+        .bind(&decision.policy_hash)
+        .bind(i64::from(decision.overrides_model))
+        .bind(now_ms())
+        .bind(id)
+        .execute(&self.pool)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Ok(None);
+        }
+        self.get_review(id).await
+    }
+
+    pub async fn review_stats(&self) -> Result<ReviewStats> {
+        let now = now_ms();
+        let row = sqlx::query(
+            "SELECT \
+               SUM(CASE WHEN status = 'pending' THEN 1 ELSE 0 END) AS pending, \
+               SUM(CASE WHEN status = 'pending' AND due_at IS NOT NULL AND due_at < $1 THEN 1 ELSE 0 END) AS overdue, \
+               SUM(CASE WHEN status = 'decided' THEN 1 ELSE 0 END) AS decided, \
+               SUM(CASE WHEN status = 'decided' AND overrides_model = 1 THEN 1 ELSE 0 END) AS overrides \
+             FROM reviews",
+        )
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        let get = |name: &str| -> Result<i64> { Ok(row.try_get::<Option<i64>, _>(name)?.unwrap_or(0)) };
+        Ok(ReviewStats {
+            pending: get("pending")?,
+            overdue: get("overdue")?,
+            decided: get("decided")?,
+            overrides: get("overrides")?,
+        })
+    }
+}
