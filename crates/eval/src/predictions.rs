@@ -291,7 +291,7 @@ pub fn read_predictions(path: &Path) -> Result<Vec<PredictionRecord>, EvalError>
         if line.trim().is_empty() {
             continue;
         }
-        let record: PredictionRecord = serde_json::from_str(&line).map_err(|err| EvalError::Data {
+        let record = parse_prediction_line(&line).map_err(|err| EvalError::Data {
             path: path.to_path_buf(),
             line: index + 1,
             message: format!("not a prediction record: {err}"),
@@ -336,6 +336,12 @@ mod tests {
         assert_eq!(r.predicted(None), Predicted::Allow);
         assert!(parse_prediction_line(r#"{"outcome":"allow"}"#).unwrap_err().to_string().contains("id"));
         assert!(parse_prediction_line("[1]").is_err());
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.jsonl");
+        std::fs::write(&path, format!("{line}\n\n{{\"id\":\"b\",\"id\":\"u\"}}\n")).unwrap();
+        let records = read_predictions(&path).unwrap();
+        assert_eq!(records.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["item-1", "b"]);
     }
 
     #[test]

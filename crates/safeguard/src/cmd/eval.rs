@@ -1,8 +1,508 @@
+//! `safeguard eval`: score saved classify output, compare two runs, or run policies live on a dataset.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-#[derive(clap::Args)]
-pub struct Args {}
+use anyhow::{Context, bail};
+use safeguard_eval::html::{render_comparison_html, render_report_html};
+use safeguard_eval::score::ScoreReport;
+use safeguard_eval::{
+    Comparison, Dataset, DatasetSpec, FieldMapping, Metrics, PredictionRecord, ScoreOptions, compare_runs, excerpt,
+    read_predictions, score_predictions,
+};
 
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`safeguard eval` is not built yet")
+use super::{EXIT_FAILURE, EXIT_FINDINGS};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args)]
+#[command(after_help = "Modes:\n  \
+    score saved output:  safeguard eval --predictions run.jsonl --dataset xstest\n  \
+    compare two runs:    safeguard eval --compare v1.jsonl v2.jsonl --dataset data.jsonl\n  \
+    run live:            safeguard eval --policy spam.md --model model.gguf --dataset toxicchat:toxicity --effort low,high\n\n\
+    Named datasets: openai-moderation:<S|H|V|HR|SH|S3|H2|V2|any>, toxicchat:<toxicity|jailbreaking>[:test|train],\n  \
+    xstest, davidson:<hate|offensive|any>; anything else is a JSONL or CSV file.")]
+pub struct Args {
+    /// Saved `safeguard classify` output (JSONL) to score against the dataset.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["compare", "model"])]
+    predictions: Option<PathBuf>,
+    /// Two saved runs on the same items: prints metric deltas and every flipped item.
+    #[arg(long, num_args = 2, value_names = ["BEFORE", "AFTER"], conflicts_with = "model")]
+    compare: Option<Vec<PathBuf>>,
+    /// A JSONL/CSV file or a named shared dataset (see below).
+    #[arg(long, value_name = "SPEC")]
+    dataset: String,
+    /// Folder holding the shared datasets [default: shared/data or ../shared/data]
+    #[arg(long, env = "SAFEGUARD_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Field holding the text [default: text, prompt or content].
+    #[arg(long, value_name = "NAME")]
+    text_field: Option<String>,
+    /// Field holding the label [default: violates or label]; dotted names reach into objects (labels.S).
+    #[arg(long, value_name = "NAME")]
+    label_field: Option<String>,
+    /// Field holding the id that predictions are joined on.
+    #[arg(long, value_name = "NAME", default_value = "id")]
+    id_field: String,
+    /// The label value that means "violating" (other values mean safe); without it labels are 0/1 or true/false.
+    #[arg(long, value_name = "VALUE")]
+    positive_label: Option<String>,
+    /// Break scores down by this field.
+    #[arg(long, value_name = "NAME")]
+    group_field: Option<String>,
+    /// Another label field, scored as its own category (repeatable).
+    #[arg(long = "category-field", value_name = "NAME")]
+    category_fields: Vec<String>,
+    /// Scoring saved runs: the policy NAME whose verdict is scored [default: the overall outcome].
+    /// Running live: a policy FILE (repeatable).
+    #[arg(long, value_name = "NAME|FILE")]
+    policy: Vec<String>,
+    /// Score policy POLICY against dataset category CATEGORY for multi-policy accuracy (repeatable).
+    #[arg(long = "map", value_name = "POLICY=CATEGORY")]
+    policy_labels: Vec<String>,
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
+    /// Also write a self-contained HTML report here.
+    #[arg(long, value_name = "FILE")]
+    html: Option<PathBuf>,
+    /// Exit with code 2 when F1 (needs_review counted as positive) is below this: a CI gate.
+    #[arg(long, value_name = "F1")]
+    min_f1: Option<f64>,
+    /// With --compare: exit with code 2 when any item went from right to wrong.
+    #[arg(long)]
+    fail_on_regression: bool,
+
+    /// Run live with this model (GGUF).
+    #[arg(long, value_name = "PATH")]
+    model: Option<PathBuf>,
+    /// Reasoning efforts to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "medium")]
+    effort: Vec<String>,
+    /// Only the first N dataset items.
+    #[arg(long, value_name = "N")]
+    limit: Option<usize>,
+    /// Resumable result cache (JSONL): rerunning continues where an interrupted run stopped.
+    #[arg(long, value_name = "FILE")]
+    cache: Option<PathBuf>,
+    /// Items classified at the same time.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Write the live predictions as JSONL (one file per effort when there are several: NAME.EFFORT.jsonl).
+    #[arg(long, value_name = "FILE")]
+    save_predictions: Option<PathBuf>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let dataset = load_dataset(&args)?;
+    let options = score_options(&args)?;
+    if let Some(path) = &args.predictions {
+        let predictions = read_predictions(path)?;
+        let report = score_predictions(&predictions, &dataset, &options)?;
+        emit_report(&args, &[(path.display().to_string(), report)])
+    } else if let Some(paths) = &args.compare {
+        let [before_path, after_path] = paths.as_slice() else {
+            bail!("--compare takes two files: BEFORE AFTER");
+        };
+        let before = read_predictions(before_path)?;
+        let after = read_predictions(after_path)?;
+        let comparison = compare_runs(&before, &after, &dataset, &options)?;
+        emit_comparison(&args, before_path, after_path, &comparison)
+    } else if args.model.is_some() {
+        live::run(&args, dataset, options)
+    } else {
+        bail!("say what to evaluate: --predictions FILE, --compare BEFORE AFTER, or --policy FILE --model PATH")
+    }
+}
+
+fn data_dir(args: &Args) -> PathBuf {
+    if let Some(dir) = &args.data_dir {
+        return dir.clone();
+    }
+    ["shared/data", "../shared/data"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_dir())
+        .unwrap_or_else(|| PathBuf::from("shared/data"))
+}
+
+fn load_dataset(args: &Args) -> anyhow::Result<Dataset> {
+    let spec: DatasetSpec = args.dataset.parse()?;
+    let mapping = FieldMapping {
+        text_field: args.text_field.clone(),
+        label_field: args.label_field.clone(),
+        id_field: Some(args.id_field.clone()),
+        positive_label: args.positive_label.clone(),
+        group_field: args.group_field.clone(),
+        category_fields: args.category_fields.clone(),
+    };
+    let mut dataset =
+        spec.load(&data_dir(args), &mapping).with_context(|| format!("loading dataset {}", args.dataset))?;
+    if let Some(limit) = args.limit {
+        dataset.truncate(limit);
+    }
+    Ok(dataset)
+}
+
+fn score_options(args: &Args) -> anyhow::Result<ScoreOptions> {
+    let mut policy_labels = BTreeMap::new();
+    for pair in &args.policy_labels {
+        let Some((policy, category)) = pair.split_once('=') else {
+            bail!("--map wants POLICY=CATEGORY, got `{pair}`");
+        };
+        policy_labels.insert(policy.trim().to_string(), category.trim().to_string());
+    }
+    let policy = if args.model.is_some() {
+        // Live runs name policy files; verdicts are scored by the overall outcome unless there is one policy.
+        None
+    } else {
+        match args.policy.as_slice() {
+            [] => None,
+            [name] => Some(name.clone()),
+            _ => bail!("when scoring saved output, --policy names the one policy to score; use --map for the others"),
+        }
+    };
+    Ok(ScoreOptions { policy, policy_labels, ..ScoreOptions::default() })
+}
+
+fn write_html(path: &Path, html: &str) -> anyhow::Result<()> {
+    std::fs::write(path, html).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+fn gate(args: &Args, reports: &[(String, ScoreReport)]) -> ExitCode {
+    let Some(min_f1) = args.min_f1 else {
+        return ExitCode::SUCCESS;
+    };
+    let mut failed = false;
+    for (name, report) in reports {
+        if report.metrics.f1.unwrap_or(0.0) < min_f1 {
+            eprintln!("F1 {} of {name} is below --min-f1 {min_f1}", fmt_score(report.metrics.f1));
+            failed = true;
+        }
+    }
+    if failed { ExitCode::from(EXIT_FINDINGS) } else { ExitCode::SUCCESS }
+}
+
+fn emit_report(args: &Args, reports: &[(String, ScoreReport)]) -> anyhow::Result<ExitCode> {
+    match (args.format, reports) {
+        (Format::Json, [(_, only)]) => println!("{}", serde_json::to_string_pretty(only)?),
+        (Format::Json, _) => {
+            let runs: BTreeMap<&str, &ScoreReport> = reports.iter().map(|(n, r)| (n.as_str(), r)).collect();
+            println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "runs": runs }))?);
+        }
+        (Format::Text, _) => {
+            for (name, report) in reports {
+                print!("{}", text_report(name, report));
+            }
+        }
+    }
+    if let Some(path) = &args.html {
+        write_html(path, &render_report_html(&format!("safeguard eval: {}", args.dataset), reports))?;
+    }
+    Ok(gate(args, reports))
+}
+
+fn emit_comparison(args: &Args, before: &Path, after: &Path, comparison: &Comparison) -> anyhow::Result<ExitCode> {
+    match args.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(comparison)?),
+        Format::Text => print!("{}", text_comparison(before, after, comparison)),
+    }
+    if let Some(path) = &args.html {
+        let title = format!("safeguard eval: {} vs {} on {}", before.display(), after.display(), args.dataset);
+        write_html(path, &render_comparison_html(&title, comparison))?;
+    }
+    let gate = gate(args, &[(after.display().to_string(), comparison.after.clone())]);
+    if args.fail_on_regression && comparison.broken > 0 {
+        eprintln!("{} items went from right to wrong", comparison.broken);
+        return Ok(ExitCode::from(EXIT_FINDINGS));
+    }
+    Ok(gate)
+}
+
+fn fmt_score(value: Option<f64>) -> String {
+    value.map_or_else(|| "n/a".into(), |v| format!("{v:.3}"))
+}
+
+fn fmt_rate(value: Option<f64>) -> String {
+    value.map_or_else(|| "n/a".into(), |v| format!("{:.1}%", v * 100.0))
+}
+
+fn metrics_line(name: &str, m: &Metrics) -> String {
+    format!(
+        "  {name:<22}{:>6}{:>6}{:>6}{:>6}{:>6}{:>10}{:>8}{:>8}{:>9}\n",
+        m.n,
+        m.confusion.tp,
+        m.confusion.fp,
+        m.confusion.tn,
+        m.confusion.fn_,
+        fmt_score(m.precision),
+        fmt_score(m.recall),
+        fmt_score(m.f1),
+        fmt_score(m.accuracy)
+    )
+}
+
+const METRICS_HEADER: &str =
+    "                             n    TP    FP    TN    FN precision  recall      F1 accuracy\n";
+
+fn text_report(name: &str, r: &ScoreReport) -> String {
+    let mut out = format!(
+        "{name}\ndataset {}{}: {} items, {} predictions, {} joined, {} unlabelled \
+         ({} missing predictions, {} not in dataset, {} duplicates)\n",
+        r.dataset,
+        r.policy.as_ref().map(|p| format!(", policy {p}")).unwrap_or_default(),
+        r.dataset_items,
+        r.prediction_records,
+        r.joined,
+        r.unlabelled,
+        r.missing_predictions.count,
+        r.unknown_predictions.count,
+        r.duplicate_predictions.count
+    );
+    out.push_str(METRICS_HEADER);
+    out.push_str(&metrics_line("review as positive", &r.metrics));
+    out.push_str(&metrics_line("review excluded", &r.excluding_needs_review));
+    out.push_str(&format!(
+        "needs_review {} ({}; {} violating, {} safe) · parse failures {} ({}) · errors {}\n",
+        r.needs_review.count,
+        fmt_rate(r.needs_review.rate),
+        r.needs_review.positives,
+        r.needs_review.negatives,
+        r.parse_failures,
+        fmt_rate(r.parse_failure_rate),
+        r.errors
+    ));
+    if r.policy_missing.count > 0 {
+        out.push_str(&format!(
+            "{} items had no verdict for the policy (counted as needs_review)\n",
+            r.policy_missing.count
+        ));
+    }
+    if let Some(multi) = &r.multi_policy {
+        out.push_str(&format!(
+            "multi-policy accuracy {} ({} of {} right on every policy; {} left out for unknown labels)\n",
+            fmt_score(multi.accuracy),
+            multi.correct,
+            multi.items,
+            multi.excluded
+        ));
+        out.push_str(METRICS_HEADER);
+        for (policy, m) in &multi.per_policy {
+            out.push_str(&metrics_line(&format!("{policy} ({})", multi.policies[policy]), m));
+        }
+    }
+    for (title, table) in [("per category", &r.per_category), ("per group", &r.per_group)] {
+        if !table.is_empty() {
+            out.push_str(&format!("{title}:\n{METRICS_HEADER}"));
+            for (key, m) in table {
+                out.push_str(&metrics_line(key, m));
+            }
+        }
+    }
+    for (effort, stats) in &r.by_effort {
+        let triple = |d: Option<safeguard_eval::Distribution>| {
+            d.map_or_else(|| "n/a".into(), |d| format!("{:.0}/{:.0}/{:.0}", d.mean, d.p50, d.p95))
+        };
+        out.push_str(&format!(
+            "effort {effort}: {} items · F1 {} · latency ms mean/p50/p95 {} · completion tokens {} · prompt tokens {}\n",
+            stats.items,
+            fmt_score(stats.metrics.f1),
+            triple(stats.latency_ms),
+            triple(stats.completion_tokens),
+            triple(stats.prompt_tokens)
+        ));
+    }
+    out.push('\n');
+    out
+}
+
+fn text_comparison(before: &Path, after: &Path, c: &Comparison) -> String {
+    let d = &c.deltas;
+    let mut out = format!(
+        "before {} · after {} · {} common items ({} only before, {} only after)\n",
+        before.display(),
+        after.display(),
+        c.common_items,
+        c.only_in_before.count,
+        c.only_in_after.count
+    );
+    let signed = |v: Option<f64>| v.map_or_else(|| "n/a".into(), |v| format!("{v:+.3}"));
+    out.push_str(&format!(
+        "precision {} → {} ({})\nrecall    {} → {} ({})\nF1        {} → {} ({})\naccuracy  {} → {} ({})\n\
+         needs_review rate {} → {} · latency p50 {} ms · completion tokens {}\n",
+        fmt_score(c.before.metrics.precision),
+        fmt_score(c.after.metrics.precision),
+        signed(d.precision),
+        fmt_score(c.before.metrics.recall),
+        fmt_score(c.after.metrics.recall),
+        signed(d.recall),
+        fmt_score(c.before.metrics.f1),
+        fmt_score(c.after.metrics.f1),
+        signed(d.f1),
+        fmt_score(c.before.metrics.accuracy),
+        fmt_score(c.after.metrics.accuracy),
+        signed(d.accuracy),
+        fmt_rate(c.before.needs_review.rate),
+        fmt_rate(c.after.needs_review.rate),
+        signed(d.latency_p50_ms),
+        signed(d.completion_tokens_mean)
+    ));
+    out.push_str(&format!(
+        "{} flipped: {} fixed, {} broken, {} changed\n",
+        c.flips.len(),
+        c.fixed,
+        c.broken,
+        c.changed
+    ));
+    for flip in &c.flips {
+        let label = match flip.label {
+            Some(true) => "violating",
+            Some(false) => "safe",
+            None => "unknown",
+        };
+        out.push_str(&format!(
+            "  {:<8} {} [{label}] {} → {}: {}\n",
+            format!("{:?}", flip.kind).to_lowercase(),
+            flip.id,
+            flip.before.as_str(),
+            flip.after.as_str(),
+            excerpt(&flip.text.replace('\n', " "), 80)
+        ));
+    }
+    out
+}
+
+/// Writes records as JSONL.
+fn save_predictions(path: &Path, records: &[PredictionRecord]) -> anyhow::Result<()> {
+    let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let mut writer = BufWriter::new(file);
+    for record in records {
+        serde_json::to_writer(&mut writer, record)?;
+        writer.write_all(b"\n")?;
+    }
+    writer.flush().with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+mod live {
+    //! Live evaluation through the core `Classifier` on the embedded engine.
+
+    use super::*;
+
+    #[cfg(feature = "embedded")]
+    pub fn run(args: &Args, dataset: Dataset, options: ScoreOptions) -> anyhow::Result<ExitCode> {
+        use std::sync::Arc;
+
+        use safeguard_core::{Classifier, ClassifyOptions, EmbeddedConfig, EmbeddedReasoner, Reasoner};
+        use safeguard_engine::EngineConfig;
+        use safeguard_engine::llama::LlamaEngine;
+        use safeguard_eval::{FnClassifier, Item, RunOptions, run_eval};
+        use safeguard_harmony::{Content, Effort};
+        use safeguard_policy::Policy;
+
+        async fn classify_one(
+            classifier: &Classifier,
+            policies: &[Policy],
+            item: Item,
+            effort: String,
+        ) -> Result<PredictionRecord, String> {
+            let effort: Effort = effort.parse().map_err(|e| format!("{e}"))?;
+            let options = ClassifyOptions { effort, ..ClassifyOptions::default() };
+            let decision = classifier.classify(policies, &Content::text(item.text), &options).await;
+            let mut value = serde_json::to_value(&decision).map_err(|e| e.to_string())?;
+            if let Some(object) = value.as_object_mut() {
+                // The record is keyed by the dataset id; the decision's own UUID is kept beside it.
+                if let Some(decision_id) = object.remove("id") {
+                    object.insert("decision_id".into(), decision_id);
+                }
+                object.insert("id".into(), serde_json::Value::String(item.id));
+            }
+            serde_json::from_value(value).map_err(|e| e.to_string())
+        }
+
+        if args.policy.is_empty() {
+            bail!("a live run needs at least one --policy FILE");
+        }
+        let policies = args
+            .policy
+            .iter()
+            .map(|path| Policy::load(Path::new(path)).with_context(|| format!("loading policy {path}")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        for effort in &args.effort {
+            effort.parse::<Effort>().map_err(|e| anyhow::anyhow!("--effort {effort}: {e}"))?;
+        }
+        let model_path = args.model.as_deref().context("--model is required for a live run")?;
+        let engine = LlamaEngine::load(model_path, EngineConfig::default())
+            .with_context(|| format!("loading model {}", model_path.display()))?;
+        let reasoner = EmbeddedReasoner::new(Arc::new(engine), EmbeddedConfig::default());
+        let model_id = reasoner.model_id();
+        let policy_hash = policies.iter().map(|p| p.hash.to_string()).collect::<Vec<_>>().join("+");
+        let shared = Arc::new((Classifier::new(Arc::new(reasoner)), policies));
+        let adapter = FnClassifier(move |item: Item, effort: String| {
+            let shared = Arc::clone(&shared);
+            Box::pin(async move { classify_one(&shared.0, &shared.1, item, effort).await })
+                as std::pin::Pin<Box<dyn std::future::Future<Output = Result<PredictionRecord, String>> + Send>>
+        });
+
+        let run_options = RunOptions {
+            efforts: args.effort.clone(),
+            concurrency: args.concurrency,
+            cache_path: args.cache.clone(),
+            policy_hash,
+            model_id,
+            ..RunOptions::default()
+        };
+        let total = (dataset.items.len() * args.effort.len()) as u64;
+        let bar = indicatif::ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::stderr());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} items · {elapsed} elapsed · eta {eta} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+        let output = runtime.block_on(run_eval(&dataset.items, &adapter, &run_options, &|progress| {
+            bar.set_position(progress.done as u64);
+            bar.set_message(format!("({} cached, {} failed)", progress.from_cache, progress.failed));
+        }))?;
+        bar.finish_and_clear();
+        eprintln!("{} classified, {} from cache, {} failed", output.classified, output.from_cache, output.failed.len());
+        for (id, effort, error) in output.failed.iter().take(10) {
+            eprintln!("  failed {id} at {effort}: {error}");
+        }
+
+        let mut reports = Vec::new();
+        let several = output.by_effort.len() > 1;
+        for (effort, records) in &output.by_effort {
+            if let Some(path) = &args.save_predictions {
+                let path = if several { per_effort_path(path, effort) } else { path.clone() };
+                save_predictions(&path, records)?;
+            }
+            reports.push((effort.clone(), score_predictions(records, &dataset, &options)?));
+        }
+        let code = emit_report(args, &reports)?;
+        if !output.failed.is_empty() && code == ExitCode::SUCCESS {
+            return Ok(ExitCode::from(EXIT_FAILURE));
+        }
+        Ok(code)
+    }
+
+    #[cfg(feature = "embedded")]
+    fn per_effort_path(path: &Path, effort: &str) -> PathBuf {
+        let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("predictions");
+        let extension = path.extension().and_then(|s| s.to_str()).unwrap_or("jsonl");
+        path.with_file_name(format!("{stem}.{effort}.{extension}"))
+    }
+
+    #[cfg(not(feature = "embedded"))]
+    pub fn run(_args: &Args, _dataset: Dataset, _options: ScoreOptions) -> anyhow::Result<ExitCode> {
+        let _ = (save_predictions, EXIT_FAILURE);
+        bail!("this build has no embedded engine (feature `embedded`); score saved output with --predictions instead")
+    }
 }
