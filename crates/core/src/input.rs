@@ -209,9 +209,11 @@ impl<R: BufRead> Iterator for ItemReader<R> {
                     let text = match std::str::from_utf8(&self.buffer) {
                         Ok(text) => text,
                         Err(e) => {
+                            // The id is usually plain ASCII even when the text is not valid UTF-8.
+                            let id = salvage_id(String::from_utf8_lossy(&self.buffer).trim());
                             return Some(InputLine {
                                 line: self.line,
-                                id: None,
+                                id,
                                 item: Err(ItemError::InvalidUtf8 { valid_up_to: e.valid_up_to() }),
                             });
                         }
@@ -305,6 +307,7 @@ mod tests {
         assert_eq!(lines.iter().map(|l| l.line).collect::<Vec<_>>(), [1, 2, 4, 5]);
         assert!(lines[0].item.is_ok());
         assert!(matches!(lines[1].item, Err(ItemError::InvalidUtf8 { .. })));
+        assert_eq!(lines[1].id.as_deref(), Some("2"));
         assert!(matches!(lines[2].item, Err(ItemError::MissingContent)));
         assert_eq!(lines[2].id.as_deref(), Some("3"), "the id of a bad line is kept for its error record");
         assert_eq!(lines[3].item.as_ref().unwrap().content, Content::text("four"));
