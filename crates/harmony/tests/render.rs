@@ -314,7 +314,21 @@ fn special_text_never_encodes_to_special_ids() {
 fn tokenizer_decodes_specials_as_text_and_unknown_ids_as_replacement() {
     let tokenizer = Tokenizer::shared();
     assert_eq!(tokenizer.token_bytes(tokens::END).unwrap(), b"<|end|>");
-    assert_eq!(tokenizer.token_bytes(tokens::RETURN).unwrap(), b"<|return|>");
+    let named = [
+        (tokens::START_OF_TEXT, "<|startoftext|>"),
+        (tokens::END_OF_TEXT, "<|endoftext|>"),
+        (tokens::RETURN, "<|return|>"),
+        (tokens::CONSTRAIN, "<|constrain|>"),
+        (tokens::CHANNEL, "<|channel|>"),
+        (tokens::START, "<|start|>"),
+        (tokens::END, "<|end|>"),
+        (tokens::MESSAGE, "<|message|>"),
+        (tokens::CALL, "<|call|>"),
+    ];
+    for (id, text) in named {
+        assert_eq!(tokenizer.token_bytes(id).unwrap(), text.as_bytes(), "{id}");
+    }
+    assert!(tokenizer.token_bytes(tokens::FIRST_SPECIAL - 1).is_some_and(|b| !b.starts_with(b"<|")));
     assert_eq!(tokenizer.token_bytes(201087).unwrap(), b"<|reserved_201087|>");
     assert_eq!(tokenizer.token_bytes(tokens::VOCAB_SIZE as u32), None);
     assert_eq!(tokenizer.token_bytes(u32::MAX), None);
