@@ -118,19 +118,39 @@ pub struct TinyModelInfo {
     pub hparams: GptOssHparams,
 }
 
-/// Deterministic initial values for one tensor, scaled so activations stay O(1) through the net.
-pub(crate) fn random_values(seed: u64, spec: &TensorSpec, role: TensorRole) -> Vec<f32> {
-    let mut values = vec![0.0f32; spec.n_elements() as usize];
-    let mut g = SplitMix64::for_stream(seed, &spec.name);
-    let (mean, std) = match role {
+fn init_scale(role: TensorRole) -> (f32, f32) {
+    match role {
         TensorRole::Embedding => (0.0, 1.0),
         TensorRole::Norm => (1.0, 0.1),
         TensorRole::Matrix { fan_in } => (0.0, 1.0 / (fan_in.max(1) as f32).sqrt()),
         TensorRole::Bias => (0.0, 0.1),
         TensorRole::Sinks => (0.0, 1.0),
-    };
-    g.fill_normal(&mut values, mean, std);
-    values
+    }
+}
+
+/// Elements generated and encoded at a time, so 20b-sized tensors stream in bounded memory.
+const CHUNK_ELEMS: usize = 1 << 22;
+
+/// Stream deterministic random values for one tensor into the writer, scaled so activations stay
+/// O(1) through the network. One generator per tensor name: values do not depend on chunking.
+pub(crate) fn write_random_tensor(
+    writer: &mut GgufWriter,
+    seed: u64,
+    spec: &TensorSpec,
+    role: TensorRole,
+) -> Result<()> {
+    let (mean, std) = init_scale(role);
+    let mut g = SplitMix64::for_stream(seed, &spec.name);
+    let total = spec.n_elements() as usize;
+    let mut buf = vec![0.0f32; total.min(CHUNK_ELEMS)];
+    let mut done = 0;
+    while done < total {
+        let n = (total - done).min(CHUNK_ELEMS);
+        g.fill_normal(&mut buf[..n], mean, std);
+        writer.write_tensor_f32(&spec.name, &buf[..n])?;
+        done += n;
+    }
+    Ok(())
 }
 
 /// Write a tiny random gpt-oss GGUF. Same config (seed included) -> byte-identical file.
@@ -151,8 +171,7 @@ pub fn write_tiny_model(path: &Path, config: &TinyConfig) -> Result<TinyModelInf
     let parameter_count = specs.iter().map(|s| s.n_elements()).sum();
     let mut writer = GgufWriter::create(path, &metadata, specs)?;
     for (spec, role) in &layout {
-        let values = random_values(config.seed, spec, *role);
-        writer.write_tensor_f32(&spec.name, &values)?;
+        write_random_tensor(&mut writer, config.seed, spec, *role)?;
     }
     let file_bytes = writer.finish()?;
     Ok(TinyModelInfo { path: path.to_path_buf(), file_bytes, tensor_count: layout.len(), parameter_count, hparams: hp })
