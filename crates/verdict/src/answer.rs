@@ -456,7 +456,7 @@ fn parse_json(final_text: &str, required_fields: &[&str]) -> ParsedAnswer {
     if objects.is_empty() {
         // A bare "1" or "INVALID" instead of JSON: keep what it says, but the requested fields are missing.
         let mut bare = parse_binary(final_text);
-        if bare.violation.is_some() {
+        if bare.violation.is_some() || bare.flags.contains(&Flag::Escalated) {
             bare.push_flag(Flag::Unparseable {
                 detail: format!("expected a JSON object, got {}", excerpt(final_text)),
             });

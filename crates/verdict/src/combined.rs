@@ -1,8 +1,9 @@
 //! Several policies in one prompt, one JSON answer keyed by policy name, one verdict per policy.
 //!
-//! The model's per-policy answers share one chain of thought that discusses every policy, so a conclusion
-//! phrase at its end cannot be attributed to one policy. With more than one policy the reasoning-agreement
-//! check is therefore skipped; every other check applies per policy.
+//! The model's per-policy answers share one chain of thought that discusses every policy, so its final
+//! conclusion phrase cannot be attributed to one policy. With several policies, the reasoning-agreement check
+//! reads only the last sentence of the reasoning that names exactly one policy (and that policy); every other
+//! check applies per policy as in single-policy judging.
 
 use serde_json::{Map, Value};
 
@@ -86,6 +87,25 @@ pub fn combined_instructions(policies: &[Policy]) -> String {
     text
 }
 
+/// Spellings of a key a chain of thought uses: "self-harm", "self harm".
+fn spellings(key: &str) -> Vec<String> {
+    let lower = key.to_lowercase();
+    let spaced = lower.replace(['-', '_'], " ");
+    if spaced == lower { vec![lower] } else { vec![lower, spaced] }
+}
+
+/// The last sentence of the reasoning that names `key` and no other policy, e.g. "For spam, it's not spam."
+fn sentence_about(analysis: &str, keys: &[String], key: &str) -> Option<String> {
+    let mentions =
+        |sentence: &str, key: &str| spellings(key).iter().any(|spelling| sentence.contains(spelling.as_str()));
+    analysis
+        .split(['.', '\n', ';', '!', '?'])
+        .map(|sentence| sentence.to_lowercase())
+        .filter(|sentence| mentions(sentence, key))
+        .filter(|sentence| keys.iter().filter(|other| other.as_str() != key).all(|other| !mentions(sentence, other)))
+        .last()
+}
+
 fn normalize_key(key: &str) -> String {
     key.chars().filter(|c| c.is_alphanumeric()).flat_map(char::to_lowercase).collect()
 }
@@ -138,8 +158,6 @@ pub fn judge_combined(
         });
         return policies.iter().map(|policy| Verdict::undetermined(policy, flags.clone())).collect();
     }
-    // With one policy the whole chain of thought is about it, so its conclusion can be checked.
-    let analysis = if policies.len() == 1 { analysis } else { None };
     policies
         .iter()
         .zip(&keys)
@@ -169,7 +187,13 @@ pub fn judge_combined(
                     detail: format!("{} answers for \"{key}\" disagree", entries.len()),
                 });
             }
-            validate(policy, &mut verdict, analysis);
+            // With one policy the whole chain of thought is about it.
+            let reasoning = if policies.len() == 1 {
+                analysis.map(str::to_string)
+            } else {
+                analysis.and_then(|analysis| sentence_about(analysis, &keys, key))
+            };
+            validate(policy, &mut verdict, reasoning.as_deref());
             verdict.outcome = decide(verdict.violation, &verdict.flags);
             verdict
         })

@@ -135,6 +135,8 @@ fn json_answers_table() {
         assert_eq!(verdict.violation, *violation, "{text:?}: {verdict:?}");
         assert_eq!(verdict.outcome, *outcome, "{text:?}: {verdict:?}");
     }
+    let escalated = judge(&policy, None, Some("ESCALATE"), false);
+    assert!(escalated.flags.contains(&Flag::Escalated) && has_unparseable(&escalated), "{escalated:?}");
     let verdict = judge(&policy, None, Some(full), false);
     assert_eq!(verdict.category.as_deref(), Some("HT2"));
     assert_eq!(verdict.rule_ids, vec!["HT2.a"]);
@@ -337,6 +339,15 @@ fn combined_round_trip() {
     assert_eq!(verdicts[2].outcome, Outcome::NeedsReview);
     assert_eq!(verdicts[2].flags, vec![Flag::MissingField { field: "sexual".into() }]);
     assert_eq!(overall_outcome(&verdicts), Outcome::NeedsReview);
+
+    // Per-policy reasoning check: the last sentence naming only "hate" concludes a violation.
+    let analysis = "Spam: a credential lure, so it's spam. For hate, it clearly violates HT2.a. Done.";
+    let verdicts = judge_combined(&policies, Some(analysis), Some(final_text), false);
+    assert_eq!(verdicts[0].outcome, Outcome::Violation, "{:?}", verdicts[0]);
+    assert!(matches!(verdicts[1].flags.as_slice(), [Flag::ReasoningDisagrees { .. }]), "{:?}", verdicts[1]);
+    let mixed = "Spam is a violation but hate is not.";
+    let verdicts = judge_combined(&policies, Some(mixed), Some(final_text), false);
+    assert_eq!(verdicts[1].outcome, Outcome::Allow, "a sentence naming two policies is not attributed");
 
     let cross_cited = final_text.replace("[\"HT0.a\"]", "[\"SP0.a\"]");
     let verdicts = judge_combined(&policies, None, Some(&cross_cited), false);
