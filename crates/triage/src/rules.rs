@@ -4,6 +4,19 @@
 //! Precedence inside a rule set: any deny evidence makes the decision `Deny`; otherwise any allow evidence
 //! makes it `Allow`; `flag` evidence alone leaves the decision `None` but is reported, and the router keeps
 //! flagged text out of the confident-benign band.
+//!
+//! In policy front matter (`safeguard triage train/eval --policy` read it from there):
+//!
+//! ```yaml
+//! triage:
+//!   rules:
+//!     keywords:
+//!       - { name: weapons, action: flag, keywords: [pipe bomb, nerve agent] }
+//!     regexes:
+//!       - { name: card-numbers, action: deny, patterns: ['\b\d{4}-\d{4}-\d{4}-\d{4}\b'] }
+//!     allow_list: ["hi", "thanks!"]
+//!     deny_list: []
+//! ```
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use regex::{Regex, RegexBuilder};
