@@ -98,12 +98,10 @@ fn spellings(key: &str) -> Vec<String> {
 fn sentence_about(analysis: &str, keys: &[String], key: &str) -> Option<String> {
     let mentions =
         |sentence: &str, key: &str| spellings(key).iter().any(|spelling| sentence.contains(spelling.as_str()));
-    analysis
-        .split(['.', '\n', ';', '!', '?'])
-        .map(|sentence| sentence.to_lowercase())
-        .filter(|sentence| mentions(sentence, key))
-        .filter(|sentence| keys.iter().filter(|other| other.as_str() != key).all(|other| !mentions(sentence, other)))
-        .last()
+    analysis.split(['.', '\n', ';', '!', '?']).rev().map(str::to_lowercase).find(|sentence| {
+        mentions(sentence, key)
+            && keys.iter().filter(|other| other.as_str() != key).all(|other| !mentions(sentence, other))
+    })
 }
 
 fn normalize_key(key: &str) -> String {
