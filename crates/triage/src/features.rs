@@ -1,7 +1,7 @@
 //! Hashed n-gram features: word uni/bi-grams and character n-grams, signed feature hashing.
 //!
-//! Nothing here allocates: normalization, word hashes and character n-gram hashes (FNV-1a over a shift
-//! register of the last bytes) are computed in one streaming pass, and features go into a caller-owned
+//! Nothing here allocates: normalization, word hashes (FNV-1a) and character n-gram keys (the last bytes of an
+//! 8-byte shift register) are computed in one streaming pass, and features go into a caller-owned
 //! buffer or straight into a dot product.
 
 use serde::{Deserialize, Serialize};
@@ -79,7 +79,18 @@ const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 // Distinct seeds keep a word unigram "abc" and the character trigram "abc" in different buckets.
 const SEED_WORD: u64 = 0x9e37_79b9_7f4a_7c15;
 const SEED_BIGRAM: u64 = 0xc2b2_ae3d_27d4_eb4f;
-const SEED_CHAR: u64 = 0x1656_67b1_9e37_79f9;
+/// Indexed by n-gram length; each differs in its top bytes, where no key of 7 bytes or fewer has bits.
+const CHAR_LENGTH_SEEDS: [u64; MAX_CHAR_NGRAM as usize + 1] = [
+    0x1656_67b1_9e37_79f9,
+    0x27d4_eb2f_1656_67c5,
+    0x85eb_ca77_c2b2_ae63,
+    0xd6e8_feb8_6659_fd93,
+    0xa076_1d64_78bd_642f,
+    0xe703_7ed1_a0b4_28db,
+    0x8ebc_6af0_9c88_c6e3,
+    0x5899_65cc_7537_4cc3,
+    0x1d8e_4e27_c47d_124f,
+];
 
 /// Multiply-shift hashing (Fibonacci): one multiply, buckets from the well-mixed high bits. The xor-shift
 /// first folds the high half (where the n-gram length tag sits) into the low half that the multiply spreads.
@@ -172,13 +183,11 @@ impl Featurizer {
                 let longest = seen.min(char_hi);
                 // Hash each n-gram ending here from its last byte backwards; reversed order is as good a
                 // key as forward order and lets every length share one pass.
-                let mut h = FNV_OFFSET ^ SEED_CHAR;
-                for n in 1..=longest {
-                    h = fnv_step(h, (window >> (8 * (n - 1))) as u8);
-                    if n >= char_lo {
-                        // Mixing in the length separates an n-gram from a prefix of a longer one.
-                        put(h ^ ((n as u64) << 56));
-                    }
+                // The last n bytes of the window are the n-gram itself, so the key is exact and costs a mask;
+                // the per-length seed keeps "abc" and the 4-gram " abc" apart.
+                for n in char_lo..=longest {
+                    let key = if n >= 8 { window } else { window & ((1u64 << (8 * n)) - 1) };
+                    put(key ^ CHAR_LENGTH_SEEDS[n]);
                 }
             }
         };
