@@ -1,8 +1,384 @@
+//! `safeguard classify`: one JSON decision per item, on stdout or `--output`.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, BufWriter, IsTerminal, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
+use anyhow::Context;
+use safeguard_core::input::{InputLimits, InputLine, Item, ItemReader, check_content};
+use safeguard_core::{Classifier, ClassifyOptions, Decision, Mode, Reasoner};
+use safeguard_harmony::{Content, Effort};
+use safeguard_policy::Policy;
+use safeguard_verdict::Outcome;
+
+use super::{EXIT_FAILURE, EXIT_FINDINGS, EXIT_NEEDS_REVIEW};
+
+/// Exit status: 1 if any item could not be read or classified (its record has an `error`), else 3 if any
+/// item needs review, else 2 if any item violates a policy, else 0. Errors come first because the results
+/// are then incomplete; undecided items come before violations because an undecided item may hide one.
 #[derive(clap::Args)]
-pub struct Args {}
+#[command(group = clap::ArgGroup::new("source").required(true).args(["text", "input", "stdin"]))]
+pub struct Args {
+    /// Policy file (Markdown with optional front matter); repeat for several policies.
+    #[arg(long = "policy", value_name = "FILE", required = true)]
+    pub policies: Vec<PathBuf>,
+    /// GGUF model file for the embedded engine.
+    #[arg(long, value_name = "PATH")]
+    pub model: PathBuf,
+    /// Reasoning effort: low, medium or high.
+    #[arg(long, default_value = "medium")]
+    pub effort: Effort,
+    /// Date for the system message (YYYY-MM-DD); left out by default so runs are reproducible.
+    #[arg(long)]
+    pub date: Option<String>,
+    /// `separate`: one prompt per policy; `combined`: one prompt holding all policies.
+    #[arg(long, default_value = "separate")]
+    pub mode: Mode,
+    /// Classify this text.
+    #[arg(long)]
+    pub text: Option<String>,
+    /// JSONL file of items (`{"id","text"}`, `{"id","messages"}` or `{"id","prompt","response"}`); `-` reads stdin.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub input: Option<PathBuf>,
+    /// Read JSONL items from stdin (same as `--input -`).
+    #[arg(value_name = "-", value_parser = clap::builder::PossibleValuesParser::new(["-"]))]
+    pub stdin: Option<String>,
+    /// Write the JSONL decisions here instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Include the model's chain of thought (for reviewers and developers, never end users).
+    #[arg(long)]
+    pub show_reasoning: bool,
+    /// Completion-token cap per prompt (default: by effort, 1024/2048/4096).
+    #[arg(long, value_name = "N")]
+    pub max_tokens: Option<usize>,
+    /// CPU threads for the engine (default: all cores).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Items decoded together in one engine batch.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub batch: u32,
+    /// Per-sequence context size of the engine, in tokens (prompt + completion).
+    #[arg(long, value_name = "TOKENS")]
+    pub context: Option<u32>,
+    /// Longest content accepted, in characters.
+    #[arg(long, value_name = "N", default_value_t = InputLimits::default().max_chars)]
+    pub max_chars: usize,
+    /// Show progress on stderr even when it is not a terminal.
+    #[arg(long)]
+    pub progress: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`safeguard classify` is not built yet")
+/// Settings for building the embedded reasoner, shared with `policy test`.
+pub(crate) struct EngineArgs<'a> {
+    pub model: &'a Path,
+    pub threads: Option<usize>,
+    pub context: Option<u32>,
+    /// How many sequences the engine decodes together.
+    pub sequences: usize,
+}
+
+#[cfg(feature = "embedded")]
+pub(crate) fn load_reasoner(args: &EngineArgs<'_>) -> anyhow::Result<Arc<dyn Reasoner>> {
+    use safeguard_core::{EmbeddedConfig, EmbeddedReasoner};
+    use safeguard_engine::EngineConfig;
+    use safeguard_engine::llama::LlamaEngine;
+
+    let mut config = EngineConfig { max_sequences: args.sequences.clamp(1, 256), ..EngineConfig::default() };
+    if let Some(threads) = args.threads {
+        config.threads = threads;
+    }
+    if let Some(context) = args.context {
+        config.n_ctx = context;
+    }
+    let engine =
+        LlamaEngine::load(args.model, config).with_context(|| format!("cannot load model {}", args.model.display()))?;
+    Ok(Arc::new(EmbeddedReasoner::new(Arc::new(engine), EmbeddedConfig::default())))
+}
+
+#[cfg(not(feature = "embedded"))]
+pub(crate) fn load_reasoner(args: &EngineArgs<'_>) -> anyhow::Result<Arc<dyn Reasoner>> {
+    anyhow::bail!(
+        "cannot run {}: this safeguard binary was built without the embedded llama.cpp engine \
+         (cargo feature `embedded`). Rebuild with `cargo build -p safeguard --features embedded`, \
+         or run the model on a remote OpenAI-compatible server (vLLM, SGLang, Ollama) once remote backends land.",
+        args.model.display()
+    )
+}
+
+pub(crate) fn load_policies(paths: &[PathBuf]) -> anyhow::Result<Vec<Policy>> {
+    paths
+        .iter()
+        .map(|path| Policy::load(path).with_context(|| format!("cannot load policy {}", path.display())))
+        .collect()
+}
+
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
+}
+
+/// One output line: a decision or an error, keyed by the caller's `id`.
+struct Record<'a> {
+    id: Option<&'a str>,
+    /// Line number in the input file, for items read from JSONL.
+    line: Option<usize>,
+    error: Option<String>,
+    decision: Option<&'a Decision>,
+}
+
+impl Record<'_> {
+    /// The decision's fields at the top level, except that its own uuid becomes `decision_id`: `id` is
+    /// always the caller's id, so output lines join back to input lines.
+    fn to_json(&self) -> anyhow::Result<serde_json::Value> {
+        use serde_json::{Map, Value};
+        let mut object = match self.decision {
+            Some(decision) => match serde_json::to_value(decision).context("cannot serialize a decision")? {
+                Value::Object(object) => object,
+                other => anyhow::bail!("a decision serialized to {other} instead of an object"),
+            },
+            None => Map::new(),
+        };
+        if let Some(decision_id) = object.remove("id") {
+            object.insert("decision_id".into(), decision_id);
+        }
+        object.insert("id".into(), self.id.map_or(Value::Null, |id| Value::String(id.to_owned())));
+        if let Some(line) = self.line {
+            object.insert("line".into(), line.into());
+        }
+        if let Some(error) = &self.error {
+            object.insert("error".into(), error.clone().into());
+        }
+        Ok(Value::Object(object))
+    }
+}
+
+/// Counts that decide the exit status.
+#[derive(Default)]
+struct Tally {
+    errors: usize,
+    needs_review: usize,
+    violations: usize,
+    allowed: usize,
+}
+
+impl Tally {
+    fn exit_code(&self) -> ExitCode {
+        if self.errors > 0 {
+            ExitCode::from(EXIT_FAILURE)
+        } else if self.needs_review > 0 {
+            ExitCode::from(EXIT_NEEDS_REVIEW)
+        } else if self.violations > 0 {
+            ExitCode::from(EXIT_FINDINGS)
+        } else {
+            ExitCode::SUCCESS
+        }
+    }
+
+    fn count(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Allow => self.allowed += 1,
+            Outcome::Violation => self.violations += 1,
+            Outcome::NeedsReview => self.needs_review += 1,
+        }
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let policies = load_policies(&args.policies)?;
+    if let Some(date) = &args.date {
+        safeguard_harmony::validate_date(date)?;
+    }
+    let limits = InputLimits { max_chars: args.max_chars };
+    let source = open_source(&args, &limits)?;
+    let mut output: Box<dyn Write> = match &args.output {
+        Some(path) => Box::new(BufWriter::new(
+            File::create(path).with_context(|| format!("cannot create output file {}", path.display()))?,
+        )),
+        None => Box::new(BufWriter::new(std::io::stdout().lock())),
+    };
+
+    let batch = args.batch as usize;
+    let sequences = match args.mode {
+        Mode::Separate => batch * policies.len(),
+        Mode::Combined => batch,
+    };
+    let reasoner =
+        load_reasoner(&EngineArgs { model: &args.model, threads: args.threads, context: args.context, sequences })?;
+    let classifier = Classifier::new(reasoner);
+    let options = ClassifyOptions {
+        effort: args.effort,
+        date: args.date.clone(),
+        mode: args.mode,
+        max_tokens: args.max_tokens,
+        include_reasoning: args.show_reasoning,
+        ..ClassifyOptions::default()
+    };
+    let runtime = runtime()?;
+    let mut tally = Tally::default();
+
+    match source {
+        Source::Text(content) => {
+            let decision = runtime.block_on(classifier.classify(&policies, &content, &options));
+            tally.count(decision.outcome);
+            write_record(&mut output, &Record { id: None, line: None, error: None, decision: Some(&decision) })?;
+        }
+        Source::Lines { reader, total_lines } => {
+            let mut progress = Progress::new(total_lines, args.progress);
+            let mut lines = ItemReader::new(reader, limits);
+            loop {
+                let chunk = next_chunk(&mut lines, batch);
+                if chunk.is_empty() {
+                    break;
+                }
+                let contents: Vec<Content> =
+                    chunk.iter().filter_map(|l| l.item.as_ref().ok().map(|i| i.content.clone())).collect();
+                let mut decisions =
+                    runtime.block_on(classifier.classify_many(&policies, &contents, &options)).into_iter();
+                for line in &chunk {
+                    let record = match &line.item {
+                        Ok(Item { id, .. }) => match decisions.next() {
+                            Some(decision) => {
+                                tally.count(decision.outcome);
+                                write_record(
+                                    &mut output,
+                                    &Record {
+                                        id: id.as_deref(),
+                                        line: Some(line.line),
+                                        error: None,
+                                        decision: Some(&decision),
+                                    },
+                                )?;
+                                continue;
+                            }
+                            None => Record {
+                                id: id.as_deref(),
+                                line: Some(line.line),
+                                error: Some("the classifier returned no decision for this item".into()),
+                                decision: None,
+                            },
+                        },
+                        Err(error) => {
+                            tracing::warn!(line = line.line, %error, "skipping a bad input line");
+                            Record {
+                                id: line.id.as_deref(),
+                                line: Some(line.line),
+                                error: Some(error.to_string()),
+                                decision: None,
+                            }
+                        }
+                    };
+                    tally.errors += 1;
+                    write_record(&mut output, &record)?;
+                }
+                output.flush().context("cannot write the output")?;
+                progress.advance(chunk.len());
+            }
+            progress.finish();
+        }
+    }
+    output.flush().context("cannot write the output")?;
+    if tally.errors > 0 {
+        eprintln!("{} input line(s) could not be classified; see the records with an \"error\" field", tally.errors);
+    }
+    Ok(tally.exit_code())
+}
+
+enum Source {
+    Text(Content),
+    Lines { reader: Box<dyn BufRead>, total_lines: Option<u64> },
+}
+
+fn open_source(args: &Args, limits: &InputLimits) -> anyhow::Result<Source> {
+    if let Some(text) = &args.text {
+        let content = Content::text(text.clone());
+        check_content(&content, limits).context("cannot classify --text")?;
+        return Ok(Source::Text(content));
+    }
+    match &args.input {
+        Some(path) if path.as_os_str() != "-" => {
+            let file = File::open(path).with_context(|| format!("cannot read input {}", path.display()))?;
+            let total_lines = count_lines(path).ok();
+            Ok(Source::Lines { reader: Box::new(BufReader::new(file)), total_lines })
+        }
+        _ => Ok(Source::Lines { reader: Box::new(BufReader::new(std::io::stdin())), total_lines: None }),
+    }
+}
+
+fn count_lines(path: &Path) -> std::io::Result<u64> {
+    let mut reader = BufReader::new(File::open(path)?);
+    let mut count = 0;
+    let mut buffer = Vec::new();
+    while reader.read_until(b'\n', &mut buffer)? > 0 {
+        if !buffer.iter().all(u8::is_ascii_whitespace) {
+            count += 1;
+        }
+        buffer.clear();
+    }
+    Ok(count)
+}
+
+/// Reads lines until `batch` good items (or the end); bad lines ride along so output keeps input order.
+fn next_chunk(lines: &mut impl Iterator<Item = InputLine>, batch: usize) -> Vec<InputLine> {
+    let mut chunk = Vec::new();
+    let mut good = 0;
+    while good < batch {
+        let Some(line) = lines.next() else { break };
+        good += usize::from(line.item.is_ok());
+        chunk.push(line);
+    }
+    chunk
+}
+
+fn write_record(output: &mut dyn Write, record: &Record<'_>) -> anyhow::Result<()> {
+    serde_json::to_writer(&mut *output, &record.to_json()?).context("cannot write the output")?;
+    output.write_all(b"\n").context("cannot write the output")
+}
+
+/// A progress bar on a terminal; with `--progress` and no terminal, a plain line per batch.
+enum Progress {
+    Bar(indicatif::ProgressBar),
+    Lines { done: u64, total: Option<u64> },
+    Off,
+}
+
+impl Progress {
+    fn new(total: Option<u64>, forced: bool) -> Self {
+        if std::io::stderr().is_terminal() {
+            let bar = match total {
+                Some(total) => indicatif::ProgressBar::new(total),
+                None => indicatif::ProgressBar::new_spinner(),
+            };
+            let style =
+                indicatif::ProgressStyle::with_template("{spinner} {pos}/{len} items [{elapsed_precise}, eta {eta}]")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+            bar.set_style(style);
+            Progress::Bar(bar)
+        } else if forced {
+            Progress::Lines { done: 0, total }
+        } else {
+            Progress::Off
+        }
+    }
+
+    fn advance(&mut self, items: usize) {
+        match self {
+            Progress::Bar(bar) => bar.inc(items as u64),
+            Progress::Lines { done, total } => {
+                *done += items as u64;
+                match total {
+                    Some(total) => eprintln!("classified {done}/{total} lines"),
+                    None => eprintln!("classified {done} lines"),
+                }
+            }
+            Progress::Off => {}
+        }
+    }
+
+    fn finish(self) {
+        if let Progress::Bar(bar) = self {
+            bar.finish_and_clear();
+        }
+    }
 }
