@@ -243,6 +243,7 @@ pub(crate) async fn decide_and_store(
     count_decision(&decision, source, started.elapsed().as_secs_f64());
     let (record, reasoning) = record_of(&decision, policies, content, settings, source, None);
     state.store.insert_decision(&record, Some(&reasoning)).await?;
+    crate::reviews::enqueue_if_undecided(state, &decision, &record, policies).await?;
     Ok((decision, record))
 }
 

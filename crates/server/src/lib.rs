@@ -21,6 +21,7 @@ mod metrics_setup;
 mod openai;
 mod openapi;
 mod policies;
+mod reviews;
 mod webhooks;
 
 use std::net::SocketAddr;
@@ -170,6 +171,11 @@ impl RunningServer {
     }
 }
 
+/// 244 random bits from the OS generator, hex: for secrets the operator does not choose.
+pub fn random_token() -> String {
+    format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
+}
+
 pub struct Server;
 
 impl Server {
@@ -196,7 +202,7 @@ impl Server {
             );
         }
         if config.webhook_secret.is_empty() {
-            config.webhook_secret = uuid::Uuid::new_v4().simple().to_string();
+            config.webhook_secret = random_token();
         }
         let listener = TcpListener::bind(config.listen)
             .await
@@ -263,6 +269,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/decisions", get(decisions::list))
         .route("/v1/decisions/{id}", get(decisions::get_one))
         .route("/v1/decisions/{id}/replay", post(decisions::replay))
+        .route("/v1/decisions/{id}/appeal", post(reviews::appeal))
+        .route("/v1/reviews", get(reviews::list))
+        .route("/v1/reviews/{id}", get(reviews::get_one))
+        .route("/v1/reviews/{id}/decide", post(reviews::decide))
+        .route("/review", get(reviews::page))
         .route("/v1/moderations", post(openai::moderations))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::models))

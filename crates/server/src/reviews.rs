@@ -1,0 +1,301 @@
+//! Human review: the queue of items the model could not settle and of appeals, a person's decision on each
+//! (an outcome, a rationale and the rule it applies), and the review page at `/review`.
+//!
+//! The `review` scope may read the chain of thought of queued items: reviewing without it would mean
+//! judging the model's answer blind. Everything else about reasoning still needs `audit`.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::response::Html;
+use safeguard_core::Decision;
+use safeguard_harmony::Effort;
+use safeguard_policy::Policy;
+use safeguard_store::{DecisionRecord, NewReview, ReviewDecision, ReviewRecord};
+use safeguard_verdict::Outcome;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::auth::Caller;
+use crate::classify::{Settings, decide_and_store, decision_reply};
+use crate::error::{ApiError, ApiJson};
+
+/// How long a queued item may wait before it counts as overdue.
+const REVIEW_SLA_MS: i64 = 24 * 3_600_000;
+/// Appeals are answered first and faster: a user is waiting on them.
+const APPEAL_SLA_MS: i64 = 4 * 3_600_000;
+const APPEAL_PRIORITY: i64 = 10;
+
+/// Queues a decision the model could not settle. High-risk policies jump the queue.
+pub(crate) async fn enqueue_if_undecided(
+    state: &AppState,
+    decision: &Decision,
+    record: &DecisionRecord,
+    policies: &[Policy],
+) -> Result<(), ApiError> {
+    if decision.outcome != Outcome::NeedsReview {
+        return Ok(());
+    }
+    let high_risk = policies.iter().any(|p| p.meta.high_risk);
+    let reasons: Vec<String> = decision
+        .verdicts
+        .iter()
+        .filter(|v| v.outcome == Outcome::NeedsReview)
+        .map(|v| {
+            let flags: Vec<String> = v
+                .flags
+                .iter()
+                .filter_map(|f| serde_json::to_value(f).ok()?.get("kind")?.as_str().map(str::to_string))
+                .collect();
+            format!("{}: {}", v.policy, if flags.is_empty() { "undecided".to_string() } else { flags.join(", ") })
+        })
+        .collect();
+    let review = NewReview {
+        decision_id: record.id.clone(),
+        kind: "review".into(),
+        priority: if high_risk { 5 } else { 1 },
+        reason: Some(reasons.join("; ")),
+        sla_ms: Some(REVIEW_SLA_MS),
+    };
+    state.store.queue_review(&review).await?;
+    metrics::counter!("safeguard_reviews_queued_total", "kind" => "review").increment(1);
+    Ok(())
+}
+
+#[derive(Deserialize)]
+pub(crate) struct ListQuery {
+    #[serde(default = "pending")]
+    status: String,
+    #[serde(default = "fifty")]
+    limit: i64,
+}
+
+fn pending() -> String {
+    "pending".into()
+}
+
+fn fifty() -> i64 {
+    50
+}
+
+fn review_json(review: &ReviewRecord, decision: Option<&DecisionRecord>) -> Value {
+    let mut value = serde_json::to_value(review).unwrap_or(Value::Null);
+    if let (Some(object), Some(d)) = (value.as_object_mut(), decision) {
+        object.insert(
+            "decision".into(),
+            json!({
+                "id": d.id, "outcome": d.outcome, "policies": d.policy_names, "created_at": d.created_at,
+                "excerpt": excerpt(&content_text(&d.content), 140),
+            }),
+        );
+    }
+    value
+}
+
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(query): Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require("review")?;
+    if !matches!(query.status.as_str(), "pending" | "decided") {
+        return Err(ApiError::bad("invalid_status", "status is \"pending\" or \"decided\""));
+    }
+    let reviews = state.store.list_reviews(&query.status, query.limit).await?;
+    let mut items = Vec::with_capacity(reviews.len());
+    for review in &reviews {
+        let decision = state.store.get_decision(&review.decision_id).await?;
+        items.push(review_json(review, decision.as_ref()));
+    }
+    let stats = state.store.review_stats().await?;
+    Ok(Json(json!({"reviews": items, "stats": stats})))
+}
+
+pub(crate) async fn get_one(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require("review")?;
+    let review = state.store.get_review(&id).await?.ok_or_else(|| ApiError::NotFound(format!("review {id}")))?;
+    let decision = state
+        .store
+        .get_decision(&review.decision_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("decision {}", review.decision_id)))?;
+    let reasoning = state.store.get_reasoning(&decision.id).await?.unwrap_or_default();
+    let mut policies = Vec::new();
+    for hash in &decision.policy_hashes {
+        if let Some(stored) = state.store.get_policy(hash).await? {
+            let rule_ids: Vec<String> =
+                Policy::parse(&stored.body).map(|p| p.rule_ids.into_iter().collect()).unwrap_or_default();
+            policies.push(json!({"name": stored.name, "hash": stored.hash, "body": stored.body, "rule_ids": rule_ids}));
+        }
+    }
+    let mut value = review_json(&review, None);
+    if let Some(object) = value.as_object_mut() {
+        object.insert(
+            "decision".into(),
+            json!({
+                "id": decision.id, "outcome": decision.outcome, "content": decision.content,
+                "text": content_text(&decision.content), "verdicts": decision.verdicts,
+                "model": decision.model_id, "effort": decision.effort, "created_at": decision.created_at,
+                "failure_reason": decision.failure_reason,
+            }),
+        );
+        object.insert("reasoning".into(), json!(reasoning));
+        object.insert("policies".into(), json!(policies));
+    }
+    Ok(Json(value))
+}
+
+#[derive(Deserialize)]
+pub(crate) struct DecideBody {
+    outcome: String,
+    rationale: String,
+    rule_id: String,
+    /// Overrides the key's id as the reviewer's name (e.g. the person signed in to the review tool).
+    reviewer: Option<String>,
+}
+
+pub(crate) async fn decide(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<DecideBody>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require("review")?;
+    let outcome = match body.outcome.as_str() {
+        "allow" | "violation" => body.outcome.clone(),
+        other => {
+            return Err(ApiError::bad("invalid_outcome", format!("outcome {other:?}: use \"allow\" or \"violation\"")));
+        }
+    };
+    let rationale = body.rationale.trim();
+    if rationale.len() < 3 {
+        return Err(ApiError::bad("rationale_required", "a review decision needs a rationale"));
+    }
+    let rule_id = body.rule_id.trim();
+    if rule_id.is_empty() {
+        return Err(ApiError::bad("rule_required", "a review decision names the rule it applies"));
+    }
+    let review = state.store.get_review(&id).await?.ok_or_else(|| ApiError::NotFound(format!("review {id}")))?;
+    let decision = state
+        .store
+        .get_decision(&review.decision_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("decision {}", review.decision_id)))?;
+    // The rule must exist in one of the policy versions the item was judged under.
+    let mut policy_hash = None;
+    for hash in &decision.policy_hashes {
+        let Some(stored) = state.store.get_policy(hash).await? else { continue };
+        if Policy::parse(&stored.body).is_ok_and(|p| p.rule_ids.contains(rule_id)) {
+            policy_hash = Some(stored.hash);
+            break;
+        }
+    }
+    let Some(policy_hash) = policy_hash else {
+        return Err(ApiError::bad(
+            "unknown_rule",
+            format!("rule {rule_id:?} is not defined in the policies this item was judged under"),
+        ));
+    };
+    let model_view = model_outcome(&decision, &policy_hash);
+    let overrides_model = model_view.as_deref() != Some(outcome.as_str());
+    let verdict = ReviewDecision {
+        reviewer: body.reviewer.filter(|r| !r.trim().is_empty()).unwrap_or_else(|| caller.key_id.clone()),
+        outcome,
+        rationale: rationale.to_string(),
+        rule_id: rule_id.to_string(),
+        policy_hash: Some(policy_hash),
+        overrides_model,
+    };
+    let decided = state
+        .store
+        .decide_review(&id, &verdict)
+        .await?
+        .ok_or_else(|| ApiError::Conflict(format!("review {id} was already decided")))?;
+    let agreement = match (model_view.is_some(), overrides_model) {
+        (false, _) => "model_undecided",
+        (true, false) => "agree",
+        (true, true) => "override",
+    };
+    metrics::counter!("safeguard_review_decisions_total", "agreement" => agreement).increment(1);
+    Ok(Json(serde_json::to_value(decided).unwrap_or(Value::Null)))
+}
+
+/// What the model said for one policy, as an outcome a person can agree with; `None` if it said nothing clear.
+fn model_outcome(decision: &DecisionRecord, policy_hash: &str) -> Option<String> {
+    let verdicts = decision.verdicts.as_array()?;
+    let verdict = verdicts.iter().find(|v| v.get("policy_hash").and_then(Value::as_str) == Some(policy_hash))?;
+    match verdict.get("violation")?.as_bool()? {
+        true => Some("violation".into()),
+        false => Some("allow".into()),
+    }
+}
+
+#[derive(Deserialize, Default)]
+pub(crate) struct AppealBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// An appeal re-runs the item at high effort under the same policy versions, then goes to a person whatever
+/// the model says this time.
+pub(crate) async fn appeal(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Value>, ApiError> {
+    caller.require("classify")?;
+    // The body is optional: an empty POST appeals without a stated reason.
+    let body: AppealBody = if body.iter().all(u8::is_ascii_whitespace) {
+        AppealBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad("invalid_json", format!("appeal body: {e}")))?
+    };
+    let original = state.store.get_decision(&id).await?.ok_or_else(|| ApiError::NotFound(format!("decision {id}")))?;
+    let content = serde_json::from_value(original.content.clone())
+        .map_err(|e| ApiError::Conflict(format!("decision {id} holds content this server cannot read: {e}")))?;
+    let mut policies = Vec::new();
+    for hash in &original.policy_hashes {
+        let stored = state.store.get_policy(hash).await?.ok_or_else(|| ApiError::NotFound(format!("policy {hash}")))?;
+        policies.push(
+            Policy::parse(&stored.body)
+                .map_err(|e| ApiError::Conflict(format!("stored policy {hash} no longer parses: {e}")))?,
+        );
+    }
+    let settings = Settings { effort: Effort::High, mode: safeguard_core::Mode::Separate, max_tokens: None };
+    let (decision, record) = decide_and_store(&state, &policies, &content, &settings, "appeal").await?;
+    let reason = body.reason.unwrap_or_else(|| "appeal".into());
+    let review = state
+        .store
+        .queue_review(&NewReview {
+            decision_id: record.id.clone(),
+            kind: "appeal".into(),
+            priority: APPEAL_PRIORITY,
+            reason: Some(format!("appeal of {id}: {reason}")),
+            sla_ms: Some(APPEAL_SLA_MS),
+        })
+        .await?;
+    metrics::counter!("safeguard_reviews_queued_total", "kind" => "appeal").increment(1);
+    Ok(Json(json!({"appeal_of": id, "review_id": review.id, "decision": decision_reply(&decision, &record, false)})))
+}
+
+pub(crate) async fn page() -> Html<&'static str> {
+    Html(include_str!("../assets/review.html"))
+}
+
+fn content_text(content: &Value) -> String {
+    serde_json::from_value::<safeguard_harmony::Content>(content.clone())
+        .map(|c| safeguard_harmony::user_message_text(&c))
+        .unwrap_or_else(|_| content.to_string())
+}
+
+fn excerpt(text: &str, chars: usize) -> String {
+    match text.char_indices().nth(chars) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_string(),
+    }
+}

@@ -1,0 +1,333 @@
+//! The review workflow: an undecided item lands in the queue, a person decides it through the API and
+//! through the review page in a real headless Chromium (driven over WebDriver by Debian's chromedriver).
+
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use safeguard_core::{ReasonError, ReasonOutput, ReasonRequest, Reasoner};
+use safeguard_server::{RunningServer, Server, ServerConfig};
+use safeguard_store::Store;
+use serde_json::{Value, json};
+
+const ADMIN: &str = "review-admin-key";
+
+/// Says "1" for "BUY NOW", "0" for "hello", and something unparseable otherwise: the undecided case.
+struct Scripted;
+
+#[async_trait]
+impl Reasoner for Scripted {
+    fn model_id(&self) -> String {
+        "scripted".into()
+    }
+
+    async fn reason(&self, req: ReasonRequest) -> Result<ReasonOutput, ReasonError> {
+        let text = serde_json::to_string(&req.content).unwrap();
+        let answer = if text.contains("BUY NOW") {
+            "1"
+        } else if text.contains("hello") {
+            "0"
+        } else {
+            "maybe?"
+        };
+        Ok(ReasonOutput {
+            analysis: Some("The reviewer should see this reasoning.".into()),
+            final_text: Some(answer.into()),
+            ..ReasonOutput::default()
+        })
+    }
+}
+
+struct Harness {
+    _server: RunningServer,
+    base: String,
+    http: reqwest::Client,
+    store: Store,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(&dir.path().join("db.sqlite")).await.unwrap();
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_key: Some(ADMIN.into()),
+        ..ServerConfig::default()
+    };
+    let server = Server::start(config, Arc::new(Scripted), store.clone()).await.unwrap();
+    let base = format!("http://{}", server.addr);
+    Harness { _server: server, base, http: reqwest::Client::new(), store, _dir: dir }
+}
+
+impl Harness {
+    async fn call(&self, method: &str, path: &str, key: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = self.http.request(method.parse().unwrap(), format!("{}{path}", self.base)).bearer_auth(key);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn classify(&self, text: &str) -> Value {
+        let (status, body) =
+            self.call("POST", "/v1/classify", ADMIN, Some(json!({"text": text, "policies": ["spam"]}))).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+}
+
+#[tokio::test]
+async fn undecided_items_queue_and_a_person_decides_them_with_a_rule_and_rationale() {
+    let h = start().await;
+    h.classify("hello friend").await;
+    let undecided = h.classify("is this a deal or not").await;
+    assert_eq!(undecided["outcome"], "needs_review");
+
+    let reviewer = h.store.create_api_key("reviewer", &["review".to_string()]).await.unwrap().1;
+    let (status, queue) = h.call("GET", "/v1/reviews", &reviewer, None).await;
+    assert_eq!(status, 200, "{queue}");
+    let reviews = queue["reviews"].as_array().unwrap();
+    assert_eq!(reviews.len(), 1, "only the undecided item is queued: {queue}");
+    let id = reviews[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(reviews[0]["decision"]["id"], undecided["decision_id"]);
+
+    let (_, item) = h.call("GET", &format!("/v1/reviews/{id}"), &reviewer, None).await;
+    assert_eq!(item["reasoning"][0], "The reviewer should see this reasoning.");
+    assert!(item["policies"][0]["rule_ids"].as_array().unwrap().iter().any(|r| r == "SP2.b"));
+
+    let path = format!("/v1/reviews/{id}/decide");
+    let decide = |body: Value| h.call("POST", &path, &reviewer, Some(body));
+    let (status, _) = decide(json!({"outcome": "violation", "rationale": "", "rule_id": "SP2.b"})).await;
+    assert_eq!(status, 400, "a rationale is required");
+    let (status, body) =
+        decide(json!({"outcome": "violation", "rationale": "Cold promotion.", "rule_id": "XX9.z"})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("unknown_rule")));
+    let (status, body) =
+        decide(json!({"outcome": "violation", "rationale": "Cold promotion.", "rule_id": "SP2.b"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["reviewer"].as_str().is_some_and(|r| !r.is_empty()), "the reviewer is recorded: {body}");
+    assert_eq!(body["overrides_model"], true, "the model gave no answer, so the person's answer differs");
+    let (status, _) = decide(json!({"outcome": "allow", "rationale": "Changed my mind.", "rule_id": "SP0.a"})).await;
+    assert_eq!(status, 409, "decided once");
+
+    let classify_only = h.store.create_api_key("app", &["classify".to_string()]).await.unwrap().1;
+    let (status, _) = h.call("GET", "/v1/reviews", &classify_only, None).await;
+    assert_eq!(status, 403, "the queue needs the review scope");
+}
+
+#[tokio::test]
+async fn appeals_rerun_at_high_effort_and_go_to_a_person_first() {
+    let h = start().await;
+    h.classify("is this a deal or not").await;
+    let allowed = h.classify("hello there").await;
+    let (status, appeal) = h
+        .call(
+            "POST",
+            &format!("/v1/decisions/{}/appeal", allowed["decision_id"].as_str().unwrap()),
+            ADMIN,
+            Some(json!({"reason": "I was wronged"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{appeal}");
+    assert_eq!(appeal["decision"]["effort"], "high");
+    let (_, queue) = h.call("GET", "/v1/reviews", ADMIN, None).await;
+    let kinds: Vec<&str> = queue["reviews"].as_array().unwrap().iter().map(|r| r["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds, vec!["appeal", "review"], "appeals jump the queue");
+}
+
+/// A minimal WebDriver client: enough to drive the page like a person would.
+struct Browser {
+    http: reqwest::Client,
+    base: String,
+    session: String,
+    driver: Child,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    async fn start() -> Option<Browser> {
+        if !std::path::Path::new("/usr/bin/chromedriver").exists()
+            || !std::path::Path::new("/usr/bin/chromium").exists()
+        {
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let driver = Command::new("/usr/bin/chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let http = reqwest::Client::new();
+        let base = format!("http://127.0.0.1:{port}");
+        let profile = tempfile::tempdir().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while http.get(format!("{base}/status")).send().await.is_err() {
+            assert!(Instant::now() < deadline, "chromedriver did not start");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let args = json!([
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--window-size=1400,1000",
+            format!("--user-data-dir={}", profile.path().display())
+        ]);
+        let caps = json!({"capabilities": {"alwaysMatch": {"goog:chromeOptions": {"binary": "/usr/bin/chromium", "args": args}}}});
+        let created: Value =
+            http.post(format!("{base}/session")).json(&caps).send().await.unwrap().json().await.unwrap();
+        let session =
+            created["value"]["sessionId"].as_str().unwrap_or_else(|| panic!("no session: {created}")).to_string();
+        Some(Browser { http, base, session, driver, _profile: profile })
+    }
+
+    async fn cmd(&self, method: &str, path: &str, body: Value) -> Value {
+        let url = format!("{}/session/{}{path}", self.base, self.session);
+        let request = self.http.request(method.parse().unwrap(), url);
+        let request = if method == "GET" { request } else { request.json(&body) };
+        request.send().await.unwrap().json::<Value>().await.unwrap()["value"].take()
+    }
+
+    async fn script(&self, js: &str) -> Value {
+        self.cmd("POST", "/execute/sync", json!({"script": js, "args": []})).await
+    }
+
+    /// Polls a JavaScript expression until it is truthy.
+    async fn wait_for(&self, js: &str, what: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let value = self.script(&format!("return {js};")).await;
+            if !(value.is_null() || value == json!(false) || value == json!("") || value == json!(0)) {
+                return value;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn keys(&self, keys: &[&str]) {
+        let mut actions = Vec::new();
+        for key in keys {
+            actions.push(json!({"type": "keyDown", "value": key}));
+        }
+        for key in keys.iter().rev() {
+            actions.push(json!({"type": "keyUp", "value": key}));
+        }
+        self.cmd("POST", "/actions", json!({"actions": [{"type": "key", "id": "keyboard", "actions": actions}]})).await;
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        let found = self.cmd("POST", "/element", json!({"using": "css selector", "value": css})).await;
+        let element = found.as_object().and_then(|o| o.values().next()).and_then(Value::as_str).unwrap().to_string();
+        self.cmd("POST", &format!("/element/{element}/value"), json!({"text": text})).await;
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reviewer_works_the_queue_in_a_real_browser_with_the_keyboard() {
+    let h = start().await;
+    h.classify("Limited offer, DM me for followers").await;
+    h.classify("maybe spam, maybe not").await;
+    let Some(browser) = Browser::start().await else {
+        eprintln!("skipped: chromium/chromedriver are not installed (bash scripts/setup.sh installs them)");
+        return;
+    };
+    let reviewer = h.store.create_api_key("reviewer", &["review".to_string()]).await.unwrap().1;
+    browser.cmd("POST", "/url", json!({"url": format!("{}/review?key={reviewer}", h.base)})).await;
+
+    let queued = browser.wait_for("document.querySelectorAll('#queue li.item').length === 2 && document.querySelector('#content')?.textContent", "the first item").await;
+    assert!(queued.as_str().unwrap().contains("Limited offer"), "{queued}");
+    assert!(
+        browser
+            .script("return document.querySelector('#stats').textContent")
+            .await
+            .as_str()
+            .unwrap()
+            .contains("2 pending")
+    );
+    let rules = browser.script("return [...document.querySelectorAll('.policy .rule')].map(e => e.textContent)").await;
+    assert!(rules.as_array().unwrap().iter().any(|r| r == "SP2.b"), "rule ids are marked in the policy text: {rules}");
+    assert!(
+        browser
+            .script("return document.querySelector('#reasoning').textContent")
+            .await
+            .as_str()
+            .unwrap()
+            .contains("reviewer should see")
+    );
+
+    // j moves to the next item, k back: the keyboard drives the queue.
+    browser.keys(&["j"]).await;
+    browser.wait_for("document.querySelector('#content')?.textContent.includes('maybe spam')", "the second item").await;
+    browser.keys(&["k"]).await;
+    browser
+        .wait_for("document.querySelector('#content')?.textContent.includes('Limited offer')", "the first item again")
+        .await;
+
+    // v chooses "violation" and puts the cursor in the rationale; pick a rule; Ctrl+Enter submits.
+    browser.keys(&["v"]).await;
+    browser
+        .wait_for(
+            "document.querySelector('#outcome-violation').checked && document.activeElement.id === 'rationale'",
+            "violation chosen",
+        )
+        .await;
+    browser.type_into("#rationale", "Cold promotion of followers with a contact handle.").await;
+    browser.script("document.querySelector('#rule').value = 'SP2.b'; return true").await;
+    browser.keys(&["\u{E009}", "\u{E007}"]).await;
+    browser.wait_for("document.querySelectorAll('#queue li.item').length === 1", "the queue to shrink").await;
+
+    let (_, decided) = h.call("GET", "/v1/reviews?status=decided", ADMIN, None).await;
+    let decided = &decided["reviews"][0];
+    assert_eq!(decided["outcome"], "violation");
+    assert_eq!(decided["rule_id"], "SP2.b");
+    assert_eq!(decided["rationale"], "Cold promotion of followers with a contact handle.");
+
+    // Submitting without a rationale is refused on the page itself.
+    browser.keys(&["l"]).await;
+    browser.keys(&["\u{E009}", "\u{E007}"]).await;
+    let status = browser.wait_for("document.querySelector('#status')?.textContent", "a validation message").await;
+    assert!(status.as_str().unwrap().contains("rationale"), "{status}");
+
+    if let Ok(dir) = std::env::var("SAFEGUARD_SCREENSHOT_DIR") {
+        use std::io::Write;
+        let png = browser.cmd("GET", "/screenshot", Value::Null).await;
+        let bytes = base64_decode(png.as_str().unwrap());
+        std::fs::File::create(format!("{dir}/review-page.png")).unwrap().write_all(&bytes).unwrap();
+    }
+    browser.cmd("DELETE", "", Value::Null).await;
+}
+
+fn base64_decode(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        _ => 63,
+    };
+    let clean: Vec<u8> = text.bytes().filter(|c| *c != b'=' && !c.is_ascii_whitespace()).collect();
+    clean
+        .chunks(4)
+        .flat_map(|chunk| {
+            let n = chunk.iter().enumerate().fold(0u32, |acc, (i, &c)| acc | (u32::from(value(c)) << (18 - 6 * i)));
+            let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+            bytes.into_iter().take(chunk.len().saturating_sub(1))
+        })
+        .collect()
+}
