@@ -185,9 +185,9 @@ impl Featurizer {
                 // key as forward order and lets every length share one pass.
                 // The last n bytes of the window are the n-gram itself, so the key is exact and costs a mask;
                 // the per-length seed keeps "abc" and the 4-gram " abc" apart.
-                for n in char_lo..=longest {
+                for (n, seed) in CHAR_LENGTH_SEEDS.iter().enumerate().take(longest + 1).skip(char_lo) {
                     let key = if n >= 8 { window } else { window & ((1u64 << (8 * n)) - 1) };
-                    put(key ^ CHAR_LENGTH_SEEDS[n]);
+                    put(key ^ seed);
                 }
             }
         };
