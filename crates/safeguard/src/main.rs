@@ -36,6 +36,11 @@ enum Command {
     /// Benchmarks that print ratios against a baseline measured in the same run.
     #[command(subcommand)]
     Bench(cmd::bench::Command),
+    /// Run the moderation service over HTTP.
+    Serve(cmd::serve::Args),
+    /// Create, list and revoke API keys for the service.
+    #[command(subcommand)]
+    Keys(cmd::keys::Command),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +61,8 @@ fn main() -> ExitCode {
         Command::Triage(command) => cmd::triage::run(command),
         Command::Debug(command) => cmd::debug::run(command),
         Command::Bench(command) => cmd::bench::run(command),
+        Command::Serve(args) => cmd::serve::run(args),
+        Command::Keys(command) => cmd::keys::run(command),
     };
     match result {
         Ok(code) => code,

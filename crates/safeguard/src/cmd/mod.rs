@@ -4,9 +4,11 @@ pub mod bench;
 pub mod classify;
 pub mod debug;
 pub mod eval;
+pub mod keys;
 pub mod models;
 pub mod policy;
 pub mod prompt;
+pub mod serve;
 pub mod triage;
 
 /// Something went wrong that is not the content's fault: bad arguments, unreadable files, engine failure.

@@ -1,0 +1,83 @@
+//! `safeguard keys`: create, list and revoke API keys in the server's store.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use safeguard_server::SCOPES;
+
+#[derive(clap::Args)]
+pub struct StoreArgs {
+    #[arg(long, value_name = "DIR", default_value = "safeguard-data", env = "SAFEGUARD_DATA_DIR")]
+    pub data_dir: PathBuf,
+    #[arg(long, value_name = "URL", env = "SAFEGUARD_DATABASE_URL")]
+    pub database: Option<String>,
+    #[arg(long, env = "SAFEGUARD_DATABASE_SCHEMA")]
+    pub database_schema: Option<String>,
+}
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Create a key and print it once; only its hash is stored.
+    Create {
+        /// classify, policies:write, review, audit or admin; repeat for several.
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        #[arg(long, default_value = "unnamed")]
+        name: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// List keys (ids, names, scopes; never the keys).
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Revoke a key by id.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+pub fn run(command: Command) -> anyhow::Result<ExitCode> {
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        match command {
+            Command::Create { scopes, name, store } => {
+                if let Some(bad) = scopes.iter().find(|s| !SCOPES.contains(&s.as_str())) {
+                    bail!("unknown scope {bad:?}; scopes are {}", SCOPES.join(", "));
+                }
+                let store =
+                    super::serve::open_store(&store.data_dir, store.database.as_deref(), store.database_schema).await?;
+                let (record, secret) = store.create_api_key(&name, &scopes).await?;
+                eprintln!(
+                    "created key {} ({}) with scopes {}; it is shown only now:",
+                    record.id,
+                    record.name,
+                    scopes.join(" ")
+                );
+                println!("{secret}");
+            }
+            Command::List { store } => {
+                let store =
+                    super::serve::open_store(&store.data_dir, store.database.as_deref(), store.database_schema).await?;
+                for key in store.list_api_keys().await? {
+                    let state = if key.revoked_at.is_some() { "revoked" } else { "active" };
+                    println!("{}\t{}\t{}\t{}", key.id, key.name, key.scopes.join(" "), state);
+                }
+            }
+            Command::Revoke { id, store } => {
+                let store =
+                    super::serve::open_store(&store.data_dir, store.database.as_deref(), store.database_schema).await?;
+                if !store.revoke_api_key(&id).await? {
+                    bail!("no active key with id {id}");
+                }
+                eprintln!("revoked {id}");
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}

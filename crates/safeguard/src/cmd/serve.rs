@@ -1,0 +1,205 @@
+//! `safeguard serve`: the moderation service over HTTP (see crate safeguard-server for the API).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use safeguard_core::Reasoner;
+use safeguard_harmony::Effort;
+use safeguard_server::{Server, ServerConfig};
+use safeguard_store::{Store, StoreOptions};
+
+#[derive(clap::Args)]
+#[command(group = clap::ArgGroup::new("reasoner").required(true).args(["model", "backend"]))]
+pub struct Args {
+    /// GGUF model file for the embedded engine.
+    #[arg(long, value_name = "PATH")]
+    pub model: Option<PathBuf>,
+    /// Remote OpenAI-compatible server(s) running the model, `[FLAVOR+]URL` (repeat to balance across several).
+    #[arg(long, value_name = "URL")]
+    pub backend: Vec<String>,
+    /// The model name the remote servers know it by.
+    #[arg(long, default_value = "openai/gpt-oss-safeguard-20b")]
+    pub backend_model: String,
+    #[arg(long, default_value = "127.0.0.1:8080", env = "SAFEGUARD_LISTEN")]
+    pub listen: SocketAddr,
+    /// Where the SQLite database and the webhook secret live.
+    #[arg(long, value_name = "DIR", default_value = "safeguard-data", env = "SAFEGUARD_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// `postgres://…` to store everything in PostgreSQL instead of SQLite in the data dir.
+    #[arg(long, value_name = "URL", env = "SAFEGUARD_DATABASE_URL")]
+    pub database: Option<String>,
+    /// PostgreSQL schema to keep the tables in.
+    #[arg(long, env = "SAFEGUARD_DATABASE_SCHEMA")]
+    pub database_schema: Option<String>,
+    /// Effort used when a request does not say.
+    #[arg(long, default_value = "low")]
+    pub effort: Effort,
+    /// Job workers deciding queued jobs.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Seconds a reasoning step may take before its decision becomes needs_review.
+    #[arg(long, default_value_t = 300)]
+    pub reason_timeout: u64,
+    /// Seconds a job stays claimed without a heartbeat before another worker may take it over (after a crash).
+    #[arg(long, default_value_t = 120)]
+    pub job_lease: u64,
+    /// Requests per minute per API key (0: unlimited).
+    #[arg(long, default_value_t = 600)]
+    pub rate_limit: u32,
+    /// Policies that /v1/moderations checks (names); default: the starter library.
+    #[arg(long = "moderation-policy", value_name = "NAME")]
+    pub moderation_policies: Vec<String>,
+    /// CPU threads for the embedded engine.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Context window of the embedded engine, in tokens.
+    #[arg(long)]
+    pub context: Option<u32>,
+    /// Sequences the embedded engine decodes together.
+    #[arg(long, default_value_t = 8)]
+    pub sequences: usize,
+}
+
+/// Where to store things, shared with `safeguard keys`.
+pub(crate) async fn open_store(
+    data_dir: &Path,
+    database: Option<&str>,
+    schema: Option<String>,
+) -> anyhow::Result<Store> {
+    match database {
+        Some(url) => Store::connect(url, StoreOptions { schema, ..StoreOptions::default() })
+            .await
+            .context("cannot open the database"),
+        None => {
+            std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+            let path = data_dir.join("safeguard.db");
+            Store::open_sqlite(&path).await.with_context(|| format!("cannot open {}", path.display()))
+        }
+    }
+}
+
+/// The webhook signing secret: from the environment (several servers must share it), else kept in the
+/// data dir so that receivers keep verifying across restarts.
+fn webhook_secret(data_dir: &Path) -> anyhow::Result<String> {
+    if let Ok(secret) = std::env::var("SAFEGUARD_WEBHOOK_SECRET")
+        && !secret.is_empty()
+    {
+        return Ok(secret);
+    }
+    std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let path = data_dir.join("webhook-secret");
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        let existing = existing.trim().to_string();
+        if !existing.is_empty() {
+            return Ok(existing);
+        }
+    }
+    let secret = safeguard_server::random_token();
+    std::fs::write(&path, &secret).with_context(|| format!("cannot write {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    }
+    Ok(secret)
+}
+
+#[cfg(feature = "embedded")]
+fn load_embedded(args: &Args, model: &Path) -> anyhow::Result<Arc<dyn Reasoner>> {
+    use safeguard_core::{EmbeddedConfig, EmbeddedReasoner};
+    use safeguard_engine::EngineConfig;
+    use safeguard_engine::llama::LlamaEngine;
+
+    let mut config = EngineConfig { max_sequences: args.sequences.clamp(1, 256), ..EngineConfig::default() };
+    if let Some(threads) = args.threads {
+        config.threads = threads;
+    }
+    if let Some(context) = args.context {
+        config.n_ctx = context;
+    }
+    let engine = LlamaEngine::load(model, config).with_context(|| format!("cannot load model {}", model.display()))?;
+    Ok(Arc::new(EmbeddedReasoner::new(Arc::new(engine), EmbeddedConfig::default())))
+}
+
+#[cfg(not(feature = "embedded"))]
+fn load_embedded(_args: &Args, model: &Path) -> anyhow::Result<Arc<dyn Reasoner>> {
+    bail!(
+        "cannot serve {}: this binary was built without the embedded engine (feature `embedded`); use --backend URL",
+        model.display()
+    )
+}
+
+fn load_remote(args: &Args) -> anyhow::Result<Arc<dyn Reasoner>> {
+    let endpoints = args
+        .backend
+        .iter()
+        .map(|spec| spec.parse().with_context(|| format!("bad --backend {spec:?}")))
+        .collect::<anyhow::Result<Vec<safeguard_remote::EndpointConfig>>>()?;
+    let config = safeguard_remote::RemoteConfig::new(args.backend_model.clone(), endpoints);
+    let reasoner = safeguard_remote::RemoteReasoner::new(config).context("bad backend configuration")?;
+    Ok(Arc::new(reasoner))
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let reasoner = match (&args.model, args.backend.is_empty()) {
+        (Some(model), true) => load_embedded(&args, model)?,
+        (None, false) => load_remote(&args)?,
+        _ => bail!("give either --model PATH or --backend URL, not both"),
+    };
+    let config = ServerConfig {
+        listen: args.listen,
+        admin_key: std::env::var("SAFEGUARD_ADMIN_KEY").ok().filter(|k| !k.is_empty()),
+        rate_limit_per_minute: args.rate_limit,
+        rate_limit_burst: (args.rate_limit / 10).max(10),
+        job_workers: args.workers.max(1),
+        reason_timeout: Duration::from_secs(args.reason_timeout.max(1)),
+        job_lease: Duration::from_secs(args.job_lease.max(1)),
+        webhook_secret: webhook_secret(&args.data_dir)?,
+        moderation_policies: args.moderation_policies.clone(),
+        default_effort: args.effort,
+        ..ServerConfig::default()
+    };
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let store = open_store(&args.data_dir, args.database.as_deref(), args.database_schema.clone()).await?;
+        let server = Server::start(config, reasoner, store).await?;
+        // Tests and scripts read this line to find the port when listening on :0.
+        println!("safeguard: listening on http://{}", server.addr);
+        let token = server.shutdown_token();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            eprintln!("safeguard: shutting down; draining in-flight work");
+            token.cancel();
+        });
+        server.wait().await?;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
