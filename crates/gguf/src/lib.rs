@@ -1,5 +1,6 @@
 //! GGUF reader and writer; tiny and 20b-shaped random gpt-oss models; HF checkpoint conversion; hub downloads.
 
+pub mod convert;
 pub mod error;
 pub mod gpt_oss;
 pub mod quant;
@@ -12,6 +13,7 @@ pub mod value;
 pub mod vocab;
 pub mod writer;
 
+pub use convert::convert_hf;
 pub use error::{GgufError, Result};
 pub use gpt_oss::{DtypePlan, GptOssHparams};
 pub use reader::{GgufFile, TensorInfo};
