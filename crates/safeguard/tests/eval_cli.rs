@@ -264,3 +264,77 @@ fn scores_synthetic_predictions_on_the_shared_xstest_set() {
     assert_eq!(report["per_group"]["safe_contexts"]["fp"], 0);
     assert_eq!(report["missing_predictions"]["count"], 0);
 }
+
+#[test]
+fn a_live_run_on_a_tiny_model_is_cached_and_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    safeguard_gguf::write_tiny_model(&model, &safeguard_gguf::TinyConfig::with_seed(11)).unwrap();
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/spam.md");
+    let dataset = dir.path().join("data.jsonl");
+    write_jsonl(
+        &dataset,
+        &[
+            json!({"id": "s1", "text": "BUY CHEAP WATCHES NOW", "label": 1}),
+            json!({"id": "h1", "text": "see you at lunch", "label": 0}),
+            json!({"id": "h2", "text": "the meeting moved to 3pm", "label": 0}),
+        ],
+    );
+    let cache = dir.path().join("cache.jsonl");
+    let saved = dir.path().join("live.jsonl");
+    let args = [
+        "eval",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--dataset",
+        dataset.to_str().unwrap(),
+        "--effort",
+        "low",
+        "--max-tokens",
+        "8",
+        "--threads",
+        "2",
+        "--context",
+        "1024",
+        "--concurrency",
+        "2",
+        "--cache",
+        cache.to_str().unwrap(),
+        "--save-predictions",
+        saved.to_str().unwrap(),
+        "--format",
+        "json",
+    ];
+    let first = safeguard(&args);
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{stderr}");
+    assert!(stderr.contains("3 classified, 0 from cache, 0 failed"), "{stderr}");
+    let report: Value = serde_json::from_slice(&first.stdout).unwrap();
+    assert_eq!(report["joined"], 3);
+    assert_eq!(report["by_effort"]["low"]["items"], 3);
+    assert!(report["by_effort"]["low"]["latency_ms"]["p50"].as_f64().unwrap() > 0.0);
+    assert!(report["by_effort"]["low"]["prompt_tokens"]["mean"].as_f64().unwrap() > 0.0);
+    // A random model's output never turns into a silent allow.
+    let records: Vec<Value> =
+        std::fs::read_to_string(&saved).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(records.iter().map(|r| r["id"].as_str().unwrap()).collect::<Vec<_>>(), vec!["s1", "h1", "h2"]);
+    for record in &records {
+        assert_eq!(record["effort"], "low");
+        if record["verdicts"].as_array().unwrap().iter().any(|v| v["violation"].is_null()) {
+            assert_eq!(record["outcome"], "needs_review", "{record}");
+        }
+    }
+    assert_eq!(std::fs::read_to_string(&cache).unwrap().lines().count(), 3);
+
+    // The same run again comes entirely from the cache, with the same scores.
+    let second = safeguard(&args);
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{stderr}");
+    assert!(stderr.contains("0 classified, 3 from cache"), "{stderr}");
+    let again: Value = serde_json::from_slice(&second.stdout).unwrap();
+    for key in ["tp", "fp", "tn", "fn", "needs_review"] {
+        assert_eq!(again[key], report[key], "{key}");
+    }
+}

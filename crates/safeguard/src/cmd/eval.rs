@@ -97,6 +97,15 @@ pub struct Args {
     /// Write the live predictions as JSONL (one file per effort when there are several: NAME.EFFORT.jsonl).
     #[arg(long, value_name = "FILE")]
     save_predictions: Option<PathBuf>,
+    /// Completion-token cap per prompt [default: the budget for the effort].
+    #[arg(long, value_name = "N")]
+    max_tokens: Option<usize>,
+    /// CPU threads for the engine [default: all cores].
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// Per-sequence context size of the engine, in tokens.
+    #[arg(long, value_name = "TOKENS")]
+    context: Option<u32>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -393,81 +402,86 @@ fn save_predictions(path: &Path, records: &[PredictionRecord]) -> anyhow::Result
 }
 
 mod live {
-    //! Live evaluation through the core `Classifier` on the embedded engine.
+    //! Live evaluation through the core `Classifier`, on the reasoner `classify` builds.
 
+    use std::sync::Arc;
+
+    use safeguard_core::{Classifier, ClassifyOptions};
+    use safeguard_eval::{FnClassifier, Item, RunOptions, run_eval};
+    use safeguard_harmony::{Content, Effort};
+    use safeguard_policy::Policy;
+
+    use super::super::classify::{EngineArgs, load_policies, load_reasoner, runtime};
     use super::*;
 
-    #[cfg(feature = "embedded")]
-    pub fn run(args: &Args, dataset: Dataset, options: ScoreOptions) -> anyhow::Result<ExitCode> {
-        use std::sync::Arc;
-
-        use safeguard_core::{Classifier, ClassifyOptions, EmbeddedConfig, EmbeddedReasoner, Reasoner};
-        use safeguard_engine::EngineConfig;
-        use safeguard_engine::llama::LlamaEngine;
-        use safeguard_eval::{FnClassifier, Item, RunOptions, run_eval};
-        use safeguard_harmony::{Content, Effort};
-        use safeguard_policy::Policy;
-
-        async fn classify_one(
-            classifier: &Classifier,
-            policies: &[Policy],
-            item: Item,
-            effort: String,
-        ) -> Result<PredictionRecord, String> {
-            let effort: Effort = effort.parse().map_err(|e| format!("{e}"))?;
-            let options = ClassifyOptions { effort, ..ClassifyOptions::default() };
-            let decision = classifier.classify(policies, &Content::text(item.text), &options).await;
-            let mut value = serde_json::to_value(&decision).map_err(|e| e.to_string())?;
-            if let Some(object) = value.as_object_mut() {
-                // The record is keyed by the dataset id; the decision's own UUID is kept beside it.
-                if let Some(decision_id) = object.remove("id") {
-                    object.insert("decision_id".into(), decision_id);
-                }
-                object.insert("id".into(), serde_json::Value::String(item.id));
+    async fn classify_one(
+        classifier: &Classifier,
+        policies: &[Policy],
+        options: ClassifyOptions,
+        item: Item,
+    ) -> Result<PredictionRecord, String> {
+        let decision = classifier.classify(policies, &Content::text(item.text), &options).await;
+        let mut value = serde_json::to_value(&decision).map_err(|e| e.to_string())?;
+        if let Some(object) = value.as_object_mut() {
+            // Keyed by the dataset id, as classify keys its output by the caller's id; the UUID stays beside it.
+            if let Some(decision_id) = object.remove("id") {
+                object.insert("decision_id".into(), decision_id);
             }
-            serde_json::from_value(value).map_err(|e| e.to_string())
+            object.insert("id".into(), serde_json::Value::String(item.id));
         }
+        serde_json::from_value(value).map_err(|e| e.to_string())
+    }
 
+    pub fn run(args: &Args, dataset: Dataset, options: ScoreOptions) -> anyhow::Result<ExitCode> {
         if args.policy.is_empty() {
             bail!("a live run needs at least one --policy FILE");
         }
-        let policies = args
-            .policy
-            .iter()
-            .map(|path| Policy::load(Path::new(path)).with_context(|| format!("loading policy {path}")))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let policies = load_policies(&args.policy.iter().map(PathBuf::from).collect::<Vec<_>>())?;
+        let mut efforts = Vec::new();
         for effort in &args.effort {
-            effort.parse::<Effort>().map_err(|e| anyhow::anyhow!("--effort {effort}: {e}"))?;
+            let parsed: Effort = effort.parse().map_err(|e| anyhow::anyhow!("--effort {effort}: {e}"))?;
+            efforts.push(parsed.to_string());
         }
-        let model_path = args.model.as_deref().context("--model is required for a live run")?;
-        let engine = LlamaEngine::load(model_path, EngineConfig::default())
-            .with_context(|| format!("loading model {}", model_path.display()))?;
-        let reasoner = EmbeddedReasoner::new(Arc::new(engine), EmbeddedConfig::default());
+        let model = args.model.as_deref().context("--model is required for a live run")?;
+        let reasoner = load_reasoner(&EngineArgs {
+            model,
+            threads: args.threads,
+            context: args.context,
+            sequences: args.concurrency.max(1),
+        })?;
         let model_id = reasoner.model_id();
-        let policy_hash = policies.iter().map(|p| p.hash.to_string()).collect::<Vec<_>>().join("+");
-        let shared = Arc::new((Classifier::new(Arc::new(reasoner)), policies));
+        // The cache key must change whenever the answer could: policy texts, and the token cap.
+        let mut policy_hash = policies.iter().map(|p| p.hash.to_string()).collect::<Vec<_>>().join("+");
+        if let Some(max_tokens) = args.max_tokens {
+            policy_hash.push_str(&format!(";max_tokens={max_tokens}"));
+        }
+        let shared = Arc::new((Classifier::new(reasoner), policies));
+        let max_tokens = args.max_tokens;
         let adapter = FnClassifier(move |item: Item, effort: String| {
             let shared = Arc::clone(&shared);
-            Box::pin(async move { classify_one(&shared.0, &shared.1, item, effort).await })
+            Box::pin(async move {
+                let effort: Effort = effort.parse().map_err(|e| format!("{e}"))?;
+                let options = ClassifyOptions { effort, max_tokens, ..ClassifyOptions::default() };
+                classify_one(&shared.0, &shared.1, options, item).await
+            })
                 as std::pin::Pin<Box<dyn std::future::Future<Output = Result<PredictionRecord, String>> + Send>>
         });
 
         let run_options = RunOptions {
-            efforts: args.effort.clone(),
+            efforts,
             concurrency: args.concurrency,
             cache_path: args.cache.clone(),
             policy_hash,
             model_id,
             ..RunOptions::default()
         };
-        let total = (dataset.items.len() * args.effort.len()) as u64;
+        let total = (dataset.items.len() * run_options.efforts.len()) as u64;
         let bar = indicatif::ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::stderr());
         bar.set_style(
             indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} items · {elapsed} elapsed · eta {eta} {msg}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
-        let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-        let output = runtime.block_on(run_eval(&dataset.items, &adapter, &run_options, &|progress| {
+        let output = runtime()?.block_on(run_eval(&dataset.items, &adapter, &run_options, &|progress| {
             bar.set_position(progress.done as u64);
             bar.set_message(format!("({} cached, {} failed)", progress.from_cache, progress.failed));
         }))?;
@@ -488,21 +502,15 @@ mod live {
         }
         let code = emit_report(args, &reports)?;
         if !output.failed.is_empty() && code == ExitCode::SUCCESS {
+            // The report is complete, but some items were never judged: the run did not fully work.
             return Ok(ExitCode::from(EXIT_FAILURE));
         }
         Ok(code)
     }
 
-    #[cfg(feature = "embedded")]
     fn per_effort_path(path: &Path, effort: &str) -> PathBuf {
         let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("predictions");
         let extension = path.extension().and_then(|s| s.to_str()).unwrap_or("jsonl");
         path.with_file_name(format!("{stem}.{effort}.{extension}"))
-    }
-
-    #[cfg(not(feature = "embedded"))]
-    pub fn run(_args: &Args, _dataset: Dataset, _options: ScoreOptions) -> anyhow::Result<ExitCode> {
-        let _ = (save_predictions, EXIT_FAILURE);
-        bail!("this build has no embedded engine (feature `embedded`); score saved output with --predictions instead")
     }
 }
