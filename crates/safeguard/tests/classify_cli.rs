@@ -231,3 +231,44 @@ fn bad_policies_and_inputs_fail_clearly() {
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr(&output).contains("2025-13-45"), "{}", stderr(&output));
 }
+
+#[test]
+fn policy_test_runs_the_golden_cases_and_fails_undecided_ones() {
+    let f = fixture();
+    let dir = f.dir.path().join("golden");
+    std::fs::create_dir_all(&dir).unwrap();
+    let policy = dir.join("spam.md");
+    std::fs::write(&policy, POLICY).unwrap();
+    std::fs::write(
+        dir.join("spam.tests.jsonl"),
+        "{\"id\":\"promo\",\"text\":\"BUY NOW\",\"expected\":\"violation\"}\n\
+         {\"id\":\"hello\",\"text\":\"hi Sam\",\"expected\":\"allow\"}\n",
+    )
+    .unwrap();
+    let engine = ["--model", f.model.to_str().unwrap(), "--max-tokens", "6", "--threads", "2", "--context", "1024"];
+
+    let mut args = vec!["policy", "test", policy.to_str().unwrap()];
+    args.extend_from_slice(&engine);
+    let output = safeguard(&args);
+    let report = String::from_utf8_lossy(&output.stdout);
+    // A random model never produces a valid answer, so both cases come out undecided and fail.
+    assert_eq!(output.status.code(), Some(2), "stdout: {report}\nstderr: {}", stderr(&output));
+    assert!(report.contains("spam") && report.contains("0/2 passed"), "{report}");
+    assert!(report.contains("FAIL promo: expected violation, got needs_review"), "{report}");
+
+    args.push("--json");
+    let output = safeguard(&args);
+    let records = records(&output);
+    assert_eq!(records.len(), 2, "stderr: {}", stderr(&output));
+    assert_eq!(records[1]["id"], "hello");
+    assert_eq!(records[1]["expected"], "allow");
+    assert_eq!(records[1]["passed"], false);
+
+    let lonely = dir.join("lonely.md");
+    std::fs::write(&lonely, POLICY).unwrap();
+    let mut args = vec!["policy", "test", lonely.to_str().unwrap()];
+    args.extend_from_slice(&engine);
+    let output = safeguard(&args);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("lonely.tests.jsonl"), "{}", stderr(&output));
+}

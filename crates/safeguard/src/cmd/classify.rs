@@ -382,3 +382,137 @@ impl Progress {
         }
     }
 }
+
+/// `safeguard policy test`: run the golden cases beside each policy (`<policy>.tests.jsonl`, lines
+/// `{"id","text","expected":"violation"|"allow"}`) and report the cases whose outcome differs.
+/// Exit status: 1 if a policy or its cases could not be read, else 2 if any case failed, else 0.
+/// A case that comes out `needs_review` fails: the gate is about a policy the model can apply.
+#[derive(clap::Args)]
+pub struct PolicyTestArgs {
+    /// Policy files; each needs its `<name>.tests.jsonl` beside it.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// GGUF model file for the embedded engine.
+    #[arg(long, value_name = "PATH")]
+    pub model: PathBuf,
+    #[arg(long, default_value = "medium")]
+    pub effort: Effort,
+    /// Date for the system message (YYYY-MM-DD).
+    #[arg(long)]
+    pub date: Option<String>,
+    /// Completion-token cap per case (default: by effort).
+    #[arg(long, value_name = "N")]
+    pub max_tokens: Option<usize>,
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Cases decoded together in one engine batch.
+    #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub batch: u32,
+    #[arg(long, value_name = "TOKENS")]
+    pub context: Option<u32>,
+    /// Print one JSON object per case (with its full decision) instead of the text report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run_policy_test(args: PolicyTestArgs) -> anyhow::Result<ExitCode> {
+    use safeguard_core::golden::{golden_path_for, load_golden_cases, run_golden};
+
+    if let Some(date) = &args.date {
+        safeguard_harmony::validate_date(date)?;
+    }
+    // Read every policy and case file first: a typo in the last file should not cost a model load and a run.
+    let mut suites = Vec::new();
+    let mut errors = 0usize;
+    for path in &args.files {
+        let loaded =
+            Policy::load(path).with_context(|| format!("cannot load policy {}", path.display())).and_then(|policy| {
+                let tests = golden_path_for(path);
+                let cases =
+                    load_golden_cases(&tests).with_context(|| format!("no golden cases for {}", path.display()))?;
+                Ok((policy, cases))
+            });
+        match loaded {
+            Ok(suite) => suites.push(suite),
+            Err(error) => {
+                errors += 1;
+                eprintln!("error: {error:#}");
+            }
+        }
+    }
+    if suites.is_empty() {
+        anyhow::bail!("no policy could be tested");
+    }
+
+    let batch = args.batch as usize;
+    let reasoner = load_reasoner(&EngineArgs {
+        model: &args.model,
+        threads: args.threads,
+        context: args.context,
+        sequences: batch,
+    })?;
+    let classifier = Classifier::new(reasoner);
+    let options = ClassifyOptions {
+        effort: args.effort,
+        date: args.date.clone(),
+        max_tokens: args.max_tokens,
+        include_reasoning: args.json,
+        ..ClassifyOptions::default()
+    };
+    let runtime = runtime()?;
+    let mut stdout = BufWriter::new(std::io::stdout().lock());
+    let mut failed = 0usize;
+    for (policy, cases) in &suites {
+        let report = runtime.block_on(run_golden(&classifier, policy, cases, &options, batch));
+        failed += report.results.len() - report.passed();
+        if args.json {
+            for result in &report.results {
+                let line = serde_json::json!({
+                    "policy": report.policy,
+                    "policy_hash": report.policy_hash,
+                    "id": result.id,
+                    "expected": result.expected,
+                    "outcome": result.outcome,
+                    "passed": result.passed,
+                    "decision": result.decision,
+                });
+                writeln!(stdout, "{line}").context("cannot write the report")?;
+            }
+            continue;
+        }
+        let short_hash = policy.hash.short();
+        writeln!(stdout, "{} ({short_hash}): {}/{} passed", report.policy, report.passed(), report.results.len())
+            .context("cannot write the report")?;
+        for failure in report.failures() {
+            let flags: Vec<String> = failure
+                .decision
+                .verdicts
+                .iter()
+                .flat_map(|v| v.flags.iter())
+                .map(|flag| match serde_json::to_value(flag) {
+                    Ok(serde_json::Value::Object(fields)) => {
+                        fields.get("kind").and_then(|k| k.as_str()).unwrap_or("flag").to_owned()
+                    }
+                    _ => "flag".to_owned(),
+                })
+                .collect();
+            let expected = serde_json::to_value(failure.expected).ok();
+            let outcome = serde_json::to_value(failure.outcome).ok();
+            let show = |v: Option<serde_json::Value>| v.and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+            write!(stdout, "  FAIL {}: expected {}, got {}", failure.id, show(expected), show(outcome))
+                .context("cannot write the report")?;
+            if !flags.is_empty() {
+                write!(stdout, " ({})", flags.join(", ")).context("cannot write the report")?;
+            }
+            writeln!(stdout).context("cannot write the report")?;
+        }
+    }
+    stdout.flush().context("cannot write the report")?;
+    Ok(if errors > 0 {
+        ExitCode::from(EXIT_FAILURE)
+    } else if failed > 0 {
+        ExitCode::from(EXIT_FINDINGS)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
