@@ -364,7 +364,7 @@ fn confusion_heatmap(report: &ScoreReport) -> String {
 
 /// Two bars per group: precision and recall, each with its value written above it.
 fn precision_recall_bars(groups: &[(String, Option<f64>, Option<f64>)]) -> String {
-    let (left, top, plot_h, bar_w, gap) = (40.0, 20.0, 160.0, 28.0, 30.0);
+    let (left, top, plot_h, bar_w, gap) = (40.0, 20.0, 160.0, 38.0, 30.0);
     let width = left + groups.len() as f64 * (2.0 * bar_w + gap) + gap + 120.0;
     let height = top + plot_h + 40.0;
     let mut svg = format!(
