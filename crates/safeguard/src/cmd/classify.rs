@@ -72,6 +72,8 @@ pub struct Args {
 }
 
 /// Settings for building the embedded reasoner, shared with `policy test`.
+// Without the embedded engine only `model` is read, to name it in the error.
+#[cfg_attr(not(feature = "embedded"), allow(dead_code))]
 pub(crate) struct EngineArgs<'a> {
     pub model: &'a Path,
     pub threads: Option<usize>,
