@@ -9,9 +9,11 @@ pub mod budget;
 pub mod cascade;
 pub mod flywheel;
 pub mod nats;
+pub mod triage_config;
 
 pub use budget::ReasoningBudget;
 pub use cascade::{
     CascadeDecision, Deferred, Escalation, OnTriageViolation, Pipeline, PolicyRoute, RouteContext, RoutingConfig,
     Stage, StageRecord,
 };
+pub use triage_config::{TriageLibrary, rules_from_policy};

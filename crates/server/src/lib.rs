@@ -18,6 +18,7 @@ mod error;
 mod guard;
 mod jobs;
 mod metrics_setup;
+mod moderate;
 mod openai;
 mod openapi;
 mod policies;
@@ -108,9 +109,17 @@ pub struct ServerConfig {
     pub webhook_backoff: Duration,
     /// Policy names `/v1/moderations` classifies against; empty means the starter library.
     pub moderation_policies: Vec<String>,
+    /// Completion-token cap for `/v1/moderations` (which has no field for it); `None` is the effort's budget.
+    pub moderation_max_tokens: Option<usize>,
     pub default_effort: Effort,
     /// How long shutdown waits for in-flight requests and jobs.
     pub drain_timeout: Duration,
+    /// How `/v1/moderate` routes: efforts, escalation thresholds, what triage may decide.
+    pub routing: safeguard_pipeline::RoutingConfig,
+    /// Trained triage classifiers, one directory per policy name (`safeguard triage train --out DIR/NAME`).
+    pub triage_dir: Option<std::path::PathBuf>,
+    /// Reasoning prompts per second for the cascade; over it, `/v1/moderate` answers 429 with Retry-After.
+    pub reasoning_per_sec: Option<f64>,
 }
 
 impl Default for ServerConfig {
@@ -129,8 +138,12 @@ impl Default for ServerConfig {
             webhook_max_attempts: 8,
             webhook_backoff: Duration::from_secs(2),
             moderation_policies: Vec::new(),
+            moderation_max_tokens: None,
             default_effort: Effort::Low,
             drain_timeout: Duration::from_secs(30),
+            routing: safeguard_pipeline::RoutingConfig::default(),
+            triage_dir: None,
+            reasoning_per_sec: None,
         }
     }
 }
@@ -145,6 +158,7 @@ pub struct AppState {
     pub(crate) metrics: PrometheusHandle,
     pub(crate) jobs_waiting: Arc<Notify>,
     pub(crate) http: reqwest::Client,
+    pub(crate) cascade: Arc<moderate::CascadeState>,
 }
 
 /// A started server: its address, and the handle to stop it.
@@ -210,7 +224,13 @@ impl Server {
         let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: config.listen, source })?;
 
         let guarded: Arc<dyn Reasoner> = Arc::new(GuardedReasoner::new(reasoner, config.reason_timeout));
+        let cascade = Arc::new(moderate::CascadeState::new(
+            config.routing.clone(),
+            safeguard_pipeline::TriageLibrary::new(config.triage_dir.clone()),
+            config.reasoning_per_sec,
+        ));
         let state = AppState {
+            cascade,
             rate_limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst)),
             config: Arc::new(config),
             store,
@@ -264,6 +284,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/policies/{name}/activate", post(policies::activate))
         .route("/v1/classify", post(classify::classify))
         .route("/v1/classify/batch", post(classify::classify_batch))
+        .route("/v1/moderate", post(moderate::moderate))
         .route("/v1/jobs", post(jobs::submit))
         .route("/v1/jobs/{id}", get(jobs::get_one))
         .route("/v1/decisions", get(decisions::list))

@@ -1,0 +1,104 @@
+//! A stream of mixed items through `/v1/moderate` on the real engine with a tiny random-weight model: each
+//! item must land in the stage the routing rules give it. The random model never answers sensibly, so every
+//! item that reaches it must climb to high effort and end with a person — never an allow.
+
+use std::sync::Arc;
+
+use safeguard_core::{EmbeddedConfig, EmbeddedReasoner};
+use safeguard_engine::EngineConfig;
+use safeguard_engine::llama::LlamaEngine;
+use safeguard_pipeline::RoutingConfig;
+use safeguard_server::{Server, ServerConfig};
+use safeguard_store::Store;
+use serde_json::{Value, json};
+
+const POLICY: &str = "---
+name: promo
+output: binary
+triage:
+  rules:
+    keywords:
+      - name: known-scams
+        action: deny
+        keywords: [free bitcoin]
+      - name: greetings
+        action: allow
+        keywords: [happy birthday]
+---
+# Promotion Policy (PR)
+
+## INSTRUCTIONS
+Return exactly one character: 0 or 1.
+
+## VIOLATES (1)
+- PR1.a Unsolicited promotion with a link or handle.
+
+## DOES NOT VIOLATE (0)
+- PR0.a Personal messages.
+
+Return exactly one character: 0 or 1.";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mixed_items_land_in_the_stage_the_routing_rules_give_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    safeguard_gguf::write_tiny_model(&model, &safeguard_gguf::TinyConfig::with_seed(11)).unwrap();
+    let engine =
+        LlamaEngine::load(&model, EngineConfig { threads: 2, n_ctx: 1024, ..EngineConfig::default() }).unwrap();
+    let reasoner = Arc::new(EmbeddedReasoner::new(Arc::new(engine), EmbeddedConfig::default()));
+    let store = Store::open_sqlite(&dir.path().join("db.sqlite")).await.unwrap();
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_key: Some("admin".into()),
+        routing: RoutingConfig { max_tokens: Some(12), ..RoutingConfig::default() },
+        ..ServerConfig::default()
+    };
+    let server = Server::start(config, reasoner, store.clone()).await.unwrap();
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", server.addr);
+    let (status, created) = post(&http, &base, "/v1/policies", json!({"text": POLICY})).await;
+    assert!(status == 200 || status == 201, "{created}");
+
+    let items = [
+        ("Get FREE BITCOIN today", "triage", "violation"),
+        ("Happy birthday, grandma!", "triage", "allow"),
+        ("Check out my channel for deals", "human_review", "needs_review"),
+        ("what time is the meeting", "human_review", "needs_review"),
+    ];
+    for (text, stage, outcome) in items {
+        let (status, decision) = post(&http, &base, "/v1/moderate", json!({"text": text, "policies": ["promo"]})).await;
+        assert_eq!(status, 200, "{decision}");
+        assert_eq!(decision["decided_by"], stage, "{text}: {decision}");
+        assert_eq!(decision["outcome"], outcome, "{text}");
+        let stages: Vec<&str> =
+            decision["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
+        if stage == "triage" {
+            assert_eq!(stages, ["triage"], "{text}: the model was not asked");
+            assert!(decision["decision_ids"].as_array().unwrap().is_empty());
+        } else {
+            assert_eq!(stages, ["triage", "reasoning_low", "reasoning_high"], "{text}: low, then high, then a person");
+            assert_eq!(decision["decision_ids"].as_array().unwrap().len(), 2, "both reasoning steps are stored");
+            assert!(decision["reasoning"][1]["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+        }
+    }
+    let (_, queue) = get(&http, &base, "/v1/reviews").await;
+    assert_eq!(queue["reviews"].as_array().unwrap().len(), 2, "the two undecided items wait for a person: {queue}");
+    let (_, metrics) = get_text(&http, &base, "/metrics").await;
+    assert!(metrics.contains("safeguard_pipeline_decisions_total"), "cascade metrics are exported");
+    server.shutdown().await.unwrap();
+}
+
+async fn post(http: &reqwest::Client, base: &str, path: &str, body: Value) -> (u16, Value) {
+    let response = http.post(format!("{base}{path}")).bearer_auth("admin").json(&body).send().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
+}
+
+async fn get(http: &reqwest::Client, base: &str, path: &str) -> (u16, Value) {
+    let response = http.get(format!("{base}{path}")).bearer_auth("admin").send().await.unwrap();
+    (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
+}
+
+async fn get_text(http: &reqwest::Client, base: &str, path: &str) -> (u16, String) {
+    let response = http.get(format!("{base}{path}")).bearer_auth("admin").send().await.unwrap();
+    (response.status().as_u16(), response.text().await.unwrap_or_default())
+}
