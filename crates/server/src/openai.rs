@@ -80,7 +80,11 @@ pub(crate) async fn moderations(
         contents.push(crate::classify::parse_content(&state, &json!({"text": text}))?);
     }
     let policies = moderation_policies(&state).await?;
-    let settings = Settings { effort: state.config.default_effort, mode: Mode::Separate, max_tokens: None };
+    let settings = Settings {
+        effort: state.config.default_effort,
+        mode: Mode::Separate,
+        max_tokens: state.config.moderation_max_tokens,
+    };
     let started = Instant::now();
     let decisions = state.classifier.classify_many(&policies, &contents, &options(&settings)).await;
     let elapsed = started.elapsed().as_secs_f64();

@@ -60,6 +60,10 @@ impl Harness {
     async fn start(tweak: impl FnOnce(&mut ServerConfig)) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_sqlite(&dir.path().join("db.sqlite")).await.unwrap();
+        Harness::start_on(store, dir, tweak).await
+    }
+
+    async fn start_on(store: Store, dir: tempfile::TempDir, tweak: impl FnOnce(&mut ServerConfig)) -> Harness {
         let mut config = ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             admin_key: Some(ADMIN.into()),
@@ -481,4 +485,46 @@ async fn keyless_servers_only_on_loopback() {
         .unwrap();
     assert_eq!(response.status().as_u16(), 200);
     server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_service_runs_on_postgres_too() {
+    let url = std::env::var("SAFEGUARD_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let schema = format!("sgserver_{}_{}", std::process::id(), safeguard_store::now_ms());
+    let options = safeguard_store::StoreOptions { schema: Some(schema.clone()), max_connections: 8 };
+    let store = match tokio::time::timeout(Duration::from_secs(5), Store::connect(&url, options)).await {
+        Ok(Ok(store)) => store,
+        other => {
+            eprintln!("SKIPPING the PostgreSQL server test: {url} unreachable: {:?}", other.err().map(|_| "timeout").or(Some("error")));
+            return;
+        }
+    };
+    let h = Harness::start_on(store, tempfile::tempdir().unwrap(), |_| {}).await;
+    let key = h.key(&["classify", "review"]).await;
+    let (status, decision) = h.call("POST", "/v1/classify", Some(&key), Some(json!({"text": "BUY NOW", "policies": ["spam"]}))).await;
+    assert_eq!((status, decision["outcome"].clone()), (200, json!("violation")), "{decision}");
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let (status, job) = h.call("POST", "/v1/jobs", Some(&key), Some(json!({"text": format!("hello {i}"), "policies": ["spam"]}))).await;
+        assert_eq!(status, 202);
+        ids.push(job["id"].as_str().unwrap().to_string());
+    }
+    for id in &ids {
+        let mut status = Value::Null;
+        for _ in 0..100 {
+            status = h.call("GET", &format!("/v1/jobs/{id}"), Some(&key), None).await.1;
+            if status["status"] == "done" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(status["outcome"], "allow", "{status}");
+        assert_eq!(h.store.decisions_for_job(id).await.unwrap(), 1);
+    }
+    let (_, list) = h.call("GET", "/v1/decisions?policy=spam", Some(&key), None).await;
+    assert_eq!(list["decisions"].as_array().unwrap().len(), 6);
+    let mut h = h;
+    h.server.take().unwrap().shutdown().await.unwrap();
+    h.store.close().await;
+    Store::drop_schema(&url, &schema).await.unwrap();
 }

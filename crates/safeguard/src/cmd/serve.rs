@@ -53,6 +53,9 @@ pub struct Args {
     /// Policies that /v1/moderations checks (names); default: the starter library.
     #[arg(long = "moderation-policy", value_name = "NAME")]
     pub moderation_policies: Vec<String>,
+    /// Completion-token cap per policy for /v1/moderations; default: the effort's budget.
+    #[arg(long)]
+    pub moderation_max_tokens: Option<usize>,
     /// CPU threads for the embedded engine.
     #[arg(long)]
     pub threads: Option<usize>,
@@ -160,6 +163,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         job_lease: Duration::from_secs(args.job_lease.max(1)),
         webhook_secret: webhook_secret(&args.data_dir)?,
         moderation_policies: args.moderation_policies.clone(),
+        moderation_max_tokens: args.moderation_max_tokens,
         default_effort: args.effort,
         ..ServerConfig::default()
     };
