@@ -111,8 +111,6 @@ pub struct ServerConfig {
     pub moderation_policies: Vec<String>,
     /// Completion-token cap for `/v1/moderations` (which has no field for it); `None` is the effort's budget.
     pub moderation_max_tokens: Option<usize>,
-    /// Completion-token cap for `/v1/moderations` (which has no field for it); `None` is the effort's budget.
-    pub moderation_max_tokens: Option<usize>,
     pub default_effort: Effort,
     /// How long shutdown waits for in-flight requests and jobs.
     pub drain_timeout: Duration,
@@ -140,7 +138,6 @@ impl Default for ServerConfig {
             webhook_max_attempts: 8,
             webhook_backoff: Duration::from_secs(2),
             moderation_policies: Vec::new(),
-            moderation_max_tokens: None,
             moderation_max_tokens: None,
             default_effort: Effort::Low,
             drain_timeout: Duration::from_secs(30),
