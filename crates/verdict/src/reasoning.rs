@@ -2,8 +2,8 @@
 //!
 //! A small, explainable heuristic: find conclusion phrases ("so it's a violation", "does not violate",
 //! "label 0", "answer: 1", "=> INVALID", "not spam", `"violation": 1`) in the tail of the analysis and take
-//! the one nearest the end. When a negated phrase overlaps a positive one ("not spam" contains "spam"), the
-//! longer, negated reading wins. No phrase found means no conclusion, and no disagreement is reported.
+//! the one that ends last; of two ending at the same place, the longer (negated) one. Negations after the verb
+//! ("violates nothing") cancel a phrase. No phrase found means no conclusion, and no disagreement is reported.
 
 use std::sync::LazyLock;
 
@@ -31,7 +31,7 @@ static VIOLATION_PHRASES: LazyLock<Vec<Regex>> = LazyLock::new(|| {
         r"(?i)\b(?:it|this|that|content|message|text|post|request|prompt|input)\s+(?:clearly\s+|directly\s+|also\s+)?violates\b".to_string(),
         r"(?i)\bso\s+(?:it's\s+|it\s+is\s+)?(?:a\s+)?violation\b".to_string(),
         r"(?i)\b(?:is|as)\s+(?:a\s+)?violation\b".to_string(),
-        r#"(?i)"?violation"?\s*[:=]\s*"?(?:1|true|yes)\b"#.to_string(),
+        r#"(?i)"?violation"?\s*[:=]?\s*"?(?:1|true|yes)\b"#.to_string(),
         r"(?i)\b(?:classify|classified|label(?:led|ed)?|flag(?:ged)?|mark(?:ed)?)\s+(?:it\s+|this\s+)?(?:as\s+)?(?:a\s+)?(?:violation|violating|spam|unsafe)\b".to_string(),
     ]
     .iter()
@@ -45,7 +45,7 @@ static SAFE_PHRASES: LazyLock<Vec<Regex>> = LazyLock::new(|| {
             r"(?i)\b(?:not|no|isn't|is not|doesn't|does not|didn't|did not|nor|without)\s+(?:a\s+|an\s+|any\s+)?(?:clear\s+|real\s+|actual\s+)?(?:{HARM_NOUNS}|violat\w*)"
         ),
         r"(?i)\b(?:it|this|that|the (?:content|message|text|post|request|prompt|input))(?:'s|\s+is|\s+seems|\s+looks|\s+appears)\s+(?:to be\s+)?(?:completely\s+|clearly\s+|totally\s+)?(?:safe|benign|fine|allowed|acceptable|compliant|harmless|ok|okay|legitimate|non-violating)\b".to_string(),
-        r#"(?i)"?violation"?\s*[:=]\s*"?(?:0|false|no)\b"#.to_string(),
+        r#"(?i)"?violation"?\s*[:=]?\s*"?(?:0|false|no)\b"#.to_string(),
         r"(?i)\b(?:classify|classified|label(?:led|ed)?|mark(?:ed)?)\s+(?:it\s+|this\s+)?(?:as\s+)?(?:safe|non-violating|allowed|benign)\b".to_string(),
     ]
     .iter()
@@ -98,7 +98,16 @@ pub fn reasoning_conclusion(analysis: &str, output: &OutputFormat) -> Option<Con
     let mut found: Vec<Match> = Vec::new();
     for (phrases, violation) in [(&*VIOLATION_PHRASES, true), (&*SAFE_PHRASES, false)] {
         for regex in phrases {
-            found.extend(regex.find_iter(text).map(|m| Match { start: m.start(), end: m.end(), violation }));
+            // "it violates nothing", "this violates no rule": the negation comes after the verb.
+            let negated_after = |end: usize| {
+                let rest = text[end..].trim_start().to_ascii_lowercase();
+                ["nothing", "no ", "none", "neither", "no rule"].iter().any(|word| rest.starts_with(word))
+            };
+            found.extend(regex.find_iter(text).filter(|m| !(violation && negated_after(m.end()))).map(|m| Match {
+                start: m.start(),
+                end: m.end(),
+                violation,
+            }));
         }
     }
     for caps in DIGIT_ANSWER.captures_iter(text) {
@@ -111,10 +120,8 @@ pub fn reasoning_conclusion(analysis: &str, output: &OutputFormat) -> Option<Con
     }
     label_matches(text, output, &mut found);
 
-    let last_end = found.iter().map(|m| m.end).max()?;
-    let last = found.iter().filter(|m| m.end == last_end).min_by_key(|m| m.start)?;
-    // Among phrases overlapping the last one, the longest (earliest start) carries the negation.
-    let chosen = found.iter().filter(|m| m.end > last.start && m.start < last.end).min_by_key(|m| m.start)?;
-    let phrase = text[chosen.start..chosen.end.max(last.end)].trim().to_string();
+    // The phrase that ends last wins; of two ending together, the longer one (it holds the negation).
+    let chosen = found.iter().max_by_key(|m| (m.end, std::cmp::Reverse(m.start)))?;
+    let phrase = text[chosen.start..chosen.end].trim().to_string();
     Some(Conclusion { violation: chosen.violation, phrase })
 }

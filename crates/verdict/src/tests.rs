@@ -241,6 +241,12 @@ fn reasoning_conclusions() {
     assert_eq!(check("This is spam.", &binary), Some(true));
     assert_eq!(check("It doesn't violate anything.", &binary), Some(false));
     assert_eq!(check("The content violates SP2.a.", &binary), Some(true));
+    assert_eq!(check("Rationale: the content violates nothing here.", &binary), None);
+    assert_eq!(check("This violates no rule, so the label is 0.", &binary), Some(false));
+    assert_eq!(check("The answer should be 1.", &binary), Some(true));
+    assert_eq!(check("Not spam. So output 0.", &binary), Some(false));
+    assert_eq!(check("So violation: 1, policy_category HT2.", &OutputFormat::Json), Some(true));
+    assert_eq!(check("It's a critique, HT0.a. So violation 0.", &OutputFormat::Json), Some(false));
     assert_eq!(check("answer: 1", &binary), Some(true));
     assert_eq!(check("We must answer 0 or 1.", &binary), None);
     assert_eq!(check("The content is benign.", &binary), Some(false));
