@@ -13,6 +13,7 @@ macro_rules! sql {
 }
 
 mod decisions;
+mod export;
 mod jobs;
 mod keys;
 mod migrate;

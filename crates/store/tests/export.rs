@@ -1,0 +1,96 @@
+//! The uncapped export reads, on SQLite and, when reachable, PostgreSQL (in a throwaway schema).
+
+use safeguard_store::{DecisionRecord, ReviewDecision, Store, StoreOptions};
+use serde_json::json;
+
+const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+async fn stores() -> Vec<(Store, &'static str, Option<tempfile::TempDir>, Option<(String, String)>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = Store::open_sqlite(&dir.path().join("export.db")).await.unwrap();
+    let mut out = vec![(sqlite, "sqlite", Some(dir), None)];
+    let url = std::env::var("SAFEGUARD_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_string());
+    let schema = format!(
+        "sgexport_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    );
+    let options = StoreOptions { schema: Some(schema.clone()), max_connections: 4 };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), Store::connect(&url, options)).await {
+        Ok(Ok(store)) => out.push((store, "postgres", None, Some((url, schema)))),
+        Ok(Err(err)) => eprintln!("SKIPPING PostgreSQL half of this test: {url} unreachable: {err}"),
+        Err(_) => eprintln!("SKIPPING PostgreSQL half of this test: {url} timed out"),
+    }
+    out
+}
+
+fn decision(id: &str, created_at: i64) -> DecisionRecord {
+    DecisionRecord {
+        id: id.to_string(),
+        created_at,
+        policy_hashes: vec!["sha256:spam".into()],
+        policy_names: vec!["spam".into()],
+        model_id: "tiny".into(),
+        effort: "low".into(),
+        prompt_hash: None,
+        sampling: json!("greedy"),
+        content: json!({"kind": "text", "text": format!("text of {id}")}),
+        verdicts: json!([{"policy": "spam", "outcome": "allow"}]),
+        outcome: "allow".into(),
+        failure_reason: None,
+        timings: json!({}),
+        prompt_tokens: 0,
+        cached_prompt_tokens: 0,
+        completion_tokens: 0,
+        source: "api".into(),
+        job_id: None,
+        replay_of: None,
+    }
+}
+
+#[tokio::test]
+async fn decided_reviews_come_with_their_decisions_and_respect_since() {
+    for (store, label, _dir, pg) in stores().await {
+        // Created out of order, so that the ordering is the query's doing.
+        for (id, at) in [("c", 3_000), ("a", 1_000), ("b", 2_000)] {
+            store.insert_decision(&decision(id, at), None).await.unwrap();
+        }
+        let pending = store.enqueue_review("a", 1).await.unwrap();
+        let decided_b = store.enqueue_review("b", 1).await.unwrap();
+        let decided_c = store.enqueue_review("c", 1).await.unwrap();
+        for (review, outcome) in [(&decided_c, "violation"), (&decided_b, "allow")] {
+            let decision = ReviewDecision {
+                reviewer: "ana".into(),
+                outcome: outcome.into(),
+                rationale: "checked".into(),
+                rule_id: "SP1".into(),
+                policy_hash: Some("sha256:spam".into()),
+                overrides_model: outcome == "violation",
+            };
+            assert!(store.decide_review(review, &decision).await.unwrap().is_some(), "{label}");
+        }
+
+        let all = store.decided_reviews_with_decisions(None).await.unwrap();
+        let pairs: Vec<(&str, &str, Option<&str>)> =
+            all.iter().map(|(r, d)| (r.id.as_str(), d.id.as_str(), r.outcome.as_deref())).collect();
+        assert_eq!(
+            pairs,
+            [(decided_b.as_str(), "b", Some("allow")), (decided_c.as_str(), "c", Some("violation"))],
+            "{label}: the pending review {pending} stays out, oldest decision first"
+        );
+        assert_eq!(all[1].1.content["text"], "text of c", "{label}");
+        let recent = store.decided_reviews_with_decisions(Some(2_500)).await.unwrap();
+        assert_eq!(recent.len(), 1, "{label}");
+        assert_eq!(recent[0].1.id, "c", "{label}");
+
+        let ids: Vec<String> = store.decisions_since(None).await.unwrap().into_iter().map(|d| d.id).collect();
+        assert_eq!(ids, ["a", "b", "c"], "{label}");
+        let ids: Vec<String> = store.decisions_since(Some(2_000)).await.unwrap().into_iter().map(|d| d.id).collect();
+        assert_eq!(ids, ["b", "c"], "{label}");
+
+        store.close().await;
+        if let Some((url, schema)) = pg {
+            Store::drop_schema(&url, &schema).await.unwrap();
+        }
+    }
+}
