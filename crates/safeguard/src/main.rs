@@ -27,6 +27,9 @@ enum Command {
     Models(cmd::models::Command),
     /// Evaluate policies on labelled datasets, or score saved predictions.
     Eval(cmd::eval::Args),
+    /// Export stored decisions and review corrections as labelled datasets.
+    #[command(subcommand)]
+    Export(cmd::export::Command),
     /// Train and evaluate the fast triage classifier.
     #[command(subcommand)]
     Triage(cmd::triage::Command),
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
         Command::Policy(command) => cmd::policy::run(command),
         Command::Models(command) => cmd::models::run(command),
         Command::Eval(args) => cmd::eval::run(args),
+        Command::Export(command) => cmd::export::run(command),
         Command::Triage(command) => cmd::triage::run(command),
         Command::Debug(command) => cmd::debug::run(command),
         Command::Bench(command) => cmd::bench::run(command),

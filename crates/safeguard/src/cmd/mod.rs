@@ -1,9 +1,11 @@
 //! One module per subcommand. Each exposes clap `Args`/`Command` and `run`, returning the process exit code.
 
+pub mod backtest;
 pub mod bench;
 pub mod classify;
 pub mod debug;
 pub mod eval;
+pub mod export;
 pub mod keys;
 pub mod models;
 pub mod policy;

@@ -1,0 +1,395 @@
+//! `safeguard policy backtest`: shadow-run a new policy version over stored decisions (or a dataset) and report
+//! which items would flip before the new version is activated.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use safeguard_core::{Classifier, ClassifyOptions};
+use safeguard_eval::html::render_comparison_html;
+use safeguard_eval::{
+    Comparison, Dataset, DatasetSpec, FieldMapping, Item, Predicted, PredictionRecord, ScoreOptions, compare_runs,
+};
+use safeguard_harmony::{Content, Effort, user_message_text};
+use safeguard_policy::Policy;
+use safeguard_store::{DecisionFilter, Store, StoreOptions};
+use serde::Serialize;
+
+use super::classify::{EngineArgs, load_reasoner, runtime};
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// The new policy version (its front-matter name selects the stored decisions).
+    #[arg(long, value_name = "FILE")]
+    policy: PathBuf,
+    /// Database the service stores decisions in (sqlite://FILE or postgres://…).
+    #[arg(long, value_name = "URL", conflicts_with = "dataset", required_unless_present = "dataset")]
+    database: Option<String>,
+    /// A JSONL/CSV file or named shared dataset to run the new version on instead.
+    #[arg(long, value_name = "SPEC")]
+    dataset: Option<String>,
+    /// With --dataset: the version in force now, run beside the new one.
+    #[arg(long, value_name = "FILE", requires = "dataset")]
+    baseline_policy: Option<PathBuf>,
+    /// Folder holding the shared datasets [default: shared/data or ../shared/data].
+    #[arg(long, env = "SAFEGUARD_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// The model (GGUF) that runs the new version.
+    #[arg(long, value_name = "PATH")]
+    model: PathBuf,
+    #[arg(long, default_value = "medium")]
+    effort: String,
+    /// At most this many items (newest stored decisions first).
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    limit: usize,
+    /// Completion-token cap per prompt [default: the budget for the effort].
+    #[arg(long, value_name = "N")]
+    max_tokens: Option<usize>,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    format: Format,
+    /// Also write a self-contained HTML report here.
+    #[arg(long, value_name = "FILE")]
+    html: Option<PathBuf>,
+    /// CPU threads for the engine [default: all cores].
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+}
+
+/// Examples kept per flip direction: enough to judge a change, short enough to read.
+const EXAMPLES_PER_DIRECTION: usize = 5;
+
+#[derive(Serialize)]
+struct Side {
+    outcome: Predicted,
+    label: Option<String>,
+    rationale: Option<String>,
+}
+
+#[derive(Serialize)]
+struct BacktestItem {
+    id: String,
+    excerpt: String,
+    before: Side,
+    after: Side,
+}
+
+#[derive(Serialize)]
+struct Report {
+    policy: String,
+    policy_hash: String,
+    source: String,
+    /// Items run under both versions.
+    items: usize,
+    /// Stored decisions that could not be replayed, with why.
+    skipped: Vec<(String, String)>,
+    before: BTreeMap<Predicted, usize>,
+    after: BTreeMap<Predicted, usize>,
+    unchanged: usize,
+    /// "before->after" -> count.
+    flips: BTreeMap<String, usize>,
+    examples: BTreeMap<String, Vec<BacktestItem>>,
+    /// Every item's before and after, so that nothing is silently dropped.
+    results: Vec<BacktestItem>,
+    /// With labels (datasets): metric deltas and right/wrong flips as `safeguard eval --compare` reports them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    comparison: Option<Comparison>,
+}
+
+fn outcome_name(p: Predicted) -> &'static str {
+    match p {
+        Predicted::Allow => "allow",
+        Predicted::Violation => "violation",
+        Predicted::NeedsReview => "needs_review",
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let policy = Policy::load(&args.policy).with_context(|| format!("cannot load policy {}", args.policy.display()))?;
+    let runtime = runtime()?;
+    let mut contents = BTreeMap::new();
+    let (source, dataset, before) = match (&args.database, &args.dataset) {
+        (Some(url), _) => {
+            let (dataset, before, skipped) =
+                runtime.block_on(stored_decisions(url, &policy.meta.name, args.limit, &mut contents))?;
+            // A PostgreSQL URL may carry a password; it must not end up in reports.
+            let source = if url.starts_with("sqlite:") { url.clone() } else { "the database".to_string() };
+            (source, dataset, Before::Stored(before, skipped))
+        }
+        (None, Some(spec)) => {
+            let baseline = args
+                .baseline_policy
+                .as_ref()
+                .map(|p| Policy::load(p).with_context(|| format!("cannot load policy {}", p.display())))
+                .transpose()?;
+            (spec.clone(), load_dataset(&args, spec)?, Before::Baseline(baseline))
+        }
+        (None, None) => bail!("say where the items come from: --database URL or --dataset SPEC"),
+    };
+    if dataset.items.is_empty() {
+        bail!("nothing to backtest: {source} has no items");
+    }
+
+    let reasoner =
+        load_reasoner(&EngineArgs { model: &args.model, threads: args.threads, context: None, sequences: 4 })?;
+    let classifier = Classifier::new(reasoner);
+    let effort: Effort = args.effort.parse().map_err(|e| anyhow::anyhow!("--effort {}: {e}", args.effort))?;
+    let options = ClassifyOptions { effort, max_tokens: args.max_tokens, ..ClassifyOptions::default() };
+    let after = runtime.block_on(classify_all(&classifier, &policy, &dataset, &contents, &options))?;
+    let (before, skipped) = match before {
+        Before::Stored(records, skipped) => (records, skipped),
+        Before::Baseline(Some(old)) => {
+            (runtime.block_on(classify_all(&classifier, &old, &dataset, &contents, &options))?, vec![])
+        }
+        // No baseline on a dataset: the labels are the "before", so flips show where the new version is wrong.
+        Before::Baseline(None) => (label_records(&dataset, &policy.meta.name), vec![]),
+    };
+
+    let score_options = ScoreOptions { policy: Some(policy.meta.name.clone()), ..ScoreOptions::default() };
+    let comparison = compare_runs(&before, &after, &dataset, &score_options)?;
+    let report = build_report(&policy, source, &dataset, &before, &after, skipped, comparison);
+    match args.format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Text => print!("{}", text_report(&report)),
+    }
+    if let (Some(path), Some(comparison)) = (&args.html, &report.comparison) {
+        let title =
+            format!("safeguard policy backtest: {} ({}) on {}", report.policy, report.policy_hash, report.source);
+        std::fs::write(path, render_comparison_html(&title, comparison))
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+enum Before {
+    Stored(Vec<PredictionRecord>, Vec<(String, String)>),
+    Baseline(Option<Policy>),
+}
+
+/// The stored decisions that judged a policy of this name (any version), as a label-less dataset plus the
+/// stored verdicts as the "before" run.
+async fn stored_decisions(
+    url: &str,
+    policy_name: &str,
+    limit: usize,
+    contents: &mut BTreeMap<String, Content>,
+) -> anyhow::Result<(Dataset, Vec<PredictionRecord>, Vec<(String, String)>)> {
+    let store = Store::connect(url, StoreOptions::default()).await.context("cannot open the database")?;
+    let filter = DecisionFilter {
+        policy: Some(policy_name.to_string()),
+        limit: i64::try_from(limit).unwrap_or(i64::MAX),
+        ..DecisionFilter::default()
+    };
+    let decisions = store.list_decisions(&filter).await.context("reading stored decisions")?;
+    if decisions.is_empty() {
+        let any = store.list_decisions(&DecisionFilter { limit: 1, ..DecisionFilter::default() }).await?;
+        if any.is_empty() {
+            bail!("the database holds no decisions: nothing to backtest against");
+        }
+        bail!("no stored decision judged a policy named `{policy_name}`: check the policy's front-matter name");
+    }
+    let mut items = Vec::new();
+    let mut before = Vec::new();
+    let mut skipped = Vec::new();
+    for decision in decisions {
+        let content: Content = match serde_json::from_value(decision.content.clone()) {
+            Ok(content) => content,
+            Err(error) => {
+                skipped.push((decision.id, format!("stored content is unreadable: {error}")));
+                continue;
+            }
+        };
+        let verdicts: Vec<serde_json::Value> = match decision.verdicts.as_array() {
+            Some(all) => all.iter().filter(|v| v["policy"] == policy_name).cloned().collect(),
+            None => vec![],
+        };
+        if verdicts.is_empty() {
+            skipped.push((decision.id, format!("no stored verdict for `{policy_name}`")));
+            continue;
+        }
+        let record = serde_json::json!({ "id": decision.id, "verdicts": verdicts, "model": decision.model_id });
+        let record: PredictionRecord = match serde_json::from_value(record) {
+            Ok(record) => record,
+            Err(error) => {
+                skipped.push((decision.id, format!("stored verdict is unreadable: {error}")));
+                continue;
+            }
+        };
+        items.push(Item {
+            id: decision.id,
+            text: user_message_text(&content),
+            label: None,
+            categories: BTreeMap::new(),
+            group: None,
+        });
+        before.push((record, content));
+    }
+    let dataset = Dataset::new("stored decisions", items)?;
+    // Conversations and prompt/response pairs are replayed as they were judged, not flattened to text.
+    contents.extend(before.iter().map(|(r, content)| (r.id.clone(), content.clone())));
+    Ok((dataset, before.into_iter().map(|(r, _)| r).collect(), skipped))
+}
+
+fn load_dataset(args: &Args, spec: &str) -> anyhow::Result<Dataset> {
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| {
+        ["shared/data", "../shared/data"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_dir())
+            .unwrap_or_else(|| PathBuf::from("shared/data"))
+    });
+    let parsed: DatasetSpec = spec.parse()?;
+    let mapping = FieldMapping { id_field: Some("id".into()), ..FieldMapping::default() };
+    let mut dataset = parsed.load(&data_dir, &mapping).with_context(|| format!("loading dataset {spec}"))?;
+    dataset.truncate(args.limit);
+    Ok(dataset)
+}
+
+async fn classify_all(
+    classifier: &Classifier,
+    policy: &Policy,
+    dataset: &Dataset,
+    contents: &BTreeMap<String, Content>,
+    options: &ClassifyOptions,
+) -> anyhow::Result<Vec<PredictionRecord>> {
+    let mut records = Vec::with_capacity(dataset.items.len());
+    for item in &dataset.items {
+        let content = contents.get(&item.id).cloned().unwrap_or_else(|| Content::text(item.text.clone()));
+        let decision = classifier.classify(std::slice::from_ref(policy), &content, options).await;
+        let mut value = serde_json::to_value(&decision)?;
+        if let Some(object) = value.as_object_mut() {
+            object.remove("id");
+            object.insert("id".into(), serde_json::Value::String(item.id.clone()));
+        }
+        records.push(serde_json::from_value(value).context("reading back a decision")?);
+    }
+    Ok(records)
+}
+
+fn label_records(dataset: &Dataset, policy_name: &str) -> Vec<PredictionRecord> {
+    dataset
+        .items
+        .iter()
+        .filter_map(|item| {
+            let label = item.label?;
+            let outcome = if label { "violation" } else { "allow" };
+            let value = serde_json::json!({ "id": item.id, "verdicts": [
+                { "policy": policy_name, "violation": label, "label": "dataset label", "outcome": outcome }
+            ]});
+            serde_json::from_value(value).ok()
+        })
+        .collect()
+}
+
+fn side(record: &PredictionRecord, policy: &str) -> Side {
+    let verdict = record.verdicts.iter().find(|v| v.policy == policy);
+    Side {
+        outcome: record.predicted(Some(policy)),
+        label: verdict.and_then(|v| v.label.clone()),
+        rationale: record.rationale(Some(policy)).map(|r| safeguard_eval::excerpt(r, 500)),
+    }
+}
+
+fn build_report(
+    policy: &Policy,
+    source: String,
+    dataset: &Dataset,
+    before: &[PredictionRecord],
+    after: &[PredictionRecord],
+    skipped: Vec<(String, String)>,
+    comparison: Comparison,
+) -> Report {
+    let name = policy.meta.name.as_str();
+    let before_by_id: BTreeMap<&str, &PredictionRecord> = before.iter().map(|r| (r.id.as_str(), r)).collect();
+    let after_by_id: BTreeMap<&str, &PredictionRecord> = after.iter().map(|r| (r.id.as_str(), r)).collect();
+    let mut report = Report {
+        policy: name.to_string(),
+        policy_hash: policy.hash.to_string(),
+        source,
+        items: 0,
+        skipped,
+        before: BTreeMap::new(),
+        after: BTreeMap::new(),
+        unchanged: 0,
+        flips: BTreeMap::new(),
+        examples: BTreeMap::new(),
+        results: Vec::new(),
+        comparison: None,
+    };
+    for item in &dataset.items {
+        let (Some(old), Some(new)) = (before_by_id.get(item.id.as_str()), after_by_id.get(item.id.as_str())) else {
+            continue;
+        };
+        let entry = BacktestItem {
+            id: item.id.clone(),
+            excerpt: safeguard_eval::excerpt(&item.text, 200),
+            before: side(old, name),
+            after: side(new, name),
+        };
+        report.items += 1;
+        *report.before.entry(entry.before.outcome).or_default() += 1;
+        *report.after.entry(entry.after.outcome).or_default() += 1;
+        if entry.before.outcome == entry.after.outcome {
+            report.unchanged += 1;
+        } else {
+            let direction = format!("{}->{}", outcome_name(entry.before.outcome), outcome_name(entry.after.outcome));
+            *report.flips.entry(direction.clone()).or_default() += 1;
+            let examples = report.examples.entry(direction).or_default();
+            if examples.len() < EXAMPLES_PER_DIRECTION {
+                examples.push(BacktestItem {
+                    id: entry.id.clone(),
+                    excerpt: entry.excerpt.clone(),
+                    before: side(old, name),
+                    after: side(new, name),
+                });
+            }
+        }
+        report.results.push(entry);
+    }
+    report.comparison = Some(comparison);
+    report
+}
+
+fn text_report(report: &Report) -> String {
+    let mut out = format!(
+        "backtest of {} ({}) on {}: {} items, {} unchanged, {} flipped\n",
+        report.policy,
+        report.policy_hash,
+        report.source,
+        report.items,
+        report.unchanged,
+        report.items - report.unchanged
+    );
+    let distribution = |d: &BTreeMap<Predicted, usize>| {
+        d.iter().map(|(k, v)| format!("{}={v}", outcome_name(*k))).collect::<Vec<_>>().join(" ")
+    };
+    out.push_str(&format!("  before: {}\n  after:  {}\n", distribution(&report.before), distribution(&report.after)));
+    for (direction, count) in &report.flips {
+        out.push_str(&format!("\n{direction}: {count}\n"));
+        for example in report.examples.get(direction).into_iter().flatten() {
+            out.push_str(&format!("  {}  {}\n", example.id, example.excerpt.replace('\n', " ")));
+            if let Some(r) = &example.before.rationale {
+                out.push_str(&format!("    before: {}\n", r.replace('\n', " ")));
+            }
+            if let Some(r) = &example.after.rationale {
+                out.push_str(&format!("    after:  {}\n", r.replace('\n', " ")));
+            }
+        }
+    }
+    if let Some(c) = &report.comparison
+        && (c.fixed + c.broken) > 0
+    {
+        out.push_str(&format!("\nagainst labels: {} fixed, {} broken\n", c.fixed, c.broken));
+    }
+    for (id, why) in &report.skipped {
+        out.push_str(&format!("skipped {id}: {why}\n"));
+    }
+    out
+}

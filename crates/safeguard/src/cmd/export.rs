@@ -1,0 +1,235 @@
+//! `safeguard export dataset`: human review decisions (and optionally the model's settled verdicts) as a
+//! labelled JSONL dataset with provenance, readable by `safeguard triage train --weight-field weight`.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use safeguard_harmony::{Content, Effort};
+use safeguard_pipeline::cascade::Stage;
+use safeguard_pipeline::flywheel::{
+    Correction, LabelSource, LabeledExample, Weights, example_from_correction, merge, write_jsonl,
+};
+use safeguard_store::{DecisionRecord, ReviewRecord, Store, StoreOptions};
+
+use super::classify::runtime;
+
+#[derive(clap::Subcommand)]
+pub enum Command {
+    /// Write review decisions (and optionally model verdicts) as labelled JSONL for triage training,
+    /// golden tests and evaluation.
+    Dataset(DatasetArgs),
+}
+
+#[derive(clap::Args)]
+pub struct DatasetArgs {
+    /// Database the service stores decisions in (sqlite://FILE or postgres://…).
+    #[arg(long, value_name = "URL")]
+    database: String,
+    /// Only examples for this policy name.
+    #[arg(long, value_name = "NAME")]
+    policy: Option<String>,
+    /// Only decisions made at or after this time: RFC 3339 (2026-01-31T00:00:00Z) or unix milliseconds.
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
+    /// Also export the model's allow/violation verdicts (weight 1); a human label for the same item and
+    /// policy replaces the model's.
+    #[arg(long)]
+    include_model_labels: bool,
+    /// Weight of a human label relative to a model label's 1.
+    #[arg(long, value_name = "W", default_value_t = Weights::default().human)]
+    human_weight: f32,
+    #[arg(long, value_name = "FILE.jsonl")]
+    out: PathBuf,
+}
+
+pub fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Dataset(args) => dataset(args),
+    }
+}
+
+fn parse_since(text: &str) -> anyhow::Result<i64> {
+    if let Ok(ms) = text.trim().parse::<i64>() {
+        return Ok(ms);
+    }
+    let at = time::OffsetDateTime::parse(text.trim(), &time::format_description::well_known::Rfc3339)
+        .with_context(|| format!("--since {text}: expected RFC 3339 (2026-01-31T00:00:00Z) or unix milliseconds"))?;
+    i64::try_from(at.unix_timestamp_nanos() / 1_000_000).context("--since is out of range")
+}
+
+/// The text a label is about: the judged part of the content, without the prompt framing around it.
+fn judged_text(content: &Content) -> Option<String> {
+    match content {
+        Content::Text { text } => Some(text.clone()),
+        Content::Prompt { prompt } => Some(prompt.clone()),
+        Content::Response { response, .. } => Some(response.clone()),
+        Content::Conversation { messages } => messages.last().map(|m| m.content.clone()),
+    }
+}
+
+#[derive(Default)]
+struct Skipped(BTreeMap<&'static str, usize>);
+
+impl Skipped {
+    fn add(&mut self, why: &'static str) {
+        *self.0.entry(why).or_default() += 1;
+    }
+}
+
+fn decision_text(decision: &DecisionRecord, skipped: &mut Skipped) -> Option<String> {
+    let text = serde_json::from_value::<Content>(decision.content.clone()).ok().and_then(|c| judged_text(&c));
+    if text.is_none() {
+        skipped.add("stored content unreadable");
+    }
+    text
+}
+
+/// One review as corrections: for the policy it names, or for every policy of the decision when a person
+/// allowed the whole item.
+fn corrections(review: &ReviewRecord, decision: &DecisionRecord, text: &str, skipped: &mut Skipped) -> Vec<Correction> {
+    let violates = match review.outcome.as_deref() {
+        Some("violation") => true,
+        Some("allow") => false,
+        _ => {
+            skipped.add("review outcome is neither allow nor violation");
+            return vec![];
+        }
+    };
+    let policies: Vec<(String, String)> =
+        decision.policy_names.iter().cloned().zip(decision.policy_hashes.iter().cloned()).collect();
+    let targets: Vec<(String, String)> = match &review.policy_hash {
+        Some(hash) => policies.into_iter().filter(|(_, h)| h == hash).collect(),
+        None if policies.len() == 1 || !violates => policies,
+        // A violation of which policy? Guessing would put a wrong label into training data.
+        None => vec![],
+    };
+    if targets.is_empty() {
+        skipped.add("review does not say which policy it is about");
+    }
+    targets
+        .into_iter()
+        .map(|(policy, policy_hash)| Correction {
+            item_id: decision.id.clone(),
+            text: text.to_string(),
+            policy,
+            policy_hash,
+            violates,
+            reviewer: review.reviewer.clone().unwrap_or_default(),
+            rule_id: review.rule_id.clone().filter(|r| !r.is_empty()),
+        })
+        .collect()
+}
+
+fn model_examples(
+    decision: &DecisionRecord,
+    text: &str,
+    weights: Weights,
+    skipped: &mut Skipped,
+) -> Vec<LabeledExample> {
+    let Ok(effort) = decision.effort.parse::<Effort>() else {
+        skipped.add("stored decision has an unknown effort");
+        return vec![];
+    };
+    let Some(verdicts) = decision.verdicts.as_array() else {
+        skipped.add("stored verdicts unreadable");
+        return vec![];
+    };
+    verdicts
+        .iter()
+        .filter_map(|verdict| {
+            let violates = match verdict["outcome"].as_str() {
+                Some("violation") => 1,
+                Some("allow") => 0,
+                // Undecided items have no label to give.
+                _ => return None,
+            };
+            let policy = verdict["policy"].as_str()?.to_string();
+            let index = decision.policy_names.iter().position(|n| *n == policy);
+            let policy_hash = verdict["policy_hash"]
+                .as_str()
+                .map(str::to_string)
+                .or_else(|| index.and_then(|i| decision.policy_hashes.get(i).cloned()))
+                .unwrap_or_default();
+            Some(LabeledExample {
+                id: decision.id.clone(),
+                text: text.to_string(),
+                violates,
+                weight: weights.model,
+                policy,
+                policy_hash,
+                source: LabelSource::Model,
+                stage: Stage::reasoning(effort),
+                model: Some(decision.model_id.clone()),
+                effort: Some(effort.to_string()),
+                reviewer: None,
+                rule_id: verdict["rule_ids"].get(0).and_then(|r| r.as_str()).map(str::to_string),
+            })
+        })
+        .collect()
+}
+
+fn dataset(args: DatasetArgs) -> anyhow::Result<ExitCode> {
+    let since = args.since.as_deref().map(parse_since).transpose()?;
+    let weights = Weights { human: args.human_weight, ..Weights::default() };
+    let (reviews, decisions) = runtime()?.block_on(async {
+        let store =
+            Store::connect(&args.database, StoreOptions::default()).await.context("cannot open the database")?;
+        let reviews = store.decided_reviews_with_decisions(since).await.context("reading reviews")?;
+        let decisions = if args.include_model_labels {
+            store.decisions_since(since).await.context("reading decisions")?
+        } else {
+            vec![]
+        };
+        store.close().await;
+        anyhow::Ok((reviews, decisions))
+    })?;
+
+    let mut skipped = Skipped::default();
+    let mut human = Vec::new();
+    for (review, decision) in &reviews {
+        let Some(text) = decision_text(decision, &mut skipped) else { continue };
+        human.extend(
+            corrections(review, decision, &text, &mut skipped).iter().map(|c| example_from_correction(c, weights)),
+        );
+    }
+    let mut model = Vec::new();
+    for decision in &decisions {
+        let Some(text) = decision_text(decision, &mut skipped) else { continue };
+        model.extend(model_examples(decision, &text, weights, &mut skipped));
+    }
+    let keep = |e: &LabeledExample| args.policy.as_deref().is_none_or(|name| e.policy == name);
+    human.retain(keep);
+    model.retain(keep);
+    let (human_count, model_count) = (human.len(), model.len());
+    let examples = merge(model, human);
+    if examples.is_empty() {
+        bail!(
+            "nothing to export: {} decided reviews{} gave no labelled example{}",
+            reviews.len(),
+            if args.include_model_labels { format!(" and {} decisions", decisions.len()) } else { String::new() },
+            args.policy.as_deref().map(|p| format!(" for policy `{p}`")).unwrap_or_default()
+        );
+    }
+    let file = File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let mut writer = BufWriter::new(file);
+    write_jsonl(&examples, &mut writer).with_context(|| format!("writing {}", args.out.display()))?;
+    writer.flush().with_context(|| format!("writing {}", args.out.display()))?;
+    let violations = examples.iter().filter(|e| e.violates == 1).count();
+    eprintln!(
+        "wrote {} examples ({} violations) to {}: {} human labels, {} model labels ({} replaced by a human label)",
+        examples.len(),
+        violations,
+        args.out.display(),
+        human_count,
+        examples.len() - human_count,
+        model_count + human_count - examples.len()
+    );
+    for (why, count) in &skipped.0 {
+        eprintln!("  skipped {count}: {why}");
+    }
+    Ok(ExitCode::SUCCESS)
+}

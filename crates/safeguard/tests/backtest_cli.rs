@@ -1,0 +1,153 @@
+//! `safeguard policy backtest` end to end: a SQLite store filled here, the real binary, a tiny random model.
+//!
+//! A random model never produces a parseable verdict, so every replayed item must come out needs_review:
+//! every stored allow/violation therefore has to show up as a flip to needs_review.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use safeguard_store::{DecisionRecord, Store, now_ms};
+use serde_json::{Value, json};
+
+const NEW_SPAM: &str = "---\nname: spam\nversion: \"2\"\noutput: binary\n---\n# Spam\n\n## INSTRUCTIONS\n\
+                        Return exactly one character: 0 or 1.\n\n## VIOLATES (1)\nUnsolicited promotion, \
+                        including affiliate links.\n\n## SAFE (0)\nEverything else.\n";
+const HATE: &str = "---\nname: hate\noutput: binary\n---\n# Hate\n\nReturn 0 or 1.\n";
+
+fn decision(id: &str, created_at: i64, policy: &str, violation: Option<bool>, text: &str) -> DecisionRecord {
+    let outcome = match violation {
+        Some(true) => "violation",
+        Some(false) => "allow",
+        None => "needs_review",
+    };
+    DecisionRecord {
+        id: id.to_string(),
+        created_at,
+        policy_hashes: vec![format!("sha256:{policy}v1")],
+        policy_names: vec![policy.to_string()],
+        model_id: "tiny".into(),
+        effort: "low".into(),
+        prompt_hash: None,
+        sampling: json!("greedy"),
+        content: json!({"kind": "text", "text": text}),
+        verdicts: json!([{
+            "policy": policy, "policy_hash": format!("sha256:{policy}v1"), "violation": violation,
+            "label": violation.map(|v| if v { "1" } else { "0" }), "rationale": format!("old rationale for {id}"),
+            "rule_ids": [], "flags": [], "outcome": outcome,
+        }]),
+        outcome: outcome.into(),
+        failure_reason: None,
+        timings: json!({}),
+        prompt_tokens: 0,
+        cached_prompt_tokens: 0,
+        completion_tokens: 0,
+        source: "api".into(),
+        job_id: None,
+        replay_of: None,
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    model: PathBuf,
+    policy: PathBuf,
+    hate: PathBuf,
+    database: String,
+    empty_database: String,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("tiny.gguf");
+    safeguard_gguf::write_tiny_model(&model, &safeguard_gguf::TinyConfig::with_seed(5)).expect("tiny model");
+    let policy = dir.path().join("spam.md");
+    std::fs::write(&policy, NEW_SPAM).expect("policy");
+    let hate = dir.path().join("hate.md");
+    std::fs::write(&hate, HATE).expect("policy");
+    let db_path = dir.path().join("decisions.db");
+    let empty_path = dir.path().join("empty.db");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let store = Store::open_sqlite(&db_path).await.expect("open store");
+        let base = now_ms() - 10_000;
+        let decisions = [
+            decision("d1", base, "spam", Some(true), "BUY CHEAP PILLS at example.com!!!"),
+            decision("d2", base + 1, "spam", Some(false), "See you at lunch tomorrow."),
+            decision("d3", base + 2, "spam", Some(true), "Click my affiliate link for 50% off"),
+            decision("d4", base + 3, "spam", None, "hmm"),
+            decision("d5", base + 4, "hate", Some(false), "unrelated policy"),
+        ];
+        for d in &decisions {
+            store.insert_decision(d, None).await.expect("insert");
+        }
+        store.close().await;
+        Store::open_sqlite(&empty_path).await.expect("open empty").close().await;
+    });
+    let url = |p: &Path| format!("sqlite://{}", p.display());
+    Fixture { database: url(&db_path), empty_database: url(&empty_path), _dir: dir, model, policy, hate }
+}
+
+fn backtest(f: &Fixture, policy: &Path, database: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_safeguard"))
+        .args(["policy", "backtest", "--policy"])
+        .arg(policy)
+        .args(["--database", database, "--model"])
+        .arg(&f.model)
+        .args(["--effort", "low", "--max-tokens", "8", "--threads", "2", "--format", "json"])
+        .output()
+        .expect("run safeguard")
+}
+
+#[test]
+fn every_stored_decision_is_replayed_and_flips_are_counted_by_direction() {
+    let f = fixture();
+    let html = f._dir.path().join("report.html");
+    let output = Command::new(env!("CARGO_BIN_EXE_safeguard"))
+        .args(["policy", "backtest", "--policy"])
+        .arg(&f.policy)
+        .args(["--database", &f.database, "--model"])
+        .arg(&f.model)
+        .args(["--effort", "low", "--max-tokens", "8", "--threads", "2", "--format", "json", "--html"])
+        .arg(&html)
+        .output()
+        .expect("run safeguard");
+    assert!(output.status.success(), "stderr: {}", String::from_utf8_lossy(&output.stderr));
+    let report: Value = serde_json::from_slice(&output.stdout).expect("json report");
+
+    // Only the four spam decisions; the hate one is another policy.
+    assert_eq!(report["items"], 4, "{report:#}");
+    let mut ids: Vec<&str> = report["results"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["d1", "d2", "d3", "d4"]);
+    assert_eq!(report["before"], json!({"violation": 2, "allow": 1, "needs_review": 1}));
+    assert_eq!(report["after"], json!({"needs_review": 4}));
+    assert_eq!(report["flips"], json!({"violation->needs_review": 2, "allow->needs_review": 1}));
+    assert_eq!(report["unchanged"], 1);
+    let flipped: u64 = report["flips"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+    assert_eq!(flipped + report["unchanged"].as_u64().unwrap(), report["items"].as_u64().unwrap());
+
+    let examples = &report["examples"]["allow->needs_review"];
+    assert_eq!(examples[0]["id"], "d2");
+    assert_eq!(examples[0]["before"]["rationale"], "old rationale for d2");
+    assert!(examples[0]["excerpt"].as_str().unwrap().contains("lunch"));
+    assert!(std::fs::read_to_string(&html).expect("html written").contains("<html"));
+}
+
+#[test]
+fn unknown_policy_name_and_empty_database_are_clear_errors() {
+    let f = fixture();
+    let unknown = backtest(&f, &f.hate.with_file_name("missing.md"), &f.database);
+    assert!(!unknown.status.success());
+
+    let other_name = f._dir.path().join("violence.md");
+    std::fs::write(&other_name, HATE.replace("name: hate", "name: violence")).unwrap();
+    let output = backtest(&f, &other_name, &f.database);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no stored decision judged a policy named `violence`"), "{stderr}");
+
+    let output = backtest(&f, &f.policy, &f.empty_database);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("holds no decisions"), "{stderr}");
+}

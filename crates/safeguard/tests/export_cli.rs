@@ -1,0 +1,201 @@
+//! `safeguard export dataset` end to end: a SQLite store filled here with decisions and decided reviews, the
+//! export, and `safeguard triage train` reading the export back.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use safeguard_store::{DecisionRecord, ReviewDecision, Store, now_ms};
+use serde_json::{Value, json};
+
+const POLICY: &str =
+    "---\nname: threats\noutput: binary\n---\n# Threats\n\nAnswer 1 if the text threatens someone, else 0.\n";
+const BENIGN: [&str; 4] =
+    ["please help me bake bread", "what is the capital of france", "write a poem about rain", "fix my python code"];
+const BAD: [&str; 4] = [
+    "i will hurt you badly",
+    "you deserve to suffer",
+    "i know where you live and will hurt you",
+    "go suffer you idiot",
+];
+
+fn safeguard(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_safeguard")).args(args).output().expect("run safeguard")
+}
+
+fn decision(id: &str, created_at: i64, text: &str, model_says: &str) -> DecisionRecord {
+    DecisionRecord {
+        id: id.to_string(),
+        created_at,
+        policy_hashes: vec!["sha256:threatsv1".into()],
+        policy_names: vec!["threats".into()],
+        model_id: "gpt-oss-safeguard-20b".into(),
+        effort: "low".into(),
+        prompt_hash: None,
+        sampling: json!("greedy"),
+        content: json!({"kind": "text", "text": text}),
+        verdicts: json!([{"policy": "threats", "policy_hash": "sha256:threatsv1", "outcome": model_says,
+                           "violation": model_says == "violation", "rule_ids": ["T1"], "flags": []}]),
+        outcome: model_says.into(),
+        failure_reason: None,
+        timings: json!({}),
+        prompt_tokens: 0,
+        cached_prompt_tokens: 0,
+        completion_tokens: 0,
+        source: "api".into(),
+        job_id: None,
+        replay_of: None,
+    }
+}
+
+/// 6 rounds of 4 benign + 4 threatening texts. The model got the first threat of each round wrong (allow) and
+/// left one benign text undecided; people corrected the first and confirmed the second.
+fn fill(db: &Path, base: i64) {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let store = Store::open_sqlite(db).await.unwrap();
+        let mut at = base;
+        for round in 0..6 {
+            for (i, text) in BENIGN.iter().enumerate() {
+                at += 1;
+                let says = if i == 0 { "needs_review" } else { "allow" };
+                let id = format!("ok-{round}-{i}");
+                store.insert_decision(&decision(&id, at, &format!("{text} {round}"), says), None).await.unwrap();
+                if i == 0 {
+                    decide(&store, &id, "allow", false).await;
+                }
+            }
+            for (i, text) in BAD.iter().enumerate() {
+                at += 1;
+                let says = if i == 0 { "allow" } else { "violation" };
+                let id = format!("bad-{round}-{i}");
+                store.insert_decision(&decision(&id, at, &format!("{text} {round}"), says), None).await.unwrap();
+                if i == 0 {
+                    decide(&store, &id, "violation", true).await;
+                }
+            }
+        }
+        store.close().await;
+    });
+}
+
+async fn decide(store: &Store, decision_id: &str, outcome: &str, overrides_model: bool) {
+    let review = store.enqueue_review(decision_id, 1).await.unwrap();
+    let decision = ReviewDecision {
+        reviewer: "ana".into(),
+        outcome: outcome.into(),
+        rationale: "checked".into(),
+        rule_id: "T1".into(),
+        policy_hash: Some("sha256:threatsv1".into()),
+        overrides_model,
+    };
+    store.decide_review(&review, &decision).await.unwrap().expect("decided");
+}
+
+fn read_jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn export_merges_human_and_model_labels_and_trains_triage() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("decisions.db");
+    fill(&db, now_ms() - 60_000);
+    let url = format!("sqlite://{}", db.display());
+    let out = dir.path().join("export.jsonl");
+    let out_s = out.to_str().unwrap();
+
+    // Human labels only.
+    let output = safeguard(&["export", "dataset", "--database", &url, "--out", out_s]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let human = read_jsonl(&out);
+    assert_eq!(human.len(), 12);
+    for line in &human {
+        assert_eq!(line["source"], "human");
+        assert_eq!(line["stage"], "human_review");
+        assert_eq!(line["reviewer"], "ana");
+        assert_eq!(line["weight"].as_f64(), Some(5.0));
+        assert_eq!(line["policy_hash"], "sha256:threatsv1");
+        let expected = u64::from(line["id"].as_str().unwrap().starts_with("bad-"));
+        assert_eq!(line["violates"].as_u64(), Some(expected), "{line}");
+    }
+
+    // With model labels: 48 decisions, of which the 6 undecided ones only have their human label, and the 6
+    // wrong "allow"s are replaced by the human "violation".
+    let output = safeguard(&["export", "dataset", "--database", &url, "--include-model-labels", "--out", out_s]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let all = read_jsonl(&out);
+    assert_eq!(all.len(), 48);
+    let mut ids: Vec<&str> = all.iter().map(|l| l["id"].as_str().unwrap()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 48, "every item exactly once");
+    for line in &all {
+        let id = line["id"].as_str().unwrap();
+        let expected = u64::from(id.starts_with("bad-"));
+        assert_eq!(line["violates"].as_u64(), Some(expected), "{line}");
+        if id.ends_with("-0") {
+            assert_eq!(line["source"], "human", "{line}");
+        } else {
+            assert_eq!(line["source"], "model", "{line}");
+            assert_eq!(line["weight"].as_f64(), Some(1.0));
+            assert_eq!(line["model"], "gpt-oss-safeguard-20b");
+            assert_eq!(line["effort"], "low");
+            assert_eq!(line["stage"], "reasoning_low");
+            assert_eq!(line["rule_id"], "T1");
+        }
+    }
+
+    // The export is exactly what triage training reads.
+    let policy = dir.path().join("threats.md");
+    std::fs::write(&policy, POLICY).unwrap();
+    let model = dir.path().join("triage");
+    let mut args = vec!["triage", "train", "--policy", policy.to_str().unwrap(), "--dataset", out_s];
+    args.extend(["--text-field", "text", "--label-field", "violates", "--weight-field", "weight"]);
+    args.extend(["--out", model.to_str().unwrap(), "--hash-bits", "12", "--target-recall", "0.9", "--folds", "3"]);
+    let output = safeguard(&args);
+    assert!(output.status.success(), "train failed: {}", String::from_utf8_lossy(&output.stderr));
+    let meta: Value = serde_json::from_slice(&std::fs::read(model.join("model.json")).unwrap()).unwrap();
+    assert_eq!(meta["training"]["items"], 48);
+    assert_eq!(meta["training"]["datasets"][0]["weight_field"], "weight");
+}
+
+#[test]
+fn filters_and_bad_arguments_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("decisions.db");
+    fill(&db, 1_000_000);
+    let url = format!("sqlite://{}", db.display());
+    let out = dir.path().join("export.jsonl");
+    let out_s = out.to_str().unwrap();
+
+    let output = safeguard(&["export", "dataset", "--database", &url, "--policy", "spam", "--out", out_s]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("nothing to export") && stderr.contains("`spam`"), "{stderr}");
+    assert!(!out.exists(), "no empty file left behind");
+
+    let output = safeguard(&["export", "dataset", "--database", &url, "--since", "yesterday", "--out", out_s]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("RFC 3339"));
+
+    // Everything was decided in 1970; a 2020 cutoff leaves nothing.
+    let output =
+        safeguard(&["export", "dataset", "--database", &url, "--since", "2020-01-01T00:00:00Z", "--out", out_s]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("0 decided reviews"));
+
+    let output = safeguard(&[
+        "export",
+        "dataset",
+        "--database",
+        &url,
+        "--since",
+        "1000000",
+        "--policy",
+        "threats",
+        "--out",
+        out_s,
+    ]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(read_jsonl(&out).len(), 12);
+}
