@@ -159,6 +159,63 @@ mod tests {
         file
     }
 
+    /// Answers "1" for shouting, "0" for anything else, and nothing at all for "???".
+    struct ShoutReasoner;
+
+    #[async_trait::async_trait]
+    impl crate::Reasoner for ShoutReasoner {
+        fn model_id(&self) -> String {
+            "shout".into()
+        }
+
+        async fn reason(&self, req: crate::ReasonRequest) -> Result<crate::ReasonOutput, crate::ReasonError> {
+            let text = req.content.judged_text();
+            let final_text = match text {
+                "???" => None,
+                _ if text == text.to_uppercase() => Some("1".to_owned()),
+                _ => Some("0".to_owned()),
+            };
+            Ok(crate::ReasonOutput { final_text, ..Default::default() })
+        }
+    }
+
+    #[tokio::test]
+    async fn run_golden_passes_matching_cases_and_fails_undecided_ones() {
+        let policy = Policy::parse(
+            "---\nname: shout\noutput: binary\n---\n# Shout\n\n## INSTRUCTIONS\nReturn 0 or 1.\n\n\
+             ## VIOLATES (1)\nAll caps.\n\n## SAFE (0)\nAnything else.\n",
+        )
+        .unwrap();
+        let case = |id: &str, text: &str, expected| GoldenCase {
+            id: id.into(),
+            content: Content::text(text),
+            expected,
+            line: 1,
+        };
+        let cases = [
+            case("caps", "BUY NOW", Expected::Violation),
+            case("calm", "hello", Expected::Allow),
+            case("wrong", "hello", Expected::Violation),
+            case("unsure", "???", Expected::Allow),
+        ];
+        let classifier = Classifier::new(std::sync::Arc::new(ShoutReasoner));
+        let report = run_golden(&classifier, &policy, &cases, &ClassifyOptions::default(), 3).await;
+        assert_eq!(report.policy, "shout");
+        let verdicts: Vec<(&str, bool, Outcome)> =
+            report.results.iter().map(|r| (r.id.as_str(), r.passed, r.outcome)).collect();
+        assert_eq!(
+            verdicts,
+            [
+                ("caps", true, Outcome::Violation),
+                ("calm", true, Outcome::Allow),
+                ("wrong", false, Outcome::Allow),
+                ("unsure", false, Outcome::NeedsReview),
+            ]
+        );
+        assert_eq!(report.passed(), 2);
+        assert_eq!(report.failures().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["wrong", "unsure"]);
+    }
+
     #[test]
     fn golden_file_sits_beside_the_policy() {
         assert_eq!(golden_path_for(Path::new("/p/spam.md")), PathBuf::from("/p/spam.tests.jsonl"));
