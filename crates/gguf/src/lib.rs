@@ -3,6 +3,7 @@
 pub mod convert;
 pub mod error;
 pub mod gpt_oss;
+pub mod hub;
 pub mod quant;
 pub mod reader;
 pub mod rng;
