@@ -151,3 +151,44 @@ fn unknown_policy_name_and_empty_database_are_clear_errors() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("holds no decisions"), "{stderr}");
 }
+
+#[test]
+fn dataset_mode_compares_against_labels_or_a_baseline_version() {
+    let f = fixture();
+    let data = f._dir.path().join("data.jsonl");
+    let lines = [
+        json!({"id": "a", "text": "BUY NOW cheap watches", "violates": 1}),
+        json!({"id": "b", "text": "meeting moved to 3pm", "violates": 0}),
+        json!({"id": "c", "text": "free crypto, click here", "violates": 1}),
+        json!({"id": "d", "text": "thanks for the notes", "violates": 0}),
+    ];
+    std::fs::write(&data, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let old = f._dir.path().join("spam-v1.md");
+    std::fs::write(&old, NEW_SPAM.replace(", including affiliate links", "")).unwrap();
+    let run = |extra: &[&Path]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_safeguard"));
+        command.args(["policy", "backtest", "--policy"]).arg(&f.policy).arg("--dataset").arg(&data);
+        if let [baseline] = extra {
+            command.arg("--baseline-policy").arg(baseline);
+        }
+        command.arg("--model").arg(&f.model);
+        command.args(["--effort", "low", "--max-tokens", "8", "--threads", "2", "--format", "json"]);
+        let output = command.output().expect("run safeguard");
+        assert!(output.status.success(), "stderr: {}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice::<Value>(&output.stdout).expect("json report")
+    };
+
+    // Against the labels: every right answer lost to needs_review is a regression.
+    let report = run(&[]);
+    assert_eq!(report["items"], 4, "{report:#}");
+    assert_eq!(report["flips"], json!({"violation->needs_review": 2, "allow->needs_review": 2}));
+    assert_eq!(report["comparison"]["broken"], 4);
+    assert_eq!(report["comparison"]["common_items"], 4);
+
+    // Against the old version on the same random model: both undecided, nothing flips.
+    let report = run(&[&old]);
+    assert_eq!(report["items"], 4, "{report:#}");
+    assert_eq!(report["unchanged"], 4);
+    assert_eq!(report["flips"], json!({}));
+    assert_eq!(report["before"], json!({"needs_review": 4}));
+}

@@ -126,7 +126,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             let baseline = args
                 .baseline_policy
                 .as_ref()
-                .map(|p| Policy::load(p).with_context(|| format!("cannot load policy {}", p.display())))
+                .map(|p| Policy::load(p).with_context(|| format!("cannot load policy {}", p.display())).map(Box::new))
                 .transpose()?;
             (spec.clone(), load_dataset(&args, spec)?, Before::Baseline(baseline))
         }
@@ -170,7 +170,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 
 enum Before {
     Stored(Vec<PredictionRecord>, Vec<(String, String)>),
-    Baseline(Option<Policy>),
+    Baseline(Option<Box<Policy>>),
 }
 
 /// The stored decisions that judged a policy of this name (any version), as a label-less dataset plus the
