@@ -28,38 +28,18 @@ fn compare_lists_flips_and_deltas_on_common_items() {
     assert_eq!(comparison.common_items, 4);
     assert_eq!(comparison.only_in_before.ids, vec!["7"]);
     assert_eq!(comparison.only_in_after.ids, vec!["8"]);
-    let flips: Vec<_> = comparison
-        .flips
-        .iter()
-        .map(|f| (f.id.as_str(), f.before, f.after, f.kind))
-        .collect();
+    let flips: Vec<_> = comparison.flips.iter().map(|f| (f.id.as_str(), f.before, f.after, f.kind)).collect();
     assert_eq!(
         flips,
         vec![
             ("2", Predicted::Allow, Predicted::Violation, FlipKind::Fixed),
-            (
-                "5",
-                Predicted::Allow,
-                Predicted::Violation,
-                FlipKind::Broken
-            ),
-            (
-                "6",
-                Predicted::Allow,
-                Predicted::NeedsReview,
-                FlipKind::Broken
-            ),
+            ("5", Predicted::Allow, Predicted::Violation, FlipKind::Broken),
+            ("6", Predicted::Allow, Predicted::NeedsReview, FlipKind::Broken),
         ]
     );
     assert_eq!(comparison.flips[0].before_rationale.as_deref(), Some("b2"));
-    assert_eq!(
-        comparison.flips[0].after_rationale.as_deref(),
-        Some("a2 fixed")
-    );
-    assert_eq!(
-        (comparison.fixed, comparison.broken, comparison.changed),
-        (1, 2, 0)
-    );
+    assert_eq!(comparison.flips[0].after_rationale.as_deref(), Some("a2 fixed"));
+    assert_eq!((comparison.fixed, comparison.broken, comparison.changed), (1, 2, 0));
     // Before on the 4 common items: tp=1 fn=1 tn=2 -> recall 0.5, precision 1.
     // After (needs_review positive): tp=2 fp=2 -> recall 1, precision 0.5.
     assert_eq!(comparison.before.metrics.recall, Some(0.5));
@@ -85,22 +65,13 @@ fn check_balanced(html: &str) -> Vec<String> {
             continue;
         }
         if let Some(name) = tag.strip_prefix('/') {
-            let open = stack
-                .pop()
-                .unwrap_or_else(|| panic!("closing </{name}> with nothing open"));
+            let open = stack.pop().unwrap_or_else(|| panic!("closing </{name}> with nothing open"));
             assert_eq!(open, name.trim(), "mismatched tags");
             continue;
         }
-        let name: String = tag
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
-            .collect();
+        let name: String = tag.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '-').collect();
         assert!(!name.is_empty(), "bad tag <{tag}>");
-        assert_eq!(
-            tag.matches('"').count() % 2,
-            0,
-            "unbalanced quotes in <{tag}>"
-        );
+        assert_eq!(tag.matches('"').count() % 2, 0, "unbalanced quotes in <{tag}>");
         seen.push(name.clone());
         if !tag.ends_with('/') && !VOID.contains(&name.as_str()) {
             stack.push(name);
@@ -114,22 +85,14 @@ fn check_balanced(html: &str) -> Vec<String> {
 fn the_report_is_well_formed_self_contained_and_escaped() {
     let dir = tempfile::tempdir().unwrap();
     let dataset = common::load_dataset(dir.path());
-    let report =
-        score_predictions(&common::predictions(), &dataset, &ScoreOptions::default()).unwrap();
+    let report = score_predictions(&common::predictions(), &dataset, &ScoreOptions::default()).unwrap();
     let html = render_report_html("Policy <spam> v2", &[("saved run".to_string(), report)]);
 
     assert!(html.starts_with("<!DOCTYPE html>"));
     let tags = check_balanced(&html);
-    assert!(
-        tags.iter().filter(|t| *t == "svg").count() >= 4,
-        "confusion, bars and two histograms"
-    );
+    assert!(tags.iter().filter(|t| *t == "svg").count() >= 4, "confusion, bars and two histograms");
     assert!(!html.contains("http"), "no external URLs or namespaces");
-    assert!(
-        !tags
-            .iter()
-            .any(|t| t == "script" || t == "link" || t == "img" || t == "iframe")
-    );
+    assert!(!tags.iter().any(|t| t == "script" || t == "link" || t == "img" || t == "iframe"));
 
     // Item 5's text and the rationales are escaped, as is the title.
     assert!(html.contains("&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; buy now"));
@@ -149,9 +112,7 @@ fn the_report_is_well_formed_self_contained_and_escaped() {
 }
 
 fn svg_with_class<'a>(html: &'a str, class: &str) -> &'a str {
-    let start = html
-        .find(&format!("<svg class=\"{class}\""))
-        .unwrap_or_else(|| panic!("no svg {class}"));
+    let start = html.find(&format!("<svg class=\"{class}\"")).unwrap_or_else(|| panic!("no svg {class}"));
     let end = html[start..].find("</svg>").unwrap() + start;
     &html[start..end]
 }
@@ -160,10 +121,7 @@ fn svg_with_class<'a>(html: &'a str, class: &str) -> &'a str {
 fn the_comparison_report_shows_flips_with_both_rationales() {
     let dir = tempfile::tempdir().unwrap();
     let dataset = common::load_dataset(dir.path());
-    let before = vec![
-        common::prediction("5", "allow", "fine"),
-        common::prediction("1", "violation", "x"),
-    ];
+    let before = vec![common::prediction("5", "allow", "fine"), common::prediction("1", "violation", "x")];
     let after = vec![
         common::prediction("5", "violation", "now <img src=x onerror=alert(1)>"),
         common::prediction("1", "violation", "x"),
@@ -173,10 +131,7 @@ fn the_comparison_report_shows_flips_with_both_rationales() {
     check_balanced(&html);
     assert!(!html.contains("http"));
     assert!(html.contains("<table class=\"flips\">"));
-    assert!(
-        html.contains("&lt;script&gt;"),
-        "flipped item text is escaped"
-    );
+    assert!(html.contains("&lt;script&gt;"), "flipped item text is escaped");
     assert!(html.contains("now &lt;img src=x onerror=alert(1)&gt;"));
     assert!(html.contains("<tr class=\"broken\">"));
     assert_eq!(escape("a&b\"'"), "a&amp;b&quot;&#39;");

@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use safeguard_eval::{
-    EvalCache, Item, ItemClassifier, Outcome, PredictedVerdict, PredictionRecord, Progress,
-    RunOptions, run_eval,
+    EvalCache, Item, ItemClassifier, Outcome, PredictedVerdict, PredictionRecord, Progress, RunOptions, run_eval,
 };
 use serde_json::Value;
 
@@ -21,10 +20,7 @@ struct Double {
 
 impl Double {
     fn new(hang_after: Option<usize>) -> Self {
-        Double {
-            calls: Arc::new(AtomicUsize::new(0)),
-            hang_after,
-        }
+        Double { calls: Arc::new(AtomicUsize::new(0)), hang_after }
     }
 }
 
@@ -40,11 +36,7 @@ impl ItemClassifier for Double {
             return Err("engine exploded".into());
         }
         let violation = item.text.contains("bad");
-        let outcome = if violation {
-            Outcome::Violation
-        } else {
-            Outcome::Allow
-        };
+        let outcome = if violation { Outcome::Violation } else { Outcome::Allow };
         let mut record = PredictionRecord {
             outcome: Some(outcome),
             verdicts: vec![PredictedVerdict {
@@ -57,9 +49,7 @@ impl ItemClassifier for Double {
             ..PredictionRecord::default()
         };
         // Deterministic timings, so resumed and uninterrupted runs compare equal.
-        record
-            .timings
-            .insert("total_ms".into(), Value::from(item.text.len() as f64));
+        record.timings.insert("total_ms".into(), Value::from(item.text.len() as f64));
         Ok(record)
     }
 }
@@ -68,11 +58,7 @@ fn items(n: usize) -> Vec<Item> {
     (0..n)
         .map(|i| Item {
             id: format!("item-{i}"),
-            text: if i % 3 == 0 {
-                format!("bad thing {i}")
-            } else {
-                format!("fine thing {i}")
-            },
+            text: if i % 3 == 0 { format!("bad thing {i}") } else { format!("fine thing {i}") },
             label: Some(i % 3 == 0),
             categories: BTreeMap::new(),
             group: None,
@@ -99,21 +85,14 @@ async fn an_interrupted_run_resumes_from_the_cache() {
     let cache_path = dir.path().join("cache.jsonl");
     let items = items(12);
 
-    let reference = run_eval(&items, &Double::new(None), &options(None), &no_progress)
-        .await
-        .unwrap();
+    let reference = run_eval(&items, &Double::new(None), &options(None), &no_progress).await.unwrap();
     assert_eq!(reference.classified, 24);
 
     // First run: the classifier stops answering after 7 calls; the run is abandoned (its future dropped).
     let hanging = Double::new(Some(7));
     let interrupted = tokio::time::timeout(
         Duration::from_millis(300),
-        run_eval(
-            &items,
-            &hanging,
-            &options(Some(cache_path.clone())),
-            &no_progress,
-        ),
+        run_eval(&items, &hanging, &options(Some(cache_path.clone())), &no_progress),
     )
     .await;
     assert!(interrupted.is_err(), "the run should have been cut off");
@@ -124,39 +103,20 @@ async fn an_interrupted_run_resumes_from_the_cache() {
     // Second run: only the 17 missing results are classified, and the output matches the uninterrupted run.
     let resumed_classifier = Double::new(None);
     let seen = std::sync::Mutex::new(Vec::new());
-    let resumed = run_eval(
-        &items,
-        &resumed_classifier,
-        &options(Some(cache_path.clone())),
-        &|p| seen.lock().unwrap().push(p),
-    )
-    .await
-    .unwrap();
+    let resumed =
+        run_eval(&items, &resumed_classifier, &options(Some(cache_path.clone())), &|p| seen.lock().unwrap().push(p))
+            .await
+            .unwrap();
     assert_eq!(resumed_classifier.calls.load(Ordering::SeqCst), 24 - 7);
     assert_eq!((resumed.from_cache, resumed.classified), (7, 17));
     assert_eq!(resumed.by_effort, reference.by_effort);
     let progress = seen.into_inner().unwrap();
     assert_eq!(progress.first().unwrap().done, 7);
-    assert_eq!(
-        *progress.last().unwrap(),
-        Progress {
-            done: 24,
-            total: 24,
-            from_cache: 7,
-            failed: 0
-        }
-    );
+    assert_eq!(*progress.last().unwrap(), Progress { done: 24, total: 24, from_cache: 7, failed: 0 });
 
     // Third run: everything comes from the cache.
     let idle = Double::new(None);
-    let again = run_eval(
-        &items,
-        &idle,
-        &options(Some(cache_path.clone())),
-        &no_progress,
-    )
-    .await
-    .unwrap();
+    let again = run_eval(&items, &idle, &options(Some(cache_path.clone())), &no_progress).await.unwrap();
     assert_eq!(idle.calls.load(Ordering::SeqCst), 0);
     assert_eq!(again.by_effort, reference.by_effort);
 
@@ -164,9 +124,7 @@ async fn an_interrupted_run_resumes_from_the_cache() {
     let changed = Double::new(None);
     let mut new_policy = options(Some(cache_path.clone()));
     new_policy.policy_hash = "sha256:bbbb".into();
-    run_eval(&items, &changed, &new_policy, &no_progress)
-        .await
-        .unwrap();
+    run_eval(&items, &changed, &new_policy, &no_progress).await.unwrap();
     assert_eq!(changed.calls.load(Ordering::SeqCst), 24);
 }
 
@@ -177,18 +135,14 @@ async fn a_line_cut_short_by_a_crash_is_skipped_and_appending_continues_cleanly(
     let items = items(4);
     let mut opts = options(Some(cache_path.clone()));
     opts.efforts = vec!["medium".into()];
-    run_eval(&items[..2], &Double::new(None), &opts, &no_progress)
-        .await
-        .unwrap();
+    run_eval(&items[..2], &Double::new(None), &opts, &no_progress).await.unwrap();
     // Simulate a crash in the middle of writing a line.
     let mut text = std::fs::read_to_string(&cache_path).unwrap();
     text.push_str("{\"item_id\":\"item-2\",\"policy_ha");
     std::fs::write(&cache_path, text).unwrap();
 
     let classifier = Double::new(None);
-    let output = run_eval(&items, &classifier, &opts, &no_progress)
-        .await
-        .unwrap();
+    let output = run_eval(&items, &classifier, &opts, &no_progress).await.unwrap();
     assert_eq!(classifier.calls.load(Ordering::SeqCst), 2);
     assert_eq!(output.by_effort[0].1.len(), 4);
     let cache = EvalCache::open(&cache_path, 1).unwrap();
@@ -204,17 +158,8 @@ async fn failures_become_needs_review_and_are_retried_next_time() {
     items[1].text = "boom".into();
     let mut opts = options(Some(cache_path.clone()));
     opts.efforts = vec!["low".into()];
-    let output = run_eval(&items, &Double::new(None), &opts, &no_progress)
-        .await
-        .unwrap();
-    assert_eq!(
-        output.failed,
-        vec![(
-            "item-1".to_string(),
-            "low".to_string(),
-            "engine exploded".to_string()
-        )]
-    );
+    let output = run_eval(&items, &Double::new(None), &opts, &no_progress).await.unwrap();
+    assert_eq!(output.failed, vec![("item-1".to_string(), "low".to_string(), "engine exploded".to_string())]);
     let failed = &output.by_effort[0].1[1];
     assert_eq!(failed.outcome, Some(Outcome::NeedsReview));
     assert_eq!(failed.error.as_deref(), Some("engine exploded"));
@@ -227,9 +172,5 @@ async fn failures_become_needs_review_and_are_retried_next_time() {
 
     let retry = Double::new(None);
     run_eval(&items, &retry, &opts, &no_progress).await.unwrap();
-    assert_eq!(
-        retry.calls.load(Ordering::SeqCst),
-        1,
-        "only the failed item is classified again"
-    );
+    assert_eq!(retry.calls.load(Ordering::SeqCst), 1, "only the failed item is classified again");
 }

@@ -17,8 +17,7 @@ fn close(actual: Option<f64>, expected: f64) {
 fn hand_computed_metrics_with_needs_review_both_ways() {
     let dir = tempfile::tempdir().unwrap();
     let dataset = common::load_dataset(dir.path());
-    let report =
-        score_predictions(&common::predictions(), &dataset, &ScoreOptions::default()).unwrap();
+    let report = score_predictions(&common::predictions(), &dataset, &ScoreOptions::default()).unwrap();
 
     // Joined: 1-8 and 10. Labelled: 1-8. Item 4 (violating) and 8 (safe) are needs_review.
     assert_eq!(report.joined, 9);
@@ -38,10 +37,7 @@ fn hand_computed_metrics_with_needs_review_both_ways() {
     close(report.excluding_needs_review.accuracy, 4.0 / 6.0);
     assert_eq!(report.needs_review.count, 2);
     close(report.needs_review.rate, 2.0 / 8.0);
-    assert_eq!(
-        (report.needs_review.positives, report.needs_review.negatives),
-        (1, 1)
-    );
+    assert_eq!((report.needs_review.positives, report.needs_review.negatives), (1, 1));
     assert_eq!(report.parse_failures, 1);
     close(report.parse_failure_rate, 1.0 / 9.0);
 
@@ -58,51 +54,27 @@ fn hand_computed_metrics_with_needs_review_both_ways() {
     let low = &report.by_effort["low"];
     assert_eq!(low.items, 4);
     let latency = low.latency_ms.unwrap();
-    assert_eq!(
-        (latency.mean, latency.p50, latency.p95),
-        (250.0, 200.0, 400.0)
-    );
+    assert_eq!((latency.mean, latency.p50, latency.p95), (250.0, 200.0, 400.0));
     let completion = low.completion_tokens.unwrap();
-    assert_eq!(
-        (completion.mean, completion.p50, completion.p95),
-        (25.0, 20.0, 40.0)
-    );
+    assert_eq!((completion.mean, completion.p50, completion.p95), (25.0, 20.0, 40.0));
     assert_eq!(low.cached_prompt_tokens.unwrap().mean, 800.0);
     assert_eq!(low.needs_review, 1);
     // Effort high: items 5-8 and 10, latency 50 + 10*i = 100, 110, 120, 130, 150.
     let high = &report.by_effort["high"];
     assert_eq!(high.items, 5);
     let latency = high.latency_ms.unwrap();
-    assert_eq!(
-        (latency.mean, latency.p50, latency.p95),
-        (122.0, 120.0, 150.0)
-    );
-    assert_eq!(
-        high.latency_histogram.iter().map(|b| b.count).sum::<u64>(),
-        5
-    );
+    assert_eq!((latency.mean, latency.p50, latency.p95), (122.0, 120.0, 150.0));
+    assert_eq!(high.latency_histogram.iter().map(|b| b.count).sum::<u64>(), 5);
 
     // Examples keep the text and the rationale.
     assert_eq!(report.false_positives.len(), 1);
     assert_eq!(report.false_positives[0].id, "5");
-    assert_eq!(
-        report.false_negatives[0].rationale.as_deref(),
-        Some("rationale for 3 <b>")
-    );
+    assert_eq!(report.false_negatives[0].rationale.as_deref(), Some("rationale for 3 <b>"));
     assert_eq!(report.needs_review_items.len(), 2);
 
     // The JSON carries the headline scores and counts at the top level.
     let value = serde_json::to_value(&report).unwrap();
-    for key in [
-        "precision",
-        "recall",
-        "f1",
-        "accuracy",
-        "tp",
-        "fp",
-        "tn",
-        "fn",
-    ] {
+    for key in ["precision", "recall", "f1", "accuracy", "tp", "fp", "tn", "fn"] {
         assert!(value.get(key).is_some(), "missing {key}");
     }
     assert_eq!(value["fn"], json!(1));
@@ -112,21 +84,13 @@ fn hand_computed_metrics_with_needs_review_both_ways() {
 fn selecting_a_policy_scores_its_verdict_and_rejects_unknown_names() {
     let dir = tempfile::tempdir().unwrap();
     let dataset = common::load_dataset(dir.path());
-    let opts = ScoreOptions {
-        policy: Some("spam".into()),
-        ..ScoreOptions::default()
-    };
+    let opts = ScoreOptions { policy: Some("spam".into()), ..ScoreOptions::default() };
     let report = score_predictions(&common::predictions(), &dataset, &opts).unwrap();
     assert_eq!(report.metrics.confusion.tp, 3);
     assert_eq!(report.policy_missing.count, 0);
 
-    let opts = ScoreOptions {
-        policy: Some("hate".into()),
-        ..ScoreOptions::default()
-    };
-    let err = score_predictions(&common::predictions(), &dataset, &opts)
-        .unwrap_err()
-        .to_string();
+    let opts = ScoreOptions { policy: Some("hate".into()), ..ScoreOptions::default() };
+    let err = score_predictions(&common::predictions(), &dataset, &opts).unwrap_err().to_string();
     assert!(err.contains("hate") && err.contains("spam"), "{err}");
 }
 
@@ -159,9 +123,7 @@ fn multi_policy_accuracy_needs_every_policy_right() {
         category_fields: vec!["spam".into(), "hate".into()],
         ..FieldMapping::default()
     };
-    let dataset = DatasetSpec::File(path)
-        .load(Path::new("."), &mapping)
-        .unwrap();
+    let dataset = DatasetSpec::File(path).load(Path::new("."), &mapping).unwrap();
     let line = |id: &str, spam: &str, hate: &str| {
         serde_json::from_value(json!({"id": id, "verdicts": [
             {"policy": "spam", "outcome": spam}, {"policy": "Hate Policy v2", "outcome": hate}]}))
@@ -192,22 +154,12 @@ fn multi_policy_accuracy_needs_every_policy_right() {
     assert_eq!((hate.tp, hate.fp, hate.tn, hate.fn_), (1, 0, 2, 1));
     // Per-category scores compare the spam verdict with each known category label.
     let hate_category = report.per_category["hate"].confusion;
-    assert_eq!(
-        (
-            hate_category.tp,
-            hate_category.fp,
-            hate_category.tn,
-            hate_category.fn_
-        ),
-        (1, 1, 1, 1)
-    );
+    assert_eq!((hate_category.tp, hate_category.fp, hate_category.tn, hate_category.fn_), (1, 1, 1, 1));
 
     let bad = ScoreOptions {
         policy_labels: BTreeMap::from([("spam".to_string(), "nope".to_string())]),
         ..ScoreOptions::default()
     };
-    let err = score_predictions(&predictions, &dataset, &bad)
-        .unwrap_err()
-        .to_string();
+    let err = score_predictions(&predictions, &dataset, &bad).unwrap_err().to_string();
     assert!(err.contains("nope") && err.contains("hate, spam"), "{err}");
 }

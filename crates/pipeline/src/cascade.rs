@@ -255,11 +255,11 @@ impl Pipeline {
             for (slot, &i) in group.iter().enumerate() {
                 let route = &mut routes[i];
                 apply_verdict(route, &decision, slot, Stage::reasoning(effort));
-                if effort != self.config.escalation_effort {
-                    if let Some(why) = self.escalation_reason(route) {
-                        route.escalations.push(why);
-                        escalate.push(i);
-                    }
+                if effort != self.config.escalation_effort
+                    && let Some(why) = self.escalation_reason(route)
+                {
+                    route.escalations.push(why);
+                    escalate.push(i);
                 }
             }
             stages.push(record);
@@ -378,10 +378,10 @@ impl Pipeline {
         }
         if self.config.escalate_on_triage_disagreement {
             let triage_p = route.triage.as_ref().and_then(|t| t.calibrated_probability);
-            if let (Some(p), Some(violation)) = (triage_p, verdict.violation) {
-                if (p >= 0.5) != violation {
-                    return Some(Escalation::TriageDisagrees { triage_probability: p });
-                }
+            if let (Some(p), Some(violation)) = (triage_p, verdict.violation)
+                && (p >= 0.5) != violation
+            {
+                return Some(Escalation::TriageDisagrees { triage_probability: p });
             }
         }
         None

@@ -168,10 +168,10 @@ pub fn sample_for_review(route: &PolicyRoute, margin: f32, min_confidence: f32) 
         Outcome::Allow => Some(false),
         Outcome::NeedsReview => None,
     };
-    if let (Some(p), Some(violation), true) = (triage_p, model_violation, route.decided_by != Stage::Triage) {
-        if (p >= 0.5) != violation {
-            return Some(SampleReason::TriageModelDisagree { triage_probability: p });
-        }
+    if let (Some(p), Some(violation), true) = (triage_p, model_violation, route.decided_by != Stage::Triage)
+        && (p >= 0.5) != violation
+    {
+        return Some(SampleReason::TriageModelDisagree { triage_probability: p });
     }
     if let Some(p) = triage_p.filter(|p| (p - 0.5).abs() < margin) {
         return Some(SampleReason::SmallTriageMargin { triage_probability: p });

@@ -7,12 +7,18 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "safeguard", version, about = "Policy-following content moderation with gpt-oss-safeguard, on your own hardware")]
+#[command(
+    name = "safeguard",
+    version,
+    about = "Policy-following content moderation with gpt-oss-safeguard, on your own hardware"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
+// Parsed once per process: boxing the larger argument structs would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Render the exact harmony prompt for a policy and content.

@@ -22,7 +22,10 @@ fn openai_python_sdk_talks_to_moderations_and_chat_completions() {
         return;
     }
     let data = tempfile::tempdir().unwrap();
-    let server = ServeProcess::start(data.path(), &["--moderation-policy", "spam", "--moderation-max-tokens", "8", "--rate-limit", "0"]);
+    let server = ServeProcess::start(
+        data.path(),
+        &["--moderation-policy", "spam", "--moderation-max-tokens", "8", "--rate-limit", "0"],
+    );
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/server_openai_sdk_check.py");
     let output =
         Command::new("python3").arg(script).arg(format!("{}/v1", server.base)).arg(ADMIN_KEY).output().unwrap();

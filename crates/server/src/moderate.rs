@@ -72,13 +72,9 @@ pub(crate) async fn moderate(
 
     let mut reply = serde_json::to_value(&cascade).unwrap_or(Value::Null);
     if let Some(object) = reply.as_object_mut() {
-        if !return_reasoning {
-            if let Some(Value::Array(decisions)) = object.get_mut("reasoning") {
-                for decision in decisions {
-                    if let Some(d) = decision.as_object_mut() {
-                        d.remove("reasoning");
-                    }
-                }
+        if !return_reasoning && let Some(Value::Array(decisions)) = object.get_mut("reasoning") {
+            for decision in decisions.iter_mut().filter_map(Value::as_object_mut) {
+                decision.remove("reasoning");
             }
         }
         object.insert("decision_ids".into(), json!(decision_ids));

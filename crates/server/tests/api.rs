@@ -489,23 +489,30 @@ async fn keyless_servers_only_on_loopback() {
 
 #[tokio::test]
 async fn the_service_runs_on_postgres_too() {
-    let url = std::env::var("SAFEGUARD_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let url = std::env::var("SAFEGUARD_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let schema = format!("sgserver_{}_{}", std::process::id(), safeguard_store::now_ms());
     let options = safeguard_store::StoreOptions { schema: Some(schema.clone()), max_connections: 8 };
     let store = match tokio::time::timeout(Duration::from_secs(5), Store::connect(&url, options)).await {
         Ok(Ok(store)) => store,
         other => {
-            eprintln!("SKIPPING the PostgreSQL server test: {url} unreachable: {:?}", other.err().map(|_| "timeout").or(Some("error")));
+            eprintln!(
+                "SKIPPING the PostgreSQL server test: {url} unreachable: {:?}",
+                other.err().map(|_| "timeout").or(Some("error"))
+            );
             return;
         }
     };
     let h = Harness::start_on(store, tempfile::tempdir().unwrap(), |_| {}).await;
     let key = h.key(&["classify", "review"]).await;
-    let (status, decision) = h.call("POST", "/v1/classify", Some(&key), Some(json!({"text": "BUY NOW", "policies": ["spam"]}))).await;
+    let (status, decision) =
+        h.call("POST", "/v1/classify", Some(&key), Some(json!({"text": "BUY NOW", "policies": ["spam"]}))).await;
     assert_eq!((status, decision["outcome"].clone()), (200, json!("violation")), "{decision}");
     let mut ids = Vec::new();
     for i in 0..5 {
-        let (status, job) = h.call("POST", "/v1/jobs", Some(&key), Some(json!({"text": format!("hello {i}"), "policies": ["spam"]}))).await;
+        let (status, job) = h
+            .call("POST", "/v1/jobs", Some(&key), Some(json!({"text": format!("hello {i}"), "policies": ["spam"]})))
+            .await;
         assert_eq!(status, 202);
         ids.push(job["id"].as_str().unwrap().to_string());
     }

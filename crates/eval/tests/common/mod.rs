@@ -23,11 +23,7 @@ pub fn dataset_lines() -> Vec<Value> {
     };
     (1..=10)
         .map(|i| {
-            let text = if i == 5 {
-                "<script>alert('x')</script> buy now".to_string()
-            } else {
-                format!("item {i}")
-            };
+            let text = if i == 5 { "<script>alert('x')</script> buy now".to_string() } else { format!("item {i}") };
             let group = if matches!(i, 1 | 3 | 5) { "a" } else { "b" };
             json!({"id": i.to_string(), "text": text, "label": label(i), "group": group})
         })
@@ -36,13 +32,8 @@ pub fn dataset_lines() -> Vec<Value> {
 
 pub fn load_dataset(dir: &Path) -> Dataset {
     let path = write_lines(dir, "data.jsonl", &dataset_lines());
-    let mapping = FieldMapping {
-        group_field: Some("group".into()),
-        ..FieldMapping::default()
-    };
-    DatasetSpec::File(path)
-        .load(Path::new("."), &mapping)
-        .unwrap()
+    let mapping = FieldMapping { group_field: Some("group".into()), ..FieldMapping::default() };
+    DatasetSpec::File(path).load(Path::new("."), &mapping).unwrap()
 }
 
 fn verdict(policy: &str, outcome: &str, flags: Value, rationale: &str) -> Value {
@@ -89,10 +80,7 @@ pub fn prediction_lines() -> Vec<Value> {
 }
 
 pub fn predictions() -> Vec<PredictionRecord> {
-    prediction_lines()
-        .into_iter()
-        .map(|l| serde_json::from_value(l).unwrap())
-        .collect()
+    prediction_lines().into_iter().map(|l| serde_json::from_value(l).unwrap()).collect()
 }
 
 pub fn prediction(id: &str, outcome: &str, rationale: &str) -> PredictionRecord {
