@@ -105,7 +105,7 @@ pub(crate) fn load_reasoner(args: &EngineArgs<'_>) -> anyhow::Result<Arc<dyn Rea
     anyhow::bail!(
         "cannot run {}: this safeguard binary was built without the embedded llama.cpp engine \
          (cargo feature `embedded`). Rebuild with `cargo build -p safeguard --features embedded`, \
-         or run the model on a remote OpenAI-compatible server (vLLM, SGLang, Ollama) once remote backends land.",
+         or run the model on a remote OpenAI-compatible server with `safeguard serve --backend URL`.",
         args.model.display()
     )
 }

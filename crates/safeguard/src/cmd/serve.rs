@@ -65,6 +65,18 @@ pub struct Args {
     /// Sequences the embedded engine decodes together.
     #[arg(long, default_value_t = 8)]
     pub sequences: usize,
+    /// Trained triage classifiers for /v1/moderate, one directory per policy name
+    /// (`safeguard triage train --out DIR/NAME`); a model trained for another policy version is ignored.
+    #[arg(long, value_name = "DIR")]
+    pub triage_dir: Option<PathBuf>,
+    /// Reasoning prompts per second the cascade (/v1/moderate) may start; over it, callers get 429 + Retry-After.
+    #[arg(long, value_name = "N")]
+    pub reasoning_per_sec: Option<f64>,
+    /// Effort of the cascade's first reasoning step; shaky answers are asked again at --escalation-effort.
+    #[arg(long, default_value = "low")]
+    pub first_effort: Effort,
+    #[arg(long, default_value = "high")]
+    pub escalation_effort: Effort,
 }
 
 /// Where to store things, shared with `safeguard keys`.
@@ -111,29 +123,14 @@ fn webhook_secret(data_dir: &Path) -> anyhow::Result<String> {
     Ok(secret)
 }
 
-#[cfg(feature = "embedded")]
+/// The embedded engine, built exactly as `classify` builds it.
 fn load_embedded(args: &Args, model: &Path) -> anyhow::Result<Arc<dyn Reasoner>> {
-    use safeguard_core::{EmbeddedConfig, EmbeddedReasoner};
-    use safeguard_engine::EngineConfig;
-    use safeguard_engine::llama::LlamaEngine;
-
-    let mut config = EngineConfig { max_sequences: args.sequences.clamp(1, 256), ..EngineConfig::default() };
-    if let Some(threads) = args.threads {
-        config.threads = threads;
-    }
-    if let Some(context) = args.context {
-        config.n_ctx = context;
-    }
-    let engine = LlamaEngine::load(model, config).with_context(|| format!("cannot load model {}", model.display()))?;
-    Ok(Arc::new(EmbeddedReasoner::new(Arc::new(engine), EmbeddedConfig::default())))
-}
-
-#[cfg(not(feature = "embedded"))]
-fn load_embedded(_args: &Args, model: &Path) -> anyhow::Result<Arc<dyn Reasoner>> {
-    bail!(
-        "cannot serve {}: this binary was built without the embedded engine (feature `embedded`); use --backend URL",
-        model.display()
-    )
+    crate::cmd::classify::load_reasoner(&crate::cmd::classify::EngineArgs {
+        model,
+        threads: args.threads,
+        context: args.context,
+        sequences: args.sequences,
+    })
 }
 
 fn load_remote(args: &Args) -> anyhow::Result<Arc<dyn Reasoner>> {
@@ -165,6 +162,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         moderation_policies: args.moderation_policies.clone(),
         moderation_max_tokens: args.moderation_max_tokens,
         default_effort: args.effort,
+        routing: safeguard_pipeline::RoutingConfig {
+            first_effort: args.first_effort,
+            escalation_effort: args.escalation_effort,
+            ..safeguard_pipeline::RoutingConfig::default()
+        },
+        triage_dir: args.triage_dir.clone(),
+        reasoning_per_sec: args.reasoning_per_sec.filter(|r| *r > 0.0),
         ..ServerConfig::default()
     };
     let runtime =
