@@ -9,6 +9,8 @@ pub enum Command {
     /// Measure triage: single-core items/s, and the share of benign ToxicChat test items skipped at 99 %
     /// recall of toxic ones, against a keyword baseline measured in the same run.
     Triage(super::triage::BenchArgs),
+    /// Measure the latency `safeguard serve` adds over a direct backend call, at a fixed request rate.
+    Server(super::bench_server::ServerArgs),
 }
 
 #[derive(clap::Args)]
@@ -43,6 +45,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Engine(args) => engine::run(args),
         Command::Triage(args) => super::triage::bench(args),
+        Command::Server(args) => super::bench_server::run(args),
     }
 }
 

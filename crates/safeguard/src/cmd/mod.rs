@@ -2,6 +2,7 @@
 
 pub mod backtest;
 pub mod bench;
+pub mod bench_server;
 pub mod classify;
 pub mod debug;
 pub mod eval;
