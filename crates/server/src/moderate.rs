@@ -10,7 +10,7 @@ use safeguard_pipeline::{
     CascadeDecision, Pipeline, ReasoningBudget, RouteContext, RoutingConfig, Stage, TriageLibrary,
 };
 use safeguard_policy::Policy;
-use safeguard_store::{DecisionRecord, NewReview, now_ms};
+use safeguard_store::{DecisionRecord, now_ms};
 use serde_json::{Value, json};
 
 use crate::AppState;
@@ -113,23 +113,13 @@ async fn store_cascade(
                 record.id
             }
         };
-        let high_risk = policies.iter().any(|p| p.meta.high_risk);
         let reasons: Vec<String> = cascade
             .policies
             .iter()
             .filter(|r| r.decided_by == Stage::HumanReview)
             .map(|r| format!("{}: {}", r.policy, r.escalations.last().map_or("undecided".into(), |e| format!("{e:?}"))))
             .collect();
-        state
-            .store
-            .queue_review(&NewReview {
-                decision_id,
-                kind: "review".into(),
-                priority: if high_risk { 5 } else { 1 },
-                reason: Some(reasons.join("; ")),
-                sla_ms: Some(24 * 3_600_000),
-            })
-            .await?;
+        crate::reviews::queue_for_person(state, &decision_id, policies, reasons.join("; ")).await?;
     }
     Ok(ids)
 }

@@ -36,7 +36,6 @@ pub(crate) async fn enqueue_if_undecided(
     if decision.outcome != Outcome::NeedsReview {
         return Ok(());
     }
-    let high_risk = policies.iter().any(|p| p.meta.high_risk);
     let reasons: Vec<String> = decision
         .verdicts
         .iter()
@@ -50,11 +49,22 @@ pub(crate) async fn enqueue_if_undecided(
             format!("{}: {}", v.policy, if flags.is_empty() { "undecided".to_string() } else { flags.join(", ") })
         })
         .collect();
+    queue_for_person(state, &record.id, policies, reasons.join("; ")).await
+}
+
+/// Puts a stored decision in front of a person: high-risk policies jump the queue, everything gets the SLA.
+pub(crate) async fn queue_for_person(
+    state: &AppState,
+    decision_id: &str,
+    policies: &[Policy],
+    reason: String,
+) -> Result<(), ApiError> {
+    let high_risk = policies.iter().any(|p| p.meta.high_risk);
     let review = NewReview {
-        decision_id: record.id.clone(),
+        decision_id: decision_id.to_string(),
         kind: "review".into(),
         priority: if high_risk { 5 } else { 1 },
-        reason: Some(reasons.join("; ")),
+        reason: Some(reason),
         sla_ms: Some(REVIEW_SLA_MS),
     };
     state.store.queue_review(&review).await?;
