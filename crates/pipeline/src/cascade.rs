@@ -481,11 +481,7 @@ fn apply_verdict(route: &mut PolicyRoute, decision: &Decision, slot: usize, stag
 }
 
 fn flag_names(verdict: &Verdict) -> Vec<String> {
-    verdict
-        .flags
-        .iter()
-        .filter_map(|f| serde_json::to_value(f).ok()?.get("kind")?.as_str().map(str::to_string))
-        .collect()
+    verdict.flags.iter().map(|f| f.kind().to_string()).collect()
 }
 
 /// Same rule as a single decision's outcome: anything undecided holds the item; otherwise a violation wins.

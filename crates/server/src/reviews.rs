@@ -11,7 +11,7 @@ use safeguard_core::Decision;
 use safeguard_harmony::Effort;
 use safeguard_policy::Policy;
 use safeguard_store::{DecisionRecord, NewReview, ReviewDecision, ReviewRecord};
-use safeguard_verdict::Outcome;
+use safeguard_verdict::{Flag, Outcome};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -41,11 +41,7 @@ pub(crate) async fn enqueue_if_undecided(
         .iter()
         .filter(|v| v.outcome == Outcome::NeedsReview)
         .map(|v| {
-            let flags: Vec<String> = v
-                .flags
-                .iter()
-                .filter_map(|f| serde_json::to_value(f).ok()?.get("kind")?.as_str().map(str::to_string))
-                .collect();
+            let flags: Vec<&str> = v.flags.iter().map(Flag::kind).collect();
             format!("{}: {}", v.policy, if flags.is_empty() { "undecided".to_string() } else { flags.join(", ") })
         })
         .collect();

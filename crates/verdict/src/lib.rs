@@ -54,6 +54,23 @@ pub enum Flag {
     Inconsistent { detail: String },
 }
 
+impl Flag {
+    /// The flag's name as it appears in JSON (`"kind"`), for reports, logs and metric labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Flag::NoFinalMessage => "no_final_message",
+            Flag::Truncated => "truncated",
+            Flag::Unparseable { .. } => "unparseable",
+            Flag::HallucinatedRule { .. } => "hallucinated_rule",
+            Flag::ReasoningDisagrees { .. } => "reasoning_disagrees",
+            Flag::MissingField { .. } => "missing_field",
+            Flag::Escalated => "escalated",
+            Flag::LowConfidence => "low_confidence",
+            Flag::Inconsistent { .. } => "inconsistent",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Verdict {
     /// Policy name.

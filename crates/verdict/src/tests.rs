@@ -432,3 +432,21 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn flag_kind_is_the_serialized_tag() {
+    let all = [
+        Flag::NoFinalMessage,
+        Flag::Truncated,
+        Flag::Unparseable { detail: "x".into() },
+        Flag::HallucinatedRule { rule_id: "X1".into() },
+        Flag::ReasoningDisagrees { detail: "x".into() },
+        Flag::MissingField { field: "x".into() },
+        Flag::Escalated,
+        Flag::LowConfidence,
+        Flag::Inconsistent { detail: "x".into() },
+    ];
+    for flag in all {
+        assert_eq!(serde_json::to_value(&flag).unwrap()["kind"], flag.kind(), "{flag:?}");
+    }
+}

@@ -491,12 +491,7 @@ pub fn run_policy_test(args: PolicyTestArgs) -> anyhow::Result<ExitCode> {
                 .verdicts
                 .iter()
                 .flat_map(|v| v.flags.iter())
-                .map(|flag| match serde_json::to_value(flag) {
-                    Ok(serde_json::Value::Object(fields)) => {
-                        fields.get("kind").and_then(|k| k.as_str()).unwrap_or("flag").to_owned()
-                    }
-                    _ => "flag".to_owned(),
-                })
+                .map(|flag| flag.kind().to_owned())
                 .collect();
             let expected = serde_json::to_value(failure.expected).ok();
             let outcome = serde_json::to_value(failure.outcome).ok();
