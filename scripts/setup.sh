@@ -5,7 +5,8 @@ set -euo pipefail
 need_apt=()
 command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
 # bindgen (llama-cpp-sys-2) needs libclang at build time.
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need_apt+=(libclang-dev)
+# (Not a glob on libclang*: libclang-cpp.so, which bindgen cannot use, matches it on some images.)
+ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* >/dev/null 2>&1 || need_apt+=(libclang-dev)
 command -v chromium >/dev/null 2>&1 || need_apt+=(chromium chromium-driver)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
