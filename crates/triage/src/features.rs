@@ -27,6 +27,12 @@ pub struct FeatureConfig {
     /// Signed hashing: the sign of each feature comes from a hash bit, so collisions cancel on average
     /// instead of piling up.
     pub signed: bool,
+    /// One more feature for the text's length class (bit length of its byte count, capped at 2^16 bytes),
+    /// added to the margin outside the L2 normalization: long prompts (role-play set-ups, jailbreaks) are
+    /// several times likelier to violate, a prior that n-gram weights diluted by the normalization cannot
+    /// carry. Absent in artifacts written before it existed, where it is off.
+    #[serde(default)]
+    pub length_feature: bool,
 }
 
 impl Default for FeatureConfig {
@@ -39,6 +45,7 @@ impl Default for FeatureConfig {
             word_bigrams: true,
             char_ngrams: Some((3, 5)),
             signed: true,
+            length_feature: false,
         }
     }
 }
@@ -79,6 +86,8 @@ const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
 // Distinct seeds keep a word unigram "abc" and the character trigram "abc" in different buckets.
 const SEED_WORD: u64 = 0x9e37_79b9_7f4a_7c15;
 const SEED_BIGRAM: u64 = 0xc2b2_ae3d_27d4_eb4f;
+const SEED_LENGTH: u64 = 0x7a3c_51e9_b04d_2f61;
+const LONGEST_LENGTH_CLASS: u32 = 17;
 /// Indexed by n-gram length; each differs in its top bytes, where no key of 7 bytes or fewer has bits.
 const CHAR_LENGTH_SEEDS: [u64; MAX_CHAR_NGRAM as usize + 1] = [
     0x1656_67b1_9e37_79f9,
@@ -91,6 +100,19 @@ const CHAR_LENGTH_SEEDS: [u64; MAX_CHAR_NGRAM as usize + 1] = [
     0x5899_65cc_7537_4cc3,
     0x1d8e_4e27_c47d_124f,
 ];
+
+/// Low-byte masks by n-gram length; length 8 keeps the whole window.
+const CHAR_MASKS: [u64; MAX_CHAR_NGRAM as usize + 1] = {
+    let mut masks = [u64::MAX; MAX_CHAR_NGRAM as usize + 1];
+    let mut n = 0;
+    while n < MAX_CHAR_NGRAM as usize {
+        masks[n] = (1u64 << (8 * n)) - 1;
+        n += 1;
+    }
+    masks
+};
+const BUCKET_MASK: u32 = (1 << MAX_HASH_BITS) - 1;
+const SIGN_BIT: u32 = 1 << 31;
 
 /// Multiply-shift hashing (Fibonacci): one multiply, buckets from the well-mixed high bits. The xor-shift
 /// first folds the high half (where the n-gram length tag sits) into the low half that the multiply spreads.
@@ -127,16 +149,200 @@ impl Featurizer {
         &self.config
     }
 
-    /// Calls `emit(bucket, sign)` for every feature of `text`; returns the number of features.
+    /// Calls `put(key)` with the unmixed key of every feature of `text`, in a fixed order (at each byte of the
+    /// normalized text: the word unigram and bigram that end there, then its character n-grams, shortest first).
     ///
     /// The text is seen ASCII-lowercased, with whitespace runs collapsed to one space and a space at each
-    /// end, so that character n-grams see word starts and ends.
+    /// end, so that character n-grams see word starts and ends. Written as one loop over the bytes with the
+    /// per-byte step expanded in place (a macro, not a closure) so that it is inlined into its callers.
+    // The last expansion of `feed!` leaves word state that nothing reads afterwards.
+    #[allow(unused_assignments)]
+    #[inline(always)]
+    fn scan(&self, text: &str, mut put: impl FnMut(u64)) {
+        let unigrams = self.config.word_unigrams;
+        let bigrams = self.config.word_bigrams;
+        let words = unigrams || bigrams;
+        let (char_lo, char_hi) = match self.config.char_ngrams {
+            Some((lo, hi)) => (lo as usize, hi as usize),
+            None => (usize::MAX, 0),
+        };
+
+        // Last up-to-8 normalized bytes, newest in the low byte.
+        let mut window: u64 = 0;
+        let mut seen: usize = 0;
+        let mut word_hash = FNV_OFFSET;
+        let mut in_word = false;
+        let mut previous_word: Option<u64> = None;
+
+        macro_rules! feed {
+            ($byte:expr) => {{
+                let b: u8 = $byte;
+                if words {
+                    if is_word_byte(b) {
+                        word_hash = fnv_step(word_hash, b);
+                        in_word = true;
+                    } else if in_word {
+                        if unigrams {
+                            put(word_hash ^ SEED_WORD);
+                        }
+                        if bigrams && let Some(prev) = previous_word {
+                            put(prev.rotate_left(17).wrapping_mul(FNV_PRIME) ^ word_hash ^ SEED_BIGRAM);
+                        }
+                        previous_word = Some(word_hash);
+                        word_hash = FNV_OFFSET;
+                        in_word = false;
+                    }
+                }
+                if char_hi > 0 {
+                    window = (window << 8) | b as u64;
+                    seen += 1;
+                    let longest = seen.min(char_hi);
+                    // The last n bytes of the window are the n-gram itself (read backwards, as good a key as
+                    // forwards), so the key is exact and costs a mask; the per-length seed keeps "abc" and
+                    // the 4-gram " abc" apart.
+                    let mut n = char_lo;
+                    while n <= longest {
+                        put((window & CHAR_MASKS[n]) ^ CHAR_LENGTH_SEEDS[n]);
+                        n += 1;
+                    }
+                }
+            }};
+        }
+
+        feed!(b' ');
+        let mut last_space = true;
+        for &b in text.as_bytes() {
+            if b.is_ascii_whitespace() {
+                if !last_space {
+                    feed!(b' ');
+                    last_space = true;
+                }
+            } else {
+                feed!(b.to_ascii_lowercase());
+                last_space = false;
+            }
+        }
+        if !last_space {
+            feed!(b' ');
+        }
+    }
+
+    /// The bucket of a feature key, with the sign in bit 31 (buckets are below 2^24).
+    #[inline(always)]
+    fn bucket_and_sign(&self, key: u64) -> u32 {
+        let shift = 64 - self.config.hash_bits;
+        let h = mix(key);
+        // The bit just below the bucket bits picks the sign: set straight into the float's sign bit, as a
+        // branch here would be mispredicted half the time.
+        let sign_bit = ((h >> (shift - 1)) & self.config.signed as u64) as u32;
+        (h >> shift) as u32 | (sign_bit << 31)
+    }
+
+    /// The length-class feature as a packed bucket and sign, when the config has it.
+    #[inline(always)]
+    fn length_feature(&self, text: &str) -> Option<u32> {
+        self.config.length_feature.then(|| {
+            let class = (usize::BITS - text.len().leading_zeros()).min(LONGEST_LENGTH_CLASS);
+            self.bucket_and_sign(SEED_LENGTH ^ class as u64)
+        })
+    }
+
+    /// Calls `emit(bucket, sign)` for every n-gram feature of `text` (not the length feature, which is outside
+    /// the normalization); returns their number.
+    /// See [`Featurizer::scan`] for the normalization and order.
     #[inline]
     pub fn for_each_feature(&self, text: &str, mut emit: impl FnMut(usize, f32)) -> usize {
-        let shift = 64 - self.config.hash_bits;
-        let signed_mask = self.config.signed as u64;
-        let words = self.config.word_unigrams || self.config.word_bigrams;
-        let (char_lo, char_hi) = match self.config.char_ngrams {
+        let mut count = 0usize;
+        self.scan(text, |key| {
+            let packed = self.bucket_and_sign(key);
+            emit((packed & BUCKET_MASK) as usize, f32::from_bits(0x3f80_0000 | (packed & SIGN_BIT)));
+            count += 1;
+        });
+        count
+    }
+
+    /// Appends `(bucket, value)` pairs to `out` (cleared first), L2-normalized by treating each emitted
+    /// feature as distinct; repeated n-grams are rare enough in short texts that merging them is not worth a sort.
+    pub fn featurize_into(&self, text: &str, out: &mut Vec<(u32, f32)>) {
+        out.clear();
+        let n = self.for_each_feature(text, |bucket, sign| out.push((bucket as u32, sign)));
+        if n > 0 {
+            let scale = 1.0 / (n as f32).sqrt();
+            for pair in out.iter_mut() {
+                pair.1 *= scale;
+            }
+        }
+        if let Some(packed) = self.length_feature(text) {
+            out.push((packed & BUCKET_MASK, f32::from_bits(0x3f80_0000 | (packed & SIGN_BIT))));
+        }
+    }
+
+    /// `weights · features(text)` without materializing the features.
+    ///
+    /// Packed buckets are staged in a small stack buffer and summed in a separate tight loop, so the weight
+    /// reads (cache misses for big tables) are independent of the hashing and of each other. Two accumulators
+    /// take alternate features, and the buffer is even-sized, so the sum is bit-identical to adding the
+    /// features one by one in order into two alternating accumulators.
+    #[inline]
+    pub fn dot(&self, text: &str, weights: &[f32]) -> f32 {
+        const STAGE: usize = 64;
+        let mut staged = [0u32; STAGE];
+        let mut len = 0usize;
+        let mut sums = [0.0f32; 2];
+        let mut count = 0usize;
+        #[inline(always)]
+        fn signed_weight(weights: &[f32], packed: u32) -> f32 {
+            // `packed & BUCKET_MASK` is below 2^hash_bits, the length of `weights` (checked on load). Flipping
+            // the sign bit is exactly multiplying by -1.
+            f32::from_bits(weights[(packed & BUCKET_MASK) as usize].to_bits() ^ (packed & SIGN_BIT))
+        }
+        let flush = |staged: &[u32], sums: &mut [f32; 2]| {
+            let mut pairs = staged.chunks_exact(2);
+            for pair in &mut pairs {
+                sums[0] += signed_weight(weights, pair[0]);
+                sums[1] += signed_weight(weights, pair[1]);
+            }
+            if let [last] = pairs.remainder() {
+                sums[0] += signed_weight(weights, *last);
+            }
+        };
+        self.scan(text, |key| {
+            staged[len] = self.bucket_and_sign(key);
+            len += 1;
+            if len == STAGE {
+                flush(&staged, &mut sums);
+                count += STAGE;
+                len = 0;
+            }
+        });
+        flush(&staged[..len], &mut sums);
+        count += len;
+        let ngrams = if count == 0 { 0.0 } else { (sums[0] + sums[1]) / (count as f32).sqrt() };
+        match self.length_feature(text) {
+            Some(packed) => ngrams + signed_weight(weights, packed),
+            None => ngrams,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn features(config: FeatureConfig, text: &str) -> Vec<(u32, f32)> {
+        let f = Featurizer::new(config).unwrap();
+        let mut out = Vec::new();
+        f.featurize_into(text, &mut out);
+        out
+    }
+
+    /// The featurizer as first written (one closure per byte, features summed as they are hashed): the
+    /// staged implementation must give bit-identical scores, so existing artifacts keep their thresholds.
+    fn reference_for_each_feature(f: &Featurizer, text: &str, mut emit: impl FnMut(usize, f32)) -> usize {
+        let shift = 64 - f.config.hash_bits;
+        let signed_mask = f.config.signed as u64;
+        let words = f.config.word_unigrams || f.config.word_bigrams;
+        let (char_lo, char_hi) = match f.config.char_ngrams {
             Some((lo, hi)) => (lo as usize, hi as usize),
             None => (usize::MAX, 0),
         };
@@ -164,10 +370,10 @@ impl Featurizer {
                     word_hash = fnv_step(word_hash, b);
                     in_word = true;
                 } else if in_word {
-                    if self.config.word_unigrams {
+                    if f.config.word_unigrams {
                         put(word_hash ^ SEED_WORD);
                     }
-                    if self.config.word_bigrams
+                    if f.config.word_bigrams
                         && let Some(prev) = previous_word
                     {
                         put(prev.rotate_left(17).wrapping_mul(FNV_PRIME) ^ word_hash ^ SEED_BIGRAM);
@@ -211,43 +417,53 @@ impl Featurizer {
         count
     }
 
-    /// Appends `(bucket, value)` pairs to `out` (cleared first), L2-normalized by treating each emitted
-    /// feature as distinct; repeated n-grams are rare enough in short texts that merging them is not worth a sort.
-    pub fn featurize_into(&self, text: &str, out: &mut Vec<(u32, f32)>) {
-        out.clear();
-        let n = self.for_each_feature(text, |bucket, sign| out.push((bucket as u32, sign)));
-        if n > 0 {
-            let scale = 1.0 / (n as f32).sqrt();
-            for pair in out.iter_mut() {
-                pair.1 *= scale;
-            }
-        }
-    }
-
-    /// `weights · features(text)` without materializing the features.
-    #[inline]
-    pub fn dot(&self, text: &str, weights: &[f32]) -> f32 {
+    fn reference_dot(f: &Featurizer, text: &str, weights: &[f32]) -> f32 {
         // Two accumulators halve the floating-point add dependency chain, the bottleneck once weights are cached.
         let mut sums = [0.0f32; 2];
         let mut parity = 0usize;
-        let n = self.for_each_feature(text, |bucket, sign| {
+        let n = reference_for_each_feature(f, text, |bucket, sign| {
             // `bucket` is below 2^hash_bits and `weights` has exactly that many entries (checked on load).
             sums[parity] += sign * weights[bucket];
             parity ^= 1;
         });
         if n == 0 { 0.0 } else { (sums[0] + sums[1]) / (n as f32).sqrt() }
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn features(config: FeatureConfig, text: &str) -> Vec<(u32, f32)> {
-        let f = Featurizer::new(config).unwrap();
-        let mut out = Vec::new();
-        f.featurize_into(text, &mut out);
-        out
+    #[test]
+    fn staged_dot_is_bit_identical_to_the_reference() {
+        let texts = [
+            "",
+            " ",
+            "a",
+            "Hello   World",
+            "Ünïcödé text, with punctuation!!! and numbers 12345",
+            "a much longer text that spans more than sixty-four features so that the staging buffer is flushed \
+             several times over, with odd and even remainders: 1 22 333 4444 55555",
+        ];
+        let configs = [
+            FeatureConfig::default(),
+            FeatureConfig::words_only(),
+            FeatureConfig { hash_bits: 12, char_ngrams: Some((1, 8)), ..FeatureConfig::default() },
+            FeatureConfig { signed: false, char_ngrams: Some((2, 4)), word_bigrams: false, ..FeatureConfig::default() },
+        ];
+        for config in configs {
+            let f = Featurizer::new(config.clone()).unwrap();
+            let weights: Vec<f32> =
+                (0..config.buckets()).map(|i| ((i as u64 * 2_654_435_761) % 1000) as f32 / 997.0 - 0.5).collect();
+            for (i, text) in texts.iter().enumerate() {
+                let text = text.repeat(i.max(1));
+                assert_eq!(
+                    f.dot(&text, &weights).to_bits(),
+                    reference_dot(&f, &text, &weights).to_bits(),
+                    "{config:?} {text:?}"
+                );
+                let mut a = Vec::new();
+                f.for_each_feature(&text, |b, s| a.push((b, s)));
+                let mut b = Vec::new();
+                reference_for_each_feature(&f, &text, |bucket, s| b.push((bucket, s)));
+                assert_eq!(a, b);
+            }
+        }
     }
 
     #[test]

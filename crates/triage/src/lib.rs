@@ -30,7 +30,7 @@ pub use data::{Dataset, DatasetFields, DatasetProvenance, load_dataset};
 pub use features::{FeatureConfig, Featurizer};
 pub use model::{FitOptions, ModelMeta, Thresholds, TriageModel, fit};
 pub use rules::{RuleDecision, RuleMatch, RuleSet, RulesConfig, Span, SpanKind};
-pub use train::{ClassWeight, Example, TrainConfig};
+pub use train::{ClassWeight, DomainAdaptation, Example, TrainConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TriageError {

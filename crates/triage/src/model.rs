@@ -49,11 +49,14 @@ pub struct TrainingInfo {
     pub items: usize,
     pub violations: usize,
     pub violation_weight: f32,
+    /// Sources whose out-of-fold scores set calibration and thresholds (`None`: all of them).
+    #[serde(default)]
+    pub calibration_sources: Option<Vec<usize>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainingMetrics {
-    /// Out-of-fold metrics over all training items at the chosen thresholds.
+    /// Out-of-fold metrics at the chosen thresholds over the training items of the calibration sources.
     pub out_of_fold: BandMetrics,
     /// The same per input dataset, in `training.datasets` order.
     pub per_dataset: Vec<BandMetrics>,
@@ -98,6 +101,10 @@ pub struct FitOptions {
     pub min_violate_support: usize,
     pub policy_name: Option<String>,
     pub policy_hash: String,
+    /// Sources (`Example::source`) whose out-of-fold scores set the calibration and thresholds; `None`: all.
+    /// Other sources only add training signal, e.g. a large out-of-domain corpus whose recall does not matter
+    /// where the model is deployed.
+    pub calibration_sources: Option<Vec<usize>>,
 }
 
 impl Default for FitOptions {
@@ -111,6 +118,7 @@ impl Default for FitOptions {
             min_violate_support: 10,
             policy_name: None,
             policy_hash: String::new(),
+            calibration_sources: None,
         }
     }
 }
@@ -164,16 +172,26 @@ pub fn fit(
         return Err(TriageError::InvalidConfig("target recall and precision must be within [0, 1]".into()));
     }
     let margins = out_of_fold_margins(examples, options)?;
-    let labels: Vec<bool> = examples.iter().map(|e| e.violates).collect();
-    let calibration = fit_platt(&margins, &labels)?;
-    let probabilities: Vec<f32> = margins.iter().map(|&m| calibration.probability(m)).collect();
-
     let sources = datasets.len().max(examples.iter().map(|e| e.source + 1).max().unwrap_or(0));
+    let calibrates = |source: usize| options.calibration_sources.as_ref().is_none_or(|c| c.contains(&source));
+    if !(0..sources).any(calibrates) {
+        return Err(TriageError::InvalidConfig("calibration_sources names no source of the training data".into()));
+    }
+    let (calibration_margins, labels): (Vec<f32>, Vec<bool>) =
+        examples.iter().zip(&margins).filter(|(e, _)| calibrates(e.source)).map(|(e, m)| (*m, e.violates)).unzip();
+    let calibration = fit_platt(&calibration_margins, &labels)?;
+    let probabilities: Vec<f32> = calibration_margins.iter().map(|&m| calibration.probability(m)).collect();
+
     let subset = |source: usize| -> (Vec<f32>, Vec<bool>) {
-        examples.iter().zip(&probabilities).filter(|(e, _)| e.source == source).map(|(e, p)| (*p, e.violates)).unzip()
+        examples
+            .iter()
+            .zip(&margins)
+            .filter(|(e, _)| e.source == source)
+            .map(|(e, m)| (calibration.probability(*m), e.violates))
+            .unzip()
     };
     let mut allow_below = f32::INFINITY;
-    for source in 0..sources {
+    for source in (0..sources).filter(|&s| calibrates(s)) {
         let (p, l) = subset(source);
         if let Some(t) = allow_threshold(&p, &l, options.target_recall) {
             allow_below = allow_below.min(t);
@@ -221,8 +239,9 @@ pub fn fit(
             folds: options.folds,
             datasets,
             items: examples.len(),
-            violations: labels.iter().filter(|&&l| l).count(),
+            violations: examples.iter().filter(|e| e.violates).count(),
             violation_weight: violation_weight(&all, options.train.class_weight),
+            calibration_sources: options.calibration_sources.clone(),
         },
         metrics: TrainingMetrics { out_of_fold, per_dataset },
         created: time::OffsetDateTime::now_utc()

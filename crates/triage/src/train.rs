@@ -29,6 +29,21 @@ pub enum ClassWeight {
     Violation(f32),
 }
 
+/// How training treats items from different sources (`Example::source`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DomainAdaptation {
+    /// One model for all sources.
+    #[default]
+    None,
+    /// Each source gets its own intercept on top of the shared one; the model keeps source 0's.
+    Intercept,
+    /// Each source gets its own copy of every weight and intercept on top of the shared ones
+    /// ("frustratingly easy domain adaptation", Daumé 2007); the model keeps shared + source 0's copy, so
+    /// scoring costs the same as without.
+    Features,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
     pub epochs: usize,
@@ -37,12 +52,27 @@ pub struct TrainConfig {
     pub l2: f32,
     pub class_weight: ClassWeight,
     pub seed: u64,
+    /// NBSVM-style scaling (Wang & Manning 2012): each bucket's value is multiplied by its log-count ratio
+    /// between violations and benign items, smoothed by this pseudo-count. The ratios are folded into the
+    /// stored weights, so scoring is unchanged. `None` disables it.
+    #[serde(default)]
+    pub nb_smoothing: Option<f32>,
+    #[serde(default)]
+    pub domain_adaptation: DomainAdaptation,
 }
 
 /// The defaults were picked by out-of-fold AUC on ToxicChat train (see BENCHMARKS.md, "Triage").
 impl Default for TrainConfig {
     fn default() -> Self {
-        TrainConfig { epochs: 5, learning_rate: 0.05, l2: 1e-6, class_weight: ClassWeight::Balanced, seed: 0x5afe }
+        TrainConfig {
+            epochs: 5,
+            learning_rate: 0.05,
+            l2: 1e-6,
+            class_weight: ClassWeight::Balanced,
+            seed: 0x5afe,
+            nb_smoothing: None,
+            domain_adaptation: DomainAdaptation::None,
+        }
     }
 }
 
@@ -106,6 +136,33 @@ pub fn violation_weight(examples: &[&Example], class_weight: ClassWeight) -> f32
     }
 }
 
+/// Per-bucket log-count ratio `ln((p_j + a) / |p + a|_1) - ln((q_j + a) / |q + a|_1)`, where `p` and `q` count
+/// (weighted) occurrences in violations and in benign items.
+fn log_count_ratios(
+    examples: &[&Example],
+    featurizer: &Featurizer,
+    alpha: f32,
+    feats: &mut Vec<(u32, f32)>,
+) -> Vec<f32> {
+    let buckets = featurizer.config().buckets();
+    let mut counts = [vec![0.0f64; buckets], vec![0.0f64; buckets]];
+    for e in examples {
+        featurizer.featurize_into(&e.text, feats);
+        let side = &mut counts[e.violates as usize];
+        for &(j, _) in feats.iter() {
+            side[j as usize] += e.weight as f64;
+        }
+    }
+    let alpha = alpha as f64;
+    let total = |c: &[f64]| c.iter().sum::<f64>() + alpha * buckets as f64;
+    let (benign_total, violating_total) = (total(&counts[0]), total(&counts[1]));
+    counts[1]
+        .iter()
+        .zip(&counts[0])
+        .map(|(p, q)| (((p + alpha) / violating_total).ln() - ((q + alpha) / benign_total).ln()) as f32)
+        .collect()
+}
+
 /// Trains on `examples`; fails on empty input, a single class, or non-finite weights.
 pub fn train(
     examples: &[&Example],
@@ -132,17 +189,30 @@ pub fn train(
         return Err(TriageError::InvalidConfig("learning_rate must be > 0, l2 >= 0, epochs >= 1".into()));
     }
     let positive_weight = violation_weight(examples, config.class_weight);
+    if let Some(alpha) = config.nb_smoothing
+        && !(alpha.is_finite() && alpha > 0.0)
+    {
+        return Err(TriageError::InvalidConfig(format!("nb_smoothing must be > 0, got {alpha}")));
+    }
 
     let buckets = features.buckets();
-    let mut weights = vec![0.0f32; buckets];
-    let mut grad_squares = vec![0.0f32; buckets];
-    let mut bias = 0.0f32;
-    let mut bias_grad_square = 0.0f32;
+    let mut feats: Vec<(u32, f32)> = Vec::with_capacity(4096);
+    let scale = config.nb_smoothing.map(|alpha| log_count_ratios(examples, &featurizer, alpha, &mut feats));
+    // Per-source copies: index 0 is shared, 1 + s belongs to source s.
+    let sources = examples.iter().map(|e| e.source + 1).max().unwrap_or(1);
+    let copies = match config.domain_adaptation {
+        DomainAdaptation::None => 1,
+        DomainAdaptation::Intercept | DomainAdaptation::Features => 1 + sources,
+    };
+    let weight_copies = if config.domain_adaptation == DomainAdaptation::Features { copies } else { 1 };
+    let mut weights = vec![vec![0.0f32; buckets]; weight_copies];
+    let mut grad_squares = vec![vec![0.0f32; buckets]; weight_copies];
+    let mut biases = vec![0.0f32; copies];
+    let mut bias_grad_squares = vec![0.0f32; copies];
     const EPS: f32 = 1e-8;
 
     let mut order: Vec<usize> = (0..examples.len()).collect();
     let mut rng = SplitMix::new(config.seed);
-    let mut feats: Vec<(u32, f32)> = Vec::with_capacity(4096);
     for _epoch in 0..config.epochs {
         rng.shuffle(&mut order);
         for &i in &order {
@@ -152,20 +222,51 @@ pub fn train(
                 continue;
             }
             featurizer.featurize_into(&example.text, &mut feats);
-            let mut z = bias;
+            if let Some(scale) = &scale {
+                for (j, v) in feats.iter_mut() {
+                    *v *= scale[*j as usize];
+                }
+            }
+            let own_bias = (copies > 1).then_some(1 + example.source);
+            let own_weights = (weight_copies > 1).then_some(1 + example.source);
+            let mut z = biases[0] + own_bias.map_or(0.0, |c| biases[c]);
             for &(j, v) in &feats {
-                z += weights[j as usize] * v;
+                z += weights[0][j as usize] * v;
+            }
+            if let Some(c) = own_weights {
+                for &(j, v) in &feats {
+                    z += weights[c][j as usize] * v;
+                }
             }
             let y = if example.violates { 1.0 } else { 0.0 };
             let g = (sigmoid(z) - y) * item_weight;
-            for &(j, v) in &feats {
-                let j = j as usize;
-                let grad = g * v + config.l2 * weights[j];
-                grad_squares[j] += grad * grad;
-                weights[j] -= config.learning_rate * grad / (grad_squares[j] + EPS).sqrt();
+            for copy in std::iter::once(0).chain(own_weights) {
+                let (w, g2) = (&mut weights[copy], &mut grad_squares[copy]);
+                for &(j, v) in &feats {
+                    let j = j as usize;
+                    let grad = g * v + config.l2 * w[j];
+                    g2[j] += grad * grad;
+                    w[j] -= config.learning_rate * grad / (g2[j] + EPS).sqrt();
+                }
             }
-            bias_grad_square += g * g;
-            bias -= config.learning_rate * g / (bias_grad_square + EPS).sqrt();
+            for copy in std::iter::once(0).chain(own_bias) {
+                bias_grad_squares[copy] += g * g;
+                biases[copy] -= config.learning_rate * g / (bias_grad_squares[copy] + EPS).sqrt();
+            }
+        }
+    }
+    // The model scores source 0's domain: shared parameters plus source 0's own.
+    let bias = biases[0] + if copies > 1 { biases[1] } else { 0.0 };
+    let mut weights_iter = weights.into_iter();
+    let mut weights = weights_iter.next().unwrap_or_default();
+    if let Some(own) = weights_iter.next() {
+        for (w, o) in weights.iter_mut().zip(own) {
+            *w += o;
+        }
+    }
+    if let Some(scale) = &scale {
+        for (w, r) in weights.iter_mut().zip(scale) {
+            *w *= r;
         }
     }
     if !bias.is_finite() || weights.iter().any(|w| !w.is_finite()) {
