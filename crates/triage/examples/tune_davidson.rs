@@ -176,6 +176,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let words = FeatureConfig::words_only();
     let chars = FeatureConfig::default();
     let base = TrainConfig::default();
+    let len = FeatureConfig { length_feature: true, ..chars.clone() };
     let nb = |alpha: f32| TrainConfig { nb_smoothing: Some(alpha), ..base.clone() };
     let da = |mode: DomainAdaptation| TrainConfig { domain_adaptation: mode, ..base.clone() };
     let s = |name: &str, features: &FeatureConfig, train: TrainConfig, davidson: Option<DavidsonUse>| Setting {
@@ -252,6 +253,72 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             TrainConfig { nb_smoothing: Some(1.0), domain_adaptation: DomainAdaptation::Features, ..base.clone() },
             Some(DavidsonUse::hate_or_offensive(0.2)),
         ),
+        // Round 2: the length feature with the better Davidson uses.
+        s("L tc", &len, base.clone(), None),
+        s("L tc 2^16", &FeatureConfig { hash_bits: 16, ..len.clone() }, base.clone(), None),
+        s("L tc 2^20", &FeatureConfig { hash_bits: 20, ..len.clone() }, base.clone(), None),
+        s("L tc cw pos x20", &len, TrainConfig { class_weight: ClassWeight::Violation(20.0), ..base.clone() }, None),
+        s("L tc nb a=1", &len, nb(1.0), None),
+        s("L dv hate-vs-neither x0.1", &len, base.clone(), Some(DavidsonUse::drop_offensive(0.1))),
+        s("L dv hate-vs-neither x0.5", &len, base.clone(), Some(DavidsonUse::drop_offensive(0.5))),
+        s(
+            "L dv hate-vs-neither x0.2 da-int",
+            &len,
+            da(DomainAdaptation::Intercept),
+            Some(DavidsonUse::drop_offensive(0.2)),
+        ),
+        s(
+            "L dv hate|off x0.1 da-int",
+            &len,
+            da(DomainAdaptation::Intercept),
+            Some(DavidsonUse::hate_or_offensive(0.1)),
+        ),
+        s(
+            "L dv hate|off x0.5 da-int",
+            &len,
+            da(DomainAdaptation::Intercept),
+            Some(DavidsonUse::hate_or_offensive(0.5)),
+        ),
+        s("L dv hate|off x1 da-int", &len, da(DomainAdaptation::Intercept), Some(DavidsonUse::hate_or_offensive(1.0))),
+        s(
+            "L dv hate x0.2 off x0.05 da-int",
+            &len,
+            da(DomainAdaptation::Intercept),
+            Some(DavidsonUse::offensive_weighted(0.2, 0.05)),
+        ),
+        s("L dv hate x0.2 da-int", &len, da(DomainAdaptation::Intercept), Some(DavidsonUse::binary_hate(0.2))),
+        // Round 3: around the best round-2 point.
+        s("M dv hate x0.2 off x0.05", &len, base.clone(), Some(DavidsonUse::offensive_weighted(0.2, 0.05))),
+        s(
+            "M dv hate x0.2 off x0.05 da-feat",
+            &len,
+            da(DomainAdaptation::Features),
+            Some(DavidsonUse::offensive_weighted(0.2, 0.05)),
+        ),
+        s(
+            "M dv hate x0.1 off x0.02 da-int",
+            &len,
+            da(DomainAdaptation::Intercept),
+            Some(DavidsonUse::offensive_weighted(0.1, 0.02)),
+        ),
+        s(
+            "M dv hate x0.5 off x0.1 da-int",
+            &len,
+            da(DomainAdaptation::Intercept),
+            Some(DavidsonUse::offensive_weighted(0.5, 0.1)),
+        ),
+        s(
+            "M dv hate x0.2 off x0.1 da-int",
+            &len,
+            da(DomainAdaptation::Intercept),
+            Some(DavidsonUse::offensive_weighted(0.2, 0.1)),
+        ),
+        s(
+            "M dv hate x0.2 off x0.02 da-int",
+            &len,
+            da(DomainAdaptation::Intercept),
+            Some(DavidsonUse::offensive_weighted(0.2, 0.02)),
+        ),
         s("stack: words | chars3-5 (tc)", &chars, base.clone(), None),
     ];
     println!(
@@ -267,6 +334,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "dep all r/skip",
         "sec"
     );
+    if filter.as_deref() == Some("window") {
+        let len = FeatureConfig { length_feature: true, ..FeatureConfig::default() };
+        window_experiment(&tc_train.examples, &tc_test.examples, &len, &TrainConfig::default())?;
+        return Ok(());
+    }
     for setting in settings {
         if filter.as_deref().is_some_and(|f| !setting.name.contains(f)) {
             continue;
@@ -353,4 +425,89 @@ fn stacked(
     let test_margins: Vec<f32> =
         test.iter().map(|e| mix(a, model_w.margin(&fw, &e.text), model_c.margin(&fc, &e.text))).collect();
     Ok(evaluate(examples, &oof, &test_margins, test_labels, 0.99))
+}
+
+/// Splits `text` into pieces of about `width` bytes at whitespace (never inside a character).
+fn windows(text: &str, width: usize) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while text.len() - start > width {
+        let mut cut = start + width;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let cut = text[start..cut].rfind(char::is_whitespace).map_or(cut, |i| start + i.max(1));
+        out.push(&text[start..cut]);
+        start = cut;
+    }
+    out.push(&text[start..]);
+    out
+}
+
+/// Window pooling: does scoring long texts by their worst window (as well as as a whole) rank the long
+/// role-play violations higher? Own 5 folds (stratified by label), TC train only; prints global vs pooled.
+pub fn window_experiment(
+    tc: &[Example],
+    test: &[Example],
+    features: &FeatureConfig,
+    config: &TrainConfig,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let featurizer = Featurizer::new(features.clone())?;
+    let labels: Vec<bool> = tc.iter().map(|e| e.violates).collect();
+    let test_labels: Vec<bool> = test.iter().map(|e| e.violates).collect();
+    for width in [128usize, 256, 512] {
+        let mut rows = [Row::default(), Row::default(), Row::default()];
+        for seed in SEEDS {
+            let mut fold_of = vec![0usize; tc.len()];
+            for class in [false, true] {
+                let mut members: Vec<usize> = (0..tc.len()).filter(|&i| tc[i].violates == class).collect();
+                let mut state = seed;
+                for i in (1..members.len()).rev() {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    members.swap(i, (state >> 33) as usize % (i + 1));
+                }
+                for (k, &i) in members.iter().enumerate() {
+                    fold_of[i] = k % 5;
+                }
+            }
+            let score = |model: &LinearModel, text: &str| -> [f32; 3] {
+                let global = model.margin(&featurizer, text);
+                let pooled =
+                    windows(text, width).iter().map(|w| model.margin(&featurizer, w)).fold(f32::NEG_INFINITY, f32::max);
+                [global, global.max(pooled), 0.5 * (global + pooled)]
+            };
+            let mut oof = vec![[0.0f32; 3]; tc.len()];
+            for fold in 0..5 {
+                let train_set: Vec<&Example> =
+                    tc.iter().zip(&fold_of).filter(|(_, f)| **f != fold).map(|(e, _)| e).collect();
+                let model = train(&train_set, features, &TrainConfig { seed, ..config.clone() })?;
+                for i in (0..tc.len()).filter(|&i| fold_of[i] == fold) {
+                    oof[i] = score(&model, &tc[i].text);
+                }
+            }
+            let all: Vec<&Example> = tc.iter().collect();
+            let model = train(&all, features, &TrainConfig { seed, ..config.clone() })?;
+            let test_scores: Vec<[f32; 3]> = test.iter().map(|e| score(&model, &e.text)).collect();
+            for (k, row) in rows.iter_mut().enumerate() {
+                let o: Vec<f32> = oof.iter().map(|s| s[k]).collect();
+                let t: Vec<f32> = test_scores.iter().map(|s| s[k]).collect();
+                row.add(&evaluate(tc, &o, &t, &test_labels, 0.99), 1.0 / SEEDS.len() as f64);
+            }
+        }
+        let _ = &labels;
+        for (name, m) in ["global", "max(global, window)", "mean(global, window)"].iter().zip(rows) {
+            println!(
+                "window {width:>4} {name:<26} {:>7.4} {:>7.4} {:>7.4} | {:>7.4} {:>7.4} {:>7.4} | {:>6.3}/{:<6.3}",
+                m.oof_auc,
+                m.oof_skip99,
+                m.oof_skip95,
+                m.test_auc,
+                m.test_skip99,
+                m.test_skip95,
+                m.dep_tc_recall,
+                m.dep_tc_skip
+            );
+        }
+    }
+    Ok(())
 }

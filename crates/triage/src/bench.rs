@@ -12,7 +12,7 @@ use crate::data::{DatasetFields, load_dataset};
 use crate::features::FeatureConfig;
 use crate::model::{FitOptions, fit};
 use crate::rules::{KeywordList, RuleAction, RuleSet, RulesConfig};
-use crate::train::Example;
+use crate::train::{DomainAdaptation, Example, TrainConfig};
 use crate::{Triage, TriageError};
 
 pub const TOXICCHAT_TRAIN: &str = "toxicchat-0124/toxicchat0124_train_human.jsonl";
@@ -150,6 +150,81 @@ fn oracle(scores: &[f32], labels: &[bool], target_recall: f64) -> (f64, f64) {
     }
 }
 
+/// One trained variant of the benchmark.
+struct Plan<'a> {
+    name: &'a str,
+    examples: &'a [Example],
+    provenance: &'a [crate::data::DatasetProvenance],
+    features: FeatureConfig,
+    train: TrainConfig,
+    calibration_sources: Option<Vec<usize>>,
+    /// Also time `route()` with this model.
+    timed: bool,
+}
+
+impl<'a> Plan<'a> {
+    fn new(
+        name: &'a str,
+        examples: &'a [Example],
+        provenance: &'a [crate::data::DatasetProvenance],
+        features: FeatureConfig,
+    ) -> Self {
+        Plan {
+            name,
+            examples,
+            provenance,
+            features,
+            train: TrainConfig::default(),
+            calibration_sources: None,
+            timed: false,
+        }
+    }
+
+    fn timed(self) -> Self {
+        Plan { timed: true, ..self }
+    }
+}
+
+/// Weights (0 drops the class) of Davidson's three classes when its tweets are auxiliary training data.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DavidsonWeights {
+    /// Class 0, hate speech: a violation.
+    pub hate: f32,
+    /// Class 1, offensive but not hate: also a violation, weakly. Labelled benign (the binary mapping) it
+    /// teaches that profanity is fine, which ToxicChat's sexual and abusive prompts contradict.
+    pub offensive: f32,
+    /// Class 2, neither: benign.
+    pub neither: f32,
+}
+
+/// Chosen on ToxicChat train out-of-fold skip rate at 99 % recall (`tune_davidson`, BENCHMARKS.md "Triage").
+impl Default for DavidsonWeights {
+    fn default() -> Self {
+        DavidsonWeights { hate: 0.2, offensive: 0.05, neither: 0.2 }
+    }
+}
+
+/// Reads Davidson's `binary.jsonl` by its 3-way `class` field instead of the binary `violates`.
+pub fn load_davidson_3way(path: &Path, weights: DavidsonWeights, source: usize) -> Result<Vec<Example>, TriageError> {
+    let bad = |line: usize, what: &str| TriageError::Dataset(format!("{}:{line}: {what}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| TriageError::Io { path: path.to_path_buf(), source: e })?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let row: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(i + 1, &e.to_string()))?;
+        let tweet = row.get("text").and_then(|t| t.as_str()).ok_or_else(|| bad(i + 1, "no string field \"text\""))?;
+        let (violates, weight) = match row.get("class").and_then(|c| c.as_u64()) {
+            Some(0) => (true, weights.hate),
+            Some(1) => (true, weights.offensive),
+            Some(2) => (false, weights.neither),
+            _ => return Err(bad(i + 1, "field \"class\" is not 0, 1 or 2")),
+        };
+        if weight > 0.0 {
+            out.push(Example { text: tweet.to_string(), violates, weight, source });
+        }
+    }
+    Ok(out)
+}
+
 pub fn run(options: &BenchOptions) -> Result<BenchReport, TriageError> {
     let dir = &options.data_dir;
     let need = |rel: &str| -> Result<PathBuf, TriageError> {
@@ -187,43 +262,65 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TriageError> {
         oracle_skip_rate: ks,
     });
 
-    let configs = [("words 1-2", FeatureConfig::words_only()), ("words 1-2 + chars 3-5", FeatureConfig::default())];
-    let sets: [(&str, &[Example], Vec<crate::data::DatasetProvenance>); 2] = [
-        ("toxicchat", &tc_train.examples, vec![tc_train.provenance.clone()]),
-        ("toxicchat+davidson", &both, vec![tc_train.provenance.clone(), davidson.provenance.clone()]),
+    // "both thresholds": Davidson's binary (hate-only) label, thresholds that must hold on both sets (what `fit`
+    // does by default). "3-way aux": Davidson as auxiliary data (`load_davidson_3way`): hate and offensive tweets
+    // are violations, with its own intercept, and calibration and thresholds from ToxicChat alone.
+    let davidson_3way = load_davidson_3way(&need(DAVIDSON)?, DavidsonWeights::default(), 1)?;
+    let mut tc_davidson_3way = tc_train.examples.clone();
+    tc_davidson_3way.extend(davidson_3way);
+    let tc_only = vec![tc_train.provenance.clone()];
+    let with_davidson = vec![tc_train.provenance.clone(), davidson.provenance.clone()];
+    let chars_no_length = FeatureConfig { length_feature: false, ..FeatureConfig::default() };
+    let davidson_aux = TrainConfig { domain_adaptation: DomainAdaptation::Intercept, ..TrainConfig::default() };
+    let plans: Vec<Plan> = vec![
+        Plan::new("words 1-2, toxicchat", &tc_train.examples, &tc_only, FeatureConfig::words_only()).timed(),
+        Plan::new("words 1-2 + chars 3-5, toxicchat", &tc_train.examples, &tc_only, chars_no_length.clone()),
+        Plan::new("words+chars+length, toxicchat (default)", &tc_train.examples, &tc_only, FeatureConfig::default())
+            .timed(),
+        Plan::new("words+chars, tc+davidson hate, both thresholds", &both, &with_davidson, chars_no_length),
+        Plan {
+            train: davidson_aux,
+            calibration_sources: Some(vec![0]),
+            ..Plan::new(
+                "words+chars+length, tc+davidson 3-way aux",
+                &tc_davidson_3way,
+                &with_davidson,
+                FeatureConfig::default(),
+            )
+        },
     ];
     let mut best_skip = -1.0;
     let mut timed_models = Vec::new();
-    for (set_name, examples, provenance) in &sets {
-        for (feature_name, features) in &configs {
-            let fit_options = FitOptions {
-                features: features.clone(),
-                folds: options.folds,
-                target_recall: options.target_recall,
-                ..FitOptions::default()
-            };
-            let start = Instant::now();
-            let model = fit(examples, provenance.clone(), &fit_options)?;
-            let train_seconds = start.elapsed().as_secs_f64();
-            let probs: Vec<f32> = test_texts.iter().map(|t| model.probability(t)).collect();
-            let deployed = band_metrics(&probs, &labels, model.meta.thresholds.allow_below, None);
-            let (or, os) = oracle(&probs, &labels, options.target_recall);
-            best_skip = f64::max(best_skip, os);
-            if *set_name == "toxicchat" {
-                timed_models.push((feature_name.to_string(), model.clone()));
-            }
-            variants.push(VariantResult {
-                name: format!("{feature_name} on {set_name}"),
-                training_sets: provenance.iter().map(|p| p.path.clone()).collect(),
-                features: Some(features.clone()),
-                train_seconds,
-                auc: deployed.auc,
-                deployed_recall: Some(deployed.recall),
-                deployed_skip_rate: Some(deployed.skip_rate),
-                oracle_recall: or,
-                oracle_skip_rate: os,
-            });
+    for plan in plans {
+        let fit_options = FitOptions {
+            features: plan.features.clone(),
+            train: plan.train.clone(),
+            folds: options.folds,
+            target_recall: options.target_recall,
+            calibration_sources: plan.calibration_sources.clone(),
+            ..FitOptions::default()
+        };
+        let start = Instant::now();
+        let model = fit(plan.examples, plan.provenance.to_vec(), &fit_options)?;
+        let train_seconds = start.elapsed().as_secs_f64();
+        let probs: Vec<f32> = test_texts.iter().map(|t| model.probability(t)).collect();
+        let deployed = band_metrics(&probs, &labels, model.meta.thresholds.allow_below, None);
+        let (or, os) = oracle(&probs, &labels, options.target_recall);
+        best_skip = f64::max(best_skip, os);
+        if plan.timed {
+            timed_models.push((plan.name.to_string(), model.clone()));
         }
+        variants.push(VariantResult {
+            name: plan.name.to_string(),
+            training_sets: plan.provenance.iter().map(|p| p.path.clone()).collect(),
+            features: Some(plan.features.clone()),
+            train_seconds,
+            auc: deployed.auc,
+            deployed_recall: Some(deployed.recall),
+            deployed_skip_rate: Some(deployed.skip_rate),
+            oracle_recall: or,
+            oracle_skip_rate: os,
+        });
     }
     let skip_ratio_vs_keywords = (ks > 0.0).then(|| best_skip / ks);
 

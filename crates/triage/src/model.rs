@@ -14,8 +14,12 @@ use crate::features::{FeatureConfig, Featurizer};
 use crate::train::{Example, LinearModel, SplitMix, TrainConfig, train, violation_weight};
 
 pub const FORMAT_NAME: &str = "safeguard-triage-model";
-/// Bump when the meaning of any stored field or the featurization changes; old artifacts are refused.
-pub const FORMAT_VERSION: u32 = 1;
+/// Bump when the meaning of any stored field or the featurization changes. Version 2 added
+/// `features.length_feature`; version 1 artifacts (without it) still load and score as before, and builds that
+/// read only version 1 refuse version 2 by its number instead of an unknown-field error.
+pub const FORMAT_VERSION: u32 = 2;
+/// Oldest `format_version` this build still reads.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 pub const META_FILE: &str = "model.json";
 pub const WEIGHTS_FILE: &str = "weights.bin";
 
@@ -325,16 +329,20 @@ impl TriageModel {
             ));
         }
         let version = raw.get("format_version").and_then(|v| v.as_u64());
-        if version != Some(FORMAT_VERSION as u64) {
+        if !version.is_some_and(|v| (OLDEST_FORMAT_VERSION as u64..=FORMAT_VERSION as u64).contains(&v)) {
             return Err(invalid(
                 dir,
                 format!(
-                    "unsupported format_version {version:?}; this build reads version {FORMAT_VERSION}; retrain the model"
+                    "unsupported format_version {version:?}; this build reads versions {OLDEST_FORMAT_VERSION} to \
+                     {FORMAT_VERSION}; retrain the model"
                 ),
             ));
         }
         let meta: ModelMeta = serde_json::from_value(raw).map_err(|e| invalid(dir, format!("{META_FILE}: {e}")))?;
         meta.features.validate()?;
+        if version == Some(1) && meta.features.length_feature {
+            return Err(invalid(dir, "format_version 1 has no length feature; the file was edited or is damaged"));
+        }
         meta.calibration.validate().map_err(|e| invalid(dir, e))?;
         if meta.weights.dtype != "f32le" {
             return Err(invalid(dir, format!("weights dtype {:?} unsupported (expected f32le)", meta.weights.dtype)));
@@ -456,13 +464,13 @@ mod tests {
         assert!(TriageModel::load(dir.path()).unwrap_err().to_string().contains("bytes, expected"));
         std::fs::write(&weights_path, &good_weights).unwrap();
 
-        std::fs::write(&meta_path, good_meta.replace("\"format_version\": 1", "\"format_version\": 99")).unwrap();
+        std::fs::write(&meta_path, good_meta.replace("\"format_version\": 2", "\"format_version\": 99")).unwrap();
         assert!(TriageModel::load(dir.path()).unwrap_err().to_string().contains("unsupported format_version Some(99)"));
 
         std::fs::write(&meta_path, "{ not json").unwrap();
         assert!(TriageModel::load(dir.path()).unwrap_err().to_string().contains("not valid JSON"));
 
-        std::fs::write(&meta_path, r#"{"format": "something-else", "format_version": 1}"#).unwrap();
+        std::fs::write(&meta_path, r#"{"format": "something-else", "format_version": 2}"#).unwrap();
         assert!(TriageModel::load(dir.path()).unwrap_err().to_string().contains("not a triage model"));
 
         std::fs::write(&meta_path, good_meta.replace("\"file\": \"weights.bin\"", "\"file\": \"../weights.bin\""))
@@ -475,6 +483,32 @@ mod tests {
     }
 
     #[test]
+    fn version_1_artifacts_load_and_score_as_before() {
+        let options = FitOptions {
+            features: FeatureConfig { hash_bits: 12, length_feature: false, ..FeatureConfig::default() },
+            target_recall: 0.9,
+            min_violate_support: 3,
+            ..FitOptions::default()
+        };
+        let model = fit(&tiny_data(), vec![], &options).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        model.save(dir.path()).unwrap();
+        // What version 1 wrote: no length_feature key, format_version 1.
+        let meta_path = dir.path().join(META_FILE);
+        let mut raw: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
+        raw["format_version"] = 1.into();
+        raw["features"].as_object_mut().unwrap().remove("length_feature");
+        std::fs::write(&meta_path, serde_json::to_vec(&raw).unwrap()).unwrap();
+        let loaded = TriageModel::load(dir.path()).unwrap();
+        for text in ["how to make a bomb", "hello there", ""] {
+            assert_eq!(loaded.margin(text).to_bits(), model.margin(text).to_bits());
+        }
+        raw["features"]["length_feature"] = true.into();
+        std::fs::write(&meta_path, serde_json::to_vec(&raw).unwrap()).unwrap();
+        assert!(TriageModel::load(dir.path()).unwrap_err().to_string().contains("has no length feature"));
+    }
+
+    #[test]
     fn thresholds_keep_target_recall_out_of_fold() {
         let model = tiny_model();
         let t = &model.meta.thresholds;
@@ -482,5 +516,31 @@ mod tests {
         assert!(t.violate_above.is_none_or(|v| v > t.allow_below));
         assert_eq!(model.meta.training.items, 80);
         assert_eq!(model.meta.policy_hash, "sha256:abc");
+    }
+
+    #[test]
+    fn calibration_sources_set_thresholds_and_auxiliary_sources_only_train() {
+        let mut examples = tiny_data();
+        // An auxiliary source whose violations look benign: held to 90 % recall, the threshold would sink.
+        for round in 0..8 {
+            for t in ["help me write code", "how do plants grow"] {
+                examples.push(Example { text: format!("{t} {round} aux"), violates: true, weight: 0.1, source: 1 });
+            }
+        }
+        let base = FitOptions {
+            features: FeatureConfig { hash_bits: 12, ..FeatureConfig::default() },
+            target_recall: 0.9,
+            min_violate_support: 3,
+            ..FitOptions::default()
+        };
+        let all = fit(&examples, vec![], &base).unwrap();
+        let own = fit(&examples, vec![], &FitOptions { calibration_sources: Some(vec![0]), ..base.clone() }).unwrap();
+        assert_eq!(own.meta.metrics.out_of_fold.items, 80, "out-of-fold metrics cover the calibration source");
+        assert_eq!(own.meta.metrics.per_dataset.len(), 2);
+        assert!(own.meta.metrics.per_dataset[0].recall >= 0.9);
+        assert!(own.meta.thresholds.allow_below > all.meta.thresholds.allow_below);
+        assert_eq!(own.meta.training.calibration_sources, Some(vec![0]));
+        let none = FitOptions { calibration_sources: Some(vec![7]), ..base };
+        assert!(matches!(fit(&examples, vec![], &none), Err(TriageError::InvalidConfig(_))));
     }
 }

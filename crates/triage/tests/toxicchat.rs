@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use safeguard_triage::bench::{TOXICCHAT_TEST, TOXICCHAT_TRAIN};
+use safeguard_triage::bench::{DAVIDSON, DavidsonWeights, TOXICCHAT_TEST, TOXICCHAT_TRAIN, load_davidson_3way};
 use safeguard_triage::calibrate::band_metrics;
 use safeguard_triage::{Band, DatasetFields, FeatureConfig, FitOptions, Triage, TriageModel, fit, load_dataset};
 
@@ -59,4 +59,23 @@ fn toxicchat_train_then_test_keeps_recall_and_skips_benign() {
         test.examples.iter().filter(|e| !e.violates && triage.route(&e.text).band == Band::ConfidentBenign).count();
     let benign = labels.iter().filter(|&&l| !l).count();
     assert!((skipped as f64 / benign as f64 - m.skip_rate).abs() < 1e-9);
+}
+
+#[test]
+fn davidson_three_way_classes_map_to_weighted_violations() {
+    let Some(dir) = data_dir() else { return };
+    let path = dir.join(DAVIDSON);
+    if !path.exists() {
+        eprintln!("skipping: {} not found", path.display());
+        return;
+    }
+    let every = DavidsonWeights { hate: 1.0, offensive: 2.0, neither: 3.0 };
+    let items = load_davidson_3way(&path, every, 1).unwrap();
+    let count =
+        |violates: bool, weight: f32| items.iter().filter(|e| e.violates == violates && e.weight == weight).count();
+    // Class counts from the dataset's README: 1,430 hate, 19,190 offensive, 4,163 neither.
+    assert_eq!((count(true, 1.0), count(true, 2.0), count(false, 3.0)), (1430, 19190, 4163));
+    assert!(items.iter().all(|e| e.source == 1));
+    let no_offensive = load_davidson_3way(&path, DavidsonWeights { offensive: 0.0, ..every }, 1).unwrap();
+    assert_eq!(no_offensive.len(), 1430 + 4163, "a zero weight drops the class");
 }
