@@ -62,7 +62,7 @@ fn train_then_eval_then_refuse_bad_inputs() {
     assert!(model.join("model.json").exists());
     assert_eq!(std::fs::metadata(model.join("weights.bin")).unwrap().len(), 4 * 4096);
     let meta: Value = serde_json::from_slice(&std::fs::read(model.join("model.json")).unwrap()).unwrap();
-    assert_eq!(meta["format_version"], 1);
+    assert_eq!(meta["format_version"], safeguard_triage::model::FORMAT_VERSION);
     assert!(meta["policy_hash"].as_str().unwrap().starts_with("sha256:"));
     assert_eq!(meta["training"]["items"], 96);
     assert_eq!(meta["training"]["datasets"][0]["weight_field"], "importance");
