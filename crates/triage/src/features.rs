@@ -116,6 +116,94 @@ const CHAR_MASKS: [u64; MAX_CHAR_NGRAM as usize + 1] = {
 const BUCKET_MASK: u32 = (1 << MAX_HASH_BITS) - 1;
 const SIGN_BIT: u32 = 1 << 31;
 
+/// Receives feature keys from [`Featurizer::scan`].
+trait FeatureSink {
+    fn put(&mut self, key: u64);
+    /// Called after the features that end at each byte.
+    #[inline(always)]
+    fn after_byte(&mut self) {}
+}
+
+/// A closure as a sink.
+struct EachKey<F>(F);
+
+impl<F: FnMut(u64)> FeatureSink for EachKey<F> {
+    #[inline(always)]
+    fn put(&mut self, key: u64) {
+        (self.0)(key)
+    }
+}
+
+const DOT_STAGE: usize = 64;
+/// One byte adds at most two word features and `MAX_CHAR_NGRAM` character n-grams, and the buffer is flushed
+/// after any byte that fills it to `DOT_STAGE`, so this much room beyond it never overflows.
+const DOT_SLACK: usize = 2 + MAX_CHAR_NGRAM as usize;
+
+/// The dot product's sink: keys are staged in a small buffer and hashed, looked up and summed in a separate
+/// tight loop, so the weight reads (cache misses for big tables) do not wait on each other or on the hashing.
+struct DotSink<'a> {
+    featurizer: &'a Featurizer,
+    weights: &'a [f32],
+    staged: [u64; DOT_STAGE + DOT_SLACK],
+    len: usize,
+    /// Alternate features go to alternate accumulators, across flushes too (`odd`: the next one goes to the
+    /// second), which halves the add dependency chain and keeps the sum bit-identical to adding the features
+    /// one by one in that pattern.
+    sums: [f32; 2],
+    odd: bool,
+    count: usize,
+}
+
+impl DotSink<'_> {
+    #[inline(always)]
+    fn signed_weight(&self, key: u64) -> f32 {
+        let packed = self.featurizer.bucket_and_sign(key);
+        // The bucket is below 2^hash_bits, the length of `weights` (checked on load). Flipping the sign bit is
+        // exactly multiplying by -1.
+        f32::from_bits(self.weights[(packed & BUCKET_MASK) as usize].to_bits() ^ (packed & SIGN_BIT))
+    }
+
+    #[inline(always)]
+    fn flush(&mut self) {
+        let mut sums = self.sums;
+        let mut rest = &self.staged[..self.len];
+        if self.odd
+            && let [first, tail @ ..] = rest
+        {
+            sums[1] += self.signed_weight(*first);
+            rest = tail;
+            self.odd = false;
+        }
+        let mut pairs = rest.chunks_exact(2);
+        for pair in &mut pairs {
+            sums[0] += self.signed_weight(pair[0]);
+            sums[1] += self.signed_weight(pair[1]);
+        }
+        if let [last] = pairs.remainder() {
+            sums[0] += self.signed_weight(*last);
+            self.odd = true;
+        }
+        self.sums = sums;
+        self.count += self.len;
+        self.len = 0;
+    }
+}
+
+impl FeatureSink for DotSink<'_> {
+    #[inline(always)]
+    fn put(&mut self, key: u64) {
+        self.staged[self.len] = key;
+        self.len += 1;
+    }
+
+    #[inline(always)]
+    fn after_byte(&mut self) {
+        if self.len >= DOT_STAGE {
+            self.flush();
+        }
+    }
+}
+
 /// Multiply-shift hashing (Fibonacci): one multiply, buckets from the well-mixed high bits. The xor-shift
 /// first folds the high half (where the n-gram length tag sits) into the low half that the multiply spreads.
 #[inline(always)]
@@ -151,7 +239,7 @@ impl Featurizer {
         &self.config
     }
 
-    /// Calls `put(key)` with the unmixed key of every feature of `text`, in a fixed order (at each byte of the
+    /// Calls `sink.put(key)` with the unmixed key of every feature of `text`, in a fixed order (at each byte of the
     /// normalized text: the word unigram and bigram that end there, then its character n-grams, shortest first).
     ///
     /// The text is seen ASCII-lowercased, with whitespace runs collapsed to one space and a space at each
@@ -160,7 +248,7 @@ impl Featurizer {
     // The last expansion of `feed!` leaves word state that nothing reads afterwards.
     #[allow(unused_assignments)]
     #[inline(always)]
-    fn scan(&self, text: &str, mut put: impl FnMut(u64)) {
+    fn scan(&self, text: &str, sink: &mut impl FeatureSink) {
         let unigrams = self.config.word_unigrams;
         let bigrams = self.config.word_bigrams;
         let words = unigrams || bigrams;
@@ -185,10 +273,10 @@ impl Featurizer {
                         in_word = true;
                     } else if in_word {
                         if unigrams {
-                            put(word_hash ^ SEED_WORD);
+                            sink.put(word_hash ^ SEED_WORD);
                         }
                         if bigrams && let Some(prev) = previous_word {
-                            put(prev.rotate_left(17).wrapping_mul(FNV_PRIME) ^ word_hash ^ SEED_BIGRAM);
+                            sink.put(prev.rotate_left(17).wrapping_mul(FNV_PRIME) ^ word_hash ^ SEED_BIGRAM);
                         }
                         previous_word = Some(word_hash);
                         word_hash = FNV_OFFSET;
@@ -204,28 +292,30 @@ impl Featurizer {
                     // the 4-gram " abc" apart.
                     let mut n = char_lo;
                     while n <= longest {
-                        put((window & CHAR_MASKS[n]) ^ CHAR_LENGTH_SEEDS[n]);
+                        sink.put((window & CHAR_MASKS[n]) ^ CHAR_LENGTH_SEEDS[n]);
                         n += 1;
                     }
                 }
+                sink.after_byte();
             }};
         }
 
-        feed!(b' ');
-        let mut last_space = true;
-        for &b in text.as_bytes() {
+        // One expansion of `feed!` (so one copy of each call to `put`, which then gets inlined): the text
+        // between a virtual space before and after it.
+        let bytes = text.as_bytes();
+        let mut last_space = false;
+        for i in 0..bytes.len() + 2 {
+            let b = if i == 0 || i > bytes.len() { b' ' } else { bytes[i - 1] };
             if b.is_ascii_whitespace() {
-                if !last_space {
-                    feed!(b' ');
-                    last_space = true;
+                if last_space {
+                    continue;
                 }
+                last_space = true;
+                feed!(b' ');
             } else {
-                feed!(b.to_ascii_lowercase());
                 last_space = false;
+                feed!(b.to_ascii_lowercase());
             }
-        }
-        if !last_space {
-            feed!(b' ');
         }
     }
 
@@ -255,11 +345,14 @@ impl Featurizer {
     #[inline]
     pub fn for_each_feature(&self, text: &str, mut emit: impl FnMut(usize, f32)) -> usize {
         let mut count = 0usize;
-        self.scan(text, |key| {
-            let packed = self.bucket_and_sign(key);
-            emit((packed & BUCKET_MASK) as usize, f32::from_bits(0x3f80_0000 | (packed & SIGN_BIT)));
-            count += 1;
-        });
+        self.scan(
+            text,
+            &mut EachKey(|key| {
+                let packed = self.bucket_and_sign(key);
+                emit((packed & BUCKET_MASK) as usize, f32::from_bits(0x3f80_0000 | (packed & SIGN_BIT)));
+                count += 1;
+            }),
+        );
         count
     }
 
@@ -287,42 +380,23 @@ impl Featurizer {
     /// features one by one in order into two alternating accumulators.
     #[inline]
     pub fn dot(&self, text: &str, weights: &[f32]) -> f32 {
-        const STAGE: usize = 64;
-        let mut staged = [0u32; STAGE];
-        let mut len = 0usize;
-        let mut sums = [0.0f32; 2];
-        let mut count = 0usize;
-        #[inline(always)]
-        fn signed_weight(weights: &[f32], packed: u32) -> f32 {
-            // `packed & BUCKET_MASK` is below 2^hash_bits, the length of `weights` (checked on load). Flipping
-            // the sign bit is exactly multiplying by -1.
-            f32::from_bits(weights[(packed & BUCKET_MASK) as usize].to_bits() ^ (packed & SIGN_BIT))
-        }
-        #[inline(always)]
-        fn flush(weights: &[f32], staged: &[u32], sums: &mut [f32; 2]) {
-            let mut pairs = staged.chunks_exact(2);
-            for pair in &mut pairs {
-                sums[0] += signed_weight(weights, pair[0]);
-                sums[1] += signed_weight(weights, pair[1]);
-            }
-            if let [last] = pairs.remainder() {
-                sums[0] += signed_weight(weights, *last);
-            }
-        }
-        self.scan(text, |key| {
-            staged[len] = self.bucket_and_sign(key);
-            len += 1;
-            if len == STAGE {
-                flush(weights, &staged, &mut sums);
-                count += STAGE;
-                len = 0;
-            }
-        });
-        flush(weights, &staged[..len], &mut sums);
-        count += len;
+        let mut sink = DotSink {
+            featurizer: self,
+            weights,
+            staged: [0; DOT_STAGE + DOT_SLACK],
+            len: 0,
+            sums: [0.0; 2],
+            odd: false,
+            count: 0,
+        };
+        self.scan(text, &mut sink);
+        sink.flush();
+        let (sums, count) = (sink.sums, sink.count);
         let ngrams = if count == 0 { 0.0 } else { (sums[0] + sums[1]) / (count as f32).sqrt() };
         match self.length_feature(text) {
-            Some(packed) => ngrams + signed_weight(weights, packed),
+            Some(packed) => {
+                ngrams + f32::from_bits(weights[(packed & BUCKET_MASK) as usize].to_bits() ^ (packed & SIGN_BIT))
+            }
             None => ngrams,
         }
     }
