@@ -51,6 +51,8 @@ struct Setting {
     features: FeatureConfig,
     train: TrainConfig,
     davidson: Option<DavidsonUse>,
+    /// Weight of OpenAI moderation 2022 (binary label) as a third, auxiliary source; `None` leaves it out.
+    openai: Option<f32>,
 }
 
 fn load_davidson(path: &std::path::Path, usage: DavidsonUse) -> Result<Vec<Example>, Box<dyn std::error::Error>> {
@@ -185,6 +187,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         features: features.clone(),
         train,
         davidson,
+        openai: None,
     };
     let settings = vec![
         s("tc: words+chars (old default)", &chars, base.clone(), None),
@@ -320,6 +323,37 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             da(DomainAdaptation::Intercept),
             Some(DavidsonUse::offensive_weighted(0.2, 0.02)),
         ),
+        // Round 4: OpenAI moderation 2022 as another auxiliary source (its own intercept).
+        Setting { openai: Some(0.2), ..s("O tc + openai x0.2 da-int", &len, da(DomainAdaptation::Intercept), None) },
+        Setting { openai: Some(1.0), ..s("O tc + openai x1 da-int", &len, da(DomainAdaptation::Intercept), None) },
+        Setting {
+            openai: Some(0.2),
+            ..s(
+                "O dv kept + openai x0.2 da-int",
+                &len,
+                da(DomainAdaptation::Intercept),
+                Some(DavidsonUse::offensive_weighted(0.2, 0.05)),
+            )
+        },
+        // Round 5: training length for the kept TC + Davidson configuration.
+        s(
+            "P dv kept e3",
+            &len,
+            TrainConfig { epochs: 3, ..da(DomainAdaptation::Intercept) },
+            Some(DavidsonUse::offensive_weighted(0.2, 0.05)),
+        ),
+        s(
+            "P dv kept e8",
+            &len,
+            TrainConfig { epochs: 8, ..da(DomainAdaptation::Intercept) },
+            Some(DavidsonUse::offensive_weighted(0.2, 0.05)),
+        ),
+        s(
+            "P dv kept lr.1",
+            &len,
+            TrainConfig { learning_rate: 0.1, ..da(DomainAdaptation::Intercept) },
+            Some(DavidsonUse::offensive_weighted(0.2, 0.05)),
+        ),
         s("stack: words | chars3-5 (tc)", &chars, base.clone(), None),
     ];
     println!(
@@ -348,6 +382,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut examples = tc_train.examples.clone();
         if let Some(usage) = setting.davidson {
             examples.extend(load_davidson(&dir.join(DAVIDSON_3WAY), usage)?);
+        }
+        if let Some(weight) = setting.openai {
+            let openai = load_dataset(&dir.join("openai-moderation-2022/binary.jsonl"), &fields, 2)?;
+            examples.extend(openai.examples.into_iter().map(|e| Example { weight, ..e }));
         }
         let mut mean = Row::default();
         let k = 1.0 / SEEDS.len() as f64;

@@ -57,6 +57,8 @@ pub struct TrainConfig {
     /// stored weights, so scoring is unchanged. `None` disables it.
     #[serde(default)]
     pub nb_smoothing: Option<f32>,
+    /// Source-specific parameters; the trained model scores source 0's domain, so list the dataset that looks
+    /// like the traffic first.
     #[serde(default)]
     pub domain_adaptation: DomainAdaptation,
 }
