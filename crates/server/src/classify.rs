@@ -325,6 +325,7 @@ pub(crate) async fn classify_batch(
                 count_decision(&decision, "batch", elapsed);
                 let (record, reasoning) = record_of(&decision, &policies, content, &settings, "batch", None);
                 state.store.insert_decision(&record, Some(&reasoning)).await?;
+                crate::reviews::enqueue_if_undecided(&state, &decision, &record, &policies).await?;
                 results.push(decision_reply(&decision, &record, return_reasoning));
             }
         }

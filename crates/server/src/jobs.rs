@@ -190,6 +190,8 @@ async fn process(state: &AppState, job: JobRecord) {
     count_decision(&decision, "job", started.elapsed().as_secs_f64());
     let (record, reasoning) =
         record_of(&decision, &policies, &request.content, &request.settings, "job", Some(&job.id));
+    let review = crate::reviews::undecided_reason(&decision)
+        .map(|reason| crate::reviews::review_for_person(&record.id, &policies, reason));
     let webhook = job.webhook_url.as_ref().map(|url| NewDelivery {
         job_id: job.id.clone(),
         url: url.clone(),
@@ -203,9 +205,12 @@ async fn process(state: &AppState, job: JobRecord) {
         })
         .to_string(),
     });
-    match state.store.finish_job(&job.id, &token, &record, Some(&reasoning), webhook.as_ref()).await {
+    match state.store.finish_job(&job.id, &token, &record, Some(&reasoning), review.as_ref(), webhook.as_ref()).await {
         Ok(true) => {
             metrics::counter!("safeguard_jobs_finished_total").increment(1);
+            if review.is_some() {
+                crate::reviews::count_queued("review");
+            }
             tracing::debug!(decision_id = %record.id, "job finished");
         }
         Ok(false) => tracing::warn!("job lease was lost before finishing; another worker owns it"),

@@ -94,6 +94,7 @@ pub(crate) async fn moderations(
         count_decision(decision, "moderations", elapsed);
         let (record, reasoning) = record_of(decision, &policies, content, &settings, "moderations", None);
         state.store.insert_decision(&record, Some(&reasoning)).await?;
+        crate::reviews::enqueue_if_undecided(&state, decision, &record, &policies).await?;
         ids.push(record.id.clone());
         let mut categories = serde_json::Map::new();
         let mut scores = serde_json::Map::new();

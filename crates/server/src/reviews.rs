@@ -33,8 +33,16 @@ pub(crate) async fn enqueue_if_undecided(
     record: &DecisionRecord,
     policies: &[Policy],
 ) -> Result<(), ApiError> {
+    match undecided_reason(decision) {
+        Some(reason) => queue_for_person(state, &record.id, policies, reason).await,
+        None => Ok(()),
+    }
+}
+
+/// Why a decision needs a person (each undecided policy with its flags), or `None` when the model settled it.
+pub(crate) fn undecided_reason(decision: &Decision) -> Option<String> {
     if decision.outcome != Outcome::NeedsReview {
-        return Ok(());
+        return None;
     }
     let reasons: Vec<String> = decision
         .verdicts
@@ -45,7 +53,8 @@ pub(crate) async fn enqueue_if_undecided(
             format!("{}: {}", v.policy, if flags.is_empty() { "undecided".to_string() } else { flags.join(", ") })
         })
         .collect();
-    queue_for_person(state, &record.id, policies, reasons.join("; ")).await
+    // A decision with no verdict at all (every prompt failed) still names why it is undecided.
+    Some(if reasons.is_empty() { "undecided".to_string() } else { reasons.join("; ") })
 }
 
 /// Puts a stored decision in front of a person: high-risk policies jump the queue, everything gets the SLA.
@@ -55,17 +64,26 @@ pub(crate) async fn queue_for_person(
     policies: &[Policy],
     reason: String,
 ) -> Result<(), ApiError> {
+    state.store.queue_review(&review_for_person(decision_id, policies, reason)).await?;
+    count_queued("review");
+    Ok(())
+}
+
+/// The review a person gets for a decision. [`queue_for_person`] queues it at once; a job stores it in the
+/// transaction that finishes the job, so a job can never be done without its review.
+pub(crate) fn review_for_person(decision_id: &str, policies: &[Policy], reason: String) -> NewReview {
     let high_risk = policies.iter().any(|p| p.meta.high_risk);
-    let review = NewReview {
+    NewReview {
         decision_id: decision_id.to_string(),
         kind: "review".into(),
         priority: if high_risk { 5 } else { 1 },
         reason: Some(reason),
         sla_ms: Some(REVIEW_SLA_MS),
-    };
-    state.store.queue_review(&review).await?;
-    metrics::counter!("safeguard_reviews_queued_total", "kind" => "review").increment(1);
-    Ok(())
+    }
+}
+
+pub(crate) fn count_queued(kind: &'static str) {
+    metrics::counter!("safeguard_reviews_queued_total", "kind" => kind).increment(1);
 }
 
 #[derive(Deserialize)]
@@ -285,7 +303,7 @@ pub(crate) async fn appeal(
             sla_ms: Some(APPEAL_SLA_MS),
         })
         .await?;
-    metrics::counter!("safeguard_reviews_queued_total", "kind" => "appeal").increment(1);
+    count_queued("appeal");
     Ok(Json(json!({"appeal_of": id, "review_id": review.id, "decision": decision_reply(&decision, &record, false)})))
 }
 

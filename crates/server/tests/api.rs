@@ -467,6 +467,81 @@ async fn openai_moderations_and_chat_shapes() {
     assert!(text.contains("\"reasoning\":\"The content is promotional.\"") && text.contains("data: [DONE]"), "{text}");
 }
 
+/// Every path that stores a decision a person must settle queues it: classify, batch, jobs and moderations.
+/// Settled decisions never reach the queue.
+#[tokio::test]
+async fn every_undecided_decision_reaches_the_review_queue() {
+    let h = Harness::start(|c| c.moderation_policies = vec!["spam".into()]).await;
+    let key = h.key(&["classify"]).await;
+    let reviewer = h.key(&["review"]).await;
+    let mut expected: Vec<(String, &str)> = Vec::new();
+
+    let (_, classified) =
+        h.call("POST", "/v1/classify", Some(&key), Some(json!({"text": "FAIL classify", "policies": ["spam"]}))).await;
+    expected.push((classified["decision_id"].as_str().unwrap().to_string(), "api"));
+    h.call("POST", "/v1/classify", Some(&key), Some(json!({"text": "BUY NOW", "policies": ["spam"]}))).await;
+
+    let (_, batch) = h
+        .call(
+            "POST",
+            "/v1/classify/batch",
+            Some(&key),
+            Some(json!({"items": [{"text": "hello"}, {"text": "FAIL batch"}], "policies": ["spam"]})),
+        )
+        .await;
+    expected.push((batch["results"][1]["decision_id"].as_str().unwrap().to_string(), "batch"));
+
+    let (_, moderation) =
+        h.call("POST", "/v1/moderations", Some(&key), Some(json!({"input": ["FAIL moderation", "hello"]}))).await;
+    assert_eq!(moderation["results"][0]["flagged"], true);
+    expected.push((moderation["results"][0]["safeguard"]["decision_id"].as_str().unwrap().to_string(), "moderations"));
+
+    let (status, failing_job) =
+        h.call("POST", "/v1/jobs", Some(&key), Some(json!({"text": "FAIL job", "policies": ["spam"]}))).await;
+    assert_eq!(status, 202, "{failing_job}");
+    let (_, settled_job) =
+        h.call("POST", "/v1/jobs", Some(&key), Some(json!({"text": "hello job", "policies": ["spam"]}))).await;
+    let mut job_decisions = Vec::new();
+    for job in [&failing_job, &settled_job] {
+        let id = job["id"].as_str().unwrap();
+        let mut polled = Value::Null;
+        for _ in 0..200 {
+            polled = h.call("GET", &format!("/v1/jobs/{id}"), Some(&key), None).await.1;
+            if polled["status"] == "done" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(polled["status"], "done", "{polled}");
+        job_decisions.push((polled["decision_id"].as_str().unwrap().to_string(), polled["outcome"].clone()));
+    }
+    assert_eq!(job_decisions[0].1, "needs_review");
+    assert_eq!(job_decisions[1].1, "allow");
+    expected.push((job_decisions[0].0.clone(), "job"));
+
+    let (status, queue) = h.call("GET", "/v1/reviews?status=pending&limit=100", Some(&reviewer), None).await;
+    assert_eq!(status, 200, "{queue}");
+    let queued: Vec<(String, String)> = queue["reviews"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["decision_id"].as_str().unwrap().to_string(), r["reason"].as_str().unwrap_or("").to_string()))
+        .collect();
+    for (decision_id, source) in &expected {
+        let found = queued.iter().find(|(id, _)| id == decision_id);
+        let (_, reason) = found.unwrap_or_else(|| panic!("the {source} decision {decision_id} is not queued: {queue}"));
+        assert!(reason.starts_with("spam:"), "{source}: the reason names the policy: {reason}");
+    }
+    assert_eq!(queued.len(), expected.len(), "only undecided decisions are queued: {queue}");
+    assert_eq!(queue["stats"]["pending"], expected.len());
+    // Queued once per decision: the SLA is set and the item can be opened by a reviewer.
+    let first = &queue["reviews"][0];
+    assert!(first["due_at"].as_i64().unwrap() > first["created_at"].as_i64().unwrap());
+    let (status, opened) =
+        h.call("GET", &format!("/v1/reviews/{}", first["id"].as_str().unwrap()), Some(&reviewer), None).await;
+    assert_eq!((status, opened["decision"]["outcome"].clone()), (200, json!("needs_review")), "{opened}");
+}
+
 #[tokio::test]
 async fn keyless_servers_only_on_loopback() {
     let dir = tempfile::tempdir().unwrap();

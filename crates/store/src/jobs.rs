@@ -5,6 +5,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use crate::decisions::insert_decision_tx;
+use crate::reviews::{NewReview, insert_review_tx};
 use crate::webhooks::{NewDelivery, insert_delivery_tx};
 use crate::{Backend, DecisionRecord, Result, Store, from_json, new_id, now_ms, to_json};
 
@@ -167,9 +168,11 @@ impl Store {
         Ok(updated == 1)
     }
 
-    /// Writes the decision and marks the job done in one transaction, only if `lease_token` still owns the job.
-    /// Returns false (and writes nothing) when another worker took it over or it is already finished: that is
-    /// what makes each job's decision exactly-once even when leases expire or processes die mid-way.
+    /// Writes the decision, the review it needs (if any) and the webhook delivery, and marks the job done, in
+    /// one transaction, only if `lease_token` still owns the job. Returns false (and writes nothing) when another
+    /// worker took it over or it is already finished: that is what makes each job's decision exactly-once even
+    /// when leases expire or processes die mid-way, and what keeps an undecided job from finishing without a
+    /// person being asked.
     #[tracing::instrument(skip_all, fields(job_id))]
     pub async fn finish_job(
         &self,
@@ -177,6 +180,7 @@ impl Store {
         lease_token: &str,
         decision: &DecisionRecord,
         reasoning: Option<&[String]>,
+        review: Option<&NewReview>,
         webhook: Option<&NewDelivery>,
     ) -> Result<bool> {
         let now = now_ms();
@@ -197,6 +201,9 @@ impl Store {
             return Ok(false);
         }
         insert_decision_tx(&mut tx, decision, reasoning).await?;
+        if let Some(review) = review {
+            insert_review_tx(&mut tx, review, now).await?;
+        }
         if let Some(delivery) = webhook {
             insert_delivery_tx(&mut tx, delivery, now).await?;
         }

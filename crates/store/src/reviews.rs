@@ -2,8 +2,8 @@
 //! rationale and the rule it applies; whether it overrides the model is recorded for agreement metrics.
 
 use serde::{Deserialize, Serialize};
-use sqlx::Row;
 use sqlx::any::AnyRow;
+use sqlx::{Any, Row, Transaction};
 
 use crate::{Result, Store, StoreError, now_ms};
 
@@ -85,6 +85,30 @@ fn row_to_review(row: &AnyRow) -> Result<ReviewRecord> {
     })
 }
 
+/// Inserts a pending review inside a caller's transaction, so that a decision and the review it needs are
+/// stored together or not at all. Returns the review's id.
+pub(crate) async fn insert_review_tx(
+    tx: &mut Transaction<'static, Any>,
+    review: &NewReview,
+    now: i64,
+) -> Result<String> {
+    let id = crate::new_id();
+    sqlx::query(
+        "INSERT INTO reviews (id, decision_id, status, kind, priority, reason, created_at, due_at) \
+         VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7)",
+    )
+    .bind(&id)
+    .bind(&review.decision_id)
+    .bind(&review.kind)
+    .bind(review.priority)
+    .bind(&review.reason)
+    .bind(now)
+    .bind(review.sla_ms.map(|ms| now + ms))
+    .execute(&mut **tx)
+    .await?;
+    Ok(id)
+}
+
 impl Store {
     /// Queues a decision for a person. One pending review per decision and kind: queuing again returns the
     /// existing one.
@@ -99,21 +123,9 @@ impl Store {
         if let Some(row) = existing {
             return row_to_review(&row);
         }
-        let id = crate::new_id();
-        let now = now_ms();
-        sqlx::query(
-            "INSERT INTO reviews (id, decision_id, status, kind, priority, reason, created_at, due_at) \
-             VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7)",
-        )
-        .bind(&id)
-        .bind(&review.decision_id)
-        .bind(&review.kind)
-        .bind(review.priority)
-        .bind(&review.reason)
-        .bind(now)
-        .bind(review.sla_ms.map(|ms| now + ms))
-        .execute(&self.pool)
-        .await?;
+        let mut tx = self.pool.begin().await?;
+        let id = insert_review_tx(&mut tx, review, now_ms()).await?;
+        tx.commit().await?;
         self.get_review(&id).await?.ok_or(StoreError::Db(sqlx::Error::RowNotFound))
     }
 

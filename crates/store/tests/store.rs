@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use safeguard_store::{DecisionFilter, DecisionRecord, JobStatus, NewDelivery, NewJob, Store, StoreOptions, now_ms};
+use safeguard_store::{
+    DecisionFilter, DecisionRecord, JobStatus, NewDelivery, NewJob, NewReview, Store, StoreOptions, now_ms,
+};
 use serde_json::json;
 
 const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -180,10 +182,22 @@ async fn jobs_are_idempotent_leased_and_finished_once() {
         let token = claimed.lease_token.clone().unwrap();
         let d = decision("dj-1", "allow", "spam", Some(&job.id));
         let hook = NewDelivery { job_id: job.id.clone(), url: "http://127.0.0.1:9/hook".into(), body: "{}".into() };
-        assert!(!s.finish_job(&job.id, "stale-token", &d, None, None).await.unwrap(), "{}", t.label);
-        assert!(s.finish_job(&job.id, &token, &d, None, Some(&hook)).await.unwrap());
+        let review = NewReview {
+            decision_id: d.id.clone(),
+            kind: "review".into(),
+            priority: 1,
+            reason: Some("spam: undecided".into()),
+            sla_ms: Some(60_000),
+        };
+        assert!(!s.finish_job(&job.id, "stale-token", &d, None, Some(&review), None).await.unwrap(), "{}", t.label);
+        assert_eq!(s.count_reviews("pending").await.unwrap(), 0, "a refused finish queues nothing ({})", t.label);
+        assert!(s.finish_job(&job.id, &token, &d, None, Some(&review), Some(&hook)).await.unwrap());
+        let queued = s.list_reviews("pending", 10).await.unwrap();
+        assert_eq!(queued.len(), 1, "the job's review is stored with its decision ({})", t.label);
+        assert_eq!((queued[0].decision_id.as_str(), queued[0].reason.as_deref()), ("dj-1", Some("spam: undecided")));
+        assert!(queued[0].due_at.is_some());
         let d2 = decision("dj-2", "allow", "spam", Some(&job.id));
-        assert!(!s.finish_job(&job.id, &token, &d2, None, None).await.unwrap(), "second finish refused");
+        assert!(!s.finish_job(&job.id, &token, &d2, None, None, None).await.unwrap(), "second finish refused");
         assert_eq!(s.decisions_for_job(&job.id).await.unwrap(), 1);
         let done = s.get_job(&job.id).await.unwrap().unwrap();
         assert_eq!(done.status, JobStatus::Done);
@@ -201,7 +215,7 @@ async fn jobs_are_idempotent_leased_and_finished_once() {
         assert!(!s.renew_lease(&j2.id, first.lease_token.as_deref().unwrap(), 1000).await.unwrap());
         assert!(s.renew_lease(&j2.id, second.lease_token.as_deref().unwrap(), 1000).await.unwrap());
         let late = decision("dj-late", "allow", "spam", Some(&j2.id));
-        assert!(!s.finish_job(&j2.id, first.lease_token.as_deref().unwrap(), &late, None, None).await.unwrap());
+        assert!(!s.finish_job(&j2.id, first.lease_token.as_deref().unwrap(), &late, None, None, None).await.unwrap());
         assert!(s.release_job(&j2.id, second.lease_token.as_deref().unwrap()).await.unwrap());
         let depth = s.queue_depth().await.unwrap();
         assert_eq!((depth.pending, depth.running, depth.done), (1, 0, 1), "{}", t.label);
@@ -235,7 +249,7 @@ async fn concurrent_workers_finish_each_job_exactly_once() {
                 let mut finished = 0;
                 while let Some(job) = s.claim_job(30_000).await.unwrap() {
                     let d = decision(&format!("w{w}-{}", job.id), "allow", "spam", Some(&job.id));
-                    if s.finish_job(&job.id, job.lease_token.as_deref().unwrap(), &d, None, None).await.unwrap() {
+                    if s.finish_job(&job.id, job.lease_token.as_deref().unwrap(), &d, None, None, None).await.unwrap() {
                         finished += 1;
                     }
                 }
@@ -266,6 +280,7 @@ async fn webhook_deliveries_retry_then_settle() {
             &job.id,
             claimed.lease_token.as_deref().unwrap(),
             &decision("dw", "allow", "p", Some(&job.id)),
+            None,
             None,
             Some(&hook),
         )
@@ -311,7 +326,7 @@ async fn api_keys_are_hashed_scoped_and_revocable() {
 
 #[tokio::test]
 async fn reviews_queue_in_priority_and_sla_order_and_are_decided_once() {
-    use safeguard_store::{NewReview, ReviewDecision};
+    use safeguard_store::ReviewDecision;
     for t in stores().await {
         let s = &t.store;
         for (id, outcome) in [("r-a", "needs_review"), ("r-b", "needs_review"), ("r-c", "violation")] {
