@@ -567,7 +567,7 @@ async fn the_service_runs_on_postgres_too() {
     let url = std::env::var("SAFEGUARD_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let schema = format!("sgserver_{}_{}", std::process::id(), safeguard_store::now_ms());
-    let options = safeguard_store::StoreOptions { schema: Some(schema.clone()), max_connections: 8 };
+    let options = safeguard_store::StoreOptions { schema: Some(schema.clone()), max_connections: 8, ..Default::default() };
     let store = match tokio::time::timeout(Duration::from_secs(5), Store::connect(&url, options)).await {
         Ok(Ok(store)) => store,
         other => {

@@ -126,13 +126,11 @@ pub(crate) async fn insert_decision_tx(
 }
 
 impl Store {
-    /// Stores a decision and (separately) its reasoning, atomically.
+    /// Stores a decision and (separately) its reasoning, atomically, and returns once they are committed.
+    /// Concurrent inserts share a transaction ([`GroupCommit`](crate::GroupCommit)).
     #[tracing::instrument(skip_all, fields(id = %decision.id, outcome = %decision.outcome))]
     pub async fn insert_decision(&self, decision: &DecisionRecord, reasoning: Option<&[String]>) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        insert_decision_tx(&mut tx, decision, reasoning).await?;
-        tx.commit().await?;
-        Ok(())
+        self.decision_writer.insert(&self.pool, decision, reasoning).await
     }
 
     pub async fn get_decision(&self, id: &str) -> Result<Option<DecisionRecord>> {

@@ -14,6 +14,7 @@ macro_rules! sql {
 
 mod decisions;
 mod export;
+mod group_commit;
 mod jobs;
 mod keys;
 mod migrate;
@@ -28,6 +29,7 @@ use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Executor};
 
 pub use decisions::{DecisionFilter, DecisionRecord};
+pub use group_commit::{GroupCommit, GroupCommitStats};
 pub use jobs::{JobRecord, JobStatus, NewJob, QueueDepth};
 pub use keys::{ApiKeyRecord, hash_api_key};
 pub use policies::StoredPolicy;
@@ -52,6 +54,8 @@ pub enum StoreError {
     PolicyNotFound(String),
     #[error("policy {hash} is named {actual:?}, not {requested:?}")]
     PolicyNameMismatch { hash: String, actual: String, requested: String },
+    #[error("the decision writer stopped before confirming the write; the decision may or may not be stored")]
+    WriterStopped,
     #[error("migration {version} failed: {source}")]
     Migration {
         version: i64,
@@ -74,11 +78,13 @@ pub struct StoreOptions {
     /// runs, share one database without colliding.
     pub schema: Option<String>,
     pub max_connections: u32,
+    /// How decision inserts share transactions.
+    pub group_commit: GroupCommit,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { schema: None, max_connections: 8 }
+        StoreOptions { schema: None, max_connections: 8, group_commit: GroupCommit::default() }
     }
 }
 
@@ -86,6 +92,7 @@ impl Default for StoreOptions {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    decision_writer: group_commit::DecisionWriter,
 }
 
 impl std::fmt::Debug for Store {
@@ -169,7 +176,8 @@ impl Store {
             }
             (Backend::Postgres, None) => pool_options.connect(url).await?,
         };
-        let store = Store { pool, backend };
+        let decision_writer = group_commit::DecisionWriter::start(pool.clone(), options.group_commit);
+        let store = Store { pool, backend, decision_writer };
         migrate::run(&store).await?;
         Ok(store)
     }
@@ -180,6 +188,11 @@ impl Store {
 
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// How many transactions the decision writer committed, for how many rows.
+    pub fn group_commit_stats(&self) -> GroupCommitStats {
+        self.decision_writer.stats()
     }
 
     /// True when a trivial query round-trips within `timeout`.

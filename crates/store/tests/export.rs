@@ -15,7 +15,7 @@ async fn stores() -> Vec<(Store, &'static str, Option<tempfile::TempDir>, Option
         std::process::id(),
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
     );
-    let options = StoreOptions { schema: Some(schema.clone()), max_connections: 4 };
+    let options = StoreOptions { schema: Some(schema.clone()), max_connections: 4, ..Default::default() };
     match tokio::time::timeout(std::time::Duration::from_secs(5), Store::connect(&url, options)).await {
         Ok(Ok(store)) => out.push((store, "postgres", None, Some((url, schema)))),
         Ok(Err(err)) => eprintln!("SKIPPING PostgreSQL half of this test: {url} unreachable: {err}"),

@@ -35,7 +35,7 @@ async fn stores() -> Vec<TestStore> {
         std::process::id(),
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
     );
-    let options = StoreOptions { schema: Some(schema.clone()), max_connections: 8 };
+    let options = StoreOptions { schema: Some(schema.clone()), max_connections: 8, ..Default::default() };
     match tokio::time::timeout(std::time::Duration::from_secs(5), Store::connect(&url, options)).await {
         Ok(Ok(store)) => out.push(TestStore { store, label: "postgres", _dir: None, pg_schema: Some((url, schema)) }),
         Ok(Err(err)) => {
@@ -68,6 +68,63 @@ fn decision(id: &str, outcome: &str, policy: &str, job_id: Option<&str>) -> Deci
         job_id: job_id.map(str::to_string),
         replay_of: None,
     }
+}
+
+/// Concurrent inserts share transactions, every caller's row is stored with its reasoning once its insert
+/// returns, and a bad row (a duplicate id) fails alone without failing the rows committed beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_decision_inserts_are_group_committed() {
+    for t in stores().await {
+        let s = Arc::new(t.store.clone());
+        let before = s.group_commit_stats();
+        s.insert_decision(&decision("gc-dup", "allow", "spam", None), None).await.unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                // Every 50th insert reuses an id that is already stored.
+                let id = if i % 50 == 49 { "gc-dup".to_string() } else { format!("gc-{i}") };
+                let reasoning = vec![format!("thought {i}")];
+                let result = s.insert_decision(&decision(&id, "allow", "spam", None), Some(&reasoning)).await;
+                if result.is_ok() {
+                    // Acknowledged means readable now, reasoning included.
+                    let stored = s.get_decision(&id).await.unwrap().expect("acknowledged row is stored");
+                    assert_eq!(stored.id, id);
+                    assert_eq!(s.get_reasoning(&id).await.unwrap(), Some(reasoning));
+                }
+                (id, result.is_ok())
+            }));
+        }
+        let mut failed = Vec::new();
+        for task in tasks {
+            let (id, ok) = task.await.unwrap();
+            if !ok {
+                failed.push(id);
+            }
+        }
+        assert_eq!(failed, vec!["gc-dup"; 4], "only the duplicates fail ({})", t.label);
+        let stored = s.list_decisions(&DecisionFilter { limit: 1000, ..Default::default() }).await.unwrap();
+        assert_eq!(stored.len(), 197, "{}", t.label);
+        let after = s.group_commit_stats();
+        let (commits, rows) = (after.commits - before.commits, after.rows - before.rows);
+        assert_eq!(rows, 201, "{}", t.label);
+        assert!(commits < rows / 2, "{commits} commits for {rows} rows: inserts were not grouped ({})", t.label);
+        t.cleanup().await;
+    }
+}
+
+#[tokio::test]
+async fn group_commit_can_be_turned_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("off.db").display());
+    let options = StoreOptions {
+        group_commit: safeguard_store::GroupCommit { enabled: false, ..Default::default() },
+        ..Default::default()
+    };
+    let s = Store::connect(&url, options).await.unwrap();
+    s.insert_decision(&decision("off-1", "allow", "spam", None), None).await.unwrap();
+    assert!(s.get_decision("off-1").await.unwrap().is_some());
+    assert_eq!(s.group_commit_stats(), safeguard_store::GroupCommitStats::default());
 }
 
 #[tokio::test]

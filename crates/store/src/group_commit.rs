@@ -1,0 +1,178 @@
+//! Group commit for decision inserts.
+//!
+//! Every decision is stored before it is answered, and a commit is a disk flush (SQLite with
+//! `synchronous = FULL`, PostgreSQL's WAL flush). One transaction per decision makes that flush the cost of every
+//! request. Instead, one background writer takes every insert that is waiting, writes them in one transaction and
+//! commits once; each caller still awaits its own row's commit, so nothing is acknowledged before it is durable.
+//!
+//! An idle server pays no waiting: a lone insert is written at once. Only when inserts queue up does the writer
+//! linger (a millisecond by default) for the rest of the burst, which is where one flush for many rows pays.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sqlx::AnyPool;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::decisions::insert_decision_tx;
+use crate::{DecisionRecord, Result, StoreError};
+
+/// How decision inserts are batched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupCommit {
+    /// Most rows in one transaction.
+    pub max_batch: usize,
+    /// Once a second insert is already waiting, how long to gather more before committing.
+    pub linger: Duration,
+    /// Off: every insert is its own transaction (as before group commit), e.g. to compare the two.
+    pub enabled: bool,
+}
+
+impl Default for GroupCommit {
+    fn default() -> Self {
+        GroupCommit { max_batch: 128, linger: Duration::from_millis(1), enabled: true }
+    }
+}
+
+struct Pending {
+    decision: DecisionRecord,
+    reasoning: Option<Vec<String>>,
+    committed: oneshot::Sender<Result<()>>,
+}
+
+/// Transactions and rows written by group commit since the store opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GroupCommitStats {
+    pub commits: u64,
+    pub rows: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    commits: AtomicU64,
+    rows: AtomicU64,
+}
+
+/// The handle inserts go through; cheap to clone with the store.
+#[derive(Clone)]
+pub(crate) struct DecisionWriter {
+    sender: Option<mpsc::UnboundedSender<Pending>>,
+    counters: Arc<Counters>,
+}
+
+impl DecisionWriter {
+    /// Starts the writer on the current tokio runtime. Without one (or with group commit off), inserts
+    /// commit one by one.
+    pub(crate) fn start(pool: AnyPool, config: GroupCommit) -> Self {
+        let counters = Arc::new(Counters::default());
+        if !config.enabled || tokio::runtime::Handle::try_current().is_err() {
+            return DecisionWriter { sender: None, counters };
+        }
+        let (sender, receiver) = mpsc::unbounded_channel();
+        tokio::spawn(run(pool, receiver, config, Arc::clone(&counters)));
+        DecisionWriter { sender: Some(sender), counters }
+    }
+
+    pub(crate) fn stats(&self) -> GroupCommitStats {
+        GroupCommitStats {
+            commits: self.counters.commits.load(Ordering::Relaxed),
+            rows: self.counters.rows.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stores one decision through the writer; returns once its transaction committed.
+    pub(crate) async fn insert(
+        &self,
+        pool: &AnyPool,
+        decision: &DecisionRecord,
+        reasoning: Option<&[String]>,
+    ) -> Result<()> {
+        let Some(sender) = &self.sender else {
+            return write_one(pool, decision, reasoning).await;
+        };
+        let (committed, outcome) = oneshot::channel();
+        let pending = Pending { decision: decision.clone(), reasoning: reasoning.map(<[String]>::to_vec), committed };
+        if let Err(mpsc::error::SendError(pending)) = sender.send(pending) {
+            // The writer's runtime is gone (a store kept past it): write directly.
+            return write_one(pool, &pending.decision, pending.reasoning.as_deref()).await;
+        }
+        // A dropped reply means the writer stopped mid-batch; whether the row landed is unknown, so it is not
+        // acknowledged.
+        outcome.await.unwrap_or(Err(StoreError::WriterStopped))
+    }
+}
+
+async fn run(
+    pool: AnyPool,
+    mut receiver: mpsc::UnboundedReceiver<Pending>,
+    config: GroupCommit,
+    counters: Arc<Counters>,
+) {
+    let max_batch = config.max_batch.max(1);
+    while let Some(first) = receiver.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match receiver.try_recv() {
+                Ok(pending) => batch.push(pending),
+                Err(_) => break,
+            }
+        }
+        if batch.len() > 1 && !config.linger.is_zero() {
+            let deadline = Instant::now() + config.linger;
+            while batch.len() < max_batch {
+                match tokio::time::timeout_at(deadline, receiver.recv()).await {
+                    Ok(Some(pending)) => batch.push(pending),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        counters.commits.fetch_add(1, Ordering::Relaxed);
+        counters.rows.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        commit(&pool, batch).await;
+    }
+}
+
+#[tracing::instrument(skip_all, fields(rows = batch.len()))]
+async fn commit(pool: &AnyPool, batch: Vec<Pending>) {
+    if batch.len() == 1 {
+        for pending in batch {
+            let result = write_one(pool, &pending.decision, pending.reasoning.as_deref()).await;
+            let _ = pending.committed.send(result);
+        }
+        return;
+    }
+    match write_batch(pool, &batch).await {
+        Ok(()) => {
+            for pending in batch {
+                let _ = pending.committed.send(Ok(()));
+            }
+        }
+        Err(error) => {
+            // One bad row (a duplicate id, say) must not fail its neighbours: write each alone so that every
+            // caller gets its own answer.
+            tracing::debug!(%error, "group commit failed; writing its rows one by one");
+            for pending in batch {
+                let result = write_one(pool, &pending.decision, pending.reasoning.as_deref()).await;
+                let _ = pending.committed.send(result);
+            }
+        }
+    }
+}
+
+async fn write_batch(pool: &AnyPool, batch: &[Pending]) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    for pending in batch {
+        insert_decision_tx(&mut tx, &pending.decision, pending.reasoning.as_deref()).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+pub(crate) async fn write_one(pool: &AnyPool, decision: &DecisionRecord, reasoning: Option<&[String]>) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    insert_decision_tx(&mut tx, decision, reasoning).await?;
+    tx.commit().await?;
+    Ok(())
+}
