@@ -22,6 +22,7 @@ use tracing::{debug, info_span};
 use uuid::Uuid;
 
 use crate::budget::ReasoningBudget;
+use crate::stats::CascadeStats;
 
 /// Where in the cascade a policy's outcome was settled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -179,11 +180,12 @@ pub struct Pipeline {
     triage: HashMap<String, Arc<Triage>>,
     config: RoutingConfig,
     budget: Option<Arc<ReasoningBudget>>,
+    stats: Option<Arc<CascadeStats>>,
 }
 
 impl Pipeline {
     pub fn new(classifier: Classifier, config: RoutingConfig) -> Self {
-        Self { classifier, triage: HashMap::new(), config, budget: None }
+        Self { classifier, triage: HashMap::new(), config, budget: None, stats: None }
     }
 
     /// Triage for the policy version with this hash (`sha256:…`). A triage trained for another version of
@@ -195,6 +197,12 @@ impl Pipeline {
 
     pub fn with_budget(mut self, budget: Arc<ReasoningBudget>) -> Self {
         self.budget = Some(budget);
+        self
+    }
+
+    /// Tallies every decided item into `stats` (skip and escalation rates).
+    pub fn with_stats(mut self, stats: Arc<CascadeStats>) -> Self {
+        self.stats = Some(stats);
         self
     }
 
@@ -307,7 +315,7 @@ impl Pipeline {
                 metrics::counter!("safeguard_pipeline_escalations_total", "reason" => escalation_str(why)).increment(1);
             }
         }
-        Ok(CascadeDecision {
+        let decision = CascadeDecision {
             id: Uuid::now_v7(),
             outcome,
             decided_by,
@@ -316,7 +324,11 @@ impl Pipeline {
             reasoning,
             usage,
             total_ms: started.elapsed().as_secs_f64() * 1e3,
-        })
+        };
+        if let Some(stats) = &self.stats {
+            stats.observe(&decision);
+        }
+        Ok(decision)
     }
 
     fn triage_route(&self, policy: &Policy, text: &str, ctx: &RouteContext) -> PolicyRoute {

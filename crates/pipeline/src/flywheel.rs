@@ -8,6 +8,8 @@ use std::io::{self, Write};
 use safeguard_verdict::Outcome;
 use serde::{Deserialize, Serialize};
 
+use sha2::{Digest, Sha256};
+
 use crate::cascade::{CascadeDecision, PolicyRoute, Stage};
 
 /// Where a label came from. Human labels are ground truth; model labels are as good as the model.
@@ -182,6 +184,87 @@ pub fn sample_for_review(route: &PolicyRoute, margin: f32, min_confidence: f32) 
         .map(|probability| SampleReason::LowEngineConfidence { probability })
 }
 
+/// Which settled decisions are worth a person's look (active learning), and how many of them to send.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ActiveLearning {
+    /// Share of the candidates that are queued, 0 to 1. Reviewers' time is the budget: a candidate is any
+    /// item triage and the model disagree on or triage barely decided, and on real traffic that is many.
+    pub rate: f64,
+    /// Distance from 0.5 under which a triage probability counts as a small margin.
+    pub margin: f32,
+    /// Engine probability under which the model's settled answer counts as shaky.
+    pub min_confidence: f32,
+}
+
+impl Default for ActiveLearning {
+    fn default() -> Self {
+        Self { rate: 0.05, margin: 0.1, min_confidence: 0.5 }
+    }
+}
+
+impl ActiveLearning {
+    pub fn off() -> Self {
+        Self { rate: 0.0, ..Self::default() }
+    }
+
+    /// The policies of a settled decision to show a person, with why, or nothing when the decision is not
+    /// a candidate or not drawn. The draw is a hash of the decision id, so the same decision is always drawn
+    /// the same way (a redelivered NATS event is not sampled twice with different luck).
+    pub fn pick(&self, decision: &CascadeDecision) -> Vec<(String, SampleReason)> {
+        if self.rate <= 0.0 || decision.decided_by == Stage::HumanReview {
+            return Vec::new();
+        }
+        let candidates: Vec<(String, SampleReason)> = decision
+            .policies
+            .iter()
+            .filter_map(|route| {
+                sample_for_review(route, self.margin, self.min_confidence).map(|why| (route.policy.clone(), why))
+            })
+            .collect();
+        if candidates.is_empty() || !drawn(&decision.id.to_string(), self.rate) {
+            return Vec::new();
+        }
+        candidates
+    }
+}
+
+/// A deterministic draw with probability `rate` keyed by `key`.
+fn drawn(key: &str, rate: f64) -> bool {
+    if rate >= 1.0 {
+        return true;
+    }
+    let digest = Sha256::digest(key.as_bytes());
+    let mut head = [0u8; 8];
+    head.copy_from_slice(&digest[..8]);
+    (u64::from_be_bytes(head) as f64 / u64::MAX as f64) < rate
+}
+
+impl SampleReason {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SampleReason::TriageModelDisagree { .. } => "triage_model_disagree",
+            SampleReason::SmallTriageMargin { .. } => "small_triage_margin",
+            SampleReason::LowEngineConfidence { .. } => "low_engine_confidence",
+        }
+    }
+}
+
+impl std::fmt::Display for SampleReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SampleReason::TriageModelDisagree { triage_probability: p } => {
+                write!(f, "triage and the model disagree (triage p={p:.2})")
+            }
+            SampleReason::SmallTriageMargin { triage_probability: p } => {
+                write!(f, "triage was barely sure (p={p:.2})")
+            }
+            SampleReason::LowEngineConfidence { probability } => {
+                write!(f, "the model's answer had low probability ({probability:.2})")
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use safeguard_triage::{Band, TriageResult};
@@ -218,6 +301,56 @@ mod tests {
         assert_eq!(sample_for_review(&r, 0.1, 0.5), None);
         let r = route(Outcome::NeedsReview, Stage::HumanReview, Some(0.5), None);
         assert_eq!(sample_for_review(&r, 0.1, 0.5), None, "already with a person");
+    }
+
+    fn decision_of(routes: Vec<PolicyRoute>) -> CascadeDecision {
+        let decided_by = if routes.iter().any(|r| r.decided_by == Stage::HumanReview) {
+            Stage::HumanReview
+        } else {
+            routes[0].decided_by
+        };
+        CascadeDecision {
+            id: uuid::Uuid::now_v7(),
+            outcome: Outcome::Allow,
+            decided_by,
+            policies: routes,
+            stages: Vec::new(),
+            reasoning: Vec::new(),
+            usage: safeguard_core::Usage::default(),
+            total_ms: 0.0,
+        }
+    }
+
+    #[test]
+    fn active_learning_picks_candidates_at_the_rate_and_never_what_a_person_has() {
+        let every = ActiveLearning { rate: 1.0, ..ActiveLearning::default() };
+        let disagree = decision_of(vec![
+            route(Outcome::Allow, Stage::ReasoningLow, Some(0.9), None),
+            route(Outcome::Allow, Stage::ReasoningLow, Some(0.05), None),
+        ]);
+        let picked = every.pick(&disagree);
+        assert_eq!(picked.len(), 1, "only the policy triage disagreed on: {picked:?}");
+        assert_eq!(picked[0].1.kind(), "triage_model_disagree");
+        assert!(picked[0].1.to_string().contains("0.90"));
+        assert!(ActiveLearning::off().pick(&disagree).is_empty());
+        let sure = decision_of(vec![route(Outcome::Allow, Stage::ReasoningLow, Some(0.05), Some(0.99))]);
+        assert!(every.pick(&sure).is_empty(), "nothing to learn from");
+        let with_person = decision_of(vec![
+            route(Outcome::Allow, Stage::ReasoningLow, Some(0.9), None),
+            route(Outcome::NeedsReview, Stage::HumanReview, None, None),
+        ]);
+        assert!(every.pick(&with_person).is_empty(), "a person sees it anyway");
+
+        // The draw is deterministic per decision and close to the rate over many decisions.
+        let tenth = ActiveLearning { rate: 0.1, ..ActiveLearning::default() };
+        assert_eq!(tenth.pick(&disagree), tenth.pick(&disagree));
+        let drawn_count = (0..2000)
+            .filter(|_| {
+                let d = decision_of(vec![route(Outcome::Allow, Stage::ReasoningLow, Some(0.9), None)]);
+                !tenth.pick(&d).is_empty()
+            })
+            .count();
+        assert!((120..=280).contains(&drawn_count), "{drawn_count} of 2000 at rate 0.1");
     }
 
     #[test]

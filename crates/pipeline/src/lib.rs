@@ -9,6 +9,7 @@ pub mod budget;
 pub mod cascade;
 pub mod flywheel;
 pub mod nats;
+pub mod stats;
 pub mod triage_config;
 
 pub use budget::ReasoningBudget;
@@ -16,4 +17,6 @@ pub use cascade::{
     CascadeDecision, Deferred, Escalation, OnTriageViolation, Pipeline, PolicyRoute, RouteContext, RoutingConfig,
     Stage, StageRecord,
 };
+pub use flywheel::{ActiveLearning, SampleReason};
+pub use stats::{CascadeStats, StatsSnapshot};
 pub use triage_config::{TriageLibrary, rules_from_policy};

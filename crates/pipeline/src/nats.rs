@@ -10,7 +10,13 @@
 //!   stream's duplicate window drops a re-publish), and only then is the event acked;
 //! - a `pending` status is published on receipt, so producers can hold the content until the decision comes;
 //! - when the reasoning budget is spent the event is NAKed with the budget's retry delay and the worker
-//!   pauses pulling: back-pressure instead of dropping or allowing.
+//!   pauses pulling: back-pressure instead of dropping or allowing;
+//! - while an item is being decided the worker tells the server it is still working on it (progress acks),
+//!   so a slow decision is not handed to a second worker after `ack_wait`;
+//! - the program the worker runs in ([`WorkerHost`]) chooses the policies and pipeline per event and records
+//!   each settled decision (e.g. in `safeguard serve`'s database) before the event is acked. A redelivered
+//!   event whose decision is already in the ledger is recorded again, so the host must be idempotent by the
+//!   decision id: that makes its record exactly-once too.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +25,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use futures::StreamExt;
 use safeguard_core::input::{InputLimits, parse_item};
+use safeguard_harmony::Content;
 use safeguard_policy::Policy;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -58,6 +65,16 @@ impl NatsConfig {
             ack_wait: Duration::from_secs(60),
             batch: 4,
         }
+    }
+
+    /// Names the streams after `name` instead of the prefix: the work stream is `name`, the decisions and the
+    /// ledger `name_DECISIONS` and `name_DECIDED`, the shared consumer `name_workers`.
+    pub fn with_stream(mut self, name: &str) -> Self {
+        self.work_stream = name.to_string();
+        self.decision_stream = format!("{name}_DECISIONS");
+        self.decided_stream = format!("{name}_DECIDED");
+        self.consumer = format!("{name}_workers");
+        self
     }
 
     pub fn content_subject(&self, key: &str) -> String {
@@ -218,17 +235,70 @@ pub fn subject_token(key: &str) -> String {
     if clean { key.to_string() } else { format!("h{}", &hex::encode(Sha256::digest(key.as_bytes()))[..40]) }
 }
 
+/// Why a host could not serve an event.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The event can never be decided as it is (e.g. it names an unknown policy): it is rejected.
+    #[error("{0}")]
+    Rejected(String),
+    /// Not now (e.g. the database is down): the event is delivered again later.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// A settled decision, handed to the host to record.
+#[derive(Debug, Clone, Copy)]
+pub struct SettledItem<'a> {
+    pub key: &'a str,
+    pub item_id: Option<&'a str>,
+    /// `None` only if a redelivered event's payload no longer parses (it parsed when it was decided).
+    pub content: Option<&'a Content>,
+    pub decision: &'a CascadeDecision,
+}
+
+/// The program a worker runs in: where policies come from and where decisions go.
+#[async_trait::async_trait]
+pub trait WorkerHost: Send + Sync {
+    /// The policies an event is judged under and the pipeline to judge them with. `requested` is what the
+    /// event named in `"policies"` (names or `sha256:` versions); empty means the host's default set.
+    async fn prepare(&self, requested: &[String]) -> Result<(Vec<Policy>, Pipeline), HostError>;
+
+    /// Records a settled decision before its event is acked. Called again for the same decision when an
+    /// event is redelivered after a crash, so it must be idempotent by `item.decision.id`.
+    async fn record(&self, item: SettledItem<'_>) -> Result<(), HostError>;
+}
+
+/// A fixed pipeline and policy list, recording nothing: decisions only go out on the decision stream.
+struct StaticHost {
+    pipeline: Pipeline,
+    policies: Vec<Policy>,
+}
+
+#[async_trait::async_trait]
+impl WorkerHost for StaticHost {
+    async fn prepare(&self, requested: &[String]) -> Result<(Vec<Policy>, Pipeline), HostError> {
+        Ok((select_policies(&self.policies, requested), self.pipeline.clone()))
+    }
+
+    async fn record(&self, _item: SettledItem<'_>) -> Result<(), HostError> {
+        Ok(())
+    }
+}
+
 /// One worker: pulls content events and routes them through the pipeline until `stop` is set.
 pub struct Worker {
     bus: Bus,
-    pipeline: Pipeline,
-    policies: Arc<Vec<Policy>>,
+    host: Arc<dyn WorkerHost>,
     limits: InputLimits,
 }
 
 impl Worker {
     pub fn new(bus: Bus, pipeline: Pipeline, policies: Vec<Policy>) -> Self {
-        Self { bus, pipeline, policies: Arc::new(policies), limits: InputLimits::default() }
+        Self::with_host(bus, Arc::new(StaticHost { pipeline, policies }))
+    }
+
+    pub fn with_host(bus: Bus, host: Arc<dyn WorkerHost>) -> Self {
+        Self { bus, host, limits: InputLimits::default() }
     }
 
     pub async fn run(&self, stop: CancellationToken) -> Result<(), NatsError> {
@@ -292,11 +362,17 @@ impl Worker {
                 .reject(message, "unknown".into(), None, "the event has neither a Nats-Msg-Id header nor an \"id\"")
                 .await;
         };
+        let line = String::from_utf8_lossy(&message.payload);
+        let item = parse_item(&line, &self.limits);
 
-        // Settled already (a redelivery after a crash between deciding and acking): publish again, ack.
+        // Settled already (a redelivery after a crash between deciding and acking): record and publish again, ack.
         match self.bus.decided(&key).await {
             Ok(Some(event)) => {
-                debug!(%key, "already decided; re-publishing");
+                debug!(%key, "already decided; recording and publishing again");
+                let content = item.as_ref().ok().map(|i| &i.content);
+                if !self.record(message, &event, content).await {
+                    return None;
+                }
                 if self.bus.publish_event(&event).await.is_ok() {
                     ack(message, AckKind::Ack).await;
                 }
@@ -310,10 +386,18 @@ impl Worker {
             }
         }
 
-        let line = String::from_utf8_lossy(&message.payload);
-        let item = match parse_item(&line, &self.limits) {
+        let item = match item {
             Ok(item) => item,
             Err(e) => return self.reject(message, key, item_id, &e.to_string()).await,
+        };
+        let (policies, pipeline) = match self.host.prepare(&requested_policies(payload.as_ref())).await {
+            Ok(prepared) => prepared,
+            Err(HostError::Rejected(why)) => return self.reject(message, key, item_id, &why).await,
+            Err(HostError::Unavailable(why)) => {
+                warn!(%key, "cannot prepare the event now: {why}");
+                ack(message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                return None;
+            }
         };
         let _ = self
             .bus
@@ -325,18 +409,20 @@ impl Worker {
                 error: None,
             })
             .await;
-        let policies = select_policies(&self.policies, payload.as_ref());
         let ctx = RouteContext {
             appeal: payload.as_ref().and_then(|p| p.get("appeal")).and_then(Value::as_bool).unwrap_or(false),
-            include_reasoning: false,
+            // For the host's record (reviewers read it); taken out before the ledger and the decision stream.
+            include_reasoning: true,
         };
-        let decision = match self.pipeline.decide(&policies, &item.content, &ctx).await {
+        let decided = keep_alive(message, self.bus.config.ack_wait, pipeline.decide(&policies, &item.content, &ctx));
+        let mut decision = match decided.await {
             Ok(decision) => decision,
             Err(deferred) => {
                 ack(message, AckKind::Nak(Some(deferred.retry_after))).await;
                 return Some(deferred.retry_after);
             }
         };
+        let reasoning = strip_reasoning(&mut decision);
         let event = DecisionEvent {
             key: key.clone(),
             item_id,
@@ -344,8 +430,22 @@ impl Worker {
             decision: Some(decision),
             error: None,
         };
-        self.settle(message, event).await;
+        self.settle(message, event, Some(&item.content), reasoning).await;
         None
+    }
+
+    /// Hands a settled decision to the host; on failure the event is NAKed and `false` returned.
+    async fn record(&self, message: &jetstream::Message, event: &DecisionEvent, content: Option<&Content>) -> bool {
+        let Some(decision) = &event.decision else { return true };
+        let settled = SettledItem { key: &event.key, item_id: event.item_id.as_deref(), content, decision };
+        match self.host.record(settled).await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(key = %event.key, "cannot record the decision yet: {e}");
+                ack(message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                false
+            }
+        }
     }
 
     async fn reject(
@@ -363,12 +463,20 @@ impl Worker {
             decision: None,
             error: Some(error.to_string()),
         };
-        self.settle(message, event).await;
+        self.settle(message, event, None, None).await;
         None
     }
 
-    /// Records the event's final state exactly once, publishes it, then acks.
-    async fn settle(&self, message: &jetstream::Message, event: DecisionEvent) {
+    /// Records the event's final state exactly once in the ledger, hands it to the host, publishes it, then
+    /// acks. `reasoning` is the chain of thought kept out of the ledger and the published event, for the host.
+    async fn settle(
+        &self,
+        message: &jetstream::Message,
+        event: DecisionEvent,
+        content: Option<&Content>,
+        reasoning: Option<Vec<Vec<String>>>,
+    ) {
+        let ours = event_id(&event);
         let stored = match self.bus.record_once(&event).await {
             Ok(true) => event,
             Ok(false) => {
@@ -384,6 +492,17 @@ impl Worker {
                 return;
             }
         };
+        let mut for_host = stored.clone();
+        if let (Some(decision), Some(reasoning)) = (for_host.decision.as_mut(), reasoning)
+            && Some(decision.id) == ours
+        {
+            for (step, chain) in decision.reasoning.iter_mut().zip(reasoning) {
+                step.reasoning = chain;
+            }
+        }
+        if !self.record(message, &for_host, content).await {
+            return;
+        }
         match self.bus.publish_event(&stored).await {
             Ok(()) => ack(message, AckKind::Ack).await,
             // Recorded but not announced: the redelivery will find it in the ledger and publish it.
@@ -398,20 +517,49 @@ async fn ack(message: &jetstream::Message, kind: AckKind) {
     }
 }
 
-/// The event may name the policies it is to be judged under; otherwise all of the worker's policies apply.
-fn select_policies(all: &[Policy], payload: Option<&Value>) -> Vec<Policy> {
-    let named: Option<Vec<&str>> = payload
+fn event_id(event: &DecisionEvent) -> Option<uuid::Uuid> {
+    event.decision.as_ref().map(|d| d.id)
+}
+
+/// Takes the chain of thought out of a decision (per reasoning step), so that it goes to the host's
+/// access-controlled record but not into the ledger or onto the decision stream, which any subscriber reads.
+fn strip_reasoning(decision: &mut CascadeDecision) -> Option<Vec<Vec<String>>> {
+    let taken: Vec<Vec<String>> = decision.reasoning.iter_mut().map(|d| std::mem::take(&mut d.reasoning)).collect();
+    taken.iter().any(|r| !r.is_empty()).then_some(taken)
+}
+
+/// Runs `work` while telling the server every half `ack_wait` that the event is still being worked on.
+async fn keep_alive<T>(message: &jetstream::Message, ack_wait: Duration, work: impl Future<Output = T>) -> T {
+    let mut work = std::pin::pin!(work);
+    let period = (ack_wait / 2).max(Duration::from_millis(100));
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = ticker.tick() => {
+                if let Err(e) = message.ack_with(AckKind::Progress).await {
+                    debug!("progress ack failed: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// The policies an event names (`"policies": ["name" | "sha256:…", …]`); empty when it names none.
+fn requested_policies(payload: Option<&Value>) -> Vec<String> {
+    payload
         .and_then(|p| p.get("policies"))
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).collect());
-    match named {
-        Some(names) if !names.is_empty() => all
-            .iter()
-            .filter(|p| names.iter().any(|n| *n == p.meta.name || *n == p.hash.to_string()))
-            .cloned()
-            .collect(),
-        _ => all.to_vec(),
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// The named policies out of `all`, or all of them when none are named.
+fn select_policies(all: &[Policy], names: &[String]) -> Vec<Policy> {
+    if names.is_empty() {
+        return all.to_vec();
     }
+    all.iter().filter(|p| names.iter().any(|n| *n == p.meta.name || *n == p.hash.to_string())).cloned().collect()
 }
 
 #[cfg(test)]
