@@ -1,5 +1,10 @@
 //! `/v1/classify` and `/v1/classify/batch`, and the decision path shared by jobs, replay and moderations:
 //! parse and bound the request, resolve policies to immutable versions, classify, record, count.
+//!
+//! `/v1/classify` has two routes. By default (no `effort`, or `"route": "cascade"`) the item goes through
+//! the cascade: triage, then reasoning at low effort, then high, then a person; the reply keeps the shape of
+//! a direct decision and adds which stage settled each policy. A pinned `effort` (or `"route": "direct"`, or
+//! `"mode": "combined"`, which only direct reasoning honours) reasons once at that effort, as before.
 
 use std::time::Instant;
 
@@ -9,6 +14,7 @@ use safeguard_core::input::{InputLimits, parse_item};
 use safeguard_core::{ClassifyOptions, Decision, Mode};
 use safeguard_engine::Sampling;
 use safeguard_harmony::{Content, Effort, Tokenizer, user_message_text};
+use safeguard_pipeline::{CascadeDecision, RouteContext};
 use safeguard_policy::Policy;
 use safeguard_store::{DecisionRecord, now_ms};
 use safeguard_verdict::Outcome;
@@ -18,7 +24,62 @@ use serde_json::{Value, json};
 use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiJson};
+use crate::moderate::{StoredItem, deferred_error, stages_json, store_cascade_item};
 use crate::policies::resolve_policy;
+
+/// How `/v1/classify` decides an item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClassifyRoute {
+    /// Triage → reasoning at low effort → high effort → a person, per policy.
+    #[default]
+    Cascade,
+    /// Reasoning once, at the request's effort (or the server's default effort).
+    Direct,
+}
+
+impl ClassifyRoute {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClassifyRoute::Cascade => "cascade",
+            ClassifyRoute::Direct => "direct",
+        }
+    }
+}
+
+impl std::str::FromStr for ClassifyRoute {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "cascade" => Ok(ClassifyRoute::Cascade),
+            "direct" => Ok(ClassifyRoute::Direct),
+            other => Err(format!("unknown route {other:?}; use cascade or direct")),
+        }
+    }
+}
+
+/// The route a classify request asks for. Pinning an effort or combined mode means direct reasoning: the
+/// cascade chooses its own efforts and asks about each policy apart.
+fn route_of(state: &AppState, body: &Value) -> Result<ClassifyRoute, ApiError> {
+    let present = |key: &str| body.get(key).is_some_and(|v| !v.is_null());
+    let pins_direct = present("effort")
+        || present("reasoning_effort")
+        || body.get("mode").and_then(Value::as_str) == Some("combined");
+    match body.get("route") {
+        None | Some(Value::Null) => Ok(if pins_direct { ClassifyRoute::Direct } else { state.config.classify_route }),
+        Some(Value::String(route)) => {
+            match route.parse::<ClassifyRoute>().map_err(|e| ApiError::bad("invalid_route", e))? {
+                ClassifyRoute::Cascade if pins_direct => Err(ApiError::bad(
+                    "invalid_route",
+                    "\"route\": \"cascade\" chooses efforts itself and asks about each policy apart; drop \"effort\" (or \"mode\": \"combined\"), or use \"route\": \"direct\"",
+                )),
+                route => Ok(route),
+            }
+        }
+        Some(_) => Err(ApiError::bad("invalid_route", "\"route\" must be \"cascade\" or \"direct\"")),
+    }
+}
 
 /// How to decide, independent of what is decided. Stored with jobs so that a job decides exactly what
 /// was asked, with the policy versions resolved at submission.
@@ -240,9 +301,11 @@ pub(crate) async fn decide_and_store(
 ) -> Result<(Decision, DecisionRecord), ApiError> {
     let started = Instant::now();
     let decision = state.classifier.classify(policies, content, &options(settings)).await;
-    count_decision(&decision, source, started.elapsed().as_secs_f64());
+    let elapsed = started.elapsed().as_secs_f64();
+    count_decision(&decision, source, elapsed);
     let (record, reasoning) = record_of(&decision, policies, content, settings, source, None);
     state.store.insert_decision(&record, Some(&reasoning)).await?;
+    state.items.observe("direct", decision.usage, elapsed);
     crate::reviews::enqueue_if_undecided(state, &decision, &record, policies).await?;
     Ok((decision, record))
 }
@@ -279,10 +342,71 @@ pub(crate) async fn classify(
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require("classify")?;
+    let route = route_of(&state, &body)?;
     let parsed = parse_request(&state, &body, &caller).await?;
-    let (decision, record) =
-        decide_and_store(&state, &parsed.policies, &parsed.content, &parsed.settings, "api").await?;
-    Ok(Json(decision_reply(&decision, &record, parsed.return_reasoning)))
+    if route == ClassifyRoute::Direct {
+        let (decision, record) =
+            decide_and_store(&state, &parsed.policies, &parsed.content, &parsed.settings, "api").await?;
+        let mut reply = decision_reply(&decision, &record, parsed.return_reasoning);
+        reply["route"] = json!(route.as_str());
+        return Ok(Json(reply));
+    }
+    let ctx = RouteContext { appeal: false, include_reasoning: true };
+    let started = Instant::now();
+    let cascade = state
+        .cascade
+        .pipeline(&state, &parsed.policies, parsed.settings.max_tokens)
+        .decide(&parsed.policies, &parsed.content, &ctx)
+        .await
+        .map_err(deferred_error)?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let stored =
+        store_cascade_item(&state, &cascade, &parsed.policies, Some(&parsed.content), "api", Value::Null).await?;
+    state.items.observe("cascade", cascade.usage, elapsed);
+    Ok(Json(cascade_reply(&cascade, &stored, parsed.return_reasoning)))
+}
+
+/// A cascade decision in the shape of a direct one (`decision_id`, `outcome`, `verdicts`, `usage`, `timings`,
+/// `model`, `effort`, `mode`, `prompts`, `policies`, `failure_reason`, `reasoning` when asked), plus
+/// `route`, `decided_by` (the furthest stage any policy needed) and `stages`. Each verdict carries `stage`
+/// (where that policy was settled), `escalations` and `triage`.
+pub(crate) fn cascade_reply(cascade: &CascadeDecision, stored: &StoredItem, with_reasoning: bool) -> Value {
+    let record = &stored.record;
+    let prompts: Vec<Value> = cascade
+        .reasoning
+        .iter()
+        .flat_map(|d| {
+            d.prompts.iter().map(move |p| {
+                let mut prompt = serde_json::to_value(p).unwrap_or(Value::Null);
+                prompt["effort"] = json!(d.effort);
+                prompt
+            })
+        })
+        .collect();
+    let mut reply = json!({
+        "id": cascade.id,
+        "decision_id": record.id,
+        "outcome": outcome_str(cascade.outcome),
+        "verdicts": record.verdicts,
+        "usage": cascade.usage,
+        "timings": {"total_ms": cascade.total_ms, "work": record.timings.get("work")},
+        "model": record.model_id,
+        "effort": record.effort,
+        "mode": "separate",
+        "prompts": prompts,
+        "policies": record.policy_names.iter().zip(&record.policy_hashes)
+            .map(|(n, h)| json!({"name": n, "hash": h})).collect::<Vec<_>>(),
+        "route": ClassifyRoute::Cascade.as_str(),
+        "decided_by": cascade.decided_by,
+        "stages": stages_json(cascade),
+    });
+    if let Some(reason) = &record.failure_reason {
+        reply["failure_reason"] = json!(reason);
+    }
+    if with_reasoning && !stored.reasoning.is_empty() {
+        reply["reasoning"] = json!(stored.reasoning);
+    }
+    reply
 }
 
 /// `{"items": [{content…}, …], "policies": …, "effort": …}` → one result per item, in order: a decision, or
@@ -325,6 +449,7 @@ pub(crate) async fn classify_batch(
                 count_decision(&decision, "batch", elapsed);
                 let (record, reasoning) = record_of(&decision, &policies, content, &settings, "batch", None);
                 state.store.insert_decision(&record, Some(&reasoning)).await?;
+                state.items.observe("direct", decision.usage, elapsed / valid.len().max(1) as f64);
                 crate::reviews::enqueue_if_undecided(&state, &decision, &record, &policies).await?;
                 results.push(decision_reply(&decision, &record, return_reasoning));
             }

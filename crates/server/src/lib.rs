@@ -3,11 +3,13 @@
 //! [`Server::start`] takes any [`Reasoner`] (embedded engine, remote backend, or a test double) and a
 //! [`Store`], and serves:
 //! - `/v1/policies…` immutable policy versions, pins and diffs;
-//! - `/v1/classify`, `/v1/classify/batch` synchronous decisions; `/v1/jobs` durable asynchronous ones with
-//!   signed, retried webhooks;
+//! - `/v1/classify` synchronous decisions, through the cascade (triage → low → high → a person) unless the
+//!   request pins an effort; `/v1/classify/batch` direct ones; `/v1/moderate` the cascade's own view;
+//!   `/v1/jobs` durable asynchronous ones with signed, retried webhooks;
 //! - `/v1/decisions…` the audit trail, with replay;
 //! - `/v1/moderations` and `/v1/chat/completions` in OpenAI's shapes;
-//! - `/healthz`, `/readyz`, `/metrics`, `/openapi.json`.
+//! - `/healthz`, `/readyz`, `/metrics`, `/openapi.json`;
+//! - optionally, a NATS JetStream worker deciding content events through the cascade ([`NatsIngest`]).
 //!
 //! Every decision is stored. Whatever goes wrong while reasoning becomes `needs_review`, never an allow.
 
@@ -16,6 +18,7 @@ mod classify;
 mod decisions;
 mod error;
 mod guard;
+mod ingest;
 mod jobs;
 mod metrics_setup;
 mod moderate;
@@ -42,8 +45,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use auth::SCOPES;
+pub use classify::ClassifyRoute;
 pub use error::ApiError;
 pub use guard::GuardedReasoner;
+pub use ingest::NatsIngest;
+pub use safeguard_pipeline::ActiveLearning;
+pub use safeguard_pipeline::nats::NatsConfig;
 pub use webhooks::{sign_webhook, verify_webhook};
 
 #[derive(Debug, thiserror::Error)]
@@ -118,8 +125,18 @@ pub struct ServerConfig {
     pub routing: safeguard_pipeline::RoutingConfig,
     /// Trained triage classifiers, one directory per policy name (`safeguard triage train --out DIR/NAME`).
     pub triage_dir: Option<std::path::PathBuf>,
-    /// Reasoning prompts per second for the cascade; over it, `/v1/moderate` answers 429 with Retry-After.
+    /// Reasoning prompts per second for the cascade; over it, `/v1/classify` (cascade route) and
+    /// `/v1/moderate` answer 429 with Retry-After, and the NATS worker NAKs with a delay.
     pub reasoning_per_sec: Option<f64>,
+    /// How `/v1/classify` decides a request that pins neither an effort nor a route.
+    pub classify_route: ClassifyRoute,
+    /// Which settled cascade decisions are also queued for a person, at low priority (active learning).
+    pub active_learning: ActiveLearning,
+    /// Cost estimate per 1000 billed tokens (prompt tokens not served from the cache, plus completion tokens),
+    /// for the cost-per-item metrics. 0 leaves cost at 0.
+    pub cost_per_1k_tokens: f64,
+    /// Decide content events from NATS JetStream inside the server, storing each decision like any other.
+    pub nats: Option<NatsIngest>,
 }
 
 impl Default for ServerConfig {
@@ -144,6 +161,10 @@ impl Default for ServerConfig {
             routing: safeguard_pipeline::RoutingConfig::default(),
             triage_dir: None,
             reasoning_per_sec: None,
+            classify_route: ClassifyRoute::Cascade,
+            active_learning: ActiveLearning::default(),
+            cost_per_1k_tokens: 0.0,
+            nats: None,
         }
     }
 }
@@ -159,6 +180,7 @@ pub struct AppState {
     pub(crate) jobs_waiting: Arc<Notify>,
     pub(crate) http: reqwest::Client,
     pub(crate) cascade: Arc<moderate::CascadeState>,
+    pub(crate) items: Arc<metrics_setup::ItemStats>,
 }
 
 /// A started server: its address, and the handle to stop it.
@@ -166,6 +188,15 @@ pub struct RunningServer {
     pub addr: SocketAddr,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), ServerError>>,
+}
+
+/// Stops the NATS worker when the server stops, and with it when the server is aborted.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl RunningServer {
@@ -182,6 +213,15 @@ impl RunningServer {
 
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
+    }
+
+    /// Stops at once, as a crash would: no draining, in-flight requests and NATS events are dropped without
+    /// an answer or an ack. For tests that a restart loses and duplicates nothing.
+    pub async fn abort(self) {
+        self.task.abort();
+        let _ = self.task.await;
+        // Job workers and webhook delivery are separate tasks; let them stop claiming work.
+        self.shutdown.cancel();
     }
 }
 
@@ -228,9 +268,11 @@ impl Server {
             config.routing.clone(),
             safeguard_pipeline::TriageLibrary::new(config.triage_dir.clone()),
             config.reasoning_per_sec,
+            config.active_learning,
         ));
         let state = AppState {
             cascade,
+            items: Arc::new(metrics_setup::ItemStats::new(config.cost_per_1k_tokens)),
             rate_limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst)),
             config: Arc::new(config),
             store,
@@ -252,6 +294,12 @@ async fn run(state: AppState, listener: TcpListener, shutdown: CancellationToken
         .map(|i| tokio::spawn(jobs::worker(state.clone(), i, shutdown.clone())))
         .collect();
     let webhook_sender = tokio::spawn(webhooks::sender(state.clone(), shutdown.clone()));
+    // Inside this task's lifetime: aborting the server (a crash) takes the worker down with it.
+    let ingest = state
+        .config
+        .nats
+        .clone()
+        .map(|nats| AbortOnDrop(tokio::spawn(ingest::run(state.clone(), nats, shutdown.clone()))));
     let drain_timeout = state.config.drain_timeout;
     let app = router(state);
     let signal = shutdown.clone();
@@ -263,6 +311,9 @@ async fn run(state: AppState, listener: TcpListener, shutdown: CancellationToken
             let _ = worker.await;
         }
         let _ = webhook_sender.await;
+        if let Some(mut ingest) = ingest {
+            let _ = (&mut ingest.0).await;
+        }
     })
     .await;
     if drained.is_err() {

@@ -1,12 +1,14 @@
 //! Prometheus metrics. The recorder is process-global, so it is installed once and shared by every server
 //! started in the process (tests start several).
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use safeguard_core::Usage;
+use safeguard_pipeline::Stage;
 
 use crate::AppState;
 
@@ -31,11 +33,87 @@ pub(crate) fn handle() -> PrometheusHandle {
         .clone()
 }
 
+/// What each decided item cost and how long it took, for the per-item means on /metrics. Histograms carry
+/// the distributions; these totals give the means since start.
+#[derive(Debug)]
+pub(crate) struct ItemStats {
+    cost_per_1k_tokens: f64,
+    totals: Mutex<ItemTotals>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct ItemTotals {
+    items: u64,
+    reasoning_tokens: u64,
+    billed_tokens: u64,
+    latency_secs: f64,
+}
+
+impl ItemStats {
+    pub(crate) fn new(cost_per_1k_tokens: f64) -> Self {
+        Self { cost_per_1k_tokens: cost_per_1k_tokens.max(0.0), totals: Mutex::default() }
+    }
+
+    /// Counts one decided item. `route` says how it was decided: direct, cascade, moderate or nats.
+    /// Billed tokens are the prompt tokens the engine had to prefill plus everything it generated: prefix-cache
+    /// hits cost (almost) nothing.
+    pub(crate) fn observe(&self, route: &'static str, usage: Usage, elapsed_secs: f64) {
+        let reasoning = usage.completion_tokens as u64;
+        let billed = usage.prompt_tokens.saturating_sub(usage.cached_prompt_tokens) as u64 + reasoning;
+        let cost = billed as f64 / 1000.0 * self.cost_per_1k_tokens;
+        metrics::counter!("safeguard_items_total", "route" => route).increment(1);
+        metrics::histogram!("safeguard_item_latency_seconds", "route" => route).record(elapsed_secs);
+        metrics::histogram!("safeguard_item_reasoning_tokens", "route" => route).record(reasoning as f64);
+        metrics::histogram!("safeguard_item_cost", "route" => route).record(cost);
+        let mut totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+        totals.items += 1;
+        totals.reasoning_tokens += reasoning;
+        totals.billed_tokens += billed;
+        totals.latency_secs += elapsed_secs;
+    }
+
+    fn publish(&self) {
+        let totals = *self.totals.lock().unwrap_or_else(|p| p.into_inner());
+        let cost = totals.billed_tokens as f64 / 1000.0 * self.cost_per_1k_tokens;
+        metrics::gauge!("safeguard_cost_per_1k_tokens").set(self.cost_per_1k_tokens);
+        metrics::gauge!("safeguard_cost_estimate_total").set(cost);
+        if totals.items > 0 {
+            let n = totals.items as f64;
+            metrics::gauge!("safeguard_reasoning_tokens_per_item").set(totals.reasoning_tokens as f64 / n);
+            metrics::gauge!("safeguard_billed_tokens_per_item").set(totals.billed_tokens as f64 / n);
+            metrics::gauge!("safeguard_cost_per_item").set(cost / n);
+            metrics::gauge!("safeguard_latency_per_item_seconds").set(totals.latency_secs / n);
+        }
+    }
+}
+
+const CASCADE_STAGES: [Stage; 4] = [Stage::Triage, Stage::ReasoningLow, Stage::ReasoningMedium, Stage::ReasoningHigh];
+
 pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
     if let Ok(depth) = state.store.queue_depth().await {
         metrics::gauge!("safeguard_jobs", "status" => "pending").set(depth.pending as f64);
         metrics::gauge!("safeguard_jobs", "status" => "running").set(depth.running as f64);
         metrics::gauge!("safeguard_jobs", "status" => "failed").set(depth.failed as f64);
+    }
+    state.items.publish();
+    let cascade = state.cascade.stats.snapshot();
+    if let Some(rate) = cascade.skip_rate() {
+        metrics::gauge!("safeguard_pipeline_skip_rate").set(rate);
+    }
+    for stage in CASCADE_STAGES {
+        if let Some(rate) = cascade.escalation_rate(stage) {
+            metrics::gauge!("safeguard_pipeline_escalation_rate", "stage" => stage.as_str()).set(rate);
+        }
+    }
+    // From the database, so it survives restarts. A review of an item the model gave no clear answer for
+    // counts as an override: the person supplied the answer the model did not.
+    if let Ok(reviews) = state.store.review_stats().await {
+        metrics::gauge!("safeguard_reviews_pending").set(reviews.pending as f64);
+        metrics::gauge!("safeguard_reviews_overdue").set(reviews.overdue as f64);
+        if reviews.decided > 0 {
+            let agreed = (reviews.decided - reviews.overrides).max(0) as f64;
+            metrics::gauge!("safeguard_review_agreement_rate").set(agreed / reviews.decided as f64);
+        }
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
 }

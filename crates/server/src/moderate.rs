@@ -1,38 +1,66 @@
-//! `POST /v1/moderate`: the cascade as a service. Triage settles what it is sure of, the model reasons about
-//! the rest at low effort, shaky answers are asked again at high effort, and what is still unsure is queued
-//! for a person. Every reasoning step is stored as a decision like any other (source `cascade:<stage>`).
+//! The cascade in the service. Triage settles what it is sure of, the model reasons about the rest at low
+//! effort, shaky answers are asked again at high effort, and what is still unsure is queued for a person.
+//!
+//! Two ways to store it:
+//! - `POST /v1/moderate` (the cascade's own view) stores every reasoning step as a decision of its own
+//!   (source `cascade:<stage>`);
+//! - `POST /v1/classify` (its default route) and the NATS worker store one decision per item
+//!   ([`store_cascade_item`]): the verdict each policy ended with, the stage that settled it and why it
+//!   left every stage before, all reasoning steps' chains of thought and usage together.
+//!
+//! Either way an item that ends with a person is queued for review, and a settled item that would teach
+//! triage the most may be queued at low priority (active learning).
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
+use safeguard_core::{Decision, Timings};
+use safeguard_harmony::Content;
 use safeguard_pipeline::{
-    CascadeDecision, Pipeline, ReasoningBudget, RouteContext, RoutingConfig, Stage, TriageLibrary,
+    ActiveLearning, CascadeDecision, CascadeStats, Pipeline, PolicyRoute, ReasoningBudget, RouteContext, RoutingConfig,
+    Stage, TriageLibrary,
 };
 use safeguard_policy::Policy;
-use safeguard_store::{DecisionRecord, now_ms};
+use safeguard_store::{DecisionRecord, NewReview, now_ms};
+use safeguard_verdict::Outcome;
 use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::auth::Caller;
-use crate::classify::{Settings, count_decision, parse_content, parse_policies, record_of};
+use crate::classify::{Settings, count_decision, outcome_str, parse_content, parse_policies, record_of};
 use crate::error::{ApiError, ApiJson};
+
+/// Sampled items wait behind everything a person must see.
+const SAMPLE_PRIORITY: i64 = 0;
 
 /// What the cascade needs beyond the classifier, shared by all requests.
 pub(crate) struct CascadeState {
     pub routing: RoutingConfig,
     pub triage: TriageLibrary,
     pub budget: Option<Arc<ReasoningBudget>>,
+    pub stats: Arc<CascadeStats>,
+    pub active_learning: ActiveLearning,
 }
 
 impl CascadeState {
-    pub(crate) fn new(routing: RoutingConfig, triage: TriageLibrary, reasoning_per_sec: Option<f64>) -> Self {
+    pub(crate) fn new(
+        routing: RoutingConfig,
+        triage: TriageLibrary,
+        reasoning_per_sec: Option<f64>,
+        active_learning: ActiveLearning,
+    ) -> Self {
         let budget = reasoning_per_sec.map(|rate| Arc::new(ReasoningBudget::new(rate, rate.ceil().max(1.0) as u32)));
-        Self { routing, triage, budget }
+        Self { routing, triage, budget, stats: Arc::new(CascadeStats::new()), active_learning }
     }
 
-    fn pipeline(&self, state: &AppState, policies: &[Policy]) -> Pipeline {
-        let mut pipeline = Pipeline::new(state.classifier.clone(), self.routing.clone());
+    /// The cascade for these policies; `max_tokens` overrides the configured completion budget per prompt.
+    pub(crate) fn pipeline(&self, state: &AppState, policies: &[Policy], max_tokens: Option<usize>) -> Pipeline {
+        let mut routing = self.routing.clone();
+        if max_tokens.is_some() {
+            routing.max_tokens = max_tokens;
+        }
+        let mut pipeline = Pipeline::new(state.classifier.clone(), routing).with_stats(self.stats.clone());
         for policy in policies {
             if let Some(triage) = self.triage.for_policy(policy) {
                 pipeline = pipeline.with_triage(policy.hash.to_string(), triage);
@@ -43,6 +71,11 @@ impl CascadeState {
         }
         pipeline
     }
+}
+
+/// Over budget: the caller holds the item and retries; nothing is allowed by default.
+pub(crate) fn deferred_error(deferred: safeguard_pipeline::Deferred) -> ApiError {
+    ApiError::RateLimited { retry_after_secs: deferred.retry_after.as_secs().max(1) }
 }
 
 pub(crate) async fn moderate(
@@ -63,12 +96,15 @@ pub(crate) async fn moderate(
         include_reasoning: true,
     };
     let started = std::time::Instant::now();
-    let cascade =
-        state.cascade.pipeline(&state, &policies).decide(&policies, &content, &ctx).await.map_err(|deferred| {
-            // Over budget: the caller holds the item and retries; nothing is allowed by default.
-            ApiError::RateLimited { retry_after_secs: deferred.retry_after.as_secs().max(1) }
-        })?;
-    let decision_ids = store_cascade(&state, &cascade, &policies, &content, started.elapsed().as_secs_f64()).await?;
+    let cascade = state
+        .cascade
+        .pipeline(&state, &policies, None)
+        .decide(&policies, &content, &ctx)
+        .await
+        .map_err(deferred_error)?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let decision_ids = store_cascade(&state, &cascade, &policies, &content, elapsed).await?;
+    state.items.observe("moderate", cascade.usage, elapsed);
 
     let mut reply = serde_json::to_value(&cascade).unwrap_or(Value::Null);
     if let Some(object) = reply.as_object_mut() {
@@ -113,15 +149,207 @@ async fn store_cascade(
                 record.id
             }
         };
-        let reasons: Vec<String> = cascade
-            .policies
-            .iter()
-            .filter(|r| r.decided_by == Stage::HumanReview)
-            .map(|r| format!("{}: {}", r.policy, r.escalations.last().map_or("undecided".into(), |e| format!("{e:?}"))))
-            .collect();
-        crate::reviews::queue_for_person(state, &decision_id, policies, reasons.join("; ")).await?;
+        crate::reviews::queue_for_person(state, &decision_id, policies, person_reasons(cascade)).await?;
+    } else if !state.cascade.active_learning.pick(cascade).is_empty() {
+        let decision_id = match ids.last() {
+            Some(id) => id.clone(),
+            None => {
+                let record = triage_record(cascade, policies, content);
+                state.store.insert_decision(&record, None).await?;
+                ids.push(record.id.clone());
+                record.id
+            }
+        };
+        queue_sample(state, cascade, &decision_id).await?;
     }
     Ok(ids)
+}
+
+/// Why each policy that ended with a person got there.
+fn person_reasons(cascade: &CascadeDecision) -> String {
+    let reasons: Vec<String> = cascade
+        .policies
+        .iter()
+        .filter(|r| r.decided_by == Stage::HumanReview)
+        .map(|r| format!("{}: {}", r.policy, r.escalations.last().map_or("undecided".into(), |e| format!("{e:?}"))))
+        .collect();
+    reasons.join("; ")
+}
+
+/// Queues a settled decision for a person at low priority if active learning draws it.
+async fn queue_sample(state: &AppState, cascade: &CascadeDecision, decision_id: &str) -> Result<(), ApiError> {
+    let picked = state.cascade.active_learning.pick(cascade);
+    if picked.is_empty() {
+        return Ok(());
+    }
+    let reason = picked.iter().map(|(policy, why)| format!("{policy}: {why}")).collect::<Vec<_>>().join("; ");
+    state
+        .store
+        .queue_review(&NewReview {
+            decision_id: decision_id.to_string(),
+            kind: "sample".into(),
+            priority: SAMPLE_PRIORITY,
+            reason: Some(format!("active learning: {reason}")),
+            sla_ms: None,
+        })
+        .await?;
+    for (_, why) in &picked {
+        metrics::counter!("safeguard_active_learning_samples_total", "reason" => why.kind()).increment(1);
+    }
+    metrics::counter!("safeguard_reviews_queued_total", "kind" => "sample").increment(1);
+    Ok(())
+}
+
+/// Stores one cascade decision as one decision record (id = the cascade's id), then queues it for a person
+/// if it ended there, or as an active-learning sample if drawn. Idempotent by id: storing the same cascade
+/// decision again (a redelivered NATS event) inserts nothing and returns `fresh = false`; the review is queued
+/// again in case the first attempt stopped between the two writes (queuing is idempotent per decision).
+pub(crate) async fn store_cascade_item(
+    state: &AppState,
+    cascade: &CascadeDecision,
+    policies: &[Policy],
+    content: Option<&Content>,
+    source: &str,
+    sampling_extra: Value,
+) -> Result<StoredItem, ApiError> {
+    let (record, reasoning) =
+        cascade_record(cascade, content, source, state.cascade.routing.max_tokens, sampling_extra);
+    let fresh = if state.store.get_decision(&record.id).await?.is_some() {
+        false
+    } else {
+        match state.store.insert_decision(&record, Some(&reasoning)).await {
+            Ok(()) => true,
+            // Another worker stored the same decision between our read and our write: theirs stands.
+            Err(e) => {
+                if state.store.get_decision(&record.id).await?.is_none() {
+                    return Err(e.into());
+                }
+                false
+            }
+        }
+    };
+    if fresh {
+        for decision in &cascade.reasoning {
+            count_decision(decision, "cascade", decision.timings.total_ms / 1e3);
+        }
+    }
+    if cascade.decided_by == Stage::HumanReview {
+        crate::reviews::queue_for_person(state, &record.id, policies, person_reasons(cascade)).await?;
+    } else {
+        queue_sample(state, cascade, &record.id).await?;
+    }
+    Ok(StoredItem { record, reasoning, fresh })
+}
+
+pub(crate) struct StoredItem {
+    pub record: DecisionRecord,
+    pub reasoning: Vec<String>,
+    /// False when the decision was stored before (a redelivery).
+    pub fresh: bool,
+}
+
+/// One record for a whole cascade decision: per policy the verdict it ended with, the stage that settled it,
+/// why it left each stage before, and what triage saw; the reasoning steps' usage, prompts and chains of
+/// thought together. The reasoning (all steps, in order) is returned apart for its own table.
+pub(crate) fn cascade_record(
+    cascade: &CascadeDecision,
+    content: Option<&Content>,
+    source: &str,
+    max_tokens: Option<usize>,
+    sampling_extra: Value,
+) -> (DecisionRecord, Vec<String>) {
+    let last = cascade.reasoning.last();
+    let mut errors: Vec<String> = Vec::new();
+    for error in cascade.reasoning.iter().flat_map(|d| d.prompts.iter().filter_map(|p| p.error.clone())) {
+        if !errors.contains(&error) {
+            errors.push(error);
+        }
+    }
+    let prompt_hashes: Vec<&str> =
+        cascade.reasoning.iter().flat_map(|d| d.prompts.iter().filter_map(|p| p.prompt_sha256.as_deref())).collect();
+    let mut sampling =
+        json!({"route": "cascade", "sampling": {"kind": "greedy"}, "mode": "separate", "max_tokens": max_tokens});
+    if let (Some(object), Value::Object(extra)) = (sampling.as_object_mut(), sampling_extra) {
+        object.extend(extra);
+    }
+    let record = DecisionRecord {
+        id: cascade.id.to_string(),
+        created_at: now_ms(),
+        policy_hashes: cascade.policies.iter().map(|r| r.policy_hash.clone()).collect(),
+        policy_names: cascade.policies.iter().map(|r| r.policy.clone()).collect(),
+        model_id: last.map_or_else(|| "triage".to_string(), |d| d.model.clone()),
+        // The effort of the last reasoning step: a replay at it re-asks the hardest question asked.
+        effort: last.map_or_else(|| "none".to_string(), |d| d.effort.to_string()),
+        prompt_hash: (!prompt_hashes.is_empty()).then(|| prompt_hashes.join(",")),
+        sampling,
+        content: content.and_then(|c| serde_json::to_value(c).ok()).unwrap_or(Value::Null),
+        verdicts: Value::Array(cascade.policies.iter().map(route_verdict).collect()),
+        outcome: outcome_str(cascade.outcome).to_string(),
+        failure_reason: (!errors.is_empty()).then(|| errors.join("; ")),
+        timings: json!({"total_ms": cascade.total_ms, "work": work_timings(&cascade.reasoning), "stages": stages_json(cascade)}),
+        prompt_tokens: cascade.usage.prompt_tokens as i64,
+        cached_prompt_tokens: cascade.usage.cached_prompt_tokens as i64,
+        completion_tokens: cascade.usage.completion_tokens as i64,
+        source: source.to_string(),
+        job_id: None,
+        replay_of: None,
+    };
+    let reasoning = cascade.reasoning.iter().flat_map(|d| d.reasoning.iter().cloned()).collect();
+    (record, reasoning)
+}
+
+fn work_timings(reasoning: &[Decision]) -> Timings {
+    let mut timings = Timings::default();
+    for decision in reasoning {
+        timings.add_work(&decision.timings);
+        timings.total_ms += decision.timings.total_ms;
+    }
+    timings
+}
+
+/// The stages the item went through, without the ids of the reasoning steps (stored together, not apart).
+pub(crate) fn stages_json(cascade: &CascadeDecision) -> Value {
+    Value::Array(
+        cascade
+            .stages
+            .iter()
+            .map(|s| json!({"stage": s.stage, "policies": s.policies, "elapsed_ms": s.elapsed_ms}))
+            .collect(),
+    )
+}
+
+/// A policy's final verdict in the stored shape of a direct decision's verdict, plus where it was settled.
+/// Where triage settled it, the verdict is triage's: `violation` is its outcome, so a reviewer's agreement
+/// is measured against what the service decided.
+pub(crate) fn route_verdict(route: &PolicyRoute) -> Value {
+    let mut verdict = match &route.verdict {
+        Some(verdict) => serde_json::to_value(verdict).unwrap_or_else(|_| json!({})),
+        None => json!({
+            "policy": route.policy, "policy_hash": route.policy_hash,
+            "violation": match route.outcome {
+                Outcome::Violation => Some(true),
+                Outcome::Allow => Some(false),
+                Outcome::NeedsReview => None,
+            },
+            "label": null, "category": null, "rule_ids": [], "severity": null, "confidence": null, "action": null,
+            "rationale": route.triage.as_ref().map(|t| format!("settled by triage ({:?})", t.band)),
+            "flags": [],
+        }),
+    };
+    if let Some(object) = verdict.as_object_mut() {
+        if let Some(model) = &route.verdict
+            && model.outcome != route.outcome
+        {
+            // The cascade overrode the model's own outcome (an appeal, or the end of the line): keep both.
+            object.insert("model_outcome".into(), json!(model.outcome));
+        }
+        object.insert("outcome".into(), json!(route.outcome));
+        object.insert("engine_confidence".into(), json!(route.engine_confidence));
+        object.insert("stage".into(), json!(route.decided_by));
+        object.insert("escalations".into(), json!(route.escalations));
+        object.insert("triage".into(), json!(route.triage));
+    }
+    verdict
 }
 
 fn triage_record(
@@ -147,7 +375,7 @@ fn triage_record(
             "outcome": r.outcome, "triage": r.triage}))
                 .collect::<Vec<_>>()
         ),
-        outcome: "needs_review".into(),
+        outcome: outcome_str(cascade.outcome).into(),
         failure_reason: None,
         timings: json!({"total_ms": cascade.total_ms}),
         prompt_tokens: 0,

@@ -1,0 +1,347 @@
+//! `/v1/classify` through the cascade by default, directly when an effort is pinned; active learning queues
+//! the items triage and the model disagree on (or triage barely decided) at low priority; the cascade's and
+//! the reviewers' numbers show up on /metrics and move.
+//!
+//! A scripted reasoner stands in for the model ("answer=1" → violation, "answer=0" → allowed, "FAIL" → the
+//! backend fails). Triage is a real trained classifier per policy whose calibration is pinned, so that its
+//! probability is known: 0.9 for `promo-sure`, 0.55 (a small margin) for `promo-near`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use safeguard_core::{ReasonError, ReasonOutput, ReasonRequest, Reasoner, Usage};
+use safeguard_policy::Policy;
+use safeguard_server::{ActiveLearning, RunningServer, Server, ServerConfig};
+use safeguard_store::Store;
+use safeguard_triage::{Calibration, DatasetProvenance, Example, FitOptions, Thresholds, fit};
+use serde_json::{Value, json};
+
+const ADMIN: &str = "cascade-admin";
+
+fn policy_text(name: &str, title: &str) -> String {
+    format!(
+        "---
+name: {name}
+output: binary
+triage:
+  rules:
+    keywords:
+      - name: known-scams
+        action: deny
+        keywords: [free bitcoin]
+---
+# {title} (PR)
+
+## INSTRUCTIONS
+Return exactly one character: 0 or 1.
+
+## VIOLATES (1)
+- PR1.a Unsolicited promotion with a link or handle.
+
+## DOES NOT VIOLATE (0)
+- PR0.a Personal messages.
+
+Return exactly one character: 0 or 1."
+    )
+}
+
+struct Scripted {
+    calls: AtomicUsize,
+}
+
+#[async_trait]
+impl Reasoner for Scripted {
+    fn model_id(&self) -> String {
+        "scripted".into()
+    }
+
+    async fn reason(&self, req: ReasonRequest) -> Result<ReasonOutput, ReasonError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let text = safeguard_harmony::user_message_text(&req.content);
+        if text.contains("FAIL") {
+            return Err(ReasonError::Backend("scripted backend failure".into()));
+        }
+        let answer = if text.contains("answer=1") { "1" } else { "0" };
+        Ok(ReasonOutput {
+            analysis: Some(format!("Thinking at {} effort.", req.effort)),
+            final_text: Some(answer.into()),
+            final_token_prob: Some(0.95),
+            usage: Usage { prompt_tokens: 100, cached_prompt_tokens: 40, completion_tokens: 12 },
+            ..ReasonOutput::default()
+        })
+    }
+}
+
+/// A real triage model for `policy`, with its calibration pinned so every text scores `probability` and
+/// nothing is confidently benign or violating: every item goes on to the model with that probability.
+fn write_triage(dir: &Path, policy: &Policy, probability: f64) {
+    let examples: Vec<Example> = (0..40)
+        .map(|i| {
+            let violates = i % 2 == 0;
+            let text =
+                if violates { format!("buy cheap followers now deal {i}") } else { format!("see you at lunch {i}") };
+            Example { text, violates, weight: 1.0, source: 0 }
+        })
+        .collect();
+    let options = FitOptions {
+        folds: 2,
+        min_violate_support: 1,
+        policy_name: Some(policy.meta.name.clone()),
+        policy_hash: policy.hash.to_string(),
+        ..FitOptions::default()
+    };
+    let provenance = DatasetProvenance {
+        path: "inline".into(),
+        sha256: String::new(),
+        items: examples.len(),
+        violations: examples.iter().filter(|e| e.violates).count(),
+        text_field: "text".into(),
+        label_field: "violates".into(),
+        weight_field: None,
+    };
+    let mut model = fit(&examples, vec![provenance], &options).unwrap();
+    let logit = (probability / (1.0 - probability)).ln();
+    model.meta.calibration = Calibration::Platt { a: 1e-9, b: logit };
+    model.meta.thresholds =
+        Thresholds { target_recall: 0.99, allow_below: 0.0, target_precision: 0.99, violate_above: None };
+    model.save(&dir.join(&policy.meta.name)).unwrap();
+}
+
+struct Harness {
+    server: RunningServer,
+    base: String,
+    http: reqwest::Client,
+    reasoner: Arc<Scripted>,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    async fn start() -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let triage_dir = dir.path().join("triage");
+        let texts =
+            [policy_text("promo-sure", "Promotion Policy, sure"), policy_text("promo-near", "Promotion Policy, near")];
+        let sure = Policy::parse(&texts[0]).unwrap();
+        let near = Policy::parse(&texts[1]).unwrap();
+        write_triage(&triage_dir, &sure, 0.9);
+        write_triage(&triage_dir, &near, 0.55);
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite")).await.unwrap();
+        let config = ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_key: Some(ADMIN.into()),
+            triage_dir: Some(triage_dir),
+            active_learning: ActiveLearning { rate: 1.0, ..ActiveLearning::default() },
+            cost_per_1k_tokens: 2.0,
+            ..ServerConfig::default()
+        };
+        let reasoner = Arc::new(Scripted { calls: AtomicUsize::new(0) });
+        let server = Server::start(config, reasoner.clone(), store).await.unwrap();
+        let h = Harness {
+            base: format!("http://{}", server.addr),
+            server,
+            http: reqwest::Client::new(),
+            reasoner,
+            _dir: dir,
+        };
+        for text in &texts {
+            let (status, body) = h.call("POST", "/v1/policies", Some(json!({"text": text}))).await;
+            assert!(status == 200 || status == 201, "{body}");
+        }
+        h
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = self.http.request(method.parse().unwrap(), format!("{}{path}", self.base)).bearer_auth(ADMIN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn classify(&self, body: Value) -> Value {
+        let (status, reply) = self.call("POST", "/v1/classify", Some(body)).await;
+        assert_eq!(status, 200, "{reply}");
+        reply
+    }
+
+    async fn metrics(&self) -> String {
+        let (_, text) = self.call("GET", "/metrics", None).await;
+        text.as_str().unwrap().to_string()
+    }
+}
+
+/// The value of the first sample whose name and labels start with `series` (e.g. `name{stage="triage"`).
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with([' ', '{', ',', '}']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn stages(reply: &Value) -> Vec<&str> {
+    reply["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classify_cascades_by_default_samples_for_review_and_reports_its_rates() {
+    let h = Harness::start().await;
+
+    // Triage leans "violation" (0.9) and the model agrees at low effort: settled at low, nothing sampled.
+    let agreed = h.classify(json!({"text": "my shop answer=1", "policies": ["promo-sure"]})).await;
+    assert_eq!(agreed["route"], "cascade", "{agreed}");
+    assert_eq!((agreed["outcome"].as_str(), agreed["decided_by"].as_str()), (Some("violation"), Some("reasoning_low")));
+    assert_eq!(stages(&agreed), ["triage", "reasoning_low"]);
+    let verdict = &agreed["verdicts"][0];
+    assert_eq!((verdict["policy"].as_str(), verdict["stage"].as_str()), (Some("promo-sure"), Some("reasoning_low")));
+    assert!((verdict["triage"]["calibrated_probability"].as_f64().unwrap() - 0.9).abs() < 1e-3, "{verdict}");
+    assert_eq!(agreed["usage"]["prompt_tokens"], 100);
+    assert_eq!(agreed["effort"], "low");
+    assert!(agreed.get("reasoning").is_none(), "no chain of thought unless asked");
+    let id = agreed["decision_id"].as_str().unwrap();
+    let (status, stored) = h.call("GET", &format!("/v1/decisions/{id}"), None).await;
+    assert_eq!(status, 200, "{stored}");
+    assert_eq!((stored["source"].as_str(), stored["outcome"].as_str()), (Some("api"), Some("violation")));
+    assert_eq!(stored["verdicts"][0]["stage"], "reasoning_low");
+    assert_eq!(stored["reasoning"][0], "Thinking at low effort.", "admin reads the stored reasoning");
+
+    // The model disagrees with triage: asked again at high effort, settled there, and sampled for a person.
+    let disagreed =
+        h.classify(json!({"text": "lunch answer=0", "policies": ["promo-sure"], "return_reasoning": true})).await;
+    assert_eq!(
+        (disagreed["outcome"].as_str(), disagreed["decided_by"].as_str()),
+        (Some("allow"), Some("reasoning_high"))
+    );
+    assert_eq!(stages(&disagreed), ["triage", "reasoning_low", "reasoning_high"]);
+    let kinds: Vec<&str> = disagreed["verdicts"][0]["escalations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["triage_uncertain", "triage_disagrees"]);
+    assert_eq!(disagreed["usage"]["prompt_tokens"], 200, "both reasoning steps are counted");
+    assert_eq!(disagreed["reasoning"], json!(["Thinking at low effort.", "Thinking at high effort."]));
+    assert_eq!(disagreed["prompts"].as_array().unwrap().len(), 2);
+
+    // Triage barely decided (0.55) and the model agreed: still worth a look.
+    let near = h.classify(json!({"text": "promo answer=1", "policies": ["promo-near"]})).await;
+    assert_eq!(near["decided_by"], "reasoning_low");
+
+    // A backend failure climbs to a person, with the reason; it is not a sample, it is a review.
+    let failed = h.classify(json!({"text": "FAIL now", "policies": ["promo-sure"]})).await;
+    assert_eq!(
+        (failed["outcome"].as_str(), failed["decided_by"].as_str()),
+        (Some("needs_review"), Some("human_review"))
+    );
+    assert!(failed["failure_reason"].as_str().unwrap().contains("scripted backend failure"), "{failed}");
+
+    // A pinned effort reasons once, directly, as before the cascade was the default.
+    let calls_before = h.reasoner.calls.load(Ordering::SeqCst);
+    let direct = h.classify(json!({"text": "lunch answer=0", "policies": ["promo-sure"], "effort": "medium"})).await;
+    assert_eq!((direct["route"].as_str(), direct["effort"].as_str()), (Some("direct"), Some("medium")));
+    assert!(direct.get("stages").is_none() && direct["verdicts"][0].get("stage").is_none(), "{direct}");
+    assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), calls_before + 1, "one reasoning call, no triage");
+    let direct = h.classify(json!({"text": "lunch answer=1", "policies": ["promo-sure"], "route": "direct"})).await;
+    assert_eq!((direct["route"].as_str(), direct["outcome"].as_str()), (Some("direct"), Some("violation")));
+
+    // The queue: the item that needs a person first, then the two samples at low priority.
+    let (_, queue) = h.call("GET", "/v1/reviews", None).await;
+    let reviews = queue["reviews"].as_array().unwrap();
+    let summary: Vec<(&str, i64, &str)> = reviews
+        .iter()
+        .map(|r| (r["kind"].as_str().unwrap(), r["priority"].as_i64().unwrap(), r["decision_id"].as_str().unwrap()))
+        .collect();
+    let failed_id = failed["decision_id"].as_str().unwrap();
+    let disagreed_id = disagreed["decision_id"].as_str().unwrap();
+    let near_id = near["decision_id"].as_str().unwrap();
+    assert_eq!(summary.len(), 3, "{queue}");
+    assert_eq!(summary[0], ("review", 1, failed_id));
+    let mut samples: Vec<&str> = summary[1..].iter().filter(|s| s.0 == "sample" && s.1 == 0).map(|s| s.2).collect();
+    samples.sort_unstable();
+    let mut expected = vec![disagreed_id, near_id];
+    expected.sort_unstable();
+    assert_eq!(samples, expected, "{queue}");
+    let reason_of = |id: &str| {
+        reviews.iter().find(|r| r["decision_id"] == id).and_then(|r| r["reason"].as_str()).unwrap_or("").to_string()
+    };
+    assert!(reason_of(disagreed_id).contains("disagree"), "{}", reason_of(disagreed_id));
+    assert!(reason_of(near_id).contains("barely"), "{}", reason_of(near_id));
+
+    // Metrics before anything was skipped or reviewed.
+    let before = h.metrics().await;
+    assert_eq!(metric(&before, "safeguard_pipeline_skip_rate"), Some(0.0), "{before}");
+    let triage_escalation = metric(&before, "safeguard_pipeline_escalation_rate{stage=\"triage\"").unwrap();
+    assert_eq!(triage_escalation, 1.0, "every item so far went past triage");
+    let low_escalation = metric(&before, "safeguard_pipeline_escalation_rate{stage=\"reasoning_low\"").unwrap();
+    assert!((low_escalation - 0.5).abs() < 1e-9, "2 of the 4 items at low went on to high: {low_escalation}");
+    let tokens_per_item = metric(&before, "safeguard_reasoning_tokens_per_item").unwrap();
+    assert!(tokens_per_item > 0.0, "{before}");
+    // 60 uncached prompt tokens + 12 completion tokens per reasoning step, at 2 per 1000.
+    let cost_per_item = metric(&before, "safeguard_cost_per_item").unwrap();
+    assert!(cost_per_item > 0.1 && cost_per_item < 0.3, "{cost_per_item}");
+    assert!(metric(&before, "safeguard_latency_per_item_seconds").is_some());
+    assert!(metric(&before, "safeguard_items_total{route=\"cascade\"").unwrap() >= 4.0);
+    assert_eq!(metric(&before, "safeguard_review_agreement_rate"), None, "no review decided yet");
+
+    // Triage settles a known scam on its own: the skip rate moves.
+    let skipped = h.classify(json!({"text": "FREE BITCOIN here", "policies": ["promo-sure"]})).await;
+    assert_eq!((skipped["decided_by"].as_str(), skipped["outcome"].as_str()), (Some("triage"), Some("violation")));
+    assert_eq!(skipped["effort"], "none");
+    assert_eq!(skipped["verdicts"][0]["violation"], true);
+
+    // People decide the samples: one agrees with the model, one overrides it.
+    let harness = &h;
+    let decide = |id: String, outcome: &str| {
+        let review =
+            reviews.iter().find(|r| r["decision_id"] == id.as_str()).unwrap()["id"].as_str().unwrap().to_string();
+        let body = json!({"outcome": outcome, "rationale": "Checked by hand.", "rule_id": "PR0.a"});
+        async move { harness.call("POST", &format!("/v1/reviews/{review}/decide"), Some(body)).await }
+    };
+    let (status, agree) = decide(disagreed_id.to_string(), "allow").await;
+    assert_eq!((status, agree["overrides_model"].clone()), (200, json!(false)), "{agree}");
+    let (status, over) = decide(near_id.to_string(), "allow").await;
+    assert_eq!((status, over["overrides_model"].clone()), (200, json!(true)), "{over}");
+
+    let after = h.metrics().await;
+    let skip_rate = metric(&after, "safeguard_pipeline_skip_rate").unwrap();
+    assert!((skip_rate - 0.2).abs() < 1e-9, "1 of 5 cascade items skipped the model: {skip_rate}");
+    assert_eq!(metric(&after, "safeguard_review_agreement_rate"), Some(0.5), "{after}");
+    assert!(metric(&after, "safeguard_review_decisions_total{agreement=\"agree\"").unwrap() >= 1.0);
+    assert!(metric(&after, "safeguard_review_decisions_total{agreement=\"override\"").unwrap() >= 1.0);
+    assert!(metric(&after, "safeguard_active_learning_samples_total{reason=\"triage_model_disagree\"").unwrap() >= 1.0);
+    assert!(metric(&after, "safeguard_active_learning_samples_total{reason=\"small_triage_margin\"").unwrap() >= 1.0);
+    assert!(
+        metric(&after, "safeguard_reasoning_tokens_per_item").unwrap() < tokens_per_item,
+        "a skipped item costs no reasoning tokens, so the mean falls"
+    );
+    h.server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn routes_that_contradict_themselves_are_refused() {
+    let h = Harness::start().await;
+    let (status, body) = h
+        .call(
+            "POST",
+            "/v1/classify",
+            Some(json!({"text": "x", "policies": ["promo-sure"], "route": "cascade", "effort": "high"})),
+        )
+        .await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_route")), "{body}");
+    let (status, body) = h
+        .call("POST", "/v1/classify", Some(json!({"text": "x", "policies": ["promo-sure"], "route": "sideways"})))
+        .await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_route")), "{body}");
+    let combined =
+        h.classify(json!({"text": "x answer=1", "policies": ["promo-sure", "promo-near"], "mode": "combined"})).await;
+    assert_eq!(combined["route"], "direct", "combined prompts are direct reasoning only: {combined}");
+    let (_, spec) = h.call("GET", "/openapi.json", None).await;
+    assert!(spec["components"]["schemas"]["ClassifyRequest"]["properties"]["route"].is_object());
+    assert!(spec["paths"]["/v1/moderate"]["post"].is_object());
+}
