@@ -1,0 +1,87 @@
+//! The remote backend against a real OpenAI-compatible server: a second `safeguard serve` on loopback running
+//! the embedded engine. The front server's `--backend` points at the first one's `/v1`; a classification through
+//! the front must carry the same verdict, reasoning and token counts as one made on the backend directly, and
+//! when the backend dies the front must fail closed.
+
+mod serve_support;
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use serve_support::{SAFE_SCRIPT, Serve, scripted_model};
+
+fn post(base: &str, path: &str, body: &Value) -> (u16, Value) {
+    let response = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+        .post(format!("{base}{path}"))
+        .json(body)
+        .send()
+        .unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+fn get(base: &str, path: &str) -> Value {
+    reqwest::blocking::get(format!("{base}{path}")).unwrap().json().unwrap()
+}
+
+#[test]
+fn classify_through_a_second_serve_and_fail_closed_when_it_dies() {
+    let backend_dir = tempfile::tempdir().unwrap();
+    let front_dir = tempfile::tempdir().unwrap();
+    let model = scripted_model().to_str().unwrap().to_string();
+    let backend = Serve::start(backend_dir.path(), &["--model", &model]);
+    let backend_url = format!("{}/v1", backend.base);
+    let front = Serve::start(front_dir.path(), &["--backend", &backend_url, "--backend-model", "scripted"]);
+
+    let request = json!({
+        "text": "Hi Sam, lunch at noon on Friday?",
+        "policies": ["spam"],
+        "effort": "low",
+        "return_reasoning": true,
+    });
+    let (status, direct) = post(&backend.base, "/v1/classify", &request);
+    assert_eq!(status, 200, "{direct}");
+    let (status, remote) = post(&front.base, "/v1/classify", &request);
+    assert_eq!(status, 200, "{remote}");
+
+    // The scripted model reasons that the text is harmless and answers 0: a clean allow on both paths.
+    assert_eq!(direct["outcome"], "allow", "{direct}");
+    assert_eq!(remote["outcome"], "allow", "{remote}");
+    assert_eq!(remote["verdicts"][0]["policy"], "spam");
+    assert_eq!(remote["verdicts"][0]["violation"], false, "{remote}");
+    assert_eq!(remote["verdicts"][0]["policy_hash"], direct["verdicts"][0]["policy_hash"]);
+    assert!(remote["model"].as_str().unwrap().starts_with("remote:"), "{remote}");
+
+    // The reasoning crossed the hop intact (the backend returns it in `reasoning`/`reasoning_content`).
+    let remote_reasoning = remote["reasoning"][0].as_str().unwrap_or_default();
+    assert_eq!(remote_reasoning, SAFE_SCRIPT.analysis, "{remote}");
+    assert_eq!(direct["reasoning"][0], remote["reasoning"][0]);
+
+    // Usage comes from the backend's own accounting: the same prompt and completion.
+    let usage = &remote["usage"];
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 0, "{remote}");
+    assert!(usage["completion_tokens"].as_u64().unwrap() > 0, "{remote}");
+    assert_eq!(usage["completion_tokens"], direct["usage"]["completion_tokens"], "{remote}\n{direct}");
+    assert_eq!(usage["prompt_tokens"], direct["usage"]["prompt_tokens"], "same harmony prompt: {remote}\n{direct}");
+
+    // The backend's own decision log shows the chat call the front made, and the front stored its own decision.
+    let front_decision = get(&front.base, &format!("/v1/decisions/{}", remote["decision_id"].as_str().unwrap()));
+    assert_eq!(front_decision["outcome"], "allow", "{front_decision}");
+
+    // Kill the backend mid-service: the front answers, fails closed, says why, and stores it.
+    backend.kill_hard();
+    let (status, failed) = post(&front.base, "/v1/classify", &request);
+    assert_eq!(status, 200, "{failed}");
+    assert_eq!(failed["outcome"], "needs_review", "never allow on a dead backend: {failed}");
+    let reason = failed["failure_reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("backend") && reason.contains(&backend_url), "the reason names the backend: {failed}");
+    let stored = get(&front.base, &format!("/v1/decisions/{}", failed["decision_id"].as_str().unwrap()));
+    assert_eq!(stored["outcome"], "needs_review");
+    let queue = get(&front.base, "/v1/reviews?status=pending");
+    let queued: Vec<&Value> = queue["reviews"].as_array().unwrap().iter().map(|r| &r["decision_id"]).collect();
+    assert!(queued.contains(&&failed["decision_id"]), "a person is asked: {queue}");
+}
