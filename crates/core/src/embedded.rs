@@ -5,12 +5,20 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use safeguard_engine::{Engine, GenRequest, Generation, StopReason};
-use safeguard_harmony::{CompletionEnd, Effort, PromptOptions, RenderedPrompt, Tokenizer, parse_completion, tokens};
+use safeguard_harmony::{
+    CompletionEnd, Effort, PromptOptions, RenderedPrompt, StreamDelta, StreamParser, Tokenizer, parse_completion,
+    tokens,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tracing::{Instrument, info_span};
 
-use crate::reasoner::{ReasonError, ReasonOutput, ReasonRequest, Reasoner, Timings, USE_EFFORT_BUDGET, Usage};
+use crate::reasoner::{
+    DeltaSender, ReasonDelta, ReasonError, ReasonOutput, ReasonRequest, Reasoner, Timings, USE_EFFORT_BUDGET, Usage,
+};
+
+/// Called with (request index, token) for every generated token, on the engine's calling thread.
+type OnToken = Box<dyn Fn(usize, u32) + Send + Sync>;
 
 /// Completion-token budget per effort level. Higher effort reasons longer, so it needs more room
 /// before its answer; running out means no final answer and a `needs_review`, so err on the generous side.
@@ -96,7 +104,7 @@ impl EmbeddedReasoner {
     }
 
     /// Runs prepared requests in one engine batch on a blocking thread.
-    async fn generate(&self, prepared: Vec<Prepared>) -> Vec<Result<ReasonOutput, ReasonError>> {
+    async fn generate(&self, prepared: Vec<Prepared>, on_token: OnToken) -> Vec<Result<ReasonOutput, ReasonError>> {
         if prepared.is_empty() {
             return Vec::new();
         }
@@ -107,7 +115,7 @@ impl EmbeddedReasoner {
         let expected = requests.len();
         let joined = tokio::task::spawn_blocking(move || {
             let queue_ms = submitted.elapsed().as_secs_f64() * 1e3;
-            let results = engine.generate(&requests, &|_, _| {});
+            let results = engine.generate(&requests, &*on_token);
             (queue_ms, results)
         })
         .await;
@@ -150,6 +158,30 @@ impl Reasoner for EmbeddedReasoner {
         self.reason_batch(vec![req]).await.pop().unwrap_or(Err(ReasonError::EngineResultCount { expected: 1, got: 0 }))
     }
 
+    async fn reason_streaming(&self, req: ReasonRequest, deltas: DeltaSender) -> Result<ReasonOutput, ReasonError> {
+        let span = info_span!("reason_streaming", model = %self.engine.model_id());
+        async move {
+            let prepared = self.prepare(&req)?;
+            let stream = Arc::new(std::sync::Mutex::new(DeltaStream::new(deltas)));
+            let on_token: OnToken = {
+                let stream = Arc::clone(&stream);
+                Box::new(move |_: usize, token: u32| {
+                    // A panic elsewhere while holding the lock leaves a usable parser; keep streaming.
+                    stream.lock().unwrap_or_else(|p| p.into_inner()).push(token);
+                })
+            };
+            let output = self
+                .generate(vec![prepared], on_token)
+                .await
+                .pop()
+                .unwrap_or(Err(ReasonError::EngineResultCount { expected: 1, got: 0 }))?;
+            stream.lock().unwrap_or_else(|p| p.into_inner()).finish(&output);
+            Ok(output)
+        }
+        .instrument(span)
+        .await
+    }
+
     async fn reason_batch(&self, reqs: Vec<ReasonRequest>) -> Vec<Result<ReasonOutput, ReasonError>> {
         let span = info_span!("reason_batch", requests = reqs.len(), model = %self.engine.model_id());
         async move {
@@ -170,7 +202,8 @@ impl Reasoner for EmbeddedReasoner {
                     }
                 }
             }
-            for (slot, result) in ready_slots.into_iter().zip(self.generate(ready).await) {
+            let generated = self.generate(ready, Box::new(|_: usize, _: u32| {})).await;
+            for (slot, result) in ready_slots.into_iter().zip(generated) {
                 slots[slot] = Some(result);
             }
             slots
@@ -180,6 +213,66 @@ impl Reasoner for EmbeddedReasoner {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// Turns one request's tokens into reasoning and answer deltas as they are decoded, with the same text
+/// [`parse_completion`] gives: analysis messages joined by a newline, UTF-8 held back until it is whole.
+struct DeltaStream {
+    parser: StreamParser,
+    sender: DeltaSender,
+    /// A message closed since the last analysis delta: the next analysis text starts a new part.
+    message_closed: bool,
+    reasoning: String,
+    answer: String,
+}
+
+impl DeltaStream {
+    fn new(sender: DeltaSender) -> Self {
+        DeltaStream {
+            parser: StreamParser::new(),
+            sender,
+            message_closed: false,
+            reasoning: String::new(),
+            answer: String::new(),
+        }
+    }
+
+    fn push(&mut self, token: u32) {
+        let was_in_message = self.parser.current_channel().is_some();
+        let delta = self.parser.push(token);
+        match delta {
+            Some(StreamDelta::Analysis(mut text)) => {
+                if self.message_closed && !self.reasoning.is_empty() {
+                    text.insert(0, '\n');
+                }
+                self.message_closed = false;
+                self.reasoning.push_str(&text);
+                let _ = self.sender.send(ReasonDelta::Reasoning(text));
+            }
+            Some(StreamDelta::Final(text)) => {
+                self.answer.push_str(&text);
+                let _ = self.sender.send(ReasonDelta::Final(text));
+            }
+            None => {}
+        }
+        if was_in_message && self.parser.current_channel().is_none() {
+            self.message_closed = true;
+        }
+    }
+
+    /// Sends what the whole parse found beyond what streamed (text the incremental parser cannot attribute
+    /// until the end, such as a message whose header never closed), so the deltas add up to the output.
+    fn finish(&self, output: &ReasonOutput) {
+        let rest = |full: Option<&String>, streamed: &str| {
+            full.and_then(|f| f.strip_prefix(streamed)).filter(|r| !r.is_empty()).map(str::to_string)
+        };
+        if let Some(more) = rest(output.analysis.as_ref(), &self.reasoning) {
+            let _ = self.sender.send(ReasonDelta::Reasoning(more));
+        }
+        if let Some(more) = rest(output.final_text.as_ref(), &self.answer) {
+            let _ = self.sender.send(ReasonDelta::Final(more));
+        }
     }
 }
 
@@ -326,6 +419,74 @@ mod tests {
         assert_eq!(final_message_confidence(&[], &[]), None);
         // Garbage with a dangling channel marker must not panic.
         assert_eq!(final_message_confidence(&[tokens::CHANNEL], &[0.5]), None);
+    }
+
+    fn collect(receiver: &mut tokio::sync::mpsc::UnboundedReceiver<ReasonDelta>) -> (usize, String, String) {
+        let (mut count, mut reasoning, mut answer) = (0, String::new(), String::new());
+        while let Ok(delta) = receiver.try_recv() {
+            count += 1;
+            match delta {
+                ReasonDelta::Reasoning(text) => reasoning.push_str(&text),
+                ReasonDelta::Final(text) => answer.push_str(&text),
+            }
+        }
+        (count, reasoning, answer)
+    }
+
+    #[test]
+    fn streamed_deltas_add_up_to_the_parsed_completion() {
+        let mut completion = vec![tokens::CHANNEL];
+        completion.extend(encode("analysis"));
+        completion.push(tokens::MESSAGE);
+        completion.extend(encode("First thought, with é and 🙂."));
+        completion.push(tokens::END);
+        completion.push(tokens::START);
+        completion.extend(encode("assistant"));
+        completion.push(tokens::CHANNEL);
+        completion.extend(encode("analysis"));
+        completion.push(tokens::MESSAGE);
+        completion.extend(encode("Second thought."));
+        completion.push(tokens::END);
+        completion.push(tokens::START);
+        completion.extend(encode("assistant"));
+        completion.push(tokens::CHANNEL);
+        completion.extend(encode("final"));
+        completion.push(tokens::MESSAGE);
+        completion.extend(encode("0 because nothing is promoted"));
+        completion.push(tokens::RETURN);
+        let parsed = parse_completion(&completion);
+
+        let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+        let mut stream = DeltaStream::new(sender);
+        for &token in &completion {
+            stream.push(token);
+        }
+        let output = ReasonOutput {
+            analysis: parsed.analysis.clone(),
+            final_text: parsed.final_text.clone(),
+            ..Default::default()
+        };
+        stream.finish(&output);
+        let (count, reasoning, answer) = collect(&mut receiver);
+        assert!(count > 10, "one delta per decoded piece, not one per message: {count}");
+        assert_eq!(Some(reasoning), parsed.analysis);
+        assert_eq!(Some(answer), parsed.final_text);
+    }
+
+    #[test]
+    fn text_the_stream_could_not_attribute_is_sent_at_the_end() {
+        // A header that never reaches <|message|>: harmony still reads it as analysis, but only at the end.
+        let mut completion = vec![tokens::CHANNEL];
+        completion.extend(encode("analysis thinking without a message marker"));
+        completion.push(tokens::END);
+        let parsed = parse_completion(&completion);
+        let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+        let mut stream = DeltaStream::new(sender);
+        completion.iter().for_each(|&t| stream.push(t));
+        assert_eq!(collect(&mut receiver).0, 0);
+        stream.finish(&ReasonOutput { analysis: parsed.analysis.clone(), ..Default::default() });
+        let (count, reasoning, _) = collect(&mut receiver);
+        assert_eq!((count, Some(reasoning)), (1, parsed.analysis));
     }
 
     #[test]

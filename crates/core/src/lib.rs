@@ -17,4 +17,6 @@ pub mod reasoner;
 pub use classifier::{Classifier, ClassifyOptions, Decision, Mode, PromptTrace};
 pub use embedded::{EmbeddedConfig, EmbeddedReasoner, TokenBudgets};
 pub use input::{InputLimits, InputLine, Item, ItemError, ItemReader};
-pub use reasoner::{ReasonError, ReasonOutput, ReasonRequest, Reasoner, Timings, USE_EFFORT_BUDGET, Usage};
+pub use reasoner::{
+    DeltaSender, ReasonDelta, ReasonError, ReasonOutput, ReasonRequest, Reasoner, Timings, USE_EFFORT_BUDGET, Usage,
+};

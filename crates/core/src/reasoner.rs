@@ -122,6 +122,20 @@ pub enum ReasonError {
     Backend(String),
 }
 
+/// A piece of the model's output, sent while it is still decoding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReasonDelta {
+    /// Chain-of-thought text (the analysis channel).
+    Reasoning(String),
+    /// Answer text (the final channel). Only the returned [`ReasonOutput::final_text`] is an answer: a final
+    /// message that the budget later cuts off has streamed too.
+    Final(String),
+}
+
+/// Where [`Reasoner::reason_streaming`] sends its deltas. Unbounded so that a slow reader never stalls the
+/// engine; a dropped receiver (the client went away) just discards them.
+pub type DeltaSender = tokio::sync::mpsc::UnboundedSender<ReasonDelta>;
+
 /// Turns a policy prompt into the model's reasoning and answer.
 #[async_trait]
 pub trait Reasoner: Send + Sync {
@@ -129,6 +143,20 @@ pub trait Reasoner: Send + Sync {
     fn model_id(&self) -> String;
 
     async fn reason(&self, req: ReasonRequest) -> Result<ReasonOutput, ReasonError>;
+
+    /// Like [`reason`](Self::reason), sending reasoning and answer text to `deltas` as it is decoded. The
+    /// returned output is the whole result, as `reason` would return it. Backends that cannot stream send it
+    /// as one reasoning delta and one answer delta once they have it; this is that fallback.
+    async fn reason_streaming(&self, req: ReasonRequest, deltas: DeltaSender) -> Result<ReasonOutput, ReasonError> {
+        let output = self.reason(req).await?;
+        if let Some(reasoning) = output.analysis.clone().filter(|r| !r.is_empty()) {
+            let _ = deltas.send(ReasonDelta::Reasoning(reasoning));
+        }
+        if let Some(answer) = output.final_text.clone().filter(|a| !a.is_empty()) {
+            let _ = deltas.send(ReasonDelta::Final(answer));
+        }
+        Ok(output)
+    }
 
     /// Several prompts at once; results in request order. Backends that can decode several
     /// sequences together (and share a policy prefix between them) override this.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use safeguard_core::{ReasonError, ReasonOutput, ReasonRequest, Reasoner};
+use safeguard_core::{DeltaSender, ReasonError, ReasonOutput, ReasonRequest, Reasoner};
 
 pub struct GuardedReasoner {
     inner: Arc<dyn Reasoner>,
@@ -37,6 +37,16 @@ impl Reasoner for GuardedReasoner {
 
     async fn reason(&self, req: ReasonRequest) -> Result<ReasonOutput, ReasonError> {
         match tokio::time::timeout(self.timeout, self.inner.reason(req)).await {
+            Ok(result) => {
+                count_error(&result);
+                result
+            }
+            Err(_) => Err(self.timed_out()),
+        }
+    }
+
+    async fn reason_streaming(&self, req: ReasonRequest, deltas: DeltaSender) -> Result<ReasonOutput, ReasonError> {
+        match tokio::time::timeout(self.timeout, self.inner.reason_streaming(req, deltas)).await {
             Ok(result) => {
                 count_error(&result);
                 result

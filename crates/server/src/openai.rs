@@ -4,14 +4,15 @@
 //! - `/v1/models`.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Json;
 use axum::extract::State;
-use axum::response::sse::{Event, Sse};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures::stream;
-use safeguard_core::{Mode, ReasonRequest};
+use futures::Stream;
+use safeguard_core::{Mode, ReasonDelta, ReasonOutput, ReasonRequest, Reasoner};
 use safeguard_engine::Sampling;
 use safeguard_harmony::{ChatMessage, Content, Effort};
 use safeguard_store::now_ms;
@@ -199,43 +200,22 @@ pub(crate) async fn chat_completions(
         max_tokens: settings.max_tokens.unwrap_or(safeguard_core::USE_EFFORT_BUDGET),
         sampling,
     };
+    let model =
+        body.get("model").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| state.reasoner.model_id());
+    let meta = ChunkMeta { id: format!("chatcmpl-{}", uuid::Uuid::now_v7().simple()), created: now_ms() / 1000, model };
+    if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
+        let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
+        return Ok(stream_chat(state.reasoner.clone(), request, meta, include_usage).into_response());
+    }
     let started = Instant::now();
     let output =
         state.reasoner.reason(request).await.map_err(|e| ApiError::Unavailable(format!("the model failed: {e}")))?;
     metrics::histogram!("safeguard_chat_latency_seconds").record(started.elapsed().as_secs_f64());
-    let model =
-        body.get("model").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| state.reasoner.model_id());
-    let id = format!("chatcmpl-{}", uuid::Uuid::now_v7().simple());
-    let created = now_ms() / 1000;
-    let finish_reason = if output.truncated { "length" } else { "stop" };
-    let usage = json!({
-        "prompt_tokens": output.usage.prompt_tokens,
-        "completion_tokens": output.usage.completion_tokens,
-        "total_tokens": output.usage.prompt_tokens + output.usage.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": output.usage.cached_prompt_tokens},
-    });
+    let ChunkMeta { id, created, model } = meta;
+    let finish_reason = finish_reason(&output);
+    let usage = usage_json(&output);
     let reasoning = output.analysis.clone();
     let answer = output.final_text.clone().unwrap_or_default();
-    if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
-        // The reasoner answers whole; the stream carries reasoning, then the answer, then usage.
-        let chunk = |delta: Value, finish: Value| {
-            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
-        };
-        let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
-        if let Some(r) = &reasoning {
-            events.push(chunk(json!({"reasoning": r, "reasoning_content": r}), Value::Null));
-        }
-        events.push(chunk(json!({"content": answer}), Value::Null));
-        events.push(chunk(json!({}), json!(finish_reason)));
-        if body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false) {
-            events.push(json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage}));
-        }
-        let mut items: Vec<Result<Event, Infallible>> =
-            events.into_iter().map(|e| Ok(Event::default().data(e.to_string()))).collect();
-        items.push(Ok(Event::default().data("[DONE]")));
-        return Ok(Sse::new(stream::iter(items)).into_response());
-    }
     Ok(Json(json!({
         "id": id,
         "object": "chat.completion",
@@ -249,4 +229,91 @@ pub(crate) async fn chat_completions(
         "usage": usage,
     }))
     .into_response())
+}
+
+/// What every chunk of one streamed completion repeats.
+struct ChunkMeta {
+    id: String,
+    created: i64,
+    model: String,
+}
+
+impl ChunkMeta {
+    fn chunk(&self, delta: Value, finish_reason: Value) -> Value {
+        json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
+    }
+}
+
+fn finish_reason(output: &ReasonOutput) -> &'static str {
+    if output.truncated { "length" } else { "stop" }
+}
+
+fn usage_json(output: &ReasonOutput) -> Value {
+    json!({
+        "prompt_tokens": output.usage.prompt_tokens,
+        "completion_tokens": output.usage.completion_tokens,
+        "total_tokens": output.usage.prompt_tokens + output.usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": output.usage.cached_prompt_tokens},
+    })
+}
+
+fn delta_json(delta: ReasonDelta) -> Value {
+    match delta {
+        // Both names: vLLM's `reasoning_content` and the newer `reasoning` are read by different clients.
+        ReasonDelta::Reasoning(text) => json!({"reasoning": text, "reasoning_content": text}),
+        ReasonDelta::Final(text) => json!({"content": text}),
+    }
+}
+
+/// Server-sent events for a streamed completion: the role, then reasoning and answer deltas as the model
+/// decodes them, then the finish reason (and usage when asked), then `[DONE]`. A failure after the stream
+/// started arrives as an `error` event, since the status line has already been sent.
+fn stream_chat(
+    reasoner: Arc<dyn Reasoner>,
+    request: ReasonRequest,
+    meta: ChunkMeta,
+    include_usage: bool,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let (events, receiver) = tokio::sync::mpsc::unbounded_channel::<Event>();
+    tokio::spawn(async move {
+        let send = |value: Value| {
+            let _ = events.send(Event::default().data(value.to_string()));
+        };
+        send(meta.chunk(json!({"role": "assistant", "content": ""}), Value::Null));
+        let started = Instant::now();
+        let (deltas, mut decoded) = tokio::sync::mpsc::unbounded_channel();
+        let reasoning = reasoner.reason_streaming(request, deltas);
+        tokio::pin!(reasoning);
+        let result = loop {
+            tokio::select! {
+                biased;
+                Some(delta) = decoded.recv() => send(meta.chunk(delta_json(delta), Value::Null)),
+                result = &mut reasoning => break result,
+            }
+        };
+        while let Ok(delta) = decoded.try_recv() {
+            send(meta.chunk(delta_json(delta), Value::Null));
+        }
+        metrics::histogram!("safeguard_chat_latency_seconds").record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(output) => {
+                send(meta.chunk(json!({}), json!(finish_reason(&output))));
+                if include_usage {
+                    send(json!({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
+                                "model": meta.model, "choices": [], "usage": usage_json(&output)}));
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "streamed completion failed");
+                send(json!({"error": {"message": format!("the model failed: {error}"), "type": "server_error",
+                                      "code": "unavailable"}}));
+            }
+        }
+        let _ = events.send(Event::default().data("[DONE]"));
+    });
+    let stream = futures::stream::unfold(receiver, |mut receiver| async move {
+        receiver.recv().await.map(|event| (Ok(event), receiver))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
 }

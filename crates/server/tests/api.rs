@@ -465,6 +465,24 @@ async fn openai_moderations_and_chat_shapes() {
     assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
     let text = response.text().await.unwrap();
     assert!(text.contains("\"reasoning\":\"The content is promotional.\"") && text.contains("data: [DONE]"), "{text}");
+    // Chunks in order: the role, the reasoning, the answer, the finish reason, then [DONE].
+    let data: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let deltas: Vec<&Value> = chunks.iter().map(|c| &c["choices"][0]["delta"]).collect();
+    assert_eq!(deltas[0]["role"], "assistant");
+    assert_eq!(deltas[1]["reasoning_content"], "The content is promotional.");
+    assert_eq!(deltas[2]["content"], "1");
+    assert_eq!(chunks[3]["choices"][0]["finish_reason"], "stop");
+    assert_eq!(data.last(), Some(&"[DONE]"));
+
+    // A model failure after the stream started arrives as an error event, never as an answer.
+    let mut failing = streaming.clone();
+    failing["messages"][1]["content"] = json!("FAIL");
+    let response =
+        h.http.post(format!("{}/v1/chat/completions", h.base)).bearer_auth(&key).json(&failing).send().await.unwrap();
+    let text = response.text().await.unwrap();
+    assert!(text.contains("scripted backend failure") && text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert!(!text.contains("\"content\":\"1\"") && !text.contains("\"content\":\"0\""), "{text}");
 }
 
 /// Every path that stores a decision a person must settle queues it: classify, batch, jobs and moderations.
@@ -567,7 +585,8 @@ async fn the_service_runs_on_postgres_too() {
     let url = std::env::var("SAFEGUARD_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let schema = format!("sgserver_{}_{}", std::process::id(), safeguard_store::now_ms());
-    let options = safeguard_store::StoreOptions { schema: Some(schema.clone()), max_connections: 8, ..Default::default() };
+    let options =
+        safeguard_store::StoreOptions { schema: Some(schema.clone()), max_connections: 8, ..Default::default() };
     let store = match tokio::time::timeout(Duration::from_secs(5), Store::connect(&url, options)).await {
         Ok(Ok(store)) => store,
         other => {
