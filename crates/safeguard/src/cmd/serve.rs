@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use safeguard_core::Reasoner;
 use safeguard_harmony::Effort;
-use safeguard_server::{Server, ServerConfig};
+use safeguard_server::{ActiveLearning, ClassifyRoute, NatsConfig, NatsIngest, Server, ServerConfig};
 use safeguard_store::{Store, StoreOptions};
 
 #[derive(clap::Args)]
@@ -77,6 +77,36 @@ pub struct Args {
     pub first_effort: Effort,
     #[arg(long, default_value = "high")]
     pub escalation_effort: Effort,
+    /// How /v1/classify decides requests that pin no effort: `cascade` (triage → low → high → a person) or
+    /// `direct` (one reasoning step at --effort).
+    #[arg(long, default_value = "cascade")]
+    pub classify_route: ClassifyRoute,
+    /// Share of settled cascade decisions that triage and the model disagree on, or triage barely decided, to
+    /// queue for a person at low priority (active learning); 0 turns it off.
+    #[arg(long, default_value_t = 0.05, value_name = "0..1")]
+    pub review_sample_rate: f64,
+    /// Distance from 0.5 under which a triage probability counts as barely decided.
+    #[arg(long, default_value_t = 0.1)]
+    pub review_sample_margin: f32,
+    /// Cost per 1000 billed tokens (uncached prompt + completion) for the cost-per-item metrics.
+    #[arg(long = "cost-per-1k-tokens", default_value_t = 0.0, value_name = "AMOUNT")]
+    pub cost_per_1k_tokens: f64,
+    /// Also decide content events from this NATS server (JetStream), e.g. nats://127.0.0.1:4222.
+    #[arg(long, value_name = "URL", env = "SAFEGUARD_NATS_URL")]
+    pub nats: Option<String>,
+    /// Subject prefix: content is read from PREFIX.content.>, decisions published on PREFIX.decisions.<key>.
+    #[arg(long = "nats-subject", value_name = "PREFIX", default_value = "safeguard")]
+    pub nats_subject: String,
+    /// Name of the work stream (default: from the prefix); the decision stream and ledger are NAME_DECISIONS and
+    /// NAME_DECIDED, the shared consumer NAME_workers. Servers naming the same stream share its work.
+    #[arg(long = "nats-stream", value_name = "NAME", requires = "nats")]
+    pub nats_stream: Option<String>,
+    /// Policies for events that name none (repeat); default: the starter library.
+    #[arg(long = "nats-policy", value_name = "NAME", requires = "nats")]
+    pub nats_policies: Vec<String>,
+    /// Seconds an event may go unacknowledged (a crashed worker's events are redelivered after it).
+    #[arg(long, default_value_t = 60)]
+    pub nats_ack_wait: u64,
 }
 
 /// Where to store things, shared with `safeguard keys`.
@@ -144,6 +174,15 @@ fn load_remote(args: &Args) -> anyhow::Result<Arc<dyn Reasoner>> {
     Ok(Arc::new(reasoner))
 }
 
+fn nats_ingest(args: &Args, url: &str) -> NatsIngest {
+    let mut config = NatsConfig::new(url, args.nats_subject.clone());
+    if let Some(stream) = &args.nats_stream {
+        config = config.with_stream(stream);
+    }
+    config.ack_wait = Duration::from_secs(args.nats_ack_wait.max(1));
+    NatsIngest { config, policies: args.nats_policies.clone() }
+}
+
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let reasoner = match (&args.model, args.backend.is_empty()) {
         (Some(model), true) => load_embedded(&args, model)?,
@@ -169,11 +208,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         },
         triage_dir: args.triage_dir.clone(),
         reasoning_per_sec: args.reasoning_per_sec.filter(|r| *r > 0.0),
+        classify_route: args.classify_route,
+        active_learning: ActiveLearning {
+            rate: args.review_sample_rate.clamp(0.0, 1.0),
+            margin: args.review_sample_margin,
+            ..ActiveLearning::default()
+        },
+        cost_per_1k_tokens: args.cost_per_1k_tokens.max(0.0),
+        nats: args.nats.as_ref().map(|url| nats_ingest(&args, url)),
         ..ServerConfig::default()
     };
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let store = open_store(&args.data_dir, args.database.as_deref(), args.database_schema.clone()).await?;
         let server = Server::start(config, reasoner, store).await?;
         // Tests and scripts read this line to find the port when listening on :0.
@@ -186,7 +233,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         });
         server.wait().await?;
         anyhow::Ok(())
-    })?;
+    });
+    // An engine step still running on a blocking thread after the drain would keep the process alive until it
+    // finished; what it was deciding is redelivered (NATS) or claimed again after its lease (jobs).
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 
