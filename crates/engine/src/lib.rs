@@ -117,6 +117,39 @@ pub struct EngineConfig {
     pub seed: u32,
     /// Layers offloaded to the GPU (CUDA builds only; ignored by CPU builds).
     pub n_gpu_layers: u32,
+    /// Element type of the attention K/V cache. F16 halves its memory; F32 is what reference comparisons use.
+    pub kv_cache: KvCacheType,
+    /// Flash attention: `None` lets llama.cpp choose per backend. Its CPU kernel converts Q to F16 whatever
+    /// the cache type, so exact comparisons with a reference turn it off.
+    pub flash_attention: Option<bool>,
+    /// Map the model file instead of reading it. Off by default: on CPU llama.cpp repacks the MXFP4 experts
+    /// into interleaved copies, and with a mapping the file's pages stay resident beside them (20b shapes:
+    /// peak RSS 22.6 GB mapped vs 12.4 GB read, same decode speed; BENCHMARKS.md). Mapping loads faster
+    /// from a warm page cache.
+    pub use_mmap: bool,
+}
+
+/// Element type of the attention K/V cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCacheType {
+    #[default]
+    F16,
+    F32,
+    /// About half of F16's memory; costs accuracy on long prompts.
+    Q8_0,
+}
+
+impl std::str::FromStr for KvCacheType {
+    type Err = EngineError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "f16" => Ok(Self::F16),
+            "f32" => Ok(Self::F32),
+            "q8_0" | "q8" => Ok(Self::Q8_0),
+            other => Err(EngineError::InvalidConfig(format!("unknown KV cache type {other:?}; use f16, f32 or q8_0"))),
+        }
+    }
 }
 
 impl Default for EngineConfig {
@@ -130,6 +163,9 @@ impl Default for EngineConfig {
             prefix_cache_bytes: 1 << 30,
             seed: 0,
             n_gpu_layers: 0,
+            kv_cache: KvCacheType::F16,
+            flash_attention: None,
+            use_mmap: false,
         }
     }
 }

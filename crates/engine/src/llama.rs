@@ -20,7 +20,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use llama_cpp_2::context::LlamaContext;
-use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
@@ -205,6 +205,14 @@ impl Engine for LlamaEngine {
     }
 }
 
+fn kv_cache_type(kind: crate::KvCacheType) -> KvCacheType {
+    match kind {
+        crate::KvCacheType::F16 => KvCacheType::F16,
+        crate::KvCacheType::F32 => KvCacheType::F32,
+        crate::KvCacheType::Q8_0 => KvCacheType::Q8_0,
+    }
+}
+
 fn worker_main(
     backend: &'static LlamaBackend,
     path: &Path,
@@ -213,7 +221,7 @@ fn worker_main(
     jobs: &mpsc::Receiver<Job>,
 ) {
     let started = Instant::now();
-    let model_params = LlamaModelParams::default().with_n_gpu_layers(cfg.n_gpu_layers);
+    let model_params = LlamaModelParams::default().with_n_gpu_layers(cfg.n_gpu_layers).with_use_mmap(cfg.use_mmap);
     let model = match LlamaModel::load_from_file(backend, path, &model_params) {
         Ok(model) => model,
         Err(err) => {
@@ -235,7 +243,14 @@ fn worker_main(
         // ubatch), and prefix states restore correctly either way (tests cover prefixes longer than the window).
         .with_swa_full(false)
         .with_n_threads(threads)
-        .with_n_threads_batch(threads);
+        .with_n_threads_batch(threads)
+        .with_type_k(kv_cache_type(cfg.kv_cache))
+        .with_type_v(kv_cache_type(cfg.kv_cache))
+        .with_flash_attention_policy(match cfg.flash_attention {
+            None => -1, // LLAMA_FLASH_ATTN_TYPE_AUTO
+            Some(false) => 0,
+            Some(true) => 1,
+        });
     let ctx = match model.new_context(backend, ctx_params) {
         Ok(ctx) => ctx,
         Err(err) => {

@@ -118,7 +118,7 @@ pub struct TinyModelInfo {
     pub hparams: GptOssHparams,
 }
 
-fn init_scale(role: TensorRole) -> (f32, f32) {
+pub(crate) fn init_scale(role: TensorRole) -> (f32, f32) {
     match role {
         TensorRole::Embedding => (0.0, 1.0),
         TensorRole::Norm => (1.0, 0.1),

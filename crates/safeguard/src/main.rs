@@ -56,7 +56,9 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SAFEGUARD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // llama.cpp warns about settings we choose on purpose (a context shorter than the model's
+                // training length, a sliding-window cache); its errors still show. SAFEGUARD_LOG overrides.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,llama-cpp-2=error")),
         )
         .with_writer(std::io::stderr)
         .init();
