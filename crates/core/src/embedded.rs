@@ -369,18 +369,24 @@ mod tests {
         Tokenizer::shared().encode_ordinary(text)
     }
 
+    /// Appends `<|channel|>{channel}<|message|>{body}`, opening with `<|start|>assistant` unless it is the first.
+    fn push_message(completion: &mut Vec<u32>, channel: &str, body: &str) {
+        if !completion.is_empty() {
+            completion.push(tokens::START);
+            completion.extend(encode("assistant"));
+        }
+        completion.push(tokens::CHANNEL);
+        completion.extend(encode(channel));
+        completion.push(tokens::MESSAGE);
+        completion.extend(encode(body));
+    }
+
     #[test]
     fn confidence_covers_only_the_final_message_tokens() {
-        let mut completion = vec![tokens::CHANNEL];
-        completion.extend(encode("analysis"));
-        completion.push(tokens::MESSAGE);
-        completion.extend(encode("thinking about it"));
+        let mut completion = Vec::new();
+        push_message(&mut completion, "analysis", "thinking about it");
         completion.push(tokens::END);
-        completion.push(tokens::START);
-        completion.extend(encode("assistant"));
-        completion.push(tokens::CHANNEL);
-        completion.extend(encode("final"));
-        completion.push(tokens::MESSAGE);
+        push_message(&mut completion, "final", "");
         let body_start = completion.len();
         completion.extend(encode("1"));
         let body_end = completion.len();
@@ -435,24 +441,12 @@ mod tests {
 
     #[test]
     fn streamed_deltas_add_up_to_the_parsed_completion() {
-        let mut completion = vec![tokens::CHANNEL];
-        completion.extend(encode("analysis"));
-        completion.push(tokens::MESSAGE);
-        completion.extend(encode("First thought, with é and 🙂."));
+        let mut completion = Vec::new();
+        push_message(&mut completion, "analysis", "First thought, with é and 🙂.");
         completion.push(tokens::END);
-        completion.push(tokens::START);
-        completion.extend(encode("assistant"));
-        completion.push(tokens::CHANNEL);
-        completion.extend(encode("analysis"));
-        completion.push(tokens::MESSAGE);
-        completion.extend(encode("Second thought."));
+        push_message(&mut completion, "analysis", "Second thought.");
         completion.push(tokens::END);
-        completion.push(tokens::START);
-        completion.extend(encode("assistant"));
-        completion.push(tokens::CHANNEL);
-        completion.extend(encode("final"));
-        completion.push(tokens::MESSAGE);
-        completion.extend(encode("0 because nothing is promoted"));
+        push_message(&mut completion, "final", "0 because nothing is promoted");
         completion.push(tokens::RETURN);
         let parsed = parse_completion(&completion);
 
