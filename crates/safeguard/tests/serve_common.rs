@@ -27,20 +27,23 @@ pub struct ServeProcess {
 }
 
 impl ServeProcess {
-    /// Starts `safeguard serve` on 127.0.0.1:0 and waits for its "listening on" line.
+    /// Starts `safeguard serve` with the tiny model and the admin key on 127.0.0.1:0.
     pub fn start(data_dir: &Path, extra: &[&str]) -> ServeProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_safeguard"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_safeguard"));
+        command
             .args(["serve", "--model"])
             .arg(tiny_model())
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .args(extra)
             .env("SAFEGUARD_ADMIN_KEY", ADMIN_KEY)
-            .env_remove("SAFEGUARD_DATABASE_URL")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn safeguard serve");
+            .env_remove("SAFEGUARD_DATABASE_URL");
+        ServeProcess::spawn(command)
+    }
+
+    /// Spawns `command` (a `safeguard serve`) and waits for its "listening on" line.
+    pub fn spawn(mut command: Command) -> ServeProcess {
+        let mut child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn safeguard serve");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -54,8 +57,9 @@ impl ServeProcess {
         ServeProcess { child, base }
     }
 
+    /// SIGKILL on unix: no cleanup, no drain, as a crashed process.
     pub fn kill_hard(mut self) {
-        self.child.kill().unwrap(); // SIGKILL on unix: no cleanup, no drain.
+        self.child.kill().unwrap();
         self.child.wait().unwrap();
     }
 

@@ -8,7 +8,7 @@ mod serve_support;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use serve_support::{SAFE_SCRIPT, Serve, scripted_model};
+use serve_support::{SAFE_SCRIPT, scripted_model, serve};
 
 fn post(base: &str, path: &str, body: &Value) -> (u16, Value) {
     let response = reqwest::blocking::Client::builder()
@@ -33,9 +33,9 @@ fn classify_through_a_second_serve_and_fail_closed_when_it_dies() {
     let backend_dir = tempfile::tempdir().unwrap();
     let front_dir = tempfile::tempdir().unwrap();
     let model = scripted_model().to_str().unwrap().to_string();
-    let backend = Serve::start(backend_dir.path(), &["--model", &model]);
+    let backend = serve(backend_dir.path(), &["--model", &model]);
     let backend_url = format!("{}/v1", backend.base);
-    let front = Serve::start(front_dir.path(), &["--backend", &backend_url, "--backend-model", "scripted"]);
+    let front = serve(front_dir.path(), &["--backend", &backend_url, "--backend-model", "scripted"]);
 
     let request = json!({
         "text": "Hi Sam, lunch at noon on Friday?",

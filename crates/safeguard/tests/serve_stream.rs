@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use serve_support::{SAFE_SCRIPT, Serve, scripted_model};
+use serve_support::{SAFE_SCRIPT, scripted_model, serve};
 
 fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
@@ -17,7 +17,7 @@ fn client() -> reqwest::blocking::Client {
 fn streamed_deltas_arrive_one_by_one_and_add_up_to_the_whole_answer() {
     let dir = tempfile::tempdir().unwrap();
     let model = scripted_model().to_str().unwrap().to_string();
-    let server = Serve::start(dir.path(), &["--model", &model]);
+    let server = serve(dir.path(), &["--model", &model]);
     let url = format!("{}/v1/chat/completions", server.base);
     let mut request = json!({
         "model": "scripted",

@@ -12,31 +12,8 @@ use safeguard_server::{Server, ServerConfig};
 use safeguard_store::Store;
 use serde_json::{Value, json};
 
-const POLICY: &str = "---
-name: promo
-output: binary
-triage:
-  rules:
-    keywords:
-      - name: known-scams
-        action: deny
-        keywords: [free bitcoin]
-      - name: greetings
-        action: allow
-        keywords: [happy birthday]
----
-# Promotion Policy (PR)
-
-## INSTRUCTIONS
-Return exactly one character: 0 or 1.
-
-## VIOLATES (1)
-- PR1.a Unsolicited promotion with a link or handle.
-
-## DOES NOT VIOLATE (0)
-- PR0.a Personal messages.
-
-Return exactly one character: 0 or 1.";
+/// A binary policy whose triage rules deny "free bitcoin" and allow "happy birthday".
+const POLICY: &str = include_str!("fixtures/promo_policy.md");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_items_land_in_the_stage_the_routing_rules_give_them() {

@@ -22,31 +22,8 @@ use serde_json::{Value, json};
 const URL: &str = "127.0.0.1:4222";
 const ADMIN: &str = "nats-admin";
 
-const POLICY: &str = "---
-name: promo
-output: binary
-triage:
-  rules:
-    keywords:
-      - name: known-scams
-        action: deny
-        keywords: [free bitcoin]
-      - name: greetings
-        action: allow
-        keywords: [happy birthday]
----
-# Promotion Policy (PR)
-
-## INSTRUCTIONS
-Return exactly one character: 0 or 1.
-
-## VIOLATES (1)
-- PR1.a Unsolicited promotion with a link or handle.
-
-## DOES NOT VIOLATE (0)
-- PR0.a Personal messages.
-
-Return exactly one character: 0 or 1.";
+/// A binary policy whose triage rules deny "free bitcoin" and allow "happy birthday".
+const POLICY: &str = include_str!("fixtures/promo_policy.md");
 
 fn nats_up() -> bool {
     std::net::TcpStream::connect_timeout(&URL.parse().unwrap(), Duration::from_secs(1)).is_ok()

@@ -9,11 +9,13 @@
 //! few tokens", which is what tells the two `<|message|>` tokens of a completion apart.
 #![allow(dead_code)]
 
+#[path = "../serve_common.rs"]
+mod serve_common;
+pub use serve_common::ServeProcess;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
 use safeguard_gguf::gpt_oss::{self, DtypePlan};
 use safeguard_gguf::{GgmlType, GgufWriter, TensorSpec, TinyConfig};
@@ -159,48 +161,14 @@ pub fn scripted_model() -> &'static Path {
 }
 
 /// `safeguard serve` with the given arguments on 127.0.0.1:0, without keys (loopback only), killed on drop.
-pub struct Serve {
-    pub child: Child,
-    /// `http://127.0.0.1:PORT`
-    pub base: String,
-}
-
-impl Serve {
-    pub fn start(data_dir: &Path, args: &[&str]) -> Serve {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_safeguard"))
-            .arg("serve")
-            .args(args)
-            .args(["--listen", "127.0.0.1:0", "--rate-limit", "0", "--data-dir"])
-            .arg(data_dir)
-            .env_remove("SAFEGUARD_ADMIN_KEY")
-            .env_remove("SAFEGUARD_DATABASE_URL")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn safeguard serve");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("safeguard: listening on ") {
-                    let _ = tx.send(addr.to_string());
-                }
-            }
-        });
-        let base = rx.recv_timeout(Duration::from_secs(120)).expect("server did not report its address");
-        Serve { child, base }
-    }
-
-    /// SIGKILL: the process vanishes mid-whatever, as a crashed backend does.
-    pub fn kill_hard(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+pub fn serve(data_dir: &Path, args: &[&str]) -> ServeProcess {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_safeguard"));
+    command
+        .arg("serve")
+        .args(args)
+        .args(["--listen", "127.0.0.1:0", "--rate-limit", "0", "--data-dir"])
+        .arg(data_dir)
+        .env_remove("SAFEGUARD_ADMIN_KEY")
+        .env_remove("SAFEGUARD_DATABASE_URL");
+    ServeProcess::spawn(command)
 }
