@@ -45,8 +45,16 @@ impl FromRequestParts<AppState> for Caller {
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
                 .ok_or(ApiError::Unauthorized)?;
-            let record = state.store.authenticate(secret).await?.ok_or(ApiError::Unauthorized)?;
-            Caller { key_id: record.id, scopes: record.scopes }
+            let key_hash = safeguard_store::hash_api_key(secret);
+            match state.lookups.keys.get(&key_hash) {
+                Some(caller) => caller,
+                None => {
+                    let record = state.store.authenticate(secret).await?.ok_or(ApiError::Unauthorized)?;
+                    let caller = Caller { key_id: record.id, scopes: record.scopes };
+                    state.lookups.keys.put(key_hash, caller.clone());
+                    caller
+                }
+            }
         };
         state.rate_limiter.check(&caller.key_id)?;
         Ok(caller)

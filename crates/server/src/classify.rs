@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use axum::Json;
 use axum::extract::State;
+use axum::response::IntoResponse;
 use safeguard_core::input::{InputLimits, parse_item};
 use safeguard_core::{ClassifyOptions, Decision, Mode};
 use safeguard_engine::Sampling;
@@ -26,6 +27,7 @@ use crate::auth::Caller;
 use crate::error::{ApiError, ApiJson};
 use crate::moderate::{StoredItem, deferred_error, stages_json, store_cascade_item};
 use crate::policies::resolve_policy;
+use crate::timing::StageTimer;
 
 /// How `/v1/classify` decides an item.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -299,14 +301,28 @@ pub(crate) async fn decide_and_store(
     settings: &Settings,
     source: &str,
 ) -> Result<(Decision, DecisionRecord), ApiError> {
+    decide_and_store_timed(state, policies, content, settings, source, &mut StageTimer::start()).await
+}
+
+/// [`decide_and_store`], marking `reason` and `store` on `timer`.
+pub(crate) async fn decide_and_store_timed(
+    state: &AppState,
+    policies: &[Policy],
+    content: &Content,
+    settings: &Settings,
+    source: &str,
+    timer: &mut StageTimer,
+) -> Result<(Decision, DecisionRecord), ApiError> {
     let started = Instant::now();
     let decision = state.classifier.classify(policies, content, &options(settings)).await;
     let elapsed = started.elapsed().as_secs_f64();
+    timer.mark("reason");
     count_decision(&decision, source, elapsed);
     let (record, reasoning) = record_of(&decision, policies, content, settings, source, None);
     state.store.insert_decision(&record, Some(&reasoning)).await?;
     state.items.observe("direct", decision.usage, elapsed);
     crate::reviews::enqueue_if_undecided(state, &decision, &record, policies).await?;
+    timer.mark("store");
     Ok((decision, record))
 }
 
@@ -340,16 +356,19 @@ pub(crate) async fn classify(
     State(state): State<AppState>,
     caller: Caller,
     ApiJson(body): ApiJson<Value>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<impl IntoResponse, ApiError> {
+    let mut timer = StageTimer::start();
     caller.require("classify")?;
     let route = route_of(&state, &body)?;
     let parsed = parse_request(&state, &body, &caller).await?;
+    timer.mark("policy");
     if route == ClassifyRoute::Direct {
         let (decision, record) =
-            decide_and_store(&state, &parsed.policies, &parsed.content, &parsed.settings, "api").await?;
+            decide_and_store_timed(&state, &parsed.policies, &parsed.content, &parsed.settings, "api", &mut timer)
+                .await?;
         let mut reply = decision_reply(&decision, &record, parsed.return_reasoning);
         reply["route"] = json!(route.as_str());
-        return Ok(Json(reply));
+        return Ok(([timer.header()], Json(reply)));
     }
     let ctx = RouteContext { appeal: false, include_reasoning: true };
     let started = Instant::now();
@@ -360,10 +379,12 @@ pub(crate) async fn classify(
         .await
         .map_err(deferred_error)?;
     let elapsed = started.elapsed().as_secs_f64();
+    timer.mark("cascade");
     let stored =
         store_cascade_item(&state, &cascade, &parsed.policies, Some(&parsed.content), "api", Value::Null).await?;
     state.items.observe("cascade", cascade.usage, elapsed);
-    Ok(Json(cascade_reply(&cascade, &stored, parsed.return_reasoning)))
+    timer.mark("store");
+    Ok(([timer.header()], Json(cascade_reply(&cascade, &stored, parsed.return_reasoning))))
 }
 
 /// A cascade decision in the shape of a direct one (`decision_id`, `outcome`, `verdicts`, `usage`, `timings`,

@@ -20,12 +20,14 @@ mod error;
 mod guard;
 mod ingest;
 mod jobs;
+mod lookup_cache;
 mod metrics_setup;
 mod moderate;
 mod openai;
 mod openapi;
 mod policies;
 mod reviews;
+mod timing;
 mod webhooks;
 
 use std::net::SocketAddr;
@@ -35,6 +37,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use safeguard_core::{Classifier, Reasoner};
 use safeguard_harmony::Effort;
@@ -51,6 +54,7 @@ pub use guard::GuardedReasoner;
 pub use ingest::NatsIngest;
 pub use safeguard_pipeline::ActiveLearning;
 pub use safeguard_pipeline::nats::NatsConfig;
+pub use timing::parse_server_timing;
 pub use webhooks::{sign_webhook, verify_webhook};
 
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +141,10 @@ pub struct ServerConfig {
     pub cost_per_1k_tokens: f64,
     /// Decide content events from NATS JetStream inside the server, storing each decision like any other.
     pub nats: Option<NatsIngest>,
+    /// How long a policy name's active version and an API key are trusted before the store is asked again.
+    /// Changes made through this server apply at once; changes made elsewhere (another server on the same
+    /// database, `safeguard keys revoke`) within this time. Zero asks the store on every request.
+    pub lookup_ttl: Duration,
 }
 
 impl Default for ServerConfig {
@@ -165,6 +173,7 @@ impl Default for ServerConfig {
             active_learning: ActiveLearning::default(),
             cost_per_1k_tokens: 0.0,
             nats: None,
+            lookup_ttl: Duration::from_secs(1),
         }
     }
 }
@@ -181,6 +190,7 @@ pub struct AppState {
     pub(crate) http: reqwest::Client,
     pub(crate) cascade: Arc<moderate::CascadeState>,
     pub(crate) items: Arc<metrics_setup::ItemStats>,
+    pub(crate) lookups: Arc<lookup_cache::Lookups>,
 }
 
 /// A started server: its address, and the handle to stop it.
@@ -273,6 +283,7 @@ impl Server {
         let state = AppState {
             cascade,
             items: Arc::new(metrics_setup::ItemStats::new(config.cost_per_1k_tokens)),
+            lookups: Arc::new(lookup_cache::Lookups::new(config.lookup_ttl)),
             rate_limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst)),
             config: Arc::new(config),
             store,
@@ -303,7 +314,14 @@ async fn run(state: AppState, listener: TcpListener, shutdown: CancellationToken
     let drain_timeout = state.config.drain_timeout;
     let app = router(state);
     let signal = shutdown.clone();
-    let served = axum::serve(listener, app).with_graceful_shutdown(async move { signal.cancelled().await });
+    let served = axum::serve(
+        listener.tap_io(|tcp| {
+            // Replies are small; without this a reply split over two writes could wait on the client's delayed ACK.
+            let _ = tcp.set_nodelay(true);
+        }),
+        app,
+    )
+    .with_graceful_shutdown(async move { signal.cancelled().await });
     let result = served.await.map_err(|e| ServerError::Task(e.to_string()));
     // HTTP is drained; now let workers finish the job each is on (they stop claiming once cancelled).
     let drained = tokio::time::timeout(drain_timeout, async {

@@ -82,20 +82,28 @@ fn looks_like_hash(id: &str) -> bool {
 
 /// A policy reference in a request: `"name"` (its active version), `"sha256:…"`, or `{"text": "…"}` inline.
 pub(crate) async fn resolve_policy(state: &AppState, reference: &Value, _caller: &Caller) -> Result<Policy, ApiError> {
+    let lookups = &state.lookups;
     match reference {
         Value::String(id) if looks_like_hash(id) => {
+            if let Some(policy) = lookups.versions.get(id) {
+                return Ok(policy);
+            }
             let stored = state
                 .store
                 .get_policy(id)
                 .await?
                 .ok_or_else(|| ApiError::bad("unknown_policy", format!("no policy version {id}")))?;
-            policy_of(&stored)
+            remember_version(state, &stored)
         }
         Value::String(name) => {
+            if let Some(policy) = lookups.active.get(name).and_then(|hash| lookups.versions.get(&hash)) {
+                return Ok(policy);
+            }
             let stored = state.store.active_policy(name).await?.ok_or_else(|| {
                 ApiError::bad("unknown_policy", format!("no policy named {name:?}; POST it to /v1/policies first"))
             })?;
-            policy_of(&stored)
+            lookups.active.put(name.clone(), stored.hash.clone());
+            remember_version(state, &stored)
         }
         Value::Object(object) => {
             let text = object
@@ -105,12 +113,26 @@ pub(crate) async fn resolve_policy(state: &AppState, reference: &Value, _caller:
             let name = object.get("name").and_then(Value::as_str);
             let policy = Policy::parse_with_fallback_name(text, Some(name.unwrap_or("inline")))
                 .map_err(|e| ApiError::bad("invalid_policy", format!("inline policy: {e}")))?;
-            // Stored (unpinned) so that the decision's policy hash can be looked up and replayed.
-            store_policy(&state.store, &policy, text, Some(name.unwrap_or("inline")), false).await?;
+            let hash = policy.hash.to_string();
+            // Stored (unpinned) so that the decision's policy hash can be looked up and replayed; once is enough.
+            if lookups.versions.get(&hash).is_none() {
+                let (stored, _) =
+                    store_policy(&state.store, &policy, text, Some(name.unwrap_or("inline")), false).await?;
+                remember_version(state, &stored)?;
+            }
             Ok(policy)
         }
         _ => Err(ApiError::bad("invalid_policy", "a policy is a name, a \"sha256:…\" version, or {\"text\": \"…\"}")),
     }
+}
+
+fn remember_version(state: &AppState, stored: &StoredPolicy) -> Result<Policy, ApiError> {
+    if let Some(policy) = state.lookups.versions.get(&stored.hash) {
+        return Ok(policy);
+    }
+    let policy = policy_of(stored)?;
+    state.lookups.versions.put(stored.hash.clone(), policy.clone());
+    Ok(policy)
 }
 
 fn summary(p: &StoredPolicy) -> Value {
@@ -162,6 +184,7 @@ pub(crate) async fn create(
     let policy = Policy::parse_with_fallback_name(&text, name.as_deref())
         .map_err(|e| ApiError::bad("invalid_policy", e.to_string()))?;
     let (stored, created) = store_policy(&state.store, &policy, &text, name.as_deref(), true).await?;
+    state.lookups.active.forget(&stored.name);
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(full(&stored))).into_response())
 }
@@ -219,7 +242,9 @@ pub(crate) async fn activate(
         .get("hash")
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::bad("invalid_request", "expected {\"hash\": \"sha256:…\"}"))?;
-    match state.store.activate_policy(&name, hash).await {
+    let activated = state.store.activate_policy(&name, hash).await;
+    state.lookups.active.forget(&name);
+    match activated {
         Ok(policy) => Ok(Json(full(&policy))),
         Err(StoreError::PolicyNotFound(h)) => Err(ApiError::NotFound(format!("no policy version {h}"))),
         Err(e @ StoreError::PolicyNameMismatch { .. }) => Err(ApiError::bad("policy_name_mismatch", e.to_string())),

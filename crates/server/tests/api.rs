@@ -629,3 +629,47 @@ async fn the_service_runs_on_postgres_too() {
     h.store.close().await;
     Store::drop_schema(&url, &schema).await.unwrap();
 }
+
+/// Names and keys are remembered for `lookup_ttl`: a change made through this server applies at once, one made
+/// behind its back (another server, `safeguard keys revoke`) once the entry expires. Replies say where the time
+/// went in `Server-Timing`.
+#[tokio::test]
+async fn lookups_are_remembered_briefly_and_changes_here_apply_at_once() {
+    const TTL: Duration = Duration::from_secs(3);
+    let h = Harness::start(|c| c.lookup_ttl = TTL).await;
+    let writer = h.key(&["policies:write", "classify"]).await;
+    let v1 = "---\nname: promo\noutput: binary\n---\n# Promo\n\nReturn 1 if the content is promotion, else 0.\n";
+    let (_, first) = h.call("POST", "/v1/policies", Some(&writer), Some(json!({"text": v1}))).await;
+    let v2 = v1.replace("promotion", "advertising");
+    let (_, second) = h.call("POST", "/v1/policies", Some(&writer), Some(json!({"text": v2}))).await;
+    let classify = json!({"text": "hello", "policies": ["promo"], "effort": "low"});
+    let decided_hash = |reply: &Value| reply["policies"][0]["hash"].clone();
+
+    let response =
+        h.http.post(format!("{}/v1/classify", h.base)).bearer_auth(&writer).json(&classify).send().await.unwrap();
+    let timing = response.headers()["server-timing"].to_str().unwrap().to_string();
+    let stages: Vec<String> =
+        safeguard_server::parse_server_timing(&timing).into_iter().map(|(stage, _)| stage).collect();
+    assert_eq!(stages, ["policy", "reason", "store", "total"], "{timing}");
+    let reply: Value = response.json().await.unwrap();
+    assert_eq!(decided_hash(&reply), first["hash"]);
+
+    // Through this server: the very next request sees the new pin.
+    let (status, _) =
+        h.call("POST", "/v1/policies/promo/activate", Some(&writer), Some(json!({"hash": second["hash"]}))).await;
+    assert_eq!(status, 200);
+    let (_, reply) = h.call("POST", "/v1/classify", Some(&writer), Some(classify.clone())).await;
+    assert_eq!(decided_hash(&reply), second["hash"]);
+
+    // Behind its back: the pin and the key change in the database; the server notices within the TTL.
+    h.store.activate_policy("promo", first["hash"].as_str().unwrap()).await.unwrap();
+    let key_id = h.store.list_api_keys().await.unwrap().into_iter().find(|k| k.name == "test").unwrap().id;
+    assert!(h.store.revoke_api_key(&key_id).await.unwrap());
+    let (status, reply) = h.call("POST", "/v1/classify", Some(&writer), Some(classify.clone())).await;
+    assert_eq!((status, decided_hash(&reply)), (200, second["hash"].clone()), "still remembered: {reply}");
+    tokio::time::sleep(TTL + Duration::from_millis(200)).await;
+    let (status, _) = h.call("POST", "/v1/classify", Some(&writer), Some(classify.clone())).await;
+    assert_eq!(status, 401, "a revoked key stops working once its entry expires");
+    let (status, reply) = h.call("POST", "/v1/classify", Some(ADMIN), Some(classify)).await;
+    assert_eq!((status, decided_hash(&reply)), (200, first["hash"].clone()), "{reply}");
+}

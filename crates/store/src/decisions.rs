@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
-use sqlx::{Any, Row, Transaction};
+use sqlx::{Any, AnyPool, Row, Transaction};
 
 use crate::{Result, Store, from_json, to_json};
 
@@ -121,6 +121,89 @@ pub(crate) async fn insert_decision_tx(
             .bind(to_json(&reasoning))
             .execute(&mut **tx)
             .await?;
+    }
+    Ok(())
+}
+
+/// SQLite: decisions (with their policy links and reasoning) written as one multi-statement query inside
+/// `BEGIN IMMEDIATE … COMMIT`.
+///
+/// sqlx runs every statement on the connection's own thread, and each statement sent separately is a round trip
+/// there and back: five for one decision in a transaction, which was most of what storing a decision cost once
+/// commits stopped waiting for the disk. One query is one trip whatever the batch size. The numbered parameters
+/// (`$n`) address the bound values across all statements of the query.
+pub(crate) async fn insert_decisions_sqlite(
+    pool: &AnyPool,
+    rows: &[(&DecisionRecord, Option<&[String]>)],
+) -> Result<()> {
+    let mut sql = String::from("BEGIN IMMEDIATE;\n");
+    let mut next = 0_usize;
+    let mut placeholders = |count: usize| {
+        let list: Vec<String> = (0..count)
+            .map(|_| {
+                next += 1;
+                format!("${next}")
+            })
+            .collect();
+        list.join(", ")
+    };
+    for (decision, reasoning) in rows {
+        sql.push_str(&format!("INSERT INTO decisions ({COLUMNS}) VALUES ({});\n", placeholders(19)));
+        for _ in &decision.policy_hashes {
+            sql.push_str(&format!(
+                "INSERT INTO decision_policies (decision_id, policy_hash, policy_name) VALUES ({}) \
+                 ON CONFLICT DO NOTHING;\n",
+                placeholders(3)
+            ));
+        }
+        if reasoning.is_some_and(|r| !r.is_empty()) {
+            sql.push_str(&format!(
+                "INSERT INTO decision_reasoning (decision_id, reasoning) VALUES ({});\n",
+                placeholders(2)
+            ));
+        }
+    }
+    sql.push_str("COMMIT;");
+
+    // Bound in exactly the order the placeholders were numbered above.
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(rows.len() == 1);
+    for (decision, reasoning) in rows {
+        query = query
+            .bind(decision.id.clone())
+            .bind(decision.created_at)
+            .bind(to_json(&decision.policy_hashes))
+            .bind(to_json(&decision.policy_names))
+            .bind(decision.model_id.clone())
+            .bind(decision.effort.clone())
+            .bind(decision.prompt_hash.clone())
+            .bind(to_json(&decision.sampling))
+            .bind(to_json(&decision.content))
+            .bind(to_json(&decision.verdicts))
+            .bind(decision.outcome.clone())
+            .bind(decision.failure_reason.clone())
+            .bind(to_json(&decision.timings))
+            .bind(decision.prompt_tokens)
+            .bind(decision.cached_prompt_tokens)
+            .bind(decision.completion_tokens)
+            .bind(decision.source.clone())
+            .bind(decision.job_id.clone())
+            .bind(decision.replay_of.clone());
+        for (index, hash) in decision.policy_hashes.iter().enumerate() {
+            let name = decision.policy_names.get(index).cloned().unwrap_or_default();
+            query = query.bind(decision.id.clone()).bind(hash.clone()).bind(name);
+        }
+        if let Some(reasoning) = reasoning.filter(|r| !r.is_empty()) {
+            query = query.bind(decision.id.clone()).bind(to_json(&reasoning));
+        }
+    }
+
+    let mut conn = pool.acquire().await?;
+    if let Err(error) = query.execute(&mut *conn).await {
+        // A statement failed part-way and left the transaction open on this connection; undo it, and do not give
+        // the connection back to the pool in a state nobody can vouch for.
+        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+        conn.close_on_drop();
+        return Err(error.into());
     }
     Ok(())
 }

@@ -1,12 +1,15 @@
 //! Group commit for decision inserts.
 //!
-//! Every decision is stored before it is answered, and a commit is a disk flush (SQLite with
-//! `synchronous = FULL`, PostgreSQL's WAL flush). One transaction per decision makes that flush the cost of every
-//! request. Instead, one background writer takes every insert that is waiting, writes them in one transaction and
-//! commits once; each caller still awaits its own row's commit, so nothing is acknowledged before it is durable.
+//! Every decision is stored before it is answered, and a commit may be a disk flush (SQLite with
+//! `synchronous = FULL`, PostgreSQL's WAL flush with `synchronous_commit = on`). One transaction per decision
+//! makes that flush the cost of every request. Instead, one background writer takes every insert that is
+//! waiting, writes them in one transaction and commits once; each caller still awaits its own row's commit, so
+//! nothing is acknowledged before it is durable.
 //!
-//! An idle server pays no waiting: a lone insert is written at once. Only when inserts queue up does the writer
-//! linger (a millisecond by default) for the rest of the burst, which is where one flush for many rows pays.
+//! Batches form by themselves: whatever arrived while the previous commit ran goes into the next one, so the
+//! slower the commit, the bigger the batch, and an idle server pays no waiting. The writer can also linger for
+//! more rows once a second one is waiting; that is off by default, because a tokio timer rounds up to a whole
+//! millisecond, more than a commit costs unless every commit waits for the disk.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,8 +19,8 @@ use sqlx::AnyPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::decisions::insert_decision_tx;
-use crate::{DecisionRecord, Result, StoreError};
+use crate::decisions::{insert_decision_tx, insert_decisions_sqlite};
+use crate::{Backend, DecisionRecord, Result, StoreError};
 
 /// How decision inserts are batched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +35,7 @@ pub struct GroupCommit {
 
 impl Default for GroupCommit {
     fn default() -> Self {
-        GroupCommit { max_batch: 128, linger: Duration::from_millis(1), enabled: true }
+        GroupCommit { max_batch: 128, linger: Duration::ZERO, enabled: true }
     }
 }
 
@@ -60,19 +63,20 @@ struct Counters {
 pub(crate) struct DecisionWriter {
     sender: Option<mpsc::UnboundedSender<Pending>>,
     counters: Arc<Counters>,
+    backend: Backend,
 }
 
 impl DecisionWriter {
     /// Starts the writer on the current tokio runtime. Without one (or with group commit off), inserts
     /// commit one by one.
-    pub(crate) fn start(pool: AnyPool, config: GroupCommit) -> Self {
+    pub(crate) fn start(pool: AnyPool, backend: Backend, config: GroupCommit) -> Self {
         let counters = Arc::new(Counters::default());
         if !config.enabled || tokio::runtime::Handle::try_current().is_err() {
-            return DecisionWriter { sender: None, counters };
+            return DecisionWriter { sender: None, counters, backend };
         }
         let (sender, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(run(pool, receiver, config, Arc::clone(&counters)));
-        DecisionWriter { sender: Some(sender), counters }
+        tokio::spawn(run(pool, backend, receiver, config, Arc::clone(&counters)));
+        DecisionWriter { sender: Some(sender), counters, backend }
     }
 
     pub(crate) fn stats(&self) -> GroupCommitStats {
@@ -90,13 +94,13 @@ impl DecisionWriter {
         reasoning: Option<&[String]>,
     ) -> Result<()> {
         let Some(sender) = &self.sender else {
-            return write_one(pool, decision, reasoning).await;
+            return write_one(pool, self.backend, decision, reasoning).await;
         };
         let (committed, outcome) = oneshot::channel();
         let pending = Pending { decision: decision.clone(), reasoning: reasoning.map(<[String]>::to_vec), committed };
         if let Err(mpsc::error::SendError(pending)) = sender.send(pending) {
             // The writer's runtime is gone (a store kept past it): write directly.
-            return write_one(pool, &pending.decision, pending.reasoning.as_deref()).await;
+            return write_one(pool, self.backend, &pending.decision, pending.reasoning.as_deref()).await;
         }
         // A dropped reply means the writer stopped mid-batch; whether the row landed is unknown, so it is not
         // acknowledged.
@@ -106,6 +110,7 @@ impl DecisionWriter {
 
 async fn run(
     pool: AnyPool,
+    backend: Backend,
     mut receiver: mpsc::UnboundedReceiver<Pending>,
     config: GroupCommit,
     counters: Arc<Counters>,
@@ -130,20 +135,20 @@ async fn run(
         }
         counters.commits.fetch_add(1, Ordering::Relaxed);
         counters.rows.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        commit(&pool, batch).await;
+        commit(&pool, backend, batch).await;
     }
 }
 
 #[tracing::instrument(skip_all, fields(rows = batch.len()))]
-async fn commit(pool: &AnyPool, batch: Vec<Pending>) {
+async fn commit(pool: &AnyPool, backend: Backend, batch: Vec<Pending>) {
     if batch.len() == 1 {
         for pending in batch {
-            let result = write_one(pool, &pending.decision, pending.reasoning.as_deref()).await;
+            let result = write_one(pool, backend, &pending.decision, pending.reasoning.as_deref()).await;
             let _ = pending.committed.send(result);
         }
         return;
     }
-    match write_batch(pool, &batch).await {
+    match write_batch(pool, backend, &batch).await {
         Ok(()) => {
             for pending in batch {
                 let _ = pending.committed.send(Ok(()));
@@ -154,14 +159,18 @@ async fn commit(pool: &AnyPool, batch: Vec<Pending>) {
             // caller gets its own answer.
             tracing::debug!(%error, "group commit failed; writing its rows one by one");
             for pending in batch {
-                let result = write_one(pool, &pending.decision, pending.reasoning.as_deref()).await;
+                let result = write_one(pool, backend, &pending.decision, pending.reasoning.as_deref()).await;
                 let _ = pending.committed.send(result);
             }
         }
     }
 }
 
-async fn write_batch(pool: &AnyPool, batch: &[Pending]) -> Result<()> {
+async fn write_batch(pool: &AnyPool, backend: Backend, batch: &[Pending]) -> Result<()> {
+    if backend == Backend::Sqlite {
+        let rows: Vec<_> = batch.iter().map(|p| (&p.decision, p.reasoning.as_deref())).collect();
+        return insert_decisions_sqlite(pool, &rows).await;
+    }
     let mut tx = pool.begin().await?;
     for pending in batch {
         insert_decision_tx(&mut tx, &pending.decision, pending.reasoning.as_deref()).await?;
@@ -170,7 +179,15 @@ async fn write_batch(pool: &AnyPool, batch: &[Pending]) -> Result<()> {
     Ok(())
 }
 
-pub(crate) async fn write_one(pool: &AnyPool, decision: &DecisionRecord, reasoning: Option<&[String]>) -> Result<()> {
+pub(crate) async fn write_one(
+    pool: &AnyPool,
+    backend: Backend,
+    decision: &DecisionRecord,
+    reasoning: Option<&[String]>,
+) -> Result<()> {
+    if backend == Backend::Sqlite {
+        return insert_decisions_sqlite(pool, &[(decision, reasoning)]).await;
+    }
     let mut tx = pool.begin().await?;
     insert_decision_tx(&mut tx, decision, reasoning).await?;
     tx.commit().await?;

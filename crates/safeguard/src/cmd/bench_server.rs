@@ -5,6 +5,7 @@
 //! (parsing, policy resolution, prompt, remote call, validation, storage in SQLite), both open-loop at a fixed
 //! rate. The overhead is the difference of the two latency distributions.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -14,8 +15,8 @@ use anyhow::Context;
 use axum::Json;
 use axum::routing::post;
 use safeguard_remote::{RemoteConfig, RemoteReasoner};
-use safeguard_server::{Server, ServerConfig};
-use safeguard_store::Store;
+use safeguard_server::{Server, ServerConfig, parse_server_timing};
+use safeguard_store::{SqliteSync, Store, StoreOptions};
 use serde_json::{Value, json};
 
 #[derive(clap::Args)]
@@ -29,6 +30,13 @@ pub struct ServerArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// SQLite commit durability for the server under test (`serve --sqlite-sync`).
+    #[arg(long, default_value = "normal", value_name = "normal|full")]
+    pub sqlite_sync: SqliteSync,
+    /// How long the server trusts a policy name's active version (`serve --lookup-ttl-ms`); 0 asks the store
+    /// on every request.
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    pub lookup_ttl_ms: u64,
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
@@ -55,15 +63,24 @@ async fn start_backend() -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-/// Sends `count` requests at `rate`/s, each on its own task, and returns their latencies in ms (failures
-/// are counted apart, not hidden in the distribution).
+/// One phase's results: latencies in ms (sorted), failures (counted apart, not hidden in the distribution),
+/// and the `Server-Timing` stages each successful reply reported.
+struct Phase {
+    latencies: Vec<f64>,
+    failures: usize,
+    stages: BTreeMap<String, Vec<f64>>,
+    /// Client-observed latency minus the server's own `total`: HTTP, routing, auth, body parsing, the reply.
+    outside_handler: Vec<f64>,
+}
+
+/// Sends `count` requests at `rate`/s, each on its own task.
 async fn open_loop(
     client: &reqwest::Client,
     url: &str,
     body: &Value,
     count: usize,
     rate: u32,
-) -> anyhow::Result<(Vec<f64>, usize)> {
+) -> anyhow::Result<Phase> {
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut tasks = tokio::task::JoinSet::new();
@@ -72,18 +89,47 @@ async fn open_loop(
         let (client, url, body) = (client.clone(), url.to_string(), body.clone());
         tasks.spawn(async move {
             let started = Instant::now();
-            let ok = matches!(client.post(&url).json(&body).send().await, Ok(r) if r.status().is_success());
-            (started.elapsed().as_secs_f64() * 1e3, ok)
+            let response = client.post(&url).json(&body).send().await.ok().filter(|r| r.status().is_success());
+            let stages = response
+                .as_ref()
+                .and_then(|r| r.headers().get("server-timing"))
+                .and_then(|v| v.to_str().ok())
+                .map(parse_server_timing)
+                .unwrap_or_default();
+            // The body is part of the latency a client sees.
+            let ok = match response {
+                Some(r) => r.bytes().await.is_ok(),
+                None => false,
+            };
+            (started.elapsed().as_secs_f64() * 1e3, ok, stages)
         });
     }
-    let mut latencies = Vec::with_capacity(count);
-    let mut failures = 0;
+    let mut phase = Phase {
+        latencies: Vec::with_capacity(count),
+        failures: 0,
+        stages: BTreeMap::new(),
+        outside_handler: Vec::new(),
+    };
     while let Some(joined) = tasks.join_next().await {
-        let (ms, ok) = joined?;
-        if ok { latencies.push(ms) } else { failures += 1 }
+        let (ms, ok, stages) = joined?;
+        if !ok {
+            phase.failures += 1;
+            continue;
+        }
+        phase.latencies.push(ms);
+        for (stage, took) in stages {
+            if stage == "total" {
+                phase.outside_handler.push(ms - took);
+            }
+            phase.stages.entry(stage).or_default().push(took);
+        }
     }
-    latencies.sort_by(f64::total_cmp);
-    Ok((latencies, failures))
+    phase.latencies.sort_by(f64::total_cmp);
+    phase.outside_handler.sort_by(f64::total_cmp);
+    for samples in phase.stages.values_mut() {
+        samples.sort_by(f64::total_cmp);
+    }
+    Ok(phase)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -104,11 +150,16 @@ async fn measure(args: ServerArgs) -> anyhow::Result<ExitCode> {
 
     let data = std::env::temp_dir().join(format!("safeguard-bench-{}", std::process::id()));
     std::fs::create_dir_all(&data)?;
-    let store = Store::open_sqlite(&data.join("bench.db")).await?;
+    let store = Store::open_sqlite_with(
+        &data.join("bench.db"),
+        StoreOptions { sqlite_sync: args.sqlite_sync, ..StoreOptions::default() },
+    )
+    .await?;
     let config = ServerConfig {
         listen: "127.0.0.1:0".parse()?,
         rate_limit_per_minute: 0,
         job_workers: 1,
+        lookup_ttl: Duration::from_millis(args.lookup_ttl_ms),
         ..ServerConfig::default()
     };
     let server = Server::start(config, reasoner, store).await?;
@@ -121,30 +172,47 @@ async fn measure(args: ServerArgs) -> anyhow::Result<ExitCode> {
     open_loop(&client, &format!("{backend_url}/chat/completions"), &direct_body, 200, args.rate).await?;
     open_loop(&client, &format!("http://{}/v1/classify", server.addr), &classify_body, 200, args.rate).await?;
 
-    let (direct, direct_failures) =
+    let direct =
         open_loop(&client, &format!("{backend_url}/chat/completions"), &direct_body, args.requests, args.rate).await?;
-    let (served, served_failures) =
+    let served =
         open_loop(&client, &format!("http://{}/v1/classify", server.addr), &classify_body, args.requests, args.rate)
             .await?;
     server.shutdown().await?;
     let _ = std::fs::remove_dir_all(&data);
 
-    let (d50, d99) = (percentile(&direct, 0.50), percentile(&direct, 0.99));
-    let (s50, s99) = (percentile(&served, 0.50), percentile(&served, 0.99));
+    let (d50, d99) = (percentile(&direct.latencies, 0.50), percentile(&direct.latencies, 0.99));
+    let (s50, s99) = (percentile(&served.latencies, 0.50), percentile(&served.latencies, 0.99));
+    let mut stages: Vec<(String, &[f64])> = served.stages.iter().map(|(k, v)| (k.clone(), v.as_slice())).collect();
+    stages.push(("outside handler".into(), &served.outside_handler));
+    let stage_json: serde_json::Map<String, Value> = stages
+        .iter()
+        .map(|(name, samples)| {
+            (
+                name.clone(),
+                json!({"p50": percentile(samples, 0.5), "p99": percentile(samples, 0.99), "mean": mean(samples)}),
+            )
+        })
+        .collect();
     let report = json!({
         "requests": args.requests, "rate_per_sec": args.rate,
-        "direct_ms": {"p50": d50, "p99": d99, "failures": direct_failures},
-        "through_server_ms": {"p50": s50, "p99": s99, "failures": served_failures},
+        "direct_ms": {"p50": d50, "p99": d99, "failures": direct.failures},
+        "through_server_ms": {"p50": s50, "p99": s99, "failures": served.failures},
         "overhead_ms": {"p50": s50 - d50, "p99": s99 - d99},
         "ratio": {"p50": s50 / d50, "p99": s99 / d99},
+        "server_stages_ms": stage_json,
+        "sqlite_sync": format!("{:?}", args.sqlite_sync).to_lowercase(),
+        "lookup_ttl_ms": args.lookup_ttl_ms,
         "goal_p99_overhead_ms": 2.0,
     });
     if args.json {
         println!("{report}");
     } else {
-        println!("server overhead at {} req/s, {} requests per phase (open loop)", args.rate, args.requests);
-        println!("  direct backend call   p50 {d50:7.3} ms   p99 {d99:7.3} ms   failures {direct_failures}");
-        println!("  through /v1/classify  p50 {s50:7.3} ms   p99 {s99:7.3} ms   failures {served_failures}");
+        println!(
+            "server overhead at {} req/s, {} requests per phase (open loop; SQLite sync {:?}, lookup TTL {} ms)",
+            args.rate, args.requests, args.sqlite_sync, args.lookup_ttl_ms
+        );
+        println!("  direct backend call   p50 {d50:7.3} ms   p99 {d99:7.3} ms   failures {}", direct.failures);
+        println!("  through /v1/classify  p50 {s50:7.3} ms   p99 {s99:7.3} ms   failures {}", served.failures);
         println!(
             "  overhead              p50 {:7.3} ms   p99 {:7.3} ms   (×{:.2} / ×{:.2}; goal: p99 overhead ≤ 2 ms)",
             s50 - d50,
@@ -152,6 +220,19 @@ async fn measure(args: ServerArgs) -> anyhow::Result<ExitCode> {
             s50 / d50,
             s99 / d99
         );
+        println!("  where the server's time went (its Server-Timing header):");
+        for (name, samples) in &stages {
+            println!(
+                "    {name:<16}  p50 {:7.3} ms   p99 {:7.3} ms   mean {:7.3} ms",
+                percentile(samples, 0.5),
+                percentile(samples, 0.99),
+                mean(samples)
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn mean(samples: &[f64]) -> f64 {
+    samples.iter().sum::<f64>() / samples.len().max(1) as f64
 }

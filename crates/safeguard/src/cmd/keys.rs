@@ -16,6 +16,12 @@ pub struct StoreArgs {
     pub database_schema: Option<String>,
 }
 
+impl StoreArgs {
+    fn options(&self) -> safeguard_store::StoreOptions {
+        safeguard_store::StoreOptions { schema: self.database_schema.clone(), ..Default::default() }
+    }
+}
+
 #[derive(clap::Subcommand)]
 pub enum Command {
     /// Create a key and print it once; only its hash is stored.
@@ -51,7 +57,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
                     bail!("unknown scope {bad:?}; scopes are {}", SCOPES.join(", "));
                 }
                 let store =
-                    super::serve::open_store(&store.data_dir, store.database.as_deref(), store.database_schema).await?;
+                    super::serve::open_store(&store.data_dir, store.database.as_deref(), store.options()).await?;
                 let (record, secret) = store.create_api_key(&name, &scopes).await?;
                 eprintln!(
                     "created key {} ({}) with scopes {}; it is shown only now:",
@@ -63,7 +69,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             Command::List { store } => {
                 let store =
-                    super::serve::open_store(&store.data_dir, store.database.as_deref(), store.database_schema).await?;
+                    super::serve::open_store(&store.data_dir, store.database.as_deref(), store.options()).await?;
                 for key in store.list_api_keys().await? {
                     let state = if key.revoked_at.is_some() { "revoked" } else { "active" };
                     println!("{}\t{}\t{}\t{}", key.id, key.name, key.scopes.join(" "), state);
@@ -71,7 +77,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
             }
             Command::Revoke { id, store } => {
                 let store =
-                    super::serve::open_store(&store.data_dir, store.database.as_deref(), store.database_schema).await?;
+                    super::serve::open_store(&store.data_dir, store.database.as_deref(), store.options()).await?;
                 if !store.revoke_api_key(&id).await? {
                     bail!("no active key with id {id}");
                 }

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use safeguard_core::Reasoner;
 use safeguard_harmony::Effort;
 use safeguard_server::{ActiveLearning, ClassifyRoute, NatsConfig, NatsIngest, Server, ServerConfig};
-use safeguard_store::{Store, StoreOptions};
+use safeguard_store::{GroupCommit, SqliteSync, Store, StoreOptions};
 
 #[derive(clap::Args)]
 #[command(group = clap::ArgGroup::new("reasoner").required(true).args(["model", "backend"]))]
@@ -107,22 +107,32 @@ pub struct Args {
     /// Seconds an event may go unacknowledged (a crashed worker's events are redelivered after it).
     #[arg(long, default_value_t = 60)]
     pub nats_ack_wait: u64,
+    /// Milliseconds a policy name's active version and an API key are trusted before the store is asked again.
+    /// Changes made through this server apply at once; made elsewhere (another server, `safeguard keys
+    /// revoke`), within this time. 0 asks the store on every request.
+    #[arg(long, default_value_t = 1000, value_name = "MS")]
+    pub lookup_ttl_ms: u64,
+    /// Commit every decision in its own transaction instead of batching concurrent ones (group commit).
+    #[arg(long)]
+    pub no_group_commit: bool,
+    /// SQLite: `normal` (a commit survives a crash of safeguard; the last ones can be lost if the machine loses
+    /// power) or `full` (every commit waits for the disk, about 4 ms here).
+    #[arg(long, default_value = "normal", value_name = "normal|full")]
+    pub sqlite_sync: SqliteSync,
 }
 
 /// Where to store things, shared with `safeguard keys`.
 pub(crate) async fn open_store(
     data_dir: &Path,
     database: Option<&str>,
-    schema: Option<String>,
+    options: StoreOptions,
 ) -> anyhow::Result<Store> {
     match database {
-        Some(url) => Store::connect(url, StoreOptions { schema, ..StoreOptions::default() })
-            .await
-            .context("cannot open the database"),
+        Some(url) => Store::connect(url, options).await.context("cannot open the database"),
         None => {
             std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
             let path = data_dir.join("safeguard.db");
-            Store::open_sqlite(&path).await.with_context(|| format!("cannot open {}", path.display()))
+            Store::open_sqlite_with(&path, options).await.with_context(|| format!("cannot open {}", path.display()))
         }
     }
 }
@@ -216,12 +226,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         },
         cost_per_1k_tokens: args.cost_per_1k_tokens.max(0.0),
         nats: args.nats.as_ref().map(|url| nats_ingest(&args, url)),
+        lookup_ttl: Duration::from_millis(args.lookup_ttl_ms),
         ..ServerConfig::default()
     };
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     let served = runtime.block_on(async move {
-        let store = open_store(&args.data_dir, args.database.as_deref(), args.database_schema.clone()).await?;
+        let options = StoreOptions {
+            schema: args.database_schema.clone(),
+            group_commit: GroupCommit { enabled: !args.no_group_commit, ..GroupCommit::default() },
+            sqlite_sync: args.sqlite_sync,
+            ..StoreOptions::default()
+        };
+        let store = open_store(&args.data_dir, args.database.as_deref(), options).await?;
         let server = Server::start(config, reasoner, store).await?;
         // Tests and scripts read this line to find the port when listening on :0.
         println!("safeguard: listening on http://{}", server.addr);
