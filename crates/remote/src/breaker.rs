@@ -52,6 +52,12 @@ impl Breaker {
         self.probe_in_flight = false;
     }
 
+    /// The request that took the probe slot was given up before it finished: it says nothing about the
+    /// server, but the next request must be free to probe.
+    pub fn on_abandoned(&mut self) {
+        self.probe_in_flight = false;
+    }
+
     pub fn on_failure(&mut self, now: Instant) {
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
         let failed_probe = self.probe_in_flight;
@@ -84,6 +90,18 @@ mod tests {
         assert!(!b.try_acquire(later), "only one probe at a time");
         b.on_success();
         assert_eq!(b.state(later), BreakerState::Closed);
+    }
+
+    #[test]
+    fn an_abandoned_probe_frees_the_slot_without_closing() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(1, Duration::from_secs(1));
+        b.on_failure(t0);
+        let later = t0 + Duration::from_secs(2);
+        assert!(b.try_acquire(later));
+        b.on_abandoned();
+        assert_eq!(b.state(later), BreakerState::HalfOpen);
+        assert!(b.try_acquire(later), "the next request may probe");
     }
 
     #[test]

@@ -4,8 +4,13 @@
 //! choice among healthy endpoints, a concurrency limit and a circuit breaker per endpoint, timeouts, and
 //! retries with exponential backoff on 408/429/5xx and transport errors (honouring `Retry-After`).
 //! Whatever still fails comes back as a [`ReasonError`], which the classifier turns into `needs_review`.
+//!
+//! [`Reasoner::reason_streaming`] asks the server to stream and forwards reasoning and answer text as it
+//! arrives. A failed stream is retried like any attempt until its first delta has gone out; after that a
+//! retry would hand the reader a second beginning, so the failure is returned instead.
 
 mod breaker;
+mod stream;
 mod wire;
 
 use std::fmt;
@@ -16,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rand::Rng;
-use safeguard_core::{ReasonError, ReasonOutput, ReasonRequest, Reasoner};
+use safeguard_core::{DeltaSender, ReasonDelta, ReasonError, ReasonOutput, ReasonRequest, Reasoner};
 use safeguard_harmony::Effort;
 use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, info_span, warn};
@@ -106,8 +111,10 @@ pub struct RemoteConfig {
     /// The model name the servers know it by, e.g. `openai/gpt-oss-safeguard-20b` or `gpt-oss-safeguard:20b`.
     pub model: String,
     pub endpoints: Vec<EndpointConfig>,
-    /// One HTTP attempt, connect to last byte.
+    /// One HTTP attempt, connect to last byte, streamed or not.
     pub request_timeout: Duration,
+    /// The longest silence allowed inside a streamed response before the attempt fails as stalled.
+    pub stream_idle_timeout: Duration,
     /// Attempts per request, across endpoints.
     pub max_attempts: u32,
     pub backoff_base: Duration,
@@ -130,6 +137,7 @@ impl RemoteConfig {
             model: model.into(),
             endpoints,
             request_timeout: Duration::from_secs(120),
+            stream_idle_timeout: Duration::from_secs(60),
             max_attempts: 3,
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(5),
@@ -275,23 +283,66 @@ impl RemoteReasoner {
         order.into_iter().find(|&i| lock(&endpoints[i].breaker).try_acquire(now))
     }
 
-    async fn attempt(&self, index: usize, body: &serde_json::Value) -> Result<ReasonOutput, AttemptError> {
+    /// Runs one request to completion: endpoint choice, retries with backoff, and, with `deltas`, streaming.
+    async fn run(&self, req: ReasonRequest, deltas: Option<&DeltaSender>) -> Result<ReasonOutput, ReasonError> {
+        let cfg = &self.inner.config;
+        let max_tokens = if req.max_tokens == 0 { cfg.budget(req.effort) } else { req.max_tokens };
+        let started = Instant::now();
+        let mut sink = deltas.map(|sender| DeltaSink { sender, sent_any: false });
+        let mut last_error = String::from("no endpoint accepted the request (all circuit breakers open)");
+        let mut previous = None;
+        for attempt in 0..cfg.max_attempts.max(1) {
+            let Some(index) = self.choose(previous) else {
+                break;
+            };
+            previous = Some(index);
+            let endpoint = &self.inner.endpoints[index];
+            let flavor = endpoint.config.flavor;
+            let mut body = wire::request_body(flavor, &cfg.model, &req, max_tokens, cfg.logprobs);
+            if sink.is_some() {
+                wire::enable_streaming(flavor, &mut body);
+            }
+            let span =
+                info_span!("remote_attempt", endpoint = %endpoint.config.base_url, attempt, streaming = sink.is_some());
+            match self.attempt(index, &body, sink.as_mut()).instrument(span).await {
+                Ok(mut out) => {
+                    out.timings.total_ms = started.elapsed().as_secs_f64() * 1e3;
+                    return Ok(out);
+                }
+                Err(AttemptError::Fatal(detail)) => return Err(ReasonError::Backend(detail)),
+                Err(AttemptError::Retryable { detail, .. }) if sink.as_ref().is_some_and(|s| s.sent_any) => {
+                    return Err(ReasonError::Backend(format!(
+                        "{detail} (part of the answer had already been streamed, so it was not retried)"
+                    )));
+                }
+                Err(AttemptError::Retryable { detail, retry_after }) => {
+                    debug!(%detail, attempt, "backend attempt failed");
+                    last_error = detail;
+                    if attempt + 1 < cfg.max_attempts {
+                        tokio::time::sleep(self.backoff(attempt, retry_after)).await;
+                    }
+                }
+            }
+        }
+        Err(ReasonError::Backend(last_error))
+    }
+
+    async fn attempt(
+        &self,
+        index: usize,
+        body: &serde_json::Value,
+        sink: Option<&mut DeltaSink<'_>>,
+    ) -> Result<ReasonOutput, AttemptError> {
         let endpoint = &self.inner.endpoints[index];
+        let mut hold = Hold { endpoint, counted: false, settled: false };
         let Ok(_permit) = endpoint.permits.acquire().await else {
             return Err(AttemptError::Fatal("endpoint closed".into()));
         };
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
+        hold.counted = true;
         let started = Instant::now();
-        let result = self.send(endpoint, body).await;
-        endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
-        let mut breaker = lock(&endpoint.breaker);
-        match &result {
-            Ok(_) => breaker.on_success(),
-            // A request the server rejected as malformed says nothing about the server's health.
-            Err(AttemptError::Fatal(_)) => breaker.on_success(),
-            Err(AttemptError::Retryable { .. }) => breaker.on_failure(Instant::now()),
-        }
-        drop(breaker);
+        let result = self.send(endpoint, body, sink).await;
+        hold.settle(&result);
         result.map(|mut out| {
             if out.timings.prefill_ms == 0.0 && out.timings.decode_ms == 0.0 {
                 // The server did not split its time; the whole round trip counts as decode.
@@ -301,17 +352,22 @@ impl RemoteReasoner {
         })
     }
 
-    async fn send(&self, endpoint: &Endpoint, body: &serde_json::Value) -> Result<ReasonOutput, AttemptError> {
+    async fn send(
+        &self,
+        endpoint: &Endpoint,
+        body: &serde_json::Value,
+        sink: Option<&mut DeltaSink<'_>>,
+    ) -> Result<ReasonOutput, AttemptError> {
         let flavor = endpoint.config.flavor;
         let url = format!("{}/{}", endpoint.config.base_url, wire::chat_path(flavor));
         let mut request = self.inner.client.post(&url).json(body);
         if let Some(key) = &endpoint.config.api_key {
             request = request.bearer_auth(key);
         }
-        let response = request.send().await.map_err(|e| AttemptError::Retryable {
-            detail: format!("{url}: {}", if e.is_timeout() { "timed out".to_string() } else { e.to_string() }),
-            retry_after: None,
-        })?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| AttemptError::Retryable { detail: format!("{url}: {}", describe(&e)), retry_after: None })?;
         let status = response.status();
         if !status.is_success() {
             let retry_after = response
@@ -328,11 +384,59 @@ impl RemoteReasoner {
                 AttemptError::Fatal(detail)
             });
         }
+        // A server that ignores `stream: true`, or reports an error with a 200, answers with one JSON body.
+        let streamed = response
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|t| !t.trim_start().starts_with("application/json"));
+        let sink = match sink {
+            Some(sink) if streamed => return self.read_stream(flavor, &url, response, sink).await,
+            sink => sink,
+        };
         let value: serde_json::Value = response.json().await.map_err(|e| AttemptError::Retryable {
             detail: format!("{url}: unreadable response body: {e}"),
             retry_after: None,
         })?;
-        wire::parse_response(flavor, &value).map_err(|e| AttemptError::Fatal(format!("{url}: {e}")))
+        let output = wire::parse_response(flavor, &value).map_err(|e| AttemptError::Fatal(format!("{url}: {e}")))?;
+        if let Some(sink) = sink {
+            sink.send_all(whole_as_deltas(&output));
+        }
+        Ok(output)
+    }
+
+    /// Reads a streamed response, forwarding deltas as they complete.
+    async fn read_stream(
+        &self,
+        flavor: Flavor,
+        url: &str,
+        mut response: reqwest::Response,
+        sink: &mut DeltaSink<'_>,
+    ) -> Result<ReasonOutput, AttemptError> {
+        let idle = self.inner.config.stream_idle_timeout;
+        let mut reader = stream::StreamReader::new(flavor);
+        while !reader.is_done() {
+            let chunk = match tokio::time::timeout(idle, response.chunk()).await {
+                Ok(Ok(Some(chunk))) => chunk,
+                Ok(Ok(None)) => break,
+                Ok(Err(e)) => {
+                    return Err(AttemptError::Retryable {
+                        detail: format!("{url}: the stream broke off: {}", describe(&e)),
+                        retry_after: None,
+                    });
+                }
+                Err(_) => {
+                    return Err(AttemptError::Retryable {
+                        detail: format!("{url}: the stream stalled: nothing arrived for {:.1} s", idle.as_secs_f64()),
+                        retry_after: None,
+                    });
+                }
+            };
+            sink.send_all(reader.push(&chunk).map_err(|e| stream_failure(url, e))?);
+        }
+        let (held_back, output) = reader.finish().map_err(|e| stream_failure(url, e))?;
+        sink.send_all(held_back);
+        Ok(output)
     }
 
     fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
@@ -351,35 +455,11 @@ impl Reasoner for RemoteReasoner {
     }
 
     async fn reason(&self, req: ReasonRequest) -> Result<ReasonOutput, ReasonError> {
-        let cfg = &self.inner.config;
-        let max_tokens = if req.max_tokens == 0 { cfg.budget(req.effort) } else { req.max_tokens };
-        let started = Instant::now();
-        let mut last_error = String::from("no endpoint accepted the request (all circuit breakers open)");
-        let mut previous = None;
-        for attempt in 0..cfg.max_attempts.max(1) {
-            let Some(index) = self.choose(previous) else {
-                break;
-            };
-            previous = Some(index);
-            let endpoint = &self.inner.endpoints[index];
-            let body = wire::request_body(endpoint.config.flavor, &cfg.model, &req, max_tokens, cfg.logprobs);
-            let span = info_span!("remote_attempt", endpoint = %endpoint.config.base_url, attempt);
-            match self.attempt(index, &body).instrument(span).await {
-                Ok(mut out) => {
-                    out.timings.total_ms = started.elapsed().as_secs_f64() * 1e3;
-                    return Ok(out);
-                }
-                Err(AttemptError::Fatal(detail)) => return Err(ReasonError::Backend(detail)),
-                Err(AttemptError::Retryable { detail, retry_after }) => {
-                    debug!(%detail, attempt, "backend attempt failed");
-                    last_error = detail;
-                    if attempt + 1 < cfg.max_attempts {
-                        tokio::time::sleep(self.backoff(attempt, retry_after)).await;
-                    }
-                }
-            }
-        }
-        Err(ReasonError::Backend(last_error))
+        self.run(req, None).await
+    }
+
+    async fn reason_streaming(&self, req: ReasonRequest, deltas: DeltaSender) -> Result<ReasonOutput, ReasonError> {
+        self.run(req, Some(&deltas)).await
     }
 
     async fn reason_batch(&self, reqs: Vec<ReasonRequest>) -> Vec<Result<ReasonOutput, ReasonError>> {
@@ -402,6 +482,88 @@ impl Reasoner for RemoteReasoner {
             .map(|r| r.unwrap_or_else(|| Err(ReasonError::Backend("the request task died".into()))))
             .collect()
     }
+}
+
+/// Where a streamed request sends its deltas, and whether any went out yet.
+struct DeltaSink<'a> {
+    sender: &'a DeltaSender,
+    sent_any: bool,
+}
+
+impl DeltaSink<'_> {
+    fn send_all(&mut self, deltas: Vec<ReasonDelta>) {
+        for delta in deltas {
+            self.sent_any = true;
+            // A receiver that went away (the client hung up) does not stop the answer: it is still a decision.
+            let _ = self.sender.send(delta);
+        }
+    }
+}
+
+/// One attempt's claim on an endpoint: its place in `in_flight` and, when the breaker was half open, the
+/// probe slot. An attempt abandoned mid-way (a deadline above us dropped it) must release both; a probe slot
+/// left taken would shut the endpoint out for good.
+struct Hold<'a> {
+    endpoint: &'a Endpoint,
+    counted: bool,
+    settled: bool,
+}
+
+impl Hold<'_> {
+    fn settle(&mut self, result: &Result<ReasonOutput, AttemptError>) {
+        let mut breaker = lock(&self.endpoint.breaker);
+        match result {
+            Ok(_) => breaker.on_success(),
+            // A request the server rejected as malformed says nothing about the server's health.
+            Err(AttemptError::Fatal(_)) => breaker.on_success(),
+            Err(AttemptError::Retryable { .. }) => breaker.on_failure(Instant::now()),
+        }
+        self.settled = true;
+    }
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        if self.counted {
+            self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+        if !self.settled {
+            lock(&self.endpoint.breaker).on_abandoned();
+        }
+    }
+}
+
+/// A whole answer told as a stream: its reasoning, then its answer, as the trait's fallback does.
+fn whole_as_deltas(output: &ReasonOutput) -> Vec<ReasonDelta> {
+    let reasoning = output.analysis.clone().filter(|r| !r.is_empty()).map(ReasonDelta::Reasoning);
+    let answer = output.final_text.clone().filter(|a| !a.is_empty()).map(ReasonDelta::Final);
+    reasoning.into_iter().chain(answer).collect()
+}
+
+fn stream_failure(url: &str, error: stream::StreamError) -> AttemptError {
+    use stream::StreamError;
+    let retryable = match &error {
+        StreamError::Unreadable(_) | StreamError::Incomplete => true,
+        StreamError::Server { transient, .. } => *transient,
+        StreamError::Shape(_) => false,
+    };
+    let detail = format!("{url}: {error}");
+    if retryable { AttemptError::Retryable { detail, retry_after: None } } else { AttemptError::Fatal(detail) }
+}
+
+/// A transport error with its causes: reqwest's own text ("error decoding response body") hides the reason.
+fn describe(error: &reqwest::Error) -> String {
+    if error.is_timeout() {
+        return "timed out".to_string();
+    }
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -67,6 +67,16 @@ pub(crate) fn request_body(
     }
 }
 
+/// Turns a request body into its streaming form. Chat Completions servers send usage only when asked
+/// (`stream_options.include_usage`: vLLM, SGLang, LM Studio, llama-server); Ollama's native stream always
+/// ends with its counts.
+pub(crate) fn enable_streaming(flavor: Flavor, body: &mut Value) {
+    body["stream"] = json!(true);
+    if flavor != Flavor::Ollama {
+        body["stream_options"] = json!({"include_usage": true});
+    }
+}
+
 fn apply_sampling(target: &mut Value, sampling: &Sampling, seed_key: &str) {
     match sampling {
         Sampling::Greedy => target["temperature"] = json!(0.0),
@@ -171,21 +181,30 @@ fn non_empty_str(v: Option<&Value>) -> Option<String> {
 /// Servers run without a reasoning parser (llama-server `--reasoning-format none`, old LM Studio) return the
 /// raw harmony text in `content`. Split it so the CoT never passes for the answer.
 fn split_leaked_channels(reasoning: Option<String>, content: Option<String>) -> (Option<String>, Option<String>) {
-    const FINAL: &str = "<|channel|>final<|message|>";
-    const ANALYSIS: &str = "<|channel|>analysis<|message|>";
     let Some(text) = content.as_deref().filter(|t| t.contains("<|channel|>")) else {
         return (reasoning, content);
     };
-    let analysis = text.find(ANALYSIS).map(|at| {
-        let rest = &text[at + ANALYSIS.len()..];
-        rest[..rest.find("<|end|>").unwrap_or(rest.len())].trim().to_string()
-    });
-    let final_text = text.rfind(FINAL).and_then(|at| {
-        let rest = &text[at + FINAL.len()..];
+    let analysis = message_bodies(text, "analysis")
+        .next()
+        .map(|rest| rest[..rest.find("<|end|>").unwrap_or(rest.len())].trim().to_string());
+    let final_text = message_bodies(text, "final").last().and_then(|rest| {
         let end = ["<|return|>", "<|end|>", "<|call|>"].iter().filter_map(|m| rest.find(m)).min().unwrap_or(rest.len());
         Some(rest[..end].trim().to_string()).filter(|s| !s.is_empty())
     });
     (reasoning.or(analysis), final_text)
+}
+
+/// The text after each `<|message|>` whose header names `channel`, e.g. `<|channel|>final<|message|>` or
+/// `<|channel|>final <|constrain|>json<|message|>`.
+fn message_bodies<'a>(text: &'a str, channel: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    const CHANNEL: &str = "<|channel|>";
+    const MESSAGE: &str = "<|message|>";
+    text.match_indices(CHANNEL).filter_map(move |(at, _)| {
+        let header_and_rest = &text[at + CHANNEL.len()..];
+        let header_end = header_and_rest.find(MESSAGE)?;
+        let name = header_and_rest[..header_end].split(|c: char| c.is_whitespace() || c == '<').next()?;
+        (name == channel).then(|| &header_and_rest[header_end + MESSAGE.len()..])
+    })
 }
 
 /// Geometric mean of the probabilities of the answer's tokens, from OpenAI-style `logprobs.content`.
@@ -224,6 +243,18 @@ mod tests {
         assert_eq!(ollama["options"]["num_predict"], 64);
         assert_eq!(ollama["stream"], false);
         assert!(ollama.get("reasoning_effort").is_none());
+    }
+
+    #[test]
+    fn streaming_asks_for_usage_where_the_wire_has_the_option() {
+        let mut openai = request_body(Flavor::OpenAi, "m", &req(Effort::High), 512, false);
+        enable_streaming(Flavor::OpenAi, &mut openai);
+        assert_eq!(openai["stream"], true);
+        assert_eq!(openai["stream_options"]["include_usage"], true);
+        let mut ollama = request_body(Flavor::Ollama, "m", &req(Effort::High), 512, false);
+        enable_streaming(Flavor::Ollama, &mut ollama);
+        assert_eq!(ollama["stream"], true);
+        assert!(ollama.get("stream_options").is_none());
     }
 
     #[test]
@@ -293,6 +324,10 @@ mod tests {
         let out = parse_response(Flavor::LlamaCpp, &body).unwrap();
         assert_eq!(out.analysis.as_deref(), Some("Looks like spam."));
         assert_eq!(out.final_text.as_deref(), Some("1"));
+        let constrained = json!({"choices": [{"finish_reason": "stop", "message": {"content":
+            "<|channel|>analysis<|message|>x<|end|><|start|>assistant<|channel|>final <|constrain|>json<|message|>{\"violation\": 0}<|return|>"}}]});
+        let out = parse_response(Flavor::LlamaCpp, &constrained).unwrap();
+        assert_eq!(out.final_text.as_deref(), Some("{\"violation\": 0}"));
         // Only the analysis channel leaked: there is no answer, and the CoT must not pass for one.
         let only = json!({"choices": [{"finish_reason": "stop", "message": {"content": "<|channel|>analysis<|message|>hmm 1"}}]});
         let out = parse_response(Flavor::LlamaCpp, &only).unwrap();

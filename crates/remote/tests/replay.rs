@@ -1,5 +1,5 @@
 //! RemoteReasoner against real HTTP servers on loopback that replay each server family's documented
-//! response shapes, misbehave on cue, and record what they were sent.
+//! response shapes, streamed and whole, misbehave on cue, and record what they were sent.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -7,15 +7,17 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use safeguard_core::{ReasonError, ReasonRequest, Reasoner};
+use safeguard_core::{ReasonDelta, ReasonError, ReasonOutput, ReasonRequest, Reasoner, Timings};
 use safeguard_harmony::{Content, Effort};
 use safeguard_remote::{BreakerState, EndpointConfig, RemoteConfig, RemoteReasoner};
 use serde_json::{Value, json};
-use tokio::sync::Mutex;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::{Mutex, Semaphore};
 
 /// What a fake server does for each request: the n-th request (0-based) gets `script(n)`.
 type Script = Arc<dyn Fn(usize) -> (StatusCode, Value, Option<Duration>) + Send + Sync>;
@@ -199,4 +201,387 @@ async fn health_checks_mark_a_down_server() {
     assert!(!status[1].healthy);
     // Traffic prefers the healthy endpoint.
     assert!(reasoner.reason(request()).await.is_ok());
+}
+
+// ---- Streaming -------------------------------------------------------------------------------------------
+
+/// How a streamed reply ends after its pieces.
+#[derive(Clone, Copy, PartialEq)]
+enum End {
+    /// The body ends normally.
+    Finish,
+    /// The connection drops, as when the server process dies.
+    Cut,
+    /// The connection stays open and nothing more comes.
+    Stall,
+}
+
+#[derive(Clone)]
+struct Streamed {
+    content_type: &'static str,
+    pieces: Vec<String>,
+    end: End,
+}
+
+/// The n-th request (0-based) gets `script(n)`: a streamed reply, or an error status.
+type StreamScript = Arc<dyn Fn(usize) -> Result<Streamed, StatusCode> + Send + Sync>;
+
+#[derive(Clone)]
+struct StreamFake {
+    script: StreamScript,
+    calls: Arc<AtomicUsize>,
+    bodies: Arc<Mutex<Vec<Value>>>,
+    /// Pieces handed to the connection so far, over all requests.
+    sent: Arc<AtomicUsize>,
+    /// Each reply stops before this piece until the test adds a permit to `gate`.
+    hold_before: Option<usize>,
+    gate: Arc<Semaphore>,
+}
+
+const PAUSE: Duration = Duration::from_millis(10);
+
+async fn handle_stream(State(fake): State<StreamFake>, Json(body): Json<Value>) -> Response {
+    let n = fake.calls.fetch_add(1, Ordering::SeqCst);
+    fake.bodies.lock().await.push(body);
+    let reply = match (fake.script)(n) {
+        Ok(reply) => reply,
+        Err(status) => {
+            return (status, Json(json!({"error": {"message": "busy", "code": status.as_u16()}}))).into_response();
+        }
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(1);
+    let content_type = reply.content_type;
+    tokio::spawn(async move {
+        for (i, piece) in reply.pieces.into_iter().enumerate() {
+            if Some(i) == fake.hold_before {
+                fake.gate.acquire().await.unwrap().forget();
+            }
+            tokio::time::sleep(PAUSE).await;
+            if tx.send(Ok(Bytes::from(piece))).await.is_err() {
+                return;
+            }
+            fake.sent.fetch_add(1, Ordering::SeqCst);
+        }
+        match reply.end {
+            End::Finish => {}
+            End::Cut => {
+                let _ = tx.send(Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "server died"))).await;
+            }
+            // Until the client hangs up.
+            End::Stall => tx.closed().await,
+        }
+    });
+    let body = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    Response::builder().header("content-type", content_type).body(Body::from_stream(body)).unwrap()
+}
+
+async fn serve_stream(script: StreamScript, hold_before: Option<usize>) -> (String, StreamFake) {
+    let fake = StreamFake {
+        script,
+        calls: Arc::default(),
+        bodies: Arc::default(),
+        sent: Arc::default(),
+        hold_before,
+        gate: Arc::new(Semaphore::new(0)),
+    };
+    let app = Router::new()
+        .route("/v1/chat/completions", post(handle_stream))
+        .route("/api/chat", post(handle_stream))
+        .with_state(fake.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}"), fake)
+}
+
+/// vLLM's streamed Chat Completions as documented: a role chunk, reasoning deltas (`reasoning_content` on
+/// older releases, both names on newer ones), answer deltas, a finish chunk, the usage chunk that
+/// `stream_options.include_usage` asks for, then `[DONE]`. Each SSE event is one network piece.
+fn vllm_events(reasoning: &[&str], answer: &[&str], finish: &str) -> Vec<String> {
+    let chunk = |delta: Value, finish_reason: Value| {
+        json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1_760_000_000,
+               "model": "openai/gpt-oss-safeguard-20b",
+               "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}]})
+    };
+    let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
+    for (i, piece) in reasoning.iter().enumerate() {
+        events.push(chunk(
+            if i % 2 == 0 {
+                json!({"reasoning_content": piece})
+            } else {
+                json!({"reasoning": piece, "reasoning_content": piece})
+            },
+            Value::Null,
+        ));
+    }
+    for piece in answer {
+        events.push(chunk(json!({"content": piece}), Value::Null));
+    }
+    events.push(chunk(json!({"content": ""}), json!(finish)));
+    events.push(json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1_760_000_000,
+        "model": "openai/gpt-oss-safeguard-20b", "choices": [],
+        "usage": {"prompt_tokens": 300, "completion_tokens": 20, "total_tokens": 320, "prompt_tokens_details": {"cached_tokens": 256}}}));
+    let mut pieces: Vec<String> = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+    pieces.push("data: [DONE]\n\n".to_string());
+    pieces
+}
+
+const REASONING_PIECES: [&str; 3] = ["The content", " asks for", " a password."];
+
+fn sse(pieces: Vec<String>, end: End) -> Streamed {
+    Streamed { content_type: "text/event-stream; charset=utf-8", pieces, end }
+}
+
+fn drain(receiver: &mut UnboundedReceiver<ReasonDelta>) -> Vec<ReasonDelta> {
+    let mut deltas = Vec::new();
+    while let Ok(delta) = receiver.try_recv() {
+        deltas.push(delta);
+    }
+    deltas
+}
+
+fn joined(deltas: &[ReasonDelta]) -> (String, String) {
+    let mut reasoning = String::new();
+    let mut answer = String::new();
+    for delta in deltas {
+        match delta {
+            ReasonDelta::Reasoning(text) => reasoning.push_str(text),
+            ReasonDelta::Final(text) => answer.push_str(text),
+        }
+    }
+    (reasoning, answer)
+}
+
+/// Timings are the only part of an output that depends on the clock.
+fn without_timings(mut output: ReasonOutput) -> ReasonOutput {
+    output.timings = Timings::default();
+    output
+}
+
+#[tokio::test]
+async fn vllm_stream_arrives_in_pieces_and_matches_the_whole_answer() {
+    let pieces = vllm_events(&REASONING_PIECES, &["1"], "stop");
+    let total = pieces.len();
+    // The server sends the role and the first reasoning piece, then waits for the test.
+    let (url, fake) = serve_stream(Arc::new(move |_| Ok(sse(pieces.clone(), End::Finish))), Some(2)).await;
+    let reasoner = RemoteReasoner::new(config(&[format!("{url}/v1")])).unwrap();
+    let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn({
+        let reasoner = reasoner.clone();
+        async move { reasoner.reason_streaming(request(), sender).await }
+    });
+
+    let first = tokio::time::timeout(Duration::from_secs(5), receiver.recv()).await.expect("a delta before the end");
+    assert_eq!(first, Some(ReasonDelta::Reasoning("The content".into())));
+    assert_eq!(fake.sent.load(Ordering::SeqCst), 2, "the server is still holding back the rest");
+    assert!(!task.is_finished());
+    fake.gate.add_permits(1);
+    let streamed = task.await.unwrap().unwrap();
+
+    let mut deltas = vec![first.unwrap()];
+    deltas.extend(drain(&mut receiver));
+    assert_eq!(fake.sent.load(Ordering::SeqCst), total);
+    assert_eq!(deltas.len(), 4, "one delta per piece of text: {deltas:?}");
+    let (reasoning, answer) = joined(&deltas);
+
+    // The same completion asked for whole gives the same output, and the pieces add up to it.
+    let (whole_url, _) = serve(always(StatusCode::OK, vllm_ok("1"))).await;
+    let whole = RemoteReasoner::new(config(&[format!("{whole_url}/v1")])).unwrap().reason(request()).await.unwrap();
+    assert_eq!(without_timings(streamed.clone()), without_timings(whole));
+    assert_eq!(Some(reasoning), streamed.analysis);
+    assert_eq!(Some(answer), streamed.final_text);
+    assert_eq!(streamed.usage.prompt_tokens, 300);
+    assert_eq!(streamed.usage.completion_tokens, 20);
+    assert_eq!(streamed.usage.cached_prompt_tokens, 256);
+
+    let sent = fake.bodies.lock().await[0].clone();
+    assert_eq!(sent["stream"], true);
+    assert_eq!(sent["stream_options"]["include_usage"], true);
+    assert_eq!(sent["reasoning_effort"], "high");
+    assert_eq!(reasoner.status()[0].in_flight, 0);
+}
+
+#[tokio::test]
+async fn llama_server_stream_carries_usage_and_timings_on_its_last_chunk() {
+    let chunk = |delta: Value, finish: Value, extra: Value| {
+        let mut c = json!({"choices": [{"finish_reason": finish, "index": 0, "delta": delta}], "created": 1,
+            "id": "chatcmpl-x", "model": "gpt-oss-safeguard-20b", "system_fingerprint": "b6000", "object": "chat.completion.chunk"});
+        if let Value::Object(extra) = extra {
+            c.as_object_mut().unwrap().extend(extra);
+        }
+        format!("data: {c}\n\n")
+    };
+    let pieces = vec![
+        chunk(json!({"role": "assistant", "content": null}), Value::Null, Value::Null),
+        chunk(json!({"reasoning_content": "Bulk "}), Value::Null, Value::Null),
+        chunk(json!({"reasoning_content": "offer."}), Value::Null, Value::Null),
+        chunk(json!({"content": "INVALID"}), Value::Null, Value::Null),
+        chunk(
+            json!({}),
+            json!("stop"),
+            json!({"usage": {"completion_tokens": 20, "prompt_tokens": 300, "total_tokens": 320},
+                   "timings": {"cache_n": 256, "prompt_n": 44, "prompt_ms": 120.5, "predicted_n": 20, "predicted_ms": 400.0}}),
+        ),
+        "data: [DONE]\n\n".to_string(),
+    ];
+    let (url, fake) = serve_stream(Arc::new(move |_| Ok(sse(pieces.clone(), End::Finish))), None).await;
+    let reasoner = RemoteReasoner::new(config(&[format!("llamacpp+{url}/v1")])).unwrap();
+    let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+    let out = reasoner.reason_streaming(request(), sender).await.unwrap();
+    let deltas = drain(&mut receiver);
+    assert_eq!(deltas.len(), 3, "{deltas:?}");
+    assert_eq!(joined(&deltas), ("Bulk offer.".to_string(), "INVALID".to_string()));
+    assert_eq!(out.final_text.as_deref(), Some("INVALID"));
+    assert_eq!(out.usage.cached_prompt_tokens, 256);
+    assert_eq!(out.timings.prefill_ms, 120.5);
+    assert_eq!(out.timings.decode_ms, 400.0);
+    assert_eq!(fake.bodies.lock().await[0]["chat_template_kwargs"]["reasoning_effort"], "high");
+}
+
+#[tokio::test]
+async fn ollama_native_stream_is_ndjson_with_thinking() {
+    let line = |message: Value, done: bool| json!({"model": "gpt-oss-safeguard:20b", "created_at": "2026-01-01T00:00:00Z", "message": message, "done": done});
+    let mut closing = line(json!({"role": "assistant", "content": ""}), true);
+    closing.as_object_mut().unwrap().extend(
+        json!({"done_reason": "stop", "total_duration": 900_000_000u64, "prompt_eval_count": 120,
+               "prompt_eval_duration": 350_000_000u64, "eval_count": 9, "eval_duration": 500_000_000u64})
+        .as_object()
+        .unwrap()
+        .clone(),
+    );
+    let pieces: Vec<String> = [
+        line(json!({"role": "assistant", "content": "", "thinking": "a "}), false),
+        line(json!({"role": "assistant", "content": "", "thinking": "greeting"}), false),
+        line(json!({"role": "assistant", "content": "0"}), false),
+        closing,
+    ]
+    .iter()
+    .map(|l| format!("{l}\n"))
+    .collect();
+    let script: StreamScript = Arc::new(move |_| {
+        Ok(Streamed { content_type: "application/x-ndjson", pieces: pieces.clone(), end: End::Finish })
+    });
+    let (url, fake) = serve_stream(script, None).await;
+    let reasoner = RemoteReasoner::new(config(&[format!("ollama+{url}")])).unwrap();
+    let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+    let out = reasoner.reason_streaming(request(), sender).await.unwrap();
+    let deltas = drain(&mut receiver);
+    assert_eq!(deltas.len(), 3, "{deltas:?}");
+    assert_eq!(joined(&deltas), ("a greeting".to_string(), "0".to_string()));
+    assert_eq!(out.analysis.as_deref(), Some("a greeting"));
+    assert_eq!(out.final_text.as_deref(), Some("0"));
+    assert_eq!(out.usage.prompt_tokens, 120);
+    assert_eq!(out.usage.completion_tokens, 9);
+    assert_eq!(out.timings.prefill_ms, 350.0);
+    let sent = fake.bodies.lock().await[0].clone();
+    assert_eq!(sent["stream"], true);
+    assert_eq!(sent["think"], "high");
+}
+
+#[tokio::test]
+async fn a_stream_cut_after_deltas_went_out_is_an_error_not_a_partial_allow() {
+    // Reasoning and a complete-looking "0" arrive, then the server dies before saying it is done.
+    let mut pieces = vllm_events(&REASONING_PIECES, &["0"], "stop");
+    pieces.truncate(5);
+    let (url, fake) = serve_stream(Arc::new(move |_| Ok(sse(pieces.clone(), End::Cut))), None).await;
+    let reasoner = RemoteReasoner::new(config(&[format!("{url}/v1")])).unwrap();
+    let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+    let err = reasoner.reason_streaming(request(), sender).await.unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains(&url) && message.contains("not retried"), "{message}");
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 1, "a retry would stream a second beginning");
+    assert_eq!(joined(&drain(&mut receiver)), ("The content asks for a password.".to_string(), "0".to_string()));
+    assert_eq!(reasoner.status()[0].in_flight, 0);
+
+    // A server that closes the stream cleanly but early is no better.
+    let mut early = vllm_events(&REASONING_PIECES, &["0"], "stop");
+    early.truncate(5);
+    let (url, _) = serve_stream(Arc::new(move |_| Ok(sse(early.clone(), End::Finish))), None).await;
+    let reasoner = RemoteReasoner::new(config(&[format!("{url}/v1")])).unwrap();
+    let (sender, _receiver) = tokio::sync::mpsc::unbounded_channel();
+    let err = reasoner.reason_streaming(request(), sender).await.unwrap_err();
+    assert!(err.to_string().contains("ended before the answer was complete"), "{err}");
+}
+
+#[tokio::test]
+async fn failures_before_the_first_delta_are_retried_without_repeating_text() {
+    let full = vllm_events(&REASONING_PIECES, &["1"], "stop");
+    let script: StreamScript = Arc::new(move |n| match n {
+        0 => Err(StatusCode::SERVICE_UNAVAILABLE),
+        // Only the role chunk, which carries no text, before the connection drops.
+        1 => Ok(sse(full[..1].to_vec(), End::Cut)),
+        _ => Ok(sse(full.clone(), End::Finish)),
+    });
+    let (url, fake) = serve_stream(script, None).await;
+    let reasoner = RemoteReasoner::new(config(&[format!("{url}/v1")])).unwrap();
+    let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+    let out = reasoner.reason_streaming(request(), sender).await.unwrap();
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 3);
+    assert_eq!(joined(&drain(&mut receiver)), ("The content asks for a password.".to_string(), "1".to_string()));
+    assert_eq!(out.final_text.as_deref(), Some("1"));
+    assert_eq!(reasoner.status()[0].breaker, BreakerState::Closed);
+}
+
+#[tokio::test]
+async fn a_stalled_stream_fails_clearly_at_the_idle_timeout() {
+    let mut pieces = vllm_events(&REASONING_PIECES, &["0"], "stop");
+    pieces.truncate(2);
+    let (url, fake) = serve_stream(Arc::new(move |_| Ok(sse(pieces.clone(), End::Stall))), None).await;
+    let mut cfg = config(&[format!("{url}/v1")]);
+    cfg.stream_idle_timeout = Duration::from_millis(300);
+    let reasoner = RemoteReasoner::new(cfg).unwrap();
+    let (sender, _receiver) = tokio::sync::mpsc::unbounded_channel();
+    let started = std::time::Instant::now();
+    let err = reasoner.reason_streaming(request(), sender).await.unwrap_err();
+    assert!(err.to_string().contains("stalled") && err.to_string().contains("0.3 s"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(3), "well before the 5 s request timeout");
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn an_error_event_in_the_stream_is_an_error() {
+    let pieces = vec![
+        "data: {\"error\": {\"object\": \"error\", \"message\": \"Harmony does not support this request\", \"type\": \"BadRequestError\", \"code\": 400}}\n\n".to_string(),
+        "data: [DONE]\n\n".to_string(),
+    ];
+    let (url, fake) = serve_stream(Arc::new(move |_| Ok(sse(pieces.clone(), End::Finish))), None).await;
+    let reasoner = RemoteReasoner::new(config(&[format!("{url}/v1")])).unwrap();
+    let (sender, _receiver) = tokio::sync::mpsc::unbounded_channel();
+    let err = reasoner.reason_streaming(request(), sender).await.unwrap_err();
+    assert!(err.to_string().contains("Harmony does not support"), "{err}");
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 1, "a rejected request fails the same way again");
+}
+
+#[tokio::test]
+async fn no_answer_in_the_stream_is_no_answer_as_when_whole() {
+    // The budget ran out while reasoning: no content, finish reason "length".
+    let pieces = vllm_events(&REASONING_PIECES, &[], "length");
+    let (url, _) = serve_stream(Arc::new(move |_| Ok(sse(pieces.clone(), End::Finish))), None).await;
+    let reasoner = RemoteReasoner::new(config(&[format!("{url}/v1")])).unwrap();
+    let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+    let out = reasoner.reason_streaming(request(), sender).await.unwrap();
+    assert!(out.truncated);
+    assert_eq!(out.final_text, None);
+    assert_eq!(joined(&drain(&mut receiver)).1, "");
+
+    let whole = json!({"choices": [{"index": 0, "finish_reason": "length",
+        "message": {"role": "assistant", "content": null, "reasoning": "The content asks for a password."}}],
+        "usage": {"prompt_tokens": 300, "completion_tokens": 20, "prompt_tokens_details": {"cached_tokens": 256}}});
+    let (whole_url, _) = serve(always(StatusCode::OK, whole)).await;
+    let plain = RemoteReasoner::new(config(&[format!("{whole_url}/v1")])).unwrap().reason(request()).await.unwrap();
+    assert_eq!(without_timings(out), without_timings(plain));
+}
+
+#[tokio::test]
+async fn a_server_that_ignores_stream_still_answers_through_the_stream() {
+    let (url, fake) = serve(always(StatusCode::OK, vllm_ok("1"))).await;
+    let reasoner = RemoteReasoner::new(config(&[format!("{url}/v1")])).unwrap();
+    let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+    let out = reasoner.reason_streaming(request(), sender).await.unwrap();
+    assert_eq!(out.final_text.as_deref(), Some("1"));
+    assert_eq!(
+        drain(&mut receiver),
+        vec![ReasonDelta::Reasoning("The content asks for a password.".into()), ReasonDelta::Final("1".into())]
+    );
+    assert_eq!(fake.bodies.lock().await[0]["stream"], true);
 }

@@ -1,10 +1,12 @@
 //! The remote backend against a real OpenAI-compatible server: a second `safeguard serve` on loopback running
 //! the embedded engine. The front server's `--backend` points at the first one's `/v1`; a classification through
 //! the front must carry the same verdict, reasoning and token counts as one made on the backend directly, and
-//! when the backend dies the front must fail closed.
+//! when the backend dies the front must fail closed. A streamed chat completion through the front arrives piece by
+//! piece, as the backend decodes, not as one block at the end.
 
 mod serve_support;
 
+use std::io::{BufRead, BufReader};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -26,6 +28,41 @@ fn post(base: &str, path: &str, body: &Value) -> (u16, Value) {
 
 fn get(base: &str, path: &str) -> Value {
     reqwest::blocking::get(format!("{base}{path}")).unwrap().json().unwrap()
+}
+
+/// Posts a streamed chat completion and reads its events as they come off the socket: the chunks, how many
+/// carried reasoning, and the reasoning and answer they add up to.
+fn stream_chat(base: &str, body: &Value) -> (Vec<Value>, usize, String, String) {
+    let response = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(body)
+        .send()
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let mut events: Vec<String> = Vec::new();
+    for line in BufReader::new(response).lines() {
+        if let Some(data) = line.unwrap().strip_prefix("data: ") {
+            events.push(data.to_string());
+        }
+    }
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let (mut reasoning, mut content, mut reasoning_chunks) = (String::new(), String::new(), 0);
+    for chunk in &chunks {
+        assert!(chunk.get("error").is_none(), "{chunk}");
+        let Some(delta) = chunk["choices"].get(0).map(|c| &c["delta"]) else { continue };
+        if let Some(text) = delta.get("reasoning_content").and_then(Value::as_str) {
+            reasoning.push_str(text);
+            reasoning_chunks += 1;
+        }
+        if let Some(text) = delta.get("content").and_then(Value::as_str) {
+            content.push_str(text);
+        }
+    }
+    (chunks, reasoning_chunks, reasoning, content)
 }
 
 #[test]
@@ -71,6 +108,25 @@ fn classify_through_a_second_serve_and_fail_closed_when_it_dies() {
     // The backend's own decision log shows the chat call the front made, and the front stored its own decision.
     let front_decision = get(&front.base, &format!("/v1/decisions/{}", remote["decision_id"].as_str().unwrap()));
     assert_eq!(front_decision["outcome"], "allow", "{front_decision}");
+
+    // A streamed chat completion through the front: the backend's deltas pass through one by one.
+    let chat = json!({
+        "model": "scripted",
+        "messages": [
+            {"role": "system", "content": "Answer 1 for spam, 0 otherwise."},
+            {"role": "user", "content": "Hi Sam, lunch at noon on Friday?"},
+        ],
+        "reasoning_effort": "low",
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let (chunks, reasoning_chunks, reasoning, content) = stream_chat(&front.base, &chat);
+    // The scripted reasoning is ~20 tokens; the non-streaming fallback sent it as one chunk.
+    assert!(reasoning_chunks > 5, "{reasoning_chunks} reasoning chunks: {chunks:?}");
+    assert_eq!(reasoning, SAFE_SCRIPT.analysis);
+    assert_eq!(content, SAFE_SCRIPT.final_text);
+    let usage = &chunks.last().unwrap()["usage"];
+    assert!(usage["completion_tokens"].as_u64().unwrap() as usize > reasoning_chunks, "{usage}");
 
     // Kill the backend mid-service: the front answers, fails closed, says why, and stores it.
     backend.kill_hard();

@@ -1,0 +1,576 @@
+//! Streamed responses: Server-Sent Events from Chat Completions servers and NDJSON from Ollama's native API,
+//! read as the bytes arrive into reasoning and answer deltas. At the end the pieces are put back together into
+//! the body a non-streamed request would have returned and read by the same parser, so a streamed request
+//! and a plain one give the same output for the same completion.
+
+use safeguard_core::{ReasonDelta, ReasonOutput};
+use serde_json::{Value, json};
+
+use crate::Flavor;
+use crate::wire::{ShapeError, parse_response};
+
+/// Why a stream could not be read into an output.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StreamError {
+    /// Bytes that are not the documented framing or JSON.
+    #[error("unreadable stream: {0}")]
+    Unreadable(String),
+    /// The server reported an error inside the stream; `transient` when its code says another try may work.
+    #[error("the server answered with an error: {message}")]
+    Server { message: String, transient: bool },
+    /// The stream ended without the server saying it was done: a cut connection or a crashed server.
+    #[error("the stream ended before the answer was complete")]
+    Incomplete,
+    #[error(transparent)]
+    Shape(#[from] ShapeError),
+}
+
+/// Reads one streamed response of one flavor, piece by piece.
+pub(crate) struct StreamReader {
+    flavor: Flavor,
+    lines: Lines,
+    /// SSE `data:` lines of the event being read; an event ends at a blank line.
+    event_data: Option<String>,
+    router: ContentRouter,
+    reasoning: String,
+    content: String,
+    /// `logprobs.content` entries of the chunks that carried answer text.
+    answer_logprobs: Vec<Value>,
+    finish_reason: Option<String>,
+    usage: Option<Value>,
+    /// llama-server's own prompt/decode timings and cache hits, sent with its last chunk.
+    timings: Option<Value>,
+    /// Ollama's closing object (`done: true`), which carries its counts and durations.
+    ollama_done: Option<Value>,
+    saw_done_marker: bool,
+}
+
+impl StreamReader {
+    pub(crate) fn new(flavor: Flavor) -> Self {
+        Self {
+            flavor,
+            lines: Lines::default(),
+            event_data: None,
+            router: ContentRouter::default(),
+            reasoning: String::new(),
+            content: String::new(),
+            answer_logprobs: Vec::new(),
+            finish_reason: None,
+            usage: None,
+            timings: None,
+            ollama_done: None,
+            saw_done_marker: false,
+        }
+    }
+
+    /// Reads one network chunk and returns the deltas it completes, in order.
+    pub(crate) fn push(&mut self, bytes: &[u8]) -> Result<Vec<ReasonDelta>, StreamError> {
+        let mut deltas = Vec::new();
+        for line in self.lines.push(bytes)? {
+            if let Some(payload) = self.frame(&line) {
+                self.read_payload(&payload, &mut deltas)?;
+            }
+        }
+        Ok(deltas)
+    }
+
+    /// The server said the response is over (`[DONE]`, or Ollama's `done: true`); nothing after it matters.
+    pub(crate) fn is_done(&self) -> bool {
+        match self.flavor {
+            Flavor::Ollama => self.ollama_done.is_some(),
+            Flavor::OpenAi | Flavor::LlamaCpp => self.saw_done_marker,
+        }
+    }
+
+    /// Whether the answer is whole. Besides `[DONE]`, a finish reason counts, for servers that close the
+    /// stream without the marker.
+    fn is_complete(&self) -> bool {
+        self.is_done() || (self.flavor != Flavor::Ollama && self.finish_reason.is_some())
+    }
+
+    /// At the end of the stream: the deltas still held back, and the output.
+    pub(crate) fn finish(mut self) -> Result<(Vec<ReasonDelta>, ReasonOutput), StreamError> {
+        let mut deltas = Vec::new();
+        // A last line without its newline, or a last event without its blank line.
+        let mut trailing: Vec<String> = self.lines.rest()?.into_iter().filter_map(|line| self.frame(&line)).collect();
+        trailing.extend(self.event_data.take());
+        for payload in trailing {
+            match self.read_payload(&payload, &mut deltas) {
+                // A line cut off by the end of the stream is an incomplete stream, not a garbled one.
+                Err(StreamError::Unreadable(_)) => return Err(StreamError::Incomplete),
+                other => other?,
+            }
+        }
+        if !self.is_complete() {
+            return Err(StreamError::Incomplete);
+        }
+        self.router.finish(&mut deltas);
+        let body = match self.flavor {
+            Flavor::OpenAi | Flavor::LlamaCpp => {
+                let mut choice = json!({
+                    "index": 0,
+                    "finish_reason": self.finish_reason,
+                    "message": {"role": "assistant", "content": self.content, "reasoning": self.reasoning},
+                });
+                if !self.answer_logprobs.is_empty() {
+                    choice["logprobs"] = json!({"content": self.answer_logprobs});
+                }
+                let mut body = json!({"choices": [choice]});
+                if let Some(usage) = self.usage {
+                    body["usage"] = usage;
+                }
+                if let Some(timings) = self.timings {
+                    body["timings"] = timings;
+                }
+                body
+            }
+            Flavor::Ollama => {
+                let mut body = self.ollama_done.unwrap_or_else(|| json!({}));
+                body["message"] = json!({"role": "assistant", "content": self.content, "thinking": self.reasoning});
+                body
+            }
+        };
+        Ok((deltas, parse_response(self.flavor, &body)?))
+    }
+
+    /// One line of the stream to the payload it completes, if any.
+    fn frame(&mut self, line: &str) -> Option<String> {
+        if self.flavor == Flavor::Ollama {
+            return Some(line.trim()).filter(|l| !l.is_empty()).map(str::to_string);
+        }
+        if line.is_empty() {
+            return self.event_data.take();
+        }
+        // Lines starting with ':' are comments (keep-alives); `event:`, `id:` and `retry:` carry nothing we use.
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        if field == "data" {
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            match &mut self.event_data {
+                Some(data) => {
+                    data.push('\n');
+                    data.push_str(value);
+                }
+                None => self.event_data = Some(value.to_string()),
+            }
+        }
+        None
+    }
+
+    fn read_payload(&mut self, payload: &str, deltas: &mut Vec<ReasonDelta>) -> Result<(), StreamError> {
+        if self.flavor != Flavor::Ollama && payload.trim() == "[DONE]" {
+            self.saw_done_marker = true;
+            return Ok(());
+        }
+        let chunk: Value = serde_json::from_str(payload)
+            .map_err(|e| StreamError::Unreadable(format!("{e} in {:?}", crate::excerpt(payload))))?;
+        if let Some(error) = chunk.get("error").filter(|e| !e.is_null()) {
+            return Err(server_error(error));
+        }
+        match self.flavor {
+            Flavor::OpenAi | Flavor::LlamaCpp => self.read_openai_chunk(&chunk, deltas),
+            Flavor::Ollama => self.read_ollama_chunk(chunk, deltas),
+        }
+        Ok(())
+    }
+
+    fn read_openai_chunk(&mut self, chunk: &Value, deltas: &mut Vec<ReasonDelta>) {
+        // vLLM's closing usage chunk has `choices: []`; llama-server puts usage and timings on its last choice.
+        if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
+            self.usage = Some(usage.clone());
+        }
+        if let Some(timings) = chunk.get("timings").filter(|t| t.is_object()) {
+            self.timings = Some(timings.clone());
+        }
+        let Some(choice) = chunk.get("choices").and_then(|c| c.get(0)) else {
+            return;
+        };
+        if let Some(delta) = choice.get("delta") {
+            // Servers that send both names send the same text twice; one is the reasoning.
+            if let Some(text) = first_text(delta, &["reasoning", "reasoning_content", "thinking"]) {
+                self.reasoning.push_str(text);
+                deltas.push(ReasonDelta::Reasoning(text.to_string()));
+            }
+            if let Some(text) = first_text(delta, &["content"]) {
+                self.content.push_str(text);
+                self.router.push(text, deltas);
+                if let Some(entries) = choice.pointer("/logprobs/content").and_then(Value::as_array) {
+                    self.answer_logprobs.extend(entries.iter().cloned());
+                }
+            }
+        }
+        if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
+            self.finish_reason = Some(reason.to_string());
+        }
+    }
+
+    fn read_ollama_chunk(&mut self, chunk: Value, deltas: &mut Vec<ReasonDelta>) {
+        if let Some(message) = chunk.get("message") {
+            if let Some(text) = first_text(message, &["thinking", "reasoning", "reasoning_content"]) {
+                self.reasoning.push_str(text);
+                deltas.push(ReasonDelta::Reasoning(text.to_string()));
+            }
+            if let Some(text) = first_text(message, &["content"]) {
+                self.content.push_str(text);
+                self.router.push(text, deltas);
+            }
+        }
+        if chunk.get("done").and_then(Value::as_bool) == Some(true) {
+            self.ollama_done = Some(chunk);
+        }
+    }
+}
+
+/// Unlike whole responses, pieces are not trimmed: a lone space or newline is part of the text.
+fn first_text<'a>(object: &'a Value, keys: &[&str]) -> Option<&'a str> {
+    keys.iter().find_map(|key| object.get(*key).and_then(Value::as_str).filter(|s| !s.is_empty()))
+}
+
+/// An error event: vLLM and SGLang send `{"error": {"message", "type", "code": 500}}`, our own server
+/// `{"error": {"type": "server_error", "code": "unavailable"}}`, Ollama `{"error": "text"}`.
+fn server_error(error: &Value) -> StreamError {
+    let code = error.get("code");
+    let transient = match code.and_then(Value::as_u64) {
+        Some(code) => code == 408 || code == 429 || code >= 500,
+        None => {
+            error.get("type").and_then(Value::as_str) == Some("server_error")
+                || code.and_then(Value::as_str) == Some("unavailable")
+        }
+    };
+    StreamError::Server { message: error.to_string(), transient }
+}
+
+/// Splits bytes into lines across chunk boundaries. A line is decoded only once it is whole, so a UTF-8
+/// character split between two network chunks stays intact.
+#[derive(Default)]
+struct Lines {
+    pending: Vec<u8>,
+}
+
+impl Lines {
+    fn push(&mut self, bytes: &[u8]) -> Result<Vec<String>, StreamError> {
+        self.pending.extend_from_slice(bytes);
+        let mut lines = Vec::new();
+        let mut start = 0;
+        while let Some(at) = self.pending[start..].iter().position(|&b| b == b'\n') {
+            lines.push(decode_line(&self.pending[start..start + at])?);
+            start += at + 1;
+        }
+        self.pending.drain(..start);
+        Ok(lines)
+    }
+
+    fn rest(&mut self) -> Result<Option<String>, StreamError> {
+        if self.pending.is_empty() {
+            return Ok(None);
+        }
+        let line = decode_line(&self.pending)?;
+        self.pending.clear();
+        Ok(Some(line))
+    }
+}
+
+fn decode_line(line: &[u8]) -> Result<String, StreamError> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    String::from_utf8(line.to_vec()).map_err(|_| StreamError::Unreadable("a line is not UTF-8".into()))
+}
+
+const CHANNEL: &str = "<|channel|>";
+const MESSAGE: &str = "<|message|>";
+const MESSAGE_ENDS: [&str; 3] = ["<|end|>", "<|return|>", "<|call|>"];
+
+/// Routes answer text to deltas. Servers run without a reasoning parser (llama-server
+/// `--reasoning-format none`, old LM Studio) stream raw harmony in `content`:
+/// `<|channel|>analysis<|message|>…<|end|><|start|>assistant<|channel|>final<|message|>…<|return|>`. That
+/// text is split by channel as it arrives, so the chain of thought is never streamed as answer text. Text
+/// that may still turn out to be part of a marker is held back until the next piece decides it.
+#[derive(Default)]
+struct ContentRouter {
+    mode: RouterMode,
+    held: String,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+enum RouterMode {
+    /// Nothing but whitespace (or a lone `<`) yet: plain answer or raw harmony?
+    #[default]
+    Undecided,
+    /// A parsed answer: forwarded as is.
+    Plain,
+    /// Raw harmony between messages: reading a header up to `<|message|>`.
+    Header,
+    /// Raw harmony inside a message of this channel; `None` for channels that are neither (commentary).
+    Message(Option<Channel>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Channel {
+    Analysis,
+    Final,
+}
+
+impl ContentRouter {
+    fn push(&mut self, text: &str, deltas: &mut Vec<ReasonDelta>) {
+        self.held.push_str(text);
+        loop {
+            match self.mode {
+                RouterMode::Undecided => {
+                    let start = self.held.trim_start();
+                    if start.is_empty() || start == "<" || start == "<|" {
+                        return;
+                    }
+                    self.mode = if start.starts_with("<|") { RouterMode::Header } else { RouterMode::Plain };
+                }
+                RouterMode::Plain => {
+                    if !self.held.is_empty() {
+                        deltas.push(ReasonDelta::Final(std::mem::take(&mut self.held)));
+                    }
+                    return;
+                }
+                RouterMode::Header => {
+                    let Some(at) = self.held.find(MESSAGE) else {
+                        return;
+                    };
+                    let header = &self.held[..at];
+                    // `<|channel|>final <|constrain|>json` and `<|channel|>commentary to=…` name the channel first.
+                    let channel = header.rfind(CHANNEL).and_then(|c| {
+                        header[c + CHANNEL.len()..].split(|ch: char| ch.is_whitespace() || ch == '<').next()
+                    });
+                    self.mode = RouterMode::Message(match channel {
+                        Some("analysis") => Some(Channel::Analysis),
+                        Some("final") => Some(Channel::Final),
+                        _ => None,
+                    });
+                    self.held.drain(..at + MESSAGE.len());
+                }
+                RouterMode::Message(channel) => {
+                    let end = MESSAGE_ENDS.iter().filter_map(|m| self.held.find(m).map(|at| (at, m.len()))).min();
+                    let Some((at, marker_len)) = end else {
+                        let ready = self.held.len() - partial_marker_len(&self.held);
+                        emit(channel, &self.held[..ready], deltas);
+                        self.held.drain(..ready);
+                        return;
+                    };
+                    emit(channel, &self.held[..at], deltas);
+                    self.held.drain(..at + marker_len);
+                    self.mode = RouterMode::Header;
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, deltas: &mut Vec<ReasonDelta>) {
+        let held = std::mem::take(&mut self.held);
+        match self.mode {
+            RouterMode::Undecided if !held.trim().is_empty() => deltas.push(ReasonDelta::Final(held)),
+            RouterMode::Message(channel) => emit(channel, &held, deltas),
+            // A header the stream never finished names no message; whitespace alone is no answer.
+            RouterMode::Undecided | RouterMode::Plain | RouterMode::Header => {}
+        }
+    }
+}
+
+fn emit(channel: Option<Channel>, text: &str, deltas: &mut Vec<ReasonDelta>) {
+    if text.is_empty() {
+        return;
+    }
+    match channel {
+        Some(Channel::Analysis) => deltas.push(ReasonDelta::Reasoning(text.to_string())),
+        Some(Channel::Final) => deltas.push(ReasonDelta::Final(text.to_string())),
+        None => {}
+    }
+}
+
+/// How many bytes at the end of `text` could be the start of a message-end marker. Every marker has a single
+/// `<`, at its start, so only the text from the last `<` can be one.
+fn partial_marker_len(text: &str) -> usize {
+    match text.rfind('<') {
+        Some(at) if MESSAGE_ENDS.iter().any(|m| m.starts_with(&text[at..])) => text.len() - at,
+        _ => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn joined(deltas: &[ReasonDelta]) -> (String, String) {
+        let mut reasoning = String::new();
+        let mut answer = String::new();
+        for delta in deltas {
+            match delta {
+                ReasonDelta::Reasoning(t) => reasoning.push_str(t),
+                ReasonDelta::Final(t) => answer.push_str(t),
+            }
+        }
+        (reasoning, answer)
+    }
+
+    /// Feeds `bytes` split at every position and checks the result does not depend on where the network cut it.
+    fn read_split_everywhere(flavor: Flavor, bytes: &[u8]) -> (String, String, ReasonOutput) {
+        let mut whole = None;
+        for cut in 0..=bytes.len() {
+            let mut reader = StreamReader::new(flavor);
+            let mut deltas = reader.push(&bytes[..cut]).unwrap();
+            deltas.extend(reader.push(&bytes[cut..]).unwrap());
+            let (rest, output) = reader.finish().unwrap();
+            deltas.extend(rest);
+            let (reasoning, answer) = joined(&deltas);
+            let result = (reasoning, answer, output);
+            match &whole {
+                None => whole = Some(result),
+                Some(first) => assert_eq!(first, &result, "split at byte {cut}"),
+            }
+        }
+        whole.unwrap()
+    }
+
+    fn sse(chunks: &[Value]) -> String {
+        let mut text: String = chunks.iter().map(|c| format!("data: {c}\n\n")).collect();
+        text.push_str("data: [DONE]\n\n");
+        text
+    }
+
+    #[test]
+    fn vllm_chunks_become_deltas_and_the_same_output_as_a_whole_response() {
+        let stream = sse(&[
+            json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]}),
+            json!({"choices": [{"index": 0, "delta": {"reasoning": "Asks for ", "reasoning_content": "Asks for "}, "finish_reason": null}]}),
+            json!({"choices": [{"index": 0, "delta": {"reasoning_content": "a password é."}, "finish_reason": null}]}),
+            json!({"choices": [{"index": 0, "delta": {"content": "1"}, "finish_reason": null}]}),
+            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+            json!({"choices": [], "usage": {"prompt_tokens": 300, "completion_tokens": 20, "prompt_tokens_details": {"cached_tokens": 256}}}),
+        ]);
+        let (reasoning, answer, output) = read_split_everywhere(Flavor::OpenAi, stream.as_bytes());
+        assert_eq!(reasoning, "Asks for a password é.");
+        assert_eq!(answer, "1");
+        let whole = json!({"choices": [{"finish_reason": "stop", "message": {"content": "1", "reasoning": "Asks for a password é."}}],
+                           "usage": {"prompt_tokens": 300, "completion_tokens": 20, "prompt_tokens_details": {"cached_tokens": 256}}});
+        assert_eq!(output, parse_response(Flavor::OpenAi, &whole).unwrap());
+        assert_eq!(output.usage.cached_prompt_tokens, 256);
+    }
+
+    #[test]
+    fn comments_crlf_and_multi_line_data_are_sse() {
+        let stream = ": keep-alive\r\nevent: message\r\ndata: {\"choices\": [{\"delta\":\r\ndata:  {\"content\": \"0\"}, \"finish_reason\": \"stop\"}]}\r\n\r\ndata: [DONE]\r\n\r\n";
+        let (_, answer, output) = read_split_everywhere(Flavor::OpenAi, stream.as_bytes());
+        assert_eq!(answer, "0");
+        assert_eq!(output.final_text.as_deref(), Some("0"));
+    }
+
+    #[test]
+    fn a_stream_without_an_end_is_incomplete_and_errors_are_errors() {
+        let cut = "data: {\"choices\": [{\"delta\": {\"content\": \"0\"}, \"finish_reason\": null}]}\n\ndata: {\"choi";
+        let mut reader = StreamReader::new(Flavor::OpenAi);
+        assert_eq!(reader.push(cut.as_bytes()).unwrap(), vec![ReasonDelta::Final("0".into())]);
+        assert!(matches!(reader.finish(), Err(StreamError::Incomplete)));
+
+        // Without `[DONE]`, a finish reason says the answer is whole.
+        let no_marker = "data: {\"choices\": [{\"delta\": {\"content\": \"0\"}, \"finish_reason\": \"stop\"}]}\n\n";
+        let mut reader = StreamReader::new(Flavor::OpenAi);
+        reader.push(no_marker.as_bytes()).unwrap();
+        assert_eq!(reader.finish().unwrap().1.final_text.as_deref(), Some("0"));
+
+        let vllm_error = "data: {\"error\": {\"object\": \"error\", \"message\": \"engine died\", \"code\": 500}}\n\n";
+        let err = StreamReader::new(Flavor::OpenAi).push(vllm_error.as_bytes()).unwrap_err();
+        assert!(matches!(&err, StreamError::Server { transient: true, message } if message.contains("engine died")));
+        let bad_request = "data: {\"error\": {\"message\": \"bad\", \"code\": 400}}\n\n";
+        let err = StreamReader::new(Flavor::OpenAi).push(bad_request.as_bytes()).unwrap_err();
+        assert!(matches!(err, StreamError::Server { transient: false, .. }));
+        let garbled = "data: {not json}\n\n";
+        assert!(matches!(StreamReader::new(Flavor::OpenAi).push(garbled.as_bytes()), Err(StreamError::Unreadable(_))));
+    }
+
+    #[test]
+    fn a_length_finish_streams_the_cut_answer_but_returns_none() {
+        let stream = sse(&[
+            json!({"choices": [{"delta": {"reasoning": "thinking"}, "finish_reason": null}]}),
+            json!({"choices": [{"delta": {"content": "{\"violation\": 1, \"ru"}, "finish_reason": "length"}]}),
+        ]);
+        let (_, answer, output) = read_split_everywhere(Flavor::OpenAi, stream.as_bytes());
+        assert_eq!(answer, "{\"violation\": 1, \"ru");
+        assert!(output.truncated);
+        assert_eq!(output.final_text, None);
+    }
+
+    #[test]
+    fn answer_logprobs_give_the_final_probability() {
+        let stream = sse(&[
+            json!({"choices": [{"delta": {"reasoning": "x"}, "logprobs": {"content": [{"token": "x", "logprob": -9.0}]}, "finish_reason": null}]}),
+            json!({"choices": [{"delta": {"content": "1"}, "logprobs": {"content": [{"token": "1", "logprob": (0.25f64).ln()}]}, "finish_reason": null}]}),
+            json!({"choices": [{"delta": {"content": "."}, "logprobs": {"content": [{"token": ".", "logprob": 0.0}]}, "finish_reason": "stop"}]}),
+        ]);
+        let (_, _, output) = read_split_everywhere(Flavor::OpenAi, stream.as_bytes());
+        let p = output.final_token_prob.unwrap();
+        assert!((p - 0.5).abs() < 1e-6, "only the answer's tokens count: {p}");
+    }
+
+    #[test]
+    fn llama_server_usage_and_timings_ride_on_the_last_choice() {
+        let stream = sse(&[
+            json!({"choices": [{"index": 0, "delta": {"reasoning_content": "spam"}, "finish_reason": null}]}),
+            json!({"choices": [{"index": 0, "delta": {"content": "INVALID"}, "finish_reason": null}]}),
+            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 300, "completion_tokens": 20},
+                   "timings": {"cache_n": 256, "prompt_ms": 120.5, "predicted_ms": 400.0}}),
+        ]);
+        let (_, _, output) = read_split_everywhere(Flavor::LlamaCpp, stream.as_bytes());
+        assert_eq!(output.usage.cached_prompt_tokens, 256);
+        assert_eq!(output.timings.prefill_ms, 120.5);
+        assert_eq!(output.final_text.as_deref(), Some("INVALID"));
+    }
+
+    #[test]
+    fn raw_harmony_in_content_is_split_by_channel_as_it_streams() {
+        let raw = "<|channel|>analysis<|message|>Looks like <spam>.<|end|><|start|>assistant<|channel|>final <|constrain|>json<|message|>{\"v\": 1}<|return|>";
+        // One token's worth of text at a time, as llama-server sends it.
+        let pieces: Vec<Value> = raw
+            .char_indices()
+            .step_by(3)
+            .map(|(i, _)| {
+                let end = raw[i..].char_indices().nth(3).map_or(raw.len(), |(j, _)| i + j);
+                json!({"choices": [{"delta": {"content": &raw[i..end]}, "finish_reason": null}]})
+            })
+            .chain([json!({"choices": [{"delta": {}, "finish_reason": "stop"}]})])
+            .collect();
+        let (reasoning, answer, output) = read_split_everywhere(Flavor::LlamaCpp, sse(&pieces).as_bytes());
+        assert_eq!(reasoning, "Looks like <spam>.");
+        assert_eq!(answer, "{\"v\": 1}");
+        assert_eq!(output.analysis.as_deref(), Some("Looks like <spam>."));
+        assert_eq!(output.final_text.as_deref(), Some("{\"v\": 1}"));
+    }
+
+    #[test]
+    fn plain_answers_that_start_with_a_bracket_are_not_held() {
+        let mut router = ContentRouter::default();
+        let mut deltas = Vec::new();
+        router.push("<", &mut deltas);
+        assert!(deltas.is_empty(), "a lone '<' may start a marker");
+        router.push("b>0", &mut deltas);
+        router.push("</b>", &mut deltas);
+        assert_eq!(joined(&deltas).1, "<b>0</b>");
+        assert_eq!(deltas.len(), 2);
+    }
+
+    #[test]
+    fn ollama_ndjson_thinking_and_closing_counts() {
+        let lines = [
+            json!({"model": "gpt-oss-safeguard:20b", "message": {"role": "assistant", "content": "", "thinking": "a "}, "done": false}),
+            json!({"model": "gpt-oss-safeguard:20b", "message": {"role": "assistant", "content": "", "thinking": "greeting"}, "done": false}),
+            json!({"model": "gpt-oss-safeguard:20b", "message": {"role": "assistant", "content": "0"}, "done": false}),
+            json!({"model": "gpt-oss-safeguard:20b", "message": {"role": "assistant", "content": ""}, "done": true, "done_reason": "stop",
+                   "prompt_eval_count": 120, "prompt_eval_duration": 350_000_000u64, "eval_count": 9, "eval_duration": 90_000_000u64}),
+        ];
+        let stream: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        let (reasoning, answer, output) = read_split_everywhere(Flavor::Ollama, stream.as_bytes());
+        assert_eq!((reasoning.as_str(), answer.as_str()), ("a greeting", "0"));
+        let whole = json!({"message": {"content": "0", "thinking": "a greeting"}, "done": true, "done_reason": "stop",
+            "prompt_eval_count": 120, "prompt_eval_duration": 350_000_000u64, "eval_count": 9, "eval_duration": 90_000_000u64});
+        assert_eq!(output, parse_response(Flavor::Ollama, &whole).unwrap());
+
+        // Without the closing object the answer is not known to be whole.
+        let mut reader = StreamReader::new(Flavor::Ollama);
+        reader.push(format!("{}\n", lines[2]).as_bytes()).unwrap();
+        assert!(matches!(reader.finish(), Err(StreamError::Incomplete)));
+        let err = StreamReader::new(Flavor::Ollama).push(b"{\"error\": \"model runner stopped\"}\n").unwrap_err();
+        assert!(err.to_string().contains("model runner stopped"));
+    }
+}
