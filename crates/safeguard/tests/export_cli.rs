@@ -86,7 +86,7 @@ async fn decide(store: &Store, decision_id: &str, outcome: &str, overrides_model
         rationale: "checked".into(),
         rule_id: "T1".into(),
         policy_hash: Some("sha256:threatsv1".into()),
-        overrides_model,
+        overrides_model: Some(overrides_model),
     };
     store.decide_review(&review, &decision).await.unwrap().expect("decided");
 }

@@ -103,3 +103,123 @@ fn train_then_eval_then_refuse_bad_inputs() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("checksum mismatch"), "{}", stderr(&out));
 }
+
+/// An out-of-domain corpus with its own 3-way classes (like Davidson's hate / offensive / neither) whose
+/// "violations" are the primary set's benign requests word for word: held to the recall target, it would drag
+/// the threshold below every benign item.
+fn write_aux(path: &Path, rounds: usize) {
+    let mut jsonl = String::new();
+    for round in 0..rounds {
+        for (text, class) in [
+            ("please help me bake bread", 0),
+            ("what is the capital of france", 0),
+            ("write a poem about rain", 0),
+            ("fix my python code", 1),
+            ("lovely weather in paris", 2),
+        ] {
+            jsonl.push_str(&format!("{{\"tweet\": \"{text} {round}\", \"class\": {class}}}\n"));
+        }
+    }
+    std::fs::write(path, jsonl).unwrap();
+}
+
+#[test]
+fn auxiliary_data_trains_but_thresholds_come_from_the_primary_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, aux, policy) = (dir.path().join("data.csv"), dir.path().join("aux.jsonl"), dir.path().join("t.md"));
+    write_dataset(&data, 12);
+    write_aux(&aux, 12);
+    write_policy(&policy, "# Threats\n\nAnswer 1 if the text threatens someone, else 0.");
+    let (data_s, aux_s, policy_s) = (data.to_str().unwrap(), aux.to_str().unwrap(), policy.to_str().unwrap());
+    let fields = ["--text-field", "message", "--label-field", "verdict", "--weight-field", "importance"];
+    let common =
+        ["triage", "train", "--policy", policy_s, "--hash-bits", "12", "--target-recall", "0.95", "--folds", "3"];
+    let aux_flags = ["--aux-dataset", aux_s, "--aux-label-field", "class"];
+    let classes = ["--aux-label", "0=violation", "--aux-label", "1=violation:0.05", "--aux-label", "2=allow"];
+    let train = |extra: &[&str]| {
+        let mut args = common.to_vec();
+        args.extend(extra);
+        let out = safeguard(&args);
+        assert!(out.status.success(), "train {extra:?} failed: {}", stderr(&out));
+        out
+    };
+    let eval = |model: &str| {
+        let mut args = vec!["triage", "eval", "--model", model, "--dataset", data_s, "--format", "json"];
+        args.extend(["--target-recall", "0.95"]);
+        args.extend(fields);
+        let out = safeguard(&args);
+        assert!(out.status.success(), "eval failed (exit 2: recall below target): {}", stderr(&out));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+
+    let model = dir.path().join("with-aux");
+    let mut args = vec!["--dataset", data_s, "--out", model.to_str().unwrap()];
+    args.extend(fields);
+    args.extend(aux_flags);
+    args.extend(classes);
+    args.extend(["--aux-weight", "0.3"]);
+    let out = train(&args);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("(auxiliary)"), "{}", String::from_utf8_lossy(&out.stdout));
+    let meta: Value = serde_json::from_slice(&std::fs::read(model.join("model.json")).unwrap()).unwrap();
+    let training = &meta["training"];
+    assert_eq!(training["calibration_sources"], serde_json::json!([0]), "{training}");
+    assert_eq!(training["config"]["domain_adaptation"], "intercept");
+    assert_eq!(training["config"]["in_domain_sources"], 1);
+    let recorded = &training["datasets"][1];
+    assert_eq!((recorded["path"].as_str(), recorded["auxiliary"].as_bool()), (Some(aux_s), Some(true)));
+    assert_eq!((recorded["text_field"].as_str(), recorded["label_field"].as_str()), (Some("tweet"), Some("class")));
+    assert_eq!(recorded["weight_scale"].as_f64(), Some(0.3));
+    assert_eq!(recorded["label_values"][1], serde_json::json!({"value": "1", "violates": true, "weight": 0.05}));
+    assert_eq!((recorded["items"].as_u64(), recorded["violations"].as_u64()), (Some(60), Some(48)));
+    assert!(training["datasets"][0].get("auxiliary").is_none(), "the primary set is not auxiliary");
+    let with_aux = eval(model.to_str().unwrap());
+    assert!(with_aux["recall"].as_f64().unwrap() >= 0.95, "{with_aux}");
+
+    // The same data as a second primary dataset (hate and offensive as violations): its recall must hold too,
+    // and the threshold sinks below the primary set's benign items.
+    let both = dir.path().join("both");
+    let mapped = dir.path().join("aux-binary.csv");
+    let rows: String = std::fs::read_to_string(&aux)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let row: Value = serde_json::from_str(l).unwrap();
+            let verdict = if row["class"] == 2 { "allow" } else { "violation" };
+            format!("\"{}\",{verdict},1\n", row["tweet"].as_str().unwrap())
+        })
+        .collect();
+    std::fs::write(&mapped, format!("message,verdict,importance\n{rows}")).unwrap();
+    let mut args = vec!["--dataset", data_s, "--dataset", mapped.to_str().unwrap(), "--out", both.to_str().unwrap()];
+    args.extend(fields);
+    train(&args);
+    let held_to_both = eval(both.to_str().unwrap());
+    let (aux_skip, both_skip) = (with_aux["skip_rate"].as_f64().unwrap(), held_to_both["skip_rate"].as_f64().unwrap());
+    eprintln!("skip rate on the primary set: with aux {aux_skip}, held to both {both_skip}");
+    assert!(aux_skip > 0.5 && aux_skip > both_skip + 0.3, "skip with aux {aux_skip}, held to both {both_skip}");
+
+    // A class the table does not name is an error naming the line, not a silently dropped row.
+    std::fs::write(&aux, "{\"tweet\": \"x\", \"class\": 0}\n{\"tweet\": \"y\", \"class\": 7}\n").unwrap();
+    let bad = dir.path().join("bad");
+    let mut args = common.to_vec();
+    args.extend(["--dataset", data_s, "--out", bad.to_str().unwrap()]);
+    args.extend(fields);
+    args.extend(aux_flags);
+    args.extend(classes);
+    let out = safeguard(&args);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("aux.jsonl:2"), "{}", stderr(&out));
+    // Aux field flags without an aux dataset are a usage error.
+    let out = safeguard(&[
+        "triage",
+        "train",
+        "--policy",
+        policy_s,
+        "--dataset",
+        data_s,
+        "--out",
+        "x",
+        "--aux-label",
+        "0=allow",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}

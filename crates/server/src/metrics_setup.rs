@@ -105,14 +105,19 @@ pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
             metrics::gauge!("safeguard_pipeline_escalation_rate", "stage" => stage.as_str()).set(rate);
         }
     }
-    // From the database, so it survives restarts. A review of an item the model gave no clear answer for
-    // counts as an override: the person supplied the answer the model did not.
+    // From the database, so it survives restarts. A review of an item the model left undecided is counted
+    // apart: the person supplied the answer the model did not, which is neither agreement nor override.
     if let Ok(reviews) = state.store.review_stats().await {
         metrics::gauge!("safeguard_reviews_pending").set(reviews.pending as f64);
         metrics::gauge!("safeguard_reviews_overdue").set(reviews.overdue as f64);
-        if reviews.decided > 0 {
-            let agreed = (reviews.decided - reviews.overrides).max(0) as f64;
-            metrics::gauge!("safeguard_review_agreement_rate").set(agreed / reviews.decided as f64);
+        let agreed = (reviews.decided - reviews.model_undecided - reviews.overrides).max(0);
+        for (model, count) in
+            [("agreed", agreed), ("overridden", reviews.overrides), ("undecided", reviews.model_undecided)]
+        {
+            metrics::gauge!("safeguard_reviews_decided", "model" => model).set(count as f64);
+        }
+        if let Some(rate) = crate::reviews::agreement_rate(&reviews) {
+            metrics::gauge!("safeguard_review_agreement_rate").set(rate);
         }
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())

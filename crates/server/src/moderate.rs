@@ -1,15 +1,11 @@
 //! The cascade in the service. Triage settles what it is sure of, the model reasons about the rest at low
 //! effort, shaky answers are asked again at high effort, and what is still unsure is queued for a person.
 //!
-//! Two ways to store it:
-//! - `POST /v1/moderate` (the cascade's own view) stores every reasoning step as a decision of its own
-//!   (source `cascade:<stage>`);
-//! - `POST /v1/classify` (its default route) and the NATS worker store one decision per item
-//!   ([`store_cascade_item`]): the verdict each policy ended with, the stage that settled it and why it
-//!   left every stage before, all reasoning steps' chains of thought and usage together.
-//!
-//! Either way an item that ends with a person is queued for review, and a settled item that would teach
-//! triage the most may be queued at low priority (active learning).
+//! `POST /v1/moderate` (the cascade's own view, source `cascade:<stage>`), `POST /v1/classify` (its default
+//! route) and the NATS worker all store one decision per item ([`store_cascade_item`]): the verdict each policy
+//! ended with, the stage that settled it and why it left every stage before, all reasoning steps' chains of
+//! thought and usage together. An item that ends with a person is queued for review, and a settled item that
+//! would teach triage the most may be queued at low priority (active learning).
 
 use std::sync::Arc;
 
@@ -28,7 +24,7 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::auth::Caller;
-use crate::classify::{Settings, count_decision, outcome_str, parse_content, parse_policies, record_of};
+use crate::classify::{count_decision, outcome_str, parse_content, parse_policies};
 use crate::error::{ApiError, ApiJson};
 
 /// Sampled items wait behind everything a person must see.
@@ -103,7 +99,8 @@ pub(crate) async fn moderate(
         .await
         .map_err(deferred_error)?;
     let elapsed = started.elapsed().as_secs_f64();
-    let decision_ids = store_cascade(&state, &cascade, &policies, &content, elapsed).await?;
+    let source = format!("cascade:{}", cascade.decided_by.as_str());
+    let stored = store_cascade_item(&state, &cascade, &policies, Some(&content), &source, Value::Null).await?;
     state.items.observe("moderate", cascade.usage, elapsed);
 
     let mut reply = serde_json::to_value(&cascade).unwrap_or(Value::Null);
@@ -113,56 +110,11 @@ pub(crate) async fn moderate(
                 decision.remove("reasoning");
             }
         }
-        object.insert("decision_ids".into(), json!(decision_ids));
+        // The reasoning steps are stored inside the item's one decision, not under ids of their own.
+        object.insert("stages".into(), stages_json(&cascade));
+        object.insert("decision_id".into(), json!(stored.record.id));
     }
     Ok(Json(reply))
-}
-
-/// Stores each reasoning step, and queues the item for a person when the cascade ended there.
-async fn store_cascade(
-    state: &AppState,
-    cascade: &CascadeDecision,
-    policies: &[Policy],
-    content: &safeguard_harmony::Content,
-    elapsed_secs: f64,
-) -> Result<Vec<String>, ApiError> {
-    let reasoning_stages = cascade.stages.iter().filter(|s| s.stage != Stage::Triage);
-    let mut ids = Vec::new();
-    for (decision, stage) in cascade.reasoning.iter().zip(reasoning_stages) {
-        let judged: Vec<Policy> = policies.iter().filter(|p| stage.policies.contains(&p.meta.name)).cloned().collect();
-        let settings =
-            Settings { effort: decision.effort, mode: decision.mode, max_tokens: state.cascade.routing.max_tokens };
-        let source = format!("cascade:{}", stage.stage.as_str());
-        let (record, reasoning) = record_of(decision, &judged, content, &settings, &source, None);
-        state.store.insert_decision(&record, Some(&reasoning)).await?;
-        count_decision(decision, "cascade", elapsed_secs);
-        ids.push(record.id);
-    }
-    if cascade.decided_by == Stage::HumanReview {
-        let decision_id = match ids.last() {
-            Some(id) => id.clone(),
-            // Triage sent it straight to a person: record that as a decision of its own, so the review has one.
-            None => {
-                let record = triage_record(cascade, policies, content);
-                state.store.insert_decision(&record, None).await?;
-                ids.push(record.id.clone());
-                record.id
-            }
-        };
-        crate::reviews::queue_for_person(state, &decision_id, policies, person_reasons(cascade)).await?;
-    } else if !state.cascade.active_learning.pick(cascade).is_empty() {
-        let decision_id = match ids.last() {
-            Some(id) => id.clone(),
-            None => {
-                let record = triage_record(cascade, policies, content);
-                state.store.insert_decision(&record, None).await?;
-                ids.push(record.id.clone());
-                record.id
-            }
-        };
-        queue_sample(state, cascade, &decision_id).await?;
-    }
-    Ok(ids)
 }
 
 /// Why each policy that ended with a person got there.
@@ -350,39 +302,4 @@ pub(crate) fn route_verdict(route: &PolicyRoute) -> Value {
         object.insert("triage".into(), json!(route.triage));
     }
     verdict
-}
-
-fn triage_record(
-    cascade: &CascadeDecision,
-    policies: &[Policy],
-    content: &safeguard_harmony::Content,
-) -> DecisionRecord {
-    DecisionRecord {
-        id: cascade.id.to_string(),
-        created_at: now_ms(),
-        policy_hashes: policies.iter().map(|p| p.hash.to_string()).collect(),
-        policy_names: policies.iter().map(|p| p.meta.name.clone()).collect(),
-        model_id: "triage".into(),
-        effort: "none".into(),
-        prompt_hash: None,
-        sampling: Value::Null,
-        content: serde_json::to_value(content).unwrap_or(Value::Null),
-        verdicts: json!(
-            cascade
-                .policies
-                .iter()
-                .map(|r| json!({"policy": r.policy, "policy_hash": r.policy_hash,
-            "outcome": r.outcome, "triage": r.triage}))
-                .collect::<Vec<_>>()
-        ),
-        outcome: outcome_str(cascade.outcome).into(),
-        failure_reason: None,
-        timings: json!({"total_ms": cascade.total_ms}),
-        prompt_tokens: 0,
-        cached_prompt_tokens: 0,
-        completion_tokens: 0,
-        source: "cascade:triage".into(),
-        job_id: None,
-        replay_of: None,
-    }
 }

@@ -114,7 +114,7 @@ pub(crate) fn document() -> Value {
         "paths": {
             "/healthz": {"get": op("Liveness", None, None, "200", json!({"type": "string"}))},
             "/readyz": {"get": op("Readiness: model loaded and database reachable", None, None, "200", any.clone())},
-            "/metrics": {"get": op("Prometheus metrics, among them the cascade's safeguard_pipeline_skip_rate and safeguard_pipeline_escalation_rate{stage}, safeguard_review_agreement_rate, and per item safeguard_reasoning_tokens_per_item, safeguard_cost_per_item, safeguard_latency_per_item_seconds", None, None, "200", json!({"type": "string"}))},
+            "/metrics": {"get": op("Prometheus metrics, among them the cascade's safeguard_pipeline_skip_rate and safeguard_pipeline_escalation_rate{stage}, safeguard_review_agreement_rate (reviews of items the model left undecided are apart, in safeguard_reviews_decided{model=\"undecided\"}), and per item safeguard_reasoning_tokens_per_item, safeguard_cost_per_item, safeguard_latency_per_item_seconds", None, None, "200", json!({"type": "string"}))},
             "/openapi.json": {"get": op("This document", None, None, "200", any.clone())},
             "/v1/policies": {
                 "post": op("Store a policy version (markdown body, or JSON {text}); 201 new, 200 existing", Some("policies:write"),
@@ -128,11 +128,11 @@ pub(crate) fn document() -> Value {
                 "post": op("Point a name at a stored version", Some("policies:write"),
                            Some(json!({"type": "object", "required": ["hash"], "properties": {"hash": {"type": "string"}}})), "200", any.clone())},
             "/v1/classify": {"post": op("Classify content under policies; the decision is stored (one record per item). Without an effort it goes through the cascade (triage → low → high → a person; 429 with Retry-After when the reasoning budget is spent); with an effort or route=direct it reasons once", Some("classify"), Some(classify.clone()), "200", decision.clone())},
-            "/v1/moderate": {"post": op("The cascade's own view: per-policy routes, stages and every reasoning step (each stored as a decision of its own, source cascade:<stage>); 429 with Retry-After over the reasoning budget", Some("classify"),
+            "/v1/moderate": {"post": op("The cascade's own view: per-policy routes, stages and every reasoning step, stored as one decision per item (source cascade:<stage that settled it>, every stage on the record); 429 with Retry-After over the reasoning budget", Some("classify"),
                 Some(json!({"allOf": [classify.clone(), {"type": "object", "properties": {"appeal": {"type": "boolean"}}}]})),
                 "200", json!({"type": "object", "properties": {"outcome": {"enum": ["allow", "violation", "needs_review"]},
                     "decided_by": {"$ref": "#/components/schemas/Stage"}, "policies": {"type": "array"}, "stages": {"type": "array"},
-                    "reasoning": {"type": "array", "items": decision.clone()}, "decision_ids": {"type": "array", "items": {"type": "string"}}}}))},
+                    "reasoning": {"type": "array", "items": decision.clone()}, "decision_id": {"type": "string"}}}))},
             "/v1/classify/batch": {"post": op("Classify many items together (direct reasoning, one batch)", Some("classify"),
                 Some(json!({"allOf": [classify.clone(), {"type": "object", "required": ["items"], "properties": {"items": {"type": "array"}}}]})),
                 "200", json!({"type": "object", "properties": {"results": {"type": "array", "items": decision.clone()}}}))},

@@ -10,7 +10,7 @@ use axum::response::Html;
 use safeguard_core::Decision;
 use safeguard_harmony::Effort;
 use safeguard_policy::Policy;
-use safeguard_store::{DecisionRecord, NewReview, ReviewDecision, ReviewRecord};
+use safeguard_store::{DecisionRecord, NewReview, ReviewDecision, ReviewRecord, ReviewStats};
 use safeguard_verdict::{Flag, Outcome};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -82,6 +82,13 @@ pub(crate) fn review_for_person(decision_id: &str, policies: &[Policy], reason: 
     }
 }
 
+/// Share of the decided reviews that agree with the model, among those where the model had an answer to agree
+/// with; `None` before there is one.
+pub(crate) fn agreement_rate(stats: &ReviewStats) -> Option<f64> {
+    let judged = stats.decided - stats.model_undecided;
+    (judged > 0).then(|| (judged - stats.overrides).max(0) as f64 / judged as f64)
+}
+
 pub(crate) fn count_queued(kind: &'static str) {
     metrics::counter!("safeguard_reviews_queued_total", "kind" => kind).increment(1);
 }
@@ -132,7 +139,9 @@ pub(crate) async fn list(
         items.push(review_json(review, decision.as_ref()));
     }
     let stats = state.store.review_stats().await?;
-    Ok(Json(json!({"reviews": items, "stats": stats})))
+    let mut stats_json = serde_json::to_value(stats).unwrap_or(Value::Null);
+    stats_json["agreement_rate"] = json!(agreement_rate(&stats));
+    Ok(Json(json!({"reviews": items, "stats": stats_json})))
 }
 
 pub(crate) async fn get_one(
@@ -224,8 +233,9 @@ pub(crate) async fn decide(
             format!("rule {rule_id:?} is not defined in the policies this item was judged under"),
         ));
     };
+    // A person deciding what the model left undecided neither agrees nor disagrees with it.
     let model_view = model_outcome(&decision, &policy_hash);
-    let overrides_model = model_view.as_deref() != Some(outcome.as_str());
+    let overrides_model = model_view.as_deref().map(|model| model != outcome.as_str());
     let verdict = ReviewDecision {
         reviewer: body.reviewer.filter(|r| !r.trim().is_empty()).unwrap_or_else(|| caller.key_id.clone()),
         outcome,
@@ -239,10 +249,10 @@ pub(crate) async fn decide(
         .decide_review(&id, &verdict)
         .await?
         .ok_or_else(|| ApiError::Conflict(format!("review {id} was already decided")))?;
-    let agreement = match (model_view.is_some(), overrides_model) {
-        (false, _) => "model_undecided",
-        (true, false) => "agree",
-        (true, true) => "override",
+    let agreement = match overrides_model {
+        None => "model_undecided",
+        Some(false) => "agree",
+        Some(true) => "override",
     };
     metrics::counter!("safeguard_review_decisions_total", "agreement" => agreement).increment(1);
     Ok(Json(serde_json::to_value(decided).unwrap_or(Value::Null)))

@@ -100,6 +100,9 @@ fn write_triage(dir: &Path, policy: &Policy, probability: f64) {
         text_field: "text".into(),
         label_field: "violates".into(),
         weight_field: None,
+        label_values: Vec::new(),
+        weight_scale: 1.0,
+        auxiliary: false,
     };
     let mut model = fit(&examples, vec![provenance], &options).unwrap();
     let logit = (probability / (1.0 - probability)).ln();
@@ -307,11 +310,27 @@ async fn classify_cascades_by_default_samples_for_review_and_reports_its_rates()
     assert_eq!((status, agree["overrides_model"].clone()), (200, json!(false)), "{agree}");
     let (status, over) = decide(near_id.to_string(), "allow").await;
     assert_eq!((status, over["overrides_model"].clone()), (200, json!(true)), "{over}");
+    // The model gave no answer for the failed item: a person deciding it neither agrees nor disagrees.
+    let (status, undecided) = decide(failed_id.to_string(), "violation").await;
+    assert_eq!((status, undecided["overrides_model"].clone()), (200, Value::Null), "{undecided}");
 
     let after = h.metrics().await;
     let skip_rate = metric(&after, "safeguard_pipeline_skip_rate").unwrap();
     assert!((skip_rate - 0.2).abs() < 1e-9, "1 of 5 cascade items skipped the model: {skip_rate}");
-    assert_eq!(metric(&after, "safeguard_review_agreement_rate"), Some(0.5), "{after}");
+    assert_eq!(metric(&after, "safeguard_review_agreement_rate"), Some(0.5), "1 of 3 would count it: {after}");
+    for (model, count) in [("agreed", 1.0), ("overridden", 1.0), ("undecided", 1.0)] {
+        let series = format!("safeguard_reviews_decided{{model=\"{model}\"");
+        assert_eq!(metric(&after, &series), Some(count), "{series}: {after}");
+    }
+    assert!(metric(&after, "safeguard_review_decisions_total{agreement=\"model_undecided\"").unwrap() >= 1.0);
+    let (_, decided) = h.call("GET", "/v1/reviews?status=decided", None).await;
+    let stats = &decided["stats"];
+    assert_eq!(
+        (stats["decided"].as_i64(), stats["overrides"].as_i64(), stats["model_undecided"].as_i64()),
+        (Some(3), Some(1), Some(1)),
+        "{stats}"
+    );
+    assert_eq!(stats["agreement_rate"], 0.5, "{stats}");
     assert!(metric(&after, "safeguard_review_decisions_total{agreement=\"agree\"").unwrap() >= 1.0);
     assert!(metric(&after, "safeguard_review_decisions_total{agreement=\"override\"").unwrap() >= 1.0);
     assert!(metric(&after, "safeguard_active_learning_samples_total{reason=\"triage_model_disagree\"").unwrap() >= 1.0);

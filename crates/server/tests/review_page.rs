@@ -109,9 +109,17 @@ async fn undecided_items_queue_and_a_person_decides_them_with_a_rule_and_rationa
         decide(json!({"outcome": "violation", "rationale": "Cold promotion.", "rule_id": "SP2.b"})).await;
     assert_eq!(status, 200, "{body}");
     assert!(body["reviewer"].as_str().is_some_and(|r| !r.is_empty()), "the reviewer is recorded: {body}");
-    assert_eq!(body["overrides_model"], true, "the model gave no answer, so the person's answer differs");
+    assert_eq!(body["overrides_model"], Value::Null, "the model gave no answer: nothing to agree or disagree with");
     let (status, _) = decide(json!({"outcome": "allow", "rationale": "Changed my mind.", "rule_id": "SP0.a"})).await;
     assert_eq!(status, 409, "decided once");
+    let (_, decided) = h.call("GET", "/v1/reviews?status=decided", &reviewer, None).await;
+    let stats = &decided["stats"];
+    assert_eq!(
+        (stats["decided"].as_i64(), stats["overrides"].as_i64(), stats["model_undecided"].as_i64()),
+        (Some(1), Some(0), Some(1)),
+        "{stats}"
+    );
+    assert_eq!(stats["agreement_rate"], Value::Null, "no review of an item the model decided yet: {stats}");
 
     let classify_only = h.store.create_api_key("app", &["classify".to_string()]).await.unwrap().1;
     let (status, _) = h.call("GET", "/v1/reviews", &classify_only, None).await;

@@ -27,7 +27,7 @@ pub struct ReviewRecord {
     pub policy_hash: Option<String>,
     /// The person's outcome: "allow" or "violation".
     pub outcome: Option<String>,
-    /// Whether the person's outcome differs from the model's.
+    /// Whether the person's outcome differs from the model's; `None` when the model gave no answer.
     pub overrides_model: Option<bool>,
     pub decided_at: Option<i64>,
 }
@@ -49,7 +49,8 @@ pub struct ReviewDecision {
     pub rationale: String,
     pub rule_id: String,
     pub policy_hash: Option<String>,
-    pub overrides_model: bool,
+    /// `None` when the model gave no answer to agree or disagree with (it left the item undecided).
+    pub overrides_model: Option<bool>,
 }
 
 /// Reviewer agreement with the model, over decided reviews.
@@ -59,6 +60,9 @@ pub struct ReviewStats {
     pub overdue: i64,
     pub decided: i64,
     pub overrides: i64,
+    /// Decided reviews of items the model left undecided: neither agreements nor overrides.
+    #[serde(default)]
+    pub model_undecided: i64,
 }
 
 const COLUMNS: &str = "id, decision_id, status, kind, priority, reason, created_at, due_at, reviewer, rationale, rule_id, \
@@ -161,7 +165,7 @@ impl Store {
         .bind(&decision.rationale)
         .bind(&decision.rule_id)
         .bind(&decision.policy_hash)
-        .bind(i64::from(decision.overrides_model))
+        .bind(decision.overrides_model.map(i64::from))
         .bind(now_ms())
         .bind(id)
         .execute(&self.pool)
@@ -179,7 +183,8 @@ impl Store {
                SUM(CASE WHEN status = 'pending' THEN 1 ELSE 0 END) AS pending, \
                SUM(CASE WHEN status = 'pending' AND due_at IS NOT NULL AND due_at < $1 THEN 1 ELSE 0 END) AS overdue, \
                SUM(CASE WHEN status = 'decided' THEN 1 ELSE 0 END) AS decided, \
-               SUM(CASE WHEN status = 'decided' AND overrides_model = 1 THEN 1 ELSE 0 END) AS overrides \
+               SUM(CASE WHEN status = 'decided' AND overrides_model = 1 THEN 1 ELSE 0 END) AS overrides, \
+               SUM(CASE WHEN status = 'decided' AND overrides_model IS NULL THEN 1 ELSE 0 END) AS model_undecided \
              FROM reviews",
         )
         .bind(now)
@@ -191,6 +196,7 @@ impl Store {
             overdue: get("overdue")?,
             decided: get("decided")?,
             overrides: get("overrides")?,
+            model_undecided: get("model_undecided")?,
         })
     }
 }

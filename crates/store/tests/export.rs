@@ -65,7 +65,7 @@ async fn decided_reviews_come_with_their_decisions_and_respect_since() {
                 rationale: "checked".into(),
                 rule_id: "SP1".into(),
                 policy_hash: Some("sha256:spam".into()),
-                overrides_model: outcome == "violation",
+                overrides_model: Some(outcome == "violation"),
             };
             assert!(store.decide_review(review, &decision).await.unwrap().is_some(), "{label}");
         }

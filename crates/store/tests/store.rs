@@ -411,7 +411,7 @@ async fn reviews_queue_in_priority_and_sla_order_and_are_decided_once() {
             rationale: "A personal message, not promotion.".into(),
             rule_id: "SP0.a".into(),
             policy_hash: Some("sha256:spamhash".into()),
-            overrides_model: true,
+            overrides_model: Some(true),
         };
         let decided = s.decide_review(&appeal.id, &verdict).await.unwrap().unwrap();
         assert_eq!(decided.status, "decided");
@@ -421,6 +421,13 @@ async fn reviews_queue_in_priority_and_sla_order_and_are_decided_once() {
 
         let stats = s.review_stats().await.unwrap();
         assert_eq!((stats.pending, stats.decided, stats.overrides), (2, 1, 1), "{}", t.label);
+        // A person deciding what the model left undecided: neither agreement nor override.
+        let undecided = ReviewDecision { overrides_model: None, ..verdict };
+        let decided = s.decide_review(&urgent.id, &undecided).await.unwrap().unwrap();
+        assert_eq!(decided.overrides_model, None, "{}", t.label);
+        let stats = s.review_stats().await.unwrap();
+        let counts = (stats.pending, stats.decided, stats.overrides, stats.model_undecided);
+        assert_eq!(counts, (1, 2, 1, 1), "{}", t.label);
         t.cleanup().await;
     }
 }

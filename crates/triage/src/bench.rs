@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::calibrate::{allow_threshold, auc, band_metrics};
-use crate::data::{DatasetFields, load_dataset};
+use crate::data::{DatasetFields, LabelValue, load_dataset};
 use crate::features::FeatureConfig;
 use crate::model::{FitOptions, fit};
 use crate::rules::{KeywordList, RuleAction, RuleSet, RulesConfig};
-use crate::train::{DomainAdaptation, Example, TrainConfig};
+use crate::train::{DomainAdaptation, Example};
 use crate::{Triage, TriageError};
 
 pub const TOXICCHAT_TRAIN: &str = "toxicchat-0124/toxicchat0124_train_human.jsonl";
@@ -156,8 +156,8 @@ struct Plan<'a> {
     examples: &'a [Example],
     provenance: &'a [crate::data::DatasetProvenance],
     features: FeatureConfig,
-    train: TrainConfig,
-    calibration_sources: Option<Vec<usize>>,
+    /// Sources from this one on are auxiliary (`FitOptions::with_auxiliary_sources`, domain adaptation).
+    auxiliary_from: Option<usize>,
     /// Also time `route()` with this model.
     timed: bool,
 }
@@ -169,15 +169,7 @@ impl<'a> Plan<'a> {
         provenance: &'a [crate::data::DatasetProvenance],
         features: FeatureConfig,
     ) -> Self {
-        Plan {
-            name,
-            examples,
-            provenance,
-            features,
-            train: TrainConfig::default(),
-            calibration_sources: None,
-            timed: false,
-        }
+        Plan { name, examples, provenance, features, auxiliary_from: None, timed: false }
     }
 
     fn timed(self) -> Self {
@@ -204,25 +196,32 @@ impl Default for DavidsonWeights {
     }
 }
 
-/// Reads Davidson's `binary.jsonl` by its 3-way `class` field instead of the binary `violates`.
-pub fn load_davidson_3way(path: &Path, weights: DavidsonWeights, source: usize) -> Result<Vec<Example>, TriageError> {
-    let bad = |line: usize, what: &str| TriageError::Dataset(format!("{}:{line}: {what}", path.display()));
-    let text = std::fs::read_to_string(path).map_err(|e| TriageError::Io { path: path.to_path_buf(), source: e })?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let row: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(i + 1, &e.to_string()))?;
-        let tweet = row.get("text").and_then(|t| t.as_str()).ok_or_else(|| bad(i + 1, "no string field \"text\""))?;
-        let (violates, weight) = match row.get("class").and_then(|c| c.as_u64()) {
-            Some(0) => (true, weights.hate),
-            Some(1) => (true, weights.offensive),
-            Some(2) => (false, weights.neither),
-            _ => return Err(bad(i + 1, "field \"class\" is not 0, 1 or 2")),
+impl DavidsonWeights {
+    /// How [`load_dataset`] reads Davidson's `class` field with these weights; what `safeguard triage train`
+    /// spells `--aux-label-field class --aux-label 0=violation:HATE --aux-label 1=violation:OFFENSIVE
+    /// --aux-label 2=allow:NEITHER`.
+    pub fn fields(&self) -> DatasetFields {
+        let value = |value: &str, violates: bool, weight: f32| LabelValue {
+            value: value.into(),
+            violates,
+            weight: Some(weight),
         };
-        if weight > 0.0 {
-            out.push(Example { text: tweet.to_string(), violates, weight, source });
+        DatasetFields {
+            text: Some("text".into()),
+            label: Some("class".into()),
+            label_values: vec![
+                value("0", true, self.hate),
+                value("1", true, self.offensive),
+                value("2", false, self.neither),
+            ],
+            ..DatasetFields::default()
         }
     }
-    Ok(out)
+}
+
+/// Reads Davidson's `binary.jsonl` by its 3-way `class` field instead of the binary `violates`.
+pub fn load_davidson_3way(path: &Path, weights: DavidsonWeights, source: usize) -> Result<Vec<Example>, TriageError> {
+    Ok(load_dataset(path, &weights.fields(), source)?.examples)
 }
 
 pub fn run(options: &BenchOptions) -> Result<BenchReport, TriageError> {
@@ -265,13 +264,15 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TriageError> {
     // "both thresholds": Davidson's binary (hate-only) label, thresholds that must hold on both sets (what `fit`
     // does by default). "3-way aux": Davidson as auxiliary data (`load_davidson_3way`): hate and offensive tweets
     // are violations, with its own intercept, and calibration and thresholds from ToxicChat alone.
-    let davidson_3way = load_davidson_3way(&need(DAVIDSON)?, DavidsonWeights::default(), 1)?;
+    // `safeguard triage train --aux-dataset` with the flags of BENCHMARKS.md trains exactly this variant.
+    let mut davidson_3way = load_dataset(&need(DAVIDSON)?, &DavidsonWeights::default().fields(), 1)?;
+    davidson_3way.provenance.auxiliary = true;
     let mut tc_davidson_3way = tc_train.examples.clone();
-    tc_davidson_3way.extend(davidson_3way);
+    tc_davidson_3way.extend(davidson_3way.examples);
     let tc_only = vec![tc_train.provenance.clone()];
     let with_davidson = vec![tc_train.provenance.clone(), davidson.provenance.clone()];
+    let with_davidson_aux = vec![tc_train.provenance.clone(), davidson_3way.provenance];
     let chars_no_length = FeatureConfig { length_feature: false, ..FeatureConfig::default() };
-    let davidson_aux = TrainConfig { domain_adaptation: DomainAdaptation::Intercept, ..TrainConfig::default() };
     let plans: Vec<Plan> = vec![
         Plan::new("words 1-2, toxicchat", &tc_train.examples, &tc_only, FeatureConfig::words_only()).timed(),
         Plan::new("words 1-2 + chars 3-5, toxicchat", &tc_train.examples, &tc_only, chars_no_length.clone()),
@@ -279,12 +280,11 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TriageError> {
             .timed(),
         Plan::new("words+chars, tc+davidson hate, both thresholds", &both, &with_davidson, chars_no_length),
         Plan {
-            train: davidson_aux,
-            calibration_sources: Some(vec![0]),
+            auxiliary_from: Some(1),
             ..Plan::new(
                 "words+chars+length, tc+davidson 3-way aux",
                 &tc_davidson_3way,
-                &with_davidson,
+                &with_davidson_aux,
                 FeatureConfig::default(),
             )
         },
@@ -292,14 +292,15 @@ pub fn run(options: &BenchOptions) -> Result<BenchReport, TriageError> {
     let mut best_skip = -1.0;
     let mut timed_models = Vec::new();
     for plan in plans {
-        let fit_options = FitOptions {
+        let mut fit_options = FitOptions {
             features: plan.features.clone(),
-            train: plan.train.clone(),
             folds: options.folds,
             target_recall: options.target_recall,
-            calibration_sources: plan.calibration_sources.clone(),
             ..FitOptions::default()
         };
+        if let Some(primaries) = plan.auxiliary_from {
+            fit_options = fit_options.with_auxiliary_sources(primaries, DomainAdaptation::Intercept);
+        }
         let start = Instant::now();
         let model = fit(plan.examples, plan.provenance.to_vec(), &fit_options)?;
         let train_seconds = start.elapsed().as_secs_f64();

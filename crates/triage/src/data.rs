@@ -8,12 +8,79 @@ use sha2::{Digest, Sha256};
 use crate::TriageError;
 use crate::train::Example;
 
-/// Field names to read; `None` tries the usual names in order.
-#[derive(Debug, Clone, Default)]
+/// Field names to read (`None` tries the usual names in order), and how to read labels and weights.
+#[derive(Debug, Clone)]
 pub struct DatasetFields {
     pub text: Option<String>,
     pub label: Option<String>,
     pub weight: Option<String>,
+    /// Reads the label field through this table instead of [`parse_label`]; a value it does not list is an
+    /// error naming the line. Empty: [`parse_label`].
+    pub label_values: Vec<LabelValue>,
+    /// Multiplies every item's weight, e.g. to down-weight an out-of-domain corpus; a per-value weight in
+    /// `label_values` replaces it.
+    pub weight_scale: f32,
+}
+
+impl Default for DatasetFields {
+    fn default() -> Self {
+        DatasetFields { text: None, label: None, weight: None, label_values: Vec::new(), weight_scale: 1.0 }
+    }
+}
+
+/// One value of a label field read as a training label with its own weight: how a dataset's own classes map
+/// onto the policy's violation/benign, e.g. Davidson's class 1 ("offensive, not hate") as a weak violation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelValue {
+    /// The field's value: a string as written (trimmed), a number or boolean in its JSON spelling (`1`, not `1.0`).
+    pub value: String,
+    pub violates: bool,
+    /// Replaces the dataset's `weight_scale` for items with this value; 0 drops them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<f32>,
+}
+
+impl std::str::FromStr for LabelValue {
+    type Err = TriageError;
+
+    /// `VALUE=LABEL[:WEIGHT]`, LABEL as [`parse_label`] reads it: `0=violation`, `1=violation:0.05`, `2=allow`.
+    fn from_str(spec: &str) -> Result<Self, TriageError> {
+        let bad = |why: &str| TriageError::InvalidConfig(format!("label value {spec:?}: {why} (VALUE=LABEL[:WEIGHT])"));
+        let (value, rest) = spec.rsplit_once('=').ok_or_else(|| bad("no '='"))?;
+        let (label, weight) = match rest.split_once(':') {
+            Some((label, weight)) => (label, Some(weight)),
+            None => (rest, None),
+        };
+        let violates = parse_label(&serde_json::Value::String(label.to_string()))
+            .ok_or_else(|| bad("the label is not violation/allow, 1/0 or true/false"))?;
+        let weight = match weight {
+            None => None,
+            Some(w) => match w.trim().parse::<f32>() {
+                Ok(w) if w.is_finite() && w >= 0.0 => Some(w),
+                _ => return Err(bad("the weight is not a number >= 0")),
+            },
+        };
+        let value = value.trim();
+        if value.is_empty() {
+            return Err(bad("empty value"));
+        }
+        Ok(LabelValue { value: value.to_string(), violates, weight })
+    }
+}
+
+/// A label field's value in the spelling [`LabelValue::value`] uses; `None` for arrays, objects and null.
+fn label_key(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::String(s) => Some(s.trim().to_string()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        serde_json::Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => Some(i.to_string()),
+            // 2.0 reads as 2, so a JSON writer's choice of float does not change the class.
+            (None, Some(f)) if f.fract() == 0.0 && f.abs() < 1e15 => Some((f as i64).to_string()),
+            _ => Some(n.to_string()),
+        },
+        _ => None,
+    }
 }
 
 const TEXT_FIELDS: &[&str] = &["text", "user_input", "prompt", "content", "tweet"];
@@ -29,6 +96,24 @@ pub struct DatasetProvenance {
     pub text_field: String,
     pub label_field: String,
     pub weight_field: Option<String>,
+    /// How the label field's values were read, when not by [`parse_label`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub label_values: Vec<LabelValue>,
+    /// Multiplied into every item's weight (see [`DatasetFields::weight_scale`]).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub weight_scale: f32,
+    /// Training signal only: its items set neither calibration nor thresholds, and under domain adaptation it
+    /// has parameters of its own (see `FitOptions::calibration_sources`, `TrainConfig::domain_adaptation`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub auxiliary: bool,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+fn is_one(x: &f32) -> bool {
+    *x == 1.0
 }
 
 #[derive(Debug, Clone)]
@@ -79,6 +164,14 @@ fn pick_field(
 /// label is an error naming the line: silently dropping rows would skew recall.
 pub fn load_dataset(path: &Path, fields: &DatasetFields, source: usize) -> Result<Dataset, TriageError> {
     let _span = tracing::info_span!("load_dataset", path = %path.display()).entered();
+    if !(fields.weight_scale.is_finite() && fields.weight_scale > 0.0) {
+        return Err(TriageError::InvalidConfig(format!("weight scale must be > 0, got {}", fields.weight_scale)));
+    }
+    for (i, v) in fields.label_values.iter().enumerate() {
+        if fields.label_values[..i].iter().any(|w| w.value == v.value) {
+            return Err(TriageError::InvalidConfig(format!("label value {:?} is mapped twice", v.value)));
+        }
+    }
     let bytes = std::fs::read(path).map_err(|e| TriageError::Io { path: PathBuf::from(path), source: e })?;
     let sha256 = hex::encode(Sha256::digest(&bytes));
     let text =
@@ -137,10 +230,29 @@ pub fn load_dataset(path: &Path, fields: &DatasetFields, source: usize) -> Resul
         let label = row
             .get(&label_field)
             .ok_or_else(|| TriageError::Dataset(format!("{}: missing label field {label_field:?}", at())))?;
-        let violates = parse_label(label).ok_or_else(|| {
-            TriageError::Dataset(format!("{}: label {label} is not 0/1/true/false/\"violation\"/\"allow\"", at()))
-        })?;
-        let weight = match &weight_field {
+        let (violates, value_weight) = if fields.label_values.is_empty() {
+            let violates = parse_label(label).ok_or_else(|| {
+                TriageError::Dataset(format!("{}: label {label} is not 0/1/true/false/\"violation\"/\"allow\"", at()))
+            })?;
+            (violates, fields.weight_scale)
+        } else {
+            let key = label_key(label);
+            let mapped = fields.label_values.iter().find(|v| key.as_deref() == Some(v.value.as_str()));
+            let Some(mapped) = mapped else {
+                let known: Vec<&str> = fields.label_values.iter().map(|v| v.value.as_str()).collect();
+                return Err(TriageError::Dataset(format!(
+                    "{}: label {label} is none of the mapped values {}",
+                    at(),
+                    known.join(", ")
+                )));
+            };
+            (mapped.violates, mapped.weight.unwrap_or(fields.weight_scale))
+        };
+        if value_weight == 0.0 {
+            // A class mapped to weight 0 is left out, as if the file did not hold it.
+            continue;
+        }
+        let item_weight = match &weight_field {
             None => 1.0,
             Some(w) => {
                 let value = row.get(w);
@@ -156,7 +268,7 @@ pub fn load_dataset(path: &Path, fields: &DatasetFields, source: usize) -> Resul
                 }
             }
         };
-        examples.push(Example { text, violates, weight, source });
+        examples.push(Example { text, violates, weight: item_weight * value_weight, source });
     }
     let violations = examples.iter().filter(|e| e.violates).count();
     Ok(Dataset {
@@ -168,6 +280,9 @@ pub fn load_dataset(path: &Path, fields: &DatasetFields, source: usize) -> Resul
             text_field,
             label_field,
             weight_field,
+            label_values: fields.label_values.clone(),
+            weight_scale: fields.weight_scale,
+            auxiliary: false,
         },
         examples,
     })
@@ -218,5 +333,36 @@ mod tests {
             load_dataset(&no_field, &DatasetFields::default(), 0).unwrap_err().to_string().contains("no text field")
         );
         assert!(load_dataset(&dir.path().join("missing.jsonl"), &DatasetFields::default(), 0).is_err());
+    }
+
+    #[test]
+    fn label_values_map_classes_to_weighted_labels_and_refuse_the_unlisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = "{\"text\":\"a\",\"class\":0,\"w\":2}\n{\"text\":\"b\",\"class\":1.0}\n{\"text\":\"c\",\"class\":\"2\"}\n\
+                    {\"text\":\"d\",\"class\":3}\n";
+        let path = write(dir.path(), "three.jsonl", body);
+        let spec = |s: &str| s.parse::<LabelValue>().unwrap();
+        let fields = DatasetFields {
+            label: Some("class".into()),
+            weight: Some("w".into()),
+            label_values: vec![spec("0=violation"), spec("1=violation:0.05"), spec("2=allow"), spec("3=allow:0")],
+            weight_scale: 0.5,
+            ..DatasetFields::default()
+        };
+        let d = load_dataset(&path, &fields, 1).unwrap();
+        let got: Vec<(&str, bool, f32)> = d.examples.iter().map(|e| (e.text.as_str(), e.violates, e.weight)).collect();
+        // The scale applies where no per-value weight is given, times the item's own weight; weight 0 drops "d".
+        assert_eq!(got, [("a", true, 1.0), ("b", true, 0.05), ("c", false, 0.5)]);
+        assert_eq!((d.provenance.items, d.provenance.violations, d.provenance.weight_scale), (3, 2, 0.5));
+        assert_eq!(d.provenance.label_values.len(), 4);
+
+        let without_3 = DatasetFields { label_values: fields.label_values[..3].to_vec(), ..fields.clone() };
+        let err = load_dataset(&path, &without_3, 1).unwrap_err().to_string();
+        assert!(err.contains("three.jsonl:4") && err.contains("none of the mapped values 0, 1, 2"), "{err}");
+        let twice = DatasetFields { label_values: vec![spec("0=violation"), spec("0=allow")], ..fields.clone() };
+        assert!(load_dataset(&path, &twice, 1).unwrap_err().to_string().contains("mapped twice"));
+        for bad in ["0", "0=maybe", "0=violation:-1", "0=allow:x", "=allow"] {
+            assert!(bad.parse::<LabelValue>().is_err(), "{bad}");
+        }
     }
 }

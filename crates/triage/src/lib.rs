@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use calibrate::{BandMetrics, Calibration};
-pub use data::{Dataset, DatasetFields, DatasetProvenance, load_dataset};
+pub use data::{Dataset, DatasetFields, DatasetProvenance, LabelValue, load_dataset};
 pub use features::{FeatureConfig, Featurizer};
 pub use model::{FitOptions, ModelMeta, Thresholds, TriageModel, fit};
 pub use rules::{RuleDecision, RuleMatch, RuleSet, RulesConfig, Span, SpanKind};

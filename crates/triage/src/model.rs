@@ -11,7 +11,7 @@ use crate::TriageError;
 use crate::calibrate::{BandMetrics, Calibration, allow_threshold, band_metrics, fit_platt, violate_threshold};
 use crate::data::DatasetProvenance;
 use crate::features::{FeatureConfig, Featurizer};
-use crate::train::{Example, LinearModel, SplitMix, TrainConfig, train, violation_weight};
+use crate::train::{DomainAdaptation, Example, LinearModel, SplitMix, TrainConfig, train, violation_weight};
 
 pub const FORMAT_NAME: &str = "safeguard-triage-model";
 /// Bump when the meaning of any stored field or the featurization changes. Version 2 added
@@ -123,6 +123,18 @@ impl Default for FitOptions {
             policy_name: None,
             policy_hash: String::new(),
             calibration_sources: None,
+        }
+    }
+}
+
+impl FitOptions {
+    /// Makes sources `primaries..` auxiliary: they add training signal, with parameters of their own under
+    /// `adaptation`, but set neither calibration nor thresholds; sources `0..primaries` are the deployed domain.
+    pub fn with_auxiliary_sources(self, primaries: usize, adaptation: DomainAdaptation) -> Self {
+        FitOptions {
+            train: TrainConfig { domain_adaptation: adaptation, in_domain_sources: primaries.max(1), ..self.train },
+            calibration_sources: Some((0..primaries).collect()),
+            ..self
         }
     }
 }

@@ -61,6 +61,14 @@ pub struct TrainConfig {
     /// like the traffic first.
     #[serde(default)]
     pub domain_adaptation: DomainAdaptation,
+    /// Under domain adaptation, sources `0..in_domain_sources` are all the deployed domain and share source 0's
+    /// parameters; each later source (auxiliary, out-of-domain data) gets its own.
+    #[serde(default = "one_source")]
+    pub in_domain_sources: usize,
+}
+
+fn one_source() -> usize {
+    1
 }
 
 /// The defaults were picked by out-of-fold AUC on ToxicChat train (see BENCHMARKS.md, "Triage").
@@ -74,6 +82,7 @@ impl Default for TrainConfig {
             seed: 0x5afe,
             nb_smoothing: None,
             domain_adaptation: DomainAdaptation::None,
+            in_domain_sources: 1,
         }
     }
 }
@@ -196,15 +205,22 @@ pub fn train(
     {
         return Err(TriageError::InvalidConfig(format!("nb_smoothing must be > 0, got {alpha}")));
     }
+    if config.in_domain_sources == 0 {
+        return Err(TriageError::InvalidConfig(
+            "in_domain_sources must be >= 1 (source 0 is the deployed domain)".into(),
+        ));
+    }
 
     let buckets = features.buckets();
     let mut feats: Vec<(u32, f32)> = Vec::with_capacity(4096);
     let scale = config.nb_smoothing.map(|alpha| log_count_ratios(examples, &featurizer, alpha, &mut feats));
-    // Per-source copies: index 0 is shared, 1 + s belongs to source s.
-    let sources = examples.iter().map(|e| e.source + 1).max().unwrap_or(1);
+    // Per-domain copies: index 0 is shared, 1 + d belongs to domain d. Domain 0 is the deployed one, shared by
+    // the in-domain sources; every later source is a domain of its own.
+    let domain = |source: usize| source.saturating_sub(config.in_domain_sources - 1);
+    let domains = examples.iter().map(|e| domain(e.source) + 1).max().unwrap_or(1);
     let copies = match config.domain_adaptation {
         DomainAdaptation::None => 1,
-        DomainAdaptation::Intercept | DomainAdaptation::Features => 1 + sources,
+        DomainAdaptation::Intercept | DomainAdaptation::Features => 1 + domains,
     };
     let weight_copies = if config.domain_adaptation == DomainAdaptation::Features { copies } else { 1 };
     let mut weights = vec![vec![0.0f32; buckets]; weight_copies];
@@ -229,8 +245,8 @@ pub fn train(
                     *v *= scale[*j as usize];
                 }
             }
-            let own_bias = (copies > 1).then_some(1 + example.source);
-            let own_weights = (weight_copies > 1).then_some(1 + example.source);
+            let own_bias = (copies > 1).then_some(1 + domain(example.source));
+            let own_weights = (weight_copies > 1).then_some(1 + domain(example.source));
             let mut z = biases[0] + own_bias.map_or(0.0, |c| biases[c]);
             for &(j, v) in &feats {
                 z += weights[0][j as usize] * v;
@@ -257,7 +273,7 @@ pub fn train(
             }
         }
     }
-    // The model scores source 0's domain: shared parameters plus source 0's own.
+    // The model scores the deployed domain: shared parameters plus domain 0's own.
     let bias = biases[0] + if copies > 1 { biases[1] } else { 0.0 };
     let mut weights_iter = weights.into_iter();
     let mut weights = weights_iter.next().unwrap_or_default();
@@ -402,5 +418,33 @@ mod tests {
         eprintln!("benign mean margin with {} without {}", benign_mean(&with), benign_mean(&without));
         assert!(benign_mean(&with) < benign_mean(&without));
         assert!(accuracy(&with, &config, &test_set) >= 0.95);
+    }
+
+    #[test]
+    fn in_domain_sources_share_the_deployed_parameters() {
+        // Sources 0 and 1 are both in domain, source 2 is auxiliary: the same as one in-domain source 0 and an
+        // auxiliary source 1, parameter for parameter.
+        let own = synthetic(400, 1);
+        let aux: Vec<Example> = synthetic(300, 3)
+            .into_iter()
+            .map(|e| Example { violates: !e.violates, source: 2, weight: 0.2, ..e })
+            .collect();
+        let split: Vec<Example> =
+            own.iter().enumerate().map(|(i, e)| Example { source: i % 2, ..e.clone() }).chain(aux.clone()).collect();
+        let merged: Vec<Example> =
+            own.iter().cloned().chain(aux.into_iter().map(|e| Example { source: 1, ..e })).collect();
+        let config = FeatureConfig { hash_bits: 12, ..FeatureConfig::default() };
+        for mode in [DomainAdaptation::Intercept, DomainAdaptation::Features] {
+            let shared = TrainConfig { domain_adaptation: mode, in_domain_sources: 2, ..TrainConfig::default() };
+            let split_model = train(&split.iter().collect::<Vec<_>>(), &config, &shared).unwrap();
+            let one = TrainConfig { domain_adaptation: mode, ..TrainConfig::default() };
+            let merged_model = train(&merged.iter().collect::<Vec<_>>(), &config, &one).unwrap();
+            assert_eq!(split_model, merged_model, "{mode:?}");
+            // Giving source 1 its own parameters instead trains another model.
+            let separate = train(&split.iter().collect::<Vec<_>>(), &config, &one).unwrap();
+            assert_ne!(split_model, separate, "{mode:?}");
+        }
+        let zero = TrainConfig { in_domain_sources: 0, ..TrainConfig::default() };
+        assert!(matches!(train(&split.iter().collect::<Vec<_>>(), &config, &zero), Err(TriageError::InvalidConfig(_))));
     }
 }

@@ -9,8 +9,8 @@ use anyhow::{Context as _, bail};
 use safeguard_triage::bench::{BenchOptions, BenchReport};
 use safeguard_triage::calibrate::{allow_threshold, auc, band_metrics};
 use safeguard_triage::{
-    Band, DatasetFields, FeatureConfig, FitOptions, RuleSet, RulesConfig, TrainConfig, Triage, TriageModel, fit,
-    load_dataset,
+    Band, DatasetFields, DomainAdaptation, FeatureConfig, FitOptions, LabelValue, RuleSet, RulesConfig, TrainConfig,
+    Triage, TriageModel, fit, load_dataset,
 };
 use serde_json::json;
 
@@ -43,6 +43,67 @@ impl FieldArgs {
             text: self.text_field.clone(),
             label: self.label_field.clone(),
             weight: self.weight_field.clone(),
+            ..DatasetFields::default()
+        }
+    }
+}
+
+/// Out-of-domain training data. The defaults are the configuration BENCHMARKS.md ("Triage") kept for
+/// ToxicChat + Davidson: down-weighted, its own intercept, and no say in calibration or thresholds.
+#[derive(clap::Args)]
+pub struct AuxArgs {
+    /// Auxiliary labelled data (.jsonl or .csv), e.g. a large public corpus unlike your traffic; repeat for
+    /// several. It only adds training signal: calibration and thresholds come from the --dataset files alone.
+    #[arg(long = "aux-dataset")]
+    pub aux_datasets: Vec<PathBuf>,
+    /// Field holding the text of the auxiliary data (default: the first of the usual names, as for --dataset).
+    #[arg(long, requires = "aux_datasets")]
+    pub aux_text_field: Option<String>,
+    /// Field holding the label of the auxiliary data (default: the first of the usual names).
+    #[arg(long, requires = "aux_datasets")]
+    pub aux_label_field: Option<String>,
+    /// Field holding a per-item weight in the auxiliary data, multiplied by --aux-weight.
+    #[arg(long, requires = "aux_datasets")]
+    pub aux_weight_field: Option<String>,
+    /// Read the auxiliary label field as a table, VALUE=LABEL[:WEIGHT] per value (repeat): e.g. Davidson's
+    /// class as 0=violation 1=violation:0.05 2=allow. A WEIGHT replaces --aux-weight for that value, 0 leaves
+    /// its items out; a value not listed is an error.
+    #[arg(long = "aux-label", value_name = "VALUE=LABEL[:WEIGHT]", requires = "aux_datasets")]
+    pub aux_labels: Vec<LabelValue>,
+    /// Weight of each auxiliary item relative to a --dataset item.
+    #[arg(long, default_value_t = 0.2, requires = "aux_datasets")]
+    pub aux_weight: f32,
+    /// Parameters the auxiliary data gets of its own so its base rate and usage do not move the deployed model:
+    /// an intercept, every weight (about 2-3x the training time), or none.
+    #[arg(long, value_enum, default_value_t = AuxAdaptation::Intercept, requires = "aux_datasets")]
+    pub aux_adaptation: AuxAdaptation,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum AuxAdaptation {
+    None,
+    Intercept,
+    Features,
+}
+
+impl From<AuxAdaptation> for DomainAdaptation {
+    fn from(value: AuxAdaptation) -> Self {
+        match value {
+            AuxAdaptation::None => DomainAdaptation::None,
+            AuxAdaptation::Intercept => DomainAdaptation::Intercept,
+            AuxAdaptation::Features => DomainAdaptation::Features,
+        }
+    }
+}
+
+impl AuxArgs {
+    fn fields(&self) -> DatasetFields {
+        DatasetFields {
+            text: self.aux_text_field.clone(),
+            label: self.aux_label_field.clone(),
+            weight: self.aux_weight_field.clone(),
+            label_values: self.aux_labels.clone(),
+            weight_scale: self.aux_weight,
         }
     }
 }
@@ -65,6 +126,8 @@ pub struct TrainArgs {
     pub datasets: Vec<PathBuf>,
     #[command(flatten)]
     pub fields: FieldArgs,
+    #[command(flatten)]
+    pub aux: AuxArgs,
     /// Share of violations that must not be let through as confidently benign (on held-out folds).
     #[arg(long, default_value_t = 0.99)]
     pub target_recall: f64,
@@ -138,13 +201,18 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         // Fail now rather than at serving time if the policy's rules do not compile.
         RuleSet::compile(&rules)?;
     }
-    let fields = args.fields.fields();
+    let (primary_fields, aux_fields) = (args.fields.fields(), args.aux.fields());
+    // Primary sources first: source 0 is the deployed domain, and the primaries are the ones calibrated on.
+    let inputs = args.datasets.iter().map(|p| (p, &primary_fields, false));
+    let inputs = inputs.chain(args.aux.aux_datasets.iter().map(|p| (p, &aux_fields, true)));
     let mut examples = Vec::new();
     let mut provenance = Vec::new();
-    for (source, path) in args.datasets.iter().enumerate() {
-        let dataset = load_dataset(path, &fields, source)?;
+    for (source, (path, fields, auxiliary)) in inputs.enumerate() {
+        let mut dataset = load_dataset(path, fields, source)?;
+        dataset.provenance.auxiliary = auxiliary;
         eprintln!(
-            "{}: {} items, {} violations (text {:?}, label {:?})",
+            "{}{}: {} items, {} violations (text {:?}, label {:?})",
+            if auxiliary { "auxiliary " } else { "" },
             path.display(),
             dataset.provenance.items,
             dataset.provenance.violations,
@@ -158,7 +226,7 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         Features::Words => FeatureConfig::words_only(),
         Features::WordsChars => FeatureConfig::default(),
     };
-    let options = FitOptions {
+    let mut options = FitOptions {
         features: FeatureConfig { hash_bits: args.hash_bits, ..base },
         train: TrainConfig { epochs: args.epochs, ..TrainConfig::default() },
         folds: args.folds,
@@ -168,6 +236,10 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         policy_hash: policy.hash.to_string(),
         ..FitOptions::default()
     };
+    if !args.aux.aux_datasets.is_empty() {
+        // What `bench triage` measures as "tc+davidson 3-way aux" with the defaults of the aux flags.
+        options = options.with_auxiliary_sources(args.datasets.len(), args.aux.aux_adaptation.into());
+    }
     let started = Instant::now();
     let model = fit(&examples, provenance, &options)?;
     model.save(&args.out).with_context(|| format!("saving the model to {}", args.out.display()))?;
@@ -192,7 +264,9 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         oof.auc.map_or("n/a".into(), |a| format!("{a:.4}"))
     );
     for (d, m) in meta.training.datasets.iter().zip(&meta.metrics.per_dataset) {
-        println!("  {:<40} recall {:.4}  skip_rate {:.4}", d.path, m.recall, m.skip_rate);
+        // An auxiliary set's numbers are at thresholds it had no say in: shown, not promised.
+        let role = if d.auxiliary { "  (auxiliary)" } else { "" };
+        println!("  {:<40} recall {:.4}  skip_rate {:.4}{role}", d.path, m.recall, m.skip_rate);
     }
     println!("saved           {}", args.out.display());
     Ok(ExitCode::SUCCESS)
