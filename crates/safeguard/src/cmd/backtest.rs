@@ -57,9 +57,8 @@ pub struct Args {
     /// Also write a self-contained HTML report here.
     #[arg(long, value_name = "FILE")]
     html: Option<PathBuf>,
-    /// CPU threads for the engine [default: all cores].
-    #[arg(long, value_name = "N")]
-    threads: Option<usize>,
+    #[command(flatten)]
+    engine: super::classify::EngineFlags,
 }
 
 /// Examples kept per flip direction: enough to judge a change, short enough to read.
@@ -136,8 +135,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         bail!("nothing to backtest: {source} has no items");
     }
 
-    let reasoner =
-        load_reasoner(&EngineArgs { model: &args.model, threads: args.threads, context: None, sequences: 4 })?;
+    let reasoner = load_reasoner(&EngineArgs { model: &args.model, engine: args.engine, sequences: 4 })?;
     let classifier = Classifier::new(reasoner);
     let effort: Effort = args.effort.parse().map_err(|e| anyhow::anyhow!("--effort {}: {e}", args.effort))?;
     let options = ClassifyOptions { effort, max_tokens: args.max_tokens, ..ClassifyOptions::default() };

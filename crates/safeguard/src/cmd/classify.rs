@@ -54,15 +54,11 @@ pub struct Args {
     /// Completion-token cap per prompt (default: by effort, 1024/2048/4096).
     #[arg(long, value_name = "N")]
     pub max_tokens: Option<usize>,
-    /// CPU threads for the engine (default: all cores).
-    #[arg(long, value_name = "N")]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub engine: EngineFlags,
     /// Items decoded together in one engine batch.
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub batch: u32,
-    /// Per-sequence context size of the engine, in tokens (prompt + completion).
-    #[arg(long, value_name = "TOKENS")]
-    pub context: Option<u32>,
     /// Longest content accepted, in characters.
     #[arg(long, value_name = "N", default_value_t = InputLimits::default().max_chars)]
     pub max_chars: usize,
@@ -71,13 +67,23 @@ pub struct Args {
     pub progress: bool,
 }
 
+/// The embedded engine's flags, the same for every command that runs the model.
+#[derive(clap::Args, Debug, Clone, Copy, Default)]
+pub struct EngineFlags {
+    /// CPU threads for the engine (default: all cores).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Per-sequence context size of the engine, in tokens (prompt + completion).
+    #[arg(long, value_name = "TOKENS")]
+    pub context: Option<u32>,
+}
+
 /// Settings for building the embedded reasoner, shared with `policy test`.
 // Without the embedded engine only `model` is read, to name it in the error.
 #[cfg_attr(not(feature = "embedded"), allow(dead_code))]
 pub(crate) struct EngineArgs<'a> {
     pub model: &'a Path,
-    pub threads: Option<usize>,
-    pub context: Option<u32>,
+    pub engine: EngineFlags,
     /// How many sequences the engine decodes together.
     pub sequences: usize,
 }
@@ -89,10 +95,10 @@ pub(crate) fn load_reasoner(args: &EngineArgs<'_>) -> anyhow::Result<Arc<dyn Rea
     use safeguard_engine::llama::LlamaEngine;
 
     let mut config = EngineConfig { max_sequences: args.sequences.clamp(1, 256), ..EngineConfig::default() };
-    if let Some(threads) = args.threads {
+    if let Some(threads) = args.engine.threads {
         config.threads = threads;
     }
-    if let Some(context) = args.context {
+    if let Some(context) = args.engine.context {
         config.n_ctx = context;
     }
     let engine =
@@ -206,8 +212,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Mode::Separate => batch * policies.len(),
         Mode::Combined => batch,
     };
-    let reasoner =
-        load_reasoner(&EngineArgs { model: &args.model, threads: args.threads, context: args.context, sequences })?;
+    let reasoner = load_reasoner(&EngineArgs { model: &args.model, engine: args.engine, sequences })?;
     let classifier = Classifier::new(reasoner);
     let options = ClassifyOptions {
         effort: args.effort,
@@ -405,13 +410,11 @@ pub struct PolicyTestArgs {
     /// Completion-token cap per case (default: by effort).
     #[arg(long, value_name = "N")]
     pub max_tokens: Option<usize>,
-    #[arg(long, value_name = "N")]
-    pub threads: Option<usize>,
+    #[command(flatten)]
+    pub engine: EngineFlags,
     /// Cases decoded together in one engine batch.
     #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub batch: u32,
-    #[arg(long, value_name = "TOKENS")]
-    pub context: Option<u32>,
     /// Print one JSON object per case (with its full decision) instead of the text report.
     #[arg(long)]
     pub json: bool,
@@ -447,12 +450,7 @@ pub fn run_policy_test(args: PolicyTestArgs) -> anyhow::Result<ExitCode> {
     }
 
     let batch = args.batch as usize;
-    let reasoner = load_reasoner(&EngineArgs {
-        model: &args.model,
-        threads: args.threads,
-        context: args.context,
-        sequences: batch,
-    })?;
+    let reasoner = load_reasoner(&EngineArgs { model: &args.model, engine: args.engine, sequences: batch })?;
     let classifier = Classifier::new(reasoner);
     let options = ClassifyOptions {
         effort: args.effort,

@@ -100,12 +100,8 @@ pub struct Args {
     /// Completion-token cap per prompt [default: the budget for the effort].
     #[arg(long, value_name = "N")]
     max_tokens: Option<usize>,
-    /// CPU threads for the engine [default: all cores].
-    #[arg(long, value_name = "N")]
-    threads: Option<usize>,
-    /// Per-sequence context size of the engine, in tokens.
-    #[arg(long, value_name = "TOKENS")]
-    context: Option<u32>,
+    #[command(flatten)]
+    engine: super::classify::EngineFlags,
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -443,12 +439,7 @@ mod live {
             efforts.push(parsed.to_string());
         }
         let model = args.model.as_deref().context("--model is required for a live run")?;
-        let reasoner = load_reasoner(&EngineArgs {
-            model,
-            threads: args.threads,
-            context: args.context,
-            sequences: args.concurrency.max(1),
-        })?;
+        let reasoner = load_reasoner(&EngineArgs { model, engine: args.engine, sequences: args.concurrency.max(1) })?;
         let model_id = reasoner.model_id();
         // The cache key must change whenever the answer could: policy texts, and the token cap.
         let mut policy_hash = policies.iter().map(|p| p.hash.to_string()).collect::<Vec<_>>().join("+");

@@ -56,12 +56,8 @@ pub struct Args {
     /// Completion-token cap per policy for /v1/moderations; default: the effort's budget.
     #[arg(long)]
     pub moderation_max_tokens: Option<usize>,
-    /// CPU threads for the embedded engine.
-    #[arg(long)]
-    pub threads: Option<usize>,
-    /// Context window of the embedded engine, in tokens.
-    #[arg(long)]
-    pub context: Option<u32>,
+    #[command(flatten)]
+    pub engine: crate::cmd::classify::EngineFlags,
     /// Sequences the embedded engine decodes together.
     #[arg(long, default_value_t = 8)]
     pub sequences: usize,
@@ -167,8 +163,7 @@ fn webhook_secret(data_dir: &Path) -> anyhow::Result<String> {
 fn load_embedded(args: &Args, model: &Path) -> anyhow::Result<Arc<dyn Reasoner>> {
     crate::cmd::classify::load_reasoner(&crate::cmd::classify::EngineArgs {
         model,
-        threads: args.threads,
-        context: args.context,
+        engine: args.engine,
         sequences: args.sequences,
     })
 }
