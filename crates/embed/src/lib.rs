@@ -4,6 +4,7 @@
 
 mod error;
 mod gemm;
+pub mod head;
 pub mod locate;
 pub mod model;
 pub mod tokenizer;

@@ -234,7 +234,10 @@ impl Pipeline {
     ) -> Result<CascadeDecision, Deferred> {
         let started = Instant::now();
         let text = user_message_text(content);
-        let mut routes: Vec<PolicyRoute> = policies.iter().map(|p| self.triage_route(p, &text, ctx)).collect();
+        let mut routes: Vec<PolicyRoute> = Vec::with_capacity(policies.len());
+        for policy in policies {
+            routes.push(self.triage_route(policy, &text, ctx).await);
+        }
         let mut stages = Vec::new();
         if routes.iter().any(|r| r.triage.is_some()) {
             stages.push(StageRecord {
@@ -331,7 +334,7 @@ impl Pipeline {
         Ok(decision)
     }
 
-    fn triage_route(&self, policy: &Policy, text: &str, ctx: &RouteContext) -> PolicyRoute {
+    async fn triage_route(&self, policy: &Policy, text: &str, ctx: &RouteContext) -> PolicyRoute {
         let mut route = PolicyRoute {
             policy: policy.meta.name.clone(),
             policy_hash: policy.hash.to_string(),
@@ -350,7 +353,22 @@ impl Pipeline {
             route.escalations.push(if policy.meta.high_risk { Escalation::HighRisk } else { Escalation::NoTriage });
             return route;
         };
-        let result = triage.route(text);
+        let result = if triage.has_embedding_head() {
+            // The sentence encoder costs tens of milliseconds of CPU: keep it off the async workers.
+            let (triage, owned) = (Arc::clone(triage), text.to_owned());
+            let span = tracing::Span::current();
+            match tokio::task::spawn_blocking(move || span.in_scope(|| triage.route(&owned))).await {
+                Ok(result) => result,
+                Err(err) => {
+                    // Never allow on a failed triage: the reasoning model decides.
+                    tracing::warn!(error = %err, "triage with an embedding head failed; escalating");
+                    route.escalations.push(Escalation::TriageUncertain);
+                    return route;
+                }
+            }
+        } else {
+            triage.route(text)
+        };
         match result.band {
             // High-risk policies never take triage's word for "benign": a miss there costs too much.
             Band::ConfidentBenign if !policy.meta.high_risk => {

@@ -282,6 +282,7 @@ mod tests {
                 calibrated_probability: Some(p),
                 band: Band::Uncertain,
                 rule_match: None,
+                embedding: None,
             }),
             verdict: None,
             engine_confidence: engine,

@@ -138,6 +138,7 @@ mod tests {
                 calibrated_probability: None,
                 band: Band::Uncertain,
                 rule_match: None,
+                embedding: None,
             }),
             verdict: None,
             engine_confidence: None,

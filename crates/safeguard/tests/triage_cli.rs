@@ -223,3 +223,62 @@ fn auxiliary_data_trains_but_thresholds_come_from_the_primary_set() {
     ]);
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
 }
+
+#[test]
+fn embedding_head_trains_with_aux_data_and_eval_reports_it() {
+    if let Err(why) = safeguard_triage::shared_encoder(None, safeguard_triage::embedding::DEFAULT_MAX_SEQ) {
+        eprintln!("SKIPPING the embedding-head CLI test: {why}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (data, aux, policy) = (dir.path().join("data.csv"), dir.path().join("aux.jsonl"), dir.path().join("t.md"));
+    write_dataset(&data, 6);
+    write_aux(&aux, 4);
+    write_policy(&policy, "# Threats\n\nAnswer 1 if the text threatens someone, else 0.");
+    let model = dir.path().join("model");
+    let (data_s, model_s) = (data.to_str().unwrap(), model.to_str().unwrap());
+    let fields = ["--text-field", "message", "--label-field", "verdict", "--weight-field", "importance"];
+    let mut args = vec!["triage", "train", "--policy", policy.to_str().unwrap(), "--dataset", data_s, "--out", model_s];
+    args.extend(["--hash-bits", "12", "--target-recall", "0.95", "--folds", "3"]);
+    args.extend(["--aux-dataset", aux.to_str().unwrap(), "--aux-label-field", "class"]);
+    args.extend(["--aux-label", "0=violation", "--aux-label", "1=violation", "--aux-label", "2=allow"]);
+    args.extend(["--embedding-head", "--head-c", "3", "--head-aux-weight", "0.05"]);
+    args.extend(fields);
+    let out = safeguard(&args);
+    assert!(out.status.success(), "train failed: {}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("embedding head  threshold"));
+    let head: Value = serde_json::from_slice(&std::fs::read(model.join("embedding_head.json")).unwrap()).unwrap();
+    assert_eq!(head["c"], 3.0);
+    // Thresholds come from the primary set; the auxiliary rows (which copy its benign texts as violations)
+    // only train, at the head's own weight.
+    assert_eq!(head["training"]["calibration_sources"], serde_json::json!([0]), "{head}");
+    assert_eq!(
+        (head["training"]["auxiliary_items"].as_u64(), head["training"]["auxiliary_weight"].as_f64()),
+        (Some(20), Some(0.05))
+    );
+    assert_eq!(head["out_of_fold"]["items"], 48);
+    assert!(head["encoder"]["fingerprint"].as_str().unwrap().starts_with("sha256:"));
+
+    let mut args = vec!["triage", "eval", "--model", model_s, "--dataset", data_s, "--format", "json"];
+    args.extend(fields);
+    let out = safeguard(&args);
+    assert!(out.status.success(), "eval failed: {}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let head_report = &report["embedding_head"];
+    assert_eq!(head_report["encoder_failures"], 0, "{report}");
+    assert!(head_report["consulted"].as_u64().unwrap() > 0, "{report}");
+    assert!(report["recall"].as_f64().unwrap() >= 0.95, "{report}");
+    assert!(report["skip_rate"].as_f64().unwrap() > 0.5, "{report}");
+
+    // A model without a head reports none.
+    let plain = dir.path().join("plain");
+    let args = ["triage", "train", "--policy", policy.to_str().unwrap(), "--dataset", data_s, "--out"];
+    let mut args = args.to_vec();
+    args.extend([plain.to_str().unwrap(), "--hash-bits", "12", "--target-recall", "0.95", "--folds", "3"]);
+    args.extend(fields);
+    assert!(safeguard(&args).status.success());
+    let mut args = vec!["triage", "eval", "--model", plain.to_str().unwrap(), "--dataset", data_s, "--format", "json"];
+    args.extend(fields);
+    let report: Value = serde_json::from_slice(&safeguard(&args).stdout).unwrap();
+    assert!(report["embedding_head"].is_null(), "{report}");
+}

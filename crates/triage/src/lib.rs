@@ -12,10 +12,18 @@
 //! 4. Otherwise the classifier's calibrated probability: `p < allow_below` → `ConfidentBenign`,
 //!    `p >= violate_above` → `ConfidentViolation`, else `Uncertain`.
 //! 5. With no classifier and no deciding rule → `Uncertain`.
+//!
+//! With an embedding head on the model, the head must also agree before anything is allowed: an item is
+//! `ConfidentBenign` only if the head scores it below its threshold *and* it would otherwise be allowed (an
+//! allow rule the classifier does not dispute, or no deny/flag evidence and no confident violation). The
+//! n-gram classifier's `allow_below` no longer decides by itself: the head replaces it as the benign gate,
+//! while the classifier and rules still send items on or mark them violations as before. A head that cannot
+//! score (encoder failure) never allows. The head is only run when its answer could allow the item.
 
 pub mod bench;
 pub mod calibrate;
 pub mod data;
+pub mod embedding;
 pub mod features;
 pub mod model;
 pub mod rules;
@@ -27,6 +35,7 @@ use serde::{Deserialize, Serialize};
 
 pub use calibrate::{BandMetrics, Calibration};
 pub use data::{Dataset, DatasetFields, DatasetProvenance, LabelValue, load_dataset};
+pub use embedding::{EmbeddingHead, EmbeddingHeadMeta, HeadOptions, LoadedEncoder, shared_encoder};
 pub use features::{FeatureConfig, Featurizer};
 pub use model::{FitOptions, ModelMeta, Thresholds, TriageModel, fit};
 pub use rules::{RuleDecision, RuleMatch, RuleSet, RulesConfig, Span, SpanKind};
@@ -42,6 +51,9 @@ pub enum TriageError {
     InvalidArtifact(String),
     #[error("dataset: {0}")]
     Dataset(String),
+    /// The sentence encoder of an embedding head could not be found, loaded or run.
+    #[error("sentence encoder: {0}")]
+    Encoder(String),
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
 }
@@ -65,6 +77,22 @@ pub struct TriageResult {
     pub band: Band,
     /// `None` without rules.
     pub rule_match: Option<RuleMatch>,
+    /// The embedding head's say; `None` without a head or when nothing the head says could allow the item.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding: Option<EmbeddingEvidence>,
+}
+
+/// What the embedding head said about an item.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmbeddingEvidence {
+    /// The head's logit; `None` when the encoder failed (see `error`).
+    pub score: Option<f32>,
+    /// Items scoring below this may be allowed.
+    pub threshold: f32,
+    /// Whether the head lets the item through (`score < threshold`, compared at full precision).
+    pub allows: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Rules and/or a classifier for one policy. Immutable after construction; share it across threads.
@@ -87,6 +115,12 @@ impl Triage {
         self.rules.as_ref()
     }
 
+    /// Whether routing runs the sentence encoder (tens of milliseconds of CPU): callers on an async runtime
+    /// should then route on a blocking thread.
+    pub fn has_embedding_head(&self) -> bool {
+        self.model.as_ref().is_some_and(|m| m.embedding_head().is_some())
+    }
+
     /// Decides which band `text` falls in; see the crate docs for the precedence.
     pub fn route(&self, text: &str) -> TriageResult {
         let rule_match = self.rules.as_ref().map(|r| r.evaluate(text));
@@ -99,6 +133,7 @@ impl Triage {
                 calibrated_probability: None,
                 band: Band::ConfidentViolation,
                 rule_match,
+                embedding: None,
             };
         }
         let scored = self.model.as_ref().map(|m| {
@@ -106,17 +141,54 @@ impl Triage {
             (margin, m.meta.calibration.probability(margin), &m.meta.thresholds)
         });
         let confident_violation = scored.is_some_and(|(_, p, t)| t.violate_above.is_some_and(|v| p >= v));
+        let head = self.model.as_ref().and_then(TriageModel::embedding_head);
+        let mut embedding = None;
+        let mut head_allows = |head: &EmbeddingHead| {
+            let evidence = head_evidence(head, text);
+            let allows = evidence.allows;
+            embedding = Some(evidence);
+            allows
+        };
         let band = if decision == RuleDecision::Allow {
-            if confident_violation { Band::Uncertain } else { Band::ConfidentBenign }
+            match head {
+                _ if confident_violation => Band::Uncertain,
+                Some(h) if !head_allows(h) => Band::Uncertain,
+                _ => Band::ConfidentBenign,
+            }
         } else if confident_violation {
             Band::ConfidentViolation
+        } else if flagged {
+            Band::Uncertain
         } else {
-            match scored {
-                Some((_, p, t)) if p < t.allow_below && !flagged => Band::ConfidentBenign,
+            match (head, scored) {
+                (Some(h), _) if head_allows(h) => Band::ConfidentBenign,
+                (None, Some((_, p, t))) if p < t.allow_below => Band::ConfidentBenign,
                 _ => Band::Uncertain,
             }
         };
-        TriageResult { score: scored.map(|s| s.0), calibrated_probability: scored.map(|s| s.1), band, rule_match }
+        TriageResult {
+            score: scored.map(|s| s.0),
+            calibrated_probability: scored.map(|s| s.1),
+            band,
+            rule_match,
+            embedding,
+        }
+    }
+}
+
+fn head_evidence(head: &EmbeddingHead, text: &str) -> EmbeddingEvidence {
+    let threshold = head.meta.threshold;
+    match head.score(text) {
+        Ok(score) => EmbeddingEvidence {
+            score: Some(score as f32),
+            threshold: threshold as f32,
+            allows: score < threshold,
+            error: None,
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "embedding head failed; the item goes on to the model");
+            EmbeddingEvidence { score: None, threshold: threshold as f32, allows: false, error: Some(e.to_string()) }
+        }
     }
 }
 

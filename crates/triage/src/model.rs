@@ -10,6 +10,7 @@ use sha2::{Digest, Sha256};
 use crate::TriageError;
 use crate::calibrate::{BandMetrics, Calibration, allow_threshold, band_metrics, fit_platt, violate_threshold};
 use crate::data::DatasetProvenance;
+use crate::embedding::{EmbeddingHead, HEAD_FILE};
 use crate::features::{FeatureConfig, Featurizer};
 use crate::train::{DomainAdaptation, Example, LinearModel, SplitMix, TrainConfig, train, violation_weight};
 
@@ -91,6 +92,9 @@ pub struct TriageModel {
     pub meta: ModelMeta,
     linear: LinearModel,
     featurizer: Featurizer,
+    /// Optional second opinion that gates the benign band; stored as its own file (`embedding_head.json`) so
+    /// artifacts without it are unchanged.
+    head: Option<EmbeddingHead>,
 }
 
 /// Everything `fit` needs besides the data.
@@ -282,7 +286,17 @@ fn invalid(dir: &Path, detail: impl std::fmt::Display) -> TriageError {
 impl TriageModel {
     fn from_parts(meta: ModelMeta, linear: LinearModel) -> Result<Self, TriageError> {
         let featurizer = Featurizer::new(meta.features.clone())?;
-        Ok(TriageModel { meta, linear, featurizer })
+        Ok(TriageModel { meta, linear, featurizer, head: None })
+    }
+
+    /// Adds (or replaces) the embedding head that must agree before an item is allowed.
+    pub fn with_embedding_head(mut self, head: EmbeddingHead) -> Self {
+        self.head = Some(head);
+        self
+    }
+
+    pub fn embedding_head(&self) -> Option<&EmbeddingHead> {
+        self.head.as_ref()
     }
 
     /// Raw logit of the linear model.
@@ -317,14 +331,36 @@ impl TriageModel {
             std::fs::rename(&temp, &target).map_err(io(&target))
         };
         write_atomic(WEIGHTS_FILE, &weights_to_bytes(&self.linear.weights))?;
+        match &self.head {
+            Some(head) => write_atomic(HEAD_FILE, &head.to_json()?)?,
+            // A head left over from an earlier model in this directory would gate the new one.
+            None => match std::fs::remove_file(dir.join(HEAD_FILE)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&dir.join(HEAD_FILE))(e)),
+                _ => {}
+            },
+        }
         let json =
             serde_json::to_vec_pretty(&self.meta).map_err(|e| invalid(dir, format!("serializing metadata: {e}")))?;
         write_atomic(META_FILE, &json)
     }
 
     /// Loads and validates an artifact directory: format name and version, feature config, weight count,
-    /// checksum and finiteness. Any mismatch is an error saying what is wrong.
+    /// checksum and finiteness. Any mismatch is an error saying what is wrong. An embedding head, if the
+    /// directory has one, comes with its encoder, located as [`crate::shared_encoder`] does.
     pub fn load(dir: &Path) -> Result<Self, TriageError> {
+        Self::load_with_encoder(dir, None)
+    }
+
+    /// [`TriageModel::load`] with the embedding head's encoder taken from `encoder_dir` when given.
+    pub fn load_with_encoder(dir: &Path, encoder_dir: Option<&Path>) -> Result<Self, TriageError> {
+        let model = Self::load_linear(dir)?;
+        Ok(match EmbeddingHead::load_optional(dir, encoder_dir)? {
+            Some(head) => model.with_embedding_head(head),
+            None => model,
+        })
+    }
+
+    fn load_linear(dir: &Path) -> Result<Self, TriageError> {
         let _span = tracing::info_span!("triage_model_load", dir = %dir.display()).entered();
         let meta_path = dir.join(META_FILE);
         let meta_bytes =

