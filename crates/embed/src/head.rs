@@ -25,7 +25,8 @@ pub enum HeadError {
 pub struct LogisticConfig {
     /// Inverse regularization strength, as sklearn's `C`.
     pub c: f64,
-    /// Weight each class by `n / (2 · n_class)` (sklearn's `class_weight="balanced"`, by row counts).
+    /// Weight each class by `W / (2 · W_class)`, W the summed sample weights (sklearn's `class_weight="balanced"`,
+    /// with weights counted instead of rows).
     pub balanced: bool,
     pub max_iterations: usize,
 }
@@ -67,8 +68,17 @@ impl LogisticRegression {
         if positives == 0 || negatives == 0 {
             return Err(HeadError::OneClass { positives, negatives });
         }
+        // Balanced by weighted counts, not rows: down-weighted auxiliary data (thousands of out-of-domain tweets
+        // at 0.05, say) must not tilt the balance of the data the threshold is for by its row count.
         let class_weight = if config.balanced {
-            [n as f64 / (2.0 * negatives as f64), n as f64 / (2.0 * positives as f64)]
+            let weight_of =
+                |class: bool| y.iter().zip(sample_weight).filter(|(v, _)| **v == class).map(|(_, w)| w).sum::<f64>();
+            let (negative_w, positive_w) = (weight_of(false), weight_of(true));
+            let total_w = negative_w + positive_w;
+            if negative_w <= 0.0 || positive_w <= 0.0 {
+                return Err(HeadError::OneClass { positives, negatives });
+            }
+            [total_w / (2.0 * negative_w), total_w / (2.0 * positive_w)]
         } else {
             [1.0, 1.0]
         };

@@ -114,13 +114,9 @@ pub fn fit_platt(margins: &[f32], labels: &[bool]) -> Result<Calibration, Triage
 /// The largest threshold `t` such that flagging every item with `p >= t` keeps at least `target_recall`
 /// of the violations. Items below `t` are the ones triage lets through without the model.
 pub fn allow_threshold(probabilities: &[f32], labels: &[bool], target_recall: f64) -> Option<f32> {
-    let mut positives: Vec<f32> = probabilities.iter().zip(labels).filter(|(_, l)| **l).map(|(p, _)| *p).collect();
-    if positives.is_empty() {
-        return None;
-    }
-    positives.sort_by(f32::total_cmp);
-    let allowed_misses = ((1.0 - target_recall) * positives.len() as f64 + 1e-9).floor() as usize;
-    Some(positives[allowed_misses.min(positives.len() - 1)])
+    let widened: Vec<f64> = probabilities.iter().map(|&p| f64::from(p)).collect();
+    // The threshold is one of the inputs, so narrowing it back is exact.
+    safeguard_embed::head::threshold_at_recall(&widened, labels, target_recall).map(|t| t as f32)
 }
 
 /// The smallest threshold `t` at which the items with `p >= t` have precision >= `target_precision`
