@@ -161,3 +161,79 @@ async fn a_stage_that_times_out_escalates_and_ends_with_a_person() {
     let rationale = d.policies[0].verdict.as_ref().and_then(|v| v.rationale.clone()).unwrap_or_default();
     assert!(rationale.contains("timed out"), "{rationale}");
 }
+
+/// With an embedding head the triage step runs off the async workers (the encoder costs milliseconds of CPU),
+/// and what it may allow is the head's call: a personal message is settled by triage with the head's score on
+/// record; a cold promotion is not allowed by triage and goes on to the model.
+#[tokio::test]
+async fn an_embedding_head_gates_what_triage_may_allow_in_the_cascade() {
+    use safeguard_triage::embedding::{DEFAULT_MAX_SEQ, HeadOptions, LogisticConfig};
+    use safeguard_triage::train::Example;
+    use safeguard_triage::{EmbeddingHead, FeatureConfig, FitOptions, fit, shared_encoder};
+
+    let encoder = match shared_encoder(None, DEFAULT_MAX_SEQ) {
+        Ok(encoder) => encoder,
+        Err(why) => return eprintln!("SKIPPING the embedding-head cascade test: {why}"),
+    };
+    let personal = [
+        "Happy birthday grandma, we miss you and will call tonight.",
+        "Can you pick up the kids from school at four?",
+        "Thanks for dinner yesterday, the lasagna was amazing.",
+        "Are we still meeting for coffee on Saturday morning?",
+        "I left my keys on the kitchen table, can you check?",
+        "Good luck on your exam tomorrow, you will do great.",
+        "The dog needs to go to the vet next Tuesday.",
+        "Let me know when your flight lands so I can drive over.",
+    ];
+    let promotions = [
+        "BUY cheap designer watches now, 90% off, visit our shop today!",
+        "Limited offer: earn $5000 a week from home, click the link to join.",
+        "Win a free iPhone! Claim your prize at our website before midnight.",
+        "Lowest prices on pills, no prescription needed, order online now.",
+        "Exclusive casino bonus: deposit today and get 200 free spins.",
+        "Get rich fast with this crypto signal group, subscribe now.",
+        "Hot singles in your area, sign up free on our dating site.",
+        "Flash sale on sneakers, use code SAVE50 at checkout today only.",
+    ];
+    let mut examples = Vec::new();
+    for (texts, violates) in [(&personal, false), (&promotions, true)] {
+        for text in texts.iter() {
+            examples.push(Example { text: text.to_string(), violates, weight: 1.0, source: 0 });
+            examples.push(Example { text: format!("Hey, {}", text.to_lowercase()), violates, weight: 1.0, source: 0 });
+        }
+    }
+    let policy = spam();
+    let options = FitOptions {
+        features: FeatureConfig { hash_bits: 12, ..FeatureConfig::default() },
+        folds: 3,
+        target_recall: 0.9,
+        min_violate_support: 3,
+        policy_hash: policy.hash.to_string(),
+        ..FitOptions::default()
+    };
+    let model = fit(&examples, vec![], &options).unwrap();
+    let head_options = HeadOptions {
+        logistic: LogisticConfig { c: 3.0, ..LogisticConfig::default() },
+        folds: 3,
+        target_recall: 0.99,
+        ..HeadOptions::default()
+    };
+    let head = EmbeddingHead::fit(encoder, &examples, &head_options).unwrap();
+    let triage = Arc::new(Triage::new(None, Some(model.with_embedding_head(head))));
+    assert!(triage.has_embedding_head());
+
+    let reasoner = Arc::new(Scripted { calls: Mutex::default(), delay: None });
+    let pipeline = Pipeline::new(Classifier::new(reasoner.clone()), RoutingConfig::default())
+        .with_triage(policy.hash.to_string(), triage);
+
+    let personal = route(&pipeline, "Could you water my plants while I am away this weekend?").await;
+    assert_eq!((personal.decided_by, personal.outcome), (Stage::Triage, Outcome::Allow), "{personal:?}");
+    let evidence = personal.policies[0].triage.as_ref().and_then(|t| t.embedding.as_ref()).expect("head on record");
+    assert!(evidence.allows && evidence.score.unwrap() < evidence.threshold, "{evidence:?}");
+    assert!(reasoner.calls.lock().unwrap().is_empty(), "triage settled it without the model");
+
+    let promotion = route(&pipeline, "Huge discount on luxury handbags, order now from our online store low=1").await;
+    assert_ne!(promotion.decided_by, Stage::Triage, "{promotion:?}");
+    assert_eq!(promotion.outcome, Outcome::Violation, "{promotion:?}");
+    assert_eq!(reasoner.calls.lock().unwrap().len(), 1, "the model decided the promotion");
+}
