@@ -24,8 +24,9 @@ use uuid::Uuid;
 use crate::budget::ReasoningBudget;
 use crate::stats::CascadeStats;
 
-/// Where in the cascade a policy's outcome was settled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Where in the cascade a policy's outcome was settled. Ordered as an item passes through them, so the
+/// furthest stage of several is their `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Stage {
     Triage,
@@ -304,8 +305,7 @@ impl Pipeline {
         }
 
         let outcome = fold_outcomes(routes.iter().map(|r| r.outcome));
-        let decided_by =
-            routes.iter().map(|r| r.decided_by).max_by_key(|s| stage_rank(*s)).unwrap_or(Stage::HumanReview);
+        let decided_by = routes.iter().map(|r| r.decided_by).max().unwrap_or(Stage::HumanReview);
         let mut usage = Usage::default();
         for decision in &reasoning {
             usage += decision.usage;
@@ -530,16 +530,6 @@ fn fold_outcomes(outcomes: impl Iterator<Item = Outcome>) -> Outcome {
         (false, _) => Outcome::NeedsReview,
         (true, true) => Outcome::Violation,
         (true, false) => Outcome::Allow,
-    }
-}
-
-fn stage_rank(stage: Stage) -> u8 {
-    match stage {
-        Stage::Triage => 0,
-        Stage::ReasoningLow => 1,
-        Stage::ReasoningMedium => 2,
-        Stage::ReasoningHigh => 3,
-        Stage::HumanReview => 4,
     }
 }
 

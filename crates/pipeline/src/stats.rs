@@ -9,14 +9,9 @@ use crate::cascade::{CascadeDecision, Stage};
 const STAGES: [Stage; 5] =
     [Stage::Triage, Stage::ReasoningLow, Stage::ReasoningMedium, Stage::ReasoningHigh, Stage::HumanReview];
 
+/// Position in `STAGES`, which lists the stages in their declared (cascade) order.
 fn index(stage: Stage) -> usize {
-    match stage {
-        Stage::Triage => 0,
-        Stage::ReasoningLow => 1,
-        Stage::ReasoningMedium => 2,
-        Stage::ReasoningHigh => 3,
-        Stage::HumanReview => 4,
-    }
+    stage as usize
 }
 
 #[derive(Debug, Default)]
@@ -125,6 +120,14 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
+
+    #[test]
+    fn stages_are_indexed_and_ordered_as_an_item_passes_them() {
+        for (position, stage) in STAGES.iter().enumerate() {
+            assert_eq!(index(*stage), position, "{stage:?}");
+        }
+        assert!(STAGES.windows(2).all(|pair| pair[0] < pair[1]));
+    }
     use crate::cascade::{PolicyRoute, StageRecord};
 
     fn route(name: &str, decided_by: Stage, triage: bool) -> PolicyRoute {
@@ -156,7 +159,7 @@ mod tests {
     }
 
     fn decision(policies: Vec<PolicyRoute>, stages: Vec<StageRecord>) -> CascadeDecision {
-        let decided_by = policies.iter().map(|p| p.decided_by).max_by_key(|s| index(*s)).unwrap();
+        let decided_by = policies.iter().map(|p| p.decided_by).max().unwrap();
         CascadeDecision {
             id: Uuid::now_v7(),
             outcome: Outcome::Allow,
