@@ -13,7 +13,7 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::classify::{Settings, count_decision, options, record_of};
 use crate::error::ApiError;
-use crate::policies::policy_of;
+use crate::policies::stored_policy;
 
 pub(crate) fn record_reply(record: &DecisionRecord, reasoning: Option<Vec<String>>) -> Value {
     let mut value = json!({
@@ -99,12 +99,10 @@ pub(crate) async fn replay(
         .map_err(|e| ApiError::Unavailable(format!("stored content of {id} is unreadable: {e}")))?;
     let mut policies = Vec::new();
     for hash in &original.policy_hashes {
-        let stored = state
-            .store
-            .get_policy(hash)
+        let policy = stored_policy(&state, hash)
             .await?
             .ok_or_else(|| ApiError::Unavailable(format!("policy {hash} is no longer stored")))?;
-        policies.push(policy_of(&stored)?);
+        policies.push(policy);
     }
     let effort: Effort = original.effort.parse().unwrap_or_default();
     let mode = original.sampling.get("mode").cloned().and_then(|m| serde_json::from_value(m).ok()).unwrap_or_default();

@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use crate::AppState;
 use crate::error::ApiError;
 use crate::moderate::store_cascade_item;
-use crate::policies::policy_of;
+use crate::policies::stored_policy;
 
 /// Where the worker reads content events and which policies apply when an event names none.
 #[derive(Debug, Clone)]
@@ -46,14 +46,13 @@ fn unavailable(e: impl std::fmt::Display) -> HostError {
 
 impl ServerHost {
     async fn resolve(&self, reference: &str) -> Result<Policy, HostError> {
-        let stored = if reference.starts_with("sha256:") {
-            self.state.store.get_policy(reference).await
-        } else {
-            self.state.store.active_policy(reference).await
+        match stored_policy(&self.state, reference).await {
+            Ok(Some(policy)) => Ok(policy),
+            Ok(None) => Err(HostError::Rejected(format!("no policy {reference:?} is stored"))),
+            // The store being down is worth a redelivery; a stored version that no longer parses is not.
+            Err(ApiError::Store(e)) => Err(unavailable(e)),
+            Err(e) => Err(HostError::Rejected(e.to_string())),
         }
-        .map_err(unavailable)?
-        .ok_or_else(|| HostError::Rejected(format!("no policy {reference:?} is stored")))?;
-        policy_of(&stored).map_err(|e| HostError::Rejected(e.to_string()))
     }
 }
 

@@ -18,7 +18,7 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::classify::{Settings, count_decision, options, parse_request, record_of};
 use crate::error::{ApiError, ApiJson};
-use crate::policies::policy_of;
+use crate::policies::stored_policy;
 
 /// What a job row holds: everything resolved, so the worker decides exactly what was accepted.
 #[derive(Debug, Serialize, Deserialize)]
@@ -142,13 +142,12 @@ pub(crate) async fn worker(state: AppState, index: usize, shutdown: Cancellation
 async fn load_policies(state: &AppState, hashes: &[String]) -> Result<Vec<Policy>, String> {
     let mut policies = Vec::with_capacity(hashes.len());
     for hash in hashes {
-        let stored = state
-            .store
-            .get_policy(hash)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("policy {hash} is not stored"))?;
-        policies.push(policy_of(&stored).map_err(|e| e.to_string())?);
+        // The job's failure reason names the store's own error, without the HTTP wrapper's prefix.
+        let policy = stored_policy(state, hash).await.map_err(|e| match e {
+            ApiError::Store(e) => e.to_string(),
+            other => other.to_string(),
+        })?;
+        policies.push(policy.ok_or_else(|| format!("policy {hash} is not stored"))?);
     }
     Ok(policies)
 }

@@ -7,6 +7,7 @@
 //! elsewhere (another server on the same database, `safeguard keys revoke`), so they are trusted only for
 //! `ttl`; changes made through this server forget the entry at once.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::Mutex;
@@ -34,7 +35,11 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
         self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub(crate) fn get(&self, key: &K) -> Option<V> {
+    pub(crate) fn get<Q>(&self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         if self.ttl.is_zero() {
             return None;
         }
@@ -65,7 +70,11 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
         entries.insert(key, (value, Instant::now()));
     }
 
-    pub(crate) fn forget(&self, key: &K) {
+    pub(crate) fn forget<Q>(&self, key: &Q)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.entries().remove(key);
     }
 }

@@ -82,29 +82,13 @@ fn looks_like_hash(id: &str) -> bool {
 
 /// A policy reference in a request: `"name"` (its active version), `"sha256:…"`, or `{"text": "…"}` inline.
 pub(crate) async fn resolve_policy(state: &AppState, reference: &Value, _caller: &Caller) -> Result<Policy, ApiError> {
-    let lookups = &state.lookups;
     match reference {
-        Value::String(id) if looks_like_hash(id) => {
-            if let Some(policy) = lookups.versions.get(id) {
-                return Ok(policy);
-            }
-            let stored = state
-                .store
-                .get_policy(id)
-                .await?
-                .ok_or_else(|| ApiError::bad("unknown_policy", format!("no policy version {id}")))?;
-            remember_version(state, &stored)
-        }
-        Value::String(name) => {
-            if let Some(policy) = lookups.active.get(name).and_then(|hash| lookups.versions.get(&hash)) {
-                return Ok(policy);
-            }
-            let stored = state.store.active_policy(name).await?.ok_or_else(|| {
-                ApiError::bad("unknown_policy", format!("no policy named {name:?}; POST it to /v1/policies first"))
-            })?;
-            lookups.active.put(name.clone(), stored.hash.clone());
-            remember_version(state, &stored)
-        }
+        Value::String(id) if looks_like_hash(id) => stored_policy(state, id)
+            .await?
+            .ok_or_else(|| ApiError::bad("unknown_policy", format!("no policy version {id}"))),
+        Value::String(name) => stored_policy(state, name).await?.ok_or_else(|| {
+            ApiError::bad("unknown_policy", format!("no policy named {name:?}; POST it to /v1/policies first"))
+        }),
         Value::Object(object) => {
             let text = object
                 .get("text")
@@ -115,7 +99,7 @@ pub(crate) async fn resolve_policy(state: &AppState, reference: &Value, _caller:
                 .map_err(|e| ApiError::bad("invalid_policy", format!("inline policy: {e}")))?;
             let hash = policy.hash.to_string();
             // Stored (unpinned) so that the decision's policy hash can be looked up and replayed; once is enough.
-            if lookups.versions.get(&hash).is_none() {
+            if state.lookups.versions.get(&hash).is_none() {
                 let (stored, _) =
                     store_policy(&state.store, &policy, text, Some(name.unwrap_or("inline")), false).await?;
                 remember_version(state, &stored)?;
@@ -124,6 +108,27 @@ pub(crate) async fn resolve_policy(state: &AppState, reference: &Value, _caller:
         }
         _ => Err(ApiError::bad("invalid_policy", "a policy is a name, a \"sha256:…\" version, or {\"text\": \"…\"}")),
     }
+}
+
+/// A stored policy by `"sha256:…"` version or by name (its active version), through the lookup cache; what
+/// every path that decides (HTTP, jobs, NATS) resolves its policies with. `Ok(None)`: nothing by that reference.
+pub(crate) async fn stored_policy(state: &AppState, reference: &str) -> Result<Option<Policy>, ApiError> {
+    let lookups = &state.lookups;
+    if looks_like_hash(reference) {
+        if let Some(policy) = lookups.versions.get(reference) {
+            return Ok(Some(policy));
+        }
+        return match state.store.get_policy(reference).await? {
+            Some(stored) => remember_version(state, &stored).map(Some),
+            None => Ok(None),
+        };
+    }
+    if let Some(policy) = lookups.active.get(reference).and_then(|hash| lookups.versions.get(&hash)) {
+        return Ok(Some(policy));
+    }
+    let Some(stored) = state.store.active_policy(reference).await? else { return Ok(None) };
+    lookups.active.put(reference.to_string(), stored.hash.clone());
+    remember_version(state, &stored).map(Some)
 }
 
 fn remember_version(state: &AppState, stored: &StoredPolicy) -> Result<Policy, ApiError> {
