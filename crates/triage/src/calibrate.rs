@@ -149,25 +149,8 @@ pub fn violate_threshold(
 
 /// Area under the ROC curve (Mann-Whitney U, ties count half). `None` without both classes.
 pub fn auc(scores: &[f32], labels: &[bool]) -> Option<f64> {
-    let mut pairs: Vec<(f32, bool)> = scores.iter().copied().zip(labels.iter().copied()).collect();
-    pairs.sort_by(|x, y| x.0.total_cmp(&y.0));
-    let positives = pairs.iter().filter(|p| p.1).count() as f64;
-    let negatives = pairs.len() as f64 - positives;
-    if positives == 0.0 || negatives == 0.0 {
-        return None;
-    }
-    let mut rank_sum = 0.0f64;
-    let mut i = 0;
-    while i < pairs.len() {
-        let mut j = i;
-        while j < pairs.len() && pairs[j].0 == pairs[i].0 {
-            j += 1;
-        }
-        let average_rank = (i + j + 1) as f64 / 2.0; // ranks are 1-based
-        rank_sum += average_rank * pairs[i..j].iter().filter(|p| p.1).count() as f64;
-        i = j;
-    }
-    Some((rank_sum - positives * (positives + 1.0) / 2.0) / (positives * negatives))
+    let widened: Vec<f64> = scores.iter().map(|&s| f64::from(s)).collect();
+    safeguard_embed::head::auc(&widened, labels)
 }
 
 /// What a pair of thresholds does on labelled scores.
