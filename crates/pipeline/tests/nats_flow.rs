@@ -1,14 +1,11 @@
 //! The NATS JetStream flow against the real server on 127.0.0.1:4222: several workers share a stream, one
 //! dies mid-work, a new one starts, and every item ends with exactly one published decision.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer;
 use async_trait::async_trait;
-use futures::StreamExt;
 use safeguard_core::{Classifier, ReasonError, ReasonOutput, ReasonRequest, Reasoner};
 use safeguard_pipeline::nats::{Bus, DecisionEvent, EventStatus, NatsConfig, Worker};
 use safeguard_pipeline::{Pipeline, ReasoningBudget, RoutingConfig};
@@ -16,7 +13,11 @@ use safeguard_policy::Policy;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-const URL: &str = "127.0.0.1:4222";
+#[path = "support/nats.rs"]
+mod nats_support;
+
+use nats_support::{URL, delete_streams, nats_up, published};
+
 const SPAM: &str = "---\nname: spam\noutput: binary\n---\n# Spam Policy (SP)\n\n## INSTRUCTIONS\nReturn exactly one character: 0 or 1.\n\n## VIOLATES (1)\n- SP1.a Cold promotion with links.\n\n## SAFE (0)\n- SP0.a Personal messages.\n\nReturn exactly one character: 0 or 1.";
 
 /// Answers "1" for texts mentioning "buy", else "0", after a pause that keeps work in flight.
@@ -40,10 +41,6 @@ impl Reasoner for Slow {
     }
 }
 
-fn nats_up() -> bool {
-    std::net::TcpStream::connect_timeout(&URL.parse().unwrap(), Duration::from_secs(1)).is_ok()
-}
-
 fn config() -> NatsConfig {
     let mut cfg = NatsConfig::new(URL, format!("sgtest{}", &uuid::Uuid::new_v4().simple().to_string()[..10]));
     cfg.ack_wait = Duration::from_secs(1);
@@ -57,26 +54,6 @@ fn worker(bus: Bus, reasoner: Arc<Slow>, budget: Option<Arc<ReasoningBudget>>) -
         pipeline = pipeline.with_budget(budget);
     }
     Worker::new(bus, pipeline, vec![Policy::parse(SPAM).unwrap()])
-}
-
-/// Every event on the decision stream, by key.
-async fn published(bus: &Bus) -> HashMap<String, Vec<DecisionEvent>> {
-    let stream = bus.js.get_stream(&bus.config.decision_stream).await.unwrap();
-    let reader: consumer::PullConsumer = stream.create_consumer(consumer::pull::Config::default()).await.unwrap();
-    let mut events: HashMap<String, Vec<DecisionEvent>> = HashMap::new();
-    let messages = reader.fetch().max_messages(10_000).expires(Duration::from_secs(1)).messages().await.unwrap();
-    let mut messages = std::pin::pin!(messages);
-    while let Some(Ok(message)) = messages.next().await {
-        let event: DecisionEvent = serde_json::from_slice(&message.payload).unwrap();
-        events.entry(event.key.clone()).or_default().push(event);
-    }
-    events
-}
-
-async fn delete_streams(bus: &Bus) {
-    for name in [&bus.config.work_stream, &bus.config.decision_stream, &bus.config.decided_stream] {
-        let _ = bus.js.delete_stream(name).await;
-    }
 }
 
 async fn wait_until_decided(bus: &Bus, keys: &[String], limit: Duration) {

@@ -237,3 +237,164 @@ async fn an_embedding_head_gates_what_triage_may_allow_in_the_cascade() {
     assert_eq!(promotion.outcome, Outcome::Violation, "{promotion:?}");
     assert_eq!(reasoner.calls.lock().unwrap().len(), 1, "the model decided the promotion");
 }
+
+/// Writes a tiny BERT encoder (the files and tensor names of all-MiniLM-L6-v2, 8 wide, one layer) into `dir`.
+/// `poisoned` puts NaN into its word embeddings, as a corrupted weights file would: it still loads, and only
+/// fails once it embeds something.
+fn write_tiny_encoder(dir: &std::path::Path, poisoned: bool) {
+    const HIDDEN: usize = 8;
+    const INTERMEDIATE: usize = 16;
+    const POSITIONS: usize = 16;
+    const VOCAB: [&str; 12] =
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "see", "you", "at", "lunch", "join", "now", "low"];
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut put = |name: &str, shape: Vec<usize>, center: f32| {
+        let salt = tensors.len() as u64 + 1;
+        // Varied values, so that layer norms see rows with a spread and embeddings differ by input.
+        let values = (0..shape.iter().product::<usize>() as u64)
+            .map(|i| center + ((i * 7 + salt * 13) % 17) as f32 / 17.0 - 0.5)
+            .collect();
+        tensors.push((name.to_string(), shape, values));
+    };
+    put("embeddings.word_embeddings.weight", vec![VOCAB.len(), HIDDEN], 0.0);
+    put("embeddings.position_embeddings.weight", vec![POSITIONS, HIDDEN], 0.0);
+    put("embeddings.token_type_embeddings.weight", vec![2, HIDDEN], 0.0);
+    put("embeddings.LayerNorm.weight", vec![HIDDEN], 1.0);
+    put("embeddings.LayerNorm.bias", vec![HIDDEN], 0.0);
+    let p = "encoder.layer.0";
+    for part in ["query", "key", "value"] {
+        put(&format!("{p}.attention.self.{part}.weight"), vec![HIDDEN, HIDDEN], 0.0);
+        put(&format!("{p}.attention.self.{part}.bias"), vec![HIDDEN], 0.0);
+    }
+    put(&format!("{p}.attention.output.dense.weight"), vec![HIDDEN, HIDDEN], 0.0);
+    put(&format!("{p}.attention.output.dense.bias"), vec![HIDDEN], 0.0);
+    put(&format!("{p}.attention.output.LayerNorm.weight"), vec![HIDDEN], 1.0);
+    put(&format!("{p}.attention.output.LayerNorm.bias"), vec![HIDDEN], 0.0);
+    put(&format!("{p}.intermediate.dense.weight"), vec![INTERMEDIATE, HIDDEN], 0.0);
+    put(&format!("{p}.intermediate.dense.bias"), vec![INTERMEDIATE], 0.0);
+    put(&format!("{p}.output.dense.weight"), vec![HIDDEN, INTERMEDIATE], 0.0);
+    put(&format!("{p}.output.dense.bias"), vec![HIDDEN], 0.0);
+    put(&format!("{p}.output.LayerNorm.weight"), vec![HIDDEN], 1.0);
+    put(&format!("{p}.output.LayerNorm.bias"), vec![HIDDEN], 0.0);
+    if poisoned {
+        tensors[0].2.fill(f32::NAN);
+    }
+    // safetensors: u64 LE header length, JSON header padded to 8 bytes, raw LE data.
+    let (mut header, mut data) = (serde_json::Map::new(), Vec::new());
+    for (name, shape, values) in &tensors {
+        let start = data.len();
+        data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
+        );
+    }
+    let mut header = serde_json::to_vec(&header).unwrap();
+    while !header.len().is_multiple_of(8) {
+        header.push(b' ');
+    }
+    let mut weights = (header.len() as u64).to_le_bytes().to_vec();
+    weights.extend(header);
+    weights.extend(data);
+    std::fs::write(dir.join("model.safetensors"), weights).unwrap();
+    let config = serde_json::json!({
+        "vocab_size": VOCAB.len(), "hidden_size": HIDDEN, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "intermediate_size": INTERMEDIATE, "hidden_act": "gelu", "max_position_embeddings": POSITIONS,
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    std::fs::write(dir.join("vocab.txt"), VOCAB.join("\n") + "\n").unwrap();
+}
+
+/// An embedding head fitted to `encoder` that would let everything through: any finite unit-length
+/// embedding scores far below its threshold. Whatever it does not allow, it did not allow because it
+/// could not score.
+fn allow_everything_head(encoder: Arc<safeguard_triage::LoadedEncoder>) -> safeguard_triage::EmbeddingHead {
+    use safeguard_triage::embedding::{EncoderInfo, HEAD_FORMAT_NAME, HEAD_FORMAT_VERSION, HeadMetrics, HeadTraining};
+    use safeguard_triage::{EmbeddingHead, EmbeddingHeadMeta};
+
+    let dim = encoder.encoder.dim();
+    let meta = EmbeddingHeadMeta {
+        format: HEAD_FORMAT_NAME.into(),
+        format_version: HEAD_FORMAT_VERSION,
+        encoder: EncoderInfo {
+            fingerprint: encoder.fingerprint.clone(),
+            dim,
+            max_seq: encoder.encoder.max_seq(),
+            trained_with: encoder.dir.display().to_string(),
+        },
+        c: 1.0,
+        balanced: true,
+        folds: 3,
+        target_recall: 0.99,
+        threshold: 0.0,
+        bias: -5.0,
+        weights: vec![0.1; dim],
+        training: HeadTraining {
+            items: 0,
+            violations: 0,
+            calibration_sources: vec![0],
+            auxiliary_items: 0,
+            auxiliary_weight: None,
+            seconds: 0.0,
+        },
+        out_of_fold: HeadMetrics { items: 0, violations: 0, recall: None, skip_rate: None, auc: None },
+        created: "2026-01-01T00:00:00Z".into(),
+    };
+    EmbeddingHead::from_meta(meta, encoder).unwrap()
+}
+
+/// An encoder that fails at run time (corrupted weights give a non-finite embedding) must not let the head
+/// allow anything: the item goes on to the model. The same head on a healthy encoder settles the same item
+/// in triage, so it is the failure, not the head or the classifier, that sends it on.
+#[tokio::test]
+async fn an_encoder_failing_inside_the_cascade_never_lets_triage_allow() {
+    use safeguard_triage::train::Example;
+    use safeguard_triage::{FeatureConfig, FitOptions, fit, shared_encoder};
+
+    let policy = spam();
+    let mut examples = Vec::new();
+    for (text, violates) in [("see you at lunch", false), ("join now for free coins", true)] {
+        for n in 0..8 {
+            examples.push(Example { text: format!("{text} {n}"), violates, weight: 1.0, source: 0 });
+        }
+    }
+    let options = FitOptions {
+        features: FeatureConfig { hash_bits: 12, ..FeatureConfig::default() },
+        folds: 3,
+        target_recall: 0.9,
+        min_violate_support: 3,
+        policy_hash: policy.hash.to_string(),
+        ..FitOptions::default()
+    };
+    let text = "see you at lunch tomorrow low=1 high=1";
+
+    let mut decided = Vec::new();
+    for poisoned in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_encoder(dir.path(), poisoned);
+        let encoder = shared_encoder(Some(dir.path()), 16).unwrap();
+        let model = fit(&examples, vec![], &options).unwrap().with_embedding_head(allow_everything_head(encoder));
+        let reasoner = Arc::new(Scripted { calls: Mutex::default(), delay: None });
+        let pipeline = Pipeline::new(Classifier::new(reasoner.clone()), RoutingConfig::default())
+            .with_triage(policy.hash.to_string(), Arc::new(Triage::new(None, Some(model))));
+        let d = route(&pipeline, text).await;
+        let calls = reasoner.calls.lock().unwrap().len();
+        decided.push((d, calls));
+    }
+
+    let (healthy, calls) = &decided[0];
+    assert_eq!((healthy.decided_by, healthy.outcome), (Stage::Triage, Outcome::Allow), "{healthy:?}");
+    assert_eq!(*calls, 0, "a working head lets triage settle it");
+
+    let (failed, calls) = &decided[1];
+    assert_ne!(failed.decided_by, Stage::Triage, "{failed:?}");
+    assert_eq!(failed.outcome, Outcome::Violation, "the model's answer, not triage's: {failed:?}");
+    assert!(*calls >= 1, "the model was asked");
+    let failed_route = &failed.policies[0];
+    let triaged = failed_route.triage.as_ref().expect("triage ran");
+    assert_eq!(triaged.band, safeguard_triage::Band::Uncertain, "{triaged:?}");
+    let evidence = triaged.embedding.as_ref().expect("the head's failure is on record");
+    assert!(!evidence.allows && evidence.score.is_none(), "{evidence:?}");
+    assert!(evidence.error.as_deref().is_some_and(|e| e.contains("non-finite")), "{evidence:?}");
+    assert_eq!(failed_route.escalations.first(), Some(&Escalation::TriageUncertain), "{failed_route:?}");
+}

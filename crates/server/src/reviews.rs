@@ -19,6 +19,7 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::classify::{Settings, decide_and_store, decision_reply};
 use crate::error::{ApiError, ApiJson};
+use crate::policies::stored_policy;
 
 /// How long a queued item may wait before it counts as overdue.
 const REVIEW_SLA_MS: i64 = 24 * 3_600_000;
@@ -159,10 +160,19 @@ pub(crate) async fn get_one(
     let reasoning = state.store.get_reasoning(&decision.id).await?.unwrap_or_default();
     let mut policies = Vec::new();
     for hash in &decision.policy_hashes {
-        if let Some(stored) = state.store.get_policy(hash).await? {
-            let rule_ids: Vec<String> =
-                Policy::parse(&stored.body).map(|p| p.rule_ids.into_iter().collect()).unwrap_or_default();
-            policies.push(json!({"name": stored.name, "hash": stored.hash, "body": stored.body, "rule_ids": rule_ids}));
+        match stored_policy(&state, hash).await {
+            Ok(Some(policy)) => policies.push(json!({
+                "name": policy.meta.name, "hash": hash, "body": policy.body, "rule_ids": policy.rule_ids,
+            })),
+            Ok(None) => {}
+            // A version this build no longer parses is still worth reading: shown as stored, without rule ids.
+            Err(ApiError::Unavailable(why)) => {
+                tracing::warn!(policy = %hash, reason = %why, "review shows a policy that no longer parses");
+                if let Some(stored) = state.store.get_policy(hash).await? {
+                    policies.push(json!({"name": stored.name, "hash": hash, "body": stored.body, "rule_ids": []}));
+                }
+            }
+            Err(e) => return Err(e),
         }
     }
     let mut value = review_json(&review, None);
@@ -221,9 +231,14 @@ pub(crate) async fn decide(
     // The rule must exist in one of the policy versions the item was judged under.
     let mut policy_hash = None;
     for hash in &decision.policy_hashes {
-        let Some(stored) = state.store.get_policy(hash).await? else { continue };
-        if Policy::parse(&stored.body).is_ok_and(|p| p.rule_ids.contains(rule_id)) {
-            policy_hash = Some(stored.hash);
+        let policy = match stored_policy(&state, hash).await {
+            Ok(Some(policy)) => policy,
+            // Gone, or no longer parses: no rule of it can be checked, so none counts. A store outage still fails.
+            Ok(None) | Err(ApiError::Unavailable(_)) => continue,
+            Err(e) => return Err(e),
+        };
+        if policy.rule_ids.contains(rule_id) {
+            policy_hash = Some(hash.clone());
             break;
         }
     }
@@ -292,13 +307,21 @@ pub(crate) async fn appeal(
     let original = state.store.get_decision(&id).await?.ok_or_else(|| ApiError::NotFound(format!("decision {id}")))?;
     let content = serde_json::from_value(original.content.clone())
         .map_err(|e| ApiError::Conflict(format!("decision {id} holds content this server cannot read: {e}")))?;
+    // The same lookup classify uses, so the appeal runs under the exact versions (front matter included) the
+    // original did. A version that is gone or no longer parses is a conflict with the decision, which a retry
+    // cannot fix (409, not 404 or 503); a store outage stays a 503.
     let mut policies = Vec::new();
     for hash in &original.policy_hashes {
-        let stored = state.store.get_policy(hash).await?.ok_or_else(|| ApiError::NotFound(format!("policy {hash}")))?;
-        policies.push(
-            Policy::parse(&stored.body)
-                .map_err(|e| ApiError::Conflict(format!("stored policy {hash} no longer parses: {e}")))?,
-        );
+        match stored_policy(&state, hash).await {
+            Ok(Some(policy)) => policies.push(policy),
+            Ok(None) => {
+                return Err(ApiError::Conflict(format!(
+                    "decision {id} was judged under policy {hash}, which is no longer stored"
+                )));
+            }
+            Err(ApiError::Unavailable(why)) => return Err(ApiError::Conflict(why)),
+            Err(e) => return Err(e),
+        }
     }
     let settings = Settings { effort: Effort::High, mode: safeguard_core::Mode::Separate, max_tokens: None };
     let (decision, record) = decide_and_store(&state, &policies, &content, &settings, "appeal").await?;

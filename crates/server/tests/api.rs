@@ -560,6 +560,68 @@ async fn every_undecided_decision_reaches_the_review_queue() {
     assert_eq!((status, opened["decision"]["outcome"].clone()), (200, json!("needs_review")), "{opened}");
 }
 
+/// Front matter that changes how a decision is made: its own name (the heading says otherwise), a labels output
+/// the scripted model's "0" does not satisfy (the body alone would be read as a binary policy, and "0" would
+/// allow), and `high_risk`. Re-parsing only the stored body would lose all three.
+const FRONT_MATTER_POLICY: &str = "---\nname: promo-guard\nhigh_risk: true\noutput:\n  format: labels\n  violating: [PROMO]\n  safe: [CLEAN]\n---\n# Spam Policy\n\n## INSTRUCTIONS\nAnswer 0 or 1.\n\n## VIOLATES (1)\n- PR1.a Unsolicited promotion.\n\n## DOES NOT VIOLATE (0)\n- PR0.a Personal messages.\n";
+
+#[tokio::test]
+async fn appeals_and_reviews_keep_the_policy_front_matter() {
+    let h = Harness::start(|_| {}).await;
+    let key = h.key(&["policies:write", "classify"]).await;
+    let reviewer = h.key(&["review"]).await;
+    let (status, stored) = h.call("POST", "/v1/policies", Some(&key), Some(json!({"text": FRONT_MATTER_POLICY}))).await;
+    assert_eq!(status, 201, "{stored}");
+    let classify = json!({"text": "hello there", "policies": ["promo-guard"]});
+    let (status, original) = h.call("POST", "/v1/classify", Some(&key), Some(classify)).await;
+    assert_eq!(status, 200, "{original}");
+    assert_eq!(original["outcome"], "needs_review", "\"0\" is not one of the declared labels: {original}");
+
+    let id = original["decision_id"].as_str().unwrap();
+    let (status, appeal) = h.call("POST", &format!("/v1/decisions/{id}/appeal"), Some(&key), None).await;
+    assert_eq!(status, 200, "{appeal}");
+    let decision = &appeal["decision"];
+    assert_eq!(decision["effort"], "high");
+    assert_eq!(decision["policies"][0]["name"], "promo-guard", "the front matter names the policy: {decision}");
+    assert_eq!(decision["policies"][0]["hash"], stored["hash"], "{decision}");
+    assert_eq!(decision["verdicts"][0]["policy"], "promo-guard", "{decision}");
+    assert_eq!(
+        (decision["outcome"].as_str(), decision["verdicts"][0]["outcome"].as_str()),
+        (Some("needs_review"), Some("needs_review")),
+        "judged by the declared labels, as the original was, not as a binary policy: {decision}"
+    );
+
+    let appealed = decision["decision_id"].as_str().unwrap();
+    let (_, queue) = h.call("GET", "/v1/reviews?limit=100", Some(&reviewer), None).await;
+    let mut queued: Vec<(&str, i64)> = queue["reviews"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["decision_id"] == appealed)
+        .map(|r| (r["kind"].as_str().unwrap(), r["priority"].as_i64().unwrap()))
+        .collect();
+    queued.sort();
+    assert_eq!(queued, vec![("appeal", 10), ("review", 5)], "high_risk still jumps the review queue: {queue}");
+
+    let review_id = appeal["review_id"].as_str().unwrap();
+    let (status, item) = h.call("GET", &format!("/v1/reviews/{review_id}"), Some(&reviewer), None).await;
+    assert_eq!(status, 200, "{item}");
+    assert_eq!(item["policies"][0]["name"], "promo-guard", "{item}");
+    assert_eq!(item["policies"][0]["rule_ids"], json!(["PR0.a", "PR1.a"]), "{item}");
+    let decide = json!({"outcome": "allow", "rationale": "A greeting.", "rule_id": "PR0.a"});
+    let (status, decided) =
+        h.call("POST", &format!("/v1/reviews/{review_id}/decide"), Some(&reviewer), Some(decide)).await;
+    assert_eq!((status, &decided["policy_hash"]), (200, &stored["hash"]), "{decided}");
+
+    // A decision judged under a version this server does not have: the appeal cannot be run, and says so.
+    let mut orphan = h.store.get_decision(id).await.unwrap().unwrap();
+    orphan.id = "00000000-0000-4000-8000-000000000001".into();
+    orphan.policy_hashes = vec![format!("sha256:{}", "0".repeat(64))];
+    h.store.insert_decision(&orphan, None).await.unwrap();
+    let (status, body) = h.call("POST", &format!("/v1/decisions/{}/appeal", orphan.id), Some(&key), None).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (409, Some("conflict")), "{body}");
+}
+
 #[tokio::test]
 async fn keyless_servers_only_on_loopback() {
     let dir = tempfile::tempdir().unwrap();

@@ -8,8 +8,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::consumer;
-use futures::StreamExt;
 use safeguard_core::{EmbeddedConfig, EmbeddedReasoner, Reasoner};
 use safeguard_engine::EngineConfig;
 use safeguard_engine::llama::LlamaEngine;
@@ -19,15 +17,15 @@ use safeguard_server::{NatsConfig, NatsIngest, RunningServer, Server, ServerConf
 use safeguard_store::Store;
 use serde_json::{Value, json};
 
-const URL: &str = "127.0.0.1:4222";
+#[path = "../../pipeline/tests/support/nats.rs"]
+mod nats_support;
+
+use nats_support::{URL, delete_streams, nats_up, published};
+
 const ADMIN: &str = "nats-admin";
 
 /// A binary policy whose triage rules deny "free bitcoin" and allow "happy birthday".
 const POLICY: &str = include_str!("fixtures/promo_policy.md");
-
-fn nats_up() -> bool {
-    std::net::TcpStream::connect_timeout(&URL.parse().unwrap(), Duration::from_secs(1)).is_ok()
-}
 
 async fn start(store: Store, reasoner: Arc<dyn Reasoner>, nats: NatsConfig) -> (RunningServer, String) {
     let config = ServerConfig {
@@ -58,19 +56,6 @@ async fn stored(http: &reqwest::Client, base: &str) -> HashMap<String, Vec<Value
         }
     }
     by_key
-}
-
-async fn published(bus: &Bus) -> HashMap<String, Vec<DecisionEvent>> {
-    let stream = bus.js.get_stream(&bus.config.decision_stream).await.unwrap();
-    let reader: consumer::PullConsumer = stream.create_consumer(consumer::pull::Config::default()).await.unwrap();
-    let mut events: HashMap<String, Vec<DecisionEvent>> = HashMap::new();
-    let messages = reader.fetch().max_messages(10_000).expires(Duration::from_secs(1)).messages().await.unwrap();
-    let mut messages = std::pin::pin!(messages);
-    while let Some(Ok(message)) = messages.next().await {
-        let event: DecisionEvent = serde_json::from_slice(&message.payload).unwrap();
-        events.entry(event.key.clone()).or_default().push(event);
-    }
-    events
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,7 +161,5 @@ async fn nats_events_are_decided_stored_once_and_survive_a_server_crash() {
     assert!(metrics.contains("safeguard_items_total{route=\"nats\"}"), "{metrics}");
 
     server.shutdown().await.unwrap();
-    for name in [&nats.work_stream, &nats.decision_stream, &nats.decided_stream] {
-        let _ = producer.js.delete_stream(name).await;
-    }
+    delete_streams(&producer).await;
 }
