@@ -23,11 +23,12 @@ mod reviews;
 mod webhooks;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
-use sqlx::{AnyPool, Executor};
+use sqlx::{AnyPool, Executor, Row};
 
 pub use decisions::{DecisionFilter, DecisionRecord};
 pub use group_commit::{GroupCommit, GroupCommitStats};
@@ -83,6 +84,8 @@ pub struct StoreOptions {
     pub group_commit: GroupCommit,
     /// SQLite only: when a commit counts as done. PostgreSQL's is its server's `synchronous_commit`.
     pub sqlite_sync: SqliteSync,
+    /// SQLite only: how often the background checkpointer runs ([`CHECKPOINT_EVERY`]).
+    pub checkpoint_every: Duration,
 }
 
 impl Default for StoreOptions {
@@ -92,6 +95,7 @@ impl Default for StoreOptions {
             max_connections: 8,
             group_commit: GroupCommit::default(),
             sqlite_sync: SqliteSync::default(),
+            checkpoint_every: CHECKPOINT_EVERY,
         }
     }
 }
@@ -138,39 +142,111 @@ pub struct Store {
     pool: AnyPool,
     backend: Backend,
     decision_writer: group_commit::DecisionWriter,
+    checkpoints: Arc<CheckpointCounters>,
     /// Background tasks of this store (the SQLite checkpointer) stop once the last clone is dropped.
     _alive: Arc<()>,
 }
 
 /// How often the SQLite checkpointer folds the write-ahead log back into the database. Each checkpoint flushes
 /// the database file, and on ext4 that flush briefly holds up every other write to the file system, commits
-/// included. At 1000 decisions/s on the 2-core test VM (`examples/insert_latency`): every 500 ms gave p99 3–4 ms,
-/// every 5 s made each stall long (max 50 ms), every 2 s gave p99 1.2–4 ms depending on the machine's other load.
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
+/// included. At 1000 decisions/s on the 2-core test VM: every 500 ms gave p99 3–4 ms, every 5 s made each stall
+/// long (max 50 ms), every 2 s gave p99 1.2–4 ms depending on the machine's other load (`examples/insert_latency`);
+/// with the log restarted each time, 250 ms and 500 ms were again worse than 2 s (`safeguard bench server
+/// --checkpoint-ms`).
+pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 /// SQLite's own checkpoint trigger, in pages (4 KiB), kept only as a bound in case the checkpointer cannot run:
-/// 2 s at 1000 decisions/s is about 8000 pages.
+/// 2 s at 1000 decisions/s is about 36,000 pages of 1 KiB.
 const WAL_AUTOCHECKPOINT_PAGES: u32 = 100_000;
+/// How long the restarting checkpoint may hold new commits back while it waits for the current writer and for
+/// readers of the old log. Past it the checkpoint gives up until the next tick; commits waiting meanwhile
+/// stall for at most this long.
+const RESTART_WAIT_MS: u32 = 20;
+/// Page size of new SQLite databases, in bytes.
+///
+/// Every commit writes each page it touched to the write-ahead log in full, and storing one decision touches
+/// about 13 (three tables and their eight indexes). With SQLite's default 4 KiB pages that was 53 KiB of log per
+/// decision, 50 MB/s at 1000 decisions/s, all of which a checkpoint has to flush. 1 KiB pages write 18 KiB per
+/// decision: rows of a few KiB spill into overflow pages, which costs reads of big rows a little, and the commit
+/// path, which every request waits on, much less (store p99 at 1000/s: 1.4–2.3 ms against 2.0–2.8 ms).
+const SQLITE_PAGE_SIZE: u32 = 1024;
+/// What every SQLite connection waits for a lock before it reports the database busy.
+const BUSY_TIMEOUT_MS: u32 = 10_000;
 
-/// SQLite: checkpoints off the commit path.
+/// What the SQLite checkpointer did since the store opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CheckpointStats {
+    /// Ticks that ran a checkpoint.
+    pub checkpoints: u64,
+    /// Checkpoints after which the next commit starts the write-ahead log from its beginning again.
+    pub restarts: u64,
+    /// Restarts given up because a writer or a reader held on longer than the checkpointer may wait.
+    pub busy: u64,
+    /// Pages in the write-ahead log at the last checkpoint.
+    pub last_log_pages: u64,
+}
+
+#[derive(Default)]
+struct CheckpointCounters {
+    checkpoints: AtomicU64,
+    restarts: AtomicU64,
+    busy: AtomicU64,
+    last_log_pages: AtomicU64,
+}
+
+/// SQLite: checkpoints off the commit path, and a write-ahead log that starts over.
 ///
 /// By default SQLite checkpoints inside whichever commit pushes the write-ahead log past 1000 pages, and a
 /// checkpoint flushes the log and the database to disk (about 4 ms each here) even with `synchronous = NORMAL`.
 /// With several pages per decision that was one request in a few hundred waiting: p99 56 ms for decisions stored
-/// at 1000/s. A passive checkpoint on its own connection lets commits go on meanwhile.
-fn start_checkpointer(pool: AnyPool, alive: Weak<()>) {
+/// at 1000/s. So a background task checkpoints instead, in two steps:
+///
+/// 1. A passive checkpoint copies the bulk of the log into the database while commits go on.
+/// 2. A restarting one copies what arrived meanwhile and makes the next commit write the log from its start.
+///    It holds new commits back while it runs, so it waits at most [`RESTART_WAIT_MS`] for the lock.
+///
+/// Passive checkpoints alone never restart the log while commits keep arriving: each one ends behind the
+/// newest commit, so the log file only grows (350 MB after 15 s at 1000 decisions/s, measured), and every
+/// append grows the file, which on ext4 waits behind the checkpoint's flush.
+fn start_checkpointer(pool: AnyPool, every: Duration, counters: Arc<CheckpointCounters>, alive: Weak<()>) {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+        let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             if alive.strong_count() == 0 || pool.is_closed() {
                 break;
             }
-            if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
+            if let Err(error) = checkpoint(&pool, &counters).await {
                 tracing::warn!(%error, "WAL checkpoint failed; SQLite's own checkpoint still bounds the log");
             }
         }
     });
+}
+
+#[tracing::instrument(skip_all)]
+async fn checkpoint(pool: &AnyPool, counters: &CheckpointCounters) -> std::result::Result<(), sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let passive = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&mut *conn).await?;
+    let log_pages: i64 = passive.try_get(1)?;
+    counters.checkpoints.fetch_add(1, Ordering::Relaxed);
+    counters.last_log_pages.store(log_pages.max(0) as u64, Ordering::Relaxed);
+
+    conn.execute(sqlx::AssertSqlSafe(format!("PRAGMA busy_timeout = {RESTART_WAIT_MS}"))).await?;
+    let restart = sqlx::query("PRAGMA wal_checkpoint(RESTART)").fetch_one(&mut *conn).await;
+    let restored = conn.execute(sqlx::AssertSqlSafe(format!("PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}"))).await;
+    if restored.is_err() {
+        // A connection that would give up on locks after 20 ms must not serve the next query.
+        conn.close_on_drop();
+    }
+    let busy: i64 = restart?.try_get(0)?;
+    if busy == 0 {
+        counters.restarts.fetch_add(1, Ordering::Relaxed);
+    } else {
+        counters.busy.fetch_add(1, Ordering::Relaxed);
+    }
+    tracing::debug!(log_pages, busy, "checkpointed");
+    restored?;
+    Ok(())
 }
 
 impl std::fmt::Debug for Store {
@@ -251,9 +327,12 @@ impl Store {
                     .test_before_acquire(false)
                     .after_connect(move |conn, _meta| {
                         Box::pin(async move {
+                            // Takes effect only when this creates the file; an existing database keeps its size.
+                            conn.execute(sqlx::AssertSqlSafe(format!("PRAGMA page_size = {SQLITE_PAGE_SIZE}"))).await?;
                             // WAL lets readers proceed during writes; busy_timeout turns writer contention into waiting.
                             conn.execute("PRAGMA journal_mode = WAL").await?;
-                            conn.execute("PRAGMA busy_timeout = 10000").await?;
+                            conn.execute(sqlx::AssertSqlSafe(format!("PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")))
+                                .await?;
                             conn.execute(sync).await?;
                             conn.execute(sqlx::AssertSqlSafe(format!(
                                 "PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}"
@@ -269,10 +348,16 @@ impl Store {
         };
         let decision_writer = group_commit::DecisionWriter::start(pool.clone(), backend, options.group_commit);
         let alive = Arc::new(());
+        let checkpoints = Arc::new(CheckpointCounters::default());
         if backend == Backend::Sqlite {
-            start_checkpointer(pool.clone(), Arc::downgrade(&alive));
+            start_checkpointer(
+                pool.clone(),
+                options.checkpoint_every,
+                Arc::clone(&checkpoints),
+                Arc::downgrade(&alive),
+            );
         }
-        let store = Store { pool, backend, decision_writer, _alive: alive };
+        let store = Store { pool, backend, decision_writer, checkpoints, _alive: alive };
         migrate::run(&store).await?;
         Ok(store)
     }
@@ -288,6 +373,17 @@ impl Store {
     /// How many transactions the decision writer committed, for how many rows.
     pub fn group_commit_stats(&self) -> GroupCommitStats {
         self.decision_writer.stats()
+    }
+
+    /// What the SQLite checkpointer did; all zero on PostgreSQL.
+    pub fn checkpoint_stats(&self) -> CheckpointStats {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        CheckpointStats {
+            checkpoints: load(&self.checkpoints.checkpoints),
+            restarts: load(&self.checkpoints.restarts),
+            busy: load(&self.checkpoints.busy),
+            last_log_pages: load(&self.checkpoints.last_log_pages),
+        }
     }
 
     /// True when a trivial query round-trips within `timeout`.

@@ -127,6 +127,78 @@ async fn group_commit_can_be_turned_off() {
     assert_eq!(s.group_commit_stats(), safeguard_store::GroupCommitStats::default());
 }
 
+/// Passive checkpoints alone never catch up with a writer that never pauses, and the log file then grows for as
+/// long as the load lasts. The checkpointer restarts the log instead: its file stays the size of one interval's
+/// commits, far below what all of them wrote, and no connection is left with the checkpointer's short lock wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_write_ahead_log_starts_over_under_continuous_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("busy.db");
+    let options = StoreOptions { checkpoint_every: std::time::Duration::from_millis(40), ..Default::default() };
+    let store = Store::open_sqlite_with(&path, options).await.unwrap();
+    let writing = std::time::Instant::now();
+    let mut writers = Vec::new();
+    for writer in 0..2 {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            let mut i = 0;
+            while writing.elapsed() < std::time::Duration::from_secs(3) {
+                let id = format!("w{writer}-{i}");
+                store.insert_decision(&decision(&id, "allow", "spam", None), Some(&["r".into()])).await.unwrap();
+                i += 1;
+            }
+        }));
+    }
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let stats = store.checkpoint_stats();
+    assert!(stats.restarts >= 2, "the log was never restarted: {stats:?}");
+    let commits = store.group_commit_stats().commits;
+    let page_size = {
+        let row = sqlx::query("PRAGMA page_size").fetch_one(store.pool()).await.unwrap();
+        sqlx::Row::try_get::<i64, _>(&row, 0).unwrap() as u64
+    };
+    // Each commit writes at least 9 pages (three tables, their indexes); without restarts the file holds them all.
+    let wal = std::fs::metadata(dir.path().join("busy.db-wal")).unwrap().len();
+    let written_at_least = commits * 9 * page_size;
+    assert!(wal * 3 < written_at_least, "log file {wal} B after {commits} commits ({written_at_least} B written)");
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut conn = store.pool().acquire().await.unwrap();
+        let row = sqlx::query("PRAGMA busy_timeout").fetch_one(&mut *conn).await.unwrap();
+        assert_eq!(sqlx::Row::try_get::<i64, _>(&row, 0).unwrap(), 10_000);
+        held.push(conn);
+    }
+}
+
+/// New SQLite databases get small pages (each commit writes whole pages to the log); a database created with
+/// other pages keeps them and works as before.
+#[tokio::test]
+async fn new_sqlite_databases_get_small_pages_and_existing_ones_keep_theirs() {
+    let dir = tempfile::tempdir().unwrap();
+    let page_size = |store: Store| async move {
+        let row = sqlx::query("PRAGMA page_size").fetch_one(store.pool()).await.unwrap();
+        sqlx::Row::try_get::<i64, _>(&row, 0).unwrap()
+    };
+    let fresh = Store::open_sqlite(&dir.path().join("fresh.db")).await.unwrap();
+    assert_eq!(page_size(fresh.clone()).await, 1024);
+
+    let old_path = dir.path().join("old.db");
+    {
+        use sqlx::Connection;
+        let mut conn =
+            sqlx::SqliteConnection::connect(&format!("sqlite://{}?mode=rwc", old_path.display())).await.unwrap();
+        sqlx::query("PRAGMA page_size = 4096").execute(&mut conn).await.unwrap();
+        sqlx::query("CREATE TABLE before_safeguard (x INTEGER)").execute(&mut conn).await.unwrap();
+        conn.close().await.unwrap();
+    }
+    let old = Store::open_sqlite(&old_path).await.unwrap();
+    assert_eq!(page_size(old.clone()).await, 4096);
+    old.insert_decision(&decision("old-1", "allow", "spam", None), None).await.unwrap();
+    assert!(old.get_decision("old-1").await.unwrap().is_some());
+}
+
 #[tokio::test]
 async fn migrations_are_idempotent_and_ping_works() {
     let dir = tempfile::tempdir().unwrap();

@@ -37,6 +37,9 @@ pub struct ServerArgs {
     /// on every request.
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     pub lookup_ttl_ms: u64,
+    /// How often SQLite's log is checkpointed (`serve --checkpoint-ms`).
+    #[arg(long, default_value_t = safeguard_store::CHECKPOINT_EVERY.as_millis() as u64, value_name = "MS")]
+    pub checkpoint_ms: u64,
 }
 
 pub fn run(args: ServerArgs) -> anyhow::Result<ExitCode> {
@@ -152,7 +155,11 @@ async fn measure(args: ServerArgs) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(&data)?;
     let store = Store::open_sqlite_with(
         &data.join("bench.db"),
-        StoreOptions { sqlite_sync: args.sqlite_sync, ..StoreOptions::default() },
+        StoreOptions {
+            sqlite_sync: args.sqlite_sync,
+            checkpoint_every: Duration::from_millis(args.checkpoint_ms.max(1)),
+            ..StoreOptions::default()
+        },
     )
     .await?;
     let config = ServerConfig {
@@ -162,7 +169,7 @@ async fn measure(args: ServerArgs) -> anyhow::Result<ExitCode> {
         lookup_ttl: Duration::from_millis(args.lookup_ttl_ms),
         ..ServerConfig::default()
     };
-    let server = Server::start(config, reasoner, store).await?;
+    let server = Server::start(config, reasoner, store.clone()).await?;
     let client = reqwest::Client::builder().pool_max_idle_per_host(512).build()?;
 
     let direct_body = json!({"model": "openai/gpt-oss-safeguard-20b", "reasoning_effort": "low", "max_tokens": 2048,
@@ -177,6 +184,7 @@ async fn measure(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let served =
         open_loop(&client, &format!("http://{}/v1/classify", server.addr), &classify_body, args.requests, args.rate)
             .await?;
+    let checkpoints = store.checkpoint_stats();
     server.shutdown().await?;
     let _ = std::fs::remove_dir_all(&data);
 
@@ -202,6 +210,8 @@ async fn measure(args: ServerArgs) -> anyhow::Result<ExitCode> {
         "server_stages_ms": stage_json,
         "sqlite_sync": format!("{:?}", args.sqlite_sync).to_lowercase(),
         "lookup_ttl_ms": args.lookup_ttl_ms,
+        "sqlite_checkpoints": {"ticks": checkpoints.checkpoints, "log_restarts": checkpoints.restarts,
+            "restart_busy": checkpoints.busy, "last_log_pages": checkpoints.last_log_pages},
         "goal_p99_overhead_ms": 2.0,
     });
     if args.json {
@@ -229,6 +239,10 @@ async fn measure(args: ServerArgs) -> anyhow::Result<ExitCode> {
                 mean(samples)
             );
         }
+        println!(
+            "  SQLite checkpoints: {} (log restarted {} times, {} gave way to readers); last one found {} log pages",
+            checkpoints.checkpoints, checkpoints.restarts, checkpoints.busy, checkpoints.last_log_pages
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
