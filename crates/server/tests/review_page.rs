@@ -241,6 +241,21 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        // Killing chromedriver alone orphans its Chromium, which then runs on after the tests (seen: a dozen
+        // processes still up half an hour later). Ending the session makes chromedriver close it first. Drop
+        // cannot await, so this is a plain blocking HTTP request.
+        let host = self.base.trim_start_matches("http://");
+        if let Ok(mut stream) = std::net::TcpStream::connect(host) {
+            use std::io::{Read, Write};
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            let request = format!(
+                "DELETE /session/{} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+                self.session
+            );
+            if stream.write_all(request.as_bytes()).is_ok() {
+                let _ = stream.read_to_end(&mut Vec::new());
+            }
+        }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
