@@ -154,7 +154,7 @@ pub struct Store {
 /// with the log restarted each time, 250 ms and 500 ms were again worse than 2 s (`safeguard bench server
 /// --checkpoint-ms`).
 pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
-/// SQLite's own checkpoint trigger, in pages (4 KiB), kept only as a bound in case the checkpointer cannot run:
+/// SQLite's own checkpoint trigger, in pages, kept only as a bound in case the checkpointer cannot run:
 /// 2 s at 1000 decisions/s is about 36,000 pages of 1 KiB.
 const WAL_AUTOCHECKPOINT_PAGES: u32 = 100_000;
 /// How long the restarting checkpoint may hold new commits back while it waits for the current writer and for

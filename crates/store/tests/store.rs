@@ -127,6 +127,11 @@ async fn group_commit_can_be_turned_off() {
     assert_eq!(s.group_commit_stats(), safeguard_store::GroupCommitStats::default());
 }
 
+async fn page_size(store: &Store) -> i64 {
+    let row = sqlx::query("PRAGMA page_size").fetch_one(store.pool()).await.unwrap();
+    sqlx::Row::try_get::<i64, _>(&row, 0).unwrap()
+}
+
 /// Passive checkpoints alone never catch up with a writer that never pauses, and the log file then grows for as
 /// long as the load lasts. The checkpointer restarts the log instead: its file stays the size of one interval's
 /// commits, far below what all of them wrote, and no connection is left with the checkpointer's short lock wait.
@@ -155,10 +160,7 @@ async fn the_write_ahead_log_starts_over_under_continuous_writes() {
     let stats = store.checkpoint_stats();
     assert!(stats.restarts >= 2, "the log was never restarted: {stats:?}");
     let commits = store.group_commit_stats().commits;
-    let page_size = {
-        let row = sqlx::query("PRAGMA page_size").fetch_one(store.pool()).await.unwrap();
-        sqlx::Row::try_get::<i64, _>(&row, 0).unwrap() as u64
-    };
+    let page_size = page_size(&store).await as u64;
     // Each commit writes at least 9 pages (three tables, their indexes); without restarts the file holds them all.
     let wal = std::fs::metadata(dir.path().join("busy.db-wal")).unwrap().len();
     let written_at_least = commits * 9 * page_size;
@@ -177,12 +179,8 @@ async fn the_write_ahead_log_starts_over_under_continuous_writes() {
 #[tokio::test]
 async fn new_sqlite_databases_get_small_pages_and_existing_ones_keep_theirs() {
     let dir = tempfile::tempdir().unwrap();
-    let page_size = |store: Store| async move {
-        let row = sqlx::query("PRAGMA page_size").fetch_one(store.pool()).await.unwrap();
-        sqlx::Row::try_get::<i64, _>(&row, 0).unwrap()
-    };
     let fresh = Store::open_sqlite(&dir.path().join("fresh.db")).await.unwrap();
-    assert_eq!(page_size(fresh.clone()).await, 1024);
+    assert_eq!(page_size(&fresh).await, 1024);
 
     let old_path = dir.path().join("old.db");
     {
@@ -194,7 +192,7 @@ async fn new_sqlite_databases_get_small_pages_and_existing_ones_keep_theirs() {
         conn.close().await.unwrap();
     }
     let old = Store::open_sqlite(&old_path).await.unwrap();
-    assert_eq!(page_size(old.clone()).await, 4096);
+    assert_eq!(page_size(&old).await, 4096);
     old.insert_decision(&decision("old-1", "allow", "spam", None), None).await.unwrap();
     assert!(old.get_decision("old-1").await.unwrap().is_some());
 }
