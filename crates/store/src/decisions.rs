@@ -2,7 +2,8 @@
 
 use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
-use sqlx::{Any, AnyPool, Row, Transaction};
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, Row, Transaction};
 
 use crate::{Result, Store, from_json, to_json};
 
@@ -132,8 +133,10 @@ pub(crate) async fn insert_decision_tx(
 /// there and back: five for one decision in a transaction, which was most of what storing a decision cost once
 /// commits stopped waiting for the disk. One query is one trip whatever the batch size. The numbered parameters
 /// (`$n`) address the bound values across all statements of the query.
+///
+/// On failure the connection is marked to close when dropped: the caller must not keep it.
 pub(crate) async fn insert_decisions_sqlite(
-    pool: &AnyPool,
+    conn: &mut PoolConnection<Any>,
     rows: &[(&DecisionRecord, Option<&[String]>)],
 ) -> Result<()> {
     let mut sql = String::from("BEGIN IMMEDIATE;\n");
@@ -197,11 +200,10 @@ pub(crate) async fn insert_decisions_sqlite(
         }
     }
 
-    let mut conn = pool.acquire().await?;
-    if let Err(error) = query.execute(&mut *conn).await {
+    if let Err(error) = query.execute(&mut **conn).await {
         // A statement failed part-way and left the transaction open on this connection; undo it, and do not give
         // the connection back to the pool in a state nobody can vouch for.
-        let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
+        let _ = sqlx::query("ROLLBACK").execute(&mut **conn).await;
         conn.close_on_drop();
         return Err(error.into());
     }

@@ -10,12 +10,18 @@
 //! slower the commit, the bigger the batch, and an idle server pays no waiting. The writer can also linger for
 //! more rows once a second one is waiting; that is off by default, because a tokio timer rounds up to a whole
 //! millisecond, more than a commit costs unless every commit waits for the disk.
+//!
+//! On SQLite the writer keeps one connection for all its commits. A SQLite connection empties its page cache
+//! whenever another connection wrote since its own last transaction, and the pool hands out its idle
+//! connections in turn, so each commit on a pooled connection first read back every page it was about to
+//! change (about 13 per decision, one system call each) and emptied its cache again.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use sqlx::AnyPool;
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, AnyPool};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -116,7 +122,18 @@ async fn run(
     counters: Arc<Counters>,
 ) {
     let max_batch = config.max_batch.max(1);
-    while let Some(first) = receiver.recv().await {
+    // With a single connection in the pool, holding it would starve every other query.
+    let mut writer_connection =
+        WriterConnection { held: None, keep: backend == Backend::Sqlite && pool.options().get_max_connections() > 1 };
+    let closing = pool.close_event();
+    tokio::pin!(closing);
+    loop {
+        let first = tokio::select! {
+            next = receiver.recv() => next,
+            // `Pool::close` waits for every connection to come back, the held one included.
+            () = &mut closing => None,
+        };
+        let Some(first) = first else { break };
         let mut batch = vec![first];
         while batch.len() < max_batch {
             match receiver.try_recv() {
@@ -135,12 +152,65 @@ async fn run(
         }
         counters.commits.fetch_add(1, Ordering::Relaxed);
         counters.rows.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        commit(&pool, backend, batch).await;
+        commit(&pool, backend, &mut writer_connection, batch).await;
+    }
+    // The queue goes first: once the held connection is back, `Pool::close` returns, and an insert after that
+    // must find the writer gone and report the closed pool rather than wait on a writer that will not answer.
+    drop(receiver);
+    drop(writer_connection);
+}
+
+/// The SQLite writer's own connection, taken from the pool at its first commit and kept while commits succeed.
+struct WriterConnection {
+    held: Option<PoolConnection<Any>>,
+    keep: bool,
+}
+
+impl WriterConnection {
+    async fn write(&mut self, pool: &AnyPool, rows: &[(&DecisionRecord, Option<&[String]>)]) -> Result<()> {
+        let mut conn = match self.held.take() {
+            Some(conn) => conn,
+            None => pool.acquire().await?,
+        };
+        let result = insert_decisions_sqlite(&mut conn, rows).await;
+        // After a failure the connection is marked to close; dropping it here does that, and the next commit
+        // takes a fresh one.
+        if result.is_ok() && self.keep {
+            self.held = Some(conn);
+        }
+        result
     }
 }
 
 #[tracing::instrument(skip_all, fields(rows = batch.len()))]
-async fn commit(pool: &AnyPool, backend: Backend, batch: Vec<Pending>) {
+async fn commit(pool: &AnyPool, backend: Backend, writer: &mut WriterConnection, batch: Vec<Pending>) {
+    if backend == Backend::Sqlite {
+        let result = {
+            let rows: Vec<_> = batch.iter().map(|p| (&p.decision, p.reasoning.as_deref())).collect();
+            writer.write(pool, &rows).await
+        };
+        match result {
+            Ok(()) => {
+                for pending in batch {
+                    let _ = pending.committed.send(Ok(()));
+                }
+            }
+            Err(error) if batch.len() == 1 => {
+                if let Some(pending) = batch.into_iter().next() {
+                    let _ = pending.committed.send(Err(error));
+                }
+            }
+            Err(error) => {
+                // One bad row (a duplicate id, say) must not fail its neighbours.
+                tracing::debug!(%error, "group commit failed; writing its rows one by one");
+                for pending in batch {
+                    let result = writer.write(pool, &[(&pending.decision, pending.reasoning.as_deref())]).await;
+                    let _ = pending.committed.send(result);
+                }
+            }
+        }
+        return;
+    }
     if batch.len() == 1 {
         for pending in batch {
             let result = write_one(pool, backend, &pending.decision, pending.reasoning.as_deref()).await;
@@ -166,11 +236,9 @@ async fn commit(pool: &AnyPool, backend: Backend, batch: Vec<Pending>) {
     }
 }
 
+/// PostgreSQL: one transaction for the batch.
 async fn write_batch(pool: &AnyPool, backend: Backend, batch: &[Pending]) -> Result<()> {
-    if backend == Backend::Sqlite {
-        let rows: Vec<_> = batch.iter().map(|p| (&p.decision, p.reasoning.as_deref())).collect();
-        return insert_decisions_sqlite(pool, &rows).await;
-    }
+    debug_assert_eq!(backend, Backend::Postgres);
     let mut tx = pool.begin().await?;
     for pending in batch {
         insert_decision_tx(&mut tx, &pending.decision, pending.reasoning.as_deref()).await?;
@@ -186,7 +254,8 @@ pub(crate) async fn write_one(
     reasoning: Option<&[String]>,
 ) -> Result<()> {
     if backend == Backend::Sqlite {
-        return insert_decisions_sqlite(pool, &[(decision, reasoning)]).await;
+        let mut conn = pool.acquire().await?;
+        return insert_decisions_sqlite(&mut conn, &[(decision, reasoning)]).await;
     }
     let mut tx = pool.begin().await?;
     insert_decision_tx(&mut tx, decision, reasoning).await?;

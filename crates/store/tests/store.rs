@@ -127,6 +127,46 @@ async fn group_commit_can_be_turned_off() {
     assert_eq!(s.group_commit_stats(), safeguard_store::GroupCommitStats::default());
 }
 
+/// SQLite: the group-commit writer keeps one connection (its page cache stays warm between commits), gives it
+/// back when the pool closes, and holds none when the pool has only one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_writer_keeps_its_connection_and_lets_go_of_it_on_close() {
+    use std::time::Duration;
+    for max_connections in [1, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("writer.db").display());
+        let options =
+            StoreOptions { max_connections, checkpoint_every: Duration::from_secs(3600), ..Default::default() };
+        let s = Store::connect(&url, options).await.unwrap();
+        for i in 0..20 {
+            let id = format!("w-{max_connections}-{i}");
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                s.insert_decision(&decision(&id, "allow", "spam", None), None),
+            )
+            .await
+            .expect("an insert finishes within 10 s")
+            .unwrap();
+            // Reads still get a connection, the single one included.
+            let read = tokio::time::timeout(Duration::from_secs(10), s.get_decision(&id)).await;
+            assert!(read.expect("a read finishes within 10 s").unwrap().is_some());
+        }
+        // Everything but the writer's connection can be taken at once, and no more.
+        let available = if max_connections == 1 { 1 } else { max_connections - 1 };
+        let mut taken = Vec::new();
+        for _ in 0..available {
+            let conn = tokio::time::timeout(Duration::from_secs(10), s.pool().acquire()).await;
+            taken.push(conn.expect("a free connection is handed out at once").unwrap());
+        }
+        let one_more = tokio::time::timeout(Duration::from_millis(300), s.pool().acquire()).await;
+        assert!(one_more.is_err(), "{max_connections} connections: the writer should hold one");
+        drop(taken);
+        tokio::time::timeout(Duration::from_secs(10), s.close()).await.expect("closing finishes within 10 s");
+        let err = s.insert_decision(&decision("after-close", "allow", "spam", None), None).await.unwrap_err();
+        assert!(err.to_string().contains("closed"), "{err}");
+    }
+}
+
 async fn page_size(store: &Store) -> i64 {
     let row = sqlx::query("PRAGMA page_size").fetch_one(store.pool()).await.unwrap();
     sqlx::Row::try_get::<i64, _>(&row, 0).unwrap()
