@@ -329,6 +329,7 @@ fn allow_everything_head(encoder: Arc<safeguard_triage::LoadedEncoder>) -> safeg
         threshold: 0.0,
         bias: -5.0,
         weights: vec![0.1; dim],
+        neighbours: None,
         training: HeadTraining {
             items: 0,
             violations: 0,

@@ -270,6 +270,37 @@ fn embedding_head_trains_with_aux_data_and_eval_reports_it() {
     assert!(report["recall"].as_f64().unwrap() >= 0.95, "{report}");
     assert!(report["skip_rate"].as_f64().unwrap() > 0.5, "{report}");
 
+    // Without the vote (the default) the head's threshold keeps --target-recall and no rows are stored.
+    assert!(head["neighbours"].is_null() && !model.join("embedding_head_neighbours.bin").exists(), "{head}");
+    assert_eq!(head["target_recall"], 0.95);
+
+    // With it, the rows are stored beside the head, its threshold keeps half the misses out of fold unless
+    // --head-target-recall says otherwise, and eval reports the vote.
+    for (extra, target) in [(None, 0.975), (Some("0.9"), 0.9)] {
+        let voting = dir.path().join("voting");
+        let mut args = vec!["triage", "train", "--policy", policy.to_str().unwrap(), "--dataset", data_s, "--out"];
+        args.extend([voting.to_str().unwrap(), "--hash-bits", "12", "--target-recall", "0.95", "--folds", "3"]);
+        args.extend(["--embedding-head", "--head-neighbours", "3", "--head-neighbour-weight", "5"]);
+        if let Some(explicit) = extra {
+            args.extend(["--head-target-recall", explicit]);
+        }
+        args.extend(fields);
+        let out = safeguard(&args);
+        assert!(out.status.success(), "train failed: {}", stderr(&out));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("neighbour vote k 3  weight 5"));
+        let head: Value = serde_json::from_slice(&std::fs::read(voting.join("embedding_head.json")).unwrap()).unwrap();
+        assert_eq!((head["neighbours"]["k"].as_u64(), head["neighbours"]["items"].as_u64()), (Some(3), Some(48)));
+        assert_eq!(head["target_recall"], target, "{head}");
+        assert!(voting.join("embedding_head_neighbours.bin").is_file());
+        let mut args =
+            vec!["triage", "eval", "--model", voting.to_str().unwrap(), "--dataset", data_s, "--format", "json"];
+        args.extend(fields);
+        let out = safeguard(&args);
+        assert!(out.status.success(), "eval failed: {}", stderr(&out));
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["embedding_head"]["neighbours"]["k"], 3, "{report}");
+    }
+
     // A model without a head reports none.
     let plain = dir.path().join("plain");
     let args = ["triage", "train", "--policy", policy.to_str().unwrap(), "--dataset", data_s, "--out"];

@@ -2,8 +2,15 @@
 //! `safeguard-embed`) that gates triage's "confidently benign" band. Its threshold keeps the target recall
 //! on out-of-fold scores of the primary (deployed-domain) datasets; auxiliary data only adds training signal.
 //!
-//! Stored as `embedding_head.json` beside `model.json`. The head is only meaningful with the exact encoder
-//! it was trained on, so it records the encoder's fingerprint and loading refuses any other encoder.
+//! Optionally the head also takes a vote of the item's nearest labelled neighbours among the calibration
+//! items: `score = logit + weight · (violation share of the k nearest − violation share overall)`. The vote
+//! catches violations that sit in small clusters a linear boundary cuts through. On ToxicChat it raised
+//! out-of-fold skip but moved test recall and skip in opposite directions depending on the recall target
+//! (BENCHMARKS.md, session 11), so it is an option, not the default.
+//!
+//! Stored as `embedding_head.json` beside `model.json`, with the neighbours' embeddings and labels in
+//! `embedding_head_neighbours.bin` (sha256 recorded in the JSON). The head is only meaningful with the exact
+//! encoder it was trained on, so it records the encoder's fingerprint and loading refuses any other encoder.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -14,7 +21,8 @@ pub use safeguard_embed::DEFAULT_MAX_SEQ;
 use safeguard_embed::SentenceEncoder;
 pub use safeguard_embed::head::LogisticConfig;
 use safeguard_embed::head::{
-    LogisticRegression, auc, embed_all, out_of_fold_decisions, recall_and_skip, stratified_folds, threshold_at_recall,
+    LogisticRegression, NeighbourIndex, auc, embed_all, out_of_fold_decisions, recall_and_skip, stratified_folds,
+    threshold_at_recall,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -24,7 +32,10 @@ use crate::train::Example;
 
 pub const HEAD_FILE: &str = "embedding_head.json";
 pub const HEAD_FORMAT_NAME: &str = "safeguard-triage-embedding-head";
-pub const HEAD_FORMAT_VERSION: u32 = 1;
+/// Version 2 added the neighbour vote; version 1 heads (no vote) still load.
+pub const HEAD_FORMAT_VERSION: u32 = 2;
+const OLDEST_HEAD_FORMAT_VERSION: u32 = 1;
+pub const NEIGHBOURS_FILE: &str = "embedding_head_neighbours.bin";
 /// Files whose bytes make up the encoder fingerprint: weights, vocabulary and architecture.
 const FINGERPRINT_FILES: [&str; 3] = ["config.json", "model.safetensors", "vocab.txt"];
 
@@ -63,6 +74,21 @@ pub struct HeadMetrics {
     pub auc: Option<f64>,
 }
 
+/// How the neighbour vote was set up; the rows themselves are in [`NEIGHBOURS_FILE`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NeighbourVoteMeta {
+    /// Neighbours that vote.
+    pub k: usize,
+    /// Logit added per unit of violation share above `baseline`.
+    pub weight: f64,
+    /// Violation share among the stored rows; a vote at this share adds nothing.
+    pub baseline: f64,
+    pub items: usize,
+    pub violations: usize,
+    /// `sha256:…` of [`NEIGHBOURS_FILE`]: `items × dim` little-endian f32, then one byte (0 or 1) per label.
+    pub sha256: String,
+}
+
 /// Everything in `embedding_head.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EmbeddingHeadMeta {
@@ -79,6 +105,9 @@ pub struct EmbeddingHeadMeta {
     pub threshold: f64,
     pub bias: f64,
     pub weights: Vec<f32>,
+    /// `None`: the logit alone decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub neighbours: Option<NeighbourVoteMeta>,
     pub training: HeadTraining,
     pub out_of_fold: HeadMetrics,
     /// RFC 3339, UTC.
@@ -164,7 +193,23 @@ pub struct HeadOptions {
     pub calibration_sources: Option<Vec<usize>>,
     /// Weight of every item from the other sources (`None`: each item's own weight).
     pub auxiliary_weight: Option<f64>,
+    /// Add the vote of the nearest calibration items; `None`: the logit alone.
+    pub neighbours: Option<NeighbourOptions>,
     pub seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NeighbourOptions {
+    pub k: usize,
+    /// Logit per unit of violation share above the base rate.
+    pub weight: f64,
+}
+
+impl Default for NeighbourOptions {
+    /// What measured best in research on ToxicChat (k 5–25 and weights 5–20 tried; BENCHMARKS.md, session 10).
+    fn default() -> Self {
+        NeighbourOptions { k: 10, weight: 10.0 }
+    }
 }
 
 impl Default for HeadOptions {
@@ -175,6 +220,7 @@ impl Default for HeadOptions {
             target_recall: 0.99,
             calibration_sources: None,
             auxiliary_weight: None,
+            neighbours: None,
             seed: 0,
         }
     }
@@ -184,6 +230,17 @@ impl Default for HeadOptions {
 pub struct EmbeddingHead {
     pub meta: EmbeddingHeadMeta,
     encoder: Arc<LoadedEncoder>,
+    /// Present exactly when `meta.neighbours` is.
+    neighbours: Option<Arc<NeighbourIndex>>,
+}
+
+/// The head's score for one item and the neighbour vote inside it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HeadScore {
+    /// Compared with the threshold: `< threshold` allows.
+    pub score: f64,
+    /// Violation share among the nearest stored items, when the head votes.
+    pub neighbour_share: Option<f64>,
 }
 
 impl std::fmt::Debug for EmbeddingHead {
@@ -239,7 +296,15 @@ impl EmbeddingHead {
             fold_of[i] = Some(fold);
         }
         let oof = out_of_fold_decisions(&x, &y, &weights, &fold_of, &options.logistic).map_err(head_error)?;
-        let oof: Vec<f64> = calibration.iter().map(|&i| oof[i].unwrap_or(f64::NAN)).collect();
+        let mut oof: Vec<f64> = calibration.iter().map(|&i| oof[i].unwrap_or(f64::NAN)).collect();
+        let neighbours = match options.neighbours {
+            None => None,
+            Some(vote) => {
+                let calibration_rows = calibration.iter().map(|&i| embeddings[i].as_slice());
+                let folds: Vec<Option<usize>> = calibration.iter().map(|&i| fold_of[i]).collect();
+                Some(add_out_of_fold_votes(&mut oof, calibration_rows, &calibration_labels, &folds, vote)?)
+            }
+        };
 
         let mut sources: Vec<usize> = calibration.iter().map(|&i| examples[i].source).collect();
         sources.sort_unstable();
@@ -277,6 +342,7 @@ impl EmbeddingHead {
             threshold,
             bias: model.bias,
             weights: model.weights.iter().map(|&w| w as f32).collect(),
+            neighbours: neighbours.as_ref().map(|(meta, _)| meta.clone()),
             training: HeadTraining {
                 items: examples.len(),
                 violations: y.iter().filter(|&&v| v).count(),
@@ -296,15 +362,27 @@ impl EmbeddingHead {
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_else(|_| "unknown".into()),
         };
-        Ok(EmbeddingHead { meta, encoder })
+        Ok(EmbeddingHead { meta, encoder, neighbours: neighbours.map(|(_, index)| Arc::new(index)) })
     }
 
-    /// Pairs stored metadata with an encoder, refusing an encoder other than the one it was trained on.
+    /// Pairs stored metadata of a head without a neighbour vote with an encoder (see [`Self::from_parts`]).
     pub fn from_meta(meta: EmbeddingHeadMeta, encoder: Arc<LoadedEncoder>) -> Result<Self, TriageError> {
-        if meta.format != HEAD_FORMAT_NAME || meta.format_version != HEAD_FORMAT_VERSION {
+        Self::from_parts(meta, encoder, None)
+    }
+
+    /// Pairs stored metadata with an encoder and the neighbour rows it names, refusing an encoder other than
+    /// the one it was trained on and rows other than the ones it was calibrated with.
+    pub fn from_parts(
+        meta: EmbeddingHeadMeta,
+        encoder: Arc<LoadedEncoder>,
+        neighbours: Option<NeighbourIndex>,
+    ) -> Result<Self, TriageError> {
+        if meta.format != HEAD_FORMAT_NAME
+            || !(OLDEST_HEAD_FORMAT_VERSION..=HEAD_FORMAT_VERSION).contains(&meta.format_version)
+        {
             return Err(TriageError::InvalidArtifact(format!(
-                "{HEAD_FILE}: format {:?} version {}, this build reads {HEAD_FORMAT_NAME:?} version \
-                 {HEAD_FORMAT_VERSION}",
+                "{HEAD_FILE}: format {:?} version {}, this build reads {HEAD_FORMAT_NAME:?} versions \
+                 {OLDEST_HEAD_FORMAT_VERSION} to {HEAD_FORMAT_VERSION}",
                 meta.format, meta.format_version
             )));
         }
@@ -334,7 +412,40 @@ impl EmbeddingHead {
         if !(meta.bias.is_finite() && meta.threshold.is_finite() && meta.weights.iter().all(|w| w.is_finite())) {
             return Err(TriageError::InvalidArtifact(format!("{HEAD_FILE}: non-finite weights, bias or threshold")));
         }
-        Ok(EmbeddingHead { meta, encoder })
+        let neighbours = match (&meta.neighbours, neighbours) {
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(TriageError::InvalidArtifact(format!(
+                    "{HEAD_FILE} votes with stored neighbours but none were given ({NEIGHBOURS_FILE})"
+                )));
+            }
+            (None, Some(_)) => {
+                return Err(TriageError::InvalidArtifact(format!(
+                    "neighbour rows were given for a head in {HEAD_FILE} that does not vote"
+                )));
+            }
+            (Some(vote), Some(index)) => {
+                let violations = index.labels().iter().filter(|&&l| l).count();
+                if index.dim() != encoder.encoder.dim() || index.len() != vote.items || violations != vote.violations {
+                    return Err(TriageError::InvalidArtifact(format!(
+                        "{NEIGHBOURS_FILE} holds {} rows ({violations} violations) of {} dimensions; {HEAD_FILE} \
+                         expects {} rows ({} violations) of {}",
+                        index.len(),
+                        index.dim(),
+                        vote.items,
+                        vote.violations,
+                        encoder.encoder.dim()
+                    )));
+                }
+                if vote.k == 0 || !(vote.weight.is_finite() && vote.baseline.is_finite()) {
+                    return Err(TriageError::InvalidArtifact(format!(
+                        "{HEAD_FILE}: the neighbour vote needs k ≥ 1 and a finite weight and baseline"
+                    )));
+                }
+                Some(Arc::new(index))
+            }
+        };
+        Ok(EmbeddingHead { meta, encoder, neighbours })
     }
 
     /// Reads `dir/embedding_head.json` if there is one, with the encoder at `encoder_dir` (else located).
@@ -349,18 +460,25 @@ impl EmbeddingHead {
         let raw: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| invalid(format!("not JSON: {e}")))?;
         // The version first, so a head from a newer build says so instead of naming some unknown field.
         let (format, version) = (raw.get("format").and_then(|v| v.as_str()), raw.get("format_version"));
-        if format != Some(HEAD_FORMAT_NAME) || version.and_then(|v| v.as_u64()) != Some(HEAD_FORMAT_VERSION.into()) {
+        let readable = version
+            .and_then(|v| v.as_u64())
+            .is_some_and(|v| (u64::from(OLDEST_HEAD_FORMAT_VERSION)..=u64::from(HEAD_FORMAT_VERSION)).contains(&v));
+        if format != Some(HEAD_FORMAT_NAME) || !readable {
             let version = version.map_or("none".to_string(), |v| v.to_string());
             return Err(invalid(format!(
-                "format {format:?} version {version}; this build reads {HEAD_FORMAT_NAME:?} version \
-                 {HEAD_FORMAT_VERSION}; retrain the head"
+                "format {format:?} version {version}; this build reads {HEAD_FORMAT_NAME:?} versions \
+                 {OLDEST_HEAD_FORMAT_VERSION} to {HEAD_FORMAT_VERSION}; retrain the head"
             )));
         }
         let meta: EmbeddingHeadMeta = serde_json::from_value(raw).map_err(|e| invalid(e.to_string()))?;
+        let neighbours = match &meta.neighbours {
+            None => None,
+            Some(vote) => Some(read_neighbours(&dir.join(NEIGHBOURS_FILE), vote, meta.encoder.dim)?),
+        };
         let encoder = shared_encoder(encoder_dir, meta.encoder.max_seq).map_err(|e| {
             TriageError::InvalidArtifact(format!("{} has an embedding head but no usable encoder: {e}", dir.display()))
         })?;
-        match Self::from_meta(meta, encoder) {
+        match Self::from_parts(meta, encoder, neighbours) {
             Ok(head) => Ok(Some(head)),
             Err(TriageError::InvalidArtifact(why)) => {
                 Err(TriageError::InvalidArtifact(format!("{}: {why}", dir.display())))
@@ -373,15 +491,15 @@ impl EmbeddingHead {
         &self.encoder
     }
 
-    /// The head's logit for `text`. An encoder failure (a panic inside it, or an embedding of the wrong shape
+    /// The head's score for `text`. An encoder failure (a panic inside it, or an embedding of the wrong shape
     /// or with non-finite values) is an error, which the caller must treat as "cannot allow".
-    pub fn score(&self, text: &str) -> Result<f64, TriageError> {
+    pub fn score(&self, text: &str) -> Result<HeadScore, TriageError> {
         let embedded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.encoder.encoder.embed(text)))
             .map_err(|_| TriageError::Encoder("the sentence encoder panicked".into()))?;
         self.score_embedding(&embedded)
     }
 
-    pub fn score_embedding(&self, embedding: &[f32]) -> Result<f64, TriageError> {
+    pub fn score_embedding(&self, embedding: &[f32]) -> Result<HeadScore, TriageError> {
         if embedding.len() != self.meta.weights.len() {
             return Err(TriageError::Encoder(format!(
                 "embedding has {} dimensions, the head expects {}",
@@ -389,13 +507,188 @@ impl EmbeddingHead {
                 self.meta.weights.len()
             )));
         }
-        let score = embedding.iter().zip(&self.meta.weights).map(|(x, w)| f64::from(*x) * f64::from(*w)).sum::<f64>()
+        let logit = embedding.iter().zip(&self.meta.weights).map(|(x, w)| f64::from(*x) * f64::from(*w)).sum::<f64>()
             + self.meta.bias;
-        if score.is_finite() { Ok(score) } else { Err(TriageError::Encoder("non-finite embedding score".into())) }
+        let mut score = HeadScore { score: logit, neighbour_share: None };
+        if let (Some(index), Some(vote)) = (&self.neighbours, &self.meta.neighbours) {
+            let share = index
+                .positive_share(embedding, vote.k, |_| true)
+                .ok_or_else(|| TriageError::Encoder("no neighbour vote for this embedding".into()))?;
+            score = HeadScore { score: logit + vote.weight * (share - vote.baseline), neighbour_share: Some(share) };
+        }
+        if score.score.is_finite() { Ok(score) } else { Err(TriageError::Encoder("non-finite embedding score".into())) }
     }
 
     pub fn to_json(&self) -> Result<Vec<u8>, TriageError> {
         serde_json::to_vec_pretty(&self.meta)
             .map_err(|e| TriageError::InvalidArtifact(format!("serializing {HEAD_FILE}: {e}")))
+    }
+
+    /// The bytes of [`NEIGHBOURS_FILE`], when the head votes.
+    pub fn neighbours_file(&self) -> Option<Vec<u8>> {
+        self.neighbours.as_deref().map(neighbours_to_bytes)
+    }
+}
+
+/// Adds each calibration item's out-of-fold neighbour vote to its score: its neighbours are the calibration
+/// items of the other folds, as a new item's are all of them once deployed. Returns the vote's metadata and
+/// the index of all calibration rows.
+fn add_out_of_fold_votes<'a>(
+    oof: &mut [f64],
+    rows: impl Iterator<Item = &'a [f64]>,
+    labels: &[bool],
+    folds: &[Option<usize>],
+    vote: NeighbourOptions,
+) -> Result<(NeighbourVoteMeta, NeighbourIndex), TriageError> {
+    if vote.k == 0 || !(vote.weight.is_finite() && vote.weight >= 0.0) {
+        return Err(TriageError::InvalidConfig(format!(
+            "the neighbour vote needs k ≥ 1 and a weight ≥ 0 (got k {}, weight {})",
+            vote.k, vote.weight
+        )));
+    }
+    let mut flat = Vec::new();
+    let mut dim = 0;
+    for row in rows {
+        dim = row.len();
+        flat.extend(row.iter().map(|&v| v as f32));
+    }
+    let index = NeighbourIndex::new(flat, labels.to_vec(), dim).map_err(head_error)?;
+    let violations = labels.iter().filter(|&&l| l).count();
+    let baseline = violations as f64 / labels.len() as f64;
+    let _span = tracing::info_span!("neighbour_votes_out_of_fold", items = labels.len(), k = vote.k).entered();
+    for (position, score) in oof.iter_mut().enumerate() {
+        let fold = folds[position];
+        let query = &index.rows()[position * dim..(position + 1) * dim];
+        let share = index
+            .positive_share(query, vote.k, |j| folds[j] != fold)
+            .ok_or_else(|| TriageError::Training("embedding head: a fold has no neighbours outside itself".into()))?;
+        *score += vote.weight * (share - baseline);
+    }
+    let meta = NeighbourVoteMeta {
+        k: vote.k,
+        weight: vote.weight,
+        baseline,
+        items: labels.len(),
+        violations,
+        sha256: sha256_tag(&neighbours_to_bytes(&index)),
+    };
+    Ok((meta, index))
+}
+
+fn sha256_tag(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+fn neighbours_to_bytes(index: &NeighbourIndex) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(index.rows().len() * 4 + index.len());
+    for v in index.rows() {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    bytes.extend(index.labels().iter().map(|&l| u8::from(l)));
+    bytes
+}
+
+/// Reads and checks [`NEIGHBOURS_FILE`] against the head's record of it.
+fn read_neighbours(path: &Path, vote: &NeighbourVoteMeta, dim: usize) -> Result<NeighbourIndex, TriageError> {
+    let invalid = |why: String| TriageError::InvalidArtifact(format!("{}: {why}", path.display()));
+    let bytes = std::fs::read(path).map_err(|source| TriageError::Io { path: path.to_path_buf(), source })?;
+    let actual = sha256_tag(&bytes);
+    if actual != vote.sha256 {
+        return Err(invalid(format!(
+            "checksum {actual} does not match {} recorded in {HEAD_FILE}; the two files are from different \
+             trainings, retrain the head",
+            vote.sha256
+        )));
+    }
+    let expected_len = |values: usize| values.checked_mul(4).and_then(|b| b.checked_add(vote.items));
+    let values = vote.items.checked_mul(dim).filter(|&v| expected_len(v) == Some(bytes.len()));
+    let Some(values) = values else {
+        return Err(invalid(format!(
+            "{} bytes are not {} rows of {dim} f32 and their labels",
+            bytes.len(),
+            vote.items
+        )));
+    };
+    let (row_bytes, label_bytes) = bytes.split_at(values * 4);
+    let rows: Vec<f32> = row_bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    let mut labels = Vec::with_capacity(vote.items);
+    for &b in label_bytes {
+        match b {
+            0 => labels.push(false),
+            1 => labels.push(true),
+            other => return Err(invalid(format!("label byte {other} is neither 0 nor 1"))),
+        }
+    }
+    NeighbourIndex::new(rows, labels, dim).map_err(|e| invalid(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use safeguard_embed::head::{SplitMix, auc};
+
+    use super::*;
+
+    /// Random unit vectors in 16 dimensions; `clustered` puts violations near one pole, otherwise labels
+    /// are independent of the rows.
+    fn rows(n: usize, clustered: bool) -> (Vec<Vec<f64>>, Vec<bool>) {
+        let mut rng = SplitMix(11);
+        let mut uniform = move || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
+        let mut rows = Vec::new();
+        let mut labels = Vec::new();
+        for i in 0..n {
+            let violates = i % 4 == 0;
+            let mut row: Vec<f64> = (0..16).map(|_| uniform()).collect();
+            if clustered && violates {
+                row[0] += 2.0;
+            }
+            let norm = row.iter().map(|v| v * v).sum::<f64>().sqrt();
+            rows.push(row.into_iter().map(|v| v / norm).collect());
+            labels.push(violates);
+        }
+        (rows, labels)
+    }
+
+    fn out_of_fold_votes(clustered: bool) -> (Vec<f64>, Vec<bool>, NeighbourVoteMeta) {
+        let (rows, labels) = rows(400, clustered);
+        let folds: Vec<Option<usize>> = stratified_folds(&labels, 5, 0).into_iter().map(Some).collect();
+        let mut scores = vec![0.0; rows.len()];
+        let vote = NeighbourOptions { k: 1, weight: 1.0 };
+        let (meta, index) =
+            add_out_of_fold_votes(&mut scores, rows.iter().map(Vec::as_slice), &labels, &folds, vote).unwrap();
+        assert_eq!(index.len(), 400);
+        (scores, labels, meta)
+    }
+
+    #[test]
+    fn an_item_never_votes_for_itself_out_of_fold() {
+        // With itself among its candidates, k = 1 would return each item's own label: AUC exactly 1.
+        let (scores, labels, meta) = out_of_fold_votes(false);
+        assert_eq!((meta.items, meta.violations, meta.baseline), (400, 100, 0.25));
+        let area = auc(&scores, &labels).unwrap();
+        assert!(area < 0.7, "labels independent of the rows must not be predictable out of fold: AUC {area}");
+        // Scores are share − baseline, and a single neighbour's share is 0 or 1.
+        assert!(scores.iter().all(|&s| s == -0.25 || s == 0.75), "{scores:?}");
+    }
+
+    #[test]
+    fn clustered_violations_are_found_by_their_neighbours() {
+        let (scores, labels, _) = out_of_fold_votes(true);
+        assert!(auc(&scores, &labels).unwrap() > 0.9);
+    }
+
+    #[test]
+    fn a_vote_without_neighbours_or_weight_is_a_config_error() {
+        let (rows, labels) = rows(8, true);
+        let folds = vec![Some(0); 8];
+        for vote in [NeighbourOptions { k: 0, weight: 1.0 }, NeighbourOptions { k: 3, weight: f64::NAN }] {
+            let err = add_out_of_fold_votes(&mut [0.0; 8], rows.iter().map(Vec::as_slice), &labels, &folds, vote)
+                .unwrap_err();
+            assert!(matches!(err, TriageError::InvalidConfig(_)), "{err}");
+        }
+        // One fold only: no item has a neighbour outside its own fold.
+        let vote = NeighbourOptions::default();
+        let err =
+            add_out_of_fold_votes(&mut [0.0; 8], rows.iter().map(Vec::as_slice), &labels, &folds, vote).unwrap_err();
+        assert!(err.to_string().contains("no neighbours outside"), "{err}");
     }
 }

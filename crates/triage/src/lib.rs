@@ -35,7 +35,9 @@ use serde::{Deserialize, Serialize};
 
 pub use calibrate::{BandMetrics, Calibration};
 pub use data::{Dataset, DatasetFields, DatasetProvenance, LabelValue, load_dataset};
-pub use embedding::{EmbeddingHead, EmbeddingHeadMeta, HeadOptions, LoadedEncoder, shared_encoder};
+pub use embedding::{
+    EmbeddingHead, EmbeddingHeadMeta, HeadOptions, HeadScore, LoadedEncoder, NeighbourOptions, shared_encoder,
+};
 pub use features::{FeatureConfig, Featurizer};
 pub use model::{FitOptions, ModelMeta, Thresholds, TriageModel, fit};
 pub use rules::{RuleDecision, RuleMatch, RuleSet, RulesConfig, Span, SpanKind};
@@ -91,6 +93,10 @@ pub struct EmbeddingEvidence {
     pub threshold: f32,
     /// Whether the head lets the item through (`score < threshold`, compared at full precision).
     pub allows: bool,
+    /// Violation share among the item's nearest stored neighbours (already part of `score`), for heads
+    /// that take the vote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub neighbour_share: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -179,15 +185,22 @@ impl Triage {
 fn head_evidence(head: &EmbeddingHead, text: &str) -> EmbeddingEvidence {
     let threshold = head.meta.threshold;
     match head.score(text) {
-        Ok(score) => EmbeddingEvidence {
-            score: Some(score as f32),
+        Ok(scored) => EmbeddingEvidence {
+            score: Some(scored.score as f32),
             threshold: threshold as f32,
-            allows: score < threshold,
+            allows: scored.score < threshold,
+            neighbour_share: scored.neighbour_share.map(|s| s as f32),
             error: None,
         },
         Err(e) => {
             tracing::warn!(error = %e, "embedding head failed; the item goes on to the model");
-            EmbeddingEvidence { score: None, threshold: threshold as f32, allows: false, error: Some(e.to_string()) }
+            EmbeddingEvidence {
+                score: None,
+                threshold: threshold as f32,
+                allows: false,
+                neighbour_share: None,
+                error: Some(e.to_string()),
+            }
         }
     }
 }

@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use crate::TriageError;
 use crate::calibrate::{BandMetrics, Calibration, allow_threshold, band_metrics, fit_platt, violate_threshold};
 use crate::data::DatasetProvenance;
-use crate::embedding::{EmbeddingHead, HEAD_FILE};
+use crate::embedding::{EmbeddingHead, HEAD_FILE, NEIGHBOURS_FILE};
 use crate::features::{FeatureConfig, Featurizer};
 use crate::train::{DomainAdaptation, Example, LinearModel, SplitMix, TrainConfig, train, violation_weight};
 
@@ -331,13 +331,25 @@ impl TriageModel {
             std::fs::rename(&temp, &target).map_err(io(&target))
         };
         write_atomic(WEIGHTS_FILE, &weights_to_bytes(&self.linear.weights))?;
+        let remove_stale = |name: &str| match std::fs::remove_file(dir.join(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&dir.join(name))(e)),
+            _ => Ok(()),
+        };
         match &self.head {
-            Some(head) => write_atomic(HEAD_FILE, &head.to_json()?)?,
+            Some(head) => {
+                // Neighbours before the head that names their checksum: a crash in between leaves a head whose
+                // checksum does not match, which refuses to load, never a head voting with other rows.
+                match head.neighbours_file() {
+                    Some(bytes) => write_atomic(NEIGHBOURS_FILE, &bytes)?,
+                    None => remove_stale(NEIGHBOURS_FILE)?,
+                }
+                write_atomic(HEAD_FILE, &head.to_json()?)?
+            }
             // A head left over from an earlier model in this directory would gate the new one.
-            None => match std::fs::remove_file(dir.join(HEAD_FILE)) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&dir.join(HEAD_FILE))(e)),
-                _ => {}
-            },
+            None => {
+                remove_stale(HEAD_FILE)?;
+                remove_stale(NEIGHBOURS_FILE)?;
+            }
         }
         let json =
             serde_json::to_vec_pretty(&self.meta).map_err(|e| invalid(dir, format!("serializing metadata: {e}")))?;

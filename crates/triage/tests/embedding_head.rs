@@ -4,7 +4,10 @@
 
 use std::sync::Arc;
 
-use safeguard_triage::embedding::{DEFAULT_MAX_SEQ, HEAD_FILE, HeadOptions, LoadedEncoder, LogisticConfig};
+use safeguard_triage::embedding::{
+    DEFAULT_MAX_SEQ, HEAD_FILE, HEAD_FORMAT_VERSION, HeadOptions, LoadedEncoder, LogisticConfig, NEIGHBOURS_FILE,
+    NeighbourOptions,
+};
 use safeguard_triage::train::Example;
 use safeguard_triage::{
     Band, EmbeddingHead, FeatureConfig, FitOptions, RuleSet, RulesConfig, Triage, TriageError, TriageModel, fit,
@@ -75,6 +78,10 @@ fn examples() -> Vec<Example> {
 }
 
 fn trained(encoder: Arc<LoadedEncoder>) -> TriageModel {
+    trained_with(encoder, None)
+}
+
+fn trained_with(encoder: Arc<LoadedEncoder>, neighbours: Option<NeighbourOptions>) -> TriageModel {
     let examples = examples();
     let options = FitOptions {
         features: FeatureConfig { hash_bits: 12, ..FeatureConfig::default() },
@@ -89,6 +96,7 @@ fn trained(encoder: Arc<LoadedEncoder>) -> TriageModel {
         logistic: LogisticConfig { c: 3.0, ..LogisticConfig::default() },
         folds: 3,
         target_recall: 0.99,
+        neighbours,
         ..HeadOptions::default()
     };
     let head = EmbeddingHead::fit(encoder, &examples, &head_options).unwrap();
@@ -145,7 +153,8 @@ fn head_is_saved_gates_allow_and_refuses_a_foreign_encoder() {
     assert!(err.to_string().contains("was trained on encoder sha256:000"), "{err}");
 
     // A head from a newer build is refused by its version, not by some unknown field.
-    std::fs::write(&head_path, good.replace("\"format_version\": 1", "\"format_version\": 9")).unwrap();
+    let version = format!("\"format_version\": {HEAD_FORMAT_VERSION}");
+    std::fs::write(&head_path, good.replace(&version, "\"format_version\": 9")).unwrap();
     let err = TriageModel::load(dir.path()).unwrap_err().to_string();
     assert!(err.contains("version 9;") && err.contains("reads"), "{err}");
 
@@ -156,4 +165,69 @@ fn head_is_saved_gates_allow_and_refuses_a_foreign_encoder() {
     plain.save(dir.path()).unwrap();
     assert!(!head_path.exists());
     assert!(TriageModel::load(dir.path()).unwrap().embedding_head().is_none());
+}
+
+#[test]
+fn the_neighbour_vote_is_part_of_the_score_and_its_rows_travel_with_the_head() {
+    let Some(encoder) = encoder() else { return };
+    let vote = NeighbourOptions { k: 3, weight: 4.0 };
+    let model = trained_with(Arc::clone(&encoder), Some(vote));
+    let head = model.embedding_head().unwrap();
+    let stored = head.meta.neighbours.clone().expect("the head records its vote");
+    assert_eq!((stored.k, stored.weight, stored.items, stored.violations), (3, 4.0, 48, 24));
+    assert_eq!(stored.baseline, 0.5);
+    assert!(head.meta.out_of_fold.recall.unwrap() >= 0.99, "{:?}", head.meta.out_of_fold);
+
+    // score = logit + weight · (share − baseline), the share taken over the three nearest training items.
+    let probes = ["I am going to stab my neighbour tonight!", "What is the capital city of Italy?"];
+    let mut shares = Vec::new();
+    for text in probes {
+        let embedding = encoder.encoder.embed(text);
+        let logit = embedding.iter().zip(&head.meta.weights).map(|(x, w)| f64::from(*x) * f64::from(*w)).sum::<f64>()
+            + head.meta.bias;
+        let scored = head.score(text).unwrap();
+        let share = scored.neighbour_share.expect("a voting head reports the share");
+        assert!((scored.score - (logit + 4.0 * (share - 0.5))).abs() < 1e-9, "{text}: {scored:?} vs logit {logit}");
+        shares.push(share);
+    }
+    assert_eq!(shares, [1.0, 0.0], "near-copies of training items take their labels' vote");
+
+    let dir = tempfile::tempdir().unwrap();
+    model.save(dir.path()).unwrap();
+    let rows_path = dir.path().join(NEIGHBOURS_FILE);
+    assert_eq!(std::fs::metadata(&rows_path).unwrap().len(), 48 * 384 * 4 + 48);
+    let loaded = TriageModel::load(dir.path()).unwrap();
+    let loaded_head = loaded.embedding_head().unwrap();
+    assert_eq!(loaded_head.meta, head.meta);
+    for text in probes {
+        assert_eq!(loaded_head.score(text).unwrap(), head.score(text).unwrap(), "the saved head scores bit for bit");
+    }
+    let routed = Triage::new(None, Some(loaded)).route(probes[1]);
+    let evidence = routed.embedding.expect("the head was consulted");
+    assert_eq!(evidence.neighbour_share, Some(0.0), "{evidence:?}");
+
+    // Rows from another training (one changed byte) are refused by their checksum.
+    let good_rows = std::fs::read(&rows_path).unwrap();
+    let mut other = good_rows.clone();
+    other[100] ^= 1;
+    std::fs::write(&rows_path, &other).unwrap();
+    let err = TriageModel::load(dir.path()).unwrap_err();
+    assert!(matches!(err, TriageError::InvalidArtifact(_)) && err.to_string().contains("checksum"), "{err}");
+    // Missing rows are an error naming the file, not a head that quietly stops voting.
+    std::fs::remove_file(&rows_path).unwrap();
+    let err = TriageModel::load(dir.path()).unwrap_err().to_string();
+    assert!(err.contains(NEIGHBOURS_FILE), "{err}");
+
+    // A head without the vote saved into the same directory removes the stale rows, and a version 1 head
+    // (written before the vote existed) still loads.
+    std::fs::write(&rows_path, &good_rows).unwrap();
+    trained(Arc::clone(&encoder)).save(dir.path()).unwrap();
+    assert!(!rows_path.exists());
+    let head_path = dir.path().join(HEAD_FILE);
+    let plain = std::fs::read_to_string(&head_path).unwrap();
+    let version = format!("\"format_version\": {HEAD_FORMAT_VERSION}");
+    std::fs::write(&head_path, plain.replace(&version, "\"format_version\": 1")).unwrap();
+    let old = TriageModel::load(dir.path()).unwrap();
+    assert_eq!(old.embedding_head().unwrap().meta.format_version, 1);
+    assert_eq!(old.embedding_head().unwrap().score(probes[0]).unwrap().neighbour_share, None);
 }
