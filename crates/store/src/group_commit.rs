@@ -160,14 +160,34 @@ async fn run(
     drop(writer_connection);
 }
 
-/// The SQLite writer's own connection, taken from the pool at its first commit and kept while commits succeed.
+/// Where the writer's transactions run: on SQLite, one connection taken from the pool at the first commit and
+/// kept while commits succeed (see the module docs); on PostgreSQL, whichever connection the pool hands out.
 struct WriterConnection {
     held: Option<PoolConnection<Any>>,
     keep: bool,
 }
 
 impl WriterConnection {
-    async fn write(&mut self, pool: &AnyPool, rows: &[(&DecisionRecord, Option<&[String]>)]) -> Result<()> {
+    /// For an insert made without the writer: nothing is kept after it.
+    fn unkept() -> Self {
+        WriterConnection { held: None, keep: false }
+    }
+
+    /// Writes `rows` in one transaction.
+    async fn write(
+        &mut self,
+        pool: &AnyPool,
+        backend: Backend,
+        rows: &[(&DecisionRecord, Option<&[String]>)],
+    ) -> Result<()> {
+        if backend == Backend::Postgres {
+            let mut tx = pool.begin().await?;
+            for (decision, reasoning) in rows {
+                insert_decision_tx(&mut tx, decision, *reasoning).await?;
+            }
+            tx.commit().await?;
+            return Ok(());
+        }
         let mut conn = match self.held.take() {
             Some(conn) => conn,
             None => pool.acquire().await?,
@@ -184,44 +204,19 @@ impl WriterConnection {
 
 #[tracing::instrument(skip_all, fields(rows = batch.len()))]
 async fn commit(pool: &AnyPool, backend: Backend, writer: &mut WriterConnection, batch: Vec<Pending>) {
-    if backend == Backend::Sqlite {
-        let result = {
-            let rows: Vec<_> = batch.iter().map(|p| (&p.decision, p.reasoning.as_deref())).collect();
-            writer.write(pool, &rows).await
-        };
-        match result {
-            Ok(()) => {
-                for pending in batch {
-                    let _ = pending.committed.send(Ok(()));
-                }
-            }
-            Err(error) if batch.len() == 1 => {
-                if let Some(pending) = batch.into_iter().next() {
-                    let _ = pending.committed.send(Err(error));
-                }
-            }
-            Err(error) => {
-                // One bad row (a duplicate id, say) must not fail its neighbours.
-                tracing::debug!(%error, "group commit failed; writing its rows one by one");
-                for pending in batch {
-                    let result = writer.write(pool, &[(&pending.decision, pending.reasoning.as_deref())]).await;
-                    let _ = pending.committed.send(result);
-                }
-            }
-        }
-        return;
-    }
-    if batch.len() == 1 {
-        for pending in batch {
-            let result = write_one(pool, backend, &pending.decision, pending.reasoning.as_deref()).await;
-            let _ = pending.committed.send(result);
-        }
-        return;
-    }
-    match write_batch(pool, backend, &batch).await {
+    let result = {
+        let rows: Vec<_> = batch.iter().map(|p| (&p.decision, p.reasoning.as_deref())).collect();
+        writer.write(pool, backend, &rows).await
+    };
+    match result {
         Ok(()) => {
             for pending in batch {
                 let _ = pending.committed.send(Ok(()));
+            }
+        }
+        Err(error) if batch.len() == 1 => {
+            if let Some(pending) = batch.into_iter().next() {
+                let _ = pending.committed.send(Err(error));
             }
         }
         Err(error) => {
@@ -229,22 +224,11 @@ async fn commit(pool: &AnyPool, backend: Backend, writer: &mut WriterConnection,
             // caller gets its own answer.
             tracing::debug!(%error, "group commit failed; writing its rows one by one");
             for pending in batch {
-                let result = write_one(pool, backend, &pending.decision, pending.reasoning.as_deref()).await;
+                let result = writer.write(pool, backend, &[(&pending.decision, pending.reasoning.as_deref())]).await;
                 let _ = pending.committed.send(result);
             }
         }
     }
-}
-
-/// PostgreSQL: one transaction for the batch.
-async fn write_batch(pool: &AnyPool, backend: Backend, batch: &[Pending]) -> Result<()> {
-    debug_assert_eq!(backend, Backend::Postgres);
-    let mut tx = pool.begin().await?;
-    for pending in batch {
-        insert_decision_tx(&mut tx, &pending.decision, pending.reasoning.as_deref()).await?;
-    }
-    tx.commit().await?;
-    Ok(())
 }
 
 pub(crate) async fn write_one(
@@ -253,12 +237,5 @@ pub(crate) async fn write_one(
     decision: &DecisionRecord,
     reasoning: Option<&[String]>,
 ) -> Result<()> {
-    if backend == Backend::Sqlite {
-        let mut conn = pool.acquire().await?;
-        return insert_decisions_sqlite(&mut conn, &[(decision, reasoning)]).await;
-    }
-    let mut tx = pool.begin().await?;
-    insert_decision_tx(&mut tx, decision, reasoning).await?;
-    tx.commit().await?;
-    Ok(())
+    WriterConnection::unkept().write(pool, backend, &[(decision, reasoning)]).await
 }
