@@ -432,7 +432,8 @@ impl NeighbourIndex {
     }
 }
 
-/// Eight independent sums so the compiler can keep them in one vector register.
+/// Eight independent sums so the compiler can keep them in one vector register. Not `gemm`: matrixmultiply
+/// packs both operands first, so a single query would copy every stored row before reading it.
 fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0.0f32; 8];
     let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
