@@ -2,8 +2,13 @@
 //!
 //! In one run: a fast loopback backend that answers in vLLM's documented Chat Completions shape at once,
 //! then (1) requests straight to it and (2) the same load through `safeguard serve`'s `/v1/classify`
-//! (parsing, policy resolution, prompt, remote call, validation, storage in SQLite), both open-loop at a fixed
+//! (parsing, policy resolution, prompt, remote call, validation, storage in SQLite), open-loop at a fixed
 //! rate. The overhead is the difference of the two latency distributions.
+//!
+//! The two arms take turns in short blocks of one schedule rather than running one after the other. On a shared
+//! virtual machine the hypervisor takes the CPU away in bursts (10–27 % steal for seconds at a time was seen
+//! here), and a burst that fell on one whole phase showed up as overhead, or hid it. Alternating blocks put each
+//! burst on both arms alike.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -21,12 +26,15 @@ use serde_json::{Value, json};
 
 #[derive(clap::Args)]
 pub struct ServerArgs {
-    /// Requests per phase.
+    /// Requests to each arm (straight to the backend, and through the server).
     #[arg(long, default_value_t = 5000)]
     pub requests: usize,
     /// Offered load, requests per second (open loop: sends keep their schedule whatever the latency).
     #[arg(long, default_value_t = 1000)]
     pub rate: u32,
+    /// Requests in a row to one arm before the other arm's turn.
+    #[arg(long, default_value_t = 100)]
+    pub block: usize,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -76,20 +84,29 @@ struct Phase {
     outside_handler: Vec<f64>,
 }
 
-/// Sends `count` requests at `rate`/s, each on its own task.
+/// One arm of the benchmark: where its requests go.
+struct Arm {
+    url: String,
+    body: Value,
+}
+
+/// Sends `per_arm` requests to each arm at `rate`/s in all, each on its own task; the arms take turns every
+/// `block` requests.
 async fn open_loop(
     client: &reqwest::Client,
-    url: &str,
-    body: &Value,
-    count: usize,
+    arms: &[Arm],
+    per_arm: usize,
     rate: u32,
-) -> anyhow::Result<Phase> {
+    block: usize,
+) -> anyhow::Result<Vec<Phase>> {
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let block = block.max(1);
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..count {
+    for sent in 0..per_arm * arms.len() {
         ticker.tick().await;
-        let (client, url, body) = (client.clone(), url.to_string(), body.clone());
+        let arm = (sent / block) % arms.len();
+        let (client, url, body) = (client.clone(), arms[arm].url.clone(), arms[arm].body.clone());
         tasks.spawn(async move {
             let started = Instant::now();
             let response = client.post(&url).json(&body).send().await.ok().filter(|r| r.status().is_success());
@@ -104,17 +121,21 @@ async fn open_loop(
                 Some(r) => r.bytes().await.is_ok(),
                 None => false,
             };
-            (started.elapsed().as_secs_f64() * 1e3, ok, stages)
+            (arm, started.elapsed().as_secs_f64() * 1e3, ok, stages)
         });
     }
-    let mut phase = Phase {
-        latencies: Vec::with_capacity(count),
-        failures: 0,
-        stages: BTreeMap::new(),
-        outside_handler: Vec::new(),
-    };
+    let mut phases: Vec<Phase> = arms
+        .iter()
+        .map(|_| Phase {
+            latencies: Vec::with_capacity(per_arm),
+            failures: 0,
+            stages: BTreeMap::new(),
+            outside_handler: Vec::new(),
+        })
+        .collect();
     while let Some(joined) = tasks.join_next().await {
-        let (ms, ok, stages) = joined?;
+        let (arm, ms, ok, stages) = joined?;
+        let phase = &mut phases[arm];
         if !ok {
             phase.failures += 1;
             continue;
@@ -127,12 +148,14 @@ async fn open_loop(
             phase.stages.entry(stage).or_default().push(took);
         }
     }
-    phase.latencies.sort_by(f64::total_cmp);
-    phase.outside_handler.sort_by(f64::total_cmp);
-    for samples in phase.stages.values_mut() {
-        samples.sort_by(f64::total_cmp);
+    for phase in &mut phases {
+        phase.latencies.sort_by(f64::total_cmp);
+        phase.outside_handler.sort_by(f64::total_cmp);
+        for samples in phase.stages.values_mut() {
+            samples.sort_by(f64::total_cmp);
+        }
     }
-    Ok(phase)
+    Ok(phases)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -172,18 +195,24 @@ async fn measure(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let server = Server::start(config, reasoner, store.clone()).await?;
     let client = reqwest::Client::builder().pool_max_idle_per_host(512).build()?;
 
-    let direct_body = json!({"model": "openai/gpt-oss-safeguard-20b", "reasoning_effort": "low", "max_tokens": 2048,
-        "messages": [{"role": "system", "content": "spam policy"}, {"role": "user", "content": "hello there, friend"}]});
-    let classify_body = json!({"text": "hello there, friend", "policies": ["spam"], "effort": "low"});
+    let arms = [
+        Arm {
+            url: format!("{backend_url}/chat/completions"),
+            body: json!({"model": "openai/gpt-oss-safeguard-20b", "reasoning_effort": "low", "max_tokens": 2048,
+                "messages": [{"role": "system", "content": "spam policy"},
+                    {"role": "user", "content": "hello there, friend"}]}),
+        },
+        Arm {
+            url: format!("http://{}/v1/classify", server.addr),
+            body: json!({"text": "hello there, friend", "policies": ["spam"], "effort": "low"}),
+        },
+    ];
     // Warm connections, the policy cache and SQLite before measuring.
-    open_loop(&client, &format!("{backend_url}/chat/completions"), &direct_body, 200, args.rate).await?;
-    open_loop(&client, &format!("http://{}/v1/classify", server.addr), &classify_body, 200, args.rate).await?;
-
-    let direct =
-        open_loop(&client, &format!("{backend_url}/chat/completions"), &direct_body, args.requests, args.rate).await?;
-    let served =
-        open_loop(&client, &format!("http://{}/v1/classify", server.addr), &classify_body, args.requests, args.rate)
-            .await?;
+    open_loop(&client, &arms, 200, args.rate, args.block).await?;
+    let mut phases = open_loop(&client, &arms, args.requests, args.rate, args.block).await?.into_iter();
+    let (Some(direct), Some(served)) = (phases.next(), phases.next()) else {
+        anyhow::bail!("the benchmark lost an arm");
+    };
     let checkpoints = store.checkpoint_stats();
     server.shutdown().await?;
     let _ = std::fs::remove_dir_all(&data);
@@ -202,7 +231,7 @@ async fn measure(args: ServerArgs) -> anyhow::Result<ExitCode> {
         })
         .collect();
     let report = json!({
-        "requests": args.requests, "rate_per_sec": args.rate,
+        "requests": args.requests, "rate_per_sec": args.rate, "block": args.block,
         "direct_ms": {"p50": d50, "p99": d99, "failures": direct.failures},
         "through_server_ms": {"p50": s50, "p99": s99, "failures": served.failures},
         "overhead_ms": {"p50": s50 - d50, "p99": s99 - d99},
@@ -218,8 +247,9 @@ async fn measure(args: ServerArgs) -> anyhow::Result<ExitCode> {
         println!("{report}");
     } else {
         println!(
-            "server overhead at {} req/s, {} requests per phase (open loop; SQLite sync {:?}, lookup TTL {} ms)",
-            args.rate, args.requests, args.sqlite_sync, args.lookup_ttl_ms
+            "server overhead at {} req/s, {} requests per arm in turns of {} (open loop; SQLite sync {:?}, \
+             lookup TTL {} ms)",
+            args.rate, args.requests, args.block, args.sqlite_sync, args.lookup_ttl_ms
         );
         println!("  direct backend call   p50 {d50:7.3} ms   p99 {d99:7.3} ms   failures {}", direct.failures);
         println!("  through /v1/classify  p50 {s50:7.3} ms   p99 {s99:7.3} ms   failures {}", served.failures);
