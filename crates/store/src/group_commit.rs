@@ -11,22 +11,23 @@
 //! more rows once a second one is waiting; that is off by default, because a tokio timer rounds up to a whole
 //! millisecond, more than a commit costs unless every commit waits for the disk.
 //!
-//! On SQLite the writer keeps one connection for all its commits. A SQLite connection empties its page cache
-//! whenever another connection wrote since its own last transaction, and the pool hands out its idle
-//! connections in turn, so each commit on a pooled connection first read back every page it was about to
-//! change (about 13 per decision, one system call each) and emptied its cache again.
+//! On a SQLite file there is no writer task: the inserting callers commit in turn on a connection of their own
+//! (see [`crate::sqlite_commit`]). The task serves PostgreSQL, whose commits are network round trips that must
+//! not be cut off by a dropped handler, and in-memory SQLite, which only sqlx's pool can reach.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use sqlx::pool::PoolConnection;
-use sqlx::{Any, AnyPool};
+use std::path::Path;
+
+use sqlx::AnyPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::decisions::{insert_decision_tx, insert_decisions_sqlite};
-use crate::{Backend, DecisionRecord, Result, StoreError};
+use crate::sqlite_commit::SqliteCommitter;
+use crate::{Backend, DecisionRecord, Result, SqliteSync, StoreError};
 
 /// How decision inserts are batched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,10 +46,10 @@ impl Default for GroupCommit {
     }
 }
 
-struct Pending {
-    decision: DecisionRecord,
-    reasoning: Option<Vec<String>>,
-    committed: oneshot::Sender<Result<()>>,
+pub(crate) struct Pending {
+    pub(crate) decision: DecisionRecord,
+    pub(crate) reasoning: Option<Vec<String>>,
+    pub(crate) committed: oneshot::Sender<Result<()>>,
 }
 
 /// Transactions and rows written by group commit since the store opened.
@@ -59,30 +60,59 @@ pub struct GroupCommitStats {
 }
 
 #[derive(Default)]
-struct Counters {
-    commits: AtomicU64,
-    rows: AtomicU64,
+pub(crate) struct Counters {
+    pub(crate) commits: AtomicU64,
+    pub(crate) rows: AtomicU64,
 }
 
 /// The handle inserts go through; cheap to clone with the store.
 #[derive(Clone)]
 pub(crate) struct DecisionWriter {
-    sender: Option<mpsc::UnboundedSender<Pending>>,
+    route: Route,
     counters: Arc<Counters>,
     backend: Backend,
 }
 
+#[derive(Clone)]
+enum Route {
+    /// Group commit off, or no runtime to run the writer task on: each insert is its own transaction.
+    OneByOne,
+    /// A background task commits whatever is waiting on a pooled connection.
+    Task(mpsc::UnboundedSender<Pending>),
+    /// A SQLite file: the callers commit in turn on the committer's connection.
+    Inline(Arc<SqliteCommitter>),
+}
+
 impl DecisionWriter {
-    /// Starts the writer on the current tokio runtime. Without one (or with group commit off), inserts
-    /// commit one by one.
-    pub(crate) fn start(pool: AnyPool, backend: Backend, config: GroupCommit) -> Self {
+    /// Sets up group commit: inline on a SQLite file (`sqlite_file`), otherwise a writer task on the current
+    /// tokio runtime. With group commit off, or without a runtime for the task, inserts commit one by one.
+    pub(crate) fn start(
+        pool: AnyPool,
+        backend: Backend,
+        config: GroupCommit,
+        sqlite_file: Option<(&Path, SqliteSync)>,
+    ) -> Self {
         let counters = Arc::new(Counters::default());
-        if !config.enabled || tokio::runtime::Handle::try_current().is_err() {
-            return DecisionWriter { sender: None, counters, backend };
+        let route = match sqlite_file {
+            _ if !config.enabled => Route::OneByOne,
+            Some((path, sync)) => {
+                Route::Inline(SqliteCommitter::new(path, sync, config.max_batch, Arc::clone(&counters)))
+            }
+            None if tokio::runtime::Handle::try_current().is_err() => Route::OneByOne,
+            None => {
+                let (sender, receiver) = mpsc::unbounded_channel();
+                tokio::spawn(run(pool, backend, receiver, config, Arc::clone(&counters)));
+                Route::Task(sender)
+            }
+        };
+        DecisionWriter { route, counters, backend }
+    }
+
+    /// Stops inline commits (the task stops by itself when the pool closes).
+    pub(crate) fn close(&self) {
+        if let Route::Inline(committer) = &self.route {
+            committer.close();
         }
-        let (sender, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(run(pool, backend, receiver, config, Arc::clone(&counters)));
-        DecisionWriter { sender: Some(sender), counters, backend }
     }
 
     pub(crate) fn stats(&self) -> GroupCommitStats {
@@ -99,8 +129,10 @@ impl DecisionWriter {
         decision: &DecisionRecord,
         reasoning: Option<&[String]>,
     ) -> Result<()> {
-        let Some(sender) = &self.sender else {
-            return write_one(pool, self.backend, decision, reasoning).await;
+        let sender = match &self.route {
+            Route::OneByOne => return write_one(pool, self.backend, decision, reasoning).await,
+            Route::Inline(committer) => return committer.insert(decision, reasoning).await,
+            Route::Task(sender) => sender,
         };
         let (committed, outcome) = oneshot::channel();
         let pending = Pending { decision: decision.clone(), reasoning: reasoning.map(<[String]>::to_vec), committed };
@@ -122,15 +154,13 @@ async fn run(
     counters: Arc<Counters>,
 ) {
     let max_batch = config.max_batch.max(1);
-    // With a single connection in the pool, holding it would starve every other query.
-    let mut writer_connection =
-        WriterConnection { held: None, keep: backend == Backend::Sqlite && pool.options().get_max_connections() > 1 };
     let closing = pool.close_event();
     tokio::pin!(closing);
     loop {
         let first = tokio::select! {
             next = receiver.recv() => next,
-            // `Pool::close` waits for every connection to come back, the held one included.
+            // An insert after `Pool::close` must find the writer gone and report the closed pool rather than wait
+            // on a writer that will not answer.
             () = &mut closing => None,
         };
         let Some(first) = first else { break };
@@ -152,81 +182,63 @@ async fn run(
         }
         counters.commits.fetch_add(1, Ordering::Relaxed);
         counters.rows.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        commit(&pool, backend, &mut writer_connection, batch).await;
-    }
-    // The queue goes first: once the held connection is back, `Pool::close` returns, and an insert after that
-    // must find the writer gone and report the closed pool rather than wait on a writer that will not answer.
-    drop(receiver);
-    drop(writer_connection);
-}
-
-/// Where the writer's transactions run: on SQLite, one connection taken from the pool at the first commit and
-/// kept while commits succeed (see the module docs); on PostgreSQL, whichever connection the pool hands out.
-struct WriterConnection {
-    held: Option<PoolConnection<Any>>,
-    keep: bool,
-}
-
-impl WriterConnection {
-    /// For an insert made without the writer: nothing is kept after it.
-    fn unkept() -> Self {
-        WriterConnection { held: None, keep: false }
-    }
-
-    /// Writes `rows` in one transaction.
-    async fn write(
-        &mut self,
-        pool: &AnyPool,
-        backend: Backend,
-        rows: &[(&DecisionRecord, Option<&[String]>)],
-    ) -> Result<()> {
-        if backend == Backend::Postgres {
-            let mut tx = pool.begin().await?;
-            for (decision, reasoning) in rows {
-                insert_decision_tx(&mut tx, decision, *reasoning).await?;
-            }
-            tx.commit().await?;
-            return Ok(());
-        }
-        let mut conn = match self.held.take() {
-            Some(conn) => conn,
-            None => pool.acquire().await?,
-        };
-        let result = insert_decisions_sqlite(&mut conn, rows).await;
-        // After a failure the connection is marked to close; dropping it here does that, and the next commit
-        // takes a fresh one.
-        if result.is_ok() && self.keep {
-            self.held = Some(conn);
-        }
-        result
+        commit(&pool, backend, batch).await;
     }
 }
 
-#[tracing::instrument(skip_all, fields(rows = batch.len()))]
-async fn commit(pool: &AnyPool, backend: Backend, writer: &mut WriterConnection, batch: Vec<Pending>) {
-    let result = {
-        let rows: Vec<_> = batch.iter().map(|p| (&p.decision, p.reasoning.as_deref())).collect();
-        writer.write(pool, backend, &rows).await
-    };
+/// Writes `rows` in one transaction on a pooled connection.
+async fn write(pool: &AnyPool, backend: Backend, rows: &[(&DecisionRecord, Option<&[String]>)]) -> Result<()> {
+    if backend == Backend::Sqlite {
+        return insert_decisions_sqlite(&mut pool.acquire().await?, rows).await;
+    }
+    let mut tx = pool.begin().await?;
+    for (decision, reasoning) in rows {
+        insert_decision_tx(&mut tx, decision, *reasoning).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// What a group commit's result means for its callers.
+pub(crate) enum Settled {
+    /// Every caller has its answer.
+    Answered,
+    /// The batch failed as a whole: its rows must be written one by one, so that a bad row (a duplicate id, say)
+    /// fails alone instead of failing its neighbours.
+    RetryOneByOne(Vec<Pending>),
+}
+
+pub(crate) fn settle(batch: Vec<Pending>, result: Result<()>) -> Settled {
     match result {
         Ok(()) => {
             for pending in batch {
                 let _ = pending.committed.send(Ok(()));
             }
+            Settled::Answered
         }
         Err(error) if batch.len() == 1 => {
             if let Some(pending) = batch.into_iter().next() {
                 let _ = pending.committed.send(Err(error));
             }
+            Settled::Answered
         }
         Err(error) => {
-            // One bad row (a duplicate id, say) must not fail its neighbours: write each alone so that every
-            // caller gets its own answer.
-            tracing::debug!(%error, "group commit failed; writing its rows one by one");
-            for pending in batch {
-                let result = writer.write(pool, backend, &[(&pending.decision, pending.reasoning.as_deref())]).await;
-                let _ = pending.committed.send(result);
-            }
+            tracing::debug!(%error, rows = batch.len(), "group commit failed; writing its rows one by one");
+            Settled::RetryOneByOne(batch)
+        }
+    }
+}
+
+#[tracing::instrument(skip_all, fields(rows = batch.len()))]
+async fn commit(pool: &AnyPool, backend: Backend, batch: Vec<Pending>) {
+    let result = {
+        let rows: Vec<_> = batch.iter().map(|p| (&p.decision, p.reasoning.as_deref())).collect();
+        write(pool, backend, &rows).await
+    };
+    if let Settled::RetryOneByOne(batch) = settle(batch, result) {
+        for pending in batch {
+            let result = write(pool, backend, &[(&pending.decision, pending.reasoning.as_deref())]).await;
+            let _ = pending.committed.send(result);
         }
     }
 }
@@ -237,5 +249,5 @@ pub(crate) async fn write_one(
     decision: &DecisionRecord,
     reasoning: Option<&[String]>,
 ) -> Result<()> {
-    WriterConnection::unkept().write(pool, backend, &[(decision, reasoning)]).await
+    write(pool, backend, &[(decision, reasoning)]).await
 }

@@ -20,6 +20,7 @@ mod keys;
 mod migrate;
 mod policies;
 mod reviews;
+mod sqlite_commit;
 mod webhooks;
 
 use std::path::Path;
@@ -58,6 +59,12 @@ pub enum StoreError {
     PolicyNameMismatch { hash: String, actual: String, requested: String },
     #[error("the decision writer stopped before confirming the write; the decision may or may not be stored")]
     WriterStopped,
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("cannot open the SQLite decision writer's connection to {0}")]
+    SqliteOpen(String),
+    #[error("the store is closed")]
+    Closed,
     #[error("migration {version} failed: {source}")]
     Migration {
         version: i64,
@@ -264,6 +271,16 @@ pub(crate) fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
+/// The file behind a `sqlite:` URL; `None` for an in-memory database, which only the pool's connections share.
+fn sqlite_file(url: &str) -> Result<Option<std::path::PathBuf>> {
+    use std::str::FromStr;
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
+    let path = options.get_filename();
+    // sqlx names its in-memory databases `file:sqlx-in-memory-N`; `mode=memory` keeps the given name.
+    let in_memory = url.contains(":memory:") || url.contains("mode=memory") || path.starts_with("file:");
+    Ok((!in_memory).then(|| path.to_path_buf()))
+}
+
 pub(crate) fn to_json(value: &impl serde::Serialize) -> String {
     // Serializing plain data (Value, Vec<String>) cannot fail.
     serde_json::to_string(value).unwrap_or_else(|_| "null".to_string())
@@ -346,7 +363,16 @@ impl Store {
             }
             (Backend::Postgres, None) => pool_options.connect(url).await?,
         };
-        let decision_writer = group_commit::DecisionWriter::start(pool.clone(), backend, options.group_commit);
+        let sqlite_file = match backend {
+            Backend::Sqlite => sqlite_file(url)?,
+            Backend::Postgres => None,
+        };
+        let decision_writer = group_commit::DecisionWriter::start(
+            pool.clone(),
+            backend,
+            options.group_commit,
+            sqlite_file.as_deref().map(|path| (path, options.sqlite_sync)),
+        );
         let alive = Arc::new(());
         let checkpoints = Arc::new(CheckpointCounters::default());
         if backend == Backend::Sqlite {
@@ -392,6 +418,7 @@ impl Store {
     }
 
     pub async fn close(&self) {
+        self.decision_writer.close();
         self.pool.close().await;
     }
 

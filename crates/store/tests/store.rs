@@ -127,10 +127,11 @@ async fn group_commit_can_be_turned_off() {
     assert_eq!(s.group_commit_stats(), safeguard_store::GroupCommitStats::default());
 }
 
-/// SQLite: the group-commit writer keeps one connection (its page cache stays warm between commits), gives it
-/// back when the pool closes, and holds none when the pool has only one.
+/// SQLite: decisions are committed on the writer's own connection, not a pooled one, so every pooled connection
+/// stays free for reads (the single one included); closing the store closes that connection too, and an insert
+/// after close says the store is closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_sqlite_writer_keeps_its_connection_and_lets_go_of_it_on_close() {
+async fn the_sqlite_writer_takes_no_pooled_connection_and_closes_with_the_store() {
     use std::time::Duration;
     for max_connections in [1, 3] {
         let dir = tempfile::tempdir().unwrap();
@@ -138,32 +139,77 @@ async fn the_sqlite_writer_keeps_its_connection_and_lets_go_of_it_on_close() {
         let options =
             StoreOptions { max_connections, checkpoint_every: Duration::from_secs(3600), ..Default::default() };
         let s = Store::connect(&url, options).await.unwrap();
+        let mut taken = Vec::new();
         for i in 0..20 {
             let id = format!("w-{max_connections}-{i}");
             tokio::time::timeout(
                 Duration::from_secs(10),
-                s.insert_decision(&decision(&id, "allow", "spam", None), None),
+                s.insert_decision(&decision(&id, "allow", "spam", None), Some(&[format!("thought {i}")])),
             )
             .await
             .expect("an insert finishes within 10 s")
             .unwrap();
-            // Reads still get a connection, the single one included.
-            let read = tokio::time::timeout(Duration::from_secs(10), s.get_decision(&id)).await;
-            assert!(read.expect("a read finishes within 10 s").unwrap().is_some());
+            let read = tokio::time::timeout(Duration::from_secs(10), s.get_reasoning(&id)).await;
+            assert_eq!(read.expect("a read finishes within 10 s").unwrap(), Some(vec![format!("thought {i}")]));
         }
-        // Everything but the writer's connection can be taken at once, and no more.
-        let available = if max_connections == 1 { 1 } else { max_connections - 1 };
-        let mut taken = Vec::new();
-        for _ in 0..available {
+        // Every pooled connection can be taken at once while inserts go on.
+        for _ in 0..max_connections {
             let conn = tokio::time::timeout(Duration::from_secs(10), s.pool().acquire()).await;
             taken.push(conn.expect("a free connection is handed out at once").unwrap());
         }
-        let one_more = tokio::time::timeout(Duration::from_millis(300), s.pool().acquire()).await;
-        assert!(one_more.is_err(), "{max_connections} connections: the writer should hold one");
+        let held = decision(&format!("w-{max_connections}-held"), "allow", "spam", None);
+        let insert = s.insert_decision(&held, None);
+        tokio::time::timeout(Duration::from_secs(10), insert)
+            .await
+            .expect("inserts need no pooled connection")
+            .unwrap();
         drop(taken);
+        assert_eq!(s.group_commit_stats().rows, 21);
         tokio::time::timeout(Duration::from_secs(10), s.close()).await.expect("closing finishes within 10 s");
         let err = s.insert_decision(&decision("after-close", "allow", "spam", None), None).await.unwrap_err();
         assert!(err.to_string().contains("closed"), "{err}");
+    }
+}
+
+/// SQLite: while another connection holds the write lock (a checkpoint's restart, a job update), inserts wait for
+/// it rather than fail, and all land once it is released; with `synchronous = FULL` as with NORMAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_inserts_wait_out_another_writer() {
+    use std::time::Duration;
+    for sqlite_sync in [safeguard_store::SqliteSync::Normal, safeguard_store::SqliteSync::Full] {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("busy.db").display());
+        let options = StoreOptions { sqlite_sync, checkpoint_every: Duration::from_secs(3600), ..Default::default() };
+        let s = Arc::new(Store::connect(&url, options).await.unwrap());
+        s.insert_decision(&decision("before", "allow", "spam", None), None).await.unwrap();
+
+        let mut other_writer = s.pool().acquire().await.unwrap();
+        sqlx::Executor::execute(&mut *other_writer, "BEGIN IMMEDIATE").await.unwrap();
+        let inserts: Vec<_> = (0..10)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    s.insert_decision(&decision(&format!("b-{i}"), "allow", "spam", None), None).await
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(inserts.iter().all(|t| !t.is_finished()), "{sqlite_sync:?}: an insert got past another writer's lock");
+        sqlx::Executor::execute(&mut *other_writer, "COMMIT").await.unwrap();
+        drop(other_writer);
+        for insert in inserts {
+            tokio::time::timeout(Duration::from_secs(10), insert)
+                .await
+                .expect("inserts finish once the lock is free")
+                .unwrap()
+                .unwrap();
+        }
+        for i in 0..10 {
+            assert!(s.get_decision(&format!("b-{i}")).await.unwrap().is_some(), "{sqlite_sync:?}: b-{i}");
+        }
+        // And the inline path is back once the lock is free.
+        s.insert_decision(&decision("after", "allow", "spam", None), None).await.unwrap();
+        s.close().await;
     }
 }
 
