@@ -208,8 +208,11 @@ struct CheckpointCounters {
 /// at 1000/s. So a background task checkpoints instead, in two steps:
 ///
 /// 1. A passive checkpoint copies the bulk of the log into the database while commits go on.
-/// 2. A restarting one copies what arrived meanwhile and makes the next commit write the log from its start.
-///    It holds new commits back while it runs, so it waits at most [`RESTART_WAIT_MS`] for the lock.
+/// 2. A second passive one copies what arrived during the first, still beside the commits.
+/// 3. A restarting one copies what arrived meanwhile and makes the next commit write the log from its start.
+///    It holds new commits back while it runs, so it waits at most [`RESTART_WAIT_MS`] for the lock. What it
+///    holds them for is its copy and flush; after the second pass there is little left to copy or flush (stored
+///    alone at 1000/s, p99 median 2.1 → 1.2 ms over 7 interleaved pairs).
 ///
 /// Passive checkpoints alone never restart the log while commits keep arriving: each one ends behind the
 /// newest commit, so the log file only grows (350 MB after 15 s at 1000 decisions/s, measured), and every
@@ -235,6 +238,7 @@ async fn checkpoint(pool: &AnyPool, counters: &CheckpointCounters) -> std::resul
     let mut conn = pool.acquire().await?;
     let passive = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&mut *conn).await?;
     let log_pages: i64 = passive.try_get(1)?;
+    sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&mut *conn).await?;
     counters.checkpoints.fetch_add(1, Ordering::Relaxed);
     counters.last_log_pages.store(log_pages.max(0) as u64, Ordering::Relaxed);
 
