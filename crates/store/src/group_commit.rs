@@ -2,9 +2,9 @@
 //!
 //! Every decision is stored before it is answered, and a commit may be a disk flush (SQLite with
 //! `synchronous = FULL`, PostgreSQL's WAL flush with `synchronous_commit = on`). One transaction per decision
-//! makes that flush the cost of every request. Instead, one background writer takes every insert that is
-//! waiting, writes them in one transaction and commits once; each caller still awaits its own row's commit, so
-//! nothing is acknowledged before it is durable.
+//! makes that flush the cost of every request. Instead, one writer at a time takes every insert that is waiting,
+//! writes them in one transaction and commits once; each caller still awaits its own row's commit, so nothing is
+//! acknowledged before it is durable.
 //!
 //! Batches form by themselves: whatever arrived while the previous commit ran goes into the next one, so the
 //! slower the commit, the bigger the batch, and an idle server pays no waiting. The writer can also linger for
@@ -34,7 +34,8 @@ use crate::{Backend, DecisionRecord, Result, SqliteSync, StoreError};
 pub struct GroupCommit {
     /// Most rows in one transaction.
     pub max_batch: usize,
-    /// Once a second insert is already waiting, how long to gather more before committing.
+    /// Once a second insert is already waiting, how long to gather more before committing (the writer task
+    /// only; on a SQLite file the committing caller never waits for more).
     pub linger: Duration,
     /// Off: every insert is its own transaction (as before group commit), e.g. to compare the two.
     pub enabled: bool,
