@@ -50,6 +50,16 @@ const COLUMNS: &str = "id, created_at, policy_hashes, policy_names, model_id, ef
     verdicts, outcome, failure_reason, timings, prompt_tokens, cached_prompt_tokens, completion_tokens, source, job_id, \
     replay_of";
 
+/// The statements that store one decision, with `$n` placeholders bound in order. sqlx sends them to either
+/// database; rusqlite binds them by position too, because SQLite numbers `$n` parameters in order of first use.
+pub(crate) static INSERT_DECISION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let placeholders: Vec<String> = (1..=19).map(|n| format!("${n}")).collect();
+    format!("INSERT INTO decisions ({COLUMNS}) VALUES ({})", placeholders.join(", "))
+});
+pub(crate) const INSERT_POLICY_LINK: &str = "INSERT INTO decision_policies (decision_id, policy_hash, policy_name) \
+    VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
+pub(crate) const INSERT_REASONING: &str = "INSERT INTO decision_reasoning (decision_id, reasoning) VALUES ($1, $2)";
+
 fn row_to_decision(row: &AnyRow) -> Result<DecisionRecord> {
     Ok(DecisionRecord {
         id: row.try_get("id")?,
@@ -79,49 +89,34 @@ pub(crate) async fn insert_decision_tx(
     decision: &DecisionRecord,
     reasoning: Option<&[String]>,
 ) -> Result<()> {
-    sqlx::query(sql!(
-        "INSERT INTO decisions ({COLUMNS}) VALUES \
-         ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)"
-    ))
-    .bind(&decision.id)
-    .bind(decision.created_at)
-    .bind(to_json(&decision.policy_hashes))
-    .bind(to_json(&decision.policy_names))
-    .bind(&decision.model_id)
-    .bind(&decision.effort)
-    .bind(decision.prompt_hash.as_deref())
-    .bind(to_json(&decision.sampling))
-    .bind(to_json(&decision.content))
-    .bind(to_json(&decision.verdicts))
-    .bind(&decision.outcome)
-    .bind(decision.failure_reason.as_deref())
-    .bind(to_json(&decision.timings))
-    .bind(decision.prompt_tokens)
-    .bind(decision.cached_prompt_tokens)
-    .bind(decision.completion_tokens)
-    .bind(&decision.source)
-    .bind(decision.job_id.as_deref())
-    .bind(decision.replay_of.as_deref())
-    .execute(&mut **tx)
-    .await?;
-    for (index, hash) in decision.policy_hashes.iter().enumerate() {
-        let name = decision.policy_names.get(index).map(String::as_str).unwrap_or("");
-        sqlx::query(
-            "INSERT INTO decision_policies (decision_id, policy_hash, policy_name) VALUES ($1, $2, $3) \
-             ON CONFLICT DO NOTHING",
-        )
+    sqlx::query(sqlx::AssertSqlSafe(INSERT_DECISION.as_str()))
         .bind(&decision.id)
-        .bind(hash)
-        .bind(name)
+        .bind(decision.created_at)
+        .bind(to_json(&decision.policy_hashes))
+        .bind(to_json(&decision.policy_names))
+        .bind(&decision.model_id)
+        .bind(&decision.effort)
+        .bind(decision.prompt_hash.as_deref())
+        .bind(to_json(&decision.sampling))
+        .bind(to_json(&decision.content))
+        .bind(to_json(&decision.verdicts))
+        .bind(&decision.outcome)
+        .bind(decision.failure_reason.as_deref())
+        .bind(to_json(&decision.timings))
+        .bind(decision.prompt_tokens)
+        .bind(decision.cached_prompt_tokens)
+        .bind(decision.completion_tokens)
+        .bind(&decision.source)
+        .bind(decision.job_id.as_deref())
+        .bind(decision.replay_of.as_deref())
         .execute(&mut **tx)
         .await?;
+    for (index, hash) in decision.policy_hashes.iter().enumerate() {
+        let name = decision.policy_names.get(index).map(String::as_str).unwrap_or("");
+        sqlx::query(INSERT_POLICY_LINK).bind(&decision.id).bind(hash).bind(name).execute(&mut **tx).await?;
     }
     if let Some(reasoning) = reasoning.filter(|r| !r.is_empty()) {
-        sqlx::query("INSERT INTO decision_reasoning (decision_id, reasoning) VALUES ($1, $2)")
-            .bind(&decision.id)
-            .bind(to_json(&reasoning))
-            .execute(&mut **tx)
-            .await?;
+        sqlx::query(INSERT_REASONING).bind(&decision.id).bind(to_json(&reasoning)).execute(&mut **tx).await?;
     }
     Ok(())
 }

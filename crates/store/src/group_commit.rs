@@ -15,11 +15,10 @@
 //! (see [`crate::sqlite_commit`]). The task serves PostgreSQL, whose commits are network round trips that must
 //! not be cut off by a dropped handler, and in-memory SQLite, which only sqlx's pool can reach.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-
-use std::path::Path;
 
 use sqlx::AnyPool;
 use tokio::sync::{mpsc, oneshot};

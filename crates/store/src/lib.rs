@@ -280,9 +280,12 @@ fn sqlite_file(url: &str) -> Result<Option<std::path::PathBuf>> {
     use std::str::FromStr;
     let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
     let path = options.get_filename();
-    // sqlx names its in-memory databases `file:sqlx-in-memory-N`; `mode=memory` keeps the given name.
-    let in_memory = url.contains(":memory:") || url.contains("mode=memory") || path.starts_with("file:");
-    Ok((!in_memory).then(|| path.to_path_buf()))
+    let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+    // A name starting `file:` is a SQLite URI (sqlx's own in-memory databases are `file:sqlx-in-memory-N`); the
+    // writer's connection would read it as a plain file name, another file than the pool's, so leave it to the
+    // pool. (`Path::starts_with` compares whole components and would miss `file:name`.)
+    let uri = path.to_string_lossy().starts_with("file:");
+    Ok((!in_memory && !uri).then(|| path.to_path_buf()))
 }
 
 pub(crate) fn to_json(value: &impl serde::Serialize) -> String {
@@ -498,5 +501,17 @@ mod tests {
     fn urls_are_redacted() {
         assert_eq!(redact_url("postgres://u:secret@h/db"), "postgres://***@h/db");
         assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+    }
+
+    /// Only a plain file gets the writer's own connection; what SQLite would read as a URI or keep in memory
+    /// stays with the pool.
+    #[test]
+    fn only_plain_files_get_the_writers_connection() {
+        let file = |url: &str| sqlite_file(url).unwrap();
+        assert_eq!(file("sqlite:///tmp/x.db?mode=rwc"), Some(std::path::PathBuf::from("/tmp/x.db")));
+        assert_eq!(file("sqlite://data/x.db"), Some(std::path::PathBuf::from("data/x.db")));
+        assert_eq!(file("sqlite::memory:"), None);
+        assert_eq!(file("sqlite://shared?mode=memory"), None);
+        assert_eq!(file("sqlite://file:x.db"), None);
     }
 }

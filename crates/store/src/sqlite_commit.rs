@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior, params};
 
+use crate::decisions::{INSERT_DECISION, INSERT_POLICY_LINK, INSERT_REASONING};
 use crate::group_commit::{Counters, Pending, Settled, settle};
 use crate::{BUSY_TIMEOUT_MS, DecisionRecord, Result, SqliteSync, StoreError, WAL_AUTOCHECKPOINT_PAGES, to_json};
 
@@ -299,47 +300,35 @@ fn write(connection: &mut Connection, rows: &[Pending], patience: Patience) -> r
     // Dropped without a commit (any `?` below), the transaction rolls back.
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     for Pending { decision, reasoning, .. } in rows {
-        transaction
-            .prepare_cached(
-                "INSERT INTO decisions (id, created_at, policy_hashes, policy_names, model_id, effort, prompt_hash, \
-                 sampling, content, verdicts, outcome, failure_reason, timings, prompt_tokens, cached_prompt_tokens, \
-                 completion_tokens, source, job_id, replay_of) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
-            )?
-            .execute(params![
-                decision.id,
-                decision.created_at,
-                to_json(&decision.policy_hashes),
-                to_json(&decision.policy_names),
-                decision.model_id,
-                decision.effort,
-                decision.prompt_hash,
-                to_json(&decision.sampling),
-                to_json(&decision.content),
-                to_json(&decision.verdicts),
-                decision.outcome,
-                decision.failure_reason,
-                to_json(&decision.timings),
-                decision.prompt_tokens,
-                decision.cached_prompt_tokens,
-                decision.completion_tokens,
-                decision.source,
-                decision.job_id,
-                decision.replay_of,
-            ])?;
-        let mut link = transaction.prepare_cached(
-            "INSERT INTO decision_policies (decision_id, policy_hash, policy_name) VALUES (?1, ?2, ?3) \
-             ON CONFLICT DO NOTHING",
-        )?;
+        transaction.prepare_cached(&INSERT_DECISION)?.execute(params![
+            decision.id,
+            decision.created_at,
+            to_json(&decision.policy_hashes),
+            to_json(&decision.policy_names),
+            decision.model_id,
+            decision.effort,
+            decision.prompt_hash,
+            to_json(&decision.sampling),
+            to_json(&decision.content),
+            to_json(&decision.verdicts),
+            decision.outcome,
+            decision.failure_reason,
+            to_json(&decision.timings),
+            decision.prompt_tokens,
+            decision.cached_prompt_tokens,
+            decision.completion_tokens,
+            decision.source,
+            decision.job_id,
+            decision.replay_of,
+        ])?;
+        let mut link = transaction.prepare_cached(INSERT_POLICY_LINK)?;
         for (index, hash) in decision.policy_hashes.iter().enumerate() {
             let name = decision.policy_names.get(index).map(String::as_str).unwrap_or("");
             link.execute(params![decision.id, hash, name])?;
         }
         drop(link);
         if let Some(reasoning) = reasoning.as_deref().filter(|r| !r.is_empty()) {
-            transaction
-                .prepare_cached("INSERT INTO decision_reasoning (decision_id, reasoning) VALUES (?1, ?2)")?
-                .execute(params![decision.id, to_json(&reasoning)])?;
+            transaction.prepare_cached(INSERT_REASONING)?.execute(params![decision.id, to_json(&reasoning)])?;
         }
     }
     transaction.commit()
