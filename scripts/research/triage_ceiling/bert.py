@@ -10,8 +10,9 @@ def load_safetensors(path):
     out = {}
     for k, v in h.items():
         if k == "__metadata__": continue
-        a, b = v["data_offsets"]; dt = {"F32": np.float32, "I64": np.int64}[v["dtype"]]
+        a, b = v["data_offsets"]; dt = {"F32": np.float32, "F16": np.float16, "I64": np.int64}[v["dtype"]]
         out[k] = torch.from_numpy(np.array(buf[base + a: base + b]).view(dt).reshape(v["shape"]).copy())
+        if out[k].dtype == torch.float16: out[k] = out[k].float()
     return out
 
 class Layer(nn.Module):
@@ -46,9 +47,9 @@ class Bert(nn.Module):
         s.load_state_dict(sd); return s
     def forward(s, ids, mask, all_layers=False):
         T = ids.shape[1]
-        x = s.we(ids) + s.pe(torch.arange(T)[None]) + s.te(torch.zeros_like(ids))
+        x = s.we(ids) + s.pe(torch.arange(T, device=ids.device)[None]) + s.te(torch.zeros_like(ids))
         x = s.drop(s.ln(x))
-        bias = ((1.0 - mask[:, None, None, :].float()) * -1e9)
+        bias = mask[:, None, None, :].bool()  # True = attend; a boolean mask also suits bf16 autocast
         hs = [x]
         for l in s.layers:
             x = l(x, bias); hs.append(x)

