@@ -109,9 +109,15 @@ impl DecisionWriter {
     }
 
     /// Stops inline commits (the task stops by itself when the pool closes).
-    pub(crate) fn close(&self) {
+    ///
+    /// Closing waits for the connection, which a blocking-thread leader may hold for as long as the busy timeout
+    /// while another writer has the lock. That wait happens on a blocking thread, not on a runtime worker.
+    pub(crate) async fn close(&self) {
         if let Route::Inline(committer) = &self.route {
-            committer.close();
+            let committer = Arc::clone(committer);
+            if tokio::task::spawn_blocking(move || committer.close()).await.is_err() {
+                tracing::warn!("closing the SQLite decision writer panicked; its connection is dropped with the store");
+            }
         }
     }
 

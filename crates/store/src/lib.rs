@@ -425,7 +425,7 @@ impl Store {
     }
 
     pub async fn close(&self) {
-        self.decision_writer.close();
+        self.decision_writer.close().await;
         self.pool.close().await;
     }
 

@@ -213,6 +213,52 @@ async fn sqlite_inserts_wait_out_another_writer() {
     }
 }
 
+/// Closing the store while a commit waits out another writer's lock waits for that commit, but off the runtime's
+/// thread: on a one-thread runtime, other tasks keep running meanwhile (a blocked thread would stall them until
+/// the 10 s busy timeout), and the waiting row still lands.
+#[tokio::test(flavor = "current_thread")]
+async fn closing_waits_for_a_blocked_commit_without_blocking_the_runtime() {
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("close.db").display());
+    let options = StoreOptions { checkpoint_every: Duration::from_secs(3600), ..Default::default() };
+    let s = Arc::new(Store::connect(&url, options).await.unwrap());
+    s.insert_decision(&decision("before", "allow", "spam", None), None).await.unwrap();
+
+    let mut other_writer = s.pool().acquire().await.unwrap();
+    sqlx::Executor::execute(&mut *other_writer, "BEGIN IMMEDIATE").await.unwrap();
+    let waiting = tokio::spawn({
+        let s = s.clone();
+        async move { s.insert_decision(&decision("waiting", "allow", "spam", None), None).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "the insert got past another writer's lock");
+
+    let closing = tokio::spawn({
+        let s = s.clone();
+        async move { s.close().await }
+    });
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "closing held the runtime's thread for {:?}",
+        started.elapsed()
+    );
+    assert!(!closing.is_finished(), "closing did not wait for the commit in progress");
+
+    sqlx::Executor::execute(&mut *other_writer, "COMMIT").await.unwrap();
+    drop(other_writer);
+    tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting insert finishes once the lock is free")
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), closing).await.expect("closing finishes").unwrap();
+    let err = s.insert_decision(&decision("after-close", "allow", "spam", None), None).await.unwrap_err();
+    assert!(err.to_string().contains("closed"), "{err}");
+}
+
 async fn page_size(store: &Store) -> i64 {
     let row = sqlx::query("PRAGMA page_size").fetch_one(store.pool()).await.unwrap();
     sqlx::Row::try_get::<i64, _>(&row, 0).unwrap()
