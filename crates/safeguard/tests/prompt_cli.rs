@@ -42,7 +42,10 @@ fn safeguard(args: &[&str], stdin: Option<&str>) -> Output {
         .spawn()
         .expect("run safeguard");
     let mut input = child.stdin.take().unwrap();
-    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    // A command that rejects its arguments exits without reading its input; the pipe is then closed under us.
+    if let Err(error) = input.write_all(stdin.unwrap_or("").as_bytes()) {
+        assert_eq!(error.kind(), std::io::ErrorKind::BrokenPipe, "writing the child's input: {error}");
+    }
     drop(input);
     child.wait_with_output().unwrap()
 }
