@@ -1,8 +1,11 @@
 //! Every decision, with its inputs recorded well enough to replay it; the reasoning kept apart.
 
+use std::sync::LazyLock;
+
 use serde::{Deserialize, Serialize};
-use sqlx::any::AnyRow;
+use sqlx::any::{AnyArguments, AnyRow};
 use sqlx::pool::PoolConnection;
+use sqlx::query::Query;
 use sqlx::{Any, Row, Transaction};
 
 use crate::{Result, Store, from_json, to_json};
@@ -50,15 +53,90 @@ const COLUMNS: &str = "id, created_at, policy_hashes, policy_names, model_id, ef
     verdicts, outcome, failure_reason, timings, prompt_tokens, cached_prompt_tokens, completion_tokens, source, job_id, \
     replay_of";
 
-/// The statements that store one decision, with `$n` placeholders bound in order. sqlx sends them to either
+/// Values bound per row of `decisions`, in `COLUMNS` order ([`decision_values`]).
+const DECISION_VALUES: usize = 19;
+
+/// `$n, $n+1, …` for `count` values, advancing `next` past them.
+fn placeholders(next: &mut usize, count: usize) -> String {
+    let list: Vec<String> = (*next..*next + count).map(|n| format!("${n}")).collect();
+    *next += count;
+    list.join(", ")
+}
+
+/// The statements that store one decision, numbering their parameters from `next` on. sqlx sends them to either
 /// database; rusqlite binds them by position too, because SQLite numbers `$n` parameters in order of first use.
-pub(crate) static INSERT_DECISION: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let placeholders: Vec<String> = (1..=19).map(|n| format!("${n}")).collect();
-    format!("INSERT INTO decisions ({COLUMNS}) VALUES ({})", placeholders.join(", "))
-});
-pub(crate) const INSERT_POLICY_LINK: &str = "INSERT INTO decision_policies (decision_id, policy_hash, policy_name) \
-    VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
-pub(crate) const INSERT_REASONING: &str = "INSERT INTO decision_reasoning (decision_id, reasoning) VALUES ($1, $2)";
+fn insert_decision_sql(next: &mut usize) -> String {
+    format!("INSERT INTO decisions ({COLUMNS}) VALUES ({})", placeholders(next, DECISION_VALUES))
+}
+fn insert_policy_link_sql(next: &mut usize) -> String {
+    format!(
+        "INSERT INTO decision_policies (decision_id, policy_hash, policy_name) VALUES ({}) ON CONFLICT DO NOTHING",
+        placeholders(next, 3)
+    )
+}
+fn insert_reasoning_sql(next: &mut usize) -> String {
+    format!("INSERT INTO decision_reasoning (decision_id, reasoning) VALUES ({})", placeholders(next, 2))
+}
+
+/// Each statement alone, numbered from `$1`.
+pub(crate) static INSERT_DECISION: LazyLock<String> = LazyLock::new(|| insert_decision_sql(&mut 1));
+pub(crate) static INSERT_POLICY_LINK: LazyLock<String> = LazyLock::new(|| insert_policy_link_sql(&mut 1));
+pub(crate) static INSERT_REASONING: LazyLock<String> = LazyLock::new(|| insert_reasoning_sql(&mut 1));
+
+/// One bound value of a stored decision; sqlx ([`bind`]) and rusqlite (`sqlite_commit`) each bind these.
+pub(crate) enum ColumnValue<'a> {
+    Text(&'a str),
+    OptionalText(Option<&'a str>),
+    Json(String),
+    Integer(i64),
+}
+
+/// A decision's values in `COLUMNS` order: the one place that order is written down for binding.
+pub(crate) fn decision_values(decision: &DecisionRecord) -> [ColumnValue<'_>; DECISION_VALUES] {
+    use ColumnValue::{Integer, Json, OptionalText, Text};
+    [
+        Text(&decision.id),
+        Integer(decision.created_at),
+        Json(to_json(&decision.policy_hashes)),
+        Json(to_json(&decision.policy_names)),
+        Text(&decision.model_id),
+        Text(&decision.effort),
+        OptionalText(decision.prompt_hash.as_deref()),
+        Json(to_json(&decision.sampling)),
+        Json(to_json(&decision.content)),
+        Json(to_json(&decision.verdicts)),
+        Text(&decision.outcome),
+        OptionalText(decision.failure_reason.as_deref()),
+        Json(to_json(&decision.timings)),
+        Integer(decision.prompt_tokens),
+        Integer(decision.cached_prompt_tokens),
+        Integer(decision.completion_tokens),
+        Text(&decision.source),
+        OptionalText(decision.job_id.as_deref()),
+        OptionalText(decision.replay_of.as_deref()),
+    ]
+}
+
+/// The policy name beside each of a decision's policy hashes ("" where the record names fewer).
+pub(crate) fn policy_links(decision: &DecisionRecord) -> impl Iterator<Item = (&str, &str)> {
+    decision
+        .policy_hashes
+        .iter()
+        .enumerate()
+        .map(|(index, hash)| (hash.as_str(), decision.policy_names.get(index).map(String::as_str).unwrap_or("")))
+}
+
+fn bind<'q, 'a>(
+    query: Query<'q, Any, AnyArguments>,
+    values: impl IntoIterator<Item = ColumnValue<'a>>,
+) -> Query<'q, Any, AnyArguments> {
+    values.into_iter().fold(query, |query, value| match value {
+        ColumnValue::Text(text) => query.bind(text),
+        ColumnValue::OptionalText(text) => query.bind(text),
+        ColumnValue::Json(json) => query.bind(json),
+        ColumnValue::Integer(number) => query.bind(number),
+    })
+}
 
 fn row_to_decision(row: &AnyRow) -> Result<DecisionRecord> {
     Ok(DecisionRecord {
@@ -89,34 +167,16 @@ pub(crate) async fn insert_decision_tx(
     decision: &DecisionRecord,
     reasoning: Option<&[String]>,
 ) -> Result<()> {
-    sqlx::query(sqlx::AssertSqlSafe(INSERT_DECISION.as_str()))
-        .bind(&decision.id)
-        .bind(decision.created_at)
-        .bind(to_json(&decision.policy_hashes))
-        .bind(to_json(&decision.policy_names))
-        .bind(&decision.model_id)
-        .bind(&decision.effort)
-        .bind(decision.prompt_hash.as_deref())
-        .bind(to_json(&decision.sampling))
-        .bind(to_json(&decision.content))
-        .bind(to_json(&decision.verdicts))
-        .bind(&decision.outcome)
-        .bind(decision.failure_reason.as_deref())
-        .bind(to_json(&decision.timings))
-        .bind(decision.prompt_tokens)
-        .bind(decision.cached_prompt_tokens)
-        .bind(decision.completion_tokens)
-        .bind(&decision.source)
-        .bind(decision.job_id.as_deref())
-        .bind(decision.replay_of.as_deref())
+    bind(sqlx::query(sqlx::AssertSqlSafe(INSERT_DECISION.as_str())), decision_values(decision))
         .execute(&mut **tx)
         .await?;
-    for (index, hash) in decision.policy_hashes.iter().enumerate() {
-        let name = decision.policy_names.get(index).map(String::as_str).unwrap_or("");
-        sqlx::query(INSERT_POLICY_LINK).bind(&decision.id).bind(hash).bind(name).execute(&mut **tx).await?;
+    for (hash, name) in policy_links(decision) {
+        let link = sqlx::query(sqlx::AssertSqlSafe(INSERT_POLICY_LINK.as_str()));
+        link.bind(&decision.id).bind(hash).bind(name).execute(&mut **tx).await?;
     }
     if let Some(reasoning) = reasoning.filter(|r| !r.is_empty()) {
-        sqlx::query(INSERT_REASONING).bind(&decision.id).bind(to_json(&reasoning)).execute(&mut **tx).await?;
+        let statement = sqlx::query(sqlx::AssertSqlSafe(INSERT_REASONING.as_str()));
+        statement.bind(&decision.id).bind(to_json(&reasoning)).execute(&mut **tx).await?;
     }
     Ok(())
 }
@@ -135,30 +195,17 @@ pub(crate) async fn insert_decisions_sqlite(
     rows: &[(&DecisionRecord, Option<&[String]>)],
 ) -> Result<()> {
     let mut sql = String::from("BEGIN IMMEDIATE;\n");
-    let mut next = 0_usize;
-    let mut placeholders = |count: usize| {
-        let list: Vec<String> = (0..count)
-            .map(|_| {
-                next += 1;
-                format!("${next}")
-            })
-            .collect();
-        list.join(", ")
-    };
+    let mut next = 1;
     for (decision, reasoning) in rows {
-        sql.push_str(&format!("INSERT INTO decisions ({COLUMNS}) VALUES ({});\n", placeholders(19)));
+        sql.push_str(&insert_decision_sql(&mut next));
+        sql.push_str(";\n");
         for _ in &decision.policy_hashes {
-            sql.push_str(&format!(
-                "INSERT INTO decision_policies (decision_id, policy_hash, policy_name) VALUES ({}) \
-                 ON CONFLICT DO NOTHING;\n",
-                placeholders(3)
-            ));
+            sql.push_str(&insert_policy_link_sql(&mut next));
+            sql.push_str(";\n");
         }
         if reasoning.is_some_and(|r| !r.is_empty()) {
-            sql.push_str(&format!(
-                "INSERT INTO decision_reasoning (decision_id, reasoning) VALUES ({});\n",
-                placeholders(2)
-            ));
+            sql.push_str(&insert_reasoning_sql(&mut next));
+            sql.push_str(";\n");
         }
     }
     sql.push_str("COMMIT;");
@@ -166,32 +213,12 @@ pub(crate) async fn insert_decisions_sqlite(
     // Bound in exactly the order the placeholders were numbered above.
     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(rows.len() == 1);
     for (decision, reasoning) in rows {
-        query = query
-            .bind(decision.id.clone())
-            .bind(decision.created_at)
-            .bind(to_json(&decision.policy_hashes))
-            .bind(to_json(&decision.policy_names))
-            .bind(decision.model_id.clone())
-            .bind(decision.effort.clone())
-            .bind(decision.prompt_hash.clone())
-            .bind(to_json(&decision.sampling))
-            .bind(to_json(&decision.content))
-            .bind(to_json(&decision.verdicts))
-            .bind(decision.outcome.clone())
-            .bind(decision.failure_reason.clone())
-            .bind(to_json(&decision.timings))
-            .bind(decision.prompt_tokens)
-            .bind(decision.cached_prompt_tokens)
-            .bind(decision.completion_tokens)
-            .bind(decision.source.clone())
-            .bind(decision.job_id.clone())
-            .bind(decision.replay_of.clone());
-        for (index, hash) in decision.policy_hashes.iter().enumerate() {
-            let name = decision.policy_names.get(index).cloned().unwrap_or_default();
-            query = query.bind(decision.id.clone()).bind(hash.clone()).bind(name);
+        query = bind(query, decision_values(decision));
+        for (hash, name) in policy_links(decision) {
+            query = query.bind(&decision.id).bind(hash).bind(name);
         }
         if let Some(reasoning) = reasoning.filter(|r| !r.is_empty()) {
-            query = query.bind(decision.id.clone()).bind(to_json(&reasoning));
+            query = query.bind(&decision.id).bind(to_json(&reasoning));
         }
     }
 

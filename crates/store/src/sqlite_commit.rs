@@ -24,9 +24,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::Duration;
 
-use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior, params};
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{Connection, ErrorCode, OpenFlags, ToSql, TransactionBehavior, params, params_from_iter};
 
-use crate::decisions::{INSERT_DECISION, INSERT_POLICY_LINK, INSERT_REASONING};
+use crate::decisions::{
+    ColumnValue, INSERT_DECISION, INSERT_POLICY_LINK, INSERT_REASONING, decision_values, policy_links,
+};
 use crate::group_commit::{Counters, Pending, Settled, settle};
 use crate::{BUSY_TIMEOUT_MS, DecisionRecord, Result, SqliteSync, StoreError, WAL_AUTOCHECKPOINT_PAGES, to_json};
 
@@ -300,36 +303,26 @@ fn write(connection: &mut Connection, rows: &[Pending], patience: Patience) -> r
     // Dropped without a commit (any `?` below), the transaction rolls back.
     let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
     for Pending { decision, reasoning, .. } in rows {
-        transaction.prepare_cached(&INSERT_DECISION)?.execute(params![
-            decision.id,
-            decision.created_at,
-            to_json(&decision.policy_hashes),
-            to_json(&decision.policy_names),
-            decision.model_id,
-            decision.effort,
-            decision.prompt_hash,
-            to_json(&decision.sampling),
-            to_json(&decision.content),
-            to_json(&decision.verdicts),
-            decision.outcome,
-            decision.failure_reason,
-            to_json(&decision.timings),
-            decision.prompt_tokens,
-            decision.cached_prompt_tokens,
-            decision.completion_tokens,
-            decision.source,
-            decision.job_id,
-            decision.replay_of,
-        ])?;
-        let mut link = transaction.prepare_cached(INSERT_POLICY_LINK)?;
-        for (index, hash) in decision.policy_hashes.iter().enumerate() {
-            let name = decision.policy_names.get(index).map(String::as_str).unwrap_or("");
+        transaction.prepare_cached(&INSERT_DECISION)?.execute(params_from_iter(decision_values(decision)))?;
+        let mut link = transaction.prepare_cached(&INSERT_POLICY_LINK)?;
+        for (hash, name) in policy_links(decision) {
             link.execute(params![decision.id, hash, name])?;
         }
         drop(link);
         if let Some(reasoning) = reasoning.as_deref().filter(|r| !r.is_empty()) {
-            transaction.prepare_cached(INSERT_REASONING)?.execute(params![decision.id, to_json(&reasoning)])?;
+            transaction.prepare_cached(&INSERT_REASONING)?.execute(params![decision.id, to_json(&reasoning)])?;
         }
     }
     transaction.commit()
+}
+
+impl ToSql for ColumnValue<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match self {
+            ColumnValue::Text(text) | ColumnValue::OptionalText(Some(text)) => ValueRef::Text(text.as_bytes()),
+            ColumnValue::OptionalText(None) => ValueRef::Null,
+            ColumnValue::Json(json) => ValueRef::Text(json.as_bytes()),
+            ColumnValue::Integer(number) => ValueRef::Integer(*number),
+        }))
+    }
 }
