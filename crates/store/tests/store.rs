@@ -78,6 +78,16 @@ async fn concurrent_decision_inserts_are_group_committed() {
         let s = Arc::new(t.store.clone());
         let before = s.group_commit_stats();
         s.insert_decision(&decision("gc-dup", "allow", "spam", None), None).await.unwrap();
+        // On a SQLite file the callers commit in turn, and only rows that arrive during a commit join the next one;
+        // a scheduler that happens to run the tasks one after another leaves nothing to group (seen: up to 201
+        // commits for 201 rows, one run in ten). Another writer holding the lock makes every insert arrive during
+        // one. PostgreSQL's writer task groups them as they come.
+        let mut other_writer = None;
+        if t.label == "sqlite" {
+            let mut conn = s.pool().acquire().await.unwrap();
+            sqlx::Executor::execute(&mut *conn, "BEGIN IMMEDIATE").await.unwrap();
+            other_writer = Some(conn);
+        }
         let mut tasks = Vec::new();
         for i in 0..200 {
             let s = s.clone();
@@ -94,6 +104,10 @@ async fn concurrent_decision_inserts_are_group_committed() {
                 }
                 (id, result.is_ok())
             }));
+        }
+        if let Some(mut conn) = other_writer {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            sqlx::Executor::execute(&mut *conn, "COMMIT").await.unwrap();
         }
         let mut failed = Vec::new();
         for task in tasks {
