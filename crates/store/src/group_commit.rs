@@ -15,7 +15,6 @@
 //! (see [`crate::sqlite_commit`]). The task serves PostgreSQL, whose commits are network round trips that must
 //! not be cut off by a dropped handler, and in-memory SQLite, which only sqlx's pool can reach.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -25,8 +24,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::decisions::{insert_decision_tx, insert_decisions_sqlite};
-use crate::sqlite_commit::SqliteCommitter;
-use crate::{Backend, DecisionRecord, Result, SqliteSync, StoreError};
+use crate::sqlite_commit::{SqliteCommitter, SqliteWriter};
+use crate::{Backend, DecisionRecord, Result, StoreError};
 
 /// How decision inserts are batched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,12 +56,16 @@ pub(crate) struct Pending {
 pub struct GroupCommitStats {
     pub commits: u64,
     pub rows: u64,
+    /// SQLite file only: checkpoints the decision writer ran because the write-ahead log reached its limit
+    /// (`StoreOptions::wal_limit_pages`), i.e. the background checkpointer had fallen behind.
+    pub log_limit_checkpoints: u64,
 }
 
 #[derive(Default)]
 pub(crate) struct Counters {
     pub(crate) commits: AtomicU64,
     pub(crate) rows: AtomicU64,
+    pub(crate) log_limit_checkpoints: AtomicU64,
 }
 
 /// The handle inserts go through; cheap to clone with the store.
@@ -90,14 +93,12 @@ impl DecisionWriter {
         pool: AnyPool,
         backend: Backend,
         config: GroupCommit,
-        sqlite_file: Option<(&Path, SqliteSync)>,
+        sqlite_file: Option<SqliteWriter<'_>>,
     ) -> Self {
         let counters = Arc::new(Counters::default());
         let route = match sqlite_file {
             _ if !config.enabled => Route::OneByOne,
-            Some((path, sync)) => {
-                Route::Inline(SqliteCommitter::new(path, sync, config.max_batch, Arc::clone(&counters)))
-            }
+            Some(writer) => Route::Inline(SqliteCommitter::new(writer, config.max_batch, Arc::clone(&counters))),
             None if tokio::runtime::Handle::try_current().is_err() => Route::OneByOne,
             None => {
                 let (sender, receiver) = mpsc::unbounded_channel();
@@ -125,6 +126,7 @@ impl DecisionWriter {
         GroupCommitStats {
             commits: self.counters.commits.load(Ordering::Relaxed),
             rows: self.counters.rows.load(Ordering::Relaxed),
+            log_limit_checkpoints: self.counters.log_limit_checkpoints.load(Ordering::Relaxed),
         }
     }
 

@@ -31,6 +31,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::{AnyPool, Executor, Row};
 
+use sqlite_commit::SqliteWriter;
+
 pub use decisions::{DecisionFilter, DecisionRecord};
 pub use group_commit::{GroupCommit, GroupCommitStats};
 pub use jobs::{JobRecord, JobStatus, NewJob, QueueDepth};
@@ -93,6 +95,9 @@ pub struct StoreOptions {
     pub sqlite_sync: SqliteSync,
     /// SQLite only: how often the background checkpointer runs ([`CHECKPOINT_EVERY`]).
     pub checkpoint_every: Duration,
+    /// SQLite only: the size of the write-ahead log, in pages, at which a commit checkpoints it itself
+    /// ([`WAL_LIMIT_PAGES`]). A bound for when the background checkpointer falls behind, never reached otherwise.
+    pub wal_limit_pages: u32,
 }
 
 impl Default for StoreOptions {
@@ -103,6 +108,7 @@ impl Default for StoreOptions {
             group_commit: GroupCommit::default(),
             sqlite_sync: SqliteSync::default(),
             checkpoint_every: CHECKPOINT_EVERY,
+            wal_limit_pages: WAL_LIMIT_PAGES,
         }
     }
 }
@@ -161,9 +167,10 @@ pub struct Store {
 /// with the log restarted each time, 250 ms and 500 ms were again worse than 2 s (`safeguard bench server
 /// --checkpoint-ms`).
 pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
-/// SQLite's own checkpoint trigger, in pages, kept only as a bound in case the checkpointer cannot run:
-/// 2 s at 1000 decisions/s is about 36,000 pages of 1 KiB.
-const WAL_AUTOCHECKPOINT_PAGES: u32 = 100_000;
+/// The write-ahead log's bound, in pages, in case the checkpointer cannot run: 2 s at 1000 decisions/s is about
+/// 36,000 pages of 1 KiB. Pooled connections leave it to SQLite's own trigger (a checkpoint inside the commit
+/// that crosses it, on sqlx's connection thread); the decision writer checkpoints on a blocking thread instead.
+pub const WAL_LIMIT_PAGES: u32 = 100_000;
 /// How long the restarting checkpoint may hold new commits back while it waits for the current writer and for
 /// readers of the old log. Past it the checkpoint gives up until the next tick; commits waiting meanwhile
 /// stall for at most this long.
@@ -345,6 +352,7 @@ impl Store {
             }
             (Backend::Sqlite, _) => {
                 let sync = options.sqlite_sync.pragma();
+                let wal_limit_pages = options.wal_limit_pages;
                 pool_options
                     // An embedded database has no connection to lose; the check would be one more round trip to
                     // the connection's thread on every query.
@@ -358,10 +366,8 @@ impl Store {
                             conn.execute(sqlx::AssertSqlSafe(format!("PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")))
                                 .await?;
                             conn.execute(sync).await?;
-                            conn.execute(sqlx::AssertSqlSafe(format!(
-                                "PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}"
-                            )))
-                            .await?;
+                            conn.execute(sqlx::AssertSqlSafe(format!("PRAGMA wal_autocheckpoint = {wal_limit_pages}")))
+                                .await?;
                             Ok(())
                         })
                     })
@@ -378,7 +384,11 @@ impl Store {
             pool.clone(),
             backend,
             options.group_commit,
-            sqlite_file.as_deref().map(|path| (path, options.sqlite_sync)),
+            sqlite_file.as_deref().map(|path| SqliteWriter {
+                path,
+                sync: options.sqlite_sync,
+                wal_limit_pages: options.wal_limit_pages,
+            }),
         );
         let alive = Arc::new(());
         let checkpoints = Arc::new(CheckpointCounters::default());
@@ -489,7 +499,7 @@ mod tests {
                 // Checkpoints belong to the background checkpointer, not to whichever commit fills the log.
                 let row = sqlx::query("PRAGMA wal_autocheckpoint").fetch_one(&mut *conn).await.unwrap();
                 let pages: i64 = sqlx::Row::try_get(&row, 0).unwrap();
-                assert_eq!(pages, i64::from(WAL_AUTOCHECKPOINT_PAGES));
+                assert_eq!(pages, i64::from(WAL_LIMIT_PAGES));
                 held.push(conn);
             }
         }

@@ -15,15 +15,24 @@
 //! held by someone else (the checkpointer's restart, a job or review update), the rows go to a blocking thread
 //! that may wait.
 //!
+//! For the same reason SQLite's own checkpoint trigger is off on this connection: it would run a checkpoint (a
+//! copy of the whole log and a flush) inside whichever commit crossed it, on a runtime worker. The connection's
+//! WAL hook reports the log's size after each commit instead, and once it reaches the limit the next rows go to a
+//! blocking thread, which checkpoints before it commits. The background checkpointer keeps the log far below that
+//! limit; this is the bound for when it falls behind.
+//!
 //! The connection is rusqlite's over the same libsqlite3 that sqlx links, so the process has one SQLite library
 //! and one set of file locks.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
+use std::ffi::c_int;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::Duration;
 
+use rusqlite::hooks::Wal;
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, ErrorCode, OpenFlags, ToSql, TransactionBehavior, params, params_from_iter};
 
@@ -31,15 +40,27 @@ use crate::decisions::{
     ColumnValue, INSERT_DECISION, INSERT_POLICY_LINK, INSERT_REASONING, decision_values, policy_links,
 };
 use crate::group_commit::{Counters, Pending, Settled, settle};
-use crate::{BUSY_TIMEOUT_MS, DecisionRecord, Result, SqliteSync, StoreError, WAL_AUTOCHECKPOINT_PAGES, to_json};
+use crate::{BUSY_TIMEOUT_MS, DecisionRecord, Result, SqliteSync, StoreError, to_json};
 
 /// Batches one runtime-worker leader commits before it passes the rest to a blocking thread, so that a caller
 /// who happened to lead during a burst gets its own answer without waiting for the burst to end.
 const INLINE_ROUNDS: usize = 4;
 
+/// Where and how the decision writer commits.
+pub(crate) struct SqliteWriter<'a> {
+    pub(crate) path: &'a Path,
+    pub(crate) sync: SqliteSync,
+    /// Log size, in pages, at which the writer checkpoints before its next commit.
+    pub(crate) wal_limit_pages: u32,
+}
+
 pub(crate) struct SqliteCommitter {
     path: PathBuf,
     sync: SqliteSync,
+    wal_limit_pages: u32,
+    /// Pages in the write-ahead log after the last commit on this connection (as its WAL hook said), or 0 after
+    /// a checkpoint that copied the whole log, which the next commit then starts over.
+    log_pages: AtomicU32,
     max_batch: usize,
     queue: Mutex<VecDeque<Pending>>,
     connection: Mutex<Slot>,
@@ -77,10 +98,12 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl SqliteCommitter {
-    pub(crate) fn new(path: &Path, sync: SqliteSync, max_batch: usize, counters: Arc<Counters>) -> Arc<Self> {
+    pub(crate) fn new(writer: SqliteWriter<'_>, max_batch: usize, counters: Arc<Counters>) -> Arc<Self> {
         Arc::new(SqliteCommitter {
-            path: path.to_path_buf(),
-            sync,
+            path: writer.path.to_path_buf(),
+            sync: writer.sync,
+            wal_limit_pages: writer.wal_limit_pages,
+            log_pages: AtomicU32::new(0),
             max_batch: max_batch.max(1),
             queue: Mutex::new(VecDeque::new()),
             connection: Mutex::new(Slot::Unopened),
@@ -103,7 +126,7 @@ impl SqliteCommitter {
         });
         if self.waiting_leader.load(Ordering::SeqCst) {
             // A blocking-thread leader is on its way and takes every queued row once it holds the connection.
-        } else if self.sync == SqliteSync::Full {
+        } else if self.sync == SqliteSync::Full || self.log_is_full() {
             self.hand_off();
         } else {
             self.lead_inline();
@@ -131,7 +154,7 @@ impl SqliteCommitter {
                 Err(TryLockError::WouldBlock) => return,
             };
             loop {
-                if rounds == INLINE_ROUNDS {
+                if rounds == INLINE_ROUNDS || self.log_is_full() {
                     drop(connection);
                     if !lock(&self.queue).is_empty() {
                         self.hand_off();
@@ -178,6 +201,9 @@ impl SqliteCommitter {
             // From here every queued row is this leader's to commit, so callers may lead again themselves.
             self.waiting_leader.store(false, Ordering::SeqCst);
             loop {
+                if self.log_is_full() {
+                    self.checkpoint(&mut connection);
+                }
                 let batch = self.take_batch();
                 if batch.is_empty() {
                     break;
@@ -189,6 +215,28 @@ impl SqliteCommitter {
             if lock(&self.queue).is_empty() {
                 return;
             }
+        }
+    }
+
+    fn log_is_full(&self) -> bool {
+        self.log_pages.load(Ordering::Relaxed) >= self.wal_limit_pages
+    }
+
+    /// Copies the log into the database, as SQLite's own trigger would have inside the commit: passively, so it
+    /// neither waits for nor holds back readers. If a reader still needs part of the log, the next commit (again
+    /// on a blocking thread) tries again.
+    fn checkpoint(&self, slot: &mut Slot) {
+        let Ok(connection) = self.open(slot) else {
+            // The commit that follows reports why the connection is missing.
+            return;
+        };
+        let copied = connection
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| Ok((row.get::<_, i64>(1)?, row.get::<_, i64>(2)?)));
+        self.counters.log_limit_checkpoints.fetch_add(1, Ordering::Relaxed);
+        match copied {
+            Ok((log, copied)) if copied >= log => self.log_pages.store(0, Ordering::Relaxed),
+            Ok((log, copied)) => tracing::debug!(log, copied, "the log's limit checkpoint left frames a reader needs"),
+            Err(error) => tracing::warn!(%error, "the write-ahead log is over its limit and could not be checkpointed"),
         }
     }
 
@@ -218,6 +266,7 @@ impl SqliteCommitter {
             }
         };
         let result = write(connection, &batch, patience);
+        self.note_log_pages();
         if is_busy(&result) && patience == Patience::None {
             return Err(Deferred::Busy(batch));
         }
@@ -227,6 +276,7 @@ impl SqliteCommitter {
             let mut rows = batch.into_iter();
             while let Some(pending) = rows.next() {
                 let result = write(connection, std::slice::from_ref(&pending), patience);
+                self.note_log_pages();
                 if is_busy(&result) && patience == Patience::None {
                     return Err(Deferred::Busy(std::iter::once(pending).chain(rows).collect()));
                 }
@@ -234,6 +284,13 @@ impl SqliteCommitter {
             }
         }
         Ok(())
+    }
+
+    /// Takes what the WAL hook reported for the commit that just ran on this thread, if it wrote to the log.
+    fn note_log_pages(&self) {
+        if let Some(pages) = LOG_PAGES_AFTER_COMMIT.take() {
+            self.log_pages.store(pages, Ordering::Relaxed);
+        }
     }
 
     fn open<'slot>(&self, slot: &'slot mut Slot) -> std::result::Result<&'slot mut Connection, OpenFailure> {
@@ -267,18 +324,30 @@ impl OpenFailure {
     }
 }
 
+thread_local! {
+    /// Set by [`record_log_pages`] inside a commit, taken right after it on the same thread
+    /// ([`SqliteCommitter::note_log_pages`]). The hook is a plain function, so this is how its number gets out.
+    static LOG_PAGES_AFTER_COMMIT: Cell<Option<u32>> = const { Cell::new(None) };
+}
+
+/// The writer connection's WAL hook: SQLite calls it after each commit that wrote to the log, with the log's size.
+/// Registering it replaces SQLite's own checkpoint trigger (itself a WAL hook) on this connection.
+fn record_log_pages(_log: &Wal, pages: c_int) -> rusqlite::Result<()> {
+    LOG_PAGES_AFTER_COMMIT.set(Some(u32::try_from(pages).unwrap_or(0)));
+    Ok(())
+}
+
 /// The writer's connection, set up as the pool's connections are (see `Store::connect`), minus the page size,
-/// which only a new file takes and the pool has set by now.
+/// which only a new file takes and the pool has set by now, and with the log's limit kept by the committer
+/// rather than by SQLite's trigger.
 fn open_connection(path: &Path, sync: SqliteSync) -> std::result::Result<Connection, String> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let open = || -> rusqlite::Result<(Connection, String)> {
         let connection = Connection::open_with_flags(path, flags)?;
         // sqlx turns foreign keys on for its connections; this one must hold rows to the same rules.
-        connection.execute_batch(&format!(
-            "PRAGMA foreign_keys = ON; {}; PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES};",
-            sync.pragma()
-        ))?;
+        connection.execute_batch(&format!("PRAGMA foreign_keys = ON; {};", sync.pragma()))?;
         let mode: String = connection.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
+        connection.wal_hook(Some(record_log_pages));
         Ok((connection, mode))
     };
     let failed = |why: String| format!("{}: {why}", path.display());

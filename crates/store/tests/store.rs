@@ -320,6 +320,42 @@ async fn the_write_ahead_log_starts_over_under_continuous_writes() {
     }
 }
 
+/// Should the background checkpointer fall behind, the log still stops at its limit: the decision writer
+/// checkpoints it itself, on a blocking thread (SQLite's own trigger, which would copy and flush the whole log
+/// inside a commit on a runtime worker, is off on its connection), and the log starts over. No row is lost.
+#[tokio::test(flavor = "current_thread")]
+async fn the_writer_bounds_the_log_when_the_checkpointer_falls_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("limit.db");
+    let limit = 200;
+    let options = StoreOptions {
+        checkpoint_every: std::time::Duration::from_secs(3600),
+        wal_limit_pages: limit,
+        ..Default::default()
+    };
+    let store = Store::open_sqlite_with(&path, options).await.unwrap();
+    let rows = 300;
+    for i in 0..rows {
+        store.insert_decision(&decision(&format!("d{i}"), "allow", "spam", None), Some(&["r".into()])).await.unwrap();
+    }
+    let stats = store.group_commit_stats();
+    assert_eq!(stats.rows, rows);
+    // Each commit writes at least 9 pages, so 300 of them fill a 200-page log at least 13 times over.
+    assert!(stats.log_limit_checkpoints >= 10, "{stats:?}");
+
+    let page_size = page_size(&store).await as u64;
+    let frame = page_size + 24;
+    let one_commit = 40; // pages; a decision with reasoning writes about 13
+    let wal = std::fs::metadata(dir.path().join("limit.db-wal")).unwrap().len();
+    let bound = 32 + (u64::from(limit) + one_commit) * frame;
+    assert!(wal <= bound, "log file {wal} B, over the limit's {bound} B");
+    let row = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(store.pool()).await.unwrap();
+    let log_pages: i64 = sqlx::Row::try_get(&row, 1).unwrap();
+    assert!(log_pages <= i64::from(limit) + one_commit as i64, "log holds {log_pages} pages");
+    let row = sqlx::query("SELECT COUNT(*) FROM decisions").fetch_one(store.pool()).await.unwrap();
+    assert_eq!(sqlx::Row::try_get::<i64, _>(&row, 0).unwrap(), rows as i64);
+}
+
 /// New SQLite databases get small pages (each commit writes whole pages to the log); a database created with
 /// other pages keeps them and works as before.
 #[tokio::test]
