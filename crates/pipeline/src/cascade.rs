@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use crate::budget::ReasoningBudget;
 use crate::stats::CascadeStats;
+use crate::triage_config::triage_section;
 
 /// Where in the cascade a policy's outcome was settled. Ordered as an item passes through them, so the
 /// furthest stage of several is their `max`.
@@ -56,7 +57,8 @@ impl Stage {
     }
 }
 
-/// What triage may do with a confident violation.
+/// What triage may do with a confident violation: the server's default (`RoutingConfig`), or a policy's own
+/// (`triage: {on_violation: …}` in its front matter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnTriageViolation {
@@ -67,6 +69,18 @@ pub enum OnTriageViolation {
     Confirm,
     /// Hand it to a person.
     Review,
+}
+
+impl std::str::FromStr for OnTriageViolation {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "act" => Ok(OnTriageViolation::Act),
+            "confirm" => Ok(OnTriageViolation::Confirm),
+            "review" => Ok(OnTriageViolation::Review),
+            other => Err(format!("unknown triage violation action {other:?}; use act, confirm or review")),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -375,7 +389,7 @@ impl Pipeline {
                 route.outcome = Outcome::Allow;
                 route.decided_by = Stage::Triage;
             }
-            Band::ConfidentViolation => match self.config.on_triage_violation {
+            Band::ConfidentViolation => match self.on_triage_violation(policy) {
                 OnTriageViolation::Act => {
                     route.outcome = Outcome::Violation;
                     route.decided_by = Stage::Triage;
@@ -395,6 +409,18 @@ impl Pipeline {
         }
         route.triage = Some(result);
         route
+    }
+
+    /// The policy's own choice, else the configured one. A policy whose `triage:` section cannot be read gets
+    /// the model's confirmation: its author asked for something other than the default, and nobody can tell what.
+    fn on_triage_violation(&self, policy: &Policy) -> OnTriageViolation {
+        match triage_section(policy) {
+            Ok(section) => section.on_violation.unwrap_or(self.config.on_triage_violation),
+            Err(error) => {
+                tracing::warn!(%error, "asking the model to confirm a triage violation");
+                OnTriageViolation::Confirm
+            }
+        }
     }
 
     /// Whether a first-effort verdict should be asked again at the escalation effort, and why.

@@ -19,4 +19,4 @@ pub use cascade::{
 };
 pub use flywheel::{ActiveLearning, SampleReason};
 pub use stats::{CascadeStats, StatsSnapshot};
-pub use triage_config::{TriageLibrary, rules_from_policy};
+pub use triage_config::{TriageLibrary, TriageSection, rules_from_policy, triage_section};

@@ -139,6 +139,43 @@ async fn triage_violations_can_be_confirmed_or_reviewed_instead_of_acted_on() {
     assert!(reasoner.calls.lock().unwrap().is_empty());
 }
 
+/// A policy's own `triage: {on_violation: …}` overrides the configured default, for that policy only: the same
+/// rules and body act on triage's word under one policy and ask a person under its stricter twin.
+#[tokio::test]
+async fn a_policy_can_choose_what_a_triage_violation_does() {
+    let reasoner = Arc::new(Scripted { calls: Mutex::default(), delay: None });
+    let acting = spam();
+    let reviewing =
+        Policy::parse(&SPAM.replace("name: spam", "name: spam-reviewed\ntriage:\n  on_violation: review")).unwrap();
+    assert_eq!(acting.hash, reviewing.hash, "front matter is not part of the version");
+    let pipeline = Pipeline::new(Classifier::new(reasoner.clone()), RoutingConfig::default())
+        .with_triage(acting.hash.to_string(), triage());
+
+    let d = pipeline
+        .decide(std::slice::from_ref(&acting), &Content::text("JOIN NOW"), &RouteContext::default())
+        .await
+        .unwrap();
+    assert_eq!((d.decided_by, d.outcome), (Stage::Triage, Outcome::Violation));
+    let d = pipeline
+        .decide(std::slice::from_ref(&reviewing), &Content::text("JOIN NOW"), &RouteContext::default())
+        .await
+        .unwrap();
+    assert_eq!((d.decided_by, d.outcome), (Stage::HumanReview, Outcome::NeedsReview));
+    assert!(matches!(d.policies[0].escalations.last(), Some(Escalation::TriageViolationToReview)));
+
+    // The server may default to confirming; a policy that says "act" still acts.
+    let acting_always =
+        Policy::parse(&SPAM.replace("name: spam", "name: spam-acting\ntriage:\n  on_violation: act")).unwrap();
+    let config = RoutingConfig { on_triage_violation: OnTriageViolation::Confirm, ..RoutingConfig::default() };
+    let pipeline =
+        Pipeline::new(Classifier::new(reasoner.clone()), config).with_triage(acting.hash.to_string(), triage());
+    let d = pipeline.decide(&[acting_always], &Content::text("JOIN NOW"), &RouteContext::default()).await.unwrap();
+    assert_eq!((d.decided_by, d.outcome), (Stage::Triage, Outcome::Violation));
+    let d = pipeline.decide(&[acting], &Content::text("JOIN NOW low=1"), &RouteContext::default()).await.unwrap();
+    assert_eq!((d.decided_by, d.outcome), (Stage::ReasoningLow, Outcome::Violation));
+    assert_eq!(reasoner.calls.lock().unwrap().len(), 1, "only the confirming policy asked the model");
+}
+
 #[tokio::test]
 async fn over_budget_items_are_deferred_not_dropped_or_allowed() {
     let budget = Arc::new(ReasoningBudget::new(0.5, 1));

@@ -68,6 +68,27 @@ fn lint_fails_a_broken_policy_with_located_findings() {
     assert!(stdout(&output).contains("error[too-long]"));
 }
 
+/// The server reads a policy's `triage:` front matter; lint refuses a section it could not read (a misspelt key
+/// here), which would otherwise turn triage off for the policy without a word at lint time.
+#[test]
+fn lint_checks_the_triage_section() {
+    let dir = tempfile::tempdir().unwrap();
+    let spam = std::fs::read_to_string(starter_file("spam.md")).unwrap();
+    let with_triage = |section: &str| spam.replacen("---\n", &format!("---\ntriage:\n{section}\n"), 1);
+
+    let good = dir.path().join("good.md");
+    std::fs::write(&good, with_triage("  on_violation: review")).unwrap();
+    let output = safeguard(&["policy", "lint", good.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stdout(&output));
+
+    let misspelt = dir.path().join("misspelt.md");
+    std::fs::write(&misspelt, with_triage("  on_violaton: review")).unwrap();
+    let output = safeguard(&["policy", "lint", misspelt.to_str().unwrap()]);
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(EXIT_FINDINGS), "{text}");
+    assert!(text.contains("error[triage-section]") && text.contains("on_violaton"), "{text}");
+}
+
 #[test]
 fn lint_reports_unparseable_and_missing_files() {
     let dir = tempfile::tempdir().unwrap();

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use safeguard_harmony::Tokenizer;
-use safeguard_policy::lint::{LintOptions, LintReport, lint_file};
+use safeguard_policy::lint::{Finding, LintOptions, LintReport, Severity, lint_file};
 use safeguard_policy::{OutputFormat, Policy, STARTER_POLICIES, starter_library};
 
 use super::{EXIT_FAILURE, EXIT_FINDINGS};
@@ -105,7 +105,10 @@ fn lint(args: LintArgs) -> anyhow::Result<ExitCode> {
     let mut unreadable = 0usize;
     for path in &args.files {
         match lint_file(path, &opts) {
-            Ok(report) => reports.push((path.display().to_string(), report)),
+            Ok(mut report) => {
+                lint_triage_section(path, &mut report);
+                reports.push((path.display().to_string(), report));
+            }
             Err(err) => {
                 eprintln!("error: {err}");
                 unreadable += 1;
@@ -138,6 +141,21 @@ fn lint(args: LintArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The `triage:` front matter is read by the server, not by the policy crate, so the linter checks it here: a
+/// section the server cannot read turns triage off for the policy.
+fn lint_triage_section(path: &Path, report: &mut LintReport) {
+    // A file that does not parse already has its parse error in the report.
+    let Ok(policy) = Policy::load(path) else { return };
+    if let Err(error) = safeguard_pipeline::rules_from_policy(&policy) {
+        report.findings.push(Finding {
+            severity: Severity::Error,
+            code: "triage-section".into(),
+            message: format!("{error}; the server runs no triage for this policy until it is fixed"),
+            line: None,
+        });
+    }
 }
 
 /// Compiler-style lines (`path:line: error[code]: message`) so editors can jump to them.

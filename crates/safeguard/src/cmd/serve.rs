@@ -73,6 +73,14 @@ pub struct Args {
     pub first_effort: Effort,
     #[arg(long, default_value = "high")]
     pub escalation_effort: Effort,
+    /// What the cascade does with an item triage is sure violates: `act` on it, ask the model to `confirm`, or
+    /// hand it to a person (`review`). A policy's `triage: {on_violation: …}` front matter overrides it.
+    #[arg(long, default_value = "act", value_name = "act|confirm|review")]
+    pub on_triage_violation: safeguard_pipeline::OnTriageViolation,
+    /// Seconds one reasoning step of the cascade may take; past it the step counts as failed and the item
+    /// escalates (then goes to a person). Unset: only --reason-timeout bounds it.
+    #[arg(long, value_name = "SECONDS")]
+    pub stage_timeout: Option<f64>,
     /// How /v1/classify decides requests that pin no effort: `cascade` (triage → low → high → a person) or
     /// `direct` (one reasoning step at --effort).
     #[arg(long, default_value = "cascade")]
@@ -192,6 +200,13 @@ fn nats_ingest(args: &Args, url: &str) -> NatsIngest {
     NatsIngest { config, policies: args.nats_policies.clone() }
 }
 
+fn stage_timeout(seconds: f64) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(seconds)
+        .ok()
+        .filter(|timeout| !timeout.is_zero())
+        .with_context(|| format!("--stage-timeout must be a positive number of seconds, not {seconds}"))
+}
+
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let reasoner = match (&args.model, args.backend.is_empty()) {
         (Some(model), true) => load_embedded(&args, model)?,
@@ -213,6 +228,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         routing: safeguard_pipeline::RoutingConfig {
             first_effort: args.first_effort,
             escalation_effort: args.escalation_effort,
+            on_triage_violation: args.on_triage_violation,
+            stage_timeout: args.stage_timeout.map(stage_timeout).transpose()?,
             ..safeguard_pipeline::RoutingConfig::default()
         },
         triage_dir: args.triage_dir.clone(),

@@ -242,13 +242,9 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The `triage:` block of policy front matter.
+/// The rules in the `triage:` block of policy front matter, read as the server reads them.
 fn rules_from_policy(policy: &safeguard_policy::Policy) -> anyhow::Result<Option<RulesConfig>> {
-    let Some(section) = policy.meta.extra.get("triage") else { return Ok(None) };
-    let Some(rules) = section.get("rules") else { return Ok(None) };
-    let config: RulesConfig = serde_json::from_value(rules.clone())
-        .with_context(|| format!("policy {:?}: front matter triage.rules", policy.meta.name))?;
-    Ok(Some(config))
+    Ok(safeguard_pipeline::triage_section(policy)?.rules)
 }
 
 fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
