@@ -364,3 +364,33 @@ async fn routes_that_contradict_themselves_are_refused() {
     assert!(spec["components"]["schemas"]["ClassifyRequest"]["properties"]["route"].is_object());
     assert!(spec["paths"]["/v1/moderate"]["post"].is_object());
 }
+
+/// A policy stored through the API keeps its `triage: {on_violation: review}`: the known scam its rules deny goes
+/// to a person instead of being acted on, and waits in the review queue; the same rule under a policy that says
+/// nothing is acted on (the server's default).
+#[tokio::test]
+async fn a_stored_policy_can_send_triage_violations_to_a_person() {
+    let h = Harness::start().await;
+    let text = policy_text("promo-reviewed", "Promotion Policy, reviewed").replacen(
+        "triage:\n",
+        "triage:\n  on_violation: review\n",
+        1,
+    );
+    let (status, body) = h.call("POST", "/v1/policies", Some(json!({"text": text}))).await;
+    assert!(status == 200 || status == 201, "{body}");
+
+    let reviewed = h.classify(json!({"text": "FREE BITCOIN here", "policies": ["promo-reviewed"]})).await;
+    assert_eq!(
+        (reviewed["decided_by"].as_str(), reviewed["outcome"].as_str()),
+        (Some("human_review"), Some("needs_review")),
+        "{reviewed}"
+    );
+    let (_, pending) = h.call("GET", "/v1/reviews?status=pending", None).await;
+    let queued = pending["reviews"].as_array().unwrap();
+    assert!(queued.iter().any(|r| r["decision_id"] == reviewed["id"]), "{pending}");
+
+    let acted = h.classify(json!({"text": "FREE BITCOIN here", "policies": ["promo-sure"]})).await;
+    assert_eq!((acted["decided_by"].as_str(), acted["outcome"].as_str()), (Some("triage"), Some("violation")));
+    assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), 0, "neither asked the model");
+    h.server.shutdown().await.unwrap();
+}
