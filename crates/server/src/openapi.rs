@@ -117,7 +117,7 @@ pub(crate) fn document() -> Value {
             "/metrics": {"get": op("Prometheus metrics, among them the cascade's safeguard_pipeline_skip_rate and safeguard_pipeline_escalation_rate{stage}, safeguard_review_agreement_rate (reviews of items the model left undecided are apart, in safeguard_reviews_decided{model=\"undecided\"}), and per item safeguard_reasoning_tokens_per_item, safeguard_cost_per_item, safeguard_latency_per_item_seconds", None, None, "200", json!({"type": "string"}))},
             "/openapi.json": {"get": op("This document", None, None, "200", any.clone())},
             "/v1/policies": {
-                "post": op("Store a policy version (markdown body, or JSON {text}); 201 new, 200 existing", Some("policies:write"),
+                "post": op("Store a policy version (markdown body, or JSON {text}); 201 new, 200 existing, 409 the same body with other front matter", Some("policies:write"),
                            Some(json!({"type": "object", "properties": {"text": {"type": "string"}, "name": {"type": "string"}}})), "201", any.clone()),
                 "get": op("List policy versions", Some("classify"), None, "200", any.clone())},
             "/v1/policies/{id}": {"parameters": [path_param("id")],

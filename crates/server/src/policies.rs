@@ -154,7 +154,7 @@ fn full(p: &StoredPolicy) -> Value {
 }
 
 /// `POST /v1/policies`: markdown as the body, or JSON `{"text": "…", "name": "…"}`. 201 for a new version,
-/// 200 when that exact body is already stored.
+/// 200 when that exact body is already stored with the same front matter, 409 when with other front matter.
 pub(crate) async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -189,6 +189,15 @@ pub(crate) async fn create(
     let policy = Policy::parse_with_fallback_name(&text, name.as_deref())
         .map_err(|e| ApiError::bad("invalid_policy", e.to_string()))?;
     let (stored, created) = store_policy(&state.store, &policy, &text, name.as_deref(), true).await?;
+    if !created && policy_of(&stored)?.meta != policy.meta {
+        // The version is the body's hash, so this body is stored already, with other front matter: answering
+        // 200 would quietly drop what the caller just changed (a name, `high_risk`, triage settings).
+        return Err(ApiError::Conflict(format!(
+            "this body is already stored as version {} (policy {:?}) with different front matter; a version is \
+             the hash of its body, so change the body to store these settings as a new version",
+            stored.hash, stored.name
+        )));
+    }
     state.lookups.active.forget(&stored.name);
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok((status, Json(full(&stored))).into_response())

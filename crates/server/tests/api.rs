@@ -225,6 +225,14 @@ async fn policies_are_versioned_pinned_and_diffed() {
     let (status, again) = h.call("POST", "/v1/policies", Some(&writer), Some(json!({"text": v1}))).await;
     assert_eq!(status, 200, "same body, same version");
     assert_eq!(again["id"], first["id"]);
+    // The same body with other front matter would be the same version: refused, not quietly kept as it was.
+    let stricter = v1.replace("output: binary", "output: binary\nhigh_risk: true");
+    let (status, refused) = h.call("POST", "/v1/policies", Some(&writer), Some(json!({"text": stricter}))).await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (409, Some("conflict")), "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains(first["hash"].as_str().unwrap()), "{refused}");
+    let (_, kept) =
+        h.call("GET", &format!("/v1/policies/{}", first["hash"].as_str().unwrap()), Some(&writer), None).await;
+    assert_eq!(kept["meta"]["high_risk"], false, "{kept}");
     let v2 = v1.replace("promotion", "advertising");
     let (status, second) = h.call("POST", "/v1/policies", Some(&writer), Some(json!({"text": v2}))).await;
     assert_eq!(status, 201);
