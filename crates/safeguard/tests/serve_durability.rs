@@ -1,5 +1,6 @@
 //! `safeguard serve` with the real engine and a tiny model: jobs survive `kill -9`, and after a restart
-//! every accepted job is finished exactly once; SIGTERM drains and exits cleanly.
+//! every accepted job is finished exactly once; SIGTERM drains and exits cleanly; bad routing flags are refused
+//! before a model loads.
 
 mod serve_common;
 
@@ -123,4 +124,28 @@ fn sync_classify_with_the_real_engine_is_stored_and_health_checks_pass() {
     assert!(metrics.contains("safeguard_decisions_total{"), "{metrics}");
     let unauthorized = http.post(format!("{}/v1/classify", server.base)).json(&json!({})).send().unwrap();
     assert_eq!(unauthorized.status().as_u16(), 401);
+}
+
+/// The model path does not exist: an error about the flag, not about the model, shows the flags are checked first.
+#[test]
+fn bad_routing_flags_are_refused_before_the_model_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing_model = dir.path().join("missing.gguf");
+    for (flag, value, expected) in [
+        ("--stage-timeout", "0", "--stage-timeout must be a positive number of seconds"),
+        ("--stage-timeout", "-3", "--stage-timeout must be a positive number of seconds"),
+        ("--on-triage-violation", "ban", "use act, confirm or review"),
+    ] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_safeguard"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--model"])
+            .arg(&missing_model)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .arg(format!("{flag}={value}"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{flag}={value} was accepted");
+        assert!(stderr.contains(expected), "{flag}={value}: {stderr}");
+    }
 }

@@ -208,6 +208,8 @@ fn stage_timeout(seconds: f64) -> anyhow::Result<Duration> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    // Checked before the model loads, which can take minutes.
+    let stage_timeout = args.stage_timeout.map(stage_timeout).transpose()?;
     let reasoner = match (&args.model, args.backend.is_empty()) {
         (Some(model), true) => load_embedded(&args, model)?,
         (None, false) => load_remote(&args)?,
@@ -229,7 +231,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             first_effort: args.first_effort,
             escalation_effort: args.escalation_effort,
             on_triage_violation: args.on_triage_violation,
-            stage_timeout: args.stage_timeout.map(stage_timeout).transpose()?,
+            stage_timeout,
             ..safeguard_pipeline::RoutingConfig::default()
         },
         triage_dir: args.triage_dir.clone(),
