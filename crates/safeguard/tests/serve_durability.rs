@@ -100,7 +100,7 @@ fn every_accepted_job_is_finished_exactly_once_across_kill_9() {
 #[test]
 fn sync_classify_with_the_real_engine_is_stored_and_health_checks_pass() {
     let data = tempfile::tempdir().unwrap();
-    let server = ServeProcess::start(data.path(), &["--rate-limit", "0"]);
+    let server = ServeProcess::start(data.path(), &["--rate-limit", "0", "--reasoning-max-tokens", "12"]);
     let http = client();
     let ready: Value = http.get(format!("{}/readyz", server.base)).send().unwrap().json().unwrap();
     assert_eq!(ready["ready"], true);
@@ -122,6 +122,19 @@ fn sync_classify_with_the_real_engine_is_stored_and_health_checks_pass() {
     assert!(stored["model"].as_str().unwrap().contains("tiny"), "{stored}");
     let metrics = http.get(format!("{}/metrics", server.base)).send().unwrap().text().unwrap();
     assert!(metrics.contains("safeguard_decisions_total{"), "{metrics}");
+    // Without a max_tokens of its own, the cascade's steps (low, then high for an unreadable answer) stop at the
+    // server's --reasoning-max-tokens; the effort's own budget is hundreds, which the random model would fill.
+    let capped: Value = http
+        .post(format!("{}/v1/classify", server.base))
+        .bearer_auth(ADMIN_KEY)
+        .json(&json!({"text": "win a free phone, click here", "policies": ["spam"]}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let steps = capped["stages"].as_array().map_or(1, |stages| stages.len()) as u64;
+    let completion = capped["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(completion > 0 && completion <= 12 * steps, "{completion} tokens in {steps} steps: {capped}");
     let unauthorized = http.post(format!("{}/v1/classify", server.base)).json(&json!({})).send().unwrap();
     assert_eq!(unauthorized.status().as_u16(), 401);
 }
@@ -135,6 +148,7 @@ fn bad_routing_flags_are_refused_before_the_model_loads() {
         ("--stage-timeout", "0", "--stage-timeout must be a positive number of seconds"),
         ("--stage-timeout", "-3", "--stage-timeout must be a positive number of seconds"),
         ("--on-triage-violation", "ban", "use act, confirm or review"),
+        ("--reasoning-max-tokens", "0", "--reasoning-max-tokens must be at least 1"),
     ] {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_safeguard"))
             .args(["serve", "--listen", "127.0.0.1:0", "--model"])

@@ -81,6 +81,11 @@ pub struct Args {
     /// escalates (then goes to a person). Unset: only --reason-timeout bounds it.
     #[arg(long, value_name = "SECONDS")]
     pub stage_timeout: Option<f64>,
+    /// Completion tokens one reasoning step of the cascade may spend (reasoning and answer together); an answer
+    /// cut off by it escalates like any unparseable one. Default: the effort's own budget. A request's
+    /// `max_tokens` overrides it.
+    #[arg(long, value_name = "N")]
+    pub reasoning_max_tokens: Option<usize>,
     /// How /v1/classify decides requests that pin no effort: `cascade` (triage → low → high → a person) or
     /// `direct` (one reasoning step at --effort).
     #[arg(long, default_value = "cascade")]
@@ -210,6 +215,9 @@ fn stage_timeout(seconds: f64) -> anyhow::Result<Duration> {
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     // Checked before the model loads, which can take minutes.
     let stage_timeout = args.stage_timeout.map(stage_timeout).transpose()?;
+    if args.reasoning_max_tokens == Some(0) {
+        bail!("--reasoning-max-tokens must be at least 1");
+    }
     let reasoner = match (&args.model, args.backend.is_empty()) {
         (Some(model), true) => load_embedded(&args, model)?,
         (None, false) => load_remote(&args)?,
@@ -232,6 +240,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             escalation_effort: args.escalation_effort,
             on_triage_violation: args.on_triage_violation,
             stage_timeout,
+            max_tokens: args.reasoning_max_tokens,
             ..safeguard_pipeline::RoutingConfig::default()
         },
         triage_dir: args.triage_dir.clone(),
