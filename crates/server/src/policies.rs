@@ -80,6 +80,14 @@ fn looks_like_hash(id: &str) -> bool {
     id.starts_with("sha256:")
 }
 
+/// Parses a policy a client sent. A `triage:` section the cascade cannot read (a misspelt key, a bad regex) is
+/// refused here: accepted, the policy would run without triage and only a log line would say why.
+fn parse_sent_policy(text: &str, fallback_name: Option<&str>) -> Result<Policy, String> {
+    let policy = Policy::parse_with_fallback_name(text, fallback_name).map_err(|e| e.to_string())?;
+    safeguard_pipeline::rules_from_policy(&policy).map_err(|e| e.to_string())?;
+    Ok(policy)
+}
+
 /// A policy reference in a request: `"name"` (its active version), `"sha256:…"`, or `{"text": "…"}` inline.
 pub(crate) async fn resolve_policy(state: &AppState, reference: &Value, _caller: &Caller) -> Result<Policy, ApiError> {
     match reference {
@@ -95,8 +103,8 @@ pub(crate) async fn resolve_policy(state: &AppState, reference: &Value, _caller:
                 .and_then(Value::as_str)
                 .ok_or_else(|| ApiError::bad("invalid_policy", "an inline policy is {\"text\": \"…\"}"))?;
             let name = object.get("name").and_then(Value::as_str);
-            let policy = Policy::parse_with_fallback_name(text, Some(name.unwrap_or("inline")))
-                .map_err(|e| ApiError::bad("invalid_policy", format!("inline policy: {e}")))?;
+            let policy = parse_sent_policy(text, Some(name.unwrap_or("inline")))
+                .map_err(|why| ApiError::bad("invalid_policy", format!("inline policy: {why}")))?;
             let hash = policy.hash.to_string();
             // Stored (unpinned) so that the decision's policy hash can be looked up and replayed; once is enough.
             if state.lookups.versions.get(&hash).is_none() {
@@ -186,8 +194,7 @@ pub(crate) async fn create(
             .map_err(|_| ApiError::bad("invalid_policy", "the policy is not valid UTF-8"))?;
         (text, None)
     };
-    let policy = Policy::parse_with_fallback_name(&text, name.as_deref())
-        .map_err(|e| ApiError::bad("invalid_policy", e.to_string()))?;
+    let policy = parse_sent_policy(&text, name.as_deref()).map_err(|why| ApiError::bad("invalid_policy", why))?;
     let (stored, created) = store_policy(&state.store, &policy, &text, name.as_deref(), true).await?;
     if !created && policy_of(&stored)?.meta != policy.meta {
         // The version is the body's hash, so this body is stored already, with other front matter: answering

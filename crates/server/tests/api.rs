@@ -268,6 +268,15 @@ async fn policies_are_versioned_pinned_and_diffed() {
     let (status, bad) =
         h.call("POST", "/v1/policies", Some(&writer), Some(json!({"text": "---\nname: x\n---\n"}))).await;
     assert_eq!(status, 400, "{bad}");
+    // A triage section the cascade could not read is refused, stored or inline, not run without triage.
+    let misspelt = v1.replace("output: binary", "output: binary\ntriage:\n  on_violaton: review");
+    let (status, bad) = h.call("POST", "/v1/policies", Some(&writer), Some(json!({"text": misspelt}))).await;
+    assert_eq!((status, bad["error"]["code"].as_str()), (400, Some("invalid_policy")), "{bad}");
+    assert!(bad["error"]["message"].as_str().unwrap().contains("on_violaton"), "{bad}");
+    let (status, bad) = h
+        .call("POST", "/v1/classify", Some(&writer), Some(json!({"text": "x", "policies": [{"text": misspelt}]})))
+        .await;
+    assert_eq!((status, bad["error"]["code"].as_str()), (400, Some("invalid_policy")), "{bad}");
     // Classify by version hash and with an inline policy.
     let (status, by_hash) = h
         .call(
