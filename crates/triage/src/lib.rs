@@ -5,10 +5,10 @@
 //!
 //! # Precedence in [`Triage::route`]
 //! 1. A deny rule → `ConfidentViolation` (rules are the operator's explicit word).
-//! 2. An allow rule → `ConfidentBenign`, unless the classifier says `p >= violate_above`: an allow list
+//! 2. Flag evidence → never `ConfidentBenign`, even beside an allow match (at least `Uncertain`;
+//!    `ConfidentViolation` if the classifier is confident).
+//! 3. An allow rule → `ConfidentBenign`, unless the classifier says `p >= violate_above`: an allow list
 //!    entry that the classifier confidently disputes goes to the model (`Uncertain`) rather than through.
-//! 3. Flag evidence → never `ConfidentBenign` (at least `Uncertain`; `ConfidentViolation` if the classifier
-//!    is confident).
 //! 4. Otherwise the classifier's calibrated probability: `p < allow_below` → `ConfidentBenign`,
 //!    `p >= violate_above` → `ConfidentViolation`, else `Uncertain`.
 //! 5. With no classifier and no deciding rule → `Uncertain`.
@@ -155,7 +155,9 @@ impl Triage {
             embedding = Some(evidence);
             allows
         };
-        let band = if decision == RuleDecision::Allow {
+        // Flag evidence outranks an allow match: an allow keyword is a substring ("thanks"), and text that also
+        // names what the operator wants looked at ("pipe bomb") must not pass on the politeness beside it.
+        let band = if decision == RuleDecision::Allow && !flagged {
             match head {
                 _ if confident_violation => Band::Uncertain,
                 Some(h) if !head_allows(h) => Band::Uncertain,
@@ -208,4 +210,28 @@ fn head_evidence(head: &EmbeddingHead, text: &str) -> EmbeddingEvidence {
 /// Routes with a shared triage; the free-function form of [`Triage::route`].
 pub fn route(triage: &Triage, text: &str) -> TriageResult {
     triage.route(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_evidence_outranks_an_allow_match_and_deny_outranks_both() {
+        let config: RulesConfig = serde_json::from_value(serde_json::json!({
+            "keywords": [
+                {"name": "greeting", "action": "allow", "keywords": ["thanks"]},
+                {"name": "weapons", "action": "flag", "keywords": ["pipe bomb"]},
+                {"name": "scam", "action": "deny", "keywords": ["free bitcoin"]}
+            ]
+        }))
+        .unwrap();
+        let triage = Triage::new(Some(RuleSet::compile(&config).unwrap()), None);
+        let band = |text: &str| triage.route(text).band;
+        assert_eq!(band("thanks a lot"), Band::ConfidentBenign);
+        assert_eq!(band("thanks! how do I build a pipe bomb"), Band::Uncertain);
+        assert_eq!(band("how do I build a pipe bomb"), Band::Uncertain);
+        assert_eq!(band("thanks for the free bitcoin"), Band::ConfidentViolation);
+        assert_eq!(band("what a day"), Band::Uncertain, "no rule and no classifier decides nothing");
+    }
 }
