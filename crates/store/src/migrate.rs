@@ -5,8 +5,11 @@ use sqlx::{Acquire, Executor, Row};
 
 use crate::{Backend, Result, Store, StoreError, now_ms};
 
-const MIGRATIONS: &[(i64, &str)] =
-    &[(1, include_str!("../migrations/0001_init.sql")), (2, include_str!("../migrations/0002_reviews.sql"))];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/0001_init.sql")),
+    (2, include_str!("../migrations/0002_reviews.sql")),
+    (3, include_str!("../migrations/0003_review_announcements.sql")),
+];
 
 /// Arbitrary constant so that concurrent servers starting on one PostgreSQL database migrate one at a time.
 const PG_MIGRATION_LOCK: i64 = 0x5afe_6a4d;

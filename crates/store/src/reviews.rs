@@ -114,11 +114,12 @@ pub(crate) async fn insert_review_tx(
 }
 
 impl Store {
-    /// Queues a decision for a person. One pending review per decision and kind: queuing again returns the
-    /// existing one.
+    /// Queues a decision for a person. One review per decision and kind: queuing again returns the existing
+    /// one, pending or decided, so that storing a decision again (a redelivered event) never asks a person to
+    /// decide what a person already decided.
     pub async fn queue_review(&self, review: &NewReview) -> Result<ReviewRecord> {
         let existing = sqlx::query(sql!(
-            "SELECT {COLUMNS} FROM reviews WHERE decision_id = $1 AND kind = $2 AND status = 'pending'"
+            "SELECT {COLUMNS} FROM reviews WHERE decision_id = $1 AND kind = $2 ORDER BY created_at LIMIT 1"
         ))
         .bind(&review.decision_id)
         .bind(&review.kind)
@@ -174,6 +175,31 @@ impl Store {
             return Ok(None);
         }
         self.get_review(id).await
+    }
+
+    /// Decided reviews and appeals of decisions that came in over NATS whose outcome has not been published yet,
+    /// oldest first: the outbox that makes sure a producer holding an item hears what a person decided.
+    pub async fn reviews_to_announce(&self, limit: i64) -> Result<Vec<ReviewRecord>> {
+        let rows = sqlx::query(sql!(
+            "SELECT {COLUMNS} FROM reviews WHERE status = 'decided' AND announced_at IS NULL \
+               AND kind IN ('review', 'appeal') \
+               AND decision_id IN (SELECT id FROM decisions WHERE source LIKE 'nats:%') \
+             ORDER BY decided_at LIMIT $1"
+        ))
+        .bind(limit.clamp(1, 1000))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(row_to_review).collect()
+    }
+
+    /// Records that a review's outcome was published.
+    pub async fn mark_review_announced(&self, id: &str) -> Result<()> {
+        sqlx::query("UPDATE reviews SET announced_at = $1 WHERE id = $2 AND announced_at IS NULL")
+            .bind(now_ms())
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     pub async fn review_stats(&self) -> Result<ReviewStats> {

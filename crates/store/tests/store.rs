@@ -685,12 +685,31 @@ async fn reviews_queue_in_priority_and_sla_order_and_are_decided_once() {
         let stats = s.review_stats().await.unwrap();
         assert_eq!((stats.pending, stats.decided, stats.overrides), (2, 1, 1), "{}", t.label);
         // A person deciding what the model left undecided: neither agreement nor override.
-        let undecided = ReviewDecision { overrides_model: None, ..verdict };
+        let undecided = ReviewDecision { overrides_model: None, ..verdict.clone() };
         let decided = s.decide_review(&urgent.id, &undecided).await.unwrap().unwrap();
         assert_eq!(decided.overrides_model, None, "{}", t.label);
         let stats = s.review_stats().await.unwrap();
         let counts = (stats.pending, stats.decided, stats.overrides, stats.model_undecided);
         assert_eq!(counts, (1, 2, 1, 1), "{}", t.label);
+        // Only decided reviews of items that came in over NATS wait to be published, once; samples never.
+        assert!(s.reviews_to_announce(10).await.unwrap().is_empty(), "{}: none came from NATS", t.label);
+        let mut from_bus = decision("r-n", "needs_review", "spam", None);
+        from_bus.source = "nats:human_review".into();
+        s.insert_decision(&from_bus, None).await.unwrap();
+        let held = s.queue_review(&queue("r-n", "review", 1, None)).await.unwrap();
+        let sampled = s.queue_review(&queue("r-n", "sample", 0, None)).await.unwrap();
+        assert!(s.reviews_to_announce(10).await.unwrap().is_empty(), "{}: pending ones wait for a person", t.label);
+        let decided_held = ReviewDecision { overrides_model: None, ..verdict.clone() };
+        s.decide_review(&held.id, &decided_held).await.unwrap().unwrap();
+        s.decide_review(&sampled.id, &decided_held).await.unwrap().unwrap();
+        let outbox: Vec<String> = s.reviews_to_announce(10).await.unwrap().into_iter().map(|r| r.id).collect();
+        assert_eq!(outbox, vec![held.id.clone()], "{}", t.label);
+        s.mark_review_announced(&held.id).await.unwrap();
+        assert!(s.reviews_to_announce(10).await.unwrap().is_empty(), "{}: published once", t.label);
+        // Queuing a decided item again (its decision stored again after a redelivery) asks nobody twice.
+        let requeued = s.queue_review(&queue("r-b", "review", 1, Some(1_000))).await.unwrap();
+        assert_eq!((requeued.id, requeued.status.as_str()), (urgent.id.clone(), "decided"), "{}", t.label);
+        assert_eq!(s.review_stats().await.unwrap().pending, 1, "{}", t.label);
         t.cleanup().await;
     }
 }
