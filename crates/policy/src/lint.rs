@@ -17,6 +17,8 @@ use crate::{OutputFormat, Policy};
 
 /// Counts prompt tokens; the CLI passes the o200k_harmony tokenizer.
 pub type TokenCounter<'a> = &'a (dyn Fn(&str) -> usize + Sync);
+/// A check this crate cannot make itself, such as front matter another crate reads (`triage:`).
+pub type ExtraCheck<'a> = &'a (dyn Fn(&Policy) -> Vec<Finding> + Sync);
 
 #[derive(Clone)]
 pub struct LintOptions<'a> {
@@ -26,11 +28,13 @@ pub struct LintOptions<'a> {
     pub sweet_spot: RangeInclusive<usize>,
     /// Exact token counter. Without one, tokens are estimated as characters / 4 and the findings say so.
     pub count_tokens: Option<TokenCounter<'a>>,
+    /// Run on every policy that parses; its findings join the report.
+    pub extra_check: Option<ExtraCheck<'a>>,
 }
 
 impl Default for LintOptions<'_> {
     fn default() -> Self {
-        LintOptions { max_tokens: 10_000, sweet_spot: 400..=600, count_tokens: None }
+        LintOptions { max_tokens: 10_000, sweet_spot: 400..=600, count_tokens: None, extra_check: None }
     }
 }
 
@@ -40,6 +44,7 @@ impl std::fmt::Debug for LintOptions<'_> {
             .field("max_tokens", &self.max_tokens)
             .field("sweet_spot", &self.sweet_spot)
             .field("count_tokens", &self.count_tokens.map(|_| "fn"))
+            .field("extra_check", &self.extra_check.map(|_| "fn"))
             .finish()
     }
 }
@@ -159,6 +164,9 @@ pub fn lint_policy(policy: &Policy, opts: &LintOptions<'_>) -> LintReport {
     linter.check_rule_ids(policy, &lines);
     linter.check_examples(&lines);
     linter.check_escalation(&lines);
+    if let Some(check) = opts.extra_check {
+        linter.findings.extend(check(policy));
+    }
     linter.findings.sort_by_key(|finding| (std::cmp::Reverse(finding.severity), finding.line.unwrap_or(0)));
     LintReport {
         policy_name: Some(policy.meta.name.clone()),

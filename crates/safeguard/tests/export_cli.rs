@@ -150,7 +150,8 @@ fn export_merges_human_and_model_labels_and_trains_triage() {
     std::fs::write(&policy, POLICY).unwrap();
     let model = dir.path().join("triage");
     let mut args = vec!["triage", "train", "--policy", policy.to_str().unwrap(), "--dataset", out_s];
-    args.extend(["--text-field", "text", "--label-field", "violates", "--weight-field", "weight"]);
+    // No --weight-field: the export's `weight` is read by default, so corrections count more without a flag.
+    args.extend(["--text-field", "text", "--label-field", "violates"]);
     args.extend(["--out", model.to_str().unwrap(), "--hash-bits", "12", "--target-recall", "0.9", "--folds", "3"]);
     let output = safeguard(&args);
     assert!(output.status.success(), "train failed: {}", String::from_utf8_lossy(&output.stderr));
@@ -198,4 +199,50 @@ fn filters_and_bad_arguments_are_clear() {
     ]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(read_jsonl(&out).len(), 12);
+}
+
+/// A cascade decision settles each policy at its own stage: only the reasoning stages' verdicts are model
+/// labels, each with its own effort, and triage's are left out.
+#[test]
+fn cascade_decisions_give_model_labels_per_stage_and_none_for_triage() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("decisions.db");
+    let verdict = |policy: &str, outcome: &str, stage: &str| {
+        json!({"policy": policy, "policy_hash": format!("sha256:{policy}"), "outcome": outcome,
+               "violation": outcome == "violation", "rule_ids": [], "flags": [], "stage": stage})
+    };
+    let mut record = decision("cascade-1", now_ms(), "send me your password or else", "violation");
+    record.policy_names = vec!["spam".into(), "threats".into(), "privacy".into(), "hate".into()];
+    record.policy_hashes = record.policy_names.iter().map(|n| format!("sha256:{n}")).collect();
+    // The record's effort is its last reasoning step's; the low-effort policy was settled before it.
+    record.effort = "high".into();
+    record.source = "cascade:reasoning_high".into();
+    record.verdicts = json!([
+        verdict("spam", "allow", "triage"),
+        verdict("threats", "violation", "reasoning_high"),
+        verdict("privacy", "allow", "reasoning_low"),
+        verdict("hate", "needs_review", "human_review"),
+    ]);
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let store = Store::open_sqlite(&db).await.unwrap();
+        store.insert_decision(&record, None).await.unwrap();
+        store.close().await;
+    });
+    let out = dir.path().join("export.jsonl");
+    let url = format!("sqlite://{}", db.display());
+    let output =
+        safeguard(&["export", "dataset", "--database", &url, "--include-model-labels", "--out", out.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let mut lines = read_jsonl(&out);
+    lines.sort_by_key(|l| l["policy"].as_str().unwrap().to_string());
+    let got: Vec<(&str, &str, &str, u64)> = lines
+        .iter()
+        .map(|l| {
+            let field = |name: &str| l[name].as_str().unwrap();
+            (field("policy"), field("stage"), field("effort"), l["violates"].as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(got, [("privacy", "reasoning_low", "low", 0), ("threats", "reasoning_high", "high", 1)]);
+    assert!(String::from_utf8_lossy(&output.stderr).contains("settled by triage"));
 }

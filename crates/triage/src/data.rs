@@ -85,6 +85,8 @@ fn label_key(value: &serde_json::Value) -> Option<String> {
 
 const TEXT_FIELDS: &[&str] = &["text", "user_input", "prompt", "content", "tweet"];
 const LABEL_FIELDS: &[&str] = &["violates", "label", "toxicity", "violation"];
+/// The per-item weight field used when none is named, if the data has it.
+const WEIGHT_FIELD: &str = "weight";
 
 /// Where training items came from, recorded in `model.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -216,7 +218,8 @@ pub fn load_dataset(path: &Path, fields: &DatasetFields, source: usize) -> Resul
     let label_field = pick_field(&fields.label, LABEL_FIELDS, |f| first.contains_key(f), "label", path)?;
     let weight_field = match &fields.weight {
         Some(w) => Some(pick_field(&fields.weight, &[], |f| first.contains_key(f), "weight", path).map(|_| w.clone())?),
-        None => None,
+        // What `safeguard export dataset` writes: human corrections weigh more than model labels without a flag.
+        None => first.contains_key(WEIGHT_FIELD).then(|| WEIGHT_FIELD.to_string()),
     };
     let mut examples = Vec::with_capacity(rows.len());
     for (line, row) in &rows {

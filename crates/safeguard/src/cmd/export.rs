@@ -14,6 +14,7 @@ use safeguard_pipeline::flywheel::{
     Correction, LabelSource, LabeledExample, Weights, example_from_correction, merge, write_jsonl,
 };
 use safeguard_store::{DecisionRecord, ReviewRecord, Store, StoreOptions};
+use serde_json::Value;
 
 use super::classify::runtime;
 
@@ -124,20 +125,22 @@ fn corrections(review: &ReviewRecord, decision: &DecisionRecord, text: &str, ski
         .collect()
 }
 
+/// The model's settled verdicts of one stored decision. A cascade decision names the stage that settled each
+/// policy: only reasoning stages give model labels, each with its own effort (one item can be settled at low
+/// effort for one policy and at high for another). Triage's verdicts are left out, since training triage on its
+/// own output teaches it nothing, and a person's come from the review. A direct decision has no stages: one
+/// step at the record's effort.
 fn model_examples(
     decision: &DecisionRecord,
     text: &str,
     weights: Weights,
     skipped: &mut Skipped,
 ) -> Vec<LabeledExample> {
-    let Ok(effort) = decision.effort.parse::<Effort>() else {
-        skipped.add("stored decision has an unknown effort");
-        return vec![];
-    };
     let Some(verdicts) = decision.verdicts.as_array() else {
         skipped.add("stored verdicts unreadable");
         return vec![];
     };
+    let record_effort = decision.effort.parse::<Effort>().ok();
     verdicts
         .iter()
         .filter_map(|verdict| {
@@ -147,6 +150,27 @@ fn model_examples(
                 // Undecided items have no label to give.
                 _ => return None,
             };
+            let stage = match verdict.get("stage") {
+                None | Some(Value::Null) => match record_effort {
+                    Some(effort) => Stage::reasoning(effort),
+                    None => {
+                        skipped.add("stored decision has an unknown effort");
+                        return None;
+                    }
+                },
+                Some(stage) => match serde_json::from_value::<Stage>(stage.clone()) {
+                    Ok(Stage::Triage) => {
+                        skipped.add("verdict settled by triage (its own output would teach it nothing)");
+                        return None;
+                    }
+                    Ok(stage) => stage,
+                    Err(_) => {
+                        skipped.add("verdict has an unknown stage");
+                        return None;
+                    }
+                },
+            };
+            let effort = stage.effort()?;
             let policy = verdict["policy"].as_str()?.to_string();
             let index = decision.policy_names.iter().position(|n| *n == policy);
             let policy_hash = verdict["policy_hash"]
@@ -162,7 +186,7 @@ fn model_examples(
                 policy,
                 policy_hash,
                 source: LabelSource::Model,
-                stage: Stage::reasoning(effort),
+                stage,
                 model: Some(decision.model_id.clone()),
                 effort: Some(effort.to_string()),
                 reviewer: None,

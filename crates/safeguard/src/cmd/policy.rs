@@ -100,15 +100,17 @@ struct FileReport<'a> {
 }
 
 fn lint(args: LintArgs) -> anyhow::Result<ExitCode> {
-    let opts = LintOptions { max_tokens: args.max_tokens, count_tokens: Some(&count_tokens), ..LintOptions::default() };
+    let opts = LintOptions {
+        max_tokens: args.max_tokens,
+        count_tokens: Some(&count_tokens),
+        extra_check: Some(&lint_triage_section),
+        ..LintOptions::default()
+    };
     let mut reports = Vec::new();
     let mut unreadable = 0usize;
     for path in &args.files {
         match lint_file(path, &opts) {
-            Ok(mut report) => {
-                lint_triage_section(path, &mut report);
-                reports.push((path.display().to_string(), report));
-            }
+            Ok(report) => reports.push((path.display().to_string(), report)),
             Err(err) => {
                 eprintln!("error: {err}");
                 unreadable += 1;
@@ -143,18 +145,17 @@ fn lint(args: LintArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// The `triage:` front matter is read by the server, not by the policy crate, so the linter checks it here: a
-/// section the server cannot read turns triage off for the policy.
-fn lint_triage_section(path: &Path, report: &mut LintReport) {
-    // A file that does not parse already has its parse error in the report.
-    let Ok(policy) = Policy::load(path) else { return };
-    if let Err(error) = safeguard_pipeline::rules_from_policy(&policy) {
-        report.findings.push(Finding {
+/// The `triage:` front matter is read by the cascade, not by the policy crate, so the linter checks it here: the
+/// server refuses a policy whose section it cannot read.
+fn lint_triage_section(policy: &Policy) -> Vec<Finding> {
+    match safeguard_pipeline::rules_from_policy(policy) {
+        Ok(_) => Vec::new(),
+        Err(error) => vec![Finding {
             severity: Severity::Error,
             code: "triage-section".into(),
-            message: format!("{error}; the server runs no triage for this policy until it is fixed"),
+            message: format!("{error}; the server refuses this policy until it is fixed"),
             line: None,
-        });
+        }],
     }
 }
 

@@ -33,7 +33,8 @@ pub struct FieldArgs {
     /// Field holding the label: 0/1, true/false, "violation"/"allow" (default: violates, label, toxicity).
     #[arg(long)]
     pub label_field: Option<String>,
-    /// Field holding a per-item weight, e.g. higher for human corrections (default: every item weighs 1).
+    /// Field holding a per-item weight, e.g. higher for human corrections (default: `weight` if the data has
+    /// it, as `safeguard export dataset` writes; else every item weighs 1).
     #[arg(long)]
     pub weight_field: Option<String>,
 }
