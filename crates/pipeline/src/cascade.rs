@@ -46,6 +46,16 @@ impl Stage {
         }
     }
 
+    /// The effort a reasoning stage reasons at; `None` for triage and a person.
+    pub fn effort(self) -> Option<Effort> {
+        match self {
+            Stage::ReasoningLow => Some(Effort::Low),
+            Stage::ReasoningMedium => Some(Effort::Medium),
+            Stage::ReasoningHigh => Some(Effort::High),
+            Stage::Triage | Stage::HumanReview => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Stage::Triage => "triage",
@@ -136,10 +146,21 @@ pub enum Escalation {
     Appeal,
     TriageViolationToConfirm,
     TriageViolationToReview,
-    NeedsReview { flags: Vec<String> },
-    LowEngineConfidence { probability: f32 },
-    TriageDisagrees { triage_probability: f32 },
-    StageFailed { detail: String },
+    NeedsReview {
+        flags: Vec<String>,
+    },
+    /// The answer token's probability was below `min_engine_confidence`: asked again, or, at the escalation
+    /// effort, handed to a person.
+    LowEngineConfidence {
+        probability: f32,
+    },
+    /// The model answered the other way from triage's lean; `1.0` when triage's word was a deny rule.
+    TriageDisagrees {
+        triage_probability: f32,
+    },
+    StageFailed {
+        detail: String,
+    },
 }
 
 /// One policy's walk through the cascade.
@@ -195,12 +216,15 @@ pub struct Pipeline {
     triage: HashMap<String, Arc<Triage>>,
     config: RoutingConfig,
     budget: Option<Arc<ReasoningBudget>>,
+    /// Tokens per second (uncached prompt and completion): each step pays what it used, and a new item starts
+    /// only while the bucket is not in debt.
+    token_budget: Option<Arc<ReasoningBudget>>,
     stats: Option<Arc<CascadeStats>>,
 }
 
 impl Pipeline {
     pub fn new(classifier: Classifier, config: RoutingConfig) -> Self {
-        Self { classifier, triage: HashMap::new(), config, budget: None, stats: None }
+        Self { classifier, triage: HashMap::new(), config, budget: None, token_budget: None, stats: None }
     }
 
     /// Triage for the policy version with this hash (`sha256:…`). A triage trained for another version of
@@ -212,6 +236,13 @@ impl Pipeline {
 
     pub fn with_budget(mut self, budget: Arc<ReasoningBudget>) -> Self {
         self.budget = Some(budget);
+        self
+    }
+
+    /// Bounds the tokens reasoning spends per second: what a step used is known only after it ran, so it is
+    /// paid then, and new items wait while the bucket is in debt.
+    pub fn with_token_budget(mut self, budget: Arc<ReasoningBudget>) -> Self {
+        self.token_budget = Some(budget);
         self
     }
 
@@ -293,7 +324,10 @@ impl Pipeline {
         }
 
         if !escalate.is_empty() {
-            self.take_budget(escalate.len()).await?;
+            // Owed, never deferred: a deferred item would lose the first stage's paid-for answer and pay again.
+            if let Some(budget) = &self.budget {
+                budget.take_owed(escalate.len());
+            }
             let effort = self.config.escalation_effort;
             let (decision, record) = self.reason(policies, &escalate, content, effort, ctx).await;
             for (slot, &i) in escalate.iter().enumerate() {
@@ -303,12 +337,20 @@ impl Pipeline {
             reasoning.push(decision);
         }
 
-        // The end of the line: whatever the model could not settle, and every appeal, goes to a person.
+        // The end of the line: whatever the model could not settle, what it is still unsure of at the escalation
+        // effort (there is no higher effort to ask), and every appeal, goes to a person.
+        let last_effort = Stage::reasoning(self.config.escalation_effort);
         for route in &mut routes {
-            if route.outcome == Outcome::NeedsReview || ctx.appeal {
+            let still_unsure = (route.decided_by == last_effort && route.outcome != Outcome::NeedsReview)
+                .then_some(route.engine_confidence)
+                .flatten()
+                .filter(|p| *p < self.config.min_engine_confidence);
+            if route.outcome == Outcome::NeedsReview || ctx.appeal || still_unsure.is_some() {
                 if route.decided_by != Stage::HumanReview {
                     if ctx.appeal {
                         route.escalations.push(Escalation::Appeal);
+                    } else if let Some(probability) = still_unsure {
+                        route.escalations.push(Escalation::LowEngineConfidence { probability });
                     } else if let Some(verdict) = &route.verdict {
                         route.escalations.push(Escalation::NeedsReview { flags: flag_names(verdict) });
                     }
@@ -432,9 +474,15 @@ impl Pipeline {
         if let Some(p) = route.engine_confidence.filter(|p| *p < self.config.min_engine_confidence) {
             return Some(Escalation::LowEngineConfidence { probability: p });
         }
-        if self.config.escalate_on_triage_disagreement {
-            let triage_p = route.triage.as_ref().and_then(|t| t.calibrated_probability);
-            if let (Some(p), Some(violation)) = (triage_p, verdict.violation)
+        if self.config.escalate_on_triage_disagreement
+            && let (Some(triage), Some(violation)) = (&route.triage, verdict.violation)
+        {
+            // A confident violation with no probability is a deny rule's: as sure as triage gets.
+            let lean = match (triage.band, triage.calibrated_probability) {
+                (Band::ConfidentViolation, p) => Some(p.unwrap_or(1.0)),
+                (_, p) => p,
+            };
+            if let Some(p) = lean
                 && (p >= 0.5) != violation
             {
                 return Some(Escalation::TriageDisagrees { triage_probability: p });
@@ -461,16 +509,26 @@ impl Pipeline {
         };
         let started = Instant::now();
         let classify = self.classifier.classify(&selected, content, &options);
+        let mut timed_out = false;
         let decision = match self.config.stage_timeout {
             None => classify.await,
             Some(limit) => match tokio::time::timeout(limit, classify).await {
                 Ok(decision) => decision,
                 Err(_) => {
                     debug!(?limit, "reasoning stage timed out");
+                    timed_out = true;
                     timed_out_decision(&selected, &options, self.classifier.reasoner().model_id(), limit)
                 }
             },
         };
+        if let Some(tokens) = &self.token_budget {
+            let usage = decision.usage;
+            let spent = usage.prompt_tokens.saturating_sub(usage.cached_prompt_tokens) + usage.completion_tokens;
+            // A step cut off by its timeout reports nothing, but the engine may still be decoding it: charge what
+            // it may spend, where that is known.
+            let spent = if timed_out { spent.max(self.config.max_tokens.unwrap_or(0) * selected.len()) } else { spent };
+            tokens.take_owed(spent);
+        }
         let elapsed = started.elapsed();
         metrics::histogram!("safeguard_pipeline_stage_seconds", "stage" => Stage::reasoning(effort).as_str())
             .record(elapsed.as_secs_f64());
@@ -484,18 +542,23 @@ impl Pipeline {
     }
 
     async fn take_budget(&self, prompts: usize) -> Result<(), Deferred> {
-        let Some(budget) = &self.budget else { return Ok(()) };
-        if prompts == 0 {
+        if prompts == 0 || (self.budget.is_none() && self.token_budget.is_none()) {
             return Ok(());
         }
-        let deadline = Instant::now() + self.config.max_budget_wait;
+        let now = Instant::now();
+        let deadline = now.checked_add(self.config.max_budget_wait).unwrap_or(now);
         loop {
-            match budget.try_take(prompts) {
+            // The token bucket is only checked (a charge of nothing), so a refusal by either takes nothing.
+            let tokens = self.token_budget.as_ref().map_or(Ok(()), |tokens| tokens.try_take(0));
+            match tokens.and_then(|()| self.budget.as_ref().map_or(Ok(()), |calls| calls.try_take(prompts))) {
                 Ok(()) => return Ok(()),
-                Err(wait) if Instant::now() + wait <= deadline => tokio::time::sleep(wait).await,
+                Err(wait) if Instant::now().checked_add(wait).is_some_and(|ready| ready <= deadline) => {
+                    tokio::time::sleep(wait).await
+                }
                 Err(wait) => {
                     metrics::counter!("safeguard_pipeline_deferred_total").increment(1);
-                    return Err(Deferred { retry_after: wait });
+                    // Asked again within the hour at the latest, however low the configured rate.
+                    return Err(Deferred { retry_after: wait.min(Duration::from_secs(3600)) });
                 }
             }
         }

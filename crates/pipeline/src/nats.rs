@@ -8,7 +8,10 @@
 //! - a new decision is written to the ledger with `Nats-Expected-Last-Subject-Sequence: 0`, which the server
 //!   refuses if another worker got there first (then that one's decision stands), published to `{prefix}.decisions.{key}` with the key as `Nats-Msg-Id` (the
 //!   stream's duplicate window drops a re-publish), and only then is the event acked;
+//! - an event with `"appeal": true` is decided under the key `<key>:appeal`, apart from the item it appeals;
 //! - a `pending` status is published on receipt, so producers can hold the content until the decision comes;
+//!   an item that ends with a person is published as `decided` with outcome `needs_review`, and then as
+//!   `reviewed` when a person decides it (by the host: `safeguard serve` publishes it from its review API);
 //! - when the reasoning budget is spent the event is NAKed with the budget's retry delay and the worker
 //!   pauses pulling: back-pressure instead of dropping or allowing;
 //! - while an item is being decided the worker tells the server it is still working on it (progress acks),
@@ -112,6 +115,9 @@ pub struct DecisionEvent {
     pub decision: Option<CascadeDecision>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Set on `reviewed` events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review: Option<ReviewedItem>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +126,23 @@ pub enum EventStatus {
     Pending,
     Decided,
     Rejected,
+    /// A person decided an item the cascade handed to them (its `decided` event said `needs_review`).
+    Reviewed,
+}
+
+/// What a person decided about an item that came in as an event: the end of its hold for a producer that
+/// waits on a `needs_review` decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReviewedItem {
+    pub decision_id: String,
+    pub review_id: String,
+    /// `allow` or `violation`.
+    pub outcome: String,
+    /// The policy rule the person applied, and the version it is from.
+    pub rule_id: Option<String>,
+    pub policy_hash: Option<String>,
+    /// Unix milliseconds.
+    pub decided_at: Option<i64>,
 }
 
 /// Connected JetStream handles for one worker (or a producer/observer in tests).
@@ -212,11 +235,34 @@ impl Bus {
         }
     }
 
+    /// Announces a person's decision on an item that came in as an event with idempotency key `key`.
+    pub async fn publish_review(
+        &self,
+        key: &str,
+        item_id: Option<String>,
+        review: ReviewedItem,
+    ) -> Result<(), NatsError> {
+        let event = DecisionEvent {
+            key: key.to_string(),
+            item_id,
+            status: EventStatus::Reviewed,
+            decision: None,
+            error: None,
+            review: Some(review),
+        };
+        self.publish_event(&event).await
+    }
+
     async fn publish_event(&self, event: &DecisionEvent) -> Result<(), NatsError> {
         let token = subject_token(&event.key);
         let mut headers = HeaderMap::new();
-        // The duplicate window drops a second publish of the same status for the same key.
-        headers.insert("Nats-Msg-Id", format!("{token}:{:?}", event.status).as_str());
+        // The duplicate window drops a second publish of the same status for the same key (of the same review:
+        // an appeal can be reviewed again).
+        let id = match &event.review {
+            Some(review) => format!("{token}:{:?}:{}", event.status, review.review_id),
+            None => format!("{token}:{:?}", event.status),
+        };
+        headers.insert("Nats-Msg-Id", id.as_str());
         let body = serde_json::to_vec(event).map_err(|e| NatsError::Stream(e.to_string()))?;
         self.js
             .publish_with_headers(self.config.decision_subject(&token), headers, body.into())
@@ -277,13 +323,19 @@ struct StaticHost {
 #[async_trait::async_trait]
 impl WorkerHost for StaticHost {
     async fn prepare(&self, requested: &[String]) -> Result<(Vec<Policy>, Pipeline), HostError> {
-        Ok((select_policies(&self.policies, requested), self.pipeline.clone()))
+        Ok((select_policies(&self.policies, requested)?, self.pipeline.clone()))
     }
 
     async fn record(&self, _item: SettledItem<'_>) -> Result<(), HostError> {
         Ok(())
     }
 }
+
+/// What an appeal's idempotency key ends with.
+const APPEAL_SUFFIX: &str = ":appeal";
+
+/// Tries of the host's record before an event is given back: 0.2 + 0.4 + 0.8 + 1.6 s of pauses between them.
+const RECORD_ATTEMPTS: u32 = 5;
 
 /// One worker: pulls content events and routes them through the pipeline until `stop` is set.
 pub struct Worker {
@@ -362,6 +414,12 @@ impl Worker {
                 .reject(message, "unknown".into(), None, "the event has neither a Nats-Msg-Id header nor an \"id\"")
                 .await;
         };
+        let appeal = payload.as_ref().and_then(|p| p.get("appeal")).and_then(Value::as_bool).unwrap_or(false);
+        // An appeal of an item is a decision of its own: under the item's key the ledger would answer it with
+        // the decision being appealed.
+        // A producer may name the appeal's key itself (it must, to send it under the item's Nats-Msg-Id header
+        // within the stream's duplicate window); the suffix is then not added twice.
+        let key = if appeal && !key.ends_with(APPEAL_SUFFIX) { format!("{key}{APPEAL_SUFFIX}") } else { key };
         let line = String::from_utf8_lossy(&message.payload);
         let item = parse_item(&line, &self.limits);
 
@@ -390,7 +448,11 @@ impl Worker {
             Ok(item) => item,
             Err(e) => return self.reject(message, key, item_id, &e.to_string()).await,
         };
-        let (policies, pipeline) = match self.host.prepare(&requested_policies(payload.as_ref())).await {
+        let requested = match requested_policies(payload.as_ref()) {
+            Ok(requested) => requested,
+            Err(why) => return self.reject(message, key, item_id, &why).await,
+        };
+        let (policies, pipeline) = match self.host.prepare(&requested).await {
             Ok(prepared) => prepared,
             Err(HostError::Rejected(why)) => return self.reject(message, key, item_id, &why).await,
             Err(HostError::Unavailable(why)) => {
@@ -407,10 +469,11 @@ impl Worker {
                 status: EventStatus::Pending,
                 decision: None,
                 error: None,
+                review: None,
             })
             .await;
         let ctx = RouteContext {
-            appeal: payload.as_ref().and_then(|p| p.get("appeal")).and_then(Value::as_bool).unwrap_or(false),
+            appeal,
             // For the host's record (reviewers read it); taken out before the ledger and the decision stream.
             include_reasoning: true,
         };
@@ -429,16 +492,34 @@ impl Worker {
             status: EventStatus::Decided,
             decision: Some(decision),
             error: None,
+            review: None,
         };
         self.settle(message, event, Some(&item.content), reasoning).await;
         None
     }
 
     /// Hands a settled decision to the host; on failure the event is NAKed and `false` returned.
+    ///
+    /// A host that is unavailable (its database restarting) is asked again here a few times first: the chain of
+    /// thought exists only in this worker's memory, so a redelivery could record the decision but not it.
     async fn record(&self, message: &jetstream::Message, event: &DecisionEvent, content: Option<&Content>) -> bool {
         let Some(decision) = &event.decision else { return true };
         let settled = SettledItem { key: &event.key, item_id: event.item_id.as_deref(), content, decision };
-        match self.host.record(settled).await {
+        let attempts = async {
+            let mut pause = Duration::from_millis(200);
+            for _ in 1..RECORD_ATTEMPTS {
+                match self.host.record(settled).await {
+                    Err(HostError::Unavailable(e)) => {
+                        debug!(key = %event.key, "cannot record the decision yet, trying again: {e}");
+                        tokio::time::sleep(pause).await;
+                        pause *= 2;
+                    }
+                    done => return done,
+                }
+            }
+            self.host.record(settled).await
+        };
+        match keep_alive(message, self.bus.config.ack_wait, attempts).await {
             Ok(()) => true,
             Err(e) => {
                 warn!(key = %event.key, "cannot record the decision yet: {e}");
@@ -462,6 +543,7 @@ impl Worker {
             status: EventStatus::Rejected,
             decision: None,
             error: Some(error.to_string()),
+            review: None,
         };
         self.settle(message, event, None, None).await;
         None
@@ -545,26 +627,77 @@ async fn keep_alive<T>(message: &jetstream::Message, ack_wait: Duration, work: i
     }
 }
 
-/// The policies an event names (`"policies": ["name" | "sha256:…", …]`); empty when it names none.
-fn requested_policies(payload: Option<&Value>) -> Vec<String> {
-    payload
-        .and_then(|p| p.get("policies"))
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
-        .unwrap_or_default()
+/// The policies an event names: `"policies": "name"` or `["name" | "sha256:…", …]`; empty when it names none.
+/// Anything else is an error, not a reason to fall back to the default set: an event judged under policies it
+/// did not ask for could be allowed without the one it named ever being checked.
+fn requested_policies(payload: Option<&Value>) -> Result<Vec<String>, String> {
+    let kind = |value: &Value| match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object (inline policies are not accepted on the bus; store the policy first)",
+    };
+    match payload.and_then(|p| p.get("policies")) {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::String(name)) => Ok(vec![name.clone()]),
+        Some(Value::Array(names)) => names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                name.as_str().map(str::to_string).ok_or_else(|| {
+                    format!("\"policies\"[{i}] is {}, not a policy name or \"sha256:…\" version", kind(name))
+                })
+            })
+            .collect(),
+        Some(other) => Err(format!("\"policies\" is {}; expected a policy name or a list of them", kind(other))),
+    }
 }
 
-/// The named policies out of `all`, or all of them when none are named.
-fn select_policies(all: &[Policy], names: &[String]) -> Vec<Policy> {
+/// The named policies out of `all`, or all of them when none are named. A name that is not among them is an
+/// error: deciding on the others alone would answer for a policy that was never checked.
+fn select_policies(all: &[Policy], names: &[String]) -> Result<Vec<Policy>, HostError> {
     if names.is_empty() {
-        return all.to_vec();
+        return Ok(all.to_vec());
     }
-    all.iter().filter(|p| names.iter().any(|n| *n == p.meta.name || *n == p.hash.to_string())).cloned().collect()
+    names
+        .iter()
+        .map(|name| {
+            all.iter()
+                .find(|p| *name == p.meta.name || *name == p.hash.to_string())
+                .cloned()
+                .ok_or_else(|| HostError::Rejected(format!("this worker does not serve a policy {name:?}")))
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_event_names_its_policies_or_is_refused() {
+        let requested = |payload: Value| requested_policies(Some(&payload));
+        assert_eq!(requested(serde_json::json!({"text": "x"})), Ok(vec![]));
+        assert_eq!(requested(serde_json::json!({"policies": "hate"})), Ok(vec!["hate".to_string()]));
+        assert_eq!(
+            requested(serde_json::json!({"policies": ["hate", "sha256:ab"]})),
+            Ok(vec!["hate".to_string(), "sha256:ab".to_string()])
+        );
+        let mixed = requested(serde_json::json!({"policies": ["hate", 7]})).unwrap_err();
+        assert!(mixed.contains("[1] is a number"), "{mixed}");
+        let inline = requested(serde_json::json!({"policies": [{"text": "# P"}]})).unwrap_err();
+        assert!(inline.contains("inline policies"), "{inline}");
+        assert!(requested(serde_json::json!({"policies": {"name": "hate"}})).is_err());
+
+        let spam = Policy::parse("---\nname: spam\noutput: binary\n---\n# Spam\nReturn 1 for spam, else 0.").unwrap();
+        let all = [spam.clone()];
+        assert_eq!(select_policies(&all, &[]).unwrap().len(), 1);
+        assert_eq!(select_policies(&all, &[spam.hash.to_string()]).unwrap()[0].meta.name, "spam");
+        let missing = select_policies(&all, &["spam".into(), "hate".into()]).unwrap_err();
+        assert!(matches!(&missing, HostError::Rejected(why) if why.contains("\"hate\"")), "{missing:?}");
+    }
 
     #[test]
     fn tokens_are_safe_for_subjects() {

@@ -3,8 +3,9 @@
 //! version.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use safeguard_policy::Policy;
 use safeguard_triage::{RuleSet, RulesConfig, Triage, TriageError, TriageModel};
@@ -44,11 +45,33 @@ pub fn rules_from_policy(policy: &Policy) -> Result<Option<RuleSet>, TriageError
     }
 }
 
-/// Builds and caches triage per policy version.
+/// How many policy versions' triage a library keeps. Stored policies are few; inline ones can be many and
+/// distinct, and each entry may hold compiled rules and a loaded model.
+const LIBRARY_CAPACITY: usize = 1024;
+
+/// What one policy version's triage came to: built (or nothing to build), or the reason its section is unusable.
+type Built = Result<Option<Arc<Triage>>, String>;
+
+/// A build, the `triage:` section it was built from, and the modification time of the model file it saw (`None`:
+/// no file), so that a model trained or retrained while the server runs is picked up at the next request.
+#[derive(Debug, Clone)]
+struct Entry {
+    section: Option<serde_json::Value>,
+    built: Built,
+    /// Where the model was looked for (it depends on the policy's name) and the file's modification time then.
+    model_dir: Option<PathBuf>,
+    model_file: Option<SystemTime>,
+}
+
+/// Builds and caches triage per policy version and `triage:` section.
+///
+/// An entry is used only for the section it was built from: front matter is not part of a version's identity,
+/// so two copies of one body may carry different rules, and neither may be answered with the other's. (The
+/// server keeps one set of front matter per version, so there it never rebuilds for this reason.)
 #[derive(Debug, Default)]
 pub struct TriageLibrary {
     models_dir: Option<PathBuf>,
-    cache: Mutex<HashMap<String, Option<Arc<Triage>>>>,
+    cache: Mutex<HashMap<String, Entry>>,
 }
 
 impl TriageLibrary {
@@ -57,28 +80,66 @@ impl TriageLibrary {
     }
 
     /// The triage for this policy version, or `None` when it has neither rules nor a matching model.
-    /// A broken `triage:` section turns triage off for the policy (logged): triage only ever saves work, so
+    /// A broken `triage:` section turns triage off for the policy (logged once): triage only ever saves work, so
     /// without it the model decides, where a half-read section might act in a way its author did not ask for.
     pub fn for_policy(&self, policy: &Policy) -> Option<Arc<Triage>> {
-        let hash = policy.hash.to_string();
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache.entry(hash.clone()).or_insert_with(|| self.build(policy, &hash)).clone()
+        self.try_for_policy(policy).unwrap_or_default()
     }
 
-    fn build(&self, policy: &Policy, hash: &str) -> Option<Arc<Triage>> {
-        let rules = match rules_from_policy(policy) {
-            Ok(rules) => rules,
-            Err(e) => {
-                warn!("no triage for this policy: {e}");
-                return None;
-            }
-        };
-        let model = self.models_dir.as_ref().and_then(|dir| {
-            let path = dir.join(&policy.meta.name);
+    /// As [`for_policy`](Self::for_policy), but a section that cannot be read or compiled is an error: what a
+    /// server answers a client that sends such a policy. The build is cached either way, so checking a policy
+    /// and then serving it compiles its rules once.
+    pub fn try_for_policy(&self, policy: &Policy) -> Result<Option<Arc<Triage>>, TriageError> {
+        let hash = policy.hash.to_string();
+        let section = policy.meta.extra.get("triage");
+        let model_dir = self.model_dir(policy);
+        let model_file = model_dir.as_ref().and_then(|dir| modified(&dir.join("model.json")));
+        if let Some(entry) = self.cache().get(&hash)
+            && entry.section.as_ref() == section
+            && entry.model_dir == model_dir
+            && entry.model_file == model_file
+        {
+            return entry.built.clone().map_err(TriageError::InvalidConfig);
+        }
+        // Built outside the lock: loading a model reads files, and other policies' requests should not wait.
+        let built = self.build(policy, &hash, model_dir.as_deref());
+        if let Err(reason) = &built {
+            warn!("no triage for this policy: {reason}");
+        }
+        let mut cache = self.cache();
+        if cache.len() >= LIBRARY_CAPACITY && !cache.contains_key(&hash) {
+            cache.clear();
+        }
+        cache.insert(hash, Entry { section: section.cloned(), built: built.clone(), model_dir, model_file });
+        built.map_err(TriageError::InvalidConfig)
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        // Each operation on the map is one call, so a panic elsewhere cannot leave it half-changed.
+        self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// `<models_dir>/<policy name>`, if the name is one plain path component: a name such as `../x` must not
+    /// reach outside the models directory.
+    fn model_dir(&self, policy: &Policy) -> Option<PathBuf> {
+        let dir = self.models_dir.as_ref()?;
+        let mut components = Path::new(&policy.meta.name).components();
+        match (components.next(), components.next()) {
+            (Some(Component::Normal(name)), None) => Some(dir.join(name)),
+            _ => None,
+        }
+    }
+
+    fn build(&self, policy: &Policy, hash: &str, model_dir: Option<&Path>) -> Built {
+        let rules = rules_from_policy(policy).map_err(|e| match e {
+            TriageError::InvalidConfig(reason) => reason,
+            other => other.to_string(),
+        })?;
+        let model = model_dir.and_then(|path| {
             if !path.join("model.json").exists() {
                 return None;
             }
-            match TriageModel::load(&path) {
+            match TriageModel::load(path) {
                 Ok(model) if model.meta.policy_hash == hash => Some(model),
                 Ok(model) => {
                     warn!(policy = %policy.meta.name, trained_for = %model.meta.policy_hash, current = %hash,
@@ -91,8 +152,12 @@ impl TriageLibrary {
                 }
             }
         });
-        (rules.is_some() || model.is_some()).then(|| Arc::new(Triage::new(rules, model)))
+        Ok((rules.is_some() || model.is_some()).then(|| Arc::new(Triage::new(rules, model))))
     }
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 #[cfg(test)]
@@ -120,6 +185,74 @@ mod tests {
         .unwrap();
         assert!(rules_from_policy(&bad).is_err());
         assert!(library.for_policy(&bad).is_none());
+    }
+
+    #[test]
+    fn one_body_with_two_rule_sets_gets_two_triages_and_broken_sections_stay_errors() {
+        let with_keyword = |keyword: &str| {
+            Policy::parse(&format!(
+                "---\nname: spam\noutput: binary\ntriage:\n  rules:\n    keywords:\n      - name: k\n        action: deny\n        keywords: [{keyword}]\n---\n# Spam\nReturn 0 or 1."
+            ))
+            .unwrap()
+        };
+        let (bitcoin, lottery) = (with_keyword("free bitcoin"), with_keyword("lottery win"));
+        assert_eq!(bitcoin.hash, lottery.hash, "front matter is not part of the version");
+        let library = TriageLibrary::new(None);
+        let deny = |policy: &Policy, text: &str| {
+            let triage = library.for_policy(policy).unwrap();
+            triage.rules().unwrap().evaluate(text).decision == safeguard_triage::RuleDecision::Deny
+        };
+        assert!(deny(&bitcoin, "free bitcoin here"));
+        assert!(deny(&lottery, "a lottery win"), "the second rule set must not be answered with the first");
+        assert!(!deny(&lottery, "free bitcoin here"));
+        assert!(Arc::ptr_eq(&library.for_policy(&bitcoin).unwrap(), &library.for_policy(&bitcoin).unwrap()));
+
+        let bad = Policy::parse(
+            "---\nname: bad\noutput: binary\ntriage:\n  rules:\n    regexes:\n      - name: r\n        action: deny\n        patterns: ['(']\n---\n# P\nReturn 0 or 1.",
+        )
+        .unwrap();
+        for _ in 0..2 {
+            let error = library.try_for_policy(&bad).unwrap_err().to_string();
+            assert!(error.contains("pattern"), "{error}");
+        }
+    }
+
+    fn train_for(policy: &Policy, dir: &Path) {
+        let examples: Vec<safeguard_triage::Example> = (0..20)
+            .map(|i| safeguard_triage::Example {
+                text: if i % 2 == 0 { format!("buy cheap followers {i}") } else { format!("see you at lunch {i}") },
+                violates: i % 2 == 0,
+                weight: 1.0,
+                source: 0,
+            })
+            .collect();
+        let options = safeguard_triage::FitOptions {
+            folds: 2,
+            min_violate_support: 1,
+            policy_name: Some(policy.meta.name.clone()),
+            policy_hash: policy.hash.to_string(),
+            ..safeguard_triage::FitOptions::default()
+        };
+        safeguard_triage::fit(&examples, vec![], &options).unwrap().save(dir).unwrap();
+    }
+
+    /// `safeguard triage train` while the server runs: the next request uses the new model, no restart.
+    #[test]
+    fn a_model_trained_while_serving_is_picked_up_and_names_stay_inside_the_models_dir() {
+        let models = tempfile::tempdir().unwrap();
+        let policy = Policy::parse("---\nname: promo\noutput: binary\n---\n# P\nReturn 0 or 1.").unwrap();
+        let library = TriageLibrary::new(Some(models.path().to_path_buf()));
+        assert!(library.for_policy(&policy).is_none(), "nothing trained yet");
+        train_for(&policy, &models.path().join("promo"));
+        let triage = library.for_policy(&policy).expect("the new model is used");
+        assert!(triage.model().is_some());
+        assert!(Arc::ptr_eq(&triage, &library.for_policy(&policy).unwrap()), "cached while the file is unchanged");
+
+        // A model of this version under a name that climbs out of the models directory is never read.
+        let outside = Policy::parse("---\nname: ../promo\noutput: binary\n---\n# P\nReturn 0 or 1.").unwrap();
+        let nested = TriageLibrary::new(Some(models.path().join("nested")));
+        std::fs::create_dir_all(models.path().join("nested")).unwrap();
+        assert!(nested.for_policy(&outside).is_none());
     }
 
     #[test]

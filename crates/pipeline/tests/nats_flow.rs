@@ -1,14 +1,16 @@
 //! The NATS JetStream flow against the real server on 127.0.0.1:4222: several workers share a stream, one
 //! dies mid-work, a new one starts, and every item ends with exactly one published decision.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use safeguard_core::{Classifier, ReasonError, ReasonOutput, ReasonRequest, Reasoner};
-use safeguard_pipeline::nats::{Bus, DecisionEvent, EventStatus, NatsConfig, Worker};
-use safeguard_pipeline::{Pipeline, ReasoningBudget, RoutingConfig};
+use safeguard_pipeline::nats::{
+    Bus, DecisionEvent, EventStatus, HostError, NatsConfig, SettledItem, Worker, WorkerHost,
+};
+use safeguard_pipeline::{CascadeDecision, Pipeline, ReasoningBudget, RoutingConfig};
 use safeguard_policy::Policy;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -37,7 +39,12 @@ impl Reasoner for Slow {
         tokio::time::sleep(self.pause).await;
         let text = safeguard_harmony::user_message_text(&req.content);
         let answer = if text.contains("buy") { "1" } else { "0" };
-        Ok(ReasonOutput { final_text: Some(answer.into()), final_token_prob: Some(0.99), ..ReasonOutput::default() })
+        Ok(ReasonOutput {
+            analysis: Some(format!("The text {} a sales pitch.", if answer == "1" { "is" } else { "is not" })),
+            final_text: Some(answer.into()),
+            final_token_prob: Some(0.99),
+            ..ReasonOutput::default()
+        })
     }
 }
 
@@ -167,5 +174,84 @@ async fn a_spent_budget_holds_items_back_instead_of_dropping_them() {
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     assert!(started.elapsed() >= Duration::from_millis(500), "the budget paced the work");
     assert_eq!(reasoner.calls.load(Ordering::SeqCst), 4, "no item dropped, none decided twice");
+    delete_streams(&producer).await;
+}
+
+/// A host whose database is down for its first `outages` records.
+struct Flaky {
+    pipeline: Pipeline,
+    policies: Vec<Policy>,
+    outages: AtomicUsize,
+    recorded: Mutex<Vec<CascadeDecision>>,
+}
+
+#[async_trait]
+impl WorkerHost for Flaky {
+    async fn prepare(&self, _requested: &[String]) -> Result<(Vec<Policy>, Pipeline), HostError> {
+        Ok((self.policies.clone(), self.pipeline.clone()))
+    }
+
+    async fn record(&self, item: SettledItem<'_>) -> Result<(), HostError> {
+        if self.outages.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return Err(HostError::Unavailable("database restarting".into()));
+        }
+        self.recorded.lock().unwrap().push(item.decision.clone());
+        Ok(())
+    }
+}
+
+/// A host that is briefly unavailable is asked again before the event goes back to the stream, so the chain of
+/// thought (in this worker's memory only) is recorded with the decision; and an event whose `"policies"` cannot
+/// be read is rejected, not judged under some other set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_briefly_unavailable_host_still_gets_the_reasoning_and_bad_policy_lists_are_rejected() {
+    if !nats_up() {
+        eprintln!("skipped: NATS is not reachable at {URL}");
+        return;
+    }
+    let cfg = config();
+    let producer = Bus::connect(cfg.clone()).await.unwrap();
+    producer
+        .publish_content("pitch", &json!({"id": "pitch", "text": "buy my course", "policies": "spam"}))
+        .await
+        .unwrap();
+    producer.publish_content("odd", &json!({"id": "odd", "text": "hi", "policies": ["spam", 7]})).await.unwrap();
+    let reasoner = Arc::new(Slow { calls: AtomicUsize::new(0), pause: Duration::ZERO });
+    let host = Arc::new(Flaky {
+        pipeline: Pipeline::new(Classifier::new(reasoner.clone()), RoutingConfig::default()),
+        policies: vec![Policy::parse(SPAM).unwrap()],
+        outages: AtomicUsize::new(2),
+        recorded: Mutex::default(),
+    });
+    let w = Worker::with_host(Bus::connect(cfg.clone()).await.unwrap(), host.clone());
+    let stop = CancellationToken::new();
+    let task = {
+        let stop = stop.clone();
+        tokio::spawn(async move { w.run(stop).await })
+    };
+    wait_until_decided(&producer, &["pitch".to_string(), "odd".to_string()], Duration::from_secs(20)).await;
+    // An appeal under the item's id (no header) is decided apart from the item, not answered with the appealed
+    // decision from the ledger.
+    let appeal = serde_json::to_vec(&json!({"id": "pitch", "text": "buy my course", "appeal": true})).unwrap();
+    producer.js.publish(cfg.content_subject("pitch"), appeal.into()).await.unwrap().await.unwrap();
+    wait_until_decided(&producer, &["pitch:appeal".to_string()], Duration::from_secs(20)).await;
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+
+    let recorded = host.recorded.lock().unwrap().clone();
+    assert_eq!(recorded.len(), 2, "the item, recorded once after two outages, and its appeal");
+    let chains: Vec<&String> = recorded[0].reasoning.iter().flat_map(|d| d.reasoning.iter()).collect();
+    assert!(chains.iter().any(|c| c.contains("is a sales pitch")), "{chains:?}");
+    assert_eq!(reasoner.calls.load(Ordering::SeqCst), 2, "the item and its appeal; the retries did not reason again");
+    let events = published(&producer).await;
+    let pitch = events["pitch"].iter().find(|e| e.status == EventStatus::Decided).unwrap();
+    assert!(pitch.decision.as_ref().unwrap().reasoning.iter().all(|d| d.reasoning.is_empty()), "no CoT on the bus");
+    let appealed = events["pitch:appeal"].iter().find(|e| e.status == EventStatus::Decided).unwrap();
+    let appealed = appealed.decision.as_ref().unwrap();
+    assert_eq!(appealed.decided_by, safeguard_pipeline::Stage::HumanReview, "{appealed:?}");
+    assert_ne!(appealed.id, pitch.decision.as_ref().unwrap().id);
+    let odd = &events["odd"];
+    assert_eq!((odd.len(), odd[0].status), (1, EventStatus::Rejected), "{odd:?}");
+    assert!(odd[0].error.as_deref().unwrap().contains("[1] is a number"), "{odd:?}");
     delete_streams(&producer).await;
 }

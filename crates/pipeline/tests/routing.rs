@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use safeguard_core::{Classifier, ReasonError, ReasonOutput, ReasonRequest, Reasoner};
+use safeguard_core::{Classifier, ReasonError, ReasonOutput, ReasonRequest, Reasoner, Usage};
 use safeguard_harmony::{Content, Effort};
 use safeguard_pipeline::{
     Escalation, OnTriageViolation, Pipeline, ReasoningBudget, RouteContext, RoutingConfig, Stage,
@@ -17,7 +17,8 @@ use safeguard_verdict::Outcome;
 
 const SPAM: &str = "---\nname: spam\noutput: binary\n---\n# Spam Policy (SP)\n\n## INSTRUCTIONS\nReturn exactly one character: 0 or 1.\n\n## VIOLATES (1)\n- SP1.a Cold promotion with links.\n\n## SAFE (0)\n- SP0.a Personal messages.\n\nReturn exactly one character: 0 or 1.";
 
-/// Answers by content: the text names what each effort should say, e.g. "low=junk high=1".
+/// Answers by content: the text names what each effort should say, e.g. "low=junk high=1", optionally with
+/// the answer token's probability ("high=1@0.3"; 0.9 otherwise).
 struct Scripted {
     calls: Mutex<Vec<(String, Effort)>>,
     delay: Option<Duration>,
@@ -37,9 +38,15 @@ impl Reasoner for Scripted {
         }
         let key = format!("{}=", req.effort);
         let answer = text.split_whitespace().find_map(|w| w.strip_prefix(&key)).unwrap_or("junk");
+        let (answer, probability) = match answer.split_once('@') {
+            Some((answer, probability)) => (answer, probability.parse().unwrap()),
+            None => (answer, 0.9),
+        };
         Ok(ReasonOutput {
             final_text: Some(answer.to_string()),
-            final_token_prob: Some(0.9),
+            final_token_prob: Some(probability),
+            // 100 billed tokens a call: 40 of the 80 prompt tokens came from the cache.
+            usage: Usage { prompt_tokens: 80, cached_prompt_tokens: 40, completion_tokens: 60 },
             ..ReasonOutput::default()
         })
     }
@@ -139,6 +146,48 @@ async fn triage_violations_can_be_confirmed_or_reviewed_instead_of_acted_on() {
     assert!(reasoner.calls.lock().unwrap().is_empty());
 }
 
+/// A model that disputes a deny rule it was asked to confirm is asked again at high effort before its answer
+/// stands, like any disagreement with triage.
+#[tokio::test]
+async fn a_model_that_disputes_a_deny_rule_is_asked_again_at_high_effort() {
+    let config = RoutingConfig { on_triage_violation: OnTriageViolation::Confirm, ..RoutingConfig::default() };
+    let (pipeline, reasoner) = build(config, None);
+    let d = route(&pipeline, "JOIN NOW low=0 high=0").await;
+    assert_eq!((d.decided_by, d.outcome), (Stage::ReasoningHigh, Outcome::Allow));
+    assert!(
+        matches!(d.policies[0].escalations.last(), Some(Escalation::TriageDisagrees { triage_probability }) if *triage_probability == 1.0),
+        "{:?}",
+        d.policies[0].escalations
+    );
+    let d = route(&pipeline, "JOIN NOW low=1").await;
+    assert_eq!((d.decided_by, d.outcome), (Stage::ReasoningLow, Outcome::Violation), "agreement settles at low");
+    let efforts: Vec<Effort> = reasoner.calls.lock().unwrap().iter().map(|c| c.1).collect();
+    assert_eq!(efforts, vec![Effort::Low, Effort::High, Effort::Low]);
+}
+
+/// High effort is the last the model is asked at: an answer it is still unsure of there goes to a person, for
+/// escalated items and for high-risk policies that start there.
+#[tokio::test]
+async fn an_answer_still_unsure_at_high_effort_goes_to_a_person() {
+    let (pipeline, _) = build(RoutingConfig::default(), None);
+    let unsure = route(&pipeline, "a coupon low=1@0.3 high=1@0.4").await;
+    assert_eq!((unsure.decided_by, unsure.outcome), (Stage::HumanReview, Outcome::NeedsReview));
+    let escalations = &unsure.policies[0].escalations;
+    assert!(
+        matches!(escalations.as_slice(), [.., Escalation::LowEngineConfidence { .. }, Escalation::LowEngineConfidence { probability }] if (*probability - 0.4).abs() < 1e-6),
+        "{escalations:?}"
+    );
+    assert_eq!(unsure.policies[0].verdict.as_ref().unwrap().outcome, Outcome::Violation, "kept for the reviewer");
+    let sure = route(&pipeline, "a coupon low=1@0.3 high=1@0.8").await;
+    assert_eq!((sure.decided_by, sure.outcome), (Stage::ReasoningHigh, Outcome::Violation));
+
+    let reasoner = Arc::new(Scripted { calls: Mutex::default(), delay: None });
+    let risky = Policy::parse(&SPAM.replace("name: spam", "name: spam\nhigh_risk: true")).unwrap();
+    let pipeline = Pipeline::new(Classifier::new(reasoner), RoutingConfig::default());
+    let d = pipeline.decide(&[risky], &Content::text("a coupon high=0@0.2"), &RouteContext::default()).await.unwrap();
+    assert_eq!((d.decided_by, d.outcome), (Stage::HumanReview, Outcome::NeedsReview));
+}
+
 /// A policy's own `triage: {on_violation: …}` overrides the configured default, for that policy only: the same
 /// rules and body act on triage's word under one policy and ask a person under its stricter twin.
 #[tokio::test]
@@ -185,6 +234,34 @@ async fn over_budget_items_are_deferred_not_dropped_or_allowed() {
     let deferred = pipeline.decide(&[spam()], &Content::text("y low=0"), &RouteContext::default()).await.unwrap_err();
     assert!(deferred.retry_after > Duration::ZERO);
     // Triage-settled items need no budget.
+    assert!(pipeline.decide(&[spam()], &Content::text("hi mom"), &RouteContext::default()).await.is_ok());
+}
+
+/// An item whose first answer needs the escalation effort is finished, not deferred, when the budget runs out
+/// between its stages: deferring would throw away the answer already paid for. The next item waits instead.
+#[tokio::test]
+async fn an_escalation_is_never_deferred_and_the_next_item_waits_for_it() {
+    let budget = Arc::new(ReasoningBudget::new(0.5, 1));
+    let (pipeline, reasoner) = build(RoutingConfig::default(), None);
+    let pipeline = pipeline.with_budget(budget);
+    let d = route(&pipeline, "a coupon low=junk high=1").await;
+    assert_eq!((d.decided_by, d.outcome), (Stage::ReasoningHigh, Outcome::Violation));
+    assert_eq!(reasoner.calls.lock().unwrap().len(), 2);
+    let deferred = pipeline.decide(&[spam()], &Content::text("y low=0"), &RouteContext::default()).await.unwrap_err();
+    assert!(deferred.retry_after > Duration::from_secs(3), "the escalation's call is owed: {:?}", deferred.retry_after);
+}
+
+/// The token budget: a step pays the tokens it used (uncached prompt + completion) after it ran, and a new item
+/// waits while that leaves the bucket in debt; triage-settled items spend nothing.
+#[tokio::test]
+async fn a_token_budget_holds_items_back_after_an_expensive_one() {
+    let (pipeline, _) = build(RoutingConfig::default(), None);
+    let pipeline = pipeline.with_token_budget(Arc::new(ReasoningBudget::new(50.0, 50)));
+    let first = pipeline.decide(&[spam()], &Content::text("x low=0"), &RouteContext::default()).await.unwrap();
+    assert_eq!(first.usage.completion_tokens, 60);
+    let deferred = pipeline.decide(&[spam()], &Content::text("y low=0"), &RouteContext::default()).await.unwrap_err();
+    // 100 tokens spent from a bucket of 50 at 50 a second: a second of debt.
+    assert!(deferred.retry_after > Duration::from_millis(900), "{:?}", deferred.retry_after);
     assert!(pipeline.decide(&[spam()], &Content::text("hi mom"), &RouteContext::default()).await.is_ok());
 }
 

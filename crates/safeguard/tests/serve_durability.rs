@@ -149,6 +149,8 @@ fn bad_routing_flags_are_refused_before_the_model_loads() {
         ("--stage-timeout", "-3", "--stage-timeout must be a positive number of seconds"),
         ("--on-triage-violation", "ban", "use act, confirm or review"),
         ("--reasoning-max-tokens", "0", "--reasoning-max-tokens must be at least 1"),
+        ("--min-engine-confidence", "1.5", "--min-engine-confidence must be within 0..1"),
+        ("--max-budget-wait", "-1", "--max-budget-wait must be a number of seconds >= 0"),
     ] {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_safeguard"))
             .args(["serve", "--listen", "127.0.0.1:0", "--model"])

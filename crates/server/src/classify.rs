@@ -293,19 +293,9 @@ pub(crate) fn count_decision(decision: &Decision, source: &str, elapsed_secs: f6
     metrics::counter!("safeguard_prompt_cache_hit_tokens_total").increment(usage.cached_prompt_tokens as u64);
 }
 
-/// Classifies and stores one item. The decision is stored before it is returned.
-pub(crate) async fn decide_and_store(
-    state: &AppState,
-    policies: &[Policy],
-    content: &Content,
-    settings: &Settings,
-    source: &str,
-) -> Result<(Decision, DecisionRecord), ApiError> {
-    decide_and_store_timed(state, policies, content, settings, source, &mut StageTimer::start()).await
-}
-
-/// [`decide_and_store`], marking `reason` and `store` on `timer`.
-pub(crate) async fn decide_and_store_timed(
+/// Reasons about one item and stores the decision before it is returned. Who else must see it is the caller's call: classify queues
+/// an undecided item for review ([`decide_and_store_timed`]), an appeal queues every item as an appeal.
+pub(crate) async fn reason_and_store(
     state: &AppState,
     policies: &[Policy],
     content: &Content,
@@ -321,6 +311,20 @@ pub(crate) async fn decide_and_store_timed(
     let (record, reasoning) = record_of(&decision, policies, content, settings, source, None);
     state.store.insert_decision(&record, Some(&reasoning)).await?;
     state.items.observe("direct", decision.usage, elapsed);
+    Ok((decision, record))
+}
+
+/// [`reason_and_store`], then the review queue if the model left the item undecided; marks `reason` and
+/// `store` on `timer`.
+pub(crate) async fn decide_and_store_timed(
+    state: &AppState,
+    policies: &[Policy],
+    content: &Content,
+    settings: &Settings,
+    source: &str,
+    timer: &mut StageTimer,
+) -> Result<(Decision, DecisionRecord), ApiError> {
+    let (decision, record) = reason_and_store(state, policies, content, settings, source, timer).await?;
     crate::reviews::enqueue_if_undecided(state, &decision, &record, policies).await?;
     timer.mark("store");
     Ok((decision, record))

@@ -10,11 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use safeguard_pipeline::Pipeline;
-use safeguard_pipeline::nats::{Bus, HostError, NatsConfig, SettledItem, Worker, WorkerHost};
+use safeguard_pipeline::nats::{Bus, HostError, NatsConfig, ReviewedItem, SettledItem, Worker, WorkerHost};
 use safeguard_policy::Policy;
+use safeguard_store::{DecisionRecord, ReviewRecord};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -104,13 +105,19 @@ impl WorkerHost for ServerHost {
 
 /// Runs the worker until `stop`, reconnecting with backoff while NATS is unreachable.
 pub(crate) async fn run(state: AppState, ingest: NatsIngest, stop: CancellationToken) {
-    let host: Arc<dyn WorkerHost> = Arc::new(ServerHost { state, default_policies: ingest.policies.clone() });
+    let host: Arc<dyn WorkerHost> =
+        Arc::new(ServerHost { state: state.clone(), default_policies: ingest.policies.clone() });
+    // Dropped with this task, so a server that is aborted stops announcing too.
+    let _announcer = crate::AbortOnDrop(tokio::spawn(announce_reviews(state.clone(), stop.clone())));
     let mut backoff = Duration::from_millis(500);
     while !stop.is_cancelled() {
         match Bus::connect(ingest.config.clone()).await {
             Ok(bus) => {
                 info!(url = %ingest.config.url, stream = %ingest.config.work_stream, "deciding NATS content events");
-                match Worker::with_host(bus, host.clone()).run(stop.clone()).await {
+                set_nats_out(&state, Some(bus.clone()));
+                let ran = Worker::with_host(bus, host.clone()).run(stop.clone()).await;
+                set_nats_out(&state, None);
+                match ran {
                     Ok(()) => return,
                     Err(e) => warn!("the NATS worker stopped: {e}; restarting"),
                 }
@@ -123,5 +130,74 @@ pub(crate) async fn run(state: AppState, ingest: NatsIngest, stop: CancellationT
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+fn set_nats_out(state: &AppState, bus: Option<Bus>) {
+    *state.nats_out.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = bus;
+}
+
+/// How often decided reviews whose outcome could not be published yet are tried again.
+const ANNOUNCE_EVERY: Duration = Duration::from_secs(5);
+
+/// Publishes a person's decision on an item that came in as a NATS event, so that a producer holding it on its
+/// `needs_review` decision can let it go or take it down. Only reviews and appeals are announced (an
+/// active-learning sample of a settled item changes nothing the producer was told), and only items from the
+/// bus. Once published, the review is marked; until then [`announce_pending`] tries again, so a review decided
+/// while NATS is away is announced when it is back.
+pub(crate) async fn announce_review(state: &AppState, decision: &DecisionRecord, review: &ReviewRecord) {
+    if !decision.source.starts_with("nats:") || !matches!(review.kind.as_str(), "review" | "appeal") {
+        return;
+    }
+    let origin = &decision.sampling["nats"];
+    let (Some(key), Some(outcome)) = (origin["key"].as_str(), review.outcome.clone()) else { return };
+    let Some(bus) = state.nats_out.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone() else {
+        debug!(key, review = %review.id, "not connected to NATS; the review is announced once it is");
+        return;
+    };
+    let reviewed = ReviewedItem {
+        decision_id: decision.id.clone(),
+        review_id: review.id.clone(),
+        outcome,
+        rule_id: review.rule_id.clone(),
+        policy_hash: review.policy_hash.clone(),
+        decided_at: review.decided_at,
+    };
+    match bus.publish_review(key, origin["item_id"].as_str().map(str::to_string), reviewed).await {
+        Ok(()) => {
+            if let Err(e) = state.store.mark_review_announced(&review.id).await {
+                // Announced again later: the event's Nats-Msg-Id names the review, so a quick repeat is dropped.
+                warn!(review = %review.id, "cannot mark the review announced: {e}");
+            }
+        }
+        Err(e) => {
+            warn!(key, review = %review.id, "cannot publish the review decision yet: {e}");
+            metrics::counter!("safeguard_nats_review_publish_failures_total").increment(1);
+        }
+    }
+}
+
+/// Announces every decided review still waiting to be, while connected.
+async fn announce_pending(state: &AppState) -> Result<(), safeguard_store::StoreError> {
+    if state.nats_out.read().unwrap_or_else(|poisoned| poisoned.into_inner()).is_none() {
+        return Ok(());
+    }
+    for review in state.store.reviews_to_announce(100).await? {
+        if let Some(decision) = state.store.get_decision(&review.decision_id).await? {
+            announce_review(state, &decision, &review).await;
+        }
+    }
+    Ok(())
+}
+
+async fn announce_reviews(state: AppState, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(ANNOUNCE_EVERY) => {}
+        }
+        if let Err(e) = announce_pending(&state).await {
+            warn!("cannot read the reviews to announce: {e}");
+        }
     }
 }

@@ -132,6 +132,9 @@ pub struct ServerConfig {
     /// Reasoning prompts per second for the cascade; over it, `/v1/classify` (cascade route) and
     /// `/v1/moderate` answer 429 with Retry-After, and the NATS worker NAKs with a delay.
     pub reasoning_per_sec: Option<f64>,
+    /// Tokens (uncached prompt + completion) the cascade's reasoning may spend per second; over it, items wait
+    /// as they do over `reasoning_per_sec`.
+    pub reasoning_tokens_per_sec: Option<f64>,
     /// How `/v1/classify` decides a request that pins neither an effort nor a route.
     pub classify_route: ClassifyRoute,
     /// Which settled cascade decisions are also queued for a person, at low priority (active learning).
@@ -169,6 +172,7 @@ impl Default for ServerConfig {
             routing: safeguard_pipeline::RoutingConfig::default(),
             triage_dir: None,
             reasoning_per_sec: None,
+            reasoning_tokens_per_sec: None,
             classify_route: ClassifyRoute::Cascade,
             active_learning: ActiveLearning::default(),
             cost_per_1k_tokens: 0.0,
@@ -191,6 +195,9 @@ pub struct AppState {
     pub(crate) cascade: Arc<moderate::CascadeState>,
     pub(crate) items: Arc<metrics_setup::ItemStats>,
     pub(crate) lookups: Arc<lookup_cache::Lookups>,
+    /// The NATS worker's connection while it has one: a person's decision on an item that came in as an event
+    /// is published on it.
+    pub(crate) nats_out: Arc<std::sync::RwLock<Option<safeguard_pipeline::nats::Bus>>>,
 }
 
 /// A started server: its address, and the handle to stop it.
@@ -201,7 +208,7 @@ pub struct RunningServer {
 }
 
 /// Stops the NATS worker when the server stops, and with it when the server is aborted.
-struct AbortOnDrop(JoinHandle<()>);
+pub(crate) struct AbortOnDrop(pub(crate) JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -278,12 +285,14 @@ impl Server {
             config.routing.clone(),
             safeguard_pipeline::TriageLibrary::new(config.triage_dir.clone()),
             config.reasoning_per_sec,
+            config.reasoning_tokens_per_sec,
             config.active_learning,
         ));
         let state = AppState {
             cascade,
             items: Arc::new(metrics_setup::ItemStats::new(config.cost_per_1k_tokens)),
             lookups: Arc::new(lookup_cache::Lookups::new(config.lookup_ttl)),
+            nats_out: Arc::default(),
             rate_limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst)),
             config: Arc::new(config),
             store,

@@ -14,8 +14,8 @@ use axum::extract::State;
 use safeguard_core::{Decision, Timings};
 use safeguard_harmony::Content;
 use safeguard_pipeline::{
-    ActiveLearning, CascadeDecision, CascadeStats, Pipeline, PolicyRoute, ReasoningBudget, RouteContext, RoutingConfig,
-    Stage, TriageLibrary,
+    ActiveLearning, CascadeDecision, CascadeStats, Escalation, Pipeline, PolicyRoute, ReasoningBudget, RouteContext,
+    RoutingConfig, Stage, TriageLibrary,
 };
 use safeguard_policy::Policy;
 use safeguard_store::{DecisionRecord, NewReview, now_ms};
@@ -35,6 +35,7 @@ pub(crate) struct CascadeState {
     pub routing: RoutingConfig,
     pub triage: TriageLibrary,
     pub budget: Option<Arc<ReasoningBudget>>,
+    pub token_budget: Option<Arc<ReasoningBudget>>,
     pub stats: Arc<CascadeStats>,
     pub active_learning: ActiveLearning,
 }
@@ -44,10 +45,15 @@ impl CascadeState {
         routing: RoutingConfig,
         triage: TriageLibrary,
         reasoning_per_sec: Option<f64>,
+        reasoning_tokens_per_sec: Option<f64>,
         active_learning: ActiveLearning,
     ) -> Self {
-        let budget = reasoning_per_sec.map(|rate| Arc::new(ReasoningBudget::new(rate, rate.ceil().max(1.0) as u32)));
-        Self { routing, triage, budget, stats: Arc::new(CascadeStats::new()), active_learning }
+        // One second's worth of burst: enough for one item's worth of calls; tokens are paid after the fact.
+        let bucket =
+            |rate: f64| Arc::new(ReasoningBudget::new(rate, rate.ceil().clamp(1.0, f64::from(u32::MAX)) as u32));
+        let budget = reasoning_per_sec.map(bucket);
+        let token_budget = reasoning_tokens_per_sec.map(bucket);
+        Self { routing, triage, budget, token_budget, stats: Arc::new(CascadeStats::new()), active_learning }
     }
 
     /// The cascade for these policies; `max_tokens` overrides the configured completion budget per prompt.
@@ -64,6 +70,9 @@ impl CascadeState {
         }
         if let Some(budget) = &self.budget {
             pipeline = pipeline.with_budget(budget.clone());
+        }
+        if let Some(tokens) = &self.token_budget {
+            pipeline = pipeline.with_token_budget(tokens.clone());
         }
         pipeline
     }
@@ -115,6 +124,11 @@ pub(crate) async fn moderate(
         object.insert("decision_id".into(), json!(stored.record.id));
     }
     Ok(Json(reply))
+}
+
+/// An appeal ends with a person for every policy, each marked so by the cascade.
+fn is_appeal(cascade: &CascadeDecision) -> bool {
+    cascade.policies.iter().any(|r| r.escalations.contains(&Escalation::Appeal))
 }
 
 /// Why each policy that ended with a person got there.
@@ -186,7 +200,11 @@ pub(crate) async fn store_cascade_item(
         }
     }
     if cascade.decided_by == Stage::HumanReview {
-        crate::reviews::queue_for_person(state, &record.id, policies, person_reasons(cascade)).await?;
+        if is_appeal(cascade) {
+            crate::reviews::queue_appeal(state, &record.id, format!("appeal: {}", person_reasons(cascade))).await?;
+        } else {
+            crate::reviews::queue_for_person(state, &record.id, policies, person_reasons(cascade)).await?;
+        }
     } else {
         queue_sample(state, cascade, &record.id).await?;
     }

@@ -76,15 +76,23 @@ pub(crate) async fn seed_starter_library(store: &Store) -> Result<(), StoreError
     Ok(())
 }
 
+/// Whether two copies of one body would be judged alike: the same front matter, names aside.
+fn same_settings(a: &Policy, b: &Policy) -> bool {
+    let mut b_meta = b.meta.clone();
+    b_meta.name.clone_from(&a.meta.name);
+    a.meta == b_meta
+}
+
 fn looks_like_hash(id: &str) -> bool {
     id.starts_with("sha256:")
 }
 
 /// Parses a policy a client sent. A `triage:` section the cascade cannot read (a misspelt key, a bad regex) is
-/// refused here: accepted, the policy would run without triage and only a log line would say why.
-fn parse_sent_policy(text: &str, fallback_name: Option<&str>) -> Result<Policy, String> {
+/// refused here: accepted, the policy would run without triage and only a log line would say why. The check is
+/// the cascade's own build, cached, so an inline policy's rules compile once, not once per request.
+fn parse_sent_policy(state: &AppState, text: &str, fallback_name: Option<&str>) -> Result<Policy, String> {
     let policy = Policy::parse_with_fallback_name(text, fallback_name).map_err(|e| e.to_string())?;
-    safeguard_pipeline::rules_from_policy(&policy).map_err(|e| e.to_string())?;
+    state.cascade.triage.try_for_policy(&policy).map_err(|e| e.to_string())?;
     Ok(policy)
 }
 
@@ -103,14 +111,28 @@ pub(crate) async fn resolve_policy(state: &AppState, reference: &Value, _caller:
                 .and_then(Value::as_str)
                 .ok_or_else(|| ApiError::bad("invalid_policy", "an inline policy is {\"text\": \"…\"}"))?;
             let name = object.get("name").and_then(Value::as_str);
-            let policy = parse_sent_policy(text, Some(name.unwrap_or("inline")))
+            let policy = parse_sent_policy(state, text, Some(name.unwrap_or("inline")))
                 .map_err(|why| ApiError::bad("invalid_policy", format!("inline policy: {why}")))?;
             let hash = policy.hash.to_string();
             // Stored (unpinned) so that the decision's policy hash can be looked up and replayed; once is enough.
-            if state.lookups.versions.get(&hash).is_none() {
-                let (stored, _) =
-                    store_policy(&state.store, &policy, text, Some(name.unwrap_or("inline")), false).await?;
-                remember_version(state, &stored)?;
+            let known = match state.lookups.versions.get(&hash) {
+                Some(known) => known,
+                None => {
+                    let (stored, _) =
+                        store_policy(&state.store, &policy, text, Some(name.unwrap_or("inline")), false).await?;
+                    remember_version(state, &stored)?
+                }
+            };
+            // The decision names the hash, and a replay or a review reads that version's stored front matter: an
+            // inline copy that routes or parses differently (its triage, `high_risk`, output format) would be
+            // judged under settings its record does not show. A different name alone changes nothing it decides.
+            if !same_settings(&known, &policy) {
+                return Err(ApiError::Conflict(format!(
+                    "this inline policy's body is already stored as version {hash} (policy {:?}) with different \
+                     front matter; a version is the hash of its body, so change the body to use these settings, \
+                     or refer to the stored version by its hash",
+                    known.meta.name
+                )));
             }
             Ok(policy)
         }
@@ -194,7 +216,8 @@ pub(crate) async fn create(
             .map_err(|_| ApiError::bad("invalid_policy", "the policy is not valid UTF-8"))?;
         (text, None)
     };
-    let policy = parse_sent_policy(&text, name.as_deref()).map_err(|why| ApiError::bad("invalid_policy", why))?;
+    let policy =
+        parse_sent_policy(&state, &text, name.as_deref()).map_err(|why| ApiError::bad("invalid_policy", why))?;
     let (stored, created) = store_policy(&state.store, &policy, &text, name.as_deref(), true).await?;
     if !created && policy_of(&stored)?.meta != policy.meta {
         // The version is the body's hash, so this body is stored already, with other front matter: answering

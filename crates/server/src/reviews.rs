@@ -17,9 +17,10 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::auth::Caller;
-use crate::classify::{Settings, decide_and_store, decision_reply};
+use crate::classify::{Settings, decision_reply, reason_and_store};
 use crate::error::{ApiError, ApiJson};
 use crate::policies::stored_policy;
+use crate::timing::StageTimer;
 
 /// How long a queued item may wait before it counts as overdue.
 const REVIEW_SLA_MS: i64 = 24 * 3_600_000;
@@ -68,6 +69,26 @@ pub(crate) async fn queue_for_person(
     state.store.queue_review(&review_for_person(decision_id, policies, reason)).await?;
     count_queued("review");
     Ok(())
+}
+
+/// Queues an appeal: before every other review, with the shorter SLA.
+pub(crate) async fn queue_appeal(
+    state: &AppState,
+    decision_id: &str,
+    reason: String,
+) -> Result<ReviewRecord, ApiError> {
+    let review = state
+        .store
+        .queue_review(&NewReview {
+            decision_id: decision_id.to_string(),
+            kind: "appeal".into(),
+            priority: APPEAL_PRIORITY,
+            reason: Some(reason),
+            sla_ms: Some(APPEAL_SLA_MS),
+        })
+        .await?;
+    count_queued("appeal");
+    Ok(review)
 }
 
 /// The review a person gets for a decision. [`queue_for_person`] queues it at once; a job stores it in the
@@ -197,7 +218,7 @@ pub(crate) struct DecideBody {
     outcome: String,
     rationale: String,
     rule_id: String,
-    /// Overrides the key's id as the reviewer's name (e.g. the person signed in to the review tool).
+    /// The reviewer's name (e.g. the person signed in to the review tool); stored with the key's id beside it.
     reviewer: Option<String>,
 }
 
@@ -251,8 +272,14 @@ pub(crate) async fn decide(
     // A person deciding what the model left undecided neither agrees nor disagrees with it.
     let model_view = model_outcome(&decision, &policy_hash);
     let overrides_model = model_view.as_deref().map(|model| model != outcome.as_str());
+    // A name the client states is kept with the key that vouched for it, so an override can always be traced to
+    // a credential, whatever a client claims.
+    let reviewer = match body.reviewer.as_deref().map(str::trim).filter(|r| !r.is_empty()) {
+        Some(name) if name != caller.key_id => format!("{name} (key {})", caller.key_id),
+        _ => caller.key_id.clone(),
+    };
     let verdict = ReviewDecision {
-        reviewer: body.reviewer.filter(|r| !r.trim().is_empty()).unwrap_or_else(|| caller.key_id.clone()),
+        reviewer,
         outcome,
         rationale: rationale.to_string(),
         rule_id: rule_id.to_string(),
@@ -270,6 +297,7 @@ pub(crate) async fn decide(
         Some(true) => "override",
     };
     metrics::counter!("safeguard_review_decisions_total", "agreement" => agreement).increment(1);
+    crate::ingest::announce_review(&state, &decision, &decided).await;
     Ok(Json(serde_json::to_value(decided).unwrap_or(Value::Null)))
 }
 
@@ -324,19 +352,12 @@ pub(crate) async fn appeal(
         }
     }
     let settings = Settings { effort: Effort::High, mode: safeguard_core::Mode::Separate, max_tokens: None };
-    let (decision, record) = decide_and_store(&state, &policies, &content, &settings, "appeal").await?;
+    let (decision, record) =
+        reason_and_store(&state, &policies, &content, &settings, "appeal", &mut StageTimer::start()).await?;
+    // One review, the appeal, whatever the model said: a second "undecided" review of the same item would be
+    // left pending once a person answers the appeal.
     let reason = body.reason.unwrap_or_else(|| "appeal".into());
-    let review = state
-        .store
-        .queue_review(&NewReview {
-            decision_id: record.id.clone(),
-            kind: "appeal".into(),
-            priority: APPEAL_PRIORITY,
-            reason: Some(format!("appeal of {id}: {reason}")),
-            sla_ms: Some(APPEAL_SLA_MS),
-        })
-        .await?;
-    count_queued("appeal");
+    let review = queue_appeal(&state, &record.id, format!("appeal of {id}: {reason}")).await?;
     Ok(Json(json!({"appeal_of": id, "review_id": review.id, "decision": decision_reply(&decision, &record, false)})))
 }
 

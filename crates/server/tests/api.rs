@@ -290,6 +290,19 @@ async fn policies_are_versioned_pinned_and_diffed() {
         .await;
     assert_eq!(status, 200, "{by_hash}");
     assert_eq!(by_hash["verdicts"].as_array().unwrap().len(), 2);
+    // Inline, a stored body under another name is the same version; with other settings it would be judged
+    // under front matter its stored version does not have, so it is refused like a re-post.
+    let renamed = v1.replace("name: promo", "name: promo-copy");
+    let (status, same) = h
+        .call("POST", "/v1/classify", Some(&writer), Some(json!({"text": "BUY NOW", "policies": [{"text": renamed}]})))
+        .await;
+    assert_eq!(status, 200, "{same}");
+    assert_eq!(same["verdicts"][0]["policy_hash"], first["hash"], "{same}");
+    let (status, refused) = h
+        .call("POST", "/v1/classify", Some(&writer), Some(json!({"text": "BUY NOW", "policies": [{"text": stricter}]})))
+        .await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (409, Some("conflict")), "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains(first["hash"].as_str().unwrap()), "{refused}");
     let (status, _) =
         h.call("POST", "/v1/classify", Some(&writer), Some(json!({"text": "x", "policies": ["no-such-policy"]}))).await;
     assert_eq!(status, 400);
@@ -618,7 +631,7 @@ async fn appeals_and_reviews_keep_the_policy_front_matter() {
         .map(|r| (r["kind"].as_str().unwrap(), r["priority"].as_i64().unwrap()))
         .collect();
     queued.sort();
-    assert_eq!(queued, vec![("appeal", 10), ("review", 5)], "high_risk still jumps the review queue: {queue}");
+    assert_eq!(queued, vec![("appeal", 10)], "one review, the appeal, though the model left it undecided: {queue}");
 
     let review_id = appeal["review_id"].as_str().unwrap();
     let (status, item) = h.call("GET", &format!("/v1/reviews/{review_id}"), Some(&reviewer), None).await;

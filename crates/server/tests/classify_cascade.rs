@@ -394,3 +394,27 @@ async fn a_stored_policy_can_send_triage_violations_to_a_person() {
     assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), 0, "neither asked the model");
     h.server.shutdown().await.unwrap();
 }
+
+/// An appeal through the cascade is queued as an appeal (first in line, the shorter SLA), once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cascade_appeal_waits_as_an_appeal() {
+    let h = Harness::start().await;
+    let (status, reply) = h
+        .call(
+            "POST",
+            "/v1/moderate",
+            Some(json!({"text": "my shop answer=1", "policies": ["promo-sure"], "appeal": true})),
+        )
+        .await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["decided_by"], "human_review", "{reply}");
+    let (_, queue) = h.call("GET", "/v1/reviews?limit=100", None).await;
+    let queued: Vec<(&str, i64)> = queue["reviews"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["decision_id"] == reply["decision_id"])
+        .map(|r| (r["kind"].as_str().unwrap(), r["priority"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(queued, vec![("appeal", 10)], "{queue}");
+}

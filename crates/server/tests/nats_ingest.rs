@@ -160,6 +160,28 @@ async fn nats_events_are_decided_stored_once_and_survive_a_server_crash() {
     let metrics = http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("safeguard_items_total{route=\"nats\"}"), "{metrics}");
 
+    // A person's decision ends the hold: it is published on the item's decision subject as `reviewed`.
+    let decision_id = decisions["model-3"][0]["id"].as_str().unwrap();
+    let review = queue["reviews"].as_array().unwrap().iter().find(|r| r["decision_id"] == decision_id).unwrap();
+    let response = http
+        .post(format!("{base}/v1/reviews/{}/decide", review["id"].as_str().unwrap()))
+        .bearer_auth(ADMIN)
+        .json(&json!({"outcome": "violation", "rationale": "sells followers", "rule_id": "PR1.a"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{}", response.text().await.unwrap());
+    let reviewed = published(&producer).await.remove("model-3").unwrap_or_default();
+    let reviewed: Vec<&DecisionEvent> = reviewed.iter().filter(|e| e.status == EventStatus::Reviewed).collect();
+    assert_eq!(reviewed.len(), 1, "{reviewed:?}");
+    let review_event = reviewed[0].review.as_ref().unwrap();
+    assert_eq!(
+        (review_event.decision_id.as_str(), review_event.outcome.as_str(), review_event.rule_id.as_deref()),
+        (decision_id, "violation", Some("PR1.a"))
+    );
+    assert_eq!(reviewed[0].item_id.as_deref(), Some("model-3"));
+    assert!(store.reviews_to_announce(10).await.unwrap().is_empty(), "marked announced: not published again");
+
     server.shutdown().await.unwrap();
     delete_streams(&producer).await;
 }

@@ -106,9 +106,11 @@ async fn undecided_items_queue_and_a_person_decides_them_with_a_rule_and_rationa
         decide(json!({"outcome": "violation", "rationale": "Cold promotion.", "rule_id": "XX9.z"})).await;
     assert_eq!((status, body["error"]["code"].as_str()), (400, Some("unknown_rule")));
     let (status, body) =
-        decide(json!({"outcome": "violation", "rationale": "Cold promotion.", "rule_id": "SP2.b"})).await;
+        decide(json!({"outcome": "violation", "rationale": "Cold promotion.", "rule_id": "SP2.b", "reviewer": "dana"}))
+            .await;
     assert_eq!(status, 200, "{body}");
-    assert!(body["reviewer"].as_str().is_some_and(|r| !r.is_empty()), "the reviewer is recorded: {body}");
+    let recorded = body["reviewer"].as_str().unwrap();
+    assert!(recorded.starts_with("dana (key ") && recorded.len() > "dana (key )".len(), "named, with its key: {body}");
     assert_eq!(body["overrides_model"], Value::Null, "the model gave no answer: nothing to agree or disagree with");
     let (status, _) = decide(json!({"outcome": "allow", "rationale": "Changed my mind.", "rule_id": "SP0.a"})).await;
     assert_eq!(status, 409, "decided once");

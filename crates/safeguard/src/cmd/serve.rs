@@ -68,6 +68,10 @@ pub struct Args {
     /// Reasoning prompts per second the cascade (/v1/moderate) may start; over it, callers get 429 + Retry-After.
     #[arg(long, value_name = "N")]
     pub reasoning_per_sec: Option<f64>,
+    /// Tokens (uncached prompt + completion) the cascade's reasoning may spend per second; each step pays what it
+    /// used, and while that is in debt new items wait (429 + Retry-After, or a delayed NATS redelivery).
+    #[arg(long, value_name = "N")]
+    pub reasoning_tokens_per_sec: Option<f64>,
     /// Effort of the cascade's first reasoning step; shaky answers are asked again at --escalation-effort.
     #[arg(long, default_value = "low")]
     pub first_effort: Effort,
@@ -86,6 +90,14 @@ pub struct Args {
     /// `max_tokens` overrides it.
     #[arg(long, value_name = "N")]
     pub reasoning_max_tokens: Option<usize>,
+    /// Below this probability of its answer token, a first answer is asked again at --escalation-effort, and an
+    /// answer at --escalation-effort goes to a person. Backends that report no probabilities skip the check.
+    #[arg(long, default_value_t = safeguard_pipeline::RoutingConfig::default().min_engine_confidence, value_name = "0..1")]
+    pub min_engine_confidence: f32,
+    /// Seconds an item may wait for reasoning budget (--reasoning-per-sec) before it is given back (429 +
+    /// Retry-After over HTTP, a delayed redelivery over NATS).
+    #[arg(long, default_value_t = 0.0, value_name = "SECONDS")]
+    pub max_budget_wait: f64,
     /// How /v1/classify decides requests that pin no effort: `cascade` (triage → low → high → a person) or
     /// `direct` (one reasoning step at --effort).
     #[arg(long, default_value = "cascade")]
@@ -218,6 +230,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.reasoning_max_tokens == Some(0) {
         bail!("--reasoning-max-tokens must be at least 1");
     }
+    if !(0.0..=1.0).contains(&args.min_engine_confidence) {
+        bail!("--min-engine-confidence must be within 0..1, not {}", args.min_engine_confidence);
+    }
+    let max_budget_wait = Duration::try_from_secs_f64(args.max_budget_wait).map_err(|_| {
+        anyhow::anyhow!("--max-budget-wait must be a number of seconds >= 0, not {}", args.max_budget_wait)
+    })?;
     let reasoner = match (&args.model, args.backend.is_empty()) {
         (Some(model), true) => load_embedded(&args, model)?,
         (None, false) => load_remote(&args)?,
@@ -241,10 +259,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             on_triage_violation: args.on_triage_violation,
             stage_timeout,
             max_tokens: args.reasoning_max_tokens,
+            min_engine_confidence: args.min_engine_confidence,
+            max_budget_wait,
             ..safeguard_pipeline::RoutingConfig::default()
         },
         triage_dir: args.triage_dir.clone(),
         reasoning_per_sec: args.reasoning_per_sec.filter(|r| *r > 0.0),
+        reasoning_tokens_per_sec: args.reasoning_tokens_per_sec.filter(|r| *r > 0.0),
         classify_route: args.classify_route,
         active_learning: ActiveLearning {
             rate: args.review_sample_rate.clamp(0.0, 1.0),
