@@ -181,15 +181,19 @@ pub(crate) async fn store_cascade_item(
     let (record, reasoning) =
         cascade_record(cascade, content, source, state.cascade.routing.max_tokens, sampling_extra);
     let fresh = if state.store.get_decision(&record.id).await?.is_some() {
+        // Stored already, perhaps by a worker that had only the ledger's copy, without the chain of thought.
+        state.store.add_missing_reasoning(&record.id, &reasoning).await?;
         false
     } else {
         match state.store.insert_decision(&record, Some(&reasoning)).await {
             Ok(()) => true,
-            // Another worker stored the same decision between our read and our write: theirs stands.
+            // Another worker stored the same decision between our read and our write: theirs stands, with our
+            // chain of thought if it came without one.
             Err(e) => {
                 if state.store.get_decision(&record.id).await?.is_none() {
                     return Err(e.into());
                 }
+                state.store.add_missing_reasoning(&record.id, &reasoning).await?;
                 false
             }
         }

@@ -248,6 +248,23 @@ impl Store {
         row.as_ref().map(row_to_decision).transpose()
     }
 
+    /// Stores a decision's chain of thought if it has none yet; one already stored is kept. For a decision
+    /// stored first from a copy without its reasoning (another worker's, from the NATS ledger), when the
+    /// worker that reasoned stores it too.
+    pub async fn add_missing_reasoning(&self, decision_id: &str, reasoning: &[String]) -> Result<()> {
+        if reasoning.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO decision_reasoning (decision_id, reasoning) VALUES ($1, $2) ON CONFLICT (decision_id) DO NOTHING",
+        )
+        .bind(decision_id)
+        .bind(to_json(&reasoning))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// The chain of thought behind a decision; callers must check the audit scope first.
     pub async fn get_reasoning(&self, decision_id: &str) -> Result<Option<Vec<String>>> {
         let row = sqlx::query("SELECT reasoning FROM decision_reasoning WHERE decision_id = $1")

@@ -696,6 +696,11 @@ async fn reviews_queue_in_priority_and_sla_order_and_are_decided_once() {
         let mut from_bus = decision("r-n", "needs_review", "spam", None);
         from_bus.source = "nats:human_review".into();
         s.insert_decision(&from_bus, None).await.unwrap();
+        // Stored first from a copy without its chain of thought; the worker that reasoned fills it in, once.
+        assert_eq!(s.get_reasoning("r-n").await.unwrap(), None, "{}", t.label);
+        s.add_missing_reasoning("r-n", &["first".to_string()]).await.unwrap();
+        s.add_missing_reasoning("r-n", &["second".to_string()]).await.unwrap();
+        assert_eq!(s.get_reasoning("r-n").await.unwrap(), Some(vec!["first".to_string()]), "{}", t.label);
         let held = s.queue_review(&queue("r-n", "review", 1, None)).await.unwrap();
         let sampled = s.queue_review(&queue("r-n", "sample", 0, None)).await.unwrap();
         assert!(s.reviews_to_announce(10).await.unwrap().is_empty(), "{}: pending ones wait for a person", t.label);
