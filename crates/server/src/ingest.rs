@@ -137,6 +137,11 @@ fn set_nats_out(state: &AppState, bus: Option<Bus>) {
     *state.nats_out.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = bus;
 }
 
+/// The worker's connection, while it has one.
+fn nats_out(state: &AppState) -> Option<Bus> {
+    state.nats_out.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+}
+
 /// How often decided reviews whose outcome could not be published yet are tried again.
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(5);
 
@@ -151,7 +156,7 @@ pub(crate) async fn announce_review(state: &AppState, decision: &DecisionRecord,
     }
     let origin = &decision.sampling["nats"];
     let (Some(key), Some(outcome)) = (origin["key"].as_str(), review.outcome.clone()) else { return };
-    let Some(bus) = state.nats_out.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone() else {
+    let Some(bus) = nats_out(state) else {
         debug!(key, review = %review.id, "not connected to NATS; the review is announced once it is");
         return;
     };
@@ -179,7 +184,7 @@ pub(crate) async fn announce_review(state: &AppState, decision: &DecisionRecord,
 
 /// Announces every decided review still waiting to be, while connected.
 async fn announce_pending(state: &AppState) -> Result<(), safeguard_store::StoreError> {
-    if state.nats_out.read().unwrap_or_else(|poisoned| poisoned.into_inner()).is_none() {
+    if nats_out(state).is_none() {
         return Ok(());
     }
     for review in state.store.reviews_to_announce(100).await? {
