@@ -25,8 +25,9 @@ pub use render::{
 };
 pub use tokenizer::Tokenizer;
 
-/// Reasoning effort, written into the system message as `Reasoning: {effort}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+/// Reasoning effort, written into the system message as `Reasoning: {effort}`. Ordered from least to most
+/// effort, so that "at least this effort" is a comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Effort {
     Low,

@@ -1,8 +1,85 @@
 //! Token buckets for reasoning calls and for the tokens they spend: over budget, work waits instead of being
 //! dropped or allowed.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use safeguard_core::Usage;
+
+/// The reasoning budget is spent: hold the item (pending) and try again after `retry_after`.
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+#[error("the reasoning budget is spent; retry in {retry_after:?}")]
+pub struct Deferred {
+    pub retry_after: Duration,
+}
+
+/// A deferral is asked again within the hour at the latest, however low the configured rate.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// The budgets every reasoning path takes from, the cascade's and the direct ones alike, so that no way into the
+/// model spends past them: prompts per second, and tokens (uncached prompt and completion) per second.
+#[derive(Debug, Clone, Default)]
+pub struct Budgets {
+    pub calls: Option<Arc<ReasoningBudget>>,
+    pub tokens: Option<Arc<ReasoningBudget>>,
+}
+
+impl Budgets {
+    pub fn is_unlimited(&self) -> bool {
+        self.calls.is_none() && self.tokens.is_none()
+    }
+
+    /// Takes `prompts` calls, waiting up to `max_wait` for them; past that, [`Deferred`] with the time left. The
+    /// token budget is only checked (what a step spends is known after it ran, [`charge`](Self::charge)), so a
+    /// refusal by either takes nothing.
+    pub async fn admit(&self, prompts: usize, max_wait: Duration) -> Result<(), Deferred> {
+        if prompts == 0 || self.is_unlimited() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let deadline = now.checked_add(max_wait).unwrap_or(now);
+        loop {
+            let tokens = self.tokens.as_ref().map_or(Ok(()), |tokens| tokens.try_take(0));
+            match tokens.and_then(|()| self.calls.as_ref().map_or(Ok(()), |calls| calls.try_take(prompts))) {
+                Ok(()) => return Ok(()),
+                Err(wait) if Instant::now().checked_add(wait).is_some_and(|ready| ready <= deadline) => {
+                    tokio::time::sleep(wait).await
+                }
+                Err(wait) => {
+                    metrics::counter!("safeguard_pipeline_deferred_total").increment(1);
+                    return Err(Deferred { retry_after: wait.min(MAX_RETRY_AFTER) });
+                }
+            }
+        }
+    }
+
+    /// How long until one prompt could be admitted; zero if now. Takes nothing: for a queue that should leave its
+    /// items where they are until the model may be asked.
+    pub fn ready_in(&self) -> Duration {
+        let calls = self.calls.as_ref().map_or(Duration::ZERO, |calls| calls.ready_in(1));
+        let tokens = self.tokens.as_ref().map_or(Duration::ZERO, |tokens| tokens.ready_in(0));
+        calls.max(tokens)
+    }
+
+    /// Calls already under way: paid for, in debt if need be.
+    pub fn owe_calls(&self, prompts: usize) {
+        if let Some(calls) = &self.calls {
+            calls.take_owed(prompts);
+        }
+    }
+
+    /// Pays for the tokens a step spent, once they are known.
+    pub fn charge(&self, tokens: usize) {
+        if let Some(budget) = &self.tokens {
+            budget.take_owed(tokens);
+        }
+    }
+
+    /// The tokens a step's usage costs: what the engine computed, so cached prompt tokens are free.
+    pub fn cost_of(usage: &Usage) -> usize {
+        usage.prompt_tokens.saturating_sub(usage.cached_prompt_tokens) + usage.completion_tokens
+    }
+}
 
 /// Reasoning prompts per second, with a burst allowance.
 #[derive(Debug)]
@@ -41,6 +118,13 @@ impl ReasoningBudget {
     pub fn take_owed(&self, n: usize) {
         let mut bucket = self.refilled(Instant::now());
         bucket.tokens -= n as f64;
+    }
+
+    /// How long until [`try_take`](Self::try_take) of `n` would succeed; zero if now. Takes nothing.
+    pub fn ready_in(&self, n: usize) -> Duration {
+        let bucket = self.refilled(Instant::now());
+        let admit = (n as f64).min(self.burst);
+        Duration::try_from_secs_f64(((admit - bucket.tokens) / self.rate_per_sec).max(0.0)).unwrap_or(Duration::MAX)
     }
 
     fn try_take_at(&self, n: usize, now: Instant) -> Result<(), Duration> {
@@ -96,6 +180,17 @@ mod tests {
         assert!((wait.as_secs_f64() - 4.0).abs() < 1e-6, "{wait:?}");
         assert!(budget.try_take_at(5, t0 + Duration::from_secs(4)).is_err());
         assert!(budget.try_take_at(5, t0 + Duration::from_secs(5)).is_ok());
+    }
+
+    #[test]
+    fn ready_in_peeks_without_taking() {
+        let budget = ReasoningBudget::new(1.0, 1);
+        assert_eq!(budget.ready_in(1), Duration::ZERO);
+        assert_eq!(budget.ready_in(1), Duration::ZERO, "looking took nothing");
+        budget.take_owed(2);
+        let wait = budget.ready_in(1);
+        assert!(wait > Duration::from_millis(1900) && wait <= Duration::from_secs(2), "{wait:?}");
+        assert!(budget.ready_in(0) > Duration::from_millis(900), "in debt, even nothing must wait");
     }
 
     #[test]

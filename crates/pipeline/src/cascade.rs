@@ -5,9 +5,12 @@
 //! - the model reasons at `first_effort` about the rest (high-risk policies start at `escalation_effort`);
 //! - a verdict that needs review, whose engine confidence is low, or that disagrees with triage is asked
 //!   again at `escalation_effort`;
-//! - what is still unsure goes to human review. Appeals skip straight to the escalation effort and then a person.
+//! - what is still unsure goes to human review. Appeals go to high effort and then a person.
+//!
+//! Efforts and thresholds are the server's ([`RoutingConfig`]) unless a policy's `routing:` front matter sets its
+//! own ([`PolicyPlan`]); policies of one item that start at the same effort share one prompt batch.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,9 +24,11 @@ use tracing::Instrument;
 use tracing::{debug, info_span};
 use uuid::Uuid;
 
-use crate::budget::ReasoningBudget;
+pub use crate::budget::Deferred;
+use crate::budget::{Budgets, ReasoningBudget};
+use crate::routing_section::routing_section;
 use crate::stats::CascadeStats;
-use crate::triage_config::triage_section;
+use crate::triage_config::triage_on_violation;
 
 /// Where in the cascade a policy's outcome was settled. Ordered as an item passes through them, so the
 /// furthest stage of several is their `max`.
@@ -127,10 +132,61 @@ impl Default for RoutingConfig {
     }
 }
 
+impl RoutingConfig {
+    /// How `policy` is routed: these settings, overridden by the policy's own `routing:` and
+    /// `triage: {on_violation}` front matter. The escalation effort is never below the first effort.
+    ///
+    /// The server refuses a policy whose sections it cannot read, so only a library caller meets one here; it
+    /// gets the careful route, since its author asked for something other than the defaults and nobody can tell
+    /// what: the model starts at the escalation effort, and a triage violation is confirmed by the model.
+    pub fn plan_for(&self, policy: &Policy) -> PolicyPlan {
+        let (routing, careful) = match routing_section(policy) {
+            Ok(routing) => (routing, false),
+            Err(error) => {
+                tracing::warn!(%error, "routing this policy from the escalation effort");
+                (Default::default(), true)
+            }
+        };
+        let on_triage_violation = match triage_on_violation(policy) {
+            Ok(chosen) => chosen.unwrap_or(self.on_triage_violation),
+            Err(error) => {
+                tracing::warn!(%error, "asking the model to confirm a triage violation");
+                OnTriageViolation::Confirm
+            }
+        };
+        let escalation_effort = routing.escalation_effort.unwrap_or(self.escalation_effort);
+        let first_effort = if careful { escalation_effort } else { routing.first_effort.unwrap_or(self.first_effort) };
+        PolicyPlan {
+            high_risk_categories: routing.high_risk_categories,
+            first_effort,
+            escalation_effort: escalation_effort.max(first_effort),
+            min_engine_confidence: routing.min_engine_confidence.unwrap_or(self.min_engine_confidence),
+            escalate_on_triage_disagreement: routing
+                .escalate_on_triage_disagreement
+                .unwrap_or(self.escalate_on_triage_disagreement),
+            on_triage_violation,
+        }
+    }
+}
+
+/// One policy's route through the cascade: the server's [`RoutingConfig`] with the policy's own settings on top
+/// ([`RoutingConfig::plan_for`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PolicyPlan {
+    pub first_effort: Effort,
+    /// Never below `first_effort`; the last effort before a person.
+    pub escalation_effort: Effort,
+    pub min_engine_confidence: f32,
+    pub escalate_on_triage_disagreement: bool,
+    pub on_triage_violation: OnTriageViolation,
+    /// Violations under these rule ids or tiers are asked again at the escalation effort before they stand.
+    pub high_risk_categories: Vec<String>,
+}
+
 /// Per-request context that changes the route.
 #[derive(Debug, Clone, Default)]
 pub struct RouteContext {
-    /// An appeal of an earlier decision: escalation effort, then a person, whatever the model says.
+    /// An appeal of an earlier decision: high effort, then a person, whatever the model says.
     pub appeal: bool,
     /// Keep the chain of thought in the reasoning decisions.
     pub include_reasoning: bool,
@@ -157,6 +213,10 @@ pub enum Escalation {
     /// The model answered the other way from triage's lean; `1.0` when triage's word was a deny rule.
     TriageDisagrees {
         triage_probability: f32,
+    },
+    /// A violation under one of the policy's `high_risk_categories`, found below the escalation effort.
+    HighRiskCategory {
+        cited: Vec<String>,
     },
     StageFailed {
         detail: String,
@@ -202,29 +262,21 @@ pub struct CascadeDecision {
     pub total_ms: f64,
 }
 
-/// The reasoning budget is spent: hold the item (pending) and try again after `retry_after`.
-#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
-#[error("the reasoning budget is spent; retry in {retry_after:?}")]
-pub struct Deferred {
-    pub retry_after: Duration,
-}
-
 /// The cascade over a classifier, with optional triage per policy (keyed by policy hash).
 #[derive(Clone)]
 pub struct Pipeline {
     classifier: Classifier,
     triage: HashMap<String, Arc<Triage>>,
     config: RoutingConfig,
-    budget: Option<Arc<ReasoningBudget>>,
-    /// Tokens per second (uncached prompt and completion): each step pays what it used, and a new item starts
-    /// only while the bucket is not in debt.
-    token_budget: Option<Arc<ReasoningBudget>>,
+    /// Calls and tokens (uncached prompt and completion) per second: an item's first step is admitted, its
+    /// escalation owed, and each step pays the tokens it used after it ran.
+    budgets: Budgets,
     stats: Option<Arc<CascadeStats>>,
 }
 
 impl Pipeline {
     pub fn new(classifier: Classifier, config: RoutingConfig) -> Self {
-        Self { classifier, triage: HashMap::new(), config, budget: None, token_budget: None, stats: None }
+        Self { classifier, triage: HashMap::new(), config, budgets: Budgets::default(), stats: None }
     }
 
     /// Triage for the policy version with this hash (`sha256:…`). A triage trained for another version of
@@ -235,14 +287,20 @@ impl Pipeline {
     }
 
     pub fn with_budget(mut self, budget: Arc<ReasoningBudget>) -> Self {
-        self.budget = Some(budget);
+        self.budgets.calls = Some(budget);
         self
     }
 
     /// Bounds the tokens reasoning spends per second: what a step used is known only after it ran, so it is
     /// paid then, and new items wait while the bucket is in debt.
     pub fn with_token_budget(mut self, budget: Arc<ReasoningBudget>) -> Self {
-        self.token_budget = Some(budget);
+        self.budgets.tokens = Some(budget);
+        self
+    }
+
+    /// Both budgets at once, shared with the server's other ways into the model.
+    pub fn with_budgets(mut self, budgets: Budgets) -> Self {
+        self.budgets = budgets;
         self
     }
 
@@ -280,9 +338,10 @@ impl Pipeline {
     ) -> Result<CascadeDecision, Deferred> {
         let started = Instant::now();
         let text = user_message_text(content);
+        let plans: Vec<PolicyPlan> = policies.iter().map(|policy| self.config.plan_for(policy)).collect();
         let mut routes: Vec<PolicyRoute> = Vec::with_capacity(policies.len());
-        for policy in policies {
-            routes.push(self.triage_route(policy, &text, ctx).await);
+        for (policy, plan) in policies.iter().zip(&plans) {
+            routes.push(self.triage_route(policy, plan, &text, ctx).await);
         }
         let mut stages = Vec::new();
         if routes.iter().any(|r| r.triage.is_some()) {
@@ -298,22 +357,23 @@ impl Pipeline {
         let first: Vec<usize> = (0..routes.len())
             .filter(|&i| routes[i].decided_by != Stage::Triage && routes[i].decided_by != Stage::HumanReview)
             .collect();
-        self.take_budget(first.len()).await?;
+        self.budgets.admit(first.len(), self.config.max_budget_wait).await?;
 
         let mut reasoning = Vec::new();
-        let (start_high, start_first): (Vec<usize>, Vec<usize>) =
-            first.into_iter().partition(|&i| policies[i].meta.high_risk || ctx.appeal);
+        // High-risk policies start where the others escalate to; an appeal gets the most effort there is.
+        let start = |i: usize| match (ctx.appeal, policies[i].meta.high_risk) {
+            (true, _) => Effort::High,
+            (false, true) => plans[i].escalation_effort,
+            (false, false) => plans[i].first_effort,
+        };
         let mut escalate = Vec::new();
-        for (effort, group) in [(self.config.first_effort, start_first), (self.config.escalation_effort, start_high)] {
-            if group.is_empty() {
-                continue;
-            }
+        for (effort, group) in by_effort(&first, start) {
             let (decision, record) = self.reason(policies, &group, content, effort, ctx).await;
             for (slot, &i) in group.iter().enumerate() {
                 let route = &mut routes[i];
                 apply_verdict(route, &decision, slot, Stage::reasoning(effort));
-                if effort != self.config.escalation_effort
-                    && let Some(why) = self.escalation_reason(route)
+                if effort < plans[i].escalation_effort
+                    && let Some(why) = escalation_reason(route, &plans[i])
                 {
                     route.escalations.push(why);
                     escalate.push(i);
@@ -325,26 +385,25 @@ impl Pipeline {
 
         if !escalate.is_empty() {
             // Owed, never deferred: a deferred item would lose the first stage's paid-for answer and pay again.
-            if let Some(budget) = &self.budget {
-                budget.take_owed(escalate.len());
+            self.budgets.owe_calls(escalate.len());
+            for (effort, group) in by_effort(&escalate, |i| plans[i].escalation_effort) {
+                let (decision, record) = self.reason(policies, &group, content, effort, ctx).await;
+                for (slot, &i) in group.iter().enumerate() {
+                    apply_verdict(&mut routes[i], &decision, slot, Stage::reasoning(effort));
+                }
+                stages.push(record);
+                reasoning.push(decision);
             }
-            let effort = self.config.escalation_effort;
-            let (decision, record) = self.reason(policies, &escalate, content, effort, ctx).await;
-            for (slot, &i) in escalate.iter().enumerate() {
-                apply_verdict(&mut routes[i], &decision, slot, Stage::reasoning(effort));
-            }
-            stages.push(record);
-            reasoning.push(decision);
         }
 
-        // The end of the line: whatever the model could not settle, what it is still unsure of at the escalation
-        // effort (there is no higher effort to ask), and every appeal, goes to a person.
-        let last_effort = Stage::reasoning(self.config.escalation_effort);
-        for route in &mut routes {
-            let still_unsure = (route.decided_by == last_effort && route.outcome != Outcome::NeedsReview)
+        // The end of the line: whatever the model could not settle, what it is still unsure of at its last effort
+        // (there is no higher effort to ask), and every appeal, goes to a person.
+        for (route, plan) in routes.iter_mut().zip(&plans) {
+            let at_last_effort = route.decided_by.effort().is_some_and(|effort| effort >= plan.escalation_effort);
+            let still_unsure = (at_last_effort && route.outcome != Outcome::NeedsReview)
                 .then_some(route.engine_confidence)
                 .flatten()
-                .filter(|p| *p < self.config.min_engine_confidence);
+                .filter(|p| *p < plan.min_engine_confidence);
             if route.outcome == Outcome::NeedsReview || ctx.appeal || still_unsure.is_some() {
                 if route.decided_by != Stage::HumanReview {
                     if ctx.appeal {
@@ -390,12 +449,12 @@ impl Pipeline {
         Ok(decision)
     }
 
-    async fn triage_route(&self, policy: &Policy, text: &str, ctx: &RouteContext) -> PolicyRoute {
+    async fn triage_route(&self, policy: &Policy, plan: &PolicyPlan, text: &str, ctx: &RouteContext) -> PolicyRoute {
         let mut route = PolicyRoute {
             policy: policy.meta.name.clone(),
             policy_hash: policy.hash.to_string(),
             outcome: Outcome::NeedsReview,
-            decided_by: Stage::reasoning(self.config.first_effort),
+            decided_by: Stage::reasoning(plan.first_effort),
             triage: None,
             verdict: None,
             engine_confidence: None,
@@ -431,7 +490,7 @@ impl Pipeline {
                 route.outcome = Outcome::Allow;
                 route.decided_by = Stage::Triage;
             }
-            Band::ConfidentViolation => match self.on_triage_violation(policy) {
+            Band::ConfidentViolation => match plan.on_triage_violation {
                 OnTriageViolation::Act => {
                     route.outcome = Outcome::Violation;
                     route.decided_by = Stage::Triage;
@@ -451,44 +510,6 @@ impl Pipeline {
         }
         route.triage = Some(result);
         route
-    }
-
-    /// The policy's own choice, else the configured one. A policy whose `triage:` section cannot be read gets
-    /// the model's confirmation: its author asked for something other than the default, and nobody can tell what.
-    fn on_triage_violation(&self, policy: &Policy) -> OnTriageViolation {
-        match triage_section(policy) {
-            Ok(section) => section.on_violation.unwrap_or(self.config.on_triage_violation),
-            Err(error) => {
-                tracing::warn!(%error, "asking the model to confirm a triage violation");
-                OnTriageViolation::Confirm
-            }
-        }
-    }
-
-    /// Whether a first-effort verdict should be asked again at the escalation effort, and why.
-    fn escalation_reason(&self, route: &PolicyRoute) -> Option<Escalation> {
-        let verdict = route.verdict.as_ref()?;
-        if verdict.outcome == Outcome::NeedsReview {
-            return Some(Escalation::NeedsReview { flags: flag_names(verdict) });
-        }
-        if let Some(p) = route.engine_confidence.filter(|p| *p < self.config.min_engine_confidence) {
-            return Some(Escalation::LowEngineConfidence { probability: p });
-        }
-        if self.config.escalate_on_triage_disagreement
-            && let (Some(triage), Some(violation)) = (&route.triage, verdict.violation)
-        {
-            // A confident violation with no probability is a deny rule's: as sure as triage gets.
-            let lean = match (triage.band, triage.calibrated_probability) {
-                (Band::ConfidentViolation, p) => Some(p.unwrap_or(1.0)),
-                (_, p) => p,
-            };
-            if let Some(p) = lean
-                && (p >= 0.5) != violation
-            {
-                return Some(Escalation::TriageDisagrees { triage_probability: p });
-            }
-        }
-        None
     }
 
     async fn reason(
@@ -521,14 +542,14 @@ impl Pipeline {
                 }
             },
         };
-        if let Some(tokens) = &self.token_budget {
-            let usage = decision.usage;
-            let spent = usage.prompt_tokens.saturating_sub(usage.cached_prompt_tokens) + usage.completion_tokens;
-            // A step cut off by its timeout reports nothing, but the engine may still be decoding it: charge what
-            // it may spend, where that is known.
-            let spent = if timed_out { spent.max(self.config.max_tokens.unwrap_or(0) * selected.len()) } else { spent };
-            tokens.take_owed(spent);
-        }
+        let spent = Budgets::cost_of(&decision.usage);
+        // A step cut off by its timeout reports nothing, but the engine may still be decoding it: charge what it
+        // may spend, where that is known.
+        self.budgets.charge(if timed_out {
+            spent.max(self.config.max_tokens.unwrap_or(0) * selected.len())
+        } else {
+            spent
+        });
         let elapsed = started.elapsed();
         metrics::histogram!("safeguard_pipeline_stage_seconds", "stage" => Stage::reasoning(effort).as_str())
             .record(elapsed.as_secs_f64());
@@ -539,29 +560,6 @@ impl Pipeline {
             decision_id: Some(decision.id),
         };
         (decision, record)
-    }
-
-    async fn take_budget(&self, prompts: usize) -> Result<(), Deferred> {
-        if prompts == 0 || (self.budget.is_none() && self.token_budget.is_none()) {
-            return Ok(());
-        }
-        let now = Instant::now();
-        let deadline = now.checked_add(self.config.max_budget_wait).unwrap_or(now);
-        loop {
-            // The token bucket is only checked (a charge of nothing), so a refusal by either takes nothing.
-            let tokens = self.token_budget.as_ref().map_or(Ok(()), |tokens| tokens.try_take(0));
-            match tokens.and_then(|()| self.budget.as_ref().map_or(Ok(()), |calls| calls.try_take(prompts))) {
-                Ok(()) => return Ok(()),
-                Err(wait) if Instant::now().checked_add(wait).is_some_and(|ready| ready <= deadline) => {
-                    tokio::time::sleep(wait).await
-                }
-                Err(wait) => {
-                    metrics::counter!("safeguard_pipeline_deferred_total").increment(1);
-                    // Asked again within the hour at the latest, however low the configured rate.
-                    return Err(Deferred { retry_after: wait.min(Duration::from_secs(3600)) });
-                }
-            }
-        }
     }
 }
 
@@ -589,6 +587,45 @@ fn timed_out_decision(policies: &[Policy], options: &ClassifyOptions, model: Str
         mode: options.mode,
         prompts: Vec::new(),
     }
+}
+
+/// Whether a verdict below the policy's escalation effort should be asked again there, and why.
+fn escalation_reason(route: &PolicyRoute, plan: &PolicyPlan) -> Option<Escalation> {
+    let verdict = route.verdict.as_ref()?;
+    if verdict.outcome == Outcome::NeedsReview {
+        return Some(Escalation::NeedsReview { flags: flag_names(verdict) });
+    }
+    if let Some(p) = route.engine_confidence.filter(|p| *p < plan.min_engine_confidence) {
+        return Some(Escalation::LowEngineConfidence { probability: p });
+    }
+    if verdict.outcome == Outcome::Violation && verdict.cites_any(&plan.high_risk_categories) {
+        let cited = verdict.rule_ids.iter().chain(verdict.category.iter()).cloned().collect();
+        return Some(Escalation::HighRiskCategory { cited });
+    }
+    if plan.escalate_on_triage_disagreement
+        && let (Some(triage), Some(violation)) = (&route.triage, verdict.violation)
+    {
+        // A confident violation with no probability is a deny rule's: as sure as triage gets.
+        let lean = match (triage.band, triage.calibrated_probability) {
+            (Band::ConfidentViolation, p) => Some(p.unwrap_or(1.0)),
+            (_, p) => p,
+        };
+        if let Some(p) = lean
+            && (p >= 0.5) != violation
+        {
+            return Some(Escalation::TriageDisagrees { triage_probability: p });
+        }
+    }
+    None
+}
+
+/// Policy indexes grouped by the effort they reason at, least effort first: one prompt batch per effort.
+fn by_effort(indexes: &[usize], effort_of: impl Fn(usize) -> Effort) -> BTreeMap<Effort, Vec<usize>> {
+    let mut groups: BTreeMap<Effort, Vec<usize>> = BTreeMap::new();
+    for &i in indexes {
+        groups.entry(effort_of(i)).or_default().push(i);
+    }
+    groups
 }
 
 fn apply_verdict(route: &mut PolicyRoute, decision: &Decision, slot: usize, stage: Stage) {
@@ -641,6 +678,7 @@ fn escalation_str(why: &Escalation) -> &'static str {
         Escalation::NeedsReview { .. } => "needs_review",
         Escalation::LowEngineConfidence { .. } => "low_engine_confidence",
         Escalation::TriageDisagrees { .. } => "triage_disagrees",
+        Escalation::HighRiskCategory { .. } => "high_risk_category",
         Escalation::StageFailed { .. } => "stage_failed",
     }
 }

@@ -9,14 +9,16 @@ pub mod budget;
 pub mod cascade;
 pub mod flywheel;
 pub mod nats;
+pub mod routing_section;
 pub mod stats;
 pub mod triage_config;
 
-pub use budget::ReasoningBudget;
+pub use budget::{Budgets, ReasoningBudget};
 pub use cascade::{
-    CascadeDecision, Deferred, Escalation, OnTriageViolation, Pipeline, PolicyRoute, RouteContext, RoutingConfig,
-    Stage, StageRecord,
+    CascadeDecision, Deferred, Escalation, OnTriageViolation, Pipeline, PolicyPlan, PolicyRoute, RouteContext,
+    RoutingConfig, Stage, StageRecord,
 };
 pub use flywheel::{ActiveLearning, SampleReason};
+pub use routing_section::{RoutingSection, RoutingSectionError, routing_section};
 pub use stats::{CascadeStats, StatsSnapshot};
-pub use triage_config::{TriageLibrary, TriageSection, rules_from_policy, triage_section};
+pub use triage_config::{TriageLibrary, TriageSection, rules_from_policy, triage_on_violation, triage_section};

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use safeguard_policy::Policy;
 use safeguard_triage::{RuleSet, RulesConfig, Triage, TriageError, TriageModel};
@@ -33,7 +33,27 @@ pub fn triage_section(policy: &Policy) -> Result<TriageSection, TriageError> {
     let Some(section) = policy.meta.extra.get("triage") else {
         return Ok(TriageSection::default());
     };
-    serde_json::from_value(section.clone())
+    TriageSection::deserialize(section)
+        .map_err(|e| TriageError::InvalidConfig(format!("policy {:?} front matter triage: {e}", policy.meta.name)))
+}
+
+/// The section's `on_violation` alone, read on every item the cascade routes: its `rules` (possibly thousands of
+/// keywords, compiled once by [`TriageLibrary`]) are skipped over, not built. Errors as [`triage_section`] does
+/// for the keys; a malformed `rules` value is left to the library, which then gives the policy no triage at all.
+pub fn triage_on_violation(policy: &Policy) -> Result<Option<OnTriageViolation>, TriageError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct OnViolationOnly {
+        #[serde(default, rename = "rules")]
+        _rules: serde::de::IgnoredAny,
+        #[serde(default)]
+        on_violation: Option<OnTriageViolation>,
+    }
+    let Some(section) = policy.meta.extra.get("triage") else {
+        return Ok(None);
+    };
+    OnViolationOnly::deserialize(section)
+        .map(|section| section.on_violation)
         .map_err(|e| TriageError::InvalidConfig(format!("policy {:?} front matter triage: {e}", policy.meta.name)))
 }
 
@@ -52,8 +72,12 @@ const LIBRARY_CAPACITY: usize = 1024;
 /// What one policy version's triage came to: built (or nothing to build), or the reason its section is unusable.
 type Built = Result<Option<Arc<Triage>>, String>;
 
+/// How often a cached entry looks at its model file again. A `stat` per request and policy is a system call on the
+/// hot path; a retrained model taking up to a second to be used is not noticeable.
+const MODEL_RECHECK: Duration = Duration::from_secs(1);
+
 /// A build, the `triage:` section it was built from, and the modification time of the model file it saw (`None`:
-/// no file), so that a model trained or retrained while the server runs is picked up at the next request.
+/// no file), so that a model trained or retrained while the server runs is picked up within a second.
 #[derive(Debug, Clone)]
 struct Entry {
     section: Option<serde_json::Value>,
@@ -61,6 +85,8 @@ struct Entry {
     /// Where the model was looked for (it depends on the policy's name) and the file's modification time then.
     model_dir: Option<PathBuf>,
     model_file: Option<SystemTime>,
+    /// When `model_file` was last read off the disk.
+    checked: Instant,
 }
 
 /// Builds and caches triage per policy version and `triage:` section.
@@ -72,11 +98,18 @@ struct Entry {
 pub struct TriageLibrary {
     models_dir: Option<PathBuf>,
     cache: Mutex<HashMap<String, Entry>>,
+    model_recheck: Duration,
 }
 
 impl TriageLibrary {
     pub fn new(models_dir: Option<PathBuf>) -> Self {
-        Self { models_dir, cache: Mutex::default() }
+        Self { models_dir, cache: Mutex::default(), model_recheck: MODEL_RECHECK }
+    }
+
+    /// How long a cached entry trusts what it last saw of its model file (default one second).
+    pub fn with_model_recheck(mut self, interval: Duration) -> Self {
+        self.model_recheck = interval;
+        self
     }
 
     /// The triage for this policy version, or `None` when it has neither rules nor a matching model.
@@ -93,12 +126,20 @@ impl TriageLibrary {
         let hash = policy.hash.to_string();
         let section = policy.meta.extra.get("triage");
         let model_dir = self.model_dir(policy);
-        let model_file = model_dir.as_ref().and_then(|dir| modified(&dir.join("model.json")));
+        let same_source = |entry: &Entry| entry.section.as_ref() == section && entry.model_dir == model_dir;
         if let Some(entry) = self.cache().get(&hash)
-            && entry.section.as_ref() == section
-            && entry.model_dir == model_dir
+            && same_source(entry)
+            && entry.checked.elapsed() < self.model_recheck
+        {
+            return entry.built.clone().map_err(TriageError::InvalidConfig);
+        }
+        // Read outside the lock: a slow disk must not hold up other policies' requests.
+        let model_file = model_dir.as_ref().and_then(|dir| modified(&dir.join("model.json")));
+        if let Some(entry) = self.cache().get_mut(&hash)
+            && same_source(entry)
             && entry.model_file == model_file
         {
+            entry.checked = Instant::now();
             return entry.built.clone().map_err(TriageError::InvalidConfig);
         }
         // Built outside the lock: loading a model reads files, and other policies' requests should not wait.
@@ -110,7 +151,9 @@ impl TriageLibrary {
         if cache.len() >= LIBRARY_CAPACITY && !cache.contains_key(&hash) {
             cache.clear();
         }
-        cache.insert(hash, Entry { section: section.cloned(), built: built.clone(), model_dir, model_file });
+        let entry =
+            Entry { section: section.cloned(), built: built.clone(), model_dir, model_file, checked: Instant::now() };
+        cache.insert(hash, entry);
         built.map_err(TriageError::InvalidConfig)
     }
 
@@ -241,9 +284,13 @@ mod tests {
     fn a_model_trained_while_serving_is_picked_up_and_names_stay_inside_the_models_dir() {
         let models = tempfile::tempdir().unwrap();
         let policy = Policy::parse("---\nname: promo\noutput: binary\n---\n# P\nReturn 0 or 1.").unwrap();
-        let library = TriageLibrary::new(Some(models.path().to_path_buf()));
+        let library = TriageLibrary::new(Some(models.path().to_path_buf())).with_model_recheck(Duration::ZERO);
+        // The default library looks at the disk at most once a second per entry, not on every request.
+        let throttled = TriageLibrary::new(Some(models.path().to_path_buf()));
+        assert!(throttled.for_policy(&policy).is_none());
         assert!(library.for_policy(&policy).is_none(), "nothing trained yet");
         train_for(&policy, &models.path().join("promo"));
+        assert!(throttled.for_policy(&policy).is_none(), "within the second, the cached answer stands");
         let triage = library.for_policy(&policy).expect("the new model is used");
         assert!(triage.model().is_some());
         assert!(Arc::ptr_eq(&triage, &library.for_policy(&policy).unwrap()), "cached while the file is unchanged");
@@ -263,6 +310,10 @@ mod tests {
         };
         let review = triage_section(&with("  on_violation: review")).unwrap();
         assert_eq!(review.on_violation, Some(OnTriageViolation::Review));
+        let beside_rules =
+            with("  on_violation: confirm\n  rules:\n    keywords:\n      - {name: x, action: deny, keywords: [x]}");
+        assert_eq!(triage_on_violation(&beside_rules).unwrap(), Some(OnTriageViolation::Confirm));
+        assert!(triage_on_violation(&with("  on_violaton: review")).is_err());
         assert!(review.rules.is_none());
         let plain = Policy::parse("---\nname: plain\noutput: binary\n---\n# P\nReturn 0 or 1.").unwrap();
         assert_eq!(triage_section(&plain).unwrap().on_violation, None);

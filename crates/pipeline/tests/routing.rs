@@ -225,6 +225,125 @@ async fn a_policy_can_choose_what_a_triage_violation_does() {
     assert_eq!(reasoner.calls.lock().unwrap().len(), 1, "only the confirming policy asked the model");
 }
 
+/// A policy's `routing:` front matter sets its own efforts and thresholds, beside policies on the server's: in one
+/// item, a bulk policy settles at low effort while a careful one starts at medium and wants a surer answer.
+#[tokio::test]
+async fn a_policy_routes_with_its_own_efforts_and_thresholds() {
+    let reasoner = Arc::new(Scripted { calls: Mutex::default(), delay: None });
+    let careful = Policy::parse(
+        &SPAM
+            .replace("name: spam", "name: careful\nrouting:\n  first_effort: medium\n  min_engine_confidence: 0.8")
+            .replace("# Spam Policy", "# Careful Spam Policy"),
+    )
+    .unwrap();
+    let bulk = spam();
+    let policies = [bulk.clone(), careful.clone()];
+    let pipeline = Pipeline::new(Classifier::new(reasoner.clone()), RoutingConfig::default());
+    let plan = pipeline.config().plan_for(&careful);
+    assert_eq!(
+        (plan.first_effort, plan.escalation_effort, plan.min_engine_confidence),
+        (Effort::Medium, Effort::High, 0.8)
+    );
+
+    let d = pipeline
+        .decide(&policies, &Content::text("a coupon low=1@0.7 medium=1@0.75 high=1@0.9"), &RouteContext::default())
+        .await
+        .unwrap();
+    let stages: Vec<Stage> = d.policies.iter().map(|r| r.decided_by).collect();
+    assert_eq!(
+        stages,
+        vec![Stage::ReasoningLow, Stage::ReasoningHigh],
+        "0.7 is sure enough for one policy, not the other"
+    );
+    assert!(matches!(d.policies[1].escalations.last(), Some(Escalation::LowEngineConfidence { .. })));
+    assert_eq!(
+        d.stages.iter().map(|s| s.stage).collect::<Vec<_>>(),
+        vec![Stage::ReasoningLow, Stage::ReasoningMedium, Stage::ReasoningHigh]
+    );
+    let efforts: Vec<Effort> = reasoner.calls.lock().unwrap().drain(..).map(|c| c.1).collect();
+    assert_eq!(efforts, vec![Effort::Low, Effort::Medium, Effort::High]);
+
+    // 0.79 at its last effort is still unsure for the careful policy: a person decides.
+    let d = pipeline
+        .decide(&policies, &Content::text("a coupon low=1@0.7 medium=1@0.75 high=1@0.79"), &RouteContext::default())
+        .await
+        .unwrap();
+    assert_eq!((d.policies[0].decided_by, d.policies[1].decided_by), (Stage::ReasoningLow, Stage::HumanReview));
+    assert_eq!(d.outcome, Outcome::NeedsReview);
+    reasoner.calls.lock().unwrap().clear();
+
+    // A policy that never needs high effort escalates to medium, and that is its last effort before a person;
+    // an appeal still gets high effort.
+    let cheap =
+        Policy::parse(&SPAM.replace("name: spam", "name: cheap\nrouting:\n  escalation_effort: medium")).unwrap();
+    let d = pipeline
+        .decide(std::slice::from_ref(&cheap), &Content::text("x low=junk medium=0"), &RouteContext::default())
+        .await
+        .unwrap();
+    assert_eq!((d.decided_by, d.outcome), (Stage::ReasoningMedium, Outcome::Allow));
+    let d = pipeline
+        .decide(std::slice::from_ref(&cheap), &Content::text("x low=junk medium=junk high=0"), &RouteContext::default())
+        .await
+        .unwrap();
+    assert_eq!((d.decided_by, d.outcome), (Stage::HumanReview, Outcome::NeedsReview), "no high step for it");
+    let appeal = RouteContext { appeal: true, ..RouteContext::default() };
+    pipeline.decide(std::slice::from_ref(&cheap), &Content::text("x high=0"), &appeal).await.unwrap();
+    let efforts: Vec<Effort> = reasoner.calls.lock().unwrap().drain(..).map(|c| c.1).collect();
+    assert_eq!(efforts, vec![Effort::Low, Effort::Medium, Effort::Low, Effort::Medium, Effort::High]);
+
+    // A policy may trust the model over triage: no second opinion when they disagree.
+    let trusting = Policy::parse(&SPAM.replace(
+        "name: spam",
+        "name: trusting\ntriage:\n  on_violation: confirm\nrouting:\n  escalate_on_triage_disagreement: false",
+    ))
+    .unwrap();
+    let pipeline = Pipeline::new(Classifier::new(reasoner.clone()), RoutingConfig::default())
+        .with_triage(trusting.hash.to_string(), triage());
+    let d = pipeline.decide(&[trusting], &Content::text("JOIN NOW low=0"), &RouteContext::default()).await.unwrap();
+    assert_eq!((d.decided_by, d.outcome), (Stage::ReasoningLow, Outcome::Allow));
+
+    // A section that cannot be read (the server refuses such policies) gets the careful route.
+    let unreadable =
+        Policy::parse(&SPAM.replace("name: spam", "name: odd\nrouting:\n  first_effort: extreme")).unwrap();
+    assert_eq!(pipeline.config().plan_for(&unreadable).first_effort, Effort::High);
+}
+
+/// A violation under one of a policy's `high_risk_categories`, found at low effort, is asked again at high effort
+/// before it stands; a violation under another tier settles at low.
+#[tokio::test]
+async fn a_high_risk_category_found_at_low_effort_is_asked_again_at_high() {
+    const TIERED: &str = "---\nname: tiered\noutput: json\nrouting:\n  high_risk_categories: [SP2]\n---\n# Tiered Spam Policy (SP)\n\n## INSTRUCTIONS\nReturn one JSON object: {\"violation\": 0|1, \"policy_category\": \"SP1\"|\"SP2\"|null, \"rule_ids\": [...]}.\n\n## VIOLATES\n- SP1.a Cold promotion with links.\n- SP2.a Scams that take money.\n\n## SAFE\n- SP0.a Personal messages.";
+    let reasoner = Arc::new(Scripted { calls: Mutex::default(), delay: None });
+    let tiered = Policy::parse(TIERED).unwrap();
+    let pipeline = Pipeline::new(Classifier::new(reasoner.clone()), RoutingConfig::default());
+    let answer = |tier: &str| format!(r#"{{"violation":1,"policy_category":"{tier}","rule_ids":["{tier}.a"]}}"#);
+    let decide = |text: String| {
+        let (pipeline, tiered) = (&pipeline, &tiered);
+        async move {
+            pipeline.decide(std::slice::from_ref(tiered), &Content::text(text), &RouteContext::default()).await.unwrap()
+        }
+    };
+
+    let promotion = decide(format!("x low={}", answer("SP1"))).await;
+    assert_eq!((promotion.decided_by, promotion.outcome), (Stage::ReasoningLow, Outcome::Violation));
+    let scam = decide(format!("x low={} high={}", answer("SP2"), answer("SP2"))).await;
+    assert_eq!((scam.decided_by, scam.outcome), (Stage::ReasoningHigh, Outcome::Violation));
+    assert!(
+        matches!(scam.policies[0].escalations.last(), Some(Escalation::HighRiskCategory { cited }) if cited.contains(&"SP2.a".to_string())),
+        "{:?}",
+        scam.policies[0].escalations
+    );
+    let cleared =
+        decide(format!(r#"x low={} high={{"violation":0,"policy_category":null,"rule_ids":[]}}"#, answer("SP2"))).await;
+    assert_eq!(
+        (cleared.decided_by, cleared.outcome),
+        (Stage::ReasoningHigh, Outcome::Allow),
+        "high effort has the last word"
+    );
+    let efforts: Vec<Effort> = reasoner.calls.lock().unwrap().iter().map(|c| c.1).collect();
+    assert_eq!(efforts, vec![Effort::Low, Effort::Low, Effort::High, Effort::Low, Effort::High]);
+}
+
 #[tokio::test]
 async fn over_budget_items_are_deferred_not_dropped_or_allowed() {
     let budget = Arc::new(ReasoningBudget::new(0.5, 1));

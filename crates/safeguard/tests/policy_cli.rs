@@ -68,10 +68,10 @@ fn lint_fails_a_broken_policy_with_located_findings() {
     assert!(stdout(&output).contains("error[too-long]"));
 }
 
-/// The server reads a policy's `triage:` front matter; lint refuses a section it could not read (a misspelt key
-/// here), which would otherwise turn triage off for the policy without a word at lint time.
+/// The server reads a policy's `triage:` and `routing:` front matter; lint refuses a section it could not read (a
+/// misspelt key, an effort that does not exist), which the server would refuse at upload.
 #[test]
-fn lint_checks_the_triage_section() {
+fn lint_checks_the_triage_and_routing_sections() {
     let dir = tempfile::tempdir().unwrap();
     let spam = std::fs::read_to_string(starter_file("spam.md")).unwrap();
     let with_triage = |section: &str| spam.replacen("---\n", &format!("---\ntriage:\n{section}\n"), 1);
@@ -87,6 +87,19 @@ fn lint_checks_the_triage_section() {
     let text = stdout(&output);
     assert_eq!(output.status.code(), Some(EXIT_FINDINGS), "{text}");
     assert!(text.contains("error[triage-section]") && text.contains("on_violaton"), "{text}");
+
+    let with_routing = |section: &str| spam.replacen("---\n", &format!("---\nrouting:\n{section}\n"), 1);
+    let careful = dir.path().join("careful.md");
+    std::fs::write(&careful, with_routing("  first_effort: medium\n  min_engine_confidence: 0.8")).unwrap();
+    let output = safeguard(&["policy", "lint", careful.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stdout(&output));
+
+    let extreme = dir.path().join("extreme.md");
+    std::fs::write(&extreme, with_routing("  first_effort: extreme")).unwrap();
+    let output = safeguard(&["policy", "lint", extreme.to_str().unwrap()]);
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(EXIT_FINDINGS), "{text}");
+    assert!(text.contains("error[routing-section]") && text.contains("extreme"), "{text}");
 }
 
 #[test]

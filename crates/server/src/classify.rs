@@ -92,6 +92,17 @@ pub(crate) struct Settings {
     pub max_tokens: Option<usize>,
 }
 
+impl Settings {
+    /// The prompts deciding `items` items under `policies` policies costs: one per policy each, or one per item
+    /// when the policies share a combined prompt.
+    pub fn prompts(&self, policies: usize, items: usize) -> usize {
+        match self.mode {
+            Mode::Separate => policies * items,
+            Mode::Combined => items.min(policies * items),
+        }
+    }
+}
+
 /// Parses and checks a request body: its content, policy references and settings.
 pub(crate) struct Parsed {
     pub content: Content,
@@ -303,8 +314,10 @@ pub(crate) async fn reason_and_store(
     source: &str,
     timer: &mut StageTimer,
 ) -> Result<(Decision, DecisionRecord), ApiError> {
+    state.cascade.admit(settings.prompts(policies.len(), 1)).await?;
     let started = Instant::now();
     let decision = state.classifier.classify(policies, content, &options(settings)).await;
+    state.cascade.charge(&decision.usage);
     let elapsed = started.elapsed().as_secs_f64();
     timer.mark("reason");
     count_decision(&decision, source, elapsed);
@@ -458,8 +471,12 @@ pub(crate) async fn classify_batch(
     let policies = parse_policies(&state, &body, &caller).await?;
     let parsed: Vec<Result<Content, ApiError>> = items.iter().map(|item| parse_content(&state, item)).collect();
     let valid: Vec<Content> = parsed.iter().filter_map(|p| p.as_ref().ok().cloned()).collect();
+    state.cascade.admit(settings.prompts(policies.len(), valid.len())).await?;
     let started = Instant::now();
     let decisions = state.classifier.classify_many(&policies, &valid, &options(&settings)).await;
+    for decision in &decisions {
+        state.cascade.charge(&decision.usage);
+    }
     let elapsed = started.elapsed().as_secs_f64();
     let mut decisions = decisions.into_iter().zip(valid.iter());
     let mut results = Vec::with_capacity(items.len());

@@ -110,12 +110,25 @@ pub(crate) async fn get_one(
 }
 
 /// One worker: claim, decide, finish; until shutdown. The job in hand is always finished before exiting.
+///
+/// Over the reasoning budget a worker claims nothing: the jobs wait in the queue, unclaimed (another server with
+/// budget to spare may take them), until the model may be asked again. Nothing is dropped or decided by default.
 pub(crate) async fn worker(state: AppState, index: usize, shutdown: CancellationToken) {
     let lease_ms = state.config.job_lease.as_millis() as i64;
     tracing::debug!(index, "job worker started");
     loop {
         if shutdown.is_cancelled() {
             break;
+        }
+        let wait = state.cascade.budgets.ready_in();
+        if !wait.is_zero() {
+            metrics::counter!("safeguard_jobs_budget_waits_total").increment(1);
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                // Looked at again at least once a second: other workers and paths share the bucket.
+                _ = tokio::time::sleep(wait.min(Duration::from_secs(1))) => {}
+            }
+            continue;
         }
         match state.store.claim_job(lease_ms).await {
             Ok(Some(job)) => process(&state, job).await,
@@ -183,8 +196,11 @@ async fn process(state: &AppState, job: JobRecord) {
             }
         })
     };
+    // Admitted before the claim; paid now, in debt if other workers got there first.
+    state.cascade.budgets.owe_calls(request.settings.prompts(policies.len(), 1));
     let started = Instant::now();
     let decision = state.classifier.classify(&policies, &request.content, &options(&request.settings)).await;
+    state.cascade.charge(&decision.usage);
     renew.abort();
     count_decision(&decision, "job", started.elapsed().as_secs_f64());
     let (record, reasoning) =

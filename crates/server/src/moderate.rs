@@ -11,11 +11,12 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
+use safeguard_core::Usage;
 use safeguard_core::{Decision, Timings};
 use safeguard_harmony::Content;
 use safeguard_pipeline::{
-    ActiveLearning, CascadeDecision, CascadeStats, Escalation, Pipeline, PolicyRoute, ReasoningBudget, RouteContext,
-    RoutingConfig, Stage, TriageLibrary,
+    ActiveLearning, Budgets, CascadeDecision, CascadeStats, Escalation, Pipeline, PolicyRoute, ReasoningBudget,
+    RouteContext, RoutingConfig, Stage, TriageLibrary,
 };
 use safeguard_policy::Policy;
 use safeguard_store::{DecisionRecord, NewReview, now_ms};
@@ -34,8 +35,8 @@ const SAMPLE_PRIORITY: i64 = 0;
 pub(crate) struct CascadeState {
     pub routing: RoutingConfig,
     pub triage: TriageLibrary,
-    pub budget: Option<Arc<ReasoningBudget>>,
-    pub token_budget: Option<Arc<ReasoningBudget>>,
+    /// Every way into the model takes from these: the cascade, and the direct paths through [`Self::admit`].
+    pub budgets: Budgets,
     pub stats: Arc<CascadeStats>,
     pub active_learning: ActiveLearning,
 }
@@ -51,9 +52,20 @@ impl CascadeState {
         // One second's worth of burst: enough for one item's worth of calls; tokens are paid after the fact.
         let bucket =
             |rate: f64| Arc::new(ReasoningBudget::new(rate, rate.ceil().clamp(1.0, f64::from(u32::MAX)) as u32));
-        let budget = reasoning_per_sec.map(bucket);
-        let token_budget = reasoning_tokens_per_sec.map(bucket);
-        Self { routing, triage, budget, token_budget, stats: Arc::new(CascadeStats::new()), active_learning }
+        let budgets = Budgets { calls: reasoning_per_sec.map(bucket), tokens: reasoning_tokens_per_sec.map(bucket) };
+        Self { routing, triage, budgets, stats: Arc::new(CascadeStats::new()), active_learning }
+    }
+
+    /// Admits `prompts` prompts on a path outside the cascade (a pinned effort, a batch, moderations, chat, a
+    /// replay, an appeal): the budget guards the model, so no way in may spend past it. Over budget the caller is
+    /// told to come back (429 with `Retry-After`), after waiting at most `--max-budget-wait`; nothing is decided.
+    pub(crate) async fn admit(&self, prompts: usize) -> Result<(), ApiError> {
+        self.budgets.admit(prompts, self.routing.max_budget_wait).await.map_err(deferred_error)
+    }
+
+    /// Pays for the tokens a direct path spent.
+    pub(crate) fn charge(&self, usage: &Usage) {
+        self.budgets.charge(Budgets::cost_of(usage));
     }
 
     /// The cascade for these policies; `max_tokens` overrides the configured completion budget per prompt.
@@ -68,13 +80,7 @@ impl CascadeState {
                 pipeline = pipeline.with_triage(policy.hash.to_string(), triage);
             }
         }
-        if let Some(budget) = &self.budget {
-            pipeline = pipeline.with_budget(budget.clone());
-        }
-        if let Some(tokens) = &self.token_budget {
-            pipeline = pipeline.with_token_budget(tokens.clone());
-        }
-        pipeline
+        pipeline.with_budgets(self.budgets.clone())
     }
 }
 

@@ -15,6 +15,7 @@ use futures::Stream;
 use safeguard_core::{Mode, ReasonDelta, ReasonOutput, ReasonRequest, Reasoner};
 use safeguard_engine::Sampling;
 use safeguard_harmony::{ChatMessage, Content, Effort};
+use safeguard_pipeline::Budgets;
 use safeguard_store::now_ms;
 use safeguard_verdict::Outcome;
 use serde_json::{Value, json};
@@ -86,8 +87,12 @@ pub(crate) async fn moderations(
         mode: Mode::Separate,
         max_tokens: state.config.moderation_max_tokens,
     };
+    state.cascade.admit(settings.prompts(policies.len(), contents.len())).await?;
     let started = Instant::now();
     let decisions = state.classifier.classify_many(&policies, &contents, &options(&settings)).await;
+    for decision in &decisions {
+        state.cascade.charge(&decision.usage);
+    }
     let elapsed = started.elapsed().as_secs_f64();
     let mut results = Vec::with_capacity(decisions.len());
     let mut ids = Vec::new();
@@ -203,13 +208,16 @@ pub(crate) async fn chat_completions(
     let model =
         body.get("model").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| state.reasoner.model_id());
     let meta = ChunkMeta { id: format!("chatcmpl-{}", uuid::Uuid::now_v7().simple()), created: now_ms() / 1000, model };
+    state.cascade.admit(1).await?;
     if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
         let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
-        return Ok(stream_chat(state.reasoner.clone(), request, meta, include_usage).into_response());
+        let budgets = state.cascade.budgets.clone();
+        return Ok(stream_chat(state.reasoner.clone(), budgets, request, meta, include_usage).into_response());
     }
     let started = Instant::now();
     let output =
         state.reasoner.reason(request).await.map_err(|e| ApiError::Unavailable(format!("the model failed: {e}")))?;
+    state.cascade.charge(&output.usage);
     metrics::histogram!("safeguard_chat_latency_seconds").record(started.elapsed().as_secs_f64());
     let ChunkMeta { id, created, model } = meta;
     let finish_reason = finish_reason(&output);
@@ -271,6 +279,7 @@ fn delta_json(delta: ReasonDelta) -> Value {
 /// started arrives as an `error` event, since the status line has already been sent.
 fn stream_chat(
     reasoner: Arc<dyn Reasoner>,
+    budgets: Budgets,
     request: ReasonRequest,
     meta: ChunkMeta,
     include_usage: bool,
@@ -298,6 +307,7 @@ fn stream_chat(
         metrics::histogram!("safeguard_chat_latency_seconds").record(started.elapsed().as_secs_f64());
         match result {
             Ok(output) => {
+                budgets.charge(Budgets::cost_of(&output.usage));
                 send(meta.chunk(json!({}), json!(finish_reason(&output))));
                 if include_usage {
                     send(json!({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created,

@@ -127,7 +127,7 @@ pub(crate) fn document() -> Value {
             "/v1/policies/{name}/activate": {"parameters": [path_param("name")],
                 "post": op("Point a name at a stored version", Some("policies:write"),
                            Some(json!({"type": "object", "required": ["hash"], "properties": {"hash": {"type": "string"}}})), "200", any.clone())},
-            "/v1/classify": {"post": op("Classify content under policies; the decision is stored (one record per item). Without an effort it goes through the cascade (triage → low → high → a person; 429 with Retry-After when the reasoning budget is spent); with an effort or route=direct it reasons once", Some("classify"), Some(classify.clone()), "200", decision.clone())},
+            "/v1/classify": {"post": op("Classify content under policies; the decision is stored (one record per item). Without an effort it goes through the cascade (triage → low → high → a person; 429 with Retry-After when the reasoning budget is spent); with an effort or route=direct it reasons once (also within the reasoning budget: 429 with Retry-After when it is spent)", Some("classify"), Some(classify.clone()), "200", decision.clone())},
             "/v1/moderate": {"post": op("The cascade's own view: per-policy routes, stages and every reasoning step, stored as one decision per item (source cascade:<stage that settled it>, every stage on the record); 429 with Retry-After over the reasoning budget", Some("classify"),
                 Some(json!({"allOf": [classify.clone(), {"type": "object", "properties": {"appeal": {"type": "boolean"}}}]})),
                 "200", json!({"type": "object", "properties": {"outcome": {"enum": ["allow", "violation", "needs_review"]},

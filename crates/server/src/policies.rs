@@ -87,12 +87,14 @@ fn looks_like_hash(id: &str) -> bool {
     id.starts_with("sha256:")
 }
 
-/// Parses a policy a client sent. A `triage:` section the cascade cannot read (a misspelt key, a bad regex) is
-/// refused here: accepted, the policy would run without triage and only a log line would say why. The check is
-/// the cascade's own build, cached, so an inline policy's rules compile once, not once per request.
+/// Parses a policy a client sent. A `triage:` or `routing:` section the cascade cannot read (a misspelt key, a bad
+/// regex, an unknown effort) is refused here: accepted, the policy would run without triage or on a more careful
+/// route than asked, and only a log line would say why. The triage check is the cascade's own build, cached, so an
+/// inline policy's rules compile once, not once per request.
 fn parse_sent_policy(state: &AppState, text: &str, fallback_name: Option<&str>) -> Result<Policy, String> {
     let policy = Policy::parse_with_fallback_name(text, fallback_name).map_err(|e| e.to_string())?;
     state.cascade.triage.try_for_policy(&policy).map_err(|e| e.to_string())?;
+    safeguard_pipeline::routing_section(&policy).map_err(|e| e.to_string())?;
     Ok(policy)
 }
 

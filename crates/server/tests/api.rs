@@ -277,6 +277,16 @@ async fn policies_are_versioned_pinned_and_diffed() {
         .call("POST", "/v1/classify", Some(&writer), Some(json!({"text": "x", "policies": [{"text": misspelt}]})))
         .await;
     assert_eq!((status, bad["error"]["code"].as_str()), (400, Some("invalid_policy")), "{bad}");
+    // So is a routing section naming an effort that does not exist.
+    let extreme = v1.replace("output: binary", "output: binary\nrouting:\n  first_effort: extreme");
+    for (path, body) in [
+        ("/v1/policies", json!({"text": extreme})),
+        ("/v1/classify", json!({"text": "x", "policies": [{"text": extreme}]})),
+    ] {
+        let (status, bad) = h.call("POST", path, Some(&writer), Some(body)).await;
+        assert_eq!((status, bad["error"]["code"].as_str()), (400, Some("invalid_policy")), "{path}: {bad}");
+        assert!(bad["error"]["message"].as_str().unwrap().contains("extreme"), "{bad}");
+    }
     // Classify by version hash and with an inline policy.
     let (status, by_hash) = h
         .call(

@@ -122,6 +122,10 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Harness {
+        Self::start_with(|_| {}).await
+    }
+
+    async fn start_with(adjust: impl FnOnce(&mut ServerConfig)) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let triage_dir = dir.path().join("triage");
         let texts =
@@ -139,6 +143,8 @@ impl Harness {
             cost_per_1k_tokens: 2.0,
             ..ServerConfig::default()
         };
+        let mut config = config;
+        adjust(&mut config);
         let reasoner = Arc::new(Scripted { calls: AtomicUsize::new(0) });
         let server = Server::start(config, reasoner.clone(), store).await.unwrap();
         let h = Harness {
@@ -417,4 +423,57 @@ async fn a_cascade_appeal_waits_as_an_appeal() {
         .map(|r| (r["kind"].as_str().unwrap(), r["priority"].as_i64().unwrap()))
         .collect();
     assert_eq!(queued, vec![("appeal", 10)], "{queue}");
+}
+
+/// The reasoning budget guards the model on every way in, not only the cascade's: while it is spent, a pinned
+/// effort, a batch, moderations and chat are told to come back (429 with Retry-After) without reaching the model,
+/// and a job waits in the queue, unclaimed, until the budget refills; then it is decided.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_way_into_the_model_waits_for_the_budget() {
+    // One call in the bucket, refilled every four seconds.
+    let h = Harness::start_with(|config| config.reasoning_per_sec = Some(0.25)).await;
+    let pinned = json!({"text": "x answer=0", "policies": ["promo-sure"], "effort": "low"});
+    assert_eq!(h.classify(pinned.clone()).await["route"], "direct");
+    let calls = h.reasoner.calls.load(Ordering::SeqCst);
+
+    let response =
+        h.http.post(format!("{}/v1/classify", h.base)).bearer_auth(ADMIN).json(&pinned).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 429);
+    let retry_after: u64 = response.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=4).contains(&retry_after), "{retry_after}");
+    for (path, body) in [
+        (
+            "/v1/classify/batch",
+            json!({"items": [{"text": "a"}, {"text": "b"}], "policies": ["promo-sure"], "effort": "low"}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "system", "content": "Return 0."}, {"role": "user", "content": "hi"}]}),
+        ),
+        ("/v1/classify", json!({"text": "y answer=0", "policies": ["promo-near"]})),
+    ] {
+        let (status, reply) = h.call("POST", path, Some(body)).await;
+        assert_eq!(status, 429, "{path}: {reply}");
+    }
+    assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), calls, "nothing reached the model");
+
+    let (status, job) = h.call("POST", "/v1/jobs", Some(pinned)).await;
+    assert_eq!(status, 202, "{job}");
+    let job_path = format!("/v1/jobs/{}", job["id"].as_str().unwrap());
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    let (_, waiting) = h.call("GET", &job_path, None).await;
+    assert_eq!((waiting["status"].as_str(), waiting["attempts"].as_i64()), (Some("pending"), Some(0)), "{waiting}");
+    let mut polled = waiting;
+    for _ in 0..100 {
+        if polled["status"] == "done" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        polled = h.call("GET", &job_path, None).await.1;
+    }
+    assert_eq!((polled["status"].as_str(), polled["outcome"].as_str()), (Some("done"), Some("allow")), "{polled}");
+    assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), calls + 1);
+    let metrics = h.metrics().await;
+    assert!(metric(&metrics, "safeguard_jobs_budget_waits_total").unwrap_or(0.0) >= 1.0);
+    h.server.shutdown().await.unwrap();
 }

@@ -229,14 +229,20 @@ fn validate(policy: &Policy, verdict: &mut Verdict, analysis: Option<&str>) {
 
 /// The policy's `escalate_on` list names rule ids or tiers whose violations always go to a person.
 fn escalates(policy: &Policy, verdict: &Verdict) -> bool {
-    let cited = verdict.rule_ids.iter().chain(verdict.category.iter());
-    cited.into_iter().any(|cited| {
-        policy
-            .meta
-            .escalate_on
-            .iter()
-            .any(|tier| cited == tier || cited.strip_prefix(tier.as_str()).is_some_and(|rest| rest.starts_with('.')))
-    })
+    verdict.cites_any(&policy.meta.escalate_on)
+}
+
+impl Verdict {
+    /// Whether the verdict's category or a rule id it cites is one of `tiers` or inside one: `SX3` covers `SX3`
+    /// and `SX3.a`, not `SX30`.
+    pub fn cites_any(&self, tiers: &[String]) -> bool {
+        let cited = self.rule_ids.iter().chain(self.category.iter());
+        cited.into_iter().any(|cited| {
+            tiers.iter().any(|tier| {
+                cited == tier || cited.strip_prefix(tier.as_str()).is_some_and(|rest| rest.starts_with('.'))
+            })
+        })
+    }
 }
 
 /// Any undecided verdict makes the whole item undecided; otherwise any violation wins. No verdicts at all

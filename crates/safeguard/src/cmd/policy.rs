@@ -103,7 +103,7 @@ fn lint(args: LintArgs) -> anyhow::Result<ExitCode> {
     let opts = LintOptions {
         max_tokens: args.max_tokens,
         count_tokens: Some(&count_tokens),
-        extra_check: Some(&lint_triage_section),
+        extra_check: Some(&lint_cascade_sections),
         ..LintOptions::default()
     };
     let mut reports = Vec::new();
@@ -145,18 +145,18 @@ fn lint(args: LintArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// The `triage:` front matter is read by the cascade, not by the policy crate, so the linter checks it here: the
-/// server refuses a policy whose section it cannot read.
-fn lint_triage_section(policy: &Policy) -> Vec<Finding> {
-    match safeguard_pipeline::rules_from_policy(policy) {
-        Ok(_) => Vec::new(),
-        Err(error) => vec![Finding {
-            severity: Severity::Error,
-            code: "triage-section".into(),
-            message: format!("{error}; the server refuses this policy until it is fixed"),
-            line: None,
-        }],
-    }
+/// The `triage:` and `routing:` front matter are read by the cascade, not by the policy crate, so the linter checks
+/// them here: the server refuses a policy whose sections it cannot read.
+fn lint_cascade_sections(policy: &Policy) -> Vec<Finding> {
+    let refused = |code: &str, error: String| Finding {
+        severity: Severity::Error,
+        code: code.into(),
+        message: format!("{error}; the server refuses this policy until it is fixed"),
+        line: None,
+    };
+    let triage = safeguard_pipeline::rules_from_policy(policy).err().map(|e| refused("triage-section", e.to_string()));
+    let routing = safeguard_pipeline::routing_section(policy).err().map(|e| refused("routing-section", e.to_string()));
+    triage.into_iter().chain(routing).collect()
 }
 
 /// Compiler-style lines (`path:line: error[code]: message`) so editors can jump to them.
