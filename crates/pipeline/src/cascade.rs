@@ -2,7 +2,8 @@
 //!
 //! Each policy of an item walks the cascade on its own and stops at the first stage that is sure:
 //! - triage settles what it is confident about (never for high-risk policies' "benign");
-//! - the model reasons at `first_effort` about the rest (high-risk policies start at `escalation_effort`);
+//! - the model reasons at `first_effort` about the rest (high-risk policies start at `escalation_effort`, content
+//!   a triage `flag` rule matched at the policy's `flagged_effort`, by default the escalation effort too);
 //! - a verdict that needs review, whose engine confidence is low, or that disagrees with triage is asked
 //!   again at `escalation_effort`;
 //! - what is still unsure goes to human review. Appeals go to high effort and then a person.
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 use safeguard_core::{Classifier, ClassifyOptions, Decision, Timings, Usage};
 use safeguard_harmony::{Content, Effort, user_message_text};
 use safeguard_policy::Policy;
+use safeguard_triage::rules::RuleAction;
 use safeguard_triage::{Band, Triage, TriageResult};
 use safeguard_verdict::{Outcome, Verdict};
 use serde::{Deserialize, Serialize};
@@ -156,10 +158,12 @@ impl RoutingConfig {
         };
         let escalation_effort = routing.escalation_effort.unwrap_or(self.escalation_effort);
         let first_effort = if careful { escalation_effort } else { routing.first_effort.unwrap_or(self.first_effort) };
+        let escalation_effort = escalation_effort.max(first_effort);
         PolicyPlan {
             high_risk_categories: routing.high_risk_categories,
+            flagged_effort: routing.flagged_effort.unwrap_or(escalation_effort).clamp(first_effort, escalation_effort),
             first_effort,
-            escalation_effort: escalation_effort.max(first_effort),
+            escalation_effort,
             min_engine_confidence: routing.min_engine_confidence.unwrap_or(self.min_engine_confidence),
             escalate_on_triage_disagreement: routing
                 .escalate_on_triage_disagreement
@@ -181,6 +185,8 @@ pub struct PolicyPlan {
     pub on_triage_violation: OnTriageViolation,
     /// Violations under these rule ids or tiers are asked again at the escalation effort before they stand.
     pub high_risk_categories: Vec<String>,
+    /// Where content a triage `flag` rule matched starts (the escalation effort unless the policy says).
+    pub flagged_effort: Effort,
 }
 
 /// Per-request context that changes the route.
@@ -197,6 +203,10 @@ pub struct RouteContext {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Escalation {
     TriageUncertain,
+    /// A triage `flag` rule matched: the model looks, at the policy's `flagged_effort`.
+    TriageFlagged {
+        rules: Vec<String>,
+    },
     NoTriage,
     HighRisk,
     Appeal,
@@ -360,11 +370,16 @@ impl Pipeline {
         self.budgets.admit(first.len(), self.config.max_budget_wait).await?;
 
         let mut reasoning = Vec::new();
-        // High-risk policies start where the others escalate to; an appeal gets the most effort there is.
-        let start = |i: usize| match (ctx.appeal, policies[i].meta.high_risk) {
-            (true, _) => Effort::High,
-            (false, true) => plans[i].escalation_effort,
-            (false, false) => plans[i].first_effort,
+        // High-risk policies start where the others escalate to, flagged content where its policy says; an appeal
+        // gets the most effort there is.
+        let start = |i: usize| {
+            let flagged = matches!(routes[i].escalations.first(), Some(Escalation::TriageFlagged { .. }));
+            match (ctx.appeal, policies[i].meta.high_risk, flagged) {
+                (true, _, _) => Effort::High,
+                (false, true, _) => plans[i].escalation_effort,
+                (false, false, true) => plans[i].flagged_effort,
+                (false, false, false) => plans[i].first_effort,
+            }
         };
         let mut escalate = Vec::new();
         for (effort, group) in by_effort(&first, start) {
@@ -502,10 +517,10 @@ impl Pipeline {
                 }
             },
             Band::ConfidentBenign => route.escalations.push(Escalation::HighRisk),
-            Band::Uncertain => route.escalations.push(if policy.meta.high_risk {
-                Escalation::HighRisk
-            } else {
-                Escalation::TriageUncertain
+            Band::Uncertain => route.escalations.push(match flagged_rules(&result) {
+                _ if policy.meta.high_risk => Escalation::HighRisk,
+                Some(rules) => Escalation::TriageFlagged { rules },
+                None => Escalation::TriageUncertain,
             }),
         }
         route.triage = Some(result);
@@ -636,6 +651,14 @@ fn apply_verdict(route: &mut PolicyRoute, decision: &Decision, slot: usize, stag
     route.decided_by = stage;
 }
 
+/// The `flag` rules that matched, if any did.
+fn flagged_rules(result: &TriageResult) -> Option<Vec<String>> {
+    let evidence = &result.rule_match.as_ref()?.evidence;
+    let rules: Vec<String> =
+        evidence.iter().filter(|span| span.action == RuleAction::Flag).map(|span| span.rule.clone()).collect();
+    (!rules.is_empty()).then_some(rules)
+}
+
 fn flag_names(verdict: &Verdict) -> Vec<String> {
     verdict.flags.iter().map(|f| f.kind().to_string()).collect()
 }
@@ -670,6 +693,7 @@ fn outcome_str(outcome: Outcome) -> &'static str {
 fn escalation_str(why: &Escalation) -> &'static str {
     match why {
         Escalation::TriageUncertain => "triage_uncertain",
+        Escalation::TriageFlagged { .. } => "triage_flagged",
         Escalation::NoTriage => "no_triage",
         Escalation::HighRisk => "high_risk",
         Escalation::Appeal => "appeal",

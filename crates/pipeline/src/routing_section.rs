@@ -9,6 +9,7 @@
 //!   min_engine_confidence: 0.8
 //!   escalate_on_triage_disagreement: true
 //!   high_risk_categories: [SH3]
+//!   flagged_effort: high
 //! ```
 
 use safeguard_harmony::Effort;
@@ -36,6 +37,10 @@ pub struct RoutingSection {
     /// again there before they stand: a cheap answer is not enough to act on the worst harms.
     #[serde(default)]
     pub high_risk_categories: Vec<String>,
+    /// The effort for content a triage `flag` rule matched (the policy author's "look at this closely"); unset,
+    /// the escalation effort. Kept between the first and the escalation effort.
+    #[serde(default)]
+    pub flagged_effort: Option<Effort>,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -89,6 +94,7 @@ mod tests {
                 min_engine_confidence: Some(0.8),
                 escalate_on_triage_disagreement: Some(false),
                 high_risk_categories: Vec::new(),
+                flagged_effort: None,
             }
         );
         let plain = Policy::parse("---\nname: plain\noutput: binary\n---\n# P\nReturn 0 or 1.").unwrap();

@@ -344,6 +344,49 @@ async fn a_high_risk_category_found_at_low_effort_is_asked_again_at_high() {
     assert_eq!(efforts, vec![Effort::Low, Effort::Low, Effort::High, Effort::Low, Effort::High]);
 }
 
+/// Content a triage `flag` rule matched is what the policy's author asked the model to look at closely: it starts
+/// at the escalation effort, unless the policy sets `flagged_effort`.
+#[tokio::test]
+async fn flagged_content_starts_at_high_effort_unless_the_policy_says() {
+    let flagging = || {
+        let rules = RulesConfig {
+            keywords: vec![KeywordList {
+                name: "money".into(),
+                action: RuleAction::Flag,
+                keywords: vec!["wire transfer".into()],
+            }],
+            ..RulesConfig::default()
+        };
+        Arc::new(Triage::new(Some(RuleSet::compile(&rules).unwrap()), None))
+    };
+    let reasoner = Arc::new(Scripted { calls: Mutex::default(), delay: None });
+    let policy = spam();
+    let relaxed = Policy::parse(&SPAM.replace("name: spam", "name: relaxed\nrouting:\n  flagged_effort: low")).unwrap();
+    let pipeline = Pipeline::new(Classifier::new(reasoner.clone()), RoutingConfig::default())
+        .with_triage(policy.hash.to_string(), flagging());
+
+    let d = pipeline
+        .decide(std::slice::from_ref(&policy), &Content::text("a wire transfer high=1"), &RouteContext::default())
+        .await
+        .unwrap();
+    assert_eq!((d.decided_by, d.outcome), (Stage::ReasoningHigh, Outcome::Violation));
+    assert!(
+        matches!(d.policies[0].escalations.first(), Some(Escalation::TriageFlagged { rules }) if rules[0].starts_with("money")),
+        "{:?}",
+        d.policies[0].escalations
+    );
+    let d = pipeline
+        .decide(std::slice::from_ref(&policy), &Content::text("lunch at noon low=0"), &RouteContext::default())
+        .await
+        .unwrap();
+    assert_eq!(d.decided_by, Stage::ReasoningLow, "unflagged content starts low");
+    let d =
+        pipeline.decide(&[relaxed], &Content::text("a wire transfer low=0"), &RouteContext::default()).await.unwrap();
+    assert_eq!((d.decided_by, d.outcome), (Stage::ReasoningLow, Outcome::Allow));
+    let efforts: Vec<Effort> = reasoner.calls.lock().unwrap().iter().map(|c| c.1).collect();
+    assert_eq!(efforts, vec![Effort::High, Effort::Low, Effort::Low]);
+}
+
 #[tokio::test]
 async fn over_budget_items_are_deferred_not_dropped_or_allowed() {
     let budget = Arc::new(ReasoningBudget::new(0.5, 1));

@@ -401,6 +401,30 @@ async fn a_stored_policy_can_send_triage_violations_to_a_person() {
     h.server.shutdown().await.unwrap();
 }
 
+/// A stored policy's `routing:` front matter routes its items: this one starts at medium effort and its answers
+/// are recorded as settled there, beside a policy on the server's defaults settled at low, in one item.
+#[tokio::test]
+async fn a_stored_policy_routes_with_its_own_efforts() {
+    let h = Harness::start().await;
+    let text = policy_text("promo-careful", "Promotion Policy, careful").replacen(
+        "triage:\n",
+        "routing:\n  first_effort: medium\ntriage:\n",
+        1,
+    );
+    let (status, body) = h.call("POST", "/v1/policies", Some(json!({"text": text}))).await;
+    assert!(status == 200 || status == 201, "{body}");
+    let reply = h.classify(json!({"text": "see you answer=1", "policies": ["promo-careful", "promo-near"]})).await;
+    assert_eq!(stages(&reply), ["triage", "reasoning_low", "reasoning_medium"], "{reply}");
+    let settled: Vec<(&str, &str)> = reply["verdicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| (v["policy"].as_str().unwrap(), v["stage"].as_str().unwrap()))
+        .collect();
+    assert_eq!(settled, [("promo-careful", "reasoning_medium"), ("promo-near", "reasoning_low")], "{reply}");
+    h.server.shutdown().await.unwrap();
+}
+
 /// An appeal through the cascade is queued as an appeal (first in line, the shorter SLA), once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cascade_appeal_waits_as_an_appeal() {
