@@ -39,8 +39,7 @@ impl Budgets {
         let now = Instant::now();
         let deadline = now.checked_add(max_wait).unwrap_or(now);
         loop {
-            let tokens = self.tokens.as_ref().map_or(Ok(()), |tokens| tokens.try_take(0));
-            match tokens.and_then(|()| self.calls.as_ref().map_or(Ok(()), |calls| calls.try_take(prompts))) {
+            match self.try_admit(prompts) {
                 Ok(()) => return Ok(()),
                 Err(wait) if Instant::now().checked_add(wait).is_some_and(|ready| ready <= deadline) => {
                     tokio::time::sleep(wait).await
@@ -53,8 +52,20 @@ impl Budgets {
         }
     }
 
-    /// How long until one prompt could be admitted; zero if now. Takes nothing: for a queue that should leave its
-    /// items where they are until the model may be asked.
+    /// Takes `prompts` calls now, or says how long until they could be taken; never waits.
+    pub fn try_admit(&self, prompts: usize) -> Result<(), Duration> {
+        let tokens = self.tokens.as_ref().map_or(Ok(()), |tokens| tokens.try_take(0));
+        tokens.and_then(|()| self.calls.as_ref().map_or(Ok(()), |calls| calls.try_take(prompts)))
+    }
+
+    /// Returns calls taken for work that did not happen (a queue that turned out to be empty).
+    pub fn give_back_calls(&self, prompts: usize) {
+        if let Some(calls) = &self.calls {
+            calls.give_back(prompts);
+        }
+    }
+
+    /// How long until one prompt could be admitted; zero if now. Takes nothing.
     pub fn ready_in(&self) -> Duration {
         let calls = self.calls.as_ref().map_or(Duration::ZERO, |calls| calls.ready_in(1));
         let tokens = self.tokens.as_ref().map_or(Duration::ZERO, |tokens| tokens.ready_in(0));
@@ -118,6 +129,12 @@ impl ReasoningBudget {
     pub fn take_owed(&self, n: usize) {
         let mut bucket = self.refilled(Instant::now());
         bucket.tokens -= n as f64;
+    }
+
+    /// Puts back `n` calls taken for work that did not happen; never above the burst.
+    pub fn give_back(&self, n: usize) {
+        let mut bucket = self.refilled(Instant::now());
+        bucket.tokens = (bucket.tokens + n as f64).min(self.burst);
     }
 
     /// How long until [`try_take`](Self::try_take) of `n` would succeed; zero if now. Takes nothing.
@@ -191,6 +208,9 @@ mod tests {
         let wait = budget.ready_in(1);
         assert!(wait > Duration::from_millis(1900) && wait <= Duration::from_secs(2), "{wait:?}");
         assert!(budget.ready_in(0) > Duration::from_millis(900), "in debt, even nothing must wait");
+        budget.give_back(5);
+        assert_eq!(budget.ready_in(1), Duration::ZERO, "given back, up to the burst");
+        assert!(budget.try_take(1).is_ok() && budget.try_take(1).is_err(), "never above the burst of 1");
     }
 
     #[test]

@@ -373,7 +373,9 @@ impl Pipeline {
         // High-risk policies start where the others escalate to, flagged content where its policy says; an appeal
         // gets the most effort there is.
         let start = |i: usize| {
-            let flagged = matches!(routes[i].escalations.first(), Some(Escalation::TriageFlagged { .. }));
+            // From the evidence, not the band: content a classifier is also sure of, sent to the model to confirm,
+            // deserves at least the effort merely flagged content gets.
+            let flagged = routes[i].triage.as_ref().and_then(flagged_rules).is_some();
             match (ctx.appeal, policies[i].meta.high_risk, flagged) {
                 (true, _, _) => Effort::High,
                 (false, true, _) => plans[i].escalation_effort,
@@ -382,8 +384,9 @@ impl Pipeline {
             }
         };
         let mut escalate = Vec::new();
-        for (effort, group) in by_effort(&first, start) {
-            let (decision, record) = self.reason(policies, &group, content, effort, ctx).await;
+        for (effort, group, decision, record) in
+            self.reason_by_effort(policies, by_effort(&first, start), content, ctx).await
+        {
             for (slot, &i) in group.iter().enumerate() {
                 let route = &mut routes[i];
                 apply_verdict(route, &decision, slot, Stage::reasoning(effort));
@@ -401,8 +404,8 @@ impl Pipeline {
         if !escalate.is_empty() {
             // Owed, never deferred: a deferred item would lose the first stage's paid-for answer and pay again.
             self.budgets.owe_calls(escalate.len());
-            for (effort, group) in by_effort(&escalate, |i| plans[i].escalation_effort) {
-                let (decision, record) = self.reason(policies, &group, content, effort, ctx).await;
+            let groups = by_effort(&escalate, |i| plans[i].escalation_effort);
+            for (effort, group, decision, record) in self.reason_by_effort(policies, groups, content, ctx).await {
                 for (slot, &i) in group.iter().enumerate() {
                     apply_verdict(&mut routes[i], &decision, slot, Stage::reasoning(effort));
                 }
@@ -525,6 +528,24 @@ impl Pipeline {
         }
         route.triage = Some(result);
         route
+    }
+
+    /// One reasoning step per effort, run together: a policy's wait for its answer is one step's, not the sum of
+    /// every effort's. Results come back in effort order, least first.
+    async fn reason_by_effort(
+        &self,
+        policies: &[Policy],
+        groups: BTreeMap<Effort, Vec<usize>>,
+        content: &Content,
+        ctx: &RouteContext,
+    ) -> Vec<(Effort, Vec<usize>, Decision, StageRecord)> {
+        let steps = groups.iter().map(|(&effort, group)| self.reason(policies, group, content, effort, ctx));
+        let results = futures::future::join_all(steps).await;
+        groups
+            .into_iter()
+            .zip(results)
+            .map(|((effort, group), (decision, record))| (effort, group, decision, record))
+            .collect()
     }
 
     async fn reason(

@@ -20,7 +20,7 @@ use serde::Deserialize;
 #[derive(Debug, Default, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoutingSection {
-    /// The effort the model first reasons at (high-risk policies and appeals start at the escalation effort).
+    /// The effort the model first reasons at (high-risk policies start at the escalation effort, appeals at high).
     #[serde(default)]
     pub first_effort: Option<Effort>,
     /// The effort a shaky answer is asked again at; the last one before a person.
@@ -69,6 +69,14 @@ pub fn routing_section(policy: &Policy) -> Result<RoutingSection, RoutingSection
     {
         return Err(error(format!("first_effort {first} is above escalation_effort {escalation}")));
     }
+    if let Some(flagged) = section.flagged_effort {
+        if let Some(first) = section.first_effort.filter(|first| flagged < *first) {
+            return Err(error(format!("flagged_effort {flagged} is below first_effort {first}")));
+        }
+        if let Some(escalation) = section.escalation_effort.filter(|escalation| flagged > *escalation) {
+            return Err(error(format!("flagged_effort {flagged} is above escalation_effort {escalation}")));
+        }
+    }
     Ok(section)
 }
 
@@ -105,6 +113,8 @@ mod tests {
             ("  min_engine_confidence: 1.5", "within 0..1"),
             ("  min_engine_confidence: -0.1", "within 0..1"),
             ("  first_effort: high\n  escalation_effort: low", "above escalation_effort"),
+            ("  first_effort: medium\n  flagged_effort: low", "below first_effort"),
+            ("  escalation_effort: medium\n  flagged_effort: high", "above escalation_effort"),
             ("  min_confidence: 0.9", "min_confidence"),
             ("  escalate_on_triage_disagreement: sometimes", "sometimes"),
         ] {

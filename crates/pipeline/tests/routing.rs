@@ -361,7 +361,8 @@ async fn flagged_content_starts_at_high_effort_unless_the_policy_says() {
     };
     let reasoner = Arc::new(Scripted { calls: Mutex::default(), delay: None });
     let policy = spam();
-    let relaxed = Policy::parse(&SPAM.replace("name: spam", "name: relaxed\nrouting:\n  flagged_effort: low")).unwrap();
+    let relaxed =
+        Policy::parse(&SPAM.replace("name: spam", "name: relaxed\nrouting:\n  flagged_effort: medium")).unwrap();
     let pipeline = Pipeline::new(Classifier::new(reasoner.clone()), RoutingConfig::default())
         .with_triage(policy.hash.to_string(), flagging());
 
@@ -380,11 +381,31 @@ async fn flagged_content_starts_at_high_effort_unless_the_policy_says() {
         .await
         .unwrap();
     assert_eq!(d.decided_by, Stage::ReasoningLow, "unflagged content starts low");
-    let d =
-        pipeline.decide(&[relaxed], &Content::text("a wire transfer low=0"), &RouteContext::default()).await.unwrap();
-    assert_eq!((d.decided_by, d.outcome), (Stage::ReasoningLow, Outcome::Allow));
-    let efforts: Vec<Effort> = reasoner.calls.lock().unwrap().iter().map(|c| c.1).collect();
-    assert_eq!(efforts, vec![Effort::High, Effort::Low, Effort::Low]);
+    let d = pipeline
+        .decide(&[relaxed], &Content::text("a wire transfer medium=0"), &RouteContext::default())
+        .await
+        .unwrap();
+    assert_eq!((d.decided_by, d.outcome), (Stage::ReasoningMedium, Outcome::Allow));
+    let efforts: Vec<Effort> = reasoner.calls.lock().unwrap().drain(..).map(|c| c.1).collect();
+    assert_eq!(efforts, vec![Effort::High, Effort::Low, Effort::Medium]);
+
+    // Flagged content that a deny rule also matched, sent to the model to confirm, gets the flagged effort too.
+    let both = RulesConfig {
+        keywords: vec![
+            KeywordList { name: "money".into(), action: RuleAction::Flag, keywords: vec!["wire transfer".into()] },
+            KeywordList { name: "spam-phrases".into(), action: RuleAction::Deny, keywords: vec!["join now".into()] },
+        ],
+        ..RulesConfig::default()
+    };
+    let config = RoutingConfig { on_triage_violation: OnTriageViolation::Confirm, ..RoutingConfig::default() };
+    let pipeline = Pipeline::new(Classifier::new(reasoner.clone()), config)
+        .with_triage(policy.hash.to_string(), Arc::new(Triage::new(Some(RuleSet::compile(&both).unwrap()), None)));
+    let d = pipeline
+        .decide(&[policy], &Content::text("join now by wire transfer high=1"), &RouteContext::default())
+        .await
+        .unwrap();
+    assert_eq!((d.decided_by, d.outcome), (Stage::ReasoningHigh, Outcome::Violation));
+    assert!(matches!(d.policies[0].escalations.first(), Some(Escalation::TriageViolationToConfirm)));
 }
 
 #[tokio::test]

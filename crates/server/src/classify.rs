@@ -317,7 +317,7 @@ pub(crate) async fn reason_and_store(
     state.cascade.admit(settings.prompts(policies.len(), 1)).await?;
     let started = Instant::now();
     let decision = state.classifier.classify(policies, content, &options(settings)).await;
-    state.cascade.charge(&decision.usage);
+    state.cascade.charge(&decision, settings.max_tokens);
     let elapsed = started.elapsed().as_secs_f64();
     timer.mark("reason");
     count_decision(&decision, source, elapsed);
@@ -475,7 +475,7 @@ pub(crate) async fn classify_batch(
     let started = Instant::now();
     let decisions = state.classifier.classify_many(&policies, &valid, &options(&settings)).await;
     for decision in &decisions {
-        state.cascade.charge(&decision.usage);
+        state.cascade.charge(decision, settings.max_tokens);
     }
     let elapsed = started.elapsed().as_secs_f64();
     let mut decisions = decisions.into_iter().zip(valid.iter());

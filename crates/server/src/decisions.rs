@@ -111,7 +111,7 @@ pub(crate) async fn replay(
     state.cascade.admit(settings.prompts(policies.len(), 1)).await?;
     let started = Instant::now();
     let decision = state.classifier.classify(&policies, &content, &options(&settings)).await;
-    state.cascade.charge(&decision.usage);
+    state.cascade.charge(&decision, settings.max_tokens);
     count_decision(&decision, "replay", started.elapsed().as_secs_f64());
     let (mut record, reasoning) = record_of(&decision, &policies, &content, &settings, "replay", None);
     record.replay_of = Some(original.id.clone());

@@ -120,8 +120,9 @@ pub(crate) async fn worker(state: AppState, index: usize, shutdown: Cancellation
         if shutdown.is_cancelled() {
             break;
         }
-        let wait = state.cascade.budgets.ready_in();
-        if !wait.is_zero() {
+        // One call is taken before claiming, atomically: workers that only looked would all see the same spare call
+        // and claim a job each. The rest of the job's prompts are owed once its policies are known.
+        if let Err(wait) = state.cascade.budgets.try_admit(1) {
             metrics::counter!("safeguard_jobs_budget_waits_total").increment(1);
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -133,6 +134,7 @@ pub(crate) async fn worker(state: AppState, index: usize, shutdown: Cancellation
         match state.store.claim_job(lease_ms).await {
             Ok(Some(job)) => process(&state, job).await,
             Ok(None) => {
+                state.cascade.budgets.give_back_calls(1);
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = state.jobs_waiting.notified() => {}
@@ -141,6 +143,7 @@ pub(crate) async fn worker(state: AppState, index: usize, shutdown: Cancellation
                 }
             }
             Err(err) => {
+                state.cascade.budgets.give_back_calls(1);
                 tracing::warn!(error = %err, "claiming a job failed; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -167,19 +170,21 @@ async fn load_policies(state: &AppState, hashes: &[String]) -> Result<Vec<Policy
 
 #[tracing::instrument(skip_all, fields(job_id = %job.id, attempt = job.attempts))]
 async fn process(state: &AppState, job: JobRecord) {
-    let Some(token) = job.lease_token.clone() else { return };
+    // A job that fails before the model is asked hands back the call its worker took.
+    let unused_call = || state.cascade.budgets.give_back_calls(1);
+    let Some(token) = job.lease_token.clone() else { return unused_call() };
     let request: JobRequest = match serde_json::from_value(job.request.clone()) {
         Ok(request) => request,
         Err(err) => {
             let _ = state.store.fail_job(&job.id, &token, &format!("stored request is unreadable: {err}")).await;
-            return;
+            return unused_call();
         }
     };
     let policies = match load_policies(state, &request.policy_hashes).await {
         Ok(policies) => policies,
         Err(err) => {
             let _ = state.store.fail_job(&job.id, &token, &err).await;
-            return;
+            return unused_call();
         }
     };
     // Keep the lease alive while the model works, so a slow decision is not handed to a second worker.
@@ -196,11 +201,11 @@ async fn process(state: &AppState, job: JobRecord) {
             }
         })
     };
-    // Admitted before the claim; paid now, in debt if other workers got there first.
-    state.cascade.budgets.owe_calls(request.settings.prompts(policies.len(), 1));
+    // One call was taken before the claim; the rest are paid now, in debt if need be.
+    state.cascade.budgets.owe_calls(request.settings.prompts(policies.len(), 1).saturating_sub(1));
     let started = Instant::now();
     let decision = state.classifier.classify(&policies, &request.content, &options(&request.settings)).await;
-    state.cascade.charge(&decision.usage);
+    state.cascade.charge(&decision, request.settings.max_tokens);
     renew.abort();
     count_decision(&decision, "job", started.elapsed().as_secs_f64());
     let (record, reasoning) =

@@ -11,8 +11,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
-use safeguard_core::Usage;
-use safeguard_core::{Decision, Timings};
+use safeguard_core::{Decision, Timings, Usage};
 use safeguard_harmony::Content;
 use safeguard_pipeline::{
     ActiveLearning, Budgets, CascadeDecision, CascadeStats, Escalation, Pipeline, PolicyRoute, ReasoningBudget,
@@ -63,9 +62,17 @@ impl CascadeState {
         self.budgets.admit(prompts, self.routing.max_budget_wait).await.map_err(deferred_error)
     }
 
-    /// Pays for the tokens a direct path spent.
-    pub(crate) fn charge(&self, usage: &Usage) {
-        self.budgets.charge(Budgets::cost_of(usage));
+    /// Pays for the tokens a direct path's decision spent. A prompt that failed or timed out reports nothing, but
+    /// the engine may still be decoding it: it is charged its completion cap, where one was set (as the cascade
+    /// charges a stage cut off by its timeout).
+    pub(crate) fn charge(&self, decision: &Decision, max_tokens: Option<usize>) {
+        let failed = decision.prompts.iter().filter(|prompt| prompt.error.is_some()).count();
+        self.budgets.charge(Budgets::cost_of(&decision.usage) + failed * max_tokens.unwrap_or(0));
+    }
+
+    /// [`charge`](Self::charge) for one prompt outside a decision (chat): its usage, or its cap if it failed.
+    pub(crate) fn charge_prompt(&self, usage: Option<&Usage>, max_tokens: Option<usize>) {
+        self.budgets.charge(usage.map_or(max_tokens.unwrap_or(0), Budgets::cost_of));
     }
 
     /// The cascade for these policies; `max_tokens` overrides the configured completion budget per prompt.
@@ -258,8 +265,9 @@ pub(crate) fn cascade_record(
         policy_hashes: cascade.policies.iter().map(|r| r.policy_hash.clone()).collect(),
         policy_names: cascade.policies.iter().map(|r| r.policy.clone()).collect(),
         model_id: last.map_or_else(|| "triage".to_string(), |d| d.model.clone()),
-        // The effort of the last reasoning step: a replay at it re-asks the hardest question asked.
-        effort: last.map_or_else(|| "none".to_string(), |d| d.effort.to_string()),
+        // The highest effort any step reasoned at: a replay at it re-asks the hardest question asked. (Steps run
+        // per effort and per policy, so the last step is not always the highest.)
+        effort: cascade.reasoning.iter().map(|d| d.effort).max().map_or_else(|| "none".to_string(), |e| e.to_string()),
         prompt_hash: (!prompt_hashes.is_empty()).then(|| prompt_hashes.join(",")),
         sampling,
         content: content.and_then(|c| serde_json::to_value(c).ok()).unwrap_or(Value::Null),

@@ -91,7 +91,7 @@ pub(crate) async fn moderations(
     let started = Instant::now();
     let decisions = state.classifier.classify_many(&policies, &contents, &options(&settings)).await;
     for decision in &decisions {
-        state.cascade.charge(&decision.usage);
+        state.cascade.charge(decision, settings.max_tokens);
     }
     let elapsed = started.elapsed().as_secs_f64();
     let mut results = Vec::with_capacity(decisions.len());
@@ -212,12 +212,13 @@ pub(crate) async fn chat_completions(
     if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
         let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
         let budgets = state.cascade.budgets.clone();
-        return Ok(stream_chat(state.reasoner.clone(), budgets, request, meta, include_usage).into_response());
+        let cap = settings.max_tokens;
+        return Ok(stream_chat(state.reasoner.clone(), budgets, cap, request, meta, include_usage).into_response());
     }
     let started = Instant::now();
-    let output =
-        state.reasoner.reason(request).await.map_err(|e| ApiError::Unavailable(format!("the model failed: {e}")))?;
-    state.cascade.charge(&output.usage);
+    let output = state.reasoner.reason(request).await;
+    state.cascade.charge_prompt(output.as_ref().ok().map(|output| &output.usage), settings.max_tokens);
+    let output = output.map_err(|e| ApiError::Unavailable(format!("the model failed: {e}")))?;
     metrics::histogram!("safeguard_chat_latency_seconds").record(started.elapsed().as_secs_f64());
     let ChunkMeta { id, created, model } = meta;
     let finish_reason = finish_reason(&output);
@@ -280,6 +281,7 @@ fn delta_json(delta: ReasonDelta) -> Value {
 fn stream_chat(
     reasoner: Arc<dyn Reasoner>,
     budgets: Budgets,
+    max_tokens: Option<usize>,
     request: ReasonRequest,
     meta: ChunkMeta,
     include_usage: bool,
@@ -315,6 +317,8 @@ fn stream_chat(
                 }
             }
             Err(error) => {
+                // It may still be decoding: charged its cap, as a failed prompt is elsewhere.
+                budgets.charge(max_tokens.unwrap_or(0));
                 tracing::warn!(%error, "streamed completion failed");
                 send(json!({"error": {"message": format!("the model failed: {error}"), "type": "server_error",
                                       "code": "unavailable"}}));

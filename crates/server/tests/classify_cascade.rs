@@ -475,6 +475,7 @@ async fn every_way_into_the_model_waits_for_the_budget() {
             json!({"messages": [{"role": "system", "content": "Return 0."}, {"role": "user", "content": "hi"}]}),
         ),
         ("/v1/classify", json!({"text": "y answer=0", "policies": ["promo-near"]})),
+        ("/v1/moderations", json!({"input": "hi"})),
     ] {
         let (status, reply) = h.call("POST", path, Some(body)).await;
         assert_eq!(status, 429, "{path}: {reply}");
