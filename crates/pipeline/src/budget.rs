@@ -65,13 +65,6 @@ impl Budgets {
         }
     }
 
-    /// How long until one prompt could be admitted; zero if now. Takes nothing.
-    pub fn ready_in(&self) -> Duration {
-        let calls = self.calls.as_ref().map_or(Duration::ZERO, |calls| calls.ready_in(1));
-        let tokens = self.tokens.as_ref().map_or(Duration::ZERO, |tokens| tokens.ready_in(0));
-        calls.max(tokens)
-    }
-
     /// Calls already under way: paid for, in debt if need be.
     pub fn owe_calls(&self, prompts: usize) {
         if let Some(calls) = &self.calls {
@@ -84,6 +77,12 @@ impl Budgets {
         if let Some(budget) = &self.tokens {
             budget.take_owed(tokens);
         }
+    }
+
+    /// Pays for one prompt: its usage, or, when it failed (`None`), its completion cap where one was set, since the
+    /// engine may still be decoding it.
+    pub fn charge_prompt(&self, usage: Option<&Usage>, max_tokens: Option<usize>) {
+        self.charge(usage.map_or(max_tokens.unwrap_or(0), Self::cost_of));
     }
 
     /// The tokens a step's usage costs: what the engine computed, so cached prompt tokens are free.
@@ -135,13 +134,6 @@ impl ReasoningBudget {
     pub fn give_back(&self, n: usize) {
         let mut bucket = self.refilled(Instant::now());
         bucket.tokens = (bucket.tokens + n as f64).min(self.burst);
-    }
-
-    /// How long until [`try_take`](Self::try_take) of `n` would succeed; zero if now. Takes nothing.
-    pub fn ready_in(&self, n: usize) -> Duration {
-        let bucket = self.refilled(Instant::now());
-        let admit = (n as f64).min(self.burst);
-        Duration::try_from_secs_f64(((admit - bucket.tokens) / self.rate_per_sec).max(0.0)).unwrap_or(Duration::MAX)
     }
 
     fn try_take_at(&self, n: usize, now: Instant) -> Result<(), Duration> {
@@ -200,17 +192,18 @@ mod tests {
     }
 
     #[test]
-    fn ready_in_peeks_without_taking() {
+    fn refusals_take_nothing_and_calls_given_back_return_up_to_the_burst() {
         let budget = ReasoningBudget::new(1.0, 1);
-        assert_eq!(budget.ready_in(1), Duration::ZERO);
-        assert_eq!(budget.ready_in(1), Duration::ZERO, "looking took nothing");
+        let t0 = Instant::now();
         budget.take_owed(2);
-        let wait = budget.ready_in(1);
+        let wait = budget.try_take_at(1, t0).unwrap_err();
         assert!(wait > Duration::from_millis(1900) && wait <= Duration::from_secs(2), "{wait:?}");
-        assert!(budget.ready_in(0) > Duration::from_millis(900), "in debt, even nothing must wait");
+        let again = budget.try_take_at(1, t0).unwrap_err();
+        assert!(again >= wait - Duration::from_millis(100), "a refusal took nothing: {again:?}");
+        assert!(budget.try_take_at(0, t0).unwrap_err() > Duration::from_millis(900), "in debt, even nothing waits");
         budget.give_back(5);
-        assert_eq!(budget.ready_in(1), Duration::ZERO, "given back, up to the burst");
-        assert!(budget.try_take(1).is_ok() && budget.try_take(1).is_err(), "never above the burst of 1");
+        assert!(budget.try_take(1).is_ok(), "given back, up to the burst");
+        assert!(budget.try_take(1).is_err(), "never above the burst of 1");
     }
 
     #[test]

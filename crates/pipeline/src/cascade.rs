@@ -19,7 +19,7 @@ use safeguard_core::{Classifier, ClassifyOptions, Decision, Timings, Usage};
 use safeguard_harmony::{Content, Effort, user_message_text};
 use safeguard_policy::Policy;
 use safeguard_triage::rules::RuleAction;
-use safeguard_triage::{Band, Triage, TriageResult};
+use safeguard_triage::{Band, RuleMatch, Triage, TriageResult};
 use safeguard_verdict::{Outcome, Verdict};
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
@@ -375,7 +375,7 @@ impl Pipeline {
         let start = |i: usize| {
             // From the evidence, not the band: content a classifier is also sure of, sent to the model to confirm,
             // deserves at least the effort merely flagged content gets.
-            let flagged = routes[i].triage.as_ref().and_then(flagged_rules).is_some();
+            let flagged = routes[i].triage.as_ref().and_then(|t| t.rule_match.as_ref()).is_some_and(RuleMatch::flagged);
             match (ctx.appeal, policies[i].meta.high_risk, flagged) {
                 (true, _, _) => Effort::High,
                 (false, true, _) => plans[i].escalation_effort,
@@ -635,8 +635,7 @@ fn escalation_reason(route: &PolicyRoute, plan: &PolicyPlan) -> Option<Escalatio
         return Some(Escalation::LowEngineConfidence { probability: p });
     }
     if verdict.outcome == Outcome::Violation && verdict.cites_any(&plan.high_risk_categories) {
-        let cited = verdict.rule_ids.iter().chain(verdict.category.iter()).cloned().collect();
-        return Some(Escalation::HighRiskCategory { cited });
+        return Some(Escalation::HighRiskCategory { cited: verdict.cited().cloned().collect() });
     }
     if plan.escalate_on_triage_disagreement
         && let (Some(triage), Some(violation)) = (&route.triage, verdict.violation)

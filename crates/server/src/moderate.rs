@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
-use safeguard_core::{Decision, Timings, Usage};
+use safeguard_core::{Decision, Timings};
 use safeguard_harmony::Content;
 use safeguard_pipeline::{
     ActiveLearning, Budgets, CascadeDecision, CascadeStats, Escalation, Pipeline, PolicyRoute, ReasoningBudget,
@@ -68,11 +68,6 @@ impl CascadeState {
     pub(crate) fn charge(&self, decision: &Decision, max_tokens: Option<usize>) {
         let failed = decision.prompts.iter().filter(|prompt| prompt.error.is_some()).count();
         self.budgets.charge(Budgets::cost_of(&decision.usage) + failed * max_tokens.unwrap_or(0));
-    }
-
-    /// [`charge`](Self::charge) for one prompt outside a decision (chat): its usage, or its cap if it failed.
-    pub(crate) fn charge_prompt(&self, usage: Option<&Usage>, max_tokens: Option<usize>) {
-        self.budgets.charge(usage.map_or(max_tokens.unwrap_or(0), Budgets::cost_of));
     }
 
     /// The cascade for these policies; `max_tokens` overrides the configured completion budget per prompt.

@@ -217,7 +217,7 @@ pub(crate) async fn chat_completions(
     }
     let started = Instant::now();
     let output = state.reasoner.reason(request).await;
-    state.cascade.charge_prompt(output.as_ref().ok().map(|output| &output.usage), settings.max_tokens);
+    state.cascade.budgets.charge_prompt(output.as_ref().ok().map(|output| &output.usage), settings.max_tokens);
     let output = output.map_err(|e| ApiError::Unavailable(format!("the model failed: {e}")))?;
     metrics::histogram!("safeguard_chat_latency_seconds").record(started.elapsed().as_secs_f64());
     let ChunkMeta { id, created, model } = meta;
@@ -307,9 +307,9 @@ fn stream_chat(
             send(meta.chunk(delta_json(delta), Value::Null));
         }
         metrics::histogram!("safeguard_chat_latency_seconds").record(started.elapsed().as_secs_f64());
+        budgets.charge_prompt(result.as_ref().ok().map(|output| &output.usage), max_tokens);
         match result {
             Ok(output) => {
-                budgets.charge(Budgets::cost_of(&output.usage));
                 send(meta.chunk(json!({}), json!(finish_reason(&output))));
                 if include_usage {
                     send(json!({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
@@ -317,8 +317,6 @@ fn stream_chat(
                 }
             }
             Err(error) => {
-                // It may still be decoding: charged its cap, as a failed prompt is elsewhere.
-                budgets.charge(max_tokens.unwrap_or(0));
                 tracing::warn!(%error, "streamed completion failed");
                 send(json!({"error": {"message": format!("the model failed: {error}"), "type": "server_error",
                                       "code": "unavailable"}}));

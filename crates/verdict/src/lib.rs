@@ -233,11 +233,15 @@ fn escalates(policy: &Policy, verdict: &Verdict) -> bool {
 }
 
 impl Verdict {
+    /// The rule ids the verdict cites, then its category.
+    pub fn cited(&self) -> impl Iterator<Item = &String> {
+        self.rule_ids.iter().chain(self.category.iter())
+    }
+
     /// Whether the verdict's category or a rule id it cites is one of `tiers` or inside one: `SX3` covers `SX3`
     /// and `SX3.a`, not `SX30`.
     pub fn cites_any(&self, tiers: &[String]) -> bool {
-        let cited = self.rule_ids.iter().chain(self.category.iter());
-        cited.into_iter().any(|cited| {
+        self.cited().any(|cited| {
             tiers.iter().any(|tier| {
                 cited == tier || cited.strip_prefix(tier.as_str()).is_some_and(|rest| rest.starts_with('.'))
             })
