@@ -87,6 +87,22 @@ pub struct PromptTrace {
     pub error: Option<String>,
 }
 
+impl PromptTrace {
+    /// A prompt that produced nothing: its verdicts need review, for `reason`.
+    pub fn failed(policies: Vec<String>, reason: String) -> Self {
+        PromptTrace {
+            policies,
+            prompt_sha256: None,
+            usage: Usage::default(),
+            timings: Timings::default(),
+            truncated: false,
+            final_token_prob: None,
+            final_text: None,
+            error: Some(reason),
+        }
+    }
+}
+
 /// The decision for one item of content under a set of policies.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(into = "wire::DecisionWire", from = "wire::DecisionWire")]
@@ -181,15 +197,35 @@ mod wire {
     }
 }
 
+/// Sees every prompt a [`Classifier`] finished (answered or failed) with the effort it ran at: where a service
+/// counts cost and latency per policy and effort, whichever path (direct, cascade step, job, stream) asked.
+pub trait PromptObserver: Send + Sync {
+    fn observe(&self, effort: Effort, prompt: &PromptTrace);
+}
+
 /// Classifies content under policies with any [`Reasoner`].
 #[derive(Clone)]
 pub struct Classifier {
     reasoner: Arc<dyn Reasoner>,
+    observer: Option<Arc<dyn PromptObserver>>,
 }
 
 impl Classifier {
     pub fn new(reasoner: Arc<dyn Reasoner>) -> Self {
-        Self { reasoner }
+        Self { reasoner, observer: None }
+    }
+
+    pub fn with_observer(mut self, observer: Arc<dyn PromptObserver>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Shows the observer a prompt that did not go through [`Self::classify`]: one a caller gave up on (a stage
+    /// timeout), or a chat completion sent to the reasoner directly.
+    pub fn observe(&self, effort: Effort, prompt: &PromptTrace) {
+        if let Some(observer) = &self.observer {
+            observer.observe(effort, prompt);
+        }
     }
 
     pub fn reasoner(&self) -> &Arc<dyn Reasoner> {
@@ -239,6 +275,7 @@ impl Classifier {
                     for (planned, result) in prompts {
                         let selected: Vec<&Policy> = planned.policies.iter().map(|&i| &policies[i]).collect();
                         let (prompt_verdicts, trace) = judge_prompt(&selected, result, options.mode);
+                        self.observe(options.effort, &trace.0);
                         confidence.extend(std::iter::repeat_n(trace.0.final_token_prob, prompt_verdicts.len()));
                         verdicts.extend(prompt_verdicts);
                         traces.push(trace);
@@ -333,17 +370,7 @@ fn judge_prompt(
             let reason = error.to_string();
             tracing::warn!(%reason, "reasoning failed; the verdicts need review");
             let verdicts = policies.iter().map(|p| failed_verdict(p, &reason)).collect();
-            let trace = PromptTrace {
-                policies: names,
-                prompt_sha256: None,
-                usage: Usage::default(),
-                timings: Timings::default(),
-                truncated: false,
-                final_token_prob: None,
-                final_text: None,
-                error: Some(reason),
-            };
-            (verdicts, (trace, None))
+            (verdicts, (PromptTrace::failed(names, reason), None))
         }
     }
 }

@@ -14,7 +14,7 @@ pub mod golden;
 pub mod input;
 pub mod reasoner;
 
-pub use classifier::{Classifier, ClassifyOptions, Decision, Mode, PromptTrace};
+pub use classifier::{Classifier, ClassifyOptions, Decision, Mode, PromptObserver, PromptTrace};
 pub use embedded::{EmbeddedConfig, EmbeddedReasoner, TokenBudgets};
 pub use input::{InputLimits, InputLine, Item, ItemError, ItemReader};
 pub use reasoner::{

@@ -18,15 +18,38 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// The budgets every reasoning path takes from, the cascade's and the direct ones alike, so that no way into the
 /// model spends past them: prompts per second, and tokens (uncached prompt and completion) per second.
+///
+/// Queued work (jobs, the NATS stream) may be held to a share of them ([`Self::for_queue`]), so that a backlog,
+/// which always has the next item ready, cannot take every call as it refills and leave requests waiting on an
+/// answer with 429s.
 #[derive(Debug, Clone, Default)]
 pub struct Budgets {
     pub calls: Option<Arc<ReasoningBudget>>,
     pub tokens: Option<Arc<ReasoningBudget>>,
+    /// The queue's own smaller buckets, taken from as well as the shared ones.
+    queue_lane: Option<Arc<Budgets>>,
 }
 
 impl Budgets {
+    pub fn new(calls: Option<Arc<ReasoningBudget>>, tokens: Option<Arc<ReasoningBudget>>) -> Self {
+        Self { calls, tokens, queue_lane: None }
+    }
+
     pub fn is_unlimited(&self) -> bool {
         self.calls.is_none() && self.tokens.is_none()
+    }
+
+    /// The budgets for queued work: the same shared buckets, plus a lane of `share` of each rate that queued work
+    /// must also take from. Whatever the backlog, at least `1 - share` of the rate is left for everyone else,
+    /// who may still use all of it while the queue is idle. This holds over time, not at every instant: the lane's
+    /// burst is rounded up to a whole call. A `share` outside `(0, 1)` leaves the queue unlimited.
+    pub fn for_queue(&self, share: f64) -> Budgets {
+        if !(share > 0.0 && share < 1.0) || self.is_unlimited() {
+            return self.clone();
+        }
+        let lane = |bucket: &Option<Arc<ReasoningBudget>>| bucket.as_ref().map(|b| Arc::new(b.share(share)));
+        let lane = Budgets::new(lane(&self.calls), lane(&self.tokens));
+        Self { queue_lane: Some(Arc::new(lane)), ..self.clone() }
     }
 
     /// Takes `prompts` calls, waiting up to `max_wait` for them; past that, [`Deferred`] with the time left. The
@@ -54,14 +77,27 @@ impl Budgets {
 
     /// Takes `prompts` calls now, or says how long until they could be taken; never waits.
     pub fn try_admit(&self, prompts: usize) -> Result<(), Duration> {
+        if let Some(lane) = &self.queue_lane {
+            lane.try_admit(prompts)?;
+        }
         let tokens = self.tokens.as_ref().map_or(Ok(()), |tokens| tokens.try_take(0));
-        tokens.and_then(|()| self.calls.as_ref().map_or(Ok(()), |calls| calls.try_take(prompts)))
+        let taken = tokens.and_then(|()| self.calls.as_ref().map_or(Ok(()), |calls| calls.try_take(prompts)));
+        if taken.is_err()
+            && let Some(lane) = &self.queue_lane
+        {
+            // The shared buckets refused: what the lane granted goes back, so a refusal takes nothing.
+            lane.give_back_calls(prompts);
+        }
+        taken
     }
 
     /// Returns calls taken for work that did not happen (a queue that turned out to be empty).
     pub fn give_back_calls(&self, prompts: usize) {
         if let Some(calls) = &self.calls {
             calls.give_back(prompts);
+        }
+        if let Some(lane) = &self.queue_lane {
+            lane.give_back_calls(prompts);
         }
     }
 
@@ -70,12 +106,18 @@ impl Budgets {
         if let Some(calls) = &self.calls {
             calls.take_owed(prompts);
         }
+        if let Some(lane) = &self.queue_lane {
+            lane.owe_calls(prompts);
+        }
     }
 
     /// Pays for the tokens a step spent, once they are known.
     pub fn charge(&self, tokens: usize) {
         if let Some(budget) = &self.tokens {
             budget.take_owed(tokens);
+        }
+        if let Some(lane) = &self.queue_lane {
+            lane.charge(tokens);
         }
     }
 
@@ -113,6 +155,12 @@ impl ReasoningBudget {
             burst,
             state: Mutex::new(Bucket { tokens: burst, refilled_at: Instant::now() }),
         }
+    }
+
+    /// A bucket of `share` of this one's rate and burst (at least one call), starting full.
+    fn share(&self, share: f64) -> Self {
+        let burst = (self.burst * share).ceil().clamp(1.0, f64::from(u32::MAX)) as u32;
+        Self::new(self.rate_per_sec * share, burst)
     }
 
     /// Takes `n` calls' worth of budget, or says how long until it may. Every call is paid for, but admission
@@ -214,5 +262,36 @@ mod tests {
         budget.take_owed(3);
         let wait = budget.try_take_at(1, Instant::now()).unwrap_err();
         assert!(wait > Duration::from_millis(1900), "three owed calls plus one at 2/s: {wait:?}");
+    }
+
+    #[test]
+    fn queued_work_keeps_to_its_share_and_leaves_the_rest_to_others() {
+        let shared = Budgets::new(Some(Arc::new(ReasoningBudget::new(4.0, 4))), None);
+        let queue = shared.for_queue(0.5);
+        assert!(queue.try_admit(1).is_ok() && queue.try_admit(1).is_ok(), "the lane's burst is half the bucket's");
+        let wait = queue.try_admit(1).unwrap_err();
+        assert!(wait > Duration::from_millis(400), "the lane refills at 2/s: {wait:?}");
+        assert!(shared.try_admit(1).is_ok() && shared.try_admit(1).is_ok(), "the other half is left for requests");
+        assert!(shared.try_admit(1).is_err());
+        assert!(Budgets::default().for_queue(0.5).is_unlimited() && shared.for_queue(1.0).queue_lane.is_none());
+    }
+
+    #[test]
+    fn a_refusal_by_the_shared_bucket_takes_nothing_from_the_lane() {
+        let shared = Budgets::new(
+            Some(Arc::new(ReasoningBudget::new(1.0, 1))),
+            Some(Arc::new(ReasoningBudget::new(100.0, 100))),
+        );
+        let queue = shared.for_queue(0.5);
+        assert!(shared.try_admit(1).is_ok());
+        assert!(queue.try_admit(1).is_err(), "the shared call is spent");
+        shared.give_back_calls(1);
+        assert!(queue.try_admit(1).is_ok(), "the lane's one call was given back after the refusal");
+
+        // Tokens a queued step spent are paid from both: the lane goes into debt first.
+        queue.give_back_calls(1);
+        queue.charge(60);
+        assert!(queue.try_admit(1).is_err(), "60 tokens on a 50-token lane");
+        assert!(shared.try_admit(1).is_ok(), "40 tokens are left in the shared bucket");
     }
 }

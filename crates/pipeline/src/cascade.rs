@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use safeguard_core::{Classifier, ClassifyOptions, Decision, Timings, Usage};
+use safeguard_core::{Classifier, ClassifyOptions, Decision, PromptTrace, Timings, Usage};
 use safeguard_harmony::{Content, Effort, user_message_text};
 use safeguard_policy::Policy;
 use safeguard_triage::rules::RuleAction;
@@ -574,7 +574,13 @@ impl Pipeline {
                 Err(_) => {
                     debug!(?limit, "reasoning stage timed out");
                     timed_out = true;
-                    timed_out_decision(&selected, &options, self.classifier.reasoner().model_id(), limit)
+                    let decision =
+                        timed_out_decision(&selected, &options, self.classifier.reasoner().model_id(), limit);
+                    // Dropped before the classifier could show them: counted here, as failed prompts.
+                    for prompt in &decision.prompts {
+                        self.classifier.observe(effort, prompt);
+                    }
+                    decision
                 }
             },
         };
@@ -599,17 +605,20 @@ impl Pipeline {
     }
 }
 
-/// A stage that ran out of time decided nothing: every verdict needs review, with the reason in its rationale.
+/// A stage that ran out of time decided nothing: every verdict needs review, with the reason in its rationale
+/// and in a failed trace per prompt (one per policy: the cascade reasons about policies separately).
 fn timed_out_decision(policies: &[Policy], options: &ClassifyOptions, model: String, limit: Duration) -> Decision {
+    let reason = format!("the reasoning stage timed out after {limit:?}");
     let verdicts: Vec<Verdict> = policies
         .iter()
         .map(|policy| {
             let mut verdict = safeguard_verdict::judge(policy, None, None, false);
             verdict.outcome = Outcome::NeedsReview;
-            verdict.rationale = Some(format!("the reasoning stage timed out after {limit:?}"));
+            verdict.rationale = Some(reason.clone());
             verdict
         })
         .collect();
+    let prompts = policies.iter().map(|p| PromptTrace::failed(vec![p.meta.name.clone()], reason.clone())).collect();
     Decision {
         id: Uuid::now_v7(),
         outcome: Outcome::NeedsReview,
@@ -621,7 +630,7 @@ fn timed_out_decision(policies: &[Policy], options: &ClassifyOptions, model: Str
         model,
         effort: options.effort,
         mode: options.mode,
-        prompts: Vec::new(),
+        prompts,
     }
 }
 

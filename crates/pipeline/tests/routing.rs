@@ -5,7 +5,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use safeguard_core::{Classifier, ReasonError, ReasonOutput, ReasonRequest, Reasoner, Usage};
+use safeguard_core::{
+    Classifier, PromptObserver, PromptTrace, ReasonError, ReasonOutput, ReasonRequest, Reasoner, Usage,
+};
 use safeguard_harmony::{Content, Effort};
 use safeguard_pipeline::{
     Escalation, OnTriageViolation, Pipeline, ReasoningBudget, RouteContext, RoutingConfig, Stage,
@@ -448,15 +450,36 @@ async fn a_token_budget_holds_items_back_after_an_expensive_one() {
     assert!(pipeline.decide(&[spam()], &Content::text("hi mom"), &RouteContext::default()).await.is_ok());
 }
 
+/// Every prompt the classifier's observer was shown, with its effort.
+#[derive(Default)]
+struct Seen(Mutex<Vec<(Effort, PromptTrace)>>);
+
+impl PromptObserver for Seen {
+    fn observe(&self, effort: Effort, prompt: &PromptTrace) {
+        self.0.lock().unwrap().push((effort, prompt.clone()));
+    }
+}
+
 #[tokio::test]
 async fn a_stage_that_times_out_escalates_and_ends_with_a_person() {
     let config = RoutingConfig { stage_timeout: Some(Duration::from_millis(20)), ..RoutingConfig::default() };
-    let (pipeline, reasoner) = build(config, Some(Duration::from_millis(200)));
+    let reasoner = Arc::new(Scripted { calls: Mutex::default(), delay: Some(Duration::from_millis(200)) });
+    let seen = Arc::new(Seen::default());
+    let classifier = Classifier::new(reasoner.clone()).with_observer(seen.clone());
+    let pipeline = Pipeline::new(classifier, config).with_triage(spam().hash.to_string(), triage());
     let d = route(&pipeline, "slow low=0 high=0").await;
     assert_eq!((d.decided_by, d.outcome), (Stage::HumanReview, Outcome::NeedsReview));
     assert_eq!(reasoner.calls.lock().unwrap().len(), 2, "low timed out, high timed out");
     let rationale = d.policies[0].verdict.as_ref().and_then(|v| v.rationale.clone()).unwrap_or_default();
     assert!(rationale.contains("timed out"), "{rationale}");
+    // The prompts given up on still count (as failed), where cost and latency are counted per policy and effort.
+    let seen = seen.0.lock().unwrap();
+    let efforts: Vec<Effort> = seen.iter().map(|(effort, _)| *effort).collect();
+    assert_eq!(efforts, [Effort::Low, Effort::High]);
+    for (_, prompt) in seen.iter() {
+        assert_eq!(prompt.policies, ["spam"]);
+        assert!(prompt.error.as_deref().is_some_and(|e| e.contains("timed out")), "{prompt:?}");
+    }
 }
 
 /// With an embedding head the triage step runs off the async workers (the encoder costs milliseconds of CPU),

@@ -151,6 +151,8 @@ fn bad_routing_flags_are_refused_before_the_model_loads() {
         ("--reasoning-max-tokens", "0", "--reasoning-max-tokens must be at least 1"),
         ("--min-engine-confidence", "1.5", "--min-engine-confidence must be within 0..1"),
         ("--max-budget-wait", "-1", "--max-budget-wait must be a number of seconds >= 0"),
+        ("--queue-share", "0", "--queue-share must be above 0 and at most 1"),
+        ("--queue-share", "1.5", "--queue-share must be above 0 and at most 1"),
     ] {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_safeguard"))
             .args(["serve", "--listen", "127.0.0.1:0", "--model"])

@@ -76,7 +76,7 @@ impl WorkerHost for ServerHost {
         for name in &names {
             policies.push(self.resolve(name).await?);
         }
-        let pipeline = self.state.cascade.pipeline(&self.state, &policies, None);
+        let pipeline = self.state.cascade.queued_pipeline(&self.state, &policies);
         Ok((policies, pipeline))
     }
 
@@ -155,7 +155,15 @@ pub(crate) async fn announce_review(state: &AppState, decision: &DecisionRecord,
         return;
     }
     let origin = &decision.sampling["nats"];
-    let (Some(key), Some(outcome)) = (origin["key"].as_str(), review.outcome.clone()) else { return };
+    let Some(outcome) = review.outcome.clone() else { return };
+    let Some(key) = origin["key"].as_str() else {
+        // No subject to publish on, now or later: marked, so the sweep does not read it again every few seconds.
+        warn!(review = %review.id, decision = %decision.id, "a NATS decision without its event key: not announced");
+        if let Err(e) = state.store.mark_review_announced(&review.id).await {
+            warn!(review = %review.id, "cannot mark the review announced: {e}");
+        }
+        return;
+    };
     let Some(bus) = nats_out(state) else {
         debug!(key, review = %review.id, "not connected to NATS; the review is announced once it is");
         return;
@@ -188,8 +196,10 @@ async fn announce_pending(state: &AppState) -> Result<(), safeguard_store::Store
         return Ok(());
     }
     for review in state.store.reviews_to_announce(100).await? {
-        if let Some(decision) = state.store.get_decision(&review.decision_id).await? {
-            announce_review(state, &decision, &review).await;
+        match state.store.get_decision(&review.decision_id).await? {
+            Some(decision) => announce_review(state, &decision, &review).await,
+            // The query found the decision an instant ago; it was purged since. Nothing is left to announce.
+            None => state.store.mark_review_announced(&review.id).await?,
         }
     }
     Ok(())

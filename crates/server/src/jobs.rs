@@ -111,8 +111,9 @@ pub(crate) async fn get_one(
 
 /// One worker: claim, decide, finish; until shutdown. The job in hand is always finished before exiting.
 ///
-/// Over the reasoning budget a worker claims nothing: the jobs wait in the queue, unclaimed (another server with
-/// budget to spare may take them), until the model may be asked again. Nothing is dropped or decided by default.
+/// Over the reasoning budget (or the queue's share of it, `--queue-share`) a worker claims nothing: the jobs wait
+/// in the queue, unclaimed (another server with budget to spare may take them), until the model may be asked
+/// again. Nothing is dropped or decided by default.
 pub(crate) async fn worker(state: AppState, index: usize, shutdown: CancellationToken) {
     let lease_ms = state.config.job_lease.as_millis() as i64;
     tracing::debug!(index, "job worker started");
@@ -122,7 +123,7 @@ pub(crate) async fn worker(state: AppState, index: usize, shutdown: Cancellation
         }
         // One call is taken before claiming, atomically: workers that only looked would all see the same spare call
         // and claim a job each. The rest of the job's prompts are owed once its policies are known.
-        if let Err(wait) = state.cascade.budgets.try_admit(1) {
+        if let Err(wait) = state.cascade.queue_budgets.try_admit(1) {
             metrics::counter!("safeguard_jobs_budget_waits_total").increment(1);
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -134,7 +135,7 @@ pub(crate) async fn worker(state: AppState, index: usize, shutdown: Cancellation
         match state.store.claim_job(lease_ms).await {
             Ok(Some(job)) => process(&state, job).await,
             Ok(None) => {
-                state.cascade.budgets.give_back_calls(1);
+                state.cascade.queue_budgets.give_back_calls(1);
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = state.jobs_waiting.notified() => {}
@@ -143,7 +144,7 @@ pub(crate) async fn worker(state: AppState, index: usize, shutdown: Cancellation
                 }
             }
             Err(err) => {
-                state.cascade.budgets.give_back_calls(1);
+                state.cascade.queue_budgets.give_back_calls(1);
                 tracing::warn!(error = %err, "claiming a job failed; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -171,7 +172,7 @@ async fn load_policies(state: &AppState, hashes: &[String]) -> Result<Vec<Policy
 #[tracing::instrument(skip_all, fields(job_id = %job.id, attempt = job.attempts))]
 async fn process(state: &AppState, job: JobRecord) {
     // A job that fails before the model is asked hands back the call its worker took.
-    let unused_call = || state.cascade.budgets.give_back_calls(1);
+    let unused_call = || state.cascade.queue_budgets.give_back_calls(1);
     let Some(token) = job.lease_token.clone() else { return unused_call() };
     let request: JobRequest = match serde_json::from_value(job.request.clone()) {
         Ok(request) => request,
@@ -202,10 +203,10 @@ async fn process(state: &AppState, job: JobRecord) {
         })
     };
     // One call was taken before the claim; the rest are paid now, in debt if need be.
-    state.cascade.budgets.owe_calls(request.settings.prompts(policies.len(), 1).saturating_sub(1));
+    state.cascade.queue_budgets.owe_calls(request.settings.prompts(policies.len(), 1).saturating_sub(1));
     let started = Instant::now();
     let decision = state.classifier.classify(&policies, &request.content, &options(&request.settings)).await;
-    state.cascade.charge(&decision, request.settings.max_tokens);
+    state.cascade.charge_queued(&decision, request.settings.max_tokens);
     renew.abort();
     count_decision(&decision, "job", started.elapsed().as_secs_f64());
     let (record, reasoning) =

@@ -129,12 +129,15 @@ pub struct ServerConfig {
     pub routing: safeguard_pipeline::RoutingConfig,
     /// Trained triage classifiers, one directory per policy name (`safeguard triage train --out DIR/NAME`).
     pub triage_dir: Option<std::path::PathBuf>,
-    /// Reasoning prompts per second for the cascade; over it, `/v1/classify` (cascade route) and
-    /// `/v1/moderate` answer 429 with Retry-After, and the NATS worker NAKs with a delay.
+    /// Reasoning prompts per second, whatever the way in; over it, HTTP routes that reason answer 429 with
+    /// Retry-After, jobs stay queued, and the NATS worker NAKs with a delay.
     pub reasoning_per_sec: Option<f64>,
-    /// Tokens (uncached prompt + completion) the cascade's reasoning may spend per second; over it, items wait
-    /// as they do over `reasoning_per_sec`.
+    /// Tokens (uncached prompt + completion) reasoning may spend per second; over it, items wait as they do over
+    /// `reasoning_per_sec`.
     pub reasoning_tokens_per_sec: Option<f64>,
+    /// Share of both rates that queued work (jobs, the NATS stream) may use, so a backlog cannot keep requests
+    /// waiting on an answer out; a value outside (0, 1) (1 included) lets the queue take all of it.
+    pub queue_share: f64,
     /// How `/v1/classify` decides a request that pins neither an effort nor a route.
     pub classify_route: ClassifyRoute,
     /// Which settled cascade decisions are also queued for a person, at low priority (active learning).
@@ -173,6 +176,7 @@ impl Default for ServerConfig {
             triage_dir: None,
             reasoning_per_sec: None,
             reasoning_tokens_per_sec: None,
+            queue_share: 1.0,
             classify_route: ClassifyRoute::Cascade,
             active_learning: ActiveLearning::default(),
             cost_per_1k_tokens: 0.0,
@@ -286,8 +290,11 @@ impl Server {
             safeguard_pipeline::TriageLibrary::new(config.triage_dir.clone()),
             config.reasoning_per_sec,
             config.reasoning_tokens_per_sec,
+            config.queue_share,
             config.active_learning,
         ));
+        let prompt_metrics = Arc::new(metrics_setup::PromptMetrics::new(config.cost_per_1k_tokens));
+        let classifier = Classifier::new(guarded.clone()).with_observer(prompt_metrics);
         let state = AppState {
             cascade,
             items: Arc::new(metrics_setup::ItemStats::new(config.cost_per_1k_tokens)),
@@ -296,7 +303,7 @@ impl Server {
             rate_limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst)),
             config: Arc::new(config),
             store,
-            classifier: Classifier::new(guarded.clone()),
+            classifier,
             reasoner: guarded,
             metrics: metrics_setup::handle(),
             jobs_waiting: Arc::new(Notify::new()),

@@ -7,7 +7,8 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use safeguard_core::Usage;
+use safeguard_core::{PromptObserver, PromptTrace, Usage};
+use safeguard_harmony::Effort;
 use safeguard_pipeline::Stage;
 
 use crate::AppState;
@@ -31,6 +32,54 @@ pub(crate) fn handle() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// Cost and latency per policy and effort, from every prompt the classifier finished, whichever path asked (a
+/// direct classification, a cascade step, a job, the NATS stream): what a policy costs to enforce at each effort.
+/// A prompt holding several policies (combined mode) is labelled with their names joined by `+`; chat completions
+/// are labelled `(chat)`. The cost estimate is a running total (a gauge that only grows until a restart).
+#[derive(Debug)]
+pub(crate) struct PromptMetrics {
+    cost_per_1k_tokens: f64,
+}
+
+impl PromptMetrics {
+    pub(crate) fn new(cost_per_1k_tokens: f64) -> Self {
+        Self { cost_per_1k_tokens: cost_per_1k_tokens.max(0.0) }
+    }
+}
+
+impl PromptObserver for PromptMetrics {
+    fn observe(&self, effort: Effort, prompt: &PromptTrace) {
+        // Sorted, so that one set of policies is one series whatever order a request named them in.
+        let mut names: Vec<&str> = prompt.policies.iter().map(String::as_str).collect();
+        names.sort_unstable();
+        let (policy, effort) = (names.join("+"), effort.to_string());
+        let result = if prompt.error.is_some() { "failed" } else { "answered" };
+        metrics::counter!("safeguard_prompts_total", "policy" => policy.clone(), "effort" => effort.clone(), "result" => result)
+            .increment(1);
+        if prompt.error.is_some() {
+            // Nothing came back to measure; the failure is counted above.
+            return;
+        }
+        let usage = prompt.usage;
+        let uncached = usage.prompt_tokens.saturating_sub(usage.cached_prompt_tokens);
+        for (kind, tokens) in [
+            ("prompt", uncached),
+            ("cached_prompt", usage.cached_prompt_tokens),
+            ("completion", usage.completion_tokens),
+        ] {
+            metrics::counter!("safeguard_prompt_tokens_total", "policy" => policy.clone(), "effort" => effort.clone(), "kind" => kind)
+                .increment(tokens as u64);
+        }
+        metrics::histogram!("safeguard_prompt_latency_seconds", "policy" => policy.clone(), "effort" => effort.clone())
+            .record(prompt.timings.total_ms / 1e3);
+        if self.cost_per_1k_tokens > 0.0 {
+            // A running total kept as a gauge: the metrics facade's counters count whole units only.
+            let cost = (uncached + usage.completion_tokens) as f64 / 1000.0 * self.cost_per_1k_tokens;
+            metrics::gauge!("safeguard_prompt_cost_estimate", "policy" => policy, "effort" => effort).increment(cost);
+        }
+    }
 }
 
 /// What each decided item cost and how long it took, for the per-item means on /metrics. Histograms carry

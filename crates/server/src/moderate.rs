@@ -36,6 +36,8 @@ pub(crate) struct CascadeState {
     pub triage: TriageLibrary,
     /// Every way into the model takes from these: the cascade, and the direct paths through [`Self::admit`].
     pub budgets: Budgets,
+    /// The same buckets for queued work (jobs, the NATS stream), held to `--queue-share` of them.
+    pub queue_budgets: Budgets,
     pub stats: Arc<CascadeStats>,
     pub active_learning: ActiveLearning,
 }
@@ -46,13 +48,15 @@ impl CascadeState {
         triage: TriageLibrary,
         reasoning_per_sec: Option<f64>,
         reasoning_tokens_per_sec: Option<f64>,
+        queue_share: f64,
         active_learning: ActiveLearning,
     ) -> Self {
         // One second's worth of burst: enough for one item's worth of calls; tokens are paid after the fact.
         let bucket =
             |rate: f64| Arc::new(ReasoningBudget::new(rate, rate.ceil().clamp(1.0, f64::from(u32::MAX)) as u32));
-        let budgets = Budgets { calls: reasoning_per_sec.map(bucket), tokens: reasoning_tokens_per_sec.map(bucket) };
-        Self { routing, triage, budgets, stats: Arc::new(CascadeStats::new()), active_learning }
+        let budgets = Budgets::new(reasoning_per_sec.map(bucket), reasoning_tokens_per_sec.map(bucket));
+        let queue_budgets = budgets.for_queue(queue_share);
+        Self { routing, triage, budgets, queue_budgets, stats: Arc::new(CascadeStats::new()), active_learning }
     }
 
     /// Admits `prompts` prompts on a path outside the cascade (a pinned effort, a batch, moderations, chat, a
@@ -66,12 +70,26 @@ impl CascadeState {
     /// the engine may still be decoding it: it is charged its completion cap, where one was set (as the cascade
     /// charges a stage cut off by its timeout).
     pub(crate) fn charge(&self, decision: &Decision, max_tokens: Option<usize>) {
-        let failed = decision.prompts.iter().filter(|prompt| prompt.error.is_some()).count();
-        self.budgets.charge(Budgets::cost_of(&decision.usage) + failed * max_tokens.unwrap_or(0));
+        charge_decision(&self.budgets, decision, max_tokens)
     }
 
-    /// The cascade for these policies; `max_tokens` overrides the configured completion budget per prompt.
+    /// [`Self::charge`] for a queued job's decision.
+    pub(crate) fn charge_queued(&self, decision: &Decision, max_tokens: Option<usize>) {
+        charge_decision(&self.queue_budgets, decision, max_tokens)
+    }
+
+    /// The cascade for these policies, for a request waiting on its answer; `max_tokens` overrides the configured
+    /// completion budget per prompt.
     pub(crate) fn pipeline(&self, state: &AppState, policies: &[Policy], max_tokens: Option<usize>) -> Pipeline {
+        self.pipeline_on(state, policies, max_tokens).with_budgets(self.budgets.clone())
+    }
+
+    /// The cascade for queued work (the NATS stream), held to the queue's share of the budget.
+    pub(crate) fn queued_pipeline(&self, state: &AppState, policies: &[Policy]) -> Pipeline {
+        self.pipeline_on(state, policies, None).with_budgets(self.queue_budgets.clone())
+    }
+
+    fn pipeline_on(&self, state: &AppState, policies: &[Policy], max_tokens: Option<usize>) -> Pipeline {
         let mut routing = self.routing.clone();
         if max_tokens.is_some() {
             routing.max_tokens = max_tokens;
@@ -82,8 +100,13 @@ impl CascadeState {
                 pipeline = pipeline.with_triage(policy.hash.to_string(), triage);
             }
         }
-        pipeline.with_budgets(self.budgets.clone())
+        pipeline
     }
+}
+
+fn charge_decision(budgets: &Budgets, decision: &Decision, max_tokens: Option<usize>) {
+    let failed = decision.prompts.iter().filter(|prompt| prompt.error.is_some()).count();
+    budgets.charge(Budgets::cost_of(&decision.usage) + failed * max_tokens.unwrap_or(0));
 }
 
 /// Over budget: the caller holds the item and retries; nothing is allowed by default.

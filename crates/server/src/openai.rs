@@ -12,7 +12,7 @@ use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
-use safeguard_core::{Mode, ReasonDelta, ReasonOutput, ReasonRequest, Reasoner};
+use safeguard_core::{Classifier, Mode, PromptTrace, ReasonDelta, ReasonError, ReasonOutput, ReasonRequest, Reasoner};
 use safeguard_engine::Sampling;
 use safeguard_harmony::{ChatMessage, Content, Effort};
 use safeguard_pipeline::Budgets;
@@ -211,13 +211,18 @@ pub(crate) async fn chat_completions(
     state.cascade.admit(1).await?;
     if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
         let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
-        let budgets = state.cascade.budgets.clone();
-        let cap = settings.max_tokens;
-        return Ok(stream_chat(state.reasoner.clone(), budgets, cap, request, meta, include_usage).into_response());
+        let paid = Paid {
+            budgets: state.cascade.budgets.clone(),
+            counted: state.classifier.clone(),
+            cap: settings.max_tokens,
+        };
+        return Ok(stream_chat(state.reasoner.clone(), paid, request, meta, include_usage).into_response());
     }
     let started = Instant::now();
     let output = state.reasoner.reason(request).await;
-    state.cascade.budgets.charge_prompt(output.as_ref().ok().map(|output| &output.usage), settings.max_tokens);
+    let paid =
+        Paid { budgets: state.cascade.budgets.clone(), counted: state.classifier.clone(), cap: settings.max_tokens };
+    paid.settle(effort, &output);
     let output = output.map_err(|e| ApiError::Unavailable(format!("the model failed: {e}")))?;
     metrics::histogram!("safeguard_chat_latency_seconds").record(started.elapsed().as_secs_f64());
     let ChunkMeta { id, created, model } = meta;
@@ -238,6 +243,39 @@ pub(crate) async fn chat_completions(
         "usage": usage,
     }))
     .into_response())
+}
+
+/// Chat completions count among the prompts per policy and effort (`safeguard_prompts_total` and the rest) under a
+/// label of their own: their instructions are the caller's, not a stored policy.
+const CHAT_POLICY: &str = "(chat)";
+
+/// Where a chat completion is paid for and counted once it ended.
+struct Paid {
+    budgets: Budgets,
+    counted: Classifier,
+    /// The completion cap, charged for a prompt that failed (the engine may still be decoding it).
+    cap: Option<usize>,
+}
+
+impl Paid {
+    fn settle(&self, effort: Effort, result: &Result<ReasonOutput, ReasonError>) {
+        self.budgets.charge_prompt(result.as_ref().ok().map(|output| &output.usage), self.cap);
+        let policies = vec![CHAT_POLICY.to_string()];
+        let trace = match result {
+            Ok(output) => PromptTrace {
+                policies,
+                prompt_sha256: output.prompt_sha256.clone(),
+                usage: output.usage,
+                timings: output.timings,
+                truncated: output.truncated,
+                final_token_prob: output.final_token_prob,
+                final_text: None,
+                error: None,
+            },
+            Err(error) => PromptTrace::failed(policies, error.to_string()),
+        };
+        self.counted.observe(effort, &trace);
+    }
 }
 
 /// What every chunk of one streamed completion repeats.
@@ -280,8 +318,7 @@ fn delta_json(delta: ReasonDelta) -> Value {
 /// started arrives as an `error` event, since the status line has already been sent.
 fn stream_chat(
     reasoner: Arc<dyn Reasoner>,
-    budgets: Budgets,
-    max_tokens: Option<usize>,
+    paid: Paid,
     request: ReasonRequest,
     meta: ChunkMeta,
     include_usage: bool,
@@ -293,6 +330,7 @@ fn stream_chat(
         };
         send(meta.chunk(json!({"role": "assistant", "content": ""}), Value::Null));
         let started = Instant::now();
+        let effort = request.effort;
         let (deltas, mut decoded) = tokio::sync::mpsc::unbounded_channel();
         let reasoning = reasoner.reason_streaming(request, deltas);
         tokio::pin!(reasoning);
@@ -307,7 +345,7 @@ fn stream_chat(
             send(meta.chunk(delta_json(delta), Value::Null));
         }
         metrics::histogram!("safeguard_chat_latency_seconds").record(started.elapsed().as_secs_f64());
-        budgets.charge_prompt(result.as_ref().ok().map(|output| &output.usage), max_tokens);
+        paid.settle(effort, &result);
         match result {
             Ok(output) => {
                 send(meta.chunk(json!({}), json!(finish_reason(&output))));

@@ -114,7 +114,7 @@ pub(crate) fn document() -> Value {
         "paths": {
             "/healthz": {"get": op("Liveness", None, None, "200", json!({"type": "string"}))},
             "/readyz": {"get": op("Readiness: model loaded and database reachable", None, None, "200", any.clone())},
-            "/metrics": {"get": op("Prometheus metrics, among them the cascade's safeguard_pipeline_skip_rate and safeguard_pipeline_escalation_rate{stage}, safeguard_review_agreement_rate (reviews of items the model left undecided are apart, in safeguard_reviews_decided{model=\"undecided\"}), and per item safeguard_reasoning_tokens_per_item, safeguard_cost_per_item, safeguard_latency_per_item_seconds", None, None, "200", json!({"type": "string"}))},
+            "/metrics": {"get": op("Prometheus metrics, among them the cascade's safeguard_pipeline_skip_rate and safeguard_pipeline_escalation_rate{stage}, safeguard_review_agreement_rate (reviews of items the model left undecided are apart, in safeguard_reviews_decided{model=\"undecided\"}), per item safeguard_reasoning_tokens_per_item, safeguard_cost_per_item, safeguard_latency_per_item_seconds, and per policy and effort safeguard_prompts_total, safeguard_prompt_tokens_total, safeguard_prompt_latency_seconds, safeguard_prompt_cost_estimate", None, None, "200", json!({"type": "string"}))},
             "/openapi.json": {"get": op("This document", None, None, "200", any.clone())},
             "/v1/policies": {
                 "post": op("Store a policy version (markdown body, or JSON {text}); 201 new, 200 existing, 409 the same body with other front matter", Some("policies:write"),

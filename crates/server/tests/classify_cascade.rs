@@ -502,3 +502,102 @@ async fn every_way_into_the_model_waits_for_the_budget() {
     assert!(metric(&metrics, "safeguard_jobs_budget_waits_total").unwrap_or(0.0) >= 1.0);
     h.server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_job_backlog_leaves_the_rest_of_the_budget_to_requests() {
+    // Two calls a second; queued work may use a quarter of that: one call, then one every two seconds.
+    let h = Harness::start_with(|config| {
+        config.reasoning_per_sec = Some(2.0);
+        config.queue_share = 0.25;
+        config.routing.max_budget_wait = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let pinned = json!({"text": "x answer=0", "policies": ["promo-sure"], "effort": "low"});
+    let mut jobs = Vec::new();
+    for _ in 0..3 {
+        let (status, job) = h.call("POST", "/v1/jobs", Some(pinned.clone())).await;
+        assert_eq!(status, 202, "{job}");
+        jobs.push(format!("/v1/jobs/{}", job["id"].as_str().unwrap()));
+    }
+    let started = std::time::Instant::now();
+    let states = || async {
+        let mut states = Vec::new();
+        for job in &jobs {
+            let (status, reply) = h.call("GET", job, None).await;
+            assert_eq!(status, 200, "{reply}");
+            states.push((reply["status"].as_str().unwrap_or_default().to_owned(), reply["attempts"].as_i64()));
+        }
+        states
+    };
+    let mut now = states().await;
+    // Polled at 12 lookups a second: within the API's own rate limit's burst (60) for the lane's two seconds.
+    while !now.iter().any(|(status, _)| status == "done") && started.elapsed().as_secs() < 10 {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        now = states().await;
+    }
+    // With the whole budget, both workers would have claimed a job at once (two calls in the bucket).
+    let untouched = now.iter().filter(|(status, attempts)| status == "pending" && *attempts == Some(0)).count();
+    assert_eq!(untouched, 2, "one job at a time: {now:?}");
+    for _ in 0..2 {
+        assert_eq!(h.classify(pinned.clone()).await["route"], "direct", "a request is served beside the backlog");
+    }
+    while !now.iter().all(|(status, _)| status == "done") && started.elapsed().as_secs() < 20 {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        now = states().await;
+    }
+    assert!(now.iter().all(|(status, _)| status == "done"), "the backlog drains at its share: {now:?}");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(3), "two more jobs at one per two seconds");
+    h.server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn cost_and_latency_are_counted_per_policy_and_effort_on_every_path() {
+    let h = Harness::start().await;
+    // Metrics are process-wide and other tests run beside this one: a policy of its own keeps its series apart.
+    let name = "costed";
+    let (status, body) =
+        h.call("POST", "/v1/policies", Some(json!({"text": policy_text(name, "Promotion Policy, costed")}))).await;
+    assert!(status == 200 || status == 201, "{body}");
+    h.classify(json!({"text": "x answer=0", "policies": [name], "effort": "high"})).await;
+    h.classify(json!({"text": "FAIL here", "policies": [name], "effort": "high"})).await;
+    let (status, job) =
+        h.call("POST", "/v1/jobs", Some(json!({"text": "y answer=0", "policies": [name], "effort": "medium"}))).await;
+    assert_eq!(status, 202, "{job}");
+    let job_path = format!("/v1/jobs/{}", job["id"].as_str().unwrap());
+    let mut polled = Value::Null;
+    for _ in 0..50 {
+        polled = h.call("GET", &job_path, None).await.1;
+        if polled["status"] == "done" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(polled["status"], "done", "{polled}");
+    // Through the cascade: no triage model was trained for this policy and no rule matches, so the model is asked
+    // at low effort.
+    h.classify(json!({"text": "z answer=0", "policies": [name]})).await;
+
+    // A chat completion has no stored policy: it is counted under a label of its own.
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "high"});
+    assert_eq!(h.call("POST", "/v1/chat/completions", Some(chat)).await.0, 200);
+
+    let text = h.metrics().await;
+    let chat_prompts = metric(&text, "safeguard_prompts_total{policy=\"(chat)\",effort=\"high\",result=\"answered\"");
+    assert!(chat_prompts.is_some_and(|n| n >= 1.0), "{text}");
+    let series = |metric: &str, effort: &str, extra: &str| {
+        self::metric(&text, &format!("{metric}{{policy=\"{name}\",effort=\"{effort}\"{extra}"))
+    };
+    assert_eq!(series("safeguard_prompts_total", "high", ",result=\"answered\""), Some(1.0), "{text}");
+    assert_eq!(series("safeguard_prompts_total", "high", ",result=\"failed\""), Some(1.0));
+    assert_eq!(series("safeguard_prompts_total", "medium", ",result=\"answered\""), Some(1.0), "the job");
+    assert!(series("safeguard_prompts_total", "low", ",result=\"answered\"").is_some_and(|n| n >= 1.0), "cascade");
+    // The scripted engine reports 100 prompt tokens (40 from its cache) and 12 completion tokens per answer.
+    assert_eq!(series("safeguard_prompt_tokens_total", "high", ",kind=\"prompt\""), Some(60.0));
+    assert_eq!(series("safeguard_prompt_tokens_total", "high", ",kind=\"cached_prompt\""), Some(40.0));
+    assert_eq!(series("safeguard_prompt_tokens_total", "high", ",kind=\"completion\""), Some(12.0));
+    assert_eq!(series("safeguard_prompt_latency_seconds_count", "high", ""), Some(1.0), "failures are not timed");
+    // 72 billed tokens at 2 per 1000.
+    let cost = series("safeguard_prompt_cost_estimate", "medium", "").unwrap();
+    assert!((cost - 0.144).abs() < 1e-9, "{cost}");
+    h.server.shutdown().await.unwrap();
+}

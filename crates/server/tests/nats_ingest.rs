@@ -182,6 +182,32 @@ async fn nats_events_are_decided_stored_once_and_survive_a_server_crash() {
     assert_eq!(reviewed[0].item_id.as_deref(), Some("model-3"));
     assert!(store.reviews_to_announce(10).await.unwrap().is_empty(), "marked announced: not published again");
 
+    // A bus decision stored without its event key has no subject to publish a person's decision on, ever: it is
+    // set aside once instead of being read again by every sweep.
+    let mut keyless = store.get_decision(decision_id).await.unwrap().unwrap();
+    keyless.id = format!("{decision_id}-keyless");
+    keyless.sampling["nats"].as_object_mut().unwrap().remove("key");
+    store.insert_decision(&keyless, None).await.unwrap();
+    let held = store
+        .queue_review(&safeguard_store::NewReview {
+            decision_id: keyless.id.clone(),
+            kind: "review".into(),
+            priority: 1,
+            reason: None,
+            sla_ms: None,
+        })
+        .await
+        .unwrap();
+    let response = http
+        .post(format!("{base}/v1/reviews/{}/decide", held.id))
+        .bearer_auth(ADMIN)
+        .json(&json!({"outcome": "allow", "rationale": "a greeting", "rule_id": "PR0.a"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{}", response.text().await.unwrap());
+    assert!(store.reviews_to_announce(10).await.unwrap().is_empty(), "nothing to announce, and marked so");
+
     server.shutdown().await.unwrap();
     delete_streams(&producer).await;
 }

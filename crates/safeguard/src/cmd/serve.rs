@@ -65,13 +65,20 @@ pub struct Args {
     /// (`safeguard triage train --out DIR/NAME`); a model trained for another policy version is ignored.
     #[arg(long, value_name = "DIR")]
     pub triage_dir: Option<PathBuf>,
-    /// Reasoning prompts per second the cascade (/v1/moderate) may start; over it, callers get 429 + Retry-After.
+    /// Reasoning prompts per second, whatever the way in (cascade, pinned efforts, batches, chat, jobs, NATS);
+    /// over it, HTTP callers get 429 + Retry-After, jobs stay queued and NATS events are redelivered later.
     #[arg(long, value_name = "N")]
     pub reasoning_per_sec: Option<f64>,
-    /// Tokens (uncached prompt + completion) the cascade's reasoning may spend per second; each step pays what it
-    /// used, and while that is in debt new items wait (429 + Retry-After, or a delayed NATS redelivery).
+    /// Tokens (uncached prompt + completion) reasoning may spend per second; each step pays what it used, and
+    /// while that is in debt new items wait (429 + Retry-After, a queued job, or a delayed NATS redelivery).
     #[arg(long, value_name = "N")]
     pub reasoning_tokens_per_sec: Option<f64>,
+    /// Share of --reasoning-per-sec and --reasoning-tokens-per-sec that queued work (jobs, the NATS stream) may
+    /// use. A backlog always has its next item ready and would otherwise take every call as it refills, leaving
+    /// requests that wait on an answer with 429s; below 1 the rest is kept for them over time (they may still use
+    /// all of it while the queue is idle).
+    #[arg(long, default_value_t = 1.0, value_name = "(0,1]")]
+    pub queue_share: f64,
     /// Effort of the cascade's first reasoning step; shaky answers are asked again at --escalation-effort.
     #[arg(long, default_value = "low")]
     pub first_effort: Effort,
@@ -233,6 +240,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if !(0.0..=1.0).contains(&args.min_engine_confidence) {
         bail!("--min-engine-confidence must be within 0..1, not {}", args.min_engine_confidence);
     }
+    if !(args.queue_share > 0.0 && args.queue_share <= 1.0) {
+        bail!("--queue-share must be above 0 and at most 1, not {}", args.queue_share);
+    }
     let max_budget_wait = Duration::try_from_secs_f64(args.max_budget_wait).map_err(|_| {
         anyhow::anyhow!("--max-budget-wait must be a number of seconds >= 0, not {}", args.max_budget_wait)
     })?;
@@ -266,6 +276,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         triage_dir: args.triage_dir.clone(),
         reasoning_per_sec: args.reasoning_per_sec.filter(|r| *r > 0.0),
         reasoning_tokens_per_sec: args.reasoning_tokens_per_sec.filter(|r| *r > 0.0),
+        queue_share: args.queue_share,
         classify_route: args.classify_route,
         active_learning: ActiveLearning {
             rate: args.review_sample_rate.clamp(0.0, 1.0),
