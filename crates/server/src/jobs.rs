@@ -121,6 +121,28 @@ pub(crate) async fn worker(state: AppState, index: usize, shutdown: Cancellation
         if shutdown.is_cancelled() {
             break;
         }
+        // The queue is looked at before a call is taken: an idle worker that took one to find nothing would hold
+        // it, however briefly, from a request that needs it.
+        match state.store.has_claimable_job().await {
+            Ok(true) => {}
+            Ok(false) => {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = state.jobs_waiting.notified() => {}
+                    // Jobs also arrive from other server processes and from expired leases.
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                continue;
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "looking for jobs failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                continue;
+            }
+        }
         // One call is taken before claiming, atomically: workers that only looked would all see the same spare call
         // and claim a job each. The rest of the job's prompts are owed once its policies are known.
         if let Err(wait) = state.cascade.queue_budgets.try_admit(1) {
@@ -134,15 +156,8 @@ pub(crate) async fn worker(state: AppState, index: usize, shutdown: Cancellation
         }
         match state.store.claim_job(lease_ms).await {
             Ok(Some(job)) => process(&state, job).await,
-            Ok(None) => {
-                state.cascade.queue_budgets.give_back_calls(1);
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = state.jobs_waiting.notified() => {}
-                    // Jobs also arrive from other server processes and from expired leases.
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                }
-            }
+            // Another worker took the job seen a moment ago.
+            Ok(None) => state.cascade.queue_budgets.give_back_calls(1),
             Err(err) => {
                 state.cascade.queue_budgets.give_back_calls(1);
                 tracing::warn!(error = %err, "claiming a job failed; retrying");

@@ -198,6 +198,8 @@ pub struct AppState {
     pub(crate) http: reqwest::Client,
     pub(crate) cascade: Arc<moderate::CascadeState>,
     pub(crate) items: Arc<metrics_setup::ItemStats>,
+    /// Cost and latency per policy and effort, from every prompt the classifier finished.
+    pub(crate) prompts: Arc<metrics_setup::PromptMetrics>,
     pub(crate) lookups: Arc<lookup_cache::Lookups>,
     /// The NATS worker's connection while it has one: a person's decision on an item that came in as an event
     /// is published on it.
@@ -294,10 +296,11 @@ impl Server {
             config.active_learning,
         ));
         let prompt_metrics = Arc::new(metrics_setup::PromptMetrics::new(config.cost_per_1k_tokens));
-        let classifier = Classifier::new(guarded.clone()).with_observer(prompt_metrics);
+        let classifier = Classifier::new(guarded.clone()).with_observer(prompt_metrics.clone());
         let state = AppState {
             cascade,
             items: Arc::new(metrics_setup::ItemStats::new(config.cost_per_1k_tokens)),
+            prompts: prompt_metrics,
             lookups: Arc::new(lookup_cache::Lookups::new(config.lookup_ttl)),
             nats_out: Arc::default(),
             rate_limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst)),
@@ -362,6 +365,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics_setup::render))
+        .route("/v1/stats/prompts", get(metrics_setup::prompt_stats))
         .route("/openapi.json", get(openapi::spec))
         .route("/v1/policies", post(policies::create).get(policies::list))
         .route("/v1/policies/{id}", get(policies::get_one))

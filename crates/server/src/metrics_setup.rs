@@ -1,8 +1,10 @@
 //! Prometheus metrics. The recorder is process-global, so it is installed once and shared by every server
 //! started in the process (tests start several).
 
+use std::collections::BTreeMap;
 use std::sync::{Mutex, OnceLock};
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
@@ -11,7 +13,11 @@ use safeguard_core::{PromptObserver, PromptTrace, Usage};
 use safeguard_harmony::Effort;
 use safeguard_pipeline::Stage;
 
+use serde_json::{Value, json};
+
 use crate::AppState;
+use crate::auth::Caller;
+use crate::error::ApiError;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -36,16 +42,88 @@ pub(crate) fn handle() -> PrometheusHandle {
 
 /// Cost and latency per policy and effort, from every prompt the classifier finished, whichever path asked (a
 /// direct classification, a cascade step, a job, the NATS stream): what a policy costs to enforce at each effort.
-/// A prompt holding several policies (combined mode) is labelled with their names joined by `+`; chat completions
-/// are labelled `(chat)`. The cost estimate is a running total (a gauge that only grows until a restart).
+/// Recorded on `/metrics` and kept as totals since start for `GET /v1/stats/prompts`. A prompt holding several
+/// policies (combined mode) is labelled with their names joined by `+`; chat completions are labelled `(chat)`.
+/// The cost estimate is a running total (a gauge that only grows until a restart).
 #[derive(Debug)]
 pub(crate) struct PromptMetrics {
     cost_per_1k_tokens: f64,
+    totals: Mutex<BTreeMap<(String, String), PromptTotals>>,
+}
+
+/// One policy and effort's prompts since start.
+#[derive(Debug, Default, Clone)]
+struct PromptTotals {
+    answered: u64,
+    failed: u64,
+    uncached_prompt_tokens: u64,
+    cached_prompt_tokens: u64,
+    completion_tokens: u64,
+    latency_sum_secs: f64,
+    latency_max_secs: f64,
+    /// Answered prompts per [`LATENCY_BUCKETS`] bucket (the last counts those above every bound).
+    latency_buckets: [u64; LATENCY_BUCKETS.len() + 1],
+}
+
+impl PromptTotals {
+    /// The `q` quantile of the latency, as the upper bound of the bucket it falls in (the slowest prompt's
+    /// latency where that is lower, or falls past the last bound).
+    fn latency_quantile(&self, q: f64) -> Option<f64> {
+        let rank = (q * self.answered as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, count) in self.latency_buckets.iter().enumerate() {
+            seen += count;
+            if seen >= rank {
+                let bound = LATENCY_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY);
+                return Some(bound.min(self.latency_max_secs));
+            }
+        }
+        None
+    }
 }
 
 impl PromptMetrics {
     pub(crate) fn new(cost_per_1k_tokens: f64) -> Self {
-        Self { cost_per_1k_tokens: cost_per_1k_tokens.max(0.0) }
+        Self { cost_per_1k_tokens: cost_per_1k_tokens.max(0.0), totals: Mutex::default() }
+    }
+
+    fn cost_of(&self, billed_tokens: u64) -> f64 {
+        billed_tokens as f64 / 1000.0 * self.cost_per_1k_tokens
+    }
+
+    /// Every policy and effort seen since start, most expensive first (by billed tokens).
+    pub(crate) fn snapshot(&self) -> Value {
+        let totals = self.totals.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut rows: Vec<((String, String), PromptTotals)> = totals.into_iter().collect();
+        let billed = |t: &PromptTotals| t.uncached_prompt_tokens + t.completion_tokens;
+        rows.sort_by(|a, b| billed(&b.1).cmp(&billed(&a.1)).then_with(|| a.0.cmp(&b.0)));
+        let rows: Vec<Value> = rows
+            .into_iter()
+            .map(|((policy, effort), t)| {
+                let answered = t.answered.max(1) as f64;
+                json!({
+                    "policy": policy,
+                    "effort": effort,
+                    "prompts": t.answered + t.failed,
+                    "failed": t.failed,
+                    "tokens": {
+                        "prompt": t.uncached_prompt_tokens,
+                        "cached_prompt": t.cached_prompt_tokens,
+                        "completion": t.completion_tokens,
+                        "completion_per_prompt": t.completion_tokens as f64 / answered,
+                    },
+                    "cost_estimate": self.cost_of(billed(&t)),
+                    "cost_per_prompt": self.cost_of(billed(&t)) / answered,
+                    "latency_seconds": (t.answered > 0).then(|| json!({
+                        "mean": t.latency_sum_secs / answered,
+                        "p50": t.latency_quantile(0.5),
+                        "p95": t.latency_quantile(0.95),
+                        "max": t.latency_max_secs,
+                    })),
+                })
+            })
+            .collect();
+        json!({"cost_per_1k_tokens": self.cost_per_1k_tokens, "since_start": rows})
     }
 }
 
@@ -58,12 +136,24 @@ impl PromptObserver for PromptMetrics {
         let result = if prompt.error.is_some() { "failed" } else { "answered" };
         metrics::counter!("safeguard_prompts_total", "policy" => policy.clone(), "effort" => effort.clone(), "result" => result)
             .increment(1);
+        let mut totals = self.totals.lock().unwrap_or_else(|p| p.into_inner());
+        let row = totals.entry((policy.clone(), effort.clone())).or_default();
         if prompt.error.is_some() {
             // Nothing came back to measure; the failure is counted above.
+            row.failed += 1;
             return;
         }
         let usage = prompt.usage;
         let uncached = usage.prompt_tokens.saturating_sub(usage.cached_prompt_tokens);
+        let latency = prompt.timings.total_ms / 1e3;
+        row.answered += 1;
+        row.uncached_prompt_tokens += uncached as u64;
+        row.cached_prompt_tokens += usage.cached_prompt_tokens as u64;
+        row.completion_tokens += usage.completion_tokens as u64;
+        row.latency_sum_secs += latency;
+        row.latency_max_secs = row.latency_max_secs.max(latency);
+        row.latency_buckets[LATENCY_BUCKETS.partition_point(|bound| *bound < latency)] += 1;
+        drop(totals);
         for (kind, tokens) in [
             ("prompt", uncached),
             ("cached_prompt", usage.cached_prompt_tokens),
@@ -73,13 +163,20 @@ impl PromptObserver for PromptMetrics {
                 .increment(tokens as u64);
         }
         metrics::histogram!("safeguard_prompt_latency_seconds", "policy" => policy.clone(), "effort" => effort.clone())
-            .record(prompt.timings.total_ms / 1e3);
+            .record(latency);
         if self.cost_per_1k_tokens > 0.0 {
             // A running total kept as a gauge: the metrics facade's counters count whole units only.
-            let cost = (uncached + usage.completion_tokens) as f64 / 1000.0 * self.cost_per_1k_tokens;
+            let cost = self.cost_of((uncached + usage.completion_tokens) as u64);
             metrics::gauge!("safeguard_prompt_cost_estimate", "policy" => policy, "effort" => effort).increment(cost);
         }
     }
+}
+
+/// `GET /v1/stats/prompts`: cost and latency per policy and effort since the server started, for readers without
+/// a Prometheus (the same figures are on `/metrics`).
+pub(crate) async fn prompt_stats(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    caller.require("review").or_else(|_| caller.require("audit"))?;
+    Ok(Json(state.prompts.snapshot()))
 }
 
 /// What each decided item cost and how long it took, for the per-item means on /metrics. Histograms carry

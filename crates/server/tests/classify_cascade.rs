@@ -599,5 +599,23 @@ async fn cost_and_latency_are_counted_per_policy_and_effort_on_every_path() {
     // 72 billed tokens at 2 per 1000.
     let cost = series("safeguard_prompt_cost_estimate", "medium", "").unwrap();
     assert!((cost - 0.144).abs() < 1e-9, "{cost}");
+
+    // The same figures as JSON, for readers without a Prometheus.
+    let (status, stats) = h.call("GET", "/v1/stats/prompts", None).await;
+    assert_eq!(status, 200, "{stats}");
+    let row = |effort: &str| {
+        stats["since_start"].as_array().unwrap().iter().find(|r| r["policy"] == name && r["effort"] == effort).cloned()
+    };
+    let high = row("high").unwrap_or_else(|| panic!("{stats}"));
+    assert_eq!((high["prompts"].as_u64(), high["failed"].as_u64()), (Some(2), Some(1)), "{high}");
+    assert_eq!(
+        high["tokens"],
+        json!({"prompt": 60, "cached_prompt": 40, "completion": 12, "completion_per_prompt": 12.0})
+    );
+    assert!((high["cost_estimate"].as_f64().unwrap() - 0.144).abs() < 1e-9, "{high}");
+    assert!((high["cost_per_prompt"].as_f64().unwrap() - 0.144).abs() < 1e-9, "one answered prompt: {high}");
+    let latency = &high["latency_seconds"];
+    assert!(latency["mean"].as_f64().is_some() && latency["p95"].as_f64().is_some(), "{high}");
+    assert!(row("medium").is_some() && row("low").is_some(), "the job and the cascade step: {stats}");
     h.server.shutdown().await.unwrap();
 }

@@ -131,6 +131,18 @@ impl Store {
 
     /// Claims the oldest pending job, or a running one whose lease ran out (its worker died), for `lease_ms`.
     #[tracing::instrument(skip(self))]
+    /// Whether [`claim_job`](Self::claim_job) would find a job now: a pending one, or a running one whose lease
+    /// ran out. A look, not a claim: another worker may take the job first.
+    pub async fn has_claimable_job(&self) -> Result<bool> {
+        let row = sqlx::query(
+            "SELECT 1 FROM jobs WHERE status = 'pending' OR (status = 'running' AND locked_until < $1) LIMIT 1",
+        )
+        .bind(now_ms())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.is_some())
+    }
+
     pub async fn claim_job(&self, lease_ms: i64) -> Result<Option<JobRecord>> {
         let now = now_ms();
         let lock = if self.backend == Backend::Postgres { "FOR UPDATE SKIP LOCKED" } else { "" };

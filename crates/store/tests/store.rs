@@ -310,7 +310,10 @@ async fn the_write_ahead_log_starts_over_under_continuous_writes() {
     // Each commit writes at least 9 pages (three tables, their indexes); without restarts the file holds them all.
     let wal = std::fs::metadata(dir.path().join("busy.db-wal")).unwrap().len();
     let written_at_least = commits * 9 * page_size;
-    assert!(wal * 3 < written_at_least, "log file {wal} B after {commits} commits ({written_at_least} B written)");
+    // The file keeps the size of the longest stretch between two restarts. On a loaded machine (the whole test
+    // suite at once) one restart can wait out a second of disk stalls, so a third of the run was seen to land in
+    // one stretch; without restarts the file would hold at least everything written.
+    assert!(wal * 2 < written_at_least, "log file {wal} B after {commits} commits ({written_at_least} B written)");
     let mut held = Vec::new();
     for _ in 0..4 {
         let mut conn = store.pool().acquire().await.unwrap();
@@ -486,9 +489,11 @@ async fn decisions_round_trip_and_filter() {
 async fn jobs_are_idempotent_leased_and_finished_once() {
     for t in stores().await {
         let s = &t.store;
+        assert!(!s.has_claimable_job().await.unwrap(), "an empty queue ({})", t.label);
         let new = NewJob { request: json!({"text": "hi"}), idempotency_key: Some("k1".into()), webhook_url: None };
         let (job, created) = s.enqueue_job(&new).await.unwrap();
         assert!(created);
+        assert!(s.has_claimable_job().await.unwrap(), "a pending job ({})", t.label);
         assert_eq!(job.status, JobStatus::Pending);
         let (same, created) = s.enqueue_job(&new).await.unwrap();
         assert!(!created, "{}", t.label);
@@ -498,6 +503,7 @@ async fn jobs_are_idempotent_leased_and_finished_once() {
         assert_eq!(claimed.id, job.id);
         assert_eq!(claimed.attempts, 1);
         assert!(s.claim_job(60_000).await.unwrap().is_none(), "leased job not claimable ({})", t.label);
+        assert!(!s.has_claimable_job().await.unwrap(), "nor seen as claimable ({})", t.label);
 
         let token = claimed.lease_token.clone().unwrap();
         let d = decision("dj-1", "allow", "spam", Some(&job.id));
@@ -529,6 +535,7 @@ async fn jobs_are_idempotent_leased_and_finished_once() {
             s.enqueue_job(&NewJob { request: json!({}), idempotency_key: None, webhook_url: None }).await.unwrap();
         let first = s.claim_job(-1).await.unwrap().unwrap();
         assert_eq!(first.id, j2.id);
+        assert!(s.has_claimable_job().await.unwrap(), "an expired lease is claimable ({})", t.label);
         let second = s.claim_job(60_000).await.unwrap().expect("expired lease reclaimed");
         assert_eq!(second.id, j2.id);
         assert_eq!(second.attempts, 2);
