@@ -88,6 +88,20 @@ pub struct PromptTrace {
 }
 
 impl PromptTrace {
+    /// A prompt the model answered (its chain of thought is kept apart, in the decision's `reasoning`).
+    pub fn answered(policies: Vec<String>, output: &ReasonOutput) -> Self {
+        PromptTrace {
+            policies,
+            prompt_sha256: output.prompt_sha256.clone(),
+            usage: output.usage,
+            timings: output.timings,
+            truncated: output.truncated,
+            final_token_prob: output.final_token_prob,
+            final_text: output.final_text.clone(),
+            error: None,
+        }
+    }
+
     /// A prompt that produced nothing: its verdicts need review, for `reason`.
     pub fn failed(policies: Vec<String>, reason: String) -> Self {
         PromptTrace {
@@ -354,17 +368,7 @@ fn judge_prompt(
                     judge_combined(&owned, analysis, final_text, output.truncated)
                 }
             };
-            let trace = PromptTrace {
-                policies: names,
-                prompt_sha256: output.prompt_sha256,
-                usage: output.usage,
-                timings: output.timings,
-                truncated: output.truncated,
-                final_token_prob: output.final_token_prob,
-                final_text: output.final_text,
-                error: None,
-            };
-            (verdicts, (trace, output.analysis))
+            (verdicts, (PromptTrace::answered(names, &output), output.analysis))
         }
         Err(error) => {
             let reason = error.to_string();

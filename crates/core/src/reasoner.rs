@@ -74,6 +74,19 @@ pub struct Usage {
     pub completion_tokens: usize,
 }
 
+impl Usage {
+    /// The prompt tokens the engine had to prefill: prefix-cache hits are (almost) free.
+    pub fn uncached_prompt_tokens(&self) -> usize {
+        self.prompt_tokens.saturating_sub(self.cached_prompt_tokens)
+    }
+
+    /// What the engine computed: the uncached prompt plus everything generated. What budgets and cost estimates
+    /// count.
+    pub fn billed_tokens(&self) -> usize {
+        self.uncached_prompt_tokens() + self.completion_tokens
+    }
+}
+
 impl AddAssign for Usage {
     fn add_assign(&mut self, other: Self) {
         self.prompt_tokens += other.prompt_tokens;

@@ -124,12 +124,7 @@ impl Budgets {
     /// Pays for one prompt: its usage, or, when it failed (`None`), its completion cap where one was set, since the
     /// engine may still be decoding it.
     pub fn charge_prompt(&self, usage: Option<&Usage>, max_tokens: Option<usize>) {
-        self.charge(usage.map_or(max_tokens.unwrap_or(0), Self::cost_of));
-    }
-
-    /// The tokens a step's usage costs: what the engine computed, so cached prompt tokens are free.
-    pub fn cost_of(usage: &Usage) -> usize {
-        usage.prompt_tokens.saturating_sub(usage.cached_prompt_tokens) + usage.completion_tokens
+        self.charge(usage.map_or(max_tokens.unwrap_or(0), Usage::billed_tokens));
     }
 }
 

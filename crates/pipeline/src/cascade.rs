@@ -584,7 +584,7 @@ impl Pipeline {
                 }
             },
         };
-        let spent = Budgets::cost_of(&decision.usage);
+        let spent = decision.usage.billed_tokens();
         // A step cut off by its timeout reports nothing, but the engine may still be decoding it: charge what it
         // may spend, where that is known.
         self.budgets.charge(if timed_out {

@@ -12,6 +12,7 @@ use safeguard_policy::Policy;
 use safeguard_store::{JobRecord, JobStatus, NewDelivery, NewJob};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
@@ -126,19 +127,16 @@ pub(crate) async fn worker(state: AppState, index: usize, shutdown: Cancellation
         match state.store.has_claimable_job().await {
             Ok(true) => {}
             Ok(false) => {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = state.jobs_waiting.notified() => {}
-                    // Jobs also arrive from other server processes and from expired leases.
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                // Jobs also arrive from other server processes and from expired leases, so the wait is bounded.
+                if !rest(&shutdown, Duration::from_millis(500), Some(state.jobs_waiting.as_ref())).await {
+                    break;
                 }
                 continue;
             }
             Err(err) => {
                 tracing::warn!(error = %err, "looking for jobs failed; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                if !rest(&shutdown, Duration::from_secs(1), None).await {
+                    break;
                 }
                 continue;
             }
@@ -147,10 +145,9 @@ pub(crate) async fn worker(state: AppState, index: usize, shutdown: Cancellation
         // and claim a job each. The rest of the job's prompts are owed once its policies are known.
         if let Err(wait) = state.cascade.queue_budgets.try_admit(1) {
             metrics::counter!("safeguard_jobs_budget_waits_total").increment(1);
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                // Looked at again at least once a second: other workers and paths share the bucket.
-                _ = tokio::time::sleep(wait.min(Duration::from_secs(1))) => {}
+            // Looked at again at least once a second: other workers and paths share the bucket.
+            if !rest(&shutdown, wait.min(Duration::from_secs(1)), None).await {
+                break;
             }
             continue;
         }
@@ -161,14 +158,28 @@ pub(crate) async fn worker(state: AppState, index: usize, shutdown: Cancellation
             Err(err) => {
                 state.cascade.queue_budgets.give_back_calls(1);
                 tracing::warn!(error = %err, "claiming a job failed; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                if !rest(&shutdown, Duration::from_secs(1), None).await {
+                    break;
                 }
             }
         }
     }
     tracing::debug!(index, "job worker stopped");
+}
+
+/// Waits `pause`, or less when `wake` is notified (a job was submitted to this server); false once it shuts down.
+async fn rest(shutdown: &CancellationToken, pause: Duration, wake: Option<&Notify>) -> bool {
+    let woken = async {
+        match wake {
+            Some(wake) => wake.notified().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = woken => true,
+        _ = tokio::time::sleep(pause) => true,
+    }
 }
 
 async fn load_policies(state: &AppState, hashes: &[String]) -> Result<Vec<Policy>, String> {

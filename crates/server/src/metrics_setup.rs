@@ -40,6 +40,11 @@ pub(crate) fn handle() -> PrometheusHandle {
         .clone()
 }
 
+/// The estimated cost of `billed_tokens` (see [`Usage::billed_tokens`]) at `cost_per_1k_tokens`.
+fn price(billed_tokens: u64, cost_per_1k_tokens: f64) -> f64 {
+    billed_tokens as f64 / 1000.0 * cost_per_1k_tokens
+}
+
 /// Cost and latency per policy and effort, from every prompt the classifier finished, whichever path asked (a
 /// direct classification, a cascade step, a job, the NATS stream): what a policy costs to enforce at each effort.
 /// Recorded on `/metrics` and kept as totals since start for `GET /v1/stats/prompts`. A prompt holding several
@@ -88,7 +93,7 @@ impl PromptMetrics {
     }
 
     fn cost_of(&self, billed_tokens: u64) -> f64 {
-        billed_tokens as f64 / 1000.0 * self.cost_per_1k_tokens
+        price(billed_tokens, self.cost_per_1k_tokens)
     }
 
     /// Every policy and effort seen since start, most expensive first (by billed tokens).
@@ -144,7 +149,7 @@ impl PromptObserver for PromptMetrics {
             return;
         }
         let usage = prompt.usage;
-        let uncached = usage.prompt_tokens.saturating_sub(usage.cached_prompt_tokens);
+        let uncached = usage.uncached_prompt_tokens();
         let latency = prompt.timings.total_ms / 1e3;
         row.answered += 1;
         row.uncached_prompt_tokens += uncached as u64;
@@ -166,7 +171,7 @@ impl PromptObserver for PromptMetrics {
             .record(latency);
         if self.cost_per_1k_tokens > 0.0 {
             // A running total kept as a gauge: the metrics facade's counters count whole units only.
-            let cost = self.cost_of((uncached + usage.completion_tokens) as u64);
+            let cost = self.cost_of(usage.billed_tokens() as u64);
             metrics::gauge!("safeguard_prompt_cost_estimate", "policy" => policy, "effort" => effort).increment(cost);
         }
     }
@@ -201,12 +206,10 @@ impl ItemStats {
     }
 
     /// Counts one decided item. `route` says how it was decided: direct, cascade, moderate or nats.
-    /// Billed tokens are the prompt tokens the engine had to prefill plus everything it generated: prefix-cache
-    /// hits cost (almost) nothing.
     pub(crate) fn observe(&self, route: &'static str, usage: Usage, elapsed_secs: f64) {
         let reasoning = usage.completion_tokens as u64;
-        let billed = usage.prompt_tokens.saturating_sub(usage.cached_prompt_tokens) as u64 + reasoning;
-        let cost = billed as f64 / 1000.0 * self.cost_per_1k_tokens;
+        let billed = usage.billed_tokens() as u64;
+        let cost = price(billed, self.cost_per_1k_tokens);
         metrics::counter!("safeguard_items_total", "route" => route).increment(1);
         metrics::histogram!("safeguard_item_latency_seconds", "route" => route).record(elapsed_secs);
         metrics::histogram!("safeguard_item_reasoning_tokens", "route" => route).record(reasoning as f64);
@@ -220,7 +223,7 @@ impl ItemStats {
 
     fn publish(&self) {
         let totals = *self.totals.lock().unwrap_or_else(|p| p.into_inner());
-        let cost = totals.billed_tokens as f64 / 1000.0 * self.cost_per_1k_tokens;
+        let cost = price(totals.billed_tokens, self.cost_per_1k_tokens);
         metrics::gauge!("safeguard_cost_per_1k_tokens").set(self.cost_per_1k_tokens);
         metrics::gauge!("safeguard_cost_estimate_total").set(cost);
         if totals.items > 0 {

@@ -106,7 +106,7 @@ impl CascadeState {
 
 fn charge_decision(budgets: &Budgets, decision: &Decision, max_tokens: Option<usize>) {
     let failed = decision.prompts.iter().filter(|prompt| prompt.error.is_some()).count();
-    budgets.charge(Budgets::cost_of(&decision.usage) + failed * max_tokens.unwrap_or(0));
+    budgets.charge(decision.usage.billed_tokens() + failed * max_tokens.unwrap_or(0));
 }
 
 /// Over budget: the caller holds the item and retries; nothing is allowed by default.

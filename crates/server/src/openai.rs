@@ -209,19 +209,14 @@ pub(crate) async fn chat_completions(
         body.get("model").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| state.reasoner.model_id());
     let meta = ChunkMeta { id: format!("chatcmpl-{}", uuid::Uuid::now_v7().simple()), created: now_ms() / 1000, model };
     state.cascade.admit(1).await?;
+    let paid =
+        Paid { budgets: state.cascade.budgets.clone(), counted: state.classifier.clone(), cap: settings.max_tokens };
     if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
         let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
-        let paid = Paid {
-            budgets: state.cascade.budgets.clone(),
-            counted: state.classifier.clone(),
-            cap: settings.max_tokens,
-        };
         return Ok(stream_chat(state.reasoner.clone(), paid, request, meta, include_usage).into_response());
     }
     let started = Instant::now();
     let output = state.reasoner.reason(request).await;
-    let paid =
-        Paid { budgets: state.cascade.budgets.clone(), counted: state.classifier.clone(), cap: settings.max_tokens };
     paid.settle(effort, &output);
     let output = output.map_err(|e| ApiError::Unavailable(format!("the model failed: {e}")))?;
     metrics::histogram!("safeguard_chat_latency_seconds").record(started.elapsed().as_secs_f64());
@@ -262,16 +257,7 @@ impl Paid {
         self.budgets.charge_prompt(result.as_ref().ok().map(|output| &output.usage), self.cap);
         let policies = vec![CHAT_POLICY.to_string()];
         let trace = match result {
-            Ok(output) => PromptTrace {
-                policies,
-                prompt_sha256: output.prompt_sha256.clone(),
-                usage: output.usage,
-                timings: output.timings,
-                truncated: output.truncated,
-                final_token_prob: output.final_token_prob,
-                final_text: None,
-                error: None,
-            },
+            Ok(output) => PromptTrace::answered(policies, output),
             Err(error) => PromptTrace::failed(policies, error.to_string()),
         };
         self.counted.observe(effort, &trace);
