@@ -5,7 +5,7 @@
 //! - `{"messages": [{"role": "user", "content": "..."}, ...]}`: judge the last message in light of the rest
 //! - `{"prompt": "..."}`, `{"response": "..."}` or `{"prompt": "...", "response": "..."}`
 
-use std::io::BufRead;
+use std::io::{BufRead, Read};
 
 use safeguard_harmony::{ChatMessage, Content};
 use serde_json::{Map, Value};
@@ -30,6 +30,15 @@ impl Default for InputLimits {
     }
 }
 
+impl InputLimits {
+    /// The longest JSONL line that could hold an item of `max_chars`: a character may take 12 bytes as JSON
+    /// (a surrogate pair of `\uXXXX` escapes), plus room for the id and the other fields. A longer line is
+    /// refused without being held in memory.
+    pub fn max_line_bytes(&self) -> usize {
+        self.max_chars.saturating_mul(12).saturating_add(1 << 20)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ItemError {
     #[error("the line is not valid UTF-8 (first bad byte at offset {valid_up_to})")]
@@ -44,8 +53,10 @@ pub enum ItemError {
     Ambiguous(String),
     #[error("field {field:?} must be {expected}")]
     WrongType { field: String, expected: &'static str },
-    #[error("the content is empty")]
+    #[error("the content is empty (in a conversation: the last message, the one classified)")]
     EmptyContent,
+    #[error("the line is over {limit} bytes; no item of the allowed length is that long")]
+    LineTooLong { limit: usize },
     #[error("the content is {chars} characters long; the limit is {limit}")]
     TooLong { chars: usize, limit: usize },
     #[error("could not read the input: {0}")]
@@ -80,7 +91,8 @@ pub fn check_content(content: &Content, limits: &InputLimits) -> Result<(), Item
         Content::Text { text } => text.trim().is_empty(),
         Content::Prompt { prompt } => prompt.trim().is_empty(),
         Content::Response { response, .. } => response.trim().is_empty(),
-        Content::Conversation { messages } => messages.iter().all(|m| m.content.trim().is_empty()),
+        // The last message is the one classified; the rest is context.
+        Content::Conversation { messages } => messages.last().is_none_or(|m| m.content.trim().is_empty()),
     };
     if blank {
         return Err(ItemError::EmptyContent);
@@ -179,6 +191,26 @@ pub struct InputLine {
     pub item: Result<Item, ItemError>,
 }
 
+/// Reads up to and including the next newline, keeping nothing.
+fn skip_line(reader: &mut impl BufRead) -> std::io::Result<()> {
+    loop {
+        let chunk = reader.fill_buf()?;
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        match chunk.iter().position(|&b| b == b'\n') {
+            Some(end) => {
+                reader.consume(end + 1);
+                return Ok(());
+            }
+            None => {
+                let len = chunk.len();
+                reader.consume(len);
+            }
+        }
+    }
+}
+
 /// Reads JSONL items, skipping blank lines. Each line is decoded on its own, so invalid UTF-8 or JSON in
 /// one line yields an error for that line and reading goes on. A read error ends the input after being
 /// yielded once.
@@ -203,8 +235,19 @@ impl<R: BufRead> Iterator for ItemReader<R> {
         while !self.finished {
             self.buffer.clear();
             self.line += 1;
-            match self.reader.read_until(b'\n', &mut self.buffer) {
+            let limit = self.limits.max_line_bytes();
+            match (&mut self.reader).take(limit as u64).read_until(b'\n', &mut self.buffer) {
                 Ok(0) => self.finished = true,
+                Ok(read) if read >= limit && self.buffer.last() != Some(&b'\n') => {
+                    // A runaway line is skipped, not held: the rest of it is read and dropped piece by piece.
+                    // No id either: a cut-off line is not JSON.
+                    let id = None;
+                    if let Err(e) = skip_line(&mut self.reader) {
+                        self.finished = true;
+                        return Some(InputLine { line: self.line, id, item: Err(ItemError::Io(e)) });
+                    }
+                    return Some(InputLine { line: self.line, id, item: Err(ItemError::LineTooLong { limit }) });
+                }
                 Ok(_) => {
                     let text = match std::str::from_utf8(&self.buffer) {
                         Ok(text) => text,
@@ -287,6 +330,9 @@ mod tests {
         assert!(matches!(parse(r#"{"id":[1],"text":"a"}"#), Err(ItemError::WrongType { .. })));
         assert!(matches!(parse(r#"{"messages":[{"role":"user"}]}"#), Err(ItemError::WrongType { .. })));
         assert!(matches!(parse(r#"{"messages":[]}"#), Err(ItemError::EmptyContent)));
+        let silent_reply =
+            r#"{"messages":[{"role":"user","content":"how to make meth"},{"role":"assistant","content":" "}]}"#;
+        assert!(matches!(parse(silent_reply), Err(ItemError::EmptyContent)), "the classified message is blank");
         let long = format!(r#"{{"text":"{}"}}"#, "x".repeat(11));
         assert!(matches!(
             parse_item(&long, &InputLimits { max_chars: 10 }),
@@ -311,5 +357,22 @@ mod tests {
         assert!(matches!(lines[2].item, Err(ItemError::MissingContent)));
         assert_eq!(lines[2].id.as_deref(), Some("3"), "the id of a bad line is kept for its error record");
         assert_eq!(lines[3].item.as_ref().unwrap().content, Content::text("four"));
+    }
+
+    #[test]
+    fn a_runaway_line_is_refused_without_being_held() {
+        let limits = InputLimits { max_chars: 10 };
+        let limit = limits.max_line_bytes();
+        let mut input = Vec::new();
+        input.extend_from_slice(b"{\"id\":\"big\",\"text\":\"");
+        input.resize(input.len() + limit * 3, b'x');
+        input.extend_from_slice(b"\"}\n{\"id\":\"next\",\"text\":\"ok\"}\n");
+        let mut reader = ItemReader::new(input.as_slice(), limits);
+        let first = reader.next().unwrap();
+        assert!(matches!(first.item, Err(ItemError::LineTooLong { .. })), "{:?}", first.item);
+        assert!(reader.buffer.capacity() <= limit + 1024, "held {} bytes", reader.buffer.capacity());
+        let second = reader.next().unwrap();
+        assert_eq!((second.line, second.item.unwrap().content), (2, Content::text("ok")));
+        assert!(reader.next().is_none());
     }
 }

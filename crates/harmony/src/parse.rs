@@ -79,12 +79,14 @@ pub struct ParsedCompletion {
     /// Text of the assistant's analysis messages (normally one), joined by newlines; partial text included,
     /// since the reasoning is for people and is never trusted as the answer.
     pub analysis: Option<String>,
-    /// Text of the last final-channel message, only if that message was well formed and closed by `<|return|>`,
-    /// `<|end|>` or `<|endoftext|>`. Not trimmed.
+    /// Text of the last final-channel message, only if that message was well formed, closed by `<|return|>`,
+    /// `<|end|>` or `<|endoftext|>`, and the last message of a turn that did not end in a tool call. When the
+    /// model wrote several final messages, all of their texts, one per line, so that a change of mind reads as
+    /// two answers. Not trimmed.
     pub final_text: Option<String>,
     pub end: CompletionEnd,
-    /// Text of the last final-channel message when it was NOT properly closed (cut off, interrupted, malformed
-    /// header). Never a decision; useful for diagnostics.
+    /// Text of the last final-channel message when it is not an answer (cut off, interrupted, malformed header,
+    /// or followed by more of the turn). Never a decision; useful for diagnostics.
     pub partial_final: Option<String>,
     /// Every message, in order, including commentary and malformed ones.
     pub messages: Vec<ParsedMessage>,
@@ -428,8 +430,22 @@ fn summarize(messages: Vec<ParsedMessage>, end: CompletionEnd, ignored_tokens: u
         messages.iter().filter(|m| is_assistant_channel(m, "analysis")).map(|m| m.text.as_str()).collect();
     let analysis = if analysis_parts.is_empty() { None } else { Some(analysis_parts.join("\n")) };
 
-    let (final_text, partial_final) = match messages.iter().rev().find(|m| is_assistant_channel(m, "final")) {
-        Some(last) if last.well_formed && last.close.completes_answer() => (Some(last.text.clone()), None),
+    let finals: Vec<&ParsedMessage> = messages.iter().filter(|m| is_assistant_channel(m, "final")).collect();
+    // The answer is the turn's last word: a final message followed by anything else (more reasoning, a tool call)
+    // was not where the model ended up, so it answers nothing.
+    let ends_the_turn =
+        |m: &ParsedMessage| messages.last().is_some_and(|last| std::ptr::eq(last, m)) && end != CompletionEnd::Called;
+    let (final_text, partial_final) = match finals.last() {
+        Some(last) if last.well_formed && last.close.completes_answer() && ends_the_turn(last) => {
+            // Several final messages are all read, so that an earlier "1" and a later "0" conflict instead of the
+            // later one silently winning.
+            let text = if finals.len() == 1 {
+                last.text.clone()
+            } else {
+                finals.iter().map(|m| m.text.as_str()).collect::<Vec<_>>().join("\n")
+            };
+            (Some(text), None)
+        }
         Some(last) => (None, Some(last.text.clone())),
         None => (None, None),
     };

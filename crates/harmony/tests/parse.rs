@@ -193,6 +193,30 @@ fn a_later_unfinished_final_overrides_an_earlier_closed_one() {
     assert_eq!(parsed.partial_final.as_deref(), Some("1 because"));
 }
 
+/// A final message is an answer only as the turn's last word: not when the model goes on to reason or call a
+/// tool, and two final messages are both read, so that a change of mind is a conflict, not a silent override.
+#[test]
+fn a_final_message_answers_only_as_the_last_word_of_the_turn() {
+    let final_then = |pieces: &[Piece]| {
+        let mut all = vec![Id(CHANNEL), Text("final"), Id(MESSAGE), Text("0"), Id(END), Id(START), Text("assistant")];
+        all.extend(pieces.iter().map(|p| match p {
+            Id(id) => Id(*id),
+            Text(t) => Text(t),
+        }));
+        parse_completion(&seq(&all))
+    };
+    let called = final_then(&[Id(CHANNEL), Text("commentary to=functions.lookup"), Id(MESSAGE), Text("{}"), Id(CALL)]);
+    assert_eq!((called.final_text, called.end), (None, CompletionEnd::Called));
+    assert_eq!(called.partial_final.as_deref(), Some("0"));
+
+    let reasoned_on = final_then(&[Id(CHANNEL), Text("analysis"), Id(MESSAGE), Text("wait, it is phishing"), Id(END)]);
+    assert_eq!(reasoned_on.final_text, None);
+
+    let changed_mind = final_then(&[Id(CHANNEL), Text("final"), Id(MESSAGE), Text("1"), Id(RETURN)]);
+    assert_eq!(changed_mind.final_text.as_deref(), Some("0\n1"));
+    assert_eq!(changed_mind.end, CompletionEnd::Returned);
+}
+
 #[test]
 fn tokens_after_the_stop_token_are_ignored() {
     let mut tokens = standard("x", "1");

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use safeguard_core::Usage;
+use safeguard_core::{Decision, Usage};
 
 /// The reasoning budget is spent: hold the item (pending) and try again after `retry_after`.
 #[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
@@ -125,6 +125,15 @@ impl Budgets {
     /// engine may still be decoding it.
     pub fn charge_prompt(&self, usage: Option<&Usage>, max_tokens: Option<usize>) {
         self.charge(usage.map_or(max_tokens.unwrap_or(0), Usage::billed_tokens));
+    }
+
+    /// Pays for a decision: the tokens its answered prompts spent, and the completion cap of each failed one. The
+    /// one rule for every path (direct, batch, job, cascade step, NATS): a failure reports no usage, yet a timed-out
+    /// prompt may still be decoding and a failing backend should not be asked again at full rate, so a failure
+    /// costs what the prompt could have cost.
+    pub fn charge_decision(&self, decision: &Decision, max_tokens: Option<usize>) {
+        let failed = decision.prompts.iter().filter(|prompt| prompt.error.is_some()).count();
+        self.charge(decision.usage.billed_tokens() + failed * max_tokens.unwrap_or(0));
     }
 }
 

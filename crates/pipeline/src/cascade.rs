@@ -565,15 +565,18 @@ impl Pipeline {
             ..ClassifyOptions::default()
         };
         let started = Instant::now();
+        let mut unpaid = UnpaidStep {
+            budgets: &self.budgets,
+            worst_case: self.config.max_tokens.unwrap_or(0) * selected.len(),
+            paid: false,
+        };
         let classify = self.classifier.classify(&selected, content, &options);
-        let mut timed_out = false;
         let decision = match self.config.stage_timeout {
             None => classify.await,
             Some(limit) => match tokio::time::timeout(limit, classify).await {
                 Ok(decision) => decision,
                 Err(_) => {
                     debug!(?limit, "reasoning stage timed out");
-                    timed_out = true;
                     let decision =
                         timed_out_decision(&selected, &options, self.classifier.reasoner().model_id(), limit);
                     // Dropped before the classifier could show them: counted here, as failed prompts.
@@ -584,14 +587,8 @@ impl Pipeline {
                 }
             },
         };
-        let spent = decision.usage.billed_tokens();
-        // A step cut off by its timeout reports nothing, but the engine may still be decoding it: charge what it
-        // may spend, where that is known.
-        self.budgets.charge(if timed_out {
-            spent.max(self.config.max_tokens.unwrap_or(0) * selected.len())
-        } else {
-            spent
-        });
+        self.budgets.charge_decision(&decision, self.config.max_tokens);
+        unpaid.paid = true;
         let elapsed = started.elapsed();
         metrics::histogram!("safeguard_pipeline_stage_seconds", "stage" => Stage::reasoning(effort).as_str())
             .record(elapsed.as_secs_f64());
@@ -602,6 +599,22 @@ impl Pipeline {
             decision_id: Some(decision.id),
         };
         (decision, record)
+    }
+}
+
+/// Pays a reasoning step's worst case (its completion cap per prompt) if the step is dropped before it could pay
+/// for itself: a client that hangs up drops the request's future, but the engine may go on decoding.
+struct UnpaidStep<'a> {
+    budgets: &'a Budgets,
+    worst_case: usize,
+    paid: bool,
+}
+
+impl Drop for UnpaidStep<'_> {
+    fn drop(&mut self) {
+        if !self.paid {
+            self.budgets.charge(self.worst_case);
+        }
     }
 }
 
@@ -680,11 +693,16 @@ fn apply_verdict(route: &mut PolicyRoute, decision: &Decision, slot: usize, stag
     route.decided_by = stage;
 }
 
-/// The `flag` rules that matched, if any did.
+/// The `flag` rules that matched, if any did: each once, in the order they first matched (the evidence has a
+/// span per match, and a rule repeated per span made the decision grow with the text).
 fn flagged_rules(result: &TriageResult) -> Option<Vec<String>> {
     let evidence = &result.rule_match.as_ref()?.evidence;
-    let rules: Vec<String> =
-        evidence.iter().filter(|span| span.action == RuleAction::Flag).map(|span| span.rule.clone()).collect();
+    let mut seen = std::collections::HashSet::new();
+    let rules: Vec<String> = evidence
+        .iter()
+        .filter(|span| span.action == RuleAction::Flag && seen.insert(span.rule.as_str()))
+        .map(|span| span.rule.clone())
+        .collect();
     (!rules.is_empty()).then_some(rules)
 }
 

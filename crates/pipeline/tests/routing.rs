@@ -40,6 +40,9 @@ impl Reasoner for Scripted {
         }
         let key = format!("{}=", req.effort);
         let answer = text.split_whitespace().find_map(|w| w.strip_prefix(&key)).unwrap_or("junk");
+        if answer == "fail" {
+            return Err(ReasonError::Backend("503 from the scripted backend".into()));
+        }
         let (answer, probability) = match answer.split_once('@') {
             Some((answer, probability)) => (answer, probability.parse().unwrap()),
             None => (answer, 0.9),
@@ -448,6 +451,36 @@ async fn a_token_budget_holds_items_back_after_an_expensive_one() {
     // 100 tokens spent from a bucket of 50 at 50 a second: a second of debt.
     assert!(deferred.retry_after > Duration::from_millis(900), "{:?}", deferred.retry_after);
     assert!(pipeline.decide(&[spam()], &Content::text("hi mom"), &RouteContext::default()).await.is_ok());
+}
+
+/// A failed step reports no usage, yet it is paid for at its completion cap, as on every direct path: a backend
+/// that fails is not asked again at full rate, and a timed-out prompt may still be decoding.
+#[tokio::test]
+async fn a_failed_step_is_charged_its_completion_cap() {
+    let config = RoutingConfig { max_tokens: Some(150), ..RoutingConfig::default() };
+    let (pipeline, reasoner) = build(config, None);
+    let pipeline = pipeline.with_token_budget(Arc::new(ReasoningBudget::new(100.0, 100)));
+    let failed = route(&pipeline, "x low=fail high=fail").await;
+    assert_eq!((failed.decided_by, failed.outcome), (Stage::HumanReview, Outcome::NeedsReview));
+    assert_eq!(reasoner.calls.lock().unwrap().len(), 2, "low failed, high failed");
+    assert_eq!(failed.usage.completion_tokens, 0, "nothing was reported");
+    // Two failed prompts at 150 each from a bucket of 100 at 100 a second: two seconds of debt.
+    let deferred = pipeline.decide(&[spam()], &Content::text("y low=0"), &RouteContext::default()).await.unwrap_err();
+    assert!(deferred.retry_after > Duration::from_millis(1900), "{:?}", deferred.retry_after);
+}
+
+/// A request whose client hangs up is dropped mid-step, but the engine may go on decoding: the step is paid at
+/// its completion cap all the same, so hanging up cannot dodge the token budget.
+#[tokio::test]
+async fn a_step_dropped_midway_is_still_paid_for() {
+    let config = RoutingConfig { max_tokens: Some(300), ..RoutingConfig::default() };
+    let (pipeline, reasoner) = build(config, Some(Duration::from_millis(500)));
+    let pipeline = pipeline.with_token_budget(Arc::new(ReasoningBudget::new(100.0, 100)));
+    let hung_up = tokio::time::timeout(Duration::from_millis(50), route(&pipeline, "x low=0")).await;
+    assert!(hung_up.is_err(), "the step was still running when it was dropped");
+    assert_eq!(reasoner.calls.lock().unwrap().len(), 1);
+    let deferred = pipeline.decide(&[spam()], &Content::text("y low=0"), &RouteContext::default()).await.unwrap_err();
+    assert!(deferred.retry_after > Duration::from_millis(1500), "{:?}", deferred.retry_after);
 }
 
 /// Every prompt the classifier's observer was shown, with its effort.

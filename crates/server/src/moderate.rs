@@ -66,16 +66,15 @@ impl CascadeState {
         self.budgets.admit(prompts, self.routing.max_budget_wait).await.map_err(deferred_error)
     }
 
-    /// Pays for the tokens a direct path's decision spent. A prompt that failed or timed out reports nothing, but
-    /// the engine may still be decoding it: it is charged its completion cap, where one was set (as the cascade
-    /// charges a stage cut off by its timeout).
+    /// Pays for the tokens a direct path's decision spent, failed prompts at their completion cap
+    /// ([`Budgets::charge_decision`], the cascade's rule too).
     pub(crate) fn charge(&self, decision: &Decision, max_tokens: Option<usize>) {
-        charge_decision(&self.budgets, decision, max_tokens)
+        self.budgets.charge_decision(decision, max_tokens)
     }
 
     /// [`Self::charge`] for a queued job's decision.
     pub(crate) fn charge_queued(&self, decision: &Decision, max_tokens: Option<usize>) {
-        charge_decision(&self.queue_budgets, decision, max_tokens)
+        self.queue_budgets.charge_decision(decision, max_tokens)
     }
 
     /// The cascade for these policies, for a request waiting on its answer; `max_tokens` overrides the configured
@@ -102,11 +101,6 @@ impl CascadeState {
         }
         pipeline
     }
-}
-
-fn charge_decision(budgets: &Budgets, decision: &Decision, max_tokens: Option<usize>) {
-    let failed = decision.prompts.iter().filter(|prompt| prompt.error.is_some()).count();
-    budgets.charge(decision.usage.billed_tokens() + failed * max_tokens.unwrap_or(0));
 }
 
 /// Over budget: the caller holds the item and retries; nothing is allowed by default.

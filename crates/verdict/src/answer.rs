@@ -37,11 +37,43 @@ impl ParsedAnswer {
 
 /// Parse a final answer. `required_fields` applies to JSON answers: each one absent is a `MissingField`.
 pub fn parse_answer(output: &OutputFormat, final_text: &str, required_fields: &[&str]) -> ParsedAnswer {
-    match output {
-        OutputFormat::Binary => parse_binary(final_text),
-        OutputFormat::Labels { violating, safe, escalate } => parse_labels(final_text, violating, safe, escalate),
-        OutputFormat::Json => parse_json(final_text, required_fields),
+    let parse_short = |text: &str| match output {
+        OutputFormat::Labels { violating, safe, escalate } => parse_labels(text, violating, safe, escalate),
+        _ => parse_binary(text),
+    };
+    let mut answer = match output {
+        OutputFormat::Json => return parse_json(final_text, required_fields),
+        _ => parse_short(final_text),
+    };
+    if let Some(outside) = around_fence(final_text) {
+        // The fence holds the answer, but words around it still count: "```0``` … so 1" is two answers, and an
+        // ESCALATE after the fence is still a request for a person.
+        let around = parse_short(&outside);
+        if let (Some(inside), Some(other)) = (answer.violation, around.violation)
+            && inside != other
+        {
+            answer.violation = None;
+            answer.push_flag(Flag::Unparseable {
+                detail: format!("the fenced answer and the text around it disagree in {}", excerpt(final_text)),
+            });
+        }
+        if around.flags.contains(&Flag::Escalated) {
+            answer.push_flag(Flag::Escalated);
+        }
     }
+    // A short answer may still cite rules ("1 (SP2.a)"): they are checked like a JSON answer's rule_ids.
+    let labels: Vec<String> = match output {
+        OutputFormat::Labels { violating, safe, escalate } => {
+            violating.iter().chain(safe).chain(escalate).map(|label| normalize_label(label)).collect()
+        }
+        _ => Vec::new(),
+    };
+    for (_, rule_id) in safeguard_policy::find_rule_ids(final_text) {
+        if !labels.iter().any(|label| label == rule_id) && !answer.rule_ids.iter().any(|known| known == rule_id) {
+            answer.rule_ids.push(rule_id.to_string());
+        }
+    }
+    answer
 }
 
 static ESCALATE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(?i)\bescalat\w*").expect("static regex"));
@@ -56,6 +88,30 @@ static FENCE: LazyLock<Regex> =
 /// The inside of the first code fence, or the whole text.
 fn unfence(text: &str) -> &str {
     FENCE.captures(text).and_then(|caps| caps.get(1)).map_or(text, |inner| inner.as_str())
+}
+
+/// The text before and after the first code fence, when there is one and anything is around it.
+fn around_fence(text: &str) -> Option<String> {
+    let fence = FENCE.find(text)?;
+    let around = format!("{}\n{}", &text[..fence.start()], &text[fence.end()..]);
+    (!around.trim().is_empty()).then_some(around)
+}
+
+/// Words that turn the label after them around: "not safe" is no "safe".
+const NEGATIONS: [&str; 8] = ["NOT", "NO", "ISN'T", "ISNT", "NEVER", "NOR", "NEITHER", "HARDLY"];
+
+/// True when the word before `at` in an uppercased text negates what follows.
+fn negated_before(haystack: &str, at: usize) -> bool {
+    let head = haystack[..at].trim_end_matches(|c: char| !c.is_alphanumeric() && c != '\'');
+    let word = head.rsplit(|c: char| !c.is_alphanumeric() && c != '\'').next().unwrap_or("");
+    NEGATIONS.contains(&word)
+}
+
+/// A bare digit that names what a digit means ("0 = safe", "1: violation", "1 means spam") is a legend, not an
+/// answer.
+fn is_legend(text: &str, digit_end: usize) -> bool {
+    let rest = text[digit_end..].trim_start();
+    rest.starts_with(['=', ':']) || rest.starts_with("->") || rest.starts_with('→') || rest.starts_with("means")
 }
 
 /// Trim whitespace and the punctuation models wrap answers in: `**1**`, `"INVALID".`, `(0)`.
@@ -118,10 +174,11 @@ fn parse_binary(final_text: &str) -> ParsedAnswer {
         other => match word_answer(other) {
             Some(value) => Ok(Some(value)),
             None if text.contains('{') => match violation_from_json(text) {
-                Some((value, label)) => {
+                Some(Ok((value, label))) => {
                     answer.label = label;
                     Ok(Some(value))
                 }
+                Some(Err(detail)) => Err(detail),
                 None => binary_from_prose(text),
             },
             None => binary_from_prose(text),
@@ -147,22 +204,45 @@ fn parse_binary(final_text: &str) -> ParsedAnswer {
 }
 
 /// A `{"violation": …}` object inside a binary or labels answer: the meaning is clear even if the format is off.
-fn violation_from_json(text: &str) -> Option<(bool, Option<String>)> {
+/// `None` when there is no such object; an error when one of them says nothing clear or they disagree, since the
+/// digits inside them must not then be read as prose.
+fn violation_from_json(text: &str) -> Option<Result<(bool, Option<String>), String>> {
     let objects = json_objects(text);
     let mut values = objects
         .iter()
         .filter_map(answer_object)
         .filter_map(|object| object.get("violation"))
-        .map(|value| (coerce_violation(value).ok().flatten(), value_text(value)));
+        .map(|value| (coerce_violation(value), value_text(value)));
     let (first, label) = values.next()?;
-    let first = first?;
-    values.all(|(value, _)| value == Some(first)).then_some((first, label))
+    let first = match first {
+        Ok(Some(first)) => first,
+        Ok(None) => return Some(Err(format!("\"violation\" says nothing clear in {}", excerpt(text)))),
+        Err(detail) => return Some(Err(detail)),
+    };
+    for (value, _) in values {
+        match value {
+            Ok(Some(value)) if value == first => {}
+            Ok(_) => return Some(Err(format!("JSON answers disagree on \"violation\" in {}", excerpt(text)))),
+            Err(detail) => return Some(Err(detail)),
+        }
+    }
+    Some(Ok((first, label)))
 }
 
 /// Prose such as "Answer: 1" or "The content is spam, so 1." One distinct candidate decides; two do not.
 fn binary_from_prose(text: &str) -> Result<Option<bool>, String> {
     let keyed = digit_candidates(text, &KEYED_DIGIT);
-    let candidates = if keyed.is_empty() { digit_candidates(text, &BARE_DIGIT) } else { keyed };
+    let candidates = match keyed.last() {
+        None => digit_candidates(text, &BARE_DIGIT),
+        // A keyed digit ("Answer: 0") outranks bare ones before it, such as a legend, but not a bare digit after
+        // it: "Answer: 0. On reflection it is phishing, so 1." is two answers.
+        Some(&(last_keyed, _)) => {
+            let later = digit_candidates(text, &BARE_DIGIT)
+                .into_iter()
+                .filter(|&(start, digit)| start > last_keyed && !is_legend(text, start + digit.len()));
+            keyed.iter().copied().chain(later).collect()
+        }
+    };
     let has_zero = candidates.iter().any(|(_, digit)| *digit == "0");
     let has_one = candidates.iter().any(|(_, digit)| *digit == "1");
     match (has_zero, has_one) {
@@ -217,10 +297,20 @@ fn parse_labels(final_text: &str, violating: &[String], safe: &[String], escalat
     labels.sort_by_key(|(label, _, _)| std::cmp::Reverse(label.len()));
     let mut haystack = normalize_label(text);
     let mut found: Vec<(String, Option<bool>, bool)> = Vec::new();
+    let mut negated: Option<String> = None;
     for (label, value, escalated) in labels {
         let pattern = format!(r"(^|[^A-Z0-9_]){}($|[^A-Z0-9_])", regex::escape(&label));
         let Ok(regex) = Regex::new(&pattern) else { continue };
-        if regex.is_match(&haystack) {
+        let mut matched = false;
+        for caps in regex.captures_iter(&haystack) {
+            matched = true;
+            if let Some(prefix) = caps.get(1)
+                && negated_before(&haystack, prefix.end())
+            {
+                negated.get_or_insert_with(|| label.clone());
+            }
+        }
+        if matched {
             found.push((label.clone(), value, escalated));
             haystack = regex.replace_all(&haystack, "${1} ${2}").into_owned();
         }
@@ -229,16 +319,25 @@ fn parse_labels(final_text: &str, violating: &[String], safe: &[String], escalat
     let values: Vec<bool> = found.iter().filter_map(|(_, value, _)| *value).collect();
     let any_true = values.contains(&true);
     let any_false = values.contains(&false);
-    if any_true && any_false {
+    if let Some(label) = negated {
+        // "Not safe." is not the safe label, and guessing the opposite label would be reading an answer in.
+        answer.push_flag(Flag::Unparseable { detail: format!("the label {label} is negated in {}", excerpt(text)) });
+    } else if any_true && any_false {
         answer.push_flag(Flag::Unparseable {
             detail: format!("both violating and safe labels appear in {}", excerpt(text)),
         });
     } else if any_true || any_false {
         answer.violation = Some(any_true);
         answer.label = found.first().map(|(label, _, _)| label.clone());
-    } else if let Some((value, label)) = violation_from_json(text) {
-        answer.violation = Some(value);
-        answer.label = label;
+    } else {
+        match violation_from_json(text) {
+            Some(Ok((value, label))) => {
+                answer.violation = Some(value);
+                answer.label = label;
+            }
+            Some(Err(detail)) => answer.push_flag(Flag::Unparseable { detail }),
+            None => {}
+        }
     }
     if escalated {
         answer.label.get_or_insert_with(|| "ESCALATE".to_string());
@@ -475,7 +574,8 @@ fn parse_json(final_text: &str, required_fields: &[&str]) -> ParsedAnswer {
         .map(|object| object.get("violation").and_then(|value| coerce_violation(value).ok().flatten()))
         .collect();
     let mut answer = answer_from_object(last, required_fields);
-    if values.iter().flatten().any(|value| Some(*value) != answer.violation) {
+    // Every answer object must say the same clear thing: an earlier one that says nothing clear is not outvoted.
+    if values.iter().any(|value| *value != answer.violation) {
         answer.violation = None;
         answer.push_flag(Flag::Unparseable {
             detail: format!("{} JSON answers disagree on \"violation\"", answers.len()),

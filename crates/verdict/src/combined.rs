@@ -96,8 +96,16 @@ fn spellings(key: &str) -> Vec<String> {
 
 /// The last sentence of the reasoning that names `key` and no other policy, e.g. "For spam, it's not spam."
 fn sentence_about(analysis: &str, keys: &[String], key: &str) -> Option<String> {
-    let mentions =
-        |sentence: &str, key: &str| spellings(key).iter().any(|spelling| sentence.contains(spelling.as_str()));
+    // Whole words only: "sexual" is not mentioned by "homosexual", nor "hate" by "whatever".
+    let mentions = |sentence: &str, key: &str| {
+        spellings(key).iter().any(|spelling| {
+            sentence.match_indices(spelling.as_str()).any(|(at, found)| {
+                let before = sentence[..at].chars().next_back();
+                let after = sentence[at + found.len()..].chars().next();
+                !before.is_some_and(char::is_alphanumeric) && !after.is_some_and(char::is_alphanumeric)
+            })
+        })
+    };
     analysis.split(['.', '\n', ';', '!', '?']).rev().map(str::to_lowercase).find(|sentence| {
         mentions(sentence, key)
             && keys.iter().filter(|other| other.as_str() != key).all(|other| !mentions(sentence, other))

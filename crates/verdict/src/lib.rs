@@ -198,15 +198,25 @@ fn validate(policy: &Policy, verdict: &mut Verdict, analysis: Option<&str>) {
     }
     if let (Some(violation), Some(analysis)) = (verdict.violation, analysis)
         && let Some(conclusion) = reasoning_conclusion(analysis, &policy.meta.output)
-        && conclusion.violation != violation
     {
-        verdict.push_flag(Flag::ReasoningDisagrees {
-            detail: format!(
-                "the reasoning ends with \"{}\" but the final answer says {}",
-                conclusion.phrase,
-                if violation { "violation" } else { "no violation" }
-            ),
-        });
+        match &conclusion.contested_by {
+            // Reasoning that ends on both sides backs a violation (one side of it says so) but never an allow.
+            Some(other) if !violation => verdict.push_flag(Flag::ReasoningDisagrees {
+                detail: format!(
+                    "the reasoning ends on both sides (\"{other}\", \"{}\") but the final answer says no violation",
+                    conclusion.phrase
+                ),
+            }),
+            Some(_) => {}
+            None if conclusion.violation != violation => verdict.push_flag(Flag::ReasoningDisagrees {
+                detail: format!(
+                    "the reasoning ends with \"{}\" but the final answer says {}",
+                    conclusion.phrase,
+                    if violation { "violation" } else { "no violation" }
+                ),
+            }),
+            None => {}
+        }
     }
     if verdict.violation == Some(true) && escalates(policy, verdict) {
         verdict.push_flag(Flag::Escalated);

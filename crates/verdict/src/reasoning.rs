@@ -4,6 +4,8 @@
 //! "label 0", "answer: 1", "=> INVALID", "not spam", `"violation": 1`) in the tail of the analysis and take
 //! the one that ends last; of two ending at the same place, the longer (negated) one. Negations after the verb
 //! ("violates nothing") cancel a phrase. No phrase found means no conclusion, and no disagreement is reported.
+//! A last sentence that describes both sides ("a violation of SP2.a, not a scam") is contested: it never
+//! supports a "safe" answer.
 
 use std::sync::LazyLock;
 
@@ -19,6 +21,9 @@ pub struct Conclusion {
     pub violation: bool,
     /// The phrase that decided it, as written.
     pub phrase: String,
+    /// A phrase in the same last sentence that concludes the opposite ("it's a violation of SP2.a, not a
+    /// scam"): the reasoning did not settle on one side, so it can support neither answer on its own.
+    pub contested_by: Option<String>,
 }
 
 const HARM_NOUNS: &str = r"violation|violating|violative|spam|phishing|a scam|harassment|hate speech|hateful|prompt injection|a jailbreak|disallowed|prohibited|not allowed";
@@ -64,6 +69,8 @@ struct Match {
     start: usize,
     end: usize,
     violation: bool,
+    /// A stated answer ("label 0", "=> INVALID") rather than a description: it settles its sentence.
+    explicit: bool,
 }
 
 fn tail(text: &str) -> &str {
@@ -87,9 +94,27 @@ fn label_matches(text: &str, output: &OutputFormat, found: &mut Vec<Match>) {
     for (label, violation) in labels {
         let pattern = format!(r"(?i){cue}{}\b", regex::escape(label.trim()));
         if let Ok(regex) = Regex::new(&pattern) {
-            found.extend(regex.find_iter(text).map(|m| Match { start: m.start(), end: m.end(), violation }));
+            found.extend(regex.find_iter(text).map(|m| Match {
+                start: m.start(),
+                end: m.end(),
+                violation,
+                explicit: true,
+            }));
         }
     }
+}
+
+/// Where the sentence that `head` ends in begins: after the last `.`, `!` or `?` followed by a space (not the
+/// dot inside "SP2.a"), or the last line break.
+fn sentence_start(head: &str) -> usize {
+    let bytes = head.as_bytes();
+    (0..bytes.len())
+        .rev()
+        .find(|&at| {
+            bytes[at] == b'\n'
+                || matches!(bytes[at], b'.' | b'!' | b'?') && bytes.get(at + 1).is_some_and(u8::is_ascii_whitespace)
+        })
+        .map_or(0, |at| at + 1)
 }
 
 /// The conclusion at the end of the reasoning, if a known phrase states one.
@@ -107,6 +132,7 @@ pub fn reasoning_conclusion(analysis: &str, output: &OutputFormat) -> Option<Con
                 start: m.start(),
                 end: m.end(),
                 violation,
+                explicit: false,
             }));
         }
     }
@@ -115,7 +141,12 @@ pub fn reasoning_conclusion(analysis: &str, output: &OutputFormat) -> Option<Con
         let rest = text[whole.end()..].trim_start();
         let restates_format = rest.starts_with("or ") || rest.starts_with('/') || rest.starts_with("and ");
         if !restates_format {
-            found.push(Match { start: whole.start(), end: whole.end(), violation: digit.as_str() == "1" });
+            found.push(Match {
+                start: whole.start(),
+                end: whole.end(),
+                violation: digit.as_str() == "1",
+                explicit: true,
+            });
         }
     }
     label_matches(text, output, &mut found);
@@ -123,5 +154,18 @@ pub fn reasoning_conclusion(analysis: &str, output: &OutputFormat) -> Option<Con
     // The phrase that ends last wins; of two ending together, the longer one (it holds the negation).
     let chosen = found.iter().max_by_key(|m| (m.end, std::cmp::Reverse(m.start)))?;
     let phrase = text[chosen.start..chosen.end].trim().to_string();
-    Some(Conclusion { violation: chosen.violation, phrase })
+    // Within the last sentence, an opposite description that does not overlap the chosen phrase contests it,
+    // unless the chosen phrase states the answer outright.
+    let sentence_start = sentence_start(&text[..chosen.start]);
+    let contested_by = (!chosen.explicit)
+        .then(|| {
+            found.iter().find(|other| {
+                other.violation != chosen.violation
+                    && other.start >= sentence_start
+                    && (other.end <= chosen.start || other.start >= chosen.end)
+            })
+        })
+        .flatten()
+        .map(|other| text[other.start..other.end].trim().to_string());
+    Some(Conclusion { violation: chosen.violation, phrase, contested_by })
 }

@@ -98,6 +98,63 @@ fn labels_answers_table() {
     assert_eq!(escalated.label.as_deref(), Some("INVALID + ESCALATE"));
 }
 
+/// An answer that says two things, or says one thing and negates it, is never read as the safe one.
+#[test]
+fn answers_that_say_two_things_are_never_an_allow() {
+    let binary = binary_policy();
+    let review = |policy: &Policy, text: &str| {
+        let verdict = judge(policy, None, Some(text), false);
+        assert_eq!(verdict.outcome, Outcome::NeedsReview, "{text:?}: {verdict:?}");
+        verdict
+    };
+    // Words around a fenced answer still count.
+    let fenced = review(&binary, "```\n0\n```\nOn reflection the link is a phishing lure, so 1.");
+    assert!(has_unparseable(&fenced) && fenced.violation.is_none(), "{fenced:?}");
+    let escalated = review(&binary, "```\n0\n```\nESCALATE");
+    assert!(escalated.flags.contains(&Flag::Escalated), "{escalated:?}");
+    let explained = judge(&binary, None, Some("```\n0\n```\nA personal question (SP0.a)."), false);
+    assert_eq!(explained.outcome, Outcome::Allow, "prose without another answer: {explained:?}");
+    // A keyed answer outranks a legend before it, not a second answer after it.
+    assert!(has_unparseable(&review(&binary, "Answer: 0. On reflection it is phishing, so 1.")));
+    assert_eq!(judge(&binary, None, Some("Answer: 0 (1 = violation, 0 = safe)"), false).outcome, Outcome::Allow);
+    // JSON objects inside a short answer: one that says nothing clear is not outvoted by another.
+    assert!(has_unparseable(&review(&binary, r#"{"violation": "unclear"} {"violation": 0}"#)));
+    assert!(has_unparseable(&review(&binary, r#"{"violation": 0} {"violation": 1}"#)));
+    let json = json_policy();
+    let full = r#"{"violation": 0, "policy_category": null, "rule_ids": [], "confidence": "high", "rationale": "x"}"#;
+    assert!(has_unparseable(&review(&json, &format!(r#"{{"violation": "unclear"}} {full}"#))));
+    // A negated label is no label.
+    let labels = labels_policy();
+    for text in ["Not VALID.", "It is not INVALID.", "The post isn't VALID"] {
+        assert!(has_unparseable(&review(&labels, text)), "{text:?}");
+    }
+    // Rules cited in a short answer must exist, as in a JSON one.
+    let cited = review(&binary, "1 (SP9.z)");
+    assert_eq!(cited.flags, vec![Flag::HallucinatedRule { rule_id: "SP9.z".into() }]);
+    let known = judge(&binary, None, Some("1 (SP2.a)"), false);
+    assert_eq!((known.outcome, known.rule_ids.clone()), (Outcome::Violation, vec!["SP2.a".to_string()]));
+    assert_eq!(judge(&labels, None, Some("INVALID (SP2.a)"), false).outcome, Outcome::Violation);
+}
+
+/// A last sentence that lands on both sides backs a violation, never an allow.
+#[test]
+fn contested_reasoning_never_backs_an_allow() {
+    let policy = binary_policy();
+    let analysis = "The sender pushes a coupon. So it's a violation of SP2.a, not a scam.";
+    let conclusion = reasoning_conclusion(analysis, &OutputFormat::Binary).unwrap();
+    assert_eq!(conclusion.contested_by.as_deref(), Some("it's a violation"), "{conclusion:?}");
+    let allowed = judge(&policy, Some(analysis), Some("0"), false);
+    assert!(
+        matches!(allowed.flags.as_slice(), [Flag::ReasoningDisagrees { .. }])
+            && allowed.outcome == Outcome::NeedsReview,
+        "{allowed:?}"
+    );
+    assert_eq!(judge(&policy, Some(analysis), Some("1 (SP2.a)"), false).outcome, Outcome::Violation);
+    // A stated answer settles its sentence: "not a scam, so the label is 0" is not contested.
+    let stated = reasoning_conclusion("It is a violation? No: not a scam, so the label is 0.", &OutputFormat::Binary);
+    assert_eq!(stated.map(|c| (c.violation, c.contested_by)), Some((false, None)));
+}
+
 #[test]
 fn json_answers_table() {
     let policy = json_policy();
@@ -350,6 +407,10 @@ fn combined_round_trip() {
     let analysis = "Spam: a credential lure, so it's spam. For hate, it clearly violates HT2.a. Done.";
     let verdicts = judge_combined(&policies, Some(analysis), Some(final_text), false);
     assert_eq!(verdicts[0].outcome, Outcome::Violation, "{:?}", verdicts[0]);
+    assert!(matches!(verdicts[1].flags.as_slice(), [Flag::ReasoningDisagrees { .. }]), "{:?}", verdicts[1]);
+    // Policy names are whole words: "homosexual" does not name the sexual policy, so this sentence is about hate.
+    let worded = "Calling a homosexual couple vermin is hate, it clearly violates HT2.a.";
+    let verdicts = judge_combined(&policies, Some(worded), Some(final_text), false);
     assert!(matches!(verdicts[1].flags.as_slice(), [Flag::ReasoningDisagrees { .. }]), "{:?}", verdicts[1]);
     let mixed = "Spam is a violation but hate is not.";
     let verdicts = judge_combined(&policies, Some(mixed), Some(final_text), false);
