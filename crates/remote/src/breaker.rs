@@ -11,6 +11,17 @@ pub enum BreakerState {
     HalfOpen,
 }
 
+/// The breaker's leave for one request to go out, handed back when the request ends. Only the request that took
+/// the probe slot may free it or decide the half-open breaker: a request sent while the breaker was closed that
+/// ends after it opened says nothing about the server as it is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ticket {
+    /// Sent while the breaker was closed.
+    Regular,
+    /// The one request let through a half-open breaker.
+    Probe,
+}
+
 #[derive(Debug)]
 pub struct Breaker {
     threshold: u32,
@@ -33,37 +44,53 @@ impl Breaker {
         }
     }
 
-    /// Whether a request may go out now. In half-open state only one probe is let through at a time.
-    pub fn try_acquire(&mut self, now: Instant) -> bool {
+    /// Whether a request may go out now, and as what. In half-open state only one probe is let through at a time.
+    pub fn try_acquire(&mut self, now: Instant) -> Option<Ticket> {
         match self.state(now) {
-            BreakerState::Closed => true,
-            BreakerState::Open => false,
-            BreakerState::HalfOpen if self.probe_in_flight => false,
+            BreakerState::Closed => Some(Ticket::Regular),
+            BreakerState::Open => None,
+            BreakerState::HalfOpen if self.probe_in_flight => None,
             BreakerState::HalfOpen => {
                 self.probe_in_flight = true;
-                true
+                Some(Ticket::Probe)
             }
         }
     }
 
-    pub fn on_success(&mut self) {
-        self.consecutive_failures = 0;
-        self.opened_at = None;
-        self.probe_in_flight = false;
+    pub fn on_success(&mut self, ticket: Ticket) {
+        match ticket {
+            Ticket::Probe => {
+                self.consecutive_failures = 0;
+                self.opened_at = None;
+                self.probe_in_flight = false;
+            }
+            // Once the breaker has opened, only its probe may close it.
+            Ticket::Regular if self.opened_at.is_none() => self.consecutive_failures = 0,
+            Ticket::Regular => {}
+        }
     }
 
-    /// The request that took the probe slot was given up before it finished: it says nothing about the
-    /// server, but the next request must be free to probe.
-    pub fn on_abandoned(&mut self) {
-        self.probe_in_flight = false;
+    /// A request given up before it finished: it says nothing about the server, but if it held the probe slot,
+    /// the next request must be free to probe.
+    pub fn on_abandoned(&mut self, ticket: Ticket) {
+        if ticket == Ticket::Probe {
+            self.probe_in_flight = false;
+        }
     }
 
-    pub fn on_failure(&mut self, now: Instant) {
-        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
-        let failed_probe = self.probe_in_flight;
-        self.probe_in_flight = false;
-        if failed_probe || self.consecutive_failures >= self.threshold {
-            self.opened_at = Some(now);
+    pub fn on_failure(&mut self, ticket: Ticket, now: Instant) {
+        match ticket {
+            Ticket::Probe => {
+                self.probe_in_flight = false;
+                self.opened_at = Some(now);
+            }
+            Ticket::Regular => {
+                self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+                // Already open, the breaker waits for its probe; a late failure must not restart the cooldown.
+                if self.opened_at.is_none() && self.consecutive_failures >= self.threshold {
+                    self.opened_at = Some(now);
+                }
+            }
         }
     }
 }
@@ -77,18 +104,18 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Breaker::new(3, Duration::from_secs(10));
         for _ in 0..2 {
-            assert!(b.try_acquire(t0));
-            b.on_failure(t0);
+            assert_eq!(b.try_acquire(t0), Some(Ticket::Regular));
+            b.on_failure(Ticket::Regular, t0);
         }
         assert_eq!(b.state(t0), BreakerState::Closed);
-        b.on_failure(t0);
+        b.on_failure(Ticket::Regular, t0);
         assert_eq!(b.state(t0), BreakerState::Open);
-        assert!(!b.try_acquire(t0 + Duration::from_secs(5)));
+        assert_eq!(b.try_acquire(t0 + Duration::from_secs(5)), None);
 
         let later = t0 + Duration::from_secs(11);
-        assert!(b.try_acquire(later), "one probe after the cooldown");
-        assert!(!b.try_acquire(later), "only one probe at a time");
-        b.on_success();
+        assert_eq!(b.try_acquire(later), Some(Ticket::Probe), "one probe after the cooldown");
+        assert_eq!(b.try_acquire(later), None, "only one probe at a time");
+        b.on_success(Ticket::Probe);
         assert_eq!(b.state(later), BreakerState::Closed);
     }
 
@@ -96,22 +123,49 @@ mod tests {
     fn an_abandoned_probe_frees_the_slot_without_closing() {
         let t0 = Instant::now();
         let mut b = Breaker::new(1, Duration::from_secs(1));
-        b.on_failure(t0);
+        b.on_failure(Ticket::Regular, t0);
         let later = t0 + Duration::from_secs(2);
-        assert!(b.try_acquire(later));
-        b.on_abandoned();
+        let probe = b.try_acquire(later);
+        assert_eq!(probe, Some(Ticket::Probe));
+        b.on_abandoned(Ticket::Probe);
         assert_eq!(b.state(later), BreakerState::HalfOpen);
-        assert!(b.try_acquire(later), "the next request may probe");
+        assert_eq!(b.try_acquire(later), Some(Ticket::Probe), "the next request may probe");
     }
 
     #[test]
     fn a_failed_probe_reopens_at_once() {
         let t0 = Instant::now();
         let mut b = Breaker::new(1, Duration::from_secs(1));
-        b.on_failure(t0);
+        b.on_failure(Ticket::Regular, t0);
         let later = t0 + Duration::from_secs(2);
-        assert!(b.try_acquire(later));
-        b.on_failure(later);
+        assert_eq!(b.try_acquire(later), Some(Ticket::Probe));
+        b.on_failure(Ticket::Probe, later);
         assert_eq!(b.state(later), BreakerState::Open);
+    }
+
+    /// Requests sent while the breaker was closed and ending after it went half-open neither free the probe's
+    /// slot nor decide the breaker: only the probe does.
+    #[test]
+    fn requests_from_before_the_breaker_opened_leave_the_probe_alone() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(1, Duration::from_secs(1));
+        let old: Vec<Ticket> = (0..3).filter_map(|_| b.try_acquire(t0)).collect();
+        assert_eq!(old, [Ticket::Regular; 3]);
+        b.on_failure(Ticket::Regular, t0);
+        let later = t0 + Duration::from_secs(2);
+        assert_eq!(b.try_acquire(later), Some(Ticket::Probe));
+
+        b.on_abandoned(old[0]);
+        assert_eq!(b.try_acquire(later), None, "an old request dropped does not free the probe's slot");
+        b.on_success(old[1]);
+        assert_eq!(b.state(later), BreakerState::HalfOpen, "an old request's success does not close the breaker");
+        assert_eq!(b.try_acquire(later), None, "nor free the probe's slot");
+        b.on_failure(old[2], later);
+        assert_eq!(b.state(later), BreakerState::HalfOpen, "an old request's failure does not restart the cooldown");
+        assert_eq!(b.try_acquire(later), None, "nor free the probe's slot");
+
+        b.on_success(Ticket::Probe);
+        assert_eq!(b.state(later), BreakerState::Closed, "the probe decides");
+        assert_eq!(b.try_acquire(later), Some(Ticket::Regular));
     }
 }

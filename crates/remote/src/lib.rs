@@ -2,7 +2,8 @@
 //!
 //! [`RemoteReasoner`] spreads requests over several endpoints that serve the same model: least-loaded
 //! choice among healthy endpoints, a concurrency limit and a circuit breaker per endpoint, timeouts, and
-//! retries with exponential backoff on 408/429/5xx and transport errors (honouring `Retry-After`).
+//! retries with exponential backoff on 408/429/5xx and transport errors (honouring `Retry-After` up to
+//! [`RemoteConfig::backoff_max`]).
 //! Whatever still fails comes back as a [`ReasonError`], which the classifier turns into `needs_review`.
 //!
 //! [`Reasoner::reason_streaming`] asks the server to stream and forwards reasoning and answer text as it
@@ -26,7 +27,7 @@ use safeguard_harmony::Effort;
 use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, info_span, warn};
 
-pub use breaker::{Breaker, BreakerState};
+pub use breaker::{Breaker, BreakerState, Ticket};
 
 /// Which family of server an endpoint is: they differ in how effort is sent and where reasoning comes back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -118,6 +119,9 @@ pub struct RemoteConfig {
     /// Attempts per request, across endpoints.
     pub max_attempts: u32,
     pub backoff_base: Duration,
+    /// The longest wait before a retry, ours or a server's `Retry-After`. A server that asks for longer (a
+    /// gateway answering 429 with `Retry-After: 3600`) is not retried within this request: waiting would hold
+    /// the caller for as long as the server says, so the request tries another endpoint or fails at once.
     pub backoff_max: Duration,
     /// Consecutive failures that open an endpoint's breaker, and how long it stays open.
     pub breaker_threshold: u32,
@@ -189,6 +193,15 @@ struct Inner {
     endpoints: Vec<Endpoint>,
     client: reqwest::Client,
     next: AtomicUsize,
+}
+
+/// What a server's `Retry-After` means for the next attempt at it within one request.
+#[derive(Clone, Copy)]
+enum ServerWait {
+    /// Not before this instant.
+    Until(Instant),
+    /// Longer than [`RemoteConfig::backoff_max`]: that endpoint is not retried.
+    TooLong(Duration),
 }
 
 /// The outcome of one HTTP attempt, classified for the retry loop.
@@ -268,19 +281,25 @@ impl RemoteReasoner {
         })
     }
 
-    /// Picks the least-loaded endpoint that is healthy and whose breaker lets a request through.
-    /// Unhealthy endpoints are the last resort rather than never tried: a stale health flag must not
-    /// turn a working backend into a total outage.
-    fn choose(&self, exclude: Option<usize>) -> Option<usize> {
+    /// Picks the least-loaded endpoint that is healthy and whose breaker lets a request through, and claims it.
+    /// Unhealthy endpoints are the last resort rather than never tried: a stale health flag must not turn a
+    /// working backend into a total outage. Endpoints that asked this request to wait too long come after all
+    /// others, and the one that just failed it after the rest.
+    fn choose(&self, previous: Option<usize>, waits: &[Option<ServerWait>]) -> Option<Hold<'_>> {
         let endpoints = &self.inner.endpoints;
         let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
         let mut order: Vec<usize> = (0..endpoints.len()).map(|i| (start + i) % endpoints.len()).collect();
         order.sort_by_key(|&i| {
             let e = &endpoints[i];
-            (Some(i) == exclude, !e.healthy.load(Ordering::Relaxed), e.in_flight.load(Ordering::Relaxed))
+            let too_long = matches!(waits.get(i), Some(Some(ServerWait::TooLong(_))));
+            (too_long, Some(i) == previous, !e.healthy.load(Ordering::Relaxed), e.in_flight.load(Ordering::Relaxed))
         });
-        order.into_iter().find(|&i| lock(&endpoints[i].breaker).try_acquire(now))
+        order.into_iter().find_map(|index| {
+            let endpoint = &endpoints[index];
+            let ticket = lock(&endpoint.breaker).try_acquire(now)?;
+            Some(Hold { index, endpoint, ticket, counted: false, settled: false })
+        })
     }
 
     /// Runs one request to completion: endpoint choice, retries with backoff, and, with `deltas`, streaming.
@@ -291,12 +310,32 @@ impl RemoteReasoner {
         let mut sink = deltas.map(|sender| DeltaSink { sender, sent_any: false });
         let mut last_error = String::from("no endpoint accepted the request (all circuit breakers open)");
         let mut previous = None;
+        // Per endpoint, what its last `Retry-After` asked of this request. Kept apart so that one server's
+        // wait does not hold up a retry that goes to another.
+        let mut waits: Vec<Option<ServerWait>> = vec![None; self.inner.endpoints.len()];
         for attempt in 0..cfg.max_attempts.max(1) {
-            let Some(index) = self.choose(previous) else {
+            // Chosen before the backoff, because the wait depends on which endpoint the retry goes to.
+            let Some(hold) = self.choose(previous, &waits) else {
                 break;
             };
+            let index = hold.index;
+            if attempt > 0 {
+                let server = match waits[index] {
+                    Some(ServerWait::TooLong(asked)) => {
+                        return Err(ReasonError::Backend(format!(
+                            "{last_error} (the server asked to be retried after {} s, longer than the {:.1} s a \
+                             retry may wait, so it was not retried)",
+                            asked.as_secs(),
+                            cfg.backoff_max.as_secs_f64()
+                        )));
+                    }
+                    Some(ServerWait::Until(at)) => Some(at.saturating_duration_since(Instant::now())),
+                    None => None,
+                };
+                tokio::time::sleep(self.backoff(attempt - 1, server)).await;
+            }
             previous = Some(index);
-            let endpoint = &self.inner.endpoints[index];
+            let endpoint = hold.endpoint;
             let flavor = endpoint.config.flavor;
             let mut body = wire::request_body(flavor, &cfg.model, &req, max_tokens, cfg.logprobs);
             if sink.is_some() {
@@ -304,7 +343,7 @@ impl RemoteReasoner {
             }
             let span =
                 info_span!("remote_attempt", endpoint = %endpoint.config.base_url, attempt, streaming = sink.is_some());
-            match self.attempt(index, &body, sink.as_mut()).instrument(span).await {
+            match self.attempt(hold, &body, sink.as_mut()).instrument(span).await {
                 Ok(mut out) => {
                     out.timings.total_ms = started.elapsed().as_secs_f64() * 1e3;
                     return Ok(out);
@@ -318,9 +357,7 @@ impl RemoteReasoner {
                 Err(AttemptError::Retryable { detail, retry_after }) => {
                     debug!(%detail, attempt, "backend attempt failed");
                     last_error = detail;
-                    if attempt + 1 < cfg.max_attempts {
-                        tokio::time::sleep(self.backoff(attempt, retry_after)).await;
-                    }
+                    waits[index] = retry_after.map(|asked| self.server_wait(asked));
                 }
             }
         }
@@ -329,12 +366,11 @@ impl RemoteReasoner {
 
     async fn attempt(
         &self,
-        index: usize,
+        mut hold: Hold<'_>,
         body: &serde_json::Value,
         sink: Option<&mut DeltaSink<'_>>,
     ) -> Result<ReasonOutput, AttemptError> {
-        let endpoint = &self.inner.endpoints[index];
-        let mut hold = Hold { endpoint, counted: false, settled: false };
+        let endpoint = hold.endpoint;
         let Ok(_permit) = endpoint.permits.acquire().await else {
             return Err(AttemptError::Fatal("endpoint closed".into()));
         };
@@ -439,6 +475,16 @@ impl RemoteReasoner {
         Ok(output)
     }
 
+    /// A server's `Retry-After`, honoured up to `backoff_max`.
+    fn server_wait(&self, asked: Duration) -> ServerWait {
+        match Instant::now().checked_add(asked) {
+            Some(at) if asked <= self.inner.config.backoff_max => ServerWait::Until(at),
+            _ => ServerWait::TooLong(asked),
+        }
+    }
+
+    /// The wait before retry number `attempt + 1`: our own exponential backoff, or the server's wait
+    /// (already within `backoff_max`, see [`server_wait`](Self::server_wait)) if that is longer.
     fn backoff(&self, attempt: u32, retry_after: Option<Duration>) -> Duration {
         let cfg = &self.inner.config;
         let exp = cfg.backoff_base.saturating_mul(1u32 << attempt.min(16)).min(cfg.backoff_max);
@@ -500,11 +546,13 @@ impl DeltaSink<'_> {
     }
 }
 
-/// One attempt's claim on an endpoint: its place in `in_flight` and, when the breaker was half open, the
-/// probe slot. An attempt abandoned mid-way (a deadline above us dropped it) must release both; a probe slot
-/// left taken would shut the endpoint out for good.
+/// One attempt's claim on an endpoint: its place in `in_flight` and its breaker ticket, the probe slot when the
+/// breaker was half open. An attempt abandoned mid-way (a deadline above us dropped it) must release both; a
+/// probe slot left taken would shut the endpoint out for good.
 struct Hold<'a> {
+    index: usize,
     endpoint: &'a Endpoint,
+    ticket: Ticket,
     counted: bool,
     settled: bool,
 }
@@ -513,10 +561,10 @@ impl Hold<'_> {
     fn settle(&mut self, result: &Result<ReasonOutput, AttemptError>) {
         let mut breaker = lock(&self.endpoint.breaker);
         match result {
-            Ok(_) => breaker.on_success(),
+            Ok(_) => breaker.on_success(self.ticket),
             // A request the server rejected as malformed says nothing about the server's health.
-            Err(AttemptError::Fatal(_)) => breaker.on_success(),
-            Err(AttemptError::Retryable { .. }) => breaker.on_failure(Instant::now()),
+            Err(AttemptError::Fatal(_)) => breaker.on_success(self.ticket),
+            Err(AttemptError::Retryable { .. }) => breaker.on_failure(self.ticket, Instant::now()),
         }
         self.settled = true;
     }
@@ -528,7 +576,7 @@ impl Drop for Hold<'_> {
             self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
         if !self.settled {
-            lock(&self.endpoint.breaker).on_abandoned();
+            lock(&self.endpoint.breaker).on_abandoned(self.ticket);
         }
     }
 }
@@ -604,6 +652,9 @@ mod tests {
         assert!(r.backoff(0, None) <= Duration::from_millis(100));
         assert!(r.backoff(10, None) <= Duration::from_millis(800));
         assert!(r.backoff(10, None) >= Duration::from_millis(400));
-        assert_eq!(r.backoff(0, Some(Duration::from_secs(3))), Duration::from_secs(3));
+        assert_eq!(r.backoff(0, Some(Duration::from_millis(600))), Duration::from_millis(600));
+        assert!(matches!(r.server_wait(Duration::from_millis(600)), ServerWait::Until(_)));
+        assert!(matches!(r.server_wait(Duration::from_secs(3)), ServerWait::TooLong(_)), "beyond backoff_max");
+        assert!(matches!(r.server_wait(Duration::from_secs(u64::MAX)), ServerWait::TooLong(_)));
     }
 }

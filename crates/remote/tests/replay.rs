@@ -585,3 +585,66 @@ async fn a_server_that_ignores_stream_still_answers_through_the_stream() {
     );
     assert_eq!(fake.bodies.lock().await[0]["stream"], true);
 }
+
+/// A server that answers every request with 429 and `Retry-After: {retry_after}`, counting its calls.
+async fn serve_rate_limited(retry_after: &'static str) -> (String, Arc<AtomicUsize>) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let limited = move || {
+        let calls = counted.clone();
+        async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let mut response = (StatusCode::TOO_MANY_REQUESTS, Json(json!({"error": "slow down"}))).into_response();
+            response.headers_mut().insert("retry-after", retry_after.parse().unwrap());
+            response
+        }
+    };
+    let app = Router::new().route("/v1/chat/completions", post(limited));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/v1"), calls)
+}
+
+/// A gateway asking for an hour must not park the request for an hour: a `Retry-After` beyond `backoff_max`
+/// ends the retries to that endpoint at once, with the server's answer as the error.
+#[tokio::test]
+async fn a_retry_after_beyond_backoff_max_is_not_waited_for() {
+    let (url, calls) = serve_rate_limited("3600").await;
+    let mut cfg = config(&[url]);
+    cfg.max_attempts = 3;
+    cfg.backoff_max = Duration::from_secs(1);
+    let reasoner = RemoteReasoner::new(cfg).unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(5), reasoner.reason(request()))
+        .await
+        .expect("the request returns within seconds, not after the server's hour")
+        .unwrap_err();
+    assert!(matches!(&err, ReasonError::Backend(m) if m.contains("429") && m.contains("3600 s")), "{err}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the endpoint that asked for an hour is not retried");
+}
+
+/// One endpoint's `Retry-After` holds up only retries to that endpoint: the retry that fails over to another
+/// goes out at once, and one that asked for too long is passed over.
+#[tokio::test]
+async fn a_retry_after_applies_only_to_its_own_endpoint() {
+    for asked in ["3", "3600"] {
+        let (limited_url, limited_calls) = serve_rate_limited(asked).await;
+        let (good_url, good) = serve(always(StatusCode::OK, vllm_ok("1"))).await;
+        let mut cfg = config(&[limited_url, format!("{good_url}/v1")]);
+        cfg.backoff_max = Duration::from_secs(5);
+        let reasoner = RemoteReasoner::new(cfg).unwrap();
+        let started = std::time::Instant::now();
+        let out = tokio::time::timeout(Duration::from_secs(10), reasoner.reason(request()))
+            .await
+            .expect("the request finishes")
+            .unwrap();
+        assert_eq!(out.final_text.as_deref(), Some("1"));
+        assert_eq!(limited_calls.load(Ordering::SeqCst), 1, "Retry-After {asked}: the first attempt was rate limited");
+        assert_eq!(good.calls.load(Ordering::SeqCst), 1);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "Retry-After {asked}: the failover waited {:?}, as if the other endpoint had asked",
+            started.elapsed()
+        );
+    }
+}

@@ -140,19 +140,27 @@ pub(crate) fn parse_content(state: &AppState, body: &Value) -> Result<Content, A
 }
 
 fn check_content_tokens(state: &AppState, content: &Content) -> Result<(), ApiError> {
+    check_prompt_size(state, content, "")
+}
+
+/// The content limits, applied to the content and the caller's own `instructions` (a chat's system and developer
+/// messages) together: both are prompt the model must read.
+pub(crate) fn check_prompt_size(state: &AppState, content: &Content, instructions: &str) -> Result<(), ApiError> {
     let limits = &state.config.limits;
-    let chars = content.char_len();
+    let what = if instructions.is_empty() { "the content is" } else { "the content and instructions are" };
+    let chars = content.char_len() + instructions.chars().count();
     if chars > limits.max_content_chars {
         return Err(ApiError::bad(
             "content_too_long",
-            format!("the content is {chars} characters; the limit is {}", limits.max_content_chars),
+            format!("{what} {chars} characters; the limit is {}", limits.max_content_chars),
         ));
     }
-    let tokens = Tokenizer::shared().count(&user_message_text(content));
+    let tokenizer = Tokenizer::shared();
+    let tokens = tokenizer.count(&user_message_text(content)) + tokenizer.count(instructions);
     if tokens > limits.max_content_tokens {
         return Err(ApiError::bad(
             "content_too_long",
-            format!("the content is {tokens} tokens; the limit is {}", limits.max_content_tokens),
+            format!("{what} {tokens} tokens; the limit is {}", limits.max_content_tokens),
         ));
     }
     Ok(())

@@ -78,7 +78,7 @@ pub(crate) async fn get_one(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require("review").or_else(|_| caller.require("audit")).or_else(|_| caller.require("classify"))?;
+    caller.require("review").or_else(|_| caller.require("audit"))?;
     let record = state.store.get_decision(&id).await?.ok_or_else(|| ApiError::NotFound(format!("no decision {id}")))?;
     // The chain of thought is for auditors only.
     let reasoning = if caller.has("audit") { state.store.get_reasoning(&id).await? } else { None };
@@ -92,17 +92,30 @@ pub(crate) async fn replay(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require("audit").or_else(|_| caller.require("review"))?;
+    caller.require("audit")?;
     let original =
         state.store.get_decision(&id).await?.ok_or_else(|| ApiError::NotFound(format!("no decision {id}")))?;
+    // What the decision holds cannot change, so content this server cannot read, or a version that is gone or no
+    // longer parses, is a conflict with the decision that a retry cannot fix (409, as an appeal answers); only a
+    // store outage stays a 503.
     let content: Content = serde_json::from_value(original.content.clone())
-        .map_err(|e| ApiError::Unavailable(format!("stored content of {id} is unreadable: {e}")))?;
+        .map_err(|e| ApiError::Conflict(format!("decision {id} holds content this server cannot read: {e}")))?;
     let mut policies = Vec::new();
     for hash in &original.policy_hashes {
-        let policy = stored_policy(&state, hash)
-            .await?
-            .ok_or_else(|| ApiError::Unavailable(format!("policy {hash} is no longer stored")))?;
-        policies.push(policy);
+        match stored_policy(&state, hash).await {
+            Ok(Some(policy)) => policies.push(policy),
+            Ok(None) => {
+                return Err(ApiError::Conflict(format!(
+                    "decision {id} was judged under policy {hash}, which is no longer stored"
+                )));
+            }
+            Err(ApiError::Unavailable(why)) => return Err(ApiError::Conflict(why)),
+            Err(e) => return Err(e),
+        }
+    }
+    // A failed job's decision may name none (its request was unreadable): there is nothing to re-run it under.
+    if policies.is_empty() {
+        return Err(ApiError::Conflict(format!("decision {id} names no policy version to re-run it under")));
     }
     let effort: Effort = original.effort.parse().unwrap_or_default();
     let mode = original.sampling.get("mode").cloned().and_then(|m| serde_json::from_value(m).ok()).unwrap_or_default();

@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use safeguard_harmony::Content;
 use safeguard_policy::Policy;
-use safeguard_store::{JobRecord, JobStatus, NewDelivery, NewJob};
+use safeguard_store::{DecisionRecord, JobRecord, JobStatus, NewDelivery, NewJob, now_ms};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
@@ -152,7 +152,11 @@ pub(crate) async fn worker(state: AppState, index: usize, shutdown: Cancellation
             continue;
         }
         match state.store.claim_job(lease_ms).await {
-            Ok(Some(job)) => process(&state, job).await,
+            Ok(Some(job)) => {
+                if process(&state, job).await && !rest(&shutdown, Duration::from_secs(1), None).await {
+                    break;
+                }
+            }
             // Another worker took the job seen a moment ago.
             Ok(None) => state.cascade.queue_budgets.give_back_calls(1),
             Err(err) => {
@@ -182,36 +186,133 @@ async fn rest(shutdown: &CancellationToken, pause: Duration, wake: Option<&Notif
     }
 }
 
-async fn load_policies(state: &AppState, hashes: &[String]) -> Result<Vec<Policy>, String> {
+/// Why a job's policies could not be loaded.
+enum LoadError {
+    /// The store failed (an outage, a lock): the job is fine and is decided once the store answers again.
+    Transient(String),
+    /// The job can never be decided as accepted: a version is gone or no longer parses.
+    Permanent(String),
+}
+
+async fn load_policies(state: &AppState, hashes: &[String]) -> Result<Vec<Policy>, LoadError> {
     let mut policies = Vec::with_capacity(hashes.len());
     for hash in hashes {
         // The job's failure reason names the store's own error, without the HTTP wrapper's prefix.
         let policy = stored_policy(state, hash).await.map_err(|e| match e {
-            ApiError::Store(e) => e.to_string(),
-            other => other.to_string(),
+            ApiError::Store(e) => LoadError::Transient(e.to_string()),
+            other => LoadError::Permanent(other.to_string()),
         })?;
-        policies.push(policy.ok_or_else(|| format!("policy {hash} is not stored"))?);
+        policies.push(policy.ok_or_else(|| LoadError::Permanent(format!("policy {hash} is not stored")))?);
     }
     Ok(policies)
 }
 
+/// What a job's webhook says once the job has its decision, whether decided or failed.
+fn completed_webhook(job: &JobRecord, record: &DecisionRecord) -> Option<NewDelivery> {
+    job.webhook_url.as_ref().map(|url| NewDelivery {
+        job_id: job.id.clone(),
+        url: url.clone(),
+        body: json!({
+            "type": "job.completed",
+            "job_id": job.id,
+            "decision_id": record.id,
+            "outcome": record.outcome,
+            "verdicts": record.verdicts,
+            "failure_reason": record.failure_reason,
+        })
+        .to_string(),
+    })
+}
+
+/// Fails a job that can never be decided as it was accepted. The item still needs a decision: it is stored as
+/// `needs_review` with the reason, queued for a person and announced to the webhook, all with the failure.
+async fn fail(state: &AppState, job: &JobRecord, token: &str, error: String) {
+    let request = &job.request;
+    // Whatever of the request can still be read goes on the record, for the person who settles it.
+    let policy_hashes: Vec<String> = request
+        .get("policy_hashes")
+        .and_then(Value::as_array)
+        .map(|hashes| hashes.iter().filter_map(Value::as_str).map(str::to_string).collect())
+        .unwrap_or_default();
+    let mut policy_names = Vec::with_capacity(policy_hashes.len());
+    for hash in &policy_hashes {
+        // A name is a label here; without one the hash stands in, and the failure is recorded all the same.
+        let stored = state.store.get_policy(hash).await.ok().flatten();
+        policy_names.push(stored.map_or_else(|| hash.clone(), |stored| stored.name));
+    }
+    let settings = request.get("settings");
+    let effort = settings.and_then(|s| s.get("effort")).and_then(Value::as_str).map(str::to_string);
+    let record = DecisionRecord {
+        id: uuid::Uuid::now_v7().to_string(),
+        created_at: now_ms(),
+        policy_hashes,
+        policy_names,
+        model_id: state.reasoner.model_id(),
+        effort: effort.unwrap_or_else(|| state.config.default_effort.to_string()),
+        prompt_hash: None,
+        sampling: json!({
+            "mode": settings.and_then(|s| s.get("mode")),
+            "max_tokens": settings.and_then(|s| s.get("max_tokens")),
+        }),
+        content: request.get("content").cloned().unwrap_or(Value::Null),
+        verdicts: json!([]),
+        outcome: "needs_review".into(),
+        failure_reason: Some(error.clone()),
+        timings: json!({}),
+        prompt_tokens: 0,
+        cached_prompt_tokens: 0,
+        completion_tokens: 0,
+        source: "job".into(),
+        job_id: Some(job.id.clone()),
+        replay_of: None,
+    };
+    let review = crate::reviews::review_for_person(&record.id, &[], format!("job failed: {error}"));
+    let webhook = completed_webhook(job, &record);
+    match state.store.fail_job(&job.id, token, &error, &record, &review, webhook.as_ref()).await {
+        Ok(true) => {
+            metrics::counter!("safeguard_jobs_failed_total").increment(1);
+            crate::reviews::count_queued("review");
+            tracing::warn!(error = %error, decision_id = %record.id, "job failed; queued for a person");
+        }
+        Ok(false) => tracing::warn!("job lease was lost before failing it; another worker owns it"),
+        // Nothing was written; the lease expires and the job is tried again.
+        Err(err) => tracing::error!(error = %err, "storing the job failure failed"),
+    }
+}
+
+/// Decides one claimed job. Returns true when the worker should pause before claiming again: the store failed,
+/// and claiming the job straight back would only fail the same way.
 #[tracing::instrument(skip_all, fields(job_id = %job.id, attempt = job.attempts))]
-async fn process(state: &AppState, job: JobRecord) {
+async fn process(state: &AppState, job: JobRecord) -> bool {
     // A job that fails before the model is asked hands back the call its worker took.
     let unused_call = || state.cascade.queue_budgets.give_back_calls(1);
-    let Some(token) = job.lease_token.clone() else { return unused_call() };
+    let Some(token) = job.lease_token.clone() else {
+        unused_call();
+        return false;
+    };
     let request: JobRequest = match serde_json::from_value(job.request.clone()) {
         Ok(request) => request,
         Err(err) => {
-            let _ = state.store.fail_job(&job.id, &token, &format!("stored request is unreadable: {err}")).await;
-            return unused_call();
+            fail(state, &job, &token, format!("stored request is unreadable: {err}")).await;
+            unused_call();
+            return false;
         }
     };
     let policies = match load_policies(state, &request.policy_hashes).await {
         Ok(policies) => policies,
-        Err(err) => {
-            let _ = state.store.fail_job(&job.id, &token, &err).await;
-            return unused_call();
+        Err(LoadError::Permanent(err)) => {
+            fail(state, &job, &token, err).await;
+            unused_call();
+            return false;
+        }
+        Err(LoadError::Transient(err)) => {
+            tracing::warn!(error = %err, "loading the job's policies failed; handing the job back");
+            // If even this fails, the lease runs out and the job is claimed again all the same.
+            if let Err(err) = state.store.release_job(&job.id, &token).await {
+                tracing::warn!(error = %err, "handing the job back failed; it returns when its lease expires");
+            }
+            unused_call();
+            return true;
         }
     };
     // Keep the lease alive while the model works, so a slow decision is not handed to a second worker.
@@ -222,8 +323,12 @@ async fn process(state: &AppState, job: JobRecord) {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(lease / 3).await;
-                if !matches!(store.renew_lease(&id, &token, lease.as_millis() as i64).await, Ok(true)) {
-                    break;
+                match store.renew_lease(&id, &token, lease.as_millis() as i64).await {
+                    Ok(true) => {}
+                    // Another worker owns the job now (or it is finished): nothing left to keep.
+                    Ok(false) => break,
+                    // A passing store error: the lease still has two ticks to run, so try again at the next one.
+                    Err(err) => tracing::warn!(error = %err, "renewing the job's lease failed; retrying"),
                 }
             }
         })
@@ -239,19 +344,7 @@ async fn process(state: &AppState, job: JobRecord) {
         record_of(&decision, &policies, &request.content, &request.settings, "job", Some(&job.id));
     let review = crate::reviews::undecided_reason(&decision)
         .map(|reason| crate::reviews::review_for_person(&record.id, &policies, reason));
-    let webhook = job.webhook_url.as_ref().map(|url| NewDelivery {
-        job_id: job.id.clone(),
-        url: url.clone(),
-        body: json!({
-            "type": "job.completed",
-            "job_id": job.id,
-            "decision_id": record.id,
-            "outcome": record.outcome,
-            "verdicts": record.verdicts,
-            "failure_reason": record.failure_reason,
-        })
-        .to_string(),
-    });
+    let webhook = completed_webhook(&job, &record);
     match state.store.finish_job(&job.id, &token, &record, Some(&reasoning), review.as_ref(), webhook.as_ref()).await {
         Ok(true) => {
             metrics::counter!("safeguard_jobs_finished_total").increment(1);
@@ -264,4 +357,5 @@ async fn process(state: &AppState, job: JobRecord) {
         // Nothing was written; the lease expires and the job is decided again.
         Err(err) => tracing::error!(error = %err, "storing the job result failed"),
     }
+    false
 }

@@ -74,6 +74,8 @@ pub enum ServerError {
     NoKeysOnPublicAddress(SocketAddr),
     #[error("the server task failed: {0}")]
     Task(String),
+    #[error("cannot build the webhook HTTP client: {0}")]
+    WebhookClient(#[source] reqwest::Error),
 }
 
 /// Request limits; each breach is a 4xx with a JSON error naming the limit.
@@ -310,7 +312,13 @@ impl Server {
             reasoner: guarded,
             metrics: metrics_setup::handle(),
             jobs_waiting: Arc::new(Notify::new()),
-            http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap_or_default(),
+            // Webhook deliveries only: a redirect would turn the signed POST into a GET to wherever it points, and
+            // that GET's 2xx would count as delivered. A 3xx is a failed attempt instead.
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .map_err(ServerError::WebhookClient)?,
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(run(state, listener, shutdown.clone()));

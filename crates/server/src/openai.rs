@@ -38,14 +38,23 @@ async fn moderation_policies(state: &AppState) -> Result<Vec<safeguard_policy::P
     } else {
         state.config.moderation_policies.clone()
     };
+    if names.is_empty() {
+        return Err(ApiError::Unavailable("no moderation policies are configured".into()));
+    }
     let mut policies = Vec::new();
+    let mut missing = Vec::new();
     for name in names {
-        if let Some(stored) = state.store.active_policy(&name).await? {
-            policies.push(policy_of(&stored)?);
+        match state.store.active_policy(&name).await? {
+            Some(stored) => policies.push(policy_of(&stored)?),
+            None => missing.push(name),
         }
     }
-    if policies.is_empty() {
-        return Err(ApiError::Unavailable("no moderation policies are configured".into()));
+    // Judging against the policies that happen to be stored would quietly allow whatever the missing ones cover.
+    if !missing.is_empty() {
+        return Err(ApiError::Unavailable(format!(
+            "moderation policies {} have no active version; POST them to /v1/policies or fix --moderation-policy",
+            missing.iter().map(|name| format!("{name:?}")).collect::<Vec<_>>().join(", ")
+        )));
     }
     Ok(policies)
 }
@@ -180,6 +189,9 @@ pub(crate) async fn chat_completions(
         _ => Content::Conversation { messages: chat },
     };
     let content = crate::classify::parse_content(&state, &json!({"content": content}))?;
+    let instructions = instructions.join("\n\n");
+    // The instructions reach the model beside the content, so they count against the same limits.
+    crate::classify::check_prompt_size(&state, &content, &instructions)?;
     let mut settings_body = json!({});
     if let Some(effort) = body.get("reasoning_effort") {
         settings_body["effort"] = effort.clone();
@@ -198,7 +210,7 @@ pub(crate) async fn chat_completions(
         _ => Sampling::Greedy,
     };
     let request = ReasonRequest {
-        instructions: instructions.join("\n\n"),
+        instructions,
         content,
         effort,
         date: None,

@@ -27,6 +27,14 @@ fn op(summary: &str, scope: Option<&str>, request: Option<Value>, ok: &str, ok_s
     operation
 }
 
+/// An operation that any one of `scopes` may call.
+fn any_scope(mut operation: Value, scopes: &[&str]) -> Value {
+    operation["security"] = Value::Array(scopes.iter().map(|scope| json!({"bearer": [scope]})).collect());
+    let named: Vec<String> = scopes.iter().map(|scope| format!("`{scope}`")).collect();
+    operation["description"] = json!(format!("Requires the {} scope (or `admin`).", named.join(" or ")));
+    operation
+}
+
 fn path_param(name: &str) -> Value {
     json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}})
 }
@@ -124,7 +132,8 @@ pub(crate) fn document() -> Value {
             "/v1/jobs/{id}": {"parameters": [path_param("id")],
                 "get": op("A job; outcome is pending until decided", Some("classify"), None, "200", json!({"$ref": "#/components/schemas/Job"}))},
             "/v1/decisions": {"get": {
-                "summary": "List stored decisions, newest first", "security": [{"bearer": ["review"]}],
+                "summary": "List stored decisions, newest first", "security": [{"bearer": ["review"]}, {"bearer": ["audit"]}],
+                "description": "Requires the `review` or `audit` scope (or `admin`).",
                 "parameters": [
                     {"name": "outcome", "in": "query", "schema": {"enum": ["allow", "violation", "needs_review"]}},
                     {"name": "policy", "in": "query", "schema": {"type": "string"}},
@@ -133,10 +142,10 @@ pub(crate) fn document() -> Value {
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "maximum": 1000}}],
                 "responses": {"200": {"description": "decisions"}}}},
             "/v1/decisions/{id}": {"parameters": [path_param("id")],
-                "get": op("One decision; reasoning only with the audit scope", Some("review"), None, "200", any.clone())},
+                "get": any_scope(op("One decision; reasoning only with the audit scope", None, None, "200", any.clone()), &["review", "audit"])},
             "/v1/decisions/{id}/replay": {"parameters": [path_param("id")],
-                "post": op("Re-run with the same policy versions and effort; reports whether the verdict changed", Some("audit"), None, "200", any.clone())},
-            "/v1/moderations": {"post": op("OpenAI-compatible moderation over the configured policy set", Some("classify"),
+                "post": op("Re-run with the same policy versions and effort; reports whether the verdict changed. 409 when the decision cannot be re-run (its content is unreadable, or a policy version is gone or no longer parses)", Some("audit"), None, "200", any.clone())},
+            "/v1/moderations": {"post": op("OpenAI-compatible moderation over the configured policy set; 503 naming the policies when any of the set has no active version (never judged against part of it)", Some("classify"),
                 Some(json!({"type": "object", "required": ["input"], "properties": {"input": {"oneOf": [{"type": "string"}, {"type": "array"}]}, "model": {"type": "string"}}})),
                 "200", any.clone())},
             "/v1/chat/completions": {"post": op("OpenAI-compatible chat completions for the served model (reasoning in message.reasoning)", Some("classify"),

@@ -1,5 +1,7 @@
 //! Policy versions: immutable, identified by the sha256 of their body; names point at an active version.
 
+use std::time::Duration;
+
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -113,7 +115,7 @@ pub(crate) async fn resolve_policy(state: &AppState, reference: &Value, _caller:
                 .and_then(Value::as_str)
                 .ok_or_else(|| ApiError::bad("invalid_policy", "an inline policy is {\"text\": \"…\"}"))?;
             let name = object.get("name").and_then(Value::as_str);
-            let policy = parse_sent_policy(state, text, Some(name.unwrap_or("inline")))
+            let policy = parse_sent_policy(state, text, Some(name.unwrap_or(INLINE_NAME)))
                 .map_err(|why| ApiError::bad("invalid_policy", format!("inline policy: {why}")))?;
             let hash = policy.hash.to_string();
             // Stored (unpinned) so that the decision's policy hash can be looked up and replayed; once is enough.
@@ -121,7 +123,7 @@ pub(crate) async fn resolve_policy(state: &AppState, reference: &Value, _caller:
                 Some(known) => known,
                 None => {
                     let (stored, _) =
-                        store_policy(&state.store, &policy, text, Some(name.unwrap_or("inline")), false).await?;
+                        store_policy(&state.store, &policy, text, Some(name.unwrap_or(INLINE_NAME)), false).await?;
                     remember_version(state, &stored)?
                 }
             };
@@ -185,6 +187,22 @@ fn full(p: &StoredPolicy) -> Value {
     value
 }
 
+/// The name an inline policy that names itself nowhere is stored under.
+const INLINE_NAME: &str = "inline";
+
+/// Whether `stored` is an unpinned version named only by the inline fallback whose stored source, given the name
+/// it is now published with, reads exactly as `policy`: its name was never chosen by anyone, so publishing the
+/// body may give it one, while any other difference in front matter is still a conflict.
+fn named_only_inline(stored: &StoredPolicy, name: Option<&str>, policy: &Policy) -> bool {
+    let fallback = stored.meta.get("fallback_name").and_then(Value::as_str);
+    if stored.active || stored.name != INLINE_NAME || fallback != Some(INLINE_NAME) {
+        return false;
+    }
+    let source = stored.meta.get("source").and_then(Value::as_str).unwrap_or(&stored.body);
+    let renamed = Policy::parse_with_fallback_name(source, name.or(Some(policy.meta.name.as_str())));
+    renamed.is_ok_and(|renamed| renamed.meta == policy.meta)
+}
+
 /// `POST /v1/policies`: markdown as the body, or JSON `{"text": "…", "name": "…"}`. 201 for a new version,
 /// 200 when that exact body is already stored with the same front matter, 409 when with other front matter.
 pub(crate) async fn create(
@@ -220,7 +238,17 @@ pub(crate) async fn create(
     };
     let policy =
         parse_sent_policy(&state, &text, name.as_deref()).map_err(|why| ApiError::bad("invalid_policy", why))?;
-    let (stored, created) = store_policy(&state.store, &policy, &text, name.as_deref(), true).await?;
+    let (mut stored, created) = store_policy(&state.store, &policy, &text, name.as_deref(), true).await?;
+    if !created && named_only_inline(&stored, name.as_deref(), &policy) {
+        // Tried inline first, it was stored under the fallback name; publishing it names it.
+        let meta = stored_meta(&policy, &text, name.as_deref());
+        if let Some(renamed) =
+            state.store.rename_unpinned_policy(&stored.hash, INLINE_NAME, &policy.meta.name, &meta).await?
+        {
+            state.lookups.versions.forget(&renamed.hash);
+            stored = renamed;
+        }
+    }
     if !created && policy_of(&stored)?.meta != policy.meta {
         // The version is the body's hash, so this body is stored already, with other front matter: answering
         // 200 would quietly drop what the caller just changed (a name, `high_risk`, triage settings).
@@ -235,7 +263,8 @@ pub(crate) async fn create(
     Ok((status, Json(full(&stored))).into_response())
 }
 
-pub(crate) async fn list(State(state): State<AppState>, _caller: Caller) -> Result<Json<Value>, ApiError> {
+pub(crate) async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    caller.require("classify")?;
     let policies = state.store.list_policies().await?;
     Ok(Json(json!({"policies": policies.iter().map(summary).collect::<Vec<_>>()})))
 }
@@ -249,9 +278,10 @@ async fn find(state: &AppState, id: &str) -> Result<StoredPolicy, ApiError> {
 /// A hash gives that version; a name gives its active version and the list of all its versions.
 pub(crate) async fn get_one(
     State(state): State<AppState>,
-    _caller: Caller,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    caller.require("classify")?;
     let policy = find(&state, &id).await?;
     let mut value = full(&policy);
     if !looks_like_hash(&id) {
@@ -261,19 +291,31 @@ pub(crate) async fn get_one(
     Ok(Json(value))
 }
 
+/// How long a diff may search for the shortest edit before it settles for a longer one: two large, unrelated
+/// bodies would otherwise hold a thread for as long as the quadratic search takes.
+const DIFF_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Unified diff of two versions' bodies (names resolve to their active versions).
 pub(crate) async fn diff(
     State(state): State<AppState>,
-    _caller: Caller,
+    caller: Caller,
     Path((id, other)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
+    caller.require("classify")?;
     let from = find(&state, &id).await?;
     let to = find(&state, &other).await?;
-    let text = similar::TextDiff::from_lines(&from.body, &to.body)
-        .unified_diff()
-        .context_radius(3)
-        .header(&from.hash, &to.hash)
-        .to_string();
+    // Diffing is CPU work of up to DIFF_TIMEOUT: off the runtime's workers, which serve every other request.
+    let text = tokio::task::spawn_blocking(move || {
+        similar::TextDiff::configure()
+            .timeout(DIFF_TIMEOUT)
+            .diff_lines(&from.body, &to.body)
+            .unified_diff()
+            .context_radius(3)
+            .header(&from.hash, &to.hash)
+            .to_string()
+    })
+    .await
+    .map_err(|e| ApiError::Unavailable(format!("the diff failed: {e}")))?;
     Ok(([(header::CONTENT_TYPE, "text/x-diff; charset=utf-8")], text).into_response())
 }
 

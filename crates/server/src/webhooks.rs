@@ -1,4 +1,5 @@
-//! Webhook delivery: signed with HMAC-SHA256, retried with exponential backoff, recorded per attempt.
+//! Webhook delivery: signed with HMAC-SHA256, retried with exponential backoff, recorded per attempt. Redirects
+//! are not followed: a 3xx is a failed attempt, retried like any other.
 //!
 //! Signature: `X-Safeguard-Signature: sha256=<hex(HMAC(secret, "<timestamp>.<body>"))>` with the timestamp
 //! (unix seconds) in `X-Safeguard-Timestamp`, so receivers can reject replays of old deliveries.
@@ -57,6 +58,11 @@ pub(crate) async fn sender(state: AppState, shutdown: CancellationToken) {
                     .await;
                 let (delivered, status, error) = match sent {
                     Ok(response) if response.status().is_success() => (true, Some(response.status().as_u16()), None),
+                    Ok(response) if response.status().is_redirection() => (
+                        false,
+                        Some(response.status().as_u16()),
+                        Some(format!("HTTP {}: redirects are not followed", response.status())),
+                    ),
                     Ok(response) => {
                         (false, Some(response.status().as_u16()), Some(format!("HTTP {}", response.status())))
                     }

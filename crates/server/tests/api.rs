@@ -775,3 +775,295 @@ async fn lookups_are_remembered_briefly_and_changes_here_apply_at_once() {
     let (status, reply) = h.call("POST", "/v1/classify", Some(ADMIN), Some(classify)).await;
     assert_eq!((status, decided_hash(&reply)), (200, first["hash"].clone()), "{reply}");
 }
+
+/// Polls a job through the API until `done` says it has settled.
+async fn poll_job(h: &Harness, key: &str, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let mut polled = Value::Null;
+    for _ in 0..400 {
+        polled = h.call("GET", &format!("/v1/jobs/{id}"), Some(key), None).await.1;
+        if done(&polled) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    polled
+}
+
+/// Moves a table out of the way (or back), so that every query on it fails as a broken store's would.
+async fn rename_table(store: &Store, from: &str, to: &str) {
+    sqlx::query(sqlx::AssertSqlSafe(format!("ALTER TABLE {from} RENAME TO {to}"))).execute(store.pool()).await.unwrap();
+}
+
+/// A job the store cannot serve for a moment waits in the queue; it is not failed for good.
+#[tokio::test]
+async fn a_job_waits_out_a_store_error_instead_of_failing() {
+    let h = Harness::start(|_| {}).await;
+    let key = h.key(&["classify"]).await;
+    // Stored behind the server's back, so that no cached copy spares the worker the store.
+    let text =
+        "---\nname: promo-direct\noutput: binary\n---\n# Promo\n\nReturn 1 if the content is promotion, else 0.\n";
+    let policy = safeguard_policy::Policy::parse(text).unwrap();
+    let hash = policy.hash.to_string();
+    let meta = json!({"meta": policy.meta, "source": text, "fallback_name": null});
+    h.store.put_policy(&hash, "promo-direct", &policy.body, &meta, true).await.unwrap();
+    let request = json!({"content": {"kind": "text", "text": "hello"}, "policy_hashes": [hash],
+                         "settings": {"effort": "low", "mode": "separate", "max_tokens": null}});
+
+    rename_table(&h.store, "policies", "policies_away").await;
+    let new = safeguard_store::NewJob { request, idempotency_key: None, webhook_url: None };
+    let (job, _) = h.store.enqueue_job(&new).await.unwrap();
+    let mut seen = None;
+    for _ in 0..200 {
+        let stored = h.store.get_job(&job.id).await.unwrap().unwrap();
+        if stored.attempts >= 2 || stored.status == safeguard_store::JobStatus::Failed {
+            seen = Some(stored);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let seen = seen.expect("the job was claimed twice");
+    assert_ne!(seen.status, safeguard_store::JobStatus::Failed, "a store error failed the job for good: {seen:?}");
+    rename_table(&h.store, "policies_away", "policies").await;
+
+    let done = poll_job(&h, &key, &job.id, |j| j["status"] != "pending" && j["status"] != "running").await;
+    assert_eq!((done["status"].as_str(), done["outcome"].as_str()), (Some("done"), Some("allow")), "{done}");
+    assert_eq!(h.store.decisions_for_job(&job.id).await.unwrap(), 1);
+}
+
+/// A job that can never be decided (a version that no longer parses, a request this server cannot read) is
+/// failed, and still reaches a person and its caller: a `needs_review` decision, a review and a webhook.
+#[tokio::test]
+async fn a_failed_job_reaches_the_review_queue_and_its_webhook() {
+    let h = Harness::start(|_| {}).await;
+    let key = h.key(&["classify"]).await;
+    let reviewer = h.key(&["review"]).await;
+    let broken = format!("sha256:{}", "b".repeat(64));
+    let meta = json!({"source": "---\nname: [unclosed\n---\nReturn 1 or 0.\n", "fallback_name": null});
+    h.store.put_policy(&broken, "broken", "Return 1 or 0.", &meta, true).await.unwrap();
+    let hook = "http://127.0.0.1:9/hook".to_string();
+    let requests = [
+        json!({"content": {"kind": "text", "text": "hello"}, "policy_hashes": [broken],
+               "settings": {"effort": "low", "mode": "separate", "max_tokens": null}}),
+        json!({"content": {"kind": "text", "text": "hello"}, "policy_hashes": "not a list"}),
+    ];
+    let mut ids = Vec::new();
+    for request in requests {
+        let new = safeguard_store::NewJob { request, idempotency_key: None, webhook_url: Some(hook.clone()) };
+        ids.push(h.store.enqueue_job(&new).await.unwrap().0.id);
+    }
+    let mut decision_ids = Vec::new();
+    for id in &ids {
+        let failed = poll_job(&h, &key, id, |j| j["status"] == "failed").await;
+        assert_eq!((failed["status"].as_str(), failed["outcome"].as_str()), (Some("failed"), Some("needs_review")));
+        let decision_id = failed["decision_id"].as_str().unwrap_or_else(|| panic!("no decision: {failed}"));
+        assert_eq!(failed["decision"]["outcome"], "needs_review", "{failed}");
+        assert!(failed["decision"]["failure_reason"].as_str().is_some(), "{failed}");
+        let deliveries = h.store.deliveries_for_job(id).await.unwrap();
+        assert_eq!(deliveries.len(), 1, "the caller hears of it");
+        let body: Value = serde_json::from_str(&deliveries[0].body).unwrap();
+        assert_eq!((body["outcome"].as_str(), body["decision_id"].as_str()), (Some("needs_review"), Some(decision_id)));
+        decision_ids.push(decision_id.to_string());
+    }
+    let (_, queue) = h.call("GET", "/v1/reviews?limit=100", Some(&reviewer), None).await;
+    let queued: Vec<&str> =
+        queue["reviews"].as_array().unwrap().iter().map(|r| r["decision_id"].as_str().unwrap()).collect();
+    for decision_id in &decision_ids {
+        assert!(queued.contains(&decision_id.as_str()), "{decision_id} is not queued: {queue}");
+    }
+    let first = queue["reviews"].as_array().unwrap().iter().find(|r| r["decision_id"] == decision_ids[0].as_str());
+    assert!(first.unwrap()["reason"].as_str().unwrap().starts_with("job failed:"), "{queue}");
+}
+
+/// A job's lease outlives a passing store error: the worker keeps renewing it, so no second worker decides
+/// the job again while the first is still on it.
+#[tokio::test]
+async fn a_job_lease_is_renewed_after_a_store_error() {
+    const LEASE: Duration = Duration::from_millis(600);
+    let h = Harness::start(|c| {
+        c.job_lease = LEASE;
+        c.reason_timeout = Duration::from_secs(4);
+    })
+    .await;
+    let key = h.key(&["classify"]).await;
+    let (status, job) =
+        h.call("POST", "/v1/jobs", Some(&key), Some(json!({"text": "SLOW", "policies": ["spam"]}))).await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    for _ in 0..200 {
+        if h.reasoner.calls.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Wait for a renewal, so the store fails for exactly one renewal after it: the lease has time to spare.
+    let leased = h.store.get_job(&id).await.unwrap().unwrap().locked_until;
+    for _ in 0..200 {
+        if h.store.get_job(&id).await.unwrap().unwrap().locked_until != leased {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    rename_table(&h.store, "jobs", "jobs_away").await;
+    tokio::time::sleep(LEASE / 3 + Duration::from_millis(50)).await;
+    rename_table(&h.store, "jobs_away", "jobs").await;
+
+    let done = poll_job(&h, &key, &id, |j| j["status"] == "done").await;
+    assert_eq!(done["status"], "done", "{done}");
+    assert_eq!(done["attempts"], 1, "the lease lapsed and a second worker took the job: {done}");
+    assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn moderations_refuse_a_configured_policy_that_is_not_stored() {
+    let h = Harness::start(|c| c.moderation_policies = vec!["spam".into(), "no-such-policy".into()]).await;
+    let key = h.key(&["classify"]).await;
+    let (status, body) = h.call("POST", "/v1/moderations", Some(&key), Some(json!({"input": "BUY NOW"}))).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (503, Some("unavailable")), "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("\"no-such-policy\"") && !message.contains("\"spam\""), "{message}");
+    assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), 0, "nothing is judged against a subset");
+}
+
+/// A body tried inline first is stored unpinned; publishing it afterwards makes it its name's active version,
+/// whether the body names itself or takes the name it is published with.
+#[tokio::test]
+async fn a_policy_tried_inline_can_be_published() {
+    let h = Harness::start(|_| {}).await;
+    let writer = h.key(&["policies:write", "classify"]).await;
+    let named =
+        "---\nname: tried-first\noutput: binary\n---\n# Tried\n\nReturn 1 if the content is promotion, else 0.\n";
+    let nameless = "---\noutput: binary\n---\nReturn 1 if the content is a raffle, else 0.\n";
+    for (text, publish, name) in [
+        (named, json!({"text": named}), "tried-first"),
+        (nameless, json!({"text": nameless, "name": "raffle"}), "raffle"),
+    ] {
+        let inline = json!({"text": "BUY NOW", "policies": [{"text": text}], "effort": "low"});
+        let (status, tried) = h.call("POST", "/v1/classify", Some(&writer), Some(inline)).await;
+        assert_eq!(status, 200, "{tried}");
+        let (status, published) = h.call("POST", "/v1/policies", Some(&writer), Some(publish)).await;
+        assert_eq!(status, 200, "{name}: {published}");
+        assert_eq!((published["active"].as_bool(), published["name"].as_str()), (Some(true), Some(name)));
+        assert_eq!(published["hash"], tried["verdicts"][0]["policy_hash"]);
+        let by_name = json!({"text": "BUY NOW", "policies": [name], "effort": "low"});
+        let (status, decided) = h.call("POST", "/v1/classify", Some(&writer), Some(by_name)).await;
+        assert_eq!(status, 200, "{name}: {decided}");
+        assert_eq!(decided["verdicts"][0]["policy"], name, "{decided}");
+        assert_eq!(decided["verdicts"][0]["policy_hash"], published["hash"]);
+    }
+    // Other front matter than the tried body's is still a conflict, not a rename.
+    let other = "---\noutput: binary\nhigh_risk: true\n---\nReturn 1 if the content is a lottery, else 0.\n";
+    let inline = json!({"text": "x", "policies": [{"text": other.replace("high_risk: true\n", "")}], "effort": "low"});
+    assert_eq!(h.call("POST", "/v1/classify", Some(&writer), Some(inline)).await.0, 200);
+    let (status, refused) =
+        h.call("POST", "/v1/policies", Some(&writer), Some(json!({"text": other, "name": "lottery"}))).await;
+    assert_eq!(status, 409, "{refused}");
+}
+
+#[tokio::test]
+async fn chat_instructions_count_against_the_content_limits() {
+    let h = Harness::start(|c| c.limits.max_content_tokens = 50).await;
+    let key = h.key(&["classify"]).await;
+    let chat = |system: String| json!({"messages": [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]});
+    let (status, body) = h.call("POST", "/v1/chat/completions", Some(&key), Some(chat("word ".repeat(200)))).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("content_too_long")), "{body}");
+    let developer = json!({"messages": [{"role": "developer", "content": [{"type": "text", "text": "word ".repeat(200)}]},
+                                        {"role": "user", "content": "hi"}]});
+    let (status, body) = h.call("POST", "/v1/chat/completions", Some(&key), Some(developer)).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("content_too_long")), "{body}");
+    assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), 0);
+    let (status, body) = h.call("POST", "/v1/chat/completions", Some(&key), Some(chat("Answer 0 or 1.".into()))).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn policy_reads_and_diffs_need_the_classify_scope() {
+    let h = Harness::start(|_| {}).await;
+    let reviewer = h.key(&["review"]).await;
+    let classify = h.key(&["classify"]).await;
+    for path in ["/v1/policies", "/v1/policies/spam", "/v1/policies/spam/diff/hate"] {
+        let (status, body) = h.call("GET", path, Some(&reviewer), None).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (403, Some("forbidden")), "{path}: {body}");
+        let (status, body) = h.call("GET", path, Some(&classify), None).await;
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn replay_needs_audit_and_answers_409_for_what_a_retry_cannot_fix() {
+    let h = Harness::start(|_| {}).await;
+    let key = h.key(&["classify"]).await;
+    let reviewer = h.key(&["review"]).await;
+    let auditor = h.key(&["audit"]).await;
+    let (_, decided) =
+        h.call("POST", "/v1/classify", Some(&key), Some(json!({"text": "BUY NOW", "policies": ["spam"]}))).await;
+    let id = decided["decision_id"].as_str().unwrap();
+    let calls = h.reasoner.calls.load(Ordering::SeqCst);
+    let (status, body) = h.call("POST", &format!("/v1/decisions/{id}/replay"), Some(&reviewer), None).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (403, Some("forbidden")), "{body}");
+    let (status, body) = h.call("GET", &format!("/v1/decisions/{id}"), Some(&key), None).await;
+    assert_eq!(status, 403, "the audit trail is for review and audit: {body}");
+
+    let mut unreadable = h.store.get_decision(id).await.unwrap().unwrap();
+    unreadable.id = "00000000-0000-4000-8000-000000000002".into();
+    unreadable.content = Value::Null;
+    h.store.insert_decision(&unreadable, None).await.unwrap();
+    let mut orphan = h.store.get_decision(id).await.unwrap().unwrap();
+    orphan.id = "00000000-0000-4000-8000-000000000003".into();
+    orphan.policy_hashes = vec![format!("sha256:{}", "0".repeat(64))];
+    h.store.insert_decision(&orphan, None).await.unwrap();
+    for decision in [&unreadable, &orphan] {
+        let (status, body) =
+            h.call("POST", &format!("/v1/decisions/{}/replay", decision.id), Some(&auditor), None).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (409, Some("conflict")), "{body}");
+    }
+    assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), calls, "nothing was re-run");
+}
+
+/// A redirect is not followed: the signed POST would become a GET elsewhere, whose 2xx would count as delivered.
+#[tokio::test]
+async fn webhook_redirects_are_failed_attempts() {
+    let hook_hits = Arc::new(AtomicUsize::new(0));
+    let landed_hits = Arc::new(AtomicUsize::new(0));
+    let receiver = {
+        let (hook_hits, landed_hits) = (hook_hits.clone(), landed_hits.clone());
+        axum::Router::new()
+            .route(
+                "/hook",
+                axum::routing::post(move || {
+                    hook_hits.fetch_add(1, Ordering::SeqCst);
+                    async { (axum::http::StatusCode::FOUND, [(axum::http::header::LOCATION, "/landed")]) }
+                }),
+            )
+            .route(
+                "/landed",
+                axum::routing::any(move || {
+                    landed_hits.fetch_add(1, Ordering::SeqCst);
+                    async { axum::http::StatusCode::OK }
+                }),
+            )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, receiver).await.unwrap() });
+
+    let h = Harness::start(|c| c.webhook_max_attempts = 2).await;
+    let key = h.key(&["classify"]).await;
+    let body = json!({"text": "BUY NOW", "policies": ["spam"], "webhook_url": hook_url});
+    let (status, job) = h.call("POST", "/v1/jobs", Some(&key), Some(body)).await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().unwrap();
+    let mut delivery = None;
+    for _ in 0..200 {
+        let deliveries = h.store.deliveries_for_job(id).await.unwrap();
+        if let Some(d) = deliveries.into_iter().find(|d| d.status != "pending") {
+            delivery = Some(d);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let delivery = delivery.expect("the delivery settled");
+    assert_eq!((delivery.status.as_str(), delivery.attempts, delivery.last_status), ("failed", 2, Some(302)));
+    assert!(delivery.last_error.as_deref().unwrap_or("").contains("302"), "{delivery:?}");
+    assert_eq!((hook_hits.load(Ordering::SeqCst), landed_hits.load(Ordering::SeqCst)), (2, 0));
+}

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::any::{AnyArguments, AnyRow};
 use sqlx::pool::PoolConnection;
 use sqlx::query::Query;
-use sqlx::{Any, Row, Transaction};
+use sqlx::{Any, Connection, Row, Transaction};
 
 use crate::{Result, Store, from_json, to_json};
 
@@ -181,20 +181,28 @@ pub(crate) async fn insert_decision_tx(
     Ok(())
 }
 
-/// SQLite: decisions (with their policy links and reasoning) written as one multi-statement query inside
-/// `BEGIN IMMEDIATE … COMMIT`.
+/// SQLite: decisions (with their policy links and reasoning) written as one multi-statement query inside a
+/// `BEGIN IMMEDIATE` transaction.
 ///
 /// sqlx runs every statement on the connection's own thread, and each statement sent separately is a round trip
 /// there and back: five for one decision in a transaction, which was most of what storing a decision cost once
-/// commits stopped waiting for the disk. One query is one trip whatever the batch size. The numbered parameters
-/// (`$n`) address the bound values across all statements of the query.
+/// commits stopped waiting for the disk. One query for all the inserts keeps it at three trips (begin, inserts,
+/// commit) whatever the batch size. The numbered parameters (`$n`) address the bound values across all
+/// statements of the query.
 ///
-/// On failure the connection is marked to close when dropped: the caller must not keep it.
+/// The transaction is sqlx's own rather than `BEGIN …; COMMIT;` inside that query. When the caller's future is
+/// dropped (a handler's deadline), sqlx's SQLite thread stops at the first statement whose result nobody takes:
+/// a `BEGIN` sent as text would stay open on the pooled connection and hold the write lock for good. A tracked
+/// transaction is rolled back by sqlx when it is dropped unfinished, and a `BEGIN` nobody was left to receive
+/// is undone on the spot.
 pub(crate) async fn insert_decisions_sqlite(
     conn: &mut PoolConnection<Any>,
     rows: &[(&DecisionRecord, Option<&[String]>)],
 ) -> Result<()> {
-    let mut sql = String::from("BEGIN IMMEDIATE;\n");
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut sql = String::new();
     let mut next = 1;
     for (decision, reasoning) in rows {
         sql.push_str(&insert_decision_sql(&mut next));
@@ -208,7 +216,6 @@ pub(crate) async fn insert_decisions_sqlite(
             sql.push_str(";\n");
         }
     }
-    sql.push_str("COMMIT;");
 
     // Bound in exactly the order the placeholders were numbered above.
     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(rows.len() == 1);
@@ -222,13 +229,10 @@ pub(crate) async fn insert_decisions_sqlite(
         }
     }
 
-    if let Err(error) = query.execute(&mut **conn).await {
-        // A statement failed part-way and left the transaction open on this connection; undo it, and do not give
-        // the connection back to the pool in a state nobody can vouch for.
-        let _ = sqlx::query("ROLLBACK").execute(&mut **conn).await;
-        conn.close_on_drop();
-        return Err(error.into());
-    }
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
+    // A failed statement leaves the transaction open; dropping `tx` on the way out rolls it back.
+    query.execute(&mut *tx).await?;
+    tx.commit().await?;
     Ok(())
 }
 
@@ -319,19 +323,24 @@ impl Store {
         rows.iter().map(row_to_decision).collect()
     }
 
-    /// Queues a decision for human review (the review workflow itself lives elsewhere).
+    /// Queues a decision for human review (the review workflow itself lives elsewhere). A decision already
+    /// queued keeps its review, whose id is returned: reviews are unique per decision and kind.
     pub async fn enqueue_review(&self, decision_id: &str, priority: i64) -> Result<String> {
-        let id = crate::new_id();
         sqlx::query(
-            "INSERT INTO reviews (id, decision_id, status, priority, created_at) VALUES ($1, $2, 'pending', $3, $4)",
+            "INSERT INTO reviews (id, decision_id, status, priority, created_at) VALUES ($1, $2, 'pending', $3, $4) \
+             ON CONFLICT (decision_id, kind) DO NOTHING",
         )
-        .bind(&id)
+        .bind(crate::new_id())
         .bind(decision_id)
         .bind(priority)
         .bind(crate::now_ms())
         .execute(&self.pool)
         .await?;
-        Ok(id)
+        let row = sqlx::query("SELECT id FROM reviews WHERE decision_id = $1 AND kind = 'review'")
+            .bind(decision_id)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("id")?)
     }
 
     pub async fn count_reviews(&self, status: &str) -> Result<i64> {

@@ -195,12 +195,48 @@ impl Store {
         review: Option<&NewReview>,
         webhook: Option<&NewDelivery>,
     ) -> Result<bool> {
+        self.settle_job(job_id, lease_token, JobStatus::Done, None, decision, reasoning, review, webhook).await
+    }
+
+    /// Marks a job failed (a request that can never be decided, e.g. a policy that vanished or no longer parses),
+    /// with its `needs_review` decision, the review that puts it before a person and its webhook delivery, in one
+    /// transaction, as [`finish_job`](Self::finish_job) does: a failed job is still an item someone must settle,
+    /// so it must never end without a person or the caller hearing of it. A transient failure is not this: such
+    /// a job goes back to the queue ([`release_job`](Self::release_job)).
+    #[tracing::instrument(skip_all, fields(job_id))]
+    pub async fn fail_job(
+        &self,
+        job_id: &str,
+        lease_token: &str,
+        error: &str,
+        decision: &DecisionRecord,
+        review: &NewReview,
+        webhook: Option<&NewDelivery>,
+    ) -> Result<bool> {
+        self.settle_job(job_id, lease_token, JobStatus::Failed, Some(error), decision, None, Some(review), webhook)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn settle_job(
+        &self,
+        job_id: &str,
+        lease_token: &str,
+        status: JobStatus,
+        error: Option<&str>,
+        decision: &DecisionRecord,
+        reasoning: Option<&[String]>,
+        review: Option<&NewReview>,
+        webhook: Option<&NewDelivery>,
+    ) -> Result<bool> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         let updated = sqlx::query(
-            "UPDATE jobs SET status = 'done', result_decision_id = $1, locked_until = NULL, updated_at = $2 \
-             WHERE id = $3 AND status = 'running' AND lease_token = $4",
+            "UPDATE jobs SET status = $1, error = $2, result_decision_id = $3, locked_until = NULL, updated_at = $4 \
+             WHERE id = $5 AND status = 'running' AND lease_token = $6",
         )
+        .bind(status.as_str())
+        .bind(error)
         .bind(&decision.id)
         .bind(now)
         .bind(job_id)
@@ -221,22 +257,6 @@ impl Store {
         }
         tx.commit().await?;
         Ok(true)
-    }
-
-    /// Marks a job failed (a request that can never be decided, e.g. a policy that vanished).
-    pub async fn fail_job(&self, job_id: &str, lease_token: &str, error: &str) -> Result<bool> {
-        let updated = sqlx::query(
-            "UPDATE jobs SET status = 'failed', error = $1, locked_until = NULL, updated_at = $2 \
-             WHERE id = $3 AND status = 'running' AND lease_token = $4",
-        )
-        .bind(error)
-        .bind(now_ms())
-        .bind(job_id)
-        .bind(lease_token)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(updated == 1)
     }
 
     /// Hands a running job back to the queue (graceful shutdown that could not finish it).

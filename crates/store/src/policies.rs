@@ -1,8 +1,8 @@
 //! Immutable policy versions keyed by body hash, plus a name -> active version pin.
 
 use serde::Serialize;
-use sqlx::Row;
 use sqlx::any::AnyRow;
+use sqlx::{Any, Row, Transaction};
 
 use crate::{Result, Store, StoreError, from_json, now_ms, to_json};
 
@@ -33,10 +33,33 @@ fn row_to_policy(row: &AnyRow) -> Result<StoredPolicy> {
     })
 }
 
+/// Pins `name` to `hash` if the name has no active version and the version is stored under that name.
+async fn pin_if_unpinned(tx: &mut Transaction<'static, Any>, hash: &str, name: &str, now: i64) -> Result<()> {
+    let stored_name: Option<String> = sqlx::query("SELECT name FROM policies WHERE hash = $1")
+        .bind(hash)
+        .fetch_optional(&mut **tx)
+        .await?
+        .map(|row| row.try_get("name"))
+        .transpose()?;
+    if stored_name.as_deref() == Some(name) {
+        sqlx::query(
+            "INSERT INTO policy_pins (name, hash, updated_at) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(hash)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
 impl Store {
-    /// Stores a policy version. Returns the stored row and whether it was new. With `pin_first_version`,
-    /// the first version of a name becomes its active version; later ones wait for `activate_policy`.
-    /// (Inline policies sent with a single request are stored unpinned: they must not capture a name.)
+    /// Stores a policy version. Returns the stored row and whether it was new. With `pin_first_version`, a name
+    /// that has no active version yet gets this one, whether the row is new or was stored before unpinned (an
+    /// inline policy tried with a request, then published); once a name has one, later versions wait for
+    /// `activate_policy`. (Inline policies sent with a single request are stored unpinned: they must not capture
+    /// a name.) A row stored under another name is never pinned under this one.
     #[tracing::instrument(skip(self, body, meta))]
     pub async fn put_policy(
         &self,
@@ -61,19 +84,47 @@ impl Store {
         .await?
         .rows_affected()
             == 1;
-        if inserted && pin_first_version {
-            sqlx::query(
-                "INSERT INTO policy_pins (name, hash, updated_at) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
-            )
-            .bind(name)
-            .bind(hash)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
+        if pin_first_version {
+            pin_if_unpinned(&mut tx, hash, name, now).await?;
         }
         tx.commit().await?;
         let stored = self.get_policy(hash).await?.ok_or_else(|| StoreError::PolicyNotFound(hash.to_string()))?;
         Ok((stored, inserted))
+    }
+
+    /// Gives a version that was stored unpinned under `from_name` (an inline policy's fallback name) the name
+    /// and front matter it is now published with, and pins that name if it has no active version yet. Returns
+    /// `None`, changing nothing, when the version is not stored under `from_name` or `from_name` points at it:
+    /// a published name is never taken away from a version.
+    #[tracing::instrument(skip(self, meta))]
+    pub async fn rename_unpinned_policy(
+        &self,
+        hash: &str,
+        from_name: &str,
+        name: &str,
+        meta: &serde_json::Value,
+    ) -> Result<Option<StoredPolicy>> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let renamed = sqlx::query(
+            "UPDATE policies SET name = $1, meta = $2 WHERE hash = $3 AND name = $4 \
+             AND NOT EXISTS (SELECT 1 FROM policy_pins WHERE policy_pins.hash = $3 AND policy_pins.name = $4)",
+        )
+        .bind(name)
+        .bind(to_json(meta))
+        .bind(hash)
+        .bind(from_name)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !renamed {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        pin_if_unpinned(&mut tx, hash, name, now).await?;
+        tx.commit().await?;
+        self.get_policy(hash).await
     }
 
     pub async fn get_policy(&self, hash: &str) -> Result<Option<StoredPolicy>> {

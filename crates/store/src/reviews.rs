@@ -117,21 +117,30 @@ impl Store {
     /// Queues a decision for a person. One review per decision and kind: queuing again returns the existing
     /// one, pending or decided, so that storing a decision again (a redelivered event) never asks a person to
     /// decide what a person already decided.
+    ///
+    /// The unique index on (decision_id, kind) settles races: two workers storing the same decision at once
+    /// both insert, one insert does nothing, and both read back the one row.
     pub async fn queue_review(&self, review: &NewReview) -> Result<ReviewRecord> {
-        let existing = sqlx::query(sql!(
-            "SELECT {COLUMNS} FROM reviews WHERE decision_id = $1 AND kind = $2 ORDER BY created_at LIMIT 1"
-        ))
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO reviews (id, decision_id, status, kind, priority, reason, created_at, due_at) \
+             VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7) ON CONFLICT (decision_id, kind) DO NOTHING",
+        )
+        .bind(crate::new_id())
         .bind(&review.decision_id)
         .bind(&review.kind)
-        .fetch_optional(&self.pool)
+        .bind(review.priority)
+        .bind(&review.reason)
+        .bind(now)
+        .bind(review.sla_ms.map(|ms| now + ms))
+        .execute(&self.pool)
         .await?;
-        if let Some(row) = existing {
-            return row_to_review(&row);
-        }
-        let mut tx = self.pool.begin().await?;
-        let id = insert_review_tx(&mut tx, review, now_ms()).await?;
-        tx.commit().await?;
-        self.get_review(&id).await?.ok_or(StoreError::Db(sqlx::Error::RowNotFound))
+        let row = sqlx::query(sql!("SELECT {COLUMNS} FROM reviews WHERE decision_id = $1 AND kind = $2"))
+            .bind(&review.decision_id)
+            .bind(&review.kind)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(row_to_review).transpose()?.ok_or(StoreError::Db(sqlx::Error::RowNotFound))
     }
 
     pub async fn get_review(&self, id: &str) -> Result<Option<ReviewRecord>> {

@@ -547,8 +547,96 @@ async fn jobs_are_idempotent_leased_and_finished_once() {
         let depth = s.queue_depth().await.unwrap();
         assert_eq!((depth.pending, depth.running, depth.done), (1, 0, 1), "{}", t.label);
         let third = s.claim_job(60_000).await.unwrap().unwrap();
-        assert!(s.fail_job(&j2.id, third.lease_token.as_deref().unwrap(), "bad").await.unwrap());
+        let failed = decision("dj-failed", "needs_review", "spam", Some(&j2.id));
+        let review = NewReview {
+            decision_id: failed.id.clone(),
+            kind: "review".into(),
+            priority: 1,
+            reason: Some("job failed: bad".into()),
+            sla_ms: None,
+        };
+        assert!(
+            s.fail_job(&j2.id, third.lease_token.as_deref().unwrap(), "bad", &failed, &review, None).await.unwrap()
+        );
         assert_eq!(s.get_job(&j2.id).await.unwrap().unwrap().status, JobStatus::Failed);
+        t.cleanup().await;
+    }
+}
+
+/// A job that can never be decided still reaches a person and its caller: its `needs_review` decision, the
+/// review and the webhook delivery are written with the failure, in one transaction, only by the lease's owner.
+#[tokio::test]
+async fn a_failed_job_is_queued_for_a_person_and_announced() {
+    for t in stores().await {
+        let s = &t.store;
+        let (job, _) = s
+            .enqueue_job(&NewJob { request: json!({}), idempotency_key: None, webhook_url: Some("http://x/h".into()) })
+            .await
+            .unwrap();
+        let claimed = s.claim_job(60_000).await.unwrap().unwrap();
+        let failed = decision("df-1", "needs_review", "spam", Some(&job.id));
+        let review = NewReview {
+            decision_id: failed.id.clone(),
+            kind: "review".into(),
+            priority: 1,
+            reason: Some("job failed: policy gone".into()),
+            sla_ms: Some(60_000),
+        };
+        let hook = NewDelivery {
+            job_id: job.id.clone(),
+            url: "http://x/h".into(),
+            body: "{\"outcome\":\"needs_review\"}".into(),
+        };
+        assert!(
+            !s.fail_job(&job.id, "stale-token", "policy gone", &failed, &review, Some(&hook)).await.unwrap(),
+            "{}",
+            t.label
+        );
+        assert_eq!(s.decisions_for_job(&job.id).await.unwrap(), 0, "a refused failure writes nothing ({})", t.label);
+        let token = claimed.lease_token.as_deref().unwrap();
+        assert!(s.fail_job(&job.id, token, "policy gone", &failed, &review, Some(&hook)).await.unwrap());
+        let stored = s.get_job(&job.id).await.unwrap().unwrap();
+        assert_eq!(stored.status, JobStatus::Failed, "{}", t.label);
+        assert_eq!(
+            (stored.error.as_deref(), stored.result_decision_id.as_deref()),
+            (Some("policy gone"), Some("df-1")),
+            "{}",
+            t.label
+        );
+        assert_eq!(s.get_decision("df-1").await.unwrap().unwrap().outcome, "needs_review");
+        let queued = s.list_reviews("pending", 10).await.unwrap();
+        assert_eq!(queued.len(), 1, "{}", t.label);
+        assert_eq!(queued[0].decision_id, "df-1");
+        let deliveries = s.deliveries_for_job(&job.id).await.unwrap();
+        assert_eq!(deliveries.len(), 1, "{}", t.label);
+        assert!(deliveries[0].body.contains("needs_review"));
+        assert!(!s.fail_job(&job.id, token, "again", &failed, &review, None).await.unwrap(), "failed once");
+        t.cleanup().await;
+    }
+}
+
+/// An inline policy is stored unpinned; publishing the same body later pins its name if the name has none, and a
+/// version named only by the inline fallback takes the name it is published with.
+#[tokio::test]
+async fn a_version_tried_inline_is_pinned_once_published() {
+    for t in stores().await {
+        let s = &t.store;
+        let (tried, _) = s.put_policy("sha256:tried", "tried", "body", &json!({}), false).await.unwrap();
+        assert!(!tried.active && s.active_policy("tried").await.unwrap().is_none(), "{}", t.label);
+        let (published, created) = s.put_policy("sha256:tried", "tried", "body", &json!({}), true).await.unwrap();
+        assert!(!created && published.active, "pinned though already stored ({})", t.label);
+        assert_eq!(s.active_policy("tried").await.unwrap().unwrap().hash, "sha256:tried");
+        let (other, _) = s.put_policy("sha256:tried2", "tried", "body 2", &json!({}), true).await.unwrap();
+        assert!(!other.active, "a pinned name keeps its version ({})", t.label);
+
+        s.put_policy("sha256:anon", "inline", "anon", &json!({"fallback_name": "inline"}), false).await.unwrap();
+        let (again, _) = s.put_policy("sha256:anon", "raffle", "anon", &json!({}), true).await.unwrap();
+        assert!(!again.active && again.name == "inline", "not pinned under another name ({})", t.label);
+        let renamed = s.rename_unpinned_policy("sha256:anon", "inline", "raffle", &json!({"v": 2})).await.unwrap();
+        let renamed = renamed.expect("renamed");
+        assert_eq!((renamed.name.as_str(), renamed.active, &renamed.meta), ("raffle", true, &json!({"v": 2})));
+        assert_eq!(s.active_policy("raffle").await.unwrap().unwrap().hash, "sha256:anon", "{}", t.label);
+        assert!(s.rename_unpinned_policy("sha256:anon", "inline", "x", &json!({})).await.unwrap().is_none());
         t.cleanup().await;
     }
 }
@@ -724,4 +812,149 @@ async fn reviews_queue_in_priority_and_sla_order_and_are_decided_once() {
         assert_eq!(s.review_stats().await.unwrap().pending, 1, "{}", t.label);
         t.cleanup().await;
     }
+}
+
+/// Two workers storing the same decision at once (the NATS host does) both queue its review: exactly one review
+/// comes of it, and every caller gets that one back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_queue_review_calls_make_one_review() {
+    for t in stores().await {
+        let s = Arc::new(t.store.clone());
+        for round in 0..10 {
+            let id = format!("qr-{round}");
+            s.insert_decision(&decision(&id, "needs_review", "spam", None), None).await.unwrap();
+            let barrier = Arc::new(tokio::sync::Barrier::new(4));
+            let callers: Vec<_> = (0..4)
+                .map(|priority| {
+                    let (s, barrier, id) = (s.clone(), barrier.clone(), id.clone());
+                    tokio::spawn(async move {
+                        barrier.wait().await;
+                        s.queue_review(&NewReview {
+                            decision_id: id,
+                            kind: "review".into(),
+                            priority,
+                            reason: Some("needs_review".into()),
+                            sla_ms: None,
+                        })
+                        .await
+                    })
+                })
+                .collect();
+            let mut ids = Vec::new();
+            for caller in callers {
+                ids.push(caller.await.unwrap().unwrap().id);
+            }
+            ids.dedup();
+            assert_eq!(ids.len(), 1, "{}: every caller gets the one review of {id}", t.label);
+        }
+        let pending = s.list_reviews("pending", 100).await.unwrap();
+        assert_eq!(pending.len(), 10, "{}: one review per decision", t.label);
+        t.cleanup().await;
+    }
+}
+
+/// The migration that makes reviews unique per decision and kind removes the duplicates earlier versions could
+/// leave: a person's decision survives, otherwise the earliest review does.
+#[tokio::test]
+async fn the_unique_review_migration_keeps_one_review_per_decision_and_kind() {
+    for t in stores().await {
+        let s = &t.store;
+        for id in ["m-a", "m-b"] {
+            s.insert_decision(&decision(id, "needs_review", "spam", None), None).await.unwrap();
+        }
+        // Back to the schema before migration 4, with the duplicates it allowed.
+        for statement in [
+            "DROP INDEX reviews_one_per_decision_kind",
+            "CREATE INDEX reviews_by_decision ON reviews (decision_id)",
+            "DELETE FROM safeguard_migrations WHERE version = 4",
+        ] {
+            sqlx::query(statement).execute(s.pool()).await.unwrap();
+        }
+        for (id, decision_id, kind, status, created_at) in [
+            ("m-a-1", "m-a", "review", "pending", 100),
+            ("m-a-2", "m-a", "review", "pending", 50),
+            ("m-a-3", "m-a", "review", "decided", 200),
+            ("m-b-1", "m-b", "review", "pending", 20),
+            ("m-b-2", "m-b", "review", "pending", 10),
+            ("m-b-3", "m-b", "appeal", "pending", 30),
+        ] {
+            sqlx::query(
+                "INSERT INTO reviews (id, decision_id, status, kind, priority, created_at) VALUES ($1, $2, $3, $4, 1, $5)",
+            )
+            .bind(id)
+            .bind(decision_id)
+            .bind(status)
+            .bind(kind)
+            .bind(created_at as i64)
+            .execute(s.pool())
+            .await
+            .unwrap();
+        }
+
+        let reopened = match (&t._dir, &t.pg_schema) {
+            (Some(dir), _) => Store::open_sqlite(&dir.path().join("test.db")).await.unwrap(),
+            (None, Some((url, schema))) => {
+                let options = StoreOptions { schema: Some(schema.clone()), max_connections: 2, ..Default::default() };
+                Store::connect(url, options).await.unwrap()
+            }
+            (None, None) => unreachable!("a test store is a file or a schema"),
+        };
+        let rows = sqlx::query("SELECT id FROM reviews ORDER BY id").fetch_all(reopened.pool()).await.unwrap();
+        let kept: Vec<String> = rows.iter().map(|r| sqlx::Row::get(r, "id")).collect();
+        assert_eq!(kept, ["m-a-3", "m-b-2", "m-b-3"], "{}", t.label);
+        let again =
+            NewReview { decision_id: "m-b".into(), kind: "review".into(), priority: 9, reason: None, sla_ms: None };
+        assert_eq!(reopened.queue_review(&again).await.unwrap().id, "m-b-2", "{}", t.label);
+        let duplicate =
+            sqlx::query("INSERT INTO reviews (id, decision_id, status, kind, priority, created_at) VALUES ('x', 'm-b', 'pending', 'review', 1, 1)")
+                .execute(reopened.pool())
+                .await;
+        assert!(duplicate.is_err(), "{}: the database refuses a second review", t.label);
+        reopened.close().await;
+        t.cleanup().await;
+    }
+}
+
+/// SQLite with group commit off: an insert whose caller gives up while it waits for another writer's lock
+/// (a handler's deadline) must not leave its transaction open on the pooled connection, holding the write lock
+/// and refusing the next insert on that connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_an_abandoned_insert_without_group_commit_leaves_no_transaction_open() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("abandoned.db");
+    let url = format!("sqlite://{}?mode=rwc", path.display());
+    let options = StoreOptions {
+        // One pooled connection, so the next insert runs on the one the abandoned insert used.
+        max_connections: 1,
+        group_commit: safeguard_store::GroupCommit { enabled: false, ..Default::default() },
+        checkpoint_every: Duration::from_secs(3600),
+        ..Default::default()
+    };
+    let s = Store::connect(&url, options).await.unwrap();
+    s.insert_decision(&decision("ab-before", "allow", "spam", None), None).await.unwrap();
+
+    let other_writer = rusqlite::Connection::open(&path).unwrap();
+    other_writer.busy_timeout(Duration::from_secs(5)).unwrap();
+    other_writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let abandoned = tokio::time::timeout(
+        Duration::from_millis(300),
+        s.insert_decision(&decision("ab-dropped", "allow", "spam", None), None),
+    )
+    .await;
+    assert!(abandoned.is_err(), "the insert got past another writer's lock");
+    other_writer.execute_batch("COMMIT").unwrap();
+    // Let the connection's thread take the lock it was waiting for, and give it back.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    tokio::time::timeout(Duration::from_secs(5), s.insert_decision(&decision("ab-after", "allow", "spam", None), None))
+        .await
+        .expect("the next insert is not stuck behind an open transaction")
+        .unwrap();
+    // Committed, and the write lock is free: another connection sees the row and can write.
+    let seen: i64 =
+        other_writer.query_row("SELECT COUNT(*) FROM decisions WHERE id = 'ab-after'", [], |row| row.get(0)).unwrap();
+    assert_eq!(seen, 1);
+    other_writer.execute_batch("BEGIN IMMEDIATE; COMMIT").unwrap();
+    s.close().await;
 }
