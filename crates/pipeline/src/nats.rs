@@ -15,28 +15,36 @@
 //! - when the reasoning budget is spent the event is NAKed with the budget's retry delay and the worker
 //!   pauses pulling: back-pressure instead of dropping or allowing;
 //! - while an item is being decided the worker tells the server it is still working on it (progress acks),
-//!   so a slow decision is not handed to a second worker after `ack_wait`;
+//!   and so it does for the fetched events waiting their turn behind it, so a slow decision is not handed to a
+//!   second worker after `ack_wait`;
+//! - a ledger entry that cannot be read, or that belongs to another key, is never taken as "not decided" or as
+//!   this item's decision: the first holds the event back (NAKs with a growing delay), the second sends the
+//!   item to a person. An event without any key is rejected under its stream sequence, outside the ledger;
+//! - a decision too large for NATS is settled as `needs_review` without its evidence (the host records it
+//!   whole), since given back it would be decided again forever;
 //! - the program the worker runs in ([`WorkerHost`]) chooses the policies and pipeline per event and records
 //!   each settled decision (e.g. in `safeguard serve`'s database) before the event is acked. A redelivered
 //!   event whose decision is already in the ledger is recorded again, so the host must be idempotent by the
 //!   decision id: that makes its record exactly-once too.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer, stream};
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use safeguard_core::input::{InputLimits, parse_item};
 use safeguard_harmony::Content;
 use safeguard_policy::Policy;
+use safeguard_verdict::Outcome;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::cascade::{CascadeDecision, Pipeline, RouteContext};
+use crate::cascade::{CascadeDecision, Escalation, Pipeline, PolicyRoute, RouteContext, Stage};
 
 /// Names of everything the worker creates or uses; workers sharing these share the work.
 #[derive(Debug, Clone)]
@@ -97,10 +105,29 @@ pub enum NatsError {
     Setup(String),
     #[error("JetStream: {0}")]
     Stream(String),
+    /// More than NATS (`max_payload`) or the stream (`max_msg_size`) takes: sending it again cannot succeed.
+    #[error("too large for NATS: {0}")]
+    TooLarge(String),
+    /// The ledger holds something for the key that is not a settled event: neither "decided" nor "not decided".
+    #[error("the decided ledger's entry for {key:?} does not parse: {detail}")]
+    BadLedgerEntry { key: String, detail: String },
 }
 
 fn setup_err(e: impl std::fmt::Display) -> NatsError {
     NatsError::Setup(e.to_string())
+}
+
+fn publish_err(e: jetstream::context::PublishError) -> NatsError {
+    if too_large(&e) { NatsError::TooLarge(e.to_string()) } else { NatsError::Stream(e.to_string()) }
+}
+
+/// Whether a publish was refused for its size: by the client against the server's `max_payload`, or by the
+/// stream against its `max_msg_size`.
+fn too_large(e: &jetstream::context::PublishError) -> bool {
+    e.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded
+        || std::error::Error::source(e)
+            .and_then(|source| source.downcast_ref::<jetstream::Error>())
+            .is_some_and(|api| api.error_code() == jetstream::ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM)
 }
 
 /// What the worker publishes for each event: first `pending`, then `decided` (or `rejected` for an event
@@ -209,7 +236,11 @@ impl Bus {
     pub async fn decided(&self, key: &str) -> Result<Option<DecisionEvent>, NatsError> {
         let subject = format!("{}.decided.{}", self.config.prefix, subject_token(key));
         match self.decided.get_last_raw_message_by_subject(&subject).await {
-            Ok(message) => Ok(serde_json::from_slice(&message.payload).ok()),
+            // Read as "not decided", an entry that does not parse would have the item decided again, and the ledger
+            // would refuse that decision's write anyway.
+            Ok(message) => serde_json::from_slice(&message.payload)
+                .map(Some)
+                .map_err(|e| NatsError::BadLedgerEntry { key: key.to_string(), detail: e.to_string() }),
             Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
             Err(e) => Err(NatsError::Stream(e.to_string())),
         }
@@ -222,16 +253,11 @@ impl Bus {
         let mut headers = HeaderMap::new();
         // The server refuses the write if the subject already holds a message: an atomic create.
         headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
-        let ack = self
-            .js
-            .publish_with_headers(subject, headers, body.into())
-            .await
-            .map_err(|e| NatsError::Stream(e.to_string()))?
-            .await;
+        let ack = self.js.publish_with_headers(subject, headers, body.into()).await.map_err(publish_err)?.await;
         match ack {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => Ok(false),
-            Err(e) => Err(NatsError::Stream(e.to_string())),
+            Err(e) => Err(publish_err(e)),
         }
     }
 
@@ -255,30 +281,47 @@ impl Bus {
 
     async fn publish_event(&self, event: &DecisionEvent) -> Result<(), NatsError> {
         let token = subject_token(&event.key);
-        let mut headers = HeaderMap::new();
         // The duplicate window drops a second publish of the same status for the same key (of the same review:
         // an appeal can be reviewed again).
         let id = match &event.review {
             Some(review) => format!("{token}:{:?}:{}", event.status, review.review_id),
             None => format!("{token}:{:?}", event.status),
         };
-        headers.insert("Nats-Msg-Id", id.as_str());
+        self.publish_as(&token, &id, event).await
+    }
+
+    /// Publishes `event` on `{prefix}.decisions.{subject}` under the message id `id`.
+    async fn publish_as(&self, subject: &str, id: &str, event: &DecisionEvent) -> Result<(), NatsError> {
+        let mut headers = HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id);
         let body = serde_json::to_vec(event).map_err(|e| NatsError::Stream(e.to_string()))?;
         self.js
-            .publish_with_headers(self.config.decision_subject(&token), headers, body.into())
+            .publish_with_headers(self.config.decision_subject(subject), headers, body.into())
             .await
-            .map_err(|e| NatsError::Stream(e.to_string()))?
+            .map_err(publish_err)?
             .await
-            .map_err(|e| NatsError::Stream(e.to_string()))?;
+            .map_err(publish_err)?;
         Ok(())
     }
 }
 
 /// A subject token for any idempotency key: the user's key may hold characters subjects do not allow.
+///
+/// One token per key and one key per token (a key's ledger slot is its token's): a key that is already a clean
+/// token is used as it is, unless it has the shape of a hashed one, `h` and 40 hex digits, which could be another
+/// key's hash; such a key is hashed too.
 pub fn subject_token(key: &str) -> String {
-    let clean =
-        !key.is_empty() && key.len() <= 64 && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let clean = !key.is_empty()
+        && key.len() <= 64
+        && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && !looks_hashed(key);
     if clean { key.to_string() } else { format!("h{}", &hex::encode(Sha256::digest(key.as_bytes()))[..40]) }
+}
+
+fn looks_hashed(token: &str) -> bool {
+    token.len() == 41
+        && token.starts_with('h')
+        && token.bytes().skip(1).all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Why a host could not serve an event.
@@ -373,33 +416,90 @@ impl Worker {
             let batch = consumer
                 .fetch()
                 .max_messages(cfg.batch.max(1))
-                .expires(Duration::from_millis(500))
+                .expires(FETCH_EXPIRES)
                 .messages()
                 .await
                 .map_err(|e| NatsError::Stream(e.to_string()))?;
-            let mut batch = std::pin::pin!(batch);
-            while let Some(message) = batch.next().await {
-                let message = match message {
-                    Ok(message) => message,
-                    Err(e) => {
-                        warn!("pull failed: {e}");
-                        break;
-                    }
-                };
-                if let Some(pause) = self.handle(&message).await {
-                    // Back-pressure: stop pulling until the budget refills; the NAKed event waits in the stream.
-                    tokio::time::sleep(pause).await;
-                    break;
-                }
-                if stop.is_cancelled() {
-                    break;
+            if let Some(pause) = self.work_through(batch, &stop).await {
+                // Back-pressure: stop pulling until the budget refills; the NAKed events wait in the stream. A pause
+                // can last up to an hour, so it ends early when the worker is stopped.
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(pause) => {}
                 }
             }
         }
         Ok(())
     }
 
-    /// Handles one event; returns how long to pause pulling when the reasoning budget is spent.
+    /// Handles a fetched batch, one event after another; returns how long to pause pulling when the reasoning
+    /// budget is spent.
+    ///
+    /// Every event of a batch is delivered, and its `ack_wait` running, from the moment it is fetched: those
+    /// waiting their turn are kept alive (progress acks) while the ones ahead of them are decided, else a slow
+    /// item ahead would have them handed to another worker and decided twice. Those not started when the worker
+    /// stops or pauses go back to the stream at once.
+    async fn work_through<E: std::fmt::Display>(
+        &self,
+        batch: impl Stream<Item = Result<jetstream::Message, E>>,
+        stop: &CancellationToken,
+    ) -> Option<Duration> {
+        let mut batch = std::pin::pin!(batch);
+        // Whether the fetch may still deliver; a finished stream is not polled again.
+        let mut open = true;
+        let mut waiting: VecDeque<jetstream::Message> = VecDeque::new();
+        let period = keep_alive_period(self.bus.config.ack_wait);
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if stop.is_cancelled() {
+                give_back(waiting, batch.as_mut(), open, None).await;
+                return None;
+            }
+            let message = match waiting.pop_front() {
+                Some(message) => message,
+                None if open => match batch.next().await {
+                    Some(Ok(message)) => message,
+                    Some(Err(e)) => {
+                        warn!("pull failed: {e}");
+                        return None;
+                    }
+                    None => return None,
+                },
+                None => return None,
+            };
+            let handled = {
+                let mut handling = std::pin::pin!(self.handle(&message));
+                loop {
+                    tokio::select! {
+                        biased;
+                        handled = &mut handling => break handled,
+                        next = batch.next(), if open => match next {
+                            Some(Ok(next)) => waiting.push_back(next),
+                            Some(Err(e)) => {
+                                warn!("pull failed: {e}");
+                                open = false;
+                            }
+                            None => open = false,
+                        },
+                        _ = ticker.tick() => {
+                            for queued in &waiting {
+                                progress(queued).await;
+                            }
+                        }
+                    }
+                }
+            };
+            if let Some(pause) = handled {
+                // The rest would only find the budget spent too: back to the stream, to come again after the pause.
+                give_back(waiting, batch.as_mut(), open, Some(pause)).await;
+                return Some(pause);
+            }
+        }
+    }
+
+    /// Handles one event; returns how long to pause pulling when the reasoning budget is spent. Every way out
+    /// acks the event, NAKs it, or (for one that can never be settled) terminates it.
     async fn handle(&self, message: &jetstream::Message) -> Option<Duration> {
         let payload: Option<Value> = serde_json::from_slice(&message.payload).ok();
         let item_id = payload.as_ref().and_then(|p| p.get("id")).and_then(Value::as_str).map(str::to_string);
@@ -408,11 +508,10 @@ impl Worker {
             .as_ref()
             .and_then(|h| h.get("Nats-Msg-Id"))
             .map(|v| v.as_str().to_string())
-            .or_else(|| item_id.clone());
+            .filter(|key| !key.is_empty())
+            .or_else(|| item_id.clone().filter(|id| !id.is_empty()));
         let Some(key) = key else {
-            return self
-                .reject(message, "unknown".into(), None, "the event has neither a Nats-Msg-Id header nor an \"id\"")
-                .await;
+            return self.reject_unkeyed(message).await;
         };
         let appeal = payload.as_ref().and_then(|p| p.get("appeal")).and_then(Value::as_bool).unwrap_or(false);
         // An appeal of an item is a decision of its own: under the item's key the ledger would answer it with
@@ -425,21 +524,27 @@ impl Worker {
 
         // Settled already (a redelivery after a crash between deciding and acking): record and publish again, ack.
         match self.bus.decided(&key).await {
-            Ok(Some(event)) => {
+            Ok(Some(event)) if event.key == key => {
                 debug!(%key, "already decided; recording and publishing again");
                 let content = item.as_ref().ok().map(|i| &i.content);
                 if !self.record(message, &event, content).await {
                     return None;
                 }
-                if self.bus.publish_event(&event).await.is_ok() {
-                    ack(message, AckKind::Ack).await;
-                }
+                self.publish_and_ack(message, &event).await;
                 return None;
+            }
+            Ok(Some(other)) => {
+                // Another key's entry in this key's slot (written before keys shaped like a hashed token were
+                // hashed themselves) says nothing about this item. It is decided, and settled for a person.
+                error!(%key, other = %other.key, "the decided ledger holds another key's entry in this key's slot");
             }
             Ok(None) => {}
             Err(e) => {
-                warn!(%key, "cannot read the decided ledger: {e}");
-                ack(message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                match &e {
+                    NatsError::BadLedgerEntry { .. } => error!(%key, "not deciding the event: {e}"),
+                    _ => warn!(%key, "cannot read the decided ledger: {e}"),
+                }
+                retry(message).await;
                 return None;
             }
         }
@@ -457,7 +562,7 @@ impl Worker {
             Err(HostError::Rejected(why)) => return self.reject(message, key, item_id, &why).await,
             Err(HostError::Unavailable(why)) => {
                 warn!(%key, "cannot prepare the event now: {why}");
-                ack(message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                retry(message).await;
                 return None;
             }
         };
@@ -523,10 +628,15 @@ impl Worker {
             Ok(()) => true,
             Err(e) => {
                 warn!(key = %event.key, "cannot record the decision yet: {e}");
-                ack(message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                retry(message).await;
                 false
             }
         }
+    }
+
+    /// Publishes a settled (and recorded) event and acks its content event.
+    async fn publish_and_ack(&self, message: &jetstream::Message, event: &DecisionEvent) {
+        ack_published(message, &event.key, self.bus.publish_event(event).await).await;
     }
 
     async fn reject(
@@ -549,8 +659,39 @@ impl Worker {
         None
     }
 
+    /// Rejects an event with no key at all (no `Nats-Msg-Id`, no `"id"`), under its place in the stream.
+    ///
+    /// It gets no ledger slot: every slot may be a real key's (a fixed stand-in such as "unknown" was shared by
+    /// every keyless event and by the item keyed "unknown"), and a rejection needs no arbitration: a redelivery
+    /// rejects it the same way. It goes out on `{prefix}.decisions.unkeyed.{sequence}`, two tokens where each
+    /// key's subject has one, so no key's subject or message id can equal it.
+    async fn reject_unkeyed(&self, message: &jetstream::Message) -> Option<Duration> {
+        let place = match message.info() {
+            Ok(info) => info.stream_sequence.to_string(),
+            Err(_) => uuid::Uuid::new_v4().simple().to_string(),
+        };
+        let subject = format!("unkeyed.{place}");
+        let error = "the event has neither a Nats-Msg-Id header nor an \"id\"";
+        warn!(%subject, %error, "rejecting a content event");
+        let event = DecisionEvent {
+            key: subject.clone(),
+            item_id: None,
+            status: EventStatus::Rejected,
+            decision: None,
+            error: Some(error.to_string()),
+            review: None,
+        };
+        let published = self.bus.publish_as(&subject, &format!("{subject}:{:?}", event.status), &event).await;
+        ack_published(message, &subject, published).await;
+        None
+    }
+
     /// Records the event's final state exactly once in the ledger, hands it to the host, publishes it, then
     /// acks. `reasoning` is the chain of thought kept out of the ledger and the published event, for the host.
+    ///
+    /// A decision too large for NATS (megabytes of evidence) could never be written, and given back it would be
+    /// decided again forever: it is settled instead as `needs_review`, the ledger's copy without the evidence and
+    /// verdicts, the host's copy whole.
     async fn settle(
         &self,
         message: &jetstream::Message,
@@ -559,36 +700,199 @@ impl Worker {
         reasoning: Option<Vec<Vec<String>>>,
     ) {
         let ours = event_id(&event);
-        let stored = match self.bus.record_once(&event).await {
-            Ok(true) => event,
-            Ok(false) => {
-                // Another worker decided the same key first; its decision is the one.
-                match self.bus.decided(&event.key).await {
-                    Ok(Some(theirs)) => theirs,
-                    _ => return,
+        let key = event.key.clone();
+        let mut candidate = event;
+        // The host's copy, where it differs from the ledger's by more than the chain of thought.
+        let mut whole = None;
+        let stored = loop {
+            match self.bus.claim(&candidate).await {
+                Ok(Claim::Ours) => break candidate,
+                Ok(Claim::Theirs(theirs)) => break theirs,
+                Ok(Claim::Conflict(other)) => {
+                    let event = whole.unwrap_or(candidate);
+                    return self.settle_conflict(message, event, &other.key, content, reasoning).await;
+                }
+                Err(NatsError::TooLarge(why)) if whole.is_none() && candidate.decision.is_some() => {
+                    error!(%key, "the decision is too large for the ledger ({why}); it goes to a person instead");
+                    let detail = clip(&format!("the decision was too large to settle on NATS: {why}"), MAX_DETAIL);
+                    whole = Some(for_person(&candidate, &detail, false));
+                    candidate = for_person(&candidate, &detail, true);
+                }
+                Err(NatsError::TooLarge(why)) => {
+                    // Nothing left to leave out (the key itself may be that large): no retry can ever settle it.
+                    error!(%key, "the event can never be settled, it is too large for NATS ({why}); dropping it");
+                    ack(message, AckKind::Term).await;
+                    return;
+                }
+                Err(e) => {
+                    warn!(%key, "cannot record the decision: {e}");
+                    retry(message).await;
+                    return;
                 }
             }
-            Err(e) => {
-                warn!(key = %event.key, "cannot record the decision: {e}");
-                ack(message, AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                return;
-            }
         };
-        let mut for_host = stored.clone();
-        if let (Some(decision), Some(reasoning)) = (for_host.decision.as_mut(), reasoning)
-            && Some(decision.id) == ours
-        {
-            for (step, chain) in decision.reasoning.iter_mut().zip(reasoning) {
-                step.reasoning = chain;
-            }
+        let mut for_host = match whole {
+            Some(whole) if event_id(&stored) == ours => whole,
+            _ => stored.clone(),
+        };
+        if event_id(&for_host) == ours {
+            restore_reasoning(&mut for_host, reasoning);
         }
         if !self.record(message, &for_host, content).await {
             return;
         }
-        match self.bus.publish_event(&stored).await {
-            Ok(()) => ack(message, AckKind::Ack).await,
-            // Recorded but not announced: the redelivery will find it in the ledger and publish it.
-            Err(e) => warn!(key = %stored.key, "cannot publish the decision: {e}"),
+        self.publish_and_ack(message, &stored).await;
+    }
+
+    /// Settles an event whose ledger slot holds another key's entry: that entry says nothing about this item,
+    /// and this item's cannot be written there. A rejection is published as it is; a decision goes to a person,
+    /// under an id derived from the key (a redelivery records the same one again, not a second), recorded by
+    /// the host and published, but not in the ledger.
+    async fn settle_conflict(
+        &self,
+        message: &jetstream::Message,
+        event: DecisionEvent,
+        other_key: &str,
+        content: Option<&Content>,
+        reasoning: Option<Vec<Vec<String>>>,
+    ) {
+        error!(key = %event.key, other = other_key, "the key's ledger slot holds another key's entry; a person decides");
+        let token = subject_token(&event.key);
+        if event.decision.is_none() {
+            let id = format!("{token}:{:?}:conflict", event.status);
+            ack_published(message, &event.key, self.bus.publish_as(&token, &id, &event).await).await;
+            return;
+        }
+        let detail =
+            clip(&format!("ledger conflict: this key's ledger slot holds the entry of key {other_key:?}"), MAX_DETAIL);
+        let mut whole = for_person(&event, &detail, false);
+        let mut published = for_person(&event, &detail, true);
+        let id = conflict_id(&event.key);
+        for settled in [&mut whole, &mut published] {
+            if let Some(decision) = settled.decision.as_mut() {
+                decision.id = id;
+            }
+        }
+        restore_reasoning(&mut whole, reasoning);
+        if !self.record(message, &whole, content).await {
+            return;
+        }
+        // Not `{token}:Decided`: the other key may have used that message id within the duplicate window.
+        let msg_id = format!("{token}:{:?}:{id}", published.status);
+        ack_published(message, &event.key, self.bus.publish_as(&token, &msg_id, &published).await).await;
+    }
+}
+
+/// How long a fetch waits for events; also the most a stopping worker waits for a fetch's stragglers.
+const FETCH_EXPIRES: Duration = Duration::from_millis(500);
+
+/// The first NAK delay of an event that could not be settled now, doubled per delivery up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// The longest reason written into a decision handed to a person by the worker itself.
+const MAX_DETAIL: usize = 300;
+
+/// The most entries kept of each list inside a trimmed decision's escalations.
+const MAX_TRIMMED_LIST: usize = 4;
+
+/// What the ledger holds for a key once a worker tried to write its entry.
+enum Claim {
+    /// The entry written is this worker's.
+    Ours,
+    /// Another worker settled the key first: its entry stands.
+    Theirs(DecisionEvent),
+    /// The key's slot holds another key's entry.
+    Conflict(DecisionEvent),
+}
+
+impl Bus {
+    /// Writes `event` as its key's ledger entry unless the key has one; what the ledger holds for it then.
+    async fn claim(&self, event: &DecisionEvent) -> Result<Claim, NatsError> {
+        if self.record_once(event).await? {
+            return Ok(Claim::Ours);
+        }
+        match self.decided(&event.key).await? {
+            Some(theirs) if theirs.key == event.key => Ok(Claim::Theirs(theirs)),
+            Some(other) => Ok(Claim::Conflict(other)),
+            // Refused as taken, yet nothing there: purged in between. Not settled; tried again later.
+            None => Err(NatsError::Stream(format!("the ledger refused {:?}'s entry but holds none", event.key))),
+        }
+    }
+}
+
+/// A settled event's decision handed to a person for `detail`: every policy `needs_review` at the human stage,
+/// whatever the cascade said. `trim` leaves out what can make a decision large (triage evidence, verdicts, the
+/// reasoning steps, long lists and texts in escalations, a long item id), for the ledger and the bus.
+fn for_person(event: &DecisionEvent, detail: &str, trim: bool) -> DecisionEvent {
+    let mut event = event.clone();
+    if let Some(decision) = event.decision.as_mut() {
+        decision.outcome = Outcome::NeedsReview;
+        decision.decided_by = Stage::HumanReview;
+        if trim {
+            decision.reasoning.clear();
+        }
+        for route in &mut decision.policies {
+            route.outcome = Outcome::NeedsReview;
+            route.decided_by = Stage::HumanReview;
+            if trim {
+                trim_route(route);
+            }
+            route.escalations.push(Escalation::StageFailed { detail: detail.to_string() });
+        }
+    }
+    if trim {
+        event.item_id = event.item_id.filter(|id| id.len() <= MAX_DETAIL);
+    }
+    event
+}
+
+fn trim_route(route: &mut PolicyRoute) {
+    route.triage = None;
+    route.verdict = None;
+    let trim_list = |list: &mut Vec<String>| {
+        list.truncate(MAX_TRIMMED_LIST);
+        for entry in list.iter_mut() {
+            *entry = clip(entry, MAX_DETAIL);
+        }
+    };
+    for escalation in &mut route.escalations {
+        match escalation {
+            Escalation::TriageFlagged { rules } => trim_list(rules),
+            Escalation::NeedsReview { flags } => trim_list(flags),
+            Escalation::HighRiskCategory { cited } => trim_list(cited),
+            Escalation::StageFailed { detail } => *detail = clip(detail, MAX_DETAIL),
+            _ => {}
+        }
+    }
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary, marked when cut.
+fn clip(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// The id of the decision a person gets for a key whose ledger slot holds another key's entry: the same for
+/// every delivery of the key, so the host, idempotent by id, records it once.
+fn conflict_id(key: &str) -> uuid::Uuid {
+    let digest = Sha256::digest(format!("safeguard ledger conflict\0{key}").as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
+}
+
+/// Puts the chain of thought taken out by [`strip_reasoning`] back, for the host.
+fn restore_reasoning(event: &mut DecisionEvent, reasoning: Option<Vec<Vec<String>>>) {
+    if let (Some(decision), Some(reasoning)) = (event.decision.as_mut(), reasoning) {
+        for (step, chain) in decision.reasoning.iter_mut().zip(reasoning) {
+            step.reasoning = chain;
         }
     }
 }
@@ -597,6 +901,70 @@ async fn ack(message: &jetstream::Message, kind: AckKind) {
     if let Err(e) = message.ack_with(kind).await {
         warn!("ack failed (the event will be redelivered): {e}");
     }
+}
+
+/// Acks a content event once its settled event is published; NAKs it if that could not be done now.
+async fn ack_published(message: &jetstream::Message, key: &str, published: Result<(), NatsError>) {
+    match published {
+        Ok(()) => ack(message, AckKind::Ack).await,
+        Err(NatsError::TooLarge(e)) => {
+            // Settled and recorded, but never announceable: given back, it would fail the same way every time.
+            error!(%key, "the settled event is too large to publish: {e}");
+            ack(message, AckKind::Ack).await;
+        }
+        // Recorded but not announced: the redelivery finds it in the ledger and publishes it.
+        Err(e) => {
+            warn!(%key, "cannot publish the settled event: {e}");
+            retry(message).await;
+        }
+    }
+}
+
+async fn progress(message: &jetstream::Message) {
+    if let Err(e) = message.ack_with(AckKind::Progress).await {
+        debug!("progress ack failed: {e}");
+    }
+}
+
+/// Gives an event back to be tried again, the later the more often it was delivered: a fault that lasts (a
+/// ledger entry that does not parse, a host that stays down) is looked at now and then, not in a tight loop.
+async fn retry(message: &jetstream::Message) {
+    let delivered = message.info().map_or(1, |info| info.delivered);
+    ack(message, AckKind::Nak(Some(retry_delay(delivered)))).await;
+}
+
+fn retry_delay(delivered: i64) -> Duration {
+    let doublings = u32::try_from(delivered.saturating_sub(1)).unwrap_or(0).min(6);
+    (RETRY_FIRST * 2u32.pow(doublings)).min(RETRY_MAX)
+}
+
+/// Gives fetched events that were not started back to the stream (not before `delay`), and with them those the
+/// fetch still delivers (it ends within its expiry).
+async fn give_back<E: std::fmt::Display>(
+    waiting: VecDeque<jetstream::Message>,
+    mut batch: std::pin::Pin<&mut impl Stream<Item = Result<jetstream::Message, E>>>,
+    open: bool,
+    delay: Option<Duration>,
+) {
+    for message in &waiting {
+        ack(message, AckKind::Nak(delay)).await;
+    }
+    if !open {
+        return;
+    }
+    let stragglers = async {
+        while let Some(next) = batch.next().await {
+            match next {
+                Ok(message) => ack(&message, AckKind::Nak(delay)).await,
+                Err(e) => {
+                    debug!("pull failed while giving events back: {e}");
+                    return;
+                }
+            }
+        }
+    };
+    // A fetch ends by itself within its expiry; the margin covers a server that went quiet.
+    let _ = tokio::time::timeout(FETCH_EXPIRES * 4, stragglers).await;
 }
 
 fn event_id(event: &DecisionEvent) -> Option<uuid::Uuid> {
@@ -610,19 +978,20 @@ fn strip_reasoning(decision: &mut CascadeDecision) -> Option<Vec<Vec<String>>> {
     taken.iter().any(|r| !r.is_empty()).then_some(taken)
 }
 
+/// How often an event in hand, or fetched and waiting its turn, tells the server it is still being worked on.
+fn keep_alive_period(ack_wait: Duration) -> Duration {
+    (ack_wait / 2).max(Duration::from_millis(100))
+}
+
 /// Runs `work` while telling the server every half `ack_wait` that the event is still being worked on.
 async fn keep_alive<T>(message: &jetstream::Message, ack_wait: Duration, work: impl Future<Output = T>) -> T {
     let mut work = std::pin::pin!(work);
-    let period = (ack_wait / 2).max(Duration::from_millis(100));
+    let period = keep_alive_period(ack_wait);
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
         tokio::select! {
             done = &mut work => return done,
-            _ = ticker.tick() => {
-                if let Err(e) = message.ack_with(AckKind::Progress).await {
-                    debug!("progress ack failed: {e}");
-                }
-            }
+            _ = ticker.tick() => progress(message).await,
         }
     }
 }
@@ -706,5 +1075,144 @@ mod tests {
         assert!(hashed.starts_with('h') && hashed.len() == 41 && hashed.bytes().all(|b| b.is_ascii_alphanumeric()));
         assert_eq!(hashed, subject_token("user/123 ?*>"), "stable");
         assert_ne!(subject_token(""), "");
+    }
+
+    /// A clean key used to be its own token even when it was exactly another key's hash: two keys, one slot.
+    #[test]
+    fn a_key_shaped_like_a_hash_does_not_share_the_hashed_keys_token() {
+        let hashed = subject_token("user/123 ?*>");
+        let lookalike = subject_token(&hashed);
+        assert_ne!(lookalike, hashed);
+        assert!(looks_hashed(&lookalike), "hashed in turn: {lookalike}");
+        // Ordinary keys keep their tokens, those close to the shape included.
+        for key in [
+            "h".to_string() + &"A".repeat(40),
+            "h".to_string() + &"a".repeat(39),
+            "x".to_string() + &"a".repeat(40),
+            "h".to_string() + &"a".repeat(41),
+            "hello".to_string(),
+        ] {
+            assert_eq!(subject_token(&key), key);
+        }
+    }
+
+    #[test]
+    fn retries_back_off_per_delivery() {
+        let delays: Vec<u64> = [-1, 0, 1, 2, 3, 4, 6, 7, 1_000].map(|n| retry_delay(n).as_secs()).to_vec();
+        assert_eq!(delays, [1, 1, 1, 2, 4, 8, 32, 60, 60]);
+    }
+
+    #[test]
+    fn publishes_refused_for_their_size_are_told_apart() {
+        use jetstream::context::{PublishError, PublishErrorKind};
+        assert!(too_large(&PublishError::new(PublishErrorKind::MaxPayloadExceeded)));
+        let refused_by_stream: jetstream::Error = serde_json::from_value(serde_json::json!({
+            "code": 400, "err_code": 10054, "description": "message size exceeds maximum allowed"
+        }))
+        .unwrap();
+        assert!(too_large(&PublishError::with_source(PublishErrorKind::Other, refused_by_stream)));
+        let other: jetstream::Error =
+            serde_json::from_value(serde_json::json!({"code": 503, "err_code": 10077, "description": "busy"})).unwrap();
+        assert!(!too_large(&PublishError::with_source(PublishErrorKind::Other, other)));
+        assert!(!too_large(&PublishError::new(PublishErrorKind::TimedOut)));
+        assert!(matches!(publish_err(PublishError::new(PublishErrorKind::MaxPayloadExceeded)), NatsError::TooLarge(_)));
+    }
+
+    /// What the old evidence made of "kill " x 20,000: a span and a flagged rule per match.
+    fn oversized_event() -> DecisionEvent {
+        use safeguard_triage::rules::RuleAction;
+        use safeguard_triage::{Band, RuleDecision, RuleMatch, Span, SpanKind, TriageResult};
+        let spans: Vec<Span> = (0..20_000)
+            .map(|i| Span {
+                start: i * 5,
+                end: i * 5 + 4,
+                rule: "violence: kill".into(),
+                kind: SpanKind::Keyword,
+                action: RuleAction::Flag,
+            })
+            .collect();
+        let route = PolicyRoute {
+            policy: "spam".into(),
+            policy_hash: format!("sha256:{}", "a".repeat(64)),
+            outcome: Outcome::Allow,
+            decided_by: Stage::ReasoningLow,
+            triage: Some(TriageResult {
+                score: None,
+                calibrated_probability: None,
+                band: Band::Uncertain,
+                rule_match: Some(RuleMatch {
+                    decision: RuleDecision::None,
+                    evidence: spans,
+                    matches: Default::default(),
+                }),
+                embedding: None,
+            }),
+            verdict: None,
+            engine_confidence: Some(0.99),
+            escalations: vec![
+                Escalation::TriageFlagged { rules: vec!["violence: kill".into(); 20_000] },
+                Escalation::StageFailed { detail: "é".repeat(5_000) },
+            ],
+        };
+        DecisionEvent {
+            key: "item-1".into(),
+            item_id: Some("item-1".into()),
+            status: EventStatus::Decided,
+            decision: Some(CascadeDecision {
+                id: uuid::Uuid::now_v7(),
+                outcome: Outcome::Allow,
+                decided_by: Stage::ReasoningLow,
+                policies: vec![route],
+                stages: Vec::new(),
+                reasoning: Vec::new(),
+                usage: Default::default(),
+                total_ms: 12.0,
+            }),
+            error: None,
+            review: None,
+        }
+    }
+
+    #[test]
+    fn a_decision_too_large_to_settle_goes_to_a_person_trimmed_for_the_bus_and_whole_for_the_host() {
+        let event = oversized_event();
+        assert!(serde_json::to_vec(&event).unwrap().len() > 1 << 20, "larger than NATS's default max_payload");
+        let detail = "too large";
+        let trimmed = for_person(&event, detail, true);
+        let size = serde_json::to_vec(&trimmed).unwrap().len();
+        assert!(size < 2_048, "{size} bytes: {trimmed:?}");
+        let decision = trimmed.decision.as_ref().unwrap();
+        assert_eq!(decision.id, event.decision.as_ref().unwrap().id, "the same decision, settled differently");
+        assert_eq!((decision.outcome, decision.decided_by), (Outcome::NeedsReview, Stage::HumanReview));
+        let route = &decision.policies[0];
+        assert_eq!((route.outcome, route.decided_by), (Outcome::NeedsReview, Stage::HumanReview));
+        assert!(route.triage.is_none() && route.verdict.is_none(), "no evidence");
+        assert_eq!(route.escalations.last(), Some(&Escalation::StageFailed { detail: detail.into() }), "the reason");
+        assert!(
+            matches!(&route.escalations[0], Escalation::TriageFlagged { rules } if rules.len() == MAX_TRIMMED_LIST)
+        );
+        assert!(matches!(&route.escalations[1], Escalation::StageFailed { detail } if detail.len() <= MAX_DETAIL));
+        assert_eq!((trimmed.key.as_str(), trimmed.item_id.as_deref()), ("item-1", Some("item-1")));
+
+        let whole = for_person(&event, detail, false);
+        let route = &whole.decision.as_ref().unwrap().policies[0];
+        assert_eq!(
+            (route.outcome, whole.decision.as_ref().unwrap().outcome),
+            (Outcome::NeedsReview, Outcome::NeedsReview)
+        );
+        assert_eq!(route.triage, event.decision.as_ref().unwrap().policies[0].triage, "the host keeps the evidence");
+
+        let mut long_id = event.clone();
+        long_id.item_id = Some("x".repeat(100_000));
+        assert_eq!(for_person(&long_id, detail, true).item_id, None);
+    }
+
+    #[test]
+    fn clipping_keeps_characters_whole() {
+        assert_eq!(clip("short", 10), "short");
+        let clipped = clip(&"é".repeat(100), 11);
+        assert!(clipped.len() <= 11 && clipped.ends_with('…') && clipped.starts_with("éé"), "{clipped}");
+        assert_eq!(conflict_id("k"), conflict_id("k"), "one id per key, whatever the delivery");
+        assert_ne!(conflict_id("k"), conflict_id("k2"));
     }
 }

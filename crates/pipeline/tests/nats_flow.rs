@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use safeguard_core::{Classifier, ReasonError, ReasonOutput, ReasonRequest, Reasoner};
 use safeguard_pipeline::nats::{
-    Bus, DecisionEvent, EventStatus, HostError, NatsConfig, SettledItem, Worker, WorkerHost,
+    Bus, DecisionEvent, EventStatus, HostError, NatsConfig, SettledItem, Worker, WorkerHost, subject_token,
 };
-use safeguard_pipeline::{CascadeDecision, Pipeline, ReasoningBudget, RoutingConfig};
+use safeguard_pipeline::{CascadeDecision, Escalation, Pipeline, ReasoningBudget, RoutingConfig};
 use safeguard_policy::Policy;
+use safeguard_triage::rules::{KeywordList, RuleAction, RulesConfig};
+use safeguard_triage::{RuleSet, Triage};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -253,5 +255,385 @@ async fn a_briefly_unavailable_host_still_gets_the_reasoning_and_bad_policy_list
     let odd = &events["odd"];
     assert_eq!((odd.len(), odd[0].status), (1, EventStatus::Rejected), "{odd:?}");
     assert!(odd[0].error.as_deref().unwrap().contains("[1] is a number"), "{odd:?}");
+    delete_streams(&producer).await;
+}
+
+fn flag_triage(keywords: &[&str]) -> Arc<Triage> {
+    let rules = RulesConfig {
+        keywords: vec![KeywordList {
+            name: "violence".into(),
+            action: RuleAction::Flag,
+            keywords: keywords.iter().map(|k| k.to_string()).collect(),
+        }],
+        ..RulesConfig::default()
+    };
+    Arc::new(Triage::new(Some(RuleSet::compile(&rules).unwrap()), None))
+}
+
+/// A recording host (the database never down) whose pipeline flags `keywords`.
+fn flagging_host(reasoner: Arc<Slow>, keywords: &[&str]) -> Arc<Flaky> {
+    let spam = Policy::parse(SPAM).unwrap();
+    let pipeline = Pipeline::new(Classifier::new(reasoner), RoutingConfig::default())
+        .with_triage(spam.hash.to_string(), flag_triage(keywords));
+    Arc::new(Flaky { pipeline, policies: vec![spam], outages: AtomicUsize::new(0), recorded: Mutex::default() })
+}
+
+fn spawn(
+    worker: Worker,
+) -> (CancellationToken, tokio::task::JoinHandle<Result<(), safeguard_pipeline::nats::NatsError>>) {
+    let stop = CancellationToken::new();
+    let task = {
+        let stop = stop.clone();
+        tokio::spawn(async move { worker.run(stop).await })
+    };
+    (stop, task)
+}
+
+async fn wait_for_calls(reasoner: &Slow, calls: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while reasoner.calls.load(Ordering::SeqCst) < calls {
+        assert!(Instant::now() < deadline, "the reasoner was not called {calls} times");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The first published event for `key` with `status`, waiting up to `limit` for it.
+async fn wait_for_event(bus: &Bus, key: &str, status: EventStatus, limit: Duration) -> DecisionEvent {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(event) =
+            published(bus).await.remove(key).unwrap_or_default().into_iter().find(|e| e.status == status)
+        {
+            return event;
+        }
+        assert!(Instant::now() < deadline, "no {status:?} event for {key:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn ledger_subject(cfg: &NatsConfig, key: &str) -> String {
+    format!("{}.decided.{}", cfg.prefix, subject_token(key))
+}
+
+/// How many events the workers' consumer has delivered more than once (none before a worker created it).
+async fn redelivered(bus: &Bus) -> usize {
+    let stream = bus.js.get_stream(&bus.config.work_stream).await.unwrap();
+    stream.consumer_info(&bus.config.consumer).await.map_or(0, |info| info.num_redelivered)
+}
+
+/// "kill " 20,000 times under a flag rule for "kill" once gave ~2 MB of evidence (a span, and a copy of the rule's
+/// name in the escalation, per match): more than NATS takes, so the decision could never be written and the item
+/// was decided again every second, forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_repeating_a_flagged_word_is_decided_once_with_capped_evidence() {
+    if !nats_up() {
+        eprintln!("skipped: NATS is not reachable at {URL}");
+        return;
+    }
+    let cfg = config();
+    let producer = Bus::connect(cfg.clone()).await.unwrap();
+    producer.publish_content("kills", &json!({"id": "kills", "text": "kill ".repeat(20_000)})).await.unwrap();
+    let reasoner = Arc::new(Slow { calls: AtomicUsize::new(0), pause: Duration::ZERO });
+    let host = flagging_host(reasoner.clone(), &["kill"]);
+    let (stop, task) = spawn(Worker::with_host(Bus::connect(cfg.clone()).await.unwrap(), host.clone()));
+    wait_until_decided(&producer, &["kills".to_string()], Duration::from_secs(20)).await;
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+
+    let settled = producer.decided("kills").await.unwrap().unwrap();
+    let route = &settled.decision.as_ref().unwrap().policies[0];
+    let rules = route.triage.as_ref().unwrap().rule_match.as_ref().unwrap();
+    assert_eq!(rules.evidence.len(), safeguard_triage::rules::MAX_SPANS_PER_RULE);
+    assert_eq!(rules.matches.get("violence: kill"), Some(&20_000), "{:?}", rules.matches);
+    let flagged: Vec<&Escalation> =
+        route.escalations.iter().filter(|e| matches!(e, Escalation::TriageFlagged { .. })).collect();
+    assert_eq!(flagged, [&Escalation::TriageFlagged { rules: vec!["violence: kill".into()] }], "each rule once");
+    assert_eq!(reasoner.calls.load(Ordering::SeqCst), 1, "decided once");
+    assert_eq!(host.recorded.lock().unwrap().len(), 1);
+    delete_streams(&producer).await;
+}
+
+/// A decision the ledger cannot take (here a ledger that takes 4 KiB, as a server's max_payload would refuse a
+/// larger one) is settled as needs_review without its evidence, not given back to be decided again forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_too_large_for_the_ledger_goes_to_a_person_instead_of_round_again() {
+    if !nats_up() {
+        eprintln!("skipped: NATS is not reachable at {URL}");
+        return;
+    }
+    let cfg = config();
+    let js = async_nats::jetstream::new(async_nats::connect(URL).await.unwrap());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: cfg.decided_stream.clone(),
+        subjects: vec![format!("{}.decided.>", cfg.prefix)],
+        max_messages_per_subject: 1,
+        max_message_size: 4096,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let producer = Bus::connect(cfg.clone()).await.unwrap();
+    let text = "kill stab hurt maim ".repeat(50);
+    producer.publish_content("big", &json!({"id": "big", "text": text})).await.unwrap();
+    let reasoner = Arc::new(Slow { calls: AtomicUsize::new(0), pause: Duration::ZERO });
+    let host = flagging_host(reasoner.clone(), &["kill", "stab", "hurt", "maim"]);
+    let (stop, task) = spawn(Worker::with_host(Bus::connect(cfg.clone()).await.unwrap(), host.clone()));
+    wait_until_decided(&producer, &["big".to_string()], Duration::from_secs(20)).await;
+    let published_event = wait_for_event(&producer, "big", EventStatus::Decided, Duration::from_secs(10)).await;
+    // Time for a redelivery to decide it again, were it given back.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+
+    let settled = producer.decided("big").await.unwrap().unwrap();
+    assert_eq!(settled, published_event, "the ledger's copy is the one published");
+    let decision = settled.decision.as_ref().unwrap();
+    assert_eq!(serde_json::to_value(decision.outcome).unwrap(), "needs_review");
+    assert_eq!(decision.decided_by, safeguard_pipeline::Stage::HumanReview);
+    let route = &decision.policies[0];
+    assert!(route.triage.is_none() && route.verdict.is_none(), "no evidence on the bus: {route:?}");
+    assert!(
+        matches!(route.escalations.last(), Some(Escalation::StageFailed { detail }) if detail.contains("too large")),
+        "{:?}",
+        route.escalations
+    );
+    assert_eq!(reasoner.calls.load(Ordering::SeqCst), 1, "decided once, not again per redelivery");
+    let recorded = host.recorded.lock().unwrap().clone();
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(recorded[0].id, decision.id);
+    assert_eq!(serde_json::to_value(recorded[0].outcome).unwrap(), "needs_review", "the host agrees with the bus");
+    let evidence = &recorded[0].policies[0].triage.as_ref().unwrap().rule_match.as_ref().unwrap().evidence;
+    assert_eq!(evidence.len(), 4 * safeguard_triage::rules::MAX_SPANS_PER_RULE, "the host keeps the evidence");
+    delete_streams(&producer).await;
+}
+
+/// A ledger entry that does not parse was read as "not decided": the item was decided again (and that decision
+/// then lost the ledger's write and was dropped without an ack).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_entry_that_does_not_parse_is_neither_decided_over_nor_lost() {
+    if !nats_up() {
+        eprintln!("skipped: NATS is not reachable at {URL}");
+        return;
+    }
+    let cfg = config();
+    let producer = Bus::connect(cfg.clone()).await.unwrap();
+    producer.js.publish(ledger_subject(&cfg, "garbled"), "{not json".into()).await.unwrap().await.unwrap();
+    assert!(matches!(
+        producer.decided("garbled").await,
+        Err(safeguard_pipeline::nats::NatsError::BadLedgerEntry { .. })
+    ));
+    producer.publish_content("garbled", &json!({"id": "garbled", "text": "buy now"})).await.unwrap();
+    let reasoner = Arc::new(Slow { calls: AtomicUsize::new(0), pause: Duration::ZERO });
+    let (stop, task) = spawn(worker(Bus::connect(cfg.clone()).await.unwrap(), reasoner.clone(), None));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redelivered(&producer).await == 0 {
+        assert!(Instant::now() < deadline, "the event was never given back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+
+    assert_eq!(reasoner.calls.load(Ordering::SeqCst), 0, "not decided over an entry it cannot read");
+    assert!(!published(&producer).await.contains_key("garbled"), "nothing published for it");
+    let stream = producer.js.get_stream(&cfg.work_stream).await.unwrap();
+    assert_eq!(stream.cached_info().state.messages, 1, "still in the work stream, not lost");
+    delete_streams(&producer).await;
+}
+
+/// The other way to meet a bad entry: it appears while the item is decided, so the ledger refuses the write and the
+/// entry standing in its place cannot be read. The event went unacked and was decided again after `ack_wait`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garbled_entry_written_while_deciding_gives_the_event_back_instead_of_dropping_it() {
+    if !nats_up() {
+        eprintln!("skipped: NATS is not reachable at {URL}");
+        return;
+    }
+    let cfg = config();
+    let producer = Bus::connect(cfg.clone()).await.unwrap();
+    producer.publish_content("raced", &json!({"id": "raced", "text": "buy now"})).await.unwrap();
+    let reasoner = Arc::new(Slow { calls: AtomicUsize::new(0), pause: Duration::from_millis(1500) });
+    let (stop, task) = spawn(worker(Bus::connect(cfg.clone()).await.unwrap(), reasoner.clone(), None));
+    wait_for_calls(&reasoner, 1, Duration::from_secs(10)).await;
+    producer.js.publish(ledger_subject(&cfg, "raced"), "garbage".into()).await.unwrap().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redelivered(&producer).await == 0 {
+        assert!(Instant::now() < deadline, "the event was never given back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Long enough for an unacked event to come back after ack_wait and be decided again.
+    tokio::time::sleep(cfg.ack_wait * 3).await;
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+
+    assert_eq!(reasoner.calls.load(Ordering::SeqCst), 1, "decided once; the bad entry holds it, not a second decision");
+    let events = published(&producer).await;
+    assert!(events["raced"].iter().all(|e| e.status == EventStatus::Pending), "{:?}", events["raced"]);
+    let stream = producer.js.get_stream(&cfg.work_stream).await.unwrap();
+    assert_eq!(stream.cached_info().state.messages, 1, "still in the work stream, not lost");
+    delete_streams(&producer).await;
+}
+
+/// A fetched batch is worked through one event at a time, and the events waiting their turn used to have no one
+/// telling the server they were in hand: past ack_wait they went to another worker and were decided twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_waiting_in_a_fetched_batch_are_not_handed_to_another_worker() {
+    if !nats_up() {
+        eprintln!("skipped: NATS is not reachable at {URL}");
+        return;
+    }
+    let mut cfg = config();
+    cfg.batch = 4;
+    let producer = Bus::connect(cfg.clone()).await.unwrap();
+    let keys: Vec<String> = (0..4).map(|i| format!("w{i}")).collect();
+    for key in &keys {
+        producer.publish_content(key, &json!({"id": key, "text": "see you at lunch"})).await.unwrap();
+    }
+    // 600 ms an item: the fourth waits 1.8 s for its turn, well past the 1 s ack_wait.
+    let reasoner = Arc::new(Slow { calls: AtomicUsize::new(0), pause: Duration::from_millis(600) });
+    let (first_stop, first) = spawn(worker(Bus::connect(cfg.clone()).await.unwrap(), reasoner.clone(), None));
+    // The first worker holds the whole batch before the second asks for work.
+    wait_for_calls(&reasoner, 1, Duration::from_secs(10)).await;
+    let (second_stop, second) = spawn(worker(Bus::connect(cfg.clone()).await.unwrap(), reasoner.clone(), None));
+    wait_until_decided(&producer, &keys, Duration::from_secs(20)).await;
+    tokio::time::sleep(cfg.ack_wait + Duration::from_millis(500)).await;
+    for (stop, task) in [(first_stop, first), (second_stop, second)] {
+        stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+
+    assert_eq!(reasoner.calls.load(Ordering::SeqCst), keys.len(), "each item decided once");
+    let events = published(&producer).await;
+    for key in &keys {
+        assert_eq!(events[key].iter().filter(|e| e.status == EventStatus::Decided).count(), 1, "{key}");
+    }
+    delete_streams(&producer).await;
+}
+
+/// A clean key that is exactly another key's hashed token used to be its own token, so the two shared a ledger
+/// slot (one answered with the other's decision); and every keyless event was settled under the key "unknown",
+/// taking that slot from a real item of that name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_shaped_like_a_hash_and_keyless_events_get_slots_of_their_own() {
+    if !nats_up() {
+        eprintln!("skipped: NATS is not reachable at {URL}");
+        return;
+    }
+    let cfg = config();
+    let producer = Bus::connect(cfg.clone()).await.unwrap();
+    let odd_key = "user/123 ?*>".to_string();
+    let lookalike = subject_token(&odd_key);
+    let anonymous = serde_json::to_vec(&json!({"text": "hello"})).unwrap();
+    for _ in 0..2 {
+        producer.js.publish(cfg.content_subject("anonymous"), anonymous.clone().into()).await.unwrap().await.unwrap();
+    }
+    producer.publish_content("unknown", &json!({"id": "unknown", "text": "see you at lunch"})).await.unwrap();
+    producer.publish_content(&odd_key, &json!({"id": odd_key, "text": "buy cheap pills"})).await.unwrap();
+    producer.publish_content(&lookalike, &json!({"id": lookalike, "text": "see you at lunch"})).await.unwrap();
+    let reasoner = Arc::new(Slow { calls: AtomicUsize::new(0), pause: Duration::ZERO });
+    let (stop, task) = spawn(worker(Bus::connect(cfg.clone()).await.unwrap(), reasoner.clone(), None));
+    let keys = ["unknown".to_string(), odd_key.clone(), lookalike.clone()];
+    wait_until_decided(&producer, &keys, Duration::from_secs(20)).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let events = loop {
+        let events = published(&producer).await;
+        if events.keys().filter(|k| k.starts_with("unkeyed.")).count() == 2 {
+            break events;
+        }
+        assert!(Instant::now() < deadline, "the keyless events were not both rejected: {:?}", events.keys());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+
+    let decided = |key: &str| {
+        let decided: Vec<&DecisionEvent> = events[key].iter().filter(|e| e.status == EventStatus::Decided).collect();
+        assert_eq!(decided.len(), 1, "{key}: {:?}", events[key]);
+        decided[0].decision.clone().unwrap()
+    };
+    let unknown = decided("unknown");
+    assert_eq!(serde_json::to_value(unknown.outcome).unwrap(), "allow");
+    assert!(events["unknown"].iter().all(|e| e.status != EventStatus::Rejected), "{:?}", events["unknown"]);
+    let (odd, looking) = (decided(&odd_key), decided(&lookalike));
+    assert_ne!(odd.id, looking.id, "two keys, two decisions");
+    assert_eq!(serde_json::to_value(odd.outcome).unwrap(), "violation");
+    assert_eq!(serde_json::to_value(looking.outcome).unwrap(), "allow");
+    assert_eq!(producer.decided(&lookalike).await.unwrap().unwrap().key, lookalike);
+    for (key, keyless) in events.iter().filter(|(k, _)| k.starts_with("unkeyed.")) {
+        assert_eq!(keyless.len(), 1, "{key}: {keyless:?}");
+        assert_eq!(keyless[0].status, EventStatus::Rejected);
+    }
+    assert_eq!(reasoner.calls.load(Ordering::SeqCst), 3);
+    delete_streams(&producer).await;
+}
+
+/// A ledger hit was used without looking at whose it was: an entry for another key in this key's slot (left by a
+/// ledger from before keys shaped like hashes were hashed) answered for this item, an `allow` included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_keys_entry_in_the_ledger_slot_sends_the_item_to_a_person() {
+    if !nats_up() {
+        eprintln!("skipped: NATS is not reachable at {URL}");
+        return;
+    }
+    let cfg = config();
+    let producer = Bus::connect(cfg.clone()).await.unwrap();
+    producer.publish_content("other", &json!({"id": "other", "text": "see you at lunch"})).await.unwrap();
+    let reasoner = Arc::new(Slow { calls: AtomicUsize::new(0), pause: Duration::ZERO });
+    let host = Arc::new(Flaky {
+        pipeline: Pipeline::new(Classifier::new(reasoner.clone()), RoutingConfig::default()),
+        policies: vec![Policy::parse(SPAM).unwrap()],
+        outages: AtomicUsize::new(0),
+        recorded: Mutex::default(),
+    });
+    let (stop, task) = spawn(Worker::with_host(Bus::connect(cfg.clone()).await.unwrap(), host.clone()));
+    wait_until_decided(&producer, &["other".to_string()], Duration::from_secs(20)).await;
+    let theirs = producer.decided("other").await.unwrap().unwrap();
+    assert_eq!(serde_json::to_value(theirs.decision.as_ref().unwrap().outcome).unwrap(), "allow");
+    let body = serde_json::to_vec(&theirs).unwrap();
+    producer.js.publish(ledger_subject(&cfg, "mine"), body.into()).await.unwrap().await.unwrap();
+    producer.publish_content("mine", &json!({"id": "mine", "text": "buy cheap pills"})).await.unwrap();
+    let mine = wait_for_event(&producer, "mine", EventStatus::Decided, Duration::from_secs(20)).await;
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+
+    let decision = mine.decision.as_ref().unwrap();
+    assert_ne!(decision.id, theirs.decision.as_ref().unwrap().id, "not the other key's decision");
+    assert_eq!(serde_json::to_value(decision.outcome).unwrap(), "needs_review");
+    assert_eq!(decision.decided_by, safeguard_pipeline::Stage::HumanReview);
+    let why = decision.policies[0].escalations.last();
+    assert!(matches!(why, Some(Escalation::StageFailed { detail }) if detail.contains("ledger conflict")), "{why:?}");
+    assert_eq!(producer.decided("mine").await.unwrap().unwrap().key, "other", "the slot is left as it was");
+    let recorded = host.recorded.lock().unwrap().clone();
+    let recorded = recorded.iter().find(|d| d.id == decision.id).expect("recorded for a person");
+    assert_eq!(serde_json::to_value(recorded.outcome).unwrap(), "needs_review");
+    let chains: Vec<&String> = recorded.reasoning.iter().flat_map(|d| d.reasoning.iter()).collect();
+    assert!(chains.iter().any(|c| c.contains("is a sales pitch")), "the host gets the chain of thought: {chains:?}");
+    delete_streams(&producer).await;
+}
+
+/// The pause after a spent budget (up to an hour) was slept out whatever `stop` said.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_worker_does_not_sleep_out_a_budget_pause() {
+    if !nats_up() {
+        eprintln!("skipped: NATS is not reachable at {URL}");
+        return;
+    }
+    let cfg = config();
+    let producer = Bus::connect(cfg.clone()).await.unwrap();
+    for key in ["p0", "p1"] {
+        producer.publish_content(key, &json!({"id": key, "text": "hello there"})).await.unwrap();
+    }
+    // One call now, the next in about three hours: the second item is deferred for the longest pause.
+    let budget = Arc::new(ReasoningBudget::new(0.0001, 1));
+    let reasoner = Arc::new(Slow { calls: AtomicUsize::new(0), pause: Duration::ZERO });
+    let (stop, task) = spawn(worker(Bus::connect(cfg.clone()).await.unwrap(), reasoner.clone(), Some(budget)));
+    wait_until_decided(&producer, &["p0".to_string()], Duration::from_secs(10)).await;
+    // Time to take the second item, find the budget spent and start the pause.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stopping = Instant::now();
+    stop.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(5), task).await;
+    assert!(stopped.is_ok(), "still pausing after {:?}", stopping.elapsed());
+    assert_eq!(reasoner.calls.load(Ordering::SeqCst), 1);
+    assert!(producer.decided("p1").await.unwrap().is_none(), "deferred, not decided");
     delete_streams(&producer).await;
 }
