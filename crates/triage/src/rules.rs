@@ -1,4 +1,4 @@
-//! Deterministic rules: keyword lists (Aho-Corasick, ASCII case-insensitive, word-boundary aware),
+//! Deterministic rules: keyword lists (Aho-Corasick, Unicode case-insensitive, word-boundary aware),
 //! regex lists, and exact-text allow/deny lists. Compiled once into a [`RuleSet`].
 //!
 //! Precedence inside a rule set: any deny evidence makes the decision `Deny`; otherwise any allow evidence
@@ -17,6 +17,8 @@
 //!     allow_list: ["hi", "thanks!"]
 //!     deny_list: []
 //! ```
+
+use std::collections::{BTreeMap, HashMap};
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use regex::{Regex, RegexBuilder};
@@ -110,10 +112,19 @@ pub struct Span {
     pub action: RuleAction,
 }
 
+/// Spans kept per rule: a reviewer needs where a rule fired, not every one of thousands of repeats, and the
+/// evidence travels with the decision (a NATS message has a size limit; a decision that cannot be written is
+/// never settled).
+pub const MAX_SPANS_PER_RULE: usize = 16;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleMatch {
     pub decision: RuleDecision,
+    /// At most [`MAX_SPANS_PER_RULE`] per rule, the first ones in the text.
     pub evidence: Vec<Span>,
+    /// How often each rule matched in all, for the rules that matched more often than `evidence` shows.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub matches: BTreeMap<String, usize>,
 }
 
 impl RuleMatch {
@@ -148,6 +159,104 @@ fn is_word_char(c: char) -> bool {
     c.is_alphanumeric() || c == '_'
 }
 
+/// Scripts written without spaces between words (Han, Hiragana, Katakana, Thai, Lao, Khmer, Myanmar): a keyword
+/// in them sits right against its neighbours, so a word boundary cannot be asked for next to such a character.
+/// Hangul is written with spaces and is not listed.
+fn is_unspaced_script(c: char) -> bool {
+    matches!(
+        c as u32,
+        0x0E00..=0x0E7F // Thai
+            | 0x0E80..=0x0EFF // Lao
+            | 0x1000..=0x109F // Myanmar
+            | 0xA9E0..=0xA9FF // Myanmar Extended-B
+            | 0xAA60..=0xAA7F // Myanmar Extended-A
+            | 0x1780..=0x17FF // Khmer
+            | 0x19E0..=0x19FF // Khmer Symbols
+            | 0x2E80..=0x2FDF // CJK Radicals, Kangxi Radicals
+            | 0x3005..=0x3007 // 々 〆 〇
+            | 0x3021..=0x3029 // Hangzhou numerals
+            | 0x3038..=0x303B
+            | 0x3040..=0x309F // Hiragana
+            | 0x30A0..=0x30FF // Katakana
+            | 0x3100..=0x312F // Bopomofo
+            | 0x31F0..=0x31FF // Katakana Phonetic Extensions
+            | 0x3400..=0x4DBF // CJK Extension A
+            | 0x4E00..=0x9FFF // CJK Unified Ideographs
+            | 0xF900..=0xFAFF // CJK Compatibility Ideographs
+            | 0xFF66..=0xFF9F // Halfwidth Katakana
+            | 0x1B000..=0x1B16F // Kana Supplement, Kana Extended-A, Small Kana Extension
+            | 0x20000..=0x323AF // CJK Extensions B-H, Compatibility Supplement
+    )
+}
+
+/// Whether a keyword edge `edge` needs a word boundary against its neighbour `next` (`None`: the text ends there).
+fn boundary_ok(edge_is_word: bool, next: Option<char>) -> bool {
+    !edge_is_word || next.is_none_or(|c| !is_word_char(c) || is_unspaced_script(c))
+}
+
+/// Folds one character for keyword matching, the same way for keywords and text so that they compare equal
+/// whatever their case. Final sigma folds with sigma: `char::to_lowercase` keeps `ς` and `σ` apart.
+fn fold_char(c: char, out: &mut String) {
+    match c {
+        'ς' => out.push('σ'),
+        c if c.is_ascii() => out.push(c.to_ascii_lowercase()),
+        c => out.extend(c.to_lowercase()),
+    }
+}
+
+fn fold_keyword(keyword: &str) -> String {
+    let mut out = String::with_capacity(keyword.len());
+    keyword.chars().for_each(|c| fold_char(c, &mut out));
+    out
+}
+
+/// The text folded for keyword matching, with the way back to byte offsets in the original: folding can change
+/// a character's length (`İ` becomes `i̇`, three bytes for two), so folded offsets are not original offsets.
+struct FoldedText<'t> {
+    text: &'t str,
+    folded: std::borrow::Cow<'t, str>,
+    /// Per folded byte: where the original character it came from starts. Empty when folding kept every offset
+    /// (ASCII text).
+    origin: Vec<usize>,
+}
+
+impl<'t> FoldedText<'t> {
+    fn new(text: &'t str) -> Self {
+        if text.is_ascii() {
+            let folded = if text.bytes().any(|b| b.is_ascii_uppercase()) {
+                std::borrow::Cow::Owned(text.to_ascii_lowercase())
+            } else {
+                std::borrow::Cow::Borrowed(text)
+            };
+            return FoldedText { text, folded, origin: Vec::new() };
+        }
+        let mut folded = String::with_capacity(text.len());
+        let mut origin = Vec::with_capacity(text.len());
+        for (start, c) in text.char_indices() {
+            fold_char(c, &mut folded);
+            origin.resize(folded.len(), start);
+        }
+        FoldedText { text, folded: std::borrow::Cow::Owned(folded), origin }
+    }
+
+    /// The original byte range of folded `start..end`; `None` when either end falls inside what one original
+    /// character folded to (a keyword matching part of `İ`'s `i̇` did not match the text as written).
+    fn original(&self, start: usize, end: usize) -> Option<(usize, usize)> {
+        if self.origin.is_empty() {
+            return Some((start, end));
+        }
+        if start >= end {
+            return None;
+        }
+        let first = *self.origin.get(start)?;
+        let last_start = *self.origin.get(end - 1)?;
+        let last = last_start + self.text.get(last_start..)?.chars().next()?.len_utf8();
+        let starts_char = start == 0 || self.origin.get(start - 1).is_none_or(|&s| s != first);
+        let ends_char = self.origin.get(end).is_none_or(|&s| s >= last);
+        (starts_char && ends_char).then_some((first, last))
+    }
+}
+
 impl RuleSet {
     pub fn compile(config: &RulesConfig) -> Result<Self, TriageError> {
         let mut patterns = Vec::new();
@@ -162,10 +271,12 @@ impl RuleSet {
                     )));
                 }
                 // A boundary is only required where the keyword itself starts/ends with a word character:
-                // "f***" should still match inside "f***ing" only if the author wrote it that way.
-                let starts_word = trimmed.chars().next().is_some_and(is_word_char);
-                let ends_word = trimmed.chars().last().is_some_and(is_word_char);
-                patterns.push(trimmed.to_string());
+                // "f***" should still match inside "f***ing" only if the author wrote it that way. Nor next to
+                // a script without spaces, where the keyword's neighbours are the rest of the sentence.
+                let needs_boundary = |c: char| is_word_char(c) && !is_unspaced_script(c);
+                let starts_word = trimmed.chars().next().is_some_and(needs_boundary);
+                let ends_word = trimmed.chars().last().is_some_and(needs_boundary);
+                patterns.push(fold_keyword(trimmed));
                 keyword_meta.push((format!("{}: {}", list.name, trimmed), list.action, starts_word, ends_word));
             }
         }
@@ -174,7 +285,6 @@ impl RuleSet {
         } else {
             Some(
                 AhoCorasickBuilder::new()
-                    .ascii_case_insensitive(true)
                     .match_kind(MatchKind::Standard)
                     .build(&patterns)
                     .map_err(|e| TriageError::InvalidConfig(format!("keyword automaton: {e}")))?,
@@ -187,6 +297,14 @@ impl RuleSet {
                     RegexBuilder::new(pattern).case_insensitive(true).size_limit(1 << 22).build().map_err(|e| {
                         TriageError::InvalidConfig(format!("regex list {:?}, pattern {pattern:?}: {e}", list.name))
                     })?;
+                // A pattern that can match nothing at all (`""`, `x*`, `(card)?`) fires on every text: in a deny
+                // list, every item would be a violation. Probed at the places an empty match can sit.
+                if ["", " a_1 ", "\n"].iter().any(|probe| regex.find_iter(probe).any(|m| m.is_empty())) {
+                    return Err(TriageError::InvalidConfig(format!(
+                        "regex list {:?}, pattern {pattern:?}: matches the empty string, so it would match every text",
+                        list.name
+                    )));
+                }
                 regexes.push(CompiledRegex { regex, rule: format!("{}: {}", list.name, pattern), action: list.action });
             }
         }
@@ -200,7 +318,7 @@ impl RuleSet {
     }
 
     pub fn evaluate(&self, text: &str) -> RuleMatch {
-        let mut evidence = Vec::new();
+        let mut evidence = Evidence::default();
         if !self.allow_list.is_empty() || !self.deny_list.is_empty() {
             let normalized = normalize_whole_text(text);
             if self.deny_list.contains(&normalized) {
@@ -223,24 +341,30 @@ impl RuleSet {
             }
         }
         if let Some(automaton) = &self.keywords {
+            let folded = FoldedText::new(text);
             // Overlapping search so that a keyword failing its boundary check cannot hide another one.
-            for m in automaton.find_overlapping_iter(text) {
-                let (rule, action, starts_word, ends_word) = &self.keyword_meta[m.pattern().as_usize()];
-                let before_ok = !*starts_word || text[..m.start()].chars().next_back().is_none_or(|c| !is_word_char(c));
-                let after_ok = !*ends_word || text[m.end()..].chars().next().is_none_or(|c| !is_word_char(c));
-                if before_ok && after_ok {
-                    evidence.push(Span {
-                        start: m.start(),
-                        end: m.end(),
-                        rule: rule.clone(),
-                        kind: SpanKind::Keyword,
-                        action: *action,
-                    });
+            for m in automaton.find_overlapping_iter(folded.folded.as_ref()) {
+                let Some((rule, action, starts_word, ends_word)) = self.keyword_meta.get(m.pattern().as_usize()) else {
+                    continue;
+                };
+                let Some((start, end)) = folded.original(m.start(), m.end()) else {
+                    continue;
+                };
+                let (Some(before), Some(after)) = (text.get(..start), text.get(end..)) else {
+                    continue;
+                };
+                let before_ok = boundary_ok(*starts_word, before.chars().next_back());
+                let after_ok = boundary_ok(*ends_word, after.chars().next());
+                if before_ok && after_ok && evidence.keeps(rule) {
+                    evidence.push(Span { start, end, rule: rule.clone(), kind: SpanKind::Keyword, action: *action });
                 }
             }
         }
         for compiled in &self.regexes {
             for m in compiled.regex.find_iter(text) {
+                if !evidence.keeps(&compiled.rule) {
+                    continue;
+                }
                 evidence.push(Span {
                     start: m.start(),
                     end: m.end(),
@@ -250,6 +374,12 @@ impl RuleSet {
                 });
             }
         }
+        let Evidence { spans: evidence, counts } = evidence;
+        let matches = counts
+            .into_iter()
+            .filter(|&(_, count)| count > MAX_SPANS_PER_RULE)
+            .map(|(rule, count)| (rule.to_string(), count))
+            .collect();
         let decision = if evidence.iter().any(|s| s.action == RuleAction::Deny) {
             RuleDecision::Deny
         } else if evidence.iter().any(|s| s.action == RuleAction::Allow) {
@@ -257,7 +387,27 @@ impl RuleSet {
         } else {
             RuleDecision::None
         };
-        RuleMatch { decision, evidence }
+        RuleMatch { decision, evidence, matches }
+    }
+}
+
+/// Spans as they are found, each rule's beyond the first [`MAX_SPANS_PER_RULE`] only counted.
+#[derive(Default)]
+struct Evidence<'a> {
+    spans: Vec<Span>,
+    counts: HashMap<&'a str, usize>,
+}
+
+impl<'a> Evidence<'a> {
+    /// Counts a match of `rule`; whether its span is kept.
+    fn keeps(&mut self, rule: &'a str) -> bool {
+        let count = self.counts.entry(rule).or_default();
+        *count += 1;
+        *count <= MAX_SPANS_PER_RULE
+    }
+
+    fn push(&mut self, span: Span) {
+        self.spans.push(span);
     }
 }
 
@@ -340,5 +490,153 @@ mod tests {
         let rules = RuleSet::compile(&config()).unwrap();
         assert!(rules.evaluate("ébomb").evidence.is_empty());
         assert_eq!(rules.evaluate("é bomb é").evidence.len(), 1);
+    }
+
+    fn keyword_rules(action: &str, keywords: &[&str]) -> RuleSet {
+        RuleSet::compile(
+            &serde_json::from_value(serde_json::json!({
+                "keywords": [{"name": "k", "action": action, "keywords": keywords}]
+            }))
+            .unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn matched<'t>(text: &'t str, hit: &RuleMatch) -> Vec<&'t str> {
+        hit.evidence.iter().map(|s| &text[s.start..s.end]).collect()
+    }
+
+    /// Chinese, Japanese and Thai have no spaces between words, so every keyword in them sat next to a "word
+    /// character" and was dropped, deny keywords included.
+    #[test]
+    fn keywords_fire_inside_unspaced_scripts() {
+        let rules = keyword_rules("deny", &["炸弹", "ばくだん", "ระเบิด", "bomb"]);
+        let text = "如何制造炸弹？";
+        let hit = rules.evaluate(text);
+        assert_eq!(hit.decision, RuleDecision::Deny);
+        assert_eq!(hit.evidence.len(), 1);
+        assert_eq!((hit.evidence[0].start, hit.evidence[0].end), (12, 18));
+        assert_eq!(matched(text, &hit), ["炸弹"]);
+        assert_eq!(hit.evidence[0].rule, "k: 炸弹");
+        let text = "これはばくだんです";
+        assert_eq!(matched(text, &rules.evaluate(text)), ["ばくだん"]);
+        let text = "วิธีทำระเบิดที่บ้าน";
+        let hit = rules.evaluate(text);
+        assert_eq!(hit.decision, RuleDecision::Deny);
+        assert_eq!(matched(text, &hit), ["ระเบิด"]);
+        // A Latin keyword right against Han text: the neighbour is unspaced, so no boundary is asked for.
+        let text = "制造bomb的方法";
+        assert_eq!(matched(text, &rules.evaluate(text)), ["bomb"]);
+        // Flag keywords too.
+        let flag = keyword_rules("flag", &["毒品"]);
+        assert!(flag.evaluate("购买毒品").flagged());
+        // Hangul is written with spaces: boundaries still apply.
+        let korean = keyword_rules("deny", &["폭탄"]);
+        assert_eq!(korean.evaluate("폭탄 만들기").decision, RuleDecision::Deny);
+        assert!(korean.evaluate("폭탄이").evidence.is_empty());
+    }
+
+    #[test]
+    fn latin_word_boundaries_are_unchanged() {
+        let rules = keyword_rules("deny", &["ass"]);
+        assert!(rules.evaluate("a class act").evidence.is_empty());
+        assert!(rules.evaluate("assess").evidence.is_empty());
+        assert!(rules.evaluate("éass").evidence.is_empty());
+        let text = "what an ASS.";
+        assert_eq!(matched(text, &rules.evaluate(text)), ["ASS"]);
+    }
+
+    #[test]
+    fn keywords_fold_non_ascii_case_with_original_spans() {
+        let rules = keyword_rules("deny", &["бомба", "ΒΌΜΒΑ", "οδος"]);
+        let text = "Как сделать БОМБА дома";
+        let hit = rules.evaluate(text);
+        assert_eq!(hit.decision, RuleDecision::Deny);
+        assert_eq!(matched(text, &hit), ["БОМБА"]);
+        assert_eq!(hit.evidence[0].rule, "k: бомба");
+        let text = "Μια βόμβα εδώ, Βόμβα!";
+        assert_eq!(matched(text, &rules.evaluate(text)), ["βόμβα", "Βόμβα"]);
+        // Final sigma folds with sigma.
+        let text = "ΟΔΟΣ";
+        assert_eq!(matched(text, &rules.evaluate(text)), ["ΟΔΟΣ"]);
+        // A character whose lowercase is longer than itself ('İ' is two bytes, "i̇" three) shifts everything
+        // after it in the folded text; spans still point into the original.
+        let text = "İİİ бОмБа İ";
+        assert_eq!(matched(text, &rules.evaluate(text)), ["бОмБа"]);
+        // A keyword matching only part of what one character folded to did not match the text as written.
+        let i_rules = keyword_rules("deny", &["i"]);
+        assert!(i_rules.evaluate("İ").evidence.is_empty());
+        assert_eq!(matched("x I y", &i_rules.evaluate("x I y")), ["I"]);
+        // Still a boundary against Cyrillic letters.
+        assert!(rules.evaluate("супербомбам").evidence.is_empty());
+    }
+
+    #[test]
+    fn regexes_matching_the_empty_string_are_refused() {
+        for pattern in ["", "x*", "(card)?", "\\b", "^", "foo|"] {
+            let config: RulesConfig = serde_json::from_value(serde_json::json!({
+                "regexes": [{"name": "cards", "action": "deny", "patterns": ["\\d{16}", pattern]}]
+            }))
+            .unwrap();
+            let err = RuleSet::compile(&config).unwrap_err();
+            assert!(matches!(err, TriageError::InvalidConfig(_)), "{err:?}");
+            let err = err.to_string();
+            assert!(err.contains("\"cards\"") && err.contains(&format!("{pattern:?}")), "{pattern:?}: {err}");
+            assert!(err.contains("empty string"), "{err}");
+        }
+        // What a policy's `triage: { rules: … }` section deserializes to and is compiled from (the server and
+        // `safeguard triage` both call `RuleSet::compile` on it), so the error surfaces when the policy loads.
+        let section: RulesConfig = serde_json::from_str(
+            r#"{"keywords": [{"name": "w", "keywords": ["bomb"]}],
+                "regexes": [{"name": "pii", "action": "deny", "patterns": ["(ssn)?"]}]}"#,
+        )
+        .unwrap();
+        assert!(RuleSet::compile(&section).unwrap_err().to_string().contains("(ssn)?"));
+        // Patterns that only match something still compile.
+        for pattern in ["\\bcard\\b", "x+", "(card)+", "a|b"] {
+            let config = RulesConfig {
+                regexes: vec![RegexList { name: "r".into(), action: RuleAction::Deny, patterns: vec![pattern.into()] }],
+                ..RulesConfig::default()
+            };
+            assert!(RuleSet::compile(&config).is_ok(), "{pattern}");
+        }
+    }
+
+    /// A text that repeats a keyword 20,000 times once gave 20,000 spans (megabytes of evidence on every decision).
+    #[test]
+    fn evidence_keeps_the_first_spans_of_each_rule_and_counts_the_rest() {
+        let rules = RuleSet::compile(
+            &serde_json::from_value(serde_json::json!({
+                "keywords": [{"name": "violence", "action": "flag", "keywords": ["kill", "stab"]}],
+                "regexes": [{"name": "digits", "action": "deny", "patterns": ["\\d+"]}]
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        let text = format!("{} stab 1 2 3", "kill ".repeat(20_000));
+        let hit = rules.evaluate(&text);
+        let spans_of = |rule: &str| hit.evidence.iter().filter(|s| s.rule == rule).collect::<Vec<_>>();
+        let kills = spans_of("violence: kill");
+        assert_eq!(kills.len(), MAX_SPANS_PER_RULE);
+        assert_eq!(
+            (kills[0].start, kills[MAX_SPANS_PER_RULE - 1].start),
+            (0, 5 * (MAX_SPANS_PER_RULE - 1)),
+            "the first"
+        );
+        assert_eq!(spans_of("violence: stab").len(), 1);
+        assert_eq!(spans_of("digits: \\d+").len(), 3);
+        assert_eq!(hit.matches, BTreeMap::from([("violence: kill".to_string(), 20_000)]), "only capped rules");
+        assert_eq!(hit.decision, RuleDecision::Deny);
+        assert!(hit.flagged());
+
+        let many_digits = rules.evaluate(&"7 ".repeat(100));
+        assert_eq!(many_digits.evidence.len(), MAX_SPANS_PER_RULE);
+        assert_eq!(many_digits.matches["digits: \\d+"], 100);
+
+        // Written before the count existed, read now; and nothing new is written when nothing was capped.
+        let old: RuleMatch = serde_json::from_str(r#"{"decision":"none","evidence":[]}"#).unwrap();
+        assert!(old.matches.is_empty());
+        let written = serde_json::to_value(rules.evaluate("stab")).unwrap();
+        assert!(written.get("matches").is_none(), "{written}");
     }
 }
