@@ -5,6 +5,7 @@ use std::time::Instant;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use safeguard_harmony::{Content, Effort};
+use safeguard_policy::Policy;
 use safeguard_store::{DecisionFilter, DecisionRecord};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -85,24 +86,20 @@ pub(crate) async fn get_one(
     Ok(Json(record_reply(&record, reasoning)))
 }
 
-/// Re-runs a stored decision with the same content, policy versions, effort and mode; says whether the
-/// outcome or any verdict changed. The replay is stored too (`replay_of` points at the original).
-pub(crate) async fn replay(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    caller.require("audit")?;
-    let original =
-        state.store.get_decision(&id).await?.ok_or_else(|| ApiError::NotFound(format!("no decision {id}")))?;
-    // What the decision holds cannot change, so content this server cannot read, or a version that is gone or no
-    // longer parses, is a conflict with the decision that a retry cannot fix (409, as an appeal answers); only a
-    // store outage stays a 503.
+/// A stored decision's content and the exact policy versions (front matter included) it was judged under, to
+/// judge it again (a replay, an appeal). What a decision holds cannot change, so content this server cannot read,
+/// or a version that is gone or no longer parses, is a conflict that a retry cannot fix (409, not 404 or 503);
+/// only a store outage stays a 503.
+pub(crate) async fn content_and_policies(
+    state: &AppState,
+    original: &DecisionRecord,
+) -> Result<(Content, Vec<Policy>), ApiError> {
+    let id = &original.id;
     let content: Content = serde_json::from_value(original.content.clone())
         .map_err(|e| ApiError::Conflict(format!("decision {id} holds content this server cannot read: {e}")))?;
     let mut policies = Vec::new();
     for hash in &original.policy_hashes {
-        match stored_policy(&state, hash).await {
+        match stored_policy(state, hash).await {
             Ok(Some(policy)) => policies.push(policy),
             Ok(None) => {
                 return Err(ApiError::Conflict(format!(
@@ -113,6 +110,20 @@ pub(crate) async fn replay(
             Err(e) => return Err(e),
         }
     }
+    Ok((content, policies))
+}
+
+/// Re-runs a stored decision with the same content, policy versions, effort and mode; says whether the
+/// outcome or any verdict changed. The replay is stored too (`replay_of` points at the original).
+pub(crate) async fn replay(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require("audit")?;
+    let original =
+        state.store.get_decision(&id).await?.ok_or_else(|| ApiError::NotFound(format!("no decision {id}")))?;
+    let (content, policies) = content_and_policies(&state, &original).await?;
     // A failed job's decision may name none (its request was unreadable): there is nothing to re-run it under.
     if policies.is_empty() {
         return Err(ApiError::Conflict(format!("decision {id} names no policy version to re-run it under")));

@@ -333,24 +333,7 @@ pub(crate) async fn appeal(
         serde_json::from_slice(&body).map_err(|e| ApiError::bad("invalid_json", format!("appeal body: {e}")))?
     };
     let original = state.store.get_decision(&id).await?.ok_or_else(|| ApiError::NotFound(format!("decision {id}")))?;
-    let content = serde_json::from_value(original.content.clone())
-        .map_err(|e| ApiError::Conflict(format!("decision {id} holds content this server cannot read: {e}")))?;
-    // The same lookup classify uses, so the appeal runs under the exact versions (front matter included) the
-    // original did. A version that is gone or no longer parses is a conflict with the decision, which a retry
-    // cannot fix (409, not 404 or 503); a store outage stays a 503.
-    let mut policies = Vec::new();
-    for hash in &original.policy_hashes {
-        match stored_policy(&state, hash).await {
-            Ok(Some(policy)) => policies.push(policy),
-            Ok(None) => {
-                return Err(ApiError::Conflict(format!(
-                    "decision {id} was judged under policy {hash}, which is no longer stored"
-                )));
-            }
-            Err(ApiError::Unavailable(why)) => return Err(ApiError::Conflict(why)),
-            Err(e) => return Err(e),
-        }
-    }
+    let (content, policies) = crate::decisions::content_and_policies(&state, &original).await?;
     let settings = Settings { effort: Effort::High, mode: safeguard_core::Mode::Separate, max_tokens: None };
     let (decision, record) =
         reason_and_store(&state, &policies, &content, &settings, "appeal", &mut StageTimer::start()).await?;
