@@ -323,8 +323,17 @@ async fn a_reviewer_works_the_queue_in_a_real_browser_with_the_keyboard() {
     assert_eq!(decided["rule_id"], "SP2.b");
     assert_eq!(decided["rationale"], "Cold promotion of followers with a contact handle.");
 
-    // Submitting without a rationale is refused on the page itself.
+    // Submitting without a rationale is refused on the page itself. The page reloads after a decision: the next
+    // item must be on screen, with the focus out of the old rationale box, before a shortcut can reach it.
+    browser
+        .wait_for(
+            "document.querySelector('#content')?.textContent.includes('maybe spam') \
+             && !['TEXTAREA', 'INPUT', 'SELECT'].includes(document.activeElement?.tagName)",
+            "the remaining item",
+        )
+        .await;
     browser.keys(&["l"]).await;
+    browser.wait_for("document.querySelector('#outcome-allow').checked", "allow chosen").await;
     browser.keys(&["\u{E009}", "\u{E007}"]).await;
     let status = browser.wait_for("document.querySelector('#status')?.textContent", "a validation message").await;
     assert!(status.as_str().unwrap().contains("rationale"), "{status}");
