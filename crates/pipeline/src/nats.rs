@@ -647,15 +647,7 @@ impl Worker {
         error: &str,
     ) -> Option<Duration> {
         warn!(%key, %error, "rejecting a content event");
-        let event = DecisionEvent {
-            key,
-            item_id,
-            status: EventStatus::Rejected,
-            decision: None,
-            error: Some(error.to_string()),
-            review: None,
-        };
-        self.settle(message, event, None, None).await;
+        self.settle(message, rejected(key, item_id, error), None, None).await;
         None
     }
 
@@ -673,14 +665,7 @@ impl Worker {
         let subject = format!("unkeyed.{place}");
         let error = "the event has neither a Nats-Msg-Id header nor an \"id\"";
         warn!(%subject, %error, "rejecting a content event");
-        let event = DecisionEvent {
-            key: subject.clone(),
-            item_id: None,
-            status: EventStatus::Rejected,
-            decision: None,
-            error: Some(error.to_string()),
-            review: None,
-        };
+        let event = rejected(subject.clone(), None, error);
         let published = self.bus.publish_as(&subject, &format!("{subject}:{:?}", event.status), &event).await;
         ack_published(message, &subject, published).await;
         None
@@ -780,6 +765,18 @@ impl Worker {
         // Not `{token}:Decided`: the other key may have used that message id within the duplicate window.
         let msg_id = format!("{token}:{:?}:{id}", published.status);
         ack_published(message, &event.key, self.bus.publish_as(&token, &msg_id, &published).await).await;
+    }
+}
+
+/// The event that rejects a content event, for `error`.
+fn rejected(key: String, item_id: Option<String>, error: &str) -> DecisionEvent {
+    DecisionEvent {
+        key,
+        item_id,
+        status: EventStatus::Rejected,
+        decision: None,
+        error: Some(error.to_string()),
+        review: None,
     }
 }
 
