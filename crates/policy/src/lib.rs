@@ -181,6 +181,35 @@ impl Policy {
         self.sections.iter().find(|section| predicate(&section.title))
     }
 
+    /// Which side of the line `rule_id` is on, from the heading it is defined under ("VIOLATES (1)", "DOES NOT
+    /// VIOLATE (0)", "Allowed", …, the nearest enclosing heading that says). A tier prefix (`SP2`) has the side
+    /// all its rules share. `None` when the headings do not say, or the definitions disagree.
+    pub fn rule_side(&self, rule_id: &str) -> Option<RuleSide> {
+        let prefix = format!("{rule_id}.");
+        let mut sides = self
+            .rule_definitions
+            .iter()
+            .filter(|d| d.rule_id == rule_id || d.rule_id.starts_with(&prefix))
+            .map(|d| self.side_at(d.line));
+        let first = sides.next().flatten()?;
+        sides.all(|side| side == Some(first)).then_some(first)
+    }
+
+    /// The side the headings enclosing file line `line` put it on, innermost heading first.
+    fn side_at(&self, line: usize) -> Option<RuleSide> {
+        let mut enclosing_level = u8::MAX;
+        for section in self.sections.iter().rev().filter(|s| s.line <= line) {
+            // Going back, a heading shallower than the last enclosing one encloses it too; the rest are siblings.
+            if section.level < enclosing_level {
+                if let Some(side) = RuleSide::of_heading(&section.title) {
+                    return Some(side);
+                }
+                enclosing_level = section.level;
+            }
+        }
+        None
+    }
+
     /// True when `rule_id` is defined by this policy, or is a tier prefix of a defined rule
     /// (`SP2` when the policy defines `SP2.a`).
     pub fn knows_rule(&self, rule_id: &str) -> bool {
@@ -189,6 +218,38 @@ impl Policy {
         }
         let prefix = format!("{rule_id}.");
         self.rule_ids.iter().any(|known| known.starts_with(&prefix))
+    }
+}
+
+/// Which side of a policy's line a rule is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleSide {
+    /// Content the rule describes violates the policy.
+    Violates,
+    /// Content the rule describes does not (an exception, a safe case).
+    Allowed,
+}
+
+impl RuleSide {
+    /// The side a heading announces, if it announces one. Negated forms are looked for first, since "DOES NOT
+    /// VIOLATE" contains "VIOLATE" and "NOT ALLOWED" contains "ALLOWED".
+    pub fn of_heading(title: &str) -> Option<RuleSide> {
+        let title = title.to_uppercase();
+        let has = |words: &[&str]| words.iter().any(|word| title.contains(word));
+        if has(&["NOT VIOLAT", "NON-VIOLAT", "NONVIOLAT", "NO VIOLATION"]) {
+            Some(RuleSide::Allowed)
+        } else if has(&["NOT ALLOWED", "DISALLOWED", "NOT PERMITTED", "UNSAFE", "PROHIBITED", "FORBIDDEN", "VIOLAT"]) {
+            Some(RuleSide::Violates)
+        } else if has(&["SAFE", "ALLOWED", "PERMITTED", "ACCEPTABLE", "EXCEPTION"]) {
+            Some(RuleSide::Allowed)
+        } else if title.contains("(1)") {
+            Some(RuleSide::Violates)
+        } else if title.contains("(0)") {
+            Some(RuleSide::Allowed)
+        } else {
+            None
+        }
     }
 }
 

@@ -81,6 +81,56 @@ fn rule_ids_defined_vs_mentioned() {
     assert!(!policy.knows_rule("DM1.c"));
 }
 
+/// A rule's side comes from the nearest enclosing heading that names one; nested headings, negated headings and
+/// a tier whose rules disagree are handled.
+#[test]
+fn rules_know_which_side_of_the_line_they_are_on() {
+    let policy = Policy::parse(
+        "# Demo (DM)\n## Instructions\nAnswer 0 or 1.\n## Violates (1)\n- DM1.a Selling.\n### Bulk\n- DM2.a Repeats.\n\
+         #### DM2.b Floods\nMany posts.\n## Does not violate (0)\n- DM0.a Questions.\n## Not allowed either\n- DM3.a Lures.\n\
+         ## Examples\n- DM9.a An example rule.\n## Mixed\n- DM5.a Under no side.\n",
+    )
+    .unwrap();
+    use crate::RuleSide::{Allowed, Violates};
+    let sides: Vec<_> = ["DM1.a", "DM2.a", "DM2.b", "DM2", "DM0.a", "DM3.a", "DM9.a", "DM5.a", "DM7.z"]
+        .map(|id| policy.rule_side(id))
+        .into();
+    assert_eq!(
+        sides,
+        [
+            Some(Violates),
+            Some(Violates),
+            Some(Violates),
+            Some(Violates),
+            Some(Allowed),
+            Some(Violates),
+            None,
+            None,
+            None
+        ]
+    );
+    let split = Policy::parse("# D\nAnswer 0 or 1.\n## Violates\n- DM1.a X.\n## Safe\n- DM1.b Y.\n").unwrap();
+    assert_eq!(split.rule_side("DM1"), None, "a tier with rules on both sides has no side");
+    for (title, side) in [
+        ("VIOLATES (1)", Some(Violates)),
+        ("DOES NOT VIOLATE (0)", Some(Allowed)),
+        ("Non-violating content", Some(Allowed)),
+        ("Prohibited", Some(Violates)),
+        ("Unsafe", Some(Violates)),
+        ("Safe (0)", Some(Allowed)),
+        ("Exceptions", Some(Allowed)),
+        ("Label 1 (1)", Some(Violates)),
+        ("Definitions", None),
+    ] {
+        assert_eq!(crate::RuleSide::of_heading(title), side, "{title}");
+    }
+    for starter in crate::starter_library() {
+        let violating = starter.rule_ids.iter().filter(|id| starter.rule_side(id) == Some(Violates)).count();
+        let allowed = starter.rule_ids.iter().filter(|id| starter.rule_side(id) == Some(Allowed)).count();
+        assert!(violating > 0 && allowed > 0, "{}: {violating} violating, {allowed} allowed", starter.meta.name);
+    }
+}
+
 #[test]
 fn rule_id_shapes() {
     let ids: Vec<_> = markdown::find_rule_ids("SP2.a, H2.f (SP0) D-SP3 V3.b. GPT4o xSP2 ABCDE1 SP2.A H2O")

@@ -16,7 +16,7 @@ mod reasoning;
 
 use serde::{Deserialize, Serialize};
 
-use safeguard_policy::{OutputFormat, Policy};
+use safeguard_policy::{OutputFormat, Policy, RuleSide};
 
 pub use answer::{ParsedAnswer, parse_answer};
 pub use combined::{combined_instructions, combined_keys, judge_combined};
@@ -189,6 +189,9 @@ fn validate(policy: &Policy, verdict: &mut Verdict, analysis: Option<&str>) {
             verdict.push_flag(Flag::HallucinatedRule { rule_id });
         }
     }
+    if let Some(detail) = cites_the_other_side(policy, verdict) {
+        verdict.push_flag(Flag::Inconsistent { detail });
+    }
     if let Some(category) = verdict.category.clone()
         && safeguard_policy::is_rule_id(&category)
         && !policy.knows_rule(&category)
@@ -234,6 +237,34 @@ fn validate(policy: &Policy, verdict: &mut Verdict, analysis: Option<&str>) {
                 detail: format!("\"action\": \"{action}\" contradicts violation {}", u8::from(violation)),
             });
         }
+    }
+}
+
+/// An answer whose cited rules sit on the other side of the policy's line from its label: "0" citing a rule the
+/// policy lists under VIOLATES, or "1" citing only rules it lists as not violating. Either the label or the
+/// citation is wrong, and which one is for a person to say.
+fn cites_the_other_side(policy: &Policy, verdict: &Verdict) -> Option<String> {
+    let violation = verdict.violation?;
+    let sided: Vec<(&String, RuleSide)> =
+        verdict.rule_ids.iter().filter_map(|id| policy.rule_side(id).map(|side| (id, side))).collect();
+    if violation {
+        let all_allowed = !sided.is_empty() && sided.iter().all(|(_, side)| *side == RuleSide::Allowed);
+        let cited: Vec<&str> = sided.iter().map(|(id, _)| id.as_str()).collect();
+        all_allowed.then(|| {
+            format!(
+                "the answer says violation but cites only {}, which the policy lists as not violating",
+                cited.join(", ")
+            )
+        })
+    } else {
+        let against: Vec<&str> =
+            sided.iter().filter(|(_, side)| *side == RuleSide::Violates).map(|(id, _)| id.as_str()).collect();
+        (!against.is_empty()).then(|| {
+            format!(
+                "the answer says no violation but cites {}, which the policy lists as violating",
+                against.join(", ")
+            )
+        })
     }
 }
 

@@ -136,6 +136,35 @@ fn answers_that_say_two_things_are_never_an_allow() {
     assert_eq!(judge(&labels, None, Some("INVALID (SP2.a)"), false).outcome, Outcome::Violation);
 }
 
+/// A label and the rules it cites must be on the same side of the policy's line: "0" citing a violating rule,
+/// or "1" citing only rules listed as not violating, goes to a person.
+#[test]
+fn an_answer_citing_rules_of_the_other_side_goes_to_a_person() {
+    let binary = binary_policy();
+    let inconsistent = |verdict: &Verdict| verdict.flags.iter().any(|f| matches!(f, Flag::Inconsistent { .. }));
+    for answer in ["0 (SP2.a)", "0 (SP0.a, SP4.a)", "0 (SP2)"] {
+        let verdict = judge(&binary, None, Some(answer), false);
+        assert_eq!(verdict.outcome, Outcome::NeedsReview, "{answer}");
+        assert!(inconsistent(&verdict), "{answer}: {:?}", verdict.flags);
+    }
+    let verdict = judge(&binary, None, Some("1 (SP0.a)"), false);
+    assert!(inconsistent(&verdict) && verdict.outcome == Outcome::NeedsReview, "{:?}", verdict.flags);
+    for (answer, outcome) in
+        [("0 (SP0.a)", Outcome::Allow), ("1 (SP2.a)", Outcome::Violation), ("1 (SP2.a, SP0.a)", Outcome::Violation)]
+    {
+        let verdict = judge(&binary, None, Some(answer), false);
+        assert_eq!((verdict.outcome, verdict.flags.clone()), (outcome, vec![]), "{answer}");
+    }
+    // JSON: "rule_ids" names the rules violated.
+    let spam = starter("spam");
+    let json = r#"{"violation": 0, "rule_ids": ["SP2.b"], "rationale": "promotion, but mild"}"#;
+    let verdict = judge(&spam, None, Some(json), false);
+    assert!(inconsistent(&verdict), "{:?}", verdict.flags);
+    // A policy whose headings do not say which side a rule is on is not second-guessed.
+    let labels = labels_policy();
+    assert_eq!(judge(&labels, None, Some("VALID (SP2.a)"), false).outcome, Outcome::Allow);
+}
+
 /// A last sentence that lands on both sides backs a violation, never an allow.
 #[test]
 fn contested_reasoning_never_backs_an_allow() {
