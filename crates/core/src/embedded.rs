@@ -182,6 +182,10 @@ impl Reasoner for EmbeddedReasoner {
         .await
     }
 
+    fn batch_width(&self) -> Option<usize> {
+        Some(self.engine.max_sequences().max(1))
+    }
+
     async fn reason_batch(&self, reqs: Vec<ReasonRequest>) -> Vec<Result<ReasonOutput, ReasonError>> {
         let span = info_span!("reason_batch", requests = reqs.len(), model = %self.engine.model_id());
         async move {

@@ -171,6 +171,14 @@ pub trait Reasoner: Send + Sync {
         Ok(output)
     }
 
+    /// How many prompts of a [`reason_batch`](Self::reason_batch) are decoded at the same time: the rest wait
+    /// their turn. `None`: all of them at once (a server that takes concurrent requests). A deadline for a batch
+    /// is a deadline per group of this size, so a big batch is not cut off for being big. The default
+    /// `reason_batch` takes one prompt after another.
+    fn batch_width(&self) -> Option<usize> {
+        Some(1)
+    }
+
     /// Several prompts at once; results in request order. Backends that can decode several
     /// sequences together (and share a policy prefix between them) override this.
     async fn reason_batch(&self, reqs: Vec<ReasonRequest>) -> Vec<Result<ReasonOutput, ReasonError>> {

@@ -205,6 +205,11 @@ pub struct PrefixCacheStats {
 /// A token-level text generator. Implementations are synchronous; callers run them on blocking threads.
 pub trait Engine: Send + Sync {
     fn model_id(&self) -> String;
+    /// How many requests one [`generate`](Self::generate) decodes at a time; more are decoded in turn, that many
+    /// at a time. Callers that hold a batch to a deadline give each such group its own.
+    fn max_sequences(&self) -> usize {
+        1
+    }
     /// Decode several requests together (one batch); results in request order.
     /// `on_token(request_index, token)` is called for every generated token, as it is generated.
     fn generate(

@@ -181,6 +181,10 @@ impl Engine for LlamaEngine {
         self.model_id.clone()
     }
 
+    fn max_sequences(&self) -> usize {
+        self.config.max_sequences
+    }
+
     #[tracing::instrument(skip_all, fields(requests = requests.len()))]
     fn generate(
         &self,

@@ -508,6 +508,10 @@ impl Reasoner for RemoteReasoner {
         self.run(req, Some(&deltas)).await
     }
 
+    fn batch_width(&self) -> Option<usize> {
+        None
+    }
+
     async fn reason_batch(&self, reqs: Vec<ReasonRequest>) -> Vec<Result<ReasonOutput, ReasonError>> {
         // The servers batch across concurrent requests themselves; send them together.
         let mut tasks = tokio::task::JoinSet::new();

@@ -17,7 +17,7 @@ use safeguard_engine::Sampling;
 use safeguard_harmony::{Content, Effort, Tokenizer, user_message_text};
 use safeguard_pipeline::{CascadeDecision, RouteContext};
 use safeguard_policy::Policy;
-use safeguard_store::{DecisionRecord, now_ms};
+use safeguard_store::{DecisionRecord, NewReview, now_ms};
 use safeguard_verdict::Outcome;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -312,8 +312,9 @@ pub(crate) fn count_decision(decision: &Decision, source: &str, elapsed_secs: f6
     metrics::counter!("safeguard_prompt_cache_hit_tokens_total").increment(usage.cached_prompt_tokens as u64);
 }
 
-/// Reasons about one item and stores the decision before it is returned. Who else must see it is the caller's call: classify queues
-/// an undecided item for review ([`decide_and_store_timed`]), an appeal queues every item as an appeal.
+/// Reasons about one item and stores the decision before it is returned, with the review `review_of` says it
+/// needs (classify: one if the model left it undecided; an appeal: always the appeal) in the same transaction.
+/// Marks `reason` and `store` on `timer`; returns the review's id with the decision.
 pub(crate) async fn reason_and_store(
     state: &AppState,
     policies: &[Policy],
@@ -321,7 +322,8 @@ pub(crate) async fn reason_and_store(
     settings: &Settings,
     source: &str,
     timer: &mut StageTimer,
-) -> Result<(Decision, DecisionRecord), ApiError> {
+    review_of: impl FnOnce(&Decision, &DecisionRecord) -> Option<NewReview>,
+) -> Result<(Decision, DecisionRecord, Option<String>), ApiError> {
     state.cascade.admit(settings.prompts(policies.len(), 1)).await?;
     let started = Instant::now();
     let decision = state.classifier.classify(policies, content, &options(settings)).await;
@@ -330,25 +332,11 @@ pub(crate) async fn reason_and_store(
     timer.mark("reason");
     count_decision(&decision, source, elapsed);
     let (record, reasoning) = record_of(&decision, policies, content, settings, source, None);
-    state.store.insert_decision(&record, Some(&reasoning)).await?;
+    let review = review_of(&decision, &record);
+    let review_id = crate::reviews::store_decision(state, &record, &reasoning, review.as_ref()).await?;
     state.items.observe("direct", decision.usage, elapsed);
-    Ok((decision, record))
-}
-
-/// [`reason_and_store`], then the review queue if the model left the item undecided; marks `reason` and
-/// `store` on `timer`.
-pub(crate) async fn decide_and_store_timed(
-    state: &AppState,
-    policies: &[Policy],
-    content: &Content,
-    settings: &Settings,
-    source: &str,
-    timer: &mut StageTimer,
-) -> Result<(Decision, DecisionRecord), ApiError> {
-    let (decision, record) = reason_and_store(state, policies, content, settings, source, timer).await?;
-    crate::reviews::enqueue_if_undecided(state, &decision, &record, policies).await?;
     timer.mark("store");
-    Ok((decision, record))
+    Ok((decision, record, review_id))
 }
 
 /// The reply body for a decision: core's decision JSON plus what the service adds.
@@ -388,8 +376,11 @@ pub(crate) async fn classify(
     let parsed = parse_request(&state, &body, &caller).await?;
     timer.mark("policy");
     if route == ClassifyRoute::Direct {
-        let (decision, record) =
-            decide_and_store_timed(&state, &parsed.policies, &parsed.content, &parsed.settings, "api", &mut timer)
+        let review_of = |decision: &Decision, record: &DecisionRecord| {
+            crate::reviews::review_if_undecided(decision, record, &parsed.policies)
+        };
+        let (decision, record, _) =
+            reason_and_store(&state, &parsed.policies, &parsed.content, &parsed.settings, "api", &mut timer, review_of)
                 .await?;
         let mut reply = decision_reply(&decision, &record, parsed.return_reasoning);
         reply["route"] = json!(route.as_str());
@@ -486,24 +477,31 @@ pub(crate) async fn classify_batch(
         state.cascade.charge(decision, settings.max_tokens);
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let mut decisions = decisions.into_iter().zip(valid.iter());
+    // All stored or none: a batch answered with an error has stored nothing for its retry to repeat.
+    let records: Vec<_> = decisions
+        .iter()
+        .zip(&valid)
+        .map(|(decision, content)| {
+            count_decision(decision, "batch", elapsed);
+            let (record, reasoning) = record_of(decision, &policies, content, &settings, "batch", None);
+            let review = crate::reviews::review_if_undecided(decision, &record, &policies);
+            (record, reasoning, review)
+        })
+        .collect();
+    crate::reviews::store_decisions(&state, &records).await?;
+    for decision in &decisions {
+        state.items.observe("direct", decision.usage, elapsed / valid.len().max(1) as f64);
+    }
+    let mut stored = decisions.iter().zip(&records);
     let mut results = Vec::with_capacity(items.len());
     for item in parsed {
-        match item {
-            Err(error) => results.push(json!({"error": {"message": error.to_string()}})),
-            Ok(_) => {
-                let Some((decision, content)) = decisions.next() else {
-                    results.push(json!({"error": {"message": "no decision was produced for this item"}}));
-                    continue;
-                };
-                count_decision(&decision, "batch", elapsed);
-                let (record, reasoning) = record_of(&decision, &policies, content, &settings, "batch", None);
-                state.store.insert_decision(&record, Some(&reasoning)).await?;
-                state.items.observe("direct", decision.usage, elapsed / valid.len().max(1) as f64);
-                crate::reviews::enqueue_if_undecided(&state, &decision, &record, &policies).await?;
-                results.push(decision_reply(&decision, &record, return_reasoning));
-            }
-        }
+        results.push(match item {
+            Err(error) => json!({"error": {"message": error.to_string()}}),
+            Ok(_) => match stored.next() {
+                Some((decision, (record, _, _))) => decision_reply(decision, record, return_reasoning),
+                None => json!({"error": {"message": "no decision was produced for this item"}}),
+            },
+        });
     }
     Ok(Json(json!({"results": results})))
 }

@@ -55,14 +55,28 @@ impl Reasoner for GuardedReasoner {
         }
     }
 
+    fn batch_width(&self) -> Option<usize> {
+        self.inner.batch_width()
+    }
+
+    /// The deadline holds per group the backend decodes at once ([`Reasoner::batch_width`]), not for the whole
+    /// batch: a batch of 256 items on an engine that decodes 8 at a time takes 32 turns, and one deadline for all
+    /// of them would time every item out. A group that runs out of time fails alone; the next still gets its turn.
     async fn reason_batch(&self, reqs: Vec<ReasonRequest>) -> Vec<Result<ReasonOutput, ReasonError>> {
-        let count = reqs.len();
-        match tokio::time::timeout(self.timeout, self.inner.reason_batch(reqs)).await {
-            Ok(results) => {
-                results.iter().for_each(count_error);
-                results
+        let width = self.inner.batch_width().unwrap_or(reqs.len()).max(1);
+        let mut results = Vec::with_capacity(reqs.len());
+        let mut reqs = reqs.into_iter().peekable();
+        while reqs.peek().is_some() {
+            let group: Vec<ReasonRequest> = reqs.by_ref().take(width).collect();
+            let count = group.len();
+            match tokio::time::timeout(self.timeout, self.inner.reason_batch(group)).await {
+                Ok(done) => {
+                    done.iter().for_each(count_error);
+                    results.extend(done);
+                }
+                Err(_) => results.extend((0..count).map(|_| Err(self.timed_out()))),
             }
-            Err(_) => (0..count).map(|_| Err(self.timed_out())).collect(),
         }
+        results
     }
 }

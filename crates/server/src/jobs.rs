@@ -51,7 +51,14 @@ pub(crate) async fn submit(
     let parsed = parse_request(&state, &body, &caller).await?;
     let webhook_url = match body.get("webhook_url") {
         None | Some(Value::Null) => None,
-        Some(Value::String(url)) if url.starts_with("http://") || url.starts_with("https://") => Some(url.clone()),
+        Some(Value::String(url)) => {
+            state
+                .config
+                .webhook_targets
+                .check_url(url)
+                .map_err(|why| ApiError::bad("invalid_webhook_url", format!("\"webhook_url\" {why}")))?;
+            Some(url.clone())
+        }
         Some(_) => return Err(ApiError::bad("invalid_webhook_url", "\"webhook_url\" must be an http(s) URL")),
     };
     let idempotency_key = match headers.get("idempotency-key") {
@@ -290,6 +297,16 @@ async fn process(state: &AppState, job: JobRecord) -> bool {
         unused_call();
         return false;
     };
+    let earlier_claims = job.attempts - 1;
+    if earlier_claims >= state.config.job_max_attempts {
+        let error = format!(
+            "gave up after {earlier_claims} attempts: each worker that took the job stopped before finishing it \
+             (a crash, running out of memory, or a decision slower than the lease)"
+        );
+        fail(state, &job, &token, error).await;
+        unused_call();
+        return false;
+    }
     let request: JobRequest = match serde_json::from_value(job.request.clone()) {
         Ok(request) => request,
         Err(err) => {
@@ -342,8 +359,7 @@ async fn process(state: &AppState, job: JobRecord) -> bool {
     count_decision(&decision, "job", started.elapsed().as_secs_f64());
     let (record, reasoning) =
         record_of(&decision, &policies, &request.content, &request.settings, "job", Some(&job.id));
-    let review = crate::reviews::undecided_reason(&decision)
-        .map(|reason| crate::reviews::review_for_person(&record.id, &policies, reason));
+    let review = crate::reviews::review_if_undecided(&decision, &record, &policies);
     let webhook = completed_webhook(&job, &record);
     match state.store.finish_job(&job.id, &token, &record, Some(&reasoning), review.as_ref(), webhook.as_ref()).await {
         Ok(true) => {

@@ -55,7 +55,7 @@ pub use ingest::NatsIngest;
 pub use safeguard_pipeline::ActiveLearning;
 pub use safeguard_pipeline::nats::NatsConfig;
 pub use timing::parse_server_timing;
-pub use webhooks::{sign_webhook, verify_webhook};
+pub use webhooks::{WebhookTargets, sign_webhook, verify_webhook};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -114,12 +114,18 @@ pub struct ServerConfig {
     pub rate_limit_burst: u32,
     pub job_workers: usize,
     pub job_lease: Duration,
+    /// Claims a job may take. A job claimed again after this many is failed to a person instead of decided: its
+    /// workers never came back from it (a crash, running out of memory, a lease shorter than the decision), and
+    /// trying once more would only take the next worker down with it.
+    pub job_max_attempts: i64,
     /// A reasoning step that takes longer becomes `needs_review` with the reason "timed out".
     pub reason_timeout: Duration,
     /// HMAC key for webhook signatures.
     pub webhook_secret: String,
     pub webhook_max_attempts: i64,
     pub webhook_backoff: Duration,
+    /// Which hosts webhooks may reach: public addresses, plus those let in.
+    pub webhook_targets: WebhookTargets,
     /// Policy names `/v1/moderations` classifies against; empty means the starter library.
     pub moderation_policies: Vec<String>,
     /// Completion-token cap for `/v1/moderations` (which has no field for it); `None` is the effort's budget.
@@ -166,10 +172,12 @@ impl Default for ServerConfig {
             rate_limit_burst: 60,
             job_workers: 2,
             job_lease: Duration::from_secs(120),
+            job_max_attempts: 3,
             reason_timeout: Duration::from_secs(300),
             webhook_secret: String::new(),
             webhook_max_attempts: 8,
             webhook_backoff: Duration::from_secs(2),
+            webhook_targets: WebhookTargets::default(),
             moderation_policies: Vec::new(),
             moderation_max_tokens: None,
             default_effort: Effort::Low,
@@ -299,6 +307,14 @@ impl Server {
         ));
         let prompt_metrics = Arc::new(metrics_setup::PromptMetrics::new(config.cost_per_1k_tokens));
         let classifier = Classifier::new(guarded.clone()).with_observer(prompt_metrics.clone());
+        // Webhook deliveries only: a redirect would turn the signed POST into a GET to wherever it points, and
+        // that GET's 2xx would count as delivered. A 3xx is a failed attempt instead.
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(webhooks::GuardedResolver { targets: Arc::new(config.webhook_targets.clone()) })
+            .build()
+            .map_err(ServerError::WebhookClient)?;
         let state = AppState {
             cascade,
             items: Arc::new(metrics_setup::ItemStats::new(config.cost_per_1k_tokens)),
@@ -312,13 +328,7 @@ impl Server {
             reasoner: guarded,
             metrics: metrics_setup::handle(),
             jobs_waiting: Arc::new(Notify::new()),
-            // Webhook deliveries only: a redirect would turn the signed POST into a GET to wherever it points, and
-            // that GET's 2xx would count as delivered. A 3xx is a failed attempt instead.
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .map_err(ServerError::WebhookClient)?,
+            http,
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(run(state, listener, shutdown.clone()));

@@ -191,10 +191,11 @@ async fn queue_sample(state: &AppState, cascade: &CascadeDecision, decision_id: 
     Ok(())
 }
 
-/// Stores one cascade decision as one decision record (id = the cascade's id), then queues it for a person
-/// if it ended there, or as an active-learning sample if drawn. Idempotent by id: storing the same cascade
-/// decision again (a redelivered NATS event) inserts nothing and returns `fresh = false`; the review is queued
-/// again in case the first attempt stopped between the two writes (queuing is idempotent per decision).
+/// Stores one cascade decision as one decision record (id = the cascade's id), with its review in the same
+/// transaction if it ended with a person, or then queues it as an active-learning sample if drawn. Idempotent by
+/// id: storing the same cascade decision again (a redelivered NATS event) inserts nothing and returns
+/// `fresh = false`; the review is queued again in case the decision came from a copy stored without it (queuing
+/// is idempotent per decision).
 pub(crate) async fn store_cascade_item(
     state: &AppState,
     cascade: &CascadeDecision,
@@ -205,18 +206,25 @@ pub(crate) async fn store_cascade_item(
 ) -> Result<StoredItem, ApiError> {
     let (record, reasoning) =
         cascade_record(cascade, content, source, state.cascade.routing.max_tokens, sampling_extra);
+    let review = (cascade.decided_by == Stage::HumanReview).then(|| {
+        if is_appeal(cascade) {
+            crate::reviews::appeal_review(&record.id, format!("appeal: {}", person_reasons(cascade)))
+        } else {
+            crate::reviews::review_for_person(&record.id, policies, person_reasons(cascade))
+        }
+    });
     let fresh = if state.store.get_decision(&record.id).await?.is_some() {
         // Stored already, perhaps by a worker that had only the ledger's copy, without the chain of thought.
         state.store.add_missing_reasoning(&record.id, &reasoning).await?;
         false
     } else {
-        match state.store.insert_decision(&record, Some(&reasoning)).await {
-            Ok(()) => true,
+        match crate::reviews::store_decision(state, &record, &reasoning, review.as_ref()).await {
+            Ok(_) => true,
             // Another worker stored the same decision between our read and our write: theirs stands, with our
             // chain of thought if it came without one.
             Err(e) => {
                 if state.store.get_decision(&record.id).await?.is_none() {
-                    return Err(e.into());
+                    return Err(e);
                 }
                 state.store.add_missing_reasoning(&record.id, &reasoning).await?;
                 false
@@ -228,14 +236,14 @@ pub(crate) async fn store_cascade_item(
             count_decision(decision, "cascade", decision.timings.total_ms / 1e3);
         }
     }
-    if cascade.decided_by == Stage::HumanReview {
-        if is_appeal(cascade) {
-            crate::reviews::queue_appeal(state, &record.id, format!("appeal: {}", person_reasons(cascade))).await?;
-        } else {
-            crate::reviews::queue_for_person(state, &record.id, policies, person_reasons(cascade)).await?;
+    match &review {
+        // Queued with the decision when it was stored fresh; queued again (a no-op when it is there) for a
+        // decision stored before, in case the worker that stored it stopped before queuing it.
+        Some(review) if !fresh => {
+            state.store.queue_review(review).await?;
         }
-    } else {
-        queue_sample(state, cascade, &record.id).await?;
+        Some(_) => {}
+        None => queue_sample(state, cascade, &record.id).await?,
     }
     Ok(StoredItem { record, reasoning, fresh })
 }

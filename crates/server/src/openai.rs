@@ -26,10 +26,12 @@ use crate::classify::{Settings, count_decision, options, parse_settings, record_
 use crate::error::{ApiError, ApiJson};
 use crate::policies::policy_of;
 
-pub(crate) async fn models(State(state): State<AppState>, _caller: Caller) -> Json<Value> {
-    Json(
+/// Needs `classify`, as every route that reaches the model does: the served model is not for every key to see.
+pub(crate) async fn models(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    caller.require("classify")?;
+    Ok(Json(
         json!({"object": "list", "data": [{"id": state.reasoner.model_id(), "object": "model", "created": 0, "owned_by": "safeguard"}]}),
-    )
+    ))
 }
 
 async fn moderation_policies(state: &AppState) -> Result<Vec<safeguard_policy::Policy>, ApiError> {
@@ -103,13 +105,21 @@ pub(crate) async fn moderations(
         state.cascade.charge(decision, settings.max_tokens);
     }
     let elapsed = started.elapsed().as_secs_f64();
+    // All stored or none: a request answered with an error has stored nothing for its retry to repeat.
+    let records: Vec<_> = decisions
+        .iter()
+        .zip(&contents)
+        .map(|(decision, content)| {
+            count_decision(decision, "moderations", elapsed);
+            let (record, reasoning) = record_of(decision, &policies, content, &settings, "moderations", None);
+            let review = crate::reviews::review_if_undecided(decision, &record, &policies);
+            (record, reasoning, review)
+        })
+        .collect();
+    crate::reviews::store_decisions(&state, &records).await?;
     let mut results = Vec::with_capacity(decisions.len());
     let mut ids = Vec::new();
-    for (decision, content) in decisions.iter().zip(&contents) {
-        count_decision(decision, "moderations", elapsed);
-        let (record, reasoning) = record_of(decision, &policies, content, &settings, "moderations", None);
-        state.store.insert_decision(&record, Some(&reasoning)).await?;
-        crate::reviews::enqueue_if_undecided(&state, decision, &record, &policies).await?;
+    for (decision, (record, _, _)) in decisions.iter().zip(&records) {
         ids.push(record.id.clone());
         let mut categories = serde_json::Map::new();
         let mut scores = serde_json::Map::new();

@@ -28,17 +28,44 @@ const REVIEW_SLA_MS: i64 = 24 * 3_600_000;
 const APPEAL_SLA_MS: i64 = 4 * 3_600_000;
 const APPEAL_PRIORITY: i64 = 10;
 
-/// Queues a decision the model could not settle. High-risk policies jump the queue.
-pub(crate) async fn enqueue_if_undecided(
-    state: &AppState,
+/// The review a decision needs because the model left it undecided, if it did.
+pub(crate) fn review_if_undecided(
     decision: &Decision,
     record: &DecisionRecord,
     policies: &[Policy],
+) -> Option<NewReview> {
+    undecided_reason(decision).map(|reason| review_for_person(&record.id, policies, reason))
+}
+
+/// Stores a decision with the review it needs, if any, in one transaction (an item meant for a person is never
+/// in the log without being in the queue), and returns the review's id.
+pub(crate) async fn store_decision(
+    state: &AppState,
+    record: &DecisionRecord,
+    reasoning: &[String],
+    review: Option<&NewReview>,
+) -> Result<Option<String>, ApiError> {
+    let Some(review) = review else {
+        state.store.insert_decision(record, Some(reasoning)).await?;
+        return Ok(None);
+    };
+    let review_id = state.store.insert_decision_with_review(record, Some(reasoning), review).await?;
+    count_queued(if review.kind == "appeal" { "appeal" } else { "review" });
+    Ok(Some(review_id))
+}
+
+/// Stores decisions, each with the review it needs, all or none (one transaction).
+pub(crate) async fn store_decisions(
+    state: &AppState,
+    rows: &[(DecisionRecord, Vec<String>, Option<NewReview>)],
 ) -> Result<(), ApiError> {
-    match undecided_reason(decision) {
-        Some(reason) => queue_for_person(state, &record.id, policies, reason).await,
-        None => Ok(()),
+    let borrowed: Vec<_> =
+        rows.iter().map(|(record, reasoning, review)| (record, Some(reasoning.as_slice()), review.as_ref())).collect();
+    state.store.insert_decisions_together(&borrowed).await?;
+    for review in rows.iter().filter_map(|(_, _, review)| review.as_ref()) {
+        count_queued(if review.kind == "appeal" { "appeal" } else { "review" });
     }
+    Ok(())
 }
 
 /// Why a decision needs a person (each undecided policy with its flags), or `None` when the model settled it.
@@ -59,40 +86,19 @@ pub(crate) fn undecided_reason(decision: &Decision) -> Option<String> {
     Some(if reasons.is_empty() { "undecided".to_string() } else { reasons.join("; ") })
 }
 
-/// Puts a stored decision in front of a person: high-risk policies jump the queue, everything gets the SLA.
-pub(crate) async fn queue_for_person(
-    state: &AppState,
-    decision_id: &str,
-    policies: &[Policy],
-    reason: String,
-) -> Result<(), ApiError> {
-    state.store.queue_review(&review_for_person(decision_id, policies, reason)).await?;
-    count_queued("review");
-    Ok(())
+/// An appeal's review: before every other review, with the shorter SLA.
+pub(crate) fn appeal_review(decision_id: &str, reason: String) -> NewReview {
+    NewReview {
+        decision_id: decision_id.to_string(),
+        kind: "appeal".into(),
+        priority: APPEAL_PRIORITY,
+        reason: Some(reason),
+        sla_ms: Some(APPEAL_SLA_MS),
+    }
 }
 
-/// Queues an appeal: before every other review, with the shorter SLA.
-pub(crate) async fn queue_appeal(
-    state: &AppState,
-    decision_id: &str,
-    reason: String,
-) -> Result<ReviewRecord, ApiError> {
-    let review = state
-        .store
-        .queue_review(&NewReview {
-            decision_id: decision_id.to_string(),
-            kind: "appeal".into(),
-            priority: APPEAL_PRIORITY,
-            reason: Some(reason),
-            sla_ms: Some(APPEAL_SLA_MS),
-        })
-        .await?;
-    count_queued("appeal");
-    Ok(review)
-}
-
-/// The review a person gets for a decision. [`queue_for_person`] queues it at once; a job stores it in the
-/// transaction that finishes the job, so a job can never be done without its review.
+/// The review a person gets for a decision: high-risk policies jump the queue, everything gets the SLA. Stored
+/// with the decision in one transaction ([`store_decision`], a job's finish).
 pub(crate) fn review_for_person(decision_id: &str, policies: &[Policy], reason: String) -> NewReview {
     let high_risk = policies.iter().any(|p| p.meta.high_risk);
     NewReview {
@@ -335,13 +341,15 @@ pub(crate) async fn appeal(
     let original = state.store.get_decision(&id).await?.ok_or_else(|| ApiError::NotFound(format!("decision {id}")))?;
     let (content, policies) = crate::decisions::content_and_policies(&state, &original).await?;
     let settings = Settings { effort: Effort::High, mode: safeguard_core::Mode::Separate, max_tokens: None };
-    let (decision, record) =
-        reason_and_store(&state, &policies, &content, &settings, "appeal", &mut StageTimer::start()).await?;
+    let reason = format!("appeal of {id}: {}", body.reason.as_deref().unwrap_or("appeal"));
     // One review, the appeal, whatever the model said: a second "undecided" review of the same item would be
     // left pending once a person answers the appeal.
-    let reason = body.reason.unwrap_or_else(|| "appeal".into());
-    let review = queue_appeal(&state, &record.id, format!("appeal of {id}: {reason}")).await?;
-    Ok(Json(json!({"appeal_of": id, "review_id": review.id, "decision": decision_reply(&decision, &record, false)})))
+    let (decision, record, review_id) =
+        reason_and_store(&state, &policies, &content, &settings, "appeal", &mut StageTimer::start(), |_, record| {
+            Some(appeal_review(&record.id, reason))
+        })
+        .await?;
+    Ok(Json(json!({"appeal_of": id, "review_id": review_id, "decision": decision_reply(&decision, &record, false)})))
 }
 
 pub(crate) async fn page() -> Html<&'static str> {

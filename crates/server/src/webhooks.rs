@@ -4,14 +4,146 @@
 //! Signature: `X-Safeguard-Signature: sha256=<hex(HMAC(secret, "<timestamp>.<body>"))>` with the timestamp
 //! (unix seconds) in `X-Safeguard-Timestamp`, so receivers can reject replays of old deliveries.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use safeguard_store::now_ms;
 use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
+
+/// Where webhooks may be sent. A job's caller names the URL, so by default the server only posts to public
+/// addresses: otherwise any key with `classify` could make it reach loopback services, the cloud metadata endpoint
+/// (169.254.169.254) or anything else on the internal network (server-side request forgery). Receivers inside the
+/// network are let in by name or address with `allowed_hosts`, or all at once with `allow_private`.
+#[derive(Debug, Clone, Default)]
+pub struct WebhookTargets {
+    /// Hosts (names or addresses, as written in the URL) that may be reached even at an internal address.
+    pub allowed_hosts: Vec<String>,
+    /// Any address, internal ones included: for deployments whose receivers all sit on the internal network.
+    pub allow_private: bool,
+}
+
+impl WebhookTargets {
+    fn allows_host(&self, host: &str) -> bool {
+        self.allow_private || self.allowed_hosts.iter().any(|allowed| allowed.eq_ignore_ascii_case(host))
+    }
+
+    /// Checks what can be known from the URL alone: an http(s) URL whose host, if it is an address, is public. A
+    /// name is checked again each time it is resolved, at delivery, since its addresses can change.
+    pub fn check_url(&self, url: &str) -> Result<(), String> {
+        let parsed = reqwest::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err("must be an http(s) URL".into());
+        }
+        let host = parsed.host_str().filter(|h| !h.is_empty()).ok_or("has no host")?;
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        if self.allows_host(host) || self.allows_host(bare) {
+            return Ok(());
+        }
+        // "localhost." is the same name as "localhost".
+        let lowered = bare.trim_end_matches('.').to_ascii_lowercase();
+        let internal = match bare.parse::<IpAddr>() {
+            Ok(ip) => is_internal(ip),
+            Err(_) => lowered == "localhost" || lowered.ends_with(".localhost"),
+        };
+        if internal {
+            return Err(format!("{host} is an internal address; let it in with --webhook-allow-host {bare}"));
+        }
+        Ok(())
+    }
+}
+
+/// Loopback, private, link-local, shared (CGNAT), multicast, unspecified and reserved addresses, and IPv6 forms
+/// that carry an IPv4 address (mapped, compatible, NAT64, 6to4), judged by that address.
+pub fn is_internal(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => is_internal_v4(v4),
+        IpAddr::V6(v6) => is_internal_v6(v6),
+    }
+}
+
+fn is_internal_v4(ip: Ipv4Addr) -> bool {
+    let [a, b, ..] = ip.octets();
+    ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_unspecified()
+        || ip.is_broadcast()
+        || ip.is_multicast()
+        || a == 0
+        || (a == 100 && (64..128).contains(&b))
+        || (a == 192 && b == 0 && ip.octets()[2] == 0)
+        || (a == 198 && (b == 18 || b == 19))
+        || a >= 240
+}
+
+fn is_internal_v6(ip: Ipv6Addr) -> bool {
+    let segments = ip.segments();
+    let embedded_v4 = |high: u16, low: u16| Ipv4Addr::from((u32::from(high) << 16) | u32::from(low));
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return is_internal_v4(v4);
+    }
+    // IPv4-compatible (::a.b.c.d, deprecated but still routed by some stacks) and NAT64 (64:ff9b::/96).
+    if segments[..6] == [0; 6] && !ip.is_loopback() && !ip.is_unspecified()
+        || segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
+    {
+        return is_internal_v4(embedded_v4(segments[6], segments[7]));
+    }
+    if segments[0] == 0x2002 {
+        return is_internal_v4(embedded_v4(segments[1], segments[2]));
+    }
+    ip.is_loopback()
+        || ip.is_unspecified()
+        || ip.is_multicast()
+        || (segments[0] & 0xfe00) == 0xfc00
+        || (segments[0] & 0xffc0) == 0xfe80
+        || (segments[0] & 0xffc0) == 0xfec0
+}
+
+/// The webhook client's resolver: a name that resolves to an internal address is refused, all of its addresses
+/// at once, unless the host is let in. Checking here, on the addresses the connection will use, is what stops a
+/// name that was public when the job was submitted from being pointed inside later (DNS rebinding).
+pub(crate) struct GuardedResolver {
+    pub(crate) targets: Arc<WebhookTargets>,
+}
+
+impl Resolve for GuardedResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        let targets = self.targets.clone();
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            if !targets.allows_host(&host)
+                && let Some(internal) = addrs.iter().find(|addr| is_internal(addr.ip()))
+            {
+                let refused = format!(
+                    "{host} resolves to {}, an internal address; let it in with --webhook-allow-host {host}",
+                    internal.ip()
+                );
+                return Err(refused.into());
+            }
+            Ok(Box::new(addrs.into_iter()) as Addrs)
+        })
+    }
+}
+
+/// An error with its causes, since the reason a request failed (a refused address, a reset connection) is often
+/// only in the source chain.
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -44,6 +176,20 @@ pub(crate) async fn sender(state: AppState, shutdown: CancellationToken) {
         }
         match state.store.claim_delivery(lease_ms).await {
             Ok(Some(delivery)) => {
+                // Checked again here: an address in the URL is never resolved (so the resolver never sees it), and
+                // the server may have been restarted with fewer hosts let in since the job was accepted.
+                if let Err(refused) = state.config.webhook_targets.check_url(&delivery.url) {
+                    metrics::counter!("safeguard_webhook_attempts_total", "result" => "refused").increment(1);
+                    tracing::warn!(delivery_id = %delivery.id, %refused, "webhook target refused");
+                    // No retry: the same URL is refused the same way every time.
+                    let error = format!("target refused: {refused}");
+                    if let Err(err) =
+                        state.store.record_delivery_attempt(&delivery.id, false, None, Some(&error), None).await
+                    {
+                        tracing::warn!(error = %err, "recording a webhook attempt failed");
+                    }
+                    continue;
+                }
                 let timestamp = now_ms() / 1000;
                 let signature = sign_webhook(&state.config.webhook_secret, timestamp, &delivery.body);
                 let sent = state
@@ -66,7 +212,7 @@ pub(crate) async fn sender(state: AppState, shutdown: CancellationToken) {
                     Ok(response) => {
                         (false, Some(response.status().as_u16()), Some(format!("HTTP {}", response.status())))
                     }
-                    Err(err) => (false, None, Some(err.to_string())),
+                    Err(err) => (false, None, Some(with_causes(&err))),
                 };
                 let attempts = delivery.attempts + 1;
                 let retry_at = (!delivered && attempts < state.config.webhook_max_attempts).then(|| {
@@ -102,6 +248,91 @@ pub(crate) async fn sender(state: AppState, shutdown: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn internal_addresses_are_told_from_public_ones() {
+        let internal = [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "0.1.2.3",
+            "224.0.0.1",
+            "255.255.255.255",
+            "240.0.0.1",
+            "198.18.0.1",
+            "192.0.0.8",
+            "::1",
+            "::",
+            "fe80::1",
+            "fd00::1",
+            "fc00::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "::127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "2002:c0a8:0101::1",
+        ];
+        for ip in internal {
+            assert!(is_internal(ip.parse().unwrap()), "{ip} is internal");
+        }
+        let public = ["1.1.1.1", "8.8.8.8", "172.32.0.1", "100.128.0.1", "2606:4700::1111", "::ffff:1.1.1.1"];
+        for ip in public {
+            assert!(!is_internal(ip.parse().unwrap()), "{ip} is public");
+        }
+    }
+
+    #[test]
+    fn urls_naming_internal_hosts_are_refused_unless_let_in() {
+        let strict = WebhookTargets::default();
+        for url in [
+            "http://127.0.0.1:9/hook",
+            "http://2130706433/",
+            "http://0x7f.1/",
+            "http://[::1]/",
+            "http://[::ffff:7f00:1]/",
+            "http://169.254.169.254/latest/meta-data/",
+            "https://LOCALHOST/",
+            "http://localhost./",
+            "http://api.localhost/",
+        ] {
+            let refused = strict.check_url(url).expect_err(url);
+            assert!(refused.contains("--webhook-allow-host"), "{url}: {refused}");
+        }
+        for url in ["ftp://example.com/", "not a url", "http:///"] {
+            assert!(strict.check_url(url).is_err(), "{url}");
+        }
+        assert_eq!(strict.check_url("https://hooks.example.com/safeguard"), Ok(()));
+        assert_eq!(strict.check_url("http://93.184.215.14/"), Ok(()));
+
+        let some = WebhookTargets { allowed_hosts: vec!["127.0.0.1".into(), "::1".into()], allow_private: false };
+        assert_eq!(some.check_url("http://127.0.0.1:9/hook"), Ok(()));
+        assert_eq!(some.check_url("http://[::1]:9/hook"), Ok(()));
+        assert!(some.check_url("http://10.0.0.1/").is_err());
+        let all = WebhookTargets { allowed_hosts: vec![], allow_private: true };
+        assert_eq!(all.check_url("http://10.0.0.1/"), Ok(()));
+    }
+
+    /// The resolver judges the addresses a name resolves to, so a name is refused when it points inside, whatever
+    /// it looked like when the job was accepted.
+    #[tokio::test]
+    async fn names_resolving_to_internal_addresses_are_refused() {
+        let strict = GuardedResolver { targets: Arc::new(WebhookTargets::default()) };
+        let refused = match strict.resolve("localhost".parse().unwrap()).await {
+            Ok(addrs) => panic!("resolved to {:?}", addrs.collect::<Vec<_>>()),
+            Err(err) => err.to_string(),
+        };
+        assert!(refused.contains("an internal address"), "{refused}");
+        let let_in = GuardedResolver {
+            targets: Arc::new(WebhookTargets { allowed_hosts: vec!["localhost".into()], allow_private: false }),
+        };
+        let addrs: Vec<SocketAddr> = let_in.resolve("localhost".parse().unwrap()).await.unwrap().collect();
+        assert!(addrs.iter().all(|a| a.ip().is_loopback()) && !addrs.is_empty(), "{addrs:?}");
+    }
 
     #[test]
     fn signatures_verify_and_detect_tampering() {

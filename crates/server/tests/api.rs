@@ -70,6 +70,11 @@ impl Harness {
             webhook_secret: "hook-secret".into(),
             reason_timeout: Duration::from_secs(2),
             webhook_backoff: Duration::from_millis(50),
+            // The tests' receivers listen on loopback, which webhooks may not reach unless let in.
+            webhook_targets: safeguard_server::WebhookTargets {
+                allowed_hosts: vec!["127.0.0.1".into()],
+                allow_private: false,
+            },
             ..ServerConfig::default()
         };
         tweak(&mut config);
@@ -812,17 +817,24 @@ async fn a_job_waits_out_a_store_error_instead_of_failing() {
     rename_table(&h.store, "policies", "policies_away").await;
     let new = safeguard_store::NewJob { request, idempotency_key: None, webhook_url: None };
     let (job, _) = h.store.enqueue_job(&new).await.unwrap();
+    // Handed back at least once: pending again, but touched since it was queued.
     let mut seen = None;
     for _ in 0..200 {
         let stored = h.store.get_job(&job.id).await.unwrap().unwrap();
-        if stored.attempts >= 2 || stored.status == safeguard_store::JobStatus::Failed {
+        let handed_back = stored.status == safeguard_store::JobStatus::Pending && stored.updated_at > job.updated_at;
+        if handed_back || stored.status == safeguard_store::JobStatus::Failed {
             seen = Some(stored);
             break;
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let seen = seen.expect("the job was claimed twice");
+    let seen = seen.expect("the job was claimed and handed back");
     assert_ne!(seen.status, safeguard_store::JobStatus::Failed, "a store error failed the job for good: {seen:?}");
+    assert_eq!(seen.attempts, 0, "a job handed back untried spent an attempt: {seen:?}");
+    // However long the store is away, the job is not given up on.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let waited = h.store.get_job(&job.id).await.unwrap().unwrap();
+    assert_ne!(waited.status, safeguard_store::JobStatus::Failed, "{waited:?}");
     rename_table(&h.store, "policies_away", "policies").await;
 
     let done = poll_job(&h, &key, &job.id, |j| j["status"] != "pending" && j["status"] != "running").await;
@@ -872,6 +884,156 @@ async fn a_failed_job_reaches_the_review_queue_and_its_webhook() {
     }
     let first = queue["reviews"].as_array().unwrap().iter().find(|r| r["decision_id"] == decision_ids[0].as_str());
     assert!(first.unwrap()["reason"].as_str().unwrap().starts_with("job failed:"), "{queue}");
+}
+
+/// Webhooks reach internal addresses only when let in: a job naming one is refused at the door, and a delivery
+/// already queued for one (accepted under a looser configuration) is refused, not sent.
+#[tokio::test]
+async fn webhooks_reach_internal_addresses_only_when_let_in() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let receiver = {
+        let hits = hits.clone();
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move || {
+                hits.fetch_add(1, Ordering::SeqCst);
+                async { axum::http::StatusCode::OK }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, receiver).await.unwrap() });
+
+    let h = Harness::start(|c| c.webhook_targets = safeguard_server::WebhookTargets::default()).await;
+    let key = h.key(&["classify"]).await;
+    for hook in [
+        format!("http://127.0.0.1:{port}/hook"),
+        format!("http://localhost:{port}/hook"),
+        "http://169.254.169.254/latest/meta-data/".to_string(),
+        "http://[::ffff:a9fe:a9fe]/".to_string(),
+    ] {
+        let body = json!({"text": "BUY NOW", "policies": ["spam"], "webhook_url": hook});
+        let (status, reply) = h.call("POST", "/v1/jobs", Some(&key), Some(body)).await;
+        assert_eq!((status, reply["error"]["code"].as_str()), (400, Some("invalid_webhook_url")), "{hook}: {reply}");
+        assert!(reply["error"]["message"].as_str().unwrap().contains("--webhook-allow-host"), "{reply}");
+    }
+    assert_eq!(h.store.queue_depth().await.unwrap().pending, 0, "nothing refused was queued");
+
+    // A job accepted before the server was restarted without its host let in: its webhook is queued when it is
+    // decided, and refused then.
+    let spam = h.call("GET", "/v1/policies/spam", Some(&key), None).await.1;
+    let request = json!({"content": {"kind": "text", "text": "BUY NOW"}, "policy_hashes": [spam["hash"]],
+                         "settings": {"effort": "low", "mode": "separate", "max_tokens": null}});
+    let hook = Some(format!("http://127.0.0.1:{port}/hook"));
+    let new = safeguard_store::NewJob { request, idempotency_key: None, webhook_url: hook };
+    let (job, _) = h.store.enqueue_job(&new).await.unwrap();
+    let id = job.id.as_str();
+    let done = poll_job(&h, &key, id, |j| j["status"] == "done" || j["status"] == "failed").await;
+    assert_eq!(done["status"], "done", "{done}");
+    let mut delivery = None;
+    for _ in 0..200 {
+        let stored = h.store.deliveries_for_job(id).await.unwrap();
+        if stored.iter().any(|d| d.status != "pending") {
+            delivery = stored.into_iter().next();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let delivery = delivery.expect("the delivery was attempted");
+    assert_eq!(delivery.status, "failed", "{delivery:?}");
+    assert!(delivery.last_error.as_deref().unwrap_or_default().contains("target refused"), "{delivery:?}");
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "the internal receiver was reached");
+}
+
+/// An item the model left undecided is stored with its review in one transaction: when the review cannot be
+/// written, the decision is not stored either, so the log never holds an item meant for a person that no person
+/// was asked about. The caller gets a 503 and may retry; a batch is stored all or none, so the retry stores
+/// nothing twice.
+#[tokio::test]
+async fn decisions_are_stored_with_their_reviews_or_not_at_all() {
+    let h = Harness::start(|_| {}).await;
+    let key = h.key(&["classify"]).await;
+    let decisions = || async {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM decisions").fetch_one(h.store.pool()).await.unwrap();
+        sqlx::Row::get::<i64, _>(&row, "n")
+    };
+    let before = decisions().await;
+    rename_table(&h.store, "reviews", "reviews_away").await;
+    let undecided = json!({"text": "FAIL now", "policies": ["spam"], "effort": "low"});
+    let (status, reply) = h.call("POST", "/v1/classify", Some(&key), Some(undecided.clone())).await;
+    assert_eq!(status, 503, "{reply}");
+    // A batch is stored all or none: the settled item is not kept for a retry to store twice.
+    let batch = json!({"items": [{"text": "hello"}, {"text": "FAIL batch"}], "policies": ["spam"], "effort": "low"});
+    let (status, reply) = h.call("POST", "/v1/classify/batch", Some(&key), Some(batch)).await;
+    assert_eq!(status, 503, "{reply}");
+    assert_eq!(decisions().await, before, "a decision meant for a person was stored without its review");
+    rename_table(&h.store, "reviews_away", "reviews").await;
+
+    let (status, reply) = h.call("POST", "/v1/classify", Some(&key), Some(undecided)).await;
+    assert_eq!((status, reply["outcome"].as_str()), (200, Some("needs_review")), "{reply}");
+    let queued = h.store.list_reviews("pending", 10).await.unwrap();
+    assert_eq!(queued.len(), 1, "{queued:?}");
+    assert_eq!(Some(queued[0].decision_id.as_str()), reply["decision_id"].as_str());
+}
+
+/// `reason_timeout` holds per group of items the backend decodes at once (one at a time here), not for the whole
+/// batch: a batch that takes longer in all than one item may is still decided, and only the item that hangs
+/// times out.
+#[tokio::test]
+async fn each_group_of_a_batch_gets_its_own_reason_timeout() {
+    let h = Harness::start(|c| c.reason_timeout = Duration::from_secs(1)).await;
+    let key = h.key(&["classify"]).await;
+    let items = json!([{"text": "WAIT a"}, {"text": "WAIT b"}, {"text": "SLOW"}, {"text": "WAIT BUY NOW"}]);
+    let batch = json!({"items": items, "policies": ["spam"], "effort": "low"});
+    let (status, reply) = h.call("POST", "/v1/classify/batch", Some(&key), Some(batch)).await;
+    assert_eq!(status, 200, "{reply}");
+    let outcomes: Vec<&str> =
+        reply["results"].as_array().unwrap().iter().map(|r| r["outcome"].as_str().unwrap()).collect();
+    assert_eq!(outcomes, ["allow", "allow", "needs_review", "violation"], "{reply}");
+    assert!(reply["results"][2]["failure_reason"].as_str().unwrap_or_default().contains("timed out"), "{reply}");
+}
+
+/// A job whose workers never come back from it (each crashed, or ran out of memory) is not handed to the next
+/// worker forever: after `job_max_attempts` claims it is failed to a person, without asking the model again.
+/// A job with a claim to spare is decided as usual.
+#[tokio::test]
+async fn a_job_that_keeps_killing_its_workers_goes_to_a_person() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(&dir.path().join("db.sqlite")).await.unwrap();
+    let text =
+        "---\nname: promo-crash\noutput: binary\n---\n# Promo\n\nReturn 1 if the content is promotion, else 0.\n";
+    let policy = safeguard_policy::Policy::parse(text).unwrap();
+    let hash = policy.hash.to_string();
+    let meta = json!({"meta": policy.meta, "source": text, "fallback_name": null});
+    store.put_policy(&hash, "promo-crash", &policy.body, &meta, true).await.unwrap();
+    let request = json!({"content": {"kind": "text", "text": "hello"}, "policy_hashes": [hash],
+                         "settings": {"effort": "low", "mode": "separate", "max_tokens": null}});
+    // A worker that died mid-job: it claimed the job, and its lease ran out (or, for the last claim of the job
+    // queued first, runs out soon, so that the other job can be claimed meanwhile).
+    let mut jobs = Vec::new();
+    for leases in [&[-1, 500][..], &[-1, -1, -1]] {
+        let new = safeguard_store::NewJob { request: request.clone(), idempotency_key: None, webhook_url: None };
+        let (job, _) = store.enqueue_job(&new).await.unwrap();
+        for lease in leases {
+            assert_eq!(store.claim_job(*lease).await.unwrap().unwrap().id, job.id);
+        }
+        jobs.push(job.id);
+    }
+    // The job with three crashes first.
+    jobs.reverse();
+    let h = Harness::start_on(store, dir, |c| c.job_max_attempts = 3).await;
+    let key = h.key(&["classify"]).await;
+
+    let given_up = poll_job(&h, &key, &jobs[0], |j| j["status"] == "failed" || j["status"] == "done").await;
+    assert_eq!((given_up["status"].as_str(), given_up["outcome"].as_str()), (Some("failed"), Some("needs_review")));
+    assert!(given_up["error"].as_str().unwrap().contains("gave up after 3 attempts"), "{given_up}");
+    let reviews = h.store.list_reviews("pending", 10).await.unwrap();
+    assert!(reviews.iter().any(|r| Some(r.decision_id.as_str()) == given_up["decision_id"].as_str()), "{reviews:?}");
+
+    let decided = poll_job(&h, &key, &jobs[1], |j| j["status"] == "failed" || j["status"] == "done").await;
+    assert_eq!((decided["status"].as_str(), decided["attempts"].as_i64()), (Some("done"), Some(3)), "{decided}");
+    assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), 1, "only the job with a claim to spare reached the model");
 }
 
 /// A job's lease outlives a passing store error: the worker keeps renewing it, so no second worker decides
@@ -977,11 +1139,11 @@ async fn chat_instructions_count_against_the_content_limits() {
 }
 
 #[tokio::test]
-async fn policy_reads_and_diffs_need_the_classify_scope() {
+async fn policy_reads_diffs_and_the_model_list_need_the_classify_scope() {
     let h = Harness::start(|_| {}).await;
     let reviewer = h.key(&["review"]).await;
     let classify = h.key(&["classify"]).await;
-    for path in ["/v1/policies", "/v1/policies/spam", "/v1/policies/spam/diff/hate"] {
+    for path in ["/v1/policies", "/v1/policies/spam", "/v1/policies/spam/diff/hate", "/v1/models"] {
         let (status, body) = h.call("GET", path, Some(&reviewer), None).await;
         assert_eq!((status, body["error"]["code"].as_str()), (403, Some("forbidden")), "{path}: {body}");
         let (status, body) = h.call("GET", path, Some(&classify), None).await;

@@ -8,7 +8,8 @@ use sqlx::pool::PoolConnection;
 use sqlx::query::Query;
 use sqlx::{Any, Connection, Row, Transaction};
 
-use crate::{Result, Store, from_json, to_json};
+use crate::reviews::{NewReview, insert_review_tx};
+use crate::{Result, Store, StoreError, from_json, now_ms, to_json};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DecisionRecord {
@@ -236,12 +237,46 @@ pub(crate) async fn insert_decisions_sqlite(
     Ok(())
 }
 
+/// A decision, its chain of thought and the review it needs, as [`Store::insert_decisions_together`] takes them.
+pub type DecisionToStore<'a> = (&'a DecisionRecord, Option<&'a [String]>, Option<&'a NewReview>);
+
 impl Store {
     /// Stores a decision and (separately) its reasoning, atomically, and returns once they are committed.
     /// Concurrent inserts share a transaction ([`GroupCommit`](crate::GroupCommit)).
     #[tracing::instrument(skip_all, fields(id = %decision.id, outcome = %decision.outcome))]
     pub async fn insert_decision(&self, decision: &DecisionRecord, reasoning: Option<&[String]>) -> Result<()> {
         self.decision_writer.insert(&self.pool, decision, reasoning).await
+    }
+
+    /// Stores a decision and the review that puts it before a person in one transaction, and returns the review's
+    /// id. Two writes would let a store error between them leave an item meant for a person in the log with
+    /// nobody asked to settle it. Group commit is not used: items for a person are the few.
+    pub async fn insert_decision_with_review(
+        &self,
+        decision: &DecisionRecord,
+        reasoning: Option<&[String]>,
+        review: &NewReview,
+    ) -> Result<String> {
+        let ids = self.insert_decisions_together(&[(decision, reasoning, Some(review))]).await?;
+        ids.into_iter().flatten().next().ok_or(StoreError::Db(sqlx::Error::RowNotFound))
+    }
+
+    /// Stores several decisions, each with its review if it has one, all or none (one transaction): a batch
+    /// answered with an error has stored nothing, so the caller's retry does not queue its items twice. Returns
+    /// each review's id, in order.
+    pub async fn insert_decisions_together(&self, rows: &[DecisionToStore<'_>]) -> Result<Vec<Option<String>>> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let mut review_ids = Vec::with_capacity(rows.len());
+        for (decision, reasoning, review) in rows {
+            insert_decision_tx(&mut tx, decision, *reasoning).await?;
+            review_ids.push(match review {
+                Some(review) => Some(insert_review_tx(&mut tx, review, now).await?),
+                None => None,
+            });
+        }
+        tx.commit().await?;
+        Ok(review_ids)
     }
 
     pub async fn get_decision(&self, id: &str) -> Result<Option<DecisionRecord>> {

@@ -129,8 +129,6 @@ impl Store {
         row.as_ref().map(row_to_job).transpose()
     }
 
-    /// Claims the oldest pending job, or a running one whose lease ran out (its worker died), for `lease_ms`.
-    #[tracing::instrument(skip(self))]
     /// Whether [`claim_job`](Self::claim_job) would find a job now: a pending one, or a running one whose lease
     /// ran out. A look, not a claim: another worker may take the job first.
     pub async fn has_claimable_job(&self) -> Result<bool> {
@@ -143,6 +141,9 @@ impl Store {
         Ok(row.is_some())
     }
 
+    /// Claims the oldest pending job, or a running one whose lease ran out (its worker died), for `lease_ms`.
+    /// Each claim counts one attempt.
+    #[tracing::instrument(skip(self))]
     pub async fn claim_job(&self, lease_ms: i64) -> Result<Option<JobRecord>> {
         let now = now_ms();
         let lock = if self.backend == Backend::Postgres { "FOR UPDATE SKIP LOCKED" } else { "" };
@@ -259,11 +260,13 @@ impl Store {
         Ok(true)
     }
 
-    /// Hands a running job back to the queue (graceful shutdown that could not finish it).
+    /// Hands a running job back to the queue, untried (its policies could not be loaded for a moment). The claim
+    /// is not counted as an attempt: `attempts` counts the claims a worker never came back from, which is what
+    /// the server's cap on them (a job that crashes every worker that takes it) is about.
     pub async fn release_job(&self, job_id: &str, lease_token: &str) -> Result<bool> {
         let updated = sqlx::query(
-            "UPDATE jobs SET status = 'pending', lease_token = NULL, locked_until = NULL, updated_at = $1 \
-             WHERE id = $2 AND status = 'running' AND lease_token = $3",
+            "UPDATE jobs SET status = 'pending', attempts = attempts - 1, lease_token = NULL, locked_until = NULL, \
+             updated_at = $1 WHERE id = $2 AND status = 'running' AND lease_token = $3",
         )
         .bind(now_ms())
         .bind(job_id)

@@ -33,7 +33,7 @@ use sqlx::{AnyPool, Executor, Row};
 
 use sqlite_commit::SqliteWriter;
 
-pub use decisions::{DecisionFilter, DecisionRecord};
+pub use decisions::{DecisionFilter, DecisionRecord, DecisionToStore};
 pub use group_commit::{GroupCommit, GroupCommitStats};
 pub use jobs::{JobRecord, JobStatus, NewJob, QueueDepth};
 pub use keys::{ApiKeyRecord, hash_api_key};

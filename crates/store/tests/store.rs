@@ -547,6 +547,7 @@ async fn jobs_are_idempotent_leased_and_finished_once() {
         let depth = s.queue_depth().await.unwrap();
         assert_eq!((depth.pending, depth.running, depth.done), (1, 0, 1), "{}", t.label);
         let third = s.claim_job(60_000).await.unwrap().unwrap();
+        assert_eq!(third.attempts, 2, "a job handed back untried is not an attempt ({})", t.label);
         let failed = decision("dj-failed", "needs_review", "spam", Some(&j2.id));
         let review = NewReview {
             decision_id: failed.id.clone(),
@@ -957,4 +958,46 @@ async fn sqlite_an_abandoned_insert_without_group_commit_leaves_no_transaction_o
     assert_eq!(seen, 1);
     other_writer.execute_batch("BEGIN IMMEDIATE; COMMIT").unwrap();
     s.close().await;
+}
+
+/// Decisions stored together are stored all or none, each with its review: a batch that fails part-way leaves
+/// nothing behind for the caller's retry to store twice.
+#[tokio::test]
+async fn decisions_stored_together_are_all_or_none() {
+    for t in stores().await {
+        let s = &t.store;
+        let review = |id: &str| NewReview {
+            decision_id: id.to_string(),
+            kind: "review".into(),
+            priority: 1,
+            reason: Some("spam: undecided".into()),
+            sla_ms: None,
+        };
+        let settled = decision("dt-1", "allow", "spam", None);
+        let undecided = decision("dt-2", "needs_review", "spam", None);
+        let (first_review, again) = (review("dt-2"), review("dt-1"));
+        let reasoning = vec!["thinking".to_string()];
+        let ids = s
+            .insert_decisions_together(&[(&settled, Some(&reasoning), None), (&undecided, None, Some(&first_review))])
+            .await
+            .unwrap();
+        assert!(ids[0].is_none() && ids[1].is_some(), "{ids:?} ({})", t.label);
+        assert_eq!(s.get_reasoning("dt-1").await.unwrap(), Some(reasoning.clone()));
+        let queued = s.list_reviews("pending", 10).await.unwrap();
+        assert_eq!(queued.iter().map(|r| r.decision_id.as_str()).collect::<Vec<_>>(), ["dt-2"], "{}", t.label);
+
+        // The second row repeats a stored id: the whole call fails, and its first row is not kept.
+        let fresh = decision("dt-3", "needs_review", "spam", None);
+        let fresh_review = review("dt-3");
+        let failed =
+            s.insert_decisions_together(&[(&fresh, None, Some(&fresh_review)), (&settled, None, Some(&again))]).await;
+        assert!(failed.is_err(), "{}", t.label);
+        assert!(s.get_decision("dt-3").await.unwrap().is_none(), "a failed batch kept a row ({})", t.label);
+        assert_eq!(s.list_reviews("pending", 10).await.unwrap().len(), 1, "{}", t.label);
+
+        let single = s.insert_decision_with_review(&fresh, None, &fresh_review).await.unwrap();
+        let queued = s.list_reviews("pending", 10).await.unwrap();
+        assert!(queued.iter().any(|r| r.id == single && r.decision_id == "dt-3"), "{}", t.label);
+        t.cleanup().await;
+    }
 }

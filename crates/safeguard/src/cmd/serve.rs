@@ -47,6 +47,18 @@ pub struct Args {
     /// Seconds a job stays claimed without a heartbeat before another worker may take it over (after a crash).
     #[arg(long, default_value_t = 120)]
     pub job_lease: u64,
+    /// Claims a job may take before it is failed to a person: a job whose workers keep dying on it (a crash, out
+    /// of memory) is not handed to the next one forever.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub job_max_attempts: u32,
+    /// A host (name or address, as written in webhook URLs) that job webhooks may reach even at an internal
+    /// address (loopback, private, link-local). Repeatable. Without it, webhooks go to public addresses only.
+    #[arg(long = "webhook-allow-host", value_name = "HOST")]
+    pub webhook_allow_hosts: Vec<String>,
+    /// Let job webhooks reach any address, internal ones included: for deployments whose receivers all sit on the
+    /// internal network, and where every key with the classify scope is trusted not to point them elsewhere.
+    #[arg(long)]
+    pub webhook_allow_private: bool,
     /// Requests per minute per API key (0: unlimited).
     #[arg(long, default_value_t = 600)]
     pub rate_limit: u32,
@@ -259,7 +271,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         job_workers: args.workers.max(1),
         reason_timeout: Duration::from_secs(args.reason_timeout.max(1)),
         job_lease: Duration::from_secs(args.job_lease.max(1)),
+        job_max_attempts: i64::from(args.job_max_attempts.max(1)),
         webhook_secret: webhook_secret(&args.data_dir)?,
+        webhook_targets: safeguard_server::WebhookTargets {
+            allowed_hosts: args.webhook_allow_hosts.clone(),
+            allow_private: args.webhook_allow_private,
+        },
         moderation_policies: args.moderation_policies.clone(),
         moderation_max_tokens: args.moderation_max_tokens,
         default_effort: args.effort,
