@@ -136,6 +136,8 @@ pub fn compare_runs(
             // Losing a correct answer to needs_review costs a human look: count it as a regression too.
             (Some(label), Some(was), None) if was == label => FlipKind::Broken,
             (Some(label), None, Some(now)) if now == label => FlipKind::Fixed,
+            // A person used to look; now a wrong answer goes out unseen (for a violation: a miss).
+            (Some(label), None, Some(now)) if now != label => FlipKind::Broken,
             _ => FlipKind::Changed,
         };
         flips.push(Flip {

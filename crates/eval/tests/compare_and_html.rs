@@ -49,6 +49,20 @@ fn compare_lists_flips_and_deltas_on_common_items() {
     assert_eq!(comparison.deltas.needs_review_rate, Some(0.25));
 }
 
+/// An item a person used to see that now gets a wrong answer unseen is a regression: for a violation, a miss.
+#[test]
+fn a_review_that_turns_into_a_wrong_answer_is_broken() {
+    let dir = tempfile::tempdir().unwrap();
+    let dataset = common::load_dataset(dir.path());
+    let before =
+        vec![common::prediction("1", "needs_review", "unsure"), common::prediction("5", "needs_review", "unsure")];
+    let after = vec![common::prediction("1", "allow", "missed"), common::prediction("5", "allow", "right")];
+    let comparison = compare_runs(&before, &after, &dataset, &ScoreOptions::default()).unwrap();
+    let kinds: Vec<_> = comparison.flips.iter().map(|f| (f.id.as_str(), f.kind)).collect();
+    assert_eq!(kinds, vec![("1", FlipKind::Broken), ("5", FlipKind::Fixed)]);
+    assert_eq!((comparison.fixed, comparison.broken, comparison.changed), (1, 1, 0));
+}
+
 const VOID: [&str; 6] = ["meta", "br", "hr", "img", "input", "link"];
 
 /// Checks that every element is closed in order; returns the tag names seen.

@@ -169,11 +169,19 @@ fn structured_content_names_the_judged_part_and_fences_cannot_be_closed_by_conte
     let content = Content::Response { prompt: Some("How do I ```pick``` a lock?".into()), response: response.into() };
     let text = user_message_text(&content);
     assert!(text.starts_with("Classify the AI response below. The user prompt is given only as context"));
-    // The content holds a run of 4 backticks, so the fence must be 5.
+    // Each part is fenced one backtick longer than its own longest run: 4 for the prompt's 3, 5 for the response's 4.
+    assert!(text.contains("User prompt (context only):\n````\nHow do I ```pick``` a lock?\n````"));
     let fence = "`````";
-    assert!(text.contains(&format!("User prompt (context only):\n{fence}\nHow do I ```pick``` a lock?\n{fence}")));
     assert!(text.ends_with(&format!("AI response (classify this):\n{fence}\n{response}\n{fence}")));
     assert!(!text.contains("``````"));
+
+    // One long run in one part does not lengthen every other part's fence: the prompt stays about the size of the
+    // content, however many parts there are.
+    let mut messages = vec![ChatMessage::new("user", "`".repeat(5_000))];
+    messages.extend((0..2_000).map(|_| ChatMessage::new("user", "")));
+    messages.push(ChatMessage::new("user", "x"));
+    let long = user_message_text(&Content::Conversation { messages });
+    assert!(long.len() < 5_000 * 3 + 2_002 * 80, "{} bytes", long.len());
 
     let prompt_only = user_message_text(&Content::Prompt { prompt: "tell me a joke".into() });
     assert!(prompt_only.starts_with("Classify the following user prompt"));

@@ -182,29 +182,42 @@ impl Policy {
     }
 
     /// Which side of the line `rule_id` is on, from the heading it is defined under ("VIOLATES (1)", "DOES NOT
-    /// VIOLATE (0)", "Allowed", …, the nearest enclosing heading that says). A tier prefix (`SP2`) has the side
-    /// all its rules share. `None` when the headings do not say, or the definitions disagree.
+    /// VIOLATE (0)", "Allowed", …: the nearest enclosing section heading that says). A tier prefix (`SP2`) has
+    /// the side all its rules share. `None` when the headings do not say, when the definitions disagree, or when
+    /// the policy does not put rules on both sides: a heuristic that finds only one side is more likely misreading
+    /// the headings than describing the policy.
     pub fn rule_side(&self, rule_id: &str) -> Option<RuleSide> {
+        let sides: Vec<(&str, Option<RuleSide>)> =
+            self.rule_definitions.iter().map(|d| (d.rule_id.as_str(), self.side_at(d.line))).collect();
+        let has = |wanted: RuleSide| sides.iter().any(|(_, side)| *side == Some(wanted));
+        if !(has(RuleSide::Violates) && has(RuleSide::Allowed)) {
+            return None;
+        }
         let prefix = format!("{rule_id}.");
-        let mut sides = self
-            .rule_definitions
-            .iter()
-            .filter(|d| d.rule_id == rule_id || d.rule_id.starts_with(&prefix))
-            .map(|d| self.side_at(d.line));
-        let first = sides.next().flatten()?;
-        sides.all(|side| side == Some(first)).then_some(first)
+        let mut matching =
+            sides.iter().filter(|(id, _)| *id == rule_id || id.starts_with(&prefix)).map(|(_, side)| *side);
+        let first = matching.next().flatten()?;
+        matching.all(|side| side == Some(first)).then_some(first)
     }
 
-    /// The side the headings enclosing file line `line` put it on, innermost heading first.
+    /// The side the section headings enclosing file line `line` put it on, innermost first. The policy's title
+    /// (level 1) says nothing about sides ("Child Safety"), and a heading that names a rule ("### SX3.a Minors,
+    /// never acceptable") describes that rule's content, not its side, so neither is read.
     fn side_at(&self, line: usize) -> Option<RuleSide> {
         let mut enclosing_level = u8::MAX;
         for section in self.sections.iter().rev().filter(|s| s.line <= line) {
             // Going back, a heading shallower than the last enclosing one encloses it too; the rest are siblings.
-            if section.level < enclosing_level {
-                if let Some(side) = RuleSide::of_heading(&section.title) {
-                    return Some(side);
-                }
-                enclosing_level = section.level;
+            if section.level >= enclosing_level {
+                continue;
+            }
+            enclosing_level = section.level;
+            if section.level <= 1 {
+                break;
+            }
+            if find_rule_ids(&section.title).is_empty()
+                && let Some(side) = RuleSide::of_heading(&section.title)
+            {
+                return Some(side);
             }
         }
         None
@@ -232,23 +245,43 @@ pub enum RuleSide {
 }
 
 impl RuleSide {
-    /// The side a heading announces, if it announces one. Negated forms are looked for first, since "DOES NOT
-    /// VIOLATE" contains "VIOLATE" and "NOT ALLOWED" contains "ALLOWED".
+    /// The side a heading announces, if it clearly announces one. An explicit label, "(1)" or "(0)", decides.
+    /// Otherwise whole words are read ("SAFETY" is not "SAFE"), each flipped by a negation up to two words before
+    /// it ("Does not violate", "Never allowed", "Not a violation"); a heading with words for both sides says
+    /// nothing.
     pub fn of_heading(title: &str) -> Option<RuleSide> {
-        let title = title.to_uppercase();
-        let has = |words: &[&str]| words.iter().any(|word| title.contains(word));
-        if has(&["NOT VIOLAT", "NON-VIOLAT", "NONVIOLAT", "NO VIOLATION"]) {
-            Some(RuleSide::Allowed)
-        } else if has(&["NOT ALLOWED", "DISALLOWED", "NOT PERMITTED", "UNSAFE", "PROHIBITED", "FORBIDDEN", "VIOLAT"]) {
-            Some(RuleSide::Violates)
-        } else if has(&["SAFE", "ALLOWED", "PERMITTED", "ACCEPTABLE", "EXCEPTION"]) {
-            Some(RuleSide::Allowed)
-        } else if title.contains("(1)") {
-            Some(RuleSide::Violates)
-        } else if title.contains("(0)") {
-            Some(RuleSide::Allowed)
-        } else {
-            None
+        match (title.contains("(1)"), title.contains("(0)")) {
+            (true, false) => return Some(RuleSide::Violates),
+            (false, true) => return Some(RuleSide::Allowed),
+            _ => {}
+        }
+        const NEGATIONS: [&str; 10] =
+            ["NOT", "NO", "NON", "NEVER", "NOR", "ISN'T", "DOESN'T", "DON'T", "AREN'T", "WITHOUT"];
+        let upper = title.to_uppercase().replace('\u{2019}', "'");
+        let words: Vec<&str> =
+            upper.split(|c: char| !c.is_alphanumeric() && c != '\'').filter(|w| !w.is_empty()).collect();
+        let (mut violates, mut allowed) = (false, false);
+        for (index, word) in words.iter().enumerate() {
+            let side = if word.starts_with("VIOLAT")
+                || ["PROHIBITED", "DISALLOWED", "FORBIDDEN", "UNSAFE", "UNACCEPTABLE", "BANNED"].contains(word)
+            {
+                RuleSide::Violates
+            } else if ["SAFE", "ALLOWED", "PERMITTED", "ACCEPTABLE", "EXCEPTION", "EXCEPTIONS", "BENIGN"].contains(word)
+            {
+                RuleSide::Allowed
+            } else {
+                continue;
+            };
+            let negated = words[index.saturating_sub(2)..index].iter().any(|w| NEGATIONS.contains(w));
+            match (side, negated) {
+                (RuleSide::Violates, false) | (RuleSide::Allowed, true) => violates = true,
+                (RuleSide::Allowed, false) | (RuleSide::Violates, true) => allowed = true,
+            }
+        }
+        match (violates, allowed) {
+            (true, false) => Some(RuleSide::Violates),
+            (false, true) => Some(RuleSide::Allowed),
+            _ => None,
         }
     }
 }

@@ -121,9 +121,28 @@ fn rules_know_which_side_of_the_line_they_are_on() {
         ("Exceptions", Some(Allowed)),
         ("Label 1 (1)", Some(Violates)),
         ("Definitions", None),
+        ("Doesn't violate (0)", Some(Allowed)),
+        ("Not a violation", Some(Allowed)),
+        ("Non violating", Some(Allowed)),
+        ("Unacceptable content", Some(Violates)),
+        ("Never allowed", Some(Violates)),
+        ("Isn\u{2019}t allowed", Some(Violates)),
+        ("Not safe", Some(Violates)),
+        ("Child Safety", None),
+        ("Exceptional severity", None),
+        ("Violations and exceptions", None),
     ] {
         assert_eq!(crate::RuleSide::of_heading(title), side, "{title}");
     }
+    // The title says nothing about sides, a heading naming a rule describes the rule, and a policy whose headings
+    // show only one side is not read at all.
+    let titled = Policy::parse(
+        "# Child Safety Policy (CS)\nAnswer 0 or 1.\n## Tier 2\n- CS2.a Grooming.\n### CS3.a Minors, never acceptable\nX.\n",
+    )
+    .unwrap();
+    assert_eq!((titled.rule_side("CS2.a"), titled.rule_side("CS3.a")), (None, None));
+    let one_sided = Policy::parse("# D\nAnswer 0 or 1.\n## Violates\n- DM1.a X.\n## Other\n- DM2.a Y.\n").unwrap();
+    assert_eq!(one_sided.rule_side("DM1.a"), None);
     for starter in crate::starter_library() {
         let violating = starter.rule_ids.iter().filter(|id| starter.rule_side(id) == Some(Violates)).count();
         let allowed = starter.rule_ids.iter().filter(|id| starter.rule_side(id) == Some(Allowed)).count();

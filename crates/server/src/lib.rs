@@ -312,6 +312,9 @@ impl Server {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .redirect(reqwest::redirect::Policy::none())
+            // Through a proxy (HTTP_PROXY and friends) the resolver would only ever see the proxy's name, and the
+            // proxy would reach whatever the URL names: internal hosts included.
+            .no_proxy()
             .dns_resolver(webhooks::GuardedResolver { targets: Arc::new(config.webhook_targets.clone()) })
             .build()
             .map_err(ServerError::WebhookClient)?;

@@ -68,7 +68,11 @@ pub fn parse_answer(output: &OutputFormat, final_text: &str, required_fields: &[
         }
         _ => Vec::new(),
     };
-    for (_, rule_id) in safeguard_policy::find_rule_ids(final_text) {
+    for (at, rule_id) in safeguard_policy::find_rule_ids(final_text) {
+        // "0, not SP4.a" names a rule to say it does not apply: that is no citation.
+        if negated_before(final_text, at) {
+            continue;
+        }
         if !labels.iter().any(|label| label == rule_id) && !answer.rule_ids.iter().any(|known| known == rule_id) {
             answer.rule_ids.push(rule_id.to_string());
         }
@@ -100,11 +104,11 @@ fn around_fence(text: &str) -> Option<String> {
 /// Words that turn the label after them around: "not safe" is no "safe".
 const NEGATIONS: [&str; 8] = ["NOT", "NO", "ISN'T", "ISNT", "NEVER", "NOR", "NEITHER", "HARDLY"];
 
-/// True when the word before `at` in an uppercased text negates what follows.
+/// True when the word before `at` in `haystack` negates what follows.
 fn negated_before(haystack: &str, at: usize) -> bool {
     let head = haystack[..at].trim_end_matches(|c: char| !c.is_alphanumeric() && c != '\'');
     let word = head.rsplit(|c: char| !c.is_alphanumeric() && c != '\'').next().unwrap_or("");
-    NEGATIONS.contains(&word)
+    NEGATIONS.contains(&word.to_uppercase().as_str())
 }
 
 /// A bare digit that names what a digit means ("0 = safe", "1: violation", "1 means spam") is a legend, not an

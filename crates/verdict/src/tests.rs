@@ -160,6 +160,16 @@ fn an_answer_citing_rules_of_the_other_side_goes_to_a_person() {
     let json = r#"{"violation": 0, "rule_ids": ["SP2.b"], "rationale": "promotion, but mild"}"#;
     let verdict = judge(&spam, None, Some(json), false);
     assert!(inconsistent(&verdict), "{:?}", verdict.flags);
+    // A rule named to say it does not apply is no citation.
+    assert_eq!(judge(&binary, None, Some("0 - SP0.a, not SP4.a"), false).outcome, Outcome::Allow);
+    // The JSON path: "rule_ids" of a JSON policy.
+    let hate = starter("hate");
+    let violating = hate.rule_ids.iter().find(|id| hate.rule_side(id) == Some(safeguard_policy::RuleSide::Violates));
+    let json = format!(
+        r#"{{"violation": 0, "policy_category": null, "rule_ids": ["{}"], "confidence": "high", "rationale": "x"}}"#,
+        violating.unwrap()
+    );
+    assert!(inconsistent(&judge(&hate, None, Some(&json), false)), "{json}");
     // A policy whose headings do not say which side a rule is on is not second-guessed.
     let labels = labels_policy();
     assert_eq!(judge(&labels, None, Some("VALID (SP2.a)"), false).outcome, Outcome::Allow);
