@@ -103,6 +103,7 @@ fn write_triage(dir: &Path, policy: &Policy, probability: f64) {
         label_values: Vec::new(),
         weight_scale: 1.0,
         auxiliary: false,
+        other_policy_rows: 0,
     };
     let mut model = fit(&examples, vec![provenance], &options).unwrap();
     let logit = (probability / (1.0 - probability)).ln();

@@ -20,13 +20,27 @@ pub struct DatasetFields {
     /// Multiplies every item's weight, e.g. to down-weight an out-of-domain corpus; a per-value weight in
     /// `label_values` replaces it.
     pub weight_scale: f32,
+    /// Keeps only rows for this policy where a row names one (the `policy` field `safeguard export dataset`
+    /// writes): an export holds a row per decision and policy, and one item may violate one policy and not
+    /// another, so another policy's label is no label for this one. Rows that name no policy are kept.
+    pub policy: Option<String>,
 }
 
 impl Default for DatasetFields {
     fn default() -> Self {
-        DatasetFields { text: None, label: None, weight: None, label_values: Vec::new(), weight_scale: 1.0 }
+        DatasetFields {
+            text: None,
+            label: None,
+            weight: None,
+            label_values: Vec::new(),
+            weight_scale: 1.0,
+            policy: None,
+        }
     }
 }
+
+/// The field a row names its policy in, as `safeguard export dataset` writes it.
+pub const POLICY_FIELD: &str = "policy";
 
 /// One value of a label field read as a training label with its own weight: how a dataset's own classes map
 /// onto the policy's violation/benign, e.g. Davidson's class 1 ("offensive, not hate") as a weak violation.
@@ -108,6 +122,13 @@ pub struct DatasetProvenance {
     /// has parameters of its own (see `FitOptions::calibration_sources`, `TrainConfig::domain_adaptation`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub auxiliary: bool,
+    /// Rows left out because they name another policy ([`DatasetFields::policy`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub other_policy_rows: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn one() -> f32 {
@@ -219,11 +240,19 @@ pub fn load_dataset(path: &Path, fields: &DatasetFields, source: usize) -> Resul
     let weight_field = match &fields.weight {
         Some(w) => Some(pick_field(&fields.weight, &[], |f| first.contains_key(f), "weight", path).map(|_| w.clone())?),
         // What `safeguard export dataset` writes: human corrections weigh more than model labels without a flag.
-        None => first.contains_key(WEIGHT_FIELD).then(|| WEIGHT_FIELD.to_string()),
+        // Looked for in every row: files joined with `cat` may start with rows that carry none.
+        None => rows.iter().any(|(_, row)| row.contains_key(WEIGHT_FIELD)).then(|| WEIGHT_FIELD.to_string()),
     };
     let mut examples = Vec::with_capacity(rows.len());
+    let mut other_policy_rows = 0;
     for (line, row) in &rows {
         let at = || format!("{}:{line}", path.display());
+        if let (Some(wanted), Some(serde_json::Value::String(named))) = (&fields.policy, row.get(POLICY_FIELD))
+            && named != wanted
+        {
+            other_policy_rows += 1;
+            continue;
+        }
         let text = match row.get(&text_field) {
             Some(serde_json::Value::String(s)) => s.clone(),
             other => {
@@ -273,6 +302,13 @@ pub fn load_dataset(path: &Path, fields: &DatasetFields, source: usize) -> Resul
         };
         examples.push(Example { text, violates, weight: item_weight * value_weight, source });
     }
+    if examples.is_empty() && other_policy_rows > 0 {
+        let wanted = fields.policy.as_deref().unwrap_or_default();
+        return Err(TriageError::Dataset(format!(
+            "{}: all {other_policy_rows} rows are labels for other policies than {wanted:?} (field {POLICY_FIELD:?})",
+            path.display()
+        )));
+    }
     let violations = examples.iter().filter(|e| e.violates).count();
     Ok(Dataset {
         provenance: DatasetProvenance {
@@ -286,6 +322,7 @@ pub fn load_dataset(path: &Path, fields: &DatasetFields, source: usize) -> Resul
             label_values: fields.label_values.clone(),
             weight_scale: fields.weight_scale,
             auxiliary: false,
+            other_policy_rows,
         },
         examples,
     })
@@ -299,6 +336,33 @@ mod tests {
         let path = dir.join(name);
         std::fs::write(&path, body).unwrap();
         path
+    }
+
+    /// An export holds one row per decision and policy: training for one policy reads only its rows (and rows
+    /// that name none), and finds the weight column wherever it starts.
+    #[test]
+    fn only_this_policys_rows_are_its_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let mixed = write(
+            dir.path(),
+            "export.jsonl",
+            "{\"text\":\"you people are vermin\",\"violates\":1,\"policy\":\"hate\"}\n\
+             {\"text\":\"you people are vermin\",\"violates\":0,\"policy\":\"spam\"}\n\
+             {\"text\":\"hello\",\"violates\":0}\n\
+             {\"text\":\"corrected\",\"violates\":1,\"policy\":\"hate\",\"weight\":5}\n",
+        );
+        let hate = DatasetFields { policy: Some("hate".into()), ..DatasetFields::default() };
+        let d = load_dataset(&mixed, &hate, 0).unwrap();
+        let rows: Vec<_> = d.examples.iter().map(|e| (e.text.as_str(), e.violates, e.weight)).collect();
+        assert_eq!(rows, [("you people are vermin", true, 1.0), ("hello", false, 1.0), ("corrected", true, 5.0)]);
+        assert_eq!(d.provenance.other_policy_rows, 1);
+        let violence = DatasetFields { policy: Some("violence".into()), ..DatasetFields::default() };
+        assert_eq!(load_dataset(&mixed, &violence, 0).unwrap().examples.len(), 1, "only the row naming no policy");
+        let only_spam = write(dir.path(), "spam.jsonl", "{\"text\":\"x\",\"violates\":0,\"policy\":\"spam\"}\n");
+        let refused = load_dataset(&only_spam, &hate, 0).unwrap_err().to_string();
+        assert!(refused.contains("other policies"), "{refused}");
+        // Without a policy to keep, every row is read.
+        assert_eq!(load_dataset(&mixed, &DatasetFields::default(), 0).unwrap().examples.len(), 4);
     }
 
     #[test]

@@ -106,6 +106,7 @@ impl AuxArgs {
             weight: self.aux_weight_field.clone(),
             label_values: self.aux_labels.clone(),
             weight_scale: self.aux_weight,
+            policy: None,
         }
     }
 }
@@ -255,7 +256,9 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         // Fail now rather than at serving time if the policy's rules do not compile.
         RuleSet::compile(&rules)?;
     }
-    let (primary_fields, aux_fields) = (args.fields.fields(), args.aux.fields());
+    // An export holds labels for every policy; only this policy's rows are its labels.
+    let only_this_policy = |fields: DatasetFields| DatasetFields { policy: Some(policy.meta.name.clone()), ..fields };
+    let (primary_fields, aux_fields) = (only_this_policy(args.fields.fields()), only_this_policy(args.aux.fields()));
     // Primary sources first: source 0 is the deployed domain, and the primaries are the ones calibrated on.
     let inputs = args.datasets.iter().map(|p| (p, &primary_fields, false));
     let inputs = inputs.chain(args.aux.aux_datasets.iter().map(|p| (p, &aux_fields, true)));
@@ -265,13 +268,17 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         let mut dataset = load_dataset(path, fields, source)?;
         dataset.provenance.auxiliary = auxiliary;
         eprintln!(
-            "{}{}: {} items, {} violations (text {:?}, label {:?})",
+            "{}{}: {} items, {} violations (text {:?}, label {:?}){}",
             if auxiliary { "auxiliary " } else { "" },
             path.display(),
             dataset.provenance.items,
             dataset.provenance.violations,
             dataset.provenance.text_field,
-            dataset.provenance.label_field
+            dataset.provenance.label_field,
+            match dataset.provenance.other_policy_rows {
+                0 => String::new(),
+                n => format!("; {n} rows for other policies left out"),
+            }
         );
         examples.extend(dataset.examples);
         provenance.push(dataset.provenance);
@@ -394,7 +401,9 @@ fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
     }
     let model = TriageModel::load_with_encoder(&args.model, args.encoder.as_deref())?;
     let rules = load_rules(&args, &model)?;
-    let dataset = load_dataset(&args.dataset, &args.fields.fields(), 0)?;
+    // Scored on the labels of the policy the model was trained for, as training read them.
+    let fields = DatasetFields { policy: model.meta.policy_name.clone(), ..args.fields.fields() };
+    let dataset = load_dataset(&args.dataset, &fields, 0)?;
     let triage = Triage::new(rules, Some(model));
     let model = triage.model().context("triage has no model")?;
 
