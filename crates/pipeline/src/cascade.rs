@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use safeguard_core::{Classifier, ClassifyOptions, Decision, PromptTrace, Timings, Usage};
-use safeguard_harmony::{Content, Effort, user_message_text};
+use safeguard_harmony::{Content, Effort, judged_text};
 use safeguard_policy::Policy;
 use safeguard_triage::rules::RuleAction;
 use safeguard_triage::{Band, RuleMatch, Triage, TriageResult};
@@ -347,11 +347,13 @@ impl Pipeline {
         ctx: &RouteContext,
     ) -> Result<CascadeDecision, Deferred> {
         let started = Instant::now();
-        let text = user_message_text(content);
+        // Triage scores the judged part alone, as it was trained (on datasets and on exports of it): the prompt's
+        // framing around it would shift every score, and a deny keyword in context must not flag the reply.
+        let text = judged_text(content);
         let plans: Vec<PolicyPlan> = policies.iter().map(|policy| self.config.plan_for(policy)).collect();
         let mut routes: Vec<PolicyRoute> = Vec::with_capacity(policies.len());
         for (policy, plan) in policies.iter().zip(&plans) {
-            routes.push(self.triage_route(policy, plan, &text, ctx).await);
+            routes.push(self.triage_route(policy, plan, text, ctx).await);
         }
         let mut stages = Vec::new();
         if routes.iter().any(|r| r.triage.is_some()) {

@@ -112,6 +112,30 @@ async fn each_item_lands_in_the_stage_the_rules_say() {
     assert_eq!(efforts, vec![Effort::Low, Effort::Low, Effort::High, Effort::Low, Effort::High]);
 }
 
+/// Triage judges the part the verdict is about, as it was trained: a deny phrase in the context (the prompt of a
+/// response, earlier messages) does not flag an innocent reply, and one in the reply does.
+#[tokio::test]
+async fn triage_reads_only_the_judged_part_of_the_content() {
+    let (pipeline, _) = build(RoutingConfig::default(), None);
+    let decide = |content: Content| {
+        let pipeline = &pipeline;
+        async move { pipeline.decide(&[spam()], &content, &RouteContext::default()).await.unwrap() }
+    };
+    let reply =
+        Content::Response { prompt: Some("JOIN NOW for free coins".into()), response: "No thanks. low=0".into() };
+    assert_eq!(decide(reply).await.decided_by, Stage::ReasoningLow, "the prompt's deny phrase flagged the reply");
+    let spam_reply = Content::Response { prompt: Some("what's new?".into()), response: "JOIN NOW for coins".into() };
+    assert_eq!(decide(spam_reply).await.decided_by, Stage::Triage);
+    let chat = Content::Conversation {
+        messages: vec![
+            safeguard_harmony::ChatMessage::new("user", "JOIN NOW for free coins"),
+            safeguard_harmony::ChatMessage::new("user", "hi mom, see you sunday"),
+        ],
+    };
+    let settled = decide(chat).await;
+    assert_eq!((settled.decided_by, settled.outcome), (Stage::Triage, Outcome::Allow));
+}
+
 #[tokio::test]
 async fn appeals_go_high_then_to_a_person_whatever_the_model_says() {
     let (pipeline, reasoner) = build(RoutingConfig::default(), None);

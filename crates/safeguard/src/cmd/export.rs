@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use safeguard_harmony::{Content, Effort};
+use safeguard_harmony::{Content, Effort, judged_text};
 use safeguard_pipeline::cascade::Stage;
 use safeguard_pipeline::flywheel::{
     Correction, LabelSource, LabeledExample, Weights, example_from_correction, merge, write_jsonl,
@@ -62,16 +62,6 @@ fn parse_since(text: &str) -> anyhow::Result<i64> {
     i64::try_from(at.unix_timestamp_nanos() / 1_000_000).context("--since is out of range")
 }
 
-/// The text a label is about: the judged part of the content, without the prompt framing around it.
-fn judged_text(content: &Content) -> Option<String> {
-    match content {
-        Content::Text { text } => Some(text.clone()),
-        Content::Prompt { prompt } => Some(prompt.clone()),
-        Content::Response { response, .. } => Some(response.clone()),
-        Content::Conversation { messages } => messages.last().map(|m| m.content.clone()),
-    }
-}
-
 #[derive(Default)]
 struct Skipped(BTreeMap<&'static str, usize>);
 
@@ -82,7 +72,10 @@ impl Skipped {
 }
 
 fn decision_text(decision: &DecisionRecord, skipped: &mut Skipped) -> Option<String> {
-    let text = serde_json::from_value::<Content>(decision.content.clone()).ok().and_then(|c| judged_text(&c));
+    let text = serde_json::from_value::<Content>(decision.content.clone())
+        .ok()
+        .map(|content| judged_text(&content).to_string())
+        .filter(|text| !text.is_empty());
     if text.is_none() {
         skipped.add("stored content unreadable");
     }
