@@ -172,9 +172,8 @@ pub trait Reasoner: Send + Sync {
     }
 
     /// How many prompts of a [`reason_batch`](Self::reason_batch) are decoded at the same time: the rest wait
-    /// their turn. `None`: all of them at once (a server that takes concurrent requests). A deadline for a batch
-    /// is a deadline per group of this size, so a big batch is not cut off for being big. The default
-    /// `reason_batch` takes one prompt after another.
+    /// their turn. `None`: all of them at once. A deadline for a batch is a deadline per group of this size, so a
+    /// big batch is not cut off for being big. The default `reason_batch` takes one prompt after another.
     fn batch_width(&self) -> Option<usize> {
         Some(1)
     }

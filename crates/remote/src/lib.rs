@@ -508,8 +508,9 @@ impl Reasoner for RemoteReasoner {
         self.run(req, Some(&deltas)).await
     }
 
+    /// As many requests as the endpoints take at once (`max_concurrency` each); the rest wait for a permit.
     fn batch_width(&self) -> Option<usize> {
-        None
+        Some(self.inner.endpoints.iter().map(|e| e.config.max_concurrency.max(1)).sum::<usize>().max(1))
     }
 
     async fn reason_batch(&self, reqs: Vec<ReasonRequest>) -> Vec<Result<ReasonOutput, ReasonError>> {

@@ -61,20 +61,35 @@ impl Reasoner for GuardedReasoner {
 
     /// The deadline holds per group the backend decodes at once ([`Reasoner::batch_width`]), not for the whole
     /// batch: a batch of 256 items on an engine that decodes 8 at a time takes 32 turns, and one deadline for all
-    /// of them would time every item out. A group that runs out of time fails alone; the next still gets its turn.
+    /// of them would time every item out. Once a group has timed out, the rest of the batch is not tried: the
+    /// engine cannot be told to stop, so it is still decoding that group, and every later group would wait
+    /// behind it on its own clock and time out too, one deadline after another.
     async fn reason_batch(&self, reqs: Vec<ReasonRequest>) -> Vec<Result<ReasonOutput, ReasonError>> {
         let width = self.inner.batch_width().unwrap_or(reqs.len()).max(1);
         let mut results = Vec::with_capacity(reqs.len());
         let mut reqs = reqs.into_iter().peekable();
+        let mut timed_out = false;
         while reqs.peek().is_some() {
             let group: Vec<ReasonRequest> = reqs.by_ref().take(width).collect();
             let count = group.len();
+            if timed_out {
+                let not_tried = || {
+                    ReasonError::Backend(
+                        "not tried: an earlier part of the batch timed out and the backend is still on it".into(),
+                    )
+                };
+                results.extend((0..count).map(|_| Err(not_tried())));
+                continue;
+            }
             match tokio::time::timeout(self.timeout, self.inner.reason_batch(group)).await {
                 Ok(done) => {
                     done.iter().for_each(count_error);
                     results.extend(done);
                 }
-                Err(_) => results.extend((0..count).map(|_| Err(self.timed_out()))),
+                Err(_) => {
+                    timed_out = true;
+                    results.extend((0..count).map(|_| Err(self.timed_out())));
+                }
             }
         }
         results

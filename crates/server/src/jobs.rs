@@ -324,10 +324,7 @@ async fn process(state: &AppState, job: JobRecord) -> bool {
         }
         Err(LoadError::Transient(err)) => {
             tracing::warn!(error = %err, "loading the job's policies failed; handing the job back");
-            // If even this fails, the lease runs out and the job is claimed again all the same.
-            if let Err(err) = state.store.release_job(&job.id, &token).await {
-                tracing::warn!(error = %err, "handing the job back failed; it returns when its lease expires");
-            }
+            hand_back(state, &job.id, &token, "its policies could not be loaded").await;
             unused_call();
             return true;
         }
@@ -353,7 +350,15 @@ async fn process(state: &AppState, job: JobRecord) -> bool {
     // One call was taken before the claim; the rest are paid now, in debt if need be.
     state.cascade.queue_budgets.owe_calls(request.settings.prompts(policies.len(), 1).saturating_sub(1));
     let started = Instant::now();
-    let decision = state.classifier.classify(&policies, &request.content, &options(&request.settings)).await;
+    let options = options(&request.settings);
+    let decision = tokio::select! {
+        decision = state.classifier.classify(&policies, &request.content, &options) => decision,
+        () = state.jobs_abandoned.cancelled() => {
+            renew.abort();
+            hand_back(state, &job.id, &token, "the server is shutting down").await;
+            return false;
+        }
+    };
     state.cascade.charge_queued(&decision, request.settings.max_tokens);
     renew.abort();
     count_decision(&decision, "job", started.elapsed().as_secs_f64());
@@ -370,8 +375,20 @@ async fn process(state: &AppState, job: JobRecord) -> bool {
             tracing::debug!(decision_id = %record.id, "job finished");
         }
         Ok(false) => tracing::warn!("job lease was lost before finishing; another worker owns it"),
-        // Nothing was written; the lease expires and the job is decided again.
-        Err(err) => tracing::error!(error = %err, "storing the job result failed"),
+        // Nothing was written: the job is decided again, and this was no attempt its worker failed to come back
+        // from, so it goes back without counting as one (if the store takes even that).
+        Err(err) => {
+            tracing::error!(error = %err, "storing the job result failed");
+            hand_back(state, &job.id, &token, "its result could not be stored").await;
+        }
     }
     false
+}
+
+/// Hands a claimed job back to the queue untried; if even that fails, its lease runs out and it is claimed again.
+async fn hand_back(state: &AppState, job_id: &str, token: &str, why: &str) {
+    match state.store.release_job(job_id, token).await {
+        Ok(_) => tracing::info!(job_id, why, "job handed back to the queue"),
+        Err(err) => tracing::warn!(error = %err, why, "handing the job back failed; it returns when its lease expires"),
+    }
 }

@@ -205,6 +205,8 @@ pub struct AppState {
     pub(crate) rate_limiter: Arc<auth::RateLimiter>,
     pub(crate) metrics: PrometheusHandle,
     pub(crate) jobs_waiting: Arc<Notify>,
+    /// Cancelled when shutdown's drain runs out: job workers hand the job they are deciding back to the queue.
+    pub(crate) jobs_abandoned: CancellationToken,
     pub(crate) http: reqwest::Client,
     pub(crate) cascade: Arc<moderate::CascadeState>,
     pub(crate) items: Arc<metrics_setup::ItemStats>,
@@ -331,6 +333,7 @@ impl Server {
             reasoner: guarded,
             metrics: metrics_setup::handle(),
             jobs_waiting: Arc::new(Notify::new()),
+            jobs_abandoned: CancellationToken::new(),
             http,
         };
         let shutdown = CancellationToken::new();
@@ -352,6 +355,7 @@ async fn run(state: AppState, listener: TcpListener, shutdown: CancellationToken
         .clone()
         .map(|nats| AbortOnDrop(tokio::spawn(ingest::run(state.clone(), nats, shutdown.clone()))));
     let drain_timeout = state.config.drain_timeout;
+    let jobs_abandoned = state.jobs_abandoned.clone();
     let app = router(state);
     let signal = shutdown.clone();
     let served = axum::serve(
@@ -364,8 +368,9 @@ async fn run(state: AppState, listener: TcpListener, shutdown: CancellationToken
     .with_graceful_shutdown(async move { signal.cancelled().await });
     let result = served.await.map_err(|e| ServerError::Task(e.to_string()));
     // HTTP is drained; now let workers finish the job each is on (they stop claiming once cancelled).
+    let mut workers = workers;
     let drained = tokio::time::timeout(drain_timeout, async {
-        for worker in workers {
+        for worker in &mut workers {
             let _ = worker.await;
         }
         let _ = webhook_sender.await;
@@ -375,7 +380,21 @@ async fn run(state: AppState, listener: TcpListener, shutdown: CancellationToken
     })
     .await;
     if drained.is_err() {
-        tracing::warn!("drain timed out; unfinished jobs will be picked up again after their lease expires");
+        // A job still being decided goes back to the queue now, untried, instead of waiting out its lease: a
+        // lease that runs out counts as an attempt its worker never came back from, and a job that went through
+        // three restarts would be failed as one that kills its workers.
+        jobs_abandoned.cancel();
+        workers.retain(|worker| !worker.is_finished());
+        let handed_back = tokio::time::timeout(Duration::from_secs(5), async {
+            for worker in &mut workers {
+                let _ = worker.await;
+            }
+        })
+        .await;
+        match handed_back {
+            Ok(()) => tracing::warn!("drain timed out; unfinished jobs were handed back to the queue"),
+            Err(_) => tracing::warn!("drain timed out; unfinished jobs will be claimed again when their lease expires"),
+        }
     }
     result
 }

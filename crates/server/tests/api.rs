@@ -482,6 +482,26 @@ async fn shutdown_drains_in_flight_jobs() {
     assert_eq!(stored.status, safeguard_store::JobStatus::Done, "the in-flight job finished before exit");
 }
 
+/// A job still being decided when the drain runs out goes back to the queue untried, at once: waiting out its
+/// lease would count an attempt, and three restarts would fail it as a job that kills its workers.
+#[tokio::test]
+async fn a_job_cut_off_by_shutdown_is_handed_back_without_spending_an_attempt() {
+    let mut h = Harness::start(|c| c.drain_timeout = Duration::from_millis(200)).await;
+    let key = h.key(&["classify"]).await;
+    let (status, job) =
+        h.call("POST", "/v1/jobs", Some(&key), Some(json!({"text": "SLOW", "policies": ["spam"]}))).await;
+    assert_eq!(status, 202);
+    for _ in 0..100 {
+        if h.reasoner.calls.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    h.server.take().unwrap().shutdown().await.unwrap();
+    let stored = h.store.get_job(job["id"].as_str().unwrap()).await.unwrap().unwrap();
+    assert_eq!((stored.status, stored.attempts), (safeguard_store::JobStatus::Pending, 0), "{stored:?}");
+}
+
 #[tokio::test]
 async fn openai_moderations_and_chat_shapes() {
     let h = Harness::start(|c| c.moderation_policies = vec!["spam".into()]).await;
@@ -978,20 +998,25 @@ async fn decisions_are_stored_with_their_reviews_or_not_at_all() {
 }
 
 /// `reason_timeout` holds per group of items the backend decodes at once (one at a time here), not for the whole
-/// batch: a batch that takes longer in all than one item may is still decided, and only the item that hangs
-/// times out.
+/// batch: a batch that takes longer in all than one item may is still decided. The item that hangs times out,
+/// and what comes after it is not tried.
 #[tokio::test]
 async fn each_group_of_a_batch_gets_its_own_reason_timeout() {
     let h = Harness::start(|c| c.reason_timeout = Duration::from_secs(1)).await;
     let key = h.key(&["classify"]).await;
-    let items = json!([{"text": "WAIT a"}, {"text": "WAIT b"}, {"text": "SLOW"}, {"text": "WAIT BUY NOW"}]);
+    let items =
+        json!([{"text": "WAIT a"}, {"text": "WAIT b"}, {"text": "WAIT BUY NOW"}, {"text": "SLOW"}, {"text": "x"}]);
     let batch = json!({"items": items, "policies": ["spam"], "effort": "low"});
+    let started = std::time::Instant::now();
     let (status, reply) = h.call("POST", "/v1/classify/batch", Some(&key), Some(batch)).await;
     assert_eq!(status, 200, "{reply}");
     let outcomes: Vec<&str> =
         reply["results"].as_array().unwrap().iter().map(|r| r["outcome"].as_str().unwrap()).collect();
-    assert_eq!(outcomes, ["allow", "allow", "needs_review", "violation"], "{reply}");
-    assert!(reply["results"][2]["failure_reason"].as_str().unwrap_or_default().contains("timed out"), "{reply}");
+    assert_eq!(outcomes, ["allow", "allow", "violation", "needs_review", "needs_review"], "{reply}");
+    assert!(reply["results"][3]["failure_reason"].as_str().unwrap_or_default().contains("timed out"), "{reply}");
+    // After a timeout the rest is not tried: the backend is still busy with what timed out.
+    assert!(reply["results"][4]["failure_reason"].as_str().unwrap_or_default().contains("not tried"), "{reply}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
 }
 
 /// A job whose workers never come back from it (each crashed, or ran out of memory) is not handed to the next
