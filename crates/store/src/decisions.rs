@@ -200,12 +200,24 @@ pub(crate) async fn insert_decisions_sqlite(
     conn: &mut PoolConnection<Any>,
     rows: &[(&DecisionRecord, Option<&[String]>)],
 ) -> Result<()> {
+    let rows: Vec<DecisionToStore<'_>> =
+        rows.iter().map(|(decision, reasoning)| (*decision, *reasoning, None)).collect();
+    insert_rows_sqlite(conn, &rows, &[]).await
+}
+
+/// [`insert_decisions_sqlite`] with a review for the rows that have one; `review_ids` are the new reviews' ids,
+/// in the order of the rows that have one.
+async fn insert_rows_sqlite(
+    conn: &mut PoolConnection<Any>,
+    rows: &[DecisionToStore<'_>],
+    review_ids: &[String],
+) -> Result<()> {
     if rows.is_empty() {
         return Ok(());
     }
     let mut sql = String::new();
     let mut next = 1;
-    for (decision, reasoning) in rows {
+    for (decision, reasoning, review) in rows {
         sql.push_str(&insert_decision_sql(&mut next));
         sql.push_str(";\n");
         for _ in &decision.policy_hashes {
@@ -216,17 +228,27 @@ pub(crate) async fn insert_decisions_sqlite(
             sql.push_str(&insert_reasoning_sql(&mut next));
             sql.push_str(";\n");
         }
+        if review.is_some() {
+            sql.push_str(&crate::reviews::insert_review_sql(&mut next));
+            sql.push_str(";\n");
+        }
     }
 
     // Bound in exactly the order the placeholders were numbered above.
+    let now = now_ms();
+    let mut review_ids = review_ids.iter();
     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(rows.len() == 1);
-    for (decision, reasoning) in rows {
+    for (decision, reasoning, review) in rows {
         query = bind(query, decision_values(decision));
         for (hash, name) in policy_links(decision) {
             query = query.bind(&decision.id).bind(hash).bind(name);
         }
         if let Some(reasoning) = reasoning.filter(|r| !r.is_empty()) {
             query = query.bind(&decision.id).bind(to_json(&reasoning));
+        }
+        if let Some(review) = review {
+            let id = review_ids.next().ok_or(StoreError::Db(sqlx::Error::RowNotFound))?;
+            query = crate::reviews::bind_review(query, id, review, now);
         }
     }
 
@@ -265,6 +287,13 @@ impl Store {
     /// answered with an error has stored nothing, so the caller's retry does not queue its items twice. Returns
     /// each review's id, in order.
     pub async fn insert_decisions_together(&self, rows: &[DecisionToStore<'_>]) -> Result<Vec<Option<String>>> {
+        if self.backend == crate::Backend::Sqlite {
+            // One multi-statement query: the write lock is held for one round trip, not one per statement.
+            let ids: Vec<Option<String>> = rows.iter().map(|(_, _, review)| review.map(|_| crate::new_id())).collect();
+            let review_ids: Vec<String> = ids.iter().flatten().cloned().collect();
+            insert_rows_sqlite(&mut self.pool.acquire().await?, rows, &review_ids).await?;
+            return Ok(ids);
+        }
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         let mut review_ids = Vec::with_capacity(rows.len());

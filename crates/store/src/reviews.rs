@@ -91,25 +91,47 @@ fn row_to_review(row: &AnyRow) -> Result<ReviewRecord> {
 
 /// Inserts a pending review inside a caller's transaction, so that a decision and the review it needs are
 /// stored together or not at all. Returns the review's id.
+/// The statement that queues one review, numbering its parameters from `next` on (see [`bind_review`]).
+pub(crate) fn insert_review_sql(next: &mut usize) -> String {
+    let n = *next;
+    *next += 7;
+    format!(
+        "INSERT INTO reviews (id, decision_id, status, kind, priority, reason, created_at, due_at) \
+         VALUES (${n}, ${}, 'pending', ${}, ${}, ${}, ${}, ${})",
+        n + 1,
+        n + 2,
+        n + 3,
+        n + 4,
+        n + 5,
+        n + 6
+    )
+}
+
+/// Binds a review's values in the order [`insert_review_sql`] numbers them.
+pub(crate) fn bind_review<'q>(
+    query: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments>,
+    id: &'q str,
+    review: &'q NewReview,
+    now: i64,
+) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments> {
+    query
+        .bind(id)
+        .bind(&review.decision_id)
+        .bind(&review.kind)
+        .bind(review.priority)
+        .bind(&review.reason)
+        .bind(now)
+        .bind(review.sla_ms.map(|ms| now + ms))
+}
+
 pub(crate) async fn insert_review_tx(
     tx: &mut Transaction<'static, Any>,
     review: &NewReview,
     now: i64,
 ) -> Result<String> {
     let id = crate::new_id();
-    sqlx::query(
-        "INSERT INTO reviews (id, decision_id, status, kind, priority, reason, created_at, due_at) \
-         VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7)",
-    )
-    .bind(&id)
-    .bind(&review.decision_id)
-    .bind(&review.kind)
-    .bind(review.priority)
-    .bind(&review.reason)
-    .bind(now)
-    .bind(review.sla_ms.map(|ms| now + ms))
-    .execute(&mut **tx)
-    .await?;
+    let sql = insert_review_sql(&mut 1);
+    bind_review(sqlx::query(sqlx::AssertSqlSafe(sql)), &id, review, now).execute(&mut **tx).await?;
     Ok(id)
 }
 
