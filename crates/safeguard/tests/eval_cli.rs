@@ -338,3 +338,47 @@ fn a_live_run_on_a_tiny_model_is_cached_and_resumed() {
         assert_eq!(again[key], report[key], "{key}");
     }
 }
+
+/// An item the engine could not classify (here: too long for the context) is a failure, counted as
+/// needs_review, and not cached: a resumed run asks again instead of reusing the failure as the model's answer.
+#[test]
+fn a_failed_classification_is_not_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    safeguard_gguf::write_tiny_model(&model, &safeguard_gguf::TinyConfig::with_seed(11)).unwrap();
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/spam.md");
+    let dataset = dir.path().join("data.jsonl");
+    let long = "many words of text ".repeat(2_000);
+    write_jsonl(
+        &dataset,
+        &[json!({"id": "ok", "text": "see you at lunch", "label": 0}), json!({"id": "long", "text": long, "label": 1})],
+    );
+    let cache = dir.path().join("cache.jsonl");
+    let args = [
+        "eval",
+        "--policy",
+        policy.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--dataset",
+        dataset.to_str().unwrap(),
+        "--effort",
+        "low",
+        "--max-tokens",
+        "8",
+        "--threads",
+        "2",
+        "--context",
+        "1024",
+        "--cache",
+        cache.to_str().unwrap(),
+        "--format",
+        "json",
+    ];
+    let run = safeguard(&args);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("1 classified, 0 from cache, 1 failed"), "{stderr}");
+    let cached = std::fs::read_to_string(&cache).unwrap();
+    assert_eq!(cached.lines().count(), 1, "{cached}");
+    assert!(cached.contains("\"ok\""), "{cached}");
+}

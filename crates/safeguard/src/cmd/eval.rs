@@ -417,6 +417,12 @@ mod live {
         item: Item,
     ) -> Result<PredictionRecord, String> {
         let decision = classifier.classify(policies, &Content::text(item.text), &options).await;
+        // A prompt the backend failed is a failed classification, not the model's answer: it must not be cached
+        // as one (a resumed run would never ask again) nor scored as the model's `needs_review`.
+        let errors: Vec<&str> = decision.prompts.iter().filter_map(|p| p.error.as_deref()).collect();
+        if !errors.is_empty() {
+            return Err(errors.join("; "));
+        }
         let mut value = serde_json::to_value(&decision).map_err(|e| e.to_string())?;
         if let Some(object) = value.as_object_mut() {
             // Keyed by the dataset id, as classify keys its output by the caller's id; the UUID stays beside it.
