@@ -125,14 +125,22 @@ pub fn example_from_correction(correction: &Correction, weights: Weights) -> Lab
     }
 }
 
-/// Merges model labels and corrections: where a person labelled the same item and policy, their label
-/// replaces the model's.
+/// Merges model labels and corrections: where a person labelled the same item and policy version, their label
+/// replaces the model's. "The same item" is the same text, not only the same decision: an appeal or a replay
+/// stores the item again under a new decision, and a person's answer to the appeal settles the original too. Of
+/// several model labels for one item (replays), the last stands, so that no item counts twice.
 pub fn merge(model: Vec<LabeledExample>, corrections: Vec<LabeledExample>) -> Vec<LabeledExample> {
-    let corrected: std::collections::HashSet<(String, String)> =
-        corrections.iter().map(|c| (c.id.clone(), c.policy_hash.clone())).collect();
+    let key = |e: &LabeledExample| (e.text.clone(), e.policy_hash.clone());
+    let corrected: std::collections::HashSet<(String, String)> = corrections.iter().map(key).collect();
+    let mut last_of: std::collections::HashMap<(String, String), usize> = std::collections::HashMap::new();
+    for (index, example) in model.iter().enumerate() {
+        last_of.insert(key(example), index);
+    }
     model
         .into_iter()
-        .filter(|m| !corrected.contains(&(m.id.clone(), m.policy_hash.clone())))
+        .enumerate()
+        .filter(|(index, m)| !corrected.contains(&key(m)) && last_of.get(&key(m)) == Some(index))
+        .map(|(_, m)| m)
         .chain(corrections)
         .collect()
 }
@@ -371,7 +379,7 @@ mod tests {
             reviewer: None,
             rule_id: None,
         };
-        let other = LabeledExample { id: "b".into(), ..model.clone() };
+        let other = LabeledExample { id: "b".into(), text: "u".into(), ..model.clone() };
         let correction = example_from_correction(
             &Correction {
                 item_id: "a".into(),
@@ -384,7 +392,7 @@ mod tests {
             },
             weights,
         );
-        let merged = merge(vec![model, other], vec![correction]);
+        let merged = merge(vec![model.clone(), other], vec![correction]);
         assert_eq!(merged.len(), 2);
         let a = merged.iter().find(|e| e.id == "a").unwrap();
         assert_eq!((a.violates, a.source, a.weight), (0, LabelSource::Human, 5.0));
@@ -393,6 +401,29 @@ mod tests {
         let lines: Vec<serde_json::Value> =
             String::from_utf8(buf).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(lines.len(), 2);
-        assert!(lines.iter().all(|l| l["text"] == "t" && l.get("violates").is_some() && l.get("weight").is_some()));
+        assert!(lines.iter().all(|l| l.get("text").is_some() && l.get("violates").is_some() && l.get("weight").is_some()));
+
+        // An appeal (or replay) stores the item again under a new decision: the person's answer to it replaces the
+        // original's model label too, and replays of the same item count once.
+        let original = LabeledExample { id: "d1".into(), text: "appealed".into(), ..model.clone() };
+        let replayed = LabeledExample { id: "d2".into(), violates: 0, ..original.clone() };
+        let replayed_again = LabeledExample { id: "d3".into(), ..replayed.clone() };
+        let appeal = example_from_correction(
+            &Correction {
+                item_id: "d4".into(),
+                text: "appealed".into(),
+                policy: "spam".into(),
+                policy_hash: "sha256:aa".into(),
+                violates: false,
+                reviewer: "bob".into(),
+                rule_id: None,
+            },
+            weights,
+        );
+        let merged = merge(vec![original.clone(), replayed.clone(), replayed_again.clone()], vec![appeal]);
+        let ids: Vec<(&str, LabelSource)> = merged.iter().map(|e| (e.id.as_str(), e.source)).collect();
+        assert_eq!(ids, [("d4", LabelSource::Human)]);
+        let merged = merge(vec![original, replayed, replayed_again], vec![]);
+        assert_eq!(merged.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["d3"]);
     }
 }
