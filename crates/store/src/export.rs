@@ -14,8 +14,9 @@ impl Store {
         since: Option<i64>,
     ) -> Result<Vec<(ReviewRecord, DecisionRecord)>> {
         let rows = sqlx::query(
+            // A correction made today of last month's decision is new today: an incremental export must hold it.
             "SELECT r.id AS review_id FROM reviews r JOIN decisions d ON d.id = r.decision_id \
-             WHERE r.status = 'decided' AND d.created_at >= $1 ORDER BY d.created_at, r.id",
+             WHERE r.status = 'decided' AND (d.created_at >= $1 OR r.decided_at >= $1) ORDER BY d.created_at, r.id",
         )
         .bind(since.unwrap_or(i64::MIN))
         .fetch_all(&self.pool)

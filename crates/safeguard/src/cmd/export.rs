@@ -33,7 +33,8 @@ pub struct DatasetArgs {
     /// Only examples for this policy name.
     #[arg(long, value_name = "NAME")]
     policy: Option<String>,
-    /// Only decisions made at or after this time: RFC 3339 (2026-01-31T00:00:00Z) or unix milliseconds.
+    /// Only decisions made, or corrected by a person, at or after this time: RFC 3339 (2026-01-31T00:00:00Z) or
+    /// unix milliseconds.
     #[arg(long, value_name = "TIME")]
     since: Option<String>,
     /// Also export the model's allow/violation verdicts (weight 1); a human label for the same item and
