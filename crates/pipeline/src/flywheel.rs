@@ -401,7 +401,9 @@ mod tests {
         let lines: Vec<serde_json::Value> =
             String::from_utf8(buf).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(lines.len(), 2);
-        assert!(lines.iter().all(|l| l.get("text").is_some() && l.get("violates").is_some() && l.get("weight").is_some()));
+        assert!(
+            lines.iter().all(|l| l.get("text").is_some() && l.get("violates").is_some() && l.get("weight").is_some())
+        );
 
         // An appeal (or replay) stores the item again under a new decision: the person's answer to it replaces the
         // original's model label too, and replays of the same item count once.

@@ -192,3 +192,19 @@ fn dataset_mode_compares_against_labels_or_a_baseline_version() {
     assert_eq!(report["flips"], json!({}));
     assert_eq!(report["before"], json!({"needs_review": 4}));
 }
+
+/// The store lists at most 1000 decisions at a time: a larger --limit is refused, not quietly cut short.
+#[test]
+fn a_limit_beyond_one_page_of_stored_decisions_is_refused() {
+    let f = fixture();
+    let output = Command::new(env!("CARGO_BIN_EXE_safeguard"))
+        .args(["policy", "backtest", "--policy"])
+        .arg(&f.policy)
+        .args(["--database", &f.database, "--model"])
+        .arg(&f.model)
+        .args(["--limit", "1500"])
+        .output()
+        .expect("run safeguard");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("at most 1000"), "{stderr}");
+}

@@ -46,7 +46,7 @@ pub struct Args {
     model: PathBuf,
     #[arg(long, default_value = "medium")]
     effort: String,
-    /// At most this many items (newest stored decisions first).
+    /// At most this many items (newest stored decisions first; at most 1000 of them).
     #[arg(long, value_name = "N", default_value_t = 200)]
     limit: usize,
     /// Completion-token cap per prompt [default: the budget for the effort].
@@ -109,12 +109,21 @@ fn outcome_name(p: Predicted) -> &'static str {
     }
 }
 
+/// Most stored decisions one backtest reads (one page of `Store::list_decisions`).
+const MAX_STORED_ITEMS: usize = 1000;
+
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let policy = Policy::load(&args.policy).with_context(|| format!("cannot load policy {}", args.policy.display()))?;
     let runtime = runtime()?;
     let mut contents = BTreeMap::new();
     let (source, dataset, before) = match (&args.database, &args.dataset) {
         (Some(url), _) => {
+            // The store lists at most 1000 decisions a call; asking for more must not quietly give fewer.
+            anyhow::ensure!(
+                args.limit <= MAX_STORED_ITEMS,
+                "--limit {}: a backtest of stored decisions takes at most {MAX_STORED_ITEMS}",
+                args.limit
+            );
             let (dataset, before, skipped) =
                 runtime.block_on(stored_decisions(url, &policy.meta.name, args.limit, &mut contents))?;
             // A PostgreSQL URL may carry a password; it must not end up in reports.
