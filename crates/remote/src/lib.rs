@@ -210,6 +210,26 @@ enum AttemptError {
     Retryable { detail: String, retry_after: Option<Duration> },
     /// Trying again would fail the same way (a 400, a 404 for an unknown model).
     Fatal(String),
+    /// The server answered 200 but what it sent is no answer (a body that does not parse, an error inside it, a
+    /// body past [`MAX_RESPONSE_BYTES`]). It may well have generated, and billed, a completion: asking again
+    /// would pay twice. Not retried, but counted against the server's health, unlike `Fatal`.
+    Unhealthy(String),
+}
+
+/// Largest response body read from a server: a completion is a few hundred kilobytes at most, and a server
+/// that sends more (a broken proxy, a hostile endpoint) must not make this process hold all of it.
+pub(crate) const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Reads a response body up to `cap` bytes; `None` once it would pass them.
+async fn read_capped(response: &mut reqwest::Response, cap: usize) -> Result<Option<Vec<u8>>, reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        if body.len() + chunk.len() > cap {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body))
 }
 
 impl RemoteReasoner {
@@ -348,7 +368,9 @@ impl RemoteReasoner {
                     out.timings.total_ms = started.elapsed().as_secs_f64() * 1e3;
                     return Ok(out);
                 }
-                Err(AttemptError::Fatal(detail)) => return Err(ReasonError::Backend(detail)),
+                Err(AttemptError::Fatal(detail) | AttemptError::Unhealthy(detail)) => {
+                    return Err(ReasonError::Backend(detail));
+                }
                 Err(AttemptError::Retryable { detail, .. }) if sink.as_ref().is_some_and(|s| s.sent_any) => {
                     return Err(ReasonError::Backend(format!(
                         "{detail} (part of the answer had already been streamed, so it was not retried)"
@@ -412,8 +434,10 @@ impl RemoteReasoner {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map(Duration::from_secs);
-            let text = response.text().await.unwrap_or_default();
-            let detail = format!("{url}: HTTP {status}: {}", excerpt(&text));
+            let mut response = response;
+            // Only an excerpt of an error page is shown; the rest is not worth holding.
+            let text = read_capped(&mut response, 64 * 1024).await.ok().flatten().unwrap_or_default();
+            let detail = format!("{url}: HTTP {status}: {}", excerpt(&String::from_utf8_lossy(&text)));
             return Err(if matches!(status.as_u16(), 408 | 429) || status.is_server_error() {
                 AttemptError::Retryable { detail, retry_after }
             } else {
@@ -430,11 +454,24 @@ impl RemoteReasoner {
             Some(sink) if streamed => return self.read_stream(flavor, &url, response, sink).await,
             sink => sink,
         };
-        let value: serde_json::Value = response.json().await.map_err(|e| AttemptError::Retryable {
-            detail: format!("{url}: unreadable response body: {e}"),
-            retry_after: None,
-        })?;
-        let output = wire::parse_response(flavor, &value).map_err(|e| AttemptError::Fatal(format!("{url}: {e}")))?;
+        let mut response = response;
+        let body = match read_capped(&mut response, MAX_RESPONSE_BYTES).await {
+            Ok(Some(body)) => body,
+            Ok(None) => {
+                return Err(AttemptError::Unhealthy(format!(
+                    "{url}: the response body is over {MAX_RESPONSE_BYTES} bytes"
+                )));
+            }
+            // Cut off on the way: the answer never arrived whole, so another try is worth it.
+            Err(e) => {
+                let detail = format!("{url}: the response body broke off: {}", describe(&e));
+                return Err(AttemptError::Retryable { detail, retry_after: None });
+            }
+        };
+        let value: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| AttemptError::Unhealthy(format!("{url}: unreadable response body: {e}")))?;
+        let output =
+            wire::parse_response(flavor, &value).map_err(|e| AttemptError::Unhealthy(format!("{url}: {e}")))?;
         if let Some(sink) = sink {
             sink.send_all(whole_as_deltas(&output));
         }
@@ -569,7 +606,9 @@ impl Hold<'_> {
             Ok(_) => breaker.on_success(self.ticket),
             // A request the server rejected as malformed says nothing about the server's health.
             Err(AttemptError::Fatal(_)) => breaker.on_success(self.ticket),
-            Err(AttemptError::Retryable { .. }) => breaker.on_failure(self.ticket, Instant::now()),
+            Err(AttemptError::Retryable { .. } | AttemptError::Unhealthy(_)) => {
+                breaker.on_failure(self.ticket, Instant::now())
+            }
         }
         self.settled = true;
     }
@@ -598,6 +637,7 @@ fn stream_failure(url: &str, error: stream::StreamError) -> AttemptError {
     let retryable = match &error {
         StreamError::Unreadable(_) | StreamError::Incomplete => true,
         StreamError::Server { transient, .. } => *transient,
+        StreamError::TooLarge(_) => return AttemptError::Unhealthy(format!("{url}: {error}")),
         StreamError::Shape(_) => false,
     };
     let detail = format!("{url}: {error}");

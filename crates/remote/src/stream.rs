@@ -21,6 +21,9 @@ pub(crate) enum StreamError {
     /// The stream ended without the server saying it was done: a cut connection or a crashed server.
     #[error("the stream ended before the answer was complete")]
     Incomplete,
+    /// More bytes than any answer takes ([`crate::MAX_RESPONSE_BYTES`]): nothing more is read or held.
+    #[error("the stream is over {0} bytes")]
+    TooLarge(usize),
     #[error(transparent)]
     Shape(#[from] ShapeError),
 }
@@ -43,6 +46,8 @@ pub(crate) struct StreamReader {
     /// Ollama's closing object (`done: true`), which carries its counts and durations.
     ollama_done: Option<Value>,
     saw_done_marker: bool,
+    /// Bytes read so far, held to [`crate::MAX_RESPONSE_BYTES`]: every buffer here grows from them.
+    received: usize,
 }
 
 impl StreamReader {
@@ -60,11 +65,16 @@ impl StreamReader {
             timings: None,
             ollama_done: None,
             saw_done_marker: false,
+            received: 0,
         }
     }
 
     /// Reads one network chunk and returns the deltas it completes, in order.
     pub(crate) fn push(&mut self, bytes: &[u8]) -> Result<Vec<ReasonDelta>, StreamError> {
+        self.received += bytes.len();
+        if self.received > crate::MAX_RESPONSE_BYTES {
+            return Err(StreamError::TooLarge(crate::MAX_RESPONSE_BYTES));
+        }
         let mut deltas = Vec::new();
         for line in self.lines.push(bytes)? {
             if let Some(payload) = self.frame(&line) {
@@ -244,6 +254,9 @@ fn server_error(error: &Value) -> StreamError {
 #[derive(Default)]
 struct Lines {
     pending: Vec<u8>,
+    /// How much of `pending` is known to hold no newline, so a long line arriving in many chunks is scanned
+    /// once, not again from its start with every chunk.
+    scanned: usize,
 }
 
 impl Lines {
@@ -251,11 +264,15 @@ impl Lines {
         self.pending.extend_from_slice(bytes);
         let mut lines = Vec::new();
         let mut start = 0;
-        while let Some(at) = self.pending[start..].iter().position(|&b| b == b'\n') {
-            lines.push(decode_line(&self.pending[start..start + at])?);
-            start += at + 1;
+        let mut from = self.scanned;
+        while let Some(at) = self.pending[from..].iter().position(|&b| b == b'\n') {
+            let end = from + at;
+            lines.push(decode_line(&self.pending[start..end])?);
+            start = end + 1;
+            from = start;
         }
         self.pending.drain(..start);
+        self.scanned = self.pending.len();
         Ok(lines)
     }
 
@@ -265,6 +282,7 @@ impl Lines {
         }
         let line = decode_line(&self.pending)?;
         self.pending.clear();
+        self.scanned = 0;
         Ok(Some(line))
     }
 }
@@ -428,6 +446,32 @@ mod tests {
         let mut text: String = chunks.iter().map(|c| format!("data: {c}\n\n")).collect();
         text.push_str("data: [DONE]\n\n");
         text
+    }
+
+    /// A server that never ends its line (or its stream) is cut off at the cap, and the bytes held before that
+    /// are read once each, whatever the chunking.
+    #[test]
+    fn an_endless_line_is_cut_off_at_the_cap() {
+        let mut reader = StreamReader::new(Flavor::OpenAi);
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut pushed = 0;
+        let error = loop {
+            match reader.push(&chunk) {
+                Ok(deltas) => assert!(deltas.is_empty()),
+                Err(error) => break error,
+            }
+            pushed += chunk.len();
+            assert!(pushed <= crate::MAX_RESPONSE_BYTES, "never cut off");
+        };
+        assert!(matches!(error, StreamError::TooLarge(_)), "{error}");
+        // Lines split at every byte still come out whole.
+        let mut lines = Lines::default();
+        let mut out = Vec::new();
+        for byte in b"ab\ncd\r\n\nef" {
+            out.extend(lines.push(&[*byte]).unwrap());
+        }
+        assert_eq!(out, ["ab", "cd", ""]);
+        assert_eq!(lines.rest().unwrap().as_deref(), Some("ef"));
     }
 
     #[test]

@@ -162,6 +162,24 @@ async fn a_dead_endpoint_fails_over_and_its_breaker_opens() {
     assert_eq!(status[1].breaker, BreakerState::Closed);
 }
 
+/// A 200 that is no answer (an error inside it) is not asked again, since the server may have generated and
+/// billed a completion, but it counts against the server's health: enough of them open the breaker.
+#[tokio::test]
+async fn a_200_without_an_answer_is_not_retried_but_opens_the_breaker() {
+    let (url, fake) = serve(always(StatusCode::OK, json!({"error": {"message": "engine died"}}))).await;
+    let mut cfg = config(&[format!("{url}/v1")]);
+    cfg.max_attempts = 3;
+    cfg.breaker_threshold = 2;
+    cfg.breaker_cooldown = Duration::from_secs(60);
+    let reasoner = RemoteReasoner::new(cfg).unwrap();
+    for calls in 1..=2 {
+        let err = reasoner.reason(request()).await.unwrap_err();
+        assert!(err.to_string().contains("engine died"), "{err}");
+        assert_eq!(fake.calls.load(Ordering::SeqCst), calls, "not retried");
+    }
+    assert_eq!(reasoner.status()[0].breaker, BreakerState::Open);
+}
+
 #[tokio::test]
 async fn a_timeout_is_an_error_not_an_answer() {
     let script: Script = Arc::new(|_| (StatusCode::OK, vllm_ok("0"), Some(Duration::from_secs(3))));
