@@ -220,26 +220,22 @@ impl Reasoner for EmbeddedReasoner {
     }
 }
 
-/// Turns one request's tokens into reasoning and answer deltas as they are decoded, with the same text
-/// [`parse_completion`] gives: analysis messages joined by a newline, UTF-8 held back until it is whole.
+/// Turns one request's tokens into reasoning deltas as they are decoded, with the same text [`parse_completion`]
+/// gives: analysis messages joined by a newline, UTF-8 held back until it is whole. The answer is sent once, at
+/// the end, and only as the whole parse reads it: a final message is an answer only if it ends the turn (not
+/// followed by a tool call or a second final, not cut off), which is not known while it streams, and a client
+/// reading the stream has nothing else to go by.
 struct DeltaStream {
     parser: StreamParser,
     sender: DeltaSender,
     /// A message closed since the last analysis delta: the next analysis text starts a new part.
     message_closed: bool,
     reasoning: String,
-    answer: String,
 }
 
 impl DeltaStream {
     fn new(sender: DeltaSender) -> Self {
-        DeltaStream {
-            parser: StreamParser::new(),
-            sender,
-            message_closed: false,
-            reasoning: String::new(),
-            answer: String::new(),
-        }
+        DeltaStream { parser: StreamParser::new(), sender, message_closed: false, reasoning: String::new() }
     }
 
     fn push(&mut self, token: u32) {
@@ -254,28 +250,23 @@ impl DeltaStream {
                 self.reasoning.push_str(&text);
                 let _ = self.sender.send(ReasonDelta::Reasoning(text));
             }
-            Some(StreamDelta::Final(text)) => {
-                self.answer.push_str(&text);
-                let _ = self.sender.send(ReasonDelta::Final(text));
-            }
-            None => {}
+            Some(StreamDelta::Final(_)) | None => {}
         }
         if was_in_message && self.parser.current_channel().is_none() {
             self.message_closed = true;
         }
     }
 
-    /// Sends what the whole parse found beyond what streamed (text the incremental parser cannot attribute
-    /// until the end, such as a message whose header never closed), so the deltas add up to the output.
+    /// Sends the reasoning the whole parse found beyond what streamed (text the incremental parser cannot
+    /// attribute until the end, such as a message whose header never closed), then the answer, so the deltas
+    /// add up to the output.
     fn finish(&self, output: &ReasonOutput) {
-        let rest = |full: Option<&String>, streamed: &str| {
-            full.and_then(|f| f.strip_prefix(streamed)).filter(|r| !r.is_empty()).map(str::to_string)
-        };
-        if let Some(more) = rest(output.analysis.as_ref(), &self.reasoning) {
-            let _ = self.sender.send(ReasonDelta::Reasoning(more));
+        let more = output.analysis.as_ref().and_then(|f| f.strip_prefix(self.reasoning.as_str()));
+        if let Some(more) = more.filter(|r| !r.is_empty()) {
+            let _ = self.sender.send(ReasonDelta::Reasoning(more.to_string()));
         }
-        if let Some(more) = rest(output.final_text.as_ref(), &self.answer) {
-            let _ = self.sender.send(ReasonDelta::Final(more));
+        if let Some(answer) = output.final_text.as_ref().filter(|a| !a.is_empty()) {
+            let _ = self.sender.send(ReasonDelta::Final(answer.clone()));
         }
     }
 }
@@ -469,6 +460,25 @@ mod tests {
         assert!(count > 10, "one delta per decoded piece, not one per message: {count}");
         assert_eq!(Some(reasoning), parsed.analysis);
         assert_eq!(Some(answer), parsed.final_text);
+    }
+
+    /// A final message that does not end the turn (a tool call follows) is no answer, and a client reading the
+    /// stream must not see one either: the answer is sent once, as the whole parse reads it.
+    #[test]
+    fn a_final_message_that_is_not_the_last_word_never_streams() {
+        let mut completion = Vec::new();
+        push_message(&mut completion, "final", "0");
+        completion.push(tokens::END);
+        push_message(&mut completion, "commentary to=functions.f", "{}");
+        completion.push(tokens::CALL);
+        let parsed = parse_completion(&completion);
+        assert_eq!(parsed.final_text, None);
+        let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+        let mut stream = DeltaStream::new(sender);
+        completion.iter().for_each(|&t| stream.push(t));
+        stream.finish(&ReasonOutput { analysis: parsed.analysis.clone(), final_text: None, ..Default::default() });
+        let (_, _, answer) = collect(&mut receiver);
+        assert_eq!(answer, "", "a final the parse rejects was streamed");
     }
 
     #[test]

@@ -140,8 +140,9 @@ pub enum ReasonError {
 pub enum ReasonDelta {
     /// Chain-of-thought text (the analysis channel).
     Reasoning(String),
-    /// Answer text (the final channel). Only the returned [`ReasonOutput::final_text`] is an answer: a final
-    /// message that the budget later cuts off has streamed too.
+    /// Answer text (the final channel). The embedded engine sends the answer once, at the end, exactly as
+    /// [`ReasonOutput::final_text`]; a remote server's may stream it, and there too only the returned output is
+    /// the answer.
     Final(String),
 }
 
