@@ -88,8 +88,10 @@ fn is_internal_v6(ip: Ipv6Addr) -> bool {
     if let Some(v4) = ip.to_ipv4_mapped() {
         return is_internal_v4(v4);
     }
-    // IPv4-compatible (::a.b.c.d, deprecated but still routed by some stacks) and NAT64 (64:ff9b::/96).
+    // IPv4-compatible (::a.b.c.d, deprecated but still routed by some stacks), SIIT (::ffff:0:a.b.c.d) and
+    // NAT64 (64:ff9b::/96).
     if segments[..6] == [0; 6] && !ip.is_loopback() && !ip.is_unspecified()
+        || segments[..6] == [0, 0, 0, 0, 0xffff, 0]
         || segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
     {
         return is_internal_v4(embedded_v4(segments[6], segments[7]));
@@ -97,7 +99,13 @@ fn is_internal_v6(ip: Ipv6Addr) -> bool {
     if segments[0] == 0x2002 {
         return is_internal_v4(embedded_v4(segments[1], segments[2]));
     }
-    ip.is_loopback()
+    // Local-use NAT64 (64:ff9b:1::/48) translates to whatever the site chooses, and Teredo (2001::/32) hides the
+    // IPv4 address it reaches: neither can be judged, so neither is let through.
+    let local_nat64 = segments[..3] == [0x64, 0xff9b, 1];
+    let teredo = segments[..2] == [0x2001, 0];
+    local_nat64
+        || teredo
+        || ip.is_loopback()
         || ip.is_unspecified()
         || ip.is_multicast()
         || (segments[0] & 0xfe00) == 0xfc00
@@ -276,6 +284,9 @@ mod tests {
             "::127.0.0.1",
             "64:ff9b::a9fe:a9fe",
             "2002:c0a8:0101::1",
+            "::ffff:0:7f00:1",
+            "64:ff9b:1::a00:1",
+            "2001:0:4136:e378::1",
         ];
         for ip in internal {
             assert!(is_internal(ip.parse().unwrap()), "{ip} is internal");
