@@ -265,12 +265,24 @@ fn scores_synthetic_predictions_on_the_shared_xstest_set() {
     assert_eq!(report["missing_predictions"]["count"], 0);
 }
 
+/// A live run of the spam policy on a tiny model at low effort, cached in `cache`, reported as JSON.
+fn live_eval_args(model: &Path, dataset: &Path, cache: &Path) -> Vec<String> {
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/spam.md");
+    let paths = [("--policy", policy.as_path()), ("--model", model), ("--dataset", dataset), ("--cache", cache)];
+    let mut args = vec!["eval".to_string()];
+    for (flag, path) in paths {
+        args.extend([flag.to_string(), path.display().to_string()]);
+    }
+    let rest = ["--effort", "low", "--max-tokens", "8", "--threads", "2", "--context", "1024", "--format", "json"];
+    args.extend(rest.map(String::from));
+    args
+}
+
 #[test]
 fn a_live_run_on_a_tiny_model_is_cached_and_resumed() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny.gguf");
     safeguard_gguf::write_tiny_model(&model, &safeguard_gguf::TinyConfig::with_seed(11)).unwrap();
-    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/spam.md");
     let dataset = dir.path().join("data.jsonl");
     write_jsonl(
         &dataset,
@@ -282,31 +294,9 @@ fn a_live_run_on_a_tiny_model_is_cached_and_resumed() {
     );
     let cache = dir.path().join("cache.jsonl");
     let saved = dir.path().join("live.jsonl");
-    let args = [
-        "eval",
-        "--policy",
-        policy.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-        "--dataset",
-        dataset.to_str().unwrap(),
-        "--effort",
-        "low",
-        "--max-tokens",
-        "8",
-        "--threads",
-        "2",
-        "--context",
-        "1024",
-        "--concurrency",
-        "2",
-        "--cache",
-        cache.to_str().unwrap(),
-        "--save-predictions",
-        saved.to_str().unwrap(),
-        "--format",
-        "json",
-    ];
+    let mut args = live_eval_args(&model, &dataset, &cache);
+    args.extend(["--concurrency", "2", "--save-predictions", saved.to_str().unwrap()].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let first = safeguard(&args);
     let stderr = String::from_utf8_lossy(&first.stderr);
     assert!(first.status.success(), "{stderr}");
@@ -346,7 +336,6 @@ fn a_failed_classification_is_not_cached() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny.gguf");
     safeguard_gguf::write_tiny_model(&model, &safeguard_gguf::TinyConfig::with_seed(11)).unwrap();
-    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/spam.md");
     let dataset = dir.path().join("data.jsonl");
     let long = "many words of text ".repeat(2_000);
     write_jsonl(
@@ -354,28 +343,8 @@ fn a_failed_classification_is_not_cached() {
         &[json!({"id": "ok", "text": "see you at lunch", "label": 0}), json!({"id": "long", "text": long, "label": 1})],
     );
     let cache = dir.path().join("cache.jsonl");
-    let args = [
-        "eval",
-        "--policy",
-        policy.to_str().unwrap(),
-        "--model",
-        model.to_str().unwrap(),
-        "--dataset",
-        dataset.to_str().unwrap(),
-        "--effort",
-        "low",
-        "--max-tokens",
-        "8",
-        "--threads",
-        "2",
-        "--context",
-        "1024",
-        "--cache",
-        cache.to_str().unwrap(),
-        "--format",
-        "json",
-    ];
-    let run = safeguard(&args);
+    let args = live_eval_args(&model, &dataset, &cache);
+    let run = safeguard(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(stderr.contains("1 classified, 0 from cache, 1 failed"), "{stderr}");
     let cached = std::fs::read_to_string(&cache).unwrap();

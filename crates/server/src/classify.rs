@@ -339,6 +339,40 @@ pub(crate) async fn reason_and_store(
     Ok((decision, record, review_id))
 }
 
+/// Reasons about several items in one batch and stores their decisions all or none, each with the review it
+/// needs if the model left it undecided: a request answered with an error has stored nothing for its retry to
+/// repeat. Returns each item's decision and record, in order.
+pub(crate) async fn decide_and_store_many(
+    state: &AppState,
+    policies: &[Policy],
+    contents: &[Content],
+    settings: &Settings,
+    source: &str,
+) -> Result<Vec<(Decision, DecisionRecord)>, ApiError> {
+    state.cascade.admit(settings.prompts(policies.len(), contents.len())).await?;
+    let started = Instant::now();
+    let decisions = state.classifier.classify_many(policies, contents, &options(settings)).await;
+    for decision in &decisions {
+        state.cascade.charge(decision, settings.max_tokens);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let records: Vec<_> = decisions
+        .iter()
+        .zip(contents)
+        .map(|(decision, content)| {
+            count_decision(decision, source, elapsed);
+            let (record, reasoning) = record_of(decision, policies, content, settings, source, None);
+            let review = crate::reviews::review_if_undecided(decision, &record, policies);
+            (record, reasoning, review)
+        })
+        .collect();
+    crate::reviews::store_decisions(state, &records).await?;
+    for decision in &decisions {
+        state.items.observe("direct", decision.usage, elapsed / contents.len().max(1) as f64);
+    }
+    Ok(decisions.into_iter().zip(records.into_iter().map(|(record, _, _)| record)).collect())
+}
+
 /// The reply body for a decision: core's decision JSON plus what the service adds.
 pub(crate) fn decision_reply(decision: &Decision, record: &DecisionRecord, with_reasoning: bool) -> Value {
     let mut value = serde_json::to_value(decision).unwrap_or(Value::Null);
@@ -470,35 +504,14 @@ pub(crate) async fn classify_batch(
     let policies = parse_policies(&state, &body, &caller).await?;
     let parsed: Vec<Result<Content, ApiError>> = items.iter().map(|item| parse_content(&state, item)).collect();
     let valid: Vec<Content> = parsed.iter().filter_map(|p| p.as_ref().ok().cloned()).collect();
-    state.cascade.admit(settings.prompts(policies.len(), valid.len())).await?;
-    let started = Instant::now();
-    let decisions = state.classifier.classify_many(&policies, &valid, &options(&settings)).await;
-    for decision in &decisions {
-        state.cascade.charge(decision, settings.max_tokens);
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    // All stored or none: a batch answered with an error has stored nothing for its retry to repeat.
-    let records: Vec<_> = decisions
-        .iter()
-        .zip(&valid)
-        .map(|(decision, content)| {
-            count_decision(decision, "batch", elapsed);
-            let (record, reasoning) = record_of(decision, &policies, content, &settings, "batch", None);
-            let review = crate::reviews::review_if_undecided(decision, &record, &policies);
-            (record, reasoning, review)
-        })
-        .collect();
-    crate::reviews::store_decisions(&state, &records).await?;
-    for decision in &decisions {
-        state.items.observe("direct", decision.usage, elapsed / valid.len().max(1) as f64);
-    }
-    let mut stored = decisions.iter().zip(&records);
+    let decided = decide_and_store_many(&state, &policies, &valid, &settings, "batch").await?;
+    let mut stored = decided.iter();
     let mut results = Vec::with_capacity(items.len());
     for item in parsed {
         results.push(match item {
             Err(error) => json!({"error": {"message": error.to_string()}}),
             Ok(_) => match stored.next() {
-                Some((decision, (record, _, _))) => decision_reply(decision, record, return_reasoning),
+                Some((decision, record)) => decision_reply(decision, record, return_reasoning),
                 None => json!({"error": {"message": "no decision was produced for this item"}}),
             },
         });

@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::auth::Caller;
-use crate::classify::{Settings, count_decision, options, parse_settings, record_of};
+use crate::classify::{Settings, parse_settings};
 use crate::error::{ApiError, ApiJson};
 use crate::policies::policy_of;
 
@@ -98,28 +98,11 @@ pub(crate) async fn moderations(
         mode: Mode::Separate,
         max_tokens: state.config.moderation_max_tokens,
     };
-    state.cascade.admit(settings.prompts(policies.len(), contents.len())).await?;
-    let started = Instant::now();
-    let decisions = state.classifier.classify_many(&policies, &contents, &options(&settings)).await;
-    for decision in &decisions {
-        state.cascade.charge(decision, settings.max_tokens);
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    // All stored or none: a request answered with an error has stored nothing for its retry to repeat.
-    let records: Vec<_> = decisions
-        .iter()
-        .zip(&contents)
-        .map(|(decision, content)| {
-            count_decision(decision, "moderations", elapsed);
-            let (record, reasoning) = record_of(decision, &policies, content, &settings, "moderations", None);
-            let review = crate::reviews::review_if_undecided(decision, &record, &policies);
-            (record, reasoning, review)
-        })
-        .collect();
-    crate::reviews::store_decisions(&state, &records).await?;
-    let mut results = Vec::with_capacity(decisions.len());
+    let decided =
+        crate::classify::decide_and_store_many(&state, &policies, &contents, &settings, "moderations").await?;
+    let mut results = Vec::with_capacity(decided.len());
     let mut ids = Vec::new();
-    for (decision, (record, _, _)) in decisions.iter().zip(&records) {
+    for (decision, record) in &decided {
         ids.push(record.id.clone());
         let mut categories = serde_json::Map::new();
         let mut scores = serde_json::Map::new();

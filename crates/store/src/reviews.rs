@@ -143,20 +143,9 @@ impl Store {
     /// The unique index on (decision_id, kind) settles races: two workers storing the same decision at once
     /// both insert, one insert does nothing, and both read back the one row.
     pub async fn queue_review(&self, review: &NewReview) -> Result<ReviewRecord> {
-        let now = now_ms();
-        sqlx::query(
-            "INSERT INTO reviews (id, decision_id, status, kind, priority, reason, created_at, due_at) \
-             VALUES ($1, $2, 'pending', $3, $4, $5, $6, $7) ON CONFLICT (decision_id, kind) DO NOTHING",
-        )
-        .bind(crate::new_id())
-        .bind(&review.decision_id)
-        .bind(&review.kind)
-        .bind(review.priority)
-        .bind(&review.reason)
-        .bind(now)
-        .bind(review.sla_ms.map(|ms| now + ms))
-        .execute(&self.pool)
-        .await?;
+        let sql = format!("{} ON CONFLICT (decision_id, kind) DO NOTHING", insert_review_sql(&mut 1));
+        let id = crate::new_id();
+        bind_review(sqlx::query(sqlx::AssertSqlSafe(sql)), &id, review, now_ms()).execute(&self.pool).await?;
         let row = sqlx::query(sql!("SELECT {COLUMNS} FROM reviews WHERE decision_id = $1 AND kind = $2"))
             .bind(&review.decision_id)
             .bind(&review.kind)
