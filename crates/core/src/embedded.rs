@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use safeguard_engine::{Engine, GenRequest, Generation, StopReason};
+use safeguard_engine::{CancelFlag, Engine, GenRequest, Generation, StopReason};
 use safeguard_harmony::{
     CompletionEnd, Effort, PromptOptions, RenderedPrompt, StreamDelta, StreamParser, Tokenizer, parse_completion,
     tokens,
@@ -97,7 +97,14 @@ impl EmbeddedReasoner {
         // caches its KV state, so only the suffix (the content) is prefilled per item.
         let suffix = prefix.split_off(prefix_len);
         Ok(Prepared {
-            request: GenRequest { prefix, suffix, max_tokens, sampling: req.sampling, stop: tokens::STOP.to_vec() },
+            request: GenRequest {
+                prefix,
+                suffix,
+                max_tokens,
+                sampling: req.sampling,
+                stop: tokens::STOP.to_vec(),
+                cancel: CancelFlag::default(),
+            },
             prompt_sha256,
             prompt_len,
         })
@@ -113,6 +120,12 @@ impl EmbeddedReasoner {
         let (metas, requests): (Vec<_>, Vec<_>) =
             prepared.into_iter().map(|p| ((p.prompt_sha256, p.prompt_len), p.request)).unzip();
         let expected = requests.len();
+        // Dropped with this future (a deadline, a client that went away) or after it: either way the engine stops
+        // decoding these requests instead of running on to their token caps for nobody.
+        let cancel = CancelFlag::default();
+        let requests: Vec<GenRequest> =
+            requests.into_iter().map(|request| GenRequest { cancel: cancel.clone(), ..request }).collect();
+        let _cancel_on_drop = CancelOnDrop(cancel);
         let joined = tokio::task::spawn_blocking(move || {
             let queue_ms = submitted.elapsed().as_secs_f64() * 1e3;
             let results = engine.generate(&requests, &*on_token);
@@ -220,6 +233,15 @@ impl Reasoner for EmbeddedReasoner {
     }
 }
 
+/// Sets its flag when dropped.
+struct CancelOnDrop(CancelFlag);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
 /// Turns one request's tokens into reasoning deltas as they are decoded, with the same text [`parse_completion`]
 /// gives: analysis messages joined by a newline, UTF-8 held back until it is whole. The answer is sent once, at
 /// the end, and only as the whole parse reads it: a final message is an answer only if it ends the turn (not
@@ -279,7 +301,8 @@ fn to_output(
     total_ms: f64,
 ) -> ReasonOutput {
     let parsed = parse_completion(&generation.tokens);
-    let ran_out = matches!(generation.stop_reason, StopReason::MaxTokens | StopReason::ContextFull);
+    let ran_out =
+        matches!(generation.stop_reason, StopReason::MaxTokens | StopReason::ContextFull | StopReason::Cancelled);
     let truncated = ran_out || matches!(parsed.end, CompletionEnd::Truncated);
     if generation.prompt_tokens != prompt_len {
         tracing::warn!(

@@ -33,6 +33,30 @@ pub struct GenRequest {
     pub sampling: Sampling,
     /// Generation ends on any of these (the token is included in the output).
     pub stop: Vec<u32>,
+    /// Set by whoever asked, once the answer is no longer wanted (a deadline passed, the client went away): the
+    /// engine stops decoding the request at its next step instead of running on to `max_tokens`.
+    pub cancel: CancelFlag,
+}
+
+/// A shared "stop decoding this" switch. Not part of what is asked: two requests that differ only in their flag
+/// are equal.
+#[derive(Debug, Clone, Default)]
+pub struct CancelFlag(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl CancelFlag {
+    pub fn cancel(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl PartialEq for CancelFlag {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl GenRequest {
@@ -48,6 +72,8 @@ pub enum StopReason {
     MaxTokens,
     /// The sequence reached the engine's per-sequence context size.
     ContextFull,
+    /// The request's [`CancelFlag`] was set: nobody waits for the rest.
+    Cancelled,
 }
 
 #[derive(Debug, Clone, PartialEq)]

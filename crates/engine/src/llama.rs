@@ -447,6 +447,8 @@ impl Worker<'_> {
                 emit(base + slot.index, pick.token);
                 let stop = if slot.request.stop.contains(&pick.token) {
                     Some(StopReason::Stop(pick.token))
+                } else if slot.request.cancel.is_cancelled() {
+                    Some(StopReason::Cancelled)
                 } else if slot.tokens.len() >= slot.request.max_tokens {
                     Some(StopReason::MaxTokens)
                 } else if slot.next_pos >= self.n_ctx_per_sequence {

@@ -65,6 +65,7 @@ fn request(prefix_seed: u32, suffix_seed: u32, max_tokens: usize) -> GenRequest 
         max_tokens,
         sampling: Sampling::Greedy,
         stop: vec![],
+        cancel: Default::default(),
     }
 }
 
@@ -187,6 +188,25 @@ fn a_batch_gives_the_same_tokens_as_single_calls() {
         assert_eq!(streamed[i], batch.tokens, "stream of request {i}");
         assert_eq!(batch.tokens.len(), requests[i].max_tokens);
     }
+}
+
+/// A request whose flag is set stops at the next decode step instead of running on to its token cap, and the
+/// other requests of the batch are not disturbed.
+#[test]
+fn a_cancelled_request_stops_decoding() {
+    let engine = load(config());
+    let cancelled = request(70, 71, 300);
+    let flag = cancelled.cancel.clone();
+    let other = request(70, 72, 20);
+    let results = engine.generate(&[cancelled, other.clone()], &|i, _| {
+        if i == 0 {
+            flag.cancel();
+        }
+    });
+    let results: Vec<Generation> = results.into_iter().map(|r| r.unwrap()).collect();
+    assert_eq!(results[0].stop_reason, StopReason::Cancelled);
+    assert!(results[0].tokens.len() < 20, "{} tokens after the cancel", results[0].tokens.len());
+    assert_eq!(results[1].tokens, run_one(&engine, &other).tokens);
 }
 
 #[test]

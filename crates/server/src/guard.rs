@@ -61,9 +61,10 @@ impl Reasoner for GuardedReasoner {
 
     /// The deadline holds per group the backend decodes at once ([`Reasoner::batch_width`]), not for the whole
     /// batch: a batch of 256 items on an engine that decodes 8 at a time takes 32 turns, and one deadline for all
-    /// of them would time every item out. Once a group has timed out, the rest of the batch is not tried: the
-    /// engine cannot be told to stop, so it is still decoding that group, and every later group would wait
-    /// behind it on its own clock and time out too, one deadline after another.
+    /// of them would time every item out. Once a group has timed out, the rest of the batch is not tried: a
+    /// backend too slow for one group's deadline would most likely miss the next ones too, one deadline after
+    /// another, while the caller waits. (The timed-out group itself stops decoding: the embedded engine at its
+    /// next step through the requests' cancel flag, a remote server when its request is dropped.)
     async fn reason_batch(&self, reqs: Vec<ReasonRequest>) -> Vec<Result<ReasonOutput, ReasonError>> {
         let width = self.inner.batch_width().unwrap_or(reqs.len()).max(1);
         let mut results = Vec::with_capacity(reqs.len());
@@ -73,11 +74,7 @@ impl Reasoner for GuardedReasoner {
             let group: Vec<ReasonRequest> = reqs.by_ref().take(width).collect();
             let count = group.len();
             if timed_out {
-                let not_tried = || {
-                    ReasonError::Backend(
-                        "not tried: an earlier part of the batch timed out and the backend is still on it".into(),
-                    )
-                };
+                let not_tried = || ReasonError::Backend("not tried: an earlier part of the batch timed out".into());
                 results.extend((0..count).map(|_| Err(not_tried())));
                 continue;
             }

@@ -176,6 +176,7 @@ mod engine {
             max_tokens: args.decode_tokens,
             sampling: Sampling::Greedy,
             stop: vec![],
+            cancel: Default::default(),
         };
 
         // The same decision twice: first with the whole prompt prefilled, then with the prefix from the cache.
