@@ -360,14 +360,15 @@ pub(crate) async fn decide_and_store_many(
         .iter()
         .zip(contents)
         .map(|(decision, content)| {
-            count_decision(decision, source, elapsed);
             let (record, reasoning) = record_of(decision, policies, content, settings, source, None);
             let review = crate::reviews::review_if_undecided(decision, &record, policies);
             (record, reasoning, review)
         })
         .collect();
     crate::reviews::store_decisions(state, &records).await?;
+    // Counted once stored: a batch that fails is stored by its retry, and counting both would count it twice.
     for decision in &decisions {
+        count_decision(decision, source, elapsed);
         state.items.observe("direct", decision.usage, elapsed / contents.len().max(1) as f64);
     }
     Ok(decisions.into_iter().zip(records.into_iter().map(|(record, _, _)| record)).collect())
