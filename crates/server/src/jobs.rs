@@ -278,7 +278,7 @@ async fn fail(state: &AppState, job: &JobRecord, token: &str, error: String) {
     match state.store.fail_job(&job.id, token, &error, &record, &review, webhook.as_ref()).await {
         Ok(true) => {
             metrics::counter!("safeguard_jobs_failed_total").increment(1);
-            crate::reviews::count_queued("review");
+            crate::reviews::count_queued(&review);
             tracing::warn!(error = %error, decision_id = %record.id, "job failed; queued for a person");
         }
         Ok(false) => tracing::warn!("job lease was lost before failing it; another worker owns it"),
@@ -369,8 +369,8 @@ async fn process(state: &AppState, job: JobRecord) -> bool {
     match state.store.finish_job(&job.id, &token, &record, Some(&reasoning), review.as_ref(), webhook.as_ref()).await {
         Ok(true) => {
             metrics::counter!("safeguard_jobs_finished_total").increment(1);
-            if review.is_some() {
-                crate::reviews::count_queued("review");
+            if let Some(review) = &review {
+                crate::reviews::count_queued(review);
             }
             tracing::debug!(decision_id = %record.id, "job finished");
         }

@@ -370,9 +370,7 @@ async fn run(state: AppState, listener: TcpListener, shutdown: CancellationToken
     // HTTP is drained; now let workers finish the job each is on (they stop claiming once cancelled).
     let mut workers = workers;
     let drained = tokio::time::timeout(drain_timeout, async {
-        for worker in &mut workers {
-            let _ = worker.await;
-        }
+        join_all(&mut workers).await;
         let _ = webhook_sender.await;
         if let Some(mut ingest) = ingest {
             let _ = (&mut ingest.0).await;
@@ -385,18 +383,20 @@ async fn run(state: AppState, listener: TcpListener, shutdown: CancellationToken
         // three restarts would be failed as one that kills its workers.
         jobs_abandoned.cancel();
         workers.retain(|worker| !worker.is_finished());
-        let handed_back = tokio::time::timeout(Duration::from_secs(5), async {
-            for worker in &mut workers {
-                let _ = worker.await;
-            }
-        })
-        .await;
+        let handed_back = tokio::time::timeout(Duration::from_secs(5), join_all(&mut workers)).await;
         match handed_back {
             Ok(()) => tracing::warn!("drain timed out; unfinished jobs were handed back to the queue"),
             Err(_) => tracing::warn!("drain timed out; unfinished jobs will be claimed again when their lease expires"),
         }
     }
     result
+}
+
+/// Waits for every task in `tasks`; awaited by reference, so a deadline around it leaves the rest to wait on again.
+async fn join_all(tasks: &mut [JoinHandle<()>]) {
+    for task in tasks {
+        let _ = task.await;
+    }
 }
 
 pub fn router(state: AppState) -> Router {

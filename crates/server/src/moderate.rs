@@ -174,20 +174,18 @@ async fn queue_sample(state: &AppState, cascade: &CascadeDecision, decision_id: 
         return Ok(());
     }
     let reason = picked.iter().map(|(policy, why)| format!("{policy}: {why}")).collect::<Vec<_>>().join("; ");
-    state
-        .store
-        .queue_review(&NewReview {
-            decision_id: decision_id.to_string(),
-            kind: "sample".into(),
-            priority: SAMPLE_PRIORITY,
-            reason: Some(format!("active learning: {reason}")),
-            sla_ms: None,
-        })
-        .await?;
+    let review = NewReview {
+        decision_id: decision_id.to_string(),
+        kind: "sample".into(),
+        priority: SAMPLE_PRIORITY,
+        reason: Some(format!("active learning: {reason}")),
+        sla_ms: None,
+    };
+    state.store.queue_review(&review).await?;
     for (_, why) in &picked {
         metrics::counter!("safeguard_active_learning_samples_total", "reason" => why.kind()).increment(1);
     }
-    metrics::counter!("safeguard_reviews_queued_total", "kind" => "sample").increment(1);
+    crate::reviews::count_queued(&review);
     Ok(())
 }
 

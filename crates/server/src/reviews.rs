@@ -50,7 +50,7 @@ pub(crate) async fn store_decision(
         return Ok(None);
     };
     let review_id = state.store.insert_decision_with_review(record, Some(reasoning), review).await?;
-    count_queued(if review.kind == "appeal" { "appeal" } else { "review" });
+    count_queued(review);
     Ok(Some(review_id))
 }
 
@@ -63,7 +63,7 @@ pub(crate) async fn store_decisions(
         rows.iter().map(|(record, reasoning, review)| (record, Some(reasoning.as_slice()), review.as_ref())).collect();
     state.store.insert_decisions_together(&borrowed).await?;
     for review in rows.iter().filter_map(|(_, _, review)| review.as_ref()) {
-        count_queued(if review.kind == "appeal" { "appeal" } else { "review" });
+        count_queued(review);
     }
     Ok(())
 }
@@ -117,7 +117,13 @@ pub(crate) fn agreement_rate(stats: &ReviewStats) -> Option<f64> {
     (judged > 0).then(|| (judged - stats.overrides).max(0) as f64 / judged as f64)
 }
 
-pub(crate) fn count_queued(kind: &'static str) {
+/// Counts a review put in the queue, by its kind.
+pub(crate) fn count_queued(review: &NewReview) {
+    let kind = match review.kind.as_str() {
+        "appeal" => "appeal",
+        "sample" => "sample",
+        _ => "review",
+    };
     metrics::counter!("safeguard_reviews_queued_total", "kind" => kind).increment(1);
 }
 

@@ -202,19 +202,18 @@ pub(crate) async fn insert_decisions_sqlite(
 ) -> Result<()> {
     let rows: Vec<DecisionToStore<'_>> =
         rows.iter().map(|(decision, reasoning)| (*decision, *reasoning, None)).collect();
-    insert_rows_sqlite(conn, &rows, &[]).await
+    insert_rows_sqlite(conn, &rows).await.map(drop)
 }
 
-/// [`insert_decisions_sqlite`] with a review for the rows that have one; `review_ids` are the new reviews' ids,
-/// in the order of the rows that have one.
+/// [`insert_decisions_sqlite`] with a review for the rows that have one; returns each row's review id.
 async fn insert_rows_sqlite(
     conn: &mut PoolConnection<Any>,
     rows: &[DecisionToStore<'_>],
-    review_ids: &[String],
-) -> Result<()> {
+) -> Result<Vec<Option<String>>> {
     if rows.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
+    let review_ids: Vec<Option<String>> = rows.iter().map(|(_, _, review)| review.map(|_| crate::new_id())).collect();
     let mut sql = String::new();
     let mut next = 1;
     for (decision, reasoning, review) in rows {
@@ -236,9 +235,8 @@ async fn insert_rows_sqlite(
 
     // Bound in exactly the order the placeholders were numbered above.
     let now = now_ms();
-    let mut review_ids = review_ids.iter();
     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(rows.len() == 1);
-    for (decision, reasoning, review) in rows {
+    for ((decision, reasoning, review), review_id) in rows.iter().zip(&review_ids) {
         query = bind(query, decision_values(decision));
         for (hash, name) in policy_links(decision) {
             query = query.bind(&decision.id).bind(hash).bind(name);
@@ -246,8 +244,7 @@ async fn insert_rows_sqlite(
         if let Some(reasoning) = reasoning.filter(|r| !r.is_empty()) {
             query = query.bind(&decision.id).bind(to_json(&reasoning));
         }
-        if let Some(review) = review {
-            let id = review_ids.next().ok_or(StoreError::Db(sqlx::Error::RowNotFound))?;
+        if let (Some(review), Some(id)) = (review, review_id) {
             query = crate::reviews::bind_review(query, id, review, now);
         }
     }
@@ -256,7 +253,7 @@ async fn insert_rows_sqlite(
     // A failed statement leaves the transaction open; dropping `tx` on the way out rolls it back.
     query.execute(&mut *tx).await?;
     tx.commit().await?;
-    Ok(())
+    Ok(review_ids)
 }
 
 /// A decision, its chain of thought and the review it needs, as [`Store::insert_decisions_together`] takes them.
@@ -289,10 +286,7 @@ impl Store {
     pub async fn insert_decisions_together(&self, rows: &[DecisionToStore<'_>]) -> Result<Vec<Option<String>>> {
         if self.backend == crate::Backend::Sqlite {
             // One multi-statement query: the write lock is held for one round trip, not one per statement.
-            let ids: Vec<Option<String>> = rows.iter().map(|(_, _, review)| review.map(|_| crate::new_id())).collect();
-            let review_ids: Vec<String> = ids.iter().flatten().cloned().collect();
-            insert_rows_sqlite(&mut self.pool.acquire().await?, rows, &review_ids).await?;
-            return Ok(ids);
+            return insert_rows_sqlite(&mut self.pool.acquire().await?, rows).await;
         }
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
