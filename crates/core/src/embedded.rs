@@ -167,6 +167,10 @@ impl Reasoner for EmbeddedReasoner {
         self.engine.model_id()
     }
 
+    fn completion_cap(&self, effort: Effort) -> usize {
+        self.config.budgets.for_effort(effort)
+    }
+
     async fn reason(&self, req: ReasonRequest) -> Result<ReasonOutput, ReasonError> {
         self.reason_batch(vec![req]).await.pop().unwrap_or(Err(ReasonError::EngineResultCount { expected: 1, got: 0 }))
     }
@@ -335,18 +339,20 @@ pub fn prompt_sha256(tokens: &[u32]) -> String {
     format!("sha256:{}", hex::encode(hasher.finalize()))
 }
 
-/// Geometric mean of the probabilities of the tokens inside the last `final` message.
+/// The engine's confidence in the last `final` message ([`answer_confidence`](crate::reasoner::answer_confidence)
+/// over its tokens).
 ///
 /// Returns `None` without a final message, with an empty one, or when the engine gave no probabilities.
 pub fn final_message_confidence(completion: &[u32], probs: &[f32]) -> Option<f32> {
     let body = final_message_span(completion)?;
-    let body_probs = probs.get(body)?;
-    if body_probs.is_empty() {
-        return None;
-    }
-    // Summing logs avoids underflow on long answers; the floor keeps a zero from turning into -inf.
-    let mean_log = body_probs.iter().map(|&p| f64::from(p.max(1e-30)).ln()).sum::<f64>() / body_probs.len() as f64;
-    Some(mean_log.exp() as f32)
+    let body_probs = probs.get(body.clone())?;
+    let body_tokens = completion.get(body)?;
+    let tokenizer = Tokenizer::shared();
+    let texts: Vec<String> = body_tokens.iter().map(|&token| tokenizer.decode_lossy(&[token])).collect();
+    // Logs avoid underflow on long answers; the floor keeps a zero from turning into -inf.
+    crate::reasoner::answer_confidence(
+        texts.iter().zip(body_probs).map(|(text, &p)| (text.as_str(), f64::from(p.max(1e-30)).ln())),
+    )
 }
 
 /// Index range of the content tokens of the last message whose channel is `final`.
@@ -416,6 +422,22 @@ mod tests {
         }
         let confidence = final_message_confidence(&completion, &probs).expect("has a final message");
         assert!((confidence - 0.5).abs() < 1e-6, "{confidence}");
+    }
+
+    #[test]
+    fn a_json_answer_is_as_sure_as_its_verdict_digit() {
+        let mut completion = vec![tokens::CHANNEL];
+        completion.extend(encode("final"));
+        completion.push(tokens::MESSAGE);
+        let body_start = completion.len();
+        completion.extend(encode("{\"violation\": 1, \"rationale\": \"it sells followers with a link\"}"));
+        let digit = (body_start..completion.len())
+            .find(|&i| Tokenizer::shared().decode_lossy(&completion[i..=i]).trim() == "1")
+            .expect("the digit is a token of its own");
+        let mut probs = vec![0.999_f32; completion.len()];
+        probs[digit] = 0.4;
+        let confidence = final_message_confidence(&completion, &probs).expect("has a final message");
+        assert!((confidence - 0.4).abs() < 1e-6, "{confidence}");
     }
 
     #[test]

@@ -179,6 +179,12 @@ pub trait Reasoner: Send + Sync {
         Some(1)
     }
 
+    /// The completion-token cap of a request at `effort` that leaves it to the reasoner ([`USE_EFFORT_BUDGET`]):
+    /// what such a prompt may cost, charged in full when it fails, since the engine may still be decoding it.
+    fn completion_cap(&self, effort: Effort) -> usize {
+        crate::TokenBudgets::default().for_effort(effort)
+    }
+
     /// Several prompts at once; results in request order. Backends that can decode several
     /// sequences together (and share a policy prefix between them) override this.
     async fn reason_batch(&self, reqs: Vec<ReasonRequest>) -> Vec<Result<ReasonOutput, ReasonError>> {
@@ -187,5 +193,52 @@ pub trait Reasoner: Send + Sync {
             outputs.push(self.reason(req).await);
         }
         outputs
+    }
+}
+
+/// How sure the engine was of its answer, from the final message's tokens as (text, log-probability) pairs.
+///
+/// A verdict rests on one token: the `0`/`1` of a binary answer or of `"violation": 1` in a JSON one. Averaged
+/// with the dozens of near-certain tokens of a JSON object around it, a coin-flip digit would read as 0.99, so the
+/// answer's confidence is the least likely of its bare `0`/`1` tokens. An answer without one (a label word) is
+/// short, and the geometric mean of all its tokens stands for it. `None` without tokens.
+pub fn answer_confidence<'a>(tokens: impl IntoIterator<Item = (&'a str, f64)>) -> Option<f32> {
+    let mut count = 0usize;
+    let mut log_sum = 0.0f64;
+    let mut least_digit: Option<f64> = None;
+    for (text, log_prob) in tokens {
+        count += 1;
+        log_sum += log_prob;
+        let bare: String = text.chars().filter(|c| c.is_alphanumeric()).collect();
+        if bare == "0" || bare == "1" {
+            least_digit = Some(least_digit.map_or(log_prob, |least| least.min(log_prob)));
+        }
+    }
+    if count == 0 {
+        return None;
+    }
+    let log_prob = least_digit.unwrap_or(log_sum / count as f64);
+    // Not a number (a broken engine) is no confidence at all.
+    Some(if log_prob.is_nan() { 0.0 } else { log_prob.exp() as f32 })
+}
+
+#[cfg(test)]
+mod confidence_tests {
+    use super::answer_confidence;
+
+    #[test]
+    fn a_json_answer_is_as_sure_as_its_verdict_digit() {
+        let mut tokens: Vec<(&str, f64)> = vec![("{\"", 0.0), ("violation", 0.0), ("\":", 0.0), (" 1", 0.4f64.ln())];
+        tokens.extend(std::iter::repeat_n((" text", 0.999f64.ln()), 60));
+        let confidence = answer_confidence(tokens).unwrap();
+        assert!((confidence - 0.4).abs() < 1e-6, "{confidence}");
+    }
+
+    #[test]
+    fn an_answer_without_a_digit_is_the_geometric_mean() {
+        let confidence = answer_confidence([("VAL", 0.25f64.ln()), ("ID", 0.0)]).unwrap();
+        assert!((confidence - 0.5).abs() < 1e-6, "{confidence}");
+        assert_eq!(answer_confidence(std::iter::empty()), None);
+        assert_eq!(answer_confidence([("1", f64::NAN)]), Some(0.0));
     }
 }

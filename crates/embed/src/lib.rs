@@ -52,6 +52,7 @@ impl SentenceEncoder {
                 model.config().vocab_size
             )));
         }
+        tokenizer.check_ids_below(model.config().vocab_size)?;
         let max_seq = DEFAULT_MAX_SEQ.min(model.config().max_position_embeddings);
         Ok(SentenceEncoder { tokenizer, model, max_seq })
     }
@@ -100,8 +101,8 @@ impl SentenceEncoder {
                 tokens += ids[chunk_end].len();
                 chunk_end += 1;
             }
-            // Tokenizer ids are below the model's vocabulary size (checked in `new`) and at most
-            // `max_seq` ≤ max_position_embeddings long, with at least [CLS] and [SEP].
+            // Tokenizer ids, added tokens included, are below the model's vocabulary size (checked in `new`)
+            // and at most `max_seq` ≤ max_position_embeddings long, with at least [CLS] and [SEP].
             out.extend(self.model.forward_checked(&ids[chunk_start..chunk_end]));
             chunk_start = chunk_end;
         }

@@ -2,8 +2,10 @@
 //! `BertPreTokenizer`, `WordPiece` model and the `[CLS] … [SEP]` template, so ids match what the
 //! encoder was trained on. Written here because the `tokenizers` crate is far heavier than this job.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
+
+use aho_corasick::{AhoCorasick, MatchKind};
 
 use unicode_normalization::UnicodeNormalization;
 use unicode_properties::{GeneralCategory, GeneralCategoryGroup, UnicodeGeneralCategory};
@@ -36,12 +38,21 @@ pub struct WordPieceTokenizer {
     /// Special tokens matched verbatim in raw input before normalization (HF's added vocabulary),
     /// leftmost-longest as HF's matcher does.
     verbatim_specials: Vec<(String, u32)>,
+    /// `verbatim_specials` as one automaton, so a text full of them is searched once, not once per special
+    /// found; `None` when there are none.
+    special_matcher: Option<AhoCorasick>,
+    /// The id of each of `special_matcher`'s patterns.
+    special_matcher_ids: Vec<u32>,
     unk_id: u32,
     cls_id: u32,
     sep_id: u32,
 }
 
 const SPECIAL_TOKENS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
+
+/// Plain text is normalized and split this many bytes at a time (up to the next ASCII space), so that
+/// [`WordPieceTokenizer::encode`] stops soon after it has enough ids, however long the text.
+const PLAIN_CHUNK_BYTES: usize = 4096;
 
 impl WordPieceTokenizer {
     /// A tokenizer over `tokens` (id = position), with BERT-uncased defaults.
@@ -59,17 +70,48 @@ impl WordPieceTokenizer {
         let sep_id = lookup("[SEP]")?;
         let verbatim_specials: Vec<(String, u32)> =
             SPECIAL_TOKENS.iter().filter_map(|t| vocab.get(*t).map(|id| (t.to_string(), *id))).collect();
-        Ok(WordPieceTokenizer {
+        let mut tokenizer = WordPieceTokenizer {
             vocab,
             vocab_len,
             normalizer,
             continuing_prefix: "##".into(),
             max_chars_per_word: 100,
-            verbatim_specials,
+            verbatim_specials: Vec::new(),
+            special_matcher: None,
+            special_matcher_ids: Vec::new(),
             unk_id,
             cls_id,
             sep_id,
-        })
+        };
+        tokenizer.set_specials(verbatim_specials)?;
+        Ok(tokenizer)
+    }
+
+    fn set_specials(&mut self, specials: Vec<(String, u32)>) -> Result<()> {
+        let mut seen = HashSet::new();
+        let mut patterns = Vec::new();
+        let mut ids = Vec::new();
+        for (content, id) in &specials {
+            // Of two equal contents the first is matched, as when the list was searched in order; an empty
+            // one would match everywhere and never did.
+            if !content.is_empty() && seen.insert(content.as_str()) {
+                patterns.push(content.as_str());
+                ids.push(*id);
+            }
+        }
+        self.special_matcher = if patterns.is_empty() {
+            None
+        } else {
+            Some(
+                AhoCorasick::builder()
+                    .match_kind(MatchKind::LeftmostLongest)
+                    .build(&patterns)
+                    .map_err(|e| EmbedError::UnsupportedConfig(format!("special tokens: {e}")))?,
+            )
+        };
+        self.special_matcher_ids = ids;
+        self.verbatim_specials = specials;
+        Ok(())
     }
 
     /// Loads `vocab.txt` from `dir`, and the normalizer settings and special tokens from
@@ -137,7 +179,7 @@ impl WordPieceTokenizer {
                     _ => return Err(bad(format!("unsupported added token {token}"))),
                 }
             }
-            tokenizer.verbatim_specials = specials;
+            tokenizer.set_specials(specials)?;
         }
         Ok(tokenizer)
     }
@@ -150,12 +192,30 @@ impl WordPieceTokenizer {
         self.vocab.get(token).copied()
     }
 
+    /// Fails, naming the token, when an id this tokenizer can emit is not below `vocab_size`. Vocabulary ids
+    /// are below [`Self::vocab_len`], but tokenizer.json's `added_tokens` carry ids of their own that nothing
+    /// else bounds, and an embedding lookup past the table would panic mid-batch.
+    pub fn check_ids_below(&self, vocab_size: usize) -> Result<()> {
+        let fixed = [("unk_token", self.unk_id), ("[CLS]", self.cls_id), ("[SEP]", self.sep_id)];
+        let specials = self.verbatim_specials.iter().map(|(content, id)| (content.as_str(), *id));
+        match fixed.into_iter().chain(specials).find(|&(_, id)| id as usize >= vocab_size) {
+            Some((token, id)) => Err(EmbedError::UnsupportedConfig(format!(
+                "tokenizer token {token:?} has id {id}, outside the model's vocabulary of {vocab_size}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// `[CLS] tokens… [SEP]`, the tokens cut so the whole fits in `max_len` (at least 2).
     pub fn encode(&self, text: &str, max_len: usize) -> Vec<u32> {
-        let mut ids = Vec::with_capacity(text.len() / 3 + 2);
+        // [CLS] and the pieces; [SEP] comes after.
+        let keep = max_len.max(2) - 1;
+        let mut ids = Vec::with_capacity((text.len() / 3 + 2).min(keep + 1));
         ids.push(self.cls_id);
-        self.tokenize_into(text, &mut ids);
-        ids.truncate(max_len.max(2) - 1);
+        // Pieces are produced in order and never revised once a word is done, so stopping early gives the
+        // prefix the whole text would have; what lies past `max_len` costs nothing.
+        self.tokenize_into(text, &mut ids, keep);
+        ids.truncate(keep);
         ids.push(self.sep_id);
         ids
     }
@@ -163,54 +223,50 @@ impl WordPieceTokenizer {
     /// Word-piece ids of `text` without the special tokens around them.
     pub fn tokenize(&self, text: &str) -> Vec<u32> {
         let mut ids = Vec::new();
-        self.tokenize_into(text, &mut ids);
+        self.tokenize_into(text, &mut ids, usize::MAX);
         ids
     }
 
-    fn tokenize_into(&self, text: &str, ids: &mut Vec<u32>) {
-        let mut rest = text;
-        while !rest.is_empty() {
-            match self.next_special(rest) {
-                Some((at, len, id)) => {
-                    self.tokenize_plain(&rest[..at], ids);
+    /// Appends `text`'s ids to `ids`, stopping once `ids` holds at least `limit` (it may then hold a few more).
+    fn tokenize_into(&self, text: &str, ids: &mut Vec<u32>, limit: usize) {
+        let mut plain_start = 0;
+        if let Some(matcher) = &self.special_matcher {
+            for m in matcher.find_iter(text) {
+                if ids.len() >= limit {
+                    return;
+                }
+                // Patterns are whole UTF-8 strings, so matches start and end on character boundaries.
+                self.tokenize_plain(text.get(plain_start..m.start()).unwrap_or_default(), ids, limit);
+                if let Some(&id) = self.special_matcher_ids.get(m.pattern().as_usize()) {
                     ids.push(id);
-                    rest = &rest[at + len..];
                 }
-                None => {
-                    self.tokenize_plain(rest, ids);
-                    break;
-                }
+                plain_start = m.end();
             }
+        }
+        if ids.len() < limit {
+            self.tokenize_plain(text.get(plain_start..).unwrap_or_default(), ids, limit);
         }
     }
 
-    /// The leftmost special token in `text` (longest one at that position): (byte offset, byte length, id).
-    fn next_special(&self, text: &str) -> Option<(usize, usize, u32)> {
-        if self.verbatim_specials.is_empty() {
-            return None;
-        }
-        let mut best: Option<(usize, usize, u32)> = None;
-        for (content, id) in &self.verbatim_specials {
-            if content.is_empty() {
-                continue;
-            }
-            if let Some(at) = text.find(content.as_str())
-                && best.is_none_or(|(b_at, b_len, _)| at < b_at || (at == b_at && content.len() > b_len))
-            {
-                best = Some((at, content.len(), *id));
-            }
-        }
-        best
-    }
-
-    fn tokenize_plain(&self, text: &str, ids: &mut Vec<u32>) {
-        if text.is_empty() {
-            return;
-        }
-        let normalized = self.normalize(text);
+    /// Text without specials, a chunk at a time. Chunks end just before an ASCII space: the normalizer maps
+    /// it to a space on its own and the pre-tokenizer splits there, so chunking never changes a word.
+    fn tokenize_plain(&self, text: &str, ids: &mut Vec<u32>, limit: usize) {
+        let mut rest = text;
         let mut candidate = String::new();
-        for word in pre_tokenize(&normalized) {
-            self.word_piece(word, &mut candidate, ids);
+        while !rest.is_empty() && ids.len() < limit {
+            let chunk_end = match rest.as_bytes().get(PLAIN_CHUNK_BYTES..) {
+                Some(tail) => tail.iter().position(|&b| b == b' ').map_or(rest.len(), |at| PLAIN_CHUNK_BYTES + at),
+                None => rest.len(),
+            };
+            let (chunk, tail) = rest.split_at_checked(chunk_end).unwrap_or((rest, ""));
+            let normalized = self.normalize(chunk);
+            for word in pre_tokenize(&normalized) {
+                if ids.len() >= limit {
+                    return;
+                }
+                self.word_piece(word, &mut candidate, ids);
+            }
+            rest = tail;
         }
     }
 
@@ -373,6 +429,52 @@ mod tests {
         assert_eq!(t.encode("CAFÉ中", 256), vec![2, 12, 13, 3]);
         // Per-char lowercasing keeps a final sigma as σ.
         assert_eq!(t.encode("ΣΟΣ", 256), vec![2, 15, 3]);
+    }
+
+    /// Each special found used to search the rest of the text for every special again: quadratic on a text
+    /// made of them. Ids are unchanged, and a long text stops being read once `max_len` is reached.
+    #[test]
+    fn long_texts_of_specials_give_the_ids_of_their_prefix() {
+        let t = tiny();
+        let text = "[SEP]".repeat(400_000);
+        for max_len in [2, 3, 8, 21] {
+            assert_eq!(t.encode(&text, max_len), t.encode(&text[..100], max_len), "max_len {max_len}");
+        }
+        assert_eq!(t.encode(&text, 8), vec![2, 3, 3, 3, 3, 3, 3, 3]);
+        let mixed = "hello [SEP]world[CLS][SEP] unaffable!".repeat(50_000);
+        let head = &mixed[..37 * 20];
+        assert_eq!(t.encode(&mixed, 64), t.encode(head, 64));
+        assert_eq!(t.tokenize(&mixed[..37 * 3]), [5, 3, 6, 2, 3, 7, 8, 9, 11].repeat(3));
+    }
+
+    /// Plain text is read in chunks; words straddling a chunk edge, and whitespace the normalizer drops or
+    /// turns into a space, come out as they did from the whole text at once.
+    #[test]
+    fn chunked_plain_text_matches_whole_text_tokenization() {
+        let t = tiny();
+        let whole = |text: &str| {
+            let mut ids = Vec::new();
+            let mut candidate = String::new();
+            for word in pre_tokenize(&t.normalize(text)) {
+                t.word_piece(word, &mut candidate, &mut ids);
+            }
+            ids
+        };
+        let pieces = ["hello", " ", "world", "unaffable", ",", "\u{b}", "\u{85}", "\t", "\n", "Café", "中", "x", "  "];
+        let mut text = String::new();
+        let mut state = 7u64;
+        while text.len() < 5 * PLAIN_CHUNK_BYTES {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            text.push_str(pieces[(state >> 33) as usize % pieces.len()]);
+        }
+        assert_eq!(t.tokenize(&text), whole(&text));
+        let ids = whole(&text);
+        for max_len in [2, 50, 1000, ids.len() + 1, ids.len() + 2, usize::MAX] {
+            let mut expected = vec![2];
+            expected.extend(ids.iter().take(max_len.max(2) - 2));
+            expected.push(3);
+            assert_eq!(t.encode(&text, max_len), expected, "max_len {max_len}");
+        }
     }
 
     #[test]

@@ -195,3 +195,29 @@ fn broken_models_are_refused_with_a_clear_error() {
     ));
     assert!(matches!(encoder.model().embed_ids(&[vec![]]), Err(EmbedError::SequenceLength { len: 0, .. })));
 }
+
+/// tokenizer.json's `added_tokens` carry their own ids: one past the model's embedding table loaded fine and
+/// panicked in the forward pass the first time a text held it.
+#[test]
+fn added_tokens_outside_the_model_vocabulary_are_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_model(dir.path(), &tiny_tensors(3), "gelu");
+    let tokenizer_json = |added: Value| json!({"added_tokens": added, "model": {"type": "WordPiece"}});
+    let added = |id: u64| json!([{"id": 2, "content": "[CLS]"}, {"id": id, "content": "[NEW]", "normalized": false}]);
+    let path = dir.path().join("tokenizer.json");
+
+    std::fs::write(&path, serde_json::to_vec(&tokenizer_json(added(99_999))).unwrap()).unwrap();
+    let err = SentenceEncoder::load(dir.path()).err().expect("an added token past the embedding table is refused");
+    assert!(matches!(err, EmbedError::UnsupportedConfig(ref m) if m.contains("[NEW]") && m.contains("99999")), "{err}");
+    // The first id past the table, too.
+    std::fs::write(&path, serde_json::to_vec(&tokenizer_json(added(MODEL_VOCAB as u64))).unwrap()).unwrap();
+    assert!(SentenceEncoder::load(dir.path()).is_err());
+
+    // Past the tokenizer's vocabulary but inside the model's: real checkpoints pad their tables this way.
+    let inside = VOCAB.len() as u32 + 2;
+    std::fs::write(&path, serde_json::to_vec(&tokenizer_json(added(u64::from(inside)))).unwrap()).unwrap();
+    let encoder = SentenceEncoder::load(dir.path()).unwrap();
+    assert_eq!(encoder.encode_ids("the [NEW] cat"), vec![2, 5, inside, 6, 3]);
+    let embedding = encoder.embed("the [NEW] cat");
+    assert!((embedding.iter().map(|v| v * v).sum::<f32>().sqrt() - 1.0).abs() < 1e-5);
+}

@@ -1,6 +1,6 @@
 //! Labelled datasets: generic JSONL/CSV files with field mapping, and named adapters for the shared sets.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -32,6 +32,9 @@ pub struct Dataset {
     pub items: Vec<Item>,
     /// Other names that refer to a category (e.g. `self-harm` -> `SH`), lower-cased.
     pub category_aliases: BTreeMap<String, String>,
+    /// Labels came one policy per row (a `safeguard export dataset` file): each item's categories are its
+    /// policies' labels and `label` says whether it violates any of them.
+    pub labelled_per_policy: bool,
     index: HashMap<String, usize>,
 }
 
@@ -50,7 +53,28 @@ impl Dataset {
                 )));
             }
         }
-        Ok(Dataset { name, items, category_aliases: BTreeMap::new(), index })
+        Ok(Dataset { name, items, category_aliases: BTreeMap::new(), labelled_per_policy: false, index })
+    }
+
+    /// Scores one policy of a dataset labelled per policy: keeps the items labelled for `policy` and makes that
+    /// label the one scored. A dataset labelled as a whole is left as it is.
+    pub fn focus_on_policy(&mut self, policy: &str) -> Result<(), EvalError> {
+        if !self.labelled_per_policy {
+            return Ok(());
+        }
+        let Some(category) = self.category_for_policy(policy) else {
+            return Err(EvalError::Options(format!(
+                "dataset {} holds labels for policies {}, none for `{policy}`",
+                self.name,
+                self.category_keys().join(", ")
+            )));
+        };
+        self.items.retain_mut(|item| {
+            item.label = item.categories.get(&category).copied();
+            item.label.is_some()
+        });
+        self.index = self.items.iter().enumerate().map(|(position, item)| (item.id.clone(), position)).collect();
+        Ok(())
     }
 
     pub fn get(&self, id: &str) -> Option<&Item> {
@@ -260,7 +284,74 @@ pub fn load_file(path: &Path, mapping: &FieldMapping) -> Result<Dataset, EvalErr
         _ => read_jsonl_rows(path)?,
     };
     let items = rows_to_items(path, &rows, mapping)?;
-    Dataset::new(path.display().to_string(), items)
+    let per_policy = mapping.category_fields.is_empty()
+        && rows.first().is_some_and(|row| matches!(row.value.get(POLICY_FIELD), Some(Value::String(_))));
+    if !per_policy {
+        return Dataset::new(path.display().to_string(), items);
+    }
+    let mut dataset = Dataset::new(path.display().to_string(), merge_policy_rows(path, &rows, items)?)?;
+    dataset.labelled_per_policy = true;
+    Ok(dataset)
+}
+
+/// The field naming the policy a row's label is for, as `safeguard export dataset` writes it.
+pub const POLICY_FIELD: &str = "policy";
+
+/// Folds rows that each label one policy of an item into one item per id, its categories keyed by policy. An item
+/// violates if any of its policies says so, and is safe only when every policy of the file says it is.
+fn merge_policy_rows(path: &Path, rows: &[Row], items: Vec<Item>) -> Result<Vec<Item>, EvalError> {
+    let data_error = |line: usize, message: String| EvalError::Data { path: path.to_path_buf(), line, message };
+    let mut merged: Vec<Item> = Vec::new();
+    let mut first_line: Vec<usize> = Vec::new();
+    let mut position: HashMap<String, usize> = HashMap::new();
+    let mut policies = BTreeSet::new();
+    for (row, item) in rows.iter().zip(items) {
+        let policy = match row.value.get(POLICY_FIELD) {
+            Some(Value::String(name)) if !name.trim().is_empty() => name.trim().to_string(),
+            _ => {
+                return Err(data_error(
+                    row.line,
+                    format!("field `{POLICY_FIELD}` must name a policy, as on the file's first row"),
+                ));
+            }
+        };
+        policies.insert(policy.clone());
+        let Some(&at) = position.get(&item.id) else {
+            position.insert(item.id.clone(), merged.len());
+            first_line.push(row.line);
+            let mut item = item;
+            item.categories = item.label.map(|label| (policy, label)).into_iter().collect();
+            merged.push(item);
+            continue;
+        };
+        let earlier = &mut merged[at];
+        if earlier.text != item.text {
+            return Err(data_error(
+                row.line,
+                format!("id `{}` has another text than on line {}", item.id, first_line[at]),
+            ));
+        }
+        let Some(label) = item.label else { continue };
+        if let Some(&known) = earlier.categories.get(&policy)
+            && known != label
+        {
+            return Err(data_error(
+                row.line,
+                format!("id `{}` is labelled both ways for policy `{policy}` (see line {})", item.id, first_line[at]),
+            ));
+        }
+        earlier.categories.insert(policy, label);
+    }
+    for item in &mut merged {
+        item.label = if item.categories.values().any(|&violates| violates) {
+            Some(true)
+        } else if item.categories.len() == policies.len() {
+            Some(false)
+        } else {
+            None
+        };
+    }
+    Ok(merged)
 }
 
 /// A row with the line it started on.

@@ -157,3 +157,45 @@ fn shared_adapters_keep_ids_categories_and_groups() {
     let missing = DatasetSpec::XsTest.load(Path::new("/nonexistent"), &FieldMapping::default()).unwrap_err();
     assert!(missing.to_string().contains("--data-dir"), "{missing}");
 }
+
+#[test]
+fn rows_labelled_per_policy_fold_into_one_item_per_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::write_lines(
+        dir.path(),
+        "export.jsonl",
+        &[
+            json!({"id": "x", "text": "hi", "violates": 0, "policy": "spam"}),
+            json!({"id": "y", "text": "buy", "violates": 1, "policy": "spam"}),
+            json!({"id": "x", "text": "hi", "violates": 0, "policy": "hate"}),
+            json!({"id": "z", "text": "meh", "violates": 0, "policy": "hate"}),
+        ],
+    );
+    let mut dataset = load(&path, &FieldMapping::default()).unwrap();
+    assert!(dataset.labelled_per_policy);
+    let got: Vec<_> = dataset.items.iter().map(|i| (i.id.as_str(), i.label, i.categories.len())).collect();
+    // x is safe under every policy; y violates one; z is known safe only for hate, so its whole label is unknown.
+    assert_eq!(got, [("x", Some(false), 2), ("y", Some(true), 1), ("z", None, 1)]);
+
+    dataset.focus_on_policy("hate").unwrap();
+    let got: Vec<_> = dataset.items.iter().map(|i| (i.id.as_str(), i.label)).collect();
+    assert_eq!(got, [("x", Some(false)), ("z", Some(false))]);
+    assert!(dataset.get("y").is_none() && dataset.get("z").is_some(), "the id index follows the items");
+}
+
+#[test]
+fn rows_labelled_per_policy_must_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (json!({"id": "x", "text": "other", "violates": 0, "policy": "hate"}), "another text than on line 1"),
+        (json!({"id": "x", "text": "hi", "violates": 1, "policy": "spam"}), "labelled both ways for policy `spam`"),
+        (json!({"id": "w", "text": "hi", "violates": 1}), "must name a policy"),
+    ];
+    for (second, expected) in cases {
+        let first = json!({"id": "x", "text": "hi", "violates": 0, "policy": "spam"});
+        let path = common::write_lines(dir.path(), "bad.jsonl", &[first, second]);
+        let (line, message) = data_error(load(&path, &FieldMapping::default()).unwrap_err());
+        assert_eq!(line, 2);
+        assert!(message.contains(expected), "{message}");
+    }
+}

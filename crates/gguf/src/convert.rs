@@ -163,14 +163,22 @@ pub fn hparams_from_config(config: &Value) -> Result<GptOssHparams> {
         _ => (None, 0),
     };
     let n_head = u("num_attention_heads")?;
+    let n_head_kv = u("num_key_value_heads")?;
     let n_embd = u("hidden_size")?;
+    let head_dim = u("head_dim").unwrap_or(n_embd / n_head.max(1));
+    // The attention widths are computed in u32 further on.
+    if n_head.checked_mul(head_dim).is_none() || n_head_kv.checked_mul(head_dim).is_none() {
+        return Err(err(format!(
+            "config.json: {n_head} heads of {head_dim} dimensions (or {n_head_kv} key-value heads) is too wide"
+        )));
+    }
     Ok(GptOssHparams {
         n_vocab: u("vocab_size")?,
         n_embd,
         n_layer: u("num_hidden_layers")?,
         n_head,
-        n_head_kv: u("num_key_value_heads")?,
-        head_dim: u("head_dim").unwrap_or(n_embd / n_head.max(1)),
+        n_head_kv,
+        head_dim,
         n_expert: u("num_local_experts")?,
         n_expert_used: u("num_experts_per_tok").or_else(|_| u("experts_per_token"))?,
         n_ff_exp: u("intermediate_size")?,

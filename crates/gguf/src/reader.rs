@@ -14,6 +14,10 @@ use crate::types::{GgmlType, TypeGeometry, ggml_type_geometry};
 use crate::value::{MetaArray, MetaValue, key_error, type_id};
 use crate::writer::{DEFAULT_ALIGNMENT, GGUF_MAGIC};
 
+/// The most elements reserved ahead of parsing. A count is only checked against the bytes left, and an element
+/// in memory is several times its size on disk: reserving all of it could ask for many times the file.
+const MAX_RESERVED: usize = 4096;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct TensorInfo {
     pub name: String,
@@ -182,7 +186,7 @@ impl<'a> Cursor<'a> {
             }
             STRING => {
                 let n = self.check_count(count, 8, what)?;
-                let mut v = Vec::with_capacity(n);
+                let mut v = Vec::with_capacity(n.min(MAX_RESERVED));
                 for _ in 0..n {
                     v.push(self.string(what)?);
                 }
@@ -190,7 +194,7 @@ impl<'a> Cursor<'a> {
             }
             ARRAY => {
                 let n = self.check_count(count, 12, what)?;
-                let mut v = Vec::with_capacity(n);
+                let mut v = Vec::with_capacity(n.min(MAX_RESERVED));
                 for _ in 0..n {
                     v.push(self.array_value(depth + 1, what)?);
                 }
@@ -240,8 +244,8 @@ impl GgufFile {
         let n_kv = c.check_count(n_kv, 13, &|| "metadata".to_string())?;
         let n_tensors_usize = c.check_count(n_tensors, 24, &|| "tensor infos".to_string())?;
 
-        let mut metadata = Vec::with_capacity(n_kv);
-        let mut metadata_index = HashMap::with_capacity(n_kv);
+        let mut metadata = Vec::with_capacity(n_kv.min(MAX_RESERVED));
+        let mut metadata_index = HashMap::with_capacity(n_kv.min(MAX_RESERVED));
         for i in 0..n_kv {
             let key = c.string(&|| format!("metadata key #{i}"))?;
             let ty = c.u32(&|| format!("metadata value type of {key}"))?;
@@ -265,8 +269,8 @@ impl GgufFile {
             },
         };
 
-        let mut tensors = Vec::with_capacity(n_tensors_usize);
-        let mut tensor_index = HashMap::with_capacity(n_tensors_usize);
+        let mut tensors = Vec::with_capacity(n_tensors_usize.min(MAX_RESERVED));
+        let mut tensor_index = HashMap::with_capacity(n_tensors_usize.min(MAX_RESERVED));
         for i in 0..n_tensors_usize {
             let name = c.string(&|| format!("tensor info #{i}"))?;
             let what = || format!("tensor info {name}");
@@ -297,7 +301,9 @@ impl GgufFile {
                     ),
                 });
             }
-            let n_bytes = n_elems / geometry.block_elems * geometry.block_bytes;
+            let n_bytes = (n_elems / geometry.block_elems)
+                .checked_mul(geometry.block_bytes)
+                .ok_or_else(|| GgufError::Tensor { name: name.clone(), problem: "byte size overflows".into() })?;
             if offset % alignment != 0 {
                 return Err(GgufError::Tensor {
                     name,

@@ -131,6 +131,23 @@ fn damaged_files_give_clear_errors() {
     huge.extend_from_slice(&u64::MAX.to_le_bytes());
     assert!(matches!(GgufFile::from_bytes(huge), Err(GgufError::Truncated { .. })));
 
+    // A tensor whose element count fits in 64 bits but whose byte size does not is refused, not wrapped to a
+    // few bytes.
+    let mut wrapped = Vec::new();
+    wrapped.extend_from_slice(b"GGUF");
+    wrapped.extend_from_slice(&3u32.to_le_bytes());
+    wrapped.extend_from_slice(&1u64.to_le_bytes());
+    wrapped.extend_from_slice(&0u64.to_le_bytes());
+    wrapped.extend_from_slice(&1u64.to_le_bytes());
+    wrapped.extend_from_slice(b"t");
+    wrapped.extend_from_slice(&1u32.to_le_bytes());
+    wrapped.extend_from_slice(&((1u64 << 62) + 1).to_le_bytes());
+    wrapped.extend_from_slice(&0u32.to_le_bytes());
+    wrapped.extend_from_slice(&0u64.to_le_bytes());
+    wrapped.resize(wrapped.len().next_multiple_of(32) + 32, 0);
+    let err = GgufFile::from_bytes(wrapped).err().expect("a 2^62-element f32 tensor in 32 bytes was accepted");
+    assert!(err.to_string().contains("byte size overflows"), "{err}");
+
     let err = GgufFile::open(&dir.path().join("missing.gguf")).err().unwrap();
     assert!(err.to_string().contains("missing.gguf"), "{err}");
 }

@@ -4,7 +4,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use safeguard_core::{Decision, Usage};
+use safeguard_core::{Decision, TokenBudgets, Usage};
+use safeguard_harmony::Effort;
 
 /// The reasoning budget is spent: hold the item (pending) and try again after `retry_after`.
 #[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
@@ -28,11 +29,26 @@ pub struct Budgets {
     pub tokens: Option<Arc<ReasoningBudget>>,
     /// The queue's own smaller buckets, taken from as well as the shared ones.
     queue_lane: Option<Arc<Budgets>>,
+    /// What a failed prompt costs when its caller set no completion cap: the reasoner's own cap for the effort.
+    completion_caps: TokenBudgets,
 }
 
 impl Budgets {
     pub fn new(calls: Option<Arc<ReasoningBudget>>, tokens: Option<Arc<ReasoningBudget>>) -> Self {
-        Self { calls, tokens, queue_lane: None }
+        Self { calls, tokens, queue_lane: None, completion_caps: TokenBudgets::default() }
+    }
+
+    /// The completion caps the reasoner applies per effort to a prompt with none of its own
+    /// ([`Reasoner::completion_cap`](safeguard_core::Reasoner::completion_cap)).
+    #[must_use]
+    pub fn with_completion_caps(mut self, caps: TokenBudgets) -> Self {
+        self.completion_caps = caps;
+        self
+    }
+
+    /// What one prompt at `effort` may cost in completion tokens: the caller's cap, or the reasoner's.
+    pub fn completion_cap(&self, effort: Effort, max_tokens: Option<usize>) -> usize {
+        max_tokens.unwrap_or_else(|| self.completion_caps.for_effort(effort))
     }
 
     pub fn is_unlimited(&self) -> bool {
@@ -48,7 +64,7 @@ impl Budgets {
             return self.clone();
         }
         let lane = |bucket: &Option<Arc<ReasoningBudget>>| bucket.as_ref().map(|b| Arc::new(b.share(share)));
-        let lane = Budgets::new(lane(&self.calls), lane(&self.tokens));
+        let lane = Budgets::new(lane(&self.calls), lane(&self.tokens)).with_completion_caps(self.completion_caps);
         Self { queue_lane: Some(Arc::new(lane)), ..self.clone() }
     }
 
@@ -121,10 +137,10 @@ impl Budgets {
         }
     }
 
-    /// Pays for one prompt: its usage, or, when it failed (`None`), its completion cap where one was set, since the
-    /// engine may still be decoding it.
-    pub fn charge_prompt(&self, usage: Option<&Usage>, max_tokens: Option<usize>) {
-        self.charge(usage.map_or(max_tokens.unwrap_or(0), Usage::billed_tokens));
+    /// Pays for one prompt: its usage, or, when it failed (`None`), its completion cap, since the engine may still
+    /// be decoding it.
+    pub fn charge_prompt(&self, effort: Effort, usage: Option<&Usage>, max_tokens: Option<usize>) {
+        self.charge(usage.map_or_else(|| self.completion_cap(effort, max_tokens), Usage::billed_tokens));
     }
 
     /// Pays for a decision: the tokens its answered prompts spent, and the completion cap of each failed one. The
@@ -133,7 +149,7 @@ impl Budgets {
     /// costs what the prompt could have cost.
     pub fn charge_decision(&self, decision: &Decision, max_tokens: Option<usize>) {
         let failed = decision.prompts.iter().filter(|prompt| prompt.error.is_some()).count();
-        self.charge(decision.usage.billed_tokens() + failed * max_tokens.unwrap_or(0));
+        self.charge(decision.usage.billed_tokens() + failed * self.completion_cap(decision.effort, max_tokens));
     }
 }
 

@@ -20,7 +20,7 @@ use safeguard_harmony::{Content, Effort, judged_text};
 use safeguard_policy::Policy;
 use safeguard_triage::rules::RuleAction;
 use safeguard_triage::{Band, RuleMatch, Triage, TriageResult};
-use safeguard_verdict::{Outcome, Verdict};
+use safeguard_verdict::{Flag, Outcome, Verdict};
 use serde::{Deserialize, Serialize};
 use tracing::Instrument;
 use tracing::{debug, info_span};
@@ -228,6 +228,7 @@ pub enum Escalation {
     HighRiskCategory {
         cited: Vec<String>,
     },
+    /// The stage gave no answer: the backend failed or the stage ran out of time.
     StageFailed {
         detail: String,
     },
@@ -386,14 +387,16 @@ impl Pipeline {
             }
         };
         let mut escalate = Vec::new();
+        // Why each policy's last reasoning step failed, if it did: an outage is told apart from an unsure model.
+        let mut failures: Vec<Option<String>> = vec![None; routes.len()];
         for (effort, group, decision, record) in
             self.reason_by_effort(policies, by_effort(&first, start), content, ctx).await
         {
             for (slot, &i) in group.iter().enumerate() {
                 let route = &mut routes[i];
-                apply_verdict(route, &decision, slot, Stage::reasoning(effort));
+                failures[i] = apply_verdict(route, &decision, slot, Stage::reasoning(effort));
                 if effort < plans[i].escalation_effort
-                    && let Some(why) = escalation_reason(route, &plans[i])
+                    && let Some(why) = escalation_reason(route, &plans[i], failures[i].as_deref())
                 {
                     route.escalations.push(why);
                     escalate.push(i);
@@ -409,7 +412,7 @@ impl Pipeline {
             let groups = by_effort(&escalate, |i| plans[i].escalation_effort);
             for (effort, group, decision, record) in self.reason_by_effort(policies, groups, content, ctx).await {
                 for (slot, &i) in group.iter().enumerate() {
-                    apply_verdict(&mut routes[i], &decision, slot, Stage::reasoning(effort));
+                    failures[i] = apply_verdict(&mut routes[i], &decision, slot, Stage::reasoning(effort));
                 }
                 stages.push(record);
                 reasoning.push(decision);
@@ -418,18 +421,20 @@ impl Pipeline {
 
         // The end of the line: whatever the model could not settle, what it is still unsure of at its last effort
         // (there is no higher effort to ask), and every appeal, goes to a person.
-        for (route, plan) in routes.iter_mut().zip(&plans) {
+        for ((route, plan), failure) in routes.iter_mut().zip(&plans).zip(failures) {
             let at_last_effort = route.decided_by.effort().is_some_and(|effort| effort >= plan.escalation_effort);
             let still_unsure = (at_last_effort && route.outcome != Outcome::NeedsReview)
                 .then_some(route.engine_confidence)
                 .flatten()
-                .filter(|p| *p < plan.min_engine_confidence);
+                .filter(|&p| below(p, plan.min_engine_confidence));
             if route.outcome == Outcome::NeedsReview || ctx.appeal || still_unsure.is_some() {
                 if route.decided_by != Stage::HumanReview {
                     if ctx.appeal {
                         route.escalations.push(Escalation::Appeal);
                     } else if let Some(probability) = still_unsure {
                         route.escalations.push(Escalation::LowEngineConfidence { probability });
+                    } else if let Some(detail) = failure {
+                        route.escalations.push(Escalation::StageFailed { detail });
                     } else if let Some(verdict) = &route.verdict {
                         route.escalations.push(Escalation::NeedsReview { flags: flag_names(verdict) });
                     }
@@ -567,11 +572,9 @@ impl Pipeline {
             ..ClassifyOptions::default()
         };
         let started = Instant::now();
-        let mut unpaid = UnpaidStep {
-            budgets: &self.budgets,
-            worst_case: self.config.max_tokens.unwrap_or(0) * selected.len(),
-            paid: false,
-        };
+        // Without a cap of our own, the reasoner's for the effort: what a prompt that fails may have cost.
+        let cap = self.config.max_tokens.unwrap_or_else(|| self.classifier.reasoner().completion_cap(effort));
+        let mut unpaid = UnpaidStep { budgets: &self.budgets, worst_case: cap * selected.len(), paid: false };
         let classify = self.classifier.classify(&selected, content, &options);
         let decision = match self.config.stage_timeout {
             None => classify.await,
@@ -589,7 +592,7 @@ impl Pipeline {
                 }
             },
         };
-        self.budgets.charge_decision(&decision, self.config.max_tokens);
+        self.budgets.charge_decision(&decision, Some(cap));
         unpaid.paid = true;
         let elapsed = started.elapsed();
         metrics::histogram!("safeguard_pipeline_stage_seconds", "stage" => Stage::reasoning(effort).as_str())
@@ -649,13 +652,21 @@ fn timed_out_decision(policies: &[Policy], options: &ClassifyOptions, model: Str
     }
 }
 
-/// Whether a verdict below the policy's escalation effort should be asked again there, and why.
-fn escalation_reason(route: &PolicyRoute, plan: &PolicyPlan) -> Option<Escalation> {
+/// Whether a verdict below the policy's escalation effort should be asked again there, and why. `failure` is why
+/// the step gave no answer, if it failed.
+fn escalation_reason(route: &PolicyRoute, plan: &PolicyPlan, failure: Option<&str>) -> Option<Escalation> {
+    if let Some(detail) = failure {
+        return Some(Escalation::StageFailed { detail: detail.to_string() });
+    }
     let verdict = route.verdict.as_ref()?;
+    if verdict.flags.contains(&Flag::Escalated) {
+        // The policy (`escalate_on`) or the model asked for a person: more effort must not answer in their place.
+        return None;
+    }
     if verdict.outcome == Outcome::NeedsReview {
         return Some(Escalation::NeedsReview { flags: flag_names(verdict) });
     }
-    if let Some(p) = route.engine_confidence.filter(|p| *p < plan.min_engine_confidence) {
+    if let Some(p) = route.engine_confidence.filter(|&p| below(p, plan.min_engine_confidence)) {
         return Some(Escalation::LowEngineConfidence { probability: p });
     }
     if verdict.outcome == Outcome::Violation && verdict.cites_any(&plan.high_risk_categories) {
@@ -687,12 +698,20 @@ fn by_effort(indexes: &[usize], effort_of: impl Fn(usize) -> Effort) -> BTreeMap
     groups
 }
 
-fn apply_verdict(route: &mut PolicyRoute, decision: &Decision, slot: usize, stage: Stage) {
+/// Puts a step's verdict for one policy on its route; returns why the step failed for it, if it did. The cascade
+/// reasons about policies separately, so the step's prompts line up with its verdicts.
+fn apply_verdict(route: &mut PolicyRoute, decision: &Decision, slot: usize, stage: Stage) -> Option<String> {
     let verdict = decision.verdicts.get(slot).cloned();
     route.outcome = verdict.as_ref().map_or(Outcome::NeedsReview, |v| v.outcome);
     route.engine_confidence = decision.engine_confidence.get(slot).copied().flatten();
     route.verdict = verdict;
     route.decided_by = stage;
+    decision.prompts.get(slot).and_then(|prompt| prompt.error.clone())
+}
+
+/// Whether an engine probability is under `min`; one that is not a number is no evidence of confidence.
+fn below(probability: f32, min: f32) -> bool {
+    probability.is_nan() || probability < min
 }
 
 /// The `flag` rules that matched, if any did: each once, in the order they first matched (the evidence has a
@@ -753,5 +772,17 @@ fn escalation_str(why: &Escalation) -> &'static str {
         Escalation::TriageDisagrees { .. } => "triage_disagrees",
         Escalation::HighRiskCategory { .. } => "high_risk_category",
         Escalation::StageFailed { .. } => "stage_failed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::below;
+
+    #[test]
+    fn a_probability_that_is_not_a_number_is_below_any_floor() {
+        assert!(below(f32::NAN, 0.5));
+        assert!(below(0.4, 0.5));
+        assert!(!below(0.5, 0.5));
     }
 }

@@ -69,6 +69,10 @@ pub fn routing_section(policy: &Policy) -> Result<RoutingSection, RoutingSection
     {
         return Err(error(format!("first_effort {first} is above escalation_effort {escalation}")));
     }
+    // Matched exactly against what the model cites: a tier the policy does not define would never match.
+    if let Some(unknown) = section.high_risk_categories.iter().find(|category| !policy.knows_rule(category)) {
+        return Err(error(format!("high_risk_categories: `{unknown}` is not a rule id or tier of this policy")));
+    }
     if let Some(flagged) = section.flagged_effort {
         if let Some(first) = section.first_effort.filter(|first| flagged < *first) {
             return Err(error(format!("flagged_effort {flagged} is below first_effort {first}")));
@@ -107,6 +111,11 @@ mod tests {
         );
         let plain = Policy::parse("---\nname: plain\noutput: binary\n---\n# P\nReturn 0 or 1.").unwrap();
         assert_eq!(routing_section(&plain).unwrap(), RoutingSection::default());
+        let tiered = Policy::parse(
+            "---\nname: t\noutput: binary\nrouting:\n  high_risk_categories: [SH3, SH2.a]\n---\n# Self-harm (SH)\n\n## VIOLATES\n- SH2.a Methods.\n- SH3.a Encouragement.\n\nReturn 0 or 1.",
+        )
+        .unwrap();
+        assert_eq!(routing_section(&tiered).unwrap().high_risk_categories, ["SH3", "SH2.a"], "a tier and a rule id");
 
         for (bad, says) in [
             ("  first_effort: extreme", "extreme"),
@@ -117,6 +126,7 @@ mod tests {
             ("  escalation_effort: medium\n  flagged_effort: high", "above escalation_effort"),
             ("  min_confidence: 0.9", "min_confidence"),
             ("  escalate_on_triage_disagreement: sometimes", "sometimes"),
+            ("  high_risk_categories: [SH3]", "`SH3` is not a rule id or tier"),
         ] {
             let error = routing_section(&with(bad)).unwrap_err().to_string();
             assert!(error.contains(says) && error.contains("routing"), "{bad:?}: {error}");

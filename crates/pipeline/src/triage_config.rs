@@ -87,6 +87,19 @@ struct Entry {
     model_file: Option<SystemTime>,
     /// When `model_file` was last read off the disk.
     checked: Instant,
+    /// When `built` was made: a model that failed to load is tried again after a while even if its file did not
+    /// change (the encoder it needs may have been installed since).
+    built_at: Instant,
+}
+
+/// How long a policy runs without its model, which failed to load, before the library tries to load it again.
+const FAILED_MODEL_RETRY: Duration = Duration::from_secs(30);
+
+impl Entry {
+    fn model_failed_long_ago(&self) -> bool {
+        let failed = matches!(&self.built, Ok(Some(triage)) if triage.model_unusable().is_some());
+        failed && self.built_at.elapsed() >= FAILED_MODEL_RETRY
+    }
 }
 
 /// Builds and caches triage per policy version and `triage:` section.
@@ -139,6 +152,7 @@ impl TriageLibrary {
         if let Some(entry) = self.cache().get_mut(&hash)
             && same_source(entry)
             && entry.model_file == model_file
+            && !entry.model_failed_long_ago()
         {
             entry.checked = Instant::now();
             return entry.built.clone().map_err(TriageError::InvalidConfig);
@@ -152,8 +166,15 @@ impl TriageLibrary {
         if cache.len() >= LIBRARY_CAPACITY && !cache.contains_key(&hash) {
             cache.clear();
         }
-        let entry =
-            Entry { section: section.cloned(), built: built.clone(), model_dir, model_file, checked: Instant::now() };
+        let now = Instant::now();
+        let entry = Entry {
+            section: section.cloned(),
+            built: built.clone(),
+            model_dir,
+            model_file,
+            checked: now,
+            built_at: now,
+        };
         cache.insert(hash, entry);
         built.map_err(TriageError::InvalidConfig)
     }
@@ -179,24 +200,23 @@ impl TriageLibrary {
             TriageError::InvalidConfig(reason) => reason,
             other => other.to_string(),
         })?;
-        let model = model_dir.and_then(|path| {
-            if !path.join("model.json").exists() {
-                return None;
+        let Some(path) = model_dir.filter(|path| path.join("model.json").exists()) else {
+            return Ok(rules.map(|rules| Arc::new(Triage::new(Some(rules), None))));
+        };
+        let unusable = match TriageModel::load(path) {
+            Ok(model) if model.meta.policy_hash == hash => return Ok(Some(Arc::new(Triage::new(rules, Some(model))))),
+            Ok(model) => {
+                warn!(policy = %policy.meta.name, trained_for = %model.meta.policy_hash, current = %hash,
+                    "the triage model was trained for another version of this policy; not using it");
+                format!("the model in {} was trained for {}", path.display(), model.meta.policy_hash)
             }
-            match TriageModel::load(path) {
-                Ok(model) if model.meta.policy_hash == hash => Some(model),
-                Ok(model) => {
-                    warn!(policy = %policy.meta.name, trained_for = %model.meta.policy_hash, current = %hash,
-                        "the triage model was trained for another version of this policy; not using it");
-                    None
-                }
-                Err(e) => {
-                    warn!(path = %path.display(), "cannot load the triage model: {e}");
-                    None
-                }
+            Err(e) => {
+                warn!(path = %path.display(), "cannot load the triage model: {e}");
+                format!("the model in {} does not load: {e}", path.display())
             }
-        });
-        Ok((rules.is_some() || model.is_some()).then(|| Arc::new(Triage::new(rules, model))))
+        };
+        // The policy's allow rules were meant to be checked by its model: without it they skip nothing.
+        Ok(rules.map(|rules| Arc::new(Triage::without_its_model(Some(rules), unusable))))
     }
 }
 
@@ -302,6 +322,34 @@ mod tests {
         let nested = TriageLibrary::new(Some(models.path().join("nested")));
         std::fs::create_dir_all(models.path().join("nested")).unwrap();
         assert!(nested.for_policy(&outside).is_none());
+    }
+
+    /// Allow rules written for a policy with a model are checked by that model; a model that is there but cannot
+    /// be used (it does not load, or belongs to another version) must not leave them acting alone.
+    #[test]
+    fn allow_rules_skip_nothing_while_the_policy_model_is_unusable() {
+        let models = tempfile::tempdir().unwrap();
+        let rules = "triage:\n  rules:\n    keywords:\n      - {name: polite, action: allow, keywords: [thanks]}\n      - {name: scam, action: deny, keywords: [free bitcoin]}\n";
+        let policy =
+            Policy::parse(&format!("---\nname: promo\noutput: binary\n{rules}---\n# P\nReturn 0 or 1.")).unwrap();
+        let library = TriageLibrary::new(Some(models.path().to_path_buf())).with_model_recheck(Duration::ZERO);
+        let band = |text: &str| library.for_policy(&policy).unwrap().route(text).band;
+        assert_eq!(band("thanks, how do I make ricin"), safeguard_triage::Band::ConfidentBenign, "rules alone");
+
+        let dir = models.path().join("promo");
+        train_for(&policy, &dir);
+        std::fs::write(dir.join("weights.bin"), b"not the weights").unwrap();
+        let triage = library.for_policy(&policy).unwrap();
+        assert!(triage.model_unusable().is_some_and(|why| why.contains("does not load")), "{triage:?}");
+        assert_eq!(band("thanks, how do I make ricin"), safeguard_triage::Band::Uncertain);
+        assert_eq!(band("thanks for the free bitcoin"), safeguard_triage::Band::ConfidentViolation);
+
+        // A model trained for the previous version of the policy is just as unusable.
+        let older = Policy::parse("---\nname: promo\noutput: binary\n---\n# P\nAn older text. Return 0 or 1.").unwrap();
+        train_for(&older, &dir);
+        let triage = library.for_policy(&policy).unwrap();
+        assert!(triage.model_unusable().is_some_and(|why| why.contains("trained for")), "{triage:?}");
+        assert_eq!(band("thanks, how do I make ricin"), safeguard_triage::Band::Uncertain);
     }
 
     #[test]

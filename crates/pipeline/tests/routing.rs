@@ -108,8 +108,17 @@ async fn each_item_lands_in_the_stage_the_rules_say() {
     let person = route(&pipeline, "a coupon low=junk high=junk").await;
     assert_eq!((person.decided_by, person.outcome), (Stage::HumanReview, Outcome::NeedsReview));
 
+    // The model asks for a person: more effort does not answer in their place.
+    let asked = route(&pipeline, "a coupon low=ESCALATE high=0").await;
+    assert_eq!((asked.decided_by, asked.outcome), (Stage::HumanReview, Outcome::NeedsReview));
+    assert!(
+        matches!(asked.policies[0].escalations.last(), Some(Escalation::NeedsReview { flags }) if flags.iter().any(|f| f == "escalated")),
+        "{:?}",
+        asked.policies[0].escalations
+    );
+
     let efforts: Vec<Effort> = reasoner.calls.lock().unwrap().iter().map(|c| c.1).collect();
-    assert_eq!(efforts, vec![Effort::Low, Effort::Low, Effort::High, Effort::Low, Effort::High]);
+    assert_eq!(efforts, vec![Effort::Low, Effort::Low, Effort::High, Effort::Low, Effort::High, Effort::Low]);
 }
 
 /// Triage judges the part the verdict is about, as it was trained: a deny phrase in the context (the prompt of a
@@ -507,6 +516,19 @@ async fn a_step_dropped_midway_is_still_paid_for() {
     assert!(deferred.retry_after > Duration::from_millis(1500), "{:?}", deferred.retry_after);
 }
 
+/// Without a cap of the pipeline's own, a dropped step pays the reasoner's cap for its effort (not nothing).
+#[tokio::test]
+async fn a_step_dropped_midway_pays_the_reasoners_cap_when_none_is_set() {
+    let (pipeline, reasoner) = build(RoutingConfig::default(), Some(Duration::from_millis(500)));
+    let pipeline = pipeline.with_token_budget(Arc::new(ReasoningBudget::new(100.0, 100)));
+    let hung_up = tokio::time::timeout(Duration::from_millis(50), route(&pipeline, "x low=0")).await;
+    assert!(hung_up.is_err(), "the step was still running when it was dropped");
+    assert_eq!(reasoner.calls.lock().unwrap().len(), 1);
+    let deferred = pipeline.decide(&[spam()], &Content::text("y low=0"), &RouteContext::default()).await.unwrap_err();
+    // The scripted reasoner keeps the default caps: 1,024 tokens at low effort, about 9 s of this budget.
+    assert!(deferred.retry_after > Duration::from_secs(8), "{:?}", deferred.retry_after);
+}
+
 /// Every prompt the classifier's observer was shown, with its effort.
 #[derive(Default)]
 struct Seen(Mutex<Vec<(Effort, PromptTrace)>>);
@@ -529,6 +551,13 @@ async fn a_stage_that_times_out_escalates_and_ends_with_a_person() {
     assert_eq!(reasoner.calls.lock().unwrap().len(), 2, "low timed out, high timed out");
     let rationale = d.policies[0].verdict.as_ref().and_then(|v| v.rationale.clone()).unwrap_or_default();
     assert!(rationale.contains("timed out"), "{rationale}");
+    // Recorded as failed stages, not as an unsure model: each step left for its timeout.
+    let failed: Vec<&Escalation> = d.policies[0]
+        .escalations
+        .iter()
+        .filter(|e| matches!(e, Escalation::StageFailed { detail } if detail.contains("timed out")))
+        .collect();
+    assert_eq!(failed.len(), 2, "{:?}", d.policies[0].escalations);
     // The prompts given up on still count (as failed), where cost and latency are counted per policy and effort.
     let seen = seen.0.lock().unwrap();
     let efforts: Vec<Effort> = seen.iter().map(|(effort, _)| *effort).collect();

@@ -259,14 +259,17 @@ pub(crate) fn build_meta(
         tags: fields.list("tags")?,
         extra: BTreeMap::new(),
     };
-    let extra = fields
-        .map
-        .into_iter()
-        .filter_map(|(key, value)| {
-            let key = scalar_string(&key)?;
-            // YAML values that JSON cannot hold (e.g. non-string keys) are dropped rather than failing the file.
-            serde_json::to_value(&value).ok().map(|value| (key, value))
-        })
-        .collect();
+    let mut extra = BTreeMap::new();
+    for (key, value) in std::mem::take(&mut fields.map) {
+        let Some(key) = scalar_string(&key) else { continue };
+        // Dropping a value JSON cannot hold (a mapping with non-string keys) would run a `routing:` or `triage:`
+        // section on the server's defaults without a word: the file is refused instead.
+        match serde_json::to_value(&value) {
+            Ok(json) => {
+                extra.insert(key, json);
+            }
+            Err(e) => return Err(fields.error(&key, format!("cannot be read as JSON: {e}"))),
+        }
+    }
     Ok(PolicyMeta { extra, ..meta })
 }

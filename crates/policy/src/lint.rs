@@ -449,6 +449,15 @@ impl Linter {
                 seen.insert(&definition.rule_id, definition.line);
             }
         }
+        // Matched exactly against what the model cites: an id the policy does not define would never send anything.
+        for id in policy.meta.escalate_on.iter().filter(|id| !policy.knows_rule(id)) {
+            self.push(
+                Severity::Error,
+                "undefined-escalate-on",
+                format!("escalate_on names {id}, which is not a rule id or tier of this policy"),
+                None,
+            );
+        }
         let mut reported = std::collections::BTreeSet::new();
         for line in lines {
             for (_, id) in find_rule_ids(line.text) {

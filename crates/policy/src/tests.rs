@@ -265,6 +265,11 @@ fn front_matter_errors_carry_lines() {
 
     let err = Policy::parse("---\n- a\n- b\n---\n# P\nReturn 0 or 1.").unwrap_err();
     assert!(matches!(err, PolicyError::FrontMatter { line: 2, .. }), "{err:?}");
+
+    // A section JSON cannot hold (a complex key) is refused, not dropped: the policy would run on defaults.
+    let err =
+        Policy::parse("---\nname: p\noutput: binary\nrouting:\n  ? [a]\n  : b\n---\n# P\nReturn 0 or 1.").unwrap_err();
+    assert!(matches!(err, PolicyError::FrontMatterField { ref field, line: 4, .. } if field == "routing"), "{err:?}");
 }
 
 #[test]
@@ -318,8 +323,11 @@ const BAD: &str = r#"# Bad Policy
 
 #[test]
 fn lint_bad_policy_finds_each_problem() {
-    let report = lint(&format!("---\noutput: binary\n---\n{BAD}"), &exact_opts());
+    let report = lint(&format!("---\noutput: binary\nescalate_on: [BD1, bd2]\n---\n{BAD}"), &exact_opts());
     let codes: Vec<_> = report.findings.iter().map(|f| f.code.as_str()).collect();
+    let escalate_on: Vec<&str> =
+        report.findings.iter().filter(|f| f.code == "undefined-escalate-on").map(|f| f.message.as_str()).collect();
+    assert!(matches!(escalate_on.as_slice(), [message] if message.contains("bd2")), "{escalate_on:?}");
     for expected in [
         "missing-instructions",
         "missing-output-format",
@@ -336,9 +344,9 @@ fn lint_bad_policy_finds_each_problem() {
     }
     assert!(report.has_errors());
     let dup = report.findings.iter().find(|f| f.code == "duplicate-rule-id").unwrap();
-    assert_eq!(dup.line, Some(7), "file line of the second definition");
+    assert_eq!(dup.line, Some(8), "file line of the second definition");
     let hedges: Vec<_> = report.findings.iter().filter(|f| f.code == "hedge-word").filter_map(|f| f.line).collect();
-    assert_eq!(hedges, vec![6, 7]);
+    assert_eq!(hedges, vec![7, 8]);
     let undefined = report.findings.iter().find(|f| f.code == "undefined-rule-id").unwrap();
     assert!(undefined.message.contains("BD9.z") && undefined.message.contains("example"));
     // Both examples lack labels? No: "(BD9.z)" is no label, and neither is the second.

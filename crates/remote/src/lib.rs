@@ -537,6 +537,10 @@ impl Reasoner for RemoteReasoner {
         format!("remote:{}", self.inner.config.model)
     }
 
+    fn completion_cap(&self, effort: Effort) -> usize {
+        self.inner.config.budget(effort)
+    }
+
     async fn reason(&self, req: ReasonRequest) -> Result<ReasonOutput, ReasonError> {
         self.run(req, None).await
     }

@@ -2,7 +2,7 @@
 //!
 //! Pure functions over `serde_json::Value`, so every documented response shape is a table test away.
 
-use safeguard_core::{ReasonOutput, ReasonRequest, Timings, Usage};
+use safeguard_core::{ReasonOutput, ReasonRequest, Timings, Usage, answer_confidence};
 use safeguard_engine::Sampling;
 use safeguard_harmony::user_message_text;
 use serde_json::{Value, json};
@@ -225,13 +225,13 @@ fn message_bodies<'a>(text: &'a str, channel: &'a str) -> impl Iterator<Item = &
     })
 }
 
-/// Geometric mean of the probabilities of the answer's tokens, from OpenAI-style `logprobs.content`.
+/// The engine's confidence in the answer ([`answer_confidence`]) from OpenAI-style `logprobs.content`.
 fn final_token_prob(entries: Option<&Value>) -> Option<f32> {
-    let logprobs: Vec<f64> = entries?.as_array()?.iter().filter_map(|e| e.get("logprob")?.as_f64()).collect();
-    if logprobs.is_empty() {
-        return None;
-    }
-    Some((logprobs.iter().sum::<f64>() / logprobs.len() as f64).exp() as f32)
+    let tokens = entries?.as_array()?.iter().filter_map(|e| {
+        let log_prob = e.get("logprob")?.as_f64()?;
+        Some((e.get("token").and_then(Value::as_str).unwrap_or_default(), log_prob))
+    });
+    answer_confidence(tokens)
 }
 
 #[cfg(test)]
@@ -422,10 +422,20 @@ mod tests {
     }
 
     #[test]
-    fn final_probability_is_the_geometric_mean_of_answer_tokens() {
+    fn final_probability_is_the_verdict_digits() {
         let body = json!({"choices": [{"finish_reason": "stop", "message": {"content": "1"},
             "logprobs": {"content": [{"token": "1", "logprob": (0.25f64).ln()}, {"token": "x", "logprob": 0.0}]}}]});
         let p = parse_response(Flavor::OpenAi, &body).unwrap().final_token_prob.unwrap();
-        assert!((p - 0.5).abs() < 1e-6, "{p}");
+        assert!((p - 0.25).abs() < 1e-6, "{p}");
+        // A JSON answer: the digit decides, not the near-certain object around it.
+        let mut content = vec![
+            json!({"token": "{\"violation\":", "logprob": 0.0}),
+            json!({"token": " 0", "logprob": (0.45f64).ln()}),
+        ];
+        content.extend(std::iter::repeat_n(json!({"token": " word", "logprob": (0.999f64).ln()}), 50));
+        let body = json!({"choices": [{"finish_reason": "stop", "message": {"content": "{\"violation\": 0}"},
+            "logprobs": {"content": content}}]});
+        let p = parse_response(Flavor::OpenAi, &body).unwrap().final_token_prob.unwrap();
+        assert!((p - 0.45).abs() < 1e-6, "{p}");
     }
 }

@@ -208,3 +208,34 @@ fn a_limit_beyond_one_page_of_stored_decisions_is_refused() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success() && stderr.contains("at most 1000"), "{stderr}");
 }
+
+/// An item the model cannot judge (here its prompt overflows the context) is no verdict on the policy: it is
+/// listed as failed, no flip is counted for it, and the run does not pass.
+#[test]
+fn items_the_model_could_not_judge_are_failures_not_flips() {
+    let f = fixture();
+    let data = f._dir.path().join("mixed.jsonl");
+    let lines = [
+        json!({"id": "short", "text": "meeting moved to 3pm", "violates": 0}),
+        json!({"id": "long", "text": "buy cheap watches now ".repeat(200), "violates": 1}),
+    ];
+    std::fs::write(&data, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_safeguard"))
+        .args(["policy", "backtest", "--policy"])
+        .arg(&f.policy)
+        .arg("--dataset")
+        .arg(&data)
+        .arg("--model")
+        .arg(&f.model)
+        .args(["--effort", "low", "--max-tokens", "8", "--threads", "2", "--context", "256", "--format", "json"])
+        .output()
+        .expect("run safeguard");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("1 item(s) could not be judged"), "{stderr}");
+    let report: Value = serde_json::from_slice(&output.stdout).expect("json report");
+    assert_eq!(report["items"], 1, "{report:#}");
+    let failed = report["failed"].as_array().unwrap();
+    assert!(matches!(failed.as_slice(), [entry] if entry[0] == "long"), "{report:#}");
+    assert!(failed[0][1].as_str().unwrap().contains("does not fit"), "{report:#}");
+}

@@ -167,7 +167,8 @@ fn stdin_and_combined_mode_work() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_safeguard"))
         .args(["classify", "--policy", f.policy.to_str().unwrap(), "--policy", second.to_str().unwrap()])
         .args(["--model", f.model.to_str().unwrap(), "--mode", "combined", "--max-tokens", "8", "--threads", "2"])
-        .args(["--context", "1024", "-"])
+        // A CPU build takes the offload flag and runs every layer on the CPU.
+        .args(["--context", "1024", "--gpu-layers", "99", "-"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -222,6 +223,19 @@ fn bad_policies_and_inputs_fail_clearly() {
     let output = classify(&["--input", f.dir.path().join("no-such-input.jsonl").to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr(&output).contains("no-such-input.jsonl"), "{}", stderr(&output));
+
+    // Nothing judged is not "all allowed".
+    let blank = write_input("blank.jsonl", b"\n  \n");
+    let output = classify(&["--input", blank.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("held no items"), "{}", stderr(&output));
+
+    // A prompt the engine could not run (longer than the context) leaves the item unjudged: a failure.
+    let (policy, model) = (f.policy.to_str().unwrap(), f.model.to_str().unwrap());
+    let long = "hello there ".repeat(300);
+    let output = safeguard(&["classify", "--policy", policy, "--model", model, "--context", "256", "--text", &long]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("could not be classified"), "{}", stderr(&output));
 
     let output = classify(&["--text", &"x".repeat(50), "--max-chars", "10"]);
     assert_eq!(output.status.code(), Some(1));

@@ -118,6 +118,20 @@ fn scores_saved_predictions_as_json_text_and_html() {
     // A CI gate: F1 4/7 is below 0.6.
     args.extend(["--min-f1", "0.6"]);
     assert_eq!(safeguard(&args).status.code(), Some(2));
+
+    // A run that left items unjudged (a crash halfway) is reported, and does not pass.
+    let partial = dir.path().join("partial.jsonl");
+    write_jsonl(&partial, &[classify_line("a", "violation", "ra"), json!({"id": "b", "error": "engine died"})]);
+    let mut args = vec!["eval", "--predictions", partial.to_str().unwrap(), "--dataset", dataset.to_str().unwrap()];
+    args.extend(MAPPING);
+    args.extend(["--format", "json"]);
+    let out = safeguard(&args);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((report["errors"].as_u64(), report["missing_predictions"]["count"].as_u64()), (Some(1), Some(4)));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("1 classification(s) failed and 4 item(s) have no prediction")
+    );
 }
 
 #[test]

@@ -178,6 +178,10 @@ fn filters_and_bad_arguments_are_clear() {
     let output = safeguard(&["export", "dataset", "--database", &url, "--since", "yesterday", "--out", out_s]);
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("RFC 3339"));
+    // Seconds where milliseconds are meant would export everything since 1970.
+    let output = safeguard(&["export", "dataset", "--database", &url, "--since", "1706659200", "--out", out_s]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("1706659200000"), "{output:?}");
 
     // The decisions were made in 1970 but corrected today: a 2020 cutoff still holds the corrections, a cutoff
     // in the future leaves nothing.
@@ -189,18 +193,8 @@ fn filters_and_bad_arguments_are_clear() {
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("0 decided reviews"));
 
-    let output = safeguard(&[
-        "export",
-        "dataset",
-        "--database",
-        &url,
-        "--since",
-        "1000000",
-        "--policy",
-        "threats",
-        "--out",
-        out_s,
-    ]);
+    let output =
+        safeguard(&["export", "dataset", "--database", &url, "--since", "0", "--policy", "threats", "--out", out_s]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(read_jsonl(&out).len(), 12);
 }
@@ -249,4 +243,129 @@ fn cascade_decisions_give_model_labels_per_stage_and_none_for_triage() {
         .collect();
     assert_eq!(got, [("privacy", "reasoning_low", "low", 0), ("threats", "reasoning_high", "high", 1)]);
     assert!(String::from_utf8_lossy(&output.stderr).contains("settled by triage"));
+}
+
+/// An export labels each policy of an item on its own row, so ids repeat. Evaluation reads it back as one item
+/// per id with a label per policy: scored for one policy, only that policy's labels count; scored whole, an
+/// item violates if any policy says so, and each policy is checked against its own labels.
+#[test]
+fn a_multi_policy_export_is_an_eval_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("decisions.db");
+    // (id, threats, spam) as the model decided them.
+    let items = [("d1", "violation", "allow"), ("d2", "allow", "violation"), ("d3", "allow", "allow")];
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let store = Store::open_sqlite(&db).await.unwrap();
+        for (at, (id, threats, spam)) in items.iter().enumerate() {
+            let mut record = decision(id, now_ms() - 1_000 + at as i64, &format!("text of {id}"), "allow");
+            record.policy_names = vec!["threats".into(), "spam".into()];
+            record.policy_hashes = vec!["sha256:threatsv1".into(), "sha256:spamv1".into()];
+            record.verdicts = json!([
+                {"policy": "threats", "policy_hash": "sha256:threatsv1", "outcome": threats, "rule_ids": []},
+                {"policy": "spam", "policy_hash": "sha256:spamv1", "outcome": spam, "rule_ids": []},
+            ]);
+            store.insert_decision(&record, None).await.unwrap();
+        }
+        store.close().await;
+    });
+    let export = dir.path().join("export.jsonl");
+    let url = format!("sqlite://{}", db.display());
+    let output = safeguard(&[
+        "export",
+        "dataset",
+        "--database",
+        &url,
+        "--include-model-labels",
+        "--out",
+        export.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(read_jsonl(&export).len(), 6, "one row per item and policy");
+
+    // A new run: right on spam everywhere, wrong on threats for d1 (missed) and d3 (flagged).
+    let run = dir.path().join("run.jsonl");
+    let line = |id: &str, outcome: &str, threats: &str, spam: &str| {
+        json!({"id": id, "outcome": outcome, "verdicts": [
+            {"policy": "threats", "outcome": threats, "violation": threats == "violation", "rule_ids": [], "flags": []},
+            {"policy": "spam", "outcome": spam, "violation": spam == "violation", "rule_ids": [], "flags": []}]})
+        .to_string()
+    };
+    let lines = [
+        line("d1", "allow", "allow", "allow"),
+        line("d2", "violation", "allow", "violation"),
+        line("d3", "violation", "violation", "allow"),
+    ];
+    std::fs::write(&run, lines.join("\n")).unwrap();
+    let eval = |extra: &[&str]| {
+        let mut args = vec!["eval", "--predictions", run.to_str().unwrap(), "--dataset", export.to_str().unwrap()];
+        args.extend(extra);
+        args.extend(["--format", "json"]);
+        let output = safeguard(&args);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        serde_json::from_slice::<Value>(&output.stdout).unwrap()
+    };
+    let counts = |report: &Value| ["tp", "fp", "tn", "fn"].map(|k| report[k].as_u64().unwrap());
+
+    // Threats alone: d1 is a missed violation, d2 a true negative, d3 a false positive.
+    assert_eq!(counts(&eval(&["--policy", "threats"])), [0, 1, 1, 1]);
+    // Spam alone: all right.
+    assert_eq!(counts(&eval(&["--policy", "spam"])), [1, 0, 2, 0]);
+    // Whole items: d1 and d2 violate something, d3 nothing; each policy is also scored against its own labels.
+    let whole = eval(&[]);
+    assert_eq!(counts(&whole), [1, 1, 0, 1]);
+    let multi = &whole["multi_policy"];
+    assert_eq!((multi["items"].as_u64(), multi["correct"].as_u64()), (Some(3), Some(1)), "{multi}");
+    assert_eq!(multi["policies"], json!({"spam": "spam", "threats": "threats"}));
+
+    // A policy the export has no labels for is an error, not an empty report.
+    let output = safeguard(&[
+        "eval",
+        "--predictions",
+        run.to_str().unwrap(),
+        "--dataset",
+        export.to_str().unwrap(),
+        "--policy",
+        "hate",
+    ]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("none for `hate`") && stderr.contains("spam, threats"), "{stderr}");
+}
+
+/// A service on PostgreSQL keeps its tables in its own schema: the export reads that schema when told, by flag or
+/// by the environment `safeguard serve` takes it from.
+#[test]
+fn export_reads_the_services_postgres_schema() {
+    let url = std::env::var("SAFEGUARD_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
+    let schema = format!("sgexportcli_{}_{}", std::process::id(), now_ms());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let options = safeguard_store::StoreOptions { schema: Some(schema.clone()), ..Default::default() };
+    let connected = runtime.block_on(async {
+        tokio::time::timeout(std::time::Duration::from_secs(5), Store::connect(&url, options)).await
+    });
+    let store = match connected {
+        Ok(Ok(store)) => store,
+        _ => {
+            eprintln!("SKIPPING: PostgreSQL at {url} is not reachable");
+            return;
+        }
+    };
+    runtime.block_on(async {
+        store.insert_decision(&decision("pg-1", now_ms(), "i will hurt you", "violation"), None).await.unwrap();
+        store.close().await;
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("export.jsonl");
+    let output = Command::new(env!("CARGO_BIN_EXE_safeguard"))
+        .args(["export", "dataset", "--database", &url, "--include-model-labels", "--out", out.to_str().unwrap()])
+        .env("SAFEGUARD_DATABASE_SCHEMA", &schema)
+        .output()
+        .unwrap();
+    runtime.block_on(Store::drop_schema(&url, &schema)).unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let rows = read_jsonl(&out);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["id"], "pg-1");
 }

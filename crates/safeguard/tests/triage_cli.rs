@@ -87,6 +87,14 @@ fn train_then_eval_then_refuse_bad_inputs() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("retrain"), "{}", stderr(&out));
 
+    // A recall gate over data without violations measured nothing: it fails.
+    let benign = dir.path().join("benign.jsonl");
+    std::fs::write(&benign, "{\"text\": \"see you at lunch\", \"violates\": 0}\n").unwrap();
+    let benign_s = benign.to_str().unwrap();
+    let out = safeguard(&["triage", "eval", "--model", model_s, "--dataset", benign_s, "--target-recall", "0.9"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("recall is undefined"), "{}", stderr(&out));
+
     // Unknown label spelling names the line.
     let bad = dir.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"text\": \"x\", \"violates\": \"maybe\"}\n").unwrap();

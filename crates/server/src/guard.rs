@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use safeguard_core::{DeltaSender, ReasonError, ReasonOutput, ReasonRequest, Reasoner};
+use safeguard_harmony::Effort;
 
 pub struct GuardedReasoner {
     inner: Arc<dyn Reasoner>,
@@ -57,6 +58,10 @@ impl Reasoner for GuardedReasoner {
 
     fn batch_width(&self) -> Option<usize> {
         self.inner.batch_width()
+    }
+
+    fn completion_cap(&self, effort: Effort) -> usize {
+        self.inner.completion_cap(effort)
     }
 
     /// The deadline holds per group the backend decodes at once ([`Reasoner::batch_width`]), not for the whole

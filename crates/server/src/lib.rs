@@ -306,6 +306,11 @@ impl Server {
             config.reasoning_tokens_per_sec,
             config.queue_share,
             config.active_learning,
+            safeguard_core::TokenBudgets {
+                low: guarded.completion_cap(Effort::Low),
+                medium: guarded.completion_cap(Effort::Medium),
+                high: guarded.completion_cap(Effort::High),
+            },
         ));
         let prompt_metrics = Arc::new(metrics_setup::PromptMetrics::new(config.cost_per_1k_tokens));
         let classifier = Classifier::new(guarded.clone()).with_observer(prompt_metrics.clone());

@@ -50,11 +50,13 @@ impl CascadeState {
         reasoning_tokens_per_sec: Option<f64>,
         queue_share: f64,
         active_learning: ActiveLearning,
+        completion_caps: safeguard_core::TokenBudgets,
     ) -> Self {
         // One second's worth of burst: enough for one item's worth of calls; tokens are paid after the fact.
         let bucket =
             |rate: f64| Arc::new(ReasoningBudget::new(rate, rate.ceil().clamp(1.0, f64::from(u32::MAX)) as u32));
-        let budgets = Budgets::new(reasoning_per_sec.map(bucket), reasoning_tokens_per_sec.map(bucket));
+        let budgets = Budgets::new(reasoning_per_sec.map(bucket), reasoning_tokens_per_sec.map(bucket))
+            .with_completion_caps(completion_caps);
         let queue_budgets = budgets.for_queue(queue_share);
         Self { routing, triage, budgets, queue_budgets, stats: Arc::new(CascadeStats::new()), active_learning }
     }
@@ -181,7 +183,10 @@ async fn queue_sample(state: &AppState, cascade: &CascadeDecision, decision_id: 
         reason: Some(format!("active learning: {reason}")),
         sla_ms: None,
     };
-    state.store.queue_review(&review).await?;
+    // A redelivered event draws the same sample (the draw hashes the decision id): counted once.
+    if !state.store.queue_review(&review).await?.fresh {
+        return Ok(());
+    }
     for (_, why) in &picked {
         metrics::counter!("safeguard_active_learning_samples_total", "reason" => why.kind()).increment(1);
     }
@@ -238,7 +243,9 @@ pub(crate) async fn store_cascade_item(
         // Queued with the decision when it was stored fresh; queued again (a no-op when it is there) for a
         // decision stored before, in case the worker that stored it stopped before queuing it.
         Some(review) if !fresh => {
-            state.store.queue_review(review).await?;
+            if state.store.queue_review(review).await?.fresh {
+                crate::reviews::count_queued(review);
+            }
         }
         Some(_) => {}
         None => queue_sample(state, cascade, &record.id).await?,

@@ -259,7 +259,7 @@ struct Paid {
 
 impl Paid {
     fn settle(&self, effort: Effort, result: &Result<ReasonOutput, ReasonError>) {
-        self.budgets.charge_prompt(result.as_ref().ok().map(|output| &output.usage), self.cap);
+        self.budgets.charge_prompt(effort, result.as_ref().ok().map(|output| &output.usage), self.cap);
         let policies = vec![CHAT_POLICY.to_string()];
         let trace = match result {
             Ok(output) => PromptTrace::answered(policies, output),

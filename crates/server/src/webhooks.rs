@@ -192,7 +192,7 @@ pub(crate) async fn sender(state: AppState, shutdown: CancellationToken) {
                     // No retry: the same URL is refused the same way every time.
                     let error = format!("target refused: {refused}");
                     if let Err(err) =
-                        state.store.record_delivery_attempt(&delivery.id, false, None, Some(&error), None).await
+                        state.store.record_delivery_attempt(&delivery, false, None, Some(&error), None).await
                     {
                         tracing::warn!(error = %err, "recording a webhook attempt failed");
                     }
@@ -228,12 +228,17 @@ pub(crate) async fn sender(state: AppState, shutdown: CancellationToken) {
                     now_ms() + backoff.min(3_600_000)
                 });
                 metrics::counter!("safeguard_webhook_attempts_total", "result" => if delivered { "delivered" } else { "failed" }).increment(1);
-                if let Err(err) = state
+                match state
                     .store
-                    .record_delivery_attempt(&delivery.id, delivered, status, error.as_deref(), retry_at)
+                    .record_delivery_attempt(&delivery, delivered, status, error.as_deref(), retry_at)
                     .await
                 {
-                    tracing::warn!(error = %err, "recording a webhook attempt failed");
+                    Ok(true) => {}
+                    Ok(false) => tracing::warn!(
+                        delivery_id = %delivery.id,
+                        "the webhook lease ran out during the attempt; another sender has the delivery now"
+                    ),
+                    Err(err) => tracing::warn!(error = %err, "recording a webhook attempt failed"),
                 }
             }
             Ok(None) => {

@@ -159,6 +159,8 @@ async fn nats_events_are_decided_stored_once_and_survive_a_server_crash() {
 
     let metrics = http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("safeguard_items_total{route=\"nats\"}"), "{metrics}");
+    // Counted once each, whichever server stored them and however often their events came back.
+    assert!(metrics.contains("safeguard_reviews_queued_total{kind=\"review\"} 3\n"), "{metrics}");
 
     // A person's decision ends the hold: it is published on the item's decision subject as `reviewed`.
     let decision_id = decisions["model-3"][0]["id"].as_str().unwrap();
@@ -197,7 +199,8 @@ async fn nats_events_are_decided_stored_once_and_survive_a_server_crash() {
             sla_ms: None,
         })
         .await
-        .unwrap();
+        .unwrap()
+        .review;
     let response = http
         .post(format!("{base}/v1/reviews/{}/decide", held.id))
         .bearer_auth(ADMIN)

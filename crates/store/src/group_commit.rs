@@ -230,9 +230,19 @@ pub(crate) fn settle(batch: Vec<Pending>, result: Result<()>) -> Settled {
             }
             Settled::Answered
         }
-        Err(error) => {
+        Err(error) if error.is_row_specific() => {
             tracing::debug!(%error, rows = batch.len(), "group commit failed; writing its rows one by one");
             Settled::RetryOneByOne(batch)
+        }
+        // A lock or an outage fails every row alike: trying them one by one would make the last caller wait out
+        // the same failure once per row.
+        Err(error) => {
+            tracing::warn!(%error, rows = batch.len(), "group commit failed");
+            let shared = error.to_string();
+            for pending in batch {
+                let _ = pending.committed.send(Err(StoreError::BatchFailed(shared.clone())));
+            }
+            Settled::Answered
         }
     }
 }

@@ -38,7 +38,7 @@ pub use group_commit::{GroupCommit, GroupCommitStats};
 pub use jobs::{JobRecord, JobStatus, NewJob, QueueDepth};
 pub use keys::{ApiKeyRecord, hash_api_key};
 pub use policies::StoredPolicy;
-pub use reviews::{NewReview, ReviewDecision, ReviewRecord, ReviewStats};
+pub use reviews::{NewReview, QueuedReview, ReviewDecision, ReviewRecord, ReviewStats};
 pub use webhooks::{Delivery, NewDelivery};
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +73,32 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+    /// The group commit this write was part of failed for a reason no single row caused (a lock held too long,
+    /// a lost connection); every caller in it gets the reason.
+    #[error("database error: {0}")]
+    BatchFailed(String),
+}
+
+impl StoreError {
+    /// Whether the error comes from one row's values (a duplicate id, a constraint), so that the row's neighbours
+    /// in a batch would have been written without it.
+    pub(crate) fn is_row_specific(&self) -> bool {
+        use sqlx::error::ErrorKind;
+        match self {
+            StoreError::Db(sqlx::Error::Database(e)) => matches!(
+                e.kind(),
+                ErrorKind::UniqueViolation
+                    | ErrorKind::ForeignKeyViolation
+                    | ErrorKind::NotNullViolation
+                    | ErrorKind::CheckViolation
+            ),
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                e.code == rusqlite::ErrorCode::ConstraintViolation
+            }
+            StoreError::Json { .. } => true,
+            _ => false,
+        }
+    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

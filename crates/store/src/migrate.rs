@@ -20,14 +20,14 @@ pub(crate) async fn run(store: &Store) -> Result<()> {
     if store.backend == Backend::Postgres {
         conn.execute(sqlx::AssertSqlSafe(format!("SELECT pg_advisory_lock({PG_MIGRATION_LOCK})"))).await?;
     }
-    let outcome = apply_pending(&mut conn).await;
+    let outcome = apply_pending(&mut conn, store.backend).await;
     if store.backend == Backend::Postgres {
         conn.execute(sqlx::AssertSqlSafe(format!("SELECT pg_advisory_unlock({PG_MIGRATION_LOCK})"))).await?;
     }
     outcome
 }
 
-async fn apply_pending(conn: &mut sqlx::AnyConnection) -> Result<()> {
+async fn apply_pending(conn: &mut sqlx::AnyConnection, backend: Backend) -> Result<()> {
     conn.execute(
         "CREATE TABLE IF NOT EXISTS safeguard_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
     )
@@ -42,8 +42,22 @@ async fn apply_pending(conn: &mut sqlx::AnyConnection) -> Result<()> {
         if applied.contains(version) {
             continue;
         }
+        // Two processes opening a new SQLite file both see nothing applied; a write lock taken up front, and the
+        // list read again under it, lets the second find the first's work instead of failing on it.
+        // (PostgreSQL is serialised by the advisory lock.)
+        let mut tx = match backend {
+            Backend::Sqlite => sqlx::Connection::begin_with(&mut *conn, "BEGIN IMMEDIATE").await?,
+            Backend::Postgres => conn.begin().await?,
+        };
+        let done = sqlx::query("SELECT version FROM safeguard_migrations WHERE version = $1")
+            .bind(*version)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if done.is_some() {
+            tx.rollback().await?;
+            continue;
+        }
         tracing::info!(version, "applying migration");
-        let mut tx = conn.begin().await?;
         for statement in split_statements(sql) {
             tx.execute(sqlx::AssertSqlSafe(statement.clone()))
                 .await

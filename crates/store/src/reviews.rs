@@ -135,6 +135,14 @@ pub(crate) async fn insert_review_tx(
     Ok(id)
 }
 
+/// The review a decision has in the queue for one kind.
+#[derive(Debug, Clone)]
+pub struct QueuedReview {
+    pub review: ReviewRecord,
+    /// False when the decision had this kind of review already (queued again by a redelivery or a retry).
+    pub fresh: bool,
+}
+
 impl Store {
     /// Queues a decision for a person. One review per decision and kind: queuing again returns the existing
     /// one, pending or decided, so that storing a decision again (a redelivered event) never asks a person to
@@ -142,16 +150,18 @@ impl Store {
     ///
     /// The unique index on (decision_id, kind) settles races: two workers storing the same decision at once
     /// both insert, one insert does nothing, and both read back the one row.
-    pub async fn queue_review(&self, review: &NewReview) -> Result<ReviewRecord> {
+    pub async fn queue_review(&self, review: &NewReview) -> Result<QueuedReview> {
         let sql = format!("{} ON CONFLICT (decision_id, kind) DO NOTHING", insert_review_sql(&mut 1));
         let id = crate::new_id();
-        bind_review(sqlx::query(sqlx::AssertSqlSafe(sql)), &id, review, now_ms()).execute(&self.pool).await?;
+        let inserted =
+            bind_review(sqlx::query(sqlx::AssertSqlSafe(sql)), &id, review, now_ms()).execute(&self.pool).await?;
         let row = sqlx::query(sql!("SELECT {COLUMNS} FROM reviews WHERE decision_id = $1 AND kind = $2"))
             .bind(&review.decision_id)
             .bind(&review.kind)
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(row_to_review).transpose()?.ok_or(StoreError::Db(sqlx::Error::RowNotFound))
+        let review = row.as_ref().map(row_to_review).transpose()?.ok_or(StoreError::Db(sqlx::Error::RowNotFound))?;
+        Ok(QueuedReview { review, fresh: inserted.rows_affected() > 0 })
     }
 
     pub async fn get_review(&self, id: &str) -> Result<Option<ReviewRecord>> {

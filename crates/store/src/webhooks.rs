@@ -81,15 +81,18 @@ impl Store {
         row.as_ref().map(row_to_delivery).transpose()
     }
 
-    /// Records one attempt. `retry_at` None with a failure means: give up.
+    /// Records one attempt on a delivery as [`claim_delivery`](Self::claim_delivery) returned it. `retry_at` None
+    /// with a failure means: give up. Only the current claim records: a sender whose lease ran out while it was
+    /// still sending finds the delivery claimed again (or settled) by another and changes nothing, so its late
+    /// "failed" cannot overwrite the other's "delivered". Returns whether the attempt was recorded.
     pub async fn record_delivery_attempt(
         &self,
-        id: &str,
+        claimed: &Delivery,
         delivered: bool,
         http_status: Option<u16>,
         error: Option<&str>,
         retry_at: Option<i64>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let status = if delivered {
             "delivered"
         } else if retry_at.is_some() {
@@ -97,19 +100,20 @@ impl Store {
         } else {
             "failed"
         };
-        sqlx::query(
+        let recorded = sqlx::query(
             "UPDATE webhook_deliveries SET status = $1, attempts = attempts + 1, last_status = $2, last_error = $3, \
-             next_at = $4, updated_at = $5 WHERE id = $6",
+             next_at = $4, updated_at = $5 WHERE id = $6 AND next_at = $7 AND status = 'pending'",
         )
         .bind(status)
         .bind(http_status.map(i64::from))
         .bind(error)
         .bind(retry_at.unwrap_or(0))
         .bind(now_ms())
-        .bind(id)
+        .bind(&claimed.id)
+        .bind(claimed.next_at)
         .execute(&self.pool)
         .await?;
-        Ok(())
+        Ok(recorded.rows_affected() > 0)
     }
 
     pub async fn deliveries_for_job(&self, job_id: &str) -> Result<Vec<Delivery>> {

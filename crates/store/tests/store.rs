@@ -127,6 +127,23 @@ async fn concurrent_decision_inserts_are_group_committed() {
     }
 }
 
+/// `safeguard serve` and `safeguard keys create` started together on a new data folder both migrate the same new
+/// file: the second finds the first's work instead of failing on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_opening_a_new_sqlite_file_both_get_it() {
+    for round in 0..5 {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.db");
+        let (a, b) = tokio::join!(Store::open_sqlite(&path), Store::open_sqlite(&path));
+        let (a, b) =
+            (a.unwrap_or_else(|e| panic!("round {round}: {e}")), b.unwrap_or_else(|e| panic!("round {round}: {e}")));
+        a.insert_decision(&decision(&format!("d-{round}"), "allow", "spam", None), None).await.unwrap();
+        assert!(b.get_decision(&format!("d-{round}")).await.unwrap().is_some());
+        a.close().await;
+        b.close().await;
+    }
+}
+
 #[tokio::test]
 async fn group_commit_can_be_turned_off() {
     let dir = tempfile::tempdir().unwrap();
@@ -705,13 +722,17 @@ async fn webhook_deliveries_retry_then_settle() {
         let d = s.claim_delivery(30_000).await.unwrap().expect("due");
         assert_eq!(d.body, "{\"a\":1}");
         assert!(s.claim_delivery(30_000).await.unwrap().is_none(), "claimed delivery hidden ({})", t.label);
-        s.record_delivery_attempt(&d.id, false, Some(500), Some("boom"), Some(now_ms() - 1)).await.unwrap();
+        assert!(s.record_delivery_attempt(&d, false, Some(500), Some("boom"), Some(now_ms() - 1)).await.unwrap());
         let again = s.claim_delivery(30_000).await.unwrap().expect("retry due");
         assert_eq!(again.attempts, 1);
         assert_eq!(again.last_status, Some(500));
-        s.record_delivery_attempt(&d.id, true, Some(200), None, None).await.unwrap();
+        assert!(s.record_delivery_attempt(&again, true, Some(200), None, None).await.unwrap());
         assert!(s.claim_delivery(30_000).await.unwrap().is_none());
         assert_eq!(s.deliveries_for_job(&job.id).await.unwrap()[0].status, "delivered", "{}", t.label);
+        // The first sender, its lease long gone, comes back late with a failure: the delivery stays delivered.
+        assert!(!s.record_delivery_attempt(&d, false, None, Some("timed out"), Some(now_ms())).await.unwrap());
+        let settled = &s.deliveries_for_job(&job.id).await.unwrap()[0];
+        assert_eq!((settled.status.as_str(), settled.attempts), ("delivered", 2), "{}", t.label);
         t.cleanup().await;
     }
 }
@@ -756,10 +777,13 @@ async fn reviews_queue_in_priority_and_sla_order_and_are_decided_once() {
             sla_ms,
         };
         let low = s.queue_review(&queue("r-a", "review", 1, Some(60_000))).await.unwrap();
-        let urgent = s.queue_review(&queue("r-b", "review", 1, Some(1_000))).await.unwrap();
-        let appeal = s.queue_review(&queue("r-c", "appeal", 5, None)).await.unwrap();
+        assert!(low.fresh, "{}", t.label);
+        let low = low.review;
+        let urgent = s.queue_review(&queue("r-b", "review", 1, Some(1_000))).await.unwrap().review;
+        let appeal = s.queue_review(&queue("r-c", "appeal", 5, None)).await.unwrap().review;
         let again = s.queue_review(&queue("r-a", "review", 9, None)).await.unwrap();
-        assert_eq!(again.id, low.id, "{}: one pending review per decision and kind", t.label);
+        assert!(!again.fresh, "{}: queued before", t.label);
+        assert_eq!(again.review.id, low.id, "{}: one pending review per decision and kind", t.label);
 
         let order: Vec<String> = s.list_reviews("pending", 10).await.unwrap().into_iter().map(|r| r.id).collect();
         assert_eq!(order, vec![appeal.id.clone(), urgent.id.clone(), low.id.clone()], "{}", t.label);
@@ -797,8 +821,8 @@ async fn reviews_queue_in_priority_and_sla_order_and_are_decided_once() {
         s.add_missing_reasoning("r-n", &["first".to_string()]).await.unwrap();
         s.add_missing_reasoning("r-n", &["second".to_string()]).await.unwrap();
         assert_eq!(s.get_reasoning("r-n").await.unwrap(), Some(vec!["first".to_string()]), "{}", t.label);
-        let held = s.queue_review(&queue("r-n", "review", 1, None)).await.unwrap();
-        let sampled = s.queue_review(&queue("r-n", "sample", 0, None)).await.unwrap();
+        let held = s.queue_review(&queue("r-n", "review", 1, None)).await.unwrap().review;
+        let sampled = s.queue_review(&queue("r-n", "sample", 0, None)).await.unwrap().review;
         assert!(s.reviews_to_announce(10).await.unwrap().is_empty(), "{}: pending ones wait for a person", t.label);
         let decided_held = ReviewDecision { overrides_model: None, ..verdict.clone() };
         s.decide_review(&held.id, &decided_held).await.unwrap().unwrap();
@@ -809,6 +833,8 @@ async fn reviews_queue_in_priority_and_sla_order_and_are_decided_once() {
         assert!(s.reviews_to_announce(10).await.unwrap().is_empty(), "{}: published once", t.label);
         // Queuing a decided item again (its decision stored again after a redelivery) asks nobody twice.
         let requeued = s.queue_review(&queue("r-b", "review", 1, Some(1_000))).await.unwrap();
+        assert!(!requeued.fresh, "{}", t.label);
+        let requeued = requeued.review;
         assert_eq!((requeued.id, requeued.status.as_str()), (urgent.id.clone(), "decided"), "{}", t.label);
         assert_eq!(s.review_stats().await.unwrap().pending, 1, "{}", t.label);
         t.cleanup().await;
@@ -842,11 +868,15 @@ async fn concurrent_queue_review_calls_make_one_review() {
                 })
                 .collect();
             let mut ids = Vec::new();
+            let mut fresh = 0;
             for caller in callers {
-                ids.push(caller.await.unwrap().unwrap().id);
+                let queued = caller.await.unwrap().unwrap();
+                fresh += usize::from(queued.fresh);
+                ids.push(queued.review.id);
             }
             ids.dedup();
             assert_eq!(ids.len(), 1, "{}: every caller gets the one review of {id}", t.label);
+            assert_eq!(fresh, 1, "{}: exactly one caller queued it", t.label);
         }
         let pending = s.list_reviews("pending", 100).await.unwrap();
         assert_eq!(pending.len(), 10, "{}: one review per decision", t.label);
@@ -905,7 +935,7 @@ async fn the_unique_review_migration_keeps_one_review_per_decision_and_kind() {
         assert_eq!(kept, ["m-a-3", "m-b-2", "m-b-3"], "{}", t.label);
         let again =
             NewReview { decision_id: "m-b".into(), kind: "review".into(), priority: 9, reason: None, sla_ms: None };
-        assert_eq!(reopened.queue_review(&again).await.unwrap().id, "m-b-2", "{}", t.label);
+        assert_eq!(reopened.queue_review(&again).await.unwrap().review.id, "m-b-2", "{}", t.label);
         let duplicate =
             sqlx::query("INSERT INTO reviews (id, decision_id, status, kind, priority, created_at) VALUES ('x', 'm-b', 'pending', 'review', 1, 1)")
                 .execute(reopened.pool())

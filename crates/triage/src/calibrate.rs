@@ -40,6 +40,11 @@ pub fn fit_platt(margins: &[f32], labels: &[bool]) -> Result<Calibration, Triage
     if positives == 0.0 || negatives == 0.0 {
         return Err(TriageError::Training("calibration needs both classes in the held-out scores".into()));
     }
+    // `f32::min` skips NaN and a NaN loss never improves, so a NaN score would return the starting guess as a
+    // fitted calibration.
+    if let Some(bad) = margins.iter().find(|m| !m.is_finite()) {
+        return Err(TriageError::Training(format!("calibration needs finite held-out scores, got {bad}")));
+    }
     let (min, max) = margins.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &m| (lo.min(m), hi.max(m)));
     if max <= min || !min.is_finite() || !max.is_finite() {
         return Err(TriageError::Training(format!(
@@ -114,19 +119,28 @@ pub fn fit_platt(margins: &[f32], labels: &[bool]) -> Result<Calibration, Triage
 /// The largest threshold `t` such that flagging every item with `p >= t` keeps at least `target_recall`
 /// of the violations. Items below `t` are the ones triage lets through without the model.
 pub fn allow_threshold(probabilities: &[f32], labels: &[bool], target_recall: f64) -> Option<f32> {
+    // A NaN sorts past every number and could itself come back as the threshold.
+    if probabilities.iter().any(|p| !p.is_finite()) {
+        return None;
+    }
     let widened: Vec<f64> = probabilities.iter().map(|&p| f64::from(p)).collect();
     // The threshold is one of the inputs, so narrowing it back is exact.
     safeguard_embed::head::threshold_at_recall(&widened, labels, target_recall).map(|t| t as f32)
 }
 
 /// The smallest threshold `t` at which the items with `p >= t` have precision >= `target_precision`
-/// with at least `min_support` of them, scanning from the top; `None` when no threshold qualifies.
+/// with at least `min_support` of them, scanning from the top; `None` when no threshold qualifies or a
+/// probability is not finite.
 pub fn violate_threshold(
     probabilities: &[f32],
     labels: &[bool],
     target_precision: f64,
     min_support: usize,
 ) -> Option<f32> {
+    // NaN is not equal to itself, so the tie loop below would never step past one.
+    if probabilities.iter().any(|p| !p.is_finite()) {
+        return None;
+    }
     let mut pairs: Vec<(f32, bool)> = probabilities.iter().copied().zip(labels.iter().copied()).collect();
     pairs.sort_by(|x, y| y.0.total_cmp(&x.0));
     let mut best = None;
@@ -286,6 +300,17 @@ mod tests {
         assert_eq!(violate_threshold(&probs, &labels, 1.0, 2), Some(0.97));
         assert_eq!(violate_threshold(&probs, &labels, 0.8, 2), Some(0.8));
         assert_eq!(violate_threshold(&probs, &labels, 1.0, 5), None);
+    }
+
+    /// A NaN probability once made `violate_threshold` spin forever and `fit_platt` hand back its starting guess.
+    #[test]
+    fn non_finite_scores_are_refused() {
+        assert_eq!(violate_threshold(&[f32::NAN, 0.5], &[true, false], 0.5, 1), None);
+        assert_eq!(violate_threshold(&[0.9, f32::INFINITY, 0.5], &[true, true, false], 0.5, 1), None);
+        assert_eq!(allow_threshold(&[f32::NAN, 0.5], &[true, true], 0.5), None);
+        let err = fit_platt(&[f32::NAN, 0.0, 1.0], &[true, false, true]).unwrap_err();
+        assert!(matches!(err, TriageError::Training(ref m) if m.contains("finite")), "{err:?}");
+        assert!(fit_platt(&[f32::NEG_INFINITY, 0.0, 1.0], &[false, false, true]).is_err());
     }
 
     #[test]

@@ -143,6 +143,9 @@ fn is_one(x: &f32) -> bool {
 pub struct Dataset {
     pub examples: Vec<Example>,
     pub provenance: DatasetProvenance,
+    /// Rows left out because their label value maps to weight 0 (`LabelValue::weight`): not an error, but a
+    /// file that trains on fewer rows than it holds should say so.
+    pub dropped_rows: usize,
 }
 
 /// Reads a label: 0/1, true/false, or the words violation/violates/unsafe vs allow/safe/benign.
@@ -206,14 +209,18 @@ pub fn load_dataset(path: &Path, fields: &DatasetFields, source: usize) -> Resul
             reader.headers().map_err(|e| TriageError::Dataset(format!("{}: CSV header: {e}", path.display())))?.clone();
         let mut rows = Vec::new();
         for (i, record) in reader.records().enumerate() {
-            let record =
-                record.map_err(|e| TriageError::Dataset(format!("{}: CSV record {}: {e}", path.display(), i + 1)))?;
+            // Quoted fields may span lines, so the record number is not the line: the reader's position is.
+            let record = record.map_err(|e| match e.position() {
+                Some(at) => TriageError::Dataset(format!("{}:{}: {e}", path.display(), at.line())),
+                None => TriageError::Dataset(format!("{}: CSV record {}: {e}", path.display(), i + 1)),
+            })?;
+            let line = record.position().map_or(i + 2, |at| usize::try_from(at.line()).unwrap_or(usize::MAX));
             let map = headers
                 .iter()
                 .zip(record.iter())
                 .map(|(h, v)| (h.to_string(), serde_json::Value::String(v.to_string())))
                 .collect();
-            rows.push((i + 2, map));
+            rows.push((line, map));
         }
         rows
     } else {
@@ -245,6 +252,7 @@ pub fn load_dataset(path: &Path, fields: &DatasetFields, source: usize) -> Resul
     };
     let mut examples = Vec::with_capacity(rows.len());
     let mut other_policy_rows = 0;
+    let mut dropped_rows = 0;
     for (line, row) in &rows {
         let at = || format!("{}:{line}", path.display());
         if let (Some(wanted), Some(serde_json::Value::String(named))) = (&fields.policy, row.get(POLICY_FIELD))
@@ -282,6 +290,7 @@ pub fn load_dataset(path: &Path, fields: &DatasetFields, source: usize) -> Resul
         };
         if value_weight == 0.0 {
             // A class mapped to weight 0 is left out, as if the file did not hold it.
+            dropped_rows += 1;
             continue;
         }
         let item_weight = match &weight_field {
@@ -310,7 +319,11 @@ pub fn load_dataset(path: &Path, fields: &DatasetFields, source: usize) -> Resul
         )));
     }
     let violations = examples.iter().filter(|e| e.violates).count();
+    if dropped_rows > 0 {
+        tracing::info!(path = %path.display(), dropped_rows, "rows whose label value has weight 0 left out");
+    }
     Ok(Dataset {
+        dropped_rows,
         provenance: DatasetProvenance {
             path: path.display().to_string(),
             sha256,
@@ -402,6 +415,26 @@ mod tests {
         assert!(load_dataset(&dir.path().join("missing.jsonl"), &DatasetFields::default(), 0).is_err());
     }
 
+    /// A quoted field spanning lines shifts every later record's line: "record + 2" named the wrong one.
+    #[test]
+    fn csv_errors_name_the_line_the_record_starts_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = "text,label\n\"two\nlines\",0\nfine,1\nbad,maybe\n";
+        let bad_label = write(dir.path(), "f.csv", body);
+        let err = load_dataset(&bad_label, &DatasetFields::default(), 0).unwrap_err().to_string();
+        assert!(err.contains("f.csv:5:") && err.contains("maybe"), "{err}");
+        let ragged = write(dir.path(), "g.csv", "text,label\n\"two\nlines\",0\nfine,1,extra\n");
+        let err = load_dataset(&ragged, &DatasetFields::default(), 0).unwrap_err().to_string();
+        assert!(err.contains("g.csv:4:"), "{err}");
+        let d = load_dataset(
+            &write(dir.path(), "h.csv", body.trim_end_matches("bad,maybe\n")),
+            &DatasetFields::default(),
+            0,
+        )
+        .unwrap();
+        assert_eq!((d.examples.len(), d.examples[0].text.as_str(), d.dropped_rows), (2, "two\nlines", 0));
+    }
+
     #[test]
     fn label_values_map_classes_to_weighted_labels_and_refuse_the_unlisted() {
         let dir = tempfile::tempdir().unwrap();
@@ -421,6 +454,7 @@ mod tests {
         // The scale applies where no per-value weight is given, times the item's own weight; weight 0 drops "d".
         assert_eq!(got, [("a", true, 1.0), ("b", true, 0.05), ("c", false, 0.5)]);
         assert_eq!((d.provenance.items, d.provenance.violations, d.provenance.weight_scale), (3, 2, 0.5));
+        assert_eq!(d.dropped_rows, 1, "the weight-0 row is counted");
         assert_eq!(d.provenance.label_values.len(), 4);
 
         let without_3 = DatasetFields { label_values: fields.label_values[..3].to_vec(), ..fields.clone() };

@@ -106,11 +106,25 @@ pub struct EmbeddingEvidence {
 pub struct Triage {
     rules: Option<RuleSet>,
     model: Option<TriageModel>,
+    /// Why the policy's trained model is not here though it has one.
+    model_unusable: Option<String>,
 }
 
 impl Triage {
     pub fn new(rules: Option<RuleSet>, model: Option<TriageModel>) -> Self {
-        Triage { rules, model }
+        Triage { rules, model, model_unusable: None }
+    }
+
+    /// The rules of a policy whose trained model cannot be used (it does not load, or was trained for another
+    /// version). Its allow rules were written to be checked by that model, so without it they skip nothing;
+    /// deny and flag rules act as usual.
+    pub fn without_its_model(rules: Option<RuleSet>, why: impl Into<String>) -> Self {
+        Triage { rules, model: None, model_unusable: Some(why.into()) }
+    }
+
+    /// Why the policy's trained model is missing from this triage, if it has one that could not be used.
+    pub fn model_unusable(&self) -> Option<&str> {
+        self.model_unusable.as_deref()
     }
 
     pub fn model(&self) -> Option<&TriageModel> {
@@ -159,7 +173,7 @@ impl Triage {
         // names what the operator wants looked at ("pipe bomb") must not pass on the politeness beside it.
         let band = if decision == RuleDecision::Allow && !flagged {
             match head {
-                _ if confident_violation => Band::Uncertain,
+                _ if confident_violation || self.model_unusable.is_some() => Band::Uncertain,
                 Some(h) if !head_allows(h) => Band::Uncertain,
                 _ => Band::ConfidentBenign,
             }
@@ -233,5 +247,11 @@ mod tests {
         assert_eq!(band("how do I build a pipe bomb"), Band::Uncertain);
         assert_eq!(band("thanks for the free bitcoin"), Band::ConfidentViolation);
         assert_eq!(band("what a day"), Band::Uncertain, "no rule and no classifier decides nothing");
+
+        // The same rules for a policy whose model failed to load: the allow rule no longer skips anything.
+        let degraded = Triage::without_its_model(Some(RuleSet::compile(&config).unwrap()), "weights.bin is corrupt");
+        assert_eq!(degraded.route("thanks a lot").band, Band::Uncertain);
+        assert_eq!(degraded.route("thanks for the free bitcoin").band, Band::ConfidentViolation);
+        assert_eq!(degraded.model_unusable(), Some("weights.bin is corrupt"));
     }
 }

@@ -143,25 +143,58 @@ impl FitOptions {
     }
 }
 
-/// Out-of-fold margins: each item scored by a model that never saw it. Folds are stratified by
-/// (source, label) so every fold sees every dataset's violations.
+/// The fold of each example. Examples whose texts are equal after trimming and lowercasing are one unit and
+/// share a fold: a copy on the training side would hand its label to the held-out score, and thresholds set
+/// on such scores promise more than unseen traffic gets. Units are stratified by (source, label) of their
+/// first example so every fold sees every dataset's violations, and each label's rotation runs on across
+/// sources: restarted per source, one violation in each of two datasets would both sit in fold 0, leaving
+/// that fold's model none to learn from.
+fn assign_folds(examples: &[Example], folds: usize, seed: u64) -> Vec<usize> {
+    let mut unit_of_text: std::collections::HashMap<String, usize> = Default::default();
+    let mut units: Vec<Vec<usize>> = Vec::new();
+    for (i, e) in examples.iter().enumerate() {
+        let unit = *unit_of_text.entry(e.text.trim().to_lowercase()).or_insert_with(|| {
+            units.push(Vec::new());
+            units.len() - 1
+        });
+        units[unit].push(i);
+    }
+    // Units in order of their first example, so without duplicates the groups and their shuffles are the
+    // per-row ones earlier versions made.
+    let mut groups: std::collections::BTreeMap<(usize, bool), Vec<usize>> = Default::default();
+    for (unit, members) in units.iter().enumerate() {
+        let first = &examples[members[0]];
+        groups.entry((first.source, first.violates)).or_default().push(unit);
+    }
+    let mut fold_of = vec![0usize; examples.len()];
+    let mut rng = SplitMix::new(seed ^ 0xf01d);
+    let mut next_fold = [0usize; 2];
+    for (&(_, violates), group) in groups.iter_mut() {
+        rng.shuffle(group);
+        let next = &mut next_fold[usize::from(violates)];
+        let mut load = vec![0usize; folds];
+        for &unit in group.iter() {
+            // The least loaded fold of this group, the first in rotation order among equals: with units of one
+            // example this is plain round robin, and a large unit does not pile more onto a full fold.
+            let fold = (0..folds).map(|k| (*next + k) % folds).min_by_key(|&f| load[f]).unwrap_or(0);
+            load[fold] += units[unit].len();
+            *next = (fold + 1) % folds;
+            for &i in &units[unit] {
+                fold_of[i] = fold;
+            }
+        }
+    }
+    fold_of
+}
+
+/// Out-of-fold margins: each item scored by a model that never saw it (nor a copy of its text); folds as
+/// [`assign_folds`] makes them.
 pub fn out_of_fold_margins(examples: &[Example], options: &FitOptions) -> Result<Vec<f32>, TriageError> {
     let folds = options.folds;
     if folds < 2 {
         return Err(TriageError::InvalidConfig("calibration needs at least 2 folds".into()));
     }
-    let mut fold_of = vec![0usize; examples.len()];
-    let mut groups: std::collections::BTreeMap<(usize, bool), Vec<usize>> = Default::default();
-    for (i, e) in examples.iter().enumerate() {
-        groups.entry((e.source, e.violates)).or_default().push(i);
-    }
-    let mut rng = SplitMix::new(options.train.seed ^ 0xf01d);
-    for members in groups.values_mut() {
-        rng.shuffle(members);
-        for (k, &i) in members.iter().enumerate() {
-            fold_of[i] = k % folds;
-        }
-    }
+    let fold_of = assign_folds(examples, folds, options.train.seed);
     let featurizer = Featurizer::new(options.features.clone())?;
     let mut margins = vec![0.0f32; examples.len()];
     for fold in 0..folds {
@@ -602,5 +635,104 @@ mod tests {
         assert_eq!(own.meta.training.calibration_sources, Some(vec![0]));
         let none = FitOptions { calibration_sources: Some(vec![7]), ..base };
         assert!(matches!(fit(&examples, vec![], &none), Err(TriageError::InvalidConfig(_))));
+    }
+
+    #[test]
+    fn copies_of_a_text_share_a_fold_and_strata_stay_balanced() {
+        let mut examples = Vec::new();
+        for i in 0..40 {
+            examples.push(Example { text: format!("benign {i}"), violates: false, weight: 1.0, source: i % 2 });
+            examples.push(Example { text: format!("bad {i}"), violates: true, weight: 1.0, source: i % 2 });
+        }
+        let copies = ["Buy Pills NOW", "  buy pills now", "buy pills now\n", "BUY PILLS NOW"];
+        for (k, text) in copies.iter().enumerate() {
+            // Copies in both sources and with both labels, as joined exports have them.
+            examples.push(Example { text: text.to_string(), violates: k % 2 == 0, weight: 1.0, source: k / 2 });
+        }
+        for k in 0..12 {
+            examples.push(Example { text: "same old spam".into(), violates: true, weight: 1.0, source: k % 2 });
+        }
+        let folds = 5;
+        let fold_of = assign_folds(&examples, folds, 42);
+        let fold_of_text = |text: &str| -> Vec<usize> {
+            let key = text.trim().to_lowercase();
+            examples
+                .iter()
+                .zip(&fold_of)
+                .filter(|(e, _)| e.text.trim().to_lowercase() == key)
+                .map(|(_, f)| *f)
+                .collect()
+        };
+        for text in ["buy pills now", "same old spam"] {
+            let seen = fold_of_text(text);
+            assert!(seen.len() >= 4 && seen.iter().all(|f| *f == seen[0]), "{text}: {seen:?}");
+        }
+        // Groups of unique texts stay stratified: spread evenly over the folds. (Both copied texts are grouped
+        // with source 0's violations, whose folds balance items, not units.)
+        for (source, violates) in [(0, false), (1, false), (1, true)] {
+            let mut per_fold = vec![0; folds];
+            for (e, f) in examples.iter().zip(&fold_of) {
+                if e.source == source && e.violates == violates && e.text.contains(char::is_numeric) {
+                    per_fold[*f] += 1;
+                }
+            }
+            assert!(per_fold.iter().all(|&n| n == 4), "source {source} violates {violates}: {per_fold:?}");
+        }
+        let mut load = vec![0; folds];
+        for (e, f) in examples.iter().zip(&fold_of) {
+            let text = e.text.to_lowercase();
+            if e.source == 0 && e.violates && text.starts_with("bad") || text.contains("pills") || text.contains("spam")
+            {
+                load[*f] += 1;
+            }
+        }
+        let (least, most) = (load.iter().min().copied(), load.iter().max().copied());
+        assert!(most.zip(least).is_some_and(|(most, least)| most - least <= 12), "{load:?}");
+    }
+
+    /// Without copies of a text and from one source, folds are what they were before copies were grouped.
+    #[test]
+    fn single_source_folds_without_copies_are_unchanged() {
+        let examples = tiny_data();
+        let (folds, seed) = (5, TrainConfig::default().seed);
+        let mut expected = vec![0usize; examples.len()];
+        let mut groups: std::collections::BTreeMap<(usize, bool), Vec<usize>> = Default::default();
+        for (i, e) in examples.iter().enumerate() {
+            groups.entry((e.source, e.violates)).or_default().push(i);
+        }
+        let mut rng = SplitMix::new(seed ^ 0xf01d);
+        for members in groups.values_mut() {
+            rng.shuffle(members);
+            for (k, &i) in members.iter().enumerate() {
+                expected[i] = k % folds;
+            }
+        }
+        assert_eq!(assign_folds(&examples, folds, seed), expected);
+    }
+
+    /// One violation in each of two datasets: the rotation restarted per source put both in fold 0, and that
+    /// fold's model failed with "got 0 violations".
+    #[test]
+    fn one_violation_per_dataset_still_trains() {
+        let mut examples = Vec::new();
+        for source in 0..2 {
+            for i in 0..12 {
+                let text = format!("hello friend number {i} from place {source}");
+                examples.push(Example { text, violates: false, weight: 1.0, source });
+            }
+            let text = format!("buy cheap pills now {source}");
+            examples.push(Example { text, violates: true, weight: 1.0, source });
+        }
+        let options = FitOptions {
+            features: FeatureConfig { hash_bits: 12, ..FeatureConfig::default() },
+            min_violate_support: 1,
+            ..FitOptions::default()
+        };
+        let fold_of = assign_folds(&examples, options.folds, options.train.seed);
+        let violation_folds: Vec<usize> =
+            examples.iter().zip(&fold_of).filter(|(e, _)| e.violates).map(|(_, f)| *f).collect();
+        assert_ne!(violation_folds[0], violation_folds[1]);
+        let margins = out_of_fold_margins(&examples, &options).unwrap();
+        assert_eq!(margins.len(), examples.len());
     }
 }

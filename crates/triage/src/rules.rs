@@ -92,7 +92,7 @@ pub enum RuleDecision {
     None,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SpanKind {
     Keyword,
@@ -138,14 +138,27 @@ struct CompiledRegex {
     regex: Regex,
     rule: String,
     action: RuleAction,
+    /// (list index, pattern index) in the config: what the evidence cap counts by.
+    origin: (usize, usize),
+}
+
+#[derive(Debug)]
+struct KeywordMeta {
+    rule: String,
+    action: RuleAction,
+    /// Whether each end must sit on a word boundary.
+    starts_word: bool,
+    ends_word: bool,
+    /// (list index, keyword index) in the config: what the evidence cap counts by.
+    origin: (usize, usize),
 }
 
 /// Compiled rules; build once, evaluate many times from any thread.
 #[derive(Debug)]
 pub struct RuleSet {
     keywords: Option<AhoCorasick>,
-    /// Per Aho-Corasick pattern id: (rule label, action, whether each end must sit on a word boundary).
-    keyword_meta: Vec<(String, RuleAction, bool, bool)>,
+    /// Per Aho-Corasick pattern id.
+    keyword_meta: Vec<KeywordMeta>,
     regexes: Vec<CompiledRegex>,
     allow_list: std::collections::HashSet<String>,
     deny_list: std::collections::HashSet<String>,
@@ -261,8 +274,8 @@ impl RuleSet {
     pub fn compile(config: &RulesConfig) -> Result<Self, TriageError> {
         let mut patterns = Vec::new();
         let mut keyword_meta = Vec::new();
-        for list in &config.keywords {
-            for keyword in &list.keywords {
+        for (list_index, list) in config.keywords.iter().enumerate() {
+            for (keyword_index, keyword) in list.keywords.iter().enumerate() {
                 let trimmed = keyword.trim();
                 if trimmed.is_empty() {
                     return Err(TriageError::InvalidConfig(format!(
@@ -277,7 +290,13 @@ impl RuleSet {
                 let starts_word = trimmed.chars().next().is_some_and(needs_boundary);
                 let ends_word = trimmed.chars().last().is_some_and(needs_boundary);
                 patterns.push(fold_keyword(trimmed));
-                keyword_meta.push((format!("{}: {}", list.name, trimmed), list.action, starts_word, ends_word));
+                keyword_meta.push(KeywordMeta {
+                    rule: format!("{}: {}", list.name, trimmed),
+                    action: list.action,
+                    starts_word,
+                    ends_word,
+                    origin: (list_index, keyword_index),
+                });
             }
         }
         let keywords = if patterns.is_empty() {
@@ -291,8 +310,8 @@ impl RuleSet {
             )
         };
         let mut regexes = Vec::new();
-        for list in &config.regexes {
-            for pattern in &list.patterns {
+        for (list_index, list) in config.regexes.iter().enumerate() {
+            for (pattern_index, pattern) in list.patterns.iter().enumerate() {
                 let regex =
                     RegexBuilder::new(pattern).case_insensitive(true).size_limit(1 << 22).build().map_err(|e| {
                         TriageError::InvalidConfig(format!("regex list {:?}, pattern {pattern:?}: {e}", list.name))
@@ -305,7 +324,12 @@ impl RuleSet {
                         list.name
                     )));
                 }
-                regexes.push(CompiledRegex { regex, rule: format!("{}: {}", list.name, pattern), action: list.action });
+                regexes.push(CompiledRegex {
+                    regex,
+                    rule: format!("{}: {}", list.name, pattern),
+                    action: list.action,
+                    origin: (list_index, pattern_index),
+                });
             }
         }
         Ok(RuleSet {
@@ -322,7 +346,7 @@ impl RuleSet {
         if !self.allow_list.is_empty() || !self.deny_list.is_empty() {
             let normalized = normalize_whole_text(text);
             if self.deny_list.contains(&normalized) {
-                evidence.push(Span {
+                evidence.push_whole_text(Span {
                     start: 0,
                     end: text.len(),
                     rule: "deny_list".into(),
@@ -331,7 +355,7 @@ impl RuleSet {
                 });
             }
             if self.allow_list.contains(&normalized) {
-                evidence.push(Span {
+                evidence.push_whole_text(Span {
                     start: 0,
                     end: text.len(),
                     rule: "allow_list".into(),
@@ -344,7 +368,7 @@ impl RuleSet {
             let folded = FoldedText::new(text);
             // Overlapping search so that a keyword failing its boundary check cannot hide another one.
             for m in automaton.find_overlapping_iter(folded.folded.as_ref()) {
-                let Some((rule, action, starts_word, ends_word)) = self.keyword_meta.get(m.pattern().as_usize()) else {
+                let Some(meta) = self.keyword_meta.get(m.pattern().as_usize()) else {
                     continue;
                 };
                 let Some((start, end)) = folded.original(m.start(), m.end()) else {
@@ -353,60 +377,85 @@ impl RuleSet {
                 let (Some(before), Some(after)) = (text.get(..start), text.get(end..)) else {
                     continue;
                 };
-                let before_ok = boundary_ok(*starts_word, before.chars().next_back());
-                let after_ok = boundary_ok(*ends_word, after.chars().next());
-                if before_ok && after_ok && evidence.keeps(rule) {
-                    evidence.push(Span { start, end, rule: rule.clone(), kind: SpanKind::Keyword, action: *action });
+                let before_ok = boundary_ok(meta.starts_word, before.chars().next_back());
+                let after_ok = boundary_ok(meta.ends_word, after.chars().next());
+                if before_ok && after_ok {
+                    evidence.found(SpanKind::Keyword, meta.origin, &meta.rule, meta.action, start, end);
                 }
             }
         }
         for compiled in &self.regexes {
             for m in compiled.regex.find_iter(text) {
-                if !evidence.keeps(&compiled.rule) {
-                    continue;
-                }
-                evidence.push(Span {
-                    start: m.start(),
-                    end: m.end(),
-                    rule: compiled.rule.clone(),
-                    kind: SpanKind::Regex,
-                    action: compiled.action,
-                });
+                evidence.found(SpanKind::Regex, compiled.origin, &compiled.rule, compiled.action, m.start(), m.end());
             }
         }
-        let Evidence { spans: evidence, counts } = evidence;
-        let matches = counts
-            .into_iter()
-            .filter(|&(_, count)| count > MAX_SPANS_PER_RULE)
-            .map(|(rule, count)| (rule.to_string(), count))
-            .collect();
-        let decision = if evidence.iter().any(|s| s.action == RuleAction::Deny) {
+        let decision = if evidence.denied {
             RuleDecision::Deny
-        } else if evidence.iter().any(|s| s.action == RuleAction::Allow) {
+        } else if evidence.allowed {
             RuleDecision::Allow
         } else {
             RuleDecision::None
         };
-        RuleMatch { decision, evidence, matches }
+        // Rules are reported by label, and two rules may share one ("promo: free" as a keyword and as a
+        // regex): a label is listed when its rules together matched more often than its spans show.
+        let mut per_label: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+        for (rule, count) in evidence.counts.into_values() {
+            let (total, shown) = per_label.entry(rule).or_default();
+            *total += count;
+            *shown += count.min(MAX_SPANS_PER_RULE);
+        }
+        let matches = per_label
+            .into_iter()
+            .filter(|&(_, (total, shown))| total > shown)
+            .map(|(rule, (total, _))| (rule.to_string(), total))
+            .collect();
+        RuleMatch { decision, evidence: evidence.spans, matches }
     }
 }
+
+/// Which rule a match came from: its kind and its place in the config. Not its label, which two rules can share.
+type RuleKey = (SpanKind, usize, usize);
 
 /// Spans as they are found, each rule's beyond the first [`MAX_SPANS_PER_RULE`] only counted.
 #[derive(Default)]
 struct Evidence<'a> {
     spans: Vec<Span>,
-    counts: HashMap<&'a str, usize>,
+    counts: HashMap<RuleKey, (&'a str, usize)>,
+    /// What every match asked for, capped or not: the cap trims what a reviewer sees, never the decision.
+    denied: bool,
+    allowed: bool,
 }
 
 impl<'a> Evidence<'a> {
-    /// Counts a match of `rule`; whether its span is kept.
-    fn keeps(&mut self, rule: &'a str) -> bool {
-        let count = self.counts.entry(rule).or_default();
-        *count += 1;
-        *count <= MAX_SPANS_PER_RULE
+    fn note(&mut self, action: RuleAction) {
+        match action {
+            RuleAction::Deny => self.denied = true,
+            RuleAction::Allow => self.allowed = true,
+            RuleAction::Flag => {}
+        }
     }
 
-    fn push(&mut self, span: Span) {
+    /// A match of one rule; its span is kept while the rule has shown fewer than the cap.
+    fn found(
+        &mut self,
+        kind: SpanKind,
+        (list, pattern): (usize, usize),
+        rule: &'a str,
+        action: RuleAction,
+        start: usize,
+        end: usize,
+    ) {
+        self.note(action);
+        let (_, count) = self.counts.entry((kind, list, pattern)).or_insert((rule, 0));
+        *count += 1;
+        if *count <= MAX_SPANS_PER_RULE {
+            self.spans.push(Span { start, end, rule: rule.to_string(), kind, action });
+        }
+    }
+
+    /// The allow and deny lists match a text at most once each.
+    fn push_whole_text(&mut self, span: Span) {
+        self.note(span.action);
         self.spans.push(span);
     }
 }
@@ -638,5 +687,37 @@ mod tests {
         assert!(old.matches.is_empty());
         let written = serde_json::to_value(rules.evaluate("stab")).unwrap();
         assert!(written.get("matches").is_none(), "{written}");
+    }
+
+    /// A keyword list and a regex list with the same name and literal share the label "promo: free"; counted
+    /// by label, the keyword's 16 spans used up the regex's allowance and a deny rule's match vanished.
+    #[test]
+    fn the_cap_never_hides_a_decision_of_a_rule_sharing_a_label() {
+        let rules = RuleSet::compile(
+            &serde_json::from_value(serde_json::json!({
+                "keywords": [{"name": "promo", "action": "allow", "keywords": ["free"]}],
+                "regexes": [{"name": "promo", "action": "deny", "patterns": ["free"]}]
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        for repeats in [1, 15, 16, 17, 40] {
+            let hit = rules.evaluate(&"free ".repeat(repeats));
+            assert_eq!(hit.decision, RuleDecision::Deny, "{repeats} repeats");
+            let shown = |kind| hit.evidence.iter().filter(|s| s.kind == kind).count();
+            assert_eq!(shown(SpanKind::Keyword), repeats.min(MAX_SPANS_PER_RULE), "{repeats} repeats");
+            assert_eq!(shown(SpanKind::Regex), repeats.min(MAX_SPANS_PER_RULE), "{repeats} repeats");
+            let expected_matches = if repeats > MAX_SPANS_PER_RULE {
+                BTreeMap::from([("promo: free".to_string(), 2 * repeats)])
+            } else {
+                BTreeMap::new()
+            };
+            assert_eq!(hit.matches, expected_matches, "{repeats} repeats");
+        }
+        // Two copies of one keyword in one list are two rules as well.
+        let twice = keyword_rules("flag", &["kill", "kill"]);
+        let hit = twice.evaluate(&"kill ".repeat(20));
+        assert_eq!(hit.evidence.len(), 2 * MAX_SPANS_PER_RULE);
+        assert_eq!(hit.matches, BTreeMap::from([("k: kill".to_string(), 40)]));
     }
 }

@@ -1,8 +1,10 @@
 //! Reading the final-channel answer per output format: liberal in what it accepts, never guessing.
 
+use std::ops::Range;
 use std::sync::LazyLock;
 
 use regex::Regex;
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 use safeguard_policy::OutputFormat;
@@ -81,13 +83,25 @@ pub fn parse_answer(output: &OutputFormat, final_text: &str, required_fields: &[
 }
 
 static ESCALATE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(?i)\bescalat\w*").expect("static regex"));
+// `"violation": 1` counts as keyed too: a JSON answer cut off before its closing brace is no object, but its
+// value is still what the model said.
 static KEYED_DIGIT: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?i)\b(?:final answer|answer|label|output|verdict|classification|result|score)\b\W{0,6}([01])\b")
-        .expect("static regex")
+    Regex::new(
+        r#"(?i)(?:\b(?:final answer|answer|label|output|verdict|classification|result|score)\b\W{0,6}|"violation"\s*:\s*"?)([01])\b"#,
+    )
+    .expect("static regex")
 });
 static BARE_DIGIT: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\b[01]\b").expect("static regex"));
+/// Words right before a bare digit that make it the stated answer: "so 1", "the answer is 0", "=> 1".
+static CONCLUDING_CUE: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(
+        r#"(?i)(?:\b(?:so|thus|therefore|hence|answer|label|verdict|output|result|classification)(?:\s+(?:is|would be|should be|will be|must be))?|=>|->|→)[\s*`"':=]*$"#,
+    )
+    .expect("static regex")
+});
 static FENCE: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"(?s)```[A-Za-z0-9_-]*[ \t]*\n?(.*?)```").expect("static regex"));
+static FENCE_MARK: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"```[A-Za-z0-9_-]*").expect("static regex"));
 
 /// The inside of the first code fence, or the whole text.
 fn unfence(text: &str) -> &str {
@@ -118,9 +132,46 @@ fn is_legend(text: &str, digit_end: usize) -> bool {
     rest.starts_with(['=', ':']) || rest.starts_with("->") || rest.starts_with('→') || rest.starts_with("means")
 }
 
-/// Trim whitespace and the punctuation models wrap answers in: `**1**`, `"INVALID".`, `(0)`.
+/// The punctuation and markup models wrap answers in: `**1**`, `"INVALID".`, `(0)`.
+const WRAPPING: &str = "*`\"'.,:;!?()[]{}<>_#";
+
+/// Trim whitespace and the punctuation models wrap answers in.
 fn strip_wrapping(text: &str) -> &str {
-    text.trim_matches(|c: char| c.is_whitespace() || "*`\"'.,:;!?()[]{}<>_#".contains(c))
+    text.trim_matches(|c: char| c.is_whitespace() || WRAPPING.contains(c))
+}
+
+/// True when `rest` holds nothing but wrapping punctuation, dashes, rule ids and ESCALATE: "(SP2.a).", " - SP4.a",
+/// " + ESCALATE". What a digit is followed by when it ends the answer.
+fn only_citations(rest: &str) -> bool {
+    let unescalated = ESCALATE.replace_all(rest, " ");
+    let mut at = 0;
+    let mut left = String::with_capacity(unescalated.len());
+    for (start, id) in safeguard_policy::find_rule_ids(&unescalated) {
+        left.push_str(&unescalated[at..start]);
+        at = start + id.len();
+    }
+    left.push_str(&unescalated[at..]);
+    left.chars().all(|c| c.is_whitespace() || WRAPPING.contains(c) || "-–—+/".contains(c))
+}
+
+/// Whether a bare digit (no "Answer:" key) at `start..end` sits where an answer goes. Anywhere else it is a count
+/// or a name ("has 0 links", "rule 1 applies"), and reading it as the verdict would be guessing. It may lead the
+/// text when a separator, citation or line break follows ("1 (SP2.a)", "0 - a question", "1 ESCALATE"), end it
+/// apart from citations ("…, so it's 1 (SP2.a)."), or follow a concluding word ("so 1 because …", "the answer is
+/// 0 since …").
+fn conclusive(text: &str, start: usize, end: usize) -> bool {
+    let head = &text[..start];
+    let rest = &text[end..];
+    if only_citations(rest) || CONCLUDING_CUE.is_match(head) {
+        return true;
+    }
+    if !head.chars().all(|c| c.is_whitespace() || WRAPPING.contains(c)) {
+        return false;
+    }
+    let after = rest.trim_start_matches(|c: char| "*`\"'_".contains(c)).trim_start_matches([' ', '\t']);
+    after.starts_with(['\n', '\r', '(', '[', '-', '–', '—', ':', ',', '.', ';', '='])
+        || ESCALATE.find(after).is_some_and(|found| found.start() == 0)
+        || safeguard_policy::find_rule_ids(after).first().is_some_and(|&(at, _)| at == 0)
 }
 
 /// A digit is a standalone answer unless it is part of a decimal ("0.5", "1,5") or a list marker ("1.", "1)")
@@ -167,26 +218,47 @@ fn word_answer(text: &str) -> Option<bool> {
     }
 }
 
+/// A whole text that is one answer: "0", "**1**", "Safe.".
+fn whole_answer(text: &str) -> Option<bool> {
+    match strip_wrapping(text) {
+        "0" => Some(false),
+        "1" => Some(true),
+        other => word_answer(other),
+    }
+}
+
+/// What a piece of prose says on its own, as the binary format reads it.
+fn binary_reading(text: &str) -> Result<Option<bool>, String> {
+    match whole_answer(text) {
+        Some(value) => Ok(Some(value)),
+        None => binary_from_prose(text),
+    }
+}
+
 fn parse_binary(final_text: &str) -> ParsedAnswer {
     let text = unfence(final_text);
-    let stripped = strip_wrapping(text);
     let escalated = ESCALATE.is_match(text);
     let mut answer = ParsedAnswer::default();
-    let decided = match stripped {
-        "0" => Ok(Some(false)),
-        "1" => Ok(Some(true)),
-        other => match word_answer(other) {
-            Some(value) => Ok(Some(value)),
-            None if text.contains('{') => match violation_from_json(text) {
-                Some(Ok((value, label))) => {
-                    answer.label = label;
-                    Ok(Some(value))
+    let decided = match whole_answer(text) {
+        Some(value) => Ok(Some(value)),
+        None if text.contains('{') => match json_answer(text) {
+            Some((Ok((value, label)), outside)) => {
+                // The object and the prose beside it are both the model's answer: neither outvotes the other.
+                match binary_reading(&outside) {
+                    Ok(Some(other)) if other != value => {
+                        Err(format!("the JSON answer and the text around it disagree in {}", excerpt(text)))
+                    }
+                    Err(detail) => Err(detail),
+                    Ok(_) => {
+                        answer.label = label;
+                        Ok(Some(value))
+                    }
                 }
-                Some(Err(detail)) => Err(detail),
-                None => binary_from_prose(text),
-            },
+            }
+            Some((Err(detail), _)) => Err(detail),
             None => binary_from_prose(text),
         },
+        None => binary_from_prose(text),
     };
     match decided {
         Ok(Some(value)) => {
@@ -207,17 +279,30 @@ fn parse_binary(final_text: &str) -> ParsedAnswer {
     answer
 }
 
+/// What the JSON answer objects in a short answer say: the value and its label as written, or why it is unclear.
+type JsonVerdict = Result<(bool, Option<String>), String>;
+
+/// The `{"violation": …}` answer inside a binary or labels answer, with the text outside the JSON objects.
+/// `None` when there is no such object.
+fn json_answer(text: &str) -> Option<(JsonVerdict, String)> {
+    let objects = find_objects(text);
+    let found = violation_from_json(text, &objects)?;
+    Some((found, outside_objects(text, &objects)))
+}
+
 /// A `{"violation": …}` object inside a binary or labels answer: the meaning is clear even if the format is off.
 /// `None` when there is no such object; an error when one of them says nothing clear or they disagree, since the
 /// digits inside them must not then be read as prose.
-fn violation_from_json(text: &str) -> Option<Result<(bool, Option<String>), String>> {
-    let objects = json_objects(text);
+fn violation_from_json(text: &str, objects: &[FoundObject]) -> Option<JsonVerdict> {
     let mut values = objects
         .iter()
-        .filter_map(answer_object)
+        .filter_map(|object| answer_object(&object.map))
         .filter_map(|object| object.get("violation"))
         .map(|value| (coerce_violation(value), value_text(value)));
     let (first, label) = values.next()?;
+    if objects.iter().any(|object| object.conflicts_on("violation")) {
+        return Some(Err(format!("\"violation\" is given twice with different values in {}", excerpt(text))));
+    }
     let first = match first {
         Ok(Some(first)) => first,
         Ok(None) => return Some(Err(format!("\"violation\" says nothing clear in {}", excerpt(text)))),
@@ -237,7 +322,22 @@ fn violation_from_json(text: &str) -> Option<Result<(bool, Option<String>), Stri
 fn binary_from_prose(text: &str) -> Result<Option<bool>, String> {
     let keyed = digit_candidates(text, &KEYED_DIGIT);
     let candidates = match keyed.last() {
-        None => digit_candidates(text, &BARE_DIGIT),
+        None => {
+            let mut bare = digit_candidates(text, &BARE_DIGIT);
+            // A legend out of an answer's place ("so 1 (1 = violation)") explains the answer and is left out, as
+            // after a keyed digit.
+            bare.retain(|&(start, digit)| {
+                conclusive(text, start, start + digit.len()) || !is_legend(text, start + digit.len())
+            });
+            // "The message asks for the password and has 0 links." holds no answer, and a stray digit must not
+            // become one: a 0 or 1 out of an answer's place makes the whole text unclear.
+            if let Some(&(start, digit)) =
+                bare.iter().find(|&&(start, digit)| !conclusive(text, start, start + digit.len()))
+            {
+                return Err(format!("\"{digit}\" at byte {start} is not in an answer's place in {}", excerpt(text)));
+            }
+            bare
+        }
         // A keyed digit ("Answer: 0") outranks bare ones before it, such as a legend, but not a bare digit after
         // it: "Answer: 0. On reflection it is phishing, so 1." is two answers.
         Some(&(last_keyed, _)) => {
@@ -299,7 +399,10 @@ fn parse_labels(final_text: &str, violating: &[String], safe: &[String], escalat
         .filter(|(label, _, _)| !label.is_empty())
         .collect();
     labels.sort_by_key(|(label, _, _)| std::cmp::Reverse(label.len()));
-    let mut haystack = normalize_label(text);
+    // With a `{"violation": …}` object present, labels are looked for outside it: a label inside the object's
+    // strings ("rationale": "not VALID because …") is not the answer, while one beside it is a second answer.
+    let json = if text.contains('{') { json_answer(text) } else { None };
+    let mut haystack = normalize_label(json.as_ref().map_or(text, |(_, outside)| outside.as_str()));
     let mut found: Vec<(String, Option<bool>, bool)> = Vec::new();
     let mut negated: Option<String> = None;
     for (label, value, escalated) in labels {
@@ -330,17 +433,22 @@ fn parse_labels(final_text: &str, violating: &[String], safe: &[String], escalat
         answer.push_flag(Flag::Unparseable {
             detail: format!("both violating and safe labels appear in {}", excerpt(text)),
         });
-    } else if any_true || any_false {
-        answer.violation = Some(any_true);
-        answer.label = found.first().map(|(label, _, _)| label.clone());
     } else {
-        match violation_from_json(text) {
-            Some(Ok((value, label))) => {
+        let from_label = (any_true || any_false).then_some(any_true);
+        match (from_label, json.map(|(found, _)| found)) {
+            (_, Some(Err(detail))) => answer.push_flag(Flag::Unparseable { detail }),
+            (Some(said), Some(Ok((value, _)))) if said != value => answer.push_flag(Flag::Unparseable {
+                detail: format!("the JSON answer and the label beside it disagree in {}", excerpt(text)),
+            }),
+            (Some(said), _) => {
+                answer.violation = Some(said);
+                answer.label = found.first().map(|(label, _, _)| label.clone());
+            }
+            (None, Some(Ok((value, label)))) => {
                 answer.violation = Some(value);
                 answer.label = label;
             }
-            Some(Err(detail)) => answer.push_flag(Flag::Unparseable { detail }),
-            None => {}
+            (None, None) => {}
         }
     }
     if escalated {
@@ -355,11 +463,27 @@ fn parse_labels(final_text: &str, violating: &[String], safe: &[String], escalat
     answer
 }
 
+/// A JSON object found in model text, with where it sits.
+pub(crate) struct FoundObject {
+    pub(crate) span: Range<usize>,
+    pub(crate) map: Map<String, Value>,
+    /// Paths to keys written twice in one object with different values. serde keeps the last one, so without
+    /// this `{"violation": 1, "violation": 0}` would read as a clean 0.
+    pub(crate) conflicts: Vec<Vec<String>>,
+}
+
+impl FoundObject {
+    /// Whether a key named `key`, at any depth, was given two different values.
+    pub(crate) fn conflicts_on(&self, key: &str) -> bool {
+        self.conflicts.iter().any(|path| path.last().is_some_and(|last| last == key))
+    }
+}
+
 /// JSON objects in `text`, in order. Balanced-brace scanning (string-aware) finds them inside prose or code
 /// fences; a failed parse is retried once with trailing commas removed, the one repair that cannot change
 /// meaning. Single quotes, comments and Python literals are not repaired: they are rare from this model and
 /// guessing at them risks reading an answer the model did not give.
-pub(crate) fn json_objects(text: &str) -> Vec<Map<String, Value>> {
+pub(crate) fn find_objects(text: &str) -> Vec<FoundObject> {
     const MAX_ATTEMPTS: usize = 64;
     let bytes = text.as_bytes();
     let mut objects = Vec::new();
@@ -374,10 +498,10 @@ pub(crate) fn json_objects(text: &str) -> Vec<Map<String, Value>> {
         match matching_brace(bytes, open) {
             Some(close) => {
                 let candidate = &text[open..=close];
-                let parsed = serde_json::from_str::<Value>(candidate)
-                    .or_else(|_| serde_json::from_str::<Value>(&remove_trailing_commas(candidate)));
-                if let Ok(Value::Object(map)) = parsed {
-                    objects.push(map);
+                let parsed = serde_json::from_str::<Checked>(candidate)
+                    .or_else(|_| serde_json::from_str::<Checked>(&remove_trailing_commas(candidate)));
+                if let Ok(Checked { value: Value::Object(map), conflicts }) = parsed {
+                    objects.push(FoundObject { span: open..close + 1, map, conflicts });
                     start = close + 1;
                 } else {
                     start = open + 1;
@@ -387,6 +511,116 @@ pub(crate) fn json_objects(text: &str) -> Vec<Map<String, Value>> {
         }
     }
     objects
+}
+
+/// `text` with `objects` (found in it, in order) and code-fence markers taken out: what the model said besides
+/// its JSON. Each object leaves a line break, so the words on either side stay apart.
+fn outside_objects(text: &str, objects: &[FoundObject]) -> String {
+    let mut outside = String::with_capacity(text.len());
+    let mut at = 0;
+    for object in objects {
+        if let Some(before) = text.get(at..object.span.start) {
+            outside.push_str(before);
+        }
+        outside.push('\n');
+        at = at.max(object.span.end);
+    }
+    outside.push_str(text.get(at..).unwrap_or(""));
+    FENCE_MARK.replace_all(&outside, "\n").into_owned()
+}
+
+/// A JSON value read as `serde_json::Value` reads it, noting every key that one object gives twice with different
+/// values (serde keeps the last silently).
+struct Checked {
+    value: Value,
+    conflicts: Vec<Vec<String>>,
+}
+
+impl Checked {
+    fn leaf(value: Value) -> Checked {
+        Checked { value, conflicts: Vec::new() }
+    }
+
+    /// This value's conflicts, each path led by `step` (the key or index this value sits under).
+    fn conflicts_under(conflicts: Vec<Vec<String>>, step: &str) -> impl Iterator<Item = Vec<String>> {
+        conflicts.into_iter().map(move |mut path| {
+            path.insert(0, step.to_string());
+            path
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Checked {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Checked, D::Error> {
+        deserializer.deserialize_any(CheckedVisitor)
+    }
+}
+
+struct CheckedVisitor;
+
+impl<'de> Visitor<'de> for CheckedVisitor {
+    type Value = Checked;
+
+    fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+        formatter.write_str("a JSON value")
+    }
+
+    fn visit_bool<E: de::Error>(self, value: bool) -> Result<Checked, E> {
+        Ok(Checked::leaf(Value::Bool(value)))
+    }
+
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<Checked, E> {
+        Ok(Checked::leaf(Value::from(value)))
+    }
+
+    fn visit_u64<E: de::Error>(self, value: u64) -> Result<Checked, E> {
+        Ok(Checked::leaf(Value::from(value)))
+    }
+
+    fn visit_f64<E: de::Error>(self, value: f64) -> Result<Checked, E> {
+        Ok(Checked::leaf(Value::from(value)))
+    }
+
+    fn visit_str<E: de::Error>(self, value: &str) -> Result<Checked, E> {
+        Ok(Checked::leaf(Value::String(value.to_string())))
+    }
+
+    fn visit_string<E: de::Error>(self, value: String) -> Result<Checked, E> {
+        Ok(Checked::leaf(Value::String(value)))
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Checked, E> {
+        Ok(Checked::leaf(Value::Null))
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<Checked, E> {
+        Ok(Checked::leaf(Value::Null))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        let mut items = Vec::new();
+        let mut conflicts = Vec::new();
+        while let Some(item) = seq.next_element::<Checked>()? {
+            conflicts.extend(Checked::conflicts_under(item.conflicts, &items.len().to_string()));
+            items.push(item.value);
+        }
+        Ok(Checked { value: Value::Array(items), conflicts })
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Checked, A::Error> {
+        let mut map = Map::new();
+        let mut conflicts = Vec::new();
+        while let Some(key) = access.next_key::<String>()? {
+            let item: Checked = access.next_value()?;
+            conflicts.extend(Checked::conflicts_under(item.conflicts, &key));
+            if let Some(earlier) = map.insert(key.clone(), item.value)
+                && map.get(&key) != Some(&earlier)
+            {
+                conflicts.push(vec![key]);
+            }
+        }
+        Ok(Checked { value: Value::Object(map), conflicts })
+    }
 }
 
 fn matching_brace(bytes: &[u8], open: usize) -> Option<usize> {
@@ -555,7 +789,7 @@ fn answer_object(map: &Map<String, Value>) -> Option<&Map<String, Value>> {
 }
 
 fn parse_json(final_text: &str, required_fields: &[&str]) -> ParsedAnswer {
-    let objects = json_objects(final_text);
+    let objects = find_objects(final_text);
     if objects.is_empty() {
         // A bare "1" or "INVALID" instead of JSON: keep what it says, but the requested fields are missing.
         let mut bare = parse_binary(final_text);
@@ -567,23 +801,55 @@ fn parse_json(final_text: &str, required_fields: &[&str]) -> ParsedAnswer {
         }
         return ParsedAnswer::unparseable(format!("no JSON object in {}", excerpt(final_text)));
     }
-    let answers: Vec<&Map<String, Value>> = objects.iter().filter_map(answer_object).collect();
-    let Some(last) = answers.last() else {
-        let mut answer = answer_from_object(objects.last().unwrap_or(&Map::new()), required_fields);
-        answer.push_flag(Flag::MissingField { field: "violation".to_string() });
-        return answer;
+    let answers: Vec<&Map<String, Value>> = objects.iter().filter_map(|object| answer_object(&object.map)).collect();
+    let mut answer = match answers.last() {
+        None => {
+            let empty = Map::new();
+            let mut answer = answer_from_object(objects.last().map_or(&empty, |object| &object.map), required_fields);
+            answer.push_flag(Flag::MissingField { field: "violation".to_string() });
+            answer
+        }
+        Some(last) => {
+            let values: Vec<Option<bool>> = answers
+                .iter()
+                .map(|object| object.get("violation").and_then(|value| coerce_violation(value).ok().flatten()))
+                .collect();
+            let mut answer = answer_from_object(last, required_fields);
+            // Every answer object must say the same clear thing: an earlier one that says nothing clear is not
+            // outvoted.
+            if values.iter().any(|value| *value != answer.violation) {
+                answer.violation = None;
+                answer.push_flag(Flag::Unparseable {
+                    detail: format!("{} JSON answers disagree on \"violation\"", answers.len()),
+                });
+            }
+            answer
+        }
     };
-    let values: Vec<Option<bool>> = answers
-        .iter()
-        .map(|object| object.get("violation").and_then(|value| coerce_violation(value).ok().flatten()))
-        .collect();
-    let mut answer = answer_from_object(last, required_fields);
-    // Every answer object must say the same clear thing: an earlier one that says nothing clear is not outvoted.
-    if values.iter().any(|value| *value != answer.violation) {
+    if objects.iter().any(|object| object.conflicts_on("violation")) {
         answer.violation = None;
         answer.push_flag(Flag::Unparseable {
-            detail: format!("{} JSON answers disagree on \"violation\"", answers.len()),
+            detail: format!("\"violation\" is given twice with different values in {}", excerpt(final_text)),
         });
+    }
+    // Words outside the object are part of the answer too: "{…0…} Correction: … so 1" says two things, and an
+    // ESCALATE beside the object still asks for a person. A lead-in with no verdict in it changes nothing.
+    let outside = outside_objects(final_text, &objects);
+    match binary_reading(&outside) {
+        Ok(Some(said)) if answer.violation.is_some_and(|value| value != said) => {
+            answer.violation = None;
+            answer.push_flag(Flag::Unparseable {
+                detail: format!("the JSON answer and the text around it disagree in {}", excerpt(final_text)),
+            });
+        }
+        Ok(_) => {}
+        Err(detail) => {
+            answer.violation = None;
+            answer.push_flag(Flag::Unparseable { detail: format!("the text around the JSON answer: {detail}") });
+        }
+    }
+    if ESCALATE.is_match(&outside) {
+        answer.push_flag(Flag::Escalated);
     }
     answer
 }

@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 
 use safeguard_policy::{FenceTracker, Policy, heading};
 
-use crate::answer::{answer_from_object, coerce_violation, excerpt, json_objects};
+use crate::answer::{answer_from_object, coerce_violation, excerpt, find_objects};
 use crate::{Flag, Verdict, decide, validate};
 
 /// Fields each policy entry of a combined answer must carry.
@@ -140,8 +140,11 @@ pub fn judge_combined(
         return policies.iter().map(|policy| Verdict::undetermined(policy, flags.clone())).collect();
     };
     // Objects that answer at least one policy, in order; a nested wrapper ({"results": {...}}) is unwrapped.
-    let keyed: Vec<Map<String, Value>> = json_objects(final_text)
+    let found = find_objects(final_text);
+    let conflicts: Vec<Vec<String>> = found.iter().flat_map(|object| object.conflicts.clone()).collect();
+    let keyed: Vec<Map<String, Value>> = found
         .into_iter()
+        .map(|object| object.map)
         .flat_map(|object| {
             let direct = keys.iter().any(|key| lookup(&object, key).is_some());
             if direct {
@@ -191,6 +194,19 @@ pub fn judge_combined(
                 verdict.violation = None;
                 verdict.push_flag(Flag::Unparseable {
                     detail: format!("{} answers for \"{key}\" disagree", entries.len()),
+                });
+            }
+            // serde keeps the last of two same-named keys, so `"spam": 1, "spam": 0` or a repeated "violation"
+            // inside this policy's entry would otherwise read as one clean answer.
+            let wanted = normalize_key(key);
+            let repeated = conflicts.iter().any(|path| {
+                path.iter().any(|step| normalize_key(step) == wanted)
+                    && path.last().is_some_and(|last| last == "violation" || normalize_key(last) == wanted)
+            });
+            if repeated {
+                verdict.violation = None;
+                verdict.push_flag(Flag::Unparseable {
+                    detail: format!("the answer for \"{key}\" is given twice with different values"),
                 });
             }
             // With one policy the whole chain of thought is about it.

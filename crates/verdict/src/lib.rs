@@ -242,11 +242,18 @@ fn validate(policy: &Policy, verdict: &mut Verdict, analysis: Option<&str>) {
 
 /// An answer whose cited rules sit on the other side of the policy's line from its label: "0" citing a rule the
 /// policy lists under VIOLATES, or "1" citing only rules it lists as not violating. Either the label or the
-/// citation is wrong, and which one is for a person to say.
+/// citation is wrong, and which one is for a person to say. The category counts as a citation: a
+/// `"policy_category": "HT3"` names the tier the model found, as much as a rule id does.
 fn cites_the_other_side(policy: &Policy, verdict: &Verdict) -> Option<String> {
     let violation = verdict.violation?;
+    let mut cited: Vec<&String> = Vec::new();
+    for id in verdict.cited() {
+        if !cited.contains(&id) {
+            cited.push(id);
+        }
+    }
     let sided: Vec<(&String, RuleSide)> =
-        verdict.rule_ids.iter().filter_map(|id| policy.rule_side(id).map(|side| (id, side))).collect();
+        cited.into_iter().filter_map(|id| policy.rule_side(id).map(|side| (id, side))).collect();
     if violation {
         let all_allowed = !sided.is_empty() && sided.iter().all(|(_, side)| *side == RuleSide::Allowed);
         let cited: Vec<&str> = sided.iter().map(|(id, _)| id.as_str()).collect();

@@ -65,6 +65,22 @@ static DIGIT_ANSWER: LazyLock<Regex> = LazyLock::new(|| {
         .expect("static regex")
 });
 
+/// "return 0 if benign, otherwise 1", "label 1 when it is spam": a digit or label followed by the condition it
+/// applies under restates the instructions; it concludes nothing about this content. "for" names a condition too
+/// ("output 0 for benign content"), except before a rule id or this content ("label 1 for SP2.a", "1 for this"),
+/// where it is the conclusion.
+fn states_a_condition(rest: &str) -> bool {
+    let word: String = rest.chars().take_while(|c| c.is_ascii_alphabetic()).collect();
+    if word.eq_ignore_ascii_case("for") {
+        let next = rest[word.len()..].trim_start();
+        let next_word: String = next.chars().take_while(|c| c.is_ascii_alphabetic()).collect();
+        let names_this = ["this", "that", "it", "the"].iter().any(|w| next_word.eq_ignore_ascii_case(w));
+        let names_rule = safeguard_policy::find_rule_ids(next).first().is_some_and(|&(at, _)| at == 0);
+        return !(names_this || names_rule);
+    }
+    ["if", "when", "otherwise", "else", "unless"].iter().any(|cond| word.eq_ignore_ascii_case(cond))
+}
+
 struct Match {
     start: usize,
     end: usize,
@@ -94,12 +110,14 @@ fn label_matches(text: &str, output: &OutputFormat, found: &mut Vec<Match>) {
     for (label, violation) in labels {
         let pattern = format!(r"(?i){cue}{}\b", regex::escape(label.trim()));
         if let Ok(regex) = Regex::new(&pattern) {
-            found.extend(regex.find_iter(text).map(|m| Match {
-                start: m.start(),
-                end: m.end(),
-                violation,
-                explicit: true,
-            }));
+            found.extend(
+                regex.find_iter(text).filter(|m| !states_a_condition(text[m.end()..].trim_start())).map(|m| Match {
+                    start: m.start(),
+                    end: m.end(),
+                    violation,
+                    explicit: true,
+                }),
+            );
         }
     }
 }
@@ -139,7 +157,8 @@ pub fn reasoning_conclusion(analysis: &str, output: &OutputFormat) -> Option<Con
     for caps in DIGIT_ANSWER.captures_iter(text) {
         let (Some(whole), Some(digit)) = (caps.get(0), caps.get(1)) else { continue };
         let rest = text[whole.end()..].trim_start();
-        let restates_format = rest.starts_with("or ") || rest.starts_with('/') || rest.starts_with("and ");
+        let restates_format =
+            rest.starts_with("or ") || rest.starts_with('/') || rest.starts_with("and ") || states_a_condition(rest);
         if !restates_format {
             found.push(Match {
                 start: whole.start(),

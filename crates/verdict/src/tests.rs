@@ -58,6 +58,15 @@ fn binary_answers_table() {
         ("10", None, Outcome::NeedsReview),
         ("ESCALATE", None, Outcome::NeedsReview),
         ("1 ESCALATE", Some(true), Outcome::NeedsReview),
+        // A bare digit answers only where an answer goes: leading, last, or after a concluding word.
+        ("The message asks for the account password and has 0 links.", None, Outcome::NeedsReview),
+        ("1 link is included and it asks for the password.", None, Outcome::NeedsReview),
+        ("Rule 1 does not apply here.", None, Outcome::NeedsReview),
+        ("So 1, because it asks for a password.", Some(true), Outcome::Violation),
+        ("The answer is 0 since it is a question.", Some(false), Outcome::Allow),
+        ("It is a phishing lure: 1 (SP4.a).", Some(true), Outcome::Violation),
+        ("0\nA question about plumbers.", Some(false), Outcome::Allow),
+        ("It is phishing, so 1 (1 = violation).", Some(true), Outcome::Violation),
     ];
     for (text, violation, outcome) in cases {
         let verdict = judge(&policy, None, Some(text), false);
@@ -123,8 +132,38 @@ fn answers_that_say_two_things_are_never_an_allow() {
     let json = json_policy();
     let full = r#"{"violation": 0, "policy_category": null, "rule_ids": [], "confidence": "high", "rationale": "x"}"#;
     assert!(has_unparseable(&review(&json, &format!(r#"{{"violation": "unclear"}} {full}"#))));
+    // JSON answers: the words outside the object count, and so does every copy of a key.
+    let safe = r#"{"violation": 0, "policy_category": null, "rule_ids": ["HT0.a"], "confidence": "high", "rationale": "Critique."}"#;
+    let corrected = review(&json, &format!("{safe}\nCorrection: this dehumanizes the group, so 1 (HT2.a)."));
+    assert!(has_unparseable(&corrected) && corrected.violation.is_none(), "{corrected:?}");
+    let escalated = review(&json, &format!("```json\n{safe}\n``` ESCALATE"));
+    assert!(escalated.flags.contains(&Flag::Escalated), "{escalated:?}");
+    assert!(has_unparseable(&review(&json, &format!("Answer: 1\n{safe}"))));
+    let twice = safe.replace(r#""violation": 0"#, r#""violation": 1, "violation": 0"#);
+    assert!(has_unparseable(&review(&json, &twice)), "{twice}");
+    assert!(has_unparseable(&review(&json, &format!(r#"{{"result": {twice}}}"#))));
+    assert!(has_unparseable(&review(&binary, r#"{"violation": 1, "violation": 0}"#)));
+    for harmless in [
+        format!("Here is my answer:\n{safe}"),
+        format!("```json\n{safe}\n```"),
+        format!("{safe}\nThanks."),
+        format!("Answer: 0\n{safe}"),
+        safe.replace(r#""violation": 0"#, r#""violation": 0, "violation": 0"#),
+    ] {
+        assert_eq!(judge(&json, None, Some(&harmless), false).outcome, Outcome::Allow, "{harmless}");
+    }
+    // A JSON object inside a short answer and the prose beside it must agree.
+    let prose = review(&binary, "{\"violation\": 0}\nOn reflection it is phishing, so 1.");
+    assert!(has_unparseable(&prose) && prose.violation.is_none(), "{prose:?}");
+    assert_eq!(
+        judge(&binary, None, Some("{\"violation\": 1}\nIt is phishing, so 1."), false).outcome,
+        Outcome::Violation
+    );
     // A negated label is no label.
     let labels = labels_policy();
+    let beside = review(&labels, r#"{"violation": 1} VALID"#);
+    assert!(has_unparseable(&beside) && beside.violation.is_none(), "{beside:?}");
+    assert_eq!(judge(&labels, None, Some(r#"{"violation": 1} INVALID"#), false).outcome, Outcome::Violation);
     for text in ["Not VALID.", "It is not INVALID.", "The post isn't VALID"] {
         assert!(has_unparseable(&review(&labels, text)), "{text:?}");
     }
@@ -170,6 +209,17 @@ fn an_answer_citing_rules_of_the_other_side_goes_to_a_person() {
         violating.unwrap()
     );
     assert!(inconsistent(&judge(&hate, None, Some(&json), false)), "{json}");
+    // The category is a citation too: a tier listed under VIOLATES does not back a "safe" answer, nor a tier of
+    // exceptions a violation.
+    let category =
+        r#"{"violation": 0, "policy_category": "HT3", "rule_ids": [], "confidence": "high", "rationale": "x"}"#;
+    let verdict = judge(&hate, None, Some(category), false);
+    assert!(inconsistent(&verdict) && verdict.outcome == Outcome::NeedsReview, "{verdict:?}");
+    let exception = category.replace(r#""violation": 0"#, r#""violation": 1"#).replace("HT3", "HT0");
+    let verdict = judge(&hate, None, Some(&exception), false);
+    assert!(inconsistent(&verdict) && verdict.outcome == Outcome::NeedsReview, "{verdict:?}");
+    let consistent = category.replace(r#""violation": 0"#, r#""violation": 1"#);
+    assert_eq!(judge(&hate, None, Some(&consistent), false).outcome, Outcome::Violation);
     // A policy whose headings do not say which side a rule is on is not second-guessed.
     let labels = labels_policy();
     assert_eq!(judge(&labels, None, Some("VALID (SP2.a)"), false).outcome, Outcome::Allow);
@@ -316,6 +366,8 @@ fn reasoning_disagreement_is_flagged() {
         ("It is a friendly note. Label 0.", "1", true),
         ("Hmm. The user asks about weather.", "1", false),
         ("Thus => 1.", "0", true),
+        // "return 0 if benign" restates the instructions; the conclusion is the sentence before it.
+        ("The sender fakes a bank login page, so it's phishing. Reminder: return 0 if benign, otherwise 1.", "0", true),
     ];
     for (analysis, answer, disagrees) in cases {
         let verdict = judge(&policy, Some(analysis), Some(answer), false);
@@ -345,6 +397,10 @@ fn reasoning_conclusions() {
     assert_eq!(check("It's a critique, HT0.a. So violation 0.", &OutputFormat::Json), Some(false));
     assert_eq!(check("answer: 1", &binary), Some(true));
     assert_eq!(check("We must answer 0 or 1.", &binary), None);
+    assert_eq!(check("Reminder: return 0 if benign, otherwise 1.", &binary), None);
+    assert_eq!(check("Output 1 when the post pushes coupons.", &binary), None);
+    assert_eq!(check("Output 0 for benign posts.", &binary), None);
+    assert_eq!(check("So the label is 1 for SP2.a.", &binary), Some(true));
     assert_eq!(check("The content is benign.", &binary), Some(false));
     assert_eq!(check("{\"violation\": 0, ...} is what we output", &OutputFormat::Json), Some(false));
     assert_eq!(check("Nothing conclusive here", &binary), None);
@@ -464,6 +520,15 @@ fn combined_round_trip() {
         none.iter()
             .all(|v| v.outcome == Outcome::NeedsReview && v.flags == vec![Flag::NoFinalMessage, Flag::Truncated])
     );
+    // serde keeps the last of two same-named keys: a policy answered twice, or "violation" given twice, is unclear.
+    let hate_safe = r#"{"violation": 0, "policy_category": null, "rule_ids": ["HT0.a"], "confidence": "high", "rationale": "No attack.", "action": "allow"}"#;
+    let hate_bad = r#"{"violation": 1, "policy_category": "HT2", "rule_ids": ["HT2.a"], "confidence": "high", "rationale": "Vermin.", "action": "block"}"#;
+    let repeated = format!(r#"{{"hate": {hate_bad}, "hate": {hate_safe}}}"#);
+    let verdicts = judge_combined(&policies, None, Some(&repeated), false);
+    assert!(has_unparseable(&verdicts[1]) && verdicts[1].violation.is_none(), "{:?}", verdicts[1]);
+    let inner = hate_safe.replace(r#""violation": 0"#, r#""violation": 1, "violation": 0"#);
+    let verdicts = judge_combined(&policies, None, Some(&format!(r#"{{"hate": {inner}}}"#)), false);
+    assert!(has_unparseable(&verdicts[1]) && verdicts[1].outcome == Outcome::NeedsReview, "{:?}", verdicts[1]);
     let garbage = judge_combined(&policies, None, Some("spam: 1, hate: 0"), false);
     assert!(garbage.iter().all(|v| v.outcome == Outcome::NeedsReview && has_unparseable(v)));
 }

@@ -32,6 +32,9 @@ pub struct Args {
     /// Database the service stores decisions in (sqlite://FILE or postgres://…).
     #[arg(long, value_name = "URL", conflicts_with = "dataset", required_unless_present = "dataset")]
     database: Option<String>,
+    /// With --database: the PostgreSQL schema the service keeps its tables in, as given to `safeguard serve`.
+    #[arg(long, value_name = "NAME", env = "SAFEGUARD_DATABASE_SCHEMA")]
+    database_schema: Option<String>,
     /// A JSONL/CSV file or named shared dataset to run the new version on instead.
     #[arg(long, value_name = "SPEC")]
     dataset: Option<String>,
@@ -39,7 +42,7 @@ pub struct Args {
     #[arg(long, value_name = "FILE", requires = "dataset")]
     baseline_policy: Option<PathBuf>,
     /// Folder holding the shared datasets [default: shared/data or ../shared/data].
-    #[arg(long, env = "SAFEGUARD_DATA_DIR", value_name = "DIR")]
+    #[arg(long, env = "SAFEGUARD_DATASETS_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// The model (GGUF) that runs the new version.
     #[arg(long, value_name = "PATH")]
@@ -88,6 +91,9 @@ struct Report {
     items: usize,
     /// Stored decisions that could not be replayed, with why.
     skipped: Vec<(String, String)>,
+    /// Items the model failed to judge (a backend error, a prompt too long for the context), with why: left out
+    /// of the flips, since a failure says nothing about the policy.
+    failed: Vec<(String, String)>,
     before: BTreeMap<Predicted, usize>,
     after: BTreeMap<Predicted, usize>,
     unchanged: usize,
@@ -124,8 +130,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 "--limit {}: a backtest of stored decisions takes at most {MAX_STORED_ITEMS}",
                 args.limit
             );
-            let (dataset, before, skipped) =
-                runtime.block_on(stored_decisions(url, &policy.meta.name, args.limit, &mut contents))?;
+            let (dataset, before, skipped) = runtime.block_on(stored_decisions(
+                url,
+                args.database_schema.clone(),
+                &policy.meta.name,
+                args.limit,
+                &mut contents,
+            ))?;
             // A PostgreSQL URL may carry a password; it must not end up in reports.
             let source = if url.starts_with("sqlite:") { url.clone() } else { "the database".to_string() };
             (source, dataset, Before::Stored(before, skipped))
@@ -136,7 +147,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .as_ref()
                 .map(|p| Policy::load(p).with_context(|| format!("cannot load policy {}", p.display())).map(Box::new))
                 .transpose()?;
-            (spec.clone(), load_dataset(&args, spec)?, Before::Baseline(baseline))
+            (spec.clone(), load_dataset(&args, spec, &policy.meta.name)?, Before::Baseline(baseline))
         }
         (None, None) => bail!("say where the items come from: --database URL or --dataset SPEC"),
     };
@@ -148,11 +159,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let classifier = Classifier::new(reasoner);
     let effort: Effort = args.effort.parse().map_err(|e| anyhow::anyhow!("--effort {}: {e}", args.effort))?;
     let options = ClassifyOptions { effort, max_tokens: args.max_tokens, ..ClassifyOptions::default() };
-    let after = runtime.block_on(classify_all(&classifier, &policy, &dataset, &contents, &options))?;
+    let mut failed = Vec::new();
+    let after = runtime.block_on(classify_all(&classifier, &policy, &dataset, &contents, &options, &mut failed))?;
     let (before, skipped) = match before {
         Before::Stored(records, skipped) => (records, skipped),
         Before::Baseline(Some(old)) => {
-            (runtime.block_on(classify_all(&classifier, &old, &dataset, &contents, &options))?, vec![])
+            let records = classify_all(&classifier, &old, &dataset, &contents, &options, &mut failed);
+            (runtime.block_on(records)?, vec![])
         }
         // No baseline on a dataset: the labels are the "before", so flips show where the new version is wrong.
         Before::Baseline(None) => (label_records(&dataset, &policy.meta.name), vec![]),
@@ -160,7 +173,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 
     let score_options = ScoreOptions { policy: Some(policy.meta.name.clone()), ..ScoreOptions::default() };
     let comparison = compare_runs(&before, &after, &dataset, &score_options)?;
-    let report = build_report(&policy, source, &dataset, &before, &after, skipped, comparison);
+    let mut report = build_report(&policy, source, &dataset, &before, &after, skipped, comparison);
+    report.failed = failed;
     match args.format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         Format::Text => print!("{}", text_report(&report)),
@@ -171,6 +185,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         std::fs::write(path, render_comparison_html(&title, comparison))
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
+    }
+    if !report.failed.is_empty() {
+        eprintln!("{} item(s) could not be judged; the backtest is incomplete", report.failed.len());
+        return Ok(ExitCode::from(super::EXIT_FAILURE));
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -184,11 +202,13 @@ enum Before {
 /// stored verdicts as the "before" run.
 async fn stored_decisions(
     url: &str,
+    schema: Option<String>,
     policy_name: &str,
     limit: usize,
     contents: &mut BTreeMap<String, Content>,
 ) -> anyhow::Result<(Dataset, Vec<PredictionRecord>, Vec<(String, String)>)> {
-    let store = Store::connect(url, StoreOptions::default()).await.context("cannot open the database")?;
+    let store =
+        Store::connect(url, StoreOptions { schema, ..Default::default() }).await.context("cannot open the database")?;
     let filter = DecisionFilter {
         policy: Some(policy_name.to_string()),
         limit: i64::try_from(limit).unwrap_or(i64::MAX),
@@ -244,17 +264,13 @@ async fn stored_decisions(
     Ok((dataset, before.into_iter().map(|(r, _)| r).collect(), skipped))
 }
 
-fn load_dataset(args: &Args, spec: &str) -> anyhow::Result<Dataset> {
-    let data_dir = args.data_dir.clone().unwrap_or_else(|| {
-        ["shared/data", "../shared/data"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.is_dir())
-            .unwrap_or_else(|| PathBuf::from("shared/data"))
-    });
+fn load_dataset(args: &Args, spec: &str, policy_name: &str) -> anyhow::Result<Dataset> {
+    let data_dir = super::eval::shared_data_dir(args.data_dir.as_deref());
     let parsed: DatasetSpec = spec.parse()?;
     let mapping = FieldMapping { id_field: Some("id".into()), ..FieldMapping::default() };
     let mut dataset = parsed.load(&data_dir, &mapping).with_context(|| format!("loading dataset {spec}"))?;
+    // An export labels several policies; the new version is judged on its own policy's labels.
+    dataset.focus_on_policy(policy_name)?;
     dataset.truncate(args.limit);
     Ok(dataset)
 }
@@ -265,11 +281,20 @@ async fn classify_all(
     dataset: &Dataset,
     contents: &BTreeMap<String, Content>,
     options: &ClassifyOptions,
+    failed: &mut Vec<(String, String)>,
 ) -> anyhow::Result<Vec<PredictionRecord>> {
     let mut records = Vec::with_capacity(dataset.items.len());
     for item in &dataset.items {
         let content = contents.get(&item.id).cloned().unwrap_or_else(|| Content::text(item.text.clone()));
         let decision = classifier.classify(std::slice::from_ref(policy), &content, options).await;
+        let errors: Vec<&str> = decision.prompts.iter().filter_map(|p| p.error.as_deref()).collect();
+        if !errors.is_empty() {
+            failed.push((
+                item.id.clone(),
+                format!("{} ({}): {}", policy.meta.name, policy.hash.short(), errors.join("; ")),
+            ));
+            continue;
+        }
         let mut value = serde_json::to_value(&decision)?;
         if let Some(object) = value.as_object_mut() {
             object.remove("id");
@@ -322,6 +347,7 @@ fn build_report(
         source,
         items: 0,
         skipped,
+        failed: Vec::new(),
         before: BTreeMap::new(),
         after: BTreeMap::new(),
         unchanged: 0,
@@ -397,6 +423,9 @@ fn text_report(report: &Report) -> String {
     }
     for (id, why) in &report.skipped {
         out.push_str(&format!("skipped {id}: {why}\n"));
+    }
+    for (id, why) in &report.failed {
+        out.push_str(&format!("failed {id}: {why}\n"));
     }
     out
 }

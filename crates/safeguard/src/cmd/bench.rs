@@ -34,7 +34,7 @@ pub struct EngineArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     pub batch_sizes: Vec<usize>,
     /// Layers to offload to the GPU (CUDA builds).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long = "gpu-layers", alias = "n-gpu-layers", default_value_t = 0)]
     pub n_gpu_layers: u32,
     /// Map the model file instead of reading it (faster load from a warm page cache, about twice the peak
     /// RSS on CPU because llama.cpp repacks the experts).

@@ -76,6 +76,9 @@ pub struct EngineFlags {
     /// Per-sequence context size of the engine, in tokens (prompt + completion).
     #[arg(long, value_name = "TOKENS")]
     pub context: Option<u32>,
+    /// Layers to offload to the GPU; needs a build with `--features cuda` (a CPU build runs them all on the CPU).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub gpu_layers: u32,
 }
 
 /// Settings for building the embedded reasoner, shared with `policy test`.
@@ -101,6 +104,7 @@ pub(crate) fn load_reasoner(args: &EngineArgs<'_>) -> anyhow::Result<Arc<dyn Rea
     if let Some(context) = args.engine.context {
         config.n_ctx = context;
     }
+    config.n_gpu_layers = args.engine.gpu_layers;
     let engine =
         LlamaEngine::load(args.model, config).with_context(|| format!("cannot load model {}", args.model.display()))?;
     Ok(Arc::new(EmbeddedReasoner::new(Arc::new(engine), EmbeddedConfig::default())))
@@ -172,6 +176,15 @@ struct Tally {
 }
 
 impl Tally {
+    /// Counts a decision: its outcome, and an error when the model failed on any of its prompts (a backend error,
+    /// content too long for the context), since the item was then never judged.
+    fn count_decision(&mut self, decision: &safeguard_core::Decision) {
+        self.count(decision.outcome);
+        if decision.prompts.iter().any(|prompt| prompt.error.is_some()) {
+            self.errors += 1;
+        }
+    }
+
     fn exit_code(&self) -> ExitCode {
         if self.errors > 0 {
             ExitCode::from(EXIT_FAILURE)
@@ -228,7 +241,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     match source {
         Source::Text(content) => {
             let decision = runtime.block_on(classifier.classify(&policies, &content, &options));
-            tally.count(decision.outcome);
+            tally.count_decision(&decision);
             write_record(&mut output, &Record { id: None, line: None, error: None, decision: Some(&decision) })?;
         }
         Source::Lines { reader, total_lines } => {
@@ -247,7 +260,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                     let record = match &line.item {
                         Ok(Item { id, .. }) => match decisions.next() {
                             Some(decision) => {
-                                tally.count(decision.outcome);
+                                tally.count_decision(&decision);
                                 write_record(
                                     &mut output,
                                     &Record {
@@ -287,7 +300,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     output.flush().context("cannot write the output")?;
     if tally.errors > 0 {
-        eprintln!("{} input line(s) could not be classified; see the records with an \"error\" field", tally.errors);
+        eprintln!(
+            "{} item(s) could not be classified; see the records with an \"error\" field or a failed prompt",
+            tally.errors
+        );
+    }
+    if tally.errors + tally.needs_review + tally.violations + tally.allowed == 0 {
+        // Nothing judged is not "all allowed": a gate on the exit status must not pass an empty or cut input.
+        eprintln!("the input held no items");
+        return Ok(ExitCode::from(EXIT_FAILURE));
     }
     Ok(tally.exit_code())
 }

@@ -40,7 +40,7 @@ pub struct Args {
     #[arg(long, value_name = "SPEC")]
     dataset: String,
     /// Folder holding the shared datasets [default: shared/data or ../shared/data]
-    #[arg(long, env = "SAFEGUARD_DATA_DIR", value_name = "DIR")]
+    #[arg(long, env = "SAFEGUARD_DATASETS_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// Field holding the text [default: text, prompt or content].
     #[arg(long, value_name = "NAME")]
@@ -110,7 +110,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.predictions {
         let predictions = read_predictions(path)?;
         let report = score_predictions(&predictions, &dataset, &options)?;
-        emit_report(&args, &[(path.display().to_string(), report)])
+        let (errors, missing) = (report.errors, report.missing_predictions.count);
+        let code = emit_report(&args, &[(path.display().to_string(), report)])?;
+        if (errors > 0 || missing > 0) && code == ExitCode::SUCCESS {
+            // The report is complete, but not every item was judged: as a live run that failed some, the run did
+            // not fully work, and a gate must not pass on it.
+            eprintln!("{errors} classification(s) failed and {missing} item(s) have no prediction");
+            return Ok(ExitCode::from(EXIT_FAILURE));
+        }
+        Ok(code)
     } else if let Some(paths) = &args.compare {
         let [before_path, after_path] = paths.as_slice() else {
             bail!("--compare takes two files: BEFORE AFTER");
@@ -126,9 +134,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn data_dir(args: &Args) -> PathBuf {
-    if let Some(dir) = &args.data_dir {
-        return dir.clone();
+/// The folder of the shared datasets: the one asked for, or `shared/data` beside or above the working directory.
+pub(super) fn shared_data_dir(asked: Option<&Path>) -> PathBuf {
+    if let Some(dir) = asked {
+        return dir.to_path_buf();
     }
     ["shared/data", "../shared/data"]
         .iter()
@@ -147,8 +156,23 @@ fn load_dataset(args: &Args) -> anyhow::Result<Dataset> {
         group_field: args.group_field.clone(),
         category_fields: args.category_fields.clone(),
     };
-    let mut dataset =
-        spec.load(&data_dir(args), &mapping).with_context(|| format!("loading dataset {}", args.dataset))?;
+    let mut dataset = spec
+        .load(&shared_data_dir(args.data_dir.as_deref()), &mapping)
+        .with_context(|| format!("loading dataset {}", args.dataset))?;
+    if dataset.labelled_per_policy
+        && let [policy] = args.policy.as_slice()
+    {
+        // One policy scored against an export that labels several: only that policy's labels count.
+        let name = if args.model.is_some() {
+            safeguard_policy::Policy::load(Path::new(policy))
+                .with_context(|| format!("loading policy {policy}"))?
+                .meta
+                .name
+        } else {
+            policy.clone()
+        };
+        dataset.focus_on_policy(&name)?;
+    }
     if let Some(limit) = args.limit {
         dataset.truncate(limit);
     }

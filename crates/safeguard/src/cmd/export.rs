@@ -28,8 +28,11 @@ pub enum Command {
 #[derive(clap::Args)]
 pub struct DatasetArgs {
     /// Database the service stores decisions in (sqlite://FILE or postgres://…).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", env = "SAFEGUARD_DATABASE_URL")]
     database: String,
+    /// PostgreSQL schema the service keeps its tables in, as given to `safeguard serve`.
+    #[arg(long, value_name = "NAME", env = "SAFEGUARD_DATABASE_SCHEMA")]
+    database_schema: Option<String>,
     /// Only examples for this policy name.
     #[arg(long, value_name = "NAME")]
     policy: Option<String>,
@@ -56,6 +59,11 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
 
 fn parse_since(text: &str) -> anyhow::Result<i64> {
     if let Ok(ms) = text.trim().parse::<i64>() {
+        // Before March 1973 in milliseconds, but a date of our time in seconds: read as milliseconds, it would
+        // quietly export everything.
+        if (1..100_000_000_000).contains(&ms) {
+            bail!("--since {text}: looks like unix seconds; give unix milliseconds ({}) or RFC 3339", ms * 1000);
+        }
         return Ok(ms);
     }
     let at = time::OffsetDateTime::parse(text.trim(), &time::format_description::well_known::Rfc3339)
@@ -195,7 +203,9 @@ fn dataset(args: DatasetArgs) -> anyhow::Result<ExitCode> {
     let weights = Weights { human: args.human_weight, ..Weights::default() };
     let (reviews, decisions) = runtime()?.block_on(async {
         let store =
-            Store::connect(&args.database, StoreOptions::default()).await.context("cannot open the database")?;
+            Store::connect(&args.database, StoreOptions { schema: args.database_schema.clone(), ..Default::default() })
+                .await
+                .context("cannot open the database")?;
         let reviews = store.decided_reviews_with_decisions(since).await.context("reading reviews")?;
         let decisions = if args.include_model_labels {
             store.decisions_since(since).await.context("reading decisions")?

@@ -536,6 +536,11 @@ fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
     }
     match (args.target_recall, recall) {
         (Some(target), Some(r)) if r < target => Ok(ExitCode::from(EXIT_FINDINGS)),
+        // A gate that measured nothing must not pass.
+        (Some(_), None) => {
+            eprintln!("recall is undefined: the data holds no violations, so --target-recall cannot be checked");
+            Ok(ExitCode::from(EXIT_FINDINGS))
+        }
         _ => Ok(ExitCode::SUCCESS),
     }
 }
