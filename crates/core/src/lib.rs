@@ -12,11 +12,13 @@ pub mod classifier;
 pub mod embedded;
 pub mod golden;
 pub mod input;
+pub mod labels;
 pub mod reasoner;
 
 pub use classifier::{Classifier, ClassifyOptions, Decision, Mode, PromptObserver, PromptTrace};
 pub use embedded::{EmbeddedConfig, EmbeddedReasoner, TokenBudgets};
 pub use input::{InputLimits, InputLine, Item, ItemError, ItemReader};
+pub use labels::policy_label;
 pub use reasoner::{
     DeltaSender, ReasonDelta, ReasonError, ReasonOutput, ReasonRequest, Reasoner, Timings, USE_EFFORT_BUDGET, Usage,
     answer_confidence,

@@ -211,7 +211,12 @@ pub fn answer_confidence<'a>(tokens: impl IntoIterator<Item = (&'a str, f64)>) -
         log_sum += log_prob;
         let bare: String = text.chars().filter(|c| c.is_alphanumeric()).collect();
         if bare == "0" || bare == "1" {
-            least_digit = Some(least_digit.map_or(log_prob, |least| least.min(log_prob)));
+            // `f64::min` skips a NaN: a broken digit would borrow another digit's confidence.
+            least_digit = Some(match least_digit {
+                Some(least) if !least.is_nan() && !log_prob.is_nan() => least.min(log_prob),
+                Some(least) if least.is_nan() => least,
+                _ => log_prob,
+            });
         }
     }
     if count == 0 {
@@ -240,5 +245,7 @@ mod confidence_tests {
         assert!((confidence - 0.5).abs() < 1e-6, "{confidence}");
         assert_eq!(answer_confidence(std::iter::empty()), None);
         assert_eq!(answer_confidence([("1", f64::NAN)]), Some(0.0));
+        assert_eq!(answer_confidence([("1", f64::NAN), ("0", 0.0)]), Some(0.0), "a NaN digit is not outvoted");
+        assert_eq!(answer_confidence([("0", 0.0), ("1", f64::NAN)]), Some(0.0));
     }
 }

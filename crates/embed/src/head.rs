@@ -1,6 +1,6 @@
 //! A linear classifier head on sentence embeddings: L2-regularized logistic regression fitted by damped
 //! Newton steps (sklearn's objective, optionally class balanced), stratified folds for out-of-fold
-//! scores, and a threshold chosen on those scores at a target recall. Shared by the triage stage and
+//! scores (copies of a text kept in one fold), and a threshold chosen on those scores at a target recall. Shared by the triage stage and
 //! the research examples so both measure the same thing.
 
 /// Why a head could not be fitted.
@@ -239,7 +239,8 @@ impl SplitMix {
     }
 }
 
-/// A fold in `0..folds` per label, stratified so every fold sees each class in proportion.
+/// A fold in `0..folds` per label, stratified so every fold sees each class in proportion. Rows are
+/// independent here; for texts, where copies must share a fold, use [`copy_grouped_folds`].
 pub fn stratified_folds(labels: &[bool], folds: usize, seed: u64) -> Vec<usize> {
     let mut rng = SplitMix(seed);
     let mut fold_of = vec![0; labels.len()];
@@ -248,6 +249,64 @@ pub fn stratified_folds(labels: &[bool], folds: usize, seed: u64) -> Vec<usize> 
         rng.shuffle(&mut members);
         for (k, &i) in members.iter().enumerate() {
             fold_of[i] = k % folds.max(1);
+        }
+    }
+    fold_of
+}
+
+/// The form in which two texts count as copies of one another: trimmed and lowercased.
+pub fn copy_key(text: &str) -> String {
+    text.trim().to_lowercase()
+}
+
+/// A fold in `0..folds` per text for out-of-fold scores, with copies of a text (equal [`copy_key`]s) one
+/// unit in one fold: a copy on the training side hands its label to the held-out score (to a neighbour vote, as
+/// a neighbour at distance 0), and thresholds set on such scores promise more than unseen traffic gets.
+///
+/// `strata[i]` is text `i`'s (source, label). A unit is stratified by its first text's, so every fold sees
+/// every source's violations, and each label's rotation runs on across sources: restarted per source, one
+/// violation in each of two sources would both sit in fold 0, leaving that fold's model none to learn from.
+/// Within a stratum the units are shuffled, then placed largest first, each on the fold holding the fewest
+/// texts of the stratum so far (the first in rotation order among equals): many copies of one text fill a
+/// fold of their own before single texts even out the rest. With units of one text each this is plain round
+/// robin over the shuffle, so without copies and from one source it is [`stratified_folds`] exactly.
+/// Deterministic in `seed`.
+///
+/// # Panics
+/// If `texts` and `strata` differ in length.
+pub fn copy_grouped_folds<T: AsRef<str>>(texts: &[T], strata: &[(usize, bool)], folds: usize, seed: u64) -> Vec<usize> {
+    assert_eq!(texts.len(), strata.len(), "one (source, label) per text");
+    let folds = folds.max(1);
+    let mut unit_of_key: std::collections::HashMap<String, usize> = Default::default();
+    let mut units: Vec<Vec<usize>> = Vec::new();
+    for (i, text) in texts.iter().enumerate() {
+        let unit = *unit_of_key.entry(copy_key(text.as_ref())).or_insert_with(|| {
+            units.push(Vec::new());
+            units.len() - 1
+        });
+        units[unit].push(i);
+    }
+    // Units in order of their first text, so without copies the groups and their shuffles are the per-row ones.
+    let mut groups: std::collections::BTreeMap<(usize, bool), Vec<usize>> = Default::default();
+    for (unit, members) in units.iter().enumerate() {
+        groups.entry(strata[members[0]]).or_default().push(unit);
+    }
+    let mut fold_of = vec![0; texts.len()];
+    let mut rng = SplitMix(seed);
+    let mut next_fold = [0usize; 2];
+    for (&(_, label), group) in groups.iter_mut() {
+        rng.shuffle(group);
+        // Stable: units of equal size keep their shuffled order.
+        group.sort_by_key(|&unit| std::cmp::Reverse(units[unit].len()));
+        let next = &mut next_fold[usize::from(label)];
+        let mut load = vec![0usize; folds];
+        for &unit in group.iter() {
+            let fold = (0..folds).map(|k| (*next + k) % folds).min_by_key(|&f| load[f]).unwrap_or(0);
+            load[fold] += units[unit].len();
+            *next = (fold + 1) % folds;
+            for &i in &units[unit] {
+                fold_of[i] = fold;
+            }
         }
     }
     fold_of
@@ -500,6 +559,54 @@ mod tests {
         assert!(auc(&oof, &y).unwrap() > 0.99);
         let model = LogisticRegression::fit(&rows, &y, &weights, &config).unwrap();
         assert!(model.decision(&[1.5; 8]) > model.decision(&[-0.5; 8]));
+    }
+
+    /// Without copies and from one source, grouping by text changes nothing: the head's folds are the per-row
+    /// ones it used before copies were grouped.
+    #[test]
+    fn grouped_folds_without_copies_are_the_per_row_folds() {
+        for (n, folds, seed) in [(600, 5, 0), (37, 3, 9), (10, 5, 1), (2, 2, 4)] {
+            let labels: Vec<bool> = (0..n).map(|i| i % 7 == 0 || i % 3 == 1).collect();
+            let texts: Vec<String> = (0..n).map(|i| format!("text number {i}")).collect();
+            let strata: Vec<(usize, bool)> = labels.iter().map(|&l| (0, l)).collect();
+            assert_eq!(
+                copy_grouped_folds(&texts, &strata, folds, seed),
+                stratified_folds(&labels, folds, seed),
+                "{n} rows, {folds} folds, seed {seed}"
+            );
+        }
+    }
+
+    #[test]
+    fn copies_of_a_text_share_a_fold_and_fill_it_before_single_texts() {
+        let mut texts: Vec<String> = (0..30).map(|i| format!("unique violation {i}")).collect();
+        let mut strata = vec![(0, true); 30];
+        for (k, copy) in ["Send  Me Money", "send  me money ", "\tSEND  ME MONEY"].iter().enumerate() {
+            texts.push(copy.to_string());
+            strata.push((k % 2, k == 0));
+        }
+        for _ in 0..10 {
+            texts.push("the same spam".into());
+            strata.push((0, true));
+        }
+        for seed in 0..20 {
+            let fold_of = copy_grouped_folds(&texts, &strata, 5, seed);
+            let fold_of_key = |key: &str| -> Vec<usize> {
+                texts.iter().zip(&fold_of).filter(|(t, _)| copy_key(t) == key).map(|(_, f)| *f).collect()
+            };
+            for (key, copies) in [("send  me money", 3), ("the same spam", 10)] {
+                let seen = fold_of_key(key);
+                assert!(seen.len() == copies && seen.iter().all(|f| *f == seen[0]), "{key}: {seen:?}");
+            }
+            // 43 texts of one stratum: the 10 copies fill one fold, the 3 copies and 30 single texts even out the
+            // other four (9, 8, 8, 8), whatever order the shuffle put them in.
+            let mut load = vec![0; 5];
+            for f in &fold_of {
+                load[*f] += 1;
+            }
+            load.sort_unstable();
+            assert_eq!(load, [8, 8, 8, 9, 10], "seed {seed}");
+        }
     }
 
     #[test]

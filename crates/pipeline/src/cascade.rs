@@ -28,7 +28,7 @@ use uuid::Uuid;
 
 pub use crate::budget::Deferred;
 use crate::budget::{Budgets, ReasoningBudget};
-use crate::routing_section::routing_section;
+use crate::routing_section::{read_routing_section, routing_section};
 use crate::stats::CascadeStats;
 use crate::triage_config::triage_on_violation;
 
@@ -146,7 +146,11 @@ impl RoutingConfig {
             Ok(routing) => (routing, false),
             Err(error) => {
                 tracing::warn!(%error, "routing this policy from the escalation effort");
-                (Default::default(), true)
+                // What could be read still holds (a stricter confidence floor, its high-risk tiers); only a
+                // floor that is no probability is left to the server's.
+                let mut routing = read_routing_section(policy).unwrap_or_default();
+                routing.min_engine_confidence = routing.min_engine_confidence.filter(|p| (0.0..=1.0).contains(p));
+                (routing, true)
             }
         };
         let on_triage_violation = match triage_on_violation(policy) {
@@ -452,7 +456,7 @@ impl Pipeline {
         }
         for route in &routes {
             metrics::counter!("safeguard_pipeline_decisions_total",
-                "policy" => route.policy.clone(), "stage" => route.decided_by.as_str(), "outcome" => outcome_str(route.outcome))
+                "policy" => safeguard_core::policy_label(&route.policy), "stage" => route.decided_by.as_str(), "outcome" => outcome_str(route.outcome))
             .increment(1);
             for why in &route.escalations {
                 metrics::counter!("safeguard_pipeline_escalations_total", "reason" => escalation_str(why)).increment(1);

@@ -5,6 +5,9 @@
 //!   number of workers split the load;
 //! - each event's idempotency key (the `Nats-Msg-Id` header, else the payload's `id`) is looked up in a ledger
 //!   stream of settled decisions (one subject per key). A redelivered event whose decision exists is re-published, not re-decided;
+//! - a ledger entry holds the digest of the body it judged ([`body_digest`]: the content and the policies named). A key
+//!   settled for another body (an edited post sent again under its id) is never answered with that decision: the
+//!   new body is decided and goes to a person, apart from the ledger; an entry from before digests matches any body;
 //! - a new decision is written to the ledger with `Nats-Expected-Last-Subject-Sequence: 0`, which the server
 //!   refuses if another worker got there first (then that one's decision stands), published to `{prefix}.decisions.{key}` with the key as `Nats-Msg-Id` (the
 //!   stream's duplicate window drops a re-publish), and only then is the event acked;
@@ -145,6 +148,11 @@ pub struct DecisionEvent {
     /// Set on `reviewed` events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub review: Option<ReviewedItem>,
+    /// What was judged under the key ([`body_digest`]), on settled events: a later event under the key with
+    /// another body is not this decision's. Ledger entries written before it existed have none; they answer for
+    /// any body under their key, as they did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body_digest: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -275,6 +283,7 @@ impl Bus {
             decision: None,
             error: None,
             review: Some(review),
+            body_digest: None,
         };
         self.publish_event(&event).await
     }
@@ -521,10 +530,17 @@ impl Worker {
         let key = if appeal && !key.ends_with(APPEAL_SUFFIX) { format!("{key}{APPEAL_SUFFIX}") } else { key };
         let line = String::from_utf8_lossy(&message.payload);
         let item = parse_item(&line, &self.limits);
+        let requested = requested_policies(payload.as_ref());
+        let digest = body_digest(
+            item.as_ref().map(|i| &i.content).map_err(|_| &message.payload[..]),
+            &requested,
+            payload.as_ref(),
+            appeal,
+        );
 
         // Settled already (a redelivery after a crash between deciding and acking): record and publish again, ack.
         match self.bus.decided(&key).await {
-            Ok(Some(event)) if event.key == key => {
+            Ok(Some(event)) if event.key == key && same_body(&event, Some(&digest)) => {
                 debug!(%key, "already decided; recording and publishing again");
                 let content = item.as_ref().ok().map(|i| &i.content);
                 if !self.record(message, &event, content).await {
@@ -532,6 +548,11 @@ impl Worker {
                 }
                 self.publish_and_ack(message, &event).await;
                 return None;
+            }
+            Ok(Some(event)) if event.key == key => {
+                // The key was settled for another body (an edited item sent again under its id): that decision is
+                // not this body's. It is decided, and settled apart for a person when its ledger write is refused.
+                warn!(%key, "the key is settled for another body; deciding this one for a person");
             }
             Ok(Some(other)) => {
                 // Another key's entry in this key's slot (written before keys shaped like a hashed token were
@@ -551,15 +572,15 @@ impl Worker {
 
         let item = match item {
             Ok(item) => item,
-            Err(e) => return self.reject(message, key, item_id, &e.to_string()).await,
+            Err(e) => return self.reject(message, key, item_id, &e.to_string(), digest).await,
         };
-        let requested = match requested_policies(payload.as_ref()) {
+        let requested = match requested {
             Ok(requested) => requested,
-            Err(why) => return self.reject(message, key, item_id, &why).await,
+            Err(why) => return self.reject(message, key, item_id, &why, digest).await,
         };
         let (policies, pipeline) = match self.host.prepare(&requested).await {
             Ok(prepared) => prepared,
-            Err(HostError::Rejected(why)) => return self.reject(message, key, item_id, &why).await,
+            Err(HostError::Rejected(why)) => return self.reject(message, key, item_id, &why, digest).await,
             Err(HostError::Unavailable(why)) => {
                 warn!(%key, "cannot prepare the event now: {why}");
                 retry(message).await;
@@ -575,6 +596,7 @@ impl Worker {
                 decision: None,
                 error: None,
                 review: None,
+                body_digest: None,
             })
             .await;
         let ctx = RouteContext {
@@ -598,6 +620,7 @@ impl Worker {
             decision: Some(decision),
             error: None,
             review: None,
+            body_digest: Some(digest),
         };
         self.settle(message, event, Some(&item.content), reasoning).await;
         None
@@ -645,9 +668,11 @@ impl Worker {
         key: String,
         item_id: Option<String>,
         error: &str,
+        digest: String,
     ) -> Option<Duration> {
         warn!(%key, %error, "rejecting a content event");
-        self.settle(message, rejected(key, item_id, error), None, None).await;
+        let event = DecisionEvent { body_digest: Some(digest), ..rejected(key, item_id, error) };
+        self.settle(message, event, None, None).await;
         None
     }
 
@@ -692,10 +717,22 @@ impl Worker {
         let stored = loop {
             match self.bus.claim(&candidate).await {
                 Ok(Claim::Ours) => break candidate,
-                Ok(Claim::Theirs(theirs)) => break theirs,
-                Ok(Claim::Conflict(other)) => {
+                Ok(Claim::Theirs(theirs)) if same_body(&theirs, candidate.body_digest.as_deref()) => break theirs,
+                Ok(Claim::Theirs(_)) => {
+                    // Settled meanwhile for another body under this key: not this body's decision, nor is this
+                    // body's content that decision's to record.
+                    warn!(%key, "the key was settled for another body meanwhile; a person decides this one");
                     let event = whole.unwrap_or(candidate);
-                    return self.settle_conflict(message, event, &other.key, content, reasoning).await;
+                    let id = reused_id(&key, event.body_digest.as_deref().unwrap_or_default());
+                    return self.settle_apart(message, event, KEY_REUSED, id, content, reasoning).await;
+                }
+                Ok(Claim::Conflict(other)) => {
+                    error!(%key, other = %other.key, "the key's ledger slot holds another key's entry; a person decides");
+                    let event = whole.unwrap_or(candidate);
+                    let detail =
+                        format!("ledger conflict: this key's ledger slot holds the entry of key {:?}", other.key);
+                    let id = conflict_id(&key);
+                    return self.settle_apart(message, event, &detail, id, content, reasoning).await;
                 }
                 Err(NatsError::TooLarge(why)) if whole.is_none() && candidate.decision.is_some() => {
                     error!(%key, "the decision is too large for the ledger ({why}); it goes to a person instead");
@@ -729,30 +766,29 @@ impl Worker {
         self.publish_and_ack(message, &stored).await;
     }
 
-    /// Settles an event whose ledger slot holds another key's entry: that entry says nothing about this item,
-    /// and this item's cannot be written there. A rejection is published as it is; a decision goes to a person,
-    /// under an id derived from the key (a redelivery records the same one again, not a second), recorded by
-    /// the host and published, but not in the ledger.
-    async fn settle_conflict(
+    /// Settles an event that its key's ledger entry does not answer for, and whose own entry cannot be written
+    /// there: the slot holds another key's entry, or this key's entry for another body. A rejection is published
+    /// as it is; a decision goes to a person for `detail`, under `id` (derived from the key, and the body: a
+    /// redelivery records the same one again, not a second), recorded by the host with this event's content and
+    /// published, but not in the ledger.
+    async fn settle_apart(
         &self,
         message: &jetstream::Message,
         event: DecisionEvent,
-        other_key: &str,
+        detail: &str,
+        id: uuid::Uuid,
         content: Option<&Content>,
         reasoning: Option<Vec<Vec<String>>>,
     ) {
-        error!(key = %event.key, other = other_key, "the key's ledger slot holds another key's entry; a person decides");
         let token = subject_token(&event.key);
         if event.decision.is_none() {
-            let id = format!("{token}:{:?}:conflict", event.status);
-            ack_published(message, &event.key, self.bus.publish_as(&token, &id, &event).await).await;
+            let msg_id = format!("{token}:{:?}:{id}", event.status);
+            ack_published(message, &event.key, self.bus.publish_as(&token, &msg_id, &event).await).await;
             return;
         }
-        let detail =
-            clip(&format!("ledger conflict: this key's ledger slot holds the entry of key {other_key:?}"), MAX_DETAIL);
+        let detail = clip(detail, MAX_DETAIL);
         let mut whole = for_person(&event, &detail, false);
         let mut published = for_person(&event, &detail, true);
-        let id = conflict_id(&event.key);
         for settled in [&mut whole, &mut published] {
             if let Some(decision) = settled.decision.as_mut() {
                 decision.id = id;
@@ -762,7 +798,8 @@ impl Worker {
         if !self.record(message, &whole, content).await {
             return;
         }
-        // Not `{token}:Decided`: the other key may have used that message id within the duplicate window.
+        // Not `{token}:Decided`: the key's entry (or the other key's) may have used that message id within the
+        // duplicate window.
         let msg_id = format!("{token}:{:?}:{id}", published.status);
         ack_published(message, &event.key, self.bus.publish_as(&token, &msg_id, &published).await).await;
     }
@@ -777,6 +814,81 @@ fn rejected(key: String, item_id: Option<String>, error: &str) -> DecisionEvent 
         decision: None,
         error: Some(error.to_string()),
         review: None,
+        body_digest: None,
+    }
+}
+
+/// Why an event goes to a person when its key is settled for another body.
+const KEY_REUSED: &str =
+    "idempotency key reused with a different body: the key's decision is another body's; a person decides this one";
+
+/// The digest of what an event asks to have judged: `sha256:` of the canonical JSON (keys sorted, no spaces) of
+/// its content as parsed (or, when it does not parse, the sha256 of its payload), the policies it named (as
+/// named, sorted: a redelivery must match its own entry whatever a name points to by then; or, when the list
+/// cannot be read, the `"policies"` value itself) and whether it is an appeal. The item id and other fields of
+/// the payload are not part of it: they do not change what is judged.
+fn body_digest(
+    content: Result<&Content, &[u8]>,
+    requested: &Result<Vec<String>, String>,
+    payload: Option<&Value>,
+    appeal: bool,
+) -> String {
+    let content = match content {
+        Ok(content) => serde_json::to_value(content).unwrap_or(Value::Null),
+        Err(raw) => serde_json::json!({ "unparsed": hex::encode(Sha256::digest(raw)) }),
+    };
+    let policies = match requested {
+        Ok(names) => {
+            let mut names = names.clone();
+            names.sort();
+            names.dedup();
+            serde_json::json!(names)
+        }
+        Err(_) => serde_json::json!({ "unreadable": payload.and_then(|p| p.get("policies")) }),
+    };
+    let body = serde_json::json!({ "content": content, "policies": policies, "appeal": appeal });
+    let mut canonical = String::new();
+    write_canonical(&body, &mut canonical);
+    format!("sha256:{}", hex::encode(Sha256::digest(canonical.as_bytes())))
+}
+
+/// `value` as JSON with object keys sorted, whatever order the map keeps them in.
+fn write_canonical(value: &Value, out: &mut String) {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (key, value)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(key.clone()).to_string());
+                out.push(':');
+                write_canonical(value, out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// Whether a ledger entry answers for a body with `digest`: an entry (or an event) without a digest, written
+/// before they were kept, is taken to, as it always was.
+fn same_body(entry: &DecisionEvent, digest: Option<&str>) -> bool {
+    match (entry.body_digest.as_deref(), digest) {
+        (Some(settled), Some(digest)) => settled == digest,
+        _ => true,
     }
 }
 
@@ -879,7 +991,17 @@ fn clip(text: &str, max: usize) -> String {
 /// The id of the decision a person gets for a key whose ledger slot holds another key's entry: the same for
 /// every delivery of the key, so the host, idempotent by id, records it once.
 fn conflict_id(key: &str) -> uuid::Uuid {
-    let digest = Sha256::digest(format!("safeguard ledger conflict\0{key}").as_bytes());
+    derived_id(&format!("safeguard ledger conflict\0{key}"))
+}
+
+/// The id of the decision a person gets for a body sent under a key settled for another body: one per key and
+/// body, so a redelivery records it once and another body under the key gets one of its own.
+fn reused_id(key: &str, digest: &str) -> uuid::Uuid {
+    derived_id(&format!("safeguard key reused\0{key}\0{digest}"))
+}
+
+fn derived_id(seed: &str) -> uuid::Uuid {
+    let digest = Sha256::digest(seed.as_bytes());
     let mut bytes = [0u8; 16];
     bytes.copy_from_slice(&digest[..16]);
     uuid::Builder::from_custom_bytes(bytes).into_uuid()
@@ -1167,6 +1289,7 @@ mod tests {
             }),
             error: None,
             review: None,
+            body_digest: None,
         }
     }
 
@@ -1202,6 +1325,51 @@ mod tests {
         let mut long_id = event.clone();
         long_id.item_id = Some("x".repeat(100_000));
         assert_eq!(for_person(&long_id, detail, true).item_id, None);
+    }
+
+    #[test]
+    fn a_body_digest_covers_what_is_judged_and_old_entries_match_any_body() {
+        let text = Content::text("hello");
+        let digest = |content: Result<&Content, &[u8]>, payload: Value, appeal: bool| {
+            body_digest(content, &requested_policies(Some(&payload)), Some(&payload), appeal)
+        };
+        let plain = digest(Ok(&text), serde_json::json!({}), false);
+        assert!(plain.starts_with("sha256:") && plain.len() == 7 + 64, "{plain}");
+        assert_eq!(plain, digest(Ok(&text), serde_json::json!({"id": "other", "at": 1}), false), "not the id");
+        assert_ne!(plain, digest(Ok(&Content::text("hello!")), serde_json::json!({}), false));
+        assert_ne!(plain, digest(Ok(&Content::Prompt { prompt: "hello".into() }), serde_json::json!({}), false));
+        assert_ne!(plain, digest(Ok(&text), serde_json::json!({}), true), "an appeal");
+        let named = digest(Ok(&text), serde_json::json!({"policies": ["spam", "hate"]}), false);
+        assert_ne!(plain, named);
+        assert_eq!(named, digest(Ok(&text), serde_json::json!({"policies": ["hate", "spam"]}), false), "a set");
+        assert_eq!(
+            digest(Ok(&text), serde_json::json!({"policies": "spam"}), false),
+            digest(Ok(&text), serde_json::json!({"policies": ["spam"]}), false)
+        );
+        assert_ne!(
+            digest(Ok(&text), serde_json::json!({"policies": 7}), false),
+            digest(Ok(&text), serde_json::json!({"policies": 8}), false)
+        );
+        assert_ne!(
+            digest(Err(b"{not json"), serde_json::json!({}), false),
+            digest(Err(b"{not json!"), serde_json::json!({}), false)
+        );
+        let mut canonical = String::new();
+        write_canonical(&serde_json::json!({"b": [1, {"d": "\"", "c": null}], "a": true}), &mut canonical);
+        assert_eq!(canonical, r#"{"a":true,"b":[1,{"c":null,"d":"\""}]}"#);
+
+        let mut entry = rejected("k".into(), None, "why");
+        entry.body_digest = Some(plain.clone());
+        assert!(same_body(&entry, Some(&plain)));
+        assert!(!same_body(&entry, Some(&named)));
+        // An entry written before digests were kept reads as it did, and answers for any body as it did.
+        let old: DecisionEvent =
+            serde_json::from_value(serde_json::json!({"key": "k", "item_id": null, "status": "rejected"})).unwrap();
+        assert_eq!(old.body_digest, None);
+        assert!(same_body(&old, Some(&named)));
+        assert_ne!(reused_id("k", &plain), reused_id("k", &named));
+        assert_ne!(reused_id("k", &plain), conflict_id("k"));
+        assert_eq!(reused_id("k", &plain), reused_id("k", &plain));
     }
 
     #[test]

@@ -55,10 +55,7 @@ pub struct RoutingSectionError {
 /// ignored: the server refuses such a policy and `policy lint` reports it.
 pub fn routing_section(policy: &Policy) -> Result<RoutingSection, RoutingSectionError> {
     let error = |message: String| RoutingSectionError { policy: policy.meta.name.clone(), message };
-    let Some(value) = policy.meta.extra.get("routing") else {
-        return Ok(RoutingSection::default());
-    };
-    let section = RoutingSection::deserialize(value).map_err(|e| error(e.to_string()))?;
+    let section = read_routing_section(policy)?;
     if let Some(confidence) = section.min_engine_confidence
         && !(0.0..=1.0).contains(&confidence)
     {
@@ -70,8 +67,10 @@ pub fn routing_section(policy: &Policy) -> Result<RoutingSection, RoutingSection
         return Err(error(format!("first_effort {first} is above escalation_effort {escalation}")));
     }
     // Matched exactly against what the model cites: a tier the policy does not define would never match.
-    if let Some(unknown) = section.high_risk_categories.iter().find(|category| !policy.knows_rule(category)) {
-        return Err(error(format!("high_risk_categories: `{unknown}` is not a rule id or tier of this policy")));
+    if let Some(unknown) = section.high_risk_categories.iter().find(|category| !policy.knows_category(category)) {
+        return Err(error(format!(
+            "high_risk_categories: `{unknown}` is not a rule id, tier or category of this policy"
+        )));
     }
     if let Some(flagged) = section.flagged_effort {
         if let Some(first) = section.first_effort.filter(|first| flagged < *first) {
@@ -82,6 +81,16 @@ pub fn routing_section(policy: &Policy) -> Result<RoutingSection, RoutingSection
         }
     }
     Ok(section)
+}
+
+/// The section as written, unchecked: what [`routing_section`] validates. A policy stored before a check was added
+/// may fail it; its settings are still what its author asked for, and dropping them would route it more loosely.
+pub fn read_routing_section(policy: &Policy) -> Result<RoutingSection, RoutingSectionError> {
+    let Some(value) = policy.meta.extra.get("routing") else {
+        return Ok(RoutingSection::default());
+    };
+    RoutingSection::deserialize(value)
+        .map_err(|e| RoutingSectionError { policy: policy.meta.name.clone(), message: e.to_string() })
 }
 
 #[cfg(test)]
@@ -116,6 +125,11 @@ mod tests {
         )
         .unwrap();
         assert_eq!(routing_section(&tiered).unwrap().high_risk_categories, ["SH3", "SH2.a"], "a tier and a rule id");
+        let categorised = Policy::parse(
+            "---\nname: c\noutput: binary\ncategories: [fraud]\nrouting:\n  high_risk_categories: [fraud]\n---\n# C\nReturn 0 or 1.",
+        )
+        .unwrap();
+        assert_eq!(routing_section(&categorised).unwrap().high_risk_categories, ["fraud"], "a front-matter category");
 
         for (bad, says) in [
             ("  first_effort: extreme", "extreme"),
@@ -126,7 +140,7 @@ mod tests {
             ("  escalation_effort: medium\n  flagged_effort: high", "above escalation_effort"),
             ("  min_confidence: 0.9", "min_confidence"),
             ("  escalate_on_triage_disagreement: sometimes", "sometimes"),
-            ("  high_risk_categories: [SH3]", "`SH3` is not a rule id or tier"),
+            ("  high_risk_categories: [SH3]", "`SH3` is not a rule id, tier or category"),
         ] {
             let error = routing_section(&with(bad)).unwrap_err().to_string();
             assert!(error.contains(says) && error.contains("routing"), "{bad:?}: {error}");

@@ -87,18 +87,26 @@ struct Entry {
     model_file: Option<SystemTime>,
     /// When `model_file` was last read off the disk.
     checked: Instant,
-    /// When `built` was made: a model that failed to load is tried again after a while even if its file did not
-    /// change (the encoder it needs may have been installed since).
-    built_at: Instant,
+    /// When the model was last tried, if it failed to load: it is tried again after a while even if its file
+    /// did not change (the encoder it needs may have been installed since). A model trained for another version
+    /// is not retried: only retraining, which changes the file, fixes that.
+    load_failed_at: Option<Instant>,
 }
 
 /// How long a policy runs without its model, which failed to load, before the library tries to load it again.
 const FAILED_MODEL_RETRY: Duration = Duration::from_secs(30);
 
 impl Entry {
-    fn model_failed_long_ago(&self) -> bool {
-        let failed = matches!(&self.built, Ok(Some(triage)) if triage.model_unusable().is_some());
-        failed && self.built_at.elapsed() >= FAILED_MODEL_RETRY
+    /// Whether the model failed to load long enough ago to try again. The first request to ask takes the retry
+    /// (the clock restarts for the others, who keep the cached build meanwhile), so a burst loads it once.
+    fn take_model_retry(&mut self) -> bool {
+        match self.load_failed_at {
+            Some(at) if at.elapsed() >= FAILED_MODEL_RETRY => {
+                self.load_failed_at = Some(Instant::now());
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -152,13 +160,13 @@ impl TriageLibrary {
         if let Some(entry) = self.cache().get_mut(&hash)
             && same_source(entry)
             && entry.model_file == model_file
-            && !entry.model_failed_long_ago()
+            && !entry.take_model_retry()
         {
             entry.checked = Instant::now();
             return entry.built.clone().map_err(TriageError::InvalidConfig);
         }
         // Built outside the lock: loading a model reads files, and other policies' requests should not wait.
-        let built = self.build(policy, &hash, model_dir.as_deref());
+        let (built, load_failed) = self.build(policy, &hash, model_dir.as_deref());
         if let Err(reason) = &built {
             warn!("no triage for this policy: {reason}");
         }
@@ -173,7 +181,7 @@ impl TriageLibrary {
             model_dir,
             model_file,
             checked: now,
-            built_at: now,
+            load_failed_at: load_failed.then_some(now),
         };
         cache.insert(hash, entry);
         built.map_err(TriageError::InvalidConfig)
@@ -195,28 +203,32 @@ impl TriageLibrary {
         }
     }
 
-    fn build(&self, policy: &Policy, hash: &str, model_dir: Option<&Path>) -> Built {
-        let rules = rules_from_policy(policy).map_err(|e| match e {
-            TriageError::InvalidConfig(reason) => reason,
-            other => other.to_string(),
-        })?;
-        let Some(path) = model_dir.filter(|path| path.join("model.json").exists()) else {
-            return Ok(rules.map(|rules| Arc::new(Triage::new(Some(rules), None))));
+    /// The build, and whether the policy's model failed to load (to be tried again later).
+    fn build(&self, policy: &Policy, hash: &str, model_dir: Option<&Path>) -> (Built, bool) {
+        let rules = match rules_from_policy(policy) {
+            Ok(rules) => rules,
+            Err(TriageError::InvalidConfig(reason)) => return (Err(reason), false),
+            Err(other) => return (Err(other.to_string()), false),
         };
-        let unusable = match TriageModel::load(path) {
-            Ok(model) if model.meta.policy_hash == hash => return Ok(Some(Arc::new(Triage::new(rules, Some(model))))),
+        let Some(path) = model_dir.filter(|path| path.join("model.json").exists()) else {
+            return (Ok(rules.map(|rules| Arc::new(Triage::new(Some(rules), None)))), false);
+        };
+        let (unusable, load_failed) = match TriageModel::load(path) {
+            Ok(model) if model.meta.policy_hash == hash => {
+                return (Ok(Some(Arc::new(Triage::new(rules, Some(model))))), false);
+            }
             Ok(model) => {
                 warn!(policy = %policy.meta.name, trained_for = %model.meta.policy_hash, current = %hash,
                     "the triage model was trained for another version of this policy; not using it");
-                format!("the model in {} was trained for {}", path.display(), model.meta.policy_hash)
+                (format!("the model in {} was trained for {}", path.display(), model.meta.policy_hash), false)
             }
             Err(e) => {
                 warn!(path = %path.display(), "cannot load the triage model: {e}");
-                format!("the model in {} does not load: {e}", path.display())
+                (format!("the model in {} does not load: {e}", path.display()), true)
             }
         };
         // The policy's allow rules were meant to be checked by its model: without it they skip nothing.
-        Ok(rules.map(|rules| Arc::new(Triage::without_its_model(Some(rules), unusable))))
+        (Ok(rules.map(|rules| Arc::new(Triage::without_its_model(Some(rules), unusable)))), load_failed)
     }
 }
 

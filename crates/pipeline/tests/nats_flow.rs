@@ -637,3 +637,187 @@ async fn a_stopped_worker_does_not_sleep_out_a_budget_pause() {
     assert!(producer.decided("p1").await.unwrap().is_none(), "deferred, not decided");
     delete_streams(&producer).await;
 }
+
+/// A host that keeps what it is handed to record: the content with the decision.
+struct Witness {
+    pipeline: Pipeline,
+    policies: Vec<Policy>,
+    recorded: Mutex<Vec<(Option<String>, CascadeDecision)>>,
+}
+
+#[async_trait]
+impl WorkerHost for Witness {
+    async fn prepare(&self, _requested: &[String]) -> Result<(Vec<Policy>, Pipeline), HostError> {
+        Ok((self.policies.clone(), self.pipeline.clone()))
+    }
+
+    async fn record(&self, item: SettledItem<'_>) -> Result<(), HostError> {
+        let text = item.content.map(|c| safeguard_harmony::judged_text(c).to_string());
+        self.recorded.lock().unwrap().push((text, item.decision.clone()));
+        Ok(())
+    }
+}
+
+fn witness(reasoner: Arc<Slow>) -> Arc<Witness> {
+    Arc::new(Witness {
+        pipeline: Pipeline::new(Classifier::new(reasoner), RoutingConfig::default()),
+        policies: vec![Policy::parse(SPAM).unwrap()],
+        recorded: Mutex::default(),
+    })
+}
+
+/// Publishes an event without a `Nats-Msg-Id`, so its key is its `"id"` and the stream's duplicate window (which
+/// works on the header) does not drop a second body under that key.
+async fn publish_by_id(bus: &Bus, payload: &serde_json::Value) {
+    let key = payload["id"].as_str().unwrap();
+    let body = serde_json::to_vec(payload).unwrap();
+    bus.js.publish(bus.config.content_subject(key), body.into()).await.unwrap().await.unwrap();
+}
+
+/// Waits until every event in the work stream was acked (it leaves the stream then).
+async fn wait_until_drained(bus: &Bus, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let stream = bus.js.get_stream(&bus.config.work_stream).await.unwrap();
+        if stream.cached_info().state.messages == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{} events still in the work stream", stream.cached_info().state.messages);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The decisions published for `key`, once each, in the order first seen.
+async fn decisions_published(bus: &Bus, key: &str) -> Vec<CascadeDecision> {
+    let mut decisions: Vec<CascadeDecision> = Vec::new();
+    for event in published(bus).await.remove(key).unwrap_or_default() {
+        if let (EventStatus::Decided, Some(decision)) = (event.status, event.decision)
+            && decisions.iter().all(|d| d.id != decision.id)
+        {
+            decisions.push(decision);
+        }
+    }
+    decisions
+}
+
+fn reused_key_reason(decision: &CascadeDecision) -> bool {
+    decision.policies.iter().all(|route| {
+        matches!(route.escalations.last(), Some(Escalation::StageFailed { detail })
+            if detail.contains("idempotency key reused with a different body"))
+    })
+}
+
+/// Item ids are commonly reused when a post is edited. The ledger was keyed by the idempotency key alone: the
+/// edited body got the first body's decision again (an `allow` for a sales pitch, never reasoned about), and the
+/// host was handed the new content with the old decision, so the stored row's content and verdicts disagreed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_reused_with_a_different_body_is_not_answered_with_the_first_bodys_decision() {
+    if !nats_up() {
+        eprintln!("skipped: NATS is not reachable at {URL}");
+        return;
+    }
+    let cfg = config();
+    let producer = Bus::connect(cfg.clone()).await.unwrap();
+    let reasoner = Arc::new(Slow { calls: AtomicUsize::new(0), pause: Duration::ZERO });
+    let host = witness(reasoner.clone());
+    let (stop, task) = spawn(Worker::with_host(Bus::connect(cfg.clone()).await.unwrap(), host.clone()));
+    let benign = json!({"id": "post-1", "text": "see you at lunch"});
+    let edited = json!({"id": "post-1", "text": "buy cheap pills"});
+    producer.publish_content("post-1", &benign).await.unwrap();
+    wait_until_decided(&producer, &["post-1".to_string()], Duration::from_secs(20)).await;
+    wait_until_drained(&producer, Duration::from_secs(20)).await;
+    let first = producer.decided("post-1").await.unwrap().unwrap().decision.unwrap();
+    assert_eq!(serde_json::to_value(first.outcome).unwrap(), "allow");
+
+    // The edit, under the same key (the item's id).
+    publish_by_id(&producer, &edited).await;
+    wait_until_drained(&producer, Duration::from_secs(20)).await;
+    let decisions = decisions_published(&producer, "post-1").await;
+    assert_eq!(decisions.len(), 2, "the edited body got a decision of its own, not the first again: {decisions:?}");
+    let second = decisions[1].clone();
+    assert_ne!(second.id, first.id);
+    assert_eq!(serde_json::to_value(second.outcome).unwrap(), "needs_review", "{second:?}");
+    assert_eq!(second.decided_by, safeguard_pipeline::Stage::HumanReview);
+    assert!(reused_key_reason(&second), "{:?}", second.policies);
+    assert_eq!(reasoner.calls.load(Ordering::SeqCst), 2, "the edited body was reasoned about");
+    assert_eq!(producer.decided("post-1").await.unwrap().unwrap().decision.unwrap().id, first.id, "ledger kept");
+
+    // The same bodies again: the benign one gets its one decision (not reasoned again), the edited one the same
+    // decision for a person (one per key and body, so the host records it once).
+    publish_by_id(&producer, &benign).await;
+    wait_until_drained(&producer, Duration::from_secs(20)).await;
+    assert_eq!(reasoner.calls.load(Ordering::SeqCst), 2, "the first body was not decided again");
+    publish_by_id(&producer, &edited).await;
+    wait_until_drained(&producer, Duration::from_secs(20)).await;
+    let ids: Vec<uuid::Uuid> = decisions_published(&producer, "post-1").await.iter().map(|d| d.id).collect();
+    assert_eq!(ids, [first.id, second.id], "no third decision");
+    // A second edit is a body of its own: a decision of its own, not one the host (idempotent by id) would drop.
+    publish_by_id(&producer, &json!({"id": "post-1", "text": "buy them twice"})).await;
+    wait_until_drained(&producer, Duration::from_secs(20)).await;
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+
+    let decisions = decisions_published(&producer, "post-1").await;
+    assert_eq!(decisions.len(), 3, "{decisions:?}");
+    let third = &decisions[2];
+    assert!(third.id != first.id && third.id != second.id);
+    assert!(reused_key_reason(third), "{:?}", third.policies);
+    let recorded = host.recorded.lock().unwrap().clone();
+    let texts = |id| -> Vec<Option<String>> {
+        recorded.iter().filter(|(_, d)| d.id == id).map(|(text, _)| text.clone()).collect()
+    };
+    let lunch = Some("see you at lunch".to_string());
+    assert_eq!(texts(first.id), [lunch.clone(), lunch], "the first decision, recorded only with its own body");
+    let pills = Some("buy cheap pills".to_string());
+    assert_eq!(texts(second.id), [pills.clone(), pills], "the edit's decision, with the edit");
+    assert_eq!(texts(third.id), [Some("buy them twice".to_string())]);
+    let (_, whole) = recorded.iter().find(|(_, d)| d.id == second.id).unwrap();
+    let chains: Vec<&String> = whole.reasoning.iter().flat_map(|d| d.reasoning.iter()).collect();
+    assert!(chains.iter().any(|c| c.contains("is a sales pitch")), "the person sees the edit judged: {chains:?}");
+    delete_streams(&producer).await;
+}
+
+/// The same when two bodies under one key race: the worker whose ledger write was refused took the winner's
+/// decision for its own body (here an `allow` for a sales pitch) and handed the host its content with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_loses_the_ledger_race_to_another_body_is_not_given_its_decision() {
+    if !nats_up() {
+        eprintln!("skipped: NATS is not reachable at {URL}");
+        return;
+    }
+    let cfg = config();
+    let producer = Bus::connect(cfg.clone()).await.unwrap();
+    let reasoner = Arc::new(Slow { calls: AtomicUsize::new(0), pause: Duration::from_millis(1500) });
+    let host = witness(reasoner.clone());
+    let (stop, task) = spawn(Worker::with_host(Bus::connect(cfg.clone()).await.unwrap(), host.clone()));
+    producer.publish_content("lunch", &json!({"id": "lunch", "text": "see you at lunch"})).await.unwrap();
+    wait_until_decided(&producer, &["lunch".to_string()], Duration::from_secs(20)).await;
+    let winner = producer.decided("lunch").await.unwrap().unwrap();
+    let winner_id = winner.decision.as_ref().unwrap().id;
+
+    producer.publish_content("race", &json!({"id": "race", "text": "buy cheap pills"})).await.unwrap();
+    wait_for_calls(&reasoner, 2, Duration::from_secs(10)).await;
+    // Another worker settles the key for the benign body while this one reasons about the pitch.
+    let mut theirs = winner.clone();
+    theirs.key = "race".into();
+    theirs.item_id = Some("race".into());
+    let body = serde_json::to_vec(&theirs).unwrap();
+    producer.js.publish(ledger_subject(&cfg, "race"), body.into()).await.unwrap().await.unwrap();
+    wait_until_drained(&producer, Duration::from_secs(20)).await;
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+
+    let decisions = decisions_published(&producer, "race").await;
+    assert_eq!(decisions.len(), 1, "{decisions:?}");
+    let mine = &decisions[0];
+    assert_ne!(mine.id, winner_id, "not the other body's decision");
+    assert_eq!(serde_json::to_value(mine.outcome).unwrap(), "needs_review", "{mine:?}");
+    assert!(reused_key_reason(mine), "{:?}", mine.policies);
+    let recorded = host.recorded.lock().unwrap().clone();
+    for (text, decision) in &recorded {
+        let expected = if decision.id == winner_id { "see you at lunch" } else { "buy cheap pills" };
+        assert_eq!(text.as_deref(), Some(expected), "{decision:?}");
+    }
+    assert!(recorded.iter().any(|(_, d)| d.id == mine.id), "recorded for a person");
+    delete_streams(&producer).await;
+}

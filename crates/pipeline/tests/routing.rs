@@ -344,6 +344,16 @@ async fn a_policy_routes_with_its_own_efforts_and_thresholds() {
     let unreadable =
         Policy::parse(&SPAM.replace("name: spam", "name: odd\nrouting:\n  first_effort: extreme")).unwrap();
     assert_eq!(pipeline.config().plan_for(&unreadable).first_effort, Effort::High);
+    // One that reads but fails a check (stored before the check existed) keeps what its author asked for.
+    let stricter =
+        Policy::parse(&SPAM.replace(
+            "name: spam",
+            "name: older\nrouting:\n  min_engine_confidence: 0.9\n  high_risk_categories: [XX9]",
+        ))
+        .unwrap();
+    let plan = pipeline.config().plan_for(&stricter);
+    assert_eq!((plan.first_effort, plan.min_engine_confidence), (Effort::High, 0.9));
+    assert_eq!(plan.high_risk_categories, ["XX9"]);
 }
 
 /// A violation under one of a policy's `high_risk_categories`, found at low effort, is asked again at high effort

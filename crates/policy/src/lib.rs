@@ -223,6 +223,12 @@ impl Policy {
         None
     }
 
+    /// True when `name` is something a verdict can cite for this policy: a rule id or tier it defines, or one of
+    /// the `categories:` its front matter names.
+    pub fn knows_category(&self, name: &str) -> bool {
+        self.knows_rule(name) || self.meta.categories.iter().any(|category| category == name)
+    }
+
     /// True when `rule_id` is defined by this policy, or is a tier prefix of a defined rule
     /// (`SP2` when the policy defines `SP2.a`).
     pub fn knows_rule(&self, rule_id: &str) -> bool {

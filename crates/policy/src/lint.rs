@@ -450,11 +450,11 @@ impl Linter {
             }
         }
         // Matched exactly against what the model cites: an id the policy does not define would never send anything.
-        for id in policy.meta.escalate_on.iter().filter(|id| !policy.knows_rule(id)) {
+        for id in policy.meta.escalate_on.iter().filter(|id| !policy.knows_category(id)) {
             self.push(
                 Severity::Error,
                 "undefined-escalate-on",
-                format!("escalate_on names {id}, which is not a rule id or tier of this policy"),
+                format!("escalate_on names {id}, which is not a rule id, tier or category of this policy"),
                 None,
             );
         }

@@ -300,7 +300,7 @@ pub(crate) fn count_decision(decision: &Decision, source: &str, elapsed_secs: f6
     let effort = decision.effort.to_string();
     for verdict in &decision.verdicts {
         metrics::counter!("safeguard_decisions_total",
-            "policy" => verdict.policy.clone(), "outcome" => outcome_str(verdict.outcome), "effort" => effort.clone())
+            "policy" => safeguard_core::policy_label(&verdict.policy), "outcome" => outcome_str(verdict.outcome), "effort" => effort.clone())
         .increment(1);
     }
     metrics::counter!("safeguard_outcomes_total", "outcome" => outcome_str(decision.outcome), "source" => source.to_string())

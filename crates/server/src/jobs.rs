@@ -329,12 +329,13 @@ async fn process(state: &AppState, job: JobRecord) -> bool {
             return true;
         }
     };
-    // Keep the lease alive while the model works, so a slow decision is not handed to a second worker.
+    // Keep the lease alive while the model works, so a slow decision is not handed to a second worker. Aborted when
+    // dropped: a worker that dies mid-decision must not keep its job leased forever.
     let renew = {
         let store = state.store.clone();
         let (id, token) = (job.id.clone(), token.clone());
         let lease = state.config.job_lease;
-        tokio::spawn(async move {
+        crate::AbortOnDrop(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(lease / 3).await;
                 match store.renew_lease(&id, &token, lease.as_millis() as i64).await {
@@ -345,22 +346,30 @@ async fn process(state: &AppState, job: JobRecord) -> bool {
                     Err(err) => tracing::warn!(error = %err, "renewing the job's lease failed; retrying"),
                 }
             }
-        })
+        }))
     };
     // One call was taken before the claim; the rest are paid now, in debt if need be.
     state.cascade.queue_budgets.owe_calls(request.settings.prompts(policies.len(), 1).saturating_sub(1));
     let started = Instant::now();
     let options = options(&request.settings);
+    // A panic in a reasoner is a bug, but it must not take the worker down with the job still held: the job goes
+    // to a person, and the worker goes on to the next.
+    let classify = std::panic::AssertUnwindSafe(state.classifier.classify(&policies, &request.content, &options));
     let decision = tokio::select! {
-        decision = state.classifier.classify(&policies, &request.content, &options) => decision,
+        decision = futures::FutureExt::catch_unwind(classify) => decision,
         () = state.jobs_abandoned.cancelled() => {
-            renew.abort();
+            drop(renew);
             hand_back(state, &job.id, &token, "the server is shutting down").await;
             return false;
         }
     };
+    drop(renew);
+    let Ok(decision) = decision else {
+        tracing::error!(job_id = %job.id, "deciding the job panicked; it goes to a person");
+        fail(state, &job, &token, "deciding the job panicked (a bug in the reasoner)".into()).await;
+        return false;
+    };
     state.cascade.charge_queued(&decision, request.settings.max_tokens);
-    renew.abort();
     count_decision(&decision, "job", started.elapsed().as_secs_f64());
     let (record, reasoning) =
         record_of(&decision, &policies, &request.content, &request.settings, "job", Some(&job.id));

@@ -137,7 +137,7 @@ impl PromptObserver for PromptMetrics {
         // Sorted, so that one set of policies is one series whatever order a request named them in.
         let mut names: Vec<&str> = prompt.policies.iter().map(String::as_str).collect();
         names.sort_unstable();
-        let (policy, effort) = (names.join("+"), effort.to_string());
+        let (policy, effort) = (safeguard_core::policy_label(&names.join("+")), effort.to_string());
         let result = if prompt.error.is_some() { "failed" } else { "answered" };
         metrics::counter!("safeguard_prompts_total", "policy" => policy.clone(), "effort" => effort.clone(), "result" => result)
             .increment(1);

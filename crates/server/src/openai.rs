@@ -330,6 +330,13 @@ fn stream_chat(
                 biased;
                 Some(delta) = decoded.recv() => send(meta.chunk(delta_json(delta), Value::Null)),
                 result = &mut reasoning => break result,
+                // The client hung up: nobody will read the answer, so the engine must not decode it. Dropping the
+                // future stops it (the embedded engine at its next step); the prompt is paid at its cap.
+                () = events.closed() => {
+                    tracing::debug!("the client left a streamed completion; stopping it");
+                    paid.settle(effort, &Err(ReasonError::Backend("the client disconnected".into())));
+                    return;
+                }
             }
         };
         while let Ok(delta) = decoded.try_recv() {

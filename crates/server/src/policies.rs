@@ -54,26 +54,33 @@ async fn store_policy(
         .await?)
 }
 
-/// The shipped starter policies become the first versions of their names (a no-op when already stored).
+/// The shipped starter policies become the first versions of their names (a no-op when already stored). A
+/// starter body stored earlier with other front matter (sent inline under the starter's name) keeps that name
+/// unpinned: pinning it would serve the starter's name with someone else's settings.
 pub(crate) async fn seed_starter_library(store: &Store) -> Result<(), StoreError> {
     for starter in STARTER_POLICIES {
         let stem = starter.file_name.trim_end_matches(".md");
-        match Policy::parse_with_fallback_name(starter.source, Some(stem)) {
-            Ok(policy) => {
-                store
-                    .put_policy(
-                        &policy.hash.to_string(),
-                        &policy.meta.name,
-                        &policy.body,
-                        &stored_meta(&policy, starter.source, Some(stem)),
-                        true,
-                    )
-                    .await?;
-            }
+        let policy = match Policy::parse_with_fallback_name(starter.source, Some(stem)) {
+            Ok(policy) => policy,
             Err(err) => {
-                tracing::error!(file = starter.file_name, error = %err, "starter policy does not parse; not served")
+                tracing::error!(file = starter.file_name, error = %err, "starter policy does not parse; not served");
+                continue;
             }
+        };
+        let hash = policy.hash.to_string();
+        let meta = stored_meta(&policy, starter.source, Some(stem));
+        let (stored, _) = store.put_policy(&hash, &policy.meta.name, &policy.body, &meta, false).await?;
+        if stored.active {
+            continue;
         }
+        if !policy_of(&stored).is_ok_and(|known| known.meta == policy.meta) {
+            tracing::warn!(
+                file = starter.file_name, version = %hash, stored_as = %stored.name,
+                "the starter policy's body is stored with other front matter; its name is left unpinned"
+            );
+            continue;
+        }
+        store.pin_first_version(&hash, &policy.meta.name, &stored.meta).await?;
     }
     Ok(())
 }
@@ -238,7 +245,10 @@ pub(crate) async fn create(
     };
     let policy =
         parse_sent_policy(&state, &text, name.as_deref()).map_err(|why| ApiError::bad("invalid_policy", why))?;
-    let (mut stored, created) = store_policy(&state.store, &policy, &text, name.as_deref(), true).await?;
+    // Stored unpinned: the name is pinned only once the stored front matter is known to be this caller's. A
+    // copy of the body stored earlier with other front matter (an inline policy) must not get the name on the way
+    // to the 409.
+    let (mut stored, created) = store_policy(&state.store, &policy, &text, name.as_deref(), false).await?;
     if !created && named_only_inline(&stored, name.as_deref(), &policy) {
         // Tried inline first, it was stored under the fallback name; publishing it names it.
         let meta = stored_meta(&policy, &text, name.as_deref());
@@ -257,6 +267,11 @@ pub(crate) async fn create(
              the hash of its body, so change the body to store these settings as a new version",
             stored.hash, stored.name
         )));
+    }
+    if !stored.active
+        && let Some(pinned) = state.store.pin_first_version(&stored.hash, &stored.name, &stored.meta).await?
+    {
+        stored = pinned;
     }
     state.lookups.active.forget(&stored.name);
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };

@@ -4,6 +4,8 @@
 //! The `review` scope may read the chain of thought of queued items: reviewing without it would mean
 //! judging the model's answer blind. Everything else about reasoning still needs `audit`.
 
+use std::time::Instant;
+
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::response::Html;
@@ -17,16 +19,20 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::auth::Caller;
-use crate::classify::{Settings, decision_reply, reason_and_store};
+use crate::classify::{Settings, count_decision, decision_reply, options, record_of};
+use crate::decisions::record_reply;
 use crate::error::{ApiError, ApiJson};
 use crate::policies::stored_policy;
-use crate::timing::StageTimer;
 
 /// How long a queued item may wait before it counts as overdue.
 const REVIEW_SLA_MS: i64 = 24 * 3_600_000;
 /// Appeals are answered first and faster: a user is waiting on them.
 const APPEAL_SLA_MS: i64 = 4 * 3_600_000;
 const APPEAL_PRIORITY: i64 = 10;
+/// The rule a person cites when the policies an item was judged under define no rule ids (or none of them can be
+/// loaded any more): a failed job, an appeal of one, a policy written without ids. Without it such an item could
+/// never leave the queue.
+const NO_RULE: &str = "none";
 
 /// The review a decision needs because the model left it undecided, if it did.
 pub(crate) fn review_if_undecided(
@@ -192,11 +198,15 @@ pub(crate) async fn get_one(
         .ok_or_else(|| ApiError::NotFound(format!("decision {}", review.decision_id)))?;
     let reasoning = state.store.get_reasoning(&decision.id).await?.unwrap_or_default();
     let mut policies = Vec::new();
+    let mut defines_rules = false;
     for hash in &decision.policy_hashes {
         match stored_policy(&state, hash).await {
-            Ok(Some(policy)) => policies.push(json!({
-                "name": policy.meta.name, "hash": hash, "body": policy.body, "rule_ids": policy.rule_ids,
-            })),
+            Ok(Some(policy)) => {
+                defines_rules |= !policy.rule_ids.is_empty();
+                policies.push(json!({
+                    "name": policy.meta.name, "hash": hash, "body": policy.body, "rule_ids": policy.rule_ids,
+                }));
+            }
             Ok(None) => {}
             // A version this build no longer parses is still worth reading: shown as stored, without rule ids.
             Err(ApiError::Unavailable(why)) => {
@@ -221,6 +231,8 @@ pub(crate) async fn get_one(
         );
         object.insert("reasoning".into(), json!(reasoning));
         object.insert("policies".into(), json!(policies));
+        // The page offers it as the rule to cite exactly when `decide` accepts it.
+        object.insert("no_rule_id".into(), if defines_rules { Value::Null } else { json!(NO_RULE) });
     }
     Ok(Json(value))
 }
@@ -253,7 +265,13 @@ pub(crate) async fn decide(
     }
     let rule_id = body.rule_id.trim();
     if rule_id.is_empty() {
-        return Err(ApiError::bad("rule_required", "a review decision names the rule it applies"));
+        return Err(ApiError::bad(
+            "rule_required",
+            format!(
+                "a review decision names the rule it applies (\"{NO_RULE}\" when the policies the item was judged \
+                 under define no rule ids)"
+            ),
+        ));
     }
     let review = state.store.get_review(&id).await?.ok_or_else(|| ApiError::NotFound(format!("review {id}")))?;
     let decision = state
@@ -263,6 +281,7 @@ pub(crate) async fn decide(
         .ok_or_else(|| ApiError::NotFound(format!("decision {}", review.decision_id)))?;
     // The rule must exist in one of the policy versions the item was judged under.
     let mut policy_hash = None;
+    let mut defines_rules = false;
     for hash in &decision.policy_hashes {
         let policy = match stored_policy(&state, hash).await {
             Ok(Some(policy)) => policy,
@@ -270,19 +289,31 @@ pub(crate) async fn decide(
             Ok(None) | Err(ApiError::Unavailable(_)) => continue,
             Err(e) => return Err(e),
         };
+        defines_rules |= !policy.rule_ids.is_empty();
         if policy.rule_ids.contains(rule_id) {
             policy_hash = Some(hash.clone());
             break;
         }
     }
-    let Some(policy_hash) = policy_hash else {
+    let cites_no_rule = policy_hash.is_none() && rule_id == NO_RULE && !defines_rules;
+    if policy_hash.is_none() && !cites_no_rule {
+        let hint = if defines_rules {
+            format!("cite one of their rule ids (\"{NO_RULE}\" is only for items whose policies define none)")
+        } else {
+            format!("they define no rule ids (or can no longer be loaded): cite \"{NO_RULE}\"")
+        };
         return Err(ApiError::bad(
             "unknown_rule",
-            format!("rule {rule_id:?} is not defined in the policies this item was judged under"),
+            format!("rule {rule_id:?} is not defined in the policies this item was judged under; {hint}"),
         ));
-    };
+    }
+    // Citing no rule, the one policy of the item still says whose verdict the person agrees with; of several,
+    // none does.
+    if cites_no_rule && decision.policy_hashes.len() == 1 {
+        policy_hash = decision.policy_hashes.first().cloned();
+    }
     // A person deciding what the model left undecided neither agrees nor disagrees with it.
-    let model_view = model_outcome(&decision, &policy_hash);
+    let model_view = policy_hash.as_deref().and_then(|hash| model_outcome(&decision, hash));
     let overrides_model = model_view.as_deref().map(|model| model != outcome.as_str());
     // A name the client states is kept with the key that vouched for it, so an override can always be traced to
     // a credential, whatever a client claims.
@@ -295,7 +326,7 @@ pub(crate) async fn decide(
         outcome,
         rationale: rationale.to_string(),
         rule_id: rule_id.to_string(),
-        policy_hash: Some(policy_hash),
+        policy_hash,
         overrides_model,
     };
     let decided = state
@@ -330,7 +361,8 @@ pub(crate) struct AppealBody {
 }
 
 /// An appeal re-runs the item at high effort under the same policy versions, then goes to a person whatever
-/// the model says this time.
+/// the model says this time. A decision is appealed once: appealing it again (a client's retry of a request
+/// whose reply it never got) answers with the appeal already made, pending or decided, and stores nothing.
 pub(crate) async fn appeal(
     State(state): State<AppState>,
     caller: Caller,
@@ -345,17 +377,48 @@ pub(crate) async fn appeal(
         serde_json::from_slice(&body).map_err(|e| ApiError::bad("invalid_json", format!("appeal body: {e}")))?
     };
     let original = state.store.get_decision(&id).await?.ok_or_else(|| ApiError::NotFound(format!("decision {id}")))?;
+    // Looked up before reasoning, so a retry neither pays for the model again nor waits for it.
+    if let Some(existing) = state.store.appeal_of(&id).await? {
+        return existing_appeal(&state, &id, &existing).await;
+    }
     let (content, policies) = crate::decisions::content_and_policies(&state, &original).await?;
     let settings = Settings { effort: Effort::High, mode: safeguard_core::Mode::Separate, max_tokens: None };
     let reason = format!("appeal of {id}: {}", body.reason.as_deref().unwrap_or("appeal"));
+    state.cascade.admit(settings.prompts(policies.len(), 1)).await?;
+    let started = Instant::now();
+    let decision = state.classifier.classify(&policies, &content, &options(&settings)).await;
+    state.cascade.charge(&decision, settings.max_tokens);
+    let elapsed = started.elapsed().as_secs_f64();
+    let (mut record, reasoning) = record_of(&decision, &policies, &content, &settings, "appeal", None);
+    // The link a retry finds the appeal by.
+    record.replay_of = Some(id.clone());
     // One review, the appeal, whatever the model said: a second "undecided" review of the same item would be
     // left pending once a person answers the appeal.
-    let (decision, record, review_id) =
-        reason_and_store(&state, &policies, &content, &settings, "appeal", &mut StageTimer::start(), |_, record| {
-            Some(appeal_review(&record.id, reason))
-        })
-        .await?;
-    Ok(Json(json!({"appeal_of": id, "review_id": review_id, "decision": decision_reply(&decision, &record, false)})))
+    let review = appeal_review(&record.id, reason);
+    let stored = state.store.insert_appeal(&record, Some(&reasoning), &review).await?;
+    if !stored.fresh {
+        // Another request appealed the same decision while this one was reasoning; its appeal is the one.
+        return existing_appeal(&state, &id, &stored.review).await;
+    }
+    count_decision(&decision, "appeal", elapsed);
+    count_queued(&review);
+    state.items.observe("direct", decision.usage, elapsed);
+    Ok(Json(json!({
+        "appeal_of": id, "review_id": stored.review.id, "decision": decision_reply(&decision, &record, false),
+    })))
+}
+
+/// The reply to an appeal of a decision appealed before: the stored appeal, in the shape a fresh one has (its
+/// `decision_id`, outcome, verdicts and policies), marked `repeated`.
+async fn existing_appeal(state: &AppState, id: &str, review: &ReviewRecord) -> Result<Json<Value>, ApiError> {
+    let record = state
+        .store
+        .get_decision(&review.decision_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("decision {}", review.decision_id)))?;
+    let mut decision = record_reply(&record, None);
+    decision["decision_id"] = json!(record.id);
+    Ok(Json(json!({"appeal_of": id, "review_id": review.id, "repeated": true, "decision": decision})))
 }
 
 pub(crate) async fn page() -> Html<&'static str> {

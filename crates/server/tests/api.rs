@@ -1254,3 +1254,159 @@ async fn webhook_redirects_are_failed_attempts() {
     assert!(delivery.last_error.as_deref().unwrap_or("").contains("302"), "{delivery:?}");
     assert_eq!((hook_hits.load(Ordering::SeqCst), landed_hits.load(Ordering::SeqCst)), (2, 0));
 }
+
+/// A body sent inline with its own front matter is stored unpinned under its name. Publishing the same body with
+/// other front matter is refused, and the refusal must leave the name as it was: not active, with the inline
+/// caller's settings.
+#[tokio::test]
+async fn a_refused_publish_does_not_pin_the_name_to_an_inline_copy() {
+    let h = Harness::start(|_| {}).await;
+    let classifier = h.key(&["classify"]).await;
+    let writer = h.key(&["policies:write", "classify"]).await;
+    let body = "# Foo\n\nReturn 1 if the content is promotion, else 0.\n";
+    let inline = format!("---\nname: foo\noutput: binary\n---\n{body}");
+    let request = json!({"text": "hello", "policies": [{"text": inline}], "effort": "low"});
+    let (status, tried) = h.call("POST", "/v1/classify", Some(&classifier), Some(request)).await;
+    assert_eq!(status, 200, "{tried}");
+
+    let stricter = format!("---\nname: foo\noutput: binary\nhigh_risk: true\n---\n{body}");
+    let (status, refused) = h.call("POST", "/v1/policies", Some(&writer), Some(json!({"text": stricter}))).await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (409, Some("conflict")), "{refused}");
+    assert!(h.store.active_policy("foo").await.unwrap().is_none(), "the refused publish pinned the name");
+    let (status, by_name) = h.call("GET", "/v1/policies/foo", Some(&writer), None).await;
+    assert_eq!(status, 404, "{by_name}");
+    let (status, refused) =
+        h.call("POST", "/v1/classify", Some(&classifier), Some(json!({"text": "hello", "policies": ["foo"]}))).await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (400, Some("unknown_policy")), "{refused}");
+
+    // Published with the inline copy's own settings, the name is the publisher's to take.
+    let (status, published) = h.call("POST", "/v1/policies", Some(&writer), Some(json!({"text": inline}))).await;
+    assert_eq!((status, published["active"].as_bool()), (200, Some(true)), "{published}");
+    assert_eq!(published["hash"], tried["verdicts"][0]["policy_hash"]);
+}
+
+/// A starter body stored before the library is seeded, with other front matter than the starter's, does not
+/// get the starter's name: that would serve `spam` with settings its file does not have.
+#[tokio::test]
+async fn the_starter_library_does_not_pin_a_body_stored_with_other_front_matter() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(&dir.path().join("db.sqlite")).await.unwrap();
+    let starter = safeguard_policy::STARTER_POLICIES.iter().find(|s| s.file_name == "spam.md").unwrap();
+    let other = starter.source.replacen("high_risk: false", "high_risk: true", 1);
+    assert_ne!(other, starter.source);
+    let policy = safeguard_policy::Policy::parse_with_fallback_name(&other, Some("spam")).unwrap();
+    let meta = json!({"meta": policy.meta, "source": other, "fallback_name": "inline"});
+    store.put_policy(&policy.hash.to_string(), "spam", &policy.body, &meta, false).await.unwrap();
+
+    let h = Harness::start_on(store, dir, |_| {}).await;
+    assert!(h.store.active_policy("spam").await.unwrap().is_none(), "spam was pinned to other front matter");
+    assert!(h.store.active_policy("hate").await.unwrap().is_some(), "the other starters are seeded");
+}
+
+/// Items judged under policies that define no rule ids (or that cannot be loaded any more, or none at all) are
+/// decided citing the reserved rule "none"; an item whose policy defines rules still needs one of them.
+#[tokio::test]
+async fn items_whose_policies_define_no_rules_can_be_decided_citing_none() {
+    let h = Harness::start(|_| {}).await;
+    let key = h.key(&["classify"]).await;
+    let reviewer = h.key(&["review"]).await;
+    let review_of = |decision_id: String| {
+        let h = &h;
+        let reviewer = reviewer.clone();
+        async move {
+            let (_, queue) = h.call("GET", "/v1/reviews?limit=100", Some(&reviewer), None).await;
+            let found = queue["reviews"].as_array().unwrap().iter().find(|r| r["decision_id"] == decision_id.as_str());
+            found.unwrap_or_else(|| panic!("{decision_id} is not queued: {queue}"))["id"].as_str().unwrap().to_string()
+        }
+    };
+    let decide = |review: String, rule: &'static str| {
+        let h = &h;
+        let reviewer = reviewer.clone();
+        async move {
+            let body = json!({"outcome": "allow", "rationale": "Nothing wrong here.", "rule_id": rule});
+            h.call("POST", &format!("/v1/reviews/{review}/decide"), Some(&reviewer), Some(body)).await
+        }
+    };
+
+    // A policy with rule ids: "none" is not one of them.
+    let request = json!({"text": "FAIL spam", "policies": ["spam"], "effort": "low"});
+    let (_, with_rules) = h.call("POST", "/v1/classify", Some(&key), Some(request)).await;
+    let review = review_of(with_rules["decision_id"].as_str().unwrap().to_string()).await;
+    let (_, item) = h.call("GET", &format!("/v1/reviews/{review}"), Some(&reviewer), None).await;
+    assert_eq!(item["no_rule_id"], Value::Null, "{item}");
+    let (status, refused) = decide(review, "none").await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (400, Some("unknown_rule")), "{refused}");
+
+    // An inline policy without rule ids, whose backend failed.
+    let plain = "---\nname: plain\noutput: binary\n---\n# Plain\n\nReturn 1 if the content is promotion, else 0.\n";
+    let request = json!({"text": "FAIL plain", "policies": [{"text": plain}], "effort": "low"});
+    let (status, failed) = h.call("POST", "/v1/classify", Some(&key), Some(request)).await;
+    assert_eq!((status, failed["outcome"].as_str()), (200, Some("needs_review")), "{failed}");
+    let review = review_of(failed["decision_id"].as_str().unwrap().to_string()).await;
+    let (_, item) = h.call("GET", &format!("/v1/reviews/{review}"), Some(&reviewer), None).await;
+    assert_eq!(item["no_rule_id"], "none", "the page is told it may offer \"none\": {item}");
+    let (status, refused) = decide(review.clone(), "SP2.b").await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (400, Some("unknown_rule")), "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("\"none\""), "{refused}");
+    let (status, decided) = decide(review, "none").await;
+    assert_eq!(status, 200, "{decided}");
+    assert_eq!((decided["rule_id"].as_str(), decided["status"].as_str()), (Some("none"), Some("decided")));
+    assert_eq!(decided["policy_hash"], failed["verdicts"][0]["policy_hash"], "{decided}");
+
+    // Failed jobs: one under a version that no longer parses, one whose request named no readable versions.
+    let broken = format!("sha256:{}", "c".repeat(64));
+    let meta = json!({"source": "---\nname: [unclosed\n---\nReturn 1 or 0.\n", "fallback_name": null});
+    h.store.put_policy(&broken, "broken", "Return 1 or 0.", &meta, true).await.unwrap();
+    for request in [
+        json!({"content": {"kind": "text", "text": "hello"}, "policy_hashes": [broken],
+               "settings": {"effort": "low", "mode": "separate", "max_tokens": null}}),
+        json!({"content": {"kind": "text", "text": "hello"}, "policy_hashes": "not a list"}),
+    ] {
+        let new = safeguard_store::NewJob { request, idempotency_key: None, webhook_url: None };
+        let id = h.store.enqueue_job(&new).await.unwrap().0.id;
+        let failed = poll_job(&h, &key, &id, |j| j["status"] == "failed").await;
+        let review = review_of(failed["decision_id"].as_str().unwrap().to_string()).await;
+        let (status, decided) = decide(review, "none").await;
+        assert_eq!((status, decided["rule_id"].as_str()), (200, Some("none")), "{decided}");
+    }
+}
+
+/// Appealing a decision twice (a retry after a proxy's timeout) answers with the one appeal: one appeal
+/// decision, one appeal review, the model asked once.
+#[tokio::test]
+async fn an_appeal_is_made_once_per_decision() {
+    let h = Harness::start(|_| {}).await;
+    let key = h.key(&["classify"]).await;
+    let auditor = h.key(&["audit", "review"]).await;
+    let (_, original) =
+        h.call("POST", "/v1/classify", Some(&key), Some(json!({"text": "hello", "policies": ["spam"]}))).await;
+    let id = original["decision_id"].as_str().unwrap();
+    let path = format!("/v1/decisions/{id}/appeal");
+    let (status, first) = h.call("POST", &path, Some(&key), Some(json!({"reason": "I was wronged"}))).await;
+    assert_eq!(status, 200, "{first}");
+    let calls = h.reasoner.calls.load(Ordering::SeqCst);
+    let (status, again) = h.call("POST", &path, Some(&key), Some(json!({"reason": "I was wronged"}))).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["decision"]["decision_id"], first["decision"]["decision_id"], "{again}");
+    assert_eq!(again["review_id"], first["review_id"], "{again}");
+    assert_eq!((again["appeal_of"].as_str(), again["repeated"].as_bool()), (Some(id), Some(true)), "{again}");
+    assert_eq!(again["decision"]["effort"], "high", "{again}");
+    assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), calls, "the retry asked the model again");
+
+    let (_, decisions) = h.call("GET", "/v1/decisions?limit=100", Some(&auditor), None).await;
+    let appeals: Vec<&Value> =
+        decisions["decisions"].as_array().unwrap().iter().filter(|d| d["source"] == "appeal").collect();
+    assert_eq!(appeals.len(), 1, "{decisions}");
+    assert_eq!(appeals[0]["replay_of"], id, "the appeal names what it appeals");
+    let (_, queue) = h.call("GET", "/v1/reviews?limit=100", Some(&auditor), None).await;
+    let appeal_reviews = queue["reviews"].as_array().unwrap().iter().filter(|r| r["kind"] == "appeal").count();
+    assert_eq!(appeal_reviews, 1, "{queue}");
+
+    // Decided, the appeal is still the answer to another try.
+    let review = first["review_id"].as_str().unwrap();
+    let decide = json!({"outcome": "allow", "rationale": "A greeting.", "rule_id": "SP0.a"});
+    let (status, decided) = h.call("POST", &format!("/v1/reviews/{review}/decide"), Some(&auditor), Some(decide)).await;
+    assert_eq!(status, 200, "{decided}");
+    let (status, later) = h.call("POST", &path, Some(&key), None).await;
+    assert_eq!((status, &later["review_id"]), (200, &first["review_id"]), "{later}");
+}

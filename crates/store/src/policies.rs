@@ -33,33 +33,36 @@ fn row_to_policy(row: &AnyRow) -> Result<StoredPolicy> {
     })
 }
 
-/// Pins `name` to `hash` if the name has no active version and the version is stored under that name.
-async fn pin_if_unpinned(tx: &mut Transaction<'static, Any>, hash: &str, name: &str, now: i64) -> Result<()> {
-    let stored_name: Option<String> = sqlx::query("SELECT name FROM policies WHERE hash = $1")
-        .bind(hash)
-        .fetch_optional(&mut **tx)
-        .await?
-        .map(|row| row.try_get("name"))
-        .transpose()?;
-    if stored_name.as_deref() == Some(name) {
-        sqlx::query(
-            "INSERT INTO policy_pins (name, hash, updated_at) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(name)
-        .bind(hash)
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
-    }
-    Ok(())
+/// Pins `name` to `hash` if the name has no active version and the version is stored under that name with
+/// exactly `meta`. One statement, so the front matter a caller compared is the front matter that gets the name:
+/// a copy of the body stored earlier with other front matter (an inline policy) never captures it.
+async fn pin_if_unpinned(
+    tx: &mut Transaction<'static, Any>,
+    hash: &str,
+    name: &str,
+    meta: &str,
+    now: i64,
+) -> Result<bool> {
+    let pinned = sqlx::query(
+        "INSERT INTO policy_pins (name, hash, updated_at) SELECT name, hash, $3 FROM policies \
+         WHERE hash = $1 AND name = $2 AND meta = $4 ON CONFLICT (name) DO NOTHING",
+    )
+    .bind(hash)
+    .bind(name)
+    .bind(now)
+    .bind(meta)
+    .execute(&mut **tx)
+    .await?;
+    Ok(pinned.rows_affected() == 1)
 }
 
 impl Store {
     /// Stores a policy version. Returns the stored row and whether it was new. With `pin_first_version`, a name
-    /// that has no active version yet gets this one, whether the row is new or was stored before unpinned (an
-    /// inline policy tried with a request, then published); once a name has one, later versions wait for
-    /// `activate_policy`. (Inline policies sent with a single request are stored unpinned: they must not capture
-    /// a name.) A row stored under another name is never pinned under this one.
+    /// that has no active version yet gets this one, whether the row is new or was stored before unpinned with
+    /// this very `meta`; once a name has one, later versions wait for `activate_policy`. (Inline policies sent
+    /// with a single request are stored unpinned: they must not capture a name.) A row stored under another name,
+    /// or with other meta, is never pinned: see [`Store::pin_first_version`] for a caller that compares front
+    /// matter itself.
     #[tracing::instrument(skip(self, body, meta))]
     pub async fn put_policy(
         &self,
@@ -85,7 +88,7 @@ impl Store {
         .rows_affected()
             == 1;
         if pin_first_version {
-            pin_if_unpinned(&mut tx, hash, name, now).await?;
+            pin_if_unpinned(&mut tx, hash, name, &to_json(meta), now).await?;
         }
         tx.commit().await?;
         let stored = self.get_policy(hash).await?.ok_or_else(|| StoreError::PolicyNotFound(hash.to_string()))?;
@@ -122,7 +125,47 @@ impl Store {
             tx.rollback().await?;
             return Ok(None);
         }
-        pin_if_unpinned(&mut tx, hash, name, now).await?;
+        pin_if_unpinned(&mut tx, hash, name, &to_json(meta), now).await?;
+        tx.commit().await?;
+        self.get_policy(hash).await
+    }
+
+    /// Pins `name` to a stored version if the name has no active version yet, the version is stored under
+    /// `name`, and its meta is still `meta` (what the caller read and compared with what it is publishing; compared
+    /// as JSON values, since their text need not be byte for byte what was stored). Returns the version as it now
+    /// stands; `None` if it is not stored.
+    #[tracing::instrument(skip(self, meta))]
+    pub async fn pin_first_version(
+        &self,
+        hash: &str,
+        name: &str,
+        meta: &serde_json::Value,
+    ) -> Result<Option<StoredPolicy>> {
+        let mut tx = self.pool.begin().await?;
+        // The pin is written before the meta is read back: the write takes SQLite's lock for the rest of the
+        // transaction, so nothing can change in between, and a read first could not be upgraded under a writer.
+        let pinned = sqlx::query(
+            "INSERT INTO policy_pins (name, hash, updated_at) SELECT name, hash, $3 FROM policies \
+             WHERE hash = $1 AND name = $2 ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(hash)
+        .bind(name)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if pinned {
+            let stored: String = sqlx::query("SELECT meta FROM policies WHERE hash = $1")
+                .bind(hash)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("meta")?;
+            if from_json::<serde_json::Value>(&stored, "policies.meta")? != *meta {
+                tx.rollback().await?;
+                return self.get_policy(hash).await;
+            }
+        }
         tx.commit().await?;
         self.get_policy(hash).await
     }

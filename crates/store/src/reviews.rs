@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 
-use crate::{Result, Store, StoreError, now_ms};
+use crate::{DecisionRecord, Result, Store, StoreError, now_ms};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReviewRecord {
@@ -143,6 +143,24 @@ pub struct QueuedReview {
     pub fresh: bool,
 }
 
+/// The appeal review of an appeal of `original`: the review of kind `appeal` whose decision is an appeal
+/// (`source = 'appeal'`) re-running `original` (`replay_of`). Reviews are few beside decisions, and each is
+/// matched to its decision by primary key, so this never scans the decisions.
+async fn find_appeal<'e, E>(executor: E, original: &str) -> Result<Option<ReviewRecord>>
+where
+    E: sqlx::Executor<'e, Database = Any>,
+{
+    let row = sqlx::query(sql!(
+        "SELECT {COLUMNS} FROM reviews WHERE kind = 'appeal' AND EXISTS (SELECT 1 FROM decisions d \
+           WHERE d.id = reviews.decision_id AND d.source = 'appeal' AND d.replay_of = $1) \
+         ORDER BY created_at, id LIMIT 1"
+    ))
+    .bind(original)
+    .fetch_optional(executor)
+    .await?;
+    row.as_ref().map(row_to_review).transpose()
+}
+
 impl Store {
     /// Queues a decision for a person. One review per decision and kind: queuing again returns the existing
     /// one, pending or decided, so that storing a decision again (a redelivered event) never asks a person to
@@ -230,6 +248,47 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// The appeal already made of decision `original`, if any (pending or decided): its review, whose
+    /// `decision_id` is the appeal's decision.
+    pub async fn appeal_of(&self, original: &str) -> Result<Option<ReviewRecord>> {
+        find_appeal(&self.pool, original).await
+    }
+
+    /// Stores an appeal's decision (`decision.replay_of` names the decision appealed) with its review, unless
+    /// that decision has an appeal already: then nothing is stored and the existing appeal's review comes back
+    /// with `fresh: false`. A client that retries an appeal whose reply it never got (a proxy's timeout while the
+    /// model was still reasoning) must not queue the item twice. Concurrent appeals of one decision are settled
+    /// by a lock: SQLite's write lock, taken when the transaction begins, or on PostgreSQL the appealed
+    /// decision's row. A decision without `replay_of` has nothing to be keyed on and is always stored.
+    pub async fn insert_appeal(
+        &self,
+        decision: &DecisionRecord,
+        reasoning: Option<&[String]>,
+        review: &NewReview,
+    ) -> Result<QueuedReview> {
+        let mut tx = match self.backend {
+            crate::Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            crate::Backend::Postgres => self.pool.begin().await?,
+        };
+        if let Some(original) = decision.replay_of.as_deref() {
+            if self.backend == crate::Backend::Postgres {
+                sqlx::query("SELECT id FROM decisions WHERE id = $1 FOR UPDATE")
+                    .bind(original)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            }
+            if let Some(existing) = find_appeal(&mut *tx, original).await? {
+                tx.rollback().await?;
+                return Ok(QueuedReview { review: existing, fresh: false });
+            }
+        }
+        crate::decisions::insert_decision_tx(&mut tx, decision, reasoning).await?;
+        let id = insert_review_tx(&mut tx, review, now_ms()).await?;
+        tx.commit().await?;
+        let review = self.get_review(&id).await?.ok_or(StoreError::Db(sqlx::Error::RowNotFound))?;
+        Ok(QueuedReview { review, fresh: true })
     }
 
     pub async fn review_stats(&self) -> Result<ReviewStats> {

@@ -1031,3 +1031,82 @@ async fn decisions_stored_together_are_all_or_none() {
         t.cleanup().await;
     }
 }
+
+/// A name is pinned only to a version whose stored meta is the one a publisher compared: `put_policy` with other
+/// meta than a copy stored earlier (an inline policy's) leaves the name unpinned, and so does
+/// `pin_first_version` with meta that is not the stored one.
+#[tokio::test]
+async fn a_name_is_pinned_only_to_the_meta_that_was_compared() {
+    for t in stores().await {
+        let s = &t.store;
+        let inline = json!({"meta": {"name": "foo", "high_risk": false}, "fallback_name": "inline"});
+        let stricter = json!({"meta": {"name": "foo", "high_risk": true}, "fallback_name": null});
+        s.put_policy("sha256:foo", "foo", "body", &inline, false).await.unwrap();
+        let (again, created) = s.put_policy("sha256:foo", "foo", "body", &stricter, true).await.unwrap();
+        assert!(!created && !again.active, "pinned to other meta ({})", t.label);
+        assert!(s.active_policy("foo").await.unwrap().is_none(), "{}", t.label);
+        let refused = s.pin_first_version("sha256:foo", "foo", &stricter).await.unwrap().unwrap();
+        assert!(!refused.active && s.active_policy("foo").await.unwrap().is_none(), "{}", t.label);
+        assert!(s.pin_first_version("sha256:nope", "foo", &inline).await.unwrap().is_none(), "{}", t.label);
+        let pinned = s.pin_first_version("sha256:foo", "foo", &inline).await.unwrap().unwrap();
+        assert!(pinned.active, "{}", t.label);
+        assert_eq!(s.active_policy("foo").await.unwrap().unwrap().hash, "sha256:foo", "{}", t.label);
+        // A name with an active version keeps it.
+        s.put_policy("sha256:foo2", "foo", "body 2", &inline, false).await.unwrap();
+        let later = s.pin_first_version("sha256:foo2", "foo", &inline).await.unwrap().unwrap();
+        assert!(!later.active, "{}", t.label);
+        t.cleanup().await;
+    }
+}
+
+/// A decision is appealed once, however many requests try at once: one stores the appeal, the others get its
+/// review back; a replay of the same decision is not an appeal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_is_appealed_once() {
+    for t in stores().await {
+        let s = Arc::new(t.store.clone());
+        s.insert_decision(&decision("appealed", "allow", "spam", None), None).await.unwrap();
+        assert!(s.appeal_of("appealed").await.unwrap().is_none(), "{}", t.label);
+        let mut replay = decision("a-replay", "allow", "spam", None);
+        (replay.source, replay.replay_of) = ("replay".into(), Some("appealed".into()));
+        s.insert_decision(&replay, None).await.unwrap();
+        assert!(s.appeal_of("appealed").await.unwrap().is_none(), "a replay is no appeal ({})", t.label);
+
+        let tries: Vec<_> = (0..4)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let mut appeal = decision(&format!("appeal-{i}"), "needs_review", "spam", None);
+                    (appeal.source, appeal.replay_of) = ("appeal".into(), Some("appealed".into()));
+                    let review = NewReview {
+                        decision_id: appeal.id.clone(),
+                        kind: "appeal".into(),
+                        priority: 10,
+                        reason: Some("appeal".into()),
+                        sla_ms: Some(1000),
+                    };
+                    s.insert_appeal(&appeal, Some(&["again".to_string()]), &review).await.unwrap()
+                })
+            })
+            .collect();
+        let mut stored = Vec::new();
+        for task in tries {
+            stored.push(task.await.unwrap());
+        }
+        assert_eq!(stored.iter().filter(|q| q.fresh).count(), 1, "{}", t.label);
+        let fresh = stored.iter().find(|q| q.fresh).unwrap().review.clone();
+        assert!(stored.iter().all(|q| q.review.id == fresh.id), "{}", t.label);
+        assert_eq!(s.appeal_of("appealed").await.unwrap().map(|r| r.id), Some(fresh.id.clone()), "{}", t.label);
+        assert_eq!(s.count_reviews("pending").await.unwrap(), 1, "{}", t.label);
+        let kept = s.get_decision(&fresh.decision_id).await.unwrap().unwrap();
+        assert_eq!((kept.source.as_str(), kept.replay_of.as_deref()), ("appeal", Some("appealed")), "{}", t.label);
+        for q in stored.iter().filter(|q| !q.fresh) {
+            assert_eq!(q.review.decision_id, fresh.decision_id, "{}", t.label);
+        }
+        let others = (0..4).map(|i| format!("appeal-{i}")).filter(|id| *id != fresh.decision_id);
+        for id in others {
+            assert!(s.get_decision(&id).await.unwrap().is_none(), "{id} was stored too ({})", t.label);
+        }
+        t.cleanup().await;
+    }
+}

@@ -125,6 +125,10 @@ pub struct DatasetProvenance {
     /// Rows left out because they name another policy ([`DatasetFields::policy`]).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub other_policy_rows: usize,
+    /// Rows left out because their label value maps to weight 0 (`LabelValue::weight`): not an error, but a
+    /// file that trains on fewer rows than it holds should say so.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropped_rows: usize,
 }
 
 fn is_zero(n: &usize) -> bool {
@@ -143,9 +147,6 @@ fn is_one(x: &f32) -> bool {
 pub struct Dataset {
     pub examples: Vec<Example>,
     pub provenance: DatasetProvenance,
-    /// Rows left out because their label value maps to weight 0 (`LabelValue::weight`): not an error, but a
-    /// file that trains on fewer rows than it holds should say so.
-    pub dropped_rows: usize,
 }
 
 /// Reads a label: 0/1, true/false, or the words violation/violates/unsafe vs allow/safe/benign.
@@ -323,7 +324,6 @@ pub fn load_dataset(path: &Path, fields: &DatasetFields, source: usize) -> Resul
         tracing::info!(path = %path.display(), dropped_rows, "rows whose label value has weight 0 left out");
     }
     Ok(Dataset {
-        dropped_rows,
         provenance: DatasetProvenance {
             path: path.display().to_string(),
             sha256,
@@ -336,6 +336,7 @@ pub fn load_dataset(path: &Path, fields: &DatasetFields, source: usize) -> Resul
             weight_scale: fields.weight_scale,
             auxiliary: false,
             other_policy_rows,
+            dropped_rows,
         },
         examples,
     })
@@ -432,7 +433,7 @@ mod tests {
             0,
         )
         .unwrap();
-        assert_eq!((d.examples.len(), d.examples[0].text.as_str(), d.dropped_rows), (2, "two\nlines", 0));
+        assert_eq!((d.examples.len(), d.examples[0].text.as_str(), d.provenance.dropped_rows), (2, "two\nlines", 0));
     }
 
     #[test]
@@ -454,7 +455,7 @@ mod tests {
         // The scale applies where no per-value weight is given, times the item's own weight; weight 0 drops "d".
         assert_eq!(got, [("a", true, 1.0), ("b", true, 0.05), ("c", false, 0.5)]);
         assert_eq!((d.provenance.items, d.provenance.violations, d.provenance.weight_scale), (3, 2, 0.5));
-        assert_eq!(d.dropped_rows, 1, "the weight-0 row is counted");
+        assert_eq!(d.provenance.dropped_rows, 1, "the weight-0 row is counted");
         assert_eq!(d.provenance.label_values.len(), 4);
 
         let without_3 = DatasetFields { label_values: fields.label_values[..3].to_vec(), ..fields.clone() };

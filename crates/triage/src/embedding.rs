@@ -21,8 +21,8 @@ pub use safeguard_embed::DEFAULT_MAX_SEQ;
 use safeguard_embed::SentenceEncoder;
 pub use safeguard_embed::head::LogisticConfig;
 use safeguard_embed::head::{
-    LogisticRegression, NeighbourIndex, auc, embed_all, out_of_fold_decisions, recall_and_skip, stratified_folds,
-    threshold_at_recall,
+    LogisticRegression, NeighbourIndex, auc, copy_grouped_folds, copy_key, embed_all, out_of_fold_decisions,
+    recall_and_skip, threshold_at_recall,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -57,7 +57,7 @@ pub struct HeadTraining {
     pub violations: usize,
     /// Sources whose out-of-fold scores set the threshold.
     pub calibration_sources: Vec<usize>,
-    /// Items from other sources, in every fold's training set.
+    /// Items from other sources, in every fold's training set (but the fold of a calibration copy of their text).
     pub auxiliary_items: usize,
     /// Weight each auxiliary item had (`None`: its dataset weight).
     pub auxiliary_weight: Option<f64>,
@@ -291,10 +291,7 @@ impl EmbeddingHead {
             })
             .collect();
         let calibration_labels: Vec<bool> = calibration.iter().map(|&i| y[i]).collect();
-        let mut fold_of = vec![None; examples.len()];
-        for (&i, fold) in calibration.iter().zip(stratified_folds(&calibration_labels, options.folds, options.seed)) {
-            fold_of[i] = Some(fold);
-        }
+        let fold_of = head_folds(examples, &calibration, options.folds, options.seed);
         let oof = out_of_fold_decisions(&x, &y, &weights, &fold_of, &options.logistic).map_err(head_error)?;
         let mut oof: Vec<f64> = calibration.iter().map(|&i| oof[i].unwrap_or(f64::NAN)).collect();
         let neighbours = match options.neighbours {
@@ -530,6 +527,28 @@ impl EmbeddingHead {
     }
 }
 
+/// The head's out-of-fold fold per example. Calibration items are folded by [`copy_grouped_folds`]: copies of a
+/// text (trimmed and lowercased) share a fold, stratified by (source, label), so no copy scores another out of
+/// fold, as a training row of the logit or as a neighbour at distance 0 in the vote. An auxiliary item that is
+/// a copy of a calibration text is held out with it (and scored, unused); other auxiliary items are `None`, in
+/// every fold's training set. Without copies and from one source these are the per-row stratified folds.
+fn head_folds(examples: &[Example], calibration: &[usize], folds: usize, seed: u64) -> Vec<Option<usize>> {
+    let texts: Vec<&str> = calibration.iter().map(|&i| examples[i].text.as_str()).collect();
+    let strata: Vec<(usize, bool)> = calibration.iter().map(|&i| (examples[i].source, examples[i].violates)).collect();
+    let mut fold_of = vec![None; examples.len()];
+    let mut fold_of_key = HashMap::new();
+    for (&i, fold) in calibration.iter().zip(copy_grouped_folds(&texts, &strata, folds, seed)) {
+        fold_of[i] = Some(fold);
+        fold_of_key.insert(copy_key(&examples[i].text), fold);
+    }
+    for (example, fold) in examples.iter().zip(&mut fold_of) {
+        if fold.is_none() {
+            *fold = fold_of_key.get(&copy_key(&example.text)).copied();
+        }
+    }
+    fold_of
+}
+
 /// Adds each calibration item's out-of-fold neighbour vote to its score: its neighbours are the calibration
 /// items of the other folds, as a new item's are all of them once deployed. Returns the vote's metadata and
 /// the index of all calibration rows.
@@ -624,7 +643,7 @@ fn read_neighbours(path: &Path, vote: &NeighbourVoteMeta, dim: usize) -> Result<
 
 #[cfg(test)]
 mod tests {
-    use safeguard_embed::head::{SplitMix, auc};
+    use safeguard_embed::head::{SplitMix, auc, stratified_folds};
 
     use super::*;
 
@@ -674,6 +693,84 @@ mod tests {
     fn clustered_violations_are_found_by_their_neighbours() {
         let (scores, labels, _) = out_of_fold_votes(true);
         assert!(auc(&scores, &labels).unwrap() > 0.9);
+    }
+
+    /// A calibration set where six violations appear twice (differing in case and surrounding spaces), each with
+    /// benign paraphrases nearby: every copy of a text sits in one fold, an auxiliary copy is held out with it,
+    /// and a copy's out-of-fold vote comes from its nearest other neighbour, never from its twin at distance 0.
+    #[test]
+    fn copies_share_a_fold_and_never_vote_for_each_other() {
+        let example = |text: String, violates: bool, source: usize| Example { text, violates, weight: 1.0, source };
+        let mut examples = Vec::new();
+        for i in 0..60 {
+            examples.push(example(format!("benign item {i}"), false, 0));
+        }
+        for i in 0..20 {
+            examples.push(example(format!("violation {i}"), true, 0));
+        }
+        for k in 0..6 {
+            examples.push(example(format!("Copied threat {k}"), true, 0));
+            examples.push(example(format!("paraphrase {k} of a threat"), false, 0));
+            examples.push(example(format!("another paraphrase {k} of a threat"), false, 0));
+        }
+        for k in 0..6 {
+            examples.push(example(format!("  copied THREAT {k}\n"), true, 0));
+        }
+        examples.push(example("COPIED THREAT 0".into(), true, 1));
+        examples.push(example("an auxiliary item".into(), false, 1));
+        let calibration: Vec<usize> = (0..examples.len()).filter(|&i| examples[i].source == 0).collect();
+        let fold_of = head_folds(&examples, &calibration, 5, 0);
+
+        let key = |i: usize| copy_key(&examples[i].text);
+        let copies: Vec<usize> = calibration.iter().copied().filter(|&i| key(i).starts_with("copied threat")).collect();
+        assert_eq!(copies.len(), 12);
+        for &i in &copies {
+            let twins: Vec<usize> = (0..examples.len()).filter(|&j| j != i && key(j) == key(i)).collect();
+            assert!(!twins.is_empty());
+            for j in twins {
+                assert_eq!(fold_of[j], fold_of[i], "{:?} and {:?}", examples[i].text, examples[j].text);
+            }
+        }
+        assert!(fold_of[..examples.len() - 1].iter().all(Option::is_some), "calibration items and the copy");
+        assert_eq!(fold_of[examples.len() - 1], None, "an auxiliary item without a copy trains every fold");
+
+        // Embeddings as the encoder gives them: copies identical, paraphrases close by, the rest anywhere.
+        let mut rng = SplitMix(5);
+        let mut uniform = move || (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
+        let mut by_key: HashMap<String, Vec<f64>> = HashMap::new();
+        let mut rows = Vec::new();
+        for &i in &calibration {
+            let text = key(i);
+            let anchor = text.split(' ').find_map(|w| w.parse::<usize>().ok()).filter(|_| text.contains("threat"));
+            let row = match anchor {
+                Some(k) => {
+                    let base = by_key
+                        .entry(format!("copied threat {k}"))
+                        .or_insert_with(|| (0..16).map(|_| uniform()).collect())
+                        .clone();
+                    let nudge = if text.starts_with("copied") { 0.0 } else { 0.05 };
+                    base.iter().map(|v| v + nudge * uniform()).collect()
+                }
+                None => (0..16).map(|_| uniform()).collect::<Vec<f64>>(),
+            };
+            let norm = row.iter().map(|v| v * v).sum::<f64>().sqrt();
+            rows.push(row.into_iter().map(|v| v / norm).collect::<Vec<f64>>());
+        }
+        let labels: Vec<bool> = calibration.iter().map(|&i| examples[i].violates).collect();
+        let folds: Vec<Option<usize>> = calibration.iter().map(|&i| fold_of[i]).collect();
+        let mut scores = vec![0.0; rows.len()];
+        let vote = NeighbourOptions { k: 1, weight: 1.0 };
+        let (meta, index) =
+            add_out_of_fold_votes(&mut scores, rows.iter().map(Vec::as_slice), &labels, &folds, vote).unwrap();
+        for (position, &i) in calibration.iter().enumerate() {
+            if !key(i).starts_with("copied threat") {
+                continue;
+            }
+            let query: Vec<f32> = rows[position].iter().map(|&v| v as f32).collect();
+            let twin_free = |j: usize| folds[j] != folds[position] && key(calibration[j]) != key(i);
+            let share = index.positive_share(&query, 1, twin_free).unwrap();
+            assert_eq!(scores[position], share - meta.baseline, "{:?} was voted for by its twin", examples[i].text);
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use safeguard_embed::head::copy_grouped_folds;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -12,7 +13,7 @@ use crate::calibrate::{BandMetrics, Calibration, allow_threshold, band_metrics, 
 use crate::data::DatasetProvenance;
 use crate::embedding::{EmbeddingHead, HEAD_FILE, NEIGHBOURS_FILE};
 use crate::features::{FeatureConfig, Featurizer};
-use crate::train::{DomainAdaptation, Example, LinearModel, SplitMix, TrainConfig, train, violation_weight};
+use crate::train::{DomainAdaptation, Example, LinearModel, TrainConfig, train, violation_weight};
 
 pub const FORMAT_NAME: &str = "safeguard-triage-model";
 /// Bump when the meaning of any stored field or the featurization changes. Version 2 added
@@ -146,45 +147,12 @@ impl FitOptions {
 /// The fold of each example. Examples whose texts are equal after trimming and lowercasing are one unit and
 /// share a fold: a copy on the training side would hand its label to the held-out score, and thresholds set
 /// on such scores promise more than unseen traffic gets. Units are stratified by (source, label) of their
-/// first example so every fold sees every dataset's violations, and each label's rotation runs on across
-/// sources: restarted per source, one violation in each of two datasets would both sit in fold 0, leaving
-/// that fold's model none to learn from.
+/// first example, with each label's rotation running on across sources; the embedding head's folds are made
+/// by the same [`copy_grouped_folds`].
 fn assign_folds(examples: &[Example], folds: usize, seed: u64) -> Vec<usize> {
-    let mut unit_of_text: std::collections::HashMap<String, usize> = Default::default();
-    let mut units: Vec<Vec<usize>> = Vec::new();
-    for (i, e) in examples.iter().enumerate() {
-        let unit = *unit_of_text.entry(e.text.trim().to_lowercase()).or_insert_with(|| {
-            units.push(Vec::new());
-            units.len() - 1
-        });
-        units[unit].push(i);
-    }
-    // Units in order of their first example, so without duplicates the groups and their shuffles are the
-    // per-row ones earlier versions made.
-    let mut groups: std::collections::BTreeMap<(usize, bool), Vec<usize>> = Default::default();
-    for (unit, members) in units.iter().enumerate() {
-        let first = &examples[members[0]];
-        groups.entry((first.source, first.violates)).or_default().push(unit);
-    }
-    let mut fold_of = vec![0usize; examples.len()];
-    let mut rng = SplitMix::new(seed ^ 0xf01d);
-    let mut next_fold = [0usize; 2];
-    for (&(_, violates), group) in groups.iter_mut() {
-        rng.shuffle(group);
-        let next = &mut next_fold[usize::from(violates)];
-        let mut load = vec![0usize; folds];
-        for &unit in group.iter() {
-            // The least loaded fold of this group, the first in rotation order among equals: with units of one
-            // example this is plain round robin, and a large unit does not pile more onto a full fold.
-            let fold = (0..folds).map(|k| (*next + k) % folds).min_by_key(|&f| load[f]).unwrap_or(0);
-            load[fold] += units[unit].len();
-            *next = (fold + 1) % folds;
-            for &i in &units[unit] {
-                fold_of[i] = fold;
-            }
-        }
-    }
-    fold_of
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let strata: Vec<(usize, bool)> = examples.iter().map(|e| (e.source, e.violates)).collect();
+    copy_grouped_folds(&texts, &strata, folds, seed ^ 0xf01d)
 }
 
 /// Out-of-fold margins: each item scored by a model that never saw it (nor a copy of its text); folds as
@@ -490,6 +458,7 @@ impl TriageModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::SplitMix;
 
     fn tiny_data() -> Vec<Example> {
         let benign = [
@@ -678,16 +647,22 @@ mod tests {
             }
             assert!(per_fold.iter().all(|&n| n == 4), "source {source} violates {violates}: {per_fold:?}");
         }
+        // Source 0's violations: 20 single texts, the 4 copies of the pills text and the 12 of the spam. Placed
+        // largest unit first, the spam fills a fold of its own and the rest even out the other four, whatever the
+        // shuffle's order; units dealt round robin would put 3 more items (or more) beside the spam.
         let mut load = vec![0; folds];
         for (e, f) in examples.iter().zip(&fold_of) {
             let text = e.text.to_lowercase();
-            if e.source == 0 && e.violates && text.starts_with("bad") || text.contains("pills") || text.contains("spam")
+            if (e.source == 0 && e.violates && text.starts_with("bad"))
+                || text.contains("pills")
+                || text.contains("spam")
             {
                 load[*f] += 1;
             }
         }
-        let (least, most) = (load.iter().min().copied(), load.iter().max().copied());
-        assert!(most.zip(least).is_some_and(|(most, least)| most - least <= 12), "{load:?}");
+        assert_eq!(load[fold_of_text("same old spam")[0]], 12, "the spam's fold holds nothing else: {load:?}");
+        load.sort_unstable();
+        assert_eq!(load, [6, 6, 6, 6, 12]);
     }
 
     /// Without copies of a text and from one source, folds are what they were before copies were grouped.

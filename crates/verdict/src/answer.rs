@@ -39,27 +39,52 @@ impl ParsedAnswer {
 
 /// Parse a final answer. `required_fields` applies to JSON answers: each one absent is a `MissingField`.
 pub fn parse_answer(output: &OutputFormat, final_text: &str, required_fields: &[&str]) -> ParsedAnswer {
-    let parse_short = |text: &str| match output {
-        OutputFormat::Labels { violating, safe, escalate } => parse_labels(text, violating, safe, escalate),
-        _ => parse_binary(text),
-    };
+    parse_answer_named(output, final_text, required_fields, &[])
+}
+
+/// [`parse_answer`] for a policy whose own names (its name, its output key) also key a digit: "Spam: 1".
+pub(crate) fn parse_answer_named(
+    output: &OutputFormat,
+    final_text: &str,
+    required_fields: &[&str],
+    names: &[&str],
+) -> ParsedAnswer {
     let mut answer = match output {
-        OutputFormat::Json => return parse_json(final_text, required_fields),
-        _ => parse_short(final_text),
+        OutputFormat::Json => return parse_json(final_text, required_fields, names),
+        OutputFormat::Labels { violating, safe, escalate } => parse_labels(final_text, violating, safe, escalate),
+        _ => parse_binary(final_text, names),
     };
     if let Some(outside) = around_fence(final_text) {
-        // The fence holds the answer, but words around it still count: "```0``` … so 1" is two answers, and an
-        // ESCALATE after the fence is still a request for a person.
-        let around = parse_short(&outside);
-        if let (Some(inside), Some(other)) = (answer.violation, around.violation)
-            && inside != other
-        {
+        // The fence holds the answer, but words around it still count: "```0``` … so 1" is two answers, a digit
+        // out of an answer's place beside it ("```0``` On second thought, 1 is right") leaves it unclear, and an
+        // ESCALATE after the fence is still a request for a person. Read like the prose beside a JSON answer.
+        let (around, escalated) = match output {
+            OutputFormat::Labels { violating, safe, escalate } => {
+                let around = read_labels(&outside, violating, safe, escalate);
+                let unclear = around.flags.iter().find_map(|flag| match flag {
+                    Flag::Unparseable { detail } => Some(detail.clone()),
+                    _ => None,
+                });
+                let reading = match unclear {
+                    Some(detail) => Err(detail),
+                    None => Ok(around.violation),
+                };
+                (reading, around.flags.contains(&Flag::Escalated))
+            }
+            _ => (binary_reading(&outside, names), asks_for_person(&outside)),
+        };
+        let disagreement = match around {
+            Ok(Some(other)) if answer.violation.is_some_and(|inside| inside != other) => {
+                Some(format!("the fenced answer and the text around it disagree in {}", excerpt(final_text)))
+            }
+            Ok(_) => None,
+            Err(detail) => Some(format!("the text around the fenced answer: {detail}")),
+        };
+        if let Some(detail) = disagreement {
             answer.violation = None;
-            answer.push_flag(Flag::Unparseable {
-                detail: format!("the fenced answer and the text around it disagree in {}", excerpt(final_text)),
-            });
+            answer.push_flag(Flag::Unparseable { detail });
         }
-        if around.flags.contains(&Flag::Escalated) {
+        if escalated {
             answer.push_flag(Flag::Escalated);
         }
     }
@@ -84,14 +109,15 @@ pub fn parse_answer(output: &OutputFormat, final_text: &str, required_fields: &[
 
 static ESCALATE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(?i)\bescalat\w*").expect("static regex"));
 // `"violation": 1` counts as keyed too: a JSON answer cut off before its closing brace is no object, but its
-// value is still what the model said.
+// value is still what the model said. "Violation: 1", "**Decision:** 0" key a digit with a colon only: "violates
+// 0 rules" is a count.
 static KEYED_DIGIT: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
-        r#"(?i)(?:\b(?:final answer|answer|label|output|verdict|classification|result|score)\b\W{0,6}|"violation"\s*:\s*"?)([01])\b"#,
+        r#"(?i)(?:\b(?:final answer|answer|label|output|verdict|classification|result|score)\b\W{0,6}|"violation"\s*:\s*"?|\b(?:violation|violates|decision|rating)\b[*_`"']*\s*:\s*[*_`"']*\s*)([01])\b"#,
     )
     .expect("static regex")
 });
-static BARE_DIGIT: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\b[01]\b").expect("static regex"));
+pub(crate) static BARE_DIGIT: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\b[01]\b").expect("static regex"));
 /// Words right before a bare digit that make it the stated answer: "so 1", "the answer is 0", "=> 1".
 static CONCLUDING_CUE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(
@@ -123,6 +149,109 @@ fn negated_before(haystack: &str, at: usize) -> bool {
     let head = haystack[..at].trim_end_matches(|c: char| !c.is_alphanumeric() && c != '\'');
     let word = head.rsplit(|c: char| !c.is_alphanumeric() && c != '\'').next().unwrap_or("");
     NEGATIONS.contains(&word.to_uppercase().as_str())
+}
+
+/// Words that say a mention of escalating asks for nobody: "no need to escalate", "don't escalate".
+const ESCALATION_NEGATIONS: [&str; 17] = [
+    "no",
+    "not",
+    "don't",
+    "dont",
+    "doesn't",
+    "doesnt",
+    "didn't",
+    "without",
+    "needn't",
+    "neednt",
+    "never",
+    "nothing",
+    "won't",
+    "shouldn't",
+    "isn't",
+    "nor",
+    "neither",
+];
+/// Words that may stand between such a negation and the escalation: "no need to", "does not require".
+const ESCALATION_FILLERS: [&str; 28] = [
+    "need",
+    "needs",
+    "needed",
+    "necessary",
+    "reason",
+    "call",
+    "cause",
+    "grounds",
+    "to",
+    "for",
+    "any",
+    "further",
+    "be",
+    "been",
+    "a",
+    "an",
+    "the",
+    "it",
+    "this",
+    "require",
+    "requires",
+    "required",
+    "warrant",
+    "warrants",
+    "warranted",
+    "do",
+    "does",
+    "point",
+];
+
+/// The words of `text`, lowercased, with typographic apostrophes made plain.
+fn words_of(text: &str) -> Vec<String> {
+    text.replace('\u{2019}', "'")
+        .split(|c: char| !c.is_alphanumeric() && c != '\'')
+        .filter(|word| !word.is_empty())
+        .map(str::to_lowercase)
+        .collect()
+}
+
+/// Whether the clause that `head` ends in negates the escalation right after it: a negation, then at most a few
+/// filler words ("no need to", "does not require"), with no clause break between.
+fn escalation_negated(head: &str) -> bool {
+    let clause = head.rsplit(|c: char| ".,;:!?()\n—–".contains(c) || c == '-').next().unwrap_or(head);
+    for (index, word) in words_of(clause).iter().rev().enumerate() {
+        if ESCALATION_NEGATIONS.contains(&word.as_str()) {
+            return true;
+        }
+        if index >= 4 || !ESCALATION_FILLERS.contains(&word.as_str()) {
+            return false;
+        }
+    }
+    false
+}
+
+/// Whether `text` asks for a person: an ESCALATE, or "escalate", "escalation" not negated ("no need to
+/// escalate", "No escalation needed." ask for nobody). The capitalized token always counts: it is the answer
+/// format's own word, and reading a request for a person as none would be the wrong way to fail.
+pub(crate) fn asks_for_person(text: &str) -> bool {
+    ESCALATE
+        .find_iter(text)
+        .any(|found| found.as_str().chars().all(|c| !c.is_lowercase()) || !escalation_negated(&text[..found.start()]))
+}
+
+/// True when the digit at `at` is negated: "not 0", "isn't 1", "never a 1".
+fn digit_negated(text: &str, at: usize) -> bool {
+    const NEGATING: [&str; 8] = ["not", "no", "isn't", "isnt", "never", "nor", "neither", "ain't"];
+    const BETWEEN: [&str; 8] = ["a", "an", "the", "really", "exactly", "simply", "just", "actually"];
+    let head = &text[..at];
+    // A comma or colon ends the clause: "No, 0." and "I'm not sure, 1" answer.
+    let clause = head.rsplit(|c: char| ".,:;!?()\n—–".contains(c)).next().unwrap_or(head);
+    for (index, word) in words_of(clause).iter().rev().enumerate() {
+        if NEGATING.contains(&word.as_str()) {
+            return true;
+        }
+        if index >= 1 || !BETWEEN.contains(&word.as_str()) {
+            return false;
+        }
+    }
+    false
 }
 
 /// A bare digit that names what a digit means ("0 = safe", "1: violation", "1 means spam") is a legend, not an
@@ -159,24 +288,58 @@ fn only_citations(rest: &str) -> bool {
 /// text when a separator, citation or line break follows ("1 (SP2.a)", "0 - a question", "1 ESCALATE"), end it
 /// apart from citations ("…, so it's 1 (SP2.a)."), or follow a concluding word ("so 1 because …", "the answer is
 /// 0 since …").
+///
+/// A legend ("0 = safe", "1: violation") is never conclusive unless a concluding word precedes it ("so 1: …"):
+/// an echoed "0 = safe, 1 = violation" is the format, not an answer.
 fn conclusive(text: &str, start: usize, end: usize) -> bool {
     let head = &text[..start];
     let rest = &text[end..];
-    if only_citations(rest) || CONCLUDING_CUE.is_match(head) {
+    if CONCLUDING_CUE.is_match(head) {
         return true;
     }
-    if !head.chars().all(|c| c.is_whitespace() || WRAPPING.contains(c)) {
+    if is_legend(text, end) {
+        return false;
+    }
+    if only_citations(rest) {
+        return true;
+    }
+    if !leads(head) {
         return false;
     }
     let after = rest.trim_start_matches(|c: char| "*`\"'_".contains(c)).trim_start_matches([' ', '\t']);
-    after.starts_with(['\n', '\r', '(', '[', '-', '–', '—', ':', ',', '.', ';', '='])
+    after.starts_with(['\n', '\r', '(', '[', '-', '–', '—', ',', '.', ';'])
         || ESCALATE.find(after).is_some_and(|found| found.start() == 0)
         || safeguard_policy::find_rule_ids(after).first().is_some_and(|&(at, _)| at == 0)
 }
 
+/// Whether `head` (the text before a digit) is empty apart from whitespace and wrapping: the digit leads.
+fn leads(head: &str) -> bool {
+    head.chars().all(|c| c.is_whitespace() || WRAPPING.contains(c))
+}
+
+/// A leading digit followed by a space and the start of its explanation: "0 The message is a question.",
+/// "1 because it sells followers". Taken only when it is the text's one digit: "1 link is included" counts a
+/// link, and a lowercase noun after the digit is read that way.
+fn leads_an_explanation(text: &str, start: usize, end: usize) -> bool {
+    const CONNECTORS: [&str; 12] =
+        ["because", "since", "as", "given", "due", "per", "under", "it", "it's", "this", "the", "there"];
+    if !leads(&text[..start]) || is_legend(text, end) {
+        return false;
+    }
+    let rest = &text[end..];
+    let Some(after) = rest.strip_prefix([' ', '\t']) else { return false };
+    let after = after.trim_start_matches([' ', '\t']);
+    let word: String = after.chars().take_while(|c| c.is_alphanumeric() || *c == '\'').collect();
+    // A capitalized word starts the explanation's sentence ("0 The …", "1 A coupon link …"); an all-caps word
+    // other than "I" may be a label or ESCALATE, which are read elsewhere.
+    let sentence = word.chars().next().is_some_and(char::is_uppercase)
+        && (word.chars().any(char::is_lowercase) || word.chars().count() == 1);
+    sentence || CONNECTORS.contains(&word.to_lowercase().as_str())
+}
+
 /// A digit is a standalone answer unless it is part of a decimal ("0.5", "1,5") or a list marker ("1.", "1)")
 /// at a line start followed by more text.
-fn digit_candidates<'a>(text: &'a str, regex: &Regex) -> Vec<(usize, &'a str)> {
+pub(crate) fn digit_candidates<'a>(text: &'a str, regex: &Regex) -> Vec<(usize, &'a str)> {
     let bytes = text.as_bytes();
     regex
         .captures_iter(text)
@@ -228,23 +391,23 @@ fn whole_answer(text: &str) -> Option<bool> {
 }
 
 /// What a piece of prose says on its own, as the binary format reads it.
-fn binary_reading(text: &str) -> Result<Option<bool>, String> {
+fn binary_reading(text: &str, names: &[&str]) -> Result<Option<bool>, String> {
     match whole_answer(text) {
         Some(value) => Ok(Some(value)),
-        None => binary_from_prose(text),
+        None => binary_from_prose(text, names),
     }
 }
 
-fn parse_binary(final_text: &str) -> ParsedAnswer {
+fn parse_binary(final_text: &str, names: &[&str]) -> ParsedAnswer {
     let text = unfence(final_text);
-    let escalated = ESCALATE.is_match(text);
+    let escalated = asks_for_person(text);
     let mut answer = ParsedAnswer::default();
     let decided = match whole_answer(text) {
         Some(value) => Ok(Some(value)),
         None if text.contains('{') => match json_answer(text) {
             Some((Ok((value, label)), outside)) => {
                 // The object and the prose beside it are both the model's answer: neither outvotes the other.
-                match binary_reading(&outside) {
+                match binary_reading(&outside, names) {
                     Ok(Some(other)) if other != value => {
                         Err(format!("the JSON answer and the text around it disagree in {}", excerpt(text)))
                     }
@@ -256,9 +419,9 @@ fn parse_binary(final_text: &str) -> ParsedAnswer {
                 }
             }
             Some((Err(detail), _)) => Err(detail),
-            None => binary_from_prose(text),
+            None => binary_from_prose(text, names),
         },
-        None => binary_from_prose(text),
+        None => binary_from_prose(text, names),
     };
     match decided {
         Ok(Some(value)) => {
@@ -300,8 +463,8 @@ fn violation_from_json(text: &str, objects: &[FoundObject]) -> Option<JsonVerdic
         .filter_map(|object| object.get("violation"))
         .map(|value| (coerce_violation(value), value_text(value)));
     let (first, label) = values.next()?;
-    if objects.iter().any(|object| object.conflicts_on("violation")) {
-        return Some(Err(format!("\"violation\" is given twice with different values in {}", excerpt(text))));
+    if objects.iter().any(FoundObject::answer_conflicts) {
+        return Some(Err(format!("the answer is given twice with different values in {}", excerpt(text))));
     }
     let first = match first {
         Ok(Some(first)) => first,
@@ -319,21 +482,45 @@ fn violation_from_json(text: &str, objects: &[FoundObject]) -> Option<JsonVerdic
 }
 
 /// Prose such as "Answer: 1" or "The content is spam, so 1." One distinct candidate decides; two do not.
-fn binary_from_prose(text: &str) -> Result<Option<bool>, String> {
-    let keyed = digit_candidates(text, &KEYED_DIGIT);
+/// `names` (the policy's own name, its output key) key a digit too: "Spam: 1 - links to …".
+fn binary_from_prose(text: &str, names: &[&str]) -> Result<Option<bool>, String> {
+    let mut keyed = digit_candidates(text, &KEYED_DIGIT);
+    for name in names.iter().map(|name| name.trim()).filter(|name| !name.is_empty()) {
+        let edge = |c: Option<char>| if c.is_some_and(|c| c.is_alphanumeric() || c == '_') { r"\b" } else { "" };
+        let pattern = format!(
+            r#"(?i){}{}{}[*_`"']*\s*:\s*[*_`"']*\s*([01])\b"#,
+            edge(name.chars().next()),
+            regex::escape(name),
+            edge(name.chars().last())
+        );
+        if let Ok(regex) = Regex::new(&pattern) {
+            keyed.extend(digit_candidates(text, &regex));
+        }
+    }
+    keyed.sort_unstable();
+    keyed.dedup();
+    let bare_all = digit_candidates(text, &BARE_DIGIT);
+    // "The answer is not 0.", "It isn't 1": a negated digit says what the answer is not, which is no answer.
+    if let Some(&(start, digit)) = bare_all.iter().find(|&&(start, _)| digit_negated(text, start)) {
+        return Err(format!("\"{digit}\" at byte {start} is negated in {}", excerpt(text)));
+    }
     let candidates = match keyed.last() {
         None => {
-            let mut bare = digit_candidates(text, &BARE_DIGIT);
+            let only = bare_all.len() == 1;
+            let conclusive_at = |start: usize, digit: &str| {
+                conclusive(text, start, start + digit.len())
+                    || only && leads_an_explanation(text, start, start + digit.len())
+            };
+            let mut bare = bare_all.clone();
             // A legend out of an answer's place ("so 1 (1 = violation)") explains the answer and is left out, as
-            // after a keyed digit.
-            bare.retain(|&(start, digit)| {
-                conclusive(text, start, start + digit.len()) || !is_legend(text, start + digit.len())
-            });
+            // after a keyed digit; but only beside an answer: a text of legends alone ("0 = safe, 1 = violation",
+            // "0: benign\n1: violation") echoes the format and answers nothing.
+            if bare.iter().any(|&(start, digit)| conclusive_at(start, digit)) {
+                bare.retain(|&(start, digit)| conclusive_at(start, digit) || !is_legend(text, start + digit.len()));
+            }
             // "The message asks for the password and has 0 links." holds no answer, and a stray digit must not
             // become one: a 0 or 1 out of an answer's place makes the whole text unclear.
-            if let Some(&(start, digit)) =
-                bare.iter().find(|&&(start, digit)| !conclusive(text, start, start + digit.len()))
-            {
+            if let Some(&(start, digit)) = bare.iter().find(|&&(start, digit)| !conclusive_at(start, digit)) {
                 return Err(format!("\"{digit}\" at byte {start} is not in an answer's place in {}", excerpt(text)));
             }
             bare
@@ -341,7 +528,7 @@ fn binary_from_prose(text: &str) -> Result<Option<bool>, String> {
         // A keyed digit ("Answer: 0") outranks bare ones before it, such as a legend, but not a bare digit after
         // it: "Answer: 0. On reflection it is phishing, so 1." is two answers.
         Some(&(last_keyed, _)) => {
-            let later = digit_candidates(text, &BARE_DIGIT)
+            let later = bare_all
                 .into_iter()
                 .filter(|&(start, digit)| start > last_keyed && !is_legend(text, start + digit.len()));
             keyed.iter().copied().chain(later).collect()
@@ -364,6 +551,18 @@ fn normalize_label(label: &str) -> String {
 }
 
 fn parse_labels(final_text: &str, violating: &[String], safe: &[String], escalate: &[String]) -> ParsedAnswer {
+    let mut answer = read_labels(final_text, violating, safe, escalate);
+    if answer.violation.is_none() && answer.flags.is_empty() {
+        let expected: Vec<&str> = violating.iter().chain(safe).chain(escalate).map(String::as_str).collect();
+        answer.push_flag(Flag::Unparseable {
+            detail: format!("expected one of {}, got {}", expected.join(" / "), excerpt(unfence(final_text))),
+        });
+    }
+    answer
+}
+
+/// What a labels answer says: no value and no flag when it holds no label at all.
+fn read_labels(final_text: &str, violating: &[String], safe: &[String], escalate: &[String]) -> ParsedAnswer {
     let text = unfence(final_text);
     let stripped = strip_wrapping(text);
     let normalized = normalize_label(stripped);
@@ -422,7 +621,7 @@ fn parse_labels(final_text: &str, violating: &[String], safe: &[String], escalat
             haystack = regex.replace_all(&haystack, "${1} ${2}").into_owned();
         }
     }
-    let escalated = found.iter().any(|(_, _, escalated)| *escalated) || ESCALATE.is_match(text);
+    let escalated = found.iter().any(|(_, _, escalated)| *escalated) || asks_for_person(text);
     let values: Vec<bool> = found.iter().filter_map(|(_, value, _)| *value).collect();
     let any_true = values.contains(&true);
     let any_false = values.contains(&false);
@@ -454,11 +653,6 @@ fn parse_labels(final_text: &str, violating: &[String], safe: &[String], escalat
     if escalated {
         answer.label.get_or_insert_with(|| "ESCALATE".to_string());
         answer.push_flag(Flag::Escalated);
-    } else if answer.violation.is_none() && answer.flags.is_empty() {
-        let expected: Vec<&str> = violating.iter().chain(safe).chain(escalate).map(String::as_str).collect();
-        answer.push_flag(Flag::Unparseable {
-            detail: format!("expected one of {}, got {}", expected.join(" / "), excerpt(text)),
-        });
     }
     answer
 }
@@ -472,11 +666,47 @@ pub(crate) struct FoundObject {
     pub(crate) conflicts: Vec<Vec<String>>,
 }
 
+/// The keys an answer object is read from ([`answer_from_object`], with [`field`]'s aliases).
+pub(crate) const ANSWER_FIELDS: [&str; 11] = [
+    "violation",
+    "policy_category",
+    "category",
+    "rule_ids",
+    "rule_id",
+    "rules",
+    "confidence",
+    "rationale",
+    "severity",
+    "action",
+    "label",
+];
+
 impl FoundObject {
-    /// Whether a key named `key`, at any depth, was given two different values.
-    pub(crate) fn conflicts_on(&self, key: &str) -> bool {
-        self.conflicts.iter().any(|path| path.last().is_some_and(|last| last == key))
+    /// Whether a key given two different values hides which answer this object gives: a "violation" at any depth,
+    /// a key on the way to the answer object (`{"result": {…1…}, "result": {…0…}}`), or a key the answer is read
+    /// from inside it ("rule_ids" twice).
+    pub(crate) fn answer_conflicts(&self) -> bool {
+        let Some(to_answer) = answer_path(&self.map) else {
+            return self.conflicts.iter().any(|path| path.last().is_some_and(|last| last == "violation"));
+        };
+        self.conflicts.iter().any(|path| {
+            path.last().is_some_and(|last| last == "violation")
+                || to_answer.starts_with(path)
+                || path.starts_with(&to_answer)
+                    && path.get(to_answer.len()).is_some_and(|step| ANSWER_FIELDS.contains(&step.as_str()))
+        })
     }
+}
+
+/// The keys leading to [`answer_object`] in `map`: none when it is `map` itself.
+fn answer_path(map: &Map<String, Value>) -> Option<Vec<String>> {
+    let answer = answer_object(map)?;
+    if std::ptr::eq(answer, map) {
+        return Some(Vec::new());
+    }
+    map.iter()
+        .find(|(_, value)| matches!(value, Value::Object(inner) if std::ptr::eq(inner, answer)))
+        .map(|(key, _)| vec![key.clone()])
 }
 
 /// JSON objects in `text`, in order. Balanced-brace scanning (string-aware) finds them inside prose or code
@@ -515,7 +745,7 @@ pub(crate) fn find_objects(text: &str) -> Vec<FoundObject> {
 
 /// `text` with `objects` (found in it, in order) and code-fence markers taken out: what the model said besides
 /// its JSON. Each object leaves a line break, so the words on either side stay apart.
-fn outside_objects(text: &str, objects: &[FoundObject]) -> String {
+pub(crate) fn outside_objects(text: &str, objects: &[FoundObject]) -> String {
     let mut outside = String::with_capacity(text.len());
     let mut at = 0;
     for object in objects {
@@ -763,9 +993,9 @@ pub(crate) fn answer_from_object(map: &Map<String, Value>, required_fields: &[&s
     answer.severity = field(map, "severity").and_then(value_text);
     answer.action = field(map, "action").and_then(value_text);
     let asks_for_person = answer.action.as_deref().is_some_and(|action| {
-        ESCALATE.is_match(action)
+        asks_for_person(action)
             || matches!(action.to_ascii_lowercase().as_str(), "review" | "needs_review" | "human_review")
-    }) || map.get("label").and_then(value_text).is_some_and(|label| ESCALATE.is_match(&label));
+    }) || map.get("label").and_then(value_text).is_some_and(|label| asks_for_person(&label));
     if asks_for_person {
         answer.push_flag(Flag::Escalated);
     }
@@ -788,11 +1018,11 @@ fn answer_object(map: &Map<String, Value>) -> Option<&Map<String, Value>> {
     }
 }
 
-fn parse_json(final_text: &str, required_fields: &[&str]) -> ParsedAnswer {
+fn parse_json(final_text: &str, required_fields: &[&str], names: &[&str]) -> ParsedAnswer {
     let objects = find_objects(final_text);
     if objects.is_empty() {
         // A bare "1" or "INVALID" instead of JSON: keep what it says, but the requested fields are missing.
-        let mut bare = parse_binary(final_text);
+        let mut bare = parse_binary(final_text, names);
         if bare.violation.is_some() || bare.flags.contains(&Flag::Escalated) {
             bare.push_flag(Flag::Unparseable {
                 detail: format!("expected a JSON object, got {}", excerpt(final_text)),
@@ -826,16 +1056,16 @@ fn parse_json(final_text: &str, required_fields: &[&str]) -> ParsedAnswer {
             answer
         }
     };
-    if objects.iter().any(|object| object.conflicts_on("violation")) {
+    if objects.iter().any(FoundObject::answer_conflicts) {
         answer.violation = None;
         answer.push_flag(Flag::Unparseable {
-            detail: format!("\"violation\" is given twice with different values in {}", excerpt(final_text)),
+            detail: format!("the answer is given twice with different values in {}", excerpt(final_text)),
         });
     }
     // Words outside the object are part of the answer too: "{…0…} Correction: … so 1" says two things, and an
     // ESCALATE beside the object still asks for a person. A lead-in with no verdict in it changes nothing.
     let outside = outside_objects(final_text, &objects);
-    match binary_reading(&outside) {
+    match binary_reading(&outside, names) {
         Ok(Some(said)) if answer.violation.is_some_and(|value| value != said) => {
             answer.violation = None;
             answer.push_flag(Flag::Unparseable {
@@ -848,7 +1078,7 @@ fn parse_json(final_text: &str, required_fields: &[&str]) -> ParsedAnswer {
             answer.push_flag(Flag::Unparseable { detail: format!("the text around the JSON answer: {detail}") });
         }
     }
-    if ESCALATE.is_match(&outside) {
+    if asks_for_person(&outside) {
         answer.push_flag(Flag::Escalated);
     }
     answer

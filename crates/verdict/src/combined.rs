@@ -9,7 +9,10 @@ use serde_json::{Map, Value};
 
 use safeguard_policy::{FenceTracker, Policy, heading};
 
-use crate::answer::{answer_from_object, coerce_violation, excerpt, find_objects};
+use crate::answer::{
+    ANSWER_FIELDS, BARE_DIGIT, answer_from_object, asks_for_person, coerce_violation, digit_candidates, excerpt,
+    find_objects, outside_objects,
+};
 use crate::{Flag, Verdict, decide, validate};
 
 /// Fields each policy entry of a combined answer must carry.
@@ -94,22 +97,100 @@ fn spellings(key: &str) -> Vec<String> {
     if spaced == lower { vec![lower] } else { vec![lower, spaced] }
 }
 
+/// Whether a lowercased `sentence` names `key` as a whole word: "sexual" is not mentioned by "homosexual", nor
+/// "hate" by "whatever".
+fn mentions(sentence: &str, key: &str) -> bool {
+    spellings(key).iter().any(|spelling| {
+        sentence.match_indices(spelling.as_str()).any(|(at, found)| {
+            let before = sentence[..at].chars().next_back();
+            let after = sentence[at + found.len()..].chars().next();
+            !before.is_some_and(char::is_alphanumeric) && !after.is_some_and(char::is_alphanumeric)
+        })
+    })
+}
+
 /// The last sentence of the reasoning that names `key` and no other policy, e.g. "For spam, it's not spam."
 fn sentence_about(analysis: &str, keys: &[String], key: &str) -> Option<String> {
-    // Whole words only: "sexual" is not mentioned by "homosexual", nor "hate" by "whatever".
-    let mentions = |sentence: &str, key: &str| {
-        spellings(key).iter().any(|spelling| {
-            sentence.match_indices(spelling.as_str()).any(|(at, found)| {
-                let before = sentence[..at].chars().next_back();
-                let after = sentence[at + found.len()..].chars().next();
-                !before.is_some_and(char::is_alphanumeric) && !after.is_some_and(char::is_alphanumeric)
-            })
-        })
-    };
     analysis.split(['.', '\n', ';', '!', '?']).rev().map(str::to_lowercase).find(|sentence| {
         mentions(sentence, key)
             && keys.iter().filter(|other| other.as_str() != key).all(|other| !mentions(sentence, other))
     })
+}
+
+/// The sentences of `text`: cut at line breaks, `;`, and `.`/`!`/`?` before a space (not the dot in "SP2.a").
+fn sentences(text: &str) -> Vec<&str> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut from = 0;
+    for at in 0..bytes.len() {
+        let cut = matches!(bytes[at], b'\n' | b';')
+            || matches!(bytes[at], b'.' | b'!' | b'?') && bytes.get(at + 1).is_none_or(u8::is_ascii_whitespace);
+        if cut {
+            out.push(&text[from..at]);
+            from = at + 1;
+        }
+    }
+    out.push(&text[from..]);
+    out.into_iter().filter(|sentence| !sentence.trim().is_empty()).collect()
+}
+
+/// What the words outside a combined answer's objects say, per policy key: a 0/1 there (unclear) or a request for
+/// a person. A sentence counts for the policies it names, or for all of them when it names none.
+#[derive(Default)]
+struct Beside {
+    digits: Vec<(String, String)>,
+    escalated: Vec<String>,
+}
+
+fn read_beside(outside: &str, keys: &[String]) -> Beside {
+    let mut beside = Beside::default();
+    for sentence in sentences(outside) {
+        let lower = sentence.to_lowercase();
+        let named: Vec<&String> = keys.iter().filter(|key| mentions(&lower, key)).collect();
+        let concerned: Vec<&String> = if named.is_empty() { keys.iter().collect() } else { named };
+        let digit = digit_candidates(sentence, &BARE_DIGIT).first().map(|&(_, digit)| digit.to_string());
+        let escalated = asks_for_person(sentence);
+        for key in concerned {
+            if let Some(digit) = &digit {
+                beside.digits.push((key.clone(), format!("\"{digit}\" in {}", excerpt(sentence))));
+            }
+            if escalated {
+                beside.escalated.push(key.clone());
+            }
+        }
+    }
+    beside
+}
+
+/// Whether a key given twice (at `path` in `map`) hides the answer for `key`: the path goes through that
+/// policy's entry to a key the answer is read from (or is the entry itself), or, naming no policy, leads to the
+/// wrapper that holds the entry (`{"results": {"spam": 1}, "results": {"spam": 0}}`).
+fn conflict_hides(map: &Map<String, Value>, path: &[String], key: &str, keys: &[String]) -> bool {
+    let wanted = normalize_key(key);
+    if let Some(at) = path.iter().position(|step| normalize_key(step) == wanted) {
+        return match path.get(at + 1) {
+            None => true,
+            Some(field) => ANSWER_FIELDS.contains(&field.as_str()) || path.last().is_some_and(|l| l == "violation"),
+        };
+    }
+    if path.iter().any(|step| keys.iter().any(|other| normalize_key(step) == normalize_key(other))) {
+        return false;
+    }
+    let mut value: Option<&Value> = None;
+    let mut current = map;
+    for step in path {
+        match current.get(step) {
+            Some(found) => {
+                value = Some(found);
+                match found {
+                    Value::Object(inner) => current = inner,
+                    _ => break,
+                }
+            }
+            None => return false,
+        }
+    }
+    matches!(value, Some(Value::Object(inner)) if lookup(inner, key).is_some())
 }
 
 fn normalize_key(key: &str) -> String {
@@ -141,10 +222,11 @@ pub fn judge_combined(
     };
     // Objects that answer at least one policy, in order; a nested wrapper ({"results": {...}}) is unwrapped.
     let found = find_objects(final_text);
-    let conflicts: Vec<Vec<String>> = found.iter().flat_map(|object| object.conflicts.clone()).collect();
+    // The words beside the objects are part of the answer: "{…"spam": 0…}\nCorrection: spam is 1" says two things.
+    let beside = read_beside(&outside_objects(final_text, &found), &keys);
     let keyed: Vec<Map<String, Value>> = found
-        .into_iter()
-        .map(|object| object.map)
+        .iter()
+        .map(|object| object.map.clone())
         .flat_map(|object| {
             let direct = keys.iter().any(|key| lookup(&object, key).is_some());
             if direct {
@@ -198,16 +280,23 @@ pub fn judge_combined(
             }
             // serde keeps the last of two same-named keys, so `"spam": 1, "spam": 0` or a repeated "violation"
             // inside this policy's entry would otherwise read as one clean answer.
-            let wanted = normalize_key(key);
-            let repeated = conflicts.iter().any(|path| {
-                path.iter().any(|step| normalize_key(step) == wanted)
-                    && path.last().is_some_and(|last| last == "violation" || normalize_key(last) == wanted)
-            });
+            let repeated = found
+                .iter()
+                .any(|object| object.conflicts.iter().any(|path| conflict_hides(&object.map, path, key, &keys)));
             if repeated {
                 verdict.violation = None;
                 verdict.push_flag(Flag::Unparseable {
                     detail: format!("the answer for \"{key}\" is given twice with different values"),
                 });
+            }
+            if let Some((_, said)) = beside.digits.iter().find(|(concerned, _)| concerned == key) {
+                verdict.violation = None;
+                verdict.push_flag(Flag::Unparseable {
+                    detail: format!("the text outside the JSON answer says {said} about \"{key}\""),
+                });
+            }
+            if beside.escalated.iter().any(|concerned| concerned == key) {
+                verdict.push_flag(Flag::Escalated);
             }
             // With one policy the whole chain of thought is about it.
             let reasoning = if policies.len() == 1 {

@@ -158,7 +158,9 @@ pub fn judge(policy: &Policy, analysis: Option<&str>, final_text: Option<&str>, 
         tracing::debug!("no final message");
         return Verdict::undetermined(policy, flags);
     };
-    let answer = parse_answer(&policy.meta.output, final_text, &json_fields_asked_for(policy));
+    // The policy's own name keys a digit like "Violation:" does ("Spam: 1 - links to …").
+    let names = [policy.meta.name.as_str()];
+    let answer = answer::parse_answer_named(&policy.meta.output, final_text, &json_fields_asked_for(policy), &names);
     let mut verdict = Verdict::from_answer(policy, answer, flags);
     validate(policy, &mut verdict, analysis);
     verdict.outcome = decide(verdict.violation, &verdict.flags);

@@ -66,19 +66,93 @@ static DIGIT_ANSWER: LazyLock<Regex> = LazyLock::new(|| {
 });
 
 /// "return 0 if benign, otherwise 1", "label 1 when it is spam": a digit or label followed by the condition it
-/// applies under restates the instructions; it concludes nothing about this content. "for" names a condition too
-/// ("output 0 for benign content"), except before a rule id or this content ("label 1 for SP2.a", "1 for this"),
-/// where it is the conclusion.
-fn states_a_condition(rest: &str) -> bool {
+/// applies under restates the instructions; it concludes nothing about this content. `text[end..]` follows the
+/// digit or label; `others` are the answers on the other side ("0" for a "1"), looked for in the same sentence.
+///
+/// "for" names a condition only when the sentence also holds the other answer ("output 0 for benign, 1 for spam")
+/// or what follows is a generic class ("output 0 for benign posts", "1 for any violating content"). Before a rule
+/// id, this content or a class of harm ("label 1 for SP2.a", "output 1 for phishing like this") it is the
+/// conclusion.
+fn states_a_condition(text: &str, start: usize, end: usize, others: &[&str]) -> bool {
+    let rest = text[end..].trim_start();
     let word: String = rest.chars().take_while(|c| c.is_ascii_alphabetic()).collect();
     if word.eq_ignore_ascii_case("for") {
         let next = rest[word.len()..].trim_start();
         let next_word: String = next.chars().take_while(|c| c.is_ascii_alphabetic()).collect();
         let names_this = ["this", "that", "it", "the"].iter().any(|w| next_word.eq_ignore_ascii_case(w));
         let names_rule = safeguard_policy::find_rule_ids(next).first().is_some_and(|&(at, _)| at == 0);
-        return !(names_this || names_rule);
+        if names_this || names_rule {
+            return false;
+        }
+        return names_a_class(next) || sentence_holds(text, start, end, others);
     }
     ["if", "when", "otherwise", "else", "unless"].iter().any(|cond| word.eq_ignore_ascii_case(cond))
+}
+
+/// Whether `text` starts with a generic class of content ("benign posts", "any violating content", "safe
+/// cases") rather than a kind of harm.
+fn names_a_class(text: &str) -> bool {
+    const SKIPPED: [&str; 7] = ["any", "all", "such", "other", "a", "an", "non"];
+    const CLASSES: [&str; 24] = [
+        "benign",
+        "safe",
+        "harmless",
+        "allowed",
+        "acceptable",
+        "compliant",
+        "clean",
+        "legitimate",
+        "normal",
+        "violating",
+        "violative",
+        "violation",
+        "violations",
+        "content",
+        "posts",
+        "post",
+        "messages",
+        "cases",
+        "items",
+        "inputs",
+        "texts",
+        "anything",
+        "everything",
+        "nonviolating",
+    ];
+    let words = text.split(|c: char| !c.is_ascii_alphabetic()).filter(|word| !word.is_empty());
+    for word in words.take(3) {
+        let word = word.to_ascii_lowercase();
+        if CLASSES.contains(&word.as_str()) {
+            return true;
+        }
+        if !SKIPPED.contains(&word.as_str()) {
+            return false;
+        }
+    }
+    false
+}
+
+/// Whether the sentence around `start..end` holds one of `others` as a whole word outside that span.
+fn sentence_holds(text: &str, start: usize, end: usize, others: &[&str]) -> bool {
+    let from = sentence_start(&text[..start]);
+    let to = sentence_end(text, end);
+    others.iter().filter(|other| !other.trim().is_empty()).any(|other| {
+        let pattern = format!(r"(?i)(?:^|[^A-Za-z0-9_]){}(?:$|[^A-Za-z0-9_])", regex::escape(other.trim()));
+        Regex::new(&pattern)
+            .is_ok_and(|regex| [&text[from..start], &text[end..to]].iter().any(|part| regex.is_match(part)))
+    })
+}
+
+/// Where the sentence that holds `from` ends: at the next `.`, `!` or `?` followed by a space (or the end), or
+/// the next line break.
+fn sentence_end(text: &str, from: usize) -> usize {
+    let bytes = text.as_bytes();
+    (from..bytes.len())
+        .find(|&at| {
+            bytes[at] == b'\n'
+                || matches!(bytes[at], b'.' | b'!' | b'?') && bytes.get(at + 1).is_none_or(u8::is_ascii_whitespace)
+        })
+        .unwrap_or(bytes.len())
 }
 
 struct Match {
@@ -107,16 +181,17 @@ fn label_matches(text: &str, output: &OutputFormat, found: &mut Vec<Match>) {
         violating.iter().map(|l| (l, true)).chain(safe.iter().map(|l| (l, false))).collect();
     // An escalate label with a violating word in it ("INVALID + ESCALATE") concludes a violation.
     labels.extend(escalate.iter().filter(|l| violating.iter().any(|v| l.contains(v.as_str()))).map(|l| (l, true)));
-    for (label, violation) in labels {
+    for &(label, violation) in &labels {
         let pattern = format!(r"(?i){cue}{}\b", regex::escape(label.trim()));
+        // The other side's labels, whose presence in the sentence makes "VALID for questions" a restated format.
+        let others: Vec<&str> =
+            labels.iter().filter(|(_, side)| *side != violation).map(|(other, _)| other.as_str()).collect();
         if let Ok(regex) = Regex::new(&pattern) {
             found.extend(
-                regex.find_iter(text).filter(|m| !states_a_condition(text[m.end()..].trim_start())).map(|m| Match {
-                    start: m.start(),
-                    end: m.end(),
-                    violation,
-                    explicit: true,
-                }),
+                regex
+                    .find_iter(text)
+                    .filter(|m| !states_a_condition(text, m.start(), m.end(), &others))
+                    .map(|m| Match { start: m.start(), end: m.end(), violation, explicit: true }),
             );
         }
     }
@@ -157,8 +232,11 @@ pub fn reasoning_conclusion(analysis: &str, output: &OutputFormat) -> Option<Con
     for caps in DIGIT_ANSWER.captures_iter(text) {
         let (Some(whole), Some(digit)) = (caps.get(0), caps.get(1)) else { continue };
         let rest = text[whole.end()..].trim_start();
-        let restates_format =
-            rest.starts_with("or ") || rest.starts_with('/') || rest.starts_with("and ") || states_a_condition(rest);
+        let other = if digit.as_str() == "1" { "0" } else { "1" };
+        let restates_format = rest.starts_with("or ")
+            || rest.starts_with('/')
+            || rest.starts_with("and ")
+            || states_a_condition(text, whole.start(), whole.end(), &[other]);
         if !restates_format {
             found.push(Match {
                 start: whole.start(),

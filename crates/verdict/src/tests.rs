@@ -67,6 +67,28 @@ fn binary_answers_table() {
         ("It is a phishing lure: 1 (SP4.a).", Some(true), Outcome::Violation),
         ("0\nA question about plumbers.", Some(false), Outcome::Allow),
         ("It is phishing, so 1 (1 = violation).", Some(true), Outcome::Violation),
+        // An echoed legend is no answer, in either order; a legend beside a conclusive digit explains it.
+        ("0 = safe, 1 = violation", None, Outcome::NeedsReview),
+        ("1 = violation, 0 = safe", None, Outcome::NeedsReview),
+        ("0: benign\n1: violation", None, Outcome::NeedsReview),
+        ("0 (0 = safe, 1 = violation)", Some(false), Outcome::Allow),
+        // Ordinary keyed or leading answers.
+        ("Violation: 1\nRationale: the post links to a coupon site.", Some(true), Outcome::Violation),
+        ("**Decision:** 0 - a question about plumbers.", Some(false), Outcome::Allow),
+        ("No, 0.", Some(false), Outcome::Allow),
+        ("Spam: 1 - links to a coupon site.", Some(true), Outcome::Violation),
+        ("1 because it sells followers", Some(true), Outcome::Violation),
+        ("0 The message is a question.", Some(false), Outcome::Allow),
+        ("0 The message is a question, 1 link.", None, Outcome::NeedsReview),
+        // A negated digit is no answer.
+        ("The answer is not 0.", None, Outcome::NeedsReview),
+        ("It is not 0.", None, Outcome::NeedsReview),
+        ("It isn't 1.", None, Outcome::NeedsReview),
+        // A negated escalation asks for nobody; a plain one still does.
+        ("0 — no need to escalate", Some(false), Outcome::Allow),
+        ("0\nNo escalation needed.", Some(false), Outcome::Allow),
+        ("1, escalate to a human", Some(true), Outcome::NeedsReview),
+        ("1 - not sure, ESCALATE", Some(true), Outcome::NeedsReview),
     ];
     for (text, violation, outcome) in cases {
         let verdict = judge(&policy, None, Some(text), false);
@@ -79,6 +101,15 @@ fn binary_answers_table() {
     assert_eq!(verdict.flags, vec![Flag::Escalated]);
     assert_eq!(verdict.label.as_deref(), Some("ESCALATE"));
     assert_eq!(judge(&policy, None, Some("1."), false).label.as_deref(), Some("1"));
+    for text in ["1, escalate to a human", "1 - not sure, ESCALATE", "ESCALATE"] {
+        assert!(judge(&policy, None, Some(text), false).flags.contains(&Flag::Escalated), "{text:?}");
+    }
+    let json = json_policy();
+    let safe = r#"{"violation": 0, "policy_category": null, "rule_ids": ["HT0.a"], "confidence": "high", "rationale": "Critique.", "action": "allow"}"#;
+    for text in [format!("{safe}\nNo escalation needed."), safe.replace("\"allow\"", "\"do not escalate\"")] {
+        let verdict = judge(&json, None, Some(&text), false);
+        assert_eq!(verdict.outcome, Outcome::Allow, "{text:?}: {verdict:?}");
+    }
 }
 
 #[test]
@@ -123,6 +154,20 @@ fn answers_that_say_two_things_are_never_an_allow() {
     assert!(escalated.flags.contains(&Flag::Escalated), "{escalated:?}");
     let explained = judge(&binary, None, Some("```\n0\n```\nA personal question (SP0.a)."), false);
     assert_eq!(explained.outcome, Outcome::Allow, "prose without another answer: {explained:?}");
+    // A digit around the fence that is no clear answer still makes the answer unclear.
+    let second = review(&binary, "```\n0\n```\nOn second thought, 1 is right because it asks for the password.");
+    assert!(has_unparseable(&second) && second.violation.is_none(), "{second:?}");
+    for harmless in ["```\n0\n```\nThanks.", "Here is my answer:\n```\n0\n```"] {
+        assert_eq!(judge(&binary, None, Some(harmless), false).outcome, Outcome::Allow, "{harmless:?}");
+    }
+    let labels = labels_policy();
+    for text in ["```\nVALID\n```\nActually it is not VALID.", "```\nVALID\n```\nVALID or INVALID, hard to say."] {
+        let verdict = review(&labels, text);
+        assert!(has_unparseable(&verdict) && verdict.violation.is_none(), "{text:?}: {verdict:?}");
+    }
+    for harmless in ["```\nVALID\n```\nThanks.", "Here is my answer:\n```\nVALID\n```"] {
+        assert_eq!(judge(&labels, None, Some(harmless), false).outcome, Outcome::Allow, "{harmless:?}");
+    }
     // A keyed answer outranks a legend before it, not a second answer after it.
     assert!(has_unparseable(&review(&binary, "Answer: 0. On reflection it is phishing, so 1.")));
     assert_eq!(judge(&binary, None, Some("Answer: 0 (1 = violation, 0 = safe)"), false).outcome, Outcome::Allow);
@@ -143,6 +188,15 @@ fn answers_that_say_two_things_are_never_an_allow() {
     assert!(has_unparseable(&review(&json, &twice)), "{twice}");
     assert!(has_unparseable(&review(&json, &format!(r#"{{"result": {twice}}}"#))));
     assert!(has_unparseable(&review(&binary, r#"{"violation": 1, "violation": 0}"#)));
+    // A wrapper given twice hides an answer just the same.
+    let unsafe_ = safe.replace(r#""violation": 0"#, r#""violation": 1"#);
+    let wrapped = format!(r#"{{"result": {unsafe_}, "result": {safe}}}"#);
+    assert!(has_unparseable(&review(&json, &wrapped)), "{wrapped}");
+    assert!(has_unparseable(&review(&binary, r#"{"result": {"violation": 1}, "result": {"violation": 0}}"#)));
+    let cited_twice = safe.replace(r#""rule_ids": ["HT0.a"]"#, r#""rule_ids": ["HT2.a"], "rule_ids": ["HT0.a"]"#);
+    assert!(has_unparseable(&review(&json, &cited_twice)), "{cited_twice}");
+    let unread = safe.replace(r#""violation": 0"#, r#""violation": 0, "note": "a", "note": "b""#);
+    assert_eq!(judge(&json, None, Some(&unread), false).outcome, Outcome::Allow, "{unread}");
     for harmless in [
         format!("Here is my answer:\n{safe}"),
         format!("```json\n{safe}\n```"),
@@ -368,6 +422,9 @@ fn reasoning_disagreement_is_flagged() {
         ("Thus => 1.", "0", true),
         // "return 0 if benign" restates the instructions; the conclusion is the sentence before it.
         ("The sender fakes a bank login page, so it's phishing. Reminder: return 0 if benign, otherwise 1.", "0", true),
+        // "for phishing like this" names this content's class: a conclusion, not a restated format.
+        ("The link fakes a bank login. Output 1 for phishing like this.", "0", true),
+        ("The link fakes a bank login. Output 0 for benign posts, 1 for spam.", "0", false),
     ];
     for (analysis, answer, disagrees) in cases {
         let verdict = judge(&policy, Some(analysis), Some(answer), false);
@@ -401,6 +458,9 @@ fn reasoning_conclusions() {
     assert_eq!(check("Output 1 when the post pushes coupons.", &binary), None);
     assert_eq!(check("Output 0 for benign posts.", &binary), None);
     assert_eq!(check("So the label is 1 for SP2.a.", &binary), Some(true));
+    assert_eq!(check("Output 1 for phishing like this.", &binary), Some(true));
+    assert_eq!(check("Output 0 for benign posts, 1 for spam.", &binary), None);
+    assert_eq!(check("Output 1 for any violating content.", &binary), None);
     assert_eq!(check("The content is benign.", &binary), Some(false));
     assert_eq!(check("{\"violation\": 0, ...} is what we output", &OutputFormat::Json), Some(false));
     assert_eq!(check("Nothing conclusive here", &binary), None);
@@ -411,6 +471,8 @@ fn reasoning_conclusions() {
     };
     assert_eq!(check("So => INVALID", &labels), Some(true));
     assert_eq!(check("The label should be VALID.", &labels), Some(false));
+    assert_eq!(check("Answer VALID for questions, INVALID for spam.", &labels), None);
+    assert_eq!(check("So the answer is INVALID for phishing like this.", &labels), Some(true));
     // Only the tail counts: an early "violation" is outweighed by a later conclusion.
     let long = format!("Is this a violation? {} Final: it is not a violation.", "Considering context. ".repeat(60));
     assert_eq!(check(&long, &binary), Some(false));
@@ -529,6 +591,25 @@ fn combined_round_trip() {
     let inner = hate_safe.replace(r#""violation": 0"#, r#""violation": 1, "violation": 0"#);
     let verdicts = judge_combined(&policies, None, Some(&format!(r#"{{"hate": {inner}}}"#)), false);
     assert!(has_unparseable(&verdicts[1]) && verdicts[1].outcome == Outcome::NeedsReview, "{:?}", verdicts[1]);
+    // A wrapper given twice hides which answer counts.
+    let wrapped = format!(r#"{{"results": {{"hate": {hate_bad}}}, "results": {{"hate": {hate_safe}}}}}"#);
+    let verdicts = judge_combined(&policies, None, Some(&wrapped), false);
+    assert!(has_unparseable(&verdicts[1]) && verdicts[1].violation.is_none(), "{:?}", verdicts[1]);
+    let verdicts = judge_combined(&policies, None, Some(r#"{"results": {"spam": 1}, "results": {"spam": 0}}"#), false);
+    assert!(has_unparseable(&verdicts[0]) && verdicts[0].violation.is_none(), "{:?}", verdicts[0]);
+    // Prose outside the objects is part of the answer: a 0/1 there makes the policy it names (all, if it names
+    // none) unclear, and an ESCALATE there asks for a person.
+    let spam_safe = hate_safe.replace("HT0.a", "SP0.a");
+    let clean = format!(r#"{{"spam": {spam_safe}, "hate": {hate_safe}}}"#);
+    let corrected = judge_combined(&policies, None, Some(&format!("{clean}\nCorrection: spam is 1")), false);
+    assert!(has_unparseable(&corrected[0]) && corrected[0].violation.is_none(), "{:?}", corrected[0]);
+    assert_eq!(corrected[1].outcome, Outcome::Allow, "{:?}", corrected[1]);
+    let unattributed = judge_combined(&policies, None, Some(&format!("{clean}\nOn reflection, 1.")), false);
+    assert!(unattributed[..2].iter().all(|v| has_unparseable(v) && v.violation.is_none()), "{unattributed:?}");
+    let escalated = judge_combined(&policies, None, Some(&format!("{clean}\nhate: ESCALATE")), false);
+    assert!(escalated[1].flags.contains(&Flag::Escalated) && escalated[0].outcome == Outcome::Allow, "{escalated:?}");
+    let thanks = judge_combined(&policies, None, Some(&format!("Here you go:\n{clean}\nThanks.")), false);
+    assert!(thanks[..2].iter().all(|v| v.outcome == Outcome::Allow), "{thanks:?}");
     let garbage = judge_combined(&policies, None, Some("spam: 1, hate: 0"), false);
     assert!(garbage.iter().all(|v| v.outcome == Outcome::NeedsReview && has_unparseable(v)));
 }

@@ -24,6 +24,9 @@ pub struct LogitsArgs {
     /// CPU threads.
     #[arg(long, default_value_t = 2)]
     pub threads: usize,
+    /// Layers to offload to the GPU (CUDA builds): the logits of an offloaded run, to compare with the CPU's.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub gpu_layers: u32,
 }
 
 pub fn run(command: Command) -> anyhow::Result<ExitCode> {
@@ -56,7 +59,13 @@ fn logits(args: LogitsArgs) -> anyhow::Result<ExitCode> {
 
     let tokens = read_tokens(&args.tokens)?;
     let n_ctx = u32::try_from(tokens.len().next_multiple_of(256)).context("too many tokens")?;
-    let config = EngineConfig { threads: args.threads, n_ctx, max_sequences: 1, ..EngineConfig::default() };
+    let config = EngineConfig {
+        threads: args.threads,
+        n_ctx,
+        max_sequences: 1,
+        n_gpu_layers: args.gpu_layers,
+        ..EngineConfig::default()
+    };
     let engine = LlamaEngine::load(&args.model, config)?;
     let rows = safeguard_engine::debug::logits(&engine, &tokens)?;
     let file = std::fs::File::create(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;

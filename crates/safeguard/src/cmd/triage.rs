@@ -278,6 +278,9 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
             match dataset.provenance.other_policy_rows {
                 0 => String::new(),
                 n => format!("; {n} rows for other policies left out"),
+            } + &match dataset.provenance.dropped_rows {
+                0 => String::new(),
+                n => format!("; {n} rows with a weight-0 label value left out"),
             }
         );
         examples.extend(dataset.examples);
