@@ -324,19 +324,32 @@ pub(crate) async fn reason_and_store(
     timer: &mut StageTimer,
     review_of: impl FnOnce(&Decision, &DecisionRecord) -> Option<NewReview>,
 ) -> Result<(Decision, DecisionRecord, Option<String>), ApiError> {
-    state.cascade.admit(settings.prompts(policies.len(), 1)).await?;
-    let started = Instant::now();
-    let decision = state.classifier.classify(policies, content, &options(settings)).await;
-    state.cascade.charge(&decision, settings.max_tokens);
-    let elapsed = started.elapsed().as_secs_f64();
+    let (decision, record, reasoning, elapsed) = reason_one(state, policies, content, settings, source).await?;
     timer.mark("reason");
     count_decision(&decision, source, elapsed);
-    let (record, reasoning) = record_of(&decision, policies, content, settings, source, None);
     let review = review_of(&decision, &record);
     let review_id = crate::reviews::store_decision(state, &record, &reasoning, review.as_ref()).await?;
     state.items.observe("direct", decision.usage, elapsed);
     timer.mark("store");
     Ok((decision, record, review_id))
+}
+
+/// What every single-item path does before it stores: admits the prompts, reasons, pays, and builds the record
+/// (with its chain of thought apart). Returns the seconds the model took too.
+pub(crate) async fn reason_one(
+    state: &AppState,
+    policies: &[Policy],
+    content: &Content,
+    settings: &Settings,
+    source: &str,
+) -> Result<(Decision, DecisionRecord, Vec<String>, f64), ApiError> {
+    state.cascade.admit(settings.prompts(policies.len(), 1)).await?;
+    let started = Instant::now();
+    let decision = state.classifier.classify(policies, content, &options(settings)).await;
+    state.cascade.charge(&decision, settings.max_tokens);
+    let elapsed = started.elapsed().as_secs_f64();
+    let (record, reasoning) = record_of(&decision, policies, content, settings, source, None);
+    Ok((decision, record, reasoning, elapsed))
 }
 
 /// Reasons about several items in one batch and stores their decisions all or none, each with the review it

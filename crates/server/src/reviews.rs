@@ -4,8 +4,6 @@
 //! The `review` scope may read the chain of thought of queued items: reviewing without it would mean
 //! judging the model's answer blind. Everything else about reasoning still needs `audit`.
 
-use std::time::Instant;
-
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::response::Html;
@@ -19,7 +17,7 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::auth::Caller;
-use crate::classify::{Settings, count_decision, decision_reply, options, record_of};
+use crate::classify::{Settings, count_decision, decision_reply};
 use crate::decisions::record_reply;
 use crate::error::{ApiError, ApiJson};
 use crate::policies::stored_policy;
@@ -384,12 +382,8 @@ pub(crate) async fn appeal(
     let (content, policies) = crate::decisions::content_and_policies(&state, &original).await?;
     let settings = Settings { effort: Effort::High, mode: safeguard_core::Mode::Separate, max_tokens: None };
     let reason = format!("appeal of {id}: {}", body.reason.as_deref().unwrap_or("appeal"));
-    state.cascade.admit(settings.prompts(policies.len(), 1)).await?;
-    let started = Instant::now();
-    let decision = state.classifier.classify(&policies, &content, &options(&settings)).await;
-    state.cascade.charge(&decision, settings.max_tokens);
-    let elapsed = started.elapsed().as_secs_f64();
-    let (mut record, reasoning) = record_of(&decision, &policies, &content, &settings, "appeal", None);
+    let (decision, mut record, reasoning, elapsed) =
+        crate::classify::reason_one(&state, &policies, &content, &settings, "appeal").await?;
     // The link a retry finds the appeal by.
     record.replay_of = Some(id.clone());
     // One review, the appeal, whatever the model said: a second "undecided" review of the same item would be
