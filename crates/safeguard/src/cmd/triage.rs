@@ -267,21 +267,20 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
     for (source, (path, fields, auxiliary)) in inputs.enumerate() {
         let mut dataset = load_dataset(path, fields, source)?;
         dataset.provenance.auxiliary = auxiliary;
+        let left_out = |rows: usize, why: &str| match rows {
+            0 => String::new(),
+            n => format!("; {n} rows {why} left out"),
+        };
         eprintln!(
-            "{}{}: {} items, {} violations (text {:?}, label {:?}){}",
+            "{}{}: {} items, {} violations (text {:?}, label {:?}){}{}",
             if auxiliary { "auxiliary " } else { "" },
             path.display(),
             dataset.provenance.items,
             dataset.provenance.violations,
             dataset.provenance.text_field,
             dataset.provenance.label_field,
-            match dataset.provenance.other_policy_rows {
-                0 => String::new(),
-                n => format!("; {n} rows for other policies left out"),
-            } + &match dataset.provenance.dropped_rows {
-                0 => String::new(),
-                n => format!("; {n} rows with a weight-0 label value left out"),
-            }
+            left_out(dataset.provenance.other_policy_rows, "for other policies"),
+            left_out(dataset.provenance.dropped_rows, "with a weight-0 label value"),
         );
         examples.extend(dataset.examples);
         provenance.push(dataset.provenance);
