@@ -69,6 +69,8 @@ struct RawCase {
 /// for the wrong reason.
 pub fn load_golden_cases(path: &Path) -> Result<Vec<GoldenCase>, GoldenError> {
     let bytes = std::fs::read(path).map_err(|source| GoldenError::Read { path: path.to_path_buf(), source })?;
+    // A UTF-8 byte-order mark (some editors write one) is not part of the first case's JSON.
+    let bytes = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(&bytes);
     let bad = |line: usize, detail: String| GoldenError::BadLine { path: path.to_path_buf(), line, detail };
     let mut cases: Vec<GoldenCase> = Vec::new();
     for (index, raw_line) in bytes.split(|&b| b == b'\n').enumerate() {
@@ -217,6 +219,14 @@ mod tests {
     }
 
     #[test]
+    fn a_byte_order_mark_does_not_break_the_first_case() {
+        let file = write("\u{feff}{\"id\":\"a\",\"text\":\"x\",\"expected\":\"allow\"}\n");
+        let cases = load_golden_cases(file.path()).unwrap();
+        assert_eq!(cases.len(), 1);
+        assert_eq!((cases[0].id.as_str(), cases[0].line), ("a", 1));
+    }
+
+    #[test]
     fn golden_file_sits_beside_the_policy() {
         assert_eq!(golden_path_for(Path::new("/p/spam.md")), PathBuf::from("/p/spam.tests.jsonl"));
     }
@@ -241,6 +251,7 @@ mod tests {
         assert!(matches!(load_golden_cases(file.path()), Err(GoldenError::DuplicateId { first: 1, second: 2, .. })));
 
         assert!(matches!(load_golden_cases(write("\n").path()), Err(GoldenError::Empty { .. })));
+        assert!(matches!(load_golden_cases(write("\u{feff}\n").path()), Err(GoldenError::Empty { .. })));
         assert!(matches!(load_golden_cases(Path::new("/no/such.tests.jsonl")), Err(GoldenError::Read { .. })));
     }
 }

@@ -403,10 +403,19 @@ impl Worker<'_> {
         let mut slots = Vec::new();
         for (k, request) in requests.iter().enumerate() {
             let seq = k as i32;
-            if request.max_tokens == 0 {
+            // A caller gone while its request waited for the worker would still cost a whole prefill (seconds on a
+            // CPU, for a long policy) while live callers wait behind it.
+            let stopped_before = if request.max_tokens == 0 {
+                Some(StopReason::MaxTokens)
+            } else if request.cancel.is_cancelled() {
+                Some(StopReason::Cancelled)
+            } else {
+                None
+            };
+            if let Some(stop_reason) = stopped_before {
                 results[k] = Some(Ok(Generation {
                     tokens: Vec::new(),
-                    stop_reason: StopReason::MaxTokens,
+                    stop_reason,
                     token_probs: Vec::new(),
                     prompt_tokens: request.prompt_len(),
                     cached_prompt_tokens: 0,

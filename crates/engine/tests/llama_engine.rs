@@ -209,6 +209,22 @@ fn a_cancelled_request_stops_decoding() {
     assert_eq!(results[1].tokens, run_one(&engine, &other).tokens);
 }
 
+/// A request cancelled before its turn (its caller hung up while it queued) costs no prefill and gives no
+/// token; the requests beside it are decoded as usual.
+#[test]
+fn a_request_cancelled_before_its_turn_is_never_prefilled() {
+    let engine = load(config());
+    let gone = request(70, 73, 50);
+    gone.cancel.cancel();
+    let other = request(70, 72, 20);
+    let results: Vec<Generation> =
+        engine.generate(&[gone, other.clone()], &|_, _| {}).into_iter().map(|r| r.unwrap()).collect();
+    assert_eq!(results[0].stop_reason, StopReason::Cancelled);
+    assert!(results[0].tokens.is_empty(), "{:?}", results[0].tokens);
+    assert_eq!(results[0].prefill_ms, 0.0);
+    assert_eq!(results[1].tokens, run_one(&engine, &other).tokens);
+}
+
 #[test]
 fn stops_on_a_stop_token_and_includes_it() {
     let engine = load(config());

@@ -9,6 +9,7 @@ use std::str::FromStr;
 use serde_json::Value;
 
 use crate::EvalError;
+use crate::predictions::strip_bom;
 
 /// One labelled item.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,6 +36,9 @@ pub struct Dataset {
     /// Labels came one policy per row (a `safeguard export dataset` file): each item's categories are its
     /// policies' labels and `label` says whether it violates any of them.
     pub labelled_per_policy: bool,
+    /// Policy -> rows left out because they were labelled under another version of it than the one asked for
+    /// ([`FieldMapping::policy_versions`]).
+    pub other_version_rows: BTreeMap<String, usize>,
     index: HashMap<String, usize>,
 }
 
@@ -53,7 +57,14 @@ impl Dataset {
                 )));
             }
         }
-        Ok(Dataset { name, items, category_aliases: BTreeMap::new(), labelled_per_policy: false, index })
+        Ok(Dataset {
+            name,
+            items,
+            category_aliases: BTreeMap::new(),
+            labelled_per_policy: false,
+            other_version_rows: BTreeMap::new(),
+            index,
+        })
     }
 
     /// Scores one policy of a dataset labelled per policy: keeps the items labelled for `policy` and makes that
@@ -127,6 +138,11 @@ pub struct FieldMapping {
     pub group_field: Option<String>,
     /// Extra label fields, each scored as its own category (multi-policy data).
     pub category_fields: Vec<String>,
+    /// Policy name -> the version (`sha256:…` hash) whose labels count. In a file labelled per policy, a row for
+    /// a listed policy whose `policy_hash` names another version is left out: a label given under an older
+    /// wording may be wrong under this one. Rows that name no version, and rows of unlisted policies, are kept.
+    /// Empty: every row counts.
+    pub policy_versions: BTreeMap<String, String>,
 }
 
 const TEXT_FIELDS: [&str; 3] = ["text", "prompt", "content"];
@@ -283,19 +299,71 @@ pub fn load_file(path: &Path, mapping: &FieldMapping) -> Result<Dataset, EvalErr
         "tsv" => read_csv_rows(path, b'\t')?,
         _ => read_jsonl_rows(path)?,
     };
-    let items = rows_to_items(path, &rows, mapping)?;
     let per_policy = mapping.category_fields.is_empty()
         && rows.first().is_some_and(|row| matches!(row.value.get(POLICY_FIELD), Some(Value::String(_))));
     if !per_policy {
+        let items = rows_to_items(path, &rows, mapping)?;
         return Dataset::new(path.display().to_string(), items);
     }
+    let (rows, other_version_rows) = keep_policy_versions(path, rows, &mapping.policy_versions)?;
+    let items = rows_to_items(path, &rows, mapping)?;
     let mut dataset = Dataset::new(path.display().to_string(), merge_policy_rows(path, &rows, items)?)?;
     dataset.labelled_per_policy = true;
+    dataset.other_version_rows = other_version_rows;
     Ok(dataset)
 }
 
 /// The field naming the policy a row's label is for, as `safeguard export dataset` writes it.
 pub const POLICY_FIELD: &str = "policy";
+/// The field naming the policy version a row was labelled under, as `safeguard export dataset` writes it.
+pub const POLICY_HASH_FIELD: &str = "policy_hash";
+
+/// Leaves out the rows of a policy in `versions` labelled under another version of it, before they are read as
+/// labels (two versions may label one item both ways). Returns the rows kept and, per policy, how many were not.
+/// A policy that loses every row is an error: scoring it would quietly score the other policies' labels only.
+fn keep_policy_versions(
+    path: &Path,
+    rows: Vec<Row>,
+    versions: &BTreeMap<String, String>,
+) -> Result<(Vec<Row>, BTreeMap<String, usize>), EvalError> {
+    if versions.is_empty() {
+        return Ok((rows, BTreeMap::new()));
+    }
+    // Policy names are matched as `focus_on_policy` matches them: trimmed, case-insensitively.
+    let wanted: HashMap<String, (&str, &str)> =
+        versions.iter().map(|(name, hash)| (name.trim().to_lowercase(), (name.as_str(), hash.as_str()))).collect();
+    let mut kept_per_policy: HashMap<&str, usize> = HashMap::new();
+    let mut left_out: BTreeMap<String, usize> = BTreeMap::new();
+    let mut kept = Vec::with_capacity(rows.len());
+    for row in rows {
+        let policy = match row.value.get(POLICY_FIELD) {
+            Some(Value::String(name)) => wanted.get(&name.trim().to_lowercase()).copied(),
+            _ => None,
+        };
+        if let Some((name, hash)) = policy {
+            if let Some(Value::String(labelled_under)) = row.value.get(POLICY_HASH_FIELD)
+                && labelled_under.trim() != hash
+            {
+                *left_out.entry(name.to_string()).or_default() += 1;
+                continue;
+            }
+            *kept_per_policy.entry(name).or_default() += 1;
+        }
+        kept.push(row);
+    }
+    for (name, &count) in &left_out {
+        if !kept_per_policy.contains_key(name.as_str()) {
+            let hash = versions.get(name).map(String::as_str).unwrap_or_default();
+            return Err(EvalError::Options(format!(
+                "{}: all {count} rows for policy `{name}` were labelled under other versions than {hash} \
+                 (field `{POLICY_HASH_FIELD}`); label data under this version, or read them anyway \
+                 (--any-policy-version)",
+                path.display()
+            )));
+        }
+    }
+    Ok((kept, left_out))
+}
 
 /// Folds rows that each label one policy of an item into one item per id, its categories keyed by policy. An item
 /// violates if any of its policies says so, and is safe only when every policy of the file says it is.
@@ -366,10 +434,11 @@ fn read_jsonl_rows(path: &Path) -> Result<Vec<Row>, EvalError> {
     for (index, line) in BufReader::new(file).lines().enumerate() {
         let line_number = index + 1;
         let line = line.map_err(|source| EvalError::Io { path: path.to_path_buf(), source })?;
+        let line = if index == 0 { strip_bom(&line) } else { &line };
         if line.trim().is_empty() {
             continue;
         }
-        let value: Value = serde_json::from_str(&line).map_err(|err| EvalError::Data {
+        let value: Value = serde_json::from_str(line).map_err(|err| EvalError::Data {
             path: path.to_path_buf(),
             line: line_number,
             message: format!("not valid JSON: {err}"),

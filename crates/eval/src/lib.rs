@@ -22,9 +22,12 @@ pub use compare::{Comparison, Flip, FlipKind, MetricDeltas, compare_runs};
 pub use dataset::{Dataset, DatasetSpec, FieldMapping, Item};
 pub use metrics::{Confusion, Distribution, Metrics};
 pub use predictions::{
-    Outcome, Predicted, PredictedVerdict, PredictionRecord, Usage, parse_prediction_line, read_predictions,
+    Outcome, Predicted, PredictedVerdict, PredictionRecord, Predictions, Unjoinable, Usage, parse_prediction_line,
+    read_predictions,
 };
-pub use run::{CacheKey, EvalCache, FnClassifier, ItemClassifier, Progress, RunOptions, RunOutput, run_eval};
+pub use run::{
+    CacheKey, EvalCache, FnClassifier, ItemClassifier, Progress, RunOptions, RunOutput, fingerprint, run_eval,
+};
 pub use score::{ScoreOptions, ScoreReport, score_predictions};
 
 /// Everything that can go wrong while loading data or scoring it. Data errors carry the file and line so the

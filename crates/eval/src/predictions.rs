@@ -212,6 +212,30 @@ impl PredictionRecord {
         }
     }
 
+    /// Why classifying this item failed, if it did: the record's own `error`, or the errors of the prompts the
+    /// backend failed (`prompts[].error`). classify writes a decision whose prompts failed with no top-level error,
+    /// its verdicts flagged like an unreadable answer; it is still an outage, not something the model said.
+    pub fn failure(&self) -> Option<String> {
+        if let Some(error) = &self.error {
+            return Some(error.clone());
+        }
+        let prompts = self.extra.get("prompts").and_then(Value::as_array)?;
+        let errors: Vec<String> = prompts
+            .iter()
+            .filter_map(|prompt| match prompt.get("error") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(error)) => Some(error.clone()),
+                Some(other) => Some(other.to_string()),
+            })
+            .collect();
+        (!errors.is_empty()).then(|| errors.join("; "))
+    }
+
+    /// True when classifying this item failed (see [`Self::failure`]).
+    pub fn is_failure(&self) -> bool {
+        self.failure().is_some()
+    }
+
     /// True when the answer for `policy` (any policy when `None`) could not be parsed.
     pub fn is_parse_failure(&self, policy: Option<&str>) -> bool {
         match policy {
@@ -282,23 +306,76 @@ pub fn parse_prediction_line(line: &str) -> Result<PredictionRecord, serde_json:
     serde_json::from_value(Value::Object(object))
 }
 
-/// Reads a predictions JSONL file. A malformed line is an error naming its line number.
-pub fn read_predictions(path: &Path) -> Result<Vec<PredictionRecord>, EvalError> {
+/// A line of classify output with `"id": null`: classify could not read the input line (too long, not JSON)
+/// or the input named no id. It cannot be joined with the dataset, so it is a failure of the run, never a skip.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unjoinable {
+    /// 1-based line in the predictions file.
+    pub line: usize,
+    /// The input line classify read it from, when it says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_line: Option<u64>,
+    /// classify's error for it; `None` for a decision on an input that named no id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Unjoinable {
+    /// `line 3 (input line 7): line too long`, for reports.
+    pub fn describe(&self) -> String {
+        let mut text = format!("line {}", self.line);
+        if let Some(input) = self.input_line {
+            text.push_str(&format!(" (input line {input})"));
+        }
+        text.push_str(": ");
+        text.push_str(self.error.as_deref().unwrap_or("no item id"));
+        text
+    }
+}
+
+/// A predictions file: the records that join on an id, and the lines that cannot.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Predictions {
+    pub records: Vec<PredictionRecord>,
+    pub unjoinable: Vec<Unjoinable>,
+}
+
+/// A UTF-8 byte-order mark some editors put at the start of a file; it is not part of the first line's JSON.
+pub(crate) fn strip_bom(line: &str) -> &str {
+    line.strip_prefix('\u{feff}').unwrap_or(line)
+}
+
+/// Reads a predictions JSONL file. A malformed line is an error naming its line number; a line whose `id` is
+/// null is set aside in [`Predictions::unjoinable`].
+pub fn read_predictions(path: &Path) -> Result<Predictions, EvalError> {
     let file = File::open(path).map_err(|source| EvalError::Io { path: path.to_path_buf(), source })?;
-    let mut records = Vec::new();
+    let mut predictions = Predictions::default();
     for (index, line) in BufReader::new(file).lines().enumerate() {
         let line = line.map_err(|source| EvalError::Io { path: path.to_path_buf(), source })?;
+        let line = if index == 0 { strip_bom(&line) } else { &line };
         if line.trim().is_empty() {
             continue;
         }
-        let record = parse_prediction_line(&line).map_err(|err| EvalError::Data {
+        let bad = |err: serde_json::Error| EvalError::Data {
             path: path.to_path_buf(),
             line: index + 1,
             message: format!("not a prediction record: {err}"),
-        })?;
-        records.push(record);
+        };
+        let FirstKeyWins(object) = serde_json::from_str(line).map_err(bad)?;
+        if object.get("id").is_some_and(Value::is_null) {
+            predictions.unjoinable.push(Unjoinable {
+                line: index + 1,
+                input_line: object.get("line").and_then(Value::as_u64),
+                error: object.get("error").map(|error| match error {
+                    Value::String(text) => text.clone(),
+                    other => other.to_string(),
+                }),
+            });
+            continue;
+        }
+        predictions.records.push(serde_json::from_value(Value::Object(object)).map_err(bad)?);
     }
-    Ok(records)
+    Ok(predictions)
 }
 
 #[cfg(test)]
@@ -340,7 +417,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("run.jsonl");
         std::fs::write(&path, format!("{line}\n\n{{\"id\":\"b\",\"id\":\"u\"}}\n")).unwrap();
-        let records = read_predictions(&path).unwrap();
+        let records = read_predictions(&path).unwrap().records;
         assert_eq!(records.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), vec!["item-1", "b"]);
     }
 

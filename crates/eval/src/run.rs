@@ -1,6 +1,8 @@
 //! Running an evaluation live through a classifier, with a resumable cache.
 //!
-//! The cache is an append-only JSONL file keyed by (item id, policy hash, model id, effort). Each result is
+//! The cache is an append-only JSONL file keyed by everything that can change an answer: the item (its id and a
+//! fingerprint of its text), the policy bodies, the settings around them (front matter, token cap, engine), the
+//! model and the effort. Each result is
 //! written with one `write` call as soon as it arrives, so a killed process loses nothing the OS already has;
 //! `fsync` runs every `sync_every` results (and at the end) so a power cut loses at most one batch. A line cut
 //! short by a crash is skipped on load and the file is newline-terminated before appending again.
@@ -44,12 +46,56 @@ where
     }
 }
 
+/// What a cached result was computed from. A result is reused only when every part matches.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct CacheKey {
     pub item_id: String,
+    /// [`fingerprint`] of the item's text: ids alone repeat across datasets ("1", "2", …) and survive a fixed
+    /// text. Caches written before this field read it as empty, which no item's fingerprint is, so they miss.
+    #[serde(default)]
+    pub item_hash: String,
     pub policy_hash: String,
+    /// Whatever else decides the answer besides the policy bodies ([`RunOptions::settings`]).
+    #[serde(default)]
+    pub settings: String,
     pub model_id: String,
     pub effort: String,
+}
+
+impl CacheKey {
+    /// The key of `item` at `effort` under `opts`.
+    pub fn new(item: &Item, effort: &str, opts: &RunOptions) -> CacheKey {
+        CacheKey {
+            item_id: item.id.clone(),
+            item_hash: fingerprint(&[item.text.as_bytes()]),
+            policy_hash: opts.policy_hash.clone(),
+            settings: opts.settings.clone(),
+            model_id: opts.model_id.clone(),
+            effort: effort.to_string(),
+        }
+    }
+}
+
+/// A stable fingerprint of `parts` (`fnv1a128:` and 32 hex digits), for cache keys that outlive the process.
+///
+/// FNV-1a is fixed by its definition, unlike `std`'s hasher, so a key written by one build matches in the next.
+/// It is not cryptographic: the cache guards against stale answers, not against someone forging a collision in
+/// their own cache file. Each part is preceded by its length, so `["ab", "c"]` and `["a", "bc"]` differ.
+pub fn fingerprint(parts: &[&[u8]]) -> String {
+    const OFFSET: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
+    const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013b;
+    let mut hash = OFFSET;
+    let mut feed = |bytes: &[u8]| {
+        for &byte in bytes {
+            hash ^= u128::from(byte);
+            hash = hash.wrapping_mul(PRIME);
+        }
+    };
+    for part in parts {
+        feed(&(part.len() as u64).to_le_bytes());
+        feed(part);
+    }
+    format!("fnv1a128:{hash:032x}")
 }
 
 #[derive(Serialize, Deserialize)]
@@ -181,6 +227,9 @@ pub struct RunOptions {
     pub cache_path: Option<PathBuf>,
     /// Identifies the policy set (e.g. the policy hashes joined); part of the cache key.
     pub policy_hash: String,
+    /// Everything else that changes an answer, as one string (e.g. a [`fingerprint`] of the policies' front
+    /// matter, the token cap and the engine settings); part of the cache key.
+    pub settings: String,
     pub model_id: String,
     /// Results between `fsync`s of the cache.
     pub sync_every: usize,
@@ -193,6 +242,7 @@ impl Default for RunOptions {
             concurrency: 4,
             cache_path: None,
             policy_hash: String::new(),
+            settings: String::new(),
             model_id: String::new(),
             sync_every: 16,
         }
@@ -236,12 +286,7 @@ pub async fn run_eval(
         Some(path) => Some(EvalCache::open(path, opts.sync_every)?),
         None => None,
     };
-    let key = |item: &Item, effort: &str| CacheKey {
-        item_id: item.id.clone(),
-        policy_hash: opts.policy_hash.clone(),
-        model_id: opts.model_id.clone(),
-        effort: effort.to_string(),
-    };
+    let key = |item: &Item, effort: &str| CacheKey::new(item, effort, opts);
 
     let total = items.len() * opts.efforts.len();
     let mut slots: Vec<Vec<Option<PredictionRecord>>> = vec![vec![None; items.len()]; opts.efforts.len()];
@@ -328,4 +373,18 @@ fn failed_record(item: &Item, effort: &str, model_id: &str, error: String, elaps
     };
     record.timings.insert("total_ms".into(), Value::from(elapsed_ms));
     record
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fingerprint;
+
+    #[test]
+    fn fingerprints_are_pinned_and_length_prefixed() {
+        // Pinned: a cache written by one build must be read by the next, so the function may never drift.
+        assert_eq!(fingerprint(&[b"abc"]), "fnv1a128:e26a08d6c03843d82945a821b0f9ee7a");
+        assert_eq!(fingerprint(&[]), "fnv1a128:6c62272e07bb014262b821756295c58d");
+        assert_ne!(fingerprint(&[b"ab", b"c"]), fingerprint(&[b"a", b"bc"]));
+        assert_ne!(fingerprint(&[b""]), fingerprint(&[]));
+    }
 }

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dataset::{Dataset, Item};
 use crate::metrics::{Confusion, Distribution, HistogramBin, Metrics, histogram};
-use crate::predictions::{Predicted, PredictionRecord};
+use crate::predictions::{Predicted, PredictionRecord, Unjoinable};
 use crate::{EvalError, excerpt};
 
 /// The effort name used when a record does not say which effort produced it.
@@ -121,8 +121,13 @@ pub struct ScoreReport {
     /// Answers the model gave that could not be parsed into a verdict.
     pub parse_failures: u64,
     pub parse_failure_rate: Option<f64>,
-    /// Items whose classification failed outright (counted as needs_review).
+    /// Items whose classification failed outright: a record with an `error`, or one whose prompts the backend
+    /// failed (`prompts[].error`). Counted as needs_review.
     pub errors: u64,
+    /// Prediction lines with no item id (classify could not read the input line): failures that join with no
+    /// item, listed as `line N: error`. Set by [`ScoreReport::add_unjoinable`].
+    #[serde(default)]
+    pub unjoinable: IdList,
     /// Joined items whose label is unknown for this target (left out of the scores).
     pub unlabelled: u64,
     /// Dataset items with no prediction.
@@ -140,6 +145,15 @@ pub struct ScoreReport {
     pub false_positives: Vec<Example>,
     pub false_negatives: Vec<Example>,
     pub needs_review_items: Vec<Example>,
+}
+
+impl ScoreReport {
+    /// Records the lines of a predictions file that could not be joined (see [`crate::Predictions`]).
+    pub fn add_unjoinable(&mut self, lines: &[Unjoinable], max_listed: usize) {
+        for line in lines {
+            self.unjoinable.push(&line.describe(), max_listed);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -213,10 +227,11 @@ pub fn score_predictions(
         if policy.is_some_and(|name| record.verdict(Some(name)).is_none()) {
             report.policy_missing.push(&item.id, opts.max_listed_ids);
         }
-        if record.error.is_some() {
+        // A failed prompt leaves its verdicts flagged like an unreadable answer; it is an outage, not the model's
+        // answer, so it counts as an error and not as a parse failure.
+        if record.is_failure() {
             report.errors += 1;
-        }
-        if record.is_parse_failure(policy) {
+        } else if record.is_parse_failure(policy) {
             report.parse_failures += 1;
         }
         let predicted = record.predicted(policy);

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use safeguard_eval::{DatasetSpec, EvalError, FieldMapping};
@@ -198,4 +199,90 @@ fn rows_labelled_per_policy_must_agree() {
         assert_eq!(line, 2);
         assert!(message.contains(expected), "{message}");
     }
+}
+
+#[test]
+fn a_byte_order_mark_does_not_break_the_first_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bom.jsonl");
+    std::fs::write(&path, "\u{feff}{\"id\":\"a\",\"text\":\"x\",\"violates\":0}\n").unwrap();
+    let dataset = load(&path, &FieldMapping::default()).unwrap();
+    assert_eq!(dataset.items.len(), 1);
+    assert_eq!((dataset.items[0].id.as_str(), dataset.items[0].label), ("a", Some(false)));
+
+    let path = dir.path().join("bom.csv");
+    std::fs::write(&path, "\u{feff}id,text,violates\na,x,1\n").unwrap();
+    let dataset = load(&path, &FieldMapping::default()).unwrap();
+    assert_eq!((dataset.items[0].id.as_str(), dataset.items[0].label), ("a", Some(true)));
+}
+
+fn export_rows() -> Vec<serde_json::Value> {
+    vec![
+        json!({"id": "old", "text": "buy", "violates": 1, "policy": "spam", "policy_hash": "sha256:v1", "source": "human"}),
+        json!({"id": "new", "text": "hi", "violates": 0, "policy": "spam", "policy_hash": "sha256:v2", "source": "human"}),
+        json!({"id": "new", "text": "hi", "violates": 0, "policy": "hate", "policy_hash": "sha256:h1", "source": "model"}),
+    ]
+}
+
+/// A label given under an older wording of a policy is not ground truth for this one.
+#[test]
+fn rows_labelled_under_another_policy_version_are_left_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::write_lines(dir.path(), "export.jsonl", &export_rows());
+    let v2 = FieldMapping {
+        policy_versions: BTreeMap::from([("spam".to_string(), "sha256:v2".to_string())]),
+        ..FieldMapping::default()
+    };
+    let mut dataset = load(&path, &v2).unwrap();
+    assert_eq!(dataset.other_version_rows, BTreeMap::from([("spam".to_string(), 1)]));
+    dataset.focus_on_policy("spam").unwrap();
+    let got: Vec<_> = dataset.items.iter().map(|i| (i.id.as_str(), i.label)).collect();
+    assert_eq!(got, [("new", Some(false))]);
+
+    // Read whole (no versions asked for), the old label counts again.
+    let mut whole = load(&path, &FieldMapping::default()).unwrap();
+    assert!(whole.other_version_rows.is_empty());
+    whole.focus_on_policy("spam").unwrap();
+    assert_eq!(whole.items.len(), 2);
+
+    // Several policies: each keeps only the rows of its own version; names match case-insensitively.
+    let both = FieldMapping {
+        policy_versions: BTreeMap::from([
+            ("Spam".to_string(), "sha256:v1".to_string()),
+            ("hate".to_string(), "sha256:h1".to_string()),
+        ]),
+        ..FieldMapping::default()
+    };
+    let dataset = load(&path, &both).unwrap();
+    assert_eq!(dataset.other_version_rows, BTreeMap::from([("Spam".to_string(), 1)]));
+    let got: Vec<_> = dataset.items.iter().map(|i| (i.id.as_str(), i.categories.clone())).collect();
+    assert_eq!(
+        got,
+        [("old", BTreeMap::from([("spam".to_string(), true)])), ("new", BTreeMap::from([("hate".to_string(), false)])),]
+    );
+}
+
+/// Two versions may label one item both ways: the stale row is left out before labels are compared.
+#[test]
+fn a_stale_label_does_not_conflict_with_the_current_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = [
+        json!({"id": "x", "text": "hi", "violates": 1, "policy": "spam", "policy_hash": "sha256:v1"}),
+        json!({"id": "x", "text": "hi", "violates": 0, "policy": "spam", "policy_hash": "sha256:v2"}),
+    ];
+    let path = common::write_lines(dir.path(), "export.jsonl", &rows);
+    let v2 = FieldMapping {
+        policy_versions: BTreeMap::from([("spam".to_string(), "sha256:v2".to_string())]),
+        ..FieldMapping::default()
+    };
+    let dataset = load(&path, &v2).unwrap();
+    assert_eq!(dataset.items[0].label, Some(false));
+
+    // A policy whose every row is stale is an error that says how to read them anyway.
+    let v3 = FieldMapping {
+        policy_versions: BTreeMap::from([("spam".to_string(), "sha256:v3".to_string())]),
+        ..FieldMapping::default()
+    };
+    let error = load(&path, &v3).unwrap_err().to_string();
+    assert!(error.contains("all 2 rows for policy `spam`") && error.contains("--any-policy-version"), "{error}");
 }

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use safeguard_eval::{
-    EvalCache, Item, ItemClassifier, Outcome, PredictedVerdict, PredictionRecord, Progress, RunOptions, run_eval,
+    CacheKey, EvalCache, Item, ItemClassifier, Outcome, PredictedVerdict, PredictionRecord, Progress, RunOptions,
+    run_eval,
 };
 use serde_json::Value;
 
@@ -72,6 +73,7 @@ fn options(cache: Option<std::path::PathBuf>) -> RunOptions {
         concurrency: 3,
         cache_path: cache,
         policy_hash: "sha256:aaaa".into(),
+        settings: "fnv1a128:settings".into(),
         model_id: "tiny-test-model".into(),
         sync_every: 4,
     }
@@ -173,4 +175,66 @@ async fn failures_become_needs_review_and_are_retried_next_time() {
     let retry = Double::new(None);
     run_eval(&items, &retry, &opts, &no_progress).await.unwrap();
     assert_eq!(retry.calls.load(Ordering::SeqCst), 1, "only the failed item is classified again");
+}
+
+fn item(id: &str, text: &str) -> Item {
+    Item { id: id.into(), text: text.into(), label: Some(false), categories: BTreeMap::new(), group: None }
+}
+
+/// Ids repeat across datasets ("1", "2", …) and survive a fixed text: the cache must key on the text too.
+#[tokio::test]
+async fn the_same_id_with_another_text_is_classified_afresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache_path = dir.path().join("cache.jsonl");
+    let opts = RunOptions { efforts: vec!["low".into()], ..options(Some(cache_path.clone())) };
+
+    let first = run_eval(&[item("1", "a")], &Double::new(None), &opts, &no_progress).await.unwrap();
+    assert_eq!((first.classified, first.from_cache), (1, 0));
+
+    let fresh = Double::new(None);
+    let second = run_eval(&[item("1", "b bad")], &fresh, &opts, &no_progress).await.unwrap();
+    assert_eq!((second.classified, second.from_cache), (1, 0));
+    assert_eq!(fresh.calls.load(Ordering::SeqCst), 1);
+    // The new text's answer, not the old one's.
+    assert_eq!(second.by_effort[0].1[0].outcome, Some(Outcome::Violation));
+
+    // Both texts are cached now, each under its own key.
+    let again = run_eval(&[item("1", "a")], &Double::new(None), &opts, &no_progress).await.unwrap();
+    assert_eq!((again.classified, again.from_cache), (0, 1));
+    assert_eq!(again.by_effort[0].1[0].outcome, Some(Outcome::Allow));
+}
+
+/// Front matter, token cap and engine settings travel in `settings`: a change there is a miss.
+#[tokio::test]
+async fn other_settings_miss_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache_path = dir.path().join("cache.jsonl");
+    let opts = RunOptions { efforts: vec!["low".into()], ..options(Some(cache_path.clone())) };
+    run_eval(&[item("1", "a")], &Double::new(None), &opts, &no_progress).await.unwrap();
+
+    let changed = RunOptions { settings: "fnv1a128:other-front-matter".into(), ..opts.clone() };
+    let fresh = Double::new(None);
+    let run = run_eval(&[item("1", "a")], &fresh, &changed, &no_progress).await.unwrap();
+    assert_eq!((run.classified, run.from_cache), (1, 0));
+}
+
+/// A cache written before the key held the text reads back, but none of its entries match: they miss quietly
+/// (not counted as damaged lines) and are classified again.
+#[tokio::test]
+async fn entries_of_the_old_key_format_miss() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache_path = dir.path().join("cache.jsonl");
+    let opts = RunOptions { efforts: vec!["low".into()], ..options(Some(cache_path.clone())) };
+    let old = serde_json::json!({"item_id": "1", "policy_hash": opts.policy_hash, "model_id": opts.model_id,
+        "effort": "low", "record": {"id": "1", "outcome": "allow", "verdicts": []}});
+    std::fs::write(&cache_path, format!("{old}\n")).unwrap();
+    let cache = EvalCache::open(&cache_path, 1).unwrap();
+    assert_eq!((cache.len(), cache.skipped_lines), (1, 0));
+    assert!(cache.get(&CacheKey::new(&item("1", "a"), "low", &opts)).is_none());
+    drop(cache);
+
+    let fresh = Double::new(None);
+    let run = run_eval(&[item("1", "a bad")], &fresh, &opts, &no_progress).await.unwrap();
+    assert_eq!((run.classified, run.from_cache), (1, 0));
+    assert_eq!(run.by_effort[0].1[0].outcome, Some(Outcome::Violation));
 }

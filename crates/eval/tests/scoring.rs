@@ -5,7 +5,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use safeguard_eval::{DatasetSpec, FieldMapping, ScoreOptions, score_predictions};
+use safeguard_eval::{
+    DatasetSpec, FieldMapping, ScoreOptions, parse_prediction_line, read_predictions, score_predictions,
+};
 use serde_json::json;
 
 fn close(actual: Option<f64>, expected: f64) {
@@ -162,4 +164,74 @@ fn multi_policy_accuracy_needs_every_policy_right() {
     };
     let err = score_predictions(&predictions, &dataset, &bad).unwrap_err().to_string();
     assert!(err.contains("nope") && err.contains("hate, spam"), "{err}");
+}
+
+/// A line as `safeguard classify` writes it when the backend failed the item's prompt: the decision with the
+/// prompt's error, verdicts flagged as if the answer were missing, and no top-level `error`.
+fn failed_backend_line(id: &str) -> String {
+    let line = json!({"id": id, "line": 1, "decision_id": "0193a5c0-0000-7000-8000-000000000000",
+        "outcome": "needs_review",
+        "verdicts": [{"policy": "spam", "policy_hash": "sha256:ab", "violation": null, "label": null,
+            "category": null, "rule_ids": [], "severity": null, "confidence": null, "action": null,
+            "rationale": null, "flags": [{"kind": "no_final_message"}], "outcome": "needs_review",
+            "engine_confidence": null}],
+        "usage": {"prompt_tokens": 0, "cached_prompt_tokens": 0, "completion_tokens": 0},
+        "timings": {"queue_ms": 0.0, "prefill_ms": 0.0, "decode_ms": 0.0, "total_ms": 3.0},
+        "model": "remote:gpt-oss-safeguard-20b", "effort": "medium", "mode": "separate",
+        "prompts": [{"policies": ["spam"], "prompt_sha256": null,
+            "usage": {"prompt_tokens": 0, "cached_prompt_tokens": 0, "completion_tokens": 0},
+            "timings": {"queue_ms": 0.0, "prefill_ms": 0.0, "decode_ms": 0.0, "total_ms": 3.0},
+            "truncated": false, "final_token_prob": null, "final_text": null, "error": "connection refused"}]});
+    line.to_string()
+}
+
+#[test]
+fn a_prompt_the_backend_failed_is_an_error_not_the_models_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::write_lines(
+        dir.path(),
+        "data.jsonl",
+        &[json!({"id": "a", "text": "hello", "violates": 0}), json!({"id": "b", "text": "buy", "violates": 1})],
+    );
+    let dataset = DatasetSpec::File(path).load(Path::new("."), &FieldMapping::default()).unwrap();
+    let failed = parse_prediction_line(&failed_backend_line("a")).unwrap();
+    assert_eq!(failed.failure().as_deref(), Some("connection refused"));
+    let answered =
+        parse_prediction_line(&failed_backend_line("b").replace("\"error\":\"connection refused\"", "\"error\":null"))
+            .unwrap();
+    assert!(!answered.is_failure(), "a null prompt error is no error");
+
+    let report = score_predictions(&[failed, answered], &dataset, &ScoreOptions::default()).unwrap();
+    assert_eq!(report.errors, 1);
+    // The answered one's missing final message is the model's; the outage is not.
+    assert_eq!(report.parse_failures, 1);
+}
+
+#[test]
+fn lines_without_an_item_id_are_set_aside_as_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.jsonl");
+    let good = json!({"id": "a", "outcome": "allow", "verdicts": []});
+    std::fs::write(&path, format!("{good}\n{{\"id\":null,\"line\":2,\"error\":\"line too long\"}}\n")).unwrap();
+    let predictions = read_predictions(&path).unwrap();
+    assert_eq!(predictions.records.len(), 1);
+    assert_eq!(predictions.unjoinable.len(), 1);
+    assert_eq!(predictions.unjoinable[0].describe(), "line 2 (input line 2): line too long");
+
+    let data = common::write_lines(dir.path(), "data.jsonl", &[json!({"id": "a", "text": "x", "violates": 0})]);
+    let dataset = DatasetSpec::File(data).load(Path::new("."), &FieldMapping::default()).unwrap();
+    let mut report = score_predictions(&predictions.records, &dataset, &ScoreOptions::default()).unwrap();
+    report.add_unjoinable(&predictions.unjoinable, 10);
+    assert_eq!(report.unjoinable.count, 1);
+    assert_eq!(report.unjoinable.ids, ["line 2 (input line 2): line too long"]);
+}
+
+#[test]
+fn a_byte_order_mark_does_not_break_the_first_prediction() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.jsonl");
+    std::fs::write(&path, "\u{feff}{\"id\":\"a\",\"outcome\":\"allow\"}\n").unwrap();
+    let predictions = read_predictions(&path).unwrap();
+    assert_eq!(predictions.records.len(), 1);
+    assert_eq!(predictions.records[0].id, "a");
 }

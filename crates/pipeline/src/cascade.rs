@@ -296,8 +296,21 @@ impl Pipeline {
 
     /// Triage for the policy version with this hash (`sha256:…`). A triage trained for another version of
     /// the policy does not apply: the policy's meaning may have changed.
+    /// A triage whose model names another version is used as [`crate::TriageLibrary`] would: its rules stay, and
+    /// its allow rules skip nothing without the model that was meant to check them.
     pub fn with_triage(mut self, policy_hash: impl Into<String>, triage: Arc<Triage>) -> Self {
-        self.triage.insert(policy_hash.into(), triage);
+        let policy_hash = policy_hash.into();
+        let trained_for = triage.model().map(|model| model.meta.policy_hash.as_str());
+        let triage = match trained_for {
+            // A model fitted without a policy (no hash) claims no version, so it cannot name the wrong one.
+            Some(trained_for) if !trained_for.is_empty() && trained_for != policy_hash => {
+                tracing::warn!(%trained_for, current = %policy_hash, "triage model trained for another policy version; not using it");
+                let why = format!("the model was trained for {trained_for}");
+                Arc::new(Triage::without_its_model(triage.rules().cloned(), why))
+            }
+            _ => triage,
+        };
+        self.triage.insert(policy_hash, triage);
         self
     }
 
@@ -714,7 +727,7 @@ fn apply_verdict(route: &mut PolicyRoute, decision: &Decision, slot: usize, stag
 }
 
 /// Whether an engine probability is under `min`; one that is not a number is no evidence of confidence.
-fn below(probability: f32, min: f32) -> bool {
+pub(crate) fn below(probability: f32, min: f32) -> bool {
     probability.is_nan() || probability < min
 }
 

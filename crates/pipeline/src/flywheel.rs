@@ -128,20 +128,31 @@ pub fn example_from_correction(correction: &Correction, weights: Weights) -> Lab
 /// Merges model labels and corrections: where a person labelled the same item and policy version, their label
 /// replaces the model's. "The same item" is the same text, not only the same decision: an appeal or a replay
 /// stores the item again under a new decision, and a person's answer to the appeal settles the original too. Of
-/// several model labels for one item (replays), the last stands, so that no item counts twice.
+/// several labels of one kind for one item the last stands, so that no item counts twice and no item is taught
+/// both ways: the last replay's model label, and the last correction (`corrections` in the order they were
+/// given, so an appeal's answer overrules the review it appealed).
 pub fn merge(model: Vec<LabeledExample>, corrections: Vec<LabeledExample>) -> Vec<LabeledExample> {
-    let key = |e: &LabeledExample| (e.text.clone(), e.policy_hash.clone());
-    let corrected: std::collections::HashSet<(String, String)> = corrections.iter().map(key).collect();
-    let mut last_of: std::collections::HashMap<(String, String), usize> = std::collections::HashMap::new();
-    for (index, example) in model.iter().enumerate() {
-        last_of.insert(key(example), index);
+    let corrections = last_per_item(corrections);
+    let corrected: std::collections::HashSet<(String, String)> = corrections.iter().map(item_key).collect();
+    let model = last_per_item(model).into_iter().filter(|m| !corrected.contains(&item_key(m)));
+    model.chain(corrections).collect()
+}
+
+fn item_key(example: &LabeledExample) -> (String, String) {
+    (example.text.clone(), example.policy_hash.clone())
+}
+
+/// The last example of each item and policy version, in their order.
+fn last_per_item(examples: Vec<LabeledExample>) -> Vec<LabeledExample> {
+    let mut last_of = std::collections::HashMap::new();
+    for (index, example) in examples.iter().enumerate() {
+        last_of.insert(item_key(example), index);
     }
-    model
+    examples
         .into_iter()
         .enumerate()
-        .filter(|(index, m)| !corrected.contains(&key(m)) && last_of.get(&key(m)) == Some(index))
-        .map(|(_, m)| m)
-        .chain(corrections)
+        .filter(|(index, e)| last_of.get(&item_key(e)) == Some(index))
+        .map(|(_, e)| e)
         .collect()
 }
 
@@ -188,7 +199,7 @@ pub fn sample_for_review(route: &PolicyRoute, margin: f32, min_confidence: f32) 
     }
     route
         .engine_confidence
-        .filter(|p| *p < min_confidence)
+        .filter(|&p| crate::cascade::below(p, min_confidence))
         .map(|probability| SampleReason::LowEngineConfidence { probability })
 }
 
@@ -308,6 +319,9 @@ mod tests {
         assert!(matches!(sample_for_review(&r, 0.1, 0.5), Some(SampleReason::LowEngineConfidence { .. })));
         let r = route(Outcome::Violation, Stage::ReasoningHigh, Some(0.95), Some(0.9));
         assert_eq!(sample_for_review(&r, 0.1, 0.5), None);
+        // A probability that is not a number is no evidence the model was sure, as the cascade reads it.
+        let r = route(Outcome::Violation, Stage::ReasoningHigh, Some(0.95), Some(f32::NAN));
+        assert!(matches!(sample_for_review(&r, 0.1, 0.5), Some(SampleReason::LowEngineConfidence { .. })));
         let r = route(Outcome::NeedsReview, Stage::HumanReview, Some(0.5), None);
         assert_eq!(sample_for_review(&r, 0.1, 0.5), None, "already with a person");
     }
@@ -422,10 +436,18 @@ mod tests {
             },
             weights,
         );
-        let merged = merge(vec![original.clone(), replayed.clone(), replayed_again.clone()], vec![appeal]);
+        let merged = merge(vec![original.clone(), replayed.clone(), replayed_again.clone()], vec![appeal.clone()]);
         let ids: Vec<(&str, LabelSource)> = merged.iter().map(|e| (e.id.as_str(), e.source)).collect();
         assert_eq!(ids, [("d4", LabelSource::Human)]);
         let merged = merge(vec![original, replayed, replayed_again], vec![]);
         assert_eq!(merged.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["d3"]);
+
+        // A review that allowed the item, then the answer to its appeal that found a violation: the item is
+        // taught once, the way it was settled last, not both ways at weight 5.
+        let reviewed = LabeledExample { id: "d1".into(), reviewer: Some("ana".into()), ..appeal.clone() };
+        let appeal_upheld = LabeledExample { id: "d4".into(), violates: 1, ..appeal };
+        let merged = merge(vec![], vec![reviewed, appeal_upheld]);
+        let kept: Vec<(&str, u8)> = merged.iter().map(|e| (e.id.as_str(), e.violates)).collect();
+        assert_eq!(kept, [("d4", 1)]);
     }
 }

@@ -14,6 +14,7 @@ use safeguard_pipeline::{
 };
 use safeguard_policy::Policy;
 use safeguard_triage::rules::{KeywordList, RuleAction};
+use safeguard_triage::train::Example;
 use safeguard_triage::{RuleSet, RulesConfig, Triage};
 use safeguard_verdict::Outcome;
 
@@ -578,19 +579,8 @@ async fn a_stage_that_times_out_escalates_and_ends_with_a_person() {
     }
 }
 
-/// With an embedding head the triage step runs off the async workers (the encoder costs milliseconds of CPU),
-/// and what it may allow is the head's call: a personal message is settled by triage with the head's score on
-/// record; a cold promotion is not allowed by triage and goes on to the model.
-#[tokio::test]
-async fn an_embedding_head_gates_what_triage_may_allow_in_the_cascade() {
-    use safeguard_triage::embedding::{DEFAULT_MAX_SEQ, HeadOptions, LogisticConfig};
-    use safeguard_triage::train::Example;
-    use safeguard_triage::{EmbeddingHead, FeatureConfig, FitOptions, fit, shared_encoder};
-
-    let encoder = match shared_encoder(None, DEFAULT_MAX_SEQ) {
-        Ok(encoder) => encoder,
-        Err(why) => return eprintln!("SKIPPING the embedding-head cascade test: {why}"),
-    };
+/// Personal messages and cold promotions, each also in a "Hey, …" lower-case variant: enough for a triage model.
+fn spam_examples() -> Vec<Example> {
     let personal = [
         "Happy birthday grandma, we miss you and will call tonight.",
         "Can you pick up the kids from school at four?",
@@ -618,6 +608,51 @@ async fn an_embedding_head_gates_what_triage_may_allow_in_the_cascade() {
             examples.push(Example { text: format!("Hey, {}", text.to_lowercase()), violates, weight: 1.0, source: 0 });
         }
     }
+    examples
+}
+
+/// A triage whose model was trained for an older wording of the policy is not trusted with allowing: its allow
+/// rules skip nothing (the model was meant to check them), and its deny rules still act.
+#[tokio::test]
+async fn a_triage_model_for_another_policy_version_allows_nothing() {
+    use safeguard_triage::{FeatureConfig, FitOptions, fit};
+
+    let options = FitOptions {
+        features: FeatureConfig { hash_bits: 12, ..FeatureConfig::default() },
+        folds: 3,
+        target_recall: 0.9,
+        min_violate_support: 3,
+        policy_hash: "sha256:an-older-wording".into(),
+        ..FitOptions::default()
+    };
+    let model = fit(&spam_examples(), vec![], &options).unwrap();
+    let rules = triage().rules().cloned();
+    let reasoner = Arc::new(Scripted { calls: Mutex::default(), delay: None });
+    let pipeline = Pipeline::new(Classifier::new(reasoner.clone()), RoutingConfig::default())
+        .with_triage(spam().hash.to_string(), Arc::new(Triage::new(rules, Some(model))));
+
+    let greeting = route(&pipeline, "hi mom, see you sunday low=0").await;
+    assert_eq!((greeting.decided_by, greeting.outcome), (Stage::ReasoningLow, Outcome::Allow), "{greeting:?}");
+    let personal = route(&pipeline, "Can you pick up the kids from school at four? low=0").await;
+    assert_eq!(personal.decided_by, Stage::ReasoningLow, "the stale model allowed it: {personal:?}");
+    assert_eq!(reasoner.calls.lock().unwrap().len(), 2, "the model decided both");
+    let denied = route(&pipeline, "join now low=0").await;
+    assert_eq!((denied.decided_by, denied.outcome), (Stage::Triage, Outcome::Violation), "{denied:?}");
+}
+
+/// With an embedding head the triage step runs off the async workers (the encoder costs milliseconds of CPU),
+/// and what it may allow is the head's call: a personal message is settled by triage with the head's score on
+/// record; a cold promotion is not allowed by triage and goes on to the model.
+#[tokio::test]
+async fn an_embedding_head_gates_what_triage_may_allow_in_the_cascade() {
+    use safeguard_triage::embedding::{DEFAULT_MAX_SEQ, HeadOptions, LogisticConfig};
+    use safeguard_triage::{EmbeddingHead, FeatureConfig, FitOptions, fit, shared_encoder};
+
+    let encoder = match shared_encoder(None, DEFAULT_MAX_SEQ) {
+        Ok(encoder) => encoder,
+        Err(why) => return eprintln!("SKIPPING the embedding-head cascade test: {why}"),
+    };
+    let examples = spam_examples();
     let policy = spam();
     let options = FitOptions {
         features: FeatureConfig { hash_bits: 12, ..FeatureConfig::default() },
@@ -765,7 +800,6 @@ fn allow_everything_head(encoder: Arc<safeguard_triage::LoadedEncoder>) -> safeg
 /// in triage, so it is the failure, not the head or the classifier, that sends it on.
 #[tokio::test]
 async fn an_encoder_failing_inside_the_cascade_never_lets_triage_allow() {
-    use safeguard_triage::train::Example;
     use safeguard_triage::{FeatureConfig, FitOptions, fit, shared_encoder};
 
     let policy = spam();

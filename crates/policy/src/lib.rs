@@ -35,7 +35,9 @@ pub struct Policy {
     pub hash: PolicyHash,
     /// Headings of the body with the text under each (up to the next heading of any level).
     pub sections: Vec<Section>,
-    /// Rule ids the policy defines: at the start of a line or list item, in a heading, or in bold.
+    /// Rule ids the policy defines: at the start of a line, list item or heading in a section that lists rules.
+    /// An id in bold or in a heading there, or at the start of a line elsewhere (examples, instructions,
+    /// escalation), defines it only when nothing else does: such places mostly cite rules defined elsewhere.
     pub rule_ids: BTreeSet<String>,
     /// Every rule-id-shaped token in the body, defined or merely mentioned.
     pub mentioned_rule_ids: BTreeSet<String>,
@@ -263,6 +265,25 @@ impl RuleSide {
         }
         const NEGATIONS: [&str; 10] =
             ["NOT", "NO", "NON", "NEVER", "NOR", "ISN'T", "DOESN'T", "DON'T", "AREN'T", "WITHOUT"];
+        const LINKING: [&str; 16] = [
+            "A",
+            "AN",
+            "AS",
+            "THE",
+            "BE",
+            "IS",
+            "ARE",
+            "COUNT",
+            "COUNTS",
+            "CONSIDERED",
+            "TREATED",
+            "REGARDED",
+            "SEEN",
+            "CONSTITUTE",
+            "CONSTITUTES",
+            "CONSIDER",
+        ];
+        const LINKING_WORDS_READ_THROUGH: usize = 4;
         let upper = title.to_uppercase().replace('\u{2019}', "'");
         let words: Vec<&str> =
             upper.split(|c: char| !c.is_alphanumeric() && c != '\'').filter(|w| !w.is_empty()).collect();
@@ -278,7 +299,15 @@ impl RuleSide {
             } else {
                 continue;
             };
-            let negated = words[index.saturating_sub(2)..index].iter().any(|w| NEGATIONS.contains(w));
+            // "Does not count as a violation": a negation further back still reads through words that only link it
+            // to the side word, but not through words of substance ("Not in scope, allowed" allows).
+            let negated = words[index.saturating_sub(2)..index].iter().any(|w| NEGATIONS.contains(w))
+                || words[..index]
+                    .iter()
+                    .rev()
+                    .take(LINKING_WORDS_READ_THROUGH + 1)
+                    .find(|w| !LINKING.contains(w))
+                    .is_some_and(|w| NEGATIONS.contains(w));
             match (side, negated) {
                 (RuleSide::Violates, false) | (RuleSide::Allowed, true) => violates = true,
                 (RuleSide::Allowed, false) | (RuleSide::Violates, true) => allowed = true,

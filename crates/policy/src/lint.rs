@@ -12,7 +12,7 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 use crate::front_matter::infer_output;
-use crate::markdown::{FenceTracker, find_rule_ids, heading};
+use crate::markdown::{FenceTracker, Outline, Role, find_rule_ids, heading};
 use crate::{OutputFormat, Policy};
 
 /// Counts prompt tokens; the CLI passes the o200k_harmony tokenizer.
@@ -177,50 +177,12 @@ pub fn lint_policy(policy: &Policy, opts: &LintOptions<'_>) -> LintReport {
     }
 }
 
-/// What a section is for, judged from its heading (and inherited by its sub-headings).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    Other,
-    Instructions,
-    Definitions,
-    Violating,
-    NonViolating,
-    Examples,
-    Escalation,
-}
-
-fn role_of(title: &str) -> Role {
-    let title = title.to_lowercase();
-    let has = |needle: &str| title.contains(needle);
-    if has("example") {
-        Role::Examples
-    } else if has("instruction") {
-        Role::Instructions
-    } else if has("definition") || has("key terms") || has("glossary") {
-        Role::Definitions
-    } else if has("escalat") || has("ambigu") {
-        Role::Escalation
-    } else if has("not violat")
-        || has("does not")
-        || has("doesn't")
-        || has("safe")
-        || has("allowed")
-        || has("non-violat")
-        || has("permitted")
-    {
-        Role::NonViolating
-    } else if has("violat") || has("criteria") || has("prohibited") || has("disallowed") || has("rules") {
-        Role::Violating
-    } else {
-        Role::Other
-    }
-}
-
 struct Line<'a> {
     number: usize,
     text: &'a str,
     code: bool,
-    heading: bool,
+    /// The level, when the line is a heading.
+    level: Option<u8>,
     role: Role,
     /// Index of the heading this line falls under (the heading line itself included).
     section: Option<usize>,
@@ -228,7 +190,7 @@ struct Line<'a> {
 
 fn classify_lines(policy: &Policy) -> Vec<Line<'_>> {
     let mut fences = FenceTracker::default();
-    let mut stack: Vec<(u8, Role)> = Vec::new();
+    let mut outline = Outline::default();
     let mut section = None;
     let mut count = 0usize;
     policy
@@ -237,31 +199,19 @@ fn classify_lines(policy: &Policy) -> Vec<Line<'_>> {
         .enumerate()
         .map(|(index, text)| {
             let code = fences.is_code(text);
-            let mut is_heading = false;
-            if !code && let Some((level, title)) = heading(text) {
-                is_heading = true;
-                while stack.last().is_some_and(|&(open, _)| open >= level) {
-                    stack.pop();
-                }
-                let own = role_of(title);
-                let inherited = stack.iter().rev().map(|&(_, role)| role).find(|&role| role != Role::Other);
-                let role = if own == Role::Other { inherited.unwrap_or(Role::Other) } else { own };
-                stack.push((level, role));
+            let mut level = None;
+            if !code && let Some((found, title)) = heading(text) {
+                level = Some(found);
+                outline.enter(found, title);
                 section = Some(count);
                 count += 1;
             }
-            Line {
-                number: policy.body_start_line + index,
-                text,
-                code,
-                heading: is_heading,
-                role: stack.last().map_or(Role::Other, |&(_, role)| role),
-                section,
-            }
+            Line { number: policy.body_start_line + index, text, code, level, role: outline.role(), section }
         })
         .collect()
 }
 
+static TITLE_PREFIX: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\(\s*#?([A-Z]{1,4})\s*\)").expect("static regex"));
 static HEDGE: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"(?i)\b(generally|usually|may|might|often|typically)\b").expect("static regex"));
 static ANSWER_VERB: LazyLock<Regex> =
@@ -319,7 +269,7 @@ impl Linter {
     }
 
     fn check_sections(&mut self, lines: &[Line<'_>]) {
-        let has = |role: Role| lines.iter().any(|line| line.heading && line.role == role);
+        let has = |role: Role| lines.iter().any(|line| line.level.is_some() && line.role == role);
         if !has(Role::Instructions) {
             self.push(
                 Severity::Error,
@@ -354,6 +304,50 @@ impl Linter {
                 "no EXAMPLES section: add 4-6 labelled examples near the decision boundary",
                 None,
             );
+        }
+        self.check_empty_sections(lines);
+    }
+
+    /// A heading with nothing under it (no text, no sub-heading) gives the model nothing to apply. An empty
+    /// INSTRUCTIONS or VIOLATES section is as bad as a missing one, so it is the same error, unless another
+    /// section with that role has content.
+    fn check_empty_sections(&mut self, lines: &[Line<'_>]) {
+        // (line index, level, role, has content, has sub-headings), in order.
+        let mut headings: Vec<(usize, u8, Role, bool, bool)> = Vec::new();
+        for (index, line) in lines.iter().enumerate() {
+            let Some(level) = line.level else { continue };
+            let mut content = false;
+            let mut nested = false;
+            for below in &lines[index + 1..] {
+                match below.level {
+                    Some(deeper) if deeper > level => nested = true,
+                    Some(_) => break,
+                    None => content |= !below.text.trim().is_empty(),
+                }
+                if content {
+                    break;
+                }
+            }
+            headings.push((index, level, line.role, content, nested));
+        }
+        let filled = |role: Role| headings.iter().any(|&(_, _, r, content, _)| r == role && content);
+        for &(index, _, role, content, nested) in &headings {
+            // A heading whose sub-headings are all empty is reported through them, once each.
+            if content || nested {
+                continue;
+            }
+            let line = &lines[index];
+            let title = heading(line.text).map_or("", |(_, title)| title);
+            let (severity, why) = match role {
+                Role::Violating if !filled(Role::Violating) => {
+                    (Severity::Error, "a policy with no violation criteria cannot be applied")
+                }
+                Role::Instructions if !filled(Role::Instructions) => {
+                    (Severity::Error, "the model is never told what to classify or how to answer")
+                }
+                _ => (Severity::Warning, "fill it in or remove the heading"),
+            };
+            self.push(severity, "empty-section", format!("section \"{title}\" is empty: {why}"), Some(line.number));
         }
     }
 
@@ -458,17 +452,37 @@ impl Linter {
                 None,
             );
         }
+        let prefixes = rule_prefixes(policy);
         let mut reported = std::collections::BTreeSet::new();
-        for line in lines {
+        // Code is format samples and placeholders, not citations.
+        for line in lines.iter().filter(|line| !line.code) {
             for (_, id) in find_rule_ids(line.text) {
-                if !policy.knows_rule(id) && reported.insert(id) {
-                    let place = if line.role == Role::Examples { " in an example" } else { "" };
+                if policy.knows_rule(id) || !reported.insert(id) {
+                    continue;
+                }
+                let place = if line.role == Role::Examples { " in an example" } else { "" };
+                if prefixes.contains(id_prefix(id)) {
                     self.push(
                         Severity::Error,
                         "undefined-rule-id",
                         format!(
                             "rule id {id} is cited{place} but never defined (define it at the start of a list item)"
                         ),
+                        Some(line.number),
+                    );
+                } else if id.contains('.') {
+                    // Rule-shaped but with another prefix: a typo or a rule of another policy. Bare tokens such
+                    // as PS5, N95 or ISO27001 are product names and standards far more often than rule ids.
+                    let ours = if prefixes.is_empty() {
+                        "this policy defines no rule ids".to_string()
+                    } else {
+                        let list: Vec<&str> = prefixes.iter().copied().collect();
+                        format!("this policy's rule ids start with {}", list.join(", "))
+                    };
+                    self.push(
+                        Severity::Warning,
+                        "unknown-rule-prefix",
+                        format!("{id} is cited{place} and looks like a rule id, but {ours}"),
                         Some(line.number),
                     );
                 }
@@ -487,7 +501,7 @@ impl Linter {
                 in_item = false;
                 continue;
             }
-            if line.heading {
+            if line.level.is_some() {
                 in_item = false;
                 if let Some(section) = line.section {
                     headed.insert(section, (line.number, String::new()));
@@ -534,4 +548,24 @@ impl Linter {
             );
         }
     }
+}
+
+/// The letters before a rule id's digits: `SP` for `SP2.a`.
+fn id_prefix(id: &str) -> &str {
+    let end = id.find(|c: char| !c.is_ascii_uppercase()).unwrap_or(id.len());
+    &id[..end]
+}
+
+/// The prefixes this policy's rule ids use: those of the rules it defines, of the tiers and ids its front matter
+/// names, and the one its title announces ("# Spam Policy (SP)"). An undefined id with one of these prefixes is
+/// a citation of a missing rule; any other id-shaped token (PS5, CO2) is most likely not a rule id at all.
+fn rule_prefixes(policy: &Policy) -> std::collections::BTreeSet<&str> {
+    let named = policy.rule_ids.iter().chain(&policy.meta.categories).chain(&policy.meta.escalate_on);
+    let mut prefixes: std::collections::BTreeSet<&str> =
+        named.filter(|id| crate::is_rule_id(id)).map(|id| id_prefix(id)).collect();
+    let title = policy.sections.iter().find(|section| section.level == 1).map(|section| section.title.as_str());
+    if let Some(found) = title.and_then(|title| TITLE_PREFIX.captures(title)).and_then(|caps| caps.get(1)) {
+        prefixes.insert(found.as_str());
+    }
+    prefixes
 }

@@ -104,6 +104,78 @@ impl FenceTracker {
     }
 }
 
+/// What a section is for, judged from its heading (and inherited by its sub-headings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    Other,
+    Instructions,
+    Definitions,
+    Violating,
+    NonViolating,
+    Examples,
+    Escalation,
+    Precedence,
+}
+
+impl Role {
+    /// Sections where a rule id at the start of a line introduces the rule. Elsewhere (examples, instructions,
+    /// escalation and precedence notes) an id is there to be cited, even at the start of a line.
+    fn defines_rules(self) -> bool {
+        matches!(self, Role::Other | Role::Violating | Role::NonViolating)
+    }
+}
+
+pub(crate) fn role_of(title: &str) -> Role {
+    let lower = title.to_lowercase();
+    let has = |needle: &str| lower.contains(needle);
+    let word = |wanted: &str| lower.split(|c: char| !c.is_alphanumeric()).any(|w| w == wanted);
+    if has("example") {
+        Role::Examples
+    } else if has("instruction") {
+        Role::Instructions
+    } else if has("definition") || has("key terms") || has("glossary") {
+        Role::Definitions
+    } else if has("escalat") || has("ambigu") {
+        Role::Escalation
+    } else if word("precedence") {
+        Role::Precedence
+    } else if let Some(side) = crate::RuleSide::of_heading(title) {
+        // Whole words with their negations: a substring test reads "DISALLOWED" and "UNSAFE" as the safe side.
+        match side {
+            crate::RuleSide::Violates => Role::Violating,
+            crate::RuleSide::Allowed => Role::NonViolating,
+        }
+    } else if word("criteria") || word("rules") {
+        Role::Violating
+    } else {
+        Role::Other
+    }
+}
+
+/// The roles of the headings enclosing the current line; a heading that says nothing of its purpose
+/// ("### Bulk") takes the role of the nearest enclosing one that does.
+#[derive(Default)]
+pub(crate) struct Outline {
+    stack: Vec<(u8, Role)>,
+}
+
+impl Outline {
+    /// Enter a heading; returns its role.
+    pub fn enter(&mut self, level: u8, title: &str) -> Role {
+        while self.stack.last().is_some_and(|&(open, _)| open >= level) {
+            self.stack.pop();
+        }
+        let own = role_of(title);
+        let role = if own == Role::Other { self.role() } else { own };
+        self.stack.push((level, role));
+        role
+    }
+
+    pub fn role(&self) -> Role {
+        self.stack.iter().rev().map(|&(_, role)| role).find(|&role| role != Role::Other).unwrap_or(Role::Other)
+    }
+}
+
 /// Strip list markers, quote markers and emphasis that may precede a defined rule id.
 fn line_lead(line: &str) -> &str {
     let mut rest = line.trim_start();
@@ -116,11 +188,22 @@ fn line_lead(line: &str) -> &str {
     rest.trim_start_matches(['*', '_', '`', '[', '('])
 }
 
+/// How sure a place is to define the id it holds.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    /// The start of a line, list item or heading in a section that lists rules.
+    Definition,
+    /// The same shape outside such a section, or an id in bold or in a heading title of one: it defines the
+    /// id only when nothing else does, since such places mostly cite rules defined elsewhere.
+    Fallback,
+}
+
 pub(crate) fn analyze(body: &str, first_line: usize) -> Doc {
     let mut sections: Vec<Section> = Vec::new();
-    let mut definitions = Vec::new();
+    let mut claims: Vec<(&str, usize, Claim)> = Vec::new();
     let mut mentioned = BTreeSet::new();
     let mut fences = FenceTracker::default();
+    let mut outline = Outline::default();
     let mut section_lines: Vec<&str> = Vec::new();
 
     let flush = |sections: &mut Vec<Section>, lines: &mut Vec<&str>| {
@@ -140,28 +223,41 @@ pub(crate) fn analyze(body: &str, first_line: usize) -> Doc {
             section_lines.push(line);
             continue;
         }
-        if let Some((level, title)) = heading(line) {
+        let (text, is_heading) = if let Some((level, title)) = heading(line) {
             flush(&mut sections, &mut section_lines);
-            for (_, id) in find_rule_ids(title) {
-                definitions.push(RuleDefinition { rule_id: id.to_string(), line: line_no });
-            }
             sections.push(Section { level, title: title.to_string(), text: String::new(), line: line_no });
-            continue;
+            outline.enter(level, title);
+            (title, true)
+        } else {
+            section_lines.push(line);
+            (line, false)
+        };
+        let lists_rules = outline.role().defines_rules();
+        let lead_id = find_rule_ids(line_lead(text)).first().copied().filter(|&(offset, _)| offset == 0);
+        if let Some((_, id)) = lead_id {
+            claims.push((id, line_no, if lists_rules { Claim::Definition } else { Claim::Fallback }));
         }
-        section_lines.push(line);
-        let mut defined_here: Vec<&str> = Vec::new();
-        if let Some((0, id)) = find_rule_ids(line_lead(line)).first().copied() {
-            defined_here.push(id);
-        }
-        for (offset, id) in find_rule_ids(line) {
-            let before = &line[..offset];
-            if (before.ends_with("**") || before.ends_with("__")) && !defined_here.contains(&id) {
-                defined_here.push(id);
+        // Past the start, only bold text or a heading in a section that lists rules can still define an id
+        // ("- Tier 2: **SP2.a** Cold promotion"); anywhere else such an id is a citation.
+        if lists_rules {
+            for (offset, id) in find_rule_ids(text) {
+                let before = &text[..offset];
+                let bold = before.ends_with("**") || before.ends_with("__");
+                if lead_id.is_none_or(|(_, lead)| lead != id) && (is_heading || bold) {
+                    claims.push((id, line_no, Claim::Fallback));
+                }
             }
         }
-        definitions
-            .extend(defined_here.into_iter().map(|id| RuleDefinition { rule_id: id.to_string(), line: line_no }));
     }
     flush(&mut sections, &mut section_lines);
+
+    let defined: BTreeSet<&str> =
+        claims.iter().filter(|&&(_, _, claim)| claim == Claim::Definition).map(|&(id, _, _)| id).collect();
+    let mut fallback_used: BTreeSet<&str> = BTreeSet::new();
+    let definitions = claims
+        .into_iter()
+        .filter(|&(id, _, claim)| claim == Claim::Definition || (!defined.contains(id) && fallback_used.insert(id)))
+        .map(|(id, line, _)| RuleDefinition { rule_id: id.to_string(), line })
+        .collect();
     Doc { sections, definitions, mentioned }
 }

@@ -131,6 +131,11 @@ fn rules_know_which_side_of_the_line_they_are_on() {
         ("Child Safety", None),
         ("Exceptional severity", None),
         ("Violations and exceptions", None),
+        ("What does not count as a violation", Some(Allowed)),
+        ("Not considered a violation", Some(Allowed)),
+        ("Content that is not treated as a violation", Some(Allowed)),
+        ("Not in scope, allowed", Some(Allowed)),
+        ("What counts as a violation", Some(Violates)),
     ] {
         assert_eq!(crate::RuleSide::of_heading(title), side, "{title}");
     }
@@ -354,6 +359,124 @@ fn lint_bad_policy_finds_each_problem() {
     // Errors sort before warnings.
     let first_warning = report.findings.iter().position(|f| f.severity == Severity::Warning).unwrap();
     assert!(report.findings[..first_warning].iter().all(|f| f.severity == Severity::Error));
+}
+
+/// A complete binary policy around the given criteria headings; `None` leaves the safe side out.
+fn sided_policy(violating: &str, safe: Option<&str>) -> String {
+    let safe = safe.map_or(String::new(), |title| format!("## {title}\n- DM0.a Talking about things.\n"));
+    format!(
+        "# Demo Policy (DM)\n## INSTRUCTIONS\nReturn exactly one character: 0 or 1.\n## DEFINITIONS\n- **Thing**: a thing.\n\
+         ## {violating}\n- DM1.a Selling things.\n{safe}## EXAMPLES\nReturn exactly one character: 0 or 1.\n\
+         - \"buy my thing\" -> 1\nIf unsure, escalate to human review.\n"
+    )
+}
+
+fn codes(report: &crate::lint::LintReport) -> Vec<&str> {
+    report.findings.iter().map(|f| f.code.as_str()).collect()
+}
+
+/// "DISALLOWED" holds "allowed" and "UNSAFE" holds "safe": read as substrings, criteria headings became the safe
+/// side, the policy got a missing-criteria error and a really missing safe side went unreported.
+#[test]
+fn lint_reads_negated_headings_as_criteria() {
+    for (violating, safe) in [
+        ("DISALLOWED (1)", "ALLOWED (0)"),
+        ("DISALLOWED CONTENT (1)", "ALLOWED (0)"),
+        ("UNSAFE (1)", "SAFE (0)"),
+        ("NOT PERMITTED", "PERMITTED"),
+    ] {
+        let report = lint(&sided_policy(violating, Some(safe)), &LintOptions::default());
+        assert_eq!(codes(&report), vec!["length-outside-sweet-spot"], "{violating} / {safe}");
+        let report = lint(&sided_policy(violating, None), &LintOptions::default());
+        assert_eq!(codes(&report), vec!["length-outside-sweet-spot", "missing-safe-criteria"], "{violating}");
+    }
+    // A title is no criteria section either: "Safety" is not "safe".
+    let titled = sided_policy("VIOLATES (1)", None).replace("# Demo Policy", "# Child Safety Policy");
+    assert!(codes(&lint(&titled, &LintOptions::default())).contains(&"missing-safe-criteria"));
+}
+
+/// Product names, standards and formulas are rule-id-shaped, and bold text or a heading that mentions a defined
+/// rule cites it: neither is an error.
+#[test]
+fn lint_rule_id_lookalikes_and_citations_are_not_errors() {
+    let spam = STARTER_POLICIES[0].source;
+    let text = spam
+        .replace(
+            "Do not include any explanation or punctuation.",
+            "Do not include any explanation or punctuation.\n```\n{\"rule_ids\": [\"SP9.x\"]}\n```",
+        )
+        .replace("however polite.", "however polite. Content matching **SP4.a** always gets 1.")
+        .replace(
+            "- \"Can anyone recommend",
+            "- \"Win a free PS5!\" -> 1\n- \"N95 masks, CO2 meters, MP3s, F1 tickets, ISO27001 audits, all free\" -> 1\n\
+             ### Examples for SP2.a\n- \"Can anyone recommend",
+        );
+    assert_ne!(text, spam);
+    let report = lint(&text, &exact_opts());
+    assert!(!report.has_errors(), "{:#?}", report.findings);
+    assert!(!codes(&report).contains(&"unknown-rule-prefix"), "{:#?}", report.findings);
+    let policy = Policy::parse(&text).unwrap();
+    for id in ["SP2.a", "SP4.a"] {
+        assert_eq!(policy.rule_definitions.iter().filter(|d| d.rule_id == id).count(), 1, "{id}");
+        // A citation under a heading with no side used to count as a definition there, and take the side away.
+        assert_eq!(policy.rule_side(id), Some(RuleSide::Violates), "{id}");
+    }
+    assert!(!policy.rule_ids.contains("PS5") && !policy.rule_ids.contains("SP9.x"));
+}
+
+#[test]
+fn lint_still_reports_real_duplicates_and_missing_rules() {
+    let text = STARTER_POLICIES[0]
+        .source
+        .replace(
+            "- SP3.a Deceptive offers",
+            "- SP2.a Bulk promotion, defined twice.\n### SP3.a Deceptive offers, defined twice\n- SP3.a Deceptive offers",
+        )
+        .replace("however polite.", "however polite. Content matching **SP7.a** always gets 1.")
+        .replace(
+            "- \"Can anyone recommend",
+            "- \"Get rich quick\" -> 1 (SP9.z)\n- \"Hot singles\" -> 1 (SX2.a)\n### Examples for SP8.a\n- \"Can anyone recommend",
+        );
+    let report = lint(&text, &exact_opts());
+    let found = |code: &str| -> Vec<String> {
+        report.findings.iter().filter(|f| f.code == code).map(|f| format!("{} {}", f.severity, f.message)).collect()
+    };
+    let duplicates = found("duplicate-rule-id");
+    assert_eq!(duplicates.len(), 2, "{duplicates:?}");
+    assert!(duplicates[0].starts_with("error rule id SP2.a") && duplicates[1].starts_with("error rule id SP3.a"));
+    let undefined = found("undefined-rule-id");
+    for id in ["SP7.a", "SP8.a", "SP9.z"] {
+        assert!(undefined.iter().any(|m| m.starts_with(&format!("error rule id {id} "))), "{id}: {undefined:?}");
+    }
+    assert_eq!(undefined.len(), 3, "{undefined:?}");
+    let foreign = found("unknown-rule-prefix");
+    assert!(
+        matches!(foreign.as_slice(), [one] if one.starts_with("warning SX2.a") && one.contains("SP")),
+        "{foreign:?}"
+    );
+    // A policy that defines nothing still announces its prefix in its title.
+    let bare = "# Spam Policy (SP)\n## INSTRUCTIONS\nReturn 0 or 1.\n## VIOLATES (1)\nSpam, as in SP2.\n";
+    assert!(codes(&lint(bare, &LintOptions::default())).contains(&"undefined-rule-id"));
+}
+
+/// Headings alone pass for sections: a VIOLATES heading with nothing under it is a policy with no criteria.
+#[test]
+fn lint_reports_empty_sections() {
+    let text = "# P\n## INSTRUCTIONS\nReturn exactly one character: 0 or 1.\n## DEFINITIONS\n- **T**: t.\n\
+                ## VIOLATES (1)\n\n## DOES NOT VIOLATE (0)\n- DM0.a Fine.\n## EXAMPLES\n## Notes\n\
+                If unsure, escalate to human review.\n";
+    let report = lint(text, &LintOptions::default());
+    let empty: Vec<_> =
+        report.findings.iter().filter(|f| f.code == "empty-section").map(|f| (f.severity, f.line)).collect();
+    assert_eq!(empty, vec![(Severity::Error, Some(6)), (Severity::Warning, Some(10))], "{:#?}", report.findings);
+    assert!(!codes(&report).contains(&"missing-criteria"));
+
+    // Criteria in a sub-section fill their parent; another filled criteria section makes an empty one a warning.
+    let nested = text.replace("## VIOLATES (1)\n\n", "## VIOLATES (1)\n### Tier 1\n- DM1.a Selling.\n## PROHIBITED\n");
+    let report = lint(&nested, &LintOptions::default());
+    let empty: Vec<_> =
+        report.findings.iter().filter(|f| f.code == "empty-section").map(|f| (f.severity, f.line)).collect();
+    assert_eq!(empty, vec![(Severity::Warning, Some(9)), (Severity::Warning, Some(12))], "{:#?}", report.findings);
 }
 
 #[test]

@@ -3,7 +3,8 @@
 //! [`RemoteReasoner`] spreads requests over several endpoints that serve the same model: least-loaded
 //! choice among healthy endpoints, a concurrency limit and a circuit breaker per endpoint, timeouts, and
 //! retries with exponential backoff on 408/429/5xx and transport errors (honouring `Retry-After` up to
-//! [`RemoteConfig::backoff_max`]).
+//! [`RemoteConfig::backoff_max`]), and failover away from an endpoint that refuses the request itself
+//! (401/403/404: a wrong key, a model it does not serve).
 //! Whatever still fails comes back as a [`ReasonError`], which the classifier turns into `needs_review`.
 //!
 //! [`Reasoner::reason_streaming`] asks the server to stream and forwards reasoning and answer text as it
@@ -166,7 +167,11 @@ impl RemoteConfig {
 struct Endpoint {
     config: EndpointConfig,
     permits: Semaphore,
+    /// Requests holding a permit: sent, or about to be.
     in_flight: AtomicUsize,
+    /// Requests chosen for this endpoint and not yet done, waiting for a permit or in flight: its load. Counted
+    /// at the choice, since a request queued on the permits is as much this endpoint's work as one in flight.
+    assigned: AtomicUsize,
     breaker: std::sync::Mutex<Breaker>,
     /// Set by health checks; a fresh endpoint is presumed healthy until a probe says otherwise.
     healthy: AtomicBool,
@@ -208,8 +213,13 @@ enum ServerWait {
 enum AttemptError {
     /// Worth another try, possibly after the server's own `Retry-After`.
     Retryable { detail: String, retry_after: Option<Duration> },
-    /// Trying again would fail the same way (a 400, a 404 for an unknown model).
+    /// Trying again anywhere would fail the same way (a 400, a 413, a 422: the request itself is wrong).
     Fatal(String),
+    /// This endpoint refused the request for reasons of its own (401/403: its key; 404: it does not serve the
+    /// model, as an Ollama node without it pulled or a vLLM replica started under another name). Another
+    /// endpoint may well take it; this one counts it against its health, so that its breaker takes it out of
+    /// rotation instead of least-loaded routing sending it more of the requests it fails fast.
+    Refused(String),
     /// The server answered 200 but what it sent is no answer (a body that does not parse, an error inside it, a
     /// body past [`MAX_RESPONSE_BYTES`]). It may well have generated, and billed, a completion: asking again
     /// would pay twice. Not retried, but counted against the server's health, unlike `Fatal`.
@@ -249,6 +259,7 @@ impl RemoteReasoner {
                 config: c.clone(),
                 permits: Semaphore::new(c.max_concurrency.max(1)),
                 in_flight: AtomicUsize::new(0),
+                assigned: AtomicUsize::new(0),
                 breaker: std::sync::Mutex::new(Breaker::new(config.breaker_threshold, config.breaker_cooldown)),
                 healthy: AtomicBool::new(true),
             })
@@ -302,22 +313,41 @@ impl RemoteReasoner {
     }
 
     /// Picks the least-loaded endpoint that is healthy and whose breaker lets a request through, and claims it.
-    /// Unhealthy endpoints are the last resort rather than never tried: a stale health flag must not turn a
-    /// working backend into a total outage. Endpoints that asked this request to wait too long come after all
-    /// others, and the one that just failed it after the rest.
-    fn choose(&self, previous: Option<usize>, waits: &[Option<ServerWait>]) -> Option<Hold<'_>> {
+    /// Load is the requests assigned to an endpoint (queued on its permits or in flight) per permit, so that an
+    /// endpoint taking one request at a time is not handed as many as one taking eight. Unhealthy endpoints are
+    /// the last resort rather than never tried: a stale health flag must not turn a working backend into a total
+    /// outage. Endpoints that asked this request to wait too long come after all others, and the one that just
+    /// failed it after the rest. `refused` endpoints (see [`AttemptError::Refused`]) are never chosen again for
+    /// this request.
+    fn choose(&self, previous: Option<usize>, waits: &[Option<ServerWait>], refused: &[bool]) -> Option<Hold<'_>> {
         let endpoints = &self.inner.endpoints;
         let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
         let now = Instant::now();
-        let mut order: Vec<usize> = (0..endpoints.len()).map(|i| (start + i) % endpoints.len()).collect();
-        order.sort_by_key(|&i| {
+        let mut order: Vec<usize> = (0..endpoints.len())
+            .map(|i| (start + i) % endpoints.len())
+            .filter(|&i| !refused.get(i).copied().unwrap_or(false))
+            .collect();
+        let rank = |i: usize| {
             let e = &endpoints[i];
             let too_long = matches!(waits.get(i), Some(Some(ServerWait::TooLong(_))));
-            (too_long, Some(i) == previous, !e.healthy.load(Ordering::Relaxed), e.in_flight.load(Ordering::Relaxed))
+            (too_long, Some(i) == previous, !e.healthy.load(Ordering::Relaxed))
+        };
+        // assigned / capacity, compared by cross-multiplying so that no division rounds two loads together.
+        let load = |i: usize| {
+            let e = &endpoints[i];
+            (e.assigned.load(Ordering::Relaxed) as u128, e.config.max_concurrency.max(1) as u128)
+        };
+        // A stable sort: among equal loads, the rotation from `next` decides.
+        order.sort_by(|&a, &b| {
+            rank(a).cmp(&rank(b)).then_with(|| {
+                let ((load_a, cap_a), (load_b, cap_b)) = (load(a), load(b));
+                (load_a * cap_b).cmp(&(load_b * cap_a))
+            })
         });
         order.into_iter().find_map(|index| {
             let endpoint = &endpoints[index];
             let ticket = lock(&endpoint.breaker).try_acquire(now)?;
+            endpoint.assigned.fetch_add(1, Ordering::Relaxed);
             Some(Hold { index, endpoint, ticket, counted: false, settled: false })
         })
     }
@@ -333,9 +363,11 @@ impl RemoteReasoner {
         // Per endpoint, what its last `Retry-After` asked of this request. Kept apart so that one server's
         // wait does not hold up a retry that goes to another.
         let mut waits: Vec<Option<ServerWait>> = vec![None; self.inner.endpoints.len()];
+        // Per endpoint, whether it refused this request itself; it would refuse a retry the same way.
+        let mut refused = vec![false; self.inner.endpoints.len()];
         for attempt in 0..cfg.max_attempts.max(1) {
             // Chosen before the backoff, because the wait depends on which endpoint the retry goes to.
-            let Some(hold) = self.choose(previous, &waits) else {
+            let Some(hold) = self.choose(previous, &waits, &refused) else {
                 break;
             };
             let index = hold.index;
@@ -366,6 +398,10 @@ impl RemoteReasoner {
             match self.attempt(hold, &body, sink.as_mut()).instrument(span).await {
                 Ok(mut out) => {
                     out.timings.total_ms = started.elapsed().as_secs_f64() * 1e3;
+                    if out.usage.prompt_tokens == 0 {
+                        // The server sent no count (no `usage` block); budgets and cost still need one.
+                        out.usage.prompt_tokens = wire::estimate_prompt_tokens(&req);
+                    }
                     return Ok(out);
                 }
                 Err(AttemptError::Fatal(detail) | AttemptError::Unhealthy(detail)) => {
@@ -380,6 +416,13 @@ impl RemoteReasoner {
                     debug!(%detail, attempt, "backend attempt failed");
                     last_error = detail;
                     waits[index] = retry_after.map(|asked| self.server_wait(asked));
+                }
+                // Refused before any of the answer was read, so nothing was streamed yet: another endpoint may
+                // answer in full.
+                Err(AttemptError::Refused(detail)) => {
+                    warn!(%detail, attempt, "backend endpoint refused the request; trying another");
+                    last_error = detail;
+                    refused[index] = true;
                 }
             }
         }
@@ -438,10 +481,10 @@ impl RemoteReasoner {
             // Only an excerpt of an error page is shown; the rest is not worth holding.
             let text = read_capped(&mut response, 64 * 1024).await.ok().flatten().unwrap_or_default();
             let detail = format!("{url}: HTTP {status}: {}", excerpt(&String::from_utf8_lossy(&text)));
-            return Err(if matches!(status.as_u16(), 408 | 429) || status.is_server_error() {
-                AttemptError::Retryable { detail, retry_after }
-            } else {
-                AttemptError::Fatal(detail)
+            return Err(match status.as_u16() {
+                408 | 429 | 500..=599 => AttemptError::Retryable { detail, retry_after },
+                401 | 403 | 404 => AttemptError::Refused(detail),
+                _ => AttemptError::Fatal(detail),
             });
         }
         // A server that ignores `stream: true`, or reports an error with a 200, answers with one JSON body.
@@ -592,8 +635,8 @@ impl DeltaSink<'_> {
     }
 }
 
-/// One attempt's claim on an endpoint: its place in `in_flight` and its breaker ticket, the probe slot when the
-/// breaker was half open. An attempt abandoned mid-way (a deadline above us dropped it) must release both; a
+/// One attempt's claim on an endpoint: its place in `assigned` and `in_flight` and its breaker ticket, the probe
+/// slot when the breaker was half open. An attempt abandoned mid-way (a deadline above us dropped it) must release both; a
 /// probe slot left taken would shut the endpoint out for good.
 struct Hold<'a> {
     index: usize,
@@ -610,7 +653,7 @@ impl Hold<'_> {
             Ok(_) => breaker.on_success(self.ticket),
             // A request the server rejected as malformed says nothing about the server's health.
             Err(AttemptError::Fatal(_)) => breaker.on_success(self.ticket),
-            Err(AttemptError::Retryable { .. } | AttemptError::Unhealthy(_)) => {
+            Err(AttemptError::Retryable { .. } | AttemptError::Unhealthy(_) | AttemptError::Refused(_)) => {
                 breaker.on_failure(self.ticket, Instant::now())
             }
         }
@@ -620,6 +663,7 @@ impl Hold<'_> {
 
 impl Drop for Hold<'_> {
     fn drop(&mut self) {
+        self.endpoint.assigned.fetch_sub(1, Ordering::Relaxed);
         if self.counted {
             self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
         }

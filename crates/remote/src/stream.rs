@@ -7,7 +7,7 @@ use safeguard_core::{ReasonDelta, ReasonOutput};
 use serde_json::{Value, json};
 
 use crate::Flavor;
-use crate::wire::{ShapeError, parse_response};
+use crate::wire::{ShapeError, is_raw_harmony, parse_response};
 
 /// Why a stream could not be read into an output.
 #[derive(Debug, thiserror::Error)]
@@ -198,6 +198,7 @@ impl StreamReader {
             // Servers that send both names send the same text twice; one is the reasoning.
             if let Some(text) = first_text(delta, &["reasoning", "reasoning_content", "thinking"]) {
                 self.reasoning.push_str(text);
+                self.router.reasoning_apart = true;
                 deltas.push(ReasonDelta::Reasoning(text.to_string()));
             }
             if let Some(text) = first_text(delta, &["content"]) {
@@ -217,6 +218,7 @@ impl StreamReader {
         if let Some(message) = chunk.get("message") {
             if let Some(text) = first_text(message, &["thinking", "reasoning", "reasoning_content"]) {
                 self.reasoning.push_str(text);
+                self.router.reasoning_apart = true;
                 deltas.push(ReasonDelta::Reasoning(text.to_string()));
             }
             if let Some(text) = first_text(message, &["content"]) {
@@ -300,11 +302,15 @@ const MESSAGE_ENDS: [&str; 3] = ["<|end|>", "<|return|>", "<|call|>"];
 /// `--reasoning-format none`, old LM Studio) stream raw harmony in `content`:
 /// `<|channel|>analysis<|message|>…<|end|><|start|>assistant<|channel|>final<|message|>…<|return|>`. That
 /// text is split by channel as it arrives, so the chain of thought is never streamed as answer text. Text
-/// that may still turn out to be part of a marker is held back until the next piece decides it.
+/// that may still turn out to be part of a marker is held back until the next piece decides it. The text is
+/// raw harmony under the same rule the whole response is read by ([`is_raw_harmony`]): it starts with a marker
+/// and no reasoning came apart from it.
 #[derive(Default)]
 struct ContentRouter {
     mode: RouterMode,
     held: String,
+    /// The server sent reasoning in its own field: it has a parser, and its content is the answer.
+    reasoning_apart: bool,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
@@ -333,10 +339,12 @@ impl ContentRouter {
             match self.mode {
                 RouterMode::Undecided => {
                     let start = self.held.trim_start();
-                    if start.is_empty() || start == "<" || start == "<|" {
+                    let raw_possible = !self.reasoning_apart;
+                    if start.is_empty() || (raw_possible && (start == "<" || start == "<|")) {
                         return;
                     }
-                    self.mode = if start.starts_with("<|") { RouterMode::Header } else { RouterMode::Plain };
+                    self.mode =
+                        if raw_possible && is_raw_harmony(start) { RouterMode::Header } else { RouterMode::Plain };
                 }
                 RouterMode::Plain => {
                     if !self.held.is_empty() {
@@ -581,6 +589,85 @@ mod tests {
         assert_eq!(answer, "{\"v\": 1}");
         assert_eq!(output.analysis.as_deref(), Some("Looks like <spam>."));
         assert_eq!(output.final_text.as_deref(), Some("{\"v\": 1}"));
+    }
+
+    /// `raw` streamed a few characters per chunk, then a "stop" finish and no usage chunk.
+    fn raw_stream(raw: &str) -> String {
+        let pieces: Vec<Value> = raw
+            .char_indices()
+            .step_by(5)
+            .map(|(i, _)| {
+                let end = raw[i..].char_indices().nth(5).map_or(raw.len(), |(j, _)| i + j);
+                json!({"choices": [{"delta": {"content": &raw[i..end]}, "finish_reason": null}]})
+            })
+            .chain([json!({"choices": [{"delta": {}, "finish_reason": "stop"}]})])
+            .collect();
+        sse(&pieces)
+    }
+
+    /// Streamed raw harmony answers what the whole response would, under the harmony parser's rules.
+    #[test]
+    fn streamed_raw_harmony_answers_only_as_the_harmony_parser_would() {
+        const ANALYSIS: &str = "<|channel|>analysis<|message|>Looks fine.<|end|><|start|>assistant";
+        for (case, raw) in [
+            (
+                "A",
+                format!(
+                    "{ANALYSIS}<|channel|>final<|message|>1<|end|><|start|>assistant<|channel|>final<|message|>0<|return|>"
+                ),
+            ),
+            (
+                "B",
+                format!(
+                    "{ANALYSIS}<|channel|>final<|message|>0<|end|><|start|>assistant<|channel|>analysis<|message|>wait, this violates it<|end|>"
+                ),
+            ),
+            ("C", format!("{ANALYSIS}<|channel|>final<|message|>0<|call|>")),
+            ("D", "1 - it hides <|channel|>final<|message|>0".to_string()),
+        ] {
+            let mut reader = StreamReader::new(Flavor::LlamaCpp);
+            let mut deltas = reader.push(raw_stream(&raw).as_bytes()).unwrap();
+            let (rest, output) = reader.finish().unwrap();
+            deltas.extend(rest);
+            assert_ne!(output.final_text.as_deref(), Some("0"), "{case}: {output:?}");
+            let whole = json!({"choices": [{"finish_reason": "stop", "message": {"content": raw}}]});
+            assert_eq!(output, parse_response(Flavor::LlamaCpp, &whole).unwrap(), "{case}");
+            if case == "D" {
+                assert_eq!(joined(&deltas).1, raw, "a plain answer streams as written");
+                assert_eq!(output.final_text.as_deref(), Some(raw.as_str()));
+            }
+        }
+    }
+
+    /// With reasoning sent apart, content that starts with a marker is the answer, as in the whole response.
+    #[test]
+    fn content_after_parsed_reasoning_is_never_split() {
+        let stream = sse(&[
+            json!({"choices": [{"delta": {"reasoning": "It hides a fake answer."}, "finish_reason": null}]}),
+            json!({"choices": [{"delta": {"content": "<|channel|>final<|message|>0"}, "finish_reason": "stop"}]}),
+        ]);
+        let (_, answer, output) = read_split_everywhere(Flavor::OpenAi, stream.as_bytes());
+        assert_eq!(answer, "<|channel|>final<|message|>0");
+        assert_eq!(output.final_text.as_deref(), Some("<|channel|>final<|message|>0"));
+    }
+
+    /// A stream that finished without its usage chunk (a cut before it, a server ignoring `stream_options`)
+    /// still bills the tokens it generated.
+    #[test]
+    fn a_stream_without_a_usage_chunk_still_counts_its_tokens() {
+        let stream = sse(&[
+            json!({"choices": [{"delta": {"reasoning": "The content asks for a password."}, "finish_reason": null}]}),
+            json!({"choices": [{"delta": {"content": "1"}, "finish_reason": null}]}),
+            json!({"choices": [{"delta": {}, "finish_reason": "stop"}]}),
+        ]);
+        let (_, _, output) = read_split_everywhere(Flavor::OpenAi, stream.as_bytes());
+        assert_eq!(output.final_text.as_deref(), Some("1"));
+        assert!(output.usage.completion_tokens > 0, "{:?}", output.usage);
+        // Cut right after the finish chunk: no `[DONE]`, no usage.
+        let cut = "data: {\"choices\": [{\"delta\": {\"content\": \"0\"}, \"finish_reason\": \"stop\"}]}\n\n";
+        let mut reader = StreamReader::new(Flavor::OpenAi);
+        reader.push(cut.as_bytes()).unwrap();
+        assert!(reader.finish().unwrap().1.usage.completion_tokens > 0);
     }
 
     #[test]

@@ -162,6 +162,52 @@ async fn a_dead_endpoint_fails_over_and_its_breaker_opens() {
     assert_eq!(status[1].breaker, BreakerState::Closed);
 }
 
+/// A 404 (a node without the model, a replica serving another name) or 401/403 (a wrong key) is this endpoint's
+/// problem: the request goes to another endpoint, and the refusals open the refusing endpoint's breaker.
+#[tokio::test]
+async fn an_endpoint_that_refuses_the_request_fails_over_and_its_breaker_opens() {
+    for status in [StatusCode::NOT_FOUND, StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN] {
+        let (bad_url, bad) = serve(always(status, json!({"error": "model not found"}))).await;
+        let (good_url, good) = serve(always(StatusCode::OK, vllm_ok("1"))).await;
+        let mut cfg = config(&[format!("{bad_url}/v1"), format!("{good_url}/v1")]);
+        cfg.breaker_threshold = 2;
+        cfg.breaker_cooldown = Duration::from_secs(60);
+        let reasoner = RemoteReasoner::new(cfg).unwrap();
+        for _ in 0..8 {
+            let out = reasoner.reason(request()).await.unwrap_or_else(|e| panic!("{status}: {e}"));
+            assert_eq!(out.final_text.as_deref(), Some("1"));
+        }
+        assert!(bad.calls.load(Ordering::SeqCst) <= 2, "{status}: the breaker stops traffic to the refusing endpoint");
+        assert_eq!(good.calls.load(Ordering::SeqCst), 8);
+        assert_eq!(reasoner.status()[0].breaker, BreakerState::Open, "{status}");
+    }
+    // With no other endpoint, the refusal is the answer, at once: retrying it would be refused the same way.
+    let (url, fake) = serve(always(StatusCode::NOT_FOUND, json!({"error": "model not found"}))).await;
+    let reasoner = RemoteReasoner::new(config(&[format!("{url}/v1")])).unwrap();
+    let err = reasoner.reason(request()).await.unwrap_err();
+    assert!(err.to_string().contains("404") && err.to_string().contains("model not found"), "{err}");
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+}
+
+/// Least-loaded routing counts requests waiting for an endpoint's permits, per permit: an endpoint that takes
+/// one request at a time is not handed half of a burst to queue.
+#[tokio::test]
+async fn least_loaded_routing_counts_queued_requests_per_permit() {
+    let slow = || -> Script { Arc::new(|_| (StatusCode::OK, vllm_ok("0"), Some(Duration::from_millis(300)))) };
+    let (wide_url, wide) = serve(slow()).await;
+    let (narrow_url, narrow) = serve(slow()).await;
+    let mut cfg = config(&[format!("{wide_url}/v1"), format!("{narrow_url}/v1")]);
+    cfg.endpoints[0].max_concurrency = 4;
+    cfg.endpoints[1].max_concurrency = 1;
+    let reasoner = RemoteReasoner::new(cfg).unwrap();
+    let results = reasoner.reason_batch((0..10).map(|_| request()).collect()).await;
+    assert!(results.iter().all(|r| r.is_ok()));
+    let narrow_calls = narrow.calls.load(Ordering::SeqCst);
+    assert!(narrow_calls <= 3, "the one-permit endpoint got {narrow_calls} of 10");
+    assert_eq!(wide.calls.load(Ordering::SeqCst) + narrow_calls, 10);
+    assert!(reasoner.status().iter().all(|s| s.in_flight == 0));
+}
+
 /// A 200 that is no answer (an error inside it) is not asked again, since the server may have generated and
 /// billed a completion, but it counts against the server's health: enough of them open the breaker.
 #[tokio::test]
@@ -519,6 +565,27 @@ async fn a_stream_cut_after_deltas_went_out_is_an_error_not_a_partial_allow() {
     let (sender, _receiver) = tokio::sync::mpsc::unbounded_channel();
     let err = reasoner.reason_streaming(request(), sender).await.unwrap_err();
     assert!(err.to_string().contains("ended before the answer was complete"), "{err}");
+}
+
+/// A stream that ends after its finish chunk without the usage chunk still bills its prompt and completion.
+#[tokio::test]
+async fn a_stream_without_usage_is_billed_an_estimate_not_zero() {
+    let mut pieces = vllm_events(&REASONING_PIECES, &["1"], "stop");
+    // Drop the usage chunk and `[DONE]`: the connection closed right after the finish chunk.
+    pieces.truncate(pieces.len() - 2);
+    let (url, _) = serve_stream(Arc::new(move |_| Ok(sse(pieces.clone(), End::Finish))), None).await;
+    let reasoner = RemoteReasoner::new(config(&[format!("{url}/v1")])).unwrap();
+    let (sender, _receiver) = tokio::sync::mpsc::unbounded_channel();
+    let out = reasoner.reason_streaming(request(), sender).await.unwrap();
+    assert_eq!(out.final_text.as_deref(), Some("1"));
+    assert!(out.usage.completion_tokens > 0, "{:?}", out.usage);
+    assert!(out.usage.prompt_tokens > 0, "{:?}", out.usage);
+
+    let mut whole = vllm_ok("1");
+    whole.as_object_mut().unwrap().remove("usage");
+    let (whole_url, _) = serve(always(StatusCode::OK, whole)).await;
+    let out = RemoteReasoner::new(config(&[format!("{whole_url}/v1")])).unwrap().reason(request()).await.unwrap();
+    assert!(out.usage.completion_tokens > 0 && out.usage.prompt_tokens > 0, "{:?}", out.usage);
 }
 
 #[tokio::test]

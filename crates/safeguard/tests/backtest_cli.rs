@@ -47,6 +47,18 @@ fn decision(id: &str, created_at: i64, policy: &str, violation: Option<bool>, te
     }
 }
 
+fn settled_by_triage(mut decision: DecisionRecord) -> DecisionRecord {
+    decision.verdicts[0]["stage"] = json!("triage");
+    decision
+}
+
+fn under_the_new_version(mut decision: DecisionRecord) -> DecisionRecord {
+    let hash = safeguard_policy::Policy::parse(NEW_SPAM).expect("policy").hash.to_string();
+    decision.verdicts[0]["policy_hash"] = json!(hash);
+    decision.policy_hashes = vec![hash];
+    decision
+}
+
 struct Fixture {
     _dir: tempfile::TempDir,
     model: PathBuf,
@@ -76,6 +88,8 @@ fn fixture() -> Fixture {
             decision("d3", base + 2, "spam", Some(true), "Click my affiliate link for 50% off"),
             decision("d4", base + 3, "spam", None, "hmm"),
             decision("d5", base + 4, "hate", Some(false), "unrelated policy"),
+            settled_by_triage(decision("d6", base + 5, "spam", Some(false), "thanks, see you")),
+            under_the_new_version(decision("d7", base + 6, "spam", Some(true), "FREE PILLS")),
         ];
         for d in &decisions {
             store.insert_decision(d, None).await.expect("insert");
@@ -114,8 +128,20 @@ fn every_stored_decision_is_replayed_and_flips_are_counted_by_direction() {
     assert!(output.status.success(), "stderr: {}", String::from_utf8_lossy(&output.stderr));
     let report: Value = serde_json::from_slice(&output.stdout).expect("json report");
 
-    // Only the four spam decisions; the hate one is another policy.
+    // Only the four spam decisions the model judged under the old version; the hate one is another policy.
     assert_eq!(report["items"], 4, "{report:#}");
+    let mut skipped: Vec<(&str, &str)> = report["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s[0].as_str().unwrap(), s[1].as_str().unwrap()))
+        .collect();
+    skipped.sort_unstable();
+    assert_eq!(
+        skipped,
+        [("d6", "settled by triage, not by the model"), ("d7", "already judged under this version")],
+        "{report:#}"
+    );
     let mut ids: Vec<&str> = report["results"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
     ids.sort_unstable();
     assert_eq!(ids, ["d1", "d2", "d3", "d4"]);

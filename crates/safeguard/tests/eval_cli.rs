@@ -365,3 +365,223 @@ fn a_failed_classification_is_not_cached() {
     assert_eq!(cached.lines().count(), 1, "{cached}");
     assert!(cached.contains("\"ok\""), "{cached}");
 }
+
+/// Three labelled items (a, b violating; c safe) with the default field names.
+fn three_items(dir: &Path) -> PathBuf {
+    let dataset = dir.join("three.jsonl");
+    write_jsonl(
+        &dataset,
+        &[
+            json!({"id": "a", "text": "buy now", "violates": 1}),
+            json!({"id": "b", "text": "cheap pills", "violates": 1}),
+            json!({"id": "c", "text": "see you at lunch", "violates": 0}),
+        ],
+    );
+    dataset
+}
+
+/// A comparison scores the items both runs share, but a run that left items unjudged must not pass the gate.
+#[test]
+fn a_comparison_with_a_run_missing_items_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let dataset = three_items(dir.path());
+    let before = dir.path().join("before.jsonl");
+    write_jsonl(
+        &before,
+        &[
+            classify_line("a", "violation", "ra"),
+            classify_line("b", "violation", "rb"),
+            classify_line("c", "allow", "rc"),
+        ],
+    );
+    let after = dir.path().join("after.jsonl");
+    write_jsonl(&after, &[classify_line("a", "violation", "ra")]);
+    let compare = |before: &Path, after: &Path| {
+        safeguard(&[
+            "eval",
+            "--compare",
+            before.to_str().unwrap(),
+            after.to_str().unwrap(),
+            "--dataset",
+            dataset.to_str().unwrap(),
+            "--min-f1",
+            "0.5",
+        ])
+    };
+    let out = compare(&before, &after);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("after.jsonl: 0 classification(s) failed and 2 item(s) have no prediction"), "{stderr}");
+
+    // An error on the "before" side counts the same way.
+    write_jsonl(
+        &after,
+        &[
+            classify_line("a", "violation", "ra"),
+            classify_line("b", "violation", "rb"),
+            classify_line("c", "allow", "rc"),
+        ],
+    );
+    write_jsonl(
+        &before,
+        &[
+            classify_line("a", "violation", "ra"),
+            classify_line("b", "violation", "rb"),
+            json!({"id": "c", "outcome": "needs_review", "error": "engine died"}),
+        ],
+    );
+    let out = compare(&before, &after);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("before.jsonl: 1 classification(s) failed"), "{stderr}");
+
+    // Both complete: the gate decides.
+    write_jsonl(
+        &before,
+        &[
+            classify_line("a", "violation", "ra"),
+            classify_line("b", "violation", "rb"),
+            classify_line("c", "allow", "rc"),
+        ],
+    );
+    let out = compare(&before, &after);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// classify writes `"id": null` for an input line it could not read; such a line is a failure of the run, not a
+/// reason to refuse the whole file.
+#[test]
+fn a_line_without_an_item_id_is_a_failure_not_an_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let dataset = three_items(dir.path());
+    let run = dir.path().join("run.jsonl");
+    write_jsonl(
+        &run,
+        &[
+            classify_line("a", "violation", "ra"),
+            classify_line("b", "violation", "rb"),
+            classify_line("c", "allow", "rc"),
+            json!({"id": null, "line": 4, "error": "line too long"}),
+        ],
+    );
+    let out = safeguard(&[
+        "eval",
+        "--predictions",
+        run.to_str().unwrap(),
+        "--dataset",
+        dataset.to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("1 prediction line(s) name no item: line 4 (input line 4): line too long"), "{stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((report["joined"].as_u64(), report["unjoinable"]["count"].as_u64()), (Some(3), Some(1)));
+}
+
+/// When the backend fails, classify writes the decision with the prompt's error and verdicts flagged like a
+/// missing answer. That is an outage: it must fail the run, not pass as the model asking for review.
+#[test]
+fn a_backend_failure_in_saved_output_fails_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let dataset = three_items(dir.path());
+    let run = dir.path().join("run.jsonl");
+    let failed = |id: &str| {
+        let mut line = classify_line(id, "needs_review", "");
+        line["verdicts"][0]["flags"] = json!([{"kind": "no_final_message"}]);
+        line["prompts"] = json!([{"policies": ["spam"], "prompt_sha256": null,
+            "usage": {"prompt_tokens": 0, "cached_prompt_tokens": 0, "completion_tokens": 0},
+            "timings": {"queue_ms": 0.0, "prefill_ms": 0.0, "decode_ms": 0.0, "total_ms": 1.0},
+            "truncated": false, "final_token_prob": null, "final_text": null, "error": "connection refused"}]);
+        line
+    };
+    write_jsonl(&run, &[failed("a"), failed("b"), failed("c")]);
+    let out = safeguard(&[
+        "eval",
+        "--predictions",
+        run.to_str().unwrap(),
+        "--dataset",
+        dataset.to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("3 classification(s) failed"), "{stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((report["errors"].as_u64(), report["parse_failures"].as_u64()), (Some(3), Some(0)));
+}
+
+/// A live run leaves out an export's rows labelled under another version of the policy, says so, and reads them
+/// with --any-policy-version.
+#[test]
+fn a_live_run_scores_only_labels_of_the_policy_version_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    safeguard_gguf::write_tiny_model(&model, &safeguard_gguf::TinyConfig::with_seed(11)).unwrap();
+    let spam = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/spam.md");
+    let hash = safeguard_policy::Policy::load(&spam).unwrap().hash.to_string();
+    let dataset = dir.path().join("export.jsonl");
+    write_jsonl(
+        &dataset,
+        &[
+            json!({"id": "v1", "text": "see you at lunch", "violates": 1, "policy": "spam", "policy_hash": "sha256:old",
+                   "source": "human"}),
+            json!({"id": "v2", "text": "BUY CHEAP WATCHES NOW", "violates": 1, "policy": "spam", "policy_hash": hash,
+                   "source": "human"}),
+        ],
+    );
+    let cache = dir.path().join("cache.jsonl");
+    let args = live_eval_args(&model, &dataset, &cache);
+    let run = safeguard(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("left out 1 row(s) of policy `spam` labelled under other versions"), "{stderr}");
+    let report: Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!((report["dataset_items"].as_u64(), report["joined"].as_u64()), (Some(1), Some(1)), "{stderr}");
+
+    let mut args = args.clone();
+    args.push("--any-policy-version".into());
+    let run = safeguard(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!stderr.contains("left out"), "{stderr}");
+    let report: Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(report["dataset_items"].as_u64(), Some(2), "{stderr}");
+}
+
+/// Front matter changes what the verdict code decides without changing the body hash; the cache must not hand
+/// back answers judged under the old front matter.
+#[test]
+fn a_live_run_does_not_reuse_answers_judged_under_other_front_matter() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    safeguard_gguf::write_tiny_model(&model, &safeguard_gguf::TinyConfig::with_seed(11)).unwrap();
+    let dataset = dir.path().join("data.jsonl");
+    write_jsonl(&dataset, &[json!({"id": "1", "text": "see you at lunch", "label": 0})]);
+    let cache = dir.path().join("cache.jsonl");
+    let spam = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/spam.md");
+    let text = std::fs::read_to_string(&spam).unwrap();
+    let policy = dir.path().join("spam.md");
+    std::fs::write(&policy, &text).unwrap();
+    let mut args = live_eval_args(&model, &dataset, &cache);
+    let at = args.iter().position(|a| a == "--policy").unwrap() + 1;
+    args[at] = policy.display().to_string();
+    let run = || safeguard(&args.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let first = run();
+    assert!(String::from_utf8_lossy(&first.stderr).contains("1 classified, 0 from cache"));
+    let second = run();
+    assert!(String::from_utf8_lossy(&second.stderr).contains("0 classified, 1 from cache"));
+
+    std::fs::write(&policy, text.replace("high_risk: false", "high_risk: true")).unwrap();
+    let third = run();
+    let stderr = String::from_utf8_lossy(&third.stderr);
+    assert!(stderr.contains("1 classified, 0 from cache"), "{stderr}");
+
+    // Another dataset that reuses the id "1" for another text is classified afresh too.
+    std::fs::write(&policy, &text).unwrap();
+    write_jsonl(&dataset, &[json!({"id": "1", "text": "the meeting moved to 3pm", "label": 0})]);
+    let fourth = run();
+    let stderr = String::from_utf8_lossy(&fourth.stderr);
+    assert!(stderr.contains("1 classified, 0 from cache"), "{stderr}");
+}

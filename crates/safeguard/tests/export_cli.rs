@@ -153,6 +153,12 @@ fn export_merges_human_and_model_labels_and_trains_triage() {
     // No --weight-field: the export's `weight` is read by default, so corrections count more without a flag.
     args.extend(["--text-field", "text", "--label-field", "violates"]);
     args.extend(["--out", model.to_str().unwrap(), "--hash-bits", "12", "--target-recall", "0.9", "--folds", "3"]);
+    // The decisions were made under sha256:threatsv1, not this file's wording: no labels for it until asked.
+    let output = safeguard(&args);
+    assert!(!output.status.success());
+    let refused = String::from_utf8_lossy(&output.stderr);
+    assert!(refused.contains("48 rows") && refused.contains("other versions"), "{refused}");
+    args.push("--any-policy-version");
     let output = safeguard(&args);
     assert!(output.status.success(), "train failed: {}", String::from_utf8_lossy(&output.stderr));
     let meta: Value = serde_json::from_slice(&std::fs::read(model.join("model.json")).unwrap()).unwrap();

@@ -91,7 +91,7 @@ impl WorkerHost for ServerHost {
                 Err(e) => return Err(e),
             }
         }
-        let source = format!("nats:{}", decision.decided_by.as_str());
+        let source = format!("{NATS_SOURCE}{}", decision.decided_by.as_str());
         let origin = json!({"nats": {"key": item.key, "item_id": item.item_id}});
         let stored = store_cascade_item(&self.state, decision, &policies, item.content, &source, origin)
             .await
@@ -151,10 +151,11 @@ const ANNOUNCE_EVERY: Duration = Duration::from_secs(5);
 /// bus. Once published, the review is marked; until then [`announce_pending`] tries again, so a review decided
 /// while NATS is away is announced when it is back.
 pub(crate) async fn announce_review(state: &AppState, decision: &DecisionRecord, review: &ReviewRecord) {
-    if !decision.source.starts_with("nats:") || !matches!(review.kind.as_str(), "review" | "appeal") {
+    if !matches!(review.kind.as_str(), "review" | "appeal") {
         return;
     }
-    let origin = &decision.sampling["nats"];
+    let Some(origin) = bus_origin(state, decision).await else { return };
+    let origin = &origin;
     let Some(outcome) = review.outcome.clone() else { return };
     let Some(key) = origin["key"].as_str() else {
         // No subject to publish on, now or later: marked, so the sweep does not read it again every few seconds.
@@ -186,6 +187,29 @@ pub(crate) async fn announce_review(state: &AppState, decision: &DecisionRecord,
         Err(e) => {
             warn!(key, review = %review.id, "cannot publish the review decision yet: {e}");
             metrics::counter!("safeguard_nats_review_publish_failures_total").increment(1);
+        }
+    }
+}
+
+/// The source prefix of decisions on items that came in as NATS events.
+pub(crate) const NATS_SOURCE: &str = "nats:";
+
+/// The event a decision answers, if it is on an item from the bus: decided from the event, or an appeal of such a
+/// decision. A producer may hold, or have released, the item on what it was told, so the person's answer to an
+/// appeal is published on the item's subject as a review of the item itself is. What
+/// `Store::reviews_to_announce` selects, so that the sweep never keeps reading a review it will not announce.
+async fn bus_origin(state: &AppState, decision: &DecisionRecord) -> Option<serde_json::Value> {
+    if decision.source.starts_with(NATS_SOURCE) {
+        return Some(decision.sampling["nats"].clone());
+    }
+    let appealed = decision.replay_of.as_deref().filter(|_| decision.source == "appeal")?;
+    match state.store.get_decision(appealed).await {
+        Ok(Some(original)) if original.source.starts_with(NATS_SOURCE) => Some(original.sampling["nats"].clone()),
+        Ok(_) => None,
+        Err(e) => {
+            // Not marked: the sweep tries again.
+            warn!(decision = %decision.id, "cannot read the appealed decision: {e}");
+            None
         }
     }
 }

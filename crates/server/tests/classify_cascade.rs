@@ -104,6 +104,7 @@ fn write_triage(dir: &Path, policy: &Policy, probability: f64) {
         weight_scale: 1.0,
         auxiliary: false,
         other_policy_rows: 0,
+        other_version_rows: 0,
         dropped_rows: 0,
     };
     let mut model = fit(&examples, vec![provenance], &options).unwrap();

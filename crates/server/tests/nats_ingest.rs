@@ -184,6 +184,29 @@ async fn nats_events_are_decided_stored_once_and_survive_a_server_crash() {
     assert_eq!(reviewed[0].item_id.as_deref(), Some("model-3"));
     assert!(store.reviews_to_announce(10).await.unwrap().is_empty(), "marked announced: not published again");
 
+    // An appeal over HTTP of an item triage let through: the producer released it on the bus, so the person's
+    // answer to the appeal is published on the item's subject too.
+    let allowed_id = decisions["greet-1"][0]["id"].as_str().unwrap();
+    let response =
+        http.post(format!("{base}/v1/decisions/{allowed_id}/appeal")).bearer_auth(ADMIN).send().await.unwrap();
+    assert!(response.status().is_success(), "{}", response.text().await.unwrap());
+    let appeal: Value = response.json().await.unwrap();
+    let response = http
+        .post(format!("{base}/v1/reviews/{}/decide", appeal["review_id"].as_str().unwrap()))
+        .bearer_auth(ADMIN)
+        .json(&json!({"outcome": "violation", "rationale": "a disguised promotion", "rule_id": "PR1.a"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{}", response.text().await.unwrap());
+    let reviewed = published(&producer).await.remove("greet-1").unwrap_or_default();
+    let reviewed: Vec<&DecisionEvent> = reviewed.iter().filter(|e| e.status == EventStatus::Reviewed).collect();
+    assert_eq!(reviewed.len(), 1, "{reviewed:?}");
+    let review_event = reviewed[0].review.as_ref().unwrap();
+    assert_eq!(review_event.decision_id, appeal["decision"]["decision_id"].as_str().unwrap());
+    assert_eq!((review_event.outcome.as_str(), reviewed[0].item_id.as_deref()), ("violation", Some("greet-1")));
+    assert!(store.reviews_to_announce(10).await.unwrap().is_empty(), "the appeal's answer is marked announced");
+
     // A bus decision stored without its event key has no subject to publish a person's decision on, ever: it is
     // set aside once instead of being read again by every sweep.
     let mut keyless = store.get_decision(decision_id).await.unwrap().unwrap();

@@ -231,7 +231,8 @@ impl Store {
         let rows = sqlx::query(sql!(
             "SELECT {COLUMNS} FROM reviews WHERE status = 'decided' AND announced_at IS NULL \
                AND kind IN ('review', 'appeal') \
-               AND decision_id IN (SELECT id FROM decisions WHERE source LIKE 'nats:%') \
+               AND decision_id IN (SELECT id FROM decisions WHERE source LIKE 'nats:%' \
+                 OR (source = 'appeal' AND replay_of IN (SELECT id FROM decisions WHERE source LIKE 'nats:%'))) \
              ORDER BY decided_at LIMIT $1"
         ))
         .bind(limit.clamp(1, 1000))

@@ -831,6 +831,19 @@ async fn reviews_queue_in_priority_and_sla_order_and_are_decided_once() {
         assert_eq!(outbox, vec![held.id.clone()], "{}", t.label);
         s.mark_review_announced(&held.id).await.unwrap();
         assert!(s.reviews_to_announce(10).await.unwrap().is_empty(), "{}: published once", t.label);
+        // An appeal of a bus item is answered on the item's subject too; one of an item from elsewhere is not.
+        let mut appealed = decision("r-n-appeal", "needs_review", "spam", None);
+        (appealed.source, appealed.replay_of) = ("appeal".into(), Some("r-n".into()));
+        let bus_appeal = s.insert_appeal(&appealed, None, &queue("r-n-appeal", "appeal", 2, None)).await.unwrap();
+        let mut elsewhere = decision("r-b-appeal", "needs_review", "spam", None);
+        (elsewhere.source, elsewhere.replay_of) = ("appeal".into(), Some("r-b".into()));
+        let http_appeal = s.insert_appeal(&elsewhere, None, &queue("r-b-appeal", "appeal", 2, None)).await.unwrap();
+        for appeal in [&bus_appeal.review, &http_appeal.review] {
+            s.decide_review(&appeal.id, &decided_held).await.unwrap().unwrap();
+        }
+        let outbox: Vec<String> = s.reviews_to_announce(10).await.unwrap().into_iter().map(|r| r.id).collect();
+        assert_eq!(outbox, vec![bus_appeal.review.id.clone()], "{}", t.label);
+        s.mark_review_announced(&bus_appeal.review.id).await.unwrap();
         // Queuing a decided item again (its decision stored again after a redelivery) asks nobody twice.
         let requeued = s.queue_review(&queue("r-b", "review", 1, Some(1_000))).await.unwrap();
         assert!(!requeued.fresh, "{}", t.label);

@@ -24,6 +24,10 @@ pub struct DatasetFields {
     /// writes): an export holds a row per decision and policy, and one item may violate one policy and not
     /// another, so another policy's label is no label for this one. Rows that name no policy are kept.
     pub policy: Option<String>,
+    /// Keeps only rows labelled under this version of the policy where a row names one (the `policy_hash` field
+    /// of an export): a label given under an older wording may be wrong under this one, and the model is tied
+    /// to the version it is trained for. Rows that name no version are kept.
+    pub policy_hash: Option<String>,
 }
 
 impl Default for DatasetFields {
@@ -35,12 +39,15 @@ impl Default for DatasetFields {
             label_values: Vec::new(),
             weight_scale: 1.0,
             policy: None,
+            policy_hash: None,
         }
     }
 }
 
 /// The field a row names its policy in, as `safeguard export dataset` writes it.
 pub const POLICY_FIELD: &str = "policy";
+/// The field a row names the policy version it was labelled under, as `safeguard export dataset` writes it.
+pub const POLICY_HASH_FIELD: &str = "policy_hash";
 
 /// One value of a label field read as a training label with its own weight: how a dataset's own classes map
 /// onto the policy's violation/benign, e.g. Davidson's class 1 ("offensive, not hate") as a weak violation.
@@ -125,6 +132,10 @@ pub struct DatasetProvenance {
     /// Rows left out because they name another policy ([`DatasetFields::policy`]).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub other_policy_rows: usize,
+    /// Rows left out because they were labelled under another version of the policy
+    /// ([`DatasetFields::policy_hash`]).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub other_version_rows: usize,
     /// Rows left out because their label value maps to weight 0 (`LabelValue::weight`): not an error, but a
     /// file that trains on fewer rows than it holds should say so.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -253,6 +264,7 @@ pub fn load_dataset(path: &Path, fields: &DatasetFields, source: usize) -> Resul
     };
     let mut examples = Vec::with_capacity(rows.len());
     let mut other_policy_rows = 0;
+    let mut other_version_rows = 0;
     let mut dropped_rows = 0;
     for (line, row) in &rows {
         let at = || format!("{}:{line}", path.display());
@@ -260,6 +272,13 @@ pub fn load_dataset(path: &Path, fields: &DatasetFields, source: usize) -> Resul
             && named != wanted
         {
             other_policy_rows += 1;
+            continue;
+        }
+        if let (Some(wanted), Some(serde_json::Value::String(named))) =
+            (&fields.policy_hash, row.get(POLICY_HASH_FIELD))
+            && named != wanted
+        {
+            other_version_rows += 1;
             continue;
         }
         let text = match row.get(&text_field) {
@@ -312,6 +331,14 @@ pub fn load_dataset(path: &Path, fields: &DatasetFields, source: usize) -> Resul
         };
         examples.push(Example { text, violates, weight: item_weight * value_weight, source });
     }
+    if examples.is_empty() && other_version_rows > 0 {
+        let wanted = fields.policy_hash.as_deref().unwrap_or_default();
+        return Err(TriageError::Dataset(format!(
+            "{}: all {other_version_rows} rows of this policy were labelled under other versions than {wanted} \
+             (field {POLICY_HASH_FIELD:?}); label data under this version, or read them anyway (--any-policy-version)",
+            path.display()
+        )));
+    }
     if examples.is_empty() && other_policy_rows > 0 {
         let wanted = fields.policy.as_deref().unwrap_or_default();
         return Err(TriageError::Dataset(format!(
@@ -336,6 +363,7 @@ pub fn load_dataset(path: &Path, fields: &DatasetFields, source: usize) -> Resul
             weight_scale: fields.weight_scale,
             auxiliary: false,
             other_policy_rows,
+            other_version_rows,
             dropped_rows,
         },
         examples,
@@ -377,6 +405,39 @@ mod tests {
         assert!(refused.contains("other policies"), "{refused}");
         // Without a policy to keep, every row is read.
         assert_eq!(load_dataset(&mixed, &DatasetFields::default(), 0).unwrap().examples.len(), 4);
+    }
+
+    /// A label given under an older wording of the policy is no label for this one: left out and counted, and a
+    /// file of nothing but older labels is refused rather than read as empty.
+    #[test]
+    fn only_this_versions_rows_are_its_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let export = write(
+            dir.path(),
+            "export.jsonl",
+            "{\"text\":\"buy now\",\"violates\":1,\"policy\":\"spam\",\"policy_hash\":\"sha256:old\"}\n\
+             {\"text\":\"buy now\",\"violates\":0,\"policy\":\"spam\",\"policy_hash\":\"sha256:new\"}\n\
+             {\"text\":\"hello\",\"violates\":0}\n",
+        );
+        let new = DatasetFields {
+            policy: Some("spam".into()),
+            policy_hash: Some("sha256:new".into()),
+            ..DatasetFields::default()
+        };
+        let d = load_dataset(&export, &new, 0).unwrap();
+        let rows: Vec<_> = d.examples.iter().map(|e| (e.text.as_str(), e.violates)).collect();
+        assert_eq!(rows, [("buy now", false), ("hello", false)]);
+        assert_eq!(d.provenance.other_version_rows, 1);
+        let only_old = write(
+            dir.path(),
+            "old.jsonl",
+            "{\"text\":\"x\",\"violates\":1,\"policy\":\"spam\",\"policy_hash\":\"sha256:old\"}\n",
+        );
+        let refused = load_dataset(&only_old, &new, 0).unwrap_err().to_string();
+        assert!(refused.contains("other versions") && refused.contains("sha256:new"), "{refused}");
+        // Without a version to keep, every row of the policy is read.
+        let any_version = DatasetFields { policy_hash: None, ..new };
+        assert_eq!(load_dataset(&export, &any_version, 0).unwrap().examples.len(), 3);
     }
 
     #[test]

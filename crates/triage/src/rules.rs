@@ -133,7 +133,7 @@ impl RuleMatch {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct CompiledRegex {
     regex: Regex,
     rule: String,
@@ -142,7 +142,7 @@ struct CompiledRegex {
     origin: (usize, usize),
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct KeywordMeta {
     rule: String,
     action: RuleAction,
@@ -154,7 +154,7 @@ struct KeywordMeta {
 }
 
 /// Compiled rules; build once, evaluate many times from any thread.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct RuleSet {
     keywords: Option<AhoCorasick>,
     /// Per Aho-Corasick pattern id.

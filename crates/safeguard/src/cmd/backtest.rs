@@ -133,7 +133,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             let (dataset, before, skipped) = runtime.block_on(stored_decisions(
                 url,
                 args.database_schema.clone(),
-                &policy.meta.name,
+                &policy,
                 args.limit,
                 &mut contents,
             ))?;
@@ -198,15 +198,19 @@ enum Before {
     Baseline(Option<Box<Policy>>),
 }
 
-/// The stored decisions that judged a policy of this name (any version), as a label-less dataset plus the
-/// stored verdicts as the "before" run.
+/// The stored decisions in which the model judged another version of this policy (by name), as a label-less
+/// dataset plus the stored verdicts as the "before" run. Left out, with why: verdicts triage settled (its rules
+/// and classifier are not the policy text, so a flip would blame the new wording for what triage did) and
+/// verdicts already given under the version being tested (nothing changed for them).
 async fn stored_decisions(
     url: &str,
     schema: Option<String>,
-    policy_name: &str,
+    policy: &Policy,
     limit: usize,
     contents: &mut BTreeMap<String, Content>,
 ) -> anyhow::Result<(Dataset, Vec<PredictionRecord>, Vec<(String, String)>)> {
+    let policy_name = policy.meta.name.as_str();
+    let new_version = policy.hash.to_string();
     let store =
         Store::connect(url, StoreOptions { schema, ..Default::default() }).await.context("cannot open the database")?;
     let filter = DecisionFilter {
@@ -239,6 +243,15 @@ async fn stored_decisions(
         };
         if verdicts.is_empty() {
             skipped.push((decision.id, format!("no stored verdict for `{policy_name}`")));
+            continue;
+        }
+        let verdicts: Vec<serde_json::Value> = verdicts.into_iter().filter(|v| v["stage"] != "triage").collect();
+        if verdicts.is_empty() {
+            skipped.push((decision.id, "settled by triage, not by the model".to_string()));
+            continue;
+        }
+        if verdicts.iter().all(|v| v["policy_hash"] == new_version.as_str()) {
+            skipped.push((decision.id, "already judged under this version".to_string()));
             continue;
         }
         let record = serde_json::json!({ "id": decision.id, "verdicts": verdicts, "model": decision.model_id });

@@ -10,10 +10,12 @@ use anyhow::{Context, bail};
 use safeguard_eval::html::{render_comparison_html, render_report_html};
 use safeguard_eval::score::ScoreReport;
 use safeguard_eval::{
-    Comparison, Dataset, DatasetSpec, FieldMapping, Metrics, PredictionRecord, ScoreOptions, compare_runs, excerpt,
-    read_predictions, score_predictions,
+    Comparison, Dataset, DatasetSpec, FieldMapping, Metrics, PredictionRecord, Predictions, ScoreOptions, compare_runs,
+    excerpt, read_predictions, score_predictions,
 };
+use safeguard_policy::Policy;
 
+use super::classify::load_policies;
 use super::{EXIT_FAILURE, EXIT_FINDINGS};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -60,6 +62,11 @@ pub struct Args {
     /// Another label field, scored as its own category (repeatable).
     #[arg(long = "category-field", value_name = "NAME")]
     category_fields: Vec<String>,
+    /// Also count rows of an export labelled under other versions of a policy (their `policy_hash` differs from
+    /// the policy file's). By default a live run leaves them out: a label given under an older wording may be
+    /// wrong under this one. Scoring saved output names no policy file, so every row counts there.
+    #[arg(long)]
+    any_policy_version: bool,
     /// Scoring saved runs: the policy NAME whose verdict is scored [default: the overall outcome].
     /// Running live: a policy FILE (repeatable).
     #[arg(long, value_name = "NAME|FILE")]
@@ -105,17 +112,25 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let dataset = load_dataset(&args)?;
+    // A live run names policy files: loaded once, for the versions whose labels count and to run them.
+    let policies = match args.model {
+        Some(_) => load_policies(&args.policy.iter().map(PathBuf::from).collect::<Vec<_>>())?,
+        None => Vec::new(),
+    };
+    let dataset = load_dataset(&args, &policies)?;
     let options = score_options(&args)?;
     if let Some(path) = &args.predictions {
         let predictions = read_predictions(path)?;
-        let report = score_predictions(&predictions, &dataset, &options)?;
-        let (errors, missing) = (report.errors, report.missing_predictions.count);
+        let mut report = score_predictions(&predictions.records, &dataset, &options)?;
+        report.add_unjoinable(&predictions.unjoinable, options.max_listed_ids);
+        let unjudged = unjudged(&report);
         let code = emit_report(&args, &[(path.display().to_string(), report)])?;
-        if (errors > 0 || missing > 0) && code == ExitCode::SUCCESS {
+        if let Some(why) = unjudged
+            && code == ExitCode::SUCCESS
+        {
             // The report is complete, but not every item was judged: as a live run that failed some, the run did
             // not fully work, and a gate must not pass on it.
-            eprintln!("{errors} classification(s) failed and {missing} item(s) have no prediction");
+            eprintln!("{why}");
             return Ok(ExitCode::from(EXIT_FAILURE));
         }
         Ok(code)
@@ -125,10 +140,27 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         };
         let before = read_predictions(before_path)?;
         let after = read_predictions(after_path)?;
-        let comparison = compare_runs(&before, &after, &dataset, &options)?;
-        emit_comparison(&args, before_path, after_path, &comparison)
+        let mut comparison = compare_runs(&before.records, &after.records, &dataset, &options)?;
+        comparison.before.add_unjoinable(&before.unjoinable, options.max_listed_ids);
+        comparison.after.add_unjoinable(&after.unjoinable, options.max_listed_ids);
+        // The comparison covers the items both runs judged; each run must still have judged every item, or a
+        // gate on the shared part passes on a run that failed the rest.
+        let mut unjudged_runs = Vec::new();
+        for (path, run) in [(before_path, &before), (after_path, &after)] {
+            if let Some(why) = unjudged_run(run, &dataset, &options)? {
+                unjudged_runs.push(format!("{}: {why}", path.display()));
+            }
+        }
+        let code = emit_comparison(&args, before_path, after_path, &comparison)?;
+        if !unjudged_runs.is_empty() && code == ExitCode::SUCCESS {
+            for why in &unjudged_runs {
+                eprintln!("{why}");
+            }
+            return Ok(ExitCode::from(EXIT_FAILURE));
+        }
+        Ok(code)
     } else if args.model.is_some() {
-        live::run(&args, dataset, options)
+        live::run(&args, dataset, options, policies)
     } else {
         bail!("say what to evaluate: --predictions FILE, --compare BEFORE AFTER, or --policy FILE --model PATH")
     }
@@ -146,8 +178,35 @@ pub(super) fn shared_data_dir(asked: Option<&Path>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("shared/data"))
 }
 
-fn load_dataset(args: &Args) -> anyhow::Result<Dataset> {
+/// Why a report shows a run that did not judge every item (a failed classification, a line without an item id, an
+/// item with no prediction), or `None` when it judged them all.
+fn unjudged(report: &ScoreReport) -> Option<String> {
+    let (errors, missing, unjoinable) = (report.errors, report.missing_predictions.count, &report.unjoinable);
+    if errors == 0 && missing == 0 && unjoinable.count == 0 {
+        return None;
+    }
+    let mut why = format!("{errors} classification(s) failed and {missing} item(s) have no prediction");
+    if unjoinable.count > 0 {
+        why.push_str(&format!("; {} prediction line(s) name no item: {}", unjoinable.count, unjoinable.ids.join("; ")));
+    }
+    Some(why)
+}
+
+/// [`unjudged`] for one whole run of a comparison (the comparison itself scores only the items both runs have).
+fn unjudged_run(run: &Predictions, dataset: &Dataset, options: &ScoreOptions) -> anyhow::Result<Option<String>> {
+    let mut report = score_predictions(&run.records, dataset, options)?;
+    report.add_unjoinable(&run.unjoinable, options.max_listed_ids);
+    Ok(unjudged(&report))
+}
+
+/// Loads the dataset; with policy files (a live run), an export's rows labelled under other versions of them are
+/// left out unless `--any-policy-version`.
+fn load_dataset(args: &Args, policies: &[Policy]) -> anyhow::Result<Dataset> {
     let spec: DatasetSpec = args.dataset.parse()?;
+    let policy_versions = match args.any_policy_version {
+        true => BTreeMap::new(),
+        false => policies.iter().map(|p| (p.meta.name.clone(), p.hash.to_string())).collect(),
+    };
     let mapping = FieldMapping {
         text_field: args.text_field.clone(),
         label_field: args.label_field.clone(),
@@ -155,21 +214,25 @@ fn load_dataset(args: &Args) -> anyhow::Result<Dataset> {
         positive_label: args.positive_label.clone(),
         group_field: args.group_field.clone(),
         category_fields: args.category_fields.clone(),
+        policy_versions,
     };
     let mut dataset = spec
         .load(&shared_data_dir(args.data_dir.as_deref()), &mapping)
         .with_context(|| format!("loading dataset {}", args.dataset))?;
+    for (policy, rows) in &dataset.other_version_rows {
+        let version = mapping.policy_versions.get(policy).map(String::as_str).unwrap_or_default();
+        eprintln!(
+            "left out {rows} row(s) of policy `{policy}` labelled under other versions than {version} \
+             (--any-policy-version counts them)"
+        );
+    }
     if dataset.labelled_per_policy
         && let [policy] = args.policy.as_slice()
     {
         // One policy scored against an export that labels several: only that policy's labels count.
-        let name = if args.model.is_some() {
-            safeguard_policy::Policy::load(Path::new(policy))
-                .with_context(|| format!("loading policy {policy}"))?
-                .meta
-                .name
-        } else {
-            policy.clone()
+        let name = match policies {
+            [loaded] => loaded.meta.name.clone(),
+            _ => policy.clone(),
         };
         dataset.focus_on_policy(&name)?;
     }
@@ -296,6 +359,13 @@ fn text_report(name: &str, r: &ScoreReport) -> String {
         r.unknown_predictions.count,
         r.duplicate_predictions.count
     );
+    if r.unjoinable.count > 0 {
+        out.push_str(&format!(
+            "{} prediction line(s) name no item (failures): {}\n",
+            r.unjoinable.count,
+            r.unjoinable.ids.join("; ")
+        ));
+    }
     out.push_str(METRICS_HEADER);
     out.push_str(&metrics_line("review as positive", &r.metrics));
     out.push_str(&metrics_line("review excluded", &r.excluding_needs_review));
@@ -427,11 +497,10 @@ mod live {
     use std::sync::Arc;
 
     use safeguard_core::{Classifier, ClassifyOptions};
-    use safeguard_eval::{FnClassifier, Item, RunOptions, run_eval};
+    use safeguard_eval::{FnClassifier, Item, RunOptions, fingerprint, run_eval};
     use safeguard_harmony::{Content, Effort};
-    use safeguard_policy::Policy;
 
-    use super::super::classify::{EngineArgs, load_policies, load_reasoner, runtime};
+    use super::super::classify::{EngineArgs, load_reasoner, runtime};
     use super::*;
 
     async fn classify_one(
@@ -458,11 +527,36 @@ mod live {
         serde_json::from_value(value).map_err(|e| e.to_string())
     }
 
-    pub fn run(args: &Args, dataset: Dataset, options: ScoreOptions) -> anyhow::Result<ExitCode> {
-        if args.policy.is_empty() {
+    /// Everything besides the policy bodies that changes an answer, as one fingerprint for the cache key: each
+    /// policy's front matter (its output format, `escalate_on`, `high_risk`… decide the verdict, yet do not change
+    /// the body hash), the token cap, the engine settings that change what is decoded, and the model file's size
+    /// and modification time (two models may share a file name). Threads and concurrency change only the speed.
+    fn cache_settings(args: &Args, policies: &[Policy], model: &Path) -> anyhow::Result<String> {
+        let mut parts: Vec<Vec<u8>> = Vec::new();
+        for policy in policies {
+            parts.push(serde_json::to_vec(&policy.meta).context("cannot serialize a policy's front matter")?);
+        }
+        parts.push(format!("max_tokens={:?}", args.max_tokens).into_bytes());
+        parts.push(format!("context={:?};gpu_layers={}", args.engine.context, args.engine.gpu_layers).into_bytes());
+        let metadata = std::fs::metadata(model).with_context(|| format!("cannot read {}", model.display()))?;
+        let modified = metadata
+            .modified()
+            .ok()
+            .and_then(|time| time.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|since| since.as_nanos());
+        parts.push(format!("model_bytes={};model_modified={modified:?}", metadata.len()).into_bytes());
+        Ok(fingerprint(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>()))
+    }
+
+    pub fn run(
+        args: &Args,
+        dataset: Dataset,
+        options: ScoreOptions,
+        policies: Vec<Policy>,
+    ) -> anyhow::Result<ExitCode> {
+        if policies.is_empty() {
             bail!("a live run needs at least one --policy FILE");
         }
-        let policies = load_policies(&args.policy.iter().map(PathBuf::from).collect::<Vec<_>>())?;
         let mut efforts = Vec::new();
         for effort in &args.effort {
             let parsed: Effort = effort.parse().map_err(|e| anyhow::anyhow!("--effort {effort}: {e}"))?;
@@ -471,11 +565,9 @@ mod live {
         let model = args.model.as_deref().context("--model is required for a live run")?;
         let reasoner = load_reasoner(&EngineArgs { model, engine: args.engine, sequences: args.concurrency.max(1) })?;
         let model_id = reasoner.model_id();
-        // The cache key must change whenever the answer could: policy texts, and the token cap.
-        let mut policy_hash = policies.iter().map(|p| p.hash.to_string()).collect::<Vec<_>>().join("+");
-        if let Some(max_tokens) = args.max_tokens {
-            policy_hash.push_str(&format!(";max_tokens={max_tokens}"));
-        }
+        // The cache key must change whenever the answer could: policy texts here, the rest in `settings`.
+        let policy_hash = policies.iter().map(|p| p.hash.to_string()).collect::<Vec<_>>().join("+");
+        let settings = cache_settings(args, &policies, model)?;
         let shared = Arc::new((Classifier::new(reasoner), policies));
         let max_tokens = args.max_tokens;
         let adapter = FnClassifier(move |item: Item, effort: String| {
@@ -493,6 +585,7 @@ mod live {
             concurrency: args.concurrency,
             cache_path: args.cache.clone(),
             policy_hash,
+            settings,
             model_id,
             ..RunOptions::default()
         };

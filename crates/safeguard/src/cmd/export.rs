@@ -218,6 +218,10 @@ fn dataset(args: DatasetArgs) -> anyhow::Result<ExitCode> {
 
     let mut skipped = Skipped::default();
     let mut human = Vec::new();
+    // In the order people gave them: of two corrections of one item (a review, then the answer to its appeal),
+    // the later stands.
+    let mut reviews = reviews;
+    reviews.sort_by_key(|(review, _)| review.decided_at);
     for (review, decision) in &reviews {
         let Some(text) = decision_text(decision, &mut skipped) else { continue };
         human.extend(
@@ -234,6 +238,7 @@ fn dataset(args: DatasetArgs) -> anyhow::Result<ExitCode> {
     model.retain(keep);
     let (human_count, model_count) = (human.len(), model.len());
     let examples = merge(model, human);
+    let human_kept = examples.iter().filter(|e| e.source == LabelSource::Human).count();
     if examples.is_empty() {
         bail!(
             "nothing to export: {} decided reviews{} gave no labelled example{}",
@@ -248,13 +253,15 @@ fn dataset(args: DatasetArgs) -> anyhow::Result<ExitCode> {
     writer.flush().with_context(|| format!("writing {}", args.out.display()))?;
     let violations = examples.iter().filter(|e| e.violates == 1).count();
     eprintln!(
-        "wrote {} examples ({} violations) to {}: {} human labels, {} model labels ({} replaced by a human label)",
+        "wrote {} examples ({} violations) to {}: {} human labels ({} overruled by a later one), {} model labels \
+         ({} replaced by a human label or a later replay)",
         examples.len(),
         violations,
         args.out.display(),
-        human_count,
-        examples.len() - human_count,
-        model_count + human_count - examples.len()
+        human_kept,
+        human_count - human_kept,
+        examples.len() - human_kept,
+        model_count - (examples.len() - human_kept)
     );
     for (why, count) in &skipped.0 {
         eprintln!("  skipped {count}: {why}");

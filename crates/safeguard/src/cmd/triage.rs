@@ -37,6 +37,10 @@ pub struct FieldArgs {
     /// it, as `safeguard export dataset` writes; else every item weighs 1).
     #[arg(long)]
     pub weight_field: Option<String>,
+    /// Also read rows labelled under other versions of the policy (an export's `policy_hash` differs from the
+    /// policy's). By default they are left out: a label given under an older wording may be wrong under this one.
+    #[arg(long)]
+    pub any_policy_version: bool,
 }
 
 impl FieldArgs {
@@ -107,6 +111,7 @@ impl AuxArgs {
             label_values: self.aux_labels.clone(),
             weight_scale: self.aux_weight,
             policy: None,
+            policy_hash: None,
         }
     }
 }
@@ -256,8 +261,13 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         // Fail now rather than at serving time if the policy's rules do not compile.
         RuleSet::compile(&rules)?;
     }
-    // An export holds labels for every policy; only this policy's rows are its labels.
-    let only_this_policy = |fields: DatasetFields| DatasetFields { policy: Some(policy.meta.name.clone()), ..fields };
+    // An export holds labels for every policy and every version of it; only this version's rows are its labels.
+    let version = (!args.fields.any_policy_version).then(|| policy.hash.to_string());
+    let only_this_policy = |fields: DatasetFields| DatasetFields {
+        policy: Some(policy.meta.name.clone()),
+        policy_hash: version.clone(),
+        ..fields
+    };
     let (primary_fields, aux_fields) = (only_this_policy(args.fields.fields()), only_this_policy(args.aux.fields()));
     // Primary sources first: source 0 is the deployed domain, and the primaries are the ones calibrated on.
     let inputs = args.datasets.iter().map(|p| (p, &primary_fields, false));
@@ -272,7 +282,7 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
             n => format!("; {n} rows {why} left out"),
         };
         eprintln!(
-            "{}{}: {} items, {} violations (text {:?}, label {:?}){}{}",
+            "{}{}: {} items, {} violations (text {:?}, label {:?}){}{}{}",
             if auxiliary { "auxiliary " } else { "" },
             path.display(),
             dataset.provenance.items,
@@ -280,6 +290,7 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
             dataset.provenance.text_field,
             dataset.provenance.label_field,
             left_out(dataset.provenance.other_policy_rows, "for other policies"),
+            left_out(dataset.provenance.other_version_rows, "labelled under other policy versions"),
             left_out(dataset.provenance.dropped_rows, "with a weight-0 label value"),
         );
         examples.extend(dataset.examples);
@@ -404,7 +415,12 @@ fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let model = TriageModel::load_with_encoder(&args.model, args.encoder.as_deref())?;
     let rules = load_rules(&args, &model)?;
     // Scored on the labels of the policy the model was trained for, as training read them.
-    let fields = DatasetFields { policy: model.meta.policy_name.clone(), ..args.fields.fields() };
+    let version = (!args.fields.any_policy_version).then(|| model.meta.policy_hash.clone());
+    let fields = DatasetFields {
+        policy: model.meta.policy_name.clone(),
+        policy_hash: version.filter(|hash| !hash.is_empty()),
+        ..args.fields.fields()
+    };
     let dataset = load_dataset(&args.dataset, &fields, 0)?;
     let triage = Triage::new(rules, Some(model));
     let model = triage.model().context("triage has no model")?;
