@@ -2,7 +2,8 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts;
 use axum::http::header;
@@ -34,7 +35,7 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let caller = if state.config.open_access {
+        let caller = if state.open_access.still_open(&state.store).await {
             Caller { key_id: "open".into(), scopes: vec!["admin".into()] }
         } else {
             let secret = parts
@@ -58,6 +59,49 @@ impl FromRequestParts<AppState> for Caller {
         };
         state.rate_limiter.check(&caller.key_id)?;
         Ok(caller)
+    }
+}
+
+/// Serving without keys (on loopback, when the database holds none) lasts only while no key exists: a key made
+/// while the server runs (`safeguard keys create` against its database) ends it within `recheck`, without the
+/// restart an operator would not think of.
+pub(crate) struct OpenAccess {
+    open: AtomicBool,
+    recheck: Duration,
+    checked: Mutex<Instant>,
+}
+
+impl OpenAccess {
+    pub(crate) fn new(open: bool, recheck: Duration) -> Self {
+        OpenAccess { open: AtomicBool::new(open), recheck, checked: Mutex::new(Instant::now()) }
+    }
+
+    /// Whether requests still need no key. Once closed, it stays closed: revoking every key later does not
+    /// open the server again.
+    pub(crate) async fn still_open(&self, store: &safeguard_store::Store) -> bool {
+        if !self.open.load(Ordering::Acquire) {
+            return false;
+        }
+        let due = {
+            let mut checked = self.checked.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let due = checked.elapsed() >= self.recheck;
+            if due {
+                *checked = Instant::now();
+            }
+            due
+        };
+        if due {
+            match store.has_api_keys().await {
+                Ok(true) => {
+                    self.open.store(false, Ordering::Release);
+                    tracing::warn!("an API key exists now: every request needs a key from here on");
+                }
+                Ok(false) => {}
+                // Still on loopback and still without a key as far as anyone knows; asked again next time.
+                Err(e) => tracing::warn!("cannot check whether API keys exist yet: {e}"),
+            }
+        }
+        self.open.load(Ordering::Acquire)
     }
 }
 

@@ -107,7 +107,8 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Registered (hashed) as an admin key at start-up.
     pub admin_key: Option<String>,
-    /// Serve without keys. Only taken when no key exists and the address is loopback; decided at start.
+    /// Serve without keys. Only taken when no key exists and the address is loopback; decided at start, and
+    /// ended by the first key made while the server runs (within `lookup_ttl`).
     pub open_access: bool,
     pub limits: Limits,
     pub rate_limit_per_minute: u32,
@@ -124,6 +125,8 @@ pub struct ServerConfig {
     pub webhook_secret: String,
     pub webhook_max_attempts: i64,
     pub webhook_backoff: Duration,
+    /// Webhook deliveries sent at once, so that a receiver that hangs does not hold up the others.
+    pub webhook_concurrency: usize,
     /// Which hosts webhooks may reach: public addresses, plus those let in.
     pub webhook_targets: WebhookTargets,
     /// Policy names `/v1/moderations` classifies against; empty means the starter library.
@@ -177,6 +180,7 @@ impl Default for ServerConfig {
             webhook_secret: String::new(),
             webhook_max_attempts: 8,
             webhook_backoff: Duration::from_secs(2),
+            webhook_concurrency: 8,
             webhook_targets: WebhookTargets::default(),
             moderation_policies: Vec::new(),
             moderation_max_tokens: None,
@@ -213,6 +217,7 @@ pub struct AppState {
     /// Cost and latency per policy and effort, from every prompt the classifier finished.
     pub(crate) prompts: Arc<metrics_setup::PromptMetrics>,
     pub(crate) lookups: Arc<lookup_cache::Lookups>,
+    pub(crate) open_access: Arc<auth::OpenAccess>,
     /// The NATS worker's connection while it has one: a person's decision on an item that came in as an event
     /// is published on it.
     pub(crate) nats_out: Arc<std::sync::RwLock<Option<safeguard_pipeline::nats::Bus>>>,
@@ -279,7 +284,7 @@ impl Server {
         if let Some(key) = &config.admin_key {
             store.insert_api_key("admin (SAFEGUARD_ADMIN_KEY)", &["admin".to_string()], key).await?;
         }
-        let any_key = !store.list_api_keys().await?.is_empty();
+        let any_key = store.has_api_keys().await?;
         config.open_access = !any_key;
         if config.open_access {
             if !config.listen.ip().is_loopback() {
@@ -330,6 +335,7 @@ impl Server {
             items: Arc::new(metrics_setup::ItemStats::new(config.cost_per_1k_tokens)),
             prompts: prompt_metrics,
             lookups: Arc::new(lookup_cache::Lookups::new(config.lookup_ttl)),
+            open_access: Arc::new(auth::OpenAccess::new(config.open_access, config.lookup_ttl)),
             nats_out: Arc::default(),
             rate_limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst)),
             config: Arc::new(config),

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
-use safeguard_store::now_ms;
+use safeguard_store::{Delivery, now_ms};
 use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
 
@@ -176,78 +176,36 @@ pub fn verify_webhook(secret: &str, timestamp: i64, body: &str, signature: &str)
     mac.verify_slice(&expected).is_ok()
 }
 
+/// Claims due deliveries and sends up to `webhook_concurrency` at once: one receiver that hangs until the timeout
+/// must not hold up every other caller's webhook behind it. On shutdown, the deliveries being sent are finished.
 pub(crate) async fn sender(state: AppState, shutdown: CancellationToken) {
-    let lease_ms = 30_000;
+    let slots = Arc::new(tokio::sync::Semaphore::new(state.config.webhook_concurrency.max(1)));
+    let mut sending = tokio::task::JoinSet::new();
     loop {
-        if shutdown.is_cancelled() {
-            break;
-        }
-        match state.store.claim_delivery(lease_ms).await {
+        while sending.try_join_next().is_some() {}
+        // A slot first, then a claim: a claimed delivery waiting for a slot would spend its lease unsent.
+        let slot = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            slot = slots.clone().acquire_owned() => slot,
+        };
+        let Ok(slot) = slot else { break };
+        match state.store.claim_delivery(DELIVERY_LEASE_MS).await {
             Ok(Some(delivery)) => {
-                // Checked again here: an address in the URL is never resolved (so the resolver never sees it), and
-                // the server may have been restarted with fewer hosts let in since the job was accepted.
-                if let Err(refused) = state.config.webhook_targets.check_url(&delivery.url) {
-                    metrics::counter!("safeguard_webhook_attempts_total", "result" => "refused").increment(1);
-                    tracing::warn!(delivery_id = %delivery.id, %refused, "webhook target refused");
-                    // No retry: the same URL is refused the same way every time.
-                    let error = format!("target refused: {refused}");
-                    if let Err(err) =
-                        state.store.record_delivery_attempt(&delivery, false, None, Some(&error), None).await
-                    {
-                        tracing::warn!(error = %err, "recording a webhook attempt failed");
-                    }
-                    continue;
-                }
-                let timestamp = now_ms() / 1000;
-                let signature = sign_webhook(&state.config.webhook_secret, timestamp, &delivery.body);
-                let sent = state
-                    .http
-                    .post(&delivery.url)
-                    .header("content-type", "application/json")
-                    .header("x-safeguard-signature", signature)
-                    .header("x-safeguard-timestamp", timestamp.to_string())
-                    .header("x-safeguard-delivery", delivery.id.clone())
-                    .body(delivery.body.clone())
-                    .send()
-                    .await;
-                let (delivered, status, error) = match sent {
-                    Ok(response) if response.status().is_success() => (true, Some(response.status().as_u16()), None),
-                    Ok(response) if response.status().is_redirection() => (
-                        false,
-                        Some(response.status().as_u16()),
-                        Some(format!("HTTP {}: redirects are not followed", response.status())),
-                    ),
-                    Ok(response) => {
-                        (false, Some(response.status().as_u16()), Some(format!("HTTP {}", response.status())))
-                    }
-                    Err(err) => (false, None, Some(with_causes(&err))),
-                };
-                let attempts = delivery.attempts + 1;
-                let retry_at = (!delivered && attempts < state.config.webhook_max_attempts).then(|| {
-                    let backoff = state.config.webhook_backoff.as_millis() as i64 * (1i64 << attempts.min(20));
-                    now_ms() + backoff.min(3_600_000)
+                let state = state.clone();
+                sending.spawn(async move {
+                    deliver(&state, delivery).await;
+                    drop(slot);
                 });
-                metrics::counter!("safeguard_webhook_attempts_total", "result" => if delivered { "delivered" } else { "failed" }).increment(1);
-                match state
-                    .store
-                    .record_delivery_attempt(&delivery, delivered, status, error.as_deref(), retry_at)
-                    .await
-                {
-                    Ok(true) => {}
-                    Ok(false) => tracing::warn!(
-                        delivery_id = %delivery.id,
-                        "the webhook lease ran out during the attempt; another sender has the delivery now"
-                    ),
-                    Err(err) => tracing::warn!(error = %err, "recording a webhook attempt failed"),
-                }
             }
             Ok(None) => {
+                drop(slot);
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
                     _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                 }
             }
             Err(err) => {
+                drop(slot);
                 tracing::warn!(error = %err, "claiming a webhook delivery failed");
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -255,6 +213,63 @@ pub(crate) async fn sender(state: AppState, shutdown: CancellationToken) {
                 }
             }
         }
+    }
+    while sending.join_next().await.is_some() {}
+}
+
+/// How long a claimed delivery is this sender's: longer than one attempt (the client times out at 10 s).
+const DELIVERY_LEASE_MS: i64 = 30_000;
+
+/// One attempt at a claimed delivery, recorded under the claim.
+async fn deliver(state: &AppState, delivery: Delivery) {
+    // Checked again here: an address in the URL is never resolved (so the resolver never sees it), and the server
+    // may have been restarted with fewer hosts let in since the job was accepted.
+    if let Err(refused) = state.config.webhook_targets.check_url(&delivery.url) {
+        metrics::counter!("safeguard_webhook_attempts_total", "result" => "refused").increment(1);
+        tracing::warn!(delivery_id = %delivery.id, %refused, "webhook target refused");
+        // No retry: the same URL is refused the same way every time.
+        let error = format!("target refused: {refused}");
+        if let Err(err) = state.store.record_delivery_attempt(&delivery, false, None, Some(&error), None).await {
+            tracing::warn!(error = %err, "recording a webhook attempt failed");
+        }
+        return;
+    }
+    let timestamp = now_ms() / 1000;
+    let signature = sign_webhook(&state.config.webhook_secret, timestamp, &delivery.body);
+    let sent = state
+        .http
+        .post(&delivery.url)
+        .header("content-type", "application/json")
+        .header("x-safeguard-signature", signature)
+        .header("x-safeguard-timestamp", timestamp.to_string())
+        .header("x-safeguard-delivery", delivery.id.clone())
+        .body(delivery.body.clone())
+        .send()
+        .await;
+    let (delivered, status, error) = match sent {
+        Ok(response) if response.status().is_success() => (true, Some(response.status().as_u16()), None),
+        Ok(response) if response.status().is_redirection() => (
+            false,
+            Some(response.status().as_u16()),
+            Some(format!("HTTP {}: redirects are not followed", response.status())),
+        ),
+        Ok(response) => (false, Some(response.status().as_u16()), Some(format!("HTTP {}", response.status()))),
+        Err(err) => (false, None, Some(with_causes(&err))),
+    };
+    let attempts = delivery.attempts + 1;
+    let retry_at = (!delivered && attempts < state.config.webhook_max_attempts).then(|| {
+        let backoff = state.config.webhook_backoff.as_millis() as i64 * (1i64 << attempts.min(20));
+        now_ms() + backoff.min(3_600_000)
+    });
+    metrics::counter!("safeguard_webhook_attempts_total", "result" => if delivered { "delivered" } else { "failed" })
+        .increment(1);
+    match state.store.record_delivery_attempt(&delivery, delivered, status, error.as_deref(), retry_at).await {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(
+            delivery_id = %delivery.id,
+            "the webhook lease ran out during the attempt; another sender has the delivery now"
+        ),
+        Err(err) => tracing::warn!(error = %err, "recording a webhook attempt failed"),
     }
 }
 

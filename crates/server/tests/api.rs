@@ -695,15 +695,28 @@ async fn keyless_servers_only_on_loopback() {
     let public = ServerConfig { listen: "0.0.0.0:0".parse().unwrap(), ..ServerConfig::default() };
     let err = Server::start(public, reasoner.clone(), store.clone()).await.err().expect("refused");
     assert!(err.to_string().contains("without authentication"), "{err}");
-    let local = ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..ServerConfig::default() };
-    let server = Server::start(local, reasoner, store).await.unwrap();
-    let response = reqwest::Client::new()
-        .post(format!("http://{}/v1/classify", server.addr))
-        .json(&json!({"text": "hello", "policies": ["spam"]}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 200);
+    let local = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        lookup_ttl: Duration::from_millis(50),
+        ..ServerConfig::default()
+    };
+    let server = Server::start(local, reasoner, store.clone()).await.unwrap();
+    let classify = |key: Option<&str>| {
+        let request = reqwest::Client::new()
+            .post(format!("http://{}/v1/classify", server.addr))
+            .json(&json!({"text": "hello", "policies": ["spam"]}));
+        let request = match key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        };
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(classify(None).await, 200);
+    // A key made while it runs (`safeguard keys create` on its database) ends serving without keys, no restart.
+    let (_, secret) = store.create_api_key("ops", &["classify".to_string()]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(classify(None).await, 401);
+    assert_eq!(classify(Some(&secret)).await, 200);
     server.shutdown().await.unwrap();
 }
 
@@ -1253,6 +1266,64 @@ async fn webhook_redirects_are_failed_attempts() {
     assert_eq!((delivery.status.as_str(), delivery.attempts, delivery.last_status), ("failed", 2, Some(302)));
     assert!(delivery.last_error.as_deref().unwrap_or("").contains("302"), "{delivery:?}");
     assert_eq!((hook_hits.load(Ordering::SeqCst), landed_hits.load(Ordering::SeqCst)), (2, 0));
+}
+
+/// A receiver that hangs holds up only its own delivery: another job's webhook arrives meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_webhook_receiver_does_not_hold_up_the_others() {
+    let slow_hits = Arc::new(AtomicUsize::new(0));
+    let fast_hits = Arc::new(AtomicUsize::new(0));
+    let receiver = {
+        let (slow_hits, fast_hits) = (slow_hits.clone(), fast_hits.clone());
+        axum::Router::new()
+            .route(
+                "/slow",
+                axum::routing::post(move || {
+                    slow_hits.fetch_add(1, Ordering::SeqCst);
+                    async {
+                        tokio::time::sleep(Duration::from_secs(8)).await;
+                        axum::http::StatusCode::OK
+                    }
+                }),
+            )
+            .route(
+                "/fast",
+                axum::routing::post(move || {
+                    fast_hits.fetch_add(1, Ordering::SeqCst);
+                    async { axum::http::StatusCode::OK }
+                }),
+            )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, receiver).await.unwrap() });
+
+    let h = Harness::start(|_| {}).await;
+    let key = h.key(&["classify"]).await;
+    let submit = |hook: String| {
+        let body = json!({"text": "BUY NOW", "policies": ["spam"], "webhook_url": hook});
+        h.call("POST", "/v1/jobs", Some(&key), Some(body))
+    };
+    let (status, job) = submit(format!("{base}/slow")).await;
+    assert_eq!(status, 202, "{job}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while slow_hits.load(Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < deadline, "the slow receiver was never called");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, job) = submit(format!("{base}/fast")).await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let deliveries = h.store.deliveries_for_job(id).await.unwrap();
+        if deliveries.iter().any(|d| d.status == "delivered") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the fast webhook waited behind the slow one: {deliveries:?}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(fast_hits.load(Ordering::SeqCst), 1);
 }
 
 /// A body sent inline with its own front matter is stored unpinned under its name. Publishing the same body with

@@ -79,6 +79,12 @@ impl Store {
         row.as_ref().map(row_to_key).transpose()
     }
 
+    /// Whether any key was ever made (revoked ones count: a server that had keys does not open up again).
+    pub async fn has_api_keys(&self) -> Result<bool> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM api_keys").fetch_one(&self.pool).await?;
+        Ok(row.try_get::<i64, _>("n")? > 0)
+    }
+
     pub async fn list_api_keys(&self) -> Result<Vec<ApiKeyRecord>> {
         let rows = sqlx::query("SELECT id, name, scopes, created_at, revoked_at FROM api_keys ORDER BY created_at")
             .fetch_all(&self.pool)

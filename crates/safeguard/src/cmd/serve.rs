@@ -59,6 +59,9 @@ pub struct Args {
     /// internal network, and where every key with the classify scope is trusted not to point them elsewhere.
     #[arg(long)]
     pub webhook_allow_private: bool,
+    /// Webhook deliveries sent at once: a receiver that hangs until the 10 s timeout holds up only its own.
+    #[arg(long, default_value_t = ServerConfig::default().webhook_concurrency, value_name = "N")]
+    pub webhook_concurrency: usize,
     /// Requests per minute per API key (0: unlimited).
     #[arg(long, default_value_t = 600)]
     pub rate_limit: u32,
@@ -277,6 +280,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             allowed_hosts: args.webhook_allow_hosts.clone(),
             allow_private: args.webhook_allow_private,
         },
+        webhook_concurrency: args.webhook_concurrency.max(1),
         moderation_policies: args.moderation_policies.clone(),
         moderation_max_tokens: args.moderation_max_tokens,
         default_effort: args.effort,
