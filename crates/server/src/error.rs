@@ -14,6 +14,9 @@ pub enum ApiError {
     Unauthorized,
     #[error("this API key lacks the {0:?} scope")]
     Forbidden(&'static str),
+    /// Serving without keys, a request that may come from a web page rather than from this machine.
+    #[error("{0}")]
+    NotLocal(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -38,6 +41,7 @@ impl ApiError {
             ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::NotLocal(_) => (StatusCode::FORBIDDEN, "keyless_local_only"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),

@@ -55,7 +55,7 @@ pub use ingest::NatsIngest;
 pub use safeguard_pipeline::ActiveLearning;
 pub use safeguard_pipeline::nats::NatsConfig;
 pub use timing::parse_server_timing;
-pub use webhooks::{WebhookTargets, sign_webhook, verify_webhook};
+pub use webhooks::{WebhookTargets, sign_webhook, verify_webhook, verify_webhook_fresh};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -72,6 +72,11 @@ pub enum ServerError {
          `safeguard keys create --scope admin`, or listen on a loopback address"
     )]
     NoKeysOnPublicAddress(SocketAddr),
+    #[error(
+        "refusing to serve {0} with a guessable SAFEGUARD_ADMIN_KEY ({1} characters): use at least \
+         {MIN_PUBLIC_ADMIN_KEY_CHARS} random characters, e.g. `openssl rand -hex 24`"
+    )]
+    WeakAdminKey(SocketAddr, usize),
     #[error("the server task failed: {0}")]
     Task(String),
     #[error("cannot build the webhook HTTP client: {0}")]
@@ -272,6 +277,13 @@ pub fn random_token() -> String {
 
 pub struct Server;
 
+/// The name the key from `SAFEGUARD_ADMIN_KEY` is stored under.
+const ADMIN_KEY_NAME: &str = "admin (SAFEGUARD_ADMIN_KEY)";
+
+/// The shortest `SAFEGUARD_ADMIN_KEY` accepted off loopback: the key is stored as a plain SHA-256, so a short or
+/// chosen-by-hand one falls to an offline guess if the database leaks, and to online guessing before that.
+pub const MIN_PUBLIC_ADMIN_KEY_CHARS: usize = 24;
+
 impl Server {
     /// Prepares the store (starter policies, admin key), binds, and starts HTTP, job workers and webhook
     /// delivery. Returns once the socket is listening.
@@ -282,7 +294,17 @@ impl Server {
     ) -> Result<RunningServer, ServerError> {
         policies::seed_starter_library(&store).await?;
         if let Some(key) = &config.admin_key {
-            store.insert_api_key("admin (SAFEGUARD_ADMIN_KEY)", &["admin".to_string()], key).await?;
+            let length = key.chars().count();
+            if !config.listen.ip().is_loopback() && length < MIN_PUBLIC_ADMIN_KEY_CHARS {
+                return Err(ServerError::WeakAdminKey(config.listen, length));
+            }
+            let admin = store.insert_api_key(ADMIN_KEY_NAME, &["admin".to_string()], key).await?;
+            // Setting another value is how an operator rotates the key: the ones it replaces stop working now,
+            // not whenever someone remembers `safeguard keys revoke`.
+            let retired = store.revoke_api_keys_named(ADMIN_KEY_NAME, &admin.id).await?;
+            if retired > 0 {
+                tracing::info!(retired, "earlier SAFEGUARD_ADMIN_KEY values revoked");
+            }
         }
         let any_key = store.has_api_keys().await?;
         config.open_access = !any_key;

@@ -194,7 +194,12 @@ pub(crate) async fn get_one(
         .get_decision(&review.decision_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("decision {}", review.decision_id)))?;
-    let reasoning = state.store.get_reasoning(&decision.id).await?.unwrap_or_default();
+    // The chain of thought is the reviewer's to read while the item waits for them; afterwards it is audit data.
+    let reasoning = if review.status == "pending" || caller.has("audit") {
+        state.store.get_reasoning(&decision.id).await?.unwrap_or_default()
+    } else {
+        Vec::new()
+    };
     let mut policies = Vec::new();
     let mut defines_rules = false;
     for hash in &decision.policy_hashes {
@@ -415,8 +420,43 @@ async fn existing_appeal(state: &AppState, id: &str, review: &ReviewRecord) -> R
     Ok(Json(json!({"appeal_of": id, "review_id": review.id, "repeated": true, "decision": decision})))
 }
 
-pub(crate) async fn page() -> Html<&'static str> {
-    Html(include_str!("../assets/review.html"))
+const REVIEW_PAGE: &str = include_str!("../assets/review.html");
+
+/// The review page shows hostile text (reported content, the model's reasoning about it, policies from API
+/// callers). Escaping keeps it text; the policy is the second line: only the page's own script and style run
+/// (pinned by hash), it talks to this server only, loads nothing, and no other site may frame it (its keyboard
+/// shortcuts decide reviews).
+pub(crate) async fn page() -> impl axum::response::IntoResponse {
+    use axum::http::header;
+    static POLICY: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let pinned = |open: &str, close: &str| {
+            let body = REVIEW_PAGE.split_once(open).and_then(|(_, rest)| rest.split_once(close)).map(|(body, _)| body);
+            body.map_or_else(
+                || "'none'".to_string(),
+                |body| {
+                    use base64::Engine;
+                    use sha2::Digest;
+                    let digest = sha2::Sha256::digest(body.as_bytes());
+                    format!("'sha256-{}'", base64::engine::general_purpose::STANDARD.encode(digest))
+                },
+            )
+        };
+        format!(
+            "default-src 'none'; script-src {}; style-src {}; connect-src 'self'; base-uri 'none'; \
+             form-action 'none'; frame-ancestors 'none'",
+            pinned("<script>", "</script>"),
+            pinned("<style>", "</style>"),
+        )
+    });
+    (
+        [
+            (header::CONTENT_SECURITY_POLICY, POLICY.as_str()),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        Html(REVIEW_PAGE),
+    )
 }
 
 fn content_text(content: &Value) -> String {

@@ -2,7 +2,8 @@
 //! are not followed: a 3xx is a failed attempt, retried like any other.
 //!
 //! Signature: `X-Safeguard-Signature: sha256=<hex(HMAC(secret, "<timestamp>.<body>"))>` with the timestamp
-//! (unix seconds) in `X-Safeguard-Timestamp`, so receivers can reject replays of old deliveries.
+//! (unix seconds) in `X-Safeguard-Timestamp`, so receivers can reject replays of old deliveries
+//! ([`verify_webhook_fresh`]). `X-Safeguard-Delivery` is not signed: deduplicate on the job id in the body.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -165,7 +166,21 @@ pub fn sign_webhook(secret: &str, timestamp: i64, body: &str) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-/// Constant-time check of a received signature.
+/// Constant-time check of a received signature, and of its age: a delivery signed more than `tolerance` away from
+/// `now_secs` (unix seconds) is refused, so a captured delivery cannot be replayed later. What receivers should use.
+pub fn verify_webhook_fresh(
+    secret: &str,
+    timestamp: i64,
+    body: &str,
+    signature: &str,
+    now_secs: i64,
+    tolerance: Duration,
+) -> bool {
+    let tolerance = i64::try_from(tolerance.as_secs()).unwrap_or(i64::MAX);
+    now_secs.abs_diff(timestamp) <= tolerance.unsigned_abs() && verify_webhook(secret, timestamp, body, signature)
+}
+
+/// Constant-time check of a received signature alone; [`verify_webhook_fresh`] also refuses replays.
 pub fn verify_webhook(secret: &str, timestamp: i64, body: &str, signature: &str) -> bool {
     let Some(hex_sig) = signature.strip_prefix("sha256=") else { return false };
     let Ok(expected) = hex::decode(hex_sig) else { return false };
@@ -373,5 +388,9 @@ mod tests {
         assert!(!verify_webhook("secret", 1700000001, "{\"a\":1}", &sig));
         assert!(!verify_webhook("other", 1700000000, "{\"a\":1}", &sig));
         assert!(!verify_webhook("secret", 1700000000, "{\"a\":2}", &sig));
+        let five_minutes = Duration::from_secs(300);
+        assert!(verify_webhook_fresh("secret", 1700000000, "{\"a\":1}", &sig, 1700000100, five_minutes));
+        assert!(!verify_webhook_fresh("secret", 1700000000, "{\"a\":1}", &sig, 1700003600, five_minutes), "replayed");
+        assert!(!verify_webhook_fresh("other", 1700000000, "{\"a\":1}", &sig, 1700000000, five_minutes));
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use safeguard_core::{ReasonError, ReasonOutput, ReasonRequest, Reasoner, Usage};
-use safeguard_server::{RunningServer, Server, ServerConfig, verify_webhook};
+use safeguard_server::{RunningServer, Server, ServerConfig, verify_webhook_fresh};
 use safeguard_store::Store;
 use serde_json::{Value, json};
 
@@ -456,7 +456,9 @@ async fn jobs_are_idempotent_finished_once_and_signed_webhooks_arrive() {
     let deliveries = received.lock().await.clone();
     assert_eq!(deliveries.len(), 1, "delivered once, after one retry");
     let (signature, timestamp, payload) = &deliveries[0];
-    assert!(verify_webhook("hook-secret", timestamp.parse().unwrap(), payload, signature));
+    let now = safeguard_store::now_ms() / 1000;
+    let fresh = Duration::from_secs(300);
+    assert!(verify_webhook_fresh("hook-secret", timestamp.parse().unwrap(), payload, signature, now, fresh));
     let payload: Value = serde_json::from_str(payload).unwrap();
     assert_eq!(payload["job_id"], id);
     assert_eq!(payload["outcome"], "violation");
@@ -673,10 +675,17 @@ async fn appeals_and_reviews_keep_the_policy_front_matter() {
     assert_eq!(status, 200, "{item}");
     assert_eq!(item["policies"][0]["name"], "promo-guard", "{item}");
     assert_eq!(item["policies"][0]["rule_ids"], json!(["PR0.a", "PR1.a"]), "{item}");
+    assert!(!item["reasoning"].as_array().unwrap().is_empty(), "the reviewer reads the reasoning: {item}");
     let decide = json!({"outcome": "allow", "rationale": "A greeting.", "rule_id": "PR0.a"});
     let (status, decided) =
         h.call("POST", &format!("/v1/reviews/{review_id}/decide"), Some(&reviewer), Some(decide)).await;
     assert_eq!((status, &decided["policy_hash"]), (200, &stored["hash"]), "{decided}");
+    // Once decided, the chain of thought is audit data: the review scope no longer reads it.
+    let (_, item) = h.call("GET", &format!("/v1/reviews/{review_id}"), Some(&reviewer), None).await;
+    assert_eq!(item["reasoning"], json!([]), "{item}");
+    let auditor = h.key(&["review", "audit"]).await;
+    let (_, item) = h.call("GET", &format!("/v1/reviews/{review_id}"), Some(&auditor), None).await;
+    assert!(!item["reasoning"].as_array().unwrap().is_empty(), "{item}");
 
     // A decision judged under a version this server does not have: the appeal cannot be run, and says so.
     let mut orphan = h.store.get_decision(id).await.unwrap().unwrap();
@@ -685,6 +694,42 @@ async fn appeals_and_reviews_keep_the_policy_front_matter() {
     h.store.insert_decision(&orphan, None).await.unwrap();
     let (status, body) = h.call("POST", &format!("/v1/decisions/{}/appeal", orphan.id), Some(&key), None).await;
     assert_eq!((status, body["error"]["code"].as_str()), (409, Some("conflict")), "{body}");
+}
+
+/// `SAFEGUARD_ADMIN_KEY` off loopback must be long enough not to be guessed, and setting a new value is how it is
+/// rotated: the old value stops working at the next start.
+#[tokio::test]
+async fn the_admin_key_is_long_off_loopback_and_rotating_it_revokes_the_old_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(&dir.path().join("db.sqlite")).await.unwrap();
+    let reasoner = Arc::new(ScriptedReasoner { calls: AtomicUsize::new(0) });
+    let public = ServerConfig {
+        listen: "0.0.0.0:0".parse().unwrap(),
+        admin_key: Some("change-me".into()),
+        ..ServerConfig::default()
+    };
+    let err = Server::start(public, reasoner.clone(), store.clone()).await.err().expect("refused");
+    assert!(err.to_string().contains("guessable"), "{err}");
+
+    let (old, new) = ("first-admin-key-0123456789abcdef", "second-admin-key-0123456789abcdef");
+    let status = |server: &RunningServer, key: &str| {
+        let request = reqwest::Client::new().get(format!("http://{}/v1/reviews", server.addr)).bearer_auth(key);
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    for (key, refused) in [(old, None), (new, Some(old))] {
+        let config = ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_key: Some(key.into()),
+            lookup_ttl: Duration::ZERO,
+            ..ServerConfig::default()
+        };
+        let server = Server::start(config, reasoner.clone(), store.clone()).await.unwrap();
+        assert_eq!(status(&server, key).await, 200);
+        if let Some(old) = refused {
+            assert_eq!(status(&server, old).await, 401, "the replaced admin key still works");
+        }
+        server.shutdown().await.unwrap();
+    }
 }
 
 #[tokio::test]
@@ -712,6 +757,18 @@ async fn keyless_servers_only_on_loopback() {
         async move { request.send().await.unwrap().status().as_u16() }
     };
     assert_eq!(classify(None).await, 200);
+    // A web page in the operator's browser reaches loopback too: by a name re-pointed at 127.0.0.1 (DNS
+    // rebinding), or by posting across sites. Without keys, neither is answered.
+    let page = |header: &'static str, value: &'static str| {
+        let request = reqwest::Client::new()
+            .post(format!("http://{}/v1/classify", server.addr))
+            .header(header, value)
+            .json(&json!({"text": "hello", "policies": ["spam"]}));
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(page("host", "rebind.example:8080").await, 403);
+    assert_eq!(page("origin", "https://evil.example").await, 403);
+    assert_eq!(page("origin", "http://localhost:8080").await, 200, "the review page itself");
     // A key made while it runs (`safeguard keys create` on its database) ends serving without keys, no restart.
     let (_, secret) = store.create_api_key("ops", &["classify".to_string()]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(120)).await;

@@ -268,6 +268,11 @@ async fn a_reviewer_works_the_queue_in_a_real_browser_with_the_keyboard() {
     let h = start().await;
     h.classify("Limited offer, DM me for followers").await;
     h.classify("maybe spam, maybe not").await;
+    let page = reqwest::get(format!("{}/review", h.base)).await.unwrap();
+    let header = |name: &str| page.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let policy = header("content-security-policy");
+    assert!(policy.contains("frame-ancestors 'none'") && policy.contains("script-src 'sha256-"), "{policy}");
+    assert_eq!(header("x-content-type-options"), "nosniff");
     let Some(browser) = Browser::start().await else {
         eprintln!("skipped: chromium/chromedriver are not installed (bash scripts/setup.sh installs them)");
         return;
@@ -295,6 +300,29 @@ async fn a_reviewer_works_the_queue_in_a_real_browser_with_the_keyboard() {
             .unwrap()
             .contains("reviewer should see")
     );
+
+    // The key given in the link is kept for the session, not left in the address bar (history, proxy logs).
+    assert_eq!(browser.script("return location.search").await, "");
+
+    // A slow item must not land on screen after the reviewer moved on: the second item answers late, after the
+    // first was selected again, and the first stays on screen, the one a decision would go to.
+    browser
+        .script(
+            "const slow = state.reviews[1].id; window.realFetch = window.fetch; \
+             window.fetch = (path, options) => path.endsWith(encodeURIComponent(slow)) \
+               ? new Promise((done) => setTimeout(done, 800)).then(() => window.realFetch(path, options)) \
+               : window.realFetch(path, options); \
+             select(1); select(0); return true",
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let shown = browser
+        .script(
+            "window.fetch = window.realFetch; \
+             return [document.querySelector('#content')?.textContent, state.item?.id === state.reviews[0].id]",
+        )
+        .await;
+    assert!(shown[0].as_str().unwrap_or("").contains("Limited offer") && shown[1] == true, "{shown}");
 
     // j moves to the next item, k back: the keyboard drives the queue.
     browser.keys(&["j"]).await;

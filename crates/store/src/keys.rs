@@ -92,6 +92,19 @@ impl Store {
         rows.iter().map(row_to_key).collect()
     }
 
+    /// Revokes every live key named `name` except `keep`; returns how many.
+    pub async fn revoke_api_keys_named(&self, name: &str, keep: &str) -> Result<u64> {
+        let updated =
+            sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE name = $2 AND id <> $3 AND revoked_at IS NULL")
+                .bind(now_ms())
+                .bind(name)
+                .bind(keep)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        Ok(updated)
+    }
+
     pub async fn revoke_api_key(&self, id: &str) -> Result<bool> {
         let updated = sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
             .bind(now_ms())

@@ -151,6 +151,67 @@ fn negated_before(haystack: &str, at: usize) -> bool {
     NEGATIONS.contains(&word.to_uppercase().as_str())
 }
 
+/// Words that rule out the rule id near them in a rationale: "not HT3.a", "does not meet HT2", "no slurs
+/// (HT1.a)", "HT0.b rather than HT3.a", "HT3.a does not apply".
+const CITATION_NEGATIONS: [&str; 28] = [
+    "not",
+    "no",
+    "isn't",
+    "isnt",
+    "aren't",
+    "wasn't",
+    "doesn't",
+    "doesnt",
+    "don't",
+    "dont",
+    "didn't",
+    "never",
+    "nor",
+    "neither",
+    "none",
+    "nothing",
+    "without",
+    "lacks",
+    "lack",
+    "lacking",
+    "absent",
+    "rather",
+    "instead",
+    "unlike",
+    "excluding",
+    "except",
+    "cannot",
+    "can't",
+];
+/// Words that start a clause of their own, so a negation before them rules nothing out after them: "not a joke
+/// but a threat (HT3.a)".
+const CONTRASTS: [&str; 6] = ["but", "however", "although", "though", "yet", "whereas"];
+
+/// Whether the rule id at `start..end` of a rationale or category is ruled out rather than cited: a negation
+/// earlier in its clause ("contains no slurs (HT1.a) or threats (HT3.a)": a list shares its negation, so commas
+/// do not end the clause here), or one among the few words right after it, before a comma ("HT3.a does not
+/// apply", "HT2: not met"). The clause ends at a sentence's end, `;`, a line break or a contrasting word.
+pub(crate) fn citation_negated(text: &str, start: usize, end: usize) -> bool {
+    let (Some(head), Some(tail)) = (text.get(..start), text.get(end..)) else { return false };
+    let bytes = head.as_bytes();
+    let clause_start = (0..bytes.len())
+        .rev()
+        .find(|&at| {
+            matches!(bytes[at], b';' | b'\n' | b'!' | b'?')
+                || bytes[at] == b'.' && bytes.get(at + 1).is_none_or(u8::is_ascii_whitespace)
+        })
+        .map_or(0, |at| at + 1);
+    let clause = words_of(&head[clause_start..]);
+    let since_contrast = clause.iter().rposition(|word| CONTRASTS.contains(&word.as_str())).map_or(0, |at| at + 1);
+    if clause[since_contrast..].iter().any(|word| CITATION_NEGATIONS.contains(&word.as_str())) {
+        return true;
+    }
+    let after = tail.split([',', ';', '.', '\n', '—', '–']).next().unwrap_or("");
+    // "n/a" is one word here, though `words_of` would split it.
+    after.to_lowercase().contains("n/a")
+        || words_of(after).iter().take(4).any(|word| CITATION_NEGATIONS.contains(&word.as_str()))
+}
+
 /// Words that say a mention of escalating asks for nobody: "no need to escalate", "don't escalate".
 const ESCALATION_NEGATIONS: [&str; 17] = [
     "no",
@@ -236,6 +297,40 @@ pub(crate) fn asks_for_person(text: &str) -> bool {
         .any(|found| found.as_str().chars().all(|c| !c.is_lowercase()) || !escalation_negated(&text[..found.start()]))
 }
 
+/// An `"action"` as models write it: lowercase, `_` and `-` as spaces, single spaces ("Manual-Review" is
+/// "manual review").
+pub(crate) fn normalize_action(action: &str) -> String {
+    action.to_lowercase().replace(['_', '-'], " ").split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Word parts that ask for a person in an `"action"`. The policies say "escalate … for human review", so a model
+/// may write any of these for it; missing one would let the answer's own request for a person pass as an allow.
+const PERSON_WORDS: [&str; 4] = ["escalat", "review", "human", "manual"];
+
+/// Whether an `"action"` asks for a person: it names review, a human, manual handling or escalation, not negated
+/// ("no human review needed" asks for nobody). Words of the request itself may stand between a negation and the
+/// word found ("no human review").
+pub(crate) fn action_asks_for_person(action: &str) -> bool {
+    let action = normalize_action(action);
+    PERSON_WORDS.iter().any(|part| {
+        action.match_indices(part).any(|(at, _)| {
+            // Read back past the word this part sits in and the request's own words ("no human review", "no need
+            // for review") to what comes before them.
+            let mut head = action[..at].trim_end_matches(char::is_alphanumeric);
+            loop {
+                let trimmed = head.trim_end();
+                let word_start = trimmed.trim_end_matches(char::is_alphanumeric).len();
+                let word = &trimmed[word_start..];
+                if word.is_empty() || !(word == "for" || PERSON_WORDS.iter().any(|part| word.contains(part))) {
+                    break;
+                }
+                head = &trimmed[..word_start];
+            }
+            !escalation_negated(head)
+        })
+    })
+}
+
 /// True when the digit at `at` is negated: "not 0", "isn't 1", "never a 1".
 fn digit_negated(text: &str, at: usize) -> bool {
     const NEGATING: [&str; 8] = ["not", "no", "isn't", "isnt", "never", "nor", "neither", "ain't"];
@@ -254,11 +349,73 @@ fn digit_negated(text: &str, at: usize) -> bool {
     false
 }
 
+/// Words that say what a digit means, right after "0 =" or "1:" (past one article): "0 = safe", "1: violation",
+/// "0 = Content does NOT violate this policy". A harm word is not among them: "Actually 1: phishing" is the model
+/// answering again with its reason, and reading it as a legend would let the first answer stand alone. The
+/// policy's own name is one ("0 = not spam, 1 = spam"): see [`is_legend`].
+const LEGEND_WORDS: [&str; 37] = [
+    "safe",
+    "unsafe",
+    "benign",
+    "harmless",
+    "harmful",
+    "violation",
+    "violations",
+    "violates",
+    "violate",
+    "violating",
+    "violative",
+    "nonviolating",
+    "policy",
+    "not",
+    "no",
+    "non",
+    "does",
+    "doesn't",
+    "allowed",
+    "allow",
+    "disallowed",
+    "ok",
+    "okay",
+    "acceptable",
+    "unacceptable",
+    "compliant",
+    "content",
+    "valid",
+    "invalid",
+    "yes",
+    "clean",
+    "fine",
+    "flagged",
+    "true",
+    "false",
+    "negative",
+    "positive",
+];
+
 /// A bare digit that names what a digit means ("0 = safe", "1: violation", "1 means spam") is a legend, not an
-/// answer.
-fn is_legend(text: &str, digit_end: usize) -> bool {
+/// answer. After `=`, `:` or an arrow a word of meaning (or the policy's name, one of `names`) must follow: "1: the
+/// link is phishing" gives a reason for an answer, it does not explain a format.
+fn is_legend(text: &str, digit_end: usize, names: &[&str]) -> bool {
     let rest = text[digit_end..].trim_start();
-    rest.starts_with(['=', ':']) || rest.starts_with("->") || rest.starts_with('→') || rest.starts_with("means")
+    if rest.starts_with("means") {
+        return true;
+    }
+    let Some(meaning) = ["=", ":", "->", "→"].iter().find_map(|mark| rest.strip_prefix(mark)) else {
+        return false;
+    };
+    let meaning: String = meaning.chars().take(80).collect::<String>().to_lowercase();
+    let meaning = meaning.trim_start_matches(|c: char| !c.is_alphanumeric());
+    let meaning = ["the ", "a ", "an ", "this ", "it "]
+        .iter()
+        .find_map(|article| meaning.strip_prefix(article))
+        .map_or(meaning, str::trim_start);
+    let word = words_of(meaning).into_iter().next().unwrap_or_default();
+    LEGEND_WORDS.contains(&word.as_str())
+        || names.iter().map(|name| name.trim().to_lowercase()).any(|name| {
+            !name.is_empty()
+                && meaning.strip_prefix(name.as_str()).is_some_and(|after| !after.starts_with(char::is_alphanumeric))
+        })
 }
 
 /// The punctuation and markup models wrap answers in: `**1**`, `"INVALID".`, `(0)`.
@@ -291,13 +448,13 @@ fn only_citations(rest: &str) -> bool {
 ///
 /// A legend ("0 = safe", "1: violation") is never conclusive unless a concluding word precedes it ("so 1: …"):
 /// an echoed "0 = safe, 1 = violation" is the format, not an answer.
-fn conclusive(text: &str, start: usize, end: usize) -> bool {
+fn conclusive(text: &str, start: usize, end: usize, names: &[&str]) -> bool {
     let head = &text[..start];
     let rest = &text[end..];
     if CONCLUDING_CUE.is_match(head) {
         return true;
     }
-    if is_legend(text, end) {
+    if is_legend(text, end, names) {
         return false;
     }
     if only_citations(rest) {
@@ -320,10 +477,10 @@ fn leads(head: &str) -> bool {
 /// A leading digit followed by a space and the start of its explanation: "0 The message is a question.",
 /// "1 because it sells followers". Taken only when it is the text's one digit: "1 link is included" counts a
 /// link, and a lowercase noun after the digit is read that way.
-fn leads_an_explanation(text: &str, start: usize, end: usize) -> bool {
+fn leads_an_explanation(text: &str, start: usize, end: usize, names: &[&str]) -> bool {
     const CONNECTORS: [&str; 12] =
         ["because", "since", "as", "given", "due", "per", "under", "it", "it's", "this", "the", "there"];
-    if !leads(&text[..start]) || is_legend(text, end) {
+    if !leads(&text[..start]) || is_legend(text, end, names) {
         return false;
     }
     let rest = &text[end..];
@@ -388,6 +545,30 @@ fn whole_answer(text: &str) -> Option<bool> {
         "1" => Some(true),
         other => word_answer(other),
     }
+}
+
+/// What a short sentence beside a combined answer says on its own as a word or label: "Violation.", "unsafe",
+/// "INVALID" (for a policy with labels). Rule ids and dashes around the word do not hide it ("safe (HT0.a)").
+/// Digits are read apart, by the digit rule.
+pub(crate) fn word_reading(sentence: &str, output: &OutputFormat) -> Option<bool> {
+    let mut bare = String::with_capacity(sentence.len());
+    let mut at = 0;
+    for (start, id) in safeguard_policy::find_rule_ids(sentence) {
+        bare.push_str(&sentence[at..start]);
+        at = start + id.len();
+    }
+    bare.push_str(&sentence[at..]);
+    let word = bare.trim_matches(|c: char| c.is_whitespace() || WRAPPING.contains(c) || "-–—".contains(c));
+    if let OutputFormat::Labels { violating, safe, .. } = output {
+        let label = normalize_label(word);
+        if violating.iter().any(|v| normalize_label(v) == label) {
+            return Some(true);
+        }
+        if safe.iter().any(|s| normalize_label(s) == label) {
+            return Some(false);
+        }
+    }
+    word_answer(word)
 }
 
 /// What a piece of prose says on its own, as the binary format reads it.
@@ -508,15 +689,17 @@ fn binary_from_prose(text: &str, names: &[&str]) -> Result<Option<bool>, String>
         None => {
             let only = bare_all.len() == 1;
             let conclusive_at = |start: usize, digit: &str| {
-                conclusive(text, start, start + digit.len())
-                    || only && leads_an_explanation(text, start, start + digit.len())
+                conclusive(text, start, start + digit.len(), names)
+                    || only && leads_an_explanation(text, start, start + digit.len(), names)
             };
             let mut bare = bare_all.clone();
             // A legend out of an answer's place ("so 1 (1 = violation)") explains the answer and is left out, as
             // after a keyed digit; but only beside an answer: a text of legends alone ("0 = safe, 1 = violation",
             // "0: benign\n1: violation") echoes the format and answers nothing.
             if bare.iter().any(|&(start, digit)| conclusive_at(start, digit)) {
-                bare.retain(|&(start, digit)| conclusive_at(start, digit) || !is_legend(text, start + digit.len()));
+                bare.retain(|&(start, digit)| {
+                    conclusive_at(start, digit) || !is_legend(text, start + digit.len(), names)
+                });
             }
             // "The message asks for the password and has 0 links." holds no answer, and a stray digit must not
             // become one: a 0 or 1 out of an answer's place makes the whole text unclear.
@@ -530,7 +713,7 @@ fn binary_from_prose(text: &str, names: &[&str]) -> Result<Option<bool>, String>
         Some(&(last_keyed, _)) => {
             let later = bare_all
                 .into_iter()
-                .filter(|&(start, digit)| start > last_keyed && !is_legend(text, start + digit.len()));
+                .filter(|&(start, digit)| start > last_keyed && !is_legend(text, start + digit.len(), names));
             keyed.iter().copied().chain(later).collect()
         }
     };
@@ -992,10 +1175,8 @@ pub(crate) fn answer_from_object(map: &Map<String, Value>, required_fields: &[&s
     answer.rationale = field(map, "rationale").and_then(value_text);
     answer.severity = field(map, "severity").and_then(value_text);
     answer.action = field(map, "action").and_then(value_text);
-    let asks_for_person = answer.action.as_deref().is_some_and(|action| {
-        asks_for_person(action)
-            || matches!(action.to_ascii_lowercase().as_str(), "review" | "needs_review" | "human_review")
-    }) || map.get("label").and_then(value_text).is_some_and(|label| asks_for_person(&label));
+    let asks_for_person = answer.action.as_deref().is_some_and(action_asks_for_person)
+        || map.get("label").and_then(value_text).is_some_and(|label| asks_for_person(&label));
     if asks_for_person {
         answer.push_flag(Flag::Escalated);
     }
@@ -1045,6 +1226,10 @@ fn parse_json(final_text: &str, required_fields: &[&str], names: &[&str]) -> Par
                 .map(|object| object.get("violation").and_then(|value| coerce_violation(value).ok().flatten()))
                 .collect();
             let mut answer = answer_from_object(last, required_fields);
+            // An earlier object's request for a person stands: a later one cannot take it back.
+            if answers.iter().any(|object| answer_from_object(object, &[]).flags.contains(&Flag::Escalated)) {
+                answer.push_flag(Flag::Escalated);
+            }
             // Every answer object must say the same clear thing: an earlier one that says nothing clear is not
             // outvoted.
             if values.iter().any(|value| *value != answer.violation) {

@@ -2,29 +2,31 @@
 //!
 //! The model's per-policy answers share one chain of thought that discusses every policy, so its final
 //! conclusion phrase cannot be attributed to one policy. With several policies, the reasoning-agreement check
-//! reads only the last sentence of the reasoning that names exactly one policy (and that policy); every other
-//! check applies per policy as in single-policy judging.
+//! reads only the last sentence of the reasoning that names exactly one policy (and that policy) and states a
+//! conclusion; every other check applies per policy as in single-policy judging.
 
 use serde_json::{Map, Value};
 
-use safeguard_policy::{FenceTracker, Policy, heading};
+use safeguard_policy::{FenceTracker, OutputFormat, Policy, heading};
 
 use crate::answer::{
     ANSWER_FIELDS, BARE_DIGIT, answer_from_object, asks_for_person, coerce_violation, digit_candidates, excerpt,
-    find_objects, outside_objects,
+    find_objects, outside_objects, word_reading,
 };
-use crate::{Flag, Verdict, decide, validate};
+use crate::{Flag, Verdict, decide, reasoning_conclusion, validate};
 
 /// Fields each policy entry of a combined answer must carry.
 const REQUIRED: [&str; 5] = ["violation", "policy_category", "rule_ids", "confidence", "rationale"];
 
 /// Keys of the combined answer, one per policy: the policy name, made unique with the short hash when two
-/// policies share a name (two versions of one policy, say).
+/// policies share a name (two versions of one policy, say). Names that differ only in case or punctuation
+/// ("Hate", "hate") count as shared: answers are matched to keys that way, so one answer would fill both.
 pub fn combined_keys(policies: &[Policy]) -> Vec<String> {
     policies
         .iter()
         .map(|policy| {
-            let shared = policies.iter().filter(|other| other.meta.name == policy.meta.name).count() > 1;
+            let name = normalize_key(&policy.meta.name);
+            let shared = policies.iter().filter(|other| normalize_key(&other.meta.name) == name).count() > 1;
             if shared { format!("{}@{}", policy.meta.name, policy.hash.short()) } else { policy.meta.name.clone() }
         })
         .collect()
@@ -109,16 +111,31 @@ fn mentions(sentence: &str, key: &str) -> bool {
     })
 }
 
-/// The last sentence of the reasoning that names `key` and no other policy, e.g. "For spam, it's not spam."
-fn sentence_about(analysis: &str, keys: &[String], key: &str) -> Option<String> {
-    analysis.split(['.', '\n', ';', '!', '?']).rev().map(str::to_lowercase).find(|sentence| {
-        mentions(sentence, key)
-            && keys.iter().filter(|other| other.as_str() != key).all(|other| !mentions(sentence, other))
-    })
+/// The last sentence of the reasoning that names `key` and no other policy and concludes something, e.g. "For
+/// spam, it's not spam." A later sentence about the policy that concludes nothing ("Hate check done.") does not
+/// hide the conclusion before it.
+fn sentence_about(analysis: &str, keys: &[String], key: &str, output: &OutputFormat) -> Option<String> {
+    sentences_ended(analysis)
+        .into_iter()
+        .rev()
+        // A question weighs a side ("Hate: does it violate HT2.a?"); it concludes nothing.
+        .filter(|(sentence, question)| {
+            let lower = sentence.to_lowercase();
+            !question
+                && mentions(&lower, key)
+                && keys.iter().filter(|other| other.as_str() != key).all(|other| !mentions(&lower, other))
+        })
+        .find(|(sentence, _)| reasoning_conclusion(sentence, output).is_some())
+        .map(|(sentence, _)| sentence.to_string())
 }
 
 /// The sentences of `text`: cut at line breaks, `;`, and `.`/`!`/`?` before a space (not the dot in "SP2.a").
 fn sentences(text: &str) -> Vec<&str> {
+    sentences_ended(text).into_iter().map(|(sentence, _)| sentence).collect()
+}
+
+/// [`sentences`], each with whether it ends in a question mark.
+fn sentences_ended(text: &str) -> Vec<(&str, bool)> {
     let bytes = text.as_bytes();
     let mut out = Vec::new();
     let mut from = 0;
@@ -126,33 +143,61 @@ fn sentences(text: &str) -> Vec<&str> {
         let cut = matches!(bytes[at], b'\n' | b';')
             || matches!(bytes[at], b'.' | b'!' | b'?') && bytes.get(at + 1).is_none_or(u8::is_ascii_whitespace);
         if cut {
-            out.push(&text[from..at]);
+            out.push((&text[from..at], bytes[at] == b'?'));
             from = at + 1;
         }
     }
-    out.push(&text[from..]);
-    out.into_iter().filter(|sentence| !sentence.trim().is_empty()).collect()
+    out.push((&text[from..], false));
+    out.into_iter().filter(|(sentence, _)| !sentence.trim().is_empty()).collect()
 }
 
-/// What the words outside a combined answer's objects say, per policy key: a 0/1 there (unclear) or a request for
-/// a person. A sentence counts for the policies it names, or for all of them when it names none.
+/// What the words outside a combined answer's objects say, per policy key: a 0/1 there (unclear), an answer in
+/// words or the policy's labels ("Violation.", "hate: unsafe"), or a request for a person. A sentence counts for
+/// the policies it names, or for all of them when it names none.
 #[derive(Default)]
 struct Beside {
     digits: Vec<(String, String)>,
+    words: Vec<(String, bool, String)>,
     escalated: Vec<String>,
 }
 
-fn read_beside(outside: &str, keys: &[String]) -> Beside {
+/// `lower` with every whole-word mention of a key taken out: "hate: unsafe" leaves ": unsafe".
+fn without_keys(lower: &str, keys: &[String]) -> String {
+    let mut text = lower.to_string();
+    for spelling in keys.iter().flat_map(|key| spellings(key)) {
+        let mut out = String::with_capacity(text.len());
+        let mut at = 0;
+        for (found, _) in text.match_indices(spelling.as_str()) {
+            let before = text[..found].chars().next_back();
+            let after = text[found + spelling.len()..].chars().next();
+            if found >= at && !before.is_some_and(char::is_alphanumeric) && !after.is_some_and(char::is_alphanumeric) {
+                out.push_str(&text[at..found]);
+                out.push(' ');
+                at = found + spelling.len();
+            }
+        }
+        out.push_str(&text[at..]);
+        text = out;
+    }
+    text
+}
+
+fn read_beside(outside: &str, policies: &[Policy], keys: &[String]) -> Beside {
     let mut beside = Beside::default();
     for sentence in sentences(outside) {
         let lower = sentence.to_lowercase();
-        let named: Vec<&String> = keys.iter().filter(|key| mentions(&lower, key)).collect();
-        let concerned: Vec<&String> = if named.is_empty() { keys.iter().collect() } else { named };
+        let named: Vec<usize> = (0..keys.len()).filter(|&index| mentions(&lower, &keys[index])).collect();
+        let concerned: Vec<usize> = if named.is_empty() { (0..keys.len()).collect() } else { named };
         let digit = digit_candidates(sentence, &BARE_DIGIT).first().map(|&(_, digit)| digit.to_string());
         let escalated = asks_for_person(sentence);
-        for key in concerned {
+        let rest = without_keys(&lower, keys);
+        for index in concerned {
+            let key = &keys[index];
             if let Some(digit) = &digit {
                 beside.digits.push((key.clone(), format!("\"{digit}\" in {}", excerpt(sentence))));
+            }
+            if let Some(said) = policies.get(index).and_then(|policy| word_reading(&rest, &policy.meta.output)) {
+                beside.words.push((key.clone(), said, excerpt(sentence)));
             }
             if escalated {
                 beside.escalated.push(key.clone());
@@ -190,19 +235,39 @@ fn conflict_hides(map: &Map<String, Value>, path: &[String], key: &str, keys: &[
             None => return false,
         }
     }
-    matches!(value, Some(Value::Object(inner)) if lookup(inner, key).is_some())
+    matches!(value, Some(Value::Object(inner)) if !lookup(inner, key).is_empty())
 }
 
 fn normalize_key(key: &str) -> String {
     key.chars().filter(|c| c.is_alphanumeric()).flat_map(char::to_lowercase).collect()
 }
 
-/// The value for `key`: exact key, else the same key ignoring case and punctuation ("Self-Harm" = "self_harm").
-fn lookup<'a>(object: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
-    object.get(key).or_else(|| {
-        let wanted = normalize_key(key);
-        object.iter().find(|(candidate, _)| normalize_key(candidate) == wanted).map(|(_, value)| value)
-    })
+/// Every value for `key`: under the key itself or under any key equal to it ignoring case and punctuation
+/// ("Self-Harm" = "self_harm"). All of them, not the first: `"hate": …, "Hate": …` answers the policy twice, and
+/// which one a reader takes must not decide the verdict.
+fn lookup<'a>(object: &'a Map<String, Value>, key: &str) -> Vec<&'a Value> {
+    let wanted = normalize_key(key);
+    if wanted.is_empty() {
+        // A key of punctuation alone would equal every other such key: only the exact one is its answer.
+        return object.get(key).into_iter().collect();
+    }
+    object.iter().filter(|(candidate, _)| normalize_key(candidate) == wanted).map(|(_, value)| value).collect()
+}
+
+/// The `violation` an entry (an object, or a bare 0/1 or word) says clearly, if it does.
+fn entry_violation(entry: &Value) -> Option<bool> {
+    match entry {
+        Value::Object(object) => object.get("violation").and_then(|v| coerce_violation(v).ok().flatten()),
+        other => coerce_violation(other).ok().flatten(),
+    }
+}
+
+/// An entry as an answer object: a bare 0/1 or label stands for its `violation`.
+fn entry_object(entry: &Value) -> Map<String, Value> {
+    match entry {
+        Value::Object(object) => object.clone(),
+        other => Map::from_iter([("violation".to_string(), other.clone())]),
+    }
 }
 
 /// One verdict per policy, in order, from a combined answer.
@@ -223,19 +288,19 @@ pub fn judge_combined(
     // Objects that answer at least one policy, in order; a nested wrapper ({"results": {...}}) is unwrapped.
     let found = find_objects(final_text);
     // The words beside the objects are part of the answer: "{…"spam": 0…}\nCorrection: spam is 1" says two things.
-    let beside = read_beside(&outside_objects(final_text, &found), &keys);
+    let beside = read_beside(&outside_objects(final_text, &found), policies, &keys);
     let keyed: Vec<Map<String, Value>> = found
         .iter()
         .map(|object| object.map.clone())
         .flat_map(|object| {
-            let direct = keys.iter().any(|key| lookup(&object, key).is_some());
+            let direct = keys.iter().any(|key| !lookup(&object, key).is_empty());
             if direct {
                 vec![object]
             } else {
                 object
                     .into_iter()
                     .filter_map(|(_, value)| match value {
-                        Value::Object(inner) if keys.iter().any(|key| lookup(&inner, key).is_some()) => Some(inner),
+                        Value::Object(inner) if keys.iter().any(|key| !lookup(&inner, key).is_empty()) => Some(inner),
                         _ => None,
                     })
                     .collect()
@@ -253,30 +318,37 @@ pub fn judge_combined(
         .iter()
         .zip(&keys)
         .map(|(policy, key)| {
-            let entries: Vec<&Value> = keyed.iter().filter_map(|object| lookup(object, key)).collect();
+            let per_object: Vec<Vec<&Value>> = keyed.iter().map(|object| lookup(object, key)).collect();
+            let entries: Vec<&Value> = per_object.iter().flatten().copied().collect();
             let Some(entry) = entries.last() else {
                 let mut flags = base_flags.clone();
                 flags.push(Flag::MissingField { field: key.clone() });
                 return Verdict::undetermined(policy, flags);
             };
-            let object = match entry {
-                Value::Object(object) => (*object).clone(),
-                // A bare 0/1 or label for this policy: the value is clear, the other fields are missing.
-                other => Map::from_iter([("violation".to_string(), (*other).clone())]),
-            };
-            let mut verdict = Verdict::from_answer(policy, answer_from_object(&object, &REQUIRED), base_flags.clone());
-            let values: Vec<Option<bool>> = entries
-                .iter()
-                .map(|entry| match entry {
-                    Value::Object(object) => object.get("violation").and_then(|v| coerce_violation(v).ok().flatten()),
-                    other => coerce_violation(other).ok().flatten(),
-                })
-                .collect();
-            if values.iter().flatten().any(|value| Some(*value) != verdict.violation) {
+            let mut verdict =
+                Verdict::from_answer(policy, answer_from_object(&entry_object(entry), &REQUIRED), base_flags.clone());
+            // Every entry must say the same clear thing: an earlier one that says nothing clear ("unsure") is not
+            // outvoted by a later clean one.
+            if entries.iter().any(|entry| entry_violation(entry) != verdict.violation) {
                 verdict.violation = None;
                 verdict.push_flag(Flag::Unparseable {
                     detail: format!("{} answers for \"{key}\" disagree", entries.len()),
                 });
+            }
+            // Two spellings of the key in one object are that key given twice: any difference hides the answer,
+            // as with a repeated key below.
+            if per_object.iter().any(|found| found.iter().any(|value| *value != found[0])) {
+                verdict.violation = None;
+                verdict.push_flag(Flag::Unparseable {
+                    detail: format!("the answer for \"{key}\" is given under several spellings with different values"),
+                });
+            }
+            // A request for a person in any entry stands: a later entry cannot take it back.
+            if entries
+                .iter()
+                .any(|entry| answer_from_object(&entry_object(entry), &[]).flags.contains(&Flag::Escalated))
+            {
+                verdict.push_flag(Flag::Escalated);
             }
             // serde keeps the last of two same-named keys, so `"spam": 1, "spam": 0` or a repeated "violation"
             // inside this policy's entry would otherwise read as one clean answer.
@@ -295,6 +367,15 @@ pub fn judge_combined(
                     detail: format!("the text outside the JSON answer says {said} about \"{key}\""),
                 });
             }
+            if let Some(violation) = verdict.violation
+                && let Some((_, _, said)) =
+                    beside.words.iter().find(|(concerned, value, _)| concerned == key && *value != violation)
+            {
+                verdict.violation = None;
+                verdict.push_flag(Flag::Unparseable {
+                    detail: format!("the text outside the JSON answer says otherwise about \"{key}\" in {said}"),
+                });
+            }
             if beside.escalated.iter().any(|concerned| concerned == key) {
                 verdict.push_flag(Flag::Escalated);
             }
@@ -302,7 +383,7 @@ pub fn judge_combined(
             let reasoning = if policies.len() == 1 {
                 analysis.map(str::to_string)
             } else {
-                analysis.and_then(|analysis| sentence_about(analysis, &keys, key))
+                analysis.and_then(|analysis| sentence_about(analysis, &keys, key, &policy.meta.output))
             };
             validate(policy, &mut verdict, reasoning.as_deref());
             verdict.outcome = decide(verdict.violation, &verdict.flags);

@@ -12,6 +12,7 @@
 
 mod answer;
 mod combined;
+mod confidence;
 mod reasoning;
 
 use serde::{Deserialize, Serialize};
@@ -186,8 +187,10 @@ fn json_fields_asked_for(policy: &Policy) -> Vec<&'static str> {
 
 /// Checks shared by single and combined judging.
 fn validate(policy: &Policy, verdict: &mut Verdict, analysis: Option<&str>) {
+    cite_rules_in_prose(policy, verdict);
     for rule_id in verdict.rule_ids.clone() {
-        if !policy.knows_rule(&rule_id) {
+        // A tier the policy declares only in `categories:` is citable too, as a category of that name is below.
+        if !policy.knows_category(&rule_id) {
             verdict.push_flag(Flag::HallucinatedRule { rule_id });
         }
     }
@@ -226,18 +229,80 @@ fn validate(policy: &Policy, verdict: &mut Verdict, analysis: Option<&str>) {
     if verdict.violation == Some(true) && escalates(policy, verdict) {
         verdict.push_flag(Flag::Escalated);
     }
-    let low_confidence = verdict.confidence.as_deref().is_some_and(|c| c.trim().eq_ignore_ascii_case("low"));
+    let low_confidence = verdict.confidence.as_deref().is_some_and(|c| !confidence::is_sure(c));
     if low_confidence && (policy.meta.high_risk || verdict.violation == Some(false)) {
         verdict.push_flag(Flag::LowConfidence);
     }
+    if let Some(detail) = severity_mismatch(policy, verdict) {
+        verdict.push_flag(Flag::Inconsistent { detail });
+    }
     if let (Some(violation), Some(action)) = (verdict.violation, verdict.action.as_deref()) {
-        let action = action.trim().to_ascii_lowercase();
+        let action = answer::normalize_action(action);
         let contradicts = (violation && matches!(action.as_str(), "allow" | "none" | "approve"))
             || (!violation && matches!(action.as_str(), "block" | "remove" | "reject" | "delete"));
         if contradicts {
             verdict.push_flag(Flag::Inconsistent {
                 detail: format!("\"action\": \"{action}\" contradicts violation {}", u8::from(violation)),
             });
+        }
+    }
+}
+
+/// Severities that mean "no harm": what a safe answer carries. The starter formats ask for `"severity": "none"`
+/// on a safe answer; `null`, `""` and `"n/a"` say the same.
+const NO_SEVERITY: [&str; 7] = ["none", "n/a", "na", "null", "nil", "0", "not applicable"];
+
+/// A severity that does not fit the answer: a safe answer with a harm severity ("violation": 0, "severity":
+/// "high" says the model saw harm), or a violation with a severity the policy does not declare ("none", a made-up
+/// level), when the policy declares its severities.
+fn severity_mismatch(policy: &Policy, verdict: &Verdict) -> Option<String> {
+    let violation = verdict.violation?;
+    let severity = verdict.severity.as_deref()?;
+    let level = severity.trim_matches(|c: char| c.is_whitespace() || "*`\"'.,:;!?()[]".contains(c)).to_lowercase();
+    if level.is_empty() {
+        return None;
+    }
+    if !violation && !NO_SEVERITY.contains(&level.as_str()) {
+        return Some(format!("\"severity\": \"{severity}\" contradicts violation 0"));
+    }
+    let declared = &policy.meta.severities;
+    if violation && !declared.is_empty() && !declared.iter().any(|known| known.trim().eq_ignore_ascii_case(&level)) {
+        return Some(format!(
+            "\"severity\": \"{severity}\" is not one of the policy's severities ({})",
+            declared.join(", ")
+        ));
+    }
+    None
+}
+
+/// Rule ids the model wrote into its category or rationale rather than its `rule_ids`: "HT3 (threats)", "Threat
+/// per HT3.a, in jest". They are citations all the same, so they join `rule_ids` and face every check a listed id
+/// does: that it exists, which side of the line it is on, whether the policy escalates it. An id the text rules
+/// out ("not HT3.a", "does not meet HT2", "HT3.a does not apply") is no citation: a safe answer explaining what
+/// it is not must stay clean. Only ids shaped like this policy's (same letters: `HT` for the hate policy) count,
+/// so "WW2" or "MP3" in a rationale is not read as a made-up rule.
+fn cite_rules_in_prose(policy: &Policy, verdict: &mut Verdict) {
+    let prefixes: Vec<&str> = policy
+        .rule_ids
+        .iter()
+        .chain(policy.meta.categories.iter().filter(|category| safeguard_policy::is_rule_id(category)))
+        .map(|id| &id[..id.find(|c: char| !c.is_ascii_uppercase()).unwrap_or(id.len())])
+        .filter(|prefix| !prefix.is_empty())
+        .collect();
+    // A category that is one id is already cited as it stands.
+    let category = verdict.category.clone().filter(|category| !safeguard_policy::is_rule_id(category));
+    let mut found: Vec<String> = Vec::new();
+    for text in category.iter().chain(verdict.rationale.iter()) {
+        for (at, id) in safeguard_policy::find_rule_ids(text) {
+            let letters = &id[..id.find(|c: char| c.is_ascii_digit()).unwrap_or(id.len())];
+            if prefixes.contains(&letters) && !answer::citation_negated(text, at, at + id.len()) {
+                found.push(id.to_string());
+            }
+        }
+    }
+    for id in found {
+        if !verdict.rule_ids.contains(&id) {
+            verdict.rule_ids.push(id);
         }
     }
 }

@@ -696,3 +696,233 @@ fn flag_kind_is_the_serialized_tag() {
         assert_eq!(serde_json::to_value(&flag).unwrap()["kind"], flag.kind(), "{flag:?}");
     }
 }
+
+fn spam_and_hate() -> Vec<Policy> {
+    starter_library().into_iter().filter(|p| ["spam", "hate"].contains(&p.meta.name.as_str())).collect()
+}
+
+const SPAM_SAFE: &str = r#"{"violation": 0, "policy_category": null, "rule_ids": ["SP0.a"], "confidence": "high", "rationale": "A question.", "action": "allow"}"#;
+const HATE_SAFE: &str = r#"{"violation": 0, "policy_category": null, "rule_ids": ["HT0.a"], "confidence": "high", "rationale": "No attack.", "action": "allow"}"#;
+const HATE_BAD: &str = r#"{"violation": 1, "policy_category": "HT2", "rule_ids": ["HT2.a"], "confidence": "high", "rationale": "Vermin.", "action": "block"}"#;
+
+fn inconsistent(verdict: &Verdict) -> bool {
+    verdict.flags.iter().any(|flag| matches!(flag, Flag::Inconsistent { .. }))
+}
+
+/// A policy answered under two spellings of its key is answered twice: neither spelling outranks the other.
+#[test]
+fn combined_answer_under_two_spellings_of_a_key_is_unclear() {
+    let policies = spam_and_hate();
+    let twice = format!(r#"{{"spam": {SPAM_SAFE}, "hate": {HATE_SAFE}, "Hate": {HATE_BAD}}}"#);
+    let verdicts = judge_combined(&policies, None, Some(&twice), false);
+    assert_eq!(verdicts[0].outcome, Outcome::Allow, "{:?}", verdicts[0]);
+    assert!(verdicts[1].outcome == Outcome::NeedsReview && has_unparseable(&verdicts[1]), "{:?}", verdicts[1]);
+    // Neither spelling matching exactly: still both are read.
+    let neither = format!(r#"{{"spam": {SPAM_SAFE}, "HATE": {HATE_SAFE}, "Hate": {HATE_BAD}}}"#);
+    let verdicts = judge_combined(&policies, None, Some(&neither), false);
+    assert!(has_unparseable(&verdicts[1]) && verdicts[1].violation.is_none(), "{:?}", verdicts[1]);
+    // The same answer under two spellings says one thing.
+    let same = format!(r#"{{"spam": {SPAM_SAFE}, "hate": {HATE_SAFE}, "Hate": {HATE_SAFE}}}"#);
+    let verdicts = judge_combined(&policies, None, Some(&same), false);
+    assert!(verdicts.iter().all(|v| v.outcome == Outcome::Allow), "{verdicts:?}");
+    // Policies whose names differ only in case get keys apart, so one answer cannot fill both.
+    let upper = Policy::parse("---\nname: Hate\n---\n# H\nReturn 0 or 1.").unwrap();
+    let lower = Policy::parse("---\nname: hate\n---\n# H\nReturn 0 or 1!").unwrap();
+    let keys = combined_keys(&[upper.clone(), lower.clone()]);
+    assert_eq!(keys, vec![format!("Hate@{}", upper.hash.short()), format!("hate@{}", lower.hash.short())]);
+    let verdicts = judge_combined(&[upper, lower], None, Some(r#"{"hate": {"violation": 0}}"#), false);
+    assert!(verdicts.iter().all(|v| v.violation.is_none() && v.outcome == Outcome::NeedsReview), "{verdicts:?}");
+}
+
+/// A closing sentence that names a policy but concludes nothing does not hide the conclusion before it.
+#[test]
+fn combined_reasoning_check_reads_the_last_concluding_sentence() {
+    let policies = spam_and_hate();
+    let clean = format!(r#"{{"spam": {SPAM_SAFE}, "hate": {HATE_SAFE}}}"#);
+    let analysis = "Spam: a question, not spam. Hate: the content clearly violates HT2.a. Hate check done.";
+    let verdicts = judge_combined(&policies, Some(analysis), Some(&clean), false);
+    assert!(matches!(verdicts[1].flags.as_slice(), [Flag::ReasoningDisagrees { .. }]), "{:?}", verdicts[1]);
+    assert_eq!(verdicts[0].outcome, Outcome::Allow, "{:?}", verdicts[0]);
+    // The last concluding sentence agreeing with the answer is a clean answer.
+    let agreeing = "Hate: maybe it violates HT2.a? Hate: it's a critique, not a violation. Hate check done.";
+    let verdicts = judge_combined(&policies, Some(agreeing), Some(&clean), false);
+    assert_eq!(verdicts[1].outcome, Outcome::Allow, "{:?}", verdicts[1]);
+    // A question weighs a side and concludes nothing, however far back the walk goes.
+    let asked = "Spam: not spam. Hate: the content violates HT2.a? Hate: a critique of a government. Hate done.";
+    let verdicts = judge_combined(&policies, Some(asked), Some(&clean), false);
+    assert_eq!(verdicts[1].outcome, Outcome::Allow, "{:?}", verdicts[1]);
+}
+
+/// Rule ids written into the category or the rationale are citations too.
+#[test]
+fn rule_ids_in_category_and_rationale_are_checked() {
+    let hate = starter("hate");
+    let category = r#"{"violation": 0, "policy_category": "HT3 (threats)", "rule_ids": [], "confidence": "high", "rationale": "x"}"#;
+    let verdict = judge(&hate, None, Some(category), false);
+    assert!(verdict.outcome == Outcome::NeedsReview && inconsistent(&verdict), "{verdict:?}");
+    let base = r#"{"violation": 0, "policy_category": null, "rule_ids": [], "confidence": "high", "rationale": "R"}"#;
+    let jest = judge(&hate, None, Some(&base.replace("\"R\"", "\"Threat per HT3.a, in jest\"")), false);
+    assert!(jest.outcome == Outcome::NeedsReview && inconsistent(&jest), "{jest:?}");
+    let made_up = judge(&hate, None, Some(&base.replace("\"R\"", "\"Critique, see HT9.z\"")), false);
+    assert!(made_up.flags.contains(&Flag::HallucinatedRule { rule_id: "HT9.z".into() }), "{made_up:?}");
+    // escalate_on reaches a tier named inside a longer category.
+    let sexual = starter("sexual");
+    let minors = r#"{"violation": 1, "policy_category": "SX3 - minors", "rule_ids": [], "confidence": "high", "rationale": "A minor.", "severity": "critical", "action": "block"}"#;
+    let verdict = judge(&sexual, None, Some(minors), false);
+    assert!(verdict.flags.contains(&Flag::Escalated), "{verdict:?}");
+    // A safe answer naming the violating rules it rules out is clean.
+    for rationale in [
+        "Critique of a religion (HT0.a), not HT3.a.",
+        "Harsh, but does not meet HT2 or HT3.",
+        "Criticism of a government (HT0.a); it contains no slurs (HT1.a) or calls for violence (HT3.a).",
+        "HT3.a does not apply: the threat is quoted to condemn it (HT0.b).",
+        "Reporting (HT0.b) rather than HT3.a praise, with no HT2.a dehumanization.",
+        "Mentions WW2 and COVID19 history, a critique (HT0.a).",
+    ] {
+        let answer = base.replace("\"R\"", &format!("{rationale:?}"));
+        let verdict = judge(&hate, None, Some(&answer), false);
+        assert_eq!(verdict.outcome, Outcome::Allow, "{rationale}: {verdict:?}");
+    }
+    // A tier the policy declares only as a category is known, inside a longer category too.
+    let misc = Policy::parse(
+        "---\nname: misc\noutput: json\ncategories: [M1]\n---\n# Misc\nReturn {\"violation\": 0 or 1}\n\
+         ## VIOLATES (1)\n- MX1.a Bad.\n## DOES NOT VIOLATE (0)\n- MX0.a Fine.\n",
+    )
+    .unwrap();
+    let answer = r#"{"violation": 1, "policy_category": "M1 (misc)", "rule_ids": ["MX1.a"]}"#;
+    assert_eq!(judge(&misc, None, Some(answer), false).outcome, Outcome::Violation);
+    let violating = r#"{"violation": 1, "policy_category": "HT2 (dehumanization)", "rule_ids": ["HT2.a"], "confidence": "high", "rationale": "Calls a group vermin (HT2.a), not mere critique (HT0.a).", "severity": "medium", "action": "block"}"#;
+    assert_eq!(judge(&hate, None, Some(violating), false).outcome, Outcome::Violation);
+}
+
+/// "human review" asks for a person as "escalate" does, and severity must fit the answer and the policy.
+#[test]
+fn action_synonyms_and_severity_are_checked() {
+    let hate = starter("hate");
+    let asked = r#"{"violation": 0, "policy_category": null, "rule_ids": [], "confidence": "high", "rationale": "x", "severity": "high", "action": "human review"}"#;
+    assert_eq!(judge(&hate, None, Some(asked), false).outcome, Outcome::NeedsReview);
+    let safe = r#"{"violation": 0, "policy_category": null, "rule_ids": ["HT0.a"], "confidence": "high", "rationale": "x", "severity": "none", "action": "A"}"#;
+    for action in ["human review", "Manual-Review", "needs_review", "send to a human", "Escalate", "flag for review"] {
+        let verdict = judge(&hate, None, Some(&safe.replace("\"A\"", &format!("{action:?}"))), false);
+        assert!(verdict.flags.contains(&Flag::Escalated), "{action}: {verdict:?}");
+    }
+    for action in ["allow", "no review needed", "allow, no human review", "none"] {
+        let verdict = judge(&hate, None, Some(&safe.replace("\"A\"", &format!("{action:?}"))), false);
+        assert_eq!(verdict.outcome, Outcome::Allow, "{action}: {verdict:?}");
+    }
+    let allow = safe.replace("\"A\"", "\"allow\"");
+    for severity in ["\"high\"", "\"low\"", "\"medium\""] {
+        let verdict = judge(&hate, None, Some(&allow.replace("\"none\"", severity)), false);
+        assert!(verdict.outcome == Outcome::NeedsReview && inconsistent(&verdict), "{severity}: {verdict:?}");
+    }
+    for severity in ["\"none\"", "null", "\"None\"", "\"n/a\"", "\"\""] {
+        let verdict = judge(&hate, None, Some(&allow.replace("\"none\"", severity)), false);
+        assert_eq!(verdict.outcome, Outcome::Allow, "{severity}: {verdict:?}");
+    }
+    let bad = r#"{"violation": 1, "policy_category": "HT2", "rule_ids": ["HT2.a"], "confidence": "high", "rationale": "x", "severity": "S", "action": "block"}"#;
+    for (severity, outcome) in [
+        ("High", Outcome::Violation),
+        ("medium", Outcome::Violation),
+        ("none", Outcome::NeedsReview),
+        ("catastrophic", Outcome::NeedsReview),
+    ] {
+        let verdict = judge(&hate, None, Some(&bad.replace("\"S\"", &format!("{severity:?}"))), false);
+        assert_eq!(verdict.outcome, outcome, "{severity}: {verdict:?}");
+    }
+}
+
+/// Confidence is read as words or numbers; anything that is not clearly high or medium is low.
+#[test]
+fn low_confidence_in_any_spelling() {
+    let hate = starter("hate");
+    let safe = r#"{"violation": 0, "policy_category": null, "rule_ids": ["HT0.a"], "confidence": C, "rationale": "x", "severity": "none", "action": "allow"}"#;
+    for low in [
+        "0.1",
+        "\"0.1\"",
+        "\"very low\"",
+        "\"low.\"",
+        "\"medium-low\"",
+        "\"Low\"",
+        "1.5",
+        "-0.2",
+        "\"NaN\"",
+        "\"30%\"",
+        "\"unsure\"",
+        "85",
+    ] {
+        let verdict = judge(&hate, None, Some(&safe.replace('C', low)), false);
+        assert!(verdict.flags.contains(&Flag::LowConfidence), "{low}: {verdict:?}");
+    }
+    for fine in
+        ["\"high\"", "\"medium\"", "\"High.\"", "\"medium-high\"", "0.9", "1", "\"0.75\"", "\"90%\"", "\"very high\""]
+    {
+        let verdict = judge(&hate, None, Some(&safe.replace('C', fine)), false);
+        assert_eq!(verdict.outcome, Outcome::Allow, "{fine}: {verdict:?}");
+    }
+}
+
+/// Words beside a combined answer count as they do beside a single one.
+#[test]
+fn combined_words_beside_the_answer_count() {
+    let policies = spam_and_hate();
+    let clean = format!(r#"{{"spam": {SPAM_SAFE}, "hate": {HATE_SAFE}}}"#);
+    let verdicts = judge_combined(&policies, None, Some(&format!("{clean}\nViolation.")), false);
+    assert!(verdicts.iter().all(|v| has_unparseable(v) && v.violation.is_none()), "{verdicts:?}");
+    let verdicts = judge_combined(&policies, None, Some(&format!("{clean}\nhate: unsafe")), false);
+    assert!(has_unparseable(&verdicts[1]) && verdicts[1].violation.is_none(), "{:?}", verdicts[1]);
+    assert_eq!(verdicts[0].outcome, Outcome::Allow, "{:?}", verdicts[0]);
+    // An agreeing word, or none, changes nothing.
+    for tail in ["\nSafe.", "\nBoth safe.", "\nDone.", "\nhate: safe (HT0.a)"] {
+        let verdicts = judge_combined(&policies, None, Some(&format!("{clean}{tail}")), false);
+        assert!(verdicts.iter().all(|v| v.outcome == Outcome::Allow), "{tail:?}: {verdicts:?}");
+    }
+    // A labels policy's own labels are answers too.
+    let labels =
+        Policy::parse("---\nname: links\n---\n# Links\nAnswer VALID or INVALID.\n- LK1.a Bad links.\n").unwrap();
+    let both = vec![labels, starter("hate")];
+    let answer = format!(
+        r#"{{"links": {{"violation": 0, "policy_category": null, "rule_ids": [], "confidence": "high", "rationale": "x"}}, "hate": {HATE_SAFE}}}"#
+    );
+    let verdicts = judge_combined(&both, None, Some(&format!("{answer}\nlinks: INVALID")), false);
+    assert!(has_unparseable(&verdicts[0]) && verdicts[0].violation.is_none(), "{:?}", verdicts[0]);
+    assert_eq!(verdicts[1].outcome, Outcome::Allow, "{:?}", verdicts[1]);
+}
+
+/// An earlier entry that says nothing clear, or asks for a person, is not outvoted by a later one.
+#[test]
+fn earlier_unclear_or_escalating_entries_count() {
+    let policies = spam_and_hate();
+    let clean = format!(r#"{{"spam": {SPAM_SAFE}, "hate": {HATE_SAFE}}}"#);
+    let text = format!("{{\"hate\": {{\"violation\": \"unsure\"}}}}\n{clean}");
+    let verdicts = judge_combined(&policies, None, Some(&text), false);
+    assert!(has_unparseable(&verdicts[1]) && verdicts[1].outcome == Outcome::NeedsReview, "{:?}", verdicts[1]);
+    let escalating = HATE_SAFE.replace("\"allow\"", "\"escalate\"");
+    let text = format!("{{\"hate\": {escalating}}}\n{clean}");
+    let verdicts = judge_combined(&policies, None, Some(&text), false);
+    assert!(verdicts[1].flags.contains(&Flag::Escalated), "{:?}", verdicts[1]);
+    // Single mode: an escalating earlier object still asks for a person.
+    let hate = starter("hate");
+    let verdict = judge(&hate, None, Some(&format!("{escalating}\n{HATE_SAFE}")), false);
+    assert!(verdict.flags.contains(&Flag::Escalated), "{verdict:?}");
+}
+
+/// "1:" followed by a reason is a second answer; followed by what the digit means it is a legend.
+#[test]
+fn a_correction_written_as_a_legend_is_a_second_answer() {
+    let binary = binary_policy();
+    for text in ["Answer: 0. On reflection, 1: the link is phishing.", "so 0. Actually 1: phishing"] {
+        let verdict = judge(&binary, None, Some(text), false);
+        assert!(verdict.outcome == Outcome::NeedsReview && has_unparseable(&verdict), "{text}: {verdict:?}");
+    }
+    for (text, outcome) in [
+        ("Answer: 0 (0: safe, 1: violation)", Outcome::Allow),
+        ("Answer: 1 (1 = violates)", Outcome::Violation),
+        ("0\n0 = Content does NOT violate this policy.\n1 = Content violates this policy.", Outcome::Allow),
+        ("Answer: 0 (1 = the content violates, 0 = it does not)", Outcome::Allow),
+        ("Answer: 0 (0 = not spam, 1 = spam)", Outcome::Allow),
+        ("Answer: 0 (1 = policy violation)", Outcome::Allow),
+        ("0 = safe, 1 = violation", Outcome::NeedsReview),
+    ] {
+        assert_eq!(judge(&binary, None, Some(text), false).outcome, outcome, "{text}");
+    }
+}
