@@ -169,7 +169,11 @@ pub enum EventStatus {
 /// waits on a `needs_review` decision.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReviewedItem {
+    /// The decision the person decided: the item's own, or for an appeal made over HTTP, the appeal's.
     pub decision_id: String,
+    /// For an appeal, the decision it appealed: the one the producer was told about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub appeal_of: Option<String>,
     pub review_id: String,
     /// `allow` or `violation`.
     pub outcome: String,

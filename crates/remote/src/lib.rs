@@ -215,11 +215,14 @@ enum AttemptError {
     Retryable { detail: String, retry_after: Option<Duration> },
     /// Trying again anywhere would fail the same way (a 400, a 413, a 422: the request itself is wrong).
     Fatal(String),
-    /// This endpoint refused the request for reasons of its own (401/403: its key; 404: it does not serve the
-    /// model, as an Ollama node without it pulled or a vLLM replica started under another name). Another
-    /// endpoint may well take it; this one counts it against its health, so that its breaker takes it out of
-    /// rotation instead of least-loaded routing sending it more of the requests it fails fast.
-    Refused(String),
+    /// This endpoint refused the request for reasons of its own (401: its key; 403: its key, or a filter in front
+    /// of it; 404: it does not serve the model, as an Ollama node without it pulled or a vLLM replica started under
+    /// another name). Another endpoint may well take it. A 401 or 404 is the endpoint's for every request, so it
+    /// counts against its health: its breaker takes it out of rotation instead of least-loaded routing sending it
+    /// more of the requests it fails fast. A 403 is not counted: a WAF in front of a hosted backend refuses
+    /// particular bodies, and a moderation service sends it slurs and injection payloads all day; a run of those
+    /// must not shut the endpoint for the clean items behind them.
+    Refused { detail: String, endpoint_wide: bool },
     /// The server answered 200 but what it sent is no answer (a body that does not parse, an error inside it, a
     /// body past [`MAX_RESPONSE_BYTES`]). It may well have generated, and billed, a completion: asking again
     /// would pay twice. Not retried, but counted against the server's health, unlike `Fatal`.
@@ -419,7 +422,7 @@ impl RemoteReasoner {
                 }
                 // Refused before any of the answer was read, so nothing was streamed yet: another endpoint may
                 // answer in full.
-                Err(AttemptError::Refused(detail)) => {
+                Err(AttemptError::Refused { detail, .. }) => {
                     warn!(%detail, attempt, "backend endpoint refused the request; trying another");
                     last_error = detail;
                     refused[index] = true;
@@ -483,7 +486,8 @@ impl RemoteReasoner {
             let detail = format!("{url}: HTTP {status}: {}", excerpt(&String::from_utf8_lossy(&text)));
             return Err(match status.as_u16() {
                 408 | 429 | 500..=599 => AttemptError::Retryable { detail, retry_after },
-                401 | 403 | 404 => AttemptError::Refused(detail),
+                401 | 404 => AttemptError::Refused { detail, endpoint_wide: true },
+                403 => AttemptError::Refused { detail, endpoint_wide: false },
                 _ => AttemptError::Fatal(detail),
             });
         }
@@ -652,10 +656,14 @@ impl Hold<'_> {
         match result {
             Ok(_) => breaker.on_success(self.ticket),
             // A request the server rejected as malformed says nothing about the server's health.
-            Err(AttemptError::Fatal(_)) => breaker.on_success(self.ticket),
-            Err(AttemptError::Retryable { .. } | AttemptError::Unhealthy(_) | AttemptError::Refused(_)) => {
-                breaker.on_failure(self.ticket, Instant::now())
+            Err(AttemptError::Fatal(_) | AttemptError::Refused { endpoint_wide: false, .. }) => {
+                breaker.on_success(self.ticket)
             }
+            Err(
+                AttemptError::Retryable { .. }
+                | AttemptError::Unhealthy(_)
+                | AttemptError::Refused { endpoint_wide: true, .. },
+            ) => breaker.on_failure(self.ticket, Instant::now()),
         }
         self.settled = true;
     }

@@ -143,30 +143,12 @@ async fn a_client_error_is_not_retried() {
     assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
 }
 
+/// A dead endpoint (5xx), one without the model (404: a node without it pulled, a replica serving another name) or
+/// one refusing the key (401/403): the request goes to another endpoint, and the failures open the bad
+/// endpoint's breaker so that traffic stops going there.
 #[tokio::test]
-async fn a_dead_endpoint_fails_over_and_its_breaker_opens() {
-    let (bad_url, bad) = serve(always(StatusCode::INTERNAL_SERVER_ERROR, json!({"error": "boom"}))).await;
-    let (good_url, good) = serve(always(StatusCode::OK, vllm_ok("1"))).await;
-    let mut cfg = config(&[format!("{bad_url}/v1"), format!("{good_url}/v1")]);
-    cfg.breaker_threshold = 2;
-    cfg.breaker_cooldown = Duration::from_secs(60);
-    let reasoner = RemoteReasoner::new(cfg).unwrap();
-    for _ in 0..8 {
-        let out = reasoner.reason(request()).await.unwrap();
-        assert_eq!(out.final_text.as_deref(), Some("1"));
-    }
-    assert!(bad.calls.load(Ordering::SeqCst) <= 2, "the breaker stops traffic to the failing endpoint");
-    assert_eq!(good.calls.load(Ordering::SeqCst), 8);
-    let status = reasoner.status();
-    assert_eq!(status[0].breaker, BreakerState::Open);
-    assert_eq!(status[1].breaker, BreakerState::Closed);
-}
-
-/// A 404 (a node without the model, a replica serving another name) or 401/403 (a wrong key) is this endpoint's
-/// problem: the request goes to another endpoint, and the refusals open the refusing endpoint's breaker.
-#[tokio::test]
-async fn an_endpoint_that_refuses_the_request_fails_over_and_its_breaker_opens() {
-    for status in [StatusCode::NOT_FOUND, StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN] {
+async fn a_failing_or_refusing_endpoint_fails_over_and_its_breaker_opens() {
+    for status in [StatusCode::INTERNAL_SERVER_ERROR, StatusCode::NOT_FOUND, StatusCode::UNAUTHORIZED] {
         let (bad_url, bad) = serve(always(status, json!({"error": "model not found"}))).await;
         let (good_url, good) = serve(always(StatusCode::OK, vllm_ok("1"))).await;
         let mut cfg = config(&[format!("{bad_url}/v1"), format!("{good_url}/v1")]);
@@ -177,10 +159,24 @@ async fn an_endpoint_that_refuses_the_request_fails_over_and_its_breaker_opens()
             let out = reasoner.reason(request()).await.unwrap_or_else(|e| panic!("{status}: {e}"));
             assert_eq!(out.final_text.as_deref(), Some("1"));
         }
-        assert!(bad.calls.load(Ordering::SeqCst) <= 2, "{status}: the breaker stops traffic to the refusing endpoint");
+        assert!(bad.calls.load(Ordering::SeqCst) <= 2, "{status}: the breaker stops traffic to the bad endpoint");
         assert_eq!(good.calls.load(Ordering::SeqCst), 8);
-        assert_eq!(reasoner.status()[0].breaker, BreakerState::Open, "{status}");
+        let breakers = reasoner.status();
+        assert_eq!((breakers[0].breaker, breakers[1].breaker), (BreakerState::Open, BreakerState::Closed), "{status}");
     }
+    // A 403 may be a filter in front of the endpoint refusing this body (slurs, injection payloads: what a
+    // moderation service sends): the request fails over, and the endpoint stays in rotation for the next one.
+    let (bad_url, bad) = serve(always(StatusCode::FORBIDDEN, json!({"error": "blocked by policy"}))).await;
+    let (good_url, good) = serve(always(StatusCode::OK, vllm_ok("1"))).await;
+    let mut cfg = config(&[format!("{bad_url}/v1"), format!("{good_url}/v1")]);
+    cfg.breaker_threshold = 2;
+    let reasoner = RemoteReasoner::new(cfg).unwrap();
+    for _ in 0..8 {
+        assert_eq!(reasoner.reason(request()).await.unwrap().final_text.as_deref(), Some("1"));
+    }
+    assert_eq!(good.calls.load(Ordering::SeqCst), 8);
+    assert!(bad.calls.load(Ordering::SeqCst) > 2, "a 403 does not open the breaker");
+    assert_eq!(reasoner.status()[0].breaker, BreakerState::Closed);
     // With no other endpoint, the refusal is the answer, at once: retrying it would be refused the same way.
     let (url, fake) = serve(always(StatusCode::NOT_FOUND, json!({"error": "model not found"}))).await;
     let reasoner = RemoteReasoner::new(config(&[format!("{url}/v1")])).unwrap();

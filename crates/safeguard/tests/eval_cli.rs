@@ -464,20 +464,18 @@ fn a_line_without_an_item_id_is_a_failure_not_an_abort() {
             json!({"id": null, "line": 4, "error": "line too long"}),
         ],
     );
-    let out = safeguard(&[
-        "eval",
-        "--predictions",
-        run.to_str().unwrap(),
-        "--dataset",
-        dataset.to_str().unwrap(),
-        "--format",
-        "json",
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let (code, stderr, report) = score_saved_run(&run, &dataset);
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("1 prediction line(s) name no item: line 4 (input line 4): line too long"), "{stderr}");
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((report["joined"].as_u64(), report["unjoinable"]["count"].as_u64()), (Some(3), Some(1)));
+}
+
+/// `safeguard eval --predictions RUN --dataset DATA --format json`: its exit code, standard error and report.
+fn score_saved_run(run: &Path, dataset: &Path) -> (Option<i32>, String, Value) {
+    let (run, dataset) = (run.to_str().unwrap(), dataset.to_str().unwrap());
+    let out = safeguard(&["eval", "--predictions", run, "--dataset", dataset, "--format", "json"]);
+    let report = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned(), report)
 }
 
 /// When the backend fails, classify writes the decision with the prompt's error and verdicts flagged like a
@@ -497,19 +495,9 @@ fn a_backend_failure_in_saved_output_fails_the_run() {
         line
     };
     write_jsonl(&run, &[failed("a"), failed("b"), failed("c")]);
-    let out = safeguard(&[
-        "eval",
-        "--predictions",
-        run.to_str().unwrap(),
-        "--dataset",
-        dataset.to_str().unwrap(),
-        "--format",
-        "json",
-    ]);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let (code, stderr, report) = score_saved_run(&run, &dataset);
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("3 classification(s) failed"), "{stderr}");
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!((report["errors"].as_u64(), report["parse_failures"].as_u64()), (Some(3), Some(0)));
 }
 

@@ -171,6 +171,7 @@ pub(crate) async fn announce_review(state: &AppState, decision: &DecisionRecord,
     };
     let reviewed = ReviewedItem {
         decision_id: decision.id.clone(),
+        appeal_of: decision.replay_of.clone().filter(|_| decision.source == "appeal"),
         review_id: review.id.clone(),
         outcome,
         rule_id: review.rule_id.clone(),

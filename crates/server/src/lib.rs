@@ -77,6 +77,10 @@ pub enum ServerError {
          {MIN_PUBLIC_ADMIN_KEY_CHARS} random characters, e.g. `openssl rand -hex 24`"
     )]
     WeakAdminKey(SocketAddr, usize),
+    #[error(
+        "SAFEGUARD_ADMIN_KEY holds a value that was rotated away from and revoked; set the current key, or a new one"
+    )]
+    RevokedAdminKey,
     #[error("the server task failed: {0}")]
     Task(String),
     #[error("cannot build the webhook HTTP client: {0}")]
@@ -299,6 +303,11 @@ impl Server {
                 return Err(ServerError::WeakAdminKey(config.listen, length));
             }
             let admin = store.insert_api_key(ADMIN_KEY_NAME, &["admin".to_string()], key).await?;
+            if admin.revoked_at.is_some() {
+                // A value rotated away from, set again (an old pod, a rolled-back secret): keeping it revoked and
+                // revoking the others below would leave no admin key at all.
+                return Err(ServerError::RevokedAdminKey);
+            }
             // Setting another value is how an operator rotates the key: the ones it replaces stop working now,
             // not whenever someone remembers `safeguard keys revoke`.
             let retired = store.revoke_api_keys_named(ADMIN_KEY_NAME, &admin.id).await?;

@@ -200,6 +200,8 @@ pub(crate) async fn sender(state: AppState, shutdown: CancellationToken) {
         while sending.try_join_next().is_some() {}
         // A slot first, then a claim: a claimed delivery waiting for a slot would spend its lease unsent.
         let slot = tokio::select! {
+            // Shutdown first: with a slot free as well, an unbiased choice would go on claiming half the time.
+            biased;
             _ = shutdown.cancelled() => break,
             slot = slots.clone().acquire_owned() => slot,
         };

@@ -730,6 +730,13 @@ async fn the_admin_key_is_long_off_loopback_and_rotating_it_revokes_the_old_one(
         }
         server.shutdown().await.unwrap();
     }
+    // Setting the replaced value again is refused, rather than revoking the current key and leaving none.
+    let rolled_back =
+        ServerConfig { listen: "127.0.0.1:0".parse().unwrap(), admin_key: Some(old.into()), ..ServerConfig::default() };
+    let err = Server::start(rolled_back, reasoner.clone(), store.clone()).await.err().expect("refused");
+    assert!(err.to_string().contains("revoked"), "{err}");
+    let current = store.authenticate(new).await.unwrap();
+    assert!(current.is_some(), "the current admin key survives a start with an old one");
 }
 
 #[tokio::test]

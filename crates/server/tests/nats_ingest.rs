@@ -204,6 +204,7 @@ async fn nats_events_are_decided_stored_once_and_survive_a_server_crash() {
     assert_eq!(reviewed.len(), 1, "{reviewed:?}");
     let review_event = reviewed[0].review.as_ref().unwrap();
     assert_eq!(review_event.decision_id, appeal["decision"]["decision_id"].as_str().unwrap());
+    assert_eq!(review_event.appeal_of.as_deref(), Some(allowed_id), "the decision the producer holds");
     assert_eq!((review_event.outcome.as_str(), reviewed[0].item_id.as_deref()), ("violation", Some("greet-1")));
     assert!(store.reviews_to_announce(10).await.unwrap().is_empty(), "the appeal's answer is marked announced");
 

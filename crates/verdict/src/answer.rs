@@ -504,9 +504,10 @@ pub(crate) fn digit_candidates<'a>(text: &'a str, regex: &Regex) -> Vec<(usize, 
         .filter(|found| {
             let after = &bytes[found.end()..];
             let before = &bytes[..found.start()];
-            let decimal_after = after.len() >= 2 && matches!(after[0], b'.' | b',') && after[1].is_ascii_digit();
+            // "0.5", "1,000", and times and ratios ("1:30", "10:1"): part of a number, not an answer.
+            let decimal_after = after.len() >= 2 && matches!(after[0], b'.' | b',' | b':') && after[1].is_ascii_digit();
             let decimal_before = before.len() >= 2
-                && matches!(before[before.len() - 1], b'.' | b',')
+                && matches!(before[before.len() - 1], b'.' | b',' | b':')
                 && before[before.len() - 2].is_ascii_digit();
             // "0 or 1", "0/1", "0-1": the model restating the format, not answering.
             let rest = std::str::from_utf8(after).unwrap_or("").trim_start();
@@ -551,13 +552,7 @@ fn whole_answer(text: &str) -> Option<bool> {
 /// "INVALID" (for a policy with labels). Rule ids and dashes around the word do not hide it ("safe (HT0.a)").
 /// Digits are read apart, by the digit rule.
 pub(crate) fn word_reading(sentence: &str, output: &OutputFormat) -> Option<bool> {
-    let mut bare = String::with_capacity(sentence.len());
-    let mut at = 0;
-    for (start, id) in safeguard_policy::find_rule_ids(sentence) {
-        bare.push_str(&sentence[at..start]);
-        at = start + id.len();
-    }
-    bare.push_str(&sentence[at..]);
+    let bare = without_rule_ids(sentence);
     let word = bare.trim_matches(|c: char| c.is_whitespace() || WRAPPING.contains(c) || "-–—".contains(c));
     if let OutputFormat::Labels { violating, safe, .. } = output {
         let label = normalize_label(word);
@@ -569,6 +564,19 @@ pub(crate) fn word_reading(sentence: &str, output: &OutputFormat) -> Option<bool
         }
     }
     word_answer(word)
+}
+
+/// `text` with the rule ids in it left out ("violation (HT2.a)" → "violation ()"). Ids are upper case: read
+/// them before lowering the text.
+pub(crate) fn without_rule_ids(text: &str) -> String {
+    let mut bare = String::with_capacity(text.len());
+    let mut at = 0;
+    for (start, id) in safeguard_policy::find_rule_ids(text) {
+        bare.push_str(&text[at..start]);
+        at = start + id.len();
+    }
+    bare.push_str(&text[at..]);
+    bare
 }
 
 /// What a piece of prose says on its own, as the binary format reads it.

@@ -190,7 +190,7 @@ fn read_beside(outside: &str, policies: &[Policy], keys: &[String]) -> Beside {
         let concerned: Vec<usize> = if named.is_empty() { (0..keys.len()).collect() } else { named };
         let digit = digit_candidates(sentence, &BARE_DIGIT).first().map(|&(_, digit)| digit.to_string());
         let escalated = asks_for_person(sentence);
-        let rest = without_keys(&lower, keys);
+        let rest = without_keys(&crate::answer::without_rule_ids(sentence).to_lowercase(), keys);
         for index in concerned {
             let key = &keys[index];
             if let Some(digit) = &digit {

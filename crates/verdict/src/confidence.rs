@@ -52,16 +52,20 @@ static NUMBER: LazyLock<Regex> =
 /// an unknown word included, is not sure.
 pub(crate) fn is_sure(confidence: &str) -> bool {
     let lower = confidence.trim().to_lowercase();
+    // The level comes first; what follows a separator explains it ("High - the insult is explicit", "high (clear
+    // criticism)") and its words are no level. A low word anywhere still counts below.
+    let level = lower.split([';', ',', ':', '(', '\u{2014}', '\u{2013}']).next().unwrap_or("");
+    let level = level.split(" - ").next().unwrap_or("");
     // "low", "very low", "low.", "medium-low", "lowish", "below 50%".
     if lower.contains("low") {
         return false;
     }
-    let words: Vec<&str> = lower.split(|c: char| !c.is_alphabetic()).filter(|word| !word.is_empty()).collect();
+    let words: Vec<&str> = level.split(|c: char| !c.is_alphabetic()).filter(|word| !word.is_empty()).collect();
     if words.iter().any(|word| UNSURE_WORDS.contains(word)) {
         return false;
     }
     let numbers: Vec<Option<f64>> = NUMBER
-        .captures_iter(&lower)
+        .captures_iter(level)
         .map(|caps| {
             let value: f64 = caps.get(2)?.as_str().parse().ok()?;
             let value = if caps.get(1).is_some_and(|sign| !sign.is_empty()) { -value } else { value };
@@ -80,9 +84,22 @@ mod tests {
 
     #[test]
     fn confidence_readings() {
-        for sure in
-            ["high", "High.", "medium", "medium-high", "very high", "High confidence", "0.9", "1", "0.5", "90%", "1.0"]
-        {
+        for sure in [
+            "high",
+            "High.",
+            "medium",
+            "medium-high",
+            "very high",
+            "High confidence",
+            "0.9",
+            "1",
+            "0.5",
+            "90%",
+            "1.0",
+            "High - the insult is explicit",
+            "high (clear criticism)",
+            "Medium: the context is thin",
+        ] {
             assert!(is_sure(sure), "{sure}");
         }
         for unsure in [

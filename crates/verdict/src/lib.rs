@@ -187,8 +187,8 @@ fn json_fields_asked_for(policy: &Policy) -> Vec<&'static str> {
 
 /// Checks shared by single and combined judging.
 fn validate(policy: &Policy, verdict: &mut Verdict, analysis: Option<&str>) {
-    cite_rules_in_prose(policy, verdict);
-    for rule_id in verdict.rule_ids.clone() {
+    let in_prose = cite_rules_in_prose(policy, verdict);
+    for rule_id in verdict.rule_ids.iter().chain(&in_prose).cloned().collect::<Vec<_>>() {
         // A tier the policy declares only in `categories:` is citable too, as a category of that name is below.
         if !policy.knows_category(&rule_id) {
             verdict.push_flag(Flag::HallucinatedRule { rule_id });
@@ -226,7 +226,8 @@ fn validate(policy: &Policy, verdict: &mut Verdict, analysis: Option<&str>) {
             None => {}
         }
     }
-    if verdict.violation == Some(true) && escalates(policy, verdict) {
+    let prose_escalates = in_prose.iter().any(|id| cites_tier(id, &policy.meta.escalate_on));
+    if verdict.violation == Some(true) && (escalates(policy, verdict) || prose_escalates) {
         verdict.push_flag(Flag::Escalated);
     }
     let low_confidence = verdict.confidence.as_deref().is_some_and(|c| !confidence::is_sure(c));
@@ -275,13 +276,15 @@ fn severity_mismatch(policy: &Policy, verdict: &Verdict) -> Option<String> {
     None
 }
 
-/// Rule ids the model wrote into its category or rationale rather than its `rule_ids`: "HT3 (threats)", "Threat
-/// per HT3.a, in jest". They are citations all the same, so they join `rule_ids` and face every check a listed id
-/// does: that it exists, which side of the line it is on, whether the policy escalates it. An id the text rules
-/// out ("not HT3.a", "does not meet HT2", "HT3.a does not apply") is no citation: a safe answer explaining what
-/// it is not must stay clean. Only ids shaped like this policy's (same letters: `HT` for the hate policy) count,
-/// so "WW2" or "MP3" in a rationale is not read as a made-up rule.
-fn cite_rules_in_prose(policy: &Policy, verdict: &mut Verdict) {
+/// Rule ids the model wrote into its category or rationale rather than its `rule_ids`. Only ids shaped like this
+/// policy's (same letters: `HT` for the hate policy) count, so "WW2" or "MP3" is not read as a rule.
+///
+/// A category that opens with an id ("HT3 (threats)", "SX3 - minors") names the tier the model found as much as
+/// a bare "HT3" does: that id joins `rule_ids` and faces every check. A rationale is prose, and prose names rules
+/// in passing, safe answers most of all ("quotes the slogan (HT3.b) to expose it (HT0.b)", "VI3.a would require a
+/// credible threat"): its ids are returned apart, to be checked only for existence (a dotted id the policy does
+/// not have is made up) and for escalation, never for which side of the line the answer is on.
+fn cite_rules_in_prose(policy: &Policy, verdict: &mut Verdict) -> Vec<String> {
     let prefixes: Vec<&str> = policy
         .rule_ids
         .iter()
@@ -289,22 +292,31 @@ fn cite_rules_in_prose(policy: &Policy, verdict: &mut Verdict) {
         .map(|id| &id[..id.find(|c: char| !c.is_ascii_uppercase()).unwrap_or(id.len())])
         .filter(|prefix| !prefix.is_empty())
         .collect();
-    // A category that is one id is already cited as it stands.
-    let category = verdict.category.clone().filter(|category| !safeguard_policy::is_rule_id(category));
-    let mut found: Vec<String> = Vec::new();
-    for text in category.iter().chain(verdict.rationale.iter()) {
+    let ours = |id: &str| prefixes.contains(&&id[..id.find(|c: char| c.is_ascii_digit()).unwrap_or(id.len())]);
+    let leading =
+        verdict.category.as_deref().filter(|category| !safeguard_policy::is_rule_id(category)).and_then(|category| {
+            let trimmed = category.trim_start_matches(|c: char| c.is_whitespace() || "*`\"'([".contains(c));
+            safeguard_policy::find_rule_ids(trimmed)
+                .first()
+                .filter(|(at, id)| *at == 0 && ours(id))
+                .map(|(_, id)| id.to_string())
+        });
+    if let Some(id) = leading
+        && !verdict.rule_ids.contains(&id)
+    {
+        verdict.rule_ids.push(id);
+    }
+    let mut prose: Vec<String> = Vec::new();
+    for text in verdict.rationale.iter() {
         for (at, id) in safeguard_policy::find_rule_ids(text) {
-            let letters = &id[..id.find(|c: char| c.is_ascii_digit()).unwrap_or(id.len())];
-            if prefixes.contains(&letters) && !answer::citation_negated(text, at, at + id.len()) {
-                found.push(id.to_string());
+            // A bare id in prose may be anything with the same letters ("SP500 index funds"); a dotted one is a rule.
+            let cited = (id.contains('.') || policy.knows_category(id)) && ours(id);
+            if cited && !answer::citation_negated(text, at, at + id.len()) && !prose.iter().any(|p| p == id) {
+                prose.push(id.to_string());
             }
         }
     }
-    for id in found {
-        if !verdict.rule_ids.contains(&id) {
-            verdict.rule_ids.push(id);
-        }
-    }
+    prose
 }
 
 /// An answer whose cited rules sit on the other side of the policy's line from its label: "0" citing a rule the
@@ -356,12 +368,15 @@ impl Verdict {
     /// Whether the verdict's category or a rule id it cites is one of `tiers` or inside one: `SX3` covers `SX3`
     /// and `SX3.a`, not `SX30`.
     pub fn cites_any(&self, tiers: &[String]) -> bool {
-        self.cited().any(|cited| {
-            tiers.iter().any(|tier| {
-                cited == tier || cited.strip_prefix(tier.as_str()).is_some_and(|rest| rest.starts_with('.'))
-            })
-        })
+        self.cited().any(|cited| cites_tier(cited, tiers))
     }
+}
+
+/// Whether `cited` is one of `tiers` or inside one: `SX3` covers `SX3` and `SX3.a`, not `SX30`.
+fn cites_tier(cited: &str, tiers: &[String]) -> bool {
+    tiers
+        .iter()
+        .any(|tier| cited == tier || cited.strip_prefix(tier.as_str()).is_some_and(|rest| rest.starts_with('.')))
 }
 
 /// Any undecided verdict makes the whole item undecided; otherwise any violation wins. No verdicts at all

@@ -761,8 +761,10 @@ fn rule_ids_in_category_and_rationale_are_checked() {
     let verdict = judge(&hate, None, Some(category), false);
     assert!(verdict.outcome == Outcome::NeedsReview && inconsistent(&verdict), "{verdict:?}");
     let base = r#"{"violation": 0, "policy_category": null, "rule_ids": [], "confidence": "high", "rationale": "R"}"#;
+    // A rationale is prose: the ids it names are checked for existence, not for the side of the line, since safe
+    // answers name the violating rules they are not (and some wording of that always slips past a negation list).
     let jest = judge(&hate, None, Some(&base.replace("\"R\"", "\"Threat per HT3.a, in jest\"")), false);
-    assert!(jest.outcome == Outcome::NeedsReview && inconsistent(&jest), "{jest:?}");
+    assert_eq!(jest.outcome, Outcome::Allow, "{jest:?}");
     let made_up = judge(&hate, None, Some(&base.replace("\"R\"", "\"Critique, see HT9.z\"")), false);
     assert!(made_up.flags.contains(&Flag::HallucinatedRule { rule_id: "HT9.z".into() }), "{made_up:?}");
     // escalate_on reaches a tier named inside a longer category.
@@ -778,6 +780,10 @@ fn rule_ids_in_category_and_rationale_are_checked() {
         "HT3.a does not apply: the threat is quoted to condemn it (HT0.b).",
         "Reporting (HT0.b) rather than HT3.a praise, with no HT2.a dehumanization.",
         "Mentions WW2 and COVID19 history, a critique (HT0.a).",
+        "Criticism of a religion's teaching (HT0.a); HT1.a and HT2.a do not apply.",
+        "The article quotes the attackers' slogan (HT3.b) to expose them (HT0.b).",
+        "Hyperbole about a sports rival (HT0.a); HT3.a would require a real threat.",
+        "Quotes the HT2000 forum's name while criticising it (HT0.a).",
     ] {
         let answer = base.replace("\"R\"", &format!("{rationale:?}"));
         let verdict = judge(&hate, None, Some(&answer), false);
@@ -871,6 +877,9 @@ fn combined_words_beside_the_answer_count() {
     let verdicts = judge_combined(&policies, None, Some(&format!("{clean}\nhate: unsafe")), false);
     assert!(has_unparseable(&verdicts[1]) && verdicts[1].violation.is_none(), "{:?}", verdicts[1]);
     assert_eq!(verdicts[0].outcome, Outcome::Allow, "{:?}", verdicts[0]);
+    // A rule id beside the word does not hide it.
+    let verdicts = judge_combined(&policies, None, Some(&format!("{clean}\nhate: violation (HT2.a)")), false);
+    assert!(has_unparseable(&verdicts[1]) && verdicts[1].violation.is_none(), "{:?}", verdicts[1]);
     // An agreeing word, or none, changes nothing.
     for tail in ["\nSafe.", "\nBoth safe.", "\nDone.", "\nhate: safe (HT0.a)"] {
         let verdicts = judge_combined(&policies, None, Some(&format!("{clean}{tail}")), false);
@@ -922,6 +931,8 @@ fn a_correction_written_as_a_legend_is_a_second_answer() {
         ("Answer: 0 (0 = not spam, 1 = spam)", Outcome::Allow),
         ("Answer: 0 (1 = policy violation)", Outcome::Allow),
         ("0 = safe, 1 = violation", Outcome::NeedsReview),
+        // A time is no digit of an answer.
+        ("Answer: 0 — they ask to meet at 1:30.", Outcome::Allow),
     ] {
         assert_eq!(judge(&binary, None, Some(text), false).outcome, outcome, "{text}");
     }
