@@ -1,11 +1,12 @@
 //! Bearer API keys with scopes, and a per-key token-bucket rate limit.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::extract::FromRequestParts;
+use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::header;
 use axum::http::request::Parts;
 
@@ -51,7 +52,16 @@ impl FromRequestParts<AppState> for Caller {
             match state.lookups.keys.get(&key_hash) {
                 Some(caller) => caller,
                 None => {
-                    let record = state.store.authenticate(secret).await?.ok_or(ApiError::Unauthorized)?;
+                    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip());
+                    if let Some(peer) = peer {
+                        state.failed_keys.check(peer)?;
+                    }
+                    let Some(record) = state.store.authenticate(secret).await? else {
+                        if let Some(peer) = peer {
+                            state.failed_keys.record(peer);
+                        }
+                        return Err(ApiError::Unauthorized);
+                    };
                     let caller = Caller { key_id: record.id, scopes: record.scopes };
                     state.lookups.keys.put(key_hash, caller.clone());
                     caller
@@ -60,6 +70,51 @@ impl FromRequestParts<AppState> for Caller {
         };
         state.rate_limiter.check(&caller.key_id)?;
         Ok(caller)
+    }
+}
+
+/// Wrong keys per client address. Every unknown key costs a database lookup and is a guess at a real one: an
+/// address that sent [`FailedKeys::PER_MINUTE`] of them in a minute waits out the rest of that minute (429) before
+/// its next unknown key is looked up. Keys the server knows from the last `lookup_ttl` pass without a lookup, so
+/// a caller already using a good key behind the same address keeps working.
+pub(crate) struct FailedKeys {
+    windows: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+impl FailedKeys {
+    const PER_MINUTE: u32 = 30;
+    const WINDOW: Duration = Duration::from_secs(60);
+    /// Addresses remembered at most; past it the table starts over (a flood of addresses is for a proxy to stop).
+    const ADDRESSES: usize = 10_000;
+
+    pub(crate) fn new() -> Self {
+        FailedKeys { windows: Mutex::new(HashMap::new()) }
+    }
+
+    fn windows(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, (u32, Instant)>> {
+        self.windows.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn check(&self, peer: IpAddr) -> Result<(), ApiError> {
+        match self.windows().get(&peer) {
+            Some(&(failures, since)) if failures >= Self::PER_MINUTE && since.elapsed() < Self::WINDOW => {
+                let left = Self::WINDOW.saturating_sub(since.elapsed());
+                Err(ApiError::RateLimited { retry_after_secs: left.as_secs().max(1) })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub(crate) fn record(&self, peer: IpAddr) {
+        let mut windows = self.windows();
+        if windows.len() >= Self::ADDRESSES && !windows.contains_key(&peer) {
+            windows.clear();
+        }
+        let window = windows.entry(peer).or_insert((0, Instant::now()));
+        if window.1.elapsed() >= Self::WINDOW {
+            *window = (0, Instant::now());
+        }
+        window.0 += 1;
     }
 }
 

@@ -227,6 +227,7 @@ pub struct AppState {
     pub(crate) prompts: Arc<metrics_setup::PromptMetrics>,
     pub(crate) lookups: Arc<lookup_cache::Lookups>,
     pub(crate) open_access: Arc<auth::OpenAccess>,
+    pub(crate) failed_keys: Arc<auth::FailedKeys>,
     /// The NATS worker's connection while it has one: a person's decision on an item that came in as an event
     /// is published on it.
     pub(crate) nats_out: Arc<std::sync::RwLock<Option<safeguard_pipeline::nats::Bus>>>,
@@ -367,6 +368,7 @@ impl Server {
             prompts: prompt_metrics,
             lookups: Arc::new(lookup_cache::Lookups::new(config.lookup_ttl)),
             open_access: Arc::new(auth::OpenAccess::new(config.open_access, config.lookup_ttl)),
+            failed_keys: Arc::new(auth::FailedKeys::new()),
             nats_out: Arc::default(),
             rate_limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst)),
             config: Arc::new(config),
@@ -405,7 +407,8 @@ async fn run(state: AppState, listener: TcpListener, shutdown: CancellationToken
             // Replies are small; without this a reply split over two writes could wait on the client's delayed ACK.
             let _ = tcp.set_nodelay(true);
         }),
-        app,
+        // The client's address: what wrong keys are counted by (`auth::FailedKeys`).
+        app.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(async move { signal.cancelled().await });
     let result = served.await.map_err(|e| ServerError::Task(e.to_string()));

@@ -696,6 +696,22 @@ async fn appeals_and_reviews_keep_the_policy_front_matter() {
     assert_eq!((status, body["error"]["code"].as_str()), (409, Some("conflict")), "{body}");
 }
 
+/// Guessing keys is throttled per address: after 30 wrong keys in a minute the next is refused with 429 before
+/// any lookup, while a caller already using a good key from the same address goes on.
+#[tokio::test]
+async fn wrong_keys_are_throttled_per_address() {
+    let h = Harness::start(|c| c.lookup_ttl = Duration::from_secs(600)).await;
+    let key = h.key(&["review"]).await;
+    assert_eq!(h.call("GET", "/v1/reviews", Some(&key), None).await.0, 200);
+    for guess in 0..30 {
+        let (status, _) = h.call("GET", "/v1/reviews", Some(&format!("sg_guess_{guess}")), None).await;
+        assert_eq!(status, 401, "guess {guess}");
+    }
+    let (status, body) = h.call("GET", "/v1/reviews", Some("sg_guess_31"), None).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (429, Some("rate_limited")), "{body}");
+    assert_eq!(h.call("GET", "/v1/reviews", Some(&key), None).await.0, 200, "the known key still works");
+}
+
 /// `SAFEGUARD_ADMIN_KEY` off loopback must be long enough not to be guessed, and setting a new value is how it is
 /// rotated: the old value stops working at the next start.
 #[tokio::test]
