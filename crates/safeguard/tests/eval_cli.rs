@@ -385,15 +385,14 @@ fn three_items(dir: &Path) -> PathBuf {
 fn a_comparison_with_a_run_missing_items_fails() {
     let dir = tempfile::tempdir().unwrap();
     let dataset = three_items(dir.path());
+    // Every item of `three_items` judged right.
+    let complete = [
+        classify_line("a", "violation", "ra"),
+        classify_line("b", "violation", "rb"),
+        classify_line("c", "allow", "rc"),
+    ];
     let before = dir.path().join("before.jsonl");
-    write_jsonl(
-        &before,
-        &[
-            classify_line("a", "violation", "ra"),
-            classify_line("b", "violation", "rb"),
-            classify_line("c", "allow", "rc"),
-        ],
-    );
+    write_jsonl(&before, &complete);
     let after = dir.path().join("after.jsonl");
     write_jsonl(&after, &[classify_line("a", "violation", "ra")]);
     let compare = |before: &Path, after: &Path| {
@@ -414,14 +413,7 @@ fn a_comparison_with_a_run_missing_items_fails() {
     assert!(stderr.contains("after.jsonl: 0 classification(s) failed and 2 item(s) have no prediction"), "{stderr}");
 
     // An error on the "before" side counts the same way.
-    write_jsonl(
-        &after,
-        &[
-            classify_line("a", "violation", "ra"),
-            classify_line("b", "violation", "rb"),
-            classify_line("c", "allow", "rc"),
-        ],
-    );
+    write_jsonl(&after, &complete);
     write_jsonl(
         &before,
         &[
@@ -436,14 +428,7 @@ fn a_comparison_with_a_run_missing_items_fails() {
     assert!(stderr.contains("before.jsonl: 1 classification(s) failed"), "{stderr}");
 
     // Both complete: the gate decides.
-    write_jsonl(
-        &before,
-        &[
-            classify_line("a", "violation", "ra"),
-            classify_line("b", "violation", "rb"),
-            classify_line("c", "allow", "rc"),
-        ],
-    );
+    write_jsonl(&before, &complete);
     let out = compare(&before, &after);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
