@@ -429,14 +429,7 @@ fn strip_wrapping(text: &str) -> &str {
 /// True when `rest` holds nothing but wrapping punctuation, dashes, rule ids and ESCALATE: "(SP2.a).", " - SP4.a",
 /// " + ESCALATE". What a digit is followed by when it ends the answer.
 fn only_citations(rest: &str) -> bool {
-    let unescalated = ESCALATE.replace_all(rest, " ");
-    let mut at = 0;
-    let mut left = String::with_capacity(unescalated.len());
-    for (start, id) in safeguard_policy::find_rule_ids(&unescalated) {
-        left.push_str(&unescalated[at..start]);
-        at = start + id.len();
-    }
-    left.push_str(&unescalated[at..]);
+    let left = without_rule_ids(&ESCALATE.replace_all(rest, " "));
     left.chars().all(|c| c.is_whitespace() || WRAPPING.contains(c) || "-–—+/".contains(c))
 }
 
