@@ -2,14 +2,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde_json::Value;
 
 use crate::EvalError;
-use crate::predictions::strip_bom;
+use crate::predictions::{byte_lines, not_utf8, strip_bom};
 
 /// One labelled item.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +39,13 @@ pub struct Dataset {
     /// Policy -> rows left out because they were labelled under another version of it than the one asked for
     /// ([`FieldMapping::policy_versions`]).
     pub other_version_rows: BTreeMap<String, usize>,
+    /// Label field -> value -> rows: the values read as safe only because they are not the positive label (a
+    /// positive label and no negative labels, see [`FieldMapping::negative_labels`]). Shown to the user, so that
+    /// a typo such as `usnafe` does not pass unseen as a safe label.
+    pub read_as_negative: BTreeMap<String, BTreeMap<String, usize>>,
+    /// Item id -> why its row has no text to judge (`data.jsonl:7: field `text` is null`). The item keeps its
+    /// place and label, so it stays in the denominators: a live run counts it as a failed classification.
+    pub text_errors: BTreeMap<String, String>,
     index: HashMap<String, usize>,
 }
 
@@ -63,6 +70,8 @@ impl Dataset {
             category_aliases: BTreeMap::new(),
             labelled_per_policy: false,
             other_version_rows: BTreeMap::new(),
+            read_as_negative: BTreeMap::new(),
+            text_errors: BTreeMap::new(),
             index,
         })
     }
@@ -85,6 +94,8 @@ impl Dataset {
             item.label.is_some()
         });
         self.index = self.items.iter().enumerate().map(|(position, item)| (item.id.clone(), position)).collect();
+        let index = &self.index;
+        self.text_errors.retain(|id, _| index.contains_key(id));
         Ok(())
     }
 
@@ -100,6 +111,7 @@ impl Dataset {
     pub fn truncate(&mut self, limit: usize) {
         for item in self.items.iter().skip(limit) {
             self.index.remove(&item.id);
+            self.text_errors.remove(&item.id);
         }
         self.items.truncate(limit);
     }
@@ -131,9 +143,13 @@ pub struct FieldMapping {
     pub label_field: Option<String>,
     /// Default: `id`.
     pub id_field: Option<String>,
-    /// A label value meaning "violating"; any other non-empty value then means "safe". Without it labels
-    /// must be 0/1, true/false or yes/no.
+    /// A label value meaning "violating" (case-insensitive). Without it labels must be 0/1, true/false or
+    /// yes/no.
     pub positive_label: Option<String>,
+    /// With a positive label: the values meaning "safe". Any value that is neither is then an error naming its
+    /// line. Left empty, every other value is read as safe, and the values so read are counted in
+    /// [`Dataset::read_as_negative`].
+    pub negative_labels: Vec<String>,
     /// A field to break metrics down by.
     pub group_field: Option<String>,
     /// Extra label fields, each scored as its own category (multi-policy data).
@@ -293,6 +309,7 @@ impl DatasetSpec {
 
 /// Reads a JSONL (`.jsonl`, `.ndjson`, `.json`) or CSV (`.csv`, `.tsv`) file.
 pub fn load_file(path: &Path, mapping: &FieldMapping) -> Result<Dataset, EvalError> {
+    check_label_values(mapping)?;
     let extension = path.extension().and_then(|e| e.to_str()).unwrap_or_default().to_lowercase();
     let rows = match extension.as_str() {
         "csv" => read_csv_rows(path, b',')?,
@@ -302,15 +319,34 @@ pub fn load_file(path: &Path, mapping: &FieldMapping) -> Result<Dataset, EvalErr
     let per_policy = mapping.category_fields.is_empty()
         && rows.first().is_some_and(|row| matches!(row.value.get(POLICY_FIELD), Some(Value::String(_))));
     if !per_policy {
-        let items = rows_to_items(path, &rows, mapping)?;
-        return Dataset::new(path.display().to_string(), items);
+        let read = rows_to_items(path, &rows, mapping)?;
+        let mut dataset = Dataset::new(path.display().to_string(), read.items)?;
+        dataset.read_as_negative = read.read_as_negative;
+        dataset.text_errors = read.text_errors;
+        return Ok(dataset);
     }
     let (rows, other_version_rows) = keep_policy_versions(path, rows, &mapping.policy_versions)?;
-    let items = rows_to_items(path, &rows, mapping)?;
-    let mut dataset = Dataset::new(path.display().to_string(), merge_policy_rows(path, &rows, items)?)?;
+    let read = rows_to_items(path, &rows, mapping)?;
+    let mut dataset = Dataset::new(path.display().to_string(), merge_policy_rows(path, &rows, read.items)?)?;
     dataset.labelled_per_policy = true;
     dataset.other_version_rows = other_version_rows;
+    dataset.read_as_negative = read.read_as_negative;
+    dataset.text_errors = read.text_errors;
     Ok(dataset)
+}
+
+/// Refuses negative labels that cannot mean anything: without a positive label, labels are 0/1 and the like.
+fn check_label_values(mapping: &FieldMapping) -> Result<(), EvalError> {
+    if mapping.negative_labels.is_empty() {
+        return Ok(());
+    }
+    let Some(positive) = mapping.positive_label.as_deref() else {
+        return Err(EvalError::Options("--negative-label needs --positive-label".into()));
+    };
+    if let Some(both) = mapping.negative_labels.iter().find(|n| n.trim().eq_ignore_ascii_case(positive.trim())) {
+        return Err(EvalError::Options(format!("label `{both}` is given as both positive and negative")));
+    }
+    Ok(())
 }
 
 /// The field naming the policy a row's label is for, as `safeguard export dataset` writes it.
@@ -431,10 +467,14 @@ struct Row {
 fn read_jsonl_rows(path: &Path) -> Result<Vec<Row>, EvalError> {
     let file = File::open(path).map_err(|source| EvalError::Io { path: path.to_path_buf(), source })?;
     let mut rows = Vec::new();
-    for (index, line) in BufReader::new(file).lines().enumerate() {
-        let line_number = index + 1;
-        let line = line.map_err(|source| EvalError::Io { path: path.to_path_buf(), source })?;
-        let line = if index == 0 { strip_bom(&line) } else { &line };
+    for line in byte_lines(BufReader::new(file)) {
+        let (line_number, bytes) = line.map_err(|source| EvalError::Io { path: path.to_path_buf(), source })?;
+        let line = std::str::from_utf8(&bytes).map_err(|err| EvalError::Data {
+            path: path.to_path_buf(),
+            line: line_number,
+            message: not_utf8(&err),
+        })?;
+        let line = if line_number == 1 { strip_bom(line) } else { line };
         if line.trim().is_empty() {
             continue;
         }
@@ -512,9 +552,17 @@ fn available_fields(row: &Value) -> String {
     row.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>().join(", ")).unwrap_or_default()
 }
 
-fn rows_to_items(path: &Path, rows: &[Row], mapping: &FieldMapping) -> Result<Vec<Item>, EvalError> {
+/// The items of a file's rows, with what was noticed on the way (see the fields of the same names on [`Dataset`]).
+#[derive(Default)]
+struct ReadRows {
+    items: Vec<Item>,
+    read_as_negative: BTreeMap<String, BTreeMap<String, usize>>,
+    text_errors: BTreeMap<String, String>,
+}
+
+fn rows_to_items(path: &Path, rows: &[Row], mapping: &FieldMapping) -> Result<ReadRows, EvalError> {
     let Some(first) = rows.first() else {
-        return Ok(Vec::new());
+        return Ok(ReadRows::default());
     };
     let data_error = |line: usize, message: String| EvalError::Data { path: path.to_path_buf(), line, message };
     let text_field = choose_field(rows, mapping.text_field.as_deref(), &TEXT_FIELDS).ok_or_else(|| {
@@ -539,8 +587,23 @@ fn rows_to_items(path: &Path, rows: &[Row], mapping: &FieldMapping) -> Result<Ve
     })?;
     let id_field = mapping.id_field.clone().unwrap_or_else(|| "id".to_string());
     let positive = mapping.positive_label.as_deref();
+    let negatives = mapping.negative_labels.as_slice();
 
+    let mut read_as_negative: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+    let mut read_label = |name: &str, raw: &Value, line: usize| -> Result<Option<bool>, EvalError> {
+        let label = parse_label(raw, positive, negatives)
+            .map_err(|message| data_error(line, format!("field `{name}`: {message}")))?;
+        if label == Some(false)
+            && positive.is_some()
+            && negatives.is_empty()
+            && let Some(text) = label_text(raw)
+        {
+            *read_as_negative.entry(name.to_string()).or_default().entry(text).or_default() += 1;
+        }
+        Ok(label)
+    };
     let mut items = Vec::with_capacity(rows.len());
+    let mut text_errors = BTreeMap::new();
     for row in rows {
         let missing = |name: &str, flag: &str| {
             data_error(
@@ -556,21 +619,25 @@ fn rows_to_items(path: &Path, rows: &[Row], mapping: &FieldMapping) -> Result<Ve
             }
             _ => return Err(missing(&id_field, "--id-field")),
         };
-        let text = match field(&row.value, &text_field) {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Null) => String::new(),
-            Some(other) => other.to_string(),
+        // A row without usable text is not an empty message: judging "" would score the model on nothing. It is
+        // kept (with its label, so it stays in the denominators) and marked, as classify marks such an input line.
+        let (text, text_problem) = match field(&row.value, &text_field) {
+            Some(Value::String(s)) if !s.trim().is_empty() => (s.clone(), None),
+            Some(Value::String(_) | Value::Null) => (String::new(), Some("is empty or null".to_string())),
+            Some(other) => (String::new(), Some(format!("must be a string, found {}", json_kind(other)))),
             None => return Err(missing(&text_field, "--text-field")),
         };
+        if let Some(problem) = text_problem {
+            text_errors.entry(id.clone()).or_insert_with(|| {
+                format!("{}:{}: field `{text_field}` {problem}; the row has no text to judge", path.display(), row.line)
+            });
+        }
         let raw_label = field(&row.value, &label_field).ok_or_else(|| missing(&label_field, "--label-field"))?;
-        let label = parse_label(raw_label, positive)
-            .map_err(|message| data_error(row.line, format!("field `{label_field}`: {message}")))?;
+        let label = read_label(&label_field, raw_label, row.line)?;
         let mut categories = BTreeMap::new();
         for category in &mapping.category_fields {
             let raw = field(&row.value, category).ok_or_else(|| missing(category, "--category-field"))?;
-            if let Some(value) = parse_label(raw, positive)
-                .map_err(|message| data_error(row.line, format!("field `{category}`: {message}")))?
-            {
+            if let Some(value) = read_label(category, raw, row.line)? {
                 categories.insert(category.clone(), value);
             }
         }
@@ -581,26 +648,64 @@ fn rows_to_items(path: &Path, rows: &[Row], mapping: &FieldMapping) -> Result<Ve
         });
         items.push(Item { id, text, label, categories, group });
     }
-    Ok(items)
+    Ok(ReadRows { items, read_as_negative, text_errors })
 }
 
-/// Reads one label. `Ok(None)` for null or empty (unknown); an error names the value and what was expected.
-pub fn parse_label(value: &Value, positive_label: Option<&str>) -> Result<Option<bool>, String> {
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A label value as text, trimmed; `None` for null or an empty value, or a value no label can be.
+fn label_text(value: &Value) -> Option<String> {
     let text = match value {
-        Value::Null => return Ok(None),
-        Value::Bool(b) if positive_label.is_none() => return Ok(Some(*b)),
         Value::Bool(b) => b.to_string(),
         Value::Number(n) => n.to_string(),
         Value::String(s) => s.trim().to_string(),
-        other => {
-            return Err(format!("label must be a string, number or boolean, got {other}"));
-        }
+        _ => return None,
     };
-    if text.is_empty() {
-        return Ok(None);
+    (!text.is_empty()).then_some(text)
+}
+
+/// Reads one label. `Ok(None)` for null or empty (unknown); an error names the value and what was expected.
+///
+/// With `positive_label`, that value (case-insensitive) is a violation. A value in `negative_labels` is safe; any
+/// other value is safe too when `negative_labels` is empty (one label against the rest), and an error when it is
+/// not.
+pub fn parse_label(
+    value: &Value,
+    positive_label: Option<&str>,
+    negative_labels: &[String],
+) -> Result<Option<bool>, String> {
+    if let Value::Bool(b) = value
+        && positive_label.is_none()
+    {
+        return Ok(Some(*b));
     }
+    if matches!(value, Value::Array(_) | Value::Object(_)) {
+        return Err(format!("label must be a string, number or boolean, got {value}"));
+    }
+    let Some(text) = label_text(value) else {
+        return Ok(None);
+    };
     if let Some(positive) = positive_label {
-        return Ok(Some(text.eq_ignore_ascii_case(positive.trim())));
+        if text.eq_ignore_ascii_case(positive.trim()) {
+            return Ok(Some(true));
+        }
+        if negative_labels.is_empty() || negative_labels.iter().any(|n| text.eq_ignore_ascii_case(n.trim())) {
+            return Ok(Some(false));
+        }
+        return Err(format!(
+            "bad label `{text}`: neither the positive label `{}` nor a negative one ({})",
+            positive.trim(),
+            negative_labels.iter().map(|n| format!("`{}`", n.trim())).collect::<Vec<_>>().join(", ")
+        ));
     }
     match text.to_lowercase().as_str() {
         "1" | "1.0" | "true" | "yes" => Ok(Some(true)),
@@ -627,11 +732,29 @@ fn shared_file(data_dir: &Path, folder: &str, file: &str) -> Result<PathBuf, Eva
 }
 
 fn int_field(row: &Row, path: &Path, name: &str) -> Result<i64, EvalError> {
-    row.value.get(name).and_then(Value::as_i64).ok_or_else(|| EvalError::Data {
+    let value = row.value.get(name);
+    value.and_then(Value::as_i64).ok_or_else(|| EvalError::Data {
         path: path.to_path_buf(),
         line: row.line,
-        message: format!("missing integer field `{name}`"),
+        message: match value {
+            None => format!("missing integer field `{name}`"),
+            Some(other) => format!("field `{name}` must be an integer, got {other}"),
+        },
     })
+}
+
+/// A 0/1 label of a shared set. Any other value is an error: read as "not 1", a changed or corrupt file would
+/// quietly turn into negatives.
+fn binary_field(row: &Row, path: &Path, name: &str) -> Result<bool, EvalError> {
+    match int_field(row, path, name)? {
+        0 => Ok(false),
+        1 => Ok(true),
+        other => Err(EvalError::Data {
+            path: path.to_path_buf(),
+            line: row.line,
+            message: format!("field `{name}` must be 0 or 1, got {other}"),
+        }),
+    }
 }
 
 fn string_field(row: &Row, path: &Path, name: &str) -> Result<String, EvalError> {
@@ -652,14 +775,24 @@ fn load_openai_moderation(data_dir: &Path, category: Option<&'static str>) -> Re
         let mut categories = BTreeMap::new();
         if let Some(labels) = row.value.get("labels").and_then(Value::as_object) {
             for (key, value) in labels {
-                if let Some(known) = value.as_i64() {
-                    categories.insert(key.clone(), known == 1);
-                }
+                let known = match value {
+                    Value::Null => continue,
+                    Value::Number(n) if n.as_i64() == Some(0) => false,
+                    Value::Number(n) if n.as_i64() == Some(1) => true,
+                    other => {
+                        return Err(EvalError::Data {
+                            path: path.clone(),
+                            line: row.line,
+                            message: format!("field `labels.{key}` must be 0, 1 or null, got {other}"),
+                        });
+                    }
+                };
+                categories.insert(key.clone(), known);
             }
         }
         let label = match category {
             // README: any present category = 1; items with no known positive are negatives (the simple choice).
-            None => Some(int_field(row, &path, "violates")? == 1),
+            None => Some(binary_field(row, &path, "violates")?),
             Some(key) => categories.get(key).copied(),
         };
         items.push(Item {
@@ -689,8 +822,8 @@ fn load_toxicchat(data_dir: &Path, label: ToxicChatLabel, split: Split) -> Resul
     let rows = read_jsonl_rows(&path)?;
     let mut items = Vec::with_capacity(rows.len());
     for row in &rows {
-        let toxicity = int_field(row, &path, "toxicity")? == 1;
-        let jailbreaking = int_field(row, &path, "jailbreaking")? == 1;
+        let toxicity = binary_field(row, &path, "toxicity")?;
+        let jailbreaking = binary_field(row, &path, "jailbreaking")?;
         items.push(Item {
             id: string_field(row, &path, "conv_id")?,
             text: string_field(row, &path, "user_input")?,
@@ -722,7 +855,7 @@ fn load_xstest(data_dir: &Path) -> Result<Dataset, EvalError> {
         items.push(Item {
             id: string_field(row, &path, "id")?,
             text: string_field(row, &path, "text")?,
-            label: Some(int_field(row, &path, "violates")? == 1),
+            label: Some(binary_field(row, &path, "violates")?),
             categories: BTreeMap::new(),
             group: row.value.get("type").and_then(Value::as_str).map(str::to_string),
         });
@@ -736,8 +869,18 @@ fn load_davidson(data_dir: &Path, label: DavidsonLabel) -> Result<Dataset, EvalE
     let rows = read_jsonl_rows(&path)?;
     let mut items = Vec::with_capacity(rows.len());
     for row in &rows {
-        let class = int_field(row, &path, "class")?;
-        let (hate, offensive) = (class == 0, class == 1);
+        let (hate, offensive) = match int_field(row, &path, "class")? {
+            0 => (true, false),
+            1 => (false, true),
+            2 => (false, false),
+            other => {
+                return Err(EvalError::Data {
+                    path: path.clone(),
+                    line: row.line,
+                    message: format!("field `class` must be 0 (hate), 1 (offensive) or 2 (neither), got {other}"),
+                });
+            }
+        };
         items.push(Item {
             id: string_field(row, &path, "id")?,
             text: string_field(row, &path, "text")?,
@@ -765,18 +908,30 @@ mod tests {
 
     #[test]
     fn labels_parse_numbers_bools_and_strings() {
-        assert_eq!(parse_label(&json!(1), None), Ok(Some(true)));
-        assert_eq!(parse_label(&json!(0), None), Ok(Some(false)));
-        assert_eq!(parse_label(&json!(true), None), Ok(Some(true)));
-        assert_eq!(parse_label(&json!("False"), None), Ok(Some(false)));
-        assert_eq!(parse_label(&json!(" yes "), None), Ok(Some(true)));
-        assert_eq!(parse_label(&json!(null), None), Ok(None));
-        assert_eq!(parse_label(&json!(""), None), Ok(None));
-        assert!(parse_label(&json!("unsafe"), None).unwrap_err().contains("--positive-label"));
-        assert!(parse_label(&json!(2), None).is_err());
-        assert_eq!(parse_label(&json!("unsafe"), Some("unsafe")), Ok(Some(true)));
-        assert_eq!(parse_label(&json!("safe"), Some("unsafe")), Ok(Some(false)));
-        assert_eq!(parse_label(&json!(true), Some("true")), Ok(Some(true)));
+        assert_eq!(parse_label(&json!(1), None, &[]), Ok(Some(true)));
+        assert_eq!(parse_label(&json!(0), None, &[]), Ok(Some(false)));
+        assert_eq!(parse_label(&json!(true), None, &[]), Ok(Some(true)));
+        assert_eq!(parse_label(&json!("False"), None, &[]), Ok(Some(false)));
+        assert_eq!(parse_label(&json!(" yes "), None, &[]), Ok(Some(true)));
+        assert_eq!(parse_label(&json!(null), None, &[]), Ok(None));
+        assert_eq!(parse_label(&json!(""), None, &[]), Ok(None));
+        assert!(parse_label(&json!("unsafe"), None, &[]).unwrap_err().contains("--positive-label"));
+        assert!(parse_label(&json!(2), None, &[]).is_err());
+        assert!(parse_label(&json!(["x"]), Some("x"), &[]).is_err());
+        assert_eq!(parse_label(&json!("unsafe"), Some("unsafe"), &[]), Ok(Some(true)));
+        assert_eq!(parse_label(&json!("safe"), Some("unsafe"), &[]), Ok(Some(false)));
+        assert_eq!(parse_label(&json!(true), Some("true"), &[]), Ok(Some(true)));
+    }
+
+    #[test]
+    fn negative_labels_refuse_any_other_value() {
+        let negatives = ["safe".to_string(), "Benign".to_string()];
+        assert_eq!(parse_label(&json!("UNSAFE"), Some("unsafe"), &negatives), Ok(Some(true)));
+        assert_eq!(parse_label(&json!(" safe "), Some("unsafe"), &negatives), Ok(Some(false)));
+        assert_eq!(parse_label(&json!("benign"), Some("unsafe"), &negatives), Ok(Some(false)));
+        assert_eq!(parse_label(&json!(null), Some("unsafe"), &negatives), Ok(None));
+        let error = parse_label(&json!("usnafe"), Some("unsafe"), &negatives).unwrap_err();
+        assert!(error.contains("`usnafe`") && error.contains("`safe`, `Benign`"), "{error}");
     }
 
     #[test]

@@ -345,26 +345,60 @@ pub(crate) fn strip_bom(line: &str) -> &str {
     line.strip_prefix('\u{feff}').unwrap_or(line)
 }
 
+/// Reads a file line by line as bytes: `BufRead::lines` fails the whole read on one line that is not UTF-8, with
+/// no line number, where a caller wants to name that line or skip it. Yields each 1-based line number with the
+/// line, its `\n` or `\r\n` removed.
+pub(crate) fn byte_lines<R: BufRead>(mut reader: R) -> impl Iterator<Item = std::io::Result<(usize, Vec<u8>)>> {
+    let mut number = 0;
+    std::iter::from_fn(move || {
+        let mut line = Vec::new();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) => None,
+            Ok(_) => {
+                number += 1;
+                if line.last() == Some(&b'\n') {
+                    line.pop();
+                    if line.last() == Some(&b'\r') {
+                        line.pop();
+                    }
+                }
+                Some(Ok((number, line)))
+            }
+            Err(err) => Some(Err(err)),
+        }
+    })
+}
+
+/// The message for a line that is not UTF-8.
+pub(crate) fn not_utf8(err: &std::str::Utf8Error) -> String {
+    format!("not valid UTF-8 (first bad byte at offset {})", err.valid_up_to())
+}
+
 /// Reads a predictions JSONL file. A malformed line is an error naming its line number; a line whose `id` is
 /// null is set aside in [`Predictions::unjoinable`].
 pub fn read_predictions(path: &Path) -> Result<Predictions, EvalError> {
     let file = File::open(path).map_err(|source| EvalError::Io { path: path.to_path_buf(), source })?;
     let mut predictions = Predictions::default();
-    for (index, line) in BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|source| EvalError::Io { path: path.to_path_buf(), source })?;
-        let line = if index == 0 { strip_bom(&line) } else { &line };
+    for line in byte_lines(BufReader::new(file)) {
+        let (number, bytes) = line.map_err(|source| EvalError::Io { path: path.to_path_buf(), source })?;
+        let line = std::str::from_utf8(&bytes).map_err(|err| EvalError::Data {
+            path: path.to_path_buf(),
+            line: number,
+            message: not_utf8(&err),
+        })?;
+        let line = if number == 1 { strip_bom(line) } else { line };
         if line.trim().is_empty() {
             continue;
         }
         let bad = |err: serde_json::Error| EvalError::Data {
             path: path.to_path_buf(),
-            line: index + 1,
+            line: number,
             message: format!("not a prediction record: {err}"),
         };
         let FirstKeyWins(object) = serde_json::from_str(line).map_err(bad)?;
         if object.get("id").is_some_and(Value::is_null) {
             predictions.unjoinable.push(Unjoinable {
-                line: index + 1,
+                line: number,
                 input_line: object.get("line").and_then(Value::as_u64),
                 error: object.get("error").map(|error| match error {
                     Value::String(text) => text.clone(),

@@ -7,10 +7,10 @@
 //! `fsync` runs every `sync_every` results (and at the end) so a power cut loses at most one batch. A line cut
 //! short by a crash is skipped on load and the file is newline-terminated before appending again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::future::Future;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Instant;
@@ -22,7 +22,7 @@ use serde_json::Value;
 
 use crate::EvalError;
 use crate::dataset::Item;
-use crate::predictions::{Outcome, PredictionRecord};
+use crate::predictions::{Outcome, PredictionRecord, byte_lines, not_utf8};
 
 /// Classifies one item at one effort. The CLI adapts the core `Classifier`; tests use deterministic doubles.
 /// The returned record's `id`, `effort` and `model` are filled in by [`run_eval`].
@@ -114,18 +114,24 @@ impl EvalCache {
         let mut skipped_lines = 0;
         if path.exists() {
             let file = File::open(path).map_err(read_error)?;
-            for (index, line) in BufReader::new(file).lines().enumerate() {
-                let line = line.map_err(read_error)?;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                match serde_json::from_str::<CacheLine>(&line) {
-                    Ok(entry) => {
+            for line in byte_lines(BufReader::new(file)) {
+                let (number, bytes) = line.map_err(read_error)?;
+                // A write cut short inside a multi-byte character leaves a line that is not UTF-8: as cut short
+                // as one that is not JSON, and skipped the same way.
+                let parsed = std::str::from_utf8(&bytes).map_err(|err| not_utf8(&err)).and_then(|line| {
+                    if line.trim().is_empty() {
+                        return Ok(None);
+                    }
+                    serde_json::from_str::<CacheLine>(line).map(Some).map_err(|err| err.to_string())
+                });
+                match parsed {
+                    Ok(Some(entry)) => {
                         entries.insert(entry.key, entry.record);
                     }
+                    Ok(None) => {}
                     Err(err) => {
                         skipped_lines += 1;
-                        tracing::warn!(path = %path.display(), line = index + 1, %err, "skipping unreadable cache line");
+                        tracing::warn!(path = %path.display(), line = number, %err, "skipping unreadable cache line");
                     }
                 }
             }
@@ -223,6 +229,10 @@ pub struct RunOptions {
     pub model_id: String,
     /// Results between `fsync`s of the cache.
     pub sync_every: usize,
+    /// Item id -> why the item cannot be classified (a dataset row with no text: [`crate::Dataset::text_errors`]).
+    /// Such an item never reaches the classifier, which would judge an empty message: it fails at every effort
+    /// (needs_review, counted as failed) and is never cached.
+    pub unclassifiable: BTreeMap<String, String>,
 }
 
 impl Default for RunOptions {
@@ -235,6 +245,7 @@ impl Default for RunOptions {
             settings: String::new(),
             model_id: String::new(),
             sync_every: 16,
+            unclassifiable: BTreeMap::new(),
         }
     }
 }
@@ -282,8 +293,16 @@ pub async fn run_eval(
     let mut slots: Vec<Vec<Option<PredictionRecord>>> = vec![vec![None; items.len()]; opts.efforts.len()];
     let mut pending = Vec::new();
     let mut progress = Progress { done: 0, total, from_cache: 0, failed: 0 };
+    let mut output = RunOutput::default();
     for (effort_index, effort) in opts.efforts.iter().enumerate() {
         for (item_index, item) in items.iter().enumerate() {
+            if let Some(error) = opts.unclassifiable.get(&item.id) {
+                output.failed.push((item.id.clone(), effort.clone(), error.clone()));
+                progress.failed += 1;
+                progress.done += 1;
+                slots[effort_index][item_index] = Some(failed_record(item, effort, &opts.model_id, error.clone(), 0.0));
+                continue;
+            }
             match cache.as_ref().and_then(|c| c.get(&key(item, effort))) {
                 Some(record) => {
                     slots[effort_index][item_index] = Some(record.clone());
@@ -296,7 +315,7 @@ pub async fn run_eval(
     }
     on_progress(progress);
 
-    let mut output = RunOutput { from_cache: progress.from_cache, ..RunOutput::default() };
+    output.from_cache = progress.from_cache;
     let mut results = futures::stream::iter(pending)
         .map(|(effort_index, item_index)| {
             let item = &items[item_index];

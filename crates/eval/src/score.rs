@@ -140,6 +140,10 @@ pub struct ScoreReport {
     pub policy_missing: IdList,
     pub per_category: BTreeMap<String, Metrics>,
     pub per_group: BTreeMap<String, Metrics>,
+    /// Label field -> value -> rows: dataset values read as safe only because they are not the positive label
+    /// ([`Dataset::read_as_negative`]), so a mistyped label shows in the report.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub read_as_negative: BTreeMap<String, BTreeMap<String, usize>>,
     pub multi_policy: Option<MultiPolicy>,
     pub by_effort: BTreeMap<String, EffortStats>,
     pub false_positives: Vec<Example>,
@@ -182,12 +186,26 @@ pub fn score_predictions(
 ) -> Result<ScoreReport, EvalError> {
     let policy = opts.policy.as_deref();
     let names = policy_names(predictions);
+    let present =
+        || if names.is_empty() { "none".to_string() } else { names.iter().cloned().collect::<Vec<_>>().join(", ") };
     if let Some(name) = policy
         && !names.contains(name)
     {
         return Err(EvalError::Options(format!(
             "no verdict for policy `{name}` in the predictions; policies present: {}",
-            if names.is_empty() { "none".to_string() } else { names.iter().cloned().collect::<Vec<_>>().join(", ") }
+            present()
+        )));
+    }
+    // A mapped policy with no verdict (a typo) would score every item needs_review and the multi-policy accuracy 0.
+    // Predictions with no verdict at all (every item of a live run failed) say nothing about a typo, and their
+    // report shows the failures.
+    if let Some((name, category)) =
+        opts.policy_labels.iter().find(|(name, _)| !names.is_empty() && !names.contains(*name))
+    {
+        return Err(EvalError::Options(format!(
+            "policy `{name}` is mapped to category `{category}`, but the predictions hold no verdict for it; \
+             policies present: {}",
+            present()
         )));
     }
     let multi_policy_map = map_policies_to_categories(&names, dataset, opts)?;
@@ -197,6 +215,7 @@ pub fn score_predictions(
         policy: opts.policy.clone(),
         dataset_items: dataset.items.len(),
         prediction_records: predictions.len(),
+        read_as_negative: dataset.read_as_negative.clone(),
         ..ScoreReport::default()
     };
 

@@ -286,3 +286,167 @@ fn a_stale_label_does_not_conflict_with_the_current_one() {
     let error = load(&path, &v3).unwrap_err().to_string();
     assert!(error.contains("all 2 rows for policy `spam`") && error.contains("--any-policy-version"), "{error}");
 }
+
+/// One label against the rest reads a typo as safe: the values read that way are counted so they can be shown.
+#[test]
+fn values_read_as_safe_by_a_positive_label_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = [
+        json!({"id": "1", "text": "a", "verdict": "unsafe", "hate": "unsafe"}),
+        json!({"id": "2", "text": "b", "verdict": "safe", "hate": "safe"}),
+        json!({"id": "3", "text": "c", "verdict": "usnafe", "hate": "safe"}),
+        json!({"id": "4", "text": "d", "verdict": "safe", "hate": null}),
+    ];
+    let path = common::write_lines(dir.path(), "d.jsonl", &rows);
+    let mapping = FieldMapping {
+        label_field: Some("verdict".into()),
+        category_fields: vec!["hate".into()],
+        positive_label: Some("unsafe".into()),
+        ..FieldMapping::default()
+    };
+    let dataset = load(&path, &mapping).unwrap();
+    let labels: Vec<_> = dataset.items.iter().map(|i| i.label).collect();
+    assert_eq!(labels, [Some(true), Some(false), Some(false), Some(false)]);
+    let expected = BTreeMap::from([
+        ("verdict".to_string(), BTreeMap::from([("safe".to_string(), 2), ("usnafe".to_string(), 1)])),
+        ("hate".to_string(), BTreeMap::from([("safe".to_string(), 2)])),
+    ]);
+    assert_eq!(dataset.read_as_negative, expected);
+
+    // With the negative labels named, the typo is an error on its line, in the label and the category fields.
+    let strict = FieldMapping { negative_labels: vec!["safe".into()], ..mapping.clone() };
+    let (line, message) = data_error(load(&path, &strict).unwrap_err());
+    assert_eq!(line, 3);
+    assert!(message.contains("`verdict`") && message.contains("`usnafe`"), "{message}");
+    let rows = [json!({"id": "1", "text": "a", "verdict": "safe", "hate": "toxic"})];
+    let path = common::write_lines(dir.path(), "e.jsonl", &rows);
+    let (line, message) = data_error(load(&path, &strict).unwrap_err());
+    assert_eq!(line, 1);
+    assert!(message.contains("`hate`") && message.contains("`toxic`"), "{message}");
+
+    let good = [json!({"id": "1", "text": "a", "verdict": "SAFE", "hate": "Unsafe"})];
+    let fixed = common::write_lines(dir.path(), "f.jsonl", &good);
+    let dataset = load(&fixed, &strict).unwrap();
+    assert!(dataset.read_as_negative.is_empty(), "named negatives are not guesses");
+    assert_eq!((dataset.items[0].label, dataset.items[0].categories.get("hate")), (Some(false), Some(&true)));
+
+    let no_positive = FieldMapping { negative_labels: vec!["safe".into()], ..FieldMapping::default() };
+    let error = load(&fixed, &no_positive).unwrap_err().to_string();
+    assert!(error.contains("--positive-label"), "{error}");
+}
+
+/// A row whose text is null, empty or not a string has nothing to judge: it is marked with its line, never read
+/// as the empty message or as the JSON text of a number, and it keeps its label.
+#[test]
+fn a_row_without_usable_text_is_marked_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = [
+        json!({"id": "ok", "text": "hello", "label": 0}),
+        json!({"id": "null", "text": null, "label": 1}),
+        json!({"id": "empty", "text": "  ", "label": 0}),
+        json!({"id": "number", "text": 42, "label": 1}),
+        json!({"id": "object", "text": {"body": "x"}, "label": 0}),
+    ];
+    let path = common::write_lines(dir.path(), "d.jsonl", &rows);
+    let dataset = load(&path, &FieldMapping::default()).unwrap();
+    assert_eq!(dataset.items.len(), 5, "the rows stay, so they stay in the denominators");
+    assert_eq!(dataset.items[3].label, Some(true));
+    assert_ne!(dataset.items[3].text, "42");
+    let errors: Vec<_> = dataset.text_errors.iter().map(|(id, e)| (id.as_str(), e.as_str())).collect();
+    assert_eq!(errors.len(), 4, "{errors:?}");
+    let file = path.display().to_string();
+    assert!(dataset.text_errors["null"].starts_with(&format!("{file}:2: field `text`")), "{errors:?}");
+    assert!(dataset.text_errors["empty"].starts_with(&format!("{file}:3: field `text`")), "{errors:?}");
+    assert!(dataset.text_errors["number"].contains(":4: field `text` must be a string"), "{errors:?}");
+    assert!(dataset.text_errors["object"].contains(":5:"), "{errors:?}");
+
+    // An empty CSV cell is no text either; a limit drops the marks of the rows it drops.
+    let path = dir.path().join("d.csv");
+    std::fs::write(&path, "id,text,label\na,,1\nb,fine,0\n").unwrap();
+    let mut dataset = load(&path, &FieldMapping::default()).unwrap();
+    assert!(dataset.text_errors["a"].contains("d.csv:2: field `text`"), "{:?}", dataset.text_errors);
+    dataset.truncate(0);
+    assert!(dataset.text_errors.is_empty());
+}
+
+#[test]
+fn a_line_that_is_not_utf8_is_named_by_its_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("d.jsonl");
+    let mut bytes = b"{\"id\":\"a\",\"text\":\"x\",\"label\":1}\n{\"id\":\"b\",\"text\":\"".to_vec();
+    bytes.extend([0xc3, b'"', b'}', b'\n']);
+    std::fs::write(&path, bytes).unwrap();
+    let (line, message) = data_error(load(&path, &FieldMapping::default()).unwrap_err());
+    assert_eq!(line, 2);
+    assert!(message.contains("UTF-8"), "{message}");
+}
+
+/// A fake shared-data folder holding one adapter's file.
+fn shared_file(dir: &Path, folder: &str, file: &str, rows: &[serde_json::Value]) {
+    std::fs::create_dir_all(dir.join(folder)).unwrap();
+    common::write_lines(&dir.join(folder), file, rows);
+}
+
+/// The shared sets' labels are 0/1 (Davidson's class 0-2): any other value is an error on its line, not a
+/// negative.
+#[test]
+fn shared_adapters_refuse_unexpected_label_values() {
+    let cases = [
+        (
+            "toxicchat:toxicity",
+            "toxicchat-0124",
+            "toxicchat0124_test_human.jsonl",
+            vec![
+                json!({"conv_id": "a", "user_input": "hi", "toxicity": 0, "jailbreaking": 0}),
+                json!({"conv_id": "b", "user_input": "yo", "toxicity": 2, "jailbreaking": 0}),
+            ],
+            "`toxicity` must be 0 or 1, got 2",
+        ),
+        (
+            "toxicchat:jailbreaking",
+            "toxicchat-0124",
+            "toxicchat0124_test_human.jsonl",
+            vec![
+                json!({"conv_id": "a", "user_input": "hi", "toxicity": 0, "jailbreaking": 0}),
+                json!({"conv_id": "b", "user_input": "yo", "toxicity": 0, "jailbreaking": -1}),
+            ],
+            "`jailbreaking` must be 0 or 1, got -1",
+        ),
+        (
+            "xstest",
+            "xstest",
+            "binary.jsonl",
+            vec![json!({"id": "x1", "text": "hi", "violates": 1}), json!({"id": "x2", "text": "yo", "violates": "1"})],
+            "`violates` must be an integer, got \"1\"",
+        ),
+        (
+            "davidson:hate",
+            "davidson-hate-offensive",
+            "binary.jsonl",
+            vec![json!({"id": "d1", "text": "hi", "class": 2}), json!({"id": "d2", "text": "yo", "class": 3})],
+            "`class` must be 0 (hate), 1 (offensive) or 2 (neither), got 3",
+        ),
+        (
+            "openai-moderation:SH",
+            "openai-moderation-2022",
+            "binary.jsonl",
+            vec![
+                json!({"id": "o1", "text": "hi", "violates": 0, "labels": {"SH": 0, "H": null}}),
+                json!({"id": "o2", "text": "yo", "violates": 1, "labels": {"SH": 2}}),
+            ],
+            "`labels.SH` must be 0, 1 or null, got 2",
+        ),
+    ];
+    for (spec, folder, file, rows, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        shared_file(dir.path(), folder, file, &rows);
+        let spec: DatasetSpec = spec.parse().unwrap();
+        let (line, message) = data_error(spec.load(dir.path(), &FieldMapping::default()).unwrap_err());
+        assert_eq!(line, 2, "{spec:?}: {message}");
+        assert!(message.contains(expected), "{spec:?}: {message}");
+
+        // The first row alone is valid.
+        shared_file(dir.path(), folder, file, &rows[..1]);
+        assert_eq!(spec.load(dir.path(), &FieldMapping::default()).unwrap().items.len(), 1, "{spec:?}");
+    }
+}

@@ -76,6 +76,7 @@ fn options(cache: Option<std::path::PathBuf>) -> RunOptions {
         settings: "fnv1a128:settings".into(),
         model_id: "tiny-test-model".into(),
         sync_every: 4,
+        unclassifiable: BTreeMap::new(),
     }
 }
 
@@ -237,4 +238,61 @@ async fn entries_of_the_old_key_format_miss() {
     let run = run_eval(&[item("1", "a bad")], &fresh, &opts, &no_progress).await.unwrap();
     assert_eq!((run.classified, run.from_cache), (1, 0));
     assert_eq!(run.by_effort[0].1[0].outcome, Some(Outcome::Violation));
+}
+
+/// A write cut inside a multi-byte character leaves a line that is not UTF-8: skipped like any cut line, not a
+/// reason to refuse the whole cache.
+#[tokio::test]
+async fn a_line_cut_inside_a_character_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache_path = dir.path().join("cache.jsonl");
+    let opts = RunOptions { efforts: vec!["low".into()], ..options(Some(cache_path.clone())) };
+    let items = [item("1", "a"), item("2", "café au lait")];
+    // One item per run, so item 2's line is the last one.
+    for one in items.chunks(1) {
+        run_eval(one, &Double::new(None), &opts, &no_progress).await.unwrap();
+    }
+    let full = std::fs::read(&cache_path).unwrap();
+    let last_line_start = full[..full.len() - 1].iter().rposition(|&b| b == b'\n').unwrap() + 1;
+    let last = &full[last_line_start..];
+    let accent = last.windows(2).position(|w| w == "é".as_bytes()).expect("the text is in the cache line");
+    std::fs::write(&cache_path, &full[..last_line_start + accent + 1]).unwrap();
+
+    let cache = EvalCache::open(&cache_path, 1).unwrap();
+    assert_eq!((cache.len(), cache.skipped_lines), (1, 1));
+    drop(cache);
+    let classifier = Double::new(None);
+    let run = run_eval(&items, &classifier, &opts, &no_progress).await.unwrap();
+    assert_eq!((run.classified, run.from_cache), (1, 1));
+    assert_eq!(EvalCache::open(&cache_path, 1).unwrap().len(), 2, "appending after the cut line works");
+}
+
+/// An item marked unclassifiable (a dataset row with no text) never reaches the classifier: it fails at every
+/// effort, with the reason, and is not cached.
+#[tokio::test]
+async fn an_unclassifiable_item_fails_without_being_classified() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache_path = dir.path().join("cache.jsonl");
+    let reason = "data.jsonl:2: field `text` is empty or null; the row has no text to judge".to_string();
+    let opts = RunOptions {
+        unclassifiable: BTreeMap::from([("2".to_string(), reason.clone())]),
+        ..options(Some(cache_path.clone()))
+    };
+    let classifier = Double::new(None);
+    let seen = std::sync::Mutex::new(Vec::new());
+    let run = run_eval(&[item("1", "a"), item("2", "")], &classifier, &opts, &|p| seen.lock().unwrap().push(p))
+        .await
+        .unwrap();
+    assert_eq!(classifier.calls.load(Ordering::SeqCst), 2, "item 1 at two efforts, item 2 never");
+    assert_eq!(
+        run.failed,
+        vec![("2".to_string(), "low".to_string(), reason.clone()), ("2".to_string(), "high".to_string(), reason)]
+    );
+    for (_, records) in &run.by_effort {
+        assert_eq!(records.len(), 2);
+        assert_eq!((records[1].id.as_str(), records[1].outcome), ("2", Some(Outcome::NeedsReview)));
+        assert!(records[1].is_failure());
+    }
+    assert_eq!(*seen.into_inner().unwrap().last().unwrap(), Progress { done: 4, total: 4, from_cache: 0, failed: 2 });
+    assert_eq!(EvalCache::open(&cache_path, 1).unwrap().len(), 2, "only item 1's answers are cached");
 }

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use safeguard_eval::{
-    DatasetSpec, FieldMapping, ScoreOptions, parse_prediction_line, read_predictions, score_predictions,
+    DatasetSpec, EvalError, FieldMapping, PredictionRecord, ScoreOptions, parse_prediction_line, read_predictions,
+    score_predictions,
 };
 use serde_json::json;
 
@@ -234,4 +235,53 @@ fn a_byte_order_mark_does_not_break_the_first_prediction() {
     let predictions = read_predictions(&path).unwrap();
     assert_eq!(predictions.records.len(), 1);
     assert_eq!(predictions.records[0].id, "a");
+}
+
+/// A mapped policy that has no verdict (a typo) would score every item needs_review and the multi-policy
+/// accuracy 0; it is refused with the policies present, as `--policy` is.
+#[test]
+fn a_mapped_policy_without_verdicts_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = [json!({"id": "A", "text": "a", "spam": 1, "hate": 0})];
+    let path = common::write_lines(dir.path(), "multi.jsonl", &rows);
+    let mapping = FieldMapping {
+        label_field: Some("spam".into()),
+        category_fields: vec!["spam".into(), "hate".into()],
+        ..FieldMapping::default()
+    };
+    let dataset = DatasetSpec::File(path).load(Path::new("."), &mapping).unwrap();
+    let predictions: Vec<PredictionRecord> = vec![
+        serde_json::from_value(json!({"id": "A", "verdicts": [
+            {"policy": "spam", "outcome": "violation"}, {"policy": "hate", "outcome": "allow"}]}))
+        .unwrap(),
+    ];
+    let typo = ScoreOptions {
+        policy_labels: BTreeMap::from([("haet".to_string(), "hate".to_string())]),
+        ..ScoreOptions::default()
+    };
+    let err = score_predictions(&predictions, &dataset, &typo).unwrap_err().to_string();
+    assert!(err.contains("`haet`") && err.contains("policies present: hate, spam"), "{err}");
+
+    let right = ScoreOptions {
+        policy_labels: BTreeMap::from([("hate".to_string(), "hate".to_string())]),
+        ..ScoreOptions::default()
+    };
+    let multi = score_predictions(&predictions, &dataset, &right).unwrap().multi_policy.unwrap();
+    assert_eq!((multi.items, multi.correct), (1, 1));
+}
+
+#[test]
+fn a_prediction_line_that_is_not_utf8_is_named_by_its_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.jsonl");
+    let mut bytes = b"{\"id\":\"a\",\"outcome\":\"allow\"}\n{\"id\":\"b\",\"outcome\":\"allow\",\"x\":\"".to_vec();
+    bytes.extend([0xe2, 0x82, b'"', b'}', b'\n']);
+    std::fs::write(&path, bytes).unwrap();
+    match read_predictions(&path).unwrap_err() {
+        EvalError::Data { line, message, .. } => {
+            assert_eq!(line, 2);
+            assert!(message.contains("UTF-8"), "{message}");
+        }
+        other => panic!("expected a data error, got {other}"),
+    }
 }

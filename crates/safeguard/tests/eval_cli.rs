@@ -558,3 +558,115 @@ fn a_live_run_does_not_reuse_answers_judged_under_other_front_matter() {
     let stderr = String::from_utf8_lossy(&fourth.stderr);
     assert!(stderr.contains("1 classified, 0 from cache"), "{stderr}");
 }
+
+/// With only --positive-label every other value reads as safe, so the values read that way are shown (a typo
+/// stands out); with --negative-label a value outside both is an error on its line.
+#[test]
+fn label_values_read_as_safe_are_shown_or_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (dataset, predictions) = fixture(dir.path());
+    let text = std::fs::read_to_string(&dataset).unwrap();
+    let (head, last) = text.trim_end().rsplit_once('\n').unwrap();
+    std::fs::write(&dataset, format!("{head}\n{}\n", last.replace("\"ham\"", "\"hma\""))).unwrap();
+    let run = |extra: &[&str]| {
+        let mut args =
+            vec!["eval", "--predictions", predictions.to_str().unwrap(), "--dataset", dataset.to_str().unwrap()];
+        args.extend(MAPPING);
+        args.extend(["--policy", "spam", "--format", "json"]);
+        args.extend(extra);
+        safeguard(&args)
+    };
+    let out = run(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("field `gold`: read as safe") && stderr.contains("`ham` (2 row(s)), `hma` (1 row(s))"));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["read_as_negative"], json!({"gold": {"ham": 2, "hma": 1}}));
+
+    let out = run(&["--negative-label", "ham"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("data.jsonl:6:") && stderr.contains("`hma`"), "{stderr}");
+
+    let out = run(&["--negative-label", "ham,hma"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("read as safe"), "{stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(report.get("read_as_negative").is_none(), "{report}");
+}
+
+/// An empty dataset, or one with no known label, scores nothing: that must not pass as a clean run.
+#[test]
+fn a_dataset_with_nothing_to_score_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, predictions) = fixture(dir.path());
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let unlabelled = dir.path().join("unlabelled.jsonl");
+    let rows: Vec<Value> = ["a", "b", "c"].iter().map(|id| json!({"uid": id, "message": "hi", "gold": null})).collect();
+    write_jsonl(&unlabelled, &rows);
+    for (dataset, expected) in [(&empty, "holds no items"), (&unlabelled, "none of the 3 items")] {
+        let mut args =
+            vec!["eval", "--predictions", predictions.to_str().unwrap(), "--dataset", dataset.to_str().unwrap()];
+        args.extend(MAPPING);
+        let out = safeguard(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("nothing to score") && stderr.contains(expected), "{stderr}");
+    }
+}
+
+/// A mistyped policy in --map would score every item needs_review and multi-policy accuracy 0, and pass.
+#[test]
+fn a_mapped_policy_that_is_not_in_the_predictions_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let dataset = three_items(dir.path());
+    let run = dir.path().join("run.jsonl");
+    write_jsonl(
+        &run,
+        &[
+            classify_line("a", "violation", "ra"),
+            classify_line("b", "violation", "rb"),
+            classify_line("c", "allow", "rc"),
+        ],
+    );
+    let (run, dataset) = (run.to_str().unwrap(), dataset.to_str().unwrap());
+    let eval = |map: &str| {
+        let args = ["eval", "--predictions", run, "--dataset", dataset, "--category-field", "violates", "--map", map];
+        safeguard(&args)
+    };
+    let out = eval("spma=violates");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("`spma`") && stderr.contains("policies present: spam"), "{stderr}");
+    let out = eval("spam=violates");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("multi-policy accuracy 1.000"), "{stdout}");
+}
+
+/// A row with no text is never judged as an empty message: a live run fails it (counted as an error, so it stays
+/// in the denominators and the run does not pass) and does not cache it.
+#[test]
+fn a_live_run_fails_a_row_without_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    safeguard_gguf::write_tiny_model(&model, &safeguard_gguf::TinyConfig::with_seed(11)).unwrap();
+    let dataset = dir.path().join("data.jsonl");
+    write_jsonl(
+        &dataset,
+        &[json!({"id": "ok", "text": "see you at lunch", "label": 0}), json!({"id": "none", "text": null, "label": 1})],
+    );
+    let cache = dir.path().join("cache.jsonl");
+    let args = live_eval_args(&model, &dataset, &cache);
+    let run = safeguard(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("1 classified, 0 from cache, 1 failed"), "{stderr}");
+    assert!(stderr.contains("failed none at low: ") && stderr.contains("data.jsonl:2: field `text`"), "{stderr}");
+    let report: Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!((report["joined"].as_u64(), report["errors"].as_u64()), (Some(2), Some(1)));
+    let cached = std::fs::read_to_string(&cache).unwrap();
+    assert_eq!(cached.lines().count(), 1, "{cached}");
+}

@@ -53,9 +53,16 @@ pub struct Args {
     /// Field holding the id that predictions are joined on.
     #[arg(long, value_name = "NAME", default_value = "id")]
     id_field: String,
-    /// The label value that means "violating" (other values mean safe); without it labels are 0/1 or true/false.
+    /// The label value that means "violating" (case-insensitive); without it labels are 0/1, true/false or yes/no.
+    /// Other values mean safe: those listed by --negative-label, or, without that flag, every other value, each
+    /// such value then listed on stderr and under `read_as_negative` in the JSON report, so a typo shows.
     #[arg(long, value_name = "VALUE")]
     positive_label: Option<String>,
+    /// A label value that means "safe" (repeatable or comma-separated; needs --positive-label). Given, any value
+    /// that is neither the positive label nor one of these is an error naming its file and line: use it whenever
+    /// the values are known, so a mistyped label cannot pass as safe.
+    #[arg(long = "negative-label", value_name = "VALUE", value_delimiter = ',', requires = "positive_label")]
+    negative_labels: Vec<String>,
     /// Break scores down by this field.
     #[arg(long, value_name = "NAME")]
     group_field: Option<String>,
@@ -212,6 +219,7 @@ fn load_dataset(args: &Args, policies: &[Policy]) -> anyhow::Result<Dataset> {
         label_field: args.label_field.clone(),
         id_field: Some(args.id_field.clone()),
         positive_label: args.positive_label.clone(),
+        negative_labels: args.negative_labels.clone(),
         group_field: args.group_field.clone(),
         category_fields: args.category_fields.clone(),
         policy_versions,
@@ -238,6 +246,28 @@ fn load_dataset(args: &Args, policies: &[Policy]) -> anyhow::Result<Dataset> {
     }
     if let Some(limit) = args.limit {
         dataset.truncate(limit);
+    }
+    for (field, values) in &dataset.read_as_negative {
+        let values: Vec<String> = values.iter().map(|(value, rows)| format!("`{value}` ({rows} row(s))")).collect();
+        eprintln!(
+            "field `{field}`: read as safe because not --positive-label `{}`: {}; name the safe values with \
+             --negative-label to make any other value an error",
+            args.positive_label.as_deref().unwrap_or_default(),
+            values.join(", ")
+        );
+    }
+    if args.model.is_none()
+        && let Some(first) = dataset.text_errors.values().next()
+    {
+        // Scored from saved output, such a row is judged by whatever that run made of it (classify refuses it).
+        eprintln!("{} row(s) have no text to judge; the first: {first}", dataset.text_errors.len());
+    }
+    if !dataset.items.iter().any(|item| item.label.is_some() || !item.categories.is_empty()) {
+        // Zero items scored is not a passing score: every metric would be empty and the exit status 0.
+        match dataset.items.len() {
+            0 => bail!("nothing to score: dataset {} holds no items", dataset.name),
+            n => bail!("nothing to score: none of the {n} items of dataset {} has a known label", dataset.name),
+        }
     }
     Ok(dataset)
 }
@@ -557,6 +587,11 @@ mod live {
         if policies.is_empty() {
             bail!("a live run needs at least one --policy FILE");
         }
+        // Checked before the run, not after it: a mistyped --map would otherwise cost a whole run to find out.
+        let names: Vec<&str> = policies.iter().map(|p| p.meta.name.as_str()).collect();
+        if let Some(unknown) = options.policy_labels.keys().find(|name| !names.contains(&name.as_str())) {
+            bail!("--map names policy `{unknown}`, which is not among the policies run: {}", names.join(", "));
+        }
         let mut efforts = Vec::new();
         for effort in &args.effort {
             let parsed: Effort = effort.parse().map_err(|e| anyhow::anyhow!("--effort {effort}: {e}"))?;
@@ -587,6 +622,7 @@ mod live {
             policy_hash,
             settings,
             model_id,
+            unclassifiable: dataset.text_errors.clone(),
             ..RunOptions::default()
         };
         let total = (dataset.items.len() * run_options.efforts.len()) as u64;
