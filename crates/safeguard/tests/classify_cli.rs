@@ -286,3 +286,123 @@ fn policy_test_runs_the_golden_cases_and_fails_undecided_ones() {
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr(&output).contains("lonely.tests.jsonl"), "{}", stderr(&output));
 }
+
+fn file_names(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn output_is_replaced_only_when_the_run_completes() {
+    let f = fixture();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, b"{\"id\":\"a\",\"text\":\"hello\"}\n").unwrap();
+    let out = dir.path().join("out.jsonl");
+    std::fs::write(&out, b"the previous run's results\n").unwrap();
+    let (policy, input_arg, out_arg) = (f.policy.to_str().unwrap(), input.to_str().unwrap(), out.to_str().unwrap());
+
+    // The run fails after its arguments are read: the earlier results must survive it.
+    let missing = dir.path().join("no-such-model.gguf");
+    let output = safeguard(&[
+        "classify",
+        "--policy",
+        policy,
+        "--model",
+        missing.to_str().unwrap(),
+        "--input",
+        input_arg,
+        "--output",
+        out_arg,
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(stderr(&output).contains("left as it was"), "{}", stderr(&output));
+    assert_eq!(std::fs::read(&out).unwrap(), b"the previous run's results\n", "a failed run must not touch --output");
+    assert_eq!(file_names(dir.path()), ["in.jsonl", "out.jsonl"], "an empty partial file is not left behind");
+
+    let output = classify(&["--input", input_arg, "--output", out_arg]);
+    assert!(output.status.code().is_some_and(|code| code >= 2), "{}", stderr(&output));
+    assert!(output.stdout.is_empty(), "the records go to --output");
+    let written = std::fs::read_to_string(&out).unwrap();
+    let records: Vec<Value> = written.lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    assert_eq!(records.len(), 1, "{written}");
+    assert_eq!(records[0]["id"], "a");
+    assert_eq!(file_names(dir.path()), ["in.jsonl", "out.jsonl"]);
+}
+
+#[test]
+fn output_naming_the_input_is_refused_and_the_input_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("items.jsonl");
+    let items = b"{\"id\":\"a\",\"text\":\"hello\"}\n";
+    std::fs::write(&input, items).unwrap();
+    let mut same = vec![input.clone(), dir.path().join(".").join("items.jsonl")];
+    #[cfg(unix)]
+    {
+        let link = dir.path().join("hard-link.jsonl");
+        std::fs::hard_link(&input, &link).unwrap();
+        same.push(link);
+    }
+    for output_path in &same {
+        let output = classify(&["--input", input.to_str().unwrap(), "--output", output_path.to_str().unwrap()]);
+        assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+        assert!(stderr(&output).contains("is the input file"), "{}", stderr(&output));
+        assert_eq!(std::fs::read(&input).unwrap(), items, "--output {} destroyed the input", output_path.display());
+    }
+}
+
+/// A line with no end must be refused by the reader's line limit, not held whole by anything before it (the
+/// progress bar's line count once was). Memory is capped so that holding the line fails the run.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_runaway_line_is_refused_without_being_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("one-huge-line.jsonl");
+    // Sparse: 1.5 GiB of NUL bytes and no newline, more than the memory cap below, without the disk it names.
+    std::fs::File::create(&input).unwrap().set_len(3 << 29).unwrap();
+    let f = fixture();
+    let output = Command::new("sh")
+        .arg("-c")
+        // 1 GiB of data: room for the tiny model's buffers, not for the line.
+        .arg("ulimit -d 1048576 && exec \"$@\"")
+        .arg("sh")
+        .arg(env!("CARGO_BIN_EXE_safeguard"))
+        .args(["classify", "--policy", f.policy.to_str().unwrap(), "--model", f.model.to_str().unwrap()])
+        .args(["--threads", "2", "--context", "1024", "--progress", "--input", input.to_str().unwrap()])
+        .output()
+        .expect("run safeguard");
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let records = records(&output);
+    assert_eq!(records.len(), 1, "{}", stderr(&output));
+    assert!(records[0]["error"].as_str().unwrap().contains("the line is over"), "{}", records[0]);
+    assert!(stderr(&output).contains("classified 1/1 lines"), "the line was counted: {}", stderr(&output));
+}
+
+/// Counting lines for the progress display reads the input twice; a pipe read twice loses its items.
+#[cfg(unix)]
+#[test]
+fn a_named_pipe_input_is_not_consumed_by_the_progress_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("items.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().expect("run mkfifo");
+    assert!(made.success());
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut pipe = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+            pipe.write_all(b"{\"id\":\"a\",\"text\":\"hello\"}\n").unwrap();
+            // Held open a moment, as a producer (`<(zcat …)`) would be, so a second reader can attach.
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        })
+    };
+    let output = classify(&["--progress", "--input", fifo.to_str().unwrap()]);
+    writer.join().unwrap();
+    let records = records(&output);
+    assert_eq!(records.len(), 1, "{}", stderr(&output));
+    assert_eq!(records[0]["id"], "a");
+}

@@ -1,7 +1,7 @@
 //! `safeguard classify`: one JSON decision per item, on stdout or `--output`.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, IsTerminal, Write};
+use std::io::{BufRead, BufReader, BufWriter, IsTerminal, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -211,15 +211,30 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(date) = &args.date {
         safeguard_harmony::validate_date(date)?;
     }
+    if let (Some(input), Some(output)) = (&args.input, &args.output)
+        && input.as_os_str() != "-"
+    {
+        refuse_output_over_input(input, output)?;
+    }
     let limits = InputLimits { max_chars: args.max_chars };
-    let source = open_source(&args, &limits)?;
-    let mut output: Box<dyn Write> = match &args.output {
-        Some(path) => Box::new(BufWriter::new(
-            File::create(path).with_context(|| format!("cannot create output file {}", path.display()))?,
-        )),
-        None => Box::new(BufWriter::new(std::io::stdout().lock())),
-    };
+    let source = open_source(&args, &limits, Progress::shown(args.progress))?;
+    match &args.output {
+        Some(path) => {
+            let mut output = OutputFile::create(path)?;
+            let result = classify_all(&args, policies, source, limits, &mut output.writer);
+            output.finish(result)
+        }
+        None => classify_all(&args, policies, source, limits, &mut BufWriter::new(std::io::stdout().lock())),
+    }
+}
 
+fn classify_all(
+    args: &Args,
+    policies: Vec<Policy>,
+    source: Source,
+    limits: InputLimits,
+    output: &mut dyn Write,
+) -> anyhow::Result<ExitCode> {
     let batch = args.batch as usize;
     let sequences = match args.mode {
         Mode::Separate => batch * policies.len(),
@@ -242,7 +257,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Source::Text(content) => {
             let decision = runtime.block_on(classifier.classify(&policies, &content, &options));
             tally.count_decision(&decision);
-            write_record(&mut output, &Record { id: None, line: None, error: None, decision: Some(&decision) })?;
+            write_record(output, &Record { id: None, line: None, error: None, decision: Some(&decision) })?;
         }
         Source::Lines { reader, total_lines } => {
             let mut progress = Progress::new(total_lines, args.progress);
@@ -262,7 +277,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                             Some(decision) => {
                                 tally.count_decision(&decision);
                                 write_record(
-                                    &mut output,
+                                    output,
                                     &Record {
                                         id: id.as_deref(),
                                         line: Some(line.line),
@@ -290,7 +305,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                         }
                     };
                     tally.errors += 1;
-                    write_record(&mut output, &record)?;
+                    write_record(output, &record)?;
                 }
                 output.flush().context("cannot write the output")?;
                 progress.advance(chunk.len());
@@ -318,7 +333,8 @@ enum Source {
     Lines { reader: Box<dyn BufRead>, total_lines: Option<u64> },
 }
 
-fn open_source(args: &Args, limits: &InputLimits) -> anyhow::Result<Source> {
+/// `count_lines`: size the progress bar, which costs a second pass over the input, so only when one is shown.
+fn open_source(args: &Args, limits: &InputLimits, count_lines: bool) -> anyhow::Result<Source> {
     if let Some(text) = &args.text {
         let content = Content::text(text.clone());
         check_content(&content, limits).context("cannot classify --text")?;
@@ -327,24 +343,163 @@ fn open_source(args: &Args, limits: &InputLimits) -> anyhow::Result<Source> {
     match &args.input {
         Some(path) if path.as_os_str() != "-" => {
             let file = File::open(path).with_context(|| format!("cannot read input {}", path.display()))?;
-            let total_lines = count_lines(path).ok();
+            // Only a regular file can be read twice: counting the lines of a pipe (`--input <(zcat …)`) would
+            // consume its items before the classifier saw them.
+            let total_lines = if count_lines && file.metadata().is_ok_and(|meta| meta.is_file()) {
+                // A larger buffer than the default: on a multi-gigabyte input the count is mostly read calls.
+                let counted = count_item_lines(BufReader::with_capacity(1 << 16, &file));
+                (&file).rewind().with_context(|| format!("cannot read input {}", path.display()))?;
+                // A read error here comes back on the real pass, where it is reported; the bar just has no length.
+                counted.ok()
+            } else {
+                None
+            };
             Ok(Source::Lines { reader: Box::new(BufReader::new(file)), total_lines })
         }
         _ => Ok(Source::Lines { reader: Box::new(BufReader::new(std::io::stdin())), total_lines: None }),
     }
 }
 
-fn count_lines(path: &Path) -> std::io::Result<u64> {
-    let mut reader = BufReader::new(File::open(path)?);
+/// Lines that are not blank, as `ItemReader` counts them. Scans the reader's own buffer and never holds a
+/// line, so a multi-gigabyte line (or a file with no newline) costs time here, not memory: `ItemReader`, which
+/// refuses such a line without holding it, must not be preceded by something that holds it whole.
+fn count_item_lines(mut reader: impl BufRead) -> std::io::Result<u64> {
     let mut count = 0;
-    let mut buffer = Vec::new();
-    while reader.read_until(b'\n', &mut buffer)? > 0 {
-        if !buffer.iter().all(u8::is_ascii_whitespace) {
-            count += 1;
+    let mut blank = true;
+    loop {
+        let chunk = reader.fill_buf()?;
+        if chunk.is_empty() {
+            break;
         }
-        buffer.clear();
+        for &byte in chunk {
+            if byte == b'\n' {
+                count += u64::from(!blank);
+                blank = true;
+            } else if !byte.is_ascii_whitespace() {
+                blank = false;
+            }
+        }
+        let len = chunk.len();
+        reader.consume(len);
     }
-    Ok(count)
+    Ok(count + u64::from(!blank))
+}
+
+/// Results written over the input would destroy it: truncated before the first line is read, or replaced by
+/// the final rename.
+fn refuse_output_over_input(input: &Path, output: &Path) -> anyhow::Result<()> {
+    let (Ok(input), Ok(output)) = (std::fs::canonicalize(input), std::fs::canonicalize(output)) else {
+        // An output that does not exist yet is not the input; an input that does not exist fails when opened.
+        return Ok(());
+    };
+    // Only a regular file is lost this way; `--input /dev/stdin --output /dev/stdout` on one terminal is fine.
+    if !std::fs::metadata(&input).is_ok_and(|meta| meta.is_file()) {
+        return Ok(());
+    }
+    if input == output || same_inode(&input, &output) {
+        anyhow::bail!(
+            "--output {} is the input file {}; write the results to another file",
+            output.display(),
+            input.display()
+        );
+    }
+    Ok(())
+}
+
+/// Hard links have different paths but one content.
+#[cfg(unix)]
+fn same_inode(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_inode(_: &Path, _: &Path) -> bool {
+    false
+}
+
+/// `--output`, written to a file beside it and renamed over it only when the run completes: a run that fails
+/// (a model that does not load, a full disk) must not leave an earlier good result empty or cut short.
+struct OutputFile {
+    writer: BufWriter<File>,
+    /// `(partial, dest)`; `None` when writing in place.
+    rename: Option<(PathBuf, PathBuf)>,
+}
+
+impl OutputFile {
+    fn create(path: &Path) -> anyhow::Result<Self> {
+        let create_error = || format!("cannot create output file {}", path.display());
+        let existing = match std::fs::metadata(path) {
+            Ok(meta) if !meta.is_file() => {
+                // A device or a pipe (`/dev/stdout`, `/dev/null`): a rename would replace the device itself.
+                let file = File::create(path).with_context(create_error)?;
+                return Ok(Self { writer: BufWriter::new(file), rename: None });
+            }
+            Ok(meta) => Some(meta),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e).with_context(create_error),
+        };
+        // Through a symlink, so that the link keeps pointing at the results instead of being replaced by them.
+        let dest = match existing {
+            Some(_) => std::fs::canonicalize(path).with_context(create_error)?,
+            None => path.to_path_buf(),
+        };
+        let Some(name) = dest.file_name() else {
+            anyhow::bail!("--output {} does not name a file", path.display());
+        };
+        let mut partial_name = name.to_os_string();
+        // The process id keeps two runs writing the same output from sharing a partial file.
+        partial_name.push(format!(".{}.partial", std::process::id()));
+        let partial = dest.with_file_name(partial_name);
+        let file = std::fs::OpenOptions::new().write(true).create_new(true).open(&partial).with_context(|| {
+            format!("{}: cannot create {} to write the results to", create_error(), partial.display())
+        })?;
+        if let Some(meta) = existing
+            && let Err(error) = file.set_permissions(meta.permissions())
+        {
+            tracing::warn!(%error, path = %dest.display(), "the results will not keep the output file's permissions");
+        }
+        Ok(Self { writer: BufWriter::new(file), rename: Some((partial, dest)) })
+    }
+
+    /// Moves the results into place if the run completed; otherwise leaves the output as it was and says where
+    /// the records written before the failure are, so that work is not lost silently.
+    fn finish(self, result: anyhow::Result<ExitCode>) -> anyhow::Result<ExitCode> {
+        let Some((partial, dest)) = self.rename else {
+            let code = result?;
+            self.writer.into_inner().map_err(|e| e.into_error()).context("cannot write the output")?;
+            return Ok(code);
+        };
+        let writer = self.writer;
+        let completed = result.and_then(|code| {
+            let file = writer.into_inner().map_err(|e| e.into_error()).context("cannot write the output")?;
+            file.sync_all().with_context(|| format!("cannot write {}", partial.display()))?;
+            std::fs::rename(&partial, &dest)
+                .with_context(|| format!("cannot move {} to {}", partial.display(), dest.display()))?;
+            Ok(code)
+        });
+        let error = match completed {
+            Ok(code) => return Ok(code),
+            Err(error) => error,
+        };
+        let written = std::fs::metadata(&partial).map_or(0, |meta| meta.len());
+        if written > 0 {
+            return Err(error.context(format!(
+                "{} was left as it was; the results written before the failure are in {}",
+                dest.display(),
+                partial.display()
+            )));
+        }
+        if let Err(remove) = std::fs::remove_file(&partial)
+            && remove.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(error = %remove, path = %partial.display(), "cannot remove the empty partial output");
+        }
+        Err(error.context(format!("{} was left as it was", dest.display())))
+    }
 }
 
 /// Reads lines until `batch` good items (or the end); bad lines ride along so output keeps input order.
@@ -372,6 +527,11 @@ enum Progress {
 }
 
 impl Progress {
+    /// Whether `new` will show anything, decided before the input is opened so it is counted only then.
+    fn shown(forced: bool) -> bool {
+        forced || std::io::stderr().is_terminal()
+    }
+
     fn new(total: Option<u64>, forced: bool) -> Self {
         if std::io::stderr().is_terminal() {
             let bar = match total {
