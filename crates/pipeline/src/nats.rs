@@ -25,18 +25,22 @@
 //!   item to a person. An event without any key is rejected under its stream sequence, outside the ledger;
 //! - a decision too large for NATS is settled as `needs_review` without its evidence (the host records it
 //!   whole), since given back it would be decided again forever;
+//! - a panic while deciding an item (a bug, in a reasoner say) settles it as `needs_review` for a person, as a
+//!   failed stage would: given back, it would take down every worker it reached in turn. A panic anywhere else
+//!   in handling an event gives the event back with the growing delay, and the worker goes on;
 //! - the program the worker runs in ([`WorkerHost`]) chooses the policies and pipeline per event and records
 //!   each settled decision (e.g. in `safeguard serve`'s database) before the event is acked. A redelivered
 //!   event whose decision is already in the ledger is recorded again, so the host must be idempotent by the
 //!   decision id: that makes its record exactly-once too.
 
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer, stream};
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use safeguard_core::input::{InputLimits, parse_item};
 use safeguard_harmony::Content;
 use safeguard_policy::Policy;
@@ -393,11 +397,15 @@ const APPEAL_SUFFIX: &str = ":appeal";
 /// Tries of the host's record before an event is given back: 0.2 + 0.4 + 0.8 + 1.6 s of pauses between them.
 const RECORD_ATTEMPTS: u32 = 5;
 
+/// Why an item goes to a person when deciding it panicked.
+pub const DECIDE_PANICKED: &str = "deciding the item panicked (a bug)";
+
 /// One worker: pulls content events and routes them through the pipeline until `stop` is set.
 pub struct Worker {
     bus: Bus,
     host: Arc<dyn WorkerHost>,
     limits: InputLimits,
+    started: Option<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Worker {
@@ -406,7 +414,14 @@ impl Worker {
     }
 
     pub fn with_host(bus: Bus, host: Arc<dyn WorkerHost>) -> Self {
-        Self { bus, host, limits: InputLimits::default() }
+        Self { bus, host, limits: InputLimits::default(), started: None }
+    }
+
+    /// Called once the worker's consumer is in place and it starts pulling: how a host tells a worker that is
+    /// serving from one still connecting, or failing at setup over and over.
+    pub fn on_started(mut self, hook: impl Fn() + Send + Sync + 'static) -> Self {
+        self.started = Some(Box::new(hook));
+        self
     }
 
     pub async fn run(&self, stop: CancellationToken) -> Result<(), NatsError> {
@@ -425,6 +440,9 @@ impl Worker {
             .await
             .map_err(setup_err)?;
         info!(consumer = %cfg.consumer, "NATS worker started");
+        if let Some(started) = &self.started {
+            started();
+        }
         while !stop.is_cancelled() {
             let batch = consumer
                 .fetch()
@@ -482,7 +500,7 @@ impl Worker {
                 None => return None,
             };
             let handled = {
-                let mut handling = std::pin::pin!(self.handle(&message));
+                let mut handling = std::pin::pin!(AssertUnwindSafe(self.handle(&message)).catch_unwind());
                 loop {
                     tokio::select! {
                         biased;
@@ -501,6 +519,23 @@ impl Worker {
                             }
                         }
                     }
+                }
+            };
+            let handled = match handled {
+                Ok(handled) => handled,
+                Err(panic) => {
+                    // A bug outside deciding (in the host's record, say). Unwinding on would end the worker and
+                    // leave this event and those waiting unanswered until `ack_wait`; given back with the growing
+                    // delay, a fault that lasts costs a look now and then instead.
+                    let sequence = message.info().map(|info| info.stream_sequence).ok();
+                    error!(
+                        ?sequence,
+                        panic = panic_message(panic.as_ref()),
+                        "handling a content event panicked; giving it back"
+                    );
+                    metrics::counter!("safeguard_nats_handle_panics_total").increment(1);
+                    retry(&message).await;
+                    None
                 }
             };
             if let Some(pause) = handled {
@@ -608,12 +643,20 @@ impl Worker {
             // For the host's record (reviewers read it); taken out before the ledger and the decision stream.
             include_reasoning: true,
         };
-        let decided = keep_alive(message, self.bus.config.ack_wait, pipeline.decide(&policies, &item.content, &ctx));
-        let mut decision = match decided.await {
-            Ok(decision) => decision,
-            Err(deferred) => {
+        let started = Instant::now();
+        // A panic here is a bug (in a reasoner, say). Given back, the event would come again after `ack_wait` and
+        // panic in the next worker too: it is settled for a person instead, as the server's jobs are.
+        let deciding = AssertUnwindSafe(pipeline.decide(&policies, &item.content, &ctx)).catch_unwind();
+        let mut decision = match keep_alive(message, self.bus.config.ack_wait, deciding).await {
+            Ok(Ok(decision)) => decision,
+            Ok(Err(deferred)) => {
                 ack(message, AckKind::Nak(Some(deferred.retry_after))).await;
                 return Some(deferred.retry_after);
+            }
+            Err(panic) => {
+                error!(%key, panic = panic_message(panic.as_ref()), "deciding the event panicked; it goes to a person");
+                metrics::counter!("safeguard_nats_decide_panics_total").increment(1);
+                panicked_decision(&policies, appeal, started)
             }
         };
         let reasoning = strip_reasoning(&mut decision);
@@ -820,6 +863,50 @@ fn rejected(key: String, item_id: Option<String>, error: &str) -> DecisionEvent 
         review: None,
         body_digest: None,
     }
+}
+
+/// The decision on an item whose cascade panicked: nothing was decided, so every policy goes to a person with the
+/// reason a failed stage gives; an appeal stays an appeal.
+fn panicked_decision(policies: &[Policy], appeal: bool, started: Instant) -> CascadeDecision {
+    let routes = policies
+        .iter()
+        .map(|policy| {
+            let mut escalations = Vec::with_capacity(2);
+            if appeal {
+                escalations.push(Escalation::Appeal);
+            }
+            escalations.push(Escalation::StageFailed { detail: DECIDE_PANICKED.to_string() });
+            PolicyRoute {
+                policy: policy.meta.name.clone(),
+                policy_hash: policy.hash.to_string(),
+                outcome: Outcome::NeedsReview,
+                decided_by: Stage::HumanReview,
+                triage: None,
+                verdict: None,
+                engine_confidence: None,
+                escalations,
+            }
+        })
+        .collect();
+    CascadeDecision {
+        id: uuid::Uuid::now_v7(),
+        outcome: Outcome::NeedsReview,
+        decided_by: Stage::HumanReview,
+        policies: routes,
+        stages: Vec::new(),
+        reasoning: Vec::new(),
+        usage: Default::default(),
+        total_ms: started.elapsed().as_secs_f64() * 1e3,
+    }
+}
+
+/// What a panic said, for the log.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(not a message)")
 }
 
 /// Why an event goes to a person when its key is settled for another body.
@@ -1374,6 +1461,22 @@ mod tests {
         assert_ne!(reused_id("k", &plain), reused_id("k", &named));
         assert_ne!(reused_id("k", &plain), conflict_id("k"));
         assert_eq!(reused_id("k", &plain), reused_id("k", &plain));
+    }
+
+    #[test]
+    fn an_item_whose_deciding_panicked_goes_to_a_person_for_every_policy() {
+        let spam = Policy::parse("---\nname: spam\noutput: binary\n---\n# Spam\nReturn 1 for spam, else 0.").unwrap();
+        let decision = panicked_decision(std::slice::from_ref(&spam), false, Instant::now());
+        assert_eq!((decision.outcome, decision.decided_by), (Outcome::NeedsReview, Stage::HumanReview));
+        let route = &decision.policies[0];
+        assert_eq!((route.policy.as_str(), route.policy_hash.clone()), ("spam", spam.hash.to_string()));
+        assert_eq!((route.outcome, route.decided_by), (Outcome::NeedsReview, Stage::HumanReview));
+        assert_eq!(route.escalations, [Escalation::StageFailed { detail: DECIDE_PANICKED.into() }]);
+        let appeal = panicked_decision(&[spam], true, Instant::now());
+        assert_eq!(appeal.policies[0].escalations[0], Escalation::Appeal, "still an appeal, for the review queue");
+        assert_eq!(panic_message(&"a bug"), "a bug");
+        assert_eq!(panic_message(&String::from("a bug")), "a bug");
+        assert_eq!(panic_message(&7), "(not a message)");
     }
 
     #[test]

@@ -25,7 +25,7 @@ enum Command {
     Prompt(cmd::prompt::Args),
     /// Classify content against one or more policies with a model.
     Classify(cmd::classify::Args),
-    /// Work with policy files: lint, hash, test.
+    /// Work with policy files: lint, hash, show, starter, test, backtest.
     #[command(subcommand)]
     Policy(cmd::policy::Command),
     /// Download, convert or generate model files.
@@ -50,6 +50,9 @@ enum Command {
     /// Create, list and revoke API keys for the service.
     #[command(subcommand)]
     Keys(cmd::keys::Command),
+    /// List job webhooks the service gave up on, and send them again.
+    #[command(subcommand)]
+    Webhooks(cmd::webhooks::Command),
 }
 
 fn main() -> ExitCode {
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
         Command::Bench(command) => cmd::bench::run(command),
         Command::Serve(args) => cmd::serve::run(args),
         Command::Keys(command) => cmd::keys::run(command),
+        Command::Webhooks(command) => cmd::webhooks::run(command),
     };
     match result {
         Ok(code) => code,

@@ -44,11 +44,32 @@ fn decision(id: &str, created_at: i64, policy: &str, violation: Option<bool>, te
         source: "api".into(),
         job_id: None,
         replay_of: None,
+        submitted_by: None,
     }
 }
 
 fn settled_by_triage(mut decision: DecisionRecord) -> DecisionRecord {
     decision.verdicts[0]["stage"] = json!("triage");
+    decision
+}
+
+/// Where the cascade overrode the model, the stored outcome is the person's needs_review and the model's answer
+/// is kept beside it.
+fn routed_to_a_person(mut decision: DecisionRecord, model_said: &str) -> DecisionRecord {
+    let verdict = &mut decision.verdicts[0];
+    verdict["model_outcome"] = json!(model_said);
+    verdict["outcome"] = json!("needs_review");
+    verdict["stage"] = json!("human_review");
+    verdict["escalations"] = json!([{"kind": "appeal"}]);
+    decision.outcome = "needs_review".into();
+    decision
+}
+
+/// A cascade verdict with no answer of the model in it: triage sent it to a person, or the step failed.
+fn without_a_model_answer(mut decision: DecisionRecord, escalation: Value) -> DecisionRecord {
+    let verdict = &mut decision.verdicts[0];
+    verdict["stage"] = json!("human_review");
+    verdict["escalations"] = json!([escalation]);
     decision
 }
 
@@ -90,6 +111,15 @@ fn fixture() -> Fixture {
             decision("d5", base + 4, "hate", Some(false), "unrelated policy"),
             settled_by_triage(decision("d6", base + 5, "spam", Some(false), "thanks, see you")),
             under_the_new_version(decision("d7", base + 6, "spam", Some(true), "FREE PILLS")),
+            routed_to_a_person(decision("d8", base + 7, "spam", Some(true), "cheap pills, appealed"), "violation"),
+            without_a_model_answer(
+                decision("d9", base + 8, "spam", None, "matched a deny rule"),
+                json!({"kind": "triage_violation_to_review"}),
+            ),
+            without_a_model_answer(
+                decision("d10", base + 9, "spam", None, "the backend was down"),
+                json!({"kind": "stage_failed", "detail": "timed out"}),
+            ),
         ];
         for d in &decisions {
             store.insert_decision(d, None).await.expect("insert");
@@ -128,8 +158,8 @@ fn every_stored_decision_is_replayed_and_flips_are_counted_by_direction() {
     assert!(output.status.success(), "stderr: {}", String::from_utf8_lossy(&output.stderr));
     let report: Value = serde_json::from_slice(&output.stdout).expect("json report");
 
-    // Only the four spam decisions the model judged under the old version; the hate one is another policy.
-    assert_eq!(report["items"], 4, "{report:#}");
+    // Only the five spam decisions the model judged under the old version; the hate one is another policy.
+    assert_eq!(report["items"], 5, "{report:#}");
     let mut skipped: Vec<(&str, &str)> = report["skipped"]
         .as_array()
         .unwrap()
@@ -139,15 +169,21 @@ fn every_stored_decision_is_replayed_and_flips_are_counted_by_direction() {
     skipped.sort_unstable();
     assert_eq!(
         skipped,
-        [("d6", "settled by triage, not by the model"), ("d7", "already judged under this version")],
+        [
+            ("d10", "the model's step failed; it gave no answer to compare with"),
+            ("d6", "settled by triage, not by the model"),
+            ("d7", "already judged under this version"),
+            ("d9", "sent to a person by triage; the model never judged it"),
+        ],
         "{report:#}"
     );
     let mut ids: Vec<&str> = report["results"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap()).collect();
     ids.sort_unstable();
-    assert_eq!(ids, ["d1", "d2", "d3", "d4"]);
-    assert_eq!(report["before"], json!({"violation": 2, "allow": 1, "needs_review": 1}));
-    assert_eq!(report["after"], json!({"needs_review": 4}));
-    assert_eq!(report["flips"], json!({"violation->needs_review": 2, "allow->needs_review": 1}));
+    assert_eq!(ids, ["d1", "d2", "d3", "d4", "d8"]);
+    // d8's "before" is what the model said, not the needs_review the appeal routed it to.
+    assert_eq!(report["before"], json!({"violation": 3, "allow": 1, "needs_review": 1}));
+    assert_eq!(report["after"], json!({"needs_review": 5}));
+    assert_eq!(report["flips"], json!({"violation->needs_review": 3, "allow->needs_review": 1}));
     assert_eq!(report["unchanged"], 1);
     let flipped: u64 = report["flips"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
     assert_eq!(flipped + report["unchanged"].as_u64().unwrap(), report["items"].as_u64().unwrap());
@@ -237,16 +273,12 @@ fn a_limit_beyond_one_page_of_stored_decisions_is_refused() {
 
 /// An item the model cannot judge (here its prompt overflows the context) is no verdict on the policy: it is
 /// listed as failed, no flip is counted for it, and the run does not pass.
-#[test]
-fn items_the_model_could_not_judge_are_failures_not_flips() {
-    let f = fixture();
+/// `policy backtest --dataset` on `rows` (written to mixed.jsonl) with a 256-token context, which a long row does
+/// not fit.
+fn backtest_rows_in_a_short_context(f: &Fixture, rows: &[Value]) -> Output {
     let data = f._dir.path().join("mixed.jsonl");
-    let lines = [
-        json!({"id": "short", "text": "meeting moved to 3pm", "violates": 0}),
-        json!({"id": "long", "text": "buy cheap watches now ".repeat(200), "violates": 1}),
-    ];
-    std::fs::write(&data, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_safeguard"))
+    std::fs::write(&data, rows.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_safeguard"))
         .args(["policy", "backtest", "--policy"])
         .arg(&f.policy)
         .arg("--dataset")
@@ -255,13 +287,36 @@ fn items_the_model_could_not_judge_are_failures_not_flips() {
         .arg(&f.model)
         .args(["--effort", "low", "--max-tokens", "8", "--threads", "2", "--context", "256", "--format", "json"])
         .output()
-        .expect("run safeguard");
+        .expect("run safeguard")
+}
+
+#[test]
+fn items_the_model_could_not_judge_are_failures_not_flips() {
+    let f = fixture();
+    let lines = [
+        json!({"id": "short", "text": "meeting moved to 3pm", "violates": 0}),
+        json!({"id": "long", "text": "buy cheap watches now ".repeat(200), "violates": 1}),
+        json!({"id": "blank", "text": null, "violates": 1}),
+    ];
+    let output = backtest_rows_in_a_short_context(&f, &lines);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("1 item(s) could not be judged"), "{stderr}");
+    assert!(stderr.contains("2 item(s) could not be judged"), "{stderr}");
     let report: Value = serde_json::from_slice(&output.stdout).expect("json report");
     assert_eq!(report["items"], 1, "{report:#}");
     let failed = report["failed"].as_array().unwrap();
-    assert!(matches!(failed.as_slice(), [entry] if entry[0] == "long"), "{report:#}");
-    assert!(failed[0][1].as_str().unwrap().contains("does not fit"), "{report:#}");
+    assert!(matches!(failed.as_slice(), [blank, long] if long[0] == "long" && blank[0] == "blank"), "{report:#}");
+    assert!(failed[1][1].as_str().unwrap().contains("does not fit"), "{report:#}");
+    assert!(failed[0][1].as_str().unwrap().contains("mixed.jsonl:3"), "a row without text was judged: {report:#}");
+}
+
+#[test]
+fn a_backtest_where_no_item_could_be_judged_says_why() {
+    let f = fixture();
+    let lines = [json!({"id": "long", "text": "buy cheap watches now ".repeat(200), "violates": 1})];
+    let output = backtest_rows_in_a_short_context(&f, &lines);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("no item could be judged under the new version (1 failed"), "{stderr}");
+    assert!(stderr.contains("long: ") && stderr.contains("does not fit"), "the cause is not shown: {stderr}");
 }

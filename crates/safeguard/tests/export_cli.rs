@@ -44,6 +44,7 @@ fn decision(id: &str, created_at: i64, text: &str, model_says: &str) -> Decision
         source: "api".into(),
         job_id: None,
         replay_of: None,
+        submitted_by: None,
     }
 }
 
@@ -203,6 +204,15 @@ fn filters_and_bad_arguments_are_clear() {
         safeguard(&["export", "dataset", "--database", &url, "--since", "0", "--policy", "threats", "--out", out_s]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(read_jsonl(&out).len(), 12);
+
+    // NaN would be written as null, which triage reads as weight 1; 0 and negatives teach nothing or fail later.
+    for weight in ["nan", "inf", "0", "-2"] {
+        let flag = format!("--human-weight={weight}");
+        let args = ["export", "dataset", "--database", &url, &flag, "--out", out_s];
+        let output = safeguard(&args);
+        assert_eq!(output.status.code(), Some(2), "--human-weight {weight}");
+        assert!(String::from_utf8_lossy(&output.stderr).contains("not a finite number > 0"), "{output:?}");
+    }
 }
 
 /// A cascade decision settles each policy at its own stage: only the reasoning stages' verdicts are model

@@ -19,10 +19,29 @@ pub const SCOPES: [&str; 5] = ["classify", "policies:write", "review", "audit", 
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub key_id: String,
+    /// The key's name: the client it was made for. A rotated key keeps it, and with it what the client submitted.
+    pub name: String,
     pub scopes: Vec<String>,
 }
 
+/// The caller of a server that asks for no key (see [`OpenAccess`]): it is nobody in particular, so what it
+/// submits has no owner.
+const KEYLESS: &str = "open";
+
 impl Caller {
+    /// The client recorded as the owner of what this caller submits: its key's name, so that a key rotated under
+    /// the same name keeps its client's decisions and jobs; `None` on a keyless server.
+    pub fn submitter(&self) -> Option<&str> {
+        (self.key_id != KEYLESS).then_some(self.name.as_str())
+    }
+
+    /// Whether this caller may act on something `owner` submitted (appeal a decision, read a job back): its
+    /// client's own, anything without an owner, and, with the review scope, anyone's. Others answer as if it did
+    /// not exist.
+    pub fn may_act_for(&self, owner: Option<&str>) -> bool {
+        owner.is_none_or(|owner| Some(owner) == self.submitter()) || self.has("review")
+    }
+
     pub fn has(&self, scope: &str) -> bool {
         self.scopes.iter().any(|s| s == scope || s == "admin")
     }
@@ -38,7 +57,7 @@ impl FromRequestParts<AppState> for Caller {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let caller = if state.open_access.still_open(&state.store).await {
             refuse_pages_from_elsewhere(parts)?;
-            Caller { key_id: "open".into(), scopes: vec!["admin".into()] }
+            Caller { key_id: KEYLESS.into(), name: KEYLESS.into(), scopes: vec!["admin".into()] }
         } else {
             let secret = parts
                 .headers
@@ -62,7 +81,7 @@ impl FromRequestParts<AppState> for Caller {
                         }
                         return Err(ApiError::Unauthorized);
                     };
-                    let caller = Caller { key_id: record.id, scopes: record.scopes };
+                    let caller = Caller { key_id: record.id, name: record.name, scopes: record.scopes };
                     state.lookups.keys.put(key_hash, caller.clone());
                     caller
                 }

@@ -260,13 +260,27 @@ pub(crate) fn outcome_str(outcome: Outcome) -> &'static str {
     }
 }
 
+/// Where a decision comes from: the way in that stored it (its `source`, a metric label too) and the API key that
+/// submitted the item, its owner (`None` for the bus and a keyless server).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Origin<'a> {
+    pub source: &'a str,
+    pub submitted_by: Option<&'a str>,
+}
+
+impl<'a> Origin<'a> {
+    pub(crate) fn of(caller: &'a Caller, source: &'a str) -> Self {
+        Origin { source, submitted_by: caller.submitter() }
+    }
+}
+
 /// The stored form of a decision. The reasoning is returned apart, for its own table.
 pub(crate) fn record_of(
     decision: &Decision,
     policies: &[Policy],
     content: &Content,
     settings: &Settings,
-    source: &str,
+    origin: Origin<'_>,
     job_id: Option<&str>,
 ) -> (DecisionRecord, Vec<String>) {
     let wire = serde_json::to_value(decision).unwrap_or(Value::Null);
@@ -289,9 +303,10 @@ pub(crate) fn record_of(
         prompt_tokens: decision.usage.prompt_tokens as i64,
         cached_prompt_tokens: decision.usage.cached_prompt_tokens as i64,
         completion_tokens: decision.usage.completion_tokens as i64,
-        source: source.to_string(),
+        source: origin.source.to_string(),
         job_id: job_id.map(str::to_string),
         replay_of: None,
+        submitted_by: origin.submitted_by.map(str::to_string),
     };
     (record, decision.reasoning.clone())
 }
@@ -320,13 +335,13 @@ pub(crate) async fn reason_and_store(
     policies: &[Policy],
     content: &Content,
     settings: &Settings,
-    source: &str,
+    origin: Origin<'_>,
     timer: &mut StageTimer,
     review_of: impl FnOnce(&Decision, &DecisionRecord) -> Option<NewReview>,
 ) -> Result<(Decision, DecisionRecord, Option<String>), ApiError> {
-    let (decision, record, reasoning, elapsed) = reason_one(state, policies, content, settings, source).await?;
+    let (decision, record, reasoning, elapsed) = reason_one(state, policies, content, settings, origin).await?;
     timer.mark("reason");
-    count_decision(&decision, source, elapsed);
+    count_decision(&decision, origin.source, elapsed);
     let review = review_of(&decision, &record);
     let review_id = crate::reviews::store_decision(state, &record, &reasoning, review.as_ref()).await?;
     state.items.observe("direct", decision.usage, elapsed);
@@ -341,14 +356,14 @@ pub(crate) async fn reason_one(
     policies: &[Policy],
     content: &Content,
     settings: &Settings,
-    source: &str,
+    origin: Origin<'_>,
 ) -> Result<(Decision, DecisionRecord, Vec<String>, f64), ApiError> {
     state.cascade.admit(settings.prompts(policies.len(), 1)).await?;
     let started = Instant::now();
     let decision = state.classifier.classify(policies, content, &options(settings)).await;
     state.cascade.charge(&decision, settings.max_tokens);
     let elapsed = started.elapsed().as_secs_f64();
-    let (record, reasoning) = record_of(&decision, policies, content, settings, source, None);
+    let (record, reasoning) = record_of(&decision, policies, content, settings, origin, None);
     Ok((decision, record, reasoning, elapsed))
 }
 
@@ -360,7 +375,7 @@ pub(crate) async fn decide_and_store_many(
     policies: &[Policy],
     contents: &[Content],
     settings: &Settings,
-    source: &str,
+    origin: Origin<'_>,
 ) -> Result<Vec<(Decision, DecisionRecord)>, ApiError> {
     state.cascade.admit(settings.prompts(policies.len(), contents.len())).await?;
     let started = Instant::now();
@@ -373,7 +388,7 @@ pub(crate) async fn decide_and_store_many(
         .iter()
         .zip(contents)
         .map(|(decision, content)| {
-            let (record, reasoning) = record_of(decision, policies, content, settings, source, None);
+            let (record, reasoning) = record_of(decision, policies, content, settings, origin, None);
             let review = crate::reviews::review_if_undecided(decision, &record, policies);
             (record, reasoning, review)
         })
@@ -381,7 +396,7 @@ pub(crate) async fn decide_and_store_many(
     crate::reviews::store_decisions(state, &records).await?;
     // Counted once stored: a batch that fails is stored by its retry, and counting both would count it twice.
     for decision in &decisions {
-        count_decision(decision, source, elapsed);
+        count_decision(decision, origin.source, elapsed);
         state.items.observe("direct", decision.usage, elapsed / contents.len().max(1) as f64);
     }
     Ok(decisions.into_iter().zip(records.into_iter().map(|(record, _, _)| record)).collect())
@@ -427,9 +442,17 @@ pub(crate) async fn classify(
         let review_of = |decision: &Decision, record: &DecisionRecord| {
             crate::reviews::review_if_undecided(decision, record, &parsed.policies)
         };
-        let (decision, record, _) =
-            reason_and_store(&state, &parsed.policies, &parsed.content, &parsed.settings, "api", &mut timer, review_of)
-                .await?;
+        let origin = Origin::of(&caller, "api");
+        let (decision, record, _) = reason_and_store(
+            &state,
+            &parsed.policies,
+            &parsed.content,
+            &parsed.settings,
+            origin,
+            &mut timer,
+            review_of,
+        )
+        .await?;
         let mut reply = decision_reply(&decision, &record, parsed.return_reasoning);
         reply["route"] = json!(route.as_str());
         return Ok(([timer.header()], Json(reply)));
@@ -444,8 +467,9 @@ pub(crate) async fn classify(
         .map_err(deferred_error)?;
     let elapsed = started.elapsed().as_secs_f64();
     timer.mark("cascade");
+    let origin = Origin::of(&caller, "api");
     let stored =
-        store_cascade_item(&state, &cascade, &parsed.policies, Some(&parsed.content), "api", Value::Null).await?;
+        store_cascade_item(&state, &cascade, &parsed.policies, Some(&parsed.content), origin, Value::Null).await?;
     state.items.observe("cascade", cascade.usage, elapsed);
     timer.mark("store");
     Ok(([timer.header()], Json(cascade_reply(&cascade, &stored, parsed.return_reasoning))))
@@ -518,7 +542,7 @@ pub(crate) async fn classify_batch(
     let policies = parse_policies(&state, &body, &caller).await?;
     let parsed: Vec<Result<Content, ApiError>> = items.iter().map(|item| parse_content(&state, item)).collect();
     let valid: Vec<Content> = parsed.iter().filter_map(|p| p.as_ref().ok().cloned()).collect();
-    let decided = decide_and_store_many(&state, &policies, &valid, &settings, "batch").await?;
+    let decided = decide_and_store_many(&state, &policies, &valid, &settings, Origin::of(&caller, "batch")).await?;
     let mut stored = decided.iter();
     let mut results = Vec::with_capacity(items.len());
     for item in parsed {

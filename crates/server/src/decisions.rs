@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::auth::Caller;
-use crate::classify::{Settings, count_decision, options, record_of};
+use crate::classify::{Origin, Settings, count_decision, options, record_of};
 use crate::error::ApiError;
 use crate::policies::stored_policy;
 
@@ -33,6 +33,7 @@ pub(crate) fn record_reply(record: &DecisionRecord, reasoning: Option<Vec<String
         "source": record.source,
         "job_id": record.job_id,
         "replay_of": record.replay_of,
+        "submitted_by": record.submitted_by,
         "failure_reason": record.failure_reason,
     });
     if let Some(reasoning) = reasoning {
@@ -137,7 +138,8 @@ pub(crate) async fn replay(
     let decision = state.classifier.classify(&policies, &content, &options(&settings)).await;
     state.cascade.charge(&decision, settings.max_tokens);
     count_decision(&decision, "replay", started.elapsed().as_secs_f64());
-    let (mut record, reasoning) = record_of(&decision, &policies, &content, &settings, "replay", None);
+    let (mut record, reasoning) =
+        record_of(&decision, &policies, &content, &settings, Origin::of(&caller, "replay"), None);
     record.replay_of = Some(original.id.clone());
     state.store.insert_decision(&record, Some(&reasoning)).await?;
     let verdict_summary = |verdicts: &Value| -> Vec<(Value, Value)> {

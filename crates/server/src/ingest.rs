@@ -5,19 +5,28 @@
 //! Exactly-once in the database rests on the worker's ledger: a decision is stored under the id the ledger
 //! holds for its idempotency key, and storing is idempotent by that id, so a redelivery after a crash (or a
 //! restart mid-stream) stores nothing twice and loses nothing.
+//!
+//! The worker is supervised: whatever ends it while the server runs (NATS going away, an error, a panic) is
+//! logged and it is started again with backoff; `/readyz` reports whether it is serving ([`NatsHealth`]), and
+//! fails once it has been down for longer than [`crate::ServerConfig::nats_ready_grace`], when one is set.
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use safeguard_pipeline::Pipeline;
-use safeguard_pipeline::nats::{Bus, HostError, NatsConfig, ReviewedItem, SettledItem, Worker, WorkerHost};
+use safeguard_pipeline::nats::{Bus, HostError, NatsConfig, NatsError, ReviewedItem, SettledItem, Worker, WorkerHost};
 use safeguard_policy::Policy;
 use safeguard_store::{DecisionRecord, ReviewRecord};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::AppState;
+use crate::classify::Origin;
 use crate::error::ApiError;
 use crate::moderate::store_cascade_item;
 use crate::policies::stored_policy;
@@ -92,8 +101,10 @@ impl WorkerHost for ServerHost {
             }
         }
         let source = format!("{NATS_SOURCE}{}", decision.decided_by.as_str());
-        let origin = json!({"nats": {"key": item.key, "item_id": item.item_id}});
-        let stored = store_cascade_item(&self.state, decision, &policies, item.content, &source, origin)
+        let bus_item = json!({"nats": {"key": item.key, "item_id": item.item_id}});
+        // The bus asks for no key: its items have no owner, so any client key may appeal their decisions.
+        let origin = Origin { source: &source, submitted_by: None };
+        let stored = store_cascade_item(&self.state, decision, &policies, item.content, origin, bus_item)
             .await
             .map_err(|e: ApiError| unavailable(e))?;
         if stored.fresh {
@@ -103,33 +114,139 @@ impl WorkerHost for ServerHost {
     }
 }
 
-/// Runs the worker until `stop`, reconnecting with backoff while NATS is unreachable.
+/// Runs the worker until `stop`, reconnecting with backoff while NATS is unreachable and starting it again
+/// whenever it ends before then (an error, a panic).
 pub(crate) async fn run(state: AppState, ingest: NatsIngest, stop: CancellationToken) {
     let host: Arc<dyn WorkerHost> =
         Arc::new(ServerHost { state: state.clone(), default_policies: ingest.policies.clone() });
     // Dropped with this task, so a server that is aborted stops announcing too.
     let _announcer = crate::AbortOnDrop(tokio::spawn(announce_reviews(state.clone(), stop.clone())));
-    let mut backoff = Duration::from_millis(500);
+    let (state, ingest, host, stop_ref) = (&state, &ingest, &host, &stop);
+    let health = &state.nats_health;
+    supervise(&stop, health, RESTART_FIRST, move || serve_once(state, ingest, host, stop_ref)).await;
+}
+
+/// The first pause before the worker is started again; doubled for each start in a row that fails, up to
+/// [`RESTART_MAX`].
+const RESTART_FIRST: Duration = Duration::from_millis(500);
+const RESTART_MAX: Duration = Duration::from_secs(30);
+
+/// A worker that served this long was not failing at start: the next start waits [`RESTART_FIRST`] again.
+const SERVED_STEADILY: Duration = Duration::from_secs(60);
+
+/// How one start of the worker ended.
+enum Ended {
+    /// NATS could not be reached: nothing was started.
+    Unreachable(String),
+    /// The worker ran and returned: told to stop, or failing.
+    Ran(Result<(), NatsError>),
+}
+
+/// Starts the worker again each time `start`'s run ends or panics before `stop`, pausing longer each time in a
+/// row. A panic is caught here too: left to unwind, it would end ingestion for good while the server (and its
+/// `/readyz`) carried on as if nothing had happened.
+async fn supervise<F, Fut>(stop: &CancellationToken, health: &NatsHealth, first: Duration, mut start: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Ended>,
+{
+    let mut backoff = first;
     while !stop.is_cancelled() {
-        match Bus::connect(ingest.config.clone()).await {
-            Ok(bus) => {
-                info!(url = %ingest.config.url, stream = %ingest.config.work_stream, "deciding NATS content events");
-                set_nats_out(&state, Some(bus.clone()));
-                let ran = Worker::with_host(bus, host.clone()).run(stop.clone()).await;
-                set_nats_out(&state, None);
+        let began = Instant::now();
+        let ended = AssertUnwindSafe(start()).catch_unwind().await;
+        health.stopped();
+        if stop.is_cancelled() {
+            return;
+        }
+        if began.elapsed() >= SERVED_STEADILY {
+            backoff = first;
+        }
+        match ended {
+            Ok(Ended::Unreachable(e)) => warn!("NATS: {e}; retrying in {backoff:?}"),
+            Ok(Ended::Ran(ran)) => {
                 match ran {
-                    Ok(()) => return,
-                    Err(e) => warn!("the NATS worker stopped: {e}; restarting"),
+                    Ok(()) => error!("the NATS worker stopped unexpectedly; restarting it in {backoff:?}"),
+                    Err(e) => error!("the NATS worker stopped: {e}; restarting it in {backoff:?}"),
                 }
-                backoff = Duration::from_millis(500);
+                metrics::counter!("safeguard_nats_worker_restarts_total", "reason" => "ended").increment(1);
             }
-            Err(e) => warn!("NATS: {e}; retrying in {backoff:?}"),
+            Err(panic) => {
+                error!(
+                    panic = safeguard_pipeline::nats::panic_message(panic.as_ref()),
+                    "the NATS worker panicked (a bug); restarting it in {backoff:?}"
+                );
+                metrics::counter!("safeguard_nats_worker_restarts_total", "reason" => "panicked").increment(1);
+            }
         }
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
+        backoff = (backoff * 2).min(RESTART_MAX);
+    }
+}
+
+/// One start of the worker: connects, then runs it until it ends.
+async fn serve_once(
+    state: &AppState,
+    ingest: &NatsIngest,
+    host: &Arc<dyn WorkerHost>,
+    stop: &CancellationToken,
+) -> Ended {
+    let bus = match Bus::connect(ingest.config.clone()).await {
+        Ok(bus) => bus,
+        Err(e) => return Ended::Unreachable(e.to_string()),
+    };
+    info!(url = %ingest.config.url, stream = %ingest.config.work_stream, "deciding NATS content events");
+    set_nats_out(state, Some(bus.clone()));
+    // Cleared however the worker ends, a panic included.
+    let _connected = ClearNatsOut(state);
+    let health = state.nats_health.clone();
+    let worker = Worker::with_host(bus, host.clone()).on_started(move || health.serving());
+    Ended::Ran(worker.run(stop.clone()).await)
+}
+
+struct ClearNatsOut<'a>(&'a AppState);
+
+impl Drop for ClearNatsOut<'_> {
+    fn drop(&mut self) {
+        set_nats_out(self.0, None);
+    }
+}
+
+/// Whether the NATS worker is serving, for `/readyz`: read on every probe, so a clock reading in an atomic
+/// rather than a round trip to NATS.
+pub(crate) struct NatsHealth {
+    epoch: Instant,
+    /// When the worker stopped serving, in milliseconds since `epoch` plus one; 0 while it serves.
+    down_since: AtomicU64,
+}
+
+impl NatsHealth {
+    /// Down from the start: the worker serves once it is connected and its consumer is in place.
+    pub(crate) fn new() -> Self {
+        Self { epoch: Instant::now(), down_since: AtomicU64::new(1) }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX).saturating_add(1)
+    }
+
+    fn serving(&self) {
+        self.down_since.store(0, Ordering::Relaxed);
+    }
+
+    /// Keeps the first time: a worker failing again while down has been down since then.
+    fn stopped(&self) {
+        let _ = self.down_since.compare_exchange(0, self.now(), Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// How long the worker has not been serving; `None` while it serves.
+    pub(crate) fn down_for(&self) -> Option<Duration> {
+        match self.down_since.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(Duration::from_millis(self.now().saturating_sub(since))),
+        }
     }
 }
 
@@ -239,5 +356,57 @@ async fn announce_reviews(state: AppState, stop: CancellationToken) {
         if let Err(e) = announce_pending(&state).await {
             warn!("cannot read the reviews to announce: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_worker_that_ends_or_panics_is_started_again_until_the_server_stops() {
+        let stop = CancellationToken::new();
+        let health = NatsHealth::new();
+        let starts = AtomicUsize::new(0);
+        let start = || {
+            let n = starts.fetch_add(1, Ordering::SeqCst);
+            let (stop, health) = (stop.clone(), &health);
+            async move {
+                match n {
+                    0 => {
+                        health.serving();
+                        panic!("a bug in the worker")
+                    }
+                    1 => Ended::Ran(Err(NatsError::Stream("the connection went away".into()))),
+                    2 => Ended::Unreachable("connection refused".into()),
+                    3 => Ended::Ran(Ok(())),
+                    _ => {
+                        health.serving();
+                        stop.cancel();
+                        Ended::Ran(Ok(()))
+                    }
+                }
+            }
+        };
+        let supervised = supervise(&stop, &health, Duration::from_millis(1), start);
+        tokio::time::timeout(Duration::from_secs(5), supervised).await.expect("returns once stopped");
+        assert_eq!(starts.load(Ordering::SeqCst), 5, "started again after a panic, an error and an early end");
+        assert!(health.down_for().is_some(), "a stopped worker is not serving");
+    }
+
+    #[test]
+    fn the_worker_is_down_from_its_first_failure_until_it_serves_again() {
+        let health = NatsHealth::new();
+        assert!(health.down_for().is_some(), "down until it has started");
+        health.serving();
+        assert_eq!(health.down_for(), None);
+        health.stopped();
+        std::thread::sleep(Duration::from_millis(20));
+        health.stopped();
+        assert!(health.down_for().is_some_and(|d| d >= Duration::from_millis(20)), "since the first failure");
+        health.serving();
+        assert_eq!(health.down_for(), None);
     }
 }

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
 use crate::auth::Caller;
-use crate::classify::{Settings, count_decision, options, parse_request, record_of};
+use crate::classify::{Origin, Settings, count_decision, options, parse_request, record_of};
 use crate::error::{ApiError, ApiJson};
 use crate::policies::stored_policy;
 
@@ -82,7 +82,12 @@ pub(crate) async fn submit(
     let request_json = serde_json::to_value(&request).map_err(|e| ApiError::bad("invalid_request", e.to_string()))?;
     let (job, created) = state
         .store
-        .enqueue_job(&NewJob { request: request_json.clone(), idempotency_key, webhook_url: webhook_url.clone() })
+        .enqueue_job(&NewJob {
+            request: request_json.clone(),
+            idempotency_key,
+            webhook_url: webhook_url.clone(),
+            submitted_by: caller.submitter().map(str::to_string),
+        })
         .await?;
     if !created && (job.request != request_json || job.webhook_url != webhook_url) {
         return Err(ApiError::Conflict("this Idempotency-Key was already used for a different request".into()));
@@ -101,7 +106,12 @@ pub(crate) async fn get_one(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require("classify")?;
-    let job = state.store.get_job(&id).await?.ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
+    let job = state
+        .store
+        .get_job(&id)
+        .await?
+        .filter(|job| caller.may_act_for(job.submitted_by.as_deref()))
+        .ok_or_else(|| ApiError::NotFound(format!("no job {id}")))?;
     let mut reply = job_reply(&job);
     // Until decided, the content's outcome is `pending`: it must not be shown as allowed.
     reply["outcome"] = json!("pending");
@@ -272,6 +282,7 @@ async fn fail(state: &AppState, job: &JobRecord, token: &str, error: String) {
         source: "job".into(),
         job_id: Some(job.id.clone()),
         replay_of: None,
+        submitted_by: job.submitted_by.clone(),
     };
     let review = crate::reviews::review_for_person(&record.id, &[], format!("job failed: {error}"));
     let webhook = completed_webhook(job, &record);
@@ -371,8 +382,9 @@ async fn process(state: &AppState, job: JobRecord) -> bool {
     };
     state.cascade.charge_queued(&decision, request.settings.max_tokens);
     count_decision(&decision, "job", started.elapsed().as_secs_f64());
+    let origin = Origin { source: "job", submitted_by: job.submitted_by.as_deref() };
     let (record, reasoning) =
-        record_of(&decision, &policies, &request.content, &request.settings, "job", Some(&job.id));
+        record_of(&decision, &policies, &request.content, &request.settings, origin, Some(&job.id));
     let review = crate::reviews::review_if_undecided(&decision, &record, &policies);
     let webhook = completed_webhook(&job, &record);
     match state.store.finish_job(&job.id, &token, &record, Some(&reasoning), review.as_ref(), webhook.as_ref()).await {

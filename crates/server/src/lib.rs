@@ -4,11 +4,14 @@
 //! [`Store`], and serves:
 //! - `/v1/policies…` immutable policy versions, pins and diffs;
 //! - `/v1/classify` synchronous decisions, through the cascade (triage → low → high → a person) unless the
-//!   request pins an effort; `/v1/classify/batch` direct ones; `/v1/moderate` the cascade's own view;
-//!   `/v1/jobs` durable asynchronous ones with signed, retried webhooks;
-//! - `/v1/decisions…` the audit trail, with replay;
-//! - `/v1/moderations` and `/v1/chat/completions` in OpenAI's shapes;
-//! - `/healthz`, `/readyz`, `/metrics`, `/openapi.json`;
+//!   request pins an effort or `"route": "direct"` (or the server's `classify_route` is direct);
+//!   `/v1/classify/batch` direct ones; `/v1/moderate` the cascade's own view; `/v1/jobs` durable asynchronous
+//!   ones with signed, retried webhooks;
+//! - `/v1/decisions…` the audit trail, with replay and appeal;
+//! - `/v1/reviews…` the review queue, and `/review` the page people decide it on;
+//! - `/v1/moderations`, `/v1/chat/completions` and `/v1/models` in OpenAI's shapes;
+//! - `/healthz`, `/readyz`, `/metrics`, `/v1/stats/prompts` (cost and latency per policy and effort),
+//!   `/openapi.json`;
 //! - optionally, a NATS JetStream worker deciding content events through the cascade ([`NatsIngest`]).
 //!
 //! Every decision is stored. Whatever goes wrong while reasoning becomes `needs_review`, never an allow.
@@ -132,7 +135,7 @@ pub struct ServerConfig {
     pub reason_timeout: Duration,
     /// HMAC key for webhook signatures.
     pub webhook_secret: String,
-    pub webhook_max_attempts: i64,
+    pub webhook_max_attempts: u32,
     pub webhook_backoff: Duration,
     /// Webhook deliveries sent at once, so that a receiver that hangs does not hold up the others.
     pub webhook_concurrency: usize,
@@ -143,7 +146,9 @@ pub struct ServerConfig {
     /// Completion-token cap for `/v1/moderations` (which has no field for it); `None` is the effort's budget.
     pub moderation_max_tokens: Option<usize>,
     pub default_effort: Effort,
-    /// How long shutdown waits for in-flight requests and jobs.
+    /// How long shutdown waits, from the signal on, for in-flight requests and jobs together; then jobs still
+    /// being decided are handed back to the queue (up to 5 s more). The default leaves that inside the 30 s an
+    /// orchestrator usually allows before it kills the process.
     pub drain_timeout: Duration,
     /// How `/v1/moderate` routes: efforts, escalation thresholds, what triage may decide.
     pub routing: safeguard_pipeline::RoutingConfig,
@@ -167,6 +172,11 @@ pub struct ServerConfig {
     pub cost_per_1k_tokens: f64,
     /// Decide content events from NATS JetStream inside the server, storing each decision like any other.
     pub nats: Option<NatsIngest>,
+    /// Whether, and after how long, a NATS worker that is down (connecting, or started again after it failed)
+    /// makes `/readyz` answer 503. `None`, the default, only reports it: readiness also decides whether HTTP
+    /// traffic reaches this server, and HTTP does not need NATS. Set it for servers that exist to work the
+    /// stream; keep it longer than a reconnect's backoff (30 s), so a blip does not take them out of rotation.
+    pub nats_ready_grace: Option<Duration>,
     /// How long a policy name's active version and an API key are trusted before the store is asked again.
     /// Changes made through this server apply at once; changes made elsewhere (another server on the same
     /// database, `safeguard keys revoke`) within this time. Zero asks the store on every request.
@@ -187,14 +197,14 @@ impl Default for ServerConfig {
             job_max_attempts: 3,
             reason_timeout: Duration::from_secs(300),
             webhook_secret: String::new(),
-            webhook_max_attempts: 8,
+            webhook_max_attempts: 16,
             webhook_backoff: Duration::from_secs(2),
             webhook_concurrency: 8,
             webhook_targets: WebhookTargets::default(),
             moderation_policies: Vec::new(),
             moderation_max_tokens: None,
             default_effort: Effort::Low,
-            drain_timeout: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(20),
             routing: safeguard_pipeline::RoutingConfig::default(),
             triage_dir: None,
             reasoning_per_sec: None,
@@ -204,6 +214,7 @@ impl Default for ServerConfig {
             active_learning: ActiveLearning::default(),
             cost_per_1k_tokens: 0.0,
             nats: None,
+            nats_ready_grace: None,
             lookup_ttl: Duration::from_secs(1),
         }
     }
@@ -231,12 +242,15 @@ pub struct AppState {
     /// The NATS worker's connection while it has one: a person's decision on an item that came in as an event
     /// is published on it.
     pub(crate) nats_out: Arc<std::sync::RwLock<Option<safeguard_pipeline::nats::Bus>>>,
+    /// Whether the NATS worker is serving, for `/readyz`.
+    pub(crate) nats_health: Arc<ingest::NatsHealth>,
 }
 
 /// A started server: its address, and the handle to stop it.
 pub struct RunningServer {
     pub addr: SocketAddr,
     shutdown: CancellationToken,
+    hurry: CancellationToken,
     task: JoinHandle<Result<(), ServerError>>,
 }
 
@@ -263,6 +277,12 @@ impl RunningServer {
 
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
+    }
+
+    /// Cancelled during a shutdown (a second signal), it ends the drain at once: requests still in flight get no
+    /// answer, and jobs still being decided go back to the queue without waiting out the drain.
+    pub fn hurry_token(&self) -> CancellationToken {
+        self.hurry.clone()
     }
 
     /// Stops at once, as a crash would: no draining, in-flight requests and NATS events are dropped without
@@ -370,6 +390,7 @@ impl Server {
             open_access: Arc::new(auth::OpenAccess::new(config.open_access, config.lookup_ttl)),
             failed_keys: Arc::new(auth::FailedKeys::new()),
             nats_out: Arc::default(),
+            nats_health: Arc::new(ingest::NatsHealth::new()),
             rate_limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst)),
             config: Arc::new(config),
             store,
@@ -381,13 +402,19 @@ impl Server {
             http,
         };
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(run(state, listener, shutdown.clone()));
+        let hurry = CancellationToken::new();
+        let task = tokio::spawn(run(state, listener, shutdown.clone(), hurry.clone()));
         tracing::info!(%addr, "safeguard server listening");
-        Ok(RunningServer { addr, shutdown, task })
+        Ok(RunningServer { addr, shutdown, hurry, task })
     }
 }
 
-async fn run(state: AppState, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServerError> {
+async fn run(
+    state: AppState,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    hurry: CancellationToken,
+) -> Result<(), ServerError> {
     let workers: Vec<JoinHandle<()>> = (0..state.config.job_workers.max(1))
         .map(|i| tokio::spawn(jobs::worker(state.clone(), i, shutdown.clone())))
         .collect();
@@ -411,10 +438,26 @@ async fn run(state: AppState, listener: TcpListener, shutdown: CancellationToken
         app.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(async move { signal.cancelled().await });
-    let result = served.await.map_err(|e| ServerError::Task(e.to_string()));
-    // HTTP is drained; now let workers finish the job each is on (they stop claiming once cancelled).
+    let mut http = std::pin::pin!(served.into_future());
+    let ended_early = tokio::select! {
+        result = &mut http => Some(result),
+        () = shutdown.cancelled() => None,
+    };
+    // One deadline from the signal on, for requests and jobs together: a request that reasons for minutes (or a
+    // streamed reply to a client that stopped reading) must not use up the time the jobs need to be handed back
+    // before the orchestrator kills the process.
+    let deadline = tokio::time::Instant::now() + drain_timeout;
+    let result = match ended_early {
+        Some(result) => result,
+        None => within(deadline, &hurry, &mut http).await.unwrap_or_else(|| {
+            tracing::warn!("drain ran out with requests in flight; their clients get no answer and may retry");
+            Ok(())
+        }),
+    }
+    .map_err(|e| ServerError::Task(e.to_string()));
+    // Now let workers finish the job each is on (they stop claiming once cancelled).
     let mut workers = workers;
-    let drained = tokio::time::timeout(drain_timeout, async {
+    let drained = within(deadline, &hurry, async {
         join_all(&mut workers).await;
         let _ = webhook_sender.await;
         if let Some(mut ingest) = ingest {
@@ -422,7 +465,7 @@ async fn run(state: AppState, listener: TcpListener, shutdown: CancellationToken
         }
     })
     .await;
-    if drained.is_err() {
+    if drained.is_none() {
         // A job still being decided goes back to the queue now, untried, instead of waiting out its lease: a
         // lease that runs out counts as an attempt its worker never came back from, and a job that went through
         // three restarts would be failed as one that kills its workers.
@@ -430,11 +473,26 @@ async fn run(state: AppState, listener: TcpListener, shutdown: CancellationToken
         workers.retain(|worker| !worker.is_finished());
         let handed_back = tokio::time::timeout(Duration::from_secs(5), join_all(&mut workers)).await;
         match handed_back {
-            Ok(()) => tracing::warn!("drain timed out; unfinished jobs were handed back to the queue"),
-            Err(_) => tracing::warn!("drain timed out; unfinished jobs will be claimed again when their lease expires"),
+            Ok(()) => tracing::warn!("drain ended early; unfinished jobs were handed back to the queue"),
+            Err(_) => {
+                tracing::warn!("drain ended early; unfinished jobs will be claimed again when their lease expires")
+            }
         }
     }
     result
+}
+
+/// `work`'s output, or `None` once the drain's deadline passes or a second signal says not to wait any longer.
+async fn within<T>(
+    deadline: tokio::time::Instant,
+    hurry: &CancellationToken,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    tokio::select! {
+        output = work => Some(output),
+        () = tokio::time::sleep_until(deadline) => None,
+        () = hurry.cancelled() => None,
+    }
 }
 
 /// Waits for every task in `tasks`; awaited by reference, so a deadline around it leaves the rest to wait on again.
@@ -483,7 +541,38 @@ async fn health() -> &'static str {
 async fn ready(axum::extract::State(state): axum::extract::State<AppState>) -> axum::response::Response {
     use axum::response::IntoResponse;
     let db = state.store.ping(Duration::from_secs(2)).await;
-    let body = serde_json::json!({"ready": db, "database": db, "model": state.reasoner.model_id()});
-    let status = if db { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
+    let mut body = serde_json::json!({"ready": db, "database": db, "model": state.reasoner.model_id()});
+    let mut why = Vec::new();
+    if !db {
+        why.push("the database does not answer".to_string());
+    }
+    let mut ready = db;
+    if state.config.nats.is_some() {
+        let down_for = state.nats_health.down_for();
+        // A server whose worker is down decides no events while everything else looks healthy: the body always
+        // says so, and past the grace, when one is set, readiness fails too.
+        let grace = state.config.nats_ready_grace;
+        let nats_ready = match (down_for, grace) {
+            (Some(down), Some(grace)) => down <= grace,
+            _ => true,
+        };
+        body["nats"] = serde_json::json!({
+            "serving": down_for.is_none(),
+            "down_for_ms": down_for.map(|down| u64::try_from(down.as_millis()).unwrap_or(u64::MAX)),
+        });
+        if !nats_ready {
+            why.push(format!(
+                "the NATS worker has not been serving for {:.1}s (allowed: {:.1}s); see the server's log",
+                down_for.unwrap_or_default().as_secs_f64(),
+                grace.unwrap_or_default().as_secs_f64()
+            ));
+        }
+        ready &= nats_ready;
+    }
+    body["ready"] = serde_json::json!(ready);
+    if !why.is_empty() {
+        body["why"] = serde_json::json!(why);
+    }
+    let status = if ready { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
     (status, axum::Json(body)).into_response()
 }

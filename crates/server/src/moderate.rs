@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::auth::Caller;
-use crate::classify::{count_decision, outcome_str, parse_content, parse_policies};
+use crate::classify::{Origin, count_decision, outcome_str, parse_content, parse_policies};
 use crate::error::{ApiError, ApiJson};
 
 /// Sampled items wait behind everything a person must see.
@@ -136,7 +136,9 @@ pub(crate) async fn moderate(
         .map_err(deferred_error)?;
     let elapsed = started.elapsed().as_secs_f64();
     let source = format!("cascade:{}", cascade.decided_by.as_str());
-    let stored = store_cascade_item(&state, &cascade, &policies, Some(&content), &source, Value::Null).await?;
+    let stored =
+        store_cascade_item(&state, &cascade, &policies, Some(&content), Origin::of(&caller, &source), Value::Null)
+            .await?;
     state.items.observe("moderate", cascade.usage, elapsed);
 
     let mut reply = serde_json::to_value(&cascade).unwrap_or(Value::Null);
@@ -204,11 +206,11 @@ pub(crate) async fn store_cascade_item(
     cascade: &CascadeDecision,
     policies: &[Policy],
     content: Option<&Content>,
-    source: &str,
+    origin: Origin<'_>,
     sampling_extra: Value,
 ) -> Result<StoredItem, ApiError> {
     let (record, reasoning) =
-        cascade_record(cascade, content, source, state.cascade.routing.max_tokens, sampling_extra);
+        cascade_record(cascade, content, origin, state.cascade.routing.max_tokens, sampling_extra);
     let review = (cascade.decided_by == Stage::HumanReview).then(|| {
         if is_appeal(cascade) {
             crate::reviews::appeal_review(&record.id, format!("appeal: {}", person_reasons(cascade)))
@@ -266,7 +268,7 @@ pub(crate) struct StoredItem {
 pub(crate) fn cascade_record(
     cascade: &CascadeDecision,
     content: Option<&Content>,
-    source: &str,
+    origin: Origin<'_>,
     max_tokens: Option<usize>,
     sampling_extra: Value,
 ) -> (DecisionRecord, Vec<String>) {
@@ -303,9 +305,10 @@ pub(crate) fn cascade_record(
         prompt_tokens: cascade.usage.prompt_tokens as i64,
         cached_prompt_tokens: cascade.usage.cached_prompt_tokens as i64,
         completion_tokens: cascade.usage.completion_tokens as i64,
-        source: source.to_string(),
+        source: origin.source.to_string(),
         job_id: None,
         replay_of: None,
+        submitted_by: origin.submitted_by.map(str::to_string),
     };
     let reasoning = cascade.reasoning.iter().flat_map(|d| d.reasoning.iter().cloned()).collect();
     (record, reasoning)

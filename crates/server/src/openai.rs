@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::auth::Caller;
-use crate::classify::{Settings, parse_settings};
+use crate::classify::{Origin, Settings, parse_settings};
 use crate::error::{ApiError, ApiJson};
 use crate::policies::policy_of;
 
@@ -98,8 +98,14 @@ pub(crate) async fn moderations(
         mode: Mode::Separate,
         max_tokens: state.config.moderation_max_tokens,
     };
-    let decided =
-        crate::classify::decide_and_store_many(&state, &policies, &contents, &settings, "moderations").await?;
+    let decided = crate::classify::decide_and_store_many(
+        &state,
+        &policies,
+        &contents,
+        &settings,
+        Origin::of(&caller, "moderations"),
+    )
+    .await?;
     let mut results = Vec::with_capacity(decided.len());
     let mut ids = Vec::new();
     for (decision, record) in &decided {

@@ -63,7 +63,7 @@ pub(crate) fn document() -> Value {
                     "effort": {"enum": ["low", "medium", "high"],
                         "description": "/v1/classify: pins direct reasoning at this effort (no cascade)"},
                     "route": {"enum": ["cascade", "direct"],
-                        "description": "/v1/classify only. cascade (the default when no effort is given): triage, then reasoning at low effort, then high, then a person; direct: one reasoning step at `effort`. cascade with an explicit effort or combined mode is a 400."},
+                        "description": "/v1/classify only. cascade: triage, then reasoning at the first effort (--first-effort, low), then the escalation effort (high), then a person; direct: one reasoning step at `effort` (the server's --effort when absent). Without `route`, a request with an effort or combined mode is direct, and one without takes the server's --classify-route (cascade unless it is started with --classify-route direct). cascade with an explicit effort or combined mode is a 400."},
                     "mode": {"enum": ["separate", "combined"], "description": "combined is direct reasoning only"},
                     "max_tokens": {"type": "integer", "minimum": 1},
                     "return_reasoning": {"type": "boolean", "description": "needs the audit scope"},
@@ -98,7 +98,7 @@ pub(crate) fn document() -> Value {
         },
         "paths": {
             "/healthz": {"get": op("Liveness", None, None, "200", json!({"type": "string"}))},
-            "/readyz": {"get": op("Readiness: model loaded and database reachable", None, None, "200", any.clone())},
+            "/readyz": {"get": op("Readiness: database reachable; 503 with the reasons in `why` when not. With --nats the body reports the NATS worker (`nats.serving`, `nats.down_for_ms`), and with --nats-ready-grace-secs a worker down for longer fails readiness too. The body also names the served model", None, None, "200", any.clone())},
             "/metrics": {"get": op("Prometheus metrics, among them the cascade's safeguard_pipeline_skip_rate and safeguard_pipeline_escalation_rate{stage}, safeguard_review_agreement_rate (reviews of items the model left undecided are apart, in safeguard_reviews_decided{model=\"undecided\"}), per item safeguard_reasoning_tokens_per_item, safeguard_cost_per_item, safeguard_latency_per_item_seconds, and per policy and effort safeguard_prompts_total, safeguard_prompt_tokens_total, safeguard_prompt_latency_seconds, safeguard_prompt_cost_estimate", None, None, "200", json!({"type": "string"}))},
             "/openapi.json": {"get": op("This document", None, None, "200", any.clone())},
             "/v1/policies": {
@@ -112,7 +112,7 @@ pub(crate) fn document() -> Value {
             "/v1/policies/{name}/activate": {"parameters": [path_param("name")],
                 "post": op("Point a name at a stored version", Some("policies:write"),
                            Some(json!({"type": "object", "required": ["hash"], "properties": {"hash": {"type": "string"}}})), "200", any.clone())},
-            "/v1/classify": {"post": op("Classify content under policies; the decision is stored (one record per item). Without an effort it goes through the cascade (triage → low → high → a person; 429 with Retry-After when the reasoning budget is spent); with an effort or route=direct it reasons once. Every route that reasons (classify, batch, moderate, moderations, chat, replay, appeal) answers 429 with Retry-After while the reasoning budget is spent; jobs wait queued instead", Some("classify"), Some(classify.clone()), "200", decision.clone())},
+            "/v1/classify": {"post": op("Classify content under policies; the decision is stored (one record per item). Without an effort it goes through the cascade (triage → low → high → a person; 429 with Retry-After when the reasoning budget is spent), unless the server runs with --classify-route direct; with an effort or route=direct it reasons once (at the server's --effort when none is given). The Server-Timing header has policy, cascade, store through the cascade and policy, reason, store on the direct route. Every route that reasons (classify, batch, moderate, moderations, chat, replay, appeal) answers 429 with Retry-After while the reasoning budget is spent; jobs wait queued instead", Some("classify"), Some(classify.clone()), "200", decision.clone())},
             "/v1/moderate": {"post": op("The cascade's own view: per-policy routes, stages and every reasoning step, stored as one decision per item (source cascade:<stage that settled it>, every stage on the record); 429 with Retry-After over the reasoning budget", Some("classify"),
                 Some(json!({"allOf": [classify.clone(), {"type": "object", "properties": {"appeal": {"type": "boolean"}}}]})),
                 "200", json!({"type": "object", "properties": {"outcome": {"enum": ["allow", "violation", "needs_review"]},
@@ -122,7 +122,7 @@ pub(crate) fn document() -> Value {
                 Some(json!({"allOf": [classify.clone(), {"type": "object", "required": ["items"], "properties": {"items": {"type": "array"}}}]})),
                 "200", json!({"type": "object", "properties": {"results": {"type": "array", "items": decision.clone()}}}))},
             "/v1/jobs": {"post": {
-                "summary": "Queue a classification; persisted before the 202. Header Idempotency-Key makes retries safe.",
+                "summary": "Queue a classification; persisted before the 202. Header Idempotency-Key makes retries safe; a key is unique among the jobs of the client (API key name) that submits it.",
                 "parameters": [{"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string"}}],
                 "security": [{"bearer": ["classify"]}],
                 "requestBody": {"required": true, "content": {"application/json": {"schema": classify}}},
@@ -130,7 +130,7 @@ pub(crate) fn document() -> Value {
                               "200": {"description": "same Idempotency-Key: the existing job"},
                               "409": {"$ref": "#/components/responses/Error"}}}},
             "/v1/jobs/{id}": {"parameters": [path_param("id")],
-                "get": op("A job; outcome is pending until decided", Some("classify"), None, "200", json!({"$ref": "#/components/schemas/Job"}))},
+                "get": op("A job; outcome is pending until decided. Only the client (API key name) that submitted it, or a key with the review scope, reads it; for others it is 404", Some("classify"), None, "200", json!({"$ref": "#/components/schemas/Job"}))},
             "/v1/decisions": {"get": {
                 "summary": "List stored decisions, newest first", "security": [{"bearer": ["review"]}, {"bearer": ["audit"]}],
                 "description": "Requires the `review` or `audit` scope (or `admin`).",
@@ -154,7 +154,7 @@ pub(crate) fn document() -> Value {
                 "200", any.clone())},
             "/v1/models": {"get": op("The served model", Some("classify"), None, "200", any.clone())},
             "/v1/decisions/{id}/appeal": {"parameters": [path_param("id")],
-                "post": op("Appeal a stored decision: the item is reasoned about again at high effort under the same policy versions, then queued for a person (kind appeal) whatever the model says; 429 with Retry-After over the reasoning budget", Some("classify"),
+                "post": op("Appeal a stored decision: the item is reasoned about again at high effort under the same policy versions, then queued for a person (kind appeal) whatever the model says; 429 with Retry-After over the reasoning budget. Only the client (API key name) that submitted the decision may appeal it, or a key with the review scope (decisions from the bus, a keyless server or before this was recorded have no owner); for others it is 404", Some("classify"),
                     Some(json!({"type": "object", "properties": {"reason": {"type": "string", "description": "why the decision is appealed, shown to the reviewer"}}})),
                     "200", any.clone())},
             "/v1/reviews": {"get": {
@@ -174,7 +174,7 @@ pub(crate) fn document() -> Value {
                         "reviewer": {"type": "string"}}})),
                     "200", any.clone())},
             "/review": {"get": op("The review page (HTML): the queue, each item with its content, verdicts and reasoning, cited rules linked to the policy text; keyboard shortcuts. Signs in with an API key of scope review", None, None, "200", json!({"type": "string"}))},
-            "/v1/stats/prompts": {"get": op("Cost and latency per policy and effort since the server started, from every prompt any path sent to the model (chat completions as policy \"(chat)\"): prompts, failures, tokens (uncached prompt, cached prompt, completion), cost estimate (--cost-per-1k-tokens), latency mean/p50/p95/max (p50 and p95 at the /metrics bucket bounds). The same figures are on /metrics", Some("review"), None, "200", any)},
+            "/v1/stats/prompts": {"get": any_scope(op("Cost and latency per policy and effort since the server started, from every prompt any path sent to the model (chat completions as policy \"(chat)\"): prompts, failures, tokens (uncached prompt, cached prompt, completion), cost estimate (--cost-per-1k-tokens), latency mean/p50/p95/max (p50 and p95 at the /metrics bucket bounds). The same figures are on /metrics", None, None, "200", any), &["review", "audit"])},
         }
     })
 }

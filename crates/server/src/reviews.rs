@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::auth::Caller;
-use crate::classify::{Settings, count_decision, decision_reply};
+use crate::classify::{Origin, Settings, count_decision, decision_reply};
 use crate::decisions::record_reply;
 use crate::error::{ApiError, ApiJson};
 use crate::policies::stored_policy;
@@ -379,7 +379,14 @@ pub(crate) async fn appeal(
     } else {
         serde_json::from_slice(&body).map_err(|e| ApiError::bad("invalid_json", format!("appeal body: {e}")))?
     };
-    let original = state.store.get_decision(&id).await?.ok_or_else(|| ApiError::NotFound(format!("decision {id}")))?;
+    // Another client's decision answers as a missing one: its verdicts are not this caller's to read, nor its
+    // reasoning budget theirs to spend.
+    let original = state
+        .store
+        .get_decision(&id)
+        .await?
+        .filter(|decision| caller.may_act_for(decision.submitted_by.as_deref()))
+        .ok_or_else(|| ApiError::NotFound(format!("decision {id}")))?;
     // Looked up before reasoning, so a retry neither pays for the model again nor waits for it.
     if let Some(existing) = state.store.appeal_of(&id).await? {
         return existing_appeal(&state, &id, &existing).await;
@@ -388,7 +395,7 @@ pub(crate) async fn appeal(
     let settings = Settings { effort: Effort::High, mode: safeguard_core::Mode::Separate, max_tokens: None };
     let reason = format!("appeal of {id}: {}", body.reason.as_deref().unwrap_or("appeal"));
     let (decision, mut record, reasoning, elapsed) =
-        crate::classify::reason_one(&state, &policies, &content, &settings, "appeal").await?;
+        crate::classify::reason_one(&state, &policies, &content, &settings, Origin::of(&caller, "appeal")).await?;
     // The link a retry finds the appeal by.
     record.replay_of = Some(id.clone());
     // One review, the appeal, whatever the model said: a second "undecided" review of the same item would be

@@ -274,8 +274,9 @@ async fn deliver(state: &AppState, delivery: Delivery) {
         Err(err) => (false, None, Some(with_causes(&err))),
     };
     let attempts = delivery.attempts + 1;
-    let retry_at = (!delivered && attempts < state.config.webhook_max_attempts).then(|| {
-        let backoff = state.config.webhook_backoff.as_millis() as i64 * (1i64 << attempts.min(20));
+    let retry_at = (!delivered && attempts < i64::from(state.config.webhook_max_attempts)).then(|| {
+        // The first wait is the backoff itself, then it doubles.
+        let backoff = state.config.webhook_backoff.as_millis() as i64 * (1i64 << (attempts - 1).clamp(0, 20));
         now_ms() + backoff.min(3_600_000)
     });
     metrics::counter!("safeguard_webhook_attempts_total", "result" => if delivered { "delivered" } else { "failed" })

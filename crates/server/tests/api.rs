@@ -504,6 +504,59 @@ async fn a_job_cut_off_by_shutdown_is_handed_back_without_spending_an_attempt() 
     assert_eq!((stored.status, stored.attempts), (safeguard_store::JobStatus::Pending, 0), "{stored:?}");
 }
 
+/// Starts a classify request that reasons for as long as the reasoner lets it, and waits until it is reasoning.
+async fn request_reasoning_for_minutes(h: &Harness) -> tokio::task::JoinHandle<()> {
+    let key = h.key(&["classify"]).await;
+    let body = json!({"text": "SLOW", "policies": ["spam"], "effort": "low"});
+    let request = h.http.post(format!("{}/v1/classify", h.base)).bearer_auth(&key).json(&body);
+    let in_flight = tokio::spawn(async move {
+        let _ = request.send().await;
+    });
+    for _ in 0..200 {
+        if h.reasoner.calls.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(h.reasoner.calls.load(Ordering::SeqCst) > 0, "the request never reached the model");
+    in_flight
+}
+
+/// The drain's deadline runs from the signal for requests too: one still reasoning does not keep the process up
+/// past it (and with it the jobs' hand-back past the orchestrator's kill).
+#[tokio::test]
+async fn a_request_still_reasoning_does_not_hold_shutdown_past_the_drain() {
+    let mut h = Harness::start(|c| {
+        c.drain_timeout = Duration::from_millis(300);
+        c.reason_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let in_flight = request_reasoning_for_minutes(&h).await;
+    let server = h.server.take().unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(30), server.shutdown()).await;
+    assert!(matches!(stopped, Ok(Ok(()))), "shutdown waited on a request past the drain: {stopped:?}");
+    in_flight.abort();
+}
+
+/// A second signal ends a long drain at once.
+#[tokio::test]
+async fn hurrying_ends_the_drain_at_once() {
+    let mut h = Harness::start(|c| {
+        c.drain_timeout = Duration::from_secs(600);
+        c.reason_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let in_flight = request_reasoning_for_minutes(&h).await;
+    let server = h.server.take().unwrap();
+    let (shutdown, hurry) = (server.shutdown_token(), server.hurry_token());
+    shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    hurry.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(30), server.wait()).await;
+    assert!(matches!(stopped, Ok(Ok(()))), "a hurried shutdown still waited: {stopped:?}");
+    in_flight.abort();
+}
+
 #[tokio::test]
 async fn openai_moderations_and_chat_shapes() {
     let h = Harness::start(|c| c.moderation_policies = vec!["spam".into()]).await;
@@ -928,7 +981,7 @@ async fn a_job_waits_out_a_store_error_instead_of_failing() {
                          "settings": {"effort": "low", "mode": "separate", "max_tokens": null}});
 
     rename_table(&h.store, "policies", "policies_away").await;
-    let new = safeguard_store::NewJob { request, idempotency_key: None, webhook_url: None };
+    let new = safeguard_store::NewJob { request, idempotency_key: None, webhook_url: None, submitted_by: None };
     let (job, _) = h.store.enqueue_job(&new).await.unwrap();
     // Handed back at least once: pending again, but touched since it was queued.
     let mut seen = None;
@@ -973,7 +1026,12 @@ async fn a_failed_job_reaches_the_review_queue_and_its_webhook() {
     ];
     let mut ids = Vec::new();
     for request in requests {
-        let new = safeguard_store::NewJob { request, idempotency_key: None, webhook_url: Some(hook.clone()) };
+        let new = safeguard_store::NewJob {
+            request,
+            idempotency_key: None,
+            webhook_url: Some(hook.clone()),
+            submitted_by: None,
+        };
         ids.push(h.store.enqueue_job(&new).await.unwrap().0.id);
     }
     let mut decision_ids = Vec::new();
@@ -1039,7 +1097,7 @@ async fn webhooks_reach_internal_addresses_only_when_let_in() {
     let request = json!({"content": {"kind": "text", "text": "BUY NOW"}, "policy_hashes": [spam["hash"]],
                          "settings": {"effort": "low", "mode": "separate", "max_tokens": null}});
     let hook = Some(format!("http://127.0.0.1:{port}/hook"));
-    let new = safeguard_store::NewJob { request, idempotency_key: None, webhook_url: hook };
+    let new = safeguard_store::NewJob { request, idempotency_key: None, webhook_url: hook, submitted_by: None };
     let (job, _) = h.store.enqueue_job(&new).await.unwrap();
     let id = job.id.as_str();
     let done = poll_job(&h, &key, id, |j| j["status"] == "done" || j["status"] == "failed").await;
@@ -1131,7 +1189,12 @@ async fn a_job_that_keeps_killing_its_workers_goes_to_a_person() {
     // queued first, runs out soon, so that the other job can be claimed meanwhile).
     let mut jobs = Vec::new();
     for leases in [&[-1, 500][..], &[-1, -1, -1]] {
-        let new = safeguard_store::NewJob { request: request.clone(), idempotency_key: None, webhook_url: None };
+        let new = safeguard_store::NewJob {
+            request: request.clone(),
+            idempotency_key: None,
+            webhook_url: None,
+            submitted_by: None,
+        };
         let (job, _) = store.enqueue_job(&new).await.unwrap();
         for lease in leases {
             assert_eq!(store.claim_job(*lease).await.unwrap().unwrap().id, job.id);
@@ -1513,7 +1576,7 @@ async fn items_whose_policies_define_no_rules_can_be_decided_citing_none() {
                "settings": {"effort": "low", "mode": "separate", "max_tokens": null}}),
         json!({"content": {"kind": "text", "text": "hello"}, "policy_hashes": "not a list"}),
     ] {
-        let new = safeguard_store::NewJob { request, idempotency_key: None, webhook_url: None };
+        let new = safeguard_store::NewJob { request, idempotency_key: None, webhook_url: None, submitted_by: None };
         let id = h.store.enqueue_job(&new).await.unwrap().0.id;
         let failed = poll_job(&h, &key, &id, |j| j["status"] == "failed").await;
         let review = review_of(failed["decision_id"].as_str().unwrap().to_string()).await;
@@ -1560,4 +1623,66 @@ async fn an_appeal_is_made_once_per_decision() {
     assert_eq!(status, 200, "{decided}");
     let (status, later) = h.call("POST", &path, Some(&key), None).await;
     assert_eq!((status, &later["review_id"]), (200, &first["review_id"]), "{later}");
+}
+
+/// A decision and a job belong to the client (key name) that submitted them. Another client's key may not appeal
+/// the decision (it would read its verdicts and spend reasoning on it) nor read the job; both answer as missing.
+/// A key rotated under the same name keeps them, a reviewer may act for anyone, and an Idempotency-Key is each
+/// client's own numbering.
+#[tokio::test]
+async fn decisions_and_jobs_belong_to_the_key_that_submitted_them() {
+    let h = Harness::start(|_| {}).await;
+    let classify = ["classify".to_string()];
+    let (_, owner) = h.store.create_api_key("shop", &classify).await.unwrap();
+    let owner_id = "shop";
+    let (_, other) = h.store.create_api_key("forum", &classify).await.unwrap();
+    let reviewer = h.key(&["classify", "review"]).await;
+    let auditor = h.key(&["audit"]).await;
+
+    let (_, original) =
+        h.call("POST", "/v1/classify", Some(&owner), Some(json!({"text": "hello", "policies": ["spam"]}))).await;
+    let id = original["decision_id"].as_str().unwrap();
+    let (_, stored) = h.call("GET", &format!("/v1/decisions/{id}"), Some(&auditor), None).await;
+    assert_eq!(stored["submitted_by"], owner_id, "{stored}");
+
+    let path = format!("/v1/decisions/{id}/appeal");
+    let calls = h.reasoner.calls.load(Ordering::SeqCst);
+    let (status, refused) = h.call("POST", &path, Some(&other), None).await;
+    assert_eq!(status, 404, "another client's key appealed: {refused}");
+    assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), calls, "a refused appeal asked the model");
+    let (status, appeal) = h.call("POST", &path, Some(&owner), None).await;
+    assert_eq!(status, 200, "{appeal}");
+    let appeal_id = appeal["decision"]["decision_id"].as_str().unwrap();
+    let (_, appealed) = h.call("GET", &format!("/v1/decisions/{appeal_id}"), Some(&auditor), None).await;
+    assert_eq!(appealed["submitted_by"], owner_id, "{appealed}");
+    let (status, repeated) = h.call("POST", &path, Some(&reviewer), None).await;
+    assert_eq!((status, repeated["repeated"].as_bool()), (200, Some(true)), "a reviewer acts for anyone: {repeated}");
+
+    let submit = |key: &str, text: &str| {
+        let request = h
+            .http
+            .post(format!("{}/v1/jobs", h.base))
+            .bearer_auth(key)
+            .header("Idempotency-Key", "order-1")
+            .json(&json!({"text": text, "policies": ["spam"]}));
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, mine) = submit(&owner, "BUY NOW").await;
+    assert_eq!(status, 202, "{mine}");
+    let (status, theirs) = submit(&other, "a different post").await;
+    assert_eq!(status, 202, "one client's Idempotency-Key collided with another's: {theirs}");
+    assert_ne!(mine["id"], theirs["id"]);
+    let job = mine["id"].as_str().unwrap();
+    let (status, peeked) = h.call("GET", &format!("/v1/jobs/{job}"), Some(&other), None).await;
+    assert_eq!(status, 404, "another client's key read the job: {peeked}");
+    let done = poll_job(&h, &owner, job, |j| j["status"] == "done").await;
+    assert_eq!(done["decision"]["submitted_by"], owner_id, "{done}");
+    let (status, _) = h.call("GET", &format!("/v1/jobs/{job}"), Some(&reviewer), None).await;
+    assert_eq!(status, 200);
+    let (_, rotated) = h.store.create_api_key("shop", &classify).await.unwrap();
+    let (status, _) = h.call("GET", &format!("/v1/jobs/{job}"), Some(&rotated), None).await;
+    assert_eq!(status, 200, "a key rotated under the client's name lost its jobs");
 }

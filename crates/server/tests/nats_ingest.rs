@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use safeguard_core::{EmbeddedConfig, EmbeddedReasoner, Reasoner};
+use async_trait::async_trait;
+use safeguard_core::{EmbeddedConfig, EmbeddedReasoner, ReasonError, ReasonOutput, ReasonRequest, Reasoner};
 use safeguard_engine::EngineConfig;
 use safeguard_engine::llama::LlamaEngine;
 use safeguard_pipeline::RoutingConfig;
@@ -23,6 +24,9 @@ mod nats_support;
 use nats_support::{URL, delete_streams, nats_up, published};
 
 const ADMIN: &str = "nats-admin";
+
+/// The metrics are the process's: a test that queues a review while another counts them would skew its count.
+static QUEUES_REVIEWS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// A binary policy whose triage rules deny "free bitcoin" and allow "happy birthday".
 const POLICY: &str = include_str!("fixtures/promo_policy.md");
@@ -39,6 +43,15 @@ async fn start(store: Store, reasoner: Arc<dyn Reasoner>, nats: NatsConfig) -> (
     let server = Server::start(config, reasoner, store).await.unwrap();
     let base = format!("http://{}", server.addr);
     (server, base)
+}
+
+/// `safeguard_reviews_queued_total{kind="review"}`: the process's, shared by every test here.
+async fn reviews_queued(http: &reqwest::Client, base: &str) -> u64 {
+    let metrics = http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("safeguard_reviews_queued_total{kind=\"review\"} "))
+        .map_or(0, |count| count.trim().parse().unwrap())
 }
 
 async fn get(http: &reqwest::Client, url: String) -> Value {
@@ -64,6 +77,7 @@ async fn nats_events_are_decided_stored_once_and_survive_a_server_crash() {
         eprintln!("skipped: NATS is not reachable at {URL} (bash scripts/setup.sh starts it)");
         return;
     }
+    let _counting = QUEUES_REVIEWS.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny.gguf");
     safeguard_gguf::write_tiny_model(&model, &safeguard_gguf::TinyConfig::with_seed(11)).unwrap();
@@ -78,6 +92,7 @@ async fn nats_events_are_decided_stored_once_and_survive_a_server_crash() {
 
     let http = reqwest::Client::new();
     let (server, base) = start(store.clone(), reasoner.clone(), nats.clone()).await;
+    let queued_before = reviews_queued(&http, &base).await;
     let response = http.post(format!("{base}/v1/policies")).bearer_auth(ADMIN).json(&json!({"text": POLICY})).send();
     assert!(response.await.unwrap().status().is_success());
 
@@ -160,7 +175,7 @@ async fn nats_events_are_decided_stored_once_and_survive_a_server_crash() {
     let metrics = http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("safeguard_items_total{route=\"nats\"}"), "{metrics}");
     // Counted once each, whichever server stored them and however often their events came back.
-    assert!(metrics.contains("safeguard_reviews_queued_total{kind=\"review\"} 3\n"), "{metrics}");
+    assert_eq!(reviews_queued(&http, &base).await - queued_before, 3, "{metrics}");
 
     // A person's decision ends the hold: it is published on the item's decision subject as `reviewed`.
     let decision_id = decisions["model-3"][0]["id"].as_str().unwrap();
@@ -237,4 +252,139 @@ async fn nats_events_are_decided_stored_once_and_survive_a_server_crash() {
 
     server.shutdown().await.unwrap();
     delete_streams(&producer).await;
+}
+
+/// Panics on content holding "PANIC", as a reasoner with a bug might; answers "0" (allowed) otherwise.
+struct Panicky;
+
+#[async_trait]
+impl Reasoner for Panicky {
+    fn model_id(&self) -> String {
+        "panicky".into()
+    }
+
+    async fn reason(&self, req: ReasonRequest) -> Result<ReasonOutput, ReasonError> {
+        if safeguard_harmony::user_message_text(&req.content).contains("PANIC") {
+            panic!("a bug in the reasoner");
+        }
+        Ok(ReasonOutput { final_text: Some("0".into()), final_token_prob: Some(0.99), ..ReasonOutput::default() })
+    }
+}
+
+/// A panic while deciding one event used to unwind through the worker and end it for good: the event came back
+/// after `ack_wait` and took down the next server's worker too, and `/readyz` stayed green throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_whose_deciding_panics_goes_to_a_person_and_the_worker_carries_on() {
+    if !nats_up() {
+        eprintln!("skipped: NATS is not reachable at {URL} (bash scripts/setup.sh starts it)");
+        return;
+    }
+    let _counting = QUEUES_REVIEWS.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(&dir.path().join("db.sqlite")).await.unwrap();
+    let mut nats = NatsConfig::new(URL, format!("sgpanic{}", &uuid::Uuid::new_v4().simple().to_string()[..10]));
+    nats.ack_wait = Duration::from_secs(2);
+    nats.batch = 1;
+    let http = reqwest::Client::new();
+    let (server, base) = start(store.clone(), Arc::new(Panicky), nats.clone()).await;
+    let response = http.post(format!("{base}/v1/policies")).bearer_auth(ADMIN).json(&json!({"text": POLICY})).send();
+    assert!(response.await.unwrap().status().is_success());
+
+    let producer = Bus::connect(nats.clone()).await.unwrap();
+    producer.publish_content("doomed", &json!({"id": "doomed", "text": "PANIC in the reasoner"})).await.unwrap();
+    producer.publish_content("after", &json!({"id": "after", "text": "see you at lunch"})).await.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let decisions = loop {
+        let decisions = stored(&http, &base).await;
+        if decisions.len() == 2 {
+            break decisions;
+        }
+        assert!(Instant::now() < deadline, "decided only {:?}", decisions.keys().collect::<Vec<_>>());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let doomed = &decisions["doomed"];
+    assert_eq!(doomed.len(), 1, "{doomed:?}");
+    assert_eq!(doomed[0]["outcome"], "needs_review", "{}", doomed[0]);
+    assert_eq!(doomed[0]["source"], "nats:human_review", "{}", doomed[0]);
+    let after = &decisions["after"];
+    assert_eq!(
+        (after.len(), &after[0]["outcome"]),
+        (1, &json!("allow")),
+        "the same worker decided the next: {after:?}"
+    );
+
+    let queue = get(&http, format!("{base}/v1/reviews?limit=100")).await;
+    let reviews = queue["reviews"].as_array().unwrap();
+    assert_eq!(reviews.len(), 1, "{queue}");
+    assert_eq!(reviews[0]["decision_id"], doomed[0]["id"], "{queue}");
+    let reason = reviews[0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("deciding the item panicked"), "{reason}");
+    let events = published(&producer).await;
+    let decided: Vec<&DecisionEvent> = events["doomed"].iter().filter(|e| e.status == EventStatus::Decided).collect();
+    assert_eq!(decided.len(), 1, "the producer is told: {decided:?}");
+    assert_eq!(serde_json::to_value(decided[0].decision.as_ref().unwrap().outcome).unwrap(), "needs_review");
+
+    let ready = http.get(format!("{base}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 200);
+    let ready: Value = ready.json().await.unwrap();
+    assert_eq!(ready["nats"]["serving"], true, "{ready}");
+
+    // Settled and acked: the event does not come back to be decided (and to panic) again.
+    tokio::time::sleep(nats.ack_wait + Duration::from_millis(500)).await;
+    assert_eq!(stored(&http, &base).await["doomed"].len(), 1);
+    server.shutdown().await.unwrap();
+    delete_streams(&producer).await;
+}
+
+/// `/readyz` used to look at the database alone: a server whose NATS worker never got going stayed ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_fails_once_the_nats_worker_has_been_down_past_its_grace() {
+    // A port nothing listens on: the worker can never connect.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(&dir.path().join("db.sqlite")).await.unwrap();
+    let grace = Duration::from_millis(1_500);
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_key: Some(ADMIN.into()),
+        nats: Some(NatsIngest::new(NatsConfig::new(format!("nats://{closed}"), "sgclosed"))),
+        nats_ready_grace: Some(grace),
+        ..ServerConfig::default()
+    };
+    let started = Instant::now();
+    let server = Server::start(config, Arc::new(Panicky), store).await.unwrap();
+    let base = format!("http://{}", server.addr);
+    let http = reqwest::Client::new();
+    let readyz = || async {
+        let response = http.get(format!("{base}/readyz")).send().await.unwrap();
+        (response.status().as_u16(), response.json::<Value>().await.unwrap())
+    };
+
+    let (status, body) = readyz().await;
+    if started.elapsed() < grace {
+        assert_eq!(status, 200, "within the grace a worker may still be connecting: {body}");
+        assert_eq!(body["nats"]["serving"], false, "{body}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        let (status, body) = readyz().await;
+        if status == 503 {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "still ready with the worker down: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(started.elapsed() >= grace, "not before the grace ran out");
+    assert_eq!(
+        (&body["ready"], &body["database"], &body["nats"]["serving"]),
+        (&json!(false), &json!(true), &json!(false))
+    );
+    let why = body["why"][0].as_str().unwrap_or_default();
+    assert!(why.contains("NATS worker"), "{body}");
+
+    // Health is not readiness: the process is alive.
+    let health = http.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    server.shutdown().await.unwrap();
 }

@@ -28,6 +28,7 @@ fn record(id: String) -> DecisionRecord {
         source: "api".into(),
         job_id: None,
         replay_of: None,
+        submitted_by: None,
     }
 }
 

@@ -36,6 +36,9 @@ pub struct DecisionRecord {
     pub source: String,
     pub job_id: Option<String>,
     pub replay_of: Option<String>,
+    /// The id of the API key that submitted the item; `None` where no key was asked for (the bus, a keyless
+    /// server, decisions stored before this was recorded).
+    pub submitted_by: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -52,10 +55,10 @@ pub struct DecisionFilter {
 
 const COLUMNS: &str = "id, created_at, policy_hashes, policy_names, model_id, effort, prompt_hash, sampling, content, \
     verdicts, outcome, failure_reason, timings, prompt_tokens, cached_prompt_tokens, completion_tokens, source, job_id, \
-    replay_of";
+    replay_of, submitted_by";
 
 /// Values bound per row of `decisions`, in `COLUMNS` order ([`decision_values`]).
-const DECISION_VALUES: usize = 19;
+const DECISION_VALUES: usize = 20;
 
 /// `$n, $n+1, …` for `count` values, advancing `next` past them.
 fn placeholders(next: &mut usize, count: usize) -> String {
@@ -115,6 +118,7 @@ pub(crate) fn decision_values(decision: &DecisionRecord) -> [ColumnValue<'_>; DE
         Text(&decision.source),
         OptionalText(decision.job_id.as_deref()),
         OptionalText(decision.replay_of.as_deref()),
+        OptionalText(decision.submitted_by.as_deref()),
     ]
 }
 
@@ -160,6 +164,7 @@ fn row_to_decision(row: &AnyRow) -> Result<DecisionRecord> {
         source: row.try_get("source")?,
         job_id: row.try_get("job_id")?,
         replay_of: row.try_get("replay_of")?,
+        submitted_by: row.try_get("submitted_by")?,
     })
 }
 

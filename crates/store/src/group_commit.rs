@@ -194,8 +194,19 @@ async fn run(
     }
 }
 
-/// Writes `rows` in one transaction on a pooled connection.
+/// How long one commit may take before its callers hear that its outcome is unknown. A connection whose packets
+/// vanish (no reply, no reset) would otherwise hold the one writer, and every insert queued behind it, until the
+/// kernel gives up on the TCP connection: about 15 minutes.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Writes `rows` in one transaction on a pooled connection, or gives up after [`COMMIT_TIMEOUT`].
 async fn write(pool: &AnyPool, backend: Backend, rows: &[(&DecisionRecord, Option<&[String]>)]) -> Result<()> {
+    tokio::time::timeout(COMMIT_TIMEOUT, write_now(pool, backend, rows))
+        .await
+        .unwrap_or(Err(StoreError::CommitTimedOut(COMMIT_TIMEOUT)))
+}
+
+async fn write_now(pool: &AnyPool, backend: Backend, rows: &[(&DecisionRecord, Option<&[String]>)]) -> Result<()> {
     if backend == Backend::Sqlite {
         return insert_decisions_sqlite(&mut pool.acquire().await?, rows).await;
     }

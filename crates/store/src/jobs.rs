@@ -43,11 +43,15 @@ pub struct NewJob {
     pub request: serde_json::Value,
     pub idempotency_key: Option<String>,
     pub webhook_url: Option<String>,
+    /// The client (API key name) that submitted the job; its idempotency key is unique among that client's jobs
+    /// only.
+    pub submitted_by: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct JobRecord {
     pub id: String,
+    /// As stored: scoped by the submitter ([`scoped_idempotency_key`]).
     pub idempotency_key: Option<String>,
     pub status: JobStatus,
     pub request: serde_json::Value,
@@ -61,6 +65,7 @@ pub struct JobRecord {
     pub webhook_url: Option<String>,
     pub created_at: i64,
     pub updated_at: i64,
+    pub submitted_by: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -72,7 +77,7 @@ pub struct QueueDepth {
 }
 
 const COLUMNS: &str = "id, idempotency_key, status, request, attempts, lease_token, locked_until, result_decision_id, \
-    error, webhook_url, created_at, updated_at";
+    error, webhook_url, created_at, updated_at, submitted_by";
 
 fn row_to_job(row: &AnyRow) -> Result<JobRecord> {
     Ok(JobRecord {
@@ -88,24 +93,39 @@ fn row_to_job(row: &AnyRow) -> Result<JobRecord> {
         webhook_url: row.try_get("webhook_url")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+        submitted_by: row.try_get("submitted_by")?,
     })
 }
 
+/// An Idempotency-Key as stored: the submitter's name and the key, so two clients that number their requests
+/// alike never meet. The column stays unique on its own (see migration 0005), and jobs without an owner keep the
+/// bare key, as before that migration. A name with a colon in it cannot pose as another's: the scoped key starts
+/// with the length of the name.
+pub fn scoped_idempotency_key(submitted_by: Option<&str>, key: &str) -> String {
+    match submitted_by {
+        Some(owner) => format!("{}:{owner}:{key}", owner.len()),
+        None => key.to_string(),
+    }
+}
+
 impl Store {
-    /// Persists a job. With an idempotency key that is already stored, returns the existing job and `false`.
+    /// Persists a job. With an idempotency key its submitter already used, returns the existing job and `false`.
     #[tracing::instrument(skip_all)]
     pub async fn enqueue_job(&self, job: &NewJob) -> Result<(JobRecord, bool)> {
         let id = new_id();
         let now = now_ms();
+        let idempotency_key =
+            job.idempotency_key.as_deref().map(|key| scoped_idempotency_key(job.submitted_by.as_deref(), key));
         let inserted = sqlx::query(sql!(
-            "INSERT INTO jobs ({COLUMNS}) VALUES ($1, $2, 'pending', $3, 0, NULL, NULL, NULL, NULL, $4, $5, $5) \
+            "INSERT INTO jobs ({COLUMNS}) VALUES ($1, $2, 'pending', $3, 0, NULL, NULL, NULL, NULL, $4, $5, $5, $6) \
              ON CONFLICT (idempotency_key) DO NOTHING"
         ))
         .bind(&id)
-        .bind(job.idempotency_key.as_deref())
+        .bind(idempotency_key.as_deref())
         .bind(to_json(&job.request))
         .bind(job.webhook_url.as_deref())
         .bind(now)
+        .bind(job.submitted_by.as_deref())
         .execute(&self.pool)
         .await?
         .rows_affected()
@@ -114,7 +134,7 @@ impl Store {
             self.get_job(&id).await?
         } else {
             let row = sqlx::query(sql!("SELECT {COLUMNS} FROM jobs WHERE idempotency_key = $1"))
-                .bind(job.idempotency_key.as_deref())
+                .bind(idempotency_key.as_deref())
                 .fetch_optional(&self.pool)
                 .await?;
             row.as_ref().map(row_to_job).transpose()?

@@ -1,8 +1,14 @@
 //! Durable storage on SQLite or PostgreSQL: policies, decisions, jobs, reviews, keys.
 //!
-//! One code path serves both databases through sqlx's `Any` driver: every statement is portable SQL with
-//! `$N` placeholders (SQLite accepts them too), times are unix milliseconds, JSON is stored as text. The only
-//! dialect switch is `FOR UPDATE SKIP LOCKED` when claiming jobs on PostgreSQL.
+//! Both databases share one code path through sqlx's `Any` driver where they can: statements are portable SQL
+//! with `$N` placeholders (SQLite accepts them too), times are unix milliseconds, JSON is stored as text.
+//! Where they differ, the code says which it is on:
+//! - on a SQLite file, decisions are committed by the inserting callers themselves on one rusqlite connection
+//!   (`sqlite_commit.rs`), and a batch of decisions stored together is one multi-statement query (`decisions.rs`);
+//! - SQLite transactions that write take the write lock up front with `BEGIN IMMEDIATE` (those batches,
+//!   migrations in `migrate.rs`, appeals in `reviews.rs`);
+//! - PostgreSQL claims jobs and webhook deliveries with `FOR UPDATE SKIP LOCKED`, locks an appealed decision
+//!   `FOR UPDATE`, and serialises migrations with an advisory lock.
 
 /// Dynamic SQL in this crate is only ever assembled from our own constants (column lists, dialect switches),
 /// never from input; input always travels as bound parameters.
@@ -35,7 +41,7 @@ use sqlite_commit::SqliteWriter;
 
 pub use decisions::{DecisionFilter, DecisionRecord, DecisionToStore};
 pub use group_commit::{GroupCommit, GroupCommitStats};
-pub use jobs::{JobRecord, JobStatus, NewJob, QueueDepth};
+pub use jobs::{JobRecord, JobStatus, NewJob, QueueDepth, scoped_idempotency_key};
 pub use keys::{ApiKeyRecord, hash_api_key};
 pub use policies::StoredPolicy;
 pub use reviews::{NewReview, QueuedReview, ReviewDecision, ReviewRecord, ReviewStats};
@@ -61,6 +67,8 @@ pub enum StoreError {
     PolicyNameMismatch { hash: String, actual: String, requested: String },
     #[error("the decision writer stopped before confirming the write; the decision may or may not be stored")]
     WriterStopped,
+    #[error("the database did not confirm the write within {0:?}; the decision may or may not be stored")]
+    CommitTimedOut(std::time::Duration),
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("cannot open the SQLite decision writer's connection to {0}")]

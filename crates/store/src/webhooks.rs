@@ -116,6 +116,33 @@ impl Store {
         Ok(recorded.rows_affected() > 0)
     }
 
+    /// Deliveries that were given up on, the most recently failed first.
+    pub async fn failed_deliveries(&self, limit: i64) -> Result<Vec<Delivery>> {
+        let rows = sqlx::query(sql!(
+            "SELECT {COLUMNS} FROM webhook_deliveries WHERE status = 'failed' ORDER BY updated_at DESC, id LIMIT $1"
+        ))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(row_to_delivery).collect()
+    }
+
+    /// Puts failed deliveries (all, or one job's) back in the queue, due now and with a fresh run of attempts, for
+    /// a receiver that was down longer than the retries lasted. A running server's sender takes them from there.
+    /// Returns how many.
+    pub async fn retry_failed_deliveries(&self, job_id: Option<&str>) -> Result<u64> {
+        let now = now_ms();
+        let retried = sqlx::query(
+            "UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_at = $1, updated_at = $1 \
+             WHERE status = 'failed' AND ($2 IS NULL OR job_id = $2)",
+        )
+        .bind(now)
+        .bind(job_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(retried.rows_affected())
+    }
+
     pub async fn deliveries_for_job(&self, job_id: &str) -> Result<Vec<Delivery>> {
         let rows = sqlx::query(sql!("SELECT {COLUMNS} FROM webhook_deliveries WHERE job_id = $1 ORDER BY created_at"))
             .bind(job_id)

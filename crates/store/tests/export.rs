@@ -45,6 +45,7 @@ fn decision(id: &str, created_at: i64) -> DecisionRecord {
         source: "api".into(),
         job_id: None,
         replay_of: None,
+        submitted_by: None,
     }
 }
 

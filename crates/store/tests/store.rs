@@ -67,6 +67,7 @@ fn decision(id: &str, outcome: &str, policy: &str, job_id: Option<&str>) -> Deci
         source: "api".into(),
         job_id: job_id.map(str::to_string),
         replay_of: None,
+        submitted_by: None,
     }
 }
 
@@ -507,7 +508,12 @@ async fn jobs_are_idempotent_leased_and_finished_once() {
     for t in stores().await {
         let s = &t.store;
         assert!(!s.has_claimable_job().await.unwrap(), "an empty queue ({})", t.label);
-        let new = NewJob { request: json!({"text": "hi"}), idempotency_key: Some("k1".into()), webhook_url: None };
+        let new = NewJob {
+            request: json!({"text": "hi"}),
+            idempotency_key: Some("k1".into()),
+            webhook_url: None,
+            submitted_by: None,
+        };
         let (job, created) = s.enqueue_job(&new).await.unwrap();
         assert!(created);
         assert!(s.has_claimable_job().await.unwrap(), "a pending job ({})", t.label);
@@ -548,8 +554,10 @@ async fn jobs_are_idempotent_leased_and_finished_once() {
         assert_eq!(s.deliveries_for_job(&job.id).await.unwrap().len(), 1);
 
         // An expired lease (dead worker) is reclaimed, and the dead worker's late finish is refused.
-        let (j2, _) =
-            s.enqueue_job(&NewJob { request: json!({}), idempotency_key: None, webhook_url: None }).await.unwrap();
+        let (j2, _) = s
+            .enqueue_job(&NewJob { request: json!({}), idempotency_key: None, webhook_url: None, submitted_by: None })
+            .await
+            .unwrap();
         let first = s.claim_job(-1).await.unwrap().unwrap();
         assert_eq!(first.id, j2.id);
         assert!(s.has_claimable_job().await.unwrap(), "an expired lease is claimable ({})", t.label);
@@ -588,7 +596,12 @@ async fn a_failed_job_is_queued_for_a_person_and_announced() {
     for t in stores().await {
         let s = &t.store;
         let (job, _) = s
-            .enqueue_job(&NewJob { request: json!({}), idempotency_key: None, webhook_url: Some("http://x/h".into()) })
+            .enqueue_job(&NewJob {
+                request: json!({}),
+                idempotency_key: None,
+                webhook_url: Some("http://x/h".into()),
+                submitted_by: None,
+            })
             .await
             .unwrap();
         let claimed = s.claim_job(60_000).await.unwrap().unwrap();
@@ -670,6 +683,7 @@ async fn concurrent_workers_finish_each_job_exactly_once() {
                     request: json!({"i": i}),
                     idempotency_key: Some(format!("c{i}")),
                     webhook_url: None,
+                    submitted_by: None,
                 })
                 .await
                 .unwrap();
@@ -701,12 +715,39 @@ async fn concurrent_workers_finish_each_job_exactly_once() {
     }
 }
 
+/// An Idempotency-Key is each client's own: another client's "k1" is another job, a client's retry finds its own,
+/// a job without an owner keeps the bare key, and a name with a colon cannot pose as another client's key.
+#[tokio::test]
+async fn idempotency_keys_are_scoped_by_their_client() {
+    for t in stores().await {
+        let s = &t.store;
+        let new = |owner: Option<&str>| NewJob {
+            request: json!({"text": "hi"}),
+            idempotency_key: Some("k1".into()),
+            webhook_url: None,
+            submitted_by: owner.map(str::to_string),
+        };
+        let mut jobs = Vec::new();
+        for owner in [None, Some("shop"), Some("forum"), Some("shop:k1"), Some("shop"), None] {
+            let (job, created) = s.enqueue_job(&new(owner)).await.unwrap();
+            jobs.push((job.id, created, job.submitted_by));
+        }
+        let created: Vec<bool> = jobs.iter().map(|(_, created, _)| *created).collect();
+        assert_eq!(created, [true, true, true, true, false, false], "{}", t.label);
+        assert_eq!((&jobs[4].0, &jobs[5].0), (&jobs[1].0, &jobs[0].0), "{}", t.label);
+        assert_eq!(jobs[1].2.as_deref(), Some("shop"));
+        t.cleanup().await;
+    }
+}
+
 #[tokio::test]
 async fn webhook_deliveries_retry_then_settle() {
     for t in stores().await {
         let s = &t.store;
-        let (job, _) =
-            s.enqueue_job(&NewJob { request: json!({}), idempotency_key: None, webhook_url: None }).await.unwrap();
+        let (job, _) = s
+            .enqueue_job(&NewJob { request: json!({}), idempotency_key: None, webhook_url: None, submitted_by: None })
+            .await
+            .unwrap();
         let claimed = s.claim_job(60_000).await.unwrap().unwrap();
         let hook = NewDelivery { job_id: job.id.clone(), url: "http://x/hook".into(), body: "{\"a\":1}".into() };
         s.finish_job(
@@ -733,6 +774,40 @@ async fn webhook_deliveries_retry_then_settle() {
         assert!(!s.record_delivery_attempt(&d, false, None, Some("timed out"), Some(now_ms())).await.unwrap());
         let settled = &s.deliveries_for_job(&job.id).await.unwrap()[0];
         assert_eq!((settled.status.as_str(), settled.attempts), ("delivered", 2), "{}", t.label);
+        t.cleanup().await;
+    }
+}
+
+/// A delivery given up on stays listed as failed until an operator sends it again: then it is due at once, with a
+/// fresh run of attempts, and only the job asked for (or every failed one) goes back.
+#[tokio::test]
+async fn failed_webhook_deliveries_can_be_sent_again() {
+    for t in stores().await {
+        let s = &t.store;
+        let mut jobs = Vec::new();
+        for i in 0..2 {
+            let new = NewJob { request: json!({"i": i}), idempotency_key: None, webhook_url: None, submitted_by: None };
+            let (job, _) = s.enqueue_job(&new).await.unwrap();
+            let claimed = s.claim_job(60_000).await.unwrap().unwrap();
+            let hook = NewDelivery { job_id: job.id.clone(), url: "http://x/hook".into(), body: format!("{i}") };
+            let record = decision(&format!("dr{i}"), "allow", "p", Some(&job.id));
+            s.finish_job(&job.id, claimed.lease_token.as_deref().unwrap(), &record, None, None, Some(&hook))
+                .await
+                .unwrap();
+            let d = s.claim_delivery(30_000).await.unwrap().expect("due");
+            assert!(s.record_delivery_attempt(&d, false, Some(503), Some("down"), None).await.unwrap());
+            jobs.push(job.id);
+        }
+        assert!(s.claim_delivery(30_000).await.unwrap().is_none(), "failed deliveries are not retried on their own");
+        assert_eq!(s.failed_deliveries(10).await.unwrap().len(), 2, "{}", t.label);
+        assert_eq!(s.retry_failed_deliveries(Some(&jobs[1])).await.unwrap(), 1, "{}", t.label);
+        let again = s.claim_delivery(30_000).await.unwrap().expect("due again");
+        assert_eq!((again.job_id.as_str(), again.attempts, again.status.as_str()), (jobs[1].as_str(), 0, "pending"));
+        let failed = s.failed_deliveries(10).await.unwrap();
+        assert_eq!(failed.iter().map(|d| d.job_id.as_str()).collect::<Vec<_>>(), [jobs[0].as_str()]);
+        assert_eq!(failed[0].last_error.as_deref(), Some("down"));
+        assert_eq!(s.retry_failed_deliveries(None).await.unwrap(), 1, "{}", t.label);
+        assert!(s.failed_deliveries(10).await.unwrap().is_empty());
         t.cleanup().await;
     }
 }

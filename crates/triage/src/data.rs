@@ -323,13 +323,21 @@ pub fn load_dataset(path: &Path, fields: &DatasetFields, source: usize) -> Resul
                     None | Some(serde_json::Value::Null) => Some(1.0),
                     _ => None,
                 };
-                match parsed {
-                    Some(x) if x.is_finite() && x >= 0.0 => x as f32,
+                // Checked as the f32 it is kept in: 1e39 is a finite f64 but an infinite f32.
+                match parsed.map(|x| x as f32) {
+                    Some(x) if x.is_finite() && x >= 0.0 => x,
                     _ => return Err(TriageError::Dataset(format!("{}: weight {value:?} is not a number >= 0", at()))),
                 }
             }
         };
-        examples.push(Example { text, violates, weight: item_weight * value_weight, source });
+        let weight = item_weight * value_weight;
+        if !weight.is_finite() {
+            return Err(TriageError::Dataset(format!(
+                "{}: weight {item_weight} times the label's weight {value_weight} is too large to train with",
+                at()
+            )));
+        }
+        examples.push(Example { text, violates, weight, source });
     }
     if examples.is_empty() && other_version_rows > 0 {
         let wanted = fields.policy_hash.as_deref().unwrap_or_default();
@@ -438,6 +446,24 @@ mod tests {
         // Without a version to keep, every row of the policy is read.
         let any_version = DatasetFields { policy_hash: None, ..new };
         assert_eq!(load_dataset(&export, &any_version, 0).unwrap().examples.len(), 3);
+    }
+
+    /// A weight that fits an f64 but not the f32 training keeps, or that overflows once the label's weight
+    /// multiplies it, is refused where it is read, naming the line, not later by the trainer without one.
+    #[test]
+    fn weights_too_large_to_train_with_name_their_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let huge = write(
+            dir.path(),
+            "huge.jsonl",
+            "{\"text\":\"a\",\"violates\":0}\n{\"text\":\"b\",\"violates\":1,\"weight\":1e39}\n",
+        );
+        let refused = load_dataset(&huge, &DatasetFields::default(), 0).unwrap_err().to_string();
+        assert!(refused.contains("huge.jsonl:2") && refused.contains("not a number >= 0"), "{refused}");
+        let large = write(dir.path(), "large.jsonl", "{\"text\":\"b\",\"violates\":1,\"weight\":3e38}\n");
+        let scaled = DatasetFields { weight_scale: 10.0, ..DatasetFields::default() };
+        let refused = load_dataset(&large, &scaled, 0).unwrap_err().to_string();
+        assert!(refused.contains("large.jsonl:1") && refused.contains("too large"), "{refused}");
     }
 
     #[test]

@@ -155,12 +155,21 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         bail!("nothing to backtest: {source} has no items");
     }
 
+    // Read before the model loads: a typo should not cost a model load.
+    let effort: Effort = args.effort.parse().map_err(|e| anyhow::anyhow!("--effort {}: {e}", args.effort))?;
     let reasoner = load_reasoner(&EngineArgs { model: &args.model, engine: args.engine, sequences: 4 })?;
     let classifier = Classifier::new(reasoner);
-    let effort: Effort = args.effort.parse().map_err(|e| anyhow::anyhow!("--effort {}: {e}", args.effort))?;
     let options = ClassifyOptions { effort, max_tokens: args.max_tokens, ..ClassifyOptions::default() };
-    let mut failed = Vec::new();
+    // Rows without text to judge fail once, whichever runs skip them.
+    let mut failed: Vec<(String, String)> = dataset.text_errors.clone().into_iter().collect();
     let after = runtime.block_on(classify_all(&classifier, &policy, &dataset, &contents, &options, &mut failed))?;
+    if after.is_empty() {
+        // Nothing to compare: say why, rather than a scoring error about a policy with no verdicts.
+        for (id, why) in failed.iter().take(5) {
+            eprintln!("{id}: {why}");
+        }
+        bail!("no item could be judged under the new version ({} failed; the first are above)", failed.len());
+    }
     let (before, skipped) = match before {
         Before::Stored(records, skipped) => (records, skipped),
         Before::Baseline(Some(old)) => {
@@ -245,11 +254,13 @@ async fn stored_decisions(
             skipped.push((decision.id, format!("no stored verdict for `{policy_name}`")));
             continue;
         }
-        let verdicts: Vec<serde_json::Value> = verdicts.into_iter().filter(|v| v["stage"] != "triage").collect();
-        if verdicts.is_empty() {
-            skipped.push((decision.id, "settled by triage, not by the model".to_string()));
-            continue;
-        }
+        let verdicts: Vec<serde_json::Value> = match verdicts.into_iter().map(model_answer).collect() {
+            Ok(verdicts) => verdicts,
+            Err(why) => {
+                skipped.push((decision.id, why.to_string()));
+                continue;
+            }
+        };
         if verdicts.iter().all(|v| v["policy_hash"] == new_version.as_str()) {
             skipped.push((decision.id, "already judged under this version".to_string()));
             continue;
@@ -277,6 +288,30 @@ async fn stored_decisions(
     Ok((dataset, before.into_iter().map(|(r, _)| r).collect(), skipped))
 }
 
+/// A stored cascade verdict as the model's own answer, or why there is none to compare with. Where the cascade
+/// overrode the model (an appeal, an answer still unsure at the last effort) the stored outcome is the person's
+/// `needs_review` and the model's is kept beside it; a flip from that `needs_review` would blame the new wording
+/// for what routing did. Triage's verdicts, items triage sent straight to a person, and steps that failed carry
+/// no answer of the model at all.
+fn model_answer(mut verdict: serde_json::Value) -> Result<serde_json::Value, &'static str> {
+    if verdict["stage"] == "triage" {
+        return Err("settled by triage, not by the model");
+    }
+    if let Some(model_outcome) = verdict.get("model_outcome").cloned() {
+        verdict["outcome"] = model_outcome;
+        return Ok(verdict);
+    }
+    let escalated =
+        |kind: &str| verdict["escalations"].as_array().is_some_and(|all| all.iter().any(|e| e["kind"] == kind));
+    if verdict["stage"] == "human_review" && escalated("triage_violation_to_review") {
+        return Err("sent to a person by triage; the model never judged it");
+    }
+    if verdict["outcome"] == "needs_review" && escalated("stage_failed") {
+        return Err("the model's step failed; it gave no answer to compare with");
+    }
+    Ok(verdict)
+}
+
 fn load_dataset(args: &Args, spec: &str, policy_name: &str) -> anyhow::Result<Dataset> {
     let data_dir = super::eval::shared_data_dir(args.data_dir.as_deref());
     let parsed: DatasetSpec = spec.parse()?;
@@ -298,6 +333,10 @@ async fn classify_all(
 ) -> anyhow::Result<Vec<PredictionRecord>> {
     let mut records = Vec::with_capacity(dataset.items.len());
     for item in &dataset.items {
+        // A row without text to judge is a failure (counted by the caller), never an empty message judged.
+        if dataset.text_errors.contains_key(&item.id) {
+            continue;
+        }
         let content = contents.get(&item.id).cloned().unwrap_or_else(|| Content::text(item.text.clone()));
         let decision = classifier.classify(std::slice::from_ref(policy), &content, options).await;
         let errors: Vec<&str> = decision.prompts.iter().filter_map(|p| p.error.as_deref()).collect();

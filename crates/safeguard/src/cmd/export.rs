@@ -44,11 +44,20 @@ pub struct DatasetArgs {
     /// policy replaces the model's.
     #[arg(long)]
     include_model_labels: bool,
-    /// Weight of a human label relative to a model label's 1.
-    #[arg(long, value_name = "W", default_value_t = Weights::default().human)]
+    /// Weight of a human label relative to a model label's 1 (a number > 0).
+    #[arg(long, value_name = "W", default_value_t = Weights::default().human, value_parser = positive_weight)]
     human_weight: f32,
     #[arg(long, value_name = "FILE.jsonl")]
     out: PathBuf,
+}
+
+/// A weight a trainer can use: NaN and infinity would be written as `null` (which triage reads as 1), 0 would
+/// keep rows that teach nothing, and a negative one fails every line later, far from the flag that caused it.
+fn positive_weight(text: &str) -> Result<f32, String> {
+    match text.trim().parse::<f32>() {
+        Ok(weight) if weight.is_finite() && weight > 0.0 => Ok(weight),
+        _ => Err(format!("{text:?} is not a finite number > 0")),
+    }
 }
 
 pub fn run(command: Command) -> anyhow::Result<ExitCode> {

@@ -20,6 +20,11 @@ impl StoreArgs {
     fn options(&self) -> safeguard_store::StoreOptions {
         safeguard_store::StoreOptions { schema: self.database_schema.clone(), ..Default::default() }
     }
+
+    /// The store a server started with the same flags would use.
+    pub(super) async fn open(&self) -> anyhow::Result<safeguard_store::Store> {
+        super::serve::open_store(&self.data_dir, self.database.as_deref(), self.options()).await
+    }
 }
 
 #[derive(clap::Subcommand)]
@@ -29,6 +34,8 @@ pub enum Command {
         /// classify, policies:write, review, audit or admin; repeat for several.
         #[arg(long = "scope", required = true)]
         scopes: Vec<String>,
+        /// The client the key is for. What a key submits belongs to every key of this name: a key made to replace
+        /// another under the same name can still appeal its decisions and read its jobs. Give each client its own.
         #[arg(long, default_value = "unnamed")]
         name: String,
         #[command(flatten)]
@@ -56,8 +63,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
                 if let Some(bad) = scopes.iter().find(|s| !SCOPES.contains(&s.as_str())) {
                     bail!("unknown scope {bad:?}; scopes are {}", SCOPES.join(", "));
                 }
-                let store =
-                    super::serve::open_store(&store.data_dir, store.database.as_deref(), store.options()).await?;
+                let store = store.open().await?;
                 let (record, secret) = store.create_api_key(&name, &scopes).await?;
                 eprintln!(
                     "created key {} ({}) with scopes {}; it is shown only now:",
@@ -68,16 +74,14 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
                 println!("{secret}");
             }
             Command::List { store } => {
-                let store =
-                    super::serve::open_store(&store.data_dir, store.database.as_deref(), store.options()).await?;
+                let store = store.open().await?;
                 for key in store.list_api_keys().await? {
                     let state = if key.revoked_at.is_some() { "revoked" } else { "active" };
                     println!("{}\t{}\t{}\t{}", key.id, key.name, key.scopes.join(" "), state);
                 }
             }
             Command::Revoke { id, store } => {
-                let store =
-                    super::serve::open_store(&store.data_dir, store.database.as_deref(), store.options()).await?;
+                let store = store.open().await?;
                 if !store.revoke_api_key(&id).await? {
                     bail!("no active key with id {id}");
                 }

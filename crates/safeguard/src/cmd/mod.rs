@@ -13,6 +13,7 @@ pub mod policy;
 pub mod prompt;
 pub mod serve;
 pub mod triage;
+pub mod webhooks;
 
 /// Something went wrong that is not the content's fault: bad arguments, unreadable files, engine failure.
 pub const EXIT_FAILURE: u8 = 1;

@@ -24,6 +24,8 @@ pub struct Args {
     /// The model name the remote servers know it by.
     #[arg(long, default_value = "openai/gpt-oss-safeguard-20b")]
     pub backend_model: String,
+    /// Address and port to serve on (port 0 picks a free one; the address is printed at start). Off loopback the
+    /// server refuses to start until an API key exists or SAFEGUARD_ADMIN_KEY (24 characters or more) is set.
     #[arg(long, default_value = "127.0.0.1:8080", env = "SAFEGUARD_LISTEN")]
     pub listen: SocketAddr,
     /// Where the SQLite database and the webhook secret live.
@@ -35,7 +37,9 @@ pub struct Args {
     /// PostgreSQL schema to keep the tables in.
     #[arg(long, env = "SAFEGUARD_DATABASE_SCHEMA")]
     pub database_schema: Option<String>,
-    /// Effort used when a request does not say.
+    /// Effort of direct reasoning when a request names none: /v1/classify/batch, jobs, /v1/moderations,
+    /// /v1/chat/completions, and /v1/classify with `"route": "direct"` (or under --classify-route direct).
+    /// /v1/classify's default route, the cascade, starts at --first-effort instead.
     #[arg(long, default_value = "low")]
     pub effort: Effort,
     /// Job workers deciding queued jobs.
@@ -62,6 +66,16 @@ pub struct Args {
     /// Webhook deliveries sent at once: a receiver that hangs until the 10 s timeout holds up only its own.
     #[arg(long, default_value_t = ServerConfig::default().webhook_concurrency, value_name = "N")]
     pub webhook_concurrency: usize,
+    /// Attempts per webhook before it is given up on (`safeguard webhooks failed` lists those, `retry` sends them
+    /// again). The wait doubles from `--webhook-backoff-ms` after each failure, up to an hour: the default keeps
+    /// trying for about five hours.
+    #[arg(long, default_value_t = ServerConfig::default().webhook_max_attempts, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub webhook_max_attempts: u32,
+    /// The wait after a webhook's first failed attempt, in milliseconds; it doubles after each further one.
+    #[arg(long, default_value_t = ServerConfig::default().webhook_backoff.as_millis() as u64, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub webhook_backoff_ms: u64,
     /// Requests per minute per API key (0: unlimited).
     #[arg(long, default_value_t = 600)]
     pub rate_limit: u32,
@@ -76,8 +90,9 @@ pub struct Args {
     /// Sequences the embedded engine decodes together.
     #[arg(long, default_value_t = 8)]
     pub sequences: usize,
-    /// Trained triage classifiers for /v1/moderate, one directory per policy name
-    /// (`safeguard triage train --out DIR/NAME`); a model trained for another policy version is ignored.
+    /// Trained triage classifiers for the cascade (/v1/classify's default route, /v1/moderate, the NATS worker),
+    /// one directory per policy name (`safeguard triage train --out DIR/NAME`); a model trained for another
+    /// policy version is ignored.
     #[arg(long, value_name = "DIR")]
     pub triage_dir: Option<PathBuf>,
     /// Reasoning prompts per second, whatever the way in (cascade, pinned efforts, batches, chat, jobs, NATS);
@@ -97,6 +112,8 @@ pub struct Args {
     /// Effort of the cascade's first reasoning step; shaky answers are asked again at --escalation-effort.
     #[arg(long, default_value = "low")]
     pub first_effort: Effort,
+    /// Effort at which the cascade asks again about a shaky or disputed answer: the last reasoning step before a
+    /// person. A policy's `routing: {escalation_effort: …}` front matter overrides it.
     #[arg(long, default_value = "high")]
     pub escalation_effort: Effort,
     /// What the cascade does with an item triage is sure violates: `act` on it, ask the model to `confirm`, or
@@ -150,11 +167,20 @@ pub struct Args {
     /// Seconds an event may go unacknowledged (a crashed worker's events are redelivered after it).
     #[arg(long, default_value_t = 60)]
     pub nats_ack_wait: u64,
+    /// Make /readyz answer 503 once the NATS worker has not been serving for this many seconds (it always reports
+    /// the worker in its body). For servers that exist to work the stream: readiness also routes HTTP traffic,
+    /// which does not need NATS. Keep it above a reconnect's 30 s backoff.
+    #[arg(long, value_name = "SECS", requires = "nats")]
+    pub nats_ready_grace_secs: Option<u64>,
     /// Milliseconds a policy name's active version and an API key are trusted before the store is asked again.
     /// Changes made through this server apply at once; made elsewhere (another server, `safeguard keys
     /// revoke`), within this time. 0 asks the store on every request.
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     pub lookup_ttl_ms: u64,
+    /// On SIGTERM or Ctrl-C: how long in-flight requests and jobs may finish, from the signal on; then jobs still
+    /// being decided go back to the queue (up to 5 s more). A second signal ends the wait at once, a third exits.
+    #[arg(long, default_value_t = ServerConfig::default().drain_timeout.as_secs(), value_name = "SECS")]
+    pub drain_timeout_secs: u64,
     /// Commit every decision in its own transaction instead of batching concurrent ones (group commit).
     #[arg(long)]
     pub no_group_commit: bool,
@@ -281,6 +307,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             allow_private: args.webhook_allow_private,
         },
         webhook_concurrency: args.webhook_concurrency.max(1),
+        webhook_max_attempts: args.webhook_max_attempts,
+        webhook_backoff: Duration::from_millis(args.webhook_backoff_ms),
         moderation_policies: args.moderation_policies.clone(),
         moderation_max_tokens: args.moderation_max_tokens,
         default_effort: args.effort,
@@ -306,7 +334,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         },
         cost_per_1k_tokens: args.cost_per_1k_tokens.max(0.0),
         nats: args.nats.as_ref().map(|url| nats_ingest(&args, url)),
+        nats_ready_grace: args.nats_ready_grace_secs.map(Duration::from_secs),
         lookup_ttl: Duration::from_millis(args.lookup_ttl_ms),
+        drain_timeout: Duration::from_secs(args.drain_timeout_secs),
         ..ServerConfig::default()
     };
     let runtime =
@@ -323,11 +353,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let server = Server::start(config, reasoner, store).await?;
         // Tests and scripts read this line to find the port when listening on :0.
         println!("safeguard: listening on http://{}", server.addr);
-        let token = server.shutdown_token();
+        let (token, hurry) = (server.shutdown_token(), server.hurry_token());
+        // Each signal asks harder: drain, then stop waiting, then exit. Without the later ones an operator whose
+        // drain hangs would have only `kill -9`.
         tokio::spawn(async move {
             wait_for_signal().await;
-            eprintln!("safeguard: shutting down; draining in-flight work");
+            eprintln!("safeguard: shutting down; draining in-flight work (signal again to stop waiting)");
             token.cancel();
+            wait_for_signal().await;
+            eprintln!("safeguard: not waiting any longer; handing unfinished jobs back (signal again to exit now)");
+            hurry.cancel();
+            wait_for_signal().await;
+            eprintln!("safeguard: exiting now");
+            std::process::exit(130);
         });
         server.wait().await?;
         anyhow::Ok(())

@@ -1,0 +1,88 @@
+//! `safeguard webhooks failed|retry` against a SQLite store holding a job whose webhook was given up on.
+
+use std::process::{Command, Output};
+
+use safeguard_store::{DecisionRecord, NewDelivery, NewJob, Store, now_ms};
+use serde_json::json;
+
+fn safeguard(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_safeguard")).args(args).output().expect("run safeguard")
+}
+
+fn decision(job_id: &str) -> DecisionRecord {
+    DecisionRecord {
+        id: format!("decision-of-{job_id}"),
+        created_at: now_ms(),
+        policy_hashes: vec!["sha256:spamv1".into()],
+        policy_names: vec!["spam".into()],
+        model_id: "tiny".into(),
+        effort: "low".into(),
+        prompt_hash: None,
+        sampling: json!({}),
+        content: json!({"kind": "text", "text": "hi"}),
+        verdicts: json!([]),
+        outcome: "allow".into(),
+        failure_reason: None,
+        timings: json!({}),
+        prompt_tokens: 0,
+        cached_prompt_tokens: 0,
+        completion_tokens: 0,
+        source: "job".into(),
+        job_id: Some(job_id.into()),
+        replay_of: None,
+        submitted_by: None,
+    }
+}
+
+/// A job whose webhook failed its last attempt, as a server's sender leaves it.
+async fn job_with_failed_webhook(store: &Store) -> String {
+    let new = NewJob { request: json!({}), idempotency_key: None, webhook_url: None, submitted_by: None };
+    let (job, _) = store.enqueue_job(&new).await.unwrap();
+    let claimed = store.claim_job(60_000).await.unwrap().unwrap();
+    let hook = NewDelivery { job_id: job.id.clone(), url: "https://hooks.example/in".into(), body: "{}".into() };
+    store
+        .finish_job(&job.id, claimed.lease_token.as_deref().unwrap(), &decision(&job.id), None, None, Some(&hook))
+        .await
+        .unwrap();
+    let delivery = store.claim_delivery(30_000).await.unwrap().unwrap();
+    store.record_delivery_attempt(&delivery, false, Some(503), Some("HTTP 503"), None).await.unwrap();
+    job.id
+}
+
+#[test]
+fn failed_webhooks_are_listed_and_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("safeguard.db");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let (first, second) = runtime.block_on(async {
+        let store = Store::open_sqlite(&db).await.unwrap();
+        let jobs = (job_with_failed_webhook(&store).await, job_with_failed_webhook(&store).await);
+        store.close().await;
+        jobs
+    });
+    let url = format!("sqlite://{}", db.display());
+
+    let listed = safeguard(&["webhooks", "failed", "--database", &url]);
+    assert!(listed.status.success(), "{listed:?}");
+    let stdout = String::from_utf8_lossy(&listed.stdout);
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    assert!(stdout.contains(&first) && stdout.contains("https://hooks.example/in\t1\t503\tHTTP 503"), "{stdout}");
+
+    let retried = safeguard(&["webhooks", "retry", "--job", &first, "--database", &url]);
+    assert!(retried.status.success(), "{retried:?}");
+    assert!(String::from_utf8_lossy(&retried.stderr).contains("queued 1 deliveries"), "{retried:?}");
+    let listed = safeguard(&["webhooks", "failed", "--database", &url]);
+    let stdout = String::from_utf8_lossy(&listed.stdout);
+    assert!(!stdout.contains(&first) && stdout.contains(&second), "{stdout}");
+
+    // Retrying the same job again finds nothing to send: a clear failure, not a silent success.
+    let again = safeguard(&["webhooks", "retry", "--job", &first, "--database", &url]);
+    assert_eq!(again.status.code(), Some(1), "{again:?}");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no failed delivery for job"), "{again:?}");
+    // Saying which is required.
+    let unsaid = safeguard(&["webhooks", "retry", "--database", &url]);
+    assert_eq!(unsaid.status.code(), Some(2), "{unsaid:?}");
+    let all = safeguard(&["webhooks", "retry", "--all", "--database", &url]);
+    assert!(all.status.success(), "{all:?}");
+    assert!(safeguard(&["webhooks", "failed", "--database", &url]).stdout.is_empty());
+}
