@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The main job, end to end on a fresh machine: install build needs, build, make a tiny model, classify.
+# The main job, end to end on a fresh machine: install build needs (only those), build, make a tiny model, classify.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --build-only
 cargo build --release -p safeguard
 bin=target/release/safeguard
 mkdir -p target/demo
