@@ -2,14 +2,13 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
-use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde_json::Value;
 
 use crate::EvalError;
-use crate::predictions::{byte_lines, not_utf8, strip_bom};
+use crate::predictions::jsonl_lines;
 
 /// One labelled item.
 #[derive(Debug, Clone, PartialEq)]
@@ -465,20 +464,10 @@ struct Row {
 }
 
 fn read_jsonl_rows(path: &Path) -> Result<Vec<Row>, EvalError> {
-    let file = File::open(path).map_err(|source| EvalError::Io { path: path.to_path_buf(), source })?;
     let mut rows = Vec::new();
-    for line in byte_lines(BufReader::new(file)) {
-        let (line_number, bytes) = line.map_err(|source| EvalError::Io { path: path.to_path_buf(), source })?;
-        let line = std::str::from_utf8(&bytes).map_err(|err| EvalError::Data {
-            path: path.to_path_buf(),
-            line: line_number,
-            message: not_utf8(&err),
-        })?;
-        let line = if line_number == 1 { strip_bom(line) } else { line };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let value: Value = serde_json::from_str(line).map_err(|err| EvalError::Data {
+    for line in jsonl_lines(path)? {
+        let (line_number, line) = line?;
+        let value: Value = serde_json::from_str(&line).map_err(|err| EvalError::Data {
             path: path.to_path_buf(),
             line: line_number,
             message: format!("not valid JSON: {err}"),

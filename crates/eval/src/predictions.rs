@@ -374,28 +374,36 @@ pub(crate) fn not_utf8(err: &std::str::Utf8Error) -> String {
     format!("not valid UTF-8 (first bad byte at offset {})", err.valid_up_to())
 }
 
+/// The lines of a JSONL file that hold something, with their 1-based numbers: decoded (a line that is not UTF-8 is
+/// an error naming it), a byte-order mark before the first dropped, blank lines skipped.
+pub(crate) fn jsonl_lines(path: &Path) -> Result<impl Iterator<Item = Result<(usize, String), EvalError>>, EvalError> {
+    let io_error = |source| EvalError::Io { path: path.to_path_buf(), source };
+    let file = File::open(path).map_err(io_error)?;
+    let lines = byte_lines(BufReader::new(file)).map(move |line| {
+        let (number, bytes) = line.map_err(io_error)?;
+        let text = String::from_utf8(bytes).map_err(|err| EvalError::Data {
+            path: path.to_path_buf(),
+            line: number,
+            message: not_utf8(&err.utf8_error()),
+        })?;
+        let text = if number == 1 { strip_bom(&text).to_string() } else { text };
+        Ok((number, text))
+    });
+    Ok(lines.filter(|line| !matches!(line, Ok((_, text)) if text.trim().is_empty())))
+}
+
 /// Reads a predictions JSONL file. A malformed line is an error naming its line number; a line whose `id` is
 /// null is set aside in [`Predictions::unjoinable`].
 pub fn read_predictions(path: &Path) -> Result<Predictions, EvalError> {
-    let file = File::open(path).map_err(|source| EvalError::Io { path: path.to_path_buf(), source })?;
     let mut predictions = Predictions::default();
-    for line in byte_lines(BufReader::new(file)) {
-        let (number, bytes) = line.map_err(|source| EvalError::Io { path: path.to_path_buf(), source })?;
-        let line = std::str::from_utf8(&bytes).map_err(|err| EvalError::Data {
-            path: path.to_path_buf(),
-            line: number,
-            message: not_utf8(&err),
-        })?;
-        let line = if number == 1 { strip_bom(line) } else { line };
-        if line.trim().is_empty() {
-            continue;
-        }
+    for line in jsonl_lines(path)? {
+        let (number, line) = line?;
         let bad = |err: serde_json::Error| EvalError::Data {
             path: path.to_path_buf(),
             line: number,
             message: format!("not a prediction record: {err}"),
         };
-        let FirstKeyWins(object) = serde_json::from_str(line).map_err(bad)?;
+        let FirstKeyWins(object) = serde_json::from_str(&line).map_err(bad)?;
         if object.get("id").is_some_and(Value::is_null) {
             predictions.unjoinable.push(Unjoinable {
                 line: number,

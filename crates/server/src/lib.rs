@@ -541,7 +541,7 @@ async fn health() -> &'static str {
 async fn ready(axum::extract::State(state): axum::extract::State<AppState>) -> axum::response::Response {
     use axum::response::IntoResponse;
     let db = state.store.ping(Duration::from_secs(2)).await;
-    let mut body = serde_json::json!({"ready": db, "database": db, "model": state.reasoner.model_id()});
+    let mut body = serde_json::json!({"database": db, "model": state.reasoner.model_id()});
     let mut why = Vec::new();
     if !db {
         why.push("the database does not answer".to_string());

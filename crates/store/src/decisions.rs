@@ -36,8 +36,8 @@ pub struct DecisionRecord {
     pub source: String,
     pub job_id: Option<String>,
     pub replay_of: Option<String>,
-    /// The id of the API key that submitted the item; `None` where no key was asked for (the bus, a keyless
-    /// server, decisions stored before this was recorded).
+    /// The client that submitted the item: its API key's name; `None` where no key was asked for (the bus, a
+    /// keyless server, decisions stored before this was recorded).
     pub submitted_by: Option<String>,
 }
 

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use safeguard_server::SCOPES;
 
 #[derive(clap::Args)]
@@ -55,9 +55,7 @@ pub enum Command {
 }
 
 pub fn run(command: Command) -> anyhow::Result<ExitCode> {
-    let runtime =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    super::classify::runtime()?.block_on(async move {
         match command {
             Command::Create { scopes, name, store } => {
                 if let Some(bad) = scopes.iter().find(|s| !SCOPES.contains(&s.as_str())) {

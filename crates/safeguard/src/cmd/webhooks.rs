@@ -3,8 +3,6 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
-
 use super::keys::StoreArgs;
 
 #[derive(clap::Subcommand)]
@@ -30,9 +28,7 @@ pub enum Command {
 }
 
 pub fn run(command: Command) -> anyhow::Result<ExitCode> {
-    let runtime =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    super::classify::runtime()?.block_on(async move {
         match command {
             Command::Failed { limit, store } => {
                 let store = store.open().await?;
