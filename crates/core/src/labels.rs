@@ -13,9 +13,15 @@ pub const OTHER_POLICIES: &str = "(other)";
 
 static SEEN: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(|| Mutex::new(HashSet::new()));
 
-/// The metric label for a policy name (or a `+`-joined set of them): the name itself while fewer than
-/// [`MAX_POLICY_LABELS`] names have been seen in this process, else [`OTHER_POLICIES`].
+/// Longest label kept, in bytes: a name can be as long as a policy, and every series repeats its labels on every
+/// `/metrics` scrape. Longer names are cut (at a character boundary) and marked with `…`.
+pub const MAX_POLICY_LABEL_BYTES: usize = 64;
+
+/// The metric label for a policy name (or a `+`-joined set of them): the name itself (cut to
+/// [`MAX_POLICY_LABEL_BYTES`]) while fewer than [`MAX_POLICY_LABELS`] labels have been seen in this process, else
+/// [`OTHER_POLICIES`].
 pub fn policy_label(name: &str) -> String {
+    let name = &*shortened(name);
     let mut seen = SEEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     if seen.contains(name) {
         return name.to_string();
@@ -25,6 +31,17 @@ pub fn policy_label(name: &str) -> String {
         return name.to_string();
     }
     OTHER_POLICIES.to_string()
+}
+
+fn shortened(name: &str) -> std::borrow::Cow<'_, str> {
+    if name.len() <= MAX_POLICY_LABEL_BYTES {
+        return name.into();
+    }
+    let mut end = MAX_POLICY_LABEL_BYTES - '…'.len_utf8();
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &name[..end]).into()
 }
 
 #[cfg(test)]
@@ -41,5 +58,17 @@ mod tests {
         assert_eq!(policy_label("spam"), "spam", "a name seen early keeps its label");
         assert_eq!(policy_label("yet-another"), OTHER_POLICIES);
         assert!(SEEN.lock().unwrap().len() <= MAX_POLICY_LABELS);
+    }
+
+    #[test]
+    fn long_names_are_cut_at_a_character_boundary() {
+        assert_eq!(shortened("spam"), "spam");
+        for name in ["x".repeat(1 << 20), "é".repeat(100), format!("a{}", "€".repeat(40))] {
+            let label = shortened(&name);
+            assert!(label.len() <= MAX_POLICY_LABEL_BYTES, "{} bytes", label.len());
+            assert!(label.ends_with('…') && name.starts_with(label.trim_end_matches('…')), "{label}");
+        }
+        let exact = "y".repeat(MAX_POLICY_LABEL_BYTES);
+        assert_eq!(shortened(&exact), exact);
     }
 }

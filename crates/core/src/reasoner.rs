@@ -83,15 +83,17 @@ impl Usage {
     /// What the engine computed: the uncached prompt plus everything generated. What budgets and cost estimates
     /// count.
     pub fn billed_tokens(&self) -> usize {
-        self.uncached_prompt_tokens() + self.completion_tokens
+        self.uncached_prompt_tokens().saturating_add(self.completion_tokens)
     }
 }
 
+/// Saturating: counts come from backends this process does not control, and a sum that wrapped would bill a
+/// huge usage as a small one (or panic in a debug build) instead of as the most there is.
 impl AddAssign for Usage {
     fn add_assign(&mut self, other: Self) {
-        self.prompt_tokens += other.prompt_tokens;
-        self.cached_prompt_tokens += other.cached_prompt_tokens;
-        self.completion_tokens += other.completion_tokens;
+        self.prompt_tokens = self.prompt_tokens.saturating_add(other.prompt_tokens);
+        self.cached_prompt_tokens = self.cached_prompt_tokens.saturating_add(other.cached_prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(other.completion_tokens);
     }
 }
 
@@ -234,6 +236,22 @@ pub fn answer_confidence<'a>(tokens: impl IntoIterator<Item = (&'a str, f64)>) -
 /// How far above zero a reported log-probability may be and still be read as a certain token (0): backends
 /// computing in reduced precision report `1e-7` for a token they were sure of.
 const LOG_PROB_ROUNDING: f64 = 1e-4;
+
+#[cfg(test)]
+mod usage_tests {
+    use super::Usage;
+
+    #[test]
+    fn sums_of_huge_counts_saturate_instead_of_wrapping() {
+        let huge = Usage { prompt_tokens: usize::MAX, cached_prompt_tokens: 0, completion_tokens: usize::MAX };
+        assert_eq!(huge.billed_tokens(), usize::MAX);
+        let mut total = Usage { prompt_tokens: 10, cached_prompt_tokens: 5, completion_tokens: 3 };
+        total += huge;
+        total += huge;
+        assert_eq!(total, Usage { prompt_tokens: usize::MAX, cached_prompt_tokens: 5, completion_tokens: usize::MAX });
+        assert_eq!(total.billed_tokens(), usize::MAX);
+    }
+}
 
 #[cfg(test)]
 mod confidence_tests {

@@ -149,7 +149,8 @@ impl Budgets {
     /// costs what the prompt could have cost.
     pub fn charge_decision(&self, decision: &Decision, max_tokens: Option<usize>) {
         let failed = decision.prompts.iter().filter(|prompt| prompt.error.is_some()).count();
-        self.charge(decision.usage.billed_tokens() + failed * self.completion_cap(decision.effort, max_tokens));
+        let failed_cost = failed.saturating_mul(self.completion_cap(decision.effort, max_tokens));
+        self.charge(decision.usage.billed_tokens().saturating_add(failed_cost));
     }
 }
 
@@ -158,6 +159,8 @@ impl Budgets {
 pub struct ReasoningBudget {
     rate_per_sec: f64,
     burst: f64,
+    /// The lowest the bucket goes ([`Self::debt_floor`]).
+    floor: f64,
     state: Mutex<Bucket>,
 }
 
@@ -170,11 +173,36 @@ struct Bucket {
 impl ReasoningBudget {
     pub fn new(rate_per_sec: f64, burst: u32) -> Self {
         let burst = f64::from(burst.max(1));
+        let rate_per_sec = rate_per_sec.max(f64::MIN_POSITIVE);
         Self {
-            rate_per_sec: rate_per_sec.max(f64::MIN_POSITIVE),
+            rate_per_sec,
             burst,
+            floor: Self::debt_floor(rate_per_sec, burst),
             state: Mutex::new(Bucket { tokens: burst, refilled_at: Instant::now() }),
         }
+    }
+
+    /// How far into debt a bucket may go: what it refills in [`MAX_RETRY_AFTER`], or one burst where that is more.
+    /// Debt is meant (an item larger than the burst, an escalation, tokens counted after the fact all pay in full),
+    /// but only a wrong count can run up more than an hour of it, since admission refuses at any debt and only work
+    /// already under way adds to it: a backend reporting 2^64 tokens would otherwise refuse every item until a
+    /// restart, longer than any deferral tells a client to wait.
+    fn debt_floor(rate_per_sec: f64, burst: f64) -> f64 {
+        -(rate_per_sec * MAX_RETRY_AFTER.as_secs_f64()).max(burst)
+    }
+
+    /// Takes `n` from a refilled bucket, down to the floor at most.
+    fn debit(&self, bucket: &mut Bucket, n: usize) {
+        let left = bucket.tokens - n as f64;
+        if left < self.floor {
+            tracing::warn!(
+                taken = n,
+                floor = self.floor,
+                "a reasoning budget charge would put the bucket deeper in debt than an hour of its rate; charging to \
+                 that depth only"
+            );
+        }
+        bucket.tokens = left.max(self.floor);
     }
 
     /// A bucket of `share` of this one's rate and burst (at least one call), starting full.
@@ -195,7 +223,7 @@ impl ReasoningBudget {
     /// escalation): deferring it would throw away the reasoning already paid for, and retrying would pay again.
     pub fn take_owed(&self, n: usize) {
         let mut bucket = self.refilled(Instant::now());
-        bucket.tokens -= n as f64;
+        self.debit(&mut bucket, n);
     }
 
     /// Puts back `n` calls taken for work that did not happen; never above the burst.
@@ -208,7 +236,7 @@ impl ReasoningBudget {
         let mut bucket = self.refilled(now);
         let admit = (n as f64).min(self.burst);
         if bucket.tokens >= admit {
-            bucket.tokens -= n as f64;
+            self.debit(&mut bucket, n);
             Ok(())
         } else {
             // A rate so low that the wait overflows a Duration waits "forever" rather than panicking.
@@ -272,6 +300,26 @@ mod tests {
         budget.give_back(5);
         assert!(budget.try_take(1).is_ok(), "given back, up to the burst");
         assert!(budget.try_take(1).is_err(), "never above the burst of 1");
+    }
+
+    #[test]
+    fn an_absurd_charge_leaves_at_most_an_hour_of_debt() {
+        let budget = ReasoningBudget::new(1000.0, 1000);
+        budget.take_owed(usize::MAX);
+        let wait = budget.try_take(0).unwrap_err();
+        assert!(wait <= MAX_RETRY_AFTER && wait > MAX_RETRY_AFTER - Duration::from_secs(1), "{wait:?}");
+        let later = Instant::now() + MAX_RETRY_AFTER + Duration::from_secs(1);
+        assert!(budget.try_take_at(0, later).is_ok(), "an hour later the budget admits again");
+        // A rate so slow that an hour refills less than a burst: the floor is one burst.
+        let slow = ReasoningBudget::new(0.0001, 2);
+        slow.take_owed(usize::MAX);
+        let wait = slow.try_take(1).unwrap_err();
+        assert!((wait.as_secs_f64() - 3.0 / 0.0001).abs() < 10.0, "two of debt and one to take: {wait:?}");
+        // Debt a real charge makes is kept in full.
+        let fair = ReasoningBudget::new(100.0, 100);
+        fair.take_owed(8192 + 2000);
+        let wait = fair.try_take(0).unwrap_err();
+        assert!(wait > Duration::from_secs(100), "about 101 s of debt: {wait:?}");
     }
 
     #[test]

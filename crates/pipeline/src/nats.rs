@@ -10,7 +10,11 @@
 //!   new body is decided and goes to a person, apart from the ledger; an entry from before digests matches any body;
 //! - a new decision is written to the ledger with `Nats-Expected-Last-Subject-Sequence: 0`, which the server
 //!   refuses if another worker got there first (then that one's decision stands), published to `{prefix}.decisions.{key}` with the key as `Nats-Msg-Id` (the
-//!   stream's duplicate window drops a re-publish), and only then is the event acked;
+//!   stream's duplicate window drops a re-publish), then handed to the host, and only then is the event acked.
+//!   Published before it is recorded: a person can only review what the host recorded, so a producer always
+//!   hears `decided` before `reviewed`. A redelivery whose key's subject already ends with a person's word on
+//!   that decision does not publish `decided` again (past the duplicate window it would put the producer back on
+//!   hold);
 //! - an event with `"appeal": true` is decided under the key `<key>:appeal`, apart from the item it appeals;
 //! - a `pending` status is published on receipt, so producers can hold the content until the decision comes;
 //!   an item that ends with a person is published as `decided` with outcome `needs_review`, and then as
@@ -28,6 +32,10 @@
 //! - a panic while deciding an item (a bug, in a reasoner say) settles it as `needs_review` for a person, as a
 //!   failed stage would: given back, it would take down every worker it reached in turn. A panic anywhere else
 //!   in handling an event gives the event back with the growing delay, and the worker goes on;
+//! - the host, or NATS, being unavailable while a decision is in hand is waited out (the event kept alive, until
+//!   the worker stops): the chain of thought exists only in this worker's memory, and a redelivery would record
+//!   the ledger's copy without it;
+//! - an event is held to the worker's [`ContentLimits`] (the server passes its own), in characters and tokens;
 //! - the program the worker runs in ([`WorkerHost`]) chooses the policies and pipeline per event and records
 //!   each settled decision (e.g. in `safeguard serve`'s database) before the event is acked. A redelivered
 //!   event whose decision is already in the ledger is recorded again, so the host must be idempotent by the
@@ -42,7 +50,7 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use futures::{FutureExt, Stream, StreamExt};
 use safeguard_core::input::{InputLimits, parse_item};
-use safeguard_harmony::Content;
+use safeguard_harmony::{Content, Tokenizer, user_message_text};
 use safeguard_policy::Policy;
 use safeguard_verdict::Outcome;
 use serde::{Deserialize, Serialize};
@@ -195,6 +203,8 @@ pub struct Bus {
     pub js: jetstream::Context,
     /// The ledger of settled keys: one message per key, written only if none exists yet.
     pub decided: stream::Stream,
+    /// The decision stream, read back to see whether a person's decision on an item is already out.
+    decision_log: stream::Stream,
 }
 
 impl Bus {
@@ -214,14 +224,15 @@ impl Bus {
         })
         .await
         .map_err(|e| NatsError::Setup(format!("work stream: {e}")))?;
-        js.get_or_create_stream(stream::Config {
-            name: config.decision_stream.clone(),
-            subjects: vec![format!("{}.decisions.>", config.prefix)],
-            duplicate_window: Duration::from_secs(120),
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| NatsError::Setup(format!("decision stream: {e}")))?;
+        let decision_log = js
+            .get_or_create_stream(stream::Config {
+                name: config.decision_stream.clone(),
+                subjects: vec![format!("{}.decisions.>", config.prefix)],
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| NatsError::Setup(format!("decision stream: {e}")))?;
         let decided = js
             .get_or_create_stream(stream::Config {
                 name: config.decided_stream.clone(),
@@ -231,7 +242,7 @@ impl Bus {
             })
             .await
             .map_err(|e| NatsError::Setup(format!("decided ledger: {e}")))?;
-        Ok(Bus { config, js, decided })
+        Ok(Bus { config, js, decided, decision_log })
     }
 
     /// Publishes one content event (what a producer does). `key` is the idempotency key.
@@ -297,14 +308,27 @@ impl Bus {
     }
 
     async fn publish_event(&self, event: &DecisionEvent) -> Result<(), NatsError> {
-        let token = subject_token(&event.key);
-        // The duplicate window drops a second publish of the same status for the same key (of the same review:
-        // an appeal can be reviewed again).
-        let id = match &event.review {
-            Some(review) => format!("{token}:{:?}:{}", event.status, review.review_id),
-            None => format!("{token}:{:?}", event.status),
-        };
-        self.publish_as(&token, &id, event).await
+        self.publish_as(&subject_token(&event.key), &status_msg_id(event), event).await
+    }
+
+    /// Whether the last event on `event`'s decision subject is a person's decision on `event`'s decision, or on
+    /// an appeal of it. Such a decision was announced before it could be reviewed (it is published before the host
+    /// records it); announced again now, it would follow the person's word and hold the item once more.
+    async fn reviewed(&self, event: &DecisionEvent) -> bool {
+        let Some(id) = event_id(event).map(|id| id.to_string()) else { return false };
+        let subject = self.config.decision_subject(&subject_token(&event.key));
+        match self.decision_log.get_last_raw_message_by_subject(&subject).await {
+            Ok(last) => serde_json::from_slice::<DecisionEvent>(&last.payload).is_ok_and(|last| {
+                last.status == EventStatus::Reviewed
+                    && last.review.is_some_and(|r| r.decision_id == id || r.appeal_of.as_deref() == Some(id.as_str()))
+            }),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => false,
+            // Announcing again is the lesser harm: a producer that never heard the decision would wait for good.
+            Err(e) => {
+                debug!(key = ?event.key, "cannot read the decision subject back: {e}");
+                false
+            }
+        }
     }
 
     /// Publishes `event` on `{prefix}.decisions.{subject}` under the message id `id`.
@@ -319,6 +343,16 @@ impl Bus {
             .await
             .map_err(publish_err)?;
         Ok(())
+    }
+}
+
+/// The `Nats-Msg-Id` of a key's event: the duplicate window drops a second publish of the same status for the same
+/// key (of the same review: an appeal can be reviewed again).
+fn status_msg_id(event: &DecisionEvent) -> String {
+    let token = subject_token(&event.key);
+    match &event.review {
+        Some(review) => format!("{token}:{:?}:{}", event.status, review.review_id),
+        None => format!("{token}:{:?}", event.status),
     }
 }
 
@@ -369,8 +403,9 @@ pub trait WorkerHost: Send + Sync {
     /// event named in `"policies"` (names or `sha256:` versions); empty means the host's default set.
     async fn prepare(&self, requested: &[String]) -> Result<(Vec<Policy>, Pipeline), HostError>;
 
-    /// Records a settled decision before its event is acked. Called again for the same decision when an
-    /// event is redelivered after a crash, so it must be idempotent by `item.decision.id`.
+    /// Records a settled decision once it is published, before its event is acked. Called again for the same
+    /// decision when an event is redelivered after a crash, so it must be idempotent by `item.decision.id`.
+    /// [`HostError::Unavailable`] is asked again (with growing pauses) until it succeeds or the worker stops.
     async fn record(&self, item: SettledItem<'_>) -> Result<(), HostError>;
 }
 
@@ -394,8 +429,35 @@ impl WorkerHost for StaticHost {
 /// What an appeal's idempotency key ends with.
 const APPEAL_SUFFIX: &str = ":appeal";
 
-/// Tries of the host's record before an event is given back: 0.2 + 0.4 + 0.8 + 1.6 s of pauses between them.
-const RECORD_ATTEMPTS: u32 = 5;
+/// The first pause before a decision in hand is recorded or published again, doubled per try up to
+/// [`PERSIST_PAUSE_MAX`].
+const PERSIST_PAUSE_FIRST: Duration = Duration::from_millis(200);
+const PERSIST_PAUSE_MAX: Duration = Duration::from_secs(5);
+
+/// What a content event may hold. The server passes its own HTTP limits, so that the bus is no way around them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContentLimits {
+    /// Longest content in characters (all messages together), checked before anything is tokenized.
+    pub max_chars: usize,
+    /// Longest content in the model's tokens (of the user message the model reads); `None` checks none.
+    pub max_tokens: Option<usize>,
+}
+
+impl Default for ContentLimits {
+    /// What a bare worker allows: the item parser's character limit, no token limit.
+    fn default() -> Self {
+        Self { max_chars: InputLimits::default().max_chars, max_tokens: None }
+    }
+}
+
+impl ContentLimits {
+    /// Why `content` is over the token limit, if it is.
+    fn over_tokens(&self, content: &Content) -> Option<String> {
+        let limit = self.max_tokens?;
+        let tokens = Tokenizer::shared().count(&user_message_text(content));
+        (tokens > limit).then(|| format!("the content is {tokens} tokens; the limit is {limit}"))
+    }
+}
 
 /// Why an item goes to a person when deciding it panicked.
 pub const DECIDE_PANICKED: &str = "deciding the item panicked (a bug)";
@@ -404,7 +466,7 @@ pub const DECIDE_PANICKED: &str = "deciding the item panicked (a bug)";
 pub struct Worker {
     bus: Bus,
     host: Arc<dyn WorkerHost>,
-    limits: InputLimits,
+    limits: ContentLimits,
     started: Option<Box<dyn Fn() + Send + Sync>>,
 }
 
@@ -414,7 +476,13 @@ impl Worker {
     }
 
     pub fn with_host(bus: Bus, host: Arc<dyn WorkerHost>) -> Self {
-        Self { bus, host, limits: InputLimits::default(), started: None }
+        Self { bus, host, limits: ContentLimits::default(), started: None }
+    }
+
+    /// Holds events to `limits` instead of [`ContentLimits::default`]; one over them is rejected.
+    pub fn with_limits(mut self, limits: ContentLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Called once the worker's consumer is in place and it starts pulling: how a host tells a worker that is
@@ -500,7 +568,7 @@ impl Worker {
                 None => return None,
             };
             let handled = {
-                let mut handling = std::pin::pin!(AssertUnwindSafe(self.handle(&message)).catch_unwind());
+                let mut handling = std::pin::pin!(AssertUnwindSafe(self.handle(&message, stop)).catch_unwind());
                 loop {
                     tokio::select! {
                         biased;
@@ -548,7 +616,7 @@ impl Worker {
 
     /// Handles one event; returns how long to pause pulling when the reasoning budget is spent. Every way out
     /// acks the event, NAKs it, or (for one that can never be settled) terminates it.
-    async fn handle(&self, message: &jetstream::Message) -> Option<Duration> {
+    async fn handle(&self, message: &jetstream::Message, stop: &CancellationToken) -> Option<Duration> {
         let payload: Option<Value> = serde_json::from_slice(&message.payload).ok();
         let item_id = payload.as_ref().and_then(|p| p.get("id")).and_then(Value::as_str).map(str::to_string);
         let key = message
@@ -568,7 +636,7 @@ impl Worker {
         // within the stream's duplicate window); the suffix is then not added twice.
         let key = if appeal && !key.ends_with(APPEAL_SUFFIX) { format!("{key}{APPEAL_SUFFIX}") } else { key };
         let line = String::from_utf8_lossy(&message.payload);
-        let item = parse_item(&line, &self.limits);
+        let item = parse_item(&line, &InputLimits { max_chars: self.limits.max_chars });
         let requested = requested_policies(payload.as_ref());
         let digest = body_digest(
             item.as_ref().map(|i| &i.content).map_err(|_| &message.payload[..]),
@@ -577,32 +645,29 @@ impl Worker {
             appeal,
         );
 
-        // Settled already (a redelivery after a crash between deciding and acking): record and publish again, ack.
+        // Settled already (a redelivery after a crash between deciding and acking): publish and record again, ack.
         match self.bus.decided(&key).await {
             Ok(Some(event)) if event.key == key && same_body(&event, Some(&digest)) => {
-                debug!(%key, "already decided; recording and publishing again");
+                debug!(?key, "already decided; publishing and recording again");
                 let content = item.as_ref().ok().map(|i| &i.content);
-                if !self.record(message, &event, content).await {
-                    return None;
-                }
-                self.publish_and_ack(message, &event).await;
+                self.finish(message, &event, &status_msg_id(&event), &event, content, true, stop).await;
                 return None;
             }
             Ok(Some(event)) if event.key == key => {
                 // The key was settled for another body (an edited item sent again under its id): that decision is
                 // not this body's. It is decided, and settled apart for a person when its ledger write is refused.
-                warn!(%key, "the key is settled for another body; deciding this one for a person");
+                warn!(?key, "the key is settled for another body; deciding this one for a person");
             }
             Ok(Some(other)) => {
                 // Another key's entry in this key's slot (written before keys shaped like a hashed token were
                 // hashed themselves) says nothing about this item. It is decided, and settled for a person.
-                error!(%key, other = %other.key, "the decided ledger holds another key's entry in this key's slot");
+                error!(?key, other = ?other.key, "the decided ledger holds another key's entry in this key's slot");
             }
             Ok(None) => {}
             Err(e) => {
                 match &e {
-                    NatsError::BadLedgerEntry { .. } => error!(%key, "not deciding the event: {e}"),
-                    _ => warn!(%key, "cannot read the decided ledger: {e}"),
+                    NatsError::BadLedgerEntry { .. } => error!(?key, "not deciding the event: {e}"),
+                    _ => warn!(?key, "cannot read the decided ledger: {e}"),
                 }
                 retry(message).await;
                 return None;
@@ -611,17 +676,20 @@ impl Worker {
 
         let item = match item {
             Ok(item) => item,
-            Err(e) => return self.reject(message, key, item_id, &e.to_string(), digest).await,
+            Err(e) => return self.reject(message, key, item_id, &e.to_string(), digest, stop).await,
         };
+        if let Some(why) = self.limits.over_tokens(&item.content) {
+            return self.reject(message, key, item_id, &why, digest, stop).await;
+        }
         let requested = match requested {
             Ok(requested) => requested,
-            Err(why) => return self.reject(message, key, item_id, &why, digest).await,
+            Err(why) => return self.reject(message, key, item_id, &why, digest, stop).await,
         };
         let (policies, pipeline) = match self.host.prepare(&requested).await {
             Ok(prepared) => prepared,
-            Err(HostError::Rejected(why)) => return self.reject(message, key, item_id, &why, digest).await,
+            Err(HostError::Rejected(why)) => return self.reject(message, key, item_id, &why, digest, stop).await,
             Err(HostError::Unavailable(why)) => {
-                warn!(%key, "cannot prepare the event now: {why}");
+                warn!(?key, "cannot prepare the event now: {why}");
                 retry(message).await;
                 return None;
             }
@@ -654,7 +722,7 @@ impl Worker {
                 return Some(deferred.retry_after);
             }
             Err(panic) => {
-                error!(%key, panic = panic_message(panic.as_ref()), "deciding the event panicked; it goes to a person");
+                error!(?key, panic = panic_message(panic.as_ref()), "deciding the event panicked; it goes to a person");
                 metrics::counter!("safeguard_nats_decide_panics_total").increment(1);
                 panicked_decision(&policies, appeal, started)
             }
@@ -669,44 +737,95 @@ impl Worker {
             review: None,
             body_digest: Some(digest),
         };
-        self.settle(message, event, Some(&item.content), reasoning).await;
+        self.settle(message, event, Some(&item.content), reasoning, stop).await;
         None
     }
 
-    /// Hands a settled decision to the host; on failure the event is NAKed and `false` returned.
+    /// Publishes a settled event (unless a person's decision on it is already out, when `may_be_reviewed`), hands
+    /// it to the host (`for_host`: the same decision, with what the bus does not carry) and acks its content event.
     ///
-    /// A host that is unavailable (its database restarting) is asked again here a few times first: the chain of
-    /// thought exists only in this worker's memory, so a redelivery could record the decision but not it.
-    async fn record(&self, message: &jetstream::Message, event: &DecisionEvent, content: Option<&Content>) -> bool {
-        let Some(decision) = &event.decision else { return true };
-        let settled = SettledItem { key: &event.key, item_id: event.item_id.as_deref(), content, decision };
-        let attempts = async {
-            let mut pause = Duration::from_millis(200);
-            for _ in 1..RECORD_ATTEMPTS {
-                match self.host.record(settled).await {
-                    Err(HostError::Unavailable(e)) => {
-                        debug!(key = %event.key, "cannot record the decision yet, trying again: {e}");
-                        tokio::time::sleep(pause).await;
-                        pause *= 2;
-                    }
-                    done => return done,
-                }
-            }
-            self.host.record(settled).await
-        };
-        match keep_alive(message, self.bus.config.ack_wait, attempts).await {
+    /// In this order: a person can only review a decision the host recorded, and the producer must hear the
+    /// decision before the person's word on it, never after (it would hold the item again, for good). A redelivery
+    /// after a failure at any step publishes the ledger's decision again, under the same message id.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish(
+        &self,
+        message: &jetstream::Message,
+        published: &DecisionEvent,
+        msg_id: &str,
+        for_host: &DecisionEvent,
+        content: Option<&Content>,
+        may_be_reviewed: bool,
+        stop: &CancellationToken,
+    ) {
+        if !self.announce(message, published, msg_id, may_be_reviewed, stop).await {
+            return;
+        }
+        if !self.record(message, for_host, content, stop).await {
+            return;
+        }
+        ack(message, AckKind::Ack).await;
+    }
+
+    /// Publishes a settled event under `msg_id`; on failure the event is NAKed and `false` returned.
+    ///
+    /// NATS refusing for a moment is waited out while the event is kept alive: given back, the event would be
+    /// recorded from the ledger, without the chain of thought held here.
+    async fn announce(
+        &self,
+        message: &jetstream::Message,
+        event: &DecisionEvent,
+        msg_id: &str,
+        may_be_reviewed: bool,
+        stop: &CancellationToken,
+    ) -> bool {
+        if may_be_reviewed && self.bus.reviewed(event).await {
+            debug!(key = ?event.key, "a person's decision on it is out already; not publishing the decision again");
+            return true;
+        }
+        let token = subject_token(&event.key);
+        let lasting = |e: &NatsError| matches!(e, NatsError::TooLarge(_));
+        let publishing =
+            persist(stop, "publish the decision", &event.key, lasting, || self.bus.publish_as(&token, msg_id, event));
+        match keep_alive(message, self.bus.config.ack_wait, publishing).await {
             Ok(()) => true,
+            Err(NatsError::TooLarge(e)) => {
+                // Never announceable, however often it is given back: recorded and acked all the same.
+                error!(key = ?event.key, "the settled event is too large to publish: {e}");
+                true
+            }
             Err(e) => {
-                warn!(key = %event.key, "cannot record the decision yet: {e}");
+                warn!(key = ?event.key, "cannot publish the settled event: {e}");
                 retry(message).await;
                 false
             }
         }
     }
 
-    /// Publishes a settled (and recorded) event and acks its content event.
-    async fn publish_and_ack(&self, message: &jetstream::Message, event: &DecisionEvent) {
-        ack_published(message, &event.key, self.bus.publish_event(event).await).await;
+    /// Hands a settled decision to the host; on failure the event is NAKed and `false` returned.
+    ///
+    /// A host that is unavailable (its database restarting) is asked again, with growing pauses, for as long as it
+    /// takes or until the worker stops, the event kept alive meanwhile: the chain of thought exists only in this
+    /// worker's memory, so a redelivery could record the decision but not it.
+    async fn record(
+        &self,
+        message: &jetstream::Message,
+        event: &DecisionEvent,
+        content: Option<&Content>,
+        stop: &CancellationToken,
+    ) -> bool {
+        let Some(decision) = &event.decision else { return true };
+        let settled = SettledItem { key: &event.key, item_id: event.item_id.as_deref(), content, decision };
+        let lasting = |e: &HostError| matches!(e, HostError::Rejected(_));
+        let recording = persist(stop, "record the decision", &event.key, lasting, || self.host.record(settled));
+        match keep_alive(message, self.bus.config.ack_wait, recording).await {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(key = ?event.key, "cannot record the decision: {e}");
+                retry(message).await;
+                false
+            }
+        }
     }
 
     async fn reject(
@@ -716,10 +835,12 @@ impl Worker {
         item_id: Option<String>,
         error: &str,
         digest: String,
+        stop: &CancellationToken,
     ) -> Option<Duration> {
-        warn!(%key, %error, "rejecting a content event");
+        // Debug-formatted: the key and the reason can hold the producer's text, line breaks included.
+        warn!(?key, ?error, "rejecting a content event");
         let event = DecisionEvent { body_digest: Some(digest), ..rejected(key, item_id, error) };
-        self.settle(message, event, None, None).await;
+        self.settle(message, event, None, None, stop).await;
         None
     }
 
@@ -743,7 +864,7 @@ impl Worker {
         None
     }
 
-    /// Records the event's final state exactly once in the ledger, hands it to the host, publishes it, then
+    /// Records the event's final state exactly once in the ledger, publishes it, hands it to the host, then
     /// acks. `reasoning` is the chain of thought kept out of the ledger and the published event, for the host.
     ///
     /// A decision too large for NATS (megabytes of evidence) could never be written, and given back it would be
@@ -755,46 +876,50 @@ impl Worker {
         event: DecisionEvent,
         content: Option<&Content>,
         reasoning: Option<Vec<Vec<String>>>,
+        stop: &CancellationToken,
     ) {
         let ours = event_id(&event);
         let key = event.key.clone();
         let mut candidate = event;
         // The host's copy, where it differs from the ledger's by more than the chain of thought.
         let mut whole = None;
-        let stored = loop {
-            match self.bus.claim(&candidate).await {
-                Ok(Claim::Ours) => break candidate,
-                Ok(Claim::Theirs(theirs)) if same_body(&theirs, candidate.body_digest.as_deref()) => break theirs,
+        // Whether this worker wrote the key's entry: a decision nobody has seen yet cannot have been reviewed.
+        let (stored, fresh) = loop {
+            match claim(&self.bus, &candidate).await {
+                Ok(Claim::Ours) => break (candidate, true),
+                Ok(Claim::Theirs(theirs)) if same_body(&theirs, candidate.body_digest.as_deref()) => {
+                    break (theirs, false);
+                }
                 Ok(Claim::Theirs(_)) => {
                     // Settled meanwhile for another body under this key: not this body's decision, nor is this
                     // body's content that decision's to record.
-                    warn!(%key, "the key was settled for another body meanwhile; a person decides this one");
+                    warn!(?key, "the key was settled for another body meanwhile; a person decides this one");
                     let event = whole.unwrap_or(candidate);
                     let id = reused_id(&key, event.body_digest.as_deref().unwrap_or_default());
-                    return self.settle_apart(message, event, KEY_REUSED, id, content, reasoning).await;
+                    return self.settle_apart(message, event, KEY_REUSED, id, content, reasoning, stop).await;
                 }
                 Ok(Claim::Conflict(other)) => {
-                    error!(%key, other = %other.key, "the key's ledger slot holds another key's entry; a person decides");
+                    error!(?key, other = ?other.key, "the key's ledger slot holds another key's entry; a person decides");
                     let event = whole.unwrap_or(candidate);
                     let detail =
                         format!("ledger conflict: this key's ledger slot holds the entry of key {:?}", other.key);
                     let id = conflict_id(&key);
-                    return self.settle_apart(message, event, &detail, id, content, reasoning).await;
+                    return self.settle_apart(message, event, &detail, id, content, reasoning, stop).await;
                 }
                 Err(NatsError::TooLarge(why)) if whole.is_none() && candidate.decision.is_some() => {
-                    error!(%key, "the decision is too large for the ledger ({why}); it goes to a person instead");
+                    error!(?key, "the decision is too large for the ledger ({why}); it goes to a person instead");
                     let detail = clip(&format!("the decision was too large to settle on NATS: {why}"), MAX_DETAIL);
                     whole = Some(for_person(&candidate, &detail, false));
                     candidate = for_person(&candidate, &detail, true);
                 }
                 Err(NatsError::TooLarge(why)) => {
                     // Nothing left to leave out (the key itself may be that large): no retry can ever settle it.
-                    error!(%key, "the event can never be settled, it is too large for NATS ({why}); dropping it");
+                    error!(?key, "the event can never be settled, it is too large for NATS ({why}); dropping it");
                     ack(message, AckKind::Term).await;
                     return;
                 }
                 Err(e) => {
-                    warn!(%key, "cannot record the decision: {e}");
+                    warn!(?key, "cannot write the decision to the ledger: {e}");
                     retry(message).await;
                     return;
                 }
@@ -807,17 +932,15 @@ impl Worker {
         if event_id(&for_host) == ours {
             restore_reasoning(&mut for_host, reasoning);
         }
-        if !self.record(message, &for_host, content).await {
-            return;
-        }
-        self.publish_and_ack(message, &stored).await;
+        self.finish(message, &stored, &status_msg_id(&stored), &for_host, content, !fresh, stop).await;
     }
 
     /// Settles an event that its key's ledger entry does not answer for, and whose own entry cannot be written
     /// there: the slot holds another key's entry, or this key's entry for another body. A rejection is published
     /// as it is; a decision goes to a person for `detail`, under `id` (derived from the key, and the body: a
-    /// redelivery records the same one again, not a second), recorded by the host with this event's content and
-    /// published, but not in the ledger.
+    /// redelivery records the same one again, not a second), published and recorded by the host with this event's
+    /// content, but not in the ledger.
+    #[allow(clippy::too_many_arguments)]
     async fn settle_apart(
         &self,
         message: &jetstream::Message,
@@ -826,6 +949,7 @@ impl Worker {
         id: uuid::Uuid,
         content: Option<&Content>,
         reasoning: Option<Vec<Vec<String>>>,
+        stop: &CancellationToken,
     ) {
         let token = subject_token(&event.key);
         if event.decision.is_none() {
@@ -842,13 +966,11 @@ impl Worker {
             }
         }
         restore_reasoning(&mut whole, reasoning);
-        if !self.record(message, &whole, content).await {
-            return;
-        }
         // Not `{token}:Decided`: the key's entry (or the other key's) may have used that message id within the
         // duplicate window.
         let msg_id = format!("{token}:{:?}:{id}", published.status);
-        ack_published(message, &event.key, self.bus.publish_as(&token, &msg_id, &published).await).await;
+        // Its id is the same for every delivery of this body, so a person may have decided it already.
+        self.finish(message, &published, &msg_id, &whole, content, true, stop).await;
     }
 }
 
@@ -1006,18 +1128,88 @@ enum Claim {
     Conflict(DecisionEvent),
 }
 
-impl Bus {
-    /// Writes `event` as its key's ledger entry unless the key has one; what the ledger holds for it then.
-    async fn claim(&self, event: &DecisionEvent) -> Result<Claim, NatsError> {
-        if self.record_once(event).await? {
-            return Ok(Claim::Ours);
+/// The ledger as [`claim`] uses it: the [`Bus`], or in tests one that loses a write's acknowledgement.
+#[async_trait::async_trait]
+trait Ledger: Sync {
+    /// Writes the key's entry unless it has one; `Ok(false)` when it has.
+    async fn create(&self, event: &DecisionEvent) -> Result<bool, NatsError>;
+    /// The key's entry, if any.
+    async fn entry(&self, key: &str) -> Result<Option<DecisionEvent>, NatsError>;
+}
+
+#[async_trait::async_trait]
+impl Ledger for Bus {
+    async fn create(&self, event: &DecisionEvent) -> Result<bool, NatsError> {
+        self.record_once(event).await
+    }
+
+    async fn entry(&self, key: &str) -> Result<Option<DecisionEvent>, NatsError> {
+        self.decided(key).await
+    }
+}
+
+/// Writes `event` as its key's ledger entry unless the key has one; what the ledger holds for it then.
+///
+/// A write that failed may still have landed (its acknowledgement timed out): the entry is read back, and one that
+/// carries this event's decision is this worker's. Taken as "not settled", it would be given back, and the
+/// redelivery would record the ledger's copy, without the chain of thought held here.
+async fn claim(ledger: &impl Ledger, event: &DecisionEvent) -> Result<Claim, NatsError> {
+    let failed = match ledger.create(event).await {
+        Ok(true) => return Ok(Claim::Ours),
+        Ok(false) => None,
+        Err(e @ NatsError::TooLarge(_)) => return Err(e),
+        Err(e) => Some(e),
+    };
+    let entry = match ledger.entry(&event.key).await {
+        Ok(entry) => entry,
+        // The write's own failure says more than the read's.
+        Err(e) => return Err(failed.unwrap_or(e)),
+    };
+    match entry {
+        Some(entry) if entry.key == event.key && event_id(&entry).is_some() && event_id(&entry) == event_id(event) => {
+            Ok(Claim::Ours)
         }
-        match self.decided(&event.key).await? {
-            Some(theirs) if theirs.key == event.key => Ok(Claim::Theirs(theirs)),
-            Some(other) => Ok(Claim::Conflict(other)),
-            // Refused as taken, yet nothing there: purged in between. Not settled; tried again later.
-            None => Err(NatsError::Stream(format!("the ledger refused {:?}'s entry but holds none", event.key))),
+        Some(theirs) if theirs.key == event.key => Ok(Claim::Theirs(theirs)),
+        Some(other) => Ok(Claim::Conflict(other)),
+        // Not written: not settled; tried again later. Refused as taken yet nothing there: purged in between.
+        None => Err(failed.unwrap_or_else(|| {
+            NatsError::Stream(format!("the ledger refused {:?}'s entry but holds none", event.key))
+        })),
+    }
+}
+
+/// Tries `attempt` until it succeeds, fails for good (`lasting`) or the worker is stopped, pausing longer after
+/// each failure (up to [`PERSIST_PAUSE_MAX`]); `what` and `key` are for the log.
+async fn persist<T, E, F, Fut>(
+    stop: &CancellationToken,
+    what: &str,
+    key: &str,
+    lasting: impl Fn(&E) -> bool,
+    mut attempt: F,
+) -> Result<T, E>
+where
+    E: std::fmt::Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let mut pause = PERSIST_PAUSE_FIRST;
+    let mut tries = 0u32;
+    loop {
+        let failed = match attempt().await {
+            Err(e) if !lasting(&e) && !stop.is_cancelled() => e,
+            done => return done,
+        };
+        tries += 1;
+        if tries == 1 {
+            warn!(?key, "cannot {what} yet; trying again until it can or the worker stops: {failed}");
+        } else {
+            debug!(?key, tries, "cannot {what} yet: {failed}");
         }
+        tokio::select! {
+            _ = stop.cancelled() => return Err(failed),
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(PERSIST_PAUSE_MAX);
     }
 }
 
@@ -1119,12 +1311,12 @@ async fn ack_published(message: &jetstream::Message, key: &str, published: Resul
         Ok(()) => ack(message, AckKind::Ack).await,
         Err(NatsError::TooLarge(e)) => {
             // Settled and recorded, but never announceable: given back, it would fail the same way every time.
-            error!(%key, "the settled event is too large to publish: {e}");
+            error!(?key, "the settled event is too large to publish: {e}");
             ack(message, AckKind::Ack).await;
         }
-        // Recorded but not announced: the redelivery finds it in the ledger and publishes it.
+        // Not announced: the redelivery settles it the same way and publishes it.
         Err(e) => {
-            warn!(%key, "cannot publish the settled event: {e}");
+            warn!(?key, "cannot publish the settled event: {e}");
             retry(message).await;
         }
     }
@@ -1477,6 +1669,59 @@ mod tests {
         assert_eq!(panic_message(&"a bug"), "a bug");
         assert_eq!(panic_message(&String::from("a bug")), "a bug");
         assert_eq!(panic_message(&7), "(not a message)");
+    }
+
+    /// A ledger whose writes all fail, as a publish whose acknowledgement timed out does; `lands` says whether the
+    /// write reached the stream all the same.
+    struct LostAck {
+        entry: std::sync::Mutex<Option<DecisionEvent>>,
+        lands: bool,
+    }
+
+    #[async_trait::async_trait]
+    impl Ledger for LostAck {
+        async fn create(&self, event: &DecisionEvent) -> Result<bool, NatsError> {
+            let mut entry = self.entry.lock().unwrap();
+            if self.lands && entry.is_none() {
+                *entry = Some(event.clone());
+            }
+            Err(NatsError::Stream("timed out waiting for the publish acknowledgement".into()))
+        }
+
+        async fn entry(&self, _key: &str) -> Result<Option<DecisionEvent>, NatsError> {
+            Ok(self.entry.lock().unwrap().clone())
+        }
+    }
+
+    fn ledger(lands: bool, entry: Option<DecisionEvent>) -> LostAck {
+        LostAck { entry: std::sync::Mutex::new(entry), lands }
+    }
+
+    /// A ledger write whose acknowledgement was lost used to give the event back: the redelivery found this
+    /// worker's own entry and recorded it without the chain of thought, which only this worker held.
+    #[tokio::test]
+    async fn a_ledger_write_that_landed_without_its_acknowledgement_is_this_workers() {
+        let mut event = oversized_event();
+        event.decision.as_mut().unwrap().policies.clear();
+        assert!(matches!(claim(&ledger(true, None), &event).await, Ok(Claim::Ours)));
+
+        // Not written: not settled, given back to be decided again.
+        assert!(matches!(claim(&ledger(false, None), &event).await, Err(NatsError::Stream(_))));
+
+        // Another worker's decision got there first: it stands, whatever became of this write.
+        let mut theirs = event.clone();
+        theirs.decision.as_mut().unwrap().id = uuid::Uuid::now_v7();
+        match claim(&ledger(true, Some(theirs.clone())), &event).await {
+            Ok(Claim::Theirs(entry)) => assert_eq!(entry, theirs),
+            other => panic!("{:?}", other.map(|_| "not theirs")),
+        }
+        // Another key's entry in the slot is still a conflict, not this key's decision.
+        let mut other = theirs.clone();
+        other.key = "someone-else".into();
+        assert!(matches!(claim(&ledger(false, Some(other)), &event).await, Ok(Claim::Conflict(_))));
+        // A rejection carries no decision to know it by: it is read back as the key's entry, which answers for it.
+        let rejection = rejected("item-1".into(), None, "why");
+        assert!(matches!(claim(&ledger(true, None), &rejection).await, Ok(Claim::Theirs(_))));
     }
 
     #[test]

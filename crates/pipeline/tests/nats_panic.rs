@@ -187,6 +187,12 @@ async fn a_panic_while_recording_gives_the_event_back_and_the_worker_carries_on(
     let second = decided(&producer, "second", &task, Duration::from_secs(20)).await;
     // Given back after the panic and settled on its next delivery, from the ledger: decided once.
     let first = decided(&producer, "first", &task, Duration::from_secs(20)).await;
+    // Published before it is recorded: the redelivery records it a moment later.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !host.recorded.lock().unwrap().iter().any(|(key, _)| key == "first") {
+        assert!(Instant::now() < deadline, "the redelivery never recorded it");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(host.panicked.load(Ordering::SeqCst), 2, "recorded again on the redelivery");
     let recorded = host.recorded.lock().unwrap().clone();
     let ids: Vec<(&str, uuid::Uuid)> = recorded.iter().map(|(key, d)| (key.as_str(), d.id)).collect();

@@ -772,6 +772,7 @@ fn allow_everything_head(encoder: Arc<safeguard_triage::LoadedEncoder>) -> safeg
             dim,
             max_seq: encoder.encoder.max_seq(),
             trained_with: encoder.dir.display().to_string(),
+            tokenizer: Some(encoder.tokenizer.clone()),
         },
         c: 1.0,
         balanced: true,

@@ -11,6 +11,8 @@ pub enum PolicyError {
     InvalidUtf8 { line: usize, column: usize, byte_offset: usize },
     #[error("front matter opened by `---` on line {line} is never closed by a `---` line")]
     UnclosedFrontMatter { line: usize },
+    #[error("front matter is {bytes} bytes, over the {limit}-byte limit")]
+    FrontMatterTooLarge { bytes: usize, limit: usize },
     #[error("malformed front matter at line {line}: {message}")]
     FrontMatter { line: usize, message: String },
     #[error("front matter field `{field}` (line {line}): {message}")]
@@ -50,6 +52,7 @@ impl PolicyError {
             PolicyError::InFile { source, .. } => source.line(),
             PolicyError::Io { .. }
             | PolicyError::TooLarge { .. }
+            | PolicyError::FrontMatterTooLarge { .. }
             | PolicyError::UndeterminedOutput
             | PolicyError::NoName => None,
         }

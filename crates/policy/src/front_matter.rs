@@ -6,7 +6,7 @@ use std::sync::LazyLock;
 use regex::Regex;
 use serde_yaml_ng::Value;
 
-use crate::{OutputFormat, PolicyError, PolicyMeta};
+use crate::{MAX_FRONT_MATTER_BYTES, OutputFormat, PolicyError, PolicyMeta, yaml_guard};
 
 pub(crate) struct FrontMatter<'a> {
     pub text: &'a str,
@@ -204,6 +204,8 @@ fn output_from(fields: &mut Fields<'_>) -> Result<Option<OutputFormat>, PolicyEr
     }
 }
 
+/// The front matter as [`PolicyMeta`]. Refused: front matter over [`MAX_FRONT_MATTER_BYTES`], and any YAML
+/// anchor or alias (see `yaml_guard`).
 pub(crate) fn build_meta(
     front_matter: Option<FrontMatter<'_>>,
     heading_name: Option<String>,
@@ -211,6 +213,16 @@ pub(crate) fn build_meta(
     body: &str,
 ) -> Result<PolicyMeta, PolicyError> {
     let (source, first_line) = front_matter.as_ref().map_or(("", 2), |fm| (fm.text, fm.first_line));
+    if source.len() > MAX_FRONT_MATTER_BYTES {
+        return Err(PolicyError::FrontMatterTooLarge { bytes: source.len(), limit: MAX_FRONT_MATTER_BYTES });
+    }
+    // Before serde_yaml_ng, which would expand every alias while reading: refused, nothing is expanded.
+    if let Err(refused) = yaml_guard::refuse_references(source) {
+        return Err(PolicyError::FrontMatter {
+            line: first_line.saturating_add(refused.line),
+            message: refused.message.to_string(),
+        });
+    }
     let map = if source.trim().is_empty() {
         serde_yaml_ng::Mapping::new()
     } else {

@@ -2,13 +2,15 @@
 //!
 //! A policy is a Markdown file, optionally starting with YAML front matter between `---` lines. The
 //! front matter is for tooling (name, output format, severity tiers, …); the body is the exact text the
-//! model reads, so the body alone decides a policy's identity ([`PolicyHash`]).
+//! model reads, so the body alone decides a policy's identity ([`PolicyHash`]). Front matter is plain YAML:
+//! anchors and aliases (`&name`, `*name`) are refused, and so is front matter over [`MAX_FRONT_MATTER_BYTES`].
 
 mod error;
 mod front_matter;
 pub mod lint;
 mod markdown;
 mod starter;
+mod yaml_guard;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -24,6 +26,10 @@ pub use starter::{STARTER_POLICIES, StarterPolicy, starter_library};
 /// Policy files larger than this are refused: a policy this long is far past the length the model
 /// handles well (about 10,000 tokens), so it is almost certainly the wrong file.
 pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
+
+/// Front matter (the YAML between the `---` lines) larger than this is refused: it holds metadata, routing and
+/// triage rules (room for the 10,000 keywords a rule set may hold), and any client can send a policy inline.
+pub const MAX_FRONT_MATTER_BYTES: usize = 256 * 1024;
 
 /// A parsed policy. `body` is exactly what goes into the prompt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

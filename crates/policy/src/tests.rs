@@ -277,6 +277,71 @@ fn front_matter_errors_carry_lines() {
     assert!(matches!(err, PolicyError::FrontMatterField { ref field, line: 4, .. } if field == "routing"), "{err:?}");
 }
 
+/// Aliases made serde_yaml_ng replay what they name: 60 KB of front matter became 1.4e8 values (gigabytes), from
+/// any client sending a policy inline. Anchors and aliases are refused before anything is expanded, on the line
+/// of the first one.
+#[test]
+fn yaml_anchors_and_aliases_are_refused_before_expansion() {
+    let reused = "---\nname: p\noutput: binary\ncategories: &cats [A1]\ntags: *cats\n---\n# P\nReturn 0 or 1.";
+    let err = Policy::parse(reused).unwrap_err();
+    assert!(matches!(err, PolicyError::FrontMatter { line: 4, .. }), "{err:?}");
+    assert!(err.to_string().contains("aliases"), "{err}");
+
+    // An alias alone (its anchor undefined) is refused on its own line, in flow and block collections alike.
+    let err = Policy::parse("---\nname: p\ntags:\n  - a\n  - *x\n---\n# P\nReturn 0 or 1.").unwrap_err();
+    assert!(matches!(err, PolicyError::FrontMatter { line: 5, .. }), "{err:?}");
+    let err =
+        Policy::parse("---\nname: p\ntriage: {rules: {allow_list: [hi, *x]}}\n---\n# P\nReturn 0 or 1.").unwrap_err();
+    assert!(matches!(err, PolicyError::FrontMatter { line: 3, .. }), "{err:?}");
+}
+
+/// The bomb itself: under serde_yaml_ng, 1.4e8 values. Refused on the anchor's line, in well under a second.
+#[test]
+fn yaml_alias_bomb_is_refused_quickly() {
+    let bomb = format!(
+        "---\nname: p\nlist: &a [{}]\nbomb: [{}]\n---\n# P\nReturn 0 or 1.",
+        vec!["x"; 20_000].join(","),
+        vec!["*a"; 7_000].join(",")
+    );
+    assert!(bomb.len() < MAX_FRONT_MATTER_BYTES, "refused for its aliases, not its size");
+    let started = std::time::Instant::now();
+    // Not `unwrap_err`: a policy that parsed would be printed whole.
+    let Err(err) = Policy::parse(&bomb) else { panic!("an alias bomb parsed") };
+    assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(matches!(err, PolicyError::FrontMatter { line: 3, .. }), "{err:?}");
+    assert!(err.to_string().contains("aliases"), "{err}");
+}
+
+/// `*` and `&` are only YAML syntax where a node starts: in quotes, block scalars, comments and mid-word they are
+/// text, and a policy using them still parses.
+#[test]
+fn stars_and_ampersands_in_front_matter_text_still_parse() {
+    let policy = Policy::parse(
+        "---\nname: \"*star\"\ndescription: 'R&D, *x and &y'\nowner: R&D\ntags: [\"*\", '&x', a*b]\n\
+         notes: |\n  *not an alias*\n  &not an anchor\n# *x &y\noutput: binary\n---\n# P\nReturn 0 or 1.",
+    )
+    .unwrap();
+    assert_eq!(policy.meta.name, "*star");
+    assert_eq!(policy.meta.description.as_deref(), Some("R&D, *x and &y"));
+    assert_eq!(policy.meta.owner.as_deref(), Some("R&D"));
+    assert_eq!(policy.meta.tags, ["*", "&x", "a*b"]);
+    assert_eq!(policy.meta.extra["notes"], serde_json::json!("*not an alias*\n&not an anchor\n"));
+}
+
+#[test]
+fn oversized_front_matter_is_refused() {
+    let with_notes = |bytes: usize| format!("---\nnotes: {}\n---\n# P\nReturn 0 or 1.", "a".repeat(bytes));
+    let at_limit = with_notes(MAX_FRONT_MATTER_BYTES - "notes: \n".len());
+    assert!(Policy::parse(&at_limit).is_ok());
+    let Err(err) = Policy::parse(&with_notes(MAX_FRONT_MATTER_BYTES)) else { panic!("oversized front matter parsed") };
+    assert!(
+        matches!(err, PolicyError::FrontMatterTooLarge { bytes, limit: MAX_FRONT_MATTER_BYTES }
+            if bytes == MAX_FRONT_MATTER_BYTES + "notes: \n".len()),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(&format!("{MAX_FRONT_MATTER_BYTES}-byte limit")), "{err}");
+}
+
 #[test]
 fn empty_body_is_an_error() {
     let err = Policy::parse("---\nname: x\n---\n\n   \n").unwrap_err();

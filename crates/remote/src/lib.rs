@@ -96,7 +96,7 @@ impl FromStr for EndpointConfig {
             _ => (Flavor::OpenAi, spec),
         };
         if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(ConfigError::BadUrl(url.to_string()));
+            return Err(ConfigError::BadUrl(shown_url(url)));
         }
         Ok(EndpointConfig {
             flavor,
@@ -166,6 +166,8 @@ impl RemoteConfig {
 
 struct Endpoint {
     config: EndpointConfig,
+    /// The base URL as errors, logs and [`EndpointStatus`] show it ([`shown_url`]): never its credentials.
+    shown: String,
     permits: Semaphore,
     /// Requests holding a permit: sent, or about to be.
     in_flight: AtomicUsize,
@@ -180,6 +182,7 @@ struct Endpoint {
 /// A snapshot of one endpoint, for `/readyz` and metrics.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EndpointStatus {
+    /// The base URL without credentials, query or fragment ([`shown_url`]).
     pub url: String,
     pub flavor: Flavor,
     pub healthy: bool,
@@ -260,6 +263,7 @@ impl RemoteReasoner {
             .iter()
             .map(|c| Endpoint {
                 config: c.clone(),
+                shown: shown_url(&c.base_url),
                 permits: Semaphore::new(c.max_concurrency.max(1)),
                 in_flight: AtomicUsize::new(0),
                 assigned: AtomicUsize::new(0),
@@ -276,7 +280,7 @@ impl RemoteReasoner {
             .endpoints
             .iter()
             .map(|e| EndpointStatus {
-                url: e.config.base_url.clone(),
+                url: e.shown.clone(),
                 flavor: e.config.flavor,
                 healthy: e.healthy.load(Ordering::Relaxed),
                 breaker: lock(&e.breaker).state(now),
@@ -296,7 +300,7 @@ impl RemoteReasoner {
             }
             let ok = matches!(request.send().await, Ok(r) if r.status().is_success());
             if endpoint.healthy.swap(ok, Ordering::Relaxed) != ok {
-                warn!(endpoint = %endpoint.config.base_url, healthy = ok, "backend health changed");
+                warn!(endpoint = %endpoint.shown, healthy = ok, "backend health changed");
             }
             healthy += usize::from(ok);
         }
@@ -396,14 +400,24 @@ impl RemoteReasoner {
             if sink.is_some() {
                 wire::enable_streaming(flavor, &mut body);
             }
-            let span =
-                info_span!("remote_attempt", endpoint = %endpoint.config.base_url, attempt, streaming = sink.is_some());
+            let span = info_span!("remote_attempt", endpoint = %endpoint.shown, attempt, streaming = sink.is_some());
             match self.attempt(hold, &body, sink.as_mut()).instrument(span).await {
                 Ok(mut out) => {
                     out.timings.total_ms = started.elapsed().as_secs_f64() * 1e3;
                     if out.usage.prompt_tokens == 0 {
                         // The server sent no count (no `usage` block); budgets and cost still need one.
                         out.usage.prompt_tokens = wire::estimate_prompt_tokens(&req);
+                    }
+                    let reported = out.usage;
+                    if wire::clamp_usage(&mut out.usage, max_tokens, wire::prompt_token_bound(&req)) {
+                        warn!(
+                            endpoint = %endpoint.shown,
+                            ?reported,
+                            counted = ?out.usage,
+                            max_tokens,
+                            "the backend's token counts are more than the request allows; counting the most it can \
+                             have spent"
+                        );
                     }
                     return Ok(out);
                 }
@@ -463,8 +477,11 @@ impl RemoteReasoner {
         sink: Option<&mut DeltaSink<'_>>,
     ) -> Result<ReasonOutput, AttemptError> {
         let flavor = endpoint.config.flavor;
-        let url = format!("{}/{}", endpoint.config.base_url, wire::chat_path(flavor));
-        let mut request = self.inner.client.post(&url).json(body);
+        let target = format!("{}/{}", endpoint.config.base_url, wire::chat_path(flavor));
+        // Every error names the endpoint by this, never by `target`: errors become a decision's failure reason,
+        // which API clients, webhooks and the review page see, and `target` may hold credentials.
+        let url = format!("{}/{}", endpoint.shown, wire::chat_path(flavor));
+        let mut request = self.inner.client.post(&target).json(body);
         if let Some(key) = &endpoint.config.api_key {
             request = request.bearer_auth(key);
         }
@@ -706,6 +723,10 @@ fn describe(error: &reqwest::Error) -> String {
         return "timed out".to_string();
     }
     let mut text = error.to_string();
+    // reqwest names the URL; the caller names the endpoint already, without anything secret in its URL.
+    if let Some(url) = error.url() {
+        text = text.replace(&format!(" for url ({url})"), "");
+    }
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {
         text.push_str(": ");
@@ -720,9 +741,57 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn excerpt(text: &str) -> &str {
-    let end = text.char_indices().nth(300).map_or(text.len(), |(i, _)| i);
-    text[..end].trim()
+/// A server's own text (an error page, an error object) as an error may quote it: a short excerpt on one line.
+/// It ends up in a decision's failure reason, in front of API clients, webhooks and the review page, so control
+/// characters (newlines that forge log lines, terminal escapes) and bidirectional overrides go, and the length is
+/// held to what identifies the failure.
+pub(crate) fn excerpt(text: &str) -> String {
+    let cleaned: String = text.chars().map(|c| if c.is_control() || is_bidi_control(c) { ' ' } else { c }).collect();
+    let mut out = String::new();
+    for (i, word) in cleaned.split_whitespace().enumerate() {
+        if i > 0 {
+            out.push(' ');
+        }
+        out.push_str(word);
+        if out.chars().count() > EXCERPT_CHARS {
+            let end = out.char_indices().nth(EXCERPT_CHARS).map_or(out.len(), |(at, _)| at);
+            out.truncate(end);
+            out.push('…');
+            break;
+        }
+    }
+    out
+}
+
+/// Enough for vLLM's longest usual message (the context-length one) with its JSON around it.
+const EXCERPT_CHARS: usize = 200;
+
+/// Characters that reorder the text around them when shown (U+202A..U+202E, U+2066..U+2069).
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// A URL as errors and logs may show it: scheme, host, port and path, without the credentials a URL may carry
+/// (`http://user:pass@host`), and without query or fragment, where API keys also travel
+/// (`?api-key=`). The host and port stay: they tell an operator which endpoint failed.
+pub(crate) fn shown_url(url: &str) -> String {
+    // Without a host (`user:secret@gpu1` reads as scheme `user`), the parser has no userinfo to clear.
+    if let Ok(mut parsed) = reqwest::Url::parse(url)
+        && parsed.has_host()
+    {
+        // These fail only for URLs that cannot carry credentials (no host), which the check above excludes.
+        let _ = parsed.set_username("");
+        let _ = parsed.set_password(None);
+        parsed.set_query(None);
+        parsed.set_fragment(None);
+        return parsed.as_str().trim_end_matches('/').to_string();
+    }
+    // Not a URL reqwest reads (a password with an unescaped `/`, `#` or `@`): everything up to the last `@`
+    // may be credentials, so all of it goes, the scheme aside.
+    let (scheme, rest) = url.split_once("://").map_or(("", url), |(scheme, rest)| (scheme, rest));
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    if scheme.is_empty() { rest.to_string() } else { format!("{scheme}://{rest}") }
 }
 
 #[cfg(test)]
@@ -742,6 +811,26 @@ mod tests {
         assert!(matches!("tgi+http://x".parse::<EndpointConfig>(), Err(ConfigError::UnknownFlavor(_))));
         assert!(matches!("ftp://x".parse::<EndpointConfig>(), Err(ConfigError::BadUrl(_))));
         assert!(RemoteReasoner::new(RemoteConfig::new("m", vec![])).is_err());
+    }
+
+    #[test]
+    fn shown_urls_keep_the_endpoint_and_drop_secrets() {
+        assert_eq!(shown_url("http://gpu1:8000/v1"), "http://gpu1:8000/v1");
+        assert_eq!(shown_url("https://user:pa%40ss@gpu1:8000/v1?api-key=k#x"), "https://gpu1:8000/v1");
+        assert_eq!(shown_url("http://token@127.0.0.1:11434"), "http://127.0.0.1:11434");
+        // Not parseable as a URL: everything before the last `@` goes.
+        assert_eq!(shown_url("http://user:pa/ss@gpu1:8000/v1?k=1"), "http://gpu1:8000/v1");
+        assert_eq!(shown_url("user:secret@gpu1"), "gpu1");
+    }
+
+    #[test]
+    fn excerpts_are_short_and_on_one_line() {
+        assert_eq!(excerpt("  {\"error\":\n  \"bad\"}\r\n"), "{\"error\": \"bad\"}");
+        assert_eq!(excerpt("a\u{1b}[31mb\u{202e}c"), "a [31mb c");
+        let long = excerpt(&"word ".repeat(1000));
+        assert_eq!(long.chars().count(), EXCERPT_CHARS + 1);
+        assert!(long.ends_with('…'));
+        assert_eq!(excerpt(&"é".repeat(1000)).chars().count(), EXCERPT_CHARS + 1, "cut on a character boundary");
     }
 
     #[test]

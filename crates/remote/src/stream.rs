@@ -248,7 +248,7 @@ fn server_error(error: &Value) -> StreamError {
                 || code.and_then(Value::as_str) == Some("unavailable")
         }
     };
-    StreamError::Server { message: error.to_string(), transient }
+    StreamError::Server { message: crate::excerpt(&error.to_string()), transient }
 }
 
 /// Splits bytes into lines across chunk boundaries. A line is decoded only once it is whole, so a UTF-8

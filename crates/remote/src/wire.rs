@@ -122,7 +122,7 @@ pub(crate) fn parse_response(flavor: Flavor, body: &Value) -> Result<ReasonOutpu
 fn parse_openai(body: &Value) -> Result<ReasonOutput, ShapeError> {
     if let Some(error) = body.get("error") {
         // vLLM 0.16 returned some errors with HTTP 200.
-        return Err(ShapeError(format!("the server answered with an error: {error}")));
+        return Err(ShapeError(format!("the server answered with an error: {}", crate::excerpt(&error.to_string()))));
     }
     let choice = body.get("choices").and_then(|c| c.get(0)).ok_or_else(|| ShapeError("no choices[0]".into()))?;
     let message = choice.get("message").ok_or_else(|| ShapeError("no choices[0].message".into()))?;
@@ -167,7 +167,7 @@ fn parse_openai(body: &Value) -> Result<ReasonOutput, ShapeError> {
 
 fn parse_ollama(body: &Value) -> Result<ReasonOutput, ShapeError> {
     if let Some(error) = body.get("error") {
-        return Err(ShapeError(format!("the server answered with an error: {error}")));
+        return Err(ShapeError(format!("the server answered with an error: {}", crate::excerpt(&error.to_string()))));
     }
     let message = body.get("message").ok_or_else(|| ShapeError("no message".into()))?;
     let content = non_empty_str(message.get("content"));
@@ -241,6 +241,34 @@ pub(crate) fn estimate_prompt_tokens(req: &ReasonRequest) -> usize {
 
 /// About what the harmony system message and the message headers of a prompt take.
 const SYSTEM_MESSAGE_TOKENS: usize = 64;
+
+/// The most prompt tokens a server can honestly have read for `req`. Every token of a byte-level BPE
+/// vocabulary (o200k_harmony) stands for at least one byte, so the messages as sent, in bytes, bound their own
+/// tokens whatever the server's tokenizer does with them; only the server's chat template adds tokens of its
+/// own (the system message, headers, specials), and [`TEMPLATE_TOKEN_ALLOWANCE`] is far more than any template
+/// for this model writes. The context length would be tighter, but servers do not tell it.
+pub(crate) fn prompt_token_bound(req: &ReasonRequest) -> usize {
+    let policy = defuse_special_tokens(&req.instructions).len();
+    let content = defuse_special_tokens(&user_message_text(&req.content)).len();
+    policy.saturating_add(content).saturating_add(TEMPLATE_TOKEN_ALLOWANCE)
+}
+
+/// What a server's chat template may add around our two messages: the harmony system message with its date,
+/// effort and channel list takes well under a hundred tokens, so this leaves room for a server's own default
+/// system text too.
+const TEMPLATE_TOKEN_ALLOWANCE: usize = 4096;
+
+/// Holds what a server reported to what it can have spent, so that one wrong or hostile count cannot overflow a
+/// sum, drain a token budget for good, or be stored as a negative number: completion tokens at the `max_tokens`
+/// it was sent (reasoning included; servers stop there), prompt tokens at `prompt_bound`
+/// ([`prompt_token_bound`]), and cached tokens at the prompt. Returns whether anything was lowered.
+pub(crate) fn clamp_usage(usage: &mut Usage, max_tokens: usize, prompt_bound: usize) -> bool {
+    let reported = *usage;
+    usage.completion_tokens = usage.completion_tokens.min(max_tokens);
+    usage.prompt_tokens = usage.prompt_tokens.min(prompt_bound);
+    usage.cached_prompt_tokens = usage.cached_prompt_tokens.min(usage.prompt_tokens);
+    *usage != reported
+}
 
 /// Whether `content` is raw harmony rather than an answer: servers run without a reasoning parser start it with
 /// a marker (`<|channel|>analysis<|message|>…`). Only its start counts, as in the stream router: an answer that
@@ -579,6 +607,25 @@ mod tests {
         assert_eq!(out.timings.prefill_ms, 350.0);
         let cut = json!({"message": {"content": "", "thinking": "..."}, "done_reason": "length"});
         assert!(parse_response(Flavor::Ollama, &cut).unwrap().truncated);
+    }
+
+    #[test]
+    fn reported_usage_is_held_to_what_the_request_allowed() {
+        let bound = prompt_token_bound(&req(Effort::High));
+        assert!(bound >= estimate_prompt_tokens(&req(Effort::High)), "the bound is above the real prompt");
+        let mut sane = Usage { prompt_tokens: 300, cached_prompt_tokens: 256, completion_tokens: 20 };
+        assert!(!clamp_usage(&mut sane, 512, bound), "plausible counts stay as reported");
+        assert_eq!(sane, Usage { prompt_tokens: 300, cached_prompt_tokens: 256, completion_tokens: 20 });
+
+        let body = json!({"choices": [{"finish_reason": "stop", "message": {"content": "0"}}],
+            "usage": {"prompt_tokens": u64::MAX, "completion_tokens": u64::MAX,
+                      "prompt_tokens_details": {"cached_tokens": u64::MAX}}});
+        let mut usage = parse_response(Flavor::OpenAi, &body).unwrap().usage;
+        assert!(clamp_usage(&mut usage, 512, bound));
+        assert_eq!(usage, Usage { prompt_tokens: bound, cached_prompt_tokens: bound, completion_tokens: 512 });
+        // Defused markers are longer than the originals; the bound counts what was sent.
+        let marked = ReasonRequest::new("<|end|>".repeat(100), Content::text("<|start|>".repeat(100)), Effort::Low);
+        assert!(prompt_token_bound(&marked) >= TEMPLATE_TOKEN_ALLOWANCE + 100 * ("<|end|>".len() + 3));
     }
 
     #[test]

@@ -729,3 +729,82 @@ async fn a_retry_after_applies_only_to_its_own_endpoint() {
         );
     }
 }
+
+// ---- What a backend says is not taken on trust ------------------------------------------------------------
+
+/// A backend reporting 2^64 - 1 tokens (a bug, or a hostile endpoint) is counted at the most the request allows:
+/// the completion at the `max_tokens` it was sent, the prompt at what the messages sent can tokenize to. Summed
+/// or charged to the token budget, the raw count would overflow or lock the budget until a restart.
+#[tokio::test]
+async fn absurd_token_counts_are_held_to_what_the_request_allows() {
+    let huge = json!({"prompt_tokens": u64::MAX, "completion_tokens": u64::MAX, "total_tokens": u64::MAX,
+        "prompt_tokens_details": {"cached_tokens": u64::MAX}});
+    let mut whole = vllm_ok("1");
+    whole["usage"] = huge.clone();
+    let (url, _) = serve(always(StatusCode::OK, whole)).await;
+    let reasoner = RemoteReasoner::new(config(&[format!("{url}/v1")])).unwrap();
+    let mut req = request();
+    req.max_tokens = 512;
+    let out = reasoner.reason(req.clone()).await.unwrap();
+    assert_eq!(out.final_text.as_deref(), Some("1"), "the answer itself stands");
+    assert_eq!(out.usage.completion_tokens, 512);
+    assert!(out.usage.prompt_tokens < 10_000, "{:?}", out.usage);
+    assert!(out.usage.cached_prompt_tokens <= out.usage.prompt_tokens, "{:?}", out.usage);
+    assert!(i64::try_from(out.usage.billed_tokens()).is_ok(), "storable: {:?}", out.usage);
+
+    // Streamed, the counts arrive in the usage chunk; Ollama's native API has its own names for them.
+    let mut pieces = vllm_events(&REASONING_PIECES, &["1"], "stop");
+    let usage_chunk = pieces.len() - 2;
+    pieces[usage_chunk] = format!("data: {}\n\n", json!({"choices": [], "usage": huge}));
+    let (url, _) = serve_stream(Arc::new(move |_| Ok(sse(pieces.clone(), End::Finish))), None).await;
+    let reasoner = RemoteReasoner::new(config(&[format!("{url}/v1")])).unwrap();
+    let (sender, _receiver) = tokio::sync::mpsc::unbounded_channel();
+    let out = reasoner.reason_streaming(request(), sender).await.unwrap();
+    assert_eq!(out.usage.completion_tokens, 8192, "the high-effort budget that was sent");
+    assert!(out.usage.prompt_tokens < 10_000, "{:?}", out.usage);
+
+    let reply = json!({"model": "gpt-oss-safeguard:20b", "message": {"role": "assistant", "content": "0", "thinking": "a greeting"},
+        "done": true, "done_reason": "stop", "prompt_eval_count": u64::MAX, "eval_count": u64::MAX});
+    let (url, _) = serve(always(StatusCode::OK, reply)).await;
+    let reasoner = RemoteReasoner::new(config(&[format!("ollama+{url}")])).unwrap();
+    let out = reasoner.reason(req).await.unwrap();
+    assert_eq!(out.usage.completion_tokens, 512);
+    assert!(out.usage.prompt_tokens < 10_000, "{:?}", out.usage);
+}
+
+/// An endpoint's URL may carry credentials (`http://user:pass@host`). Backend errors become a decision's failure
+/// reason, which API clients, webhooks and the review page show: they name the endpoint by host and port, with
+/// the status and a short one-line excerpt of what the server said, and never its credentials.
+#[tokio::test]
+async fn backend_errors_name_the_endpoint_without_its_credentials() {
+    let page = format!(
+        "{{\"error\": \"unknown model\"}}\n\u{1b}[31mforged log line\r\n\u{202e}{}",
+        "stack frame ".repeat(200)
+    );
+    let (url, fake) = serve(always(StatusCode::BAD_REQUEST, json!(page))).await;
+    let host = url.trim_start_matches("http://").to_string();
+    let reasoner = RemoteReasoner::new(config(&[format!("http://operator:hunter2@{host}/v1")])).unwrap();
+    let message = reasoner.reason(request()).await.unwrap_err().to_string();
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+    for secret in ["hunter2", "operator"] {
+        assert!(!message.contains(secret), "{secret} leaked: {message}");
+    }
+    assert!(message.contains(&host) && message.contains("400") && message.contains("unknown model"), "{message}");
+    assert!(!message.chars().any(|c| c.is_control() || c == '\u{202e}'), "{message:?}");
+    assert!(message.chars().count() < 400, "a short excerpt, not the page: {message}");
+    assert!(reasoner.status().iter().all(|s| !s.url.contains("hunter2")));
+
+    // A transport failure (nothing listens there) names the endpoint the same way.
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let closed_host = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    let mut cfg = config(&[format!("http://operator:hunter2@{closed_host}/v1")]);
+    cfg.max_attempts = 1;
+    let message = RemoteReasoner::new(cfg).unwrap().reason(request()).await.unwrap_err().to_string();
+    assert!(!message.contains("hunter2") && !message.contains("operator"), "{message}");
+    assert!(message.contains(&closed_host), "{message}");
+
+    // A startup error about a bad URL shows no credentials either.
+    let refused = "ftp://operator:hunter2@host/v1".parse::<EndpointConfig>().unwrap_err().to_string();
+    assert!(!refused.contains("hunter2"), "{refused}");
+}

@@ -71,12 +71,11 @@ impl FromRequestParts<AppState> for Caller {
             match state.lookups.keys.get(&key_hash) {
                 Some(caller) => caller,
                 None => {
-                    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip());
-                    if let Some(peer) = peer {
-                        state.failed_keys.check(peer)?;
-                    }
+                    // Looked up before the address is judged: behind a proxy every client shares one address,
+                    // and a stranger's wrong keys must not lock out the clients whose keys are good.
                     let Some(record) = state.store.authenticate(secret).await? else {
-                        if let Some(peer) = peer {
+                        if let Some(peer) = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip()) {
+                            state.failed_keys.check(peer)?;
                             state.failed_keys.record(peer);
                         }
                         return Err(ApiError::Unauthorized);
@@ -92,10 +91,11 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
-/// Wrong keys per client address. Every unknown key costs a database lookup and is a guess at a real one: an
-/// address that sent [`FailedKeys::PER_MINUTE`] of them in a minute waits out the rest of that minute (429) before
-/// its next unknown key is looked up. Keys the server knows from the last `lookup_ttl` pass without a lookup, so
-/// a caller already using a good key behind the same address keeps working.
+/// Wrong keys per client address. Every unknown key is a guess at a real one: an address that sent
+/// [`FailedKeys::PER_MINUTE`] of them in a minute is answered 429 for its wrong keys for the rest of that minute,
+/// so a guesser learns nothing more from it. A good key is never refused here, whichever address it comes from:
+/// behind a proxy every client shares one address, and one client's typo (or a stranger's guessing) must not
+/// lock out the others.
 pub(crate) struct FailedKeys {
     windows: Mutex<HashMap<IpAddr, (u32, Instant)>>,
 }

@@ -341,9 +341,11 @@ pub(crate) async fn reason_and_store(
 ) -> Result<(Decision, DecisionRecord, Option<String>), ApiError> {
     let (decision, record, reasoning, elapsed) = reason_one(state, policies, content, settings, origin).await?;
     timer.mark("reason");
-    count_decision(&decision, origin.source, elapsed);
     let review = review_of(&decision, &record);
     let review_id = crate::reviews::store_decision(state, &record, &reasoning, review.as_ref()).await?;
+    // Counted once stored: a decision that failed to store is made again by the client's retry, and the model's
+    // cost is counted per prompt by the prompt observer either way.
+    count_decision(&decision, origin.source, elapsed);
     state.items.observe("direct", decision.usage, elapsed);
     timer.mark("store");
     Ok((decision, record, review_id))

@@ -49,6 +49,9 @@ pub(crate) struct ListQuery {
     /// Unix milliseconds.
     since: Option<i64>,
     before: Option<i64>,
+    /// With `before`: the id of the last decision seen, so that a page ending inside a millisecond loses
+    /// nothing of it (the reply's `next_page` carries both).
+    before_id: Option<String>,
     limit: Option<i64>,
 }
 
@@ -64,15 +67,29 @@ pub(crate) async fn list(
     {
         return Err(ApiError::bad("invalid_query", "outcome is allow, violation or needs_review"));
     }
+    if query.before_id.is_some() && query.before.is_none() {
+        return Err(ApiError::bad("invalid_query", "before_id goes with before (the next_page of a previous reply)"));
+    }
     let filter = DecisionFilter {
         outcome: query.outcome,
         policy: query.policy,
         since: query.since,
         before: query.before,
+        before_id: query.before_id,
         limit: query.limit.unwrap_or(50).clamp(1, 1000),
     };
     let decisions = state.store.list_decisions(&filter).await?;
-    Ok(Json(json!({"decisions": decisions.iter().map(|d| record_reply(d, None)).collect::<Vec<_>>()})))
+    // A full page may have more behind it; the cursor is the last decision's place in the order.
+    let next_page = match decisions.last() {
+        Some(last) if decisions.len() as i64 == filter.limit => {
+            json!({"before": last.created_at, "before_id": last.id})
+        }
+        _ => Value::Null,
+    };
+    Ok(Json(json!({
+        "decisions": decisions.iter().map(|d| record_reply(d, None)).collect::<Vec<_>>(),
+        "next_page": next_page,
+    })))
 }
 
 pub(crate) async fn get_one(
@@ -137,11 +154,12 @@ pub(crate) async fn replay(
     let started = Instant::now();
     let decision = state.classifier.classify(&policies, &content, &options(&settings)).await;
     state.cascade.charge(&decision, settings.max_tokens);
-    count_decision(&decision, "replay", started.elapsed().as_secs_f64());
+    let elapsed = started.elapsed().as_secs_f64();
     let (mut record, reasoning) =
         record_of(&decision, &policies, &content, &settings, Origin::of(&caller, "replay"), None);
     record.replay_of = Some(original.id.clone());
     state.store.insert_decision(&record, Some(&reasoning)).await?;
+    count_decision(&decision, "replay", elapsed);
     let verdict_summary = |verdicts: &Value| -> Vec<(Value, Value)> {
         verdicts
             .as_array()

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use safeguard_pipeline::Pipeline;
-use safeguard_pipeline::nats::{Bus, HostError, NatsConfig, NatsError, ReviewedItem, SettledItem, Worker, WorkerHost};
+use safeguard_pipeline::nats::{
+    Bus, ContentLimits, HostError, NatsConfig, NatsError, ReviewedItem, SettledItem, Worker, WorkerHost,
+};
 use safeguard_policy::Policy;
 use safeguard_store::{DecisionRecord, ReviewRecord};
 use serde_json::json;
@@ -202,7 +204,11 @@ async fn serve_once(
     // Cleared however the worker ends, a panic included.
     let _connected = ClearNatsOut(state);
     let health = state.nats_health.clone();
-    let worker = Worker::with_host(bus, host.clone()).on_started(move || health.serving());
+    // The bus is held to the limits HTTP clients are: content a request could not send is not decided either.
+    let limits = &state.config.limits;
+    let worker = Worker::with_host(bus, host.clone())
+        .with_limits(ContentLimits { max_chars: limits.max_content_chars, max_tokens: Some(limits.max_content_tokens) })
+        .on_started(move || health.serving());
     Ended::Ran(worker.run(stop.clone()).await)
 }
 
@@ -348,13 +354,31 @@ async fn announce_pending(state: &AppState) -> Result<(), safeguard_store::Store
 }
 
 async fn announce_reviews(state: AppState, stop: CancellationToken) {
+    sweep_every(&stop, ANNOUNCE_EVERY, || announce_pending(&state)).await;
+}
+
+/// Runs `sweep` every `every` until `stop`. A sweep that fails or panics is logged and the next one runs as
+/// usual: one bad row must not end the announcing of every later review for the life of the process.
+async fn sweep_every<F, Fut>(stop: &CancellationToken, every: Duration, mut sweep: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), safeguard_store::StoreError>>,
+{
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(ANNOUNCE_EVERY) => {}
+            _ = tokio::time::sleep(every) => {}
         }
-        if let Err(e) = announce_pending(&state).await {
-            warn!("cannot read the reviews to announce: {e}");
+        match AssertUnwindSafe(sweep()).catch_unwind().await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!("cannot read the reviews to announce: {e}"),
+            Err(panic) => {
+                error!(
+                    panic = safeguard_pipeline::nats::panic_message(panic.as_ref()),
+                    "announcing decided reviews panicked (a bug); trying again in {every:?}"
+                );
+                metrics::counter!("safeguard_review_announcer_panics_total").increment(1);
+            }
         }
     }
 }
@@ -364,6 +388,30 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sweep_that_fails_or_panics_does_not_end_the_announcer() {
+        let stop = CancellationToken::new();
+        let sweeps = AtomicUsize::new(0);
+        let sweep = || {
+            let n = sweeps.fetch_add(1, Ordering::SeqCst);
+            let stop = stop.clone();
+            async move {
+                match n {
+                    0 => panic!("a bug while announcing"),
+                    1 => Err(safeguard_store::StoreError::WriterStopped),
+                    _ => {
+                        stop.cancel();
+                        Ok(())
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), sweep_every(&stop, Duration::from_secs(5), sweep))
+            .await
+            .expect("the announcer sweeps again after a panic and an error, and stops when told");
+        assert_eq!(sweeps.load(Ordering::SeqCst), 3);
+    }
 
     #[tokio::test]
     async fn a_worker_that_ends_or_panics_is_started_again_until_the_server_stops() {

@@ -381,7 +381,7 @@ async fn process(state: &AppState, job: JobRecord) -> bool {
         return false;
     };
     state.cascade.charge_queued(&decision, request.settings.max_tokens);
-    count_decision(&decision, "job", started.elapsed().as_secs_f64());
+    let elapsed = started.elapsed().as_secs_f64();
     let origin = Origin { source: "job", submitted_by: job.submitted_by.as_deref() };
     let (record, reasoning) =
         record_of(&decision, &policies, &request.content, &request.settings, origin, Some(&job.id));
@@ -389,6 +389,8 @@ async fn process(state: &AppState, job: JobRecord) -> bool {
     let webhook = completed_webhook(&job, &record);
     match state.store.finish_job(&job.id, &token, &record, Some(&reasoning), review.as_ref(), webhook.as_ref()).await {
         Ok(true) => {
+            // Counted once stored: a job whose lease was lost or whose store failed is decided again.
+            count_decision(&decision, "job", elapsed);
             metrics::counter!("safeguard_jobs_finished_total").increment(1);
             if let Some(review) = &review {
                 crate::reviews::count_queued(review);

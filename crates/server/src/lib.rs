@@ -58,7 +58,7 @@ pub use ingest::NatsIngest;
 pub use safeguard_pipeline::ActiveLearning;
 pub use safeguard_pipeline::nats::NatsConfig;
 pub use timing::parse_server_timing;
-pub use webhooks::{WebhookTargets, sign_webhook, verify_webhook, verify_webhook_fresh};
+pub use webhooks::{WebhookTargets, sign_webhook, verify_webhook, verify_webhook_fresh, webhook_secret_in};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -323,17 +323,19 @@ impl Server {
             if !config.listen.ip().is_loopback() && length < MIN_PUBLIC_ADMIN_KEY_CHARS {
                 return Err(ServerError::WeakAdminKey(config.listen, length));
             }
-            let admin = store.insert_api_key(ADMIN_KEY_NAME, &["admin".to_string()], key).await?;
-            if admin.revoked_at.is_some() {
-                // A value rotated away from, set again (an old pod, a rolled-back secret): keeping it revoked and
-                // revoking the others below would leave no admin key at all.
-                return Err(ServerError::RevokedAdminKey);
-            }
             // Setting another value is how an operator rotates the key: the ones it replaces stop working now,
-            // not whenever someone remembers `safeguard keys revoke`.
-            let retired = store.revoke_api_keys_named(ADMIN_KEY_NAME, &admin.id).await?;
-            if retired > 0 {
-                tracing::info!(retired, "earlier SAFEGUARD_ADMIN_KEY values revoked");
+            // not whenever someone remembers `safeguard keys revoke`. Replicas starting together with different
+            // values end with the newest one live, never none.
+            match store.install_named_key(ADMIN_KEY_NAME, &["admin".to_string()], key).await? {
+                safeguard_store::KeyInstall::Current { retired, .. } => {
+                    if retired > 0 {
+                        tracing::info!(retired, "earlier SAFEGUARD_ADMIN_KEY values revoked");
+                    }
+                }
+                // A value rotated away from, set again (an old pod, a rolled-back secret): starting would leave
+                // the operator believing it works. A replica whose value is replaced after it started keeps
+                // running; its admin key just stops working, as the rotation asked.
+                safeguard_store::KeyInstall::Superseded { .. } => return Err(ServerError::RevokedAdminKey),
             }
         }
         let any_key = store.has_api_keys().await?;

@@ -104,7 +104,7 @@ pub(crate) fn document() -> Value {
             "/v1/policies": {
                 "post": op("Store a policy version (markdown body, or JSON {text}); 201 new, 200 existing, 409 the same body with other front matter", Some("policies:write"),
                            Some(json!({"type": "object", "properties": {"text": {"type": "string"}, "name": {"type": "string"}}})), "201", any.clone()),
-                "get": op("List policy versions", Some("classify"), None, "200", any.clone())},
+                "get": op("List policy versions: the active ones, and with the policies:write, review or audit scope also the others (drafts, inline policies clients sent)", Some("classify"), None, "200", any.clone())},
             "/v1/policies/{id}": {"parameters": [path_param("id")],
                 "get": op("A version by hash, or a name's active version with its history", Some("classify"), None, "200", any.clone())},
             "/v1/policies/{id}/diff/{other}": {"parameters": [path_param("id"), path_param("other")],
@@ -139,8 +139,9 @@ pub(crate) fn document() -> Value {
                     {"name": "policy", "in": "query", "schema": {"type": "string"}},
                     {"name": "since", "in": "query", "schema": {"type": "integer", "description": "unix ms"}},
                     {"name": "before", "in": "query", "schema": {"type": "integer", "description": "unix ms"}},
+                    {"name": "before_id", "in": "query", "schema": {"type": "string", "description": "with before: the last decision seen; pass a reply's next_page to read the next one without skipping decisions of the same millisecond"}},
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "maximum": 1000}}],
-                "responses": {"200": {"description": "decisions"}}}},
+                "responses": {"200": {"description": "decisions, newest first, and next_page ({before, before_id}, null when this page was not full)"}}}},
             "/v1/decisions/{id}": {"parameters": [path_param("id")],
                 "get": any_scope(op("One decision; reasoning only with the audit scope", None, None, "200", any.clone()), &["review", "audit"])},
             "/v1/decisions/{id}/replay": {"parameters": [path_param("id")],
@@ -161,7 +162,7 @@ pub(crate) fn document() -> Value {
                 "summary": "The review queue: reviews by priority, then due time (SLA); with the queue's stats (pending, overdue, decided, overrides, agreement_rate)",
                 "security": [{"bearer": ["review"]}],
                 "parameters": [
-                    {"name": "status", "in": "query", "schema": {"enum": ["pending", "decided"], "default": "pending"}},
+                    {"name": "status", "in": "query", "schema": {"enum": ["pending", "decided", "superseded"], "default": "pending"}},
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "default": 50}}],
                 "responses": {"200": {"description": "reviews and stats"}}}},
             "/v1/reviews/{id}": {"parameters": [path_param("id")],

@@ -278,9 +278,19 @@ pub(crate) async fn create(
     Ok((status, Json(full(&stored))).into_response())
 }
 
+/// Whether the caller sees versions that are not active: drafts, and the inline policies other clients sent
+/// (their text is theirs). A key that only classifies sees the versions names resolve to, and any version whose
+/// hash it already knows.
+fn sees_every_version(caller: &Caller) -> bool {
+    ["policies:write", "review", "audit"].iter().any(|scope| caller.has(scope))
+}
+
 pub(crate) async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
     caller.require("classify")?;
-    let policies = state.store.list_policies().await?;
+    let mut policies = state.store.list_policies().await?;
+    if !sees_every_version(&caller) {
+        policies.retain(|policy| policy.active);
+    }
     Ok(Json(json!({"policies": policies.iter().map(summary).collect::<Vec<_>>()})))
 }
 
@@ -300,7 +310,10 @@ pub(crate) async fn get_one(
     let policy = find(&state, &id).await?;
     let mut value = full(&policy);
     if !looks_like_hash(&id) {
-        let versions = state.store.policy_versions(&policy.name).await?;
+        let mut versions = state.store.policy_versions(&policy.name).await?;
+        if !sees_every_version(&caller) {
+            versions.retain(|version| version.active);
+        }
         value["versions"] = json!(versions.iter().map(summary).collect::<Vec<_>>());
     }
     Ok(Json(value))

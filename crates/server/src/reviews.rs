@@ -167,8 +167,8 @@ pub(crate) async fn list(
     Query(query): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require("review")?;
-    if !matches!(query.status.as_str(), "pending" | "decided") {
-        return Err(ApiError::bad("invalid_status", "status is \"pending\" or \"decided\""));
+    if !matches!(query.status.as_str(), "pending" | "decided" | "superseded") {
+        return Err(ApiError::bad("invalid_status", "status is \"pending\", \"decided\" or \"superseded\""));
     }
     let reviews = state.store.list_reviews(&query.status, query.limit).await?;
     let mut items = Vec::with_capacity(reviews.len());
@@ -332,11 +332,13 @@ pub(crate) async fn decide(
         policy_hash,
         overrides_model,
     };
-    let decided = state
-        .store
-        .decide_review(&id, &verdict)
-        .await?
-        .ok_or_else(|| ApiError::Conflict(format!("review {id} was already decided")))?;
+    let Some(decided) = state.store.decide_review(&id, &verdict).await? else {
+        let superseded = state.store.get_review(&id).await?.is_some_and(|review| review.status == "superseded");
+        return Err(ApiError::Conflict(match superseded {
+            true => format!("review {id} was superseded by an appeal of its decision: decide the appeal instead"),
+            false => format!("review {id} was already decided"),
+        }));
+    };
     let agreement = match overrides_model {
         None => "model_undecided",
         Some(false) => "agree",

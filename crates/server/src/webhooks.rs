@@ -6,6 +6,7 @@
 //! ([`verify_webhook_fresh`]). `X-Safeguard-Delivery` is not signed: deduplicate on the job id in the body.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -156,6 +157,51 @@ fn with_causes(err: &dyn std::error::Error) -> String {
 
 type HmacSha256 = Hmac<Sha256>;
 
+/// The signing secret kept in `data_dir` (`webhook-secret`), made on first use: owner-only from its first byte,
+/// and the same for every server that starts on that directory at once.
+pub fn webhook_secret_in(data_dir: &Path) -> std::io::Result<String> {
+    let with_path = |path: &Path, e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    std::fs::create_dir_all(data_dir).map_err(|e| with_path(data_dir, e))?;
+    let path = data_dir.join("webhook-secret");
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        let existing = existing.trim().to_string();
+        if !existing.is_empty() {
+            return Ok(existing);
+        }
+        // Left empty by a crash of an older version mid-write: nothing can have verified with it.
+        let _ = std::fs::remove_file(&path);
+    }
+    let secret = crate::random_token();
+    // Written whole under a name of its own, then linked into place: a link fails if the name exists, so servers
+    // starting at once agree on the one secret that landed, and no reader ever sees half of one.
+    let partial = data_dir.join(format!("webhook-secret.{}.partial", uuid::Uuid::new_v4().simple()));
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let written = options.open(&partial).and_then(|mut file| {
+        std::io::Write::write_all(&mut file, secret.as_bytes())?;
+        file.sync_all()
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&partial);
+        return Err(with_path(&partial, e));
+    }
+    let linked = std::fs::hard_link(&partial, &path);
+    let _ = std::fs::remove_file(&partial);
+    match linked {
+        Ok(()) => Ok(secret),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let existing = std::fs::read_to_string(&path).map_err(|e| with_path(&path, e))?;
+            match existing.trim() {
+                "" => Err(with_path(&path, std::io::Error::other("empty; delete it to have a new secret made"))),
+                existing => Ok(existing.to_string()),
+            }
+        }
+        Err(e) => Err(with_path(&path, e)),
+    }
+}
+
 pub fn sign_webhook(secret: &str, timestamp: i64, body: &str) -> String {
     // HMAC accepts keys of any length, so this cannot fail.
     let mut mac =
@@ -294,6 +340,30 @@ async fn deliver(state: &AppState, delivery: Delivery) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_secret_file_is_private_kept_and_agreed_on_by_servers_starting_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let secrets: Vec<String> = std::thread::scope(|scope| {
+            let starts: Vec<_> = (0..8).map(|_| scope.spawn(|| webhook_secret_in(dir.path()).unwrap())).collect();
+            starts.into_iter().map(|start| start.join().unwrap()).collect()
+        });
+        assert!(secrets.iter().all(|secret| secret == &secrets[0] && secret.len() >= 32), "{secrets:?}");
+        let path = dir.path().join("webhook-secret");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), secrets[0]);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        assert_eq!(webhook_secret_in(dir.path()).unwrap(), secrets[0], "kept across restarts");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(leftovers, ["webhook-secret"]);
+
+        std::fs::write(&path, "").unwrap();
+        let fresh = webhook_secret_in(dir.path()).unwrap();
+        assert!(fresh.len() >= 32 && fresh != secrets[0], "an empty file is replaced");
+    }
 
     #[test]
     fn internal_addresses_are_told_from_public_ones() {

@@ -50,6 +50,10 @@ pub struct DecisionFilter {
     pub since: Option<i64>,
     /// Only decisions strictly before this time (unix ms); for paging backwards.
     pub before: Option<i64>,
+    /// With `before`: also the decisions at exactly that time whose id sorts before this one. Paging by time
+    /// alone skips the rest of a millisecond a page ends in (a batch stores its items within one), so the next
+    /// page starts after the last decision seen, `(created_at, id)`, in the list's order.
+    pub before_id: Option<String>,
     pub limit: i64,
 }
 
@@ -365,9 +369,18 @@ impl Store {
             args.push(Arg::Int(since));
             conditions.push(format!("created_at >= ${}", args.len()));
         }
-        if let Some(before) = filter.before {
-            args.push(Arg::Int(before));
-            conditions.push(format!("created_at < ${}", args.len()));
+        match (filter.before, &filter.before_id) {
+            (Some(before), Some(before_id)) => {
+                args.push(Arg::Int(before));
+                args.push(Arg::Text(before_id.clone()));
+                let (at, id) = (args.len() - 1, args.len());
+                conditions.push(format!("(created_at < ${at} OR (created_at = ${at} AND id < ${id}))"));
+            }
+            (Some(before), None) => {
+                args.push(Arg::Int(before));
+                conditions.push(format!("created_at < ${}", args.len()));
+            }
+            (None, _) => {}
         }
         let where_clause =
             if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };

@@ -37,11 +37,14 @@ pub struct GroupCommit {
     pub linger: Duration,
     /// Off: every insert is its own transaction (as before group commit), e.g. to compare the two.
     pub enabled: bool,
+    /// How long one transaction on a pooled connection (PostgreSQL, in-memory SQLite) may take before its callers
+    /// hear that its outcome is unknown ([`COMMIT_TIMEOUT`]).
+    pub commit_timeout: Duration,
 }
 
 impl Default for GroupCommit {
     fn default() -> Self {
-        GroupCommit { max_batch: 128, linger: Duration::ZERO, enabled: true }
+        GroupCommit { max_batch: 128, linger: Duration::ZERO, enabled: true, commit_timeout: COMMIT_TIMEOUT }
     }
 }
 
@@ -74,6 +77,7 @@ pub(crate) struct DecisionWriter {
     route: Route,
     counters: Arc<Counters>,
     backend: Backend,
+    commit_timeout: Duration,
 }
 
 #[derive(Clone)]
@@ -106,7 +110,7 @@ impl DecisionWriter {
                 Route::Task(sender)
             }
         };
-        DecisionWriter { route, counters, backend }
+        DecisionWriter { route, counters, backend, commit_timeout: config.commit_timeout }
     }
 
     /// Stops inline commits (the task stops by itself when the pool closes).
@@ -138,7 +142,7 @@ impl DecisionWriter {
         reasoning: Option<&[String]>,
     ) -> Result<()> {
         let sender = match &self.route {
-            Route::OneByOne => return write_one(pool, self.backend, decision, reasoning).await,
+            Route::OneByOne => return write(pool, self.backend, self.commit_timeout, &[(decision, reasoning)]).await,
             Route::Inline(committer) => return committer.insert(decision, reasoning).await,
             Route::Task(sender) => sender,
         };
@@ -146,7 +150,8 @@ impl DecisionWriter {
         let pending = Pending { decision: decision.clone(), reasoning: reasoning.map(<[String]>::to_vec), committed };
         if let Err(mpsc::error::SendError(pending)) = sender.send(pending) {
             // The writer's runtime is gone (a store kept past it): write directly.
-            return write_one(pool, self.backend, &pending.decision, pending.reasoning.as_deref()).await;
+            let row = (&pending.decision, pending.reasoning.as_deref());
+            return write(pool, self.backend, self.commit_timeout, &[row]).await;
         }
         // A dropped reply means the writer stopped mid-batch; whether the row landed is unknown, so it is not
         // acknowledged.
@@ -190,20 +195,25 @@ async fn run(
         }
         counters.commits.fetch_add(1, Ordering::Relaxed);
         counters.rows.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        commit(&pool, backend, batch).await;
+        commit(&pool, backend, config.commit_timeout, batch).await;
     }
 }
 
-/// How long one commit may take before its callers hear that its outcome is unknown. A connection whose packets
-/// vanish (no reply, no reset) would otherwise hold the one writer, and every insert queued behind it, until the
-/// kernel gives up on the TCP connection: about 15 minutes.
-const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one commit may take by default before its callers hear that its outcome is unknown. A connection
+/// whose packets vanish (no reply, no reset) would otherwise hold the one writer, and every insert queued behind
+/// it, until the kernel gives up on the TCP connection: about 15 minutes.
+pub(crate) const COMMIT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Writes `rows` in one transaction on a pooled connection, or gives up after [`COMMIT_TIMEOUT`].
-async fn write(pool: &AnyPool, backend: Backend, rows: &[(&DecisionRecord, Option<&[String]>)]) -> Result<()> {
-    tokio::time::timeout(COMMIT_TIMEOUT, write_now(pool, backend, rows))
+/// Writes `rows` in one transaction on a pooled connection, or gives up after `timeout`.
+async fn write(
+    pool: &AnyPool,
+    backend: Backend,
+    timeout: Duration,
+    rows: &[(&DecisionRecord, Option<&[String]>)],
+) -> Result<()> {
+    tokio::time::timeout(timeout, write_now(pool, backend, rows))
         .await
-        .unwrap_or(Err(StoreError::CommitTimedOut(COMMIT_TIMEOUT)))
+        .unwrap_or(Err(StoreError::CommitTimedOut(timeout)))
 }
 
 async fn write_now(pool: &AnyPool, backend: Backend, rows: &[(&DecisionRecord, Option<&[String]>)]) -> Result<()> {
@@ -259,24 +269,15 @@ pub(crate) fn settle(batch: Vec<Pending>, result: Result<()>) -> Settled {
 }
 
 #[tracing::instrument(skip_all, fields(rows = batch.len()))]
-async fn commit(pool: &AnyPool, backend: Backend, batch: Vec<Pending>) {
+async fn commit(pool: &AnyPool, backend: Backend, timeout: Duration, batch: Vec<Pending>) {
     let result = {
         let rows: Vec<_> = batch.iter().map(|p| (&p.decision, p.reasoning.as_deref())).collect();
-        write(pool, backend, &rows).await
+        write(pool, backend, timeout, &rows).await
     };
     if let Settled::RetryOneByOne(batch) = settle(batch, result) {
         for pending in batch {
-            let result = write(pool, backend, &[(&pending.decision, pending.reasoning.as_deref())]).await;
+            let result = write(pool, backend, timeout, &[(&pending.decision, pending.reasoning.as_deref())]).await;
             let _ = pending.committed.send(result);
         }
     }
-}
-
-pub(crate) async fn write_one(
-    pool: &AnyPool,
-    backend: Backend,
-    decision: &DecisionRecord,
-    reasoning: Option<&[String]>,
-) -> Result<()> {
-    write(pool, backend, &[(decision, reasoning)]).await
 }

@@ -42,7 +42,7 @@ use sqlite_commit::SqliteWriter;
 pub use decisions::{DecisionFilter, DecisionRecord, DecisionToStore};
 pub use group_commit::{GroupCommit, GroupCommitStats};
 pub use jobs::{JobRecord, JobStatus, NewJob, QueueDepth, scoped_idempotency_key};
-pub use keys::{ApiKeyRecord, hash_api_key};
+pub use keys::{ApiKeyRecord, KeyInstall, hash_api_key};
 pub use policies::StoredPolicy;
 pub use reviews::{NewReview, QueuedReview, ReviewDecision, ReviewRecord, ReviewStats};
 pub use webhooks::{Delivery, NewDelivery};
@@ -370,9 +370,7 @@ impl Store {
         let pool_options = AnyPoolOptions::new().max_connections(options.max_connections.max(1));
         let pool = match (backend, options.schema.clone()) {
             (Backend::Postgres, Some(schema)) => {
-                let bootstrap = AnyPoolOptions::new().max_connections(1).connect(url).await?;
-                bootstrap.execute(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))).await?;
-                bootstrap.close().await;
+                create_schema(url, &schema).await?;
                 pool_options
                     .after_connect(move |conn, _meta| {
                         let statement = format!("SET search_path TO \"{schema}\"");
@@ -470,7 +468,13 @@ impl Store {
 
     pub async fn close(&self) {
         self.decision_writer.close().await;
-        self.pool.close().await;
+        // A connection whose peer went silent (a commit that timed out on it is still rolling back) would hold
+        // the close until the kernel gives up on it, about 15 minutes; past the deadline it is left to the OS.
+        if tokio::time::timeout(CLOSE_TIMEOUT, self.pool.close()).await.is_err() {
+            tracing::warn!(
+                "the database did not confirm closing within {CLOSE_TIMEOUT:?}; its connections are dropped"
+            );
+        }
     }
 
     /// PostgreSQL only: drops a schema and everything in it (test cleanup).
@@ -484,6 +488,28 @@ impl Store {
         pool.close().await;
         Ok(())
     }
+}
+
+/// How long [`Store::close`] waits for the database to see its connections closed.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `CREATE SCHEMA IF NOT EXISTS` is not safe to run concurrently on PostgreSQL: two servers that both find the
+/// schema missing both insert it into `pg_namespace`, and the second fails on the unique index. Taking the
+/// migrations' lock first makes the second find it. One connection of its own, so that the statement runs in
+/// the session that holds the lock.
+async fn create_schema(url: &str, schema: &str) -> Result<()> {
+    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(url).await?;
+    let created = async {
+        conn.execute(sql!("SELECT pg_advisory_lock({})", migrate::PG_MIGRATION_LOCK)).await?;
+        conn.execute(sql!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"")).await?;
+        conn.execute(sql!("SELECT pg_advisory_unlock({})", migrate::PG_MIGRATION_LOCK)).await
+    }
+    .await;
+    // Ending the session releases the lock too, should the statements above have failed while holding it.
+    let closed = sqlx::Connection::close(conn).await;
+    created?;
+    closed?;
+    Ok(())
 }
 
 fn valid_schema_name(name: &str) -> bool {

@@ -14,7 +14,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
 ];
 
 /// Arbitrary constant so that concurrent servers starting on one PostgreSQL database migrate one at a time.
-const PG_MIGRATION_LOCK: i64 = 0x5afe_6a4d;
+pub(crate) const PG_MIGRATION_LOCK: i64 = 0x5afe_6a4d;
 
 pub(crate) async fn run(store: &Store) -> Result<()> {
     let mut conn = store.pool.acquire().await?;

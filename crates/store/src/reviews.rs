@@ -203,7 +203,8 @@ impl Store {
         rows.iter().map(row_to_review).collect()
     }
 
-    /// Records a person's decision once; `Ok(None)` if the review is unknown or was already decided.
+    /// Records a person's decision once; `Ok(None)` if the review is unknown, was already decided, or was
+    /// superseded by an appeal of its decision.
     pub async fn decide_review(&self, id: &str, decision: &ReviewDecision) -> Result<Option<ReviewRecord>> {
         let updated = sqlx::query(
             "UPDATE reviews SET status = 'decided', reviewer = $1, outcome = $2, rationale = $3, rule_id = $4, \
@@ -257,7 +258,8 @@ impl Store {
         find_appeal(&self.pool, original).await
     }
 
-    /// Stores an appeal's decision (`decision.replay_of` names the decision appealed) with its review, unless
+    /// Stores an appeal's decision (`decision.replay_of` names the decision appealed) with its review, and marks
+    /// the appealed decision's reviews still pending `superseded` (the appeal is the one a person answers), unless
     /// that decision has an appeal already: then nothing is stored and the existing appeal's review comes back
     /// with `fresh: false`. A client that retries an appeal whose reply it never got (a proxy's timeout while the
     /// model was still reasoning) must not queue the item twice. Concurrent appeals of one decision are settled
@@ -286,7 +288,22 @@ impl Store {
             }
         }
         crate::decisions::insert_decision_tx(&mut tx, decision, reasoning).await?;
-        let id = insert_review_tx(&mut tx, review, now_ms()).await?;
+        let now = now_ms();
+        let id = insert_review_tx(&mut tx, review, now).await?;
+        if let Some(original) = decision.replay_of.as_deref() {
+            // A person answering the appeal sees the item again at high effort, with the client's reason; an
+            // older review of the same decision still pending would let a second, less informed answer
+            // overrule the appeal's (announced last, exported as the later correction).
+            sqlx::query(
+                "UPDATE reviews SET status = 'superseded', decided_at = $1, rationale = $2 \
+                 WHERE decision_id = $3 AND status = 'pending'",
+            )
+            .bind(now)
+            .bind(format!("superseded by appeal review {id}"))
+            .bind(original)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         let review = self.get_review(&id).await?.ok_or(StoreError::Db(sqlx::Error::RowNotFound))?;
         Ok(QueuedReview { review, fresh: true })

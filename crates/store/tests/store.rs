@@ -1198,3 +1198,242 @@ async fn a_decision_is_appealed_once() {
         t.cleanup().await;
     }
 }
+
+/// An appeal supersedes the appealed decision's reviews still pending: the person answering the appeal is the
+/// one who decides, and a later answer to the stale review cannot overrule them. A review decided before the
+/// appeal stays decided.
+#[tokio::test]
+async fn an_appeal_supersedes_the_pending_reviews_of_its_decision() {
+    for t in stores().await {
+        let s = &t.store;
+        let review = |decision_id: &str, kind: &str| NewReview {
+            decision_id: decision_id.into(),
+            kind: kind.into(),
+            priority: 0,
+            reason: None,
+            sla_ms: None,
+        };
+        for original in ["stale", "answered"] {
+            s.insert_decision(&decision(original, "needs_review", "spam", None), None).await.unwrap();
+        }
+        let stale = s.queue_review(&review("stale", "review")).await.unwrap().review;
+        let sampled = s.queue_review(&review("stale", "sample")).await.unwrap().review;
+        let answered = s.queue_review(&review("answered", "review")).await.unwrap().review;
+        let person = |outcome: &str| safeguard_store::ReviewDecision {
+            reviewer: "ann".into(),
+            outcome: outcome.into(),
+            rationale: "looked".into(),
+            rule_id: "SP1".into(),
+            policy_hash: None,
+            overrides_model: None,
+        };
+        assert!(s.decide_review(&answered.id, &person("violation")).await.unwrap().is_some());
+
+        let mut appeals = Vec::new();
+        for original in ["stale", "answered"] {
+            let mut appeal = decision(&format!("appeal-of-{original}"), "needs_review", "spam", None);
+            (appeal.source, appeal.replay_of) = ("appeal".into(), Some(original.into()));
+            let queued = s.insert_appeal(&appeal, None, &review(&appeal.id, "appeal")).await.unwrap();
+            appeals.push(queued.review);
+        }
+        for old in [&stale, &sampled] {
+            let now = s.get_review(&old.id).await.unwrap().unwrap();
+            assert_eq!(now.status, "superseded", "{} ({})", old.kind, t.label);
+            assert!(s.decide_review(&old.id, &person("allow")).await.unwrap().is_none(), "{}", t.label);
+        }
+        assert_eq!(s.get_review(&answered.id).await.unwrap().unwrap().status, "decided", "{}", t.label);
+        let pending: Vec<_> = s.list_reviews("pending", 10).await.unwrap().into_iter().map(|r| r.id).collect();
+        let mut expected: Vec<_> = appeals.iter().map(|r| r.id.clone()).collect();
+        expected.sort();
+        let mut pending_sorted = pending.clone();
+        pending_sorted.sort();
+        assert_eq!(pending_sorted, expected, "{}", t.label);
+        assert!(s.decide_review(&appeals[0].id, &person("allow")).await.unwrap().is_some(), "{}", t.label);
+        t.cleanup().await;
+    }
+}
+
+/// Paging backwards with the `(before, before_id)` cursor reads every decision once, even where a page ends
+/// inside a millisecond shared by several decisions (a batch's); paging by time alone skipped the rest of it.
+#[tokio::test]
+async fn paging_with_the_cursor_skips_nothing_within_one_millisecond() {
+    for t in stores().await {
+        let s = &t.store;
+        let at = now_ms();
+        let mut all = Vec::new();
+        for (i, created_at) in [at - 5, at, at, at, at, at, at + 3].into_iter().enumerate() {
+            let mut d = decision(&format!("page-{i}"), "allow", "spam", None);
+            d.created_at = created_at;
+            s.insert_decision(&d, None).await.unwrap();
+            all.push(d.id);
+        }
+        for limit in [1, 2, 3] {
+            let mut seen = Vec::new();
+            let mut filter = DecisionFilter { limit, ..Default::default() };
+            loop {
+                let page = s.list_decisions(&filter).await.unwrap();
+                seen.extend(page.iter().map(|d| d.id.clone()));
+                match page.last() {
+                    Some(last) if page.len() as i64 == limit => {
+                        (filter.before, filter.before_id) = (Some(last.created_at), Some(last.id.clone()));
+                    }
+                    _ => break,
+                }
+            }
+            let mut expected = all.clone();
+            expected.sort_by_key(|id| std::cmp::Reverse(id.clone()));
+            expected.sort_by_key(|id| {
+                std::cmp::Reverse(if id == "page-0" {
+                    at - 5
+                } else if id == "page-6" {
+                    at + 3
+                } else {
+                    at
+                })
+            });
+            assert_eq!(seen, expected, "limit {limit} ({})", t.label);
+        }
+        t.cleanup().await;
+    }
+}
+
+/// A TCP proxy to PostgreSQL that forwards until told to black-hole: from then on it swallows what either side
+/// sends and answers nothing, as a connection does whose packets vanish (a dead NAT entry, a pulled cable).
+/// Connections made after it heals are forwarded again.
+struct BlackHoleProxy {
+    port: u16,
+    black_hole: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl BlackHoleProxy {
+    async fn start(upstream: std::net::SocketAddr) -> BlackHoleProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let black_hole = Arc::new(AtomicBool::new(false));
+        let hole = Arc::clone(&black_hole);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else { continue };
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                for (mut from, mut to) in [(client_read, server_write), (server_read, client_write)] {
+                    let hole = Arc::clone(&hole);
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buffer = vec![0u8; 16 * 1024];
+                        // A connection black-holed once stays so: after a partial exchange it could not carry
+                        // on anyway.
+                        let mut swallowing = false;
+                        loop {
+                            let Ok(read) = from.read(&mut buffer).await else { return };
+                            if read == 0 {
+                                return;
+                            }
+                            swallowing |= hole.load(Ordering::SeqCst);
+                            if !swallowing && to.write_all(&buffer[..read]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        BlackHoleProxy { port, black_hole }
+    }
+
+    fn set_black_hole(&self, on: bool) {
+        self.black_hole.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// PostgreSQL: a commit on a connection whose packets vanish gives up after the commit timeout with an error
+/// saying its outcome is unknown, instead of holding the one writer (and every insert queued behind it) until
+/// the kernel drops the connection; and once the network heals, inserts succeed again on new connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_on_a_silent_connection_times_out_and_the_writer_recovers() {
+    use std::time::{Duration, Instant};
+    let url = std::env::var("SAFEGUARD_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_string());
+    let Some((authority_host, upstream_host, upstream_port)) = postgres_host(&url) else {
+        return eprintln!("SKIPPING: cannot read host and port from {url}");
+    };
+    let upstream =
+        match tokio::net::lookup_host((upstream_host.as_str(), upstream_port)).await.ok().and_then(|mut a| a.next()) {
+            Some(addr) => addr,
+            None => return eprintln!("SKIPPING: cannot resolve {url}"),
+        };
+    if tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(upstream))
+        .await
+        .map_or(true, |c| c.is_err())
+    {
+        return eprintln!("SKIPPING: PostgreSQL at {upstream} unreachable");
+    }
+    let proxy = BlackHoleProxy::start(upstream).await;
+    let proxied = url.replacen(&authority_host, &format!("127.0.0.1:{}", proxy.port), 1);
+    let schema = format!("sgtest_hole_{}_{}", std::process::id(), now_ms());
+    let commit_timeout = Duration::from_millis(500);
+    for enabled in [true, false] {
+        let options = StoreOptions {
+            schema: Some(schema.clone()),
+            max_connections: 2,
+            group_commit: safeguard_store::GroupCommit { enabled, commit_timeout, ..Default::default() },
+            ..Default::default()
+        };
+        proxy.set_black_hole(false);
+        let s = Store::connect(&proxied, options).await.unwrap();
+        let id = |n: &str| format!("hole-{enabled}-{n}");
+        s.insert_decision(&decision(&id("before"), "allow", "spam", None), None).await.unwrap();
+
+        proxy.set_black_hole(true);
+        let started = Instant::now();
+        let (lost_1, lost_2) =
+            (decision(&id("lost-1"), "allow", "spam", None), decision(&id("lost-2"), "allow", "spam", None));
+        let (first, second) = tokio::join!(s.insert_decision(&lost_1, None), s.insert_decision(&lost_2, None));
+        let waited = started.elapsed();
+        for result in [first, second] {
+            let error = result.expect_err("a commit on a silent connection fails");
+            assert!(
+                matches!(
+                    error,
+                    safeguard_store::StoreError::CommitTimedOut(_) | safeguard_store::StoreError::BatchFailed(_)
+                ),
+                "group commit {enabled}: {error:?}"
+            );
+            assert!(error.to_string().contains("may or may not"), "{error}");
+        }
+        // Two commits at most (a batch, or the two rows one by one), each cut at the timeout.
+        assert!(waited < commit_timeout * 2 + Duration::from_secs(3), "group commit {enabled}: waited {waited:?}");
+
+        proxy.set_black_hole(false);
+        let healed = Instant::now();
+        loop {
+            match s.insert_decision(&decision(&id("after"), "allow", "spam", None), None).await {
+                Ok(()) => break,
+                Err(error) if healed.elapsed() < Duration::from_secs(20) => {
+                    eprintln!("not yet healed: {error}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(error) => {
+                    panic!("group commit {enabled}: no insert succeeded 20 s after the network healed: {error}")
+                }
+            }
+        }
+        assert!(s.get_decision(&id("after")).await.unwrap().is_some());
+        // The black-holed connections never answer; closing gives up on them after its own deadline.
+        tokio::time::timeout(Duration::from_secs(20), s.close()).await.expect("the store closes");
+    }
+    Store::drop_schema(&url, &schema).await.expect("drop test schema");
+}
+
+/// The `host[:port]` part of a `postgres://[user[:password]@]host[:port][/db][?…]` URL as written, its host and its
+/// port (5432 when absent).
+fn postgres_host(url: &str) -> Option<(String, String, u16)> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split(['/', '?']).next()?;
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    let (host, port) = match host_port.rsplit_once(':') {
+        Some((host, port)) => (host, port.parse().ok()?),
+        None => (host_port, 5432),
+    };
+    Some((host_port.to_string(), host.to_string(), port))
+}

@@ -49,7 +49,15 @@ pub struct EncoderInfo {
     pub max_seq: usize,
     /// Where the encoder was found at training time; informational only.
     pub trained_with: String,
+    /// `sha256:…` of the encoder's tokenizer.json ([`NO_TOKENIZER_FILE`] without one): its normalizer settings
+    /// (lower-casing, accents) change the tokens, so a head must not score under another. `None` in heads made
+    /// before it was recorded, which are checked on the fingerprint alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<String>,
 }
+
+/// The tokenizer fingerprint of an encoder directory without tokenizer.json (BERT-uncased defaults apply).
+pub const NO_TOKENIZER_FILE: &str = "none";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HeadTraining {
@@ -119,6 +127,8 @@ pub struct LoadedEncoder {
     pub encoder: SentenceEncoder,
     pub dir: PathBuf,
     pub fingerprint: String,
+    /// See [`EncoderInfo::tokenizer`].
+    pub tokenizer: String,
 }
 
 impl std::fmt::Debug for LoadedEncoder {
@@ -126,8 +136,19 @@ impl std::fmt::Debug for LoadedEncoder {
         f.debug_struct("LoadedEncoder")
             .field("dir", &self.dir)
             .field("fingerprint", &self.fingerprint)
+            .field("tokenizer", &self.tokenizer)
             .field("max_seq", &self.encoder.max_seq())
             .finish()
+    }
+}
+
+/// `sha256:…` of the encoder's tokenizer.json, or [`NO_TOKENIZER_FILE`] when it has none.
+pub fn tokenizer_fingerprint(dir: &Path) -> Result<String, TriageError> {
+    let path = dir.join("tokenizer.json");
+    match std::fs::read(&path) {
+        Ok(bytes) => Ok(format!("sha256:{}", hex::encode(Sha256::digest(&bytes)))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(NO_TOKENIZER_FILE.into()),
+        Err(source) => Err(TriageError::Io { path, source }),
     }
 }
 
@@ -178,7 +199,8 @@ pub fn shared_encoder(explicit: Option<&Path>, max_seq: usize) -> Result<Arc<Loa
         )));
     }
     let fingerprint = encoder_fingerprint(&dir)?;
-    let loaded = Arc::new(LoadedEncoder { encoder, dir, fingerprint });
+    let tokenizer = tokenizer_fingerprint(&dir)?;
+    let loaded = Arc::new(LoadedEncoder { encoder, dir, fingerprint, tokenizer });
     cache.insert(key, Arc::clone(&loaded));
     Ok(loaded)
 }
@@ -331,6 +353,7 @@ impl EmbeddingHead {
                 dim: encoder.encoder.dim(),
                 max_seq: encoder.encoder.max_seq(),
                 trained_with: encoder.dir.display().to_string(),
+                tokenizer: Some(encoder.tokenizer.clone()),
             },
             c: options.logistic.c,
             balanced: options.logistic.balanced,
@@ -390,6 +413,16 @@ impl EmbeddingHead {
                 meta.encoder.fingerprint,
                 encoder.dir.display(),
                 encoder.fingerprint
+            )));
+        }
+        if let Some(tokenizer) = &meta.encoder.tokenizer
+            && *tokenizer != encoder.tokenizer
+        {
+            return Err(TriageError::InvalidArtifact(format!(
+                "{HEAD_FILE} was trained with tokenizer.json {tokenizer} but the encoder found at {} has {}; \
+                 install the encoder it was trained with or retrain the head",
+                encoder.dir.display(),
+                encoder.tokenizer
             )));
         }
         if meta.weights.len() != encoder.encoder.dim() || meta.encoder.dim != encoder.encoder.dim() {

@@ -1,5 +1,6 @@
 //! Deterministic rules: keyword lists (Aho-Corasick, Unicode case-insensitive, word-boundary aware),
-//! regex lists, and exact-text allow/deny lists. Compiled once into a [`RuleSet`].
+//! regex lists, and exact-text allow/deny lists. Compiled once into a [`RuleSet`]; a rule set holds at most
+//! [`MAX_RULE_PATTERNS`] patterns ([`MAX_RULE_REGEXES`] of them regexes) of [`MAX_RULE_PATTERN_BYTES`] together.
 //!
 //! Precedence inside a rule set: any deny evidence makes the decision `Deny`; otherwise any allow evidence
 //! makes it `Allow`; `flag` evidence alone leaves the decision `None` but is reported, and the router keeps
@@ -75,7 +76,57 @@ pub struct RulesConfig {
     pub deny_list: Vec<String>,
 }
 
+/// Most patterns one rule set holds: keywords, regex patterns, and allow and deny texts together. Rules are compiled
+/// for every policy a server is sent (inline ones too, from their front matter), so they are bounded like the
+/// policy itself.
+pub const MAX_RULE_PATTERNS: usize = 10_000;
+
+/// Most regex patterns among them: each may compile to several MiB (up to its 4 MiB size limit) and takes
+/// milliseconds of CPU to build, where a keyword costs a few bytes of the shared automaton.
+pub const MAX_RULE_REGEXES: usize = 64;
+
+/// Most bytes the patterns hold together, each keyword and regex counted with its list's name: the evidence label
+/// (`name: pattern`) kept per pattern repeats the name, so a long name on a long list is paid for once per entry.
+pub const MAX_RULE_PATTERN_BYTES: usize = 1024 * 1024;
+
 impl RulesConfig {
+    /// Refuses rules over [`MAX_RULE_PATTERNS`], [`MAX_RULE_REGEXES`] or [`MAX_RULE_PATTERN_BYTES`], naming the
+    /// limit. [`RuleSet::compile`] checks this before building anything.
+    pub fn check_size(&self) -> Result<(), TriageError> {
+        let keywords: usize = self.keywords.iter().map(|list| list.keywords.len()).sum();
+        let regexes: usize = self.regexes.iter().map(|list| list.patterns.len()).sum();
+        let patterns = keywords.saturating_add(regexes).saturating_add(self.allow_list.len() + self.deny_list.len());
+        if patterns > MAX_RULE_PATTERNS {
+            return Err(TriageError::InvalidConfig(format!(
+                "{patterns} rule patterns (keywords, regex patterns, allow and deny texts together), over the limit \
+                 of {MAX_RULE_PATTERNS}"
+            )));
+        }
+        if regexes > MAX_RULE_REGEXES {
+            return Err(TriageError::InvalidConfig(format!(
+                "{regexes} regex patterns, over the limit of {MAX_RULE_REGEXES}; list words and phrases as keywords"
+            )));
+        }
+        let labelled = |name: &str, items: &[String]| {
+            items.iter().fold(0usize, |sum, item| sum.saturating_add(name.len()).saturating_add(item.len()))
+        };
+        let bytes = [
+            self.keywords.iter().map(|list| labelled(&list.name, &list.keywords)).fold(0, usize::saturating_add),
+            self.regexes.iter().map(|list| labelled(&list.name, &list.patterns)).fold(0, usize::saturating_add),
+            labelled("", &self.allow_list),
+            labelled("", &self.deny_list),
+        ]
+        .into_iter()
+        .fold(0, usize::saturating_add);
+        if bytes > MAX_RULE_PATTERN_BYTES {
+            return Err(TriageError::InvalidConfig(format!(
+                "rule patterns hold {bytes} bytes (each keyword and regex counted with its list's name), over the \
+                 limit of {MAX_RULE_PATTERN_BYTES}"
+            )));
+        }
+        Ok(())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.keywords.iter().all(|k| k.keywords.is_empty())
             && self.regexes.iter().all(|r| r.patterns.is_empty())
@@ -271,7 +322,11 @@ impl<'t> FoldedText<'t> {
 }
 
 impl RuleSet {
+    /// Compiles `config`; refused, before anything is built, when it is over the size limits
+    /// ([`RulesConfig::check_size`]), and for an empty keyword, a regex that does not compile or that matches the
+    /// empty string.
     pub fn compile(config: &RulesConfig) -> Result<Self, TriageError> {
+        config.check_size()?;
         let mut patterns = Vec::new();
         let mut keyword_meta = Vec::new();
         for (list_index, list) in config.keywords.iter().enumerate() {
@@ -687,6 +742,54 @@ mod tests {
         assert!(old.matches.is_empty());
         let written = serde_json::to_value(rules.evaluate("stab")).unwrap();
         assert!(written.get("matches").is_none(), "{written}");
+    }
+
+    /// Rules come from any policy a client sends; nothing bounded how many patterns one compiled (thousands of
+    /// regexes of several MiB each).
+    #[test]
+    fn rule_sets_over_the_size_limits_are_refused_before_building() {
+        let keywords = |count: usize| RulesConfig {
+            keywords: vec![KeywordList {
+                name: "k".into(),
+                action: RuleAction::Flag,
+                keywords: (0..count).map(|i| format!("word{i}")).collect(),
+            }],
+            allow_list: vec!["hi".into()],
+            ..RulesConfig::default()
+        };
+        assert!(RuleSet::compile(&keywords(MAX_RULE_PATTERNS - 1)).is_ok());
+        let err = RuleSet::compile(&keywords(MAX_RULE_PATTERNS)).unwrap_err();
+        assert!(matches!(err, TriageError::InvalidConfig(_)), "{err:?}");
+        assert!(err.to_string().contains(&format!("{} rule patterns", MAX_RULE_PATTERNS + 1)), "{err}");
+        assert!(err.to_string().contains(&format!("limit of {MAX_RULE_PATTERNS}")), "{err}");
+
+        let regexes = |count: usize| RulesConfig {
+            regexes: (0..count)
+                .map(|i| RegexList { name: format!("r{i}"), action: RuleAction::Deny, patterns: vec![format!("x{i}")] })
+                .collect(),
+            ..RulesConfig::default()
+        };
+        assert!(RuleSet::compile(&regexes(MAX_RULE_REGEXES)).is_ok());
+        let err = RuleSet::compile(&regexes(MAX_RULE_REGEXES + 1)).unwrap_err().to_string();
+        assert!(err.contains(&format!("limit of {MAX_RULE_REGEXES}")), "{err}");
+
+        // A long name repeats in every entry's label: 2,000 keywords under a 600-byte name are 1.2 MB of labels.
+        let long_name = RulesConfig {
+            keywords: vec![KeywordList {
+                name: "n".repeat(600),
+                action: RuleAction::Flag,
+                keywords: (0..2_000).map(|i| format!("w{i}")).collect(),
+            }],
+            ..RulesConfig::default()
+        };
+        let err = RuleSet::compile(&long_name).unwrap_err().to_string();
+        assert!(err.contains(&format!("limit of {MAX_RULE_PATTERN_BYTES}")), "{err}");
+        let long_texts =
+            RulesConfig { deny_list: vec!["d".repeat(MAX_RULE_PATTERN_BYTES / 2 + 1); 2], ..RulesConfig::default() };
+        assert!(RuleSet::compile(&long_texts).unwrap_err().to_string().contains("bytes"));
+        let at_limit =
+            RulesConfig { deny_list: vec!["d".repeat(MAX_RULE_PATTERN_BYTES / 2); 2], ..RulesConfig::default() };
+        assert!(RuleSet::compile(&at_limit).is_ok());
     }
 
     /// A keyword list and a regex list with the same name and literal share the label "promo: free"; counted

@@ -152,6 +152,17 @@ fn head_is_saved_gates_allow_and_refuses_a_foreign_encoder() {
     assert!(matches!(err, TriageError::InvalidArtifact(_)), "{err}");
     assert!(err.to_string().contains("was trained on encoder sha256:000"), "{err}");
 
+    // So is one trained under another tokenizer.json; a head from before the tokenizer was recorded still loads.
+    assert!(encoder.tokenizer.starts_with("sha256:"), "the encoder package ships tokenizer.json");
+    assert_eq!(head.meta.encoder.tokenizer.as_deref(), Some(encoder.tokenizer.as_str()));
+    std::fs::write(&head_path, good.replace(&encoder.tokenizer, &format!("sha256:{}", "1".repeat(64)))).unwrap();
+    let err = TriageModel::load(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("tokenizer.json sha256:111"), "{err}");
+    let mut older: serde_json::Value = serde_json::from_str(&good).unwrap();
+    older["encoder"].as_object_mut().unwrap().remove("tokenizer").expect("the head records its tokenizer");
+    std::fs::write(&head_path, serde_json::to_string(&older).unwrap()).unwrap();
+    assert_eq!(TriageModel::load(dir.path()).unwrap().embedding_head().unwrap().meta.encoder.tokenizer, None);
+
     // A head from a newer build is refused by its version, not by some unknown field.
     let version = format!("\"format_version\": {HEAD_FORMAT_VERSION}");
     std::fs::write(&head_path, good.replace(&version, "\"format_version\": 9")).unwrap();

@@ -215,12 +215,14 @@ fn dataset(args: DatasetArgs) -> anyhow::Result<ExitCode> {
             Store::connect(&args.database, StoreOptions { schema: args.database_schema.clone(), ..Default::default() })
                 .await
                 .context("cannot open the database")?;
-        let reviews = store.decided_reviews_with_decisions(since).await.context("reading reviews")?;
+        // Decisions before reviews: a review decided between the two reads is then read as the correction it
+        // is, where the other order exported the model's label without it.
         let decisions = if args.include_model_labels {
             store.decisions_since(since).await.context("reading decisions")?
         } else {
             vec![]
         };
+        let reviews = store.decided_reviews_with_decisions(since).await.context("reading reviews")?;
         store.close().await;
         anyhow::Ok((reviews, decisions))
     })?;

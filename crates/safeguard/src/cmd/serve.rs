@@ -218,22 +218,7 @@ fn webhook_secret(data_dir: &Path) -> anyhow::Result<String> {
     {
         return Ok(secret);
     }
-    std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
-    let path = data_dir.join("webhook-secret");
-    if let Ok(existing) = std::fs::read_to_string(&path) {
-        let existing = existing.trim().to_string();
-        if !existing.is_empty() {
-            return Ok(existing);
-        }
-    }
-    let secret = safeguard_server::random_token();
-    std::fs::write(&path, &secret).with_context(|| format!("cannot write {}", path.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
-    }
-    Ok(secret)
+    Ok(safeguard_server::webhook_secret_in(data_dir)?)
 }
 
 /// The embedded engine, built exactly as `classify` builds it.
