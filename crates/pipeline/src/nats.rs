@@ -32,9 +32,10 @@
 //! - a panic while deciding an item (a bug, in a reasoner say) settles it as `needs_review` for a person, as a
 //!   failed stage would: given back, it would take down every worker it reached in turn. A panic anywhere else
 //!   in handling an event gives the event back with the growing delay, and the worker goes on;
-//! - the host, or NATS, being unavailable while a decision is in hand is waited out (the event kept alive, until
-//!   the worker stops): the chain of thought exists only in this worker's memory, and a redelivery would record
-//!   the ledger's copy without it;
+//! - once the ledger holds a decision, the host or NATS being unavailable is waited out (the event kept alive,
+//!   for up to [`PERSIST_FOR`] or until the worker stops): the chain of thought exists only in this worker's
+//!   memory, and a redelivery would record the ledger's copy without it. A ledger write that fails is not
+//!   waited out: the event is given back and decided again;
 //! - an event is held to the worker's [`ContentLimits`] (the server passes its own), in characters and tokens;
 //! - the program the worker runs in ([`WorkerHost`]) chooses the policies and pipeline per event and records
 //!   each settled decision (e.g. in `safeguard serve`'s database) before the event is acked. A redelivered
@@ -316,17 +317,22 @@ impl Bus {
     /// records it); announced again now, it would follow the person's word and hold the item once more.
     async fn reviewed(&self, event: &DecisionEvent) -> bool {
         let Some(id) = event_id(event).map(|id| id.to_string()) else { return false };
-        let subject = self.config.decision_subject(&subject_token(&event.key));
+        self.last_event(&event.key).await.is_some_and(|last| {
+            last.status == EventStatus::Reviewed
+                && last.review.is_some_and(|r| r.decision_id == id || r.appeal_of.as_deref() == Some(id.as_str()))
+        })
+    }
+
+    /// The last event published for `key`, if it can be read. Not read, announcing again is the lesser harm: a
+    /// producer that never heard the decision would wait for good.
+    async fn last_event(&self, key: &str) -> Option<DecisionEvent> {
+        let subject = self.config.decision_subject(&subject_token(key));
         match self.decision_log.get_last_raw_message_by_subject(&subject).await {
-            Ok(last) => serde_json::from_slice::<DecisionEvent>(&last.payload).is_ok_and(|last| {
-                last.status == EventStatus::Reviewed
-                    && last.review.is_some_and(|r| r.decision_id == id || r.appeal_of.as_deref() == Some(id.as_str()))
-            }),
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => false,
-            // Announcing again is the lesser harm: a producer that never heard the decision would wait for good.
+            Ok(last) => serde_json::from_slice::<DecisionEvent>(&last.payload).ok(),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => None,
             Err(e) => {
-                debug!(key = ?event.key, "cannot read the decision subject back: {e}");
-                false
+                debug!(?key, "cannot read the decision subject back: {e}");
+                None
             }
         }
     }
@@ -433,6 +439,11 @@ const APPEAL_SUFFIX: &str = ":appeal";
 /// [`PERSIST_PAUSE_MAX`].
 const PERSIST_PAUSE_FIRST: Duration = Duration::from_millis(200);
 const PERSIST_PAUSE_MAX: Duration = Duration::from_secs(5);
+
+/// How long a decision in hand is kept trying before its event is given back (NAK) as before: long enough for a
+/// database restart or a failover, short enough that a failure that repeats every time (a bug, a deleted stream)
+/// does not hold this worker, and the events it has fetched, until shutdown.
+const PERSIST_FOR: Duration = Duration::from_secs(300);
 
 /// What a content event may hold. The server passes its own HTTP limits, so that the bus is no way around them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -694,18 +705,25 @@ impl Worker {
                 return None;
             }
         };
-        let _ = self
-            .bus
-            .publish_event(&DecisionEvent {
-                key: key.clone(),
-                item_id: item_id.clone(),
-                status: EventStatus::Pending,
-                decision: None,
-                error: None,
-                review: None,
-                body_digest: None,
-            })
-            .await;
+        // A redelivery may come after a person already answered the first delivery's decision: `pending` on top
+        // of their `reviewed` would hide it from the check that keeps `decided` from following it.
+        let redelivered = message.info().is_ok_and(|info| info.delivered > 1);
+        let answered =
+            redelivered && self.bus.last_event(&key).await.is_some_and(|last| last.status == EventStatus::Reviewed);
+        if !answered {
+            let _ = self
+                .bus
+                .publish_event(&DecisionEvent {
+                    key: key.clone(),
+                    item_id: item_id.clone(),
+                    status: EventStatus::Pending,
+                    decision: None,
+                    error: None,
+                    review: None,
+                    body_digest: None,
+                })
+                .await;
+        }
         let ctx = RouteContext {
             appeal,
             // For the host's record (reviewers read it); taken out before the ledger and the decision stream.
@@ -1178,8 +1196,8 @@ async fn claim(ledger: &impl Ledger, event: &DecisionEvent) -> Result<Claim, Nat
     }
 }
 
-/// Tries `attempt` until it succeeds, fails for good (`lasting`) or the worker is stopped, pausing longer after
-/// each failure (up to [`PERSIST_PAUSE_MAX`]); `what` and `key` are for the log.
+/// Tries `attempt` until it succeeds, fails for good (`lasting`), has failed for [`PERSIST_FOR`] or the worker is
+/// stopped, pausing longer after each failure (up to [`PERSIST_PAUSE_MAX`]); `what` and `key` are for the log.
 async fn persist<T, E, F, Fut>(
     stop: &CancellationToken,
     what: &str,
@@ -1194,11 +1212,16 @@ where
 {
     let mut pause = PERSIST_PAUSE_FIRST;
     let mut tries = 0u32;
+    let started = tokio::time::Instant::now();
     loop {
         let failed = match attempt().await {
             Err(e) if !lasting(&e) && !stop.is_cancelled() => e,
             done => return done,
         };
+        if started.elapsed() >= PERSIST_FOR {
+            warn!(?key, tries, "could not {what} for {PERSIST_FOR:?}; the event is given back: {failed}");
+            return Err(failed);
+        }
         tries += 1;
         if tries == 1 {
             warn!(?key, "cannot {what} yet; trying again until it can or the worker stops: {failed}");
@@ -1446,6 +1469,29 @@ fn select_policies(all: &[Policy], names: &[String]) -> Result<Vec<Policy>, Host
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failure that repeats every time holds the worker for [`PERSIST_FOR`], then the event is given back.
+    #[tokio::test(start_paused = true)]
+    async fn a_decision_that_cannot_be_kept_is_given_back_after_a_while() {
+        let stop = CancellationToken::new();
+        let tries = std::sync::atomic::AtomicUsize::new(0);
+        let started = tokio::time::Instant::now();
+        let result: Result<(), String> = persist(
+            &stop,
+            "record the decision",
+            "k",
+            |_| false,
+            || {
+                tries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async { Err("the store is down".to_string()) }
+            },
+        )
+        .await;
+        assert_eq!(result, Err("the store is down".to_string()));
+        let waited = started.elapsed();
+        assert!(waited >= PERSIST_FOR && waited <= PERSIST_FOR + PERSIST_PAUSE_MAX, "{waited:?}");
+        assert!(tries.load(std::sync::atomic::Ordering::SeqCst) > 10);
+    }
 
     #[test]
     fn an_event_names_its_policies_or_is_refused() {

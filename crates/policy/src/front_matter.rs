@@ -6,7 +6,7 @@ use std::sync::LazyLock;
 use regex::Regex;
 use serde_yaml_ng::Value;
 
-use crate::{MAX_FRONT_MATTER_BYTES, OutputFormat, PolicyError, PolicyMeta, yaml_guard};
+use crate::{FrontMatterChecks, MAX_FRONT_MATTER_BYTES, OutputFormat, PolicyError, PolicyMeta, yaml_guard};
 
 pub(crate) struct FrontMatter<'a> {
     pub text: &'a str,
@@ -211,13 +211,16 @@ pub(crate) fn build_meta(
     heading_name: Option<String>,
     fallback_name: Option<&str>,
     body: &str,
+    checks: FrontMatterChecks,
 ) -> Result<PolicyMeta, PolicyError> {
     let (source, first_line) = front_matter.as_ref().map_or(("", 2), |fm| (fm.text, fm.first_line));
-    if source.len() > MAX_FRONT_MATTER_BYTES {
+    if checks == FrontMatterChecks::Refuse && source.len() > MAX_FRONT_MATTER_BYTES {
         return Err(PolicyError::FrontMatterTooLarge { bytes: source.len(), limit: MAX_FRONT_MATTER_BYTES });
     }
     // Before serde_yaml_ng, which would expand every alias while reading: refused, nothing is expanded.
-    if let Err(refused) = yaml_guard::refuse_references(source) {
+    if checks == FrontMatterChecks::Refuse
+        && let Err(refused) = yaml_guard::refuse_references(source)
+    {
         return Err(PolicyError::FrontMatter {
             line: first_line.saturating_add(refused.line),
             message: refused.message.to_string(),

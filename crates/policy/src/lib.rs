@@ -31,6 +31,13 @@ pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
 /// triage rules (room for the 10,000 keywords a rule set may hold), and any client can send a policy inline.
 pub const MAX_FRONT_MATTER_BYTES: usize = 256 * 1024;
 
+/// Whether front matter is held to the size cap and refused for YAML anchors and aliases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FrontMatterChecks {
+    Refuse,
+    Skip,
+}
+
 /// A parsed policy. `body` is exactly what goes into the prompt.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Policy {
@@ -142,6 +149,22 @@ impl Policy {
     /// Parse policy text; `fallback_name` (usually the file stem) is used when neither the front matter
     /// nor a `# ` heading names the policy.
     pub fn parse_with_fallback_name(text: &str, fallback_name: Option<&str>) -> Result<Policy, PolicyError> {
+        Self::parse_checked(text, fallback_name, FrontMatterChecks::Refuse)
+    }
+
+    /// Parse a version this deployment stored earlier, without the front matter checks newer than it (anchors
+    /// and aliases, [`MAX_FRONT_MATTER_BYTES`]): its YAML was read whole when it was stored, so it cannot be one
+    /// that expands without bound, and refusing it now would strand every decision judged under it (a stored
+    /// version cannot be changed, only replaced).
+    pub fn parse_stored(text: &str, fallback_name: Option<&str>) -> Result<Policy, PolicyError> {
+        Self::parse_checked(text, fallback_name, FrontMatterChecks::Skip)
+    }
+
+    fn parse_checked(
+        text: &str,
+        fallback_name: Option<&str>,
+        checks: FrontMatterChecks,
+    ) -> Result<Policy, PolicyError> {
         let _span = tracing::debug_span!("policy_parse", bytes = text.len()).entered();
         if text.len() > MAX_POLICY_BYTES {
             return Err(PolicyError::TooLarge { bytes: text.len(), limit: MAX_POLICY_BYTES });
@@ -163,7 +186,7 @@ impl Policy {
             .iter()
             .find(|section| section.level == 1 && !section.title.is_empty())
             .map(|section| section.title.clone());
-        let meta = front_matter::build_meta(split.front_matter, heading_name, fallback_name, &body)?;
+        let meta = front_matter::build_meta(split.front_matter, heading_name, fallback_name, &body, checks)?;
         Ok(Policy {
             hash: PolicyHash::of_body(&body),
             meta,

@@ -328,6 +328,18 @@ fn stars_and_ampersands_in_front_matter_text_still_parse() {
     assert_eq!(policy.meta.extra["notes"], serde_json::json!("*not an alias*\n&not an anchor\n"));
 }
 
+/// A version stored before anchors were refused still parses from the store, and hashes as it did.
+#[test]
+fn stored_versions_skip_the_newer_front_matter_checks() {
+    let text = "---\nname: p\ndescription: &d shared\nowner: *d\n---\n# P\nReturn 0 or 1.";
+    assert!(Policy::parse(text).is_err());
+    let stored = Policy::parse_stored(text, None).unwrap();
+    assert_eq!(stored.hash, PolicyHash::of_body("# P\nReturn 0 or 1."));
+    assert_eq!(stored.meta.owner.as_deref(), Some("shared"));
+    let big = format!("---\nnotes: {}\n---\n# P\nReturn 0 or 1.", "a".repeat(MAX_FRONT_MATTER_BYTES));
+    assert!(Policy::parse(&big).is_err() && Policy::parse_stored(&big, None).is_ok());
+}
+
 #[test]
 fn oversized_front_matter_is_refused() {
     let with_notes = |bytes: usize| format!("---\nnotes: {}\n---\n# P\nReturn 0 or 1.", "a".repeat(bytes));

@@ -774,7 +774,7 @@ fn is_bidi_control(c: char) -> bool {
 /// A URL as errors and logs may show it: scheme, host, port and path, without the credentials a URL may carry
 /// (`http://user:pass@host`), and without query or fragment, where API keys also travel
 /// (`?api-key=`). The host and port stay: they tell an operator which endpoint failed.
-pub(crate) fn shown_url(url: &str) -> String {
+pub fn shown_url(url: &str) -> String {
     // Without a host (`user:secret@gpu1` reads as scheme `user`), the parser has no userinfo to clear.
     if let Ok(mut parsed) = reqwest::Url::parse(url)
         && parsed.has_host()

@@ -71,15 +71,19 @@ impl FromRequestParts<AppState> for Caller {
             match state.lookups.keys.get(&key_hash) {
                 Some(caller) => caller,
                 None => {
-                    // Looked up before the address is judged: behind a proxy every client shares one address,
-                    // and a stranger's wrong keys must not lock out the clients whose keys are good.
+                    let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip());
+                    if let Some(peer) = peer
+                        && !state.failed_keys.recently_good(&key_hash)
+                    {
+                        state.failed_keys.check(peer)?;
+                    }
                     let Some(record) = state.store.authenticate(secret).await? else {
-                        if let Some(peer) = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|info| info.0.ip()) {
-                            state.failed_keys.check(peer)?;
+                        if let Some(peer) = peer {
                             state.failed_keys.record(peer);
                         }
                         return Err(ApiError::Unauthorized);
                     };
+                    state.failed_keys.remember_good(&key_hash);
                     let caller = Caller { key_id: record.id, name: record.name, scopes: record.scopes };
                     state.lookups.keys.put(key_hash, caller.clone());
                     caller
@@ -91,13 +95,15 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
-/// Wrong keys per client address. Every unknown key is a guess at a real one: an address that sent
-/// [`FailedKeys::PER_MINUTE`] of them in a minute is answered 429 for its wrong keys for the rest of that minute,
-/// so a guesser learns nothing more from it. A good key is never refused here, whichever address it comes from:
-/// behind a proxy every client shares one address, and one client's typo (or a stranger's guessing) must not
-/// lock out the others.
+/// Wrong keys per client address. Every unknown key costs a database lookup and is a guess at a real one: an
+/// address that sent [`FailedKeys::PER_MINUTE`] of them in a minute waits out the rest of that minute (429) before
+/// its next key is looked up. Keys that checked out in the last [`FailedKeys::REMEMBER_GOOD`] are looked up
+/// whatever their address sent: behind a proxy every client shares one address, and a stranger's guessing must not
+/// lock out the clients already at work (a key first used during such a minute waits it out).
 pub(crate) struct FailedKeys {
     windows: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    /// Hashes of keys that authenticated, and when they last did.
+    good: Mutex<HashMap<String, Instant>>,
 }
 
 impl FailedKeys {
@@ -106,8 +112,29 @@ impl FailedKeys {
     /// Addresses remembered at most; past it the table starts over (a flood of addresses is for a proxy to stop).
     const ADDRESSES: usize = 10_000;
 
+    /// How long a key that checked out is let past a throttled address.
+    const REMEMBER_GOOD: Duration = Duration::from_secs(600);
+    /// Good keys remembered at most; past it the set starts over (its keys are then throttled like any other).
+    const GOOD_KEYS: usize = 10_000;
+
     pub(crate) fn new() -> Self {
-        FailedKeys { windows: Mutex::new(HashMap::new()) }
+        FailedKeys { windows: Mutex::new(HashMap::new()), good: Mutex::new(HashMap::new()) }
+    }
+
+    fn good(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.good.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn recently_good(&self, key_hash: &str) -> bool {
+        self.good().get(key_hash).is_some_and(|at| at.elapsed() < Self::REMEMBER_GOOD)
+    }
+
+    pub(crate) fn remember_good(&self, key_hash: &str) {
+        let mut good = self.good();
+        if good.len() >= Self::GOOD_KEYS && !good.contains_key(key_hash) {
+            good.clear();
+        }
+        good.insert(key_hash.to_string(), Instant::now());
     }
 
     fn windows(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, (u32, Instant)>> {

@@ -108,7 +108,12 @@ impl WorkerHost for ServerHost {
         let origin = Origin { source: &source, submitted_by: None };
         let stored = store_cascade_item(&self.state, decision, &policies, item.content, origin, bus_item)
             .await
-            .map_err(|e: ApiError| unavailable(e))?;
+            .map_err(|e: ApiError| match e {
+                // Worth waiting out: the worker keeps trying while it holds the reasoning.
+                ApiError::Store(_) | ApiError::Unavailable(_) => unavailable(e),
+                // Fails the same way every time: given back at once, on the redelivery backoff.
+                other => HostError::Rejected(other.to_string()),
+            })?;
         if stored.fresh {
             self.state.items.observe("nats", decision.usage, decision.total_ms / 1e3);
         }

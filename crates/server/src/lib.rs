@@ -84,6 +84,8 @@ pub enum ServerError {
         "SAFEGUARD_ADMIN_KEY holds a value that was rotated away from and revoked; set the current key, or a new one"
     )]
     RevokedAdminKey,
+    #[error("SAFEGUARD_ADMIN_KEY holds the value of the API key named {0:?}; give the admin key a value of its own")]
+    AdminKeyOfAnotherName(String),
     #[error("the server task failed: {0}")]
     Task(String),
     #[error("cannot build the webhook HTTP client: {0}")]
@@ -336,6 +338,9 @@ impl Server {
                 // the operator believing it works. A replica whose value is replaced after it started keeps
                 // running; its admin key just stops working, as the rotation asked.
                 safeguard_store::KeyInstall::Superseded { .. } => return Err(ServerError::RevokedAdminKey),
+                safeguard_store::KeyInstall::OtherName { name } => {
+                    return Err(ServerError::AdminKeyOfAnotherName(name));
+                }
             }
         }
         let any_key = store.has_api_keys().await?;

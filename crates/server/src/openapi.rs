@@ -155,7 +155,7 @@ pub(crate) fn document() -> Value {
                 "200", any.clone())},
             "/v1/models": {"get": op("The served model", Some("classify"), None, "200", any.clone())},
             "/v1/decisions/{id}/appeal": {"parameters": [path_param("id")],
-                "post": op("Appeal a stored decision: the item is reasoned about again at high effort under the same policy versions, then queued for a person (kind appeal) whatever the model says; 429 with Retry-After over the reasoning budget. Only the client (API key name) that submitted the decision may appeal it, or a key with the review scope (decisions from the bus, a keyless server or before this was recorded have no owner); for others it is 404", Some("classify"),
+                "post": op("Appeal a stored decision: the item is reasoned about again at high effort under the same policy versions, then queued for a person (kind appeal) whatever the model says, and the decision's reviews still pending are superseded (the appeal is the one a person answers); 429 with Retry-After over the reasoning budget. Only the client (API key name) that submitted the decision may appeal it, or a key with the review scope (decisions from the bus, a keyless server or before this was recorded have no owner); for others it is 404", Some("classify"),
                     Some(json!({"type": "object", "properties": {"reason": {"type": "string", "description": "why the decision is appealed, shown to the reviewer"}}})),
                     "200", any.clone())},
             "/v1/reviews": {"get": {

@@ -25,7 +25,7 @@ fn stored_meta(policy: &Policy, source: &str, fallback_name: Option<&str>) -> Va
 pub(crate) fn policy_of(stored: &StoredPolicy) -> Result<Policy, ApiError> {
     let source = stored.meta.get("source").and_then(Value::as_str).unwrap_or(&stored.body);
     let fallback = stored.meta.get("fallback_name").and_then(Value::as_str).or(Some(stored.name.as_str()));
-    let policy = Policy::parse_with_fallback_name(source, fallback)
+    let policy = Policy::parse_stored(source, fallback)
         .map_err(|e| ApiError::Unavailable(format!("stored policy {} no longer parses: {e}", stored.hash)))?;
     if policy.hash.to_string() != stored.hash {
         return Err(ApiError::Unavailable(format!(

@@ -160,46 +160,60 @@ type HmacSha256 = Hmac<Sha256>;
 /// The signing secret kept in `data_dir` (`webhook-secret`), made on first use: owner-only from its first byte,
 /// and the same for every server that starts on that directory at once.
 pub fn webhook_secret_in(data_dir: &Path) -> std::io::Result<String> {
-    let with_path = |path: &Path, e: std::io::Error| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()));
     std::fs::create_dir_all(data_dir).map_err(|e| with_path(data_dir, e))?;
     let path = data_dir.join("webhook-secret");
-    if let Ok(existing) = std::fs::read_to_string(&path) {
-        let existing = existing.trim().to_string();
-        if !existing.is_empty() {
-            return Ok(existing);
-        }
-        // Left empty by a crash of an older version mid-write: nothing can have verified with it.
-        let _ = std::fs::remove_file(&path);
+    match read_secret(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        found => return found,
     }
     let secret = crate::random_token();
     // Written whole under a name of its own, then linked into place: a link fails if the name exists, so servers
     // starting at once agree on the one secret that landed, and no reader ever sees half of one.
     let partial = data_dir.join(format!("webhook-secret.{}.partial", uuid::Uuid::new_v4().simple()));
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let written = options.open(&partial).and_then(|mut file| {
-        std::io::Write::write_all(&mut file, secret.as_bytes())?;
-        file.sync_all()
-    });
-    if let Err(e) = written {
+    write_private(&partial, &secret).inspect_err(|_| {
         let _ = std::fs::remove_file(&partial);
-        return Err(with_path(&partial, e));
-    }
+    })?;
     let linked = std::fs::hard_link(&partial, &path);
     let _ = std::fs::remove_file(&partial);
     match linked {
         Ok(()) => Ok(secret),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            let existing = std::fs::read_to_string(&path).map_err(|e| with_path(&path, e))?;
-            match existing.trim() {
-                "" => Err(with_path(&path, std::io::Error::other("empty; delete it to have a new secret made"))),
-                existing => Ok(existing.to_string()),
-            }
-        }
-        Err(e) => Err(with_path(&path, e)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read_secret(&path),
+        // A file system without hard links: created in place, exclusively, so a second server still reads the
+        // first one's (it may then see it before it is written whole, and says so).
+        Err(_) => match write_private(&path, &secret) {
+            Ok(()) => Ok(secret),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read_secret(&path),
+            Err(e) => Err(e),
+        },
     }
+}
+
+fn with_path(path: &Path, e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+/// An existing secret file's secret; an empty one is an error, not a reason to make another: a server may be
+/// signing with the one being written there.
+fn read_secret(path: &Path) -> std::io::Result<String> {
+    let text = std::fs::read_to_string(path).map_err(|e| with_path(path, e))?;
+    match text.trim() {
+        "" => Err(with_path(
+            path,
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "empty; delete it to have a new secret made"),
+        )),
+        secret => Ok(secret.to_string()),
+    }
+}
+
+/// Creates `path` (never over an existing file) readable by its owner only, and writes `secret` to disk.
+fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path).map_err(|e| with_path(path, e))?;
+    std::io::Write::write_all(&mut file, secret.as_bytes()).map_err(|e| with_path(path, e))?;
+    file.sync_all().map_err(|e| with_path(path, e))
 }
 
 pub fn sign_webhook(secret: &str, timestamp: i64, body: &str) -> String {
@@ -361,8 +375,8 @@ mod tests {
         assert_eq!(leftovers, ["webhook-secret"]);
 
         std::fs::write(&path, "").unwrap();
-        let fresh = webhook_secret_in(dir.path()).unwrap();
-        assert!(fresh.len() >= 32 && fresh != secrets[0], "an empty file is replaced");
+        let err = webhook_secret_in(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("webhook-secret") && err.contains("empty; delete it"), "{err}");
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub enum KeyInstall {
     /// The key is not the one to keep: it was revoked before (a value rotated away from), or a key of the same
     /// name created after it is live, in which case it is revoked now. The newest live key of the name is untouched.
     Superseded { key: ApiKeyRecord },
+    /// The plaintext is already a key of another name (a client's): nothing was changed. Installing it would
+    /// revoke that client's key, or every key of this name.
+    OtherName { name: String },
 }
 
 fn row_to_key(row: &AnyRow) -> Result<ApiKeyRecord> {
@@ -140,12 +143,15 @@ impl Store {
                 row_to_key(&row)?
             }
         };
+        if ours.name != name {
+            tx.rollback().await?;
+            return Ok(KeyInstall::OtherName { name: ours.name });
+        }
         if ours.revoked_at.is_some() {
             // Revoking anything on behalf of a retired value could take the current key with it.
             tx.rollback().await?;
             return Ok(KeyInstall::Superseded { key: ours });
         }
-        // Ours counts even when stored under another name (a created key's plaintext set as the admin key).
         let keep = sqlx::query(sql!(
             "SELECT {KEY_COLUMNS} FROM api_keys WHERE (name = $1 OR id = $2) AND revoked_at IS NULL \
              ORDER BY created_at DESC, id DESC LIMIT 1"

@@ -143,6 +143,13 @@ async fn rotation_keeps_the_newest_live_key() {
         assert!(matches!(&outcome, KeyInstall::Superseded { key } if key.id == older.id), "{label}: {outcome:?}");
         assert_eq!(live_keys(&store, name).await, vec![newer.id.clone()], "{label}");
 
+        // A client's key set as the admin key changes nothing: neither that key nor the admin keys are revoked.
+        let client = store.insert_api_key("client", &["classify".to_string()], "client-secret").await.unwrap();
+        let taken = store.install_named_key("admin", &admin(), "client-secret").await.unwrap();
+        assert!(matches!(&taken, KeyInstall::OtherName { name } if name == "client"), "{label}: {taken:?}");
+        assert_eq!(live_keys(&store, "client").await, vec![client.id.clone()], "{label}");
+        assert!(store.authenticate("second").await.unwrap().is_some(), "{label}: the admin key survives");
+
         store.close().await;
         other.close().await;
         if let Some(schema) = schema {

@@ -83,7 +83,7 @@ pub const MAX_RULE_PATTERNS: usize = 10_000;
 
 /// Most regex patterns among them: each may compile to several MiB (up to its 4 MiB size limit) and takes
 /// milliseconds of CPU to build, where a keyword costs a few bytes of the shared automaton.
-pub const MAX_RULE_REGEXES: usize = 64;
+pub const MAX_RULE_REGEXES: usize = 256;
 
 /// Most bytes the patterns hold together, each keyword and regex counted with its list's name: the evidence label
 /// (`name: pattern`) kept per pattern repeats the name, so a long name on a long list is paid for once per entry.

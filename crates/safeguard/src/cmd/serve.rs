@@ -234,7 +234,7 @@ fn load_remote(args: &Args) -> anyhow::Result<Arc<dyn Reasoner>> {
     let endpoints = args
         .backend
         .iter()
-        .map(|spec| spec.parse().with_context(|| format!("bad --backend {spec:?}")))
+        .map(|spec| spec.parse().with_context(|| format!("bad --backend {:?}", safeguard_remote::shown_url(spec))))
         .collect::<anyhow::Result<Vec<safeguard_remote::EndpointConfig>>>()?;
     let config = safeguard_remote::RemoteConfig::new(args.backend_model.clone(), endpoints);
     let reasoner = safeguard_remote::RemoteReasoner::new(config).context("bad backend configuration")?;
