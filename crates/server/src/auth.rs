@@ -13,7 +13,7 @@ use axum::http::request::Parts;
 use crate::AppState;
 use crate::error::ApiError;
 
-pub const SCOPES: [&str; 5] = ["classify", "policies:write", "review", "audit", "admin"];
+pub const SCOPES: [&str; 6] = ["classify", "policies:write", "review", "audit", "metrics", "admin"];
 
 /// The caller, once its key checked out.
 #[derive(Debug, Clone)]

@@ -179,6 +179,8 @@ pub struct ServerConfig {
     /// traffic reaches this server, and HTTP does not need NATS. Set it for servers that exist to work the
     /// stream; keep it longer than a reconnect's backoff (30 s), so a blip does not take them out of rotation.
     pub nats_ready_grace: Option<Duration>,
+    /// `/metrics` asks for a key with the `metrics` scope (off: anyone who reaches the server reads it).
+    pub metrics_require_key: bool,
     /// How long a policy name's active version and an API key are trusted before the store is asked again.
     /// Changes made through this server apply at once; changes made elsewhere (another server on the same
     /// database, `safeguard keys revoke`) within this time. Zero asks the store on every request.
@@ -217,6 +219,7 @@ impl Default for ServerConfig {
             cost_per_1k_tokens: 0.0,
             nats: None,
             nats_ready_grace: None,
+            metrics_require_key: false,
             lookup_ttl: Duration::from_secs(1),
         }
     }

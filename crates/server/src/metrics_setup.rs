@@ -238,7 +238,18 @@ impl ItemStats {
 
 const CASCADE_STAGES: [Stage; 4] = [Stage::Triage, Stage::ReasoningLow, Stage::ReasoningMedium, Stage::ReasoningHigh];
 
-pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
+pub(crate) async fn render(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+) -> Result<impl IntoResponse, ApiError> {
+    // Off by default, since most scrapers are set up without a key; on, the counts per policy, the review backlog
+    // and the policy names clients chose are for a key with the `metrics` scope only.
+    if state.config.metrics_require_key {
+        let (mut parts, _) = request.into_parts();
+        let caller =
+            <Caller as axum::extract::FromRequestParts<AppState>>::from_request_parts(&mut parts, &state).await?;
+        caller.require("metrics")?;
+    }
     if let Ok(depth) = state.store.queue_depth().await {
         metrics::gauge!("safeguard_jobs", "status" => "pending").set(depth.pending as f64);
         metrics::gauge!("safeguard_jobs", "status" => "running").set(depth.running as f64);
@@ -269,5 +280,5 @@ pub(crate) async fn render(State(state): State<AppState>) -> impl IntoResponse {
             metrics::gauge!("safeguard_review_agreement_rate").set(rate);
         }
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render())
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()))
 }

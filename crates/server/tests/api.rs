@@ -762,6 +762,27 @@ async fn appeals_and_reviews_keep_the_policy_front_matter() {
     assert_eq!((status, body["error"]["code"].as_str()), (409, Some("conflict")), "{body}");
 }
 
+/// `/metrics` is open by default (scrapers are usually set up without a key); with `metrics_require_key` it asks
+/// for a key with the `metrics` scope, and no other scope will do.
+#[tokio::test]
+async fn metrics_can_require_a_key_of_their_own() {
+    let open = Harness::start(|_| {}).await;
+    let response = open.http.get(format!("{}/metrics", open.base)).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let h = Harness::start(|c| c.metrics_require_key = true).await;
+    let scrape = |key: Option<String>| {
+        let request = h.http.get(format!("{}/metrics", h.base));
+        let request = match key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        };
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(scrape(None).await, 401);
+    assert_eq!(scrape(Some(h.key(&["classify", "review", "audit"]).await)).await, 403);
+    assert_eq!(scrape(Some(h.key(&["metrics"]).await)).await, 200);
+}
+
 /// Guessing keys is throttled per address: after 30 wrong keys in a minute the next is refused with 429 before
 /// any lookup, right or wrong, while the keys already at work from the same address (every client's, behind a
 /// proxy) go on, even with nothing cached between lookups.

@@ -46,6 +46,28 @@ pub enum KeyInstall {
     OtherName { name: String },
 }
 
+/// Stores a key unless one with this hash exists (whatever its name).
+async fn insert_key_row<'e>(
+    executor: impl sqlx::Executor<'e, Database = sqlx::Any>,
+    name: &str,
+    key_hash: &str,
+    scopes: &[String],
+    created_at: i64,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO api_keys (id, name, key_hash, scopes, created_at) VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (key_hash) DO NOTHING",
+    )
+    .bind(new_id())
+    .bind(name)
+    .bind(key_hash)
+    .bind(scopes.join(" "))
+    .bind(created_at)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
 fn row_to_key(row: &AnyRow) -> Result<ApiKeyRecord> {
     let scopes: String = row.try_get("scopes")?;
     Ok(ApiKeyRecord {
@@ -69,17 +91,7 @@ impl Store {
     /// Registers a key whose plaintext the operator chose (e.g. SAFEGUARD_ADMIN_KEY). Idempotent.
     pub async fn insert_api_key(&self, name: &str, scopes: &[String], secret: &str) -> Result<ApiKeyRecord> {
         let key_hash = hash_api_key(secret);
-        sqlx::query(
-            "INSERT INTO api_keys (id, name, key_hash, scopes, created_at) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (key_hash) DO NOTHING",
-        )
-        .bind(new_id())
-        .bind(name)
-        .bind(&key_hash)
-        .bind(scopes.join(" "))
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
+        insert_key_row(&self.pool, name, &key_hash, scopes, now_ms()).await?;
         let row = sqlx::query("SELECT id, name, scopes, created_at, revoked_at FROM api_keys WHERE key_hash = $1")
             .bind(&key_hash)
             .fetch_one(&self.pool)
@@ -125,17 +137,7 @@ impl Store {
                 let created_at = newest.map_or(now, |newest| now.max(newest.saturating_add(1)));
                 // A key created with this plaintext under another name since the look-up above (not an install:
                 // those wait for the lock) is found again below rather than failing the start.
-                sqlx::query(
-                    "INSERT INTO api_keys (id, name, key_hash, scopes, created_at) VALUES ($1, $2, $3, $4, $5) \
-                     ON CONFLICT (key_hash) DO NOTHING",
-                )
-                .bind(new_id())
-                .bind(name)
-                .bind(&key_hash)
-                .bind(scopes.join(" "))
-                .bind(created_at)
-                .execute(&mut *tx)
-                .await?;
+                insert_key_row(&mut *tx, name, &key_hash, scopes, created_at).await?;
                 let row = sqlx::query(sql!("SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = $1"))
                     .bind(&key_hash)
                     .fetch_one(&mut *tx)

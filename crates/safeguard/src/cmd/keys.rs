@@ -31,7 +31,7 @@ impl StoreArgs {
 pub enum Command {
     /// Create a key and print it once; only its hash is stored.
     Create {
-        /// classify, policies:write, review, audit or admin; repeat for several.
+        /// classify, policies:write, review, audit, metrics or admin; repeat for several.
         #[arg(long = "scope", required = true)]
         scopes: Vec<String>,
         /// The client the key is for. What a key submits belongs to every key of this name: a key made to replace

@@ -172,6 +172,11 @@ pub struct Args {
     /// which does not need NATS. Keep it above a reconnect's 30 s backoff.
     #[arg(long, value_name = "SECS", requires = "nats")]
     pub nats_ready_grace_secs: Option<u64>,
+    /// Make /metrics ask for an API key with the `metrics` scope (`safeguard keys create --scope metrics`; give
+    /// Prometheus its value as a bearer token). Off, anyone who reaches the server reads per-policy counts, the
+    /// review backlog and the policy names clients chose.
+    #[arg(long)]
+    pub metrics_require_key: bool,
     /// Milliseconds a policy name's active version and an API key are trusted before the store is asked again.
     /// Changes made through this server apply at once; made elsewhere (another server, `safeguard keys
     /// revoke`), within this time. 0 asks the store on every request.
@@ -320,6 +325,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         cost_per_1k_tokens: args.cost_per_1k_tokens.max(0.0),
         nats: args.nats.as_ref().map(|url| nats_ingest(&args, url)),
         nats_ready_grace: args.nats_ready_grace_secs.map(Duration::from_secs),
+        metrics_require_key: args.metrics_require_key,
         lookup_ttl: Duration::from_millis(args.lookup_ttl_ms),
         drain_timeout: Duration::from_secs(args.drain_timeout_secs),
         ..ServerConfig::default()
