@@ -787,8 +787,8 @@ impl Worker {
 
     /// Publishes a settled event under `msg_id`; on failure the event is NAKed and `false` returned.
     ///
-    /// NATS refusing for a moment is waited out while the event is kept alive: given back, the event would be
-    /// recorded from the ledger, without the chain of thought held here.
+    /// NATS refusing for a moment is waited out while the event is kept alive (for up to [`PERSIST_FOR`]): given
+    /// back, the event would be recorded from the ledger, without the chain of thought held here.
     async fn announce(
         &self,
         message: &jetstream::Message,
@@ -822,9 +822,9 @@ impl Worker {
 
     /// Hands a settled decision to the host; on failure the event is NAKed and `false` returned.
     ///
-    /// A host that is unavailable (its database restarting) is asked again, with growing pauses, for as long as it
-    /// takes or until the worker stops, the event kept alive meanwhile: the chain of thought exists only in this
-    /// worker's memory, so a redelivery could record the decision but not it.
+    /// A host that is unavailable (its database restarting) is asked again, with growing pauses, for up to
+    /// [`PERSIST_FOR`] or until the worker stops, the event kept alive meanwhile: the chain of thought exists only
+    /// in this worker's memory, so a redelivery could record the decision but not it.
     async fn record(
         &self,
         message: &jetstream::Message,
