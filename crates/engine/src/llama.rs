@@ -77,6 +77,7 @@ pub struct LlamaEngine {
     n_vocab: usize,
     n_ctx_per_sequence: usize,
     load_ms: f64,
+    gpu_offload: bool,
 }
 
 impl LlamaEngine {
@@ -86,6 +87,15 @@ impl LlamaEngine {
         cfg.validate()?;
         let file = model_file::inspect_gpt_oss(path)?;
         let backend = backend()?;
+        let gpu_offload = cfg.n_gpu_layers > 0 && backend.supports_gpu_offload();
+        if cfg.n_gpu_layers > 0 && !gpu_offload {
+            // Not an error: the same configuration file serves CPU and GPU machines.
+            tracing::warn!(
+                n_gpu_layers = cfg.n_gpu_layers,
+                "this llama.cpp has no GPU backend (build with the `cuda` feature, or link a GPU build of \
+                 llama.cpp); every layer runs on the CPU"
+            );
+        }
         let (ready_tx, ready_rx) = mpsc::channel();
         let (job_tx, job_rx) = mpsc::channel();
         let worker_path = path.to_path_buf();
@@ -116,7 +126,13 @@ impl LlamaEngine {
             n_vocab: ready.n_vocab,
             n_ctx_per_sequence: ready.n_ctx_per_sequence,
             load_ms: ready.load_ms,
+            gpu_offload,
         })
+    }
+
+    /// Whether layers were offloaded to a GPU: some were asked for and this llama.cpp has a GPU backend.
+    pub fn gpu_offload(&self) -> bool {
+        self.gpu_offload
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -357,6 +373,31 @@ struct Slot<'r> {
     prefill_ms: f64,
 }
 
+/// Sequences a picking thread takes at least: below that, starting a thread costs more than it saves.
+const PICKS_PER_THREAD: usize = 4;
+
+/// Picks each fed sequence's next token from its logits. Each pick reads a whole vocabulary (about a tenth of a
+/// millisecond for gpt-oss's 201,088 tokens), which for a large batch on a GPU took longer than the decode step
+/// itself; the picks are independent, and the engine's threads are idle between steps, so they share them.
+/// Each sequence's pick is the same whichever thread makes it.
+fn pick_next(slots: &mut [Slot<'_>], logits: &[&[f32]], threads: usize) {
+    let pick_all = |slots: &mut [Slot<'_>], logits: &[&[f32]]| {
+        for (slot, logits) in slots.iter_mut().zip(logits) {
+            slot.pending = Some(slot.sampler.pick(logits));
+        }
+    };
+    let workers = threads.min(slots.len() / PICKS_PER_THREAD).max(1);
+    if workers == 1 {
+        return pick_all(slots, logits);
+    }
+    let per_worker = slots.len().div_ceil(workers);
+    std::thread::scope(|scope| {
+        for (slots, logits) in slots.chunks_mut(per_worker).zip(logits.chunks(per_worker)) {
+            scope.spawn(move || pick_all(slots, logits));
+        }
+    });
+}
+
 impl Worker<'_> {
     /// Runs the requests of one or more callers as one batch and routes tokens and results back to each.
     fn serve(&mut self, callers: Vec<Caller>) {
@@ -488,11 +529,9 @@ impl Worker<'_> {
                 }
                 break;
             }
-            for (batch_index, mut slot) in fed.into_iter().enumerate() {
-                let logits = self.ctx.get_logits_ith(batch_index as i32);
-                slot.pending = Some(slot.sampler.pick(logits));
-                active.push(slot);
-            }
+            let logits: Vec<&[f32]> = (0..fed.len()).map(|i| self.ctx.get_logits_ith(i as i32)).collect();
+            pick_next(&mut fed, &logits, self.cfg.threads);
+            active.append(&mut fed);
         }
         for k in 0..requests.len() {
             self.clear_seq(k as i32);

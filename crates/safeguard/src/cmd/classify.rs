@@ -76,7 +76,8 @@ pub struct EngineFlags {
     /// Per-sequence context size of the engine, in tokens (prompt + completion).
     #[arg(long, value_name = "TOKENS")]
     pub context: Option<u32>,
-    /// Layers to offload to the GPU; needs a build with `--features cuda` (a CPU build runs them all on the CPU).
+    /// Layers to offload to the GPU (99: all); needs a llama.cpp with a GPU backend, built in with `--features
+    /// cuda` or linked at run time (README, "GPU"). A CPU build says so and runs every layer on the CPU.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub gpu_layers: u32,
 }
