@@ -15,7 +15,8 @@
 //!   hears `decided` before `reviewed`. A redelivery whose key's subject already ends with a person's word on
 //!   that decision does not publish `decided` again (past the duplicate window it would put the producer back on
 //!   hold);
-//! - an event with `"appeal": true` is decided under the key `<key>:appeal`, apart from the item it appeals;
+//! - an event with `"appeal": true` is decided under the key `<key>:appeal`, apart from the item it appeals, and
+//!   handed to the host with the decision it appeals ([`SettledItem::appeal_of`], read from the ledger);
 //! - a `pending` status is published on receipt, so producers can hold the content until the decision comes;
 //!   an item that ends with a person is published as `decided` with outcome `needs_review`, and then as
 //!   `reviewed` when a person decides it (by the host: `safeguard serve` publishes it from its review API);
@@ -400,6 +401,9 @@ pub struct SettledItem<'a> {
     /// `None` only if a redelivered event's payload no longer parses (it parsed when it was decided).
     pub content: Option<&'a Content>,
     pub decision: &'a CascadeDecision,
+    /// For an appeal (its key ends with `:appeal`), the decision settled under the item's own key, which it
+    /// appeals; `None` when the bus never decided the item.
+    pub appeal_of: Option<&'a str>,
 }
 
 /// The program a worker runs in: where policies come from and where decisions go.
@@ -833,9 +837,13 @@ impl Worker {
         stop: &CancellationToken,
     ) -> bool {
         let Some(decision) = &event.decision else { return true };
-        let settled = SettledItem { key: &event.key, item_id: event.item_id.as_deref(), content, decision };
         let lasting = |e: &HostError| matches!(e, HostError::Rejected(_));
-        let recording = persist(stop, "record the decision", &event.key, lasting, || self.host.record(settled));
+        let recording = persist(stop, "record the decision", &event.key, lasting, || async {
+            let appeal_of = self.appealed(&event.key).await?;
+            let item_id = event.item_id.as_deref();
+            let settled = SettledItem { key: &event.key, item_id, content, decision, appeal_of: appeal_of.as_deref() };
+            self.host.record(settled).await
+        });
         match keep_alive(message, self.bus.config.ack_wait, recording).await {
             Ok(()) => true,
             Err(e) => {
@@ -843,6 +851,22 @@ impl Worker {
                 retry(message).await;
                 false
             }
+        }
+    }
+
+    /// The decision an appeal's key appeals: the one in the ledger under the item's own key. Read when the
+    /// appeal is recorded, so that the host can link the two (and set the item's pending review aside for the
+    /// appeal's); a ledger that cannot be read now is waited out like the host.
+    async fn appealed(&self, key: &str) -> Result<Option<String>, HostError> {
+        let Some(item_key) = key.strip_suffix(APPEAL_SUFFIX) else { return Ok(None) };
+        match self.bus.decided(item_key).await {
+            Ok(settled) => Ok(settled.as_ref().and_then(event_id).map(|id| id.to_string())),
+            // It will not parse on any later try either: recorded unlinked, as an appeal of an unknown item is.
+            Err(e @ NatsError::BadLedgerEntry { .. }) => {
+                warn!(key = ?item_key, "the appeal is recorded without a link to the decision it appeals: {e}");
+                Ok(None)
+            }
+            Err(e) => Err(HostError::Unavailable(format!("cannot read the decision appealed: {e}"))),
         }
     }
 

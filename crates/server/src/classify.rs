@@ -471,7 +471,8 @@ pub(crate) async fn classify(
     timer.mark("cascade");
     let origin = Origin::of(&caller, "api");
     let stored =
-        store_cascade_item(&state, &cascade, &parsed.policies, Some(&parsed.content), origin, Value::Null).await?;
+        store_cascade_item(&state, &cascade, &parsed.policies, Some(&parsed.content), origin, Value::Null, None)
+            .await?;
     state.items.observe("cascade", cascade.usage, elapsed);
     timer.mark("store");
     Ok(([timer.header()], Json(cascade_reply(&cascade, &stored, parsed.return_reasoning))))

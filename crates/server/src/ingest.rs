@@ -106,14 +106,15 @@ impl WorkerHost for ServerHost {
         let bus_item = json!({"nats": {"key": item.key, "item_id": item.item_id}});
         // The bus asks for no key: its items have no owner, so any client key may appeal their decisions.
         let origin = Origin { source: &source, submitted_by: None };
-        let stored = store_cascade_item(&self.state, decision, &policies, item.content, origin, bus_item)
-            .await
-            .map_err(|e: ApiError| match e {
-                // Worth waiting out: the worker keeps trying while it holds the reasoning.
-                ApiError::Store(_) | ApiError::Unavailable(_) => unavailable(e),
-                // Fails the same way every time: given back at once, on the redelivery backoff.
-                other => HostError::Rejected(other.to_string()),
-            })?;
+        let stored =
+            store_cascade_item(&self.state, decision, &policies, item.content, origin, bus_item, item.appeal_of)
+                .await
+                .map_err(|e: ApiError| match e {
+                    // Worth waiting out: the worker keeps trying while it holds the reasoning.
+                    ApiError::Store(_) | ApiError::Unavailable(_) => unavailable(e),
+                    // Fails the same way every time: given back at once, on the redelivery backoff.
+                    other => HostError::Rejected(other.to_string()),
+                })?;
         if stored.fresh {
             self.state.items.observe("nats", decision.usage, decision.total_ms / 1e3);
         }
@@ -299,7 +300,11 @@ pub(crate) async fn announce_review(state: &AppState, decision: &DecisionRecord,
     };
     let reviewed = ReviewedItem {
         decision_id: decision.id.clone(),
-        appeal_of: decision.replay_of.clone().filter(|_| decision.source == "appeal"),
+        // An appeal over HTTP, or one that came in on the bus (`replay_of` is set on no other bus decision).
+        appeal_of: decision
+            .replay_of
+            .clone()
+            .filter(|_| decision.source == "appeal" || decision.source.starts_with(NATS_SOURCE)),
         review_id: review.id.clone(),
         outcome,
         rule_id: review.rule_id.clone(),

@@ -136,9 +136,16 @@ pub(crate) async fn moderate(
         .map_err(deferred_error)?;
     let elapsed = started.elapsed().as_secs_f64();
     let source = format!("cascade:{}", cascade.decided_by.as_str());
-    let stored =
-        store_cascade_item(&state, &cascade, &policies, Some(&content), Origin::of(&caller, &source), Value::Null)
-            .await?;
+    let stored = store_cascade_item(
+        &state,
+        &cascade,
+        &policies,
+        Some(&content),
+        Origin::of(&caller, &source),
+        Value::Null,
+        None,
+    )
+    .await?;
     state.items.observe("moderate", cascade.usage, elapsed);
 
     let mut reply = serde_json::to_value(&cascade).unwrap_or(Value::Null);
@@ -208,9 +215,14 @@ pub(crate) async fn store_cascade_item(
     content: Option<&Content>,
     origin: Origin<'_>,
     sampling_extra: Value,
+    appeal_of: Option<&str>,
 ) -> Result<StoredItem, ApiError> {
-    let (record, reasoning) =
+    let (mut record, reasoning) =
         cascade_record(cascade, content, origin, state.cascade.routing.max_tokens, sampling_extra);
+    if is_appeal(cascade) {
+        // The link that sets the appealed decision's pending reviews aside for the appeal's, when both are stored.
+        record.replay_of = appeal_of.map(str::to_string);
+    }
     let review = (cascade.decided_by == Stage::HumanReview).then(|| {
         if is_appeal(cascade) {
             crate::reviews::appeal_review(&record.id, format!("appeal: {}", person_reasons(cascade)))

@@ -223,6 +223,50 @@ async fn nats_events_are_decided_stored_once_and_survive_a_server_crash() {
     assert_eq!((review_event.outcome.as_str(), reviewed[0].item_id.as_deref()), ("violation", Some("greet-1")));
     assert!(store.reviews_to_announce(10).await.unwrap().is_empty(), "the appeal's answer is marked announced");
 
+    // An appeal on the bus of an item still waiting for a person: decided under its own key, linked to the
+    // decision it appeals, and the item's pending review is set aside for the appeal's in the same transaction
+    // (answered later, the stale review would overrule the answer to the appeal).
+    let held_id = decisions["model-2"][0]["id"].as_str().unwrap();
+    let held_review = queue["reviews"].as_array().unwrap().iter().find(|r| r["decision_id"] == held_id).unwrap();
+    let held_review = held_review["id"].as_str().unwrap();
+    let appeal_event = json!({"id": "model-2", "text": "what time is the meeting", "appeal": true});
+    producer.publish_content("model-2:appeal", &appeal_event).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let appeal = loop {
+        if let Some(records) = stored(&http, &base).await.remove("model-2:appeal") {
+            break records[0].clone();
+        }
+        assert!(Instant::now() < deadline, "the bus appeal was never stored");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(appeal["replay_of"].as_str(), Some(held_id), "{appeal}");
+    assert_eq!(store.get_review(held_review).await.unwrap().unwrap().status, "superseded");
+    let response = http
+        .post(format!("{base}/v1/reviews/{held_review}/decide"))
+        .bearer_auth(ADMIN)
+        .json(&json!({"outcome": "allow", "rationale": "a question", "rule_id": "PR0.a"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 409, "the appeal's review is the one to decide");
+    // A later appeal of the same decision over HTTP is the one already made, not a second review.
+    let response = http.post(format!("{base}/v1/decisions/{held_id}/appeal")).bearer_auth(ADMIN).send().await.unwrap();
+    assert!(response.status().is_success(), "{}", response.text().await.unwrap());
+    let repeated: Value = response.json().await.unwrap();
+    assert_eq!(repeated["decision"]["decision_id"], appeal["id"], "{repeated}");
+    let response = http
+        .post(format!("{base}/v1/reviews/{}/decide", repeated["review_id"].as_str().unwrap()))
+        .bearer_auth(ADMIN)
+        .json(&json!({"outcome": "allow", "rationale": "asks about a meeting", "rule_id": "PR0.a"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{}", response.text().await.unwrap());
+    let reviewed = published(&producer).await.remove("model-2:appeal").unwrap_or_default();
+    let reviewed: Vec<&DecisionEvent> = reviewed.iter().filter(|e| e.status == EventStatus::Reviewed).collect();
+    assert_eq!(reviewed.len(), 1, "{reviewed:?}");
+    assert_eq!(reviewed[0].review.as_ref().unwrap().appeal_of.as_deref(), Some(held_id));
+
     // A bus decision stored without its event key has no subject to publish a person's decision on, ever: it is
     // set aside once instead of being read again by every sweep.
     let mut keyless = store.get_decision(decision_id).await.unwrap().unwrap();

@@ -236,9 +236,13 @@ async fn insert_rows_sqlite(
             sql.push_str(&insert_reasoning_sql(&mut next));
             sql.push_str(";\n");
         }
-        if review.is_some() {
+        if let Some(review) = review {
             sql.push_str(&crate::reviews::insert_review_sql(&mut next));
             sql.push_str(";\n");
+            if crate::reviews::superseded_by(decision, review).is_some() {
+                sql.push_str(&crate::reviews::supersede_sql(&mut next));
+                sql.push_str(";\n");
+            }
         }
     }
 
@@ -255,6 +259,9 @@ async fn insert_rows_sqlite(
         }
         if let (Some(review), Some(id)) = (review, review_id) {
             query = crate::reviews::bind_review(query, id, review, now);
+            if let Some(appealed) = crate::reviews::superseded_by(decision, review) {
+                query = crate::reviews::bind_supersede(query, id, appealed, now);
+            }
         }
     }
 
@@ -303,7 +310,7 @@ impl Store {
         for (decision, reasoning, review) in rows {
             insert_decision_tx(&mut tx, decision, *reasoning).await?;
             review_ids.push(match review {
-                Some(review) => Some(insert_review_tx(&mut tx, review, now).await?),
+                Some(review) => Some(insert_review_tx(&mut tx, decision, review, now).await?),
                 None => None,
             });
         }

@@ -271,7 +271,7 @@ impl Store {
         }
         insert_decision_tx(&mut tx, decision, reasoning).await?;
         if let Some(review) = review {
-            insert_review_tx(&mut tx, review, now).await?;
+            insert_review_tx(&mut tx, decision, review, now).await?;
         }
         if let Some(delivery) = webhook {
             insert_delivery_tx(&mut tx, delivery, now).await?;

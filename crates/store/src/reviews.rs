@@ -89,8 +89,6 @@ fn row_to_review(row: &AnyRow) -> Result<ReviewRecord> {
     })
 }
 
-/// Inserts a pending review inside a caller's transaction, so that a decision and the review it needs are
-/// stored together or not at all. Returns the review's id.
 /// The statement that queues one review, numbering its parameters from `next` on (see [`bind_review`]).
 pub(crate) fn insert_review_sql(next: &mut usize) -> String {
     let n = *next;
@@ -124,14 +122,54 @@ pub(crate) fn bind_review<'q>(
         .bind(review.sla_ms.map(|ms| now + ms))
 }
 
+/// The decision whose pending reviews `review` supersedes: an appeal's review supersedes those of the decision
+/// it appeals (`replay_of`), however the appeal came in (HTTP or the bus). A person answering the appeal sees the
+/// item again at high effort, with the reason it was appealed; an older review of the same decision still
+/// pending would let a second, less informed answer overrule the appeal's (announced last, exported as the
+/// later correction).
+pub(crate) fn superseded_by<'a>(decision: &'a DecisionRecord, review: &NewReview) -> Option<&'a str> {
+    if review.kind == "appeal" { decision.replay_of.as_deref() } else { None }
+}
+
+/// The statement that marks an appealed decision's pending reviews `superseded`, numbering its parameters from
+/// `next` on (see [`bind_supersede`]).
+pub(crate) fn supersede_sql(next: &mut usize) -> String {
+    let n = *next;
+    *next += 3;
+    format!(
+        "UPDATE reviews SET status = 'superseded', decided_at = ${n}, rationale = ${} \
+         WHERE decision_id = ${} AND status = 'pending'",
+        n + 1,
+        n + 2
+    )
+}
+
+/// Binds in the order [`supersede_sql`] numbers them: when, the appeal's review, the decision appealed.
+pub(crate) fn bind_supersede<'q>(
+    query: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments>,
+    appeal_review_id: &str,
+    appealed: &'q str,
+    now: i64,
+) -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments> {
+    query.bind(now).bind(format!("superseded by appeal review {appeal_review_id}")).bind(appealed)
+}
+
+/// Inserts a pending review inside a caller's transaction, so that a decision and the review it needs are
+/// stored together or not at all, and supersedes what the review supersedes ([`superseded_by`]). Returns the
+/// review's id.
 pub(crate) async fn insert_review_tx(
     tx: &mut Transaction<'static, Any>,
+    decision: &DecisionRecord,
     review: &NewReview,
     now: i64,
 ) -> Result<String> {
     let id = crate::new_id();
     let sql = insert_review_sql(&mut 1);
     bind_review(sqlx::query(sqlx::AssertSqlSafe(sql)), &id, review, now).execute(&mut **tx).await?;
+    if let Some(appealed) = superseded_by(decision, review) {
+        let sql = supersede_sql(&mut 1);
+        bind_supersede(sqlx::query(sqlx::AssertSqlSafe(sql)), &id, appealed, now).execute(&mut **tx).await?;
+    }
     Ok(id)
 }
 
@@ -144,15 +182,17 @@ pub struct QueuedReview {
 }
 
 /// The appeal review of an appeal of `original`: the review of kind `appeal` whose decision is an appeal
-/// (`source = 'appeal'`) re-running `original` (`replay_of`). Reviews are few beside decisions, and each is
-/// matched to its decision by primary key, so this never scans the decisions.
+/// re-running `original` (`replay_of`), made over HTTP (`source = 'appeal'`) or on the bus (`nats:…`). Reviews
+/// are few beside decisions, and each is matched to its decision by primary key, so this never scans the
+/// decisions.
 async fn find_appeal<'e, E>(executor: E, original: &str) -> Result<Option<ReviewRecord>>
 where
     E: sqlx::Executor<'e, Database = Any>,
 {
     let row = sqlx::query(sql!(
         "SELECT {COLUMNS} FROM reviews WHERE kind = 'appeal' AND EXISTS (SELECT 1 FROM decisions d \
-           WHERE d.id = reviews.decision_id AND d.source = 'appeal' AND d.replay_of = $1) \
+           WHERE d.id = reviews.decision_id AND (d.source = 'appeal' OR d.source LIKE 'nats:%') \
+             AND d.replay_of = $1) \
          ORDER BY created_at, id LIMIT 1"
     ))
     .bind(original)
@@ -289,21 +329,7 @@ impl Store {
         }
         crate::decisions::insert_decision_tx(&mut tx, decision, reasoning).await?;
         let now = now_ms();
-        let id = insert_review_tx(&mut tx, review, now).await?;
-        if let Some(original) = decision.replay_of.as_deref() {
-            // A person answering the appeal sees the item again at high effort, with the client's reason; an
-            // older review of the same decision still pending would let a second, less informed answer
-            // overrule the appeal's (announced last, exported as the later correction).
-            sqlx::query(
-                "UPDATE reviews SET status = 'superseded', decided_at = $1, rationale = $2 \
-                 WHERE decision_id = $3 AND status = 'pending'",
-            )
-            .bind(now)
-            .bind(format!("superseded by appeal review {id}"))
-            .bind(original)
-            .execute(&mut *tx)
-            .await?;
-        }
+        let id = insert_review_tx(&mut tx, decision, review, now).await?;
         tx.commit().await?;
         let review = self.get_review(&id).await?.ok_or(StoreError::Db(sqlx::Error::RowNotFound))?;
         Ok(QueuedReview { review, fresh: true })

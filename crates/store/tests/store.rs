@@ -1201,7 +1201,7 @@ async fn a_decision_is_appealed_once() {
 
 /// An appeal supersedes the appealed decision's reviews still pending: the person answering the appeal is the
 /// one who decides, and a later answer to the stale review cannot overrule them. A review decided before the
-/// appeal stays decided.
+/// appeal stays decided. So it goes for appeals made over HTTP and on the bus, on both backends.
 #[tokio::test]
 async fn an_appeal_supersedes_the_pending_reviews_of_its_decision() {
     for t in stores().await {
@@ -1213,10 +1213,12 @@ async fn an_appeal_supersedes_the_pending_reviews_of_its_decision() {
             reason: None,
             sla_ms: None,
         };
-        for original in ["stale", "answered"] {
+        for original in ["stale", "answered", "bus-held", "replayed"] {
             s.insert_decision(&decision(original, "needs_review", "spam", None), None).await.unwrap();
         }
         let stale = s.queue_review(&review("stale", "review")).await.unwrap().review;
+        let bus_held = s.queue_review(&review("bus-held", "review")).await.unwrap().review;
+        let replayed = s.queue_review(&review("replayed", "review")).await.unwrap().review;
         let sampled = s.queue_review(&review("stale", "sample")).await.unwrap().review;
         let answered = s.queue_review(&review("answered", "review")).await.unwrap().review;
         let person = |outcome: &str| safeguard_store::ReviewDecision {
@@ -1229,26 +1231,39 @@ async fn an_appeal_supersedes_the_pending_reviews_of_its_decision() {
         };
         assert!(s.decide_review(&answered.id, &person("violation")).await.unwrap().is_some());
 
-        let mut appeals = Vec::new();
+        let mut left_pending = Vec::new();
         for original in ["stale", "answered"] {
             let mut appeal = decision(&format!("appeal-of-{original}"), "needs_review", "spam", None);
             (appeal.source, appeal.replay_of) = ("appeal".into(), Some(original.into()));
             let queued = s.insert_appeal(&appeal, None, &review(&appeal.id, "appeal")).await.unwrap();
-            appeals.push(queued.review);
+            left_pending.push(queued.review);
         }
-        for old in [&stale, &sampled] {
+        // An appeal that came in on the bus is stored as any bus decision with its review (no one-appeal check:
+        // the producer waits on its own key), and supersedes the same way.
+        let mut bus_appeal = decision("bus-appeal", "needs_review", "spam", None);
+        (bus_appeal.source, bus_appeal.replay_of) = ("nats:human_review".into(), Some("bus-held".into()));
+        let id = s.insert_decision_with_review(&bus_appeal, None, &review("bus-appeal", "appeal")).await.unwrap();
+        left_pending.push(s.get_review(&id).await.unwrap().unwrap());
+        // A replay under another policy version that needs a person is no appeal: the original's review stays.
+        let mut replay = decision("replay-of-replayed", "needs_review", "spam", None);
+        replay.replay_of = Some("replayed".into());
+        let id = s.insert_decision_with_review(&replay, None, &review(&replay.id, "review")).await.unwrap();
+        left_pending.push(s.get_review(&id).await.unwrap().unwrap());
+        left_pending.push(replayed);
+        for old in [&stale, &sampled, &bus_held] {
             let now = s.get_review(&old.id).await.unwrap().unwrap();
             assert_eq!(now.status, "superseded", "{} ({})", old.kind, t.label);
             assert!(s.decide_review(&old.id, &person("allow")).await.unwrap().is_none(), "{}", t.label);
         }
         assert_eq!(s.get_review(&answered.id).await.unwrap().unwrap().status, "decided", "{}", t.label);
         let pending: Vec<_> = s.list_reviews("pending", 10).await.unwrap().into_iter().map(|r| r.id).collect();
-        let mut expected: Vec<_> = appeals.iter().map(|r| r.id.clone()).collect();
+        // The three appeals' reviews, the replay's and the replayed decision's own.
+        let mut expected: Vec<_> = left_pending.iter().map(|r| r.id.clone()).collect();
         expected.sort();
         let mut pending_sorted = pending.clone();
         pending_sorted.sort();
         assert_eq!(pending_sorted, expected, "{}", t.label);
-        assert!(s.decide_review(&appeals[0].id, &person("allow")).await.unwrap().is_some(), "{}", t.label);
+        assert!(s.decide_review(&left_pending[0].id, &person("allow")).await.unwrap().is_some(), "{}", t.label);
         t.cleanup().await;
     }
 }
