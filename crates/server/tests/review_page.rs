@@ -366,6 +366,23 @@ async fn a_reviewer_works_the_queue_in_a_real_browser_with_the_keyboard() {
     let status = browser.wait_for("document.querySelector('#status')?.textContent", "a validation message").await;
     assert!(status.as_str().unwrap().contains("rationale"), "{status}");
 
+    // Another reviewer decides the item on screen meanwhile: submitting it says so and reads the queue again,
+    // instead of leaving an item on screen that can no longer be decided.
+    let (_, pending) = h.call("GET", "/v1/reviews", ADMIN, None).await;
+    let other = pending["reviews"][0]["id"].as_str().unwrap();
+    let answer = json!({"outcome": "allow", "rationale": "Not a promotion.", "rule_id": "SP0.a"});
+    let (status, body) = h.call("POST", &format!("/v1/reviews/{other}/decide"), ADMIN, Some(answer)).await;
+    assert_eq!(status, 200, "{body}");
+    browser.type_into("#rationale", "Reads as a question.").await;
+    browser.keys(&["\u{E009}", "\u{E007}"]).await;
+    let notice = browser
+        .wait_for(
+            "document.querySelector('#done') && document.querySelector('#notice').textContent",
+            "the queue read again, with a notice",
+        )
+        .await;
+    assert!(notice.as_str().unwrap().contains("reloaded"), "{notice}");
+
     if let Ok(dir) = std::env::var("SAFEGUARD_SCREENSHOT_DIR") {
         use std::io::Write;
         let png = browser.cmd("GET", "/screenshot", Value::Null).await;
