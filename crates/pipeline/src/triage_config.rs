@@ -69,6 +69,14 @@ pub fn rules_from_policy(policy: &Policy) -> Result<Option<RuleSet>, TriageError
 /// distinct, and each entry may hold compiled rules and a loaded model.
 const LIBRARY_CAPACITY: usize = 1024;
 
+/// How many bytes of triage a library keeps, as its entries' weights estimate them ([`Triage::memory_usage`], the
+/// `triage:` section kept to compare with, a failed build's reason). The count alone let a client fill the cache
+/// with 1024 inline policies of 256 large regexes each. One policy's rules come to at most
+/// [`MAX_RULE_MEMORY_BYTES`](safeguard_triage::rules::MAX_RULE_MEMORY_BYTES) (64 MiB), so this keeps seven of the
+/// largest, or the full count of ordinary ones (a hand-written rule set compiles to well under a MiB); trained
+/// models' weights, 1 MiB at the default 2^18 buckets, count too.
+const LIBRARY_BUDGET_BYTES: usize = 512 * 1024 * 1024;
+
 /// What one policy version's triage came to: built (or nothing to build), or the reason its section is unusable.
 type Built = Result<Option<Arc<Triage>>, String>;
 
@@ -91,12 +99,28 @@ struct Entry {
     /// did not change (the encoder it needs may have been installed since). A model trained for another version
     /// is not retried: only retraining, which changes the file, fixes that.
     load_failed_at: Option<Instant>,
+    /// Estimated bytes the entry keeps alive, counted into [`Cache::bytes`] while it is cached.
+    weight: usize,
+    /// The [`Cache::tick`] it was last built or looked up at: the least recently used entries are evicted first.
+    used: u64,
 }
 
 /// How long a policy runs without its model, which failed to load, before the library tries to load it again.
 const FAILED_MODEL_RETRY: Duration = Duration::from_secs(30);
 
 impl Entry {
+    /// What the entry keeps alive: the build (or its error), the section it was built from and the key and path
+    /// it is filed under. Approximate, as [`Triage::memory_usage`] is.
+    fn weigh(&self, hash: &str) -> usize {
+        let built = match &self.built {
+            Ok(triage) => triage.as_ref().map_or(0, |triage| triage.memory_usage()),
+            Err(reason) => reason.capacity(),
+        };
+        let section = self.section.as_ref().map_or(0, json_memory_usage);
+        let model_dir = self.model_dir.as_ref().map_or(0, |dir| dir.as_os_str().len());
+        [size_of::<Entry>(), hash.len(), built, section, model_dir].into_iter().fold(0, usize::saturating_add)
+    }
+
     /// Whether the model failed to load long enough ago to try again. The first request to ask takes the retry
     /// (the clock restarts for the others, who keep the cached build meanwhile), so a burst loads it once.
     fn take_model_retry(&mut self) -> bool {
@@ -115,16 +139,86 @@ impl Entry {
 /// An entry is used only for the section it was built from: front matter is not part of a version's identity,
 /// so two copies of one body may carry different rules, and neither may be answered with the other's. (The
 /// server keeps one set of front matter per version, so there it never rebuilds for this reason.)
+///
+/// Bounded by [`LIBRARY_CAPACITY`] entries and by [`LIBRARY_BUDGET_BYTES`] of estimated memory: an entry that
+/// would not fit evicts the least recently used ones until it does.
 #[derive(Debug)]
 pub struct TriageLibrary {
     models_dir: Option<PathBuf>,
-    cache: Mutex<HashMap<String, Entry>>,
+    cache: Mutex<Cache>,
     model_recheck: Duration,
+    budget: usize,
+}
+
+/// The entries by policy hash, with the running total of their weights.
+#[derive(Debug, Default)]
+struct Cache {
+    entries: HashMap<String, Entry>,
+    /// The sum of the entries' [`Entry::weight`].
+    bytes: usize,
+    /// Advances on every lookup and insertion; see [`Entry::used`].
+    tick: u64,
+}
+
+impl Cache {
+    fn next_tick(&mut self) -> u64 {
+        self.tick = self.tick.wrapping_add(1);
+        self.tick
+    }
+
+    /// The entry for `hash`, marked as used now.
+    fn entry(&mut self, hash: &str) -> Option<&mut Entry> {
+        let tick = self.next_tick();
+        let entry = self.entries.get_mut(hash)?;
+        entry.used = tick;
+        Some(entry)
+    }
+
+    /// Files `entry` under `hash` (replacing any entry there), first evicting the least recently used entries
+    /// until it fits both the count and `budget`. An entry over the whole budget by itself is still kept, alone:
+    /// not caching it would rebuild it on every request. One policy's rules cannot get there (they are bounded
+    /// far below the default budget); only a trained model from the operator's models directory could.
+    fn insert(&mut self, hash: String, mut entry: Entry, budget: usize) {
+        if let Some(old) = self.entries.remove(&hash) {
+            self.bytes = self.bytes.saturating_sub(old.weight);
+        }
+        entry.used = self.next_tick();
+        let fits = |cache: &Cache| {
+            cache.entries.len() < LIBRARY_CAPACITY && cache.bytes.saturating_add(entry.weight) <= budget
+        };
+        if !fits(self) {
+            let mut by_use: Vec<(u64, String)> =
+                self.entries.iter().map(|(hash, entry)| (entry.used, hash.clone())).collect();
+            by_use.sort_unstable();
+            for (_, evicted) in by_use {
+                if fits(self) {
+                    break;
+                }
+                if let Some(old) = self.entries.remove(&evicted) {
+                    self.bytes = self.bytes.saturating_sub(old.weight);
+                }
+            }
+        }
+        self.bytes = self.bytes.saturating_add(entry.weight);
+        self.entries.insert(hash, entry);
+    }
 }
 
 impl TriageLibrary {
     pub fn new(models_dir: Option<PathBuf>) -> Self {
-        Self { models_dir, cache: Mutex::default(), model_recheck: MODEL_RECHECK }
+        Self { models_dir, cache: Mutex::default(), model_recheck: MODEL_RECHECK, budget: LIBRARY_BUDGET_BYTES }
+    }
+
+    /// How many bytes of triage the library keeps at most, by its estimate (default [`LIBRARY_BUDGET_BYTES`]).
+    #[must_use]
+    pub fn with_memory_budget(mut self, bytes: usize) -> Self {
+        self.budget = bytes;
+        self
+    }
+
+    /// Approximately how many bytes the cached triage holds (see [`LIBRARY_BUDGET_BYTES`] for what is counted).
+    pub fn memory_usage(&self) -> usize {
+        self.cache().bytes
     }
 
     /// How long a cached entry trusts what it last saw of its model file (default one second).
@@ -149,7 +243,7 @@ impl TriageLibrary {
         let section = policy.meta.extra.get("triage");
         let model_dir = self.model_dir(policy);
         let same_source = |entry: &Entry| entry.section.as_ref() == section && entry.model_dir == model_dir;
-        if let Some(entry) = self.cache().get(&hash)
+        if let Some(entry) = self.cache().entry(&hash)
             && same_source(entry)
             && entry.checked.elapsed() < self.model_recheck
         {
@@ -157,7 +251,7 @@ impl TriageLibrary {
         }
         // Read outside the lock: a slow disk must not hold up other policies' requests.
         let model_file = model_dir.as_ref().and_then(|dir| modified(&dir.join("model.json")));
-        if let Some(entry) = self.cache().get_mut(&hash)
+        if let Some(entry) = self.cache().entry(&hash)
             && same_source(entry)
             && entry.model_file == model_file
             && !entry.take_model_retry()
@@ -170,24 +264,24 @@ impl TriageLibrary {
         if let Err(reason) = &built {
             warn!("no triage for this policy: {reason}");
         }
-        let mut cache = self.cache();
-        if cache.len() >= LIBRARY_CAPACITY && !cache.contains_key(&hash) {
-            cache.clear();
-        }
         let now = Instant::now();
-        let entry = Entry {
+        let mut entry = Entry {
             section: section.cloned(),
             built: built.clone(),
             model_dir,
             model_file,
             checked: now,
             load_failed_at: load_failed.then_some(now),
+            weight: 0,
+            used: 0,
         };
-        cache.insert(hash, entry);
+        // Weighed outside the lock: it walks the section and every compiled rule.
+        entry.weight = entry.weigh(&hash);
+        self.cache().insert(hash, entry, self.budget);
         built.map_err(TriageError::InvalidConfig)
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
         // Each operation on the map is one call, so a panic elsewhere cannot leave it half-changed.
         self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -234,6 +328,28 @@ impl TriageLibrary {
 
 fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Approximate heap of a JSON value: a node per value, and each string's and key's buffer. Walked with a stack,
+/// not recursion: front matter may nest deeply.
+fn json_memory_usage(value: &serde_json::Value) -> usize {
+    let mut bytes = 0usize;
+    let mut pending = vec![value];
+    while let Some(value) = pending.pop() {
+        bytes = bytes.saturating_add(size_of::<serde_json::Value>());
+        match value {
+            serde_json::Value::String(text) => bytes = bytes.saturating_add(text.capacity()),
+            serde_json::Value::Array(items) => pending.extend(items),
+            serde_json::Value::Object(map) => {
+                for (key, item) in map {
+                    bytes = bytes.saturating_add(size_of::<String>()).saturating_add(key.capacity());
+                    pending.push(item);
+                }
+            }
+            serde_json::Value::Null | serde_json::Value::Bool(_) | serde_json::Value::Number(_) => {}
+        }
+    }
+    bytes
 }
 
 #[cfg(test)]
@@ -291,6 +407,45 @@ mod tests {
             let error = library.try_for_policy(&bad).unwrap_err().to_string();
             assert!(error.contains("pattern"), "{error}");
         }
+    }
+
+    /// Inline policies can be many and distinct, each with its own rules: bounded by count alone, the library
+    /// could keep 1024 policies of 256 regexes of several MiB each.
+    #[test]
+    fn the_library_stays_within_its_memory_budget_and_keeps_what_is_used() {
+        let policy = |i: usize| {
+            Policy::parse(&format!(
+                "---\nname: p{i}\noutput: binary\ntriage:\n  rules:\n    keywords:\n      - {{name: k, action: deny, keywords: [word{i}]}}\n    regexes:\n      - {{name: r, action: flag, patterns: ['\\bcode{i}-\\d+']}}\n---\n# P{i}\nReturn 0 or 1."
+            ))
+            .unwrap()
+        };
+        let deny = |triage: &Triage, text: &str| {
+            triage.rules().unwrap().evaluate(text).decision == safeguard_triage::RuleDecision::Deny
+        };
+        let sizing = TriageLibrary::new(None);
+        assert!(sizing.for_policy(&policy(0)).is_some());
+        let weight = sizing.memory_usage();
+        assert!(weight > 10_000, "{weight} bytes: the compiled regex is not counted");
+
+        let budget = 4 * weight;
+        let library = TriageLibrary::new(None).with_memory_budget(budget);
+        let first = library.for_policy(&policy(0)).unwrap();
+        for i in 1..40 {
+            let triage = library.for_policy(&policy(i)).unwrap();
+            assert!(deny(&triage, &format!("say word{i}")), "policy {i}");
+            assert!(!deny(&triage, &format!("say word{}", i - 1)), "policy {i} answered with another's rules");
+            assert!(library.memory_usage() <= budget, "{} bytes after {i} policies", library.memory_usage());
+            // Used between the others' builds, so never the least recently used: it stays, they make room.
+            assert!(Arc::ptr_eq(&first, &library.for_policy(&policy(0)).unwrap()), "policy 0 evicted at {i}");
+        }
+        {
+            let cache = library.cache();
+            assert!((2..=4).contains(&cache.entries.len()), "{} entries cached", cache.entries.len());
+            assert_eq!(cache.bytes, cache.entries.values().map(|entry| entry.weight).sum::<usize>());
+        }
+        // An evicted policy is built again when asked for, and answers as before.
+        assert!(deny(&library.for_policy(&policy(1)).unwrap(), "word1"));
+        assert!(library.memory_usage() <= budget);
     }
 
     fn train_for(policy: &Policy, dir: &Path) {

@@ -521,6 +521,16 @@ impl EmbeddingHead {
         &self.encoder
     }
 
+    /// Approximately how many bytes of heap the head holds of its own: its weights and neighbour rows. The
+    /// encoder is not counted: it is loaded once per process and shared by every head ([`shared_encoder`]).
+    pub fn memory_usage(&self) -> usize {
+        let weights = self.meta.weights.capacity().saturating_mul(size_of::<f32>());
+        let neighbours = self.neighbours.as_ref().map_or(0, |index| {
+            index.rows().len().saturating_mul(size_of::<f32>()).saturating_add(index.labels().len())
+        });
+        weights.saturating_add(neighbours)
+    }
+
     /// The head's score for `text`. An encoder failure (a panic inside it, or an embedding of the wrong shape
     /// or with non-finite values) is an error, which the caller must treat as "cannot allow".
     pub fn score(&self, text: &str) -> Result<HeadScore, TriageError> {

@@ -135,6 +135,16 @@ impl Triage {
         self.rules.as_ref()
     }
 
+    /// Approximately how many bytes of heap this triage holds: its compiled rules ([`RuleSet::memory_usage`]) and
+    /// its model's weights ([`TriageModel::memory_usage`]). A sentence encoder is shared by every model that uses
+    /// it and loaded once per process, so it is not counted here.
+    pub fn memory_usage(&self) -> usize {
+        let rules = self.rules.as_ref().map_or(0, RuleSet::memory_usage);
+        let model = self.model.as_ref().map_or(0, TriageModel::memory_usage);
+        let unusable = self.model_unusable.as_ref().map_or(0, String::capacity);
+        rules.saturating_add(model).saturating_add(unusable)
+    }
+
     /// Whether routing runs the sentence encoder (tens of milliseconds of CPU): callers on an async runtime
     /// should then route on a blocking thread.
     pub fn has_embedding_head(&self) -> bool {

@@ -315,6 +315,14 @@ impl TriageModel {
         &self.featurizer
     }
 
+    /// Approximately how many bytes of heap the model holds: its hashed n-gram weights (up to 2^24 of them) and
+    /// its embedding head's own ([`EmbeddingHead::memory_usage`]; the shared encoder is not counted). The
+    /// metadata, a few KiB, is left out.
+    pub fn memory_usage(&self) -> usize {
+        let weights = self.linear.weights.capacity().saturating_mul(size_of::<f32>());
+        weights.saturating_add(self.head.as_ref().map_or(0, EmbeddingHead::memory_usage))
+    }
+
     /// Writes `model.json` and `weights.bin` into `dir` (created if needed). Each file is written under a
     /// temporary name and renamed, so a crash never leaves a half-written artifact behind a valid name.
     pub fn save(&self, dir: &Path) -> Result<(), TriageError> {

@@ -1,6 +1,7 @@
 //! Deterministic rules: keyword lists (Aho-Corasick, Unicode case-insensitive, word-boundary aware),
 //! regex lists, and exact-text allow/deny lists. Compiled once into a [`RuleSet`]; a rule set holds at most
-//! [`MAX_RULE_PATTERNS`] patterns ([`MAX_RULE_REGEXES`] of them regexes) of [`MAX_RULE_PATTERN_BYTES`] together.
+//! [`MAX_RULE_PATTERNS`] patterns ([`MAX_RULE_REGEXES`] of them regexes) of [`MAX_RULE_PATTERN_BYTES`] together,
+//! and compiles to at most [`MAX_RULE_MEMORY_BYTES`].
 //!
 //! Precedence inside a rule set: any deny evidence makes the decision `Deny`; otherwise any allow evidence
 //! makes it `Allow`; `flag` evidence alone leaves the decision `None` but is reported, and the router keeps
@@ -19,10 +20,11 @@
 //!     deny_list: []
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
-use regex::{Regex, RegexBuilder};
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind};
+use regex_automata::meta::{self, Regex};
+use regex_automata::util::syntax;
 use serde::{Deserialize, Serialize};
 
 use crate::TriageError;
@@ -81,6 +83,10 @@ pub struct RulesConfig {
 /// policy itself.
 pub const MAX_RULE_PATTERNS: usize = 10_000;
 
+/// Keywords up to this many bytes together may be compiled into a DFA (fastest to search, costly to build for long
+/// keywords); past it, into a contiguous NFA.
+const DFA_KEYWORD_BYTES: usize = 4096;
+
 /// Most regex patterns among them: each may compile to several MiB (up to its 4 MiB size limit) and takes
 /// milliseconds of CPU to build, where a keyword costs a few bytes of the shared automaton.
 pub const MAX_RULE_REGEXES: usize = 256;
@@ -88,6 +94,23 @@ pub const MAX_RULE_REGEXES: usize = 256;
 /// Most bytes the patterns hold together, each keyword and regex counted with its list's name: the evidence label
 /// (`name: pattern`) kept per pattern repeats the name, so a long name on a long list is paid for once per entry.
 pub const MAX_RULE_PATTERN_BYTES: usize = 1024 * 1024;
+
+/// Most heap one compiled rule set may take, as [`RuleSet::memory_usage`] estimates it; checked as it is built,
+/// after the keyword automaton and after each regex, so an oversized set is refused before the rest is compiled.
+/// The pattern limits above bound what is written, not what it compiles to: each of 256 regexes may come to
+/// several MiB (a forward and a reverse NFA of up to 4 MiB each, and a search cache), a GiB for one policy.
+/// 64 MiB is far above what rules written by hand take: a literal regex takes a few KiB, a Unicode-aware one
+/// such as `\b\d{4}-\d{4}-\d{4}-\d{4}\b` about half a MiB (over a hundred of those fit), the automaton of
+/// 10,000 keywords about one MiB. Regexes near their own size limit (`\w{50}`, about 4 MiB) fit some 15 times.
+/// Small enough that a server's cache of compiled policies keeps several of the largest.
+pub const MAX_RULE_MEMORY_BYTES: usize = 64 * 1024 * 1024;
+
+/// Size limit of each of a regex's NFAs, what `regex::RegexBuilder::size_limit` set before rules were compiled
+/// with the meta engine directly.
+const REGEX_SIZE_LIMIT: usize = 1 << 22;
+
+/// The lazy DFA's cache per search, as the `regex` crate sets it, so that rules search as they did with it.
+const REGEX_CACHE_CAPACITY: usize = 2 * (1 << 20);
 
 impl RulesConfig {
     /// Refuses rules over [`MAX_RULE_PATTERNS`], [`MAX_RULE_REGEXES`] or [`MAX_RULE_PATTERN_BYTES`], naming the
@@ -187,6 +210,9 @@ impl RuleMatch {
 #[derive(Debug, Clone)]
 struct CompiledRegex {
     regex: Regex,
+    /// Heap of one search cache, measured when compiled. The regex keeps the cache of the first thread to search
+    /// with it for good (the empty-match probe makes it), so every compiled regex holds at least one.
+    cache_bytes: usize,
     rule: String,
     action: RuleAction,
     /// (list index, pattern index) in the config: what the evidence cap counts by.
@@ -211,8 +237,8 @@ pub struct RuleSet {
     /// Per Aho-Corasick pattern id.
     keyword_meta: Vec<KeywordMeta>,
     regexes: Vec<CompiledRegex>,
-    allow_list: std::collections::HashSet<String>,
-    deny_list: std::collections::HashSet<String>,
+    allow_list: HashSet<String>,
+    deny_list: HashSet<String>,
 }
 
 fn normalize_whole_text(text: &str) -> String {
@@ -321,10 +347,55 @@ impl<'t> FoldedText<'t> {
     }
 }
 
+/// Compiles one rule regex as `regex::RegexBuilder::new(pattern).case_insensitive(true).size_limit(..)` did
+/// (leftmost-first, Unicode, UTF-8, the `regex` crate's lazy DFA cache), so that patterns match as before.
+fn compile_regex(pattern: &str) -> Result<Regex, String> {
+    let config = meta::Config::new()
+        .match_kind(regex_automata::MatchKind::LeftmostFirst)
+        .utf8_empty(true)
+        .nfa_size_limit(Some(REGEX_SIZE_LIMIT))
+        .hybrid_cache_capacity(REGEX_CACHE_CAPACITY);
+    meta::Builder::new()
+        .configure(config)
+        .syntax(syntax::Config::new().case_insensitive(true).utf8(true))
+        .build(pattern)
+        .map_err(|e| regex_error(&e))
+}
+
+/// Says what the `regex` crate said of the same failure: the meta engine's own message is only "error parsing
+/// pattern 0", where a policy author needs the syntax error with its caret, or the size limit.
+fn regex_error(error: &meta::BuildError) -> String {
+    if let Some(limit) = error.size_limit() {
+        format!("Compiled regex exceeds size limit of {limit} bytes.")
+    } else if let Some(syntax) = error.syntax_error() {
+        syntax.to_string()
+    } else {
+        match std::error::Error::source(error) {
+            Some(source) => format!("{error}: {source}"),
+            None => error.to_string(),
+        }
+    }
+}
+
+/// Heap held by a set of strings: each string's buffer, and a slot (the string and hashbrown's control byte) per
+/// bucket it has room for.
+fn set_memory_usage(set: &HashSet<String>) -> usize {
+    let slots = set.capacity().saturating_mul(size_of::<String>() + 1);
+    set.iter().map(String::capacity).fold(slots, usize::saturating_add)
+}
+
+impl CompiledRegex {
+    /// The regex's heap as the meta engine reports it, one search cache, and its evidence label.
+    fn memory_usage(&self) -> usize {
+        self.regex.memory_usage().saturating_add(self.cache_bytes).saturating_add(self.rule.capacity())
+    }
+}
+
 impl RuleSet {
     /// Compiles `config`; refused, before anything is built, when it is over the size limits
     /// ([`RulesConfig::check_size`]), and for an empty keyword, a regex that does not compile or that matches the
-    /// empty string.
+    /// empty string. Refused as well once what is compiled so far comes to more than [`MAX_RULE_MEMORY_BYTES`],
+    /// before the regexes after that point are compiled.
     pub fn compile(config: &RulesConfig) -> Result<Self, TriageError> {
         config.check_size()?;
         let mut patterns = Vec::new();
@@ -357,20 +428,40 @@ impl RuleSet {
         let keywords = if patterns.is_empty() {
             None
         } else {
+            // Left to itself the crate builds a DFA for up to 100 keywords whatever their length: 100 keywords of
+            // 10 KB (within the byte limit) took 38 s of CPU to compile, per policy, and inline policies are
+            // compiled on request. Past a few KiB of keywords the contiguous NFA is built in milliseconds.
+            let keyword_bytes: usize = patterns.iter().map(String::len).sum();
+            let kind = (keyword_bytes > DFA_KEYWORD_BYTES).then_some(AhoCorasickKind::ContiguousNFA);
             Some(
                 AhoCorasickBuilder::new()
                     .match_kind(MatchKind::Standard)
+                    .kind(kind)
                     .build(&patterns)
                     .map_err(|e| TriageError::InvalidConfig(format!("keyword automaton: {e}")))?,
             )
         };
-        let mut regexes = Vec::new();
+        let regex_count = config.regexes.iter().map(|list| list.patterns.len()).sum();
+        let mut rules = RuleSet {
+            keywords,
+            keyword_meta,
+            regexes: Vec::with_capacity(regex_count),
+            allow_list: config.allow_list.iter().map(|t| normalize_whole_text(t)).collect(),
+            deny_list: config.deny_list.iter().map(|t| normalize_whole_text(t)).collect(),
+        };
+        // Everything but the regexes, with room for them: from here on only the regexes add to it.
+        let mut used = rules.memory_usage();
+        if used > MAX_RULE_MEMORY_BYTES {
+            return Err(TriageError::InvalidConfig(format!(
+                "the keyword lists and allow and deny lists compile to about {used} bytes, over the limit of \
+                 {MAX_RULE_MEMORY_BYTES} bytes of compiled rules per policy"
+            )));
+        }
         for (list_index, list) in config.regexes.iter().enumerate() {
             for (pattern_index, pattern) in list.patterns.iter().enumerate() {
-                let regex =
-                    RegexBuilder::new(pattern).case_insensitive(true).size_limit(1 << 22).build().map_err(|e| {
-                        TriageError::InvalidConfig(format!("regex list {:?}, pattern {pattern:?}: {e}", list.name))
-                    })?;
+                let regex = compile_regex(pattern).map_err(|e| {
+                    TriageError::InvalidConfig(format!("regex list {:?}, pattern {pattern:?}: {e}", list.name))
+                })?;
                 // A pattern that can match nothing at all (`""`, `x*`, `(card)?`) fires on every text: in a deny
                 // list, every item would be a violation. Probed at the places an empty match can sit.
                 if ["", " a_1 ", "\n"].iter().any(|probe| regex.find_iter(probe).any(|m| m.is_empty())) {
@@ -379,21 +470,49 @@ impl RuleSet {
                         list.name
                     )));
                 }
-                regexes.push(CompiledRegex {
+                let compiled = CompiledRegex {
+                    cache_bytes: regex.create_cache().memory_usage(),
                     regex,
                     rule: format!("{}: {}", list.name, pattern),
                     action: list.action,
                     origin: (list_index, pattern_index),
-                });
+                };
+                // Each regex is within its own size limit; many of them together are what this bounds.
+                used = used.saturating_add(compiled.memory_usage());
+                if used > MAX_RULE_MEMORY_BYTES {
+                    return Err(TriageError::InvalidConfig(format!(
+                        "regex list {:?}, pattern {pattern:?}: the rules compile to about {used} bytes with it, \
+                         over the limit of {MAX_RULE_MEMORY_BYTES} bytes of compiled rules per policy; use fewer \
+                         or simpler regexes (counted repetition of Unicode classes such as \\w compiles large)",
+                        list.name
+                    )));
+                }
+                rules.regexes.push(compiled);
             }
         }
-        Ok(RuleSet {
-            keywords,
-            keyword_meta,
-            regexes,
-            allow_list: config.allow_list.iter().map(|t| normalize_whole_text(t)).collect(),
-            deny_list: config.deny_list.iter().map(|t| normalize_whole_text(t)).collect(),
-        })
+        Ok(rules)
+    }
+
+    /// Approximately how many bytes of heap the rule set holds: the keyword automaton and each regex as they
+    /// report their own, one search cache per regex as first made, and the strings kept (evidence labels, allow
+    /// and deny texts) with the containers around them. Not counted, as they grow with use rather than with the
+    /// rules: what those caches grow to (each lazy DFA up to 2 MiB), the caches of further threads searching at
+    /// the same time, and the text folded while evaluating.
+    pub fn memory_usage(&self) -> usize {
+        let keywords = self.keywords.as_ref().map_or(0, AhoCorasick::memory_usage);
+        let keyword_meta = self
+            .keyword_meta
+            .iter()
+            .map(|meta| meta.rule.capacity())
+            .fold(self.keyword_meta.capacity().saturating_mul(size_of::<KeywordMeta>()), usize::saturating_add);
+        let regexes = self
+            .regexes
+            .iter()
+            .map(CompiledRegex::memory_usage)
+            .fold(self.regexes.capacity().saturating_mul(size_of::<CompiledRegex>()), usize::saturating_add);
+        [keywords, keyword_meta, regexes, set_memory_usage(&self.allow_list), set_memory_usage(&self.deny_list)]
+            .into_iter()
+            .fold(0, usize::saturating_add)
     }
 
     pub fn evaluate(&self, text: &str) -> RuleMatch {
@@ -744,6 +863,37 @@ mod tests {
         assert!(written.get("matches").is_none(), "{written}");
     }
 
+    /// A hundred long keywords (within every limit) were compiled into a DFA of tens of MB, taking most of a
+    /// minute of CPU on each request that sent them in an inline policy.
+    #[test]
+    fn long_keywords_compile_into_a_small_automaton() {
+        let long: Vec<String> = (0..100).map(|i| format!("{i:03} {}", "lorem ipsum ".repeat(800))).collect();
+        let config = RulesConfig {
+            keywords: vec![KeywordList { name: "long".into(), action: RuleAction::Deny, keywords: long.clone() }],
+            ..RulesConfig::default()
+        };
+        let rules = RuleSet::compile(&config).unwrap();
+        // As a DFA these took about 33 MB; as a contiguous NFA, about 12.
+        assert!(rules.memory_usage() < 20 << 20, "{} bytes", rules.memory_usage());
+        assert_eq!(rules.evaluate(&format!("quoting: {}", long[42])).decision, RuleDecision::Deny);
+        assert_eq!(rules.evaluate(&long[42][4..]).decision, RuleDecision::None, "without its number, no keyword");
+        // A few short keywords still get the DFA, the fastest automaton to search.
+        let short = RuleSet::compile(&keywords_list(&["scam", "free bitcoin"])).unwrap();
+        assert_eq!(short.keywords.as_ref().map(AhoCorasick::kind), Some(AhoCorasickKind::DFA));
+        assert_eq!(rules.keywords.as_ref().map(AhoCorasick::kind), Some(AhoCorasickKind::ContiguousNFA));
+    }
+
+    fn keywords_list(keywords: &[&str]) -> RulesConfig {
+        RulesConfig {
+            keywords: vec![KeywordList {
+                name: "k".into(),
+                action: RuleAction::Deny,
+                keywords: keywords.iter().map(|k| k.to_string()).collect(),
+            }],
+            ..RulesConfig::default()
+        }
+    }
+
     /// Rules come from any policy a client sends; nothing bounded how many patterns one compiled (thousands of
     /// regexes of several MiB each).
     #[test]
@@ -790,6 +940,119 @@ mod tests {
         let at_limit =
             RulesConfig { deny_list: vec!["d".repeat(MAX_RULE_PATTERN_BYTES / 2); 2], ..RulesConfig::default() };
         assert!(RuleSet::compile(&at_limit).is_ok());
+    }
+
+    /// Regexes that are each within their own size limit once added up to a GiB for one policy.
+    #[test]
+    fn rule_sets_compiling_over_the_memory_limit_are_refused_before_the_rest_is_built() {
+        // Unicode `\w` repeated compiles to about 4 MiB with its search cache, within the 4 MiB per NFA.
+        let wide = |count: usize| RegexList {
+            name: "wide".into(),
+            action: RuleAction::Flag,
+            patterns: (0..count).map(|i| format!("\\w{{50}}{i}")).collect(),
+        };
+        let one = RuleSet::compile(&RulesConfig { regexes: vec![wide(1)], ..RulesConfig::default() }).unwrap();
+        let per_regex = one.memory_usage();
+        assert!(per_regex > MAX_RULE_MEMORY_BYTES / 64, "{per_regex} bytes: the pattern no longer compiles large");
+        let fitting = MAX_RULE_MEMORY_BYTES / per_regex / 2;
+        let under = RuleSet::compile(&RulesConfig { regexes: vec![wide(fitting)], ..RulesConfig::default() }).unwrap();
+        assert!(under.memory_usage() > per_regex * (fitting - 1), "memory grows with the patterns");
+        assert!(under.memory_usage() <= MAX_RULE_MEMORY_BYTES);
+        assert_eq!(under.evaluate(&format!("{}3", "é".repeat(50))).evidence.len(), 1, "and they still match");
+
+        // A list after the one that goes over has a pattern that does not compile: the limit is reported, so
+        // nothing after it was built.
+        let over = RulesConfig {
+            regexes: vec![
+                wide(MAX_RULE_MEMORY_BYTES / per_regex + 2),
+                RegexList { name: "later".into(), action: RuleAction::Deny, patterns: vec!["(unclosed".into()] },
+            ],
+            ..RulesConfig::default()
+        };
+        let err = RuleSet::compile(&over).unwrap_err();
+        assert!(matches!(err, TriageError::InvalidConfig(_)), "{err:?}");
+        let err = err.to_string();
+        assert!(err.contains(&format!("limit of {MAX_RULE_MEMORY_BYTES} bytes")), "{err}");
+        assert!(err.contains("regex list \"wide\""), "{err}");
+        assert!(!err.contains("unclosed"), "{err}");
+    }
+
+    /// Rules were compiled with `regex::RegexBuilder` before; they must find the same spans and give the same
+    /// errors now that the meta engine under it is configured directly.
+    #[test]
+    fn regexes_match_and_fail_as_the_regex_crate_did() {
+        let patterns = [
+            "\\b\\d{4}-\\d{4}-\\d{4}-\\d{4}\\b",
+            "\\bfree\\b",
+            "(?-i)Free",
+            "\\w+",
+            "(?-u:\\w)+",
+            "straße",
+            "σ+",
+            "k",
+            "[[:alpha:]]+",
+            "\\p{Greek}+",
+            "a|ab",
+            ".*?x",
+            "(?m)^line$",
+            "\\bé\\b",
+            "İ",
+        ];
+        let texts = [
+            "my card is 1234-5678-9012-3456 ok",
+            "FREE free Free freedom",
+            "STRASSE Straße straẞe",
+            "ΟΔΟΣ οδος ς",
+            "K \u{212A} k",
+            "abab xx ab\nline\nLINE two\nline",
+            "é Éa é_ 1 ٣ ١٢٣٤-٥٦٧٨-٩٠١٢-٣٤٥٦",
+            "İi̇ I i",
+            "",
+        ];
+        for pattern in patterns {
+            let before = regex::RegexBuilder::new(pattern).case_insensitive(true).size_limit(1 << 22).build().unwrap();
+            let now = compile_regex(pattern).unwrap();
+            for text in texts {
+                let spans_before: Vec<_> = before.find_iter(text).map(|m| m.range()).collect();
+                let spans_now: Vec<_> = now.find_iter(text).map(|m| m.range()).collect();
+                assert_eq!(spans_now, spans_before, "{pattern:?} in {text:?}");
+            }
+        }
+        for pattern in ["(unclosed", "[z-a]", "\\p{Nope}", "\\w{200}", "a{5000}{5000}"] {
+            let before = regex::RegexBuilder::new(pattern).case_insensitive(true).size_limit(1 << 22).build();
+            let before = before.map(|_| ()).unwrap_err().to_string();
+            assert_eq!(compile_regex(pattern).map(|_| ()).unwrap_err(), before, "{pattern:?}");
+        }
+    }
+
+    #[test]
+    fn memory_usage_grows_with_the_patterns() {
+        let rules = |keywords: usize, regexes: usize, texts: usize| {
+            RuleSet::compile(&RulesConfig {
+                keywords: vec![KeywordList {
+                    name: "k".into(),
+                    action: RuleAction::Flag,
+                    keywords: (0..keywords).map(|i| format!("keyword{i}")).collect(),
+                }],
+                regexes: vec![RegexList {
+                    name: "r".into(),
+                    action: RuleAction::Deny,
+                    patterns: (0..regexes).map(|i| format!("\\bcard{i}-\\d+")).collect(),
+                }],
+                allow_list: (0..texts).map(|i| format!("hello number {i}")).collect(),
+                ..RulesConfig::default()
+            })
+            .unwrap()
+            .memory_usage()
+        };
+        let base = rules(1, 1, 1);
+        assert!(base > 0);
+        assert!(rules(1_000, 1, 1) > base, "keywords");
+        assert!(rules(1, 20, 1) > base, "regexes");
+        assert!(rules(1, 20, 1) > rules(1, 10, 1), "regexes");
+        assert!(rules(1, 1, 1_000) > base, "allow list");
+        // Each Unicode-aware regex is tens of KiB compiled, far more than the text it is written in.
+        assert!(rules(1, 20, 1) - base > 19 * 10_000, "{} vs {base}", rules(1, 20, 1));
     }
 
     /// A keyword list and a regex list with the same name and literal share the label "promo: free"; counted
