@@ -16,7 +16,11 @@ bin=$(realpath "$1")
 src=$(realpath "$2")
 cpu_libs=$(realpath "$3")
 out=${4:-${OUT:-/tmp/safeguard-bench}}
-baseline=${BASELINE_BIN:+$(realpath "$BASELINE_BIN")}
+baseline=""
+if [ -n "${BASELINE_BIN:-}" ]; then
+  [ -x "$BASELINE_BIN" ] || { echo "BASELINE_BIN $BASELINE_BIN is not an executable" >&2; exit 2; }
+  baseline=$(realpath "$BASELINE_BIN")
+fi
 decode_tokens=${DECODE_TOKENS:-256}
 model=${MODEL:-/tmp/gpt-oss-20b-shapes.gguf}
 build=${BUILD:-/tmp/llama-cuda}
@@ -31,8 +35,9 @@ log="$out/bench_engine_20b_gpu.log"
 
   # Both are CPU- or GPU-light beside the CUDA compile, so they run alongside it.
   started=$(date +%s)
-  ( [ -f "$model" ] || LD_LIBRARY_PATH="$cpu_libs" "$bin" models tiny --shape 20b --out "$model" >"$out/model.log" 2>&1
-    cat "$model" >/dev/null ) &
+  # Its output goes to its own log, not into the pipe to tee: an early exit must not wait for the model.
+  ( [ -f "$model" ] || LD_LIBRARY_PATH="$cpu_libs" "$bin" models tiny --shape 20b --out "$model"
+    cat "$model" >/dev/null ) >>"$out/model.log" 2>&1 &
   model_job=$!
   python3 - >"$out/bandwidth.txt" 2>&1 <<'EOF' &
 import time, torch
@@ -72,13 +77,15 @@ EOF
     echo "GPU read bandwidth not measured: $(cat "$out/bandwidth.txt")"
   fi
 
+  status=0
   for run in ${baseline:+"$baseline"} "$bin"; do
     echo; echo "## $run: a decision's size: policy prefix 1024, content 256, $decode_tokens reasoning tokens"
     timeout 200 "$run" bench engine "${gpu[@]}" --prefix-tokens 1024 --content-tokens 256 \
-      --decode-tokens "$decode_tokens" --batch-sizes 1,4,16,64
+      --decode-tokens "$decode_tokens" --batch-sizes 1,4,16,64 || status=1
   done
   echo; echo "## the CPU table's shape: prefix 512, content 64, 32 tokens"
   timeout 150 "$bin" bench engine "${gpu[@]}" --prefix-tokens 512 --content-tokens 64 --decode-tokens 32 \
-    --batch-sizes 1,2,4 --json | tee "$out/bench_cpu_shape.json"
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader
+    --batch-sizes 1,2,4 --json >"$out/bench_cpu_shape.json" || status=1
+  cat "$out/bench_cpu_shape.json"
+  exit "$status"
 } 2>&1 | tee "$log"

@@ -375,8 +375,11 @@ struct Slot<'r> {
 
 /// Sequences a picking thread takes at least: below that, starting a thread costs more than it saves.
 const PICKS_PER_THREAD: usize = 4;
+/// Threads started for one step's picks at most: threads are started anew each step (tens of microseconds each),
+/// and past this many a step's picks take well under a millisecond anyway.
+const MAX_PICK_THREADS: usize = 16;
 
-/// Picks each fed sequence's next token from its logits. Each pick reads a whole vocabulary (about a tenth of a
+/// Picks each fed sequence's next token from its logits. Each pick reads a whole vocabulary (about a third of a
 /// millisecond for gpt-oss's 201,088 tokens), which for a large batch on a GPU took longer than the decode step
 /// itself; the picks are independent, and the engine's threads are idle between steps, so they share them.
 /// Each sequence's pick is the same whichever thread makes it.
@@ -386,7 +389,7 @@ fn pick_next(slots: &mut [Slot<'_>], logits: &[&[f32]], threads: usize) {
             slot.pending = Some(slot.sampler.pick(logits));
         }
     };
-    let workers = threads.min(slots.len() / PICKS_PER_THREAD).max(1);
+    let workers = threads.min(MAX_PICK_THREADS).min(slots.len() / PICKS_PER_THREAD).max(1);
     if workers == 1 {
         return pick_all(slots, logits);
     }

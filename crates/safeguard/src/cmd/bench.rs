@@ -33,7 +33,7 @@ pub struct EngineArgs {
     /// Batch sizes for the aggregate-throughput runs.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     pub batch_sizes: Vec<usize>,
-    /// Layers to offload to the GPU (CUDA builds).
+    /// Layers to offload to the GPU (99: all); needs a llama.cpp with a GPU backend.
     #[arg(long = "gpu-layers", alias = "n-gpu-layers", default_value_t = 0)]
     pub n_gpu_layers: u32,
     /// Map the model file instead of reading it (faster load from a warm page cache, about twice the peak
@@ -166,8 +166,9 @@ mod engine {
         let threads = config.threads;
         let (copy_rate, rate_source) = match args.bandwidth_gbps {
             Some(gbps) => {
-                anyhow::ensure!(gbps.is_finite() && gbps > 0.0, "--bandwidth-gbps must be a positive number");
-                (gbps * 1e9, "given".to_string())
+                let rate = gbps * 1e9;
+                anyhow::ensure!(rate.is_finite() && rate > 0.0, "--bandwidth-gbps must be a positive number");
+                (rate, "given".to_string())
             }
             None => (memcpy_bytes_per_sec(threads), format!("memcpy ({threads} threads)")),
         };
@@ -179,7 +180,7 @@ mod engine {
         let load_ms = started.elapsed().as_secs_f64() * 1e3;
         let file = engine.model_file();
         let rate_source = if engine.gpu_offload() && args.bandwidth_gbps.is_none() {
-            format!("{rate_source}, the CPU's although layers are on the GPU (see --bandwidth-gbps)")
+            format!("{rate_source}; layers are on the GPU, whose rate --bandwidth-gbps gives,")
         } else {
             rate_source
         };
@@ -251,7 +252,8 @@ mod engine {
                 "batches": batches.iter().map(|(n, generated, wall_ms, decode_tps, e2e)| json!({
                     "n": n, "generated": generated, "wall_ms": wall_ms,
                     "aggregate_decode_tokens_per_s": decode_tps, "end_to_end_tokens_per_s": e2e})).collect::<Vec<_>>(),
-                "memcpy_bytes_per_s": copy_rate,
+                "memcpy_bytes_per_s": args.bandwidth_gbps.is_none().then_some(copy_rate),
+                "bandwidth_bytes_per_s": copy_rate,
                 "bandwidth_source": rate_source,
                 "bytes_per_token": {
                     "attention_and_dense": per_token.attention_and_dense,
