@@ -277,6 +277,13 @@ pub struct CascadeDecision {
     pub total_ms: f64,
 }
 
+impl CascadeDecision {
+    /// Whether the item was handled as an appeal: it then ends with a person for every policy, each marked so.
+    pub fn is_appeal(&self) -> bool {
+        self.policies.iter().any(|route| route.escalations.contains(&Escalation::Appeal))
+    }
+}
+
 /// The cascade over a classifier, with optional triage per policy (keyed by policy hash).
 #[derive(Clone)]
 pub struct Pipeline {

@@ -401,8 +401,9 @@ pub struct SettledItem<'a> {
     /// `None` only if a redelivered event's payload no longer parses (it parsed when it was decided).
     pub content: Option<&'a Content>,
     pub decision: &'a CascadeDecision,
-    /// For an appeal (its key ends with `:appeal`), the decision settled under the item's own key, which it
-    /// appeals; `None` when the bus never decided the item.
+    /// For an appeal (its key ends with `:appeal`), the decision the ledger holds under the item's own key,
+    /// which it appeals; `None` when the bus never decided the item. Only as good as the ledger: a host that acts
+    /// on it checks that the decision is the item's.
     pub appeal_of: Option<&'a str>,
 }
 
@@ -839,7 +840,7 @@ impl Worker {
         let Some(decision) = &event.decision else { return true };
         let lasting = |e: &HostError| matches!(e, HostError::Rejected(_));
         let recording = persist(stop, "record the decision", &event.key, lasting, || async {
-            let appeal_of = self.appealed(&event.key).await?;
+            let appeal_of = if decision.is_appeal() { self.appealed(&event.key).await? } else { None };
             let item_id = event.item_id.as_deref();
             let settled = SettledItem { key: &event.key, item_id, content, decision, appeal_of: appeal_of.as_deref() };
             self.host.record(settled).await
@@ -860,7 +861,10 @@ impl Worker {
     async fn appealed(&self, key: &str) -> Result<Option<String>, HostError> {
         let Some(item_key) = key.strip_suffix(APPEAL_SUFFIX) else { return Ok(None) };
         match self.bus.decided(item_key).await {
-            Ok(settled) => Ok(settled.as_ref().and_then(event_id).map(|id| id.to_string())),
+            // Another key's entry in the item's slot (see `handle`) is not the item's decision.
+            Ok(settled) => {
+                Ok(settled.filter(|e| e.key == item_key).as_ref().and_then(event_id).map(|id| id.to_string()))
+            }
             // It will not parse on any later try either: recorded unlinked, as an appeal of an unknown item is.
             Err(e @ NatsError::BadLedgerEntry { .. }) => {
                 warn!(key = ?item_key, "the appeal is recorded without a link to the decision it appeals: {e}");

@@ -66,6 +66,30 @@ impl ServerHost {
             Err(e) => Err(HostError::Rejected(e.to_string())),
         }
     }
+
+    /// `id`, the decision the worker's ledger says a bus appeal appeals, if it is the appealed item's: stored,
+    /// decided from the bus under the appeal's key less `:appeal`, on the same content. Linked, the appeal sets
+    /// that decision's pending review aside, so an event must not be able to do that to another item's review,
+    /// nor put other content before the person in the item's place. Not linked (and then stored as before, beside
+    /// the item's review) when any of it does not hold, also when the item's own decision is not stored yet.
+    async fn appealed_item<'a>(&self, id: &'a str, item: &SettledItem<'_>) -> Result<Option<&'a str>, HostError> {
+        let Some(original) = self.state.store.get_decision(id).await.map_err(unavailable)? else {
+            debug!(key = ?item.key, decision = id, "the appealed decision is not stored yet; not linked");
+            return Ok(None);
+        };
+        let item_key = item.key.strip_suffix(":appeal");
+        let same_item = original.source.starts_with(NATS_SOURCE)
+            && item_key.is_some()
+            && original.sampling["nats"]["key"].as_str() == item_key;
+        let same_content =
+            item.content.and_then(|c| serde_json::to_value(c).ok()).is_some_and(|c| c == original.content);
+        if !(same_item && same_content) {
+            let why = "a bus appeal of another item, or of other content; not linked";
+            warn!(key = ?item.key, decision = id, same_item, same_content, "{why}");
+            return Ok(None);
+        }
+        Ok(Some(id))
+    }
 }
 
 #[async_trait::async_trait]
@@ -106,15 +130,18 @@ impl WorkerHost for ServerHost {
         let bus_item = json!({"nats": {"key": item.key, "item_id": item.item_id}});
         // The bus asks for no key: its items have no owner, so any client key may appeal their decisions.
         let origin = Origin { source: &source, submitted_by: None };
-        let stored =
-            store_cascade_item(&self.state, decision, &policies, item.content, origin, bus_item, item.appeal_of)
-                .await
-                .map_err(|e: ApiError| match e {
-                    // Worth waiting out: the worker keeps trying while it holds the reasoning.
-                    ApiError::Store(_) | ApiError::Unavailable(_) => unavailable(e),
-                    // Fails the same way every time: given back at once, on the redelivery backoff.
-                    other => HostError::Rejected(other.to_string()),
-                })?;
+        let appeal_of = match item.appeal_of {
+            Some(id) => self.appealed_item(id, &item).await?,
+            None => None,
+        };
+        let stored = store_cascade_item(&self.state, decision, &policies, item.content, origin, bus_item, appeal_of)
+            .await
+            .map_err(|e: ApiError| match e {
+                // Worth waiting out: the worker keeps trying while it holds the reasoning.
+                ApiError::Store(_) | ApiError::Unavailable(_) => unavailable(e),
+                // Fails the same way every time: given back at once, on the redelivery backoff.
+                other => HostError::Rejected(other.to_string()),
+            })?;
         if stored.fresh {
             self.state.items.observe("nats", decision.usage, decision.total_ms / 1e3);
         }
@@ -283,69 +310,85 @@ pub(crate) async fn announce_review(state: &AppState, decision: &DecisionRecord,
     if !matches!(review.kind.as_str(), "review" | "appeal") {
         return;
     }
-    let Some(origin) = bus_origin(state, decision).await else { return };
-    let origin = &origin;
+    let origins = bus_origins(state, decision).await;
+    if origins.is_empty() {
+        return;
+    }
     let Some(outcome) = review.outcome.clone() else { return };
-    let Some(key) = origin["key"].as_str() else {
+    let keyed: Vec<(&str, Option<String>)> = origins
+        .iter()
+        .filter_map(|origin| Some((origin["key"].as_str()?, origin["item_id"].as_str().map(str::to_string))))
+        .collect();
+    if keyed.is_empty() {
         // No subject to publish on, now or later: marked, so the sweep does not read it again every few seconds.
         warn!(review = %review.id, decision = %decision.id, "a NATS decision without its event key: not announced");
         if let Err(e) = state.store.mark_review_announced(&review.id).await {
             warn!(review = %review.id, "cannot mark the review announced: {e}");
         }
         return;
-    };
+    }
     let Some(bus) = nats_out(state) else {
-        debug!(key, review = %review.id, "not connected to NATS; the review is announced once it is");
+        debug!(review = %review.id, "not connected to NATS; the review is announced once it is");
         return;
     };
     let reviewed = ReviewedItem {
         decision_id: decision.id.clone(),
-        // An appeal over HTTP, or one that came in on the bus (`replay_of` is set on no other bus decision).
-        appeal_of: decision
-            .replay_of
-            .clone()
-            .filter(|_| decision.source == "appeal" || decision.source.starts_with(NATS_SOURCE)),
+        appeal_of: decision.replay_of.clone().filter(|_| is_appeal_source(&decision.source)),
         review_id: review.id.clone(),
         outcome,
         rule_id: review.rule_id.clone(),
         policy_hash: review.policy_hash.clone(),
         decided_at: review.decided_at,
     };
-    match bus.publish_review(key, origin["item_id"].as_str().map(str::to_string), reviewed).await {
-        Ok(()) => {
-            if let Err(e) = state.store.mark_review_announced(&review.id).await {
-                // Announced again later: the event's Nats-Msg-Id names the review, so a quick repeat is dropped.
-                warn!(review = %review.id, "cannot mark the review announced: {e}");
-            }
-        }
-        Err(e) => {
+    let mut published_all = true;
+    for (key, item_id) in keyed {
+        if let Err(e) = bus.publish_review(key, item_id, reviewed.clone()).await {
             warn!(key, review = %review.id, "cannot publish the review decision yet: {e}");
             metrics::counter!("safeguard_nats_review_publish_failures_total").increment(1);
+            published_all = false;
         }
+    }
+    // Announced again later if any subject missed it: the event's Nats-Msg-Id names the review and the key, so a
+    // quick repeat on a subject that has it is dropped.
+    if published_all && let Err(e) = state.store.mark_review_announced(&review.id).await {
+        warn!(review = %review.id, "cannot mark the review announced: {e}");
     }
 }
 
 /// The source prefix of decisions on items that came in as NATS events.
 pub(crate) const NATS_SOURCE: &str = "nats:";
 
-/// The event a decision answers, if it is on an item from the bus: decided from the event, or an appeal of such a
-/// decision. A producer may hold, or have released, the item on what it was told, so the person's answer to an
-/// appeal is published on the item's subject as a review of the item itself is. What
-/// `Store::reviews_to_announce` selects, so that the sweep never keeps reading a review it will not announce.
-async fn bus_origin(state: &AppState, decision: &DecisionRecord) -> Option<serde_json::Value> {
+/// Whether a decision with this source that names another in `replay_of` is an appeal of it: made over HTTP, or
+/// on the bus (the host links a bus decision to another only when it appeals it).
+fn is_appeal_source(source: &str) -> bool {
+    source == "appeal" || source.starts_with(NATS_SOURCE)
+}
+
+/// The events a decision answers on the bus: the one it was decided from, if any, and, for an appeal, the item it
+/// appeals if that came from the bus. A producer may hold, or have released, the item on what it was told, so the
+/// person's answer to an appeal is published on the item's subject as a review of the item itself is (whose own
+/// review the appeal set aside). What `Store::reviews_to_announce` selects, so that the sweep never keeps reading
+/// a review it will not announce.
+async fn bus_origins(state: &AppState, decision: &DecisionRecord) -> Vec<serde_json::Value> {
+    let mut origins = Vec::new();
     if decision.source.starts_with(NATS_SOURCE) {
-        return Some(decision.sampling["nats"].clone());
+        origins.push(decision.sampling["nats"].clone());
     }
-    let appealed = decision.replay_of.as_deref().filter(|_| decision.source == "appeal")?;
+    let Some(appealed) = decision.replay_of.as_deref().filter(|_| is_appeal_source(&decision.source)) else {
+        return origins;
+    };
     match state.store.get_decision(appealed).await {
-        Ok(Some(original)) if original.source.starts_with(NATS_SOURCE) => Some(original.sampling["nats"].clone()),
-        Ok(_) => None,
+        Ok(Some(original)) if original.source.starts_with(NATS_SOURCE) => {
+            origins.push(original.sampling["nats"].clone())
+        }
+        Ok(_) => {}
         Err(e) => {
             // Not marked: the sweep tries again.
             warn!(decision = %decision.id, "cannot read the appealed decision: {e}");
-            None
+            return Vec::new();
         }
     }
+    origins
 }
 
 /// Announces every decided review still waiting to be, while connected.

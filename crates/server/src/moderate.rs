@@ -14,8 +14,8 @@ use axum::extract::State;
 use safeguard_core::{Decision, Timings};
 use safeguard_harmony::Content;
 use safeguard_pipeline::{
-    ActiveLearning, Budgets, CascadeDecision, CascadeStats, Escalation, Pipeline, PolicyRoute, ReasoningBudget,
-    RouteContext, RoutingConfig, Stage, TriageLibrary,
+    ActiveLearning, Budgets, CascadeDecision, CascadeStats, Pipeline, PolicyRoute, ReasoningBudget, RouteContext,
+    RoutingConfig, Stage, TriageLibrary,
 };
 use safeguard_policy::Policy;
 use safeguard_store::{DecisionRecord, NewReview, now_ms};
@@ -162,11 +162,6 @@ pub(crate) async fn moderate(
     Ok(Json(reply))
 }
 
-/// An appeal ends with a person for every policy, each marked so by the cascade.
-fn is_appeal(cascade: &CascadeDecision) -> bool {
-    cascade.policies.iter().any(|r| r.escalations.contains(&Escalation::Appeal))
-}
-
 /// Why each policy that ended with a person got there.
 fn person_reasons(cascade: &CascadeDecision) -> String {
     let reasons: Vec<String> = cascade
@@ -219,12 +214,12 @@ pub(crate) async fn store_cascade_item(
 ) -> Result<StoredItem, ApiError> {
     let (mut record, reasoning) =
         cascade_record(cascade, content, origin, state.cascade.routing.max_tokens, sampling_extra);
-    if is_appeal(cascade) {
+    if cascade.is_appeal() {
         // The link that sets the appealed decision's pending reviews aside for the appeal's, when both are stored.
         record.replay_of = appeal_of.map(str::to_string);
     }
     let review = (cascade.decided_by == Stage::HumanReview).then(|| {
-        if is_appeal(cascade) {
+        if cascade.is_appeal() {
             crate::reviews::appeal_review(&record.id, format!("appeal: {}", person_reasons(cascade)))
         } else {
             crate::reviews::review_for_person(&record.id, policies, person_reasons(cascade))

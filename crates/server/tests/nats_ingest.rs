@@ -54,6 +54,12 @@ async fn reviews_queued(http: &reqwest::Client, base: &str) -> u64 {
         .map_or(0, |count| count.trim().parse().unwrap())
 }
 
+/// A person's answer to review `review`, as the admin.
+async fn decide(http: &reqwest::Client, base: &str, review: &str, answer: Value) -> reqwest::Response {
+    let url = format!("{base}/v1/reviews/{review}/decide");
+    http.post(url).bearer_auth(ADMIN).json(&answer).send().await.unwrap()
+}
+
 async fn get(http: &reqwest::Client, url: String) -> Value {
     http.get(url).bearer_auth(ADMIN).send().await.unwrap().json().await.unwrap()
 }
@@ -69,6 +75,24 @@ async fn stored(http: &reqwest::Client, base: &str) -> HashMap<String, Vec<Value
         }
     }
     by_key
+}
+
+/// The `reviewed` events published so far for `key`.
+async fn reviewed_on(producer: &Bus, key: &str) -> Vec<DecisionEvent> {
+    let events = published(producer).await.remove(key).unwrap_or_default();
+    events.into_iter().filter(|e| e.status == EventStatus::Reviewed).collect()
+}
+
+/// The decision stored for the event under `key`, once it is (within two minutes).
+async fn stored_once(http: &reqwest::Client, base: &str, key: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(records) = stored(http, base).await.remove(key) {
+            return records[0].clone();
+        }
+        assert!(Instant::now() < deadline, "{key} was never stored");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,16 +204,15 @@ async fn nats_events_are_decided_stored_once_and_survive_a_server_crash() {
     // A person's decision ends the hold: it is published on the item's decision subject as `reviewed`.
     let decision_id = decisions["model-3"][0]["id"].as_str().unwrap();
     let review = queue["reviews"].as_array().unwrap().iter().find(|r| r["decision_id"] == decision_id).unwrap();
-    let response = http
-        .post(format!("{base}/v1/reviews/{}/decide", review["id"].as_str().unwrap()))
-        .bearer_auth(ADMIN)
-        .json(&json!({"outcome": "violation", "rationale": "sells followers", "rule_id": "PR1.a"}))
-        .send()
-        .await
-        .unwrap();
+    let response = decide(
+        &http,
+        &base,
+        review["id"].as_str().unwrap(),
+        json!({"outcome": "violation", "rationale": "sells followers", "rule_id": "PR1.a"}),
+    )
+    .await;
     assert!(response.status().is_success(), "{}", response.text().await.unwrap());
-    let reviewed = published(&producer).await.remove("model-3").unwrap_or_default();
-    let reviewed: Vec<&DecisionEvent> = reviewed.iter().filter(|e| e.status == EventStatus::Reviewed).collect();
+    let reviewed = reviewed_on(&producer, "model-3").await;
     assert_eq!(reviewed.len(), 1, "{reviewed:?}");
     let review_event = reviewed[0].review.as_ref().unwrap();
     assert_eq!(
@@ -206,16 +229,15 @@ async fn nats_events_are_decided_stored_once_and_survive_a_server_crash() {
         http.post(format!("{base}/v1/decisions/{allowed_id}/appeal")).bearer_auth(ADMIN).send().await.unwrap();
     assert!(response.status().is_success(), "{}", response.text().await.unwrap());
     let appeal: Value = response.json().await.unwrap();
-    let response = http
-        .post(format!("{base}/v1/reviews/{}/decide", appeal["review_id"].as_str().unwrap()))
-        .bearer_auth(ADMIN)
-        .json(&json!({"outcome": "violation", "rationale": "a disguised promotion", "rule_id": "PR1.a"}))
-        .send()
-        .await
-        .unwrap();
+    let response = decide(
+        &http,
+        &base,
+        appeal["review_id"].as_str().unwrap(),
+        json!({"outcome": "violation", "rationale": "a disguised promotion", "rule_id": "PR1.a"}),
+    )
+    .await;
     assert!(response.status().is_success(), "{}", response.text().await.unwrap());
-    let reviewed = published(&producer).await.remove("greet-1").unwrap_or_default();
-    let reviewed: Vec<&DecisionEvent> = reviewed.iter().filter(|e| e.status == EventStatus::Reviewed).collect();
+    let reviewed = reviewed_on(&producer, "greet-1").await;
     assert_eq!(reviewed.len(), 1, "{reviewed:?}");
     let review_event = reviewed[0].review.as_ref().unwrap();
     assert_eq!(review_event.decision_id, appeal["decision"]["decision_id"].as_str().unwrap());
@@ -231,41 +253,47 @@ async fn nats_events_are_decided_stored_once_and_survive_a_server_crash() {
     let held_review = held_review["id"].as_str().unwrap();
     let appeal_event = json!({"id": "model-2", "text": "what time is the meeting", "appeal": true});
     producer.publish_content("model-2:appeal", &appeal_event).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let appeal = loop {
-        if let Some(records) = stored(&http, &base).await.remove("model-2:appeal") {
-            break records[0].clone();
-        }
-        assert!(Instant::now() < deadline, "the bus appeal was never stored");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let appeal = stored_once(&http, &base, "model-2:appeal").await;
     assert_eq!(appeal["replay_of"].as_str(), Some(held_id), "{appeal}");
     assert_eq!(store.get_review(held_review).await.unwrap().unwrap().status, "superseded");
-    let response = http
-        .post(format!("{base}/v1/reviews/{held_review}/decide"))
-        .bearer_auth(ADMIN)
-        .json(&json!({"outcome": "allow", "rationale": "a question", "rule_id": "PR0.a"}))
-        .send()
-        .await
-        .unwrap();
+    let response =
+        decide(&http, &base, held_review, json!({"outcome": "allow", "rationale": "a question", "rule_id": "PR0.a"}))
+            .await;
     assert_eq!(response.status(), 409, "the appeal's review is the one to decide");
     // A later appeal of the same decision over HTTP is the one already made, not a second review.
     let response = http.post(format!("{base}/v1/decisions/{held_id}/appeal")).bearer_auth(ADMIN).send().await.unwrap();
     assert!(response.status().is_success(), "{}", response.text().await.unwrap());
     let repeated: Value = response.json().await.unwrap();
     assert_eq!(repeated["decision"]["decision_id"], appeal["id"], "{repeated}");
-    let response = http
-        .post(format!("{base}/v1/reviews/{}/decide", repeated["review_id"].as_str().unwrap()))
-        .bearer_auth(ADMIN)
-        .json(&json!({"outcome": "allow", "rationale": "asks about a meeting", "rule_id": "PR0.a"}))
-        .send()
-        .await
-        .unwrap();
+    let response = decide(
+        &http,
+        &base,
+        repeated["review_id"].as_str().unwrap(),
+        json!({"outcome": "allow", "rationale": "asks about a meeting", "rule_id": "PR0.a"}),
+    )
+    .await;
     assert!(response.status().is_success(), "{}", response.text().await.unwrap());
-    let reviewed = published(&producer).await.remove("model-2:appeal").unwrap_or_default();
-    let reviewed: Vec<&DecisionEvent> = reviewed.iter().filter(|e| e.status == EventStatus::Reviewed).collect();
-    assert_eq!(reviewed.len(), 1, "{reviewed:?}");
-    assert_eq!(reviewed[0].review.as_ref().unwrap().appeal_of.as_deref(), Some(held_id));
+    // Announced to whoever holds the appeal and to whoever holds the item, whose own review will never be answered.
+    for key in ["model-2:appeal", "model-2"] {
+        let reviewed = reviewed_on(&producer, key).await;
+        assert_eq!(reviewed.len(), 1, "{key}: {reviewed:?}");
+        let review = reviewed[0].review.as_ref().unwrap();
+        assert_eq!(
+            (review.decision_id.as_str(), review.appeal_of.as_deref()),
+            (appeal["id"].as_str().unwrap(), Some(held_id))
+        );
+    }
+
+    // An appeal event with other content than the item was decided on is not linked to it: the item's review stays
+    // (else any event could set a review aside and put other text before the person in the item's place).
+    let other_id = decisions["model-1"][0]["id"].as_str().unwrap();
+    let other_review = queue["reviews"].as_array().unwrap().iter().find(|r| r["decision_id"] == other_id).unwrap();
+    let swapped = json!({"id": "model-1", "text": "a harmless greeting", "appeal": true});
+    producer.publish_content("model-1:appeal", &swapped).await.unwrap();
+    let unlinked = stored_once(&http, &base, "model-1:appeal").await;
+    assert!(unlinked["replay_of"].is_null(), "{unlinked}");
+    let still = store.get_review(other_review["id"].as_str().unwrap()).await.unwrap().unwrap();
+    assert_eq!(still.status, "pending");
 
     // A bus decision stored without its event key has no subject to publish a person's decision on, ever: it is
     // set aside once instead of being read again by every sweep.
@@ -284,13 +312,9 @@ async fn nats_events_are_decided_stored_once_and_survive_a_server_crash() {
         .await
         .unwrap()
         .review;
-    let response = http
-        .post(format!("{base}/v1/reviews/{}/decide", held.id))
-        .bearer_auth(ADMIN)
-        .json(&json!({"outcome": "allow", "rationale": "a greeting", "rule_id": "PR0.a"}))
-        .send()
-        .await
-        .unwrap();
+    let response =
+        decide(&http, &base, &held.id, json!({"outcome": "allow", "rationale": "a greeting", "rule_id": "PR0.a"}))
+            .await;
     assert!(response.status().is_success(), "{}", response.text().await.unwrap());
     assert!(store.reviews_to_announce(10).await.unwrap().is_empty(), "nothing to announce, and marked so");
 
