@@ -438,7 +438,7 @@ impl WorkerHost for StaticHost {
 }
 
 /// What an appeal's idempotency key ends with.
-const APPEAL_SUFFIX: &str = ":appeal";
+pub const APPEAL_SUFFIX: &str = ":appeal";
 
 /// The first pause before a decision in hand is recorded or published again, doubled per try up to
 /// [`PERSIST_PAUSE_MAX`].

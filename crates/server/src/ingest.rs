@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use safeguard_pipeline::Pipeline;
 use safeguard_pipeline::nats::{
-    Bus, ContentLimits, HostError, NatsConfig, NatsError, ReviewedItem, SettledItem, Worker, WorkerHost,
+    APPEAL_SUFFIX, Bus, ContentLimits, HostError, NatsConfig, NatsError, ReviewedItem, SettledItem, Worker, WorkerHost,
 };
 use safeguard_policy::Policy;
 use safeguard_store::{DecisionRecord, ReviewRecord};
@@ -77,7 +77,7 @@ impl ServerHost {
             debug!(key = ?item.key, decision = id, "the appealed decision is not stored yet; not linked");
             return Ok(None);
         };
-        let item_key = item.key.strip_suffix(":appeal");
+        let item_key = item.key.strip_suffix(APPEAL_SUFFIX);
         let same_item = original.source.starts_with(NATS_SOURCE)
             && item_key.is_some()
             && original.sampling["nats"]["key"].as_str() == item_key;

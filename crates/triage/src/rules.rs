@@ -868,30 +868,19 @@ mod tests {
     #[test]
     fn long_keywords_compile_into_a_small_automaton() {
         let long: Vec<String> = (0..100).map(|i| format!("{i:03} {}", "lorem ipsum ".repeat(800))).collect();
-        let config = RulesConfig {
+        let long_list = RulesConfig {
             keywords: vec![KeywordList { name: "long".into(), action: RuleAction::Deny, keywords: long.clone() }],
             ..RulesConfig::default()
         };
-        let rules = RuleSet::compile(&config).unwrap();
+        let rules = RuleSet::compile(&long_list).unwrap();
         // As a DFA these took about 33 MB; as a contiguous NFA, about 12.
         assert!(rules.memory_usage() < 20 << 20, "{} bytes", rules.memory_usage());
         assert_eq!(rules.evaluate(&format!("quoting: {}", long[42])).decision, RuleDecision::Deny);
         assert_eq!(rules.evaluate(&long[42][4..]).decision, RuleDecision::None, "without its number, no keyword");
         // A few short keywords still get the DFA, the fastest automaton to search.
-        let short = RuleSet::compile(&keywords_list(&["scam", "free bitcoin"])).unwrap();
+        let short = RuleSet::compile(&config()).unwrap();
         assert_eq!(short.keywords.as_ref().map(AhoCorasick::kind), Some(AhoCorasickKind::DFA));
         assert_eq!(rules.keywords.as_ref().map(AhoCorasick::kind), Some(AhoCorasickKind::ContiguousNFA));
-    }
-
-    fn keywords_list(keywords: &[&str]) -> RulesConfig {
-        RulesConfig {
-            keywords: vec![KeywordList {
-                name: "k".into(),
-                action: RuleAction::Deny,
-                keywords: keywords.iter().map(|k| k.to_string()).collect(),
-            }],
-            ..RulesConfig::default()
-        }
     }
 
     /// Rules come from any policy a client sends; nothing bounded how many patterns one compiled (thousands of
