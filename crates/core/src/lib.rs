@@ -20,6 +20,6 @@ pub use embedded::{EmbeddedConfig, EmbeddedReasoner, TokenBudgets};
 pub use input::{InputLimits, InputLine, Item, ItemError, ItemReader};
 pub use labels::policy_label;
 pub use reasoner::{
-    DeltaSender, ReasonDelta, ReasonError, ReasonOutput, ReasonRequest, Reasoner, Timings, USE_EFFORT_BUDGET, Usage,
-    answer_confidence,
+    DeltaSender, EndpointHealth, ReasonDelta, ReasonError, ReasonOutput, ReasonRequest, Reasoner, Timings,
+    USE_EFFORT_BUDGET, Usage, answer_confidence,
 };

@@ -152,11 +152,40 @@ pub enum ReasonDelta {
 /// engine; a dropped receiver (the client went away) just discards them.
 pub type DeltaSender = tokio::sync::mpsc::UnboundedSender<ReasonDelta>;
 
+/// One server behind a reasoner, as last seen: for `/readyz` and metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EndpointHealth {
+    /// Its address without credentials.
+    pub url: String,
+    /// Whether it answered its last health probe (a fresh one counts as answering until probed).
+    pub answering: bool,
+    /// Whether its circuit breaker lets requests through (closed, or half-open for a probe request).
+    pub accepting: bool,
+    pub in_flight: usize,
+}
+
+impl EndpointHealth {
+    /// Whether a request sent now could be served by it.
+    pub fn usable(&self) -> bool {
+        self.answering && self.accepting
+    }
+}
+
 /// Turns a policy prompt into the model's reasoning and answer.
 #[async_trait]
 pub trait Reasoner: Send + Sync {
     /// Names the model (and backend) in every decision, e.g. `gpt-oss-safeguard-20b-mxfp4.gguf`.
     fn model_id(&self) -> String;
+
+    /// The servers this reasoner sends prompts to, as last seen; `None` for one with no server to lose (the
+    /// embedded engine runs in this process, and is loaded before the server starts).
+    fn backends(&self) -> Option<Vec<EndpointHealth>> {
+        None
+    }
+
+    /// Asks every server behind this reasoner whether it answers, so that [`backends`](Self::backends) and the
+    /// choice of server follow what is true now rather than what was true at start-up. Nothing without servers.
+    async fn probe_backends(&self) {}
 
     async fn reason(&self, req: ReasonRequest) -> Result<ReasonOutput, ReasonError>;
 

@@ -80,6 +80,18 @@ pub struct NatsConfig {
 }
 
 impl NatsConfig {
+    /// The server address(es) as errors and logs may show them: without the `user:password@` or `token@` a NATS
+    /// URL may carry. A comma-separated list of servers stays a list.
+    pub fn shown_url(&self) -> String {
+        let shown = self.url.split(',').map(|server| {
+            let server = server.trim();
+            let (scheme, rest) = server.split_once("://").map_or(("", server), |(scheme, rest)| (scheme, rest));
+            let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+            if scheme.is_empty() { host.to_string() } else { format!("{scheme}://{host}") }
+        });
+        shown.collect::<Vec<_>>().join(",")
+    }
+
     pub fn new(url: impl Into<String>, prefix: impl Into<String>) -> Self {
         let prefix = prefix.into();
         let tag = prefix.replace(['.', '-', '*', '>'], "_").to_ascii_uppercase();
@@ -103,6 +115,30 @@ impl NatsConfig {
         self.decided_stream = format!("{name}_DECIDED");
         self.consumer = format!("{name}_workers");
         self
+    }
+
+    /// Whether NATS would take these names, said before connecting: a stream named `a.b` or a subject prefix
+    /// with a space is refused only at setup, and a server would retry that setup every 30 s forever.
+    pub fn check_names(&self) -> Result<(), String> {
+        let tokens_ok = !self.prefix.is_empty()
+            && self.prefix.split('.').all(|token| {
+                !token.is_empty() && !token.contains(['*', '>']) && !token.chars().any(char::is_whitespace)
+            });
+        if !tokens_ok {
+            return Err(format!(
+                "subject prefix {:?}: dot-separated tokens, each non-empty, without spaces, `*` or `>`",
+                self.prefix
+            ));
+        }
+        for name in [&self.work_stream, &self.decision_stream, &self.decided_stream, &self.consumer] {
+            let bad = |c: char| c.is_whitespace() || c.is_control() || matches!(c, '.' | '*' | '>' | '/' | '\\');
+            if name.is_empty() || name.len() > 255 || name.contains(bad) {
+                return Err(format!(
+                    "stream or consumer name {name:?}: at most 255 characters, without spaces, `.`, `*`, `>`, `/` or `\\`"
+                ));
+            }
+        }
+        Ok(())
     }
 
     pub fn content_subject(&self, key: &str) -> String {
@@ -214,7 +250,7 @@ impl Bus {
     pub async fn connect(config: NatsConfig) -> Result<Bus, NatsError> {
         let client = async_nats::connect(&config.url)
             .await
-            .map_err(|e| NatsError::Connect { url: config.url.clone(), detail: e.to_string() })?;
+            .map_err(|e| NatsError::Connect { url: config.shown_url(), detail: e.to_string() })?;
         let js = jetstream::new(client);
         js.get_or_create_stream(stream::Config {
             name: config.work_stream.clone(),
@@ -484,6 +520,9 @@ pub struct Worker {
     host: Arc<dyn WorkerHost>,
     limits: ContentLimits,
     started: Option<Box<dyn Fn() + Send + Sync>>,
+    /// The consumer's `ack_wait` as the server holds it, in milliseconds: what events are kept alive against. The
+    /// durable consumer keeps the setting of the worker that created it, which may not be this one's.
+    ack_wait_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Worker {
@@ -492,7 +531,8 @@ impl Worker {
     }
 
     pub fn with_host(bus: Bus, host: Arc<dyn WorkerHost>) -> Self {
-        Self { bus, host, limits: ContentLimits::default(), started: None }
+        let ack_wait_ms = std::sync::atomic::AtomicU64::new(millis(bus.config.ack_wait));
+        Self { bus, host, limits: ContentLimits::default(), started: None, ack_wait_ms }
     }
 
     /// Holds events to `limits` instead of [`ContentLimits::default`]; one over them is rejected.
@@ -508,6 +548,14 @@ impl Worker {
         self
     }
 
+    /// How long the server waits for an event's ack before it hands the event to another worker.
+    fn ack_wait(&self) -> Duration {
+        Duration::from_millis(self.ack_wait_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Pulls and decides events until `stop`. Returns an error when pulling fails (the consumer deleted, the
+    /// stream gone, a status JetStream does not retry): pulling again at once would fail the same way in a tight
+    /// loop, and the host's supervisor starts the worker again after a pause, which sets the consumer up anew.
     pub async fn run(&self, stop: CancellationToken) -> Result<(), NatsError> {
         let cfg = &self.bus.config;
         let stream = self.bus.js.get_stream(&cfg.work_stream).await.map_err(setup_err)?;
@@ -523,6 +571,19 @@ impl Worker {
             )
             .await
             .map_err(setup_err)?;
+        // Kept alive against the shorter of the two: the server's is what redelivers, and a longer one set here
+        // must not let events lapse to another worker.
+        let held = consumer.cached_info().config.ack_wait;
+        if held != cfg.ack_wait {
+            warn!(
+                consumer = %cfg.consumer,
+                "the consumer's ack wait is {held:?} (set by the worker that created it), not the {:?} asked for; \
+                 keeping events alive against the shorter",
+                cfg.ack_wait
+            );
+        }
+        let effective = if held.is_zero() { cfg.ack_wait } else { held.min(cfg.ack_wait) };
+        self.ack_wait_ms.store(millis(effective), std::sync::atomic::Ordering::Relaxed);
         info!(consumer = %cfg.consumer, "NATS worker started");
         if let Some(started) = &self.started {
             started();
@@ -535,20 +596,24 @@ impl Worker {
                 .messages()
                 .await
                 .map_err(|e| NatsError::Stream(e.to_string()))?;
-            if let Some(pause) = self.work_through(batch, &stop).await {
-                // Back-pressure: stop pulling until the budget refills; the NAKed events wait in the stream. A pause
-                // can last up to an hour, so it ends early when the worker is stopped.
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(pause) => {}
+            match self.work_through(batch, &stop).await {
+                Worked::On => {}
+                Worked::Pause(pause) => {
+                    // Back-pressure: stop pulling until the budget refills; the NAKed events wait in the stream. A
+                    // pause can last up to an hour, so it ends early when the worker is stopped.
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
                 }
+                Worked::PullFailed(e) => return Err(NatsError::Stream(format!("pulling events failed: {e}"))),
             }
         }
         Ok(())
     }
 
-    /// Handles a fetched batch, one event after another; returns how long to pause pulling when the reasoning
-    /// budget is spent.
+    /// Handles a fetched batch, one event after another; says whether to pull again, pause pulling (the reasoning
+    /// budget is spent) or stop (pulling failed).
     ///
     /// Every event of a batch is delivered, and its `ack_wait` running, from the moment it is fetched: those
     /// waiting their turn are kept alive (progress acks) while the ones ahead of them are decided, else a slow
@@ -558,30 +623,28 @@ impl Worker {
         &self,
         batch: impl Stream<Item = Result<jetstream::Message, E>>,
         stop: &CancellationToken,
-    ) -> Option<Duration> {
+    ) -> Worked {
         let mut batch = std::pin::pin!(batch);
         // Whether the fetch may still deliver; a finished stream is not polled again.
         let mut open = true;
         let mut waiting: VecDeque<jetstream::Message> = VecDeque::new();
-        let period = keep_alive_period(self.bus.config.ack_wait);
+        let period = keep_alive_period(self.ack_wait());
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if stop.is_cancelled() {
                 give_back(waiting, batch.as_mut(), open, None).await;
-                return None;
+                return Worked::On;
             }
             let message = match waiting.pop_front() {
                 Some(message) => message,
                 None if open => match batch.next().await {
                     Some(Ok(message)) => message,
-                    Some(Err(e)) => {
-                        warn!("pull failed: {e}");
-                        return None;
-                    }
-                    None => return None,
+                    // Nothing is held: every event fetched before it was handled.
+                    Some(Err(e)) => return Worked::PullFailed(e.to_string()),
+                    None => return Worked::On,
                 },
-                None => return None,
+                None => return Worked::On,
             };
             let handled = {
                 let mut handling = std::pin::pin!(AssertUnwindSafe(self.handle(&message, stop)).catch_unwind());
@@ -625,7 +688,7 @@ impl Worker {
             if let Some(pause) = handled {
                 // The rest would only find the budget spent too: back to the stream, to come again after the pause.
                 give_back(waiting, batch.as_mut(), open, Some(pause)).await;
-                return Some(pause);
+                return Worked::Pause(pause);
             }
         }
     }
@@ -738,7 +801,7 @@ impl Worker {
         // A panic here is a bug (in a reasoner, say). Given back, the event would come again after `ack_wait` and
         // panic in the next worker too: it is settled for a person instead, as the server's jobs are.
         let deciding = AssertUnwindSafe(pipeline.decide(&policies, &item.content, &ctx)).catch_unwind();
-        let mut decision = match keep_alive(message, self.bus.config.ack_wait, deciding).await {
+        let mut decision = match keep_alive(message, self.ack_wait(), deciding).await {
             Ok(Ok(decision)) => decision,
             Ok(Err(deferred)) => {
                 ack(message, AckKind::Nak(Some(deferred.retry_after))).await;
@@ -810,7 +873,7 @@ impl Worker {
         let lasting = |e: &NatsError| matches!(e, NatsError::TooLarge(_));
         let publishing =
             persist(stop, "publish the decision", &event.key, lasting, || self.bus.publish_as(&token, msg_id, event));
-        match keep_alive(message, self.bus.config.ack_wait, publishing).await {
+        match keep_alive(message, self.ack_wait(), publishing).await {
             Ok(()) => true,
             Err(NatsError::TooLarge(e)) => {
                 // Never announceable, however often it is given back: recorded and acked all the same.
@@ -845,7 +908,7 @@ impl Worker {
             let settled = SettledItem { key: &event.key, item_id, content, decision, appeal_of: appeal_of.as_deref() };
             self.host.record(settled).await
         });
-        match keep_alive(message, self.bus.config.ack_wait, recording).await {
+        match keep_alive(message, self.ack_wait(), recording).await {
             Ok(()) => true,
             Err(e) => {
                 warn!(key = ?event.key, "cannot record the decision: {e}");
@@ -1431,6 +1494,20 @@ fn strip_reasoning(decision: &mut CascadeDecision) -> Option<Vec<Vec<String>>> {
     taken.iter().any(|r| !r.is_empty()).then_some(taken)
 }
 
+/// What the worker does after a fetched batch.
+enum Worked {
+    /// Pull again.
+    On,
+    /// The reasoning budget is spent: pull again after this long.
+    Pause(Duration),
+    /// Pulling failed; the worker stops, to be started again after a pause.
+    PullFailed(String),
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// How often an event in hand, or fetched and waiting its turn, tells the server it is still being worked on.
 fn keep_alive_period(ack_wait: Duration) -> Duration {
     (ack_wait / 2).max(Duration::from_millis(100))
@@ -1497,6 +1574,37 @@ fn select_policies(all: &[Policy], names: &[String]) -> Result<Vec<Policy>, Host
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_nats_would_refuse_are_caught_before_connecting() {
+        assert_eq!(NatsConfig::new("x", "safeguard").check_names(), Ok(()));
+        assert_eq!(NatsConfig::new("x", "team.moderation").with_stream("MOD_CONTENT").check_names(), Ok(()));
+        for prefix in ["", "a..b", "has space", "a.*", "a.>"] {
+            assert!(NatsConfig::new("x", prefix).check_names().is_err(), "{prefix:?}");
+        }
+        for stream in ["my.stream", "with space", "a/b", ""] {
+            let error = NatsConfig::new("x", "safeguard").with_stream(stream).check_names().unwrap_err();
+            assert!(error.contains("stream or consumer name"), "{stream:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn nats_urls_are_shown_without_their_credentials() {
+        let shown = |url: &str| NatsConfig::new(url, "safeguard").shown_url();
+        assert_eq!(shown("nats://alice:s3cret@nats1:4222"), "nats://nats1:4222");
+        assert_eq!(shown("nats://t0ken@nats1:4222, tls://bob:pw@nats2:4222"), "nats://nats1:4222,tls://nats2:4222");
+        assert_eq!(shown("127.0.0.1:4222"), "127.0.0.1:4222");
+    }
+
+    /// The error is logged on every reconnect attempt.
+    #[tokio::test]
+    async fn a_failed_connection_does_not_name_the_credentials() {
+        // Port 1: nothing listens there, so the connection is refused at once.
+        let config = NatsConfig::new("nats://alice:s3cret@127.0.0.1:1", "safeguard");
+        let connected = tokio::time::timeout(Duration::from_secs(30), Bus::connect(config)).await;
+        let error = connected.expect("refused, not hung").err().expect("nothing listens on port 1");
+        assert!(error.to_string().contains("127.0.0.1:1") && !error.to_string().contains("s3cret"), "{error}");
+    }
 
     /// A failure that repeats every time holds the worker for [`PERSIST_FOR`], then the event is given back.
     #[tokio::test(start_paused = true)]

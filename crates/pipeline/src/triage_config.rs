@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use safeguard_policy::Policy;
 use safeguard_triage::{RuleSet, RulesConfig, Triage, TriageError, TriageModel};
 use serde::Deserialize;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::OnTriageViolation;
 
@@ -305,6 +305,12 @@ impl TriageLibrary {
             Err(other) => return (Err(other.to_string()), false),
         };
         let Some(path) = model_dir.filter(|path| path.join("model.json").exists()) else {
+            // Once per policy version (the build is cached): a misnamed directory sends every item to the model,
+            // and this line is where an operator finds out why the skip rate stays at zero.
+            if let Some(path) = model_dir {
+                let dir = path.display();
+                info!(policy = %policy.meta.name, %dir, "no trained triage model for this policy; rules only");
+            }
             return (Ok(rules.map(|rules| Arc::new(Triage::new(Some(rules), None)))), false);
         };
         let (unusable, load_failed) = match TriageModel::load(path) {

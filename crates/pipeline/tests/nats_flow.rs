@@ -821,3 +821,93 @@ async fn a_body_that_loses_the_ledger_race_to_another_body_is_not_given_its_deci
     assert!(recorded.iter().any(|(_, d)| d.id == mine.id), "recorded for a person");
     delete_streams(&producer).await;
 }
+
+/// A consumer deleted under a running worker (an operator's `nats consumer rm`) made every pull fail at once, in
+/// a loop that logged thousands of lines a second and decided nothing while the worker still counted as serving.
+/// The worker now stops with an error, for its host to start it again after a pause; started again, it sets the
+/// consumer up anew and decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_consumer_is_deleted_stops_instead_of_spinning() {
+    if !nats_up() {
+        eprintln!("skipped: NATS is not reachable at {URL} (bash scripts/setup.sh starts it)");
+        return;
+    }
+    let cfg = config();
+    let bus = Bus::connect(cfg.clone()).await.unwrap();
+    let reasoner = Arc::new(Slow { calls: AtomicUsize::new(0), pause: Duration::ZERO });
+    let start = |stop: CancellationToken| {
+        let reasoner = reasoner.clone();
+        let cfg = cfg.clone();
+        tokio::spawn(async move { worker(Bus::connect(cfg).await.unwrap(), reasoner, None).run(stop).await })
+    };
+    let stop = CancellationToken::new();
+    let running = start(stop.clone());
+    let stream = bus.js.get_stream(&cfg.work_stream).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stream.consumer_info(&cfg.consumer).await.is_err() {
+        assert!(Instant::now() < deadline, "the worker never set up its consumer");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stream.delete_consumer(&cfg.consumer).await.unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(20), running).await.expect("stops instead of spinning");
+    assert!(ended.unwrap().is_err(), "an error, for the host to start it again");
+
+    let restarted = start(stop.clone());
+    bus.publish_content("after", &json!({"id": "after", "text": "see you at lunch"})).await.unwrap();
+    wait_until_decided(&bus, &["after".to_string()], Duration::from_secs(20)).await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), restarted).await.unwrap().unwrap().unwrap();
+    delete_streams(&bus).await;
+}
+
+/// The durable consumer keeps the ack wait of the worker that created it. A worker asked for a longer one kept its
+/// events alive at half of its own setting while the server redelivered at the consumer's: a slow item was handed
+/// out again mid-decision. It now keeps them alive against the consumer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_keeps_events_alive_against_the_consumers_own_ack_wait() {
+    if !nats_up() {
+        eprintln!("skipped: NATS is not reachable at {URL} (bash scripts/setup.sh starts it)");
+        return;
+    }
+    let cfg = config();
+    let bus = Bus::connect(cfg.clone()).await.unwrap();
+    // The first worker creates the consumer with config()'s 1 s ack wait, then stops.
+    let stop = CancellationToken::new();
+    let quick = Arc::new(Slow { calls: AtomicUsize::new(0), pause: Duration::ZERO });
+    let first = worker(Bus::connect(cfg.clone()).await.unwrap(), quick, None);
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { first.run(stop).await }
+    });
+    let stream = bus.js.get_stream(&cfg.work_stream).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stream.consumer_info(&cfg.consumer).await.is_err() {
+        assert!(Instant::now() < deadline, "the worker never set up its consumer");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    task.await.unwrap().unwrap();
+
+    // Two more ask for ten minutes, and the item takes three seconds: one decides it while the other waits for
+    // work, and would be handed the item if the first let it lapse.
+    let mut patient = cfg.clone();
+    patient.ack_wait = Duration::from_secs(600);
+    let slow = Arc::new(Slow { calls: AtomicUsize::new(0), pause: Duration::from_secs(3) });
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+    for _ in 0..2 {
+        let patient = worker(Bus::connect(patient.clone()).await.unwrap(), slow.clone(), None);
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move { patient.run(stop).await }));
+    }
+    bus.publish_content("slow", &json!({"id": "slow", "text": "see you at lunch"})).await.unwrap();
+    wait_until_decided(&bus, &["slow".to_string()], Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(redelivered(&bus).await, 0, "kept alive while it was decided");
+    assert_eq!(slow.calls.load(Ordering::SeqCst), 1, "decided once");
+    stop.cancel();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    delete_streams(&bus).await;
+}

@@ -9,6 +9,9 @@ pub enum PolicyError {
     TooLarge { bytes: usize, limit: usize },
     #[error("invalid UTF-8 at line {line}, column {column} (byte {byte_offset}); save the policy as UTF-8")]
     InvalidUtf8 { line: usize, column: usize, byte_offset: usize },
+    /// Text with a NUL is no policy anyone wrote (a binary file, a broken export), and PostgreSQL cannot store it.
+    #[error("a NUL character at line {line}: a policy is text")]
+    NulCharacter { line: usize },
     #[error("front matter opened by `---` on line {line} is never closed by a `---` line")]
     UnclosedFrontMatter { line: usize },
     #[error("front matter is {bytes} bytes, over the {limit}-byte limit")]
@@ -48,6 +51,7 @@ impl PolicyError {
             | PolicyError::UnclosedFrontMatter { line }
             | PolicyError::FrontMatter { line, .. }
             | PolicyError::FrontMatterField { line, .. }
+            | PolicyError::NulCharacter { line }
             | PolicyError::EmptyBody { line } => Some(*line),
             PolicyError::InFile { source, .. } => source.line(),
             PolicyError::Io { .. }

@@ -174,6 +174,14 @@ fn labels_from(fields: &Fields<'_>, key: &str, value: &Value) -> Result<OutputFo
     if violating.is_empty() || safe.is_empty() {
         return Err(fields.error(key, "labels output needs non-empty `violating` and `safe` lists"));
     }
+    // Compared as the verdict reader compares an answer with a label: words, case aside.
+    let words = |label: &str| label.split_whitespace().collect::<Vec<_>>().join(" ").to_uppercase();
+    if [&violating, &safe, &escalate].into_iter().flatten().any(|label| words(label).is_empty()) {
+        return Err(fields.error(key, "a label is blank: an answer of only punctuation would read as it"));
+    }
+    if let Some(both) = violating.iter().find(|label| safe.iter().any(|other| words(other) == words(label))) {
+        return Err(fields.error(key, format!("label {both:?} is both `violating` and `safe`")));
+    }
     Ok(OutputFormat::Labels { violating, safe, escalate })
 }
 

@@ -169,6 +169,12 @@ impl Policy {
         if text.len() > MAX_POLICY_BYTES {
             return Err(PolicyError::TooLarge { bytes: text.len(), limit: MAX_POLICY_BYTES });
         }
+        // Not for a stored version: one SQLite took before this check must still read.
+        if matches!(checks, FrontMatterChecks::Refuse)
+            && let Some(at) = text.find('\0')
+        {
+            return Err(PolicyError::NulCharacter { line: text[..at].matches('\n').count() + 1 });
+        }
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         // Normalised so that a checkout with Windows line ends hashes to the same policy version.
         let text = text.replace("\r\n", "\n");

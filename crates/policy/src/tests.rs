@@ -250,6 +250,28 @@ fn output_format_is_inferred_or_demanded() {
 }
 
 #[test]
+fn a_nul_character_is_refused_with_its_line() {
+    let err = Policy::parse("# P\nReturn 0 or 1.\nBad \0 byte.").unwrap_err();
+    assert!(matches!(err, PolicyError::NulCharacter { line: 3 }), "{err:?}");
+}
+
+/// A blank label would be the answer of a model that wrote only punctuation ("**", "."), and a label on both sides
+/// has no meaning: a policy declaring either is refused, saying which.
+#[test]
+fn blank_labels_and_labels_on_both_sides_are_refused() {
+    for labels in
+        ["violating: [SPAM]\n  safe: ['']", "violating: [SPAM]\n  safe: ['  ']", "violating: [SPAM, ' ']\n  safe: [OK]"]
+    {
+        let text = format!("---\noutput: labels\nlabels:\n  {labels}\n---\n# P\nSay SPAM or OK.");
+        let err = Policy::parse(&text).unwrap_err();
+        assert!(err.to_string().contains("blank"), "{labels}: {err}");
+    }
+    let text = "---\noutput: labels\nlabels:\n  violating: [Spam]\n  safe: [OK, ' SPAM ']\n---\n# P\nSay SPAM or OK.";
+    let err = Policy::parse(text).unwrap_err();
+    assert!(err.to_string().contains("both"), "{err}");
+}
+
+#[test]
 fn front_matter_errors_carry_lines() {
     let err = Policy::parse("---\nname: x\n# P\n").unwrap_err();
     assert!(matches!(err, PolicyError::UnclosedFrontMatter { line: 1 }), "{err:?}");

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rand::Rng;
-use safeguard_core::{DeltaSender, ReasonDelta, ReasonError, ReasonOutput, ReasonRequest, Reasoner};
+use safeguard_core::{DeltaSender, EndpointHealth, ReasonDelta, ReasonError, ReasonOutput, ReasonRequest, Reasoner};
 use safeguard_harmony::Effort;
 use tokio::sync::Semaphore;
 use tracing::{Instrument, debug, info_span, warn};
@@ -599,6 +599,20 @@ impl RemoteReasoner {
 impl Reasoner for RemoteReasoner {
     fn model_id(&self) -> String {
         format!("remote:{}", self.inner.config.model)
+    }
+
+    fn backends(&self) -> Option<Vec<EndpointHealth>> {
+        let endpoints = self.status().into_iter().map(|status| EndpointHealth {
+            url: status.url,
+            answering: status.healthy,
+            accepting: status.breaker != BreakerState::Open,
+            in_flight: status.in_flight,
+        });
+        Some(endpoints.collect())
+    }
+
+    async fn probe_backends(&self) {
+        self.check_health().await;
     }
 
     fn completion_cap(&self, effort: Effort) -> usize {

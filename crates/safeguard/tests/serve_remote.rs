@@ -30,6 +30,11 @@ fn get(base: &str, path: &str) -> Value {
     reqwest::blocking::get(format!("{base}{path}")).unwrap().json().unwrap()
 }
 
+fn readyz(base: &str) -> (u16, Value) {
+    let response = reqwest::blocking::get(format!("{base}/readyz")).unwrap();
+    (response.status().as_u16(), response.json().unwrap())
+}
+
 /// Posts a streamed chat completion and reads its events as they come off the socket: the chunks, how many
 /// carried reasoning, and the reasoning and answer they add up to.
 fn stream_chat(base: &str, body: &Value) -> (Vec<Value>, usize, String, String) {
@@ -72,7 +77,23 @@ fn classify_through_a_second_serve_and_fail_closed_when_it_dies() {
     let model = scripted_model().to_str().unwrap().to_string();
     let backend = serve(backend_dir.path(), &["--model", &model]);
     let backend_url = format!("{}/v1", backend.base);
-    let front = serve(front_dir.path(), &["--backend", &backend_url, "--backend-model", "scripted"]);
+    let front = serve(
+        front_dir.path(),
+        &[
+            "--backend",
+            &backend_url,
+            "--backend-model",
+            "scripted",
+            "--backend-probe-secs",
+            "1",
+            "--backend-ready-grace-secs",
+            "0",
+        ],
+    );
+    let (status, ready) = readyz(&front.base);
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!((&ready["backends"]["usable"], &ready["backends"]["total"]), (&json!(1), &json!(1)), "{ready}");
+    assert!(!ready.to_string().contains(&backend.base), "no internal address on an open route: {ready}");
 
     let request = json!({
         "text": "Hi Sam, lunch at noon on Friday?",
@@ -140,4 +161,23 @@ fn classify_through_a_second_serve_and_fail_closed_when_it_dies() {
     let queue = get(&front.base, "/v1/reviews?status=pending");
     let queued: Vec<&Value> = queue["reviews"].as_array().unwrap().iter().map(|r| &r["decision_id"]).collect();
     assert!(queued.contains(&&failed["decision_id"]), "a person is asked: {queue}");
+
+    // The next health probe (every second here) finds the backend gone: readiness says so and, with a grace
+    // of zero, fails; /metrics shows it too.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (status, ready) = loop {
+        let (status, ready) = readyz(&front.base);
+        if status == 503 || std::time::Instant::now() > deadline {
+            break (status, ready);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(status, 503, "{ready}");
+    assert_eq!(ready["backends"]["usable"], 0, "{ready}");
+    assert_eq!(ready["database"], true, "{ready}");
+    assert!(ready["why"][0].as_str().unwrap_or_default().contains("no reasoning backend"), "{ready}");
+    let metrics = reqwest::blocking::get(format!("{}/metrics", front.base)).unwrap().text().unwrap();
+    assert!(metrics.lines().any(|line| line == "safeguard_backends_usable 0"), "{metrics}");
+    let endpoint = format!("safeguard_backend_usable{{endpoint=\"{backend_url}\"}} 0");
+    assert!(metrics.lines().any(|line| line == endpoint), "{metrics}");
 }

@@ -86,3 +86,26 @@ fn failed_webhooks_are_listed_and_sent_again() {
     assert!(all.status.success(), "{all:?}");
     assert!(safeguard(&["webhooks", "failed", "--database", &url]).stdout.is_empty());
 }
+
+/// `keys create` makes the data dir's database if there is none yet (a key is made before the first start off
+/// loopback) and says where; listing, revoking and the webhook commands refuse a data dir without one instead of
+/// making an empty database there and reporting nothing as if all were well.
+#[test]
+fn key_and_webhook_commands_name_their_database_and_do_not_invent_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    for args in [&["keys", "list"][..], &["keys", "revoke", "some-id"], &["webhooks", "failed"]] {
+        let output = safeguard(&[args, &["--data-dir", data]].concat());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success() && stderr.contains("no database at"), "{args:?}: {stderr}");
+    }
+    assert!(!dir.path().join("data").exists(), "nothing made by a command that only reads");
+
+    let created = safeguard(&["keys", "create", "--scope", "classify", "--name", "ops", "--data-dir", data]);
+    let stderr = String::from_utf8_lossy(&created.stderr);
+    assert!(created.status.success() && stderr.contains("safeguard.db"), "{stderr}");
+    let listed = safeguard(&["keys", "list", "--data-dir", data]);
+    let stdout = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.status.success() && stdout.contains("\tops\tclassify\tactive"), "{stdout}");
+}

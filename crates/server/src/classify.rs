@@ -125,8 +125,12 @@ pub(crate) fn parse_content(state: &AppState, body: &Value) -> Result<Content, A
         if !content_fields.is_empty() {
             return Err(ApiError::bad("invalid_content", "give either \"content\" or text/prompt/response/messages"));
         }
-        serde_json::from_value::<Content>(explicit.clone())
-            .map_err(|e| ApiError::bad("invalid_content", format!("\"content\": {e}")))?
+        let content = serde_json::from_value::<Content>(explicit.clone())
+            .map_err(|e| ApiError::bad("invalid_content", format!("\"content\": {e}")))?;
+        // Held to what the other fields are: blank content (no messages, only spaces) is no item to decide.
+        safeguard_core::input::check_content(&content, &InputLimits { max_chars: limits.max_content_chars })
+            .map_err(|e| ApiError::bad("invalid_content", format!("\"content\": {e}")))?;
+        content
     } else {
         let item = parse_item(
             &Value::Object(content_fields).to_string(),
@@ -179,8 +183,16 @@ pub(crate) fn parse_settings(state: &AppState, body: &Value) -> Result<(Settings
         Some(Value::String(s)) => s.parse::<Mode>().map_err(|e| ApiError::bad("invalid_mode", e))?,
         Some(_) => return Err(ApiError::bad("invalid_mode", "\"mode\" must be a string")),
     };
-    let max_tokens = match body.get("max_tokens") {
-        None | Some(Value::Null) => None,
+    let max_tokens = parse_max_tokens(state, body)?;
+    let return_reasoning = body.get("return_reasoning").and_then(Value::as_bool).unwrap_or(false);
+    Ok((Settings { effort, mode, max_tokens }, return_reasoning))
+}
+
+/// A request's completion-token cap per reasoning step (`max_tokens`), within the server's limit; `None` leaves
+/// it to the server's setting.
+pub(crate) fn parse_max_tokens(state: &AppState, body: &Value) -> Result<Option<usize>, ApiError> {
+    match body.get("max_tokens") {
+        None | Some(Value::Null) => Ok(None),
         Some(value) => {
             let n = value
                 .as_u64()
@@ -192,11 +204,9 @@ pub(crate) fn parse_settings(state: &AppState, body: &Value) -> Result<(Settings
                     format!("\"max_tokens\" must be between 1 and {cap}"),
                 ));
             }
-            Some(n as usize)
+            Ok(Some(n as usize))
         }
-    };
-    let return_reasoning = body.get("return_reasoning").and_then(Value::as_bool).unwrap_or(false);
-    Ok((Settings { effort, mode, max_tokens }, return_reasoning))
+    }
 }
 
 pub(crate) async fn parse_policies(state: &AppState, body: &Value, caller: &Caller) -> Result<Vec<Policy>, ApiError> {

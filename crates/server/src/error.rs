@@ -36,6 +36,15 @@ impl ApiError {
         ApiError::BadRequest { code, message: message.into() }
     }
 
+    /// Refuses a NUL character in text a person wrote (a rationale, an appeal's reason): nobody types one, and
+    /// PostgreSQL cannot store one, so it would fail only after the work (an appeal's reasoning) was paid for.
+    pub fn refuse_nul(field: &str, text: &str) -> Result<(), ApiError> {
+        if text.contains('\0') {
+            return Err(ApiError::bad("invalid_text", format!("\"{field}\" contains a NUL character")));
+        }
+        Ok(())
+    }
+
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),

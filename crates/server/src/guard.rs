@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use safeguard_core::{DeltaSender, ReasonError, ReasonOutput, ReasonRequest, Reasoner};
+use safeguard_core::{DeltaSender, EndpointHealth, ReasonError, ReasonOutput, ReasonRequest, Reasoner};
 use safeguard_harmony::Effort;
 
 pub struct GuardedReasoner {
@@ -34,6 +34,14 @@ fn count_error<T>(result: &Result<T, ReasonError>) {
 impl Reasoner for GuardedReasoner {
     fn model_id(&self) -> String {
         self.inner.model_id()
+    }
+
+    fn backends(&self) -> Option<Vec<EndpointHealth>> {
+        self.inner.backends()
+    }
+
+    async fn probe_backends(&self) {
+        self.inner.probe_backends().await;
     }
 
     async fn reason(&self, req: ReasonRequest) -> Result<ReasonOutput, ReasonError> {

@@ -7,13 +7,12 @@
 //! restart mid-stream) stores nothing twice and loses nothing.
 //!
 //! The worker is supervised: whatever ends it while the server runs (NATS going away, an error, a panic) is
-//! logged and it is started again with backoff; `/readyz` reports whether it is serving ([`NatsHealth`]), and
+//! logged and it is started again with backoff; `/readyz` reports whether it is serving ([`DownClock`]), and
 //! fails once it has been down for longer than [`crate::ServerConfig::nats_ready_grace`], when one is set.
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
@@ -32,6 +31,7 @@ use crate::classify::Origin;
 use crate::error::ApiError;
 use crate::moderate::store_cascade_item;
 use crate::policies::stored_policy;
+use crate::readiness::DownClock;
 
 /// Where the worker reads content events and which policies apply when an event names none.
 #[derive(Debug, Clone)]
@@ -109,7 +109,21 @@ impl WorkerHost for ServerHost {
         }
         let mut policies = Vec::with_capacity(names.len());
         for name in &names {
-            policies.push(self.resolve(name).await?);
+            match self.resolve(name).await {
+                Ok(policy) => policies.push(policy),
+                // The server's own list (`--nats-policy`, else the starter library) failing is its configuration,
+                // not the event's fault: rejected, the event would stay rejected (the ledger answers a resend of it
+                // with the rejection) after the flag is fixed or the policy stored. It waits instead.
+                Err(HostError::Rejected(why)) if requested.is_empty() => {
+                    error!(
+                        "the server's default NATS policy {name:?} cannot be used: {why}; events naming no policies \
+                         wait (store it, or fix --nats-policy)"
+                    );
+                    metrics::counter!("safeguard_nats_default_policy_missing_total").increment(1);
+                    return Err(HostError::Unavailable(format!("default policy {name:?}: {why}")));
+                }
+                Err(e) => return Err(e),
+            }
         }
         let pipeline = self.state.cascade.queued_pipeline(&self.state, &policies);
         Ok((policies, pipeline))
@@ -180,7 +194,7 @@ enum Ended {
 /// Starts the worker again each time `start`'s run ends or panics before `stop`, pausing longer each time in a
 /// row. A panic is caught here too: left to unwind, it would end ingestion for good while the server (and its
 /// `/readyz`) carried on as if nothing had happened.
-async fn supervise<F, Fut>(stop: &CancellationToken, health: &NatsHealth, first: Duration, mut start: F)
+async fn supervise<F, Fut>(stop: &CancellationToken, health: &DownClock, first: Duration, mut start: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Ended>,
@@ -232,7 +246,7 @@ async fn serve_once(
         Ok(bus) => bus,
         Err(e) => return Ended::Unreachable(e.to_string()),
     };
-    info!(url = %ingest.config.url, stream = %ingest.config.work_stream, "deciding NATS content events");
+    info!(url = %ingest.config.shown_url(), stream = %ingest.config.work_stream, "deciding NATS content events");
     set_nats_out(state, Some(bus.clone()));
     // Cleared however the worker ends, a panic included.
     let _connected = ClearNatsOut(state);
@@ -250,42 +264,6 @@ struct ClearNatsOut<'a>(&'a AppState);
 impl Drop for ClearNatsOut<'_> {
     fn drop(&mut self) {
         set_nats_out(self.0, None);
-    }
-}
-
-/// Whether the NATS worker is serving, for `/readyz`: read on every probe, so a clock reading in an atomic
-/// rather than a round trip to NATS.
-pub(crate) struct NatsHealth {
-    epoch: Instant,
-    /// When the worker stopped serving, in milliseconds since `epoch` plus one; 0 while it serves.
-    down_since: AtomicU64,
-}
-
-impl NatsHealth {
-    /// Down from the start: the worker serves once it is connected and its consumer is in place.
-    pub(crate) fn new() -> Self {
-        Self { epoch: Instant::now(), down_since: AtomicU64::new(1) }
-    }
-
-    fn now(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX).saturating_add(1)
-    }
-
-    fn serving(&self) {
-        self.down_since.store(0, Ordering::Relaxed);
-    }
-
-    /// Keeps the first time: a worker failing again while down has been down since then.
-    fn stopped(&self) {
-        let _ = self.down_since.compare_exchange(0, self.now(), Ordering::Relaxed, Ordering::Relaxed);
-    }
-
-    /// How long the worker has not been serving; `None` while it serves.
-    pub(crate) fn down_for(&self) -> Option<Duration> {
-        match self.down_since.load(Ordering::Relaxed) {
-            0 => None,
-            since => Some(Duration::from_millis(self.now().saturating_sub(since))),
-        }
     }
 }
 
@@ -438,7 +416,7 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
 
@@ -469,7 +447,7 @@ mod tests {
     #[tokio::test]
     async fn a_worker_that_ends_or_panics_is_started_again_until_the_server_stops() {
         let stop = CancellationToken::new();
-        let health = NatsHealth::new();
+        let health = DownClock::down();
         let starts = AtomicUsize::new(0);
         let start = || {
             let n = starts.fetch_add(1, Ordering::SeqCst);
@@ -495,19 +473,5 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), supervised).await.expect("returns once stopped");
         assert_eq!(starts.load(Ordering::SeqCst), 5, "started again after a panic, an error and an early end");
         assert!(health.down_for().is_some(), "a stopped worker is not serving");
-    }
-
-    #[test]
-    fn the_worker_is_down_from_its_first_failure_until_it_serves_again() {
-        let health = NatsHealth::new();
-        assert!(health.down_for().is_some(), "down until it has started");
-        health.serving();
-        assert_eq!(health.down_for(), None);
-        health.stopped();
-        std::thread::sleep(Duration::from_millis(20));
-        health.stopped();
-        assert!(health.down_for().is_some_and(|d| d >= Duration::from_millis(20)), "since the first failure");
-        health.serving();
-        assert_eq!(health.down_for(), None);
     }
 }

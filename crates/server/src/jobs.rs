@@ -12,6 +12,7 @@ use safeguard_policy::Policy;
 use safeguard_store::{DecisionRecord, JobRecord, JobStatus, NewDelivery, NewJob, now_ms};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use sha2::Digest;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +28,12 @@ struct JobRequest {
     content: Content,
     policy_hashes: Vec<String>,
     settings: Settings,
+    /// sha256 of the body as the client sent it: what a retry under the same Idempotency-Key is compared by. The
+    /// rest of this request holds the server's choices (the version a policy name resolved to, the default
+    /// effort), which may change between a request and its retry, or differ between servers. Absent in jobs
+    /// queued before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    body_sha256: Option<String>,
 }
 
 fn job_reply(job: &JobRecord) -> Value {
@@ -48,10 +55,12 @@ pub(crate) async fn submit(
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
     caller.require("classify")?;
-    let parsed = parse_request(&state, &body, &caller).await?;
+    // Checked before the request is parsed: parsing stores the inline policies it names, and a refused job must
+    // leave nothing behind.
     let webhook_url = match body.get("webhook_url") {
         None | Some(Value::Null) => None,
         Some(Value::String(url)) => {
+            ApiError::refuse_nul("webhook_url", url)?;
             state
                 .config
                 .webhook_targets
@@ -61,6 +70,7 @@ pub(crate) async fn submit(
         }
         Some(_) => return Err(ApiError::bad("invalid_webhook_url", "\"webhook_url\" must be an http(s) URL")),
     };
+    let parsed = parse_request(&state, &body, &caller).await?;
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,
         Some(value) => Some(
@@ -74,10 +84,12 @@ pub(crate) async fn submit(
                 .to_string(),
         ),
     };
+    let body_sha256 = hex::encode(sha2::Sha256::digest(body.to_string().as_bytes()));
     let request = JobRequest {
         content: parsed.content,
         policy_hashes: parsed.policies.iter().map(|p| p.hash.to_string()).collect(),
         settings: parsed.settings,
+        body_sha256: Some(body_sha256.clone()),
     };
     let request_json = serde_json::to_value(&request).map_err(|e| ApiError::bad("invalid_request", e.to_string()))?;
     let (job, created) = state
@@ -89,7 +101,11 @@ pub(crate) async fn submit(
             submitted_by: caller.submitter().map(str::to_string),
         })
         .await?;
-    if !created && (job.request != request_json || job.webhook_url != webhook_url) {
+    let same_request = match job.request.get("body_sha256").and_then(Value::as_str) {
+        Some(stored) => stored == body_sha256,
+        None => job.request == request_json && job.webhook_url == webhook_url,
+    };
+    if !created && !same_request {
         return Err(ApiError::Conflict("this Idempotency-Key was already used for a different request".into()));
     }
     if created {
@@ -133,7 +149,7 @@ pub(crate) async fn get_one(
 /// in the queue, unclaimed (another server with budget to spare may take them), until the model may be asked
 /// again. Nothing is dropped or decided by default.
 pub(crate) async fn worker(state: AppState, index: usize, shutdown: CancellationToken) {
-    let lease_ms = state.config.job_lease.as_millis() as i64;
+    let lease_ms = i64::try_from(state.config.job_lease.as_millis()).unwrap_or(i64::MAX);
     tracing::debug!(index, "job worker started");
     loop {
         if shutdown.is_cancelled() {

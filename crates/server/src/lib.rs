@@ -29,6 +29,7 @@ mod moderate;
 mod openai;
 mod openapi;
 mod policies;
+mod readiness;
 mod reviews;
 mod timing;
 mod webhooks;
@@ -179,6 +180,14 @@ pub struct ServerConfig {
     /// traffic reaches this server, and HTTP does not need NATS. Set it for servers that exist to work the
     /// stream; keep it longer than a reconnect's backoff (30 s), so a blip does not take them out of rotation.
     pub nats_ready_grace: Option<Duration>,
+    /// How often the reasoning backends (remote servers; the embedded engine has none) are asked whether they
+    /// answer. An endpoint that does not answer gets requests only when no other will take them.
+    pub backend_probe_interval: Duration,
+    /// Whether, and after how long, having no usable reasoning backend (none answering its probe, or every
+    /// circuit breaker open) makes `/readyz` answer 503. `None`, the default, only reports it: without a backend
+    /// items that need the model go to people, triage and the review queue keep working, and backends are usually
+    /// shared, so failing readiness would take every server out of rotation at once.
+    pub backend_ready_grace: Option<Duration>,
     /// `/metrics` asks for a key with the `metrics` scope (off: anyone who reaches the server reads it).
     pub metrics_require_key: bool,
     /// How long a policy name's active version and an API key are trusted before the store is asked again.
@@ -219,6 +228,8 @@ impl Default for ServerConfig {
             cost_per_1k_tokens: 0.0,
             nats: None,
             nats_ready_grace: None,
+            backend_probe_interval: Duration::from_secs(15),
+            backend_ready_grace: None,
             metrics_require_key: false,
             lookup_ttl: Duration::from_secs(1),
         }
@@ -248,7 +259,9 @@ pub struct AppState {
     /// is published on it.
     pub(crate) nats_out: Arc<std::sync::RwLock<Option<safeguard_pipeline::nats::Bus>>>,
     /// Whether the NATS worker is serving, for `/readyz`.
-    pub(crate) nats_health: Arc<ingest::NatsHealth>,
+    pub(crate) nats_health: Arc<readiness::DownClock>,
+    /// Since when no reasoning backend has been usable, for `/readyz` (remote backends only).
+    pub(crate) backend_health: Arc<readiness::DownClock>,
 }
 
 /// A started server: its address, and the handle to stop it.
@@ -400,7 +413,8 @@ impl Server {
             open_access: Arc::new(auth::OpenAccess::new(config.open_access, config.lookup_ttl)),
             failed_keys: Arc::new(auth::FailedKeys::new()),
             nats_out: Arc::default(),
-            nats_health: Arc::new(ingest::NatsHealth::new()),
+            nats_health: Arc::new(readiness::DownClock::down()),
+            backend_health: Arc::new(readiness::DownClock::up()),
             rate_limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst)),
             config: Arc::new(config),
             store,
@@ -429,6 +443,10 @@ async fn run(
         .map(|i| tokio::spawn(jobs::worker(state.clone(), i, shutdown.clone())))
         .collect();
     let webhook_sender = tokio::spawn(webhooks::sender(state.clone(), shutdown.clone()));
+    let _probes = state.reasoner.backends().is_some().then(|| {
+        let interval = state.config.backend_probe_interval.max(Duration::from_millis(100));
+        AbortOnDrop(tokio::spawn(readiness::probe_backends(state.clone(), interval, shutdown.clone())))
+    });
     // Inside this task's lifetime: aborting the server (a crash) takes the worker down with it.
     let ingest = state
         .config
@@ -516,7 +534,7 @@ pub fn router(state: AppState) -> Router {
     let body_limit = state.config.limits.max_body_bytes;
     Router::new()
         .route("/healthz", get(health))
-        .route("/readyz", get(ready))
+        .route("/readyz", get(readiness::ready))
         .route("/metrics", get(metrics_setup::render))
         .route("/v1/stats/prompts", get(metrics_setup::prompt_stats))
         .route("/openapi.json", get(openapi::spec))
@@ -546,43 +564,4 @@ pub fn router(state: AppState) -> Router {
 
 async fn health() -> &'static str {
     "ok"
-}
-
-async fn ready(axum::extract::State(state): axum::extract::State<AppState>) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let db = state.store.ping(Duration::from_secs(2)).await;
-    let mut body = serde_json::json!({"database": db, "model": state.reasoner.model_id()});
-    let mut why = Vec::new();
-    if !db {
-        why.push("the database does not answer".to_string());
-    }
-    let mut ready = db;
-    if state.config.nats.is_some() {
-        let down_for = state.nats_health.down_for();
-        // A server whose worker is down decides no events while everything else looks healthy: the body always
-        // says so, and past the grace, when one is set, readiness fails too.
-        let grace = state.config.nats_ready_grace;
-        let nats_ready = match (down_for, grace) {
-            (Some(down), Some(grace)) => down <= grace,
-            _ => true,
-        };
-        body["nats"] = serde_json::json!({
-            "serving": down_for.is_none(),
-            "down_for_ms": down_for.map(|down| u64::try_from(down.as_millis()).unwrap_or(u64::MAX)),
-        });
-        if !nats_ready {
-            why.push(format!(
-                "the NATS worker has not been serving for {:.1}s (allowed: {:.1}s); see the server's log",
-                down_for.unwrap_or_default().as_secs_f64(),
-                grace.unwrap_or_default().as_secs_f64()
-            ));
-        }
-        ready &= nats_ready;
-    }
-    body["ready"] = serde_json::json!(ready);
-    if !why.is_empty() {
-        body["why"] = serde_json::json!(why);
-    }
-    let status = if ready { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
-    (status, axum::Json(body)).into_response()
 }

@@ -21,7 +21,8 @@ use crate::error::ApiError;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
-const LATENCY_BUCKETS: [f64; 12] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0];
+/// Up to ten minutes: a reasoning step may take the whole `--reason-timeout` (300 s by default) on a CPU.
+const LATENCY_BUCKETS: [f64; 14] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0, 300.0, 600.0];
 
 pub(crate) fn handle() -> PrometheusHandle {
     HANDLE
@@ -256,6 +257,15 @@ pub(crate) async fn render(
         metrics::gauge!("safeguard_jobs", "status" => "failed").set(depth.failed as f64);
     }
     state.items.publish();
+    // Read at the scrape, not at the last probe: a breaker opened by failing requests since shows at once.
+    if let Some(endpoints) = state.reasoner.backends() {
+        metrics::gauge!("safeguard_backends_usable").set(crate::readiness::usable(&endpoints) as f64);
+        for endpoint in endpoints {
+            let usable = f64::from(u8::from(endpoint.usable()));
+            metrics::gauge!("safeguard_backend_usable", "endpoint" => endpoint.url.clone()).set(usable);
+            metrics::gauge!("safeguard_backend_in_flight", "endpoint" => endpoint.url).set(endpoint.in_flight as f64);
+        }
+    }
     let cascade = state.cascade.stats.snapshot();
     if let Some(rate) = cascade.skip_rate() {
         metrics::gauge!("safeguard_pipeline_skip_rate").set(rate);

@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::auth::Caller;
-use crate::classify::{Origin, count_decision, outcome_str, parse_content, parse_policies};
+use crate::classify::{Origin, count_decision, outcome_str, parse_content, parse_max_tokens, parse_policies};
 use crate::error::{ApiError, ApiJson};
 
 /// Sampled items wait behind everything a person must see.
@@ -118,6 +118,7 @@ pub(crate) async fn moderate(
     caller.require("classify")?;
     let content = parse_content(&state, &body)?;
     let policies = parse_policies(&state, &body, &caller).await?;
+    let max_tokens = parse_max_tokens(&state, &body)?;
     let return_reasoning = body.get("return_reasoning").and_then(Value::as_bool).unwrap_or(false);
     if return_reasoning {
         caller.require("audit")?;
@@ -130,7 +131,7 @@ pub(crate) async fn moderate(
     let started = std::time::Instant::now();
     let cascade = state
         .cascade
-        .pipeline(&state, &policies, None)
+        .pipeline(&state, &policies, max_tokens)
         .decide(&policies, &content, &ctx)
         .await
         .map_err(deferred_error)?;

@@ -200,14 +200,7 @@ pub(crate) async fn chat_completions(
     }
     let (settings, _) = parse_settings(&state, &settings_body)?;
     let effort: Effort = settings.effort;
-    let sampling = match (body.get("seed").and_then(Value::as_u64), body.get("temperature").and_then(Value::as_f64)) {
-        (Some(seed), temperature) if temperature.unwrap_or(1.0) > 0.0 => Sampling::Seeded {
-            seed: seed as u32,
-            temperature: temperature.unwrap_or(1.0) as f32,
-            top_p: body.get("top_p").and_then(Value::as_f64).unwrap_or(1.0) as f32,
-        },
-        _ => Sampling::Greedy,
-    };
+    let sampling = chat_sampling(&body)?;
     let request = ReasonRequest {
         instructions,
         content,
@@ -287,6 +280,41 @@ impl ChunkMeta {
         json!({"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
     }
+}
+
+/// The sampling a chat request asks for, checked here: a value the engine or the backend would refuse must be the
+/// client's 400, not a 503 after the prompt was admitted and paid for. Greedy unless a seed is given (OpenAI's
+/// ranges: temperature 0 to 2, top_p above 0 up to 1; a temperature of 0 is greedy).
+fn chat_sampling(body: &Value) -> Result<Sampling, ApiError> {
+    let number = |name: &str, valid: fn(f64) -> bool, range: &str| -> Result<Option<f64>, ApiError> {
+        match body.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(value) => match value.as_f64().filter(|n| valid(*n)) {
+                Some(n) => Ok(Some(n)),
+                None => Err(ApiError::bad("invalid_sampling", format!("\"{name}\" must be a number {range}"))),
+            },
+        }
+    };
+    let temperature = number("temperature", |t| (0.0..=2.0).contains(&t), "from 0 to 2")?.unwrap_or(1.0);
+    let top_p = number("top_p", |p| p > 0.0 && p <= 1.0, "above 0, at most 1")?.unwrap_or(1.0);
+    // OpenAI takes any 64-bit integer; the engine's seed is 32 bits. Both halves are folded in, so seeds that
+    // differ only above bit 31 do not all sample alike, and one seed always samples the same.
+    let seed = match body.get("seed") {
+        None | Some(Value::Null) => None,
+        Some(value) => {
+            let seed =
+                value.as_i64().map(|seed| seed as u64).or_else(|| value.as_u64()).ok_or_else(|| {
+                    ApiError::bad("invalid_sampling", "\"seed\" must be an integer (64 bits at most)")
+                })?;
+            Some((seed ^ (seed >> 32)) as u32)
+        }
+    };
+    Ok(match seed {
+        Some(seed) if temperature > 0.0 => {
+            Sampling::Seeded { seed, temperature: temperature as f32, top_p: top_p as f32 }
+        }
+        _ => Sampling::Greedy,
+    })
 }
 
 fn finish_reason(output: &ReasonOutput) -> &'static str {

@@ -27,6 +27,12 @@ fn op(summary: &str, scope: Option<&str>, request: Option<Value>, ok: &str, ok_s
     operation
 }
 
+/// An operation whose success reply is text of `media` type, not JSON.
+fn text_reply(mut operation: Value, ok: &str, media: &str) -> Value {
+    operation["responses"][ok]["content"] = json!({media: {"schema": {"type": "string"}}});
+    operation
+}
+
 /// An operation that any one of `scopes` may call.
 fn any_scope(mut operation: Value, scopes: &[&str]) -> Value {
     operation["security"] = Value::Array(scopes.iter().map(|scope| json!({"bearer": [scope]})).collect());
@@ -43,6 +49,19 @@ pub(crate) fn document() -> Value {
     let decision = json!({"$ref": "#/components/schemas/Decision"});
     let classify = json!({"$ref": "#/components/schemas/ClassifyRequest"});
     let any = json!({"type": "object"});
+    let mut policy_list = op(
+        "List policy versions without their bodies, by name and newest first, a page at a time (`next_offset` is the \
+         next page's offset while there may be more): the active ones, and with the policies:write, review or audit \
+         scope also the others (drafts, inline policies clients sent)",
+        Some("classify"),
+        None,
+        "200",
+        any.clone(),
+    );
+    policy_list["parameters"] = json!([
+        {"name": "name", "in": "query", "schema": {"type": "string"}, "description": "only this name's versions"},
+        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 200}},
+        {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}}]);
     json!({
         "openapi": "3.1.0",
         "info": {"title": "safeguard", "version": env!("CARGO_PKG_VERSION"),
@@ -59,13 +78,17 @@ pub(crate) fn document() -> Value {
                 "ClassifyRequest": {"type": "object", "required": ["policies"], "properties": {
                     "text": {"type": "string"}, "prompt": {"type": "string"}, "response": {"type": "string"},
                     "messages": {"type": "array", "items": {"type": "object", "properties": {"role": {"type": "string"}, "content": {"type": "string"}}}},
+                    "content": {"type": "object", "required": ["kind"],
+                        "description": "the content in its tagged form instead of text/prompt/response/messages (not with them): {\"kind\": \"text\", \"text\"}, {\"kind\": \"prompt\", \"prompt\"}, {\"kind\": \"response\", \"response\", \"prompt\"?}, {\"kind\": \"conversation\", \"messages\"}",
+                        "properties": {"kind": {"enum": ["text", "prompt", "response", "conversation"]}}},
                     "policies": {"type": "array", "items": {"$ref": "#/components/schemas/PolicyRef"}},
                     "effort": {"enum": ["low", "medium", "high"],
                         "description": "/v1/classify: pins direct reasoning at this effort (no cascade)"},
+                    "reasoning_effort": {"enum": ["low", "medium", "high"], "description": "the same as `effort` (the OpenAI name)"},
                     "route": {"enum": ["cascade", "direct"],
                         "description": "/v1/classify only. cascade: triage, then reasoning at the first effort (--first-effort, low), then the escalation effort (high), then a person; direct: one reasoning step at `effort` (the server's --effort when absent). Without `route`, a request with an effort or combined mode is direct, and one without takes the server's --classify-route (cascade unless it is started with --classify-route direct). cascade with an explicit effort or combined mode is a 400."},
                     "mode": {"enum": ["separate", "combined"], "description": "combined is direct reasoning only"},
-                    "max_tokens": {"type": "integer", "minimum": 1},
+                    "max_tokens": {"type": "integer", "minimum": 1, "description": "completion tokens per reasoning step, at most the server's limit"},
                     "return_reasoning": {"type": "boolean", "description": "needs the audit scope"},
                     "webhook_url": {"type": "string", "description": "jobs only"}}},
                 "Verdict": {"type": "object", "properties": {
@@ -82,7 +105,7 @@ pub(crate) fn document() -> Value {
                     "verdicts": {"type": "array", "items": {"$ref": "#/components/schemas/Verdict"}},
                     "usage": {"type": "object", "description": "summed over all reasoning steps"},
                     "timings": {"type": "object"}, "model": {"type": "string"},
-                    "effort": {"type": "string", "description": "cascade: the effort of the last reasoning step, \"none\" when triage settled every policy"},
+                    "effort": {"type": "string", "description": "cascade: the highest effort any reasoning step used, \"none\" when triage settled every policy"},
                     "failure_reason": {"type": "string"},
                     "reasoning": {"type": "array", "items": {"type": "string"}},
                     "route": {"enum": ["cascade", "direct"]},
@@ -91,24 +114,29 @@ pub(crate) fn document() -> Value {
                         "items": {"type": "object", "properties": {"stage": {"$ref": "#/components/schemas/Stage"},
                             "policies": {"type": "array", "items": {"type": "string"}}, "elapsed_ms": {"type": "number"}}}}}},
                 "Stage": {"enum": ["triage", "reasoning_low", "reasoning_medium", "reasoning_high", "human_review"]},
-                "Job": {"type": "object", "properties": {"id": {"type": "string"},
-                    "status": {"enum": ["pending", "running", "done", "failed"]},
-                    "outcome": {"enum": ["pending", "allow", "violation", "needs_review"]}, "decision_id": {"type": ["string", "null"]}}}
+                "JobAccepted": {"type": "object", "properties": {"id": {"type": "string"},
+                    "status": {"enum": ["pending", "running", "done", "failed"]}, "attempts": {"type": "integer"},
+                    "decision_id": {"type": ["string", "null"]}, "error": {"type": ["string", "null"]},
+                    "created_at": {"type": "integer", "description": "milliseconds since the Unix epoch"},
+                    "updated_at": {"type": "integer"}}},
+                "Job": {"allOf": [{"$ref": "#/components/schemas/JobAccepted"}, {"type": "object", "properties": {
+                    "outcome": {"enum": ["pending", "allow", "violation", "needs_review"], "description": "pending until decided; needs_review for a job given up on"},
+                    "decision": {"type": "object", "description": "the stored decision, once decided"}}}]}
             }
         },
         "paths": {
-            "/healthz": {"get": op("Liveness", None, None, "200", json!({"type": "string"}))},
-            "/readyz": {"get": op("Readiness: database reachable; 503 with the reasons in `why` when not. With --nats the body reports the NATS worker (`nats.serving`, `nats.down_for_ms`), and with --nats-ready-grace-secs a worker down for longer fails readiness too. The body also names the served model", None, None, "200", any.clone())},
-            "/metrics": {"get": op("Prometheus metrics (open, or with --metrics-require-key a key with the metrics scope), among them the cascade's safeguard_pipeline_skip_rate and safeguard_pipeline_escalation_rate{stage}, safeguard_review_agreement_rate (reviews of items the model left undecided are apart, in safeguard_reviews_decided{model=\"undecided\"}), per item safeguard_reasoning_tokens_per_item, safeguard_cost_per_item, safeguard_latency_per_item_seconds, and per policy and effort safeguard_prompts_total, safeguard_prompt_tokens_total, safeguard_prompt_latency_seconds, safeguard_prompt_cost_estimate", None, None, "200", json!({"type": "string"}))},
+            "/healthz": {"get": text_reply(op("Liveness: `ok`", None, None, "200", Value::Null), "200", "text/plain")},
+            "/readyz": {"get": op("Readiness: database reachable; 503 with the reasons in `why` when not. With --nats the body reports the NATS worker (`nats.serving`, `nats.down_for_ms`), and with --nats-ready-grace-secs a worker down for longer fails readiness too. With --backend it reports how many reasoning servers are usable (answering their last probe, circuit breaker not open) as `backends.usable` of `backends.total`, and since when none has been (`backends.down_for_ms`); /metrics has each endpoint. With --backend-ready-grace-secs none usable for longer fails readiness too. The body also names the served model", None, None, "200", any.clone())},
+            "/metrics": {"get": text_reply(op("Prometheus metrics (open, or with --metrics-require-key a key with the metrics scope), among them the cascade's safeguard_pipeline_skip_rate and safeguard_pipeline_escalation_rate{stage}, safeguard_review_agreement_rate (reviews of items the model left undecided are apart, in safeguard_reviews_decided{model=\"undecided\"}), per item safeguard_reasoning_tokens_per_item, safeguard_cost_per_item, safeguard_latency_per_item_seconds, and with --backend safeguard_backends_usable and per endpoint safeguard_backend_usable{endpoint} and safeguard_backend_in_flight{endpoint}, per policy and effort safeguard_prompts_total, safeguard_prompt_tokens_total, safeguard_prompt_latency_seconds, safeguard_prompt_cost_estimate", None, None, "200", Value::Null), "200", "text/plain")},
             "/openapi.json": {"get": op("This document", None, None, "200", any.clone())},
             "/v1/policies": {
                 "post": op("Store a policy version (markdown body, or JSON {text}); 201 new, 200 existing, 409 the same body with other front matter", Some("policies:write"),
                            Some(json!({"type": "object", "properties": {"text": {"type": "string"}, "name": {"type": "string"}}})), "201", any.clone()),
-                "get": op("List policy versions: the active ones, and with the policies:write, review or audit scope also the others (drafts, inline policies clients sent)", Some("classify"), None, "200", any.clone())},
+                "get": policy_list},
             "/v1/policies/{id}": {"parameters": [path_param("id")],
-                "get": op("A version by hash, or a name's active version with its history", Some("classify"), None, "200", any.clone())},
+                "get": op("A version by hash, or a name's active version with its versions (the newest 1000, without bodies; `versions_next_offset` continues them through GET /v1/policies?name=)", Some("classify"), None, "200", any.clone())},
             "/v1/policies/{id}/diff/{other}": {"parameters": [path_param("id"), path_param("other")],
-                "get": op("Unified diff between two versions", Some("classify"), None, "200", json!({"type": "string"}))},
+                "get": text_reply(op("Unified diff between two versions", Some("classify"), None, "200", Value::Null), "200", "text/x-diff")},
             "/v1/policies/{name}/activate": {"parameters": [path_param("name")],
                 "post": op("Point a name at a stored version", Some("policies:write"),
                            Some(json!({"type": "object", "required": ["hash"], "properties": {"hash": {"type": "string"}}})), "200", any.clone())},
@@ -126,7 +154,7 @@ pub(crate) fn document() -> Value {
                 "parameters": [{"name": "Idempotency-Key", "in": "header", "required": false, "schema": {"type": "string"}}],
                 "security": [{"bearer": ["classify"]}],
                 "requestBody": {"required": true, "content": {"application/json": {"schema": classify}}},
-                "responses": {"202": {"description": "accepted", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Job"}}}},
+                "responses": {"202": {"description": "accepted", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobAccepted"}}}},
                               "200": {"description": "same Idempotency-Key: the existing job"},
                               "409": {"$ref": "#/components/responses/Error"}}}},
             "/v1/jobs/{id}": {"parameters": [path_param("id")],

@@ -5,11 +5,12 @@ use std::time::Duration;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use safeguard_policy::{Policy, STARTER_POLICIES};
-use safeguard_store::{Store, StoreError, StoredPolicy};
+use safeguard_store::{MAX_POLICY_PAGE, PolicyListing, PolicySummary, Store, StoreError, StoredPolicy};
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::AppState;
@@ -181,13 +182,14 @@ fn remember_version(state: &AppState, stored: &StoredPolicy) -> Result<Policy, A
     Ok(policy)
 }
 
-fn summary(p: &StoredPolicy) -> Value {
+fn summary(p: &PolicySummary) -> Value {
     json!({"id": p.hash, "hash": p.hash, "name": p.name, "active": p.active, "created_at": p.created_at,
-           "version": p.meta.get("meta").and_then(|m| m.get("version")).cloned().unwrap_or(Value::Null)})
+           "version": p.version.clone().unwrap_or(Value::Null)})
 }
 
 fn full(p: &StoredPolicy) -> Value {
-    let mut value = summary(p);
+    let mut value = json!({"id": p.hash, "hash": p.hash, "name": p.name, "active": p.active, "created_at": p.created_at,
+           "version": p.meta.get("meta").and_then(|m| m.get("version")).cloned().unwrap_or(Value::Null)});
     value["body"] = json!(p.body);
     value["meta"] = p.meta.get("meta").cloned().unwrap_or(Value::Null);
     value["source"] = p.meta.get("source").cloned().unwrap_or(Value::Null);
@@ -285,13 +287,43 @@ fn sees_every_version(caller: &Caller) -> bool {
     ["policies:write", "review", "audit"].iter().any(|scope| caller.has(scope))
 }
 
-pub(crate) async fn list(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
+#[derive(Deserialize)]
+pub(crate) struct ListQuery {
+    /// Only this name's versions.
+    name: Option<String>,
+    #[serde(default = "default_page")]
+    limit: i64,
+    #[serde(default)]
+    offset: i64,
+}
+
+fn default_page() -> i64 {
+    200
+}
+
+/// One page of summaries, with the offset of the next page while there may be more.
+async fn listing_reply(state: &AppState, listing: PolicyListing<'_>) -> Result<Value, ApiError> {
+    let listing =
+        PolicyListing { limit: listing.limit.clamp(1, MAX_POLICY_PAGE), offset: listing.offset.max(0), ..listing };
+    let page = state.store.policy_summaries(&listing).await?;
+    let next = (page.len() as i64 == listing.limit).then(|| listing.offset + listing.limit);
+    Ok(json!({"policies": page.iter().map(summary).collect::<Vec<_>>(), "next_offset": next}))
+}
+
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
     caller.require("classify")?;
-    let mut policies = state.store.list_policies().await?;
-    if !sees_every_version(&caller) {
-        policies.retain(|policy| policy.active);
-    }
-    Ok(Json(json!({"policies": policies.iter().map(summary).collect::<Vec<_>>()})))
+    let Query(query) = query.map_err(|e| ApiError::bad("invalid_query", e.body_text()))?;
+    let listing = PolicyListing {
+        name: query.name.as_deref(),
+        only_active: !sees_every_version(&caller),
+        limit: query.limit,
+        offset: query.offset,
+    };
+    Ok(Json(listing_reply(&state, listing).await?))
 }
 
 async fn find(state: &AppState, id: &str) -> Result<StoredPolicy, ApiError> {
@@ -310,11 +342,16 @@ pub(crate) async fn get_one(
     let policy = find(&state, &id).await?;
     let mut value = full(&policy);
     if !looks_like_hash(&id) {
-        let mut versions = state.store.policy_versions(&policy.name).await?;
-        if !sees_every_version(&caller) {
-            versions.retain(|version| version.active);
-        }
-        value["versions"] = json!(versions.iter().map(summary).collect::<Vec<_>>());
+        // The newest page of them; past it, `GET /v1/policies?name=NAME&offset=versions_next_offset`.
+        let listing = PolicyListing {
+            name: Some(&policy.name),
+            only_active: !sees_every_version(&caller),
+            limit: MAX_POLICY_PAGE,
+            offset: 0,
+        };
+        let page = listing_reply(&state, listing).await?;
+        value["versions"] = page["policies"].clone();
+        value["versions_next_offset"] = page["next_offset"].clone();
     }
     Ok(Json(value))
 }

@@ -164,9 +164,10 @@ fn review_json(review: &ReviewRecord, decision: Option<&DecisionRecord>) -> Valu
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
-    Query(query): Query<ListQuery>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require("review")?;
+    let Query(query) = query.map_err(|e| ApiError::bad("invalid_query", e.body_text()))?;
     if !matches!(query.status.as_str(), "pending" | "decided" | "superseded") {
         return Err(ApiError::bad("invalid_status", "status is \"pending\", \"decided\" or \"superseded\""));
     }
@@ -262,6 +263,9 @@ pub(crate) async fn decide(
             return Err(ApiError::bad("invalid_outcome", format!("outcome {other:?}: use \"allow\" or \"violation\"")));
         }
     };
+    ApiError::refuse_nul("rationale", &body.rationale)?;
+    ApiError::refuse_nul("rule_id", &body.rule_id)?;
+    ApiError::refuse_nul("reviewer", body.reviewer.as_deref().unwrap_or_default())?;
     let rationale = body.rationale.trim();
     if rationale.len() < 3 {
         return Err(ApiError::bad("rationale_required", "a review decision needs a rationale"));
@@ -381,6 +385,7 @@ pub(crate) async fn appeal(
     } else {
         serde_json::from_slice(&body).map_err(|e| ApiError::bad("invalid_json", format!("appeal body: {e}")))?
     };
+    ApiError::refuse_nul("reason", body.reason.as_deref().unwrap_or_default())?;
     // Another client's decision answers as a missing one: its verdicts are not this caller's to read, nor its
     // reasoning budget theirs to spend.
     let original = state

@@ -336,8 +336,10 @@ async fn deliver(state: &AppState, delivery: Delivery) {
     let attempts = delivery.attempts + 1;
     let retry_at = (!delivered && attempts < i64::from(state.config.webhook_max_attempts)).then(|| {
         // The first wait is the backoff itself, then it doubles.
-        let backoff = state.config.webhook_backoff.as_millis() as i64 * (1i64 << (attempts - 1).clamp(0, 20));
-        now_ms() + backoff.min(3_600_000)
+        // Saturating: a huge --webhook-backoff-ms must wait the hour, not wrap to a negative wait.
+        let base = i64::try_from(state.config.webhook_backoff.as_millis()).unwrap_or(i64::MAX);
+        let backoff = base.saturating_mul(1i64 << (attempts - 1).clamp(0, 20));
+        now_ms().saturating_add(backoff.min(3_600_000))
     });
     metrics::counter!("safeguard_webhook_attempts_total", "result" => if delivered { "delivered" } else { "failed" })
         .increment(1);

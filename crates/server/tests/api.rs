@@ -280,6 +280,16 @@ async fn policies_are_versioned_pinned_and_diffed() {
     assert_eq!(named["versions"].as_array().unwrap().len(), 1, "{named}");
     let (_, everything) = h.call("GET", "/v1/policies", Some(&writer), None).await;
     assert_eq!(everything["policies"].as_array().unwrap().iter().filter(|p| p["name"] == "promo").count(), 2);
+    // A page at a time, by name if asked; no body in a listing.
+    let (_, page) = h.call("GET", "/v1/policies?name=promo&limit=1", Some(&writer), None).await;
+    assert_eq!((page["policies"].as_array().unwrap().len(), &page["next_offset"]), (1, &json!(1)), "{page}");
+    assert!(page["policies"][0].get("body").is_none(), "{page}");
+    let (_, rest) = h.call("GET", "/v1/policies?name=promo&limit=1&offset=1", Some(&writer), None).await;
+    assert_ne!(rest["policies"][0]["hash"], page["policies"][0]["hash"], "{rest}");
+    let (_, end) = h.call("GET", "/v1/policies?name=promo&offset=2", Some(&writer), None).await;
+    assert_eq!((end["policies"].as_array().unwrap().len(), &end["next_offset"]), (0, &Value::Null), "{end}");
+    let (status, bad) = h.call("GET", "/v1/policies?limit=lots", Some(&writer), None).await;
+    assert_eq!((status, &bad["error"]["code"]), (400, &json!("invalid_query")), "{bad}");
     let (status, _) =
         h.call("GET", &format!("/v1/policies/{}", first["hash"].as_str().unwrap()), Some(&classifier), None).await;
     assert_eq!(status, 200);
@@ -334,6 +344,21 @@ async fn policies_are_versioned_pinned_and_diffed() {
     let (status, _) =
         h.call("POST", "/v1/classify", Some(&writer), Some(json!({"text": "x", "policies": ["no-such-policy"]}))).await;
     assert_eq!(status, 400);
+}
+
+/// Blank content is refused in the tagged `content` form as in the plain fields, on every route that takes it:
+/// triage would otherwise settle "" as benign.
+#[tokio::test]
+async fn blank_tagged_content_is_refused() {
+    let h = Harness::start(|_| {}).await;
+    let key = h.key(&["classify"]).await;
+    for content in [json!({"kind": "text", "text": "  "}), json!({"kind": "conversation", "messages": []})] {
+        for route in ["/v1/classify", "/v1/moderate", "/v1/jobs"] {
+            let request = json!({"content": content, "policies": ["spam"]});
+            let (status, body) = h.call("POST", route, Some(&key), Some(request)).await;
+            assert_eq!((status, &body["error"]["code"]), (400, &json!("invalid_content")), "{route} {content}: {body}");
+        }
+    }
 }
 
 #[tokio::test]
@@ -441,6 +466,17 @@ async fn jobs_are_idempotent_finished_once_and_signed_webhooks_arrive() {
     assert_eq!(status, 202, "{job}");
     let (status, again) = submit(body.clone(), "idem-1").await;
     assert_eq!((status, &again["id"]), (200, &job["id"]));
+    // The same body is the same request even after the name it uses points at another version: the retry of a
+    // request whose reply was lost must not be told it conflicts (it would drop a queued job, or queue a second).
+    let writer = h.key(&["policies:write"]).await;
+    let starter = safeguard_policy::STARTER_POLICIES.iter().find(|p| p.file_name == "spam.md").unwrap();
+    let edited = starter.source.replacen("# Spam Policy", "# Spam Policy, edited", 1);
+    let (status, stored) = h.call("POST", "/v1/policies", Some(&writer), Some(json!({"text": edited}))).await;
+    assert_eq!(status, 201, "{stored}");
+    let activate = json!({"hash": stored["hash"]});
+    assert_eq!(h.call("POST", "/v1/policies/spam/activate", Some(&writer), Some(activate)).await.0, 200);
+    let (status, retried) = submit(body.clone(), "idem-1").await;
+    assert_eq!((status, &retried["id"]), (200, &job["id"]), "{retried}");
     let (status, conflict) = submit(json!({"text": "other", "policies": ["spam"]}), "idem-1").await;
     assert_eq!(status, 409, "{conflict}");
     let (status, bad) = submit(json!({"text": "x", "policies": ["nope"]}), "idem-2").await;
@@ -670,6 +706,8 @@ async fn every_undecided_decision_reaches_the_review_queue() {
     assert_eq!(job_decisions[1].1, "allow");
     expected.push((job_decisions[0].0.clone(), "job"));
 
+    let (status, bad) = h.call("GET", "/v1/reviews?limit=many", Some(&reviewer), None).await;
+    assert_eq!((status, &bad["error"]["code"]), (400, &json!("invalid_query")), "a JSON error like every other: {bad}");
     let (status, queue) = h.call("GET", "/v1/reviews?status=pending&limit=100", Some(&reviewer), None).await;
     assert_eq!(status, 200, "{queue}");
     let queued: Vec<(String, String)> = queue["reviews"]
@@ -1358,6 +1396,61 @@ async fn chat_instructions_count_against_the_content_limits() {
     assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), 0);
     let (status, body) = h.call("POST", "/v1/chat/completions", Some(&key), Some(chat("Answer 0 or 1.".into()))).await;
     assert_eq!(status, 200, "{body}");
+}
+
+/// A NUL in text people write is refused before anything is stored or reasoned: PostgreSQL cannot store one, and
+/// an appeal found out only after paying for its high-effort reasoning.
+#[tokio::test]
+async fn nul_characters_in_written_text_are_refused_up_front() {
+    let h = Harness::start(|_| {}).await;
+    let key = h.key(&["classify"]).await;
+    let inline = json!({"text": "hi", "policies": [{"text": "# P\nReturn 0 or 1.\u{0}"}], "effort": "low"});
+    let (status, body) = h.call("POST", "/v1/classify", Some(&key), Some(inline)).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap_or_default().contains("NUL"), "{body}");
+    let request = json!({"text": "hello", "policies": ["spam"], "effort": "low"});
+    let (status, decided) = h.call("POST", "/v1/classify", Some(&key), Some(request)).await;
+    assert_eq!(status, 200, "{decided}");
+    let id = decided["decision_id"].as_str().unwrap();
+    let calls = h.reasoner.calls.load(Ordering::SeqCst);
+    let appeal = json!({"reason": "wrong \u{0} call"});
+    let (status, body) = h.call("POST", &format!("/v1/decisions/{id}/appeal"), Some(&key), Some(appeal)).await;
+    assert_eq!((status, &body["error"]["code"]), (400, &json!("invalid_text")), "{body}");
+    assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), calls, "refused before reasoning");
+    let job = json!({"text": "x", "policies": ["spam"], "webhook_url": "http://example.com/\u{0}"});
+    let (status, body) = h.call("POST", "/v1/jobs", Some(&key), Some(job)).await;
+    assert_eq!((status, &body["error"]["code"]), (400, &json!("invalid_text")), "{body}");
+}
+
+/// Sampling the engine or a backend would refuse is the client's 400 before anything is admitted or paid, not a
+/// 503 after; a 64-bit seed is taken as OpenAI takes it.
+#[tokio::test]
+async fn chat_sampling_out_of_range_is_refused_before_the_model() {
+    let h = Harness::start(|_| {}).await;
+    let key = h.key(&["classify"]).await;
+    let chat = |extra: Value| {
+        let mut body =
+            json!({"messages": [{"role": "system", "content": "Answer 0 or 1."}, {"role": "user", "content": "hi"}]});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body
+    };
+    for bad in [
+        json!({"seed": 1, "top_p": 0}),
+        json!({"seed": 1, "top_p": 2}),
+        json!({"seed": 1, "temperature": 1e39}),
+        json!({"temperature": -1}),
+        json!({"seed": 1.5}),
+        json!({"seed": "one"}),
+    ] {
+        let (status, body) = h.call("POST", "/v1/chat/completions", Some(&key), Some(chat(bad.clone()))).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (400, Some("invalid_sampling")), "{bad}: {body}");
+    }
+    assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), 0);
+    for good in [json!({"seed": 1_u64 << 40, "temperature": 0.7, "top_p": 0.9}), json!({"seed": -5, "temperature": 0})]
+    {
+        let (status, body) = h.call("POST", "/v1/chat/completions", Some(&key), Some(chat(good.clone()))).await;
+        assert_eq!(status, 200, "{good}: {body}");
+    }
 }
 
 #[tokio::test]

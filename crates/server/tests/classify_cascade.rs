@@ -49,6 +49,8 @@ Return exactly one character: 0 or 1."
 
 struct Scripted {
     calls: AtomicUsize,
+    /// The completion-token cap of the last prompt.
+    last_max_tokens: AtomicUsize,
 }
 
 #[async_trait]
@@ -59,6 +61,7 @@ impl Reasoner for Scripted {
 
     async fn reason(&self, req: ReasonRequest) -> Result<ReasonOutput, ReasonError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        self.last_max_tokens.store(req.max_tokens, Ordering::SeqCst);
         let text = safeguard_harmony::user_message_text(&req.content);
         if text.contains("FAIL") {
             return Err(ReasonError::Backend("scripted backend failure".into()));
@@ -148,7 +151,7 @@ impl Harness {
         };
         let mut config = config;
         adjust(&mut config);
-        let reasoner = Arc::new(Scripted { calls: AtomicUsize::new(0) });
+        let reasoner = Arc::new(Scripted { calls: AtomicUsize::new(0), last_max_tokens: AtomicUsize::new(0) });
         let server = Server::start(config, reasoner.clone(), store).await.unwrap();
         let h = Harness {
             base: format!("http://{}", server.addr),
@@ -377,6 +380,23 @@ async fn routes_that_contradict_themselves_are_refused() {
 /// A policy stored through the API keeps its `triage: {on_violation: review}`: the known scam its rules deny goes
 /// to a person instead of being acted on, and waits in the review queue; the same rule under a policy that says
 /// nothing is acted on (the server's default).
+/// A request's `max_tokens` caps each reasoning step on both cascade routes (`/v1/moderate` used to drop it), and
+/// a cap past the server's limit is refused there too.
+#[tokio::test]
+async fn a_requests_max_tokens_caps_the_cascades_reasoning() {
+    let h = Harness::start().await;
+    let seen = || h.reasoner.last_max_tokens.load(Ordering::SeqCst);
+    for (route, cap) in [("/v1/classify", 55), ("/v1/moderate", 77)] {
+        let body = json!({"text": "answer=0 see you", "policies": ["promo-sure"], "max_tokens": cap});
+        let (status, reply) = h.call("POST", route, Some(body)).await;
+        assert_eq!(status, 200, "{route}: {reply}");
+        assert_eq!(seen(), cap, "{route}");
+    }
+    let body = json!({"text": "answer=0 see you", "policies": ["promo-sure"], "max_tokens": 1_000_000});
+    let (status, reply) = h.call("POST", "/v1/moderate", Some(body)).await;
+    assert_eq!((status, &reply["error"]["code"]), (400, &json!("max_tokens_exceeded")), "{reply}");
+}
+
 #[tokio::test]
 async fn a_stored_policy_can_send_triage_violations_to_a_person() {
     let h = Harness::start().await;

@@ -456,3 +456,39 @@ async fn readyz_fails_once_the_nats_worker_has_been_down_past_its_grace() {
     assert_eq!(health.status().as_u16(), 200);
     server.shutdown().await.unwrap();
 }
+
+/// A default policy (`--nats-policy`) that is not stored is the server's misconfiguration, not the event's: events
+/// naming no policies were rejected, and a resend under the same key was answered with that rejection from the
+/// ledger even after the policy was stored. They now wait, and are decided once it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_wait_for_a_default_policy_that_is_not_stored_yet() {
+    if !nats_up() {
+        eprintln!("skipped: NATS is not reachable at {URL} (bash scripts/setup.sh starts it)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(&dir.path().join("db.sqlite")).await.unwrap();
+    let mut nats = NatsConfig::new(URL, format!("sgwait{}", &uuid::Uuid::new_v4().simple().to_string()[..10]));
+    nats.batch = 1;
+    let (server, base) = start(store, Arc::new(Panicky), nats.clone()).await;
+    let producer = Bus::connect(nats.clone()).await.unwrap();
+    // Triage allows it (the policy's allow rule), so no reasoning is involved.
+    producer.publish_content("greet", &json!({"id": "greet", "text": "Happy birthday, grandma!"})).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let events = published(&producer).await.remove("greet").unwrap_or_default();
+    assert!(events.iter().all(|e| e.status != EventStatus::Rejected), "{events:?}");
+    assert!(producer.decided("greet").await.unwrap().is_none());
+
+    let http = reqwest::Client::new();
+    let response = http.post(format!("{base}/v1/policies")).bearer_auth(ADMIN).json(&json!({"text": POLICY})).send();
+    assert!(response.await.unwrap().status().is_success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while producer.decided("greet").await.unwrap().is_none() {
+        assert!(Instant::now() < deadline, "not decided once the policy was stored");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let decision = stored_once(&http, &base, "greet").await;
+    assert_eq!(decision["outcome"], "allow", "{decision}");
+    server.shutdown().await.unwrap();
+    delete_streams(&producer).await;
+}

@@ -383,6 +383,15 @@ async fn a_reviewer_works_the_queue_in_a_real_browser_with_the_keyboard() {
         .await;
     assert!(notice.as_str().unwrap().contains("reloaded"), "{notice}");
 
+    // The notice stays through the queue's reloads, and goes once the reviewer moves on to another item.
+    h.classify("Follow me for a follow back").await;
+    browser.script("load(); return true").await;
+    browser.wait_for("document.querySelectorAll('#queue li.item').length === 1", "the new item").await;
+    let kept = browser.script("return document.querySelector('#notice').textContent").await;
+    assert!(kept.as_str().unwrap().contains("reloaded"), "{kept}");
+    browser.script("document.querySelector('#queue li.item').click(); return true").await;
+    browser.wait_for("document.querySelector('#notice').textContent === ''", "the notice cleared").await;
+
     if let Ok(dir) = std::env::var("SAFEGUARD_SCREENSHOT_DIR") {
         use std::io::Write;
         let png = browser.cmd("GET", "/screenshot", Value::Null).await;

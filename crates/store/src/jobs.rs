@@ -178,7 +178,7 @@ impl Store {
         );
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(new_id())
-            .bind(now + lease_ms)
+            .bind(now.saturating_add(lease_ms))
             .bind(now)
             .fetch_optional(&self.pool)
             .await?;
@@ -191,7 +191,7 @@ impl Store {
         let updated = sqlx::query(
             "UPDATE jobs SET locked_until = $1, updated_at = $2 WHERE id = $3 AND status = 'running' AND lease_token = $4",
         )
-        .bind(now + lease_ms)
+        .bind(now.saturating_add(lease_ms))
         .bind(now)
         .bind(job_id)
         .bind(lease_token)

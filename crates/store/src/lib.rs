@@ -43,7 +43,7 @@ pub use decisions::{DecisionFilter, DecisionRecord, DecisionToStore};
 pub use group_commit::{GroupCommit, GroupCommitStats};
 pub use jobs::{JobRecord, JobStatus, NewJob, QueueDepth, scoped_idempotency_key};
 pub use keys::{ApiKeyRecord, KeyInstall, hash_api_key};
-pub use policies::StoredPolicy;
+pub use policies::{MAX_POLICY_PAGE, PolicyListing, PolicySummary, StoredPolicy};
 pub use reviews::{NewReview, QueuedReview, ReviewDecision, ReviewRecord, ReviewStats};
 pub use webhooks::{Delivery, NewDelivery};
 
@@ -520,7 +520,7 @@ fn valid_schema_name(name: &str) -> bool {
 }
 
 /// Never echo a password from a connection string into logs or errors.
-fn redact_url(url: &str) -> String {
+pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.find('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
             format!("{}://***{}", &url[..scheme_end], &url[at..])

@@ -18,6 +18,32 @@ pub struct StoredPolicy {
     pub active: bool,
 }
 
+/// A stored version without its body: what a listing shows.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PolicySummary {
+    pub hash: String,
+    pub name: String,
+    pub created_at: i64,
+    pub active: bool,
+    /// The front matter's `version`, if it has one.
+    pub version: Option<serde_json::Value>,
+}
+
+/// Which summaries [`Store::policy_summaries`] lists.
+#[derive(Debug, Clone, Copy)]
+pub struct PolicyListing<'a> {
+    /// Only this name's versions.
+    pub name: Option<&'a str>,
+    /// Only the versions names resolve to.
+    pub only_active: bool,
+    /// At most this many (1 to [`MAX_POLICY_PAGE`]), after skipping `offset`.
+    pub limit: i64,
+    pub offset: i64,
+}
+
+/// The most summaries one listing returns.
+pub const MAX_POLICY_PAGE: i64 = 1000;
+
 const COLUMNS: &str = "p.hash, p.name, p.body, p.meta, p.created_at, \
     CASE WHEN pin.hash IS NULL THEN 0 ELSE 1 END AS active";
 const FROM: &str = "policies p LEFT JOIN policy_pins pin ON pin.name = p.name AND pin.hash = p.hash";
@@ -189,21 +215,46 @@ impl Store {
         row.as_ref().map(row_to_policy).transpose()
     }
 
-    /// Every stored version, newest first.
-    pub async fn list_policies(&self) -> Result<Vec<StoredPolicy>> {
-        let rows = sqlx::query(sql!("SELECT {COLUMNS} FROM {FROM} ORDER BY p.name, p.created_at DESC, p.hash"))
+    /// Stored versions without their bodies, by name and newest first: all of them, or one name's, or only the
+    /// active ones, a page at a time. The bodies (up to a megabyte each, twice over with the source kept in
+    /// `meta`) are never read, and the filter and the page are the database's, so that a listing holds one
+    /// page of summaries however many versions clients stored inline.
+    pub async fn policy_summaries(&self, listing: &PolicyListing<'_>) -> Result<Vec<PolicySummary>> {
+        // The version as JSON text, exactly as the front matter gave it (a string or a number).
+        let version = match self.backend {
+            crate::Backend::Sqlite => "json_quote(json_extract(p.meta, '$.meta.version'))",
+            crate::Backend::Postgres => "(p.meta::jsonb #> '{meta,version}')::text",
+        };
+        let sql = format!(
+            "SELECT p.hash, p.name, p.created_at, {version} AS version, \
+               CASE WHEN pin.hash IS NULL THEN 0 ELSE 1 END AS active FROM {FROM} \
+             WHERE ($1 IS NULL OR p.name = $1) AND ($2 = 0 OR pin.hash IS NOT NULL) \
+             ORDER BY p.name, p.created_at DESC, p.hash LIMIT $3 OFFSET $4"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(listing.name)
+            .bind(i64::from(listing.only_active))
+            .bind(listing.limit.clamp(1, MAX_POLICY_PAGE))
+            .bind(listing.offset.max(0))
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(row_to_policy).collect()
-    }
-
-    /// All versions of one name, newest first.
-    pub async fn policy_versions(&self, name: &str) -> Result<Vec<StoredPolicy>> {
-        let rows = sqlx::query(sql!("SELECT {COLUMNS} FROM {FROM} WHERE p.name = $1 ORDER BY p.created_at DESC"))
-            .bind(name)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(row_to_policy).collect()
+        rows.iter()
+            .map(|row| {
+                let version = row.try_get::<Option<String>, _>("version")?;
+                Ok(PolicySummary {
+                    hash: row.try_get("hash")?,
+                    name: row.try_get("name")?,
+                    created_at: row.try_get("created_at")?,
+                    active: row.try_get::<i64, _>("active")? != 0,
+                    // SQLite quotes a missing version as `null`.
+                    version: version
+                        .as_deref()
+                        .map(|v| from_json::<serde_json::Value>(v, "policies.meta"))
+                        .transpose()?
+                        .filter(|v| !v.is_null()),
+                })
+            })
+            .collect()
     }
 
     /// Points `name` at a stored version of that name.

@@ -3,7 +3,8 @@
 use std::sync::Arc;
 
 use safeguard_store::{
-    DecisionFilter, DecisionRecord, JobStatus, NewDelivery, NewJob, NewReview, Store, StoreOptions, now_ms,
+    DecisionFilter, DecisionRecord, JobStatus, NewDelivery, NewJob, NewReview, PolicyListing, Store, StoreOptions,
+    now_ms,
 };
 use serde_json::json;
 
@@ -434,14 +435,33 @@ async fn policy_versions_are_immutable_and_pinned() {
         let (again, created) = s.put_policy("sha256:aaa", "spam", "body one", &json!({}), true).await.unwrap();
         assert!(!created, "{}", t.label);
         assert_eq!(again.meta, json!({"name": "spam"}), "original meta kept ({})", t.label);
-        let (v2, _) = s.put_policy("sha256:bbb", "spam", "body two", &json!({}), true).await.unwrap();
+        let (v2, _) =
+            s.put_policy("sha256:bbb", "spam", "body two", &json!({"meta": {"version": 2}}), true).await.unwrap();
         assert!(!v2.active, "{}", t.label);
         assert_eq!(s.active_policy("spam").await.unwrap().unwrap().hash, "sha256:aaa");
         s.activate_policy("spam", "sha256:bbb").await.unwrap();
         assert_eq!(s.active_policy("spam").await.unwrap().unwrap().hash, "sha256:bbb", "{}", t.label);
         assert!(!s.get_policy("sha256:aaa").await.unwrap().unwrap().active);
-        assert_eq!(s.policy_versions("spam").await.unwrap().len(), 2);
-        assert_eq!(s.list_policies().await.unwrap().len(), 2);
+        let list = |name, only_active, limit, offset| async move {
+            let listing = PolicyListing { name, only_active, limit, offset };
+            s.policy_summaries(&listing).await.unwrap()
+        };
+        assert_eq!(list(Some("spam"), false, 10, 0).await.len(), 2);
+        let all = list(None, false, 10, 0).await;
+        let version = |hash: &str| all.iter().find(|p| p.hash == hash).map(|p| p.version.clone());
+        assert_eq!(
+            version("sha256:bbb"),
+            Some(Some(json!(2))),
+            "the version as the front matter gave it ({})",
+            t.label
+        );
+        assert_eq!(version("sha256:aaa"), Some(None), "{}", t.label);
+        let active = list(None, true, 10, 0).await;
+        assert_eq!(active.iter().map(|p| (p.hash.as_str(), p.active)).collect::<Vec<_>>(), [("sha256:bbb", true)]);
+        let (first, second) = (list(None, false, 1, 0).await, list(None, false, 1, 1).await);
+        assert_eq!((first.len(), second.len()), (1, 1), "{}", t.label);
+        assert_ne!(first[0].hash, second[0].hash, "the second page goes on where the first ended ({})", t.label);
+        assert!(list(Some("nobody"), false, 10, 0).await.is_empty());
         s.put_policy("sha256:ccc", "other", "x", &json!({}), true).await.unwrap();
         assert!(s.activate_policy("spam", "sha256:ccc").await.is_err(), "name mismatch refused ({})", t.label);
         assert!(s.activate_policy("spam", "sha256:nope").await.is_err());

@@ -762,7 +762,8 @@ fn read_labels(final_text: &str, violating: &[String], safe: &[String], escalate
         .map(|label| (label, None, true))
         .chain(violating.iter().map(|label| (label, Some(true), false)))
         .chain(safe.iter().map(|label| (label, Some(false), false)))
-        .find(|(label, _, _)| normalize_label(label) == normalized);
+        // A blank label (a policy stored before blank ones were refused) would match an answer of only punctuation.
+        .find(|(label, _, _)| !normalized.is_empty() && normalize_label(label) == normalized);
     if let Some((label, value, escalated)) = exact {
         answer.label = Some(stripped.to_string());
         answer.violation = if escalated { is_violating_label(label).then_some(true) } else { value };
@@ -1273,7 +1274,10 @@ fn parse_json(final_text: &str, required_fields: &[&str], names: &[&str]) -> Par
 /// A short, single-line excerpt of model text for error details.
 pub(crate) fn excerpt(text: &str) -> String {
     const MAX_CHARS: usize = 80;
+    // Control characters shown as U+FFFD: an excerpt lands in logs and in the stored failure reason, a TEXT column
+    // that PostgreSQL refuses a NUL in.
     let flat: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let flat: String = flat.chars().map(|c| if c.is_control() { '\u{fffd}' } else { c }).collect();
     if flat.chars().count() <= MAX_CHARS {
         format!("\"{flat}\"")
     } else {

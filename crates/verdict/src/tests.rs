@@ -478,6 +478,21 @@ fn reasoning_conclusions() {
     assert_eq!(check(&long, &binary), Some(false));
 }
 
+/// A policy stored before blank labels were refused: an answer of only punctuation strips to "", which must not
+/// read as its blank safe label.
+#[test]
+fn a_blank_label_never_matches_an_empty_answer() {
+    let mut policy = labels_policy();
+    policy.meta.output =
+        OutputFormat::Labels { violating: vec!["SPAM".into()], safe: vec![String::new()], escalate: vec![] };
+    for answer in ["**", ".", "()", "```\n```", ""] {
+        let verdict = judge(&policy, None, Some(answer), false);
+        assert_eq!(verdict.outcome, Outcome::NeedsReview, "{answer:?}: {verdict:?}");
+        assert_eq!(verdict.violation, None, "{answer:?}");
+    }
+    assert_eq!(judge(&policy, None, Some("SPAM"), false).outcome, Outcome::Violation);
+}
+
 #[test]
 fn escalation_paths() {
     let policy = starter("sexual");

@@ -21,9 +21,38 @@ impl StoreArgs {
         safeguard_store::StoreOptions { schema: self.database_schema.clone(), ..Default::default() }
     }
 
-    /// The store a server started with the same flags would use.
-    pub(super) async fn open(&self) -> anyhow::Result<safeguard_store::Store> {
+    /// The store a server started with the same flags would use, made if it does not exist yet: a key is made
+    /// before the first start off loopback.
+    pub(super) async fn open_or_create(&self) -> anyhow::Result<safeguard_store::Store> {
         super::serve::open_store(&self.data_dir, self.database.as_deref(), self.options()).await
+    }
+
+    /// [`open_or_create`](Self::open_or_create) for a store that must exist already: listing or changing what a
+    /// server stored in a database made just now (another directory, a mistyped --data-dir) would find nothing
+    /// and say so as if all were well.
+    pub(super) async fn open(&self) -> anyhow::Result<safeguard_store::Store> {
+        if self.database.is_none() {
+            let path = self.sqlite_path();
+            if !path.exists() {
+                bail!(
+                    "no database at {}: give the --data-dir (or --database) the server was started with",
+                    path.display()
+                );
+            }
+        }
+        self.open_or_create().await
+    }
+
+    fn sqlite_path(&self) -> PathBuf {
+        super::serve::sqlite_path(&self.data_dir)
+    }
+
+    /// Where this store is, as a person would look for it.
+    fn shown(&self) -> String {
+        match &self.database {
+            Some(url) => safeguard_store::redact_url(url),
+            None => self.sqlite_path().display().to_string(),
+        }
     }
 }
 
@@ -61,10 +90,11 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
                 if let Some(bad) = scopes.iter().find(|s| !SCOPES.contains(&s.as_str())) {
                     bail!("unknown scope {bad:?}; scopes are {}", SCOPES.join(", "));
                 }
-                let store = store.open().await?;
+                let shown = store.shown();
+                let store = store.open_or_create().await?;
                 let (record, secret) = store.create_api_key(&name, &scopes).await?;
                 eprintln!(
-                    "created key {} ({}) with scopes {}; it is shown only now:",
+                    "created key {} ({}) with scopes {} in {shown}; it is shown only now:",
                     record.id,
                     record.name,
                     scopes.join(" ")

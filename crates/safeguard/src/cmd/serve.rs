@@ -24,6 +24,16 @@ pub struct Args {
     /// The model name the remote servers know it by.
     #[arg(long, default_value = "openai/gpt-oss-safeguard-20b")]
     pub backend_model: String,
+    /// Seconds between health probes of the --backend servers (`GET /v1/models`, Ollama `/api/tags`). One that
+    /// does not answer gets requests only when no other will take them; /readyz and /metrics report each.
+    #[arg(long, value_name = "SECS", default_value_t = 15, requires = "backend")]
+    pub backend_probe_secs: u64,
+    /// Make /readyz answer 503 once no --backend server has been usable (answering its probe, circuit breaker
+    /// not open) for this many seconds (it always reports them in its body). Off by default: without a backend,
+    /// items that need the model go to people and everything else keeps working, and servers usually share
+    /// their backends, so failing readiness would take all of them out of rotation at once.
+    #[arg(long, value_name = "SECS", requires = "backend")]
+    pub backend_ready_grace_secs: Option<u64>,
     /// Address and port to serve on (port 0 picks a free one; the address is printed at start). Off loopback the
     /// server refuses to start until an API key exists or SAFEGUARD_ADMIN_KEY (24 characters or more) is set.
     #[arg(long, default_value = "127.0.0.1:8080", env = "SAFEGUARD_LISTEN")]
@@ -199,6 +209,11 @@ pub struct Args {
     pub checkpoint_ms: u64,
 }
 
+/// The SQLite database in a data dir.
+pub(crate) fn sqlite_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("safeguard.db")
+}
+
 /// Where to store things, shared with `safeguard keys`.
 pub(crate) async fn open_store(
     data_dir: &Path,
@@ -209,7 +224,7 @@ pub(crate) async fn open_store(
         Some(url) => Store::connect(url, options).await.context("cannot open the database"),
         None => {
             std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
-            let path = data_dir.join("safeguard.db");
+            let path = sqlite_path(data_dir);
             Store::open_sqlite_with(&path, options).await.with_context(|| format!("cannot open {}", path.display()))
         }
     }
@@ -271,6 +286,27 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if !(0.0..=1.0).contains(&args.min_engine_confidence) {
         bail!("--min-engine-confidence must be within 0..1, not {}", args.min_engine_confidence);
     }
+    // Zero is no "pause": it would read as no limit at all, the opposite of what someone stopping spend means.
+    for (flag, rate) in
+        [("--reasoning-per-sec", args.reasoning_per_sec), ("--reasoning-tokens-per-sec", args.reasoning_tokens_per_sec)]
+    {
+        if let Some(rate) = rate
+            && !(rate.is_finite() && rate > 0.0)
+        {
+            bail!("{flag} must be a number above 0 (leave it out for no limit), not {rate}");
+        }
+    }
+    if let Some(url) = &args.nats {
+        nats_ingest(&args, url)
+            .config
+            .check_names()
+            .map_err(|why| anyhow::anyhow!("--nats-subject/--nats-stream: {why}"))?;
+    }
+    if let Some(dir) = &args.triage_dir
+        && !dir.is_dir()
+    {
+        bail!("--triage-dir {} is not a directory (it holds one trained model per policy name)", dir.display());
+    }
     if !(args.queue_share > 0.0 && args.queue_share <= 1.0) {
         bail!("--queue-share must be above 0 and at most 1, not {}", args.queue_share);
     }
@@ -313,8 +349,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             ..safeguard_pipeline::RoutingConfig::default()
         },
         triage_dir: args.triage_dir.clone(),
-        reasoning_per_sec: args.reasoning_per_sec.filter(|r| *r > 0.0),
-        reasoning_tokens_per_sec: args.reasoning_tokens_per_sec.filter(|r| *r > 0.0),
+        reasoning_per_sec: args.reasoning_per_sec,
+        reasoning_tokens_per_sec: args.reasoning_tokens_per_sec,
         queue_share: args.queue_share,
         classify_route: args.classify_route,
         active_learning: ActiveLearning {
@@ -325,9 +361,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         cost_per_1k_tokens: args.cost_per_1k_tokens.max(0.0),
         nats: args.nats.as_ref().map(|url| nats_ingest(&args, url)),
         nats_ready_grace: args.nats_ready_grace_secs.map(Duration::from_secs),
+        backend_probe_interval: Duration::from_secs(args.backend_probe_secs.max(1)),
+        backend_ready_grace: args.backend_ready_grace_secs.map(Duration::from_secs),
         metrics_require_key: args.metrics_require_key,
         lookup_ttl: Duration::from_millis(args.lookup_ttl_ms),
-        drain_timeout: Duration::from_secs(args.drain_timeout_secs),
+        // A day at most: the deadline is an instant in the future, and a huge one would overflow when the signal came.
+        drain_timeout: Duration::from_secs(args.drain_timeout_secs.min(86_400)),
         ..ServerConfig::default()
     };
     let runtime =
