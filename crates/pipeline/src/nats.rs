@@ -520,8 +520,8 @@ pub struct Worker {
     host: Arc<dyn WorkerHost>,
     limits: ContentLimits,
     started: Option<Box<dyn Fn() + Send + Sync>>,
-    /// The consumer's `ack_wait` as the server holds it, in milliseconds: what events are kept alive against. The
-    /// durable consumer keeps the setting of the worker that created it, which may not be this one's.
+    /// What events are kept alive against, in milliseconds: the shorter of this worker's `ack_wait` and the one
+    /// the server holds for the consumer (the durable consumer keeps the setting of the worker that created it).
     ack_wait_ms: std::sync::atomic::AtomicU64,
 }
 
@@ -627,6 +627,8 @@ impl Worker {
         let mut batch = std::pin::pin!(batch);
         // Whether the fetch may still deliver; a finished stream is not polled again.
         let mut open = true;
+        // A pull that failed while an event was being handled: the worker stops once what it holds is done.
+        let mut failed: Option<String> = None;
         let mut waiting: VecDeque<jetstream::Message> = VecDeque::new();
         let period = keep_alive_period(self.ack_wait());
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -644,7 +646,7 @@ impl Worker {
                     Some(Err(e)) => return Worked::PullFailed(e.to_string()),
                     None => return Worked::On,
                 },
-                None => return Worked::On,
+                None => return failed.map_or(Worked::On, Worked::PullFailed),
             };
             let handled = {
                 let mut handling = std::pin::pin!(AssertUnwindSafe(self.handle(&message, stop)).catch_unwind());
@@ -655,7 +657,7 @@ impl Worker {
                         next = batch.next(), if open => match next {
                             Some(Ok(next)) => waiting.push_back(next),
                             Some(Err(e)) => {
-                                warn!("pull failed: {e}");
+                                failed = Some(e.to_string());
                                 open = false;
                             }
                             None => open = false,

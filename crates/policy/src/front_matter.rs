@@ -152,7 +152,12 @@ fn yaml_error_line(err: &serde_yaml_ng::Error, first_line: usize) -> usize {
     err.location().map_or(first_line, |location| first_line + location.line().saturating_sub(1))
 }
 
-fn labels_from(fields: &Fields<'_>, key: &str, value: &Value) -> Result<OutputFormat, PolicyError> {
+fn labels_from(
+    fields: &Fields<'_>,
+    key: &str,
+    value: &Value,
+    checks: FrontMatterChecks,
+) -> Result<OutputFormat, PolicyError> {
     let Value::Mapping(map) = value else {
         return Err(fields.error(key, "expected a mapping with `violating`, `safe` and optional `escalate` lists"));
     };
@@ -174,8 +179,13 @@ fn labels_from(fields: &Fields<'_>, key: &str, value: &Value) -> Result<OutputFo
     if violating.is_empty() || safe.is_empty() {
         return Err(fields.error(key, "labels output needs non-empty `violating` and `safe` lists"));
     }
-    // Compared as the verdict reader compares an answer with a label: words, case aside.
-    let words = |label: &str| label.split_whitespace().collect::<Vec<_>>().join(" ").to_uppercase();
+    // Not for a stored version: one stored before these checks must still read (its blank label never matches,
+    // the verdict reader sees to that).
+    if checks == FrontMatterChecks::Skip {
+        return Ok(OutputFormat::Labels { violating, safe, escalate });
+    }
+    // Compared as the verdict reader compares an answer with a label: words (a `+` is one), case aside.
+    let words = |label: &str| label.replace('+', " + ").split_whitespace().collect::<Vec<_>>().join(" ").to_uppercase();
     if [&violating, &safe, &escalate].into_iter().flatten().any(|label| words(label).is_empty()) {
         return Err(fields.error(key, "a label is blank: an answer of only punctuation would read as it"));
     }
@@ -185,7 +195,7 @@ fn labels_from(fields: &Fields<'_>, key: &str, value: &Value) -> Result<OutputFo
     Ok(OutputFormat::Labels { violating, safe, escalate })
 }
 
-fn output_from(fields: &mut Fields<'_>) -> Result<Option<OutputFormat>, PolicyError> {
+fn output_from(fields: &mut Fields<'_>, checks: FrontMatterChecks) -> Result<Option<OutputFormat>, PolicyError> {
     let key = ["output", "output_format", "format"].into_iter().find(|key| fields.map.contains_key(*key));
     let Some(key) = key else { return Ok(None) };
     let Some(value) = fields.take(key) else { return Ok(None) };
@@ -202,8 +212,8 @@ fn output_from(fields: &mut Fields<'_>) -> Result<Option<OutputFormat>, PolicyEr
         "binary" => Ok(Some(OutputFormat::Binary)),
         "json" => Ok(Some(OutputFormat::Json)),
         "labels" => match (inline, labels) {
-            (Some(inline), _) => labels_from(fields, key, inline).map(Some),
-            (None, Some(labels)) => labels_from(fields, "labels", &labels).map(Some),
+            (Some(inline), _) => labels_from(fields, key, inline, checks).map(Some),
+            (None, Some(labels)) => labels_from(fields, "labels", &labels, checks).map(Some),
             (None, None) => {
                 Err(fields.error(key, "labels output needs a `labels:` mapping with `violating` and `safe`"))
             }
@@ -263,7 +273,7 @@ pub(crate) fn build_meta(
         .or(heading_name)
         .or_else(|| fallback_name.map(str::to_string))
         .ok_or(PolicyError::NoName)?;
-    let (output, output_declared) = match output_from(&mut fields)? {
+    let (output, output_declared) = match output_from(&mut fields, checks)? {
         Some(output) => (output, true),
         None => (infer_output(body).ok_or(PolicyError::UndeterminedOutput)?, false),
     };

@@ -31,7 +31,8 @@ pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
 /// triage rules (room for the 10,000 keywords a rule set may hold), and any client can send a policy inline.
 pub const MAX_FRONT_MATTER_BYTES: usize = 256 * 1024;
 
-/// Whether front matter is held to the size cap and refused for YAML anchors and aliases.
+/// Whether a policy is held to the checks newer than some stored versions: the front matter's size cap, YAML
+/// anchors and aliases, blank or two-sided labels, NUL characters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FrontMatterChecks {
     Refuse,

@@ -269,6 +269,11 @@ fn blank_labels_and_labels_on_both_sides_are_refused() {
     let text = "---\noutput: labels\nlabels:\n  violating: [Spam]\n  safe: [OK, ' SPAM ']\n---\n# P\nSay SPAM or OK.";
     let err = Policy::parse(text).unwrap_err();
     assert!(err.to_string().contains("both"), "{err}");
+    let spaced = "---\noutput: labels\nlabels:\n  violating: [A+B]\n  safe: [a + b]\n---\n# P\nSay A+B.";
+    assert!(Policy::parse(spaced).unwrap_err().to_string().contains("both"), "a `+` reads as the verdict reads it");
+    // A version stored before the checks still reads.
+    let stored = "---\noutput: labels\nlabels:\n  violating: [SPAM]\n  safe: ['']\n---\n# P\nSay SPAM.";
+    assert!(Policy::parse_stored(stored, None).is_ok());
 }
 
 #[test]

@@ -84,6 +84,7 @@ pub(crate) async fn submit(
                 .to_string(),
         ),
     };
+    // serde_json's maps are sorted (no `preserve_order`), so the digest does not depend on the order of the keys.
     let body_sha256 = hex::encode(sha2::Sha256::digest(body.to_string().as_bytes()));
     let request = JobRequest {
         content: parsed.content,
@@ -103,7 +104,14 @@ pub(crate) async fn submit(
         .await?;
     let same_request = match job.request.get("body_sha256").and_then(Value::as_str) {
         Some(stored) => stored == body_sha256,
-        None => job.request == request_json && job.webhook_url == webhook_url,
+        // Queued before the digest was kept: compared as it was then, without it.
+        None => {
+            let mut without = request_json.clone();
+            if let Some(object) = without.as_object_mut() {
+                object.remove("body_sha256");
+            }
+            job.request == without && job.webhook_url == webhook_url
+        }
     };
     if !created && !same_request {
         return Err(ApiError::Conflict("this Idempotency-Key was already used for a different request".into()));

@@ -477,6 +477,19 @@ async fn jobs_are_idempotent_finished_once_and_signed_webhooks_arrive() {
     assert_eq!(h.call("POST", "/v1/policies/spam/activate", Some(&writer), Some(activate)).await.0, 200);
     let (status, retried) = submit(body.clone(), "idem-1").await;
     assert_eq!((status, &retried["id"]), (200, &job["id"]), "{retried}");
+    // The same body with its keys in another order, as another client library may send it.
+    let reordered = format!(r#"{{"webhook_url": "{hook_url}", "policies": ["spam"], "text": "BUY NOW"}}"#);
+    let response = h
+        .http
+        .post(format!("{}/v1/jobs", h.base))
+        .bearer_auth(&key)
+        .header("Idempotency-Key", "idem-1")
+        .header("content-type", "application/json")
+        .body(reordered)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200, "{}", response.text().await.unwrap());
     let (status, conflict) = submit(json!({"text": "other", "policies": ["spam"]}), "idem-1").await;
     assert_eq!(status, 409, "{conflict}");
     let (status, bad) = submit(json!({"text": "x", "policies": ["nope"]}), "idem-2").await;

@@ -57,7 +57,7 @@ pub struct DecisionFilter {
     pub limit: i64,
 }
 
-const COLUMNS: &str = "id, created_at, policy_hashes, policy_names, model_id, effort, prompt_hash, sampling, content, \
+pub(crate) const COLUMNS: &str = "id, created_at, policy_hashes, policy_names, model_id, effort, prompt_hash, sampling, content, \
     verdicts, outcome, failure_reason, timings, prompt_tokens, cached_prompt_tokens, completion_tokens, source, job_id, \
     replay_of, submitted_by";
 
@@ -147,7 +147,7 @@ fn bind<'q, 'a>(
     })
 }
 
-fn row_to_decision(row: &AnyRow) -> Result<DecisionRecord> {
+pub(crate) fn row_to_decision(row: &AnyRow) -> Result<DecisionRecord> {
     Ok(DecisionRecord {
         id: row.try_get("id")?,
         created_at: row.try_get("created_at")?,

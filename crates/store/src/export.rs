@@ -3,7 +3,11 @@
 
 use sqlx::Row;
 
+use crate::decisions::{COLUMNS, row_to_decision};
 use crate::{DecisionRecord, Result, ReviewRecord, Store};
+
+/// Decisions read per query by [`Store::decisions_since`].
+const EXPORT_PAGE: i64 = 1000;
 
 impl Store {
     /// Every decided review with the decision it judged, for decisions made at or after `since` (unix ms),
@@ -32,20 +36,33 @@ impl Store {
         Ok(out)
     }
 
-    /// Every decision made at or after `since` (unix ms), oldest first.
+    /// Every decision made at or after `since` (unix ms), oldest first. Read whole, a page at a time (one
+    /// query per [`EXPORT_PAGE`] decisions, not one per decision), each page after the last one's
+    /// `(created_at, id)`, so that decisions stored meanwhile neither shift nor repeat a page.
     #[tracing::instrument(skip(self))]
     pub async fn decisions_since(&self, since: Option<i64>) -> Result<Vec<DecisionRecord>> {
-        let rows = sqlx::query("SELECT id FROM decisions WHERE created_at >= $1 ORDER BY created_at, id")
+        let mut out = Vec::new();
+        let mut after: (i64, String) = (i64::MIN, String::new());
+        loop {
+            let rows = sqlx::query(sql!(
+                "SELECT {COLUMNS} FROM decisions WHERE created_at >= $1 \
+                   AND (created_at > $2 OR (created_at = $2 AND id > $3)) \
+                 ORDER BY created_at, id LIMIT $4"
+            ))
             .bind(since.unwrap_or(i64::MIN))
+            .bind(after.0)
+            .bind(&after.1)
+            .bind(EXPORT_PAGE)
             .fetch_all(&self.pool)
             .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let id: String = row.try_get("id")?;
-            if let Some(decision) = self.get_decision(&id).await? {
-                out.push(decision);
+            let full = rows.len() as i64 == EXPORT_PAGE;
+            for row in &rows {
+                out.push(row_to_decision(row)?);
+            }
+            match out.last() {
+                Some(last) if full => after = (last.created_at, last.id.clone()),
+                _ => return Ok(out),
             }
         }
-        Ok(out)
     }
 }

@@ -216,20 +216,25 @@ impl Store {
     }
 
     /// Stored versions without their bodies, by name and newest first: all of them, or one name's, or only the
-    /// active ones, a page at a time. The bodies (up to a megabyte each, twice over with the source kept in
-    /// `meta`) are never read, and the filter and the page are the database's, so that a listing holds one
-    /// page of summaries however many versions clients stored inline.
+    /// active ones, a page at a time. The filter and the page are the database's, and only the page's `meta` is
+    /// read (bodies never), so that a listing holds one page of summaries however many versions (of up to a
+    /// megabyte, twice over with the source kept in `meta`) clients stored inline.
     pub async fn policy_summaries(&self, listing: &PolicyListing<'_>) -> Result<Vec<PolicySummary>> {
-        // The version as JSON text, exactly as the front matter gave it (a string or a number).
+        // The version as JSON text, as stored.
         let version = match self.backend {
             crate::Backend::Sqlite => "json_quote(json_extract(p.meta, '$.meta.version'))",
             crate::Backend::Postgres => "(p.meta::jsonb #> '{meta,version}')::text",
         };
+        // The page is chosen first, by columns the index holds; only its rows' `meta` (which holds the policy's
+        // source again) is read for the version.
         let sql = format!(
-            "SELECT p.hash, p.name, p.created_at, {version} AS version, \
-               CASE WHEN pin.hash IS NULL THEN 0 ELSE 1 END AS active FROM {FROM} \
-             WHERE ($1 IS NULL OR p.name = $1) AND ($2 = 0 OR pin.hash IS NOT NULL) \
-             ORDER BY p.name, p.created_at DESC, p.hash LIMIT $3 OFFSET $4"
+            "SELECT page.hash, page.name, page.created_at, page.active, {version} AS version FROM ( \
+               SELECT p.hash AS hash, p.name AS name, p.created_at AS created_at, \
+                 CASE WHEN pin.hash IS NULL THEN 0 ELSE 1 END AS active FROM {FROM} \
+               WHERE ($1 IS NULL OR p.name = $1) AND ($2 = 0 OR pin.hash IS NOT NULL) \
+               ORDER BY p.name, p.created_at DESC, p.hash LIMIT $3 OFFSET $4) page \
+             JOIN policies p ON p.hash = page.hash \
+             ORDER BY page.name, page.created_at DESC, page.hash"
         );
         let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(listing.name)

@@ -97,3 +97,27 @@ async fn decided_reviews_come_with_their_decisions_and_respect_since() {
         }
     }
 }
+
+/// The decisions are read a page at a time, each page after the last one's (created_at, id): pages that end
+/// inside a run of decisions made in one millisecond neither skip nor repeat any of them.
+#[tokio::test]
+async fn decisions_are_exported_whole_across_pages_of_one_millisecond() {
+    for (store, label, _dir, pg) in stores().await {
+        // 2,150 decisions in five milliseconds of 500 (the last of 150): page ends fall inside each run.
+        let all: Vec<DecisionRecord> = (0..2_150).map(|i| decision(&format!("p{i:05}"), 10_000 + i / 500)).collect();
+        for chunk in all.chunks(100) {
+            let rows: Vec<_> = chunk.iter().map(|d| (d, None, None)).collect();
+            store.insert_decisions_together(&rows).await.unwrap();
+        }
+        let ids: Vec<String> = store.decisions_since(None).await.unwrap().into_iter().map(|d| d.id).collect();
+        let expected: Vec<String> = all.iter().map(|d| d.id.clone()).collect();
+        assert_eq!(ids, expected, "{label}");
+        let recent = store.decisions_since(Some(10_002)).await.unwrap();
+        assert_eq!(recent.len(), 1_150, "{label}");
+        assert!(recent.iter().all(|d| d.created_at >= 10_002), "{label}");
+        store.close().await;
+        if let Some((url, schema)) = pg {
+            Store::drop_schema(&url, &schema).await.unwrap();
+        }
+    }
+}
