@@ -276,10 +276,17 @@ async fn fail(state: &AppState, job: &JobRecord, token: &str, error: String) {
         .map(|hashes| hashes.iter().filter_map(Value::as_str).map(str::to_string).collect())
         .unwrap_or_default();
     let mut policy_names = Vec::with_capacity(policy_hashes.len());
+    // Those that still load: a high-risk one puts the failed job at the front of the queue, as it would any item.
+    let mut policies = Vec::with_capacity(policy_hashes.len());
     for hash in &policy_hashes {
         // A name is a label here; without one the hash stands in, and the failure is recorded all the same.
-        let stored = state.store.get_policy(hash).await.ok().flatten();
-        policy_names.push(stored.map_or_else(|| hash.clone(), |stored| stored.name));
+        match stored_policy(state, hash).await.ok().flatten() {
+            Some(policy) => {
+                policy_names.push(policy.meta.name.clone());
+                policies.push(policy);
+            }
+            None => policy_names.push(hash.clone()),
+        }
     }
     let settings = request.get("settings");
     let effort = settings.and_then(|s| s.get("effort")).and_then(Value::as_str).map(str::to_string);
@@ -308,7 +315,7 @@ async fn fail(state: &AppState, job: &JobRecord, token: &str, error: String) {
         replay_of: None,
         submitted_by: job.submitted_by.clone(),
     };
-    let review = crate::reviews::review_for_person(&record.id, &[], format!("job failed: {error}"));
+    let review = crate::reviews::review_for_person(&record.id, &policies, format!("job failed: {error}"));
     let webhook = completed_webhook(job, &record);
     match state.store.fail_job(&job.id, token, &error, &record, &review, webhook.as_ref()).await {
         Ok(true) => {

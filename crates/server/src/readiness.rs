@@ -73,7 +73,11 @@ fn within_grace(down_for: Option<Duration>, grace: Option<Duration>) -> bool {
     }
 }
 
-/// How many of `endpoints` could take a request now.
+/// How many of `endpoints` could take a request now. A half-open breaker counts: it lets the next request through
+/// to find out, and a recovered backend with no traffic stays half-open until one comes, so counting it out would
+/// keep a server unready (and so without traffic) for good. The cost: a backend that answers its probe but fails
+/// every request counts as usable for a moment after each cooldown, so a grace longer than the breaker's cooldown
+/// does not fail readiness for it.
 pub(crate) fn usable(endpoints: &[EndpointHealth]) -> usize {
     endpoints.iter().filter(|endpoint| endpoint.usable()).count()
 }

@@ -44,17 +44,18 @@ async fn a_job_whose_reasoner_panics_goes_to_a_person_and_the_worker_carries_on(
     let server = Server::start(config, Arc::new(Panicky), store.clone()).await.unwrap();
     let base = format!("http://{}", server.addr);
     let http = reqwest::Client::new();
-    let submit = |text: &'static str| {
+    let submit = |text: &'static str, policy: &'static str| {
         let request =
-            http.post(format!("{base}/v1/jobs")).bearer_auth(ADMIN).json(&json!({"text": text, "policies": ["spam"]}));
+            http.post(format!("{base}/v1/jobs")).bearer_auth(ADMIN).json(&json!({"text": text, "policies": [policy]}));
         async move {
             let response = request.send().await.unwrap();
             assert_eq!(response.status().as_u16(), 202);
             response.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_string()
         }
     };
-    let panicking = submit("PANIC please").await;
-    let ordinary = submit("hello there").await;
+    // Under a high-risk policy: the failed job goes to the front of the queue, as any item of it would.
+    let panicking = submit("PANIC please", "violence").await;
+    let ordinary = submit("hello there", "spam").await;
 
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut settled = Vec::new();
@@ -74,5 +75,7 @@ async fn a_job_whose_reasoner_panics_goes_to_a_person_and_the_worker_carries_on(
     assert!(settled[0]["error"].as_str().is_some_and(|e| e.contains("panicked")), "{}", settled[0]);
     assert_eq!(settled[1]["status"], "done", "the worker carried on: {}", settled[1]);
     assert_eq!(store.review_stats().await.unwrap().pending, 1, "the panicked job waits for a person");
+    let queued = store.list_reviews("pending", 10).await.unwrap();
+    assert_eq!(queued[0].priority, 5, "high-risk: {:?}", queued[0]);
     server.shutdown().await.unwrap();
 }

@@ -380,7 +380,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             ..StoreOptions::default()
         };
         let store = open_store(&args.data_dir, args.database.as_deref(), options).await?;
-        let server = Server::start(config, reasoner, store).await?;
+        let server = Server::start(config, reasoner, store.clone()).await?;
         // Tests and scripts read this line to find the port when listening on :0.
         println!("safeguard: listening on http://{}", server.addr);
         let (token, hurry) = (server.shutdown_token(), server.hurry_token());
@@ -397,7 +397,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             eprintln!("safeguard: exiting now");
             std::process::exit(130);
         });
-        server.wait().await?;
+        let served = server.wait().await;
+        // After the drain, nothing writes any more: the decision writer stops and the connections close cleanly
+        // (PostgreSQL sees a goodbye, not a dropped socket).
+        store.close().await;
+        served?;
         anyhow::Ok(())
     });
     // An engine step still running on a blocking thread after the drain would keep the process alive until it
