@@ -315,6 +315,17 @@ fn ledger_subject(cfg: &NatsConfig, key: &str) -> String {
     format!("{}.decided.{}", cfg.prefix, subject_token(key))
 }
 
+/// The work stream, once a worker has set up its consumer on it.
+async fn consumer_set_up(bus: &Bus) -> async_nats::jetstream::stream::Stream {
+    let stream = bus.js.get_stream(&bus.config.work_stream).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stream.consumer_info(&bus.config.consumer).await.is_err() {
+        assert!(Instant::now() < deadline, "the worker never set up its consumer");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stream
+}
+
 /// How many events the workers' consumer has delivered more than once (none before a worker created it).
 async fn redelivered(bus: &Bus) -> usize {
     let stream = bus.js.get_stream(&bus.config.work_stream).await.unwrap();
@@ -842,12 +853,7 @@ async fn a_worker_whose_consumer_is_deleted_stops_instead_of_spinning() {
     };
     let stop = CancellationToken::new();
     let running = start(stop.clone());
-    let stream = bus.js.get_stream(&cfg.work_stream).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while stream.consumer_info(&cfg.consumer).await.is_err() {
-        assert!(Instant::now() < deadline, "the worker never set up its consumer");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let stream = consumer_set_up(&bus).await;
     stream.delete_consumer(&cfg.consumer).await.unwrap();
     let ended = tokio::time::timeout(Duration::from_secs(20), running).await.expect("stops instead of spinning");
     assert!(ended.unwrap().is_err(), "an error, for the host to start it again");
@@ -879,12 +885,7 @@ async fn a_worker_keeps_events_alive_against_the_consumers_own_ack_wait() {
         let stop = stop.clone();
         async move { first.run(stop).await }
     });
-    let stream = bus.js.get_stream(&cfg.work_stream).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while stream.consumer_info(&cfg.consumer).await.is_err() {
-        assert!(Instant::now() < deadline, "the worker never set up its consumer");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    consumer_set_up(&bus).await;
     stop.cancel();
     task.await.unwrap().unwrap();
 

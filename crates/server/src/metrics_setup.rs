@@ -251,10 +251,19 @@ pub(crate) async fn render(
             <Caller as axum::extract::FromRequestParts<AppState>>::from_request_parts(&mut parts, &state).await?;
         caller.require("metrics")?;
     }
-    if let Ok(depth) = state.store.queue_depth().await {
-        metrics::gauge!("safeguard_jobs", "status" => "pending").set(depth.pending as f64);
-        metrics::gauge!("safeguard_jobs", "status" => "running").set(depth.running as f64);
-        metrics::gauge!("safeguard_jobs", "status" => "failed").set(depth.failed as f64);
+    // The figures read from the database keep their last values when it does not answer; this counter is how a
+    // dashboard tells them stale.
+    let stale = |what: &str, e: &safeguard_store::StoreError| {
+        tracing::warn!("metrics: cannot read the {what}: {e}");
+        metrics::counter!("safeguard_metrics_store_errors_total").increment(1);
+    };
+    match state.store.queue_depth().await {
+        Ok(depth) => {
+            metrics::gauge!("safeguard_jobs", "status" => "pending").set(depth.pending as f64);
+            metrics::gauge!("safeguard_jobs", "status" => "running").set(depth.running as f64);
+            metrics::gauge!("safeguard_jobs", "status" => "failed").set(depth.failed as f64);
+        }
+        Err(e) => stale("job queue", &e),
     }
     state.items.publish();
     // Read at the scrape, not at the last probe: a breaker opened by failing requests since shows at once.
@@ -277,7 +286,11 @@ pub(crate) async fn render(
     }
     // From the database, so it survives restarts. A review of an item the model left undecided is counted
     // apart: the person supplied the answer the model did not, which is neither agreement nor override.
-    if let Ok(reviews) = state.store.review_stats().await {
+    let reviews = state.store.review_stats().await;
+    if let Err(e) = &reviews {
+        stale("review queue", e);
+    }
+    if let Ok(reviews) = reviews {
         metrics::gauge!("safeguard_reviews_pending").set(reviews.pending as f64);
         metrics::gauge!("safeguard_reviews_overdue").set(reviews.overdue as f64);
         let agreed = (reviews.decided - reviews.model_undecided - reviews.overrides).max(0);

@@ -50,8 +50,8 @@ pub(crate) fn document() -> Value {
     let classify = json!({"$ref": "#/components/schemas/ClassifyRequest"});
     let any = json!({"type": "object"});
     let mut policy_list = op(
-        "List policy versions without their bodies, by name and newest first, a page at a time (`next_offset` is the \
-         next page's offset while there may be more): the active ones, and with the policies:write, review or audit \
+        "List policy versions without their bodies, by name and newest first, a page at a time (pass a reply's \
+         `next_after` as `after` for the next page; null when there are no more): the active ones, and with the policies:write, review or audit \
          scope also the others (drafts, inline policies clients sent)",
         Some("classify"),
         None,
@@ -61,7 +61,7 @@ pub(crate) fn document() -> Value {
     policy_list["parameters"] = json!([
         {"name": "name", "in": "query", "schema": {"type": "string"}, "description": "only this name's versions"},
         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 200}},
-        {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0, "default": 0}}]);
+        {"name": "after", "in": "query", "schema": {"type": "string"}, "description": "a previous page's next_after"}]);
     json!({
         "openapi": "3.1.0",
         "info": {"title": "safeguard", "version": env!("CARGO_PKG_VERSION"),
@@ -127,14 +127,14 @@ pub(crate) fn document() -> Value {
         "paths": {
             "/healthz": {"get": text_reply(op("Liveness: `ok`", None, None, "200", Value::Null), "200", "text/plain")},
             "/readyz": {"get": op("Readiness: database reachable; 503 with the reasons in `why` when not. With --nats the body reports the NATS worker (`nats.serving`, `nats.down_for_ms`), and with --nats-ready-grace-secs a worker down for longer fails readiness too. With --backend it reports how many reasoning servers are usable (answering their last probe, circuit breaker not open) as `backends.usable` of `backends.total`, and since when none has been (`backends.down_for_ms`); /metrics has each endpoint. With --backend-ready-grace-secs none usable for longer fails readiness too. The body also names the served model", None, None, "200", any.clone())},
-            "/metrics": {"get": text_reply(op("Prometheus metrics (open, or with --metrics-require-key a key with the metrics scope), among them the cascade's safeguard_pipeline_skip_rate and safeguard_pipeline_escalation_rate{stage}, safeguard_review_agreement_rate (reviews of items the model left undecided are apart, in safeguard_reviews_decided{model=\"undecided\"}), per item safeguard_reasoning_tokens_per_item, safeguard_cost_per_item, safeguard_latency_per_item_seconds, and with --backend safeguard_backends_usable and per endpoint safeguard_backend_usable{endpoint} and safeguard_backend_in_flight{endpoint}, per policy and effort safeguard_prompts_total, safeguard_prompt_tokens_total, safeguard_prompt_latency_seconds, safeguard_prompt_cost_estimate", None, None, "200", Value::Null), "200", "text/plain")},
+            "/metrics": {"get": text_reply(op("Prometheus metrics (open, or with --metrics-require-key a key with the metrics scope), among them the cascade's safeguard_pipeline_skip_rate and safeguard_pipeline_escalation_rate{stage}, safeguard_review_agreement_rate (reviews of items the model left undecided are apart, in safeguard_reviews_decided{model=\"undecided\"}), per item safeguard_reasoning_tokens_per_item, safeguard_cost_per_item, safeguard_latency_per_item_seconds, and safeguard_metrics_store_errors_total (figures read from the database at the scrape are stale while it grows), with --backend safeguard_backends_usable and per endpoint safeguard_backend_usable{endpoint} and safeguard_backend_in_flight{endpoint}, per policy and effort safeguard_prompts_total, safeguard_prompt_tokens_total, safeguard_prompt_latency_seconds, safeguard_prompt_cost_estimate", None, None, "200", Value::Null), "200", "text/plain")},
             "/openapi.json": {"get": op("This document", None, None, "200", any.clone())},
             "/v1/policies": {
                 "post": op("Store a policy version (markdown body, or JSON {text}); 201 new, 200 existing, 409 the same body with other front matter", Some("policies:write"),
                            Some(json!({"type": "object", "properties": {"text": {"type": "string"}, "name": {"type": "string"}}})), "201", any.clone()),
                 "get": policy_list},
             "/v1/policies/{id}": {"parameters": [path_param("id")],
-                "get": op("A version by hash, or a name's active version with its versions (the newest 1000, without bodies; `versions_next_offset` continues them through GET /v1/policies?name=)", Some("classify"), None, "200", any.clone())},
+                "get": op("A version by hash, or a name's active version with its versions (the newest 1000, without bodies; `versions_next_after` continues them through GET /v1/policies?name=&after=)", Some("classify"), None, "200", any.clone())},
             "/v1/policies/{id}/diff/{other}": {"parameters": [path_param("id"), path_param("other")],
                 "get": text_reply(op("Unified diff between two versions", Some("classify"), None, "200", Value::Null), "200", "text/x-diff")},
             "/v1/policies/{name}/activate": {"parameters": [path_param("name")],

@@ -294,20 +294,19 @@ pub(crate) struct ListQuery {
     #[serde(default = "default_page")]
     limit: i64,
     #[serde(default)]
-    offset: i64,
+    after: Option<String>,
 }
 
 fn default_page() -> i64 {
     200
 }
 
-/// One page of summaries, with the offset of the next page while there may be more.
+/// One page of summaries, with the cursor of the next page (`next_after`) while there may be more.
 async fn listing_reply(state: &AppState, listing: PolicyListing<'_>) -> Result<Value, ApiError> {
-    let listing =
-        PolicyListing { limit: listing.limit.clamp(1, MAX_POLICY_PAGE), offset: listing.offset.max(0), ..listing };
+    let listing = PolicyListing { limit: listing.limit.clamp(1, MAX_POLICY_PAGE), ..listing };
     let page = state.store.policy_summaries(&listing).await?;
-    let next = (page.len() as i64 == listing.limit).then(|| listing.offset + listing.limit);
-    Ok(json!({"policies": page.iter().map(summary).collect::<Vec<_>>(), "next_offset": next}))
+    let next = page.last().filter(|_| page.len() as i64 == listing.limit).map(|last| last.hash.clone());
+    Ok(json!({"policies": page.iter().map(summary).collect::<Vec<_>>(), "next_after": next}))
 }
 
 pub(crate) async fn list(
@@ -321,7 +320,7 @@ pub(crate) async fn list(
         name: query.name.as_deref(),
         only_active: !sees_every_version(&caller),
         limit: query.limit,
-        offset: query.offset,
+        after: query.after.as_deref(),
     };
     Ok(Json(listing_reply(&state, listing).await?))
 }
@@ -342,16 +341,16 @@ pub(crate) async fn get_one(
     let policy = find(&state, &id).await?;
     let mut value = full(&policy);
     if !looks_like_hash(&id) {
-        // The newest page of them; past it, `GET /v1/policies?name=NAME&offset=versions_next_offset`.
+        // The newest page of them; past it, `GET /v1/policies?name=NAME&after=versions_next_after`.
         let listing = PolicyListing {
             name: Some(&policy.name),
             only_active: !sees_every_version(&caller),
             limit: MAX_POLICY_PAGE,
-            offset: 0,
+            after: None,
         };
         let page = listing_reply(&state, listing).await?;
         value["versions"] = page["policies"].clone();
-        value["versions_next_offset"] = page["next_offset"].clone();
+        value["versions_next_after"] = page["next_after"].clone();
     }
     Ok(Json(value))
 }

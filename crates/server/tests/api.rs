@@ -282,12 +282,15 @@ async fn policies_are_versioned_pinned_and_diffed() {
     assert_eq!(everything["policies"].as_array().unwrap().iter().filter(|p| p["name"] == "promo").count(), 2);
     // A page at a time, by name if asked; no body in a listing.
     let (_, page) = h.call("GET", "/v1/policies?name=promo&limit=1", Some(&writer), None).await;
-    assert_eq!((page["policies"].as_array().unwrap().len(), &page["next_offset"]), (1, &json!(1)), "{page}");
+    assert_eq!(page["policies"].as_array().unwrap().len(), 1, "{page}");
+    assert_eq!(page["next_after"], page["policies"][0]["hash"], "{page}");
     assert!(page["policies"][0].get("body").is_none(), "{page}");
-    let (_, rest) = h.call("GET", "/v1/policies?name=promo&limit=1&offset=1", Some(&writer), None).await;
+    let after = page["next_after"].as_str().unwrap();
+    let (_, rest) = h.call("GET", &format!("/v1/policies?name=promo&limit=1&after={after}"), Some(&writer), None).await;
     assert_ne!(rest["policies"][0]["hash"], page["policies"][0]["hash"], "{rest}");
-    let (_, end) = h.call("GET", "/v1/policies?name=promo&offset=2", Some(&writer), None).await;
-    assert_eq!((end["policies"].as_array().unwrap().len(), &end["next_offset"]), (0, &Value::Null), "{end}");
+    let after = rest["next_after"].as_str().unwrap();
+    let (_, end) = h.call("GET", &format!("/v1/policies?name=promo&after={after}"), Some(&writer), None).await;
+    assert_eq!((end["policies"].as_array().unwrap().len(), &end["next_after"]), (0, &Value::Null), "{end}");
     let (status, bad) = h.call("GET", "/v1/policies?limit=lots", Some(&writer), None).await;
     assert_eq!((status, &bad["error"]["code"]), (400, &json!("invalid_query")), "{bad}");
     let (status, _) =
@@ -1231,6 +1234,12 @@ async fn decisions_are_stored_with_their_reviews_or_not_at_all() {
     let (status, reply) = h.call("POST", "/v1/classify/batch", Some(&key), Some(batch)).await;
     assert_eq!(status, 503, "{reply}");
     assert_eq!(decisions().await, before, "a decision meant for a person was stored without its review");
+    // /metrics still answers, and says its review figures are stale.
+    let (status, metrics) = h.call("GET", "/metrics", None, None).await;
+    let metrics = metrics.as_str().unwrap_or_default().to_string();
+    assert_eq!(status, 200, "{metrics}");
+    let errors = metrics.lines().find_map(|line| line.strip_prefix("safeguard_metrics_store_errors_total "));
+    assert!(errors.and_then(|n| n.parse::<f64>().ok()).is_some_and(|n| n >= 1.0), "{metrics}");
     rename_table(&h.store, "reviews_away", "reviews").await;
 
     let (status, reply) = h.call("POST", "/v1/classify", Some(&key), Some(undecided)).await;

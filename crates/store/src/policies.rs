@@ -36,9 +36,11 @@ pub struct PolicyListing<'a> {
     pub name: Option<&'a str>,
     /// Only the versions names resolve to.
     pub only_active: bool,
-    /// At most this many (1 to [`MAX_POLICY_PAGE`]), after skipping `offset`.
+    /// At most this many (1 to [`MAX_POLICY_PAGE`]).
     pub limit: i64,
-    pub offset: i64,
+    /// Only those listed after this version (the hash of the last one of the previous page): a cursor, so that
+    /// versions stored while a client pages neither shift a page nor repeat on the next.
+    pub after: Option<&'a str>,
 }
 
 /// The most summaries one listing returns.
@@ -232,7 +234,10 @@ impl Store {
                SELECT p.hash AS hash, p.name AS name, p.created_at AS created_at, \
                  CASE WHEN pin.hash IS NULL THEN 0 ELSE 1 END AS active FROM {FROM} \
                WHERE ($1 IS NULL OR p.name = $1) AND ($2 = 0 OR pin.hash IS NOT NULL) \
-               ORDER BY p.name, p.created_at DESC, p.hash LIMIT $3 OFFSET $4) page \
+                 AND ($4 IS NULL OR EXISTS (SELECT 1 FROM policies c WHERE c.hash = $4 AND (p.name > c.name \
+                   OR (p.name = c.name AND (p.created_at < c.created_at \
+                     OR (p.created_at = c.created_at AND p.hash > c.hash)))))) \
+               ORDER BY p.name, p.created_at DESC, p.hash LIMIT $3) page \
              JOIN policies p ON p.hash = page.hash \
              ORDER BY page.name, page.created_at DESC, page.hash"
         );
@@ -240,7 +245,7 @@ impl Store {
             .bind(listing.name)
             .bind(i64::from(listing.only_active))
             .bind(listing.limit.clamp(1, MAX_POLICY_PAGE))
-            .bind(listing.offset.max(0))
+            .bind(listing.after)
             .fetch_all(&self.pool)
             .await?;
         rows.iter()

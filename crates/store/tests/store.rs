@@ -442,12 +442,12 @@ async fn policy_versions_are_immutable_and_pinned() {
         s.activate_policy("spam", "sha256:bbb").await.unwrap();
         assert_eq!(s.active_policy("spam").await.unwrap().unwrap().hash, "sha256:bbb", "{}", t.label);
         assert!(!s.get_policy("sha256:aaa").await.unwrap().unwrap().active);
-        let list = |name, only_active, limit, offset| async move {
-            let listing = PolicyListing { name, only_active, limit, offset };
+        let list = |name, only_active, limit, after| async move {
+            let listing = PolicyListing { name, only_active, limit, after };
             s.policy_summaries(&listing).await.unwrap()
         };
-        assert_eq!(list(Some("spam"), false, 10, 0).await.len(), 2);
-        let all = list(None, false, 10, 0).await;
+        assert_eq!(list(Some("spam"), false, 10, None).await.len(), 2);
+        let all = list(None, false, 10, None).await;
         let version = |hash: &str| all.iter().find(|p| p.hash == hash).map(|p| p.version.clone());
         assert_eq!(
             version("sha256:bbb"),
@@ -456,12 +456,14 @@ async fn policy_versions_are_immutable_and_pinned() {
             t.label
         );
         assert_eq!(version("sha256:aaa"), Some(None), "{}", t.label);
-        let active = list(None, true, 10, 0).await;
+        let active = list(None, true, 10, None).await;
         assert_eq!(active.iter().map(|p| (p.hash.as_str(), p.active)).collect::<Vec<_>>(), [("sha256:bbb", true)]);
-        let (first, second) = (list(None, false, 1, 0).await, list(None, false, 1, 1).await);
+        let first = list(None, false, 1, None).await;
+        let second = list(None, false, 1, Some(first[0].hash.as_str())).await;
         assert_eq!((first.len(), second.len()), (1, 1), "{}", t.label);
         assert_ne!(first[0].hash, second[0].hash, "the second page goes on where the first ended ({})", t.label);
-        assert!(list(Some("nobody"), false, 10, 0).await.is_empty());
+        assert!(list(None, false, 1, Some(second[0].hash.as_str())).await.is_empty(), "{}", t.label);
+        assert!(list(Some("nobody"), false, 10, None).await.is_empty());
         s.put_policy("sha256:ccc", "other", "x", &json!({}), true).await.unwrap();
         assert!(s.activate_policy("spam", "sha256:ccc").await.is_err(), "name mismatch refused ({})", t.label);
         assert!(s.activate_policy("spam", "sha256:nope").await.is_err());
