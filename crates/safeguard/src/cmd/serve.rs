@@ -12,6 +12,8 @@ use safeguard_harmony::Effort;
 use safeguard_server::{ActiveLearning, ClassifyRoute, NatsConfig, NatsIngest, Server, ServerConfig};
 use safeguard_store::{GroupCommit, SqliteSync, Store, StoreOptions};
 
+const DEFAULT_SEQUENCES: usize = 8;
+
 #[derive(clap::Args)]
 #[command(group = clap::ArgGroup::new("reasoner").required(true).args(["model", "backend"]))]
 pub struct Args {
@@ -98,7 +100,7 @@ pub struct Args {
     #[command(flatten)]
     pub engine: crate::cmd::classify::EngineFlags,
     /// Sequences the embedded engine decodes together.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = DEFAULT_SEQUENCES)]
     pub sequences: usize,
     /// Trained triage classifiers for the cascade (/v1/classify's default route, /v1/moderate, the NATS worker),
     /// one directory per policy name (`safeguard triage train --out DIR/NAME`); a model trained for another
@@ -270,6 +272,26 @@ fn nats_ingest(args: &Args, url: &str) -> NatsIngest {
     NatsIngest { config, policies: args.nats_policies.clone() }
 }
 
+/// Flags given that do nothing with the others given: said at start, not left for an operator to find out.
+fn ignored_flags(args: &Args) -> Vec<&'static str> {
+    let mut ignored = Vec::new();
+    let engine = &args.engine;
+    let tunes_engine = engine.threads.is_some() || engine.context.is_some() || engine.gpu_layers != 0;
+    if !args.backend.is_empty() && (tunes_engine || args.sequences != DEFAULT_SEQUENCES) {
+        ignored.push(
+            "--threads, --context, --gpu-layers and --sequences set the embedded engine; with --backend they do \
+             nothing (the backend's own settings apply)",
+        );
+    }
+    let postgres = args.database.as_deref().is_some_and(|url| url.starts_with("postgres"));
+    let sqlite_tuned = args.sqlite_sync != SqliteSync::default()
+        || args.checkpoint_ms != safeguard_store::CHECKPOINT_EVERY.as_millis() as u64;
+    if postgres && sqlite_tuned {
+        ignored.push("--sqlite-sync and --checkpoint-ms set SQLite; with a PostgreSQL --database they do nothing");
+    }
+    ignored
+}
+
 fn stage_timeout(seconds: f64) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(seconds)
         .ok()
@@ -313,6 +335,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let max_budget_wait = Duration::try_from_secs_f64(args.max_budget_wait).map_err(|_| {
         anyhow::anyhow!("--max-budget-wait must be a number of seconds >= 0, not {}", args.max_budget_wait)
     })?;
+    for ignored in ignored_flags(&args) {
+        eprintln!("safeguard: warning: {ignored}");
+    }
     let reasoner = match (&args.model, args.backend.is_empty()) {
         (Some(model), true) => load_embedded(&args, model)?,
         (None, false) => load_remote(&args)?,
@@ -430,5 +455,36 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: Args,
+    }
+
+    fn ignored(args: &[&str]) -> Vec<&'static str> {
+        ignored_flags(&Cli::parse_from([&["serve"], args].concat()).serve)
+    }
+
+    #[test]
+    fn flags_that_do_nothing_with_the_others_are_named() {
+        assert!(ignored(&["--backend", "http://gpu1:8000/v1"]).is_empty());
+        assert!(ignored(&["--model", "m.gguf", "--threads", "4", "--sequences", "4"]).is_empty());
+        for engine in [&["--threads", "4"][..], &["--gpu-layers", "99"], &["--sequences", "16"], &["--context", "4096"]]
+        {
+            let said = ignored(&[&["--backend", "http://gpu1:8000/v1"][..], engine].concat());
+            assert!(said.len() == 1 && said[0].contains("--backend"), "{engine:?}: {said:?}");
+        }
+        let postgres = ["--model", "m.gguf", "--database", "postgres://db/x", "--sqlite-sync", "full"];
+        assert!(ignored(&postgres)[0].contains("PostgreSQL"));
+        assert!(ignored(&["--model", "m.gguf", "--sqlite-sync", "full"]).is_empty(), "SQLite takes it");
     }
 }
