@@ -130,8 +130,8 @@ impl NatsConfig {
                 self.prefix
             ));
         }
+        let bad = |c: char| c.is_whitespace() || c.is_control() || matches!(c, '.' | '*' | '>' | '/' | '\\');
         for name in [&self.work_stream, &self.decision_stream, &self.decided_stream, &self.consumer] {
-            let bad = |c: char| c.is_whitespace() || c.is_control() || matches!(c, '.' | '*' | '>' | '/' | '\\');
             if name.is_empty() || name.len() > 255 || name.contains(bad) {
                 return Err(format!(
                     "stream or consumer name {name:?}: at most 255 characters, without spaces, `.`, `*`, `>`, `/` or `\\`"

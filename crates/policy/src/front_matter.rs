@@ -6,7 +6,9 @@ use std::sync::LazyLock;
 use regex::Regex;
 use serde_yaml_ng::Value;
 
-use crate::{FrontMatterChecks, MAX_FRONT_MATTER_BYTES, OutputFormat, PolicyError, PolicyMeta, yaml_guard};
+use crate::{
+    FrontMatterChecks, MAX_FRONT_MATTER_BYTES, OutputFormat, PolicyError, PolicyMeta, normalize_label, yaml_guard,
+};
 
 pub(crate) struct FrontMatter<'a> {
     pub text: &'a str,
@@ -184,12 +186,13 @@ fn labels_from(
     if checks == FrontMatterChecks::Skip {
         return Ok(OutputFormat::Labels { violating, safe, escalate });
     }
-    // Compared as the verdict reader compares an answer with a label: words (a `+` is one), case aside.
-    let words = |label: &str| label.replace('+', " + ").split_whitespace().collect::<Vec<_>>().join(" ").to_uppercase();
-    if [&violating, &safe, &escalate].into_iter().flatten().any(|label| words(label).is_empty()) {
+    // Compared as the verdict reader compares an answer with a label.
+    if [&violating, &safe, &escalate].into_iter().flatten().any(|label| normalize_label(label).is_empty()) {
         return Err(fields.error(key, "a label is blank: an answer of only punctuation would read as it"));
     }
-    if let Some(both) = violating.iter().find(|label| safe.iter().any(|other| words(other) == words(label))) {
+    if let Some(both) =
+        violating.iter().find(|label| safe.iter().any(|other| normalize_label(other) == normalize_label(label)))
+    {
         return Err(fields.error(key, format!("label {both:?} is both `violating` and `safe`")));
     }
     Ok(OutputFormat::Labels { violating, safe, escalate })

@@ -23,6 +23,13 @@ pub use error::PolicyError;
 pub use markdown::{FenceTracker, RuleDefinition, Section, find_rule_ids, heading, is_rule_id};
 pub use starter::{STARTER_POLICIES, StarterPolicy, starter_library};
 
+/// A label as answers are matched against it: uppercase, single spaces, `+` spaced, so "invalid+escalate" and
+/// "INVALID + ESCALATE" compare equal. The verdict reader compares answers so, and policies are checked so.
+pub fn normalize_label(label: &str) -> String {
+    let spaced = label.replace('+', " + ");
+    spaced.split_whitespace().collect::<Vec<_>>().join(" ").to_uppercase()
+}
+
 /// Policy files larger than this are refused: a policy this long is far past the length the model
 /// handles well (about 10,000 tokens), so it is almost certainly the wrong file.
 pub const MAX_POLICY_BYTES: usize = 1024 * 1024;

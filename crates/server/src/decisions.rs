@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use safeguard_harmony::{Content, Effort};
 use safeguard_policy::Policy;
 use safeguard_store::{DecisionFilter, DecisionRecord};
@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use crate::AppState;
 use crate::auth::Caller;
 use crate::classify::{Origin, Settings, count_decision, options, record_of};
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiQuery};
 use crate::policies::stored_policy;
 
 pub(crate) fn record_reply(record: &DecisionRecord, reasoning: Option<Vec<String>>) -> Value {
@@ -58,10 +58,9 @@ pub(crate) struct ListQuery {
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require("review").or_else(|_| caller.require("audit"))?;
-    let Query(query) = query.map_err(|e| ApiError::bad("invalid_query", e.body_text()))?;
     if let Some(outcome) = &query.outcome
         && !["allow", "violation", "needs_review"].contains(&outcome.as_str())
     {

@@ -1,7 +1,7 @@
 //! Every error leaves as JSON: `{"error": {"code": "...", "message": "..."}}` with a fitting status.
 
 use axum::Json;
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -90,6 +90,17 @@ impl From<JsonRejection> for ApiError {
         }
     }
 }
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        ApiError::bad("invalid_query", rejection.body_text())
+    }
+}
+
+/// `Query<T>` whose rejections are our JSON errors instead of plain text.
+#[derive(Debug, Clone, Copy, Default, axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct ApiQuery<T>(pub T);
 
 /// `Json<T>` whose rejections are our JSON errors instead of plain text.
 #[derive(Debug, Clone, Copy, Default, axum::extract::FromRequest)]

@@ -5,7 +5,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use safeguard_policy::{Policy, STARTER_POLICIES};
@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::auth::Caller;
-use crate::error::ApiError;
+use crate::error::{ApiError, ApiQuery};
 
 /// What we keep beside the body so the exact `Policy` (front matter included) can be rebuilt.
 fn stored_meta(policy: &Policy, source: &str, fallback_name: Option<&str>) -> Value {
@@ -188,8 +188,7 @@ fn summary(p: &PolicySummary) -> Value {
 }
 
 fn full(p: &StoredPolicy) -> Value {
-    let mut value = json!({"id": p.hash, "hash": p.hash, "name": p.name, "active": p.active, "created_at": p.created_at,
-           "version": p.meta.get("meta").and_then(|m| m.get("version")).cloned().unwrap_or(Value::Null)});
+    let mut value = summary(&p.summary());
     value["body"] = json!(p.body);
     value["meta"] = p.meta.get("meta").cloned().unwrap_or(Value::Null);
     value["source"] = p.meta.get("source").cloned().unwrap_or(Value::Null);
@@ -293,7 +292,6 @@ pub(crate) struct ListQuery {
     name: Option<String>,
     #[serde(default = "default_page")]
     limit: i64,
-    #[serde(default)]
     after: Option<String>,
 }
 
@@ -312,10 +310,9 @@ async fn listing_reply(state: &AppState, listing: PolicyListing<'_>) -> Result<V
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require("classify")?;
-    let Query(query) = query.map_err(|e| ApiError::bad("invalid_query", e.body_text()))?;
     let listing = PolicyListing {
         name: query.name.as_deref(),
         only_active: !sees_every_version(&caller),

@@ -36,7 +36,7 @@ impl DownClock {
     }
 
     fn now(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX).saturating_add(1)
+        millis(self.epoch.elapsed()).saturating_add(1)
     }
 
     pub(crate) fn serving(&self) {

@@ -5,7 +5,7 @@
 //! judging the model's answer blind. Everything else about reasoning still needs `audit`.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::response::Html;
 use safeguard_core::Decision;
 use safeguard_harmony::Effort;
@@ -19,7 +19,7 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::classify::{Origin, Settings, count_decision, decision_reply};
 use crate::decisions::record_reply;
-use crate::error::{ApiError, ApiJson};
+use crate::error::{ApiError, ApiJson, ApiQuery};
 use crate::policies::stored_policy;
 
 /// How long a queued item may wait before it counts as overdue.
@@ -164,10 +164,9 @@ fn review_json(review: &ReviewRecord, decision: Option<&DecisionRecord>) -> Valu
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    ApiQuery(query): ApiQuery<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require("review")?;
-    let Query(query) = query.map_err(|e| ApiError::bad("invalid_query", e.body_text()))?;
     if !matches!(query.status.as_str(), "pending" | "decided" | "superseded") {
         return Err(ApiError::bad("invalid_status", "status is \"pending\", \"decided\" or \"superseded\""));
     }

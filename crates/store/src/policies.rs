@@ -29,6 +29,19 @@ pub struct PolicySummary {
     pub version: Option<serde_json::Value>,
 }
 
+impl StoredPolicy {
+    /// The version as a listing shows it.
+    pub fn summary(&self) -> PolicySummary {
+        PolicySummary {
+            hash: self.hash.clone(),
+            name: self.name.clone(),
+            created_at: self.created_at,
+            active: self.active,
+            version: self.meta.get("meta").and_then(|meta| meta.get("version")).filter(|v| !v.is_null()).cloned(),
+        }
+    }
+}
+
 /// Which summaries [`Store::policy_summaries`] lists.
 #[derive(Debug, Clone, Copy)]
 pub struct PolicyListing<'a> {

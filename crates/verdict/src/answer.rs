@@ -7,7 +7,7 @@ use regex::Regex;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
-use safeguard_policy::OutputFormat;
+use safeguard_policy::{OutputFormat, normalize_label};
 
 use crate::Flag;
 
@@ -726,12 +726,6 @@ fn binary_from_prose(text: &str, names: &[&str]) -> Result<Option<bool>, String>
         (false, true) => Ok(Some(true)),
         (false, false) => Ok(None),
     }
-}
-
-/// Uppercase, single spaces, `+` spaced: "invalid+escalate" and "INVALID + ESCALATE" compare equal.
-fn normalize_label(label: &str) -> String {
-    let spaced = label.replace('+', " + ");
-    spaced.split_whitespace().collect::<Vec<_>>().join(" ").to_uppercase()
 }
 
 fn parse_labels(final_text: &str, violating: &[String], safe: &[String], escalate: &[String]) -> ParsedAnswer {

@@ -27,7 +27,8 @@ pub struct Args {
     #[arg(long, default_value = "openai/gpt-oss-safeguard-20b")]
     pub backend_model: String,
     /// Seconds between health probes of the --backend servers (`GET /v1/models`, Ollama `/api/tags`). One that
-    /// does not answer gets requests only when no other will take them; /readyz and /metrics report each.
+    /// does not answer gets requests only when no other will take them; /readyz reports how many are usable,
+    /// /metrics each.
     #[arg(long, value_name = "SECS", default_value_t = 15, requires = "backend")]
     pub backend_probe_secs: u64,
     /// Make /readyz answer 503 once no --backend server has been usable (answering its probe, circuit breaker
@@ -318,11 +319,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             bail!("{flag} must be a number above 0 (leave it out for no limit), not {rate}");
         }
     }
-    if let Some(url) = &args.nats {
-        nats_ingest(&args, url)
-            .config
-            .check_names()
-            .map_err(|why| anyhow::anyhow!("--nats-subject/--nats-stream: {why}"))?;
+    let nats = args.nats.as_ref().map(|url| nats_ingest(&args, url));
+    if let Some(nats) = &nats {
+        nats.config.check_names().map_err(|why| anyhow::anyhow!("--nats-subject/--nats-stream: {why}"))?;
     }
     if let Some(dir) = &args.triage_dir
         && !dir.is_dir()
@@ -384,7 +383,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             ..ActiveLearning::default()
         },
         cost_per_1k_tokens: args.cost_per_1k_tokens.max(0.0),
-        nats: args.nats.as_ref().map(|url| nats_ingest(&args, url)),
+        nats,
         nats_ready_grace: args.nats_ready_grace_secs.map(Duration::from_secs),
         backend_probe_interval: Duration::from_secs(args.backend_probe_secs.max(1)),
         backend_ready_grace: args.backend_ready_grace_secs.map(Duration::from_secs),
