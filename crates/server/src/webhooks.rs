@@ -334,16 +334,17 @@ async fn deliver(state: &AppState, delivery: Delivery) {
         Err(err) => (false, None, Some(with_causes(&err))),
     };
     let attempts = delivery.attempts + 1;
-    let retry_at = (!delivered && attempts < i64::from(state.config.webhook_max_attempts)).then(|| {
+    // A delay, not a time: the store adds it to the database's clock, which every server shares, so a server
+    // whose own clock runs ahead does not make the delivery due early for the others.
+    let retry_in_ms = (!delivered && attempts < i64::from(state.config.webhook_max_attempts)).then(|| {
         // The first wait is the backoff itself, then it doubles.
         // Saturating: a huge --webhook-backoff-ms must wait the hour, not wrap to a negative wait.
         let base = i64::try_from(state.config.webhook_backoff.as_millis()).unwrap_or(i64::MAX);
-        let backoff = base.saturating_mul(1i64 << (attempts - 1).clamp(0, 20));
-        now_ms().saturating_add(backoff.min(3_600_000))
+        base.saturating_mul(1i64 << (attempts - 1).clamp(0, 20)).min(3_600_000)
     });
     metrics::counter!("safeguard_webhook_attempts_total", "result" => if delivered { "delivered" } else { "failed" })
         .increment(1);
-    match state.store.record_delivery_attempt(&delivery, delivered, status, error.as_deref(), retry_at).await {
+    match state.store.record_delivery_attempt(&delivery, delivered, status, error.as_deref(), retry_in_ms).await {
         Ok(true) => {}
         Ok(false) => tracing::warn!(
             delivery_id = %delivery.id,

@@ -7,7 +7,7 @@ use sqlx::any::AnyRow;
 use crate::decisions::insert_decision_tx;
 use crate::reviews::{NewReview, insert_review_tx};
 use crate::webhooks::{NewDelivery, insert_delivery_tx};
-use crate::{Backend, DecisionRecord, Result, Store, from_json, new_id, now_ms, to_json};
+use crate::{Backend, DecisionRecord, Result, Store, bounded_delay_ms, from_json, new_id, now_ms, to_json};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -108,6 +108,31 @@ pub fn scoped_idempotency_key(submitted_by: Option<&str>, key: &str) -> String {
     }
 }
 
+/// [`Store::has_claimable_job`]'s query: a row when a lease has lapsed or a job is pending.
+fn claimable_sql(backend: Backend) -> String {
+    let now = backend.now_ms_sql();
+    format!(
+        "SELECT 1 AS claimable WHERE EXISTS (SELECT 1 FROM jobs WHERE status = 'running' AND locked_until < {now}) \
+           OR EXISTS (SELECT 1 FROM jobs WHERE status = 'pending')"
+    )
+}
+
+/// [`Store::claim_job`]'s statement; binds the lease token, the lease in ms and the process's now (`updated_at`).
+fn claim_sql(backend: Backend) -> String {
+    let now = backend.now_ms_sql();
+    let lock = if backend == Backend::Postgres { "FOR UPDATE SKIP LOCKED" } else { "" };
+    format!(
+        "UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_token = $1, \
+           locked_until = {now} + $2, updated_at = $3 \
+         WHERE id = COALESCE( \
+             (SELECT id FROM jobs WHERE status = 'running' AND locked_until < {now} \
+                ORDER BY locked_until LIMIT 1 {lock}), \
+             (SELECT id FROM jobs WHERE status = 'pending' ORDER BY created_at, id LIMIT 1 {lock})) \
+         AND (status = 'pending' OR (status = 'running' AND locked_until < {now})) \
+         RETURNING {COLUMNS}"
+    )
+}
+
 impl Store {
     /// Persists a job. With an idempotency key its submitter already used, returns the existing job and `false`.
     #[tracing::instrument(skip_all)]
@@ -150,49 +175,44 @@ impl Store {
     }
 
     /// Whether [`claim_job`](Self::claim_job) would find a job now: a pending one, or a running one whose lease
-    /// ran out. A look, not a claim: another worker may take the job first.
+    /// ran out. A look, not a claim: another worker may take the job first. Two probes of one index range each,
+    /// as the claim's, rather than one `OR` that no index serves.
     pub async fn has_claimable_job(&self) -> Result<bool> {
-        let row = sqlx::query(
-            "SELECT 1 FROM jobs WHERE status = 'pending' OR (status = 'running' AND locked_until < $1) LIMIT 1",
-        )
-        .bind(now_ms())
-        .fetch_optional(&self.pool)
-        .await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(claimable_sql(self.backend))).fetch_optional(&self.pool).await?;
         Ok(row.is_some())
     }
 
-    /// Claims the oldest pending job, or a running one whose lease ran out (its worker died), for `lease_ms`.
-    /// Each claim counts one attempt.
+    /// Claims a running job whose lease ran out (its worker died), else the oldest pending job, for `lease_ms`
+    /// by the database's clock. Each claim counts one attempt.
+    ///
+    /// Lapsed leases come first. They are few (at most one per worker that died) and were claimed when they were
+    /// the oldest pending, so they are nearly always older than anything still pending, as the single
+    /// `ORDER BY created_at` this replaces would have put them; and taking pending jobs first would leave a dead
+    /// worker's job behind the whole backlog, which under steady load never empties. Each branch is one range
+    /// of its own index (`jobs_by_lease`, `jobs_by_status`): one `WHERE pending OR lapsed ORDER BY created_at`
+    /// sorts the whole backlog, under SQLite's write lock, on every claim. It stays one conditional UPDATE, so
+    /// a claim is atomic: COALESCE looks at the pending jobs only when no lease has lapsed.
     #[tracing::instrument(skip(self))]
     pub async fn claim_job(&self, lease_ms: i64) -> Result<Option<JobRecord>> {
-        let now = now_ms();
-        let lock = if self.backend == Backend::Postgres { "FOR UPDATE SKIP LOCKED" } else { "" };
-        let sql = format!(
-            "UPDATE jobs SET status = 'running', attempts = attempts + 1, lease_token = $1, locked_until = $2, \
-             updated_at = $3 \
-             WHERE id = (SELECT id FROM jobs \
-                 WHERE status = 'pending' OR (status = 'running' AND locked_until < $3) \
-                 ORDER BY created_at, id LIMIT 1 {lock}) \
-             AND (status = 'pending' OR (status = 'running' AND locked_until < $3)) \
-             RETURNING {COLUMNS}"
-        );
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        let row = sqlx::query(sqlx::AssertSqlSafe(claim_sql(self.backend)))
             .bind(new_id())
-            .bind(now.saturating_add(lease_ms))
-            .bind(now)
+            .bind(bounded_delay_ms(lease_ms))
+            .bind(now_ms())
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(row_to_job).transpose()
     }
 
-    /// Extends a running job's lease while its worker is still busy with it. False if the lease was lost.
+    /// Extends a running job's lease to `lease_ms` from now by the database's clock, while its worker is still
+    /// busy with it. False if the lease was lost.
     pub async fn renew_lease(&self, job_id: &str, lease_token: &str, lease_ms: i64) -> Result<bool> {
-        let now = now_ms();
-        let updated = sqlx::query(
-            "UPDATE jobs SET locked_until = $1, updated_at = $2 WHERE id = $3 AND status = 'running' AND lease_token = $4",
-        )
-        .bind(now.saturating_add(lease_ms))
-        .bind(now)
+        let now = self.backend.now_ms_sql();
+        let updated = sqlx::query(sql!(
+            "UPDATE jobs SET locked_until = {now} + $1, updated_at = $2 \
+             WHERE id = $3 AND status = 'running' AND lease_token = $4"
+        ))
+        .bind(bounded_delay_ms(lease_ms))
+        .bind(now_ms())
         .bind(job_id)
         .bind(lease_token)
         .execute(&self.pool)
@@ -274,7 +294,7 @@ impl Store {
             insert_review_tx(&mut tx, decision, review, now).await?;
         }
         if let Some(delivery) = webhook {
-            insert_delivery_tx(&mut tx, delivery, now).await?;
+            insert_delivery_tx(&mut tx, self.backend, delivery, now).await?;
         }
         tx.commit().await?;
         Ok(true)
@@ -319,5 +339,36 @@ impl Store {
             .fetch_one(&self.pool)
             .await?;
         Ok(row.try_get::<i64, _>("n")?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each branch of the claim is a range of its own index, and the outer update finds its row by primary key:
+    /// nothing reads or sorts the backlog.
+    #[tokio::test]
+    async fn claims_read_one_index_range_per_branch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("plan.db")).await.unwrap();
+        let plan = crate::tests::query_plan(&store, &claim_sql(Backend::Sqlite)).await;
+        assert!(
+            plan.iter().any(|step| step.contains("USING INDEX jobs_by_lease (status=? AND locked_until<?)")),
+            "{plan:#?}"
+        );
+        assert!(plan.iter().any(|step| step.contains("USING INDEX jobs_by_status (status=?)")), "{plan:#?}");
+        assert!(
+            plan.iter().any(|step| step.starts_with("SEARCH jobs USING INDEX sqlite_autoindex_jobs_")),
+            "{plan:#?}"
+        );
+        assert!(
+            !plan.iter().any(|step| step.starts_with("SCAN") || step == "USE TEMP B-TREE FOR ORDER BY"),
+            "{plan:#?}"
+        );
+        let plan = crate::tests::query_plan(&store, &claimable_sql(Backend::Sqlite)).await;
+        assert!(plan.iter().any(|step| step.contains("jobs_by_lease")), "{plan:#?}");
+        assert!(!plan.iter().any(|step| step.starts_with("SCAN") && step != "SCAN CONSTANT ROW"), "{plan:#?}");
+        store.close().await;
     }
 }

@@ -117,6 +117,33 @@ pub enum Backend {
     Postgres,
 }
 
+impl Backend {
+    /// SQL for "now" in unix milliseconds by the database's clock, the same value wherever it appears in one
+    /// statement. Leases and due times are written and compared with it, never with [`now_ms`]: servers sharing
+    /// one PostgreSQL database each have their own clock, and one running ahead by more than a lease would take
+    /// jobs and deliveries that others are still working on.
+    ///
+    /// SQLite fixes `'now'` for the whole of one `sqlite3_step`, which is all of an UPDATE (with or without
+    /// RETURNING) and the first row of a SELECT; julianday holds it in whole milliseconds, and ROUND undoes the
+    /// float's error (up to ~20 µs at today's dates), which a bare CAST would truncate to the millisecond below.
+    /// PostgreSQL's `statement_timestamp()` is fixed for the statement (unlike `clock_timestamp()`), and is not
+    /// the transaction's start (`now()`), which a long transaction would leave behind.
+    pub fn now_ms_sql(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "CAST(ROUND((julianday('now') - 2440587.5) * 86400000.0) AS INTEGER)",
+            Backend::Postgres => "CAST(EXTRACT(EPOCH FROM statement_timestamp()) * 1000 AS BIGINT)",
+        }
+    }
+}
+
+/// A lease or delay in milliseconds as it is bound into `now + $n`: bounded so that the sum cannot overflow (on
+/// PostgreSQL an error, on SQLite a float in an integer column), however the length was configured.
+pub(crate) fn bounded_delay_ms(ms: i64) -> i64 {
+    /// About a century: longer than anything is ever leased or put off.
+    const MAX_DELAY_MS: i64 = 100 * 365 * 86_400_000;
+    ms.clamp(-MAX_DELAY_MS, MAX_DELAY_MS)
+}
+
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
     /// PostgreSQL only: keep every table in this schema (created if missing). Lets several deployments, or test
@@ -307,7 +334,8 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// Milliseconds since the unix epoch; the one clock every table uses.
+/// Milliseconds since the unix epoch by this process's clock: when things happened (`created_at`, `decided_at`).
+/// Leases and due times use the database's clock instead ([`Backend::now_ms_sql`]).
 pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
@@ -461,6 +489,13 @@ impl Store {
         }
     }
 
+    /// The database's clock in unix milliseconds ([`Backend::now_ms_sql`]): what leases and due times are
+    /// measured against.
+    pub async fn database_now_ms(&self) -> Result<i64> {
+        let row = sqlx::query(sql!("SELECT {} AS now_ms", self.backend.now_ms_sql())).fetch_one(&self.pool).await?;
+        Ok(row.try_get("now_ms")?)
+    }
+
     /// True when a trivial query round-trips within `timeout`.
     pub async fn ping(&self, timeout: Duration) -> bool {
         matches!(tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&self.pool)).await, Ok(Ok(_)))
@@ -532,6 +567,12 @@ pub fn redact_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// SQLite's plan for `sql` (parameters unbound), one `detail` line per step: what the planning tests assert on.
+    pub(crate) async fn query_plan(store: &Store, sql: &str) -> Vec<String> {
+        let rows = sqlx::query(sql!("EXPLAIN QUERY PLAN {sql}")).fetch_all(store.pool()).await.unwrap();
+        rows.iter().map(|row| row.try_get::<String, _>("detail").unwrap()).collect()
+    }
 
     #[test]
     fn schema_names_are_validated() {

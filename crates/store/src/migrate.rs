@@ -11,6 +11,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("../migrations/0003_review_announcements.sql")),
     (4, include_str!("../migrations/0004_one_review_per_decision_kind.sql")),
     (5, include_str!("../migrations/0005_submitted_by.sql")),
+    (6, include_str!("../migrations/0006_clock_free_claims_and_announcements.sql")),
 ];
 
 /// Arbitrary constant so that concurrent servers starting on one PostgreSQL database migrate one at a time.

@@ -89,6 +89,22 @@ fn row_to_review(row: &AnyRow) -> Result<ReviewRecord> {
     })
 }
 
+/// Whether the review in the `reviews` row at hand is one the bus must hear of: a review or an appeal (an
+/// active-learning sample changes nothing a producer was told) of a decision on an item that came in over NATS,
+/// or of an appeal made over HTTP of such a decision. What the server's `bus_origins` (`ingest.rs`) publishes for;
+/// migration 0006 spells the same test out. Each decision is found by primary key, so the test never scans them.
+const ANNOUNCEABLE: &str = "reviews.kind IN ('review', 'appeal') AND EXISTS (SELECT 1 FROM decisions d \
+    WHERE d.id = reviews.decision_id AND (d.source LIKE 'nats:%' OR (d.source = 'appeal' AND EXISTS \
+      (SELECT 1 FROM decisions o WHERE o.id = d.replay_of AND o.source LIKE 'nats:%'))))";
+
+/// [`Store::reviews_to_announce`]'s query; binds the limit.
+fn to_announce_sql() -> String {
+    format!(
+        "SELECT {COLUMNS} FROM reviews WHERE status = 'decided' AND announced_at IS NULL AND {ANNOUNCEABLE} \
+         ORDER BY decided_at LIMIT $1"
+    )
+}
+
 /// The statement that queues one review, numbering its parameters from `next` on (see [`bind_review`]).
 pub(crate) fn insert_review_sql(next: &mut usize) -> String {
     let n = *next;
@@ -245,11 +261,17 @@ impl Store {
 
     /// Records a person's decision once; `Ok(None)` if the review is unknown, was already decided, or was
     /// superseded by an appeal of its decision.
+    ///
+    /// A review nobody on the bus waits for is marked announced in the same statement, so that only those still
+    /// to be published stay in [`reviews_to_announce`](Self::reviews_to_announce)'s index: left unmarked, every
+    /// review decided over HTTP would be read again by every sweep, for good.
     pub async fn decide_review(&self, id: &str, decision: &ReviewDecision) -> Result<Option<ReviewRecord>> {
-        let updated = sqlx::query(
+        let updated = sqlx::query(sql!(
             "UPDATE reviews SET status = 'decided', reviewer = $1, outcome = $2, rationale = $3, rule_id = $4, \
-             policy_hash = $5, overrides_model = $6, decided_at = $7 WHERE id = $8 AND status = 'pending'",
-        )
+             policy_hash = $5, overrides_model = $6, decided_at = $7, \
+             announced_at = CASE WHEN {ANNOUNCEABLE} THEN NULL ELSE $7 END \
+             WHERE id = $8 AND status = 'pending'"
+        ))
         .bind(&decision.reviewer)
         .bind(&decision.outcome)
         .bind(&decision.rationale)
@@ -268,17 +290,16 @@ impl Store {
 
     /// Decided reviews and appeals of decisions that came in over NATS whose outcome has not been published yet,
     /// oldest first: the outbox that makes sure a producer holding an item hears what a person decided.
+    ///
+    /// Read through the partial index `reviews_unannounced` (migration 0006), which holds only decided reviews
+    /// not yet marked: those of bus items, since [`decide_review`](Self::decide_review) marks the rest. A sweep
+    /// costs what is waiting to be published, not the size of the decisions table; the decision of each review
+    /// is checked by primary key (`ANNOUNCEABLE`), for reviews decided by a server from before that migration.
     pub async fn reviews_to_announce(&self, limit: i64) -> Result<Vec<ReviewRecord>> {
-        let rows = sqlx::query(sql!(
-            "SELECT {COLUMNS} FROM reviews WHERE status = 'decided' AND announced_at IS NULL \
-               AND kind IN ('review', 'appeal') \
-               AND decision_id IN (SELECT id FROM decisions WHERE source LIKE 'nats:%' \
-                 OR (source = 'appeal' AND replay_of IN (SELECT id FROM decisions WHERE source LIKE 'nats:%'))) \
-             ORDER BY decided_at LIMIT $1"
-        ))
-        .bind(limit.clamp(1, 1000))
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(to_announce_sql()))
+            .bind(limit.clamp(1, 1000))
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(row_to_review).collect()
     }
 
@@ -357,5 +378,29 @@ impl Store {
             overrides: get("overrides")?,
             model_undecided: get("model_undecided")?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The announcer's sweep reads its partial index, in order, and each review's decision by primary key: its
+    /// cost is what waits to be published, whatever the size of the decisions table.
+    #[tokio::test]
+    async fn the_sweep_reads_no_decisions_but_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("plan.db")).await.unwrap();
+        let plan = crate::tests::query_plan(&store, &to_announce_sql()).await;
+        assert!(
+            plan.iter().any(|step| step.starts_with("SEARCH reviews USING INDEX reviews_unannounced")),
+            "{plan:#?}"
+        );
+        // Nothing is read whole: not the reviews, not the decisions (`d`, `o`).
+        assert!(!plan.iter().any(|step| step.starts_with("SCAN")), "{plan:#?}");
+        assert!(!plan.iter().any(|step| step.contains("TEMP B-TREE")), "read in index order: {plan:#?}");
+        let lookups = plan.iter().filter(|step| step.contains("USING INDEX sqlite_autoindex_decisions_1 (id=?)"));
+        assert_eq!(lookups.count(), 2, "the decision and the one it appeals, by key: {plan:#?}");
+        store.close().await;
     }
 }

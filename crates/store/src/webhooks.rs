@@ -4,7 +4,7 @@ use serde::Serialize;
 use sqlx::any::AnyRow;
 use sqlx::{Any, Row, Transaction};
 
-use crate::{Result, Store, new_id, now_ms};
+use crate::{Backend, Result, Store, bounded_delay_ms, new_id, now_ms};
 
 #[derive(Debug, Clone)]
 pub struct NewDelivery {
@@ -43,15 +43,19 @@ fn row_to_delivery(row: &AnyRow) -> Result<Delivery> {
     })
 }
 
+/// Queues a delivery, due at once by the database's clock (a server whose clock runs ahead would otherwise hold
+/// it back by as much).
 pub(crate) async fn insert_delivery_tx(
     tx: &mut Transaction<'static, Any>,
+    backend: Backend,
     delivery: &NewDelivery,
     now: i64,
 ) -> Result<()> {
-    sqlx::query(
+    sqlx::query(sql!(
         "INSERT INTO webhook_deliveries (id, job_id, url, body, status, attempts, next_at, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, 'pending', 0, $5, $5, $5)",
-    )
+         VALUES ($1, $2, $3, $4, 'pending', 0, {}, $5, $5)",
+        backend.now_ms_sql()
+    ))
     .bind(new_id())
     .bind(&delivery.job_id)
     .bind(&delivery.url)
@@ -63,51 +67,63 @@ pub(crate) async fn insert_delivery_tx(
 }
 
 impl Store {
-    /// Takes one due delivery, pushing its `next_at` out by `lease_ms` so no other sender picks it meanwhile.
+    /// Takes one due delivery, pushing its `next_at` out by `lease_ms` so no other sender picks it meanwhile. Due
+    /// and lease are by the database's clock, which every server shares.
+    ///
+    /// The `next_at` returned is the claim's fencing token ([`record_delivery_attempt`](Self::record_delivery_attempt)).
+    /// A claim needs `next_at <= now` and sets `now + lease`, so with a lease of at least 1 ms each claim's token
+    /// is above every earlier one's: a sender whose lease ran out never holds the current token.
     pub async fn claim_delivery(&self, lease_ms: i64) -> Result<Option<Delivery>> {
-        let now = now_ms();
-        let lock = if self.backend == crate::Backend::Postgres { "FOR UPDATE SKIP LOCKED" } else { "" };
+        let now = self.backend.now_ms_sql();
+        let lock = if self.backend == Backend::Postgres { "FOR UPDATE SKIP LOCKED" } else { "" };
         let row = sqlx::query(sql!(
-            "UPDATE webhook_deliveries SET next_at = $1, updated_at = $2 \
-             WHERE id = (SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_at <= $2 \
+            "UPDATE webhook_deliveries SET next_at = {now} + $1, updated_at = $2 \
+             WHERE id = (SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_at <= {now} \
                  ORDER BY next_at LIMIT 1 {lock}) \
-             AND status = 'pending' AND next_at <= $2 \
+             AND status = 'pending' AND next_at <= {now} \
              RETURNING {COLUMNS}"
         ))
-        .bind(now + lease_ms)
-        .bind(now)
+        .bind(bounded_delay_ms(lease_ms).max(1))
+        .bind(now_ms())
         .fetch_optional(&self.pool)
         .await?;
         row.as_ref().map(row_to_delivery).transpose()
     }
 
-    /// Records one attempt on a delivery as [`claim_delivery`](Self::claim_delivery) returned it. `retry_at` None
-    /// with a failure means: give up. Only the current claim records: a sender whose lease ran out while it was
-    /// still sending finds the delivery claimed again (or settled) by another and changes nothing, so its late
-    /// "failed" cannot overwrite the other's "delivered". Returns whether the attempt was recorded.
+    /// Records one attempt on a delivery as [`claim_delivery`](Self::claim_delivery) returned it. `retry_in_ms`
+    /// None with a failure means: give up; otherwise the delivery is due again that long from now by the
+    /// database's clock. Only the current claim records: a sender whose lease ran out while it was still sending
+    /// finds the delivery claimed again (or settled) by another and changes nothing, so its late "failed" cannot
+    /// overwrite the other's "delivered". Returns whether the attempt was recorded.
     pub async fn record_delivery_attempt(
         &self,
         claimed: &Delivery,
         delivered: bool,
         http_status: Option<u16>,
         error: Option<&str>,
-        retry_at: Option<i64>,
+        retry_in_ms: Option<i64>,
     ) -> Result<bool> {
         let status = if delivered {
             "delivered"
-        } else if retry_at.is_some() {
+        } else if retry_in_ms.is_some() {
             "pending"
         } else {
             "failed"
         };
-        let recorded = sqlx::query(
+        // A retry at least 1 ms out: every earlier claim's token had lapsed when the current claim was taken, at
+        // or before now, so the new `next_at` is above all of them and no sender left over from one can match it.
+        let next_at = match retry_in_ms {
+            Some(_) => format!("{} + $4", self.backend.now_ms_sql()),
+            None => "$4".to_string(),
+        };
+        let recorded = sqlx::query(sql!(
             "UPDATE webhook_deliveries SET status = $1, attempts = attempts + 1, last_status = $2, last_error = $3, \
-             next_at = $4, updated_at = $5 WHERE id = $6 AND next_at = $7 AND status = 'pending'",
-        )
+             next_at = {next_at}, updated_at = $5 WHERE id = $6 AND next_at = $7 AND status = 'pending'"
+        ))
         .bind(status)
         .bind(http_status.map(i64::from))
         .bind(error)
-        .bind(retry_at.unwrap_or(0))
+        .bind(retry_in_ms.map_or(0, |ms| bounded_delay_ms(ms).max(1)))
         .bind(now_ms())
         .bind(&claimed.id)
         .bind(claimed.next_at)
@@ -131,12 +147,12 @@ impl Store {
     /// a receiver that was down longer than the retries lasted. A running server's sender takes them from there.
     /// Returns how many.
     pub async fn retry_failed_deliveries(&self, job_id: Option<&str>) -> Result<u64> {
-        let now = now_ms();
-        let retried = sqlx::query(
-            "UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_at = $1, updated_at = $1 \
+        let retried = sqlx::query(sql!(
+            "UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_at = {}, updated_at = $1 \
              WHERE status = 'failed' AND ($2 IS NULL OR job_id = $2)",
-        )
-        .bind(now)
+            self.backend.now_ms_sql()
+        ))
+        .bind(now_ms())
         .bind(job_id)
         .execute(&self.pool)
         .await?;

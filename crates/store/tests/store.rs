@@ -785,7 +785,9 @@ async fn webhook_deliveries_retry_then_settle() {
         let d = s.claim_delivery(30_000).await.unwrap().expect("due");
         assert_eq!(d.body, "{\"a\":1}");
         assert!(s.claim_delivery(30_000).await.unwrap().is_none(), "claimed delivery hidden ({})", t.label);
-        assert!(s.record_delivery_attempt(&d, false, Some(500), Some("boom"), Some(now_ms() - 1)).await.unwrap());
+        assert!(s.record_delivery_attempt(&d, false, Some(500), Some("boom"), Some(0)).await.unwrap());
+        // A retry is at least 1 ms out (it keeps the claims' fencing tokens apart).
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         let again = s.claim_delivery(30_000).await.unwrap().expect("retry due");
         assert_eq!(again.attempts, 1);
         assert_eq!(again.last_status, Some(500));
@@ -793,7 +795,7 @@ async fn webhook_deliveries_retry_then_settle() {
         assert!(s.claim_delivery(30_000).await.unwrap().is_none());
         assert_eq!(s.deliveries_for_job(&job.id).await.unwrap()[0].status, "delivered", "{}", t.label);
         // The first sender, its lease long gone, comes back late with a failure: the delivery stays delivered.
-        assert!(!s.record_delivery_attempt(&d, false, None, Some("timed out"), Some(now_ms())).await.unwrap());
+        assert!(!s.record_delivery_attempt(&d, false, None, Some("timed out"), Some(0)).await.unwrap());
         let settled = &s.deliveries_for_job(&job.id).await.unwrap()[0];
         assert_eq!((settled.status.as_str(), settled.attempts), ("delivered", 2), "{}", t.label);
         t.cleanup().await;
@@ -1465,4 +1467,275 @@ fn postgres_host(url: &str) -> Option<(String, String, u16)> {
         None => (host_port, 5432),
     };
     Some((host_port.to_string(), host.to_string(), port))
+}
+
+/// The same database opened again: migrations not yet recorded as applied run on it.
+async fn reopen(t: &TestStore) -> Store {
+    match (&t._dir, &t.pg_schema) {
+        (Some(dir), _) => Store::open_sqlite(&dir.path().join("test.db")).await.unwrap(),
+        (None, Some((url, schema))) => {
+            let options = StoreOptions { schema: Some(schema.clone()), max_connections: 2, ..Default::default() };
+            Store::connect(url, options).await.unwrap()
+        }
+        (None, None) => unreachable!("a test store is a file or a schema"),
+    }
+}
+
+/// The database's clock, which leases are measured by, reads the same as this process's (both run on this
+/// machine) to the millisecond, not to the second, and stands still for the whole of one statement, so a claim
+/// compares and writes one instant.
+#[tokio::test]
+async fn the_database_clock_counts_milliseconds_and_holds_still_within_a_statement() {
+    for t in stores().await {
+        let s = &t.store;
+        let mut below_the_second = false;
+        for _ in 0..20 {
+            let before = now_ms();
+            let db = s.database_now_ms().await.unwrap();
+            let after = now_ms();
+            // PostgreSQL rounds its microseconds to the nearest millisecond; this process truncates.
+            assert!(before <= db && db <= after + 1, "{}: {before} <= {db} <= {after}", t.label);
+            below_the_second |= db % 1000 != 0;
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert!(below_the_second, "{}: milliseconds, not seconds", t.label);
+
+        let now = s.backend().now_ms_sql();
+        let sql = format!(
+            "WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 300000) \
+             SELECT MIN(t) AS lo, MAX(t) AS hi FROM (SELECT {now} AS t FROM c) AS x"
+        );
+        let started = std::time::Instant::now();
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_one(s.pool()).await.unwrap();
+        let took = started.elapsed();
+        let (lo, hi): (i64, i64) = (sqlx::Row::get(&row, "lo"), sqlx::Row::get(&row, "hi"));
+        assert!(took >= std::time::Duration::from_millis(3), "{}: the statement must span milliseconds", t.label);
+        assert_eq!(lo, hi, "{}: one instant across a statement of {took:?}", t.label);
+        t.cleanup().await;
+    }
+}
+
+/// Moves a job's lease to `offset_ms` from now by the database's clock, as a server with any clock would see it.
+async fn lease_job_until(s: &Store, job_id: &str, offset_ms: i64) {
+    let sql = format!("UPDATE jobs SET locked_until = {} + $1 WHERE id = $2", s.backend().now_ms_sql());
+    let updated = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(offset_ms).bind(job_id).execute(s.pool()).await.unwrap();
+    assert_eq!(updated.rows_affected(), 1);
+}
+
+/// Polls until the database's clock has passed `until`.
+async fn wait_for_database_clock(s: &Store, until: i64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while s.database_now_ms().await.unwrap() <= until {
+        assert!(std::time::Instant::now() < deadline, "the database clock never passed {until}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Leases are written as the database's now plus the lease, and a job is claimable exactly when its lease has
+/// lapsed by that clock: whatever this process's clock says, a lease 1 s ahead holds and one 1 ms behind is taken.
+/// A lapsed lease is reclaimed before a pending job, even an older one.
+#[tokio::test]
+async fn job_leases_are_measured_by_the_database_clock() {
+    let job = || NewJob { request: json!({}), idempotency_key: None, webhook_url: None, submitted_by: None };
+    for t in stores().await {
+        let s = &t.store;
+        let (old, _) = s.enqueue_job(&job()).await.unwrap();
+        let (young, _) = s.enqueue_job(&job()).await.unwrap();
+        let before = s.database_now_ms().await.unwrap();
+        let claimed = s.claim_job(60_000).await.unwrap().expect("claim");
+        let after = s.database_now_ms().await.unwrap();
+        assert_eq!(claimed.id, old.id, "{}: the oldest pending job first", t.label);
+        let until = claimed.locked_until.unwrap();
+        assert!((before + 60_000..=after + 60_000).contains(&until), "{}: {before}..{after} + 60 s: {until}", t.label);
+        assert_eq!(s.claim_job(60_000).await.unwrap().expect("the next one").id, young.id, "{}", t.label);
+        assert!(s.claim_job(60_000).await.unwrap().is_none(), "{}: both leased", t.label);
+
+        lease_job_until(s, &old.id, 1_000).await;
+        assert!(!s.has_claimable_job().await.unwrap(), "{}: a lease 1 s ahead holds", t.label);
+        assert!(s.claim_job(60_000).await.unwrap().is_none(), "{}", t.label);
+        lease_job_until(s, &old.id, -1).await;
+        assert!(s.has_claimable_job().await.unwrap(), "{}: a lease 1 ms behind has lapsed", t.label);
+        let reclaimed = s.claim_job(60_000).await.unwrap().expect("lapsed lease reclaimed");
+        assert_eq!((reclaimed.id.as_str(), reclaimed.attempts), (old.id.as_str(), 2), "{}", t.label);
+
+        // A short lease, renewed by the database's clock, holds until that clock passes it, then lapses.
+        let token = reclaimed.lease_token.as_deref().unwrap();
+        let before = s.database_now_ms().await.unwrap();
+        assert!(s.renew_lease(&old.id, token, 300).await.unwrap());
+        let after = s.database_now_ms().await.unwrap();
+        let until = s.get_job(&old.id).await.unwrap().unwrap().locked_until.unwrap();
+        assert!((before + 300..=after + 300).contains(&until), "{}: {before}..{after} + 300 ms: {until}", t.label);
+        assert!(!s.has_claimable_job().await.unwrap(), "{}: renewed", t.label);
+        assert!(s.claim_job(60_000).await.unwrap().is_none(), "{}: renewed", t.label);
+        wait_for_database_clock(s, until).await;
+        assert!(s.has_claimable_job().await.unwrap(), "{}: lapsed", t.label);
+        let third = s.claim_job(60_000).await.unwrap().expect("lapsed again");
+        assert_eq!((third.id.as_str(), third.attempts), (old.id.as_str(), 3), "{}", t.label);
+
+        // Lapsed leases before the pending backlog, however old its jobs are.
+        let (oldest, _) = s.enqueue_job(&job()).await.unwrap();
+        sqlx::query("UPDATE jobs SET created_at = 0 WHERE id = $1").bind(&oldest.id).execute(s.pool()).await.unwrap();
+        lease_job_until(s, &young.id, -1).await;
+        assert_eq!(s.claim_job(60_000).await.unwrap().unwrap().id, young.id, "{}: lapsed first", t.label);
+        assert_eq!(s.claim_job(60_000).await.unwrap().unwrap().id, oldest.id, "{}: then pending", t.label);
+        assert!(s.claim_job(60_000).await.unwrap().is_none(), "{}", t.label);
+        t.cleanup().await;
+    }
+}
+
+/// A delivery's claim and its retry are the database's now plus the lease or the backoff, and a delivery is due
+/// by that clock; the claim's `next_at` still fences a sender whose lease ran out.
+#[tokio::test]
+async fn webhook_due_times_and_leases_are_measured_by_the_database_clock() {
+    for t in stores().await {
+        let s = &t.store;
+        let (job, _) = s
+            .enqueue_job(&NewJob { request: json!({}), idempotency_key: None, webhook_url: None, submitted_by: None })
+            .await
+            .unwrap();
+        let claimed = s.claim_job(60_000).await.unwrap().unwrap();
+        let hook = NewDelivery { job_id: job.id.clone(), url: "http://x/hook".into(), body: "{}".into() };
+        let record = decision("dclock", "allow", "p", Some(&job.id));
+        s.finish_job(&job.id, claimed.lease_token.as_deref().unwrap(), &record, None, None, Some(&hook)).await.unwrap();
+        let stored = &s.deliveries_for_job(&job.id).await.unwrap()[0];
+        assert!(stored.next_at <= s.database_now_ms().await.unwrap(), "{}: due at once", t.label);
+
+        let before = s.database_now_ms().await.unwrap();
+        let first = s.claim_delivery(300).await.unwrap().expect("due");
+        let after = s.database_now_ms().await.unwrap();
+        assert!((before + 300..=after + 300).contains(&first.next_at), "{}: {}", t.label, first.next_at);
+        assert!(s.claim_delivery(30_000).await.unwrap().is_none(), "{}: leased", t.label);
+
+        // The lease lapses by the database's clock: another sender takes the delivery, the first is fenced off.
+        wait_for_database_clock(s, first.next_at).await;
+        let before = s.database_now_ms().await.unwrap();
+        let second = s.claim_delivery(30_000).await.unwrap().expect("lapsed lease reclaimed");
+        let after = s.database_now_ms().await.unwrap();
+        assert!((before + 30_000..=after + 30_000).contains(&second.next_at), "{}: {}", t.label, second.next_at);
+        assert!(!s.record_delivery_attempt(&first, true, Some(200), None, None).await.unwrap(), "{}", t.label);
+
+        let before = s.database_now_ms().await.unwrap();
+        assert!(s.record_delivery_attempt(&second, false, Some(503), Some("down"), Some(300)).await.unwrap());
+        let after = s.database_now_ms().await.unwrap();
+        let retry = &s.deliveries_for_job(&job.id).await.unwrap()[0];
+        assert_eq!((retry.status.as_str(), retry.attempts), ("pending", 1), "{}", t.label);
+        assert!((before + 300..=after + 300).contains(&retry.next_at), "{}: {}", t.label, retry.next_at);
+        assert!(s.claim_delivery(30_000).await.unwrap().is_none(), "{}: not due for 300 ms", t.label);
+        assert!(!s.record_delivery_attempt(&second, true, Some(200), None, None).await.unwrap(), "{}", t.label);
+        wait_for_database_clock(s, retry.next_at).await;
+        let third = s.claim_delivery(30_000).await.unwrap().expect("retry due");
+        assert!(third.next_at > retry.next_at, "{}: a fresh token", t.label);
+        assert!(s.record_delivery_attempt(&third, false, Some(503), Some("down"), None).await.unwrap());
+
+        // Sent again by an operator: due at once by the database's clock.
+        assert_eq!(s.retry_failed_deliveries(Some(&job.id)).await.unwrap(), 1, "{}", t.label);
+        let again = &s.deliveries_for_job(&job.id).await.unwrap()[0];
+        assert!(again.next_at <= s.database_now_ms().await.unwrap(), "{}", t.label);
+        assert!(s.claim_delivery(30_000).await.unwrap().is_some(), "{}", t.label);
+        t.cleanup().await;
+    }
+}
+
+async fn announced_at(s: &Store, review_id: &str) -> Option<i64> {
+    let row = sqlx::query("SELECT announced_at FROM reviews WHERE id = $1").bind(review_id).fetch_one(s.pool());
+    sqlx::Row::get(&row.await.unwrap(), "announced_at")
+}
+
+/// Only decided reviews the bus waits for (reviews and appeals of NATS items, and HTTP appeals of them) are left
+/// for the announcer; every other review is marked announced as it is decided, and migration 0006 marks those
+/// decided before it, so the announcer's sweep never comes across them again.
+#[tokio::test]
+async fn only_reviews_the_bus_waits_for_stay_unannounced() {
+    use safeguard_store::ReviewDecision;
+    let queue = |decision_id: &str, kind: &str| NewReview {
+        decision_id: decision_id.into(),
+        kind: kind.into(),
+        priority: 1,
+        reason: None,
+        sla_ms: None,
+    };
+    let verdict = ReviewDecision {
+        reviewer: "alice".into(),
+        outcome: "allow".into(),
+        rationale: "fine".into(),
+        rule_id: "SP0".into(),
+        policy_hash: None,
+        overrides_model: None,
+    };
+    for t in stores().await {
+        let s = &t.store;
+        let mut bus = decision("an-bus", "needs_review", "spam", None);
+        bus.source = "nats:human_review".into();
+        s.insert_decision(&bus, None).await.unwrap();
+        s.insert_decision(&decision("an-http", "needs_review", "spam", None), None).await.unwrap();
+        let bus_review = s.queue_review(&queue("an-bus", "review")).await.unwrap().review;
+        let bus_sample = s.queue_review(&queue("an-bus", "sample")).await.unwrap().review;
+        s.decide_review(&bus_sample.id, &verdict).await.unwrap().expect("decided");
+        let http_review = s.queue_review(&queue("an-http", "review")).await.unwrap().review;
+        let appeal = |id: &str, of: &str| {
+            let mut record = decision(id, "needs_review", "spam", None);
+            (record.source, record.replay_of) = ("appeal".into(), Some(of.into()));
+            record
+        };
+        let (of_bus, of_http) = (appeal("an-bus-a", "an-bus"), appeal("an-http-a", "an-http"));
+        let bus_appeal = s.insert_appeal(&of_bus, None, &queue("an-bus-a", "appeal")).await.unwrap().review;
+        let http_appeal = s.insert_appeal(&of_http, None, &queue("an-http-a", "appeal")).await.unwrap().review;
+        // The appeals superseded the pending reviews of what they appeal; those are never announced either.
+        for review in [&bus_appeal, &http_appeal] {
+            s.decide_review(&review.id, &verdict).await.unwrap().expect("decided");
+        }
+        assert!(s.decide_review(&bus_review.id, &verdict).await.unwrap().is_none(), "{}: superseded", t.label);
+        assert!(s.decide_review(&http_review.id, &verdict).await.unwrap().is_none(), "{}: superseded", t.label);
+        // A second review of the bus item, of a redelivery say, and one of the HTTP item, decided directly.
+        s.insert_decision(&decision("an-http-2", "needs_review", "spam", None), None).await.unwrap();
+        let mut bus2 = decision("an-bus-2", "needs_review", "spam", None);
+        bus2.source = "nats:human_review".into();
+        s.insert_decision(&bus2, None).await.unwrap();
+        let bus_review = s.queue_review(&queue("an-bus-2", "review")).await.unwrap().review;
+        let http_review = s.queue_review(&queue("an-http-2", "review")).await.unwrap().review;
+        for review in [&bus_review, &http_review] {
+            s.decide_review(&review.id, &verdict).await.unwrap().expect("decided");
+        }
+
+        let sorted = |mut ids: Vec<String>| {
+            ids.sort();
+            ids
+        };
+        let waiting = |s: Store| async move {
+            sorted(s.reviews_to_announce(10).await.unwrap().into_iter().map(|r| r.id).collect())
+        };
+        let expected = sorted(vec![bus_review.id.clone(), bus_appeal.id.clone()]);
+        assert_eq!(waiting(s.clone()).await, expected, "{}", t.label);
+        for marked in [&http_review, &http_appeal, &bus_sample] {
+            let decided_at = s.get_review(&marked.id).await.unwrap().unwrap().decided_at;
+            assert!(decided_at.is_some(), "{}", t.label);
+            assert_eq!(announced_at(s, &marked.id).await, decided_at, "{}: marked as decided", t.label);
+        }
+        for unmarked in [&bus_review, &bus_appeal] {
+            assert_eq!(announced_at(s, &unmarked.id).await, None, "{}: waits for the announcer", t.label);
+        }
+
+        // As a server from before migration 0006 left them: every decided review unmarked.
+        for statement in [
+            "UPDATE reviews SET announced_at = NULL WHERE status = 'decided'",
+            "DROP INDEX reviews_unannounced",
+            "DROP INDEX jobs_by_lease",
+            "DELETE FROM safeguard_migrations WHERE version = 6",
+        ] {
+            sqlx::query(statement).execute(s.pool()).await.unwrap();
+        }
+        let reopened = reopen(&t).await;
+        assert_eq!(waiting(reopened.clone()).await, expected, "{}", t.label);
+        for marked in [&http_review, &http_appeal, &bus_sample] {
+            let decided_at = reopened.get_review(&marked.id).await.unwrap().unwrap().decided_at;
+            assert_eq!(announced_at(&reopened, &marked.id).await, decided_at, "{}: marked by 0006", t.label);
+        }
+        for unmarked in [&bus_review, &bus_appeal] {
+            assert_eq!(announced_at(&reopened, &unmarked.id).await, None, "{}: still to announce", t.label);
+        }
+        reopened.mark_review_announced(&bus_review.id).await.unwrap();
+        assert_eq!(waiting(reopened.clone()).await, vec![bus_appeal.id.clone()], "{}", t.label);
+        reopened.close().await;
+        t.cleanup().await;
+    }
 }
