@@ -64,11 +64,22 @@ impl Default for EmbeddedConfig {
 pub struct EmbeddedReasoner {
     engine: Arc<dyn Engine>,
     config: EmbeddedConfig,
+    /// Engine calls let onto blocking threads at once. The engine decodes `max_sequences` requests at a time and
+    /// queues the rest, and a queued call still holds its blocking thread while it waits: without this, an
+    /// overload parks hundreds of threads on that queue and leaves none for the work that shares tokio's
+    /// blocking pool (SQLite commits, triage). Callers beyond it wait here, holding nothing, until their
+    /// deadline drops them.
+    calls: Arc<tokio::sync::Semaphore>,
 }
+
+/// Engine calls admitted per sequence the engine decodes at once: enough that the next call is always queued
+/// behind the running one, so the engine never idles between them.
+const CALLS_PER_SEQUENCE: usize = 2;
 
 impl EmbeddedReasoner {
     pub fn new(engine: Arc<dyn Engine>, config: EmbeddedConfig) -> Self {
-        Self { engine, config }
+        let calls = (engine.max_sequences().max(1) * CALLS_PER_SEQUENCE).min(tokio::sync::Semaphore::MAX_PERMITS);
+        Self { engine, config, calls: Arc::new(tokio::sync::Semaphore::new(calls)) }
     }
 
     pub fn config(&self) -> &EmbeddedConfig {
@@ -126,7 +137,17 @@ impl EmbeddedReasoner {
         let requests: Vec<GenRequest> =
             requests.into_iter().map(|request| GenRequest { cancel: cancel.clone(), ..request }).collect();
         let _cancel_on_drop = CancelOnDrop(cancel);
+        let admitted = match Arc::clone(&self.calls).acquire_owned().await {
+            Ok(permit) => permit,
+            // Never closed; were it, the engine would be gone.
+            Err(closed) => {
+                let message = closed.to_string();
+                return (0..expected).map(|_| Err(ReasonError::EngineThread(message.clone()))).collect();
+            }
+        };
         let joined = tokio::task::spawn_blocking(move || {
+            // Held for as long as the thread is busy, even when the caller has given up on it.
+            let _admitted = admitted;
             let queue_ms = submitted.elapsed().as_secs_f64() * 1e3;
             let results = engine.generate(&requests, &*on_token);
             (queue_ms, results)
@@ -555,5 +576,73 @@ mod tests {
         let budgets = TokenBudgets::default();
         assert!(budgets.for_effort(Effort::Low) < budgets.for_effort(Effort::Medium));
         assert!(budgets.for_effort(Effort::Medium) < budgets.for_effort(Effort::High));
+    }
+
+    /// An engine that answers after a pause and counts the calls in it at once.
+    struct SlowEngine {
+        inside: std::sync::atomic::AtomicUsize,
+        most_inside: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Engine for SlowEngine {
+        fn model_id(&self) -> String {
+            "slow".into()
+        }
+
+        fn max_sequences(&self) -> usize {
+            2
+        }
+
+        fn generate(
+            &self,
+            requests: &[GenRequest],
+            _on_token: &(dyn Fn(usize, u32) + Sync),
+        ) -> Vec<Result<Generation, safeguard_engine::EngineError>> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let now = self.inside.fetch_add(1, SeqCst) + 1;
+            self.most_inside.fetch_max(now, SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            self.inside.fetch_sub(1, SeqCst);
+            let mut completion = Vec::new();
+            push_message(&mut completion, "final", "0");
+            completion.push(tokens::RETURN);
+            requests
+                .iter()
+                .map(|_| {
+                    Ok(Generation {
+                        token_probs: vec![1.0; completion.len()],
+                        tokens: completion.clone(),
+                        stop_reason: StopReason::Stop(tokens::RETURN),
+                        prompt_tokens: 10,
+                        cached_prompt_tokens: 0,
+                        prefill_ms: 0.0,
+                        decode_ms: 0.0,
+                    })
+                })
+                .collect()
+        }
+    }
+
+    /// However many callers arrive at once, only twice the engine's sequences are let onto blocking threads; the
+    /// rest wait without one, and every caller still gets its answer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn engine_calls_beyond_twice_its_sequences_wait_without_a_thread() {
+        let engine = Arc::new(SlowEngine { inside: Default::default(), most_inside: Default::default() });
+        let reasoner = Arc::new(EmbeddedReasoner::new(engine.clone(), EmbeddedConfig::default()));
+        let callers: Vec<_> = (0..12)
+            .map(|i| {
+                let reasoner = Arc::clone(&reasoner);
+                tokio::spawn(async move {
+                    let content = safeguard_harmony::Content::text(format!("item {i}"));
+                    reasoner.reason(ReasonRequest::new("Answer 0 or 1.", content, Effort::Low)).await
+                })
+            })
+            .collect();
+        for caller in callers {
+            let output = caller.await.unwrap().unwrap();
+            assert_eq!(output.final_text.as_deref(), Some("0"));
+        }
+        let most = engine.most_inside.load(std::sync::atomic::Ordering::SeqCst);
+        assert!((2..=4).contains(&most), "{most} engine calls ran at once");
     }
 }

@@ -29,6 +29,8 @@ pub enum PolicyError {
          (one of: binary, labels, json)"
     )]
     UndeterminedOutput,
+    #[error("the policy has {count} {what}, over the limit of {limit}; a policy the model reads well has a few dozen")]
+    TooManyParts { what: &'static str, count: usize, limit: usize },
     #[error("the policy has no name: add `name:` to the front matter or start the body with a `# ` heading")]
     NoName,
     #[error("{path}: {source}")]
@@ -57,6 +59,7 @@ impl PolicyError {
             PolicyError::Io { .. }
             | PolicyError::TooLarge { .. }
             | PolicyError::FrontMatterTooLarge { .. }
+            | PolicyError::TooManyParts { .. }
             | PolicyError::UndeterminedOutput
             | PolicyError::NoName => None,
         }

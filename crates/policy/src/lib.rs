@@ -38,8 +38,14 @@ pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
 /// triage rules (room for the 10,000 keywords a rule set may hold), and any client can send a policy inline.
 pub const MAX_FRONT_MATTER_BYTES: usize = 256 * 1024;
 
+/// Headings and rule definitions past these are refused. A megabyte of one-character headings would otherwise
+/// parse into half a million sections (tens of megabytes, from any client that may send a policy inline), and
+/// reading a rule's side walks them.
+pub const MAX_SECTIONS: usize = 4096;
+pub const MAX_RULE_DEFINITIONS: usize = 16_384;
+
 /// Whether a policy is held to the checks newer than some stored versions: the front matter's size cap, YAML
-/// anchors and aliases, blank or two-sided labels, NUL characters.
+/// anchors and aliases, blank or two-sided labels, NUL characters, the caps on headings and rule definitions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FrontMatterChecks {
     Refuse,
@@ -195,6 +201,17 @@ impl Policy {
             return Err(PolicyError::EmptyBody { line: split.body_start_line });
         }
         let doc = markdown::analyze(&body, body_start_line);
+        // Not for a stored version, as above.
+        if matches!(checks, FrontMatterChecks::Refuse) {
+            for (what, count, limit) in [
+                ("headings", doc.sections.len(), MAX_SECTIONS),
+                ("rule definitions", doc.definitions.len(), MAX_RULE_DEFINITIONS),
+            ] {
+                if count > limit {
+                    return Err(PolicyError::TooManyParts { what, count, limit });
+                }
+            }
+        }
         let heading_name = doc
             .sections
             .iter()
@@ -230,42 +247,54 @@ impl Policy {
     /// VIOLATE (0)", "Allowed", …: the nearest enclosing section heading that says). A tier prefix (`SP2`) has
     /// the side all its rules share. `None` when the headings do not say, when the definitions disagree, or when
     /// the policy does not put rules on both sides: a heuristic that finds only one side is more likely misreading
-    /// the headings than describing the policy.
+    /// the headings than describing the policy. For several ids, [`Policy::rule_sides`] reads the headings once.
     pub fn rule_side(&self, rule_id: &str) -> Option<RuleSide> {
-        let sides: Vec<(&str, Option<RuleSide>)> =
-            self.rule_definitions.iter().map(|d| (d.rule_id.as_str(), self.side_at(d.line))).collect();
-        let has = |wanted: RuleSide| sides.iter().any(|(_, side)| *side == Some(wanted));
-        if !(has(RuleSide::Violates) && has(RuleSide::Allowed)) {
-            return None;
-        }
-        let prefix = format!("{rule_id}.");
-        let mut matching =
-            sides.iter().filter(|(id, _)| *id == rule_id || id.starts_with(&prefix)).map(|(_, side)| *side);
-        let first = matching.next().flatten()?;
-        matching.all(|side| side == Some(first)).then_some(first)
+        self.rule_sides().side(rule_id)
     }
 
-    /// The side the section headings enclosing file line `line` put it on, innermost first. The policy's title
-    /// (level 1) says nothing about sides ("Child Safety"), and a heading that names a rule ("### SX3.a Minors,
-    /// never acceptable") describes that rule's content, not its side, so neither is read.
-    fn side_at(&self, line: usize) -> Option<RuleSide> {
-        let mut enclosing_level = u8::MAX;
-        for section in self.sections.iter().rev().filter(|s| s.line <= line) {
-            // Going back, a heading shallower than the last enclosing one encloses it too; the rest are siblings.
-            if section.level >= enclosing_level {
-                continue;
+    /// The side of every rule definition, read from the headings in one pass over sections and definitions
+    /// (both are in line order), so that checking an answer's citations costs the policy's length once, not
+    /// once per citation and definition.
+    pub fn rule_sides(&self) -> RuleSides<'_> {
+        // The headings enclosing the current line, outermost first: each deeper than the one before it.
+        let mut enclosing: Vec<(u8, Option<RuleSide>)> = Vec::new();
+        let mut sections = self.sections.iter().peekable();
+        let mut sides = Vec::with_capacity(self.rule_definitions.len());
+        for definition in &self.rule_definitions {
+            while let Some(section) = sections.next_if(|s| s.line <= definition.line) {
+                while enclosing.last().is_some_and(|(level, _)| *level >= section.level) {
+                    enclosing.pop();
+                }
+                enclosing.push((section.level, heading_side(section)));
             }
-            enclosing_level = section.level;
-            if section.level <= 1 {
-                break;
-            }
-            if find_rule_ids(&section.title).is_empty()
-                && let Some(side) = RuleSide::of_heading(&section.title)
-            {
-                return Some(side);
-            }
+            sides.push((definition.rule_id.as_str(), side_of_enclosing(&enclosing)));
         }
-        None
+        let has = |wanted: RuleSide| sides.iter().any(|(_, side)| *side == Some(wanted));
+        let both_sides = has(RuleSide::Violates) && has(RuleSide::Allowed);
+        RuleSides { sides, both_sides }
+    }
+
+    /// About how much memory the parsed policy holds, for caches that keep many: the body and every copy of its
+    /// parts (section texts, rule ids), with what each allocation costs beyond its bytes. An estimate, not a count.
+    pub fn approx_heap_bytes(&self) -> usize {
+        const PER_ALLOCATION: usize = 32;
+        let strings =
+            |items: &mut dyn Iterator<Item = &String>| -> usize { items.map(|item| item.len() + PER_ALLOCATION).sum() };
+        let meta = &self.meta;
+        let sections: usize = self
+            .sections
+            .iter()
+            .map(|s| std::mem::size_of::<Section>() + s.title.len() + s.text.len() + 2 * PER_ALLOCATION)
+            .sum();
+        let definitions: usize =
+            self.rule_definitions.iter().map(|d| std::mem::size_of::<RuleDefinition>() + d.rule_id.len()).sum();
+        // A set entry costs about its string plus a share of a tree node.
+        let rule_ids = strings(&mut self.rule_ids.iter().chain(&self.mentioned_rule_ids)) * 2;
+        let front_matter = meta.name.len()
+            + strings(&mut meta.categories.iter().chain(&meta.severities).chain(&meta.escalate_on).chain(&meta.tags))
+            + meta.description.as_ref().map_or(0, String::len)
+            + meta.extra.values().map(|value| value.to_string().len() * 2).sum::<usize>();
+        std::mem::size_of::<Policy>() + self.body.len() + sections + definitions + rule_ids + front_matter
     }
 
     /// True when `name` is something a verdict can cite for this policy: a rule id or tier it defines, or one of
@@ -362,6 +391,42 @@ impl RuleSide {
             _ => None,
         }
     }
+}
+
+/// Every rule definition's side, from [`Policy::rule_sides`].
+#[derive(Debug, Clone)]
+pub struct RuleSides<'a> {
+    sides: Vec<(&'a str, Option<RuleSide>)>,
+    both_sides: bool,
+}
+
+impl RuleSides<'_> {
+    /// See [`Policy::rule_side`].
+    pub fn side(&self, rule_id: &str) -> Option<RuleSide> {
+        if !self.both_sides {
+            return None;
+        }
+        let prefix = format!("{rule_id}.");
+        let mut matching =
+            self.sides.iter().filter(|(id, _)| *id == rule_id || id.starts_with(&prefix)).map(|(_, side)| *side);
+        let first = matching.next().flatten()?;
+        matching.all(|side| side == Some(first)).then_some(first)
+    }
+}
+
+/// The side a heading puts what it encloses on. A heading that names a rule ("### SX3.a Minors, never acceptable")
+/// describes that rule's content, not its side, so it says nothing.
+fn heading_side(section: &Section) -> Option<RuleSide> {
+    if section.level <= 1 || !find_rule_ids(&section.title).is_empty() {
+        return None;
+    }
+    RuleSide::of_heading(&section.title)
+}
+
+/// The side the innermost heading that says one gives, below the policy's title (level 1, "Child Safety"), which
+/// says nothing about sides and ends the search.
+fn side_of_enclosing(enclosing: &[(u8, Option<RuleSide>)]) -> Option<RuleSide> {
+    enclosing.iter().rev().take_while(|(level, _)| *level > 1).find_map(|(_, side)| *side)
 }
 
 /// Read a policy file, refusing anything over [`MAX_POLICY_BYTES`] before reading it whole.

@@ -734,3 +734,60 @@ fn token_report() {
         }
     }
 }
+
+/// A megabyte of one-character headings is no policy, and would parse into half a million sections from any client
+/// allowed to send one inline; versions stored before the cap must still load.
+#[test]
+fn too_many_headings_or_rules_are_refused_but_stored_versions_load() {
+    let headings = format!("# Flood\nAnswer 0 or 1.\n{}", "## x\n".repeat(MAX_SECTIONS));
+    let err = Policy::parse(&headings).unwrap_err();
+    assert!(matches!(err, PolicyError::TooManyParts { what: "headings", .. }), "{err}");
+    let stored = Policy::parse_stored(&headings, None).unwrap();
+    assert_eq!(stored.sections.len(), MAX_SECTIONS + 1);
+    assert!(
+        stored.approx_heap_bytes() > 20 * headings.len(),
+        "the estimate counts what the parts cost, not only the body: {} for {} bytes",
+        stored.approx_heap_bytes(),
+        headings.len()
+    );
+
+    let rules: String = (0..=MAX_RULE_DEFINITIONS).map(|i| format!("- FL{i}.a Rule.\n")).collect();
+    let err = Policy::parse(&format!("# Flood\nAnswer 0 or 1.\n## Violates\n{rules}")).unwrap_err();
+    assert!(matches!(err, PolicyError::TooManyParts { what: "rule definitions", .. }), "{err}");
+    assert!(Policy::parse(&format!("# Fine\nAnswer 0 or 1.\n{}", "## x\n".repeat(MAX_SECTIONS - 1))).is_ok());
+}
+
+/// The one-pass reading of headings agrees with walking back from each definition through every heading above it
+/// (what it replaced), on every starter policy.
+#[test]
+fn rule_sides_in_one_pass_agree_with_walking_back_from_each_rule() {
+    fn walking_back(policy: &Policy, line: usize) -> Option<RuleSide> {
+        let mut enclosing_level = u8::MAX;
+        for section in policy.sections.iter().rev().filter(|s| s.line <= line) {
+            if section.level >= enclosing_level {
+                continue;
+            }
+            enclosing_level = section.level;
+            if section.level <= 1 {
+                break;
+            }
+            if find_rule_ids(&section.title).is_empty()
+                && let Some(side) = RuleSide::of_heading(&section.title)
+            {
+                return Some(side);
+            }
+        }
+        None
+    }
+    let mut sided = 0;
+    for policy in starter_library() {
+        let sides = policy.rule_sides();
+        assert_eq!(sides.sides.len(), policy.rule_definitions.len());
+        for (definition, (id, side)) in policy.rule_definitions.iter().zip(&sides.sides) {
+            assert_eq!(*id, definition.rule_id);
+            assert_eq!(*side, walking_back(&policy, definition.line), "{} {id}", policy.meta.name);
+            sided += usize::from(side.is_some());
+        }
+    }
+    assert!(sided > 20, "the starter library puts many rules on a side: {sided}");
+}

@@ -166,8 +166,12 @@ impl RemoteConfig {
 
 struct Endpoint {
     config: EndpointConfig,
-    /// The base URL as errors, logs and [`EndpointStatus`] show it ([`shown_url`]): never its credentials.
+    /// The base URL as logs and [`EndpointStatus`] show it ([`shown_url`]): never its credentials.
     shown: String,
+    /// How errors name it: "backend 2", its place among the configured endpoints. Errors become a decision's
+    /// failure reason, which the client that sent the item, its webhook and the review page see; the address of
+    /// an internal server is for the operator's logs and metrics.
+    label: String,
     permits: Semaphore,
     /// Requests holding a permit: sent, or about to be.
     in_flight: AtomicUsize,
@@ -261,9 +265,11 @@ impl RemoteReasoner {
         let endpoints = config
             .endpoints
             .iter()
-            .map(|c| Endpoint {
+            .enumerate()
+            .map(|(index, c)| Endpoint {
                 config: c.clone(),
                 shown: shown_url(&c.base_url),
+                label: format!("backend {}", index + 1),
                 permits: Semaphore::new(c.max_concurrency.max(1)),
                 in_flight: AtomicUsize::new(0),
                 assigned: AtomicUsize::new(0),
@@ -422,27 +428,31 @@ impl RemoteReasoner {
                     return Ok(out);
                 }
                 Err(AttemptError::Fatal(detail) | AttemptError::Unhealthy(detail)) => {
+                    warn!(endpoint = %endpoint.shown, %detail, "backend request failed");
                     return Err(ReasonError::Backend(detail));
                 }
                 Err(AttemptError::Retryable { detail, .. }) if sink.as_ref().is_some_and(|s| s.sent_any) => {
+                    warn!(endpoint = %endpoint.shown, %detail, "backend stream failed part way");
                     return Err(ReasonError::Backend(format!(
                         "{detail} (part of the answer had already been streamed, so it was not retried)"
                     )));
                 }
                 Err(AttemptError::Retryable { detail, retry_after }) => {
-                    debug!(%detail, attempt, "backend attempt failed");
+                    debug!(endpoint = %endpoint.shown, %detail, attempt, "backend attempt failed");
                     last_error = detail;
                     waits[index] = retry_after.map(|asked| self.server_wait(asked));
                 }
                 // Refused before any of the answer was read, so nothing was streamed yet: another endpoint may
                 // answer in full.
                 Err(AttemptError::Refused { detail, .. }) => {
-                    warn!(%detail, attempt, "backend endpoint refused the request; trying another");
+                    warn!(endpoint = %endpoint.shown, %detail, attempt, "backend endpoint refused the request; trying another");
                     last_error = detail;
                     refused[index] = true;
                 }
             }
         }
+        // Each attempt's endpoint address is in its own log line; the error names endpoints by label only.
+        warn!(%last_error, "no backend attempt succeeded");
         Err(ReasonError::Backend(last_error))
     }
 
@@ -478,9 +488,9 @@ impl RemoteReasoner {
     ) -> Result<ReasonOutput, AttemptError> {
         let flavor = endpoint.config.flavor;
         let target = format!("{}/{}", endpoint.config.base_url, wire::chat_path(flavor));
-        // Every error names the endpoint by this, never by `target`: errors become a decision's failure reason,
-        // which API clients, webhooks and the review page see, and `target` may hold credentials.
-        let url = format!("{}/{}", endpoint.shown, wire::chat_path(flavor));
+        // Every error names the endpoint by its label, never by `target` (which may hold credentials) nor by its
+        // address (see `Endpoint::label`).
+        let url = endpoint.label.as_str();
         let mut request = self.inner.client.post(&target).json(body);
         if let Some(key) = &endpoint.config.api_key {
             request = request.bearer_auth(key);
@@ -515,7 +525,7 @@ impl RemoteReasoner {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|t| !t.trim_start().starts_with("application/json"));
         let sink = match sink {
-            Some(sink) if streamed => return self.read_stream(flavor, &url, response, sink).await,
+            Some(sink) if streamed => return self.read_stream(flavor, url, response, sink).await,
             sink => sink,
         };
         let mut response = response;

@@ -548,7 +548,8 @@ async fn a_stream_cut_after_deltas_went_out_is_an_error_not_a_partial_allow() {
     let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
     let err = reasoner.reason_streaming(request(), sender).await.unwrap_err();
     let message = err.to_string();
-    assert!(message.contains(&url) && message.contains("not retried"), "{message}");
+    assert!(message.contains("backend 1") && message.contains("not retried"), "{message}");
+    assert!(!message.contains(&url), "errors reach clients, so they name no internal address: {message}");
     assert_eq!(fake.calls.load(Ordering::SeqCst), 1, "a retry would stream a second beginning");
     assert_eq!(joined(&drain(&mut receiver)), ("The content asks for a password.".to_string(), "0".to_string()));
     assert_eq!(reasoner.status()[0].in_flight, 0);
@@ -772,9 +773,10 @@ async fn absurd_token_counts_are_held_to_what_the_request_allows() {
     assert!(out.usage.prompt_tokens < 10_000, "{:?}", out.usage);
 }
 
-/// An endpoint's URL may carry credentials (`http://user:pass@host`). Backend errors become a decision's failure
-/// reason, which API clients, webhooks and the review page show: they name the endpoint by host and port, with
-/// the status and a short one-line excerpt of what the server said, and never its credentials.
+/// An endpoint's URL may carry credentials (`http://user:pass@host`), and its address is internal. Backend errors
+/// become a decision's failure reason, which API clients, webhooks and the review page show: they name the endpoint
+/// by its place among the configured ones, with the status and a short one-line excerpt of what the server said,
+/// and never its credentials or address (those are for the logs and `status()`).
 #[tokio::test]
 async fn backend_errors_name_the_endpoint_without_its_credentials() {
     let page = format!(
@@ -789,7 +791,8 @@ async fn backend_errors_name_the_endpoint_without_its_credentials() {
     for secret in ["hunter2", "operator"] {
         assert!(!message.contains(secret), "{secret} leaked: {message}");
     }
-    assert!(message.contains(&host) && message.contains("400") && message.contains("unknown model"), "{message}");
+    assert!(message.contains("backend 1") && message.contains("400") && message.contains("unknown model"), "{message}");
+    assert!(!message.contains(&host), "{message}");
     assert!(!message.chars().any(|c| c.is_control() || c == '\u{202e}'), "{message:?}");
     assert!(message.chars().count() < 400, "a short excerpt, not the page: {message}");
     assert!(reasoner.status().iter().all(|s| !s.url.contains("hunter2")));
@@ -802,7 +805,7 @@ async fn backend_errors_name_the_endpoint_without_its_credentials() {
     cfg.max_attempts = 1;
     let message = RemoteReasoner::new(cfg).unwrap().reason(request()).await.unwrap_err().to_string();
     assert!(!message.contains("hunter2") && !message.contains("operator"), "{message}");
-    assert!(message.contains(&closed_host), "{message}");
+    assert!(message.contains("backend 1") && !message.contains(&closed_host), "{message}");
 
     // A startup error about a bad URL shows no credentials either.
     let refused = "ftp://operator:hunter2@host/v1".parse::<EndpointConfig>().unwrap_err().to_string();

@@ -53,6 +53,8 @@ enum Command {
     /// List job webhooks the service gave up on, and send them again.
     #[command(subcommand)]
     Webhooks(cmd::webhooks::Command),
+    /// Delete stored decisions, jobs and webhook deliveries older than a retention period.
+    Prune(cmd::prune::Args),
 }
 
 fn main() -> ExitCode {
@@ -79,6 +81,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => cmd::serve::run(args),
         Command::Keys(command) => cmd::keys::run(command),
         Command::Webhooks(command) => cmd::webhooks::run(command),
+        Command::Prune(args) => cmd::prune::run(args),
     };
     match result {
         Ok(code) => code,

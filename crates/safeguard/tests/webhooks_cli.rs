@@ -108,4 +108,55 @@ fn key_and_webhook_commands_name_their_database_and_do_not_invent_one() {
     let listed = safeguard(&["keys", "list", "--data-dir", data]);
     let stdout = String::from_utf8_lossy(&listed.stdout);
     assert!(listed.status.success() && stdout.contains("\tops\tclassify\tactive"), "{stdout}");
+
+    // Keys made without a name are each a client of their own, never one shared default.
+    for _ in 0..2 {
+        assert!(safeguard(&["keys", "create", "--scope", "classify", "--data-dir", data]).status.success());
+    }
+    let listed = String::from_utf8_lossy(&safeguard(&["keys", "list", "--data-dir", data]).stdout).to_string();
+    let mut names: Vec<&str> = listed.lines().filter_map(|line| line.split('\t').nth(1)).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), 3, "{listed}");
+    assert!(names.iter().filter(|name| name.starts_with("client-")).count() == 2, "{listed}");
+}
+
+/// `safeguard prune`: a dry run counts and deletes nothing; the real one deletes only what is past the period.
+#[test]
+fn prune_deletes_only_what_is_past_the_retention_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("safeguard.db");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let url = format!("sqlite://{}", db.display());
+    let kept = runtime.block_on(async {
+        let store = Store::open_sqlite(&db).await.unwrap();
+        let mut old = decision("old");
+        (old.id, old.job_id, old.created_at) = ("year-old".into(), None, now_ms() - 366 * 86_400_000);
+        store.insert_decision(&old, None).await.unwrap();
+        let mut recent = decision("recent");
+        (recent.id, recent.job_id) = ("today".into(), None);
+        store.insert_decision(&recent, None).await.unwrap();
+        store.close().await;
+        recent.id
+    });
+
+    let refused = safeguard(&["prune", "--older-than-days", "0", "--database", &url]);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("would delete every decision"), "{refused:?}");
+
+    let dry = safeguard(&["prune", "--older-than-days", "30", "--dry-run", "--format", "json", "--database", &url]);
+    assert!(dry.status.success(), "{dry:?}");
+    let counted: serde_json::Value = serde_json::from_slice(&dry.stdout).unwrap();
+    assert_eq!((counted["decisions"].as_u64(), counted["dry_run"].as_bool()), (Some(1), Some(true)), "{counted}");
+
+    let pruned = safeguard(&["prune", "--older-than-days", "30", "--database", &url]);
+    assert!(pruned.status.success(), "{pruned:?}");
+    let stdout = String::from_utf8_lossy(&pruned.stdout);
+    assert!(stdout.starts_with("deleted 1 decision, 0 jobs, 0 webhook deliveries"), "{stdout}");
+    runtime.block_on(async {
+        let store = Store::open_sqlite(&db).await.unwrap();
+        assert!(store.get_decision("year-old").await.unwrap().is_none());
+        assert!(store.get_decision(&kept).await.unwrap().is_some());
+        store.close().await;
+    });
 }

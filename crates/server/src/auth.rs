@@ -55,8 +55,8 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        // Requests from elsewhere were refused before any handler (`keyless_only_from_here`).
         let caller = if state.open_access.still_open(&state.store).await {
-            refuse_pages_from_elsewhere(parts)?;
             Caller { key_id: KEYLESS.into(), name: KEYLESS.into(), scopes: vec!["admin".into()] }
         } else {
             let secret = parts
@@ -232,6 +232,25 @@ fn refuse_pages_from_elsewhere(parts: &Parts) -> Result<(), ApiError> {
         return Err(ApiError::NotLocal("this server runs without API keys and refuses cross-site requests".into()));
     }
     Ok(())
+}
+
+/// Middleware on every route: while the server asks for no key, only requests from this machine are answered,
+/// whichever the route. Those that need no key either (`/metrics`, `/readyz`) would otherwise tell a page that
+/// rebinds a name to 127.0.0.1 the policy names clients chose, the backends and the queues.
+pub(crate) async fn keyless_only_from_here(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if state.open_access.still_open(&state.store).await {
+        let (parts, body) = request.into_parts();
+        if let Err(refused) = refuse_pages_from_elsewhere(&parts) {
+            return refused.into_response();
+        }
+        return next.run(axum::extract::Request::from_parts(parts, body)).await;
+    }
+    next.run(request).await
 }
 
 /// `localhost`, `127.0.0.1`, `[::1]` and the like, with or without a port.

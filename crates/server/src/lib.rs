@@ -21,6 +21,7 @@ mod classify;
 mod decisions;
 mod error;
 mod guard;
+mod http;
 mod ingest;
 mod jobs;
 mod lookup_cache;
@@ -30,6 +31,7 @@ mod openai;
 mod openapi;
 mod policies;
 mod readiness;
+mod retention;
 mod reviews;
 mod timing;
 mod webhooks;
@@ -41,7 +43,6 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use safeguard_core::{Classifier, Reasoner};
 use safeguard_harmony::Effort;
@@ -55,7 +56,9 @@ pub use auth::SCOPES;
 pub use classify::ClassifyRoute;
 pub use error::ApiError;
 pub use guard::GuardedReasoner;
+pub use http::ConnectionLimits;
 pub use ingest::NatsIngest;
+pub use retention::RetentionConfig;
 pub use safeguard_pipeline::ActiveLearning;
 pub use safeguard_pipeline::nats::NatsConfig;
 pub use timing::parse_server_timing;
@@ -194,6 +197,10 @@ pub struct ServerConfig {
     /// Changes made through this server apply at once; changes made elsewhere (another server on the same
     /// database, `safeguard keys revoke`) within this time. Zero asks the store on every request.
     pub lookup_ttl: Duration,
+    /// Prune what is older than a retention period, on a schedule (`None`: keep everything).
+    pub retention: Option<RetentionConfig>,
+    /// How long a client may take to send a request's headers, and how many connections are served at once.
+    pub connections: ConnectionLimits,
 }
 
 impl Default for ServerConfig {
@@ -232,6 +239,8 @@ impl Default for ServerConfig {
             backend_ready_grace: None,
             metrics_require_key: false,
             lookup_ttl: Duration::from_secs(1),
+            retention: None,
+            connections: ConnectionLimits::default(),
         }
     }
 }
@@ -262,6 +271,8 @@ pub struct AppState {
     pub(crate) nats_health: Arc<readiness::DownClock>,
     /// Since when no reasoning backend has been usable, for `/readyz` (remote backends only).
     pub(crate) backend_health: Arc<readiness::DownClock>,
+    /// Held by the `/metrics` scrape that is reading the database's figures.
+    pub(crate) store_figures: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// A started server: its address, and the handle to stop it.
@@ -415,6 +426,7 @@ impl Server {
             nats_out: Arc::default(),
             nats_health: Arc::new(readiness::DownClock::down()),
             backend_health: Arc::new(readiness::DownClock::up()),
+            store_figures: Arc::default(),
             rate_limiter: Arc::new(auth::RateLimiter::new(config.rate_limit_per_minute, config.rate_limit_burst)),
             config: Arc::new(config),
             store,
@@ -447,6 +459,9 @@ async fn run(
         let interval = state.config.backend_probe_interval.max(Duration::from_millis(100));
         AbortOnDrop(tokio::spawn(readiness::probe_backends(state.clone(), interval, shutdown.clone())))
     });
+    let _pruner = state.config.retention.clone().map(|retention| {
+        AbortOnDrop(tokio::spawn(retention::prune_periodically(state.clone(), retention, shutdown.clone())))
+    });
     // Inside this task's lifetime: aborting the server (a crash) takes the worker down with it.
     let ingest = state
         .config
@@ -455,18 +470,9 @@ async fn run(
         .map(|nats| AbortOnDrop(tokio::spawn(ingest::run(state.clone(), nats, shutdown.clone()))));
     let drain_timeout = state.config.drain_timeout;
     let jobs_abandoned = state.jobs_abandoned.clone();
+    let connections = state.config.connections;
     let app = router(state);
-    let signal = shutdown.clone();
-    let served = axum::serve(
-        listener.tap_io(|tcp| {
-            // Replies are small; without this a reply split over two writes could wait on the client's delayed ACK.
-            let _ = tcp.set_nodelay(true);
-        }),
-        // The client's address: what wrong keys are counted by (`auth::FailedKeys`).
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move { signal.cancelled().await });
-    let mut http = std::pin::pin!(served.into_future());
+    let mut http = std::pin::pin!(http::serve(listener, app, connections, shutdown.clone()));
     let ended_early = tokio::select! {
         result = &mut http => Some(result),
         () = shutdown.cancelled() => None,
@@ -559,6 +565,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::models))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::keyless_only_from_here))
         .with_state(state)
 }
 

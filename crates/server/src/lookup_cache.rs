@@ -17,20 +17,46 @@ use safeguard_policy::Policy;
 
 use crate::auth::Caller;
 
-/// A bounded map whose entries expire `ttl` after they were stored.
+/// A bounded map whose entries expire `ttl` after they were stored, and which holds at most `capacity` entries
+/// weighing at most `max_weight` together (by `weigh`; every entry weighs 1 unless told otherwise).
 pub(crate) struct TtlCache<K, V> {
     ttl: Duration,
     capacity: usize,
-    entries: Mutex<HashMap<K, (V, Instant)>>,
+    max_weight: usize,
+    weigh: fn(&V) -> usize,
+    entries: Mutex<Entries<K, V>>,
+}
+
+struct Entries<K, V> {
+    map: HashMap<K, Entry<V>>,
+    weight: usize,
+}
+
+struct Entry<V> {
+    value: V,
+    stored: Instant,
+    weight: usize,
 }
 
 impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
     /// `ttl` zero: nothing is remembered, every lookup goes to the store.
     pub(crate) fn new(ttl: Duration, capacity: usize) -> Self {
-        TtlCache { ttl, capacity: capacity.max(1), entries: Mutex::new(HashMap::new()) }
+        Self::weighed(ttl, capacity, usize::MAX, |_| 1)
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<K, (V, Instant)>> {
+    /// A cache whose values differ much in size: bounded by their total `weigh`, too. A value heavier than
+    /// `max_weight` on its own is not kept.
+    pub(crate) fn weighed(ttl: Duration, capacity: usize, max_weight: usize, weigh: fn(&V) -> usize) -> Self {
+        TtlCache {
+            ttl,
+            capacity: capacity.max(1),
+            max_weight,
+            weigh,
+            entries: Mutex::new(Entries { map: HashMap::new(), weight: 0 }),
+        }
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, Entries<K, V>> {
         // A panic while holding the lock leaves a map that is still consistent: every operation is one call.
         self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -44,8 +70,8 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
             return None;
         }
         let mut entries = self.entries();
-        match entries.get(key) {
-            Some((value, stored)) if stored.elapsed() < self.ttl => Some(value.clone()),
+        match entries.map.get(key) {
+            Some(entry) if entry.stored.elapsed() < self.ttl => Some(entry.value.clone()),
             Some(_) => {
                 entries.remove(key);
                 None
@@ -58,16 +84,38 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
         if self.ttl.is_zero() {
             return;
         }
+        let weight = (self.weigh)(&value);
+        if weight > self.max_weight {
+            return;
+        }
         let mut entries = self.entries();
-        if entries.len() >= self.capacity && !entries.contains_key(&key) {
+        entries.remove(&key);
+        let fits = |entries: &Entries<K, V>| {
+            entries.map.len() < self.capacity && entries.weight.saturating_add(weight) <= self.max_weight
+        };
+        if !fits(&entries) {
             let ttl = self.ttl;
-            entries.retain(|_, (_, stored)| stored.elapsed() < ttl);
-            // Still full of live entries: a burst of distinct keys. Starting over costs one lookup each.
-            if entries.len() >= self.capacity {
-                entries.clear();
+            let expired: Vec<K> =
+                entries.map.iter().filter(|(_, entry)| entry.stored.elapsed() >= ttl).map(|(k, _)| k.clone()).collect();
+            for key in &expired {
+                entries.remove(key);
             }
         }
-        entries.insert(key, (value, Instant::now()));
+        if !fits(&entries) {
+            // Still full of live entries: a burst of distinct keys. The oldest go first, so that a flood of one-off
+            // values (inline policies) passes through without taking every long-lived entry with it at once.
+            let mut by_age: Vec<(Instant, K)> =
+                entries.map.iter().map(|(key, entry)| (entry.stored, key.clone())).collect();
+            by_age.sort_unstable_by_key(|(stored, _)| *stored);
+            for (_, key) in by_age {
+                if fits(&entries) {
+                    break;
+                }
+                entries.remove(&key);
+            }
+        }
+        entries.weight += weight;
+        entries.map.insert(key, Entry { value, stored: Instant::now(), weight });
     }
 
     pub(crate) fn forget<Q>(&self, key: &Q)
@@ -79,10 +127,33 @@ impl<K: Eq + Hash + Clone, V: Clone> TtlCache<K, V> {
     }
 }
 
+impl<K: Eq + Hash, V> Entries<K, V> {
+    fn remove<Q>(&mut self, key: &Q)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        if let Some(entry) = self.map.remove(key) {
+            self.weight -= entry.weight;
+        }
+    }
+}
+
+/// Memory the parsed policies named by requests may hold: room for a thousand policies of 100 KiB.
+const VERSIONS_MAX_BYTES: usize = 256 << 20;
+/// Memory the parsed inline policies may hold: room for the hundreds of distinct ones a deployment that sends its
+/// policies inline uses.
+const INLINE_MAX_BYTES: usize = 64 << 20;
+
 /// The lookups a request makes before any work, remembered across requests.
 pub(crate) struct Lookups {
-    /// Parsed policy versions by hash. Immutable, so they never go stale.
+    /// Parsed policy versions by hash, as requests that name a policy or a version reach them. Immutable, so
+    /// they never go stale.
     pub(crate) versions: TtlCache<String, Policy>,
+    /// Parsed versions clients sent inline, apart from `versions`: every client with the classify scope may send
+    /// new ones, each up to a megabyte, and a flood of them must neither hold unbounded memory nor push out the
+    /// versions every request names.
+    pub(crate) inline: TtlCache<String, Policy>,
     /// Policy name → the hash its pin pointed at.
     pub(crate) active: TtlCache<String, String>,
     /// `hash_api_key(secret)` → the caller. Keyed by hash so no secret outlives its request.
@@ -92,7 +163,8 @@ pub(crate) struct Lookups {
 impl Lookups {
     pub(crate) fn new(ttl: Duration) -> Self {
         Lookups {
-            versions: TtlCache::new(Duration::MAX, 4096),
+            versions: TtlCache::weighed(Duration::MAX, 4096, VERSIONS_MAX_BYTES, Policy::approx_heap_bytes),
+            inline: TtlCache::weighed(Duration::MAX, 1024, INLINE_MAX_BYTES, Policy::approx_heap_bytes),
             active: TtlCache::new(ttl, 4096),
             keys: TtlCache::new(ttl, 4096),
         }
@@ -124,10 +196,29 @@ mod tests {
         let cache = TtlCache::new(Duration::from_secs(60), 3);
         for i in 0..10 {
             cache.put(i, i * 10);
-            assert!(cache.entries().len() <= 3);
+            assert!(cache.entries().map.len() <= 3);
         }
         assert_eq!(cache.get(&9), Some(90), "the newest entry survives eviction");
+        assert_eq!(cache.get(&8), Some(80), "only as many as must go are evicted");
         cache.forget(&9);
         assert_eq!(cache.get(&9), None);
+    }
+
+    #[test]
+    fn stays_within_its_weight_oldest_first() {
+        let cache: TtlCache<u32, Vec<u8>> = TtlCache::weighed(Duration::from_secs(60), 100, 10, Vec::len);
+        cache.put(1, vec![0; 4]);
+        std::thread::sleep(Duration::from_millis(2));
+        cache.put(2, vec![0; 4]);
+        std::thread::sleep(Duration::from_millis(2));
+        cache.put(3, vec![0; 4]);
+        assert_eq!(cache.entries().weight, 8, "the first entry went to make room");
+        assert_eq!((cache.get(&1), cache.get(&2).map(|v| v.len())), (None, Some(4)));
+        cache.put(4, vec![0; 11]);
+        assert_eq!(cache.get(&4), None, "a value heavier than the whole cache is not kept");
+        cache.put(3, vec![0; 1]);
+        assert_eq!(cache.entries().weight, 5, "replacing an entry replaces its weight");
+        cache.forget(&2);
+        assert_eq!(cache.entries().weight, 1);
     }
 }

@@ -251,19 +251,10 @@ pub(crate) async fn render(
             <Caller as axum::extract::FromRequestParts<AppState>>::from_request_parts(&mut parts, &state).await?;
         caller.require("metrics")?;
     }
-    // The figures read from the database keep their last values when it does not answer; this counter is how a
-    // dashboard tells them stale.
-    let stale = |what: &str, e: &safeguard_store::StoreError| {
-        tracing::warn!("metrics: cannot read the {what}: {e}");
-        metrics::counter!("safeguard_metrics_store_errors_total").increment(1);
-    };
-    match state.store.queue_depth().await {
-        Ok(depth) => {
-            metrics::gauge!("safeguard_jobs", "status" => "pending").set(depth.pending as f64);
-            metrics::gauge!("safeguard_jobs", "status" => "running").set(depth.running as f64);
-            metrics::gauge!("safeguard_jobs", "status" => "failed").set(depth.failed as f64);
-        }
-        Err(e) => stale("job queue", &e),
+    // One scrape at a time reads the database; scrapes that come meanwhile (anyone who reaches the route may
+    // send them, as often as they like) show the figures as last read instead of each taking a connection.
+    if let Ok(_reading) = state.store_figures.try_lock() {
+        read_store_figures(&state).await;
     }
     state.items.publish();
     // Read at the scrape, not at the last probe: a breaker opened by failing requests since shows at once.
@@ -284,6 +275,24 @@ pub(crate) async fn render(
             metrics::gauge!("safeguard_pipeline_escalation_rate", "stage" => stage.as_str()).set(rate);
         }
     }
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()))
+}
+
+/// The figures `/metrics` reads from the database: the job queue and the review queue. Each keeps its last value
+/// when the database does not answer; `safeguard_metrics_store_errors_total` is how a dashboard tells them stale.
+async fn read_store_figures(state: &AppState) {
+    let stale = |what: &str, e: &safeguard_store::StoreError| {
+        tracing::warn!("metrics: cannot read the {what}: {e}");
+        metrics::counter!("safeguard_metrics_store_errors_total").increment(1);
+    };
+    match state.store.queue_depth().await {
+        Ok(depth) => {
+            metrics::gauge!("safeguard_jobs", "status" => "pending").set(depth.pending as f64);
+            metrics::gauge!("safeguard_jobs", "status" => "running").set(depth.running as f64);
+            metrics::gauge!("safeguard_jobs", "status" => "failed").set(depth.failed as f64);
+        }
+        Err(e) => stale("job queue", &e),
+    }
     // From the database, so it survives restarts. A review of an item the model left undecided is counted
     // apart: the person supplied the answer the model did not, which is neither agreement nor override.
     let reviews = state.store.review_stats().await;
@@ -303,5 +312,4 @@ pub(crate) async fn render(
             metrics::gauge!("safeguard_review_agreement_rate").set(rate);
         }
     }
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render()))
 }

@@ -127,12 +127,17 @@ pub(crate) async fn resolve_policy(state: &AppState, reference: &Value, _caller:
                 .map_err(|why| ApiError::bad("invalid_policy", format!("inline policy: {why}")))?;
             let hash = policy.hash.to_string();
             // Stored (unpinned) so that the decision's policy hash can be looked up and replayed; once is enough.
-            let known = match state.lookups.versions.get(&hash) {
+            let known = match state.lookups.inline.get(&hash) {
                 Some(known) => known,
                 None => {
                     let (stored, _) =
                         store_policy(&state.store, &policy, text, Some(name.unwrap_or(INLINE_NAME)), false).await?;
-                    remember_version(state, &stored)?
+                    let known = match state.lookups.versions.get(&stored.hash) {
+                        Some(known) => known,
+                        None => policy_of(&stored)?,
+                    };
+                    state.lookups.inline.put(hash.clone(), known.clone());
+                    known
                 }
             };
             // The decision names the hash, and a replay or a review reads that version's stored front matter: an
@@ -257,6 +262,7 @@ pub(crate) async fn create(
             state.store.rename_unpinned_policy(&stored.hash, INLINE_NAME, &policy.meta.name, &meta).await?
         {
             state.lookups.versions.forget(&renamed.hash);
+            state.lookups.inline.forget(&renamed.hash);
             stored = renamed;
         }
     }

@@ -940,6 +940,13 @@ async fn keyless_servers_only_on_loopback() {
     assert_eq!(page("host", "rebind.example:8080").await, 403);
     assert_eq!(page("origin", "https://evil.example").await, 403);
     assert_eq!(page("origin", "http://localhost:8080").await, 200, "the review page itself");
+    // Nor are the routes that need no key: they name policies, backends and queues.
+    for path in ["/metrics", "/readyz"] {
+        let url = format!("http://{}{path}", server.addr);
+        let rebound = reqwest::Client::new().get(&url).header("host", "rebind.example:8080").send().await.unwrap();
+        assert_eq!(rebound.status().as_u16(), 403, "{path}");
+        assert_eq!(reqwest::get(&url).await.unwrap().status().as_u16(), 200, "{path}");
+    }
     // A key made while it runs (`safeguard keys create` on its database) ends serving without keys, no restart.
     let (_, secret) = store.create_api_key("ops", &["classify".to_string()]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(120)).await;
@@ -1841,4 +1848,64 @@ async fn decisions_and_jobs_belong_to_the_key_that_submitted_them() {
     let (_, rotated) = h.store.create_api_key("shop", &classify).await.unwrap();
     let (status, _) = h.call("GET", &format!("/v1/jobs/{job}"), Some(&rotated), None).await;
     assert_eq!(status, 200, "a key rotated under the client's name lost its jobs");
+}
+
+/// `--retain-days`: the server prunes on its schedule, and what a person still has to decide stays.
+#[tokio::test]
+async fn the_server_prunes_what_is_past_its_retention_period() {
+    let h = Harness::start(|config| {
+        config.retention = Some(safeguard_server::RetentionConfig {
+            every: Duration::from_millis(50),
+            ..safeguard_server::RetentionConfig::new(Duration::from_secs(86_400))
+        })
+    })
+    .await;
+    let key = h.key(&["classify"]).await;
+    let (status, fresh) =
+        h.call("POST", "/v1/classify", Some(&key), Some(json!({"text": "hello", "policies": ["spam"]}))).await;
+    assert_eq!(status, 200, "{fresh}");
+    let mut stale = h.store.get_decision(fresh["decision_id"].as_str().unwrap()).await.unwrap().unwrap();
+    let year_ago = safeguard_store::now_ms() - 366 * 86_400_000;
+    for id in ["stale", "stale-awaiting-a-person"] {
+        (stale.id, stale.created_at) = (id.into(), year_ago);
+        h.store.insert_decision(&stale, None).await.unwrap();
+    }
+    h.store.enqueue_review("stale-awaiting-a-person", 1).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while h.store.get_decision("stale").await.unwrap().is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "the stale decision was never pruned");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(h.store.get_decision("stale-awaiting-a-person").await.unwrap().is_some());
+    assert!(h.store.get_decision(fresh["decision_id"].as_str().unwrap()).await.unwrap().is_some());
+    let (_, metrics) = h.call("GET", "/metrics", None, None).await;
+    assert!(metrics.as_str().unwrap().contains("safeguard_pruned_rows_total{table=\"decisions\"}"), "{metrics}");
+}
+
+/// A client that opens a connection and never finishes its request's headers is cut off after the header timeout,
+/// before any key is asked for; one over the connection limit waits to be accepted until another leaves.
+#[tokio::test]
+async fn slow_headers_are_cut_off_and_connections_are_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start(|config| {
+        config.connections = safeguard_server::ConnectionLimits {
+            header_read_timeout: Duration::from_millis(300),
+            max_connections: 2,
+        }
+    })
+    .await;
+    let addr = h.base.trim_start_matches("http://").to_string();
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n").await.unwrap();
+    let mut idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    idle.write_all(b"G").await.unwrap();
+    // Both connections are taken: a third is not served until one of them is cut off.
+    let started = tokio::time::Instant::now();
+    let (status, body) = h.call("GET", "/healthz", None, None).await;
+    assert_eq!((status, body), (200, json!("ok")));
+    assert!(started.elapsed() >= Duration::from_millis(250), "served before a connection was free");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(_)) | Ok(Err(_))), "the slow connection was closed, not left open");
+    assert!(!String::from_utf8_lossy(&rest).contains("ok"), "and never answered: {rest:?}");
 }

@@ -25,6 +25,7 @@ mod jobs;
 mod keys;
 mod migrate;
 mod policies;
+mod retention;
 mod reviews;
 mod sqlite_commit;
 mod webhooks;
@@ -44,6 +45,7 @@ pub use group_commit::{GroupCommit, GroupCommitStats};
 pub use jobs::{JobRecord, JobStatus, NewJob, QueueDepth, scoped_idempotency_key};
 pub use keys::{ApiKeyRecord, KeyInstall, hash_api_key};
 pub use policies::{MAX_POLICY_PAGE, PolicyListing, PolicySummary, StoredPolicy};
+pub use retention::{Pruned, Retention};
 pub use reviews::{NewReview, QueuedReview, ReviewDecision, ReviewRecord, ReviewStats};
 pub use webhooks::{Delivery, NewDelivery};
 
@@ -340,7 +342,8 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-pub(crate) fn new_id() -> String {
+/// A fresh unique id (UUIDv7: time-ordered, its last 62 bits random).
+pub fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 

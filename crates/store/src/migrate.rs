@@ -12,6 +12,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("../migrations/0004_one_review_per_decision_kind.sql")),
     (5, include_str!("../migrations/0005_submitted_by.sql")),
     (6, include_str!("../migrations/0006_clock_free_claims_and_announcements.sql")),
+    (7, include_str!("../migrations/0007_retention_indexes.sql")),
 ];
 
 /// Arbitrary constant so that concurrent servers starting on one PostgreSQL database migrate one at a time.

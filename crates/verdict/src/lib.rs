@@ -331,8 +331,9 @@ fn cites_the_other_side(policy: &Policy, verdict: &Verdict) -> Option<String> {
             cited.push(id);
         }
     }
+    let sides = policy.rule_sides();
     let sided: Vec<(&String, RuleSide)> =
-        cited.into_iter().filter_map(|id| policy.rule_side(id).map(|side| (id, side))).collect();
+        cited.into_iter().filter_map(|id| sides.side(id).map(|side| (id, side))).collect();
     if violation {
         let all_allowed = !sided.is_empty() && sided.iter().all(|(_, side)| *side == RuleSide::Allowed);
         let cited: Vec<&str> = sided.iter().map(|(id, _)| id.as_str()).collect();

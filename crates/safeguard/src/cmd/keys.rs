@@ -64,9 +64,10 @@ pub enum Command {
         #[arg(long = "scope", required = true)]
         scopes: Vec<String>,
         /// The client the key is for. What a key submits belongs to every key of this name: a key made to replace
-        /// another under the same name can still appeal its decisions and read its jobs. Give each client its own.
-        #[arg(long, default_value = "unnamed")]
-        name: String,
+        /// another under the same name can still appeal its decisions and read its jobs. Without it the key gets
+        /// a name of its own (`client-…`), shared with no other key.
+        #[arg(long)]
+        name: Option<String>,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -92,6 +93,12 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
                 }
                 let shown = store.shown();
                 let store = store.open_or_create().await?;
+                // Never one default shared by every key made without a name: that would make all their clients
+                // one, each free to read the others' jobs and appeal their decisions.
+                let name = name.unwrap_or_else(|| {
+                    let id = safeguard_store::new_id();
+                    format!("client-{}", &id[id.len() - 12..])
+                });
                 let (record, secret) = store.create_api_key(&name, &scopes).await?;
                 eprintln!(
                     "created key {} ({}) with scopes {} in {shown}; it is shown only now:",

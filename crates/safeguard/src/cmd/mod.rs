@@ -11,6 +11,7 @@ pub mod keys;
 pub mod models;
 pub mod policy;
 pub mod prompt;
+pub mod prune;
 pub mod serve;
 pub mod triage;
 pub mod webhooks;

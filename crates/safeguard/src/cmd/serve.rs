@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use safeguard_core::Reasoner;
 use safeguard_harmony::Effort;
-use safeguard_server::{ActiveLearning, ClassifyRoute, NatsConfig, NatsIngest, Server, ServerConfig};
+use safeguard_server::{
+    ActiveLearning, ClassifyRoute, ConnectionLimits, NatsConfig, NatsIngest, RetentionConfig, Server, ServerConfig,
+};
 use safeguard_store::{GroupCommit, SqliteSync, Store, StoreOptions};
 
 const DEFAULT_SEQUENCES: usize = 8;
@@ -190,6 +192,25 @@ pub struct Args {
     /// review backlog and the policy names clients chose.
     #[arg(long)]
     pub metrics_require_key: bool,
+    /// Connections served at once; more wait to be accepted. Each must send its request headers within
+    /// --header-timeout-secs, so clients that open connections and send nothing cannot hold them.
+    #[arg(long, value_name = "N", default_value_t = ConnectionLimits::default().max_connections)]
+    pub max_connections: usize,
+    /// Seconds a connection has to send a request's headers once it starts one; then it is closed.
+    #[arg(long, value_name = "SECS", default_value_t = ConnectionLimits::default().header_read_timeout.as_secs())]
+    pub header_timeout_secs: u64,
+    /// Delete stored decisions, jobs and webhook deliveries older than this many days, hourly (as `safeguard
+    /// prune --older-than-days` does). Items a person still has to decide, and whatever they need, stay. Off by
+    /// default: everything is kept.
+    #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub retain_days: Option<u32>,
+    /// With --retain-days: keep decisions a person reviewed, however old (the corrections triage learns from).
+    #[arg(long, requires = "retain_days")]
+    pub retain_reviewed: bool,
+    /// With --retain-days: also delete policy versions that are not active and that no kept decision or
+    /// unfinished job names (old drafts, versions clients sent inline).
+    #[arg(long, requires = "retain_days")]
+    pub retain_prune_policies: bool,
     /// Milliseconds a policy name's active version and an API key are trusted before the store is asked again.
     /// Changes made through this server apply at once; made elsewhere (another server, `safeguard keys
     /// revoke`), within this time. 0 asks the store on every request.
@@ -389,6 +410,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         backend_ready_grace: args.backend_ready_grace_secs.map(Duration::from_secs),
         metrics_require_key: args.metrics_require_key,
         lookup_ttl: Duration::from_millis(args.lookup_ttl_ms),
+        connections: ConnectionLimits {
+            max_connections: args.max_connections.max(1),
+            header_read_timeout: Duration::from_secs(args.header_timeout_secs.clamp(1, 3600)),
+        },
+        retention: args.retain_days.map(|days| RetentionConfig {
+            keep_reviewed: args.retain_reviewed,
+            policies: args.retain_prune_policies,
+            ..RetentionConfig::new(Duration::from_secs(u64::from(days) * 86_400))
+        }),
         // A day at most: the deadline is an instant in the future, and a huge one would overflow when the signal came.
         drain_timeout: Duration::from_secs(args.drain_timeout_secs.min(86_400)),
         ..ServerConfig::default()

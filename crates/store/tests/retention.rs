@@ -1,0 +1,186 @@
+//! Retention (`Store::prune`) on SQLite and, when reachable, PostgreSQL (in a throwaway schema): what goes, and
+//! everything that must stay however old it is.
+
+use safeguard_store::{
+    DecisionRecord, NewDelivery, NewJob, NewReview, Pruned, Retention, ReviewDecision, Store, StoreOptions, now_ms,
+};
+use serde_json::json;
+use sqlx::Executor;
+
+const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+async fn stores() -> Vec<(Store, &'static str, Option<tempfile::TempDir>, Option<(String, String)>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = Store::open_sqlite(&dir.path().join("retention.db")).await.unwrap();
+    let mut out = vec![(sqlite, "sqlite", Some(dir), None)];
+    let url = std::env::var("SAFEGUARD_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_string());
+    let schema = format!(
+        "sgretain_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    );
+    let options = StoreOptions { schema: Some(schema.clone()), max_connections: 4, ..Default::default() };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), Store::connect(&url, options)).await {
+        Ok(Ok(store)) => out.push((store, "postgres", None, Some((url, schema)))),
+        Ok(Err(err)) => eprintln!("SKIPPING PostgreSQL half of this test: {url} unreachable: {err}"),
+        Err(_) => eprintln!("SKIPPING PostgreSQL half of this test: {url} timed out"),
+    }
+    out
+}
+
+fn decision(id: &str, created_at: i64, policy_hash: &str) -> DecisionRecord {
+    DecisionRecord {
+        id: id.to_string(),
+        created_at,
+        policy_hashes: vec![policy_hash.into()],
+        policy_names: vec!["spam".into()],
+        model_id: "tiny".into(),
+        effort: "low".into(),
+        prompt_hash: None,
+        sampling: json!("greedy"),
+        content: json!({"kind": "text", "text": format!("text of {id}")}),
+        verdicts: json!([{"policy": "spam", "outcome": "needs_review"}]),
+        outcome: "needs_review".into(),
+        failure_reason: None,
+        timings: json!({}),
+        prompt_tokens: 0,
+        cached_prompt_tokens: 0,
+        completion_tokens: 0,
+        source: "api".into(),
+        job_id: None,
+        replay_of: None,
+        submitted_by: None,
+    }
+}
+
+fn review_of(decision_id: &str, kind: &str) -> NewReview {
+    NewReview { decision_id: decision_id.into(), kind: kind.into(), priority: 0, reason: None, sla_ms: None }
+}
+
+/// A job finished with `decision`, its webhook delivery left `delivery_status`.
+async fn finished_job(store: &Store, key: &str, decision_id: &str, delivery_status: &str) -> String {
+    let new = NewJob {
+        request: json!({"text": "hi", "policies": ["spam"]}),
+        idempotency_key: Some(key.into()),
+        webhook_url: Some("http://127.0.0.1:9/hook".into()),
+        submitted_by: None,
+    };
+    let (job, _) = store.enqueue_job(&new).await.unwrap();
+    let claimed = store.claim_job(60_000).await.unwrap().unwrap();
+    assert_eq!(claimed.id, job.id);
+    let mut d = decision(decision_id, 1_000, "sha256:used");
+    d.job_id = Some(job.id.clone());
+    let hook = NewDelivery { job_id: job.id.clone(), url: "http://127.0.0.1:9/hook".into(), body: "{}".into() };
+    assert!(
+        store.finish_job(&job.id, claimed.lease_token.as_deref().unwrap(), &d, None, None, Some(&hook)).await.unwrap()
+    );
+    store
+        .pool()
+        .execute(
+            sqlx::query("UPDATE webhook_deliveries SET status = $1 WHERE job_id = $2")
+                .bind(delivery_status)
+                .bind(job.id.clone()),
+        )
+        .await
+        .unwrap();
+    job.id
+}
+
+#[tokio::test]
+async fn old_rows_go_and_whatever_is_still_needed_stays() {
+    for (store, label, _dir, pg) in stores().await {
+        let s = &store;
+        // Everything "old" was created at 1 000 ms; "recent" rows an hour from now, after any cutoff used here.
+        let recent = now_ms() + 3_600_000;
+        s.insert_decision(&decision("old-plain", 1_000, "sha256:used"), Some(&["why".to_string()])).await.unwrap();
+        s.insert_decision(&decision("old-pending", 1_000, "sha256:used"), None).await.unwrap();
+        let pending = s.enqueue_review("old-pending", 1).await.unwrap();
+        s.insert_decision(&decision("old-reviewed", 1_000, "sha256:used"), None).await.unwrap();
+        let reviewed = s.enqueue_review("old-reviewed", 1).await.unwrap();
+        let answer = ReviewDecision {
+            reviewer: "ana".into(),
+            outcome: "allow".into(),
+            rationale: "fine".into(),
+            rule_id: "SP0".into(),
+            policy_hash: Some("sha256:used".into()),
+            overrides_model: Some(true),
+        };
+        s.decide_review(&reviewed, &answer).await.unwrap().unwrap();
+        s.mark_review_announced(&reviewed).await.unwrap();
+        s.insert_decision(&decision("old-unannounced", 1_000, "sha256:used"), None).await.unwrap();
+        let unannounced = s.enqueue_review("old-unannounced", 1).await.unwrap();
+        s.decide_review(&unannounced, &answer).await.unwrap().unwrap();
+        // Whether a decided review counts as announced at once depends on where its item came from; make sure
+        // this one is a person's answer nobody has heard yet.
+        s.pool()
+            .execute(sqlx::query("UPDATE reviews SET announced_at = NULL WHERE id = $1").bind(unannounced.clone()))
+            .await
+            .unwrap();
+        s.insert_decision(&decision("old-appealed", 1_000, "sha256:used"), None).await.unwrap();
+        let mut appeal = decision("recent-appeal", recent, "sha256:used");
+        (appeal.source, appeal.replay_of) = ("appeal".into(), Some("old-appealed".into()));
+        s.insert_appeal(&appeal, None, &review_of("recent-appeal", "appeal")).await.unwrap();
+        s.insert_decision(&decision("recent", recent, "sha256:used"), None).await.unwrap();
+
+        let delivered = finished_job(s, "k-delivered", "old-job-decision", "delivered").await;
+        let sending = finished_job(s, "k-sending", "old-sending-decision", "pending").await;
+        let (unfinished, _) = s
+            .enqueue_job(&NewJob {
+                request: json!({"text": "hi", "policies": ["sha256:queued"]}),
+                idempotency_key: Some("k-pending".into()),
+                webhook_url: None,
+                submitted_by: None,
+            })
+            .await
+            .unwrap();
+
+        let meta = json!({"meta": {}});
+        for hash in ["sha256:used", "sha256:orphan", "sha256:queued"] {
+            s.put_policy(hash, "spam", &format!("body of {hash}"), &meta, false).await.unwrap();
+        }
+        s.put_policy("sha256:pinned", "pinned", "body", &meta, true).await.unwrap();
+
+        let cutoff = now_ms() + 10_000;
+        let retention = Retention { policies: true, ..Retention::before(cutoff) };
+        let counted = s.count_prunable(&retention).await.unwrap();
+        let pruned = s.prune(&Retention { batch: 2, ..retention.clone() }).await.unwrap();
+        let expected = Pruned { decisions: 3, jobs: 1, webhook_deliveries: 1, policies: 1 };
+        assert_eq!(pruned, expected, "{label}");
+        // The job's decision is counted once its job has gone, so counting first sees one decision fewer.
+        assert_eq!(counted, Pruned { decisions: 1, ..expected }, "{label}");
+
+        for gone in ["old-plain", "old-reviewed", "old-job-decision"] {
+            assert!(s.get_decision(gone).await.unwrap().is_none(), "{gone} must go ({label})");
+        }
+        assert!(s.get_decision("old-plain").await.unwrap().is_none(), "{label}");
+        assert!(s.get_reasoning("old-plain").await.unwrap().is_none(), "its reasoning went with it ({label})");
+        assert!(s.get_review(&reviewed).await.unwrap().is_none(), "and its review ({label})");
+        for kept in
+            ["old-pending", "old-unannounced", "old-appealed", "recent-appeal", "recent", "old-sending-decision"]
+        {
+            assert!(s.get_decision(kept).await.unwrap().is_some(), "{kept} must stay ({label})");
+        }
+        assert!(s.get_job(&delivered).await.unwrap().is_none(), "{label}");
+        assert!(s.deliveries_for_job(&delivered).await.unwrap().is_empty(), "{label}");
+        assert!(s.get_job(&sending).await.unwrap().is_some(), "a webhook still being sent keeps its job ({label})");
+        assert!(s.get_job(&unfinished.id).await.unwrap().is_some(), "{label}");
+        assert!(s.get_policy("sha256:orphan").await.unwrap().is_none(), "{label}");
+        for kept in ["sha256:used", "sha256:queued", "sha256:pinned"] {
+            assert!(s.get_policy(kept).await.unwrap().is_some(), "{kept} must stay ({label})");
+        }
+
+        // Done: nothing more goes, and keeping reviewed decisions keeps them.
+        assert_eq!(s.prune(&retention).await.unwrap(), Pruned::default(), "{label}");
+        s.decide_review(&pending, &answer).await.unwrap().unwrap();
+        s.mark_review_announced(&pending).await.unwrap();
+        let keeping = Retention { keep_reviewed: true, ..Retention::before(cutoff) };
+        assert_eq!(s.prune(&keeping).await.unwrap().decisions, 0, "{label}");
+        assert_eq!(s.prune(&Retention::before(cutoff)).await.unwrap().decisions, 1, "{label}");
+        assert!(s.get_decision("old-pending").await.unwrap().is_none(), "{label}");
+
+        store.close().await;
+        if let Some((url, schema)) = pg {
+            Store::drop_schema(&url, &schema).await.unwrap();
+        }
+    }
+}
