@@ -14,7 +14,8 @@
 //!   Published before it is recorded: a person can only review what the host recorded, so a producer always
 //!   hears `decided` before `reviewed`. A redelivery whose key's subject already ends with a person's word on
 //!   that decision does not publish `decided` again (past the duplicate window it would put the producer back on
-//!   hold);
+//!   hold); the check and the publish are one step, the publish conditional on the subject's last message being
+//!   the one checked, so a `reviewed` published in between by another server is never followed;
 //! - an event with `"appeal": true` is decided under the key `<key>:appeal`, apart from the item it appeals, and
 //!   handed to the host with the decision it appeals ([`SettledItem::appeal_of`], read from the ledger);
 //! - a `pending` status is published on receipt, so producers can hold the content until the decision comes;
@@ -349,24 +350,43 @@ impl Bus {
         self.publish_as(&subject_token(&event.key), &status_msg_id(event), event).await
     }
 
-    /// Whether the last event on `event`'s decision subject is a person's decision on `event`'s decision, or on
-    /// an appeal of it. Such a decision was announced before it could be reviewed (it is published before the host
-    /// records it); announced again now, it would follow the person's word and hold the item once more.
-    async fn reviewed(&self, event: &DecisionEvent) -> bool {
-        let Some(id) = event_id(event).map(|id| id.to_string()) else { return false };
-        self.last_event(&event.key).await.is_some_and(|last| {
-            last.status == EventStatus::Reviewed
-                && last.review.is_some_and(|r| r.decision_id == id || r.appeal_of.as_deref() == Some(id.as_str()))
-        })
+    /// Publishes `event` on its key's decision subject under the message id `id`, unless the subject already ends
+    /// with an event that `answered` says answers it (a person's word, published by the announcer of any server).
+    /// The check and the publish are one step: the publish is conditional on the subject's last message being the
+    /// one read (`Nats-Expected-Last-Subject-Sequence`), so an event published in between cannot end up before
+    /// this one; refused, the subject is read again and the check made anew. A subject that cannot be read is
+    /// published on all the same: a producer that never heard the event would wait for good.
+    async fn publish_unless(
+        &self,
+        id: &str,
+        event: &DecisionEvent,
+        answered: impl Fn(&DecisionEvent) -> bool,
+    ) -> Result<Published, NatsError> {
+        let token = subject_token(&event.key);
+        for _ in 0..CONDITIONAL_TRIES {
+            let Some((sequence, last)) = self.last_on_subject(&event.key).await else {
+                self.publish_as(&token, id, event).await?;
+                return Ok(Published::Sent);
+            };
+            if last.as_ref().is_some_and(&answered) {
+                return Ok(Published::Answered);
+            }
+            if self.publish_after(&token, id, event, Some(sequence)).await? {
+                return Ok(Published::Sent);
+            }
+            debug!(key = ?event.key, "the decision subject moved on since it was read; reading it again");
+        }
+        // Events keep landing on the subject: given back to the caller, which tries again after a pause.
+        Err(NatsError::Stream(format!("the decision subject of {:?} kept changing while publishing on it", event.key)))
     }
 
-    /// The last event published for `key`, if it can be read. Not read, announcing again is the lesser harm: a
-    /// producer that never heard the decision would wait for good.
-    async fn last_event(&self, key: &str) -> Option<DecisionEvent> {
+    /// The sequence of the last message on `key`'s decision subject (0 when there is none) and that message as
+    /// an event (`None` if it does not parse); `None` when the subject cannot be read.
+    async fn last_on_subject(&self, key: &str) -> Option<(u64, Option<DecisionEvent>)> {
         let subject = self.config.decision_subject(&subject_token(key));
         match self.decision_log.get_last_raw_message_by_subject(&subject).await {
-            Ok(last) => serde_json::from_slice::<DecisionEvent>(&last.payload).ok(),
-            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => None,
+            Ok(last) => Some((last.sequence, serde_json::from_slice::<DecisionEvent>(&last.payload).ok())),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Some((0, None)),
             Err(e) => {
                 debug!(?key, "cannot read the decision subject back: {e}");
                 None
@@ -376,17 +396,59 @@ impl Bus {
 
     /// Publishes `event` on `{prefix}.decisions.{subject}` under the message id `id`.
     async fn publish_as(&self, subject: &str, id: &str, event: &DecisionEvent) -> Result<(), NatsError> {
+        self.publish_after(subject, id, event, None).await.map(|_| ())
+    }
+
+    /// [`Self::publish_as`], only if the subject's last message is still `last` (its sequence; 0: none) when one
+    /// is given. `Ok(false)`: it is not, and nothing was published.
+    async fn publish_after(
+        &self,
+        subject: &str,
+        id: &str,
+        event: &DecisionEvent,
+        last: Option<u64>,
+    ) -> Result<bool, NatsError> {
         let mut headers = HeaderMap::new();
         headers.insert("Nats-Msg-Id", id);
+        if let Some(last) = last {
+            headers.insert("Nats-Expected-Last-Subject-Sequence", last.to_string().as_str());
+        }
         let body = serde_json::to_vec(event).map_err(|e| NatsError::Stream(e.to_string()))?;
-        self.js
+        let ack = self
+            .js
             .publish_with_headers(self.config.decision_subject(subject), headers, body.into())
             .await
             .map_err(publish_err)?
-            .await
-            .map_err(publish_err)?;
-        Ok(())
+            .await;
+        match ack {
+            Ok(_) => Ok(true),
+            Err(e) if last.is_some() && e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => {
+                Ok(false)
+            }
+            Err(e) => Err(publish_err(e)),
+        }
     }
+}
+
+/// How often [`Bus::publish_unless`] reads a subject again that moved on since it was read.
+const CONDITIONAL_TRIES: usize = 4;
+
+/// What [`Bus::publish_unless`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Published {
+    Sent,
+    /// Not published: the subject's last event answers it already.
+    Answered,
+}
+
+/// Whether `last`, the last event on a settled event's decision subject, is a person's decision on that event's
+/// decision (`id`), or on an appeal of it. Such a decision was announced before it could be reviewed (it is
+/// published before the host records it); announced again now, it would follow the person's word and hold the
+/// item once more.
+fn reviews_decision(last: &DecisionEvent, id: uuid::Uuid) -> bool {
+    let id = id.to_string();
+    last.status == EventStatus::Reviewed
+        && last.review.as_ref().is_some_and(|r| r.decision_id == id || r.appeal_of.as_deref() == Some(id.as_str()))
 }
 
 /// The `Nats-Msg-Id` of a key's event: the duplicate window drops a second publish of the same status for the same
@@ -778,22 +840,22 @@ impl Worker {
         // A redelivery may come after a person already answered the first delivery's decision: `pending` on top
         // of their `reviewed` would hide it from the check that keeps `decided` from following it.
         let redelivered = message.info().is_ok_and(|info| info.delivered > 1);
-        let answered =
-            redelivered && self.bus.last_event(&key).await.is_some_and(|last| last.status == EventStatus::Reviewed);
-        if !answered {
-            let _ = self
-                .bus
-                .publish_event(&DecisionEvent {
-                    key: key.clone(),
-                    item_id: item_id.clone(),
-                    status: EventStatus::Pending,
-                    decision: None,
-                    error: None,
-                    review: None,
-                    body_digest: None,
-                })
-                .await;
-        }
+        let pending = DecisionEvent {
+            key: key.clone(),
+            item_id: item_id.clone(),
+            status: EventStatus::Pending,
+            decision: None,
+            error: None,
+            review: None,
+            body_digest: None,
+        };
+        // Not published is no harm: `pending` only tells the producer to hold the item until the decision comes.
+        let _ = if redelivered {
+            let answered = |last: &DecisionEvent| last.status == EventStatus::Reviewed;
+            self.bus.publish_unless(&status_msg_id(&pending), &pending, answered).await.map(|_| ())
+        } else {
+            self.bus.publish_event(&pending).await
+        };
         let ctx = RouteContext {
             appeal,
             // For the host's record (reviewers read it); taken out before the ledger and the decision stream.
@@ -867,16 +929,21 @@ impl Worker {
         may_be_reviewed: bool,
         stop: &CancellationToken,
     ) -> bool {
-        if may_be_reviewed && self.bus.reviewed(event).await {
-            debug!(key = ?event.key, "a person's decision on it is out already; not publishing the decision again");
-            return true;
-        }
         let token = subject_token(&event.key);
         let lasting = |e: &NatsError| matches!(e, NatsError::TooLarge(_));
-        let publishing =
-            persist(stop, "publish the decision", &event.key, lasting, || self.bus.publish_as(&token, msg_id, event));
+        let publishing = persist(stop, "publish the decision", &event.key, lasting, || async {
+            match event_id(event).filter(|_| may_be_reviewed) {
+                Some(id) => self.bus.publish_unless(msg_id, event, |last| reviews_decision(last, id)).await,
+                // Nobody has seen this decision yet: nobody can have reviewed it.
+                None => self.bus.publish_as(&token, msg_id, event).await.map(|()| Published::Sent),
+            }
+        });
         match keep_alive(message, self.ack_wait(), publishing).await {
-            Ok(()) => true,
+            Ok(Published::Sent) => true,
+            Ok(Published::Answered) => {
+                debug!(key = ?event.key, "a person's decision on it is out already; not publishing the decision again");
+                true
+            }
             Err(NatsError::TooLarge(e)) => {
                 // Never announceable, however often it is given back: recorded and acked all the same.
                 error!(key = ?event.key, "the settled event is too large to publish: {e}");
@@ -1915,5 +1982,63 @@ mod tests {
         assert!(clipped.len() <= 11 && clipped.ends_with('…') && clipped.starts_with("éé"), "{clipped}");
         assert_eq!(conflict_id("k"), conflict_id("k"), "one id per key, whatever the delivery");
         assert_ne!(conflict_id("k"), conflict_id("k2"));
+    }
+
+    /// A redelivery outside the duplicate window read the item's subject, found no person's word yet, and published
+    /// `decided` after another server's announcer had published `reviewed` in between: the producer held the item
+    /// again, for good. The publish is now conditional on the last message it read.
+    #[tokio::test]
+    async fn a_decision_is_not_published_over_a_persons_word_that_came_in_between() {
+        let nats = "127.0.0.1:4222";
+        if std::net::TcpStream::connect_timeout(&nats.parse().unwrap(), Duration::from_secs(1)).is_err() {
+            eprintln!("skipped: NATS is not reachable at {nats} (bash scripts/setup.sh starts it)");
+            return;
+        }
+        let prefix = format!("sgcond{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let bus = Bus::connect(NatsConfig::new(nats, prefix)).await.unwrap();
+        let mut decided = oversized_event();
+        decided.decision.as_mut().unwrap().policies.clear();
+        let key = decided.key.clone();
+        let id = event_id(&decided).unwrap();
+        let token = subject_token(&key);
+        let review = |decision_id: String| ReviewedItem {
+            decision_id,
+            appeal_of: None,
+            review_id: "review-1".into(),
+            outcome: "allow".into(),
+            rule_id: None,
+            policy_hash: None,
+            decided_at: None,
+        };
+
+        // Nothing on the subject yet: published, conditional on its being empty.
+        let first_id = status_msg_id(&decided);
+        let published = bus.publish_unless(&first_id, &decided, |last| reviews_decision(last, id)).await;
+        assert_eq!(published.unwrap(), Published::Sent);
+        let (read, last) = bus.last_on_subject(&key).await.unwrap();
+        assert_eq!(last.map(|e| e.status), Some(EventStatus::Decided));
+
+        // The interleaving: a person's word lands after the subject was read, before the decision goes out again
+        // (under another message id, as past the duplicate window: nothing else drops it).
+        bus.publish_review(&key, None, review(id.to_string())).await.unwrap();
+        let again = bus.publish_after(&token, "decided-again", &decided, Some(read)).await.unwrap();
+        assert!(!again, "refused: the subject moved on since it was read");
+        let published = bus.publish_unless("decided-again", &decided, |last| reviews_decision(last, id)).await;
+        assert_eq!(published.unwrap(), Published::Answered, "read again, the person's word answers it");
+        let (_, last) = bus.last_on_subject(&key).await.unwrap();
+        assert_eq!(last.map(|e| e.status), Some(EventStatus::Reviewed), "the person's word is still the last");
+
+        // A person's word on another decision answers nothing: published after it.
+        bus.publish_review(&key, None, ReviewedItem { review_id: "review-2".into(), ..review("other".into()) })
+            .await
+            .unwrap();
+        let published = bus.publish_unless("decided-third", &decided, |last| reviews_decision(last, id)).await;
+        assert_eq!(published.unwrap(), Published::Sent);
+        let (_, last) = bus.last_on_subject(&key).await.unwrap();
+        assert_eq!(last.map(|e| e.status), Some(EventStatus::Decided));
+
+        for name in [&bus.config.work_stream, &bus.config.decision_stream, &bus.config.decided_stream] {
+            let _ = bus.js.delete_stream(name).await;
+        }
     }
 }

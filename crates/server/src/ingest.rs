@@ -159,8 +159,44 @@ impl WorkerHost for ServerHost {
         if stored.fresh {
             self.state.items.observe("nats", decision.usage, decision.total_ms / 1e3);
         }
+        if let Some(review) = &stored.answered_by {
+            self.announce_answer(&item, review).await?;
+        }
         Ok(())
     }
+}
+
+impl ServerHost {
+    /// Publishes on a bus appeal's subject the answer to the appeal made before it of the same decision (over
+    /// HTTP, say), which answers it ([`crate::moderate::store_cascade_item`]), if a person has given it. Announced
+    /// before this appeal was stored, that answer went out on the other subjects only; announced after, the
+    /// announcer finds this appeal too ([`bus_origins`]). The review is read again here, after this appeal was
+    /// stored, so one of the two always sees the other. Not connected, or not published: the worker records the
+    /// item again (idempotent) until it is, so the producer holding the appeal is never left waiting.
+    async fn announce_answer(&self, item: &SettledItem<'_>, review: &ReviewRecord) -> Result<(), HostError> {
+        let store = &self.state.store;
+        let Some(review) = store.get_review(&review.id).await.map_err(unavailable)? else { return Ok(()) };
+        if review.status != "decided" {
+            return Ok(());
+        }
+        let Some(appeal) = store.get_decision(&review.decision_id).await.map_err(unavailable)? else { return Ok(()) };
+        let Some(reviewed) = reviewed_item(&appeal, &review) else { return Ok(()) };
+        let bus = nats_out(&self.state).ok_or_else(|| unavailable("not connected to NATS"))?;
+        bus.publish_review(item.key, item.item_id.map(str::to_string), reviewed).await.map_err(unavailable)
+    }
+}
+
+/// What `review`, a person's decision on `decision`, tells the producers; `None` before it has an outcome.
+fn reviewed_item(decision: &DecisionRecord, review: &ReviewRecord) -> Option<ReviewedItem> {
+    Some(ReviewedItem {
+        decision_id: decision.id.clone(),
+        appeal_of: decision.replay_of.clone().filter(|_| is_appeal_source(&decision.source)),
+        review_id: review.id.clone(),
+        outcome: review.outcome.clone()?,
+        rule_id: review.rule_id.clone(),
+        policy_hash: review.policy_hash.clone(),
+        decided_at: review.decided_at,
+    })
 }
 
 /// Runs the worker until `stop`, reconnecting with backoff while NATS is unreachable and starting it again
@@ -292,7 +328,7 @@ pub(crate) async fn announce_review(state: &AppState, decision: &DecisionRecord,
     if origins.is_empty() {
         return;
     }
-    let Some(outcome) = review.outcome.clone() else { return };
+    let Some(reviewed) = reviewed_item(decision, review) else { return };
     let keyed: Vec<(&str, Option<String>)> = origins
         .iter()
         .filter_map(|origin| Some((origin["key"].as_str()?, origin["item_id"].as_str().map(str::to_string))))
@@ -308,15 +344,6 @@ pub(crate) async fn announce_review(state: &AppState, decision: &DecisionRecord,
     let Some(bus) = nats_out(state) else {
         debug!(review = %review.id, "not connected to NATS; the review is announced once it is");
         return;
-    };
-    let reviewed = ReviewedItem {
-        decision_id: decision.id.clone(),
-        appeal_of: decision.replay_of.clone().filter(|_| is_appeal_source(&decision.source)),
-        review_id: review.id.clone(),
-        outcome,
-        rule_id: review.rule_id.clone(),
-        policy_hash: review.policy_hash.clone(),
-        decided_at: review.decided_at,
     };
     let mut published_all = true;
     for (key, item_id) in keyed {
@@ -345,8 +372,9 @@ fn is_appeal_source(source: &str) -> bool {
 /// The events a decision answers on the bus: the one it was decided from, if any, and, for an appeal, the item it
 /// appeals if that came from the bus. A producer may hold, or have released, the item on what it was told, so the
 /// person's answer to an appeal is published on the item's subject as a review of the item itself is (whose own
-/// review the appeal set aside). What `Store::reviews_to_announce` selects, so that the sweep never keeps reading
-/// a review it will not announce.
+/// review the appeal set aside). An appeal made over HTTP also answers a bus appeal of the same decision that came
+/// after it ([`crate::moderate::store_cascade_item`]). What `Store::reviews_to_announce` selects, so that the sweep
+/// never keeps reading a review it will not announce.
 async fn bus_origins(state: &AppState, decision: &DecisionRecord) -> Vec<serde_json::Value> {
     let mut origins = Vec::new();
     if decision.source.starts_with(NATS_SOURCE) {
@@ -355,18 +383,45 @@ async fn bus_origins(state: &AppState, decision: &DecisionRecord) -> Vec<serde_j
     let Some(appealed) = decision.replay_of.as_deref().filter(|_| is_appeal_source(&decision.source)) else {
         return origins;
     };
-    match state.store.get_decision(appealed).await {
-        Ok(Some(original)) if original.source.starts_with(NATS_SOURCE) => {
-            origins.push(original.sampling["nats"].clone())
-        }
-        Ok(_) => {}
+    let original = match state.store.get_decision(appealed).await {
+        Ok(Some(original)) if original.source.starts_with(NATS_SOURCE) => original,
+        Ok(_) => return origins,
         Err(e) => {
             // Not marked: the sweep tries again.
             warn!(decision = %decision.id, "cannot read the appealed decision: {e}");
             return Vec::new();
         }
+    };
+    origins.push(original.sampling["nats"].clone());
+    if decision.source == "appeal" {
+        match answered_bus_appeal(state, &original).await {
+            Ok(Some(origin)) => origins.push(origin),
+            Ok(None) => {}
+            Err(e) => {
+                // Not marked: the sweep tries again, rather than leave a producer holding the bus appeal.
+                warn!(decision = %decision.id, "cannot look for a bus appeal of the appealed decision: {e}");
+                return Vec::new();
+            }
+        }
     }
     origins
+}
+
+/// The event of a bus appeal of `original` (a bus decision) stored without a review of its own because `original`
+/// had been appealed over HTTP before: the appeal under `<key>:appeal` in the ledger, stored linked to `original`.
+/// The ledger names the appeal's decision, so nothing is scanned. Not connected, there is nothing to look up with,
+/// nor to announce on: [`announce_review`] stops there without marking the review.
+async fn answered_bus_appeal(state: &AppState, original: &DecisionRecord) -> Result<Option<serde_json::Value>, String> {
+    let (Some(bus), Some(key)) = (nats_out(state), original.sampling["nats"]["key"].as_str()) else { return Ok(None) };
+    let appeal_key = format!("{key}{APPEAL_SUFFIX}");
+    let settled = bus.decided(&appeal_key).await.map_err(|e| e.to_string())?;
+    let Some(id) = settled.filter(|e| e.key == appeal_key).and_then(|e| e.decision.map(|d| d.id.to_string())) else {
+        return Ok(None);
+    };
+    // Not stored yet: the worker storing it publishes the answer itself once it is (`ServerHost::announce_answer`).
+    let Some(appeal) = state.store.get_decision(&id).await.map_err(|e| e.to_string())? else { return Ok(None) };
+    let linked = appeal.source.starts_with(NATS_SOURCE) && appeal.replay_of.as_deref() == Some(original.id.as_str());
+    Ok(linked.then(|| appeal.sampling["nats"].clone()))
 }
 
 /// Announces every decided review still waiting to be, while connected.

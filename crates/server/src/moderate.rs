@@ -18,9 +18,10 @@ use safeguard_pipeline::{
     RoutingConfig, Stage, TriageLibrary,
 };
 use safeguard_policy::Policy;
-use safeguard_store::{DecisionRecord, NewReview, now_ms};
+use safeguard_store::{DecisionRecord, NewReview, ReviewRecord, now_ms};
 use safeguard_verdict::Outcome;
 use serde_json::{Value, json};
+use tracing::debug;
 
 use crate::AppState;
 use crate::auth::Caller;
@@ -204,6 +205,12 @@ async fn queue_sample(state: &AppState, cascade: &CascadeDecision, decision_id: 
 /// id: storing the same cascade decision again (a redelivered NATS event) inserts nothing and returns
 /// `fresh = false`; the review is queued again in case the decision came from a copy stored without it (queuing
 /// is idempotent per decision).
+///
+/// An appeal linked to the decision it appeals (`appeal_of`: a bus appeal the host has checked) is stored as an
+/// HTTP appeal is ([`safeguard_store::Store::insert_appeal`]): a decision is appealed once. If it was appealed
+/// already (over HTTP, say), this appeal is stored linked but without a review of its own, and the appeal made
+/// before answers it too ([`StoredItem::answered_by`]): a second pending appeal review would let two people
+/// answer the same appeal differently, both announced on the item's subject and both exported as corrections.
 pub(crate) async fn store_cascade_item(
     state: &AppState,
     cascade: &CascadeDecision,
@@ -226,22 +233,15 @@ pub(crate) async fn store_cascade_item(
             crate::reviews::review_for_person(&record.id, policies, person_reasons(cascade))
         }
     });
-    let fresh = if state.store.get_decision(&record.id).await?.is_some() {
+    let (fresh, answered_by) = if let Some(stored) = state.store.get_decision(&record.id).await? {
         // Stored already, perhaps by a worker that had only the ledger's copy, without the chain of thought.
         state.store.add_missing_reasoning(&record.id, &reasoning).await?;
-        false
+        // The link as stored (the first worker's, which may have found the appealed decision not stored yet).
+        (false, answering_appeal(state, &stored).await?)
     } else {
-        match crate::reviews::store_decision(state, &record, &reasoning, review.as_ref()).await {
-            Ok(_) => true,
-            // Another worker stored the same decision between our read and our write: theirs stands, with our
-            // chain of thought if it came without one.
-            Err(e) => {
-                if state.store.get_decision(&record.id).await?.is_none() {
-                    return Err(e);
-                }
-                state.store.add_missing_reasoning(&record.id, &reasoning).await?;
-                false
-            }
+        match (record.replay_of.as_deref(), review.as_ref()) {
+            (Some(original), Some(review)) => store_linked_appeal(state, &record, &reasoning, review, original).await?,
+            _ => (store_once(state, &record, &reasoning, review.as_ref()).await?, None),
         }
     };
     if fresh {
@@ -250,6 +250,8 @@ pub(crate) async fn store_cascade_item(
         }
     }
     match &review {
+        // The appeal made before is the one a person answers; queuing this one's would make it two.
+        Some(_) if answered_by.is_some() => {}
         // Queued with the decision when it was stored fresh; queued again (a no-op when it is there) for a
         // decision stored before, in case the worker that stored it stopped before queuing it.
         Some(review) if !fresh => {
@@ -260,7 +262,62 @@ pub(crate) async fn store_cascade_item(
         Some(_) => {}
         None => queue_sample(state, cascade, &record.id).await?,
     }
-    Ok(StoredItem { record, reasoning, fresh })
+    Ok(StoredItem { record, reasoning, fresh, answered_by })
+}
+
+/// Stores `record` (with `review`, if any) unless another worker stores it first; returns whether this call did.
+async fn store_once(
+    state: &AppState,
+    record: &DecisionRecord,
+    reasoning: &[String],
+    review: Option<&NewReview>,
+) -> Result<bool, ApiError> {
+    match crate::reviews::store_decision(state, record, reasoning, review).await {
+        Ok(_) => Ok(true),
+        // Another worker stored the same decision between our read and our write: theirs stands, with our
+        // chain of thought if it came without one.
+        Err(e) => {
+            if state.store.get_decision(&record.id).await?.is_none() {
+                return Err(e);
+            }
+            state.store.add_missing_reasoning(&record.id, reasoning).await?;
+            Ok(false)
+        }
+    }
+}
+
+/// Stores an appeal linked to `original` under the store's one-appeal-per-decision lock; returns whether this
+/// call stored it and, when `original` was appealed before by another decision, that appeal's review.
+async fn store_linked_appeal(
+    state: &AppState,
+    record: &DecisionRecord,
+    reasoning: &[String],
+    review: &NewReview,
+    original: &str,
+) -> Result<(bool, Option<ReviewRecord>), ApiError> {
+    let queued = state.store.insert_appeal(record, Some(reasoning), review).await?;
+    if queued.fresh {
+        crate::reviews::count_queued(review);
+        return Ok((true, None));
+    }
+    if queued.review.decision_id == record.id {
+        // Another worker stored this same decision, with its review, since we looked.
+        state.store.add_missing_reasoning(&record.id, reasoning).await?;
+        return Ok((false, None));
+    }
+    // Appealed before (over HTTP, or on the bus under another id). Stored all the same, linked: the ledger has
+    // published this decision, so the host must hold it (exactly once), and the link is how the announcer finds
+    // it when a person answers the appeal made before ([`crate::ingest`]). No review: that appeal's answers both.
+    debug!(decision = %record.id, original, appeal = %queued.review.decision_id, "appealed already; answered by that appeal");
+    let fresh = store_once(state, record, reasoning, None).await?;
+    Ok((fresh, Some(queued.review)))
+}
+
+/// For a stored appeal linked to the decision it appeals, the review of another appeal of that decision made
+/// before it, which answers this one too (see [`store_linked_appeal`]); `None` when this appeal has its own.
+async fn answering_appeal(state: &AppState, stored: &DecisionRecord) -> Result<Option<ReviewRecord>, ApiError> {
+    let Some(original) = stored.replay_of.as_deref() else { return Ok(None) };
+    Ok(state.store.appeal_of(original).await?.filter(|review| review.decision_id != stored.id))
 }
 
 pub(crate) struct StoredItem {
@@ -268,6 +325,8 @@ pub(crate) struct StoredItem {
     pub reasoning: Vec<String>,
     /// False when the decision was stored before (a redelivery).
     pub fresh: bool,
+    /// For an appeal of a decision appealed before: the review of that earlier appeal, which answers this one.
+    pub answered_by: Option<ReviewRecord>,
 }
 
 /// One record for a whole cascade decision: per policy the verdict it ended with, the stage that settled it,

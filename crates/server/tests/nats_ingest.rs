@@ -492,3 +492,119 @@ async fn events_wait_for_a_default_policy_that_is_not_stored_yet() {
     server.shutdown().await.unwrap();
     delete_streams(&producer).await;
 }
+
+/// The pending appeal reviews of the database, by the decision each belongs to.
+async fn pending_appeals(store: &Store) -> Vec<String> {
+    let pending = store.list_reviews("pending", 1000).await.unwrap();
+    pending.into_iter().filter(|r| r.kind == "appeal").map(|r| r.decision_id).collect()
+}
+
+/// A bus appeal used to skip the one-appeal-per-decision check that HTTP appeals go through: an item appealed over
+/// HTTP and then on the bus had two pending appeal reviews, which two people could answer differently (both
+/// announced on the item's subject, both exported as corrections). The bus appeal is now stored linked, without a
+/// review of its own, and the appeal made before answers it: on its subject too, whether a person answers after
+/// the bus appeal is stored or had answered before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bus_appeal_of_a_decision_appealed_over_http_adds_no_second_appeal_review() {
+    if !nats_up() {
+        eprintln!("skipped: NATS is not reachable at {URL} (bash scripts/setup.sh starts it)");
+        return;
+    }
+    let _counting = QUEUES_REVIEWS.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(&dir.path().join("db.sqlite")).await.unwrap();
+    let mut nats = NatsConfig::new(URL, format!("sgappeal{}", &uuid::Uuid::new_v4().simple().to_string()[..10]));
+    nats.batch = 1;
+    let http = reqwest::Client::new();
+    let (server, base) = start(store.clone(), Arc::new(Panicky), nats.clone()).await;
+    let response = http.post(format!("{base}/v1/policies")).bearer_auth(ADMIN).json(&json!({"text": POLICY})).send();
+    assert!(response.await.unwrap().status().is_success());
+    let producer = Bus::connect(nats.clone()).await.unwrap();
+
+    // Appealed over HTTP, then on the bus; the person answers after both are stored.
+    let lunch = json!({"id": "lunch", "text": "see you at lunch"});
+    producer.publish_content("lunch", &lunch).await.unwrap();
+    let original = stored_once(&http, &base, "lunch").await;
+    let original_id = original["id"].as_str().unwrap();
+    let response =
+        http.post(format!("{base}/v1/decisions/{original_id}/appeal")).bearer_auth(ADMIN).send().await.unwrap();
+    assert!(response.status().is_success(), "{}", response.text().await.unwrap());
+    let http_appeal: Value = response.json().await.unwrap();
+    let http_appeal_id = http_appeal["decision"]["decision_id"].as_str().unwrap().to_string();
+    assert_eq!(pending_appeals(&store).await, vec![http_appeal_id.clone()]);
+
+    producer
+        .publish_content("lunch:appeal", &json!({"id": "lunch", "text": "see you at lunch", "appeal": true}))
+        .await
+        .unwrap();
+    let bus_appeal = stored_once(&http, &base, "lunch:appeal").await;
+    assert_eq!(bus_appeal["replay_of"].as_str(), Some(original_id), "linked to what it appeals: {bus_appeal}");
+    assert_eq!(pending_appeals(&store).await, vec![http_appeal_id.clone()], "one appeal, one review");
+    let bus_appeal_id = bus_appeal["id"].as_str().unwrap();
+    let published_decision = producer.decided("lunch:appeal").await.unwrap().and_then(|e| e.decision).unwrap();
+    assert_eq!(published_decision.id.to_string(), bus_appeal_id, "the host holds the decision the producer was told");
+
+    let response = decide(
+        &http,
+        &base,
+        http_appeal["review_id"].as_str().unwrap(),
+        json!({"outcome": "allow", "rationale": "plans for lunch", "rule_id": "PR0.a"}),
+    )
+    .await;
+    assert!(response.status().is_success(), "{}", response.text().await.unwrap());
+    for key in ["lunch", "lunch:appeal"] {
+        let reviewed = reviewed_on(&producer, key).await;
+        assert_eq!(reviewed.len(), 1, "{key}: {reviewed:?}");
+        let review = reviewed[0].review.as_ref().unwrap();
+        assert_eq!(
+            (review.decision_id.as_str(), review.appeal_of.as_deref(), review.outcome.as_str()),
+            (http_appeal_id.as_str(), Some(original_id), "allow"),
+            "{key}"
+        );
+    }
+    assert!(store.reviews_to_announce(10).await.unwrap().is_empty(), "announced on both subjects, and marked");
+
+    // Appealed over HTTP and answered before the bus appeal comes: the worker storing it publishes the answer.
+    let coffee = json!({"id": "coffee", "text": "coffee at ten?"});
+    producer.publish_content("coffee", &coffee).await.unwrap();
+    let original = stored_once(&http, &base, "coffee").await;
+    let original_id = original["id"].as_str().unwrap();
+    let response =
+        http.post(format!("{base}/v1/decisions/{original_id}/appeal")).bearer_auth(ADMIN).send().await.unwrap();
+    assert!(response.status().is_success(), "{}", response.text().await.unwrap());
+    let http_appeal: Value = response.json().await.unwrap();
+    let response = decide(
+        &http,
+        &base,
+        http_appeal["review_id"].as_str().unwrap(),
+        json!({"outcome": "allow", "rationale": "a question", "rule_id": "PR0.a"}),
+    )
+    .await;
+    assert!(response.status().is_success(), "{}", response.text().await.unwrap());
+    producer
+        .publish_content("coffee:appeal", &json!({"id": "coffee", "text": "coffee at ten?", "appeal": true}))
+        .await
+        .unwrap();
+    let bus_appeal = stored_once(&http, &base, "coffee:appeal").await;
+    assert_eq!(bus_appeal["replay_of"].as_str(), Some(original_id), "{bus_appeal}");
+    assert!(pending_appeals(&store).await.is_empty(), "the answered appeal stands alone");
+    // Stored before it is acked, and published before it is stored; give the publish a moment all the same.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let events = loop {
+        let events = published(&producer).await.remove("coffee:appeal").unwrap_or_default();
+        if events.last().is_some_and(|e| e.status == EventStatus::Reviewed) || Instant::now() > deadline {
+            break events;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let statuses: Vec<EventStatus> = events.iter().map(|e| e.status).collect();
+    assert_eq!(statuses, [EventStatus::Pending, EventStatus::Decided, EventStatus::Reviewed], "{events:?}");
+    let review = events[2].review.as_ref().unwrap();
+    assert_eq!(
+        (review.decision_id.as_str(), review.appeal_of.as_deref()),
+        (http_appeal["decision"]["decision_id"].as_str().unwrap(), Some(original_id))
+    );
+
+    server.shutdown().await.unwrap();
+    delete_streams(&producer).await;
+}
