@@ -78,6 +78,9 @@ pub struct NatsConfig {
     pub ack_wait: Duration,
     /// Events pulled at a time per worker; small keeps back-pressure tight.
     pub batch: usize,
+    /// How long the decision stream and the ledger keep what they hold (`serve --retain-days`); `None` keeps it
+    /// for good. A key whose ledger entry has aged out is decided again if it is ever sent again.
+    pub retain: Option<Duration>,
 }
 
 impl NatsConfig {
@@ -105,6 +108,7 @@ impl NatsConfig {
             prefix,
             ack_wait: Duration::from_secs(60),
             batch: 4,
+            retain: None,
         }
     }
 
@@ -235,6 +239,24 @@ pub struct ReviewedItem {
     pub decided_at: Option<i64>,
 }
 
+/// A stream created before (by another worker, or before `--retain-days` was set) keeps the age limit it was made
+/// with; this one gives it the retention asked for (`None` leaves it as it is: a worker started without
+/// `--retain-days` must not lift the limit others set).
+async fn keep_for(
+    js: &jetstream::Context,
+    mut stream: stream::Stream,
+    retain: Option<Duration>,
+    what: &str,
+) -> Result<stream::Stream, NatsError> {
+    let config = &stream.cached_info().config;
+    let Some(max_age) = retain.filter(|max_age| *max_age != config.max_age) else { return Ok(stream) };
+    tracing::info!(stream = %config.name, from = ?config.max_age, to = ?max_age, "changing how long the {what} keeps messages");
+    let changed = stream::Config { max_age, ..config.clone() };
+    js.update_stream(&changed).await.map_err(|e| NatsError::Setup(format!("{what}: {e}")))?;
+    stream.info().await.map_err(|e| NatsError::Setup(format!("{what}: {e}")))?;
+    Ok(stream)
+}
+
 /// Connected JetStream handles for one worker (or a producer/observer in tests).
 #[derive(Clone)]
 pub struct Bus {
@@ -263,24 +285,29 @@ impl Bus {
         })
         .await
         .map_err(|e| NatsError::Setup(format!("work stream: {e}")))?;
+        let max_age = config.retain.unwrap_or_default();
         let decision_log = js
             .get_or_create_stream(stream::Config {
                 name: config.decision_stream.clone(),
                 subjects: vec![format!("{}.decisions.>", config.prefix)],
                 duplicate_window: Duration::from_secs(120),
+                max_age,
                 ..Default::default()
             })
             .await
             .map_err(|e| NatsError::Setup(format!("decision stream: {e}")))?;
+        let decision_log = keep_for(&js, decision_log, config.retain, "decision stream").await?;
         let decided = js
             .get_or_create_stream(stream::Config {
                 name: config.decided_stream.clone(),
                 subjects: vec![format!("{}.decided.>", config.prefix)],
                 max_messages_per_subject: 1,
+                max_age,
                 ..Default::default()
             })
             .await
             .map_err(|e| NatsError::Setup(format!("decided ledger: {e}")))?;
+        let decided = keep_for(&js, decided, config.retain, "decided ledger").await?;
         Ok(Bus { config, js, decided, decision_log })
     }
 
@@ -2037,6 +2064,35 @@ mod tests {
         let (_, last) = bus.last_on_subject(&key).await.unwrap();
         assert_eq!(last.map(|e| e.status), Some(EventStatus::Decided));
 
+        for name in [&bus.config.work_stream, &bus.config.decision_stream, &bus.config.decided_stream] {
+            let _ = bus.js.delete_stream(name).await;
+        }
+    }
+
+    /// `--retain-days` reaches the decision stream and the ledger, also when they were made before without it; a
+    /// worker started without it leaves the limit others set.
+    #[tokio::test]
+    async fn the_retention_asked_for_holds_on_streams_made_before() {
+        let nats = "127.0.0.1:4222";
+        if std::net::TcpStream::connect_timeout(&nats.parse().unwrap(), Duration::from_secs(1)).is_err() {
+            eprintln!("skipped: NATS is not reachable at {nats} (bash scripts/setup.sh starts it)");
+            return;
+        }
+        let prefix = format!("sgretain{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let ages = |bus: Bus| async move {
+            let mut ages = Vec::new();
+            for name in [&bus.config.decision_stream, &bus.config.decided_stream] {
+                ages.push(bus.js.get_stream(name).await.unwrap().info().await.unwrap().config.max_age);
+            }
+            ages
+        };
+        let kept = Bus::connect(NatsConfig::new(nats, prefix.clone())).await.unwrap();
+        assert_eq!(ages(kept).await, [Duration::ZERO; 2], "kept for good unless asked");
+        let day = Duration::from_secs(86_400);
+        let retained = Bus::connect(NatsConfig { retain: Some(day), ..NatsConfig::new(nats, prefix.clone()) });
+        assert_eq!(ages(retained.await.unwrap()).await, [day; 2]);
+        let bus = Bus::connect(NatsConfig::new(nats, prefix)).await.unwrap();
+        assert_eq!(ages(bus.clone()).await, [day; 2], "a worker without --retain-days leaves it");
         for name in [&bus.config.work_stream, &bus.config.decision_stream, &bus.config.decided_stream] {
             let _ = bus.js.delete_stream(name).await;
         }

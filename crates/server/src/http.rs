@@ -2,8 +2,11 @@
 //! set. Its hyper connections run without a timer, so hyper's header-read timeout never fires: a client that
 //! opens connections and sends its headers a byte at a time, before any key is asked for, holds a socket and a
 //! task each for as long as it likes, until the process runs out of file descriptors. Here every connection must
-//! send its request headers within `header_read_timeout`, and at most `max_connections` are open at once (the
-//! next waits in the kernel's backlog).
+//! send its request headers within `header_read_timeout` of the server starting to wait for them (from accept,
+//! and between requests on a kept-alive connection), and at most `max_connections` are open at once (the next
+//! waits in the kernel's backlog). HTTP/1.1 only: hyper's protocol detection for HTTP/2 reads the first bytes
+//! with no timer at all, so a connection that sent nothing would hold its place for good. Nothing here needs
+//! HTTP/2 (TLS, where it is negotiated, ends at a proxy in front).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,8 +14,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -22,7 +25,10 @@ use tower::ServiceExt;
 /// Limits on each connection and on how many there are.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
-    /// A connection that has not sent a whole request head this long after it started one is closed.
+    /// A connection that has not sent a whole request head this long after the server began waiting for one is
+    /// closed: from accept, and between requests on a kept-alive connection. Behind a proxy that keeps idle
+    /// connections open, make it longer than the proxy's idle timeout (AWS ALB: 60 s), or the proxy may send a
+    /// request on a connection just as it closes.
     pub header_read_timeout: Duration,
     /// Connections served at once; more wait to be accepted.
     pub max_connections: usize,
@@ -30,7 +36,7 @@ pub struct ConnectionLimits {
 
 impl Default for ConnectionLimits {
     fn default() -> Self {
-        ConnectionLimits { header_read_timeout: Duration::from_secs(30), max_connections: 4096 }
+        ConnectionLimits { header_read_timeout: Duration::from_secs(75), max_connections: 4096 }
     }
 }
 
@@ -42,9 +48,8 @@ pub(crate) async fn serve(
     limits: ConnectionLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
     let connections = Arc::new(Semaphore::new(limits.max_connections.clamp(1, Semaphore::MAX_PERMITS)));
     let graceful = GracefulShutdown::new();
     loop {
@@ -74,8 +79,7 @@ pub(crate) async fn serve(
             request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
             app.clone().oneshot(request)
         });
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service).into_owned();
-        let connection = graceful.watch(connection);
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(tcp), service));
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%peer, "connection ended: {error}");

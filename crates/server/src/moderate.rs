@@ -295,7 +295,15 @@ async fn store_linked_appeal(
     review: &NewReview,
     original: &str,
 ) -> Result<(bool, Option<ReviewRecord>), ApiError> {
-    let queued = state.store.insert_appeal(record, Some(reasoning), review).await?;
+    let queued = match state.store.insert_appeal(record, Some(reasoning), review).await {
+        Ok(queued) => queued,
+        // The appealed decision was pruned since the host linked it: an appeal of its own, as an unlinked one is.
+        Err(safeguard_store::StoreError::DecisionNotFound(_)) => {
+            let unlinked = DecisionRecord { replay_of: None, ..record.clone() };
+            return Ok((store_once(state, &unlinked, reasoning, Some(review)).await?, None));
+        }
+        Err(other) => return Err(other.into()),
+    };
     if queued.fresh {
         crate::reviews::count_queued(review);
         return Ok((true, None));

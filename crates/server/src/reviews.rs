@@ -407,7 +407,14 @@ pub(crate) async fn appeal(
     // One review, the appeal, whatever the model said: a second "undecided" review of the same item would be
     // left pending once a person answers the appeal.
     let review = appeal_review(&record.id, reason);
-    let stored = state.store.insert_appeal(&record, Some(&reasoning), &review).await?;
+    let stored = match state.store.insert_appeal(&record, Some(&reasoning), &review).await {
+        Ok(stored) => stored,
+        // Pruned while the appeal was reasoned.
+        Err(safeguard_store::StoreError::DecisionNotFound(_)) => {
+            return Err(ApiError::NotFound(format!("no decision {id}")));
+        }
+        Err(other) => return Err(other.into()),
+    };
     if !stored.fresh {
         // Another request appealed the same decision while this one was reasoning; its appeal is the one.
         return existing_appeal(&state, &id, &stored.review).await;

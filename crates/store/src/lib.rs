@@ -65,6 +65,8 @@ pub enum StoreError {
     InvalidSchema(String),
     #[error("policy {0} is not stored")]
     PolicyNotFound(String),
+    #[error("decision {0} is not stored (pruned, or never was)")]
+    DecisionNotFound(String),
     #[error("policy {hash} is named {actual:?}, not {requested:?}")]
     PolicyNameMismatch { hash: String, actual: String, requested: String },
     #[error("the decision writer stopped before confirming the write; the decision may or may not be stored")]

@@ -3,10 +3,11 @@
 //! content forever (or only has so much disk) prunes on a schedule (`safeguard prune`, `serve --retain-days`).
 //!
 //! What is never deleted, however old: an item a person still has to decide (a pending review), a person's
-//! decision on a bus item not yet announced to its producer, a decision a kept appeal replays, a job not yet
-//! finished or whose webhook is still being sent, and a policy version that is active or that a kept decision or
-//! an unfinished job names. Rows go a batch at a time, each batch in its own transaction, so that a large first
-//! prune never holds SQLite's write lock for long.
+//! decision on a bus item not yet announced to its producer, a decision any stored appeal or replay names (it goes
+//! on a later run, once they have gone), a job not yet finished or whose webhook is still being sent or failed
+//! within the period. Policy versions are not pruned: a version a server has cached may be named by its next
+//! decision however long ago it was stored. Rows go a batch at a time, each batch in its own transaction, so that
+//! a large first prune never holds SQLite's write lock for long.
 
 use sqlx::Row;
 
@@ -15,20 +16,17 @@ use crate::{Backend, Result, Store};
 /// What to prune, and up to when.
 #[derive(Debug, Clone)]
 pub struct Retention {
-    /// Rows created (jobs and deliveries: last changed) before this unix-millisecond time go.
+    /// Rows created (jobs and deliveries: last changed too) before this unix-millisecond time go.
     pub before_ms: i64,
     /// Keep decisions a person decided, however old: the corrections triage retrains on.
     pub keep_reviewed: bool,
-    /// Also delete policy versions that are not active and that nothing kept names (old drafts, the versions
-    /// clients sent inline). Off unless asked: an inactive version may be one an operator means to roll back to.
-    pub policies: bool,
     /// Rows per transaction.
     pub batch: i64,
 }
 
 impl Retention {
     pub fn before(before_ms: i64) -> Self {
-        Retention { before_ms, keep_reviewed: false, policies: false, batch: 500 }
+        Retention { before_ms, keep_reviewed: false, batch: 500 }
     }
 }
 
@@ -38,72 +36,92 @@ pub struct Pruned {
     pub decisions: u64,
     pub jobs: u64,
     pub webhook_deliveries: u64,
-    pub policies: u64,
 }
 
-/// A decision `d` that may go: old enough, and nothing kept still needs it.
+/// A decision `d` that may go: old enough, and nothing kept still needs it. An appeal or replay is always newer
+/// than what it names, so the named decision waits for it to go first.
 fn decision_prunable(keep_reviewed: bool) -> String {
     let reviewed = if keep_reviewed { "OR r.status = 'decided'" } else { "" };
     format!(
         "d.created_at < $1 \
          AND NOT EXISTS (SELECT 1 FROM reviews r WHERE r.decision_id = d.id \
              AND (r.status = 'pending' OR (r.status = 'decided' AND r.announced_at IS NULL) {reviewed})) \
-         AND NOT EXISTS (SELECT 1 FROM decisions a WHERE a.replay_of = d.id AND a.created_at >= $1) \
+         AND NOT EXISTS (SELECT 1 FROM decisions a WHERE a.replay_of = d.id) \
          AND (d.job_id IS NULL OR NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = d.job_id))"
     )
 }
 
-/// A finished job `j` that may go, with its deliveries: none of them is still being sent.
+/// A finished job `j` that may go, with its deliveries: none is still being sent, nor failed within the period
+/// (`safeguard webhooks retry` may still want it).
 const JOB_PRUNABLE: &str = "j.status IN ('done', 'failed') AND j.created_at < $1 AND j.updated_at < $1 \
-     AND NOT EXISTS (SELECT 1 FROM webhook_deliveries w WHERE w.job_id = j.id AND w.status = 'pending')";
+     AND NOT EXISTS (SELECT 1 FROM webhook_deliveries w WHERE w.job_id = j.id \
+         AND (w.status = 'pending' OR w.updated_at >= $1))";
 
-/// A delivery `w` that may go: sent, or given up on (its job may be kept; its record of attempts is not).
+/// A delivery `w` that may go: sent, or given up on, before the period (its job may be kept; its record of
+/// attempts is not).
 const DELIVERY_PRUNABLE: &str = "w.status <> 'pending' AND w.created_at < $1 AND w.updated_at < $1";
 
-/// A policy version `p` that may go: inactive and named by nothing kept (a review names its decision's versions).
-/// Jobs hold their request as JSON, so an unfinished one's reference is found in its text.
-const POLICY_PRUNABLE: &str = "p.created_at < $1 \
-     AND NOT EXISTS (SELECT 1 FROM policy_pins pin WHERE pin.hash = p.hash) \
-     AND NOT EXISTS (SELECT 1 FROM decision_policies dp WHERE dp.policy_hash = p.hash) \
-     AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.status IN ('pending', 'running') \
-         AND j.request LIKE '%' || p.hash || '%')";
+/// One table's part of a prune: its rows (`name alias`), their key, what makes one prunable, and the tables whose
+/// rows point at them and go with them.
+struct Pruning<'a> {
+    table: &'static str,
+    alias: &'static str,
+    key: &'static str,
+    condition: &'a str,
+    children: &'a [(&'static str, &'static str)],
+}
 
 fn placeholders(from: usize, count: usize) -> String {
     (from..from + count).map(|n| format!("${n}")).collect::<Vec<_>>().join(", ")
 }
 
 impl Store {
-    /// Deletes what `retention` says may go, a batch at a time, and says how much went. Jobs go before decisions
-    /// (a job's decision is kept while its job is), deliveries before jobs; policies last, once the decisions
-    /// that named them are gone.
+    /// Deletes what `retention` says may go, a batch at a time, and says how much went. Deliveries go first, then
+    /// jobs (with theirs), then decisions (a job's decision is kept while its job is).
     #[tracing::instrument(skip(self))]
     pub async fn prune(&self, retention: &Retention) -> Result<Pruned> {
-        let mut pruned = Pruned::default();
-        let batch = retention.batch.max(1);
-        let before = retention.before_ms;
-        pruned.webhook_deliveries =
-            self.prune_table("webhook_deliveries w", "w.id", DELIVERY_PRUNABLE, before, batch, &[]).await?;
-        pruned.jobs = self
-            .prune_table("jobs j", "j.id", JOB_PRUNABLE, before, batch, &[("webhook_deliveries", "job_id")])
-            .await?;
-        pruned.decisions = self
+        let decisions = decision_prunable(retention.keep_reviewed);
+        let webhook_deliveries = self
             .prune_table(
-                "decisions d",
-                "d.id",
-                &decision_prunable(retention.keep_reviewed),
-                before,
-                batch,
-                &[
-                    ("reviews", "decision_id"),
-                    ("decision_reasoning", "decision_id"),
-                    ("decision_policies", "decision_id"),
-                ],
+                &Pruning {
+                    table: "webhook_deliveries",
+                    alias: "w",
+                    key: "id",
+                    condition: DELIVERY_PRUNABLE,
+                    children: &[],
+                },
+                retention,
             )
             .await?;
-        if retention.policies {
-            pruned.policies = self.prune_table("policies p", "p.hash", POLICY_PRUNABLE, before, batch, &[]).await?;
-        }
-        Ok(pruned)
+        let jobs = self
+            .prune_table(
+                &Pruning {
+                    table: "jobs",
+                    alias: "j",
+                    key: "id",
+                    condition: JOB_PRUNABLE,
+                    children: &[("webhook_deliveries", "job_id")],
+                },
+                retention,
+            )
+            .await?;
+        let decisions = self
+            .prune_table(
+                &Pruning {
+                    table: "decisions",
+                    alias: "d",
+                    key: "id",
+                    condition: &decisions,
+                    children: &[
+                        ("reviews", "decision_id"),
+                        ("decision_reasoning", "decision_id"),
+                        ("decision_policies", "decision_id"),
+                    ],
+                },
+                retention,
+            )
+            .await?;
+        Ok(Pruned { decisions, jobs, webhook_deliveries })
     }
 
     /// Counts what [`Store::prune`] would delete now, deleting nothing. A decision that only goes once its job
@@ -120,51 +138,56 @@ impl Store {
             webhook_deliveries: count("webhook_deliveries w", DELIVERY_PRUNABLE.to_string()).await?,
             jobs: count("jobs j", JOB_PRUNABLE.to_string()).await?,
             decisions: count("decisions d", decision_prunable(retention.keep_reviewed)).await?,
-            policies: if retention.policies { count("policies p", POLICY_PRUNABLE.to_string()).await? } else { 0 },
         })
     }
 
-    /// Deletes the rows of `table` (aliased, e.g. `decisions d`) that meet `condition`, and the rows of each
-    /// `(child, column)` that point at them, `batch` at a time. The condition is checked again inside each batch's
-    /// transaction, with the write lock held (SQLite) or the rows locked (PostgreSQL), so that a row that gained a
-    /// reason to stay between the look and the delete (an appeal, say) stays.
-    async fn prune_table(
-        &self,
-        table: &'static str,
-        key: &'static str,
-        condition: &str,
-        before: i64,
-        batch: i64,
-        children: &[(&'static str, &'static str)],
-    ) -> Result<u64> {
-        let (name, alias) = table.split_once(' ').unwrap_or((table, table));
-        let bare_key = key.split_once('.').map_or(key, |(_, column)| column);
+    /// Deletes one table's prunable rows and the rows that point at them, `batch` at a time, oldest first. Each
+    /// batch's rows are locked (SQLite: the write lock; PostgreSQL: the rows) before their condition is checked
+    /// again, in a statement of its own, so that a row that gained a reason to stay since the look (an appeal, a
+    /// review) stays. The look goes on from where the last batch ended, so rows kept on purpose are read once per
+    /// prune, not once per batch.
+    async fn prune_table(&self, pruning: &Pruning<'_>, retention: &Retention) -> Result<u64> {
+        let Pruning { table, alias, key, condition, children } = *pruning;
+        let batch = retention.batch.max(1);
+        let mut after: (i64, String) = (i64::MIN, String::new());
         let mut deleted = 0u64;
         loop {
-            let candidates: Vec<String> = sqlx::query(sql!(
-                "SELECT {key} AS k FROM {table} WHERE {condition} ORDER BY {alias}.created_at LIMIT $2"
+            let candidates: Vec<(i64, String)> = sqlx::query(sql!(
+                "SELECT {alias}.created_at AS at, {alias}.{key} AS k FROM {table} {alias} WHERE {condition} \
+                 AND ({alias}.created_at > $2 OR ({alias}.created_at = $2 AND {alias}.{key} > $3)) \
+                 ORDER BY {alias}.created_at, {alias}.{key} LIMIT $4"
             ))
-            .bind(before)
+            .bind(retention.before_ms)
+            .bind(after.0)
+            .bind(&after.1)
             .bind(batch)
             .fetch_all(&self.pool)
             .await?
             .iter()
-            .map(|row| row.try_get::<String, _>("k"))
-            .collect::<std::result::Result<_, _>>()?;
-            if candidates.is_empty() {
-                return Ok(deleted);
-            }
+            .map(|row| Ok((row.try_get::<i64, _>("at")?, row.try_get::<String, _>("k")?)))
+            .collect::<Result<_>>()?;
+            let Some(last) = candidates.last().cloned() else { return Ok(deleted) };
             let mut tx = match self.backend {
                 Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
                 Backend::Postgres => self.pool.begin().await?,
             };
-            let lock = if self.backend == Backend::Postgres { "FOR UPDATE" } else { "" };
+            if self.backend == Backend::Postgres {
+                // Locked first and checked after, in a new statement: a check in the locking statement would read
+                // the snapshot from before the lock was granted, and miss what the lock's holder committed.
+                let list = placeholders(1, candidates.len());
+                let mut lock = sqlx::query(sql!("SELECT {key} FROM {table} WHERE {key} IN ({list}) FOR UPDATE"));
+                for (_, id) in &candidates {
+                    lock = lock.bind(id);
+                }
+                lock.fetch_all(&mut *tx).await?;
+            }
             let list = placeholders(2, candidates.len());
-            let mut recheck =
-                sqlx::query(sql!("SELECT {key} AS k FROM {table} WHERE {key} IN ({list}) AND {condition} {lock}"))
-                    .bind(before);
-            for candidate in &candidates {
-                recheck = recheck.bind(candidate);
+            let mut recheck = sqlx::query(sql!(
+                "SELECT {alias}.{key} AS k FROM {table} {alias} WHERE {alias}.{key} IN ({list}) AND {condition}"
+            ))
+            .bind(retention.before_ms);
+            for (_, id) in &candidates {
+                recheck = recheck.bind(id);
             }
             let going: Vec<String> = recheck
                 .fetch_all(&mut *tx)
@@ -181,18 +204,17 @@ impl Store {
                     }
                     delete.execute(&mut *tx).await?;
                 }
-                let mut delete = sqlx::query(sql!("DELETE FROM {name} WHERE {bare_key} IN ({list})"));
+                let mut delete = sqlx::query(sql!("DELETE FROM {table} WHERE {key} IN ({list})"));
                 for id in &going {
                     delete = delete.bind(id);
                 }
                 deleted += delete.execute(&mut *tx).await?.rows_affected();
             }
             tx.commit().await?;
-            // Fewer than a batch: that was the last of them. (A batch whose rows all gained a reason to stay since
-            // the look would otherwise be looked at again and again.)
-            if (candidates.len() as i64) < batch || going.is_empty() {
+            if (candidates.len() as i64) < batch {
                 return Ok(deleted);
             }
+            after = last;
         }
     }
 }

@@ -337,11 +337,16 @@ impl Store {
             crate::Backend::Postgres => self.pool.begin().await?,
         };
         if let Some(original) = decision.replay_of.as_deref() {
-            if self.backend == crate::Backend::Postgres {
-                sqlx::query("SELECT id FROM decisions WHERE id = $1 FOR UPDATE")
-                    .bind(original)
-                    .fetch_optional(&mut *tx)
-                    .await?;
+            let lock = if self.backend == crate::Backend::Postgres { "FOR UPDATE" } else { "" };
+            let still_there = sqlx::query(sql!("SELECT id FROM decisions WHERE id = $1 {lock}"))
+                .bind(original)
+                .fetch_optional(&mut *tx)
+                .await?;
+            // Pruned while the appeal was being reasoned (it was read before): an appeal of nothing is refused,
+            // not stored pointing nowhere.
+            if still_there.is_none() {
+                tx.rollback().await?;
+                return Err(StoreError::DecisionNotFound(original.to_string()));
             }
             if let Some(existing) = find_appeal(&mut *tx, original).await? {
                 tx.rollback().await?;

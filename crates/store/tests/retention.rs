@@ -122,11 +122,35 @@ async fn old_rows_go_and_whatever_is_still_needed_stays() {
         s.insert_appeal(&appeal, None, &review_of("recent-appeal", "appeal")).await.unwrap();
         s.insert_decision(&decision("recent", recent, "sha256:used"), None).await.unwrap();
 
+        // Old appeals: one still waiting for a person keeps itself and what it appeals; one answered and announced
+        // goes, and what it appealed goes on the next run.
+        for (original, appeal_id) in
+            [("old-appealed-waiting", "old-appeal-waiting"), ("old-appealed-done", "old-appeal-done")]
+        {
+            s.insert_decision(&decision(original, 1_000, "sha256:used"), None).await.unwrap();
+            let mut appeal = decision(appeal_id, 2_000, "sha256:used");
+            (appeal.source, appeal.replay_of) = ("appeal".into(), Some(original.into()));
+            s.insert_appeal(&appeal, None, &review_of(appeal_id, "appeal")).await.unwrap();
+        }
+        let done = s.appeal_of("old-appealed-done").await.unwrap().unwrap();
+        s.decide_review(&done.id, &answer).await.unwrap().unwrap();
+        s.mark_review_announced(&done.id).await.unwrap();
+
         let delivered = finished_job(s, "k-delivered", "old-job-decision", "delivered").await;
         let sending = finished_job(s, "k-sending", "old-sending-decision", "pending").await;
+        // A webhook given up on within the period keeps its job for `safeguard webhooks retry`.
+        let failed_lately = finished_job(s, "k-failed", "old-failed-decision", "failed").await;
+        s.pool()
+            .execute(
+                sqlx::query("UPDATE webhook_deliveries SET updated_at = $1 WHERE job_id = $2")
+                    .bind(recent)
+                    .bind(failed_lately.clone()),
+            )
+            .await
+            .unwrap();
         let (unfinished, _) = s
             .enqueue_job(&NewJob {
-                request: json!({"text": "hi", "policies": ["sha256:queued"]}),
+                request: json!({"text": "hi", "policies": ["spam"]}),
                 idempotency_key: Some("k-pending".into()),
                 webhook_url: None,
                 submitted_by: None,
@@ -134,43 +158,46 @@ async fn old_rows_go_and_whatever_is_still_needed_stays() {
             .await
             .unwrap();
 
-        let meta = json!({"meta": {}});
-        for hash in ["sha256:used", "sha256:orphan", "sha256:queued"] {
-            s.put_policy(hash, "spam", &format!("body of {hash}"), &meta, false).await.unwrap();
-        }
-        s.put_policy("sha256:pinned", "pinned", "body", &meta, true).await.unwrap();
-
         let cutoff = now_ms() + 10_000;
-        let retention = Retention { policies: true, ..Retention::before(cutoff) };
+        let retention = Retention::before(cutoff);
         let counted = s.count_prunable(&retention).await.unwrap();
         let pruned = s.prune(&Retention { batch: 2, ..retention.clone() }).await.unwrap();
-        let expected = Pruned { decisions: 3, jobs: 1, webhook_deliveries: 1, policies: 1 };
+        // Decisions: old-plain, old-reviewed, old-appeal-done, and old-job-decision once its job went.
+        let expected = Pruned { decisions: 4, jobs: 1, webhook_deliveries: 1 };
         assert_eq!(pruned, expected, "{label}");
         // The job's decision is counted once its job has gone, so counting first sees one decision fewer.
-        assert_eq!(counted, Pruned { decisions: 1, ..expected }, "{label}");
+        assert_eq!(counted, Pruned { decisions: 3, ..expected }, "{label}");
 
-        for gone in ["old-plain", "old-reviewed", "old-job-decision"] {
+        for gone in ["old-plain", "old-reviewed", "old-job-decision", "old-appeal-done"] {
             assert!(s.get_decision(gone).await.unwrap().is_none(), "{gone} must go ({label})");
         }
-        assert!(s.get_decision("old-plain").await.unwrap().is_none(), "{label}");
         assert!(s.get_reasoning("old-plain").await.unwrap().is_none(), "its reasoning went with it ({label})");
         assert!(s.get_review(&reviewed).await.unwrap().is_none(), "and its review ({label})");
-        for kept in
-            ["old-pending", "old-unannounced", "old-appealed", "recent-appeal", "recent", "old-sending-decision"]
-        {
+        for kept in [
+            "old-pending",
+            "old-unannounced",
+            "old-appealed",
+            "recent-appeal",
+            "recent",
+            "old-sending-decision",
+            "old-failed-decision",
+            "old-appealed-waiting",
+            "old-appeal-waiting",
+            "old-appealed-done",
+        ] {
             assert!(s.get_decision(kept).await.unwrap().is_some(), "{kept} must stay ({label})");
         }
         assert!(s.get_job(&delivered).await.unwrap().is_none(), "{label}");
         assert!(s.deliveries_for_job(&delivered).await.unwrap().is_empty(), "{label}");
         assert!(s.get_job(&sending).await.unwrap().is_some(), "a webhook still being sent keeps its job ({label})");
+        assert!(s.get_job(&failed_lately).await.unwrap().is_some(), "{label}");
         assert!(s.get_job(&unfinished.id).await.unwrap().is_some(), "{label}");
-        assert!(s.get_policy("sha256:orphan").await.unwrap().is_none(), "{label}");
-        for kept in ["sha256:used", "sha256:queued", "sha256:pinned"] {
-            assert!(s.get_policy(kept).await.unwrap().is_some(), "{kept} must stay ({label})");
-        }
 
-        // Done: nothing more goes, and keeping reviewed decisions keeps them.
+        // The next run takes what the answered appeal appealed; then nothing more goes.
+        assert_eq!(s.prune(&retention).await.unwrap(), Pruned { decisions: 1, ..Pruned::default() }, "{label}");
+        assert!(s.get_decision("old-appealed-done").await.unwrap().is_none(), "{label}");
         assert_eq!(s.prune(&retention).await.unwrap(), Pruned::default(), "{label}");
+        // Keeping reviewed decisions keeps them.
         s.decide_review(&pending, &answer).await.unwrap().unwrap();
         s.mark_review_announced(&pending).await.unwrap();
         let keeping = Retention { keep_reviewed: true, ..Retention::before(cutoff) };

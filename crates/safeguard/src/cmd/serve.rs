@@ -200,17 +200,14 @@ pub struct Args {
     #[arg(long, value_name = "SECS", default_value_t = ConnectionLimits::default().header_read_timeout.as_secs())]
     pub header_timeout_secs: u64,
     /// Delete stored decisions, jobs and webhook deliveries older than this many days, hourly (as `safeguard
-    /// prune --older-than-days` does). Items a person still has to decide, and whatever they need, stay. Off by
-    /// default: everything is kept.
+    /// prune --older-than-days` does). Items a person still has to decide, and whatever they need, stay. With
+    /// --nats, the decision stream and the ledger keep messages as long (a key sent again after that is decided
+    /// again). Off by default: everything is kept.
     #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u32).range(1..))]
     pub retain_days: Option<u32>,
     /// With --retain-days: keep decisions a person reviewed, however old (the corrections triage learns from).
     #[arg(long, requires = "retain_days")]
     pub retain_reviewed: bool,
-    /// With --retain-days: also delete policy versions that are not active and that no kept decision or
-    /// unfinished job names (old drafts, versions clients sent inline).
-    #[arg(long, requires = "retain_days")]
-    pub retain_prune_policies: bool,
     /// Milliseconds a policy name's active version and an API key are trusted before the store is asked again.
     /// Changes made through this server apply at once; made elsewhere (another server, `safeguard keys
     /// revoke`), within this time. 0 asks the store on every request.
@@ -291,6 +288,7 @@ fn nats_ingest(args: &Args, url: &str) -> NatsIngest {
         config = config.with_stream(stream);
     }
     config.ack_wait = Duration::from_secs(args.nats_ack_wait.max(1));
+    config.retain = args.retain_days.map(|days| Duration::from_secs(u64::from(days) * 86_400));
     NatsIngest { config, policies: args.nats_policies.clone() }
 }
 
@@ -416,7 +414,6 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         },
         retention: args.retain_days.map(|days| RetentionConfig {
             keep_reviewed: args.retain_reviewed,
-            policies: args.retain_prune_policies,
             ..RetentionConfig::new(Duration::from_secs(u64::from(days) * 86_400))
         }),
         // A day at most: the deadline is an instant in the future, and a huge one would overflow when the signal came.
