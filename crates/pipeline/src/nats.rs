@@ -252,8 +252,14 @@ async fn keep_for(
     let Some(max_age) = retain.filter(|max_age| *max_age != config.max_age) else { return Ok(stream) };
     tracing::info!(stream = %config.name, from = ?config.max_age, to = ?max_age, "changing how long the {what} keeps messages");
     let changed = stream::Config { max_age, ..config.clone() };
-    js.update_stream(&changed).await.map_err(|e| NatsError::Setup(format!("{what}: {e}")))?;
-    stream.info().await.map_err(|e| NatsError::Setup(format!("{what}: {e}")))?;
+    // Not being allowed to change it (credentials without STREAM.UPDATE) leaves the stream as it was; the bus
+    // works the same, it only keeps messages longer than asked.
+    match js.update_stream(&changed).await {
+        Ok(_) => {
+            stream.info().await.map_err(|e| NatsError::Setup(format!("{what}: {e}")))?;
+        }
+        Err(e) => tracing::warn!(stream = %changed.name, "cannot change how long the {what} keeps messages: {e}"),
+    }
     Ok(stream)
 }
 

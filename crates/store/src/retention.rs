@@ -154,9 +154,11 @@ impl Store {
         loop {
             let candidates: Vec<(i64, String)> = sqlx::query(sql!(
                 "SELECT {alias}.created_at AS at, {alias}.{key} AS k FROM {table} {alias} WHERE {condition} \
+                 AND {alias}.created_at >= $2 \
                  AND ({alias}.created_at > $2 OR ({alias}.created_at = $2 AND {alias}.{key} > $3)) \
                  ORDER BY {alias}.created_at, {alias}.{key} LIMIT $4"
             ))
+            // (`created_at >= $2` alone starts PostgreSQL's index scan at the cursor; the OR does not.)
             .bind(retention.before_ms)
             .bind(after.0)
             .bind(&after.1)
@@ -169,13 +171,17 @@ impl Store {
             let Some(last) = candidates.last().cloned() else { return Ok(deleted) };
             let mut tx = match self.backend {
                 Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-                Backend::Postgres => self.pool.begin().await?,
+                // The check after the lock must see what the lock's holder committed: READ COMMITTED, whatever
+                // the database's default.
+                Backend::Postgres => self.pool.begin_with("BEGIN ISOLATION LEVEL READ COMMITTED").await?,
             };
             if self.backend == Backend::Postgres {
-                // Locked first and checked after, in a new statement: a check in the locking statement would read
-                // the snapshot from before the lock was granted, and miss what the lock's holder committed.
+                // Locked first (in key order, so two servers pruning at once cannot deadlock) and checked after, in
+                // a new statement: a check in the locking statement would read the snapshot from before the lock
+                // was granted, and miss what the lock's holder committed.
                 let list = placeholders(1, candidates.len());
-                let mut lock = sqlx::query(sql!("SELECT {key} FROM {table} WHERE {key} IN ({list}) FOR UPDATE"));
+                let mut lock =
+                    sqlx::query(sql!("SELECT {key} FROM {table} WHERE {key} IN ({list}) ORDER BY {key} FOR UPDATE"));
                 for (_, id) in &candidates {
                     lock = lock.bind(id);
                 }

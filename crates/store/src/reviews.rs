@@ -334,7 +334,8 @@ impl Store {
     ) -> Result<QueuedReview> {
         let mut tx = match self.backend {
             crate::Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            crate::Backend::Postgres => self.pool.begin().await?,
+            // The look for an earlier appeal, after the lock, must see what the lock's last holder committed.
+            crate::Backend::Postgres => self.pool.begin_with("BEGIN ISOLATION LEVEL READ COMMITTED").await?,
         };
         if let Some(original) = decision.replay_of.as_deref() {
             let lock = if self.backend == crate::Backend::Postgres { "FOR UPDATE" } else { "" };

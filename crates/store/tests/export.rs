@@ -1,28 +1,9 @@
 //! The uncapped export reads, on SQLite and, when reachable, PostgreSQL (in a throwaway schema).
 
-use safeguard_store::{DecisionRecord, ReviewDecision, Store, StoreOptions};
+mod common;
+
+use safeguard_store::{DecisionRecord, ReviewDecision};
 use serde_json::json;
-
-const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-
-async fn stores() -> Vec<(Store, &'static str, Option<tempfile::TempDir>, Option<(String, String)>)> {
-    let dir = tempfile::tempdir().unwrap();
-    let sqlite = Store::open_sqlite(&dir.path().join("export.db")).await.unwrap();
-    let mut out = vec![(sqlite, "sqlite", Some(dir), None)];
-    let url = std::env::var("SAFEGUARD_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_string());
-    let schema = format!(
-        "sgexport_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-    );
-    let options = StoreOptions { schema: Some(schema.clone()), max_connections: 4, ..Default::default() };
-    match tokio::time::timeout(std::time::Duration::from_secs(5), Store::connect(&url, options)).await {
-        Ok(Ok(store)) => out.push((store, "postgres", None, Some((url, schema)))),
-        Ok(Err(err)) => eprintln!("SKIPPING PostgreSQL half of this test: {url} unreachable: {err}"),
-        Err(_) => eprintln!("SKIPPING PostgreSQL half of this test: {url} timed out"),
-    }
-    out
-}
 
 fn decision(id: &str, created_at: i64) -> DecisionRecord {
     DecisionRecord {
@@ -51,7 +32,7 @@ fn decision(id: &str, created_at: i64) -> DecisionRecord {
 
 #[tokio::test]
 async fn decided_reviews_come_with_their_decisions_and_respect_since() {
-    for (store, label, _dir, pg) in stores().await {
+    for (store, label, _dir, pg) in common::stores("export").await {
         // Created out of order, so that the ordering is the query's doing.
         for (id, at) in [("c", 3_000), ("a", 1_000), ("b", 2_000)] {
             store.insert_decision(&decision(id, at), None).await.unwrap();
@@ -91,10 +72,7 @@ async fn decided_reviews_come_with_their_decisions_and_respect_since() {
         let ids: Vec<String> = store.decisions_since(Some(2_000)).await.unwrap().into_iter().map(|d| d.id).collect();
         assert_eq!(ids, ["b", "c"], "{label}");
 
-        store.close().await;
-        if let Some((url, schema)) = pg {
-            Store::drop_schema(&url, &schema).await.unwrap();
-        }
+        common::clean_up((store, label, _dir, pg)).await;
     }
 }
 
@@ -102,7 +80,7 @@ async fn decided_reviews_come_with_their_decisions_and_respect_since() {
 /// inside a run of decisions made in one millisecond neither skip nor repeat any of them.
 #[tokio::test]
 async fn decisions_are_exported_whole_across_pages_of_one_millisecond() {
-    for (store, label, _dir, pg) in stores().await {
+    for (store, label, _dir, pg) in common::stores("export").await {
         // 2,150 decisions in five milliseconds of 500 (the last of 150): page ends fall inside each run.
         let all: Vec<DecisionRecord> = (0..2_150).map(|i| decision(&format!("p{i:05}"), 10_000 + i / 500)).collect();
         for chunk in all.chunks(100) {
@@ -115,9 +93,6 @@ async fn decisions_are_exported_whole_across_pages_of_one_millisecond() {
         let recent = store.decisions_since(Some(10_002)).await.unwrap();
         assert_eq!(recent.len(), 1_150, "{label}");
         assert!(recent.iter().all(|d| d.created_at >= 10_002), "{label}");
-        store.close().await;
-        if let Some((url, schema)) = pg {
-            Store::drop_schema(&url, &schema).await.unwrap();
-        }
+        common::clean_up((store, label, _dir, pg)).await;
     }
 }

@@ -1,32 +1,13 @@
 //! Retention (`Store::prune`) on SQLite and, when reachable, PostgreSQL (in a throwaway schema): what goes, and
 //! everything that must stay however old it is.
 
+mod common;
+
 use safeguard_store::{
-    DecisionRecord, NewDelivery, NewJob, NewReview, Pruned, Retention, ReviewDecision, Store, StoreOptions, now_ms,
+    DecisionRecord, NewDelivery, NewJob, NewReview, Pruned, Retention, ReviewDecision, Store, now_ms,
 };
 use serde_json::json;
 use sqlx::Executor;
-
-const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-
-async fn stores() -> Vec<(Store, &'static str, Option<tempfile::TempDir>, Option<(String, String)>)> {
-    let dir = tempfile::tempdir().unwrap();
-    let sqlite = Store::open_sqlite(&dir.path().join("retention.db")).await.unwrap();
-    let mut out = vec![(sqlite, "sqlite", Some(dir), None)];
-    let url = std::env::var("SAFEGUARD_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_string());
-    let schema = format!(
-        "sgretain_{}_{}",
-        std::process::id(),
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
-    );
-    let options = StoreOptions { schema: Some(schema.clone()), max_connections: 4, ..Default::default() };
-    match tokio::time::timeout(std::time::Duration::from_secs(5), Store::connect(&url, options)).await {
-        Ok(Ok(store)) => out.push((store, "postgres", None, Some((url, schema)))),
-        Ok(Err(err)) => eprintln!("SKIPPING PostgreSQL half of this test: {url} unreachable: {err}"),
-        Err(_) => eprintln!("SKIPPING PostgreSQL half of this test: {url} timed out"),
-    }
-    out
-}
 
 fn decision(id: &str, created_at: i64, policy_hash: &str) -> DecisionRecord {
     DecisionRecord {
@@ -88,7 +69,7 @@ async fn finished_job(store: &Store, key: &str, decision_id: &str, delivery_stat
 
 #[tokio::test]
 async fn old_rows_go_and_whatever_is_still_needed_stays() {
-    for (store, label, _dir, pg) in stores().await {
+    for (store, label, _dir, pg) in common::stores("retain").await {
         let s = &store;
         // Everything "old" was created at 1 000 ms; "recent" rows an hour from now, after any cutoff used here.
         let recent = now_ms() + 3_600_000;
@@ -205,9 +186,6 @@ async fn old_rows_go_and_whatever_is_still_needed_stays() {
         assert_eq!(s.prune(&Retention::before(cutoff)).await.unwrap().decisions, 1, "{label}");
         assert!(s.get_decision("old-pending").await.unwrap().is_none(), "{label}");
 
-        store.close().await;
-        if let Some((url, schema)) = pg {
-            Store::drop_schema(&url, &schema).await.unwrap();
-        }
+        common::clean_up((store, label, _dir, pg)).await;
     }
 }

@@ -12,7 +12,7 @@ use super::keys::StoreArgs;
 pub struct Args {
     /// Delete what is older than this many days (decisions by when they were made; jobs and webhook deliveries
     /// by when they finished). Items a person still has to decide, and whatever they need, stay.
-    #[arg(long, value_name = "DAYS")]
+    #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u32).range(..=36_500))]
     pub older_than_days: u32,
     /// Keep decisions a person reviewed, however old: the corrections `triage train` learns from.
     #[arg(long)]

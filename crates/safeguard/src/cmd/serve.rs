@@ -203,7 +203,7 @@ pub struct Args {
     /// prune --older-than-days` does). Items a person still has to decide, and whatever they need, stay. With
     /// --nats, the decision stream and the ledger keep messages as long (a key sent again after that is decided
     /// again). Off by default: everything is kept.
-    #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u32).range(1..=36_500))]
     pub retain_days: Option<u32>,
     /// With --retain-days: keep decisions a person reviewed, however old (the corrections triage learns from).
     #[arg(long, requires = "retain_days")]
