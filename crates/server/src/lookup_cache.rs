@@ -3,7 +3,8 @@
 //!
 //! Without it each `/v1/classify` asked the store two or three times before doing any work, each a round trip to
 //! SQLite's worker thread or to PostgreSQL: most of what the server added to a fast backend's latency. Versions
-//! are immutable (the id is the body's hash), so they are kept until evicted. Name pins and keys can change from
+//! are immutable (the id is the body's hash), but each is read from the store again hourly, the read recording it in
+//! use for retention (`safeguard_store::POLICY_USE_RESOLUTION_MS`). Name pins and keys can change from
 //! elsewhere (another server on the same database, `safeguard keys revoke`), so they are trusted only for
 //! `ttl`; changes made through this server forget the entry at once.
 
@@ -139,6 +140,10 @@ impl<K: Eq + Hash, V> Entries<K, V> {
     }
 }
 
+/// Versions never change, but each is read from the store again this often: the read records that the version is
+/// in use, which is what keeps retention from pruning a version this server may name in its next decision.
+const VERSIONS_TTL: Duration = Duration::from_millis(safeguard_store::POLICY_USE_RESOLUTION_MS as u64);
+
 /// Memory the parsed policies named by requests may hold: room for a thousand policies of 100 KiB.
 const VERSIONS_MAX_BYTES: usize = 256 << 20;
 /// Memory the parsed inline policies may hold: room for the hundreds of distinct ones a deployment that sends its
@@ -148,7 +153,7 @@ const INLINE_MAX_BYTES: usize = 64 << 20;
 /// The lookups a request makes before any work, remembered across requests.
 pub(crate) struct Lookups {
     /// Parsed policy versions by hash, as requests that name a policy or a version reach them. Immutable, so
-    /// they never go stale.
+    /// they never go stale; kept for `VERSIONS_TTL`.
     pub(crate) versions: TtlCache<String, Policy>,
     /// Parsed versions clients sent inline, apart from `versions`: every client with the classify scope may send
     /// new ones, each up to a megabyte, and a flood of them must neither hold unbounded memory nor push out the
@@ -163,8 +168,8 @@ pub(crate) struct Lookups {
 impl Lookups {
     pub(crate) fn new(ttl: Duration) -> Self {
         Lookups {
-            versions: TtlCache::weighed(Duration::MAX, 4096, VERSIONS_MAX_BYTES, Policy::approx_heap_bytes),
-            inline: TtlCache::weighed(Duration::MAX, 1024, INLINE_MAX_BYTES, Policy::approx_heap_bytes),
+            versions: TtlCache::weighed(VERSIONS_TTL, 4096, VERSIONS_MAX_BYTES, Policy::approx_heap_bytes),
+            inline: TtlCache::weighed(VERSIONS_TTL, 1024, INLINE_MAX_BYTES, Policy::approx_heap_bytes),
             active: TtlCache::new(ttl, 4096),
             keys: TtlCache::new(ttl, 4096),
         }

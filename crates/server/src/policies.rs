@@ -132,6 +132,7 @@ pub(crate) async fn resolve_policy(state: &AppState, reference: &Value, _caller:
                 None => {
                     let (stored, _) =
                         store_policy(&state.store, &policy, text, Some(name.unwrap_or(INLINE_NAME)), false).await?;
+                    state.store.touch_policy(&stored.hash).await?;
                     let known = match state.lookups.versions.get(&stored.hash) {
                         Some(known) => known,
                         None => policy_of(&stored)?,
@@ -166,7 +167,7 @@ pub(crate) async fn stored_policy(state: &AppState, reference: &str) -> Result<O
             return Ok(Some(policy));
         }
         return match state.store.get_policy(reference).await? {
-            Some(stored) => remember_version(state, &stored).map(Some),
+            Some(stored) => remember_version(state, &stored).await.map(Some),
             None => Ok(None),
         };
     }
@@ -175,10 +176,14 @@ pub(crate) async fn stored_policy(state: &AppState, reference: &str) -> Result<O
     }
     let Some(stored) = state.store.active_policy(reference).await? else { return Ok(None) };
     lookups.active.put(reference.to_string(), stored.hash.clone());
-    remember_version(state, &stored).map(Some)
+    remember_version(state, &stored).await.map(Some)
 }
 
-fn remember_version(state: &AppState, stored: &StoredPolicy) -> Result<Policy, ApiError> {
+/// A version read from the store, parsed and cached. The read is recorded as a use (`Store::touch_policy`): the
+/// cache forgets versions within `POLICY_USE_RESOLUTION_MS`, so a version this server keeps deciding with is
+/// recorded in use at least that often, and retention never prunes it from under a decision.
+async fn remember_version(state: &AppState, stored: &StoredPolicy) -> Result<Policy, ApiError> {
+    state.store.touch_policy(&stored.hash).await?;
     if let Some(policy) = state.lookups.versions.get(&stored.hash) {
         return Ok(policy);
     }

@@ -16,19 +16,22 @@ pub struct RetentionConfig {
     pub keep_for: Duration,
     /// Keep decisions a person reviewed, however old.
     pub keep_reviewed: bool,
+    /// Also delete policy versions nothing uses any more.
+    pub policies: bool,
     /// Time between prunes; the first runs a minute after start, when the server has settled.
     pub every: Duration,
 }
 
 impl RetentionConfig {
     pub fn new(keep_for: Duration) -> Self {
-        RetentionConfig { keep_for, keep_reviewed: false, every: Duration::from_secs(3600) }
+        RetentionConfig { keep_for, keep_reviewed: false, policies: false, every: Duration::from_secs(3600) }
     }
 
     fn retention(&self) -> Retention {
         let keep_for = i64::try_from(self.keep_for.as_millis()).unwrap_or(i64::MAX);
         Retention {
             keep_reviewed: self.keep_reviewed,
+            policies: self.policies,
             ..Retention::before(safeguard_store::now_ms().saturating_sub(keep_for))
         }
     }
@@ -51,6 +54,7 @@ pub(crate) async fn prune_periodically(state: AppState, config: RetentionConfig,
                     ("decisions", pruned.decisions),
                     ("jobs", pruned.jobs),
                     ("webhook_deliveries", pruned.webhook_deliveries),
+                    ("policies", pruned.policies),
                 ] {
                     metrics::counter!("safeguard_pruned_rows_total", "table" => table).increment(rows);
                 }

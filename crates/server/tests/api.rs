@@ -1856,6 +1856,7 @@ async fn the_server_prunes_what_is_past_its_retention_period() {
     let h = Harness::start(|config| {
         config.retention = Some(safeguard_server::RetentionConfig {
             every: Duration::from_millis(50),
+            policies: true,
             ..safeguard_server::RetentionConfig::new(Duration::from_secs(86_400))
         })
     })
@@ -1871,12 +1872,35 @@ async fn the_server_prunes_what_is_past_its_retention_period() {
         h.store.insert_decision(&stale, None).await.unwrap();
     }
     h.store.enqueue_review("stale-awaiting-a-person", 1).await.unwrap();
+    // A version sent inline is recorded as read to decide with; a year-old version nothing names or reads goes.
+    let inline = "# Sent inline\nAnswer 0 or 1.\n";
+    let (status, used) =
+        h.call("POST", "/v1/classify", Some(&key), Some(json!({"text": "hi", "policies": [{"text": inline}]}))).await;
+    assert_eq!(status, 200, "{used}");
+    let used_hash = used["verdicts"][0]["policy_hash"].as_str().unwrap().to_string();
+    let used_at: Option<i64> = sqlx::query_scalar("SELECT used_at FROM policies WHERE hash = $1")
+        .bind(&used_hash)
+        .fetch_one(h.store.pool())
+        .await
+        .unwrap();
+    assert!(used_at.is_some(), "reading a version to decide with records it in use");
+    h.store.put_policy("sha256:forgotten", "forgotten", "body", &json!({"meta": {}}), false).await.unwrap();
+    sqlx::query("UPDATE policies SET created_at = $1 WHERE hash = 'sha256:forgotten'")
+        .bind(year_ago)
+        .execute(h.store.pool())
+        .await
+        .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while h.store.get_decision("stale").await.unwrap().is_some() {
         assert!(tokio::time::Instant::now() < deadline, "the stale decision was never pruned");
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert!(h.store.get_decision("stale-awaiting-a-person").await.unwrap().is_some());
+    while h.store.get_policy("sha256:forgotten").await.unwrap().is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "the forgotten version was never pruned");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(h.store.get_policy(&used_hash).await.unwrap().is_some());
     assert!(h.store.get_decision(fresh["decision_id"].as_str().unwrap()).await.unwrap().is_some());
     let (_, metrics) = h.call("GET", "/metrics", None, None).await;
     assert!(metrics.as_str().unwrap().contains("safeguard_pruned_rows_total{table=\"decisions\"}"), "{metrics}");

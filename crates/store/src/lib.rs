@@ -44,7 +44,7 @@ pub use decisions::{DecisionFilter, DecisionRecord, DecisionToStore};
 pub use group_commit::{GroupCommit, GroupCommitStats};
 pub use jobs::{JobRecord, JobStatus, NewJob, QueueDepth, scoped_idempotency_key};
 pub use keys::{ApiKeyRecord, KeyInstall, hash_api_key};
-pub use policies::{MAX_POLICY_PAGE, PolicyListing, PolicySummary, StoredPolicy};
+pub use policies::{MAX_POLICY_PAGE, POLICY_USE_RESOLUTION_MS, PolicyListing, PolicySummary, StoredPolicy};
 pub use retention::{Pruned, Retention};
 pub use reviews::{NewReview, QueuedReview, ReviewDecision, ReviewRecord, ReviewStats};
 pub use webhooks::{Delivery, NewDelivery};

@@ -13,6 +13,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (5, include_str!("../migrations/0005_submitted_by.sql")),
     (6, include_str!("../migrations/0006_clock_free_claims_and_announcements.sql")),
     (7, include_str!("../migrations/0007_retention_indexes.sql")),
+    (8, include_str!("../migrations/0008_policy_used_at.sql")),
 ];
 
 /// Arbitrary constant so that concurrent servers starting on one PostgreSQL database migrate one at a time.

@@ -29,6 +29,11 @@ pub struct PolicySummary {
     pub version: Option<serde_json::Value>,
 }
 
+/// How stale a version's recorded last use may be: a server reads the versions it caches again (and records the
+/// use) at least this often, so a version any server holds was used within twice this. Retention periods are
+/// whole days, far longer.
+pub const POLICY_USE_RESOLUTION_MS: i64 = 3_600_000;
+
 impl StoredPolicy {
     /// The version as a listing shows it.
     pub fn summary(&self) -> PolicySummary {
@@ -209,6 +214,20 @@ impl Store {
         }
         tx.commit().await?;
         self.get_policy(hash).await
+    }
+
+    /// Records that a server has just read this version to decide with: a version in use is never pruned
+    /// (`Retention::policies`). Written at most once per [`POLICY_USE_RESOLUTION_MS`] per version, so that
+    /// servers reading a version often do not write for each read.
+    pub async fn touch_policy(&self, hash: &str) -> Result<()> {
+        let now = now_ms();
+        sqlx::query("UPDATE policies SET used_at = $1 WHERE hash = $2 AND (used_at IS NULL OR used_at < $3)")
+            .bind(now)
+            .bind(hash)
+            .bind(now.saturating_sub(POLICY_USE_RESOLUTION_MS))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     pub async fn get_policy(&self, hash: &str) -> Result<Option<StoredPolicy>> {

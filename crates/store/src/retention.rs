@@ -5,9 +5,10 @@
 //! What is never deleted, however old: an item a person still has to decide (a pending review), a person's
 //! decision on a bus item not yet announced to its producer, a decision any stored appeal or replay names (it goes
 //! on a later run, once they have gone), a job not yet finished or whose webhook is still being sent or failed
-//! within the period. Policy versions are not pruned: a version a server has cached may be named by its next
-//! decision however long ago it was stored. Rows go a batch at a time, each batch in its own transaction, so that
-//! a large first prune never holds SQLite's write lock for long.
+//! within the period. Policy versions go only when asked, and only one that is not active, that no kept decision
+//! or unfinished job names, and that no server has read to decide with for the whole period (servers record that
+//! at least hourly while they hold a version: `Store::touch_policy`). Rows go a batch at a time, each batch in its
+//! own transaction, so that a large first prune never holds SQLite's write lock for long.
 
 use sqlx::Row;
 
@@ -20,13 +21,16 @@ pub struct Retention {
     pub before_ms: i64,
     /// Keep decisions a person decided, however old: the corrections triage retrains on.
     pub keep_reviewed: bool,
+    /// Also delete policy versions nothing uses any more (old drafts, versions clients sent inline). Off unless
+    /// asked: an inactive version may be one an operator means to roll back to.
+    pub policies: bool,
     /// Rows per transaction.
     pub batch: i64,
 }
 
 impl Retention {
     pub fn before(before_ms: i64) -> Self {
-        Retention { before_ms, keep_reviewed: false, batch: 500 }
+        Retention { before_ms, keep_reviewed: false, policies: false, batch: 500 }
     }
 }
 
@@ -36,6 +40,7 @@ pub struct Pruned {
     pub decisions: u64,
     pub jobs: u64,
     pub webhook_deliveries: u64,
+    pub policies: u64,
 }
 
 /// A decision `d` that may go: old enough, and nothing kept still needs it. An appeal or replay is always newer
@@ -60,6 +65,15 @@ const JOB_PRUNABLE: &str = "j.status IN ('done', 'failed') AND j.created_at < $1
 /// A delivery `w` that may go: sent, or given up on, before the period (its job may be kept; its record of
 /// attempts is not).
 const DELIVERY_PRUNABLE: &str = "w.status <> 'pending' AND w.created_at < $1 AND w.updated_at < $1";
+
+/// A policy version `p` that may go: not active, named by no kept decision (a review names its decision's
+/// versions), not read to decide with within the period, and named by no unfinished job (whose request is JSON,
+/// so its reference is found in the text).
+const POLICY_PRUNABLE: &str = "p.created_at < $1 AND COALESCE(p.used_at, p.created_at) < $1 \
+     AND NOT EXISTS (SELECT 1 FROM policy_pins pin WHERE pin.hash = p.hash) \
+     AND NOT EXISTS (SELECT 1 FROM decision_policies dp WHERE dp.policy_hash = p.hash) \
+     AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.status IN ('pending', 'running') \
+         AND j.request LIKE '%' || p.hash || '%')";
 
 /// One table's part of a prune: its rows (`name alias`), their key, what makes one prunable, and the tables whose
 /// rows point at them and go with them.
@@ -121,7 +135,17 @@ impl Store {
                 retention,
             )
             .await?;
-        Ok(Pruned { decisions, jobs, webhook_deliveries })
+        // Last: a version goes only once the decisions that named it have.
+        let policies = if retention.policies {
+            self.prune_table(
+                &Pruning { table: "policies", alias: "p", key: "hash", condition: POLICY_PRUNABLE, children: &[] },
+                retention,
+            )
+            .await?
+        } else {
+            0
+        };
+        Ok(Pruned { decisions, jobs, webhook_deliveries, policies })
     }
 
     /// Counts what [`Store::prune`] would delete now, deleting nothing. A decision that only goes once its job
@@ -138,6 +162,7 @@ impl Store {
             webhook_deliveries: count("webhook_deliveries w", DELIVERY_PRUNABLE.to_string()).await?,
             jobs: count("jobs j", JOB_PRUNABLE.to_string()).await?,
             decisions: count("decisions d", decision_prunable(retention.keep_reviewed)).await?,
+            policies: if retention.policies { count("policies p", POLICY_PRUNABLE.to_string()).await? } else { 0 },
         })
     }
 

@@ -131,7 +131,7 @@ async fn old_rows_go_and_whatever_is_still_needed_stays() {
             .unwrap();
         let (unfinished, _) = s
             .enqueue_job(&NewJob {
-                request: json!({"text": "hi", "policies": ["spam"]}),
+                request: json!({"text": "hi", "policies": ["sha256:queued"]}),
                 idempotency_key: Some("k-pending".into()),
                 webhook_url: None,
                 submitted_by: None,
@@ -139,12 +139,29 @@ async fn old_rows_go_and_whatever_is_still_needed_stays() {
             .await
             .unwrap();
 
+        let meta = json!({"meta": {}});
+        for hash in ["sha256:used", "sha256:orphan", "sha256:queued", "sha256:in-use"] {
+            s.put_policy(hash, "spam", &format!("body of {hash}"), &meta, false).await.unwrap();
+        }
+        s.put_policy("sha256:pinned", "pinned", "body", &meta, true).await.unwrap();
+        // A server read "in-use" to decide with (recorded as after the cutoff used below).
+        s.touch_policy("sha256:in-use").await.unwrap();
+        let used_at: Option<i64> = sqlx::query_scalar("SELECT used_at FROM policies WHERE hash = 'sha256:in-use'")
+            .fetch_one(s.pool())
+            .await
+            .unwrap();
+        assert!(used_at.is_some_and(|at| (at - now_ms()).abs() < 60_000), "{label}: {used_at:?}");
+        s.pool()
+            .execute(sqlx::query("UPDATE policies SET used_at = $1 WHERE hash = 'sha256:in-use'").bind(recent))
+            .await
+            .unwrap();
+
         let cutoff = now_ms() + 10_000;
-        let retention = Retention::before(cutoff);
+        let retention = Retention { policies: true, ..Retention::before(cutoff) };
         let counted = s.count_prunable(&retention).await.unwrap();
         let pruned = s.prune(&Retention { batch: 2, ..retention.clone() }).await.unwrap();
         // Decisions: old-plain, old-reviewed, old-appeal-done, and old-job-decision once its job went.
-        let expected = Pruned { decisions: 4, jobs: 1, webhook_deliveries: 1 };
+        let expected = Pruned { decisions: 4, jobs: 1, webhook_deliveries: 1, policies: 1 };
         assert_eq!(pruned, expected, "{label}");
         // The job's decision is counted once its job has gone, so counting first sees one decision fewer.
         assert_eq!(counted, Pruned { decisions: 3, ..expected }, "{label}");
@@ -173,6 +190,10 @@ async fn old_rows_go_and_whatever_is_still_needed_stays() {
         assert!(s.get_job(&sending).await.unwrap().is_some(), "a webhook still being sent keeps its job ({label})");
         assert!(s.get_job(&failed_lately).await.unwrap().is_some(), "{label}");
         assert!(s.get_job(&unfinished.id).await.unwrap().is_some(), "{label}");
+        assert!(s.get_policy("sha256:orphan").await.unwrap().is_none(), "{label}");
+        for kept in ["sha256:used", "sha256:queued", "sha256:pinned", "sha256:in-use"] {
+            assert!(s.get_policy(kept).await.unwrap().is_some(), "{kept} must stay ({label})");
+        }
 
         // The next run takes what the answered appeal appealed; then nothing more goes.
         assert_eq!(s.prune(&retention).await.unwrap(), Pruned { decisions: 1, ..Pruned::default() }, "{label}");
@@ -182,6 +203,7 @@ async fn old_rows_go_and_whatever_is_still_needed_stays() {
         s.decide_review(&pending, &answer).await.unwrap().unwrap();
         s.mark_review_announced(&pending).await.unwrap();
         let keeping = Retention { keep_reviewed: true, ..Retention::before(cutoff) };
+        assert_eq!(s.count_prunable(&keeping).await.unwrap().policies, 0, "policies only when asked ({label})");
         assert_eq!(s.prune(&keeping).await.unwrap().decisions, 0, "{label}");
         assert_eq!(s.prune(&Retention::before(cutoff)).await.unwrap().decisions, 1, "{label}");
         assert!(s.get_decision("old-pending").await.unwrap().is_none(), "{label}");

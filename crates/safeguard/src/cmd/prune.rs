@@ -1,4 +1,5 @@
-//! `safeguard prune`: deletes stored decisions, jobs and webhook deliveries older than the retention period. The same pruning runs inside `serve --retain-days`; this is for a schedule of
+//! `safeguard prune`: deletes stored decisions, jobs, webhook deliveries and (when asked) unused policy versions
+//! older than the retention period. The same pruning runs inside `serve --retain-days`; this is for a schedule of
 //! one's own (cron), a first clean-up, or seeing what a period would delete (`--dry-run`).
 
 use std::process::ExitCode;
@@ -17,6 +18,10 @@ pub struct Args {
     /// Keep decisions a person reviewed, however old: the corrections `triage train` learns from.
     #[arg(long)]
     pub keep_reviewed: bool,
+    /// Also delete policy versions nothing uses any more: not active, named by no kept decision or unfinished
+    /// job, and not read by a server to decide with for the whole period (old drafts, versions sent inline).
+    #[arg(long)]
+    pub policies: bool,
     /// Count what would be deleted; delete nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -28,16 +33,16 @@ pub struct Args {
 }
 
 /// The retention a number of days before now asks for, refusing a period that would delete everything at once.
-pub fn retention(days: u32, keep_reviewed: bool) -> anyhow::Result<Retention> {
+pub fn retention(days: u32, keep_reviewed: bool, policies: bool) -> anyhow::Result<Retention> {
     if days == 0 {
         bail!("a retention period of 0 days would delete every decision; give 1 or more");
     }
     let before = safeguard_store::now_ms().saturating_sub(i64::from(days) * 86_400_000);
-    Ok(Retention { keep_reviewed, ..Retention::before(before) })
+    Ok(Retention { keep_reviewed, policies, ..Retention::before(before) })
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let retention = retention(args.older_than_days, args.keep_reviewed)?;
+    let retention = retention(args.older_than_days, args.keep_reviewed, args.policies)?;
     super::classify::runtime()?.block_on(async move {
         let store = args.store.open().await?;
         let counts =
@@ -49,19 +54,22 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             println!("{value}");
         } else {
             let verb = if args.dry_run { "would delete" } else { "deleted" };
-            println!("{verb} {}", describe(&counts));
+            println!("{verb} {}", describe(&counts, args.policies));
         }
         Ok(ExitCode::SUCCESS)
     })
 }
 
-/// "3 decisions, 1 job, 0 webhook deliveries".
-pub fn describe(counts: &Pruned) -> String {
+/// "3 decisions, 1 job, 0 webhook deliveries" (and policy versions, when they were pruned).
+pub fn describe(counts: &Pruned, policies: bool) -> String {
     let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
-    let parts = [
+    let mut parts = vec![
         plural(counts.decisions, "decision", "decisions"),
         plural(counts.jobs, "job", "jobs"),
         plural(counts.webhook_deliveries, "webhook delivery", "webhook deliveries"),
     ];
+    if policies {
+        parts.push(plural(counts.policies, "policy version", "policy versions"));
+    }
     parts.join(", ")
 }

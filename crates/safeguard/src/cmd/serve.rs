@@ -208,6 +208,11 @@ pub struct Args {
     /// With --retain-days: keep decisions a person reviewed, however old (the corrections triage learns from).
     #[arg(long, requires = "retain_days")]
     pub retain_reviewed: bool,
+    /// With --retain-days: also delete policy versions nothing uses any more (not active, named by no kept
+    /// decision or unfinished job, not read by a server to decide with for the whole period): old drafts and the
+    /// versions clients sent inline.
+    #[arg(long, requires = "retain_days")]
+    pub retain_prune_policies: bool,
     /// Milliseconds a policy name's active version and an API key are trusted before the store is asked again.
     /// Changes made through this server apply at once; made elsewhere (another server, `safeguard keys
     /// revoke`), within this time. 0 asks the store on every request.
@@ -414,6 +419,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         },
         retention: args.retain_days.map(|days| RetentionConfig {
             keep_reviewed: args.retain_reviewed,
+            policies: args.retain_prune_policies,
             ..RetentionConfig::new(Duration::from_secs(u64::from(days) * 86_400))
         }),
         // A day at most: the deadline is an instant in the future, and a huge one would overflow when the signal came.
