@@ -159,6 +159,9 @@ pub(crate) struct Lookups {
     /// new ones, each up to a megabyte, and a flood of them must neither hold unbounded memory nor push out the
     /// versions every request names.
     pub(crate) inline: TtlCache<String, Policy>,
+    /// Versions recorded in use lately (`Store::touch_policy`), so that the record is written at most every half
+    /// hour per version, not on every lookup that misses a cache.
+    pub(crate) touched: TtlCache<String, ()>,
     /// Policy name → the hash its pin pointed at.
     pub(crate) active: TtlCache<String, String>,
     /// `hash_api_key(secret)` → the caller. Keyed by hash so no secret outlives its request.
@@ -170,6 +173,7 @@ impl Lookups {
         Lookups {
             versions: TtlCache::weighed(VERSIONS_TTL, 4096, VERSIONS_MAX_BYTES, Policy::approx_heap_bytes),
             inline: TtlCache::weighed(VERSIONS_TTL, 1024, INLINE_MAX_BYTES, Policy::approx_heap_bytes),
+            touched: TtlCache::new(VERSIONS_TTL / 2, 65_536),
             active: TtlCache::new(ttl, 4096),
             keys: TtlCache::new(ttl, 4096),
         }

@@ -24,7 +24,6 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::classify::{Origin, Settings, parse_settings};
 use crate::error::{ApiError, ApiJson};
-use crate::policies::policy_of;
 
 /// Needs `classify`, as every route that reaches the model does: the served model is not for every key to see.
 pub(crate) async fn models(State(state): State<AppState>, caller: Caller) -> Result<Json<Value>, ApiError> {
@@ -46,8 +45,9 @@ async fn moderation_policies(state: &AppState) -> Result<Vec<safeguard_policy::P
     let mut policies = Vec::new();
     let mut missing = Vec::new();
     for name in names {
-        match state.store.active_policy(&name).await? {
-            Some(stored) => policies.push(policy_of(&stored)?),
+        // Through the lookup cache, as every path that decides: it records the version in use for retention.
+        match crate::policies::stored_policy(state, &name).await? {
+            Some(policy) => policies.push(policy),
             None => missing.push(name),
         }
     }

@@ -130,9 +130,11 @@ pub(crate) async fn resolve_policy(state: &AppState, reference: &Value, _caller:
             let known = match state.lookups.inline.get(&hash) {
                 Some(known) => known,
                 None => {
+                    // Recorded in use before it is stored or read: a prune that comes after keeps it, and one that
+                    // came before has deleted it, so the store below puts it back.
+                    touch(state, &hash).await;
                     let (stored, _) =
                         store_policy(&state.store, &policy, text, Some(name.unwrap_or(INLINE_NAME)), false).await?;
-                    state.store.touch_policy(&stored.hash).await?;
                     let known = match state.lookups.versions.get(&stored.hash) {
                         Some(known) => known,
                         None => policy_of(&stored)?,
@@ -166,8 +168,10 @@ pub(crate) async fn stored_policy(state: &AppState, reference: &str) -> Result<O
         if let Some(policy) = lookups.versions.get(reference) {
             return Ok(Some(policy));
         }
+        // Recorded in use before it is read, as an inline version is.
+        touch(state, reference).await;
         return match state.store.get_policy(reference).await? {
-            Some(stored) => remember_version(state, &stored).await.map(Some),
+            Some(stored) => remember_version(state, &stored).map(Some),
             None => Ok(None),
         };
     }
@@ -176,14 +180,27 @@ pub(crate) async fn stored_policy(state: &AppState, reference: &str) -> Result<O
     }
     let Some(stored) = state.store.active_policy(reference).await? else { return Ok(None) };
     lookups.active.put(reference.to_string(), stored.hash.clone());
-    remember_version(state, &stored).await.map(Some)
+    // Active, so never pruned while it is; recorded in use for after another version is activated.
+    touch(state, &stored.hash).await;
+    remember_version(state, &stored).map(Some)
 }
 
-/// A version read from the store, parsed and cached. The read is recorded as a use (`Store::touch_policy`): the
-/// cache forgets versions within `POLICY_USE_RESOLUTION_MS`, so a version this server keeps deciding with is
-/// recorded in use at least that often, and retention never prunes it from under a decision.
-async fn remember_version(state: &AppState, stored: &StoredPolicy) -> Result<Policy, ApiError> {
-    state.store.touch_policy(&stored.hash).await?;
+/// Records that this server reads `hash` to decide with (`Store::touch_policy`), at most once per half the
+/// resolution per version: the version cache forgets versions within `POLICY_USE_RESOLUTION_MS`, so a version
+/// this server keeps deciding with is recorded in use at least that often, and retention never prunes it from
+/// under a decision. A failed write is tried again at the next use: retention periods (days) leave hours of room.
+async fn touch(state: &AppState, hash: &str) {
+    if state.lookups.touched.get(hash).is_some() {
+        return;
+    }
+    match state.store.touch_policy(hash).await {
+        Ok(()) => state.lookups.touched.put(hash.to_string(), ()),
+        Err(e) => tracing::warn!(policy = hash, "cannot record the policy version in use: {e}"),
+    }
+}
+
+/// A version read from the store, parsed and cached.
+fn remember_version(state: &AppState, stored: &StoredPolicy) -> Result<Policy, ApiError> {
     if let Some(policy) = state.lookups.versions.get(&stored.hash) {
         return Ok(policy);
     }

@@ -471,7 +471,7 @@ async fn jobs_are_idempotent_finished_once_and_signed_webhooks_arrive() {
     assert_eq!((status, &again["id"]), (200, &job["id"]));
     // The same body is the same request even after the name it uses points at another version: the retry of a
     // request whose reply was lost must not be told it conflicts (it would drop a queued job, or queue a second).
-    let writer = h.key(&["policies:write"]).await;
+    let writer = h.key(&["policies:write", "classify"]).await;
     let starter = safeguard_policy::STARTER_POLICIES.iter().find(|p| p.file_name == "spam.md").unwrap();
     let edited = starter.source.replacen("# Spam Policy", "# Spam Policy, edited", 1);
     let (status, stored) = h.call("POST", "/v1/policies", Some(&writer), Some(json!({"text": edited}))).await;
@@ -1872,12 +1872,30 @@ async fn the_server_prunes_what_is_past_its_retention_period() {
         h.store.insert_decision(&stale, None).await.unwrap();
     }
     h.store.enqueue_review("stale-awaiting-a-person", 1).await.unwrap();
-    // A version sent inline is recorded as read to decide with; a year-old version nothing names or reads goes.
-    let inline = "# Sent inline\nAnswer 0 or 1.\n";
+    // A year-old draft (stored, never active) read by its hash to decide with is recorded in use; a year-old
+    // version nothing names or reads goes.
+    let writer = h.key(&["policies:write", "classify"]).await;
+    for body in ["# Draft\nAnswer 0 or 1 for spam.\n", "# Draft\nAnswer 0 or 1 for spam or scams.\n"] {
+        let (status, stored) = h.call("POST", "/v1/policies", Some(&writer), Some(json!({"text": body}))).await;
+        assert!(status == 200 || status == 201, "{stored}");
+    }
+    let (_, listed) = h.call("GET", "/v1/policies?name=Draft", Some(&writer), None).await;
+    let draft = listed["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["active"] == false)
+        .unwrap_or_else(|| panic!("{listed}"));
+    let used_hash = draft["hash"].as_str().unwrap().to_string();
+    sqlx::query("UPDATE policies SET created_at = $1, used_at = NULL WHERE hash = $2")
+        .bind(year_ago)
+        .bind(&used_hash)
+        .execute(h.store.pool())
+        .await
+        .unwrap();
     let (status, used) =
-        h.call("POST", "/v1/classify", Some(&key), Some(json!({"text": "hi", "policies": [{"text": inline}]}))).await;
+        h.call("POST", "/v1/classify", Some(&key), Some(json!({"text": "hi", "policies": [used_hash.clone()]}))).await;
     assert_eq!(status, 200, "{used}");
-    let used_hash = used["verdicts"][0]["policy_hash"].as_str().unwrap().to_string();
     let used_at: Option<i64> = sqlx::query_scalar("SELECT used_at FROM policies WHERE hash = $1")
         .bind(&used_hash)
         .fetch_one(h.store.pool())

@@ -10,6 +10,8 @@
 //! at least hourly while they hold a version: `Store::touch_policy`). Rows go a batch at a time, each batch in its
 //! own transaction, so that a large first prune never holds SQLite's write lock for long.
 
+use std::collections::HashSet;
+
 use sqlx::Row;
 
 use crate::{Backend, Result, Store};
@@ -67,13 +69,11 @@ const JOB_PRUNABLE: &str = "j.status IN ('done', 'failed') AND j.created_at < $1
 const DELIVERY_PRUNABLE: &str = "w.status <> 'pending' AND w.created_at < $1 AND w.updated_at < $1";
 
 /// A policy version `p` that may go: not active, named by no kept decision (a review names its decision's
-/// versions), not read to decide with within the period, and named by no unfinished job (whose request is JSON,
-/// so its reference is found in the text).
+/// versions) and not read to decide with within the period. (Nor named by an unfinished job: see
+/// [`Store::policies_of_unfinished_jobs`].)
 const POLICY_PRUNABLE: &str = "p.created_at < $1 AND COALESCE(p.used_at, p.created_at) < $1 \
      AND NOT EXISTS (SELECT 1 FROM policy_pins pin WHERE pin.hash = p.hash) \
-     AND NOT EXISTS (SELECT 1 FROM decision_policies dp WHERE dp.policy_hash = p.hash) \
-     AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.status IN ('pending', 'running') \
-         AND j.request LIKE '%' || p.hash || '%')";
+     AND NOT EXISTS (SELECT 1 FROM decision_policies dp WHERE dp.policy_hash = p.hash)";
 
 /// One table's part of a prune: its rows (`name alias`), their key, what makes one prunable, and the tables whose
 /// rows point at them and go with them.
@@ -83,6 +83,8 @@ struct Pruning<'a> {
     key: &'static str,
     condition: &'a str,
     children: &'a [(&'static str, &'static str)],
+    /// Keys kept whatever the condition says.
+    spared: Option<&'a HashSet<String>>,
 }
 
 fn placeholders(from: usize, count: usize) -> String {
@@ -103,6 +105,7 @@ impl Store {
                     key: "id",
                     condition: DELIVERY_PRUNABLE,
                     children: &[],
+                    spared: None,
                 },
                 retention,
             )
@@ -115,6 +118,7 @@ impl Store {
                     key: "id",
                     condition: JOB_PRUNABLE,
                     children: &[("webhook_deliveries", "job_id")],
+                    spared: None,
                 },
                 retention,
             )
@@ -131,17 +135,23 @@ impl Store {
                         ("decision_reasoning", "decision_id"),
                         ("decision_policies", "decision_id"),
                     ],
+                    spared: None,
                 },
                 retention,
             )
             .await?;
         // Last: a version goes only once the decisions that named it have.
         let policies = if retention.policies {
-            self.prune_table(
-                &Pruning { table: "policies", alias: "p", key: "hash", condition: POLICY_PRUNABLE, children: &[] },
-                retention,
-            )
-            .await?
+            let in_jobs = self.policies_of_unfinished_jobs().await?;
+            let pruning = Pruning {
+                table: "policies",
+                alias: "p",
+                key: "hash",
+                condition: POLICY_PRUNABLE,
+                children: &[],
+                spared: Some(&in_jobs),
+            };
+            self.prune_table(&pruning, retention).await?
         } else {
             0
         };
@@ -162,8 +172,42 @@ impl Store {
             webhook_deliveries: count("webhook_deliveries w", DELIVERY_PRUNABLE.to_string()).await?,
             jobs: count("jobs j", JOB_PRUNABLE.to_string()).await?,
             decisions: count("decisions d", decision_prunable(retention.keep_reviewed)).await?,
-            policies: if retention.policies { count("policies p", POLICY_PRUNABLE.to_string()).await? } else { 0 },
+            policies: if retention.policies { self.count_prunable_policies(retention).await? } else { 0 },
         })
+    }
+
+    async fn count_prunable_policies(&self, retention: &Retention) -> Result<u64> {
+        let in_jobs = self.policies_of_unfinished_jobs().await?;
+        let prunable = sqlx::query(sql!("SELECT p.hash AS k FROM policies p WHERE {POLICY_PRUNABLE}"))
+            .bind(retention.before_ms)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut count = 0;
+        for row in prunable {
+            count += u64::from(!in_jobs.contains(&row.try_get::<String, _>("k")?));
+        }
+        Ok(count)
+    }
+
+    /// The policy versions unfinished jobs were queued with (their request's `policy_hashes`), read once per
+    /// prune: a job queued while it runs records its versions in use as it is queued, so they are not prunable
+    /// anyway. Only that field of each request is read, never its content.
+    async fn policies_of_unfinished_jobs(&self) -> Result<HashSet<String>> {
+        let hashes = match self.backend {
+            Backend::Sqlite => "json_extract(request, '$.policy_hashes')",
+            Backend::Postgres => "(request::jsonb -> 'policy_hashes')::text",
+        };
+        let rows = sqlx::query(sql!("SELECT {hashes} AS hashes FROM jobs WHERE status IN ('pending', 'running')"))
+            .fetch_all(&self.pool)
+            .await?;
+        let mut in_jobs = HashSet::new();
+        for row in rows {
+            let Some(text) = row.try_get::<Option<String>, _>("hashes")? else { continue };
+            let listed: serde_json::Value = crate::from_json(&text, "jobs.request.policy_hashes")?;
+            let listed = listed.as_array().into_iter().flatten().filter_map(serde_json::Value::as_str);
+            in_jobs.extend(listed.map(str::to_string));
+        }
+        Ok(in_jobs)
     }
 
     /// Deletes one table's prunable rows and the rows that point at them, `batch` at a time, oldest first. Each
@@ -172,7 +216,7 @@ impl Store {
     /// review) stays. The look goes on from where the last batch ended, so rows kept on purpose are read once per
     /// prune, not once per batch.
     async fn prune_table(&self, pruning: &Pruning<'_>, retention: &Retention) -> Result<u64> {
-        let Pruning { table, alias, key, condition, children } = *pruning;
+        let Pruning { table, alias, key, condition, children, spared } = *pruning;
         let batch = retention.batch.max(1);
         let mut after: (i64, String) = (i64::MIN, String::new());
         let mut deleted = 0u64;
@@ -194,6 +238,18 @@ impl Store {
             .map(|row| Ok((row.try_get::<i64, _>("at")?, row.try_get::<String, _>("k")?)))
             .collect::<Result<_>>()?;
             let Some(last) = candidates.last().cloned() else { return Ok(deleted) };
+            let whole_batch = candidates.len() as i64 >= batch;
+            let candidates: Vec<(i64, String)> = match spared {
+                Some(spared) => candidates.into_iter().filter(|(_, id)| !spared.contains(id)).collect(),
+                None => candidates,
+            };
+            if candidates.is_empty() {
+                if !whole_batch {
+                    return Ok(deleted);
+                }
+                after = last;
+                continue;
+            }
             let mut tx = match self.backend {
                 Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
                 // The check after the lock must see what the lock's holder committed: READ COMMITTED, whatever
@@ -242,7 +298,7 @@ impl Store {
                 deleted += delete.execute(&mut *tx).await?.rows_affected();
             }
             tx.commit().await?;
-            if (candidates.len() as i64) < batch {
+            if !whole_batch {
                 return Ok(deleted);
             }
             after = last;

@@ -131,7 +131,7 @@ async fn old_rows_go_and_whatever_is_still_needed_stays() {
             .unwrap();
         let (unfinished, _) = s
             .enqueue_job(&NewJob {
-                request: json!({"text": "hi", "policies": ["sha256:queued"]}),
+                request: json!({"text": "hi", "policy_hashes": ["sha256:queued"]}),
                 idempotency_key: Some("k-pending".into()),
                 webhook_url: None,
                 submitted_by: None,
