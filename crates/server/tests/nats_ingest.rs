@@ -13,7 +13,7 @@ use safeguard_core::{EmbeddedConfig, EmbeddedReasoner, ReasonError, ReasonOutput
 use safeguard_engine::EngineConfig;
 use safeguard_engine::llama::LlamaEngine;
 use safeguard_pipeline::RoutingConfig;
-use safeguard_pipeline::nats::{Bus, DecisionEvent, EventStatus};
+use safeguard_pipeline::nats::{Bus, DecisionEvent, EventStatus, ReviewedItem};
 use safeguard_server::{NatsConfig, NatsIngest, RunningServer, Server, ServerConfig};
 use safeguard_store::Store;
 use serde_json::{Value, json};
@@ -81,6 +81,13 @@ async fn stored(http: &reqwest::Client, base: &str) -> HashMap<String, Vec<Value
 async fn reviewed_on(producer: &Bus, key: &str) -> Vec<DecisionEvent> {
     let events = published(producer).await.remove(key).unwrap_or_default();
     events.into_iter().filter(|e| e.status == EventStatus::Reviewed).collect()
+}
+
+/// The person's answer published on `key`: exactly one `reviewed` event, carrying the review.
+async fn the_review_on(producer: &Bus, key: &str) -> ReviewedItem {
+    let reviewed = reviewed_on(producer, key).await;
+    assert_eq!(reviewed.len(), 1, "{key}: {reviewed:?}");
+    reviewed[0].review.clone().unwrap_or_else(|| panic!("{key}: a reviewed event without its review"))
 }
 
 /// The decision stored for the event under `key`, once it is (within two minutes).
@@ -275,9 +282,7 @@ async fn nats_events_are_decided_stored_once_and_survive_a_server_crash() {
     assert!(response.status().is_success(), "{}", response.text().await.unwrap());
     // Announced to whoever holds the appeal and to whoever holds the item, whose own review will never be answered.
     for key in ["model-2:appeal", "model-2"] {
-        let reviewed = reviewed_on(&producer, key).await;
-        assert_eq!(reviewed.len(), 1, "{key}: {reviewed:?}");
-        let review = reviewed[0].review.as_ref().unwrap();
+        let review = &the_review_on(&producer, key).await;
         assert_eq!(
             (review.decision_id.as_str(), review.appeal_of.as_deref()),
             (appeal["id"].as_str().unwrap(), Some(held_id))
@@ -553,9 +558,7 @@ async fn a_bus_appeal_of_a_decision_appealed_over_http_adds_no_second_appeal_rev
     .await;
     assert!(response.status().is_success(), "{}", response.text().await.unwrap());
     for key in ["lunch", "lunch:appeal"] {
-        let reviewed = reviewed_on(&producer, key).await;
-        assert_eq!(reviewed.len(), 1, "{key}: {reviewed:?}");
-        let review = reviewed[0].review.as_ref().unwrap();
+        let review = &the_review_on(&producer, key).await;
         assert_eq!(
             (review.decision_id.as_str(), review.appeal_of.as_deref(), review.outcome.as_str()),
             (http_appeal_id.as_str(), Some(original_id), "allow"),

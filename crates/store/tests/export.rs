@@ -3,39 +3,13 @@
 mod common;
 
 use safeguard_store::{DecisionRecord, ReviewDecision};
-use serde_json::json;
-
-fn decision(id: &str, created_at: i64) -> DecisionRecord {
-    DecisionRecord {
-        id: id.to_string(),
-        created_at,
-        policy_hashes: vec!["sha256:spam".into()],
-        policy_names: vec!["spam".into()],
-        model_id: "tiny".into(),
-        effort: "low".into(),
-        prompt_hash: None,
-        sampling: json!("greedy"),
-        content: json!({"kind": "text", "text": format!("text of {id}")}),
-        verdicts: json!([{"policy": "spam", "outcome": "allow"}]),
-        outcome: "allow".into(),
-        failure_reason: None,
-        timings: json!({}),
-        prompt_tokens: 0,
-        cached_prompt_tokens: 0,
-        completion_tokens: 0,
-        source: "api".into(),
-        job_id: None,
-        replay_of: None,
-        submitted_by: None,
-    }
-}
 
 #[tokio::test]
 async fn decided_reviews_come_with_their_decisions_and_respect_since() {
     for (store, label, _dir, pg) in common::stores("export").await {
         // Created out of order, so that the ordering is the query's doing.
         for (id, at) in [("c", 3_000), ("a", 1_000), ("b", 2_000)] {
-            store.insert_decision(&decision(id, at), None).await.unwrap();
+            store.insert_decision(&common::decision(id, at), None).await.unwrap();
         }
         let pending = store.enqueue_review("a", 1).await.unwrap();
         let decided_b = store.enqueue_review("b", 1).await.unwrap();
@@ -82,7 +56,8 @@ async fn decided_reviews_come_with_their_decisions_and_respect_since() {
 async fn decisions_are_exported_whole_across_pages_of_one_millisecond() {
     for (store, label, _dir, pg) in common::stores("export").await {
         // 2,150 decisions in five milliseconds of 500 (the last of 150): page ends fall inside each run.
-        let all: Vec<DecisionRecord> = (0..2_150).map(|i| decision(&format!("p{i:05}"), 10_000 + i / 500)).collect();
+        let all: Vec<DecisionRecord> =
+            (0..2_150).map(|i| common::decision(&format!("p{i:05}"), 10_000 + i / 500)).collect();
         for chunk in all.chunks(100) {
             let rows: Vec<_> = chunk.iter().map(|d| (d, None, None)).collect();
             store.insert_decisions_together(&rows).await.unwrap();

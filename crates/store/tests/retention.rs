@@ -9,28 +9,13 @@ use safeguard_store::{
 use serde_json::json;
 use sqlx::Executor;
 
-fn decision(id: &str, created_at: i64, policy_hash: &str) -> DecisionRecord {
+/// A decision that needs review, under the version `sha256:used` (which the decisions kept keep stored).
+fn decision(id: &str, created_at: i64) -> DecisionRecord {
     DecisionRecord {
-        id: id.to_string(),
-        created_at,
-        policy_hashes: vec![policy_hash.into()],
-        policy_names: vec!["spam".into()],
-        model_id: "tiny".into(),
-        effort: "low".into(),
-        prompt_hash: None,
-        sampling: json!("greedy"),
-        content: json!({"kind": "text", "text": format!("text of {id}")}),
+        policy_hashes: vec!["sha256:used".into()],
         verdicts: json!([{"policy": "spam", "outcome": "needs_review"}]),
         outcome: "needs_review".into(),
-        failure_reason: None,
-        timings: json!({}),
-        prompt_tokens: 0,
-        cached_prompt_tokens: 0,
-        completion_tokens: 0,
-        source: "api".into(),
-        job_id: None,
-        replay_of: None,
-        submitted_by: None,
+        ..common::decision(id, created_at)
     }
 }
 
@@ -49,7 +34,7 @@ async fn finished_job(store: &Store, key: &str, decision_id: &str, delivery_stat
     let (job, _) = store.enqueue_job(&new).await.unwrap();
     let claimed = store.claim_job(60_000).await.unwrap().unwrap();
     assert_eq!(claimed.id, job.id);
-    let mut d = decision(decision_id, 1_000, "sha256:used");
+    let mut d = decision(decision_id, 1_000);
     d.job_id = Some(job.id.clone());
     let hook = NewDelivery { job_id: job.id.clone(), url: "http://127.0.0.1:9/hook".into(), body: "{}".into() };
     assert!(
@@ -73,10 +58,10 @@ async fn old_rows_go_and_whatever_is_still_needed_stays() {
         let s = &store;
         // Everything "old" was created at 1 000 ms; "recent" rows an hour from now, after any cutoff used here.
         let recent = now_ms() + 3_600_000;
-        s.insert_decision(&decision("old-plain", 1_000, "sha256:used"), Some(&["why".to_string()])).await.unwrap();
-        s.insert_decision(&decision("old-pending", 1_000, "sha256:used"), None).await.unwrap();
+        s.insert_decision(&decision("old-plain", 1_000), Some(&["why".to_string()])).await.unwrap();
+        s.insert_decision(&decision("old-pending", 1_000), None).await.unwrap();
         let pending = s.enqueue_review("old-pending", 1).await.unwrap();
-        s.insert_decision(&decision("old-reviewed", 1_000, "sha256:used"), None).await.unwrap();
+        s.insert_decision(&decision("old-reviewed", 1_000), None).await.unwrap();
         let reviewed = s.enqueue_review("old-reviewed", 1).await.unwrap();
         let answer = ReviewDecision {
             reviewer: "ana".into(),
@@ -88,7 +73,7 @@ async fn old_rows_go_and_whatever_is_still_needed_stays() {
         };
         s.decide_review(&reviewed, &answer).await.unwrap().unwrap();
         s.mark_review_announced(&reviewed).await.unwrap();
-        s.insert_decision(&decision("old-unannounced", 1_000, "sha256:used"), None).await.unwrap();
+        s.insert_decision(&decision("old-unannounced", 1_000), None).await.unwrap();
         let unannounced = s.enqueue_review("old-unannounced", 1).await.unwrap();
         s.decide_review(&unannounced, &answer).await.unwrap().unwrap();
         // Whether a decided review counts as announced at once depends on where its item came from; make sure
@@ -97,19 +82,19 @@ async fn old_rows_go_and_whatever_is_still_needed_stays() {
             .execute(sqlx::query("UPDATE reviews SET announced_at = NULL WHERE id = $1").bind(unannounced.clone()))
             .await
             .unwrap();
-        s.insert_decision(&decision("old-appealed", 1_000, "sha256:used"), None).await.unwrap();
-        let mut appeal = decision("recent-appeal", recent, "sha256:used");
+        s.insert_decision(&decision("old-appealed", 1_000), None).await.unwrap();
+        let mut appeal = decision("recent-appeal", recent);
         (appeal.source, appeal.replay_of) = ("appeal".into(), Some("old-appealed".into()));
         s.insert_appeal(&appeal, None, &review_of("recent-appeal", "appeal")).await.unwrap();
-        s.insert_decision(&decision("recent", recent, "sha256:used"), None).await.unwrap();
+        s.insert_decision(&decision("recent", recent), None).await.unwrap();
 
         // Old appeals: one still waiting for a person keeps itself and what it appeals; one answered and announced
         // goes, and what it appealed goes on the next run.
         for (original, appeal_id) in
             [("old-appealed-waiting", "old-appeal-waiting"), ("old-appealed-done", "old-appeal-done")]
         {
-            s.insert_decision(&decision(original, 1_000, "sha256:used"), None).await.unwrap();
-            let mut appeal = decision(appeal_id, 2_000, "sha256:used");
+            s.insert_decision(&decision(original, 1_000), None).await.unwrap();
+            let mut appeal = decision(appeal_id, 2_000);
             (appeal.source, appeal.replay_of) = ("appeal".into(), Some(original.into()));
             s.insert_appeal(&appeal, None, &review_of(appeal_id, "appeal")).await.unwrap();
         }

@@ -287,13 +287,18 @@ fn load_remote(args: &Args) -> anyhow::Result<Arc<dyn Reasoner>> {
     Ok(Arc::new(reasoner))
 }
 
+/// `--retain-days` as a period: the database's and the NATS streams' alike.
+fn retention_period(args: &Args) -> Option<Duration> {
+    args.retain_days.map(|days| Duration::from_secs(u64::from(days) * 86_400))
+}
+
 fn nats_ingest(args: &Args, url: &str) -> NatsIngest {
     let mut config = NatsConfig::new(url, args.nats_subject.clone());
     if let Some(stream) = &args.nats_stream {
         config = config.with_stream(stream);
     }
     config.ack_wait = Duration::from_secs(args.nats_ack_wait.max(1));
-    config.retain = args.retain_days.map(|days| Duration::from_secs(u64::from(days) * 86_400));
+    config.retain = retention_period(args);
     NatsIngest { config, policies: args.nats_policies.clone() }
 }
 
@@ -417,10 +422,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             max_connections: args.max_connections.max(1),
             header_read_timeout: Duration::from_secs(args.header_timeout_secs.clamp(1, 3600)),
         },
-        retention: args.retain_days.map(|days| RetentionConfig {
+        retention: retention_period(&args).map(|period| RetentionConfig {
             keep_reviewed: args.retain_reviewed,
             policies: args.retain_prune_policies,
-            ..RetentionConfig::new(Duration::from_secs(u64::from(days) * 86_400))
+            ..RetentionConfig::new(period)
         }),
         // A day at most: the deadline is an instant in the future, and a huge one would overflow when the signal came.
         drain_timeout: Duration::from_secs(args.drain_timeout_secs.min(86_400)),

@@ -1,6 +1,7 @@
 //! The databases a store test runs against: SQLite and, when reachable, PostgreSQL (in a throwaway schema).
 
-use safeguard_store::{Store, StoreOptions};
+use safeguard_store::{DecisionRecord, Store, StoreOptions};
+use serde_json::json;
 
 const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
@@ -32,5 +33,31 @@ pub async fn clean_up((store, _, _, pg): TestDb) {
     store.close().await;
     if let Some((url, schema)) = pg {
         Store::drop_schema(&url, &schema).await.unwrap();
+    }
+}
+
+/// An allowed text decision under `sha256:spam`, made at `created_at`.
+pub fn decision(id: &str, created_at: i64) -> DecisionRecord {
+    DecisionRecord {
+        id: id.to_string(),
+        created_at,
+        policy_hashes: vec!["sha256:spam".into()],
+        policy_names: vec!["spam".into()],
+        model_id: "tiny".into(),
+        effort: "low".into(),
+        prompt_hash: None,
+        sampling: json!("greedy"),
+        content: json!({"kind": "text", "text": format!("text of {id}")}),
+        verdicts: json!([{"policy": "spam", "outcome": "allow"}]),
+        outcome: "allow".into(),
+        failure_reason: None,
+        timings: json!({}),
+        prompt_tokens: 0,
+        cached_prompt_tokens: 0,
+        completion_tokens: 0,
+        source: "api".into(),
+        job_id: None,
+        replay_of: None,
+        submitted_by: None,
     }
 }
