@@ -132,36 +132,100 @@ pub fn example_from_correction(correction: &Correction, weights: Weights) -> Lab
 /// both ways: the last replay's model label, and the last correction (`corrections` in the order they were
 /// given, so an appeal's answer overrules the review it appealed).
 pub fn merge(model: Vec<LabeledExample>, corrections: Vec<LabeledExample>) -> Vec<LabeledExample> {
-    let corrections = last_per_item(corrections);
-    let corrected: std::collections::HashSet<(String, String)> = corrections.iter().map(item_key).collect();
-    let model = last_per_item(model).into_iter().filter(|m| !corrected.contains(&item_key(m)));
-    model.chain(corrections).collect()
-}
-
-fn item_key(example: &LabeledExample) -> (String, String) {
-    (example.text.clone(), example.policy_hash.clone())
-}
-
-/// The last example of each item and policy version, in their order.
-fn last_per_item(examples: Vec<LabeledExample>) -> Vec<LabeledExample> {
-    let mut last_of = std::collections::HashMap::new();
-    for (index, example) in examples.iter().enumerate() {
-        last_of.insert(item_key(example), index);
+    let mut latest = LatestLabels::default();
+    for (index, example) in model.iter().enumerate() {
+        latest.note(Role::Model, example, &index.to_string());
     }
-    examples
-        .into_iter()
-        .enumerate()
-        .filter(|(index, e)| last_of.get(&item_key(e)) == Some(index))
-        .map(|(_, e)| e)
-        .collect()
+    for (index, example) in corrections.iter().enumerate() {
+        latest.note(Role::Correction, example, &index.to_string());
+    }
+    let model = model.into_iter().enumerate().filter(|(i, e)| latest.keeps(Role::Model, e, &i.to_string()));
+    let corrections =
+        corrections.into_iter().enumerate().filter(|(i, e)| latest.keeps(Role::Correction, e, &i.to_string()));
+    model.chain(corrections).map(|(_, example)| example).collect()
+}
+
+/// Which side of [`merge`] an example is on: a model label, or a person's correction that replaces it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Model,
+    Correction,
+}
+
+type Digest16 = [u8; 16];
+
+/// [`merge`]'s choice made from digests, for a dataset too large to hold: a first pass [`note`](Self::note)s
+/// every example in order, a second asks [`keeps`](Self::keeps) of each again and writes it out. It holds two
+/// 16-byte digests per item and policy version instead of every example's text, so an export of millions of
+/// decisions fits in memory. `identity` names one example among all of its role (a row id and the example's
+/// place in the row): the second pass must give each example the identity it had in the first, and an example
+/// the first pass never saw is not kept.
+#[derive(Debug, Default)]
+pub struct LatestLabels {
+    model: std::collections::HashMap<Digest16, Digest16>,
+    corrections: std::collections::HashMap<Digest16, Digest16>,
+}
+
+impl LatestLabels {
+    pub fn note(&mut self, role: Role, example: &LabeledExample, identity: &str) {
+        let latest = match role {
+            Role::Model => &mut self.model,
+            Role::Correction => &mut self.corrections,
+        };
+        latest.insert(item_digest(example), digest16(&[identity.as_bytes()]));
+    }
+
+    /// Whether `example` is the last of its role for its item, and, for a model label, that no person labelled
+    /// the item.
+    pub fn keeps(&self, role: Role, example: &LabeledExample, identity: &str) -> bool {
+        let item = item_digest(example);
+        let last = match role {
+            Role::Model if self.corrections.contains_key(&item) => return false,
+            Role::Model => self.model.get(&item),
+            Role::Correction => self.corrections.get(&item),
+        };
+        last == Some(&digest16(&[identity.as_bytes()]))
+    }
+
+    /// How many examples the second pass will keep.
+    pub fn kept(&self) -> usize {
+        self.corrections.len() + self.model.keys().filter(|item| !self.corrections.contains_key(*item)).count()
+    }
+
+    /// How many of the kept are people's labels.
+    pub fn kept_corrections(&self) -> usize {
+        self.corrections.len()
+    }
+}
+
+/// The item an example labels: its text under one policy version. 128 bits: two different items sharing a
+/// digest (and one dropping out of the dataset) is as likely as never, at any size a database can hold.
+fn item_digest(example: &LabeledExample) -> Digest16 {
+    let text_len = (example.text.len() as u64).to_le_bytes();
+    digest16(&[&text_len, example.text.as_bytes(), example.policy_hash.as_bytes()])
+}
+
+fn digest16(parts: &[&[u8]]) -> Digest16 {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update(part);
+    }
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&hasher.finalize()[..16]);
+    out
 }
 
 pub fn write_jsonl<W: Write>(examples: &[LabeledExample], mut out: W) -> io::Result<()> {
     for example in examples {
-        serde_json::to_writer(&mut out, example)?;
-        out.write_all(b"\n")?;
+        write_jsonl_line(example, &mut out)?;
     }
     out.flush()
+}
+
+/// One example as one JSONL line, unflushed (for a writer that is given examples one at a time).
+pub fn write_jsonl_line<W: Write>(example: &LabeledExample, mut out: W) -> io::Result<()> {
+    serde_json::to_writer(&mut out, example)?;
+    out.write_all(b"\n")
 }
 
 /// Why a decided item is worth a person's look even though nobody had to review it (active learning).

@@ -239,6 +239,29 @@ pub struct ReviewedItem {
     pub decided_at: Option<i64>,
 }
 
+/// The stream named in `config`, created if it does not exist yet. Two processes starting together (workers
+/// sharing a stream, a producer and a server) both find it missing and both create it; NATS then refuses the
+/// later create (as overlapping the earlier one's subjects, or as a name in use), though the stream is there as
+/// asked. So a refused create is followed by a look: the stream found then is the one to use.
+async fn open_stream(js: &jetstream::Context, config: stream::Config, what: &str) -> Result<stream::Stream, NatsError> {
+    let name = config.name.clone();
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        match js.get_or_create_stream(config.clone()).await {
+            Ok(stream) => return Ok(stream),
+            Err(e) if attempts < 3 => {
+                if let Ok(stream) = js.get_stream(&name).await {
+                    debug!(stream = %name, "the {what} was created by another process meanwhile: {e}");
+                    return Ok(stream);
+                }
+                tokio::time::sleep(Duration::from_millis(100 * attempts)).await;
+            }
+            Err(e) => return Err(NatsError::Setup(format!("{what}: {e}"))),
+        }
+    }
+}
+
 /// A stream created before (by another worker, or before `--retain-days` was set) keeps the age limit it was made
 /// with; this one gives it the retention asked for (`None` leaves it as it is: a worker started without
 /// `--retain-days` must not lift the limit others set).
@@ -281,38 +304,33 @@ impl Bus {
             .await
             .map_err(|e| NatsError::Connect { url: config.shown_url(), detail: e.to_string() })?;
         let js = jetstream::new(client);
-        js.get_or_create_stream(stream::Config {
+        let work = stream::Config {
             name: config.work_stream.clone(),
             subjects: vec![format!("{}.content.>", config.prefix)],
             // An event leaves the work stream once a worker acks it.
             retention: stream::RetentionPolicy::WorkQueue,
             duplicate_window: Duration::from_secs(120),
             ..Default::default()
-        })
-        .await
-        .map_err(|e| NatsError::Setup(format!("work stream: {e}")))?;
+        };
+        open_stream(&js, work, "work stream").await?;
         let max_age = config.retain.unwrap_or_default();
-        let decision_log = js
-            .get_or_create_stream(stream::Config {
-                name: config.decision_stream.clone(),
-                subjects: vec![format!("{}.decisions.>", config.prefix)],
-                duplicate_window: Duration::from_secs(120),
-                max_age,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| NatsError::Setup(format!("decision stream: {e}")))?;
+        let decisions = stream::Config {
+            name: config.decision_stream.clone(),
+            subjects: vec![format!("{}.decisions.>", config.prefix)],
+            duplicate_window: Duration::from_secs(120),
+            max_age,
+            ..Default::default()
+        };
+        let decision_log = open_stream(&js, decisions, "decision stream").await?;
         let decision_log = keep_for(&js, decision_log, config.retain, "decision stream").await?;
-        let decided = js
-            .get_or_create_stream(stream::Config {
-                name: config.decided_stream.clone(),
-                subjects: vec![format!("{}.decided.>", config.prefix)],
-                max_messages_per_subject: 1,
-                max_age,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| NatsError::Setup(format!("decided ledger: {e}")))?;
+        let ledger = stream::Config {
+            name: config.decided_stream.clone(),
+            subjects: vec![format!("{}.decided.>", config.prefix)],
+            max_messages_per_subject: 1,
+            max_age,
+            ..Default::default()
+        };
+        let decided = open_stream(&js, ledger, "decided ledger").await?;
         let decided = keep_for(&js, decided, config.retain, "decided ledger").await?;
         Ok(Bus { config, js, decided, decision_log })
     }

@@ -204,6 +204,15 @@ fn filters_and_bad_arguments_are_clear() {
         safeguard(&["export", "dataset", "--database", &url, "--since", "0", "--policy", "threats", "--out", out_s]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(read_jsonl(&out).len(), 12);
+    assert!(!dir.path().join("export.jsonl.partial").exists(), "written beside, then moved into place");
+
+    // A dataset that cannot be written is a clear failure that leaves nothing looking like a finished one.
+    let nowhere = dir.path().join("missing").join("export.jsonl");
+    let output = safeguard(&["export", "dataset", "--database", &url, "--out", nowhere.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("creating") && stderr.contains("export.jsonl.partial"), "{stderr}");
+    assert!(!nowhere.exists());
 
     // NaN would be written as null, which triage reads as weight 1; 0 and negatives teach nothing or fail later.
     for weight in ["nan", "inf", "0", "-2"] {

@@ -1,68 +1,135 @@
-//! Whole-table reads for dataset export: unlike the listing methods they are not capped, because an export
-//! that silently stops at a page size would train on a biased sample.
-
-use sqlx::Row;
+//! Whole-table reads for dataset export, a page at a time. Unlike the listing methods they have no overall cap,
+//! because an export that silently stops at a page size would train on a biased sample; and unlike reading the
+//! table into memory, they let an export of millions of decisions hold one page at once.
+//!
+//! Each page starts after the last one's [`ExportCursor`], so rows stored meanwhile neither shift nor repeat a
+//! page, and can end at a cursor `through`: an export that reads the same rows twice (once to choose, once to
+//! write) reads the same set both times, whatever was stored in between.
 
 use crate::decisions::{COLUMNS, row_to_decision};
+use crate::reviews::{COLUMNS as REVIEW_COLUMNS, row_to_review};
 use crate::{DecisionRecord, Result, ReviewRecord, Store};
 
-/// Decisions read per query by [`Store::decisions_since`].
-const EXPORT_PAGE: i64 = 1000;
+/// Rows read per query.
+const EXPORT_PAGE: i64 = 500;
+
+/// A place in an export's order: a decision's `(created_at, id)`, or a review's `(decided_at, id)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportCursor {
+    pub at: i64,
+    pub id: String,
+}
+
+/// One page of an export read.
+#[derive(Debug)]
+pub struct ExportPage<T> {
+    pub rows: Vec<T>,
+    /// Where the next page starts: after the last row this page read (which may not be in `rows`, when it was
+    /// deleted between two queries). `None` when the page read nothing.
+    pub end: Option<ExportCursor>,
+    /// Whether this is the last page: nothing more up to `through`.
+    pub last: bool,
+}
+
+/// Which rows an export reads: those of `since` (unix ms) or later, up to and including `through`.
+#[derive(Debug, Clone, Default)]
+pub struct ExportRange {
+    pub since: Option<i64>,
+    pub through: Option<ExportCursor>,
+}
+
+impl ExportRange {
+    /// The keyset bounds a page query binds: after `after` (from the start when `None`), up to `through`
+    /// (to the end when `None`).
+    fn bounds(&self, after: Option<&ExportCursor>) -> (i64, String, i64, String) {
+        let (after_at, after_id) = after.map_or((i64::MIN, String::new()), |c| (c.at, c.id.clone()));
+        // No row is stamped i64::MAX, so every row is before an open end whatever its id.
+        let (through_at, through_id) =
+            self.through.as_ref().map_or((i64::MAX, String::new()), |c| (c.at, c.id.clone()));
+        (after_at, after_id, through_at, through_id)
+    }
+}
 
 impl Store {
-    /// Every decided review with the decision it judged, for decisions made at or after `since` (unix ms),
-    /// oldest decision first.
+    /// Decided reviews with the decision each judged, in the order people decided them (`decided_at`, then id):
+    /// those decided, or of a decision made, in `range`'s `since` or later (a correction made today of last
+    /// month's decision is new today: an incremental export must hold it). The page after `after`.
     #[tracing::instrument(skip(self))]
-    pub async fn decided_reviews_with_decisions(
+    pub async fn decided_reviews_page(
         &self,
-        since: Option<i64>,
-    ) -> Result<Vec<(ReviewRecord, DecisionRecord)>> {
-        let rows = sqlx::query(
-            // A correction made today of last month's decision is new today: an incremental export must hold it.
-            "SELECT r.id AS review_id FROM reviews r JOIN decisions d ON d.id = r.decision_id \
-             WHERE r.status = 'decided' AND (d.created_at >= $1 OR r.decided_at >= $1) ORDER BY d.created_at, r.id",
-        )
-        .bind(since.unwrap_or(i64::MIN))
+        range: &ExportRange,
+        after: Option<&ExportCursor>,
+    ) -> Result<ExportPage<(ReviewRecord, DecisionRecord)>> {
+        let (after_at, after_id, through_at, through_id) = range.bounds(after);
+        let rows = sqlx::query(sql!(
+            "SELECT {REVIEW_COLUMNS} FROM reviews WHERE status = 'decided' \
+               AND (decided_at > $2 OR (decided_at = $2 AND id > $3)) \
+               AND (decided_at < $4 OR (decided_at = $4 AND id <= $5)) \
+               AND (decided_at >= $1 OR EXISTS (SELECT 1 FROM decisions d \
+                                                WHERE d.id = reviews.decision_id AND d.created_at >= $1)) \
+             ORDER BY decided_at, id LIMIT $6"
+        ))
+        .bind(range.since.unwrap_or(i64::MIN))
+        .bind(after_at)
+        .bind(&after_id)
+        .bind(through_at)
+        .bind(&through_id)
+        .bind(EXPORT_PAGE)
         .fetch_all(&self.pool)
         .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let review_id: String = row.try_get("review_id")?;
-            // A row deleted between the two reads is simply no longer part of the export.
-            let Some(review) = self.get_review(&review_id).await? else { continue };
-            let Some(decision) = self.get_decision(&review.decision_id).await? else { continue };
-            out.push((review, decision));
-        }
-        Ok(out)
+        let last = (rows.len() as i64) < EXPORT_PAGE;
+        let reviews = rows.iter().map(row_to_review).collect::<Result<Vec<_>>>()?;
+        let end = reviews.last().map(|r| ExportCursor { at: r.decided_at.unwrap_or_default(), id: r.id.clone() });
+        let mut decisions = self.decisions_by_id(reviews.iter().map(|r| r.decision_id.as_str())).await?;
+        // A decision deleted between the two reads is simply no longer part of the export.
+        let rows = reviews.into_iter().filter_map(|r| decisions.remove(&r.decision_id).map(|d| (r, d))).collect();
+        Ok(ExportPage { rows, end, last })
     }
 
-    /// Every decision made at or after `since` (unix ms), oldest first. Read whole, a page at a time (one
-    /// query per [`EXPORT_PAGE`] decisions, not one per decision), each page after the last one's
-    /// `(created_at, id)`, so that decisions stored meanwhile neither shift nor repeat a page.
+    /// Decisions made in `range`, oldest first (`created_at`, then id): the page after `after`.
     #[tracing::instrument(skip(self))]
-    pub async fn decisions_since(&self, since: Option<i64>) -> Result<Vec<DecisionRecord>> {
-        let mut out = Vec::new();
-        let mut after: (i64, String) = (i64::MIN, String::new());
-        loop {
-            let rows = sqlx::query(sql!(
-                "SELECT {COLUMNS} FROM decisions WHERE created_at >= $1 \
-                   AND (created_at > $2 OR (created_at = $2 AND id > $3)) \
-                 ORDER BY created_at, id LIMIT $4"
-            ))
-            .bind(since.unwrap_or(i64::MIN))
-            .bind(after.0)
-            .bind(&after.1)
-            .bind(EXPORT_PAGE)
-            .fetch_all(&self.pool)
-            .await?;
-            let full = rows.len() as i64 == EXPORT_PAGE;
-            for row in &rows {
-                out.push(row_to_decision(row)?);
-            }
-            match out.last() {
-                Some(last) if full => after = (last.created_at, last.id.clone()),
-                _ => return Ok(out),
-            }
+    pub async fn decisions_page(
+        &self,
+        range: &ExportRange,
+        after: Option<&ExportCursor>,
+    ) -> Result<ExportPage<DecisionRecord>> {
+        let (after_at, after_id, through_at, through_id) = range.bounds(after);
+        let rows = sqlx::query(sql!(
+            "SELECT {COLUMNS} FROM decisions WHERE created_at >= $1 \
+               AND (created_at > $2 OR (created_at = $2 AND id > $3)) \
+               AND (created_at < $4 OR (created_at = $4 AND id <= $5)) \
+             ORDER BY created_at, id LIMIT $6"
+        ))
+        .bind(range.since.unwrap_or(i64::MIN))
+        .bind(after_at)
+        .bind(&after_id)
+        .bind(through_at)
+        .bind(&through_id)
+        .bind(EXPORT_PAGE)
+        .fetch_all(&self.pool)
+        .await?;
+        let last = (rows.len() as i64) < EXPORT_PAGE;
+        let rows = rows.iter().map(row_to_decision).collect::<Result<Vec<_>>>()?;
+        let end = rows.last().map(|d| ExportCursor { at: d.created_at, id: d.id.clone() });
+        Ok(ExportPage { rows, end, last })
+    }
+
+    /// The decisions with these ids that exist, by id: one query for a page's worth.
+    async fn decisions_by_id<'a>(
+        &self,
+        ids: impl Iterator<Item = &'a str>,
+    ) -> Result<std::collections::HashMap<String, DecisionRecord>> {
+        let ids: std::collections::BTreeSet<&str> = ids.collect();
+        if ids.is_empty() {
+            return Ok(Default::default());
         }
+        let placeholders: Vec<String> = (1..=ids.len()).map(|n| format!("${n}")).collect();
+        let sql = format!("SELECT {COLUMNS} FROM decisions WHERE id IN ({})", placeholders.join(", "));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for id in ids {
+            query = query.bind(id);
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        rows.iter().map(|row| row_to_decision(row).map(|d| (d.id.clone(), d))).collect()
     }
 }

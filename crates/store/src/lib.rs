@@ -41,6 +41,7 @@ use sqlx::{AnyPool, Executor, Row};
 use sqlite_commit::SqliteWriter;
 
 pub use decisions::{DecisionFilter, DecisionRecord, DecisionToStore};
+pub use export::{ExportCursor, ExportPage, ExportRange};
 pub use group_commit::{GroupCommit, GroupCommitStats};
 pub use jobs::{JobRecord, JobStatus, NewJob, QueueDepth, scoped_idempotency_key};
 pub use keys::{ApiKeyRecord, KeyInstall, hash_api_key};

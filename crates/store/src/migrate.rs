@@ -14,6 +14,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, include_str!("../migrations/0006_clock_free_claims_and_announcements.sql")),
     (7, include_str!("../migrations/0007_retention_indexes.sql")),
     (8, include_str!("../migrations/0008_policy_used_at.sql")),
+    (10, include_str!("../migrations/0010_reviews_in_decided_order.sql")),
 ];
 
 /// Arbitrary constant so that concurrent servers starting on one PostgreSQL database migrate one at a time.

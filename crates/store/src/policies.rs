@@ -120,19 +120,39 @@ impl Store {
     ) -> Result<(StoredPolicy, bool)> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO policies (hash, name, body, meta, created_at) VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (hash) DO NOTHING",
-        )
-        .bind(hash)
-        .bind(name)
-        .bind(body)
-        .bind(to_json(meta))
-        .bind(now)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
+        let mut attempts = 0;
+        let inserted = loop {
+            attempts += 1;
+            let inserted = sqlx::query(
+                "INSERT INTO policies (hash, name, body, meta, created_at) VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (hash) DO NOTHING",
+            )
+            .bind(hash)
+            .bind(name)
+            .bind(body)
+            .bind(to_json(meta))
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if inserted {
+                break true;
+            }
+            // Stored before: marked in use, so that a prune (which re-checks under its lock) does not delete it
+            // from under the caller, who is about to name it. On PostgreSQL a prune can delete it between the two
+            // statements; then nothing is marked, and it is stored anew.
+            let marked = sqlx::query("UPDATE policies SET used_at = $1 WHERE hash = $2")
+                .bind(now)
+                .bind(hash)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                == 1;
+            if marked || attempts == 3 {
+                break false;
+            }
+        };
         if pin_first_version {
             pin_if_unpinned(&mut tx, hash, name, &to_json(meta), now).await?;
         }

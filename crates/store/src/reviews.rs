@@ -65,10 +65,10 @@ pub struct ReviewStats {
     pub model_undecided: i64,
 }
 
-const COLUMNS: &str = "id, decision_id, status, kind, priority, reason, created_at, due_at, reviewer, rationale, rule_id, \
+pub(crate) const COLUMNS: &str = "id, decision_id, status, kind, priority, reason, created_at, due_at, reviewer, rationale, rule_id, \
     policy_hash, outcome, overrides_model, decided_at";
 
-fn row_to_review(row: &AnyRow) -> Result<ReviewRecord> {
+pub(crate) fn row_to_review(row: &AnyRow) -> Result<ReviewRecord> {
     Ok(ReviewRecord {
         id: row.try_get("id")?,
         decision_id: row.try_get("decision_id")?,

@@ -196,3 +196,26 @@ async fn old_rows_go_and_whatever_is_still_needed_stays() {
         common::clean_up((store, label, _dir, pg)).await;
     }
 }
+
+/// A version stored again (a policy published again, an inline policy sent again) is about to be named by its
+/// caller: it counts as used, so the prune that would have deleted it a moment before keeps it.
+#[tokio::test]
+async fn a_version_stored_again_is_kept_by_the_next_prune() {
+    const DAY: i64 = 86_400_000;
+    for (store, label, dir, pg) in common::stores("restored").await {
+        let meta = json!({"meta": {}});
+        let (_, new) = store.put_policy("sha256:again", "spam", "body", &meta, false).await.unwrap();
+        assert!(new, "{label}");
+        // Stored two days ago and not read since.
+        let stored_at = sqlx::query("UPDATE policies SET created_at = $1 WHERE hash = 'sha256:again'");
+        store.pool().execute(stored_at.bind(now_ms() - 2 * DAY)).await.unwrap();
+        let retention = Retention { policies: true, ..Retention::before(now_ms() - DAY) };
+        assert_eq!(store.count_prunable(&retention).await.unwrap().policies, 1, "{label}");
+
+        let (stored, new) = store.put_policy("sha256:again", "spam", "body", &meta, false).await.unwrap();
+        assert!(!new && stored.hash == "sha256:again", "{label}");
+        assert_eq!(store.prune(&retention).await.unwrap().policies, 0, "{label}");
+        assert!(store.get_policy("sha256:again").await.unwrap().is_some(), "{label}");
+        common::clean_up((store, label, dir, pg)).await;
+    }
+}

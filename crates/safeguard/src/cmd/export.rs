@@ -11,9 +11,9 @@ use anyhow::{Context, bail};
 use safeguard_harmony::{Content, Effort, judged_text};
 use safeguard_pipeline::cascade::Stage;
 use safeguard_pipeline::flywheel::{
-    Correction, LabelSource, LabeledExample, Weights, example_from_correction, merge, write_jsonl,
+    Correction, LabelSource, LabeledExample, LatestLabels, Role, Weights, example_from_correction, write_jsonl_line,
 };
-use safeguard_store::{DecisionRecord, ReviewRecord, Store, StoreOptions};
+use safeguard_store::{DecisionRecord, ExportCursor, ExportRange, ReviewRecord, Store, StoreOptions};
 use serde_json::Value;
 
 use super::classify::runtime;
@@ -209,73 +209,202 @@ fn model_examples(
 
 fn dataset(args: DatasetArgs) -> anyhow::Result<ExitCode> {
     let since = args.since.as_deref().map(parse_since).transpose()?;
-    let weights = Weights { human: args.human_weight, ..Weights::default() };
-    let (reviews, decisions) = runtime()?.block_on(async {
+    let labels =
+        Labels { weights: Weights { human: args.human_weight, ..Weights::default() }, policy: args.policy.clone() };
+    runtime()?.block_on(async {
         let store =
             Store::connect(&args.database, StoreOptions { schema: args.database_schema.clone(), ..Default::default() })
                 .await
                 .context("cannot open the database")?;
-        // Decisions before reviews: a review decided between the two reads is then read as the correction it
-        // is, where the other order exported the model's label without it.
-        let decisions = if args.include_model_labels {
-            store.decisions_since(since).await.context("reading decisions")?
-        } else {
-            vec![]
-        };
-        let reviews = store.decided_reviews_with_decisions(since).await.context("reading reviews")?;
+        let exported = export(&store, &args, since, &labels).await;
         store.close().await;
-        anyhow::Ok((reviews, decisions))
+        exported
     })?;
+    Ok(ExitCode::SUCCESS)
+}
 
+/// Which labels an export gives, and what they weigh.
+struct Labels {
+    weights: Weights,
+    /// Only this policy's, when set.
+    policy: Option<String>,
+}
+
+impl Labels {
+    fn keeps(&self, example: &LabeledExample) -> bool {
+        self.policy.as_deref().is_none_or(|name| example.policy == name)
+    }
+}
+
+/// How far one read of a table went: how many rows it saw, and the last (where a second read stops).
+struct Read {
+    rows: usize,
+    end: Option<ExportCursor>,
+}
+
+/// Reads the database twice and holds no example between the reads: the first notes which example of each
+/// item stands ([`LatestLabels`], digests only), the second writes those out. Both read the same rows: the
+/// second stops where the first ended, so what is stored meanwhile joins neither.
+async fn export(store: &Store, args: &DatasetArgs, since: Option<i64>, labels: &Labels) -> anyhow::Result<()> {
+    let range = ExportRange { since, through: None };
     let mut skipped = Skipped::default();
-    let mut human = Vec::new();
-    // In the order people gave them: of two corrections of one item (a review, then the answer to its appeal),
-    // the later stands.
-    let mut reviews = reviews;
-    reviews.sort_by_key(|(review, _)| review.decided_at);
-    for (review, decision) in &reviews {
-        let Some(text) = decision_text(decision, &mut skipped) else { continue };
-        human.extend(
-            corrections(review, decision, &text, &mut skipped).iter().map(|c| example_from_correction(c, weights)),
-        );
-    }
-    let mut model = Vec::new();
-    for decision in &decisions {
-        let Some(text) = decision_text(decision, &mut skipped) else { continue };
-        model.extend(model_examples(decision, &text, weights, &mut skipped));
-    }
-    let keep = |e: &LabeledExample| args.policy.as_deref().is_none_or(|name| e.policy == name);
-    human.retain(keep);
-    model.retain(keep);
-    let (human_count, model_count) = (human.len(), model.len());
-    let examples = merge(model, human);
-    let human_kept = examples.iter().filter(|e| e.source == LabelSource::Human).count();
-    if examples.is_empty() {
+    let mut latest = LatestLabels::default();
+    let (mut model_count, mut human_count) = (0usize, 0usize);
+    // Decisions before reviews: a review decided between the two reads is then read as the correction it is,
+    // where the other order exported the model's label without it.
+    let decisions = if args.include_model_labels {
+        let note = |example: &LabeledExample, identity: &str| {
+            model_count += 1;
+            latest.note(Role::Model, example, identity);
+            Ok(())
+        };
+        Some(read_model_labels(store, &range, labels, &mut skipped, note).await?)
+    } else {
+        None
+    };
+    let note = |example: &LabeledExample, identity: &str| {
+        human_count += 1;
+        latest.note(Role::Correction, example, identity);
+        Ok(())
+    };
+    let reviews = read_corrections(store, &range, labels, &mut skipped, note).await?;
+    if latest.kept() == 0 {
         bail!(
             "nothing to export: {} decided reviews{} gave no labelled example{}",
-            reviews.len(),
-            if args.include_model_labels { format!(" and {} decisions", decisions.len()) } else { String::new() },
+            reviews.rows,
+            decisions.as_ref().map(|read| format!(" and {} decisions", read.rows)).unwrap_or_default(),
             args.policy.as_deref().map(|p| format!(" for policy `{p}`")).unwrap_or_default()
         );
     }
-    let file = File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    let mut writer = BufWriter::new(file);
-    write_jsonl(&examples, &mut writer).with_context(|| format!("writing {}", args.out.display()))?;
-    writer.flush().with_context(|| format!("writing {}", args.out.display()))?;
-    let violations = examples.iter().filter(|e| e.violates == 1).count();
+
+    // Written beside the destination and moved over it once whole: a failed export leaves no file that looks
+    // like a complete dataset.
+    let partial = PathBuf::from(format!("{}.partial", args.out.display()));
+    let mut out = Written::create(&partial)?;
+    let written = async {
+        let mut ignored = Skipped::default();
+        if let Some(Read { end: Some(end), .. }) = &decisions {
+            let range = ExportRange { since, through: Some(end.clone()) };
+            let write = |example: &LabeledExample, identity: &str| out.take(&latest, Role::Model, example, identity);
+            read_model_labels(store, &range, labels, &mut ignored, write).await?;
+        }
+        if let Some(end) = &reviews.end {
+            let range = ExportRange { since, through: Some(end.clone()) };
+            let write =
+                |example: &LabeledExample, identity: &str| out.take(&latest, Role::Correction, example, identity);
+            read_corrections(store, &range, labels, &mut ignored, write).await?;
+        }
+        out.writer.flush().context("writing the dataset")?;
+        std::fs::rename(&partial, &args.out).with_context(|| format!("moving the dataset to {}", args.out.display()))
+    };
+    if let Err(e) = written.await {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e.context(format!("writing {}", args.out.display())));
+    }
     eprintln!(
         "wrote {} examples ({} violations) to {}: {} human labels ({} overruled by a later one), {} model labels \
          ({} replaced by a human label or a later replay)",
-        examples.len(),
-        violations,
+        out.examples,
+        out.violations,
         args.out.display(),
-        human_kept,
-        human_count - human_kept,
-        examples.len() - human_kept,
-        model_count - (examples.len() - human_kept)
+        out.human,
+        human_count.saturating_sub(out.human),
+        out.examples - out.human,
+        model_count.saturating_sub(out.examples - out.human)
     );
     for (why, count) in &skipped.0 {
         eprintln!("  skipped {count}: {why}");
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
+}
+
+/// The dataset file being written, and what went into it.
+struct Written {
+    writer: BufWriter<File>,
+    examples: usize,
+    violations: usize,
+    human: usize,
+}
+
+impl Written {
+    fn create(path: &std::path::Path) -> anyhow::Result<Self> {
+        let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { writer: BufWriter::new(file), examples: 0, violations: 0, human: 0 })
+    }
+
+    /// Writes `example` if it is the one that stands for its item.
+    fn take(
+        &mut self,
+        latest: &LatestLabels,
+        role: Role,
+        example: &LabeledExample,
+        identity: &str,
+    ) -> anyhow::Result<()> {
+        if !latest.keeps(role, example, identity) {
+            return Ok(());
+        }
+        write_jsonl_line(example, &mut self.writer).context("writing the dataset")?;
+        self.examples += 1;
+        self.violations += usize::from(example.violates == 1);
+        self.human += usize::from(role == Role::Correction);
+        Ok(())
+    }
+}
+
+/// Every model label of the decisions in `range` that `labels` keeps, oldest decision first, each handed to
+/// `each` with an identity that names it the same way in every read (decision id and place).
+async fn read_model_labels(
+    store: &Store,
+    range: &ExportRange,
+    labels: &Labels,
+    skipped: &mut Skipped,
+    mut each: impl FnMut(&LabeledExample, &str) -> anyhow::Result<()>,
+) -> anyhow::Result<Read> {
+    let (mut after, mut rows) = (None, 0);
+    loop {
+        let page = store.decisions_page(range, after.as_ref()).await.context("reading decisions")?;
+        rows += page.rows.len();
+        for decision in &page.rows {
+            let Some(text) = decision_text(decision, skipped) else { continue };
+            for (place, example) in model_examples(decision, &text, labels.weights, skipped).iter().enumerate() {
+                if labels.keeps(example) {
+                    each(example, &format!("{}#{place}", decision.id))?;
+                }
+            }
+        }
+        after = page.end.or(after);
+        if page.last {
+            return Ok(Read { rows, end: after });
+        }
+    }
+}
+
+/// Every correction of the reviews decided in `range` that `labels` keeps, in the order people gave them (of
+/// two corrections of one item, a review and then the answer to its appeal, the later stands), each handed to
+/// `each` with an identity that names it the same way in every read (review id and place).
+async fn read_corrections(
+    store: &Store,
+    range: &ExportRange,
+    labels: &Labels,
+    skipped: &mut Skipped,
+    mut each: impl FnMut(&LabeledExample, &str) -> anyhow::Result<()>,
+) -> anyhow::Result<Read> {
+    let (mut after, mut rows) = (None, 0);
+    loop {
+        let page = store.decided_reviews_page(range, after.as_ref()).await.context("reading reviews")?;
+        rows += page.rows.len();
+        for (review, decision) in &page.rows {
+            let Some(text) = decision_text(decision, skipped) else { continue };
+            for (place, correction) in corrections(review, decision, &text, skipped).iter().enumerate() {
+                let example = example_from_correction(correction, labels.weights);
+                if labels.keeps(&example) {
+                    each(&example, &format!("{}#{place}", review.id))?;
+                }
+            }
+        }
+        after = page.end.or(after);
+        if page.last {
+            return Ok(Read { rows, end: after });
+        }
+    }
 }
