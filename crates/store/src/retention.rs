@@ -68,12 +68,13 @@ const JOB_PRUNABLE: &str = "j.status IN ('done', 'failed') AND j.created_at < $1
 /// attempts is not).
 const DELIVERY_PRUNABLE: &str = "w.status <> 'pending' AND w.created_at < $1 AND w.updated_at < $1";
 
-/// A policy version `p` that may go: not active, named by no kept decision (a review names its decision's
-/// versions) and not read to decide with within the period. (Nor named by an unfinished job: see
-/// [`Store::policies_of_unfinished_jobs`].)
-const POLICY_PRUNABLE: &str = "p.created_at < $1 AND COALESCE(p.used_at, p.created_at) < $1 \
-     AND NOT EXISTS (SELECT 1 FROM policy_pins pin WHERE pin.hash = p.hash) \
-     AND NOT EXISTS (SELECT 1 FROM decision_policies dp WHERE dp.policy_hash = p.hash)";
+/// A policy version `p` that may go is not active and not read to decide with within the period; and once the
+/// prune's decisions have gone, named by no decision left (a review names its decision's versions). (Nor named
+/// by an unfinished job: see [`Store::policies_of_unfinished_jobs`].)
+const POLICY_UNUSED: &str = "p.created_at < $1 AND COALESCE(p.used_at, p.created_at) < $1 \
+     AND NOT EXISTS (SELECT 1 FROM policy_pins pin WHERE pin.hash = p.hash)";
+const POLICY_NAMED_BY_NO_DECISION: &str =
+    "NOT EXISTS (SELECT 1 FROM decision_policies dp WHERE dp.policy_hash = p.hash)";
 
 /// One table's part of a prune: its rows (`name alias`), their key, what makes one prunable, and the tables whose
 /// rows point at them and go with them.
@@ -143,11 +144,12 @@ impl Store {
         // Last: a version goes only once the decisions that named it have.
         let policies = if retention.policies {
             let in_jobs = self.policies_of_unfinished_jobs().await?;
+            let condition = format!("{POLICY_UNUSED} AND {POLICY_NAMED_BY_NO_DECISION}");
             let pruning = Pruning {
                 table: "policies",
                 alias: "p",
                 key: "hash",
-                condition: POLICY_PRUNABLE,
+                condition: &condition,
                 children: &[],
                 spared: Some(&in_jobs),
             };
@@ -176,9 +178,16 @@ impl Store {
         })
     }
 
+    /// A prune deletes decisions before versions, so a version named only by decisions that go with it goes
+    /// too: counted as such, not as kept by them.
     async fn count_prunable_policies(&self, retention: &Retention) -> Result<u64> {
         let in_jobs = self.policies_of_unfinished_jobs().await?;
-        let prunable = sqlx::query(sql!("SELECT p.hash AS k FROM policies p WHERE {POLICY_PRUNABLE}"))
+        let condition = format!(
+            "{POLICY_UNUSED} AND NOT EXISTS (SELECT 1 FROM decision_policies dp \
+               JOIN decisions d ON d.id = dp.decision_id WHERE dp.policy_hash = p.hash AND NOT ({}))",
+            decision_prunable(retention.keep_reviewed)
+        );
+        let prunable = sqlx::query(sql!("SELECT p.hash AS k FROM policies p WHERE {condition}"))
             .bind(retention.before_ms)
             .fetch_all(&self.pool)
             .await?;

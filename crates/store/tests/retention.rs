@@ -219,3 +219,31 @@ async fn a_version_stored_again_is_kept_by_the_next_prune() {
         common::clean_up((store, label, dir, pg)).await;
     }
 }
+
+/// A version named only by decisions that go in the same prune goes too, and a dry run counts it.
+#[tokio::test]
+async fn a_dry_run_counts_versions_freed_by_the_decisions_it_deletes() {
+    const DAY: i64 = 86_400_000;
+    for (store, label, dir, pg) in common::stores("freed").await {
+        let meta = json!({"meta": {}});
+        for hash in ["sha256:retired", "sha256:current"] {
+            store.put_policy(hash, "spam", &format!("body of {hash}"), &meta, false).await.unwrap();
+        }
+        let stored_at = sqlx::query("UPDATE policies SET created_at = $1");
+        store.pool().execute(stored_at.bind(now_ms() - 3 * DAY)).await.unwrap();
+        let old = DecisionRecord { policy_hashes: vec!["sha256:retired".into()], ..common::decision("old", 1_000) };
+        store.insert_decision(&old, None).await.unwrap();
+        // "current" is named by a decision the period keeps.
+        let recent =
+            DecisionRecord { policy_hashes: vec!["sha256:current".into()], ..common::decision("recent", now_ms()) };
+        store.insert_decision(&recent, None).await.unwrap();
+
+        let retention = Retention { policies: true, ..Retention::before(now_ms() - DAY) };
+        let expected = Pruned { decisions: 1, policies: 1, ..Pruned::default() };
+        assert_eq!(store.count_prunable(&retention).await.unwrap(), expected, "{label}");
+        assert_eq!(store.prune(&retention).await.unwrap(), expected, "{label}");
+        assert!(store.get_policy("sha256:retired").await.unwrap().is_none(), "{label}");
+        assert!(store.get_policy("sha256:current").await.unwrap().is_some(), "{label}");
+        common::clean_up((store, label, dir, pg)).await;
+    }
+}
