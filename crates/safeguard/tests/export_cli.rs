@@ -204,14 +204,17 @@ fn filters_and_bad_arguments_are_clear() {
         safeguard(&["export", "dataset", "--database", &url, "--since", "0", "--policy", "threats", "--out", out_s]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert_eq!(read_jsonl(&out).len(), 12);
-    assert!(!dir.path().join("export.jsonl.partial").exists(), "written beside, then moved into place");
+    let partials = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".partial"));
+    assert_eq!(partials.count(), 0, "written beside, then moved into place");
 
     // A dataset that cannot be written is a clear failure that leaves nothing looking like a finished one.
     let nowhere = dir.path().join("missing").join("export.jsonl");
     let output = safeguard(&["export", "dataset", "--database", &url, "--out", nowhere.to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("creating") && stderr.contains("export.jsonl.partial"), "{stderr}");
+    assert!(stderr.contains("cannot create") && stderr.contains("export.jsonl"), "{stderr}");
     assert!(!nowhere.exists());
 
     // NaN would be written as null, which triage reads as weight 1; 0 and negatives teach nothing or fail later.

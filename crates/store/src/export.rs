@@ -4,7 +4,9 @@
 //!
 //! Each page starts after the last one's [`ExportCursor`], so rows stored meanwhile neither shift nor repeat a
 //! page, and can end at a cursor `through`: an export that reads the same rows twice (once to choose, once to
-//! write) reads the same set both times, whatever was stored in between.
+//! write) reads the same set both times, whatever was stored in between. Each page query also bounds the time
+//! column on its own (`>= after`, `<= through`): the keyset's OR alone does not start an index scan at the
+//! cursor, and every page would read the table from its start again.
 
 use crate::decisions::{COLUMNS, row_to_decision};
 use crate::reviews::{COLUMNS as REVIEW_COLUMNS, row_to_review};
@@ -51,7 +53,9 @@ impl ExportRange {
 }
 
 impl Store {
-    /// Decided reviews with the decision each judged, in the order people decided them (`decided_at`, then id):
+    /// Decided reviews with the decision each judged, in the order people decided them (`decided_at`, then id,
+    /// which breaks ties within a millisecond the same way in every read; a decided review without a
+    /// `decided_at`, which only a hand-written row has, is not read):
     /// those decided, or of a decision made, in `range`'s `since` or later (a correction made today of last
     /// month's decision is new today: an incremental export must hold it). The page after `after`.
     #[tracing::instrument(skip(self))]
@@ -63,6 +67,7 @@ impl Store {
         let (after_at, after_id, through_at, through_id) = range.bounds(after);
         let rows = sqlx::query(sql!(
             "SELECT {REVIEW_COLUMNS} FROM reviews WHERE status = 'decided' \
+               AND decided_at >= $2 AND decided_at <= $4 \
                AND (decided_at > $2 OR (decided_at = $2 AND id > $3)) \
                AND (decided_at < $4 OR (decided_at = $4 AND id <= $5)) \
                AND (decided_at >= $1 OR EXISTS (SELECT 1 FROM decisions d \
@@ -96,6 +101,7 @@ impl Store {
         let (after_at, after_id, through_at, through_id) = range.bounds(after);
         let rows = sqlx::query(sql!(
             "SELECT {COLUMNS} FROM decisions WHERE created_at >= $1 \
+               AND created_at >= $2 AND created_at <= $4 \
                AND (created_at > $2 OR (created_at = $2 AND id > $3)) \
                AND (created_at < $4 OR (created_at = $4 AND id <= $5)) \
              ORDER BY created_at, id LIMIT $6"

@@ -119,7 +119,12 @@ impl Store {
         pin_first_version: bool,
     ) -> Result<(StoredPolicy, bool)> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = match self.backend {
+            crate::Backend::Sqlite => self.pool.begin().await?,
+            // The mark below must see a prune's delete once it is committed, not fail on it as a serialization
+            // error: READ COMMITTED, whatever the database's default.
+            crate::Backend::Postgres => self.pool.begin_with("BEGIN ISOLATION LEVEL READ COMMITTED").await?,
+        };
         let mut attempts = 0;
         let inserted = loop {
             attempts += 1;

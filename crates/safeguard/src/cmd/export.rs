@@ -2,8 +2,6 @@
 //! labelled JSONL dataset with provenance, readable by `safeguard triage train --weight-field weight`.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -17,6 +15,7 @@ use safeguard_store::{DecisionRecord, ExportCursor, ExportRange, ReviewRecord, S
 use serde_json::Value;
 
 use super::classify::runtime;
+use super::output_file::OutputFile;
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -244,7 +243,9 @@ struct Read {
 
 /// Reads the database twice and holds no example between the reads: the first notes which example of each
 /// item stands ([`LatestLabels`], digests only), the second writes those out. Both read the same rows: the
-/// second stops where the first ended, so what is stored meanwhile joins neither.
+/// second stops where the first ended, so what is stored meanwhile joins neither. A prune between the reads can
+/// delete the example the first chose for an item; the item is then left out rather than taught from a label
+/// that was overruled.
 async fn export(store: &Store, args: &DatasetArgs, since: Option<i64>, labels: &Labels) -> anyhow::Result<()> {
     let range = ExportRange { since, through: None };
     let mut skipped = Skipped::default();
@@ -277,10 +278,8 @@ async fn export(store: &Store, args: &DatasetArgs, since: Option<i64>, labels: &
         );
     }
 
-    // Written beside the destination and moved over it once whole: a failed export leaves no file that looks
-    // like a complete dataset.
-    let partial = PathBuf::from(format!("{}.partial", args.out.display()));
-    let mut out = Written::create(&partial)?;
+    // Written beside the destination and moved over it once whole (`OutputFile`).
+    let mut out = Written { output: OutputFile::create(&args.out)?, examples: 0, violations: 0, human: 0 };
     let written = async {
         let mut ignored = Skipped::default();
         if let Some(Read { end: Some(end), .. }) = &decisions {
@@ -294,23 +293,21 @@ async fn export(store: &Store, args: &DatasetArgs, since: Option<i64>, labels: &
                 |example: &LabeledExample, identity: &str| out.take(&latest, Role::Correction, example, identity);
             read_corrections(store, &range, labels, &mut ignored, write).await?;
         }
-        out.writer.flush().context("writing the dataset")?;
-        std::fs::rename(&partial, &args.out).with_context(|| format!("moving the dataset to {}", args.out.display()))
-    };
-    if let Err(e) = written.await {
-        let _ = std::fs::remove_file(&partial);
-        return Err(e.context(format!("writing {}", args.out.display())));
+        anyhow::Ok(())
     }
+    .await;
+    let Written { output, examples, violations, human } = out;
+    output.finish(written)?;
     eprintln!(
         "wrote {} examples ({} violations) to {}: {} human labels ({} overruled by a later one), {} model labels \
          ({} replaced by a human label or a later replay)",
-        out.examples,
-        out.violations,
+        examples,
+        violations,
         args.out.display(),
-        out.human,
-        human_count.saturating_sub(out.human),
-        out.examples - out.human,
-        model_count.saturating_sub(out.examples - out.human)
+        human,
+        human_count.saturating_sub(human),
+        examples - human,
+        model_count.saturating_sub(examples - human)
     );
     for (why, count) in &skipped.0 {
         eprintln!("  skipped {count}: {why}");
@@ -320,18 +317,13 @@ async fn export(store: &Store, args: &DatasetArgs, since: Option<i64>, labels: &
 
 /// The dataset file being written, and what went into it.
 struct Written {
-    writer: BufWriter<File>,
+    output: OutputFile,
     examples: usize,
     violations: usize,
     human: usize,
 }
 
 impl Written {
-    fn create(path: &std::path::Path) -> anyhow::Result<Self> {
-        let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self { writer: BufWriter::new(file), examples: 0, violations: 0, human: 0 })
-    }
-
     /// Writes `example` if it is the one that stands for its item.
     fn take(
         &mut self,
@@ -343,7 +335,7 @@ impl Written {
         if !latest.keeps(role, example, identity) {
             return Ok(());
         }
-        write_jsonl_line(example, &mut self.writer).context("writing the dataset")?;
+        write_jsonl_line(example, &mut self.output.writer).context("writing the dataset")?;
         self.examples += 1;
         self.violations += usize::from(example.violates == 1);
         self.human += usize::from(role == Role::Correction);

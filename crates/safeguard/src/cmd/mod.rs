@@ -9,6 +9,7 @@ pub mod eval;
 pub mod export;
 pub mod keys;
 pub mod models;
+mod output_file;
 pub mod policy;
 pub mod prompt;
 pub mod prune;
