@@ -76,9 +76,13 @@ fn placeholders(next: &mut usize, count: usize) -> String {
 fn insert_decision_sql(next: &mut usize) -> String {
     format!("INSERT INTO decisions ({COLUMNS}) VALUES ({})", placeholders(next, DECISION_VALUES))
 }
+/// A link carries its decision's time (the listing by policy pages on it), read from the decision just inserted
+/// rather than bound: it cannot disagree with the decision, and every writer binds the same three values.
 fn insert_policy_link_sql(next: &mut usize) -> String {
+    let decision_id = *next;
     format!(
-        "INSERT INTO decision_policies (decision_id, policy_hash, policy_name) VALUES ({}) ON CONFLICT DO NOTHING",
+        "INSERT INTO decision_policies (decision_id, policy_hash, policy_name, created_at) \
+         VALUES ({}, (SELECT created_at FROM decisions WHERE id = ${decision_id})) ON CONFLICT DO NOTHING",
         placeholders(next, 3)
     )
 }
@@ -272,6 +276,95 @@ async fn insert_rows_sqlite(
     Ok(review_ids)
 }
 
+enum Arg {
+    Text(String),
+    Int(i64),
+}
+
+/// The values bound to a listing query: placeholder `$n` is the n-th.
+#[derive(Default)]
+struct Args(Vec<Arg>);
+
+impl Args {
+    fn bind(&mut self, arg: Arg) -> String {
+        self.0.push(arg);
+        format!("${}", self.0.len())
+    }
+}
+
+/// [`Store::list_decisions`]' query and its values.
+fn list_decisions_sql(filter: &DecisionFilter) -> (String, Args) {
+    let mut args = Args::default();
+    if let Some(policy) = &filter.policy {
+        let sql = policy_decisions_sql(policy, filter, &mut args);
+        return (sql, args);
+    }
+    let mut conditions: Vec<String> = Vec::new();
+    if let Some(outcome) = &filter.outcome {
+        conditions.push(format!("outcome = {}", args.bind(Arg::Text(outcome.clone()))));
+    }
+    if let Some(since) = filter.since {
+        conditions.push(format!("created_at >= {}", args.bind(Arg::Int(since))));
+    }
+    match (filter.before, &filter.before_id) {
+        (Some(before), Some(before_id)) => {
+            let (at, id) = (args.bind(Arg::Int(before)), args.bind(Arg::Text(before_id.clone())));
+            conditions.push(format!("(created_at < {at} OR (created_at = {at} AND id < {id}))"));
+        }
+        (Some(before), None) => conditions.push(format!("created_at < {}", args.bind(Arg::Int(before)))),
+        (None, _) => {}
+    }
+    let where_clause =
+        if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
+    let limit = args.bind(Arg::Int(filter.limit.clamp(1, 1000)));
+    (format!("SELECT {COLUMNS} FROM decisions {where_clause} ORDER BY created_at DESC, id DESC LIMIT {limit}"), args)
+}
+
+/// One page of a policy's decisions, read from the link indexes `(policy_name | policy_hash, created_at,
+/// decision_id)` newest first: each of the two reads stops after a page of matches, so a page costs about its own
+/// size however many decisions the policy has. (Gathering all of the policy's links and sorting their decisions,
+/// as before, cost that on every page.) The time, cursor and outcome filters apply inside each read, or a read
+/// that stopped at a page of links could hold fewer matches than the page needs.
+fn policy_decisions_sql(policy: &str, filter: &DecisionFilter, args: &mut Args) -> String {
+    let policy = args.bind(Arg::Text(policy.to_string()));
+    let mut conditions = String::new();
+    if let Some(since) = filter.since {
+        conditions += &format!(" AND dp.created_at >= {}", args.bind(Arg::Int(since)));
+    }
+    match (filter.before, &filter.before_id) {
+        (Some(before), Some(before_id)) => {
+            // As a row value, the cursor is where the index read starts; as `<` OR `=` it would be a filter on
+            // everything newer than the page.
+            let (at, id) = (args.bind(Arg::Int(before)), args.bind(Arg::Text(before_id.clone())));
+            conditions += &format!(" AND (dp.created_at, dp.decision_id) < ({at}, {id})");
+        }
+        (Some(before), None) => conditions += &format!(" AND dp.created_at < {}", args.bind(Arg::Int(before))),
+        (None, _) => {}
+    }
+    if let Some(outcome) = &filter.outcome {
+        let outcome = args.bind(Arg::Text(outcome.clone()));
+        conditions +=
+            &format!(" AND EXISTS (SELECT 1 FROM decisions d WHERE d.id = dp.decision_id AND d.outcome = {outcome})");
+    }
+    let limit = args.bind(Arg::Int(filter.limit.clamp(1, 1000)));
+    // A decision that names two versions of one policy has two links under its name, next to each other in the
+    // index: counted twice, they would push a later decision out of the page.
+    let read = |column: &str, distinct: &str| {
+        format!(
+            "SELECT decision_id, link_at FROM (SELECT {distinct}dp.decision_id, dp.created_at AS link_at \
+             FROM decision_policies dp WHERE dp.{column} = {policy}{conditions} \
+             ORDER BY dp.created_at DESC, dp.decision_id DESC LIMIT {limit}) by_{column}"
+        )
+    };
+    // UNION: a decision found by both name and hash (a name that is also a hash) is listed once.
+    format!(
+        "SELECT {COLUMNS} FROM ({} UNION {}) page JOIN decisions ON decisions.id = page.decision_id \
+         ORDER BY page.link_at DESC, page.decision_id DESC LIMIT {limit}",
+        read("policy_name", "DISTINCT "),
+        read("policy_hash", "")
+    )
+}
+
 /// A decision, its chain of thought and the review it needs, as [`Store::insert_decisions_together`] takes them.
 pub type DecisionToStore<'a> = (&'a DecisionRecord, Option<&'a [String]>, Option<&'a NewReview>);
 
@@ -354,55 +447,15 @@ impl Store {
 
     /// Decisions matching the filter, newest first.
     pub async fn list_decisions(&self, filter: &DecisionFilter) -> Result<Vec<DecisionRecord>> {
-        enum Arg {
-            Text(String),
-            Int(i64),
-        }
-        let mut conditions: Vec<String> = Vec::new();
-        // Placeholder $N is args[N-1]: conditions and args are pushed together.
-        let mut args: Vec<Arg> = Vec::new();
-        if let Some(outcome) = &filter.outcome {
-            args.push(Arg::Text(outcome.clone()));
-            conditions.push(format!("outcome = ${}", args.len()));
-        }
-        if let Some(policy) = &filter.policy {
-            args.push(Arg::Text(policy.clone()));
-            let n = args.len();
-            conditions.push(format!(
-                "id IN (SELECT decision_id FROM decision_policies WHERE policy_name = ${n} OR policy_hash = ${n})"
-            ));
-        }
-        if let Some(since) = filter.since {
-            args.push(Arg::Int(since));
-            conditions.push(format!("created_at >= ${}", args.len()));
-        }
-        match (filter.before, &filter.before_id) {
-            (Some(before), Some(before_id)) => {
-                args.push(Arg::Int(before));
-                args.push(Arg::Text(before_id.clone()));
-                let (at, id) = (args.len() - 1, args.len());
-                conditions.push(format!("(created_at < ${at} OR (created_at = ${at} AND id < ${id}))"));
-            }
-            (Some(before), None) => {
-                args.push(Arg::Int(before));
-                conditions.push(format!("created_at < ${}", args.len()));
-            }
-            (None, _) => {}
-        }
-        let where_clause =
-            if conditions.is_empty() { String::new() } else { format!("WHERE {}", conditions.join(" AND ")) };
-        let sql = format!(
-            "SELECT {COLUMNS} FROM decisions {where_clause} ORDER BY created_at DESC, id DESC LIMIT ${}",
-            args.len() + 1
-        );
+        let (sql, args) = list_decisions_sql(filter);
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for arg in args {
+        for arg in args.0 {
             query = match arg {
                 Arg::Text(text) => query.bind(text),
                 Arg::Int(number) => query.bind(number),
             };
         }
-        let rows = query.bind(filter.limit.clamp(1, 1000)).fetch_all(&self.pool).await?;
+        let rows = query.fetch_all(&self.pool).await?;
         rows.iter().map(row_to_decision).collect()
     }
 
@@ -432,5 +485,49 @@ impl Store {
             .fetch_one(&self.pool)
             .await?;
         Ok(row.try_get::<i64, _>("n")?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A page of one policy's decisions is read from the link indexes in order, with every filter applied there:
+    /// nothing reads all of the policy's links or sorts them (only the page's own few rows are sorted).
+    #[tokio::test]
+    async fn a_policy_page_reads_the_link_indexes_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_sqlite(&dir.path().join("plan.db")).await.unwrap();
+        let filters = [
+            DecisionFilter { policy: Some("spam".into()), limit: 50, ..DecisionFilter::default() },
+            DecisionFilter {
+                policy: Some("spam".into()),
+                outcome: Some("block".into()),
+                since: Some(1),
+                before: Some(2),
+                before_id: Some("x".into()),
+                limit: 50,
+            },
+        ];
+        for filter in filters {
+            let (sql, _) = list_decisions_sql(&filter);
+            let plan = crate::tests::query_plan(&store, &sql).await;
+            for index in ["decision_policies_by_name_time", "decision_policies_by_hash_time"] {
+                let read = format!("SEARCH dp USING COVERING INDEX {index}");
+                assert!(plan.iter().any(|step| step.starts_with(&read)), "{index}: {plan:#?}");
+            }
+            if filter.before_id.is_some() {
+                let cursor = plan.iter().filter(|step| step.contains("(created_at,decision_id)<(?,?)"));
+                assert_eq!(cursor.count(), 2, "the cursor is where each read starts: {plan:#?}");
+            }
+            // Only the reads' own results are scanned; the decisions are read by key.
+            let subqueries = ["SCAN by_policy_name", "SCAN by_policy_hash", "SCAN page"];
+            let scans = plan.iter().filter(|step| step.starts_with("SCAN") && !subqueries.contains(&step.as_str()));
+            assert_eq!(scans.count(), 0, "{plan:#?}");
+            assert!(plan.iter().all(|step| !step.contains("FOR DISTINCT")), "{plan:#?}");
+            let sorts = plan.iter().filter(|step| step.contains("TEMP B-TREE FOR ORDER BY"));
+            assert_eq!(sorts.count(), 1, "only the page itself is sorted: {plan:#?}");
+        }
+        store.close().await;
     }
 }

@@ -14,6 +14,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (6, include_str!("../migrations/0006_clock_free_claims_and_announcements.sql")),
     (7, include_str!("../migrations/0007_retention_indexes.sql")),
     (8, include_str!("../migrations/0008_policy_used_at.sql")),
+    (9, include_str!("../migrations/0009_policy_links_by_time.sql")),
     (10, include_str!("../migrations/0010_reviews_in_decided_order.sql")),
 ];
 
