@@ -7,7 +7,8 @@
 -- copying decision_policies. PostgreSQL keeps the old row versions until it next vacuums the table.)
 DROP INDEX decision_policies_by_name;
 DROP INDEX decision_policies_by_hash;
--- The default is for the rows already there, until the backfill below: every insert names the time.
+-- The default is for the rows already there, until the backfill below: every insert names the time (but one
+-- from a server older than this migration, which 0011 repairs as it is written).
 ALTER TABLE decision_policies ADD COLUMN created_at BIGINT NOT NULL DEFAULT 0;
 UPDATE decision_policies SET created_at = d.created_at FROM decisions d WHERE d.id = decision_policies.decision_id;
 CREATE INDEX decision_policies_by_name_time ON decision_policies (policy_name, created_at, decision_id);

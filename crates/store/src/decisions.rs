@@ -309,7 +309,9 @@ fn list_decisions_sql(filter: &DecisionFilter) -> (String, Args) {
     match (filter.before, &filter.before_id) {
         (Some(before), Some(before_id)) => {
             let (at, id) = (args.bind(Arg::Int(before)), args.bind(Arg::Text(before_id.clone())));
-            conditions.push(format!("(created_at < {at} OR (created_at = {at} AND id < {id}))"));
+            // `created_at <= at` on its own is where the time index's read starts; the keyset's OR alone is a
+            // filter, and a page deep in the history would read every newer decision first.
+            conditions.push(format!("created_at <= {at} AND (created_at < {at} OR (created_at = {at} AND id < {id}))"));
         }
         (Some(before), None) => conditions.push(format!("created_at < {}", args.bind(Arg::Int(before)))),
         (None, _) => {}

@@ -1,21 +1,52 @@
-//! A tiny migration runner: portable SQL files applied in order, recorded in `safeguard_migrations`.
+//! A tiny migration runner: SQL files applied in order, recorded in `safeguard_migrations`; portable SQL where the
+//! backends share it, one file per backend where they do not.
 //! (sqlx's migrator checksums whole files per driver; one portable file set is simpler to keep identical.)
 
 use sqlx::{Acquire, Executor, Row};
 
 use crate::{Backend, Result, Store, StoreError, now_ms};
 
-const MIGRATIONS: &[(i64, &str)] = &[
-    (1, include_str!("../migrations/0001_init.sql")),
-    (2, include_str!("../migrations/0002_reviews.sql")),
-    (3, include_str!("../migrations/0003_review_announcements.sql")),
-    (4, include_str!("../migrations/0004_one_review_per_decision_kind.sql")),
-    (5, include_str!("../migrations/0005_submitted_by.sql")),
-    (6, include_str!("../migrations/0006_clock_free_claims_and_announcements.sql")),
-    (7, include_str!("../migrations/0007_retention_indexes.sql")),
-    (8, include_str!("../migrations/0008_policy_used_at.sql")),
-    (9, include_str!("../migrations/0009_policy_links_by_time.sql")),
-    (10, include_str!("../migrations/0010_reviews_in_decided_order.sql")),
+/// One migration: SQL both backends run (a file of `;`-ended statements), or statements that differ by backend
+/// (a trigger: SQLite's and PostgreSQL's share no syntax), each file one statement run whole (a trigger's body
+/// holds `;`s).
+enum Migration {
+    Portable(&'static str),
+    PerBackend { sqlite: &'static [&'static str], postgres: &'static [&'static str] },
+}
+
+use Migration::{PerBackend, Portable};
+
+impl Migration {
+    fn statements(&self, backend: Backend) -> Vec<String> {
+        match (self, backend) {
+            (Portable(sql), _) => split_statements(sql),
+            (PerBackend { sqlite, .. }, Backend::Sqlite) => sqlite.iter().map(|s| s.to_string()).collect(),
+            (PerBackend { postgres, .. }, Backend::Postgres) => postgres.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
+const MIGRATIONS: &[(i64, Migration)] = &[
+    (1, Portable(include_str!("../migrations/0001_init.sql"))),
+    (2, Portable(include_str!("../migrations/0002_reviews.sql"))),
+    (3, Portable(include_str!("../migrations/0003_review_announcements.sql"))),
+    (4, Portable(include_str!("../migrations/0004_one_review_per_decision_kind.sql"))),
+    (5, Portable(include_str!("../migrations/0005_submitted_by.sql"))),
+    (6, Portable(include_str!("../migrations/0006_clock_free_claims_and_announcements.sql"))),
+    (7, Portable(include_str!("../migrations/0007_retention_indexes.sql"))),
+    (8, Portable(include_str!("../migrations/0008_policy_used_at.sql"))),
+    (9, Portable(include_str!("../migrations/0009_policy_links_by_time.sql"))),
+    (10, Portable(include_str!("../migrations/0010_reviews_in_decided_order.sql"))),
+    (
+        11,
+        PerBackend {
+            sqlite: &[include_str!("../migrations/0011_link_time_sqlite.sql")],
+            postgres: &[
+                include_str!("../migrations/0011_link_time_postgres_function.sql"),
+                include_str!("../migrations/0011_link_time_postgres_trigger.sql"),
+            ],
+        },
+    ),
 ];
 
 /// Arbitrary constant so that concurrent servers starting on one PostgreSQL database migrate one at a time.
@@ -44,7 +75,7 @@ async fn apply_pending(conn: &mut sqlx::AnyConnection, backend: Backend) -> Resu
         .iter()
         .map(|row| row.try_get::<i64, _>(0))
         .collect::<Result<_, _>>()?;
-    for (version, sql) in MIGRATIONS {
+    for (version, migration) in MIGRATIONS {
         if applied.contains(version) {
             continue;
         }
@@ -64,7 +95,7 @@ async fn apply_pending(conn: &mut sqlx::AnyConnection, backend: Backend) -> Resu
             continue;
         }
         tracing::info!(version, "applying migration");
-        for statement in split_statements(sql) {
+        for statement in migration.statements(backend) {
             tx.execute(sqlx::AssertSqlSafe(statement.clone()))
                 .await
                 .map_err(|source| StoreError::Migration { version: *version, source })?;

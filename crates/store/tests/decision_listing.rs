@@ -151,8 +151,14 @@ async fn the_link_time_migration_fills_in_the_links_already_stored() {
         for record in &all {
             store.insert_decision(record, None).await.unwrap();
         }
-        // Back to the schema before migration 9.
+        // Back to the schema before migration 9 (and 11, which depends on it).
+        let drop_trigger = match label {
+            "sqlite" => "DROP TRIGGER decision_policies_take_decision_time",
+            _ => "DROP TRIGGER decision_policies_take_decision_time ON decision_policies",
+        };
         for statement in [
+            drop_trigger,
+            "DELETE FROM safeguard_migrations WHERE version = 11",
             "DROP INDEX decision_policies_by_name_time",
             "DROP INDEX decision_policies_by_hash_time",
             "ALTER TABLE decision_policies DROP COLUMN created_at",
@@ -168,6 +174,42 @@ async fn the_link_time_migration_fills_in_the_links_already_stored() {
         let filter = DecisionFilter { policy: Some("spam".into()), limit: 5, ..DecisionFilter::default() };
         assert_eq!(pages(&reopened, &filter).await.concat(), reference(&all, &filter), "{label}");
         reopened.close().await;
+        common::clean_up(db).await;
+    }
+}
+
+/// A server from before the link time (still running beside upgraded ones in a rolling upgrade) writes links
+/// without it; the database gives them their decision's time, so its decisions are listed where they belong.
+#[tokio::test]
+async fn a_link_written_without_its_time_takes_its_decisions() {
+    for db in common::stores("listing_old_writer").await {
+        let (store, label) = (&db.0, db.1);
+        let all: Vec<DecisionRecord> = (0..16).map(decision).collect();
+        for record in &all {
+            store.insert_decision(record, None).await.unwrap();
+        }
+        // As the old insert was: three columns.
+        let late = DecisionRecord {
+            policy_hashes: vec!["sha256:spam9".into()],
+            policy_names: vec!["spam".into()],
+            ..decision(99)
+        };
+        let mut decision_only = late.clone();
+        decision_only.policy_hashes.clear();
+        decision_only.policy_names.clear();
+        store.insert_decision(&decision_only, None).await.unwrap();
+        sqlx::query("INSERT INTO decision_policies (decision_id, policy_hash, policy_name) VALUES ($1, $2, $3)")
+            .bind(&late.id)
+            .bind("sha256:spam9")
+            .bind("spam")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(link_times(store).await.0, 0, "{label}: every link has its decision's time");
+        let mut listed_all = all.clone();
+        listed_all.push(late);
+        let filter = DecisionFilter { policy: Some("spam".into()), limit: 3, ..DecisionFilter::default() };
+        assert_eq!(pages(store, &filter).await.concat(), reference(&listed_all, &filter), "{label}");
         common::clean_up(db).await;
     }
 }
