@@ -64,24 +64,21 @@ impl Store {
         range: &ExportRange,
         after: Option<&ExportCursor>,
     ) -> Result<ExportPage<(ReviewRecord, DecisionRecord)>> {
-        let (after_at, after_id, through_at, through_id) = range.bounds(after);
-        let rows = sqlx::query(sql!(
-            "SELECT {REVIEW_COLUMNS} FROM reviews WHERE status = 'decided' \
+        let rows = self
+            .page_rows(
+                sql!(
+                    "SELECT {REVIEW_COLUMNS} FROM reviews WHERE status = 'decided' \
                AND decided_at >= $2 AND decided_at <= $4 \
                AND (decided_at > $2 OR (decided_at = $2 AND id > $3)) \
                AND (decided_at < $4 OR (decided_at = $4 AND id <= $5)) \
                AND (decided_at >= $1 OR EXISTS (SELECT 1 FROM decisions d \
                                                 WHERE d.id = reviews.decision_id AND d.created_at >= $1)) \
              ORDER BY decided_at, id LIMIT $6"
-        ))
-        .bind(range.since.unwrap_or(i64::MIN))
-        .bind(after_at)
-        .bind(&after_id)
-        .bind(through_at)
-        .bind(&through_id)
-        .bind(EXPORT_PAGE)
-        .fetch_all(&self.pool)
-        .await?;
+                ),
+                range,
+                after,
+            )
+            .await?;
         let last = (rows.len() as i64) < EXPORT_PAGE;
         let reviews = rows.iter().map(row_to_review).collect::<Result<Vec<_>>>()?;
         let end = reviews.last().map(|r| ExportCursor { at: r.decided_at.unwrap_or_default(), id: r.id.clone() });
@@ -98,26 +95,43 @@ impl Store {
         range: &ExportRange,
         after: Option<&ExportCursor>,
     ) -> Result<ExportPage<DecisionRecord>> {
-        let (after_at, after_id, through_at, through_id) = range.bounds(after);
-        let rows = sqlx::query(sql!(
-            "SELECT {COLUMNS} FROM decisions WHERE created_at >= $1 \
+        let rows = self
+            .page_rows(
+                sql!(
+                    "SELECT {COLUMNS} FROM decisions WHERE created_at >= $1 \
                AND created_at >= $2 AND created_at <= $4 \
                AND (created_at > $2 OR (created_at = $2 AND id > $3)) \
                AND (created_at < $4 OR (created_at = $4 AND id <= $5)) \
              ORDER BY created_at, id LIMIT $6"
-        ))
-        .bind(range.since.unwrap_or(i64::MIN))
-        .bind(after_at)
-        .bind(&after_id)
-        .bind(through_at)
-        .bind(&through_id)
-        .bind(EXPORT_PAGE)
-        .fetch_all(&self.pool)
-        .await?;
+                ),
+                range,
+                after,
+            )
+            .await?;
         let last = (rows.len() as i64) < EXPORT_PAGE;
         let rows = rows.iter().map(row_to_decision).collect::<Result<Vec<_>>>()?;
         let end = rows.last().map(|d| ExportCursor { at: d.created_at, id: d.id.clone() });
         Ok(ExportPage { rows, end, last })
+    }
+
+    /// Runs a page query: `$1` is `since`, `$2`/`$3` the cursor after which the page starts, `$4`/`$5` the one it
+    /// ends at or before, `$6` the page size.
+    async fn page_rows(
+        &self,
+        query: sqlx::AssertSqlSafe<String>,
+        range: &ExportRange,
+        after: Option<&ExportCursor>,
+    ) -> Result<Vec<sqlx::any::AnyRow>> {
+        let (after_at, after_id, through_at, through_id) = range.bounds(after);
+        Ok(sqlx::query(query)
+            .bind(range.since.unwrap_or(i64::MIN))
+            .bind(after_at)
+            .bind(after_id)
+            .bind(through_at)
+            .bind(through_id)
+            .bind(EXPORT_PAGE)
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     /// The decisions with these ids that exist, by id: one query for a page's worth.

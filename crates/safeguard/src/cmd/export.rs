@@ -11,7 +11,7 @@ use safeguard_pipeline::cascade::Stage;
 use safeguard_pipeline::flywheel::{
     Correction, LabelSource, LabeledExample, LatestLabels, Role, Weights, example_from_correction, write_jsonl_line,
 };
-use safeguard_store::{DecisionRecord, ExportCursor, ExportRange, ReviewRecord, Store, StoreOptions};
+use safeguard_store::{DecisionRecord, ExportCursor, ExportPage, ExportRange, ReviewRecord, Store, StoreOptions};
 use serde_json::Value;
 
 use super::classify::runtime;
@@ -343,54 +343,62 @@ impl Written {
     }
 }
 
-/// Every model label of the decisions in `range` that `labels` keeps, oldest decision first, each handed to
-/// `each` with an identity that names it the same way in every read (decision id and place).
+/// Every model label of the decisions in `range` that `labels` keeps, oldest decision first.
 async fn read_model_labels(
     store: &Store,
     range: &ExportRange,
     labels: &Labels,
     skipped: &mut Skipped,
-    mut each: impl FnMut(&LabeledExample, &str) -> anyhow::Result<()>,
+    each: impl FnMut(&LabeledExample, &str) -> anyhow::Result<()>,
 ) -> anyhow::Result<Read> {
-    let (mut after, mut rows) = (None, 0);
-    loop {
-        let page = store.decisions_page(range, after.as_ref()).await.context("reading decisions")?;
-        rows += page.rows.len();
-        for decision in &page.rows {
-            let Some(text) = decision_text(decision, skipped) else { continue };
-            for (place, example) in model_examples(decision, &text, labels.weights, skipped).iter().enumerate() {
-                if labels.keeps(example) {
-                    each(example, &format!("{}#{place}", decision.id))?;
-                }
-            }
-        }
-        after = page.end.or(after);
-        if page.last {
-            return Ok(Read { rows, end: after });
-        }
-    }
+    let next_page =
+        async |after: Option<&ExportCursor>| store.decisions_page(range, after).await.context("reading decisions");
+    let examples_of = |decision: &DecisionRecord, skipped: &mut Skipped| {
+        let examples = decision_text(decision, skipped)
+            .map(|text| model_examples(decision, &text, labels.weights, skipped))
+            .unwrap_or_default();
+        (decision.id.clone(), examples)
+    };
+    read_examples(next_page, examples_of, labels, skipped, each).await
 }
 
 /// Every correction of the reviews decided in `range` that `labels` keeps, in the order people gave them (of
-/// two corrections of one item, a review and then the answer to its appeal, the later stands), each handed to
-/// `each` with an identity that names it the same way in every read (review id and place).
+/// two corrections of one item, a review and then the answer to its appeal, the later stands).
 async fn read_corrections(
     store: &Store,
     range: &ExportRange,
+    labels: &Labels,
+    skipped: &mut Skipped,
+    each: impl FnMut(&LabeledExample, &str) -> anyhow::Result<()>,
+) -> anyhow::Result<Read> {
+    let next_page =
+        async |after: Option<&ExportCursor>| store.decided_reviews_page(range, after).await.context("reading reviews");
+    let examples_of = |(review, decision): &(ReviewRecord, DecisionRecord), skipped: &mut Skipped| {
+        let corrections = decision_text(decision, skipped).map(|text| corrections(review, decision, &text, skipped));
+        let examples = corrections.iter().flatten().map(|c| example_from_correction(c, labels.weights)).collect();
+        (review.id.clone(), examples)
+    };
+    read_examples(next_page, examples_of, labels, skipped, each).await
+}
+
+/// Reads rows a page at a time and hands each example of theirs that `labels` keeps to `each`, with an identity
+/// that names it the same way in every read: its row's id and its place among the row's examples.
+async fn read_examples<T>(
+    mut next_page: impl AsyncFnMut(Option<&ExportCursor>) -> anyhow::Result<ExportPage<T>>,
+    mut examples_of: impl FnMut(&T, &mut Skipped) -> (String, Vec<LabeledExample>),
     labels: &Labels,
     skipped: &mut Skipped,
     mut each: impl FnMut(&LabeledExample, &str) -> anyhow::Result<()>,
 ) -> anyhow::Result<Read> {
     let (mut after, mut rows) = (None, 0);
     loop {
-        let page = store.decided_reviews_page(range, after.as_ref()).await.context("reading reviews")?;
+        let page = next_page(after.as_ref()).await?;
         rows += page.rows.len();
-        for (review, decision) in &page.rows {
-            let Some(text) = decision_text(decision, skipped) else { continue };
-            for (place, correction) in corrections(review, decision, &text, skipped).iter().enumerate() {
-                let example = example_from_correction(correction, labels.weights);
-                if labels.keeps(&example) {
-                    each(&example, &format!("{}#{place}", review.id))?;
+        for row in &page.rows {
+            let (id, examples) = examples_of(row, skipped);
+            for (place, example) in examples.iter().enumerate() {
+                if labels.keeps(example) {
+                    each(example, &format!("{id}#{place}"))?;
                 }
             }
         }
