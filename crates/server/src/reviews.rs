@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use axum::response::Html;
 use safeguard_core::Decision;
 use safeguard_harmony::Effort;
-use safeguard_policy::Policy;
+use safeguard_policy::{Policy, RuleSide};
 use safeguard_store::{DecisionRecord, NewReview, ReviewDecision, ReviewRecord, ReviewStats};
 use safeguard_verdict::{Flag, Outcome};
 use serde::Deserialize;
@@ -206,8 +206,17 @@ pub(crate) async fn get_one(
         match stored_policy(&state, hash).await {
             Ok(Some(policy)) => {
                 defines_rules |= !policy.rule_ids.is_empty();
+                // Which side each rule is on, where the headings say: the page offers a decision only the rules of
+                // its side, as `decide` accepts only those.
+                let sides = policy.rule_sides();
+                let rule_sides: serde_json::Map<String, Value> = policy
+                    .rule_ids
+                    .iter()
+                    .filter_map(|id| sides.side(id).map(|side| (id.clone(), json!(side_name(side)))))
+                    .collect();
                 policies.push(json!({
                     "name": policy.meta.name, "hash": hash, "body": policy.body, "rule_ids": policy.rule_ids,
+                    "rule_sides": rule_sides,
                 }));
             }
             Ok(None) => {}
@@ -238,6 +247,14 @@ pub(crate) async fn get_one(
         object.insert("no_rule_id".into(), if defines_rules { Value::Null } else { json!(NO_RULE) });
     }
     Ok(Json(value))
+}
+
+/// A rule's side as the review page reads it: the outcome a decision applying it has.
+fn side_name(side: RuleSide) -> &'static str {
+    match side {
+        RuleSide::Violates => "violation",
+        RuleSide::Allowed => "allow",
+    }
 }
 
 #[derive(Deserialize)]
@@ -297,6 +314,25 @@ pub(crate) async fn decide(
         };
         defines_rules |= !policy.rule_ids.is_empty();
         if policy.rule_ids.contains(rule_id) {
+            // A "violation" that applies an exception, or an "allow" that applies a violating rule, would go into
+            // training data as a label that contradicts its own reason. Where the headings do not say which side
+            // a rule is on, the person's word stands.
+            let contradicts = match policy.rule_side(rule_id) {
+                Some(RuleSide::Violates) => outcome == "allow",
+                Some(RuleSide::Allowed) => outcome == "violation",
+                None => false,
+            };
+            if contradicts {
+                let side = if outcome == "allow" { "violates" } else { "does not violate" };
+                return Err(ApiError::bad(
+                    "rule_on_other_side",
+                    format!(
+                        "rule {rule_id:?} describes content that {side} policy {:?}; an {outcome:?} decision \
+                         applies a rule from the other side",
+                        policy.meta.name
+                    ),
+                ));
+            }
             policy_hash = Some(hash.clone());
             break;
         }

@@ -315,7 +315,8 @@ async fn classify_cascades_by_default_samples_for_review_and_reports_its_rates()
     let decide = |id: String, outcome: &str| {
         let review =
             reviews.iter().find(|r| r["decision_id"] == id.as_str()).unwrap()["id"].as_str().unwrap().to_string();
-        let body = json!({"outcome": outcome, "rationale": "Checked by hand.", "rule_id": "PR0.a"});
+        let rule = if outcome == "violation" { "PR1.a" } else { "PR0.a" };
+        let body = json!({"outcome": outcome, "rationale": "Checked by hand.", "rule_id": rule});
         async move { harness.call("POST", &format!("/v1/reviews/{review}/decide"), Some(body)).await }
     };
     let (status, agree) = decide(disagreed_id.to_string(), "allow").await;

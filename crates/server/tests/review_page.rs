@@ -97,6 +97,8 @@ async fn undecided_items_queue_and_a_person_decides_them_with_a_rule_and_rationa
     let (_, item) = h.call("GET", &format!("/v1/reviews/{id}"), &reviewer, None).await;
     assert_eq!(item["reasoning"][0], "The reviewer should see this reasoning.");
     assert!(item["policies"][0]["rule_ids"].as_array().unwrap().iter().any(|r| r == "SP2.b"));
+    let sides = &item["policies"][0]["rule_sides"];
+    assert_eq!((sides["SP2.b"].as_str(), sides["SP0.a"].as_str()), (Some("violation"), Some("allow")), "{sides}");
 
     let path = format!("/v1/reviews/{id}/decide");
     let decide = |body: Value| h.call("POST", &path, &reviewer, Some(body));
@@ -105,6 +107,11 @@ async fn undecided_items_queue_and_a_person_decides_them_with_a_rule_and_rationa
     let (status, body) =
         decide(json!({"outcome": "violation", "rationale": "Cold promotion.", "rule_id": "XX9.z"})).await;
     assert_eq!((status, body["error"]["code"].as_str()), (400, Some("unknown_rule")));
+    // A label that contradicts the rule it cites would teach triage both ways.
+    for (outcome, rule) in [("violation", "SP0.a"), ("allow", "SP2.b")] {
+        let (status, body) = decide(json!({"outcome": outcome, "rationale": "Checked.", "rule_id": rule})).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (400, Some("rule_on_other_side")), "{outcome}: {body}");
+    }
     let (status, body) =
         decide(json!({"outcome": "violation", "rationale": "Cold promotion.", "rule_id": "SP2.b", "reviewer": "dana"}))
             .await;
@@ -362,6 +369,16 @@ async fn a_reviewer_works_the_queue_in_a_real_browser_with_the_keyboard() {
         .await;
     browser.keys(&["l"]).await;
     browser.wait_for("document.querySelector('#outcome-allow').checked", "allow chosen").await;
+    // Choosing "allow" leaves only the rules that allow: a violating one cannot be applied to it.
+    let rule = browser
+        .wait_for(
+            "document.querySelector('#rule').selectedOptions[0]?.dataset.side === 'allow' \
+             && document.querySelector('#rule option[value=\"SP2.b\"]').disabled \
+             && document.querySelector('#rule').value",
+            "an allowing rule selected",
+        )
+        .await;
+    assert!(rule.as_str().is_some_and(|r| r.starts_with("SP0")), "{rule}");
     browser.keys(&["\u{E009}", "\u{E007}"]).await;
     let status = browser.wait_for("document.querySelector('#status')?.textContent", "a validation message").await;
     assert!(status.as_str().unwrap().contains("rationale"), "{status}");
