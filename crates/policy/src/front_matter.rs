@@ -131,6 +131,25 @@ impl Fields<'_> {
         }
     }
 
+    /// A span of time written with its unit (`90m`, `4h`, `2d`), in seconds, from a minute to a year.
+    fn duration(&mut self, key: &str) -> Result<Option<u64>, PolicyError> {
+        let Some(text) = self.string(key)? else { return Ok(None) };
+        let expected = "expected a time with its unit, from 1m to 365d (90m, 4h, 2d)";
+        let text = text.trim();
+        let unit_at = text.len().saturating_sub(1);
+        let (number, unit) = (text.get(..unit_at).unwrap_or_default(), text.get(unit_at..).unwrap_or_default());
+        let unit_secs = match unit {
+            "m" => 60,
+            "h" => 3_600,
+            "d" => 86_400,
+            _ => return Err(self.error(key, expected)),
+        };
+        match number.trim().parse::<u64>().ok().and_then(|n| n.checked_mul(unit_secs)) {
+            Some(secs) if (60..=365 * 86_400).contains(&secs) => Ok(Some(secs)),
+            _ => Err(self.error(key, expected)),
+        }
+    }
+
     fn int(&mut self, key: &str) -> Result<Option<i64>, PolicyError> {
         match self.take(key) {
             None => Ok(None),
@@ -289,6 +308,7 @@ pub(crate) fn build_meta(
         categories: fields.list("categories")?,
         severities: fields.list("severities")?,
         high_risk: fields.bool("high_risk")?,
+        review_sla_secs: fields.duration("review_sla")?,
         escalate_on: fields.list("escalate_on")?,
         precedence: fields.int("precedence")?,
         owner: fields.string("owner")?,

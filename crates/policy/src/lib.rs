@@ -122,6 +122,10 @@ pub struct PolicyMeta {
     pub severities: Vec<String>,
     /// High-risk policies are never skipped by triage and a low-confidence answer goes to a person.
     pub high_risk: bool,
+    /// How long an item under this policy may wait for a person before it counts as overdue (`review_sla: 4h`);
+    /// the server's default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review_sla_secs: Option<u64>,
     /// Rule ids or id prefixes (e.g. `SX4`) whose violations always go to a person.
     pub escalate_on: Vec<String>,
     /// Which policy wins when several flag the same content, higher first.

@@ -791,3 +791,23 @@ fn rule_sides_in_one_pass_agree_with_walking_back_from_each_rule() {
     }
     assert!(sided > 20, "the starter library puts many rules on a side: {sided}");
 }
+
+#[test]
+fn a_review_sla_is_a_time_with_its_unit() {
+    let sla = |value: &str| {
+        Policy::parse(&format!("---\nname: x\nreview_sla: {value}\n---\n# P\nReturn 0 or 1."))
+            .map(|p| p.meta.review_sla_secs)
+    };
+    assert_eq!(sla("4h").unwrap(), Some(14_400));
+    assert_eq!(sla("90m").unwrap(), Some(5_400));
+    assert_eq!(sla(" 2d").unwrap(), Some(172_800));
+    assert_eq!(Policy::parse("---\nname: x\n---\n# P\nReturn 0 or 1.").unwrap().meta.review_sla_secs, None);
+    for wrong in ["4", "0h", "366d", "soon", "1.5h", "-1h", "h", "4é"] {
+        let err = sla(wrong).unwrap_err();
+        assert!(
+            matches!(err, PolicyError::FrontMatterField { ref field, line: 3, .. } if field == "review_sla"),
+            "{wrong}: {err:?}"
+        );
+        assert!(err.to_string().contains("90m, 4h, 2d"), "{wrong}: {err}");
+    }
+}

@@ -101,16 +101,18 @@ pub(crate) fn appeal_review(decision_id: &str, reason: String) -> NewReview {
     }
 }
 
-/// The review a person gets for a decision: high-risk policies jump the queue, everything gets the SLA. Stored
-/// with the decision in one transaction ([`store_decision`], a job's finish).
+/// The review a person gets for a decision: high-risk policies jump the queue, and the item is due within the
+/// shortest SLA of its policies (each policy's `review_sla`, else the default). Stored with the decision in one
+/// transaction ([`store_decision`], a job's finish).
 pub(crate) fn review_for_person(decision_id: &str, policies: &[Policy], reason: String) -> NewReview {
     let high_risk = policies.iter().any(|p| p.meta.high_risk);
+    let sla_of = |policy: &Policy| policy.meta.review_sla_secs.map_or(REVIEW_SLA_MS, |secs| secs as i64 * 1000);
     NewReview {
         decision_id: decision_id.to_string(),
         kind: "review".into(),
         priority: if high_risk { 5 } else { 1 },
         reason: Some(reason),
-        sla_ms: Some(REVIEW_SLA_MS),
+        sla_ms: Some(policies.iter().map(sla_of).min().unwrap_or(REVIEW_SLA_MS)),
     }
 }
 

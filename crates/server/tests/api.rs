@@ -749,8 +749,8 @@ async fn every_undecided_decision_reaches_the_review_queue() {
 
 /// Front matter that changes how a decision is made: its own name (the heading says otherwise), a labels output
 /// the scripted model's "0" does not satisfy (the body alone would be read as a binary policy, and "0" would
-/// allow), and `high_risk`. Re-parsing only the stored body would lose all three.
-const FRONT_MATTER_POLICY: &str = "---\nname: promo-guard\nhigh_risk: true\noutput:\n  format: labels\n  violating: [PROMO]\n  safe: [CLEAN]\n---\n# Spam Policy\n\n## INSTRUCTIONS\nAnswer 0 or 1.\n\n## VIOLATES (1)\n- PR1.a Unsolicited promotion.\n\n## DOES NOT VIOLATE (0)\n- PR0.a Personal messages.\n";
+/// allow), `high_risk` and its review SLA. Re-parsing only the stored body would lose them all.
+const FRONT_MATTER_POLICY: &str = "---\nname: promo-guard\nhigh_risk: true\nreview_sla: 90m\noutput:\n  format: labels\n  violating: [PROMO]\n  safe: [CLEAN]\n---\n# Spam Policy\n\n## INSTRUCTIONS\nAnswer 0 or 1.\n\n## VIOLATES (1)\n- PR1.a Unsolicited promotion.\n\n## DOES NOT VIOLATE (0)\n- PR0.a Personal messages.\n";
 
 #[tokio::test]
 async fn appeals_and_reviews_keep_the_policy_front_matter() {
@@ -763,6 +763,12 @@ async fn appeals_and_reviews_keep_the_policy_front_matter() {
     let (status, original) = h.call("POST", "/v1/classify", Some(&key), Some(classify)).await;
     assert_eq!(status, 200, "{original}");
     assert_eq!(original["outcome"], "needs_review", "\"0\" is not one of the declared labels: {original}");
+    // The policy's own SLA, not the default day, sets when its items are due.
+    let (_, queue) = h.call("GET", "/v1/reviews?limit=100", Some(&reviewer), None).await;
+    let queued = queue["reviews"].as_array().unwrap().iter().find(|r| r["decision_id"] == original["decision_id"]);
+    let queued = queued.unwrap_or_else(|| panic!("the undecided item is queued: {queue}"));
+    let sla = queued["due_at"].as_i64().unwrap() - queued["created_at"].as_i64().unwrap();
+    assert_eq!((sla, queued["priority"].as_i64()), (90 * 60_000, Some(5)), "{queued}");
 
     let id = original["decision_id"].as_str().unwrap();
     let (status, appeal) = h.call("POST", &format!("/v1/decisions/{id}/appeal"), Some(&key), None).await;
