@@ -366,6 +366,7 @@ mod tests {
                 band: Band::Uncertain,
                 rule_match: None,
                 embedding: None,
+                model: None,
             }),
             verdict: None,
             engine_confidence: engine,

@@ -1850,6 +1850,7 @@ mod tests {
                     matches: Default::default(),
                 }),
                 embedding: None,
+                model: None,
             }),
             verdict: None,
             engine_confidence: Some(0.99),

@@ -142,6 +142,7 @@ mod tests {
                 band: Band::Uncertain,
                 rule_match: None,
                 embedding: None,
+                model: None,
             }),
             verdict: None,
             engine_confidence: None,

@@ -14,8 +14,8 @@ use axum::extract::State;
 use safeguard_core::{Decision, Timings};
 use safeguard_harmony::Content;
 use safeguard_pipeline::{
-    ActiveLearning, Budgets, CascadeDecision, CascadeStats, Pipeline, PolicyRoute, ReasoningBudget, RouteContext,
-    RoutingConfig, Stage, TriageLibrary,
+    ActiveLearning, Budgets, CascadeDecision, CascadeStats, Escalation, Pipeline, PolicyRoute, ReasoningBudget,
+    RouteContext, RoutingConfig, Stage, TriageLibrary,
 };
 use safeguard_policy::Policy;
 use safeguard_store::{DecisionRecord, NewReview, ReviewRecord, now_ms};
@@ -409,6 +409,24 @@ pub(crate) fn stages_json(cascade: &CascadeDecision) -> Value {
     )
 }
 
+/// What triage did with a policy the model gave no verdict for. Triage settles only what it decided itself;
+/// a likely violation that the policy (`triage: {on_violation: review}`) sends to a person is not settled, the
+/// person's word is still to come.
+fn triage_rationale(route: &PolicyRoute) -> Option<String> {
+    let triage = route.triage.as_ref()?;
+    Some(if route.decided_by == Stage::Triage {
+        format!("settled by triage ({:?})", triage.band)
+    } else if route.escalations.contains(&Escalation::TriageViolationToReview) {
+        let found = match triage.calibrated_probability {
+            Some(p) => format!("triage found a likely violation (probability {p:.3})"),
+            None => "a triage deny rule matched".to_string(),
+        };
+        format!("{found}; the policy sends triage violations to a person to confirm")
+    } else {
+        format!("not settled: triage ({:?}) sent it on and no model verdict came back", triage.band)
+    })
+}
+
 /// A policy's final verdict in the stored shape of a direct decision's verdict, plus where it was settled.
 /// Where triage settled it, the verdict is triage's: `violation` is its outcome, so a reviewer's agreement
 /// is measured against what the service decided.
@@ -423,7 +441,7 @@ pub(crate) fn route_verdict(route: &PolicyRoute) -> Value {
                 Outcome::NeedsReview => None,
             },
             "label": null, "category": null, "rule_ids": [], "severity": null, "confidence": null, "action": null,
-            "rationale": route.triage.as_ref().map(|t| format!("settled by triage ({:?})", t.band)),
+            "rationale": triage_rationale(route),
             "flags": [],
         }),
     };

@@ -82,6 +82,38 @@ pub struct TriageResult {
     /// The embedding head's say; `None` without a head or when nothing the head says could allow the item.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embedding: Option<EmbeddingEvidence>,
+    /// The trained classifier that scored the item; `None` when only rules decided (a deny rule, or a policy
+    /// without a usable model). Models are hot-reloaded, so this is what ties a decision to its artifact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<TriageModelRef>,
+}
+
+/// Which triage model artifact scored an item: enough to find it (weights digest, creation time), to see what it
+/// was asked to do (its thresholds) and what it was trained for (the policy hash). All of it from `model.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TriageModelRef {
+    /// Hex SHA-256 of `weights.bin`, as recorded in `model.json` and checked on load.
+    pub weights_sha256: String,
+    /// When the model was trained (RFC 3339, UTC): tells apart artifacts that share weights but not calibration.
+    pub created: String,
+    /// `sha256:…` of the policy body the model was trained for.
+    pub policy_hash: String,
+    /// Calibrated probability below which the classifier calls an item benign.
+    pub allow_below: f32,
+    /// At or above it, a confident violation; `null` when the model has none.
+    pub violate_above: Option<f32>,
+}
+
+impl TriageModelRef {
+    pub fn of(meta: &ModelMeta) -> Self {
+        TriageModelRef {
+            weights_sha256: meta.weights.sha256.clone(),
+            created: meta.created.clone(),
+            policy_hash: meta.policy_hash.clone(),
+            allow_below: meta.thresholds.allow_below,
+            violate_above: meta.thresholds.violate_above,
+        }
+    }
 }
 
 /// What the embedding head said about an item.
@@ -164,6 +196,7 @@ impl Triage {
                 band: Band::ConfidentViolation,
                 rule_match,
                 embedding: None,
+                model: None,
             };
         }
         let scored = self.model.as_ref().map(|m| {
@@ -204,6 +237,7 @@ impl Triage {
             band,
             rule_match,
             embedding,
+            model: self.model.as_ref().map(TriageModel::identity),
         }
     }
 }

@@ -300,6 +300,11 @@ impl TriageModel {
         self.head.as_ref()
     }
 
+    /// The compact identity a [`crate::TriageResult`] carries of the model that scored it.
+    pub fn identity(&self) -> crate::TriageModelRef {
+        crate::TriageModelRef::of(&self.meta)
+    }
+
     /// Raw logit of the linear model.
     #[inline]
     pub fn margin(&self, text: &str) -> f32 {

@@ -1,0 +1,209 @@
+//! A decision triage had a hand in names the triage model that scored it (weights digest, thresholds, the policy
+//! hash it was trained for) in each stored verdict's `triage`, also after the model is retrained and hot-reloaded;
+//! a deny rule's decision names none. An item that triage finds violating under `on_violation: review` is stored
+//! as sent to a person, not as settled by triage.
+//!
+//! A scripted reasoner stands in for the model; it should never be asked here. Triage is a real trained
+//! classifier whose calibration is pinned at 0.9 with `violate_above` 0.8: every item is a confident violation.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use safeguard_core::{ReasonError, ReasonOutput, ReasonRequest, Reasoner, Usage};
+use safeguard_policy::Policy;
+use safeguard_server::{Server, ServerConfig};
+use safeguard_store::Store;
+use safeguard_triage::{Calibration, Example, FitOptions, Thresholds, fit};
+use serde_json::{Value, json};
+
+const ADMIN: &str = "identity-admin";
+
+fn policy_text(name: &str, on_violation: &str) -> String {
+    format!(
+        "---
+name: {name}
+output: binary
+triage:
+  on_violation: {on_violation}
+  rules:
+    keywords:
+      - name: known-scams
+        action: deny
+        keywords: [free bitcoin]
+---
+# Promotion Policy, {name} (PR)
+
+## INSTRUCTIONS
+Return exactly one character: 0 or 1.
+
+## VIOLATES (1)
+- PR1.a Unsolicited promotion with a link or handle.
+
+## DOES NOT VIOLATE (0)
+- PR0.a Personal messages.
+
+Return exactly one character: 0 or 1."
+    )
+}
+
+#[derive(Default)]
+struct Scripted {
+    calls: AtomicUsize,
+}
+
+#[async_trait]
+impl Reasoner for Scripted {
+    fn model_id(&self) -> String {
+        "scripted".into()
+    }
+
+    async fn reason(&self, _req: ReasonRequest) -> Result<ReasonOutput, ReasonError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(ReasonOutput {
+            analysis: Some("Thinking.".into()),
+            final_text: Some("1".into()),
+            final_token_prob: Some(0.95),
+            usage: Usage { prompt_tokens: 100, cached_prompt_tokens: 40, completion_tokens: 12 },
+            ..ReasonOutput::default()
+        })
+    }
+}
+
+/// A real triage model for `policy` whose calibration is pinned so every text scores 0.9, a confident violation
+/// at or above `violate_above`. Returns what `model.json` says of it.
+fn write_triage(dir: &Path, policy: &Policy, violate_above: f32) -> Value {
+    let examples: Vec<Example> = (0..40)
+        .map(|i| {
+            let violates = i % 2 == 0;
+            let text =
+                if violates { format!("buy cheap followers now deal {i}") } else { format!("see you at lunch {i}") };
+            Example { text, violates, weight: 1.0, source: 0 }
+        })
+        .collect();
+    let options = FitOptions {
+        folds: 2,
+        min_violate_support: 1,
+        policy_name: Some(policy.meta.name.clone()),
+        policy_hash: policy.hash.to_string(),
+        ..FitOptions::default()
+    };
+    let mut model = fit(&examples, vec![], &options).unwrap();
+    model.meta.calibration = Calibration::Platt { a: 1e-9, b: (0.9f64 / 0.1).ln() };
+    model.meta.thresholds = Thresholds {
+        target_recall: 0.99,
+        allow_below: 0.0,
+        target_precision: 0.99,
+        violate_above: Some(violate_above),
+    };
+    let target = dir.join(&policy.meta.name);
+    model.save(&target).unwrap();
+    serde_json::from_slice(&std::fs::read(target.join("model.json")).unwrap()).unwrap()
+}
+
+async fn call(http: &reqwest::Client, base: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut request = http.request(method.parse().unwrap(), format!("{base}{path}")).bearer_auth(ADMIN);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_decisions_name_the_triage_model_and_review_is_not_called_settled() {
+    let dir = tempfile::tempdir().unwrap();
+    let triage_dir = dir.path().join("triage");
+    let reviewed_text = policy_text("promo-reviewed", "review");
+    let acted_text = policy_text("promo-acted", "act");
+    let reviewed = Policy::parse(&reviewed_text).unwrap();
+    let acted = Policy::parse(&acted_text).unwrap();
+    let reviewed_meta = write_triage(&triage_dir, &reviewed, 0.8);
+    let acted_meta = write_triage(&triage_dir, &acted, 0.8);
+    let store = Store::open_sqlite(&dir.path().join("db.sqlite")).await.unwrap();
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_key: Some(ADMIN.into()),
+        triage_dir: Some(triage_dir.clone()),
+        ..ServerConfig::default()
+    };
+    let reasoner = Arc::new(Scripted::default());
+    let server = Server::start(config, reasoner.clone(), store).await.unwrap();
+    let base = format!("http://{}", server.addr);
+    let http = reqwest::Client::new();
+    for text in [&reviewed_text, &acted_text] {
+        let (status, body) = call(&http, &base, "POST", "/v1/policies", Some(json!({"text": text}))).await;
+        assert!(status == 200 || status == 201, "{body}");
+    }
+    // The stored verdict of a cascade decision for one policy.
+    let decide = |text: &'static str, policy: &'static str| {
+        let (http, base) = (&http, &base);
+        async move {
+            let body = json!({"text": text, "policies": [policy]});
+            let (status, reply) = call(http, base, "POST", "/v1/classify", Some(body)).await;
+            assert_eq!(status, 200, "{reply}");
+            let id = reply["decision_id"].as_str().unwrap().to_string();
+            let (status, stored) = call(http, base, "GET", &format!("/v1/decisions/{id}"), None).await;
+            assert_eq!(status, 200, "{stored}");
+            assert_eq!(reply["verdicts"], stored["verdicts"], "the reply shows what was stored");
+            stored["verdicts"][0].clone()
+        }
+    };
+    let names_model = |verdict: &Value, meta: &Value, policy: &Policy| {
+        let model = &verdict["triage"]["model"];
+        assert_eq!(model["weights_sha256"], meta["weights"]["sha256"], "{verdict}");
+        assert_eq!(model["created"], meta["created"], "{verdict}");
+        assert_eq!(model["policy_hash"], policy.hash.to_string(), "{verdict}");
+        // Thresholds are f32: compared as such (a stored decision widens them to f64).
+        let f32_at = |v: &Value| v.as_f64().map(|v| v as f32);
+        for threshold in ["allow_below", "violate_above"] {
+            assert_eq!(f32_at(&model[threshold]), f32_at(&meta["thresholds"][threshold]), "{threshold}: {verdict}");
+        }
+    };
+
+    // Triage is sure it violates; the policy wants a person to confirm: a person settles it, not triage.
+    let verdict = decide("buy cheap followers now", "promo-reviewed").await;
+    assert_eq!((verdict["stage"].as_str(), verdict["outcome"].as_str()), (Some("human_review"), Some("needs_review")));
+    let rationale = verdict["rationale"].as_str().unwrap();
+    assert!(!rationale.contains("settled"), "{rationale}");
+    assert!(rationale.contains("likely violation") && rationale.contains("to a person"), "{rationale}");
+    names_model(&verdict, &reviewed_meta, &reviewed);
+
+    // The same under a policy that lets triage act: settled by triage, and by which model.
+    let verdict = decide("buy cheap followers now", "promo-acted").await;
+    assert_eq!((verdict["stage"].as_str(), verdict["outcome"].as_str()), (Some("triage"), Some("violation")));
+    assert_eq!(verdict["rationale"], "settled by triage (ConfidentViolation)");
+    names_model(&verdict, &acted_meta, &acted);
+
+    // A deny rule decides without the classifier: no model is named, and the rationale says a rule matched.
+    let verdict = decide("FREE BITCOIN here", "promo-reviewed").await;
+    assert_eq!(verdict["stage"], "human_review");
+    assert!(verdict["triage"].get("model").is_none(), "{verdict}");
+    let rationale = verdict["rationale"].as_str().unwrap();
+    assert!(rationale.contains("deny rule") && rationale.contains("to a person"), "{rationale}");
+    let verdict = decide("FREE BITCOIN here", "promo-acted").await;
+    assert_eq!((verdict["stage"].as_str(), verdict["triage"].get("model")), (Some("triage"), None), "{verdict}");
+
+    // Retrained with another threshold: once the server has picked it up, decisions name the new artifact.
+    let retrained = write_triage(&triage_dir, &acted, 0.85);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let verdict = decide("buy cheap followers now", "promo-acted").await;
+        if verdict["triage"]["model"]["weights_sha256"] == retrained["weights"]["sha256"]
+            && verdict["triage"]["model"]["created"] == retrained["created"]
+        {
+            names_model(&verdict, &retrained, &acted);
+            break;
+        }
+        names_model(&verdict, &acted_meta, &acted);
+        assert!(Instant::now() < deadline, "the retrained model was never picked up: {verdict}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    assert_eq!(reasoner.calls.load(Ordering::SeqCst), 0, "triage alone routed every item");
+    server.shutdown().await.unwrap();
+}
