@@ -30,6 +30,7 @@ pub mod rules;
 pub mod train;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -84,8 +85,26 @@ pub struct TriageResult {
     pub embedding: Option<EmbeddingEvidence>,
     /// The trained classifier that scored the item; `None` when only rules decided (a deny rule, or a policy
     /// without a usable model). Models are hot-reloaded, so this is what ties a decision to its artifact.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub model: Option<TriageModelRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "shared_model_ref")]
+    pub model: Option<Arc<TriageModelRef>>,
+}
+
+/// Serde for the shared identity as for the plain one (serde's own `Arc` support is behind a feature that would
+/// rebuild every crate's serde).
+mod shared_model_ref {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::TriageModelRef;
+
+    pub fn serialize<S: Serializer>(model: &Option<Arc<TriageModelRef>>, out: S) -> Result<S::Ok, S::Error> {
+        model.as_deref().serialize(out)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(input: D) -> Result<Option<Arc<TriageModelRef>>, D::Error> {
+        Ok(Option::<TriageModelRef>::deserialize(input)?.map(Arc::new))
+    }
 }
 
 /// Which triage model artifact scored an item: enough to find it (weights digest, creation time), to see what it

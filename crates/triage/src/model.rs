@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use safeguard_embed::head::copy_grouped_folds;
 use serde::{Deserialize, Serialize};
@@ -96,6 +97,9 @@ pub struct TriageModel {
     /// Optional second opinion that gates the benign band; stored as its own file (`embedding_head.json`) so
     /// artifacts without it are unchanged.
     head: Option<EmbeddingHead>,
+    /// What every result this model scores names it by, made once: `route` then allocates nothing for it.
+    /// Read from `meta` as loaded (or fitted); a change to `meta` after that does not change it.
+    identity: Arc<crate::TriageModelRef>,
 }
 
 /// Everything `fit` needs besides the data.
@@ -287,7 +291,8 @@ fn invalid(dir: &Path, detail: impl std::fmt::Display) -> TriageError {
 impl TriageModel {
     fn from_parts(meta: ModelMeta, linear: LinearModel) -> Result<Self, TriageError> {
         let featurizer = Featurizer::new(meta.features.clone())?;
-        Ok(TriageModel { meta, linear, featurizer, head: None })
+        let identity = Arc::new(crate::TriageModelRef::of(&meta));
+        Ok(TriageModel { meta, linear, featurizer, head: None, identity })
     }
 
     /// Adds (or replaces) the embedding head that must agree before an item is allowed.
@@ -301,8 +306,8 @@ impl TriageModel {
     }
 
     /// The compact identity a [`crate::TriageResult`] carries of the model that scored it.
-    pub fn identity(&self) -> crate::TriageModelRef {
-        crate::TriageModelRef::of(&self.meta)
+    pub fn identity(&self) -> Arc<crate::TriageModelRef> {
+        self.identity.clone()
     }
 
     /// Raw logit of the linear model.
