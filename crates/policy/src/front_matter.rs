@@ -308,7 +308,13 @@ pub(crate) fn build_meta(
         categories: fields.list("categories")?,
         severities: fields.list("severities")?,
         high_risk: fields.bool("high_risk")?,
-        review_sla_secs: fields.duration("review_sla")?,
+        review_sla_secs: match fields.duration("review_sla") {
+            Ok(secs) => secs,
+            // A version stored before `review_sla` was read kept any value (`1w`) as an unknown key: it must still
+            // read, with the server's default SLA.
+            Err(_) if checks == FrontMatterChecks::Skip => None,
+            Err(refused) => return Err(refused),
+        },
         escalate_on: fields.list("escalate_on")?,
         precedence: fields.int("precedence")?,
         owner: fields.string("owner")?,

@@ -810,4 +810,7 @@ fn a_review_sla_is_a_time_with_its_unit() {
         );
         assert!(err.to_string().contains("90m, 4h, 2d"), "{wrong}: {err}");
     }
+    // Stored before the key was read, a version with any value still parses, with the default SLA.
+    let stored = Policy::parse_stored("---\nname: x\nreview_sla: 1w\n---\n# P\nReturn 0 or 1.", None).unwrap();
+    assert_eq!(stored.meta.review_sla_secs, None);
 }

@@ -228,7 +228,7 @@ pub(crate) async fn store_cascade_item(
     }
     let review = (cascade.decided_by == Stage::HumanReview).then(|| {
         if cascade.is_appeal() {
-            crate::reviews::appeal_review(&record.id, format!("appeal: {}", person_reasons(cascade)))
+            crate::reviews::appeal_review(&record.id, policies, format!("appeal: {}", person_reasons(cascade)))
         } else {
             crate::reviews::review_for_person(&record.id, policies, person_reasons(cascade))
         }
@@ -422,6 +422,11 @@ fn triage_rationale(route: &PolicyRoute) -> Option<String> {
             None => "a triage deny rule matched".to_string(),
         };
         format!("{found}; the policy sends triage violations to a person to confirm")
+    } else if let Some(detail) = route.escalations.iter().find_map(|e| match e {
+        Escalation::StageFailed { detail } => Some(detail),
+        _ => None,
+    }) {
+        format!("not settled: {detail}; triage had said {:?}", triage.band)
     } else {
         format!("not settled: triage ({:?}) sent it on and no model verdict came back", triage.band)
     })

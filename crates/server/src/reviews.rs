@@ -90,14 +90,15 @@ pub(crate) fn undecided_reason(decision: &Decision) -> Option<String> {
     Some(if reasons.is_empty() { "undecided".to_string() } else { reasons.join("; ") })
 }
 
-/// An appeal's review: before every other review, with the shorter SLA.
-pub(crate) fn appeal_review(decision_id: &str, reason: String) -> NewReview {
+/// An appeal's review: before every other review, due within the appeal SLA or a policy's own, if shorter (an
+/// appeal is never due later than the item's first review was).
+pub(crate) fn appeal_review(decision_id: &str, policies: &[Policy], reason: String) -> NewReview {
     NewReview {
         decision_id: decision_id.to_string(),
         kind: "appeal".into(),
         priority: APPEAL_PRIORITY,
         reason: Some(reason),
-        sla_ms: Some(APPEAL_SLA_MS),
+        sla_ms: Some(shortest_sla(policies, APPEAL_SLA_MS)),
     }
 }
 
@@ -106,14 +107,19 @@ pub(crate) fn appeal_review(decision_id: &str, reason: String) -> NewReview {
 /// transaction ([`store_decision`], a job's finish).
 pub(crate) fn review_for_person(decision_id: &str, policies: &[Policy], reason: String) -> NewReview {
     let high_risk = policies.iter().any(|p| p.meta.high_risk);
-    let sla_of = |policy: &Policy| policy.meta.review_sla_secs.map_or(REVIEW_SLA_MS, |secs| secs as i64 * 1000);
     NewReview {
         decision_id: decision_id.to_string(),
         kind: "review".into(),
         priority: if high_risk { 5 } else { 1 },
         reason: Some(reason),
-        sla_ms: Some(policies.iter().map(sla_of).min().unwrap_or(REVIEW_SLA_MS)),
+        sla_ms: Some(shortest_sla(policies, REVIEW_SLA_MS)),
     }
+}
+
+/// The shortest of `default` and the policies' own `review_sla`s, in milliseconds.
+fn shortest_sla(policies: &[Policy], default: i64) -> i64 {
+    let own = policies.iter().filter_map(|policy| policy.meta.review_sla_secs).map(|secs| secs as i64 * 1000);
+    own.chain([default]).min().unwrap_or(default)
 }
 
 /// Share of the decided reviews that agree with the model, among those where the model had an answer to agree
@@ -307,6 +313,8 @@ pub(crate) async fn decide(
     // The rule must exist in one of the policy versions the item was judged under.
     let mut policy_hash = None;
     let mut defines_rules = false;
+    // Why the rule was refused by a policy that defines it on the other side, should no other policy take it.
+    let mut other_side: Option<ApiError> = None;
     for hash in &decision.policy_hashes {
         let policy = match stored_policy(&state, hash).await {
             Ok(Some(policy)) => policy,
@@ -318,7 +326,8 @@ pub(crate) async fn decide(
         if policy.rule_ids.contains(rule_id) {
             // A "violation" that applies an exception, or an "allow" that applies a violating rule, would go into
             // training data as a label that contradicts its own reason. Where the headings do not say which side
-            // a rule is on, the person's word stands.
+            // a rule is on, the person's word stands; where another of the item's policies defines the same id
+            // on the outcome's side, that is the rule applied.
             let contradicts = match policy.rule_side(rule_id) {
                 Some(RuleSide::Violates) => outcome == "allow",
                 Some(RuleSide::Allowed) => outcome == "violation",
@@ -326,18 +335,24 @@ pub(crate) async fn decide(
             };
             if contradicts {
                 let side = if outcome == "allow" { "violates" } else { "does not violate" };
-                return Err(ApiError::bad(
-                    "rule_on_other_side",
-                    format!(
-                        "rule {rule_id:?} describes content that {side} policy {:?}; an {outcome:?} decision \
-                         applies a rule from the other side",
-                        policy.meta.name
-                    ),
-                ));
+                other_side.get_or_insert_with(|| {
+                    ApiError::bad(
+                        "rule_on_other_side",
+                        format!(
+                            "rule {rule_id:?} describes content that {side} policy {:?}; an {outcome:?} decision \
+                             applies a rule from the other side",
+                            policy.meta.name
+                        ),
+                    )
+                });
+                continue;
             }
             policy_hash = Some(hash.clone());
             break;
         }
+    }
+    if let (None, Some(refused)) = (&policy_hash, other_side) {
+        return Err(refused);
     }
     let cites_no_rule = policy_hash.is_none() && rule_id == NO_RULE && !defines_rules;
     if policy_hash.is_none() && !cites_no_rule {
@@ -444,7 +459,7 @@ pub(crate) async fn appeal(
     record.replay_of = Some(id.clone());
     // One review, the appeal, whatever the model said: a second "undecided" review of the same item would be
     // left pending once a person answers the appeal.
-    let review = appeal_review(&record.id, reason);
+    let review = appeal_review(&record.id, &policies, reason);
     let stored = match state.store.insert_appeal(&record, Some(&reasoning), &review).await {
         Ok(stored) => stored,
         // Pruned while the appeal was reasoned.

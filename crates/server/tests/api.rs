@@ -795,6 +795,9 @@ async fn appeals_and_reviews_keep_the_policy_front_matter() {
         .collect();
     queued.sort();
     assert_eq!(queued, vec![("appeal", 10)], "one review, the appeal, though the model left it undecided: {queue}");
+    let appeal_review = queue["reviews"].as_array().unwrap().iter().find(|r| r["decision_id"] == appealed).unwrap();
+    let sla = appeal_review["due_at"].as_i64().unwrap() - appeal_review["created_at"].as_i64().unwrap();
+    assert_eq!(sla, 90 * 60_000, "the policy's SLA is shorter than an appeal's four hours: {appeal_review}");
 
     let review_id = appeal["review_id"].as_str().unwrap();
     let (status, item) = h.call("GET", &format!("/v1/reviews/{review_id}"), Some(&reviewer), None).await;

@@ -135,6 +135,34 @@ async fn undecided_items_queue_and_a_person_decides_them_with_a_rule_and_rationa
     assert_eq!(status, 403, "the queue needs the review scope");
 }
 
+/// Two of an item's policies define one rule id on opposite sides: a decision applies the one on its own side,
+/// whichever policy the item names first.
+#[tokio::test]
+async fn a_rule_id_defined_on_both_sides_applies_from_the_policy_on_the_outcomes_side() {
+    let h = start().await;
+    let policy = |name: &str, violating: &str, safe: &str| {
+        format!(
+            "---\nname: {name}\n---\n# {name} (XX)\n\n## VIOLATES (1)\n- {violating} Named here.\n\n\
+             ## DOES NOT VIOLATE (0)\n- {safe} Named here.\n\nReturn 0 or 1."
+        )
+    };
+    let mut hashes = Vec::new();
+    for text in [policy("strict", "XX1.a", "XX0.a"), policy("lenient", "XX0.a", "XX1.a")] {
+        let (status, stored) = h.call("POST", "/v1/policies", ADMIN, Some(json!({"text": text}))).await;
+        assert_eq!(status, 201, "{stored}");
+        hashes.push(stored["hash"].clone());
+    }
+    let body = json!({"text": "is this a deal or not", "policies": ["strict", "lenient"]});
+    let (status, undecided) = h.call("POST", "/v1/classify", ADMIN, Some(body)).await;
+    assert_eq!((status, undecided["outcome"].as_str()), (200, Some("needs_review")), "{undecided}");
+    let (_, queue) = h.call("GET", "/v1/reviews", ADMIN, None).await;
+    let review = queue["reviews"].as_array().unwrap().iter().find(|r| r["decision"]["id"] == undecided["decision_id"]);
+    let review = review.unwrap_or_else(|| panic!("queued: {queue}"))["id"].as_str().unwrap().to_string();
+    let answer = json!({"outcome": "allow", "rationale": "Allowed under lenient.", "rule_id": "XX1.a"});
+    let (status, decided) = h.call("POST", &format!("/v1/reviews/{review}/decide"), ADMIN, Some(answer)).await;
+    assert_eq!((status, &decided["policy_hash"]), (200, &hashes[1]), "{decided}");
+}
+
 #[tokio::test]
 async fn appeals_rerun_at_high_effort_and_go_to_a_person_first() {
     let h = start().await;

@@ -217,6 +217,8 @@ fn show(args: ShowArgs) -> anyhow::Result<ExitCode> {
     println!("severities:  {}", meta.severities.join(", "));
     println!("high risk:   {}", meta.high_risk);
     println!("escalate on: {}", meta.escalate_on.join(", "));
+    let sla = meta.review_sla_secs.map(|secs| format!("{} min", secs / 60));
+    println!("review SLA:  {}", sla.as_deref().unwrap_or("the server's (24 h)"));
     if !meta.extra.is_empty() {
         println!("other keys:  {}", meta.extra.keys().cloned().collect::<Vec<_>>().join(", "));
     }
