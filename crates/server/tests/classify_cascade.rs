@@ -6,7 +6,6 @@
 //! backend fails). Triage is a real trained classifier per policy whose calibration is pinned, so that its
 //! probability is known: 0.9 for `promo-sure`, 0.55 (a small margin) for `promo-near`.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -15,8 +14,12 @@ use safeguard_core::{ReasonError, ReasonOutput, ReasonRequest, Reasoner, Usage};
 use safeguard_policy::Policy;
 use safeguard_server::{ActiveLearning, RunningServer, Server, ServerConfig};
 use safeguard_store::Store;
-use safeguard_triage::{Calibration, DatasetProvenance, Example, FitOptions, Thresholds, fit};
 use serde_json::{Value, json};
+
+#[path = "support/triage.rs"]
+mod triage_support;
+
+use triage_support::write_pinned_triage;
 
 const ADMIN: &str = "cascade-admin";
 
@@ -77,47 +80,6 @@ impl Reasoner for Scripted {
     }
 }
 
-/// A real triage model for `policy`, with its calibration pinned so every text scores `probability` and
-/// nothing is confidently benign or violating: every item goes on to the model with that probability.
-fn write_triage(dir: &Path, policy: &Policy, probability: f64) {
-    let examples: Vec<Example> = (0..40)
-        .map(|i| {
-            let violates = i % 2 == 0;
-            let text =
-                if violates { format!("buy cheap followers now deal {i}") } else { format!("see you at lunch {i}") };
-            Example { text, violates, weight: 1.0, source: 0 }
-        })
-        .collect();
-    let options = FitOptions {
-        folds: 2,
-        min_violate_support: 1,
-        policy_name: Some(policy.meta.name.clone()),
-        policy_hash: policy.hash.to_string(),
-        ..FitOptions::default()
-    };
-    let provenance = DatasetProvenance {
-        path: "inline".into(),
-        sha256: String::new(),
-        items: examples.len(),
-        violations: examples.iter().filter(|e| e.violates).count(),
-        text_field: "text".into(),
-        label_field: "violates".into(),
-        weight_field: None,
-        label_values: Vec::new(),
-        weight_scale: 1.0,
-        auxiliary: false,
-        other_policy_rows: 0,
-        other_version_rows: 0,
-        dropped_rows: 0,
-    };
-    let mut model = fit(&examples, vec![provenance], &options).unwrap();
-    let logit = (probability / (1.0 - probability)).ln();
-    model.meta.calibration = Calibration::Platt { a: 1e-9, b: logit };
-    model.meta.thresholds =
-        Thresholds { target_recall: 0.99, allow_below: 0.0, target_precision: 0.99, violate_above: None };
-    model.save(&dir.join(&policy.meta.name)).unwrap();
-}
-
 struct Harness {
     server: RunningServer,
     base: String,
@@ -138,8 +100,8 @@ impl Harness {
             [policy_text("promo-sure", "Promotion Policy, sure"), policy_text("promo-near", "Promotion Policy, near")];
         let sure = Policy::parse(&texts[0]).unwrap();
         let near = Policy::parse(&texts[1]).unwrap();
-        write_triage(&triage_dir, &sure, 0.9);
-        write_triage(&triage_dir, &near, 0.55);
+        write_pinned_triage(&triage_dir, &sure, 0.9, None);
+        write_pinned_triage(&triage_dir, &near, 0.55, None);
         let store = Store::open_sqlite(&dir.path().join("db.sqlite")).await.unwrap();
         let config = ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),

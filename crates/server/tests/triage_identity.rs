@@ -6,7 +6,6 @@
 //! A scripted reasoner stands in for the model; it should never be asked here. Triage is a real trained
 //! classifier whose calibration is pinned at 0.9 with `violate_above` 0.8: every item is a confident violation.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -16,8 +15,12 @@ use safeguard_core::{ReasonError, ReasonOutput, ReasonRequest, Reasoner, Usage};
 use safeguard_policy::Policy;
 use safeguard_server::{Server, ServerConfig};
 use safeguard_store::Store;
-use safeguard_triage::{Calibration, Example, FitOptions, Thresholds, fit};
 use serde_json::{Value, json};
+
+#[path = "support/triage.rs"]
+mod triage_support;
+
+use triage_support::write_pinned_triage;
 
 const ADMIN: &str = "identity-admin";
 
@@ -72,37 +75,6 @@ impl Reasoner for Scripted {
     }
 }
 
-/// A real triage model for `policy` whose calibration is pinned so every text scores 0.9, a confident violation
-/// at or above `violate_above`. Returns what `model.json` says of it.
-fn write_triage(dir: &Path, policy: &Policy, violate_above: f32) -> Value {
-    let examples: Vec<Example> = (0..40)
-        .map(|i| {
-            let violates = i % 2 == 0;
-            let text =
-                if violates { format!("buy cheap followers now deal {i}") } else { format!("see you at lunch {i}") };
-            Example { text, violates, weight: 1.0, source: 0 }
-        })
-        .collect();
-    let options = FitOptions {
-        folds: 2,
-        min_violate_support: 1,
-        policy_name: Some(policy.meta.name.clone()),
-        policy_hash: policy.hash.to_string(),
-        ..FitOptions::default()
-    };
-    let mut model = fit(&examples, vec![], &options).unwrap();
-    model.meta.calibration = Calibration::Platt { a: 1e-9, b: (0.9f64 / 0.1).ln() };
-    model.meta.thresholds = Thresholds {
-        target_recall: 0.99,
-        allow_below: 0.0,
-        target_precision: 0.99,
-        violate_above: Some(violate_above),
-    };
-    let target = dir.join(&policy.meta.name);
-    model.save(&target).unwrap();
-    serde_json::from_slice(&std::fs::read(target.join("model.json")).unwrap()).unwrap()
-}
-
 async fn call(http: &reqwest::Client, base: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
     let mut request = http.request(method.parse().unwrap(), format!("{base}{path}")).bearer_auth(ADMIN);
     if let Some(body) = body {
@@ -122,8 +94,8 @@ async fn stored_decisions_name_the_triage_model_and_review_is_not_called_settled
     let acted_text = policy_text("promo-acted", "act");
     let reviewed = Policy::parse(&reviewed_text).unwrap();
     let acted = Policy::parse(&acted_text).unwrap();
-    let reviewed_meta = write_triage(&triage_dir, &reviewed, 0.8);
-    let acted_meta = write_triage(&triage_dir, &acted, 0.8);
+    let reviewed_meta = write_pinned_triage(&triage_dir, &reviewed, 0.9, Some(0.8));
+    let acted_meta = write_pinned_triage(&triage_dir, &acted, 0.9, Some(0.8));
     let store = Store::open_sqlite(&dir.path().join("db.sqlite")).await.unwrap();
     let config = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -189,7 +161,7 @@ async fn stored_decisions_name_the_triage_model_and_review_is_not_called_settled
     assert_eq!((verdict["stage"].as_str(), verdict["triage"].get("model")), (Some("triage"), None), "{verdict}");
 
     // Retrained with another threshold: once the server has picked it up, decisions name the new artifact.
-    let retrained = write_triage(&triage_dir, &acted, 0.85);
+    let retrained = write_pinned_triage(&triage_dir, &acted, 0.9, Some(0.85));
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let verdict = decide("buy cheap followers now", "promo-acted").await;
