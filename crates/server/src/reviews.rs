@@ -402,7 +402,49 @@ pub(crate) async fn decide(
     };
     metrics::counter!("safeguard_review_decisions_total", "agreement" => agreement).increment(1);
     crate::ingest::announce_review(&state, &decision, &decided).await;
+    announce_to_job(&state, &decision, &decided).await;
     Ok(Json(serde_json::to_value(decided).unwrap_or(Value::Null)))
+}
+
+/// Tells a job's webhook that a person decided its item, or an appeal of it: the job's `job.completed` said
+/// `needs_review`, and a client that waits on its webhook would otherwise never hear the answer. The review is
+/// decided whatever happens here; a delivery that cannot be queued is logged and counted.
+async fn announce_to_job(state: &AppState, decision: &DecisionRecord, review: &ReviewRecord) {
+    // An appeal's answer is the answer for the item the job decided, stored under the appealed decision.
+    let job_decision = match (&decision.job_id, review.kind.as_str(), &decision.replay_of) {
+        (Some(_), _, _) => Some(decision.clone()),
+        (None, "appeal", Some(appealed)) => state.store.get_decision(appealed).await.ok().flatten(),
+        _ => None,
+    };
+    let Some(job_decision) = job_decision else { return };
+    let Some(job_id) = &job_decision.job_id else { return };
+    let job = match state.store.get_job(job_id).await {
+        Ok(Some(job)) => job,
+        Ok(None) => return,
+        Err(e) => return unannounced(job_id, &e),
+    };
+    let Some(url) = job.webhook_url else { return };
+    let body = json!({
+        "type": "job.reviewed",
+        "job_id": job.id,
+        "decision_id": job_decision.id,
+        "review_id": review.id,
+        "kind": review.kind,
+        "appeal_decision_id": (decision.id != job_decision.id).then(|| decision.id.clone()),
+        "outcome": review.outcome,
+        "rule_id": review.rule_id,
+        "policy_hash": review.policy_hash,
+        "decided_at": review.decided_at,
+    });
+    let delivery = safeguard_store::NewDelivery { job_id: job.id.clone(), url, body: body.to_string() };
+    if let Err(e) = state.store.queue_delivery(&delivery).await {
+        unannounced(&job.id, &e);
+    }
+}
+
+fn unannounced(job_id: &str, error: &safeguard_store::StoreError) {
+    tracing::error!(job = job_id, "a person decided this job's item, but its webhook could not be queued: {error}");
+    metrics::counter!("safeguard_review_webhooks_lost_total").increment(1);
 }
 
 /// What the model said for one policy, as an outcome a person can agree with; `None` if it said nothing clear.

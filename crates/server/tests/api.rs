@@ -530,6 +530,84 @@ async fn jobs_are_idempotent_finished_once_and_signed_webhooks_arrive() {
     assert_eq!(hits.load(Ordering::SeqCst), 2);
 }
 
+/// A job whose item needed a person: its webhook hears `job.completed` (needs_review), then `job.reviewed` with the
+/// person's answer, and the answer to an appeal of it after that.
+#[tokio::test]
+async fn a_jobs_webhook_hears_the_persons_answer() {
+    let received: Arc<tokio::sync::Mutex<Vec<Value>>> = Arc::default();
+    let receiver = {
+        let received = received.clone();
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |body: String| {
+                let received = received.clone();
+                async move {
+                    received.lock().await.push(serde_json::from_str(&body).unwrap());
+                    axum::http::StatusCode::OK
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, receiver).await.unwrap() });
+    let delivered = |count: usize| {
+        let received = received.clone();
+        async move {
+            for _ in 0..200 {
+                if received.lock().await.len() >= count {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            received.lock().await.clone()
+        }
+    };
+
+    let h = Harness::start(|_| {}).await;
+    let key = h.key(&["classify"]).await;
+    let reviewer = h.key(&["review"]).await;
+    let body = json!({"text": "FAIL to decide this", "policies": ["spam"], "webhook_url": hook_url});
+    let (status, job) = h.call("POST", "/v1/jobs", Some(&key), Some(body)).await;
+    assert_eq!(status, 202, "{job}");
+    let completed = delivered(1).await;
+    assert_eq!(
+        (completed[0]["type"].as_str(), completed[0]["outcome"].as_str()),
+        (Some("job.completed"), Some("needs_review"))
+    );
+    let decision_id = completed[0]["decision_id"].as_str().unwrap().to_string();
+
+    let (_, queue) = h.call("GET", "/v1/reviews", Some(&reviewer), None).await;
+    let review = queue["reviews"].as_array().unwrap().iter().find(|r| r["decision_id"] == decision_id.as_str());
+    let review = review.unwrap_or_else(|| panic!("queued: {queue}"))["id"].as_str().unwrap().to_string();
+    let answer = json!({"outcome": "allow", "rationale": "A test message.", "rule_id": "SP0.a"});
+    let (status, decided) =
+        h.call("POST", &format!("/v1/reviews/{review}/decide"), Some(&reviewer), Some(answer)).await;
+    assert_eq!(status, 200, "{decided}");
+    let heard = delivered(2).await;
+    assert_eq!(heard.len(), 2, "{heard:?}");
+    let reviewed = &heard[1];
+    assert_eq!(reviewed["type"], "job.reviewed", "{reviewed}");
+    assert_eq!((&reviewed["job_id"], reviewed["decision_id"].as_str()), (&job["id"], Some(decision_id.as_str())));
+    assert_eq!((reviewed["outcome"].as_str(), reviewed["rule_id"].as_str()), (Some("allow"), Some("SP0.a")));
+    assert_eq!((reviewed["kind"].as_str(), &reviewed["appeal_decision_id"]), (Some("review"), &Value::Null));
+
+    // The client appeals; the person's answer to the appeal reaches the same webhook, naming both decisions.
+    let (status, appeal) = h.call("POST", &format!("/v1/decisions/{decision_id}/appeal"), Some(&key), None).await;
+    assert_eq!(status, 200, "{appeal}");
+    let appeal_review = appeal["review_id"].as_str().unwrap();
+    let answer = json!({"outcome": "violation", "rationale": "Promotion after all.", "rule_id": "SP2.b"});
+    let path = format!("/v1/reviews/{appeal_review}/decide");
+    let (status, decided) = h.call("POST", &path, Some(&reviewer), Some(answer)).await;
+    assert_eq!(status, 200, "{decided}");
+    let heard = delivered(3).await;
+    let appealed = heard.get(2).unwrap_or_else(|| panic!("the appeal's answer: {heard:?}"));
+    assert_eq!((appealed["type"].as_str(), appealed["kind"].as_str()), (Some("job.reviewed"), Some("appeal")));
+    assert_eq!(appealed["decision_id"].as_str(), Some(decision_id.as_str()), "{appealed}");
+    assert_eq!(appealed["appeal_decision_id"], appeal["decision"]["decision_id"], "{appealed}");
+    assert_eq!(appealed["outcome"], "violation", "{appealed}");
+}
+
 #[tokio::test]
 async fn shutdown_drains_in_flight_jobs() {
     let mut h = Harness::start(|_| {}).await;
