@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use safeguard_harmony::Content;
 use safeguard_policy::Policy;
-use safeguard_store::{DecisionRecord, JobRecord, JobStatus, NewDelivery, NewJob, now_ms};
+use safeguard_store::{DecisionRecord, JobRecord, JobStatus, NewDelivery, NewJob, ReviewRecord, now_ms};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::Digest;
@@ -34,6 +34,21 @@ struct JobRequest {
     /// queued before it was kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     body_sha256: Option<String>,
+}
+
+/// A person's review of a job's item as the job's client sees it: where it stands and what was decided.
+fn review_summary(review: &ReviewRecord) -> Value {
+    json!({
+        "id": review.id,
+        "kind": review.kind,
+        "decision_id": review.decision_id,
+        "status": review.status,
+        "outcome": review.outcome,
+        "rule_id": review.rule_id,
+        "policy_hash": review.policy_hash,
+        "due_at": review.due_at,
+        "decided_at": review.decided_at,
+    })
 }
 
 fn job_reply(job: &JobRecord) -> Value {
@@ -144,6 +159,14 @@ pub(crate) async fn get_one(
     {
         reply["outcome"] = json!(decision.outcome);
         reply["decision"] = crate::decisions::record_reply(&decision, None);
+        // An item that went to a person is answered by them: the client reads the answer here too, not only on
+        // its webhook (`job.reviewed`). Who the reviewer was stays with the review scope.
+        if let Some(review) = state.store.review_of(decision_id, "review").await? {
+            reply["review"] = review_summary(&review);
+        }
+        if let Some(appeal) = state.store.appeal_of(decision_id).await? {
+            reply["appeal"] = review_summary(&appeal);
+        }
     }
     if job.status == JobStatus::Failed {
         reply["outcome"] = json!("needs_review");

@@ -121,7 +121,9 @@ pub(crate) fn document() -> Value {
                     "updated_at": {"type": "integer"}}},
                 "Job": {"allOf": [{"$ref": "#/components/schemas/JobAccepted"}, {"type": "object", "properties": {
                     "outcome": {"enum": ["pending", "allow", "violation", "needs_review"], "description": "pending until decided; needs_review for a job given up on"},
-                    "decision": {"type": "object", "description": "the stored decision, once decided"}}}]}
+                    "decision": {"type": "object", "description": "the stored decision, once decided"},
+                    "review": {"type": "object", "description": "a person's review of the item, when it went to one: id, kind, status (pending, decided, superseded), outcome, rule_id, policy_hash, due_at, decided_at (the job's webhook hears job.reviewed when it is decided)"},
+                    "appeal": {"type": "object", "description": "the review of an appeal of the item, if one was made, in the same shape"}}}]}
             }
         },
         "paths": {

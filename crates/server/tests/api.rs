@@ -591,6 +591,13 @@ async fn a_jobs_webhook_hears_the_persons_answer() {
     assert_eq!((&reviewed["job_id"], reviewed["decision_id"].as_str()), (&job["id"], Some(decision_id.as_str())));
     assert_eq!((reviewed["outcome"].as_str(), reviewed["rule_id"].as_str()), (Some("allow"), Some("SP0.a")));
     assert_eq!((reviewed["kind"].as_str(), &reviewed["appeal_decision_id"]), (Some("review"), &Value::Null));
+    // Polling the job says the same.
+    let (_, polled) = h.call("GET", &format!("/v1/jobs/{}", job["id"].as_str().unwrap()), Some(&key), None).await;
+    assert_eq!(
+        (polled["review"]["status"].as_str(), polled["review"]["outcome"].as_str()),
+        (Some("decided"), Some("allow"))
+    );
+    assert!(polled["review"].get("reviewer").is_none() && polled.get("appeal").is_none(), "{polled}");
 
     // The client appeals; the person's answer to the appeal reaches the same webhook, naming both decisions.
     let (status, appeal) = h.call("POST", &format!("/v1/decisions/{decision_id}/appeal"), Some(&key), None).await;
@@ -606,6 +613,11 @@ async fn a_jobs_webhook_hears_the_persons_answer() {
     assert_eq!(appealed["decision_id"].as_str(), Some(decision_id.as_str()), "{appealed}");
     assert_eq!(appealed["appeal_decision_id"], appeal["decision"]["decision_id"], "{appealed}");
     assert_eq!(appealed["outcome"], "violation", "{appealed}");
+    let (_, polled) = h.call("GET", &format!("/v1/jobs/{}", job["id"].as_str().unwrap()), Some(&key), None).await;
+    assert_eq!(
+        (polled["appeal"]["kind"].as_str(), polled["appeal"]["outcome"].as_str()),
+        (Some("appeal"), Some("violation"))
+    );
 }
 
 #[tokio::test]

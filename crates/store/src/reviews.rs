@@ -229,13 +229,19 @@ impl Store {
         let id = crate::new_id();
         let inserted =
             bind_review(sqlx::query(sqlx::AssertSqlSafe(sql)), &id, review, now_ms()).execute(&self.pool).await?;
+        let stored = self.review_of(&review.decision_id, &review.kind).await?;
+        let review = stored.ok_or(StoreError::Db(sqlx::Error::RowNotFound))?;
+        Ok(QueuedReview { review, fresh: inserted.rows_affected() > 0 })
+    }
+
+    /// A decision's review of one kind (`review`, `sample`, `appeal`), if it has one: there is at most one.
+    pub async fn review_of(&self, decision_id: &str, kind: &str) -> Result<Option<ReviewRecord>> {
         let row = sqlx::query(sql!("SELECT {COLUMNS} FROM reviews WHERE decision_id = $1 AND kind = $2"))
-            .bind(&review.decision_id)
-            .bind(&review.kind)
+            .bind(decision_id)
+            .bind(kind)
             .fetch_optional(&self.pool)
             .await?;
-        let review = row.as_ref().map(row_to_review).transpose()?.ok_or(StoreError::Db(sqlx::Error::RowNotFound))?;
-        Ok(QueuedReview { review, fresh: inserted.rows_affected() > 0 })
+        row.as_ref().map(row_to_review).transpose()
     }
 
     pub async fn get_review(&self, id: &str) -> Result<Option<ReviewRecord>> {
