@@ -388,7 +388,10 @@ pub(crate) async fn decide(
         policy_hash,
         overrides_model,
     };
-    let Some(decided) = state.store.decide_review(&id, &verdict).await? else {
+    let decided_at = safeguard_store::now_ms();
+    let delivery = job_delivery(&state, &decision, &review, &verdict, decided_at).await?;
+    let Some(decided) = state.store.decide_review_and_deliver(&id, &verdict, decided_at, delivery.as_ref()).await?
+    else {
         let superseded = state.store.get_review(&id).await?.is_some_and(|review| review.status == "superseded");
         return Err(ApiError::Conflict(match superseded {
             true => format!("review {id} was superseded by an appeal of its decision: decide the appeal instead"),
@@ -402,28 +405,41 @@ pub(crate) async fn decide(
     };
     metrics::counter!("safeguard_review_decisions_total", "agreement" => agreement).increment(1);
     crate::ingest::announce_review(&state, &decision, &decided).await;
-    announce_to_job(&state, &decision, &decided).await;
     Ok(Json(serde_json::to_value(decided).unwrap_or(Value::Null)))
 }
 
-/// Tells a job's webhook that a person decided its item, or an appeal of it: the job's `job.completed` said
-/// `needs_review`, and a client that waits on its webhook would otherwise never hear the answer. The review is
-/// decided whatever happens here; a delivery that cannot be queued is logged and counted.
-async fn announce_to_job(state: &AppState, decision: &DecisionRecord, review: &ReviewRecord) {
-    // An appeal's answer is the answer for the item the job decided, stored under the appealed decision.
-    let job_decision = match (&decision.job_id, review.kind.as_str(), &decision.replay_of) {
-        (Some(_), _, _) => Some(decision.clone()),
-        (None, "appeal", Some(appealed)) => state.store.get_decision(appealed).await.ok().flatten(),
-        _ => None,
+/// What a job's webhook hears when a person decides its item, or an appeal of it (`job.reviewed`): the job's
+/// `job.completed` said `needs_review`, and a client that waits on its webhook would otherwise never hear the
+/// answer. Stored with the decision of the review in one transaction; `None` when no job with a webhook waits.
+async fn job_delivery(
+    state: &AppState,
+    decision: &DecisionRecord,
+    review: &ReviewRecord,
+    verdict: &ReviewDecision,
+    decided_at: i64,
+) -> Result<Option<safeguard_store::NewDelivery>, ApiError> {
+    // An appeal's answer is the answer for the item the job decided, stored under the appealed decision (an
+    // appeal of an appeal goes back through appeals only, never through a replay).
+    let mut job_decision = decision.clone();
+    if review.kind == "appeal" {
+        // Bounded: each step goes to an older decision, but a hand-edited database could hold a loop.
+        for _ in 0..16 {
+            if job_decision.job_id.is_some() || job_decision.source != "appeal" {
+                break;
+            }
+            let Some(appealed) = &job_decision.replay_of else { break };
+            let Some(earlier) = state.store.get_decision(appealed).await? else { break };
+            job_decision = earlier;
+        }
+    } else if review.kind != "review" {
+        return Ok(None);
+    }
+    let Some(job_id) = &job_decision.job_id else { return Ok(None) };
+    let Some(job) = state.store.get_job(job_id).await? else {
+        tracing::warn!(job = %job_id, "a person decided a job's item, but the job is no longer stored to tell");
+        return Ok(None);
     };
-    let Some(job_decision) = job_decision else { return };
-    let Some(job_id) = &job_decision.job_id else { return };
-    let job = match state.store.get_job(job_id).await {
-        Ok(Some(job)) => job,
-        Ok(None) => return,
-        Err(e) => return unannounced(job_id, &e),
-    };
-    let Some(url) = job.webhook_url else { return };
+    let Some(url) = job.webhook_url else { return Ok(None) };
     let body = json!({
         "type": "job.reviewed",
         "job_id": job.id,
@@ -431,20 +447,12 @@ async fn announce_to_job(state: &AppState, decision: &DecisionRecord, review: &R
         "review_id": review.id,
         "kind": review.kind,
         "appeal_decision_id": (decision.id != job_decision.id).then(|| decision.id.clone()),
-        "outcome": review.outcome,
-        "rule_id": review.rule_id,
-        "policy_hash": review.policy_hash,
-        "decided_at": review.decided_at,
+        "outcome": verdict.outcome,
+        "rule_id": verdict.rule_id,
+        "policy_hash": verdict.policy_hash,
+        "decided_at": decided_at,
     });
-    let delivery = safeguard_store::NewDelivery { job_id: job.id.clone(), url, body: body.to_string() };
-    if let Err(e) = state.store.queue_delivery(&delivery).await {
-        unannounced(&job.id, &e);
-    }
-}
-
-fn unannounced(job_id: &str, error: &safeguard_store::StoreError) {
-    tracing::error!(job = job_id, "a person decided this job's item, but its webhook could not be queued: {error}");
-    metrics::counter!("safeguard_review_webhooks_lost_total").increment(1);
+    Ok(Some(safeguard_store::NewDelivery { job_id: job.id, url, body: body.to_string() }))
 }
 
 /// What the model said for one policy, as an outcome a person can agree with; `None` if it said nothing clear.

@@ -3,7 +3,9 @@
 //!
 //! Signature: `X-Safeguard-Signature: sha256=<hex(HMAC(secret, "<timestamp>.<body>"))>` with the timestamp
 //! (unix seconds) in `X-Safeguard-Timestamp`, so receivers can reject replays of old deliveries
-//! ([`verify_webhook_fresh`]). `X-Safeguard-Delivery` is not signed: deduplicate on the job id in the body.
+//! ([`verify_webhook_fresh`]). `X-Safeguard-Delivery` is not signed: deduplicate on the job id, `type` and
+//! `review_id` in the body. A job has a `job.completed` delivery and one `job.reviewed` per person's answer to its
+//! item (or an appeal of it); each is retried on its own, so they may arrive in any order.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;

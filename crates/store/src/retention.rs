@@ -59,10 +59,14 @@ fn decision_prunable(keep_reviewed: bool) -> String {
 }
 
 /// A finished job `j` that may go, with its deliveries: none is still being sent, nor failed within the period
-/// (`safeguard webhooks retry` may still want it).
+/// (`safeguard webhooks retry` may still want it), and no person still has to decide its item or an appeal of
+/// it (the answer goes to the job's webhook, and the job's client reads it from the job).
 const JOB_PRUNABLE: &str = "j.status IN ('done', 'failed') AND j.created_at < $1 AND j.updated_at < $1 \
      AND NOT EXISTS (SELECT 1 FROM webhook_deliveries w WHERE w.job_id = j.id \
-         AND (w.status = 'pending' OR w.updated_at >= $1))";
+         AND (w.status = 'pending' OR w.updated_at >= $1)) \
+     AND NOT EXISTS (SELECT 1 FROM reviews r WHERE r.status = 'pending' \
+         AND (r.decision_id = j.result_decision_id \
+              OR r.decision_id IN (SELECT a.id FROM decisions a WHERE a.replay_of = j.result_decision_id)))";
 
 /// A delivery `w` that may go: sent, or given up on, before the period (its job may be kept; its record of
 /// attempts is not).

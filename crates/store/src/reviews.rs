@@ -272,6 +272,23 @@ impl Store {
     /// to be published stay in [`reviews_to_announce`](Self::reviews_to_announce)'s index: left unmarked, every
     /// review decided over HTTP would be read again by every sweep, for good.
     pub async fn decide_review(&self, id: &str, decision: &ReviewDecision) -> Result<Option<ReviewRecord>> {
+        self.decide_review_and_deliver(id, decision, now_ms(), None).await
+    }
+
+    /// [`decide_review`](Self::decide_review) at `decided_at`, queueing `delivery` (a job's webhook hearing the
+    /// answer) in the same transaction: a review is never decided without its job's client being told, nor told
+    /// of a decision that was not made.
+    pub async fn decide_review_and_deliver(
+        &self,
+        id: &str,
+        decision: &ReviewDecision,
+        decided_at: i64,
+        delivery: Option<&crate::NewDelivery>,
+    ) -> Result<Option<ReviewRecord>> {
+        let mut tx = match self.backend {
+            crate::Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            crate::Backend::Postgres => self.pool.begin().await?,
+        };
         let updated = sqlx::query(sql!(
             "UPDATE reviews SET status = 'decided', reviewer = $1, outcome = $2, rationale = $3, rule_id = $4, \
              policy_hash = $5, overrides_model = $6, decided_at = $7, \
@@ -284,13 +301,18 @@ impl Store {
         .bind(&decision.rule_id)
         .bind(&decision.policy_hash)
         .bind(decision.overrides_model.map(i64::from))
-        .bind(now_ms())
+        .bind(decided_at)
         .bind(id)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
         if updated.rows_affected() == 0 {
+            tx.rollback().await?;
             return Ok(None);
         }
+        if let Some(delivery) = delivery {
+            crate::webhooks::insert_delivery_tx(&mut tx, self.backend, delivery, decided_at).await?;
+        }
+        tx.commit().await?;
         self.get_review(id).await
     }
 

@@ -67,22 +67,6 @@ pub(crate) async fn insert_delivery_tx(
 }
 
 impl Store {
-    /// Queues a delivery for a job outside its completion (a person's answer to its item, which may come long
-    /// after): only while the job is stored, since a pruned job's client is not expected to hear of it. Says
-    /// whether it was queued.
-    pub async fn queue_delivery(&self, delivery: &NewDelivery) -> Result<bool> {
-        let mut tx = self.pool.begin().await?;
-        let job =
-            sqlx::query("SELECT id FROM jobs WHERE id = $1").bind(&delivery.job_id).fetch_optional(&mut *tx).await?;
-        if job.is_none() {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        insert_delivery_tx(&mut tx, self.backend, delivery, now_ms()).await?;
-        tx.commit().await?;
-        Ok(true)
-    }
-
     /// Takes one due delivery, pushing its `next_at` out by `lease_ms` so no other sender picks it meanwhile. Due
     /// and lease are by the database's clock, which every server shares.
     ///

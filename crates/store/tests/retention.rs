@@ -247,3 +247,30 @@ async fn a_dry_run_counts_versions_freed_by_the_decisions_it_deletes() {
         common::clean_up((store, label, dir, pg)).await;
     }
 }
+
+/// A finished job whose item a person still has to decide stays: the answer goes to its webhook, and its client
+/// reads it from the job. Once decided, both go.
+#[tokio::test]
+async fn a_job_whose_item_waits_for_a_person_is_kept() {
+    for (store, label, dir, pg) in common::stores("job_review").await {
+        let job = finished_job(&store, "waits", "waiting", "sent").await;
+        let review = store.queue_review(&review_of("waiting", "review")).await.unwrap().review;
+        let retention = Retention::before(now_ms() + 10_000);
+        let pruned = store.prune(&retention).await.unwrap();
+        assert_eq!((pruned.jobs, pruned.decisions), (0, 0), "{label}");
+        assert!(store.get_job(&job).await.unwrap().is_some(), "{label}");
+
+        let answer = ReviewDecision {
+            reviewer: "ana".into(),
+            outcome: "allow".into(),
+            rationale: "checked".into(),
+            rule_id: "SP0".into(),
+            policy_hash: Some("sha256:used".into()),
+            overrides_model: None,
+        };
+        store.decide_review(&review.id, &answer).await.unwrap().unwrap();
+        let pruned = store.prune(&retention).await.unwrap();
+        assert_eq!((pruned.jobs, pruned.decisions), (1, 1), "{label}");
+        common::clean_up((store, label, dir, pg)).await;
+    }
+}

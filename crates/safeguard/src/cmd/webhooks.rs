@@ -16,7 +16,7 @@ pub enum Command {
     },
     /// Queue failed deliveries again, due now with a fresh run of attempts; a running server sends them.
     Retry {
-        /// Only this job's delivery.
+        /// Only this job's failed deliveries (its job.completed, and a job.reviewed per person's answer).
         #[arg(long, value_name = "ID", conflicts_with = "all", required_unless_present = "all")]
         job: Option<String>,
         /// Every failed delivery.
