@@ -35,11 +35,12 @@ fn decision(job_id: &str) -> DecisionRecord {
 }
 
 /// A job whose webhook failed its last attempt, as a server's sender leaves it.
-async fn job_with_failed_webhook(store: &Store) -> String {
+async fn job_with_failed_webhook(store: &Store, event: &str) -> String {
     let new = NewJob { request: json!({}), idempotency_key: None, webhook_url: None, submitted_by: None };
     let (job, _) = store.enqueue_job(&new).await.unwrap();
     let claimed = store.claim_job(60_000).await.unwrap().unwrap();
-    let hook = NewDelivery { job_id: job.id.clone(), url: "https://hooks.example/in".into(), body: "{}".into() };
+    let body = json!({"type": event}).to_string();
+    let hook = NewDelivery { job_id: job.id.clone(), url: "https://hooks.example/in".into(), body };
     store
         .finish_job(&job.id, claimed.lease_token.as_deref().unwrap(), &decision(&job.id), None, None, Some(&hook))
         .await
@@ -56,7 +57,10 @@ fn failed_webhooks_are_listed_and_sent_again() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let (first, second) = runtime.block_on(async {
         let store = Store::open_sqlite(&db).await.unwrap();
-        let jobs = (job_with_failed_webhook(&store).await, job_with_failed_webhook(&store).await);
+        let jobs = (
+            job_with_failed_webhook(&store, "job.completed").await,
+            job_with_failed_webhook(&store, "job.reviewed").await,
+        );
         store.close().await;
         jobs
     });
@@ -67,6 +71,9 @@ fn failed_webhooks_are_listed_and_sent_again() {
     let stdout = String::from_utf8_lossy(&listed.stdout);
     assert_eq!(stdout.lines().count(), 2, "{stdout}");
     assert!(stdout.contains(&first) && stdout.contains("https://hooks.example/in\t1\t503\tHTTP 503"), "{stdout}");
+    let mut events: Vec<&str> = stdout.lines().filter_map(|line| line.split('\t').nth(2)).collect();
+    events.sort_unstable();
+    assert_eq!(events, ["job.completed", "job.reviewed"], "each names its event: {stdout}");
 
     let retried = safeguard(&["webhooks", "retry", "--job", &first, "--database", &url]);
     assert!(retried.status.success(), "{retried:?}");

@@ -36,8 +36,13 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
                 for delivery in &failed {
                     let status = delivery.last_status.map_or_else(|| "-".to_string(), |s| s.to_string());
                     let error = delivery.last_error.as_deref().unwrap_or("-");
+                    // A job has several deliveries (job.completed, a job.reviewed per person's answer).
+                    let event = serde_json::from_str::<serde_json::Value>(&delivery.body)
+                        .ok()
+                        .and_then(|body| body.get("type").and_then(|t| t.as_str()).map(str::to_string))
+                        .unwrap_or_else(|| "-".to_string());
                     println!(
-                        "{}\t{}\t{}\t{}\t{status}\t{error}",
+                        "{}\t{}\t{event}\t{}\t{}\t{status}\t{error}",
                         delivery.id, delivery.job_id, delivery.url, delivery.attempts
                     );
                 }
