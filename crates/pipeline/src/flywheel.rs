@@ -191,11 +191,6 @@ impl LatestLabels {
     pub fn kept(&self) -> usize {
         self.corrections.len() + self.model.keys().filter(|item| !self.corrections.contains_key(*item)).count()
     }
-
-    /// How many of the kept are people's labels.
-    pub fn kept_corrections(&self) -> usize {
-        self.corrections.len()
-    }
 }
 
 /// The item an example labels: its text under one policy version. 128 bits: two different items sharing a

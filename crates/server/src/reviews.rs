@@ -4,6 +4,8 @@
 //! The `review` scope may read the chain of thought of queued items: reviewing without it would mean
 //! judging the model's answer blind. Everything else about reasoning still needs `audit`.
 
+use std::borrow::Cow;
+
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::response::Html;
@@ -328,12 +330,7 @@ pub(crate) async fn decide(
             // training data as a label that contradicts its own reason. Where the headings do not say which side
             // a rule is on, the person's word stands; where another of the item's policies defines the same id
             // on the outcome's side, that is the rule applied.
-            let contradicts = match policy.rule_side(rule_id) {
-                Some(RuleSide::Violates) => outcome == "allow",
-                Some(RuleSide::Allowed) => outcome == "violation",
-                None => false,
-            };
-            if contradicts {
+            if policy.rule_side(rule_id).is_some_and(|side| side_name(side) != outcome) {
                 let side = if outcome == "allow" { "violates" } else { "does not violate" };
                 other_side.get_or_insert_with(|| {
                     ApiError::bad(
@@ -420,7 +417,7 @@ async fn job_delivery(
 ) -> Result<Option<safeguard_store::NewDelivery>, ApiError> {
     // An appeal's answer is the answer for the item the job decided, stored under the appealed decision (an
     // appeal of an appeal goes back through appeals only, never through a replay).
-    let mut job_decision = decision.clone();
+    let mut job_decision = Cow::Borrowed(decision);
     if review.kind == "appeal" {
         // Bounded: each step goes to an older decision, but a hand-edited database could hold a loop.
         for _ in 0..16 {
@@ -429,7 +426,7 @@ async fn job_delivery(
             }
             let Some(appealed) = &job_decision.replay_of else { break };
             let Some(earlier) = state.store.get_decision(appealed).await? else { break };
-            job_decision = earlier;
+            job_decision = Cow::Owned(earlier);
         }
     } else if review.kind != "review" {
         return Ok(None);
