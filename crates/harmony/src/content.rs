@@ -63,12 +63,7 @@ impl Content {
 /// response, or the last message of a conversation (empty for a conversation without messages). What triage
 /// scores and what a labelled export holds, so that a triage model is trained on the same text it later scores.
 pub fn judged_text(content: &Content) -> &str {
-    match content {
-        Content::Text { text } => text,
-        Content::Prompt { prompt } => prompt,
-        Content::Response { response, .. } => response,
-        Content::Conversation { messages } => messages.last().map_or("", |m| m.content.as_str()),
-    }
+    content.judged_text()
 }
 
 /// How content is laid out inside the user message.

@@ -238,6 +238,49 @@ pub enum Escalation {
     },
 }
 
+/// What a reviewer reads for why a policy moved on (the review queue's reason, the review page); the enum's
+/// `kind` stays the machine-readable name.
+impl std::fmt::Display for Escalation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // An empty list adds nothing a reviewer can act on, so it is left out rather than shown as "()".
+        fn listed(f: &mut std::fmt::Formatter<'_>, what: &str, items: &[String]) -> std::fmt::Result {
+            if items.is_empty() { Ok(()) } else { write!(f, " ({what}: {})", items.join(", ")) }
+        }
+        match self {
+            Escalation::TriageUncertain => f.write_str("triage was unsure"),
+            Escalation::TriageFlagged { rules } => {
+                f.write_str("a triage flag rule matched")?;
+                listed(f, "rules", rules)
+            }
+            Escalation::NoTriage => f.write_str("no triage for this policy"),
+            // Pushed for a high-risk policy whatever triage said short of a violation: its "benign" never stands.
+            Escalation::HighRisk => f.write_str("high-risk policy: triage may not clear it"),
+            Escalation::Appeal => f.write_str("appeal"),
+            Escalation::TriageViolationToConfirm => {
+                f.write_str("triage found a likely violation; the policy asks the model to confirm")
+            }
+            Escalation::TriageViolationToReview => {
+                f.write_str("triage found a likely violation; the policy sends triage violations to a person")
+            }
+            Escalation::NeedsReview { flags } => {
+                f.write_str("the model left it undecided")?;
+                listed(f, "flags", flags)
+            }
+            Escalation::LowEngineConfidence { probability } => {
+                write!(f, "the model's answer had low probability ({probability:.2})")
+            }
+            Escalation::TriageDisagrees { triage_probability } => {
+                write!(f, "the model disagreed with triage (triage p={triage_probability:.2})")
+            }
+            Escalation::HighRiskCategory { cited } => {
+                f.write_str("violation under a high-risk category")?;
+                listed(f, "cited", cited)
+            }
+            Escalation::StageFailed { detail } => write!(f, "the stage failed: {detail}"),
+        }
+    }
+}
+
 /// One policy's walk through the cascade.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PolicyRoute {
@@ -801,12 +844,54 @@ fn escalation_str(why: &Escalation) -> &'static str {
 
 #[cfg(test)]
 mod tests {
-    use super::below;
+    use super::{Escalation, below};
 
     #[test]
     fn a_probability_that_is_not_a_number_is_below_any_floor() {
         assert!(below(f32::NAN, 0.5));
         assert!(below(0.4, 0.5));
         assert!(!below(0.5, 0.5));
+    }
+
+    #[test]
+    fn escalations_read_as_plain_reasons_without_debug_names() {
+        let strings = |items: &[&str]| items.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let cases = [
+            (Escalation::TriageUncertain, "triage was unsure"),
+            (
+                Escalation::TriageFlagged { rules: strings(&["pharma: cheap pills", "promo: dm me"]) },
+                "a triage flag rule matched (rules: pharma: cheap pills, promo: dm me)",
+            ),
+            (Escalation::NoTriage, "no triage for this policy"),
+            (Escalation::HighRisk, "high-risk policy: triage may not clear it"),
+            (Escalation::Appeal, "appeal"),
+            (
+                Escalation::TriageViolationToConfirm,
+                "triage found a likely violation; the policy asks the model to confirm",
+            ),
+            (
+                Escalation::TriageViolationToReview,
+                "triage found a likely violation; the policy sends triage violations to a person",
+            ),
+            (
+                Escalation::NeedsReview { flags: strings(&["unparseable", "escalated"]) },
+                "the model left it undecided (flags: unparseable, escalated)",
+            ),
+            (Escalation::NeedsReview { flags: Vec::new() }, "the model left it undecided"),
+            (Escalation::LowEngineConfidence { probability: 0.4239 }, "the model's answer had low probability (0.42)"),
+            (
+                Escalation::TriageDisagrees { triage_probability: 0.912 },
+                "the model disagreed with triage (triage p=0.91)",
+            ),
+            (
+                Escalation::HighRiskCategory { cited: strings(&["SP4.a"]) },
+                "violation under a high-risk category (cited: SP4.a)",
+            ),
+            (Escalation::HighRiskCategory { cited: Vec::new() }, "violation under a high-risk category"),
+            (Escalation::StageFailed { detail: "backend down".into() }, "the stage failed: backend down"),
+        ];
+        for (escalation, expected) in cases {
+            assert_eq!(escalation.to_string(), expected, "{escalation:?}");
+        }
     }
 }

@@ -42,6 +42,23 @@ pub struct LabeledExample {
     pub reviewer: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule_id: Option<String>,
+    /// A person's label only: what the service had said, so a dataset tells which stage people overrule, and
+    /// how often (an audit of triage's allows, say, measures how much triage misses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub corrects: Option<CorrectedLabel>,
+}
+
+/// The label a person's decision replaced: the stage that settled the policy and what it said.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CorrectedLabel {
+    pub stage: Stage,
+    /// 1 or 0; `None` when the service left the item undecided.
+    pub violates: Option<u8>,
+    /// The model and effort, when a reasoning stage settled it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effort: Option<String>,
 }
 
 /// A person's decision on one policy of an item: an approval of the model's verdict or an override.
@@ -54,6 +71,21 @@ pub struct Correction {
     pub violates: bool,
     pub reviewer: String,
     pub rule_id: Option<String>,
+    #[serde(default)]
+    pub corrects: Option<CorrectedLabel>,
+}
+
+/// The stage that settled one stored verdict (`verdicts[i]` of a stored decision). A cascade's verdict names it;
+/// a direct decision's does not, and was one reasoning step at the decision's `effort`. The error says why
+/// neither can be read.
+pub fn stored_verdict_stage(verdict: &serde_json::Value, decision_effort: &str) -> Result<Stage, &'static str> {
+    match verdict.get("stage") {
+        None | Some(serde_json::Value::Null) => decision_effort
+            .parse::<safeguard_harmony::Effort>()
+            .map(Stage::reasoning)
+            .map_err(|_| "stored decision has an unknown effort"),
+        Some(stage) => Stage::deserialize(stage).map_err(|_| "verdict has an unknown stage"),
+    }
 }
 
 /// How much one example counts in training, by where its label came from.
@@ -103,6 +135,7 @@ pub fn examples_from_decision(
                 effort: reasoning.map(|d| d.effort.to_string()),
                 reviewer: None,
                 rule_id: route.verdict.as_ref().and_then(|v| v.rule_ids.first().cloned()),
+                corrects: None,
             })
         })
         .collect()
@@ -122,6 +155,7 @@ pub fn example_from_correction(correction: &Correction, weights: Weights) -> Lab
         effort: None,
         reviewer: Some(correction.reviewer.clone()),
         rule_id: correction.rule_id.clone(),
+        corrects: correction.corrects.clone(),
     }
 }
 
@@ -233,6 +267,10 @@ pub enum SampleReason {
     SmallTriageMargin { triage_probability: f32 },
     /// The engine gave the model's answer a low probability.
     LowEngineConfidence { probability: f32 },
+    /// Triage settled it on its own, drawn whatever its score: the only way a person ever sees what triage
+    /// lets through, so what reviewers find among these measures how often triage is wrong on live traffic.
+    /// `triage_probability` is `None` where a rule settled it.
+    TriageAudit { outcome: Outcome, triage_probability: Option<f32> },
 }
 
 /// Picks the policies of a decision that would teach the most if a person labelled them. `margin` is the
@@ -268,6 +306,10 @@ pub struct ActiveLearning {
     /// Share of the candidates that are queued, 0 to 1. Reviewers' time is the budget: a candidate is any
     /// item triage and the model disagree on or triage barely decided, and on real traffic that is many.
     pub rate: f64,
+    /// Share of the items triage settled on its own that are queued as an audit, 0 to 1, drawn apart from
+    /// `rate`. Uniform on purpose: a sample chosen by score would say nothing about the misses triage was sure
+    /// of, and those are the ones that go unseen. Usually far lower than `rate`: triage settles most traffic.
+    pub audit_rate: f64,
     /// Distance from 0.5 under which a triage probability counts as a small margin.
     pub margin: f32,
     /// Engine probability under which the model's settled answer counts as shaky.
@@ -276,33 +318,42 @@ pub struct ActiveLearning {
 
 impl Default for ActiveLearning {
     fn default() -> Self {
-        Self { rate: 0.05, margin: 0.1, min_confidence: 0.5 }
+        Self { rate: 0.05, audit_rate: 0.001, margin: 0.1, min_confidence: 0.5 }
     }
 }
 
 impl ActiveLearning {
     pub fn off() -> Self {
-        Self { rate: 0.0, ..Self::default() }
+        Self { rate: 0.0, audit_rate: 0.0, ..Self::default() }
     }
 
     /// The policies of a settled decision to show a person, with why, or nothing when the decision is not
-    /// a candidate or not drawn. The draw is a hash of the decision id, so the same decision is always drawn
-    /// the same way (a redelivered NATS event is not sampled twice with different luck).
+    /// a candidate or not drawn. The draws hash the decision id, so the same decision is always drawn the same
+    /// way (a redelivered NATS event is not sampled twice with different luck); the audit's draw is keyed apart,
+    /// so that being a candidate of one kind neither helps nor hurts the other.
     pub fn pick(&self, decision: &CascadeDecision) -> Vec<(String, SampleReason)> {
-        if self.rate <= 0.0 || decision.decided_by == Stage::HumanReview {
+        if decision.decided_by == Stage::HumanReview {
             return Vec::new();
         }
-        let candidates: Vec<(String, SampleReason)> = decision
-            .policies
-            .iter()
-            .filter_map(|route| {
+        let id = decision.id.to_string();
+        let mut picked: Vec<(String, SampleReason)> = Vec::new();
+        if self.rate > 0.0 {
+            let candidates = decision.policies.iter().filter_map(|route| {
                 sample_for_review(route, self.margin, self.min_confidence).map(|why| (route.policy.clone(), why))
-            })
-            .collect();
-        if candidates.is_empty() || !drawn(&decision.id.to_string(), self.rate) {
-            return Vec::new();
+            });
+            picked.extend(candidates);
+            if !picked.is_empty() && !drawn(&id, self.rate) {
+                picked.clear();
+            }
         }
-        candidates
+        if self.audit_rate > 0.0 && drawn(&format!("audit:{id}"), self.audit_rate) {
+            let audited = decision.policies.iter().filter(|route| route.decided_by == Stage::Triage).map(|route| {
+                let triage_probability = route.triage.as_ref().and_then(|t| t.calibrated_probability);
+                (route.policy.clone(), SampleReason::TriageAudit { outcome: route.outcome, triage_probability })
+            });
+            picked.extend(audited);
+        }
+        picked
     }
 }
 
@@ -323,6 +374,7 @@ impl SampleReason {
             SampleReason::TriageModelDisagree { .. } => "triage_model_disagree",
             SampleReason::SmallTriageMargin { .. } => "small_triage_margin",
             SampleReason::LowEngineConfidence { .. } => "low_engine_confidence",
+            SampleReason::TriageAudit { .. } => "triage_audit",
         }
     }
 }
@@ -338,6 +390,18 @@ impl std::fmt::Display for SampleReason {
             }
             SampleReason::LowEngineConfidence { probability } => {
                 write!(f, "the model's answer had low probability ({probability:.2})")
+            }
+            SampleReason::TriageAudit { outcome, triage_probability } => {
+                let outcome = match outcome {
+                    Outcome::Violation => "a violation",
+                    Outcome::Allow => "allowed",
+                    Outcome::NeedsReview => "undecided",
+                };
+                write!(f, "audit of triage, which settled it as {outcome} on its own")?;
+                match triage_probability {
+                    Some(p) => write!(f, " (p={p:.3})"),
+                    None => write!(f, " (by a rule)"),
+                }
             }
         }
     }
@@ -437,6 +501,45 @@ mod tests {
     }
 
     #[test]
+    fn an_audit_draws_what_triage_settled_alone_at_its_own_rate_whatever_the_score() {
+        let audit_all = ActiveLearning { rate: 0.0, audit_rate: 1.0, ..ActiveLearning::default() };
+        // Sure of itself (0.01), so no margin or disagreement would ever pick it: only the audit does.
+        let settled = decision_of(vec![
+            route(Outcome::Allow, Stage::Triage, Some(0.01), None),
+            route(Outcome::Violation, Stage::ReasoningLow, Some(0.95), Some(0.99)),
+        ]);
+        assert!(ActiveLearning { audit_rate: 0.0, rate: 1.0, ..audit_all }.pick(&settled).is_empty());
+        let picked = audit_all.pick(&settled);
+        assert_eq!(picked.len(), 1, "only the policy triage settled: {picked:?}");
+        assert_eq!(picked[0].1, SampleReason::TriageAudit { outcome: Outcome::Allow, triage_probability: Some(0.01) });
+        assert_eq!(picked[0].1.kind(), "triage_audit");
+        assert!(picked[0].1.to_string().contains("allowed"), "{}", picked[0].1);
+        let by_rule = decision_of(vec![route(Outcome::Violation, Stage::Triage, None, None)]);
+        assert!(audit_all.pick(&by_rule)[0].1.to_string().contains("by a rule"));
+        let not_triage = decision_of(vec![route(Outcome::Allow, Stage::ReasoningLow, Some(0.01), Some(0.99))]);
+        assert!(audit_all.pick(&not_triage).is_empty(), "the model settled it: nothing of triage's to audit");
+
+        // The audit's draw is its own: at the same rates, the decisions it picks are not the candidates' picks.
+        let (both, tenth) = (
+            ActiveLearning { rate: 0.1, audit_rate: 0.1, ..ActiveLearning::default() },
+            ActiveLearning { rate: 0.0, audit_rate: 0.1, ..ActiveLearning::default() },
+        );
+        let (mut audited, mut both_kinds) = (0, 0);
+        for _ in 0..2000 {
+            let d = decision_of(vec![
+                route(Outcome::Allow, Stage::Triage, Some(0.01), None),
+                route(Outcome::Allow, Stage::ReasoningLow, Some(0.9), None),
+            ]);
+            let picked = both.pick(&d);
+            assert_eq!(picked, both.pick(&d), "the same decision is drawn the same way");
+            audited += usize::from(!tenth.pick(&d).is_empty());
+            both_kinds += usize::from(picked.len() == 2);
+        }
+        assert!((120..=280).contains(&audited), "{audited} of 2000 at audit rate 0.1");
+        assert!(both_kinds <= 60, "independent draws pick both about 1% of the time, not 10%: {both_kinds}");
+    }
+
+    #[test]
     fn corrections_replace_model_labels_and_weigh_more() {
         let weights = Weights::default();
         let model = LabeledExample {
@@ -452,6 +555,7 @@ mod tests {
             effort: Some("low".into()),
             reviewer: None,
             rule_id: None,
+            corrects: None,
         };
         let other = LabeledExample { id: "b".into(), text: "u".into(), ..model.clone() };
         let correction = example_from_correction(
@@ -463,6 +567,7 @@ mod tests {
                 violates: false,
                 reviewer: "alice".into(),
                 rule_id: Some("SP0".into()),
+                corrects: None,
             },
             weights,
         );
@@ -493,6 +598,7 @@ mod tests {
                 violates: false,
                 reviewer: "bob".into(),
                 rule_id: None,
+                corrects: None,
             },
             weights,
         );

@@ -118,6 +118,13 @@ fn export_merges_human_and_model_labels_and_trains_triage() {
         assert_eq!(line["policy_hash"], "sha256:threatsv1");
         let expected = u64::from(line["id"].as_str().unwrap().starts_with("bad-"));
         assert_eq!(line["violates"].as_u64(), Some(expected), "{line}");
+        // What the person corrected: a direct decision's one reasoning step, which said "allow" of the threats
+        // and nothing of the benign texts.
+        let model_said = if expected == 1 { json!(0) } else { Value::Null };
+        let corrects = &line["corrects"];
+        assert_eq!(corrects["violates"], model_said, "{line}");
+        assert_eq!((corrects["stage"].as_str(), corrects["effort"].as_str()), (Some("reasoning_low"), Some("low")));
+        assert_eq!(corrects["model"], "gpt-oss-safeguard-20b", "{line}");
     }
 
     // With model labels: 48 decisions, of which the 6 undecided ones only have their human label, and the 6
@@ -257,8 +264,10 @@ fn cascade_decisions_give_model_labels_per_stage_and_none_for_triage() {
     });
     let out = dir.path().join("export.jsonl");
     let url = format!("sqlite://{}", db.display());
-    let output =
-        safeguard(&["export", "dataset", "--database", &url, "--include-model-labels", "--out", out.to_str().unwrap()]);
+    let export = || {
+        safeguard(&["export", "dataset", "--database", &url, "--include-model-labels", "--out", out.to_str().unwrap()])
+    };
+    let output = export();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let mut lines = read_jsonl(&out);
     lines.sort_by_key(|l| l["policy"].as_str().unwrap().to_string());
@@ -271,6 +280,28 @@ fn cascade_decisions_give_model_labels_per_stage_and_none_for_triage() {
         .collect();
     assert_eq!(got, [("privacy", "reasoning_low", "low", 0), ("threats", "reasoning_high", "high", 1)]);
     assert!(String::from_utf8_lossy(&output.stderr).contains("settled by triage"));
+
+    // A person audits what triage allowed and finds a violation: the row says it corrects triage, no model.
+    runtime.block_on(async {
+        let store = Store::open_sqlite(&db).await.unwrap();
+        let review = store.enqueue_review("cascade-1", 0).await.unwrap();
+        let decision = ReviewDecision {
+            reviewer: "ana".into(),
+            outcome: "violation".into(),
+            rationale: "spam after all".into(),
+            rule_id: "S1".into(),
+            policy_hash: Some("sha256:spam".into()),
+            overrides_model: Some(true),
+        };
+        store.decide_review(&review, &decision).await.unwrap().expect("decided");
+        store.close().await;
+    });
+    let output = export();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let lines = read_jsonl(&out);
+    let spam = lines.iter().find(|l| l["policy"] == "spam").expect("the person's label for spam");
+    assert_eq!((spam["source"].as_str(), spam["violates"].as_u64()), (Some("human"), Some(1)), "{spam}");
+    assert_eq!(spam["corrects"], json!({"stage": "triage", "violates": 0}), "{spam}");
 }
 
 /// An export labels each policy of an item on its own row, so ids repeat. Evaluation reads it back as one item

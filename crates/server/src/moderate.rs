@@ -170,7 +170,10 @@ fn person_reasons(cascade: &CascadeDecision) -> String {
         .policies
         .iter()
         .filter(|r| r.decided_by == Stage::HumanReview)
-        .map(|r| format!("{}: {}", r.policy, r.escalations.last().map_or("undecided".into(), |e| format!("{e:?}"))))
+        // The reason a reviewer reads in the queue: plain words, not the enum's Rust name.
+        .map(|r| {
+            format!("{}: {}", r.policy, r.escalations.last().map_or_else(|| "undecided".into(), |e| e.to_string()))
+        })
         .collect();
     reasons.join("; ")
 }

@@ -189,14 +189,14 @@ pub(crate) fn document() -> Value {
                     Some(json!({"type": "object", "properties": {"reason": {"type": "string", "description": "why the decision is appealed, shown to the reviewer"}}})),
                     "200", any.clone())},
             "/v1/reviews": {"get": {
-                "summary": "The review queue: reviews by priority, then due time (SLA); with the queue's stats (pending, overdue, decided, overrides, agreement_rate)",
+                "summary": "The review queue: pending reviews past their SLA first (longest overdue first), then by priority, then due time; with the queue's stats (pending, overdue, decided, overrides, agreement_rate)",
                 "security": [{"bearer": ["review"]}],
                 "parameters": [
                     {"name": "status", "in": "query", "schema": {"enum": ["pending", "decided", "superseded"], "default": "pending"}},
                     {"name": "limit", "in": "query", "schema": {"type": "integer", "default": 50}}],
                 "responses": {"200": {"description": "reviews and stats"}}}},
             "/v1/reviews/{id}": {"parameters": [path_param("id")],
-                "get": op("One review with its decision: content, verdicts, reasoning and the policy text the cited rules link to", Some("review"), None, "200", any.clone())},
+                "get": op("One review with its decision: content, verdicts, reasoning and the policy text the cited rules link to. For the review page, decision.judged_text is the part of the content triage scored (null for content this build cannot read), and each cascade verdict adds escalation_reasons (its escalations in words, in order; one that no longer parses shows its kind) and, where triage matched rules, triage_highlights ([{start, end, rule, action, kind}] with start and end in UTF-16 code units of judged_text, as JavaScript indexes strings; spans that do not fall on its characters are left out)", Some("review"), None, "200", any.clone())},
             "/v1/reviews/{id}/decide": {"parameters": [path_param("id")],
                 "post": op("A person's decision: an outcome, a rationale and the rule it applies are required; an override of the model is stored with the reviewer. An item that came in over NATS is announced on its decision subject", Some("review"),
                     Some(json!({"type": "object", "required": ["outcome", "rationale", "rule_id"], "properties": {

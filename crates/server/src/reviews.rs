@@ -5,12 +5,16 @@
 //! judging the model's answer blind. Everything else about reasoning still needs `audit`.
 
 use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet};
 
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::response::Html;
 use safeguard_core::Decision;
 use safeguard_harmony::Effort;
+use safeguard_pipeline::Escalation;
+use safeguard_pipeline::cascade::Stage;
+use safeguard_pipeline::flywheel::stored_verdict_stage;
 use safeguard_policy::{Policy, RuleSide};
 use safeguard_store::{DecisionRecord, NewReview, ReviewDecision, ReviewRecord, ReviewStats};
 use safeguard_verdict::{Flag, Outcome};
@@ -240,13 +244,19 @@ pub(crate) async fn get_one(
             Err(e) => return Err(e),
         }
     }
+    // What triage scored, so the page can mark its evidence where it was found; `None` for content this build
+    // cannot read (there is then nothing the stored offsets could point into).
+    let content = serde_json::from_value::<safeguard_harmony::Content>(decision.content.clone()).ok();
+    let judged_text = content.as_ref().map(safeguard_harmony::judged_text);
     let mut value = review_json(&review, None);
     if let Some(object) = value.as_object_mut() {
         object.insert(
             "decision".into(),
             json!({
                 "id": decision.id, "outcome": decision.outcome, "content": decision.content,
-                "text": content_text(&decision.content), "verdicts": decision.verdicts,
+                "text": content_text(&decision.content),
+                "verdicts": verdicts_for_review(&decision.verdicts, judged_text),
+                "judged_text": judged_text,
                 "model": decision.model_id, "effort": decision.effort, "created_at": decision.created_at,
                 "failure_reason": decision.failure_reason,
             }),
@@ -257,6 +267,91 @@ pub(crate) async fn get_one(
         object.insert("no_rule_id".into(), if defines_rules { Value::Null } else { json!(NO_RULE) });
     }
     Ok(Json(value))
+}
+
+/// The stored verdicts with what the review page shows beside them, where a verdict has them: its escalations in
+/// words (`escalation_reasons`) and triage's rule evidence as offsets into `judged` that JavaScript can slice by
+/// (`triage_highlights`). The stored fields are passed on as they are.
+fn verdicts_for_review(verdicts: &Value, judged: Option<&str>) -> Value {
+    let Some(list) = verdicts.as_array() else {
+        return verdicts.clone();
+    };
+    let annotated = list.iter().map(|verdict| {
+        let mut verdict = verdict.clone();
+        let Some(object) = verdict.as_object_mut() else {
+            return verdict;
+        };
+        let reasons = object
+            .get("escalations")
+            .and_then(Value::as_array)
+            .map(|escalations| escalations.iter().map(escalation_reason).collect::<Vec<_>>());
+        let evidence = object
+            .get("triage")
+            .and_then(|triage| triage.get("rule_match"))
+            .and_then(|rules| rules.get("evidence"))
+            .and_then(Value::as_array);
+        let highlights = evidence.zip(judged).map(|(evidence, text)| utf16_spans(text, evidence));
+        if let Some(reasons) = reasons {
+            object.insert("escalation_reasons".into(), json!(reasons));
+        }
+        if let Some(highlights) = highlights {
+            object.insert("triage_highlights".into(), Value::Array(highlights));
+        }
+        verdict
+    });
+    Value::Array(annotated.collect())
+}
+
+/// A stored escalation in words. One this build no longer reads (written by another version) still says what it
+/// was by its `kind`, rather than vanishing from the item's story.
+fn escalation_reason(stored: &Value) -> String {
+    match Escalation::deserialize(stored) {
+        Ok(escalation) => escalation.to_string(),
+        Err(_) => stored.get("kind").and_then(Value::as_str).map_or_else(|| stored.to_string(), str::to_string),
+    }
+}
+
+/// Triage's evidence spans, stored as byte offsets into `text` (what Rust slices by), as UTF-16 code units (what
+/// a JavaScript string is indexed by): before a multi-byte character the two differ, and the page would mark the
+/// wrong letters. A span that does not fall on `text`'s characters (content changed since, a hand-edited row) is
+/// left out, as is an empty one: marking either would cut a character or mark nothing.
+fn utf16_spans(text: &str, evidence: &[Value]) -> Vec<Value> {
+    let offset = |span: &Value, key: &str| span.get(key).and_then(Value::as_u64).and_then(|n| usize::try_from(n).ok());
+    let spans: Vec<(usize, usize, &Value)> = evidence
+        .iter()
+        .filter_map(|span| Some((offset(span, "start")?, offset(span, "end")?, span)))
+        .filter(|&(start, end, _)| start < end)
+        .collect();
+    let wanted: BTreeSet<usize> = spans.iter().flat_map(|&(start, end, _)| [start, end]).collect();
+    let units = utf16_positions(text, &wanted);
+    spans
+        .into_iter()
+        .filter_map(|(start, end, span)| {
+            let (start, end) = (*units.get(&start)?, *units.get(&end)?);
+            Some(json!({
+                "start": start, "end": end,
+                "rule": span.get("rule"), "action": span.get("action"), "kind": span.get("kind"),
+            }))
+        })
+        .collect()
+}
+
+/// The UTF-16 offset of each byte offset in `bytes` that is a character boundary of `text` (its end included);
+/// the others are missing. One pass over the text for all of them: evidence may hold thousands of spans.
+fn utf16_positions(text: &str, bytes: &BTreeSet<usize>) -> BTreeMap<usize, usize> {
+    let mut positions = BTreeMap::new();
+    let mut wanted = bytes.iter().copied().peekable();
+    let mut units = 0;
+    let boundaries = text.char_indices().map(|(at, c)| (at, c.len_utf16())).chain([(text.len(), 0)]);
+    for (at, width) in boundaries {
+        while let Some(byte) = wanted.next_if(|&byte| byte <= at) {
+            if byte == at {
+                positions.insert(byte, units);
+            }
+        }
+        units += width;
+    }
+    positions
 }
 
 /// A rule's side as the review page reads it: the outcome a decision applying it has.
@@ -369,7 +464,11 @@ pub(crate) async fn decide(
         policy_hash = decision.policy_hashes.first().cloned();
     }
     // A person deciding what the model left undecided neither agrees nor disagrees with it.
-    let model_view = policy_hash.as_deref().and_then(|hash| model_outcome(&decision, hash));
+    let judged = policy_hash.as_deref().and_then(|hash| verdict_for(&decision, hash));
+    let model_view = judged.and_then(model_outcome);
+    // Whose answer the person checked, so agreement can be told apart per stage: a triage audit's overrides are
+    // triage's misses, which no other figure shows.
+    let judged_stage = judged.and_then(|verdict| stored_verdict_stage(verdict, &decision.effort).ok());
     let overrides_model = model_view.as_deref().map(|model| model != outcome.as_str());
     // A name the client states is kept with the key that vouched for it, so an override can always be traced to
     // a credential, whatever a client claims.
@@ -400,7 +499,8 @@ pub(crate) async fn decide(
         Some(false) => "agree",
         Some(true) => "override",
     };
-    metrics::counter!("safeguard_review_decisions_total", "agreement" => agreement).increment(1);
+    let stage = judged_stage.map_or("unknown", Stage::as_str);
+    metrics::counter!("safeguard_review_decisions_total", "agreement" => agreement, "stage" => stage).increment(1);
     crate::ingest::announce_review(&state, &decision, &decided).await;
     Ok(Json(serde_json::to_value(decided).unwrap_or(Value::Null)))
 }
@@ -452,10 +552,14 @@ async fn job_delivery(
     Ok(Some(safeguard_store::NewDelivery { job_id: job.id, url, body: body.to_string() }))
 }
 
-/// What the model said for one policy, as an outcome a person can agree with; `None` if it said nothing clear.
-fn model_outcome(decision: &DecisionRecord, policy_hash: &str) -> Option<String> {
+/// A stored decision's verdict for one policy version.
+fn verdict_for<'a>(decision: &'a DecisionRecord, policy_hash: &str) -> Option<&'a Value> {
     let verdicts = decision.verdicts.as_array()?;
-    let verdict = verdicts.iter().find(|v| v.get("policy_hash").and_then(Value::as_str) == Some(policy_hash))?;
+    verdicts.iter().find(|v| v.get("policy_hash").and_then(Value::as_str) == Some(policy_hash))
+}
+
+/// What the model said in one verdict, as an outcome a person can agree with; `None` if it said nothing clear.
+fn model_outcome(verdict: &Value) -> Option<String> {
     match verdict.get("violation")?.as_bool()? {
         true => Some("violation".into()),
         false => Some("allow".into()),

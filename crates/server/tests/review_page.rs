@@ -79,6 +79,174 @@ impl Harness {
     }
 }
 
+/// A policy whose triage flags "cheap pills" for the model and denies "pills now", sending what it denies to a
+/// person (`on_violation: review`).
+const PILLS_POLICY: &str = "---
+name: pills
+output: binary
+triage:
+  on_violation: review
+  rules:
+    keywords:
+      - name: pharma
+        action: flag
+        keywords: [cheap pills]
+      - name: pharma-known
+        action: deny
+        keywords: [pills now]
+---
+# Pills Policy (PL)
+
+## INSTRUCTIONS
+Return exactly one character: 0 or 1.
+
+## VIOLATES (1)
+- PL1.a Selling prescription medicine without a prescription.
+
+## DOES NOT VIOLATE (0)
+- PL0.a Talking about medicine.
+
+Return exactly one character: 0 or 1.";
+
+/// Multi-byte characters before the match: "cheap pills" starts at byte 16 but at UTF-16 unit 13.
+const FLAGGED: &str = "héllo 😀 buy cheap pills";
+/// A deny rule's match overlapping a flag rule's ("cheap pills" and "pills now").
+const DENIED: &str = "héllo, cheap pills now";
+
+impl Harness {
+    /// Stores the pills policy and queues both items: the flagged one after the model left it undecided at the
+    /// flagged effort, the denied one straight from triage. Returns their review ids, flagged first.
+    async fn queue_pills(&self) -> (String, String) {
+        let (status, body) = self.call("POST", "/v1/policies", ADMIN, Some(json!({"text": PILLS_POLICY}))).await;
+        assert!(status == 200 || status == 201, "{body}");
+        let mut ids = Vec::new();
+        for text in [FLAGGED, DENIED] {
+            let body = json!({"text": text, "policies": ["pills"]});
+            let (status, decided) = self.call("POST", "/v1/classify", ADMIN, Some(body)).await;
+            assert_eq!((status, decided["outcome"].as_str()), (200, Some("needs_review")), "{decided}");
+            let (_, queue) = self.call("GET", "/v1/reviews", ADMIN, None).await;
+            let review =
+                queue["reviews"].as_array().unwrap().iter().find(|r| r["decision"]["id"] == decided["decision_id"]);
+            ids.push(review.unwrap_or_else(|| panic!("queued: {queue}"))["id"].as_str().unwrap().to_string());
+        }
+        (ids.remove(0), ids.remove(0))
+    }
+}
+
+/// The offsets of `part` in `text` in UTF-16 code units, as JavaScript's `indexOf` gives them.
+fn utf16_range(text: &str, part: &str) -> (usize, usize) {
+    let units: Vec<u16> = text.encode_utf16().collect();
+    let wanted: Vec<u16> = part.encode_utf16().collect();
+    let start = units.windows(wanted.len()).position(|w| w == wanted.as_slice()).unwrap();
+    (start, start + wanted.len())
+}
+
+#[tokio::test]
+async fn a_review_says_in_words_how_the_item_got_to_a_person_and_where_triage_matched() {
+    let h = start().await;
+    let (flagged, denied) = h.queue_pills().await;
+    let reviewer = h.store.create_api_key("reviewer", &["review".to_string()]).await.unwrap().1;
+
+    let (status, item) = h.call("GET", &format!("/v1/reviews/{flagged}"), &reviewer, None).await;
+    assert_eq!(status, 200, "{item}");
+    let decision = &item["decision"];
+    assert_eq!(decision["judged_text"], FLAGGED);
+    let verdict = &decision["verdicts"][0];
+    assert_eq!(verdict["stage"], "human_review", "{verdict}");
+    let reasons: Vec<&str> =
+        verdict["escalation_reasons"].as_array().unwrap().iter().map(|r| r.as_str().unwrap()).collect();
+    assert_eq!(reasons.len(), 2, "{verdict}");
+    assert_eq!(reasons[0], "a triage flag rule matched (rules: pharma: cheap pills)");
+    assert!(reasons[1].starts_with("the model left it undecided"), "{reasons:?}");
+    // Stored as bytes, served as UTF-16: the two differ by the é and the emoji before the match.
+    let stored = &verdict["triage"]["rule_match"]["evidence"][0];
+    assert_eq!((stored["start"].as_u64(), stored["end"].as_u64()), (Some(16), Some(27)), "{stored}");
+    let (start, end) = utf16_range(FLAGGED, "cheap pills");
+    assert_eq!((start, end), (13, 24));
+    assert_eq!(
+        verdict["triage_highlights"],
+        json!([{"start": start, "end": end, "rule": "pharma: cheap pills", "action": "flag", "kind": "keyword"}])
+    );
+    // The stored verdict is passed on as it was.
+    assert_eq!(verdict["escalations"][0], json!({"kind": "triage_flagged", "rules": ["pharma: cheap pills"]}));
+
+    let (_, item) = h.call("GET", &format!("/v1/reviews/{denied}"), &reviewer, None).await;
+    let verdict = &item["decision"]["verdicts"][0];
+    assert_eq!(
+        verdict["escalation_reasons"],
+        json!(["triage found a likely violation; the policy sends triage violations to a person"])
+    );
+    let mut highlights: Vec<(u64, u64)> = verdict["triage_highlights"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["start"].as_u64().unwrap(), s["end"].as_u64().unwrap()))
+        .collect();
+    highlights.sort();
+    let expected = [utf16_range(DENIED, "cheap pills"), utf16_range(DENIED, "pills now")];
+    assert_eq!(highlights, expected.map(|(s, e)| (s as u64, e as u64)), "{verdict}");
+}
+
+/// The queue's reason is what a reviewer reads first: plain words per policy, never a Rust enum's name.
+#[tokio::test]
+async fn the_queue_reason_is_plain_words_not_debug_text() {
+    let h = start().await;
+    let (flagged, denied) = h.queue_pills().await;
+    let (_, queue) = h.call("GET", "/v1/reviews", ADMIN, None).await;
+    let reason = |id: &str| {
+        let review = queue["reviews"].as_array().unwrap().iter().find(|r| r["id"] == id).unwrap();
+        review["reason"].as_str().unwrap().to_string()
+    };
+    assert_eq!(
+        reason(&denied),
+        "pills: triage found a likely violation; the policy sends triage violations to a person"
+    );
+    let flagged = reason(&flagged);
+    assert!(flagged.starts_with("pills: the model left it undecided"), "{flagged}");
+    for reason in [reason(&denied), flagged] {
+        assert!(
+            !["TriageViolationToReview", "NeedsReview", "{", "\""].iter().any(|debug| reason.contains(debug)),
+            "{reason}"
+        );
+    }
+}
+
+/// A decision stored by another version: an escalation this build cannot read shows its kind, and evidence that
+/// does not fall on the judged text's characters is left out instead of marking the wrong letters.
+#[tokio::test]
+async fn stored_escalations_and_spans_this_build_cannot_use_are_shown_plainly_or_left_out() {
+    let h = start().await;
+    let (flagged, _) = h.queue_pills().await;
+    let review = h.store.get_review(&flagged).await.unwrap().unwrap();
+    let mut record = h.store.get_decision(&review.decision_id).await.unwrap().unwrap();
+    record.id = format!("{}-edited", record.id);
+    let verdict = &mut record.verdicts[0];
+    verdict["escalations"] = json!([
+        {"kind": "retired_reason", "detail": "from an older version"},
+        {"kind": "needs_review"},
+        {"kind": "appeal"},
+    ]);
+    let span = |start: usize, end: usize| json!({"start": start, "end": end, "rule": "pharma: cheap pills", "kind": "keyword", "action": "flag"});
+    // Inside the é, past the end, empty, and the one true match.
+    verdict["triage"]["rule_match"]["evidence"] = json!([span(2, 5), span(20, 99), span(5, 5), span(16, 27)]);
+    let queued = safeguard_store::NewReview {
+        decision_id: record.id.clone(),
+        kind: "review".into(),
+        priority: 1,
+        reason: Some("edited".into()),
+        sla_ms: None,
+    };
+    let id = h.store.insert_decision_with_review(&record, None, &queued).await.unwrap();
+    let (status, item) = h.call("GET", &format!("/v1/reviews/{id}"), ADMIN, None).await;
+    assert_eq!(status, 200, "{item}");
+    let verdict = &item["decision"]["verdicts"][0];
+    assert_eq!(verdict["escalation_reasons"], json!(["retired_reason", "needs_review", "appeal"]), "{verdict}");
+    let highlights = verdict["triage_highlights"].as_array().unwrap();
+    let kept: Vec<(u64, u64)> =
+        highlights.iter().map(|s| (s["start"].as_u64().unwrap(), s["end"].as_u64().unwrap())).collect();
+    assert_eq!(kept, vec![(13, 24)], "{verdict}");
+}
+
 #[tokio::test]
 async fn undecided_items_queue_and_a_person_decides_them_with_a_rule_and_rationale() {
     let h = start().await;
@@ -442,6 +610,77 @@ async fn a_reviewer_works_the_queue_in_a_real_browser_with_the_keyboard() {
         let png = browser.cmd("GET", "/screenshot", Value::Null).await;
         let bytes = base64_decode(png.as_str().unwrap());
         std::fs::File::create(format!("{dir}/review-page.png")).unwrap().write_all(&bytes).unwrap();
+    }
+    browser.cmd("DELETE", "", Value::Null).await;
+}
+
+/// The page tells how an item got to the reviewer: the stage that settled each policy, why it moved on, and
+/// triage's evidence marked in the text it scored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_review_page_shows_the_stage_the_escalations_and_triage_evidence() {
+    let h = start().await;
+    let (flagged, denied) = h.queue_pills().await;
+    let Some(browser) = Browser::start().await else {
+        eprintln!("skipped: chromium/chromedriver are not installed (bash scripts/setup.sh installs them)");
+        return;
+    };
+    let reviewer = h.store.create_api_key("reviewer", &["review".to_string()]).await.unwrap().1;
+    browser.cmd("POST", "/url", json!({"url": format!("{}/review?key={reviewer}", h.base)})).await;
+    browser.wait_for("document.querySelectorAll('#queue li.item').length === 2", "the queue").await;
+
+    let show = |id: &str| {
+        format!("(() => {{ const i = state.reviews.findIndex((r) => r.id === {id:?}); select(i); return i >= 0; }})()")
+    };
+    browser.script(&format!("return {};", show(&flagged))).await;
+    let shown = browser
+        .wait_for(
+            &format!(
+                "state.item?.id === {flagged:?} && document.querySelector('#triage') && [\
+                 document.querySelector('#verdicts .route .stage')?.textContent, \
+                 [...document.querySelectorAll('#verdicts .escalation')].map((e) => e.textContent), \
+                 [...document.querySelectorAll('#triage mark')].map((m) => [m.textContent, m.title]), \
+                 document.querySelector('#triage .judged')?.textContent, \
+                 document.querySelector('#triage .pill')?.textContent]"
+            ),
+            "the flagged item",
+        )
+        .await;
+    assert_eq!(shown[0], "human review", "{shown}");
+    assert_eq!(shown[1][0], "a triage flag rule matched (rules: pharma: cheap pills)", "{shown}");
+    assert!(shown[1][1].as_str().unwrap().starts_with("the model left it undecided"), "{shown}");
+    assert_eq!(shown[2], json!([["cheap pills", "pharma: cheap pills (flag)"]]), "exactly the match is marked");
+    assert_eq!(shown[3], FLAGGED, "the marks leave the text whole");
+    assert_eq!(shown[4], "uncertain");
+
+    // Overlapping matches of two rules become one mark that names both, with the text around it intact.
+    browser.script(&format!("return {};", show(&denied))).await;
+    let shown = browser
+        .wait_for(
+            &format!(
+                "state.item?.id === {denied:?} && document.querySelector('#triage') && [\
+                 [...document.querySelectorAll('#triage mark')].map((m) => [m.textContent, m.title]), \
+                 document.querySelector('#triage .judged')?.textContent, \
+                 [...document.querySelectorAll('#verdicts .escalation')].map((e) => e.textContent)]"
+            ),
+            "the denied item",
+        )
+        .await;
+    let marks = shown[0].as_array().unwrap();
+    assert_eq!(marks.len(), 1, "{shown}");
+    assert_eq!(marks[0][0], "cheap pills now");
+    let title = marks[0][1].as_str().unwrap();
+    assert!(
+        title.contains("pharma: cheap pills (flag)") && title.contains("pharma-known: pills now (deny)"),
+        "{title}"
+    );
+    assert_eq!(shown[1], DENIED);
+    assert_eq!(shown[2], json!(["triage found a likely violation; the policy sends triage violations to a person"]));
+
+    if let Ok(dir) = std::env::var("SAFEGUARD_SCREENSHOT_DIR") {
+        use std::io::Write;
+        let png = browser.cmd("GET", "/screenshot", Value::Null).await;
+        let bytes = base64_decode(png.as_str().unwrap());
+        std::fs::File::create(format!("{dir}/review-page-triage.png")).unwrap().write_all(&bytes).unwrap();
     }
     browser.cmd("DELETE", "", Value::Null).await;
 }

@@ -252,14 +252,18 @@ impl Store {
         row.as_ref().map(row_to_review).transpose()
     }
 
-    /// The queue in working order: highest priority first, then the earliest SLA deadline, then the oldest.
+    /// The queue in working order: pending reviews past their SLA first, the longest overdue first; then highest
+    /// priority, the earliest deadline, the oldest. Priority alone would keep an overdue item waiting behind every
+    /// new item of a higher priority, its promise broken further by each.
     pub async fn list_reviews(&self, status: &str, limit: i64) -> Result<Vec<ReviewRecord>> {
         let rows = sqlx::query(sql!(
             "SELECT {COLUMNS} FROM reviews WHERE status = $1 \
-             ORDER BY priority DESC, CASE WHEN due_at IS NULL THEN 1 ELSE 0 END, due_at, created_at LIMIT $2"
+             ORDER BY CASE WHEN status = 'pending' AND due_at < $3 THEN due_at END NULLS LAST, \
+               priority DESC, CASE WHEN due_at IS NULL THEN 1 ELSE 0 END, due_at, created_at LIMIT $2"
         ))
         .bind(status)
         .bind(limit.clamp(1, 1000))
+        .bind(now_ms())
         .fetch_all(&self.pool)
         .await?;
         rows.iter().map(row_to_review).collect()

@@ -865,7 +865,9 @@ async fn reviews_queue_in_priority_and_sla_order_and_are_decided_once() {
     use safeguard_store::ReviewDecision;
     for t in stores().await {
         let s = &t.store;
-        for (id, outcome) in [("r-a", "needs_review"), ("r-b", "needs_review"), ("r-c", "violation")] {
+        for (id, outcome) in
+            [("r-a", "needs_review"), ("r-b", "needs_review"), ("r-c", "violation"), ("r-d", "needs_review")]
+        {
             s.insert_decision(&decision(id, outcome, "spam", None), None).await.unwrap();
         }
         let queue = |decision_id: &str, kind: &str, priority: i64, sla_ms: Option<i64>| NewReview {
@@ -875,17 +877,22 @@ async fn reviews_queue_in_priority_and_sla_order_and_are_decided_once() {
             reason: Some("needs_review".into()),
             sla_ms,
         };
-        let low = s.queue_review(&queue("r-a", "review", 1, Some(60_000))).await.unwrap();
+        let low = s.queue_review(&queue("r-a", "review", 1, Some(7_200_000))).await.unwrap();
         assert!(low.fresh, "{}", t.label);
         let low = low.review;
-        let urgent = s.queue_review(&queue("r-b", "review", 1, Some(1_000))).await.unwrap().review;
+        let urgent = s.queue_review(&queue("r-b", "review", 1, Some(3_600_000))).await.unwrap().review;
         let appeal = s.queue_review(&queue("r-c", "appeal", 5, None)).await.unwrap().review;
+        // Queued with a deadline already behind it: overdue, the way an item left waiting a day is.
+        let overdue = s.queue_review(&queue("r-d", "review", 1, Some(-60_000))).await.unwrap().review;
         let again = s.queue_review(&queue("r-a", "review", 9, None)).await.unwrap();
         assert!(!again.fresh, "{}: queued before", t.label);
         assert_eq!(again.review.id, low.id, "{}: one pending review per decision and kind", t.label);
 
+        // Overdue before a higher priority; then priority, then the earlier deadline.
         let order: Vec<String> = s.list_reviews("pending", 10).await.unwrap().into_iter().map(|r| r.id).collect();
-        assert_eq!(order, vec![appeal.id.clone(), urgent.id.clone(), low.id.clone()], "{}", t.label);
+        let expected = [overdue.id.as_str(), appeal.id.as_str(), urgent.id.as_str(), low.id.as_str()];
+        assert_eq!(order, expected, "{}", t.label);
+        assert_eq!(s.review_stats().await.unwrap().overdue, 1, "{}", t.label);
 
         let verdict = ReviewDecision {
             reviewer: "alice".into(),
@@ -902,14 +909,14 @@ async fn reviews_queue_in_priority_and_sla_order_and_are_decided_once() {
         assert!(s.decide_review(&appeal.id, &verdict).await.unwrap().is_none(), "{}: decided once", t.label);
 
         let stats = s.review_stats().await.unwrap();
-        assert_eq!((stats.pending, stats.decided, stats.overrides), (2, 1, 1), "{}", t.label);
+        assert_eq!((stats.pending, stats.decided, stats.overrides), (3, 1, 1), "{}", t.label);
         // A person deciding what the model left undecided: neither agreement nor override.
         let undecided = ReviewDecision { overrides_model: None, ..verdict.clone() };
         let decided = s.decide_review(&urgent.id, &undecided).await.unwrap().unwrap();
         assert_eq!(decided.overrides_model, None, "{}", t.label);
         let stats = s.review_stats().await.unwrap();
         let counts = (stats.pending, stats.decided, stats.overrides, stats.model_undecided);
-        assert_eq!(counts, (1, 2, 1, 1), "{}", t.label);
+        assert_eq!(counts, (2, 2, 1, 1), "{}", t.label);
         // Only decided reviews of items that came in over NATS wait to be published, once; samples never.
         assert!(s.reviews_to_announce(10).await.unwrap().is_empty(), "{}: none came from NATS", t.label);
         let mut from_bus = decision("r-n", "needs_review", "spam", None);
@@ -948,7 +955,7 @@ async fn reviews_queue_in_priority_and_sla_order_and_are_decided_once() {
         assert!(!requeued.fresh, "{}", t.label);
         let requeued = requeued.review;
         assert_eq!((requeued.id, requeued.status.as_str()), (urgent.id.clone(), "decided"), "{}", t.label);
-        assert_eq!(s.review_stats().await.unwrap().pending, 1, "{}", t.label);
+        assert_eq!(s.review_stats().await.unwrap().pending, 2, "{}", t.label);
         t.cleanup().await;
     }
 }

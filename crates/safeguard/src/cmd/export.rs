@@ -6,13 +6,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use safeguard_harmony::{Content, Effort, judged_text};
+use safeguard_harmony::{Content, judged_text};
 use safeguard_pipeline::cascade::Stage;
 use safeguard_pipeline::flywheel::{
-    Correction, LabelSource, LabeledExample, LatestLabels, Role, Weights, example_from_correction, write_jsonl_line,
+    CorrectedLabel, Correction, LabelSource, LabeledExample, LatestLabels, Role, Weights, example_from_correction,
+    stored_verdict_stage, write_jsonl_line,
 };
 use safeguard_store::{DecisionRecord, ExportCursor, ExportPage, ExportRange, ReviewRecord, Store, StoreOptions};
-use serde_json::Value;
 
 use super::classify::runtime;
 use super::output_file::OutputFile;
@@ -126,13 +126,35 @@ fn corrections(review: &ReviewRecord, decision: &DecisionRecord, text: &str, ski
         .map(|(policy, policy_hash)| Correction {
             item_id: decision.id.clone(),
             text: text.to_string(),
-            policy,
-            policy_hash,
             violates,
             reviewer: review.reviewer.clone().unwrap_or_default(),
             rule_id: review.rule_id.clone().filter(|r| !r.is_empty()),
+            corrects: corrected_label(decision, &policy_hash),
+            policy,
+            policy_hash,
         })
         .collect()
+}
+
+/// What the service had said for one policy of a decision a person labelled; `None` when its verdict for the
+/// policy is missing or unreadable (a decision stored before verdicts carried their policy's hash, say).
+fn corrected_label(decision: &DecisionRecord, policy_hash: &str) -> Option<CorrectedLabel> {
+    let verdict = decision.verdicts.as_array()?.iter().find(|v| v["policy_hash"].as_str() == Some(policy_hash))?;
+    let stage = stored_verdict_stage(verdict, &decision.effort).ok()?;
+    // A cascade verdict's `outcome` is the stage's (triage's own, say); a direct one's only has `violation`.
+    let violates = match verdict["outcome"].as_str() {
+        Some("violation") => Some(1),
+        Some("allow") => Some(0),
+        Some(_) => None,
+        None => verdict["violation"].as_bool().map(u8::from),
+    };
+    let effort = stage.effort();
+    Some(CorrectedLabel {
+        stage,
+        violates,
+        model: effort.map(|_| decision.model_id.clone()),
+        effort: effort.map(|effort| effort.to_string()),
+    })
 }
 
 /// The model's settled verdicts of one stored decision. A cascade decision names the stage that settled each
@@ -150,7 +172,6 @@ fn model_examples(
         skipped.add("stored verdicts unreadable");
         return vec![];
     };
-    let record_effort = decision.effort.parse::<Effort>().ok();
     verdicts
         .iter()
         .filter_map(|verdict| {
@@ -160,25 +181,16 @@ fn model_examples(
                 // Undecided items have no label to give.
                 _ => return None,
             };
-            let stage = match verdict.get("stage") {
-                None | Some(Value::Null) => match record_effort {
-                    Some(effort) => Stage::reasoning(effort),
-                    None => {
-                        skipped.add("stored decision has an unknown effort");
-                        return None;
-                    }
-                },
-                Some(stage) => match serde_json::from_value::<Stage>(stage.clone()) {
-                    Ok(Stage::Triage) => {
-                        skipped.add("verdict settled by triage (its own output would teach it nothing)");
-                        return None;
-                    }
-                    Ok(stage) => stage,
-                    Err(_) => {
-                        skipped.add("verdict has an unknown stage");
-                        return None;
-                    }
-                },
+            let stage = match stored_verdict_stage(verdict, &decision.effort) {
+                Ok(Stage::Triage) => {
+                    skipped.add("verdict settled by triage (its own output would teach it nothing)");
+                    return None;
+                }
+                Ok(stage) => stage,
+                Err(why) => {
+                    skipped.add(why);
+                    return None;
+                }
             };
             let effort = stage.effort()?;
             let policy = verdict["policy"].as_str()?.to_string();
@@ -201,6 +213,7 @@ fn model_examples(
                 effort: Some(effort.to_string()),
                 reviewer: None,
                 rule_id: verdict["rule_ids"].get(0).and_then(|r| r.as_str()).map(str::to_string),
+                corrects: None,
             })
         })
         .collect()

@@ -163,6 +163,11 @@ pub struct Args {
     /// Distance from 0.5 under which a triage probability counts as barely decided.
     #[arg(long, default_value_t = 0.1)]
     pub review_sample_margin: f32,
+    /// Share of the items triage settled on its own (no model, no person) to queue for a person at low
+    /// priority, drawn uniformly: what reviewers find among them measures triage's misses on live traffic
+    /// (safeguard_review_decisions_total{stage="triage"}). 0 turns it off.
+    #[arg(long, default_value_t = ActiveLearning::default().audit_rate, value_name = "0..1")]
+    pub triage_audit_rate: f64,
     /// Cost per 1000 billed tokens (uncached prompt + completion) for the cost-per-item metrics.
     #[arg(long = "cost-per-1k-tokens", default_value_t = 0.0, value_name = "AMOUNT")]
     pub cost_per_1k_tokens: f64,
@@ -408,6 +413,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         classify_route: args.classify_route,
         active_learning: ActiveLearning {
             rate: args.review_sample_rate.clamp(0.0, 1.0),
+            audit_rate: args.triage_audit_rate.clamp(0.0, 1.0),
             margin: args.review_sample_margin,
             ..ActiveLearning::default()
         },

@@ -1,0 +1,161 @@
+//! The cascade harness shared by the tests that classify through it: a scripted reasoner stands in for the model
+//! ("answer=1" → violation, "answer=0" → allowed, "FAIL" → the backend fails), and triage is a real trained
+//! classifier per policy whose calibration is pinned, so that its probability is known: 0.9 for `promo-sure`,
+//! 0.55 (a small margin) for `promo-near`. Both policies deny "free bitcoin" by rule.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use async_trait::async_trait;
+use safeguard_core::{ReasonError, ReasonOutput, ReasonRequest, Reasoner, Usage};
+use safeguard_policy::Policy;
+use safeguard_server::{ActiveLearning, RunningServer, Server, ServerConfig};
+use safeguard_store::Store;
+use serde_json::{Value, json};
+
+#[path = "triage.rs"]
+mod triage_support;
+
+use triage_support::write_pinned_triage;
+
+pub const ADMIN: &str = "cascade-admin";
+
+pub fn policy_text(name: &str, title: &str) -> String {
+    format!(
+        "---
+name: {name}
+output: binary
+triage:
+  rules:
+    keywords:
+      - name: known-scams
+        action: deny
+        keywords: [free bitcoin]
+---
+# {title} (PR)
+
+## INSTRUCTIONS
+Return exactly one character: 0 or 1.
+
+## VIOLATES (1)
+- PR1.a Unsolicited promotion with a link or handle.
+
+## DOES NOT VIOLATE (0)
+- PR0.a Personal messages.
+
+Return exactly one character: 0 or 1."
+    )
+}
+
+pub struct Scripted {
+    pub calls: AtomicUsize,
+    /// The completion-token cap of the last prompt.
+    pub last_max_tokens: AtomicUsize,
+}
+
+#[async_trait]
+impl Reasoner for Scripted {
+    fn model_id(&self) -> String {
+        "scripted".into()
+    }
+
+    async fn reason(&self, req: ReasonRequest) -> Result<ReasonOutput, ReasonError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.last_max_tokens.store(req.max_tokens, Ordering::SeqCst);
+        let text = safeguard_harmony::user_message_text(&req.content);
+        if text.contains("FAIL") {
+            return Err(ReasonError::Backend("scripted backend failure".into()));
+        }
+        let answer = if text.contains("answer=1") { "1" } else { "0" };
+        Ok(ReasonOutput {
+            analysis: Some(format!("Thinking at {} effort.", req.effort)),
+            final_text: Some(answer.into()),
+            final_token_prob: Some(0.95),
+            usage: Usage { prompt_tokens: 100, cached_prompt_tokens: 40, completion_tokens: 12 },
+            ..ReasonOutput::default()
+        })
+    }
+}
+
+pub struct Harness {
+    pub server: RunningServer,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub reasoner: Arc<Scripted>,
+    _dir: tempfile::TempDir,
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(adjust: impl FnOnce(&mut ServerConfig)) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let triage_dir = dir.path().join("triage");
+        let texts =
+            [policy_text("promo-sure", "Promotion Policy, sure"), policy_text("promo-near", "Promotion Policy, near")];
+        let sure = Policy::parse(&texts[0]).unwrap();
+        let near = Policy::parse(&texts[1]).unwrap();
+        write_pinned_triage(&triage_dir, &sure, 0.9, None);
+        write_pinned_triage(&triage_dir, &near, 0.55, None);
+        let store = Store::open_sqlite(&dir.path().join("db.sqlite")).await.unwrap();
+        let config = ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_key: Some(ADMIN.into()),
+            triage_dir: Some(triage_dir),
+            active_learning: ActiveLearning { rate: 1.0, ..ActiveLearning::default() },
+            cost_per_1k_tokens: 2.0,
+            ..ServerConfig::default()
+        };
+        let mut config = config;
+        adjust(&mut config);
+        let reasoner = Arc::new(Scripted { calls: AtomicUsize::new(0), last_max_tokens: AtomicUsize::new(0) });
+        let server = Server::start(config, reasoner.clone(), store).await.unwrap();
+        let h = Harness {
+            base: format!("http://{}", server.addr),
+            server,
+            http: reqwest::Client::new(),
+            reasoner,
+            _dir: dir,
+        };
+        for text in &texts {
+            let (status, body) = h.call("POST", "/v1/policies", Some(json!({"text": text}))).await;
+            assert!(status == 200 || status == 201, "{body}");
+        }
+        h
+    }
+
+    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = self.http.request(method.parse().unwrap(), format!("{}{path}", self.base)).bearer_auth(ADMIN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub async fn classify(&self, body: Value) -> Value {
+        let (status, reply) = self.call("POST", "/v1/classify", Some(body)).await;
+        assert_eq!(status, 200, "{reply}");
+        reply
+    }
+
+    pub async fn metrics(&self) -> String {
+        let (_, text) = self.call("GET", "/metrics", None).await;
+        text.as_str().unwrap().to_string()
+    }
+}
+
+/// The value of the first sample whose name and labels start with `series` (e.g. `name{stage="triage"`).
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with([' ', '{', ',', '}']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}

@@ -1,0 +1,51 @@
+//! An audit of triage: a person sees a share of what triage settled on its own, and their answers count
+//! against triage. Its own test binary: metrics are process-wide, and a review decided here would move the
+//! agreement figures the cascade tests read from /metrics.
+
+use std::sync::atomic::Ordering;
+
+use safeguard_server::ActiveLearning;
+use serde_json::json;
+
+#[path = "support/cascade.rs"]
+mod cascade_support;
+
+use cascade_support::{Harness, metric};
+
+/// What triage settles alone is never seen by the model, nor, but for an audit, by a person: the audit draws it
+/// whatever triage's score, and a reviewer's answer on it counts against triage, not the model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_shows_a_person_what_triage_settled_alone_and_counts_their_answer_against_triage() {
+    let h = Harness::start_with(|config| {
+        config.active_learning = ActiveLearning { rate: 0.0, audit_rate: 1.0, ..ActiveLearning::default() };
+    })
+    .await;
+    let calls = h.reasoner.calls.load(Ordering::SeqCst);
+    let settled =
+        h.classify(json!({"text": "free bitcoin for my grandma's birthday", "policies": ["promo-sure"]})).await;
+    assert_eq!((settled["decided_by"].as_str(), settled["outcome"].as_str()), (Some("triage"), Some("violation")));
+    assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), calls, "settled without the model");
+    // The model settled this one: nothing of triage's to audit, and disagreement samples are off.
+    let reasoned = h.classify(json!({"text": "lunch answer=0", "policies": ["promo-sure"]})).await;
+    assert_eq!(reasoned["decided_by"], "reasoning_high", "{reasoned}");
+
+    let (_, queue) = h.call("GET", "/v1/reviews", None).await;
+    let reviews = queue["reviews"].as_array().unwrap();
+    assert_eq!(reviews.len(), 1, "{queue}");
+    let audit = &reviews[0];
+    assert_eq!((audit["kind"].as_str(), audit["priority"].as_i64()), (Some("sample"), Some(0)), "{audit}");
+    assert_eq!(audit["decision_id"], settled["decision_id"]);
+    let reason = audit["reason"].as_str().unwrap();
+    assert!(reason.contains("audit of triage") && reason.contains("a violation"), "{reason}");
+
+    // The person finds the deny rule wrong here: an override of triage, not of the model.
+    let review = audit["id"].as_str().unwrap();
+    let body = json!({"outcome": "allow", "rationale": "A joke between relatives.", "rule_id": "PR0.a"});
+    let (status, decided) = h.call("POST", &format!("/v1/reviews/{review}/decide"), Some(body)).await;
+    assert_eq!((status, decided["overrides_model"].clone()), (200, json!(true)), "{decided}");
+    let metrics = h.metrics().await;
+    let series = "safeguard_review_decisions_total{agreement=\"override\",stage=\"triage\"";
+    assert_eq!(metric(&metrics, series), Some(1.0), "{metrics}");
+    assert_eq!(metric(&metrics, "safeguard_active_learning_samples_total{reason=\"triage_audit\""), Some(1.0));
+    h.server.shutdown().await.unwrap();
+}
