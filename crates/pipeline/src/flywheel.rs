@@ -59,6 +59,10 @@ pub struct CorrectedLabel {
     pub model: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub effort: Option<String>,
+    /// The sha256 of the triage model's weights, when triage settled it with its classifier: a retrained model
+    /// under the same policy version is another model, with its own error rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub triage_model: Option<String>,
 }
 
 /// A person's decision on one policy of an item: an approval of the model's verdict or an override.

@@ -1,10 +1,11 @@
 //! `safeguard export dataset` end to end: a SQLite store filled here with decisions and decided reviews, the
-//! export, and `safeguard triage train` reading the export back.
+//! export, and `safeguard triage train` reading the export back; `safeguard triage audit` reading the same kind
+//! of store for what people found among the items triage settled alone.
 
 use std::path::Path;
 use std::process::{Command, Output};
 
-use safeguard_store::{DecisionRecord, ReviewDecision, Store, now_ms};
+use safeguard_store::{DecisionRecord, NewReview, ReviewDecision, Store, now_ms};
 use serde_json::{Value, json};
 
 const POLICY: &str =
@@ -427,4 +428,84 @@ fn export_reads_the_services_postgres_schema() {
     let rows = read_jsonl(&out);
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0]["id"], "pg-1");
+}
+
+/// Triage settled 30 items alone under one model: 20 allows, of which people found 2 violating, and 10 violations
+/// by its deny rule, of which people allowed 1. Only reviews drawn as an audit count: a disagreement sample of an
+/// item triage settled is not a uniform draw, and would bias the rate.
+#[test]
+fn triage_audit_reports_what_people_found_among_triage_settled_items() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("decisions.db");
+    let settled = |id: &str, outcome: &str, model: Option<&str>| {
+        let mut record = decision(id, now_ms(), &format!("item {id}"), outcome);
+        record.effort = "none".into();
+        record.source = "cascade:triage".into();
+        let triage = json!({"band": "confident_benign", "calibrated_probability": 0.01,
+                            "model": model.map(|sha| json!({"weights_sha256": sha}))});
+        record.verdicts = json!([{"policy": "threats", "policy_hash": "sha256:threatsv1", "outcome": outcome,
+                                  "violation": outcome == "violation", "rule_ids": [], "flags": [],
+                                  "stage": "triage", "triage": triage}]);
+        record
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let store = Store::open_sqlite(&db).await.unwrap();
+        let review = |id: String, kind: &'static str, triage_said: &'static str, person: &'static str| {
+            let model = (triage_said == "allow").then_some("a1b2c3d4e5f6a7b8");
+            let record = settled(&id, triage_said, model);
+            let store = &store;
+            async move {
+                store.insert_decision(&record, None).await.unwrap();
+                let queued = NewReview {
+                    decision_id: id.clone(),
+                    kind: kind.into(),
+                    priority: 0,
+                    reason: Some("active learning".into()),
+                    sla_ms: None,
+                };
+                let review = store.queue_review(&queued).await.unwrap().review;
+                let verdict = ReviewDecision {
+                    reviewer: "ana".into(),
+                    outcome: person.into(),
+                    rationale: "checked".into(),
+                    rule_id: "T1".into(),
+                    policy_hash: Some("sha256:threatsv1".into()),
+                    overrides_model: Some(person != triage_said),
+                };
+                store.decide_review(&review.id, &verdict).await.unwrap().expect("decided");
+            }
+        };
+        for i in 0..20 {
+            review(format!("allowed-{i}"), "audit", "allow", if i < 2 { "violation" } else { "allow" }).await;
+        }
+        for i in 0..10 {
+            review(format!("denied-{i}"), "audit", "violation", if i < 1 { "allow" } else { "violation" }).await;
+        }
+        // Not drawn at random: left out, though it overturns triage.
+        review("sampled".into(), "sample", "allow", "violation").await;
+        store.close().await;
+    });
+    let url = format!("sqlite://{}", db.display());
+    let output = safeguard(&["triage", "audit", "--database", &url, "--format", "json"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let rows: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let rows = rows.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let row = |said: &str| rows.iter().find(|r| r["triage_said"] == said).unwrap();
+    let allows = row("allow");
+    assert_eq!((allows["audited"].as_u64(), allows["overturned"].as_u64()), (Some(20), Some(2)), "{allows}");
+    assert_eq!(allows["triage_model"], "a1b2c3d4e5f6a7b8");
+    assert_eq!(allows["error_rate"].as_f64(), Some(0.1));
+    let interval: Vec<f64> = allows["interval"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert!(interval[0] > 0.02 && interval[0] < 0.04 && interval[1] > 0.29 && interval[1] < 0.32, "{interval:?}");
+    let denies = row("violation");
+    assert_eq!((denies["audited"].as_u64(), denies["overturned"].as_u64()), (Some(10), Some(1)), "{denies}");
+    assert_eq!(denies["triage_model"], Value::Null, "settled by the deny rule, no model");
+
+    let output = safeguard(&["triage", "audit", "--database", &url]);
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success() && table.contains("a1b2c3d4e5f6") && table.contains("10.0%"), "{table}");
+    let output = safeguard(&["triage", "audit", "--database", &url, "--policy", "other", "--format", "json"]);
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "[]");
 }

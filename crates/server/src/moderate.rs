@@ -15,7 +15,7 @@ use safeguard_core::{Decision, Timings};
 use safeguard_harmony::Content;
 use safeguard_pipeline::{
     ActiveLearning, Budgets, CascadeDecision, CascadeStats, Escalation, Pipeline, PolicyRoute, ReasoningBudget,
-    RouteContext, RoutingConfig, Stage, TriageLibrary,
+    RouteContext, RoutingConfig, SampleReason, Stage, TriageLibrary,
 };
 use safeguard_policy::Policy;
 use safeguard_store::{DecisionRecord, NewReview, ReviewRecord, now_ms};
@@ -178,28 +178,38 @@ fn person_reasons(cascade: &CascadeDecision) -> String {
     reasons.join("; ")
 }
 
-/// Queues a settled decision for a person at low priority if active learning draws it.
+/// Queues a settled decision for a person at low priority if active learning draws it: as a `sample` where
+/// triage and the model disagree or were unsure, and as an `audit` of what triage settled alone. Apart, because
+/// only the audit is a uniform draw: `safeguard triage audit` estimates triage's error rate from audits alone, and
+/// a sample chosen for disagreement would bias it.
 async fn queue_sample(state: &AppState, cascade: &CascadeDecision, decision_id: &str) -> Result<(), ApiError> {
-    let picked = state.cascade.active_learning.pick(cascade);
-    if picked.is_empty() {
-        return Ok(());
+    let (audits, samples): (Vec<_>, Vec<_>) = state
+        .cascade
+        .active_learning
+        .pick(cascade)
+        .into_iter()
+        .partition(|(_, why)| matches!(why, SampleReason::TriageAudit { .. }));
+    for (kind, picked) in [("sample", samples), ("audit", audits)] {
+        if picked.is_empty() {
+            continue;
+        }
+        let reason = picked.iter().map(|(policy, why)| format!("{policy}: {why}")).collect::<Vec<_>>().join("; ");
+        let review = NewReview {
+            decision_id: decision_id.to_string(),
+            kind: kind.into(),
+            priority: SAMPLE_PRIORITY,
+            reason: Some(format!("active learning: {reason}")),
+            sla_ms: None,
+        };
+        // A redelivered event draws the same sample (the draw hashes the decision id): counted once.
+        if !state.store.queue_review(&review).await?.fresh {
+            continue;
+        }
+        for (_, why) in &picked {
+            metrics::counter!("safeguard_active_learning_samples_total", "reason" => why.kind()).increment(1);
+        }
+        crate::reviews::count_queued(&review);
     }
-    let reason = picked.iter().map(|(policy, why)| format!("{policy}: {why}")).collect::<Vec<_>>().join("; ");
-    let review = NewReview {
-        decision_id: decision_id.to_string(),
-        kind: "sample".into(),
-        priority: SAMPLE_PRIORITY,
-        reason: Some(format!("active learning: {reason}")),
-        sla_ms: None,
-    };
-    // A redelivered event draws the same sample (the draw hashes the decision id): counted once.
-    if !state.store.queue_review(&review).await?.fresh {
-        return Ok(());
-    }
-    for (_, why) in &picked {
-        metrics::counter!("safeguard_active_learning_samples_total", "reason" => why.kind()).increment(1);
-    }
-    crate::reviews::count_queued(&review);
     Ok(())
 }
 

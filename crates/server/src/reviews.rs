@@ -140,6 +140,7 @@ pub(crate) fn count_queued(review: &NewReview) {
     let kind = match review.kind.as_str() {
         "appeal" => "appeal",
         "sample" => "sample",
+        "audit" => "audit",
         _ => "review",
     };
     metrics::counter!("safeguard_reviews_queued_total", "kind" => kind).increment(1);

@@ -33,7 +33,7 @@ async fn an_audit_shows_a_person_what_triage_settled_alone_and_counts_their_answ
     let reviews = queue["reviews"].as_array().unwrap();
     assert_eq!(reviews.len(), 1, "{queue}");
     let audit = &reviews[0];
-    assert_eq!((audit["kind"].as_str(), audit["priority"].as_i64()), (Some("sample"), Some(0)), "{audit}");
+    assert_eq!((audit["kind"].as_str(), audit["priority"].as_i64()), (Some("audit"), Some(0)), "{audit}");
     assert_eq!(audit["decision_id"], settled["decision_id"]);
     let reason = audit["reason"].as_str().unwrap();
     assert!(reason.contains("audit of triage") && reason.contains("a violation"), "{reason}");

@@ -13,7 +13,8 @@ pub struct ReviewRecord {
     pub decision_id: String,
     /// "pending" or "decided".
     pub status: String,
-    /// "review" (the cascade could not settle it) or "appeal".
+    /// "review" (the cascade could not settle it), "appeal", or an active-learning draw: "sample" (triage and the
+    /// model disagreed, or were unsure) or "audit" (a uniform share of what triage settled alone).
     pub kind: String,
     /// Higher first.
     pub priority: i64,

@@ -65,7 +65,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
     }
 }
 
-fn parse_since(text: &str) -> anyhow::Result<i64> {
+pub(super) fn parse_since(text: &str) -> anyhow::Result<i64> {
     if let Ok(ms) = text.trim().parse::<i64>() {
         // Before March 1973 in milliseconds, but a date of our time in seconds: read as milliseconds, it would
         // quietly export everything.
@@ -80,7 +80,7 @@ fn parse_since(text: &str) -> anyhow::Result<i64> {
 }
 
 #[derive(Default)]
-struct Skipped(BTreeMap<&'static str, usize>);
+pub(super) struct Skipped(BTreeMap<&'static str, usize>);
 
 impl Skipped {
     fn add(&mut self, why: &'static str) {
@@ -101,7 +101,12 @@ fn decision_text(decision: &DecisionRecord, skipped: &mut Skipped) -> Option<Str
 
 /// One review as corrections: for the policy it names, or for every policy of the decision when a person
 /// allowed the whole item.
-fn corrections(review: &ReviewRecord, decision: &DecisionRecord, text: &str, skipped: &mut Skipped) -> Vec<Correction> {
+pub(super) fn corrections(
+    review: &ReviewRecord,
+    decision: &DecisionRecord,
+    text: &str,
+    skipped: &mut Skipped,
+) -> Vec<Correction> {
     let violates = match review.outcome.as_deref() {
         Some("violation") => true,
         Some("allow") => false,
@@ -138,7 +143,7 @@ fn corrections(review: &ReviewRecord, decision: &DecisionRecord, text: &str, ski
 
 /// What the service had said for one policy of a decision a person labelled; `None` when its verdict for the
 /// policy is missing or unreadable (a decision stored before verdicts carried their policy's hash, say).
-fn corrected_label(decision: &DecisionRecord, policy_hash: &str) -> Option<CorrectedLabel> {
+pub(super) fn corrected_label(decision: &DecisionRecord, policy_hash: &str) -> Option<CorrectedLabel> {
     let verdict = decision.verdicts.as_array()?.iter().find(|v| v["policy_hash"].as_str() == Some(policy_hash))?;
     let stage = stored_verdict_stage(verdict, &decision.effort).ok()?;
     // A cascade verdict's `outcome` is the stage's (triage's own, say); a direct one's only has `violation`.
@@ -149,11 +154,13 @@ fn corrected_label(decision: &DecisionRecord, policy_hash: &str) -> Option<Corre
         None => verdict["violation"].as_bool().map(u8::from),
     };
     let effort = stage.effort();
+    let triage_model = verdict["triage"]["model"]["weights_sha256"].as_str().filter(|_| stage == Stage::Triage);
     Some(CorrectedLabel {
         stage,
         violates,
         model: effort.map(|_| decision.model_id.clone()),
         effort: effort.map(|effort| effort.to_string()),
+        triage_model: triage_model.map(str::to_string),
     })
 }
 

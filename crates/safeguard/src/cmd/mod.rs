@@ -15,6 +15,7 @@ pub mod prompt;
 pub mod prune;
 pub mod serve;
 pub mod triage;
+mod triage_audit;
 pub mod webhooks;
 
 /// Something went wrong that is not the content's fault: bad arguments, unreadable files, engine failure.

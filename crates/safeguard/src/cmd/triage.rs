@@ -23,6 +23,9 @@ pub enum Command {
     Train(TrainArgs),
     /// Evaluate a triage artifact on labelled data: recall of violations, skip rate, precision, AUC, speed.
     Eval(EvalArgs),
+    /// How often triage is wrong on live traffic: what reviewers answered on the server's uniform audit of the
+    /// items triage settled alone (`serve --triage-audit-rate`), per policy version and triage model.
+    Audit(super::triage_audit::AuditArgs),
 }
 
 #[derive(clap::Args)]
@@ -246,6 +249,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Train(args) => train(args),
         Command::Eval(args) => eval(args),
+        Command::Audit(args) => super::triage_audit::audit(args),
     }
 }
 
