@@ -48,11 +48,12 @@ pub struct LabeledExample {
     pub corrects: Option<CorrectedLabel>,
 }
 
-/// The label a person's decision replaced: the stage that settled the policy and what it said.
+/// The label a person's decision replaced: the stage that settled the policy and what it said. On an item the
+/// cascade handed to a person the stage is `human_review`, and the label the model's answer before it did.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CorrectedLabel {
     pub stage: Stage,
-    /// 1 or 0; `None` when the service left the item undecided.
+    /// 1 or 0; `None` when no stage gave an answer (the model left it undecided, or failed).
     pub violates: Option<u8>,
     /// The model and effort, when a reasoning stage settled it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -322,7 +323,9 @@ pub struct ActiveLearning {
 
 impl Default for ActiveLearning {
     fn default() -> Self {
-        Self { rate: 0.05, audit_rate: 0.001, margin: 0.1, min_confidence: 0.5 }
+        // No audit unless asked (`serve --triage-audit-rate` asks by default): an embedding of the server, a test
+        // among them, that counts its review queue should not find a random extra item in it.
+        Self { rate: 0.05, audit_rate: 0.0, margin: 0.1, min_confidence: 0.5 }
     }
 }
 
@@ -335,13 +338,13 @@ impl ActiveLearning {
     /// a candidate or not drawn. The draws hash the decision id, so the same decision is always drawn the same
     /// way (a redelivered NATS event is not sampled twice with different luck); the audit's draw is keyed apart,
     /// so that being a candidate of one kind neither helps nor hurts the other.
+    ///
+    /// An item a person sees anyway is no disagreement sample; but the policies triage settled on it are still
+    /// audited, or the audit would skip the harder items, those where another policy went to a person.
     pub fn pick(&self, decision: &CascadeDecision) -> Vec<(String, SampleReason)> {
-        if decision.decided_by == Stage::HumanReview {
-            return Vec::new();
-        }
         let id = decision.id.to_string();
         let mut picked: Vec<(String, SampleReason)> = Vec::new();
-        if self.rate > 0.0 {
+        if self.rate > 0.0 && decision.decided_by != Stage::HumanReview {
             let candidates = decision.policies.iter().filter_map(|route| {
                 sample_for_review(route, self.margin, self.min_confidence).map(|why| (route.policy.clone(), why))
             });
@@ -522,6 +525,14 @@ mod tests {
         assert!(audit_all.pick(&by_rule)[0].1.to_string().contains("by a rule"));
         let not_triage = decision_of(vec![route(Outcome::Allow, Stage::ReasoningLow, Some(0.01), Some(0.99))]);
         assert!(audit_all.pick(&not_triage).is_empty(), "the model settled it: nothing of triage's to audit");
+        // Another policy of the item went to a person: the one triage settled is audited all the same.
+        let with_person = decision_of(vec![
+            route(Outcome::NeedsReview, Stage::HumanReview, None, None),
+            route(Outcome::Allow, Stage::Triage, Some(0.01), None),
+        ]);
+        assert_eq!(audit_all.pick(&with_person).len(), 1);
+        let samples_too = ActiveLearning { rate: 1.0, ..audit_all };
+        assert_eq!(samples_too.pick(&with_person).len(), 1, "no disagreement sample of what a person sees anyway");
 
         // The audit's draw is its own: at the same rates, the decisions it picks are not the candidates' picks.
         let (both, tenth) = (

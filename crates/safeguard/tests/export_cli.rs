@@ -119,11 +119,10 @@ fn export_merges_human_and_model_labels_and_trains_triage() {
         assert_eq!(line["policy_hash"], "sha256:threatsv1");
         let expected = u64::from(line["id"].as_str().unwrap().starts_with("bad-"));
         assert_eq!(line["violates"].as_u64(), Some(expected), "{line}");
-        // What the person corrected: a direct decision's one reasoning step, which said "allow" of the threats
-        // and nothing of the benign texts.
-        let model_said = if expected == 1 { json!(0) } else { Value::Null };
+        // What the person corrected: a direct decision's one reasoning step, whose answer (`violation`, what a
+        // reviewer's agreement is measured against) was "no violation" for both, the benign texts undecided.
         let corrects = &line["corrects"];
-        assert_eq!(corrects["violates"], model_said, "{line}");
+        assert_eq!(corrects["violates"], 0, "{line}");
         assert_eq!((corrects["stage"].as_str(), corrects["effort"].as_str()), (Some("reasoning_low"), Some("low")));
         assert_eq!(corrects["model"], "gpt-oss-safeguard-20b", "{line}");
     }

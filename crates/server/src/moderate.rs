@@ -175,7 +175,8 @@ fn person_reasons(cascade: &CascadeDecision) -> String {
             format!("{}: {}", r.policy, r.escalations.last().map_or_else(|| "undecided".into(), |e| e.to_string()))
         })
         .collect();
-    reasons.join("; ")
+    // An escalation's words may hold a "; " of their own (a backend's error text).
+    reasons.join(" | ")
 }
 
 /// Queues a settled decision for a person at low priority if active learning draws it: as a `sample` where

@@ -137,13 +137,17 @@ pub(crate) fn agreement_rate(stats: &ReviewStats) -> Option<f64> {
 
 /// Counts a review put in the queue, by its kind.
 pub(crate) fn count_queued(review: &NewReview) {
-    let kind = match review.kind.as_str() {
+    metrics::counter!("safeguard_reviews_queued_total", "kind" => kind_label(&review.kind)).increment(1);
+}
+
+/// A review's kind as a metric label: one of a fixed few.
+fn kind_label(kind: &str) -> &'static str {
+    match kind {
         "appeal" => "appeal",
         "sample" => "sample",
         "audit" => "audit",
         _ => "review",
-    };
-    metrics::counter!("safeguard_reviews_queued_total", "kind" => kind).increment(1);
+    }
 }
 
 #[derive(Deserialize)]
@@ -501,7 +505,9 @@ pub(crate) async fn decide(
         Some(true) => "override",
     };
     let stage = judged_stage.map_or("unknown", Stage::as_str);
-    metrics::counter!("safeguard_review_decisions_total", "agreement" => agreement, "stage" => stage).increment(1);
+    let kind = kind_label(&review.kind);
+    metrics::counter!("safeguard_review_decisions_total", "agreement" => agreement, "stage" => stage, "kind" => kind)
+        .increment(1);
     crate::ingest::announce_review(&state, &decision, &decided).await;
     Ok(Json(serde_json::to_value(decided).unwrap_or(Value::Null)))
 }

@@ -645,7 +645,7 @@ async fn the_review_page_shows_the_stage_the_escalations_and_triage_evidence() {
             "the flagged item",
         )
         .await;
-    assert_eq!(shown[0], "human review", "{shown}");
+    assert_eq!(shown[0], "waiting for a person", "{shown}");
     assert_eq!(shown[1][0], "a triage flag rule matched (rules: pharma: cheap pills)", "{shown}");
     assert!(shown[1][1].as_str().unwrap().starts_with("the model left it undecided"), "{shown}");
     assert_eq!(shown[2], json!([["cheap pills", "pharma: cheap pills (flag)"]]), "exactly the match is marked");

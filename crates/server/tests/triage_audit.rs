@@ -44,7 +44,7 @@ async fn an_audit_shows_a_person_what_triage_settled_alone_and_counts_their_answ
     let (status, decided) = h.call("POST", &format!("/v1/reviews/{review}/decide"), Some(body)).await;
     assert_eq!((status, decided["overrides_model"].clone()), (200, json!(true)), "{decided}");
     let metrics = h.metrics().await;
-    let series = "safeguard_review_decisions_total{agreement=\"override\",stage=\"triage\"";
+    let series = "safeguard_review_decisions_total{agreement=\"override\",stage=\"triage\",kind=\"audit\"";
     assert_eq!(metric(&metrics, series), Some(1.0), "{metrics}");
     assert_eq!(metric(&metrics, "safeguard_active_learning_samples_total{reason=\"triage_audit\""), Some(1.0));
     h.server.shutdown().await.unwrap();

@@ -146,13 +146,9 @@ pub(super) fn corrections(
 pub(super) fn corrected_label(decision: &DecisionRecord, policy_hash: &str) -> Option<CorrectedLabel> {
     let verdict = decision.verdicts.as_array()?.iter().find(|v| v["policy_hash"].as_str() == Some(policy_hash))?;
     let stage = stored_verdict_stage(verdict, &decision.effort).ok()?;
-    // A cascade verdict's `outcome` is the stage's (triage's own, say); a direct one's only has `violation`.
-    let violates = match verdict["outcome"].as_str() {
-        Some("violation") => Some(1),
-        Some("allow") => Some(0),
-        Some(_) => None,
-        None => verdict["violation"].as_bool().map(u8::from),
-    };
+    // `violation` is the answer a person's agreement is measured against (`decide`): the settling stage's, or, on
+    // an item the cascade handed to a person, what the model had said before it did.
+    let violates = verdict["violation"].as_bool().map(u8::from);
     let effort = stage.effort();
     let triage_model = verdict["triage"]["model"]["weights_sha256"].as_str().filter(|_| stage == Stage::Triage);
     Some(CorrectedLabel {

@@ -164,9 +164,9 @@ pub struct Args {
     #[arg(long, default_value_t = 0.1)]
     pub review_sample_margin: f32,
     /// Share of the items triage settled on its own (no model, no person) to queue for a person at low
-    /// priority, drawn uniformly: what reviewers find among them measures triage's misses on live traffic
-    /// (safeguard_review_decisions_total{stage="triage"}). 0 turns it off.
-    #[arg(long, default_value_t = ActiveLearning::default().audit_rate, value_name = "0..1")]
+    /// priority, drawn uniformly (reviews of kind `audit`): what reviewers find among them measures triage's
+    /// misses on live traffic (`safeguard triage audit`). 0 turns it off.
+    #[arg(long, default_value_t = 0.001, value_name = "0..1")]
     pub triage_audit_rate: f64,
     /// Cost per 1000 billed tokens (uncached prompt + completion) for the cost-per-item metrics.
     #[arg(long = "cost-per-1k-tokens", default_value_t = 0.0, value_name = "AMOUNT")]
