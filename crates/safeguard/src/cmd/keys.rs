@@ -8,11 +8,14 @@ use safeguard_server::SCOPES;
 
 #[derive(clap::Args)]
 pub struct StoreArgs {
+    /// The server's --data-dir: its SQLite database is DIR/safeguard.db.
     #[arg(long, value_name = "DIR", default_value = "safeguard-data", env = "SAFEGUARD_DATA_DIR")]
     pub data_dir: PathBuf,
+    /// The server's --database instead (sqlite://FILE or postgres://…).
     #[arg(long, value_name = "URL", env = "SAFEGUARD_DATABASE_URL")]
     pub database: Option<String>,
-    #[arg(long, env = "SAFEGUARD_DATABASE_SCHEMA")]
+    /// The PostgreSQL schema, as given to `safeguard serve`.
+    #[arg(long, value_name = "NAME", env = "SAFEGUARD_DATABASE_SCHEMA")]
     pub database_schema: Option<String>,
 }
 

@@ -8,21 +8,19 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use safeguard_pipeline::cascade::Stage;
-use safeguard_store::{ExportCursor, ExportRange, Store, StoreOptions};
+use safeguard_store::{ExportCursor, ExportRange, Store};
 use serde::Serialize;
 
 use super::classify::runtime;
 use super::export::{Skipped, corrections, parse_since};
+use super::keys::StoreArgs;
 use super::triage::Format;
 
 #[derive(clap::Args)]
 pub struct AuditArgs {
-    /// Database the service stores decisions in (sqlite://FILE or postgres://…).
-    #[arg(long, value_name = "URL", env = "SAFEGUARD_DATABASE_URL")]
-    database: String,
-    /// PostgreSQL schema the service keeps its tables in, as given to `safeguard serve`.
-    #[arg(long, value_name = "NAME", env = "SAFEGUARD_DATABASE_SCHEMA")]
-    database_schema: Option<String>,
+    /// The server's store: its --data-dir, or --database (and --database-schema) as given to `safeguard serve`.
+    #[command(flatten)]
+    store: StoreArgs,
     /// Only this policy's audits.
     #[arg(long, value_name = "NAME")]
     policy: Option<String>,
@@ -55,10 +53,7 @@ type Key = (String, String, Option<String>, &'static str);
 pub fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
     let since = args.since.as_deref().map(parse_since).transpose()?;
     let rows = runtime()?.block_on(async {
-        let store =
-            Store::connect(&args.database, StoreOptions { schema: args.database_schema.clone(), ..Default::default() })
-                .await
-                .context("cannot open the database")?;
+        let store = args.store.open().await?;
         let rows = tally(&store, since, args.policy.as_deref()).await;
         store.close().await;
         rows
