@@ -311,5 +311,10 @@ async fn read_store_figures(state: &AppState) {
         if let Some(rate) = crate::reviews::agreement_rate(&reviews) {
             metrics::gauge!("safeguard_review_agreement_rate").set(rate);
         }
+        // Audits of triage, apart from the agreement with the model: overturned ones are triage's mistakes.
+        let confirmed = (reviews.audits_decided - reviews.audits_overturned).max(0);
+        for (result, count) in [("confirmed", confirmed), ("overturned", reviews.audits_overturned)] {
+            metrics::gauge!("safeguard_triage_audits_decided", "result" => result).set(count as f64);
+        }
     }
 }

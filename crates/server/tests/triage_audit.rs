@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 
 use safeguard_server::ActiveLearning;
-use serde_json::json;
+use serde_json::{Value, json};
 
 #[path = "support/cascade.rs"]
 mod cascade_support;
@@ -47,5 +47,14 @@ async fn an_audit_shows_a_person_what_triage_settled_alone_and_counts_their_answ
     let series = "safeguard_review_decisions_total{agreement=\"override\",stage=\"triage\",kind=\"audit\"";
     assert_eq!(metric(&metrics, series), Some(1.0), "{metrics}");
     assert_eq!(metric(&metrics, "safeguard_active_learning_samples_total{reason=\"triage_audit\""), Some(1.0));
+    // Durable, from the database, and apart from agreement with the model, which no audit says anything of.
+    assert_eq!(metric(&metrics, "safeguard_triage_audits_decided{result=\"overturned\""), Some(1.0));
+    assert_eq!(metric(&metrics, "safeguard_triage_audits_decided{result=\"confirmed\""), Some(0.0));
+    assert_eq!(metric(&metrics, "safeguard_review_agreement_rate"), None, "{metrics}");
+    let (_, decided) = h.call("GET", "/v1/reviews?status=decided", None).await;
+    let stats = &decided["stats"];
+    let counts = ["decided", "overrides", "audits_decided", "audits_overturned"].map(|k| stats[k].as_i64().unwrap());
+    assert_eq!(counts, [0, 0, 1, 1], "{stats}");
+    assert_eq!(stats["agreement_rate"], Value::Null);
     h.server.shutdown().await.unwrap();
 }

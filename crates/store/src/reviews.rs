@@ -54,16 +54,24 @@ pub struct ReviewDecision {
     pub overrides_model: Option<bool>,
 }
 
-/// Reviewer agreement with the model, over decided reviews.
+/// The queue, and reviewer agreement with the model over decided reviews. Audits of triage are counted apart:
+/// a person overturning what triage settled says nothing of the model.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct ReviewStats {
+    /// Pending reviews of every kind, audits included.
     pub pending: i64,
     pub overdue: i64,
+    /// Decided reviews, audits left out.
     pub decided: i64,
     pub overrides: i64,
     /// Decided reviews of items the model left undecided: neither agreements nor overrides.
     #[serde(default)]
     pub model_undecided: i64,
+    /// Decided audits of what triage settled alone, and of those, how many the person decided the other way.
+    #[serde(default)]
+    pub audits_decided: i64,
+    #[serde(default)]
+    pub audits_overturned: i64,
 }
 
 pub(crate) const COLUMNS: &str = "id, decision_id, status, kind, priority, reason, created_at, due_at, reviewer, rationale, rule_id, \
@@ -401,9 +409,14 @@ impl Store {
             "SELECT \
                SUM(CASE WHEN status = 'pending' THEN 1 ELSE 0 END) AS pending, \
                SUM(CASE WHEN status = 'pending' AND due_at IS NOT NULL AND due_at < $1 THEN 1 ELSE 0 END) AS overdue, \
-               SUM(CASE WHEN status = 'decided' THEN 1 ELSE 0 END) AS decided, \
-               SUM(CASE WHEN status = 'decided' AND overrides_model = 1 THEN 1 ELSE 0 END) AS overrides, \
-               SUM(CASE WHEN status = 'decided' AND overrides_model IS NULL THEN 1 ELSE 0 END) AS model_undecided \
+               SUM(CASE WHEN status = 'decided' AND kind <> 'audit' THEN 1 ELSE 0 END) AS decided, \
+               SUM(CASE WHEN status = 'decided' AND kind <> 'audit' AND overrides_model = 1 THEN 1 ELSE 0 END) \
+                 AS overrides, \
+               SUM(CASE WHEN status = 'decided' AND kind <> 'audit' AND overrides_model IS NULL THEN 1 ELSE 0 END) \
+                 AS model_undecided, \
+               SUM(CASE WHEN status = 'decided' AND kind = 'audit' THEN 1 ELSE 0 END) AS audits_decided, \
+               SUM(CASE WHEN status = 'decided' AND kind = 'audit' AND overrides_model = 1 THEN 1 ELSE 0 END) \
+                 AS audits_overturned \
              FROM reviews",
         )
         .bind(now)
@@ -416,6 +429,8 @@ impl Store {
             decided: get("decided")?,
             overrides: get("overrides")?,
             model_undecided: get("model_undecided")?,
+            audits_decided: get("audits_decided")?,
+            audits_overturned: get("audits_overturned")?,
         })
     }
 }

@@ -956,6 +956,13 @@ async fn reviews_queue_in_priority_and_sla_order_and_are_decided_once() {
         let requeued = requeued.review;
         assert_eq!((requeued.id, requeued.status.as_str()), (urgent.id.clone(), "decided"), "{}", t.label);
         assert_eq!(s.review_stats().await.unwrap().pending, 2, "{}", t.label);
+        // An audit of what triage settled is counted apart: overturning triage says nothing of the model.
+        let before = s.review_stats().await.unwrap();
+        let audit = s.queue_review(&queue("r-c", "audit", 0, None)).await.unwrap().review;
+        s.decide_review(&audit.id, &verdict).await.unwrap().unwrap();
+        let after = s.review_stats().await.unwrap();
+        assert_eq!((after.decided, after.overrides), (before.decided, before.overrides), "{}", t.label);
+        assert_eq!((after.audits_decided, after.audits_overturned), (1, 1), "{}", t.label);
         t.cleanup().await;
     }
 }
