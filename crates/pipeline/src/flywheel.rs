@@ -354,14 +354,27 @@ impl ActiveLearning {
             }
         }
         if self.audit_rate > 0.0 && drawn(&format!("audit:{id}"), self.audit_rate) {
-            let audited = decision.policies.iter().filter(|route| route.decided_by == Stage::Triage).map(|route| {
+            // One policy per audit, drawn among those triage settled: a person answers one policy's question, and
+            // an answer given for one of several would leave the others unanswered, their estimate biased.
+            let settled: Vec<&PolicyRoute> =
+                decision.policies.iter().filter(|route| route.decided_by == Stage::Triage).collect();
+            if let Some(route) = pick_one(&settled, &format!("audit-policy:{id}")) {
                 let triage_probability = route.triage.as_ref().and_then(|t| t.calibrated_probability);
-                (route.policy.clone(), SampleReason::TriageAudit { outcome: route.outcome, triage_probability })
-            });
-            picked.extend(audited);
+                let why = SampleReason::TriageAudit { outcome: route.outcome, triage_probability };
+                picked.push((route.policy.clone(), why));
+            }
         }
         picked
     }
+}
+
+/// One of `items`, each as likely, the same for the same `key`; `None` when there are none.
+fn pick_one<'a, T>(items: &[&'a T], key: &str) -> Option<&'a T> {
+    let digest = Sha256::digest(key.as_bytes());
+    let mut head = [0u8; 8];
+    head.copy_from_slice(&digest[..8]);
+    let len = u64::try_from(items.len()).ok().filter(|&len| len > 0)?;
+    items.get(usize::try_from(u64::from_be_bytes(head) % len).ok()?).copied()
 }
 
 /// A deterministic draw with probability `rate` keyed by `key`.
@@ -533,6 +546,20 @@ mod tests {
         assert_eq!(audit_all.pick(&with_person).len(), 1);
         let samples_too = ActiveLearning { rate: 1.0, ..audit_all };
         assert_eq!(samples_too.pick(&with_person).len(), 1, "no disagreement sample of what a person sees anyway");
+
+        // Of several policies triage settled, one is audited, each as often.
+        let mut per_policy = [0usize; 3];
+        for _ in 0..900 {
+            let mut routes: Vec<PolicyRoute> =
+                (0..3).map(|_| route(Outcome::Allow, Stage::Triage, Some(0.01), None)).collect();
+            for (i, r) in routes.iter_mut().enumerate() {
+                r.policy = format!("p{i}");
+            }
+            let picked = audit_all.pick(&decision_of(routes));
+            assert_eq!(picked.len(), 1, "{picked:?}");
+            per_policy[picked[0].0[1..].parse::<usize>().unwrap()] += 1;
+        }
+        assert!(per_policy.iter().all(|&n| (240..=360).contains(&n)), "{per_policy:?} of 900");
 
         // The audit's draw is its own: at the same rates, the decisions it picks are not the candidates' picks.
         let (both, tenth) = (

@@ -462,6 +462,7 @@ fn triage_audit_reports_what_people_found_among_triage_settled_items() {
                     priority: 0,
                     reason: Some("active learning".into()),
                     sla_ms: None,
+                    policy_hash: None,
                 };
                 let review = store.queue_review(&queued).await.unwrap().review;
                 let verdict = ReviewDecision {

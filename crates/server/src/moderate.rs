@@ -194,13 +194,20 @@ async fn queue_sample(state: &AppState, cascade: &CascadeDecision, decision_id: 
         if picked.is_empty() {
             continue;
         }
-        let reason = picked.iter().map(|(policy, why)| format!("{policy}: {why}")).collect::<Vec<_>>().join("; ");
+        let reason = picked.iter().map(|(policy, why)| format!("{policy}: {why}")).collect::<Vec<_>>().join(" | ");
+        // An audit is of one policy version, and the person's answer must be for it.
+        let audited = (kind == "audit")
+            .then(|| picked.first())
+            .flatten()
+            .and_then(|(policy, _)| cascade.policies.iter().find(|route| &route.policy == policy))
+            .map(|route| route.policy_hash.clone());
         let review = NewReview {
             decision_id: decision_id.to_string(),
             kind: kind.into(),
             priority: SAMPLE_PRIORITY,
             reason: Some(format!("active learning: {reason}")),
             sla_ms: None,
+            policy_hash: audited,
         };
         // A redelivered event draws the same sample (the draw hashes the decision id): counted once.
         if !state.store.queue_review(&review).await?.fresh {

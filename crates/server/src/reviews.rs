@@ -105,6 +105,7 @@ pub(crate) fn appeal_review(decision_id: &str, policies: &[Policy], reason: Stri
         priority: APPEAL_PRIORITY,
         reason: Some(reason),
         sla_ms: Some(shortest_sla(policies, APPEAL_SLA_MS)),
+        policy_hash: None,
     }
 }
 
@@ -119,6 +120,7 @@ pub(crate) fn review_for_person(decision_id: &str, policies: &[Policy], reason: 
         priority: if high_risk { 5 } else { 1 },
         reason: Some(reason),
         sla_ms: Some(shortest_sla(policies, REVIEW_SLA_MS)),
+        policy_hash: None,
     }
 }
 
@@ -221,7 +223,9 @@ pub(crate) async fn get_one(
     };
     let mut policies = Vec::new();
     let mut defines_rules = false;
-    for hash in &decision.policy_hashes {
+    // An audit's answer may apply only the audited policy's rules (`decide`): the page offers no others.
+    let audited = audited_policy(&review);
+    for hash in decision.policy_hashes.iter().filter(|hash| audited.is_none_or(|audited| audited == hash.as_str())) {
         match stored_policy(&state, hash).await {
             Ok(Some(policy)) => {
                 defines_rules |= !policy.rule_ids.is_empty();
@@ -359,6 +363,11 @@ fn utf16_positions(text: &str, bytes: &BTreeSet<usize>) -> BTreeMap<usize, usize
     positions
 }
 
+/// The policy version a pending audit is of (set when it was queued), whose rules alone its answer may apply.
+fn audited_policy(review: &ReviewRecord) -> Option<&str> {
+    (review.kind == "audit" && review.status == "pending").then_some(review.policy_hash.as_deref()).flatten()
+}
+
 /// A rule's side as the review page reads it: the outcome a decision applying it has.
 fn side_name(side: RuleSide) -> &'static str {
     match side {
@@ -412,12 +421,16 @@ pub(crate) async fn decide(
         .get_decision(&review.decision_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("decision {}", review.decision_id)))?;
-    // The rule must exist in one of the policy versions the item was judged under.
+    // The rule must exist in one of the policy versions the item was judged under; in the audited one, for an
+    // audit: an answer about another policy would leave the audited one unanswered.
+    let audited = audited_policy(&review);
+    let judged_hashes: Vec<&String> =
+        decision.policy_hashes.iter().filter(|hash| audited.is_none_or(|audited| audited == hash.as_str())).collect();
     let mut policy_hash = None;
     let mut defines_rules = false;
     // Why the rule was refused by a policy that defines it on the other side, should no other policy take it.
     let mut other_side: Option<ApiError> = None;
-    for hash in &decision.policy_hashes {
+    for hash in judged_hashes.iter().copied() {
         let policy = match stored_policy(&state, hash).await {
             Ok(Some(policy)) => policy,
             // Gone, or no longer parses: no rule of it can be checked, so none counts. A store outage still fails.
@@ -458,15 +471,16 @@ pub(crate) async fn decide(
         } else {
             format!("they define no rule ids (or can no longer be loaded): cite \"{NO_RULE}\"")
         };
-        return Err(ApiError::bad(
-            "unknown_rule",
-            format!("rule {rule_id:?} is not defined in the policies this item was judged under; {hint}"),
-        ));
+        let judged = match audited {
+            Some(hash) => format!("the policy this audit is of ({hash})"),
+            None => "the policies this item was judged under".to_string(),
+        };
+        return Err(ApiError::bad("unknown_rule", format!("rule {rule_id:?} is not defined in {judged}; {hint}")));
     }
-    // Citing no rule, the one policy of the item still says whose verdict the person agrees with; of several,
-    // none does.
-    if cites_no_rule && decision.policy_hashes.len() == 1 {
-        policy_hash = decision.policy_hashes.first().cloned();
+    // Citing no rule, the one policy of the item (or of the audit) still says whose verdict the person agrees
+    // with; of several, none does.
+    if cites_no_rule && judged_hashes.len() == 1 {
+        policy_hash = judged_hashes.first().map(|hash| hash.to_string());
     }
     // A person deciding what the model left undecided neither agrees nor disagrees with it.
     let judged = policy_hash.as_deref().and_then(|hash| verdict_for(&decision, hash));

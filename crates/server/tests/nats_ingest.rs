@@ -313,6 +313,7 @@ async fn nats_events_are_decided_stored_once_and_survive_a_server_crash() {
             priority: 1,
             reason: None,
             sla_ms: None,
+            policy_hash: None,
         })
         .await
         .unwrap()

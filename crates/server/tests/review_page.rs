@@ -235,6 +235,7 @@ async fn stored_escalations_and_spans_this_build_cannot_use_are_shown_plainly_or
         priority: 1,
         reason: Some("edited".into()),
         sla_ms: None,
+        policy_hash: None,
     };
     let id = h.store.insert_decision_with_review(&record, None, &queued).await.unwrap();
     let (status, item) = h.call("GET", &format!("/v1/reviews/{id}"), ADMIN, None).await;

@@ -41,6 +41,9 @@ pub struct NewReview {
     pub reason: Option<String>,
     /// How long the SLA gives a person, from now.
     pub sla_ms: Option<i64>,
+    /// The one policy version the review is about, where it is about one: an audit of a policy triage settled.
+    /// The person's answer must then apply that policy's rules (the decision records it here again).
+    pub policy_hash: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -117,16 +120,17 @@ fn to_announce_sql() -> String {
 /// The statement that queues one review, numbering its parameters from `next` on (see [`bind_review`]).
 pub(crate) fn insert_review_sql(next: &mut usize) -> String {
     let n = *next;
-    *next += 7;
+    *next += 8;
     format!(
-        "INSERT INTO reviews (id, decision_id, status, kind, priority, reason, created_at, due_at) \
-         VALUES (${n}, ${}, 'pending', ${}, ${}, ${}, ${}, ${})",
+        "INSERT INTO reviews (id, decision_id, status, kind, priority, reason, created_at, due_at, policy_hash) \
+         VALUES (${n}, ${}, 'pending', ${}, ${}, ${}, ${}, ${}, ${})",
         n + 1,
         n + 2,
         n + 3,
         n + 4,
         n + 5,
-        n + 6
+        n + 6,
+        n + 7
     )
 }
 
@@ -145,6 +149,7 @@ pub(crate) fn bind_review<'q>(
         .bind(&review.reason)
         .bind(now)
         .bind(review.sla_ms.map(|ms| now + ms))
+        .bind(&review.policy_hash)
 }
 
 /// The decision whose pending reviews `review` supersedes: an appeal's review supersedes those of the decision

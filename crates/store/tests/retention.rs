@@ -20,7 +20,14 @@ fn decision(id: &str, created_at: i64) -> DecisionRecord {
 }
 
 fn review_of(decision_id: &str, kind: &str) -> NewReview {
-    NewReview { decision_id: decision_id.into(), kind: kind.into(), priority: 0, reason: None, sla_ms: None }
+    NewReview {
+        decision_id: decision_id.into(),
+        kind: kind.into(),
+        priority: 0,
+        reason: None,
+        sla_ms: None,
+        policy_hash: None,
+    }
 }
 
 /// A job finished with `decision`, its webhook delivery left `delivery_status`.

@@ -559,6 +559,7 @@ async fn jobs_are_idempotent_leased_and_finished_once() {
             priority: 1,
             reason: Some("spam: undecided".into()),
             sla_ms: Some(60_000),
+            policy_hash: None,
         };
         assert!(!s.finish_job(&job.id, "stale-token", &d, None, Some(&review), None).await.unwrap(), "{}", t.label);
         assert_eq!(s.count_reviews("pending").await.unwrap(), 0, "a refused finish queues nothing ({})", t.label);
@@ -602,6 +603,7 @@ async fn jobs_are_idempotent_leased_and_finished_once() {
             priority: 1,
             reason: Some("job failed: bad".into()),
             sla_ms: None,
+            policy_hash: None,
         };
         assert!(
             s.fail_job(&j2.id, third.lease_token.as_deref().unwrap(), "bad", &failed, &review, None).await.unwrap()
@@ -634,6 +636,7 @@ async fn a_failed_job_is_queued_for_a_person_and_announced() {
             priority: 1,
             reason: Some("job failed: policy gone".into()),
             sla_ms: Some(60_000),
+            policy_hash: None,
         };
         let hook = NewDelivery {
             job_id: job.id.clone(),
@@ -876,6 +879,7 @@ async fn reviews_queue_in_priority_and_sla_order_and_are_decided_once() {
             priority,
             reason: Some("needs_review".into()),
             sla_ms,
+            policy_hash: None,
         };
         let low = s.queue_review(&queue("r-a", "review", 1, Some(7_200_000))).await.unwrap();
         assert!(low.fresh, "{}", t.label);
@@ -988,6 +992,7 @@ async fn concurrent_queue_review_calls_make_one_review() {
                             priority,
                             reason: Some("needs_review".into()),
                             sla_ms: None,
+                            policy_hash: None,
                         })
                         .await
                     })
@@ -1059,8 +1064,14 @@ async fn the_unique_review_migration_keeps_one_review_per_decision_and_kind() {
         let rows = sqlx::query("SELECT id FROM reviews ORDER BY id").fetch_all(reopened.pool()).await.unwrap();
         let kept: Vec<String> = rows.iter().map(|r| sqlx::Row::get(r, "id")).collect();
         assert_eq!(kept, ["m-a-3", "m-b-2", "m-b-3"], "{}", t.label);
-        let again =
-            NewReview { decision_id: "m-b".into(), kind: "review".into(), priority: 9, reason: None, sla_ms: None };
+        let again = NewReview {
+            decision_id: "m-b".into(),
+            kind: "review".into(),
+            priority: 9,
+            reason: None,
+            sla_ms: None,
+            policy_hash: None,
+        };
         assert_eq!(reopened.queue_review(&again).await.unwrap().review.id, "m-b-2", "{}", t.label);
         let duplicate =
             sqlx::query("INSERT INTO reviews (id, decision_id, status, kind, priority, created_at) VALUES ('x', 'm-b', 'pending', 'review', 1, 1)")
@@ -1128,6 +1139,7 @@ async fn decisions_stored_together_are_all_or_none() {
             priority: 1,
             reason: Some("spam: undecided".into()),
             sla_ms: None,
+            policy_hash: None,
         };
         let settled = decision("dt-1", "allow", "spam", None);
         let undecided = decision("dt-2", "needs_review", "spam", None);
@@ -1210,6 +1222,7 @@ async fn a_decision_is_appealed_once() {
                         priority: 10,
                         reason: Some("appeal".into()),
                         sla_ms: Some(1000),
+                        policy_hash: None,
                     };
                     s.insert_appeal(&appeal, Some(&["again".to_string()]), &review).await.unwrap()
                 })
@@ -1250,6 +1263,7 @@ async fn an_appeal_supersedes_the_pending_reviews_of_its_decision() {
             priority: 0,
             reason: None,
             sla_ms: None,
+            policy_hash: None,
         };
         for original in ["stale", "answered", "bus-held", "replayed"] {
             s.insert_decision(&decision(original, "needs_review", "spam", None), None).await.unwrap();
@@ -1667,6 +1681,7 @@ async fn only_reviews_the_bus_waits_for_stay_unannounced() {
         priority: 1,
         reason: None,
         sla_ms: None,
+        policy_hash: None,
     };
     let verdict = ReviewDecision {
         reviewer: "alice".into(),
