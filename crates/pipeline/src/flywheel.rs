@@ -305,6 +305,14 @@ pub fn sample_for_review(route: &PolicyRoute, margin: f32, min_confidence: f32) 
         .map(|probability| SampleReason::LowEngineConfidence { probability })
 }
 
+/// A policy of a decision that active learning chose for a person's look, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Picked {
+    pub policy: String,
+    pub policy_hash: String,
+    pub why: SampleReason,
+}
+
 /// Which settled decisions are worth a person's look (active learning), and how many of them to send.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ActiveLearning {
@@ -341,27 +349,40 @@ impl ActiveLearning {
     ///
     /// An item a person sees anyway is no disagreement sample; but the policies triage settled on it are still
     /// audited, or the audit would skip the harder items, those where another policy went to a person.
-    pub fn pick(&self, decision: &CascadeDecision) -> Vec<(String, SampleReason)> {
+    pub fn pick(&self, decision: &CascadeDecision) -> Vec<Picked> {
         let id = decision.id.to_string();
-        let mut picked: Vec<(String, SampleReason)> = Vec::new();
+        let picked_route = |route: &PolicyRoute, why: SampleReason| Picked {
+            policy: route.policy.clone(),
+            policy_hash: route.policy_hash.clone(),
+            why,
+        };
+        let mut picked: Vec<Picked> = Vec::new();
         if self.rate > 0.0 && decision.decided_by != Stage::HumanReview {
             let candidates = decision.policies.iter().filter_map(|route| {
-                sample_for_review(route, self.margin, self.min_confidence).map(|why| (route.policy.clone(), why))
+                sample_for_review(route, self.margin, self.min_confidence).map(|why| picked_route(route, why))
             });
             picked.extend(candidates);
             if !picked.is_empty() && !drawn(&id, self.rate) {
                 picked.clear();
             }
         }
-        if self.audit_rate > 0.0 && drawn(&format!("audit:{id}"), self.audit_rate) {
-            // One policy per audit, drawn among those triage settled: a person answers one policy's question, and
-            // an answer given for one of several would leave the others unanswered, their estimate biased.
-            let settled: Vec<&PolicyRoute> =
-                decision.policies.iter().filter(|route| route.decided_by == Stage::Triage).collect();
-            if let Some(route) = pick_one(&settled, &format!("audit-policy:{id}")) {
+        if self.audit_rate > 0.0 {
+            // Each policy triage settled is drawn on its own, so each is audited at the rate whatever else the item
+            // was judged under. A person answers one policy's question, though (an answer for one of several
+            // would leave the others unanswered): of several drawn, one is kept, which only matters at rates
+            // where two draws on one item are common.
+            let drawn_routes: Vec<&PolicyRoute> = decision
+                .policies
+                .iter()
+                .filter(|route| route.decided_by == Stage::Triage)
+                .filter(|route| drawn(&format!("audit:{id}:{}", route.policy_hash), self.audit_rate))
+                .collect();
+            if let Some(route) = pick_one(&drawn_routes, &format!("audit-policy:{id}")) {
                 let triage_probability = route.triage.as_ref().and_then(|t| t.calibrated_probability);
-                let why = SampleReason::TriageAudit { outcome: route.outcome, triage_probability };
-                picked.push((route.policy.clone(), why));
+                picked.push(picked_route(
+                    route,
+                    SampleReason::TriageAudit { outcome: route.outcome, triage_probability },
+                ));
             }
         }
         picked
@@ -497,8 +518,8 @@ mod tests {
         ]);
         let picked = every.pick(&disagree);
         assert_eq!(picked.len(), 1, "only the policy triage disagreed on: {picked:?}");
-        assert_eq!(picked[0].1.kind(), "triage_model_disagree");
-        assert!(picked[0].1.to_string().contains("0.90"));
+        assert_eq!(picked[0].why.kind(), "triage_model_disagree");
+        assert!(picked[0].why.to_string().contains("0.90"));
         assert!(ActiveLearning::off().pick(&disagree).is_empty());
         let sure = decision_of(vec![route(Outcome::Allow, Stage::ReasoningLow, Some(0.05), Some(0.99))]);
         assert!(every.pick(&sure).is_empty(), "nothing to learn from");
@@ -531,11 +552,14 @@ mod tests {
         assert!(ActiveLearning { audit_rate: 0.0, rate: 1.0, ..audit_all }.pick(&settled).is_empty());
         let picked = audit_all.pick(&settled);
         assert_eq!(picked.len(), 1, "only the policy triage settled: {picked:?}");
-        assert_eq!(picked[0].1, SampleReason::TriageAudit { outcome: Outcome::Allow, triage_probability: Some(0.01) });
-        assert_eq!(picked[0].1.kind(), "triage_audit");
-        assert!(picked[0].1.to_string().contains("allowed"), "{}", picked[0].1);
+        assert_eq!(
+            picked[0].why,
+            SampleReason::TriageAudit { outcome: Outcome::Allow, triage_probability: Some(0.01) }
+        );
+        assert_eq!(picked[0].why.kind(), "triage_audit");
+        assert!(picked[0].why.to_string().contains("allowed"), "{}", picked[0].why);
         let by_rule = decision_of(vec![route(Outcome::Violation, Stage::Triage, None, None)]);
-        assert!(audit_all.pick(&by_rule)[0].1.to_string().contains("by a rule"));
+        assert!(audit_all.pick(&by_rule)[0].why.to_string().contains("by a rule"));
         let not_triage = decision_of(vec![route(Outcome::Allow, Stage::ReasoningLow, Some(0.01), Some(0.99))]);
         assert!(audit_all.pick(&not_triage).is_empty(), "the model settled it: nothing of triage's to audit");
         // Another policy of the item went to a person: the one triage settled is audited all the same.
@@ -553,13 +577,15 @@ mod tests {
             let mut routes: Vec<PolicyRoute> =
                 (0..3).map(|_| route(Outcome::Allow, Stage::Triage, Some(0.01), None)).collect();
             for (i, r) in routes.iter_mut().enumerate() {
-                r.policy = format!("p{i}");
+                (r.policy, r.policy_hash) = (format!("p{i}"), format!("sha256:p{i}"));
             }
             let picked = audit_all.pick(&decision_of(routes));
             assert_eq!(picked.len(), 1, "{picked:?}");
-            per_policy[picked[0].0[1..].parse::<usize>().unwrap()] += 1;
+            assert_eq!(picked[0].policy_hash, format!("sha256:{}", picked[0].policy));
+            per_policy[picked[0].policy[1..].parse::<usize>().unwrap()] += 1;
         }
-        assert!(per_policy.iter().all(|&n| (240..=360).contains(&n)), "{per_policy:?} of 900");
+        // 300 each on average; 200 is 7 standard deviations away.
+        assert!(per_policy.iter().all(|&n| n >= 200), "{per_policy:?} of 900");
 
         // The audit's draw is its own: at the same rates, the decisions it picks are not the candidates' picks.
         let (both, tenth) = (

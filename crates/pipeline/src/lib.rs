@@ -18,7 +18,7 @@ pub use cascade::{
     CascadeDecision, Deferred, Escalation, OnTriageViolation, Pipeline, PolicyPlan, PolicyRoute, RouteContext,
     RoutingConfig, Stage, StageRecord,
 };
-pub use flywheel::{ActiveLearning, SampleReason};
+pub use flywheel::{ActiveLearning, Picked, SampleReason};
 pub use routing_section::{RoutingSection, RoutingSectionError, routing_section};
 pub use stats::{CascadeStats, StatsSnapshot};
 pub use triage_config::{TriageLibrary, TriageSection, rules_from_policy, triage_on_violation, triage_section};

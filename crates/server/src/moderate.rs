@@ -189,18 +189,14 @@ async fn queue_sample(state: &AppState, cascade: &CascadeDecision, decision_id: 
         .active_learning
         .pick(cascade)
         .into_iter()
-        .partition(|(_, why)| matches!(why, SampleReason::TriageAudit { .. }));
+        .partition(|picked| matches!(picked.why, SampleReason::TriageAudit { .. }));
     for (kind, picked) in [("sample", samples), ("audit", audits)] {
         if picked.is_empty() {
             continue;
         }
-        let reason = picked.iter().map(|(policy, why)| format!("{policy}: {why}")).collect::<Vec<_>>().join(" | ");
+        let reason = picked.iter().map(|p| format!("{}: {}", p.policy, p.why)).collect::<Vec<_>>().join(" | ");
         // An audit is of one policy version, and the person's answer must be for it.
-        let audited = (kind == "audit")
-            .then(|| picked.first())
-            .flatten()
-            .and_then(|(policy, _)| cascade.policies.iter().find(|route| &route.policy == policy))
-            .map(|route| route.policy_hash.clone());
+        let audited = (kind == "audit").then(|| picked.first().map(|picked| picked.policy_hash.clone())).flatten();
         let review = NewReview {
             decision_id: decision_id.to_string(),
             kind: kind.into(),
@@ -213,8 +209,8 @@ async fn queue_sample(state: &AppState, cascade: &CascadeDecision, decision_id: 
         if !state.store.queue_review(&review).await?.fresh {
             continue;
         }
-        for (_, why) in &picked {
-            metrics::counter!("safeguard_active_learning_samples_total", "reason" => why.kind()).increment(1);
+        for picked in &picked {
+            metrics::counter!("safeguard_active_learning_samples_total", "reason" => picked.why.kind()).increment(1);
         }
         crate::reviews::count_queued(&review);
     }
@@ -270,18 +266,18 @@ pub(crate) async fn store_cascade_item(
             count_decision(decision, "cascade", decision.timings.total_ms / 1e3);
         }
     }
-    match &review {
-        // The appeal made before is the one a person answers; queuing this one's would make it two.
-        Some(_) if answered_by.is_some() => {}
-        // Queued with the decision when it was stored fresh; queued again (a no-op when it is there) for a
-        // decision stored before, in case the worker that stored it stopped before queuing it.
-        Some(review) if !fresh => {
-            if state.store.queue_review(review).await?.fresh {
-                crate::reviews::count_queued(review);
-            }
-        }
-        Some(_) => {}
-        None => queue_sample(state, cascade, &record.id).await?,
+    // Queued with the decision when it was stored fresh; queued again (a no-op when it is there) for a decision
+    // stored before, in case the worker that stored it stopped before queuing it. Not when an appeal made before
+    // answers this one: queuing this one's would make it two.
+    if let Some(review) = review.as_ref().filter(|_| !fresh && answered_by.is_none())
+        && state.store.queue_review(review).await?.fresh
+    {
+        crate::reviews::count_queued(review);
+    }
+    // An item a person sees anyway is no disagreement sample (`pick` leaves those out), but the policies triage
+    // settled on it are still audited: skipping them would leave the harder items out of the audit.
+    if !cascade.is_appeal() {
+        queue_sample(state, cascade, &record.id).await?;
     }
     Ok(StoredItem { record, reasoning, fresh, answered_by })
 }

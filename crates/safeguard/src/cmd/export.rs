@@ -86,6 +86,13 @@ impl Skipped {
     fn add(&mut self, why: &'static str) {
         *self.0.entry(why).or_default() += 1;
     }
+
+    /// One stderr line per reason, so that rows left out are never silent.
+    pub(super) fn report(&self) {
+        for (why, count) in &self.0 {
+            eprintln!("  skipped {count}: {why}");
+        }
+    }
 }
 
 fn decision_text(decision: &DecisionRecord, skipped: &mut Skipped) -> Option<String> {
@@ -325,9 +332,7 @@ async fn export(store: &Store, args: &DatasetArgs, since: Option<i64>, labels: &
         examples - human,
         model_count.saturating_sub(examples - human)
     );
-    for (why, count) in &skipped.0 {
-        eprintln!("  skipped {count}: {why}");
-    }
+    skipped.report();
     Ok(())
 }
 

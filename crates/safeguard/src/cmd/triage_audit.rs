@@ -99,6 +99,7 @@ async fn tally(store: &Store, since: Option<i64>, policy: Option<&str>) -> anyho
         }
         after = page.end;
     }
+    skipped.report();
     Ok(counts
         .into_iter()
         .map(|((policy, policy_hash, triage_model, triage_said), (audited, overturned))| AuditRow {
