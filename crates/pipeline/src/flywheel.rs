@@ -391,22 +391,22 @@ impl ActiveLearning {
 
 /// One of `items`, each as likely, the same for the same `key`; `None` when there are none.
 fn pick_one<'a, T>(items: &[&'a T], key: &str) -> Option<&'a T> {
-    let digest = Sha256::digest(key.as_bytes());
-    let mut head = [0u8; 8];
-    head.copy_from_slice(&digest[..8]);
     let len = u64::try_from(items.len()).ok().filter(|&len| len > 0)?;
-    items.get(usize::try_from(u64::from_be_bytes(head) % len).ok()?).copied()
+    items.get(usize::try_from(key_hash(key) % len).ok()?).copied()
 }
 
 /// A deterministic draw with probability `rate` keyed by `key`.
 fn drawn(key: &str, rate: f64) -> bool {
-    if rate >= 1.0 {
-        return true;
-    }
+    rate >= 1.0 || (key_hash(key) as f64 / u64::MAX as f64) < rate
+}
+
+/// The first 64 bits of `key`'s SHA-256: what every draw here is made from, so a draw is the same wherever it
+/// is made again (a redelivered event, another worker).
+fn key_hash(key: &str) -> u64 {
     let digest = Sha256::digest(key.as_bytes());
     let mut head = [0u8; 8];
     head.copy_from_slice(&digest[..8]);
-    (u64::from_be_bytes(head) as f64 / u64::MAX as f64) < rate
+    u64::from_be_bytes(head)
 }
 
 impl SampleReason {

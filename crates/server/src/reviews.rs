@@ -224,8 +224,7 @@ pub(crate) async fn get_one(
     let mut policies = Vec::new();
     let mut defines_rules = false;
     // An audit's answer may apply only the audited policy's rules (`decide`): the page offers no others.
-    let audited = audited_policy(&review);
-    for hash in decision.policy_hashes.iter().filter(|hash| audited.is_none_or(|audited| audited == hash.as_str())) {
+    for hash in judged_policies(&review, &decision) {
         match stored_policy(&state, hash).await {
             Ok(Some(policy)) => {
                 defines_rules |= !policy.rule_ids.is_empty();
@@ -368,6 +367,13 @@ fn audited_policy(review: &ReviewRecord) -> Option<&str> {
     (review.kind == "audit" && review.status == "pending").then_some(review.policy_hash.as_deref()).flatten()
 }
 
+/// The policy versions a person's answer to `review` may apply the rules of: the audited one for a pending audit,
+/// else every one the item was judged under.
+fn judged_policies<'a>(review: &'a ReviewRecord, decision: &'a DecisionRecord) -> impl Iterator<Item = &'a String> {
+    let audited = audited_policy(review);
+    decision.policy_hashes.iter().filter(move |hash| audited.is_none_or(|audited| audited == hash.as_str()))
+}
+
 /// A rule's side as the review page reads it: the outcome a decision applying it has.
 fn side_name(side: RuleSide) -> &'static str {
     match side {
@@ -424,8 +430,7 @@ pub(crate) async fn decide(
     // The rule must exist in one of the policy versions the item was judged under; in the audited one, for an
     // audit: an answer about another policy would leave the audited one unanswered.
     let audited = audited_policy(&review);
-    let judged_hashes: Vec<&String> =
-        decision.policy_hashes.iter().filter(|hash| audited.is_none_or(|audited| audited == hash.as_str())).collect();
+    let judged_hashes: Vec<&String> = judged_policies(&review, &decision).collect();
     let mut policy_hash = None;
     let mut defines_rules = false;
     // Why the rule was refused by a policy that defines it on the other side, should no other policy take it.
@@ -483,7 +488,7 @@ pub(crate) async fn decide(
         policy_hash = judged_hashes.first().map(|hash| hash.to_string());
     }
     // A person deciding what the model left undecided neither agrees nor disagrees with it.
-    let judged = policy_hash.as_deref().and_then(|hash| verdict_for(&decision, hash));
+    let judged = policy_hash.as_deref().and_then(|hash| decision.verdict_for(hash));
     let model_view = judged.and_then(model_outcome);
     // Whose answer the person checked, so agreement can be told apart per stage: a triage audit's overrides are
     // triage's misses, which no other figure shows.
@@ -571,12 +576,6 @@ async fn job_delivery(
         "decided_at": decided_at,
     });
     Ok(Some(safeguard_store::NewDelivery { job_id: job.id, url, body: body.to_string() }))
-}
-
-/// A stored decision's verdict for one policy version.
-fn verdict_for<'a>(decision: &'a DecisionRecord, policy_hash: &str) -> Option<&'a Value> {
-    let verdicts = decision.verdicts.as_array()?;
-    verdicts.iter().find(|v| v.get("policy_hash").and_then(Value::as_str) == Some(policy_hash))
 }
 
 /// What the model said in one verdict, as an outcome a person can agree with; `None` if it said nothing clear.

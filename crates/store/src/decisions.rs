@@ -41,6 +41,14 @@ pub struct DecisionRecord {
     pub submitted_by: Option<String>,
 }
 
+impl DecisionRecord {
+    /// The stored verdict for one policy version, if the decision has one that names it.
+    pub fn verdict_for(&self, policy_hash: &str) -> Option<&serde_json::Value> {
+        let verdicts = self.verdicts.as_array()?;
+        verdicts.iter().find(|verdict| verdict.get("policy_hash").and_then(|hash| hash.as_str()) == Some(policy_hash))
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct DecisionFilter {
     pub outcome: Option<String>,

@@ -151,7 +151,7 @@ pub(super) fn corrections(
 /// What the service had said for one policy of a decision a person labelled; `None` when its verdict for the
 /// policy is missing or unreadable (a decision stored before verdicts carried their policy's hash, say).
 pub(super) fn corrected_label(decision: &DecisionRecord, policy_hash: &str) -> Option<CorrectedLabel> {
-    let verdict = decision.verdicts.as_array()?.iter().find(|v| v["policy_hash"].as_str() == Some(policy_hash))?;
+    let verdict = decision.verdict_for(policy_hash)?;
     let stage = stored_verdict_stage(verdict, &decision.effort).ok()?;
     // `violation` is the answer a person's agreement is measured against (`decide`): the settling stage's, or, on
     // an item the cascade handed to a person, what the model had said before it did.
