@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 #[path = "support/cascade.rs"]
 mod cascade_support;
 
-use cascade_support::{ADMIN, Harness, metric, policy_text};
+use cascade_support::{ADMIN, Harness, metric, policy_text, policy_with};
 
 fn stages(reply: &Value) -> Vec<&str> {
     reply["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect()
@@ -215,11 +215,7 @@ async fn a_requests_max_tokens_caps_the_cascades_reasoning() {
 #[tokio::test]
 async fn a_stored_policy_can_send_triage_violations_to_a_person() {
     let h = Harness::start().await;
-    let text = policy_text("promo-reviewed", "Promotion Policy, reviewed").replacen(
-        "triage:\n",
-        "triage:\n  on_violation: review\n",
-        1,
-    );
+    let text = policy_with("promo-reviewed", "review");
     let (status, body) = h.call("POST", "/v1/policies", Some(json!({"text": text}))).await;
     assert!(status == 200 || status == 201, "{body}");
 

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 #[path = "support/cascade.rs"]
 mod cascade_support;
 
-use cascade_support::{Harness, metric, policy_text};
+use cascade_support::{Harness, metric, policy_with};
 
 /// What triage settles alone is never seen by the model, nor, but for an audit, by a person: the audit draws it
 /// whatever triage's score, and a reviewer's answer on it counts against triage, not the model.
@@ -119,11 +119,7 @@ async fn a_policy_triage_settled_is_audited_when_another_went_to_a_person() {
         config.active_learning = ActiveLearning { rate: 1.0, audit_rate: 1.0, ..ActiveLearning::default() };
     })
     .await;
-    let text = policy_text("promo-reviewed", "Promotion Policy, reviewed").replacen(
-        "triage:\n",
-        "triage:\n  on_violation: review\n",
-        1,
-    );
+    let text = policy_with("promo-reviewed", "review");
     let (status, body) = h.call("POST", "/v1/policies", Some(json!({"text": text}))).await;
     assert!(status == 200 || status == 201, "{body}");
     let item = h.classify(json!({"text": "free bitcoin", "policies": ["promo-sure", "promo-reviewed"]})).await;

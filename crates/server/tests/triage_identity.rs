@@ -6,120 +6,33 @@
 //! A scripted reasoner stands in for the model; it should never be asked here. Triage is a real trained
 //! classifier whose calibration is pinned at 0.9 with `violate_above` 0.8: every item is a confident violation.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
-use safeguard_core::{ReasonError, ReasonOutput, ReasonRequest, Reasoner, Usage};
 use safeguard_policy::Policy;
-use safeguard_server::{Server, ServerConfig};
-use safeguard_store::Store;
 use serde_json::{Value, json};
 
-#[path = "support/triage.rs"]
-mod triage_support;
+#[path = "support/cascade.rs"]
+mod cascade_support;
 
-use triage_support::write_pinned_triage;
-
-const ADMIN: &str = "identity-admin";
-
-fn policy_text(name: &str, on_violation: &str) -> String {
-    format!(
-        "---
-name: {name}
-output: binary
-triage:
-  on_violation: {on_violation}
-  rules:
-    keywords:
-      - name: known-scams
-        action: deny
-        keywords: [free bitcoin]
----
-# Promotion Policy, {name} (PR)
-
-## INSTRUCTIONS
-Return exactly one character: 0 or 1.
-
-## VIOLATES (1)
-- PR1.a Unsolicited promotion with a link or handle.
-
-## DOES NOT VIOLATE (0)
-- PR0.a Personal messages.
-
-Return exactly one character: 0 or 1."
-    )
-}
-
-#[derive(Default)]
-struct Scripted {
-    calls: AtomicUsize,
-}
-
-#[async_trait]
-impl Reasoner for Scripted {
-    fn model_id(&self) -> String {
-        "scripted".into()
-    }
-
-    async fn reason(&self, _req: ReasonRequest) -> Result<ReasonOutput, ReasonError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        Ok(ReasonOutput {
-            analysis: Some("Thinking.".into()),
-            final_text: Some("1".into()),
-            final_token_prob: Some(0.95),
-            usage: Usage { prompt_tokens: 100, cached_prompt_tokens: 40, completion_tokens: 12 },
-            ..ReasonOutput::default()
-        })
-    }
-}
-
-async fn call(http: &reqwest::Client, base: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let mut request = http.request(method.parse().unwrap(), format!("{base}{path}")).bearer_auth(ADMIN);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
-}
+use cascade_support::{Harness, Pinned, policy_with, write_pinned_triage};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stored_decisions_name_the_triage_model_and_review_is_not_called_settled() {
-    let dir = tempfile::tempdir().unwrap();
-    let triage_dir = dir.path().join("triage");
-    let reviewed_text = policy_text("promo-reviewed", "review");
-    let acted_text = policy_text("promo-acted", "act");
+    let reviewed_text = policy_with("promo-reviewed", "review");
+    let acted_text = policy_with("promo-acted", "act");
     let reviewed = Policy::parse(&reviewed_text).unwrap();
     let acted = Policy::parse(&acted_text).unwrap();
-    let reviewed_meta = write_pinned_triage(&triage_dir, &reviewed, 0.9, Some(0.8));
-    let acted_meta = write_pinned_triage(&triage_dir, &acted, 0.9, Some(0.8));
-    let store = Store::open_sqlite(&dir.path().join("db.sqlite")).await.unwrap();
-    let config = ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        admin_key: Some(ADMIN.into()),
-        triage_dir: Some(triage_dir.clone()),
-        ..ServerConfig::default()
-    };
-    let reasoner = Arc::new(Scripted::default());
-    let server = Server::start(config, reasoner.clone(), store).await.unwrap();
-    let base = format!("http://{}", server.addr);
-    let http = reqwest::Client::new();
-    for text in [&reviewed_text, &acted_text] {
-        let (status, body) = call(&http, &base, "POST", "/v1/policies", Some(json!({"text": text}))).await;
-        assert!(status == 200 || status == 201, "{body}");
-    }
+    let pinned = |text: &String| Pinned { text: text.clone(), probability: 0.9, violate_above: Some(0.8) };
+    let (h, metas) = Harness::start_pinned(vec![pinned(&reviewed_text), pinned(&acted_text)], |_| {}).await;
+    let (reviewed_meta, acted_meta) = (&metas[0], &metas[1]);
     // The stored verdict of a cascade decision for one policy.
     let decide = |text: &'static str, policy: &'static str| {
-        let (http, base) = (&http, &base);
+        let h = &h;
         async move {
-            let body = json!({"text": text, "policies": [policy]});
-            let (status, reply) = call(http, base, "POST", "/v1/classify", Some(body)).await;
-            assert_eq!(status, 200, "{reply}");
+            let reply = h.classify(json!({"text": text, "policies": [policy]})).await;
             let id = reply["decision_id"].as_str().unwrap().to_string();
-            let (status, stored) = call(http, base, "GET", &format!("/v1/decisions/{id}"), None).await;
+            let (status, stored) = h.call("GET", &format!("/v1/decisions/{id}"), None).await;
             assert_eq!(status, 200, "{stored}");
             assert_eq!(reply["verdicts"], stored["verdicts"], "the reply shows what was stored");
             stored["verdicts"][0].clone()
@@ -143,13 +56,13 @@ async fn stored_decisions_name_the_triage_model_and_review_is_not_called_settled
     let rationale = verdict["rationale"].as_str().unwrap();
     assert!(!rationale.contains("settled"), "{rationale}");
     assert!(rationale.contains("likely violation") && rationale.contains("to a person"), "{rationale}");
-    names_model(&verdict, &reviewed_meta, &reviewed);
+    names_model(&verdict, reviewed_meta, &reviewed);
 
     // The same under a policy that lets triage act: settled by triage, and by which model.
     let verdict = decide("buy cheap followers now", "promo-acted").await;
     assert_eq!((verdict["stage"].as_str(), verdict["outcome"].as_str()), (Some("triage"), Some("violation")));
     assert_eq!(verdict["rationale"], "settled by triage (ConfidentViolation)");
-    names_model(&verdict, &acted_meta, &acted);
+    names_model(&verdict, acted_meta, &acted);
 
     // A deny rule decides without the classifier: no model is named, and the rationale says a rule matched.
     let verdict = decide("FREE BITCOIN here", "promo-reviewed").await;
@@ -161,7 +74,7 @@ async fn stored_decisions_name_the_triage_model_and_review_is_not_called_settled
     assert_eq!((verdict["stage"].as_str(), verdict["triage"].get("model")), (Some("triage"), None), "{verdict}");
 
     // Retrained with another threshold: once the server has picked it up, decisions name the new artifact.
-    let retrained = write_pinned_triage(&triage_dir, &acted, 0.9, Some(0.85));
+    let retrained = write_pinned_triage(&h.triage_dir(), &acted, 0.9, Some(0.85));
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let verdict = decide("buy cheap followers now", "promo-acted").await;
@@ -171,11 +84,11 @@ async fn stored_decisions_name_the_triage_model_and_review_is_not_called_settled
             names_model(&verdict, &retrained, &acted);
             break;
         }
-        names_model(&verdict, &acted_meta, &acted);
+        names_model(&verdict, acted_meta, &acted);
         assert!(Instant::now() < deadline, "the retrained model was never picked up: {verdict}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    assert_eq!(reasoner.calls.load(Ordering::SeqCst), 0, "triage alone routed every item");
-    server.shutdown().await.unwrap();
+    assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), 0, "triage alone routed every item");
+    h.server.shutdown().await.unwrap();
 }

@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -18,7 +19,7 @@ use serde_json::{Value, json};
 #[path = "triage.rs"]
 mod triage_support;
 
-use triage_support::write_pinned_triage;
+pub use triage_support::write_pinned_triage;
 
 pub const ADMIN: &str = "cascade-admin";
 
@@ -79,6 +80,23 @@ impl Reasoner for Scripted {
     }
 }
 
+/// The harness's promotion policy, with what triage may do with a confident violation.
+pub fn policy_with(name: &str, on_violation: &str) -> String {
+    policy_text(name, &format!("Promotion Policy, {name}")).replacen(
+        "triage:\n",
+        &format!("triage:\n  on_violation: {on_violation}\n"),
+        1,
+    )
+}
+
+/// A policy the harness stores, its triage model pinned so that every text scores `probability` (a confident
+/// violation at or above `violate_above`; `None`: never).
+pub struct Pinned {
+    pub text: String,
+    pub probability: f64,
+    pub violate_above: Option<f32>,
+}
+
 pub struct Harness {
     pub server: RunningServer,
     pub base: String,
@@ -93,14 +111,29 @@ impl Harness {
     }
 
     pub async fn start_with(adjust: impl FnOnce(&mut ServerConfig)) -> Harness {
+        let policies = vec![
+            Pinned { text: policy_text("promo-sure", "Promotion Policy, sure"), probability: 0.9, violate_above: None },
+            Pinned {
+                text: policy_text("promo-near", "Promotion Policy, near"),
+                probability: 0.55,
+                violate_above: None,
+            },
+        ];
+        Self::start_pinned(policies, adjust).await.0
+    }
+
+    /// A server with these policies stored, each with its pinned triage model; with what each model's
+    /// `model.json` says, in order.
+    pub async fn start_pinned(policies: Vec<Pinned>, adjust: impl FnOnce(&mut ServerConfig)) -> (Harness, Vec<Value>) {
         let dir = tempfile::tempdir().unwrap();
         let triage_dir = dir.path().join("triage");
-        let texts =
-            [policy_text("promo-sure", "Promotion Policy, sure"), policy_text("promo-near", "Promotion Policy, near")];
-        let sure = Policy::parse(&texts[0]).unwrap();
-        let near = Policy::parse(&texts[1]).unwrap();
-        write_pinned_triage(&triage_dir, &sure, 0.9, None);
-        write_pinned_triage(&triage_dir, &near, 0.55, None);
+        let metas: Vec<Value> = policies
+            .iter()
+            .map(|pinned| {
+                let policy = Policy::parse(&pinned.text).unwrap();
+                write_pinned_triage(&triage_dir, &policy, pinned.probability, pinned.violate_above)
+            })
+            .collect();
         let store = Store::open_sqlite(&dir.path().join("db.sqlite")).await.unwrap();
         let config = ServerConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
@@ -121,11 +154,16 @@ impl Harness {
             reasoner,
             _dir: dir,
         };
-        for text in &texts {
-            let (status, body) = h.call("POST", "/v1/policies", Some(json!({"text": text}))).await;
+        for pinned in &policies {
+            let (status, body) = h.call("POST", "/v1/policies", Some(json!({"text": pinned.text}))).await;
             assert!(status == 200 || status == 201, "{body}");
         }
-        h
+        (h, metas)
+    }
+
+    /// Where the server reads its triage models (hot-reloaded): a test retrains into it.
+    pub fn triage_dir(&self) -> PathBuf {
+        self._dir.path().join("triage")
     }
 
     pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
