@@ -254,7 +254,7 @@ pub(crate) async fn get_one(
     }
     // What triage scored, so the page can mark its evidence where it was found; `None` for content this build
     // cannot read (there is then nothing the stored offsets could point into).
-    let content = serde_json::from_value::<safeguard_harmony::Content>(decision.content.clone()).ok();
+    let content = stored_content(&decision.content);
     let judged_text = content.as_ref().map(safeguard_harmony::judged_text);
     let mut value = review_json(&review, None);
     if let Some(object) = value.as_object_mut() {
@@ -262,7 +262,7 @@ pub(crate) async fn get_one(
             "decision".into(),
             json!({
                 "id": decision.id, "outcome": decision.outcome, "content": decision.content,
-                "text": content_text(&decision.content),
+                "text": shown_text(content.as_ref(), &decision.content),
                 "verdicts": verdicts_for_review(&decision.verdicts, judged_text),
                 "judged_text": judged_text,
                 "model": decision.model_id, "effort": decision.effort, "created_at": decision.created_at,
@@ -704,9 +704,18 @@ pub(crate) async fn page() -> impl axum::response::IntoResponse {
 }
 
 fn content_text(content: &Value) -> String {
-    serde_json::from_value::<safeguard_harmony::Content>(content.clone())
-        .map(|c| safeguard_harmony::user_message_text(&c))
-        .unwrap_or_else(|_| content.to_string())
+    shown_text(stored_content(content).as_ref(), content)
+}
+
+/// Stored content as this build reads it; `None` for content it cannot.
+fn stored_content(content: &Value) -> Option<safeguard_harmony::Content> {
+    serde_json::from_value(content.clone()).ok()
+}
+
+/// What a reviewer reads of the content: the user message the model saw, or the stored JSON where this build
+/// cannot read it.
+fn shown_text(parsed: Option<&safeguard_harmony::Content>, raw: &Value) -> String {
+    parsed.map_or_else(|| raw.to_string(), safeguard_harmony::user_message_text)
 }
 
 fn excerpt(text: &str, chars: usize) -> String {
