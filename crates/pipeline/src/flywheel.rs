@@ -64,6 +64,10 @@ pub struct CorrectedLabel {
     /// under the same policy version is another model, with its own error rate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub triage_model: Option<String>,
+    /// When that triage model was trained (RFC 3339): a model recalibrated from the same weights has the same
+    /// sha256 and other thresholds, so its own error rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub triage_model_created: Option<String>,
 }
 
 /// A person's decision on one policy of an item: an approval of the model's verdict or an override.

@@ -431,27 +431,38 @@ fn export_reads_the_services_postgres_schema() {
 
 /// Triage settled 30 items alone under one model: 20 allows, of which people found 2 violating, and 10 violations
 /// by its deny rule, of which people allowed 1. Only reviews drawn as an audit count: a disagreement sample of an
-/// item triage settled is not a uniform draw, and would bias the rate.
+/// item triage settled is not a uniform draw, and would bias the rate. The same weights recalibrated later are
+/// another model. An audit its item's appeal superseded counts with the appeal's answer, once someone gives it.
 #[test]
 fn triage_audit_reports_what_people_found_among_triage_settled_items() {
+    const FIRST: &str = "2026-11-01T09:00:00Z";
+    const RECALIBRATED: &str = "2026-11-20T09:00:00Z";
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("decisions.db");
     let settled = |id: &str, outcome: &str, model: Option<&str>| {
         let mut record = decision(id, now_ms(), &format!("item {id}"), outcome);
         record.effort = "none".into();
         record.source = "cascade:triage".into();
-        let triage = json!({"band": "confident_benign", "calibrated_probability": 0.01,
-                            "model": model.map(|sha| json!({"weights_sha256": sha}))});
+        let model = model.map(|created| json!({"weights_sha256": "a1b2c3d4e5f6a7b8", "created": created}));
+        let triage = json!({"band": "confident_benign", "calibrated_probability": 0.01, "model": model});
         record.verdicts = json!([{"policy": "threats", "policy_hash": "sha256:threatsv1", "outcome": outcome,
                                   "violation": outcome == "violation", "rule_ids": [], "flags": [],
                                   "stage": "triage", "triage": triage}]);
         record
     };
+    let answer = |person: &str, model_said: &str| ReviewDecision {
+        reviewer: "ana".into(),
+        outcome: person.into(),
+        rationale: "checked".into(),
+        rule_id: "T1".into(),
+        policy_hash: Some("sha256:threatsv1".into()),
+        overrides_model: Some(person != model_said),
+    };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let store = Store::open_sqlite(&db).await.unwrap();
-        let review = |id: String, kind: &'static str, triage_said: &'static str, person: &'static str| {
-            let model = (triage_said == "allow").then_some("a1b2c3d4e5f6a7b8");
+        let queue = |id: String, kind: &'static str, triage_said: &'static str, created: &'static str| {
+            let model = (triage_said == "allow").then_some(created);
             let record = settled(&id, triage_said, model);
             let store = &store;
             async move {
@@ -462,19 +473,14 @@ fn triage_audit_reports_what_people_found_among_triage_settled_items() {
                     priority: 0,
                     reason: Some("active learning".into()),
                     sla_ms: None,
-                    policy_hash: None,
-                };
-                let review = store.queue_review(&queued).await.unwrap().review;
-                let verdict = ReviewDecision {
-                    reviewer: "ana".into(),
-                    outcome: person.into(),
-                    rationale: "checked".into(),
-                    rule_id: "T1".into(),
                     policy_hash: Some("sha256:threatsv1".into()),
-                    overrides_model: Some(person != triage_said),
                 };
-                store.decide_review(&review.id, &verdict).await.unwrap().expect("decided");
+                store.queue_review(&queued).await.unwrap().review
             }
+        };
+        let review = async |id: String, kind: &'static str, triage_said: &'static str, person: &'static str| {
+            let review = queue(id, kind, triage_said, FIRST).await;
+            store.decide_review(&review.id, &answer(person, triage_said)).await.unwrap().expect("decided");
         };
         for i in 0..20 {
             review(format!("allowed-{i}"), "audit", "allow", if i < 2 { "violation" } else { "allow" }).await;
@@ -484,28 +490,67 @@ fn triage_audit_reports_what_people_found_among_triage_settled_items() {
         }
         // Not drawn at random: left out, though it overturns triage.
         review("sampled".into(), "sample", "allow", "violation").await;
+        for i in 0..4 {
+            let id = format!("recalibrated-{i}");
+            let audit = queue(id, "audit", "allow", RECALIBRATED).await;
+            let person = if i < 1 { "violation" } else { "allow" };
+            store.decide_review(&audit.id, &answer(person, "allow")).await.unwrap().expect("decided");
+        }
+        // Two items triage denied were drawn for audit, then appealed before anyone looked at them: the appeal
+        // supersedes each audit. A person allows the first on appeal; the second's appeal waits.
+        for (i, person) in [(0, Some("allow")), (1, None)] {
+            let id = format!("appealed-{i}");
+            let audit = queue(id.clone(), "audit", "violation", FIRST).await;
+            let mut appeal = decision(&format!("appeal-of-{i}"), now_ms(), &format!("item {id}"), "violation");
+            appeal.effort = "high".into();
+            appeal.source = "appeal".into();
+            appeal.replay_of = Some(id.clone());
+            let appeal_review = NewReview {
+                decision_id: appeal.id.clone(),
+                kind: "appeal".into(),
+                priority: 10,
+                reason: Some(format!("appeal of {id}")),
+                sla_ms: None,
+                policy_hash: None,
+            };
+            let queued = store.insert_appeal(&appeal, None, &appeal_review).await.unwrap();
+            let superseded = store.get_review(&audit.id).await.unwrap().unwrap();
+            assert_eq!(superseded.status, "superseded");
+            if let Some(person) = person {
+                let decided = store.decide_review(&queued.review.id, &answer(person, "violation")).await.unwrap();
+                assert!(decided.is_some());
+            }
+        }
         store.close().await;
     });
     let url = format!("sqlite://{}", db.display());
     let output = safeguard(&["triage", "audit", "--database", &url, "--format", "json"]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("1 audited items whose appeal no one has answered"), "{stderr}");
     let rows: Value = serde_json::from_slice(&output.stdout).unwrap();
     let rows = rows.as_array().unwrap();
-    assert_eq!(rows.len(), 2, "{rows:?}");
-    let row = |said: &str| rows.iter().find(|r| r["triage_said"] == said).unwrap();
-    let allows = row("allow");
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    let row = |said: &str, created: Value| {
+        rows.iter().find(|r| r["triage_said"] == said && r["triage_model_created"] == created).unwrap()
+    };
+    let allows = row("allow", json!(FIRST));
     assert_eq!((allows["audited"].as_u64(), allows["overturned"].as_u64()), (Some(20), Some(2)), "{allows}");
     assert_eq!(allows["triage_model"], "a1b2c3d4e5f6a7b8");
     assert_eq!(allows["error_rate"].as_f64(), Some(0.1));
     let interval: Vec<f64> = allows["interval"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     assert!(interval[0] > 0.02 && interval[0] < 0.04 && interval[1] > 0.29 && interval[1] < 0.32, "{interval:?}");
-    let denies = row("violation");
-    assert_eq!((denies["audited"].as_u64(), denies["overturned"].as_u64()), (Some(10), Some(1)), "{denies}");
+    let recalibrated = row("allow", json!(RECALIBRATED));
+    assert_eq!((recalibrated["audited"].as_u64(), recalibrated["overturned"].as_u64()), (Some(4), Some(1)));
+    assert_eq!(recalibrated["triage_model"], "a1b2c3d4e5f6a7b8");
+    let denies = row("violation", Value::Null);
+    assert_eq!((denies["audited"].as_u64(), denies["overturned"].as_u64()), (Some(11), Some(2)), "{denies}");
+    assert_eq!(denies["answered_on_appeal"].as_u64(), Some(1), "{denies}");
     assert_eq!(denies["triage_model"], Value::Null, "settled by the deny rule, no model");
 
     let output = safeguard(&["triage", "audit", "--database", &url]);
     let table = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success() && table.contains("a1b2c3d4e5f6") && table.contains("10.0%"), "{table}");
+    assert!(output.status.success() && table.contains("a1b2c3d4e5f6 2026-11-20") && table.contains("10.0%"), "{table}");
     let output = safeguard(&["triage", "audit", "--database", &url, "--policy", "other", "--format", "json"]);
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "[]");
 }

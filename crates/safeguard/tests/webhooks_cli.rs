@@ -108,6 +108,23 @@ fn key_and_webhook_commands_name_their_database_and_do_not_invent_one() {
         assert!(!output.status.success() && stderr.contains("no database at"), "{args:?}: {stderr}");
     }
     assert!(!dir.path().join("data").exists(), "nothing made by a command that only reads");
+    // Named by URL: a mistyped SQLite file, or a PostgreSQL schema no server ever used, is refused the same way.
+    let typo = format!("sqlite://{}", dir.path().join("typo.db").display());
+    let pg = std::env::var("SAFEGUARD_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string());
+    let schema = format!("sgnosuch_{}", std::process::id());
+    for (url, schema) in [(typo.as_str(), None), (pg.as_str(), Some(schema.as_str()))] {
+        let mut args = vec!["triage", "audit", "--database", url];
+        args.extend(schema.iter().flat_map(|schema| ["--database-schema", schema]));
+        let output = safeguard(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if schema.is_some() && stderr.contains("cannot open the database") {
+            eprintln!("SKIPPING the PostgreSQL case: {stderr}");
+            continue;
+        }
+        assert!(!output.status.success() && stderr.contains("no database at"), "{args:?}: {stderr}");
+    }
+    assert!(!dir.path().join("typo.db").exists(), "no file made for a mistyped URL");
 
     let created = safeguard(&["keys", "create", "--scope", "classify", "--name", "ops", "--data-dir", data]);
     let stderr = String::from_utf8_lossy(&created.stderr);

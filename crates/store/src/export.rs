@@ -52,6 +52,26 @@ impl ExportRange {
     }
 }
 
+/// A review counts as of `since` when it was decided then or later, or its decision was made then or later.
+const SINCE: &str = "(decided_at >= $1 OR EXISTS (SELECT 1 FROM decisions d \
+                     WHERE d.id = reviews.decision_id AND d.created_at >= $1))";
+
+/// Which audits of triage [`Store::audits_page`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditState {
+    /// A person answered the audit.
+    Decided,
+    /// An appeal of the audited decision came first and superseded it: the appeal's answer stands for it.
+    Superseded,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum ReviewSet {
+    Decided,
+    DecidedAudits,
+    SupersededAudits,
+}
+
 impl Store {
     /// Decided reviews with the decision each judged, in the order people decided them (`decided_at`, then id,
     /// which breaks ties within a millisecond the same way in every read; a decided review without a
@@ -64,15 +84,50 @@ impl Store {
         range: &ExportRange,
         after: Option<&ExportCursor>,
     ) -> Result<ExportPage<(ReviewRecord, DecisionRecord)>> {
+        self.reviews_page(ReviewSet::Decided, range, after).await
+    }
+
+    /// Audits of triage (reviews of kind `audit`) in the order of their `decided_at`, with the decision each is
+    /// of: those a person answered ([`AuditState::Decided`], bounded by `range` as
+    /// [`decided_reviews_page`](Self::decided_reviews_page) bounds its reviews), or those an appeal of their
+    /// decision superseded before anyone answered ([`AuditState::Superseded`], ordered by when that happened;
+    /// `range.since` is not applied to them, since the appeal's answer, which is what counts, may come later).
+    /// Reads only audits, through the same index as the export.
+    #[tracing::instrument(skip(self))]
+    pub async fn audits_page(
+        &self,
+        state: AuditState,
+        range: &ExportRange,
+        after: Option<&ExportCursor>,
+    ) -> Result<ExportPage<(ReviewRecord, DecisionRecord)>> {
+        let set = match state {
+            AuditState::Decided => ReviewSet::DecidedAudits,
+            AuditState::Superseded => ReviewSet::SupersededAudits,
+        };
+        self.reviews_page(set, range, after).await
+    }
+
+    async fn reviews_page(
+        &self,
+        set: ReviewSet,
+        range: &ExportRange,
+        after: Option<&ExportCursor>,
+    ) -> Result<ExportPage<(ReviewRecord, DecisionRecord)>> {
+        // Fixed strings of this file, never input. Superseded audits take `since` without applying it: every page
+        // query binds the same parameters.
+        let (status, kind, since) = match set {
+            ReviewSet::Decided => ("decided", "", SINCE),
+            ReviewSet::DecidedAudits => ("decided", "AND kind = 'audit'", SINCE),
+            ReviewSet::SupersededAudits => ("superseded", "AND kind = 'audit'", "$1 = $1"),
+        };
         let rows = self
             .page_rows(
                 sql!(
-                    "SELECT {REVIEW_COLUMNS} FROM reviews WHERE status = 'decided' \
+                    "SELECT {REVIEW_COLUMNS} FROM reviews WHERE status = '{status}' {kind} \
                AND decided_at >= $2 AND decided_at <= $4 \
                AND (decided_at > $2 OR (decided_at = $2 AND id > $3)) \
                AND (decided_at < $4 OR (decided_at = $4 AND id <= $5)) \
-               AND (decided_at >= $1 OR EXISTS (SELECT 1 FROM decisions d \
-                                                WHERE d.id = reviews.decision_id AND d.created_at >= $1)) \
+               AND {since} \
              ORDER BY decided_at, id LIMIT $6"
                 ),
                 range,

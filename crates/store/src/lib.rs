@@ -41,7 +41,7 @@ use sqlx::{AnyPool, Executor, Row};
 use sqlite_commit::SqliteWriter;
 
 pub use decisions::{DecisionFilter, DecisionRecord, DecisionToStore};
-pub use export::{ExportCursor, ExportPage, ExportRange};
+pub use export::{AuditState, ExportCursor, ExportPage, ExportRange};
 pub use group_commit::{GroupCommit, GroupCommitStats};
 pub use jobs::{JobRecord, JobStatus, NewJob, QueueDepth, scoped_idempotency_key};
 pub use keys::{ApiKeyRecord, KeyInstall, hash_api_key};
@@ -538,6 +538,29 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// schema missing both insert it into `pg_namespace`, and the second fails on the unique index. Taking the
 /// migrations' lock first makes the second find it. One connection of its own, so that the statement runs in
 /// the session that holds the lock.
+/// Whether a store was ever made at `url` (in `schema`, on PostgreSQL): its SQLite file exists, or its PostgreSQL
+/// schema holds the migration table. Opening creates what is missing, which a command that only reads or changes
+/// what a server stored must not do: a mistyped path or schema would read as an empty store, with all well.
+pub async fn store_exists(url: &str, schema: Option<&str>) -> Result<bool> {
+    install_default_drivers();
+    if url.starts_with("sqlite:") {
+        return Ok(sqlite_file(url)?.is_none_or(|path| path.exists()));
+    }
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(StoreError::UnsupportedUrl(redact_url(url)));
+    }
+    let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(url).await?;
+    let found = sqlx::query(
+        "SELECT 1 FROM information_schema.tables WHERE table_name = 'safeguard_migrations' \
+         AND table_schema = COALESCE(CAST($1 AS TEXT), current_schema())",
+    )
+    .bind(schema)
+    .fetch_optional(&mut conn)
+    .await;
+    sqlx::Connection::close(conn).await?;
+    Ok(found?.is_some())
+}
+
 async fn create_schema(url: &str, schema: &str) -> Result<()> {
     let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(url).await?;
     let created = async {

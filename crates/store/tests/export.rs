@@ -3,7 +3,8 @@
 mod common;
 
 use safeguard_store::{
-    DecisionRecord, ExportCursor, ExportPage, ExportRange, ReviewDecision, ReviewRecord, Store, StoreError,
+    AuditState, DecisionRecord, ExportCursor, ExportPage, ExportRange, NewReview, ReviewDecision, ReviewRecord, Store,
+    StoreError,
 };
 
 /// Every page of one export read, until the store says it was the last; and where the read ended.
@@ -79,6 +80,66 @@ async fn decided_reviews_come_with_their_decisions_and_respect_since() {
         let ids: Vec<String> = decisions(&store, &since(2_000)).await.into_iter().map(|d| d.id).collect();
         assert_eq!(ids, ["b", "c"], "{label}");
 
+        common::clean_up((store, label, _dir, pg)).await;
+    }
+}
+
+/// `triage audit` reads audits only: those a person answered, bounded by `since` as the export's reviews are,
+/// and those an appeal of their item superseded, whatever `since` says (the appeal's answer may be newer).
+#[tokio::test]
+async fn audits_are_read_apart_from_other_reviews() {
+    for (store, label, _dir, pg) in common::stores("export").await {
+        for (id, at) in [("sampled", 1_000), ("answered", 2_000), ("waiting", 3_000), ("appealed", 4_000)] {
+            store.insert_decision(&common::decision(id, at), None).await.unwrap();
+        }
+        let queue = async |decision: &str, kind: &str| {
+            let review = NewReview {
+                decision_id: decision.into(),
+                kind: kind.into(),
+                priority: 0,
+                reason: None,
+                sla_ms: None,
+                policy_hash: Some("sha256:spam".into()),
+            };
+            store.queue_review(&review).await.unwrap().review.id
+        };
+        let answer = ReviewDecision {
+            reviewer: "ana".into(),
+            outcome: "allow".into(),
+            rationale: "checked".into(),
+            rule_id: "SP1".into(),
+            policy_hash: Some("sha256:spam".into()),
+            overrides_model: Some(false),
+        };
+        for (decision, kind) in [("sampled", "sample"), ("answered", "audit")] {
+            let id = queue(decision, kind).await;
+            assert!(store.decide_review(&id, &answer).await.unwrap().is_some(), "{label}");
+        }
+        queue("waiting", "audit").await;
+        let superseded = queue("appealed", "audit").await;
+        let mut appeal = common::decision("appeal", 5_000);
+        appeal.source = "appeal".into();
+        appeal.replay_of = Some("appealed".into());
+        let appeal_review = NewReview {
+            decision_id: "appeal".into(),
+            kind: "appeal".into(),
+            priority: 10,
+            reason: None,
+            sla_ms: None,
+            policy_hash: None,
+        };
+        store.insert_appeal(&appeal, None, &appeal_review).await.unwrap();
+
+        let read = async |state: AuditState, range: &ExportRange| -> Vec<(String, String)> {
+            let (rows, _) = read_all(range, async |range, after| store.audits_page(state, range, after).await).await;
+            rows.into_iter().map(|(review, decision)| (review.id, decision.id)).collect()
+        };
+        let decided = read(AuditState::Decided, &ExportRange::default()).await;
+        assert_eq!(decided.iter().map(|(_, d)| d.as_str()).collect::<Vec<_>>(), ["answered"], "{label}");
+        let later = since(safeguard_store::now_ms() + 3_600_000);
+        assert!(read(AuditState::Decided, &later).await.is_empty(), "{label}");
+        let appealed = read(AuditState::Superseded, &later).await;
+        assert_eq!(appealed, [(superseded, "appealed".to_string())], "{label}");
         common::clean_up((store, label, _dir, pg)).await;
     }
 }

@@ -83,7 +83,7 @@ pub(super) fn parse_since(text: &str) -> anyhow::Result<i64> {
 pub(super) struct Skipped(BTreeMap<&'static str, usize>);
 
 impl Skipped {
-    fn add(&mut self, why: &'static str) {
+    pub(super) fn add(&mut self, why: &'static str) {
         *self.0.entry(why).or_default() += 1;
     }
 
@@ -157,13 +157,15 @@ pub(super) fn corrected_label(decision: &DecisionRecord, policy_hash: &str) -> O
     // an item the cascade handed to a person, what the model had said before it did.
     let violates = verdict["violation"].as_bool().map(u8::from);
     let effort = stage.effort();
-    let triage_model = verdict["triage"]["model"]["weights_sha256"].as_str().filter(|_| stage == Stage::Triage);
+    let triage_model = Some(&verdict["triage"]["model"]).filter(|_| stage == Stage::Triage);
+    let triage_field = |name: &str| triage_model.and_then(|model| model[name].as_str()).map(str::to_string);
     Some(CorrectedLabel {
         stage,
         violates,
         model: effort.map(|_| decision.model_id.clone()),
         effort: effort.map(|effort| effort.to_string()),
-        triage_model: triage_model.map(str::to_string),
+        triage_model: triage_field("weights_sha256"),
+        triage_model_created: triage_field("created"),
     })
 }
 

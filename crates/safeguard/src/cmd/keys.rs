@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use safeguard_server::SCOPES;
 
 #[derive(clap::Args)]
@@ -31,17 +31,21 @@ impl StoreArgs {
     }
 
     /// [`open_or_create`](Self::open_or_create) for a store that must exist already: listing or changing what a
-    /// server stored in a database made just now (another directory, a mistyped --data-dir) would find nothing
-    /// and say so as if all were well.
+    /// server stored in a database made just now (another directory, a mistyped --data-dir, --database or
+    /// --database-schema) would find nothing and say so as if all were well.
     pub(super) async fn open(&self) -> anyhow::Result<safeguard_store::Store> {
-        if self.database.is_none() {
-            let path = self.sqlite_path();
-            if !path.exists() {
-                bail!(
-                    "no database at {}: give the --data-dir (or --database) the server was started with",
-                    path.display()
-                );
-            }
+        let missing = match &self.database {
+            None => !self.sqlite_path().exists(),
+            Some(url) => !safeguard_store::store_exists(url, self.database_schema.as_deref())
+                .await
+                .with_context(|| format!("cannot open the database {}", self.shown()))?,
+        };
+        if missing {
+            let schema = self.database_schema.as_ref().map(|s| format!(" (schema {s})")).unwrap_or_default();
+            bail!(
+                "no database at {}{schema}: give the --data-dir (or --database) the server was started with",
+                self.shown()
+            );
         }
         self.open_or_create().await
     }

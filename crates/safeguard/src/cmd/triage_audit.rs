@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use safeguard_pipeline::cascade::Stage;
-use safeguard_store::{ExportCursor, ExportRange, Store};
+use safeguard_store::{AuditState, DecisionRecord, ExportCursor, ExportRange, ReviewRecord, Store};
 use serde::Serialize;
 
 use super::classify::runtime;
@@ -38,17 +38,35 @@ struct AuditRow {
     policy_hash: String,
     /// The weights sha256 of the triage model; `None` where rules alone settled the items.
     triage_model: Option<String>,
+    /// When that model was trained: one set of weights recalibrated is another model, with other thresholds.
+    triage_model_created: Option<String>,
     /// What triage had said: "allow" or "violation".
     triage_said: &'static str,
     audited: u64,
     /// How many of them people decided the other way.
     overturned: u64,
+    /// How many of the audited items were answered on appeal: the user appealed before the audit was reviewed,
+    /// and the person who decided the appeal judged the same item under the same policy version.
+    answered_on_appeal: u64,
     /// `overturned / audited`, with its 95 % Wilson interval (honest at small counts and at zero).
     error_rate: f64,
     interval: [f64; 2],
 }
 
-type Key = (String, String, Option<String>, &'static str);
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Key {
+    policy: String,
+    policy_hash: String,
+    triage_model: Option<(String, Option<String>)>,
+    triage_said: &'static str,
+}
+
+#[derive(Debug, Default)]
+struct Count {
+    audited: u64,
+    overturned: u64,
+    answered_on_appeal: u64,
+}
 
 pub fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
     let since = args.since.as_deref().map(parse_since).transpose()?;
@@ -68,31 +86,73 @@ pub fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Reads the decided reviews a page at a time and counts the audits among them.
+/// Reads the audits a page at a time, only those, and counts what people answered. An audit a user's appeal
+/// superseded counts with the appeal's answer: the item was drawn uniformly before anyone appealed it, and
+/// leaving it out would hide exactly the triage violations users disputed, the likeliest to be wrong.
 async fn tally(store: &Store, since: Option<i64>, policy: Option<&str>) -> anyhow::Result<Vec<AuditRow>> {
-    let range = ExportRange { since, through: None };
-    let mut counts: BTreeMap<Key, (u64, u64)> = BTreeMap::new();
+    let mut counts: BTreeMap<Key, Count> = BTreeMap::new();
     let mut skipped = Skipped::default();
+    let mut tally_answer = |audit: &ReviewRecord, answer: &ReviewRecord, decision: &DecisionRecord| {
+        // The text is not needed to count; the policies the person's answer applies to are.
+        let audited = corrections(answer, decision, "", &mut skipped)
+            .into_iter()
+            .find(|correction| audit.policy_hash.as_ref().is_none_or(|hash| *hash == correction.policy_hash));
+        let Some(correction) = audited else {
+            skipped.add("the appeal's answer is about another policy than the audited one");
+            return;
+        };
+        let Some(corrected) = correction.corrects.filter(|c| c.stage == Stage::Triage) else { return };
+        let triage_said = match corrected.violates {
+            Some(1) => "violation",
+            Some(_) => "allow",
+            None => return,
+        };
+        if policy.is_some_and(|name| name != correction.policy) {
+            return;
+        }
+        let key = Key {
+            policy: correction.policy,
+            policy_hash: correction.policy_hash,
+            triage_model: corrected.triage_model.map(|sha| (sha, corrected.triage_model_created)),
+            triage_said,
+        };
+        let count = counts.entry(key).or_default();
+        count.audited += 1;
+        count.overturned += u64::from(correction.violates != (triage_said == "violation"));
+        count.answered_on_appeal += u64::from(answer.id != audit.id);
+    };
+
+    let range = ExportRange { since, through: None };
     let mut after: Option<ExportCursor> = None;
     loop {
-        let page = store.decided_reviews_page(&range, after.as_ref()).await.context("reading decided reviews")?;
-        for (review, decision) in page.rows.iter().filter(|(review, _)| review.kind == "audit") {
-            // The text is not needed to count; the policies the person's answer applies to are.
-            for correction in corrections(review, decision, "", &mut skipped) {
-                let Some(corrected) = correction.corrects.filter(|c| c.stage == Stage::Triage) else { continue };
-                let triage_said = match corrected.violates {
-                    Some(1) => "violation",
-                    Some(_) => "allow",
-                    None => continue,
-                };
-                if policy.is_some_and(|name| name != correction.policy) {
-                    continue;
-                }
-                let key = (correction.policy, correction.policy_hash, corrected.triage_model, triage_said);
-                let (audited, overturned) = counts.entry(key).or_default();
-                *audited += 1;
-                *overturned += u64::from(correction.violates != (triage_said == "violation"));
+        let page = store.audits_page(AuditState::Decided, &range, after.as_ref()).await.context("reading audits")?;
+        for (audit, decision) in &page.rows {
+            tally_answer(audit, audit, decision);
+        }
+        if page.last || page.end.is_none() {
+            break;
+        }
+        after = page.end;
+    }
+
+    let mut awaiting_appeal = 0;
+    let mut after: Option<ExportCursor> = None;
+    loop {
+        let page = store
+            .audits_page(AuditState::Superseded, &ExportRange::default(), after.as_ref())
+            .await
+            .context("reading audits superseded by appeals")?;
+        for (audit, decision) in &page.rows {
+            let appeal = store.appeal_of(&decision.id).await.context("reading an audited item's appeal")?;
+            let Some(appeal) = appeal.filter(|appeal| appeal.status == "decided") else {
+                awaiting_appeal += 1;
+                continue;
+            };
+            let answered = appeal.decided_at.unwrap_or(i64::MIN);
+            if since.is_some_and(|since| answered < since && decision.created_at < since) {
+                continue;
             }
+            tally_answer(audit, &appeal, decision);
         }
         if page.last || page.end.is_none() {
             break;
@@ -100,17 +160,22 @@ async fn tally(store: &Store, since: Option<i64>, policy: Option<&str>) -> anyho
         after = page.end;
     }
     skipped.report();
+    if awaiting_appeal > 0 {
+        eprintln!("  not counted yet: {awaiting_appeal} audited items whose appeal no one has answered");
+    }
     Ok(counts
         .into_iter()
-        .map(|((policy, policy_hash, triage_model, triage_said), (audited, overturned))| AuditRow {
-            error_rate: overturned as f64 / audited as f64,
-            interval: wilson_interval(overturned, audited),
-            policy,
-            policy_hash,
-            triage_model,
-            triage_said,
-            audited,
-            overturned,
+        .map(|(key, count)| AuditRow {
+            error_rate: count.overturned as f64 / count.audited as f64,
+            interval: wilson_interval(count.overturned, count.audited),
+            policy: key.policy,
+            policy_hash: key.policy_hash,
+            triage_model_created: key.triage_model.as_ref().and_then(|(_, created)| created.clone()),
+            triage_model: key.triage_model.map(|(sha, _)| sha),
+            triage_said: key.triage_said,
+            audited: count.audited,
+            overturned: count.overturned,
+            answered_on_appeal: count.answered_on_appeal,
         })
         .collect())
 }
@@ -132,19 +197,27 @@ fn wilson_interval(k: u64, n: u64) -> [f64; 2] {
 
 fn print_table(rows: &[AuditRow]) {
     println!(
-        "{:<20} {:<14} {:<14} {:<10} {:>8} {:>11} {:>8}  95% interval",
-        "policy", "version", "triage model", "triage", "audited", "overturned", "rate"
+        "{:<20} {:<14} {:<24} {:<10} {:>8} {:>11} {:>10} {:>8}  95% interval",
+        "policy", "version", "triage model (trained)", "triage", "audited", "overturned", "on appeal", "rate"
     );
     for row in rows {
         let short = |text: &str| text.trim_start_matches("sha256:").chars().take(12).collect::<String>();
+        let model = match (&row.triage_model, &row.triage_model_created) {
+            (None, _) => "rules".to_string(),
+            (Some(sha), created) => {
+                let day = created.as_deref().map_or("", |created| created.get(..10).unwrap_or(created));
+                format!("{} {day}", short(sha))
+            }
+        };
         println!(
-            "{:<20} {:<14} {:<14} {:<10} {:>8} {:>11} {:>7.1}%  {:.1}%–{:.1}%",
+            "{:<20} {:<14} {:<24} {:<10} {:>8} {:>11} {:>10} {:>7.1}%  {:.1}%–{:.1}%",
             row.policy,
             short(&row.policy_hash),
-            row.triage_model.as_deref().map_or_else(|| "rules".to_string(), short),
+            model,
             row.triage_said,
             row.audited,
             row.overturned,
+            row.answered_on_appeal,
             row.error_rate * 100.0,
             row.interval[0] * 100.0,
             row.interval[1] * 100.0,
