@@ -152,6 +152,56 @@ impl Budgets {
         let failed_cost = failed.saturating_mul(self.completion_cap(decision.effort, max_tokens));
         self.charge(decision.usage.billed_tokens().saturating_add(failed_cost));
     }
+
+    /// A reasoning step about to run, paid for by [`UnpaidStep::pay`], or at `worst_case` tokens if it is dropped
+    /// first.
+    pub fn step(&self, worst_case: usize) -> UnpaidStep {
+        UnpaidStep { budgets: self.clone(), worst_case, paid: false }
+    }
+
+    /// [`step`](Self::step) for `prompts` prompts at `effort`: each at its completion cap at worst.
+    pub fn step_of(&self, prompts: usize, effort: Effort, max_tokens: Option<usize>) -> UnpaidStep {
+        self.step(prompts.saturating_mul(self.completion_cap(effort, max_tokens)))
+    }
+}
+
+/// A reasoning step admitted and not paid for yet. A client that hangs up drops its request's future, step and
+/// all, while the engine may go on decoding: dropped unpaid, the step pays its worst case, or hanging up would be
+/// a way around the token budget. Paid once: a second payment is ignored.
+#[must_use = "an unpaid step pays its worst case when dropped"]
+pub struct UnpaidStep {
+    budgets: Budgets,
+    worst_case: usize,
+    paid: bool,
+}
+
+impl UnpaidStep {
+    /// Pays what `decision` spent ([`Budgets::charge_decision`]).
+    pub fn pay(&mut self, decision: &Decision, max_tokens: Option<usize>) {
+        self.pay_all(std::slice::from_ref(decision), max_tokens);
+    }
+
+    /// Pays what each of `decisions` spent.
+    pub fn pay_all(&mut self, decisions: &[Decision], max_tokens: Option<usize>) {
+        if !std::mem::replace(&mut self.paid, true) {
+            decisions.iter().for_each(|decision| self.budgets.charge_decision(decision, max_tokens));
+        }
+    }
+
+    /// Pays one prompt ([`Budgets::charge_prompt`]).
+    pub fn pay_prompt(&mut self, effort: Effort, usage: Option<&Usage>, max_tokens: Option<usize>) {
+        if !std::mem::replace(&mut self.paid, true) {
+            self.budgets.charge_prompt(effort, usage, max_tokens);
+        }
+    }
+}
+
+impl Drop for UnpaidStep {
+    fn drop(&mut self) {
+        if !self.paid {
+            self.budgets.charge(self.worst_case);
+        }
+    }
 }
 
 /// Reasoning prompts per second, with a burst allowance.

@@ -301,6 +301,9 @@ pub struct PolicyRoute {
 pub struct StageRecord {
     pub stage: Stage,
     pub policies: Vec<String>,
+    /// The versions of `policies`, in the same order: one request may hold two versions of one policy name.
+    #[serde(default)]
+    pub policy_hashes: Vec<String>,
     pub elapsed_ms: f64,
     /// The reasoning decision's id, for reasoning stages.
     pub decision_id: Option<Uuid>,
@@ -428,6 +431,7 @@ impl Pipeline {
             stages.push(StageRecord {
                 stage: Stage::Triage,
                 policies: routes.iter().filter(|r| r.triage.is_some()).map(|r| r.policy.clone()).collect(),
+                policy_hashes: routes.iter().filter(|r| r.triage.is_some()).map(|r| r.policy_hash.clone()).collect(),
                 elapsed_ms: started.elapsed().as_secs_f64() * 1e3,
                 decision_id: None,
             });
@@ -567,9 +571,13 @@ impl Pipeline {
             match tokio::task::spawn_blocking(move || span.in_scope(|| triage.route(&owned))).await {
                 Ok(result) => result,
                 Err(err) => {
-                    // Never allow on a failed triage: the reasoning model decides.
+                    // Never allow on a failed triage: the reasoning model decides. Said as a failure, not as an
+                    // unsure triage, so the escalation figures show the fault.
                     tracing::warn!(error = %err, "triage with an embedding head failed; escalating");
-                    route.escalations.push(Escalation::TriageUncertain);
+                    route.escalations.push(Escalation::StageFailed { detail: format!("triage failed: {err}") });
+                    if policy.meta.high_risk {
+                        route.escalations.push(Escalation::HighRisk);
+                    }
                     return route;
                 }
             }
@@ -641,7 +649,7 @@ impl Pipeline {
         let started = Instant::now();
         // Without a cap of our own, the reasoner's for the effort: what a prompt that fails may have cost.
         let cap = self.config.max_tokens.unwrap_or_else(|| self.classifier.reasoner().completion_cap(effort));
-        let mut unpaid = UnpaidStep { budgets: &self.budgets, worst_case: cap * selected.len(), paid: false };
+        let mut step = self.budgets.step(cap.saturating_mul(selected.len()));
         let classify = self.classifier.classify(&selected, content, &options);
         let decision = match self.config.stage_timeout {
             None => classify.await,
@@ -659,34 +667,18 @@ impl Pipeline {
                 }
             },
         };
-        self.budgets.charge_decision(&decision, Some(cap));
-        unpaid.paid = true;
+        step.pay(&decision, Some(cap));
         let elapsed = started.elapsed();
         metrics::histogram!("safeguard_pipeline_stage_seconds", "stage" => Stage::reasoning(effort).as_str())
             .record(elapsed.as_secs_f64());
         let record = StageRecord {
             stage: Stage::reasoning(effort),
             policies: selected.iter().map(|p| p.meta.name.clone()).collect(),
+            policy_hashes: selected.iter().map(|p| p.hash.to_string()).collect(),
             elapsed_ms: elapsed.as_secs_f64() * 1e3,
             decision_id: Some(decision.id),
         };
         (decision, record)
-    }
-}
-
-/// Pays a reasoning step's worst case (its completion cap per prompt) if the step is dropped before it could pay
-/// for itself: a client that hangs up drops the request's future, but the engine may go on decoding.
-struct UnpaidStep<'a> {
-    budgets: &'a Budgets,
-    worst_case: usize,
-    paid: bool,
-}
-
-impl Drop for UnpaidStep<'_> {
-    fn drop(&mut self) {
-        if !self.paid {
-            self.budgets.charge(self.worst_case);
-        }
     }
 }
 

@@ -13,7 +13,7 @@ pub mod routing_section;
 pub mod stats;
 pub mod triage_config;
 
-pub use budget::{Budgets, ReasoningBudget};
+pub use budget::{Budgets, ReasoningBudget, UnpaidStep};
 pub use cascade::{
     CascadeDecision, Deferred, Escalation, OnTriageViolation, Pipeline, PolicyPlan, PolicyRoute, RouteContext,
     RoutingConfig, Stage, StageRecord,

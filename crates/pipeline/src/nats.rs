@@ -775,9 +775,11 @@ impl Worker {
                             }
                             None => open = false,
                         },
+                        // The event in hand too, for the whole of its handling: the steps' own keep-alives each
+                        // start a full period late, and the reads and publishes between them have none.
                         _ = ticker.tick() => {
-                            for queued in &waiting {
-                                progress(queued).await;
+                            for held in std::iter::once(&message).chain(&waiting) {
+                                progress(held).await;
                             }
                         }
                     }
@@ -812,7 +814,12 @@ impl Worker {
     /// acks the event, NAKs it, or (for one that can never be settled) terminates it.
     async fn handle(&self, message: &jetstream::Message, stop: &CancellationToken) -> Option<Duration> {
         let payload: Option<Value> = serde_json::from_slice(&message.payload).ok();
-        let item_id = payload.as_ref().and_then(|p| p.get("id")).and_then(Value::as_str).map(str::to_string);
+        // A number is an id as over HTTP (`"id": 42` is item "42"), not a missing one.
+        let item_id = payload.as_ref().and_then(|p| p.get("id")).and_then(|id| match id {
+            Value::String(id) => Some(id.clone()),
+            Value::Number(id) => Some(id.to_string()),
+            _ => None,
+        });
         let key = message
             .headers
             .as_ref()
@@ -821,8 +828,19 @@ impl Worker {
             .filter(|key| !key.is_empty())
             .or_else(|| item_id.clone().filter(|id| !id.is_empty()));
         let Some(key) = key else {
-            return self.reject_unkeyed(message).await;
+            return self.reject_unkeyed(message, "the event has neither a Nats-Msg-Id header nor an \"id\"").await;
         };
+        // Every event about the key carries it whole: one of a megabyte could never be written to the ledger, and
+        // the producer would hear nothing at all.
+        if key.len() > MAX_KEY_BYTES {
+            let error = format!(
+                "the event's key (its Nats-Msg-Id, else its \"id\") is {} bytes; at most {MAX_KEY_BYTES}",
+                key.len()
+            );
+            return self.reject_unkeyed(message, &error).await;
+        }
+        // Clipped like the key, for the same reason: the producer finds the answer under the key.
+        let item_id = item_id.map(|id| clip(&id, MAX_KEY_BYTES));
         let appeal = payload.as_ref().and_then(|p| p.get("appeal")).and_then(Value::as_bool).unwrap_or(false);
         // An appeal of an item is a decision of its own: under the item's key the ledger would answer it with
         // the decision being appealed.
@@ -901,8 +919,11 @@ impl Worker {
             body_digest: None,
         };
         // Not published is no harm: `pending` only tells the producer to hold the item until the decision comes.
+        // Nor on top of a decision another worker published since this one read the ledger (a redelivery racing
+        // the first delivery's worker): the decision's own republish is a duplicate the stream drops, so the
+        // subject would end on `pending` and the producer hold the item for good.
         let _ = if redelivered {
-            let answered = |last: &DecisionEvent| last.status == EventStatus::Reviewed;
+            let answered = |last: &DecisionEvent| last.status != EventStatus::Pending;
             self.bus.publish_unless(&status_msg_id(&pending), &pending, answered).await.map(|_| ())
         } else {
             self.bus.publish_event(&pending).await
@@ -1079,13 +1100,12 @@ impl Worker {
     /// every keyless event and by the item keyed "unknown"), and a rejection needs no arbitration: a redelivery
     /// rejects it the same way. It goes out on `{prefix}.decisions.unkeyed.{sequence}`, two tokens where each
     /// key's subject has one, so no key's subject or message id can equal it.
-    async fn reject_unkeyed(&self, message: &jetstream::Message) -> Option<Duration> {
+    async fn reject_unkeyed(&self, message: &jetstream::Message, error: &str) -> Option<Duration> {
         let place = match message.info() {
             Ok(info) => info.stream_sequence.to_string(),
             Err(_) => uuid::Uuid::new_v4().simple().to_string(),
         };
         let subject = format!("unkeyed.{place}");
-        let error = "the event has neither a Nats-Msg-Id header nor an \"id\"";
         warn!(%subject, %error, "rejecting a content event");
         let event = rejected(subject.clone(), None, error);
         let published = self.bus.publish_as(&subject, &format!("{subject}:{:?}", event.status), &event).await;
@@ -1210,7 +1230,8 @@ fn rejected(key: String, item_id: Option<String>, error: &str) -> DecisionEvent 
         item_id,
         status: EventStatus::Rejected,
         decision: None,
-        error: Some(error.to_string()),
+        // A reason can quote the producer's text (a policy name of any length): clipped, it always fits the ledger.
+        error: Some(clip(error, MAX_REJECTION)),
         review: None,
         body_digest: None,
     }
@@ -1343,6 +1364,12 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// The longest reason written into a decision handed to a person by the worker itself.
 const MAX_DETAIL: usize = 300;
+
+/// The longest key an event may have, in bytes: a producer's item id or message id, never text to judge.
+const MAX_KEY_BYTES: usize = 1024;
+
+/// The longest reason a rejection gives, in bytes: room for any message of ours with a producer's name in it.
+const MAX_REJECTION: usize = 2048;
 
 /// The most entries kept of each list inside a trimmed decision's escalations.
 const MAX_TRIMMED_LIST: usize = 4;
@@ -2025,6 +2052,14 @@ mod tests {
         // A rejection carries no decision to know it by: it is read back as the key's entry, which answers for it.
         let rejection = rejected("item-1".into(), None, "why");
         assert!(matches!(claim(&ledger(true, None), &rejection).await, Ok(Claim::Theirs(_))));
+    }
+
+    #[test]
+    fn a_rejection_fits_the_ledger_whatever_it_quotes() {
+        let quoting = format!("no policy {:?} is stored", "\"".repeat(300_000));
+        let event = rejected("k".into(), None, &quoting);
+        let error = event.error.unwrap_or_default();
+        assert!(error.len() <= MAX_REJECTION && error.starts_with("no policy"), "{}", error.len());
     }
 
     #[test]

@@ -56,7 +56,12 @@ pub fn stages_visited(decision: &CascadeDecision, policy_index: usize) -> Vec<St
         visited.push(Stage::Triage);
     }
     for record in decision.stages.iter().filter(|r| r.stage != Stage::Triage) {
-        if record.policies.contains(&route.policy) && !visited.contains(&record.stage) {
+        // By version where the record has them: two versions of one policy name can share a request.
+        let held = match record.policy_hashes.is_empty() {
+            true => record.policies.contains(&route.policy),
+            false => record.policy_hashes.contains(&route.policy_hash),
+        };
+        if held && !visited.contains(&record.stage) {
             visited.push(record.stage);
         }
     }
@@ -154,6 +159,7 @@ mod tests {
         StageRecord {
             stage,
             policies: policies.iter().map(|p| p.to_string()).collect(),
+            policy_hashes: policies.iter().map(|p| format!("sha256:{p}")).collect(),
             elapsed_ms: 1.0,
             decision_id: None,
         }
@@ -206,5 +212,28 @@ mod tests {
         assert_eq!(snap.escalation_rate(Stage::ReasoningHigh), Some(1.0 / 2.0));
         assert_eq!(snap.escalation_rate(Stage::HumanReview), Some(0.0), "the end of the line");
         assert_eq!(snap.escalation_rate(Stage::ReasoningMedium), None, "never reached");
+    }
+
+    /// A request can hold two versions of one policy: a stage that held one version did not hold the other.
+    #[test]
+    fn stages_are_told_apart_per_policy_version() {
+        let mut settled = route("a", Stage::Triage, true);
+        settled.policy_hash = "sha256:a-v2".into();
+        let mut reasoned = record(Stage::ReasoningLow, &["a"]);
+        reasoned.policy_hashes = vec!["sha256:a".into()];
+        let decision = decision(
+            vec![route("a", Stage::ReasoningLow, true), settled],
+            vec![record(Stage::Triage, &["a", "a"]), reasoned.clone()],
+        );
+        assert_eq!(stages_visited(&decision, 0), [Stage::Triage, Stage::ReasoningLow]);
+        assert_eq!(stages_visited(&decision, 1), [Stage::Triage], "version 2 was settled by triage alone");
+        // A record stored before versions were kept matches by name, as it always did.
+        reasoned.policy_hashes.clear();
+        let decision = decision_with_stages(&decision, vec![reasoned]);
+        assert_eq!(stages_visited(&decision, 1), [Stage::Triage, Stage::ReasoningLow]);
+    }
+
+    fn decision_with_stages(decision: &CascadeDecision, stages: Vec<StageRecord>) -> CascadeDecision {
+        CascadeDecision { stages, ..decision.clone() }
     }
 }

@@ -537,17 +537,22 @@ async fn a_key_shaped_like_a_hash_and_keyless_events_get_slots_of_their_own() {
     for _ in 0..2 {
         producer.js.publish(cfg.content_subject("anonymous"), anonymous.clone().into()).await.unwrap().await.unwrap();
     }
+    // Without a header: a numeric id is the key, as over HTTP; an id of 2,000 bytes is too long to be one.
+    for payload in [json!({"id": 42, "text": "see you at lunch"}), json!({"id": "k".repeat(2_000), "text": "hello"})] {
+        let payload = serde_json::to_vec(&payload).unwrap();
+        producer.js.publish(cfg.content_subject("anonymous"), payload.into()).await.unwrap().await.unwrap();
+    }
     producer.publish_content("unknown", &json!({"id": "unknown", "text": "see you at lunch"})).await.unwrap();
     producer.publish_content(&odd_key, &json!({"id": odd_key, "text": "buy cheap pills"})).await.unwrap();
     producer.publish_content(&lookalike, &json!({"id": lookalike, "text": "see you at lunch"})).await.unwrap();
     let reasoner = Arc::new(Slow { calls: AtomicUsize::new(0), pause: Duration::ZERO });
     let (stop, task) = spawn(worker(Bus::connect(cfg.clone()).await.unwrap(), reasoner.clone(), None));
-    let keys = ["unknown".to_string(), odd_key.clone(), lookalike.clone()];
+    let keys = ["unknown".to_string(), odd_key.clone(), lookalike.clone(), "42".to_string()];
     wait_until_decided(&producer, &keys, Duration::from_secs(20)).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     let events = loop {
         let events = published(&producer).await;
-        if events.keys().filter(|k| k.starts_with("unkeyed.")).count() == 2 {
+        if events.keys().filter(|k| k.starts_with("unkeyed.")).count() == 3 {
             break events;
         }
         assert!(Instant::now() < deadline, "the keyless events were not both rejected: {:?}", events.keys());
@@ -569,11 +574,16 @@ async fn a_key_shaped_like_a_hash_and_keyless_events_get_slots_of_their_own() {
     assert_eq!(serde_json::to_value(odd.outcome).unwrap(), "violation");
     assert_eq!(serde_json::to_value(looking.outcome).unwrap(), "allow");
     assert_eq!(producer.decided(&lookalike).await.unwrap().unwrap().key, lookalike);
+    assert_eq!(events["42"].iter().find_map(|e| e.item_id.clone()).as_deref(), Some("42"));
+    let mut reasons = Vec::new();
     for (key, keyless) in events.iter().filter(|(k, _)| k.starts_with("unkeyed.")) {
         assert_eq!(keyless.len(), 1, "{key}: {keyless:?}");
         assert_eq!(keyless[0].status, EventStatus::Rejected);
+        reasons.push(keyless[0].error.clone().unwrap_or_default());
     }
-    assert_eq!(reasoner.calls.load(Ordering::SeqCst), 3);
+    let too_long = reasons.iter().filter(|r| r.contains("is 2000 bytes; at most 1024")).count();
+    assert_eq!(too_long, 1, "{reasons:?}");
+    assert_eq!(reasoner.calls.load(Ordering::SeqCst), 4);
     delete_streams(&producer).await;
 }
 

@@ -310,9 +310,9 @@ pub(crate) fn record_of(
         outcome: outcome_str(decision.outcome).to_string(),
         failure_reason: (!errors.is_empty()).then(|| errors.join("; ")),
         timings: json!({"total": decision.timings, "prompts": wire.get("prompts").cloned().unwrap_or(Value::Null)}),
-        prompt_tokens: decision.usage.prompt_tokens as i64,
-        cached_prompt_tokens: decision.usage.cached_prompt_tokens as i64,
-        completion_tokens: decision.usage.completion_tokens as i64,
+        prompt_tokens: stored_count(decision.usage.prompt_tokens),
+        cached_prompt_tokens: stored_count(decision.usage.cached_prompt_tokens),
+        completion_tokens: stored_count(decision.usage.completion_tokens),
         source: origin.source.to_string(),
         job_id: job_id.map(str::to_string),
         replay_of: None,
@@ -370,10 +370,11 @@ pub(crate) async fn reason_one(
     settings: &Settings,
     origin: Origin<'_>,
 ) -> Result<(Decision, DecisionRecord, Vec<String>, f64), ApiError> {
-    state.cascade.admit(settings.prompts(policies.len(), 1)).await?;
+    let mut step =
+        state.cascade.admit(settings.prompts(policies.len(), 1), settings.effort, settings.max_tokens).await?;
     let started = Instant::now();
     let decision = state.classifier.classify(policies, content, &options(settings)).await;
-    state.cascade.charge(&decision, settings.max_tokens);
+    step.pay(&decision, settings.max_tokens);
     let elapsed = started.elapsed().as_secs_f64();
     let (record, reasoning) = record_of(&decision, policies, content, settings, origin, None);
     Ok((decision, record, reasoning, elapsed))
@@ -389,12 +390,11 @@ pub(crate) async fn decide_and_store_many(
     settings: &Settings,
     origin: Origin<'_>,
 ) -> Result<Vec<(Decision, DecisionRecord)>, ApiError> {
-    state.cascade.admit(settings.prompts(policies.len(), contents.len())).await?;
+    let prompts = settings.prompts(policies.len(), contents.len());
+    let mut step = state.cascade.admit(prompts, settings.effort, settings.max_tokens).await?;
     let started = Instant::now();
     let decisions = state.classifier.classify_many(policies, contents, &options(settings)).await;
-    for decision in &decisions {
-        state.cascade.charge(decision, settings.max_tokens);
-    }
+    step.pay_all(&decisions, settings.max_tokens);
     let elapsed = started.elapsed().as_secs_f64();
     let records: Vec<_> = decisions
         .iter()
@@ -568,4 +568,10 @@ pub(crate) async fn classify_batch(
         });
     }
     Ok(Json(json!({"results": results})))
+}
+
+/// A token count as the store keeps it. Counts saturate at `usize::MAX` (they come from backends this process does
+/// not control), and `as` would store that as -1.
+pub(crate) fn stored_count(tokens: usize) -> i64 {
+    i64::try_from(tokens).unwrap_or(i64::MAX)
 }

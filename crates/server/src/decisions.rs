@@ -149,10 +149,10 @@ pub(crate) async fn replay(
     let mode = original.sampling.get("mode").cloned().and_then(|m| serde_json::from_value(m).ok()).unwrap_or_default();
     let max_tokens = original.sampling.get("max_tokens").and_then(Value::as_u64).map(|n| n as usize);
     let settings = Settings { effort, mode, max_tokens };
-    state.cascade.admit(settings.prompts(policies.len(), 1)).await?;
+    let mut step = state.cascade.admit(settings.prompts(policies.len(), 1), effort, settings.max_tokens).await?;
     let started = Instant::now();
     let decision = state.classifier.classify(&policies, &content, &options(&settings)).await;
-    state.cascade.charge(&decision, settings.max_tokens);
+    step.pay(&decision, settings.max_tokens);
     let elapsed = started.elapsed().as_secs_f64();
     let (mut record, reasoning) =
         record_of(&decision, &policies, &content, &settings, Origin::of(&caller, "replay"), None);

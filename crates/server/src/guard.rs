@@ -92,6 +92,17 @@ impl Reasoner for GuardedReasoner {
                 continue;
             }
             match tokio::time::timeout(self.timeout, self.inner.reason_batch(group)).await {
+                // Answers are matched to requests by position: a group answered with too few or too many would
+                // shift every later answer onto another request, another policy's verdict. None of it can be
+                // trusted then.
+                Ok(done) if done.len() != count => {
+                    tracing::error!(expected = count, got = done.len(), "a reasoner answered a batch miscounted");
+                    let got = done.len();
+                    let miscounted = || Err(ReasonError::EngineResultCount { expected: count, got });
+                    let failed: Vec<_> = (0..count).map(|_| miscounted()).collect();
+                    failed.iter().for_each(count_error);
+                    results.extend(failed);
+                }
                 Ok(done) => {
                     done.iter().for_each(count_error);
                     results.extend(done);
@@ -103,5 +114,46 @@ impl Reasoner for GuardedReasoner {
             }
         }
         results
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safeguard_harmony::Content;
+
+    /// Answers each batch with one result fewer than it was asked for, as a broken backend might.
+    struct ShortAnswers;
+
+    #[async_trait]
+    impl Reasoner for ShortAnswers {
+        fn model_id(&self) -> String {
+            "short".into()
+        }
+
+        async fn reason(&self, _req: ReasonRequest) -> Result<ReasonOutput, ReasonError> {
+            Ok(ReasonOutput::default())
+        }
+
+        fn batch_width(&self) -> Option<usize> {
+            Some(2)
+        }
+
+        async fn reason_batch(&self, reqs: Vec<ReasonRequest>) -> Vec<Result<ReasonOutput, ReasonError>> {
+            (1..reqs.len()).map(|_| Ok(ReasonOutput::default())).collect()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_miscounted_group_fails_whole_and_keeps_later_answers_in_place() {
+        let guarded = GuardedReasoner::new(Arc::new(ShortAnswers), Duration::from_secs(5));
+        let item = || Content::Text { text: "hello".into() };
+        let reqs = (0..4).map(|i| ReasonRequest::new(format!("policy {i}"), item(), Effort::Low)).collect();
+        let results = guarded.reason_batch(reqs).await;
+        assert_eq!(results.len(), 4, "one result per request, whatever the backend did");
+        assert!(
+            results.iter().all(|r| matches!(r, Err(ReasonError::EngineResultCount { expected: 2, got: 1 }))),
+            "{results:?}"
+        );
     }
 }

@@ -414,7 +414,10 @@ async fn process(state: &AppState, job: JobRecord) -> bool {
         }))
     };
     // One call was taken before the claim; the rest are paid now, in debt if need be.
-    state.cascade.queue_budgets.owe_calls(request.settings.prompts(policies.len(), 1).saturating_sub(1));
+    let prompts = request.settings.prompts(policies.len(), 1);
+    state.cascade.queue_budgets.owe_calls(prompts.saturating_sub(1));
+    // Abandoned at shutdown or lost to a panic, the step still pays: the engine may go on decoding it.
+    let mut step = state.cascade.queue_budgets.step_of(prompts, request.settings.effort, request.settings.max_tokens);
     let started = Instant::now();
     let options = options(&request.settings);
     // A panic in a reasoner is a bug, but it must not take the worker down with the job still held: the job goes
@@ -434,7 +437,7 @@ async fn process(state: &AppState, job: JobRecord) -> bool {
         fail(state, &job, &token, "deciding the job panicked (a bug in the reasoner)".into()).await;
         return false;
     };
-    state.cascade.charge_queued(&decision, request.settings.max_tokens);
+    step.pay(&decision, request.settings.max_tokens);
     let elapsed = started.elapsed().as_secs_f64();
     let origin = Origin { source: "job", submitted_by: job.submitted_by.as_deref() };
     let (record, reasoning) =

@@ -12,10 +12,10 @@ use std::sync::Arc;
 use axum::Json;
 use axum::extract::State;
 use safeguard_core::{Decision, Timings};
-use safeguard_harmony::Content;
+use safeguard_harmony::{Content, Effort};
 use safeguard_pipeline::{
     ActiveLearning, Budgets, CascadeDecision, CascadeStats, Escalation, Pipeline, PolicyRoute, ReasoningBudget,
-    RouteContext, RoutingConfig, SampleReason, Stage, TriageLibrary,
+    RouteContext, RoutingConfig, SampleReason, Stage, TriageLibrary, UnpaidStep,
 };
 use safeguard_policy::Policy;
 use safeguard_store::{DecisionRecord, NewReview, ReviewRecord, now_ms};
@@ -65,19 +65,17 @@ impl CascadeState {
     /// Admits `prompts` prompts on a path outside the cascade (a pinned effort, a batch, moderations, chat, a
     /// replay, an appeal): the budget guards the model, so no way in may spend past it. Over budget the caller is
     /// told to come back (429 with `Retry-After`), after waiting at most `--max-budget-wait`; nothing is decided.
-    pub(crate) async fn admit(&self, prompts: usize) -> Result<(), ApiError> {
-        self.budgets.admit(prompts, self.routing.max_budget_wait).await.map_err(deferred_error)
-    }
-
-    /// Pays for the tokens a direct path's decision spent, failed prompts at their completion cap
-    /// ([`Budgets::charge_decision`], the cascade's rule too).
-    pub(crate) fn charge(&self, decision: &Decision, max_tokens: Option<usize>) {
-        self.budgets.charge_decision(decision, max_tokens)
-    }
-
-    /// [`Self::charge`] for a queued job's decision.
-    pub(crate) fn charge_queued(&self, decision: &Decision, max_tokens: Option<usize>) {
-        self.queue_budgets.charge_decision(decision, max_tokens)
+    /// Admitted, the step is the caller's to pay once its decisions are known ([`UnpaidStep::pay`]: what they
+    /// spent, failed prompts at their completion cap, the cascade's rule too); dropped unpaid (the client hung
+    /// up), it pays every prompt's cap.
+    pub(crate) async fn admit(
+        &self,
+        prompts: usize,
+        effort: Effort,
+        max_tokens: Option<usize>,
+    ) -> Result<UnpaidStep, ApiError> {
+        self.budgets.admit(prompts, self.routing.max_budget_wait).await.map_err(deferred_error)?;
+        Ok(self.budgets.step_of(prompts, effort, max_tokens))
     }
 
     /// The cascade for these policies, for a request waiting on its answer; `max_tokens` overrides the configured
@@ -394,9 +392,9 @@ pub(crate) fn cascade_record(
         outcome: outcome_str(cascade.outcome).to_string(),
         failure_reason: (!errors.is_empty()).then(|| errors.join("; ")),
         timings: json!({"total_ms": cascade.total_ms, "work": work_timings(&cascade.reasoning), "stages": stages_json(cascade)}),
-        prompt_tokens: cascade.usage.prompt_tokens as i64,
-        cached_prompt_tokens: cascade.usage.cached_prompt_tokens as i64,
-        completion_tokens: cascade.usage.completion_tokens as i64,
+        prompt_tokens: crate::classify::stored_count(cascade.usage.prompt_tokens),
+        cached_prompt_tokens: crate::classify::stored_count(cascade.usage.cached_prompt_tokens),
+        completion_tokens: crate::classify::stored_count(cascade.usage.completion_tokens),
         source: origin.source.to_string(),
         job_id: None,
         replay_of: None,

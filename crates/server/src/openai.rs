@@ -15,7 +15,7 @@ use futures::Stream;
 use safeguard_core::{Classifier, Mode, PromptTrace, ReasonDelta, ReasonError, ReasonOutput, ReasonRequest, Reasoner};
 use safeguard_engine::Sampling;
 use safeguard_harmony::{ChatMessage, Content, Effort};
-use safeguard_pipeline::Budgets;
+use safeguard_pipeline::UnpaidStep;
 use safeguard_store::now_ms;
 use safeguard_verdict::Outcome;
 use serde_json::{Value, json};
@@ -212,9 +212,8 @@ pub(crate) async fn chat_completions(
     let model =
         body.get("model").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| state.reasoner.model_id());
     let meta = ChunkMeta { id: format!("chatcmpl-{}", uuid::Uuid::now_v7().simple()), created: now_ms() / 1000, model };
-    state.cascade.admit(1).await?;
-    let paid =
-        Paid { budgets: state.cascade.budgets.clone(), counted: state.classifier.clone(), cap: settings.max_tokens };
+    let step = state.cascade.admit(1, effort, settings.max_tokens).await?;
+    let mut paid = Paid { step, counted: state.classifier.clone(), cap: settings.max_tokens };
     if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
         let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
         return Ok(stream_chat(state.reasoner.clone(), paid, request, meta, include_usage).into_response());
@@ -250,15 +249,16 @@ const CHAT_POLICY: &str = "(chat)";
 
 /// Where a chat completion is paid for and counted once it ended.
 struct Paid {
-    budgets: Budgets,
+    /// Dropped unpaid (a client that hung up on a completion it did not stream), it pays the completion cap.
+    step: UnpaidStep,
     counted: Classifier,
     /// The completion cap, charged for a prompt that failed (the engine may still be decoding it).
     cap: Option<usize>,
 }
 
 impl Paid {
-    fn settle(&self, effort: Effort, result: &Result<ReasonOutput, ReasonError>) {
-        self.budgets.charge_prompt(effort, result.as_ref().ok().map(|output| &output.usage), self.cap);
+    fn settle(&mut self, effort: Effort, result: &Result<ReasonOutput, ReasonError>) {
+        self.step.pay_prompt(effort, result.as_ref().ok().map(|output| &output.usage), self.cap);
         let policies = vec![CHAT_POLICY.to_string()];
         let trace = match result {
             Ok(output) => PromptTrace::answered(policies, output),
@@ -343,7 +343,7 @@ fn delta_json(delta: ReasonDelta) -> Value {
 /// started arrives as an `error` event, since the status line has already been sent.
 fn stream_chat(
     reasoner: Arc<dyn Reasoner>,
-    paid: Paid,
+    mut paid: Paid,
     request: ReasonRequest,
     meta: ChunkMeta,
     include_usage: bool,

@@ -677,6 +677,26 @@ async fn request_reasoning_for_minutes(h: &Harness) -> tokio::task::JoinHandle<(
     in_flight
 }
 
+/// A client that hangs up on a direct request (a pinned effort) drops it mid-step while the engine may go on
+/// decoding: the step pays its completion cap all the same, so hanging up is no way around the token budget.
+#[tokio::test]
+async fn a_direct_request_dropped_midway_still_pays_for_its_tokens() {
+    let h = Harness::start(|c| {
+        c.reasoning_tokens_per_sec = Some(100.0);
+        c.reason_timeout = Duration::from_secs(600);
+    })
+    .await;
+    let key = h.key(&["classify"]).await;
+    let in_flight = request_reasoning_for_minutes(&h).await;
+    in_flight.abort();
+    // The server drops the request once it sees the connection closed, at once on loopback. Unpaid, the bucket
+    // would still hold its 100 tokens and let the next request in.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let body = json!({"text": "hello", "policies": ["spam"], "effort": "low"});
+    let (status, reply) = h.call("POST", "/v1/classify", Some(&key), Some(body)).await;
+    assert_eq!(status, 429, "the dropped step's cap (1,024 tokens at low effort) is about 9 s of this budget: {reply}");
+}
+
 /// The drain's deadline runs from the signal for requests too: one still reasoning does not keep the process up
 /// past it (and with it the jobs' hand-back past the orchestrator's kill).
 #[tokio::test]
