@@ -534,9 +534,14 @@ fn looks_hashed(token: &str) -> bool {
 /// Why a host could not serve an event.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
-    /// The event can never be decided as it is (e.g. it names an unknown policy): it is rejected.
+    /// The event can never be decided as it is (e.g. it names more policies than allowed): it is rejected.
     #[error("{0}")]
     Rejected(String),
+    /// A policy the event names is not stored, or not yet: the event is rejected, but not for good. The rejection
+    /// goes to the producer and not into the ledger, so the event sent again once the policy is stored is decided
+    /// (as a request over HTTP would be).
+    #[error("{0}")]
+    NotStored(String),
     /// Not now (e.g. the database is down): the event is delivered again later.
     #[error("{0}")]
     Unavailable(String),
@@ -839,8 +844,9 @@ impl Worker {
             );
             return self.reject_unkeyed(message, &error).await;
         }
-        // Clipped like the key, for the same reason: the producer finds the answer under the key.
-        let item_id = item_id.map(|id| clip(&id, MAX_KEY_BYTES));
+        // Left out when longer than a key may be, for the same reason; a prefix would be another item's id. The
+        // producer finds the answer under the key.
+        let item_id = item_id.filter(|id| id.len() <= MAX_KEY_BYTES);
         let appeal = payload.as_ref().and_then(|p| p.get("appeal")).and_then(Value::as_bool).unwrap_or(false);
         // An appeal of an item is a decision of its own: under the item's key the ledger would answer it with
         // the decision being appealed.
@@ -900,6 +906,7 @@ impl Worker {
         let (policies, pipeline) = match self.host.prepare(&requested).await {
             Ok(prepared) => prepared,
             Err(HostError::Rejected(why)) => return self.reject(message, key, item_id, &why, digest, stop).await,
+            Err(HostError::NotStored(why)) => return self.reject_for_now(message, key, item_id, &why).await,
             Err(HostError::Unavailable(why)) => {
                 warn!(?key, "cannot prepare the event now: {why}");
                 retry(message).await;
@@ -923,7 +930,11 @@ impl Worker {
         // the first delivery's worker): the decision's own republish is a duplicate the stream drops, so the
         // subject would end on `pending` and the producer hold the item for good.
         let _ = if redelivered {
-            let answered = |last: &DecisionEvent| last.status != EventStatus::Pending;
+            // Only this body's settled events count: a key reused for an edited post still gets its `pending`
+            // over the old body's decision. A person's answer carries no digest and always counts.
+            let answered = |last: &DecisionEvent| {
+                last.status != EventStatus::Pending && last.body_digest.as_ref().is_none_or(|theirs| *theirs == digest)
+            };
             self.bus.publish_unless(&status_msg_id(&pending), &pending, answered).await.map(|_| ())
         } else {
             self.bus.publish_event(&pending).await
@@ -1042,7 +1053,7 @@ impl Worker {
         stop: &CancellationToken,
     ) -> bool {
         let Some(decision) = &event.decision else { return true };
-        let lasting = |e: &HostError| matches!(e, HostError::Rejected(_));
+        let lasting = |e: &HostError| matches!(e, HostError::Rejected(_) | HostError::NotStored(_));
         let recording = persist(stop, "record the decision", &event.key, lasting, || async {
             let appeal_of = if decision.is_appeal() { self.appealed(&event.key).await? } else { None };
             let item_id = event.item_id.as_deref();
@@ -1100,6 +1111,31 @@ impl Worker {
     /// every keyless event and by the item keyed "unknown"), and a rejection needs no arbitration: a redelivery
     /// rejects it the same way. It goes out on `{prefix}.decisions.unkeyed.{sequence}`, two tokens where each
     /// key's subject has one, so no key's subject or message id can equal it.
+    /// Rejects an event for what the host holds now ([`HostError::NotStored`]), not for what it is: published, never
+    /// written to the ledger, so the key stays free for the same event sent again. Not published over a decision
+    /// or a person's answer on the key (another delivery's, settled meanwhile): the producer's last word stays the
+    /// settled one.
+    async fn reject_for_now(
+        &self,
+        message: &jetstream::Message,
+        key: String,
+        item_id: Option<String>,
+        error: &str,
+    ) -> Option<Duration> {
+        warn!(?key, ?error, "rejecting a content event until its policy is stored");
+        let place = match message.info() {
+            Ok(info) => info.stream_sequence.to_string(),
+            Err(_) => uuid::Uuid::new_v4().simple().to_string(),
+        };
+        let event = rejected(key, item_id, error);
+        // One id per delivery: a resend is answered again, a duplicate publish of this one is not.
+        let id = format!("{}:{:?}:{place}", subject_token(&event.key), event.status);
+        let settled = |last: &DecisionEvent| matches!(last.status, EventStatus::Decided | EventStatus::Reviewed);
+        let published = self.bus.publish_unless(&id, &event, settled).await.map(|_| ());
+        ack_published(message, &event.key, published).await;
+        None
+    }
+
     async fn reject_unkeyed(&self, message: &jetstream::Message, error: &str) -> Option<Duration> {
         let place = match message.info() {
             Ok(info) => info.stream_sequence.to_string(),

@@ -553,4 +553,6 @@ fn triage_audit_reports_what_people_found_among_triage_settled_items() {
     assert!(output.status.success() && table.contains("a1b2c3d4e5f6 2026-11-20") && table.contains("10.0%"), "{table}");
     let output = safeguard(&["triage", "audit", "--database", &url, "--policy", "other", "--format", "json"]);
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), "[]");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("not counted yet"), "the waiting appeal is of another policy: {stderr}");
 }

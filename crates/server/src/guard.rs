@@ -122,7 +122,8 @@ mod tests {
     use super::*;
     use safeguard_harmony::Content;
 
-    /// Answers each batch with one result fewer than it was asked for, as a broken backend might.
+    /// Answers the group holding "policy 0" with one result fewer than it was asked for, as a broken backend
+    /// might, and every other group in full, each answer naming its request.
     struct ShortAnswers;
 
     #[async_trait]
@@ -140,7 +141,11 @@ mod tests {
         }
 
         async fn reason_batch(&self, reqs: Vec<ReasonRequest>) -> Vec<Result<ReasonOutput, ReasonError>> {
-            (1..reqs.len()).map(|_| Ok(ReasonOutput::default())).collect()
+            let short = reqs.iter().any(|req| req.instructions == "policy 0");
+            let answer = |req: &ReasonRequest| {
+                Ok(ReasonOutput { final_text: Some(req.instructions.clone()), ..Default::default() })
+            };
+            reqs.iter().skip(usize::from(short)).map(answer).collect()
         }
     }
 
@@ -152,8 +157,11 @@ mod tests {
         let results = guarded.reason_batch(reqs).await;
         assert_eq!(results.len(), 4, "one result per request, whatever the backend did");
         assert!(
-            results.iter().all(|r| matches!(r, Err(ReasonError::EngineResultCount { expected: 2, got: 1 }))),
+            results[..2].iter().all(|r| matches!(r, Err(ReasonError::EngineResultCount { expected: 2, got: 1 }))),
             "{results:?}"
         );
+        let later: Vec<Option<String>> =
+            results[2..].iter().map(|r| r.as_ref().ok().and_then(|o| o.final_text.clone())).collect();
+        assert_eq!(later, [Some("policy 2".to_string()), Some("policy 3".to_string())], "answers stay in place");
     }
 }

@@ -60,7 +60,7 @@ impl ServerHost {
     async fn resolve(&self, reference: &str) -> Result<Policy, HostError> {
         match stored_policy(&self.state, reference).await {
             Ok(Some(policy)) => Ok(policy),
-            Ok(None) => Err(HostError::Rejected(format!("no policy {reference:?} is stored"))),
+            Ok(None) => Err(HostError::NotStored(format!("no policy {reference:?} is stored"))),
             // The store being down is worth a redelivery; a stored version that no longer parses is not.
             Err(ApiError::Store(e)) => Err(unavailable(e)),
             Err(e) => Err(HostError::Rejected(e.to_string())),
@@ -114,7 +114,7 @@ impl WorkerHost for ServerHost {
                 // The server's own list (`--nats-policy`, else the starter library) failing is its configuration,
                 // not the event's fault: rejected, the event would stay rejected (the ledger answers a resend of it
                 // with the rejection) after the flag is fixed or the policy stored. It waits instead.
-                Err(HostError::Rejected(why)) if requested.is_empty() => {
+                Err(HostError::Rejected(why) | HostError::NotStored(why)) if requested.is_empty() => {
                     error!(
                         "the server's default NATS policy {name:?} cannot be used: {why}; events naming no policies \
                          wait (store it, or fix --nats-policy)"
@@ -136,7 +136,9 @@ impl WorkerHost for ServerHost {
         for route in &decision.policies {
             match self.resolve(&route.policy_hash).await {
                 Ok(policy) => policies.push(policy),
-                Err(HostError::Rejected(why)) => warn!(key = item.key, "{why}; its review is queued without it"),
+                Err(HostError::Rejected(why) | HostError::NotStored(why)) => {
+                    warn!(key = item.key, "{why}; its review is queued without it")
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -499,6 +499,55 @@ async fn events_wait_for_a_default_policy_that_is_not_stored_yet() {
     delete_streams(&producer).await;
 }
 
+/// An event naming a policy that is not stored is rejected, but the rejection is not the key's settled answer:
+/// the same event sent again once the policy is stored is decided (it was answered with the rejection from the
+/// ledger for as long as the ledger kept it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_naming_a_policy_not_stored_yet_is_decided_when_sent_again() {
+    if !nats_up() {
+        eprintln!("skipped: NATS is not reachable at {URL} (bash scripts/setup.sh starts it)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(&dir.path().join("db.sqlite")).await.unwrap();
+    let mut nats = NatsConfig::new(URL, format!("sgnamed{}", &uuid::Uuid::new_v4().simple().to_string()[..10]));
+    nats.batch = 1;
+    let (server, base) = start(store, Arc::new(Panicky), nats.clone()).await;
+    let producer = Bus::connect(nats.clone()).await.unwrap();
+    // Keyed by its id, not a header: the stream would drop a resend of one Nats-Msg-Id for two minutes.
+    let event = serde_json::to_vec(&json!({"id": "named", "text": "Happy birthday, grandma!", "policies": ["promo"]}));
+    let send = || async {
+        let subject = nats.content_subject("named");
+        producer.js.publish(subject, event.as_ref().unwrap().clone().into()).await.unwrap().await.unwrap();
+    };
+    send().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rejection = loop {
+        let events = published(&producer).await.remove("named").unwrap_or_default();
+        if let Some(rejected) = events.into_iter().find(|e| e.status == EventStatus::Rejected) {
+            break rejected;
+        }
+        assert!(Instant::now() < deadline, "never rejected");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(rejection.error.as_deref().unwrap_or_default().contains("no policy \"promo\" is stored"), "{rejection:?}");
+    assert!(producer.decided("named").await.unwrap().is_none(), "not the key's settled answer");
+
+    let http = reqwest::Client::new();
+    let response = http.post(format!("{base}/v1/policies")).bearer_auth(ADMIN).json(&json!({"text": POLICY})).send();
+    assert!(response.await.unwrap().status().is_success());
+    send().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while producer.decided("named").await.unwrap().is_none() {
+        assert!(Instant::now() < deadline, "not decided when sent again after the policy was stored");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let decision = stored_once(&http, &base, "named").await;
+    assert_eq!(decision["outcome"], "allow", "{decision}");
+    server.shutdown().await.unwrap();
+    delete_streams(&producer).await;
+}
+
 /// The pending appeal reviews of the database, by the decision each belongs to.
 async fn pending_appeals(store: &Store) -> Vec<String> {
     let pending = store.list_reviews("pending", 1000).await.unwrap();

@@ -534,10 +534,6 @@ impl Store {
 /// How long [`Store::close`] waits for the database to see its connections closed.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// `CREATE SCHEMA IF NOT EXISTS` is not safe to run concurrently on PostgreSQL: two servers that both find the
-/// schema missing both insert it into `pg_namespace`, and the second fails on the unique index. Taking the
-/// migrations' lock first makes the second find it. One connection of its own, so that the statement runs in
-/// the session that holds the lock.
 /// Whether a store was ever made at `url` (in `schema`, on PostgreSQL): its SQLite file exists, or its PostgreSQL
 /// schema holds the migration table. Opening creates what is missing, which a command that only reads or changes
 /// what a server stored must not do: a mistyped path or schema would read as an empty store, with all well.
@@ -561,6 +557,10 @@ pub async fn store_exists(url: &str, schema: Option<&str>) -> Result<bool> {
     Ok(found?.is_some())
 }
 
+/// `CREATE SCHEMA IF NOT EXISTS` is not safe to run concurrently on PostgreSQL: two servers that both find the
+/// schema missing both insert it into `pg_namespace`, and the second fails on the unique index. Taking the
+/// migrations' lock first makes the second find it. One connection of its own, so that the statement runs in
+/// the session that holds the lock.
 async fn create_schema(url: &str, schema: &str) -> Result<()> {
     let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(url).await?;
     let created = async {

@@ -61,6 +61,12 @@ struct Key {
     triage_said: &'static str,
 }
 
+#[derive(Default)]
+struct Tally {
+    counts: BTreeMap<Key, Count>,
+    skipped: Skipped,
+}
+
 #[derive(Debug, Default)]
 struct Count {
     audited: u64,
@@ -90,44 +96,13 @@ pub fn audit(args: AuditArgs) -> anyhow::Result<ExitCode> {
 /// superseded counts with the appeal's answer: the item was drawn uniformly before anyone appealed it, and
 /// leaving it out would hide exactly the triage violations users disputed, the likeliest to be wrong.
 async fn tally(store: &Store, since: Option<i64>, policy: Option<&str>) -> anyhow::Result<Vec<AuditRow>> {
-    let mut counts: BTreeMap<Key, Count> = BTreeMap::new();
-    let mut skipped = Skipped::default();
-    let mut tally_answer = |audit: &ReviewRecord, answer: &ReviewRecord, decision: &DecisionRecord| {
-        // The text is not needed to count; the policies the person's answer applies to are.
-        let audited = corrections(answer, decision, "", &mut skipped)
-            .into_iter()
-            .find(|correction| audit.policy_hash.as_ref().is_none_or(|hash| *hash == correction.policy_hash));
-        let Some(correction) = audited else {
-            skipped.add("the appeal's answer is about another policy than the audited one");
-            return;
-        };
-        let Some(corrected) = correction.corrects.filter(|c| c.stage == Stage::Triage) else { return };
-        let triage_said = match corrected.violates {
-            Some(1) => "violation",
-            Some(_) => "allow",
-            None => return,
-        };
-        if policy.is_some_and(|name| name != correction.policy) {
-            return;
-        }
-        let key = Key {
-            policy: correction.policy,
-            policy_hash: correction.policy_hash,
-            triage_model: corrected.triage_model.map(|sha| (sha, corrected.triage_model_created)),
-            triage_said,
-        };
-        let count = counts.entry(key).or_default();
-        count.audited += 1;
-        count.overturned += u64::from(correction.violates != (triage_said == "violation"));
-        count.answered_on_appeal += u64::from(answer.id != audit.id);
-    };
-
+    let mut tally = Tally::default();
     let range = ExportRange { since, through: None };
     let mut after: Option<ExportCursor> = None;
     loop {
         let page = store.audits_page(AuditState::Decided, &range, after.as_ref()).await.context("reading audits")?;
         for (audit, decision) in &page.rows {
-            tally_answer(audit, audit, decision);
+            tally_answer(&mut tally, policy, audit, audit, decision);
         }
         if page.last || page.end.is_none() {
             break;
@@ -143,27 +118,38 @@ async fn tally(store: &Store, since: Option<i64>, policy: Option<&str>) -> anyho
             .await
             .context("reading audits superseded by appeals")?;
         for (audit, decision) in &page.rows {
-            let appeal = store.appeal_of(&decision.id).await.context("reading an audited item's appeal")?;
-            let Some(appeal) = appeal.filter(|appeal| appeal.status == "decided") else {
-                awaiting_appeal += 1;
+            if policy.is_some_and(|name| !audits_policy(audit, decision, name)) {
                 continue;
+            }
+            let appeal = store.appeal_of(&decision.id).await.context("reading an audited item's appeal")?;
+            let appeal = match appeal {
+                Some(appeal) if appeal.status == "decided" => appeal,
+                Some(_) => {
+                    awaiting_appeal += 1;
+                    continue;
+                }
+                None => {
+                    tally.skipped.add("the appeal that set the audit aside is gone (pruned)");
+                    continue;
+                }
             };
             let answered = appeal.decided_at.unwrap_or(i64::MIN);
             if since.is_some_and(|since| answered < since && decision.created_at < since) {
                 continue;
             }
-            tally_answer(audit, &appeal, decision);
+            tally_answer(&mut tally, policy, audit, &appeal, decision);
         }
         if page.last || page.end.is_none() {
             break;
         }
         after = page.end;
     }
-    skipped.report();
+    tally.skipped.report();
     if awaiting_appeal > 0 {
         eprintln!("  not counted yet: {awaiting_appeal} audited items whose appeal no one has answered");
     }
-    Ok(counts
+    Ok(tally
+        .counts
         .into_iter()
         .map(|(key, count)| AuditRow {
             error_rate: count.overturned as f64 / count.audited as f64,
@@ -178,6 +164,54 @@ async fn tally(store: &Store, since: Option<i64>, policy: Option<&str>) -> anyho
             answered_on_appeal: count.answered_on_appeal,
         })
         .collect())
+}
+
+/// Counts one person's answer on an audit: the audit's own, or the appeal's that superseded it.
+fn tally_answer(
+    tally: &mut Tally,
+    policy: Option<&str>,
+    audit: &ReviewRecord,
+    answer: &ReviewRecord,
+    decision: &DecisionRecord,
+) {
+    // The text is not needed to count; the policies the person's answer applies to are.
+    let answered = corrections(answer, decision, "", &mut tally.skipped);
+    let answered_any = !answered.is_empty();
+    let audited: Vec<_> = answered
+        .into_iter()
+        .filter(|correction| audit.policy_hash.as_ref().is_none_or(|hash| *hash == correction.policy_hash))
+        .collect();
+    if audited.is_empty() && answered_any && answer.id != audit.id {
+        tally.skipped.add("the appeal's answer is about another policy than the audited one");
+    }
+    for correction in audited {
+        let Some(corrected) = correction.corrects.filter(|c| c.stage == Stage::Triage) else { continue };
+        let triage_said = match corrected.violates {
+            Some(1) => "violation",
+            Some(_) => "allow",
+            None => continue,
+        };
+        if policy.is_some_and(|name| name != correction.policy) {
+            continue;
+        }
+        let key = Key {
+            policy: correction.policy,
+            policy_hash: correction.policy_hash,
+            triage_model: corrected.triage_model.map(|sha| (sha, corrected.triage_model_created)),
+            triage_said,
+        };
+        let count = tally.counts.entry(key).or_default();
+        count.audited += 1;
+        count.overturned += u64::from(correction.violates != (triage_said == "violation"));
+        count.answered_on_appeal += u64::from(answer.id != audit.id);
+    }
+}
+
+/// Whether `audit` (of `decision`) is of a version of policy `name`: the one it names, or any of the decision's
+/// where it names none.
+fn audits_policy(audit: &ReviewRecord, decision: &DecisionRecord, name: &str) -> bool {
+    let mut versions = decision.policy_names.iter().zip(&decision.policy_hashes);
+    versions.any(|(policy, hash)| policy == name && audit.policy_hash.as_ref().is_none_or(|audited| audited == hash))
 }
 
 /// The 95 % Wilson score interval of a proportion `k / n`: unlike the normal approximation it stays inside
