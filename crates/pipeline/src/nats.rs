@@ -1105,12 +1105,6 @@ impl Worker {
         None
     }
 
-    /// Rejects an event with no key at all (no `Nats-Msg-Id`, no `"id"`), under its place in the stream.
-    ///
-    /// It gets no ledger slot: every slot may be a real key's (a fixed stand-in such as "unknown" was shared by
-    /// every keyless event and by the item keyed "unknown"), and a rejection needs no arbitration: a redelivery
-    /// rejects it the same way. It goes out on `{prefix}.decisions.unkeyed.{sequence}`, two tokens where each
-    /// key's subject has one, so no key's subject or message id can equal it.
     /// Rejects an event for what the host holds now ([`HostError::NotStored`]), not for what it is: published, never
     /// written to the ledger, so the key stays free for the same event sent again. Not published over a decision
     /// or a person's answer on the key (another delivery's, settled meanwhile): the producer's last word stays the
@@ -1136,6 +1130,13 @@ impl Worker {
         None
     }
 
+    /// Rejects an event with no usable key (no `Nats-Msg-Id` and no `"id"`, or one too long to keep), for `error`,
+    /// under its place in the stream.
+    ///
+    /// It gets no ledger slot: every slot may be a real key's (a fixed stand-in such as "unknown" was shared by
+    /// every keyless event and by the item keyed "unknown"), and a rejection needs no arbitration: a redelivery
+    /// rejects it the same way. It goes out on `{prefix}.decisions.unkeyed.{sequence}`, two tokens where each
+    /// key's subject has one, so no key's subject or message id can equal it.
     async fn reject_unkeyed(&self, message: &jetstream::Message, error: &str) -> Option<Duration> {
         let place = match message.info() {
             Ok(info) => info.stream_sequence.to_string(),
