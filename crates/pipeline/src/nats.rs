@@ -1117,10 +1117,7 @@ impl Worker {
         error: &str,
     ) -> Option<Duration> {
         warn!(?key, ?error, "rejecting a content event until its policy is stored");
-        let place = match message.info() {
-            Ok(info) => info.stream_sequence.to_string(),
-            Err(_) => uuid::Uuid::new_v4().simple().to_string(),
-        };
+        let place = stream_place(message);
         let event = rejected(key, item_id, error);
         // One id per delivery: a resend is answered again, a duplicate publish of this one is not.
         let id = format!("{}:{:?}:{place}", subject_token(&event.key), event.status);
@@ -1138,10 +1135,7 @@ impl Worker {
     /// rejects it the same way. It goes out on `{prefix}.decisions.unkeyed.{sequence}`, two tokens where each
     /// key's subject has one, so no key's subject or message id can equal it.
     async fn reject_unkeyed(&self, message: &jetstream::Message, error: &str) -> Option<Duration> {
-        let place = match message.info() {
-            Ok(info) => info.stream_sequence.to_string(),
-            Err(_) => uuid::Uuid::new_v4().simple().to_string(),
-        };
+        let place = stream_place(message);
         let subject = format!("unkeyed.{place}");
         warn!(%subject, %error, "rejecting a content event");
         let event = rejected(subject.clone(), None, error);
@@ -1257,6 +1251,15 @@ impl Worker {
         let msg_id = format!("{token}:{:?}:{id}", published.status);
         // Its id is the same for every delivery of this body, so a person may have decided it already.
         self.finish(message, &published, &msg_id, &whole, content, true, stop).await;
+    }
+}
+
+/// Where an event sits in the stream (its sequence), for the ids of answers it gets outside the ledger; a fresh
+/// id where the message cannot say.
+fn stream_place(message: &jetstream::Message) -> String {
+    match message.info() {
+        Ok(info) => info.stream_sequence.to_string(),
+        Err(_) => uuid::Uuid::new_v4().simple().to_string(),
     }
 }
 

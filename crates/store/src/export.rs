@@ -65,13 +65,6 @@ pub enum AuditState {
     Superseded,
 }
 
-#[derive(Debug, Clone, Copy)]
-enum ReviewSet {
-    Decided,
-    DecidedAudits,
-    SupersededAudits,
-}
-
 impl Store {
     /// Decided reviews with the decision each judged, in the order people decided them (`decided_at`, then id,
     /// which breaks ties within a millisecond the same way in every read; a decided review without a
@@ -84,7 +77,7 @@ impl Store {
         range: &ExportRange,
         after: Option<&ExportCursor>,
     ) -> Result<ExportPage<(ReviewRecord, DecisionRecord)>> {
-        self.reviews_page(ReviewSet::Decided, range, after).await
+        self.reviews_page(None, range, after).await
     }
 
     /// Audits of triage (reviews of kind `audit`) in the order of their `decided_at`, with the decision each is
@@ -100,25 +93,22 @@ impl Store {
         range: &ExportRange,
         after: Option<&ExportCursor>,
     ) -> Result<ExportPage<(ReviewRecord, DecisionRecord)>> {
-        let set = match state {
-            AuditState::Decided => ReviewSet::DecidedAudits,
-            AuditState::Superseded => ReviewSet::SupersededAudits,
-        };
-        self.reviews_page(set, range, after).await
+        self.reviews_page(Some(state), range, after).await
     }
 
+    /// Decided reviews of every kind (`audits: None`), or the audits in one state.
     async fn reviews_page(
         &self,
-        set: ReviewSet,
+        audits: Option<AuditState>,
         range: &ExportRange,
         after: Option<&ExportCursor>,
     ) -> Result<ExportPage<(ReviewRecord, DecisionRecord)>> {
         // Fixed strings of this file, never input. Superseded audits take `since` without applying it: every page
         // query binds the same parameters.
-        let (status, kind, since) = match set {
-            ReviewSet::Decided => ("decided", "", SINCE),
-            ReviewSet::DecidedAudits => ("decided", "AND kind = 'audit'", SINCE),
-            ReviewSet::SupersededAudits => ("superseded", "AND kind = 'audit'", "$1 = $1"),
+        let (status, kind, since) = match audits {
+            None => ("decided", "", SINCE),
+            Some(AuditState::Decided) => ("decided", "AND kind = 'audit'", SINCE),
+            Some(AuditState::Superseded) => ("superseded", "AND kind = 'audit'", "$1 = $1"),
         };
         let rows = self
             .page_rows(

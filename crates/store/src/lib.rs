@@ -123,6 +123,17 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// The backend a `sqlite:` or `postgres://` URL names.
+    fn of(url: &str) -> Result<Backend> {
+        if url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else {
+            Err(StoreError::UnsupportedUrl(redact_url(url)))
+        }
+    }
+
     /// SQL for "now" in unix milliseconds by the database's clock, the same value wherever it appears in one
     /// statement. Leases and due times are written and compared with it, never with [`now_ms`]: servers sharing
     /// one PostgreSQL database each have their own clock, and one running ahead by more than a lease would take
@@ -388,13 +399,7 @@ impl Store {
     #[tracing::instrument(skip_all, fields(backend))]
     pub async fn connect(url: &str, options: StoreOptions) -> Result<Store> {
         install_default_drivers();
-        let backend = if url.starts_with("sqlite:") {
-            Backend::Sqlite
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Backend::Postgres
-        } else {
-            return Err(StoreError::UnsupportedUrl(redact_url(url)));
-        };
+        let backend = Backend::of(url)?;
         tracing::Span::current().record("backend", format_args!("{backend:?}"));
         if let Some(schema) = &options.schema
             && !valid_schema_name(schema)
@@ -539,11 +544,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// what a server stored must not do: a mistyped path or schema would read as an empty store, with all well.
 pub async fn store_exists(url: &str, schema: Option<&str>) -> Result<bool> {
     install_default_drivers();
-    if url.starts_with("sqlite:") {
+    if Backend::of(url)? == Backend::Sqlite {
         return Ok(sqlite_file(url)?.is_none_or(|path| path.exists()));
-    }
-    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-        return Err(StoreError::UnsupportedUrl(redact_url(url)));
     }
     let mut conn = <sqlx::AnyConnection as sqlx::Connection>::connect(url).await?;
     let found = sqlx::query(
