@@ -347,7 +347,8 @@ impl ActiveLearning {
     }
 
     /// The policies of a settled decision to show a person, with why, or nothing when the decision is not
-    /// a candidate or not drawn. The draws hash the decision id, so the same decision is always drawn the same
+    /// a candidate or not drawn: at most one as a disagreement sample and one as an audit, each review asking
+    /// about one policy. The draws hash the decision id, so the same decision is always drawn the same
     /// way (a redelivered NATS event is not sampled twice with different luck); the audit's draw is keyed apart,
     /// so that being a candidate of one kind neither helps nor hurts the other.
     ///
@@ -362,12 +363,19 @@ impl ActiveLearning {
         };
         let mut picked: Vec<Picked> = Vec::new();
         if self.rate > 0.0 && decision.decided_by != Stage::HumanReview {
-            let candidates = decision.policies.iter().filter_map(|route| {
-                sample_for_review(route, self.margin, self.min_confidence).map(|why| picked_route(route, why))
-            });
-            picked.extend(candidates);
-            if !picked.is_empty() && !drawn(&id, self.rate) {
-                picked.clear();
+            let candidates: Vec<(&PolicyRoute, SampleReason)> = decision
+                .policies
+                .iter()
+                .filter_map(|route| sample_for_review(route, self.margin, self.min_confidence).map(|why| (route, why)))
+                .collect();
+            // A person answers one policy's question, as for the audit below: of several candidates, one is kept,
+            // and the review asks about it alone (the others' labels would never come).
+            let candidates: Vec<&(&PolicyRoute, SampleReason)> = candidates.iter().collect();
+            if !candidates.is_empty()
+                && drawn(&id, self.rate)
+                && let Some((route, why)) = pick_one(&candidates, &format!("sample-policy:{id}"))
+            {
+                picked.push(picked_route(route, why.clone()));
             }
         }
         if self.audit_rate > 0.0 {
@@ -522,6 +530,21 @@ mod tests {
         ]);
         let picked = every.pick(&disagree);
         assert_eq!(picked.len(), 1, "only the policy triage disagreed on: {picked:?}");
+        // Of several candidates one is kept, each as often: a person's answer is for one policy.
+        let mut per_policy = [0usize; 2];
+        for _ in 0..600 {
+            let mut routes = vec![
+                route(Outcome::Allow, Stage::ReasoningLow, Some(0.9), None),
+                route(Outcome::Violation, Stage::ReasoningLow, Some(0.55), None),
+            ];
+            for (i, r) in routes.iter_mut().enumerate() {
+                (r.policy, r.policy_hash) = (format!("p{i}"), format!("sha256:p{i}"));
+            }
+            let picked = every.pick(&decision_of(routes));
+            assert_eq!(picked.len(), 1, "{picked:?}");
+            per_policy[picked[0].policy[1..].parse::<usize>().unwrap()] += 1;
+        }
+        assert!(per_policy.iter().all(|&n| n >= 200), "{per_policy:?} of 600");
         assert_eq!(picked[0].why.kind(), "triage_model_disagree");
         assert!(picked[0].why.to_string().contains("0.90"));
         assert!(ActiveLearning::off().pick(&disagree).is_empty());

@@ -792,6 +792,7 @@ fn allow_everything_head(encoder: Arc<safeguard_triage::LoadedEncoder>) -> safeg
         },
         out_of_fold: HeadMetrics { items: 0, violations: 0, recall: None, skip_rate: None, auc: None },
         created: "2026-01-01T00:00:00Z".into(),
+        model: None,
     };
     EmbeddingHead::from_meta(meta, encoder).unwrap()
 }

@@ -224,6 +224,14 @@ fn filters_and_bad_arguments_are_clear() {
     assert!(stderr.contains("cannot create") && stderr.contains("export.jsonl"), "{stderr}");
     assert!(!nowhere.exists());
 
+    // A mistyped database is refused, not made (and migrated) empty and exported as "nothing".
+    let typo = dir.path().join("decisons.db");
+    let typo_url = format!("sqlite://{}", typo.display());
+    let output = safeguard(&["export", "dataset", "--database", &typo_url, "--out", out_s]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no database at"), "{output:?}");
+    assert!(!typo.exists(), "the export made the database it was asked to read");
+
     // NaN would be written as null, which triage reads as weight 1; 0 and negatives teach nothing or fail later.
     for weight in ["nan", "inf", "0", "-2"] {
         let flag = format!("--human-weight={weight}");

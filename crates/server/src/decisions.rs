@@ -157,7 +157,14 @@ pub(crate) async fn replay(
     let (mut record, reasoning) =
         record_of(&decision, &policies, &content, &settings, Origin::of(&caller, "replay"), None);
     record.replay_of = Some(original.id.clone());
-    state.store.insert_decision(&record, Some(&reasoning)).await?;
+    match state.store.insert_replay(&record, Some(&reasoning)).await {
+        Ok(()) => {}
+        // Pruned while the replay was reasoned.
+        Err(safeguard_store::StoreError::DecisionNotFound(_)) => {
+            return Err(ApiError::NotFound(format!("no decision {id}")));
+        }
+        Err(other) => return Err(other.into()),
+    }
     count_decision(&decision, "replay", elapsed);
     let verdict_summary = |verdicts: &Value| -> Vec<(Value, Value)> {
         verdicts

@@ -367,7 +367,7 @@ pub(crate) const NATS_SOURCE: &str = "nats:";
 
 /// Whether a decision with this source that names another in `replay_of` is an appeal of it: made over HTTP, or
 /// on the bus (the host links a bus decision to another only when it appeals it).
-fn is_appeal_source(source: &str) -> bool {
+pub(crate) fn is_appeal_source(source: &str) -> bool {
     source == "appeal" || source.starts_with(NATS_SOURCE)
 }
 

@@ -566,7 +566,21 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models", get(openai::models))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::keyless_only_from_here))
+        .layer(axum::middleware::from_fn(refuse_nul_in_url))
         .with_state(state)
+}
+
+/// A NUL (`%00`) in a path segment or query value names nothing a route stores, but the stores disagree on
+/// saying so: SQLite finds no row, PostgreSQL refuses the text, which reads as a storage failure (a 503 that
+/// clients retry). Refused alike for every route, before any handler reads it.
+async fn refuse_nul_in_url(request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let has_nul = |part: &str| part.as_bytes().windows(3).any(|w| w == b"%00");
+    let uri = request.uri();
+    if has_nul(uri.path()) || uri.query().is_some_and(has_nul) {
+        return ApiError::bad("invalid_url", "the URL holds a NUL character (%00)").into_response();
+    }
+    next.run(request).await
 }
 
 async fn health() -> &'static str {

@@ -193,15 +193,15 @@ async fn queue_sample(state: &AppState, cascade: &CascadeDecision, decision_id: 
             continue;
         }
         let reason = picked.iter().map(|p| format!("{}: {}", p.policy, p.why)).collect::<Vec<_>>().join(" | ");
-        // An audit is of one policy version, and the person's answer must be for it.
-        let audited = (kind == "audit").then(|| picked.first().map(|picked| picked.policy_hash.clone())).flatten();
+        // Each asks about one policy version, and the person's answer must be for it.
+        let asked = picked.first().map(|picked| picked.policy_hash.clone());
         let review = NewReview {
             decision_id: decision_id.to_string(),
             kind: kind.into(),
             priority: SAMPLE_PRIORITY,
             reason: Some(format!("active learning: {reason}")),
             sla_ms: None,
-            policy_hash: audited,
+            policy_hash: asked,
         };
         // A redelivered event draws the same sample (the draw hashes the decision id): counted once.
         if !state.store.queue_review(&review).await?.fresh {

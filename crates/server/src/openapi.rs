@@ -189,11 +189,13 @@ pub(crate) fn document() -> Value {
                     Some(json!({"type": "object", "properties": {"reason": {"type": "string", "description": "why the decision is appealed, shown to the reviewer"}}})),
                     "200", any.clone())},
             "/v1/reviews": {"get": {
-                "summary": "The review queue: pending reviews past their SLA first (longest overdue first), then by priority, then due time; with the queue's stats (pending, overdue, decided, overrides, agreement_rate; audits of triage apart: audits_decided, audits_overturned)",
+                "summary": "The review queue: pending reviews past their SLA first (longest overdue first), then by priority, then due time; decided and superseded reviews latest first (decided_at, then id), a page at a time (next_page: the before and before_id of the next page, null on the last); with the queue's stats (pending, overdue, decided, overrides, agreement_rate; audits of triage apart: audits_decided, audits_overturned)",
                 "security": [{"bearer": ["review"]}],
                 "parameters": [
                     {"name": "status", "in": "query", "schema": {"enum": ["pending", "decided", "superseded"], "default": "pending"}},
-                    {"name": "limit", "in": "query", "schema": {"type": "integer", "default": 50}}],
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "default": 50, "maximum": 1000}},
+                    {"name": "before", "in": "query", "schema": {"type": "integer"}, "description": "decided and superseded only: unix ms, from next_page"},
+                    {"name": "before_id", "in": "query", "schema": {"type": "string"}, "description": "with before, from next_page"}],
                 "responses": {"200": {"description": "reviews and stats"}}}},
             "/v1/reviews/{id}": {"parameters": [path_param("id")],
                 "get": op("One review with its decision: content, verdicts, reasoning and the policy text the cited rules link to (for a pending audit, kind audit, only the audited policy, the review's policy_hash). For the review page, decision.judged_text is the part of the content triage scored (null for content this build cannot read), and each cascade verdict adds escalation_reasons (its escalations in words, in order; one that no longer parses shows its kind) and, where triage matched rules, triage_highlights ([{start, end, rule, action, kind}] with start and end in UTF-16 code units of judged_text, as JavaScript indexes strings; spans that do not fall on its characters are left out)", Some("review"), None, "200", any.clone())},

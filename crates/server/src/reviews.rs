@@ -158,6 +158,10 @@ pub(crate) struct ListQuery {
     status: String,
     #[serde(default = "fifty")]
     limit: i64,
+    /// Decided and superseded reviews come latest first, a page at a time: the `next_page` of the reply before
+    /// (its last row's `decided_at` and id).
+    before: Option<i64>,
+    before_id: Option<String>,
 }
 
 fn pending() -> String {
@@ -175,7 +179,7 @@ fn review_json(review: &ReviewRecord, decision: Option<&DecisionRecord>) -> Valu
             "decision".into(),
             json!({
                 "id": d.id, "outcome": d.outcome, "policies": d.policy_names, "created_at": d.created_at,
-                "excerpt": excerpt(&content_text(&d.content), 140),
+                "excerpt": excerpt(&excerpt_text(&d.content), 140),
             }),
         );
     }
@@ -191,7 +195,31 @@ pub(crate) async fn list(
     if !matches!(query.status.as_str(), "pending" | "decided" | "superseded") {
         return Err(ApiError::bad("invalid_status", "status is \"pending\", \"decided\" or \"superseded\""));
     }
-    let reviews = state.store.list_reviews(&query.status, query.limit).await?;
+    let before = match (query.before, query.before_id.as_deref()) {
+        (None, None) => None,
+        (Some(at), Some(id)) if query.status != "pending" => Some((at, id)),
+        _ if query.status == "pending" => {
+            return Err(ApiError::bad(
+                "invalid_query",
+                "the pending queue is worked from its head; before and before_id page decided and superseded reviews",
+            ));
+        }
+        _ => {
+            return Err(ApiError::bad("invalid_query", "before and before_id go together (the next_page of a reply)"));
+        }
+    };
+    let reviews = if query.status == "pending" {
+        state.store.list_reviews(&query.status, query.limit).await?
+    } else {
+        state.store.list_settled_reviews(&query.status, before, query.limit).await?
+    };
+    // A full page may have more behind it; the queue itself has no pages (its order changes as it is worked).
+    let next_page = match reviews.last() {
+        Some(last) if query.status != "pending" && reviews.len() as i64 >= query.limit.clamp(1, 1000) => {
+            json!({"before": last.decided_at, "before_id": last.id})
+        }
+        _ => Value::Null,
+    };
     let mut items = Vec::with_capacity(reviews.len());
     for review in &reviews {
         let decision = state.store.get_decision(&review.decision_id).await?;
@@ -200,7 +228,7 @@ pub(crate) async fn list(
     let stats = state.store.review_stats().await?;
     let mut stats_json = serde_json::to_value(stats).unwrap_or(Value::Null);
     stats_json["agreement_rate"] = json!(agreement_rate(&stats));
-    Ok(Json(json!({"reviews": items, "stats": stats_json})))
+    Ok(Json(json!({"reviews": items, "stats": stats_json, "next_page": next_page})))
 }
 
 pub(crate) async fn get_one(
@@ -223,7 +251,8 @@ pub(crate) async fn get_one(
     };
     let mut policies = Vec::new();
     let mut defines_rules = false;
-    // An audit's answer may apply only the audited policy's rules (`decide`): the page offers no others.
+    // An audit's or a sample's answer may apply only the rules of the policy asked about (`decide`): the page
+    // offers no others.
     for hash in judged_policies(&review, &decision) {
         match stored_policy(&state, hash).await {
             Ok(Some(policy)) => {
@@ -362,15 +391,17 @@ fn utf16_positions(text: &str, bytes: &BTreeSet<usize>) -> BTreeMap<usize, usize
     positions
 }
 
-/// The policy version a pending audit is of (set when it was queued), whose rules alone its answer may apply.
-fn audited_policy(review: &ReviewRecord) -> Option<&str> {
-    (review.kind == "audit" && review.status == "pending").then_some(review.policy_hash.as_deref()).flatten()
+/// The policy version a pending review asks about, whose rules alone its answer may apply: an audit's or an
+/// active-learning sample's, set when it was queued. (Once decided, the column holds the version the answer
+/// applied.)
+fn asked_policy(review: &ReviewRecord) -> Option<&str> {
+    (review.status == "pending").then_some(review.policy_hash.as_deref()).flatten()
 }
 
-/// The policy versions a person's answer to `review` may apply the rules of: the audited one for a pending audit,
-/// else every one the item was judged under.
+/// The policy versions a person's answer to `review` may apply the rules of: the one it asks about, if any, else
+/// every one the item was judged under.
 fn judged_policies<'a>(review: &'a ReviewRecord, decision: &'a DecisionRecord) -> impl Iterator<Item = &'a String> {
-    let audited = audited_policy(review);
+    let audited = asked_policy(review);
     decision.policy_hashes.iter().filter(move |hash| audited.is_none_or(|audited| audited == hash.as_str()))
 }
 
@@ -427,9 +458,9 @@ pub(crate) async fn decide(
         .get_decision(&review.decision_id)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("decision {}", review.decision_id)))?;
-    // The rule must exist in one of the policy versions the item was judged under; in the audited one, for an
-    // audit: an answer about another policy would leave the audited one unanswered.
-    let audited = audited_policy(&review);
+    // The rule must exist in one of the policy versions the item was judged under; in the one asked about, for an
+    // audit or a sample: an answer about another policy would leave that one unanswered.
+    let audited = asked_policy(&review);
     let judged_hashes: Vec<&String> = judged_policies(&review, &decision).collect();
     let mut policy_hash = None;
     let mut defines_rules = false;
@@ -477,7 +508,7 @@ pub(crate) async fn decide(
             format!("they define no rule ids (or can no longer be loaded): cite \"{NO_RULE}\"")
         };
         let judged = match audited {
-            Some(hash) => format!("the policy this audit is of ({hash})"),
+            Some(hash) => format!("the policy this {} is about ({hash})", review.kind),
             None => "the policies this item was judged under".to_string(),
         };
         return Err(ApiError::bad("unknown_rule", format!("rule {rule_id:?} is not defined in {judged}; {hint}")));
@@ -541,22 +572,12 @@ async fn job_delivery(
     verdict: &ReviewDecision,
     decided_at: i64,
 ) -> Result<Option<safeguard_store::NewDelivery>, ApiError> {
-    // An appeal's answer is the answer for the item the job decided, stored under the appealed decision (an
-    // appeal of an appeal goes back through appeals only, never through a replay).
-    let mut job_decision = Cow::Borrowed(decision);
-    if review.kind == "appeal" {
-        // Bounded: each step goes to an older decision, but a hand-edited database could hold a loop.
-        for _ in 0..16 {
-            if job_decision.job_id.is_some() || job_decision.source != "appeal" {
-                break;
-            }
-            let Some(appealed) = &job_decision.replay_of else { break };
-            let Some(earlier) = state.store.get_decision(appealed).await? else { break };
-            job_decision = Cow::Owned(earlier);
-        }
-    } else if review.kind != "review" {
-        return Ok(None);
-    }
+    // An appeal's answer is the answer for the item the job decided, stored under the appealed decision.
+    let job_decision = match review.kind.as_str() {
+        "appeal" => appealed_item(state, decision).await?,
+        "review" => Cow::Borrowed(decision),
+        _ => return Ok(None),
+    };
     let Some(job_id) = &job_decision.job_id else { return Ok(None) };
     let Some(job) = state.store.get_job(job_id).await? else {
         tracing::warn!(job = %job_id, "a person decided a job's item, but the job is no longer stored to tell");
@@ -578,6 +599,26 @@ async fn job_delivery(
     Ok(Some(safeguard_store::NewDelivery { job_id: job.id, url, body: body.to_string() }))
 }
 
+/// The item an appeal decision appeals: back through appeals (over HTTP or the bus) only, never through a replay,
+/// which decides the item anew. `decision` itself when it is no appeal. Appeals made before appeals of an appeal
+/// were refused can form a chain; a decision pruned from under one ends the walk where it is.
+pub(crate) async fn appealed_item<'a>(
+    state: &AppState,
+    decision: &'a DecisionRecord,
+) -> Result<Cow<'a, DecisionRecord>, ApiError> {
+    let mut item = Cow::Borrowed(decision);
+    // Bounded: each step goes to an older decision, but a hand-edited database could hold a loop.
+    for _ in 0..16 {
+        if !crate::ingest::is_appeal_source(&item.source) {
+            break;
+        }
+        let Some(appealed) = &item.replay_of else { break };
+        let Some(earlier) = state.store.get_decision(appealed).await? else { break };
+        item = Cow::Owned(earlier);
+    }
+    Ok(item)
+}
+
 /// What the model said in one verdict, as an outcome a person can agree with; `None` if it said nothing clear.
 fn model_outcome(verdict: &Value) -> Option<String> {
     match verdict.get("violation")?.as_bool()? {
@@ -594,7 +635,10 @@ pub(crate) struct AppealBody {
 
 /// An appeal re-runs the item at high effort under the same policy versions, then goes to a person whatever
 /// the model says this time. A decision is appealed once: appealing it again (a client's retry of a request
-/// whose reply it never got) answers with the appeal already made, pending or decided, and stores nothing.
+/// whose reply it never got) answers with the appeal already made, pending or decided, and stores nothing. So
+/// does appealing the appeal's own decision: an item has one appeal, and a chain of them would take the pending
+/// appeal from the reviewer answering it each time, and hide the answer from a job's webhook and a bus producer,
+/// who follow one appeal back to their item.
 pub(crate) async fn appeal(
     State(state): State<AppState>,
     caller: Caller,
@@ -611,12 +655,16 @@ pub(crate) async fn appeal(
     ApiError::refuse_nul("reason", body.reason.as_deref().unwrap_or_default())?;
     // Another client's decision answers as a missing one: its verdicts are not this caller's to read, nor its
     // reasoning budget theirs to spend.
-    let original = state
+    let named = state
         .store
         .get_decision(&id)
         .await?
         .filter(|decision| caller.may_act_for(decision.submitted_by.as_deref()))
         .ok_or_else(|| ApiError::NotFound(format!("decision {id}")))?;
+    let original = Some(appealed_item(&state, &named).await?.into_owned())
+        .filter(|item| caller.may_act_for(item.submitted_by.as_deref()))
+        .ok_or_else(|| ApiError::NotFound(format!("decision {id}")))?;
+    let id = original.id.clone();
     // Looked up before reasoning, so a retry neither pays for the model again nor waits for it.
     if let Some(existing) = state.store.appeal_of(&id).await? {
         return existing_appeal(&state, &id, &existing).await;
@@ -703,8 +751,11 @@ pub(crate) async fn page() -> impl axum::response::IntoResponse {
     )
 }
 
-fn content_text(content: &Value) -> String {
-    shown_text(stored_content(content).as_ref(), content)
+/// What a queue row shows of its item: the part judged (the prompt, the response, a conversation's last message).
+/// The user message starts, for every kind but plain text, with the same sentence of framing, longer than the
+/// excerpt: every row would read alike.
+fn excerpt_text(content: &Value) -> String {
+    stored_content(content).map_or_else(|| content.to_string(), |parsed| parsed.judged_text().to_string())
 }
 
 /// Stored content as this build reads it; `None` for content it cannot.

@@ -217,6 +217,17 @@ async fn classify_decides_stores_and_fails_closed() {
     assert!(metrics.contains("safeguard_decisions_total"), "{metrics}");
     assert!(metrics.contains("safeguard_backend_errors_total"));
     assert!(metrics.contains("safeguard_decision_latency_seconds_bucket"));
+
+    // The queue shows a prompt by its own words: the user message's framing sentence, the same for every prompt,
+    // is longer than the excerpt.
+    let (_, prompt) = h
+        .call("POST", "/v1/classify", Some(&key), Some(json!({"prompt": "FAIL on this prompt", "policies": ["spam"]})))
+        .await;
+    assert_eq!(prompt["outcome"], "needs_review", "{prompt}");
+    let (_, queue) = h.call("GET", "/v1/reviews?limit=100", Some(&reviewer), None).await;
+    let row = queue["reviews"].as_array().unwrap().iter().find(|r| r["decision_id"] == prompt["decision_id"]);
+    let row = row.unwrap_or_else(|| panic!("not queued: {queue}"));
+    assert_eq!(row["decision"]["excerpt"], "FAIL on this prompt", "{row}");
 }
 
 #[tokio::test]
@@ -834,6 +845,12 @@ async fn every_undecided_decision_reaches_the_review_queue() {
 
     let (status, bad) = h.call("GET", "/v1/reviews?limit=many", Some(&reviewer), None).await;
     assert_eq!((status, &bad["error"]["code"]), (400, &json!("invalid_query")), "a JSON error like every other: {bad}");
+    // A NUL names nothing, on either store (PostgreSQL would refuse the text, which reads as a storage failure).
+    for url in ["/v1/reviews/%00", "/v1/decisions/x%00/appeal", "/v1/decisions?policy=spam%00"] {
+        let method = if url.ends_with("appeal") { "POST" } else { "GET" };
+        let (status, refused) = h.call(method, url, Some(&reviewer), None).await;
+        assert_eq!((status, &refused["error"]["code"]), (400, &json!("invalid_url")), "{url}: {refused}");
+    }
     let (status, queue) = h.call("GET", "/v1/reviews?status=pending&limit=100", Some(&reviewer), None).await;
     assert_eq!(status, 200, "{queue}");
     let queued: Vec<(String, String)> = queue["reviews"]
@@ -1888,6 +1905,16 @@ async fn an_appeal_is_made_once_per_decision() {
     assert_eq!((again["appeal_of"].as_str(), again["repeated"].as_bool()), (Some(id), Some(true)), "{again}");
     assert_eq!(again["decision"]["effort"], "high", "{again}");
     assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), calls, "the retry asked the model again");
+    // The appeal's own decision is the item's too: appealing it is appealing the item again, not a second appeal
+    // that would take the first from its reviewer.
+    let appeal_id = first["decision"]["decision_id"].as_str().unwrap();
+    let (status, chained) = h
+        .call("POST", &format!("/v1/decisions/{appeal_id}/appeal"), Some(&key), Some(json!({"reason": "again"})))
+        .await;
+    assert_eq!(status, 200, "{chained}");
+    assert_eq!((chained["appeal_of"].as_str(), chained["repeated"].as_bool()), (Some(id), Some(true)), "{chained}");
+    assert_eq!(chained["review_id"], first["review_id"], "{chained}");
+    assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), calls, "appealing the appeal asked the model again");
 
     let (_, decisions) = h.call("GET", "/v1/decisions?limit=100", Some(&auditor), None).await;
     let appeals: Vec<&Value> =
@@ -1905,6 +1932,19 @@ async fn an_appeal_is_made_once_per_decision() {
     assert_eq!(status, 200, "{decided}");
     let (status, later) = h.call("POST", &path, Some(&key), None).await;
     assert_eq!((status, &later["review_id"]), (200, &first["review_id"]), "{later}");
+
+    // Answered reviews page latest first; the pending queue has no pages.
+    let (status, decided) = h.call("GET", "/v1/reviews?status=decided&limit=1", Some(&auditor), None).await;
+    assert_eq!(status, 200, "{decided}");
+    assert_eq!(decided["reviews"][0]["id"], first["review_id"], "{decided}");
+    let next = &decided["next_page"];
+    assert_eq!(next["before_id"], first["review_id"], "{decided}");
+    let url = format!("/v1/reviews?status=decided&before={}&before_id={}", next["before"], review);
+    let (status, rest) = h.call("GET", &url, Some(&auditor), None).await;
+    assert_eq!((status, rest["reviews"].as_array().map(Vec::len)), (200, Some(0)), "{rest}");
+    assert_eq!(rest["next_page"], Value::Null, "{rest}");
+    let (status, refused) = h.call("GET", "/v1/reviews?before=1&before_id=x", Some(&auditor), None).await;
+    assert_eq!((status, &refused["error"]["code"]), (400, &json!("invalid_query")), "{refused}");
 }
 
 /// A decision and a job belong to the client (key name) that submitted them. Another client's key may not appeal

@@ -101,6 +101,12 @@ async fn classify_cascades_by_default_samples_for_review_and_reports_its_rates()
     };
     assert!(reason_of(disagreed_id).contains("disagree"), "{}", reason_of(disagreed_id));
     assert!(reason_of(near_id).contains("barely"), "{}", reason_of(near_id));
+    // Each sample asks about the policy it was drawn for, and a person's answer is taken for that one only.
+    for id in [disagreed_id, near_id] {
+        let sample = reviews.iter().find(|r| r["decision_id"] == id).unwrap();
+        let asked = sample["policy_hash"].as_str().unwrap_or_else(|| panic!("no policy asked about: {sample}"));
+        assert!(asked.starts_with("sha256:"), "{sample}");
+    }
 
     // Metrics before anything was skipped or reviewed.
     let before = h.metrics().await;

@@ -107,7 +107,7 @@ async fn an_audit_of_several_settled_policies_is_of_one_and_its_answer_is_that_p
     let (other, _) = audited.iter().find(|(_, hash)| *hash == sure).unwrap();
     let (status, refused) = h.call("POST", &format!("/v1/reviews/{other}/decide"), Some(body)).await;
     assert_eq!((status, refused["error"]["code"].as_str()), (400, Some("unknown_rule")), "{refused}");
-    assert!(refused["error"]["message"].as_str().unwrap().contains("this audit is of"), "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains("this audit is about"), "{refused}");
     h.server.shutdown().await.unwrap();
 }
 

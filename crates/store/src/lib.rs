@@ -512,6 +512,16 @@ impl Store {
         matches!(tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&self.pool)).await, Ok(Ok(_)))
     }
 
+    /// A transaction for a check-then-write that must not race another (a prune against an appeal): on SQLite it
+    /// takes the write lock as it begins; on PostgreSQL it reads, after a row lock, what the lock's last holder
+    /// committed (READ COMMITTED, whatever the database's default).
+    pub(crate) async fn begin_locking(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
+        Ok(match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin_with("BEGIN ISOLATION LEVEL READ COMMITTED").await?,
+        })
+    }
+
     pub async fn close(&self) {
         self.decision_writer.close().await;
         // A connection whose peer went silent (a commit that timed out on it is still rolling back) would hold

@@ -3,7 +3,7 @@
 //! content forever (or only has so much disk) prunes on a schedule (`safeguard prune`, `serve --retain-days`).
 //!
 //! What is never deleted, however old: an item a person still has to decide (a pending review), a person's
-//! decision on a bus item not yet announced to its producer, a decision any stored appeal or replay names (it goes
+//! decision on a bus item not yet announced to its producer, or made within the period (its age is the answer's), a decision any stored appeal or replay names (it goes
 //! on a later run, once they have gone), a job not yet finished or whose webhook is still being sent or failed
 //! within the period. Policy versions go only when asked, and only one that is not active, that no kept decision
 //! or unfinished job names, and that no server has read to decide with for the whole period (servers record that
@@ -46,13 +46,15 @@ pub struct Pruned {
 }
 
 /// A decision `d` that may go: old enough, and nothing kept still needs it. An appeal or replay is always newer
-/// than what it names, so the named decision waits for it to go first.
+/// than what it names, so the named decision waits for it to go first. A person's answer counts as new: a
+/// correction made today of last month's decision stays for the period, for the exports that retrain on it.
 fn decision_prunable(keep_reviewed: bool) -> String {
     let reviewed = if keep_reviewed { "OR r.status = 'decided'" } else { "" };
     format!(
         "d.created_at < $1 \
          AND NOT EXISTS (SELECT 1 FROM reviews r WHERE r.decision_id = d.id \
-             AND (r.status = 'pending' OR (r.status = 'decided' AND r.announced_at IS NULL) {reviewed})) \
+             AND (r.status = 'pending' OR (r.status = 'decided' AND r.announced_at IS NULL) \
+                  OR r.decided_at >= $1 {reviewed})) \
          AND NOT EXISTS (SELECT 1 FROM decisions a WHERE a.replay_of = d.id) \
          AND (d.job_id IS NULL OR NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = d.job_id))"
     )
@@ -208,7 +210,10 @@ impl Store {
     async fn policies_of_unfinished_jobs(&self) -> Result<HashSet<String>> {
         let hashes = match self.backend {
             Backend::Sqlite => "json_extract(request, '$.policy_hashes')",
-            Backend::Postgres => "(request::jsonb -> 'policy_hashes')::text",
+            // PostgreSQL refuses to read JSON holding `\u0000` (content with a NUL is stored so), as `jsonb` and as
+            // `json` alike. Made a space first: the same six characters' shape, so what parsed still parses, and
+            // an escaped backslash before a `u0000` stays one.
+            Backend::Postgres => "(replace(request, E'\\\\u0000', E'\\\\u0020')::jsonb -> 'policy_hashes')::text",
         };
         let rows = sqlx::query(sql!("SELECT {hashes} AS hashes FROM jobs WHERE status IN ('pending', 'running')"))
             .fetch_all(&self.pool)
@@ -263,12 +268,7 @@ impl Store {
                 after = last;
                 continue;
             }
-            let mut tx = match self.backend {
-                Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-                // The check after the lock must see what the lock's holder committed: READ COMMITTED, whatever
-                // the database's default.
-                Backend::Postgres => self.pool.begin_with("BEGIN ISOLATION LEVEL READ COMMITTED").await?,
-            };
+            let mut tx = self.begin_locking().await?;
             if self.backend == Backend::Postgres {
                 // Locked first (in key order, so two servers pruning at once cannot deadlock) and checked after, in
                 // a new statement: a check in the locking statement would read the snapshot from before the lock

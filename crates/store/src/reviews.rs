@@ -283,6 +283,43 @@ impl Store {
         rows.iter().map(row_to_review).collect()
     }
 
+    /// Reviews people answered (`decided`) or an appeal set aside (`superseded`), the latest first, a page at a
+    /// time: `before` is the last row's `(decided_at, id)` of the page before. The queue's order (priority first)
+    /// with a row cap would keep every answer past the first thousand out of reach.
+    pub async fn list_settled_reviews(
+        &self,
+        status: &str,
+        before: Option<(i64, &str)>,
+        limit: i64,
+    ) -> Result<Vec<ReviewRecord>> {
+        let limit = limit.clamp(1, 1000);
+        let rows = match before {
+            // (`decided_at <= $2` alone starts PostgreSQL's index scan at the cursor; the OR does not.)
+            Some((at, id)) => {
+                sqlx::query(sql!(
+                    "SELECT {COLUMNS} FROM reviews WHERE status = $1 AND decided_at <= $2 \
+                 AND (decided_at < $2 OR id < $3) ORDER BY decided_at DESC, id DESC LIMIT $4"
+                ))
+                .bind(status)
+                .bind(at)
+                .bind(id)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query(sql!(
+                    "SELECT {COLUMNS} FROM reviews WHERE status = $1 ORDER BY decided_at DESC, id DESC LIMIT $2"
+                ))
+                .bind(status)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?
+            }
+        };
+        rows.iter().map(row_to_review).collect()
+    }
+
     /// Records a person's decision once; `Ok(None)` if the review is unknown, was already decided, or was
     /// superseded by an appeal of its decision.
     ///
@@ -378,20 +415,11 @@ impl Store {
         reasoning: Option<&[String]>,
         review: &NewReview,
     ) -> Result<QueuedReview> {
-        let mut tx = match self.backend {
-            crate::Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            // The look for an earlier appeal, after the lock, must see what the lock's last holder committed.
-            crate::Backend::Postgres => self.pool.begin_with("BEGIN ISOLATION LEVEL READ COMMITTED").await?,
-        };
+        let mut tx = self.begin_locking().await?;
         if let Some(original) = decision.replay_of.as_deref() {
-            let lock = if self.backend == crate::Backend::Postgres { "FOR UPDATE" } else { "" };
-            let still_there = sqlx::query(sql!("SELECT id FROM decisions WHERE id = $1 {lock}"))
-                .bind(original)
-                .fetch_optional(&mut *tx)
-                .await?;
             // Pruned while the appeal was being reasoned (it was read before): an appeal of nothing is refused,
             // not stored pointing nowhere.
-            if still_there.is_none() {
+            if !self.lock_decision(&mut tx, original).await? {
                 tx.rollback().await?;
                 return Err(StoreError::DecisionNotFound(original.to_string()));
             }
@@ -406,6 +434,34 @@ impl Store {
         tx.commit().await?;
         let review = self.get_review(&id).await?.ok_or(StoreError::Db(sqlx::Error::RowNotFound))?;
         Ok(QueuedReview { review, fresh: true })
+    }
+
+    /// Stores a replay (`decision.replay_of` names the decision re-run) unless that decision went while the
+    /// replay was reasoned: stored then, it would point nowhere. Locked as [`insert_appeal`](Self::insert_appeal)
+    /// is, so a prune either sees the replay and keeps what it names, or deletes that first and the replay is
+    /// refused (`DecisionNotFound`).
+    pub async fn insert_replay(&self, decision: &DecisionRecord, reasoning: Option<&[String]>) -> Result<()> {
+        let mut tx = self.begin_locking().await?;
+        if let Some(original) = decision.replay_of.as_deref()
+            && !self.lock_decision(&mut tx, original).await?
+        {
+            tx.rollback().await?;
+            return Err(StoreError::DecisionNotFound(original.to_string()));
+        }
+        crate::decisions::insert_decision_tx(&mut tx, decision, reasoning).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Whether decision `id` is still stored, locking its row against a prune on PostgreSQL until the transaction
+    /// ends (on SQLite the transaction holds the write lock already).
+    async fn lock_decision(&self, tx: &mut Transaction<'static, Any>, id: &str) -> Result<bool> {
+        let lock = if self.backend == crate::Backend::Postgres { "FOR UPDATE" } else { "" };
+        let found = sqlx::query(sql!("SELECT id FROM decisions WHERE id = $1 {lock}"))
+            .bind(id)
+            .fetch_optional(&mut **tx)
+            .await?;
+        Ok(found.is_some())
     }
 
     pub async fn review_stats(&self) -> Result<ReviewStats> {

@@ -213,3 +213,50 @@ async fn a_link_written_without_its_time_takes_its_decisions() {
         common::clean_up(db).await;
     }
 }
+
+/// Decided and superseded reviews page latest first by (decided_at, id), with answers sharing a millisecond
+/// split across pages: every one listed once, in order, whatever the page size.
+#[tokio::test]
+async fn answered_reviews_page_latest_first_with_nothing_lost_in_a_shared_millisecond() {
+    use safeguard_store::ReviewDecision;
+    let answer = ReviewDecision {
+        reviewer: "ana".into(),
+        outcome: "allow".into(),
+        rationale: "fine".into(),
+        rule_id: "SP0".into(),
+        policy_hash: None,
+        overrides_model: Some(false),
+    };
+    for db in common::stores("settled").await {
+        let (store, label) = (&db.0, db.1);
+        let mut expected = Vec::new();
+        for i in 0..11_i64 {
+            let id = format!("rv{:02}", (i * 7) % 11);
+            store.insert_decision(&common::decision(&id, 1_000), None).await.unwrap();
+            let review = store.enqueue_review(&id, 0).await.unwrap();
+            // Three answers per millisecond, their review ids (random) out of step with their order.
+            let decided_at = 5_000 + i / 3;
+            store.decide_review_and_deliver(&review, &answer, decided_at, None).await.unwrap().unwrap();
+            expected.push((decided_at, review));
+        }
+        store.insert_decision(&common::decision("rv-pending", 1_000), None).await.unwrap();
+        store.enqueue_review("rv-pending", 0).await.unwrap();
+        expected.sort_by(|a, b| b.cmp(a));
+        let expected: Vec<String> = expected.into_iter().map(|(_, id)| id).collect();
+        for limit in [1, 2, 3, 4, 100] {
+            let (mut listed, mut before): (Vec<String>, Option<(i64, String)>) = (Vec::new(), None);
+            loop {
+                let cursor = before.as_ref().map(|(at, id)| (*at, id.as_str()));
+                let page = store.list_settled_reviews("decided", cursor, limit).await.unwrap();
+                assert!(page.len() as i64 <= limit, "{label}");
+                let Some(last) = page.last() else { break };
+                before = Some((last.decided_at.unwrap(), last.id.clone()));
+                listed.extend(page.iter().map(|r| r.id.clone()));
+                assert!(listed.len() <= expected.len(), "{label}, {limit} a page: listed again: {listed:?}");
+            }
+            assert_eq!(listed, expected, "{label}, {limit} a page");
+        }
+        assert!(store.list_settled_reviews("superseded", None, 10).await.unwrap().is_empty(), "{label}");
+        common::clean_up(db).await;
+    }
+}

@@ -4,7 +4,7 @@
 mod common;
 
 use safeguard_store::{
-    DecisionRecord, NewDelivery, NewJob, NewReview, Pruned, Retention, ReviewDecision, Store, now_ms,
+    DecisionRecord, NewDelivery, NewJob, NewReview, Pruned, Retention, ReviewDecision, Store, StoreError, now_ms,
 };
 use serde_json::json;
 use sqlx::Executor;
@@ -89,6 +89,15 @@ async fn old_rows_go_and_whatever_is_still_needed_stays() {
             .execute(sqlx::query("UPDATE reviews SET announced_at = NULL WHERE id = $1").bind(unannounced.clone()))
             .await
             .unwrap();
+        // Answered (and announced) within the period: the correction is new, whatever the decision's age.
+        s.insert_decision(&decision("old-answered-lately", 1_000), None).await.unwrap();
+        let lately = s.enqueue_review("old-answered-lately", 1).await.unwrap();
+        s.decide_review(&lately, &answer).await.unwrap().unwrap();
+        s.mark_review_announced(&lately).await.unwrap();
+        s.pool()
+            .execute(sqlx::query("UPDATE reviews SET decided_at = $1 WHERE id = $2").bind(recent).bind(lately.clone()))
+            .await
+            .unwrap();
         s.insert_decision(&decision("old-appealed", 1_000), None).await.unwrap();
         let mut appeal = decision("recent-appeal", recent);
         (appeal.source, appeal.replay_of) = ("appeal".into(), Some("old-appealed".into()));
@@ -123,7 +132,8 @@ async fn old_rows_go_and_whatever_is_still_needed_stays() {
             .unwrap();
         let (unfinished, _) = s
             .enqueue_job(&NewJob {
-                request: json!({"text": "hi", "policy_hashes": ["sha256:queued"]}),
+                // A NUL in the content, which PostgreSQL refuses to read as JSON, and a backslash before "u0000".
+                request: json!({"text": "hi\u{0}there \\u0000", "policy_hashes": ["sha256:queued"]}),
                 idempotency_key: Some("k-pending".into()),
                 webhook_url: None,
                 submitted_by: None,
@@ -163,9 +173,25 @@ async fn old_rows_go_and_whatever_is_still_needed_stays() {
         }
         assert!(s.get_reasoning("old-plain").await.unwrap().is_none(), "its reasoning went with it ({label})");
         assert!(s.get_review(&reviewed).await.unwrap().is_none(), "and its review ({label})");
+        // An appeal or a replay reasoned while what it names was pruned is refused, never stored pointing nowhere.
+        for (id, kind) in [("late-appeal", "appeal"), ("late-replay", "replay")] {
+            let mut late = decision(id, recent);
+            (late.source, late.replay_of) = (kind.into(), Some("old-plain".into()));
+            let stored = match kind {
+                "appeal" => s.insert_appeal(&late, None, &review_of(id, "appeal")).await.map(|_| ()),
+                _ => s.insert_replay(&late, None).await,
+            };
+            assert!(matches!(stored, Err(StoreError::DecisionNotFound(_))), "{label}: {kind}: {stored:?}");
+            assert!(s.get_decision(id).await.unwrap().is_none(), "{label}: {kind}");
+        }
+        let mut replay = decision("recent-replay", recent);
+        (replay.source, replay.replay_of) = ("replay".into(), Some("recent".into()));
+        s.insert_replay(&replay, Some(&["again".to_string()])).await.unwrap();
+        assert_eq!(s.get_decision("recent-replay").await.unwrap().unwrap().replay_of.as_deref(), Some("recent"));
         for kept in [
             "old-pending",
             "old-unannounced",
+            "old-answered-lately",
             "old-appealed",
             "recent-appeal",
             "recent",

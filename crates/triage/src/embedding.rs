@@ -120,6 +120,18 @@ pub struct EmbeddingHeadMeta {
     pub out_of_fold: HeadMetrics,
     /// RFC 3339, UTC.
     pub created: String,
+    /// The triage model the head was saved with; beside any other it is refused. `None` in heads written before
+    /// it was recorded, which load beside whatever model shares their directory, as they did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelTie>,
+}
+
+/// What names a triage model's `model.json`: its weights' checksum and when it was trained. A head copied into
+/// another model's directory, or read mid-save beside the model it replaces, does not match.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelTie {
+    pub weights_sha256: String,
+    pub created: String,
 }
 
 /// A located, loaded encoder and its fingerprint; shared by every head in the process.
@@ -381,6 +393,8 @@ impl EmbeddingHead {
             created: time::OffsetDateTime::now_utc()
                 .format(&time::format_description::well_known::Rfc3339)
                 .unwrap_or_else(|_| "unknown".into()),
+            // Set by the model the head joins (`TriageModel::with_embedding_head`).
+            model: None,
         };
         Ok(EmbeddingHead { meta, encoder, neighbours: neighbours.map(|(_, index)| Arc::new(index)) })
     }

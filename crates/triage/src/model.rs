@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use crate::TriageError;
 use crate::calibrate::{BandMetrics, Calibration, allow_threshold, band_metrics, fit_platt, violate_threshold};
 use crate::data::DatasetProvenance;
-use crate::embedding::{EmbeddingHead, HEAD_FILE, NEIGHBOURS_FILE};
+use crate::embedding::{EmbeddingHead, HEAD_FILE, ModelTie, NEIGHBOURS_FILE};
 use crate::features::{FeatureConfig, Featurizer};
 use crate::train::{DomainAdaptation, Example, LinearModel, TrainConfig, train, violation_weight};
 
@@ -169,10 +169,25 @@ pub fn out_of_fold_margins(examples: &[Example], options: &FitOptions) -> Result
     let fold_of = assign_folds(examples, folds, options.train.seed);
     let featurizer = Featurizer::new(options.features.clone())?;
     let mut margins = vec![0.0f32; examples.len()];
+    let all_violations = examples.iter().filter(|e| e.violates).count();
     for fold in 0..folds {
         let _span = tracing::info_span!("triage_fold", fold).entered();
         let train_set: Vec<&Example> =
             examples.iter().zip(&fold_of).filter(|(_, f)| **f != fold).map(|(e, _)| e).collect();
+        // Copies of one text share a fold, so when a few texts (copied many times) hold every violation, a fold's
+        // training side can lack them: said as such, not as data without violations.
+        let violations = train_set.iter().filter(|e| e.violates).count();
+        let lacks_a_class_the_data_has = (violations == 0 && all_violations > 0)
+            || (violations == train_set.len() && all_violations < examples.len());
+        if lacks_a_class_the_data_has {
+            return Err(TriageError::Training(format!(
+                "the training side of fold {} of {folds} has {violations} violations among {} items: the \
+                 {} class is too few distinct texts (copies of a text share a fold); add more, or use fewer folds",
+                fold + 1,
+                train_set.len(),
+                if violations == 0 { "violating" } else { "benign" },
+            )));
+        }
         let model = train(&train_set, &options.features, &options.train)?;
         for (i, e) in examples.iter().enumerate() {
             if fold_of[i] == fold {
@@ -295,10 +310,16 @@ impl TriageModel {
         Ok(TriageModel { meta, linear, featurizer, head: None, identity })
     }
 
-    /// Adds (or replaces) the embedding head that must agree before an item is allowed.
-    pub fn with_embedding_head(mut self, head: EmbeddingHead) -> Self {
+    /// Adds (or replaces) the embedding head that must agree before an item is allowed. The head is this model's
+    /// from now on: saved, it names this model ([`crate::embedding::EmbeddingHeadMeta::model`]).
+    pub fn with_embedding_head(mut self, mut head: EmbeddingHead) -> Self {
+        head.meta.model = Some(self.tie());
         self.head = Some(head);
         self
+    }
+
+    fn tie(&self) -> ModelTie {
+        ModelTie { weights_sha256: self.meta.weights.sha256.clone(), created: self.meta.created.clone() }
     }
 
     pub fn embedding_head(&self) -> Option<&EmbeddingHead> {
@@ -385,10 +406,20 @@ impl TriageModel {
     /// [`TriageModel::load`] with the embedding head's encoder taken from `encoder_dir` when given.
     pub fn load_with_encoder(dir: &Path, encoder_dir: Option<&Path>) -> Result<Self, TriageError> {
         let model = Self::load_linear(dir)?;
-        Ok(match EmbeddingHead::load_optional(dir, encoder_dir)? {
-            Some(head) => model.with_embedding_head(head),
-            None => model,
-        })
+        let Some(head) = EmbeddingHead::load_optional(dir, encoder_dir)? else { return Ok(model) };
+        // A head copied beside another model (a new `model.json` and `weights.bin` dropped into a served
+        // directory) would gate it unseen; so would one read mid-save beside the model it replaces.
+        if let Some(tie) = head.meta.model.as_ref().filter(|tie| **tie != model.tie()) {
+            return Err(invalid(
+                dir,
+                format!(
+                    "{HEAD_FILE} belongs to another model (weights {}, trained {}), not this {META_FILE}'s \
+                     (weights {}, trained {}); train them again together, or remove the head",
+                    tie.weights_sha256, tie.created, model.meta.weights.sha256, model.meta.created
+                ),
+            ));
+        }
+        Ok(model.with_embedding_head(head))
     }
 
     fn load_linear(dir: &Path) -> Result<Self, TriageError> {
@@ -681,6 +712,21 @@ mod tests {
         assert_eq!(load[fold_of_text("same old spam")[0]], 12, "the spam's fold holds nothing else: {load:?}");
         load.sort_unstable();
         assert_eq!(load, [6, 6, 6, 6, 12]);
+    }
+
+    /// Every violation one text, copied: the folds without it train on one class, which the error says, instead
+    /// of "0 violations" about data that has violations.
+    #[test]
+    fn violations_that_are_one_copied_text_are_named_as_such() {
+        let mut examples: Vec<Example> =
+            (0..30).map(|i| Example { text: format!("benign {i}"), violates: false, weight: 1.0, source: 0 }).collect();
+        examples.extend((0..10).map(|_| Example { text: "spam".into(), violates: true, weight: 1.0, source: 0 }));
+        let err = fit(&examples, vec![], &FitOptions::default()).unwrap_err().to_string();
+        assert!(err.contains("0 violations") && err.contains("too few distinct texts"), "{err}");
+        // Data with one class only is still said to be that.
+        let benign: Vec<Example> = examples.into_iter().filter(|e| !e.violates).collect();
+        let err = fit(&benign, vec![], &FitOptions::default()).unwrap_err().to_string();
+        assert!(err.contains("needs both classes"), "{err}");
     }
 
     /// Without copies of a text and from one source, folds are what they were before copies were grouped.

@@ -26,6 +26,7 @@ use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind};
 use regex_automata::meta::{self, Regex};
 use regex_automata::util::syntax;
 use serde::{Deserialize, Serialize};
+use unicode_properties::{GeneralCategory, GeneralCategoryGroup, UnicodeGeneralCategory};
 
 use crate::TriageError;
 
@@ -191,6 +192,14 @@ pub struct Span {
 /// never settled).
 pub const MAX_SPANS_PER_RULE: usize = 16;
 
+/// Keyword matches looked at per text. Keywords nested in one another (`a`, `aa`, `aaa`, … within the pattern
+/// limits) over a long run of one letter match at every length at every place: past this the search would cost
+/// more than asking the model, so the rest of the text goes unread and the text is flagged for the model.
+pub const MAX_KEYWORD_MATCHES: usize = 100_000;
+
+/// The rule a text flagged by [`MAX_KEYWORD_MATCHES`] names.
+pub const KEYWORD_MATCH_LIMIT_RULE: &str = "keyword matches past the limit";
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuleMatch {
     pub decision: RuleDecision,
@@ -245,8 +254,13 @@ fn normalize_whole_text(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
 }
 
+/// What regex's `\w` takes for a word character, so keyword and regex rules agree on where words end. Combining
+/// marks count: in decomposed text (`n` + U+0303 for `ñ`) a mark is part of its letter's word, and taking it for a
+/// boundary would find the keyword `man` in "mañana".
 fn is_word_char(c: char) -> bool {
-    c.is_alphanumeric() || c == '_'
+    c.is_alphanumeric()
+        || matches!(c.general_category_group(), GeneralCategoryGroup::Mark)
+        || matches!(c.general_category(), GeneralCategory::ConnectorPunctuation)
 }
 
 /// Scripts written without spaces between words (Han, Hiragana, Katakana, Thai, Lao, Khmer, Myanmar): a keyword
@@ -541,11 +555,18 @@ impl RuleSet {
         if let Some(automaton) = &self.keywords {
             let folded = FoldedText::new(text);
             // Overlapping search so that a keyword failing its boundary check cannot hide another one.
-            for m in automaton.find_overlapping_iter(folded.folded.as_ref()) {
+            for (examined, m) in automaton.find_overlapping_iter(folded.folded.as_ref()).enumerate() {
+                let original = folded.original(m.start(), m.end());
+                if examined == MAX_KEYWORD_MATCHES {
+                    let (start, end) = original.unwrap_or((0, 0));
+                    let limit = (usize::MAX, usize::MAX);
+                    evidence.found(SpanKind::Keyword, limit, KEYWORD_MATCH_LIMIT_RULE, RuleAction::Flag, start, end);
+                    break;
+                }
                 let Some(meta) = self.keyword_meta.get(m.pattern().as_usize()) else {
                     continue;
                 };
-                let Some((start, end)) = folded.original(m.start(), m.end()) else {
+                let Some((start, end)) = original else {
                     continue;
                 };
                 let (Some(before), Some(after)) = (text.get(..start), text.get(end..)) else {
@@ -759,6 +780,23 @@ mod tests {
         assert!(korean.evaluate("폭탄이").evidence.is_empty());
     }
 
+    /// Keywords nested in one another over a run of one letter match at every length at every place: the search
+    /// stops at its limit and the text goes to the model, its deny keyword unread or not.
+    #[test]
+    fn a_keyword_search_that_would_not_end_soon_flags_the_text() {
+        let nested: Vec<String> = (1..=600).map(|n| "a".repeat(n)).collect();
+        let mut keywords: Vec<&str> = nested.iter().map(String::as_str).collect();
+        keywords.push("zzz");
+        let rules = keyword_rules("allow", &keywords);
+        let text = format!("{} zzz", "a".repeat(1_000));
+        let hit = rules.evaluate(&text);
+        assert!(hit.flagged(), "{:?}", hit.evidence.last());
+        assert!(hit.evidence.iter().any(|s| s.rule == KEYWORD_MATCH_LIMIT_RULE), "{:?}", hit.evidence.last());
+        // Under the limit nothing changes: the allow keyword at the end is found.
+        let short = rules.evaluate("aaa zzz");
+        assert_eq!((short.decision, short.flagged()), (RuleDecision::Allow, false));
+    }
+
     #[test]
     fn latin_word_boundaries_are_unchanged() {
         let rules = keyword_rules("deny", &["ass"]);
@@ -767,6 +805,14 @@ mod tests {
         assert!(rules.evaluate("éass").evidence.is_empty());
         let text = "what an ASS.";
         assert_eq!(matched(text, &rules.evaluate(text)), ["ASS"]);
+        // A combining mark belongs to its letter's word, as in regex's `\w`: decomposed "mañana" holds no "man".
+        let man = keyword_rules("deny", &["man"]);
+        assert!(man.evaluate("man\u{303}ana").evidence.is_empty());
+        assert!(man.evaluate("e\u{301}man").evidence.is_empty());
+        let text = "a man\u{301}";
+        assert!(man.evaluate(text).evidence.is_empty(), "the mark is part of the word");
+        let text = "the man, e\u{301}";
+        assert_eq!(matched(text, &man.evaluate(text)), ["man"]);
     }
 
     #[test]

@@ -169,6 +169,22 @@ fn head_is_saved_gates_allow_and_refuses_a_foreign_encoder() {
     let err = TriageModel::load(dir.path()).unwrap_err().to_string();
     assert!(err.contains("version 9;") && err.contains("reads"), "{err}");
 
+    // A head beside a model it was not saved with (a new model.json and weights.bin copied over a served
+    // directory) is refused, naming both; one written before heads named their model still loads.
+    let other = fit(&examples()[2..], vec![], &FitOptions { folds: 3, target_recall: 0.9, ..FitOptions::default() })
+        .unwrap()
+        .with_embedding_head(head.clone());
+    assert_ne!(other.meta.weights.sha256, model.meta.weights.sha256);
+    let elsewhere = tempfile::tempdir().unwrap();
+    other.save(elsewhere.path()).unwrap();
+    std::fs::write(&head_path, std::fs::read(elsewhere.path().join(HEAD_FILE)).unwrap()).unwrap();
+    let err = TriageModel::load(dir.path()).unwrap_err().to_string();
+    assert!(err.contains("belongs to another model") && err.contains(&other.meta.weights.sha256), "{err}");
+    let mut untied: serde_json::Value = serde_json::from_str(&good).unwrap();
+    untied.as_object_mut().unwrap().remove("model").expect("a saved head names its model");
+    std::fs::write(&head_path, serde_json::to_string(&untied).unwrap()).unwrap();
+    assert!(TriageModel::load(dir.path()).unwrap().embedding_head().is_some());
+
     // Retraining into the same directory without a head removes the stale one.
     std::fs::write(&head_path, &good).unwrap();
     let plain =

@@ -12,9 +12,10 @@ use safeguard_pipeline::flywheel::{
     CorrectedLabel, Correction, LabelSource, LabeledExample, LatestLabels, Role, Weights, example_from_correction,
     stored_verdict_stage, write_jsonl_line,
 };
-use safeguard_store::{DecisionRecord, ExportCursor, ExportPage, ExportRange, ReviewRecord, Store, StoreOptions};
+use safeguard_store::{DecisionRecord, ExportCursor, ExportPage, ExportRange, ReviewRecord, Store};
 
 use super::classify::runtime;
+use super::keys::StoreArgs;
 use super::output_file::OutputFile;
 
 #[derive(clap::Subcommand)]
@@ -26,12 +27,10 @@ pub enum Command {
 
 #[derive(clap::Args)]
 pub struct DatasetArgs {
-    /// Database the service stores decisions in (sqlite://FILE or postgres://…).
-    #[arg(long, value_name = "URL", env = "SAFEGUARD_DATABASE_URL")]
-    database: String,
-    /// PostgreSQL schema the service keeps its tables in, as given to `safeguard serve`.
-    #[arg(long, value_name = "NAME", env = "SAFEGUARD_DATABASE_SCHEMA")]
-    database_schema: Option<String>,
+    /// The server's store, which must exist: reading a mistyped one would create (and migrate) an empty store
+    /// and export nothing as if all were well.
+    #[command(flatten)]
+    store: StoreArgs,
     /// Only examples for this policy name.
     #[arg(long, value_name = "NAME")]
     policy: Option<String>,
@@ -236,10 +235,7 @@ fn dataset(args: DatasetArgs) -> anyhow::Result<ExitCode> {
     let labels =
         Labels { weights: Weights { human: args.human_weight, ..Weights::default() }, policy: args.policy.clone() };
     runtime()?.block_on(async {
-        let store =
-            Store::connect(&args.database, StoreOptions { schema: args.database_schema.clone(), ..Default::default() })
-                .await
-                .context("cannot open the database")?;
+        let store = args.store.open().await?;
         let exported = export(&store, &args, since, &labels).await;
         store.close().await;
         exported
