@@ -57,6 +57,12 @@ impl Breaker {
         }
     }
 
+    /// Whether a request that got its leave while the breaker was closed must not go out now: the breaker opened
+    /// while it waited (for a connection permit, say). Only the probe goes to a server the breaker gave up on.
+    pub fn opened_since(&self, ticket: Ticket) -> bool {
+        ticket == Ticket::Regular && self.opened_at.is_some()
+    }
+
     pub fn on_success(&mut self, ticket: Ticket) {
         match ticket {
             Ticket::Probe => {
@@ -98,6 +104,23 @@ impl Breaker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leave_taken_before_the_breaker_opened_is_void_once_it_has() {
+        let now = Instant::now();
+        let mut breaker = Breaker::new(2, Duration::from_secs(30));
+        let waiting = breaker.try_acquire(now).unwrap();
+        assert!(!breaker.opened_since(waiting));
+        breaker.on_failure(Ticket::Regular, now);
+        breaker.on_failure(Ticket::Regular, now);
+        assert!(breaker.opened_since(waiting), "opened while it waited");
+        let probe = breaker.try_acquire(now + Duration::from_secs(31)).unwrap();
+        assert_eq!(probe, Ticket::Probe);
+        assert!(!breaker.opened_since(probe), "the probe is what goes out to an open breaker's server");
+        assert!(breaker.opened_since(waiting), "half open, only the probe goes");
+        breaker.on_success(probe);
+        assert!(!breaker.opened_since(waiting), "closed again");
+    }
 
     #[test]
     fn opens_after_threshold_probes_after_cooldown_and_recloses() {

@@ -466,6 +466,15 @@ impl RemoteReasoner {
         let Ok(_permit) = endpoint.permits.acquire().await else {
             return Err(AttemptError::Fatal("endpoint closed".into()));
         };
+        // The breaker may have opened while this waited behind the endpoint's other requests: sent now, each
+        // queued request would wait out the request timeout on a server known to fail, instead of going to another.
+        // Given back unsent, it counts as no failure.
+        if lock(&endpoint.breaker).opened_since(hold.ticket) {
+            return Err(AttemptError::Retryable {
+                detail: "the endpoint's circuit breaker opened while the request waited for it".into(),
+                retry_after: None,
+            });
+        }
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
         hold.counted = true;
         let started = Instant::now();

@@ -150,7 +150,7 @@ fn parse_openai(body: &Value) -> Result<ReasonOutput, ShapeError> {
     };
     // llama-server reports its own timings and how much of the prompt came from its cache.
     if let Some(t) = body.get("timings") {
-        let ms = |k: &str| t.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+        let ms = |k: &str| reported_ms(t.get(k).and_then(Value::as_f64).unwrap_or(0.0));
         out.timings = Timings { prefill_ms: ms("prompt_ms"), decode_ms: ms("predicted_ms"), ..Timings::default() };
         if out.usage.cached_prompt_tokens == 0 {
             out.usage.cached_prompt_tokens = count(t.get("cache_n"));
@@ -163,6 +163,12 @@ fn parse_openai(body: &Value) -> Result<ReasonOutput, ShapeError> {
         out.final_text = None;
     }
     Ok(out)
+}
+
+/// A duration a server reports of itself, held to what one request can take (a day): a negative or absurd
+/// figure would otherwise be summed into a decision's timings and the latency figures per policy.
+fn reported_ms(ms: f64) -> f64 {
+    if ms.is_finite() { ms.clamp(0.0, 86_400_000.0) } else { 0.0 }
 }
 
 fn parse_ollama(body: &Value) -> Result<ReasonOutput, ShapeError> {
@@ -178,7 +184,7 @@ fn parse_ollama(body: &Value) -> Result<ReasonOutput, ShapeError> {
     let (analysis, final_text) = split_leaked_channels(reasoning, content);
     let truncated = !ended_by_the_model(body.get("done_reason").and_then(Value::as_str));
     let count = |k: &str| body.get(k).and_then(Value::as_u64).unwrap_or(0) as usize;
-    let ns_to_ms = |k: &str| body.get(k).and_then(Value::as_f64).unwrap_or(0.0) / 1e6;
+    let ns_to_ms = |k: &str| reported_ms(body.get(k).and_then(Value::as_f64).unwrap_or(0.0) / 1e6);
     Ok(ReasonOutput {
         analysis,
         final_text: if truncated { None } else { final_text },
@@ -391,6 +397,19 @@ mod tests {
         seeded.sampling = Sampling::Seeded { seed: 42, temperature: 1.0, top_p: 0.9 };
         let body = request_body(Flavor::Ollama, "m", &seeded, 8, false);
         assert_eq!(body["options"]["seed"], 42);
+    }
+
+    /// A server's figures of its own time are held to what a request can take: never negative, never beyond a day.
+    #[test]
+    fn reported_timings_are_bounded() {
+        let llama = json!({"choices": [{"message": {"content": "0"}, "finish_reason": "stop"}],
+                           "timings": {"prompt_ms": -5.0, "predicted_ms": 1e300}});
+        let out = parse_response(Flavor::OpenAi, &llama).unwrap();
+        assert_eq!((out.timings.prefill_ms, out.timings.decode_ms), (0.0, 86_400_000.0));
+        let ollama = json!({"message": {"content": "0"}, "done_reason": "stop", "prompt_eval_duration": -1e9,
+                            "eval_duration": 2e6});
+        let out = parse_response(Flavor::Ollama, &ollama).unwrap();
+        assert_eq!((out.timings.prefill_ms, out.timings.decode_ms), (0.0, 2.0));
     }
 
     #[test]

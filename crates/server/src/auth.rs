@@ -231,6 +231,16 @@ fn refuse_pages_from_elsewhere(parts: &Parts) -> Result<(), ApiError> {
     if text(header::HeaderName::from_static("sec-fetch-site")) == Some("cross-site") {
         return Err(ApiError::NotLocal("this server runs without API keys and refuses cross-site requests".into()));
     }
+    // A reverse proxy on this machine connects from loopback and, by default (nginx's `$proxy_host`), names a
+    // loopback host: whoever reaches the proxy would be served as this machine's own user. Proxies say they are
+    // one in these headers.
+    const FORWARDING: [&str; 5] = ["forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip", "via"];
+    if let Some(name) = FORWARDING.iter().find(|name| parts.headers.contains_key(**name)) {
+        return Err(ApiError::NotLocal(format!(
+            "this server runs without API keys and refuses requests passed on by a proxy ({name} header); create a \
+             key (safeguard keys create) to serve behind one"
+        )));
+    }
     Ok(())
 }
 

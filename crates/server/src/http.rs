@@ -30,14 +30,43 @@ pub struct ConnectionLimits {
     /// connections open, make it longer than the proxy's idle timeout (AWS ALB: 60 s), or the proxy may send a
     /// request on a connection just as it closes.
     pub header_read_timeout: Duration,
+    /// A request's body must have arrived whole this long after its head: one that announces a large body and
+    /// sends nothing would otherwise hold its connection for good, with any key at all (the key is checked
+    /// before the body is read, the scope after).
+    pub body_read_timeout: Duration,
     /// Connections served at once; more wait to be accepted.
     pub max_connections: usize,
 }
 
 impl Default for ConnectionLimits {
     fn default() -> Self {
-        ConnectionLimits { header_read_timeout: Duration::from_secs(75), max_connections: 4096 }
+        ConnectionLimits {
+            header_read_timeout: Duration::from_secs(75),
+            body_read_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+        }
     }
+}
+
+/// The request body did not arrive whole within [`ConnectionLimits::body_read_timeout`].
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within {0:?}")]
+struct BodyTimedOut(Duration);
+
+/// `body`, failing once `limit` has passed before it ended. The deadline is one for the whole body, not one per
+/// chunk: a byte every few seconds would keep a per-chunk timer from ever firing.
+fn with_deadline(body: axum::body::Body, limit: Duration) -> axum::body::Body {
+    use futures::StreamExt;
+    let deadline = tokio::time::Instant::now() + limit;
+    let chunks = futures::stream::unfold(Some(body.into_data_stream()), move |chunks| async move {
+        let mut chunks = chunks?;
+        match tokio::time::timeout_at(deadline, chunks.next()).await {
+            Ok(Some(chunk)) => Some((chunk, Some(chunks))),
+            Ok(None) => None,
+            Err(_) => Some((Err(axum::Error::new(BodyTimedOut(limit))), None)),
+        }
+    });
+    axum::body::Body::from_stream(chunks)
 }
 
 /// Serves `app` on `listener` until `shutdown`, then stops accepting and waits for the connections it has to
@@ -74,7 +103,7 @@ pub(crate) async fn serve(
         let _ = tcp.set_nodelay(true);
         let app = app.clone();
         let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-            let mut request = request.map(axum::body::Body::new);
+            let mut request = request.map(|body| with_deadline(axum::body::Body::new(body), limits.body_read_timeout));
             // What wrong keys are counted by (`auth::FailedKeys`).
             request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
             app.clone().oneshot(request)

@@ -85,7 +85,6 @@ pub(crate) async fn submit(
         }
         Some(_) => return Err(ApiError::bad("invalid_webhook_url", "\"webhook_url\" must be an http(s) URL")),
     };
-    let parsed = parse_request(&state, &body, &caller).await?;
     let idempotency_key = match headers.get("idempotency-key") {
         None => None,
         Some(value) => Some(
@@ -99,6 +98,7 @@ pub(crate) async fn submit(
                 .to_string(),
         ),
     };
+    let parsed = parse_request(&state, &body, &caller).await?;
     // serde_json's maps are sorted (no `preserve_order`), so the digest does not depend on the order of the keys.
     let body_sha256 = hex::encode(sha2::Sha256::digest(body.to_string().as_bytes()));
     let request = JobRequest {

@@ -115,13 +115,15 @@ pub(crate) async fn moderate(
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require("classify")?;
-    let content = parse_content(&state, &body)?;
-    let policies = parse_policies(&state, &body, &caller).await?;
-    let max_tokens = parse_max_tokens(&state, &body)?;
+    // Every check before the policies are resolved: resolving stores the inline ones, and a refused request
+    // must leave nothing behind.
     let return_reasoning = body.get("return_reasoning").and_then(Value::as_bool).unwrap_or(false);
     if return_reasoning {
         caller.require("audit")?;
     }
+    let content = parse_content(&state, &body)?;
+    let max_tokens = parse_max_tokens(&state, &body)?;
+    let policies = parse_policies(&state, &body, &caller).await?;
     let ctx = RouteContext {
         appeal: body.get("appeal").and_then(Value::as_bool).unwrap_or(false),
         // Kept for the reviewers and the audit log; stripped from the reply unless asked for.
@@ -275,7 +277,11 @@ pub(crate) async fn store_cascade_item(
     // An item a person sees anyway is no disagreement sample (`pick` leaves those out), but the policies triage
     // settled on it are still audited: skipping them would leave the harder items out of the audit.
     if !cascade.is_appeal() {
-        queue_sample(state, cascade, &record.id).await?;
+        // The decision is stored: failing the request now would have the client send it again, and a second
+        // decision be made and paid for. A sample is worth less than that.
+        if let Err(e) = queue_sample(state, cascade, &record.id).await {
+            tracing::warn!(decision = %record.id, "cannot queue the active-learning sample: {e}");
+        }
     }
     Ok(StoredItem { record, reasoning, fresh, answered_by })
 }

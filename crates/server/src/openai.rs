@@ -138,18 +138,25 @@ pub(crate) async fn moderations(
     })))
 }
 
+/// A message's text. A part that is not text (an image, audio) is refused, not left out: the rest judged alone
+/// would be judged as if it were all the message said.
 fn message_text(content: &Value) -> Result<String, ApiError> {
     match content {
         Value::String(text) => Ok(text.clone()),
-        Value::Array(parts) => Ok(parts
+        Value::Array(parts) => parts
             .iter()
-            .filter_map(|p| {
-                (p.get("type").and_then(Value::as_str) == Some("text"))
-                    .then(|| p.get("text").and_then(Value::as_str))
-                    .flatten()
+            .map(|part| match (part.get("type").and_then(Value::as_str), part.get("text").and_then(Value::as_str)) {
+                (Some("text"), Some(text)) => Ok(text),
+                (kind, _) => Err(ApiError::bad(
+                    "invalid_messages",
+                    format!(
+                        "message content parts must be text ({{\"type\": \"text\", \"text\": …}}); got {}",
+                        kind.map_or_else(|| "a part without a type".to_string(), |kind| format!("type {kind:?}"))
+                    ),
+                )),
             })
-            .collect::<Vec<_>>()
-            .join("")),
+            .collect::<Result<Vec<_>, _>>()
+            .map(|texts| texts.join("")),
         Value::Null => Ok(String::new()),
         _ => Err(ApiError::bad("invalid_messages", "message content must be a string or text parts")),
     }
@@ -212,11 +219,15 @@ pub(crate) async fn chat_completions(
     let model =
         body.get("model").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| state.reasoner.model_id());
     let meta = ChunkMeta { id: format!("chatcmpl-{}", uuid::Uuid::now_v7().simple()), created: now_ms() / 1000, model };
+    // The chain of thought is audit data on every route (`return_reasoning` asks for the audit scope too): the
+    // same prompt sent here must not read it out to a key that may only classify.
+    let with_reasoning = caller.has("audit");
     let step = state.cascade.admit(1, effort, settings.max_tokens).await?;
     let mut paid = Paid { step, counted: state.classifier.clone(), cap: settings.max_tokens };
     if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
         let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
-        return Ok(stream_chat(state.reasoner.clone(), paid, request, meta, include_usage).into_response());
+        let stream = stream_chat(state.reasoner.clone(), paid, request, meta, include_usage, with_reasoning);
+        return Ok(stream.into_response());
     }
     let started = Instant::now();
     let output = state.reasoner.reason(request).await;
@@ -226,7 +237,7 @@ pub(crate) async fn chat_completions(
     let ChunkMeta { id, created, model } = meta;
     let finish_reason = finish_reason(&output);
     let usage = usage_json(&output);
-    let reasoning = output.analysis.clone();
+    let reasoning = output.analysis.clone().filter(|_| with_reasoning);
     let answer = output.final_text.clone().unwrap_or_default();
     Ok(Json(json!({
         "id": id,
@@ -330,11 +341,12 @@ fn usage_json(output: &ReasonOutput) -> Value {
     })
 }
 
-fn delta_json(delta: ReasonDelta) -> Value {
+/// A delta as a chunk's `delta`; `None` for reasoning a caller without the audit scope does not read.
+fn delta_json(delta: ReasonDelta, with_reasoning: bool) -> Option<Value> {
     match delta {
         // Both names: vLLM's `reasoning_content` and the newer `reasoning` are read by different clients.
-        ReasonDelta::Reasoning(text) => json!({"reasoning": text, "reasoning_content": text}),
-        ReasonDelta::Final(text) => json!({"content": text}),
+        ReasonDelta::Reasoning(text) => with_reasoning.then(|| json!({"reasoning": text, "reasoning_content": text})),
+        ReasonDelta::Final(text) => Some(json!({"content": text})),
     }
 }
 
@@ -347,6 +359,7 @@ fn stream_chat(
     request: ReasonRequest,
     meta: ChunkMeta,
     include_usage: bool,
+    with_reasoning: bool,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let (events, receiver) = tokio::sync::mpsc::unbounded_channel::<Event>();
     tokio::spawn(async move {
@@ -362,7 +375,11 @@ fn stream_chat(
         let result = loop {
             tokio::select! {
                 biased;
-                Some(delta) = decoded.recv() => send(meta.chunk(delta_json(delta), Value::Null)),
+                Some(delta) = decoded.recv() => {
+                    if let Some(delta) = delta_json(delta, with_reasoning) {
+                        send(meta.chunk(delta, Value::Null));
+                    }
+                }
                 result = &mut reasoning => break result,
                 // The client hung up: nobody will read the answer, so the engine must not decode it. Dropping the
                 // future stops it (the embedded engine at its next step); the prompt is paid at its cap.
@@ -374,7 +391,9 @@ fn stream_chat(
             }
         };
         while let Ok(delta) = decoded.try_recv() {
-            send(meta.chunk(delta_json(delta), Value::Null));
+            if let Some(delta) = delta_json(delta, with_reasoning) {
+                send(meta.chunk(delta, Value::Null));
+            }
         }
         metrics::histogram!("safeguard_chat_latency_seconds").record(started.elapsed().as_secs_f64());
         paid.settle(effort, &result);

@@ -102,6 +102,10 @@ fn looks_like_hash(id: &str) -> bool {
 /// route than asked, and only a log line would say why. The triage check is the cascade's own build, cached, so an
 /// inline policy's rules compile once, not once per request.
 fn parse_sent_policy(state: &AppState, text: &str, fallback_name: Option<&str>) -> Result<Policy, String> {
+    // Nobody writes one, and PostgreSQL cannot store one: refused here, not as a storage failure later.
+    if text.contains('\0') || fallback_name.is_some_and(|name| name.contains('\0')) {
+        return Err("the policy (or its name) holds a NUL character".into());
+    }
     let policy = Policy::parse_with_fallback_name(text, fallback_name).map_err(|e| e.to_string())?;
     state.cascade.triage.try_for_policy(&policy).map_err(|e| e.to_string())?;
     safeguard_pipeline::routing_section(&policy).map_err(|e| e.to_string())?;
@@ -163,6 +167,10 @@ pub(crate) async fn resolve_policy(state: &AppState, reference: &Value, _caller:
 /// A stored policy by `"sha256:…"` version or by name (its active version), through the lookup cache; what
 /// every path that decides (HTTP, jobs, NATS) resolves its policies with. `Ok(None)`: nothing by that reference.
 pub(crate) async fn stored_policy(state: &AppState, reference: &str) -> Result<Option<Policy>, ApiError> {
+    // Names nothing, on either store: PostgreSQL would refuse the text, which reads as a storage failure.
+    if reference.contains('\0') {
+        return Ok(None);
+    }
     let lookups = &state.lookups;
     if looks_like_hash(reference) {
         if let Some(policy) = lookups.versions.get(reference) {

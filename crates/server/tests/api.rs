@@ -759,15 +759,36 @@ async fn openai_moderations_and_chat_shapes() {
     assert_eq!(moderation["model"], "scripted-test-model");
 
     let chat = json!({"model": "x", "messages": [{"role": "system", "content": "policy"}, {"role": "user", "content": "BUY NOW"}], "reasoning_effort": "high"});
-    let (status, reply) = h.call("POST", "/v1/chat/completions", Some(&key), Some(chat.clone())).await;
+    // The chain of thought is audit data, here as on every route.
+    let auditor = h.key(&["classify", "audit"]).await;
+    let (status, reply) = h.call("POST", "/v1/chat/completions", Some(&auditor), Some(chat.clone())).await;
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["choices"][0]["message"]["content"], "1");
     assert_eq!(reply["choices"][0]["message"]["reasoning_content"], "The content is promotional.");
     assert_eq!(reply["usage"]["total_tokens"], 112);
+    let (status, plain) = h.call("POST", "/v1/chat/completions", Some(&key), Some(chat.clone())).await;
+    assert_eq!((status, &plain["choices"][0]["message"]["content"]), (200, &json!("1")), "{plain}");
+    assert_eq!(plain["choices"][0]["message"]["reasoning_content"], Value::Null, "{plain}");
     let mut streaming = chat.clone();
     streaming["stream"] = json!(true);
     let response =
         h.http.post(format!("{}/v1/chat/completions", h.base)).bearer_auth(&key).json(&streaming).send().await.unwrap();
+    let text = response.text().await.unwrap();
+    assert!(!text.contains("reasoning") && text.contains("\"content\":\"1\""), "{text}");
+    // A part that is not text is refused, not left out of what is judged.
+    let mut image = chat.clone();
+    image["messages"][1]["content"] =
+        json!([{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "x"}}]);
+    let (status, refused) = h.call("POST", "/v1/chat/completions", Some(&key), Some(image)).await;
+    assert_eq!((status, &refused["error"]["code"]), (400, &json!("invalid_messages")), "{refused}");
+    let response = h
+        .http
+        .post(format!("{}/v1/chat/completions", h.base))
+        .bearer_auth(&auditor)
+        .json(&streaming)
+        .send()
+        .await
+        .unwrap();
     assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
     let text = response.text().await.unwrap();
     assert!(text.contains("\"reasoning\":\"The content is promotional.\"") && text.contains("data: [DONE]"), "{text}");
@@ -1076,6 +1097,9 @@ async fn keyless_servers_only_on_loopback() {
     assert_eq!(page("host", "rebind.example:8080").await, 403);
     assert_eq!(page("origin", "https://evil.example").await, 403);
     assert_eq!(page("origin", "http://localhost:8080").await, 200, "the review page itself");
+    // Nor is anyone a reverse proxy on this machine passes on, though it connects from loopback.
+    assert_eq!(page("x-forwarded-for", "203.0.113.7").await, 403);
+    assert_eq!(page("forwarded", "for=203.0.113.7").await, 403);
     // Nor are the routes that need no key: they name policies, backends and queues.
     for path in ["/metrics", "/readyz"] {
         let url = format!("http://{}{path}", server.addr);
@@ -2089,8 +2113,11 @@ async fn the_server_prunes_what_is_past_its_retention_period() {
 async fn slow_headers_are_cut_off_and_connections_are_capped() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let h = Harness::start(|config| {
-        config.connections =
-            safeguard_server::ConnectionLimits { header_read_timeout: Duration::from_millis(300), max_connections: 2 }
+        config.connections = safeguard_server::ConnectionLimits {
+            header_read_timeout: Duration::from_millis(300),
+            body_read_timeout: Duration::from_millis(400),
+            max_connections: 2,
+        }
     })
     .await;
     let addr = h.base.trim_start_matches("http://").to_string();
@@ -2109,4 +2136,20 @@ async fn slow_headers_are_cut_off_and_connections_are_capped() {
     assert!(!String::from_utf8_lossy(&rest).contains("ok"), "and never answered: {rest:?}");
     let read = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut rest)).await;
     assert!(read.is_ok(), "the silent connection was closed too");
+
+    // A body announced and never sent fails the request once its time is up, rather than hold the connection.
+    let key = h.key(&["classify"]).await;
+    let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{{\"text\": \""
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut reply = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stalled.read_to_end(&mut reply)).await;
+    assert!(read.is_ok(), "the stalled request was never answered or closed");
+    assert!(started.elapsed() >= Duration::from_millis(350), "{:?}", started.elapsed());
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 400") && reply.contains("did not arrive"), "{reply}");
 }

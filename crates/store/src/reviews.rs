@@ -397,9 +397,22 @@ impl Store {
     }
 
     /// The appeal already made of decision `original`, if any (pending or decided): its review, whose
-    /// `decision_id` is the appeal's decision.
+    /// `decision_id` is the appeal's decision. An appeal that a later appeal of its own decision set aside (a
+    /// chain, stored before an appeal's decision counted as its item's) answers with the appeal at the chain's
+    /// end: the one a person answers.
     pub async fn appeal_of(&self, original: &str) -> Result<Option<ReviewRecord>> {
-        find_appeal(&self.pool, original).await
+        let Some(mut appeal) = find_appeal(&self.pool, original).await? else { return Ok(None) };
+        // Bounded: each step goes to a newer appeal, but a hand-edited database could hold a loop.
+        for _ in 0..16 {
+            if appeal.status != "superseded" {
+                break;
+            }
+            match find_appeal(&self.pool, &appeal.decision_id).await? {
+                Some(later) => appeal = later,
+                None => break,
+            }
+        }
+        Ok(Some(appeal))
     }
 
     /// Stores an appeal's decision (`decision.replay_of` names the decision appealed) with its review, and marks

@@ -1170,6 +1170,37 @@ async fn decisions_stored_together_are_all_or_none() {
     }
 }
 
+/// A chain of appeals (stored before an appeal's own decision counted as its item's): the item's appeal is the
+/// one at the chain's end, which a person still answers, not the first, which the second set aside.
+#[tokio::test]
+async fn the_appeal_of_an_item_is_the_end_of_an_old_chain() {
+    for t in stores().await {
+        let s = &t.store;
+        let appeal_review = |id: &str| NewReview {
+            decision_id: id.to_string(),
+            kind: "appeal".into(),
+            priority: 2,
+            reason: Some("appeal".into()),
+            sla_ms: None,
+            policy_hash: None,
+        };
+        s.insert_decision(&decision("ch-item", "violation", "spam", None), None).await.unwrap();
+        let mut previous = "ch-item".to_string();
+        let mut last = None;
+        for id in ["ch-appeal-1", "ch-appeal-2"] {
+            let mut appeal = decision(id, "needs_review", "spam", None);
+            (appeal.source, appeal.replay_of) = ("appeal".into(), Some(previous.clone()));
+            last = Some(s.insert_appeal(&appeal, None, &appeal_review(id)).await.unwrap().review);
+            previous = id.to_string();
+        }
+        let first = s.appeal_of("ch-appeal-1").await.unwrap().unwrap();
+        assert_eq!(first.decision_id, "ch-appeal-2", "{}", t.label);
+        let found = s.appeal_of("ch-item").await.unwrap().unwrap();
+        assert_eq!((found.id, found.status.as_str()), (last.unwrap().id, "pending"), "{}", t.label);
+        t.cleanup().await;
+    }
+}
+
 /// A name is pinned only to a version whose stored meta is the one a publisher compared: `put_policy` with other
 /// meta than a copy stored earlier (an inline policy's) leaves the name unpinned, and so does
 /// `pin_first_version` with meta that is not the stored one.

@@ -176,6 +176,12 @@ pub fn out_of_fold_margins(examples: &[Example], options: &FitOptions) -> Result
             examples.iter().zip(&fold_of).filter(|(_, f)| **f != fold).map(|(e, _)| e).collect();
         // Copies of one text share a fold, so when a few texts (copied many times) hold every violation, a fold's
         // training side can lack them: said as such, not as data without violations.
+        if train_set.is_empty() {
+            return Err(TriageError::Training(format!(
+                "fold {} of {folds} holds every item (they are copies of one text): nothing is left to train on",
+                fold + 1
+            )));
+        }
         let violations = train_set.iter().filter(|e| e.violates).count();
         let lacks_a_class_the_data_has = (violations == 0 && all_violations > 0)
             || (violations == train_set.len() && all_violations < examples.len());

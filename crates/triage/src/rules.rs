@@ -257,10 +257,17 @@ fn normalize_whole_text(text: &str) -> String {
 /// What regex's `\w` takes for a word character, so keyword and regex rules agree on where words end. Combining
 /// marks count: in decomposed text (`n` + U+0303 for `ñ`) a mark is part of its letter's word, and taking it for a
 /// boundary would find the keyword `man` in "mañana".
+/// Invisible marks (variation selectors, the combining grapheme joiner) are not: "bomb" + U+FE0F looks like
+/// "bomb" and must still match it.
 fn is_word_char(c: char) -> bool {
     c.is_alphanumeric()
-        || matches!(c.general_category_group(), GeneralCategoryGroup::Mark)
+        || matches!(c.general_category_group(), GeneralCategoryGroup::Mark) && !is_invisible_mark(c)
         || matches!(c.general_category(), GeneralCategory::ConnectorPunctuation)
+}
+
+/// Marks that are Default_Ignorable_Code_Point: they change how a letter is drawn, if at all, never which.
+fn is_invisible_mark(c: char) -> bool {
+    matches!(c as u32, 0x034F | 0x17B4..=0x17B5 | 0x180B..=0x180D | 0x180F | 0xFE00..=0xFE0F | 0xE0100..=0xE01EF)
 }
 
 /// Scripts written without spaces between words (Han, Hiragana, Katakana, Thai, Lao, Khmer, Myanmar): a keyword
@@ -813,6 +820,10 @@ mod tests {
         assert!(man.evaluate(text).evidence.is_empty(), "the mark is part of the word");
         let text = "the man, e\u{301}";
         assert_eq!(matched(text, &man.evaluate(text)), ["man"]);
+        // An invisible mark after a keyword does not hide it.
+        for text in ["a man\u{FE0F}!", "a man\u{34F}", "a man\u{E0100}"] {
+            assert_eq!(matched(text, &man.evaluate(text)), ["man"], "{text:?}");
+        }
     }
 
     #[test]

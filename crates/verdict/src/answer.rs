@@ -126,12 +126,35 @@ static CONCLUDING_CUE: LazyLock<Regex> = LazyLock::new(|| {
     .expect("static regex")
 });
 static FENCE: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"(?s)```[A-Za-z0-9_-]*[ \t]*\n?(.*?)```").expect("static regex"));
-static FENCE_MARK: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"```[A-Za-z0-9_-]*").expect("static regex"));
+    LazyLock::new(|| Regex::new(r"(?s)```([A-Za-z0-9_-]*)[ \t]*\n?(.*?)```").expect("static regex"));
+static FENCE_MARK: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"```([A-Za-z0-9_-]*)").expect("static regex"));
 
-/// The inside of the first code fence, or the whole text.
+/// Whether the word right after a fence's opening backticks names the block's language (`json`, `text`) rather
+/// than starting the answer: in "```1\n0```" or "```INVALID\nVALID```" it is a first answer, and taking it for a
+/// language would leave only the second. Language names are lower case and no answer word.
+fn fence_tag_is_language(tag: &str) -> bool {
+    tag.starts_with(|c: char| c.is_ascii_lowercase())
+        && !tag.chars().any(|c| c.is_ascii_uppercase())
+        && whole_answer(tag).is_none()
+}
+
+/// The inside of the first code fence (with a first word that is no language name), or the whole text.
 fn unfence(text: &str) -> &str {
-    FENCE.captures(text).and_then(|caps| caps.get(1)).map_or(text, |inner| inner.as_str())
+    let Some(caps) = FENCE.captures(text) else { return text };
+    match (caps.get(1), caps.get(2)) {
+        (Some(tag), Some(inner)) if !tag.as_str().is_empty() && !fence_tag_is_language(tag.as_str()) => {
+            &text[tag.start()..inner.end()]
+        }
+        (_, Some(inner)) => inner.as_str(),
+        _ => text,
+    }
+}
+
+/// A sentence of `text` that says, on its own as a word or label, the opposite of `value`: "0\nUnsafe.",
+/// "VALID\nViolation.". An answer read from one part of the text is only the answer when no other part of it
+/// says the other side.
+fn contradicting_sentence<'a>(text: &'a str, value: bool, output: &OutputFormat) -> Option<&'a str> {
+    crate::combined::sentences(text).into_iter().find(|sentence| word_reading(sentence, output) == Some(!value))
 }
 
 /// The text before and after the first code fence, when there is one and anything is around it.
@@ -720,12 +743,27 @@ fn binary_from_prose(text: &str, names: &[&str]) -> Result<Option<bool>, String>
     };
     let has_zero = candidates.iter().any(|(_, digit)| *digit == "0");
     let has_one = candidates.iter().any(|(_, digit)| *digit == "1");
-    match (has_zero, has_one) {
-        (true, true) => Err(format!("both 0 and 1 appear as answers in {}", excerpt(text))),
-        (true, false) => Ok(Some(false)),
-        (false, true) => Ok(Some(true)),
-        (false, false) => Ok(None),
+    let value = match (has_zero, has_one) {
+        (true, true) => return Err(format!("both 0 and 1 appear as answers in {}", excerpt(text))),
+        (true, false) => false,
+        (false, true) => true,
+        (false, false) => return Ok(None),
+    };
+    // "0\nUnsafe.", "0 Violation.": the digit leads, and the word after it says the other side. Read with the
+    // answer's digits blanked out, so that what is left of the digit's own sentence is read too.
+    let mut blanked = text.to_string();
+    for &(start, digit) in &candidates {
+        blanked.replace_range(start..start + digit.len(), &" ".repeat(digit.len()));
     }
+    if let Some(sentence) = contradicting_sentence(&blanked, value, &OutputFormat::Binary) {
+        return Err(format!(
+            "\"{}\" says the opposite of the {} in {}",
+            sentence.trim(),
+            u8::from(value),
+            excerpt(text)
+        ));
+    }
+    Ok(Some(value))
 }
 
 fn parse_labels(final_text: &str, violating: &[String], safe: &[String], escalate: &[String]) -> ParsedAnswer {
@@ -813,14 +851,28 @@ fn read_labels(final_text: &str, violating: &[String], safe: &[String], escalate
         });
     } else {
         let from_label = (any_true || any_false).then_some(any_true);
+        let beside = json.as_ref().map_or_else(|| text.to_string(), |(_, outside)| outside.clone());
         match (from_label, json.map(|(found, _)| found)) {
             (_, Some(Err(detail))) => answer.push_flag(Flag::Unparseable { detail }),
             (Some(said), Some(Ok((value, _)))) if said != value => answer.push_flag(Flag::Unparseable {
                 detail: format!("the JSON answer and the label beside it disagree in {}", excerpt(text)),
             }),
             (Some(said), _) => {
-                answer.violation = Some(said);
-                answer.label = found.first().map(|(label, _, _)| label.clone());
+                // "VALID\nViolation.": a label, and a word beside it that says the other side.
+                let output = OutputFormat::Labels {
+                    violating: violating.to_vec(),
+                    safe: safe.to_vec(),
+                    escalate: escalate.to_vec(),
+                };
+                match contradicting_sentence(&beside, said, &output) {
+                    Some(sentence) => answer.push_flag(Flag::Unparseable {
+                        detail: format!("\"{}\" says the opposite of the label in {}", sentence.trim(), excerpt(text)),
+                    }),
+                    None => {
+                        answer.violation = Some(said);
+                        answer.label = found.first().map(|(label, _, _)| label.clone());
+                    }
+                }
             }
             (None, Some(Ok((value, label)))) => {
                 answer.violation = Some(value);
@@ -935,7 +987,13 @@ pub(crate) fn outside_objects(text: &str, objects: &[FoundObject]) -> String {
         at = at.max(object.span.end);
     }
     outside.push_str(text.get(at..).unwrap_or(""));
-    FENCE_MARK.replace_all(&outside, "\n").into_owned()
+    // A first word that is no language name stays: it is part of what the model said.
+    FENCE_MARK
+        .replace_all(&outside, |caps: &regex::Captures| match caps.get(1).map(|tag| tag.as_str()) {
+            Some(tag) if !tag.is_empty() && !fence_tag_is_language(tag) => format!("\n{tag}"),
+            _ => "\n".to_string(),
+        })
+        .into_owned()
 }
 
 /// A JSON value read as `serde_json::Value` reads it, noting every key that one object gives twice with different
@@ -1176,7 +1234,58 @@ pub(crate) fn answer_from_object(map: &Map<String, Value>, required_fields: &[&s
     if asks_for_person {
         answer.push_flag(Flag::Escalated);
     }
+    if let Some(violation) = answer.violation
+        && let Some(detail) = second_violation(map, violation)
+    {
+        answer.push_flag(Flag::Unparseable { detail });
+    }
+    // `"label": "UNSAFE"` beside `"violation": 0` says two things.
+    if let (Some(violation), Some(label)) = (answer.violation, map.get("label").and_then(value_text))
+        && word_answer(strip_wrapping(&label)) == Some(!violation)
+    {
+        answer.push_flag(Flag::Inconsistent {
+            detail: format!("\"label\": {label:?} says the opposite of \"violation\": {}", u8::from(violation)),
+        });
+    }
     answer
+}
+
+/// Another `violation` in the answer object that does not say `violation`: a key spelled another way
+/// (`"Violation": 1` beside `"violation": 0`), or, beside a "safe" answer, one in an object nested in it
+/// (`"details": {"violation": 1}`). Either way the object says two things, and which one a reader takes must not
+/// decide the verdict. Nested ones beside a violation are left alone: per-rule breakdowns
+/// (`"HT1": {"violation": 1}, "HT2": {"violation": 0}`) under a violating answer change nothing.
+fn second_violation(map: &Map<String, Value>, violation: bool) -> Option<String> {
+    let is_violation_key =
+        |key: &str| key.chars().filter(|c| c.is_alphanumeric()).flat_map(char::to_lowercase).eq("violation".chars());
+    let differs = |value: &Value| coerce_violation(value).ok().flatten() != Some(violation);
+    if let Some((key, _)) =
+        map.iter().find(|(key, value)| key.as_str() != "violation" && is_violation_key(key) && differs(value))
+    {
+        return Some(format!("\"{key}\" and \"violation\" disagree"));
+    }
+    if violation {
+        return None;
+    }
+    // Objects only: a list is more likely a breakdown than a second answer, and is read as the caller reads it.
+    fn nested_says_violation(value: &Value, is_key: &dyn Fn(&str) -> bool, depth: usize) -> Option<String> {
+        let Value::Object(inner) = value else { return None };
+        if depth > 8 {
+            return None;
+        }
+        for (key, value) in inner {
+            if is_key(key) && coerce_violation(value).ok().flatten() != Some(false) {
+                return Some(key.clone());
+            }
+            if let Some(found) = nested_says_violation(value, is_key, depth + 1) {
+                return Some(found);
+            }
+        }
+        None
+    }
+    map.values()
+        .find_map(|value| nested_says_violation(value, &is_violation_key, 0))
+        .map(|key| format!("a nested \"{key}\" does not say what the answer's \"violation\": 0 says"))
 }
 
 /// The object holding the answer: one with `violation` at the top, or nested one level down

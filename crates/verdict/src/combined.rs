@@ -130,7 +130,7 @@ fn sentence_about(analysis: &str, keys: &[String], key: &str, output: &OutputFor
 }
 
 /// The sentences of `text`: cut at line breaks, `;`, and `.`/`!`/`?` before a space (not the dot in "SP2.a").
-fn sentences(text: &str) -> Vec<&str> {
+pub(crate) fn sentences(text: &str) -> Vec<&str> {
     sentences_ended(text).into_iter().map(|(sentence, _)| sentence).collect()
 }
 

@@ -952,3 +952,49 @@ fn a_correction_written_as_a_legend_is_a_second_answer() {
         assert_eq!(judge(&binary, None, Some(text), false).outcome, outcome, "{text}");
     }
 }
+
+/// An answer that also says the other side is never read as one side: a word after a leading digit or label, a
+/// fence's first word, a second or nested "violation", a "label" that contradicts it. What agrees still reads as
+/// one answer.
+#[test]
+fn answers_that_also_say_the_other_side_need_review() {
+    let (binary, labels, json) = (binary_policy(), labels_policy(), json_policy());
+    let safe = r#"{"violation": 0, "policy_category": null, "rule_ids": ["HT0.a"], "confidence": "high", "rationale": "Critique."}"#;
+    let with = |extra: &str| safe.replacen('{', &format!("{{{extra}, "), 1);
+    let two_sided: Vec<(&Policy, String)> = vec![
+        (&binary, "0\nUnsafe.".into()),
+        (&binary, "0 Violation.".into()),
+        (&binary, "1\nSafe.".into()),
+        (&binary, "```1\n0```".into()),
+        (&binary, "```violation\n0\n```".into()),
+        (&labels, "VALID\nViolation.".into()),
+        (&labels, "```INVALID\nVALID```".into()),
+        (&json, with(r#""details": {"violation": 1}"#)),
+        (&json, with(r#""details": {"reason": {"violation": "unclear"}}"#)),
+        (&json, with(r#""Violation": 1"#)),
+        (&json, with(r#""label": "UNSAFE""#)),
+    ];
+    for (policy, text) in &two_sided {
+        let verdict = judge(policy, None, Some(text), false);
+        assert_eq!(verdict.outcome, Outcome::NeedsReview, "{text:?}: {verdict:?}");
+    }
+    let one_sided: Vec<(&Policy, String, Outcome)> = vec![
+        (&binary, "0\nSafe.".into(), Outcome::Allow),
+        (&binary, "1\nViolation.".into(), Outcome::Violation),
+        (&binary, "```text\n0\n```".into(), Outcome::Allow),
+        (&labels, "VALID\nSafe.".into(), Outcome::Allow),
+        (&json, with(r#""label": "safe""#), Outcome::Allow),
+        (&json, with(r#""details": {"violation": 0}"#), Outcome::Allow),
+    ];
+    for (policy, text, outcome) in &one_sided {
+        let verdict = judge(policy, None, Some(text), false);
+        assert_eq!(verdict.outcome, *outcome, "{text:?}: {verdict:?}");
+    }
+    // A breakdown under a violating answer changes nothing.
+    let breakdown = safe
+        .replace("\"violation\": 0", "\"violation\": 1")
+        .replace("\"policy_category\": null", "\"policy_category\": \"HT2\"")
+        .replace("[\"HT0.a\"]", "[\"HT2.a\"]")
+        .replacen('{', r#"{"per_rule": {"HT2.a": {"violation": 1}, "HT3.a": {"violation": 0}}, "#, 1);
+    assert_eq!(judge(&json, None, Some(&breakdown), false).outcome, Outcome::Violation, "{breakdown}");
+}

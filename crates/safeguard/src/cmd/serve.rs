@@ -204,6 +204,9 @@ pub struct Args {
     /// Seconds a connection has to send a request's headers once it starts one; then it is closed.
     #[arg(long, value_name = "SECS", default_value_t = ConnectionLimits::default().header_read_timeout.as_secs())]
     pub header_timeout_secs: u64,
+    /// Seconds a request's body has to arrive whole once its headers did; then the request fails (400).
+    #[arg(long, value_name = "SECS", default_value_t = ConnectionLimits::default().body_read_timeout.as_secs())]
+    pub body_timeout_secs: u64,
     /// Delete stored decisions, jobs and webhook deliveries older than this many days, hourly (as `safeguard
     /// prune --older-than-days` does). Items a person still has to decide, and whatever they need, stay. With
     /// --nats, the decision stream and the ledger keep messages as long (a key sent again after that is decided
@@ -427,6 +430,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         connections: ConnectionLimits {
             max_connections: args.max_connections.max(1),
             header_read_timeout: Duration::from_secs(args.header_timeout_secs.clamp(1, 3600)),
+            body_read_timeout: Duration::from_secs(args.body_timeout_secs.clamp(1, 3600)),
         },
         retention: retention_period(&args).map(|period| RetentionConfig {
             keep_reviewed: args.retain_reviewed,
