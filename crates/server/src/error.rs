@@ -23,6 +23,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("request body too large: {0}")]
     PayloadTooLarge(String),
+    /// The body did not arrive in time (`--body-timeout-secs`); sending it again may well work.
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("rate limit exceeded; retry in {retry_after_secs} s")]
     RateLimited { retry_after_secs: u64 },
     #[error("storage failed: {0}")]
@@ -54,6 +57,7 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage_error"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
@@ -81,8 +85,16 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Whether reading a request's body failed because it did not arrive in time ([`crate::http`]'s deadline).
+pub(crate) fn body_timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    std::iter::successors(Some(error), |e| e.source()).any(|e| e.is::<crate::http::BodyTimedOut>())
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
+        if body_timed_out(&rejection) {
+            return ApiError::RequestTimeout(rejection.body_text());
+        }
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge(rejection.body_text())
         } else {

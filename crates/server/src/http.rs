@@ -51,7 +51,7 @@ impl Default for ConnectionLimits {
 /// The request body did not arrive whole within [`ConnectionLimits::body_read_timeout`].
 #[derive(Debug, thiserror::Error)]
 #[error("the request body did not arrive within {0:?}")]
-struct BodyTimedOut(Duration);
+pub(crate) struct BodyTimedOut(Duration);
 
 /// `body`, failing once `limit` has passed before it ended. The deadline is one for the whole body, not one per
 /// chunk: a byte every few seconds would keep a per-chunk timer from ever firing.

@@ -62,7 +62,9 @@ pub use retention::RetentionConfig;
 pub use safeguard_pipeline::ActiveLearning;
 pub use safeguard_pipeline::nats::NatsConfig;
 pub use timing::parse_server_timing;
-pub use webhooks::{WebhookTargets, sign_webhook, verify_webhook, verify_webhook_fresh, webhook_secret_in};
+pub use webhooks::{
+    WebhookTargets, client_webhook_secret, sign_webhook, verify_webhook, verify_webhook_fresh, webhook_secret_in,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -553,6 +555,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/moderate", post(moderate::moderate))
         .route("/v1/jobs", post(jobs::submit))
         .route("/v1/jobs/{id}", get(jobs::get_one))
+        .route("/v1/webhooks/secret", get(webhooks::secret))
         .route("/v1/decisions", get(decisions::list))
         .route("/v1/decisions/{id}", get(decisions::get_one))
         .route("/v1/decisions/{id}/replay", post(decisions::replay))
@@ -560,6 +563,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/reviews", get(reviews::list))
         .route("/v1/reviews/{id}", get(reviews::get_one))
         .route("/v1/reviews/{id}/decide", post(reviews::decide))
+        .route("/v1/reviews/{id}/claim", post(reviews::claim))
         .route("/review", get(reviews::page))
         .route("/v1/moderations", post(openai::moderations))
         .route("/v1/chat/completions", post(openai::chat_completions))

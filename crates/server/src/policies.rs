@@ -107,6 +107,10 @@ fn parse_sent_policy(state: &AppState, text: &str, fallback_name: Option<&str>) 
         return Err("the policy (or its name) holds a NUL character".into());
     }
     let policy = Policy::parse_with_fallback_name(text, fallback_name).map_err(|e| e.to_string())?;
+    // Front matter can spell one too (`name: "spam\0"`), past the check on the text.
+    if serde_json::to_string(&policy.meta).is_ok_and(|meta| meta.contains("\\u0000")) {
+        return Err("the policy's front matter holds a NUL character".into());
+    }
     state.cascade.triage.try_for_policy(&policy).map_err(|e| e.to_string())?;
     safeguard_pipeline::routing_section(&policy).map_err(|e| e.to_string())?;
     Ok(policy)
@@ -256,7 +260,9 @@ pub(crate) async fn create(
 ) -> Result<Response, ApiError> {
     caller.require("policies:write")?;
     let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        if crate::error::body_timed_out(&e) {
+            ApiError::RequestTimeout(e.body_text())
+        } else if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge(e.body_text())
         } else {
             ApiError::bad("invalid_body", e.body_text())

@@ -453,6 +453,13 @@ pub(crate) async fn decide(
         ));
     }
     let review = state.store.get_review(&id).await?.ok_or_else(|| ApiError::NotFound(format!("review {id}")))?;
+    // An admin key (a lead taking an item over) decides whoever holds it.
+    let takes_over = caller.scopes.iter().any(|scope| scope == "admin");
+    if let Some(holder) = review.claim_holder(safeguard_store::now_ms()).filter(|holder| *holder != caller.key_id)
+        && !takes_over
+    {
+        return Err(held_by_another(&review, holder));
+    }
     let decision = state
         .store
         .get_decision(&review.decision_id)
@@ -617,6 +624,44 @@ pub(crate) async fn appealed_item<'a>(
         item = Cow::Owned(earlier);
     }
     Ok(item)
+}
+
+/// How long a claim holds an item: time to read it and write a rationale. The page claims an item again each
+/// time it is opened, so a reviewer who stays on it keeps it.
+const REVIEW_CLAIM_MS: i64 = 10 * 60 * 1000;
+
+/// `POST /v1/reviews/{id}/claim`: the caller works this item for [`REVIEW_CLAIM_MS`]. Others are refused it (409)
+/// meanwhile, and deciding it too; the review page moves them past it. Claiming one's own item again renews it.
+pub(crate) async fn claim(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require("review")?;
+    let now = safeguard_store::now_ms();
+    let review = state
+        .store
+        .claim_review(&id, &caller.key_id, now.saturating_add(REVIEW_CLAIM_MS), now)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("review {id}")))?;
+    if review.status != "pending" {
+        return Err(ApiError::Conflict(format!("review {id} is {}: there is nothing left to claim", review.status)));
+    }
+    match review.claim_holder(now) {
+        Some(holder) if holder == caller.key_id => Ok(Json(json!({
+            "review_id": review.id, "claimed_by": holder, "claimed_until": review.claimed_until,
+        }))),
+        holder => Err(held_by_another(&review, holder.unwrap_or("another reviewer"))),
+    }
+}
+
+/// The refusal of an item another reviewer holds, saying who and until when.
+fn held_by_another(review: &ReviewRecord, holder: &str) -> ApiError {
+    let until = review.claimed_until.unwrap_or_default();
+    ApiError::Conflict(format!(
+        "review {} is being worked by another reviewer (key {holder}) until {until} (unix ms); take another item",
+        review.id
+    ))
 }
 
 /// What the model said in one verdict, as an outcome a person can agree with; `None` if it said nothing clear.

@@ -3,7 +3,9 @@
 //!
 //! Signature: `X-Safeguard-Signature: sha256=<hex(HMAC(secret, "<timestamp>.<body>"))>` with the timestamp
 //! (unix seconds) in `X-Safeguard-Timestamp`, so receivers can reject replays of old deliveries
-//! ([`verify_webhook_fresh`]). `X-Safeguard-Delivery` is not signed: deduplicate on the job id, `type` and
+//! ([`verify_webhook_fresh`]). The secret is the job's client's own ([`client_webhook_secret`], read with the
+//! client's key at `GET /v1/webhooks/secret`): with one secret for every client, each could sign deliveries
+//! that another's receiver would take for the server's (a forged `"outcome": "allow"`). `X-Safeguard-Delivery` is not signed: deduplicate on the job id, `type` and
 //! `review_id` in the body. A job has a `job.completed` delivery and one `job.reviewed` per person's answer to its
 //! item (or an appeal of it); each is retried on its own, so they may arrive in any order.
 
@@ -218,6 +220,18 @@ fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
     file.sync_all().map_err(|e| with_path(path, e))
 }
 
+/// The secret a client's webhooks are signed with: derived from the server's by the client's name (an API key's
+/// name; keys that share a name share jobs, and so the secret). Jobs without a client (a keyless server's) are
+/// signed with the server's own secret.
+pub fn client_webhook_secret(server_secret: &str, client: Option<&str>) -> String {
+    let Some(client) = client else { return server_secret.to_string() };
+    let mut mac = HmacSha256::new_from_slice(server_secret.as_bytes())
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    mac.update(b"safeguard webhook secret of client ");
+    mac.update(client.as_bytes());
+    format!("whsec_{}", hex::encode(mac.finalize().into_bytes()))
+}
+
 pub fn sign_webhook(secret: &str, timestamp: i64, body: &str) -> String {
     // HMAC accepts keys of any length, so this cannot fail.
     let mut mac =
@@ -296,6 +310,16 @@ pub(crate) async fn sender(state: AppState, shutdown: CancellationToken) {
     while sending.join_next().await.is_some() {}
 }
 
+/// `GET /v1/webhooks/secret`: the secret this client's webhooks are signed with.
+pub(crate) async fn secret(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    caller: crate::auth::Caller,
+) -> Result<axum::Json<serde_json::Value>, crate::ApiError> {
+    caller.require("classify")?;
+    let secret = client_webhook_secret(&state.config.webhook_secret, caller.submitter());
+    Ok(axum::Json(serde_json::json!({"secret": secret, "client": caller.submitter()})))
+}
+
 /// How long a claimed delivery is this sender's: longer than one attempt (the client times out at 10 s).
 const DELIVERY_LEASE_MS: i64 = 30_000;
 
@@ -313,8 +337,27 @@ async fn deliver(state: &AppState, delivery: Delivery) {
         }
         return;
     }
+    // Signed for the job's client: without its job, whose the delivery is cannot be told, and nothing it could be
+    // signed with would verify at the receiver.
+    let client = match state.store.get_job(&delivery.job_id).await {
+        Ok(Some(job)) => job.submitted_by,
+        Ok(None) => {
+            tracing::warn!(delivery_id = %delivery.id, job = %delivery.job_id, "webhook delivery without its job");
+            let error = "the delivery's job is no longer stored";
+            if let Err(err) = state.store.record_delivery_attempt(&delivery, false, None, Some(error), None).await {
+                tracing::warn!(error = %err, "recording a webhook attempt failed");
+            }
+            return;
+        }
+        // Not an attempt: the claim lapses and the delivery is tried again.
+        Err(err) => {
+            tracing::warn!(delivery_id = %delivery.id, error = %err, "cannot read the delivery's job");
+            return;
+        }
+    };
+    let secret = client_webhook_secret(&state.config.webhook_secret, client.as_deref());
     let timestamp = now_ms() / 1000;
-    let signature = sign_webhook(&state.config.webhook_secret, timestamp, &delivery.body);
+    let signature = sign_webhook(&secret, timestamp, &delivery.body);
     let sent = state
         .http
         .post(&delivery.url)

@@ -534,7 +534,16 @@ async fn jobs_are_idempotent_finished_once_and_signed_webhooks_arrive() {
     let (signature, timestamp, payload) = &deliveries[0];
     let now = safeguard_store::now_ms() / 1000;
     let fresh = Duration::from_secs(300);
-    assert!(verify_webhook_fresh("hook-secret", timestamp.parse().unwrap(), payload, signature, now, fresh));
+    // Signed with the client's own secret, which its key reads; not the server's, which every client would share.
+    let (status, mine) = h.call("GET", "/v1/webhooks/secret", Some(&key), None).await;
+    assert_eq!(status, 200, "{mine}");
+    let secret = mine["secret"].as_str().unwrap();
+    let timestamp: i64 = timestamp.parse().unwrap();
+    assert!(verify_webhook_fresh(secret, timestamp, payload, signature, now, fresh));
+    assert!(!verify_webhook_fresh("hook-secret", timestamp, payload, signature, now, fresh));
+    let other = h.store.create_api_key("another-client", &["classify".to_string()]).await.unwrap().1;
+    let (_, theirs) = h.call("GET", "/v1/webhooks/secret", Some(&other), None).await;
+    assert_ne!(theirs["secret"], mine["secret"], "another client could sign this client's deliveries");
     let payload: Value = serde_json::from_str(payload).unwrap();
     assert_eq!(payload["job_id"], id);
     assert_eq!(payload["outcome"], "violation");
@@ -2151,5 +2160,5 @@ async fn slow_headers_are_cut_off_and_connections_are_capped() {
     assert!(read.is_ok(), "the stalled request was never answered or closed");
     assert!(started.elapsed() >= Duration::from_millis(350), "{:?}", started.elapsed());
     let reply = String::from_utf8_lossy(&reply);
-    assert!(reply.starts_with("HTTP/1.1 400") && reply.contains("did not arrive"), "{reply}");
+    assert!(reply.starts_with("HTTP/1.1 408") && reply.contains("did not arrive"), "{reply}");
 }

@@ -306,6 +306,67 @@ async fn undecided_items_queue_and_a_person_decides_them_with_a_rule_and_rationa
 
 /// Two of an item's policies define one rule id on opposite sides: a decision applies the one on its own side,
 /// whichever policy the item names first.
+/// A reviewer working an item holds it: another is refused claiming or deciding it until the claim lapses, the
+/// queue shows who holds it, an admin key may take it over, and a decided item has nothing left to claim.
+#[tokio::test]
+async fn a_claimed_item_is_the_claimants_to_decide() {
+    let h = start().await;
+    h.classify("is this a deal or not").await;
+    h.classify("maybe spam, maybe not").await;
+    let ana = h.store.create_api_key("ana", &["review".to_string()]).await.unwrap().1;
+    let ben = h.store.create_api_key("ben", &["review".to_string()]).await.unwrap().1;
+    let (_, queue) = h.call("GET", "/v1/reviews", &ana, None).await;
+    let ids: Vec<String> =
+        queue["reviews"].as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().into()).collect();
+    assert_eq!(ids.len(), 2, "{queue}");
+    let harness = &h;
+    let claim = |id: &str, key: &str| {
+        let (path, key) = (format!("/v1/reviews/{id}/claim"), key.to_string());
+        async move { harness.call("POST", &path, &key, None).await }
+    };
+    let decide = |id: &str, key: &str| {
+        let (path, key) = (format!("/v1/reviews/{id}/decide"), key.to_string());
+        let answer = json!({"outcome": "violation", "rationale": "Cold promotion.", "rule_id": "SP2.b"});
+        async move { harness.call("POST", &path, &key, Some(answer)).await }
+    };
+
+    let (status, held) = claim(&ids[0], &ana).await;
+    assert_eq!(status, 200, "{held}");
+    let ana_id = held["claimed_by"].as_str().unwrap().to_string();
+    assert!(held["claimed_until"].as_i64().unwrap() > safeguard_store::now_ms() + 5 * 60_000, "{held}");
+    let (status, refused) = claim(&ids[0], &ben).await;
+    assert_eq!(status, 409, "{refused}");
+    assert!(refused["error"]["message"].as_str().unwrap().contains(&ana_id), "names who holds it: {refused}");
+    let (status, refused) = decide(&ids[0], &ben).await;
+    assert_eq!(status, 409, "another reviewer decided a claimed item: {refused}");
+    let (_, queue) = h.call("GET", "/v1/reviews", &ben, None).await;
+    let row = queue["reviews"].as_array().unwrap().iter().find(|r| r["id"] == ids[0].as_str()).unwrap();
+    assert_eq!(row["claimed_by"], ana_id.as_str(), "{row}");
+    let (status, _) = claim(&ids[0], &ana).await;
+    assert_eq!(status, 200, "claiming one's own item again renews it");
+
+    // A lapsed claim holds nothing: ben takes the item, and now ana is the one refused.
+    sqlx::query("UPDATE reviews SET claimed_until = 1 WHERE id = $1")
+        .bind(ids[0].clone())
+        .execute(h.store.pool())
+        .await
+        .unwrap();
+    let (status, taken) = claim(&ids[0], &ben).await;
+    assert_eq!(status, 200, "{taken}");
+    assert_eq!(decide(&ids[0], &ana).await.0, 409);
+    let (status, decided) = decide(&ids[0], &ben).await;
+    assert_eq!(status, 200, "{decided}");
+    let (status, done) = claim(&ids[0], &ana).await;
+    assert_eq!(status, 409, "{done}");
+    assert!(done["error"]["message"].as_str().unwrap().contains("nothing left"), "{done}");
+
+    // An admin key takes a claimed item over.
+    assert_eq!(claim(&ids[1], &ana).await.0, 200);
+    let (status, decided) = decide(&ids[1], ADMIN).await;
+    assert_eq!(status, 200, "{decided}");
+    assert_eq!(claim("no-such-review", &ana).await.0, 404);
+}
+
 #[tokio::test]
 async fn a_rule_id_defined_on_both_sides_applies_from_the_policy_on_the_outcomes_side() {
     let h = start().await;
@@ -482,10 +543,33 @@ async fn a_reviewer_works_the_queue_in_a_real_browser_with_the_keyboard() {
         return;
     };
     let reviewer = h.store.create_api_key("reviewer", &["review".to_string()]).await.unwrap().1;
+    // Another reviewer is working the head of the queue: the page opens the next item, and marks the first taken.
+    let colleague = h.store.create_api_key("colleague", &["review".to_string()]).await.unwrap().1;
+    let (_, pending) = h.call("GET", "/v1/reviews", &reviewer, None).await;
+    let head = pending["reviews"][0]["id"].as_str().unwrap().to_string();
+    let (status, held) = h.call("POST", &format!("/v1/reviews/{head}/claim"), &colleague, None).await;
+    assert_eq!(status, 200, "{held}");
     // The key in the fragment, which the browser never sends: not in any log on the way.
     browser.cmd("POST", "/url", json!({"url": format!("{}/review#key={reviewer}", h.base)})).await;
+    let opened = browser
+        .wait_for(
+            "document.querySelectorAll('#queue li.item').length === 2 && state.me \
+             && document.querySelector('#content')?.textContent",
+            "the item nobody holds",
+        )
+        .await;
+    assert!(opened.as_str().unwrap().contains("maybe spam"), "{opened}");
+    let taken = browser.script("return document.querySelector('#queue li.item .taken')?.textContent ?? null").await;
+    assert_eq!(taken, "taken", "the item another reviewer holds is marked");
+    // Released (lapsed), the page reads the queue again from its head, as before.
+    sqlx::query("UPDATE reviews SET claimed_until = 1 WHERE id = $1")
+        .bind(head.clone())
+        .execute(h.store.pool())
+        .await
+        .unwrap();
+    browser.script("state.index = 0; load(); return true").await;
 
-    let queued = browser.wait_for("document.querySelectorAll('#queue li.item').length === 2 && document.querySelector('#content')?.textContent", "the first item").await;
+    let queued = browser.wait_for("document.querySelectorAll('#queue li.item').length === 2 && document.querySelector('#content')?.textContent.includes('Limited offer') && document.querySelector('#content')?.textContent", "the first item").await;
     assert!(queued.as_str().unwrap().contains("Limited offer"), "{queued}");
     assert!(
         browser

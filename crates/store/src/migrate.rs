@@ -47,6 +47,7 @@ const MIGRATIONS: &[(i64, Migration)] = &[
             ],
         },
     ),
+    (12, Portable(include_str!("../migrations/0012_review_claims.sql"))),
 ];
 
 /// Arbitrary constant so that concurrent servers starting on one PostgreSQL database migrate one at a time.

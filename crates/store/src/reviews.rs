@@ -31,6 +31,19 @@ pub struct ReviewRecord {
     /// Whether the person's outcome differs from the model's; `None` when the model gave no answer.
     pub overrides_model: Option<bool>,
     pub decided_at: Option<i64>,
+    /// Who is working the item ([`Store::claim_review`]; an API key's id) and until when (unix ms). A claim past
+    /// its time holds nothing.
+    pub claimed_by: Option<String>,
+    pub claimed_until: Option<i64>,
+}
+
+impl ReviewRecord {
+    /// Who holds the item at `now`, if anyone: a pending review's live claim.
+    pub fn claim_holder(&self, now: i64) -> Option<&str> {
+        (self.status == "pending" && self.claimed_until.is_some_and(|until| until > now))
+            .then_some(self.claimed_by.as_deref())
+            .flatten()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -78,7 +91,7 @@ pub struct ReviewStats {
 }
 
 pub(crate) const COLUMNS: &str = "id, decision_id, status, kind, priority, reason, created_at, due_at, reviewer, rationale, rule_id, \
-    policy_hash, outcome, overrides_model, decided_at";
+    policy_hash, outcome, overrides_model, decided_at, claimed_by, claimed_until";
 
 pub(crate) fn row_to_review(row: &AnyRow) -> Result<ReviewRecord> {
     Ok(ReviewRecord {
@@ -98,6 +111,8 @@ pub(crate) fn row_to_review(row: &AnyRow) -> Result<ReviewRecord> {
         // Stored as 0/1: booleans do not travel the same way through both drivers.
         overrides_model: row.try_get::<Option<i64>, _>("overrides_model")?.map(|v| v != 0),
         decided_at: row.try_get("decided_at")?,
+        claimed_by: row.try_get("claimed_by")?,
+        claimed_until: row.try_get("claimed_until")?,
     })
 }
 
@@ -283,6 +298,24 @@ impl Store {
         rows.iter().map(row_to_review).collect()
     }
 
+    /// Holds pending review `id` for `claimant` until `until` (unix ms), unless someone else's claim on it is still
+    /// live at `now`: a reviewer working an item, so that others are moved past it instead of writing a rationale
+    /// for an item they will be refused. Claiming again renews one's own claim. Returns the review as it stands
+    /// after the attempt (`claim_holder` says who holds it), or `None` if there is no such review.
+    pub async fn claim_review(&self, id: &str, claimant: &str, until: i64, now: i64) -> Result<Option<ReviewRecord>> {
+        sqlx::query(
+            "UPDATE reviews SET claimed_by = $1, claimed_until = $2 WHERE id = $3 AND status = 'pending' \
+             AND (claimed_by IS NULL OR claimed_by = $1 OR claimed_until IS NULL OR claimed_until <= $4)",
+        )
+        .bind(claimant)
+        .bind(until)
+        .bind(id)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        self.get_review(id).await
+    }
+
     /// Reviews people answered (`decided`) or an appeal set aside (`superseded`), the latest first, a page at a
     /// time: `before` is the last row's `(decided_at, id)` of the page before. The queue's order (priority first)
     /// with a row cap would keep every answer past the first thousand out of reach.
@@ -438,7 +471,9 @@ impl Store {
             }
             if let Some(existing) = find_appeal(&mut *tx, original).await? {
                 tx.rollback().await?;
-                return Ok(QueuedReview { review: existing, fresh: false });
+                // The live end of an old chain, as `appeal_of` answers.
+                let review = self.appeal_of(original).await?.unwrap_or(existing);
+                return Ok(QueuedReview { review, fresh: false });
             }
         }
         crate::decisions::insert_decision_tx(&mut tx, decision, reasoning).await?;

@@ -1170,6 +1170,46 @@ async fn decisions_stored_together_are_all_or_none() {
     }
 }
 
+/// A claim holds a pending review for one claimant until it lapses; claiming again renews one's own; a decided
+/// review holds nothing.
+#[tokio::test]
+async fn a_review_is_held_by_one_claimant_at_a_time() {
+    for t in stores().await {
+        let s = &t.store;
+        s.insert_decision(&decision("cl-item", "needs_review", "spam", None), None).await.unwrap();
+        let id = s.enqueue_review("cl-item", 1).await.unwrap();
+        let now = now_ms();
+        let held = s.claim_review(&id, "ana", now + 60_000, now).await.unwrap().unwrap();
+        assert_eq!(held.claim_holder(now), Some("ana"), "{}", t.label);
+        let refused = s.claim_review(&id, "ben", now + 60_000, now).await.unwrap().unwrap();
+        assert_eq!(
+            (refused.claim_holder(now), refused.claimed_until),
+            (Some("ana"), Some(now + 60_000)),
+            "{}",
+            t.label
+        );
+        let renewed = s.claim_review(&id, "ana", now + 120_000, now).await.unwrap().unwrap();
+        assert_eq!(renewed.claimed_until, Some(now + 120_000), "{}", t.label);
+        // Lapsed, it is anyone's.
+        let later = now + 120_000;
+        let taken = s.claim_review(&id, "ben", later + 60_000, later).await.unwrap().unwrap();
+        assert_eq!(taken.claim_holder(later), Some("ben"), "{}", t.label);
+        assert!(s.claim_review("no-such-review", "ana", later, now).await.unwrap().is_none(), "{}", t.label);
+        let answer = safeguard_store::ReviewDecision {
+            reviewer: "ben".into(),
+            outcome: "allow".into(),
+            rationale: "fine".into(),
+            rule_id: "SP0".into(),
+            policy_hash: None,
+            overrides_model: None,
+        };
+        s.decide_review(&id, &answer).await.unwrap().unwrap();
+        let decided = s.claim_review(&id, "ana", later + 60_000, later).await.unwrap().unwrap();
+        assert_eq!((decided.status.as_str(), decided.claim_holder(later)), ("decided", None), "{}", t.label);
+        t.cleanup().await;
+    }
+}
+
 /// A chain of appeals (stored before an appeal's own decision counted as its item's): the item's appeal is the
 /// one at the chain's end, which a person still answers, not the first, which the second set aside.
 #[tokio::test]

@@ -154,7 +154,28 @@ fn unfence(text: &str) -> &str {
 /// "VALID\nViolation.". An answer read from one part of the text is only the answer when no other part of it
 /// says the other side.
 fn contradicting_sentence<'a>(text: &'a str, value: bool, output: &OutputFormat) -> Option<&'a str> {
-    crate::combined::sentences(text).into_iter().find(|sentence| word_reading(sentence, output) == Some(!value))
+    // A question and the sentence that answers it are left out: "Violation? No." says nothing against a 0, and
+    // what a "Yes" after a question means depends on the question.
+    let sentences = crate::combined::sentences_ended(text);
+    let after_question = std::iter::once(false).chain(sentences.iter().map(|(_, question)| *question));
+    sentences
+        .iter()
+        .zip(after_question)
+        .filter(|((_, question), answers_one)| !question && !answers_one)
+        .map(|((sentence, _), _)| *sentence)
+        .find(|sentence| word_reading(sentence, output) == Some(!value))
+}
+
+/// Where the sentence holding byte `at` of `text` starts, as [`crate::combined::sentences`] cuts them.
+fn sentence_start(text: &str, at: usize) -> usize {
+    let bytes = text.as_bytes();
+    (0..at.min(bytes.len()))
+        .rev()
+        .find(|&i| {
+            matches!(bytes[i], b'\n' | b';')
+                || matches!(bytes[i], b'.' | b'!' | b'?') && bytes.get(i + 1).is_none_or(u8::is_ascii_whitespace)
+        })
+        .map_or(0, |i| i + 1)
 }
 
 /// The text before and after the first code fence, when there is one and anything is around it.
@@ -683,7 +704,18 @@ fn violation_from_json(text: &str, objects: &[FoundObject]) -> Option<JsonVerdic
             Err(detail) => return Some(Err(detail)),
         }
     }
+    if let Some(detail) = objects.iter().find_map(|object| object_two_sided(&object.map, first)) {
+        return Some(Err(format!("{detail} in {}", excerpt(text))));
+    }
     Some(Ok((first, label)))
+}
+
+/// [`two_sided`] for an object found in a final, whose answer may sit one level down
+/// (`{"result": {"violation": 0}, "Violation": 1}`): the wrapper's own keys are read too.
+pub(crate) fn object_two_sided(map: &Map<String, Value>, violation: bool) -> Option<String> {
+    let inner = answer_object(map)?;
+    two_sided(inner, violation)
+        .or_else(|| (!std::ptr::eq(inner, map)).then(|| second_violation(map, violation)).flatten())
 }
 
 /// Prose such as "Answer: 1" or "The content is spam, so 1." One distinct candidate decides; two do not.
@@ -753,7 +785,11 @@ fn binary_from_prose(text: &str, names: &[&str]) -> Result<Option<bool>, String>
     // answer's digits blanked out, so that what is left of the digit's own sentence is read too.
     let mut blanked = text.to_string();
     for &(start, digit) in &candidates {
-        blanked.replace_range(start..start + digit.len(), &" ".repeat(digit.len()));
+        // From the start of the digit's sentence: its key ("Violation: 0") is part of the answer, not a word beside
+        // it.
+        let from = sentence_start(text, start);
+        let end = start + digit.len();
+        blanked.replace_range(from..end, &" ".repeat(end - from));
     }
     if let Some(sentence) = contradicting_sentence(&blanked, value, &OutputFormat::Binary) {
         return Err(format!(
@@ -1235,24 +1271,27 @@ pub(crate) fn answer_from_object(map: &Map<String, Value>, required_fields: &[&s
         answer.push_flag(Flag::Escalated);
     }
     if let Some(violation) = answer.violation
-        && let Some(detail) = second_violation(map, violation)
+        && let Some(detail) = two_sided(map, violation)
     {
         answer.push_flag(Flag::Unparseable { detail });
-    }
-    // `"label": "UNSAFE"` beside `"violation": 0` says two things.
-    if let (Some(violation), Some(label)) = (answer.violation, map.get("label").and_then(value_text))
-        && word_answer(strip_wrapping(&label)) == Some(!violation)
-    {
-        answer.push_flag(Flag::Inconsistent {
-            detail: format!("\"label\": {label:?} says the opposite of \"violation\": {}", u8::from(violation)),
-        });
     }
     answer
 }
 
+/// Why the answer object `map`, whose `violation` says `violation`, also says the other side: another
+/// `violation` ([`second_violation`]) or a `"label": "UNSAFE"` beside `"violation": 0`.
+pub(crate) fn two_sided(map: &Map<String, Value>, violation: bool) -> Option<String> {
+    if let Some(detail) = second_violation(map, violation) {
+        return Some(detail);
+    }
+    let label = map.get("label").and_then(value_text)?;
+    (word_answer(strip_wrapping(&label)) == Some(!violation))
+        .then(|| format!("\"label\": {label:?} says the opposite of \"violation\": {}", u8::from(violation)))
+}
+
 /// Another `violation` in the answer object that does not say `violation`: a key spelled another way
-/// (`"Violation": 1` beside `"violation": 0`), or, beside a "safe" answer, one in an object nested in it
-/// (`"details": {"violation": 1}`). Either way the object says two things, and which one a reader takes must not
+/// (`"Violation": 1` beside `"violation": 0`), or, beside a "safe" answer, one nested in it that clearly says
+/// "violation" (`"details": {"violation": 1}`, `"rules": [{"violation": true}]`). Either way the object says two things, and which one a reader takes must not
 /// decide the verdict. Nested ones beside a violation are left alone: per-rule breakdowns
 /// (`"HT1": {"violation": 1}, "HT2": {"violation": 0}`) under a violating answer change nothing.
 fn second_violation(map: &Map<String, Value>, violation: bool) -> Option<String> {
@@ -1267,25 +1306,26 @@ fn second_violation(map: &Map<String, Value>, violation: bool) -> Option<String>
     if violation {
         return None;
     }
-    // Objects only: a list is more likely a breakdown than a second answer, and is read as the caller reads it.
+    // Only a value that clearly says "violation" counts: "not applicable" or null in a nested object describes,
+    // it does not answer. Lists too: a rule marked violated in a breakdown is no "safe" answer.
     fn nested_says_violation(value: &Value, is_key: &dyn Fn(&str) -> bool, depth: usize) -> Option<String> {
-        let Value::Object(inner) = value else { return None };
         if depth > 8 {
             return None;
         }
-        for (key, value) in inner {
-            if is_key(key) && coerce_violation(value).ok().flatten() != Some(false) {
-                return Some(key.clone());
-            }
-            if let Some(found) = nested_says_violation(value, is_key, depth + 1) {
-                return Some(found);
-            }
+        match value {
+            Value::Object(inner) => inner.iter().find_map(|(key, value)| {
+                if is_key(key) && coerce_violation(value).ok().flatten() == Some(true) {
+                    return Some(key.clone());
+                }
+                nested_says_violation(value, is_key, depth + 1)
+            }),
+            Value::Array(items) => items.iter().find_map(|item| nested_says_violation(item, is_key, depth + 1)),
+            _ => None,
         }
-        None
     }
     map.values()
         .find_map(|value| nested_says_violation(value, &is_violation_key, 0))
-        .map(|key| format!("a nested \"{key}\" does not say what the answer's \"violation\": 0 says"))
+        .map(|key| format!("a nested \"{key}\" says \"violation\" beside the answer's \"violation\": 0"))
 }
 
 /// The object holding the answer: one with `violation` at the top, or nested one level down
@@ -1331,6 +1371,13 @@ fn parse_json(final_text: &str, required_fields: &[&str], names: &[&str]) -> Par
                 .map(|object| object.get("violation").and_then(|value| coerce_violation(value).ok().flatten()))
                 .collect();
             let mut answer = answer_from_object(last, required_fields);
+            // Every object's, wrappers' keys included (`{"result": {"violation": 0}, "Violation": 1}`).
+            if let Some(violation) = answer.violation
+                && !answer.flags.iter().any(|flag| matches!(flag, Flag::Unparseable { .. }))
+                && let Some(detail) = objects.iter().find_map(|object| object_two_sided(&object.map, violation))
+            {
+                answer.push_flag(Flag::Unparseable { detail });
+            }
             // An earlier object's request for a person stands: a later one cannot take it back.
             if answers.iter().any(|object| answer_from_object(object, &[]).flags.contains(&Flag::Escalated)) {
                 answer.push_flag(Flag::Escalated);

@@ -135,7 +135,7 @@ pub(crate) fn sentences(text: &str) -> Vec<&str> {
 }
 
 /// [`sentences`], each with whether it ends in a question mark.
-fn sentences_ended(text: &str) -> Vec<(&str, bool)> {
+pub(crate) fn sentences_ended(text: &str) -> Vec<(&str, bool)> {
     let bytes = text.as_bytes();
     let mut out = Vec::new();
     let mut from = 0;

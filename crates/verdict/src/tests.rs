@@ -970,9 +970,16 @@ fn answers_that_also_say_the_other_side_need_review() {
         (&labels, "VALID\nViolation.".into()),
         (&labels, "```INVALID\nVALID```".into()),
         (&json, with(r#""details": {"violation": 1}"#)),
-        (&json, with(r#""details": {"reason": {"violation": "unclear"}}"#)),
+        (&json, with(r#""details": {"reason": {"violation": true}}"#)),
+        (&json, with(r#""rules": [{"id": "HT2.a", "violation": 1}]"#)),
         (&json, with(r#""Violation": 1"#)),
         (&json, with(r#""label": "UNSAFE""#)),
+        (&json, format!(r#"{{"result": {safe}, "Violation": 1}}"#)),
+        // JSON in a binary policy's answer is held to the same.
+        (&binary, r#"{"violation": 0, "Violation": 1}"#.into()),
+        (&binary, r#"{"violation": 0, "label": "UNSAFE"}"#.into()),
+        (&labels, r#"{"violation": 0, "details": [{"violation": 1}]}"#.into()),
+        (&binary, "Safe. Answer: 1".into()),
     ];
     for (policy, text) in &two_sided {
         let verdict = judge(policy, None, Some(text), false);
@@ -985,6 +992,21 @@ fn answers_that_also_say_the_other_side_need_review() {
         (&labels, "VALID\nSafe.".into(), Outcome::Allow),
         (&json, with(r#""label": "safe""#), Outcome::Allow),
         (&json, with(r#""details": {"violation": 0}"#), Outcome::Allow),
+        (&json, with(r#""analysis": {"violation": "not applicable"}"#), Outcome::Allow),
+        (&json, with(r#""meta": {"Violation": false}, "evidence": {"violation_type": null}"#), Outcome::Allow),
+        // A key is part of its answer, and a question with its reply says nothing against it.
+        (&binary, "Violation: 0".into(), Outcome::Allow),
+        (&binary, "**Violation:** 0".into(), Outcome::Allow),
+        (&binary, "Violates: 1".into(), Outcome::Violation),
+        (&binary, "Label: 0 (does not violate)".into(), Outcome::Allow),
+        (&binary, "0\n\nViolation? No.".into(), Outcome::Allow),
+        (&binary, "Is the content safe? Yes.\n0".into(), Outcome::Allow),
+        (&binary, "0\n\nNo violation found.".into(), Outcome::Allow),
+        (&binary, "0 - No.".into(), Outcome::Allow),
+        (&binary, "1 (SP2.a) Yes.".into(), Outcome::Violation),
+        (&binary, "Answer: 0\nReason: safe".into(), Outcome::Allow),
+        (&labels, "VALID\nUnsafe? No.".into(), Outcome::Allow),
+        (&labels, "VALID\nThe post is safe.".into(), Outcome::Allow),
     ];
     for (policy, text, outcome) in &one_sided {
         let verdict = judge(policy, None, Some(text), false);

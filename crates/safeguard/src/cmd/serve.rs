@@ -204,7 +204,7 @@ pub struct Args {
     /// Seconds a connection has to send a request's headers once it starts one; then it is closed.
     #[arg(long, value_name = "SECS", default_value_t = ConnectionLimits::default().header_read_timeout.as_secs())]
     pub header_timeout_secs: u64,
-    /// Seconds a request's body has to arrive whole once its headers did; then the request fails (400).
+    /// Seconds a request's body has to arrive whole once its headers did; then the request fails (408).
     #[arg(long, value_name = "SECS", default_value_t = ConnectionLimits::default().body_read_timeout.as_secs())]
     pub body_timeout_secs: u64,
     /// Delete stored decisions, jobs and webhook deliveries older than this many days, hourly (as `safeguard
