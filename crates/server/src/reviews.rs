@@ -228,7 +228,8 @@ pub(crate) async fn list(
     let stats = state.store.review_stats().await?;
     let mut stats_json = serde_json::to_value(stats).unwrap_or(Value::Null);
     stats_json["agreement_rate"] = json!(agreement_rate(&stats));
-    Ok(Json(json!({"reviews": items, "stats": stats_json, "next_page": next_page})))
+    // `you`: the key id claims are held under, so that a page can tell its own claims from others'.
+    Ok(Json(json!({"reviews": items, "stats": stats_json, "next_page": next_page, "you": caller.key_id})))
 }
 
 pub(crate) async fn get_one(
@@ -626,8 +627,8 @@ pub(crate) async fn appealed_item<'a>(
     Ok(item)
 }
 
-/// How long a claim holds an item: time to read it and write a rationale. The page claims an item again each
-/// time it is opened, so a reviewer who stays on it keeps it.
+/// How long a claim holds an item: time to read it and write a rationale. The page renews its claim while the
+/// item stays on screen, so a reviewer who stays on it keeps it.
 const REVIEW_CLAIM_MS: i64 = 10 * 60 * 1000;
 
 /// `POST /v1/reviews/{id}/claim`: the caller works this item for [`REVIEW_CLAIM_MS`]. Others are refused it (409)

@@ -221,14 +221,19 @@ fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
 }
 
 /// The secret a client's webhooks are signed with: derived from the server's by the client's name (an API key's
-/// name; keys that share a name share jobs, and so the secret). Jobs without a client (a keyless server's) are
-/// signed with the server's own secret.
+/// name; keys that share a name share jobs, and so the secret). Jobs without a client (a keyless server's) get one
+/// derived apart. The server's own secret signs nothing and is handed to nobody: whoever held it could derive
+/// every client's.
 pub fn client_webhook_secret(server_secret: &str, client: Option<&str>) -> String {
-    let Some(client) = client else { return server_secret.to_string() };
     let mut mac = HmacSha256::new_from_slice(server_secret.as_bytes())
         .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
-    mac.update(b"safeguard webhook secret of client ");
-    mac.update(client.as_bytes());
+    match client {
+        Some(client) => {
+            mac.update(b"safeguard webhook secret of client ");
+            mac.update(client.as_bytes());
+        }
+        None => mac.update(b"safeguard webhook secret of jobs without a client"),
+    }
     format!("whsec_{}", hex::encode(mac.finalize().into_bytes()))
 }
 

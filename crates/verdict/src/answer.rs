@@ -154,16 +154,44 @@ fn unfence(text: &str) -> &str {
 /// "VALID\nViolation.". An answer read from one part of the text is only the answer when no other part of it
 /// says the other side.
 fn contradicting_sentence<'a>(text: &'a str, value: bool, output: &OutputFormat) -> Option<&'a str> {
-    // A question and the sentence that answers it are left out: "Violation? No." says nothing against a 0, and
-    // what a "Yes" after a question means depends on the question.
     let sentences = crate::combined::sentences_ended(text);
-    let after_question = std::iter::once(false).chain(sentences.iter().map(|(_, question)| *question));
-    sentences
-        .iter()
-        .zip(after_question)
-        .filter(|((_, question), answers_one)| !question && !answers_one)
-        .map(|((sentence, _), _)| *sentence)
-        .find(|sentence| word_reading(sentence, output) == Some(!value))
+    let mut asked: Option<Option<bool>> = None;
+    for (sentence, question) in sentences {
+        if question {
+            // A question answers nothing; what it asks says how a yes or a no after it reads.
+            asked = Some(word_reading(sentence, output));
+            continue;
+        }
+        let said = match (asked.take(), yes_or_no(sentence)) {
+            // "Violation? No." reads as "no violation"; "Safe? Yes." as "safe".
+            (Some(Some(asked)), Some(yes)) => Some(if yes { asked } else { !asked }),
+            // A yes or no to a question that is no answer word ("Does it sell followers? Yes."): which side it
+            // takes depends on the question, so it is read as taking the other one.
+            (Some(None), Some(_)) => Some(!value),
+            _ => word_reading(sentence, output),
+        };
+        if said == Some(!value) {
+            return Some(sentence);
+        }
+    }
+    None
+}
+
+/// A sentence that is only "yes" or "no" (with wrapping): `Some(true)` for yes.
+fn yes_or_no(sentence: &str) -> Option<bool> {
+    match strip_wrapping(sentence).to_ascii_lowercase().as_str() {
+        "yes" => Some(true),
+        "no" => Some(false),
+        _ => None,
+    }
+}
+
+/// Whether `key` (the words before an answer's digit) names the answer's field, as `KEYED_DIGIT` keys it
+/// ("Violation:", "**Violates:**"), not a side the digit could be a yes or no to.
+fn is_answer_key(key: &str) -> bool {
+    let word = without_rule_ids(key);
+    let word = word.trim_matches(|c: char| c.is_whitespace() || WRAPPING.contains(c) || "-–—".contains(c));
+    matches!(word.to_ascii_lowercase().as_str(), "violation" | "violates")
 }
 
 /// Where the sentence holding byte `at` of `text` starts, as [`crate::combined::sentences`] cuts them.
@@ -786,8 +814,17 @@ fn binary_from_prose(text: &str, names: &[&str]) -> Result<Option<bool>, String>
     let mut blanked = text.to_string();
     for &(start, digit) in &candidates {
         // From the start of the digit's sentence: its key ("Violation: 0") is part of the answer, not a word beside
-        // it.
+        // it. A key that is itself a side ("Safe: 1", "Allowed: 0") may be read as that side's yes or no, or as
+        // the answer's code: unclear either way.
         let from = sentence_start(text, start);
+        let key = &text[from..start];
+        let polar = word_reading(key, &OutputFormat::Binary).is_some() && !is_answer_key(key);
+        let keyed = key.trim_end_matches(|c: char| c.is_whitespace() || "*_`\"'".contains(c)).ends_with([':', '=']);
+        if polar && keyed {
+            return Err(format!("\"{}{digit}\" can be read either way in {}", key.trim_start(), excerpt(text)));
+        }
+        // A side said beside the digit ("No, 0", "Unsafe, 0") is read with the rest, not blanked.
+        let from = if polar { start } else { from };
         let end = start + digit.len();
         blanked.replace_range(from..end, &" ".repeat(end - from));
     }
@@ -1290,8 +1327,8 @@ pub(crate) fn two_sided(map: &Map<String, Value>, violation: bool) -> Option<Str
 }
 
 /// Another `violation` in the answer object that does not say `violation`: a key spelled another way
-/// (`"Violation": 1` beside `"violation": 0`), or, beside a "safe" answer, one nested in it that clearly says
-/// "violation" (`"details": {"violation": 1}`, `"rules": [{"violation": true}]`). Either way the object says two things, and which one a reader takes must not
+/// (`"Violation": 1` beside `"violation": 0`), or, beside a "safe" answer, one nested in it that does not clearly
+/// say "no" (`"details": {"violation": 1}`, `"rules": [{"violation": "likely"}]`). Either way the object says two things, and which one a reader takes must not
 /// decide the verdict. Nested ones beside a violation are left alone: per-rule breakdowns
 /// (`"HT1": {"violation": 1}, "HT2": {"violation": 0}`) under a violating answer change nothing.
 fn second_violation(map: &Map<String, Value>, violation: bool) -> Option<String> {
@@ -1306,15 +1343,22 @@ fn second_violation(map: &Map<String, Value>, violation: bool) -> Option<String>
     if violation {
         return None;
     }
-    // Only a value that clearly says "violation" counts: "not applicable" or null in a nested object describes,
-    // it does not answer. Lists too: a rule marked violated in a breakdown is no "safe" answer.
+    // Anything but a clear "no" counts ("likely", 0.7, a rule id), except what only says the question does not
+    // arise: null, "n/a", "not applicable". Lists too: a rule marked violated in a breakdown is no "safe" answer.
     fn nested_says_violation(value: &Value, is_key: &dyn Fn(&str) -> bool, depth: usize) -> Option<String> {
         if depth > 8 {
             return None;
         }
+        let does_not_arise = |value: &Value| match value {
+            Value::Null => true,
+            Value::String(text) => {
+                matches!(strip_wrapping(text).to_ascii_lowercase().as_str(), "n/a" | "na" | "not applicable" | "")
+            }
+            _ => false,
+        };
         match value {
             Value::Object(inner) => inner.iter().find_map(|(key, value)| {
-                if is_key(key) && coerce_violation(value).ok().flatten() == Some(true) {
+                if is_key(key) && coerce_violation(value).ok().flatten() != Some(false) && !does_not_arise(value) {
                     return Some(key.clone());
                 }
                 nested_says_violation(value, is_key, depth + 1)

@@ -980,6 +980,16 @@ fn answers_that_also_say_the_other_side_need_review() {
         (&binary, r#"{"violation": 0, "label": "UNSAFE"}"#.into()),
         (&labels, r#"{"violation": 0, "details": [{"violation": 1}]}"#.into()),
         (&binary, "Safe. Answer: 1".into()),
+        (&binary, "0\n\nViolation? Yes.".into()),
+        (&binary, "Is the content safe? Yes.\n0".into()),
+        (&labels, "VALID\nDoes it sell followers? Yes.".into()),
+        (&binary, "0\nAny issue? Unsafe.".into()),
+        (&binary, "Safe: 1".into()),
+        (&binary, "Unsafe: 0".into()),
+        (&binary, "Allowed: 0".into()),
+        (&binary, "Unsafe, 0".into()),
+        (&json, with(r#""rules": [{"id": "HT2.a", "violation": "likely"}]"#)),
+        (&json, with(r#""details": {"violation": 0.7}"#)),
     ];
     for (policy, text) in &two_sided {
         let verdict = judge(policy, None, Some(text), false);
@@ -1000,7 +1010,8 @@ fn answers_that_also_say_the_other_side_need_review() {
         (&binary, "Violates: 1".into(), Outcome::Violation),
         (&binary, "Label: 0 (does not violate)".into(), Outcome::Allow),
         (&binary, "0\n\nViolation? No.".into(), Outcome::Allow),
-        (&binary, "Is the content safe? Yes.\n0".into(), Outcome::Allow),
+        (&binary, "Safe? Yes.\n0".into(), Outcome::Allow),
+        (&json, with(r#""details": {"violation": null, "note": "n/a"}"#), Outcome::Allow),
         (&binary, "0\n\nNo violation found.".into(), Outcome::Allow),
         (&binary, "0 - No.".into(), Outcome::Allow),
         (&binary, "1 (SP2.a) Yes.".into(), Outcome::Violation),
