@@ -370,7 +370,6 @@ impl ActiveLearning {
                 .collect();
             // A person answers one policy's question, as for the audit below: of several candidates, one is kept,
             // and the review asks about it alone (the others' labels would never come).
-            let candidates: Vec<&(&PolicyRoute, SampleReason)> = candidates.iter().collect();
             if !candidates.is_empty()
                 && drawn(&id, self.rate)
                 && let Some((route, why)) = pick_one(&candidates, &format!("sample-policy:{id}"))
@@ -389,7 +388,7 @@ impl ActiveLearning {
                 .filter(|route| route.decided_by == Stage::Triage)
                 .filter(|route| drawn(&format!("audit:{id}:{}", route.policy_hash), self.audit_rate))
                 .collect();
-            if let Some(route) = pick_one(&drawn_routes, &format!("audit-policy:{id}")) {
+            if let Some(&route) = pick_one(&drawn_routes, &format!("audit-policy:{id}")) {
                 let triage_probability = route.triage.as_ref().and_then(|t| t.calibrated_probability);
                 picked.push(picked_route(
                     route,
@@ -402,9 +401,9 @@ impl ActiveLearning {
 }
 
 /// One of `items`, each as likely, the same for the same `key`; `None` when there are none.
-fn pick_one<'a, T>(items: &[&'a T], key: &str) -> Option<&'a T> {
+fn pick_one<'a, T>(items: &'a [T], key: &str) -> Option<&'a T> {
     let len = u64::try_from(items.len()).ok().filter(|&len| len > 0)?;
-    items.get(usize::try_from(key_hash(key) % len).ok()?).copied()
+    items.get(usize::try_from(key_hash(key) % len).ok()?)
 }
 
 /// A deterministic draw with probability `rate` keyed by `key`.

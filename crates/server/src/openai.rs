@@ -367,6 +367,11 @@ fn stream_chat(
             let _ = events.send(Event::default().data(value.to_string()));
         };
         send(meta.chunk(json!({"role": "assistant", "content": ""}), Value::Null));
+        let forward = |delta: ReasonDelta| {
+            if let Some(delta) = delta_json(delta, with_reasoning) {
+                send(meta.chunk(delta, Value::Null));
+            }
+        };
         let started = Instant::now();
         let effort = request.effort;
         let (deltas, mut decoded) = tokio::sync::mpsc::unbounded_channel();
@@ -375,11 +380,7 @@ fn stream_chat(
         let result = loop {
             tokio::select! {
                 biased;
-                Some(delta) = decoded.recv() => {
-                    if let Some(delta) = delta_json(delta, with_reasoning) {
-                        send(meta.chunk(delta, Value::Null));
-                    }
-                }
+                Some(delta) = decoded.recv() => forward(delta),
                 result = &mut reasoning => break result,
                 // The client hung up: nobody will read the answer, so the engine must not decode it. Dropping the
                 // future stops it (the embedded engine at its next step); the prompt is paid at its cap.
@@ -391,9 +392,7 @@ fn stream_chat(
             }
         };
         while let Ok(delta) = decoded.try_recv() {
-            if let Some(delta) = delta_json(delta, with_reasoning) {
-                send(meta.chunk(delta, Value::Null));
-            }
+            forward(delta);
         }
         metrics::histogram!("safeguard_chat_latency_seconds").record(started.elapsed().as_secs_f64());
         paid.settle(effort, &result);

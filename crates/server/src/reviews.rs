@@ -195,27 +195,28 @@ pub(crate) async fn list(
     if !matches!(query.status.as_str(), "pending" | "decided" | "superseded") {
         return Err(ApiError::bad("invalid_status", "status is \"pending\", \"decided\" or \"superseded\""));
     }
+    let pending = query.status == "pending";
     let before = match (query.before, query.before_id.as_deref()) {
         (None, None) => None,
-        (Some(at), Some(id)) if query.status != "pending" => Some((at, id)),
-        _ if query.status == "pending" => {
+        _ if pending => {
             return Err(ApiError::bad(
                 "invalid_query",
                 "the pending queue is worked from its head; before and before_id page decided and superseded reviews",
             ));
         }
+        (Some(at), Some(id)) => Some((at, id)),
         _ => {
             return Err(ApiError::bad("invalid_query", "before and before_id go together (the next_page of a reply)"));
         }
     };
-    let reviews = if query.status == "pending" {
+    let reviews = if pending {
         state.store.list_reviews(&query.status, query.limit).await?
     } else {
         state.store.list_settled_reviews(&query.status, before, query.limit).await?
     };
     // A full page may have more behind it; the queue itself has no pages (its order changes as it is worked).
     let next_page = match reviews.last() {
-        Some(last) if query.status != "pending" && reviews.len() as i64 >= query.limit.clamp(1, 1000) => {
+        Some(last) if !pending && reviews.len() as i64 >= query.limit.clamp(1, safeguard_store::MAX_REVIEW_PAGE) => {
             json!({"before": last.decided_at, "before_id": last.id})
         }
         _ => Value::Null,
@@ -402,8 +403,8 @@ fn asked_policy(review: &ReviewRecord) -> Option<&str> {
 /// The policy versions a person's answer to `review` may apply the rules of: the one it asks about, if any, else
 /// every one the item was judged under.
 fn judged_policies<'a>(review: &'a ReviewRecord, decision: &'a DecisionRecord) -> impl Iterator<Item = &'a String> {
-    let audited = asked_policy(review);
-    decision.policy_hashes.iter().filter(move |hash| audited.is_none_or(|audited| audited == hash.as_str()))
+    let asked = asked_policy(review);
+    decision.policy_hashes.iter().filter(move |hash| asked.is_none_or(|asked| asked == hash.as_str()))
 }
 
 /// A rule's side as the review page reads it: the outcome a decision applying it has.
@@ -455,9 +456,8 @@ pub(crate) async fn decide(
     }
     let review = state.store.get_review(&id).await?.ok_or_else(|| ApiError::NotFound(format!("review {id}")))?;
     // An admin key (a lead taking an item over) decides whoever holds it.
-    let takes_over = caller.scopes.iter().any(|scope| scope == "admin");
     if let Some(holder) = review.claim_holder(safeguard_store::now_ms()).filter(|holder| *holder != caller.key_id)
-        && !takes_over
+        && !caller.has("admin")
     {
         return Err(held_by_another(&review, holder));
     }
@@ -468,7 +468,7 @@ pub(crate) async fn decide(
         .ok_or_else(|| ApiError::NotFound(format!("decision {}", review.decision_id)))?;
     // The rule must exist in one of the policy versions the item was judged under; in the one asked about, for an
     // audit or a sample: an answer about another policy would leave that one unanswered.
-    let audited = asked_policy(&review);
+    let asked = asked_policy(&review);
     let judged_hashes: Vec<&String> = judged_policies(&review, &decision).collect();
     let mut policy_hash = None;
     let mut defines_rules = false;
@@ -515,7 +515,7 @@ pub(crate) async fn decide(
         } else {
             format!("they define no rule ids (or can no longer be loaded): cite \"{NO_RULE}\"")
         };
-        let judged = match audited {
+        let judged = match asked {
             Some(hash) => format!("the policy this {} is about ({hash})", review.kind),
             None => "the policies this item was judged under".to_string(),
         };

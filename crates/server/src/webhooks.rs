@@ -5,8 +5,8 @@
 //! (unix seconds) in `X-Safeguard-Timestamp`, so receivers can reject replays of old deliveries
 //! ([`verify_webhook_fresh`]). The secret is the job's client's own ([`client_webhook_secret`], read with the
 //! client's key at `GET /v1/webhooks/secret`): with one secret for every client, each could sign deliveries
-//! that another's receiver would take for the server's (a forged `"outcome": "allow"`). `X-Safeguard-Delivery` is not signed: deduplicate on the job id, `type` and
-//! `review_id` in the body. A job has a `job.completed` delivery and one `job.reviewed` per person's answer to its
+//! that another's receiver would take for the server's (a forged `"outcome": "allow"`). `X-Safeguard-Delivery` is
+//! not signed: deduplicate on the job id, `type` and `review_id` in the body. A job has a `job.completed` delivery and one `job.reviewed` per person's answer to its
 //! item (or an appeal of it); each is retried on its own, so they may arrive in any order.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -225,8 +225,7 @@ fn write_private(path: &Path, secret: &str) -> std::io::Result<()> {
 /// derived apart. The server's own secret signs nothing and is handed to nobody: whoever held it could derive
 /// every client's.
 pub fn client_webhook_secret(server_secret: &str, client: Option<&str>) -> String {
-    let mut mac = HmacSha256::new_from_slice(server_secret.as_bytes())
-        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    let mut mac = keyed(server_secret);
     match client {
         Some(client) => {
             mac.update(b"safeguard webhook secret of client ");
@@ -237,14 +236,22 @@ pub fn client_webhook_secret(server_secret: &str, client: Option<&str>) -> Strin
     format!("whsec_{}", hex::encode(mac.finalize().into_bytes()))
 }
 
-pub fn sign_webhook(secret: &str, timestamp: i64, body: &str) -> String {
-    // HMAC accepts keys of any length, so this cannot fail.
-    let mut mac =
-        HmacSha256::new_from_slice(secret.as_bytes()).unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+/// HMAC-SHA256 keyed with `secret`.
+fn keyed(secret: &str) -> HmacSha256 {
+    HmacSha256::new_from_slice(secret.as_bytes()).unwrap_or_else(|_| unreachable!("HMAC takes any key length"))
+}
+
+/// The MAC over what a delivery signs: `"<timestamp>.<body>"`.
+fn delivery_mac(secret: &str, timestamp: i64, body: &str) -> HmacSha256 {
+    let mut mac = keyed(secret);
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
     mac.update(body.as_bytes());
-    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+    mac
+}
+
+pub fn sign_webhook(secret: &str, timestamp: i64, body: &str) -> String {
+    format!("sha256={}", hex::encode(delivery_mac(secret, timestamp, body).finalize().into_bytes()))
 }
 
 /// Constant-time check of a received signature, and of its age: a delivery signed more than `tolerance` away from
@@ -265,11 +272,7 @@ pub fn verify_webhook_fresh(
 pub fn verify_webhook(secret: &str, timestamp: i64, body: &str, signature: &str) -> bool {
     let Some(hex_sig) = signature.strip_prefix("sha256=") else { return false };
     let Ok(expected) = hex::decode(hex_sig) else { return false };
-    let Ok(mut mac) = HmacSha256::new_from_slice(secret.as_bytes()) else { return false };
-    mac.update(timestamp.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body.as_bytes());
-    mac.verify_slice(&expected).is_ok()
+    delivery_mac(secret, timestamp, body).verify_slice(&expected).is_ok()
 }
 
 /// Claims due deliveries and sends up to `webhook_concurrency` at once: one receiver that hangs until the timeout
@@ -328,6 +331,13 @@ pub(crate) async fn secret(
 /// How long a claimed delivery is this sender's: longer than one attempt (the client times out at 10 s).
 const DELIVERY_LEASE_MS: i64 = 30_000;
 
+/// Records an attempt that failed in a way a retry would repeat: none is scheduled.
+async fn give_up(state: &AppState, delivery: &Delivery, error: &str) {
+    if let Err(err) = state.store.record_delivery_attempt(delivery, false, None, Some(error), None).await {
+        tracing::warn!(error = %err, "recording a webhook attempt failed");
+    }
+}
+
 /// One attempt at a claimed delivery, recorded under the claim.
 async fn deliver(state: &AppState, delivery: Delivery) {
     // Checked again here: an address in the URL is never resolved (so the resolver never sees it), and the server
@@ -336,10 +346,7 @@ async fn deliver(state: &AppState, delivery: Delivery) {
         metrics::counter!("safeguard_webhook_attempts_total", "result" => "refused").increment(1);
         tracing::warn!(delivery_id = %delivery.id, %refused, "webhook target refused");
         // No retry: the same URL is refused the same way every time.
-        let error = format!("target refused: {refused}");
-        if let Err(err) = state.store.record_delivery_attempt(&delivery, false, None, Some(&error), None).await {
-            tracing::warn!(error = %err, "recording a webhook attempt failed");
-        }
+        give_up(state, &delivery, &format!("target refused: {refused}")).await;
         return;
     }
     // Signed for the job's client: without its job, whose the delivery is cannot be told, and nothing it could be
@@ -348,10 +355,7 @@ async fn deliver(state: &AppState, delivery: Delivery) {
         Ok(Some(job)) => job.submitted_by,
         Ok(None) => {
             tracing::warn!(delivery_id = %delivery.id, job = %delivery.job_id, "webhook delivery without its job");
-            let error = "the delivery's job is no longer stored";
-            if let Err(err) = state.store.record_delivery_attempt(&delivery, false, None, Some(error), None).await {
-                tracing::warn!(error = %err, "recording a webhook attempt failed");
-            }
+            give_up(state, &delivery, "the delivery's job is no longer stored").await;
             return;
         }
         // Not an attempt: the claim lapses and the delivery is tried again.

@@ -47,7 +47,7 @@ pub use jobs::{JobRecord, JobStatus, NewJob, QueueDepth, scoped_idempotency_key}
 pub use keys::{ApiKeyRecord, KeyInstall, hash_api_key};
 pub use policies::{MAX_POLICY_PAGE, POLICY_USE_RESOLUTION_MS, PolicyListing, PolicySummary, StoredPolicy};
 pub use retention::{Pruned, Retention};
-pub use reviews::{NewReview, QueuedReview, ReviewDecision, ReviewRecord, ReviewStats};
+pub use reviews::{MAX_REVIEW_PAGE, NewReview, QueuedReview, ReviewDecision, ReviewRecord, ReviewStats};
 pub use webhooks::{Delivery, NewDelivery};
 
 #[derive(Debug, thiserror::Error)]

@@ -3,9 +3,9 @@
 //! content forever (or only has so much disk) prunes on a schedule (`safeguard prune`, `serve --retain-days`).
 //!
 //! What is never deleted, however old: an item a person still has to decide (a pending review), a person's
-//! decision on a bus item not yet announced to its producer, or made within the period (its age is the answer's), a decision any stored appeal or replay names (it goes
-//! on a later run, once they have gone), a job not yet finished or whose webhook is still being sent or failed
-//! within the period. Policy versions go only when asked, and only one that is not active, that no kept decision
+//! decision on a bus item not yet announced to its producer, or made within the period (its age is the answer's),
+//! a decision any stored appeal or replay names (it goes on a later run, once they have gone), a job not yet
+//! finished or whose webhook is still being sent or failed within the period. Policy versions go only when asked, and only one that is not active, that no kept decision
 //! or unfinished job names, and that no server has read to decide with for the whole period (servers record that
 //! at least hourly while they hold a version: `Store::touch_policy`). Rows go a batch at a time, each batch in its
 //! own transaction, so that a large first prune never holds SQLite's write lock for long.

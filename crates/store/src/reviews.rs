@@ -90,6 +90,9 @@ pub struct ReviewStats {
     pub audits_overturned: i64,
 }
 
+/// The most reviews one listing returns ([`Store::list_reviews`], [`Store::list_settled_reviews`]).
+pub const MAX_REVIEW_PAGE: i64 = 1000;
+
 pub(crate) const COLUMNS: &str = "id, decision_id, status, kind, priority, reason, created_at, due_at, reviewer, rationale, rule_id, \
     policy_hash, outcome, overrides_model, decided_at, claimed_by, claimed_until";
 
@@ -291,7 +294,7 @@ impl Store {
                priority DESC, CASE WHEN due_at IS NULL THEN 1 ELSE 0 END, due_at, created_at LIMIT $2"
         ))
         .bind(status)
-        .bind(limit.clamp(1, 1000))
+        .bind(limit.clamp(1, MAX_REVIEW_PAGE))
         .bind(now_ms())
         .fetch_all(&self.pool)
         .await?;
@@ -325,31 +328,19 @@ impl Store {
         before: Option<(i64, &str)>,
         limit: i64,
     ) -> Result<Vec<ReviewRecord>> {
-        let limit = limit.clamp(1, 1000);
-        let rows = match before {
-            // (`decided_at <= $2` alone starts PostgreSQL's index scan at the cursor; the OR does not.)
-            Some((at, id)) => {
-                sqlx::query(sql!(
-                    "SELECT {COLUMNS} FROM reviews WHERE status = $1 AND decided_at <= $2 \
-                 AND (decided_at < $2 OR id < $3) ORDER BY decided_at DESC, id DESC LIMIT $4"
-                ))
-                .bind(status)
-                .bind(at)
-                .bind(id)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?
-            }
-            None => {
-                sqlx::query(sql!(
-                    "SELECT {COLUMNS} FROM reviews WHERE status = $1 ORDER BY decided_at DESC, id DESC LIMIT $2"
-                ))
-                .bind(status)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?
-            }
-        };
+        // The first page starts past every row: no decided_at reaches i64::MAX.
+        let (at, id) = before.unwrap_or((i64::MAX, ""));
+        // (`decided_at <= $2` alone starts PostgreSQL's index scan at the cursor; the OR does not.)
+        let rows = sqlx::query(sql!(
+            "SELECT {COLUMNS} FROM reviews WHERE status = $1 AND decided_at <= $2 \
+             AND (decided_at < $2 OR id < $3) ORDER BY decided_at DESC, id DESC LIMIT $4"
+        ))
+        .bind(status)
+        .bind(at)
+        .bind(id)
+        .bind(limit.clamp(1, MAX_REVIEW_PAGE))
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(row_to_review).collect()
     }
 
@@ -434,7 +425,14 @@ impl Store {
     /// chain, stored before an appeal's decision counted as its item's) answers with the appeal at the chain's
     /// end: the one a person answers.
     pub async fn appeal_of(&self, original: &str) -> Result<Option<ReviewRecord>> {
-        let Some(mut appeal) = find_appeal(&self.pool, original).await? else { return Ok(None) };
+        match find_appeal(&self.pool, original).await? {
+            Some(appeal) => self.live_appeal(appeal).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// `appeal`, or, if a later appeal of its own decision set it aside, the appeal at the end of that chain.
+    async fn live_appeal(&self, mut appeal: ReviewRecord) -> Result<ReviewRecord> {
         // Bounded: each step goes to a newer appeal, but a hand-edited database could hold a loop.
         for _ in 0..16 {
             if appeal.status != "superseded" {
@@ -445,7 +443,7 @@ impl Store {
                 None => break,
             }
         }
-        Ok(Some(appeal))
+        Ok(appeal)
     }
 
     /// Stores an appeal's decision (`decision.replay_of` names the decision appealed) with its review, and marks
@@ -472,8 +470,7 @@ impl Store {
             if let Some(existing) = find_appeal(&mut *tx, original).await? {
                 tx.rollback().await?;
                 // The live end of an old chain, as `appeal_of` answers.
-                let review = self.appeal_of(original).await?.unwrap_or(existing);
-                return Ok(QueuedReview { review, fresh: false });
+                return Ok(QueuedReview { review: self.live_appeal(existing).await?, fresh: false });
             }
         }
         crate::decisions::insert_decision_tx(&mut tx, decision, reasoning).await?;

@@ -189,21 +189,18 @@ fn yes_or_no(sentence: &str) -> Option<bool> {
 /// Whether `key` (the words before an answer's digit) names the answer's field, as `KEYED_DIGIT` keys it
 /// ("Violation:", "**Violates:**"), not a side the digit could be a yes or no to.
 fn is_answer_key(key: &str) -> bool {
-    let word = without_rule_ids(key);
-    let word = word.trim_matches(|c: char| c.is_whitespace() || WRAPPING.contains(c) || "-–—".contains(c));
-    matches!(word.to_ascii_lowercase().as_str(), "violation" | "violates")
+    matches!(bare_word(&without_rule_ids(key)).to_ascii_lowercase().as_str(), "violation" | "violates")
+}
+
+/// `text` without the whitespace, wrapping and dashes around a word: "**Violation:**" → "Violation".
+fn bare_word(text: &str) -> &str {
+    text.trim_matches(|c: char| c.is_whitespace() || WRAPPING.contains(c) || "-–—".contains(c))
 }
 
 /// Where the sentence holding byte `at` of `text` starts, as [`crate::combined::sentences`] cuts them.
 fn sentence_start(text: &str, at: usize) -> usize {
     let bytes = text.as_bytes();
-    (0..at.min(bytes.len()))
-        .rev()
-        .find(|&i| {
-            matches!(bytes[i], b'\n' | b';')
-                || matches!(bytes[i], b'.' | b'!' | b'?') && bytes.get(i + 1).is_none_or(u8::is_ascii_whitespace)
-        })
-        .map_or(0, |i| i + 1)
+    (0..at.min(bytes.len())).rev().find(|&i| crate::combined::cuts_sentence(bytes, i)).map_or(0, |i| i + 1)
 }
 
 /// The text before and after the first code fence, when there is one and anything is around it.
@@ -618,7 +615,7 @@ fn whole_answer(text: &str) -> Option<bool> {
 /// Digits are read apart, by the digit rule.
 pub(crate) fn word_reading(sentence: &str, output: &OutputFormat) -> Option<bool> {
     let bare = without_rule_ids(sentence);
-    let word = bare.trim_matches(|c: char| c.is_whitespace() || WRAPPING.contains(c) || "-–—".contains(c));
+    let word = bare_word(&bare);
     if let OutputFormat::Labels { violating, safe, .. } = output {
         let label = normalize_label(word);
         if violating.iter().any(|v| normalize_label(v) == label) {
@@ -1328,12 +1325,10 @@ pub(crate) fn two_sided(map: &Map<String, Value>, violation: bool) -> Option<Str
 
 /// Another `violation` in the answer object that does not say `violation`: a key spelled another way
 /// (`"Violation": 1` beside `"violation": 0`), or, beside a "safe" answer, one nested in it that does not clearly
-/// say "no" (`"details": {"violation": 1}`, `"rules": [{"violation": "likely"}]`). Either way the object says two things, and which one a reader takes must not
-/// decide the verdict. Nested ones beside a violation are left alone: per-rule breakdowns
-/// (`"HT1": {"violation": 1}, "HT2": {"violation": 0}`) under a violating answer change nothing.
+/// say "no" (`"details": {"violation": 1}`, `"rules": [{"violation": "likely"}]`). Either way the object says two
+/// things, and which one a reader takes must not decide the verdict. Nested ones beside a violation are left alone:
+/// per-rule breakdowns (`"HT1": {"violation": 1}, "HT2": {"violation": 0}`) under a violating answer change nothing.
 fn second_violation(map: &Map<String, Value>, violation: bool) -> Option<String> {
-    let is_violation_key =
-        |key: &str| key.chars().filter(|c| c.is_alphanumeric()).flat_map(char::to_lowercase).eq("violation".chars());
     let differs = |value: &Value| coerce_violation(value).ok().flatten() != Some(violation);
     if let Some((key, _)) =
         map.iter().find(|(key, value)| key.as_str() != "violation" && is_violation_key(key) && differs(value))
@@ -1343,33 +1338,41 @@ fn second_violation(map: &Map<String, Value>, violation: bool) -> Option<String>
     if violation {
         return None;
     }
-    // Anything but a clear "no" counts ("likely", 0.7, a rule id), except what only says the question does not
-    // arise: null, "n/a", "not applicable". Lists too: a rule marked violated in a breakdown is no "safe" answer.
-    fn nested_says_violation(value: &Value, is_key: &dyn Fn(&str) -> bool, depth: usize) -> Option<String> {
-        if depth > 8 {
-            return None;
-        }
-        let does_not_arise = |value: &Value| match value {
-            Value::Null => true,
-            Value::String(text) => {
-                matches!(strip_wrapping(text).to_ascii_lowercase().as_str(), "n/a" | "na" | "not applicable" | "")
-            }
-            _ => false,
-        };
-        match value {
-            Value::Object(inner) => inner.iter().find_map(|(key, value)| {
-                if is_key(key) && coerce_violation(value).ok().flatten() != Some(false) && !does_not_arise(value) {
-                    return Some(key.clone());
-                }
-                nested_says_violation(value, is_key, depth + 1)
-            }),
-            Value::Array(items) => items.iter().find_map(|item| nested_says_violation(item, is_key, depth + 1)),
-            _ => None,
-        }
-    }
     map.values()
-        .find_map(|value| nested_says_violation(value, &is_violation_key, 0))
+        .find_map(|value| nested_violation(value, 0))
         .map(|key| format!("a nested \"{key}\" says \"violation\" beside the answer's \"violation\": 0"))
+}
+
+/// `violation` spelled any way ("Violation", "VIOLATION"), as a combined answer's keys are matched.
+fn is_violation_key(key: &str) -> bool {
+    crate::combined::normalize_key(key) == "violation"
+}
+
+/// The key of a `violation` nested in `value` that does not clearly say "no". Anything but a clear "no" counts
+/// ("likely", 0.7, a rule id), except what only says the question does not arise: null, "n/a", "not applicable".
+/// Lists too: a rule marked violated in a breakdown is no "safe" answer.
+fn nested_violation(value: &Value, depth: usize) -> Option<String> {
+    if depth > 8 {
+        return None;
+    }
+    let does_not_arise = |value: &Value| match value {
+        Value::Null => true,
+        Value::String(text) => {
+            matches!(strip_wrapping(text).to_ascii_lowercase().as_str(), "n/a" | "na" | "not applicable" | "")
+        }
+        _ => false,
+    };
+    match value {
+        Value::Object(inner) => inner.iter().find_map(|(key, value)| {
+            if is_violation_key(key) && coerce_violation(value).ok().flatten() != Some(false) && !does_not_arise(value)
+            {
+                return Some(key.clone());
+            }
+            nested_violation(value, depth + 1)
+        }),
+        Value::Array(items) => items.iter().find_map(|item| nested_violation(item, depth + 1)),
+        _ => None,
+    }
 }
 
 /// The object holding the answer: one with `violation` at the top, or nested one level down

@@ -140,15 +140,19 @@ pub(crate) fn sentences_ended(text: &str) -> Vec<(&str, bool)> {
     let mut out = Vec::new();
     let mut from = 0;
     for at in 0..bytes.len() {
-        let cut = matches!(bytes[at], b'\n' | b';')
-            || matches!(bytes[at], b'.' | b'!' | b'?') && bytes.get(at + 1).is_none_or(u8::is_ascii_whitespace);
-        if cut {
+        if cuts_sentence(bytes, at) {
             out.push((&text[from..at], bytes[at] == b'?'));
             from = at + 1;
         }
     }
     out.push((&text[from..], false));
     out.into_iter().filter(|(sentence, _)| !sentence.trim().is_empty()).collect()
+}
+
+/// Whether byte `at` of `bytes` ends a sentence: a line break, `;`, or `.`/`!`/`?` before a space or the end.
+pub(crate) fn cuts_sentence(bytes: &[u8], at: usize) -> bool {
+    matches!(bytes[at], b'\n' | b';')
+        || matches!(bytes[at], b'.' | b'!' | b'?') && bytes.get(at + 1).is_none_or(u8::is_ascii_whitespace)
 }
 
 /// What the words outside a combined answer's objects say, per policy key: a 0/1 there (unclear), an answer in
@@ -238,7 +242,7 @@ fn conflict_hides(map: &Map<String, Value>, path: &[String], key: &str, keys: &[
     matches!(value, Some(Value::Object(inner)) if !lookup(inner, key).is_empty())
 }
 
-fn normalize_key(key: &str) -> String {
+pub(crate) fn normalize_key(key: &str) -> String {
     key.chars().filter(|c| c.is_alphanumeric()).flat_map(char::to_lowercase).collect()
 }
 
