@@ -268,16 +268,21 @@ impl Classifier {
             let started = Instant::now();
             let plan = plan_prompts(policies, items, options);
             let requests = plan.iter().map(|p| p.request.clone()).collect();
-            let mut results = self.reasoner.reason_batch(requests).await.into_iter();
+            let results = self.reasoner.reason_batch(requests).await;
             let wall_ms = started.elapsed().as_secs_f64() * 1e3;
             let model = self.reasoner.model_id();
+            // Results pair with prompts by position, so a reasoner that lost or added one has shifted every answer
+            // after it onto another policy or item: none of them can be trusted.
+            let (expected, got) = (plan.len(), results.len());
+            let mut results = results.into_iter();
 
             let mut per_item: Vec<Vec<(PlannedPrompt, Result<ReasonOutput, ReasonError>)>> =
                 (0..items.len()).map(|_| Vec::new()).collect();
             for planned in plan {
-                let result = results.next().unwrap_or_else(|| {
-                    Err(ReasonError::Backend("the reasoner returned fewer results than prompts".into()))
-                });
+                let result = match results.next() {
+                    Some(result) if got == expected => result,
+                    _ => Err(ReasonError::EngineResultCount { expected, got }),
+                };
                 per_item[planned.item].push((planned, result));
             }
             per_item

@@ -270,8 +270,8 @@ impl Drop for CancelOnDrop {
 /// Turns one request's tokens into reasoning deltas as they are decoded, with the same text [`parse_completion`]
 /// gives: analysis messages joined by a newline, UTF-8 held back until it is whole. The answer is sent once, at
 /// the end, and only as the whole parse reads it: a final message is an answer only if it ends the turn (not
-/// followed by a tool call or a second final, not cut off), which is not known while it streams, and a client
-/// reading the stream has nothing else to go by.
+/// followed by more reasoning or a tool call, not cut off), and a later final joins it into one text that may say
+/// both sides; neither is known while it streams, and a client reading the stream has nothing else to go by.
 struct DeltaStream {
     parser: StreamParser,
     sender: DeltaSender,
@@ -462,17 +462,19 @@ mod tests {
     }
 
     #[test]
-    fn confidence_is_a_geometric_mean() {
+    fn a_label_answer_is_as_sure_as_its_label() {
         let mut completion = vec![tokens::CHANNEL];
         completion.extend(encode("final"));
         completion.push(tokens::MESSAGE);
         let body_start = completion.len();
-        completion.extend([1000, 1001]);
+        completion.extend(encode("INVALID - sells followers"));
         let mut probs = vec![1.0_f32; completion.len()];
         probs[body_start] = 0.25;
-        probs[body_start + 1] = 1.0;
+        // The explanation after the label decides nothing.
+        let last = probs.len() - 1;
+        probs[last] = 0.1;
         let confidence = final_message_confidence(&completion, &probs).expect("has a final message");
-        assert!((confidence - 0.5).abs() < 1e-6, "{confidence}");
+        assert!((confidence - 0.25).abs() < 1e-6, "{confidence}");
     }
 
     #[test]

@@ -83,7 +83,7 @@ pub fn parse_item(line: &str, limits: &InputLimits) -> Result<Item, ItemError> {
 
 /// Checks a content that did not come from JSONL (e.g. `--text`) against the same limits.
 pub fn check_content(content: &Content, limits: &InputLimits) -> Result<(), ItemError> {
-    let chars = content.char_len();
+    let chars = content.prompt_chars();
     if chars > limits.max_chars {
         return Err(ItemError::TooLong { chars, limit: limits.max_chars });
     }
@@ -261,7 +261,8 @@ impl<R: BufRead> Iterator for ItemReader<R> {
                             });
                         }
                     };
-                    let text = text.trim();
+                    // An editor's byte-order mark opens the first line of many files that are otherwise fine.
+                    let text = if self.line == 1 { text.trim_start_matches('\u{feff}') } else { text }.trim();
                     if text.is_empty() {
                         continue;
                     }

@@ -142,9 +142,9 @@ pub enum ReasonError {
 pub enum ReasonDelta {
     /// Chain-of-thought text (the analysis channel).
     Reasoning(String),
-    /// Answer text (the final channel). The embedded engine sends the answer once, at the end, exactly as
-    /// [`ReasonOutput::final_text`]; a remote server's may stream it, and there too only the returned output is
-    /// the answer.
+    /// Answer text (the final channel), sent once, at the end, exactly as [`ReasonOutput::final_text`]: by the
+    /// embedded engine and by remote servers alike, since text streamed before the whole response is parsed may
+    /// turn out to be no answer.
     Final(String),
 }
 
@@ -229,38 +229,121 @@ pub trait Reasoner: Send + Sync {
 
 /// How sure the engine was of its answer, from the final message's tokens as (text, log-probability) pairs.
 ///
-/// A verdict rests on one token: the `0`/`1` of a binary answer or of `"violation": 1` in a JSON one. Averaged
-/// with the dozens of near-certain tokens of a JSON object around it, a coin-flip digit would read as 0.99, so the
-/// answer's confidence is the least likely of its bare `0`/`1` tokens. An answer without one (a label word) is
-/// short, and the geometric mean of all its tokens stands for it. `None` without tokens.
+/// A verdict rests on a few tokens: the value of `"violation"` in a JSON answer, the digit or label word of a
+/// plain one ("INVALID - sells followers"). Averaged with the dozens of near-certain tokens around them, a
+/// coin-flip verdict would read as 0.99, so the answer's confidence is the least likely of its deciding tokens
+/// ([`deciding_spans`]), and of every bare `0`/`1` (a digit inside a rule id can only make it read less sure).
+/// `None` without tokens; no confidence at all (0) when no token decides, as for an answer of punctuation.
 pub fn answer_confidence<'a>(tokens: impl IntoIterator<Item = (&'a str, f64)>) -> Option<f32> {
-    let mut count = 0usize;
-    let mut log_sum = 0.0f64;
-    let mut least_digit: Option<f64> = None;
-    for (text, log_prob) in tokens {
+    let tokens: Vec<(&str, f64)> = tokens.into_iter().collect();
+    if tokens.is_empty() {
+        return None;
+    }
+    let text: String = tokens.iter().map(|(token, _)| *token).collect();
+    let spans = deciding_spans(&text);
+    let mut least: Option<f64> = None;
+    let mut at = 0usize;
+    for (token, log_prob) in tokens {
+        let (start, end) = (at, at + token.len());
+        at = end;
         // A log-probability above zero (a probability above one) or +∞ is no probability: a broken or mis-scaled
         // backend. It reads as NaN, so it counts as no confidence at all rather than as certainty; the pipeline
         // treats that as low, which asks again or asks a person. A hair above zero is rounding of a certain token.
         let log_prob = if log_prob.is_nan() || log_prob > LOG_PROB_ROUNDING { f64::NAN } else { log_prob.min(0.0) };
-        count += 1;
-        log_sum += log_prob;
-        let bare: String = text.chars().filter(|c| c.is_alphanumeric()).collect();
-        if bare == "0" || bare == "1" {
-            // `f64::min` skips a NaN: a broken digit would borrow another digit's confidence.
-            least_digit = Some(match least_digit {
+        let bare: String = token.chars().filter(|c| c.is_alphanumeric()).collect();
+        let deciding = bare == "0" || bare == "1" || spans.iter().any(|span| span.start < end && start < span.end);
+        if deciding {
+            // `f64::min` skips a NaN: a broken token would borrow another token's confidence.
+            least = Some(match least {
                 Some(least) if !least.is_nan() && !log_prob.is_nan() => least.min(log_prob),
                 Some(least) if least.is_nan() => least,
                 _ => log_prob,
             });
         }
     }
-    if count == 0 {
-        return None;
-    }
-    let log_prob = least_digit.unwrap_or(log_sum / count as f64);
+    let log_prob = least.unwrap_or(f64::NAN);
     // Not a number (a broken engine) is no confidence at all.
     Some(if log_prob.is_nan() { 0.0 } else { (log_prob.exp() as f32).clamp(0.0, 1.0) })
 }
+
+/// The byte spans of an answer that carry its verdict. In a JSON answer, the value of every `violation` key (its
+/// rationale is prose and decides nothing). In a plain one, read from its head (its first [`HEAD_WORDS`] words,
+/// fence lines skipped): the first word and every answer word ([`DECIDING_WORDS`]); a head without an answer word
+/// ("Label: SPAM", a policy's own labels) counts whole, the cautious reading.
+fn deciding_spans(text: &str) -> Vec<std::ops::Range<usize>> {
+    let values = violation_values(text);
+    if !values.is_empty() {
+        return values;
+    }
+    let mut words: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut line_start = 0;
+    for line in text.split_inclusive('\n') {
+        let fence = line.trim_start().starts_with("```") || line.trim_start().starts_with("~~~");
+        if !fence {
+            words.extend(word_ranges(line).map(|range| line_start + range.start..line_start + range.end));
+        }
+        line_start += line.len();
+        if words.len() >= HEAD_WORDS {
+            break;
+        }
+    }
+    words.truncate(HEAD_WORDS);
+    let deciding = |range: &std::ops::Range<usize>| {
+        let word = text[range.clone()].to_lowercase();
+        word == "0" || word == "1" || DECIDING_WORDS.contains(&word.as_str())
+    };
+    if !words.iter().any(deciding) {
+        return words;
+    }
+    words
+        .into_iter()
+        .enumerate()
+        .filter(|(index, range)| *index == 0 || deciding(range))
+        .map(|(_, range)| range)
+        .collect()
+}
+
+/// How many words of a plain answer are read for its verdict: "INVALID - sells followers with a link" whole.
+const HEAD_WORDS: usize = 8;
+
+/// Byte ranges of the runs of letters and digits in `text`.
+fn word_ranges(text: &str) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    let mut chars = text.char_indices().peekable();
+    std::iter::from_fn(move || {
+        let (start, _) = chars.find(|(_, c)| c.is_alphanumeric())?;
+        let mut end = text.len();
+        while let Some(&(at, c)) = chars.peek() {
+            if !c.is_alphanumeric() {
+                end = at;
+                break;
+            }
+            chars.next();
+        }
+        Some(start..end)
+    })
+}
+
+/// The values of every `violation` key: after `violation`, an optional closing quote, and a `:` or `=` with the
+/// spaces around it, up to the next `,`, `}` or line break. ASCII lowercasing keeps byte offsets.
+fn violation_values(text: &str) -> Vec<std::ops::Range<usize>> {
+    let lower = text.to_ascii_lowercase();
+    lower
+        .match_indices("violation")
+        .filter_map(|(at, key)| {
+            let after = &lower[at + key.len()..];
+            let after = after.strip_prefix('"').unwrap_or(after).trim_start();
+            let value = after.strip_prefix([':', '='])?.trim_start();
+            let start = text.len() - value.len();
+            let end = value.find([',', '}', '\n']).map_or(text.len(), |len| start + len);
+            Some(start..end)
+        })
+        .collect()
+}
+
+/// Words that carry a plain answer wherever they stand in its head: the starter policies' labels and what models
+/// write for them.
+const DECIDING_WORDS: [&str; 11] =
+    ["valid", "invalid", "safe", "unsafe", "violation", "violating", "allowed", "allow", "escalate", "yes", "no"];
 
 /// How far above zero a reported log-probability may be and still be read as a certain token (0): backends
 /// computing in reduced precision report `1e-7` for a token they were sure of.
@@ -295,9 +378,33 @@ mod confidence_tests {
     }
 
     #[test]
-    fn an_answer_without_a_digit_is_the_geometric_mean() {
+    fn a_label_answer_is_as_sure_as_its_label() {
         let confidence = answer_confidence([("VAL", 0.25f64.ln()), ("ID", 0.0)]).unwrap();
-        assert!((confidence - 0.5).abs() < 1e-6, "{confidence}");
+        assert!((confidence - 0.25).abs() < 1e-6, "{confidence}");
+        // Filler after the label does not dilute it.
+        let mut tokens: Vec<(&str, f64)> = vec![("IN", 0.45f64.ln()), ("VALID", 0.99f64.ln()), (" -", 0.0)];
+        tokens.extend(std::iter::repeat_n((" sells", 0.999f64.ln()), 12));
+        let confidence = answer_confidence(tokens).unwrap();
+        assert!((confidence - 0.45).abs() < 1e-6, "{confidence}");
+        // Nor does it after a boolean.
+        let mut tokens: Vec<(&str, f64)> = vec![("{\"", 0.0), ("violation", 0.0), ("\":", 0.0), (" true", 0.3f64.ln())];
+        tokens.extend(std::iter::repeat_n((" text", 0.999f64.ln()), 60));
+        let confidence = answer_confidence(tokens).unwrap();
+        assert!((confidence - 0.3).abs() < 1e-6, "{confidence}");
+        // A label later in the answer is found by its word.
+        let confidence = answer_confidence([("The", 0.0), (" answer", 0.0), (" is", 0.0), (" UNSAFE", 0.4f64.ln())]);
+        assert!((confidence.unwrap() - 0.4).abs() < 1e-6);
+        assert_eq!(answer_confidence([("**", 0.0)]), Some(0.0), "an answer of punctuation decides nothing");
+        // A policy's own label, not an answer word: the head counts whole.
+        let confidence = answer_confidence([("Label", 0.0), (":", 0.0), (" SP", 0.4f64.ln()), ("AM", 0.0)]);
+        assert!((confidence.unwrap() - 0.4).abs() < 1e-6);
+        // A label on the line after a fence or a heading.
+        let confidence = answer_confidence([("```", 0.0), ("text", 0.0), ("\n", 0.0), ("INVALID", 0.35f64.ln())]);
+        assert!((confidence.unwrap() - 0.35).abs() < 1e-6);
+        // Every `violation` key's value counts, not only the first one written.
+        let tokens =
+            [("{\"rationale\": \"No violation: fine.\", \"violation\": ", 0.0), ("false", 0.3f64.ln()), ("}", 0.0)];
+        assert!((answer_confidence(tokens).unwrap() - 0.3).abs() < 1e-6);
         assert_eq!(answer_confidence(std::iter::empty()), None);
         assert_eq!(answer_confidence([("1", f64::NAN)]), Some(0.0));
         assert_eq!(answer_confidence([("1", f64::NAN), ("0", 0.0)]), Some(0.0), "a NaN digit is not outvoted");

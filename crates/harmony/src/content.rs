@@ -36,7 +36,18 @@ impl Content {
         Content::Text { text: s.into() }
     }
 
-    /// Characters of content (not of the layout around it), for size limits and statistics.
+    /// Characters the prompt holds for this content, for size limits: the content, and for a conversation each
+    /// message's framing too (its label and fences, about [`MESSAGE_FRAMING_CHARS`]), so that a line of thousands
+    /// of empty messages is refused before it is rendered and tokenized.
+    pub fn prompt_chars(&self) -> usize {
+        let framing = match self {
+            Content::Conversation { messages } => messages.len().saturating_mul(MESSAGE_FRAMING_CHARS),
+            _ => 0,
+        };
+        self.char_len().saturating_add(framing)
+    }
+
+    /// Characters of content (not of the layout around it), for statistics.
     pub fn char_len(&self) -> usize {
         match self {
             Content::Text { text } => text.chars().count(),
@@ -128,6 +139,10 @@ pub fn user_message_text(content: &Content) -> String {
         }
     }
 }
+
+/// About how many characters [`user_message_text`]'s framing adds per conversation message: "\n\nMessage 12 (assistant,
+/// context only):\n```\n" and "\n```".
+const MESSAGE_FRAMING_CHARS: usize = 48;
 
 fn push_part(out: &mut String, label: &str, fence: &str, body: &str) {
     out.push_str(label);

@@ -435,8 +435,13 @@ fn summarize(messages: Vec<ParsedMessage>, end: CompletionEnd, ignored_tokens: u
     // was not where the model ended up, so it answers nothing.
     let ends_the_turn =
         |m: &ParsedMessage| messages.last().is_some_and(|last| std::ptr::eq(last, m)) && end != CompletionEnd::Called;
+    // A final message addressed to someone ("to=functions.lookup", or a stray header word harmony reads as a
+    // recipient) is not said to the user; a content type other than a `<|constrain|>` one is no answer format.
+    let to_the_user = |m: &ParsedMessage| {
+        m.recipient.is_none() && m.content_type.as_deref().is_none_or(|kind| kind.starts_with(CONSTRAIN_TEXT))
+    };
     let (final_text, partial_final) = match finals.last() {
-        Some(last) if last.well_formed && last.close.completes_answer() && ends_the_turn(last) => {
+        Some(last) if last.well_formed && last.close.completes_answer() && ends_the_turn(last) && to_the_user(last) => {
             // Several final messages are all read, so that an earlier "1" and a later "0" conflict instead of the
             // later one silently winning.
             let text = if finals.len() == 1 {

@@ -461,3 +461,23 @@ proptest! {
         prop_assert!(!streamed_final.contains(char::REPLACEMENT_CHARACTER), "replacement in {:?}", streamed_final);
     }
 }
+
+/// A final message addressed to a tool, or with a stray word harmony reads as a recipient, says nothing to the
+/// user; a `<|constrain|>` content type is an answer format and still answers.
+#[test]
+fn a_final_message_to_someone_else_is_no_answer() {
+    let final_with = |header: &[Piece]| {
+        let mut pieces = vec![Id(CHANNEL), Text("final")];
+        pieces.extend(header.iter().map(|piece| match piece {
+            Id(id) => Id(*id),
+            Text(text) => Text(text),
+        }));
+        pieces.extend([Id(MESSAGE), Text("0"), Id(RETURN)]);
+        parse_completion(&seq(&pieces)).final_text
+    };
+    assert_eq!(final_with(&[Text(" to=functions.lookup")]), None);
+    assert_eq!(final_with(&[Text(" json")]), None);
+    assert_eq!(final_with(&[Id(200_000)]), None);
+    assert_eq!(final_with(&[Text(" "), Id(CONSTRAIN), Text("json")]).as_deref(), Some("0"));
+    assert_eq!(final_with(&[]).as_deref(), Some("0"));
+}

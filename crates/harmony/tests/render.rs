@@ -146,6 +146,8 @@ fn content_json_is_tagged_by_kind_and_strict() {
     )
     .unwrap();
     assert_eq!(convo.char_len(), 4);
+    assert!(convo.prompt_chars() > 4 + 2 * 40, "each message's framing counts toward the limit");
+    assert_eq!(Content::text("héllo").prompt_chars(), 5);
     assert_eq!(convo.judged_text(), "yo");
     let round: Content = serde_json::from_str(&serde_json::to_string(&convo).unwrap()).unwrap();
     assert_eq!(round, convo);

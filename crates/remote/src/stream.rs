@@ -140,7 +140,11 @@ impl StreamReader {
                 body
             }
         };
-        Ok((deltas, parse_response(self.flavor, &body)?))
+        let output = parse_response(self.flavor, &body)?;
+        if let Some(answer) = output.final_text.clone().filter(|answer| !answer.is_empty()) {
+            deltas.push(ReasonDelta::Final(answer));
+        }
+        Ok((deltas, output))
     }
 
     /// One line of the stream to the payload it completes, if any.
@@ -298,10 +302,11 @@ const CHANNEL: &str = "<|channel|>";
 const MESSAGE: &str = "<|message|>";
 const MESSAGE_ENDS: [&str; 3] = ["<|end|>", "<|return|>", "<|call|>"];
 
-/// Routes answer text to deltas. Servers run without a reasoning parser (llama-server
+/// Routes the reasoning in answer text to deltas. Servers run without a reasoning parser (llama-server
 /// `--reasoning-format none`, old LM Studio) stream raw harmony in `content`:
 /// `<|channel|>analysis<|message|>…<|end|><|start|>assistant<|channel|>final<|message|>…<|return|>`. That
-/// text is split by channel as it arrives, so the chain of thought is never streamed as answer text. Text
+/// text is split by channel as it arrives, so the chain of thought streams as reasoning and never as answer
+/// text; the answer itself is told only at the end, once the whole response is parsed. Text
 /// that may still turn out to be part of a marker is held back until the next piece decides it. The text is
 /// raw harmony under the same rule the whole response is read by ([`is_raw_harmony`]): it starts with a marker
 /// and no reasoning came apart from it.
@@ -347,9 +352,8 @@ impl ContentRouter {
                         if raw_possible && is_raw_harmony(start) { RouterMode::Header } else { RouterMode::Plain };
                 }
                 RouterMode::Plain => {
-                    if !self.held.is_empty() {
-                        deltas.push(ReasonDelta::Final(std::mem::take(&mut self.held)));
-                    }
+                    // The answer is told once, whole, when the stream ends (see `StreamReader::finish`).
+                    self.held.clear();
                     return;
                 }
                 RouterMode::Header => {
@@ -386,11 +390,8 @@ impl ContentRouter {
 
     fn finish(&mut self, deltas: &mut Vec<ReasonDelta>) {
         let held = std::mem::take(&mut self.held);
-        match self.mode {
-            RouterMode::Undecided if !held.trim().is_empty() => deltas.push(ReasonDelta::Final(held)),
-            RouterMode::Message(channel) => emit(channel, &held, deltas),
-            // A header the stream never finished names no message; whitespace alone is no answer.
-            RouterMode::Undecided | RouterMode::Plain | RouterMode::Header => {}
+        if let RouterMode::Message(channel) = self.mode {
+            emit(channel, &held, deltas);
         }
     }
 }
@@ -401,8 +402,10 @@ fn emit(channel: Option<Channel>, text: &str, deltas: &mut Vec<ReasonDelta>) {
     }
     match channel {
         Some(Channel::Analysis) => deltas.push(ReasonDelta::Reasoning(text.to_string())),
-        Some(Channel::Final) => deltas.push(ReasonDelta::Final(text.to_string())),
-        None => {}
+        // Final text is never streamed as it arrives: a final message may yet be followed by more of the turn,
+        // a second final or a tool call, any of which makes it no answer. The answer the parser accepts is told
+        // whole at the end, as the embedded engine does.
+        Some(Channel::Final) | None => {}
     }
 }
 
@@ -513,7 +516,7 @@ mod tests {
     fn a_stream_without_an_end_is_incomplete_and_errors_are_errors() {
         let cut = "data: {\"choices\": [{\"delta\": {\"content\": \"0\"}, \"finish_reason\": null}]}\n\ndata: {\"choi";
         let mut reader = StreamReader::new(Flavor::OpenAi);
-        assert_eq!(reader.push(cut.as_bytes()).unwrap(), vec![ReasonDelta::Final("0".into())]);
+        assert_eq!(reader.push(cut.as_bytes()).unwrap(), vec![], "no answer is told before the stream ends");
         assert!(matches!(reader.finish(), Err(StreamError::Incomplete)));
 
         // Without `[DONE]`, a finish reason says the answer is whole.
@@ -533,13 +536,14 @@ mod tests {
     }
 
     #[test]
-    fn a_length_finish_streams_the_cut_answer_but_returns_none() {
+    fn a_length_finish_streams_no_answer_and_returns_none() {
         let stream = sse(&[
             json!({"choices": [{"delta": {"reasoning": "thinking"}, "finish_reason": null}]}),
             json!({"choices": [{"delta": {"content": "{\"violation\": 1, \"ru"}, "finish_reason": "length"}]}),
         ]);
-        let (_, answer, output) = read_split_everywhere(Flavor::OpenAi, stream.as_bytes());
-        assert_eq!(answer, "{\"violation\": 1, \"ru");
+        let (reasoning, answer, output) = read_split_everywhere(Flavor::OpenAi, stream.as_bytes());
+        assert_eq!(reasoning, "thinking");
+        assert_eq!(answer, "", "a cut answer is never told");
         assert!(output.truncated);
         assert_eq!(output.final_text, None);
     }
@@ -630,6 +634,8 @@ mod tests {
             let (rest, output) = reader.finish().unwrap();
             deltas.extend(rest);
             assert_ne!(output.final_text.as_deref(), Some("0"), "{case}: {output:?}");
+            // What a streaming client is told is what the parser accepted, and nothing before it.
+            assert_eq!(joined(&deltas).1, output.final_text.clone().unwrap_or_default(), "{case}: {deltas:?}");
             let whole = json!({"choices": [{"finish_reason": "stop", "message": {"content": raw}}]});
             assert_eq!(output, parse_response(Flavor::LlamaCpp, &whole).unwrap(), "{case}");
             if case == "D" {
@@ -671,15 +677,15 @@ mod tests {
     }
 
     #[test]
-    fn plain_answers_that_start_with_a_bracket_are_not_held() {
-        let mut router = ContentRouter::default();
-        let mut deltas = Vec::new();
-        router.push("<", &mut deltas);
-        assert!(deltas.is_empty(), "a lone '<' may start a marker");
-        router.push("b>0", &mut deltas);
-        router.push("</b>", &mut deltas);
-        assert_eq!(joined(&deltas).1, "<b>0</b>");
-        assert_eq!(deltas.len(), 2);
+    fn plain_answers_that_start_with_a_bracket_are_told_whole() {
+        let stream = sse(&[
+            json!({"choices": [{"delta": {"content": "<"}, "finish_reason": null}]}),
+            json!({"choices": [{"delta": {"content": "b>0"}, "finish_reason": null}]}),
+            json!({"choices": [{"delta": {"content": "</b>"}, "finish_reason": "stop"}]}),
+        ]);
+        let (_, answer, output) = read_split_everywhere(Flavor::OpenAi, stream.as_bytes());
+        assert_eq!(answer, "<b>0</b>");
+        assert_eq!(output.final_text.as_deref(), Some("<b>0</b>"));
     }
 
     #[test]

@@ -539,7 +539,7 @@ async fn ollama_native_stream_is_ndjson_with_thinking() {
 }
 
 #[tokio::test]
-async fn a_stream_cut_after_deltas_went_out_is_an_error_not_a_partial_allow() {
+async fn a_stream_cut_after_reasoning_went_out_is_an_error_and_tells_no_answer() {
     // Reasoning and a complete-looking "0" arrive, then the server dies before saying it is done.
     let mut pieces = vllm_events(&REASONING_PIECES, &["0"], "stop");
     pieces.truncate(5);
@@ -551,7 +551,8 @@ async fn a_stream_cut_after_deltas_went_out_is_an_error_not_a_partial_allow() {
     assert!(message.contains("backend 1") && message.contains("not retried"), "{message}");
     assert!(!message.contains(&url), "errors reach clients, so they name no internal address: {message}");
     assert_eq!(fake.calls.load(Ordering::SeqCst), 1, "a retry would stream a second beginning");
-    assert_eq!(joined(&drain(&mut receiver)), ("The content asks for a password.".to_string(), "0".to_string()));
+    // The reasoning streamed as it came; the "0" was never told, since the stream never said it was done.
+    assert_eq!(joined(&drain(&mut receiver)), ("The content asks for a password.".to_string(), String::new()));
     assert_eq!(reasoner.status()[0].in_flight, 0);
 
     // A server that closes the stream cleanly but early is no better.

@@ -152,7 +152,7 @@ fn check_content_tokens(state: &AppState, content: &Content) -> Result<(), ApiEr
 pub(crate) fn check_prompt_size(state: &AppState, content: &Content, instructions: &str) -> Result<(), ApiError> {
     let limits = &state.config.limits;
     let what = if instructions.is_empty() { "the content is" } else { "the content and instructions are" };
-    let chars = content.char_len() + instructions.chars().count();
+    let chars = content.prompt_chars().saturating_add(instructions.chars().count());
     if chars > limits.max_content_chars {
         return Err(ApiError::bad(
             "content_too_long",

@@ -41,8 +41,14 @@ const SURE_WORDS: [&str; 24] = [
     "fully",
 ];
 
-/// Words that say the model is unsure, whatever else is written beside them.
-const UNSURE_WORDS: [&str; 8] = ["unsure", "uncertain", "unclear", "doubtful", "guess", "unknown", "not", "none"];
+/// Words that say the model is unsure, whatever else is written beside them, in the level or in what explains it
+/// ("high, though unsure about sarcasm").
+const UNSURE_WORDS: [&str; 9] =
+    ["unsure", "uncertain", "uncertainty", "unclear", "doubtful", "guess", "unknown", "ambiguous", "borderline"];
+
+/// Words that make the level itself unsure ("not high", "none"); in an explanation they describe the content
+/// ("high - the insult is not subtle").
+const UNSURE_LEVEL_WORDS: [&str; 2] = ["not", "none"];
 
 static NUMBER: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"(-?)(\d+(?:\.\d+)?|\.\d+)\s*(%?)").expect("static regex"));
@@ -61,7 +67,13 @@ pub(crate) fn is_sure(confidence: &str) -> bool {
         return false;
     }
     let words: Vec<&str> = level.split(|c: char| !c.is_alphabetic()).filter(|word| !word.is_empty()).collect();
-    if words.iter().any(|word| UNSURE_WORDS.contains(word)) {
+    // "no uncertainty", "not borderline": an unsure word taken back says the model was sure.
+    let all_words: Vec<&str> = lower.split(|c: char| !c.is_alphabetic()).filter(|word| !word.is_empty()).collect();
+    let unsure_anywhere = all_words.iter().enumerate().any(|(at, word)| {
+        UNSURE_WORDS.contains(word)
+            && !all_words[at.saturating_sub(2)..at].iter().any(|before| ["no", "not", "without"].contains(before))
+    });
+    if words.iter().any(|word| UNSURE_LEVEL_WORDS.contains(word)) || unsure_anywhere {
         return false;
     }
     let numbers: Vec<Option<f64>> = NUMBER
@@ -99,6 +111,9 @@ mod tests {
             "High - the insult is explicit",
             "high (clear criticism)",
             "Medium: the context is thin",
+            "High - the insult is not subtle",
+            "High - no uncertainty",
+            "high (not borderline)",
         ] {
             assert!(is_sure(sure), "{sure}");
         }
@@ -123,6 +138,8 @@ mod tests {
             "?",
             "85",
             "none",
+            "high, though unsure about sarcasm",
+            "High (the context is unclear)",
         ] {
             assert!(!is_sure(unsure), "{unsure}");
         }

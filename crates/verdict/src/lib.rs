@@ -237,15 +237,13 @@ fn validate(policy: &Policy, verdict: &mut Verdict, analysis: Option<&str>) {
     if let Some(detail) = severity_mismatch(policy, verdict) {
         verdict.push_flag(Flag::Inconsistent { detail });
     }
-    if let (Some(violation), Some(action)) = (verdict.violation, verdict.action.as_deref()) {
+    if let (Some(violation), Some(action)) = (verdict.violation, verdict.action.as_deref())
+        && answer::action_takes_down(action) == Some(!violation)
+    {
         let action = answer::normalize_action(action);
-        let contradicts = (violation && matches!(action.as_str(), "allow" | "none" | "approve"))
-            || (!violation && matches!(action.as_str(), "block" | "remove" | "reject" | "delete"));
-        if contradicts {
-            verdict.push_flag(Flag::Inconsistent {
-                detail: format!("\"action\": \"{action}\" contradicts violation {}", u8::from(violation)),
-            });
-        }
+        verdict.push_flag(Flag::Inconsistent {
+            detail: format!("\"action\": \"{action}\" contradicts violation {}", u8::from(violation)),
+        });
     }
 }
 
@@ -279,8 +277,9 @@ fn severity_mismatch(policy: &Policy, verdict: &Verdict) -> Option<String> {
 /// Rule ids the model wrote into its category or rationale rather than its `rule_ids`. Only ids shaped like this
 /// policy's (same letters: `HT` for the hate policy) count, so "WW2" or "MP3" is not read as a rule.
 ///
-/// A category that opens with an id ("HT3 (threats)", "SX3 - minors") names the tier the model found as much as
-/// a bare "HT3" does: that id joins `rule_ids` and faces every check. A rationale is prose, and prose names rules
+/// A category is a short name for what the model found, so an id of ours anywhere in it ("HT3 (threats)",
+/// "Dehumanization (HT2)") names the tier as much as a bare "HT3" does: it joins `rule_ids` and faces every check.
+/// One the category rules out ("none (HT3 not met)") is returned with the rationale's ids. A rationale is prose, and prose names rules
 /// in passing, safe answers most of all ("quotes the slogan (HT3.b) to expose it (HT0.b)", "VI3.a would require a
 /// credible threat"): its ids are returned apart, to be checked only for existence (a dotted id the policy does
 /// not have is made up) and for escalation, never for which side of the line the answer is on.
@@ -293,20 +292,22 @@ fn cite_rules_in_prose(policy: &Policy, verdict: &mut Verdict) -> Vec<String> {
         .filter(|prefix| !prefix.is_empty())
         .collect();
     let ours = |id: &str| prefixes.contains(&&id[..id.find(|c: char| c.is_ascii_digit()).unwrap_or(id.len())]);
-    let leading =
-        verdict.category.as_deref().filter(|category| !safeguard_policy::is_rule_id(category)).and_then(|category| {
-            let trimmed = category.trim_start_matches(|c: char| c.is_whitespace() || "*`\"'([".contains(c));
-            safeguard_policy::find_rule_ids(trimmed)
-                .first()
-                .filter(|(at, id)| *at == 0 && ours(id))
-                .map(|(_, id)| id.to_string())
-        });
-    if let Some(id) = leading
-        && !verdict.rule_ids.contains(&id)
-    {
-        verdict.rule_ids.push(id);
-    }
+    // An id the category rules out ("SX3 (not SX1)" rules out SX1, and, reading loosely, SX3 too) is still named:
+    // it is checked as prose is, for existence and escalation, so a tier that escalates is never dropped by a
+    // negation beside it.
     let mut prose: Vec<String> = Vec::new();
+    if let Some(category) = verdict.category.clone().filter(|category| !safeguard_policy::is_rule_id(category)) {
+        for (at, id) in safeguard_policy::find_rule_ids(&category).into_iter().filter(|&(_, id)| ours(id)) {
+            let id = id.to_string();
+            if !answer::citation_negated(&category, at, at + id.len()) {
+                if !verdict.rule_ids.contains(&id) {
+                    verdict.rule_ids.push(id);
+                }
+            } else if !prose.contains(&id) {
+                prose.push(id);
+            }
+        }
+    }
     for text in verdict.rationale.iter() {
         for (at, id) in safeguard_policy::find_rule_ids(text) {
             // A bare id in prose may be anything with the same letters ("SP500 index funds"); a dotted one is a rule.

@@ -3,9 +3,10 @@
 //! A small, explainable heuristic: find conclusion phrases ("so it's a violation", "does not violate",
 //! "label 0", "answer: 1", "=> INVALID", "not spam", `"violation": 1`) in the tail of the analysis and take
 //! the one that ends last; of two ending at the same place, the longer (negated) one. Negations after the verb
-//! ("violates nothing") cancel a phrase. No phrase found means no conclusion, and no disagreement is reported.
-//! A last sentence that describes both sides ("a violation of SP2.a, not a scam") is contested: it never
-//! supports a "safe" answer.
+//! ("violates nothing") cancel a violation phrase, and a negation just before a safe one ("we can't label it
+//! safe") cancels it. No phrase found means no conclusion, and no disagreement is reported. A last sentence that
+//! describes both sides ("a violation of SP2.a, not a scam") is contested, and so is a safe last sentence after
+//! one that says this content violates ("It's phishing. Not spam per se."): neither supports a "safe" answer.
 
 use std::sync::LazyLock;
 
@@ -22,7 +23,8 @@ pub struct Conclusion {
     /// The phrase that decided it, as written.
     pub phrase: String,
     /// A phrase in the same last sentence that concludes the opposite ("it's a violation of SP2.a, not a
-    /// scam"): the reasoning did not settle on one side, so it can support neither answer on its own.
+    /// scam"), or for a safe conclusion one in the sentence before it that says this content violates: the
+    /// reasoning did not settle on one side, so it can support neither answer on its own.
     pub contested_by: Option<String>,
 }
 
@@ -36,7 +38,6 @@ static VIOLATION_PHRASES: LazyLock<Vec<Regex>> = LazyLock::new(|| {
         r"(?i)\b(?:it|this|that|content|message|text|post|request|prompt|input)\s+(?:clearly\s+|directly\s+|also\s+)?violates\b".to_string(),
         r"(?i)\bso\s+(?:it's\s+|it\s+is\s+)?(?:a\s+)?violation\b".to_string(),
         r"(?i)\b(?:is|as)\s+(?:a\s+)?violation\b".to_string(),
-        r#"(?i)"?violation"?\s*[:=]?\s*"?(?:1|true|yes)\b"#.to_string(),
         r"(?i)\b(?:classify|classified|label(?:led|ed)?|flag(?:ged)?|mark(?:ed)?)\s+(?:it\s+|this\s+)?(?:as\s+)?(?:a\s+)?(?:violation|violating|spam|unsafe)\b".to_string(),
     ]
     .iter()
@@ -50,13 +51,83 @@ static SAFE_PHRASES: LazyLock<Vec<Regex>> = LazyLock::new(|| {
             r"(?i)\b(?:not|no|isn't|is not|doesn't|does not|didn't|did not|nor|without)\s+(?:a\s+|an\s+|any\s+)?(?:clear\s+|real\s+|actual\s+)?(?:{HARM_NOUNS}|violat\w*)"
         ),
         r"(?i)\b(?:it|this|that|the (?:content|message|text|post|request|prompt|input))(?:'s|\s+is|\s+seems|\s+looks|\s+appears)\s+(?:to be\s+)?(?:completely\s+|clearly\s+|totally\s+)?(?:safe|benign|fine|allowed|acceptable|compliant|harmless|ok|okay|legitimate|non-violating)\b".to_string(),
-        r#"(?i)"?violation"?\s*[:=]?\s*"?(?:0|false|no)\b"#.to_string(),
         r"(?i)\b(?:classify|classified|label(?:led|ed)?|mark(?:ed)?)\s+(?:it\s+|this\s+)?(?:as\s+)?(?:safe|non-violating|allowed|benign)\b".to_string(),
     ]
     .iter()
     .map(|pattern| Regex::new(pattern).expect("static regex"))
     .collect()
 });
+
+/// `"violation": 1`, `violation: no`, "violation 0": the answer's own key with a value. A word value needs the
+/// key's `:` or `=`, so "a violation no matter the intent" is no answer. Checked beside [`DIGIT_ANSWER`] so that
+/// "output JSON with violation 0 or 1" (restating the format) is skipped; unlike a stated digit, it is a
+/// description the rest of its sentence can contest ("It's clearly spam, so violation: 0.").
+static VIOLATION_KEY: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r#"(?i)(?:"|\b)violation"?\s*(?:[:=]\s*"?(0|1|false|true|no|yes)|\s+(0|1))\b"#).expect("static regex")
+});
+
+/// Words that, among the few before a safe phrase in its clause, take it back: "we can't label it safe". Only
+/// safe phrases are taken back so: dropping a violation phrase would be the wrong way to fail.
+const NEGATED_BY: [&str; 14] = [
+    "not",
+    "never",
+    "can't",
+    "cannot",
+    "cant",
+    "couldn't",
+    "shouldn't",
+    "wouldn't",
+    "won't",
+    "don't",
+    "doesn't",
+    "isn't",
+    "hardly",
+    "unlikely",
+];
+
+/// Words that make a sentence weigh a possibility, or report what someone else thinks, rather than conclude:
+/// "someone might think this is spam", "I first thought it's spam", "the user complains that this violates …".
+const HEDGES: [&str; 24] = [
+    "might",
+    "may",
+    "could",
+    "would",
+    "if",
+    "whether",
+    "unless",
+    "maybe",
+    "perhaps",
+    "possibly",
+    "though",
+    "think",
+    "thought",
+    "seemed",
+    "initially",
+    "first",
+    "says",
+    "said",
+    "claims",
+    "claimed",
+    "complains",
+    "asks",
+    "asked",
+    "wonder",
+];
+
+/// Whether one of the three words before `start`, within its clause (a comma, colon or dash ends one: "It's not
+/// a joke, it's harassment"), takes the phrase back ([`NEGATED_BY`]).
+fn negated_before(text: &str, start: usize) -> bool {
+    let head = &text[sentence_start(&text[..start])..start];
+    let clause = head.rsplit([',', ';', ':', '\u{2014}', '\u{2013}']).next().unwrap_or(head);
+    clause.split_whitespace().rev().take(3).any(|word| NEGATED_BY.contains(&bare_lowercase(word).as_str()))
+}
+
+/// A word without the punctuation around it, lowercase, with a typographic apostrophe read as `'`.
+fn bare_lowercase(word: &str) -> String {
+    word.trim_matches(|c: char| !c.is_alphanumeric() && c != '\'' && c != '\u{2019}')
+        .to_lowercase()
+        .replace('\u{2019}', "'")
+}
 
 /// "label 1", "answer: 0", "output 1", "=> 0", "-> 1": the digit decides. Checked apart from the phrases
 /// so that "output 0 or 1" (restating the format) is skipped.
@@ -161,6 +232,8 @@ struct Match {
     violation: bool,
     /// A stated answer ("label 0", "=> INVALID") rather than a description: it settles its sentence.
     explicit: bool,
+    /// Says what this content is ("it's spam"), not what a kind of content is ("phishing is a violation").
+    about_content: bool,
 }
 
 fn tail(text: &str) -> &str {
@@ -191,7 +264,7 @@ fn label_matches(text: &str, output: &OutputFormat, found: &mut Vec<Match>) {
                 regex
                     .find_iter(text)
                     .filter(|m| !states_a_condition(text, m.start(), m.end(), &others))
-                    .map(|m| Match { start: m.start(), end: m.end(), violation, explicit: true }),
+                    .map(|m| Match { start: m.start(), end: m.end(), violation, explicit: true, about_content: true }),
             );
         }
     }
@@ -215,35 +288,45 @@ pub fn reasoning_conclusion(analysis: &str, output: &OutputFormat) -> Option<Con
     let text = tail(analysis);
     let mut found: Vec<Match> = Vec::new();
     for (phrases, violation) in [(&*VIOLATION_PHRASES, true), (&*SAFE_PHRASES, false)] {
-        for regex in phrases {
-            // "it violates nothing", "this violates no rule": the negation comes after the verb.
+        for (index, regex) in phrases.iter().enumerate() {
+            // "it violates nothing", "this violates no rule": the negation comes after the verb; "a violation no
+            // matter the intent" is none.
             let negated_after = |end: usize| {
                 let rest = text[end..].trim_start().to_ascii_lowercase();
-                ["nothing", "no ", "none", "neither", "no rule"].iter().any(|word| rest.starts_with(word))
+                let idiom = ["no matter", "no doubt", "no question"].iter().any(|idiom| rest.starts_with(idiom));
+                !idiom && ["nothing", "no ", "none", "neither", "no rule"].iter().any(|word| rest.starts_with(word))
             };
-            found.extend(regex.find_iter(text).filter(|m| !(violation && negated_after(m.end()))).map(|m| Match {
-                start: m.start(),
-                end: m.end(),
-                violation,
-                explicit: false,
-            }));
+            found.extend(
+                regex
+                    .find_iter(text)
+                    .filter(|m| if violation { !negated_after(m.end()) } else { !negated_before(text, m.start()) })
+                    .map(|m| Match {
+                        start: m.start(),
+                        end: m.end(),
+                        violation,
+                        explicit: false,
+                        about_content: index < ABOUT_CONTENT,
+                    }),
+            );
         }
     }
-    for caps in DIGIT_ANSWER.captures_iter(text) {
-        let (Some(whole), Some(digit)) = (caps.get(0), caps.get(1)) else { continue };
-        let rest = text[whole.end()..].trim_start();
-        let other = if digit.as_str() == "1" { "0" } else { "1" };
-        let restates_format = rest.starts_with("or ")
-            || rest.starts_with('/')
-            || rest.starts_with("and ")
-            || states_a_condition(text, whole.start(), whole.end(), &[other]);
-        if !restates_format {
-            found.push(Match {
-                start: whole.start(),
-                end: whole.end(),
-                violation: digit.as_str() == "1",
-                explicit: true,
-            });
+    // A digit after "label" or "answer" states the answer and settles its sentence; the answer's key with a value
+    // ("violation: 0") is only a description, which the rest of the sentence can contest.
+    for (stated, explicit) in [(&*DIGIT_ANSWER, true), (&*VIOLATION_KEY, false)] {
+        for caps in stated.captures_iter(text) {
+            let Some(whole) = caps.get(0) else { continue };
+            let Some(value) = caps.iter().skip(1).flatten().next() else { continue };
+            let violation = matches!(value.as_str().to_ascii_lowercase().as_str(), "1" | "true" | "yes");
+            let rest = text[whole.end()..].trim_start();
+            let other = if violation { "0" } else { "1" };
+            let restates_format = rest.starts_with("or ")
+                || rest.starts_with('/')
+                || rest.starts_with('|')
+                || rest.starts_with("and ")
+                || states_a_condition(text, whole.start(), whole.end(), &[other]);
+            if !restates_format {
+                found.push(Match { start: whole.start(), end: whole.end(), violation, explicit, about_content: true });
+            }
         }
     }
     label_matches(text, output, &mut found);
@@ -263,6 +346,44 @@ pub fn reasoning_conclusion(analysis: &str, output: &OutputFormat) -> Option<Con
             })
         })
         .flatten()
+        .or_else(|| {
+            (!chosen.explicit && !chosen.violation).then(|| contested_before(text, sentence_start, &found)).flatten()
+        })
         .map(|other| text[other.start..other.end].trim().to_string());
     Some(Conclusion { violation: chosen.violation, phrase, contested_by })
+}
+
+/// How many of [`VIOLATION_PHRASES`] and [`SAFE_PHRASES`], from the first, describe this content ("it's spam",
+/// "this violates") rather than anything ("phishing is a violation" restates the policy).
+const ABOUT_CONTENT: usize = 2;
+
+/// A description of this content as violating, in the sentence before the one (starting at `last_start`) that
+/// concludes it is safe: "It's phishing. Not spam per se." leaves the reasoning on both sides. A last sentence
+/// that turns ("But on a closer look it's not spam.") or a sentence that weighs a possibility ("someone might
+/// think this is spam") or asks ("Is this spam?") contests nothing.
+fn contested_before<'a>(text: &str, last_start: usize, found: &'a [Match]) -> Option<&'a Match> {
+    // Words that turn from a first impression ("On closer inspection, …"); a concession ("Still, …") does not.
+    const TURNS: [&str; 8] = ["but", "however", "actually", "on", "upon", "looking", "rereading", "re-reading"];
+    let first_word = text[last_start..].split_whitespace().next().map(bare_lowercase).unwrap_or_default();
+    if TURNS.contains(&first_word.as_str()) || last_start == 0 {
+        return None;
+    }
+    let before = text[..last_start].trim_end();
+    // The previous sentence's own end mark is no sentence break: look for the one before it.
+    let last_char_at = before.char_indices().next_back().map_or(0, |(at, _)| at);
+    let previous_start = sentence_start(&before[..last_char_at]);
+    let (previous, previous_end) = (&before[previous_start..], before.len());
+    let weighs = previous.trim_end().ends_with('?')
+        || previous.split_whitespace().any(|word| HEDGES.contains(&bare_lowercase(word).as_str()));
+    if weighs {
+        return None;
+    }
+    // Only descriptions: a stated answer there ("We shouldn't answer 1.") was weighed, not concluded.
+    found.iter().find(|other| {
+        other.violation
+            && other.about_content
+            && !other.explicit
+            && other.start >= previous_start
+            && other.end <= previous_end
+    })
 }

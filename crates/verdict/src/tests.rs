@@ -293,6 +293,28 @@ fn contested_reasoning_never_backs_an_allow() {
         "{allowed:?}"
     );
     assert_eq!(judge(&policy, Some(analysis), Some("1 (SP2.a)"), false).outcome, Outcome::Violation);
+    // The sentence before a safe conclusion contests it when it says this content violates, unless the last
+    // sentence turns, or the one before only weighs a possibility or restates the policy.
+    let contest = |text: &str| reasoning_conclusion(text, &OutputFormat::Binary).map(|c| (c.violation, c.contested_by));
+    assert_eq!(
+        contest("The link is odd. It's phishing. Not spam per se."),
+        Some((false, Some("It's phishing".into())))
+    );
+    assert_eq!(judge(&policy, Some("It's phishing. Not spam per se."), Some("0"), false).outcome, Outcome::NeedsReview);
+    assert!(contest("It's clearly spam, so violation: 0.").is_some_and(|(_, by)| by.is_some()));
+    assert!(contest("It's phishing. Still, it's not spam.").is_some_and(|(_, by)| by.is_some()));
+    for settled in [
+        "I first thought it's spam. On closer inspection it's not spam.",
+        "The user complains that this post violates their privacy. The content is not a violation of the policy.",
+        "We shouldn't answer 1. It's not spam.",
+        "It looks like spam at first. But it's not spam.",
+        "Someone might think this is spam. It is not spam.",
+        "The policy says phishing is a violation. This is not phishing.",
+        "Is this spam? It is not spam.",
+        "It is not spam.",
+    ] {
+        assert_eq!(contest(settled), Some((false, None)), "{settled}");
+    }
     // A stated answer settles its sentence: "not a scam, so the label is 0" is not contested.
     let stated = reasoning_conclusion("It is a violation? No: not a scam, so the label is 0.", &OutputFormat::Binary);
     assert_eq!(stated.map(|c| (c.violation, c.contested_by)), Some((false, None)));
@@ -473,6 +495,18 @@ fn reasoning_conclusions() {
     assert_eq!(check("The label should be VALID.", &labels), Some(false));
     assert_eq!(check("Answer VALID for questions, INVALID for spam.", &labels), None);
     assert_eq!(check("So the answer is INVALID for phishing like this.", &labels), Some(true));
+    // The answer's key needs its `:` or `=` for a word value; a restated format concludes nothing.
+    assert_eq!(check("This is a violation no matter the intent.", &binary), Some(true));
+    assert_eq!(check("It's hate speech. Now output JSON with violation 0 or 1.", &OutputFormat::Json), Some(true));
+    assert_eq!(check("So violation: no.", &OutputFormat::Json), Some(false));
+    // A negation just before a phrase takes it back.
+    assert_eq!(check("It's a scam. We can't label it safe.", &binary), Some(true));
+    assert_eq!(check("It's a scam. We can\u{2019}t label it safe.", &binary), Some(true));
+    // A violation phrase is never taken back so: it is the wrong way to fail.
+    assert_eq!(check("I don't think this is a violation.", &binary), Some(true));
+    assert_eq!(check("It's not a joke, it's harassment.", &binary), Some(true));
+    assert_eq!(check("Intended or not, this is spam.", &binary), Some(true));
+    assert_eq!(check("It is neither spam nor phishing.", &binary), Some(false));
     // Only the tail counts: an early "violation" is outweighed by a later conclusion.
     let long = format!("Is this a violation? {} Final: it is not a violation.", "Considering context. ".repeat(60));
     assert_eq!(check(&long, &binary), Some(false));
@@ -1030,4 +1064,59 @@ fn answers_that_also_say_the_other_side_need_review() {
         .replace("[\"HT0.a\"]", "[\"HT2.a\"]")
         .replacen('{', r#"{"per_rule": {"HT2.a": {"violation": 1}, "HT3.a": {"violation": 0}}, "#, 1);
     assert_eq!(judge(&json, None, Some(&breakdown), false).outcome, Outcome::Violation, "{breakdown}");
+}
+
+/// An id anywhere in the category is a citation, every rule-id key counts, and an action that treats the content
+/// the other way from the label is inconsistent, however it is worded.
+#[test]
+fn citations_and_actions_are_read_wherever_they_are_written() {
+    let hate = starter("hate");
+    let safe = |category: &str, rules: &str, action: &str| {
+        format!(
+            r#"{{"violation": 0, "policy_category": {category}, {rules}, "confidence": "high", "rationale": "Harsh but allowed.", "severity": "none", "action": "{action}"}}"#
+        )
+    };
+    let allowed = judge(&hate, None, Some(&safe("null", r#""rule_ids": []"#, "allow")), false);
+    assert_eq!(allowed.outcome, Outcome::Allow, "{allowed:?}");
+    for text in [
+        safe(r#""Dehumanization (HT2)""#, r#""rule_ids": []"#, "allow"),
+        safe("null", r#""rule_ids": [], "rules": ["HT2.a"]"#, "allow"),
+        safe("null", r#""rule_ids": []"#, "remove content"),
+        safe("null", r#""rule_ids": []"#, "Block."),
+        safe("null", r#""rule_ids": []"#, "ban"),
+        safe("null", r#""rule_ids": []"#, "hidden"),
+    ] {
+        let verdict = judge(&hate, None, Some(&text), false);
+        assert_eq!(verdict.outcome, Outcome::NeedsReview, "{text}: {verdict:?}");
+    }
+    for text in [
+        safe(r#""none (HT2 not met)""#, r#""rule_ids": []"#, "allow"),
+        safe("null", r#""rule_ids": []"#, "do not remove"),
+        safe("null", r#""rule_ids": []"#, "do not remove or block"),
+        safe("null", r#""rule_ids": []"#, "Allow; removal not needed"),
+        safe("null", r#""rule_ids": []"#, "add banner"),
+        safe("null", r#""rule_ids": [], "rules": "none""#, "allow"),
+    ] {
+        let verdict = judge(&hate, None, Some(&text), false);
+        assert_eq!(verdict.outcome, Outcome::Allow, "{text}: {verdict:?}");
+    }
+    let violating = |action: &str| {
+        format!(
+            r#"{{"violation": 1, "policy_category": "HT2", "rule_ids": ["HT2.a"], "confidence": "high", "rationale": "Vermin.", "severity": "medium", "action": "{action}"}}"#
+        )
+    };
+    assert_eq!(judge(&hate, None, Some(&violating("block")), false).outcome, Outcome::Violation);
+    for action in ["no action", "Keep", "none."] {
+        let verdict = judge(&hate, None, Some(&violating(action)), false);
+        assert_eq!(verdict.outcome, Outcome::NeedsReview, "{action}: {verdict:?}");
+    }
+    // A tier named inside the category escalates as a leading one does.
+    let sexual = starter("sexual");
+    let minors = r#"{"violation": 1, "policy_category": "Minors (SX3)", "rule_ids": [], "confidence": "high", "rationale": "r", "severity": "critical", "action": "block"}"#;
+    let verdict = judge(&sexual, None, Some(minors), false);
+    assert!(verdict.flags.contains(&Flag::Escalated), "{verdict:?}");
+    // A negation beside the tier does not drop it.
+    let ruled_out = minors.replace("Minors (SX3)", "SX3 (not SX1)");
+    let verdict = judge(&sexual, None, Some(&ruled_out), false);
+    assert!(verdict.flags.contains(&Flag::Escalated), "{verdict:?}");
 }
