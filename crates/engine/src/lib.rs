@@ -17,10 +17,11 @@ use std::path::PathBuf;
 /// How the next token is picked from the model's distribution.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum Sampling {
-    /// The most probable token (lowest id on ties): reproducible verdicts.
+    /// The most probable token (lowest id on ties): the same verdict for the same prompt decoded alone, cold or
+    /// warm. Decoded in one step with other requests, ggml may round a near tie the other way.
     #[default]
     Greedy,
-    /// Random sampling that repeats exactly for the same seed and prompt.
+    /// Random sampling that repeats for the same seed and prompt (under the same batching, as for `Greedy`).
     Seeded { seed: u32, temperature: f32, top_p: f32 },
 }
 

@@ -283,11 +283,15 @@ fn worker_main(
     };
     let n_vocab = usize::try_from(model.n_vocab()).unwrap_or(0);
     let n_ctx_per_sequence = (ctx.n_ctx() / sequences) as usize;
+    // llama.cpp caps its batch at the context it was asked for, before rounding that context up, and aborts the
+    // process on a decode longer than the cap: prompts are cut at its number, not ours.
+    let n_batch = (ctx.n_batch() as usize).clamp(1, cfg.n_batch as usize);
     let mut worker = Worker {
         ctx,
         batch: LlamaBatch::new(cfg.n_batch as usize, 1),
         cfg: cfg.clone(),
         n_vocab,
+        n_batch,
         n_ctx_per_sequence,
         cache: PrefixCache::new(cfg.prefix_cache_bytes),
     };
@@ -325,8 +329,12 @@ fn worker_main(
 
 type Caller = (Vec<GenRequest>, mpsc::Sender<Event>);
 
-/// Generate calls that arrived while the worker was busy join the current one, up to one batch of sequences:
-/// concurrent callers (server requests) then share decode steps. Batching does not change results.
+/// Generate calls that arrived while the worker was busy join the current one while the whole call fits in the
+/// one batch of sequences: concurrent callers (server requests) then share decode steps. A call that would spill
+/// into a second group waits for the next round, so no caller's answer is held for a group it is not in.
+///
+/// A shared decode step may round differently from a lone one (ggml's kernels differ by row count), so a near
+/// tie between two tokens can go either way depending on what else was decoded with it.
 fn gather_concurrent_calls(
     jobs: &mpsc::Receiver<Job>,
     callers: &mut Vec<Caller>,
@@ -336,7 +344,7 @@ fn gather_concurrent_calls(
     let mut total: usize = callers.iter().map(|c| c.0.len()).sum();
     while total < max_sequences {
         match jobs.try_recv() {
-            Ok(Job::Generate { requests, events }) => {
+            Ok(Job::Generate { requests, events }) if total + requests.len() <= max_sequences => {
                 total += requests.len();
                 callers.push((requests, events));
             }
@@ -354,6 +362,8 @@ struct Worker<'m> {
     batch: LlamaBatch<'static>,
     cfg: EngineConfig,
     n_vocab: usize,
+    /// Tokens per decode call, as llama.cpp took it (see `worker_main`).
+    n_batch: usize,
     n_ctx_per_sequence: usize,
     cache: PrefixCache<SeqState>,
 }
@@ -394,9 +404,37 @@ fn pick_next(slots: &mut [Slot<'_>], logits: &[&[f32]], threads: usize) {
         return pick_all(slots, logits);
     }
     let per_worker = slots.len().div_ceil(workers);
+    // Each share is taken once, by whichever thread gets to it first: the engine thread picks whatever no helper
+    // has taken, so a helper that could not start (a container at its task limit) costs time, never a pick or a
+    // panic that would take the engine down.
+    type Share<'s, 'r, 'l> = std::sync::Mutex<Option<(&'s mut [Slot<'r>], &'s [&'l [f32]])>>;
+    fn take<'s, 'r, 'l>(share: &Share<'s, 'r, 'l>) -> Option<(&'s mut [Slot<'r>], &'s [&'l [f32]])> {
+        share.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
+    }
+    let shares: Vec<Share<'_, '_, '_>> = slots
+        .chunks_mut(per_worker)
+        .zip(logits.chunks(per_worker))
+        .map(|share| std::sync::Mutex::new(Some(share)))
+        .collect();
     std::thread::scope(|scope| {
-        for (slots, logits) in slots.chunks_mut(per_worker).zip(logits.chunks(per_worker)) {
-            scope.spawn(move || pick_all(slots, logits));
+        for share in shares.iter().skip(1) {
+            let helper = std::thread::Builder::new().spawn_scoped(scope, move || {
+                if let Some((slots, logits)) = take(share) {
+                    pick_all(slots, logits);
+                }
+            });
+            if helper.is_err() {
+                static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+                if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!("could not start a picking thread; the engine thread picks its share");
+                }
+                break;
+            }
+        }
+        for share in &shares {
+            if let Some((slots, logits)) = take(share) {
+                pick_all(slots, logits);
+            }
         }
     });
 }
@@ -495,6 +533,14 @@ impl Worker<'_> {
             let mut fed = Vec::with_capacity(active.len());
             for mut slot in active.drain(..) {
                 let Some(pick) = slot.pending.take() else { continue };
+                if pick.prob.is_nan() {
+                    results[slot.index] = Some(Err(EngineError::Decode(
+                        "the model gave no finite logit for the next token (a broken model file or a numeric \
+                         overflow)"
+                            .into(),
+                    )));
+                    continue;
+                }
                 slot.tokens.push(pick.token);
                 slot.probs.push(pick.prob);
                 emit(base + slot.index, pick.token);
@@ -614,7 +660,7 @@ impl Worker<'_> {
         tokens: &[u32],
         want_last: bool,
     ) -> Result<i32, EngineError> {
-        let chunk_len = self.cfg.n_batch as usize;
+        let chunk_len = self.n_batch;
         let n_chunks = tokens.len().div_ceil(chunk_len);
         let mut last_index = 0;
         for (c, chunk) in tokens.chunks(chunk_len).enumerate() {
@@ -637,7 +683,7 @@ impl Worker<'_> {
         let seq = 0;
         self.clear_seq(seq);
         let mut out = Vec::with_capacity(tokens.len());
-        let chunk_len = ALL_LOGITS_CHUNK.min(self.cfg.n_batch as usize);
+        let chunk_len = ALL_LOGITS_CHUNK.min(self.n_batch);
         let mut result = Ok(());
         for (c, chunk) in tokens.chunks(chunk_len).enumerate() {
             self.batch.clear();

@@ -15,6 +15,12 @@ const DEFAULT_ALIGNMENT: u64 = 32;
 /// Far more than any real header needs; stops a corrupt length from allocating gigabytes.
 const MAX_STRING_BYTES: u64 = 16 << 20;
 const MAX_DIMS: u32 = 8;
+const MAX_TENSORS: u64 = 1 << 16;
+const MAX_METADATA_ENTRIES: u64 = 1 << 16;
+const GGUF_TYPE_UINT32: u32 = 4;
+const GGUF_TYPE_STRING: u32 = 8;
+/// Metadata llama.cpp reads as arrays of strings, asserting the type.
+const TOKENIZER_STRING_ARRAYS: [&str; 2] = ["tokenizer.ggml.tokens", "tokenizer.ggml.merges"];
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum MetaValue {
@@ -88,7 +94,7 @@ impl ModelFileInfo {
     }
 
     pub fn tensor_bytes(&self) -> u64 {
-        self.tensors.iter().filter_map(|t| t.n_bytes).sum()
+        self.tensors.iter().filter_map(|t| t.n_bytes).fold(0u64, u64::saturating_add)
     }
 
     /// What a single-sequence decode step streams from memory: every weight except the unrouted experts and
@@ -106,7 +112,9 @@ impl ModelFileInfo {
             } else if t.name.starts_with("output.") {
                 out.output_matrix += bytes;
             } else if t.name.contains("_exps.") {
-                out.routed_experts += bytes * used / experts;
+                // In u128: `used` comes from the file, and a product of two u64s may not fit one.
+                let share = u128::from(bytes) * u128::from(used) / u128::from(experts);
+                out.routed_experts = out.routed_experts.saturating_add(u64::try_from(share).unwrap_or(u64::MAX));
             } else {
                 out.attention_and_dense += bytes;
             }
@@ -168,20 +176,34 @@ pub fn inspect(path: &Path) -> Result<ModelFileInfo, EngineError> {
     }
     let n_tensors = r.u64()?;
     let n_kv = r.u64()?;
-    // Each entry takes at least 8 bytes, so larger counts cannot be real.
-    if n_tensors > file_len / 8 || n_kv > file_len / 8 {
+    // Each entry takes at least 8 bytes, so larger counts cannot be real; and no model has tens of thousands of
+    // either (gpt-oss-120b has under 700 tensors). Without the caps a sparse file could claim billions, each read
+    // into memory.
+    if n_tensors > (file_len / 8).min(MAX_TENSORS) || n_kv > (file_len / 8).min(MAX_METADATA_ENTRIES) {
         return Err(r.corrupt(format!("implausible counts: {n_tensors} tensors, {n_kv} metadata entries")));
     }
 
     let mut metadata = BTreeMap::new();
     for _ in 0..n_kv {
         let key = r.string()?;
+        // llama.cpp's own loader aborts the process on these instead of failing: refuse them here first.
+        if key.is_empty() {
+            return Err(r.corrupt("a metadata entry has an empty key".into()));
+        }
         let value_type = r.u32()?;
+        if key == "general.alignment" && value_type != GGUF_TYPE_UINT32 {
+            return Err(r.corrupt(format!("general.alignment has type {value_type}; it must be a uint32")));
+        }
         let value = r.value(value_type)?;
+        if TOKENIZER_STRING_ARRAYS.contains(&key.as_str())
+            && !matches!(value, MetaValue::Array { elem_type: GGUF_TYPE_STRING, .. })
+        {
+            return Err(r.corrupt(format!("{key} must be an array of strings")));
+        }
         metadata.insert(key, value);
     }
 
-    let mut tensors = Vec::with_capacity(n_tensors as usize);
+    let mut tensors = Vec::with_capacity(n_tensors.min(1024) as usize);
     for _ in 0..n_tensors {
         let name = r.string()?;
         let n_dims = r.u32()?;
@@ -193,7 +215,7 @@ pub fn inspect(path: &Path) -> Result<ModelFileInfo, EngineError> {
         let offset = r.u64()?;
         let n_elements = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
         let n_bytes = match (ggml_block(ggml_type), n_elements) {
-            (Some((block, size)), Some(n)) => Some(n / block * size),
+            (Some((block, size)), Some(n)) => (n / block).checked_mul(size),
             _ => None,
         };
         tensors.push(TensorInfo { name, dims, ggml_type, offset, n_bytes });
@@ -449,5 +471,50 @@ mod tests {
         bytes[24..32].copy_from_slice(&(1u64 << 60).to_le_bytes());
         let path = write(&dir, "a.gguf", &bytes);
         assert!(matches!(inspect(&path), Err(EngineError::Truncated { .. })));
+        // A tensor count of 2^37 in a file that claims to be large enough for it (sparse).
+        let mut bytes = tiny_gguf("gpt-oss");
+        bytes[8..16].copy_from_slice(&(1u64 << 37).to_le_bytes());
+        let path = write(&dir, "n.gguf", &bytes);
+        File::options().write(true).open(&path).unwrap().set_len(1 << 42).unwrap();
+        let err = inspect(&path).unwrap_err();
+        assert!(err.to_string().contains("implausible counts"), "{err}");
+    }
+
+    /// Files llama.cpp's loader would abort the process on are refused with an error first.
+    #[test]
+    fn metadata_llama_cpp_asserts_on_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = tiny_gguf("gpt-oss");
+        // The first key ("general.architecture", 20 bytes) emptied: its length says 0, its bytes become the type.
+        let mut empty_key = good[..24].to_vec();
+        empty_key.extend(0u64.to_le_bytes());
+        empty_key.extend(8u32.to_le_bytes());
+        string(&mut empty_key, "gpt-oss");
+        let rest_at = 24 + 8 + 20 + 4 + 8 + 7;
+        empty_key.extend(&good[rest_at..]);
+        let path = write(&dir, "k.gguf", &empty_key);
+        assert!(inspect(&path).unwrap_err().to_string().contains("empty key"));
+
+        // The expert count's key renamed to general.alignment, still a u32: fine. As a u16 it is refused.
+        let renamed = |bytes: &[u8]| {
+            let from = b"gpt-oss.expert_count";
+            let at = bytes.windows(from.len()).position(|w| w == from).unwrap();
+            let mut out = bytes[..at - 8].to_vec();
+            string(&mut out, "general.alignment");
+            out.extend(&bytes[at + from.len()..]);
+            out
+        };
+        // Three bytes shorter: padding keeps the tensor data where the tensor table says.
+        let mut aligned = renamed(&good);
+        aligned.extend([0u8; 3]);
+        let path = write(&dir, "a.gguf", &aligned);
+        assert!(inspect(&path).is_ok());
+        let key_end = aligned.windows(17).position(|w| w == b"general.alignment").unwrap() + 17;
+        let mut short = aligned[..key_end].to_vec();
+        short.extend(2u32.to_le_bytes());
+        short.extend(4u16.to_le_bytes());
+        short.extend(&aligned[key_end + 8..]);
+        let path = write(&dir, "s.gguf", &short);
+        assert!(inspect(&path).unwrap_err().to_string().contains("uint32"));
     }
 }

@@ -6,6 +6,7 @@ use crate::{EngineError, Sampling};
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Pick {
     pub token: u32,
+    /// The token's probability; NaN when the step had no usable logits (see [`Sampler::pick`]).
     pub prob: f32,
 }
 
@@ -50,6 +51,11 @@ impl Sampler {
             Mode::Greedy => argmax(logits),
             Mode::Seeded { rng, temperature, top_p } => sample(logits, *temperature, *top_p, rng.next_f64()),
         };
+        // Only a step without one finite logit (NaN from a broken quantization, an fp16 overflow) or with +∞ picks
+        // a token whose logit is not finite: decoding on from it would spend the whole budget on noise.
+        if !logits.get(token as usize).is_some_and(|logit| logit.is_finite()) {
+            return Pick { token, prob: f32::NAN };
+        }
         Pick { token, prob: softmax_prob(logits, token) }
     }
 }
@@ -195,6 +201,20 @@ impl SplitMix64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_step_without_a_finite_logit_picks_nothing_usable() {
+        let seeded = Sampling::Seeded { seed: 3, temperature: 1.0, top_p: 1.0 };
+        for sampling in [Sampling::Greedy, seeded] {
+            let mut sampler = Sampler::new(&sampling, 0).unwrap();
+            assert!(sampler.pick(&[f32::NAN; 40]).prob.is_nan(), "{sampling:?}");
+            if sampling == Sampling::Greedy {
+                assert!(sampler.pick(&[0.5, f32::INFINITY, 0.1]).prob.is_nan(), "+inf is no probability");
+            }
+            let fine = sampler.pick(&[0.5, f32::NAN, 3.0]);
+            assert!(fine.token != 1 && fine.prob > 0.0 && fine.prob <= 1.0, "{sampling:?}: {fine:?}");
+        }
+    }
 
     #[test]
     fn argmax_prefers_lowest_index_on_ties_and_ignores_nan() {

@@ -283,6 +283,18 @@ fn context_full_stops_generation() {
     assert_eq!(g.tokens.len(), 256 - 250 + 1);
 }
 
+/// llama.cpp caps its batch at the context asked for (300) and rounds the context itself up (to 512): a prompt
+/// between the two, sent as one decode of `n_batch` (512), used to abort the process on llama.cpp's assertion.
+#[test]
+fn a_prompt_longer_than_the_asked_context_but_within_the_rounded_one_decodes() {
+    let engine = load(EngineConfig { n_ctx: 300, n_batch: 512, n_ubatch: 512, max_sequences: 1, ..config() });
+    let n_ctx = engine.n_ctx_per_sequence();
+    assert!(n_ctx > 400, "llama.cpp rounds the context up: {n_ctx}");
+    let req = GenRequest { prefix: tokens(92, 50), suffix: tokens(93, 350), max_tokens: 2, ..Default::default() };
+    let g = run_one(&engine, &req);
+    assert_eq!(g.tokens.len(), 2);
+}
+
 #[test]
 fn seeded_sampling_repeats_per_seed() {
     let engine = load(config());

@@ -78,18 +78,37 @@ impl Dataset {
     /// Scores one policy of a dataset labelled per policy: keeps the items labelled for `policy` and makes that
     /// label the one scored. A dataset labelled as a whole is left as it is.
     pub fn focus_on_policy(&mut self, policy: &str) -> Result<(), EvalError> {
+        self.focus_on_policies(&[policy])
+    }
+
+    /// [`focus_on_policy`](Self::focus_on_policy) for a run of several policies: an item violates when one of
+    /// them says so and is safe only when all of them do; an item some of them left unlabelled (and none called
+    /// violating) is left out. Labels of policies not run never count: a violation of one of those is no miss.
+    pub fn focus_on_policies(&mut self, policies: &[&str]) -> Result<(), EvalError> {
         if !self.labelled_per_policy {
             return Ok(());
         }
-        let Some(category) = self.category_for_policy(policy) else {
-            return Err(EvalError::Options(format!(
-                "dataset {} holds labels for policies {}, none for `{policy}`",
-                self.name,
-                self.category_keys().join(", ")
-            )));
-        };
+        let mut categories = Vec::new();
+        for policy in policies {
+            let Some(category) = self.category_for_policy(policy) else {
+                return Err(EvalError::Options(format!(
+                    "dataset {} holds labels for policies {}, none for `{policy}`",
+                    self.name,
+                    self.category_keys().join(", ")
+                )));
+            };
+            categories.push(category);
+        }
         self.items.retain_mut(|item| {
-            item.label = item.categories.get(&category).copied();
+            let labels: Vec<Option<bool>> =
+                categories.iter().map(|category| item.categories.get(category).copied()).collect();
+            item.label = if labels.contains(&Some(true)) {
+                Some(true)
+            } else if labels.iter().all(Option::is_some) {
+                Some(false)
+            } else {
+                None
+            };
             item.label.is_some()
         });
         self.index = self.items.iter().enumerate().map(|(position, item)| (item.id.clone(), position)).collect();

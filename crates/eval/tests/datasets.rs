@@ -178,6 +178,26 @@ fn rows_labelled_per_policy_fold_into_one_item_per_id() {
     // x is safe under every policy; y violates one; z is known safe only for hate, so its whole label is unknown.
     assert_eq!(got, [("x", Some(false), 2), ("y", Some(true), 1), ("z", None, 1)]);
 
+    // Two policies of three: a violation of the third is no miss, and the run's policies decide alone.
+    let violence = json!({"id": "v", "text": "hit", "violates": 1, "policy": "violence"});
+    let three = common::write_lines(
+        dir.path(),
+        "three.jsonl",
+        &[
+            json!({"id": "x", "text": "hi", "violates": 0, "policy": "spam"}),
+            json!({"id": "x", "text": "hi", "violates": 0, "policy": "hate"}),
+            json!({"id": "v", "text": "hit", "violates": 0, "policy": "spam"}),
+            violence,
+            json!({"id": "v", "text": "hit", "violates": 0, "policy": "hate"}),
+            json!({"id": "y", "text": "buy", "violates": 1, "policy": "spam"}),
+            json!({"id": "h", "text": "meh", "violates": 0, "policy": "hate"}),
+        ],
+    );
+    let mut both = load(&three, &FieldMapping::default()).unwrap();
+    both.focus_on_policies(&["spam", "hate"]).unwrap();
+    let got: Vec<_> = both.items.iter().map(|i| (i.id.as_str(), i.label)).collect();
+    assert_eq!(got, [("x", Some(false)), ("v", Some(false)), ("y", Some(true))]);
+
     dataset.focus_on_policy("hate").unwrap();
     let got: Vec<_> = dataset.items.iter().map(|i| (i.id.as_str(), i.label)).collect();
     assert_eq!(got, [("x", Some(false)), ("z", Some(false))]);

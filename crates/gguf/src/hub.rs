@@ -201,12 +201,21 @@ pub async fn pull(spec: &str, models_dir: &Path, opts: &PullOptions) -> Result<P
 
     let (mut written, total, append) = match status.as_u16() {
         206 => {
-            let total = resp
-                .headers()
-                .get(reqwest::header::CONTENT_RANGE)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.rsplit('/').next())
-                .and_then(|v| v.parse::<u64>().ok());
+            let range = resp.headers().get(reqwest::header::CONTENT_RANGE).and_then(|v| v.to_str().ok()).unwrap_or("");
+            // Only the bytes asked for may be appended: a server that answers another range would splice a
+            // wrong piece into the model, which nothing finds without a checksum.
+            let starts_at = range
+                .strip_prefix("bytes ")
+                .and_then(|r| r.split('-').next())
+                .and_then(|start| start.trim().parse::<u64>().ok());
+            if starts_at != Some(offset) {
+                let _ = std::fs::remove_file(&part);
+                return Err(dl(format!(
+                    "{first_url}: asked for bytes from {offset}, the server sent {range:?}; the partial download was \
+                     removed, run the pull again"
+                )));
+            }
+            let total = range.rsplit('/').next().and_then(|v| v.parse::<u64>().ok());
             (offset, total, true)
         }
         200 => {
@@ -214,9 +223,18 @@ pub async fn pull(spec: &str, models_dir: &Path, opts: &PullOptions) -> Result<P
             hasher = Sha256::new();
             (0, resp.content_length(), false)
         }
-        416 if offset > 0 => {
-            // Nothing left to fetch: the part file is already complete.
+        416 if offset > 0 && expected.is_some() => {
+            // Nothing left to fetch: the part file is complete, as its checksum will show.
             return finish(&part, &dest, offset, offset, hasher, expected);
+        }
+        416 if offset > 0 => {
+            // Without a checksum nothing shows the part file is whole rather than something else the server
+            // refuses to extend.
+            let _ = std::fs::remove_file(&part);
+            return Err(dl(format!(
+                "{first_url}: HTTP 416 for the rest of a partial download with no checksum to check it by; the \
+                 partial download was removed, run the pull again"
+            )));
         }
         401 | 403 => {
             return Err(dl(format!("{first_url}: HTTP {status}: the repository needs access; set HF_TOKEN")));

@@ -17,6 +17,8 @@ use crate::writer::{DEFAULT_ALIGNMENT, GGUF_MAGIC};
 /// The most elements reserved ahead of parsing. A count is only checked against the bytes left, and an element
 /// in memory is several times its size on disk: reserving all of it could ask for many times the file.
 const MAX_RESERVED: usize = 4096;
+/// Most elements in one metadata array, and most tensors.
+const MAX_COUNT: u64 = 1 << 24;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct TensorInfo {
@@ -123,6 +125,11 @@ impl<'a> Cursor<'a> {
                 needed: count.saturating_mul(min_elem_bytes),
                 file_len: self.data.len() as u64,
             });
+        }
+        // The bytes on disk bound nothing in a sparse file, and each element takes more memory parsed than in the
+        // file (an empty string: 8 bytes there, 24 here); no model needs more (gpt-oss's vocabulary: 201,088).
+        if count > MAX_COUNT {
+            return Err(GgufError::Malformed(format!("{}: {count} elements; at most {MAX_COUNT} are read", what())));
         }
         usize::try_from(count).map_err(|_| GgufError::Malformed(format!("{}: count {count} too large", what())))
     }
@@ -424,6 +431,6 @@ impl GgufFile {
 
     /// Sum of all tensor elements.
     pub fn parameter_count(&self) -> u64 {
-        self.tensors.iter().map(|t| t.n_elements()).sum()
+        self.tensors.iter().map(|t| t.n_elements()).fold(0u64, u64::saturating_add)
     }
 }

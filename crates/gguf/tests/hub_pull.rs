@@ -14,7 +14,8 @@ struct Seen {
     cdn_hits: usize,
 }
 
-async fn serve(data: Arc<Vec<u8>>, seen: Arc<Mutex<Seen>>, drop_first: bool) -> String {
+/// `skew` moves the start of every range the server answers: a server that sends other bytes than asked for.
+async fn serve(data: Arc<Vec<u8>>, seen: Arc<Mutex<Seen>>, drop_first: bool, skew: usize) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let sha = hex::encode(Sha256::digest(&*data));
@@ -68,7 +69,8 @@ async fn serve(data: Arc<Vec<u8>>, seen: Arc<Mutex<Seen>>, drop_first: bool) -> 
                     let start = range
                         .as_deref()
                         .and_then(|r| r.strip_prefix("bytes="))
-                        .and_then(|r| r.trim_end_matches('-').parse::<usize>().ok());
+                        .and_then(|r| r.trim_end_matches('-').parse::<usize>().ok())
+                        .map(|s| s + skew);
                     let resp = match start {
                         Some(s) if s >= len => format!("HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */{len}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").into_bytes(),
                         Some(s) => {
@@ -118,7 +120,7 @@ fn opts(endpoint: &str) -> PullOptions {
 async fn interrupted_download_resumes_with_range_and_verifies_sha256() {
     let data = payload();
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let endpoint = serve(data.clone(), seen.clone(), true).await;
+    let endpoint = serve(data.clone(), seen.clone(), true, 0).await;
     let dir = tempfile::tempdir().unwrap();
 
     let err = pull("acme/tiny-GGUF/model.gguf", dir.path(), &opts(&endpoint)).await.unwrap_err();
@@ -159,7 +161,7 @@ async fn interrupted_download_resumes_with_range_and_verifies_sha256() {
 async fn wrong_checksum_missing_files_and_bad_specs_fail_cleanly() {
     let data = payload();
     let seen = Arc::new(Mutex::new(Seen::default()));
-    let endpoint = serve(data.clone(), seen, false).await;
+    let endpoint = serve(data.clone(), seen, false, 0).await;
     let dir = tempfile::tempdir().unwrap();
 
     let mut o = opts(&endpoint);
@@ -176,6 +178,21 @@ async fn wrong_checksum_missing_files_and_bad_specs_fail_cleanly() {
     o.sha256 = Some("xyz".into());
     assert!(pull("acme/tiny-GGUF/model.gguf", dir.path(), &o).await.is_err());
     assert!(pull("not-a-model", dir.path(), &opts(&endpoint)).await.unwrap_err().to_string().contains("unknown model"));
+}
+
+/// A resumed download takes only the bytes it asked for: another range is refused and the partial file removed,
+/// so the next pull starts over instead of splicing a wrong piece into the model.
+#[tokio::test]
+async fn a_resume_answered_with_another_range_is_refused() {
+    let data = payload();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let endpoint = serve(data.clone(), seen, false, 5).await;
+    let dir = tempfile::tempdir().unwrap();
+    let part = dir.path().join("model.gguf.part");
+    std::fs::write(&part, &data[..1000]).unwrap();
+    let err = pull("acme/tiny-GGUF/model.gguf", dir.path(), &opts(&endpoint)).await.unwrap_err();
+    assert!(err.to_string().contains("asked for bytes from 1000"), "{err}");
+    assert!(!part.exists() && !dir.path().join("model.gguf").exists());
 }
 
 #[test]

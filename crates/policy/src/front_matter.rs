@@ -324,8 +324,14 @@ pub(crate) fn build_meta(
     let mut extra = BTreeMap::new();
     for (key, value) in std::mem::take(&mut fields.map) {
         let Some(key) = scalar_string(&key) else { continue };
-        // Dropping a value JSON cannot hold (a mapping with non-string keys) would run a `routing:` or `triage:`
-        // section on the server's defaults without a word: the file is refused instead.
+        // Dropping a value JSON cannot hold (a mapping with non-string keys; `.nan` or `.inf`, which JSON would
+        // turn into null) would run a `routing:` or `triage:` section on the server's defaults without a word: the
+        // file is refused instead.
+        // A version stored before this check still reads (as it always did, the value as null): refusing it now
+        // would strand every decision judged under it.
+        if checks == FrontMatterChecks::Refuse && holds_non_finite(&value) {
+            return Err(fields.error(&key, "holds .nan or .inf, which is no setting".to_string()));
+        }
         match serde_json::to_value(&value) {
             Ok(json) => {
                 extra.insert(key, json);
@@ -334,4 +340,15 @@ pub(crate) fn build_meta(
         }
     }
     Ok(PolicyMeta { extra, ..meta })
+}
+
+/// Whether a YAML value holds a float that is not a number or infinite, anywhere inside it.
+fn holds_non_finite(value: &Value) -> bool {
+    match value {
+        Value::Number(number) => number.as_f64().is_some_and(|float| !float.is_finite()),
+        Value::Sequence(items) => items.iter().any(holds_non_finite),
+        Value::Mapping(map) => map.iter().any(|(key, value)| holds_non_finite(key) || holds_non_finite(value)),
+        Value::Tagged(tagged) => holds_non_finite(&tagged.value),
+        Value::Null | Value::Bool(_) | Value::String(_) => false,
+    }
 }

@@ -250,8 +250,8 @@ impl Policy {
     /// Which side of the line `rule_id` is on, from the heading it is defined under ("VIOLATES (1)", "DOES NOT
     /// VIOLATE (0)", "Allowed", …: the nearest enclosing section heading that says). A tier prefix (`SP2`) has
     /// the side all its rules share. `None` when the headings do not say, when the definitions disagree, or when
-    /// the policy does not put rules on both sides: a heuristic that finds only one side is more likely misreading
-    /// the headings than describing the policy. For several ids, [`Policy::rule_sides`] reads the headings once.
+    /// the policy does not put rules on both sides (unless its headings are labelled "(1)" and "(0)"): a heuristic
+    /// that finds only one side is more likely misreading the headings than describing the policy. For several ids, [`Policy::rule_sides`] reads the headings once.
     pub fn rule_side(&self, rule_id: &str) -> Option<RuleSide> {
         self.rule_sides().side(rule_id)
     }
@@ -274,7 +274,20 @@ impl Policy {
             sides.push((definition.rule_id.as_str(), side_of_enclosing(&enclosing)));
         }
         let has = |wanted: RuleSide| sides.iter().any(|(_, side)| *side == Some(wanted));
-        let both_sides = has(RuleSide::Violates) && has(RuleSide::Allowed);
+        // Headings labelled "(1)" and "(0)" leave no doubt which side is which, even when only one of them lists
+        // rule ids ("## SAFE (0)\nEverything else."): the word reading below is what needs both sides to trust.
+        let labelled = |label: &str| {
+            self.sections.iter().any(|section| {
+                section.level > 1
+                    && find_rule_ids(&section.title).is_empty()
+                    && section.title.contains(label)
+                    && !section.title.contains(if label == "(1)" { "(0)" } else { "(1)" })
+            })
+        };
+        let both_sides = (has(RuleSide::Violates) && has(RuleSide::Allowed)) || (labelled("(1)") && labelled("(0)"));
+        // Sorted by id, so that a lookup finds an id and everything under it ("HT2", "HT2.a"; '.' sorts before any
+        // digit, so "HT20" comes after them) in one run: pages look up every rule of a large policy.
+        sides.sort_by(|a, b| a.0.cmp(b.0));
         RuleSides { sides, both_sides }
     }
 
@@ -411,8 +424,12 @@ impl RuleSides<'_> {
             return None;
         }
         let prefix = format!("{rule_id}.");
-        let mut matching =
-            self.sides.iter().filter(|(id, _)| *id == rule_id || id.starts_with(&prefix)).map(|(_, side)| *side);
+        let start = self.sides.partition_point(|(id, _)| *id < rule_id);
+        let mut matching = self.sides[start..]
+            .iter()
+            .take_while(|(id, _)| id.starts_with(rule_id))
+            .filter(|(id, _)| *id == rule_id || id.starts_with(&prefix))
+            .map(|(_, side)| *side);
         let first = matching.next().flatten()?;
         matching.all(|side| side == Some(first)).then_some(first)
     }

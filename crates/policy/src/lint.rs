@@ -212,12 +212,18 @@ fn classify_lines(policy: &Policy) -> Vec<Line<'_>> {
 }
 
 static TITLE_PREFIX: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\(\s*#?([A-Z]{1,4})\s*\)").expect("static regex"));
+/// An id-shaped token the rule-id grammar reads only part of: an uppercase part ("SP1.A") or a second level
+/// ("SP1.a.i").
+static OVERLONG_RULE_ID: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"\b[A-Z]{1,4}[0-9]+\.(?:[A-Z][A-Za-z0-9]*|[a-z0-9]+\.[A-Za-z0-9]+)\b").expect("static regex")
+});
 static HEDGE: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"(?i)\b(generally|usually|may|might|often|typically)\b").expect("static regex"));
 static ANSWER_VERB: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"(?i)\b(return|respond|answer|output|reply)\b").expect("static regex"));
-static BINARY_FORMAT: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"(?i)\b0 or 1\b|\b1 or 0\b|one character").expect("static regex"));
+static BINARY_FORMAT: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?i)\b0 or 1\b|\b1 or 0\b|one character|\(0\s*/\s*1\)|\b0/1\b").expect("static regex")
+});
 static JSON_FORMAT: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r#"(?i)\bjson\b|"violation""#).expect("static regex"));
 static ESCALATION: LazyLock<Regex> = LazyLock::new(|| {
@@ -452,7 +458,28 @@ impl Linter {
                 None,
             );
         }
+        // An id written past the grammar ("SP1.A", "SP1.a.i") is read as its tier or first level: the model cites
+        // it whole, and the citation names no rule the policy has. Only ids with the policy's own letters count
+        // ("V1.2.3" is a version, not a rule).
         let prefixes = rule_prefixes(policy);
+        let mut misread = std::collections::BTreeSet::new();
+        for line in lines.iter().filter(|line| !line.code) {
+            for found in OVERLONG_RULE_ID.find_iter(line.text) {
+                let Some(&(_, read_as)) = find_rule_ids(found.as_str()).first() else { continue };
+                if prefixes.contains(id_prefix(read_as)) && misread.insert(found.as_str()) {
+                    self.push(
+                        Severity::Warning,
+                        "rule-id-shape",
+                        format!(
+                            "{} is read as rule {read_as}: a rule id is capitals, digits and at most one lowercase \
+                             part (SP1.a)",
+                            found.as_str()
+                        ),
+                        Some(line.number),
+                    );
+                }
+            }
+        }
         let mut reported = std::collections::BTreeSet::new();
         // Code is format samples and placeholders, not citations.
         for line in lines.iter().filter(|line| !line.code) {

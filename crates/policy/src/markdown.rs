@@ -95,7 +95,9 @@ impl FenceTracker {
                 true
             }
             (Some(_), _) => true,
-            (None, Some(c)) if run >= 3 => {
+            // A backtick fence's info string holds no backtick (CommonMark): "```{"violation": 0}``` is the
+            // answer" opens an inline code span, not a block that would hide every heading after it.
+            (None, Some(c)) if run >= 3 && !(c == b'`' && trimmed[run..].contains('`')) => {
                 self.open = Some((c, run));
                 true
             }

@@ -148,6 +148,11 @@ fn rules_know_which_side_of_the_line_they_are_on() {
     assert_eq!((titled.rule_side("CS2.a"), titled.rule_side("CS3.a")), (None, None));
     let one_sided = Policy::parse("# D\nAnswer 0 or 1.\n## Violates\n- DM1.a X.\n## Other\n- DM2.a Y.\n").unwrap();
     assert_eq!(one_sided.rule_side("DM1.a"), None);
+    // Headings labelled (1) and (0) are trusted even when only one side lists rules.
+    let labelled =
+        Policy::parse("# P\nAnswer 0 or 1.\n## VIOLATES (1)\n- PR1.a Cold promotion.\n## SAFE (0)\nEverything else.\n")
+            .unwrap();
+    assert_eq!(labelled.rule_side("PR1.a"), Some(Violates));
     for starter in crate::starter_library() {
         let violating = starter.rule_ids.iter().filter(|id| starter.rule_side(id) == Some(Violates)).count();
         let allowed = starter.rule_ids.iter().filter(|id| starter.rule_side(id) == Some(Allowed)).count();
@@ -782,12 +787,15 @@ fn rule_sides_in_one_pass_agree_with_walking_back_from_each_rule() {
     let mut sided = 0;
     for policy in starter_library() {
         let sides = policy.rule_sides();
-        assert_eq!(sides.sides.len(), policy.rule_definitions.len());
-        for (definition, (id, side)) in policy.rule_definitions.iter().zip(&sides.sides) {
-            assert_eq!(*id, definition.rule_id);
-            assert_eq!(*side, walking_back(&policy, definition.line), "{} {id}", policy.meta.name);
-            sided += usize::from(side.is_some());
-        }
+        // Kept sorted by id (a stable sort, so duplicates keep their order).
+        let mut expected: Vec<(&str, Option<RuleSide>)> = policy
+            .rule_definitions
+            .iter()
+            .map(|definition| (definition.rule_id.as_str(), walking_back(&policy, definition.line)))
+            .collect();
+        expected.sort_by(|a, b| a.0.cmp(b.0));
+        assert_eq!(sides.sides, expected, "{}", policy.meta.name);
+        sided += expected.iter().filter(|(_, side)| side.is_some()).count();
     }
     assert!(sided > 20, "the starter library puts many rules on a side: {sided}");
 }
@@ -813,4 +821,38 @@ fn a_review_sla_is_a_time_with_its_unit() {
     // Stored before the key was read, a version with any value still parses, with the default SLA.
     let stored = Policy::parse_stored("---\nname: x\nreview_sla: 1w\n---\n# P\nReturn 0 or 1.", None).unwrap();
     assert_eq!(stored.meta.review_sla_secs, None);
+}
+
+#[test]
+fn markup_that_used_to_hide_or_drop_settings_is_read_as_written() {
+    // An inline code span opening a line is no fence: the headings after it still count.
+    let policy = Policy::parse(
+        "---\nname: x\noutput: json\n---\n# P\n```{\"violation\": 0}``` is the only answer.\n## VIOLATES (1)\n\
+         - XX1.a Bad.\n## DOES NOT VIOLATE (0)\n- XX0.a Fine.\n",
+    )
+    .unwrap();
+    assert_eq!(policy.rule_ids.iter().map(String::as_str).collect::<Vec<_>>(), ["XX0.a", "XX1.a"]);
+    // A float JSON cannot hold is refused, never turned into null (the server's default).
+    let nan = Policy::parse("---\nname: x\nrouting:\n  min_engine_confidence: .nan\n---\n# P\nReturn 0 or 1.\n");
+    assert!(nan.unwrap_err().to_string().contains(".nan"));
+    // "0/1" says the format as "0 or 1" does.
+    let report = lint("---\nname: x\n---\n# P\nAnswer with 0/1 only.\n", &exact_opts());
+    assert!(
+        report.findings.iter().all(|f| f.code != "missing-output-format" && f.code != "parse-error"),
+        "{:#?}",
+        report.findings
+    );
+}
+
+#[test]
+fn lint_names_rule_ids_the_grammar_reads_only_part_of() {
+    let text = "---\nname: x\n---\n# P\nReturn 0 or 1.\n## VIOLATES (1)\n- SP1.A Bad.\n- SP2.a.i Worse.\n\
+                ## DOES NOT VIOLATE (0)\n- SP0.a Fine.\n";
+    let report = lint(text, &exact_opts());
+    let shapes: Vec<&str> =
+        report.findings.iter().filter(|f| f.code == "rule-id-shape").map(|f| f.message.as_str()).collect();
+    assert_eq!(shapes.len(), 2, "{:#?}", report.findings);
+    assert!(shapes[0].contains("SP1.A is read as rule SP1"), "{shapes:?}");
+    let clean = lint(&text.replace("SP1.A", "SP1.a").replace("SP2.a.i", "SP2.a"), &exact_opts());
+    assert!(clean.findings.iter().all(|f| f.code != "rule-id-shape"));
 }

@@ -19,6 +19,13 @@ fn tiny_then_inspect_and_bad_files() {
     let out = safeguard(&["models", "tiny", "--out", model_str, "--seed", "5", "--experts", "mxfp4"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("41 tensors"), "{}", text(&out.stdout));
+    // An existing file is kept unless --force says to replace it.
+    let before = std::fs::read(&model).unwrap();
+    let again = safeguard(&["models", "tiny", "--out", model_str, "--seed", "6"]);
+    assert!(!again.status.success() && text(&again.stderr).contains("--force"), "{}", text(&again.stderr));
+    assert_eq!(std::fs::read(&model).unwrap(), before);
+    let forced = safeguard(&["models", "tiny", "--out", model_str, "--seed", "5", "--experts", "mxfp4", "--force"]);
+    assert!(forced.status.success(), "{}", text(&forced.stderr));
 
     let out = safeguard(&["models", "inspect", model_str, "--tensors"]);
     assert!(out.status.success(), "{}", text(&out.stderr));

@@ -12,6 +12,7 @@ use safeguard_eval::{
     Comparison, Dataset, DatasetSpec, FieldMapping, Item, Predicted, PredictionRecord, ScoreOptions, compare_runs,
 };
 use safeguard_harmony::{Content, Effort, user_message_text};
+use safeguard_pipeline::flywheel::stored_verdict_stage;
 use safeguard_policy::Policy;
 use safeguard_store::{DecisionFilter, Store, StoreOptions};
 use serde::Serialize;
@@ -47,9 +48,11 @@ pub struct Args {
     /// The model (GGUF) that runs the new version.
     #[arg(long, value_name = "PATH")]
     model: PathBuf,
-    #[arg(long, default_value = "medium")]
-    effort: String,
-    /// At most this many items (newest stored decisions first; at most 1000 of them).
+    /// Reasoning effort of the new version's run [default: with --database, the effort most stored verdicts
+    /// were judged at, so that a flip is the wording's and not the effort's; with --dataset, medium].
+    #[arg(long)]
+    effort: Option<String>,
+    /// At most this many items (newest stored decisions first, at most 1000 of them; a dataset's first N).
     #[arg(long, value_name = "N", default_value_t = 200)]
     limit: usize,
     /// Completion-token cap per prompt [default: the budget for the effort].
@@ -130,7 +133,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 "--limit {}: a backtest of stored decisions takes at most {MAX_STORED_ITEMS}",
                 args.limit
             );
-            let (dataset, before, skipped) = runtime.block_on(stored_decisions(
+            let (dataset, before, skipped, stored_effort) = runtime.block_on(stored_decisions(
                 url,
                 args.database_schema.clone(),
                 &policy,
@@ -139,7 +142,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             ))?;
             // A PostgreSQL URL may carry a password; it must not end up in reports.
             let source = if url.starts_with("sqlite:") { url.clone() } else { "the database".to_string() };
-            (source, dataset, Before::Stored(before, skipped))
+            (source, dataset, Before::Stored(before, skipped, stored_effort))
         }
         (None, Some(spec)) => {
             let baseline = args
@@ -156,7 +159,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
 
     // Read before the model loads: a typo should not cost a model load.
-    let effort: Effort = args.effort.parse().map_err(|e| anyhow::anyhow!("--effort {}: {e}", args.effort))?;
+    let effort: Effort = match (&args.effort, &before) {
+        (Some(effort), _) => effort.parse().map_err(|e| anyhow::anyhow!("--effort {effort}: {e}"))?,
+        (None, Before::Stored(_, _, Some(stored))) => {
+            eprintln!("running at {stored} effort, as most stored verdicts were (--effort to choose)");
+            *stored
+        }
+        (None, _) => Effort::Medium,
+    };
     let reasoner = load_reasoner(&EngineArgs { model: &args.model, engine: args.engine, sequences: 4 })?;
     let classifier = Classifier::new(reasoner);
     let options = ClassifyOptions { effort, max_tokens: args.max_tokens, ..ClassifyOptions::default() };
@@ -171,7 +181,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         bail!("no item could be judged under the new version ({} failed; the first are above)", failed.len());
     }
     let (before, skipped) = match before {
-        Before::Stored(records, skipped) => (records, skipped),
+        Before::Stored(records, skipped, _) => (records, skipped),
         Before::Baseline(Some(old)) => {
             let records = classify_all(&classifier, &old, &dataset, &contents, &options, &mut failed);
             (runtime.block_on(records)?, vec![])
@@ -203,7 +213,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 enum Before {
-    Stored(Vec<PredictionRecord>, Vec<(String, String)>),
+    /// The stored verdicts, the decisions left out with why, and the effort most of the verdicts were judged at.
+    Stored(Vec<PredictionRecord>, Vec<(String, String)>, Option<Effort>),
     Baseline(Option<Box<Policy>>),
 }
 
@@ -217,9 +228,13 @@ async fn stored_decisions(
     policy: &Policy,
     limit: usize,
     contents: &mut BTreeMap<String, Content>,
-) -> anyhow::Result<(Dataset, Vec<PredictionRecord>, Vec<(String, String)>)> {
+) -> anyhow::Result<(Dataset, Vec<PredictionRecord>, Vec<(String, String)>, Option<Effort>)> {
     let policy_name = policy.meta.name.as_str();
     let new_version = policy.hash.to_string();
+    // A mistyped database or schema must not be created and migrated just to be found empty.
+    if !safeguard_store::store_exists(url, schema.as_deref()).await.context("cannot open the database")? {
+        bail!("no safeguard store at that database{}", schema.map(|s| format!(" (schema {s})")).unwrap_or_default());
+    }
     let store =
         Store::connect(url, StoreOptions { schema, ..Default::default() }).await.context("cannot open the database")?;
     let filter = DecisionFilter {
@@ -228,6 +243,7 @@ async fn stored_decisions(
         ..DecisionFilter::default()
     };
     let decisions = store.list_decisions(&filter).await.context("reading stored decisions")?;
+    let mut efforts: BTreeMap<Effort, usize> = BTreeMap::new();
     if decisions.is_empty() {
         let any = store.list_decisions(&DecisionFilter { limit: 1, ..DecisionFilter::default() }).await?;
         if any.is_empty() {
@@ -265,6 +281,10 @@ async fn stored_decisions(
             skipped.push((decision.id, "already judged under this version".to_string()));
             continue;
         }
+        let judged_at: Vec<Effort> = verdicts
+            .iter()
+            .filter_map(|verdict| stored_verdict_stage(verdict, &decision.effort).ok().and_then(|stage| stage.effort()))
+            .collect();
         let record = serde_json::json!({ "id": decision.id, "verdicts": verdicts, "model": decision.model_id });
         let record: PredictionRecord = match serde_json::from_value(record) {
             Ok(record) => record,
@@ -273,6 +293,9 @@ async fn stored_decisions(
                 continue;
             }
         };
+        for effort in judged_at {
+            *efforts.entry(effort).or_default() += 1;
+        }
         items.push(Item {
             id: decision.id,
             text: user_message_text(&content),
@@ -285,7 +308,15 @@ async fn stored_decisions(
     let dataset = Dataset::new("stored decisions", items)?;
     // Conversations and prompt/response pairs are replayed as they were judged, not flattened to text.
     contents.extend(before.iter().map(|(r, content)| (r.id.clone(), content.clone())));
-    Ok((dataset, before.into_iter().map(|(r, _)| r).collect(), skipped))
+    if efforts.len() > 1 {
+        let counts: Vec<String> = efforts.iter().map(|(effort, n)| format!("{n} at {effort}")).collect();
+        eprintln!(
+            "the stored verdicts were judged at several efforts ({}): a flip may come from the effort, not the wording",
+            counts.join(", ")
+        );
+    }
+    let most_common = efforts.into_iter().max_by_key(|&(effort, n)| (n, effort)).map(|(effort, _)| effort);
+    Ok((dataset, before.into_iter().map(|(r, _)| r).collect(), skipped, most_common))
 }
 
 /// A stored cascade verdict as the model's own answer, or why there is none to compare with. Where the cascade
@@ -319,7 +350,11 @@ fn load_dataset(args: &Args, spec: &str, policy_name: &str) -> anyhow::Result<Da
     let mut dataset = parsed.load(&data_dir, &mapping).with_context(|| format!("loading dataset {spec}"))?;
     // An export labels several policies; the new version is judged on its own policy's labels.
     dataset.focus_on_policy(policy_name)?;
+    let total = dataset.items.len();
     dataset.truncate(args.limit);
+    if dataset.items.len() < total {
+        eprintln!("backtesting the first {} of {total} items (--limit)", dataset.items.len());
+    }
     Ok(dataset)
 }
 

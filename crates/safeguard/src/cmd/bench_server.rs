@@ -282,6 +282,15 @@ async fn measure(args: ServerArgs) -> anyhow::Result<ExitCode> {
             limit_checkpoints
         );
     }
+    // Figures with failures behind them, or with nothing measured, are no measurement: a script must not read
+    // this run as one.
+    if direct.failures > 0 || served.failures > 0 || direct.latencies.is_empty() || served.latencies.is_empty() {
+        eprintln!(
+            "bench server: {} direct and {} served requests failed; the figures above are not a measurement",
+            direct.failures, served.failures
+        );
+        return Ok(ExitCode::from(super::EXIT_FAILURE));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -566,7 +566,17 @@ pub fn run_policy_test(args: PolicyTestArgs) -> anyhow::Result<ExitCode> {
     let mut failed = 0usize;
     for (policy, cases) in &suites {
         let report = runtime.block_on(run_golden(&classifier, policy, cases, &options, batch));
-        failed += report.results.len() - report.passed();
+        // An example the engine could not run (too long for the context, a dead backend) says nothing about the
+        // policy: it is an error of the run, not a failed test a CI gate would read as a regression.
+        let engine_error = |result: &safeguard_core::golden::CaseResult| {
+            result.decision.prompts.iter().find_map(|prompt| prompt.error.clone())
+        };
+        let not_run = report.results.iter().filter(|result| engine_error(result).is_some()).count();
+        if not_run > 0 {
+            eprintln!("error: {not_run} example(s) of {} could not be run by the engine", report.policy);
+        }
+        errors += not_run;
+        failed += report.failures().filter(|failure| engine_error(failure).is_none()).count();
         if args.json {
             for result in &report.results {
                 let line = serde_json::json!({
@@ -598,7 +608,9 @@ pub fn run_policy_test(args: PolicyTestArgs) -> anyhow::Result<ExitCode> {
             let show = |v: Option<serde_json::Value>| v.and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
             write!(stdout, "  FAIL {}: expected {}, got {}", failure.id, show(expected), show(outcome))
                 .context("cannot write the report")?;
-            if !flags.is_empty() {
+            if let Some(error) = engine_error(failure) {
+                write!(stdout, " (not run: {error})").context("cannot write the report")?;
+            } else if !flags.is_empty() {
                 write!(stdout, " ({})", flags.join(", ")).context("cannot write the report")?;
             }
             writeln!(stdout).context("cannot write the report")?;

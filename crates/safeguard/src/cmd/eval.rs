@@ -1,8 +1,7 @@
 //! `safeguard eval`: score saved classify output, compare two runs, or run policies live on a dataset.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -16,6 +15,7 @@ use safeguard_eval::{
 use safeguard_policy::Policy;
 
 use super::classify::load_policies;
+use super::output_file::OutputFile;
 use super::{EXIT_FAILURE, EXIT_FINDINGS};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -234,15 +234,13 @@ fn load_dataset(args: &Args, policies: &[Policy]) -> anyhow::Result<Dataset> {
              (--any-policy-version counts them)"
         );
     }
-    if dataset.labelled_per_policy
-        && let [policy] = args.policy.as_slice()
-    {
-        // One policy scored against an export that labels several: only that policy's labels count.
-        let name = match policies {
-            [loaded] => loaded.meta.name.clone(),
-            _ => policy.clone(),
+    if dataset.labelled_per_policy && !args.policy.is_empty() {
+        // Policies scored against an export that labels several: only their labels count.
+        let names: Vec<&str> = match policies {
+            [] => args.policy.iter().map(String::as_str).collect(),
+            loaded => loaded.iter().map(|policy| policy.meta.name.as_str()).collect(),
         };
-        dataset.focus_on_policy(&name)?;
+        dataset.focus_on_policies(&names)?;
     }
     if let Some(limit) = args.limit {
         dataset.truncate(limit);
@@ -510,14 +508,40 @@ fn text_comparison(before: &Path, after: &Path, c: &Comparison) -> String {
 }
 
 /// Writes records as JSONL.
-fn save_predictions(path: &Path, records: &[PredictionRecord]) -> anyhow::Result<()> {
-    let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut writer = BufWriter::new(file);
+fn write_predictions(writer: &mut impl Write, records: &[PredictionRecord]) -> anyhow::Result<()> {
     for record in records {
-        serde_json::to_writer(&mut writer, record)?;
+        serde_json::to_writer(&mut *writer, record)?;
         writer.write_all(b"\n")?;
     }
-    writer.flush().with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// An output path that is one of the run's inputs would be overwritten with the run's results.
+fn refuse_input_path(output: &Path, args: &Args) -> anyhow::Result<()> {
+    let Ok(output_real) = std::fs::canonicalize(output) else { return Ok(()) };
+    let inputs = [Some(Path::new(&args.dataset)), args.cache.as_deref(), args.predictions.as_deref()];
+    for input in inputs.into_iter().flatten() {
+        if std::fs::canonicalize(input).is_ok_and(|input| input == output_real) {
+            bail!(
+                "{} is also an input of this run ({}); write the results elsewhere",
+                output.display(),
+                input.display()
+            );
+        }
+    }
+    for policy in &args.policy {
+        if std::fs::canonicalize(policy).is_ok_and(|policy| policy == output_real) {
+            bail!("{} is also a --policy of this run; write the results elsewhere", output.display());
+        }
+    }
+    Ok(())
+}
+
+fn check_parent_exists(path: &Path) -> anyhow::Result<()> {
+    let parent = path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        bail!("cannot write {}: the folder {} does not exist", path.display(), parent.display());
+    }
     Ok(())
 }
 
@@ -527,7 +551,7 @@ mod live {
     use std::sync::Arc;
 
     use safeguard_core::{Classifier, ClassifyOptions};
-    use safeguard_eval::{FnClassifier, Item, RunOptions, fingerprint, run_eval};
+    use safeguard_eval::{FnClassifier, Item, RunOptions, RunOutput, fingerprint, run_eval};
     use safeguard_harmony::{Content, Effort};
 
     use super::super::classify::{EngineArgs, load_reasoner, runtime};
@@ -597,13 +621,71 @@ mod live {
             let parsed: Effort = effort.parse().map_err(|e| anyhow::anyhow!("--effort {effort}: {e}"))?;
             efforts.push(parsed.to_string());
         }
+        // Output paths are checked before the model is loaded, so that a missing directory or a path that names
+        // the dataset is found before the run, not after hours of it.
+        if let Some(path) = &args.html {
+            refuse_input_path(path, args)?;
+            check_parent_exists(path)?;
+        }
+        let mut prediction_paths = Vec::new();
+        if let Some(path) = &args.save_predictions {
+            for effort in &efforts {
+                let path = if efforts.len() > 1 { per_effort_path(path, effort) } else { path.clone() };
+                refuse_input_path(&path, args)?;
+                check_parent_exists(&path)?;
+                prediction_paths.push((effort.clone(), path));
+            }
+        }
+        let output = evaluate(args, &dataset, &policies, efforts)?;
+        eprintln!("{} classified, {} from cache, {} failed", output.classified, output.from_cache, output.failed.len());
+        for (id, effort, error) in output.failed.iter().take(10) {
+            eprintln!("  failed {id} at {effort}: {error}");
+        }
+
+        // Every file is written, and the report printed, before a failure to write one is reported. Each appears
+        // whole or not at all: an earlier file of the same name is kept if this one cannot be written.
+        let mut write_errors = Vec::new();
+        for (effort, path) in prediction_paths {
+            let records =
+                output.by_effort.iter().find(|(name, _)| *name == effort).map_or(&[][..], |(_, records)| records);
+            let written = OutputFile::create(&path).and_then(|mut file| {
+                let result = write_predictions(&mut file.writer, records);
+                file.finish(result)
+            });
+            match written {
+                Ok(()) => eprintln!("wrote {}", path.display()),
+                Err(error) => write_errors.push(error),
+            }
+        }
+        let mut reports = Vec::new();
+        for (effort, records) in &output.by_effort {
+            reports.push((effort.clone(), score_predictions(records, &dataset, &options)?));
+        }
+        let code = emit_report(args, &reports)?;
+        if let Some(error) = write_errors.into_iter().next() {
+            return Err(error.context("the predictions could not all be saved"));
+        }
+        if !output.failed.is_empty() && code == ExitCode::SUCCESS {
+            // The report is complete, but some items were never judged: the run did not fully work.
+            return Ok(ExitCode::from(EXIT_FAILURE));
+        }
+        Ok(code)
+    }
+
+    /// Loads the model and runs every item at every effort.
+    fn evaluate(
+        args: &Args,
+        dataset: &Dataset,
+        policies: &[Policy],
+        efforts: Vec<String>,
+    ) -> anyhow::Result<RunOutput> {
         let model = args.model.as_deref().context("--model is required for a live run")?;
         let reasoner = load_reasoner(&EngineArgs { model, engine: args.engine, sequences: args.concurrency.max(1) })?;
         let model_id = reasoner.model_id();
         // The cache key must change whenever the answer could: policy texts here, the rest in `settings`.
         let policy_hash = policies.iter().map(|p| p.hash.to_string()).collect::<Vec<_>>().join("+");
-        let settings = cache_settings(args, &policies, model)?;
-        let shared = Arc::new((Classifier::new(reasoner), policies));
+        let settings = cache_settings(args, policies, model)?;
+        let shared = Arc::new((Classifier::new(reasoner), policies.to_vec()));
         let max_tokens = args.max_tokens;
         let adapter = FnClassifier(move |item: Item, effort: String| {
             let shared = Arc::clone(&shared);
@@ -636,26 +718,7 @@ mod live {
             bar.set_message(format!("({} cached, {} failed)", progress.from_cache, progress.failed));
         }))?;
         bar.finish_and_clear();
-        eprintln!("{} classified, {} from cache, {} failed", output.classified, output.from_cache, output.failed.len());
-        for (id, effort, error) in output.failed.iter().take(10) {
-            eprintln!("  failed {id} at {effort}: {error}");
-        }
-
-        let mut reports = Vec::new();
-        let several = output.by_effort.len() > 1;
-        for (effort, records) in &output.by_effort {
-            if let Some(path) = &args.save_predictions {
-                let path = if several { per_effort_path(path, effort) } else { path.clone() };
-                save_predictions(&path, records)?;
-            }
-            reports.push((effort.clone(), score_predictions(records, &dataset, &options)?));
-        }
-        let code = emit_report(args, &reports)?;
-        if !output.failed.is_empty() && code == ExitCode::SUCCESS {
-            // The report is complete, but some items were never judged: the run did not fully work.
-            return Ok(ExitCode::from(EXIT_FAILURE));
-        }
-        Ok(code)
+        Ok(output)
     }
 
     fn per_effort_path(path: &Path, effort: &str) -> PathBuf {

@@ -113,7 +113,17 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
                     record.name,
                     scopes.join(" ")
                 );
-                println!("{secret}");
+                // The secret is shown once: a key whose secret never reached anyone is a key nobody holds, so it
+                // is revoked rather than left active.
+                let shown = {
+                    use std::io::Write;
+                    let mut stdout = std::io::stdout().lock();
+                    writeln!(stdout, "{secret}").and_then(|()| stdout.flush())
+                };
+                if let Err(error) = shown {
+                    store.revoke_api_key(&record.id).await?;
+                    bail!("cannot print the secret ({error}); key {} was revoked", record.id);
+                }
             }
             Command::List { store } => {
                 let store = store.open().await?;

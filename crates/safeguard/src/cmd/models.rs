@@ -1,6 +1,6 @@
 //! `safeguard models`: generate, inspect, convert and download model files.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
@@ -45,6 +45,9 @@ pub struct ConvertArgs {
     hf_dir: PathBuf,
     #[arg(long, value_name = "FILE.gguf")]
     out: PathBuf,
+    /// Replace --out if it exists.
+    #[arg(long)]
+    force: bool,
     /// Storage for non-expert matrices (MXFP4 experts stay MXFP4; norms and biases stay f32).
     #[arg(long, value_enum, default_value_t = OutType::F16)]
     outtype: OutType,
@@ -69,6 +72,9 @@ pub enum ExpertType {
 pub struct TinyArgs {
     #[arg(long, value_name = "FILE.gguf")]
     out: PathBuf,
+    /// Replace --out if it exists.
+    #[arg(long)]
+    force: bool,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     #[arg(long, value_enum, default_value_t = Shape::Tiny)]
@@ -127,7 +133,16 @@ fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A model file is gigabytes of someone's download: one of random weights must not replace it unasked.
+fn refuse_existing(out: &Path, force: bool) -> anyhow::Result<()> {
+    if !force && out.exists() {
+        bail!("refusing to overwrite {} (pass --force)", out.display());
+    }
+    Ok(())
+}
+
 fn convert(args: ConvertArgs) -> anyhow::Result<ExitCode> {
+    refuse_existing(&args.out, args.force)?;
     let outtype = match args.outtype {
         OutType::F32 => GgmlType::F32,
         OutType::F16 => GgmlType::F16,
@@ -156,6 +171,7 @@ impl ConvertArgs {
 }
 
 fn tiny(args: TinyArgs) -> anyhow::Result<ExitCode> {
+    refuse_existing(&args.out, args.force)?;
     let info = match args.shape {
         Shape::Tiny => {
             let expert_type = match args.experts {

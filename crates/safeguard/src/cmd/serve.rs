@@ -255,13 +255,22 @@ pub(crate) async fn open_store(
     options: StoreOptions,
 ) -> anyhow::Result<Store> {
     match database {
-        Some(url) => Store::connect(url, options).await.context("cannot open the database"),
+        Some(url) => Store::connect(&creating_sqlite(url), options).await.context("cannot open the database"),
         None => {
             std::fs::create_dir_all(data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
             let path = sqlite_path(data_dir);
             Store::open_sqlite_with(&path, options).await.with_context(|| format!("cannot open {}", path.display()))
         }
     }
+}
+
+/// A `sqlite:` URL that creates its file when missing, as `--data-dir` does: sqlx opens an existing file only
+/// unless told `mode=rwc`. A URL that names its own mode keeps it.
+fn creating_sqlite(url: &str) -> String {
+    if !url.starts_with("sqlite:") || url.contains("mode=") {
+        return url.to_string();
+    }
+    format!("{url}{}mode=rwc", if url.contains('?') { '&' } else { '?' })
 }
 
 /// The webhook signing secret: from the environment (several servers must share it), else kept in the
@@ -519,6 +528,18 @@ mod tests {
 
     fn ignored(args: &[&str]) -> Vec<&'static str> {
         ignored_flags(&Cli::parse_from([&["serve"], args].concat()).serve)
+    }
+
+    #[tokio::test]
+    async fn a_sqlite_database_url_creates_its_file() {
+        assert_eq!(creating_sqlite("sqlite:///x/a.db"), "sqlite:///x/a.db?mode=rwc");
+        assert_eq!(creating_sqlite("sqlite:///x/a.db?mode=ro"), "sqlite:///x/a.db?mode=ro");
+        assert_eq!(creating_sqlite("postgres://h/db"), "postgres://h/db");
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("new.db").display());
+        let store = open_store(dir.path(), Some(&url), StoreOptions::default()).await.unwrap();
+        drop(store);
+        assert!(dir.path().join("new.db").exists());
     }
 
     #[test]

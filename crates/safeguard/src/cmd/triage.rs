@@ -318,11 +318,16 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         // What `bench triage` measures as "tc+davidson 3-way aux" with the defaults of the aux flags.
         options = options.with_auxiliary_sources(args.datasets.len(), args.aux.aux_adaptation.into());
     }
+    // Found before the n-gram training: a missing encoder package or a mistyped --encoder would otherwise fail
+    // after it, with nothing saved.
+    let encoder = match args.head.embedding_head {
+        true => Some(shared_encoder(args.head.encoder.as_deref(), args.head.head_max_seq)?),
+        false => None,
+    };
     let started = Instant::now();
     let primaries = args.datasets.len();
     let mut model = fit(&examples, provenance, &options)?;
-    if args.head.embedding_head {
-        let encoder = shared_encoder(args.head.encoder.as_deref(), args.head.head_max_seq)?;
+    if let Some(encoder) = encoder {
         eprintln!(
             "embedding {} items with the encoder at {} for the embedding head",
             examples.len(),
