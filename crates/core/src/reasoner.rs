@@ -189,7 +189,8 @@ pub trait Reasoner: Send + Sync {
 
     async fn reason(&self, req: ReasonRequest) -> Result<ReasonOutput, ReasonError>;
 
-    /// Like [`reason`](Self::reason), sending reasoning and answer text to `deltas` as it is decoded. The
+    /// Like [`reason`](Self::reason), sending reasoning to `deltas` as it is decoded and the answer once it is
+    /// accepted (see [`ReasonDelta::Final`]). The
     /// returned output is the whole result, as `reason` would return it. Backends that cannot stream send it
     /// as one reasoning delta and one answer delta once they have it; this is that fallback.
     async fn reason_streaming(&self, req: ReasonRequest, deltas: DeltaSender) -> Result<ReasonOutput, ReasonError> {
@@ -266,10 +267,11 @@ pub fn answer_confidence<'a>(tokens: impl IntoIterator<Item = (&'a str, f64)>) -
     Some(if log_prob.is_nan() { 0.0 } else { (log_prob.exp() as f32).clamp(0.0, 1.0) })
 }
 
-/// The byte spans of an answer that carry its verdict. In a JSON answer, the value of every `violation` key (its
+/// The byte spans of an answer that carry its verdict. In a JSON answer, the value of every `"violation"` key (its
 /// rationale is prose and decides nothing). In a plain one, read from its head (its first [`HEAD_WORDS`] words,
-/// fence lines skipped): the first word and every answer word ([`DECIDING_WORDS`]); a head without an answer word
-/// ("Label: SPAM", a policy's own labels) counts whole, the cautious reading.
+/// fence markers and a fence's language tag left out): every word up to the first answer word
+/// ([`DECIDING_WORDS`]: "Label: HAM (no violation)" counts HAM) and every answer word after it; a head without an
+/// answer word ("Label: SPAM", a policy's own labels) counts whole, the cautious reading.
 fn deciding_spans(text: &str) -> Vec<std::ops::Range<usize>> {
     let values = violation_values(text);
     if !values.is_empty() {
@@ -278,10 +280,13 @@ fn deciding_spans(text: &str) -> Vec<std::ops::Range<usize>> {
     let mut words: Vec<std::ops::Range<usize>> = Vec::new();
     let mut line_start = 0;
     for line in text.split_inclusive('\n') {
-        let fence = line.trim_start().starts_with("```") || line.trim_start().starts_with("~~~");
-        if !fence {
-            words.extend(word_ranges(line).map(|range| line_start + range.start..line_start + range.end));
+        let mut line_words: Vec<std::ops::Range<usize>> = word_ranges(line).collect();
+        // "```text" opens a fence whose first word is its language; "```INVALID```" holds the answer itself.
+        let opened = line.trim_start().strip_prefix("```").or_else(|| line.trim_start().strip_prefix("~~~"));
+        if opened.is_some_and(|rest| rest.starts_with(|c: char| c.is_lowercase())) && !line_words.is_empty() {
+            line_words.remove(0);
         }
+        words.extend(line_words.into_iter().map(|range| line_start + range.start..line_start + range.end));
         line_start += line.len();
         if words.len() >= HEAD_WORDS {
             break;
@@ -292,13 +297,13 @@ fn deciding_spans(text: &str) -> Vec<std::ops::Range<usize>> {
         let word = text[range.clone()].to_lowercase();
         word == "0" || word == "1" || DECIDING_WORDS.contains(&word.as_str())
     };
-    if !words.iter().any(deciding) {
+    let Some(first_answer) = words.iter().position(deciding) else {
         return words;
-    }
+    };
     words
         .into_iter()
         .enumerate()
-        .filter(|(index, range)| *index == 0 || deciding(range))
+        .filter(|(index, range)| *index <= first_answer || deciding(range))
         .map(|(_, range)| range)
         .collect()
 }
@@ -323,16 +328,14 @@ fn word_ranges(text: &str) -> impl Iterator<Item = std::ops::Range<usize>> + '_ 
     })
 }
 
-/// The values of every `violation` key: after `violation`, an optional closing quote, and a `:` or `=` with the
-/// spaces around it, up to the next `,`, `}` or line break. ASCII lowercasing keeps byte offsets.
+/// The values of every quoted `"violation"` key of a JSON answer, from after its `:` up to the next `,`, `}` or
+/// line break. Prose that says "No violation: …" is no key. ASCII lowercasing keeps byte offsets.
 fn violation_values(text: &str) -> Vec<std::ops::Range<usize>> {
     let lower = text.to_ascii_lowercase();
     lower
-        .match_indices("violation")
+        .match_indices("\"violation\"")
         .filter_map(|(at, key)| {
-            let after = &lower[at + key.len()..];
-            let after = after.strip_prefix('"').unwrap_or(after).trim_start();
-            let value = after.strip_prefix([':', '='])?.trim_start();
+            let value = lower[at + key.len()..].trim_start().strip_prefix(':')?.trim_start();
             let start = text.len() - value.len();
             let end = value.find([',', '}', '\n']).map_or(text.len(), |len| start + len);
             Some(start..end)
@@ -397,6 +400,15 @@ mod confidence_tests {
         assert_eq!(answer_confidence([("**", 0.0)]), Some(0.0), "an answer of punctuation decides nothing");
         // A policy's own label, not an answer word: the head counts whole.
         let confidence = answer_confidence([("Label", 0.0), (":", 0.0), (" SP", 0.4f64.ln()), ("AM", 0.0)]);
+        assert!((confidence.unwrap() - 0.4).abs() < 1e-6);
+        // A label beside another word the policy chose.
+        let confidence = answer_confidence([("Label", 0.0), (": HAM", 0.45f64.ln()), (" (no violation)", 0.0)]);
+        assert!((confidence.unwrap() - 0.45).abs() < 1e-6);
+        // A label inside a fence on one line.
+        let confidence = answer_confidence([("```", 0.0), ("INVALID", 0.3f64.ln()), ("```", 0.0)]);
+        assert!((confidence.unwrap() - 0.3).abs() < 1e-6);
+        // Prose that says "No violation:" is no key: the label before it decides.
+        let confidence = answer_confidence([("VALID", 0.4f64.ln()), ("\nNo violation: the user asks", 0.0)]);
         assert!((confidence.unwrap() - 0.4).abs() < 1e-6);
         // A label on the line after a fence or a heading.
         let confidence = answer_confidence([("```", 0.0), ("text", 0.0), ("\n", 0.0), ("INVALID", 0.35f64.ln())]);

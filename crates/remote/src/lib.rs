@@ -7,8 +7,8 @@
 //! (401/403/404: a wrong key, a model it does not serve).
 //! Whatever still fails comes back as a [`ReasonError`], which the classifier turns into `needs_review`.
 //!
-//! [`Reasoner::reason_streaming`] asks the server to stream and forwards reasoning and answer text as it
-//! arrives. A failed stream is retried like any attempt until its first delta has gone out; after that a
+//! [`Reasoner::reason_streaming`] asks the server to stream and forwards reasoning as it arrives, and the
+//! answer once the whole response is parsed. A failed stream is retried like any attempt until its first delta has gone out; after that a
 //! retry would hand the reader a second beginning, so the failure is returned instead.
 
 mod breaker;

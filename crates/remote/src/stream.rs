@@ -1,7 +1,7 @@
 //! Streamed responses: Server-Sent Events from Chat Completions servers and NDJSON from Ollama's native API,
-//! read as the bytes arrive into reasoning and answer deltas. At the end the pieces are put back together into
-//! the body a non-streamed request would have returned and read by the same parser, so a streamed request
-//! and a plain one give the same output for the same completion.
+//! read as the bytes arrive into reasoning deltas. At the end the pieces are put back together into the body a
+//! non-streamed request would have returned and read by the same parser, so a streamed request and a plain one
+//! give the same output for the same completion; the answer that parse accepts is the one answer delta.
 
 use safeguard_core::{ReasonDelta, ReasonOutput};
 use serde_json::{Value, json};
@@ -323,7 +323,7 @@ enum RouterMode {
     /// Nothing but whitespace (or a lone `<`) yet: plain answer or raw harmony?
     #[default]
     Undecided,
-    /// A parsed answer: forwarded as is.
+    /// A parsed answer: told whole at the end, from the parsed output.
     Plain,
     /// Raw harmony between messages: reading a header up to `<|message|>`.
     Header,

@@ -377,30 +377,49 @@ pub(crate) fn normalize_action(action: &str) -> String {
 const TAKEDOWN_STEMS: [&str; 11] =
     ["block", "remov", "reject", "delet", "hid", "deny", "deni", "suspend", "takedown", "quarantin", "censor"];
 
-/// `"action"`s that leave content up as it is.
-const LEAVE_UP: [&str; 11] =
-    ["allow", "none", "approve", "no action", "keep", "ignore", "accept", "pass", "publish", "nothing", "leave"];
+/// `"action"`s (or clauses of one) that leave content up as it is: "allow", "keep up", "no action needed".
+const LEAVE_UP: [&str; 14] = [
+    "allow",
+    "none",
+    "approve",
+    "no action",
+    "no action needed",
+    "keep",
+    "keep up",
+    "ignore",
+    "accept",
+    "pass",
+    "publish",
+    "nothing",
+    "leave",
+    "leave up",
+];
 
-/// How an `"action"` would treat the content: `Some(true)` when it takes it down ([`TAKEDOWN_STEMS`], not negated:
-/// "do not remove" takes nothing down), `Some(false)` when it leaves it up ([`LEAVE_UP`], the whole action), `None`
-/// otherwise ("warn", "escalate", "label").
+/// How an `"action"` would treat the content: `Some(true)` when a clause of it takes it down
+/// ([`TAKEDOWN_STEMS`], not negated: "do not remove or block", "removal not needed" take nothing down),
+/// `Some(false)` when a clause leaves it up ([`LEAVE_UP`]: "allow (no action)") and none takes it down, `None`
+/// otherwise ("warn", "escalate", "label"). Clauses end at punctuation, so "Remove (no appeal)" removes.
 pub(crate) fn action_takes_down(action: &str) -> Option<bool> {
-    let words = words_of(action);
-    if LEAVE_UP.contains(&words.join(" ").as_str()) {
-        return Some(false);
-    }
-    // A negation up to three words before ("do not remove or block", "not to be removed") or two after ("removal
-    // not needed") takes a takedown word back.
-    const UNNEEDED: [&str; 3] = ["unnecessary", "unneeded", "unwarranted"];
-    let negation = |word: &String| CITATION_NEGATIONS.contains(&word.as_str()) || UNNEEDED.contains(&word.as_str());
-    let takes_down = words.iter().enumerate().any(|(at, word)| {
-        let negated =
-            words[at.saturating_sub(3)..at].iter().any(negation) || words.iter().skip(at + 1).take(2).any(negation);
-        let takedown = matches!(word.as_str(), "ban" | "bans" | "banned" | "banning")
-            || TAKEDOWN_STEMS.iter().any(|stem| word.starts_with(stem));
-        takedown && !negated
+    // A negation up to three words before the takedown word in its clause, or "not"/"unnecessary" right after it.
+    const AFTER: [&str; 5] = ["not", "unnecessary", "unneeded", "unwarranted", "needless"];
+    let clauses: Vec<Vec<String>> = action
+        .split([',', ';', ':', '(', ')', '.', '\u{2014}', '\u{2013}'])
+        .flat_map(|c| c.split(" - "))
+        .map(words_of)
+        .collect();
+    let takes_down = clauses.iter().any(|words| {
+        words.iter().enumerate().any(|(at, word)| {
+            let negated = words[at.saturating_sub(3)..at].iter().any(|w| CITATION_NEGATIONS.contains(&w.as_str()))
+                || words.iter().skip(at + 1).take(2).any(|w| AFTER.contains(&w.as_str()));
+            let takedown = matches!(word.as_str(), "ban" | "bans" | "banned" | "banning")
+                || TAKEDOWN_STEMS.iter().any(|stem| word.starts_with(stem));
+            takedown && !negated
+        })
     });
-    takes_down.then_some(true)
+    if takes_down {
+        return Some(true);
+    }
+    clauses.iter().any(|words| LEAVE_UP.contains(&words.join(" ").as_str())).then_some(false)
 }
 
 /// Word parts that ask for a person in an `"action"`. The policies say "escalate … for human review", so a model

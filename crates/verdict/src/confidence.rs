@@ -43,8 +43,20 @@ const SURE_WORDS: [&str; 24] = [
 
 /// Words that say the model is unsure, whatever else is written beside them, in the level or in what explains it
 /// ("high, though unsure about sarcasm").
-const UNSURE_WORDS: [&str; 9] =
-    ["unsure", "uncertain", "uncertainty", "unclear", "doubtful", "guess", "unknown", "ambiguous", "borderline"];
+const UNSURE_WORDS: [&str; 12] = [
+    "unsure",
+    "uncertain",
+    "uncertainty",
+    "unclear",
+    "doubtful",
+    "guess",
+    "unknown",
+    "ambiguous",
+    "borderline",
+    "might",
+    "possibly",
+    "perhaps",
+];
 
 /// Words that make the level itself unsure ("not high", "none"); in an explanation they describe the content
 /// ("high - the insult is not subtle").
@@ -69,9 +81,13 @@ pub(crate) fn is_sure(confidence: &str) -> bool {
     let words: Vec<&str> = level.split(|c: char| !c.is_alphabetic()).filter(|word| !word.is_empty()).collect();
     // "no uncertainty", "not borderline": an unsure word taken back says the model was sure.
     let all_words: Vec<&str> = lower.split(|c: char| !c.is_alphabetic()).filter(|word| !word.is_empty()).collect();
+    let taken_back =
+        |at: usize| all_words[at.saturating_sub(2)..at].iter().any(|w| ["no", "not", "without"].contains(w));
     let unsure_anywhere = all_words.iter().enumerate().any(|(at, word)| {
-        UNSURE_WORDS.contains(word)
-            && !all_words[at.saturating_sub(2)..at].iter().any(|before| ["no", "not", "without"].contains(before))
+        (UNSURE_WORDS.contains(word) && !taken_back(at))
+            // "High - not sure about sarcasm": a sure word taken back is an unsure one.
+            || (["sure", "certain", "confident", "clear"].contains(word)
+                && at.checked_sub(1).is_some_and(|before| ["no", "not"].contains(&all_words[before])))
     });
     if words.iter().any(|word| UNSURE_LEVEL_WORDS.contains(word)) || unsure_anywhere {
         return false;
@@ -114,6 +130,7 @@ mod tests {
             "High - the insult is not subtle",
             "High - no uncertainty",
             "high (not borderline)",
+            "High - no doubt, clear",
         ] {
             assert!(is_sure(sure), "{sure}");
         }
@@ -140,6 +157,9 @@ mod tests {
             "none",
             "high, though unsure about sarcasm",
             "High (the context is unclear)",
+            "High - not sure about sarcasm",
+            "high (not certain)",
+            "high, though it might be sarcasm",
         ] {
             assert!(!is_sure(unsure), "{unsure}");
         }

@@ -292,14 +292,16 @@ fn cite_rules_in_prose(policy: &Policy, verdict: &mut Verdict) -> Vec<String> {
         .filter(|prefix| !prefix.is_empty())
         .collect();
     let ours = |id: &str| prefixes.contains(&&id[..id.find(|c: char| c.is_ascii_digit()).unwrap_or(id.len())]);
-    // An id the category rules out ("SX3 (not SX1)" rules out SX1, and, reading loosely, SX3 too) is still named:
-    // it is checked as prose is, for existence and escalation, so a tier that escalates is never dropped by a
-    // negation beside it.
+    // The id a category opens with is what it names ("HT2 (not HT3)", "SX3 - minors (no images)"), whatever
+    // follows. A later id the category rules out ("SX3 (not SX1)") is still named: it is checked as prose is, for
+    // existence and escalation, never dropped.
     let mut prose: Vec<String> = Vec::new();
     if let Some(category) = verdict.category.clone().filter(|category| !safeguard_policy::is_rule_id(category)) {
+        let opening =
+            category.len() - category.trim_start_matches(|c: char| c.is_whitespace() || "*`\"'([".contains(c)).len();
         for (at, id) in safeguard_policy::find_rule_ids(&category).into_iter().filter(|&(_, id)| ours(id)) {
             let id = id.to_string();
-            if !answer::citation_negated(&category, at, at + id.len()) {
+            if at == opening || !answer::citation_negated(&category, at, at + id.len()) {
                 if !verdict.rule_ids.contains(&id) {
                     verdict.rule_ids.push(id);
                 }

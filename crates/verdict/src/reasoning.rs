@@ -33,7 +33,7 @@ const HARM_NOUNS: &str = r"violation|violating|violative|spam|phishing|a scam|ha
 static VIOLATION_PHRASES: LazyLock<Vec<Regex>> = LazyLock::new(|| {
     [
         format!(
-            r"(?i)\b(?:it|this|that|the (?:content|message|text|post|request|prompt|input))(?:'s|\s+is|\s+would be|\s+counts as|\s+constitutes|\s+seems to be|\s+looks like)\s+(?:a\s+|an\s+)?(?:clear\s+|clearly\s+|definitely\s+|policy\s+)?(?:{HARM_NOUNS})\b"
+            r"(?i)\b(?:it|this|that|(?:the|this|that) (?:content|message|text|post|request|prompt|input))(?:'s|\s+is|\s+would be|\s+counts as|\s+constitutes|\s+seems to be|\s+looks like)\s+(?:a\s+|an\s+)?(?:clear\s+|clearly\s+|definitely\s+|policy\s+)?(?:{HARM_NOUNS})\b"
         ),
         r"(?i)\b(?:it|this|that|content|message|text|post|request|prompt|input)\s+(?:clearly\s+|directly\s+|also\s+)?violates\b".to_string(),
         r"(?i)\bso\s+(?:it's\s+|it\s+is\s+)?(?:a\s+)?violation\b".to_string(),
@@ -114,10 +114,11 @@ const HEDGES: [&str; 24] = [
     "wonder",
 ];
 
-/// Whether one of the three words before `start`, within its clause (a comma, colon or dash ends one: "It's not
-/// a joke, it's harassment"), takes the phrase back ([`NEGATED_BY`]).
+/// Whether one of the three words before `start`, within its clause (a comma, colon or dash ends one: "Can't
+/// tell - not spam"), takes the phrase back ([`NEGATED_BY`]).
 fn negated_before(text: &str, start: usize) -> bool {
     let head = &text[sentence_start(&text[..start])..start];
+    let head = head.rsplit(" - ").next().unwrap_or(head);
     let clause = head.rsplit([',', ';', ':', '\u{2014}', '\u{2013}']).next().unwrap_or(head);
     clause.split_whitespace().rev().take(3).any(|word| NEGATED_BY.contains(&bare_lowercase(word).as_str()))
 }
@@ -293,19 +294,30 @@ pub fn reasoning_conclusion(analysis: &str, output: &OutputFormat) -> Option<Con
             // matter the intent" is none.
             let negated_after = |end: usize| {
                 let rest = text[end..].trim_start().to_ascii_lowercase();
-                let idiom = ["no matter", "no doubt", "no question"].iter().any(|idiom| rest.starts_with(idiom));
-                !idiom && ["nothing", "no ", "none", "neither", "no rule"].iter().any(|word| rest.starts_with(word))
+                let mut words = rest.split(|c: char| !c.is_alphanumeric() && c != '\'').filter(|w| !w.is_empty());
+                match (words.next(), words.next()) {
+                    (Some("nothing" | "none" | "neither"), _) => true,
+                    (Some("no"), Some(next)) => !NOT_NEGATING_AFTER_NO.contains(&next),
+                    _ => false,
+                }
             };
             found.extend(
                 regex
                     .find_iter(text)
-                    .filter(|m| if violation { !negated_after(m.end()) } else { !negated_before(text, m.start()) })
+                    .filter(|m| {
+                        if violation {
+                            let modifies_a_noun = index == 0 && names_a_kind(text, m.end());
+                            !negated_after(m.end()) && !modifies_a_noun
+                        } else {
+                            !negated_before(text, m.start())
+                        }
+                    })
                     .map(|m| Match {
                         start: m.start(),
                         end: m.end(),
                         violation,
                         explicit: false,
-                        about_content: index < ABOUT_CONTENT,
+                        about_content: violation && ABOUT_CONTENT.contains(&index),
                     }),
             );
         }
@@ -353,9 +365,50 @@ pub fn reasoning_conclusion(analysis: &str, output: &OutputFormat) -> Option<Con
     Some(Conclusion { violation: chosen.violation, phrase, contested_by })
 }
 
-/// How many of [`VIOLATION_PHRASES`] and [`SAFE_PHRASES`], from the first, describe this content ("it's spam",
-/// "this violates") rather than anything ("phishing is a violation" restates the policy).
-const ABOUT_CONTENT: usize = 2;
+/// Which of [`VIOLATION_PHRASES`] describe this content ("it's spam", "this violates", "we flag it as spam")
+/// rather than anything ("phishing is a violation" restates the policy).
+const ABOUT_CONTENT: [usize; 3] = [0, 1, 4];
+
+/// Words after "no" that do not negate what came before: "spam no matter the intent", "a scam no one should fall
+/// for".
+const NOT_NEGATING_AFTER_NO: [&str; 6] = ["matter", "doubt", "question", "one", "less", "longer"];
+
+/// Nouns a harm word can modify, so that "a phishing warning" or "a spam complaint" is about harm, not harm itself.
+const MODIFIED_NOUNS: [&str; 26] = [
+    "warning",
+    "warnings",
+    "complaint",
+    "complaints",
+    "report",
+    "reports",
+    "awareness",
+    "filter",
+    "filters",
+    "question",
+    "questions",
+    "detection",
+    "training",
+    "simulation",
+    "test",
+    "example",
+    "examples",
+    "prevention",
+    "education",
+    "notice",
+    "alert",
+    "discussion",
+    "research",
+    "victim",
+    "victims",
+    "policy",
+];
+
+/// Whether the harm word ending at `end` modifies the noun after it ("a phishing warning from the bank").
+fn names_a_kind(text: &str, end: usize) -> bool {
+    let rest = text[end..].strip_prefix('-').unwrap_or(&text[end..]);
+    let next = rest.trim_start().split(|c: char| !c.is_alphanumeric()).next().unwrap_or("");
+    !rest.starts_with(['.', ',', ';', ':', '!', '?']) && MODIFIED_NOUNS.contains(&next.to_lowercase().as_str())
+}
 
 /// A description of this content as violating, in the sentence before the one (starting at `last_start`) that
 /// concludes it is safe: "It's phishing. Not spam per se." leaves the reasoning on both sides. A last sentence
@@ -363,7 +416,21 @@ const ABOUT_CONTENT: usize = 2;
 /// think this is spam") or asks ("Is this spam?") contests nothing.
 fn contested_before<'a>(text: &str, last_start: usize, found: &'a [Match]) -> Option<&'a Match> {
     // Words that turn from a first impression ("On closer inspection, …"); a concession ("Still, …") does not.
-    const TURNS: [&str; 8] = ["but", "however", "actually", "on", "upon", "looking", "rereading", "re-reading"];
+    const TURNS: [&str; 13] = [
+        "but",
+        "however",
+        "actually",
+        "on",
+        "upon",
+        "looking",
+        "rereading",
+        "re-reading",
+        "no",
+        "nope",
+        "wait",
+        "instead",
+        "rather",
+    ];
     let first_word = text[last_start..].split_whitespace().next().map(bare_lowercase).unwrap_or_default();
     if TURNS.contains(&first_word.as_str()) || last_start == 0 {
         return None;
@@ -373,17 +440,23 @@ fn contested_before<'a>(text: &str, last_start: usize, found: &'a [Match]) -> Op
     let last_char_at = before.char_indices().next_back().map_or(0, |(at, _)| at);
     let previous_start = sentence_start(&before[..last_char_at]);
     let (previous, previous_end) = (&before[previous_start..], before.len());
-    let weighs = previous.trim_end().ends_with('?')
-        || previous.split_whitespace().any(|word| HEDGES.contains(&bare_lowercase(word).as_str()));
-    if weighs {
+    if previous.trim_end().ends_with('?') {
         return None;
     }
-    // Only descriptions: a stated answer there ("We shouldn't answer 1.") was weighed, not concluded.
+    // Only descriptions: a stated answer there ("We shouldn't answer 1.") was weighed, not concluded. A hedge
+    // counts before the description in its clause ("someone might think this is spam", "I first thought it's
+    // spam"), or as "at first" anywhere in the sentence; one after it ("It's phishing and may steal passwords")
+    // says more about the harm.
     found.iter().find(|other| {
+        let clause_head = &text[previous_start..other.start.max(previous_start)];
+        let clause_head = clause_head.rsplit([',', ';', ':']).next().unwrap_or(clause_head);
+        let weighed = clause_head.split_whitespace().any(|word| HEDGES.contains(&bare_lowercase(word).as_str()))
+            || previous.to_lowercase().contains("at first");
         other.violation
             && other.about_content
             && !other.explicit
             && other.start >= previous_start
             && other.end <= previous_end
+            && !weighed
     })
 }

@@ -303,10 +303,23 @@ fn contested_reasoning_never_backs_an_allow() {
     assert_eq!(judge(&policy, Some("It's phishing. Not spam per se."), Some("0"), false).outcome, Outcome::NeedsReview);
     assert!(contest("It's clearly spam, so violation: 0.").is_some_and(|(_, by)| by.is_some()));
     assert!(contest("It's phishing. Still, it's not spam.").is_some_and(|(_, by)| by.is_some()));
+    for both_sides in [
+        "It is a scam no one should fall for. Not phishing though.",
+        "It's phishing: it asks for a bank login that could be stolen. Not spam per se.",
+        "It's phishing and may steal passwords. Not spam.",
+        "This message is phishing. It is not spam.",
+        "We should label it as spam. It is not phishing.",
+    ] {
+        assert!(contest(both_sides).is_some_and(|(_, by)| by.is_some()), "{both_sides}");
+    }
+    assert_eq!(contest("It's not phishing, but it is spam nonetheless.").map(|(v, _)| v), Some(true));
     for settled in [
         "I first thought it's spam. On closer inspection it's not spam.",
         "The user complains that this post violates their privacy. The content is not a violation of the policy.",
         "We shouldn't answer 1. It's not spam.",
+        "The message is a phishing warning from the bank security team. It is not phishing.",
+        "This is a spam complaint. It is not spam.",
+        "It looks like spam. No, it's not spam; the user subscribed.",
         "It looks like spam at first. But it's not spam.",
         "Someone might think this is spam. It is not spam.",
         "The policy says phishing is a violation. This is not phishing.",
@@ -1080,6 +1093,8 @@ fn citations_and_actions_are_read_wherever_they_are_written() {
     assert_eq!(allowed.outcome, Outcome::Allow, "{allowed:?}");
     for text in [
         safe(r#""Dehumanization (HT2)""#, r#""rule_ids": []"#, "allow"),
+        safe(r#""HT2 (not HT3)""#, r#""rule_ids": []"#, "allow"),
+        safe(r#""HT2 - dehumanizing language (no slurs)""#, r#""rule_ids": []"#, "allow"),
         safe("null", r#""rule_ids": [], "rules": ["HT2.a"]"#, "allow"),
         safe("null", r#""rule_ids": []"#, "remove content"),
         safe("null", r#""rule_ids": []"#, "Block."),
