@@ -51,9 +51,11 @@ pub(crate) fn split(text: &str) -> Result<Split<'_>, PolicyError> {
     Err(PolicyError::UnclosedFrontMatter { line: 1 })
 }
 
-static BINARY_HINT: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?i)\b0 or 1\b|\b1 or 0\b|exactly one character|\(0\s*/\s*1\)|\b0/1\b").expect("static regex")
-});
+/// How a policy words a 0/1 answer ("0 or 1", "(0/1)"), as both format inference and lint read it.
+pub(crate) const BINARY_WORDING: &str = r"(?i)\b0 or 1\b|\b1 or 0\b|\(0\s*/\s*1\)|\b0/1\b";
+
+static BINARY_HINT: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(&format!("{BINARY_WORDING}|exactly one character")).expect("static regex"));
 static JSON_HINT: LazyLock<Regex> = LazyLock::new(|| Regex::new(r#""violation"\s*:"#).expect("static regex"));
 static INVALID_WORD: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"\bINVALID\b").expect("static regex"));
 static VALID_WORD: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(^|[^A-Z])VALID\b").expect("static regex"));

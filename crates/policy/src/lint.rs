@@ -221,8 +221,10 @@ static HEDGE: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"(?i)\b(generally|usually|may|might|often|typically)\b").expect("static regex"));
 static ANSWER_VERB: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"(?i)\b(return|respond|answer|output|reply)\b").expect("static regex"));
+/// Inference needs "exactly one character" to call a policy binary; a policy already declared binary states its
+/// format with any "one character".
 static BINARY_FORMAT: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?i)\b0 or 1\b|\b1 or 0\b|one character|\(0\s*/\s*1\)|\b0/1\b").expect("static regex")
+    Regex::new(&format!("{}|one character", crate::front_matter::BINARY_WORDING)).expect("static regex")
 });
 static JSON_FORMAT: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r#"(?i)\bjson\b|"violation""#).expect("static regex"));

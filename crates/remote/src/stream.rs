@@ -327,14 +327,11 @@ enum RouterMode {
     Plain,
     /// Raw harmony between messages: reading a header up to `<|message|>`.
     Header,
-    /// Raw harmony inside a message of this channel; `None` for channels that are neither (commentary).
-    Message(Option<Channel>),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Channel {
-    Analysis,
-    Final,
+    /// Raw harmony inside a message; `reasoning` when its channel is `analysis`. Final text is never streamed
+    /// as it arrives: a final message may yet be followed by more of the turn, a second final or a tool call, any
+    /// of which makes it no answer. The answer the parser accepts is told whole at the end, as the embedded
+    /// engine does. Other channels (commentary) are no one's to read.
+    Message { reasoning: bool },
 }
 
 impl ContentRouter {
@@ -365,22 +362,18 @@ impl ContentRouter {
                     let channel = header.rfind(CHANNEL).and_then(|c| {
                         header[c + CHANNEL.len()..].split(|ch: char| ch.is_whitespace() || ch == '<').next()
                     });
-                    self.mode = RouterMode::Message(match channel {
-                        Some("analysis") => Some(Channel::Analysis),
-                        Some("final") => Some(Channel::Final),
-                        _ => None,
-                    });
+                    self.mode = RouterMode::Message { reasoning: channel == Some("analysis") };
                     self.held.drain(..at + MESSAGE.len());
                 }
-                RouterMode::Message(channel) => {
+                RouterMode::Message { reasoning } => {
                     let end = MESSAGE_ENDS.iter().filter_map(|m| self.held.find(m).map(|at| (at, m.len()))).min();
                     let Some((at, marker_len)) = end else {
                         let ready = self.held.len() - partial_marker_len(&self.held);
-                        emit(channel, &self.held[..ready], deltas);
+                        emit(reasoning, &self.held[..ready], deltas);
                         self.held.drain(..ready);
                         return;
                     };
-                    emit(channel, &self.held[..at], deltas);
+                    emit(reasoning, &self.held[..at], deltas);
                     self.held.drain(..at + marker_len);
                     self.mode = RouterMode::Header;
                 }
@@ -390,22 +383,15 @@ impl ContentRouter {
 
     fn finish(&mut self, deltas: &mut Vec<ReasonDelta>) {
         let held = std::mem::take(&mut self.held);
-        if let RouterMode::Message(channel) = self.mode {
-            emit(channel, &held, deltas);
+        if let RouterMode::Message { reasoning } = self.mode {
+            emit(reasoning, &held, deltas);
         }
     }
 }
 
-fn emit(channel: Option<Channel>, text: &str, deltas: &mut Vec<ReasonDelta>) {
-    if text.is_empty() {
-        return;
-    }
-    match channel {
-        Some(Channel::Analysis) => deltas.push(ReasonDelta::Reasoning(text.to_string())),
-        // Final text is never streamed as it arrives: a final message may yet be followed by more of the turn,
-        // a second final or a tool call, any of which makes it no answer. The answer the parser accepts is told
-        // whole at the end, as the embedded engine does.
-        Some(Channel::Final) | None => {}
+fn emit(reasoning: bool, text: &str, deltas: &mut Vec<ReasonDelta>) {
+    if reasoning && !text.is_empty() {
+        deltas.push(ReasonDelta::Reasoning(text.to_string()));
     }
 }
 

@@ -389,7 +389,7 @@ fn count_item_lines(mut reader: impl BufRead) -> std::io::Result<u64> {
 
 /// Results written over the input would destroy it: truncated before the first line is read, or replaced by
 /// the final rename.
-fn refuse_output_over_input(input: &Path, output: &Path) -> anyhow::Result<()> {
+pub(super) fn refuse_output_over_input(input: &Path, output: &Path) -> anyhow::Result<()> {
     let (Ok(input), Ok(output)) = (std::fs::canonicalize(input), std::fs::canonicalize(output)) else {
         // An output that does not exist yet is not the input; an input that does not exist fails when opened.
         return Ok(());
@@ -400,7 +400,7 @@ fn refuse_output_over_input(input: &Path, output: &Path) -> anyhow::Result<()> {
     }
     if input == output || same_inode(&input, &output) {
         anyhow::bail!(
-            "--output {} is the input file {}; write the results to another file",
+            "the output {} is the input file {}; write the results to another file",
             output.display(),
             input.display()
         );

@@ -516,23 +516,13 @@ fn write_predictions(writer: &mut impl Write, records: &[PredictionRecord]) -> a
     Ok(())
 }
 
-/// An output path that is one of the run's inputs would be overwritten with the run's results.
+/// An output path that is one of the run's inputs (the dataset, the cache, saved predictions, a policy) would be
+/// overwritten with the run's results.
 fn refuse_input_path(output: &Path, args: &Args) -> anyhow::Result<()> {
-    let Ok(output_real) = std::fs::canonicalize(output) else { return Ok(()) };
     let inputs = [Some(Path::new(&args.dataset)), args.cache.as_deref(), args.predictions.as_deref()];
-    for input in inputs.into_iter().flatten() {
-        if std::fs::canonicalize(input).is_ok_and(|input| input == output_real) {
-            bail!(
-                "{} is also an input of this run ({}); write the results elsewhere",
-                output.display(),
-                input.display()
-            );
-        }
-    }
-    for policy in &args.policy {
-        if std::fs::canonicalize(policy).is_ok_and(|policy| policy == output_real) {
-            bail!("{} is also a --policy of this run; write the results elsewhere", output.display());
-        }
+    let policies = args.policy.iter().map(Path::new);
+    for input in inputs.into_iter().flatten().chain(policies) {
+        super::classify::refuse_output_over_input(input, output)?;
     }
     Ok(())
 }
