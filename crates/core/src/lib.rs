@@ -18,7 +18,7 @@ pub mod reasoner;
 pub use classifier::{Classifier, ClassifyOptions, Decision, Mode, PromptObserver, PromptTrace};
 pub use embedded::{EmbeddedConfig, EmbeddedReasoner, TokenBudgets};
 pub use input::{InputLimits, InputLine, Item, ItemError, ItemReader};
-pub use labels::policy_label;
+pub use labels::{policy_label, reserve_policy_label};
 pub use reasoner::{
     DeltaSender, EndpointHealth, ReasonDelta, ReasonError, ReasonOutput, ReasonRequest, Reasoner, Timings,
     USE_EFFORT_BUDGET, Usage, answer_confidence,

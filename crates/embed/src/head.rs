@@ -254,9 +254,18 @@ pub fn stratified_folds(labels: &[bool], folds: usize, seed: u64) -> Vec<usize> 
     fold_of
 }
 
-/// The form in which two texts count as copies of one another: trimmed and lowercased.
+/// The form in which two texts count as copies of one another: lowercased, with each run of whitespace one space
+/// and none at the ends, as the n-gram featurizer reads them: "Buy  pills\r\nnow" and "buy pills now" give one
+/// model the same features, and in two folds one would score the other as if unseen.
 pub fn copy_key(text: &str) -> String {
-    text.trim().to_lowercase()
+    let mut key = String::with_capacity(text.len());
+    for word in text.split_whitespace() {
+        if !key.is_empty() {
+            key.push(' ');
+        }
+        key.push_str(word);
+    }
+    key.to_lowercase()
 }
 
 /// A fold in `0..folds` per text for out-of-fold scores, with copies of a text (equal [`copy_key`]s) one
@@ -581,7 +590,7 @@ mod tests {
     fn copies_of_a_text_share_a_fold_and_fill_it_before_single_texts() {
         let mut texts: Vec<String> = (0..30).map(|i| format!("unique violation {i}")).collect();
         let mut strata = vec![(0, true); 30];
-        for (k, copy) in ["Send  Me Money", "send  me money ", "\tSEND  ME MONEY"].iter().enumerate() {
+        for (k, copy) in ["Send  Me Money", "send me\r\nmoney ", "\tSEND  ME MONEY"].iter().enumerate() {
             texts.push(copy.to_string());
             strata.push((k % 2, k == 0));
         }
@@ -594,7 +603,7 @@ mod tests {
             let fold_of_key = |key: &str| -> Vec<usize> {
                 texts.iter().zip(&fold_of).filter(|(t, _)| copy_key(t) == key).map(|(_, f)| *f).collect()
             };
-            for (key, copies) in [("send  me money", 3), ("the same spam", 10)] {
+            for (key, copies) in [("send me money", 3), ("the same spam", 10)] {
                 let seen = fold_of_key(key);
                 assert!(seen.len() == copies && seen.iter().all(|f| *f == seen[0]), "{key}: {seen:?}");
             }

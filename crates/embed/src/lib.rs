@@ -88,6 +88,14 @@ impl SentenceEncoder {
         self.embed_batch(&[text]).pop().unwrap_or_default()
     }
 
+    /// [`embed`](Self::embed), and whether the text was cut to fit `max_seq` (see
+    /// [`WordPieceTokenizer::encode_noting_cut`]).
+    pub fn embed_noting_cut(&self, text: &str) -> (Vec<f32>, bool) {
+        let (ids, cut) = self.tokenizer.encode_noting_cut(text, self.max_seq);
+        // As in `embed_batch`: ids below the vocabulary size, at most `max_seq` long.
+        (self.model.forward_checked(&[ids]).pop().unwrap_or_default(), cut)
+    }
+
     /// One unit-length embedding per text, in order.
     pub fn embed_batch<S: AsRef<str>>(&self, texts: &[S]) -> Vec<Vec<f32>> {
         let _span = tracing::debug_span!("embed_batch", texts = texts.len()).entered();

@@ -208,16 +208,24 @@ impl WordPieceTokenizer {
 
     /// `[CLS] tokens… [SEP]`, the tokens cut so the whole fits in `max_len` (at least 2).
     pub fn encode(&self, text: &str, max_len: usize) -> Vec<u32> {
+        self.encode_noting_cut(text, max_len).0
+    }
+
+    /// [`encode`](Self::encode), and whether tokens were cut: an encoding of part of a text says nothing about
+    /// the rest, where a harmful request may follow a page of harmless text.
+    pub fn encode_noting_cut(&self, text: &str, max_len: usize) -> (Vec<u32>, bool) {
         // [CLS] and the pieces; [SEP] comes after.
         let keep = max_len.max(2) - 1;
-        let mut ids = Vec::with_capacity((text.len() / 3 + 2).min(keep + 1));
+        let mut ids = Vec::with_capacity((text.len() / 3 + 2).min(keep.saturating_add(2)));
         ids.push(self.cls_id);
         // Pieces are produced in order and never revised once a word is done, so stopping early gives the
-        // prefix the whole text would have; what lies past `max_len` costs nothing.
-        self.tokenize_into(text, &mut ids, keep);
+        // prefix the whole text would have; what lies past `max_len` costs nothing. Tokenizing stops only once
+        // one piece more than fits is there, so fewer means the whole text was read.
+        self.tokenize_into(text, &mut ids, keep.saturating_add(1));
+        let cut = ids.len() > keep;
         ids.truncate(keep);
         ids.push(self.sep_id);
-        ids
+        (ids, cut)
     }
 
     /// Word-piece ids of `text` without the special tokens around them.
@@ -484,5 +492,20 @@ mod tests {
         assert_eq!(t.encode("hello world hello world", 4), vec![2, 5, 6, 3]);
         let long = "a".repeat(101);
         assert_eq!(t.tokenize(&long), vec![1]);
+    }
+
+    /// A text whose pieces all fit is not cut; one piece more is. With specials, and past a chunk edge.
+    #[test]
+    fn an_encoding_says_whether_it_cut_the_text() {
+        let t = tiny();
+        let text = "hello world hello world";
+        assert_eq!(t.encode_noting_cut(text, 6), (vec![2, 5, 6, 5, 6, 3], false));
+        assert_eq!(t.encode_noting_cut(text, 5), (vec![2, 5, 6, 5, 3], true));
+        assert_eq!(t.encode_noting_cut("hello[SEP]", 4), (vec![2, 5, 3, 3], false));
+        assert_eq!(t.encode_noting_cut("hello[SEP]world", 4), (vec![2, 5, 3, 3], true));
+        let long = format!("{}hello", " ".repeat(3 * PLAIN_CHUNK_BYTES));
+        assert_eq!(t.encode_noting_cut(&long, 3), (vec![2, 5, 3], false));
+        assert_eq!(t.encode_noting_cut(&format!("{long} world"), 3), (vec![2, 5, 3], true));
+        assert_eq!(t.encode_noting_cut("", usize::MAX), (vec![2, 3], false));
     }
 }

@@ -123,6 +123,9 @@ pub enum EngineError {
     State(String),
     #[error("the engine worker has stopped")]
     WorkerGone,
+    /// A bug in the engine's own code; the engine cleared its sequences and caches and serves the next call.
+    #[error("the engine failed on this call ({0}) and was reset")]
+    Panicked(String),
 }
 
 /// Engine settings; `Default` suits a CPU box.

@@ -313,10 +313,22 @@ fn worker_main(
             Job::Generate { requests, events } => {
                 let mut callers = vec![(requests, events)];
                 gather_concurrent_calls(jobs, &mut callers, &mut backlog, cfg.max_sequences);
-                worker.serve(callers);
+                let told: Vec<(usize, mpsc::Sender<Event>)> =
+                    callers.iter().map(|(requests, events)| (requests.len(), events.clone())).collect();
+                if let Err(message) = guarded(|| worker.serve(callers)) {
+                    for (count, events) in told {
+                        let failed = (0..count).map(|_| Err(EngineError::Panicked(message.clone()))).collect();
+                        let _ = events.send(Event::Done(failed));
+                    }
+                    worker.reset();
+                }
             }
             Job::Logits { tokens, reply } => {
-                let _ = reply.send(worker.all_logits(&tokens));
+                let logits = guarded(|| worker.all_logits(&tokens)).unwrap_or_else(|message| {
+                    worker.reset();
+                    Err(EngineError::Panicked(message))
+                });
+                let _ = reply.send(logits);
             }
             Job::CacheStats { reply } => {
                 let _ = reply.send(worker.cache.stats());
@@ -325,6 +337,21 @@ fn worker_main(
         }
     }
     // `worker` (and with it the context) drops here, before `model`.
+}
+
+/// Runs one job, turning a panic in the engine's own code into an error for that job's callers. Unguarded, a
+/// panic ended the engine thread, and every later call in a long-running server failed until a restart. A
+/// caller that was already answered ignores the second answer.
+fn guarded<T>(job: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).map_err(|payload| {
+        let message = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".to_string());
+        tracing::error!(%message, "the engine panicked; its sequences and prefix cache are cleared");
+        message
+    })
 }
 
 type Caller = (Vec<GenRequest>, mpsc::Sender<Event>);
@@ -706,6 +733,14 @@ impl Worker<'_> {
         result.map(|()| out)
     }
 
+    /// Back to an empty context after a job failed part way: any sequence may hold tokens of the failed job, and
+    /// a prefix state saved during it may be partial.
+    fn reset(&mut self) {
+        let _ = self.ctx.clear_kv_cache_seq(None, None, None);
+        self.cache.clear();
+        self.batch.clear();
+    }
+
     fn clear_seq(&mut self, seq: i32) {
         let _ = self.ctx.clear_kv_cache_seq(u32::try_from(seq).ok(), None, None);
     }
@@ -720,5 +755,21 @@ fn finish(slot: Slot, stop_reason: StopReason, decode_ms: f64) -> Generation {
         cached_prompt_tokens: slot.cached_prompt_tokens,
         prefill_ms: slot.prefill_ms,
         decode_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::guarded;
+
+    #[test]
+    fn a_panicking_job_becomes_its_message_and_a_returning_one_its_value() {
+        assert_eq!(guarded(|| 7), Ok(7));
+        let index = 3;
+        let slots: Vec<u32> = Vec::new();
+        let message = guarded(|| slots[index]).unwrap_err();
+        assert!(message.contains("index out of bounds"), "{message}");
+        assert_eq!(guarded(|| -> u8 { panic!("fixed text") }), Err("fixed text".to_string()));
+        assert_eq!(guarded(|| std::panic::panic_any(5_u8)), Err::<(), _>("a panic".to_string()));
     }
 }

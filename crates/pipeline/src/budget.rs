@@ -16,6 +16,8 @@ pub struct Deferred {
 
 /// A deferral is asked again within the hour at the latest, however low the configured rate.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// The longest an admission waits, whatever it is told: a year, far past any deployment's patience.
+pub const LONGEST_WAIT: Duration = Duration::from_secs(365 * 86_400);
 
 /// The budgets every reasoning path takes from, the cascade's and the direct ones alike, so that no way into the
 /// model spends past them: prompts per second, and tokens (uncached prompt and completion) per second.
@@ -68,7 +70,7 @@ impl Budgets {
         Self { queue_lane: Some(Arc::new(lane)), ..self.clone() }
     }
 
-    /// Takes `prompts` calls, waiting up to `max_wait` for them; past that, [`Deferred`] with the time left. The
+    /// Takes `prompts` calls, waiting up to `max_wait` (at most [`LONGEST_WAIT`]) for them; past that, [`Deferred`] with the time left. The
     /// token budget is only checked (what a step spends is known after it ran, [`charge`](Self::charge)), so a
     /// refusal by either takes nothing.
     pub async fn admit(&self, prompts: usize, max_wait: Duration) -> Result<(), Deferred> {
@@ -76,7 +78,9 @@ impl Budgets {
             return Ok(());
         }
         let now = Instant::now();
-        let deadline = now.checked_add(max_wait).unwrap_or(now);
+        // A wait too long to add to the clock (a `--max-budget-wait` of 1e19 seconds) is a year: still "wait", where
+        // falling back to `now` would have meant "never wait".
+        let deadline = now.checked_add(max_wait.min(LONGEST_WAIT)).unwrap_or(now);
         loop {
             match self.try_admit(prompts) {
                 Ok(()) => return Ok(()),
@@ -298,7 +302,9 @@ impl ReasoningBudget {
         let mut bucket = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let elapsed = now.saturating_duration_since(bucket.refilled_at).as_secs_f64();
         bucket.tokens = (bucket.tokens + elapsed * self.rate_per_sec).min(self.burst);
-        bucket.refilled_at = now;
+        // `now` was read before the lock was taken: a caller that read it earlier but locked later must not move the
+        // refill time back, or the next caller is credited the same interval twice.
+        bucket.refilled_at = bucket.refilled_at.max(now);
         bucket
     }
 
@@ -323,6 +329,31 @@ mod tests {
         let wait = budget.try_take_at(1, t0).unwrap_err();
         assert!((wait.as_secs_f64() - 0.5).abs() < 1e-6, "{wait:?}");
         assert!(budget.try_take_at(1, t0 + Duration::from_millis(500)).is_ok());
+    }
+
+    /// Two callers read the clock, and the later reader locks first: the earlier one's time must not move the
+    /// refill back, which credited the interval between them twice.
+    #[test]
+    fn a_caller_with_an_older_clock_reading_does_not_refill_the_bucket_again() {
+        let budget = ReasoningBudget::new(1.0, 5);
+        let t0 = Instant::now();
+        assert!(budget.try_take_at(5, t0).is_ok());
+        let t1 = t0 + Duration::from_secs(2);
+        assert!(budget.try_take_at(2, t1).is_ok(), "two calls refilled by t1");
+        assert!(budget.try_take_at(1, t0 + Duration::from_secs(1)).is_err(), "nothing left at t1, read late");
+        assert!(budget.try_take_at(1, t1).is_err(), "and the second between t0 and t1 is not credited again");
+        assert!(budget.try_take_at(1, t1 + Duration::from_secs(1)).is_ok());
+    }
+
+    /// A wait too long to add to the clock still waits, instead of reading as "do not wait".
+    #[tokio::test]
+    async fn a_huge_wait_still_waits() {
+        let budget = Budgets::new(Some(Arc::new(ReasoningBudget::new(10.0, 1))), None);
+        assert!(budget.admit(1, Duration::ZERO).await.is_ok());
+        assert!(budget.admit(1, Duration::ZERO).await.is_err(), "spent, and told not to wait");
+        let started = Instant::now();
+        assert!(budget.admit(1, Duration::MAX).await.is_ok());
+        assert!(started.elapsed() >= Duration::from_millis(90), "{:?}", started.elapsed());
     }
 
     #[test]

@@ -863,6 +863,9 @@ impl Worker {
             appeal,
         );
 
+        // Whether the key's ledger entry is another body's (or another key's): the subject's last word is then not
+        // this body's, and must not silence what is said about this one.
+        let mut slot_answers_another = false;
         // Settled already (a redelivery after a crash between deciding and acking): publish and record again, ack.
         match self.bus.decided(&key).await {
             Ok(Some(event)) if event.key == key && same_body(&event, Some(&digest)) => {
@@ -875,11 +878,13 @@ impl Worker {
                 // The key was settled for another body (an edited item sent again under its id): that decision is
                 // not this body's. It is decided, and settled apart for a person when its ledger write is refused.
                 warn!(?key, "the key is settled for another body; deciding this one for a person");
+                slot_answers_another = true;
             }
             Ok(Some(other)) => {
                 // Another key's entry in this key's slot (written before keys shaped like a hashed token were
                 // hashed themselves) says nothing about this item. It is decided, and settled for a person.
                 error!(?key, other = ?other.key, "the decided ledger holds another key's entry in this key's slot");
+                slot_answers_another = true;
             }
             Ok(None) => {}
             Err(e) => {
@@ -906,16 +911,16 @@ impl Worker {
         let (policies, pipeline) = match self.host.prepare(&requested).await {
             Ok(prepared) => prepared,
             Err(HostError::Rejected(why)) => return self.reject(message, key, item_id, &why, digest, stop).await,
-            Err(HostError::NotStored(why)) => return self.reject_for_now(message, key, item_id, &why).await,
+            Err(HostError::NotStored(why)) => {
+                let unless = (!slot_answers_another).then_some(&digest);
+                return self.reject_for_now(message, key, item_id, &why, unless).await;
+            }
             Err(HostError::Unavailable(why)) => {
                 warn!(?key, "cannot prepare the event now: {why}");
                 retry(message).await;
                 return None;
             }
         };
-        // A redelivery may come after a person already answered the first delivery's decision: `pending` on top
-        // of their `reviewed` would hide it from the check that keeps `decided` from following it.
-        let redelivered = message.info().is_ok_and(|info| info.delivered > 1);
         let pending = DecisionEvent {
             key: key.clone(),
             item_id: item_id.clone(),
@@ -926,19 +931,22 @@ impl Worker {
             body_digest: None,
         };
         // Not published is no harm: `pending` only tells the producer to hold the item until the decision comes.
-        // Nor on top of a decision another worker published since this one read the ledger (a redelivery racing
-        // the first delivery's worker): the decision's own republish is a duplicate the stream drops, so the
-        // subject would end on `pending` and the producer hold the item for good.
-        let _ = if redelivered {
-            // Only this body's settled events count: a key reused for an edited post still gets its `pending`
-            // over the old body's decision. A person's answer carries no digest and always counts.
-            let answered = |last: &DecisionEvent| {
-                last.status != EventStatus::Pending && last.body_digest.as_ref().is_none_or(|theirs| *theirs == digest)
-            };
-            self.bus.publish_unless(&status_msg_id(&pending), &pending, answered).await.map(|_| ())
-        } else {
-            self.bus.publish_event(&pending).await
+        // Nor on top of a decision another worker published since this one read the ledger (a redelivery, or a
+        // second copy of an event sent without a Nats-Msg-Id, racing the first's worker): the decision's own
+        // republish is a duplicate the stream drops, so the subject would end on `pending` and the producer hold
+        // the item for good. Nor on top of a person's answer to an earlier delivery's decision, which it would hide
+        // from the check that keeps `decided` from following it.
+        // Only this body's settled events count: a key reused for an edited post still gets its `pending` over the
+        // old body's decision. A person's answer carries no digest, and counts unless the key's entry is another
+        // body's.
+        let answered = |last: &DecisionEvent| match (&last.status, &last.body_digest) {
+            (EventStatus::Pending, _) => false,
+            (_, Some(theirs)) => *theirs == digest,
+            (EventStatus::Decided | EventStatus::Reviewed, None) => !slot_answers_another,
+            // A rejection until a policy is stored answers nothing: the event is here again to be decided.
+            (EventStatus::Rejected, None) => false,
         };
+        let _ = self.bus.publish_unless(&status_msg_id(&pending), &pending, answered).await;
         let ctx = RouteContext {
             appeal,
             // For the host's record (reviewers read it); taken out before the ledger and the decision stream.
@@ -1107,21 +1115,30 @@ impl Worker {
 
     /// Rejects an event for what the host holds now ([`HostError::NotStored`]), not for what it is: published, never
     /// written to the ledger, so the key stays free for the same event sent again. Not published over a decision
-    /// or a person's answer on the key (another delivery's, settled meanwhile): the producer's last word stays the
-    /// settled one.
+    /// of this body (`digest`: another delivery's, settled meanwhile) or a person's answer on the key: the
+    /// producer's last word stays the settled one. `None` when the key's ledger entry is another body's: what the
+    /// subject last said is then about that body, and an edited post the worker cannot judge yet must not pass
+    /// on the old body's `allow`.
     async fn reject_for_now(
         &self,
         message: &jetstream::Message,
         key: String,
         item_id: Option<String>,
         error: &str,
+        unless_settled_for: Option<&String>,
     ) -> Option<Duration> {
         warn!(?key, ?error, "rejecting a content event until its policy is stored");
         let place = stream_place(message);
         let event = rejected(key, item_id, error);
         // One id per delivery: a resend is answered again, a duplicate publish of this one is not.
         let id = format!("{}:{:?}:{place}", subject_token(&event.key), event.status);
-        let settled = |last: &DecisionEvent| matches!(last.status, EventStatus::Decided | EventStatus::Reviewed);
+        let settled = |last: &DecisionEvent| {
+            unless_settled_for.is_some_and(|digest| match last.status {
+                EventStatus::Decided => last.body_digest.as_ref().is_none_or(|theirs| theirs == digest),
+                EventStatus::Reviewed => true,
+                _ => false,
+            })
+        };
         let published = self.bus.publish_unless(&id, &event, settled).await.map(|_| ());
         ack_published(message, &event.key, published).await;
         None
@@ -1193,8 +1210,16 @@ impl Worker {
                     candidate = for_person(&candidate, &detail, true);
                 }
                 Err(NatsError::TooLarge(why)) => {
-                    // Nothing left to leave out (the key itself may be that large): no retry can ever settle it.
+                    // Nothing left to leave out (the key itself may be that large, or the policies many): no retry
+                    // can ever settle it. The host still gets the decision for a person when there is one, so that
+                    // someone judges the item although nothing on the bus says so.
                     error!(?key, "the event can never be settled, it is too large for NATS ({why}); dropping it");
+                    if let Some(mut whole) = whole.take() {
+                        restore_reasoning(&mut whole, reasoning);
+                        if !self.record(message, &whole, content, stop).await {
+                            return;
+                        }
+                    }
                     ack(message, AckKind::Term).await;
                     return;
                 }

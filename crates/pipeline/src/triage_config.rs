@@ -305,6 +305,14 @@ impl TriageLibrary {
             Err(other) => return (Err(other.to_string()), false),
         };
         let Some(path) = model_dir.filter(|path| path.join("model.json").exists()) else {
+            if let Some(path) = model_dir.filter(|path| path.is_dir()) {
+                // The policy's directory is there without its model: a deployment replacing it (`rm -rf`, then a
+                // copy), or a damaged one. Its allow rules were meant to be checked by that model, so they skip
+                // nothing until it is back; it is looked for again.
+                warn!(dir = %path.display(), "the triage model directory has no model.json; allow rules wait for it");
+                let unusable = format!("{} has no model.json", path.display());
+                return (Ok(rules.map(|rules| Arc::new(Triage::without_its_model(Some(rules), unusable)))), true);
+            }
             // Once per policy version (the build is cached): a misnamed directory sends every item to the model,
             // and this line is where an operator finds out why the skip rate stays at zero.
             if let Some(path) = model_dir {

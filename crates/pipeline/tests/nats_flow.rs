@@ -418,6 +418,45 @@ async fn a_decision_too_large_for_the_ledger_goes_to_a_person_instead_of_round_a
     delete_streams(&producer).await;
 }
 
+/// A ledger that cannot take even the decision without its evidence (here 256 bytes): the event is dropped, as
+/// no retry could settle it, but the host still gets the decision for a person. It used to get nothing, and the
+/// producer's last word stayed `pending` with nobody to answer it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_too_large_even_without_its_evidence_still_reaches_a_person() {
+    if !nats_up() {
+        eprintln!("skipped: NATS is not reachable at {URL}");
+        return;
+    }
+    let cfg = config();
+    let js = async_nats::jetstream::new(async_nats::connect(URL).await.unwrap());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: cfg.decided_stream.clone(),
+        subjects: vec![format!("{}.decided.>", cfg.prefix)],
+        max_messages_per_subject: 1,
+        max_message_size: 256,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let producer = Bus::connect(cfg.clone()).await.unwrap();
+    producer.publish_content("tiny-ledger", &json!({"id": "tiny-ledger", "text": "I will stab you"})).await.unwrap();
+    let reasoner = Arc::new(Slow { calls: AtomicUsize::new(0), pause: Duration::ZERO });
+    let host = flagging_host(reasoner.clone(), &["stab"]);
+    let (stop, task) = spawn(Worker::with_host(Bus::connect(cfg.clone()).await.unwrap(), host.clone()));
+    wait_until_drained(&producer, Duration::from_secs(20)).await;
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+
+    assert!(producer.decided("tiny-ledger").await.unwrap().is_none(), "nothing fits the ledger");
+    let recorded = host.recorded.lock().unwrap().clone();
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(serde_json::to_value(recorded[0].outcome).unwrap(), "needs_review");
+    assert_eq!(recorded[0].decided_by, safeguard_pipeline::Stage::HumanReview);
+    let chains: Vec<&String> = recorded[0].reasoning.iter().flat_map(|d| d.reasoning.iter()).collect();
+    assert!(chains.iter().any(|c| c.contains("sales pitch")), "the person sees the reasoning: {chains:?}");
+    delete_streams(&producer).await;
+}
+
 /// A ledger entry that does not parse was read as "not decided": the item was decided again (and that decision
 /// then lost the ledger's write and was dropped without an ack).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -668,7 +707,10 @@ struct Witness {
 
 #[async_trait]
 impl WorkerHost for Witness {
-    async fn prepare(&self, _requested: &[String]) -> Result<(Vec<Policy>, Pipeline), HostError> {
+    async fn prepare(&self, requested: &[String]) -> Result<(Vec<Policy>, Pipeline), HostError> {
+        if let Some(missing) = requested.iter().find(|name| self.policies.iter().all(|p| p.meta.name != **name)) {
+            return Err(HostError::NotStored(format!("no policy {missing:?} is stored")));
+        }
         Ok((self.policies.clone(), self.pipeline.clone()))
     }
 
@@ -775,6 +817,13 @@ async fn a_key_reused_with_a_different_body_is_not_answered_with_the_first_bodys
     // A second edit is a body of its own: a decision of its own, not one the host (idempotent by id) would drop.
     publish_by_id(&producer, &json!({"id": "post-1", "text": "buy them twice"})).await;
     wait_until_drained(&producer, Duration::from_secs(20)).await;
+    // An edit naming a policy the worker does not hold yet is rejected for now, and said so on the subject: the
+    // subject's last word was the first body's `allow`, which must not stand for a body nobody judged.
+    publish_by_id(&producer, &json!({"id": "post-1", "text": "buy it here", "policies": ["harassment"]})).await;
+    wait_until_drained(&producer, Duration::from_secs(20)).await;
+    let last = published(&producer).await.remove("post-1").unwrap().pop().unwrap();
+    assert_eq!(last.status, EventStatus::Rejected, "{last:?}");
+    assert!(last.error.as_deref().unwrap().contains("\"harassment\" is stored"), "{last:?}");
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
 

@@ -57,6 +57,24 @@ enum Command {
     Prune(cmd::prune::Args),
 }
 
+/// A command whose output a reader may stop reading (`safeguard models inspect … | head`), and that holds nothing
+/// to put right when it stops: the server answers on sockets, and `keys create` revokes a key whose secret it
+/// could not show.
+fn stdout_is_the_product(command: &Command) -> bool {
+    !matches!(command, Command::Serve(_) | Command::Keys(cmd::keys::Command::Create { .. }))
+}
+
+/// Rust ignores SIGPIPE, so a write to a pipe nobody reads fails, and `println!` panics on that failure. For a
+/// command line tool the Unix convention is to end as `cat` does, killed by the signal, without a message.
+/// Sockets are unaffected: the standard library sends with `MSG_NOSIGNAL`.
+fn die_quietly_on_a_closed_stdout() {
+    #[cfg(unix)]
+    // SAFETY: called before any other thread exists; SIG_DFL is a valid disposition for SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -68,6 +86,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if stdout_is_the_product(&cli.command) {
+        die_quietly_on_a_closed_stdout();
+    }
     let result = match cli.command {
         Command::Prompt(args) => cmd::prompt::run(args),
         Command::Classify(args) => cmd::classify::run(args),

@@ -151,3 +151,28 @@ fn bad_input_fails_with_a_clear_message() {
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/policy.md"));
 }
+
+/// A reader that stops reading (`safeguard prompt … | head -c 0`) ends the command as it ends `cat`: killed by
+/// SIGPIPE, with no panic message on stderr.
+#[cfg(unix)]
+#[test]
+fn a_closed_stdout_ends_the_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (policy, content, _, _) = oracle_case("spam", "low", None, "plain");
+    let policy_path = write(dir.path(), "spam.md", &policy);
+    let (reader, writer) = std::io::pipe().unwrap();
+    // Closed before the command starts, so that its first write finds nobody reading.
+    drop(reader);
+    let output = Command::new(env!("CARGO_BIN_EXE_safeguard"))
+        .args(["prompt", "--policy", &policy_path, "--text", &content, "--effort", "low"])
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    const SIGPIPE: i32 = 13; // on every Unix
+    assert_eq!(output.status.signal(), Some(SIGPIPE), "{:?}: {stderr}", output.status);
+    assert!(stderr.is_empty(), "{stderr}");
+}

@@ -184,3 +184,46 @@ fn prune_deletes_only_what_is_past_the_retention_period() {
         store.close().await;
     });
 }
+
+/// Only a server migrates. A store made by an older version (a migration this one knows is missing) is refused by
+/// every command that reads or edits it, and left as it was, since a server of that version may still run on it.
+#[test]
+fn commands_other_than_serve_refuse_a_store_this_version_has_not_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("safeguard.db");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let latest = runtime.block_on(async {
+        let store = Store::open_sqlite(&db).await.unwrap();
+        let latest: i64 =
+            sqlx::query_scalar("SELECT MAX(version) FROM safeguard_migrations").fetch_one(store.pool()).await.unwrap();
+        sqlx::query("DELETE FROM safeguard_migrations WHERE version = $1")
+            .bind(latest)
+            .execute(store.pool())
+            .await
+            .unwrap();
+        store.close().await;
+        latest
+    });
+    let url = format!("sqlite://{}", db.display());
+    let data = dir.path().to_str().unwrap();
+    for args in [
+        &["keys", "list", "--data-dir", data][..],
+        &["keys", "create", "--scope", "classify", "--data-dir", data],
+        &["prune", "--older-than-days", "30", "--dry-run", "--database", &url],
+        &["webhooks", "failed", "--database", &url],
+        &["triage", "audit", "--database", &url],
+    ] {
+        let output = safeguard(args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(stderr.contains(&format!("lacks migrations {latest}")), "{args:?}: {stderr}");
+    }
+    runtime.block_on(async {
+        let options = safeguard_store::StoreOptions {
+            migrations: safeguard_store::Migrations::RequireApplied,
+            ..Default::default()
+        };
+        let err = Store::open_sqlite_with(&db, options).await.unwrap_err();
+        assert!(matches!(err, safeguard_store::StoreError::PendingMigrations { .. }), "still pending: {err}");
+    });
+}

@@ -184,7 +184,7 @@ pub(crate) fn parse_settings(state: &AppState, body: &Value) -> Result<(Settings
         Some(_) => return Err(ApiError::bad("invalid_mode", "\"mode\" must be a string")),
     };
     let max_tokens = parse_max_tokens(state, body)?;
-    let return_reasoning = body.get("return_reasoning").and_then(Value::as_bool).unwrap_or(false);
+    let return_reasoning = ApiError::flag(body, "return_reasoning")?;
     Ok((Settings { effort, mode, max_tokens }, return_reasoning))
 }
 
@@ -322,19 +322,29 @@ pub(crate) fn record_of(
 }
 
 pub(crate) fn count_decision(decision: &Decision, source: &str, elapsed_secs: f64) {
+    count_reasoning(decision);
+    count_outcome(decision.outcome, source, elapsed_secs);
+}
+
+/// What one reasoning step judged and spent: per policy and effort, and tokens.
+pub(crate) fn count_reasoning(decision: &Decision) {
     let effort = decision.effort.to_string();
     for verdict in &decision.verdicts {
         metrics::counter!("safeguard_decisions_total",
             "policy" => safeguard_core::policy_label(&verdict.policy), "outcome" => outcome_str(verdict.outcome), "effort" => effort.clone())
         .increment(1);
     }
-    metrics::counter!("safeguard_outcomes_total", "outcome" => outcome_str(decision.outcome), "source" => source.to_string())
-        .increment(1);
-    metrics::histogram!("safeguard_decision_latency_seconds", "source" => source.to_string()).record(elapsed_secs);
     let usage = decision.usage;
     metrics::counter!("safeguard_tokens_total", "kind" => "prompt").increment(usage.prompt_tokens as u64);
     metrics::counter!("safeguard_tokens_total", "kind" => "completion").increment(usage.completion_tokens as u64);
     metrics::counter!("safeguard_prompt_cache_hit_tokens_total").increment(usage.cached_prompt_tokens as u64);
+}
+
+/// One item's outcome and how long it took, once per item whatever number of steps decided it.
+pub(crate) fn count_outcome(outcome: Outcome, source: &str, elapsed_secs: f64) {
+    metrics::counter!("safeguard_outcomes_total", "outcome" => outcome_str(outcome), "source" => source.to_string())
+        .increment(1);
+    metrics::histogram!("safeguard_decision_latency_seconds", "source" => source.to_string()).record(elapsed_secs);
 }
 
 /// Reasons about one item and stores the decision before it is returned, with the review `review_of` says it

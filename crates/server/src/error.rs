@@ -32,6 +32,10 @@ pub enum ApiError {
     Store(#[from] safeguard_store::StoreError),
     #[error("{0}")]
     Unavailable(String),
+    /// The model finished without an answer a client could read as one (no final message, or one the harmony
+    /// parse refused). Never an empty success, which a client testing the content for "1" reads as safe.
+    #[error("{0}")]
+    NoAnswer(String),
 }
 
 impl ApiError {
@@ -48,6 +52,18 @@ impl ApiError {
         Ok(())
     }
 
+    /// A boolean field of a request body, false when absent or null. Anything else is refused: `"appeal": "yes"`
+    /// or `"return_reasoning": "true"` read as false would quietly do what the client did not ask.
+    pub fn flag(body: &serde_json::Value, field: &str) -> Result<bool, ApiError> {
+        match body.get(field) {
+            None | Some(serde_json::Value::Null) => Ok(false),
+            Some(serde_json::Value::Bool(value)) => Ok(*value),
+            Some(other) => {
+                Err(ApiError::bad("invalid_request", format!("\"{field}\" must be true or false, not {other}")))
+            }
+        }
+    }
+
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
@@ -61,6 +77,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::Store(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage_error"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::NoAnswer(_) => (StatusCode::BAD_GATEWAY, "no_answer"),
         }
     }
 }

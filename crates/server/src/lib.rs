@@ -349,6 +349,7 @@ impl Server {
         store: Store,
     ) -> Result<RunningServer, ServerError> {
         policies::seed_starter_library(&store).await?;
+        policies::reserve_active_labels(&store).await?;
         if let Some(key) = &config.admin_key {
             let length = key.chars().count();
             if !config.listen.ip().is_loopback() && length < MIN_PUBLIC_ADMIN_KEY_CHARS {

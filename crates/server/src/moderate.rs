@@ -25,7 +25,9 @@ use tracing::debug;
 
 use crate::AppState;
 use crate::auth::Caller;
-use crate::classify::{Origin, count_decision, outcome_str, parse_content, parse_max_tokens, parse_policies};
+use crate::classify::{
+    Origin, count_outcome, count_reasoning, outcome_str, parse_content, parse_max_tokens, parse_policies,
+};
 use crate::error::{ApiError, ApiJson};
 
 /// Sampled items wait behind everything a person must see.
@@ -117,15 +119,22 @@ pub(crate) async fn moderate(
     caller.require("classify")?;
     // Every check before the policies are resolved: resolving stores the inline ones, and a refused request
     // must leave nothing behind.
-    let return_reasoning = body.get("return_reasoning").and_then(Value::as_bool).unwrap_or(false);
+    let return_reasoning = ApiError::flag(&body, "return_reasoning")?;
     if return_reasoning {
         caller.require("audit")?;
+    }
+    let appeal = ApiError::flag(&body, "appeal")?;
+    // An appeal here names no decision, so nothing ties it to one the caller made, and it goes to the head of the
+    // queue with the appeal's short deadline: a key that may only classify could put anything there. Such a
+    // client appeals its own decisions with `POST /v1/decisions/{id}/appeal`.
+    if appeal {
+        caller.require("review")?;
     }
     let content = parse_content(&state, &body)?;
     let max_tokens = parse_max_tokens(&state, &body)?;
     let policies = parse_policies(&state, &body, &caller).await?;
     let ctx = RouteContext {
-        appeal: body.get("appeal").and_then(Value::as_bool).unwrap_or(false),
+        appeal,
         // Kept for the reviewers and the audit log; stripped from the reply unless asked for.
         include_reasoning: true,
     };
@@ -262,9 +271,11 @@ pub(crate) async fn store_cascade_item(
         }
     };
     if fresh {
+        // Each step's verdicts and tokens; the item's outcome once, settled by triage or by three steps alike.
         for decision in &cascade.reasoning {
-            count_decision(decision, "cascade", decision.timings.total_ms / 1e3);
+            count_reasoning(decision);
         }
+        count_outcome(cascade.outcome, "cascade", cascade.total_ms / 1e3);
     }
     // Queued with the decision when it was stored fresh; queued again (a no-op when it is there) for a decision
     // stored before, in case the worker that stored it stopped before queuing it. Not when an appeal made before

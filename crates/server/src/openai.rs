@@ -114,9 +114,10 @@ pub(crate) async fn moderations(
         let mut scores = serde_json::Map::new();
         let mut applied = serde_json::Map::new();
         for verdict in &decision.verdicts {
+            // Clients often threshold the scores themselves ("> 0.5"): an item nobody has judged yet scores as a
+            // violation, held until a person decides (`safeguard.outcome` says which it is).
             let (flag, score) = match verdict.outcome {
-                Outcome::Violation => (true, 1.0),
-                Outcome::NeedsReview => (true, 0.5),
+                Outcome::Violation | Outcome::NeedsReview => (true, 1.0),
                 Outcome::Allow => (false, 0.0),
             };
             categories.insert(verdict.policy.clone(), json!(flag));
@@ -222,9 +223,10 @@ pub(crate) async fn chat_completions(
     // The chain of thought is audit data on every route (`return_reasoning` asks for the audit scope too): the
     // same prompt sent here must not read it out to a key that may only classify.
     let with_reasoning = caller.has("audit");
+    let streamed = ApiError::flag(&body, "stream")?;
     let step = state.cascade.admit(1, effort, settings.max_tokens).await?;
     let mut paid = Paid { step, counted: state.classifier.clone(), cap: settings.max_tokens };
-    if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
+    if streamed {
         let include_usage = body.pointer("/stream_options/include_usage").and_then(Value::as_bool).unwrap_or(false);
         let stream = stream_chat(state.reasoner.clone(), paid, request, meta, include_usage, with_reasoning);
         return Ok(stream.into_response());
@@ -234,6 +236,9 @@ pub(crate) async fn chat_completions(
     paid.settle(effort, &output);
     let output = output.map_err(|e| ApiError::Unavailable(format!("the model failed: {e}")))?;
     metrics::histogram!("safeguard_chat_latency_seconds").record(started.elapsed().as_secs_f64());
+    if let Some(why) = no_answer(&output) {
+        return Err(ApiError::NoAnswer(why));
+    }
     let ChunkMeta { id, created, model } = meta;
     let finish_reason = finish_reason(&output);
     let usage = usage_json(&output);
@@ -328,6 +333,19 @@ fn chat_sampling(body: &Value) -> Result<Sampling, ApiError> {
     })
 }
 
+/// Why a finished output holds no answer: the model stopped (not cut off by the token budget, which is
+/// `finish_reason: "length"`) without a final message, or with one the harmony parse refused (a second final, one
+/// addressed to a tool, one followed by more reasoning). Told as `"stop"` with empty content, a client that tests
+/// the content for a label would read it as "no violation".
+fn no_answer(output: &ReasonOutput) -> Option<String> {
+    let answered = output.final_text.as_deref().is_some_and(|text| !text.trim().is_empty());
+    (!answered && !output.truncated).then(|| {
+        "the model finished without an answer (no final message, or one that does not parse as harmony); \
+         /v1/classify records such an output for review"
+            .to_string()
+    })
+}
+
 fn finish_reason(output: &ReasonOutput) -> &'static str {
     if output.truncated { "length" } else { "stop" }
 }
@@ -396,8 +414,12 @@ fn stream_chat(
         }
         metrics::histogram!("safeguard_chat_latency_seconds").record(started.elapsed().as_secs_f64());
         paid.settle(effort, &result);
-        match result {
-            Ok(output) => {
+        match result.map(|output| (no_answer(&output), output)) {
+            Ok((Some(why), _)) => {
+                tracing::warn!("streamed completion ended without an answer");
+                send(json!({"error": {"message": why, "type": "server_error", "code": "no_answer"}}));
+            }
+            Ok((None, output)) => {
                 send(meta.chunk(json!({}), json!(finish_reason(&output))));
                 if include_usage {
                     send(json!({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created,

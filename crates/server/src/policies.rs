@@ -44,7 +44,7 @@ async fn store_policy(
     fallback: Option<&str>,
     pin: bool,
 ) -> Result<(StoredPolicy, bool), ApiError> {
-    Ok(store
+    let stored = store
         .put_policy(
             &policy.hash.to_string(),
             &policy.meta.name,
@@ -52,7 +52,28 @@ async fn store_policy(
             &stored_meta(policy, source, fallback),
             pin,
         )
-        .await?)
+        .await?;
+    if stored.0.active {
+        safeguard_core::reserve_policy_label(&stored.0.name);
+    }
+    Ok(stored)
+}
+
+/// Every active policy name keeps a metrics label of its own (see [`safeguard_core::reserve_policy_label`]), read
+/// once as the server starts; names pinned later are reserved as they are pinned.
+pub(crate) async fn reserve_active_labels(store: &Store) -> Result<(), StoreError> {
+    let mut after: Option<String> = None;
+    loop {
+        let listing = PolicyListing { name: None, only_active: true, limit: MAX_POLICY_PAGE, after: after.as_deref() };
+        let page = store.policy_summaries(&listing).await?;
+        for summary in &page {
+            safeguard_core::reserve_policy_label(&summary.name);
+        }
+        match page.last() {
+            Some(last) if page.len() as i64 >= MAX_POLICY_PAGE => after = Some(last.hash.clone()),
+            _ => return Ok(()),
+        }
+    }
 }
 
 /// The shipped starter policies become the first versions of their names (a no-op when already stored). A
@@ -436,7 +457,10 @@ pub(crate) async fn activate(
     let activated = state.store.activate_policy(&name, hash).await;
     state.lookups.active.forget(&name);
     match activated {
-        Ok(policy) => Ok(Json(full(&policy))),
+        Ok(policy) => {
+            safeguard_core::reserve_policy_label(&policy.name);
+            Ok(Json(full(&policy)))
+        }
         Err(StoreError::PolicyNotFound(h)) => Err(ApiError::NotFound(format!("no policy version {h}"))),
         Err(e @ StoreError::PolicyNameMismatch { .. }) => Err(ApiError::bad("policy_name_mismatch", e.to_string())),
         Err(e) => Err(e.into()),

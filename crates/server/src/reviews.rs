@@ -549,13 +549,23 @@ pub(crate) async fn decide(
     };
     let decided_at = safeguard_store::now_ms();
     let delivery = job_delivery(&state, &decision, &review, &verdict, decided_at).await?;
-    let Some(decided) = state.store.decide_review_and_deliver(&id, &verdict, decided_at, delivery.as_ref()).await?
+    // An admin key decides whoever holds it; checked again as the review is decided, since a claim may have been
+    // granted since it was read above.
+    let decider = (!caller.has("admin")).then_some(caller.key_id.as_str());
+    let Some(decided) =
+        state.store.decide_review_and_deliver(&id, &verdict, decided_at, delivery.as_ref(), decider).await?
     else {
-        let superseded = state.store.get_review(&id).await?.is_some_and(|review| review.status == "superseded");
-        return Err(ApiError::Conflict(match superseded {
-            true => format!("review {id} was superseded by an appeal of its decision: decide the appeal instead"),
-            false => format!("review {id} was already decided"),
-        }));
+        let now = state.store.get_review(&id).await?;
+        return Err(match now {
+            Some(review) if review.status == "superseded" => ApiError::Conflict(format!(
+                "review {id} was superseded by an appeal of its decision: decide the appeal instead"
+            )),
+            Some(review) if review.status == "pending" => {
+                let holder = review.claim_holder(decided_at).unwrap_or("another reviewer").to_string();
+                held_by_another(&review, &holder)
+            }
+            _ => ApiError::Conflict(format!("review {id} was already decided")),
+        });
     };
     let agreement = match overrides_model {
         None => "model_undecided",

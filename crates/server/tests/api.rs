@@ -35,6 +35,10 @@ impl Reasoner for ScriptedReasoner {
         if text.contains("WAIT") {
             tokio::time::sleep(Duration::from_millis(700)).await;
         }
+        if text.contains("MUTE") {
+            // Reasoned, then stopped without a final message.
+            return Ok(ReasonOutput { analysis: Some("Thinking it over.".into()), ..ReasonOutput::default() });
+        }
         let spam = text.contains("BUY NOW");
         Ok(ReasonOutput {
             analysis: Some(format!("The content {} promotional.", if spam { "is" } else { "is not" })),
@@ -129,6 +133,22 @@ async fn auth_scopes_and_json_errors() {
         )
         .await;
     assert_eq!(status, 403, "reasoning needs audit: {body}");
+    // A flag that is not a boolean is refused, not read as false.
+    for (route, field) in [("/v1/classify", "return_reasoning"), ("/v1/moderate", "appeal")] {
+        let mut request = json!({"text": "hi", "policies": ["spam"]});
+        request[field] = json!("yes");
+        let (status, body) = h.call("POST", route, Some(&classify_only), Some(request)).await;
+        assert_eq!((status, &body["error"]["code"]), (400, &json!("invalid_request")), "{route}: {body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains(field), "{body}");
+    }
+    // An appeal naming no decision would put anything first in the review queue: a review key's to make.
+    let appeal = json!({"text": "hi", "policies": ["spam"], "appeal": true});
+    let (status, body) = h.call("POST", "/v1/moderate", Some(&classify_only), Some(appeal.clone())).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("review"), "{body}");
+    let lead = h.key(&["classify", "review"]).await;
+    let (status, body) = h.call("POST", "/v1/moderate", Some(&lead), Some(appeal)).await;
+    assert_eq!((status, &body["decided_by"]), (200, &json!("human_review")), "{body}");
     // Health and docs need no key.
     assert_eq!(h.call("GET", "/healthz", None, None).await.0, 200);
     let (status, ready) = h.call("GET", "/readyz", None, None).await;
@@ -765,6 +785,8 @@ async fn openai_moderations_and_chat_shapes() {
     assert_eq!(results[1]["flagged"], false);
     assert_eq!(results[1]["category_scores"]["spam"], 0.0);
     assert_eq!(results[2]["flagged"], true, "a failure is flagged, never allowed");
+    assert_eq!(results[2]["category_scores"]["spam"], 1.0, "and scores as held by any threshold");
+    assert_eq!(results[2]["safeguard"]["outcome"], "needs_review");
     assert_eq!(moderation["model"], "scripted-test-model");
 
     let chat = json!({"model": "x", "messages": [{"role": "system", "content": "policy"}, {"role": "user", "content": "BUY NOW"}], "reasoning_effort": "high"});
@@ -819,6 +841,18 @@ async fn openai_moderations_and_chat_shapes() {
     let text = response.text().await.unwrap();
     assert!(text.contains("scripted backend failure") && text.ends_with("data: [DONE]\n\n"), "{text}");
     assert!(!text.contains("\"content\":\"1\"") && !text.contains("\"content\":\"0\""), "{text}");
+
+    // A model that stopped without an answer is an error, not an empty "stop" a client would read as no label.
+    let mut mute = chat.clone();
+    mute["messages"][1]["content"] = json!("MUTE");
+    let (status, reply) = h.call("POST", "/v1/chat/completions", Some(&key), Some(mute.clone())).await;
+    assert_eq!((status, &reply["error"]["code"]), (502, &json!("no_answer")), "{reply}");
+    mute["stream"] = json!(true);
+    let response =
+        h.http.post(format!("{}/v1/chat/completions", h.base)).bearer_auth(&key).json(&mute).send().await.unwrap();
+    let text = response.text().await.unwrap();
+    assert!(text.contains("\"code\":\"no_answer\"") && text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert!(!text.contains("\"finish_reason\":\"stop\""), "{text}");
 }
 
 /// Every path that stores a decision a person must settle queues it: classify, batch, jobs and moderations.

@@ -129,6 +129,10 @@ async fn classify_cascades_by_default_samples_for_review_and_reports_its_rates()
     assert_eq!((skipped["decided_by"].as_str(), skipped["outcome"].as_str()), (Some("triage"), Some("violation")));
     assert_eq!(skipped["effort"], "none");
     assert_eq!(skipped["verdicts"][0]["violation"], true);
+    // Counted as an item's outcome though no reasoning step ran (items are counted once, not once per step).
+    let series = "safeguard_outcomes_total{outcome=\"violation\",source=\"cascade\"";
+    let counted = metric(&h.metrics().await, series).unwrap_or(0.0);
+    assert!(counted >= metric(&before, series).unwrap_or(0.0) + 1.0, "{series}: {counted}");
 
     // People decide the samples: one agrees with the model, one overrides it.
     let harness = &h;

@@ -408,7 +408,7 @@ impl Store {
             return insert_rows_sqlite(&mut self.pool.acquire().await?, rows).await;
         }
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_read_committed().await?;
         let mut review_ids = Vec::with_capacity(rows.len());
         for (decision, reasoning, review) in rows {
             insert_decision_tx(&mut tx, decision, *reasoning).await?;

@@ -28,12 +28,15 @@ impl JobStatus {
         }
     }
 
-    fn parse(text: &str) -> JobStatus {
+    /// `None` for a status this version does not know (one a newer server wrote, during a rolling upgrade): read
+    /// as pending, a job a newer server had settled would be shown to its client as still waiting.
+    fn parse(text: &str) -> Option<JobStatus> {
         match text {
-            "running" => JobStatus::Running,
-            "done" => JobStatus::Done,
-            "failed" => JobStatus::Failed,
-            _ => JobStatus::Pending,
+            "pending" => Some(JobStatus::Pending),
+            "running" => Some(JobStatus::Running),
+            "done" => Some(JobStatus::Done),
+            "failed" => Some(JobStatus::Failed),
+            _ => None,
         }
     }
 }
@@ -83,7 +86,10 @@ fn row_to_job(row: &AnyRow) -> Result<JobRecord> {
     Ok(JobRecord {
         id: row.try_get("id")?,
         idempotency_key: row.try_get("idempotency_key")?,
-        status: JobStatus::parse(&row.try_get::<String, _>("status")?),
+        status: {
+            let status = row.try_get::<String, _>("status")?;
+            JobStatus::parse(&status).ok_or(crate::StoreError::UnknownValue { what: "jobs.status", value: status })?
+        },
         request: from_json(&row.try_get::<String, _>("request")?, "jobs.request")?,
         attempts: row.try_get("attempts")?,
         lease_token: row.try_get("lease_token")?,
@@ -271,7 +277,7 @@ impl Store {
         webhook: Option<&NewDelivery>,
     ) -> Result<bool> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_read_committed().await?;
         let updated = sqlx::query(
             "UPDATE jobs SET status = $1, error = $2, result_decision_id = $3, locked_until = NULL, updated_at = $4 \
              WHERE id = $5 AND status = 'running' AND lease_token = $6",
@@ -322,11 +328,13 @@ impl Store {
         let mut depth = QueueDepth::default();
         for row in rows {
             let n: i64 = row.try_get("n")?;
+            // A status this version does not know is counted nowhere rather than as waiting.
             match JobStatus::parse(&row.try_get::<String, _>("status")?) {
-                JobStatus::Pending => depth.pending = n,
-                JobStatus::Running => depth.running = n,
-                JobStatus::Done => depth.done = n,
-                JobStatus::Failed => depth.failed = n,
+                Some(JobStatus::Pending) => depth.pending += n,
+                Some(JobStatus::Running) => depth.running += n,
+                Some(JobStatus::Done) => depth.done += n,
+                Some(JobStatus::Failed) => depth.failed += n,
+                None => {}
             }
         }
         Ok(depth)

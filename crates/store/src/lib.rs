@@ -80,6 +80,16 @@ pub enum StoreError {
     SqliteOpen(String),
     #[error("the store is closed")]
     Closed,
+    #[error(
+        "the store lacks migrations {} that this safeguard applies: start `safeguard serve` of this version on it \
+         once, or run this command with the version that runs there",
+        versions.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
+    )]
+    PendingMigrations { versions: Vec<i64> },
+    #[error("no safeguard store here (no migrations table): give the store a server was started with")]
+    NoStore,
+    #[error("stored {what} {value:?} is not one this version knows (written by a newer server?)")]
+    UnknownValue { what: &'static str, value: String },
     #[error("migration {version} failed: {source}")]
     Migration {
         version: i64,
@@ -175,6 +185,20 @@ pub struct StoreOptions {
     /// SQLite only: the size of the write-ahead log, in pages, at which a commit checkpoints it itself
     /// ([`WAL_LIMIT_PAGES`]). A bound for when the background checkpointer falls behind, never reached otherwise.
     pub wal_limit_pages: u32,
+    /// Whether opening brings the schema up to this version. Only a server migrates: a command that reads or
+    /// edits what a server stored opens with [`Migrations::RequireApplied`], so that it never changes the schema
+    /// under a server of another version still running on it.
+    pub migrations: Migrations,
+}
+
+/// What [`Store::connect`] does about migrations this version knows and the store has not applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Migrations {
+    /// Apply them (and create the schema, on PostgreSQL).
+    #[default]
+    Apply,
+    /// Refuse the store ([`StoreError::PendingMigrations`], or [`StoreError::NoStore`] when none was made).
+    RequireApplied,
 }
 
 impl Default for StoreOptions {
@@ -186,6 +210,7 @@ impl Default for StoreOptions {
             sqlite_sync: SqliteSync::default(),
             checkpoint_every: CHECKPOINT_EVERY,
             wal_limit_pages: WAL_LIMIT_PAGES,
+            migrations: Migrations::Apply,
         }
     }
 }
@@ -391,8 +416,11 @@ impl Store {
 
     /// [`open_sqlite`](Self::open_sqlite) with options other than the defaults.
     pub async fn open_sqlite_with(path: &Path, options: StoreOptions) -> Result<Store> {
-        let url = format!("sqlite://{}?mode=rwc", path.display());
-        Store::connect(&url, options).await
+        let mode = match options.migrations {
+            Migrations::Apply => "rwc",
+            Migrations::RequireApplied => "rw",
+        };
+        Store::connect(&format!("sqlite://{}?mode={mode}", path.display()), options).await
     }
 
     /// Connects to `sqlite://…` or `postgres://…` and applies migrations.
@@ -406,10 +434,18 @@ impl Store {
         {
             return Err(StoreError::InvalidSchema(schema.clone()));
         }
+        if backend == Backend::Sqlite
+            && options.migrations == Migrations::RequireApplied
+            && sqlite_file(url)?.is_some_and(|path| !path.exists())
+        {
+            return Err(StoreError::NoStore);
+        }
         let pool_options = AnyPoolOptions::new().max_connections(options.max_connections.max(1));
         let pool = match (backend, options.schema.clone()) {
             (Backend::Postgres, Some(schema)) => {
-                create_schema(url, &schema).await?;
+                if options.migrations == Migrations::Apply {
+                    create_schema(url, &schema).await?;
+                }
                 pool_options
                     .after_connect(move |conn, _meta| {
                         let statement = format!("SET search_path TO \"{schema}\"");
@@ -463,7 +499,9 @@ impl Store {
         );
         let alive = Arc::new(());
         let checkpoints = Arc::new(CheckpointCounters::default());
-        if backend == Backend::Sqlite {
+        // A command that only reads or edits a server's store leaves checkpoints to the server: its own would
+        // hold the server's commits back every few seconds.
+        if backend == Backend::Sqlite && options.migrations == Migrations::Apply {
             start_checkpointer(
                 pool.clone(),
                 options.checkpoint_every,
@@ -472,7 +510,10 @@ impl Store {
             );
         }
         let store = Store { pool, backend, decision_writer, checkpoints, _alive: alive };
-        migrate::run(&store).await?;
+        match options.migrations {
+            Migrations::Apply => migrate::run(&store).await?,
+            Migrations::RequireApplied => migrate::require_applied(&store).await?,
+        }
         Ok(store)
     }
 
@@ -518,6 +559,17 @@ impl Store {
     pub(crate) async fn begin_locking(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
         Ok(match self.backend {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+            Backend::Postgres => self.pool.begin_with("BEGIN ISOLATION LEVEL READ COMMITTED").await?,
+        })
+    }
+
+    /// A transaction that behaves alike on both backends whatever PostgreSQL's configured default: READ COMMITTED
+    /// there, where REPEATABLE READ would fail a second writer of the same row with a serialization error (a 500)
+    /// instead of letting its statement see the first's commit and change nothing (a 409); SQLite's deferred
+    /// transaction serialises writers anyway.
+    pub(crate) async fn begin_read_committed(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>> {
+        Ok(match self.backend {
+            Backend::Sqlite => self.pool.begin().await?,
             Backend::Postgres => self.pool.begin_with("BEGIN ISOLATION LEVEL READ COMMITTED").await?,
         })
     }

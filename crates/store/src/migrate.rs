@@ -48,6 +48,7 @@ const MIGRATIONS: &[(i64, Migration)] = &[
         },
     ),
     (12, Portable(include_str!("../migrations/0012_review_claims.sql"))),
+    (13, Portable(include_str!("../migrations/0013_repair_link_times.sql"))),
 ];
 
 /// Arbitrary constant so that concurrent servers starting on one PostgreSQL database migrate one at a time.
@@ -65,17 +66,49 @@ pub(crate) async fn run(store: &Store) -> Result<()> {
     outcome
 }
 
+/// Refuses a store that lacks a migration this version knows. A store with migrations newer than this version's
+/// passes: servers of two versions share a database during a rolling upgrade, and every migration only adds.
+pub(crate) async fn require_applied(store: &Store) -> Result<()> {
+    let mut conn = store.pool.acquire().await?;
+    let applied = match applied_versions(&mut conn).await {
+        Ok(applied) => applied,
+        Err(StoreError::Db(sqlx::Error::Database(_))) if !has_migrations_table(&mut conn, store.backend).await? => {
+            return Err(StoreError::NoStore);
+        }
+        Err(e) => return Err(e),
+    };
+    let versions: Vec<i64> =
+        MIGRATIONS.iter().map(|(version, _)| *version).filter(|version| !applied.contains(version)).collect();
+    if versions.is_empty() { Ok(()) } else { Err(StoreError::PendingMigrations { versions }) }
+}
+
+async fn has_migrations_table(conn: &mut sqlx::AnyConnection, backend: Backend) -> Result<bool> {
+    let query = match backend {
+        Backend::Sqlite => "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'safeguard_migrations'",
+        // The search path names the store's schema when one was given.
+        Backend::Postgres => {
+            "SELECT 1 FROM information_schema.tables WHERE table_name = 'safeguard_migrations' \
+             AND table_schema = current_schema()"
+        }
+    };
+    Ok(sqlx::query(query).fetch_optional(&mut *conn).await?.is_some())
+}
+
+async fn applied_versions(conn: &mut sqlx::AnyConnection) -> Result<Vec<i64>> {
+    Ok(sqlx::query("SELECT version FROM safeguard_migrations")
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|row| row.try_get::<i64, _>(0))
+        .collect::<Result<_, _>>()?)
+}
+
 async fn apply_pending(conn: &mut sqlx::AnyConnection, backend: Backend) -> Result<()> {
     conn.execute(
         "CREATE TABLE IF NOT EXISTS safeguard_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
     )
     .await?;
-    let applied: Vec<i64> = sqlx::query("SELECT version FROM safeguard_migrations")
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(|row| row.try_get::<i64, _>(0))
-        .collect::<Result<_, _>>()?;
+    let applied = applied_versions(conn).await?;
     for (version, migration) in MIGRATIONS {
         if applied.contains(version) {
             continue;

@@ -119,12 +119,8 @@ impl Store {
         pin_first_version: bool,
     ) -> Result<(StoredPolicy, bool)> {
         let now = now_ms();
-        let mut tx = match self.backend {
-            crate::Backend::Sqlite => self.pool.begin().await?,
-            // The mark below must see a prune's delete once it is committed, not fail on it as a serialization
-            // error: READ COMMITTED, whatever the database's default.
-            crate::Backend::Postgres => self.pool.begin_with("BEGIN ISOLATION LEVEL READ COMMITTED").await?,
-        };
+        // The mark below must see a prune's delete once it is committed, not fail on it as a serialization error.
+        let mut tx = self.begin_read_committed().await?;
         let mut attempts = 0;
         let inserted = loop {
             attempts += 1;
@@ -179,7 +175,7 @@ impl Store {
         meta: &serde_json::Value,
     ) -> Result<Option<StoredPolicy>> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_read_committed().await?;
         let renamed = sqlx::query(
             "UPDATE policies SET name = $1, meta = $2 WHERE hash = $3 AND name = $4 \
              AND NOT EXISTS (SELECT 1 FROM policy_pins WHERE policy_pins.hash = $3 AND policy_pins.name = $4)",
@@ -212,7 +208,7 @@ impl Store {
         name: &str,
         meta: &serde_json::Value,
     ) -> Result<Option<StoredPolicy>> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_read_committed().await?;
         // The pin is written before the meta is read back: the write takes SQLite's lock for the rest of the
         // transaction, so nothing can change in between, and a read first could not be upgraded under a writer.
         let pinned = sqlx::query(

@@ -92,6 +92,20 @@ struct Pruning<'a> {
     children: &'a [(&'static str, &'static str)],
     /// Keys kept whatever the condition says.
     spared: Option<&'a HashSet<String>>,
+    /// PostgreSQL only: rows elsewhere that the condition reads and that another writer locks instead of this
+    /// table's, as a statement locking them given the list of candidate keys' placeholders. Locked before this
+    /// table's rows, so that what their lock holder committed is seen by the check.
+    lock_first: Option<fn(&str) -> String>,
+}
+
+/// The decisions of candidate jobs: an appeal locks its decision (`FOR UPDATE`) and a review's insert takes a key
+/// share lock on it, neither of which waits for a lock on the job. Without it, an appeal committed after the
+/// check's snapshot was missed, and the job its answer must reach deleted.
+fn lock_job_decisions(list: &str) -> String {
+    format!(
+        "SELECT d.id FROM decisions d WHERE d.id IN (SELECT j.result_decision_id FROM jobs j WHERE j.id IN ({list})) \
+         ORDER BY d.id FOR UPDATE"
+    )
 }
 
 fn placeholders(from: usize, count: usize) -> String {
@@ -113,6 +127,7 @@ impl Store {
                     condition: DELIVERY_PRUNABLE,
                     children: &[],
                     spared: None,
+                    lock_first: None,
                 },
                 retention,
             )
@@ -126,6 +141,7 @@ impl Store {
                     condition: JOB_PRUNABLE,
                     children: &[("webhook_deliveries", "job_id")],
                     spared: None,
+                    lock_first: Some(lock_job_decisions),
                 },
                 retention,
             )
@@ -143,6 +159,7 @@ impl Store {
                         ("decision_policies", "decision_id"),
                     ],
                     spared: None,
+                    lock_first: None,
                 },
                 retention,
             )
@@ -158,6 +175,7 @@ impl Store {
                 condition: &condition,
                 children: &[],
                 spared: Some(&in_jobs),
+                lock_first: None,
             };
             self.prune_table(&pruning, retention).await?
         } else {
@@ -234,7 +252,7 @@ impl Store {
     /// review) stays. The look goes on from where the last batch ended, so rows kept on purpose are read once per
     /// prune, not once per batch.
     async fn prune_table(&self, pruning: &Pruning<'_>, retention: &Retention) -> Result<u64> {
-        let Pruning { table, alias, key, condition, children, spared } = *pruning;
+        let Pruning { table, alias, key, condition, children, spared, lock_first } = *pruning;
         let batch = retention.batch.max(1);
         let mut after: (i64, String) = (i64::MIN, String::new());
         let mut deleted = 0u64;
@@ -274,12 +292,14 @@ impl Store {
                 // a new statement: a check in the locking statement would read the snapshot from before the lock
                 // was granted, and miss what the lock's holder committed.
                 let list = placeholders(1, candidates.len());
-                let mut lock =
-                    sqlx::query(sql!("SELECT {key} FROM {table} WHERE {key} IN ({list}) ORDER BY {key} FOR UPDATE"));
-                for (_, id) in &candidates {
-                    lock = lock.bind(id);
+                let own = format!("SELECT {key} FROM {table} WHERE {key} IN ({list}) ORDER BY {key} FOR UPDATE");
+                for statement in lock_first.map(|lock| lock(&list)).into_iter().chain([own]) {
+                    let mut lock = sqlx::query(sqlx::AssertSqlSafe(statement));
+                    for (_, id) in &candidates {
+                        lock = lock.bind(id);
+                    }
+                    lock.fetch_all(&mut *tx).await?;
                 }
-                lock.fetch_all(&mut *tx).await?;
             }
             let list = placeholders(2, candidates.len());
             let mut recheck = sqlx::query(sql!(

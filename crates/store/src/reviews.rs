@@ -351,28 +351,32 @@ impl Store {
     /// to be published stay in [`reviews_to_announce`](Self::reviews_to_announce)'s index: left unmarked, every
     /// review decided over HTTP would be read again by every sweep, for good.
     pub async fn decide_review(&self, id: &str, decision: &ReviewDecision) -> Result<Option<ReviewRecord>> {
-        self.decide_review_and_deliver(id, decision, now_ms(), None).await
+        self.decide_review_and_deliver(id, decision, now_ms(), None, None).await
     }
 
     /// [`decide_review`](Self::decide_review) at `decided_at`, queueing `delivery` (a job's webhook hearing the
     /// answer) in the same transaction: a review is never decided without its job's client being told, nor told
     /// of a decision that was not made.
+    ///
+    /// `decider` is the deciding key: a review another key holds by a claim live at `decided_at` is not decided
+    /// (`Ok(None)`, as for one decided already). The claim is checked in the statement that decides, so that one
+    /// granted while the caller was checking the rule and the policies still holds. `None` decides whoever holds
+    /// it (a lead taking an item over).
     pub async fn decide_review_and_deliver(
         &self,
         id: &str,
         decision: &ReviewDecision,
         decided_at: i64,
         delivery: Option<&crate::NewDelivery>,
+        decider: Option<&str>,
     ) -> Result<Option<ReviewRecord>> {
-        let mut tx = match self.backend {
-            crate::Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
-            crate::Backend::Postgres => self.pool.begin().await?,
-        };
+        let mut tx = self.begin_locking().await?;
         let updated = sqlx::query(sql!(
             "UPDATE reviews SET status = 'decided', reviewer = $1, outcome = $2, rationale = $3, rule_id = $4, \
              policy_hash = $5, overrides_model = $6, decided_at = $7, \
              announced_at = CASE WHEN {ANNOUNCEABLE} THEN NULL ELSE $7 END \
-             WHERE id = $8 AND status = 'pending'"
+             WHERE id = $8 AND status = 'pending' \
+             AND ($9 IS NULL OR claimed_by IS NULL OR claimed_by = $9 OR claimed_until IS NULL OR claimed_until <= $7)"
         ))
         .bind(&decision.reviewer)
         .bind(&decision.outcome)
@@ -382,6 +386,7 @@ impl Store {
         .bind(decision.overrides_model.map(i64::from))
         .bind(decided_at)
         .bind(id)
+        .bind(decider)
         .execute(&mut *tx)
         .await?;
         if updated.rows_affected() == 0 {

@@ -214,6 +214,37 @@ async fn a_link_written_without_its_time_takes_its_decisions() {
     }
 }
 
+/// Links an old server wrote with time 0 before the trigger of 0011 existed are repaired by migration 13 when a
+/// server of this version opens the store.
+#[tokio::test]
+async fn links_left_at_time_zero_take_their_decisions_time_at_the_upgrade() {
+    for db in common::stores("listing_repair").await {
+        let (store, label) = (&db.0, db.1);
+        let all: Vec<DecisionRecord> = (0..6).map(decision).collect();
+        for record in &all {
+            store.insert_decision(record, None).await.unwrap();
+        }
+        // As they were left: the trigger fires on insert only.
+        sqlx::query("UPDATE decision_policies SET created_at = 0").execute(store.pool()).await.unwrap();
+        sqlx::query("DELETE FROM safeguard_migrations WHERE version = 13").execute(store.pool()).await.unwrap();
+        let (wrong, links) = link_times(store).await;
+        assert!(links >= 6 && wrong == links, "{label}: {wrong} of {links}");
+        let reopened = match (&db.2, &db.3) {
+            (Some(dir), _) => Store::open_sqlite(&dir.path().join("listing_repair.db")).await.unwrap(),
+            (None, Some((url, schema))) => {
+                let options = StoreOptions { schema: Some(schema.clone()), max_connections: 2, ..Default::default() };
+                Store::connect(url, options).await.unwrap()
+            }
+            (None, None) => unreachable!("a store is SQLite or PostgreSQL"),
+        };
+        assert_eq!(link_times(&reopened).await, (0, links), "{label}: every link has its decision's time");
+        let filter = DecisionFilter { policy: Some("spam".into()), limit: 4, ..DecisionFilter::default() };
+        assert_eq!(pages(&reopened, &filter).await.concat(), reference(&all, &filter), "{label}");
+        reopened.close().await;
+        common::clean_up(db).await;
+    }
+}
+
 /// Decided and superseded reviews page latest first by (decided_at, id), with answers sharing a millisecond
 /// split across pages: every one listed once, in order, whatever the page size.
 #[tokio::test]
@@ -236,7 +267,7 @@ async fn answered_reviews_page_latest_first_with_nothing_lost_in_a_shared_millis
             let review = store.enqueue_review(&id, 0).await.unwrap();
             // Three answers per millisecond, their review ids (random) out of step with their order.
             let decided_at = 5_000 + i / 3;
-            store.decide_review_and_deliver(&review, &answer, decided_at, None).await.unwrap().unwrap();
+            store.decide_review_and_deliver(&review, &answer, decided_at, None, None).await.unwrap().unwrap();
             expected.push((decided_at, review));
         }
         store.insert_decision(&common::decision("rv-pending", 1_000), None).await.unwrap();

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use safeguard_store::{
-    DecisionFilter, DecisionRecord, JobStatus, NewDelivery, NewJob, NewReview, PolicyListing, Store, StoreOptions,
-    now_ms,
+    DecisionFilter, DecisionRecord, JobStatus, Migrations, NewDelivery, NewJob, NewReview, PolicyListing, Store,
+    StoreError, StoreOptions, now_ms,
 };
 use serde_json::json;
 
@@ -1015,6 +1015,79 @@ async fn concurrent_queue_review_calls_make_one_review() {
     }
 }
 
+/// A store opened without migrating refuses what this version has not migrated, and changes nothing: the
+/// pending migration stays pending, and a database with no store gets none.
+#[tokio::test]
+async fn opening_without_migrating_refuses_a_store_with_pending_migrations() {
+    for t in stores().await {
+        let s = &t.store;
+        let reopen = |migrations: Migrations| {
+            let (dir, pg) = (&t._dir, &t.pg_schema);
+            async move {
+                match (dir, pg) {
+                    (Some(dir), _) => {
+                        let options = StoreOptions { migrations, ..Default::default() };
+                        Store::open_sqlite_with(&dir.path().join("test.db"), options).await
+                    }
+                    (None, Some((url, schema))) => {
+                        let options = StoreOptions {
+                            schema: Some(schema.clone()),
+                            max_connections: 2,
+                            migrations,
+                            ..Default::default()
+                        };
+                        Store::connect(url, options).await
+                    }
+                    (None, None) => unreachable!(),
+                }
+            }
+        };
+        let current = reopen(Migrations::RequireApplied).await.unwrap();
+        assert!(current.ping(std::time::Duration::from_secs(2)).await, "{}", t.label);
+        current.close().await;
+
+        let latest: i64 =
+            sqlx::query_scalar("SELECT MAX(version) FROM safeguard_migrations").fetch_one(s.pool()).await.unwrap();
+        sqlx::query("DELETE FROM safeguard_migrations WHERE version = $1")
+            .bind(latest)
+            .execute(s.pool())
+            .await
+            .unwrap();
+        let err = reopen(Migrations::RequireApplied).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::PendingMigrations { versions } if versions == &[latest]),
+            "{}: {err}",
+            t.label
+        );
+        assert!(err.to_string().contains(&format!("lacks migrations {latest} ")), "{err}");
+        let still_pending = sqlx::query("SELECT version FROM safeguard_migrations WHERE version = $1")
+            .bind(latest)
+            .fetch_optional(s.pool())
+            .await
+            .unwrap();
+        assert!(still_pending.is_none(), "{}", t.label);
+        let migrated = reopen(Migrations::Apply).await.unwrap();
+        migrated.close().await;
+        reopen(Migrations::RequireApplied).await.unwrap().close().await;
+    }
+    // A database nothing made: a SQLite file someone else's, and a PostgreSQL schema that does not exist.
+    let dir = tempfile::tempdir().unwrap();
+    let options = StoreOptions { migrations: Migrations::RequireApplied, ..Default::default() };
+    let err = Store::open_sqlite_with(&dir.path().join("other.db"), options).await.unwrap_err();
+    assert!(matches!(err, StoreError::NoStore), "{err}");
+    let url = std::env::var("SAFEGUARD_TEST_DATABASE_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_string());
+    let options = StoreOptions {
+        schema: Some(format!("sgtest_none_{}", std::process::id())),
+        migrations: Migrations::RequireApplied,
+        ..Default::default()
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), Store::connect(&url, options)).await {
+        Ok(Err(StoreError::Db(e))) if e.to_string().contains("connect") => eprintln!("SKIPPING PostgreSQL: {e}"),
+        Ok(result) => assert!(matches!(result, Err(StoreError::NoStore)), "{result:?}"),
+        Err(_) => eprintln!("SKIPPING PostgreSQL half: timed out"),
+    }
+}
+
 /// The migration that makes reviews unique per decision and kind removes the duplicates earlier versions could
 /// leave: a person's decision survives, otherwise the earliest review does.
 #[tokio::test]
@@ -1170,8 +1243,8 @@ async fn decisions_stored_together_are_all_or_none() {
     }
 }
 
-/// A claim holds a pending review for one claimant until it lapses; claiming again renews one's own; a decided
-/// review holds nothing.
+/// A claim holds a pending review for one claimant until it lapses; claiming again renews one's own; others may
+/// not decide it meanwhile; a decided review holds nothing.
 #[tokio::test]
 async fn a_review_is_held_by_one_claimant_at_a_time() {
     for t in stores().await {
@@ -1203,7 +1276,17 @@ async fn a_review_is_held_by_one_claimant_at_a_time() {
             policy_hash: None,
             overrides_model: None,
         };
-        s.decide_review(&id, &answer).await.unwrap().unwrap();
+        // Deciding checks the claim in the statement that decides: ben holds it, so ana's answer is refused and
+        // changes nothing, while ben's goes through.
+        let at = later + 1;
+        assert!(
+            s.decide_review_and_deliver(&id, &answer, at, None, Some("ana")).await.unwrap().is_none(),
+            "{}",
+            t.label
+        );
+        let still = s.get_review(&id).await.unwrap().unwrap();
+        assert_eq!((still.status.as_str(), still.claim_holder(at)), ("pending", Some("ben")), "{}", t.label);
+        s.decide_review_and_deliver(&id, &answer, at, None, Some("ben")).await.unwrap().unwrap();
         let decided = s.claim_review(&id, "ana", later + 60_000, later).await.unwrap().unwrap();
         assert_eq!((decided.status.as_str(), decided.claim_holder(later)), ("decided", None), "{}", t.label);
         t.cleanup().await;

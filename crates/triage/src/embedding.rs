@@ -275,6 +275,8 @@ pub struct HeadScore {
     pub score: f64,
     /// Violation share among the nearest stored items, when the head votes.
     pub neighbour_share: Option<f64>,
+    /// The text was longer than the encoder reads, and the score is of its start only.
+    pub text_cut: bool,
 }
 
 impl std::fmt::Debug for EmbeddingHead {
@@ -548,9 +550,10 @@ impl EmbeddingHead {
     /// The head's score for `text`. An encoder failure (a panic inside it, or an embedding of the wrong shape
     /// or with non-finite values) is an error, which the caller must treat as "cannot allow".
     pub fn score(&self, text: &str) -> Result<HeadScore, TriageError> {
-        let embedded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.encoder.encoder.embed(text)))
-            .map_err(|_| TriageError::Encoder("the sentence encoder panicked".into()))?;
-        self.score_embedding(&embedded)
+        let (embedded, text_cut) =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.encoder.encoder.embed_noting_cut(text)))
+                .map_err(|_| TriageError::Encoder("the sentence encoder panicked".into()))?;
+        Ok(HeadScore { text_cut, ..self.score_embedding(&embedded)? })
     }
 
     pub fn score_embedding(&self, embedding: &[f32]) -> Result<HeadScore, TriageError> {
@@ -563,12 +566,16 @@ impl EmbeddingHead {
         }
         let logit = embedding.iter().zip(&self.meta.weights).map(|(x, w)| f64::from(*x) * f64::from(*w)).sum::<f64>()
             + self.meta.bias;
-        let mut score = HeadScore { score: logit, neighbour_share: None };
+        let mut score = HeadScore { score: logit, neighbour_share: None, text_cut: false };
         if let (Some(index), Some(vote)) = (&self.neighbours, &self.meta.neighbours) {
             let share = index
                 .positive_share(embedding, vote.k, |_| true)
                 .ok_or_else(|| TriageError::Encoder("no neighbour vote for this embedding".into()))?;
-            score = HeadScore { score: logit + vote.weight * (share - vote.baseline), neighbour_share: Some(share) };
+            score = HeadScore {
+                score: logit + vote.weight * (share - vote.baseline),
+                neighbour_share: Some(share),
+                text_cut: false,
+            };
         }
         if score.score.is_finite() { Ok(score) } else { Err(TriageError::Encoder("non-finite embedding score".into())) }
     }

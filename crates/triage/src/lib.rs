@@ -142,8 +142,13 @@ pub struct EmbeddingEvidence {
     pub score: Option<f32>,
     /// Items scoring below this may be allowed.
     pub threshold: f32,
-    /// Whether the head lets the item through (`score < threshold`, compared at full precision).
+    /// Whether the head lets the item through: `score < threshold`, compared at full precision, on a text the
+    /// encoder read whole.
     pub allows: bool,
+    /// The text was longer than the encoder reads (about 250 word pieces), so the head saw only its start and
+    /// allows nothing; the classifier, which reads the whole text, may still allow it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub text_cut: bool,
     /// Violation share among the item's nearest stored neighbours (already part of `score`), for heads
     /// that take the vote.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -233,9 +238,13 @@ impl Triage {
         };
         // Flag evidence outranks an allow match: an allow keyword is a substring ("thanks"), and text that also
         // names what the operator wants looked at ("pipe bomb") must not pass on the politeness beside it.
+        // An allow keyword is a substring: it does not outweigh a classifier that leans to a violation, even one
+        // whose precision never earned it a violating band (`violate_above` unset; then above an even chance).
+        let leans_violating =
+            scored.is_some_and(|(_, p, t)| t.violate_above.map_or(p >= 0.5, |violate_above| p >= violate_above));
         let band = if decision == RuleDecision::Allow && !flagged {
             match head {
-                _ if confident_violation || self.model_unusable.is_some() => Band::Uncertain,
+                _ if leans_violating || self.model_unusable.is_some() => Band::Uncertain,
                 Some(h) if !head_allows(h) => Band::Uncertain,
                 _ => Band::ConfidentBenign,
             }
@@ -244,9 +253,14 @@ impl Triage {
         } else if flagged {
             Band::Uncertain
         } else {
-            match (head, scored) {
-                (Some(h), _) if head_allows(h) => Band::ConfidentBenign,
-                (None, Some((_, p, t))) if p < t.allow_below => Band::ConfidentBenign,
+            let allowed_by_classifier = scored.is_some_and(|(_, p, t)| p < t.allow_below);
+            match head {
+                Some(h) if head_allows(h) => Band::ConfidentBenign,
+                // A harmful request after a page of harmless text lies past what the head read.
+                Some(_) if embedding.as_ref().is_some_and(|e| e.text_cut) && allowed_by_classifier => {
+                    Band::ConfidentBenign
+                }
+                None if allowed_by_classifier => Band::ConfidentBenign,
                 _ => Band::Uncertain,
             }
         };
@@ -267,7 +281,8 @@ fn head_evidence(head: &EmbeddingHead, text: &str) -> EmbeddingEvidence {
         Ok(scored) => EmbeddingEvidence {
             score: Some(scored.score as f32),
             threshold: threshold as f32,
-            allows: scored.score < threshold,
+            allows: scored.score < threshold && !scored.text_cut,
+            text_cut: scored.text_cut,
             neighbour_share: scored.neighbour_share.map(|s| s as f32),
             error: None,
         },
@@ -277,6 +292,7 @@ fn head_evidence(head: &EmbeddingHead, text: &str) -> EmbeddingEvidence {
                 score: None,
                 threshold: threshold as f32,
                 allows: false,
+                text_cut: false,
                 neighbour_share: None,
                 error: Some(e.to_string()),
             }
@@ -316,5 +332,40 @@ mod tests {
         assert_eq!(degraded.route("thanks a lot").band, Band::Uncertain);
         assert_eq!(degraded.route("thanks for the free bitcoin").band, Band::ConfidentViolation);
         assert_eq!(degraded.model_unusable(), Some("weights.bin is corrupt"));
+    }
+
+    /// A classifier whose every probability is `p`, with no violating band of its own.
+    fn pinned_model(p: f64) -> TriageModel {
+        let examples: Vec<Example> = (0..20)
+            .map(|i| Example {
+                text: if i % 2 == 0 { format!("buy followers {i}") } else { format!("see you at lunch {i}") },
+                violates: i % 2 == 0,
+                weight: 1.0,
+                source: 0,
+            })
+            .collect();
+        let options = FitOptions { folds: 2, min_violate_support: 1, ..FitOptions::default() };
+        let mut model = fit(&examples, vec![], &options).unwrap();
+        model.meta.calibration = Calibration::Platt { a: 1e-9, b: (p / (1.0 - p)).ln() };
+        model.meta.thresholds =
+            Thresholds { target_recall: 0.99, allow_below: 0.05, target_precision: 0.99, violate_above: None };
+        model
+    }
+
+    /// An allow keyword is a substring, and does not outweigh a classifier leaning to a violation, even one whose
+    /// precision earned it no violating band.
+    #[test]
+    fn an_allow_keyword_does_not_outweigh_a_classifier_that_leans_to_a_violation() {
+        let config: RulesConfig = serde_json::from_value(serde_json::json!({
+            "keywords": [{"name": "greeting", "action": "allow", "keywords": ["thanks"]}]
+        }))
+        .unwrap();
+        let route = |p: f64, text: &str| {
+            Triage::new(Some(RuleSet::compile(&config).unwrap()), Some(pinned_model(p))).route(text).band
+        };
+        assert_eq!(route(0.3, "thanks, how do I make ricin"), Band::ConfidentBenign, "the keyword skips");
+        assert_eq!(route(0.7, "thanks, how do I make ricin"), Band::Uncertain, "unless the classifier leans");
+        assert_eq!(route(0.3, "how do I make ricin"), Band::Uncertain, "no keyword, not below allow_below");
+        assert_eq!(route(0.01, "how do I make ricin"), Band::ConfidentBenign);
     }
 }

@@ -475,6 +475,21 @@ impl TriageModel {
         if !meta.bias.is_finite() || !meta.thresholds.allow_below.is_finite() {
             return Err(invalid(dir, "bias and thresholds must be finite"));
         }
+        // Thresholds are probabilities, and the benign band lies below the violating one: an edited or damaged
+        // `allow_below` of 1.03 would skip the model for every item without rule evidence.
+        let Thresholds { allow_below, violate_above, target_recall, .. } = meta.thresholds;
+        if !(0.0..=1.0).contains(&allow_below)
+            || violate_above.is_some_and(|v| !(allow_below..=1.0).contains(&v))
+            || !(target_recall > 0.0 && target_recall <= 1.0)
+        {
+            return Err(invalid(
+                dir,
+                format!(
+                    "thresholds out of range (allow_below {allow_below}, violate_above {violate_above:?}, target \
+                     recall {target_recall}): each is a probability, and violate_above is not below allow_below"
+                ),
+            ));
+        }
         // Only a plain file name: the artifact must not point outside its directory.
         if meta.weights.file.contains(['/', '\\']) || meta.weights.file.starts_with('.') {
             return Err(invalid(dir, format!("weights file name {:?} must be a plain file name", meta.weights.file)));
@@ -514,6 +529,7 @@ impl TriageModel {
 mod tests {
     use super::*;
     use crate::train::SplitMix;
+    use serde_json::json;
 
     fn tiny_data() -> Vec<Example> {
         let benign = [
@@ -593,6 +609,26 @@ mod tests {
         std::fs::write(&meta_path, good_meta.replace("\"file\": \"weights.bin\"", "\"file\": \"../weights.bin\""))
             .unwrap();
         assert!(TriageModel::load(dir.path()).unwrap_err().to_string().contains("plain file name"));
+
+        // Thresholds are probabilities, the violating band above the benign one.
+        let mut raw: serde_json::Value = serde_json::from_str(&good_meta).unwrap();
+        let allow_below = raw["thresholds"]["allow_below"].as_f64().unwrap();
+        for (key, value) in [
+            ("allow_below", json!(allow_below + 1.0)),
+            ("allow_below", json!(-0.1)),
+            ("target_recall", json!(0.0)),
+            ("violate_above", json!(allow_below - 0.01)),
+            ("violate_above", json!(1.5)),
+        ] {
+            let mut edited = raw.clone();
+            edited["thresholds"][key] = value.clone();
+            std::fs::write(&meta_path, serde_json::to_vec(&edited).unwrap()).unwrap();
+            let err = TriageModel::load(dir.path()).unwrap_err().to_string();
+            assert!(err.contains("thresholds out of range"), "{key} {value}: {err}");
+        }
+        raw["thresholds"]["violate_above"] = serde_json::Value::Null;
+        std::fs::write(&meta_path, serde_json::to_vec(&raw).unwrap()).unwrap();
+        assert!(TriageModel::load(dir.path()).is_ok(), "no violating band is fine");
 
         std::fs::write(&meta_path, &good_meta).unwrap();
         std::fs::remove_file(&weights_path).unwrap();

@@ -250,8 +250,12 @@ pub struct RuleSet {
     deny_list: HashSet<String>,
 }
 
+/// A whole text as the allow and deny lists compare it: folded as keywords are, ends trimmed.
 fn normalize_whole_text(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase()
+    let mut folded = String::with_capacity(text.len());
+    let mut folder = Folder::default();
+    text.chars().for_each(|c| folder.fold(c, &mut folded));
+    folded.trim_matches(' ').to_string()
 }
 
 /// What regex's `\w` takes for a word character, so keyword and regex rules agree on where words end. Combining
@@ -305,19 +309,74 @@ fn boundary_ok(edge_is_word: bool, next: Option<char>) -> bool {
     !edge_is_word || next.is_none_or(|c| !is_word_char(c) || is_unspaced_script(c))
 }
 
-/// Folds one character for keyword matching, the same way for keywords and text so that they compare equal
-/// whatever their case. Final sigma folds with sigma: `char::to_lowercase` keeps `ς` and `σ` apart.
-fn fold_char(c: char, out: &mut String) {
-    match c {
-        'ς' => out.push('σ'),
-        c if c.is_ascii() => out.push(c.to_ascii_lowercase()),
-        c => out.extend(c.to_lowercase()),
+/// Folds text for keyword matching, a character at a time and the same way for keywords and text, so that what
+/// reads the same compares equal, as it does for the encoder the head reads the text with:
+/// - case: final sigma folds with sigma too (`char::to_lowercase` keeps `ς` and `σ` apart);
+/// - compatibility forms: full-width `ｂｏｍｂ`, ligatures and the like become what they stand for (each
+///   character's compatibility decomposition, so a precomposed `ñ` and `n` + U+0303 agree);
+/// - invisible characters (zero-width spaces and joiners, soft hyphens, variation selectors) are left out;
+/// - any run of whitespace (two spaces, a line break, a no-break space) is one space.
+///
+/// Without them `pipe  bomb`, `pipe b\u{200B}omb` or `ｐｉｐｅ ｂｏｍｂ` passed a flag rule for "pipe bomb" that
+/// the models still read. Accents are kept: "año" is not "ano".
+#[derive(Default)]
+struct Folder {
+    after_space: bool,
+}
+
+impl Folder {
+    fn fold(&mut self, c: char, out: &mut String) {
+        if c.is_ascii() && !c.is_ascii_whitespace() {
+            self.after_space = false;
+            out.push(c.to_ascii_lowercase());
+            return;
+        }
+        if is_default_ignorable(c) {
+            return;
+        }
+        if c.is_whitespace() {
+            if !self.after_space {
+                out.push(' ');
+            }
+            self.after_space = true;
+            return;
+        }
+        self.after_space = false;
+        unicode_normalization::char::decompose_compatible(c, |part| match part {
+            'ς' => out.push('σ'),
+            part => out.extend(part.to_lowercase()),
+        });
     }
+}
+
+/// Default_Ignorable_Code_Point (Unicode's DerivedCoreProperties): drawn as nothing, or only shaping a neighbour.
+fn is_default_ignorable(c: char) -> bool {
+    matches!(
+        c as u32,
+        0x00AD
+            | 0x034F
+            | 0x061C
+            | 0x115F..=0x1160
+            | 0x17B4..=0x17B5
+            | 0x180B..=0x180F
+            | 0x200B..=0x200F
+            | 0x202A..=0x202E
+            | 0x2060..=0x206F
+            | 0x3164
+            | 0xFE00..=0xFE0F
+            | 0xFEFF
+            | 0xFFA0
+            | 0xFFF0..=0xFFF8
+            | 0x1BCA0..=0x1BCA3
+            | 0x1D173..=0x1D17A
+            | 0xE0000..=0xE0FFF
+    )
 }
 
 fn fold_keyword(keyword: &str) -> String {
     let mut out = String::with_capacity(keyword.len());
-    keyword.chars().for_each(|c| fold_char(c, &mut out));
+    let mut folder = Folder::default();
+    keyword.chars().for_each(|c| folder.fold(c, &mut out));
     out
 }
 
@@ -333,7 +392,12 @@ struct FoldedText<'t> {
 
 impl<'t> FoldedText<'t> {
     fn new(text: &'t str) -> Self {
-        if text.is_ascii() {
+        // ASCII text folds byte for byte unless whitespace other than single spaces is to be folded.
+        let plain_spacing = || {
+            let bytes = text.as_bytes();
+            !bytes.iter().any(|&b| b.is_ascii_whitespace() && b != b' ') && !bytes.windows(2).any(|w| w == b"  ")
+        };
+        if text.is_ascii() && plain_spacing() {
             let folded = if text.bytes().any(|b| b.is_ascii_uppercase()) {
                 std::borrow::Cow::Owned(text.to_ascii_lowercase())
             } else {
@@ -343,8 +407,9 @@ impl<'t> FoldedText<'t> {
         }
         let mut folded = String::with_capacity(text.len());
         let mut origin = Vec::with_capacity(text.len());
+        let mut folder = Folder::default();
         for (start, c) in text.char_indices() {
-            fold_char(c, &mut folded);
+            folder.fold(c, &mut folded);
             origin.resize(folded.len(), start);
         }
         FoldedText { text, folded: std::borrow::Cow::Owned(folded), origin }
@@ -436,7 +501,14 @@ impl RuleSet {
                 let needs_boundary = |c: char| is_word_char(c) && !is_unspaced_script(c);
                 let starts_word = trimmed.chars().next().is_some_and(needs_boundary);
                 let ends_word = trimmed.chars().last().is_some_and(needs_boundary);
-                patterns.push(fold_keyword(trimmed));
+                let folded = fold_keyword(trimmed);
+                if folded.trim().is_empty() {
+                    return Err(TriageError::InvalidConfig(format!(
+                        "keyword list {:?} has a keyword of invisible characters only",
+                        list.name
+                    )));
+                }
+                patterns.push(folded);
                 keyword_meta.push(KeywordMeta {
                     rule: format!("{}: {}", list.name, trimmed),
                     action: list.action,
@@ -849,6 +921,46 @@ mod tests {
         assert_eq!(matched("x I y", &i_rules.evaluate("x I y")), ["I"]);
         // Still a boundary against Cyrillic letters.
         assert!(rules.evaluate("супербомбам").evidence.is_empty());
+    }
+
+    /// What reads as the keyword matches it: spacing, invisible characters and compatibility forms do not hide
+    /// it, and the span is the text as written. Accents still count.
+    #[test]
+    fn keywords_match_through_spacing_invisible_characters_and_compatibility_forms() {
+        let rules = keyword_rules("flag", &["pipe bomb", "niño"]);
+        for text in [
+            "make a pipe  bomb",
+            "make a pipe\nbomb",
+            "make a pipe\u{00A0}bomb",
+            "make a pipe b\u{200B}omb",
+            "make a pipe bo\u{00AD}mb",
+            "make a ｐｉｐｅ ｂｏｍｂ",
+            "make a PIPE\t \u{2060}BOMB",
+        ] {
+            let hit = rules.evaluate(text);
+            let span = matched(text, &hit);
+            assert_eq!(span.len(), 1, "{text:?}: {hit:?}");
+            assert!(span[0].to_lowercase().starts_with(['p', 'ｐ']), "{text:?}: {span:?}");
+            assert!(span[0].ends_with(['b', 'B', 'ｂ']), "{text:?}: {span:?}");
+        }
+        // Precomposed and decomposed spellings agree, either way round.
+        for text in ["el niño", "el nin\u{0303}o", "EL NIÑO"] {
+            assert_eq!(matched(text, &rules.evaluate(text)).len(), 1, "{text:?}");
+        }
+        assert!(rules.evaluate("el nino").evidence.is_empty(), "an accent is not dropped");
+        assert!(rules.evaluate("pipebomb").evidence.is_empty());
+        // Allow and deny lists compare whole texts folded the same way.
+        let lists: RulesConfig = serde_json::from_value(serde_json::json!({"deny_list": ["free bitcoin"]})).unwrap();
+        let lists = RuleSet::compile(&lists).unwrap();
+        for text in ["free\u{200B} bitcoin", " FREE\n\nBITCOIN ", "ｆｒｅｅ ｂｉｔｃｏｉｎ"] {
+            assert_eq!(lists.evaluate(text).decision, RuleDecision::Deny, "{text:?}");
+        }
+        // A keyword nobody can see is refused rather than matching everywhere.
+        let invisible: RulesConfig = serde_json::from_value(
+            serde_json::json!({"keywords": [{"name": "k", "action": "flag", "keywords": ["\u{200B}\u{2060}"]}]}),
+        )
+        .unwrap();
+        assert!(RuleSet::compile(&invisible).unwrap_err().to_string().contains("invisible"));
     }
 
     #[test]

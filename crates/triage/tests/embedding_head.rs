@@ -194,6 +194,29 @@ fn head_is_saved_gates_allow_and_refuses_a_foreign_encoder() {
     assert!(TriageModel::load(dir.path()).unwrap().embedding_head().is_none());
 }
 
+/// The encoder reads about 250 word pieces. Past that the head has seen only the start, so it allows nothing:
+/// a threat after a page of recipes must not pass on the recipes. The classifier, which reads the whole text,
+/// alone decides whether such an item may be skipped.
+#[test]
+fn the_head_allows_no_text_longer_than_the_encoder_reads() {
+    let Some(encoder) = encoder() else { return };
+    let model = trained(encoder);
+    let allow_below = model.meta.thresholds.allow_below;
+    let triage = Triage::new(None, Some(model));
+    let recipes = "Could you suggest a recipe for vegetable soup? ".repeat(40);
+    for text in [recipes.clone(), format!("{recipes}I am going to stab him to death with a kitchen knife tonight.")] {
+        let result = triage.route(&text);
+        let evidence = result.embedding.as_ref().expect("the head was run");
+        assert!(evidence.text_cut && !evidence.allows, "{evidence:?}");
+        let classifier_allows = result.calibrated_probability.unwrap() < allow_below;
+        assert_eq!(result.band == Band::ConfidentBenign, classifier_allows, "{result:?}");
+    }
+    let short = triage.route("Could you suggest a recipe for vegetable soup?");
+    let evidence = short.embedding.as_ref().unwrap();
+    assert!(!evidence.text_cut && evidence.allows, "{evidence:?}");
+    assert_eq!(short.band, Band::ConfidentBenign);
+}
+
 #[test]
 fn the_neighbour_vote_is_part_of_the_score_and_its_rows_travel_with_the_head() {
     let Some(encoder) = encoder() else { return };

@@ -14,7 +14,7 @@ use safeguard_eval::{
 use safeguard_harmony::{Content, Effort, user_message_text};
 use safeguard_pipeline::flywheel::stored_verdict_stage;
 use safeguard_policy::Policy;
-use safeguard_store::{DecisionFilter, Store, StoreOptions};
+use safeguard_store::{DecisionFilter, Migrations, Store, StoreOptions};
 use serde::Serialize;
 
 use super::classify::{EngineArgs, load_reasoner, runtime};
@@ -235,8 +235,8 @@ async fn stored_decisions(
     if !safeguard_store::store_exists(url, schema.as_deref()).await.context("cannot open the database")? {
         bail!("no safeguard store at that database{}", schema.map(|s| format!(" (schema {s})")).unwrap_or_default());
     }
-    let store =
-        Store::connect(url, StoreOptions { schema, ..Default::default() }).await.context("cannot open the database")?;
+    let options = StoreOptions { schema, migrations: Migrations::RequireApplied, ..Default::default() };
+    let store = Store::connect(url, options).await.context("cannot open the database")?;
     let filter = DecisionFilter {
         policy: Some(policy_name.to_string()),
         limit: i64::try_from(limit).unwrap_or(i64::MAX),

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use safeguard_server::SCOPES;
+use safeguard_store::{Migrations, Store, StoreOptions};
 
 #[derive(clap::Args)]
 pub struct StoreArgs {
@@ -20,34 +21,42 @@ pub struct StoreArgs {
 }
 
 impl StoreArgs {
-    fn options(&self) -> safeguard_store::StoreOptions {
-        safeguard_store::StoreOptions { schema: self.database_schema.clone(), ..Default::default() }
+    fn options(&self, migrations: Migrations) -> StoreOptions {
+        StoreOptions { schema: self.database_schema.clone(), migrations, ..Default::default() }
     }
 
     /// The store a server started with the same flags would use, made if it does not exist yet: a key is made
-    /// before the first start off loopback.
-    pub(super) async fn open_or_create(&self) -> anyhow::Result<safeguard_store::Store> {
-        super::serve::open_store(&self.data_dir, self.database.as_deref(), self.options()).await
+    /// before the first start off loopback. A store that exists is opened as [`open`](Self::open) opens it.
+    pub(super) async fn open_or_create(&self) -> anyhow::Result<Store> {
+        if self.exists().await? {
+            return self.open().await;
+        }
+        super::serve::open_store(&self.data_dir, self.database.as_deref(), self.options(Migrations::Apply)).await
     }
 
-    /// [`open_or_create`](Self::open_or_create) for a store that must exist already: listing or changing what a
-    /// server stored in a database made just now (another directory, a mistyped --data-dir, --database or
-    /// --database-schema) would find nothing and say so as if all were well.
-    pub(super) async fn open(&self) -> anyhow::Result<safeguard_store::Store> {
-        let missing = match &self.database {
-            None => !self.sqlite_path().exists(),
-            Some(url) => !safeguard_store::store_exists(url, self.database_schema.as_deref())
-                .await
-                .with_context(|| format!("cannot open the database {}", self.shown()))?,
-        };
-        if missing {
+    /// A store that must exist already: listing or changing what a server stored in a database made just now
+    /// (another directory, a mistyped --data-dir, --database or --database-schema) would find nothing and say so
+    /// as if all were well. Only a server migrates: one of another version may be running on this store, and a
+    /// store this version has not migrated is refused rather than changed under it.
+    pub(super) async fn open(&self) -> anyhow::Result<Store> {
+        if !self.exists().await? {
             let schema = self.database_schema.as_ref().map(|s| format!(" (schema {s})")).unwrap_or_default();
             bail!(
                 "no database at {}{schema}: give the --data-dir (or --database) the server was started with",
                 self.shown()
             );
         }
-        self.open_or_create().await
+        super::serve::open_store(&self.data_dir, self.database.as_deref(), self.options(Migrations::RequireApplied))
+            .await
+    }
+
+    async fn exists(&self) -> anyhow::Result<bool> {
+        match &self.database {
+            None => Ok(self.sqlite_path().exists()),
+            Some(url) => safeguard_store::store_exists(url, self.database_schema.as_deref())
+                .await
+                .with_context(|| format!("cannot open the database {}", self.shown())),
+        }
     }
 
     fn sqlite_path(&self) -> PathBuf {
