@@ -912,8 +912,8 @@ impl Worker {
             Ok(prepared) => prepared,
             Err(HostError::Rejected(why)) => return self.reject(message, key, item_id, &why, digest, stop).await,
             Err(HostError::NotStored(why)) => {
-                let unless = (!slot_answers_another).then_some(&digest);
-                return self.reject_for_now(message, key, item_id, &why, unless).await;
+                let settled = Settled { digest: &digest, slot_answers_another };
+                return self.reject_for_now(message, key, item_id, &why, settled).await;
             }
             Err(HostError::Unavailable(why)) => {
                 warn!(?key, "cannot prepare the event now: {why}");
@@ -939,10 +939,11 @@ impl Worker {
         // Only this body's settled events count: a key reused for an edited post still gets its `pending` over the
         // old body's decision. A person's answer carries no digest, and counts unless the key's entry is another
         // body's.
+        let settled = Settled { digest: &digest, slot_answers_another };
         let answered = |last: &DecisionEvent| match (&last.status, &last.body_digest) {
             (EventStatus::Pending, _) => false,
             (_, Some(theirs)) => *theirs == digest,
-            (EventStatus::Decided | EventStatus::Reviewed, None) => !slot_answers_another,
+            (EventStatus::Decided | EventStatus::Reviewed, None) => settled.answered_by(&key, last),
             // A rejection until a policy is stored answers nothing: the event is here again to be decided.
             (EventStatus::Rejected, None) => false,
         };
@@ -1060,6 +1061,20 @@ impl Worker {
         content: Option<&Content>,
         stop: &CancellationToken,
     ) -> bool {
+        self.record_or(message, event, content, stop, false).await
+    }
+
+    /// [`record`](Self::record); with `drop_lasting`, a refusal no retry can change (the host rejects the
+    /// decision) is logged and `true` returned instead: for an event that can never be settled, where a
+    /// redelivery would only decide it again, at the budget's cost, to be refused again.
+    async fn record_or(
+        &self,
+        message: &jetstream::Message,
+        event: &DecisionEvent,
+        content: Option<&Content>,
+        stop: &CancellationToken,
+        drop_lasting: bool,
+    ) -> bool {
         let Some(decision) = &event.decision else { return true };
         let lasting = |e: &HostError| matches!(e, HostError::Rejected(_) | HostError::NotStored(_));
         let recording = persist(stop, "record the decision", &event.key, lasting, || async {
@@ -1070,6 +1085,10 @@ impl Worker {
         });
         match keep_alive(message, self.ack_wait(), recording).await {
             Ok(()) => true,
+            Err(e) if drop_lasting && lasting(&e) => {
+                error!(key = ?event.key, "the host refuses the decision, and the event can never be settled: {e}");
+                true
+            }
             Err(e) => {
                 warn!(key = ?event.key, "cannot record the decision: {e}");
                 retry(message).await;
@@ -1114,30 +1133,27 @@ impl Worker {
     }
 
     /// Rejects an event for what the host holds now ([`HostError::NotStored`]), not for what it is: published, never
-    /// written to the ledger, so the key stays free for the same event sent again. Not published over a decision
-    /// of this body (`digest`: another delivery's, settled meanwhile) or a person's answer on the key: the
-    /// producer's last word stays the settled one. `None` when the key's ledger entry is another body's: what the
-    /// subject last said is then about that body, and an edited post the worker cannot judge yet must not pass
-    /// on the old body's `allow`.
+    /// written to the ledger, so the key stays free for the same event sent again. Not published over this body's
+    /// settled word (another delivery's decision, settled meanwhile, or a person's answer to it): the producer's
+    /// last word stays the settled one. Over another body's it is: an edited post the worker cannot judge yet
+    /// must not pass on the old body's `allow`.
     async fn reject_for_now(
         &self,
         message: &jetstream::Message,
         key: String,
         item_id: Option<String>,
         error: &str,
-        unless_settled_for: Option<&String>,
+        this_body: Settled<'_>,
     ) -> Option<Duration> {
         warn!(?key, ?error, "rejecting a content event until its policy is stored");
         let place = stream_place(message);
         let event = rejected(key, item_id, error);
         // One id per delivery: a resend is answered again, a duplicate publish of this one is not.
         let id = format!("{}:{:?}:{place}", subject_token(&event.key), event.status);
-        let settled = |last: &DecisionEvent| {
-            unless_settled_for.is_some_and(|digest| match last.status {
-                EventStatus::Decided => last.body_digest.as_ref().is_none_or(|theirs| theirs == digest),
-                EventStatus::Reviewed => true,
-                _ => false,
-            })
+        let settled = |last: &DecisionEvent| match (&last.status, &last.body_digest) {
+            (EventStatus::Decided, Some(theirs)) => theirs.as_str() == this_body.digest,
+            (EventStatus::Decided | EventStatus::Reviewed, None) => this_body.answered_by(&event.key, last),
+            _ => false,
         };
         let published = self.bus.publish_unless(&id, &event, settled).await.map(|_| ());
         ack_published(message, &event.key, published).await;
@@ -1216,7 +1232,7 @@ impl Worker {
                     error!(?key, "the event can never be settled, it is too large for NATS ({why}); dropping it");
                     if let Some(mut whole) = whole.take() {
                         restore_reasoning(&mut whole, reasoning);
-                        if !self.record(message, &whole, content, stop).await {
+                        if !self.record_or(message, &whole, content, stop, true).await {
                             return;
                         }
                     }
@@ -1599,6 +1615,29 @@ fn clip(text: &str, max: usize) -> String {
 
 /// The id of the decision a person gets for a key whose ledger slot holds another key's entry: the same for
 /// every delivery of the key, so the host, idempotent by id, records it once.
+/// What tells whether the last event on a key's subject is this body's settled word.
+#[derive(Clone, Copy)]
+struct Settled<'d> {
+    digest: &'d str,
+    /// The key's ledger entry is another body's (or another key's): this body, if settled, was settled apart.
+    slot_answers_another: bool,
+}
+
+impl Settled<'_> {
+    /// Whether `last`, an event carrying no body digest (a person's answer, or a decision from before digests),
+    /// answers this body. Any does while the key's entry is this body's; otherwise only a person's answer to the
+    /// decision this body was settled apart under (one id per key and body, or the key's conflict id).
+    fn answered_by(&self, key: &str, last: &DecisionEvent) -> bool {
+        if !self.slot_answers_another {
+            return true;
+        }
+        let apart = [reused_id(key, self.digest).to_string(), conflict_id(key).to_string()];
+        last.review.as_ref().is_some_and(|review| {
+            apart.contains(&review.decision_id) || review.appeal_of.as_ref().is_some_and(|of| apart.contains(of))
+        })
+    }
+}
+
 fn conflict_id(key: &str) -> uuid::Uuid {
     derived_id(&format!("safeguard ledger conflict\0{key}"))
 }

@@ -791,6 +791,14 @@ async fn a_key_reused_with_a_different_body_is_not_answered_with_the_first_bodys
     wait_until_drained(&producer, Duration::from_secs(20)).await;
     let first = producer.decided("post-1").await.unwrap().unwrap().decision.unwrap();
     assert_eq!(serde_json::to_value(first.outcome).unwrap(), "allow");
+    // An edit naming a policy the worker does not hold yet is rejected for now, and said so on the subject: its
+    // last word was the first body's `allow`, which must not stand for a body nobody judged.
+    publish_by_id(&producer, &json!({"id": "post-1", "text": "buy it here", "policies": ["harassment"]})).await;
+    wait_until_drained(&producer, Duration::from_secs(20)).await;
+    let last = published(&producer).await.remove("post-1").unwrap().pop().unwrap();
+    assert_eq!(last.status, EventStatus::Rejected, "{last:?}");
+    assert!(last.error.as_deref().unwrap().contains("\"harassment\" is stored"), "{last:?}");
+    assert_eq!(reasoner.calls.load(Ordering::SeqCst), 1, "not judged");
 
     // The edit, under the same key (the item's id).
     publish_by_id(&producer, &edited).await;
@@ -817,13 +825,6 @@ async fn a_key_reused_with_a_different_body_is_not_answered_with_the_first_bodys
     // A second edit is a body of its own: a decision of its own, not one the host (idempotent by id) would drop.
     publish_by_id(&producer, &json!({"id": "post-1", "text": "buy them twice"})).await;
     wait_until_drained(&producer, Duration::from_secs(20)).await;
-    // An edit naming a policy the worker does not hold yet is rejected for now, and said so on the subject: the
-    // subject's last word was the first body's `allow`, which must not stand for a body nobody judged.
-    publish_by_id(&producer, &json!({"id": "post-1", "text": "buy it here", "policies": ["harassment"]})).await;
-    wait_until_drained(&producer, Duration::from_secs(20)).await;
-    let last = published(&producer).await.remove("post-1").unwrap().pop().unwrap();
-    assert_eq!(last.status, EventStatus::Rejected, "{last:?}");
-    assert!(last.error.as_deref().unwrap().contains("\"harassment\" is stored"), "{last:?}");
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
 

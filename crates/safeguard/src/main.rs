@@ -57,22 +57,25 @@ enum Command {
     Prune(cmd::prune::Args),
 }
 
-/// A command whose output a reader may stop reading (`safeguard models inspect … | head`), and that holds nothing
-/// to put right when it stops: the server answers on sockets, and `keys create` revokes a key whose secret it
-/// could not show.
-fn stdout_is_the_product(command: &Command) -> bool {
-    !matches!(command, Command::Serve(_) | Command::Keys(cmd::keys::Command::Create { .. }))
-}
-
-/// Rust ignores SIGPIPE, so a write to a pipe nobody reads fails, and `println!` panics on that failure. For a
-/// command line tool the Unix convention is to end as `cat` does, killed by the signal, without a message.
-/// Sockets are unaffected: the standard library sends with `MSG_NOSIGNAL`.
-fn die_quietly_on_a_closed_stdout() {
-    #[cfg(unix)]
-    // SAFETY: called before any other thread exists; SIG_DFL is a valid disposition for SIGPIPE.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+/// Rust ignores SIGPIPE, so printing to a pipe nobody reads fails, and `println!` panics on the failure, with a
+/// panic message and exit 101. That panic (and only that one) ends the process quietly instead, as output
+/// written through [`cmd::Stdout`] does. SIGPIPE itself stays ignored: restored to its default it would kill a
+/// command writing to a closed socket too (a pooled database connection over a Unix socket, a vectored HTTPS
+/// write), mid-work and without a word.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(cmd::EXIT_CLOSED_STDOUT);
+        }
+        default(info);
+    }));
 }
 
 fn main() -> ExitCode {
@@ -85,10 +88,8 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    quiet_on_closed_stdout();
     let cli = Cli::parse();
-    if stdout_is_the_product(&cli.command) {
-        die_quietly_on_a_closed_stdout();
-    }
     let result = match cli.command {
         Command::Prompt(args) => cmd::prompt::run(args),
         Command::Classify(args) => cmd::classify::run(args),
@@ -106,6 +107,7 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        Err(err) if cmd::stdout_closed(&err) => ExitCode::from(cmd::EXIT_CLOSED_STDOUT as u8),
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::from(cmd::EXIT_FAILURE)

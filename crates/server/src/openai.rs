@@ -62,7 +62,7 @@ async fn moderation_policies(state: &AppState) -> Result<Vec<safeguard_policy::P
 }
 
 /// `{"input": "text" | ["text", …]}` → `{"id", "model", "results": [{"flagged", "categories", "category_scores"}]}`.
-/// One category per policy. Fail closed: an item that needs review is flagged, with score 0.5.
+/// One category per policy. Fail closed: an item that needs review is flagged, with score 1.0.
 pub(crate) async fn moderations(
     State(state): State<AppState>,
     caller: Caller,

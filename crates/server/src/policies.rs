@@ -53,6 +53,7 @@ async fn store_policy(
             pin,
         )
         .await?;
+    // A version stored pinned (the starter library's): one published is pinned by the caller, who reserves it.
     if stored.0.active {
         safeguard_core::reserve_policy_label(&stored.0.name);
     }
@@ -336,6 +337,9 @@ pub(crate) async fn create(
         && let Some(pinned) = state.store.pin_first_version(&stored.hash, &stored.name, &stored.meta).await?
     {
         stored = pinned;
+    }
+    if stored.active {
+        safeguard_core::reserve_policy_label(&stored.name);
     }
     state.lookups.active.forget(&stored.name);
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };

@@ -592,7 +592,7 @@ impl EmbeddingHead {
 }
 
 /// The head's out-of-fold fold per example. Calibration items are folded by [`copy_grouped_folds`]: copies of a
-/// text (trimmed and lowercased) share a fold, stratified by (source, label), so no copy scores another out of
+/// text (as [`copy_key`] reads it: lowercased, whitespace runs as one space) share a fold, stratified by (source, label), so no copy scores another out of
 /// fold, as a training row of the logit or as a neighbour at distance 0 in the vote. An auxiliary item that is
 /// a copy of a calibration text is held out with it (and scored, unused); other auxiliary items are `None`, in
 /// every fold's training set. Without copies and from one source these are the per-row stratified folds.

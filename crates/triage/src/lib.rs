@@ -7,8 +7,9 @@
 //! 1. A deny rule → `ConfidentViolation` (rules are the operator's explicit word).
 //! 2. Flag evidence → never `ConfidentBenign`, even beside an allow match (at least `Uncertain`;
 //!    `ConfidentViolation` if the classifier is confident).
-//! 3. An allow rule → `ConfidentBenign`, unless the classifier says `p >= violate_above`: an allow list
-//!    entry that the classifier confidently disputes goes to the model (`Uncertain`) rather than through.
+//! 3. An allow rule → `ConfidentBenign`, unless the classifier leans to a violation (`p >= violate_above`, or
+//!    `p >= 0.5` when it earned no violating band): an allow match the classifier disputes goes to the model
+//!    (`Uncertain`) rather than through. A text carrying invisible text (tag characters) matches no allow rule.
 //! 4. Otherwise the classifier's calibrated probability: `p < allow_below` → `ConfidentBenign`,
 //!    `p >= violate_above` → `ConfidentViolation`, else `Uncertain`.
 //! 5. With no classifier and no deciding rule → `Uncertain`.
@@ -18,7 +19,9 @@
 //! allow rule the classifier does not dispute, or no deny/flag evidence and no confident violation). The
 //! n-gram classifier's `allow_below` no longer decides by itself: the head replaces it as the benign gate,
 //! while the classifier and rules still send items on or mark them violations as before. A head that cannot
-//! score (encoder failure) never allows. The head is only run when its answer could allow the item.
+//! score (encoder failure) never allows. The head is only run when its answer could allow the item. A text
+//! longer than the encoder reads (about 250 word pieces) is allowed only if the head scores what it read below
+//! its threshold and the classifier, which read all of it, scores it below `allow_below`.
 
 pub mod bench;
 pub mod calibrate;
@@ -230,9 +233,12 @@ impl Triage {
         let confident_violation = scored.is_some_and(|(_, p, t)| t.violate_above.is_some_and(|v| p >= v));
         let head = self.model.as_ref().and_then(TriageModel::embedding_head);
         let mut embedding = None;
+        // The head's score is below its threshold (whether or not it read the whole text).
+        let mut head_below = false;
         let mut head_allows = |head: &EmbeddingHead| {
-            let evidence = head_evidence(head, text);
+            let (evidence, below) = head_evidence(head, text);
             let allows = evidence.allows;
+            head_below = below;
             embedding = Some(evidence);
             allows
         };
@@ -256,8 +262,9 @@ impl Triage {
             let allowed_by_classifier = scored.is_some_and(|(_, p, t)| p < t.allow_below);
             match head {
                 Some(h) if head_allows(h) => Band::ConfidentBenign,
-                // A harmful request after a page of harmless text lies past what the head read.
-                Some(_) if embedding.as_ref().is_some_and(|e| e.text_cut) && allowed_by_classifier => {
+                // A harmful request after a page of harmless text lies past what the head read: a text it read
+                // only the start of needs the classifier, which read all of it, to agree.
+                Some(_) if head_below && embedding.as_ref().is_some_and(|e| e.text_cut) && allowed_by_classifier => {
                     Band::ConfidentBenign
                 }
                 None if allowed_by_classifier => Band::ConfidentBenign,
@@ -275,27 +282,33 @@ impl Triage {
     }
 }
 
-fn head_evidence(head: &EmbeddingHead, text: &str) -> EmbeddingEvidence {
+/// What the head said, and whether its score is below its threshold (compared at full precision).
+fn head_evidence(head: &EmbeddingHead, text: &str) -> (EmbeddingEvidence, bool) {
     let threshold = head.meta.threshold;
     match head.score(text) {
-        Ok(scored) => EmbeddingEvidence {
-            score: Some(scored.score as f32),
-            threshold: threshold as f32,
-            allows: scored.score < threshold && !scored.text_cut,
-            text_cut: scored.text_cut,
-            neighbour_share: scored.neighbour_share.map(|s| s as f32),
-            error: None,
-        },
+        Ok(scored) => {
+            let below = scored.score < threshold;
+            let evidence = EmbeddingEvidence {
+                score: Some(scored.score as f32),
+                threshold: threshold as f32,
+                allows: below && !scored.text_cut,
+                text_cut: scored.text_cut,
+                neighbour_share: scored.neighbour_share.map(|s| s as f32),
+                error: None,
+            };
+            (evidence, below)
+        }
         Err(e) => {
             tracing::warn!(error = %e, "embedding head failed; the item goes on to the model");
-            EmbeddingEvidence {
+            let evidence = EmbeddingEvidence {
                 score: None,
                 threshold: threshold as f32,
                 allows: false,
                 text_cut: false,
                 neighbour_share: None,
                 error: Some(e.to_string()),
-            }
+            };
+            (evidence, false)
         }
     }
 }

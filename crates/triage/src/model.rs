@@ -148,7 +148,7 @@ impl FitOptions {
     }
 }
 
-/// The fold of each example. Examples whose texts are equal after trimming and lowercasing are one unit and
+/// The fold of each example. Examples whose texts are equal as `copy_key` reads them (lowercased, whitespace runs as one space) are one unit and
 /// share a fold: a copy on the training side would hand its label to the held-out score, and thresholds set
 /// on such scores promise more than unseen traffic gets. Units are stratified by (source, label) of their
 /// first example, with each label's rotation running on across sources; the embedding head's folds are made
@@ -480,7 +480,7 @@ impl TriageModel {
         let Thresholds { allow_below, violate_above, target_recall, .. } = meta.thresholds;
         if !(0.0..=1.0).contains(&allow_below)
             || violate_above.is_some_and(|v| !(allow_below..=1.0).contains(&v))
-            || !(target_recall > 0.0 && target_recall <= 1.0)
+            || !(0.0..=1.0).contains(&target_recall)
         {
             return Err(invalid(
                 dir,
@@ -616,7 +616,7 @@ mod tests {
         for (key, value) in [
             ("allow_below", json!(allow_below + 1.0)),
             ("allow_below", json!(-0.1)),
-            ("target_recall", json!(0.0)),
+            ("target_recall", json!(1.5)),
             ("violate_above", json!(allow_below - 0.01)),
             ("violate_above", json!(1.5)),
         ] {

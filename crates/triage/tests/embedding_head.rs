@@ -204,13 +204,21 @@ fn the_head_allows_no_text_longer_than_the_encoder_reads() {
     let allow_below = model.meta.thresholds.allow_below;
     let triage = Triage::new(None, Some(model));
     let recipes = "Could you suggest a recipe for vegetable soup? ".repeat(40);
-    for text in [recipes.clone(), format!("{recipes}I am going to stab him to death with a kitchen knife tonight.")] {
+    let threat = "I am going to stab him to death with a kitchen knife tonight. ";
+    for text in [recipes.clone(), format!("{recipes}{threat}"), format!("{threat}{recipes}")] {
         let result = triage.route(&text);
         let evidence = result.embedding.as_ref().expect("the head was run");
         assert!(evidence.text_cut && !evidence.allows, "{evidence:?}");
+        // Skipped only where both agree: the head on what it read, the classifier on the whole text.
+        let head_below = evidence.score.unwrap() < evidence.threshold;
         let classifier_allows = result.calibrated_probability.unwrap() < allow_below;
-        assert_eq!(result.band == Band::ConfidentBenign, classifier_allows, "{result:?}");
+        assert_eq!(result.band == Band::ConfidentBenign, head_below && classifier_allows, "{result:?}");
     }
+    // A text whose start the head reads as a threat is never skipped, however harmless the rest.
+    let result = triage.route(&format!("{}{}", threat.repeat(20), recipes.repeat(3)));
+    let evidence = result.embedding.as_ref().unwrap();
+    assert!(evidence.score.unwrap() >= evidence.threshold, "the head reads the threat: {evidence:?}");
+    assert_ne!(result.band, Band::ConfidentBenign, "{result:?}");
     let short = triage.route("Could you suggest a recipe for vegetable soup?");
     let evidence = short.embedding.as_ref().unwrap();
     assert!(!evidence.text_cut && evidence.allows, "{evidence:?}");

@@ -226,7 +226,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             let result = classify_all(&args, policies, source, limits, &mut output.writer);
             output.finish(result)
         }
-        None => classify_all(&args, policies, source, limits, &mut BufWriter::new(std::io::stdout().lock())),
+        None => classify_all(&args, policies, source, limits, &mut BufWriter::new(super::Stdout::lock())),
     }
 }
 
@@ -562,7 +562,7 @@ pub fn run_policy_test(args: PolicyTestArgs) -> anyhow::Result<ExitCode> {
         ..ClassifyOptions::default()
     };
     let runtime = runtime()?;
-    let mut stdout = BufWriter::new(std::io::stdout().lock());
+    let mut stdout = BufWriter::new(super::Stdout::lock());
     let mut failed = 0usize;
     for (policy, cases) in &suites {
         let report = runtime.block_on(run_golden(&classifier, policy, cases, &options, batch));

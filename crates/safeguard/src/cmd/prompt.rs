@@ -60,7 +60,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let rendered = render_prompt(&policy.body, &content, &opts).context("cannot render the prompt")?;
     let text = Tokenizer::shared().decode_lossy(&rendered.tokens);
 
-    let mut stdout = std::io::stdout().lock();
+    let mut stdout = super::Stdout::lock();
     match args.format {
         Format::Json => {
             let output = Output {
