@@ -364,6 +364,21 @@ async fn an_event_repeating_a_flagged_word_is_decided_once_with_capped_evidence(
     delete_streams(&producer).await;
 }
 
+/// The decided ledger made ahead of the workers, taking messages of at most `bytes` (as a server's max_payload
+/// would refuse larger ones).
+async fn ledger_taking_at_most(cfg: &NatsConfig, bytes: i32) {
+    let js = async_nats::jetstream::new(async_nats::connect(URL).await.unwrap());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: cfg.decided_stream.clone(),
+        subjects: vec![format!("{}.decided.>", cfg.prefix)],
+        max_messages_per_subject: 1,
+        max_message_size: bytes,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
 /// A decision the ledger cannot take (here a ledger that takes 4 KiB, as a server's max_payload would refuse a
 /// larger one) is settled as needs_review without its evidence, not given back to be decided again forever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -373,16 +388,7 @@ async fn a_decision_too_large_for_the_ledger_goes_to_a_person_instead_of_round_a
         return;
     }
     let cfg = config();
-    let js = async_nats::jetstream::new(async_nats::connect(URL).await.unwrap());
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: cfg.decided_stream.clone(),
-        subjects: vec![format!("{}.decided.>", cfg.prefix)],
-        max_messages_per_subject: 1,
-        max_message_size: 4096,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    ledger_taking_at_most(&cfg, 4096).await;
     let producer = Bus::connect(cfg.clone()).await.unwrap();
     let text = "kill stab hurt maim ".repeat(50);
     producer.publish_content("big", &json!({"id": "big", "text": text})).await.unwrap();
@@ -428,16 +434,7 @@ async fn a_decision_too_large_even_without_its_evidence_still_reaches_a_person()
         return;
     }
     let cfg = config();
-    let js = async_nats::jetstream::new(async_nats::connect(URL).await.unwrap());
-    js.create_stream(async_nats::jetstream::stream::Config {
-        name: cfg.decided_stream.clone(),
-        subjects: vec![format!("{}.decided.>", cfg.prefix)],
-        max_messages_per_subject: 1,
-        max_message_size: 256,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    ledger_taking_at_most(&cfg, 256).await;
     let producer = Bus::connect(cfg.clone()).await.unwrap();
     producer.publish_content("tiny-ledger", &json!({"id": "tiny-ledger", "text": "I will stab you"})).await.unwrap();
     let reasoner = Arc::new(Slow { calls: AtomicUsize::new(0), pause: Duration::ZERO });
