@@ -44,7 +44,7 @@ async fn store_policy(
     fallback: Option<&str>,
     pin: bool,
 ) -> Result<(StoredPolicy, bool), ApiError> {
-    let stored = store
+    Ok(store
         .put_policy(
             &policy.hash.to_string(),
             &policy.meta.name,
@@ -52,12 +52,7 @@ async fn store_policy(
             &stored_meta(policy, source, fallback),
             pin,
         )
-        .await?;
-    // A version stored pinned (the starter library's): one published is pinned by the caller, who reserves it.
-    if stored.0.active {
-        safeguard_core::reserve_policy_label(&stored.0.name);
-    }
-    Ok(stored)
+        .await?)
 }
 
 /// Every active policy name keeps a metrics label of its own (see [`safeguard_core::reserve_policy_label`]), read

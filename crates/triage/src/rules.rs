@@ -250,8 +250,9 @@ pub struct RuleSet {
     deny_list: HashSet<String>,
 }
 
-/// A whole text as the allow and deny lists compare it: folded as keywords are, ends trimmed.
-fn normalize_whole_text(text: &str) -> String {
+/// A keyword, or a whole text as the allow and deny lists compare it: folded (see [`Folder`]), without spaces at
+/// its ends.
+fn fold_trimmed(text: &str) -> String {
     let mut folded = String::with_capacity(text.len());
     let mut folder = Folder::default();
     text.chars().for_each(|c| folder.fold(c, &mut folded));
@@ -380,13 +381,6 @@ fn is_hidden_text(c: char) -> bool {
     matches!(c as u32, 0xE0000..=0xE007F | 0xE0100..=0xE01EF)
 }
 
-fn fold_keyword(keyword: &str) -> String {
-    let mut out = String::with_capacity(keyword.len());
-    let mut folder = Folder::default();
-    keyword.chars().for_each(|c| folder.fold(c, &mut out));
-    out
-}
-
 /// The text folded for keyword matching, with the way back to byte offsets in the original: folding can change
 /// a character's length (`İ` becomes `i̇`, three bytes for two), so folded offsets are not original offsets.
 struct FoldedText<'t> {
@@ -509,7 +503,7 @@ impl RuleSet {
                 let needs_boundary = |c: char| is_word_char(c) && !is_unspaced_script(c);
                 // Taken from the keyword as matched: an invisible character pasted at its edge ("ok\u{200B}")
                 // must not turn the boundary off, and "™" matches as "tm" does.
-                let folded = fold_keyword(trimmed).trim_matches(' ').to_string();
+                let folded = fold_trimmed(trimmed);
                 if folded.is_empty() {
                     return Err(TriageError::InvalidConfig(format!(
                         "keyword list {:?} has a keyword of invisible characters only",
@@ -549,8 +543,8 @@ impl RuleSet {
             keywords,
             keyword_meta,
             regexes: Vec::with_capacity(regex_count),
-            allow_list: config.allow_list.iter().map(|t| normalize_whole_text(t)).collect(),
-            deny_list: config.deny_list.iter().map(|t| normalize_whole_text(t)).collect(),
+            allow_list: config.allow_list.iter().map(|t| fold_trimmed(t)).collect(),
+            deny_list: config.deny_list.iter().map(|t| fold_trimmed(t)).collect(),
         };
         // Everything but the regexes, with room for them: from here on only the regexes add to it.
         let mut used = rules.memory_usage();
@@ -621,7 +615,7 @@ impl RuleSet {
     pub fn evaluate(&self, text: &str) -> RuleMatch {
         let mut evidence = Evidence::default();
         if !self.allow_list.is_empty() || !self.deny_list.is_empty() {
-            let normalized = normalize_whole_text(text);
+            let normalized = fold_trimmed(text);
             if self.deny_list.contains(&normalized) {
                 evidence.push_whole_text(Span {
                     start: 0,
