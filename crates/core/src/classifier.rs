@@ -1,10 +1,12 @@
 //! Policies + content -> prompts -> reasoner -> verdicts -> one outcome.
 
-use std::sync::Arc;
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use safeguard_engine::Sampling;
-use safeguard_harmony::{Content, Effort};
+use safeguard_harmony::{Content, Effort, PromptOptions};
 use safeguard_policy::Policy;
 use safeguard_verdict::{Outcome, Verdict, combined_instructions, judge, judge_combined, overall_outcome};
 use serde::{Deserialize, Serialize};
@@ -139,6 +141,38 @@ pub struct Decision {
     pub prompts: Vec<PromptTrace>,
 }
 
+impl Decision {
+    /// A decision nothing was reasoned for: every policy needs review for `reason`, which is its verdict's rationale
+    /// and the error of a failed trace per policy (one prompt each, as in separate mode). What a stage that timed out,
+    /// or content too long to reason about, leaves for a person.
+    pub fn unreasoned(policies: &[Policy], options: &ClassifyOptions, model: String, reason: &str) -> Decision {
+        let verdicts: Vec<Verdict> = policies
+            .iter()
+            .map(|policy| {
+                let mut verdict = judge(policy, None, None, false);
+                verdict.outcome = Outcome::NeedsReview;
+                verdict.rationale = Some(reason.to_string());
+                verdict
+            })
+            .collect();
+        let prompts =
+            policies.iter().map(|p| PromptTrace::failed(vec![p.meta.name.clone()], reason.to_string())).collect();
+        Decision {
+            id: Uuid::now_v7(),
+            outcome: Outcome::NeedsReview,
+            engine_confidence: vec![None; verdicts.len()],
+            verdicts,
+            usage: Usage::default(),
+            timings: Timings::default(),
+            reasoning: Vec::new(),
+            model,
+            effort: options.effort,
+            mode: Mode::Separate,
+            prompts,
+        }
+    }
+}
+
 mod wire {
     //! The JSON shape: each verdict carries its engine confidence next to its own fields.
 
@@ -222,11 +256,185 @@ pub trait PromptObserver: Send + Sync {
 pub struct Classifier {
     reasoner: Arc<dyn Reasoner>,
     observer: Option<Arc<dyn PromptObserver>>,
+    /// Prompt prefix lengths (system and developer messages) by instructions, effort and date, shared by clones:
+    /// checking a prompt's size tokenizes each policy once, not on every request.
+    prefix_lens: Arc<Mutex<HashMap<String, Vec<PrefixLen>>>>,
 }
+
+/// A counted prompt prefix of some instructions: the system message differs by effort and date.
+#[derive(Debug, Clone)]
+struct PrefixLen {
+    effort: Effort,
+    date: Option<String>,
+    len: usize,
+}
+
+/// Prefix lengths kept before the cache starts again: more policy versions and combinations than a server
+/// serves at once, and small (a policy's text each).
+const PREFIX_LENS_KEPT: usize = 512;
+
+/// A prompt that does not fit the model's context together with the tokens its answer may take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContextOverflow {
+    /// The policies of the prompt that does not fit, by name.
+    pub policies: String,
+    pub effort: Effort,
+    /// The whole prompt: system and developer messages (the policy) and the content.
+    pub prompt_tokens: usize,
+    /// Of `prompt_tokens`, the content's own: the text of its user message, as the server's content token limit
+    /// counts it.
+    pub content_tokens: usize,
+    pub completion_cap: usize,
+    pub context: usize,
+}
+
+impl ContextOverflow {
+    /// The most content tokens this policy, effort and cap leave room for.
+    pub fn content_room(&self) -> usize {
+        let around = self.prompt_tokens.saturating_sub(self.content_tokens);
+        self.context.saturating_sub(around).saturating_sub(self.completion_cap)
+    }
+}
+
+impl std::fmt::Display for ContextOverflow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the prompt for {} at {} effort is {} tokens, {} of them content, and its answer may take {} more; the \
+             model's context holds {}: ",
+            self.policies,
+            self.effort.as_str(),
+            self.prompt_tokens,
+            self.content_tokens,
+            self.completion_cap,
+            self.context
+        )?;
+        match self.content_room() {
+            0 => f.write_str(
+                "the policy and the answer's budget fill it before any content (shorten the policy, lower \
+                 max_tokens, or give the engine a larger context)",
+            ),
+            room => write!(
+                f,
+                "content of at most {room} tokens fits (split the content, lower max_tokens, or give the engine a \
+                 larger context)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for ContextOverflow {}
 
 impl Classifier {
     pub fn new(reasoner: Arc<dyn Reasoner>) -> Self {
-        Self { reasoner, observer: None }
+        Self { reasoner, observer: None, prefix_lens: Arc::default() }
+    }
+
+    /// Whether every prompt [`classify`](Self::classify) would send for `content` fits the reasoner's context with
+    /// room for its completion cap. Callers check before admitting an item: content the model cannot read whole is
+    /// then refused with the reason, instead of failing in the engine and going to a person after a call paid at
+    /// the cap. Passes when the reasoner does not know its context (a remote server bounds prompts itself), and
+    /// leaves content that cannot be rendered at all to fail on its own, with its own reason.
+    pub fn check_fits_context(
+        &self,
+        policies: &[Policy],
+        content: &Content,
+        options: &ClassifyOptions,
+    ) -> Result<(), ContextOverflow> {
+        if self.reasoner.context_tokens().is_none() {
+            return Ok(());
+        }
+        let Ok(suffix_tokens) = safeguard_harmony::suffix_len(content) else {
+            return Ok(());
+        };
+        // Every prompt is checked, and the one with the least room for content named: a client that trims its
+        // content to the room it is told must not be refused again for another policy.
+        let mut tightest: Option<ContextOverflow> = None;
+        for (held, instructions) in prompt_instructions(policies, options.mode) {
+            let names = || held.iter().map(|&p| policies[p].meta.name.as_str()).collect::<Vec<_>>().join(", ");
+            let prefix_tokens = self.prefix_len(&instructions, options);
+            if let Err(overflow) = self.check_prompt(prefix_tokens, suffix_tokens, options, names)
+                && tightest.as_ref().is_none_or(|t| overflow.content_room() < t.content_room())
+            {
+                tightest = Some(overflow);
+            }
+        }
+        tightest.map_or(Ok(()), Err)
+    }
+
+    /// [`check_fits_context`](Self::check_fits_context) for one request of the caller's own instructions (a chat
+    /// completion's system and developer messages); `label` names them in the error.
+    pub fn check_request_fits(&self, request: &ReasonRequest, label: &str) -> Result<(), ContextOverflow> {
+        if self.reasoner.context_tokens().is_none() {
+            return Ok(());
+        }
+        let Ok(suffix_tokens) = safeguard_harmony::suffix_len(&request.content) else {
+            return Ok(());
+        };
+        let max_tokens = (request.max_tokens != USE_EFFORT_BUDGET).then_some(request.max_tokens);
+        let options = ClassifyOptions {
+            effort: request.effort,
+            date: request.date.clone(),
+            max_tokens,
+            ..ClassifyOptions::default()
+        };
+        // Not cached: a chat's instructions are the client's own text, one per request as often as not, and would
+        // crowd the policies out of the cache.
+        let prompt = PromptOptions { effort: request.effort, date: request.date.clone() };
+        let prefix_tokens = safeguard_harmony::render_prefix(&request.instructions, &prompt).ok().map(|p| p.len());
+        self.check_prompt(prefix_tokens, suffix_tokens, &options, || label.to_string())
+    }
+
+    /// Whether a prompt of `prefix_tokens` (`None`: it cannot be rendered, and fails on its own) and
+    /// `suffix_tokens` fits with its completion cap: prompt and cap within the context. That is one token stricter
+    /// than the engine needs, since it samples its last token without decoding it; the safe side.
+    fn check_prompt(
+        &self,
+        prefix_tokens: Option<usize>,
+        suffix_tokens: usize,
+        options: &ClassifyOptions,
+        names: impl FnOnce() -> String,
+    ) -> Result<(), ContextOverflow> {
+        let (Some(context), Some(prefix_tokens)) = (self.reasoner.context_tokens(), prefix_tokens) else {
+            return Ok(());
+        };
+        let completion_cap = options.max_tokens.unwrap_or_else(|| self.reasoner.completion_cap(options.effort));
+        let prompt_tokens = prefix_tokens.saturating_add(suffix_tokens);
+        if prompt_tokens.saturating_add(completion_cap) <= context {
+            return Ok(());
+        }
+        Err(ContextOverflow {
+            policies: names(),
+            effort: options.effort,
+            prompt_tokens,
+            content_tokens: suffix_tokens.saturating_sub(safeguard_harmony::suffix_framing_len()),
+            completion_cap,
+            context,
+        })
+    }
+
+    /// The length of the prompt prefix for `instructions` under `options`, from the cache when it was counted
+    /// before; `None` when it cannot be rendered.
+    fn prefix_len(&self, instructions: &str, options: &ClassifyOptions) -> Option<usize> {
+        let seen = |cache: &HashMap<String, Vec<PrefixLen>>| {
+            cache
+                .get(instructions)?
+                .iter()
+                .find(|p| p.effort == options.effort && p.date == options.date)
+                .map(|p| p.len)
+        };
+        if let Some(len) = seen(&self.prefix_lens.lock().unwrap_or_else(|p| p.into_inner())) {
+            return Some(len);
+        }
+        let prompt = PromptOptions { effort: options.effort, date: options.date.clone() };
+        let len = safeguard_harmony::render_prefix(instructions, &prompt).ok()?.len();
+        let mut cache = self.prefix_lens.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= PREFIX_LENS_KEPT {
+            cache.clear();
+        }
+        let entry = PrefixLen { effort: options.effort, date: options.date.clone(), len };
+        cache.entry(instructions.to_string()).or_default().push(entry);
+        Some(len)
     }
 
     pub fn with_observer(mut self, observer: Arc<dyn PromptObserver>) -> Self {
@@ -316,43 +524,34 @@ struct PlannedPrompt {
 }
 
 fn plan_prompts(policies: &[Policy], items: &[Content], options: &ClassifyOptions) -> Vec<PlannedPrompt> {
-    let request = |instructions: String, content: &Content| ReasonRequest {
-        instructions,
+    let request = |instructions: &str, content: &Content| ReasonRequest {
+        instructions: instructions.to_string(),
         content: content.clone(),
         effort: options.effort,
         date: options.date.clone(),
         max_tokens: options.max_tokens.unwrap_or(USE_EFFORT_BUDGET),
         sampling: options.sampling,
     };
-    let mut plan = Vec::new();
-    if policies.is_empty() {
-        return plan;
-    }
     // Policy-major order: prompts sharing a policy prefix sit next to each other in the batch.
-    match options.mode {
-        Mode::Separate => {
-            for (p, policy) in policies.iter().enumerate() {
-                for (item, content) in items.iter().enumerate() {
-                    plan.push(PlannedPrompt {
-                        item,
-                        policies: vec![p],
-                        request: request(policy.body.clone(), content),
-                    });
-                }
-            }
-        }
-        Mode::Combined => {
-            let instructions = combined_instructions(policies);
-            for (item, content) in items.iter().enumerate() {
-                plan.push(PlannedPrompt {
-                    item,
-                    policies: (0..policies.len()).collect(),
-                    request: request(instructions.clone(), content),
-                });
-            }
+    let mut plan = Vec::new();
+    for (held, instructions) in prompt_instructions(policies, options.mode) {
+        for (item, content) in items.iter().enumerate() {
+            plan.push(PlannedPrompt { item, policies: held.clone(), request: request(&instructions, content) });
         }
     }
     plan
+}
+
+/// The instructions of each prompt an item gets, with the indices of the policies each holds: one per policy in
+/// separate mode, one for all of them in combined mode.
+fn prompt_instructions(policies: &[Policy], mode: Mode) -> Vec<(Vec<usize>, Cow<'_, str>)> {
+    match mode {
+        Mode::Separate => {
+            policies.iter().enumerate().map(|(p, policy)| (vec![p], Cow::Borrowed(policy.body.as_str()))).collect()
+        }
+        Mode::Combined if policies.is_empty() => Vec::new(),
+        Mode::Combined => vec![((0..policies.len()).collect(), Cow::Owned(combined_instructions(policies)))],
+    }
 }
 
 /// The verdicts for one prompt's policies, plus its trace and reasoning.
@@ -711,5 +910,133 @@ mod tests {
         assert!(json["timings"]["total_ms"].is_number());
         let back: Decision = serde_json::from_value(json).unwrap();
         assert_eq!(back, decision);
+    }
+
+    /// A reasoner that knows its context, and answers nothing: the size check must not need it to run.
+    struct Bounded {
+        context: Option<usize>,
+    }
+
+    #[async_trait]
+    impl Reasoner for Bounded {
+        fn model_id(&self) -> String {
+            "bounded".into()
+        }
+
+        async fn reason(&self, _: ReasonRequest) -> Result<ReasonOutput, ReasonError> {
+            Err(ReasonError::Backend("not asked in these tests".into()))
+        }
+
+        fn context_tokens(&self) -> Option<usize> {
+            self.context
+        }
+    }
+
+    fn bounded(context: Option<usize>) -> Classifier {
+        Classifier::new(Arc::new(Bounded { context }))
+    }
+
+    /// The exact size of the prompt a request renders, as the engine would be sent it.
+    fn rendered_len(instructions: &str, content: &Content, effort: Effort) -> usize {
+        let options = PromptOptions { effort, date: None };
+        safeguard_harmony::render_prompt(instructions, content, &options).unwrap().tokens.len()
+    }
+
+    #[test]
+    fn a_prompt_fits_when_it_and_its_cap_fill_the_context_exactly() {
+        let spam = policy("spam");
+        let content = Content::text("Limited offer, buy now and save big on everything in the store");
+        let options = ClassifyOptions { effort: Effort::Low, max_tokens: Some(100), ..ClassifyOptions::default() };
+        let prompt = rendered_len(&spam.body, &content, Effort::Low);
+        let exact = bounded(Some(prompt + 100));
+        assert_eq!(exact.check_fits_context(std::slice::from_ref(&spam), &content, &options), Ok(()));
+        let short = bounded(Some(prompt + 99));
+        let overflow = short.check_fits_context(std::slice::from_ref(&spam), &content, &options).unwrap_err();
+        assert_eq!((overflow.prompt_tokens, overflow.completion_cap, overflow.context), (prompt, 100, prompt + 99));
+        assert_eq!(overflow.policies, "spam");
+        assert_eq!(overflow.effort, Effort::Low);
+        let text_tokens = Tokenizer::shared().count(&safeguard_harmony::user_message_text(&content));
+        assert_eq!(overflow.content_tokens, text_tokens, "the content's own tokens, as the server's limit counts");
+        assert_eq!(overflow.content_room(), text_tokens - 1, "one token too many");
+        let message = overflow.to_string();
+        assert!(message.contains(&format!("content of at most {} tokens fits", text_tokens - 1)), "{message}");
+    }
+
+    #[test]
+    fn the_cap_is_the_reasoners_budget_for_the_effort_unless_the_caller_sets_one() {
+        let spam = policy("spam");
+        let content = Content::text("hello there");
+        let low = rendered_len(&spam.body, &content, Effort::Low);
+        let high = rendered_len(&spam.body, &content, Effort::High);
+        let budgets = crate::TokenBudgets::default();
+        let classifier = bounded(Some(low + budgets.low));
+        let at = |effort| ClassifyOptions { effort, ..ClassifyOptions::default() };
+        assert_eq!(classifier.check_fits_context(std::slice::from_ref(&spam), &content, &at(Effort::Low)), Ok(()));
+        let overflow =
+            classifier.check_fits_context(std::slice::from_ref(&spam), &content, &at(Effort::High)).unwrap_err();
+        assert_eq!((overflow.prompt_tokens, overflow.completion_cap), (high, budgets.high));
+        let capped = ClassifyOptions { max_tokens: Some(budgets.low), ..at(Effort::High) };
+        let fits_capped = bounded(Some(high + budgets.low));
+        assert_eq!(fits_capped.check_fits_context(std::slice::from_ref(&spam), &content, &capped), Ok(()));
+    }
+
+    #[test]
+    fn a_policy_that_fills_the_context_leaves_room_for_no_content() {
+        let policies = [policy("spam"), policy("scam")];
+        let content = Content::text("hi");
+        let options = ClassifyOptions { effort: Effort::Low, max_tokens: Some(10), ..ClassifyOptions::default() };
+        let spam_only = rendered_len(&policies[0].body, &content, Effort::Low);
+        // Each policy alone fits; together, in one combined prompt, they do not.
+        let classifier = bounded(Some(spam_only.max(rendered_len(&policies[1].body, &content, Effort::Low)) + 10));
+        assert_eq!(classifier.check_fits_context(&policies, &content, &options), Ok(()));
+        let combined = ClassifyOptions { mode: Mode::Combined, ..options.clone() };
+        let overflow = classifier.check_fits_context(&policies, &content, &combined).unwrap_err();
+        assert_eq!(overflow.policies, "spam, scam");
+        assert_eq!(overflow.prompt_tokens, rendered_len(&combined_instructions(&policies), &content, Effort::Low));
+        // Nothing of the content fits beside a policy that takes the whole context.
+        let tiny = bounded(Some(20));
+        let overflow = tiny.check_fits_context(&policies[..1], &content, &options).unwrap_err();
+        assert_eq!(overflow.content_room(), 0);
+        assert!(overflow.to_string().contains("fill it before any content"), "{overflow}");
+    }
+
+    #[test]
+    fn of_several_policies_the_one_leaving_the_least_room_is_named() {
+        let short = policy("spam");
+        let long = Policy::parse(&format!(
+            "---\nname: long\noutput: binary\n---\n# long\n\n## INSTRUCTIONS\nReturn 0 or 1.\n\n## VIOLATES (1)\n{}\n",
+            "Promotion of any kind at all. ".repeat(40)
+        ))
+        .unwrap();
+        let content = Content::text("word ".repeat(300));
+        let options = ClassifyOptions { effort: Effort::Low, max_tokens: Some(10), ..ClassifyOptions::default() };
+        let classifier = bounded(Some(rendered_len(&short.body, &content, Effort::Low)));
+        for policies in [[short.clone(), long.clone()], [long.clone(), short.clone()]] {
+            let overflow = classifier.check_fits_context(&policies, &content, &options).unwrap_err();
+            assert_eq!(overflow.policies, "long", "whichever comes first");
+            assert_eq!(overflow.prompt_tokens, rendered_len(&long.body, &content, Effort::Low));
+        }
+    }
+
+    #[test]
+    fn a_reasoner_that_does_not_know_its_context_passes_everything() {
+        let spam = policy("spam");
+        let content = Content::text("word ".repeat(10_000));
+        let options = ClassifyOptions::default();
+        assert_eq!(bounded(None).check_fits_context(std::slice::from_ref(&spam), &content, &options), Ok(()));
+        assert!(bounded(Some(1000)).check_fits_context(std::slice::from_ref(&spam), &content, &options).is_err());
+    }
+
+    #[test]
+    fn a_chat_request_is_checked_with_its_own_instructions_and_cap() {
+        let content = Content::text("What is the capital of France?");
+        let mut request = ReasonRequest::new("Answer briefly.", content.clone(), Effort::Medium);
+        let prompt = rendered_len("Answer briefly.", &content, Effort::Medium);
+        let budget = crate::TokenBudgets::default().medium;
+        assert_eq!(bounded(Some(prompt + budget)).check_request_fits(&request, "the instructions"), Ok(()));
+        let overflow = bounded(Some(prompt + budget - 1)).check_request_fits(&request, "the instructions").unwrap_err();
+        assert_eq!(overflow.policies, "the instructions");
+        request.max_tokens = 16;
+        assert_eq!(bounded(Some(prompt + 16)).check_request_fits(&request, "the instructions"), Ok(()));
     }
 }

@@ -192,6 +192,10 @@ impl Reasoner for EmbeddedReasoner {
         self.config.budgets.for_effort(effort)
     }
 
+    fn context_tokens(&self) -> Option<usize> {
+        self.engine.context_per_sequence()
+    }
+
     async fn reason(&self, req: ReasonRequest) -> Result<ReasonOutput, ReasonError> {
         self.reason_batch(vec![req]).await.pop().unwrap_or(Err(ReasonError::EngineResultCount { expected: 1, got: 0 }))
     }

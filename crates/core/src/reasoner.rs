@@ -217,6 +217,12 @@ pub trait Reasoner: Send + Sync {
         crate::TokenBudgets::default().for_effort(effort)
     }
 
+    /// The tokens one prompt and its completion may take together, when this reasoner knows: the embedded engine's
+    /// context per sequence. `None` when it cannot tell (a remote server renders and bounds prompts itself).
+    fn context_tokens(&self) -> Option<usize> {
+        None
+    }
+
     /// Several prompts at once; results in request order. Backends that can decode several
     /// sequences together (and share a policy prefix between them) override this.
     async fn reason_batch(&self, reqs: Vec<ReasonRequest>) -> Vec<Result<ReasonOutput, ReasonError>> {

@@ -115,3 +115,35 @@ async fn oversized_content_is_refused_before_the_engine() {
     assert_eq!(decision.outcome, Outcome::NeedsReview);
     assert!(decision.prompts[0].error.as_deref().unwrap_or_default().contains("limit is 16"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_context_check_lets_through_only_what_the_engine_can_decode() {
+    let reasoner = Arc::new(reasoner(EmbeddedConfig::default()));
+    assert_eq!(reasoner.context_tokens(), Some(1024), "the engine's context per sequence");
+    let classifier = Classifier::new(reasoner.clone());
+    let spam = policy("spam");
+    // Content that leaves the prompt exactly one token short of the context: no room for even one answer token.
+    let prefix = render_prompt(&spam.body, &Content::text("x"), &PromptOptions { effort: Effort::Low, date: None })
+        .unwrap()
+        .prefix_len;
+    let framing = safeguard_harmony::suffix_framing_len();
+    let fill = 1024 - prefix - framing - 1;
+    let content = Content::text(format!("word{}", " word".repeat(fill - 1)));
+    let rendered = render_prompt(&spam.body, &content, &PromptOptions { effort: Effort::Low, date: None }).unwrap();
+    assert_eq!(rendered.tokens.len(), 1023);
+    let answer = |max_tokens| ClassifyOptions { max_tokens: Some(max_tokens), ..options() };
+    assert!(classifier.check_fits_context(std::slice::from_ref(&spam), &content, &answer(1)).is_ok());
+    let overflow = classifier.check_fits_context(std::slice::from_ref(&spam), &content, &answer(2)).unwrap_err();
+    assert_eq!((overflow.prompt_tokens, overflow.context), (1023, 1024));
+    // What the check lets through, the engine decodes: one token, then the context is full.
+    let decision = classifier.classify(std::slice::from_ref(&spam), &content, &answer(1)).await;
+    assert_eq!(decision.prompts[0].error, None, "{:?}", decision.prompts[0]);
+    assert_eq!(decision.usage.prompt_tokens, 1023);
+    // Content the check refuses at any cap does not fit the engine either.
+    let longer = Content::text(format!("word{}", " word".repeat(fill + 1)));
+    assert!(classifier.check_fits_context(std::slice::from_ref(&spam), &longer, &answer(1)).is_err());
+    let decision = classifier.classify(std::slice::from_ref(&spam), &longer, &answer(1)).await;
+    let error = decision.prompts[0].error.as_deref().unwrap_or_default();
+    assert!(error.contains("does not fit"), "the engine refuses it too: {error}");
+    assert_eq!(decision.outcome, Outcome::NeedsReview);
+}

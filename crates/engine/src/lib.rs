@@ -240,6 +240,11 @@ pub trait Engine: Send + Sync {
     fn max_sequences(&self) -> usize {
         1
     }
+    /// Prompt plus generated tokens that fit one sequence, when the engine has such a bound: a prompt longer than
+    /// this fails, and one that leaves less room than its completion cap may be cut off before it answers.
+    fn context_per_sequence(&self) -> Option<usize> {
+        None
+    }
     /// Decode several requests together (one batch); results in request order.
     /// `on_token(request_index, token)` is called for every generated token, as it is generated.
     fn generate(

@@ -201,6 +201,10 @@ impl Engine for LlamaEngine {
         self.config.max_sequences
     }
 
+    fn context_per_sequence(&self) -> Option<usize> {
+        Some(self.n_ctx_per_sequence)
+    }
+
     #[tracing::instrument(skip_all, fields(requests = requests.len()))]
     fn generate(
         &self,

@@ -21,7 +21,7 @@ pub use parse::{
 };
 pub use render::{
     PromptOptions, PromptPrefix, RenderedPrompt, developer_message_text, render_prefix, render_prompt,
-    render_prompt_text, system_message_text, validate_date,
+    render_prompt_text, suffix_framing_len, suffix_len, system_message_text, validate_date,
 };
 pub use tokenizer::Tokenizer;
 

@@ -119,6 +119,21 @@ impl PromptPrefix {
     }
 }
 
+/// How many tokens [`PromptPrefix::render`] adds after the prefix for `content`: its user message and the
+/// framing around it ([`suffix_framing_len`]). Counted without building the prompt, so that the size of a prompt
+/// can be checked per policy from a cached prefix length and one count of the content.
+pub fn suffix_len(content: &Content) -> Result<usize, HarmonyError> {
+    validate_content(content)?;
+    Ok(Tokenizer::shared().count(&user_message_text(content)) + suffix_framing_len())
+}
+
+/// The tokens of a prompt's suffix that are not the user message's text: the user message's header and end, and
+/// the assistant header the model writes after.
+pub fn suffix_framing_len() -> usize {
+    let tokenizer = Tokenizer::shared();
+    4 + tokenizer.count("user") + tokenizer.count("assistant")
+}
+
 /// The same prompt as [`render_prompt`], decoded for people (special tokens appear as `<|start|>` etc.).
 pub fn render_prompt_text(instructions: &str, content: &Content, opts: &PromptOptions) -> Result<String, HarmonyError> {
     let rendered = render_prompt(instructions, content, opts)?;

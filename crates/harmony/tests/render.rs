@@ -386,6 +386,13 @@ fn a_reused_prefix_renders_the_same_prompts() {
         assert_eq!(prefix.render(&content).unwrap(), render_prompt(POLICY, &content, &o).unwrap());
     }
     assert_eq!(prefix.tokens(), render_prompt(POLICY, &Content::text("x"), &o).unwrap().prefix());
+    for attack in adversarial_strings() {
+        let content = Content::Conversation {
+            messages: vec![ChatMessage::new("user", attack.clone()), ChatMessage::new("assistant", attack)],
+        };
+        let rendered = prefix.render(&content).unwrap();
+        assert_eq!(safeguard_harmony::suffix_len(&content).unwrap(), rendered.suffix().len(), "{content:?}");
+    }
     let empty = Content::Conversation { messages: vec![] };
     assert_eq!(prefix.render(&empty), Err(HarmonyError::EmptyConversation));
     assert_eq!(safeguard_harmony::PromptPrefix::new("", &o), Err(HarmonyError::EmptyInstructions));

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use safeguard_core::{Classifier, ClassifyOptions, Decision, PromptTrace, Timings, Usage};
+use safeguard_core::{Classifier, ClassifyOptions, ContextOverflow, Decision, Usage};
 use safeguard_harmony::{Content, Effort, judged_text};
 use safeguard_policy::Policy;
 use safeguard_triage::rules::RuleAction;
@@ -399,6 +399,29 @@ impl Pipeline {
         &self.classifier
     }
 
+    /// Whether every prompt this item may need fits the model's context with room for its answer
+    /// ([`Classifier::check_fits_context`]), at the most effort its route can reach: any policy may escalate to its
+    /// escalation effort, and an appeal reasons at high. Checked before admission, whatever triage would say, so
+    /// that whether content is accepted does not hang on how it happens to route.
+    pub fn check_fits_context(
+        &self,
+        policies: &[Policy],
+        content: &Content,
+        ctx: &RouteContext,
+    ) -> Result<(), ContextOverflow> {
+        for policy in policies {
+            let effort = if ctx.appeal { Effort::High } else { self.config.plan_for(policy).escalation_effort };
+            let options = ClassifyOptions {
+                effort,
+                date: self.config.date.clone(),
+                max_tokens: self.config.max_tokens,
+                ..ClassifyOptions::default()
+            };
+            self.classifier.check_fits_context(std::slice::from_ref(policy), content, &options)?;
+        }
+        Ok(())
+    }
+
     /// Routes one item through the cascade. Never allows on a failure: a failed or timed-out stage escalates,
     /// and the end of the line is a person.
     pub async fn decide(
@@ -686,29 +709,9 @@ impl Pipeline {
 /// and in a failed trace per prompt (one per policy: the cascade reasons about policies separately).
 fn timed_out_decision(policies: &[Policy], options: &ClassifyOptions, model: String, limit: Duration) -> Decision {
     let reason = format!("the reasoning stage timed out after {limit:?}");
-    let verdicts: Vec<Verdict> = policies
-        .iter()
-        .map(|policy| {
-            let mut verdict = safeguard_verdict::judge(policy, None, None, false);
-            verdict.outcome = Outcome::NeedsReview;
-            verdict.rationale = Some(reason.clone());
-            verdict
-        })
-        .collect();
-    let prompts = policies.iter().map(|p| PromptTrace::failed(vec![p.meta.name.clone()], reason.clone())).collect();
-    Decision {
-        id: Uuid::now_v7(),
-        outcome: Outcome::NeedsReview,
-        engine_confidence: vec![None; verdicts.len()],
-        verdicts,
-        usage: Usage::default(),
-        timings: Timings { total_ms: limit.as_secs_f64() * 1e3, ..Timings::default() },
-        reasoning: Vec::new(),
-        model,
-        effort: options.effort,
-        mode: options.mode,
-        prompts,
-    }
+    let mut decision = Decision::unreasoned(policies, options, model, &reason);
+    decision.timings.total_ms = limit.as_secs_f64() * 1e3;
+    decision
 }
 
 /// Whether a verdict below the policy's escalation effort should be asked again there, and why. `failure` is why

@@ -921,6 +921,16 @@ impl Worker {
                 return None;
             }
         };
+        let ctx = RouteContext {
+            appeal,
+            // For the host's record (reviewers read it); taken out before the ledger and the decision stream.
+            include_reasoning: true,
+        };
+        // Content the model cannot read whole under these policies is rejected like content over the token limit:
+        // deciding it would fail in the engine, after the budget paid for it.
+        if let Err(overflow) = pipeline.check_fits_context(&policies, &item.content, &ctx) {
+            return self.reject(message, key, item_id, &overflow.to_string(), digest, stop).await;
+        }
         let pending = DecisionEvent {
             key: key.clone(),
             item_id: item_id.clone(),
@@ -948,11 +958,6 @@ impl Worker {
             (EventStatus::Rejected, None) => false,
         };
         let _ = self.bus.publish_unless(&status_msg_id(&pending), &pending, answered).await;
-        let ctx = RouteContext {
-            appeal,
-            // For the host's record (reviewers read it); taken out before the ledger and the decision stream.
-            include_reasoning: true,
-        };
         let started = Instant::now();
         // A panic here is a bug (in a reasoner, say). Given back, the event would come again after `ack_wait` and
         // panic in the next worker too: it is settled for a person instead, as the server's jobs are.

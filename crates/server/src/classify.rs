@@ -12,7 +12,7 @@ use axum::Json;
 use axum::extract::State;
 use axum::response::IntoResponse;
 use safeguard_core::input::{InputLimits, parse_item};
-use safeguard_core::{ClassifyOptions, Decision, Mode};
+use safeguard_core::{ClassifyOptions, ContextOverflow, Decision, Mode};
 use safeguard_engine::Sampling;
 use safeguard_harmony::{Content, Effort, Tokenizer, user_message_text};
 use safeguard_pipeline::{CascadeDecision, RouteContext};
@@ -26,7 +26,7 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiJson};
 use crate::moderate::{StoredItem, deferred_error, stages_json, store_cascade_item};
-use crate::policies::resolve_policy;
+use crate::policies::{Resolved, keep_inline, resolve_policy};
 use crate::timing::StageTimer;
 
 /// How `/v1/classify` decides an item.
@@ -103,10 +103,25 @@ impl Settings {
     }
 }
 
+/// The fields that hold an item's content; a body gives `content` or the others.
+const CONTENT_FIELDS: [&str; 5] = ["text", "prompt", "response", "messages", "content"];
+/// How to decide it, on the routes that reason directly.
+const SETTINGS_FIELDS: [&str; 6] = ["policies", "effort", "reasoning_effort", "mode", "max_tokens", "return_reasoning"];
+
+/// The fields `/v1/classify` reads.
+pub(crate) const CLASSIFY_FIELDS: [&[&str]; 3] = [&CONTENT_FIELDS, &SETTINGS_FIELDS, &["route"]];
+/// The fields `/v1/classify/batch` reads; each of its items holds content fields only.
+const BATCH_FIELDS: [&[&str]; 2] = [&SETTINGS_FIELDS, &["items"]];
+/// The fields `/v1/jobs` reads: a job reasons directly, so it has no `route`.
+pub(crate) const JOB_FIELDS: [&[&str]; 3] = [&CONTENT_FIELDS, &SETTINGS_FIELDS, &["webhook_url"]];
+/// The fields `/v1/moderate` reads: the cascade chooses its own efforts and asks about each policy apart.
+pub(crate) const MODERATE_FIELDS: [&[&str]; 2] =
+    [&CONTENT_FIELDS, &["policies", "max_tokens", "return_reasoning", "appeal"]];
+
 /// Parses and checks a request body: its content, policy references and settings.
 pub(crate) struct Parsed {
     pub content: Content,
-    pub policies: Vec<Policy>,
+    pub policies: NamedPolicies,
     pub settings: Settings,
     pub return_reasoning: bool,
 }
@@ -116,7 +131,7 @@ pub(crate) fn parse_content(state: &AppState, body: &Value) -> Result<Content, A
     let object = body.as_object().ok_or_else(|| ApiError::bad("invalid_request", "expected a JSON object"))?;
     // Only the content fields go to the shared item parser; the rest of the request is ours.
     let mut content_fields = serde_json::Map::new();
-    for key in ["text", "prompt", "response", "messages"] {
+    for key in CONTENT_FIELDS.into_iter().filter(|&key| key != "content") {
         if let Some(value) = object.get(key) {
             content_fields.insert(key.to_string(), value.clone());
         }
@@ -170,6 +185,13 @@ pub(crate) fn check_prompt_size(state: &AppState, content: &Content, instruction
     Ok(())
 }
 
+/// Content whose prompts would not fit the model's context with room for their answers is refused (400
+/// `content_too_long`) before anything is admitted: the engine would fail every such call, and the item would
+/// reach a person only after calls paid at their caps.
+pub(crate) fn refuse_overflow(checked: Result<(), ContextOverflow>) -> Result<(), ApiError> {
+    checked.map_err(|overflow| ApiError::bad("content_too_long", overflow.to_string()))
+}
+
 pub(crate) fn parse_settings(state: &AppState, body: &Value) -> Result<(Settings, bool), ApiError> {
     let effort = match body.get("effort").or_else(|| body.get("reasoning_effort")) {
         None | Some(Value::Null) => state.config.default_effort,
@@ -209,7 +231,7 @@ pub(crate) fn parse_max_tokens(state: &AppState, body: &Value) -> Result<Option<
     }
 }
 
-pub(crate) async fn parse_policies(state: &AppState, body: &Value, caller: &Caller) -> Result<Vec<Policy>, ApiError> {
+pub(crate) async fn parse_policies(state: &AppState, body: &Value, caller: &Caller) -> Result<NamedPolicies, ApiError> {
     let refs = match body.get("policies") {
         Some(Value::Array(refs)) if !refs.is_empty() => refs.clone(),
         Some(Value::String(single)) => vec![Value::String(single.clone())],
@@ -225,10 +247,36 @@ pub(crate) async fn parse_policies(state: &AppState, body: &Value, caller: &Call
         return Err(ApiError::bad("too_many_policies", format!("{} policies given; the limit is {limit}", refs.len())));
     }
     let mut policies = Vec::with_capacity(refs.len());
+    let mut inline = Vec::new();
     for reference in &refs {
-        policies.push(resolve_policy(state, reference, caller).await?);
+        let resolved = resolve_policy(state, reference, caller).await?;
+        policies.push(resolved.policy.clone());
+        inline.push(resolved);
     }
-    Ok(policies)
+    Ok(NamedPolicies { policies, resolved: inline })
+}
+
+/// The policies a request names, resolved, with the inline ones not stored yet: checks that need the policies (does
+/// the content fit the model's context beside them?) run on [`list`](Self::list), and [`keep`](Self::keep) stores
+/// the inline ones once the request has passed them, so that a refused request stores nothing.
+pub(crate) struct NamedPolicies {
+    policies: Vec<Policy>,
+    resolved: Vec<Resolved>,
+}
+
+impl NamedPolicies {
+    pub(crate) fn list(&self) -> &[Policy] {
+        &self.policies
+    }
+
+    /// Stores the inline policies and gives back every policy, in the order named.
+    pub(crate) async fn keep(self, state: &AppState) -> Result<Vec<Policy>, ApiError> {
+        let mut kept = Vec::with_capacity(self.resolved.len());
+        for resolved in self.resolved {
+            kept.push(keep_inline(state, resolved).await?);
+        }
+        Ok(kept)
+    }
 }
 
 pub(crate) async fn parse_request(state: &AppState, body: &Value, caller: &Caller) -> Result<Parsed, ApiError> {
@@ -457,42 +505,39 @@ pub(crate) async fn classify(
 ) -> Result<impl IntoResponse, ApiError> {
     let mut timer = StageTimer::start();
     caller.require("classify")?;
+    ApiError::refuse_unknown_fields(&body, &CLASSIFY_FIELDS)?;
     let route = route_of(&state, &body)?;
     let parsed = parse_request(&state, &body, &caller).await?;
     timer.mark("policy");
     if route == ClassifyRoute::Direct {
+        refuse_overflow(state.classifier.check_fits_context(
+            parsed.policies.list(),
+            &parsed.content,
+            &options(&parsed.settings),
+        ))?;
+        let policies = parsed.policies.keep(&state).await?;
         let review_of = |decision: &Decision, record: &DecisionRecord| {
-            crate::reviews::review_if_undecided(decision, record, &parsed.policies)
+            crate::reviews::review_if_undecided(decision, record, &policies)
         };
         let origin = Origin::of(&caller, "api");
-        let (decision, record, _) = reason_and_store(
-            &state,
-            &parsed.policies,
-            &parsed.content,
-            &parsed.settings,
-            origin,
-            &mut timer,
-            review_of,
-        )
-        .await?;
+        let (decision, record, _) =
+            reason_and_store(&state, &policies, &parsed.content, &parsed.settings, origin, &mut timer, review_of)
+                .await?;
         let mut reply = decision_reply(&decision, &record, parsed.return_reasoning);
         reply["route"] = json!(route.as_str());
         return Ok(([timer.header()], Json(reply)));
     }
     let ctx = RouteContext { appeal: false, include_reasoning: true };
+    let pipeline = state.cascade.pipeline(&state, parsed.policies.list(), parsed.settings.max_tokens);
+    refuse_overflow(pipeline.check_fits_context(parsed.policies.list(), &parsed.content, &ctx))?;
+    let policies = parsed.policies.keep(&state).await?;
     let started = Instant::now();
-    let cascade = state
-        .cascade
-        .pipeline(&state, &parsed.policies, parsed.settings.max_tokens)
-        .decide(&parsed.policies, &parsed.content, &ctx)
-        .await
-        .map_err(deferred_error)?;
+    let cascade = pipeline.decide(&policies, &parsed.content, &ctx).await.map_err(deferred_error)?;
     let elapsed = started.elapsed().as_secs_f64();
     timer.mark("cascade");
     let origin = Origin::of(&caller, "api");
     let stored =
-        store_cascade_item(&state, &cascade, &parsed.policies, Some(&parsed.content), origin, Value::Null, None)
-            .await?;
+        store_cascade_item(&state, &cascade, &policies, Some(&parsed.content), origin, Value::Null, None).await?;
     state.items.observe("cascade", cascade.usage, elapsed);
     timer.mark("store");
     Ok(([timer.header()], Json(cascade_reply(&cascade, &stored, parsed.return_reasoning))))
@@ -549,6 +594,7 @@ pub(crate) async fn classify_batch(
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require("classify")?;
+    ApiError::refuse_unknown_fields(&body, &BATCH_FIELDS)?;
     let items = body
         .get("items")
         .and_then(Value::as_array)
@@ -562,8 +608,17 @@ pub(crate) async fn classify_batch(
     if return_reasoning {
         caller.require("audit")?;
     }
-    let policies = parse_policies(&state, &body, &caller).await?;
-    let parsed: Vec<Result<Content, ApiError>> = items.iter().map(|item| parse_content(&state, item)).collect();
+    // Kept at once: an item too long for the policies is refused alone, and the request goes on.
+    let policies = parse_policies(&state, &body, &caller).await?.keep(&state).await?;
+    let parsed: Vec<Result<Content, ApiError>> = items
+        .iter()
+        .map(|item| {
+            ApiError::refuse_unknown_fields(item, &[&CONTENT_FIELDS])?;
+            let content = parse_content(&state, item)?;
+            refuse_overflow(state.classifier.check_fits_context(&policies, &content, &options(&settings)))?;
+            Ok(content)
+        })
+        .collect();
     let valid: Vec<Content> = parsed.iter().filter_map(|p| p.as_ref().ok().cloned()).collect();
     let decided = decide_and_store_many(&state, &policies, &valid, &settings, Origin::of(&caller, "batch")).await?;
     let mut stored = decided.iter();

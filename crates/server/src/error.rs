@@ -64,6 +64,23 @@ impl ApiError {
         }
     }
 
+    /// Refuses a body with a field the route does not read. Ignored, a misspelt field (`"polices"`) or one another
+    /// route reads (`"route": "cascade"` on a job, which always reasons directly) would have the request decided
+    /// in a way its sender did not ask for, without a word.
+    pub fn refuse_unknown_fields(body: &serde_json::Value, known: &[&[&str]]) -> Result<(), ApiError> {
+        let Some(object) = body.as_object() else {
+            return Ok(());
+        };
+        let known = || known.iter().flat_map(|fields| fields.iter().copied());
+        match object.keys().find(|field| !known().any(|name| name == field.as_str())) {
+            None => Ok(()),
+            Some(field) => Err(ApiError::bad(
+                "unknown_field",
+                format!("this route does not read {field:?}; it reads {}", known().collect::<Vec<_>>().join(", ")),
+            )),
+        }
+    }
+
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),

@@ -72,6 +72,10 @@ impl Reasoner for GuardedReasoner {
         self.inner.completion_cap(effort)
     }
 
+    fn context_tokens(&self) -> Option<usize> {
+        self.inner.context_tokens()
+    }
+
     /// The deadline holds per group the backend decodes at once ([`Reasoner::batch_width`]), not for the whole
     /// batch: a batch of 256 items on an engine that decodes 8 at a time takes 32 turns, and one deadline for all
     /// of them would time every item out. Once a group has timed out, the rest of the batch is not tried: a

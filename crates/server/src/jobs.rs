@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
 use crate::auth::Caller;
-use crate::classify::{Origin, Settings, count_decision, options, parse_request, record_of};
+use crate::classify::{Origin, Settings, count_decision, options, parse_request, record_of, refuse_overflow};
 use crate::error::{ApiError, ApiJson};
 use crate::policies::stored_policy;
 
@@ -70,6 +70,7 @@ pub(crate) async fn submit(
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
     caller.require("classify")?;
+    ApiError::refuse_unknown_fields(&body, &crate::classify::JOB_FIELDS)?;
     // Checked before the request is parsed: parsing stores the inline policies it names, and a refused job must
     // leave nothing behind.
     let webhook_url = match body.get("webhook_url") {
@@ -99,11 +100,17 @@ pub(crate) async fn submit(
         ),
     };
     let parsed = parse_request(&state, &body, &caller).await?;
+    refuse_overflow(state.classifier.check_fits_context(
+        parsed.policies.list(),
+        &parsed.content,
+        &options(&parsed.settings),
+    ))?;
+    let policies = parsed.policies.keep(&state).await?;
     // serde_json's maps are sorted (no `preserve_order`), so the digest does not depend on the order of the keys.
     let body_sha256 = hex::encode(sha2::Sha256::digest(body.to_string().as_bytes()));
     let request = JobRequest {
         content: parsed.content,
-        policy_hashes: parsed.policies.iter().map(|p| p.hash.to_string()).collect(),
+        policy_hashes: policies.iter().map(|p| p.hash.to_string()).collect(),
         settings: parsed.settings,
         body_sha256: Some(body_sha256.clone()),
     };

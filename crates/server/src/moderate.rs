@@ -27,6 +27,7 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::classify::{
     Origin, count_outcome, count_reasoning, outcome_str, parse_content, parse_max_tokens, parse_policies,
+    refuse_overflow,
 };
 use crate::error::{ApiError, ApiJson};
 
@@ -117,6 +118,7 @@ pub(crate) async fn moderate(
     ApiJson(body): ApiJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require("classify")?;
+    ApiError::refuse_unknown_fields(&body, &crate::classify::MODERATE_FIELDS)?;
     // Every check before the policies are resolved: resolving stores the inline ones, and a refused request
     // must leave nothing behind.
     let return_reasoning = ApiError::flag(&body, "return_reasoning")?;
@@ -132,19 +134,17 @@ pub(crate) async fn moderate(
     }
     let content = parse_content(&state, &body)?;
     let max_tokens = parse_max_tokens(&state, &body)?;
-    let policies = parse_policies(&state, &body, &caller).await?;
+    let named = parse_policies(&state, &body, &caller).await?;
     let ctx = RouteContext {
         appeal,
         // Kept for the reviewers and the audit log; stripped from the reply unless asked for.
         include_reasoning: true,
     };
+    let pipeline = state.cascade.pipeline(&state, named.list(), max_tokens);
+    refuse_overflow(pipeline.check_fits_context(named.list(), &content, &ctx))?;
+    let policies = named.keep(&state).await?;
     let started = std::time::Instant::now();
-    let cascade = state
-        .cascade
-        .pipeline(&state, &policies, max_tokens)
-        .decide(&policies, &content, &ctx)
-        .await
-        .map_err(deferred_error)?;
+    let cascade = pipeline.decide(&policies, &content, &ctx).await.map_err(deferred_error)?;
     let elapsed = started.elapsed().as_secs_f64();
     let source = format!("cascade:{}", cascade.decided_by.as_str());
     let stored = store_cascade_item(

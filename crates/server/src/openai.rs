@@ -98,6 +98,10 @@ pub(crate) async fn moderations(
         mode: Mode::Separate,
         max_tokens: state.config.moderation_max_tokens,
     };
+    for content in &contents {
+        let checked = state.classifier.check_fits_context(&policies, content, &crate::classify::options(&settings));
+        crate::classify::refuse_overflow(checked)?;
+    }
     let decided = crate::classify::decide_and_store_many(
         &state,
         &policies,
@@ -217,6 +221,9 @@ pub(crate) async fn chat_completions(
         max_tokens: settings.max_tokens.unwrap_or(safeguard_core::USE_EFFORT_BUDGET),
         sampling,
     };
+    crate::classify::refuse_overflow(
+        state.classifier.check_request_fits(&request, "the system and developer messages"),
+    )?;
     let model =
         body.get("model").and_then(Value::as_str).map(str::to_string).unwrap_or_else(|| state.reasoner.model_id());
     let meta = ChunkMeta { id: format!("chatcmpl-{}", uuid::Uuid::now_v7().simple()), created: now_ms() / 1000, model };

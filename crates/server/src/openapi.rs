@@ -75,7 +75,9 @@ pub(crate) fn document() -> Value {
                 "PolicyRef": {"oneOf": [
                     {"type": "string", "description": "a policy name (its active version) or a version id \"sha256:…\""},
                     {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}, "name": {"type": "string"}}}]},
-                "ClassifyRequest": {"type": "object", "required": ["policies"], "properties": {
+                "ClassifyRequest": {"type": "object", "required": ["policies"],
+                    "description": "A field the route does not read is refused (400 unknown_field): route is /v1/classify's, webhook_url /v1/jobs'. Content whose prompt, with the completion cap of the most effort its route may reach, does not fit the model's context is refused (400 content_too_long, saying how many content tokens fit)",
+                    "properties": {
                     "text": {"type": "string"}, "prompt": {"type": "string"}, "response": {"type": "string"},
                     "messages": {"type": "array", "items": {"type": "object", "properties": {"role": {"type": "string"}, "content": {"type": "string"}}}},
                     "content": {"type": "object", "required": ["kind"],
@@ -144,12 +146,26 @@ pub(crate) fn document() -> Value {
                            Some(json!({"type": "object", "required": ["hash"], "properties": {"hash": {"type": "string"}}})), "200", any.clone())},
             "/v1/classify": {"post": op("Classify content under policies; the decision is stored (one record per item). Without an effort it goes through the cascade (triage → low → high → a person; 429 with Retry-After when the reasoning budget is spent), unless the server runs with --classify-route direct; with an effort or route=direct it reasons once (at the server's --effort when none is given). The Server-Timing header has policy, cascade, store through the cascade and policy, reason, store on the direct route. Every route that reasons (classify, batch, moderate, moderations, chat, replay, appeal) answers 429 with Retry-After while the reasoning budget is spent; jobs wait queued instead", Some("classify"), Some(classify.clone()), "200", decision.clone())},
             "/v1/moderate": {"post": op("The cascade's own view: per-policy routes, stages and every reasoning step, stored as one decision per item (source cascade:<stage that settled it>, every stage on the record); 429 with Retry-After over the reasoning budget", Some("classify"),
-                Some(json!({"allOf": [classify.clone(), {"type": "object", "properties": {"appeal": {"type": "boolean", "description": "judge the item as an appeal (high effort, then a person, first in the queue); needs the review scope, since it names no decision of the caller's: a client appeals its own with /v1/decisions/{id}/appeal"}}}]})),
+                Some(json!({"type": "object", "required": ["policies"], "additionalProperties": false,
+                    "description": "the content fields of ClassifyRequest (text, prompt, response, messages or content), policies, max_tokens, return_reasoning and appeal; the cascade chooses its own efforts, so effort, mode and route are refused (400 unknown_field)",
+                    "properties": {
+                        "text": {"type": "string"}, "prompt": {"type": "string"}, "response": {"type": "string"},
+                        "messages": {"type": "array"}, "content": {"type": "object"},
+                        "policies": {"type": "array", "items": {"$ref": "#/components/schemas/PolicyRef"}},
+                        "max_tokens": {"type": "integer", "minimum": 1}, "return_reasoning": {"type": "boolean"},
+                        "appeal": {"type": "boolean", "description": "judge the item as an appeal (high effort, then a person, first in the queue); needs the review scope, since it names no decision of the caller's: a client appeals its own with /v1/decisions/{id}/appeal"}}})),
                 "200", json!({"type": "object", "properties": {"outcome": {"enum": ["allow", "violation", "needs_review"]},
                     "decided_by": {"$ref": "#/components/schemas/Stage"}, "policies": {"type": "array"}, "stages": {"type": "array"},
                     "reasoning": {"type": "array", "items": decision.clone()}, "decision_id": {"type": "string"}}}))},
             "/v1/classify/batch": {"post": op("Classify many items together (direct reasoning, one batch)", Some("classify"),
-                Some(json!({"allOf": [classify.clone(), {"type": "object", "required": ["items"], "properties": {"items": {"type": "array"}}}]})),
+                Some(json!({"type": "object", "required": ["items", "policies"], "additionalProperties": false,
+                    "description": "the settings of ClassifyRequest for every item; an item with a field other than the content fields, or one too long for the model's context, is answered with its own error",
+                    "properties": {
+                        "items": {"type": "array", "items": {"type": "object", "description": "text, prompt, response, messages or content, as in ClassifyRequest"}},
+                        "policies": {"type": "array", "items": {"$ref": "#/components/schemas/PolicyRef"}},
+                        "effort": {"enum": ["low", "medium", "high"]}, "reasoning_effort": {"enum": ["low", "medium", "high"]},
+                        "mode": {"enum": ["separate", "combined"]}, "max_tokens": {"type": "integer", "minimum": 1},
+                        "return_reasoning": {"type": "boolean"}}})),
                 "200", json!({"type": "object", "properties": {"results": {"type": "array", "items": decision.clone()}}}))},
             "/v1/jobs": {"post": {
                 "summary": "Queue a classification; persisted before the 202. Header Idempotency-Key makes retries safe; a key is unique among the jobs of the client (API key name) that submits it.",

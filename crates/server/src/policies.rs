@@ -133,13 +133,32 @@ fn parse_sent_policy(state: &AppState, text: &str, fallback_name: Option<&str>) 
     Ok(policy)
 }
 
+/// A policy a request names, resolved. An inline one is parsed and not stored yet: [`keep_inline`] stores it once
+/// the request has passed every check, so that a refused request leaves nothing behind.
+pub(crate) struct Resolved {
+    pub policy: Policy,
+    inline: Option<InlineText>,
+}
+
+/// What an inline policy was sent as: stored as such.
+struct InlineText {
+    text: String,
+    name: Option<String>,
+}
+
 /// A policy reference in a request: `"name"` (its active version), `"sha256:…"`, or `{"text": "…"}` inline.
-pub(crate) async fn resolve_policy(state: &AppState, reference: &Value, _caller: &Caller) -> Result<Policy, ApiError> {
+pub(crate) async fn resolve_policy(
+    state: &AppState,
+    reference: &Value,
+    _caller: &Caller,
+) -> Result<Resolved, ApiError> {
+    let stored = |policy: Policy| Resolved { policy, inline: None };
     match reference {
         Value::String(id) if looks_like_hash(id) => stored_policy(state, id)
             .await?
+            .map(stored)
             .ok_or_else(|| ApiError::bad("unknown_policy", format!("no policy version {id}"))),
-        Value::String(name) => stored_policy(state, name).await?.ok_or_else(|| {
+        Value::String(name) => stored_policy(state, name).await?.map(stored).ok_or_else(|| {
             ApiError::bad("unknown_policy", format!("no policy named {name:?}; POST it to /v1/policies first"))
         }),
         Value::Object(object) => {
@@ -150,39 +169,48 @@ pub(crate) async fn resolve_policy(state: &AppState, reference: &Value, _caller:
             let name = object.get("name").and_then(Value::as_str);
             let policy = parse_sent_policy(state, text, Some(name.unwrap_or(INLINE_NAME)))
                 .map_err(|why| ApiError::bad("invalid_policy", format!("inline policy: {why}")))?;
-            let hash = policy.hash.to_string();
-            // Stored (unpinned) so that the decision's policy hash can be looked up and replayed; once is enough.
-            let known = match state.lookups.inline.get(&hash) {
-                Some(known) => known,
-                None => {
-                    // Recorded in use before it is stored or read: a prune that comes after keeps it, and one that
-                    // came before has deleted it, so the store below puts it back.
-                    touch(state, &hash).await;
-                    let (stored, _) =
-                        store_policy(&state.store, &policy, text, Some(name.unwrap_or(INLINE_NAME)), false).await?;
-                    let known = match state.lookups.versions.get(&stored.hash) {
-                        Some(known) => known,
-                        None => policy_of(&stored)?,
-                    };
-                    state.lookups.inline.put(hash.clone(), known.clone());
-                    known
-                }
-            };
-            // The decision names the hash, and a replay or a review reads that version's stored front matter: an
-            // inline copy that routes or parses differently (its triage, `high_risk`, output format) would be
-            // judged under settings its record does not show. A different name alone changes nothing it decides.
-            if !same_settings(&known, &policy) {
-                return Err(ApiError::Conflict(format!(
-                    "this inline policy's body is already stored as version {hash} (policy {:?}) with different \
-                     front matter; a version is the hash of its body, so change the body to use these settings, \
-                     or refer to the stored version by its hash",
-                    known.meta.name
-                )));
-            }
-            Ok(policy)
+            Ok(Resolved { policy, inline: Some(InlineText { text: text.to_string(), name: name.map(str::to_string) }) })
         }
         _ => Err(ApiError::bad("invalid_policy", "a policy is a name, a \"sha256:…\" version, or {\"text\": \"…\"}")),
     }
+}
+
+/// Stores a resolved inline policy (unpinned: so that the decision's policy hash can be looked up and replayed;
+/// once is enough) and gives back the policy; a stored one is given back as it is.
+pub(crate) async fn keep_inline(state: &AppState, resolved: Resolved) -> Result<Policy, ApiError> {
+    let (policy, InlineText { text, name }) = match resolved {
+        Resolved { policy, inline: Some(inline) } => (policy, inline),
+        Resolved { policy, inline: None } => return Ok(policy),
+    };
+    let hash = policy.hash.to_string();
+    let known = match state.lookups.inline.get(&hash) {
+        Some(known) => known,
+        None => {
+            // Recorded in use before it is stored or read: a prune that comes after keeps it, and one that
+            // came before has deleted it, so the store below puts it back.
+            touch(state, &hash).await;
+            let name = Some(name.as_deref().unwrap_or(INLINE_NAME));
+            let (stored, _) = store_policy(&state.store, &policy, &text, name, false).await?;
+            let known = match state.lookups.versions.get(&stored.hash) {
+                Some(known) => known,
+                None => policy_of(&stored)?,
+            };
+            state.lookups.inline.put(hash.clone(), known.clone());
+            known
+        }
+    };
+    // The decision names the hash, and a replay or a review reads that version's stored front matter: an
+    // inline copy that routes or parses differently (its triage, `high_risk`, output format) would be
+    // judged under settings its record does not show. A different name alone changes nothing it decides.
+    if !same_settings(&known, &policy) {
+        return Err(ApiError::Conflict(format!(
+            "this inline policy's body is already stored as version {hash} (policy {:?}) with different \
+             front matter; a version is the hash of its body, so change the body to use these settings, \
+             or refer to the stored version by its hash",
+            known.meta.name
+        )));
+    }
+    Ok(policy)
 }
 
 /// A stored policy by `"sha256:…"` version or by name (its active version), through the lookup cache; what

@@ -728,8 +728,21 @@ pub(crate) async fn appeal(
     let (content, policies) = crate::decisions::content_and_policies(&state, &original).await?;
     let settings = Settings { effort: Effort::High, mode: safeguard_core::Mode::Separate, max_tokens: None };
     let reason = format!("appeal of {id}: {}", body.reason.as_deref().unwrap_or("appeal"));
-    let (decision, mut record, reasoning, elapsed) =
-        crate::classify::reason_one(&state, &policies, &content, &settings, Origin::of(&caller, "appeal")).await?;
+    let origin = Origin::of(&caller, "appeal");
+    // Content accepted at a lower effort may not fit the context at high, beside the high budget: the model is not
+    // asked (it would fail after the budget paid for it), and the appeal goes to a person with the reason.
+    let fits = state.classifier.check_fits_context(&policies, &content, &crate::classify::options(&settings));
+    let (decision, mut record, reasoning, elapsed) = match fits {
+        Ok(()) => crate::classify::reason_one(&state, &policies, &content, &settings, origin).await?,
+        Err(overflow) => {
+            let reason = format!("not reasoned about: {overflow}");
+            let model = state.reasoner.model_id();
+            let decision = Decision::unreasoned(&policies, &crate::classify::options(&settings), model, &reason);
+            let (record, reasoning) =
+                crate::classify::record_of(&decision, &policies, &content, &settings, origin, None);
+            (decision, record, reasoning, 0.0)
+        }
+    };
     // The link a retry finds the appeal by.
     record.replay_of = Some(id.clone());
     // One review, the appeal, whatever the model said: a second "undecided" review of the same item would be

@@ -2196,3 +2196,46 @@ async fn slow_headers_are_cut_off_and_connections_are_capped() {
     let reply = String::from_utf8_lossy(&reply);
     assert!(reply.starts_with("HTTP/1.1 408") && reply.contains("did not arrive"), "{reply}");
 }
+
+#[tokio::test]
+async fn a_field_the_route_does_not_read_is_refused_not_ignored() {
+    let h = Harness::start(|_| {}).await;
+    let key = h.key(&["classify"]).await;
+    let refused = [
+        // A misspelt field would be read as absent: here, a policy the sender meant to judge under left out.
+        ("/v1/classify", json!({"text": "hi", "policies": ["spam"], "polices": ["hate"]}), "polices"),
+        // A job always reasons directly: a cascade asked for would have been ignored.
+        ("/v1/jobs", json!({"text": "hi", "policies": ["spam"], "route": "cascade"}), "route"),
+        ("/v1/classify/batch", json!({"items": [{"text": "hi"}], "policies": ["spam"], "route": "cascade"}), "route"),
+        // The cascade chooses its own efforts.
+        ("/v1/moderate", json!({"text": "hi", "policies": ["spam"], "effort": "high"}), "effort"),
+    ];
+    for (path, body, field) in refused {
+        let (status, reply) = h.call("POST", path, Some(&key), Some(body)).await;
+        assert_eq!((status, reply["error"]["code"].as_str()), (400, Some("unknown_field")), "{path}: {reply}");
+        let message = reply["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&format!("{field:?}")) && message.contains("policies"), "{path}: {message}");
+    }
+    assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), 0, "nothing refused was reasoned about");
+    // In a batch, an item with a field of its own is refused alone.
+    let batch = json!({"items": [{"text": "hi"}, {"text": "hi", "policies": ["hate"]}], "policies": ["spam"]});
+    let (status, reply) = h.call("POST", "/v1/classify/batch", Some(&key), Some(batch)).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["results"][0]["outcome"], "allow", "{reply}");
+    let error = reply["results"][1]["error"]["message"].as_str().unwrap_or_default();
+    assert!(error.contains("\"policies\""), "{reply}");
+    assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), 1, "only the first item was reasoned about");
+    let depth = h.store.queue_depth().await.unwrap();
+    assert_eq!(depth.pending + depth.running + depth.done + depth.failed, 0, "no job was queued: {depth:?}");
+    // Every field a route documents is read.
+    let (status, reply) = h
+        .call(
+            "POST",
+            "/v1/classify",
+            Some(&key),
+            Some(json!({"text": "hi", "policies": ["spam"], "route": "direct", "effort": "low", "mode": "separate",
+                        "max_tokens": 64, "return_reasoning": false})),
+        )
+        .await;
+    assert_eq!(status, 200, "{reply}");
+}

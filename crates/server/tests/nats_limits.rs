@@ -1,16 +1,19 @@
 //! `safeguard serve`'s content limits hold on the bus as over HTTP: its NATS worker parsed events with the item
 //! parser's own limit (100,000 characters) and counted no tokens, so an event could carry what `/v1/classify`
-//! refuses. Against the real NATS at 127.0.0.1:4222.
+//! refuses. And content the model's context cannot hold, beside its policy and its answer's budget, is refused on
+//! every way in before it is reasoned about. Against the real NATS at 127.0.0.1:4222.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use safeguard_core::{ReasonError, ReasonOutput, ReasonRequest, Reasoner};
+use safeguard_harmony::Tokenizer;
 use safeguard_pipeline::nats::{Bus, EventStatus};
 use safeguard_server::{Limits, NatsConfig, NatsIngest, Server, ServerConfig};
 use safeguard_store::Store;
-use serde_json::json;
+use serde_json::{Value, json};
 
 #[path = "../../pipeline/tests/support/nats.rs"]
 mod nats_support;
@@ -98,4 +101,175 @@ async fn events_over_the_servers_content_limits_are_rejected_as_requests_are() {
 
     server.shutdown().await.unwrap();
     delete_streams(&producer).await;
+}
+
+/// Allows everything, and holds `CONTEXT` tokens per prompt and completion, as an embedded engine does.
+struct Roomy {
+    calls: AtomicUsize,
+}
+
+/// Room for the high-effort budget (4,096) and a few hundred prompt tokens.
+const CONTEXT: usize = 4096 + 400;
+
+#[async_trait]
+impl Reasoner for Roomy {
+    fn model_id(&self) -> String {
+        "roomy".into()
+    }
+
+    async fn reason(&self, _req: ReasonRequest) -> Result<ReasonOutput, ReasonError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(ReasonOutput { final_text: Some("0".into()), final_token_prob: Some(0.99), ..ReasonOutput::default() })
+    }
+
+    fn context_tokens(&self) -> Option<usize> {
+        Some(CONTEXT)
+    }
+}
+
+/// `n` tokens of text, as the model's tokenizer counts them.
+fn words(n: usize) -> String {
+    let text = format!("word{}", " word".repeat(n - 1));
+    assert_eq!(Tokenizer::shared().count(&text), n);
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_the_models_context_cannot_hold_is_refused_on_every_way_in_before_it_is_reasoned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(&dir.path().join("db.sqlite")).await.unwrap();
+    let bus = nats_up().then(|| {
+        let mut nats = NatsConfig::new(URL, format!("sgroom{}", &uuid::Uuid::new_v4().simple().to_string()[..10]));
+        nats.ack_wait = Duration::from_secs(2);
+        nats
+    });
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        admin_key: Some(ADMIN.into()),
+        nats: bus.clone().map(|config| NatsIngest { config, policies: vec!["promo".into()] }),
+        ..ServerConfig::default()
+    };
+    let reasoner = Arc::new(Roomy { calls: AtomicUsize::new(0) });
+    let server = Server::start(config, reasoner.clone(), store.clone()).await.unwrap();
+    let base = format!("http://{}", server.addr);
+    let http = reqwest::Client::new();
+    let call = |path: &'static str, body: Value| {
+        let request = http.post(format!("{base}{path}")).bearer_auth(ADMIN).json(&body);
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (status, created) = call("/v1/policies", json!({"text": POLICY})).await;
+    assert!(status == 200 || status == 201, "{created}");
+
+    // The cascade may escalate to high effort, whose budget must fit beside the prompt: the refusal says how much
+    // content does.
+    let (status, refused) = call("/v1/moderate", json!({"text": words(600), "policies": ["promo"]})).await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (400, Some("content_too_long")), "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap().to_string();
+    assert!(message.contains("promo at high effort") && message.contains("context holds 4496"), "{message}");
+    let room: usize = message
+        .split("content of at most ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no room in {message:?}"));
+    assert!((100..400).contains(&room), "{message}");
+    assert_eq!(reasoner.calls.load(Ordering::SeqCst), 0, "refused before the model was asked");
+
+    // Exactly: the room fits, one token more does not.
+    let (status, fits) = call("/v1/moderate", json!({"text": words(room), "policies": ["promo"]})).await;
+    assert_eq!(status, 200, "{fits}");
+    assert!(reasoner.calls.load(Ordering::SeqCst) > 0);
+    let asked = reasoner.calls.load(Ordering::SeqCst);
+    let over = words(room + 1);
+    let (status, body) = call("/v1/moderate", json!({"text": over, "policies": ["promo"]})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("content_too_long")), "{body}");
+    let (status, body) = call("/v1/classify", json!({"text": over, "policies": ["promo"]})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("content_too_long")), "cascade route: {body}");
+    let (status, body) = call("/v1/jobs", json!({"text": over, "policies": ["promo"], "effort": "high"})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("content_too_long")), "a job: {body}");
+    let (status, body) = call(
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "system", "content": POLICY}, {"role": "user", "content": words(room + 200)}],
+               "reasoning_effort": "high"}),
+    )
+    .await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("content_too_long")), "chat: {body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("the system and developer messages"), "{body}");
+    let batch =
+        json!({"items": [{"text": "see you at lunch"}, {"text": over}], "policies": ["promo"], "effort": "high"});
+    let (status, body) = call("/v1/classify/batch", batch).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"][0]["outcome"], "allow", "{body}");
+    let error = body["results"][1]["error"]["message"].as_str().unwrap_or_default();
+    assert!(error.contains("context holds 4496"), "the long item alone is refused: {body}");
+    assert_eq!(reasoner.calls.load(Ordering::SeqCst), asked + 1, "only the short batch item was reasoned about");
+
+    // A refused request stores nothing, not even the inline policy it named.
+    let inline = POLICY
+        .replace("name: promo", "name: promo-inline")
+        .replace("Personal messages.", "Personal messages and greetings between friends.");
+    let hash = safeguard_policy::Policy::parse(&inline).unwrap().hash.to_string();
+    for (path, effort) in [("/v1/moderate", None), ("/v1/classify", None), ("/v1/jobs", Some("high"))] {
+        let mut request = json!({"text": over, "policies": [{"text": inline}]});
+        if let Some(effort) = effort {
+            request["effort"] = json!(effort);
+        }
+        let (status, body) = call(path, request).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (400, Some("content_too_long")), "{path}: {body}");
+        assert!(store.get_policy(&hash).await.unwrap().is_none(), "{path}: the inline policy was stored");
+    }
+    let (status, body) =
+        call("/v1/moderate", json!({"text": "see you at lunch", "policies": [{"text": inline}]})).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(store.get_policy(&hash).await.unwrap().is_some(), "an inline policy a decision names is stored");
+
+    // At low effort, pinned, the smaller budget leaves room for more.
+    let (status, body) = call("/v1/classify", json!({"text": over, "policies": ["promo"], "effort": "low"})).await;
+    assert_eq!(status, 200, "{body}");
+    // Its appeal reasons at high effort, where it does not fit: the model is not asked, and a person is.
+    let asked = reasoner.calls.load(Ordering::SeqCst);
+    let appeal_path = format!("/v1/decisions/{}/appeal", body["decision_id"].as_str().unwrap());
+    let response = http.post(format!("{base}{appeal_path}")).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let appeal: Value = response.json().await.unwrap();
+    assert_eq!(appeal["decision"]["outcome"], "needs_review", "{appeal}");
+    assert!(appeal["review_id"].is_string(), "{appeal}");
+    let rationale = appeal["decision"]["verdicts"][0]["rationale"].as_str().unwrap_or_default();
+    assert!(rationale.contains("not reasoned about") && rationale.contains("at high effort"), "{appeal}");
+    assert_eq!(reasoner.calls.load(Ordering::SeqCst), asked, "the model was not asked");
+    // `/v1/moderations` reasons at the server's default effort (low) with its budget (1,024).
+    let (status, body) = call("/v1/moderations", json!({"input": words(3500)})).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("content_too_long")), "moderations: {body}");
+
+    if let Some(bus) = bus {
+        let producer = Bus::connect(bus).await.unwrap();
+        producer.publish_content("fits", &json!({"id": "fits", "text": words(room)})).await.unwrap();
+        producer.publish_content("over", &json!({"id": "over", "text": over})).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let published = loop {
+            let published = published(&producer).await;
+            let settled = ["fits", "over"]
+                .iter()
+                .all(|key| published.get(*key).is_some_and(|e| e.iter().any(|e| e.status != EventStatus::Pending)));
+            if settled {
+                break published;
+            }
+            assert!(Instant::now() < deadline, "not all settled: {published:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let settled = |key: &str| published[key].iter().find(|e| e.status != EventStatus::Pending).unwrap().clone();
+        assert_eq!(settled("fits").status, EventStatus::Decided);
+        let over = settled("over");
+        assert_eq!(over.status, EventStatus::Rejected, "{over:?}");
+        assert!(over.error.as_deref().unwrap_or_default().contains("context holds 4496"), "{over:?}");
+        server.shutdown().await.unwrap();
+        delete_streams(&producer).await;
+    } else {
+        eprintln!("NATS is not reachable at {URL}: the bus was not checked (bash scripts/setup.sh starts it)");
+        server.shutdown().await.unwrap();
+    }
 }

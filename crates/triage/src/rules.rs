@@ -416,6 +416,22 @@ impl<'t> FoldedText<'t> {
         FoldedText { text, folded: std::borrow::Cow::Owned(folded), origin }
     }
 
+    /// The character as written that the folded character before folded offset `at` came from; `None` at the
+    /// start. A keyword's word boundaries are judged on these neighbours: found in the folded text, so that what
+    /// folding dropped is no neighbour (before "ass" in "cl\u{AD}ass" stands the `l`, not the soft hyphen), and
+    /// taken as written, so that what folding spelt out keeps its kind (the `t` of "free™" folded to "freetm" is
+    /// still the symbol `™`, and the combining accent of `´` folded to a space and U+0301 still the symbol `´`).
+    fn written_before(&self, at: usize) -> Option<char> {
+        let (before, _) = self.folded.get(..at)?.char_indices().next_back()?;
+        self.written_at(before)
+    }
+
+    /// The character as written that the folded character at folded offset `at` came from; `None` at the end.
+    fn written_at(&self, at: usize) -> Option<char> {
+        let written = if self.origin.is_empty() { at } else { *self.origin.get(at)? as usize };
+        self.text.get(written..)?.chars().next()
+    }
+
     /// The original byte range of folded `start..end`; `None` when either end falls inside what one original
     /// character folded to (a keyword matching part of `İ`'s `i̇` did not match the text as written).
     fn original(&self, start: usize, end: usize) -> Option<(usize, usize)> {
@@ -652,11 +668,8 @@ impl RuleSet {
                 let Some((start, end)) = original else {
                     continue;
                 };
-                let (Some(before), Some(after)) = (text.get(..start), text.get(end..)) else {
-                    continue;
-                };
-                let before_ok = boundary_ok(meta.starts_word, before.chars().next_back());
-                let after_ok = boundary_ok(meta.ends_word, after.chars().next());
+                let before_ok = boundary_ok(meta.starts_word, folded.written_before(m.start()));
+                let after_ok = boundary_ok(meta.ends_word, folded.written_at(m.end()));
                 if before_ok && after_ok {
                     evidence.found(SpanKind::Keyword, meta.origin, &meta.rule, meta.action, start, end);
                 }
@@ -987,6 +1000,26 @@ mod tests {
         assert!(edges.evaluate("a good book about html").evidence.is_empty());
         assert_eq!(matched("it is ok", &edges.evaluate("it is ok")), ["ok"]);
         assert_eq!(matched("brand tm here", &edges.evaluate("brand tm here")), ["tm"]);
+        // And the text's are the folded text's: an invisible character inside a word does not make a boundary
+        // ("cl\u{AD}ass" reads as "class"), nor does one at the keyword's edge hide a real one.
+        let inside = keyword_rules("flag", &["ass", "bomb"]);
+        for text in ["a cl\u{AD}ass act", "a cl\u{200B}ass act", "bomb\u{2060}er jacket", "the bomb\u{0301}"] {
+            assert!(inside.evaluate(text).evidence.is_empty(), "{text:?}: {:?}", inside.evaluate(text));
+        }
+        for (text, span) in [("a bomb\u{200B}!", "bomb"), ("\u{200B}bomb here", "bomb"), ("the ass", "ass")] {
+            assert_eq!(matched(text, &inside.evaluate(text)), [span], "{text:?}");
+        }
+        // What folding spells out keeps the kind it had as written: "™" folds to "tm" and "´" to a space and a
+        // combining accent, yet both are symbols beside a keyword, no part of its word.
+        let spelt = keyword_rules("flag", &["free", "bomb"]);
+        for (text, span) in [("FREE™ offer", "FREE"), ("a ´bomb", "bomb"), ("№bomb", "bomb"), ("Ⓐbomb", "")] {
+            let found = matched(text, &spelt.evaluate(text));
+            if span.is_empty() {
+                assert!(found.is_empty(), "a circled letter is a letter: {text:?}: {found:?}");
+            } else {
+                assert_eq!(found, [span], "{text:?}");
+            }
+        }
         // A keyword nobody can see is refused rather than matching everywhere.
         let invisible: RulesConfig = serde_json::from_value(
             serde_json::json!({"keywords": [{"name": "k", "action": "flag", "keywords": ["\u{200B}\u{2060}"]}]}),
