@@ -98,13 +98,66 @@ impl FromStr for EndpointConfig {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(ConfigError::BadUrl(shown_url(url)));
         }
-        Ok(EndpointConfig {
-            flavor,
-            base_url: url.trim_end_matches('/').to_string(),
-            api_key: None,
-            max_concurrency: 8,
-        })
+        // A key alone in the address (`https://:KEY@host/v1`, or `https://KEY@host/v1`) is sent as a bearer token,
+        // as vLLM, SGLang, LM Studio and llama-server check `--api-key`; left in the address, it went out as Basic
+        // auth, which they refuse, and every request failed. A user and a password (`user:pass@`, a proxy's basic
+        // auth in front of Ollama) stay Basic auth.
+        let (url, api_key) = match reqwest::Url::parse(url) {
+            Ok(mut parsed) if parsed.has_host() => {
+                let (user, password) = (parsed.username().to_string(), parsed.password().unwrap_or("").to_string());
+                let key = match (user.is_empty(), password.is_empty()) {
+                    (true, false) => Some(password),
+                    (false, true) => Some(user),
+                    _ => None,
+                };
+                match key {
+                    Some(key) => {
+                        let key = percent_decoded(&key).ok_or_else(|| ConfigError::BadUrl(shown_url(url)))?;
+                        // These fail only for URLs without a host, excluded above.
+                        let _ = parsed.set_username("");
+                        let _ = parsed.set_password(None);
+                        (parsed.to_string(), Some(key))
+                    }
+                    None => (url.to_string(), None),
+                }
+            }
+            _ => (url.to_string(), None),
+        };
+        Ok(EndpointConfig { flavor, base_url: url.trim_end_matches('/').to_string(), api_key, max_concurrency: 8 })
     }
+}
+
+impl EndpointConfig {
+    /// The address of `path` on this endpoint: after the base's own path, before its query (`?api-key=…`).
+    pub fn url_of(&self, path: &str) -> String {
+        match self.base_url.split_once('?') {
+            Some((base, query)) => format!("{}/{path}?{query}", base.trim_end_matches('/')),
+            None => format!("{}/{path}", self.base_url),
+        }
+    }
+}
+
+/// `%XX` escapes in a URL's userinfo back to their bytes (a key with `@` or `:` in it must be escaped there). `None`
+/// for what no header can carry: text that is not UTF-8, or holds control characters.
+fn percent_decoded(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).filter(|h| h.iter().all(u8::is_ascii_hexdigit));
+        let byte = hex.and_then(|h| std::str::from_utf8(h).ok()).and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], byte) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok().filter(|key| !key.is_empty() && !key.chars().any(char::is_control))
 }
 
 /// How hard to try before giving up on a request.
@@ -299,7 +352,7 @@ impl RemoteReasoner {
     pub async fn check_health(&self) -> usize {
         let mut healthy = 0;
         for endpoint in &self.inner.endpoints {
-            let url = format!("{}/{}", endpoint.config.base_url, wire::health_path(endpoint.config.flavor));
+            let url = endpoint.config.url_of(wire::health_path(endpoint.config.flavor));
             let mut request = self.inner.client.get(&url).timeout(Duration::from_secs(5));
             if let Some(key) = &endpoint.config.api_key {
                 request = request.bearer_auth(key);
@@ -496,7 +549,7 @@ impl RemoteReasoner {
         sink: Option<&mut DeltaSink<'_>>,
     ) -> Result<ReasonOutput, AttemptError> {
         let flavor = endpoint.config.flavor;
-        let target = format!("{}/{}", endpoint.config.base_url, wire::chat_path(flavor));
+        let target = endpoint.config.url_of(wire::chat_path(flavor));
         // Every error names the endpoint by its label, never by `target` (which may hold credentials) nor by its
         // address (see `Endpoint::label`).
         let url = endpoint.label.as_str();
@@ -830,6 +883,30 @@ pub fn shown_url(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_in_the_address_is_a_bearer_token_and_paths_go_before_the_query() {
+        for (spec, key) in [
+            ("http://:sk-1@gpu1:8000/v1", "sk-1"),
+            ("vllm+https://sk-2@gpu1/v1/", "sk-2"),
+            ("http://:p%40ss%3Aword@gpu1/v1", "p@ss:word"),
+        ] {
+            let endpoint: EndpointConfig = spec.parse().unwrap();
+            assert_eq!(endpoint.api_key.as_deref(), Some(key), "{spec}");
+            assert!(!endpoint.base_url.contains(key) && !endpoint.base_url.contains('@'), "{}", endpoint.base_url);
+        }
+        // A user and a password are a proxy's basic auth, left in the address for the client to send as such.
+        let basic: EndpointConfig = "ollama+https://user:pass@proxy/".parse().unwrap();
+        assert_eq!((basic.api_key, basic.base_url.as_str()), (None, "https://user:pass@proxy"));
+        // A key no header can carry is refused at start-up, without showing it.
+        let err = "http://:bad%0Akey@gpu1/v1".parse::<EndpointConfig>().unwrap_err();
+        assert!(!err.to_string().contains("bad"), "{err}");
+        let plain: EndpointConfig = "http://gpu1:8000/v1".parse().unwrap();
+        assert_eq!(plain.api_key, None);
+        assert_eq!(plain.url_of("chat/completions"), "http://gpu1:8000/v1/chat/completions");
+        let query: EndpointConfig = "http://gpu1:8000/v1?api-key=K".parse().unwrap();
+        assert_eq!(query.url_of("chat/completions"), "http://gpu1:8000/v1/chat/completions?api-key=K");
+    }
 
     #[test]
     fn endpoint_specs_parse_flavor_and_url() {

@@ -34,6 +34,8 @@ pub(crate) struct StreamReader {
     lines: Lines,
     /// SSE `data:` lines of the event being read; an event ends at a blank line.
     event_data: Option<String>,
+    /// The event being read was named `error` (`event: error`): its data is the server's error, whatever its shape.
+    error_event: bool,
     router: ContentRouter,
     reasoning: String,
     content: String,
@@ -56,6 +58,7 @@ impl StreamReader {
             flavor,
             lines: Lines::default(),
             event_data: None,
+            error_event: false,
             router: ContentRouter::default(),
             reasoning: String::new(),
             content: String::new(),
@@ -93,7 +96,8 @@ impl StreamReader {
     }
 
     /// Whether the answer is whole. Besides `[DONE]`, a finish reason counts, for servers that close the
-    /// stream without the marker.
+    /// stream without the marker. (A server that failed part way says so before its `[DONE]`: llama-server with an
+    /// `error:` line or an `error` event, read as the error they are.)
     fn is_complete(&self) -> bool {
         self.is_done() || (self.flavor != Flavor::Ollama && self.finish_reason.is_some())
     }
@@ -103,7 +107,7 @@ impl StreamReader {
         let mut deltas = Vec::new();
         // A last line without its newline, or a last event without its blank line.
         let mut trailing: Vec<String> = self.lines.rest()?.into_iter().filter_map(|line| self.frame(&line)).collect();
-        trailing.extend(self.event_data.take());
+        trailing.extend(self.take_event());
         for payload in trailing {
             match self.read_payload(&payload, &mut deltas) {
                 // A line cut off by the end of the stream is an incomplete stream, not a garbled one.
@@ -147,18 +151,31 @@ impl StreamReader {
         Ok((deltas, output))
     }
 
+    /// The event read so far, ended. An error event's data is the error, whether or not it says so itself.
+    fn take_event(&mut self) -> Option<String> {
+        let data = self.event_data.take();
+        if std::mem::take(&mut self.error_event) { data.map(|data| as_error_payload(&data)) } else { data }
+    }
+
     /// One line of the stream to the payload it completes, if any.
     fn frame(&mut self, line: &str) -> Option<String> {
         if self.flavor == Flavor::Ollama {
             return Some(line.trim()).filter(|l| !l.is_empty()).map(str::to_string);
         }
         if line.is_empty() {
-            return self.event_data.take();
+            return self.take_event();
         }
-        // Lines starting with ':' are comments (keep-alives); `event:`, `id:` and `retry:` carry nothing we use.
+        // Lines starting with ':' are comments (keep-alives); `id:` and `retry:` carry nothing we use.
         let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        if field == "event" {
+            self.error_event = value.trim() == "error";
+        }
+        // llama-server writes a failure part way through a stream as a field of its own, `error: {…}`.
+        if field == "error" {
+            return Some(as_error_payload(value));
+        }
         if field == "data" {
-            let value = value.strip_prefix(' ').unwrap_or(value);
             match &mut self.event_data {
                 Some(data) => {
                     data.push('\n');
@@ -213,7 +230,7 @@ impl StreamReader {
                 }
             }
         }
-        if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
+        if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str).filter(|reason| !reason.is_empty()) {
             self.finish_reason = Some(reason.to_string());
         }
     }
@@ -236,6 +253,18 @@ impl StreamReader {
     }
 }
 
+/// A server's error text as a payload [`StreamReader::read_payload`] reads as an error: JSON as it is, anything else
+/// as a string.
+fn as_error_payload(data: &str) -> String {
+    let error = serde_json::from_str::<Value>(data.trim()).unwrap_or_else(|_| Value::String(data.to_string()));
+    let error = match error {
+        Value::Object(mut object) if object.contains_key("error") => object.remove("error").unwrap_or(Value::Null),
+        other => other,
+    };
+    let error = if error.is_null() { Value::String("an error event without a message".into()) } else { error };
+    json!({"error": error}).to_string()
+}
+
 /// Unlike whole responses, pieces are not trimmed: a lone space or newline is part of the text.
 fn first_text<'a>(object: &'a Value, keys: &[&str]) -> Option<&'a str> {
     keys.iter().find_map(|key| object.get(*key).and_then(Value::as_str).filter(|s| !s.is_empty()))
@@ -247,6 +276,10 @@ fn server_error(error: &Value) -> StreamError {
     let code = error.get("code");
     let transient = match code.and_then(Value::as_u64) {
         Some(code) => code == 408 || code == 429 || code >= 500,
+        // A bare message (Ollama's "model runner has unexpectedly stopped") says nothing of fault: taken as the
+        // server's, so it is tried elsewhere and counts against its breaker, as the same failure answered with a
+        // 500 would.
+        None if error.is_string() => true,
         None => {
             error.get("type").and_then(Value::as_str) == Some("server_error")
                 || code.and_then(Value::as_str) == Some("unavailable")
@@ -519,6 +552,43 @@ mod tests {
         assert!(matches!(err, StreamError::Server { transient: false, .. }));
         let garbled = "data: {not json}\n\n";
         assert!(matches!(StreamReader::new(Flavor::OpenAi).push(garbled.as_bytes()), Err(StreamError::Unreadable(_))));
+    }
+
+    /// llama-server ends a stream it failed in part way (its KV cache full with several slots decoding) with an
+    /// error event of its own shape, then `[DONE]`: the answer so far, `INVALID` without its `+ ESCALATE`, is none.
+    #[test]
+    fn an_error_part_way_then_done_is_no_answer() {
+        let answer = "data: {\"choices\": [{\"delta\": {\"content\": \"INVALID\"}, \"finish_reason\": null}]}\n\n";
+        let endings = [
+            "error: {\"code\": 500, \"message\": \"context size exceeded\", \"type\": \"server_error\"}\n\ndata: [DONE]\n\n",
+            "event: error\ndata: {\"code\": 500, \"message\": \"context size exceeded\"}\n\ndata: [DONE]\n\n",
+            "event: error\ndata: context size exceeded\n\ndata: [DONE]\n\n",
+        ];
+        for ending in endings {
+            let mut reader = StreamReader::new(Flavor::LlamaCpp);
+            let read = reader.push(format!("{answer}{ending}").as_bytes()).and_then(|_| reader.finish().map(|_| ()));
+            let err = read.unwrap_err();
+            assert!(
+                matches!(&err, StreamError::Server { transient: true, message } if message.contains("context size exceeded")),
+                "{ending:?}: {err:?}"
+            );
+        }
+        // An empty finish reason (old Ollama sent one on every chunk) does not end a stream cut short.
+        let empty = "data: {\"choices\": [{\"delta\": {\"content\": \"INVALID\"}, \"finish_reason\": \"\"}]}\n\n";
+        let mut reader = StreamReader::new(Flavor::OpenAi);
+        reader.push(empty.as_bytes()).unwrap();
+        assert!(matches!(reader.finish(), Err(StreamError::Incomplete)));
+        // An error event that names no error is still one.
+        let mut reader = StreamReader::new(Flavor::LlamaCpp);
+        let err = reader.push(format!("{answer}event: error\ndata: {{\"error\": null}}\n\n").as_bytes()).unwrap_err();
+        assert!(
+            matches!(&err, StreamError::Server { message, .. } if message.contains("without a message")),
+            "{err:?}"
+        );
+        // Ollama's bare message is the server's fault: tried elsewhere, counted against its breaker.
+        let ollama = "{\"error\": \"model runner has unexpectedly stopped\"}\n";
+        let err = StreamReader::new(Flavor::Ollama).push(ollama.as_bytes()).unwrap_err();
+        assert!(matches!(err, StreamError::Server { transient: true, .. }), "{err:?}");
     }
 
     #[test]

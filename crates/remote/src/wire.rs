@@ -120,7 +120,7 @@ pub(crate) fn parse_response(flavor: Flavor, body: &Value) -> Result<ReasonOutpu
 }
 
 fn parse_openai(body: &Value) -> Result<ReasonOutput, ShapeError> {
-    if let Some(error) = body.get("error") {
+    if let Some(error) = body.get("error").filter(|error| !error.is_null()) {
         // vLLM 0.16 returned some errors with HTTP 200.
         return Err(ShapeError(format!("the server answered with an error: {}", crate::excerpt(&error.to_string()))));
     }
@@ -172,7 +172,7 @@ fn reported_ms(ms: f64) -> f64 {
 }
 
 fn parse_ollama(body: &Value) -> Result<ReasonOutput, ShapeError> {
-    if let Some(error) = body.get("error") {
+    if let Some(error) = body.get("error").filter(|error| !error.is_null()) {
         return Err(ShapeError(format!("the server answered with an error: {}", crate::excerpt(&error.to_string()))));
     }
     let message = body.get("message").ok_or_else(|| ShapeError("no message".into()))?;
@@ -289,6 +289,11 @@ pub(crate) fn is_raw_harmony(content: &str) -> bool {
 /// that is not the turn's last message, or that ends in a tool call, answers nothing. A server that returned the
 /// reasoning apart has a parser: its `content` is the answer, and markup in it is text the model quoted.
 fn split_leaked_channels(reasoning: Option<String>, content: Option<String>) -> (Option<String>, Option<String>) {
+    if reasoning.is_none()
+        && let Some(split) = content.as_deref().and_then(stripped_harmony)
+    {
+        return split;
+    }
     let Some(text) = content.as_deref().filter(|t| reasoning.is_none() && is_raw_harmony(t)) else {
         return (reasoning, content);
     };
@@ -298,6 +303,25 @@ fn split_leaked_channels(reasoning: Option<String>, content: Option<String>) -> 
     // written after a stop, which the parser drops unread, so the answer before it is not the model's last word.
     let final_text = if parsed.ignored_tokens > 1 { None } else { trimmed(parsed.final_text) };
     (trimmed(parsed.analysis), final_text)
+}
+
+/// Harmony with its special tokens stripped and the channel names left glued to the text, as SGLang returns it
+/// without its gpt-oss reasoning parser (and some releases with it): `analysisThe user asks …assistantfinal1`. Read
+/// as an answer, the reasoning's "so output 0" would be the verdict. The analysis runs to the first assistant
+/// header; the answer is what follows the one `assistantfinal`, and there is none without one, with two (two
+/// answers) or with a tool call after it. `None` when `text` does not start as such a reply.
+fn stripped_harmony(text: &str) -> Option<(Option<String>, Option<String>)> {
+    const FINAL: &str = "assistantfinal";
+    const TOOL_CALL: &str = "assistantcommentary";
+    let body = text.trim_start().strip_prefix("analysis")?;
+    let trimmed = |s: &str| Some(s.trim().to_string()).filter(|s| !s.is_empty());
+    let header = [body.find(FINAL), body.find(TOOL_CALL)].into_iter().flatten().min().unwrap_or(body.len());
+    let finals: Vec<usize> = body.match_indices(FINAL).map(|(at, _)| at).collect();
+    let answer = match finals.as_slice() {
+        [at] if !body[at + FINAL.len()..].contains(TOOL_CALL) => trimmed(&body[at + FINAL.len()..]),
+        _ => None,
+    };
+    Some((trimmed(&body[..header]), answer))
 }
 
 /// The harmony markers a server leaves in raw text, with their token ids.
@@ -356,6 +380,29 @@ mod tests {
 
     fn req(effort: Effort) -> ReasonRequest {
         ReasonRequest::new("# Spam\nReturn 0 or 1.", Content::text("buy now"), effort)
+    }
+
+    /// SGLang without its reasoning parser strips harmony's special tokens and glues the channel names to the text.
+    #[test]
+    fn stripped_harmony_is_split_at_its_one_final_answer() {
+        let body = |content: &str| json!({"choices": [{"message": {"content": content}, "finish_reason": "stop"}]});
+        let out = parse_response(Flavor::OpenAi, &body("analysisLooks benign. So output 0.assistantfinal1")).unwrap();
+        assert_eq!(out.analysis.as_deref(), Some("Looks benign. So output 0."));
+        assert_eq!(out.final_text.as_deref(), Some("1"), "the answer, not the reasoning's digit");
+        for no_answer in [
+            "analysisStill thinking, so output 0",
+            "analysisA.assistantfinal0assistantfinal1",
+            "analysisA.assistantfinal0assistantcommentary to=functions.x json{}",
+        ] {
+            let out = parse_response(Flavor::OpenAi, &body(no_answer)).unwrap();
+            assert_eq!(out.final_text, None, "{no_answer:?}");
+        }
+        // A server that returned the reasoning apart has a parser: its content is the answer, whatever it says.
+        let parsed = json!({"choices": [{"message": {"content": "analysis: 0", "reasoning_content": "Fine."}, "finish_reason": "stop"}]});
+        assert_eq!(parse_response(Flavor::OpenAi, &parsed).unwrap().final_text.as_deref(), Some("analysis: 0"));
+        // And `"error": null` is no error.
+        let null_error = json!({"error": null, "choices": [{"message": {"content": "0", "reasoning_content": "Fine."}, "finish_reason": "stop"}]});
+        assert_eq!(parse_response(Flavor::OpenAi, &null_error).unwrap().final_text.as_deref(), Some("0"));
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiJson};
 use crate::moderate::{StoredItem, deferred_error, stages_json, store_cascade_item};
-use crate::policies::{Resolved, keep_inline, resolve_policy};
+use crate::policies::{Resolved, inline_conflict, keep_inline, resolve_policy};
 use crate::timing::StageTimer;
 
 /// How `/v1/classify` decides an item.
@@ -269,8 +269,13 @@ impl NamedPolicies {
         &self.policies
     }
 
-    /// Stores the inline policies and gives back every policy, in the order named.
+    /// Stores the inline policies and gives back every policy, in the order named. A conflict (a body known under
+    /// other front matter) is looked for in all of them first, so that a request refused for one stores none.
     pub(crate) async fn keep(self, state: &AppState) -> Result<Vec<Policy>, ApiError> {
+        for (at, resolved) in self.resolved.iter().enumerate() {
+            let earlier: Vec<&Policy> = self.policies[..at].iter().collect();
+            inline_conflict(state, resolved, &earlier).await?;
+        }
         let mut kept = Vec::with_capacity(self.resolved.len());
         for resolved in self.resolved {
             kept.push(keep_inline(state, resolved).await?);
@@ -508,7 +513,6 @@ pub(crate) async fn classify(
     ApiError::refuse_unknown_fields(&body, &CLASSIFY_FIELDS)?;
     let route = route_of(&state, &body)?;
     let parsed = parse_request(&state, &body, &caller).await?;
-    timer.mark("policy");
     if route == ClassifyRoute::Direct {
         refuse_overflow(state.classifier.check_fits_context(
             parsed.policies.list(),
@@ -516,6 +520,7 @@ pub(crate) async fn classify(
             &options(&parsed.settings),
         ))?;
         let policies = parsed.policies.keep(&state).await?;
+        timer.mark("policy");
         let review_of = |decision: &Decision, record: &DecisionRecord| {
             crate::reviews::review_if_undecided(decision, record, &policies)
         };
@@ -531,6 +536,7 @@ pub(crate) async fn classify(
     let pipeline = state.cascade.pipeline(&state, parsed.policies.list(), parsed.settings.max_tokens);
     refuse_overflow(pipeline.check_fits_context(parsed.policies.list(), &parsed.content, &ctx))?;
     let policies = parsed.policies.keep(&state).await?;
+    timer.mark("policy");
     let started = Instant::now();
     let cascade = pipeline.decide(&policies, &parsed.content, &ctx).await.map_err(deferred_error)?;
     let elapsed = started.elapsed().as_secs_f64();
@@ -608,19 +614,24 @@ pub(crate) async fn classify_batch(
     if return_reasoning {
         caller.require("audit")?;
     }
-    // Kept at once: an item too long for the policies is refused alone, and the request goes on.
-    let policies = parse_policies(&state, &body, &caller).await?.keep(&state).await?;
+    let named = parse_policies(&state, &body, &caller).await?;
     let parsed: Vec<Result<Content, ApiError>> = items
         .iter()
         .map(|item| {
             ApiError::refuse_unknown_fields(item, &[&CONTENT_FIELDS])?;
             let content = parse_content(&state, item)?;
-            refuse_overflow(state.classifier.check_fits_context(&policies, &content, &options(&settings)))?;
+            refuse_overflow(state.classifier.check_fits_context(named.list(), &content, &options(&settings)))?;
             Ok(content)
         })
         .collect();
     let valid: Vec<Content> = parsed.iter().filter_map(|p| p.as_ref().ok().cloned()).collect();
-    let decided = decide_and_store_many(&state, &policies, &valid, &settings, Origin::of(&caller, "batch")).await?;
+    // Items are refused one by one; with none left, nothing is decided or stored, an inline policy included.
+    let decided = if valid.is_empty() {
+        Vec::new()
+    } else {
+        let policies = named.keep(&state).await?;
+        decide_and_store_many(&state, &policies, &valid, &settings, Origin::of(&caller, "batch")).await?
+    };
     let mut stored = decided.iter();
     let mut results = Vec::with_capacity(items.len());
     for item in parsed {

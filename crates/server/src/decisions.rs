@@ -149,6 +149,9 @@ pub(crate) async fn replay(
     let mode = original.sampling.get("mode").cloned().and_then(|m| serde_json::from_value(m).ok()).unwrap_or_default();
     let max_tokens = original.sampling.get("max_tokens").and_then(Value::as_u64).map(|n| n as usize);
     let settings = Settings { effort, mode, max_tokens };
+    // Stored content need not fit now: the engine's context may have shrunk since, or it is an appeal that was
+    // never reasoned about for that reason.
+    crate::classify::refuse_overflow(state.classifier.check_fits_context(&policies, &content, &options(&settings)))?;
     let mut step = state.cascade.admit(settings.prompts(policies.len(), 1), effort, settings.max_tokens).await?;
     let started = Instant::now();
     let decision = state.classifier.classify(&policies, &content, &options(&settings)).await;

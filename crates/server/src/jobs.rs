@@ -71,8 +71,8 @@ pub(crate) async fn submit(
 ) -> Result<Response, ApiError> {
     caller.require("classify")?;
     ApiError::refuse_unknown_fields(&body, &crate::classify::JOB_FIELDS)?;
-    // Checked before the request is parsed: parsing stores the inline policies it names, and a refused job must
-    // leave nothing behind.
+    // Checked first, as cheap refusals; a refused job leaves nothing behind, since the inline policies it names are
+    // stored only once it has passed every check (`NamedPolicies::keep`).
     let webhook_url = match body.get("webhook_url") {
         None | Some(Value::Null) => None,
         Some(Value::String(url)) => {

@@ -119,8 +119,8 @@ pub(crate) async fn moderate(
 ) -> Result<Json<Value>, ApiError> {
     caller.require("classify")?;
     ApiError::refuse_unknown_fields(&body, &crate::classify::MODERATE_FIELDS)?;
-    // Every check before the policies are resolved: resolving stores the inline ones, and a refused request
-    // must leave nothing behind.
+    // A refused request leaves nothing behind: the inline policies it names are stored only once it has passed
+    // every check (`NamedPolicies::keep`).
     let return_reasoning = ApiError::flag(&body, "return_reasoning")?;
     if return_reasoning {
         caller.require("audit")?;

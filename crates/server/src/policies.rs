@@ -199,18 +199,51 @@ pub(crate) async fn keep_inline(state: &AppState, resolved: Resolved) -> Result<
             known
         }
     };
-    // The decision names the hash, and a replay or a review reads that version's stored front matter: an
-    // inline copy that routes or parses differently (its triage, `high_risk`, output format) would be
-    // judged under settings its record does not show. A different name alone changes nothing it decides.
+    // Checked again after storing: a request that stored the same body with other front matter since
+    // `inline_conflict` looked would otherwise have it judged under settings its record does not show.
     if !same_settings(&known, &policy) {
-        return Err(ApiError::Conflict(format!(
-            "this inline policy's body is already stored as version {hash} (policy {:?}) with different \
-             front matter; a version is the hash of its body, so change the body to use these settings, \
-             or refer to the stored version by its hash",
-            known.meta.name
-        )));
+        return Err(settings_conflict(&hash, &known));
     }
     Ok(policy)
+}
+
+/// Whether a resolved inline policy's body is known under other settings: stored so, or sent so earlier in the same
+/// request (`earlier`). The decision names the hash, and a replay or a review reads that version's stored front
+/// matter: an inline copy that routes or parses differently (its triage, `high_risk`, output format) would be
+/// judged under settings its record does not show. A different name alone changes nothing it decides. Checked for
+/// every policy of a request before any is stored, so that a request refused for one stores none.
+pub(crate) async fn inline_conflict(
+    state: &AppState,
+    resolved: &Resolved,
+    earlier: &[&Policy],
+) -> Result<(), ApiError> {
+    if resolved.inline.is_none() {
+        return Ok(());
+    }
+    let policy = &resolved.policy;
+    let hash = policy.hash.to_string();
+    if let Some(other) =
+        earlier.iter().copied().find(|&other| other.hash == policy.hash && !same_settings(other, policy))
+    {
+        return Err(settings_conflict(&hash, other));
+    }
+    let known = match state.lookups.inline.get(&hash) {
+        Some(known) => Some(known),
+        None => state.store.get_policy(&hash).await?.map(|stored| policy_of(&stored)).transpose()?,
+    };
+    match known {
+        Some(known) if !same_settings(&known, policy) => Err(settings_conflict(&hash, &known)),
+        _ => Ok(()),
+    }
+}
+
+fn settings_conflict(hash: &str, known: &Policy) -> ApiError {
+    ApiError::Conflict(format!(
+        "this inline policy's body is already stored as version {hash} (policy {:?}) with different front matter; \
+         a version is the hash of its body, so change the body to use these settings, or refer to the stored \
+         version by its hash",
+        known.meta.name
+    ))
 }
 
 /// A stored policy by `"sha256:…"` version or by name (its active version), through the lookup cache; what

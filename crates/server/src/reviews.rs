@@ -732,6 +732,7 @@ pub(crate) async fn appeal(
     // Content accepted at a lower effort may not fit the context at high, beside the high budget: the model is not
     // asked (it would fail after the budget paid for it), and the appeal goes to a person with the reason.
     let fits = state.classifier.check_fits_context(&policies, &content, &crate::classify::options(&settings));
+    let reasoned = fits.is_ok();
     let (decision, mut record, reasoning, elapsed) = match fits {
         Ok(()) => crate::classify::reason_one(&state, &policies, &content, &settings, origin).await?,
         Err(overflow) => {
@@ -760,9 +761,14 @@ pub(crate) async fn appeal(
         // Another request appealed the same decision while this one was reasoning; its appeal is the one.
         return existing_appeal(&state, &id, &stored.review).await;
     }
-    count_decision(&decision, "appeal", elapsed);
+    if reasoned {
+        count_decision(&decision, "appeal", elapsed);
+        state.items.observe("direct", decision.usage, elapsed);
+    } else {
+        // No reasoning step ran: an outcome, and nothing for the per-effort and per-item cost figures.
+        crate::classify::count_outcome(decision.outcome, "appeal", elapsed);
+    }
     count_queued(&review);
-    state.items.observe("direct", decision.usage, elapsed);
     Ok(Json(json!({
         "appeal_of": id, "review_id": stored.review.id, "decision": decision_reply(&decision, &record, false),
     })))

@@ -375,6 +375,20 @@ async fn policies_are_versioned_pinned_and_diffed() {
         .await;
     assert_eq!((status, refused["error"]["code"].as_str()), (409, Some("conflict")), "{refused}");
     assert!(refused["error"]["message"].as_str().unwrap().contains(first["hash"].as_str().unwrap()), "{refused}");
+    // Refused for one of its policies, a request stores none of them: the new one before the conflicting one too,
+    // and a body sent twice in one request with different settings conflicts with itself.
+    let fresh = v1.replace("name: promo", "name: fresh").replace("Return 1 if", "Answer 1 when");
+    let fresh_hash = safeguard_policy::Policy::parse(&fresh).unwrap().hash.to_string();
+    let twice = [
+        json!([{"text": fresh}, {"text": stricter}]),
+        json!([{"text": fresh}, {"text": fresh.replace("fresh", "fresh-strict").replace("name: fresh-strict", "name: fresh-strict\nhigh_risk: true")}]),
+    ];
+    for policies in twice {
+        let request = json!({"text": "BUY NOW", "policies": policies});
+        let (status, refused) = h.call("POST", "/v1/classify", Some(&writer), Some(request)).await;
+        assert_eq!((status, refused["error"]["code"].as_str()), (409, Some("conflict")), "{refused}");
+        assert!(h.store.get_policy(&fresh_hash).await.unwrap().is_none(), "{policies}: the fresh policy was stored");
+    }
     let (status, _) =
         h.call("POST", "/v1/classify", Some(&writer), Some(json!({"text": "x", "policies": ["no-such-policy"]}))).await;
     assert_eq!(status, 400);

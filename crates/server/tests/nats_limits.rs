@@ -241,6 +241,23 @@ async fn content_the_models_context_cannot_hold_is_refused_on_every_way_in_befor
     let rationale = appeal["decision"]["verdicts"][0]["rationale"].as_str().unwrap_or_default();
     assert!(rationale.contains("not reasoned about") && rationale.contains("at high effort"), "{appeal}");
     assert_eq!(reasoner.calls.load(Ordering::SeqCst), asked, "the model was not asked");
+    // Replaying it would reason at high effort too: refused as new content is.
+    let replay_path = format!("/v1/decisions/{}/replay", appeal["decision"]["decision_id"].as_str().unwrap());
+    let response = http.post(format!("{base}{replay_path}")).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    let refused: Value = response.json().await.unwrap();
+    assert_eq!(refused["error"]["code"], "content_too_long", "{refused}");
+    // A batch whose every item is refused stores nothing, the inline policy it names included.
+    let fresh_inline = inline.replace("between friends", "between old friends");
+    let fresh_hash = safeguard_policy::Policy::parse(&fresh_inline).unwrap().hash.to_string();
+    let batch = json!({"items": [{"text": over}], "policies": [{"text": fresh_inline}], "effort": "high"});
+    let (status, body) = call("/v1/classify/batch", batch).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body["results"][0]["error"]["message"].as_str().unwrap_or_default().contains("context holds"), "{body}");
+    assert!(store.get_policy(&fresh_hash).await.unwrap().is_none(), "the batch stored its inline policy");
+    // A field set to null is a field left out, as everywhere.
+    let (status, body) = call("/v1/moderate", json!({"text": "hi", "policies": ["promo"], "effort": null})).await;
+    assert_eq!(status, 200, "{body}");
     // `/v1/moderations` reasons at the server's default effort (low) with its budget (1,024).
     let (status, body) = call("/v1/moderations", json!({"input": words(3500)})).await;
     assert_eq!((status, body["error"]["code"].as_str()), (400, Some("content_too_long")), "moderations: {body}");
