@@ -269,6 +269,18 @@ impl NamedPolicies {
         &self.policies
     }
 
+    /// [`keep`](Self::keep), once `content` is found to fit the model's context beside these policies when reasoned
+    /// about directly with `settings` (400 `content_too_long` when it does not).
+    pub(crate) async fn keep_if_it_fits(
+        self,
+        state: &AppState,
+        content: &Content,
+        settings: &Settings,
+    ) -> Result<Vec<Policy>, ApiError> {
+        refuse_overflow(state.classifier.check_fits_context(&self.policies, content, &options(settings)))?;
+        self.keep(state).await
+    }
+
     /// Stores the inline policies and gives back every policy, in the order named. A conflict (a body known under
     /// other front matter) is looked for in all of them first, so that a request refused for one stores none.
     pub(crate) async fn keep(self, state: &AppState) -> Result<Vec<Policy>, ApiError> {
@@ -514,12 +526,7 @@ pub(crate) async fn classify(
     let route = route_of(&state, &body)?;
     let parsed = parse_request(&state, &body, &caller).await?;
     if route == ClassifyRoute::Direct {
-        refuse_overflow(state.classifier.check_fits_context(
-            parsed.policies.list(),
-            &parsed.content,
-            &options(&parsed.settings),
-        ))?;
-        let policies = parsed.policies.keep(&state).await?;
+        let policies = parsed.policies.keep_if_it_fits(&state, &parsed.content, &parsed.settings).await?;
         timer.mark("policy");
         let review_of = |decision: &Decision, record: &DecisionRecord| {
             crate::reviews::review_if_undecided(decision, record, &policies)

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::AppState;
 use crate::auth::Caller;
-use crate::classify::{Origin, Settings, count_decision, options, parse_request, record_of, refuse_overflow};
+use crate::classify::{Origin, Settings, count_decision, options, parse_request, record_of};
 use crate::error::{ApiError, ApiJson};
 use crate::policies::stored_policy;
 
@@ -100,12 +100,7 @@ pub(crate) async fn submit(
         ),
     };
     let parsed = parse_request(&state, &body, &caller).await?;
-    refuse_overflow(state.classifier.check_fits_context(
-        parsed.policies.list(),
-        &parsed.content,
-        &options(&parsed.settings),
-    ))?;
-    let policies = parsed.policies.keep(&state).await?;
+    let policies = parsed.policies.keep_if_it_fits(&state, &parsed.content, &parsed.settings).await?;
     // serde_json's maps are sorted (no `preserve_order`), so the digest does not depend on the order of the keys.
     let body_sha256 = hex::encode(sha2::Sha256::digest(body.to_string().as_bytes()));
     let request = JobRequest {

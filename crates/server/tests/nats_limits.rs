@@ -3,6 +3,7 @@
 //! refuses. And content the model's context cannot hold, beside its policy and its answer's budget, is refused on
 //! every way in before it is reasoned about. Against the real NATS at 127.0.0.1:4222.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use safeguard_core::{ReasonError, ReasonOutput, ReasonRequest, Reasoner};
 use safeguard_harmony::Tokenizer;
-use safeguard_pipeline::nats::{Bus, EventStatus};
+use safeguard_pipeline::nats::{Bus, DecisionEvent, EventStatus};
 use safeguard_server::{Limits, NatsConfig, NatsIngest, Server, ServerConfig};
 use safeguard_store::Store;
 use serde_json::{Value, json};
@@ -24,6 +25,26 @@ const ADMIN: &str = "nats-admin";
 
 /// A binary policy whose triage rules deny "free bitcoin" and allow "happy birthday".
 const POLICY: &str = include_str!("fixtures/promo_policy.md");
+
+/// The first settled event (anything but `pending`) published for each of `keys`, waiting up to a minute for all.
+async fn settled_events(producer: &Bus, keys: &[&str]) -> HashMap<String, DecisionEvent> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let published = published(producer).await;
+        let settled: HashMap<String, DecisionEvent> = keys
+            .iter()
+            .filter_map(|key| {
+                let first = published.get(*key)?.iter().find(|e| e.status != EventStatus::Pending)?;
+                Some((key.to_string(), first.clone()))
+            })
+            .collect();
+        if settled.len() == keys.len() {
+            return settled;
+        }
+        assert!(Instant::now() < deadline, "not all settled: {published:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
 
 /// Allows everything it is asked about.
 struct Allow;
@@ -78,19 +99,8 @@ async fn events_over_the_servers_content_limits_are_rejected_as_requests_are() {
     for (key, text) in &events {
         producer.publish_content(key, &json!({"id": key, "text": text})).await.unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let published = loop {
-        let published = published(&producer).await;
-        let settled = events
-            .iter()
-            .all(|(key, _)| published.get(*key).is_some_and(|e| e.iter().any(|e| e.status != EventStatus::Pending)));
-        if settled {
-            break published;
-        }
-        assert!(Instant::now() < deadline, "not all settled: {published:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let settled = |key: &str| published[key].iter().find(|e| e.status != EventStatus::Pending).unwrap().clone();
+    let settled = settled_events(&producer, &events.map(|(key, _)| key)).await;
+    let settled = |key: &str| settled[key].clone();
     assert_eq!(settled("short").status, EventStatus::Decided);
     let wordy = settled("wordy");
     assert_eq!(wordy.status, EventStatus::Rejected, "{wordy:?}");
@@ -266,19 +276,8 @@ async fn content_the_models_context_cannot_hold_is_refused_on_every_way_in_befor
         let producer = Bus::connect(bus).await.unwrap();
         producer.publish_content("fits", &json!({"id": "fits", "text": words(room)})).await.unwrap();
         producer.publish_content("over", &json!({"id": "over", "text": over})).await.unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let published = loop {
-            let published = published(&producer).await;
-            let settled = ["fits", "over"]
-                .iter()
-                .all(|key| published.get(*key).is_some_and(|e| e.iter().any(|e| e.status != EventStatus::Pending)));
-            if settled {
-                break published;
-            }
-            assert!(Instant::now() < deadline, "not all settled: {published:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        let settled = |key: &str| published[key].iter().find(|e| e.status != EventStatus::Pending).unwrap().clone();
+        let settled = settled_events(&producer, &["fits", "over"]).await;
+        let settled = |key: &str| settled[key].clone();
         assert_eq!(settled("fits").status, EventStatus::Decided);
         let over = settled("over");
         assert_eq!(over.status, EventStatus::Rejected, "{over:?}");
