@@ -187,6 +187,12 @@ pub struct RemoteConfig {
     pub budget_high: usize,
     /// Ask Chat Completions servers for logprobs, giving the engine's confidence in the answer.
     pub logprobs: bool,
+    /// The tokens one request may take on the servers, prompt and completion together, when the operator says
+    /// (`--backend-context`). Content that would not fit beside its policy and its budget is then refused before it
+    /// is sent ([`Reasoner::context_tokens`]), and Ollama is sent it as `num_ctx`: by default Ollama uses a context
+    /// of its own and cuts a longer prompt at the front, policy first, while its reply still says `stop`. One fixed
+    /// value, since Ollama reloads the model whenever `num_ctx` changes.
+    pub context_tokens: Option<usize>,
 }
 
 impl RemoteConfig {
@@ -205,6 +211,7 @@ impl RemoteConfig {
             budget_medium: 4096,
             budget_high: 8192,
             logprobs: false,
+            context_tokens: None,
         }
     }
 
@@ -456,6 +463,9 @@ impl RemoteReasoner {
             let endpoint = hold.endpoint;
             let flavor = endpoint.config.flavor;
             let mut body = wire::request_body(flavor, &cfg.model, &req, max_tokens, cfg.logprobs);
+            if let (Flavor::Ollama, Some(context)) = (flavor, cfg.context_tokens) {
+                body["options"]["num_ctx"] = serde_json::Value::from(context);
+            }
             if sink.is_some() {
                 wire::enable_streaming(flavor, &mut body);
             }
@@ -689,6 +699,10 @@ impl Reasoner for RemoteReasoner {
 
     fn completion_cap(&self, effort: Effort) -> usize {
         self.inner.config.budget(effort)
+    }
+
+    fn context_tokens(&self) -> Option<usize> {
+        self.inner.config.context_tokens
     }
 
     async fn reason(&self, req: ReasonRequest) -> Result<ReasonOutput, ReasonError> {

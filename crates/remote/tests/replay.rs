@@ -118,6 +118,17 @@ async fn ollama_native_gets_think_and_returns_thinking() {
     assert_eq!(out.final_text.as_deref(), Some("0"));
     assert_eq!(out.analysis.as_deref(), Some("a greeting"));
     assert_eq!(fake.bodies.lock().await[0]["think"], "high");
+    assert!(fake.bodies.lock().await[0]["options"].get("num_ctx").is_none(), "Ollama's own context unless told");
+    assert_eq!(reasoner.context_tokens(), None);
+
+    // Told the servers' context, the reasoner reports it (the server's admission check holds content to it), and
+    // Ollama is sent it, the same on every request, so that it neither cuts the prompt nor reloads the model.
+    let mut told = config(&[format!("ollama+{url}")]);
+    told.context_tokens = Some(16_384);
+    let reasoner = RemoteReasoner::new(told).unwrap();
+    assert_eq!(reasoner.context_tokens(), Some(16_384));
+    reasoner.reason(request()).await.unwrap();
+    assert_eq!(fake.bodies.lock().await[1]["options"]["num_ctx"], 16_384);
 }
 
 #[tokio::test]

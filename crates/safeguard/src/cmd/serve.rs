@@ -39,6 +39,12 @@ pub struct Args {
     /// their backends, so failing readiness would take all of them out of rotation at once.
     #[arg(long, value_name = "SECS", requires = "backend")]
     pub backend_ready_grace_secs: Option<u64>,
+    /// The context the --backend servers give one request, prompt and completion together (vLLM's
+    /// --max-model-len, llama-server's --ctx-size per slot). Content that would not fit beside its policy and its
+    /// completion budget is then refused (400 content_too_long) instead of sent, as with the embedded engine; Ollama
+    /// is sent it as num_ctx, where it would otherwise use a context of its own and cut longer prompts.
+    #[arg(long, value_name = "TOKENS", requires = "backend", value_parser = clap::value_parser!(u32).range(16..))]
+    pub backend_context: Option<u32>,
     /// Address and port to serve on (port 0 picks a free one; the address is printed at start). Off loopback the
     /// server refuses to start until an API key exists or SAFEGUARD_ADMIN_KEY (24 characters or more) is set.
     #[arg(long, default_value = "127.0.0.1:8080", env = "SAFEGUARD_LISTEN")]
@@ -299,7 +305,8 @@ fn load_remote(args: &Args) -> anyhow::Result<Arc<dyn Reasoner>> {
         .iter()
         .map(|spec| spec.parse().with_context(|| format!("bad --backend {:?}", safeguard_remote::shown_url(spec))))
         .collect::<anyhow::Result<Vec<safeguard_remote::EndpointConfig>>>()?;
-    let config = safeguard_remote::RemoteConfig::new(args.backend_model.clone(), endpoints);
+    let mut config = safeguard_remote::RemoteConfig::new(args.backend_model.clone(), endpoints);
+    config.context_tokens = args.backend_context.map(|tokens| tokens as usize);
     let reasoner = safeguard_remote::RemoteReasoner::new(config).context("bad backend configuration")?;
     Ok(Arc::new(reasoner))
 }
@@ -328,6 +335,12 @@ fn ignored_flags(args: &Args) -> Vec<&'static str> {
         ignored.push(
             "--threads, --context, --gpu-layers and --sequences set the embedded engine; with --backend they do \
              nothing (the backend's own settings apply)",
+        );
+    }
+    if args.backend.is_empty() && args.backend_context.is_some() {
+        ignored.push(
+            "--backend-context sets the --backend servers' context; with --model it does nothing (--context sets the \
+             engine's)",
         );
     }
     let postgres = args.database.as_deref().is_some_and(|url| url.starts_with("postgres"));
@@ -554,5 +567,16 @@ mod tests {
         let postgres = ["--model", "m.gguf", "--database", "postgres://db/x", "--sqlite-sync", "full"];
         assert!(ignored(&postgres)[0].contains("PostgreSQL"));
         assert!(ignored(&["--model", "m.gguf", "--sqlite-sync", "full"]).is_empty(), "SQLite takes it");
+    }
+
+    #[test]
+    fn the_backends_context_reaches_the_remote_reasoner() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["serve"], args].concat()).map(|cli| cli.serve);
+        let args = parse(&["--backend", "ollama+http://gpu1:11434", "--backend-context", "16384"]).unwrap();
+        assert_eq!(load_remote(&args).unwrap().context_tokens(), Some(16_384));
+        let args = parse(&["--backend", "http://gpu1:8000/v1"]).unwrap();
+        assert_eq!(load_remote(&args).unwrap().context_tokens(), None, "unknown unless told");
+        assert!(ignored(&["--model", "m.gguf", "--backend-context", "16384"])[0].contains("--backend-context"));
+        assert!(parse(&["--backend", "http://gpu1:8000/v1", "--backend-context", "8"]).is_err(), "too small");
     }
 }
