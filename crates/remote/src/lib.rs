@@ -462,10 +462,7 @@ impl RemoteReasoner {
             previous = Some(index);
             let endpoint = hold.endpoint;
             let flavor = endpoint.config.flavor;
-            let mut body = wire::request_body(flavor, &cfg.model, &req, max_tokens, cfg.logprobs);
-            if let (Flavor::Ollama, Some(context)) = (flavor, cfg.context_tokens) {
-                body["options"]["num_ctx"] = serde_json::Value::from(context);
-            }
+            let mut body = wire::request_body(flavor, &cfg.model, &req, max_tokens, cfg.context_tokens, cfg.logprobs);
             if sink.is_some() {
                 wire::enable_streaming(flavor, &mut body);
             }

@@ -26,7 +26,7 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiJson};
 use crate::moderate::{StoredItem, deferred_error, stages_json, store_cascade_item};
-use crate::policies::{Resolved, inline_conflict, keep_inline, resolve_policy};
+use crate::policies::{InlineText, inline_conflict, keep_inline, resolve_policy};
 use crate::timing::StageTimer;
 
 /// How `/v1/classify` decides an item.
@@ -247,13 +247,13 @@ pub(crate) async fn parse_policies(state: &AppState, body: &Value, caller: &Call
         return Err(ApiError::bad("too_many_policies", format!("{} policies given; the limit is {limit}", refs.len())));
     }
     let mut policies = Vec::with_capacity(refs.len());
-    let mut inline = Vec::new();
+    let mut inline = Vec::with_capacity(refs.len());
     for reference in &refs {
-        let resolved = resolve_policy(state, reference, caller).await?;
-        policies.push(resolved.policy.clone());
-        inline.push(resolved);
+        let (policy, sent) = resolve_policy(state, reference, caller).await?;
+        policies.push(policy);
+        inline.push(sent);
     }
-    Ok(NamedPolicies { policies, resolved: inline })
+    Ok(NamedPolicies { policies, inline })
 }
 
 /// The policies a request names, resolved, with the inline ones not stored yet: checks that need the policies (does
@@ -261,7 +261,8 @@ pub(crate) async fn parse_policies(state: &AppState, body: &Value, caller: &Call
 /// the inline ones once the request has passed them, so that a refused request stores nothing.
 pub(crate) struct NamedPolicies {
     policies: Vec<Policy>,
-    resolved: Vec<Resolved>,
+    /// Beside each policy: what it was sent as, when it came inline.
+    inline: Vec<Option<InlineText>>,
 }
 
 impl NamedPolicies {
@@ -284,15 +285,17 @@ impl NamedPolicies {
     /// Stores the inline policies and gives back every policy, in the order named. A conflict (a body known under
     /// other front matter) is looked for in all of them first, so that a request refused for one stores none.
     pub(crate) async fn keep(self, state: &AppState) -> Result<Vec<Policy>, ApiError> {
-        for (at, resolved) in self.resolved.iter().enumerate() {
-            let earlier: Vec<&Policy> = self.policies[..at].iter().collect();
-            inline_conflict(state, resolved, &earlier).await?;
+        let sent = || {
+            let pairs = self.policies.iter().zip(&self.inline).enumerate();
+            pairs.filter_map(|(at, (policy, sent))| Some((at, policy, sent.as_ref()?)))
+        };
+        for (at, policy, _) in sent() {
+            inline_conflict(state, policy, &self.policies[..at]).await?;
         }
-        let mut kept = Vec::with_capacity(self.resolved.len());
-        for resolved in self.resolved {
-            kept.push(keep_inline(state, resolved).await?);
+        for (_, policy, sent) in sent() {
+            keep_inline(state, policy, sent).await?;
         }
-        Ok(kept)
+        Ok(self.policies)
     }
 }
 

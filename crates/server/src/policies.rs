@@ -133,26 +133,21 @@ fn parse_sent_policy(state: &AppState, text: &str, fallback_name: Option<&str>) 
     Ok(policy)
 }
 
-/// A policy a request names, resolved. An inline one is parsed and not stored yet: [`keep_inline`] stores it once
-/// the request has passed every check, so that a refused request leaves nothing behind.
-pub(crate) struct Resolved {
-    pub policy: Policy,
-    inline: Option<InlineText>,
-}
-
-/// What an inline policy was sent as: stored as such.
-struct InlineText {
+/// What an inline policy was sent as, kept to be stored as such once the request has passed every check
+/// ([`keep_inline`]), so that a refused request leaves nothing behind.
+pub(crate) struct InlineText {
     text: String,
     name: Option<String>,
 }
 
-/// A policy reference in a request: `"name"` (its active version), `"sha256:…"`, or `{"text": "…"}` inline.
+/// A policy reference in a request: `"name"` (its active version), `"sha256:…"`, or `{"text": "…"}` inline. An
+/// inline one is parsed, not stored: its text comes back with it.
 pub(crate) async fn resolve_policy(
     state: &AppState,
     reference: &Value,
     _caller: &Caller,
-) -> Result<Resolved, ApiError> {
-    let stored = |policy: Policy| Resolved { policy, inline: None };
+) -> Result<(Policy, Option<InlineText>), ApiError> {
+    let stored = |policy: Policy| (policy, None);
     match reference {
         Value::String(id) if looks_like_hash(id) => stored_policy(state, id)
             .await?
@@ -169,19 +164,15 @@ pub(crate) async fn resolve_policy(
             let name = object.get("name").and_then(Value::as_str);
             let policy = parse_sent_policy(state, text, Some(name.unwrap_or(INLINE_NAME)))
                 .map_err(|why| ApiError::bad("invalid_policy", format!("inline policy: {why}")))?;
-            Ok(Resolved { policy, inline: Some(InlineText { text: text.to_string(), name: name.map(str::to_string) }) })
+            Ok((policy, Some(InlineText { text: text.to_string(), name: name.map(str::to_string) })))
         }
         _ => Err(ApiError::bad("invalid_policy", "a policy is a name, a \"sha256:…\" version, or {\"text\": \"…\"}")),
     }
 }
 
-/// Stores a resolved inline policy (unpinned: so that the decision's policy hash can be looked up and replayed;
-/// once is enough) and gives back the policy; a stored one is given back as it is.
-pub(crate) async fn keep_inline(state: &AppState, resolved: Resolved) -> Result<Policy, ApiError> {
-    let (policy, InlineText { text, name }) = match resolved {
-        Resolved { policy, inline: Some(inline) } => (policy, inline),
-        Resolved { policy, inline: None } => return Ok(policy),
-    };
+/// Stores an inline `policy` as it was sent (unpinned: so that the decision's policy hash can be looked up and
+/// replayed; once is enough).
+pub(crate) async fn keep_inline(state: &AppState, policy: &Policy, sent: &InlineText) -> Result<(), ApiError> {
     let hash = policy.hash.to_string();
     let known = match state.lookups.inline.get(&hash) {
         Some(known) => known,
@@ -189,8 +180,8 @@ pub(crate) async fn keep_inline(state: &AppState, resolved: Resolved) -> Result<
             // Recorded in use before it is stored or read: a prune that comes after keeps it, and one that
             // came before has deleted it, so the store below puts it back.
             touch(state, &hash).await;
-            let name = Some(name.as_deref().unwrap_or(INLINE_NAME));
-            let (stored, _) = store_policy(&state.store, &policy, &text, name, false).await?;
+            let name = Some(sent.name.as_deref().unwrap_or(INLINE_NAME));
+            let (stored, _) = store_policy(&state.store, policy, &sent.text, name, false).await?;
             let known = match state.lookups.versions.get(&stored.hash) {
                 Some(known) => known,
                 None => policy_of(&stored)?,
@@ -201,30 +192,21 @@ pub(crate) async fn keep_inline(state: &AppState, resolved: Resolved) -> Result<
     };
     // Checked again after storing: a request that stored the same body with other front matter since
     // `inline_conflict` looked would otherwise have it judged under settings its record does not show.
-    if !same_settings(&known, &policy) {
+    if !same_settings(&known, policy) {
         return Err(settings_conflict(&hash, &known));
     }
-    Ok(policy)
+    Ok(())
 }
 
-/// Whether a resolved inline policy's body is known under other settings: stored so, or sent so earlier in the same
-/// request (`earlier`). The decision names the hash, and a replay or a review reads that version's stored front
-/// matter: an inline copy that routes or parses differently (its triage, `high_risk`, output format) would be
-/// judged under settings its record does not show. A different name alone changes nothing it decides. Checked for
-/// every policy of a request before any is stored, so that a request refused for one stores none.
-pub(crate) async fn inline_conflict(
-    state: &AppState,
-    resolved: &Resolved,
-    earlier: &[&Policy],
-) -> Result<(), ApiError> {
-    if resolved.inline.is_none() {
-        return Ok(());
-    }
-    let policy = &resolved.policy;
+/// Whether an inline policy's body is known under other settings: stored so, or sent so by one of the policies
+/// named before it in the same request (`earlier`). The decision names the hash, and a replay or a review reads that
+/// version's stored front matter: an inline copy that routes or parses differently (its triage, `high_risk`, output
+/// format) would be judged under settings its record does not show. A different name alone changes nothing it
+/// decides. Checked for every policy of a request before any is stored, so that a request refused for one stores
+/// none.
+pub(crate) async fn inline_conflict(state: &AppState, policy: &Policy, earlier: &[Policy]) -> Result<(), ApiError> {
     let hash = policy.hash.to_string();
-    if let Some(other) =
-        earlier.iter().copied().find(|&other| other.hash == policy.hash && !same_settings(other, policy))
-    {
+    if let Some(other) = earlier.iter().find(|other| other.hash == policy.hash && !same_settings(other, policy)) {
         return Err(settings_conflict(&hash, other));
     }
     let known = match state.lookups.inline.get(&hash) {

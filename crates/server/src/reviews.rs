@@ -731,14 +731,15 @@ pub(crate) async fn appeal(
     let origin = Origin::of(&caller, "appeal");
     // Content accepted at a lower effort may not fit the context at high, beside the high budget: the model is not
     // asked (it would fail after the budget paid for it), and the appeal goes to a person with the reason.
-    let fits = state.classifier.check_fits_context(&policies, &content, &crate::classify::options(&settings));
+    let options = crate::classify::options(&settings);
+    let fits = state.classifier.check_fits_context(&policies, &content, &options);
     let reasoned = fits.is_ok();
     let (decision, mut record, reasoning, elapsed) = match fits {
         Ok(()) => crate::classify::reason_one(&state, &policies, &content, &settings, origin).await?,
         Err(overflow) => {
             let reason = format!("not reasoned about: {overflow}");
             let model = state.reasoner.model_id();
-            let decision = Decision::unreasoned(&policies, &crate::classify::options(&settings), model, &reason);
+            let decision = Decision::unreasoned(&policies, &options, model, &reason);
             let (record, reasoning) =
                 crate::classify::record_of(&decision, &policies, &content, &settings, origin, None);
             (decision, record, reasoning, 0.0)
