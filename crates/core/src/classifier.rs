@@ -294,6 +294,12 @@ impl ContextOverflow {
         let around = self.prompt_tokens.saturating_sub(self.content_tokens);
         self.context.saturating_sub(around).saturating_sub(self.completion_cap)
     }
+
+    /// Of several prompts that do not fit, the one that leaves the least room for content (the first of equals): the
+    /// one to name, so that a client that trims its content to the room it is told is not refused again for another.
+    pub fn tightest(overflows: impl IntoIterator<Item = Self>) -> Option<Self> {
+        overflows.into_iter().min_by_key(Self::content_room)
+    }
 }
 
 impl std::fmt::Display for ContextOverflow {
@@ -347,19 +353,12 @@ impl Classifier {
         let Ok(suffix_tokens) = safeguard_harmony::suffix_len(content) else {
             return Ok(());
         };
-        // Every prompt is checked, and the one with the least room for content named: a client that trims its
-        // content to the room it is told must not be refused again for another policy.
-        let mut tightest: Option<ContextOverflow> = None;
-        for (held, instructions) in prompt_instructions(policies, options.mode) {
+        let overflows = prompt_instructions(policies, options.mode).into_iter().filter_map(|(held, instructions)| {
             let names = || held.iter().map(|&p| policies[p].meta.name.as_str()).collect::<Vec<_>>().join(", ");
             let prefix_tokens = self.prefix_len(&instructions, options);
-            if let Err(overflow) = self.check_prompt(prefix_tokens, suffix_tokens, options, names)
-                && tightest.as_ref().is_none_or(|t| overflow.content_room() < t.content_room())
-            {
-                tightest = Some(overflow);
-            }
-        }
-        tightest.map_or(Ok(()), Err)
+            self.check_prompt(prefix_tokens, suffix_tokens, options, names).err()
+        });
+        ContextOverflow::tightest(overflows).map_or(Ok(()), Err)
     }
 
     /// [`check_fits_context`](Self::check_fits_context) for one request of the caller's own instructions (a chat

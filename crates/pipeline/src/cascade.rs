@@ -402,14 +402,15 @@ impl Pipeline {
     /// Whether every prompt this item may need fits the model's context with room for its answer
     /// ([`Classifier::check_fits_context`]), at the most effort its route can reach: any policy may escalate to its
     /// escalation effort, and an appeal reasons at high. Checked before admission, whatever triage would say, so
-    /// that whether content is accepted does not hang on how it happens to route.
+    /// that whether content is accepted does not hang on how it happens to route. Names the policy that leaves the
+    /// least room ([`ContextOverflow::tightest`]).
     pub fn check_fits_context(
         &self,
         policies: &[Policy],
         content: &Content,
         ctx: &RouteContext,
     ) -> Result<(), ContextOverflow> {
-        for policy in policies {
+        let overflows = policies.iter().filter_map(|policy| {
             let effort = if ctx.appeal { Effort::High } else { self.config.plan_for(policy).escalation_effort };
             let options = ClassifyOptions {
                 effort,
@@ -417,9 +418,9 @@ impl Pipeline {
                 max_tokens: self.config.max_tokens,
                 ..ClassifyOptions::default()
             };
-            self.classifier.check_fits_context(std::slice::from_ref(policy), content, &options)?;
-        }
-        Ok(())
+            self.classifier.check_fits_context(std::slice::from_ref(policy), content, &options).err()
+        });
+        ContextOverflow::tightest(overflows).map_or(Ok(()), Err)
     }
 
     /// Routes one item through the cascade. Never allows on a failure: a failed or timed-out stage escalates,

@@ -851,3 +851,42 @@ async fn an_encoder_failing_inside_the_cascade_never_lets_triage_allow() {
     assert!(evidence.error.as_deref().is_some_and(|e| e.contains("non-finite")), "{evidence:?}");
     assert_eq!(failed_route.escalations.first(), Some(&Escalation::TriageUncertain), "{failed_route:?}");
 }
+
+/// Knows its context, as the embedded engine does; never asked here.
+struct Bounded;
+
+#[async_trait]
+impl Reasoner for Bounded {
+    fn model_id(&self) -> String {
+        "bounded".into()
+    }
+
+    async fn reason(&self, _: ReasonRequest) -> Result<ReasonOutput, ReasonError> {
+        Err(ReasonError::Backend("not asked".into()))
+    }
+
+    fn context_tokens(&self) -> Option<usize> {
+        Some(300)
+    }
+}
+
+/// Each policy is checked at the most effort its route can reach, and of several that do not fit, the one that
+/// leaves the least room is named, whatever their order.
+#[tokio::test]
+async fn the_policy_leaving_the_least_room_is_named_when_content_does_not_fit() {
+    let config = RoutingConfig { max_tokens: Some(10), ..RoutingConfig::default() };
+    let pipeline = Pipeline::new(Classifier::new(Arc::new(Bounded)), config);
+    let long = Policy::parse(&SPAM.replace("name: spam", "name: long").replace(
+        "- SP0.a Personal messages.",
+        "- SP0.a Personal messages, notes between friends, greetings, and questions about the weather.",
+    ))
+    .unwrap();
+    // Too long beside either policy.
+    let content = Content::text("word ".repeat(250));
+    let ctx = RouteContext::default();
+    for policies in [[spam(), long.clone()], [long.clone(), spam()]] {
+        let overflow = pipeline.check_fits_context(&policies, &content, &ctx).unwrap_err();
+        assert_eq!((overflow.policies.as_str(), overflow.effort), ("long", Effort::High), "{overflow}");
+    }
+    assert!(pipeline.check_fits_context(&[spam()], &Content::text("hi"), &ctx).is_ok());
+}
