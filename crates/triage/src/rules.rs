@@ -428,8 +428,12 @@ impl<'t> FoldedText<'t> {
 
     /// The character as written that the folded character at folded offset `at` came from; `None` at the end.
     fn written_at(&self, at: usize) -> Option<char> {
-        let written = if self.origin.is_empty() { at } else { *self.origin.get(at)? as usize };
-        self.text.get(written..)?.chars().next()
+        self.text.get(self.written_offset(at)?..)?.chars().next()
+    }
+
+    /// Where, in the text as written, the character that folded byte `at` came from starts.
+    fn written_offset(&self, at: usize) -> Option<usize> {
+        if self.origin.is_empty() { Some(at) } else { self.origin.get(at).map(|&written| written as usize) }
     }
 
     /// The original byte range of folded `start..end`; `None` when either end falls inside what one original
@@ -441,7 +445,7 @@ impl<'t> FoldedText<'t> {
         if start >= end {
             return None;
         }
-        let at = |folded: usize| self.origin.get(folded).map(|&original| original as usize);
+        let at = |folded: usize| self.written_offset(folded);
         let first = at(start)?;
         let last_start = at(end - 1)?;
         let last = last_start + self.text.get(last_start..)?.chars().next()?.len_utf8();
