@@ -284,6 +284,9 @@ pub struct ContextOverflow {
     /// Of `prompt_tokens`, the content's own: the text of its user message, as the server's content token limit
     /// counts it.
     pub content_tokens: usize,
+    /// Of `content_tokens`, about how many are the framing set around a prompt, a response or a conversation's
+    /// messages (0 for a plain text): a client trimming its own text must leave room for them.
+    pub framing_tokens: usize,
     pub completion_cap: usize,
     pub context: usize,
 }
@@ -293,6 +296,15 @@ impl ContextOverflow {
     pub fn content_room(&self) -> usize {
         let around = self.prompt_tokens.saturating_sub(self.content_tokens);
         self.context.saturating_sub(around).saturating_sub(self.completion_cap)
+    }
+
+    /// Counts the framing around `content`'s own texts (counted apart, so "about": a token may merge across an
+    /// edge). Only on a refusal: it tokenizes the content again.
+    fn with_framing_of(mut self, content: &Content) -> Self {
+        let tokenizer = safeguard_harmony::Tokenizer::shared();
+        let written: usize = safeguard_harmony::written_parts(content).iter().map(|part| tokenizer.count(part)).sum();
+        self.framing_tokens = self.content_tokens.saturating_sub(written);
+        self
     }
 
     /// Of several prompts that do not fit, the one that leaves the least room for content (the first of equals): the
@@ -320,10 +332,18 @@ impl std::fmt::Display for ContextOverflow {
                 "the policy and the answer's budget fill it before any content (shorten the policy, lower \
                  max_tokens, or give the engine a larger context)",
             ),
-            room => write!(
+            room if self.framing_tokens == 0 => write!(
                 f,
                 "content of at most {room} tokens fits (split the content, lower max_tokens, or give the engine a \
                  larger context)"
+            ),
+            room => write!(
+                f,
+                "content of at most {room} tokens fits, about {} of them the framing around a prompt, response or \
+                 conversation, so about {} of its own text (split the content, lower max_tokens, or give the engine \
+                 a larger context)",
+                self.framing_tokens,
+                room.saturating_sub(self.framing_tokens)
             ),
         }
     }
@@ -358,7 +378,7 @@ impl Classifier {
             let prefix_tokens = self.prefix_len(&instructions, options);
             self.check_prompt(prefix_tokens, suffix_tokens, options, names).err()
         });
-        ContextOverflow::tightest(overflows).map_or(Ok(()), Err)
+        ContextOverflow::tightest(overflows).map_or(Ok(()), |overflow| Err(overflow.with_framing_of(content)))
     }
 
     /// [`check_fits_context`](Self::check_fits_context) for one request of the caller's own instructions (a chat
@@ -382,6 +402,7 @@ impl Classifier {
         let prompt = PromptOptions { effort: request.effort, date: request.date.clone() };
         let prefix_tokens = safeguard_harmony::render_prefix(&request.instructions, &prompt).ok().map(|p| p.len());
         self.check_prompt(prefix_tokens, suffix_tokens, &options, || label.to_string())
+            .map_err(|overflow| overflow.with_framing_of(&request.content))
     }
 
     /// Whether a prompt of `prefix_tokens` (`None`: it cannot be rendered, and fails on its own) and
@@ -407,6 +428,7 @@ impl Classifier {
             effort: options.effort,
             prompt_tokens,
             content_tokens: suffix_tokens.saturating_sub(safeguard_harmony::suffix_framing_len()),
+            framing_tokens: 0,
             completion_cap,
             context,
         })

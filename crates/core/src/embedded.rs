@@ -92,7 +92,10 @@ impl EmbeddedReasoner {
         let RenderedPrompt { tokens, prefix_len } =
             safeguard_harmony::render_prompt(&req.instructions, &req.content, &options)?;
         let prefix_len = prefix_len.min(tokens.len());
-        let content_tokens = tokens.len() - prefix_len;
+        // The user message's text, as the server and the NATS worker count it against the same limit: with the
+        // suffix's framing counted too, content a few tokens under the limit passed their check, was admitted
+        // and paid for, and was refused here.
+        let content_tokens = (tokens.len() - prefix_len).saturating_sub(safeguard_harmony::suffix_framing_len());
         if content_tokens > self.config.max_content_tokens {
             return Err(ReasonError::ContentTooLong { content_tokens, limit: self.config.max_content_tokens });
         }
@@ -388,11 +391,23 @@ fn final_message_span(completion: &[u32]) -> Option<std::ops::Range<usize>> {
     while i < completion.len() {
         if completion[i] == tokens::CHANNEL {
             let header_start = i + 1;
-            let Some(message_at) =
-                completion[header_start..].iter().position(|&t| t == tokens::MESSAGE).map(|p| header_start + p)
+            // A header ends at its message token; one cut short by the end of a message or a new one is no header,
+            // and the search goes on from there (read to the next message token, an unclosed analysis header took
+            // the final message's header into its own and hid the answer's confidence).
+            let Some(header_end) = completion[header_start..]
+                .iter()
+                .position(|&t| {
+                    t == tokens::MESSAGE || t == tokens::END || t == tokens::START || tokens::STOP.contains(&t)
+                })
+                .map(|p| header_start + p)
             else {
                 break;
             };
+            if completion[header_end] != tokens::MESSAGE {
+                i = header_end;
+                continue;
+            }
+            let message_at = header_end;
             let header = tokenizer.decode_lossy(&completion[header_start..message_at]);
             let body_start = message_at + 1;
             let body_end = completion[body_start..]
@@ -447,6 +462,23 @@ mod tests {
         }
         let confidence = final_message_confidence(&completion, &probs).expect("has a final message");
         assert!((confidence - 0.5).abs() < 1e-6, "{confidence}");
+    }
+
+    /// An analysis header that never reaches its message token must not take the final message's header into
+    /// its own: the answer was read, so its confidence must be too, or a shaky answer escapes escalation.
+    #[test]
+    fn a_header_cut_short_does_not_hide_the_final_messages_confidence() {
+        let mut completion = vec![tokens::CHANNEL];
+        completion.extend(encode("analysis"));
+        completion.push(tokens::END);
+        push_message(&mut completion, "final", "");
+        let body_start = completion.len();
+        completion.extend(encode("1"));
+        completion.push(tokens::RETURN);
+        let mut probs = vec![0.99_f32; completion.len()];
+        probs[body_start] = 0.3;
+        let confidence = final_message_confidence(&completion, &probs).expect("the final message is read");
+        assert!((confidence - 0.3).abs() < 1e-6, "{confidence}");
     }
 
     #[test]

@@ -107,6 +107,18 @@ async fn oversized_content_is_refused_before_the_engine() {
     let long = Content::text("word ".repeat(200));
     let error = reasoner.reason(ReasonRequest::new("Return 0 or 1.", long, Effort::Low)).await.unwrap_err();
     assert!(matches!(error, ReasonError::ContentTooLong { limit: 16, .. }), "{error}");
+    // The limit is on the content's own tokens, as the server and the NATS worker count them (not on the prompt's
+    // framing around it): exactly the limit passes, one token more does not.
+    let ask = |n: usize| {
+        let mut request =
+            ReasonRequest::new("Return 0 or 1.", Content::text(format!("word{}", " word".repeat(n - 1))), Effort::Low);
+        request.max_tokens = 2;
+        request
+    };
+    assert_eq!(safeguard_harmony::Tokenizer::shared().count(&format!("word{}", " word".repeat(15))), 16);
+    assert!(reasoner.reason(ask(16)).await.is_ok(), "16 content tokens are within a limit of 16");
+    let error = reasoner.reason(ask(17)).await.unwrap_err();
+    assert!(matches!(error, ReasonError::ContentTooLong { content_tokens: 17, limit: 16 }), "{error}");
 
     let classifier = Classifier::new(Arc::new(reasoner));
     let spam = policy("spam");

@@ -62,6 +62,10 @@ pub struct Comparison {
     pub fixed: usize,
     pub broken: usize,
     pub changed: usize,
+    /// Common items whose classification failed in either run (an outage, not an answer), left out of the flips:
+    /// a failure says nothing about the policy, and an outage in the second run would read as a regression.
+    #[serde(default)]
+    pub failed: IdList,
 }
 
 fn delta(before: Option<f64>, after: Option<f64>) -> Option<f64> {
@@ -120,12 +124,20 @@ pub fn compare_runs(
     let after_by_id: HashMap<&str, &PredictionRecord> = after_common.iter().map(|r| (r.id.as_str(), r)).collect();
     let policy = opts.policy.as_deref();
     let mut flips = Vec::new();
+    let mut failed = IdList::default();
     let mut common_items = 0;
     for item in &dataset.items {
         let (Some(old), Some(new)) = (before_by_id.get(item.id.as_str()), after_by_id.get(item.id.as_str())) else {
             continue;
         };
         common_items += 1;
+        if old.is_failure() || new.is_failure() {
+            failed.count += 1;
+            if failed.ids.len() < opts.max_listed_ids {
+                failed.ids.push(item.id.clone());
+            }
+            continue;
+        }
         let (was, now) = (old.predicted(policy), new.predicted(policy));
         if was == now {
             continue;
@@ -182,5 +194,6 @@ pub fn compare_runs(
         fixed,
         broken,
         changed,
+        failed,
     })
 }

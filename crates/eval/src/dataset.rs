@@ -134,6 +134,18 @@ impl Dataset {
         self.items.truncate(limit);
     }
 
+    /// Keeps only the items with a known label; returns how many were left out. For runs that compare with the
+    /// labels, where an unlabelled item would be judged and then dropped unseen.
+    pub fn keep_labelled(&mut self) -> usize {
+        let before = self.items.len();
+        for item in self.items.iter().filter(|item| item.label.is_none()) {
+            self.text_errors.remove(&item.id);
+        }
+        self.items.retain(|item| item.label.is_some());
+        self.index = self.items.iter().enumerate().map(|(position, item)| (item.id.clone(), position)).collect();
+        before - self.items.len()
+    }
+
     /// All category keys that occur in the dataset.
     pub fn category_keys(&self) -> Vec<String> {
         let mut keys: Vec<String> = self.items.iter().flat_map(|i| i.categories.keys().cloned()).collect();

@@ -81,14 +81,16 @@ pub fn render_comparison_html(title: &str, comparison: &Comparison) -> String {
     let d = &comparison.deltas;
     let _ = writeln!(
         body,
-        "<p>{} items in both runs; {} flipped: {} fixed, {} broken, {} changed. {} only before, {} only after.</p>",
+        "<p>{} items in both runs; {} flipped: {} fixed, {} broken, {} changed. {} only before, {} only after. {} \
+         failed in a run (left out of the flips).</p>",
         comparison.common_items,
         comparison.flips.len(),
         comparison.fixed,
         comparison.broken,
         comparison.changed,
         comparison.only_in_before.count,
-        comparison.only_in_after.count
+        comparison.only_in_after.count,
+        comparison.failed.count
     );
     body.push_str("<h2>Deltas (after − before)</h2>\n<table>\n<tr><th>metric</th><th>before</th><th>after</th><th>delta</th></tr>\n");
     let (b, a) = (&comparison.before, &comparison.after);

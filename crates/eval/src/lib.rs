@@ -28,7 +28,7 @@ pub use predictions::{
 pub use run::{
     CacheKey, EvalCache, FnClassifier, ItemClassifier, Progress, RunOptions, RunOutput, fingerprint, run_eval,
 };
-pub use score::{ScoreOptions, ScoreReport, score_predictions};
+pub use score::{ScoreOptions, ScoreReport, check_mapped_categories, score_predictions};
 
 /// Everything that can go wrong while loading data or scoring it. Data errors carry the file and line so the
 /// user can fix the input.

@@ -135,6 +135,15 @@ impl EvalCache {
                     }
                 }
             }
+            // One unreadable line is a write cut short; a file of several and no entry is some other file (a dataset,
+            // a classify output) that appending cache lines would spoil.
+            if entries.is_empty() && skipped_lines > 1 {
+                return Err(EvalError::Options(format!(
+                    "{} is not an eval cache: none of its {skipped_lines} lines is a cache entry (name a new file \
+                     for --cache)",
+                    path.display()
+                )));
+            }
         }
         let mut file = OpenOptions::new()
             .create(true)

@@ -138,6 +138,9 @@ pub struct ScoreReport {
     pub duplicate_predictions: IdList,
     /// Joined items that have no verdict for the selected policy (counted as needs_review).
     pub policy_missing: IdList,
+    /// Each dataset category against the verdicts of the policies mapped to it (`--map`, or a policy named after
+    /// it), else against the scored outcome: with a policy per category, an item only one of them flags is no
+    /// false positive of the others.
     pub per_category: BTreeMap<String, Metrics>,
     pub per_group: BTreeMap<String, Metrics>,
     /// Label field -> value -> rows: dataset values read as safe only because they are not the positive label
@@ -209,6 +212,10 @@ pub fn score_predictions(
         )));
     }
     let multi_policy_map = map_policies_to_categories(&names, dataset, opts)?;
+    let mut judged_by: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (policy, category) in &multi_policy_map {
+        judged_by.entry(category.as_str()).or_default().push(policy.as_str());
+    }
 
     let mut report = ScoreReport {
         dataset: dataset.name.clone(),
@@ -272,7 +279,11 @@ pub fn score_predictions(
         }
 
         for (category, &known) in &item.categories {
-            per_category.entry(category.clone()).or_default().add(known, flagged);
+            let flagged_here = match judged_by.get(category.as_str()) {
+                Some(policies) => policies.iter().any(|policy| record.predicted(Some(policy)) != Predicted::Allow),
+                None => flagged,
+            };
+            per_category.entry(category.clone()).or_default().add(known, flagged_here);
         }
         multi.add(item, record, &multi_policy_map);
 
@@ -349,6 +360,12 @@ fn example(item: &Item, record: &PredictionRecord, predicted: Predicted, policy:
         predicted,
         rationale: record.rationale(policy).map(|r| excerpt(r, 500)),
     }
+}
+
+/// Whether every category `opts` maps a policy to (`--map POLICY=CATEGORY`) is one of the dataset's: checked before a
+/// live run, which would otherwise find a mistyped category only when it is scored, hours later.
+pub fn check_mapped_categories(dataset: &Dataset, opts: &ScoreOptions) -> Result<(), EvalError> {
+    map_policies_to_categories(&BTreeSet::new(), dataset, opts).map(drop)
 }
 
 fn map_policies_to_categories(

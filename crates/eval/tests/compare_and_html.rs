@@ -63,6 +63,22 @@ fn a_review_that_turns_into_a_wrong_answer_is_broken() {
     assert_eq!((comparison.fixed, comparison.broken, comparison.changed), (1, 1, 0));
 }
 
+/// An outage in either run is no flip: a correct item the second run failed on is not a regression of the policy.
+#[test]
+fn an_item_a_run_failed_on_is_left_out_of_the_flips() {
+    let dir = tempfile::tempdir().unwrap();
+    let dataset = common::load_dataset(dir.path());
+    let before = vec![common::prediction("1", "violation", "right"), common::prediction("5", "allow", "right")];
+    let mut failed = common::prediction("1", "needs_review", "");
+    failed.error = Some("the backend timed out".into());
+    let after = vec![failed, common::prediction("5", "violation", "broke")];
+    let comparison = compare_runs(&before, &after, &dataset, &ScoreOptions::default()).unwrap();
+    let kinds: Vec<_> = comparison.flips.iter().map(|f| (f.id.as_str(), f.kind)).collect();
+    assert_eq!(kinds, vec![("5", FlipKind::Broken)]);
+    assert_eq!((comparison.failed.count, comparison.failed.ids.clone()), (1, vec!["1".to_string()]));
+    assert!(render_comparison_html("t", &comparison).contains("1 failed in a run"));
+}
+
 const VOID: [&str; 6] = ["meta", "br", "hr", "img", "input", "link"];
 
 /// Checks that every element is closed in order; returns the tag names seen.

@@ -296,3 +296,19 @@ async fn an_unclassifiable_item_fails_without_being_classified() {
     assert_eq!(*seen.into_inner().unwrap().last().unwrap(), Progress { done: 4, total: 4, from_cache: 0, failed: 2 });
     assert_eq!(EvalCache::open(&cache_path, 1).unwrap().len(), 2, "only item 1's answers are cached");
 }
+
+/// A file of other lines (the dataset, a classify output) named as the cache is refused, not appended to: every
+/// line was skipped as unreadable, and the cache lines written after them spoilt the file for what it was.
+#[test]
+fn a_file_that_is_not_a_cache_is_refused_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("data.jsonl");
+    let data = "{\"id\": \"1\", \"text\": \"a\", \"violates\": 0}\n{\"id\": \"2\", \"text\": \"b\", \"violates\": 1}\n";
+    std::fs::write(&path, data).unwrap();
+    let error = EvalCache::open(&path, 1).err().expect("refused");
+    assert!(error.to_string().contains("is not an eval cache"), "{error}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), data, "the file is untouched");
+    // One cut line alone is a cache whose first write was cut short.
+    std::fs::write(&path, "{\"key\":").unwrap();
+    assert_eq!(EvalCache::open(&path, 1).unwrap().skipped_lines, 1);
+}

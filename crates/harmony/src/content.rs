@@ -140,6 +140,17 @@ pub fn user_message_text(content: &Content) -> String {
     }
 }
 
+/// The texts the client wrote, as [`user_message_text`] sets them in its framing (the instructions around a prompt,
+/// a response or a conversation, the labels and the fences); a plain text is all its own.
+pub fn written_parts(content: &Content) -> Vec<&str> {
+    match content {
+        Content::Text { text } => vec![text],
+        Content::Prompt { prompt } => vec![prompt],
+        Content::Response { prompt, response } => prompt.iter().chain([response]).map(String::as_str).collect(),
+        Content::Conversation { messages } => messages.iter().map(|m| m.content.as_str()).collect(),
+    }
+}
+
 /// About how many characters [`user_message_text`]'s framing adds per conversation message: "\n\nMessage 12 (assistant,
 /// context only):\n```\n" and "\n```".
 const MESSAGE_FRAMING_CHARS: usize = 48;

@@ -15,7 +15,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-pub use content::{ChatMessage, Content, judged_text, user_message_text};
+pub use content::{ChatMessage, Content, judged_text, user_message_text, written_parts};
 pub use parse::{
     CompletionEnd, MessageClose, ParsedCompletion, ParsedMessage, StreamDelta, StreamParser, parse_completion,
 };

@@ -1,6 +1,7 @@
 //! Token buckets for reasoning calls and for the tokens they spend: over budget, work waits instead of being
 //! dropped or allowed.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,11 +34,57 @@ pub struct Budgets {
     queue_lane: Option<Arc<Budgets>>,
     /// What a failed prompt costs when its caller set no completion cap: the reasoner's own cap for the effort.
     completion_caps: TokenBudgets,
+    /// The admissions waiting for the buckets to refill, shared by every clone. Without it an item of several
+    /// policies, which needs that many calls at once, lost every refill to items of one policy and waited until it
+    /// was deferred, again and again: starved under a saturated budget.
+    line: Arc<Line>,
+}
+
+/// Admissions waiting for calls, served first come first served: tokio's mutex is fair, and its holder is the one
+/// whose turn it is. While anyone waits, nobody else takes calls without joining the line.
+#[derive(Debug, Default)]
+struct Line {
+    turn: tokio::sync::Mutex<()>,
+    /// How many admissions are in line (waiting for their turn, or for calls on it).
+    waiting: AtomicUsize,
+}
+
+/// Which buckets refused an admission, and how long until they could grant it.
+#[derive(Debug, Clone, Copy)]
+enum Short {
+    /// The queue's own lane: waited for outside the line.
+    Lane(Duration),
+    /// The buckets everyone shares: waited for in the line.
+    Shared(Duration),
+}
+
+impl Short {
+    fn wait(self) -> Duration {
+        match self {
+            Short::Lane(wait) | Short::Shared(wait) => wait,
+        }
+    }
+}
+
+/// A place in the [`Line`]'s count, left when dropped: also when the admission is cancelled (its client went away).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn join(waiting: &'a AtomicUsize) -> Self {
+        waiting.fetch_add(1, Ordering::SeqCst);
+        Self(waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Budgets {
     pub fn new(calls: Option<Arc<ReasoningBudget>>, tokens: Option<Arc<ReasoningBudget>>) -> Self {
-        Self { calls, tokens, queue_lane: None, completion_caps: TokenBudgets::default() }
+        Self { calls, tokens, queue_lane: None, completion_caps: TokenBudgets::default(), line: Arc::default() }
     }
 
     /// The completion caps the reasoner applies per effort to a prompt with none of its own
@@ -70,9 +117,9 @@ impl Budgets {
         Self { queue_lane: Some(Arc::new(lane)), ..self.clone() }
     }
 
-    /// Takes `prompts` calls, waiting up to `max_wait` (at most [`LONGEST_WAIT`]) for them; past that, [`Deferred`] with the time left. The
-    /// token budget is only checked (what a step spends is known after it ran, [`charge`](Self::charge)), so a
-    /// refusal by either takes nothing.
+    /// Takes `prompts` calls, waiting up to `max_wait` (at most [`LONGEST_WAIT`]) for them, in line behind those
+    /// already waiting; past that, [`Deferred`] with the time left. The token budget is only checked (what a step
+    /// spends is known after it ran, [`charge`](Self::charge)), so a refusal by either takes nothing.
     pub async fn admit(&self, prompts: usize, max_wait: Duration) -> Result<(), Deferred> {
         if prompts == 0 || self.is_unlimited() {
             return Ok(());
@@ -81,34 +128,92 @@ impl Budgets {
         // A wait too long to add to the clock (a `--max-budget-wait` of 1e19 seconds) is a year: still "wait", where
         // falling back to `now` would have meant "never wait".
         let deadline = now.checked_add(max_wait.min(LONGEST_WAIT)).unwrap_or(now);
+        let in_time = |wait: Duration| Instant::now().checked_add(wait).is_some_and(|ready| ready <= deadline);
+        let deferred = |wait: Duration| {
+            metrics::counter!("safeguard_pipeline_deferred_total").increment(1);
+            Err(Deferred { retry_after: wait.min(MAX_RETRY_AFTER) })
+        };
         loop {
-            match self.try_admit(prompts) {
-                Ok(()) => return Ok(()),
-                Err(wait) if Instant::now().checked_add(wait).is_some_and(|ready| ready <= deadline) => {
-                    tokio::time::sleep(wait).await
+            // Queued work waits for its own lane outside the line: holding the turn while the lane refills would
+            // keep everyone else from calls the shared buckets hold, and undo the queue's share.
+            if let Some(lane) = &self.queue_lane {
+                let wait = lane.shortfall(prompts);
+                if !wait.is_zero() {
+                    if !in_time(wait) {
+                        return deferred(wait);
+                    }
+                    tokio::time::sleep(wait).await;
+                    continue;
                 }
-                Err(wait) => {
-                    metrics::counter!("safeguard_pipeline_deferred_total").increment(1);
-                    return Err(Deferred { retry_after: wait.min(MAX_RETRY_AFTER) });
+            }
+            if self.line.waiting.load(Ordering::SeqCst) == 0 {
+                match self.take_now(prompts) {
+                    Ok(()) => return Ok(()),
+                    // Another queued item took the lane's calls meanwhile: wait for them again.
+                    Err(Short::Lane(_)) => continue,
+                    Err(Short::Shared(wait)) if !in_time(wait) => return deferred(wait),
+                    Err(Short::Shared(_)) => {}
+                }
+            }
+            // In line from here until admitted, deferred, or sent back to wait for the lane: whoever comes meanwhile
+            // waits behind this admission.
+            let _waiting = Waiting::join(&self.line.waiting);
+            let Ok(_turn) = tokio::time::timeout_at(deadline.into(), self.line.turn.lock()).await else {
+                return deferred(self.wait_behind_line(prompts));
+            };
+            loop {
+                match self.take_now(prompts) {
+                    Ok(()) => return Ok(()),
+                    Err(Short::Lane(_)) => break,
+                    Err(Short::Shared(wait)) if in_time(wait) => tokio::time::sleep(wait).await,
+                    Err(Short::Shared(wait)) => return deferred(wait),
                 }
             }
         }
     }
 
-    /// Takes `prompts` calls now, or says how long until they could be taken; never waits.
+    /// Takes `prompts` calls now, or says how long until they could be taken; never waits, and never takes calls
+    /// before an admission waiting in line ([`admit`](Self::admit)).
     pub fn try_admit(&self, prompts: usize) -> Result<(), Duration> {
-        if let Some(lane) = &self.queue_lane {
-            lane.try_admit(prompts)?;
+        if self.line.waiting.load(Ordering::SeqCst) > 0 {
+            return Err(self.wait_behind_line(prompts));
         }
-        let tokens = self.tokens.as_ref().map_or(Ok(()), |tokens| tokens.try_take(0));
-        let taken = tokens.and_then(|()| self.calls.as_ref().map_or(Ok(()), |calls| calls.try_take(prompts)));
+        self.take_now(prompts).map_err(Short::wait)
+    }
+
+    /// A guess at how long until `prompts` calls are taken behind whoever is in line: the wait for the calls as if
+    /// there were none ahead, and at least a moment, for a retry hint; the line's own needs are not known.
+    fn wait_behind_line(&self, prompts: usize) -> Duration {
+        let lane = self.queue_lane.as_ref().map_or(Duration::ZERO, |lane| lane.shortfall(prompts));
+        self.shortfall(prompts).max(lane).max(Duration::from_millis(50))
+    }
+
+    /// How long until this budget's own buckets (not a queue lane's) could grant `prompts` calls; zero if now.
+    fn shortfall(&self, prompts: usize) -> Duration {
+        let calls = self.calls.as_ref().map_or(Duration::ZERO, |calls| calls.wait_for(prompts));
+        let tokens = self.tokens.as_ref().map_or(Duration::ZERO, |tokens| tokens.wait_for(0));
+        calls.max(tokens)
+    }
+
+    /// Takes `prompts` calls now if the buckets hold them, whoever is in line; says which refused.
+    fn take_now(&self, prompts: usize) -> Result<(), Short> {
+        if let Some(lane) = &self.queue_lane {
+            lane.take_own(prompts).map_err(Short::Lane)?;
+        }
+        let taken = self.take_own(prompts);
         if taken.is_err()
             && let Some(lane) = &self.queue_lane
         {
             // The shared buckets refused: what the lane granted goes back, so a refusal takes nothing.
             lane.give_back_calls(prompts);
         }
-        taken
+        taken.map_err(Short::Shared)
+    }
+
+    /// Takes `prompts` calls from this budget's own buckets (the token bucket only checked).
+    fn take_own(&self, prompts: usize) -> Result<(), Duration> {
+        let tokens = self.tokens.as_ref().map_or(Ok(()), |tokens| tokens.try_take(0));
+        tokens.and_then(|()| self.calls.as_ref().map_or(Ok(()), |calls| calls.try_take(prompts)))
     }
 
     /// Returns calls taken for work that did not happen (a queue that turned out to be empty).
@@ -286,6 +391,18 @@ impl ReasoningBudget {
         bucket.tokens = (bucket.tokens + n as f64).min(self.burst);
     }
 
+    /// How long until `n` calls could be taken (zero if now), taking nothing.
+    fn wait_for(&self, n: usize) -> Duration {
+        let bucket = self.refilled(Instant::now());
+        let admit = (n as f64).min(self.burst);
+        if bucket.tokens >= admit { Duration::ZERO } else { self.time_to_refill(admit - bucket.tokens) }
+    }
+
+    fn time_to_refill(&self, missing: f64) -> Duration {
+        // A rate so low that the wait overflows a Duration waits "forever" rather than panicking.
+        Duration::try_from_secs_f64(missing / self.rate_per_sec).unwrap_or(Duration::MAX)
+    }
+
     fn try_take_at(&self, n: usize, now: Instant) -> Result<(), Duration> {
         let mut bucket = self.refilled(now);
         let admit = (n as f64).min(self.burst);
@@ -293,8 +410,7 @@ impl ReasoningBudget {
             self.debit(&mut bucket, n);
             Ok(())
         } else {
-            // A rate so low that the wait overflows a Duration waits "forever" rather than panicking.
-            Err(Duration::try_from_secs_f64((admit - bucket.tokens) / self.rate_per_sec).unwrap_or(Duration::MAX))
+            Err(self.time_to_refill(admit - bucket.tokens))
         }
     }
 
@@ -343,6 +459,79 @@ mod tests {
         assert!(budget.try_take_at(1, t0 + Duration::from_secs(1)).is_err(), "nothing left at t1, read late");
         assert!(budget.try_take_at(1, t1).is_err(), "and the second between t0 and t1 is not credited again");
         assert!(budget.try_take_at(1, t1 + Duration::from_secs(1)).is_ok());
+    }
+
+    /// Waits until an admission holds the line's turn (not only counts itself in line).
+    async fn until_someone_holds_the_turn(budget: &Budgets) {
+        while budget.line.turn.try_lock().is_ok() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Under a saturated budget, items of one policy took each call as it refilled, and an item of three, which
+    /// needs three at once, waited until it was deferred. Now it is served in its turn, and who comes after it
+    /// waits behind it, or is deferred, even while a call is free.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_item_of_several_policies_is_not_starved_by_items_of_one() {
+        let budget = Budgets::new(Some(Arc::new(ReasoningBudget::new(10.0, 3))), None);
+        assert!(budget.try_admit(3).is_ok(), "the burst is spent");
+        let admitted = Arc::new(Mutex::new(Vec::new()));
+        let several = tokio::spawn({
+            let (budget, admitted) = (budget.clone(), admitted.clone());
+            async move {
+                budget.admit(3, Duration::from_secs(10)).await.unwrap();
+                admitted.lock().unwrap().push("several");
+            }
+        });
+        until_someone_holds_the_turn(&budget).await;
+        let singles: Vec<_> = (0..6)
+            .map(|_| {
+                let (budget, admitted) = (budget.clone(), admitted.clone());
+                tokio::spawn(async move {
+                    budget.admit(1, Duration::from_secs(10)).await.unwrap();
+                    admitted.lock().unwrap().push("one");
+                })
+            })
+            .collect();
+        several.await.unwrap();
+        for single in singles {
+            single.await.unwrap();
+        }
+        let order = admitted.lock().unwrap().clone();
+        assert_eq!(order.first(), Some(&"several"), "{order:?}");
+        assert_eq!(order.len(), 7);
+
+        // Someone in line: no call is taken past them, and whoever may not wait is deferred.
+        let budget = Budgets::new(Some(Arc::new(ReasoningBudget::new(1.0, 3))), None);
+        assert!(budget.try_admit(3).is_ok());
+        let waiting = tokio::spawn({
+            let budget = budget.clone();
+            async move { budget.admit(3, Duration::from_secs(10)).await }
+        });
+        until_someone_holds_the_turn(&budget).await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert!(budget.try_admit(1).is_err(), "a call has refilled, but it is the waiting item's");
+        assert!(budget.admit(1, Duration::ZERO).await.is_err());
+        waiting.abort();
+        let _ = waiting.await;
+        assert_eq!(budget.line.waiting.load(Ordering::SeqCst), 0, "a cancelled admission leaves the line");
+        assert!(budget.try_admit(1).is_ok(), "the refilled call is free again");
+    }
+
+    /// Queued work waiting for its own share waits outside the line: requests take what the shared buckets hold.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_work_waiting_for_its_share_does_not_hold_the_line() {
+        let shared = Budgets::new(Some(Arc::new(ReasoningBudget::new(1.0, 10))), None);
+        let queue = shared.for_queue(0.1);
+        assert!(queue.try_admit(1).is_ok(), "the lane's one call");
+        let queued = tokio::spawn({
+            let queue = queue.clone();
+            async move { queue.admit(1, Duration::from_secs(30)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(shared.line.waiting.load(Ordering::SeqCst), 0, "not in line while its lane refills");
+        assert!(shared.admit(1, Duration::ZERO).await.is_ok(), "a request takes a shared call at once");
+        queued.abort();
     }
 
     /// A wait too long to add to the clock still waits, instead of reading as "do not wait".

@@ -38,7 +38,9 @@
 //!   for up to [`PERSIST_FOR`] or until the worker stops): the chain of thought exists only in this worker's
 //!   memory, and a redelivery would record the ledger's copy without it. A ledger write that fails is not
 //!   waited out: the event is given back and decided again;
-//! - an event is held to the worker's [`ContentLimits`] (the server passes its own), in characters and tokens;
+//! - an event is held to the worker's [`ContentLimits`] (the server passes its own), in characters and tokens,
+//!   and to the model's context at the most effort its route can reach; an appeal whose content fits as an item
+//!   but not at high effort goes to a person without the model, as content the route accepts;
 //! - the program the worker runs in ([`WorkerHost`]) chooses the policies and pipeline per event and records
 //!   each settled decision (e.g. in `safeguard serve`'s database) before the event is acked. A redelivered
 //!   event whose decision is already in the ledger is recorded again, so the host must be idempotent by the
@@ -803,7 +805,7 @@ impl Worker {
                         "handling a content event panicked; giving it back"
                     );
                     metrics::counter!("safeguard_nats_handle_panics_total").increment(1);
-                    retry(&message).await;
+                    retry(&message, GivenBack::HandlePanicked).await;
                     None
                 }
             };
@@ -892,7 +894,11 @@ impl Worker {
                     NatsError::BadLedgerEntry { .. } => error!(?key, "not deciding the event: {e}"),
                     _ => warn!(?key, "cannot read the decided ledger: {e}"),
                 }
-                retry(message).await;
+                let why = match e {
+                    NatsError::BadLedgerEntry { .. } => GivenBack::LedgerEntryUnreadable,
+                    _ => GivenBack::LedgerUnavailable,
+                };
+                retry(message, why).await;
                 return None;
             }
         }
@@ -917,7 +923,7 @@ impl Worker {
             }
             Err(HostError::Unavailable(why)) => {
                 warn!(?key, "cannot prepare the event now: {why}");
-                retry(message).await;
+                retry(message, GivenBack::HostUnavailable).await;
                 return None;
             }
         };
@@ -927,10 +933,19 @@ impl Worker {
             include_reasoning: true,
         };
         // Content the model cannot read whole under these policies is rejected like content over the token limit:
-        // deciding it would fail in the engine, after the budget paid for it.
-        if let Err(overflow) = pipeline.check_fits_context(&policies, &item.content, &ctx) {
-            return self.reject(message, key, item_id, &overflow.to_string(), digest, stop).await;
-        }
+        // deciding it would fail in the engine, after the budget paid for it. An appeal of content that fits as an
+        // item, but not at an appeal's high effort, was decided and must still be heard: it goes to a person without
+        // the model, as an appeal over HTTP does.
+        let unreasoned = match pipeline.check_fits_context(&policies, &item.content, &ctx) {
+            Ok(()) => None,
+            Err(overflow) => {
+                let as_an_item = RouteContext { appeal: false, ..ctx.clone() };
+                if !appeal || pipeline.check_fits_context(&policies, &item.content, &as_an_item).is_err() {
+                    return self.reject(message, key, item_id, &overflow.to_string(), digest, stop).await;
+                }
+                Some(format!("not reasoned about: {overflow}"))
+            }
+        };
         let pending = DecisionEvent {
             key: key.clone(),
             item_id: item_id.clone(),
@@ -962,17 +977,24 @@ impl Worker {
         // A panic here is a bug (in a reasoner, say). Given back, the event would come again after `ack_wait` and
         // panic in the next worker too: it is settled for a person instead, as the server's jobs are.
         let deciding = AssertUnwindSafe(pipeline.decide(&policies, &item.content, &ctx)).catch_unwind();
-        let mut decision = match keep_alive(message, self.ack_wait(), deciding).await {
-            Ok(Ok(decision)) => decision,
-            Ok(Err(deferred)) => {
-                ack(message, AckKind::Nak(Some(deferred.retry_after))).await;
-                return Some(deferred.retry_after);
-            }
-            Err(panic) => {
-                error!(?key, panic = panic_message(panic.as_ref()), "deciding the event panicked; it goes to a person");
-                metrics::counter!("safeguard_nats_decide_panics_total").increment(1);
-                panicked_decision(&policies, appeal, started)
-            }
+        let mut decision = match unreasoned {
+            Some(why) => undecided_for_a_person(&policies, appeal, started, &why),
+            None => match keep_alive(message, self.ack_wait(), deciding).await {
+                Ok(Ok(decision)) => decision,
+                Ok(Err(deferred)) => {
+                    ack(message, AckKind::Nak(Some(deferred.retry_after))).await;
+                    return Some(deferred.retry_after);
+                }
+                Err(panic) => {
+                    error!(
+                        ?key,
+                        panic = panic_message(panic.as_ref()),
+                        "deciding the event panicked; it goes to a person"
+                    );
+                    metrics::counter!("safeguard_nats_decide_panics_total").increment(1);
+                    undecided_for_a_person(&policies, appeal, started, DECIDE_PANICKED)
+                }
+            },
         };
         let reasoning = strip_reasoning(&mut decision);
         let event = DecisionEvent {
@@ -1048,7 +1070,7 @@ impl Worker {
             }
             Err(e) => {
                 warn!(key = ?event.key, "cannot publish the settled event: {e}");
-                retry(message).await;
+                retry(message, GivenBack::PublishFailed).await;
                 false
             }
         }
@@ -1096,7 +1118,7 @@ impl Worker {
             }
             Err(e) => {
                 warn!(key = ?event.key, "cannot record the decision: {e}");
-                retry(message).await;
+                retry(message, GivenBack::RecordFailed).await;
                 false
             }
         }
@@ -1246,7 +1268,7 @@ impl Worker {
                 }
                 Err(e) => {
                     warn!(?key, "cannot write the decision to the ledger: {e}");
-                    retry(message).await;
+                    retry(message, GivenBack::LedgerWriteFailed).await;
                     return;
                 }
             }
@@ -1323,9 +1345,9 @@ fn rejected(key: String, item_id: Option<String>, error: &str) -> DecisionEvent 
     }
 }
 
-/// The decision on an item whose cascade panicked: nothing was decided, so every policy goes to a person with the
-/// reason a failed stage gives; an appeal stays an appeal.
-fn panicked_decision(policies: &[Policy], appeal: bool, started: Instant) -> CascadeDecision {
+/// The decision on an item the cascade did not decide (it panicked, or an appeal the model cannot read whole at
+/// high effort): every policy goes to a person with the reason a failed stage gives; an appeal stays an appeal.
+fn undecided_for_a_person(policies: &[Policy], appeal: bool, started: Instant, why: &str) -> CascadeDecision {
     let routes = policies
         .iter()
         .map(|policy| {
@@ -1333,7 +1355,7 @@ fn panicked_decision(policies: &[Policy], appeal: bool, started: Instant) -> Cas
             if appeal {
                 escalations.push(Escalation::Appeal);
             }
-            escalations.push(Escalation::StageFailed { detail: DECIDE_PANICKED.to_string() });
+            escalations.push(Escalation::StageFailed { detail: why.to_string() });
             PolicyRoute {
                 policy: policy.meta.name.clone(),
                 policy_hash: policy.hash.to_string(),
@@ -1687,7 +1709,7 @@ async fn ack_published(message: &jetstream::Message, key: &str, published: Resul
         // Not announced: the redelivery settles it the same way and publishes it.
         Err(e) => {
             warn!(?key, "cannot publish the settled event: {e}");
-            retry(message).await;
+            retry(message, GivenBack::PublishFailed).await;
         }
     }
 }
@@ -1698,11 +1720,63 @@ async fn progress(message: &jetstream::Message) {
     }
 }
 
+/// Why an event was given back to be tried again: the label of `safeguard_nats_events_given_back_total`.
+#[derive(Debug, Clone, Copy)]
+enum GivenBack {
+    /// The ledger could not be read (NATS unavailable).
+    LedgerUnavailable,
+    /// The ledger holds something for the key that does not parse (written by a newer version, say): the event
+    /// is held until a worker that reads it comes, never decided as if nothing were there.
+    LedgerEntryUnreadable,
+    HostUnavailable,
+    LedgerWriteFailed,
+    PublishFailed,
+    RecordFailed,
+    HandlePanicked,
+}
+
+impl GivenBack {
+    fn as_str(self) -> &'static str {
+        match self {
+            GivenBack::LedgerUnavailable => "ledger_unavailable",
+            GivenBack::LedgerEntryUnreadable => "ledger_entry_unreadable",
+            GivenBack::HostUnavailable => "host_unavailable",
+            GivenBack::LedgerWriteFailed => "ledger_write_failed",
+            GivenBack::PublishFailed => "publish_failed",
+            GivenBack::RecordFailed => "record_failed",
+            GivenBack::HandlePanicked => "handle_panicked",
+        }
+    }
+}
+
+/// Deliveries after which an event given back again is reported as stuck: by then it has waited out the whole
+/// growing delay, so the fault is lasting, not a blip.
+const STUCK_AFTER_DELIVERIES: i64 = 10;
+
 /// Gives an event back to be tried again, the later the more often it was delivered: a fault that lasts (a
 /// ledger entry that does not parse, a host that stays down) is looked at now and then, not in a tight loop.
-async fn retry(message: &jetstream::Message) {
-    let delivered = message.info().map_or(1, |info| info.delivered);
+/// Such an event is never dropped (it holds a producer's item pending), so it is made visible instead: counted
+/// by reason, and logged as stuck once it has come back often, then about hourly.
+async fn retry(message: &jetstream::Message, why: GivenBack) {
+    let (delivered, sequence) = message.info().map_or((1, None), |info| (info.delivered, Some(info.stream_sequence)));
+    metrics::counter!("safeguard_nats_events_given_back_total", "reason" => why.as_str()).increment(1);
+    if is_stuck_report(delivered) {
+        error!(
+            ?sequence,
+            delivered,
+            reason = why.as_str(),
+            "a content event keeps being given back; it is held, not dropped, until the fault is fixed"
+        );
+    }
     ack(message, AckKind::Nak(Some(retry_delay(delivered)))).await;
+}
+
+/// Whether this delivery reports the event as stuck: the first time it counts as stuck, then once per
+/// [`RETRY_MAX`]-spaced hour.
+fn is_stuck_report(delivered: i64) -> bool {
+    let hourly = (3600 / RETRY_MAX.as_secs()).max(1) as i64;
+    delivered == STUCK_AFTER_DELIVERIES
+        || (delivered > STUCK_AFTER_DELIVERIES && (delivered - STUCK_AFTER_DELIVERIES) % hourly == 0)
 }
 
 fn retry_delay(delivered: i64) -> Duration {
@@ -1943,6 +2017,13 @@ mod tests {
     }
 
     #[test]
+    fn an_event_given_back_for_good_is_reported_first_after_ten_deliveries_then_hourly() {
+        let reported: Vec<i64> = (0..200).filter(|&n| is_stuck_report(n)).collect();
+        // One minute apart once the delay is at its longest: an hour is 60 deliveries.
+        assert_eq!(reported, [10, 70, 130, 190]);
+    }
+
+    #[test]
     fn publishes_refused_for_their_size_are_told_apart() {
         use jetstream::context::{PublishError, PublishErrorKind};
         assert!(too_large(&PublishError::new(PublishErrorKind::MaxPayloadExceeded)));
@@ -2097,13 +2178,13 @@ mod tests {
     #[test]
     fn an_item_whose_deciding_panicked_goes_to_a_person_for_every_policy() {
         let spam = Policy::parse("---\nname: spam\noutput: binary\n---\n# Spam\nReturn 1 for spam, else 0.").unwrap();
-        let decision = panicked_decision(std::slice::from_ref(&spam), false, Instant::now());
+        let decision = undecided_for_a_person(std::slice::from_ref(&spam), false, Instant::now(), DECIDE_PANICKED);
         assert_eq!((decision.outcome, decision.decided_by), (Outcome::NeedsReview, Stage::HumanReview));
         let route = &decision.policies[0];
         assert_eq!((route.policy.as_str(), route.policy_hash.clone()), ("spam", spam.hash.to_string()));
         assert_eq!((route.outcome, route.decided_by), (Outcome::NeedsReview, Stage::HumanReview));
         assert_eq!(route.escalations, [Escalation::StageFailed { detail: DECIDE_PANICKED.into() }]);
-        let appeal = panicked_decision(&[spam], true, Instant::now());
+        let appeal = undecided_for_a_person(&[spam], true, Instant::now(), DECIDE_PANICKED);
         assert_eq!(appeal.policies[0].escalations[0], Escalation::Appeal, "still an appeal, for the review queue");
         assert_eq!(panic_message(&"a bug"), "a bug");
         assert_eq!(panic_message(&String::from("a bug")), "a bug");

@@ -51,8 +51,9 @@ pub(crate) fn split(text: &str) -> Result<Split<'_>, PolicyError> {
     Err(PolicyError::UnclosedFrontMatter { line: 1 })
 }
 
-/// How a policy words a 0/1 answer ("0 or 1", "(0/1)"), as both format inference and lint read it.
-pub(crate) const BINARY_WORDING: &str = r"(?i)\b0 or 1\b|\b1 or 0\b|\(0\s*/\s*1\)|\b0/1\b";
+/// How a policy words a 0/1 answer, as both format inference and lint read it: "0 or 1", "`0` or `1`",
+/// "0 (safe) or 1 (violating)", "(0/1)", "1 if it violates, otherwise 0".
+pub(crate) const BINARY_WORDING: &str = r#"(?i)\b0\b[`'"]?\s*(?:\([^)\n]{0,40}\)\s*)?or\s+[`'"]?1\b|\b1\b[`'"]?\s*(?:\([^)\n]{0,40}\)\s*)?or\s+[`'"]?0\b|\(0\s*/\s*1\)|\b0/1\b|\b[01]\b[`'"]?\s+if\b[^.\n]{0,160}\b(?:otherwise|else)\b[^.\n]{0,20}?\b[01]\b"#;
 
 static BINARY_HINT: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(&format!("{BINARY_WORDING}|exactly one character")).expect("static regex"));

@@ -237,6 +237,11 @@ static LABEL_MARKER: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r#"(?i)->|→|=>|\blabel\b|\bexpected\b|\banswer\b|"violation"\s*:|:\s*[01]\b|\(\s*[01]\s*\)"#)
         .expect("static regex")
 });
+/// A list item that only gives the label of the item before it ("- Label: 1" after "- Content: …").
+static LABEL_ITEM: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?i)^\s{0,3}(?:[-*+]|[0-9]{1,3}[.)])\s+(?:\*\*)?(?:label|answer|expected|output|verdict)\b")
+        .expect("static regex")
+});
 static LABEL_WORD: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"\b(VALID|INVALID|ESCALATE|VIOLATION|SAFE)\b").expect("static regex"));
 
@@ -486,7 +491,10 @@ impl Linter {
         // Code is format samples and placeholders, not citations.
         for line in lines.iter().filter(|line| !line.code) {
             for (_, id) in find_rule_ids(line.text) {
-                if policy.knows_rule(id) || !reported.insert(id) {
+                // "SP500", "H264": a bare token of three digits or more is a figure or a standard far more often
+                // than a rule (rules number in ones and tens), whatever its prefix.
+                let figure = !id.contains('.') && id.bytes().filter(u8::is_ascii_digit).count() >= 3;
+                if policy.knows_rule(id) || figure || !reported.insert(id) {
                     continue;
                 }
                 let place = if line.role == Role::Examples { " in an example" } else { "" };
@@ -524,20 +532,30 @@ impl Linter {
         // included) up to the next item or heading. Examples written as sub-headings are one example each.
         let mut items: Vec<(usize, String)> = Vec::new();
         let mut headed: BTreeMap<usize, (usize, String)> = BTreeMap::new();
+        // Sections that hold deeper ones: "## EXAMPLES" over "### Example 1" is a title, its text an introduction.
+        let mut parents = std::collections::BTreeSet::new();
+        let mut last_heading: Option<(usize, u8)> = None;
         let mut in_item = false;
         for line in lines {
             if line.role != Role::Examples {
                 in_item = false;
                 continue;
             }
-            if line.level.is_some() {
+            if let Some(level) = line.level {
                 in_item = false;
                 if let Some(section) = line.section {
+                    if let Some((parent, parent_level)) = last_heading
+                        && level > parent_level
+                    {
+                        parents.insert(parent);
+                    }
+                    last_heading = Some((section, level));
                     headed.insert(section, (line.number, String::new()));
                 }
                 continue;
             }
-            if !line.code && LIST_ITEM.is_match(line.text) {
+            let label_of_previous = in_item && LABEL_ITEM.is_match(line.text);
+            if !line.code && LIST_ITEM.is_match(line.text) && !label_of_previous {
                 items.push((line.number, line.text.to_string()));
                 in_item = true;
             } else if in_item && let Some(item) = items.last_mut() {
@@ -551,7 +569,11 @@ impl Linter {
         }
         let labelled = |text: &str| LABEL_MARKER.is_match(text) || LABEL_WORD.is_match(text);
         let candidates: Vec<(usize, String)> = if items.is_empty() {
-            headed.into_values().filter(|(_, text)| !text.trim().is_empty()).collect()
+            headed
+                .into_iter()
+                .filter(|(section, (_, text))| !parents.contains(section) && !text.trim().is_empty())
+                .map(|(_, example)| example)
+                .collect()
         } else {
             items
         };

@@ -480,6 +480,30 @@ fn sided_policy(violating: &str, safe: Option<&str>) -> String {
     )
 }
 
+/// Two common ways of writing labelled examples read as labelled: a label given as its own bullet after the content,
+/// and examples as sub-headings under an introduced EXAMPLES heading (the introduction is no example).
+#[test]
+fn lint_reads_label_bullets_and_introduced_sub_headings_as_labelled_examples() {
+    let bullets = sided_policy("VIOLATES (1)", Some("SAFE (0)")).replace(
+        "- \"buy my thing\" -> 1\n",
+        "- Content: \"buy my thing\"\n- Label: 1\n- Content: \"nice thing\"\n- **Answer**: 0\n",
+    );
+    assert!(!codes(&lint(&bullets, &LintOptions::default())).contains(&"unlabeled-example"), "{bullets}");
+    let unlabelled = bullets.replace("- **Answer**: 0\n", "");
+    let report = lint(&unlabelled, &LintOptions::default());
+    assert_eq!(codes(&report).iter().filter(|&&code| code == "unlabeled-example").count(), 1, "{unlabelled}");
+
+    let headed = sided_policy("VIOLATES (1)", Some("SAFE (0)")).replace(
+        "## EXAMPLES\nReturn exactly one character: 0 or 1.\n- \"buy my thing\" -> 1\n",
+        "## EXAMPLES\nThe cases below sit near the boundary.\n### Example 1\nbuy my thing\nExpected: 1\n\
+         ### Example 2\nnice thing\n",
+    );
+    assert!(headed.contains("### Example 2"), "{headed}");
+    let report = lint(&headed, &LintOptions::default());
+    let unlabelled: Vec<_> = report.findings.iter().filter(|f| f.code == "unlabeled-example").map(|f| f.line).collect();
+    assert_eq!(unlabelled.len(), 1, "only Example 2 lacks a label: {:#?}", report.findings);
+}
+
 fn codes(report: &crate::lint::LintReport) -> Vec<&str> {
     report.findings.iter().map(|f| f.code.as_str()).collect()
 }
@@ -544,7 +568,8 @@ fn lint_still_reports_real_duplicates_and_missing_rules() {
         .replace("however polite.", "however polite. Content matching **SP7.a** always gets 1.")
         .replace(
             "- \"Can anyone recommend",
-            "- \"Get rich quick\" -> 1 (SP9.z)\n- \"Hot singles\" -> 1 (SX2.a)\n### Examples for SP8.a\n- \"Can anyone recommend",
+            "- \"Get rich quick\" -> 1 (SP9.z)\n- \"Hot singles\" -> 1 (SX2.a)\n\
+             - \"Pump alert: SP500 calls, 10x guaranteed\" -> 1 (SP9.z)\n### Examples for SP8.a\n- \"Can anyone recommend",
         );
     let report = lint(&text, &exact_opts());
     let found = |code: &str| -> Vec<String> {
@@ -835,13 +860,24 @@ fn markup_that_used_to_hide_or_drop_settings_is_read_as_written() {
     // A float JSON cannot hold is refused, never turned into null (the server's default).
     let nan = Policy::parse("---\nname: x\nrouting:\n  min_engine_confidence: .nan\n---\n# P\nReturn 0 or 1.\n");
     assert!(nan.unwrap_err().to_string().contains(".nan"));
-    // "0/1" says the format as "0 or 1" does.
-    let report = lint("---\nname: x\n---\n# P\nAnswer with 0/1 only.\n", &exact_opts());
-    assert!(
-        report.findings.iter().all(|f| f.code != "missing-output-format" && f.code != "parse-error"),
-        "{:#?}",
-        report.findings
-    );
+    // "0/1" says the format as "0 or 1" does, and so do the other ways people write it.
+    for wording in [
+        "Answer with 0/1 only.",
+        "Return `0` or `1`.",
+        "Return 1 if the content violates the policy, otherwise return 0.",
+        "Answer 0 (safe) or 1 (violating).",
+        "Reply \"1\" or \"0\".",
+    ] {
+        let text = format!("---\nname: x\noutput: binary\n---\n# P\n{wording}\n");
+        let report = lint(&text, &exact_opts());
+        assert!(
+            report.findings.iter().all(|f| f.code != "missing-output-format" && f.code != "parse-error"),
+            "{wording}: {:#?}",
+            report.findings
+        );
+    }
+    let report = lint("---\nname: x\noutput: binary\n---\n# P\nReturn the section number.\n", &exact_opts());
+    assert!(report.findings.iter().any(|f| f.code == "missing-output-format"), "{:#?}", report.findings);
 }
 
 #[test]

@@ -223,6 +223,8 @@ fn dataset_mode_compares_against_labels_or_a_baseline_version() {
         json!({"id": "b", "text": "meeting moved to 3pm", "violates": 0}),
         json!({"id": "c", "text": "free crypto, click here", "violates": 1}),
         json!({"id": "d", "text": "thanks for the notes", "violates": 0}),
+        // Unlabelled: nothing to compare with but another version.
+        json!({"id": "e", "text": "see you at lunch", "violates": null}),
     ];
     std::fs::write(&data, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
     let old = f._dir.path().join("spam-v1.md");
@@ -236,23 +238,58 @@ fn dataset_mode_compares_against_labels_or_a_baseline_version() {
         command.arg("--model").arg(&f.model);
         command.args(["--effort", "low", "--max-tokens", "8", "--threads", "2", "--format", "json"]);
         let output = command.output().expect("run safeguard");
-        assert!(output.status.success(), "stderr: {}", String::from_utf8_lossy(&output.stderr));
-        serde_json::from_slice::<Value>(&output.stdout).expect("json report")
+        let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+        assert!(output.status.success(), "stderr: {stderr}");
+        (serde_json::from_slice::<Value>(&output.stdout).expect("json report"), stderr)
     };
 
-    // Against the labels: every right answer lost to needs_review is a regression.
-    let report = run(&[]);
+    // Against the labels: every right answer lost to needs_review is a regression. The unlabelled item is left out
+    // before the model is asked, and said so.
+    let (report, stderr) = run(&[]);
     assert_eq!(report["items"], 4, "{report:#}");
+    assert!(stderr.contains("left out 1 item(s) with no label for spam"), "{stderr}");
     assert_eq!(report["flips"], json!({"violation->needs_review": 2, "allow->needs_review": 2}));
     assert_eq!(report["comparison"]["broken"], 4);
     assert_eq!(report["comparison"]["common_items"], 4);
 
-    // Against the old version on the same random model: both undecided, nothing flips.
-    let report = run(&[&old]);
-    assert_eq!(report["items"], 4, "{report:#}");
-    assert_eq!(report["unchanged"], 4);
+    // Against the old version on the same random model: both undecided, nothing flips; every item counts.
+    let (report, _) = run(&[&old]);
+    assert_eq!(report["items"], 5, "{report:#}");
+    assert_eq!(report["unchanged"], 5);
     assert_eq!(report["flips"], json!({}));
-    assert_eq!(report["before"], json!({"needs_review": 4}));
+    assert_eq!(report["before"], json!({"needs_review": 5}));
+}
+
+/// A dataset whose fields are named otherwise is read with `eval`'s field flags, which its errors point to.
+#[test]
+fn dataset_mode_reads_fields_as_eval_does() {
+    let f = fixture();
+    let data = f._dir.path().join("named.jsonl");
+    let lines = [
+        json!({"uid": "a", "message": "BUY NOW cheap watches", "gold": "spam"}),
+        json!({"uid": "b", "message": "meeting moved to 3pm", "gold": "ham"}),
+    ];
+    std::fs::write(&data, lines.iter().map(|l| format!("{l}\n")).collect::<String>()).unwrap();
+    let run = |fields: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_safeguard"))
+            .args(["policy", "backtest", "--policy"])
+            .arg(&f.policy)
+            .arg("--dataset")
+            .arg(&data)
+            .args(fields)
+            .arg("--model")
+            .arg(&f.model)
+            .args(["--effort", "low", "--max-tokens", "8", "--threads", "2", "--format", "json"])
+            .output()
+            .expect("run safeguard")
+    };
+    let refused = run(&[]);
+    assert!(!refused.status.success());
+    let fields = ["--id-field", "uid", "--text-field", "message", "--label-field", "gold", "--positive-label", "spam"];
+    let output = run(&fields);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: Value = serde_json::from_slice(&output.stdout).expect("json report");
+    assert_eq!(report["items"], 2, "{report:#}");
 }
 
 /// The store lists at most 1000 decisions at a time: a larger --limit is refused, not quietly cut short.

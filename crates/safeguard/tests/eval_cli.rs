@@ -118,6 +118,42 @@ fn scores_saved_predictions_as_json_text_and_html() {
     // A CI gate: F1 4/7 is below 0.6.
     args.extend(["--min-f1", "0.6"]);
     assert_eq!(safeguard(&args).status.code(), Some(2));
+    // A bar that is no number in 0..1 is refused, not passed by every score (NaN compares false).
+    for bad in ["nan", "1.5", "inf"] {
+        let mut args = args.clone();
+        *args.last_mut().unwrap() = bad;
+        let out = safeguard(&args);
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--min-f1"), "{bad}");
+    }
+
+    // Every answer cut off: each needs review, counted as a positive, so F1 clears 0.6 on a mostly violating set;
+    // the gate still fails, since it measured no answer at all.
+    let unread = dir.path().join("unread.jsonl");
+    let cut_off: Vec<Value> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|id| {
+            let mut line = classify_line(id, "needs_review", "");
+            line["verdicts"][0]["flags"] = json!(["truncated"]);
+            line
+        })
+        .collect();
+    write_jsonl(&unread, &cut_off);
+    let few = dir.path().join("few.jsonl");
+    let rows: Vec<Value> = [("a", "spam"), ("b", "spam"), ("c", "spam"), ("d", "ham")]
+        .iter()
+        .map(|(id, gold)| json!({"uid": id, "message": format!("message {id}"), "gold": gold}))
+        .collect();
+    write_jsonl(&few, &rows);
+    let mut args = vec!["eval", "--predictions", unread.to_str().unwrap(), "--dataset", few.to_str().unwrap()];
+    args.extend(MAPPING);
+    args.extend(["--min-f1", "0.6"]);
+    let out = safeguard(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("4 of") && stderr.contains("could not be read"), "{stderr}");
+    args.extend(["--max-parse-failures", "1"]);
+    assert!(safeguard(&args).status.success(), "allowed in so many words");
 
     // A run that left items unjudged (a crash halfway) is reported, and does not pass.
     let partial = dir.path().join("partial.jsonl");

@@ -208,11 +208,16 @@ pub(crate) async fn worker(state: AppState, index: usize, shutdown: Cancellation
             }
         }
         // One call is taken before claiming, atomically: workers that only looked would all see the same spare call
-        // and claim a job each. The rest of the job's prompts are owed once its policies are known.
-        if let Err(wait) = state.cascade.queue_budgets.try_admit(1) {
+        // and claim a job each. The rest of the job's prompts are owed once its policies are known. Taken in the
+        // budget's line (a second at most), so requests waiting for calls do not keep a job from its turn for good.
+        let admitted = tokio::select! {
+            admitted = state.cascade.queue_budgets.admit(1, Duration::from_secs(1)) => admitted,
+            () = shutdown.cancelled() => break,
+        };
+        if let Err(deferred) = admitted {
             metrics::counter!("safeguard_jobs_budget_waits_total").increment(1);
             // Looked at again at least once a second: other workers and paths share the bucket.
-            if !rest(&shutdown, wait.min(Duration::from_secs(1)), None).await {
+            if !rest(&shutdown, deferred.retry_after.min(Duration::from_secs(1)), None).await {
                 break;
             }
             continue;

@@ -279,9 +279,45 @@ async fn content_the_models_context_cannot_hold_is_refused_on_every_way_in_befor
         let settled = settled_events(&producer, &["fits", "over"]).await;
         let settled = |key: &str| settled[key].clone();
         assert_eq!(settled("fits").status, EventStatus::Decided);
-        let over = settled("over");
-        assert_eq!(over.status, EventStatus::Rejected, "{over:?}");
-        assert!(over.error.as_deref().unwrap_or_default().contains("context holds 4496"), "{over:?}");
+        let refused = settled("over");
+        assert_eq!(refused.status, EventStatus::Rejected, "{refused:?}");
+        assert!(refused.error.as_deref().unwrap_or_default().contains("context holds 4496"), "{refused:?}");
+
+        // A policy that escalates no further than low effort decides that content; its appeal reasons at high,
+        // where the content does not fit: the appeal is not rejected, it goes to a person without the model, as
+        // over HTTP. Content that does not fit even as an item is rejected, appeal or not.
+        let bulk = POLICY
+            .replace("name: promo", "name: promo-bulk\nrouting:\n  first_effort: low\n  escalation_effort: low")
+            .replace("Personal messages.", "Personal messages, in bulk.");
+        let (status, created) = call("/v1/policies", json!({"text": bulk})).await;
+        assert!(status == 200 || status == 201, "{created}");
+        let item = json!({"id": "bulk", "text": over, "policies": ["promo-bulk"]});
+        producer.publish_content("bulk", &item).await.unwrap();
+        let decided = settled_events(&producer, &["bulk"]).await["bulk"].clone();
+        assert_eq!(decided.status, EventStatus::Decided, "fits at low effort: {decided:?}");
+        let asked = reasoner.calls.load(Ordering::SeqCst);
+        let mut appeal = item.clone();
+        appeal["appeal"] = json!(true);
+        producer.publish_content("bulk:appeal", &appeal).await.unwrap();
+        let too_long = json!({"id": "huge", "text": words(3600), "policies": ["promo-bulk"], "appeal": true});
+        producer.publish_content("huge:appeal", &too_long).await.unwrap();
+        let settled = settled_events(&producer, &["bulk:appeal", "huge:appeal"]).await;
+        let appealed = &settled["bulk:appeal"];
+        assert_eq!(appealed.status, EventStatus::Decided, "{appealed:?}");
+        let decision = appealed.decision.as_ref().unwrap();
+        assert_eq!(decision.outcome, safeguard_verdict::Outcome::NeedsReview, "{appealed:?}");
+        let why = serde_json::to_string(&decision.policies[0].escalations).unwrap();
+        assert!(why.contains("appeal") && why.contains("not reasoned about"), "{why}");
+        assert!(why.contains("at high effort"), "{why}");
+        assert_eq!(reasoner.calls.load(Ordering::SeqCst), asked, "the model was not asked");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while store.review_of(&decision.id.to_string(), "appeal").await.unwrap().is_none() {
+            assert!(Instant::now() < deadline, "the appeal never reached the review queue");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let huge = &settled["huge:appeal"];
+        assert_eq!(huge.status, EventStatus::Rejected, "{huge:?}");
+        assert!(huge.error.as_deref().unwrap_or_default().contains("context holds 4496"), "{huge:?}");
         server.shutdown().await.unwrap();
         delete_streams(&producer).await;
     } else {

@@ -8,9 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use safeguard_core::{Classifier, ClassifyOptions};
 use safeguard_eval::html::render_comparison_html;
-use safeguard_eval::{
-    Comparison, Dataset, DatasetSpec, FieldMapping, Item, Predicted, PredictionRecord, ScoreOptions, compare_runs,
-};
+use safeguard_eval::{Comparison, Dataset, DatasetSpec, Item, Predicted, PredictionRecord, ScoreOptions, compare_runs};
 use safeguard_harmony::{Content, Effort, user_message_text};
 use safeguard_pipeline::flywheel::stored_verdict_stage;
 use safeguard_policy::Policy;
@@ -45,6 +43,9 @@ pub struct Args {
     /// Folder holding the shared datasets [default: shared/data or ../shared/data].
     #[arg(long, env = "SAFEGUARD_DATASETS_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// With --dataset: how a file's fields are read.
+    #[command(flatten)]
+    fields: super::eval::DatasetFields,
     /// The model (GGUF) that runs the new version.
     #[arg(long, value_name = "PATH")]
     model: PathBuf,
@@ -150,7 +151,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 .as_ref()
                 .map(|p| Policy::load(p).with_context(|| format!("cannot load policy {}", p.display())).map(Box::new))
                 .transpose()?;
-            (spec.clone(), load_dataset(&args, spec, &policy.meta.name)?, Before::Baseline(baseline))
+            let dataset = load_dataset(&args, spec, &policy.meta.name, baseline.is_some())?;
+            (spec.clone(), dataset, Before::Baseline(baseline))
         }
         (None, None) => bail!("say where the items come from: --database URL or --dataset SPEC"),
     };
@@ -343,13 +345,25 @@ fn model_answer(mut verdict: serde_json::Value) -> Result<serde_json::Value, &'s
     Ok(verdict)
 }
 
-fn load_dataset(args: &Args, spec: &str, policy_name: &str) -> anyhow::Result<Dataset> {
+fn load_dataset(args: &Args, spec: &str, policy_name: &str, compared_with_a_policy: bool) -> anyhow::Result<Dataset> {
     let data_dir = super::eval::shared_data_dir(args.data_dir.as_deref());
     let parsed: DatasetSpec = spec.parse()?;
-    let mapping = FieldMapping { id_field: Some("id".into()), ..FieldMapping::default() };
+    let mapping = args.fields.mapping();
     let mut dataset = parsed.load(&data_dir, &mapping).with_context(|| format!("loading dataset {spec}"))?;
+    args.fields.report_read_as_negative(&dataset);
     // An export labels several policies; the new version is judged on its own policy's labels.
     dataset.focus_on_policy(policy_name)?;
+    // Without a baseline policy the labels are what the new version is compared with: an item without one would be
+    // judged, at the model's cost, and then have nothing to be compared with.
+    if !compared_with_a_policy {
+        let unlabelled = dataset.keep_labelled();
+        if unlabelled > 0 {
+            eprintln!(
+                "left out {unlabelled} item(s) with no label for {policy_name}: nothing to compare the new version \
+                 with (--baseline-policy compares with another version instead)"
+            );
+        }
+    }
     let total = dataset.items.len();
     dataset.truncate(args.limit);
     if dataset.items.len() < total {

@@ -44,25 +44,8 @@ pub struct Args {
     /// Folder holding the shared datasets [default: shared/data or ../shared/data]
     #[arg(long, env = "SAFEGUARD_DATASETS_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
-    /// Field holding the text [default: text, prompt or content].
-    #[arg(long, value_name = "NAME")]
-    text_field: Option<String>,
-    /// Field holding the label [default: violates or label]; dotted names reach into objects (labels.S).
-    #[arg(long, value_name = "NAME")]
-    label_field: Option<String>,
-    /// Field holding the id that predictions are joined on.
-    #[arg(long, value_name = "NAME", default_value = "id")]
-    id_field: String,
-    /// The label value that means "violating" (case-insensitive); without it labels are 0/1, true/false or yes/no.
-    /// Other values mean safe: those listed by --negative-label, or, without that flag, every other value, each
-    /// such value then listed on stderr and under `read_as_negative` in the JSON report, so a typo shows.
-    #[arg(long, value_name = "VALUE")]
-    positive_label: Option<String>,
-    /// A label value that means "safe" (repeatable or comma-separated; needs --positive-label). Given, any value
-    /// that is neither the positive label nor one of these is an error naming its file and line: use it whenever
-    /// the values are known, so a mistyped label cannot pass as safe.
-    #[arg(long = "negative-label", value_name = "VALUE", value_delimiter = ',', requires = "positive_label")]
-    negative_labels: Vec<String>,
+    #[command(flatten)]
+    fields: DatasetFields,
     /// Break scores down by this field.
     #[arg(long, value_name = "NAME")]
     group_field: Option<String>,
@@ -87,8 +70,13 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     html: Option<PathBuf>,
     /// Exit with code 2 when F1 (needs_review counted as positive) is below this: a CI gate.
-    #[arg(long, value_name = "F1")]
+    #[arg(long, value_name = "F1", value_parser = share)]
     min_f1: Option<f64>,
+    /// With --min-f1: the largest share of answers the model gave that could not be read (cut off, no final
+    /// message, unparseable) for the gate to pass. Each such item counts as a positive, so a run that read none
+    /// could still clear an F1 bar on a dataset that is mostly violations.
+    #[arg(long, value_name = "SHARE", default_value_t = 0.05, value_parser = share)]
+    max_parse_failures: f64,
     /// With --compare: exit with code 2 when any item went from right to wrong.
     #[arg(long)]
     fail_on_regression: bool,
@@ -118,7 +106,63 @@ pub struct Args {
     engine: super::classify::EngineFlags,
 }
 
+/// How a dataset file's fields are read: `eval`'s and `policy backtest --dataset`'s. Named shared datasets know
+/// their own.
+#[derive(clap::Args)]
+pub(super) struct DatasetFields {
+    /// Field holding the text [default: text, prompt or content].
+    #[arg(long, value_name = "NAME")]
+    text_field: Option<String>,
+    /// Field holding the label [default: violates or label]; dotted names reach into objects (labels.S).
+    #[arg(long, value_name = "NAME")]
+    label_field: Option<String>,
+    /// Field holding the id that predictions are joined on.
+    #[arg(long, value_name = "NAME", default_value = "id")]
+    id_field: String,
+    /// The label value that means "violating" (case-insensitive); without it labels are 0/1, true/false or yes/no.
+    /// Other values mean safe: those listed by --negative-label, or, without that flag, every other value, each
+    /// such value then listed on stderr and under `read_as_negative` in the JSON report, so a typo shows.
+    #[arg(long, value_name = "VALUE")]
+    positive_label: Option<String>,
+    /// A label value that means "safe" (repeatable or comma-separated; needs --positive-label). Given, any value
+    /// that is neither the positive label nor one of these is an error naming its file and line: use it whenever
+    /// the values are known, so a mistyped label cannot pass as safe.
+    #[arg(long = "negative-label", value_name = "VALUE", value_delimiter = ',', requires = "positive_label")]
+    negative_labels: Vec<String>,
+}
+
+impl DatasetFields {
+    pub(super) fn mapping(&self) -> FieldMapping {
+        FieldMapping {
+            text_field: self.text_field.clone(),
+            label_field: self.label_field.clone(),
+            id_field: Some(self.id_field.clone()),
+            positive_label: self.positive_label.clone(),
+            negative_labels: self.negative_labels.clone(),
+            ..FieldMapping::default()
+        }
+    }
+
+    /// Says which label values were read as safe only because they are not the positive label, so a typo shows.
+    pub(super) fn report_read_as_negative(&self, dataset: &Dataset) {
+        for (field, values) in &dataset.read_as_negative {
+            let values: Vec<String> = values.iter().map(|(value, rows)| format!("`{value}` ({rows} row(s))")).collect();
+            eprintln!(
+                "field `{field}`: read as safe because not --positive-label `{}`: {}; name the safe values with \
+                 --negative-label to make any other value an error",
+                self.positive_label.as_deref().unwrap_or_default(),
+                values.join(", ")
+            );
+        }
+    }
+}
+
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    // Checked first in every mode: a report written over the dataset or a run it reads would destroy it.
+    if let Some(path) = &args.html {
+        refuse_input_path(path, &args)?;
+        check_parent_exists(path)?;
+    }
     // A live run names policy files: loaded once, for the versions whose labels count and to run them.
     let policies = match args.model {
         Some(_) => load_policies(&args.policy.iter().map(PathBuf::from).collect::<Vec<_>>())?,
@@ -132,13 +176,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         report.add_unjoinable(&predictions.unjoinable, options.max_listed_ids);
         let unjudged = unjudged(&report);
         let code = emit_report(&args, &[(path.display().to_string(), report)])?;
-        if let Some(why) = unjudged
-            && code == ExitCode::SUCCESS
-        {
-            // The report is complete, but not every item was judged: as a live run that failed some, the run did
-            // not fully work, and a gate must not pass on it.
+        if let Some(why) = unjudged {
             eprintln!("{why}");
-            return Ok(ExitCode::from(EXIT_FAILURE));
+            if code == ExitCode::SUCCESS {
+                // The report is complete, but not every item was judged: as a live run that failed some, the run
+                // did not fully work, and a gate must not pass on it.
+                return Ok(ExitCode::from(EXIT_FAILURE));
+            }
         }
         Ok(code)
     } else if let Some(paths) = &args.compare {
@@ -159,10 +203,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
         let code = emit_comparison(&args, before_path, after_path, &comparison)?;
+        // Said whatever the gate found: a regression exit must not hide that a run failed items.
+        for why in &unjudged_runs {
+            eprintln!("{why}");
+        }
         if !unjudged_runs.is_empty() && code == ExitCode::SUCCESS {
-            for why in &unjudged_runs {
-                eprintln!("{why}");
-            }
             return Ok(ExitCode::from(EXIT_FAILURE));
         }
         Ok(code)
@@ -215,14 +260,10 @@ fn load_dataset(args: &Args, policies: &[Policy]) -> anyhow::Result<Dataset> {
         false => policies.iter().map(|p| (p.meta.name.clone(), p.hash.to_string())).collect(),
     };
     let mapping = FieldMapping {
-        text_field: args.text_field.clone(),
-        label_field: args.label_field.clone(),
-        id_field: Some(args.id_field.clone()),
-        positive_label: args.positive_label.clone(),
-        negative_labels: args.negative_labels.clone(),
         group_field: args.group_field.clone(),
         category_fields: args.category_fields.clone(),
         policy_versions,
+        ..args.fields.mapping()
     };
     let mut dataset = spec
         .load(&shared_data_dir(args.data_dir.as_deref()), &mapping)
@@ -245,15 +286,7 @@ fn load_dataset(args: &Args, policies: &[Policy]) -> anyhow::Result<Dataset> {
     if let Some(limit) = args.limit {
         dataset.truncate(limit);
     }
-    for (field, values) in &dataset.read_as_negative {
-        let values: Vec<String> = values.iter().map(|(value, rows)| format!("`{value}` ({rows} row(s))")).collect();
-        eprintln!(
-            "field `{field}`: read as safe because not --positive-label `{}`: {}; name the safe values with \
-             --negative-label to make any other value an error",
-            args.positive_label.as_deref().unwrap_or_default(),
-            values.join(", ")
-        );
-    }
+    args.fields.report_read_as_negative(&dataset);
     if args.model.is_none()
         && let Some(first) = dataset.text_errors.values().next()
     {
@@ -297,6 +330,12 @@ fn write_html(path: &Path, html: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A share within 0..1 (not NaN, which every comparison would pass).
+fn share(text: &str) -> Result<f64, String> {
+    let value: f64 = text.parse().map_err(|_| format!("`{text}` is not a number"))?;
+    if (0.0..=1.0).contains(&value) { Ok(value) } else { Err(format!("{text} is not within 0..1")) }
+}
+
 fn gate(args: &Args, reports: &[(String, ScoreReport)]) -> ExitCode {
     let Some(min_f1) = args.min_f1 else {
         return ExitCode::SUCCESS;
@@ -305,6 +344,16 @@ fn gate(args: &Args, reports: &[(String, ScoreReport)]) -> ExitCode {
     for (name, report) in reports {
         if report.metrics.f1.unwrap_or(0.0) < min_f1 {
             eprintln!("F1 {} of {name} is below --min-f1 {min_f1}", fmt_score(report.metrics.f1));
+            failed = true;
+        }
+        if let Some(rate) = report.parse_failure_rate.filter(|&rate| rate > args.max_parse_failures) {
+            eprintln!(
+                "{} of {name}'s answers could not be read ({}), more than --max-parse-failures {}: its F1 does not \
+                 measure the policy",
+                report.parse_failures,
+                fmt_rate(Some(rate)),
+                args.max_parse_failures
+            );
             failed = true;
         }
     }
@@ -489,6 +538,13 @@ fn text_comparison(before: &Path, after: &Path, c: &Comparison) -> String {
         c.broken,
         c.changed
     ));
+    if c.failed.count > 0 {
+        out.push_str(&format!(
+            "{} item(s) failed in a run and are left out of the flips: {}\n",
+            c.failed.count,
+            c.failed.ids.join(", ")
+        ));
+    }
     for flip in &c.flips {
         let label = match flip.label {
             Some(true) => "violating",
@@ -519,9 +575,19 @@ fn write_predictions(writer: &mut impl Write, records: &[PredictionRecord]) -> a
 /// An output path that is one of the run's inputs (the dataset, the cache, saved predictions, a policy) would be
 /// overwritten with the run's results.
 fn refuse_input_path(output: &Path, args: &Args) -> anyhow::Result<()> {
-    let inputs = [Some(Path::new(&args.dataset)), args.cache.as_deref(), args.predictions.as_deref()];
+    refuse_over_inputs(output, args, args.cache.as_deref())
+}
+
+/// The cache is read and written: an input to every other output, checked against the others itself.
+fn refuse_cache_over_inputs(cache: &Path, args: &Args) -> anyhow::Result<()> {
+    refuse_over_inputs(cache, args, None)
+}
+
+fn refuse_over_inputs(output: &Path, args: &Args, cache: Option<&Path>) -> anyhow::Result<()> {
+    let inputs = [Some(Path::new(&args.dataset)), cache, args.predictions.as_deref()];
+    let compared = args.compare.iter().flatten().map(PathBuf::as_path);
     let policies = args.policy.iter().map(Path::new);
-    for input in inputs.into_iter().flatten().chain(policies) {
+    for input in inputs.into_iter().flatten().chain(compared).chain(policies) {
         super::classify::refuse_output_over_input(input, output)?;
     }
     Ok(())
@@ -606,17 +672,17 @@ mod live {
         if let Some(unknown) = options.policy_labels.keys().find(|name| !names.contains(&name.as_str())) {
             bail!("--map names policy `{unknown}`, which is not among the policies run: {}", names.join(", "));
         }
+        safeguard_eval::check_mapped_categories(&dataset, &options)?;
+        if let Some(cache) = &args.cache {
+            refuse_cache_over_inputs(cache, args)?;
+        }
         let mut efforts = Vec::new();
         for effort in &args.effort {
             let parsed: Effort = effort.parse().map_err(|e| anyhow::anyhow!("--effort {effort}: {e}"))?;
             efforts.push(parsed.to_string());
         }
         // Output paths are checked before the model is loaded, so that a missing directory or a path that names
-        // the dataset is found before the run, not after hours of it.
-        if let Some(path) = &args.html {
-            refuse_input_path(path, args)?;
-            check_parent_exists(path)?;
-        }
+        // the dataset is found before the run, not after hours of it (the HTML report's in `run`, for every mode).
         let mut prediction_paths = Vec::new();
         if let Some(path) = &args.save_predictions {
             for effort in &efforts {

@@ -24,7 +24,7 @@ pub enum Command {
     /// Run the golden cases beside each policy (`<name>.tests.jsonl`) on a model; exits 2 on any failure.
     Test(super::classify::PolicyTestArgs),
     /// Shadow-run a new policy version over stored decisions (or a dataset) and report what would flip.
-    Backtest(super::backtest::Args),
+    Backtest(Box<super::backtest::Args>),
     // `test` (golden cases) and `backtest` (a policy change against stored decisions) live beside these.
 }
 
@@ -80,7 +80,7 @@ pub fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Show(args) => show(args),
         Command::Starter(args) => starter(args),
         Command::Test(args) => super::classify::run_policy_test(args),
-        Command::Backtest(args) => super::backtest::run(args),
+        Command::Backtest(args) => super::backtest::run(*args),
     }
 }
 

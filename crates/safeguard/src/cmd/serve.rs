@@ -365,6 +365,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if args.reasoning_max_tokens == Some(0) {
         bail!("--reasoning-max-tokens must be at least 1");
     }
+    // 0 would reach the engine as "no cap of its own" and run to the effort's budget, past the room the context
+    // check kept for it.
+    if args.moderation_max_tokens == Some(0) {
+        bail!("--moderation-max-tokens must be at least 1");
+    }
     if !(0.0..=1.0).contains(&args.min_engine_confidence) {
         bail!("--min-engine-confidence must be within 0..1, not {}", args.min_engine_confidence);
     }
