@@ -212,6 +212,20 @@ fn unknown_policy_name_and_empty_database_are_clear_errors() {
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("holds no decisions"), "{stderr}");
+
+    // Decisions there are, but every one passed over: the reasons are said, not "no items".
+    let judged = f._dir.path().join("judged.db");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async {
+        let store = Store::open_sqlite(&judged).await.expect("open store");
+        let d = under_the_new_version(decision("j1", now_ms() - 1_000, "spam", Some(true), "FREE PILLS"));
+        store.insert_decision(&d, None).await.expect("insert");
+        store.close().await;
+    });
+    let output = backtest(&f, &f.policy, &format!("sqlite://{}", judged.display()));
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("passed over (1 already judged under this version)"), "{stderr}");
 }
 
 #[test]

@@ -136,8 +136,8 @@ pub struct DatasetProvenance {
     /// ([`DatasetFields::policy_hash`]).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub other_version_rows: usize,
-    /// Rows left out because their label value maps to weight 0 (`LabelValue::weight`): not an error, but a
-    /// file that trains on fewer rows than it holds should say so.
+    /// Rows left out because they weigh 0 (their label value maps to weight 0, `LabelValue::weight`, or their own
+    /// weight field says 0): not an error, but a file that trains on fewer rows than it holds should say so.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub dropped_rows: usize,
 }
@@ -330,6 +330,13 @@ pub fn load_dataset(path: &Path, fields: &DatasetFields, source: usize) -> Resul
                 }
             }
         };
+        if item_weight == 0.0 {
+            // Weighed nothing, an item trains nothing; kept, it would still count towards the classes found and set
+            // thresholds and calibration as if it were data, and a file whose violations all weigh 0 would train a
+            // model that never saw one.
+            dropped_rows += 1;
+            continue;
+        }
         let weight = item_weight * value_weight;
         if !weight.is_finite() {
             return Err(TriageError::Dataset(format!(
@@ -356,7 +363,7 @@ pub fn load_dataset(path: &Path, fields: &DatasetFields, source: usize) -> Resul
     }
     let violations = examples.iter().filter(|e| e.violates).count();
     if dropped_rows > 0 {
-        tracing::info!(path = %path.display(), dropped_rows, "rows whose label value has weight 0 left out");
+        tracing::info!(path = %path.display(), dropped_rows, "rows that weigh 0 left out");
     }
     Ok(Dataset {
         provenance: DatasetProvenance {
@@ -527,7 +534,7 @@ mod tests {
     fn label_values_map_classes_to_weighted_labels_and_refuse_the_unlisted() {
         let dir = tempfile::tempdir().unwrap();
         let body = "{\"text\":\"a\",\"class\":0,\"w\":2}\n{\"text\":\"b\",\"class\":1.0}\n{\"text\":\"c\",\"class\":\"2\"}\n\
-                    {\"text\":\"d\",\"class\":3}\n";
+                    {\"text\":\"d\",\"class\":3}\n{\"text\":\"e\",\"class\":0,\"w\":0}\n";
         let path = write(dir.path(), "three.jsonl", body);
         let spec = |s: &str| s.parse::<LabelValue>().unwrap();
         let fields = DatasetFields {
@@ -539,10 +546,11 @@ mod tests {
         };
         let d = load_dataset(&path, &fields, 1).unwrap();
         let got: Vec<(&str, bool, f32)> = d.examples.iter().map(|e| (e.text.as_str(), e.violates, e.weight)).collect();
-        // The scale applies where no per-value weight is given, times the item's own weight; weight 0 drops "d".
+        // The scale applies where no per-value weight is given, times the item's own weight; weight 0 drops "d",
+        // and so does an item's own weight of 0 ("e").
         assert_eq!(got, [("a", true, 1.0), ("b", true, 0.05), ("c", false, 0.5)]);
         assert_eq!((d.provenance.items, d.provenance.violations, d.provenance.weight_scale), (3, 2, 0.5));
-        assert_eq!(d.provenance.dropped_rows, 1, "the weight-0 row is counted");
+        assert_eq!(d.provenance.dropped_rows, 2, "the weight-0 rows are counted");
         assert_eq!(d.provenance.label_values.len(), 4);
 
         let without_3 = DatasetFields { label_values: fields.label_values[..3].to_vec(), ..fields.clone() };

@@ -360,46 +360,62 @@ impl TriageModel {
         weights.saturating_add(self.head.as_ref().map_or(0, EmbeddingHead::memory_usage))
     }
 
-    /// Writes `model.json` and `weights.bin` into `dir` (created if needed). Each file is written under a
-    /// temporary name and renamed, so a crash never leaves a half-written artifact behind a valid name.
+    /// Writes `model.json` and `weights.bin` (and the head's files) into `dir` (created if needed). Every file is
+    /// written whole under a temporary name before any is renamed into place: a full disk or a crash while
+    /// writing leaves the model that was there untouched, where new weights beside the old `model.json` would
+    /// refuse to load and leave the policy without its model until someone trained again. `model.json`, which
+    /// names the others' checksums, is renamed last.
     pub fn save(&self, dir: &Path) -> Result<(), TriageError> {
         let io = |path: &Path| {
             let path = PathBuf::from(path);
             move |source| TriageError::Io { path, source }
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let write_atomic = |name: &str, bytes: &[u8]| -> Result<(), TriageError> {
-            let target = dir.join(name);
+        let mut staged: Vec<(PathBuf, PathBuf)> = Vec::new();
+        let mut stage = |name: &str, bytes: &[u8]| -> Result<(), TriageError> {
             let temp = dir.join(format!(".{name}.tmp"));
             let mut file = std::fs::File::create(&temp).map_err(io(&temp))?;
             file.write_all(bytes).map_err(io(&temp))?;
             file.sync_all().map_err(io(&temp))?;
-            std::fs::rename(&temp, &target).map_err(io(&target))
+            staged.push((temp, dir.join(name)));
+            Ok(())
         };
-        write_atomic(WEIGHTS_FILE, &weights_to_bytes(&self.linear.weights))?;
-        let remove_stale = |name: &str| match std::fs::remove_file(dir.join(name)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&dir.join(name))(e)),
-            _ => Ok(()),
-        };
-        match &self.head {
-            Some(head) => {
-                // Neighbours before the head that names their checksum: a crash in between leaves a head whose
-                // checksum does not match, which refuses to load, never a head voting with other rows.
-                match head.neighbours_file() {
-                    Some(bytes) => write_atomic(NEIGHBOURS_FILE, &bytes)?,
-                    None => remove_stale(NEIGHBOURS_FILE)?,
+        let mut stale = Vec::new();
+        let staging = (|| -> Result<(), TriageError> {
+            stage(WEIGHTS_FILE, &weights_to_bytes(&self.linear.weights))?;
+            match &self.head {
+                Some(head) => {
+                    // Neighbours before the head that names their checksum: a crash in between leaves a head whose
+                    // checksum does not match, which refuses to load, never a head voting with other rows.
+                    match head.neighbours_file() {
+                        Some(bytes) => stage(NEIGHBOURS_FILE, &bytes)?,
+                        None => stale.push(NEIGHBOURS_FILE),
+                    }
+                    stage(HEAD_FILE, &head.to_json()?)?;
                 }
-                write_atomic(HEAD_FILE, &head.to_json()?)?
+                // A head left over from an earlier model in this directory would gate the new one.
+                None => stale.extend([HEAD_FILE, NEIGHBOURS_FILE]),
             }
-            // A head left over from an earlier model in this directory would gate the new one.
-            None => {
-                remove_stale(HEAD_FILE)?;
-                remove_stale(NEIGHBOURS_FILE)?;
+            let json = serde_json::to_vec_pretty(&self.meta)
+                .map_err(|e| invalid(dir, format!("serializing metadata: {e}")))?;
+            stage(META_FILE, &json)
+        })();
+        if let Err(error) = staging {
+            for (temp, _) in &staged {
+                let _ = std::fs::remove_file(temp);
+            }
+            return Err(error);
+        }
+        for name in stale {
+            match std::fs::remove_file(dir.join(name)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&dir.join(name))(e)),
+                _ => {}
             }
         }
-        let json =
-            serde_json::to_vec_pretty(&self.meta).map_err(|e| invalid(dir, format!("serializing metadata: {e}")))?;
-        write_atomic(META_FILE, &json)
+        for (temp, target) in &staged {
+            std::fs::rename(temp, target).map_err(io(target))?;
+        }
+        Ok(())
     }
 
     /// Loads and validates an artifact directory: format name and version, feature config, weight count,
@@ -576,6 +592,26 @@ mod tests {
             assert_eq!(loaded.margin(text), model.margin(text));
         }
         assert_eq!(std::fs::metadata(dir.path().join(WEIGHTS_FILE)).unwrap().len(), 4 * 4096);
+    }
+
+    /// A save that fails part way (here `model.json`'s temporary file cannot be made, as on a full disk) leaves
+    /// the model that was there loadable and unchanged: no new weights beside the old metadata.
+    #[test]
+    fn a_save_that_fails_part_way_leaves_the_old_model_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = tiny_model();
+        old.save(dir.path()).unwrap();
+        let old_weights = std::fs::read(dir.path().join(WEIGHTS_FILE)).unwrap();
+        let mut new = tiny_model();
+        for weight in &mut new.linear.weights {
+            *weight += 1.0;
+        }
+        std::fs::create_dir(dir.path().join(format!(".{META_FILE}.tmp"))).unwrap();
+        assert!(new.save(dir.path()).is_err());
+        assert_eq!(std::fs::read(dir.path().join(WEIGHTS_FILE)).unwrap(), old_weights);
+        assert!(!dir.path().join(format!(".{WEIGHTS_FILE}.tmp")).exists(), "the staged weights are cleaned up");
+        let loaded = TriageModel::load(dir.path()).unwrap();
+        assert_eq!(loaded.margin("hello there"), old.margin("hello there"));
     }
 
     #[test]

@@ -157,6 +157,21 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         (None, None) => bail!("say where the items come from: --database URL or --dataset SPEC"),
     };
     if dataset.items.is_empty() {
+        // Every stored decision may have been passed over: say why, or "no items" hides a store full of them.
+        if let Before::Stored(_, skipped, _) = &before
+            && !skipped.is_empty()
+        {
+            let mut reasons: BTreeMap<&str, usize> = BTreeMap::new();
+            for (_, why) in skipped {
+                *reasons.entry(why.as_str()).or_default() += 1;
+            }
+            let reasons: Vec<String> = reasons.iter().map(|(why, count)| format!("{count} {why}")).collect();
+            bail!(
+                "nothing to backtest: every stored decision of {source} was passed over ({}); a version differs from \
+                 another by its body, so a change of front matter alone is the same version",
+                reasons.join("; ")
+            );
+        }
         bail!("nothing to backtest: {source} has no items");
     }
 

@@ -295,7 +295,7 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
             dataset.provenance.label_field,
             left_out(dataset.provenance.other_policy_rows, "for other policies"),
             left_out(dataset.provenance.other_version_rows, "labelled under other policy versions"),
-            left_out(dataset.provenance.dropped_rows, "with a weight-0 label value"),
+            left_out(dataset.provenance.dropped_rows, "that weigh 0 (by label value or weight field)"),
         );
         examples.extend(dataset.examples);
         provenance.push(dataset.provenance);
@@ -368,7 +368,12 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
     for (d, m) in meta.training.datasets.iter().zip(&meta.metrics.per_dataset) {
         // An auxiliary set's numbers are at thresholds it had no say in: shown, not promised.
         let role = if d.auxiliary { "  (auxiliary)" } else { "" };
-        println!("  {:<40} recall {:.4}  skip_rate {:.4}{role}", d.path, m.recall, m.skip_rate);
+        // A set without violations has no recall to keep: 1.0 there would read as a target met on it.
+        let recall = if d.violations == 0 { "n/a   ".to_string() } else { format!("{:.4}", m.recall) };
+        println!("  {:<40} recall {recall}  skip_rate {:.4}{role}", d.path, m.skip_rate);
+        if d.violations == 0 && !d.auxiliary {
+            eprintln!("warning: {} holds no violations: the recall target was not checked on it", d.path);
+        }
     }
     if let Some(head) = model.embedding_head() {
         let (m, h) = (&head.meta.out_of_fold, &head.meta);
