@@ -96,19 +96,13 @@ pub fn compare_runs(
     let mut seen = HashSet::new();
     for record in before {
         if !after_ids.contains(record.id.as_str()) && seen.insert(record.id.as_str()) {
-            only_in_before.count += 1;
-            if only_in_before.ids.len() < opts.max_listed_ids {
-                only_in_before.ids.push(record.id.clone());
-            }
+            only_in_before.push(&record.id, opts.max_listed_ids);
         }
     }
     seen.clear();
     for record in after {
         if !before_ids.contains(record.id.as_str()) && seen.insert(record.id.as_str()) {
-            only_in_after.count += 1;
-            if only_in_after.ids.len() < opts.max_listed_ids {
-                only_in_after.ids.push(record.id.clone());
-            }
+            only_in_after.push(&record.id, opts.max_listed_ids);
         }
     }
     let common = |records: &[PredictionRecord], other: &HashSet<&str>| -> Vec<PredictionRecord> {
@@ -132,10 +126,7 @@ pub fn compare_runs(
         };
         common_items += 1;
         if old.is_failure() || new.is_failure() {
-            failed.count += 1;
-            if failed.ids.len() < opts.max_listed_ids {
-                failed.ids.push(item.id.clone());
-            }
+            failed.push(&item.id, opts.max_listed_ids);
             continue;
         }
         let (was, now) = (old.predicted(policy), new.predicted(policy));

@@ -46,7 +46,7 @@ pub struct IdList {
 }
 
 impl IdList {
-    fn push(&mut self, id: &str, max_listed: usize) {
+    pub(crate) fn push(&mut self, id: &str, max_listed: usize) {
         self.count += 1;
         if self.ids.len() < max_listed {
             self.ids.push(id.to_string());

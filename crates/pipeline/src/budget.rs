@@ -393,24 +393,27 @@ impl ReasoningBudget {
 
     /// How long until `n` calls could be taken (zero if now), taking nothing.
     fn wait_for(&self, n: usize) -> Duration {
-        let bucket = self.refilled(Instant::now());
-        let admit = (n as f64).min(self.burst);
-        if bucket.tokens >= admit { Duration::ZERO } else { self.time_to_refill(admit - bucket.tokens) }
+        self.wait_in(&self.refilled(Instant::now()), n)
     }
 
-    fn time_to_refill(&self, missing: f64) -> Duration {
+    /// How long until `bucket` holds what admitting `n` calls needs (`min(n, burst)`); zero if it does now.
+    fn wait_in(&self, bucket: &Bucket, n: usize) -> Duration {
+        let missing = (n as f64).min(self.burst) - bucket.tokens;
+        if missing <= 0.0 {
+            return Duration::ZERO;
+        }
         // A rate so low that the wait overflows a Duration waits "forever" rather than panicking.
         Duration::try_from_secs_f64(missing / self.rate_per_sec).unwrap_or(Duration::MAX)
     }
 
     fn try_take_at(&self, n: usize, now: Instant) -> Result<(), Duration> {
         let mut bucket = self.refilled(now);
-        let admit = (n as f64).min(self.burst);
-        if bucket.tokens >= admit {
-            self.debit(&mut bucket, n);
-            Ok(())
-        } else {
-            Err(self.time_to_refill(admit - bucket.tokens))
+        match self.wait_in(&bucket, n) {
+            Duration::ZERO => {
+                self.debit(&mut bucket, n);
+                Ok(())
+            }
+            wait => Err(wait),
         }
     }
 

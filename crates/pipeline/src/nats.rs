@@ -890,13 +890,15 @@ impl Worker {
             }
             Ok(None) => {}
             Err(e) => {
-                match &e {
-                    NatsError::BadLedgerEntry { .. } => error!(?key, "not deciding the event: {e}"),
-                    _ => warn!(?key, "cannot read the decided ledger: {e}"),
-                }
-                let why = match e {
-                    NatsError::BadLedgerEntry { .. } => GivenBack::LedgerEntryUnreadable,
-                    _ => GivenBack::LedgerUnavailable,
+                let why = match &e {
+                    NatsError::BadLedgerEntry { .. } => {
+                        error!(?key, "not deciding the event: {e}");
+                        GivenBack::LedgerEntryUnreadable
+                    }
+                    _ => {
+                        warn!(?key, "cannot read the decided ledger: {e}");
+                        GivenBack::LedgerUnavailable
+                    }
                 };
                 retry(message, why).await;
                 return None;
@@ -976,10 +978,15 @@ impl Worker {
         let started = Instant::now();
         // A panic here is a bug (in a reasoner, say). Given back, the event would come again after `ack_wait` and
         // panic in the next worker too: it is settled for a person instead, as the server's jobs are.
-        let deciding = AssertUnwindSafe(pipeline.decide(&policies, &item.content, &ctx)).catch_unwind();
         let mut decision = match unreasoned {
             Some(why) => undecided_for_a_person(&policies, appeal, started, &why),
-            None => match keep_alive(message, self.ack_wait(), deciding).await {
+            None => match keep_alive(
+                message,
+                self.ack_wait(),
+                AssertUnwindSafe(pipeline.decide(&policies, &item.content, &ctx)).catch_unwind(),
+            )
+            .await
+            {
                 Ok(Ok(decision)) => decision,
                 Ok(Err(deferred)) => {
                     ack(message, AckKind::Nak(Some(deferred.retry_after))).await;

@@ -578,11 +578,6 @@ fn refuse_input_path(output: &Path, args: &Args) -> anyhow::Result<()> {
     refuse_over_inputs(output, args, args.cache.as_deref())
 }
 
-/// The cache is read and written: an input to every other output, checked against the others itself.
-fn refuse_cache_over_inputs(cache: &Path, args: &Args) -> anyhow::Result<()> {
-    refuse_over_inputs(cache, args, None)
-}
-
 fn refuse_over_inputs(output: &Path, args: &Args, cache: Option<&Path>) -> anyhow::Result<()> {
     let inputs = [Some(Path::new(&args.dataset)), cache, args.predictions.as_deref()];
     let compared = args.compare.iter().flatten().map(PathBuf::as_path);
@@ -673,8 +668,9 @@ mod live {
             bail!("--map names policy `{unknown}`, which is not among the policies run: {}", names.join(", "));
         }
         safeguard_eval::check_mapped_categories(&dataset, &options)?;
+        // The cache is read and written: an input to every other output, checked against the others itself.
         if let Some(cache) = &args.cache {
-            refuse_cache_over_inputs(cache, args)?;
+            refuse_over_inputs(cache, args, None)?;
         }
         let mut efforts = Vec::new();
         for effort in &args.effort {
