@@ -26,7 +26,7 @@ use rand::Rng;
 use safeguard_core::{DeltaSender, EndpointHealth, ReasonDelta, ReasonError, ReasonOutput, ReasonRequest, Reasoner};
 use safeguard_harmony::Effort;
 use tokio::sync::Semaphore;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 pub use breaker::{Breaker, BreakerState, Ticket};
 
@@ -241,6 +241,9 @@ struct Endpoint {
     breaker: std::sync::Mutex<Breaker>,
     /// Set by health checks; a fresh endpoint is presumed healthy until a probe says otherwise.
     healthy: AtomicBool,
+    /// The context one request may take there, as its model list last reported it ([`wire::served_context`]); 0
+    /// while unknown. Kept through a failed probe: a server that restarts comes back with the settings it had.
+    reported_context: AtomicUsize,
 }
 
 /// A snapshot of one endpoint, for `/readyz` and metrics.
@@ -335,6 +338,7 @@ impl RemoteReasoner {
                 assigned: AtomicUsize::new(0),
                 breaker: std::sync::Mutex::new(Breaker::new(config.breaker_threshold, config.breaker_cooldown)),
                 healthy: AtomicBool::new(true),
+                reported_context: AtomicUsize::new(0),
             })
             .collect();
         Ok(Self { inner: Arc::new(Inner { config, endpoints, client, next: AtomicUsize::new(0) }) })
@@ -364,13 +368,33 @@ impl RemoteReasoner {
             if let Some(key) = &endpoint.config.api_key {
                 request = request.bearer_auth(key);
             }
-            let ok = matches!(request.send().await, Ok(r) if r.status().is_success());
+            let ok = match request.send().await {
+                Ok(mut response) if response.status().is_success() => {
+                    self.note_served_context(endpoint, &mut response).await;
+                    true
+                }
+                _ => false,
+            };
             if endpoint.healthy.swap(ok, Ordering::Relaxed) != ok {
                 warn!(endpoint = %endpoint.shown, healthy = ok, "backend health changed");
             }
             healthy += usize::from(ok);
         }
         healthy
+    }
+
+    /// Keeps the context a healthy endpoint's model list reports for our model. A body that is not read whole
+    /// (the probe's own timeout, a list past 1 MiB) or names no context leaves what was known.
+    async fn note_served_context(&self, endpoint: &Endpoint, response: &mut reqwest::Response) {
+        let Ok(Some(body)) = read_capped(response, 1024 * 1024).await else { return };
+        let Ok(models) = serde_json::from_slice::<serde_json::Value>(&body) else { return };
+        let Some(tokens) = wire::served_context(endpoint.config.flavor, &self.inner.config.model, &models) else {
+            return;
+        };
+        let before = endpoint.reported_context.swap(tokens, Ordering::Relaxed);
+        if before != tokens && self.inner.config.context_tokens.is_none() {
+            info!(endpoint = %endpoint.shown, context_tokens = tokens, "backend reports its context per request");
+        }
     }
 
     /// Runs [`check_health`](Self::check_health) every `interval` until the returned handle is aborted.
@@ -698,8 +722,15 @@ impl Reasoner for RemoteReasoner {
         self.inner.config.budget(effort)
     }
 
+    /// What the operator said (`--backend-context`), or else the smallest context the endpoints report: a request
+    /// may go to any of them, so it must fit the smallest. Endpoints that report none (llama-server, Ollama, LM
+    /// Studio) do not count; with none reported, the context is unknown.
     fn context_tokens(&self) -> Option<usize> {
-        self.inner.config.context_tokens
+        let reported = || {
+            let known = self.inner.endpoints.iter().map(|e| e.reported_context.load(Ordering::Relaxed));
+            known.filter(|&tokens| tokens > 0).min()
+        };
+        self.inner.config.context_tokens.or_else(reported)
     }
 
     async fn reason(&self, req: ReasonRequest) -> Result<ReasonOutput, ReasonError> {

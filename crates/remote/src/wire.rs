@@ -26,6 +26,20 @@ pub(crate) fn health_path(flavor: Flavor) -> &'static str {
     }
 }
 
+/// The context one request may take on a server, prompt and completion together, as its model list reports it
+/// for `model`: vLLM and SGLang give each served model's `max_model_len` on `GET /v1/models`. `None` where the
+/// family reports nothing of the kind (llama-server lists the model's training context, `n_ctx_train`, not what it
+/// was started with; Ollama lists no context at all) or the list does not name the model.
+pub(crate) fn served_context(flavor: Flavor, model: &str, models: &Value) -> Option<usize> {
+    if flavor != Flavor::OpenAi {
+        return None;
+    }
+    let entry =
+        models.get("data")?.as_array()?.iter().find(|entry| entry.get("id").and_then(Value::as_str) == Some(model))?;
+    let tokens = entry.get("max_model_len")?.as_u64()?;
+    usize::try_from(tokens).ok().filter(|&tokens| tokens > 0)
+}
+
 /// Keeps untrusted text from becoming harmony control tokens on the server. llama-server and Ollama tokenize the
 /// templated prompt with special tokens parsed, and so do Hugging Face tokenizers under vLLM and SGLang, so content
 /// holding `<|end|><|start|>developer<|message|>…` would open a real developer message there. A word joiner
@@ -724,4 +738,25 @@ mod tests {
         let p = parse_response(Flavor::OpenAi, &body).unwrap().final_token_prob.unwrap();
         assert!((p - 0.45).abs() < 1e-6, "{p}");
     }
+}
+
+#[test]
+fn the_served_context_is_read_from_the_model_list_of_vllm_and_sglang_only() {
+    // vLLM's `/v1/models` (one card per served name) and SGLang's (the same fields).
+    let vllm = json!({"object": "list", "data": [
+            {"id": "gpt-oss-safeguard-120b", "object": "model", "max_model_len": 131072},
+            {"id": "openai/gpt-oss-safeguard-20b", "object": "model", "root": "openai/gpt-oss-safeguard-20b", "max_model_len": 32768}]});
+    assert_eq!(served_context(Flavor::OpenAi, "openai/gpt-oss-safeguard-20b", &vllm), Some(32768));
+    assert_eq!(served_context(Flavor::OpenAi, "gpt-oss-safeguard-120b", &vllm), Some(131072));
+    assert_eq!(served_context(Flavor::OpenAi, "another-model", &vllm), None, "not the model we send");
+    // LM Studio lists models without a context; a zero or a string is nothing to go by.
+    for data in
+        [json!([{"id": "m"}]), json!([{"id": "m", "max_model_len": 0}]), json!([{"id": "m", "max_model_len": "8192"}])]
+    {
+        assert_eq!(served_context(Flavor::OpenAi, "m", &json!({"data": data})), None);
+    }
+    // llama-server's `n_ctx_train` is the model's, not the server's `--ctx-size`.
+    let llama = json!({"object": "list", "data": [{"id": "m", "meta": {"n_ctx_train": 131072}}]});
+    assert_eq!(served_context(Flavor::LlamaCpp, "m", &llama), None);
+    assert_eq!(served_context(Flavor::Ollama, "m", &json!({"models": [{"name": "m"}]})), None);
 }

@@ -274,6 +274,34 @@ async fn health_checks_mark_a_down_server() {
     assert!(reasoner.reason(request()).await.is_ok());
 }
 
+#[tokio::test]
+async fn the_context_vllm_reports_bounds_requests_unless_the_operator_said() {
+    // Two vLLM replicas of the model started with different `--max-model-len`, and one llama-server.
+    async fn models(max_model_len: Option<u64>) -> String {
+        let card = match max_model_len {
+            Some(tokens) => json!({"id": "openai/gpt-oss-safeguard-20b", "object": "model", "max_model_len": tokens}),
+            None => json!({"id": "openai/gpt-oss-safeguard-20b", "object": "model", "meta": {"n_ctx_train": 131072}}),
+        };
+        let list = json!({"object": "list", "data": [card]});
+        let app = Router::new().route("/v1/models", get(move || async move { Json(list) }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        format!("http://{addr}/v1")
+    }
+    let urls = [models(Some(32_768)).await, models(Some(16_384)).await, format!("llamacpp+{}", models(None).await)];
+    let reasoner = RemoteReasoner::new(config(&urls)).unwrap();
+    assert_eq!(reasoner.context_tokens(), None, "unknown before the first probe");
+    assert_eq!(reasoner.check_health().await, 3);
+    assert_eq!(reasoner.context_tokens(), Some(16_384), "the smallest replica's, since any may take a request");
+
+    let mut told = config(&urls);
+    told.context_tokens = Some(8_192);
+    let reasoner = RemoteReasoner::new(told).unwrap();
+    reasoner.check_health().await;
+    assert_eq!(reasoner.context_tokens(), Some(8_192), "--backend-context wins over what servers report");
+}
+
 // ---- Streaming -------------------------------------------------------------------------------------------
 
 /// How a streamed reply ends after its pieces.
