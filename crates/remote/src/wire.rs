@@ -738,25 +738,27 @@ mod tests {
         let p = parse_response(Flavor::OpenAi, &body).unwrap().final_token_prob.unwrap();
         assert!((p - 0.45).abs() < 1e-6, "{p}");
     }
-}
 
-#[test]
-fn the_served_context_is_read_from_the_model_list_of_vllm_and_sglang_only() {
-    // vLLM's `/v1/models` (one card per served name) and SGLang's (the same fields).
-    let vllm = json!({"object": "list", "data": [
-            {"id": "gpt-oss-safeguard-120b", "object": "model", "max_model_len": 131072},
-            {"id": "openai/gpt-oss-safeguard-20b", "object": "model", "root": "openai/gpt-oss-safeguard-20b", "max_model_len": 32768}]});
-    assert_eq!(served_context(Flavor::OpenAi, "openai/gpt-oss-safeguard-20b", &vllm), Some(32768));
-    assert_eq!(served_context(Flavor::OpenAi, "gpt-oss-safeguard-120b", &vllm), Some(131072));
-    assert_eq!(served_context(Flavor::OpenAi, "another-model", &vllm), None, "not the model we send");
-    // LM Studio lists models without a context; a zero or a string is nothing to go by.
-    for data in
-        [json!([{"id": "m"}]), json!([{"id": "m", "max_model_len": 0}]), json!([{"id": "m", "max_model_len": "8192"}])]
-    {
-        assert_eq!(served_context(Flavor::OpenAi, "m", &json!({"data": data})), None);
+    #[test]
+    fn the_served_context_is_read_from_the_model_list_of_vllm_and_sglang_only() {
+        // vLLM's `/v1/models` (one card per served name) and SGLang's (the same fields).
+        let vllm = json!({"object": "list", "data": [
+                {"id": "gpt-oss-safeguard-120b", "object": "model", "max_model_len": 131072},
+                {"id": "openai/gpt-oss-safeguard-20b", "object": "model", "root": "openai/gpt-oss-safeguard-20b", "max_model_len": 32768}]});
+        assert_eq!(served_context(Flavor::OpenAi, "openai/gpt-oss-safeguard-20b", &vllm), Some(32768));
+        assert_eq!(served_context(Flavor::OpenAi, "gpt-oss-safeguard-120b", &vllm), Some(131072));
+        assert_eq!(served_context(Flavor::OpenAi, "another-model", &vllm), None, "not the model we send");
+        // LM Studio lists models without a context; a zero or a string is nothing to go by.
+        for data in [
+            json!([{"id": "m"}]),
+            json!([{"id": "m", "max_model_len": 0}]),
+            json!([{"id": "m", "max_model_len": "8192"}]),
+        ] {
+            assert_eq!(served_context(Flavor::OpenAi, "m", &json!({"data": data})), None);
+        }
+        // llama-server's `n_ctx_train` is the model's, not the server's `--ctx-size`.
+        let llama = json!({"object": "list", "data": [{"id": "m", "meta": {"n_ctx_train": 131072}}]});
+        assert_eq!(served_context(Flavor::LlamaCpp, "m", &llama), None);
+        assert_eq!(served_context(Flavor::Ollama, "m", &json!({"models": [{"name": "m"}]})), None);
     }
-    // llama-server's `n_ctx_train` is the model's, not the server's `--ctx-size`.
-    let llama = json!({"object": "list", "data": [{"id": "m", "meta": {"n_ctx_train": 131072}}]});
-    assert_eq!(served_context(Flavor::LlamaCpp, "m", &llama), None);
-    assert_eq!(served_context(Flavor::Ollama, "m", &json!({"models": [{"name": "m"}]})), None);
 }
