@@ -282,32 +282,25 @@ impl Drop for CancelOnDrop {
 struct DeltaStream {
     parser: StreamParser,
     sender: DeltaSender,
-    /// A message closed since the last analysis delta: the next analysis text starts a new part.
-    message_closed: bool,
+    /// The newlines sent between analysis messages: one before each message's text but the first's, counted per
+    /// message begun, so that an empty one still gets its own.
+    separators_sent: usize,
     reasoning: String,
 }
 
 impl DeltaStream {
     fn new(sender: DeltaSender) -> Self {
-        DeltaStream { parser: StreamParser::new(), sender, message_closed: false, reasoning: String::new() }
+        DeltaStream { parser: StreamParser::new(), sender, separators_sent: 0, reasoning: String::new() }
     }
 
     fn push(&mut self, token: u32) {
-        let was_in_message = self.parser.current_channel().is_some();
-        let delta = self.parser.push(token);
-        match delta {
-            Some(StreamDelta::Analysis(mut text)) => {
-                if self.message_closed && !self.reasoning.is_empty() {
-                    text.insert(0, '\n');
-                }
-                self.message_closed = false;
-                self.reasoning.push_str(&text);
-                let _ = self.sender.send(ReasonDelta::Reasoning(text));
-            }
-            Some(StreamDelta::Final(_)) | None => {}
-        }
-        if was_in_message && self.parser.current_channel().is_none() {
-            self.message_closed = true;
+        if let Some(StreamDelta::Analysis(text)) = self.parser.push(token) {
+            let separators = self.parser.analysis_messages().saturating_sub(1);
+            let mut delta = "\n".repeat(separators.saturating_sub(self.separators_sent));
+            self.separators_sent = self.separators_sent.max(separators);
+            delta.push_str(&text);
+            self.reasoning.push_str(&delta);
+            let _ = self.sender.send(ReasonDelta::Reasoning(delta));
         }
     }
 
@@ -538,32 +531,47 @@ mod tests {
         (count, reasoning, answer)
     }
 
+    /// Analysis messages are joined by newlines, empty ones too: "", "text" parses as "\ntext", and the stream had
+    /// sent "text", so what the whole parse found beyond it could not be told apart and was never sent.
     #[test]
     fn streamed_deltas_add_up_to_the_parsed_completion() {
-        let mut completion = Vec::new();
-        push_message(&mut completion, "analysis", "First thought, with é and 🙂.");
-        completion.push(tokens::END);
-        push_message(&mut completion, "analysis", "Second thought.");
-        completion.push(tokens::END);
-        push_message(&mut completion, "final", "0 because nothing is promoted");
-        completion.push(tokens::RETURN);
-        let parsed = parse_completion(&completion);
+        let cases: [&[&str]; 5] = [
+            &["First thought, with é and 🙂.", "Second thought."],
+            &["", "A thought after an empty message."],
+            &["One thought.", "", "Another, after an empty one."],
+            &["A thought, then an empty message.", ""],
+            &["", ""],
+        ];
+        for (case, analyses) in cases.into_iter().enumerate() {
+            let mut completion = Vec::new();
+            for analysis in analyses {
+                push_message(&mut completion, "analysis", analysis);
+                completion.push(tokens::END);
+            }
+            push_message(&mut completion, "final", "0 because nothing is promoted");
+            completion.push(tokens::RETURN);
+            let parsed = parse_completion(&completion);
 
-        let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
-        let mut stream = DeltaStream::new(sender);
-        for &token in &completion {
-            stream.push(token);
+            let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+            let mut stream = DeltaStream::new(sender);
+            completion.iter().for_each(|&token| stream.push(token));
+            let sent_while_decoding = stream.reasoning.len();
+            let output = ReasonOutput {
+                analysis: parsed.analysis.clone(),
+                final_text: parsed.final_text.clone(),
+                ..Default::default()
+            };
+            stream.finish(&output);
+            let (count, reasoning, answer) = collect(&mut receiver);
+            assert_eq!(Some(&reasoning), parsed.analysis.as_ref(), "{analyses:?}");
+            assert_eq!(Some(answer), parsed.final_text, "{analyses:?}");
+            // All but trailing separators streamed as decoded, one delta per decoded piece.
+            let streamed = reasoning.trim_end_matches('\n').len();
+            assert!(sent_while_decoding >= streamed, "{analyses:?}: {sent_while_decoding} of {reasoning:?}");
+            if case == 0 {
+                assert!(count > 10, "one delta per decoded piece, not one per message: {count}");
+            }
         }
-        let output = ReasonOutput {
-            analysis: parsed.analysis.clone(),
-            final_text: parsed.final_text.clone(),
-            ..Default::default()
-        };
-        stream.finish(&output);
-        let (count, reasoning, answer) = collect(&mut receiver);
-        assert!(count > 10, "one delta per decoded piece, not one per message: {count}");
-        assert_eq!(Some(reasoning), parsed.analysis);
-        assert_eq!(Some(answer), parsed.final_text);
     }
 
     /// A final message that does not end the turn (a tool call follows) is no answer, and a client reading the

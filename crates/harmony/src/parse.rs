@@ -128,6 +128,10 @@ struct Header {
 }
 
 impl Header {
+    fn is_assistant_channel(&self, name: &str) -> bool {
+        self.role == "assistant" && self.channel.as_deref() == Some(name)
+    }
+
     fn streams(&self) -> Option<fn(String) -> StreamDelta> {
         if self.role != "assistant" {
             return None;
@@ -164,6 +168,8 @@ enum State {
 pub struct StreamParser {
     state: State,
     messages: Vec<ParsedMessage>,
+    /// The assistant's analysis messages among `messages`.
+    analysis_messages: usize,
     end: Option<CompletionEnd>,
     ignored_tokens: usize,
 }
@@ -179,6 +185,7 @@ impl StreamParser {
         Self {
             state: State::Header { tokens: Vec::new(), role_implied: true, opened: true },
             messages: Vec::new(),
+            analysis_messages: 0,
             end: None,
             ignored_tokens: 0,
         }
@@ -261,6 +268,17 @@ impl StreamParser {
         }
     }
 
+    /// How many of the assistant's analysis messages have begun, the one being written included: the parts that
+    /// [`ParsedCompletion::analysis`] joins with newlines, so that a stream of [`StreamDelta::Analysis`] can put
+    /// the same newlines between them, for empty messages too. After the push that closed a message, it counts.
+    pub fn analysis_messages(&self) -> usize {
+        let writing_one = match &self.state {
+            State::Content { header, .. } => header.is_assistant_channel("analysis"),
+            _ => false,
+        };
+        self.analysis_messages + usize::from(writing_one)
+    }
+
     /// True once a stop token arrived; later tokens are ignored.
     pub fn is_stopped(&self) -> bool {
         self.end.is_some()
@@ -289,6 +307,7 @@ impl StreamParser {
     }
 
     fn push_message(&mut self, header: Header, bytes: &[u8], close: MessageClose) {
+        self.analysis_messages += usize::from(header.is_assistant_channel("analysis"));
         self.messages.push(ParsedMessage {
             role: header.role,
             channel: header.channel,
