@@ -130,9 +130,28 @@ impl FromStr for EndpointConfig {
 impl EndpointConfig {
     /// The address of `path` on this endpoint: after the base's own path, before its query (`?api-key=…`).
     pub fn url_of(&self, path: &str) -> String {
-        match self.base_url.split_once('?') {
-            Some((base, query)) => format!("{}/{path}?{query}", base.trim_end_matches('/')),
-            None => format!("{}/{path}", self.base_url),
+        self.address(false, path)
+    }
+
+    /// The address of `path` at the server's root, where llama-server serves what is not OpenAI's API (`/props`):
+    /// the base without its `/v1`.
+    pub fn root_url_of(&self, path: &str) -> String {
+        self.address(true, path)
+    }
+
+    fn address(&self, at_root: bool, path: &str) -> String {
+        let (base, query) = match self.base_url.split_once('?') {
+            Some((base, query)) => (base, Some(query)),
+            None => (self.base_url.as_str(), None),
+        };
+        let base = base.trim_end_matches('/');
+        // Only a path's `/v1`: the host of `http://v1` stays.
+        let root =
+            base.strip_suffix("/v1").filter(|root| root.split_once("://").is_some_and(|(_, host)| !host.is_empty()));
+        let base = if at_root { root.unwrap_or(base) } else { base };
+        match query {
+            Some(query) => format!("{base}/{path}?{query}"),
+            None => format!("{base}/{path}"),
         }
     }
 }
@@ -241,8 +260,8 @@ struct Endpoint {
     breaker: std::sync::Mutex<Breaker>,
     /// Set by health checks; a fresh endpoint is presumed healthy until a probe says otherwise.
     healthy: AtomicBool,
-    /// The context one request may take there, as its model list last reported it ([`wire::served_context`]); 0
-    /// while unknown. Kept through a failed probe: a server that restarts comes back with the settings it had.
+    /// The context one request may take there, as the server last reported it (its model list,
+    /// [`wire::served_context`], or llama-server's `/props`, [`wire::llama_server_context`]); 0 while unknown. Kept through a failed probe: a server that restarts comes back with the settings it had.
     reported_context: AtomicUsize,
 }
 
@@ -302,6 +321,13 @@ enum AttemptError {
 /// Largest response body read from a server: a completion is a few hundred kilobytes at most, and a server
 /// that sends more (a broken proxy, a hostile endpoint) must not make this process hold all of it.
 pub(crate) const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
+/// A probe's JSON body, up to 1 MiB (a model list, llama-server's properties with its chat template); `None`
+/// when it is longer, cut off (the probe's own timeout) or not JSON.
+async fn read_json(response: &mut reqwest::Response) -> Option<serde_json::Value> {
+    let body = read_capped(response, 1024 * 1024).await.ok()??;
+    serde_json::from_slice(&body).ok()
+}
 
 /// Reads a response body up to `cap` bytes; `None` once it would pass them.
 async fn read_capped(response: &mut reqwest::Response, cap: usize) -> Result<Option<Vec<u8>>, reqwest::Error> {
@@ -370,7 +396,15 @@ impl RemoteReasoner {
             }
             let ok = match request.send().await {
                 Ok(mut response) if response.status().is_success() => {
-                    self.note_served_context(endpoint, &mut response).await;
+                    let tokens = match endpoint.config.flavor {
+                        Flavor::LlamaCpp => self.llama_server_context(endpoint).await,
+                        flavor => read_json(&mut response)
+                            .await
+                            .and_then(|models| wire::served_context(flavor, &self.inner.config.model, &models)),
+                    };
+                    if let Some(tokens) = tokens {
+                        self.note_served_context(endpoint, tokens);
+                    }
                     true
                 }
                 _ => false,
@@ -383,14 +417,20 @@ impl RemoteReasoner {
         healthy
     }
 
-    /// Keeps the context a healthy endpoint's model list reports for our model. A body that is not read whole
-    /// (the probe's own timeout, a list past 1 MiB) or names no context leaves what was known.
-    async fn note_served_context(&self, endpoint: &Endpoint, response: &mut reqwest::Response) {
-        let Ok(Some(body)) = read_capped(response, 1024 * 1024).await else { return };
-        let Ok(models) = serde_json::from_slice::<serde_json::Value>(&body) else { return };
-        let Some(tokens) = wire::served_context(endpoint.config.flavor, &self.inner.config.model, &models) else {
-            return;
-        };
+    /// What llama-server's `/props` says one request may take (see [`wire::llama_server_context`]); `None` where
+    /// it does not answer, as an older build or a proxy in front of it may not.
+    async fn llama_server_context(&self, endpoint: &Endpoint) -> Option<usize> {
+        let mut request = self.inner.client.get(endpoint.config.root_url_of("props")).timeout(Duration::from_secs(5));
+        if let Some(key) = &endpoint.config.api_key {
+            request = request.bearer_auth(key);
+        }
+        let mut response = request.send().await.ok().filter(|response| response.status().is_success())?;
+        wire::llama_server_context(&read_json(&mut response).await?)
+    }
+
+    /// Keeps the context a healthy endpoint reports for our model. A probe that reports none (its body not read
+    /// whole, or naming no context) leaves what was known.
+    fn note_served_context(&self, endpoint: &Endpoint, tokens: usize) {
         let before = endpoint.reported_context.swap(tokens, Ordering::Relaxed);
         if before != tokens && self.inner.config.context_tokens.is_none() {
             info!(endpoint = %endpoint.shown, context_tokens = tokens, "backend reports its context per request");
@@ -723,8 +763,8 @@ impl Reasoner for RemoteReasoner {
     }
 
     /// What the operator said (`--backend-context`), or else the smallest context the endpoints report: a request
-    /// may go to any of them, so it must fit the smallest. Endpoints that report none (llama-server, Ollama, LM
-    /// Studio) do not count; with none reported, the context is unknown.
+    /// may go to any of them, so it must fit the smallest. Endpoints that report none (Ollama, LM Studio, a
+    /// llama-server without `/props`) do not count; with none reported, the context is unknown.
     fn context_tokens(&self) -> Option<usize> {
         let reported = || {
             let known = self.inner.endpoints.iter().map(|e| e.reported_context.load(Ordering::Relaxed));
@@ -948,6 +988,12 @@ mod tests {
         assert_eq!(plain.url_of("chat/completions"), "http://gpu1:8000/v1/chat/completions");
         let query: EndpointConfig = "http://gpu1:8000/v1?api-key=K".parse().unwrap();
         assert_eq!(query.url_of("chat/completions"), "http://gpu1:8000/v1/chat/completions?api-key=K");
+        assert_eq!(query.root_url_of("props"), "http://gpu1:8000/props?api-key=K");
+        assert_eq!(plain.root_url_of("props"), "http://gpu1:8000/props");
+        let proxied: EndpointConfig = "llamacpp+https://gw.example/llama/".parse().unwrap();
+        assert_eq!(proxied.root_url_of("props"), "https://gw.example/llama/props");
+        let host: EndpointConfig = "llamacpp+http://v1".parse().unwrap();
+        assert_eq!(host.root_url_of("props"), "http://v1/props");
     }
 
     #[test]

@@ -28,8 +28,9 @@ pub(crate) fn health_path(flavor: Flavor) -> &'static str {
 
 /// The context one request may take on a server, prompt and completion together, as its model list reports it
 /// for `model`: vLLM and SGLang give each served model's `max_model_len` on `GET /v1/models`. `None` where the
-/// family reports nothing of the kind (llama-server lists the model's training context, `n_ctx_train`, not what it
-/// was started with; Ollama lists no context at all) or the list does not name the model.
+/// family reports nothing of the kind there (llama-server lists the model's training context, `n_ctx_train`, not
+/// what it was started with: see [`llama_server_context`]; Ollama lists no context at all) or the list does not
+/// name the model.
 pub(crate) fn served_context(flavor: Flavor, model: &str, models: &Value) -> Option<usize> {
     if flavor != Flavor::OpenAi {
         return None;
@@ -37,6 +38,14 @@ pub(crate) fn served_context(flavor: Flavor, model: &str, models: &Value) -> Opt
     let entry =
         models.get("data")?.as_array()?.iter().find(|entry| entry.get("id").and_then(Value::as_str) == Some(model))?;
     let tokens = entry.get("max_model_len")?.as_u64()?;
+    usize::try_from(tokens).ok().filter(|&tokens| tokens > 0)
+}
+
+/// The context one request may take on llama-server, from its `GET /props`: `default_generation_settings.n_ctx`
+/// is a slot's context, the server's `--ctx-size` divided among its `--parallel` slots (or all of it where the
+/// slots share one cache), and a request runs in one slot.
+pub(crate) fn llama_server_context(props: &Value) -> Option<usize> {
+    let tokens = props.pointer("/default_generation_settings/n_ctx")?.as_u64()?;
     usize::try_from(tokens).ok().filter(|&tokens| tokens > 0)
 }
 
@@ -760,5 +769,15 @@ mod tests {
         let llama = json!({"object": "list", "data": [{"id": "m", "meta": {"n_ctx_train": 131072}}]});
         assert_eq!(served_context(Flavor::LlamaCpp, "m", &llama), None);
         assert_eq!(served_context(Flavor::Ollama, "m", &json!({"models": [{"name": "m"}]})), None);
+    }
+
+    #[test]
+    fn llama_servers_context_is_a_slots_from_its_props() {
+        let props = |n_ctx: Value| json!({"default_generation_settings": {"n_ctx": n_ctx}, "total_slots": 4});
+        assert_eq!(llama_server_context(&props(json!(8192))), Some(8192));
+        for n_ctx in [json!(0), json!(-1), json!("8192"), Value::Null] {
+            assert_eq!(llama_server_context(&props(n_ctx.clone())), None, "{n_ctx}");
+        }
+        assert_eq!(llama_server_context(&json!({"n_ctx": 8192})), None, "not where llama-server puts it");
     }
 }

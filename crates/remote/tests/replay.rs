@@ -275,25 +275,47 @@ async fn health_checks_mark_a_down_server() {
 }
 
 #[tokio::test]
-async fn the_context_vllm_reports_bounds_requests_unless_the_operator_said() {
-    // Two vLLM replicas of the model started with different `--max-model-len`, and one llama-server.
-    async fn models(max_model_len: Option<u64>) -> String {
+async fn the_context_vllm_and_llama_server_report_bounds_requests_unless_the_operator_said() {
+    // Two vLLM replicas of the model started with different `--max-model-len`, and two llama-servers: one whose
+    // `/props` gives a slot's context, one (an older build, or behind a proxy) without `/props`.
+    async fn server(max_model_len: Option<u64>, slot_context: Option<u64>) -> String {
         let card = match max_model_len {
             Some(tokens) => json!({"id": "openai/gpt-oss-safeguard-20b", "object": "model", "max_model_len": tokens}),
             None => json!({"id": "openai/gpt-oss-safeguard-20b", "object": "model", "meta": {"n_ctx_train": 131072}}),
         };
         let list = json!({"object": "list", "data": [card]});
-        let app = Router::new().route("/v1/models", get(move || async move { Json(list) }));
+        let mut app = Router::new().route("/v1/models", get(move || async move { Json(list) }));
+        if let Some(n_ctx) = slot_context {
+            // As llama-server answers it: at the root, beside a chat template and the rest of its settings.
+            let props = json!({
+                "default_generation_settings": {"n_ctx": n_ctx, "params": {"n_predict": -1}},
+                "total_slots": 4,
+                "model_path": "gpt-oss-safeguard-20b.gguf",
+                "chat_template": "{{ messages }}",
+                "n_ctx_train": 131072
+            });
+            app = app.route("/props", get(move || async move { Json(props) }));
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         format!("http://{addr}/v1")
     }
-    let urls = [models(Some(32_768)).await, models(Some(16_384)).await, format!("llamacpp+{}", models(None).await)];
+    let vllm = [server(Some(32_768), None).await, server(Some(16_384), None).await];
+    let old_llama = format!("llamacpp+{}", server(None, None).await);
+    let urls = [vllm[0].clone(), vllm[1].clone(), old_llama.clone()];
     let reasoner = RemoteReasoner::new(config(&urls)).unwrap();
     assert_eq!(reasoner.context_tokens(), None, "unknown before the first probe");
     assert_eq!(reasoner.check_health().await, 3);
     assert_eq!(reasoner.context_tokens(), Some(16_384), "the smallest replica's, since any may take a request");
+
+    let llama = format!("llamacpp+{}", server(None, Some(12_288)).await);
+    let reasoner = RemoteReasoner::new(config(&[llama.clone(), old_llama])).unwrap();
+    assert_eq!(reasoner.check_health().await, 2);
+    assert_eq!(reasoner.context_tokens(), Some(12_288), "a slot's context, not the model's training context");
+    let reasoner = RemoteReasoner::new(config(&[llama, vllm[1].clone()])).unwrap();
+    reasoner.check_health().await;
+    assert_eq!(reasoner.context_tokens(), Some(12_288));
 
     let mut told = config(&urls);
     told.context_tokens = Some(8_192);

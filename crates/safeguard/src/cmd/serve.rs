@@ -43,7 +43,8 @@ pub struct Args {
     /// --max-model-len, llama-server's --ctx-size per slot). Content that would not fit beside its policy and its
     /// completion budget is then refused (400 content_too_long) instead of sent, as with the embedded engine; Ollama
     /// is sent it as num_ctx, where it would otherwise use a context of its own and cut longer prompts. Without
-    /// it, the smallest max_model_len that vLLM and SGLang backends report on /v1/models is used.
+    /// it, the smallest context the backends report is used: vLLM's and SGLang's max_model_len on /v1/models,
+    /// llama-server's per-slot n_ctx on /props.
     #[arg(long, value_name = "TOKENS", requires = "backend", value_parser = clap::value_parser!(u32).range(16..))]
     pub backend_context: Option<u32>,
     /// Address and port to serve on (port 0 picks a free one; the address is printed at start). Off loopback the
