@@ -199,8 +199,16 @@ pub(crate) async fn chat_completions(
         [only] if only.role == "user" => Content::text(only.content.clone()),
         _ => Content::Conversation { messages: chat },
     };
-    let content = crate::classify::parse_content(&state, &json!({"content": content}))?;
     let instructions = instructions.join("\n\n");
+    // The model judges against a policy and the harmony prompt carries it as the developer message: without one
+    // the embedded engine cannot render the prompt and a remote one would be asked a question with no rules.
+    if instructions.trim().is_empty() {
+        return Err(ApiError::bad(
+            "invalid_messages",
+            "a system or developer message with the policy is needed: gpt-oss-safeguard judges content against it",
+        ));
+    }
+    let content = crate::classify::parse_content(&state, &json!({"content": content}))?;
     // The instructions reach the model beside the content, so they count against the same limits.
     crate::classify::check_prompt_size(&state, &content, &instructions)?;
     let mut settings_body = json!({});

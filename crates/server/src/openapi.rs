@@ -195,7 +195,7 @@ pub(crate) fn document() -> Value {
             "/v1/moderations": {"post": op("OpenAI-compatible moderation over the configured policy set; 503 naming the policies when any of the set has no active version (never judged against part of it)", Some("classify"),
                 Some(json!({"type": "object", "required": ["input"], "properties": {"input": {"oneOf": [{"type": "string"}, {"type": "array"}]}, "model": {"type": "string"}}})),
                 "200", any.clone())},
-            "/v1/chat/completions": {"post": op("OpenAI-compatible chat completions for the served model (reasoning in message.reasoning, for keys with the audit scope; content parts other than text are refused)", Some("classify"),
+            "/v1/chat/completions": {"post": op("OpenAI-compatible chat completions for the served model (the system and developer messages are the policy, and one is required; reasoning in message.reasoning, for keys with the audit scope; content parts other than text are refused)", Some("classify"),
                 Some(json!({"type": "object", "required": ["messages"], "properties": {"messages": {"type": "array"},
                     "reasoning_effort": {"enum": ["low", "medium", "high"]}, "stream": {"type": "boolean"}, "max_tokens": {"type": "integer"}}})),
                 "200", any.clone())},

@@ -826,6 +826,15 @@ async fn openai_moderations_and_chat_shapes() {
         json!([{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "x"}}]);
     let (status, refused) = h.call("POST", "/v1/chat/completions", Some(&key), Some(image)).await;
     assert_eq!((status, &refused["error"]["code"]), (400, &json!("invalid_messages")), "{refused}");
+    // Without a policy there is nothing to judge against: a clear refusal, before any model time is spent.
+    for system in [json!([]), json!([{"role": "developer", "content": " \n"}])] {
+        let mut messages = system.as_array().unwrap().clone();
+        messages.push(json!({"role": "user", "content": "BUY NOW"}));
+        let (status, refused) =
+            h.call("POST", "/v1/chat/completions", Some(&key), Some(json!({"messages": messages}))).await;
+        assert_eq!((status, &refused["error"]["code"]), (400, &json!("invalid_messages")), "{refused}");
+        assert!(refused["error"]["message"].as_str().unwrap().contains("policy"), "{refused}");
+    }
     let response = h
         .http
         .post(format!("{}/v1/chat/completions", h.base))

@@ -56,7 +56,7 @@ async fn a_client_that_hangs_up_stops_the_decoding() {
     };
     let dropped = Arc::new(AtomicBool::new(false));
     let server = Server::start(config, Arc::new(Endless { dropped: dropped.clone() }), store).await.unwrap();
-    let body = json!({"model": "x", "messages": [{"role": "user", "content": "hello"}], "stream": true});
+    let body = json!({"model": "x", "messages": [{"role": "system", "content": "Answer 0 or 1."}, {"role": "user", "content": "hello"}], "stream": true});
     let response = reqwest::Client::new()
         .post(format!("http://{}/v1/chat/completions", server.addr))
         .bearer_auth(ADMIN)

@@ -422,7 +422,7 @@ async fn cost_and_latency_are_counted_per_policy_and_effort_on_every_path() {
     h.classify(json!({"text": "z answer=0", "policies": [name]})).await;
 
     // A chat completion has no stored policy: it is counted under a label of its own.
-    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "reasoning_effort": "high"});
+    let chat = json!({"messages": [{"role": "system", "content": "Answer 0 or 1."}, {"role": "user", "content": "hi"}], "reasoning_effort": "high"});
     assert_eq!(h.call("POST", "/v1/chat/completions", Some(chat)).await.0, 200);
 
     let text = h.metrics().await;
