@@ -21,6 +21,7 @@
 //! ```
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ops::Range;
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind};
 use regex_automata::meta::{self, Regex};
@@ -174,6 +175,8 @@ pub enum SpanKind {
     Regex,
     AllowList,
     DenyList,
+    /// A word that mixes Latin letters with Cyrillic or Greek ones drawn like them ([`disguised_words`]).
+    Disguise,
 }
 
 /// Where a rule matched: byte offsets into the evaluated text.
@@ -192,9 +195,10 @@ pub struct Span {
 /// never settled).
 pub const MAX_SPANS_PER_RULE: usize = 16;
 
-/// Keyword matches looked at per text. Keywords nested in one another (`a`, `aa`, `aaa`, … within the pattern
-/// limits) over a long run of one letter match at every length at every place: past this the search would cost
-/// more than asking the model, so the rest of the text goes unread and the text is flagged for the model.
+/// Keyword matches looked at per text (per reading of it, where lookalike letters give it a second). Keywords
+/// nested in one another (`a`, `aa`, `aaa`, … within the pattern limits) over a long run of one letter match at
+/// every length at every place: past this the search would cost more than asking the model, so the rest of the
+/// text goes unread and the text is flagged for the model.
 pub const MAX_KEYWORD_MATCHES: usize = 100_000;
 
 /// The rule a text flagged by [`MAX_KEYWORD_MATCHES`] names.
@@ -214,6 +218,36 @@ impl RuleMatch {
     pub fn flagged(&self) -> bool {
         self.evidence.iter().any(|s| s.action == RuleAction::Flag)
     }
+
+    /// Flags the words [`disguised_words`] found, the first [`MAX_SPANS_PER_RULE`] as evidence.
+    pub fn flag_disguised(&mut self, words: Vec<Range<usize>>) {
+        if words.len() > MAX_SPANS_PER_RULE {
+            self.matches.insert(DISGUISED_WORD_RULE.to_string(), words.len());
+        }
+        self.evidence.extend(words.into_iter().take(MAX_SPANS_PER_RULE).map(|word| Span {
+            start: word.start,
+            end: word.end,
+            rule: DISGUISED_WORD_RULE.to_string(),
+            kind: SpanKind::Disguise,
+            action: RuleAction::Flag,
+        }));
+    }
+
+    /// No rule matched.
+    pub fn nothing() -> Self {
+        RuleMatch { decision: RuleDecision::None, evidence: Vec::new(), matches: BTreeMap::new() }
+    }
+}
+
+/// The rule [`SpanKind::Disguise`] evidence names.
+pub const DISGUISED_WORD_RULE: &str = "word mixing Latin and lookalike letters";
+
+/// The words of `text` that mix Latin letters with Cyrillic or Greek ones drawn like Latin letters
+/// ("b\u{43E}mb" with a Cyrillic `о`), as byte ranges. No language is written so; it is how text slips past
+/// keyword lists and classifiers that read the letters apart (a keyboard left in the wrong layout for one letter
+/// aside), so triage never lets the model skip such a text.
+pub fn disguised_words(text: &str) -> Vec<Range<usize>> {
+    scan_lookalikes(text).mixed_words
 }
 
 #[derive(Debug, Clone)]
@@ -252,11 +286,24 @@ pub struct RuleSet {
 
 /// A keyword, or a whole text as the allow and deny lists compare it: folded (see [`Folder`]), without spaces at
 /// its ends.
-fn fold_trimmed(text: &str) -> String {
+fn fold_trimmed(text: &str, as_latin: &[Range<usize>]) -> String {
     let mut folded = String::with_capacity(text.len());
-    let mut folder = Folder::default();
-    text.chars().for_each(|c| folder.fold(c, &mut folded));
+    fold_into(text, as_latin, &mut folded, |_, _| {});
     folded.trim_matches(' ').to_string()
+}
+
+/// Folds `text` onto `out` (see [`Folder`]), reading the letters inside `as_latin` (sorted byte ranges, as
+/// [`latin_lookalike_ranges`] gives them) as the Latin letters they look like. `folded` hears, for each character,
+/// where it starts and how long `out` is once it is folded.
+fn fold_into(text: &str, as_latin: &[Range<usize>], out: &mut String, mut folded: impl FnMut(usize, usize)) {
+    let mut folder = Folder::default();
+    let mut ranges = as_latin.iter().peekable();
+    for (start, c) in text.char_indices() {
+        while ranges.next_if(|range| range.end <= start).is_some() {}
+        let latin = ranges.peek().is_some_and(|range| range.start <= start);
+        folder.fold(c, latin, out);
+        folded(start, out.len());
+    }
 }
 
 /// What regex's `\w` takes for a word character, so keyword and regex rules agree on where words end. Combining
@@ -326,7 +373,8 @@ struct Folder {
 }
 
 impl Folder {
-    fn fold(&mut self, c: char, out: &mut String) {
+    /// `as_latin`: a Cyrillic or Greek letter that looks like a Latin one is written as that Latin letter.
+    fn fold(&mut self, c: char, as_latin: bool, out: &mut String) {
         // (`char::is_whitespace`, not `is_ascii_whitespace`: the vertical tab is whitespace too.)
         if c.is_ascii() && !c.is_whitespace() {
             self.after_space = false;
@@ -344,11 +392,126 @@ impl Folder {
             return;
         }
         self.after_space = false;
+        // The character whole first: some lookalikes decompose into letters that are none (`ϲ`, the lunate sigma,
+        // into `ς`); then its parts, for a lookalike with an accent on it (`ё`).
+        if let Some(latin) = as_latin.then(|| latin_lookalike(c)).flatten() {
+            out.push(latin);
+            return;
+        }
         unicode_normalization::char::decompose_compatible(c, |part| match part {
             'ς' => out.push('σ'),
-            part => out.extend(part.to_lowercase()),
+            part => match as_latin.then(|| latin_lookalike(part)).flatten() {
+                Some(latin) => out.push(latin),
+                None => out.extend(part.to_lowercase()),
+            },
         });
     }
+}
+
+/// The Latin letter, lowercase, that a Cyrillic or Greek letter is drawn like (after Unicode's confusables for
+/// the letters that are drawn the same in common fonts). Written as code points: as characters they would read
+/// as the Latin letters they stand for.
+fn latin_lookalike(c: char) -> Option<char> {
+    Some(match c as u32 {
+        0x0430 | 0x0410 | 0x03B1 | 0x0391 => 'a',
+        0x0412 | 0x0392 => 'b',
+        0x0441 | 0x0421 | 0x03F2 | 0x03F9 => 'c',
+        0x0501 | 0x0500 => 'd',
+        0x0435 | 0x0415 | 0x0395 => 'e',
+        0x04BB | 0x04BA | 0x041D | 0x0397 => 'h',
+        0x0456 | 0x0406 | 0x03B9 | 0x0399 => 'i',
+        0x0458 | 0x0408 | 0x03F3 | 0x037F => 'j',
+        0x043A | 0x041A | 0x03BA | 0x039A => 'k',
+        // The palochka, a bare stroke in either case: written among small letters, it is an `l`.
+        0x04CF | 0x04C0 => 'l',
+        0x041C | 0x039C => 'm',
+        0x039D => 'n',
+        0x043E | 0x041E | 0x03BF | 0x039F => 'o',
+        0x0440 | 0x0420 | 0x03C1 | 0x03A1 => 'p',
+        0x051B | 0x051A => 'q',
+        0x0455 | 0x0405 => 's',
+        0x0422 | 0x03A4 => 't',
+        0x03C5 => 'u',
+        0x0475 | 0x0474 | 0x03BD => 'v',
+        0x051D | 0x051C | 0x0461 | 0x03C9 => 'w',
+        0x0445 | 0x0425 | 0x03C7 | 0x03A7 => 'x',
+        0x0443 | 0x0423 | 0x04AF | 0x04AE | 0x03B3 | 0x03A5 => 'y',
+        0x0396 => 'z',
+        _ => return None,
+    })
+}
+
+/// Whether folding `c` as Latin writes a Latin letter for it, as [`Folder::fold`] does: `c` is a
+/// [`latin_lookalike`], or a part of it is (`ё` is `е` with a diaeresis).
+fn has_latin_lookalike(c: char) -> bool {
+    let mut found = latin_lookalike(c).is_some();
+    unicode_normalization::char::decompose_compatible(c, |part| found |= latin_lookalike(part).is_some());
+    found
+}
+
+fn is_latin_letter(c: char) -> bool {
+    c.is_ascii_alphabetic()
+        || c.is_alphabetic()
+            && matches!(
+                c as u32,
+                0x00C0..=0x024F | 0x1E00..=0x1EFF | 0x2C60..=0x2C7F | 0xA720..=0xA7FF | 0xFF21..=0xFF3A | 0xFF41..=0xFF5A
+            )
+}
+
+fn is_cyrillic_or_greek_letter(c: char) -> bool {
+    matches!(c as u32, 0x0370..=0x03FF | 0x0400..=0x052F | 0x1C80..=0x1C8F | 0x1F00..=0x1FFF | 0x2DE0..=0x2DFF | 0xA640..=0xA69F)
+        && c.is_alphabetic()
+}
+
+/// Where a text's Cyrillic and Greek letters stand in for Latin ones, so that "b\u{43E}mb" (a Cyrillic `о`) is read
+/// as "bomb": in every word that mixes Latin letters with such lookalikes, and in the whole text when it has Latin
+/// letters and every Cyrillic or Greek letter in it is a lookalike ("\u{441}\u{43E}\u{441}\u{430}" in an English
+/// sentence). Russian or Greek writing has letters no Latin one looks like, and its words are left as they are.
+/// Sorted byte ranges; none for ASCII text.
+fn latin_lookalike_ranges(text: &str) -> Vec<Range<usize>> {
+    let scan = scan_lookalikes(text);
+    if scan.latin && scan.lookalikes && !scan.foreign { vec![0..text.len()] } else { scan.mixed_words }
+}
+
+/// What [`latin_lookalike_ranges`] and [`disguised_words`] read off a text in one pass.
+#[derive(Default)]
+struct LookalikeScan {
+    /// Words that mix Latin letters with lookalikes.
+    mixed_words: Vec<Range<usize>>,
+    latin: bool,
+    /// Cyrillic or Greek letters drawn like Latin ones.
+    lookalikes: bool,
+    /// Cyrillic or Greek letters that are not.
+    foreign: bool,
+}
+
+fn scan_lookalikes(text: &str) -> LookalikeScan {
+    let mut scan = LookalikeScan::default();
+    if text.is_ascii() {
+        return scan;
+    }
+    // The word being read: where it starts, whether it has Latin letters and whether lookalikes.
+    let mut word: Option<(usize, bool, bool)> = None;
+    for (at, c) in text.char_indices().map(Some).chain([None]).map(|next| next.unwrap_or((text.len(), ' '))) {
+        // Invisible characters are inside a word: "b\u{200B}\u{43E}mb" still reads as one.
+        if at < text.len() && (is_word_char(c) || is_default_ignorable(c)) {
+            let (_, has_latin, has_lookalike) = word.get_or_insert((at, false, false));
+            if is_latin_letter(c) {
+                (*has_latin, scan.latin) = (true, true);
+            } else if is_cyrillic_or_greek_letter(c) {
+                if has_latin_lookalike(c) {
+                    (*has_lookalike, scan.lookalikes) = (true, true);
+                } else {
+                    scan.foreign = true;
+                }
+            }
+            continue;
+        }
+        if let Some((start, true, true)) = word.take() {
+            scan.mixed_words.push(start..at);
+        }
+    }
+    scan
 }
 
 /// Default_Ignorable_Code_Point (Unicode's DerivedCoreProperties): drawn as nothing, or only shaping a neighbour.
@@ -392,7 +555,8 @@ struct FoldedText<'t> {
 }
 
 impl<'t> FoldedText<'t> {
-    fn new(text: &'t str) -> Self {
+    /// `as_latin`: where lookalike letters are read as Latin ones ([`latin_lookalike_ranges`]).
+    fn new(text: &'t str, as_latin: &[Range<usize>]) -> Self {
         // ASCII text folds byte for byte unless whitespace other than single spaces is to be folded.
         let plain_spacing = || {
             let bytes = text.as_bytes();
@@ -408,11 +572,9 @@ impl<'t> FoldedText<'t> {
         }
         let mut folded = String::with_capacity(text.len());
         let mut origin = Vec::with_capacity(text.len());
-        let mut folder = Folder::default();
-        for (start, c) in text.char_indices() {
-            folder.fold(c, &mut folded);
-            origin.resize(folded.len(), u32::try_from(start).unwrap_or(u32::MAX));
-        }
+        fold_into(text, as_latin, &mut folded, |start, folded_len| {
+            origin.resize(folded_len, u32::try_from(start).unwrap_or(u32::MAX));
+        });
         FoldedText { text, folded: std::borrow::Cow::Owned(folded), origin }
     }
 
@@ -523,7 +685,7 @@ impl RuleSet {
                 let needs_boundary = |c: char| is_word_char(c) && !is_unspaced_script(c);
                 // Taken from the keyword as matched: an invisible character pasted at its edge ("ok\u{200B}")
                 // must not turn the boundary off, and "™" matches as "tm" does.
-                let folded = fold_trimmed(trimmed);
+                let folded = fold_trimmed(trimmed, &[]);
                 if folded.is_empty() {
                     return Err(TriageError::InvalidConfig(format!(
                         "keyword list {:?} has a keyword of invisible characters only",
@@ -563,8 +725,8 @@ impl RuleSet {
             keywords,
             keyword_meta,
             regexes: Vec::with_capacity(regex_count),
-            allow_list: config.allow_list.iter().map(|t| fold_trimmed(t)).collect(),
-            deny_list: config.deny_list.iter().map(|t| fold_trimmed(t)).collect(),
+            allow_list: config.allow_list.iter().map(|t| fold_trimmed(t, &[])).collect(),
+            deny_list: config.deny_list.iter().map(|t| fold_trimmed(t, &[])).collect(),
         };
         // Everything but the regexes, with room for them: from here on only the regexes add to it.
         let mut used = rules.memory_usage();
@@ -634,9 +796,13 @@ impl RuleSet {
 
     pub fn evaluate(&self, text: &str) -> RuleMatch {
         let mut evidence = Evidence::default();
+        // A text is matched as written (folded) and, where it has letters standing in for Latin ones, also as it
+        // reads: the keyword "bomb" matches "b\u{43E}mb", while a Russian keyword still matches Russian text.
+        let lookalikes = latin_lookalike_ranges(text);
+        let readings: &[&[Range<usize>]] = if lookalikes.is_empty() { &[&[]] } else { &[&[], &lookalikes] };
         if !self.allow_list.is_empty() || !self.deny_list.is_empty() {
-            let normalized = fold_trimmed(text);
-            if self.deny_list.contains(&normalized) {
+            let normalized: Vec<String> = readings.iter().map(|as_latin| fold_trimmed(text, as_latin)).collect();
+            if normalized.iter().any(|text| self.deny_list.contains(text)) {
                 evidence.push_whole_text(Span {
                     start: 0,
                     end: text.len(),
@@ -645,7 +811,7 @@ impl RuleSet {
                     action: RuleAction::Deny,
                 });
             }
-            if self.allow_list.contains(&normalized) {
+            if normalized.iter().any(|text| self.allow_list.contains(text)) {
                 evidence.push_whole_text(Span {
                     start: 0,
                     end: text.len(),
@@ -656,26 +822,42 @@ impl RuleSet {
             }
         }
         if let Some(automaton) = &self.keywords {
-            let folded = FoldedText::new(text);
-            // Overlapping search so that a keyword failing its boundary check cannot hide another one.
-            for (examined, m) in automaton.find_overlapping_iter(folded.folded.as_ref()).enumerate() {
-                let original = folded.original(m.start(), m.end());
-                if examined == MAX_KEYWORD_MATCHES {
-                    let (start, end) = original.unwrap_or((0, 0));
-                    let limit = (usize::MAX, usize::MAX);
-                    evidence.found(SpanKind::Keyword, limit, KEYWORD_MATCH_LIMIT_RULE, RuleAction::Flag, start, end);
-                    break;
-                }
-                let Some(meta) = self.keyword_meta.get(m.pattern().as_usize()) else {
-                    continue;
-                };
-                let Some((start, end)) = original else {
-                    continue;
-                };
-                let before_ok = boundary_ok(meta.starts_word, folded.written_before(m.start()));
-                let after_ok = boundary_ok(meta.ends_word, folded.written_at(m.end()));
-                if before_ok && after_ok {
-                    evidence.found(SpanKind::Keyword, meta.origin, &meta.rule, meta.action, start, end);
+            // What the first reading found, so that the second does not count it again.
+            let mut found = HashSet::new();
+            'readings: for as_latin in readings {
+                // The limit holds per reading: the second finds the first's matches again, and a text's one
+                // lookalike must not halve what it may hold before it counts as flooded.
+                let mut examined = 0;
+                let folded = FoldedText::new(text, as_latin);
+                // Overlapping search so that a keyword failing its boundary check cannot hide another one.
+                for m in automaton.find_overlapping_iter(folded.folded.as_ref()) {
+                    let original = folded.original(m.start(), m.end());
+                    if examined == MAX_KEYWORD_MATCHES {
+                        let (start, end) = original.unwrap_or((0, 0));
+                        let limit = (usize::MAX, usize::MAX);
+                        evidence.found(
+                            SpanKind::Keyword,
+                            limit,
+                            KEYWORD_MATCH_LIMIT_RULE,
+                            RuleAction::Flag,
+                            start,
+                            end,
+                        );
+                        break 'readings;
+                    }
+                    examined += 1;
+                    let Some(meta) = self.keyword_meta.get(m.pattern().as_usize()) else {
+                        continue;
+                    };
+                    let Some((start, end)) = original else {
+                        continue;
+                    };
+                    let before_ok = boundary_ok(meta.starts_word, folded.written_before(m.start()));
+                    let after_ok = boundary_ok(meta.ends_word, folded.written_at(m.end()));
+                    let seen_before = readings.len() > 1 && !found.insert((m.pattern().as_usize(), start, end));
+                    if before_ok && after_ok && !seen_before {
+                        evidence.found(SpanKind::Keyword, meta.origin, &meta.rule, meta.action, start, end);
+                    }
                 }
             }
         }
@@ -1030,6 +1212,58 @@ mod tests {
         )
         .unwrap();
         assert!(RuleSet::compile(&invisible).unwrap_err().to_string().contains("invisible"));
+    }
+
+    /// Cyrillic and Greek letters drawn like Latin ones ("b\u{43E}mb" with a Cyrillic `о`) do not hide a keyword,
+    /// whether they are mixed into a Latin word or spell a whole word in Latin text; Russian and Greek writing
+    /// is matched as written, by its own keywords and not by Latin ones its letters happen to resemble.
+    #[test]
+    fn keywords_match_through_cyrillic_and_greek_lookalikes() {
+        let rules =
+            keyword_rules("deny", &["pipe bomb", "bomb", "coca", "pot", "kill", "\u{431}\u{43E}\u{43C}\u{431}\u{430}"]);
+        for (text, spans) in [
+            ("make a pipe b\u{43E}mb", vec!["pipe b\u{43E}mb", "b\u{43E}mb"]),
+            ("MAKE A PIPE B\u{41E}MB", vec!["PIPE B\u{41E}MB", "B\u{41E}MB"]),
+            ("a pipe b\u{3BF}mb", vec!["pipe b\u{3BF}mb", "b\u{3BF}mb"]),
+            ("a \u{412}\u{3BF}\u{41C}b!", vec!["\u{412}\u{3BF}\u{41C}b"]),
+            // Through what folding drops.
+            ("b\u{200B}\u{43E}mb", vec!["b\u{200B}\u{43E}mb"]),
+            // A lookalike that decomposes into a letter that is none (the lunate sigma into a final sigma).
+            ("\u{3F2}oca", vec!["\u{3F2}oca"]),
+            // One with an accent on it (`ё`) reads as the accented Latin letter, which "pot" does not have.
+            ("a p\u{451}t and a pot", vec!["pot"]),
+            // The palochka, capital and small, as an `l`.
+            ("\u{43A}i\u{4C0}\u{4CF} it", vec!["\u{43A}i\u{4C0}\u{4CF}"]),
+            // A whole word of lookalikes in a Latin sentence.
+            ("buy \u{441}\u{43E}\u{441}\u{430} here", vec!["\u{441}\u{43E}\u{441}\u{430}"]),
+            // A mixed word inside Russian: only it is read as Latin.
+            ("\u{41A}\u{430}\u{43A} \u{441}\u{434}\u{435}\u{43B}\u{430}\u{442}\u{44C} b\u{43E}mb", vec!["b\u{43E}mb"]),
+            // A Russian keyword still matches beside Latin text.
+            ("my \u{431}\u{43E}\u{43C}\u{431}\u{430}", vec!["\u{431}\u{43E}\u{43C}\u{431}\u{430}"]),
+            // Each match once, though both readings find the plain one.
+            ("a bomb, a b\u{43E}mb", vec!["bomb", "b\u{43E}mb"]),
+        ] {
+            let hit = rules.evaluate(text);
+            let mut found = matched(text, &hit);
+            found.sort_unstable();
+            let mut spans = spans;
+            spans.sort_unstable();
+            assert_eq!(found, spans, "{text:?}: {hit:?}");
+            assert_eq!(hit.decision, RuleDecision::Deny, "{text:?}");
+        }
+        for text in [
+            // Russian "shut your mouth": its "\u{440}\u{43E}\u{442}" is drawn like "pot" but is a Russian word.
+            "\u{417}\u{430}\u{43A}\u{440}\u{43E}\u{439} \u{440}\u{43E}\u{442}",
+            // Still a word boundary.
+            "b\u{43E}mbastic",
+            // Latin text quoting Russian ("coca and ice"), whose other letters no Latin one looks like.
+            "she said \u{441}\u{43E}\u{441}\u{430} \u{438} \u{43B}\u{451}\u{434}",
+        ] {
+            assert!(rules.evaluate(text).evidence.is_empty(), "{text:?}: {:?}", rules.evaluate(text));
+        }
+        let lists: RulesConfig = serde_json::from_value(serde_json::json!({"deny_list": ["free bitcoin"]})).unwrap();
+        let lists = RuleSet::compile(&lists).unwrap();
+        assert_eq!(lists.evaluate("FREE BITC\u{41E}IN").decision, RuleDecision::Deny);
     }
 
     #[test]
