@@ -470,7 +470,11 @@ fn is_cyrillic_or_greek_letter(c: char) -> bool {
 /// Sorted byte ranges; none for ASCII text.
 fn latin_lookalike_ranges(text: &str) -> Vec<Range<usize>> {
     let scan = scan_lookalikes(text);
-    if scan.latin && scan.lookalikes && !scan.foreign { vec![0..text.len()] } else { scan.mixed_words }
+    if scan.latin && scan.lookalikes && !scan.foreign {
+        std::iter::once(0..text.len()).collect()
+    } else {
+        scan.mixed_words
+    }
 }
 
 /// What [`latin_lookalike_ranges`] and [`disguised_words`] read off a text in one pass.
@@ -827,10 +831,9 @@ impl RuleSet {
             'readings: for as_latin in readings {
                 // The limit holds per reading: the second finds the first's matches again, and a text's one
                 // lookalike must not halve what it may hold before it counts as flooded.
-                let mut examined = 0;
                 let folded = FoldedText::new(text, as_latin);
                 // Overlapping search so that a keyword failing its boundary check cannot hide another one.
-                for m in automaton.find_overlapping_iter(folded.folded.as_ref()) {
+                for (examined, m) in automaton.find_overlapping_iter(folded.folded.as_ref()).enumerate() {
                     let original = folded.original(m.start(), m.end());
                     if examined == MAX_KEYWORD_MATCHES {
                         let (start, end) = original.unwrap_or((0, 0));
@@ -845,7 +848,6 @@ impl RuleSet {
                         );
                         break 'readings;
                     }
-                    examined += 1;
                     let Some(meta) = self.keyword_meta.get(m.pattern().as_usize()) else {
                         continue;
                     };
