@@ -297,12 +297,19 @@ fn fold_trimmed(text: &str, as_latin: &[Range<usize>]) -> String {
 /// where it starts and how long `out` is once it is folded.
 fn fold_into(text: &str, as_latin: &[Range<usize>], out: &mut String, mut folded: impl FnMut(usize, usize)) {
     let mut folder = Folder::default();
-    let mut ranges = as_latin.iter().peekable();
+    let mut latin = inside(as_latin);
     for (start, c) in text.char_indices() {
-        while ranges.next_if(|range| range.end <= start).is_some() {}
-        let latin = ranges.peek().is_some_and(|range| range.start <= start);
-        folder.fold(c, latin, out);
+        folder.fold(c, latin(start), out);
         folded(start, out.len());
+    }
+}
+
+/// Whether an offset lies inside one of the sorted `ranges`, for offsets asked in increasing order.
+fn inside(ranges: &[Range<usize>]) -> impl FnMut(usize) -> bool + '_ {
+    let mut ranges = ranges.iter().peekable();
+    move |at| {
+        while ranges.next_if(|range| range.end <= at).is_some() {}
+        ranges.peek().is_some_and(|range| range.start <= at)
     }
 }
 
@@ -579,6 +586,20 @@ impl<'t> FoldedText<'t> {
         fold_into(text, as_latin, &mut folded, |start, folded_len| {
             origin.resize(folded_len, u32::try_from(start).unwrap_or(u32::MAX));
         });
+        FoldedText { text, folded: std::borrow::Cow::Owned(folded), origin }
+    }
+
+    /// The text as written but for the lookalike letters inside `as_latin`, each written as its Latin letter:
+    /// what regexes read besides the text itself, which fold nothing else (they have their own case rules, and a
+    /// pattern may ask for two spaces).
+    fn with_latin_letters(text: &'t str, as_latin: &[Range<usize>]) -> Self {
+        let mut folded = String::with_capacity(text.len());
+        let mut origin = Vec::with_capacity(text.len());
+        let mut latin = inside(as_latin);
+        for (start, c) in text.char_indices() {
+            folded.push(latin_lookalike(c).filter(|_| latin(start)).unwrap_or(c));
+            origin.resize(folded.len(), u32::try_from(start).unwrap_or(u32::MAX));
+        }
         FoldedText { text, folded: std::borrow::Cow::Owned(folded), origin }
     }
 
@@ -863,9 +884,23 @@ impl RuleSet {
                 }
             }
         }
-        for compiled in &self.regexes {
+        // Regexes read the text as written, and where it has lookalikes also with them as their Latin letters and
+        // nothing else changed (`v[i1]agra` finds "v\u{456}agra"); what both find counts once.
+        let latin_letters = (!lookalikes.is_empty()).then(|| FoldedText::with_latin_letters(text, &lookalikes));
+        let mut found = HashSet::new();
+        for (index, compiled) in self.regexes.iter().enumerate() {
             for m in compiled.regex.find_iter(text) {
+                if latin_letters.is_some() {
+                    found.insert((index, m.start(), m.end()));
+                }
                 evidence.found(SpanKind::Regex, compiled.origin, &compiled.rule, compiled.action, m.start(), m.end());
+            }
+            let Some(latin) = &latin_letters else { continue };
+            for m in compiled.regex.find_iter(latin.folded.as_ref()) {
+                let Some((start, end)) = latin.original(m.start(), m.end()) else { continue };
+                if found.insert((index, start, end)) {
+                    evidence.found(SpanKind::Regex, compiled.origin, &compiled.rule, compiled.action, start, end);
+                }
             }
         }
         // Tag characters and the supplementary variation selectors draw as nothing yet can spell out text a model
@@ -1266,6 +1301,79 @@ mod tests {
         let lists: RulesConfig = serde_json::from_value(serde_json::json!({"deny_list": ["free bitcoin"]})).unwrap();
         let lists = RuleSet::compile(&lists).unwrap();
         assert_eq!(lists.evaluate("FREE BITC\u{41E}IN").decision, RuleDecision::Deny);
+        // Regexes too, over the text with only its lookalikes changed, and each match once.
+        let regexes: RulesConfig = serde_json::from_value(
+            serde_json::json!({"regexes": [{"name": "pills", "action": "deny", "patterns": ["\\bv[i1]agra\\b"]}]}),
+        )
+        .unwrap();
+        let regexes = RuleSet::compile(&regexes).unwrap();
+        for (text, spans) in [
+            ("buy v\u{456}agra now", vec!["v\u{456}agra"]),
+            ("V\u{406}\u{410}GRA and viagra", vec!["V\u{406}\u{410}GRA", "viagra"]),
+            ("\u{41A}\u{443}\u{43F}\u{438} v\u{456}agra", vec!["v\u{456}agra"]),
+        ] {
+            let hit = regexes.evaluate(text);
+            let mut found = matched(text, &hit);
+            found.sort_unstable();
+            let mut spans = spans;
+            spans.sort_unstable();
+            assert_eq!((found, hit.decision), (spans, RuleDecision::Deny), "{text:?}");
+        }
+        assert!(regexes.evaluate("v\u{456}\u{430}\u{433}\u{440}\u{430}").evidence.is_empty(), "г is no g");
+    }
+
+    /// The Cyrillic letter each Latin letter of "a pipe bomb here" that has one is drawn like.
+    fn cyrillic_for(c: char) -> Option<char> {
+        Some(match c {
+            'a' => '\u{430}',
+            'e' => '\u{435}',
+            'h' => '\u{4BB}',
+            'i' => '\u{456}',
+            'o' => '\u{43E}',
+            'p' => '\u{440}',
+            _ => return None,
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Whichever letters are swapped for lookalikes, a word at a time or all of them, the keyword still matches,
+        /// once, over exactly the letters that spell it.
+        #[test]
+        fn any_mix_of_lookalikes_still_matches_the_keyword(swaps in proptest::collection::vec(proptest::bool::ANY, 16)) {
+            let rules = keyword_rules("flag", &["pipe bomb"]);
+            let text: String = "a pipe bomb here"
+                .chars()
+                .zip(&swaps)
+                .map(|(c, &swap)| cyrillic_for(c).filter(|_| swap).unwrap_or(c))
+                .collect();
+            let hit = rules.evaluate(&text);
+            let found = matched(&text, &hit);
+            proptest::prop_assert_eq!(found.len(), 1, "{:?}: {:?}", text, hit);
+            proptest::prop_assert_eq!(found[0].chars().count(), "pipe bomb".len());
+            let spells_it = found[0].starts_with(['p', '\u{440}']) && found[0].ends_with('b');
+            proptest::prop_assert!(spells_it, "{:?}", found);
+        }
+
+        /// Whatever the text, every span and every disguised word is a range of it on character boundaries.
+        #[test]
+        fn spans_are_ranges_of_the_text_as_written(
+            text in "[a-zA-Z0-9 .\u{430}\u{43E}\u{41E}\u{440}\u{456}\u{3BF}\u{3B1}\u{3F2}\u{451}\u{4C0}\u{436}\u{200B}\u{301}\u{130}\u{FB01}\u{FF42}]{0,40}"
+        ) {
+            let rules = keyword_rules("flag", &["bomb", "coca", "pot", "i", "fi", "\u{436}"]);
+            let hit = rules.evaluate(&text);
+            let words = disguised_words(&text);
+            for (start, end) in hit.evidence.iter().map(|s| (s.start, s.end)).chain(words.iter().map(|w| (w.start, w.end))) {
+                proptest::prop_assert!(start < end && end <= text.len(), "{:?}: {}..{}", text, start, end);
+                proptest::prop_assert!(text.is_char_boundary(start) && text.is_char_boundary(end), "{:?}", text);
+            }
+            for word in &words {
+                let word = &text[word.clone()];
+                let mixed = word.chars().any(is_latin_letter) && word.chars().any(has_latin_lookalike);
+                proptest::prop_assert!(mixed && !word.contains([' ', '.']), "{:?}", word);
+            }
+        }
     }
 
     #[test]
