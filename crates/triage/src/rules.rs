@@ -597,7 +597,10 @@ impl<'t> FoldedText<'t> {
         let mut origin = Vec::with_capacity(text.len());
         let mut latin = inside(as_latin);
         for (start, c) in text.char_indices() {
-            folded.push(latin_lookalike(c).filter(|_| latin(start)).unwrap_or(c));
+            // In the case it was written in, for a pattern that asks for one; the palochka is an `l` either way.
+            let as_written_case =
+                |latin: char| if c.is_uppercase() && c != '\u{4C0}' { latin.to_ascii_uppercase() } else { latin };
+            folded.push(latin_lookalike(c).filter(|_| latin(start)).map_or(c, as_written_case));
             origin.resize(folded.len(), u32::try_from(start).unwrap_or(u32::MAX));
         }
         FoldedText { text, folded: std::borrow::Cow::Owned(folded), origin }
@@ -836,7 +839,8 @@ impl RuleSet {
                     action: RuleAction::Deny,
                 });
             }
-            if normalized.iter().any(|text| self.allow_list.contains(text)) {
+            // Reading lookalikes as Latin only ever finds more to look at: an allow rule is matched as written.
+            if self.allow_list.contains(&normalized[0]) {
                 evidence.push_whole_text(Span {
                     start: 0,
                     end: text.len(),
@@ -849,7 +853,7 @@ impl RuleSet {
         if let Some(automaton) = &self.keywords {
             // What the first reading found, so that the second does not count it again.
             let mut found = HashSet::new();
-            'readings: for as_latin in readings {
+            'readings: for (reading, as_latin) in readings.iter().enumerate() {
                 // The limit holds per reading: the second finds the first's matches again, and a text's one
                 // lookalike must not halve what it may hold before it counts as flooded.
                 let folded = FoldedText::new(text, as_latin);
@@ -875,6 +879,9 @@ impl RuleSet {
                     let Some((start, end)) = original else {
                         continue;
                     };
+                    if reading > 0 && meta.action == RuleAction::Allow {
+                        continue;
+                    }
                     let before_ok = boundary_ok(meta.starts_word, folded.written_before(m.start()));
                     let after_ok = boundary_ok(meta.ends_word, folded.written_at(m.end()));
                     let seen_before = readings.len() > 1 && !found.insert((m.pattern().as_usize(), start, end));
@@ -885,20 +892,27 @@ impl RuleSet {
             }
         }
         // Regexes read the text as written, and where it has lookalikes also with them as their Latin letters and
-        // nothing else changed (`v[i1]agra` finds "v\u{456}agra"); what both find counts once.
+        // nothing else changed (`v[i1]agra` finds "v\u{456}agra"). From that copy only what the disguise hid counts:
+        // a match with a swapped letter in it that overlaps none found as written (`b[a-z]*` finds "b" twice in
+        // "b\u{43E}mb" as written, and "b\u{43E}mb" is still one word). Allow rules read only the text as written.
         let latin_letters = (!lookalikes.is_empty()).then(|| FoldedText::with_latin_letters(text, &lookalikes));
-        let mut found = HashSet::new();
-        for (index, compiled) in self.regexes.iter().enumerate() {
+        for compiled in &self.regexes {
+            let copy = latin_letters.as_ref().filter(|_| compiled.action != RuleAction::Allow);
+            // Sorted and disjoint, as `find_iter` gives them; kept only when the copy is read too.
+            let mut as_written: Vec<Range<usize>> = Vec::new();
             for m in compiled.regex.find_iter(text) {
-                if latin_letters.is_some() {
-                    found.insert((index, m.start(), m.end()));
+                if copy.is_some() {
+                    as_written.push(m.range());
                 }
                 evidence.found(SpanKind::Regex, compiled.origin, &compiled.rule, compiled.action, m.start(), m.end());
             }
-            let Some(latin) = &latin_letters else { continue };
+            let Some(latin) = copy else { continue };
             for m in compiled.regex.find_iter(latin.folded.as_ref()) {
                 let Some((start, end)) = latin.original(m.start(), m.end()) else { continue };
-                if found.insert((index, start, end)) {
+                let disguised = text.get(start..end) != latin.folded.get(m.range());
+                let first_not_before = as_written.partition_point(|found| found.end <= start);
+                let overlaps = as_written.get(first_not_before).is_some_and(|found| found.start < end);
+                if disguised && !overlaps {
                     evidence.found(SpanKind::Regex, compiled.origin, &compiled.rule, compiled.action, start, end);
                 }
             }
@@ -1320,6 +1334,33 @@ mod tests {
             assert_eq!((found, hit.decision), (spans, RuleDecision::Deny), "{text:?}");
         }
         assert!(regexes.evaluate("v\u{456}\u{430}\u{433}\u{440}\u{430}").evidence.is_empty(), "г is no g");
+        // The copy adds only what the disguise hid, in the case it was written in.
+        let regexes: RulesConfig = serde_json::from_value(serde_json::json!({"regexes": [
+            {"name": "b-words", "action": "flag", "patterns": ["b[a-z]*"]},
+            {"name": "shouted", "action": "flag", "patterns": ["(?-i)VIAGRA"]},
+            {"name": "polite", "action": "allow", "patterns": ["^please pay$"]}
+        ]}))
+        .unwrap();
+        let regexes = RuleSet::compile(&regexes).unwrap();
+        let text = "b\u{43E}mb";
+        assert_eq!(matched(text, &regexes.evaluate(text)), ["b", "b"], "one word is not a third match");
+        let text = "V\u{406}\u{410}GRA";
+        assert_eq!(matched(text, &regexes.evaluate(text)), [text]);
+        assert!(regexes.evaluate("v\u{456}\u{430}gra").evidence.is_empty(), "not shouted");
+        // Reading lookalikes as Latin finds more to look at, never more to let through.
+        assert_eq!(regexes.evaluate("please pay").decision, RuleDecision::Allow);
+        let disguised = "please \u{440}\u{430}\u{443}";
+        assert_eq!(regexes.evaluate(disguised).decision, RuleDecision::None);
+        let allow: RulesConfig = serde_json::from_value(serde_json::json!({
+            "allow_list": ["pay now"],
+            "keywords": [{"name": "polite", "action": "allow", "keywords": ["please pay"]}]
+        }))
+        .unwrap();
+        let allow = RuleSet::compile(&allow).unwrap();
+        assert_eq!(allow.evaluate("please pay").decision, RuleDecision::Allow);
+        assert_eq!(allow.evaluate("pay now").decision, RuleDecision::Allow);
+        assert_eq!(allow.evaluate(disguised).decision, RuleDecision::None);
+        assert_eq!(allow.evaluate("\u{440}\u{430}\u{443} now").decision, RuleDecision::None);
     }
 
     /// The Cyrillic letter each Latin letter of "a pipe bomb here" that has one is drawn like.
@@ -1356,12 +1397,36 @@ mod tests {
             proptest::prop_assert!(spells_it, "{:?}", found);
         }
 
+        /// So do regexes: found as written or in the copy with lookalikes as Latin, one span.
+        #[test]
+        fn any_mix_of_lookalikes_still_matches_a_regex_once(swaps in proptest::collection::vec(proptest::bool::ANY, 16)) {
+            let rules: RulesConfig = serde_json::from_value(serde_json::json!({
+                "regexes": [{"name": "r", "action": "flag", "patterns": ["p[i1]pe\\s+b[o0]mb"]}]
+            }))
+            .unwrap();
+            let rules = RuleSet::compile(&rules).unwrap();
+            let text: String = "a pipe bomb here"
+                .chars()
+                .zip(&swaps)
+                .map(|(c, &swap)| cyrillic_for(c).filter(|_| swap).unwrap_or(c))
+                .collect();
+            let hit = rules.evaluate(&text);
+            let found = matched(&text, &hit);
+            proptest::prop_assert_eq!(found.len(), 1, "{:?}: {:?}", text, hit);
+            proptest::prop_assert_eq!(found[0].chars().count(), "pipe bomb".len());
+        }
+
         /// Whatever the text, every span and every disguised word is a range of it on character boundaries.
         #[test]
         fn spans_are_ranges_of_the_text_as_written(
             text in "[a-zA-Z0-9 .\u{430}\u{43E}\u{41E}\u{440}\u{456}\u{3BF}\u{3B1}\u{3F2}\u{451}\u{4C0}\u{436}\u{200B}\u{301}\u{130}\u{FB01}\u{FF42}]{0,40}"
         ) {
-            let rules = keyword_rules("flag", &["bomb", "coca", "pot", "i", "fi", "\u{436}"]);
+            let rules: RulesConfig = serde_json::from_value(serde_json::json!({
+                "keywords": [{"name": "k", "action": "flag", "keywords": ["bomb", "coca", "pot", "i", "fi", "\u{436}"]}],
+                "regexes": [{"name": "r", "action": "flag", "patterns": ["b[o0]mb", "[a-z]+", "\\w+\\b", "(?-i)[A-Z]{2}"]}]
+            }))
+            .unwrap();
+            let rules = RuleSet::compile(&rules).unwrap();
             let hit = rules.evaluate(&text);
             let words = disguised_words(&text);
             for (start, end) in hit.evidence.iter().map(|s| (s.start, s.end)).chain(words.iter().map(|w| (w.start, w.end))) {
