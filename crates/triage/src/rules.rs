@@ -1379,41 +1379,30 @@ mod tests {
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
 
-        /// Whichever letters are swapped for lookalikes, a word at a time or all of them, the keyword still matches,
-        /// once, over exactly the letters that spell it.
+        /// Whichever letters are swapped for lookalikes, a word at a time or all of them, a keyword and a regex
+        /// still match, each once, over exactly the letters that spell it (a regex as written or in the copy with
+        /// lookalikes as Latin).
         #[test]
-        fn any_mix_of_lookalikes_still_matches_the_keyword(swaps in proptest::collection::vec(proptest::bool::ANY, 16)) {
-            let rules = keyword_rules("flag", &["pipe bomb"]);
-            let text: String = "a pipe bomb here"
-                .chars()
-                .zip(&swaps)
-                .map(|(c, &swap)| cyrillic_for(c).filter(|_| swap).unwrap_or(c))
-                .collect();
-            let hit = rules.evaluate(&text);
-            let found = matched(&text, &hit);
-            proptest::prop_assert_eq!(found.len(), 1, "{:?}: {:?}", text, hit);
-            proptest::prop_assert_eq!(found[0].chars().count(), "pipe bomb".len());
-            let spells_it = found[0].starts_with(['p', '\u{440}']) && found[0].ends_with('b');
-            proptest::prop_assert!(spells_it, "{:?}", found);
-        }
-
-        /// So do regexes: found as written or in the copy with lookalikes as Latin, one span.
-        #[test]
-        fn any_mix_of_lookalikes_still_matches_a_regex_once(swaps in proptest::collection::vec(proptest::bool::ANY, 16)) {
-            let rules: RulesConfig = serde_json::from_value(serde_json::json!({
+        fn any_mix_of_lookalikes_still_matches_keywords_and_regexes_once(
+            swaps in proptest::collection::vec(proptest::bool::ANY, 16)
+        ) {
+            let regexes: RulesConfig = serde_json::from_value(serde_json::json!({
                 "regexes": [{"name": "r", "action": "flag", "patterns": ["p[i1]pe\\s+b[o0]mb"]}]
             }))
             .unwrap();
-            let rules = RuleSet::compile(&rules).unwrap();
             let text: String = "a pipe bomb here"
                 .chars()
                 .zip(&swaps)
                 .map(|(c, &swap)| cyrillic_for(c).filter(|_| swap).unwrap_or(c))
                 .collect();
-            let hit = rules.evaluate(&text);
-            let found = matched(&text, &hit);
-            proptest::prop_assert_eq!(found.len(), 1, "{:?}: {:?}", text, hit);
-            proptest::prop_assert_eq!(found[0].chars().count(), "pipe bomb".len());
+            for rules in [keyword_rules("flag", &["pipe bomb"]), RuleSet::compile(&regexes).unwrap()] {
+                let hit = rules.evaluate(&text);
+                let found = matched(&text, &hit);
+                proptest::prop_assert_eq!(found.len(), 1, "{:?}: {:?}", text, hit);
+                proptest::prop_assert_eq!(found[0].chars().count(), "pipe bomb".len());
+                let spells_it = found[0].starts_with(['p', '\u{440}']) && found[0].ends_with('b');
+                proptest::prop_assert!(spells_it, "{:?}", found);
+            }
         }
 
         /// Whatever the text, every span and every disguised word is a range of it on character boundaries.
