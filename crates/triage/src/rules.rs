@@ -498,7 +498,7 @@ struct LookalikeScan {
 
 fn scan_lookalikes(text: &str) -> LookalikeScan {
     let mut scan = LookalikeScan::default();
-    if text.is_ascii() {
+    if text.is_ascii() || !may_hold_lookalikes(text) {
         return scan;
     }
     // The word being read: where it starts, whether it has Latin letters and whether lookalikes.
@@ -523,6 +523,17 @@ fn scan_lookalikes(text: &str) -> LookalikeScan {
         }
     }
     scan
+}
+
+/// Whether `text` has a character where every [`latin_lookalike`] and every letter decomposing to one is:
+/// U+0340–U+053F (Greek and Cyrillic, UTF-8 lead bytes CD–D4) or Greek Extended (U+1F00–U+1FFF, E1 BC–E1 BF).
+/// A byte scan, so that text in other scripts, with emoji or with accents does not pay the per-character one.
+fn may_hold_lookalikes(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    bytes.iter().enumerate().any(|(at, &byte)| {
+        (0xCD..=0xD4).contains(&byte)
+            || byte == 0xE1 && bytes.get(at + 1).is_some_and(|next| (0xBC..=0xBF).contains(next))
+    })
 }
 
 /// Default_Ignorable_Code_Point (Unicode's DerivedCoreProperties): drawn as nothing, or only shaping a neighbour.
@@ -1361,6 +1372,17 @@ mod tests {
         assert_eq!(allow.evaluate("pay now").decision, RuleDecision::Allow);
         assert_eq!(allow.evaluate(disguised).decision, RuleDecision::None);
         assert_eq!(allow.evaluate("\u{440}\u{430}\u{443} now").decision, RuleDecision::None);
+    }
+
+    /// The byte scan that spares most text the per-character one passes every character that could count.
+    #[test]
+    fn every_lookalike_passes_the_byte_scan() {
+        for c in (0..=0x10FFFF).filter_map(char::from_u32) {
+            if is_cyrillic_or_greek_letter(c) && has_latin_lookalike(c) {
+                assert!(may_hold_lookalikes(&format!("x{c}x")), "U+{:04X}", c as u32);
+            }
+        }
+        assert!(!may_hold_lookalikes("caf\u{E9} \u{1F600} \u{4E2D}\u{6587} \u{5D0}"));
     }
 
     /// The Cyrillic letter each Latin letter of "a pipe bomb here" that has one is drawn like.
