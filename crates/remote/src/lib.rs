@@ -261,7 +261,8 @@ struct Endpoint {
     /// Set by health checks; a fresh endpoint is presumed healthy until a probe says otherwise.
     healthy: AtomicBool,
     /// The context one request may take there, as the server last reported it (its model list,
-    /// [`wire::served_context`], or llama-server's `/props`, [`wire::llama_server_context`]); 0 while unknown. Kept through a failed probe: a server that restarts comes back with the settings it had.
+    /// [`wire::served_context`], or llama-server's `/props`, [`wire::llama_server_context`]); 0 while unknown.
+    /// Kept through a failed probe: a server that restarts comes back with the settings it had.
     reported_context: AtomicUsize,
 }
 

@@ -461,13 +461,20 @@ fn is_latin_letter(c: char) -> bool {
         || c.is_alphabetic()
             && matches!(
                 c as u32,
-                0x00C0..=0x024F | 0x1E00..=0x1EFF | 0x2C60..=0x2C7F | 0xA720..=0xA7FF | 0xFF21..=0xFF3A | 0xFF41..=0xFF5A
+                0x00C0..=0x024F
+                    | 0x1E00..=0x1EFF
+                    | 0x2C60..=0x2C7F
+                    | 0xA720..=0xA7FF
+                    | 0xFF21..=0xFF3A
+                    | 0xFF41..=0xFF5A
             )
 }
 
 fn is_cyrillic_or_greek_letter(c: char) -> bool {
-    matches!(c as u32, 0x0370..=0x03FF | 0x0400..=0x052F | 0x1C80..=0x1C8F | 0x1F00..=0x1FFF | 0x2DE0..=0x2DFF | 0xA640..=0xA69F)
-        && c.is_alphabetic()
+    matches!(
+        c as u32,
+        0x0370..=0x03FF | 0x0400..=0x052F | 0x1C80..=0x1C8F | 0x1F00..=0x1FFF | 0x2DE0..=0x2DFF | 0xA640..=0xA69F
+    ) && c.is_alphabetic()
 }
 
 /// Where a text's Cyrillic and Greek letters stand in for Latin ones, so that "b\u{43E}mb" (a Cyrillic `о`) is read
@@ -1429,18 +1436,24 @@ mod tests {
 
         /// Whatever the text, every span and every disguised word is a range of it on character boundaries.
         #[test]
-        fn spans_are_ranges_of_the_text_as_written(
-            text in "[a-zA-Z0-9 .\u{430}\u{43E}\u{41E}\u{440}\u{456}\u{3BF}\u{3B1}\u{3F2}\u{451}\u{4C0}\u{436}\u{200B}\u{301}\u{130}\u{FB01}\u{FF42}]{0,40}"
-        ) {
+        fn spans_are_ranges_of_the_text_as_written(text in concat!(
+            "[a-zA-Z0-9 .\u{430}\u{43E}\u{41E}\u{440}\u{456}\u{3BF}\u{3B1}\u{3F2}\u{451}\u{4C0}\u{436}",
+            "\u{200B}\u{301}\u{130}\u{FB01}\u{FF42}]{0,40}"
+        )) {
             let rules: RulesConfig = serde_json::from_value(serde_json::json!({
-                "keywords": [{"name": "k", "action": "flag", "keywords": ["bomb", "coca", "pot", "i", "fi", "\u{436}"]}],
-                "regexes": [{"name": "r", "action": "flag", "patterns": ["b[o0]mb", "[a-z]+", "\\w+\\b", "(?-i)[A-Z]{2}"]}]
+                "keywords": [
+                    {"name": "k", "action": "flag", "keywords": ["bomb", "coca", "pot", "i", "fi", "\u{436}"]}
+                ],
+                "regexes": [
+                    {"name": "r", "action": "flag", "patterns": ["b[o0]mb", "[a-z]+", "\\w+\\b", "(?-i)[A-Z]{2}"]}
+                ]
             }))
             .unwrap();
             let rules = RuleSet::compile(&rules).unwrap();
             let hit = rules.evaluate(&text);
             let words = disguised_words(&text);
-            for (start, end) in hit.evidence.iter().map(|s| (s.start, s.end)).chain(words.iter().map(|w| (w.start, w.end))) {
+            let spans = hit.evidence.iter().map(|s| (s.start, s.end));
+            for (start, end) in spans.chain(words.iter().map(|w| (w.start, w.end))) {
                 proptest::prop_assert!(start < end && end <= text.len(), "{:?}: {}..{}", text, start, end);
                 proptest::prop_assert!(text.is_char_boundary(start) && text.is_char_boundary(end), "{:?}", text);
             }
