@@ -869,8 +869,9 @@ impl RuleSet {
             }
         }
         if let Some(automaton) = &self.keywords {
-            // What the first reading found, so that the second does not count it again.
-            let mut found = HashSet::new();
+            // With two readings, matches are gathered and taken in text order once each, so that a rule's first
+            // spans are the first in the text whichever reading found them: (start, end, pattern).
+            let mut gathered: Vec<(usize, usize, usize)> = Vec::new();
             'readings: for (reading, as_latin) in readings.iter().enumerate() {
                 // The limit holds per reading: the second finds the first's matches again, and a text's one
                 // lookalike must not halve what it may hold before it counts as flooded.
@@ -902,10 +903,21 @@ impl RuleSet {
                     }
                     let before_ok = boundary_ok(meta.starts_word, folded.written_before(m.start()));
                     let after_ok = boundary_ok(meta.ends_word, folded.written_at(m.end()));
-                    let seen_before = readings.len() > 1 && !found.insert((m.pattern().as_usize(), start, end));
-                    if before_ok && after_ok && !seen_before {
+                    if !(before_ok && after_ok) {
+                        continue;
+                    }
+                    if readings.len() > 1 {
+                        gathered.push((start, end, m.pattern().as_usize()));
+                    } else {
                         evidence.found(SpanKind::Keyword, meta.origin, &meta.rule, meta.action, start, end);
                     }
+                }
+            }
+            gathered.sort_unstable();
+            gathered.dedup();
+            for (start, end, pattern) in gathered {
+                if let Some(meta) = self.keyword_meta.get(pattern) {
+                    evidence.found(SpanKind::Keyword, meta.origin, &meta.rule, meta.action, start, end);
                 }
             }
         }
@@ -915,24 +927,30 @@ impl RuleSet {
         // "b\u{43E}mb" as written, and "b\u{43E}mb" is still one word). Allow rules read only the text as written.
         let latin_letters = (!lookalikes.is_empty()).then(|| FoldedText::with_latin_letters(text, &lookalikes));
         for compiled in &self.regexes {
-            let copy = latin_letters.as_ref().filter(|_| compiled.action != RuleAction::Allow);
-            // Sorted and disjoint, as `find_iter` gives them; kept only when the copy is read too.
-            let mut as_written: Vec<Range<usize>> = Vec::new();
-            for m in compiled.regex.find_iter(text) {
-                if copy.is_some() {
-                    as_written.push(m.range());
+            let (origin, rule, action) = (compiled.origin, compiled.rule.as_str(), compiled.action);
+            let Some(latin) = latin_letters.as_ref().filter(|_| action != RuleAction::Allow) else {
+                for m in compiled.regex.find_iter(text) {
+                    evidence.found(SpanKind::Regex, origin, rule, action, m.start(), m.end());
                 }
-                evidence.found(SpanKind::Regex, compiled.origin, &compiled.rule, compiled.action, m.start(), m.end());
-            }
-            let Some(latin) = copy else { continue };
+                continue;
+            };
+            // Sorted and disjoint, as `find_iter` gives them.
+            let as_written: Vec<Range<usize>> = compiled.regex.find_iter(text).map(|m| m.range()).collect();
+            let mut hidden = Vec::new();
             for m in compiled.regex.find_iter(latin.folded.as_ref()) {
                 let Some((start, end)) = latin.original(m.start(), m.end()) else { continue };
                 let disguised = text.get(start..end) != latin.folded.get(m.range());
                 let first_not_before = as_written.partition_point(|found| found.end <= start);
                 let overlaps = as_written.get(first_not_before).is_some_and(|found| found.start < end);
                 if disguised && !overlaps {
-                    evidence.found(SpanKind::Regex, compiled.origin, &compiled.rule, compiled.action, start, end);
+                    hidden.push(start..end);
                 }
+            }
+            // In text order, as the keywords: both lists are sorted by start, and disjoint from each other.
+            let mut spans: Vec<Range<usize>> = as_written.into_iter().chain(hidden).collect();
+            spans.sort_unstable_by_key(|span| span.start);
+            for span in spans {
+                evidence.found(SpanKind::Regex, origin, rule, action, span.start, span.end);
             }
         }
         // Tag characters and the supplementary variation selectors draw as nothing yet can spell out text a model
@@ -1365,6 +1383,22 @@ mod tests {
         let text = "V\u{406}\u{410}GRA";
         assert_eq!(matched(text, &regexes.evaluate(text)), [text]);
         assert!(regexes.evaluate("v\u{456}\u{430}gra").evidence.is_empty(), "not shouted");
+        // Spans are the first in the text whichever reading found them: a disguised match before many plain ones
+        // is shown, not only counted.
+        let text = format!("b\u{43E}mb {}", "bomb ".repeat(MAX_SPANS_PER_RULE + 4));
+        let words: RulesConfig = serde_json::from_value(serde_json::json!({
+            "keywords": [{"name": "k", "action": "flag", "keywords": ["bomb"]}],
+            "regexes": [{"name": "r", "action": "flag", "patterns": ["b[o0]mb"]}]
+        }))
+        .unwrap();
+        let hit = RuleSet::compile(&words).unwrap().evaluate(&text);
+        for (rule, kind) in [("k: bomb", SpanKind::Keyword), ("r: b[o0]mb", SpanKind::Regex)] {
+            let spans: Vec<&Span> = hit.evidence.iter().filter(|span| span.kind == kind).collect();
+            assert_eq!(spans.len(), MAX_SPANS_PER_RULE, "{rule}");
+            assert_eq!(&text[spans[0].start..spans[0].end], "b\u{43E}mb", "{rule}");
+            assert!(spans.windows(2).all(|pair| pair[0].start < pair[1].start), "{rule}: in text order");
+            assert_eq!(hit.matches.get(rule), Some(&(MAX_SPANS_PER_RULE + 5)), "{rule}: {:?}", hit.matches);
+        }
         // Reading lookalikes as Latin finds more to look at, never more to let through.
         assert_eq!(regexes.evaluate("please pay").decision, RuleDecision::Allow);
         let disguised = "please \u{440}\u{430}\u{443}";
