@@ -212,10 +212,11 @@ impl Triage {
 
     /// Decides which band `text` falls in; see the crate docs for the precedence.
     pub fn route(&self, text: &str) -> TriageResult {
-        let mut rule_match = self.rules.as_ref().map(|r| r.evaluate(text));
+        let lookalikes = rules::LookalikeScan::of(text);
+        let mut rule_match = self.rules.as_ref().map(|r| r.evaluate_scanned(text, &lookalikes));
         // Letters in disguise are evidence whatever rules the policy has: the classifier reads "b\u{43E}mb" as a
         // word it never saw, and would skip the model on it as readily as on a typo.
-        let disguised = rules::disguised_words(text);
+        let disguised = lookalikes.disguised_words();
         if !disguised.is_empty() {
             rule_match.get_or_insert_with(RuleMatch::nothing).flag_disguised(disguised);
         }

@@ -175,7 +175,8 @@ pub enum SpanKind {
     Regex,
     AllowList,
     DenyList,
-    /// A word that mixes Latin letters with Cyrillic or Greek ones drawn like them ([`disguised_words`]).
+    /// A word that mixes Latin letters with Cyrillic or Greek ones drawn like them
+    /// ([`LookalikeScan::disguised_words`]).
     Disguise,
 }
 
@@ -219,12 +220,12 @@ impl RuleMatch {
         self.evidence.iter().any(|s| s.action == RuleAction::Flag)
     }
 
-    /// Flags the words [`disguised_words`] found, the first [`MAX_SPANS_PER_RULE`] as evidence.
-    pub fn flag_disguised(&mut self, words: Vec<Range<usize>>) {
+    /// Flags the words [`LookalikeScan::disguised_words`] found, the first [`MAX_SPANS_PER_RULE`] as evidence.
+    pub(crate) fn flag_disguised(&mut self, words: &[Range<usize>]) {
         if words.len() > MAX_SPANS_PER_RULE {
             self.matches.insert(DISGUISED_WORD_RULE.to_string(), words.len());
         }
-        self.evidence.extend(words.into_iter().take(MAX_SPANS_PER_RULE).map(|word| Span {
+        self.evidence.extend(words.iter().take(MAX_SPANS_PER_RULE).map(|word| Span {
             start: word.start,
             end: word.end,
             rule: DISGUISED_WORD_RULE.to_string(),
@@ -241,14 +242,6 @@ impl RuleMatch {
 
 /// The rule [`SpanKind::Disguise`] evidence names.
 pub const DISGUISED_WORD_RULE: &str = "word mixing Latin and lookalike letters";
-
-/// The words of `text` that mix Latin letters with Cyrillic or Greek ones drawn like Latin letters
-/// ("b\u{43E}mb" with a Cyrillic `о`), as byte ranges. No language is written so; it is how text slips past
-/// keyword lists and classifiers that read the letters apart (a keyboard left in the wrong layout for one letter
-/// aside), so triage never lets the model skip such a text.
-pub fn disguised_words(text: &str) -> Vec<Range<usize>> {
-    scan_lookalikes(text).mixed_words
-}
 
 #[derive(Debug, Clone)]
 struct CompiledRegex {
@@ -293,7 +286,7 @@ fn fold_trimmed(text: &str, as_latin: &[Range<usize>]) -> String {
 }
 
 /// Folds `text` onto `out` (see [`Folder`]), reading the letters inside `as_latin` (sorted byte ranges, as
-/// [`latin_lookalike_ranges`] gives them) as the Latin letters they look like. `folded` hears, for each character,
+/// [`LookalikeScan::latin_ranges`] gives them) as the Latin letters they look like. `folded` hears, for each character,
 /// where it starts and how long `out` is once it is folded.
 fn fold_into(text: &str, as_latin: &[Range<usize>], out: &mut String, mut folded: impl FnMut(usize, usize)) {
     let mut folder = Folder::default();
@@ -477,23 +470,11 @@ fn is_cyrillic_or_greek_letter(c: char) -> bool {
     ) && c.is_alphabetic()
 }
 
-/// Where a text's Cyrillic and Greek letters stand in for Latin ones, so that "b\u{43E}mb" (a Cyrillic `о`) is read
-/// as "bomb": in every word that mixes Latin letters with such lookalikes, and in the whole text when it has Latin
-/// letters and every Cyrillic or Greek letter in it is a lookalike ("\u{441}\u{43E}\u{441}\u{430}" in an English
-/// sentence). Russian or Greek writing has letters no Latin one looks like, and its words are left as they are.
-/// Sorted byte ranges; none for ASCII text.
-fn latin_lookalike_ranges(text: &str) -> Vec<Range<usize>> {
-    let scan = scan_lookalikes(text);
-    if scan.latin && scan.lookalikes && !scan.foreign {
-        std::iter::once(0..text.len()).collect()
-    } else {
-        scan.mixed_words
-    }
-}
-
-/// What [`latin_lookalike_ranges`] and [`disguised_words`] read off a text in one pass.
-#[derive(Default)]
-struct LookalikeScan {
+/// What a text's Cyrillic and Greek letters do, read off it in one pass: where they stand in for Latin ones
+/// ([`Self::latin_ranges`]), and which words mix them with Latin letters ([`Self::disguised_words`]). Scanned once
+/// per routed text, for the rules and for the disguise flag both.
+#[derive(Debug, Default)]
+pub(crate) struct LookalikeScan {
     /// Words that mix Latin letters with lookalikes.
     mixed_words: Vec<Range<usize>>,
     latin: bool,
@@ -501,35 +482,60 @@ struct LookalikeScan {
     lookalikes: bool,
     /// Cyrillic or Greek letters that are not.
     foreign: bool,
+    /// The scanned text's length, the range of [`Self::latin_ranges`] when it is all of it.
+    text_len: usize,
 }
 
-fn scan_lookalikes(text: &str) -> LookalikeScan {
-    let mut scan = LookalikeScan::default();
-    if text.is_ascii() || !may_hold_lookalikes(text) {
-        return scan;
-    }
-    // The word being read: where it starts, whether it has Latin letters and whether lookalikes.
-    let mut word: Option<(usize, bool, bool)> = None;
-    for (at, c) in text.char_indices().map(Some).chain([None]).map(|next| next.unwrap_or((text.len(), ' '))) {
-        // Invisible characters are inside a word: "b\u{200B}\u{43E}mb" still reads as one.
-        if at < text.len() && (is_word_char(c) || is_default_ignorable(c)) {
-            let (_, has_latin, has_lookalike) = word.get_or_insert((at, false, false));
-            if is_latin_letter(c) {
-                (*has_latin, scan.latin) = (true, true);
-            } else if is_cyrillic_or_greek_letter(c) {
-                if has_latin_lookalike(c) {
-                    (*has_lookalike, scan.lookalikes) = (true, true);
-                } else {
-                    scan.foreign = true;
+impl LookalikeScan {
+    pub(crate) fn of(text: &str) -> Self {
+        let mut scan = LookalikeScan { text_len: text.len(), ..LookalikeScan::default() };
+        if text.is_ascii() || !may_hold_lookalikes(text) {
+            return scan;
+        }
+        // The word being read: where it starts, whether it has Latin letters and whether lookalikes.
+        let mut word: Option<(usize, bool, bool)> = None;
+        for (at, c) in text.char_indices().map(Some).chain([None]).map(|next| next.unwrap_or((text.len(), ' '))) {
+            // Invisible characters are inside a word: "b\u{200B}\u{43E}mb" still reads as one.
+            if at < text.len() && (is_word_char(c) || is_default_ignorable(c)) {
+                let (_, has_latin, has_lookalike) = word.get_or_insert((at, false, false));
+                if is_latin_letter(c) {
+                    (*has_latin, scan.latin) = (true, true);
+                } else if is_cyrillic_or_greek_letter(c) {
+                    if has_latin_lookalike(c) {
+                        (*has_lookalike, scan.lookalikes) = (true, true);
+                    } else {
+                        scan.foreign = true;
+                    }
                 }
+                continue;
             }
-            continue;
+            if let Some((start, true, true)) = word.take() {
+                scan.mixed_words.push(start..at);
+            }
         }
-        if let Some((start, true, true)) = word.take() {
-            scan.mixed_words.push(start..at);
+        scan
+    }
+
+    /// Where the text's Cyrillic and Greek letters stand in for Latin ones, so that "b\u{43E}mb" (a Cyrillic `о`)
+    /// is read as "bomb": in every word that mixes Latin letters with such lookalikes, and in the whole text when
+    /// it has Latin letters and every Cyrillic or Greek letter in it is a lookalike ("\u{441}\u{43E}\u{441}\u{430}"
+    /// in an English sentence). Russian or Greek writing has letters no Latin one looks like, and its words are
+    /// left as they are. Sorted byte ranges; none for ASCII text.
+    fn latin_ranges(&self) -> std::borrow::Cow<'_, [Range<usize>]> {
+        if self.latin && self.lookalikes && !self.foreign {
+            std::borrow::Cow::Owned(std::iter::once(0..self.text_len).collect())
+        } else {
+            std::borrow::Cow::Borrowed(&self.mixed_words)
         }
     }
-    scan
+
+    /// The words that mix Latin letters with Cyrillic or Greek ones drawn like Latin letters ("b\u{43E}mb" with a
+    /// Cyrillic `о`), as byte ranges. No language is written so; it is how text slips past keyword lists and
+    /// classifiers that read the letters apart (a keyboard left in the wrong layout for one letter aside), so
+    /// triage never lets the model skip such a text.
+    pub(crate) fn disguised_words(&self) -> &[Range<usize>] {
+        &self.mixed_words
+    }
 }
 
 /// Whether `text` has a character where every [`latin_lookalike`] and every letter decomposing to one is:
@@ -584,7 +590,7 @@ struct FoldedText<'t> {
 }
 
 impl<'t> FoldedText<'t> {
-    /// `as_latin`: where lookalike letters are read as Latin ones ([`latin_lookalike_ranges`]).
+    /// `as_latin`: where lookalike letters are read as Latin ones ([`LookalikeScan::latin_ranges`]).
     fn new(text: &'t str, as_latin: &[Range<usize>]) -> Self {
         // ASCII text folds byte for byte unless whitespace other than single spaces is to be folded.
         let plain_spacing = || {
@@ -841,10 +847,15 @@ impl RuleSet {
     }
 
     pub fn evaluate(&self, text: &str) -> RuleMatch {
+        self.evaluate_scanned(text, &LookalikeScan::of(text))
+    }
+
+    /// [`Self::evaluate`] with `text`'s lookalikes already scanned, as [`crate::Triage::route`] has them.
+    pub(crate) fn evaluate_scanned(&self, text: &str, scan: &LookalikeScan) -> RuleMatch {
         let mut evidence = Evidence::default();
         // A text is matched as written (folded) and, where it has letters standing in for Latin ones, also as it
         // reads: the keyword "bomb" matches "b\u{43E}mb", while a Russian keyword still matches Russian text.
-        let lookalikes = latin_lookalike_ranges(text);
+        let lookalikes = scan.latin_ranges();
         let readings: &[&[Range<usize>]] = if lookalikes.is_empty() { &[&[]] } else { &[&[], &lookalikes] };
         if !self.allow_list.is_empty() || !self.deny_list.is_empty() {
             let normalized: Vec<String> = readings.iter().map(|as_latin| fold_trimmed(text, as_latin)).collect();
@@ -1485,13 +1496,14 @@ mod tests {
             .unwrap();
             let rules = RuleSet::compile(&rules).unwrap();
             let hit = rules.evaluate(&text);
-            let words = disguised_words(&text);
+            let scan = LookalikeScan::of(&text);
+            let words = scan.disguised_words();
             let spans = hit.evidence.iter().map(|s| (s.start, s.end));
             for (start, end) in spans.chain(words.iter().map(|w| (w.start, w.end))) {
                 proptest::prop_assert!(start < end && end <= text.len(), "{:?}: {}..{}", text, start, end);
                 proptest::prop_assert!(text.is_char_boundary(start) && text.is_char_boundary(end), "{:?}", text);
             }
-            for word in &words {
+            for word in words {
                 let word = &text[word.clone()];
                 let mixed = word.chars().any(is_latin_letter) && word.chars().any(has_latin_lookalike);
                 proptest::prop_assert!(mixed && !word.contains([' ', '.']), "{:?}", word);
