@@ -127,9 +127,14 @@ struct Header {
     well_formed: bool,
 }
 
+/// A message of the assistant's in channel `name`: the reasoning and the answer are read from these alone.
+fn is_assistant_channel(role: &str, channel: Option<&str>, name: &str) -> bool {
+    role == "assistant" && channel == Some(name)
+}
+
 impl Header {
     fn is_assistant_channel(&self, name: &str) -> bool {
-        self.role == "assistant" && self.channel.as_deref() == Some(name)
+        is_assistant_channel(&self.role, self.channel.as_deref(), name)
     }
 
     fn streams(&self) -> Option<fn(String) -> StreamDelta> {
@@ -444,7 +449,7 @@ fn split_header(text: &str, role_implied: bool, parse_recipient_and_type: bool) 
 
 fn summarize(messages: Vec<ParsedMessage>, end: CompletionEnd, ignored_tokens: usize) -> ParsedCompletion {
     let is_assistant_channel =
-        |m: &ParsedMessage, name: &str| m.role == "assistant" && m.channel.as_deref() == Some(name);
+        |m: &ParsedMessage, name: &str| is_assistant_channel(&m.role, m.channel.as_deref(), name);
     let analysis_parts: Vec<&str> =
         messages.iter().filter(|m| is_assistant_channel(m, "analysis")).map(|m| m.text.as_str()).collect();
     let analysis = if analysis_parts.is_empty() { None } else { Some(analysis_parts.join("\n")) };
