@@ -50,7 +50,13 @@ pub(crate) fn parse_answer_named(
     names: &[&str],
 ) -> ParsedAnswer {
     let mut answer = match output {
-        OutputFormat::Json => return parse_json(final_text, required_fields, names),
+        OutputFormat::Json => {
+            // Only the text outside the objects: ids inside them were read from their fields, and a rationale's
+            // ids are prose, checked apart.
+            let (mut answer, outside) = parse_json(final_text, required_fields, names);
+            cite_rule_ids(&mut answer, &outside, &[]);
+            return answer;
+        }
         OutputFormat::Labels { violating, safe, escalate } => parse_labels(final_text, violating, safe, escalate),
         _ => parse_binary(final_text, names),
     };
@@ -77,7 +83,11 @@ pub(crate) fn parse_answer_named(
             Ok(Some(other)) if answer.violation.is_some_and(|inside| inside != other) => {
                 Some(format!("the fenced answer and the text around it disagree in {}", excerpt(final_text)))
             }
-            Ok(_) => None,
+            // "```0```\nThis is spam.": no second answer around the fence, but prose that concludes the other side.
+            Ok(_) => answer
+                .violation
+                .and_then(|inside| prose_concludes_otherwise(&outside, inside, output, names))
+                .map(|phrase| format!("\"{phrase}\" around the fenced answer says the opposite of it")),
             Err(detail) => Some(format!("the text around the fenced answer: {detail}")),
         };
         if let Some(detail) = disagreement {
@@ -88,23 +98,29 @@ pub(crate) fn parse_answer_named(
             answer.push_flag(Flag::Escalated);
         }
     }
-    // A short answer may still cite rules ("1 (SP2.a)"): they are checked like a JSON answer's rule_ids.
     let labels: Vec<String> = match output {
         OutputFormat::Labels { violating, safe, escalate } => {
             violating.iter().chain(safe).chain(escalate).map(|label| normalize_label(label)).collect()
         }
         _ => Vec::new(),
     };
-    for (at, rule_id) in safeguard_policy::find_rule_ids(final_text) {
+    cite_rule_ids(&mut answer, final_text, &labels);
+    answer
+}
+
+/// Rule ids written in an answer's text ("1 (SP2.a)", "{…} (HT3.a)") join its `rule_ids`, to be checked like a
+/// JSON answer's: that they exist, and that they sit on the answer's side. A label of the policy shaped like an
+/// id (in `labels`, normalized) is the answer, not a citation.
+fn cite_rule_ids(answer: &mut ParsedAnswer, text: &str, labels: &[String]) {
+    for (at, rule_id) in safeguard_policy::find_rule_ids(text) {
         // "0, not SP4.a" names a rule to say it does not apply: that is no citation.
-        if negated_before(final_text, at) {
+        if negated_before(text, at) {
             continue;
         }
         if !labels.iter().any(|label| label == rule_id) && !answer.rule_ids.iter().any(|known| known == rule_id) {
             answer.rule_ids.push(rule_id.to_string());
         }
     }
-    answer
 }
 
 static ESCALATE: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"(?i)\bescalat\w*").expect("static regex"));
@@ -177,6 +193,48 @@ fn contradicting_sentence<'a>(text: &'a str, value: bool, output: &OutputFormat)
     None
 }
 
+/// A phrase of `prose` (words beside an answer) that concludes the other side from `violation`, as the reasoning
+/// check reads a conclusion: "0\nThis is spam.", `{"violation": 0}` beside "This is hate speech.". A rationale that
+/// only mentions the policy ("0 - the post does not violate the policy") agrees. Prose on both sides ("It's
+/// phishing, not spam") backs a violation but never a safe answer, as reasoning on both sides does.
+fn prose_concludes_otherwise(prose: &str, violation: bool, output: &OutputFormat, names: &[&str]) -> Option<String> {
+    let conclusion = crate::reasoning_conclusion(&without_answer_tokens(prose, output, names), output)?;
+    match conclusion.contested_by {
+        Some(other) if !violation => Some(if conclusion.violation { conclusion.phrase } else { other }),
+        Some(_) => None,
+        None => (conclusion.violation != violation).then_some(conclusion.phrase),
+    }
+}
+
+/// `text` with the answer's own tokens blanked: its 0/1 digits and the policy's labels, which would otherwise settle
+/// the reading ("This is spam. Answer: 0" would conclude 0, agreeing with itself), and legends ("1 = the content
+/// violates, 0 = it does not"), which describe the format rather than the content. Blanking keeps byte offsets.
+fn without_answer_tokens(text: &str, output: &OutputFormat, names: &[&str]) -> String {
+    let bytes = text.as_bytes();
+    let mut blanked = text.to_string();
+    for digit in BARE_DIGIT.find_iter(text) {
+        let end = if is_legend(text, digit.end(), names) {
+            (digit.end()..bytes.len())
+                .find(|&at| b",)]".contains(&bytes[at]) || crate::combined::cuts_sentence(bytes, at))
+                .unwrap_or(bytes.len())
+        } else {
+            digit.end()
+        };
+        blanked.replace_range(digit.start()..end, &" ".repeat(end - digit.start()));
+    }
+    if let OutputFormat::Labels { violating, safe, escalate } = output {
+        let mut labels: Vec<String> =
+            violating.iter().chain(safe).chain(escalate).map(|label| normalize_label(label)).collect();
+        labels.retain(|label| !label.is_empty());
+        // Longer labels first, so that "INVALID + ESCALATE" goes whole rather than leaving "+ ESCALATE".
+        labels.sort_by_key(|label| std::cmp::Reverse(label.len()));
+        for regex in labels.iter().filter_map(|label| label_regex(label)) {
+            blanked = regex.replace_all(&blanked, "${1} ${2}").into_owned();
+        }
+    }
+    blanked
+}
+
 /// A sentence that is only "yes" or "no" (with wrapping): `Some(true)` for yes.
 fn yes_or_no(sentence: &str) -> Option<bool> {
     match strip_wrapping(sentence).to_ascii_lowercase().as_str() {
@@ -210,14 +268,60 @@ fn around_fence(text: &str) -> Option<String> {
     (!around.trim().is_empty()).then_some(around)
 }
 
-/// Words that turn the label after them around: "not safe" is no "safe".
-const NEGATIONS: [&str; 8] = ["NOT", "NO", "ISN'T", "ISNT", "NEVER", "NOR", "NEITHER", "HARDLY"];
+/// Words that turn the label or rule after them around: "not safe" is no "safe".
+const NEGATIONS: [&str; 14] = [
+    "not", "no", "isn't", "isnt", "aren't", "wasn't", "doesn't", "cannot", "can't", "never", "nor", "neither",
+    "hardly", "ain't",
+];
+/// Words that may stand between such a negation and the label or rule it turns around: "NOT A VALID post", "not
+/// considered VALID", "not really a SP4.a case". Stopping at the word right before the label would read each of
+/// these as the label itself, and a negated safe label as an allow.
+const NEGATION_FILLERS: [&str; 22] = [
+    "a",
+    "an",
+    "the",
+    "really",
+    "exactly",
+    "simply",
+    "just",
+    "actually",
+    "truly",
+    "quite",
+    "entirely",
+    "clearly",
+    "considered",
+    "deemed",
+    "classified",
+    "labeled",
+    "labelled",
+    "marked",
+    "rated",
+    "as",
+    "be",
+    "been",
+];
+/// How many [`NEGATION_FILLERS`] a negation may stand before the label it turns around.
+const MAX_NEGATION_FILLERS: usize = 3;
 
-/// True when the word before `at` in `haystack` negates what follows.
+/// True when a negation stands before `at` in `haystack`, right before it or past a few filler words in the same
+/// clause ("not a VALID post", "isn’t VALID").
 fn negated_before(haystack: &str, at: usize) -> bool {
-    let head = haystack[..at].trim_end_matches(|c: char| !c.is_alphanumeric() && c != '\'');
-    let word = head.rsplit(|c: char| !c.is_alphanumeric() && c != '\'').next().unwrap_or("");
-    NEGATIONS.contains(&word.to_uppercase().as_str())
+    let Some(head) = haystack.get(..at) else { return false };
+    let clause = head.rsplit(|c: char| ".,;:!?()\n—–".contains(c)).next().unwrap_or(head);
+    let words = words_of(clause);
+    if words.is_empty() {
+        // Right after punctuation the word before it still turns the label around: "Not: VALID", "No, VALID".
+        return words_of(head).last().is_some_and(|word| NEGATIONS.contains(&word.as_str()));
+    }
+    for (index, word) in words.iter().rev().enumerate() {
+        if NEGATIONS.contains(&word.as_str()) {
+            return true;
+        }
+        if index >= MAX_NEGATION_FILLERS || !NEGATION_FILLERS.contains(&word.as_str()) {
+            return false;
+        }
+    }
+    false
 }
 
 /// Words that rule out the rule id near them in a rationale: "not HT3.a", "does not meet HT2", "no slurs
@@ -705,7 +809,7 @@ fn parse_binary(final_text: &str, names: &[&str]) -> ParsedAnswer {
     let mut answer = ParsedAnswer::default();
     let decided = match whole_answer(text) {
         Some(value) => Ok(Some(value)),
-        None if text.contains('{') => match json_answer(text) {
+        None if text.contains('{') => match json_answer(text, &OutputFormat::Binary) {
             Some((Ok((value, label)), outside)) => {
                 // The object and the prose beside it are both the model's answer: neither outvotes the other.
                 match binary_reading(&outside, names) {
@@ -713,10 +817,16 @@ fn parse_binary(final_text: &str, names: &[&str]) -> ParsedAnswer {
                         Err(format!("the JSON answer and the text around it disagree in {}", excerpt(text)))
                     }
                     Err(detail) => Err(detail),
-                    Ok(_) => {
-                        answer.label = label;
-                        Ok(Some(value))
-                    }
+                    Ok(_) => match prose_concludes_otherwise(&outside, value, &OutputFormat::Binary, names) {
+                        Some(phrase) => Err(format!(
+                            "\"{phrase}\" beside the JSON answer says the opposite of it in {}",
+                            excerpt(text)
+                        )),
+                        None => {
+                            answer.label = label;
+                            Ok(Some(value))
+                        }
+                    },
                 }
             }
             Some((Err(detail), _)) => Err(detail),
@@ -748,16 +858,16 @@ type JsonVerdict = Result<(bool, Option<String>), String>;
 
 /// The `{"violation": …}` answer inside a binary or labels answer, with the text outside the JSON objects.
 /// `None` when there is no such object.
-fn json_answer(text: &str) -> Option<(JsonVerdict, String)> {
+fn json_answer(text: &str, output: &OutputFormat) -> Option<(JsonVerdict, String)> {
     let objects = find_objects(text);
-    let found = violation_from_json(text, &objects)?;
+    let found = violation_from_json(text, &objects, output)?;
     Some((found, outside_objects(text, &objects)))
 }
 
 /// A `{"violation": …}` object inside a binary or labels answer: the meaning is clear even if the format is off.
 /// `None` when there is no such object; an error when one of them says nothing clear or they disagree, since the
 /// digits inside them must not then be read as prose.
-fn violation_from_json(text: &str, objects: &[FoundObject]) -> Option<JsonVerdict> {
+fn violation_from_json(text: &str, objects: &[FoundObject], output: &OutputFormat) -> Option<JsonVerdict> {
     let mut values = objects
         .iter()
         .filter_map(|object| answer_object(&object.map))
@@ -779,7 +889,7 @@ fn violation_from_json(text: &str, objects: &[FoundObject]) -> Option<JsonVerdic
             Err(detail) => return Some(Err(detail)),
         }
     }
-    if let Some(detail) = objects.iter().find_map(|object| object_two_sided(&object.map, first)) {
+    if let Some(detail) = objects.iter().find_map(|object| object_two_sided(&object.map, first, output)) {
         return Some(Err(format!("{detail} in {}", excerpt(text))));
     }
     Some(Ok((first, label)))
@@ -787,9 +897,9 @@ fn violation_from_json(text: &str, objects: &[FoundObject]) -> Option<JsonVerdic
 
 /// [`two_sided`] for an object found in a final, whose answer may sit one level down
 /// (`{"result": {"violation": 0}, "Violation": 1}`): the wrapper's own keys are read too.
-pub(crate) fn object_two_sided(map: &Map<String, Value>, violation: bool) -> Option<String> {
+pub(crate) fn object_two_sided(map: &Map<String, Value>, violation: bool, output: &OutputFormat) -> Option<String> {
     let inner = answer_object(map)?;
-    two_sided(inner, violation)
+    two_sided(inner, violation, output)
         .or_else(|| (!std::ptr::eq(inner, map)).then(|| second_violation(map, violation)).flatten())
 }
 
@@ -883,6 +993,10 @@ fn binary_from_prose(text: &str, names: &[&str]) -> Result<Option<bool>, String>
             excerpt(text)
         ));
     }
+    // "It is clearly spam, so 0.": read whole, since the digit's own sentence may hold the other side.
+    if let Some(phrase) = prose_concludes_otherwise(text, value, &OutputFormat::Binary, names) {
+        return Err(format!("\"{phrase}\" says the opposite of the {} in {}", u8::from(value), excerpt(text)));
+    }
     Ok(Some(value))
 }
 
@@ -937,7 +1051,9 @@ fn read_labels(final_text: &str, violating: &[String], safe: &[String], escalate
     labels.sort_by_key(|(label, _, _)| std::cmp::Reverse(label.len()));
     // With a `{"violation": …}` object present, labels are looked for outside it: a label inside the object's
     // strings ("rationale": "not VALID because …") is not the answer, while one beside it is a second answer.
-    let json = if text.contains('{') { json_answer(text) } else { None };
+    let output =
+        OutputFormat::Labels { violating: violating.to_vec(), safe: safe.to_vec(), escalate: escalate.to_vec() };
+    let json = if text.contains('{') { json_answer(text, &output) } else { None };
     let mut haystack = normalize_label(json.as_ref().map_or(text, |(_, outside)| outside.as_str()));
     let mut found: Vec<(String, Option<bool>, bool)> = Vec::new();
     let mut negated: Option<String> = None;
@@ -962,6 +1078,8 @@ fn read_labels(final_text: &str, violating: &[String], safe: &[String], escalate
     let values: Vec<bool> = found.iter().filter_map(|(_, value, _)| *value).collect();
     let any_true = values.contains(&true);
     let any_false = values.contains(&false);
+    let beside = json.as_ref().map_or_else(|| text.to_string(), |(_, outside)| outside.clone());
+    let turned = if any_false { safe_label_turning(&beside, safe) } else { None };
     if let Some(label) = negated {
         // "Not safe." is not the safe label, and guessing the opposite label would be reading an answer in.
         answer.push_flag(Flag::Unparseable { detail: format!("the label {label} is negated in {}", excerpt(text)) });
@@ -969,24 +1087,28 @@ fn read_labels(final_text: &str, violating: &[String], safe: &[String], escalate
         answer.push_flag(Flag::Unparseable {
             detail: format!("both violating and safe labels appear in {}", excerpt(text)),
         });
+    } else if let Some(label) = turned {
+        // "The coupon code is VALID, but the post sells followers.": the safe label may describe something other
+        // than the post, and which the model meant is for a person to say.
+        answer.push_flag(Flag::Unparseable {
+            detail: format!("the label {label} is followed by a contrast in {}", excerpt(text)),
+        });
     } else {
         let from_label = (any_true || any_false).then_some(any_true);
-        let beside = json.as_ref().map_or_else(|| text.to_string(), |(_, outside)| outside.clone());
         match (from_label, json.map(|(found, _)| found)) {
             (_, Some(Err(detail))) => answer.push_flag(Flag::Unparseable { detail }),
             (Some(said), Some(Ok((value, _)))) if said != value => answer.push_flag(Flag::Unparseable {
                 detail: format!("the JSON answer and the label beside it disagree in {}", excerpt(text)),
             }),
             (Some(said), _) => {
-                // "VALID\nViolation.": a label, and a word beside it that says the other side.
-                let output = OutputFormat::Labels {
-                    violating: violating.to_vec(),
-                    safe: safe.to_vec(),
-                    escalate: escalate.to_vec(),
-                };
-                match contradicting_sentence(&beside, said, &output) {
-                    Some(sentence) => answer.push_flag(Flag::Unparseable {
-                        detail: format!("\"{}\" says the opposite of the label in {}", sentence.trim(), excerpt(text)),
+                // "VALID\nViolation.", "VALID\nThe post is spam.": a label, and words beside it that say the other
+                // side.
+                let against = contradicting_sentence(&beside, said, &output)
+                    .map(|sentence| sentence.trim().to_string())
+                    .or_else(|| prose_concludes_otherwise(&beside, said, &output, &[]));
+                match against {
+                    Some(said_otherwise) => answer.push_flag(Flag::Unparseable {
+                        detail: format!("\"{said_otherwise}\" says the opposite of the label in {}", excerpt(text)),
                     }),
                     None => {
                         answer.violation = Some(said);
@@ -994,10 +1116,15 @@ fn read_labels(final_text: &str, violating: &[String], safe: &[String], escalate
                     }
                 }
             }
-            (None, Some(Ok((value, label)))) => {
-                answer.violation = Some(value);
-                answer.label = label;
-            }
+            (None, Some(Ok((value, label)))) => match prose_concludes_otherwise(&beside, value, &output, &[]) {
+                Some(phrase) => answer.push_flag(Flag::Unparseable {
+                    detail: format!("\"{phrase}\" says the opposite of the JSON answer in {}", excerpt(text)),
+                }),
+                None => {
+                    answer.violation = Some(value);
+                    answer.label = label;
+                }
+            },
             (None, None) => {}
         }
     }
@@ -1006,6 +1133,28 @@ fn read_labels(final_text: &str, violating: &[String], safe: &[String], escalate
         answer.push_flag(Flag::Escalated);
     }
     answer
+}
+
+/// A regex for `label` (normalized) as a whole word in model text, any case and spacing ("invalid+escalate"):
+/// group 1 and 2 are the characters around it.
+fn label_regex(label: &str) -> Option<Regex> {
+    let words: Vec<String> = label.split(' ').map(regex::escape).collect();
+    Regex::new(&format!(r"(?i)(^|[^A-Za-z0-9_]){}($|[^A-Za-z0-9_])", words.join(r"\s*"))).ok()
+}
+
+/// The first of the `safe` labels that `text` writes with its sentence turning to a contrast after it ("…is VALID,
+/// but …"). Read in the text as written, so that a line break still ends the sentence.
+fn safe_label_turning(text: &str, safe: &[String]) -> Option<String> {
+    safe.iter().map(|label| normalize_label(label)).filter(|label| !label.is_empty()).find(|label| {
+        label_regex(label).is_some_and(|regex| {
+            regex.captures_iter(text).filter_map(|caps| caps.get(2)).any(|after| {
+                let rest = &text[after.start()..];
+                let bytes = rest.as_bytes();
+                let end = (0..bytes.len()).find(|&at| crate::combined::cuts_sentence(bytes, at)).unwrap_or(bytes.len());
+                words_of(&rest[..end]).iter().any(|word| CONTRASTS.contains(&word.as_str()))
+            })
+        })
+    })
 }
 
 /// A JSON object found in model text, with where it sits.
@@ -1328,8 +1477,13 @@ fn field<'a>(map: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
     map.get(name).or_else(|| aliases.iter().find_map(|alias| map.get(*alias)))
 }
 
-/// Build an answer from one JSON object (a single-policy answer or one policy's entry in a combined answer).
-pub(crate) fn answer_from_object(map: &Map<String, Value>, required_fields: &[&str]) -> ParsedAnswer {
+/// Build an answer from one JSON object (a single-policy answer or one policy's entry in a combined answer), read
+/// under the policy's `output` format, whose labels a `"label"` in the object may use.
+pub(crate) fn answer_from_object(
+    map: &Map<String, Value>,
+    required_fields: &[&str],
+    output: &OutputFormat,
+) -> ParsedAnswer {
     let mut answer = ParsedAnswer::default();
     match field(map, "violation") {
         Some(value) => {
@@ -1367,12 +1521,15 @@ pub(crate) fn answer_from_object(map: &Map<String, Value>, required_fields: &[&s
     answer.severity = field(map, "severity").and_then(value_text);
     answer.action = field(map, "action").and_then(value_text);
     let asks_for_person = answer.action.as_deref().is_some_and(action_asks_for_person)
-        || map.get("label").and_then(value_text).is_some_and(|label| asks_for_person(&label));
+        || map
+            .get("label")
+            .and_then(value_text)
+            .is_some_and(|label| asks_for_person(&label) || escalate_label(&label, output).is_some());
     if asks_for_person {
         answer.push_flag(Flag::Escalated);
     }
     if let Some(violation) = answer.violation
-        && let Some(detail) = two_sided(map, violation)
+        && let Some(detail) = two_sided(map, violation, output)
     {
         answer.push_flag(Flag::Unparseable { detail });
     }
@@ -1380,14 +1537,36 @@ pub(crate) fn answer_from_object(map: &Map<String, Value>, required_fields: &[&s
 }
 
 /// Why the answer object `map`, whose `violation` says `violation`, also says the other side: another
-/// `violation` ([`second_violation`]) or a `"label": "UNSAFE"` beside `"violation": 0`.
-pub(crate) fn two_sided(map: &Map<String, Value>, violation: bool) -> Option<String> {
+/// `violation` ([`second_violation`]) or a `"label"` on the other side ([`label_side`]): `"label": "UNSAFE"` beside
+/// `"violation": 0`, or `"label": "INVALID"` under a VALID/INVALID policy.
+pub(crate) fn two_sided(map: &Map<String, Value>, violation: bool, output: &OutputFormat) -> Option<String> {
     if let Some(detail) = second_violation(map, violation) {
         return Some(detail);
     }
     let label = map.get("label").and_then(value_text)?;
-    (word_answer(strip_wrapping(&label)) == Some(!violation))
+    (label_side(&label, output) == Some(!violation))
         .then(|| format!("\"label\": {label:?} says the opposite of \"violation\": {}", u8::from(violation)))
+}
+
+/// Which side a JSON answer's `"label"` takes. The policy's own labels come first, since they may be any words
+/// ("SPAM" / "HAM"), then the words any answer may use ("unsafe", "invalid", "no").
+fn label_side(label: &str, output: &OutputFormat) -> Option<bool> {
+    if let Some(side) = escalate_label(label, output) {
+        return side;
+    }
+    word_reading(label, output).or_else(|| coerce_violation(&Value::String(label.to_string())).ok().flatten())
+}
+
+/// When `label` is one of a labels policy's escalate labels: `Some(Some(true))` when it holds a violating label
+/// ("INVALID + ESCALATE"), `Some(None)` when it takes no side ("REVIEW").
+fn escalate_label(label: &str, output: &OutputFormat) -> Option<Option<bool>> {
+    let OutputFormat::Labels { violating, escalate, .. } = output else { return None };
+    let label = normalize_label(bare_word(&without_rule_ids(label)));
+    if label.is_empty() || !escalate.iter().any(|escalating| normalize_label(escalating) == label) {
+        return None;
+    }
+    let violates = violating.iter().any(|v| label.split(' ').any(|word| word == normalize_label(v)));
+    Some(violates.then_some(true))
 }
 
 /// Another `violation` in the answer object that does not say `violation`: a key spelled another way
@@ -1458,7 +1637,8 @@ fn answer_object(map: &Map<String, Value>) -> Option<&Map<String, Value>> {
     }
 }
 
-fn parse_json(final_text: &str, required_fields: &[&str], names: &[&str]) -> ParsedAnswer {
+/// A JSON policy's answer, with the text outside its objects (rule ids there are citations too).
+fn parse_json(final_text: &str, required_fields: &[&str], names: &[&str]) -> (ParsedAnswer, String) {
     let objects = find_objects(final_text);
     if objects.is_empty() {
         // A bare "1" or "INVALID" instead of JSON: keep what it says, but the requested fields are missing.
@@ -1467,15 +1647,22 @@ fn parse_json(final_text: &str, required_fields: &[&str], names: &[&str]) -> Par
             bare.push_flag(Flag::Unparseable {
                 detail: format!("expected a JSON object, got {}", excerpt(final_text)),
             });
-            return bare;
+            return (bare, final_text.to_string());
         }
-        return ParsedAnswer::unparseable(format!("no JSON object in {}", excerpt(final_text)));
+        return (
+            ParsedAnswer::unparseable(format!("no JSON object in {}", excerpt(final_text))),
+            final_text.to_string(),
+        );
     }
     let answers: Vec<&Map<String, Value>> = objects.iter().filter_map(|object| answer_object(&object.map)).collect();
     let mut answer = match answers.last() {
         None => {
             let empty = Map::new();
-            let mut answer = answer_from_object(objects.last().map_or(&empty, |object| &object.map), required_fields);
+            let mut answer = answer_from_object(
+                objects.last().map_or(&empty, |object| &object.map),
+                required_fields,
+                &OutputFormat::Json,
+            );
             answer.push_flag(Flag::MissingField { field: "violation".to_string() });
             answer
         }
@@ -1484,16 +1671,20 @@ fn parse_json(final_text: &str, required_fields: &[&str], names: &[&str]) -> Par
                 .iter()
                 .map(|object| object.get("violation").and_then(|value| coerce_violation(value).ok().flatten()))
                 .collect();
-            let mut answer = answer_from_object(last, required_fields);
+            let mut answer = answer_from_object(last, required_fields, &OutputFormat::Json);
             // Every object's, wrappers' keys included (`{"result": {"violation": 0}, "Violation": 1}`).
             if let Some(violation) = answer.violation
                 && !answer.flags.iter().any(|flag| matches!(flag, Flag::Unparseable { .. }))
-                && let Some(detail) = objects.iter().find_map(|object| object_two_sided(&object.map, violation))
+                && let Some(detail) =
+                    objects.iter().find_map(|object| object_two_sided(&object.map, violation, &OutputFormat::Json))
             {
                 answer.push_flag(Flag::Unparseable { detail });
             }
             // An earlier object's request for a person stands: a later one cannot take it back.
-            if answers.iter().any(|object| answer_from_object(object, &[]).flags.contains(&Flag::Escalated)) {
+            if answers
+                .iter()
+                .any(|object| answer_from_object(object, &[], &OutputFormat::Json).flags.contains(&Flag::Escalated))
+            {
                 answer.push_flag(Flag::Escalated);
             }
             // Every answer object must say the same clear thing: an earlier one that says nothing clear is not
@@ -1529,10 +1720,19 @@ fn parse_json(final_text: &str, required_fields: &[&str], names: &[&str]) -> Par
             answer.push_flag(Flag::Unparseable { detail: format!("the text around the JSON answer: {detail}") });
         }
     }
+    // "{…0…}\nThis is hate speech.": no second answer beside the object, but prose that concludes the other side.
+    if let Some(value) = answer.violation
+        && let Some(phrase) = prose_concludes_otherwise(&outside, value, &OutputFormat::Json, names)
+    {
+        answer.violation = None;
+        answer.push_flag(Flag::Unparseable {
+            detail: format!("\"{phrase}\" beside the JSON answer says the opposite of it in {}", excerpt(final_text)),
+        });
+    }
     if asks_for_person(&outside) {
         answer.push_flag(Flag::Escalated);
     }
-    answer
+    (answer, outside)
 }
 
 /// A short, single-line excerpt of model text for error details.

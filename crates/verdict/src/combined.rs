@@ -329,8 +329,11 @@ pub fn judge_combined(
                 flags.push(Flag::MissingField { field: key.clone() });
                 return Verdict::undetermined(policy, flags);
             };
-            let mut verdict =
-                Verdict::from_answer(policy, answer_from_object(&entry_object(entry), &REQUIRED), base_flags.clone());
+            let mut verdict = Verdict::from_answer(
+                policy,
+                answer_from_object(&entry_object(entry), &REQUIRED, &policy.meta.output),
+                base_flags.clone(),
+            );
             // Every entry must say the same clear thing: an earlier one that says nothing clear ("unsure") is not
             // outvoted by a later clean one.
             if entries.iter().any(|entry| entry_violation(entry) != verdict.violation) {
@@ -348,10 +351,9 @@ pub fn judge_combined(
                 });
             }
             // A request for a person in any entry stands: a later entry cannot take it back.
-            if entries
-                .iter()
-                .any(|entry| answer_from_object(&entry_object(entry), &[]).flags.contains(&Flag::Escalated))
-            {
+            if entries.iter().any(|entry| {
+                answer_from_object(&entry_object(entry), &[], &policy.meta.output).flags.contains(&Flag::Escalated)
+            }) {
                 verdict.push_flag(Flag::Escalated);
             }
             // serde keeps the last of two same-named keys, so `"spam": 1, "spam": 0` or a repeated "violation"

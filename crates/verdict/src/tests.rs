@@ -1135,3 +1135,143 @@ fn citations_and_actions_are_read_wherever_they_are_written() {
     let verdict = judge(&sexual, None, Some(&ruled_out), false);
     assert!(verdict.flags.contains(&Flag::Escalated), "{verdict:?}");
 }
+
+/// A label negated a few words back ("not considered VALID"), or with a typographic apostrophe ("isn’t VALID"), is
+/// no label; a safe label in prose whose sentence turns to a "but" may be about something else than the post.
+#[test]
+fn a_label_negated_past_filler_words_is_no_label() {
+    let labels = labels_policy();
+    for text in [
+        "This is NOT A VALID post.",
+        "The content is not considered VALID.",
+        "The post isn\u{2019}t VALID.",
+        "The post is not really a VALID one.",
+        "The coupon code is VALID, but the post sells followers.",
+    ] {
+        let verdict = judge(&labels, None, Some(text), false);
+        assert!(
+            verdict.outcome == Outcome::NeedsReview && has_unparseable(&verdict) && verdict.violation.is_none(),
+            "{text:?}: {verdict:?}"
+        );
+    }
+    // A negation in an earlier clause, or a label right after a concluding word, still leaves the label read.
+    for (text, outcome) in [
+        ("No spam here, so the post is VALID.", Outcome::Allow),
+        ("The post is VALID.", Outcome::Allow),
+        ("It is not a question but an ad: INVALID.", Outcome::Violation),
+        ("The post is INVALID, but polite.", Outcome::Violation),
+    ] {
+        let verdict = judge(&labels, None, Some(text), false);
+        assert_eq!(verdict.outcome, outcome, "{text:?}: {verdict:?}");
+    }
+    // A rule named a few words after a negation is no citation either.
+    assert_eq!(judge(&binary_policy(), None, Some("0 - SP0.a, not a SP4.a case"), false).outcome, Outcome::Allow);
+}
+
+/// Prose beside an answer that concludes the other side ("0\nThis is spam.") makes the answer say two things.
+#[test]
+fn prose_concluding_the_other_side_beside_an_answer_is_unclear() {
+    let (binary, labels, json) = (binary_policy(), labels_policy(), json_policy());
+    let safe = r#"{"violation": 0, "policy_category": null, "rule_ids": ["HT0.a"], "confidence": "high", "rationale": "Critique."}"#;
+    let two_sided: Vec<(&Policy, String)> = vec![
+        (&binary, "0\nThis is spam.".into()),
+        (&binary, "0. The post clearly violates the policy.".into()),
+        (&binary, "0 - the post clearly violates the policy.".into()),
+        (&binary, "It is clearly spam, so 0.".into()),
+        (&binary, "1\nThis is not spam.".into()),
+        (&binary, "```\n0\n```\nThis is spam.".into()),
+        (&binary, "{\"violation\": 0}\nThis is phishing.".into()),
+        (&labels, "VALID\nThe post is spam.".into()),
+        (&labels, "```\nVALID\n```\nThe post is spam.".into()),
+        (&labels, "{\"violation\": 0}\nThe post is spam.".into()),
+        (&json, format!("{safe}\nThis is hate speech.")),
+        (&json, format!("This content violates the policy.\n{safe}")),
+    ];
+    for (policy, text) in &two_sided {
+        let verdict = judge(policy, None, Some(text), false);
+        assert!(
+            verdict.outcome == Outcome::NeedsReview && has_unparseable(&verdict) && verdict.violation.is_none(),
+            "{text:?}: {verdict:?}"
+        );
+    }
+    let one_sided: Vec<(&Policy, String, Outcome)> = vec![
+        (&binary, "0 \u{2014} the post does not violate the policy".into(), Outcome::Allow),
+        (&binary, "0\nNot spam, just a question.".into(), Outcome::Allow),
+        (&binary, "1\nThis is spam.".into(), Outcome::Violation),
+        (&binary, "It is clearly spam, so 1.".into(), Outcome::Violation),
+        (&binary, "1\nIt's phishing, not spam per se.".into(), Outcome::Violation),
+        (&binary, "```\n0\n```\nIt is not spam.".into(), Outcome::Allow),
+        (&binary, "Answer: 0 (1 = the content violates, 0 = it does not)".into(), Outcome::Allow),
+        (&labels, "VALID\nThe post is not spam.".into(), Outcome::Allow),
+        (&labels, "Not spam, so VALID.".into(), Outcome::Allow),
+        (&json, format!("{safe}\nIt is critique, not hate speech."), Outcome::Allow),
+        (&json, format!("{safe}\nThe content does not violate the policy."), Outcome::Allow),
+    ];
+    for (policy, text, outcome) in &one_sided {
+        let verdict = judge(policy, None, Some(text), false);
+        assert_eq!(verdict.outcome, *outcome, "{text:?}: {verdict:?}");
+    }
+}
+
+/// A JSON answer's "label" is read with the policy's own labels: `"label": "INVALID"` beside `"violation": 0`
+/// says two things under a VALID/INVALID policy, as `"label": "SPAM"` does under a SPAM/HAM one.
+#[test]
+fn a_json_label_is_read_with_the_policys_own_labels() {
+    let labels = labels_policy();
+    let custom = Policy::parse(
+        "---\nname: links\noutput: labels\nlabels:\n  violating: [SPAM]\n  safe: [HAM]\n---\n# Links\nSay SPAM or HAM.\n",
+    )
+    .unwrap();
+    for (policy, text) in [
+        (&labels, r#"{"violation": 0, "label": "INVALID"}"#),
+        (&labels, r#"{"violation": 1, "label": "VALID"}"#),
+        (&custom, r#"{"violation": 0, "label": "SPAM"}"#),
+        (&custom, r#"{"violation": 1, "label": "ham"}"#),
+        (&binary_policy(), r#"{"violation": 0, "label": "INVALID"}"#),
+    ] {
+        let verdict = judge(policy, None, Some(text), false);
+        assert!(
+            verdict.outcome == Outcome::NeedsReview && has_unparseable(&verdict) && verdict.violation.is_none(),
+            "{text:?}: {verdict:?}"
+        );
+    }
+    for (policy, text, outcome) in [
+        (&labels, r#"{"violation": 0, "label": "VALID"}"#, Outcome::Allow),
+        (&labels, r#"{"violation": 1, "label": "INVALID"}"#, Outcome::Violation),
+        (&custom, r#"{"violation": 0, "label": "HAM"}"#, Outcome::Allow),
+        (&custom, r#"{"violation": 1, "label": "SPAM"}"#, Outcome::Violation),
+    ] {
+        let verdict = judge(policy, None, Some(text), false);
+        assert_eq!(verdict.outcome, outcome, "{text:?}: {verdict:?}");
+    }
+    // A combined answer's entry for a labels policy is read with that policy's labels too.
+    let both = vec![custom, starter("hate")];
+    let answer = format!(
+        r#"{{"links": {{"violation": 0, "label": "SPAM", "policy_category": null, "rule_ids": [], "confidence": "high", "rationale": "x"}}, "hate": {HATE_SAFE}}}"#
+    );
+    let verdicts = judge_combined(&both, None, Some(&answer), false);
+    assert!(has_unparseable(&verdicts[0]) && verdicts[0].outcome == Outcome::NeedsReview, "{:?}", verdicts[0]);
+    assert_eq!(verdicts[1].outcome, Outcome::Allow, "{:?}", verdicts[1]);
+}
+
+/// Rule ids written beside a JSON answer are citations, checked as a short answer's are.
+#[test]
+fn rule_ids_written_outside_a_json_answer_are_checked() {
+    let json = json_policy();
+    let cited = r#"{"violation": 1, "policy_category": "HT2", "rule_ids": ["HT2.a"], "confidence": "high", "rationale": "x"} Also HT9.z."#;
+    let verdict = judge(&json, None, Some(cited), false);
+    assert!(verdict.flags.contains(&Flag::HallucinatedRule { rule_id: "HT9.z".into() }), "{verdict:?}");
+    assert_eq!(verdict.outcome, Outcome::NeedsReview);
+    let hate = starter("hate");
+    let violating = hate
+        .rule_ids
+        .iter()
+        .find(|id| id.contains('.') && hate.rule_side(id) == Some(safeguard_policy::RuleSide::Violates))
+        .unwrap();
+    let safe = r#"{"violation": 0, "policy_category": null, "rule_ids": [], "confidence": "high", "rationale": "x"}"#;
+    let verdict = judge(&hate, None, Some(&format!("{safe} ({violating})")), false);
+    assert!(inconsistent(&verdict) && verdict.outcome == Outcome::NeedsReview, "{verdict:?}");
+    // As in a short answer, a rule named to say it does not apply is no citation.
+    let verdict = judge(&hate, None, Some(&format!("{safe} Not {violating}.")), false);
+    assert_eq!(verdict.outcome, Outcome::Allow, "{verdict:?}");
+}
