@@ -647,14 +647,27 @@ fn valid_schema_name(name: &str) -> bool {
         && !name.starts_with(|c: char| c.is_ascii_digit())
 }
 
-/// Never echo a password from a connection string into logs or errors.
+/// Never echo a password from a connection string into logs or errors: neither in the user info (everything up to
+/// the last `@` before the query, as URL parsers read it, since a password may hold `@`) nor as libpq's
+/// `password=` parameter.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            format!("{}://***{}", &url[..scheme_end], &url[at..])
+    let Some(scheme_end) = url.find("://") else { return url.to_string() };
+    let (scheme, rest) = url.split_at(scheme_end + "://".len());
+    let (location, query) = rest.split_at(rest.find('?').unwrap_or(rest.len()));
+    let location = match location.rfind('@') {
+        Some(at) => format!("***{}", &location[at..]),
+        None => location.to_string(),
+    };
+    let query = query.split_inclusive(['?', '&']).map(|part| {
+        let (name, _) = part.split_once('=').unwrap_or((part, ""));
+        if name.eq_ignore_ascii_case("password") {
+            let separator = if part.ends_with('&') { "&" } else { "" };
+            format!("{name}=***{separator}")
+        } else {
+            part.to_string()
         }
-        _ => url.to_string(),
-    }
+    });
+    format!("{scheme}{location}{}", query.collect::<String>())
 }
 
 #[cfg(test)]
@@ -704,6 +717,16 @@ mod tests {
     #[test]
     fn urls_are_redacted() {
         assert_eq!(redact_url("postgres://u:secret@h/db"), "postgres://***@h/db");
+        assert_eq!(redact_url("postgres://app:p@ss@db/prod"), "postgres://***@db/prod");
+        assert_eq!(
+            redact_url("postgres://u:a/b@c@h:5432/db?sslmode=require"),
+            "postgres://***@h:5432/db?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://h/db?user=u&password=s3cret&sslmode=require"),
+            "postgres://h/db?user=u&password=***&sslmode=require"
+        );
+        assert_eq!(redact_url("postgres://h/db?PASSWORD=x"), "postgres://h/db?PASSWORD=***");
         assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
     }
 
