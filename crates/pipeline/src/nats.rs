@@ -54,7 +54,7 @@ use std::time::{Duration, Instant};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use futures::{FutureExt, Stream, StreamExt};
-use safeguard_core::input::{InputLimits, parse_item};
+use safeguard_core::input::{InputLimits, ItemError, parse_item};
 use safeguard_harmony::{Content, Tokenizer, user_message_text};
 use safeguard_policy::Policy;
 use safeguard_verdict::Outcome;
@@ -849,6 +849,10 @@ impl Worker {
         // Left out when longer than a key may be, for the same reason; a prefix would be another item's id. The
         // producer finds the answer under the key.
         let item_id = item_id.filter(|id| id.len() <= MAX_KEY_BYTES);
+        // Before the ledger is read: it would answer "appeal": "true" with the decision being appealed.
+        if let Err(why) = event_fields_read_as_sent(payload.as_ref()) {
+            return self.reject_malformed(message, key, item_id, &why).await;
+        }
         let appeal = payload.as_ref().and_then(|p| p.get("appeal")).and_then(Value::as_bool).unwrap_or(false);
         // An appeal of an item is a decision of its own: under the item's key the ledger would answer it with
         // the decision being appealed.
@@ -905,12 +909,20 @@ impl Worker {
             }
         }
 
+        // Rejections for what this worker holds or allows (its limits, its policies, its model's context) are not
+        // the body's to keep: another worker, or this one reconfigured, may take the same body sent again. Only
+        // what is wrong with the event itself goes in the ledger.
         let item = match item {
             Ok(item) => item,
+            Err(e @ ItemError::TooLong { .. }) => {
+                let settled = Settled { digest: &digest, slot_answers_another };
+                return self.reject_for_now(message, key, item_id, &e.to_string(), settled).await;
+            }
             Err(e) => return self.reject(message, key, item_id, &e.to_string(), digest, stop).await,
         };
         if let Some(why) = self.limits.over_tokens(&item.content) {
-            return self.reject(message, key, item_id, &why, digest, stop).await;
+            let settled = Settled { digest: &digest, slot_answers_another };
+            return self.reject_for_now(message, key, item_id, &why, settled).await;
         }
         let requested = match requested {
             Ok(requested) => requested,
@@ -918,8 +930,7 @@ impl Worker {
         };
         let (policies, pipeline) = match self.host.prepare(&requested).await {
             Ok(prepared) => prepared,
-            Err(HostError::Rejected(why)) => return self.reject(message, key, item_id, &why, digest, stop).await,
-            Err(HostError::NotStored(why)) => {
+            Err(HostError::Rejected(why) | HostError::NotStored(why)) => {
                 let settled = Settled { digest: &digest, slot_answers_another };
                 return self.reject_for_now(message, key, item_id, &why, settled).await;
             }
@@ -943,7 +954,8 @@ impl Worker {
             Err(overflow) => {
                 let as_an_item = RouteContext { appeal: false, ..ctx.clone() };
                 if !appeal || pipeline.check_fits_context(&policies, &item.content, &as_an_item).is_err() {
-                    return self.reject(message, key, item_id, &overflow.to_string(), digest, stop).await;
+                    let settled = Settled { digest: &digest, slot_answers_another };
+                    return self.reject_for_now(message, key, item_id, &overflow.to_string(), settled).await;
                 }
                 Some(format!("not reasoned about: {overflow}"))
             }
@@ -1166,8 +1178,9 @@ impl Worker {
         None
     }
 
-    /// Rejects an event for what the host holds now ([`HostError::NotStored`]), not for what it is: published, never
-    /// written to the ledger, so the key stays free for the same event sent again. Not published over this body's
+    /// Rejects an event for what this worker holds or allows now (a policy not stored, or not served here; a limit;
+    /// the model's context), not for what it is: published, never written to the ledger, so the key stays free for
+    /// the same event sent again. Not published over this body's
     /// settled word (another delivery's decision, settled meanwhile, or a person's answer to it): the producer's
     /// last word stays the settled one. Over another body's it is: an edited post the worker cannot judge yet
     /// must not pass on the old body's `allow`.
@@ -1179,17 +1192,33 @@ impl Worker {
         error: &str,
         this_body: Settled<'_>,
     ) -> Option<Duration> {
-        warn!(?key, ?error, "rejecting a content event until its policy is stored");
-        let place = stream_place(message);
+        warn!(?key, ?error, "rejecting a content event for what this worker holds now");
         let event = rejected(key, item_id, error);
-        // One id per delivery: a resend is answered again, a duplicate publish of this one is not.
-        let id = format!("{}:{:?}:{place}", subject_token(&event.key), event.status);
+        let id = per_delivery_id(message, &event);
         let settled = |last: &DecisionEvent| match (&last.status, &last.body_digest) {
             (EventStatus::Decided, Some(theirs)) => theirs.as_str() == this_body.digest,
             (EventStatus::Decided | EventStatus::Reviewed, None) => this_body.answered_by(&event.key, last),
             _ => false,
         };
         let published = self.bus.publish_unless(&id, &event, settled).await.map(|_| ());
+        ack_published(message, &event.key, published).await;
+        None
+    }
+
+    /// Rejects an event with a field it should not have, or one of the wrong kind
+    /// ([`event_fields_read_as_sent`]): never written to the ledger (a redelivery is refused the same way), and
+    /// published whatever the key's subject last said, since no settled word there answers this event.
+    async fn reject_malformed(
+        &self,
+        message: &jetstream::Message,
+        key: String,
+        item_id: Option<String>,
+        error: &str,
+    ) -> Option<Duration> {
+        warn!(?key, ?error, "rejecting a malformed content event");
+        let event = rejected(key, item_id, error);
+        let published =
+            self.bus.publish_as(&subject_token(&event.key), &per_delivery_id(message, &event), &event).await;
         ack_published(message, &event.key, published).await;
         None
     }
@@ -1339,6 +1368,12 @@ fn stream_place(message: &jetstream::Message) -> String {
 }
 
 /// The event that rejects a content event, for `error`.
+/// The message id of an event published once per delivery: a resend is answered again, a duplicate publish of
+/// this one is not.
+fn per_delivery_id(message: &jetstream::Message, event: &DecisionEvent) -> String {
+    format!("{}:{:?}:{}", subject_token(&event.key), event.status, stream_place(message))
+}
+
 fn rejected(key: String, item_id: Option<String>, error: &str) -> DecisionEvent {
     DecisionEvent {
         key,
@@ -1860,6 +1895,28 @@ async fn keep_alive<T>(message: &jetstream::Message, ack_wait: Duration, work: i
             done = &mut work => return done,
             _ = ticker.tick() => progress(message).await,
         }
+    }
+}
+
+/// The fields a content event may carry; a null stands for one left out.
+const EVENT_FIELDS: [&str; 7] = ["id", "text", "messages", "prompt", "response", "policies", "appeal"];
+
+/// Whether every field of an event is one the worker reads, of a kind it reads as sent. Over HTTP such a request is
+/// refused; on the bus it would be decided otherwise than asked: a misspelt `"policy"` under the default set
+/// (without the one it named), `"appeal": "true"` as no appeal at all.
+fn event_fields_read_as_sent(payload: Option<&Value>) -> Result<(), String> {
+    let Some(Value::Object(fields)) = payload else { return Ok(()) };
+    if let Some((field, _)) =
+        fields.iter().find(|(field, value)| !value.is_null() && !EVENT_FIELDS.contains(&field.as_str()))
+    {
+        return Err(format!(
+            "the event has a field {field:?} the worker does not read; it reads {}",
+            EVENT_FIELDS.join(", ")
+        ));
+    }
+    match fields.get("appeal") {
+        None | Some(Value::Null | Value::Bool(_)) => Ok(()),
+        Some(other) => Err(format!("\"appeal\" must be true or false, not {other}")),
     }
 }
 

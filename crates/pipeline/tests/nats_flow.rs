@@ -98,7 +98,7 @@ async fn workers_share_a_stream_survive_a_crash_and_decide_each_item_once() {
     // A producer retry of the same event: dropped by the stream's duplicate window.
     producer.publish_content("item-1", &json!({"id": "item-1", "text": "see you at lunch 1"})).await.unwrap();
     // An event that can never be decided is rejected, not retried forever.
-    producer.publish_content("broken", &json!({"id": "broken", "nothing": "to classify"})).await.unwrap();
+    producer.publish_content("broken", &json!({"id": "broken", "text": ["not", "a", "text"]})).await.unwrap();
 
     let reasoner = Arc::new(Slow { calls: AtomicUsize::new(0), pause: Duration::from_millis(150) });
     let doomed_stop = CancellationToken::new();
@@ -989,4 +989,70 @@ async fn workers_starting_together_all_find_the_streams_one_of_them_created() {
         assert_eq!(buses[0].decided.cached_info().config.name, cfg.decided_stream);
         delete_streams(&buses[0]).await;
     }
+}
+
+/// An event with a field the worker does not read, or an `"appeal"` that is not a boolean, is rejected, never
+/// decided otherwise than asked: a misspelt `"policy"` would be judged under the default set instead of the one it
+/// named, and `"appeal": "true"` under a decided key would be answered with the decision being appealed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_with_fields_the_worker_does_not_read_as_sent_are_rejected() {
+    if !nats_up() {
+        eprintln!("skipped: NATS is not reachable at {URL} (bash scripts/setup.sh starts it)");
+        return;
+    }
+    let cfg = config();
+    let producer = Bus::connect(cfg.clone()).await.unwrap();
+    let reasoner = Arc::new(Slow { calls: AtomicUsize::new(0), pause: Duration::from_millis(10) });
+    let (stop, task) = spawn(worker(Bus::connect(cfg.clone()).await.unwrap(), reasoner.clone(), None));
+    publish_by_id(&producer, &json!({"id": "p1", "text": "see you at lunch"})).await;
+    wait_for_event(&producer, "p1", EventStatus::Decided, Duration::from_secs(30)).await;
+    publish_by_id(&producer, &json!({"id": "p1", "text": "see you at lunch", "appeal": "true"})).await;
+    publish_by_id(&producer, &json!({"id": "p2", "text": "buy cheap pills", "policy": "self-harm"})).await;
+    let appeal = wait_for_event(&producer, "p1", EventStatus::Rejected, Duration::from_secs(30)).await;
+    assert!(appeal.error.as_deref().is_some_and(|e| e.contains("\"appeal\" must be true or false")), "{appeal:?}");
+    let misspelt = wait_for_event(&producer, "p2", EventStatus::Rejected, Duration::from_secs(30)).await;
+    assert!(misspelt.error.as_deref().is_some_and(|e| e.contains("\"policy\"")), "{misspelt:?}");
+    wait_until_drained(&producer, Duration::from_secs(30)).await;
+    assert_eq!(reasoner.calls.load(Ordering::SeqCst), 1, "only p1's first event was reasoned about");
+    // The ledger keeps p1's decision, and nothing for the refused event.
+    assert_eq!(producer.decided("p1").await.unwrap().map(|e| e.status), Some(EventStatus::Decided));
+    assert!(producer.decided("p2").await.unwrap().is_none());
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    delete_streams(&producer).await;
+}
+
+/// A rejection for what one worker holds (a policy it does not serve) is not the body's for good: the same body
+/// sent again to a worker that serves the policy is decided, not answered from the ledger with the rejection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejection_for_what_a_worker_holds_is_not_kept_in_the_ledger() {
+    if !nats_up() {
+        eprintln!("skipped: NATS is not reachable at {URL} (bash scripts/setup.sh starts it)");
+        return;
+    }
+    let cfg = config();
+    let producer = Bus::connect(cfg.clone()).await.unwrap();
+    let reasoner = Arc::new(Slow { calls: AtomicUsize::new(0), pause: Duration::from_millis(10) });
+    let event = json!({"id": "h1", "text": "see you at lunch", "policies": ["hate"]});
+    let (stop, task) = spawn(worker(Bus::connect(cfg.clone()).await.unwrap(), reasoner.clone(), None));
+    publish_by_id(&producer, &event).await;
+    let refused = wait_for_event(&producer, "h1", EventStatus::Rejected, Duration::from_secs(30)).await;
+    assert!(refused.error.as_deref().is_some_and(|e| e.contains("does not serve")), "{refused:?}");
+    wait_until_drained(&producer, Duration::from_secs(30)).await;
+    assert!(producer.decided("h1").await.unwrap().is_none(), "not in the ledger");
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+
+    let hate = Policy::parse(&SPAM.replace("spam", "hate").replace("Spam", "Hate")).unwrap();
+    let pipeline = Pipeline::new(Classifier::new(reasoner.clone()), RoutingConfig::default());
+    let serving_both =
+        Worker::new(Bus::connect(cfg.clone()).await.unwrap(), pipeline, vec![Policy::parse(SPAM).unwrap(), hate]);
+    let (stop, task) = spawn(serving_both);
+    publish_by_id(&producer, &event).await;
+    let decided = wait_for_event(&producer, "h1", EventStatus::Decided, Duration::from_secs(30)).await;
+    let policies: Vec<&str> = decided.decision.as_ref().unwrap().policies.iter().map(|p| p.policy.as_str()).collect();
+    assert_eq!(policies, ["hate"], "{decided:?}");
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    delete_streams(&producer).await;
 }
