@@ -193,7 +193,7 @@ pub(crate) fn refuse_overflow(checked: Result<(), ContextOverflow>) -> Result<()
 }
 
 pub(crate) fn parse_settings(state: &AppState, body: &Value) -> Result<(Settings, bool), ApiError> {
-    let effort = match body.get("effort").or_else(|| body.get("reasoning_effort")) {
+    let effort = match ApiError::either_field(body, "effort", "reasoning_effort")? {
         None | Some(Value::Null) => state.config.default_effort,
         Some(Value::String(s)) => s
             .parse::<Effort>()

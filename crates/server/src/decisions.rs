@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use safeguard_harmony::{Content, Effort};
 use safeguard_policy::Policy;
 use safeguard_store::{DecisionFilter, DecisionRecord};
@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use crate::AppState;
 use crate::auth::Caller;
 use crate::classify::{Origin, Settings, count_decision, options, record_of};
-use crate::error::{ApiError, ApiQuery};
+use crate::error::{ApiError, ApiPath, ApiQuery};
 use crate::policies::stored_policy;
 
 pub(crate) fn record_reply(record: &DecisionRecord, reasoning: Option<Vec<String>>) -> Value {
@@ -94,7 +94,7 @@ pub(crate) async fn list(
 pub(crate) async fn get_one(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require("review").or_else(|_| caller.require("audit"))?;
     let record = state.store.get_decision(&id).await?.ok_or_else(|| ApiError::NotFound(format!("no decision {id}")))?;
@@ -135,7 +135,7 @@ pub(crate) async fn content_and_policies(
 pub(crate) async fn replay(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require("audit")?;
     let original =

@@ -1,7 +1,7 @@
 //! Every error leaves as JSON: `{"error": {"code": "...", "message": "..."}}` with a fitting status.
 
 use axum::Json;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
@@ -14,11 +14,16 @@ pub enum ApiError {
     Unauthorized,
     #[error("this API key lacks the {0:?} scope")]
     Forbidden(&'static str),
+    /// The scope is there for the route, not for what this request asks of it.
+    #[error("{what} needs the {scope:?} scope, which this API key lacks")]
+    ForbiddenHere { scope: &'static str, what: String },
     /// Serving without keys, a request that may come from a web page rather than from this machine.
     #[error("{0}")]
     NotLocal(String),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
     #[error("{0}")]
     Conflict(String),
     #[error("request body too large: {0}")]
@@ -50,6 +55,24 @@ impl ApiError {
             return Err(ApiError::bad("invalid_text", format!("\"{field}\" contains a NUL character")));
         }
         Ok(())
+    }
+
+    /// A field that has two names (ours and OpenAI's: `effort` and `reasoning_effort`), null standing for absent
+    /// as everywhere a body is read. Both given with different values is refused rather than one chosen.
+    pub fn either_field<'a>(
+        body: &'a serde_json::Value,
+        ours: &str,
+        alias: &str,
+    ) -> Result<Option<&'a serde_json::Value>, ApiError> {
+        let given = |field: &str| body.get(field).filter(|value| !value.is_null());
+        match (given(ours), given(alias)) {
+            (Some(a), Some(b)) if a != b => Err(ApiError::bad(
+                "invalid_request",
+                format!("\"{ours}\" and \"{alias}\" name the same setting; they differ ({a} and {b}), so give one"),
+            )),
+            (Some(value), _) | (None, Some(value)) => Ok(Some(value)),
+            (None, None) => Ok(None),
+        }
     }
 
     /// A boolean field of a request body, false when absent or null. Anything else is refused: `"appeal": "yes"`
@@ -88,9 +111,10 @@ impl ApiError {
         match self {
             ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::Forbidden(_) | ApiError::ForbiddenHere { .. } => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotLocal(_) => (StatusCode::FORBIDDEN, "keyless_local_only"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
@@ -145,6 +169,17 @@ impl From<QueryRejection> for ApiError {
         ApiError::bad("invalid_query", rejection.body_text())
     }
 }
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        ApiError::bad("invalid_path", rejection.body_text())
+    }
+}
+
+/// `Path<T>` whose rejections (a segment that is not UTF-8 once decoded) are our JSON errors instead of plain text.
+#[derive(Debug, Clone, Copy, Default, axum::extract::FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct ApiPath<T>(pub T);
 
 /// `Query<T>` whose rejections are our JSON errors instead of plain text.
 #[derive(Debug, Clone, Copy, Default, axum::extract::FromRequestParts)]

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use safeguard_harmony::Content;
@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::AppState;
 use crate::auth::Caller;
 use crate::classify::{Origin, Settings, count_decision, options, parse_request, record_of};
-use crate::error::{ApiError, ApiJson};
+use crate::error::{ApiError, ApiJson, ApiPath};
 use crate::policies::stored_policy;
 
 /// What a job row holds: everything resolved, so the worker decides exactly what was accepted.
@@ -144,7 +144,7 @@ pub(crate) async fn submit(
 pub(crate) async fn get_one(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require("classify")?;
     let job = state

@@ -569,6 +569,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/moderations", post(openai::moderations))
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/models", get(openai::models))
+        .fallback(no_such_route)
+        .method_not_allowed_fallback(no_such_method)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::keyless_only_from_here))
         .layer(axum::middleware::from_fn(refuse_nul_in_url))
@@ -586,6 +588,15 @@ async fn refuse_nul_in_url(request: axum::extract::Request, next: axum::middlewa
         return ApiError::bad("invalid_url", "the URL holds a NUL character (%00)").into_response();
     }
     next.run(request).await
+}
+
+/// JSON like every other error, for clients that read `error.message` whatever the status.
+async fn no_such_route(uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(format!("no route {}", uri.path()))
+}
+
+async fn no_such_method(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{} does not take {method}", uri.path()))
 }
 
 async fn health() -> &'static str {

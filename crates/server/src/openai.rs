@@ -88,8 +88,12 @@ pub(crate) async fn moderations(
     if inputs.len() > state.config.limits.max_batch_items {
         return Err(ApiError::bad("too_many_items", format!("at most {} inputs", state.config.limits.max_batch_items)));
     }
+    // OpenAI answers an empty input as unflagged, and clients that moderate every message of a conversation send
+    // them; refusing the batch for one would leave the rest unjudged. Nothing in it can break a policy, so it is
+    // answered without the model and without a decision record.
+    let blank: Vec<bool> = inputs.iter().map(|text| text.trim().is_empty()).collect();
     let mut contents = Vec::with_capacity(inputs.len());
-    for text in inputs {
+    for text in inputs.into_iter().filter(|text| !text.trim().is_empty()) {
         contents.push(crate::classify::parse_content(&state, &json!({"text": text}))?);
     }
     let policies = moderation_policies(&state).await?;
@@ -102,45 +106,64 @@ pub(crate) async fn moderations(
         let checked = state.classifier.check_fits_context(&policies, content, &crate::classify::options(&settings));
         crate::classify::refuse_overflow(checked)?;
     }
-    let decided = crate::classify::decide_and_store_many(
-        &state,
-        &policies,
-        &contents,
-        &settings,
-        Origin::of(&caller, "moderations"),
-    )
-    .await?;
-    let mut results = Vec::with_capacity(decided.len());
+    let decided = if contents.is_empty() {
+        Vec::new()
+    } else {
+        crate::classify::decide_and_store_many(
+            &state,
+            &policies,
+            &contents,
+            &settings,
+            Origin::of(&caller, "moderations"),
+        )
+        .await?
+    };
+    let mut results = Vec::with_capacity(blank.len());
     let mut ids = Vec::new();
-    for (decision, record) in &decided {
+    let mut decided = decided.iter();
+    for is_blank in blank {
+        let Some((decision, record)) = (if is_blank { None } else { decided.next() }) else {
+            let nothing_flagged = policies.iter().map(|policy| (policy.meta.name.as_str(), false));
+            let safeguard = json!({"decision_id": null, "outcome": Outcome::Allow});
+            results.push(moderation_result(false, nothing_flagged, safeguard));
+            continue;
+        };
         ids.push(record.id.clone());
-        let mut categories = serde_json::Map::new();
-        let mut scores = serde_json::Map::new();
-        let mut applied = serde_json::Map::new();
-        for verdict in &decision.verdicts {
-            // Clients often threshold the scores themselves ("> 0.5"): an item nobody has judged yet scores as a
-            // violation, held until a person decides (`safeguard.outcome` says which it is).
-            let (flag, score) = match verdict.outcome {
-                Outcome::Violation | Outcome::NeedsReview => (true, 1.0),
-                Outcome::Allow => (false, 0.0),
-            };
-            categories.insert(verdict.policy.clone(), json!(flag));
-            scores.insert(verdict.policy.clone(), json!(score));
-            applied.insert(verdict.policy.clone(), json!(["text"]));
-        }
-        results.push(json!({
-            "flagged": decision.outcome != Outcome::Allow,
-            "categories": categories,
-            "category_scores": scores,
-            "category_applied_input_types": applied,
-            "safeguard": {"decision_id": record.id, "outcome": record.outcome},
-        }));
+        // Clients often threshold the scores themselves ("> 0.5"): an item nobody has judged yet scores as a
+        // violation, held until a person decides (`safeguard.outcome` says which it is).
+        let flagged =
+            decision.verdicts.iter().map(|verdict| (verdict.policy.as_str(), verdict.outcome != Outcome::Allow));
+        let safeguard = json!({"decision_id": record.id, "outcome": record.outcome});
+        // The decision's outcome, not the verdicts': a decision that failed before any verdict needs review.
+        results.push(moderation_result(decision.outcome != Outcome::Allow, flagged, safeguard));
     }
     Ok(Json(json!({
-        "id": format!("modr-{}", ids.first().cloned().unwrap_or_default()),
+        "id": format!("modr-{}", ids.first().cloned().unwrap_or_else(|| uuid::Uuid::now_v7().to_string())),
         "model": state.reasoner.model_id(),
         "results": results,
     })))
+}
+
+/// One item's result as OpenAI shapes it, a category per policy; `safeguard` says what was decided and where.
+fn moderation_result<'a>(
+    flagged: bool,
+    flagged_per_policy: impl Iterator<Item = (&'a str, bool)>,
+    safeguard: Value,
+) -> Value {
+    let (mut categories, mut scores, mut applied) =
+        (serde_json::Map::new(), serde_json::Map::new(), serde_json::Map::new());
+    for (policy, flagged) in flagged_per_policy {
+        categories.insert(policy.to_string(), json!(flagged));
+        scores.insert(policy.to_string(), json!(if flagged { 1.0 } else { 0.0 }));
+        applied.insert(policy.to_string(), json!(["text"]));
+    }
+    json!({
+        "flagged": flagged,
+        "categories": categories,
+        "category_scores": scores,
+        "category_applied_input_types": applied,
+        "safeguard": safeguard,
+    })
 }
 
 /// A message's text. A part that is not text (an image, audio) is refused, not left out: the rest judged alone
@@ -215,7 +238,7 @@ pub(crate) async fn chat_completions(
     if let Some(effort) = body.get("reasoning_effort") {
         settings_body["effort"] = effort.clone();
     }
-    if let Some(max) = body.get("max_completion_tokens").or_else(|| body.get("max_tokens")) {
+    if let Some(max) = ApiError::either_field(&body, "max_completion_tokens", "max_tokens")? {
         settings_body["max_tokens"] = max.clone();
     }
     let (settings, _) = parse_settings(&state, &settings_body)?;

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use safeguard_policy::{Policy, STARTER_POLICIES};
@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::auth::Caller;
-use crate::error::{ApiError, ApiQuery};
+use crate::error::{ApiError, ApiPath, ApiQuery};
 
 /// What we keep beside the body so the exact `Policy` (front matter included) can be rebuilt.
 fn stored_meta(policy: &Policy, source: &str, fallback_name: Option<&str>) -> Value {
@@ -145,7 +145,7 @@ pub(crate) struct InlineText {
 pub(crate) async fn resolve_policy(
     state: &AppState,
     reference: &Value,
-    _caller: &Caller,
+    caller: &Caller,
 ) -> Result<(Policy, Option<InlineText>), ApiError> {
     let stored = |policy: Policy| (policy, None);
     match reference {
@@ -164,10 +164,36 @@ pub(crate) async fn resolve_policy(
             let name = object.get("name").and_then(Value::as_str);
             let policy = parse_sent_policy(state, text, Some(name.unwrap_or(INLINE_NAME)))
                 .map_err(|why| ApiError::bad("invalid_policy", format!("inline policy: {why}")))?;
+            if !caller.has("policies:write") {
+                refuse_what_only_publishers_set(state, &policy).await?;
+            }
             Ok((policy, Some(InlineText { text: text.to_string(), name: name.map(str::to_string) })))
         }
         _ => Err(ApiError::bad("invalid_policy", "a policy is a name, a \"sha256:…\" version, or {\"text\": \"…\"}")),
     }
+}
+
+/// What an inline policy may not do unless its sender could publish it. A high-risk flag or a review SLA orders
+/// the review queue every client's items share (a one-minute SLA puts an item ahead of everything not yet
+/// overdue), and an active policy's name would file the sender's verdicts under that policy: in its decisions, its
+/// metrics and its reviewers' queue. The active version itself, sent inline, is what it is and passes.
+async fn refuse_what_only_publishers_set(state: &AppState, policy: &Policy) -> Result<(), ApiError> {
+    let active = stored_policy(state, &policy.meta.name).await?;
+    if active.as_ref().is_some_and(|active| active.hash == policy.hash) {
+        return Ok(());
+    }
+    let name = &policy.meta.name;
+    let refused = |what: String| Err(ApiError::ForbiddenHere { scope: "policies:write", what });
+    if active.is_some() {
+        return refused(format!("an inline policy named {name:?}, the name of an active policy,"));
+    }
+    if policy.meta.high_risk {
+        return refused(format!("inline policy {name:?} sets high_risk (it orders the shared review queue) and"));
+    }
+    if policy.meta.review_sla_secs.is_some() {
+        return refused(format!("inline policy {name:?} sets review_sla (it orders the shared review queue) and"));
+    }
+    Ok(())
 }
 
 /// Stores an inline `policy` as it was sent (unpinned: so that the decision's policy hash can be looked up and
@@ -437,7 +463,7 @@ async fn find(state: &AppState, id: &str) -> Result<StoredPolicy, ApiError> {
 pub(crate) async fn get_one(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require("classify")?;
     let policy = find(&state, &id).await?;
@@ -465,7 +491,7 @@ const DIFF_TIMEOUT: Duration = Duration::from_secs(1);
 pub(crate) async fn diff(
     State(state): State<AppState>,
     caller: Caller,
-    Path((id, other)): Path<(String, String)>,
+    ApiPath((id, other)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
     caller.require("classify")?;
     let from = find(&state, &id).await?;
@@ -488,7 +514,7 @@ pub(crate) async fn diff(
 pub(crate) async fn activate(
     State(state): State<AppState>,
     caller: Caller,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     crate::error::ApiJson(body): crate::error::ApiJson<Value>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require("policies:write")?;
@@ -496,6 +522,7 @@ pub(crate) async fn activate(
         .get("hash")
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::bad("invalid_request", "expected {\"hash\": \"sha256:…\"}"))?;
+    ApiError::refuse_nul("hash", hash)?;
     let activated = state.store.activate_policy(&name, hash).await;
     state.lookups.active.forget(&name);
     match activated {

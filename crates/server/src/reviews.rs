@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::Html;
 use safeguard_core::Decision;
 use safeguard_harmony::Effort;
@@ -25,7 +25,7 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::classify::{Origin, Settings, count_decision, decision_reply};
 use crate::decisions::record_reply;
-use crate::error::{ApiError, ApiJson, ApiQuery};
+use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::policies::stored_policy;
 
 /// How long a queued item may wait before it counts as overdue.
@@ -236,7 +236,7 @@ pub(crate) async fn list(
 pub(crate) async fn get_one(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require("review")?;
     let review = state.store.get_review(&id).await?.ok_or_else(|| ApiError::NotFound(format!("review {id}")))?;
@@ -427,7 +427,7 @@ pub(crate) struct DecideBody {
 pub(crate) async fn decide(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<DecideBody>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require("review")?;
@@ -646,7 +646,7 @@ const REVIEW_CLAIM_MS: i64 = 10 * 60 * 1000;
 pub(crate) async fn claim(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Value>, ApiError> {
     caller.require("review")?;
     let now = safeguard_store::now_ms();
@@ -698,7 +698,7 @@ pub(crate) struct AppealBody {
 pub(crate) async fn appeal(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    ApiPath(id): ApiPath<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<Value>, ApiError> {
     caller.require("classify")?;

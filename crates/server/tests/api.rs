@@ -158,6 +158,91 @@ async fn auth_scopes_and_json_errors() {
     assert!(spec["paths"]["/v1/classify"]["post"].is_object());
 }
 
+/// Every error is JSON, the router's own too: a path nothing serves, a method a route does not take, a path
+/// segment that does not decode.
+#[tokio::test]
+async fn errors_outside_the_handlers_are_json_too() {
+    let h = Harness::start(|_| {}).await;
+    for (method, path, status, code) in [
+        ("GET", "/v1/nope", 404, "not_found"),
+        ("POST", "/v1/models", 405, "method_not_allowed"),
+        ("DELETE", "/v1/reviews/r1", 405, "method_not_allowed"),
+        ("GET", "/v1/reviews/%FF", 400, "invalid_path"),
+    ] {
+        let (got, body) = h.call(method, path, Some(ADMIN), None).await;
+        assert_eq!((got, &body["error"]["code"]), (status, &json!(code)), "{method} {path}: {body}");
+        assert!(!body["error"]["message"].as_str().unwrap().is_empty(), "{body}");
+    }
+    // A method refused still says which ones the route takes.
+    let response = h.http.post(format!("{}/v1/models", h.base)).bearer_auth(ADMIN).send().await.unwrap();
+    let allowed = response.headers().get("allow").map(|v| v.to_str().unwrap().to_string());
+    assert!(allowed.as_deref().is_some_and(|allow| allow.contains("GET")), "{allowed:?}");
+    let (status, body) =
+        h.call("POST", "/v1/policies/spam/activate", Some(ADMIN), Some(json!({"hash": "sha256:\u{0}"}))).await;
+    assert_eq!((status, &body["error"]["code"]), (400, &json!("invalid_text")), "{body}");
+}
+
+/// An inline policy from a key that could not publish it may not order the shared review queue (high_risk, a
+/// review SLA) nor pass itself off as an active policy; a publisher's may, and so may the active version itself.
+#[tokio::test]
+async fn inline_policies_cannot_take_what_only_publishers_set() {
+    let h = Harness::start(|_| {}).await;
+    let classifier = h.key(&["classify"]).await;
+    let writer = h.key(&["classify", "policies:write"]).await;
+    let body = "# Promo\n\nReturn 1 if the content is promotion, else 0.\n";
+    let spam = safeguard_policy::STARTER_POLICIES.iter().find(|p| p.file_name == "spam.md").unwrap();
+    for (case, (front, what)) in [
+        ("name: urgent\nhigh_risk: true\n", "high_risk"),
+        ("name: urgent\nreview_sla: 1m\n", "review_sla"),
+        ("name: spam\n", "active policy"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        // A body of its own each: one body stored with other front matter would be a conflict.
+        let text = format!("---\n{front}---\n{body}\nCase {case}.\n");
+        let request = json!({"text": "BUY NOW", "policies": [{"text": text}], "effort": "low"});
+        let (status, refused) = h.call("POST", "/v1/classify", Some(&classifier), Some(request.clone())).await;
+        assert_eq!((status, &refused["error"]["code"]), (403, &json!("forbidden")), "{what}: {refused}");
+        let message = refused["error"]["message"].as_str().unwrap();
+        assert!(message.contains(what) && message.contains("policies:write"), "{message}");
+        let (status, decided) = h.call("POST", "/v1/classify", Some(&writer), Some(request)).await;
+        assert_eq!(status, 200, "{what}: {decided}");
+    }
+    assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), 3, "only the publisher's requests were judged");
+    // Named by the request's field (a body without front matter or a heading takes it), the same impostor.
+    let headless = "Return 1 if the content is a raffle, else 0.\n";
+    let named = json!({"text": "BUY NOW", "policies": [{"text": headless, "name": "spam"}], "effort": "low"});
+    assert_eq!(h.call("POST", "/v1/classify", Some(&classifier), Some(named)).await.0, 403);
+    // The active version sent inline, and any inline policy that orders nothing, pass.
+    for text in [spam.source.to_string(), body.to_string()] {
+        let request = json!({"text": "BUY NOW", "policies": [{"text": text}], "effort": "low"});
+        let (status, decided) = h.call("POST", "/v1/classify", Some(&classifier), Some(request)).await;
+        assert_eq!(status, 200, "{decided}");
+    }
+}
+
+/// A setting with two names (ours and OpenAI's) reads whichever is given; null stands for absent, and two
+/// different values are refused rather than one quietly chosen.
+#[tokio::test]
+async fn aliased_settings_skip_nulls_and_refuse_disagreement() {
+    let h = Harness::start(|_| {}).await;
+    let key = h.key(&["classify", "audit"]).await;
+    let request = json!({"text": "hello", "policies": ["spam"], "effort": null, "reasoning_effort": "high"});
+    let (status, decided) = h.call("POST", "/v1/classify", Some(&key), Some(request)).await;
+    assert_eq!(status, 200, "{decided}");
+    let id = decided["decision_id"].as_str().unwrap();
+    let (_, stored) = h.call("GET", &format!("/v1/decisions/{id}"), Some(&key), None).await;
+    assert_eq!(stored["effort"], "high", "{stored}");
+    let request = json!({"text": "hello", "policies": ["spam"], "effort": "low", "reasoning_effort": "high"});
+    let (status, refused) = h.call("POST", "/v1/classify", Some(&key), Some(request)).await;
+    assert_eq!((status, &refused["error"]["code"]), (400, &json!("invalid_request")), "{refused}");
+    let chat = json!({"messages": [{"role": "system", "content": "policy"}, {"role": "user", "content": "hi"}],
+        "max_completion_tokens": 16, "max_tokens": 32});
+    let (status, refused) = h.call("POST", "/v1/chat/completions", Some(&key), Some(chat)).await;
+    assert_eq!((status, &refused["error"]["code"]), (400, &json!("invalid_request")), "{refused}");
+}
+
 #[tokio::test]
 async fn classify_decides_stores_and_fails_closed() {
     let h = Harness::start(|_| {}).await;
@@ -802,6 +887,20 @@ async fn openai_moderations_and_chat_shapes() {
     assert_eq!(results[2]["category_scores"]["spam"], 1.0, "and scores as held by any threshold");
     assert_eq!(results[2]["safeguard"]["outcome"], "needs_review");
     assert_eq!(moderation["model"], "scripted-test-model");
+    // An empty input is answered unflagged, as OpenAI answers it, without the model or a record; the batch
+    // around it is judged as ever.
+    let calls = h.reasoner.calls.load(Ordering::SeqCst);
+    let (status, moderation) =
+        h.call("POST", "/v1/moderations", Some(&key), Some(json!({"input": ["", "BUY NOW!!!", " \n"]}))).await;
+    assert_eq!(status, 200, "{moderation}");
+    let flagged: Vec<&Value> = moderation["results"].as_array().unwrap().iter().map(|r| &r["flagged"]).collect();
+    assert_eq!(flagged, [&json!(false), &json!(true), &json!(false)], "{moderation}");
+    assert_eq!(moderation["results"][0]["categories"]["spam"], false, "{moderation}");
+    assert_eq!(moderation["results"][0]["safeguard"]["decision_id"], Value::Null, "{moderation}");
+    assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), calls + 1, "only the text was judged");
+    let (status, alone) = h.call("POST", "/v1/moderations", Some(&key), Some(json!({"input": ""}))).await;
+    assert_eq!((status, &alone["results"][0]["flagged"]), (200, &json!(false)), "{alone}");
+    assert!(alone["id"].as_str().unwrap().len() > "modr-".len(), "{alone}");
 
     let chat = json!({"model": "x", "messages": [{"role": "system", "content": "policy"}, {"role": "user", "content": "BUY NOW"}], "reasoning_effort": "high"});
     // The chain of thought is audit data, here as on every route.
