@@ -909,6 +909,9 @@ impl Worker {
             }
         }
 
+        if slot_answers_another && self.settled_apart_before(message, &key, &digest, item.as_ref().ok(), stop).await {
+            return None;
+        }
         // Rejections for what this worker holds or allows (its limits, its policies, its model's context) are not
         // the body's to keep: another worker, or this one reconfigured, may take the same body sent again. Only
         // what is wrong with the event itself goes in the ledger.
@@ -1317,6 +1320,36 @@ impl Worker {
             restore_reasoning(&mut for_host, reasoning);
         }
         self.finish(message, &stored, &status_msg_id(&stored), &for_host, content, !fresh, stop).await;
+    }
+
+    /// Whether this body, sent under a key whose ledger entry is another body's, was settled apart before (a
+    /// resend of an edited post): its decision is then the subject's last word, announced and recorded again as a
+    /// ledger match is, or a person's answer to it is, and the event is acked. Deciding it again would pay the
+    /// budget for a decision the host, idempotent by its id, throws away.
+    async fn settled_apart_before(
+        &self,
+        message: &jetstream::Message,
+        key: &str,
+        digest: &str,
+        item: Option<&safeguard_core::input::Item>,
+        stop: &CancellationToken,
+    ) -> bool {
+        let Some((_, Some(last))) = self.bus.last_on_subject(key).await else { return false };
+        let this_body = Settled { digest, slot_answers_another: true };
+        match (&last.status, last.body_digest.as_deref(), event_id(&last)) {
+            (EventStatus::Decided, Some(theirs), Some(id)) if theirs == digest => {
+                debug!(?key, "this body was settled apart before; publishing and recording it again");
+                let msg_id = format!("{}:{:?}:{id}", subject_token(key), last.status);
+                self.finish(message, &last, &msg_id, &last, item.map(|i| &i.content), true, stop).await;
+                true
+            }
+            (EventStatus::Reviewed, None, _) if this_body.answered_by(key, &last) => {
+                debug!(?key, "a person answered this body's decision already");
+                ack(message, AckKind::Ack).await;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Settles an event that its key's ledger entry does not answer for, and whose own entry cannot be written

@@ -819,6 +819,7 @@ async fn a_key_reused_with_a_different_body_is_not_answered_with_the_first_bodys
     wait_until_drained(&producer, Duration::from_secs(20)).await;
     let ids: Vec<uuid::Uuid> = decisions_published(&producer, "post-1").await.iter().map(|d| d.id).collect();
     assert_eq!(ids, [first.id, second.id], "no third decision");
+    assert_eq!(reasoner.calls.load(Ordering::SeqCst), 2, "nor was the edit: its decision is the subject's last word");
     // A second edit is a body of its own: a decision of its own, not one the host (idempotent by id) would drop.
     publish_by_id(&producer, &json!({"id": "post-1", "text": "buy them twice"})).await;
     wait_until_drained(&producer, Duration::from_secs(20)).await;
