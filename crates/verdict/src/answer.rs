@@ -197,7 +197,12 @@ fn contradicting_sentence<'a>(text: &'a str, value: bool, output: &OutputFormat)
 /// check reads a conclusion: "0\nThis is spam.", `{"violation": 0}` beside "This is hate speech.". A rationale that
 /// only mentions the policy ("0 - the post does not violate the policy") agrees. Prose on both sides ("It's
 /// phishing, not spam") backs a violation but never a safe answer, as reasoning on both sides does.
-fn prose_concludes_otherwise(prose: &str, violation: bool, output: &OutputFormat, names: &[&str]) -> Option<String> {
+pub(crate) fn prose_concludes_otherwise(
+    prose: &str,
+    violation: bool,
+    output: &OutputFormat,
+    names: &[&str],
+) -> Option<String> {
     let conclusion = crate::reasoning_conclusion(&without_answer_tokens(prose, output, names), output)?;
     match conclusion.contested_by {
         Some(other) if !violation => Some(if conclusion.violation { conclusion.phrase } else { other }),
@@ -255,7 +260,7 @@ fn bare_word(text: &str) -> &str {
     text.trim_matches(|c: char| c.is_whitespace() || WRAPPING.contains(c) || "-–—".contains(c))
 }
 
-/// Where the sentence holding byte `at` of `text` starts, as [`crate::combined::sentences`] cuts them.
+/// Where the sentence holding byte `at` of `text` starts, as [`crate::combined::sentences_ended`] cuts them.
 fn sentence_start(text: &str, at: usize) -> usize {
     let bytes = text.as_bytes();
     (0..at.min(bytes.len())).rev().find(|&i| crate::combined::cuts_sentence(bytes, i)).map_or(0, |i| i + 1)

@@ -11,7 +11,7 @@ use safeguard_policy::{FenceTracker, OutputFormat, Policy, heading};
 
 use crate::answer::{
     ANSWER_FIELDS, BARE_DIGIT, answer_from_object, asks_for_person, coerce_violation, digit_candidates, excerpt,
-    find_objects, outside_objects, word_reading,
+    find_objects, outside_objects, prose_concludes_otherwise, word_reading,
 };
 use crate::{Flag, Verdict, decide, reasoning_conclusion, validate};
 
@@ -129,24 +129,29 @@ fn sentence_about(analysis: &str, keys: &[String], key: &str, output: &OutputFor
         .map(|(sentence, _)| sentence.to_string())
 }
 
-/// The sentences of `text`: cut at line breaks, `;`, and `.`/`!`/`?` before a space (not the dot in "SP2.a").
-pub(crate) fn sentences(text: &str) -> Vec<&str> {
-    sentences_ended(text).into_iter().map(|(sentence, _)| sentence).collect()
+/// The sentences of `text`, cut at line breaks, `;`, and `.`/`!`/`?` before a space (not the dot in "SP2.a"), each
+/// with whether it ends in a question mark.
+pub(crate) fn sentences_ended(text: &str) -> Vec<(&str, bool)> {
+    sentence_spans(text)
+        .into_iter()
+        .map(|(start, end)| (&text[start..end], text.as_bytes().get(end) == Some(&b'?')))
+        .collect()
 }
 
-/// [`sentences`], each with whether it ends in a question mark.
-pub(crate) fn sentences_ended(text: &str) -> Vec<(&str, bool)> {
+/// Where each of [`sentences_ended`] starts and ends in `text`; the byte at the end, if any, is the mark that ended it.
+fn sentence_spans(text: &str) -> Vec<(usize, usize)> {
     let bytes = text.as_bytes();
-    let mut out = Vec::new();
+    let mut spans = Vec::new();
     let mut from = 0;
     for at in 0..bytes.len() {
         if cuts_sentence(bytes, at) {
-            out.push((&text[from..at], bytes[at] == b'?'));
+            spans.push((from, at));
             from = at + 1;
         }
     }
-    out.push((&text[from..], false));
-    out.into_iter().filter(|(sentence, _)| !sentence.trim().is_empty()).collect()
+    spans.push((from, bytes.len()));
+    spans.retain(|&(start, end)| !text[start..end].trim().is_empty());
+    spans
 }
 
 /// Whether byte `at` of `bytes` ends a sentence: a line break, `;`, or `.`/`!`/`?` before a space or the end.
@@ -163,6 +168,12 @@ struct Beside {
     digits: Vec<(String, String)>,
     words: Vec<(String, bool, String)>,
     escalated: Vec<String>,
+    /// Per policy, in order, the sentences that may be about it, to be read for a conclusion as the prose beside a
+    /// single answer is ("This is hate speech."). A sentence is about the one policy it names; one naming several
+    /// may conclude about any of them ("It's hate speech, not spam"), and one naming none about all, so either
+    /// counts for every policy: a conclusion that cannot be pinned on one policy sends each it contradicts to a
+    /// person rather than leaving any an allow.
+    prose: Vec<String>,
 }
 
 /// `lower` with every whole-word mention of a key taken out: "hate: unsafe" leaves ": unsafe".
@@ -187,10 +198,20 @@ fn without_keys(lower: &str, keys: &[String]) -> String {
 }
 
 fn read_beside(outside: &str, policies: &[Policy], keys: &[String]) -> Beside {
-    let mut beside = Beside::default();
-    for sentence in sentences(outside) {
+    let mut beside = Beside { prose: vec![String::new(); keys.len()], ..Beside::default() };
+    for (start, end) in sentence_spans(outside) {
+        let sentence = &outside[start..end];
         let lower = sentence.to_lowercase();
         let named: Vec<usize> = (0..keys.len()).filter(|&index| mentions(&lower, &keys[index])).collect();
+        // With its end mark, so that a question still reads as one and sentences stay apart once joined.
+        let marked = outside.get(start..end + 1).unwrap_or(sentence);
+        let about: Vec<usize> = if named.len() == 1 { named.clone() } else { (0..keys.len()).collect() };
+        for index in about {
+            if let Some(prose) = beside.prose.get_mut(index) {
+                prose.push_str(marked);
+                prose.push(' ');
+            }
+        }
         let concerned: Vec<usize> = if named.is_empty() { (0..keys.len()).collect() } else { named };
         let digit = digit_candidates(sentence, &BARE_DIGIT).first().map(|&(_, digit)| digit.to_string());
         let escalated = asks_for_person(sentence);
@@ -321,7 +342,8 @@ pub fn judge_combined(
     policies
         .iter()
         .zip(&keys)
-        .map(|(policy, key)| {
+        .enumerate()
+        .map(|(index, (policy, key))| {
             let per_object: Vec<Vec<&Value>> = keyed.iter().map(|object| lookup(object, key)).collect();
             let entries: Vec<&Value> = per_object.iter().flatten().copied().collect();
             let Some(entry) = entries.last() else {
@@ -380,6 +402,21 @@ pub fn judge_combined(
                 verdict.violation = None;
                 verdict.push_flag(Flag::Unparseable {
                     detail: format!("the text outside the JSON answer says otherwise about \"{key}\" in {said}"),
+                });
+            }
+            // "{…"hate": {"violation": 0}…} This is hate speech.": no second answer beside the objects, but prose
+            // that concludes the other side for this policy.
+            if let Some(violation) = verdict.violation
+                && let Some(phrase) = beside
+                    .prose
+                    .get(index)
+                    .and_then(|prose| prose_concludes_otherwise(prose, violation, &policy.meta.output, &[key.as_str()]))
+            {
+                verdict.violation = None;
+                verdict.push_flag(Flag::Unparseable {
+                    detail: format!(
+                        "\"{phrase}\" outside the JSON answer says the opposite of its answer for \"{key}\""
+                    ),
                 });
             }
             if beside.escalated.iter().any(|concerned| concerned == key) {

@@ -1275,3 +1275,68 @@ fn rule_ids_written_outside_a_json_answer_are_checked() {
     let verdict = judge(&hate, None, Some(&format!("{safe} Not {violating}.")), false);
     assert_eq!(verdict.outcome, Outcome::Allow, "{verdict:?}");
 }
+
+/// Prose beside a combined answer that concludes the other side makes the verdicts it is about unclear, as it does
+/// beside a single answer. A sentence is about the one policy it names; one that names none, or several, may be
+/// about any of them, so every verdict it contradicts goes to a person.
+#[test]
+fn prose_concluding_the_other_side_beside_a_combined_answer_is_unclear() {
+    let policies = spam_and_hate();
+    let spam_bad = r#"{"violation": 1, "policy_category": "SP4", "rule_ids": ["SP4.a"], "confidence": "high", "rationale": "Phishing.", "action": "block"}"#;
+    let clean = format!(r#"{{"spam": {SPAM_SAFE}, "hate": {HATE_SAFE}}}"#);
+    let hateful = format!(r#"{{"spam": {SPAM_SAFE}, "hate": {HATE_BAD}}}"#);
+    let spammy = format!(r#"{{"spam": {spam_bad}, "hate": {HATE_SAFE}}}"#);
+    let unclear = |verdict: &Verdict| {
+        verdict.outcome == Outcome::NeedsReview && has_unparseable(verdict) && verdict.violation.is_none()
+    };
+    // (answer, which verdicts the prose contradicts); the others keep their clean outcome.
+    let two_sided: Vec<(String, [bool; 2])> = vec![
+        (format!("{clean} This is hate speech."), [false, true]),
+        (format!("{clean}\nHate: it is hate speech."), [false, true]),
+        (format!("{clean}\nThis is spam."), [true, false]),
+        (format!("{clean}\nThe content clearly violates the policy."), [true, true]),
+        (format!("This content violates the policy.\n{clean}"), [true, true]),
+        (format!("{clean}\nIt's phishing. Not spam per se."), [true, true]),
+        // Naming both policies attributes it to neither.
+        (format!("{clean}\nIt's hate speech, not spam."), [true, true]),
+        (format!("{hateful}\nThis is spam."), [true, false]),
+        // A safe conclusion never stands beside a 1, attributed or not; one on both sides backs the 1.
+        (format!("{hateful}\nIt is not hate speech."), [false, true]),
+        (format!("{hateful}\nThe content does not violate the policy."), [false, true]),
+        (format!("```json\n{hateful}\n```\nThe post is fine."), [false, true]),
+    ];
+    for (text, affected) in &two_sided {
+        let verdicts = judge_combined(&policies, None, Some(text), false);
+        for (verdict, affected) in verdicts.iter().zip(affected) {
+            if *affected {
+                assert!(unclear(verdict), "{text:?}: {verdict:?}");
+            } else {
+                assert!(!has_unparseable(verdict) && verdict.outcome != Outcome::NeedsReview, "{text:?}: {verdict:?}");
+            }
+        }
+    }
+    // The brief's own shape: entries without the other fields still lose the hate answer to the prose.
+    let bare = r#"{"spam": {"violation": 0}, "hate": {"violation": 0}} This is hate speech."#;
+    let verdicts = judge_combined(&policies, None, Some(bare), false);
+    assert!(unclear(&verdicts[1]), "{:?}", verdicts[1]);
+    assert!(!has_unparseable(&verdicts[0]), "{:?}", verdicts[0]);
+    // Prose that concludes nothing, or agrees with what it is about, changes nothing.
+    let agreeing: Vec<(String, [Outcome; 2])> = vec![
+        (format!("{clean}\nNeither policy is violated."), [Outcome::Allow, Outcome::Allow]),
+        (format!("{clean}\nBoth are fine."), [Outcome::Allow, Outcome::Allow]),
+        (format!("{clean}\nNeither spam nor hate."), [Outcome::Allow, Outcome::Allow]),
+        (format!("{clean}\nIt is not spam, and not hate speech either."), [Outcome::Allow, Outcome::Allow]),
+        (format!("{clean}\nHate: it is a critique, not hate speech."), [Outcome::Allow, Outcome::Allow]),
+        (format!("{clean}\nThe content does not violate the policy."), [Outcome::Allow, Outcome::Allow]),
+        (format!("{hateful}\nThis is hate speech."), [Outcome::Allow, Outcome::Violation]),
+        // Both sides back the 1, but naming both policies pins the "hate speech" on neither: spam goes to a person.
+        (format!("{hateful}\nIt's hate speech, not spam."), [Outcome::NeedsReview, Outcome::Violation]),
+        (format!("{spammy}\nThis is spam."), [Outcome::Violation, Outcome::Allow]),
+        (format!("{spammy}\nIt's phishing, not spam per se."), [Outcome::Violation, Outcome::Allow]),
+    ];
+    for (text, outcomes) in &agreeing {
+        let verdicts = judge_combined(&policies, None, Some(text), false);
+        let got: Vec<Outcome> = verdicts.iter().map(|verdict| verdict.outcome).collect();
+        assert_eq!(got, outcomes.to_vec(), "{text:?}: {verdicts:?}");
+    }
+}
