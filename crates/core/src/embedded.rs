@@ -312,7 +312,8 @@ impl DeltaStream {
         if let Some(more) = more.filter(|r| !r.is_empty()) {
             let _ = self.sender.send(ReasonDelta::Reasoning(more.to_string()));
         }
-        if let Some(answer) = output.final_text.as_ref().filter(|a| !a.is_empty()) {
+        // A truncated answer is no answer (the verdict needs a person), so a streaming client is not told one.
+        if let Some(answer) = output.final_text.as_ref().filter(|a| !a.is_empty() && !output.truncated) {
             let _ = self.sender.send(ReasonDelta::Final(answer.clone()));
         }
     }
@@ -591,6 +592,21 @@ mod tests {
         stream.finish(&ReasonOutput { analysis: parsed.analysis.clone(), final_text: None, ..Default::default() });
         let (_, _, answer) = collect(&mut receiver);
         assert_eq!(answer, "", "a final the parse rejects was streamed");
+    }
+
+    /// A final message closed but the turn cut off by the budget before `<|return|>`: the answer is truncated,
+    /// the verdict needs a person, and a streaming client is not told an answer either.
+    #[test]
+    fn a_truncated_answer_never_streams() {
+        let mut completion = Vec::new();
+        push_message(&mut completion, "final", "0");
+        completion.push(tokens::END);
+        let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel();
+        let mut stream = DeltaStream::new(sender);
+        completion.iter().for_each(|&t| stream.push(t));
+        let output = ReasonOutput { final_text: Some("0".into()), truncated: true, ..Default::default() };
+        stream.finish(&output);
+        assert_eq!(collect(&mut receiver).2, "", "a truncated answer was streamed");
     }
 
     #[test]

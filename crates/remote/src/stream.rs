@@ -95,11 +95,15 @@ impl StreamReader {
         }
     }
 
-    /// Whether the answer is whole. Besides `[DONE]`, a finish reason counts, for servers that close the
-    /// stream without the marker. (A server that failed part way says so before its `[DONE]`: llama-server with an
-    /// `error:` line or an `error` event, read as the error they are.)
+    /// Whether the answer is whole: the model's finish reason, which every OpenAI-compatible server sends in its
+    /// last choice, marker or not. `[DONE]` alone is no proof: a gateway that lost its upstream part way may still
+    /// close the stream with it, after `VALID` of what would have been `VALID + ESCALATE`. (llama-server says
+    /// it failed before its `[DONE]`, with an `error:` line or an `error` event, read as the error they are.)
     fn is_complete(&self) -> bool {
-        self.is_done() || (self.flavor != Flavor::Ollama && self.finish_reason.is_some())
+        match self.flavor {
+            Flavor::Ollama => self.is_done(),
+            Flavor::OpenAi | Flavor::LlamaCpp => self.finish_reason.is_some(),
+        }
     }
 
     /// At the end of the stream: the deltas still held back, and the output.
@@ -334,6 +338,9 @@ fn decode_line(line: &[u8]) -> Result<String, StreamError> {
 const CHANNEL: &str = "<|channel|>";
 const MESSAGE: &str = "<|message|>";
 const MESSAGE_ENDS: [&str; 3] = ["<|end|>", "<|return|>", "<|call|>"];
+/// A message's header starting where no end marker closed the message before it; harmony's parser reads it as the
+/// end of that message too, and the model does sometimes skip the `<|end|>` after its analysis.
+const START: &str = "<|start|>";
 
 /// Routes the reasoning in answer text to deltas. Servers run without a reasoning parser (llama-server
 /// `--reasoning-format none`, old LM Studio) stream raw harmony in `content`:
@@ -399,7 +406,9 @@ impl ContentRouter {
                     self.held.drain(..at + MESSAGE.len());
                 }
                 RouterMode::Message { reasoning } => {
-                    let end = MESSAGE_ENDS.iter().filter_map(|m| self.held.find(m).map(|at| (at, m.len()))).min();
+                    // A start marker is left in place: it begins the next header.
+                    let ends = MESSAGE_ENDS.iter().map(|m| (*m, m.len())).chain([(START, 0)]);
+                    let end = ends.filter_map(|(m, consumed)| self.held.find(m).map(|at| (at, consumed))).min();
                     let Some((at, marker_len)) = end else {
                         let ready = self.held.len() - partial_marker_len(&self.held);
                         emit(reasoning, &self.held[..ready], deltas);
@@ -432,7 +441,7 @@ fn emit(reasoning: bool, text: &str, deltas: &mut Vec<ReasonDelta>) {
 /// `<`, at its start, so only the text from the last `<` can be one.
 fn partial_marker_len(text: &str) -> usize {
     match text.rfind('<') {
-        Some(at) if MESSAGE_ENDS.iter().any(|m| m.starts_with(&text[at..])) => text.len() - at,
+        Some(at) if MESSAGE_ENDS.iter().chain([&START]).any(|m| m.starts_with(&text[at..])) => text.len() - at,
         _ => 0,
     }
 }
@@ -537,6 +546,15 @@ mod tests {
         let mut reader = StreamReader::new(Flavor::OpenAi);
         assert_eq!(reader.push(cut.as_bytes()).unwrap(), vec![], "no answer is told before the stream ends");
         assert!(matches!(reader.finish(), Err(StreamError::Incomplete)));
+
+        // `[DONE]` without a finish reason is no proof: a gateway that lost its upstream may close with it.
+        let gateway =
+            "data: {\"choices\": [{\"delta\": {\"content\": \"VALID\"}, \"finish_reason\": null}]}\n\ndata: [DONE]\n\n";
+        for flavor in [Flavor::OpenAi, Flavor::LlamaCpp] {
+            let mut reader = StreamReader::new(flavor);
+            reader.push(gateway.as_bytes()).unwrap();
+            assert!(matches!(reader.finish(), Err(StreamError::Incomplete)), "{flavor:?}");
+        }
 
         // Without `[DONE]`, a finish reason says the answer is whole.
         let no_marker = "data: {\"choices\": [{\"delta\": {\"content\": \"0\"}, \"finish_reason\": \"stop\"}]}\n\n";
@@ -663,6 +681,18 @@ mod tests {
             .chain([json!({"choices": [{"delta": {}, "finish_reason": "stop"}]})])
             .collect();
         sse(&pieces)
+    }
+
+    /// A model that skips the `<|end|>` after its analysis starts the final message with `<|start|>` alone; the
+    /// final header and answer are not streamed as reasoning.
+    #[test]
+    fn a_header_without_an_end_before_it_ends_the_reasoning() {
+        let raw = "<|channel|>analysis<|message|>Looks fine.<|start|>assistant<|channel|>final<|message|>0<|return|>";
+        let (reasoning, answer, output) = read_split_everywhere(Flavor::LlamaCpp, raw_stream(raw).as_bytes());
+        assert_eq!(reasoning, "Looks fine.");
+        assert_eq!(answer, "0");
+        assert_eq!(output.analysis.as_deref(), Some("Looks fine."));
+        assert_eq!(output.final_text.as_deref(), Some("0"));
     }
 
     /// Streamed raw harmony answers what the whole response would, under the harmony parser's rules.
