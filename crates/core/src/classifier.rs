@@ -604,13 +604,17 @@ fn judge_prompt(
     }
 }
 
+/// How a verdict's rationale starts when the model never answered because its step failed (an outage, a
+/// timeout): what tells such a verdict from an answer the model did give, once stored.
+pub const FAILED_STEP_RATIONALE: &str = "reasoning failed: ";
+
 /// A verdict for a policy the model never answered: built by the verdict crate from "no final message",
 /// so it is `needs_review` by the same rule as any other missing answer, with the failure as rationale.
 fn failed_verdict(policy: &Policy, reason: &str) -> Verdict {
     let mut verdict = judge(policy, None, None, false);
     verdict.violation = None;
     verdict.outcome = Outcome::NeedsReview;
-    verdict.rationale = Some(format!("reasoning failed: {reason}"));
+    verdict.rationale = Some(format!("{FAILED_STEP_RATIONALE}{reason}"));
     verdict
 }
 

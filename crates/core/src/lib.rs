@@ -15,7 +15,9 @@ pub mod input;
 pub mod labels;
 pub mod reasoner;
 
-pub use classifier::{Classifier, ClassifyOptions, ContextOverflow, Decision, Mode, PromptObserver, PromptTrace};
+pub use classifier::{
+    Classifier, ClassifyOptions, ContextOverflow, Decision, FAILED_STEP_RATIONALE, Mode, PromptObserver, PromptTrace,
+};
 pub use embedded::{EmbeddedConfig, EmbeddedReasoner, TokenBudgets};
 pub use input::{InputLimits, InputLine, Item, ItemError, ItemReader};
 pub use labels::{policy_label, reserve_policy_label};

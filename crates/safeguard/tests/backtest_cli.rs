@@ -73,6 +73,15 @@ fn without_a_model_answer(mut decision: DecisionRecord, escalation: Value) -> De
     decision
 }
 
+/// A decision reasoned directly (a pinned effort, no cascade) whose backend failed: the failure is in the
+/// decision's `failure_reason` and the verdict's rationale, not in an escalation.
+fn failed_directly(mut decision: DecisionRecord) -> DecisionRecord {
+    let reason = "backend 1: connection refused";
+    decision.verdicts[0]["rationale"] = json!(format!("{}{reason}", safeguard_core::FAILED_STEP_RATIONALE));
+    decision.failure_reason = Some(reason.into());
+    decision
+}
+
 fn under_the_new_version(mut decision: DecisionRecord) -> DecisionRecord {
     let hash = safeguard_policy::Policy::parse(NEW_SPAM).expect("policy").hash.to_string();
     decision.verdicts[0]["policy_hash"] = json!(hash);
@@ -120,6 +129,7 @@ fn fixture() -> Fixture {
                 decision("d10", base + 9, "spam", None, "the backend was down"),
                 json!({"kind": "stage_failed", "detail": "timed out"}),
             ),
+            failed_directly(decision("d11", base + 10, "spam", None, "the backend was down, no cascade")),
         ];
         for d in &decisions {
             store.insert_decision(d, None).await.expect("insert");
@@ -129,6 +139,35 @@ fn fixture() -> Fixture {
     });
     let url = |p: &Path| format!("sqlite://{}", p.display());
     Fixture { database: url(&db_path), empty_database: url(&empty_path), _dir: dir, model, policy, hate }
+}
+
+/// The report is refused before the model runs when it would replace an input or its folder is not there.
+#[test]
+fn an_html_report_over_an_input_or_in_no_folder_is_refused_before_the_run() {
+    let f = fixture();
+    let policy_before = std::fs::read(&f.policy).unwrap();
+    let database_file = f.database.strip_prefix("sqlite://").unwrap().to_string();
+    let nowhere = f._dir.path().join("no-such-folder").join("report.html");
+    for (html, says) in [
+        (f.policy.clone(), "is the input file"),
+        (PathBuf::from(&database_file), "is the input file"),
+        (nowhere, "does not exist"),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_safeguard"))
+            .args(["policy", "backtest", "--policy"])
+            .arg(&f.policy)
+            .args(["--database", &f.database, "--model"])
+            .arg(&f.model)
+            .args(["--effort", "low", "--max-tokens", "8", "--html"])
+            .arg(&html)
+            .output()
+            .expect("run safeguard");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{}: {stderr}", html.display());
+        assert!(stderr.contains(says), "{}: {stderr}", html.display());
+        assert!(!stderr.contains("reasoning"), "refused before the model ran: {stderr}");
+    }
+    assert_eq!(std::fs::read(&f.policy).unwrap(), policy_before, "the policy is untouched");
 }
 
 fn backtest(f: &Fixture, policy: &Path, database: &str) -> Output {
@@ -171,6 +210,7 @@ fn every_stored_decision_is_replayed_and_flips_are_counted_by_direction() {
         skipped,
         [
             ("d10", "the model's step failed; it gave no answer to compare with"),
+            ("d11", "the model's step failed; it gave no answer to compare with"),
             ("d6", "settled by triage, not by the model"),
             ("d7", "already judged under this version"),
             ("d9", "sent to a person by triage; the model never judged it"),

@@ -168,6 +168,28 @@ fn scores_saved_predictions_as_json_text_and_html() {
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("1 classification(s) failed and 4 item(s) have no prediction")
     );
+
+    // Runs joined with other policies left c and d without a verdict for --policy: each counts as needs_review,
+    // a positive, which clears the F1 gate (3 TP, 1 FP), but the run never judged them and does not pass.
+    let other_policy = dir.path().join("other-policy.jsonl");
+    let lines: Vec<Value> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|id| {
+            let mut line = classify_line(id, "violation", "r");
+            if ["c", "d"].contains(id) {
+                line["verdicts"][0]["policy"] = json!("hate");
+            }
+            line
+        })
+        .collect();
+    write_jsonl(&other_policy, &lines);
+    let mut args = vec!["eval", "--predictions", other_policy.to_str().unwrap(), "--dataset", few.to_str().unwrap()];
+    args.extend(MAPPING);
+    args.extend(["--policy", "spam", "--min-f1", "0.6"]);
+    let out = safeguard(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("2 prediction(s) have no verdict for the policy"), "{stderr}");
 }
 
 #[test]

@@ -2,7 +2,8 @@
 //! which items would flip before the new version is activated.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
@@ -123,6 +124,21 @@ fn outcome_name(p: Predicted) -> &'static str {
 const MAX_STORED_ITEMS: usize = 1000;
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    // Checked before the model runs, not after: the report must not replace an input (the dataset, a policy, a
+    // SQLite database), and a folder that is not there would throw the whole run away.
+    if let Some(path) = &args.html {
+        let inputs = [Some(args.policy.as_path()), args.baseline_policy.as_deref()];
+        let dataset = args.dataset.as_deref().map(Path::new);
+        let database = args
+            .database
+            .as_deref()
+            .and_then(|url| url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")));
+        let database = database.map(|file| Path::new(file.split('?').next().unwrap_or(file)));
+        for input in inputs.into_iter().chain([dataset, database]).flatten() {
+            super::classify::refuse_output_over_input(input, path)?;
+        }
+        super::eval::check_parent_exists(path)?;
+    }
     let policy = Policy::load(&args.policy).with_context(|| format!("cannot load policy {}", args.policy.display()))?;
     let runtime = runtime()?;
     let mut contents = BTreeMap::new();
@@ -218,8 +234,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if let (Some(path), Some(comparison)) = (&args.html, &report.comparison) {
         let title =
             format!("safeguard policy backtest: {} ({}) on {}", report.policy, report.policy_hash, report.source);
-        std::fs::write(path, render_comparison_html(&title, comparison))
-            .with_context(|| format!("writing {}", path.display()))?;
+        // Whole or not at all: an earlier report of the same name stays if this one cannot be written.
+        let html = render_comparison_html(&title, comparison);
+        super::output_file::OutputFile::create(path).and_then(|mut file| {
+            let written = file.writer.write_all(html.as_bytes()).context("cannot write the HTML report");
+            file.finish(written)
+        })?;
         eprintln!("wrote {}", path.display());
     }
     if !report.failed.is_empty() {
@@ -354,7 +374,12 @@ fn model_answer(mut verdict: serde_json::Value) -> Result<serde_json::Value, &'s
     if verdict["stage"] == "human_review" && escalated("triage_violation_to_review") {
         return Err("sent to a person by triage; the model never judged it");
     }
-    if verdict["outcome"] == "needs_review" && escalated("stage_failed") {
+    // A cascade records the failure as an escalation; a direct decision (a pinned effort) only in the verdict's
+    // rationale.
+    let failed_directly = verdict["rationale"]
+        .as_str()
+        .is_some_and(|rationale| rationale.starts_with(safeguard_core::FAILED_STEP_RATIONALE));
+    if verdict["outcome"] == "needs_review" && (escalated("stage_failed") || failed_directly) {
         return Err("the model's step failed; it gave no answer to compare with");
     }
     Ok(verdict)

@@ -232,12 +232,19 @@ pub(super) fn shared_data_dir(asked: Option<&Path>) -> PathBuf {
 
 /// Why a report shows a run that did not judge every item (a failed classification, a line without an item id, an
 /// item with no prediction), or `None` when it judged them all.
+///
+/// A record with no verdict for `--policy` counts too: it is scored as `needs_review`, a positive, so a run that
+/// never judged the policy could pass `--min-f1` on the items labelled violating.
 fn unjudged(report: &ScoreReport) -> Option<String> {
     let (errors, missing, unjoinable) = (report.errors, report.missing_predictions.count, &report.unjoinable);
-    if errors == 0 && missing == 0 && unjoinable.count == 0 {
+    let without_policy = report.policy_missing.count;
+    if errors == 0 && missing == 0 && unjoinable.count == 0 && without_policy == 0 {
         return None;
     }
     let mut why = format!("{errors} classification(s) failed and {missing} item(s) have no prediction");
+    if without_policy > 0 {
+        why.push_str(&format!("; {without_policy} prediction(s) have no verdict for the policy"));
+    }
     if unjoinable.count > 0 {
         why.push_str(&format!("; {} prediction line(s) name no item: {}", unjoinable.count, unjoinable.ids.join("; ")));
     }
@@ -588,7 +595,7 @@ fn refuse_over_inputs(output: &Path, args: &Args, cache: Option<&Path>) -> anyho
     Ok(())
 }
 
-fn check_parent_exists(path: &Path) -> anyhow::Result<()> {
+pub(super) fn check_parent_exists(path: &Path) -> anyhow::Result<()> {
     let parent = path.parent().filter(|parent| !parent.as_os_str().is_empty()).unwrap_or(Path::new("."));
     if !parent.is_dir() {
         bail!("cannot write {}: the folder {} does not exist", path.display(), parent.display());
