@@ -148,7 +148,9 @@ pub async fn pull(spec: &str, models_dir: &Path, opts: &PullOptions) -> Result<P
                 dest.display()
             )));
         }
-        return Ok(PulledModel { path: dest, bytes, sha256: Some(digest), resumed_from: bytes, already_present: true });
+        // Only a digest compared with one is verified: the file may be an earlier download that had none.
+        let verified = user_sha.map(|_| digest);
+        return Ok(PulledModel { path: dest, bytes, sha256: verified, resumed_from: bytes, already_present: true });
     }
     let part = models_dir.join(format!("{}.part", spec.local_name()));
     let mut hasher = Sha256::new();

@@ -154,7 +154,12 @@ async fn interrupted_download_resumes_with_range_and_verifies_sha256() {
     let before = seen.lock().unwrap().requests.len();
     let again = pull("acme/tiny-GGUF/model.gguf", dir.path(), &opts(&endpoint)).await.unwrap();
     assert!(again.already_present);
+    assert_eq!(again.sha256, None, "present, but not compared with any digest: not verified");
     assert_eq!(seen.lock().unwrap().requests.len(), before);
+    let mut checked = opts(&endpoint);
+    checked.sha256 = Some(hex::encode(Sha256::digest(&*data)));
+    let again = pull("acme/tiny-GGUF/model.gguf", dir.path(), &checked).await.unwrap();
+    assert_eq!(again.sha256, checked.sha256, "compared with --sha256: verified");
 }
 
 #[tokio::test]

@@ -185,3 +185,32 @@ fn classify_through_a_second_serve_and_fail_closed_when_it_dies() {
     let endpoint = format!("safeguard_backend_usable{{endpoint=\"{backend_url}\"}} 0");
     assert!(metrics.lines().any(|line| line == endpoint), "{metrics}");
 }
+
+/// `--backend-timeout` bounds one request to the backend: a backend that takes the connection and never answers
+/// fails each attempt at it, and the item goes to a person for the backend's failure, long before
+/// `--reason-timeout` (here a minute) would have ended the wait.
+#[test]
+fn a_backend_that_never_answers_fails_at_the_backend_timeout() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = silent.local_addr().unwrap();
+    // Takes every connection and holds it open, answering nothing.
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let backend = format!("http://{address}/v1");
+    let front = serve(
+        dir.path(),
+        &["--backend", &backend, "--backend-model", "m", "--backend-timeout", "1", "--reason-timeout", "60"],
+    );
+    let request = json!({"text": "Hi Sam, lunch at noon?", "policies": ["spam"], "effort": "low"});
+    let (status, decided) = post(&front.base, "/v1/classify", &request);
+    assert_eq!(status, 200, "{decided}");
+    assert_eq!(decided["outcome"], "needs_review", "{decided}");
+    let reason = decided["failure_reason"].as_str().unwrap_or_default();
+    assert!(!reason.contains("the reasoner timed out"), "the backend timeout, not the reason timeout: {reason}");
+    assert!(reason.contains("backend 1"), "{reason}");
+}

@@ -406,14 +406,22 @@ impl TriageModel {
             }
             return Err(error);
         }
+        for (temp, target) in &staged {
+            std::fs::rename(temp, target).map_err(io(target))?;
+        }
+        // Only once the new model is in place: removed first, a crash before the renames would leave the old
+        // model loading without the head that gates its allows. Left behind by a crash here, an old head is tied
+        // to the weights it was trained with and refuses to load beside the new ones: the policy goes without
+        // triage (every item reasoned about) until it is trained again, never with a model that lost its gate.
         for name in stale {
             match std::fs::remove_file(dir.join(name)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&dir.join(name))(e)),
                 _ => {}
             }
         }
-        for (temp, target) in &staged {
-            std::fs::rename(temp, target).map_err(io(target))?;
+        // The renames themselves are durable only once the directory is.
+        if let Ok(handle) = std::fs::File::open(dir) {
+            let _ = handle.sync_all();
         }
         Ok(())
     }
@@ -612,6 +620,24 @@ mod tests {
         assert!(!dir.path().join(format!(".{WEIGHTS_FILE}.tmp")).exists(), "the staged weights are cleaned up");
         let loaded = TriageModel::load(dir.path()).unwrap();
         assert_eq!(loaded.margin("hello there"), old.margin("hello there"));
+    }
+
+    /// A head from an earlier model in the folder goes once a model without one is in place, and not before: a
+    /// save that fails leaves it beside the model it gates.
+    #[test]
+    fn a_head_left_from_an_earlier_model_goes_only_once_the_new_model_is_in() {
+        let dir = tempfile::tempdir().unwrap();
+        tiny_model().save(dir.path()).unwrap();
+        let head = dir.path().join(HEAD_FILE);
+        std::fs::write(&head, b"{}").unwrap();
+        let blocker = dir.path().join(format!(".{META_FILE}.tmp"));
+        std::fs::create_dir(&blocker).unwrap();
+        assert!(tiny_model().save(dir.path()).is_err());
+        assert!(head.exists(), "a failed save removed the head of the model still in place");
+        std::fs::remove_dir(&blocker).unwrap();
+        tiny_model().save(dir.path()).unwrap();
+        assert!(!head.exists(), "the earlier model's head would gate the new one");
+        TriageModel::load(dir.path()).unwrap();
     }
 
     #[test]

@@ -126,6 +126,7 @@ fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
     let pulled = result.with_context(|| format!("pulling {}", args.name))?;
     let verified = match &pulled.sha256 {
         Some(sha) => format!("sha256 {sha}"),
+        None if pulled.already_present => "not checked again (pass --sha256 to verify it)".to_string(),
         None => "no checksum published; not verified".to_string(),
     };
     let note = if pulled.already_present { " (already present)" } else { "" };

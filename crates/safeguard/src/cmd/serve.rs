@@ -47,6 +47,12 @@ pub struct Args {
     /// llama-server's per-slot n_ctx on /props.
     #[arg(long, value_name = "TOKENS", requires = "backend", value_parser = clap::value_parser!(u32).range(16..))]
     pub backend_context: Option<u32>,
+    /// Seconds one request to a --backend may take, from connecting to the last byte of the answer; one that
+    /// takes longer fails, is tried again, and counts against the backend's health. The default suits a GPU
+    /// server; a slow one (llama-server or Ollama on CPU, where a high-effort answer of 8,192 tokens can take
+    /// many minutes) needs more, and --reason-timeout with it.
+    #[arg(long, value_name = "SECONDS", default_value_t = 120, requires = "backend", value_parser = clap::value_parser!(u64).range(1..))]
+    pub backend_timeout: u64,
     /// Address and port to serve on (port 0 picks a free one; the address is printed at start). Off loopback the
     /// server refuses to start until an API key exists or SAFEGUARD_ADMIN_KEY (24 characters or more) is set.
     #[arg(long, default_value = "127.0.0.1:8080", env = "SAFEGUARD_LISTEN")]
@@ -309,6 +315,7 @@ fn load_remote(args: &Args) -> anyhow::Result<Arc<dyn Reasoner>> {
         .collect::<anyhow::Result<Vec<safeguard_remote::EndpointConfig>>>()?;
     let mut config = safeguard_remote::RemoteConfig::new(args.backend_model.clone(), endpoints);
     config.context_tokens = args.backend_context.map(|tokens| tokens as usize);
+    config.request_timeout = Duration::from_secs(args.backend_timeout);
     let reasoner = safeguard_remote::RemoteReasoner::new(config).context("bad backend configuration")?;
     Ok(Arc::new(reasoner))
 }
