@@ -173,7 +173,7 @@ fn parse_openai(body: &Value) -> Result<ReasonOutput, ShapeError> {
             cached_prompt_tokens: count(usage.and_then(|u| u.pointer("/prompt_tokens_details/cached_tokens"))),
             completion_tokens,
         },
-        final_token_prob: final_token_prob(choice.pointer("/logprobs/content")),
+        final_token_prob: final_token_prob(choice.pointer("/logprobs/content"), final_text.as_deref()),
         ..ReasonOutput::default()
     };
     // llama-server reports its own timings and how much of the prompt came from its cache.
@@ -391,14 +391,37 @@ fn raw_harmony_tokens(text: &str) -> Vec<u32> {
     tokens
 }
 
-/// The engine's confidence in the answer ([`answer_confidence`]) from OpenAI-style `logprobs.content`.
-fn final_token_prob(entries: Option<&Value>) -> Option<f32> {
-    let tokens = entries?.as_array()?.iter().filter_map(|e| {
-        let log_prob = e.get("logprob")?.as_f64()?;
-        Some((e.get("token").and_then(Value::as_str).unwrap_or_default(), log_prob))
-    });
-    answer_confidence(tokens)
+/// The engine's confidence in `answer` ([`answer_confidence`]) from OpenAI-style `logprobs.content`, read over the
+/// answer's own tokens: the last ones, as many as spell it. A server may give logprobs for every completion token,
+/// the reasoning's too (vLLM before it splits reasoning from content, raw harmony in content), and a reasoning
+/// of near-certain words, or a digit in it, would otherwise stand for an answer the model was unsure of. `None`
+/// (confidence unknown) where the tokens do not end with the answer.
+fn final_token_prob(entries: Option<&Value>, answer: Option<&str>) -> Option<f32> {
+    let tokens: Vec<(&str, f64)> = entries?
+        .as_array()?
+        .iter()
+        .filter_map(|e| Some((e.get("token").and_then(Value::as_str).unwrap_or_default(), e.get("logprob")?.as_f64()?)))
+        .collect();
+    // Compared on letters and digits: tokens carry the spacing and markers the parsed answer has lost.
+    let spelled = |text: &str| text.chars().filter(|c| c.is_alphanumeric()).collect::<String>();
+    let answer = spelled(answer?);
+    let mut tail = String::new();
+    for start in (0..tokens.len()).rev() {
+        tail.insert_str(0, &spelled(tokens[start].0));
+        if !answer.is_empty() && tail.contains(&answer) {
+            return answer_confidence(tokens[start..].iter().copied());
+        }
+        // What follows an answer is a stop marker or two, not pages: past that, these tokens are not its.
+        if tail.len() > answer.len() + MAX_TEXT_AFTER_ANSWER {
+            return None;
+        }
+    }
+    None
 }
+
+/// Letters and digits the tokens may hold after the answer they spell (markers, a trailing word) before they are
+/// taken not to end with it.
+const MAX_TEXT_AFTER_ANSWER: usize = 1024;
 
 #[cfg(test)]
 mod tests {
@@ -746,6 +769,19 @@ mod tests {
             "logprobs": {"content": content}}]});
         let p = parse_response(Flavor::OpenAi, &body).unwrap().final_token_prob.unwrap();
         assert!((p - 0.45).abs() < 1e-6, "{p}");
+        // Logprobs for the whole completion, the reasoning first (vLLM): a confident reasoning, with a digit of its
+        // own, does not stand for an unsure answer.
+        let mut content = vec![json!({"token": "We need", "logprob": (0.99f64).ln()})];
+        content.extend(std::iter::repeat_n(json!({"token": " check 1", "logprob": (0.98f64).ln()}), 20));
+        content.push(json!({"token": "VALID", "logprob": (0.45f64).ln()}));
+        let body = json!({"choices": [{"finish_reason": "stop", "message": {"content": "VALID", "reasoning": "We need…"},
+            "logprobs": {"content": content}}]});
+        let p = parse_response(Flavor::OpenAi, &body).unwrap().final_token_prob.unwrap();
+        assert!((p - 0.45).abs() < 1e-6, "only the answer's tokens count: {p}");
+        // Tokens that do not end with the answer say nothing about it.
+        let body = json!({"choices": [{"finish_reason": "stop", "message": {"content": "1"},
+            "logprobs": {"content": [{"token": "0", "logprob": 0.0}]}}]});
+        assert_eq!(parse_response(Flavor::OpenAi, &body).unwrap().final_token_prob, None);
     }
 
     #[test]
