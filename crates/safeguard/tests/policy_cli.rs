@@ -148,4 +148,12 @@ fn hash_show_and_starter() {
     let again = safeguard(&["policy", "starter", "--out", out.to_str().unwrap()]);
     assert_eq!(again.status.code(), Some(1), "refuses to overwrite without --force");
     assert!(safeguard(&["policy", "starter", "--out", out.to_str().unwrap(), "--force"]).status.success());
+    // Written through a partial file renamed into place: the policy is whole, and nothing else is left beside it.
+    assert_eq!(std::fs::read_to_string(out.join("spam.md")).unwrap(), std::fs::read_to_string(&spam).unwrap());
+    let names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 14, "{names:?}");
+    assert!(names.iter().all(|name| !name.contains(".partial")), "{names:?}");
 }

@@ -1,5 +1,6 @@
 //! `safeguard policy`: lint, hash, show and export policy files.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -267,7 +268,12 @@ fn starter(args: StarterArgs) -> anyhow::Result<ExitCode> {
         bail!("refusing to overwrite existing files (pass --force): {}", existing.join(", "));
     }
     for (path, text) in &planned {
-        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        // Whole or not at all: a policy cut short by a crash or a full disk would load, as another version.
+        super::output_file::OutputFile::create(path).and_then(|mut file| {
+            let written =
+                file.writer.write_all(text.as_bytes()).with_context(|| format!("cannot write {}", path.display()));
+            file.finish(written)
+        })?;
         println!("wrote {}", path.display());
     }
     Ok(ExitCode::SUCCESS)
