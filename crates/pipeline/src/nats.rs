@@ -909,7 +909,9 @@ impl Worker {
             }
         }
 
-        if slot_answers_another && self.settled_apart_before(message, &key, &digest, item.as_ref().ok(), stop).await {
+        // What tells this body's settled word on the key's subject, for every answer given below.
+        let this_body = Settled { digest: &digest, slot_answers_another };
+        if slot_answers_another && self.settled_apart_before(message, &key, this_body, item.as_ref().ok(), stop).await {
             return None;
         }
         // Rejections for what this worker holds or allows (its limits, its policies, its model's context) are not
@@ -918,14 +920,12 @@ impl Worker {
         let item = match item {
             Ok(item) => item,
             Err(e @ ItemError::TooLong { .. }) => {
-                let settled = Settled { digest: &digest, slot_answers_another };
-                return self.reject_for_now(message, key, item_id, &e.to_string(), settled).await;
+                return self.reject_for_now(message, key, item_id, &e.to_string(), this_body).await;
             }
             Err(e) => return self.reject(message, key, item_id, &e.to_string(), digest, stop).await,
         };
         if let Some(why) = self.limits.over_tokens(&item.content) {
-            let settled = Settled { digest: &digest, slot_answers_another };
-            return self.reject_for_now(message, key, item_id, &why, settled).await;
+            return self.reject_for_now(message, key, item_id, &why, this_body).await;
         }
         let requested = match requested {
             Ok(requested) => requested,
@@ -934,8 +934,7 @@ impl Worker {
         let (policies, pipeline) = match self.host.prepare(&requested).await {
             Ok(prepared) => prepared,
             Err(HostError::Rejected(why) | HostError::NotStored(why)) => {
-                let settled = Settled { digest: &digest, slot_answers_another };
-                return self.reject_for_now(message, key, item_id, &why, settled).await;
+                return self.reject_for_now(message, key, item_id, &why, this_body).await;
             }
             Err(HostError::Unavailable(why)) => {
                 warn!(?key, "cannot prepare the event now: {why}");
@@ -957,8 +956,7 @@ impl Worker {
             Err(overflow) => {
                 let as_an_item = RouteContext { appeal: false, ..ctx.clone() };
                 if !appeal || pipeline.check_fits_context(&policies, &item.content, &as_an_item).is_err() {
-                    let settled = Settled { digest: &digest, slot_answers_another };
-                    return self.reject_for_now(message, key, item_id, &overflow.to_string(), settled).await;
+                    return self.reject_for_now(message, key, item_id, &overflow.to_string(), this_body).await;
                 }
                 Some(format!("not reasoned about: {overflow}"))
             }
@@ -981,11 +979,10 @@ impl Worker {
         // Only this body's settled events count: a key reused for an edited post still gets its `pending` over the
         // old body's decision. A person's answer carries no digest, and counts unless the key's entry is another
         // body's.
-        let settled = Settled { digest: &digest, slot_answers_another };
         let answered = |last: &DecisionEvent| match (&last.status, &last.body_digest) {
             (EventStatus::Pending, _) => false,
             (_, Some(theirs)) => *theirs == digest,
-            (EventStatus::Decided | EventStatus::Reviewed, None) => settled.answered_by(&key, last),
+            (EventStatus::Decided | EventStatus::Reviewed, None) => this_body.answered_by(&key, last),
             // A rejection until a policy is stored answers nothing: the event is here again to be decided.
             (EventStatus::Rejected, None) => false,
         };
@@ -1330,14 +1327,13 @@ impl Worker {
         &self,
         message: &jetstream::Message,
         key: &str,
-        digest: &str,
+        this_body: Settled<'_>,
         item: Option<&safeguard_core::input::Item>,
         stop: &CancellationToken,
     ) -> bool {
         let Some((_, Some(last))) = self.bus.last_on_subject(key).await else { return false };
-        let this_body = Settled { digest, slot_answers_another: true };
         match (&last.status, last.body_digest.as_deref(), event_id(&last)) {
-            (EventStatus::Decided, Some(theirs), Some(id)) if theirs == digest => {
+            (EventStatus::Decided, Some(theirs), Some(id)) if theirs == this_body.digest => {
                 debug!(?key, "this body was settled apart before; publishing and recording it again");
                 let msg_id = format!("{}:{:?}:{id}", subject_token(key), last.status);
                 self.finish(message, &last, &msg_id, &last, item.map(|i| &i.content), true, stop).await;
@@ -1715,8 +1711,6 @@ fn clip(text: &str, max: usize) -> String {
     format!("{}…", &text[..end])
 }
 
-/// The id of the decision a person gets for a key whose ledger slot holds another key's entry: the same for
-/// every delivery of the key, so the host, idempotent by id, records it once.
 /// What tells whether the last event on a key's subject is this body's settled word.
 #[derive(Clone, Copy)]
 struct Settled<'d> {
@@ -1740,6 +1734,8 @@ impl Settled<'_> {
     }
 }
 
+/// The id of the decision a person gets for a key whose ledger slot holds another key's entry: the same for
+/// every delivery of the key, so the host, idempotent by id, records it once.
 fn conflict_id(key: &str) -> uuid::Uuid {
     derived_id(&format!("safeguard ledger conflict\0{key}"))
 }

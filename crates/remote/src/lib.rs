@@ -214,12 +214,15 @@ pub struct RemoteConfig {
     pub context_tokens: Option<usize>,
 }
 
+/// How long one HTTP attempt may take by default: enough for a high-effort answer from a GPU server.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+
 impl RemoteConfig {
     pub fn new(model: impl Into<String>, endpoints: Vec<EndpointConfig>) -> Self {
         Self {
             model: model.into(),
             endpoints,
-            request_timeout: Duration::from_secs(120),
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
             stream_idle_timeout: Duration::from_secs(60),
             max_attempts: 3,
             backoff_base: Duration::from_millis(200),

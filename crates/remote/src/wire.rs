@@ -405,10 +405,13 @@ fn final_token_prob(entries: Option<&Value>, answer: Option<&str>) -> Option<f32
     // Compared on letters and digits: tokens carry the spacing and markers the parsed answer has lost.
     let spelled = |text: &str| text.chars().filter(|c| c.is_alphanumeric()).collect::<String>();
     let answer = spelled(answer?);
+    if answer.is_empty() {
+        return None;
+    }
     let mut tail = String::new();
     for start in (0..tokens.len()).rev() {
         tail.insert_str(0, &spelled(tokens[start].0));
-        if !answer.is_empty() && tail.contains(&answer) {
+        if tail.contains(&answer) {
             return answer_confidence(tokens[start..].iter().copied());
         }
         // What follows an answer is a stop marker or two, not pages: past that, these tokens are not its.

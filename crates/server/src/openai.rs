@@ -93,7 +93,7 @@ pub(crate) async fn moderations(
     // answered without the model and without a decision record.
     let blank: Vec<bool> = inputs.iter().map(|text| text.trim().is_empty()).collect();
     let mut contents = Vec::with_capacity(inputs.len());
-    for text in inputs.into_iter().filter(|text| !text.trim().is_empty()) {
+    for (text, _) in inputs.into_iter().zip(&blank).filter(|(_, blank)| !**blank) {
         contents.push(crate::classify::parse_content(&state, &json!({"text": text}))?);
     }
     let policies = moderation_policies(&state).await?;

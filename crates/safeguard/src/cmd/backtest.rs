@@ -2,7 +2,6 @@
 //! which items would flip before the new version is activated.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -17,6 +16,7 @@ use safeguard_store::{DecisionFilter, Migrations, Store, StoreOptions};
 use serde::Serialize;
 
 use super::classify::{EngineArgs, load_reasoner, runtime};
+use super::output_file::OutputFile;
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -235,11 +235,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         let title =
             format!("safeguard policy backtest: {} ({}) on {}", report.policy, report.policy_hash, report.source);
         // Whole or not at all: an earlier report of the same name stays if this one cannot be written.
-        let html = render_comparison_html(&title, comparison);
-        super::output_file::OutputFile::create(path).and_then(|mut file| {
-            let written = file.writer.write_all(html.as_bytes()).context("cannot write the HTML report");
-            file.finish(written)
-        })?;
+        OutputFile::write_whole(path, render_comparison_html(&title, comparison).as_bytes())?;
         eprintln!("wrote {}", path.display());
     }
     if !report.failed.is_empty() {

@@ -332,7 +332,7 @@ fn score_options(args: &Args) -> anyhow::Result<ScoreOptions> {
 }
 
 fn write_html(path: &Path, html: &str) -> anyhow::Result<()> {
-    std::fs::write(path, html).with_context(|| format!("writing {}", path.display()))?;
+    OutputFile::write_whole(path, html.as_bytes())?;
     eprintln!("wrote {}", path.display());
     Ok(())
 }

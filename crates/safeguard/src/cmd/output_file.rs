@@ -1,7 +1,7 @@
 //! Output files that appear whole or not at all.
 
 use std::fs::File;
-use std::io::BufWriter;
+use std::io::{BufWriter, Write as _};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
@@ -49,6 +49,14 @@ impl OutputFile {
             tracing::warn!(%error, path = %dest.display(), "the results will not keep the output file's permissions");
         }
         Ok(Self { writer: BufWriter::new(file), rename: Some((partial, dest)) })
+    }
+
+    /// Writes `bytes` to `path` whole or not at all: a report or a policy file cut short by a crash or a full disk
+    /// would otherwise read as complete.
+    pub(crate) fn write_whole(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+        let mut file = Self::create(path)?;
+        let written = file.writer.write_all(bytes).with_context(|| format!("cannot write {}", path.display()));
+        file.finish(written)
     }
 
     /// Moves the results into place if the run completed; otherwise leaves the output as it was and says where

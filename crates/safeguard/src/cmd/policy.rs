@@ -1,6 +1,5 @@
 //! `safeguard policy`: lint, hash, show and export policy files.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -269,11 +268,7 @@ fn starter(args: StarterArgs) -> anyhow::Result<ExitCode> {
     }
     for (path, text) in &planned {
         // Whole or not at all: a policy cut short by a crash or a full disk would load, as another version.
-        super::output_file::OutputFile::create(path).and_then(|mut file| {
-            let written =
-                file.writer.write_all(text.as_bytes()).with_context(|| format!("cannot write {}", path.display()));
-            file.finish(written)
-        })?;
+        super::output_file::OutputFile::write_whole(path, text.as_bytes())?;
         println!("wrote {}", path.display());
     }
     Ok(ExitCode::SUCCESS)

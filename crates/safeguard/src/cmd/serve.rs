@@ -51,7 +51,7 @@ pub struct Args {
     /// takes longer fails, is tried again, and counts against the backend's health. The default suits a GPU
     /// server; a slow one (llama-server or Ollama on CPU, where a high-effort answer of 8,192 tokens can take
     /// many minutes) needs more, and --reason-timeout with it.
-    #[arg(long, value_name = "SECONDS", default_value_t = 120, requires = "backend", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "SECONDS", default_value_t = safeguard_remote::DEFAULT_REQUEST_TIMEOUT.as_secs(), requires = "backend", value_parser = clap::value_parser!(u64).range(1..))]
     pub backend_timeout: u64,
     /// Address and port to serve on (port 0 picks a free one; the address is printed at start). Off loopback the
     /// server refuses to start until an API key exists or SAFEGUARD_ADMIN_KEY (24 characters or more) is set.
