@@ -7,8 +7,10 @@
 //!   never an allow.
 //! - [`input`] reads items to classify from JSONL, one error per bad line.
 //! - [`golden`] runs the golden cases kept beside a policy file.
+//! - [`deadline`] bounds a reasoning step in time and lets the backends below it see the bound.
 
 pub mod classifier;
+pub mod deadline;
 pub mod embedded;
 pub mod golden;
 pub mod input;

@@ -677,7 +677,7 @@ impl Pipeline {
         let classify = self.classifier.classify(&selected, content, &options);
         let decision = match self.config.stage_timeout {
             None => classify.await,
-            Some(limit) => match tokio::time::timeout(limit, classify).await {
+            Some(limit) => match safeguard_core::deadline::within(limit, classify).await {
                 Ok(decision) => decision,
                 Err(_) => {
                     debug!(?limit, "reasoning stage timed out");

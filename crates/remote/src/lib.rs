@@ -796,7 +796,8 @@ impl Reasoner for RemoteReasoner {
         let count = reqs.len();
         for (i, req) in reqs.into_iter().enumerate() {
             let this = self.clone();
-            tasks.spawn(async move { (i, this.reason(req).await) });
+            // Aborted when this batch is dropped; seeing the deadline, an attempt aborted for it counts as failed.
+            tasks.spawn(safeguard_core::deadline::carried(async move { (i, this.reason(req).await) }));
         }
         let mut results: Vec<Option<Result<ReasonOutput, ReasonError>>> = (0..count).map(|_| None).collect();
         while let Some(joined) = tasks.join_next().await {
@@ -829,8 +830,11 @@ impl DeltaSink<'_> {
 }
 
 /// One attempt's claim on an endpoint: its place in `assigned` and `in_flight` and its breaker ticket, the probe
-/// slot when the breaker was half open. An attempt abandoned mid-way (a deadline above us dropped it) must release both; a
-/// probe slot left taken would shut the endpoint out for good.
+/// slot when the breaker was half open. An attempt abandoned mid-way must release both; a probe slot left taken
+/// would shut the endpoint out for good. Abandoned once sent because its step's deadline passed
+/// ([`safeguard_core::deadline`]), it counts as the server's failure, as a request timeout does: a server that
+/// takes requests and never answers would otherwise stay in rotation whenever callers give up before
+/// `request_timeout`. Abandoned for any other reason (a client that hung up), it says nothing about the server.
 struct Hold<'a> {
     index: usize,
     endpoint: &'a Endpoint,
@@ -865,7 +869,12 @@ impl Drop for Hold<'_> {
             self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
         if !self.settled {
-            lock(&self.endpoint.breaker).on_abandoned(self.ticket);
+            let mut breaker = lock(&self.endpoint.breaker);
+            if self.counted && safeguard_core::deadline::passed() {
+                breaker.on_failure(self.ticket, Instant::now());
+            } else {
+                breaker.on_abandoned(self.ticket);
+            }
         }
     }
 }

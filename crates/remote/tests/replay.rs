@@ -246,6 +246,56 @@ async fn a_timeout_is_an_error_not_an_answer() {
     assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
 }
 
+/// A server that takes requests and never answers, behind callers whose deadline comes before the request
+/// timeout: each attempt is dropped by its caller, not failed by the client. Dropped at its step's deadline, it
+/// still counts against the server, so the server leaves rotation; dropped by a caller that stopped waiting for
+/// another reason (a client that hung up), it does not.
+#[tokio::test]
+async fn attempts_dropped_at_their_deadline_count_against_a_server_that_never_answers() {
+    let wedged = || -> Script { Arc::new(|_| (StatusCode::OK, vllm_ok("0"), Some(Duration::from_secs(600)))) };
+    let (wedged_url, stuck) = serve(wedged()).await;
+    let (good_url, good) = serve(always(StatusCode::OK, vllm_ok("1"))).await;
+    let mut cfg = config(&[format!("{wedged_url}/v1"), format!("{good_url}/v1")]);
+    cfg.request_timeout = Duration::from_secs(60);
+    cfg.breaker_threshold = 2;
+    cfg.breaker_cooldown = Duration::from_secs(60);
+    let reasoner = RemoteReasoner::new(cfg).unwrap();
+    let mut answered = 0;
+    for _ in 0..8 {
+        let step = safeguard_core::deadline::within(Duration::from_millis(300), reasoner.reason(request()));
+        if let Ok(Ok(out)) = step.await {
+            assert_eq!(out.final_text.as_deref(), Some("1"));
+            answered += 1;
+        }
+    }
+    let lost = stuck.calls.load(Ordering::SeqCst);
+    assert_eq!(lost, 2, "after two attempts that ran into their deadline, the server is out of rotation");
+    assert_eq!((answered, good.calls.load(Ordering::SeqCst)), (6, 6));
+    assert_eq!(reasoner.status()[0].breaker, BreakerState::Open);
+    assert!(reasoner.status().iter().all(|s| s.in_flight == 0));
+
+    let (url, stuck) = serve(wedged()).await;
+    let mut cfg = config(&[format!("{url}/v1")]);
+    cfg.breaker_threshold = 2;
+    let reasoner = RemoteReasoner::new(cfg).unwrap();
+    for _ in 0..4 {
+        let step = safeguard_core::deadline::within(Duration::from_secs(600), reasoner.reason(request()));
+        assert!(tokio::time::timeout(Duration::from_millis(100), step).await.is_err());
+    }
+    assert_eq!(stuck.calls.load(Ordering::SeqCst), 4);
+    assert_eq!(reasoner.status()[0].breaker, BreakerState::Closed, "callers that stopped waiting early blame no one");
+
+    // A batch's requests run as tasks of their own, aborted (a moment later) when the batch is dropped.
+    let batch = reasoner.reason_batch(vec![request(), request()]);
+    assert!(safeguard_core::deadline::within(Duration::from_millis(300), batch).await.is_err());
+    let waited = std::time::Instant::now();
+    while reasoner.status()[0].breaker != BreakerState::Open {
+        assert!(waited.elapsed() < Duration::from_secs(5), "a batch dropped at its deadline counts too");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(stuck.calls.load(Ordering::SeqCst), 6);
+}
+
 #[tokio::test]
 async fn concurrency_per_endpoint_is_bounded() {
     let script: Script = Arc::new(|_| (StatusCode::OK, vllm_ok("0"), Some(Duration::from_millis(50))));

@@ -53,7 +53,8 @@ enum Command {
     /// List job webhooks the service gave up on, and send them again.
     #[command(subcommand)]
     Webhooks(cmd::webhooks::Command),
-    /// Delete stored decisions, jobs and webhook deliveries older than a retention period.
+    /// Delete stored decisions, jobs and webhook deliveries older than a retention period (and, with --policies,
+    /// policy versions nothing uses any more).
     Prune(cmd::prune::Args),
 }
 

@@ -74,6 +74,7 @@ fn train_then_eval_then_refuse_bad_inputs() {
     assert!(out.status.success(), "eval failed: {}", stderr(&out));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["items"], 96);
+    assert_eq!(report["rules_from"], policy_s, "the report says whose rules it measured");
     assert!(report["recall"].as_f64().unwrap() >= 0.9, "{report}");
     assert!(report["skip_rate"].as_f64().unwrap() > 0.5, "{report}");
     assert!(report["items_per_second"].as_f64().unwrap() > 0.0);
@@ -273,6 +274,7 @@ fn embedding_head_trains_with_aux_data_and_eval_reports_it() {
     assert!(out.status.success(), "eval failed: {}", stderr(&out));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     let head_report = &report["embedding_head"];
+    assert!(report["rules_from"].is_null(), "without --policy, the model alone: {report}");
     assert_eq!(head_report["encoder_failures"], 0, "{report}");
     assert!(head_report["consulted"].as_u64().unwrap() > 0, "{report}");
     assert!(report["recall"].as_f64().unwrap() >= 0.95, "{report}");

@@ -45,7 +45,7 @@ impl Reasoner for GuardedReasoner {
     }
 
     async fn reason(&self, req: ReasonRequest) -> Result<ReasonOutput, ReasonError> {
-        match tokio::time::timeout(self.timeout, self.inner.reason(req)).await {
+        match safeguard_core::deadline::within(self.timeout, self.inner.reason(req)).await {
             Ok(result) => {
                 count_error(&result);
                 result
@@ -55,7 +55,7 @@ impl Reasoner for GuardedReasoner {
     }
 
     async fn reason_streaming(&self, req: ReasonRequest, deltas: DeltaSender) -> Result<ReasonOutput, ReasonError> {
-        match tokio::time::timeout(self.timeout, self.inner.reason_streaming(req, deltas)).await {
+        match safeguard_core::deadline::within(self.timeout, self.inner.reason_streaming(req, deltas)).await {
             Ok(result) => {
                 count_error(&result);
                 result
@@ -95,7 +95,7 @@ impl Reasoner for GuardedReasoner {
                 results.extend((0..count).map(|_| Err(not_tried())));
                 continue;
             }
-            match tokio::time::timeout(self.timeout, self.inner.reason_batch(group)).await {
+            match safeguard_core::deadline::within(self.timeout, self.inner.reason_batch(group)).await {
                 // Answers are matched to requests by position: a group answered with too few or too many would
                 // shift every later answer onto another request, another policy's verdict. None of it can be
                 // trusted then.

@@ -61,8 +61,9 @@ impl ServerHost {
         match stored_policy(&self.state, reference).await {
             Ok(Some(policy)) => Ok(policy),
             Ok(None) => Err(HostError::NotStored(format!("no policy {reference:?} is stored"))),
-            // The store being down is worth a redelivery; a stored version that no longer parses is not.
-            Err(ApiError::Store(e)) => Err(unavailable(e)),
+            // The store being down is worth a redelivery; a stored version that no longer parses, or whose row is
+            // corrupt, is not.
+            Err(ApiError::Store(e)) if !e.is_unreadable_data() => Err(unavailable(e)),
             Err(e) => Err(HostError::Rejected(e.to_string())),
         }
     }

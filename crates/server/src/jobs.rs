@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use safeguard_harmony::Content;
 use safeguard_policy::Policy;
-use safeguard_store::{DecisionRecord, JobRecord, JobStatus, NewDelivery, NewJob, ReviewRecord, now_ms};
+use safeguard_store::{Claim, DecisionRecord, JobRecord, JobStatus, NewDelivery, NewJob, ReviewRecord, now_ms};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::Digest;
@@ -261,7 +261,7 @@ async fn rest(shutdown: &CancellationToken, pause: Duration, wake: Option<&Notif
 enum LoadError {
     /// The store failed (an outage, a lock): the job is fine and is decided once the store answers again.
     Transient(String),
-    /// The job can never be decided as accepted: a version is gone or no longer parses.
+    /// The job can never be decided as accepted: a version is gone, no longer parses, or its stored row is corrupt.
     Permanent(String),
 }
 
@@ -270,7 +270,8 @@ async fn load_policies(state: &AppState, hashes: &[String]) -> Result<Vec<Policy
     for hash in hashes {
         // The job's failure reason names the store's own error, without the HTTP wrapper's prefix.
         let policy = stored_policy(state, hash).await.map_err(|e| match e {
-            ApiError::Store(e) => LoadError::Transient(e.to_string()),
+            ApiError::Store(e) if !e.is_unreadable_data() => LoadError::Transient(e.to_string()),
+            ApiError::Store(e) => LoadError::Permanent(e.to_string()),
             other => LoadError::Permanent(other.to_string()),
         })?;
         policies.push(policy.ok_or_else(|| LoadError::Permanent(format!("policy {hash} is not stored")))?);
@@ -310,12 +311,18 @@ async fn fail(state: &AppState, job: &JobRecord, token: &str, error: String) {
     let mut policies = Vec::with_capacity(policy_hashes.len());
     for hash in &policy_hashes {
         // A name is a label here; without one the hash stands in, and the failure is recorded all the same.
-        match stored_policy(state, hash).await.ok().flatten() {
-            Some(policy) => {
+        match stored_policy(state, hash).await {
+            Ok(Some(policy)) => {
                 policy_names.push(policy.meta.name.clone());
                 policies.push(policy);
             }
-            None => policy_names.push(hash.clone()),
+            // Failed while the store is out, the item would reach the queue without its policy's priority and
+            // SLA: left leased instead, the job is failed again once the lease runs out, with the store back.
+            Err(ApiError::Store(err)) if !err.is_unreadable_data() => {
+                tracing::warn!(error = %err, "reading the failed job's policies failed; it is failed again later");
+                return;
+            }
+            Ok(None) | Err(_) => policy_names.push(hash.clone()),
         }
     }
     let settings = request.get("settings");
@@ -372,8 +379,8 @@ async fn process(state: &AppState, job: JobRecord) -> bool {
     let earlier_claims = job.attempts - 1;
     if earlier_claims >= state.config.job_max_attempts {
         let error = format!(
-            "gave up after {earlier_claims} attempts: each worker that took the job stopped before finishing it \
-             (a crash, running out of memory, or a decision slower than the lease)"
+            "gave up after {earlier_claims} attempts: each worker that took the job stopped before storing its \
+             decision (a crash, running out of memory, a decision slower than the lease, or a store that refused it)"
         );
         fail(state, &job, &token, error).await;
         unused_call();
@@ -396,7 +403,7 @@ async fn process(state: &AppState, job: JobRecord) -> bool {
         }
         Err(LoadError::Transient(err)) => {
             tracing::warn!(error = %err, "loading the job's policies failed; handing the job back");
-            hand_back(state, &job.id, &token, "its policies could not be loaded").await;
+            hand_back(state, &job.id, &token, Claim::Untried, "its policies could not be loaded").await;
             unused_call();
             return true;
         }
@@ -434,7 +441,7 @@ async fn process(state: &AppState, job: JobRecord) -> bool {
         decision = futures::FutureExt::catch_unwind(classify) => decision,
         () = state.jobs_abandoned.cancelled() => {
             drop(renew);
-            hand_back(state, &job.id, &token, "the server is shutting down").await;
+            hand_back(state, &job.id, &token, Claim::Untried, "the server is shutting down").await;
             return false;
         }
     };
@@ -462,19 +469,21 @@ async fn process(state: &AppState, job: JobRecord) -> bool {
             tracing::debug!(decision_id = %record.id, "job finished");
         }
         Ok(false) => tracing::warn!("job lease was lost before finishing; another worker owns it"),
-        // Nothing was written: the job is decided again, and this was no attempt its worker failed to come back
-        // from, so it goes back without counting as one (if the store takes even that).
+        // Nothing was written: the job is decided again after a pause, since claiming it straight back would meet
+        // the same store. The claim stays counted: a store that keeps refusing the result (a full disk that still
+        // takes the small update handing the job back) must not have it decided at the model's cost forever.
         Err(err) => {
             tracing::error!(error = %err, "storing the job result failed");
-            hand_back(state, &job.id, &token, "its result could not be stored").await;
+            hand_back(state, &job.id, &token, Claim::Tried, "its result could not be stored").await;
+            return true;
         }
     }
     false
 }
 
 /// Hands a claimed job back to the queue untried; if even that fails, its lease runs out and it is claimed again.
-async fn hand_back(state: &AppState, job_id: &str, token: &str, why: &str) {
-    match state.store.release_job(job_id, token).await {
+async fn hand_back(state: &AppState, job_id: &str, token: &str, claim: Claim, why: &str) {
+    match state.store.release_job(job_id, token, claim).await {
         Ok(_) => tracing::info!(job_id, why, "job handed back to the queue"),
         Err(err) => tracing::warn!(error = %err, why, "handing the job back failed; it returns when its lease expires"),
     }

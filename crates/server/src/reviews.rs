@@ -104,7 +104,7 @@ pub(crate) fn appeal_review(decision_id: &str, policies: &[Policy], reason: Stri
         kind: "appeal".into(),
         priority: APPEAL_PRIORITY,
         reason: Some(reason),
-        sla_ms: Some(shortest_sla(policies, APPEAL_SLA_MS)),
+        sla_ms: Some(soonest_due(policies, REVIEW_SLA_MS).min(APPEAL_SLA_MS)),
         policy_hash: None,
     }
 }
@@ -119,15 +119,16 @@ pub(crate) fn review_for_person(decision_id: &str, policies: &[Policy], reason: 
         kind: "review".into(),
         priority: if high_risk { 5 } else { 1 },
         reason: Some(reason),
-        sla_ms: Some(shortest_sla(policies, REVIEW_SLA_MS)),
+        sla_ms: Some(soonest_due(policies, REVIEW_SLA_MS)),
         policy_hash: None,
     }
 }
 
-/// The shortest of `default` and the policies' own `review_sla`s, in milliseconds.
-fn shortest_sla(policies: &[Policy], default: i64) -> i64 {
-    let own = policies.iter().filter_map(|policy| policy.meta.review_sla_secs).map(|secs| secs as i64 * 1000);
-    own.chain([default]).min().unwrap_or(default)
+/// The shortest of the policies' SLAs, in milliseconds: each policy's own `review_sla`, or `default` for one that
+/// sets none. A policy may give its items longer than the default (`review_sla: 2d`) as well as shorter.
+fn soonest_due(policies: &[Policy], default: i64) -> i64 {
+    let each = policies.iter().map(|policy| policy.meta.review_sla_secs.map_or(default, |secs| secs as i64 * 1000));
+    each.min().unwrap_or(default)
 }
 
 /// Share of the decided reviews that agree with the model, among those where the model had an answer to agree
@@ -849,5 +850,29 @@ fn excerpt(text: &str, chars: usize) -> String {
     match text.char_indices().nth(chars) {
         Some((at, _)) => format!("{}…", &text[..at]),
         None => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(front_matter: &str) -> Policy {
+        let text = format!("---\nname: p\noutput: binary\n{front_matter}---\n# P\n\n## VIOLATES (1)\n- P1.a Spam.\n");
+        Policy::parse(&text).unwrap()
+    }
+
+    #[test]
+    fn a_policys_sla_sets_when_its_items_are_due_longer_or_shorter_than_the_default() {
+        let (day, hour) = (REVIEW_SLA_MS, 3_600_000);
+        let (relaxed, urgent, unset) = (policy("review_sla: 2d\n"), policy("review_sla: 90m\n"), policy(""));
+        let due = |policies: &[Policy]| review_for_person("d", policies, "r".into()).sla_ms;
+        assert_eq!(due(std::slice::from_ref(&relaxed)), Some(2 * day), "a policy may allow longer than a day");
+        assert_eq!(due(&[relaxed.clone(), unset.clone()]), Some(day), "one without its own SLA keeps the default");
+        assert_eq!(due(&[relaxed.clone(), urgent.clone()]), Some(90 * 60_000));
+        assert_eq!(due(&[]), Some(day));
+        let appeal = |policies: &[Policy]| appeal_review("d", policies, "r".into()).sla_ms;
+        assert_eq!(appeal(&[relaxed]), Some(4 * hour), "an appeal is never due later than its own four hours");
+        assert_eq!(appeal(&[urgent]), Some(90 * 60_000));
     }
 }

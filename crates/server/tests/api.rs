@@ -1650,6 +1650,37 @@ async fn a_job_that_keeps_killing_its_workers_goes_to_a_person() {
     assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), 1, "only the job with a claim to spare reached the model");
 }
 
+/// A job whose policy row is corrupt (hand-edited, half restored) can never be decided as accepted: it goes to a
+/// person with the reason, instead of waiting in the queue for the store to "recover" forever.
+#[tokio::test]
+async fn a_job_whose_stored_policy_is_corrupt_goes_to_a_person() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(&dir.path().join("db.sqlite")).await.unwrap();
+    let text = "---\nname: promo-torn\noutput: binary\n---\n# Promo\n\nReturn 1 if the content is promotion, else 0.\n";
+    let policy = safeguard_policy::Policy::parse(text).unwrap();
+    let hash = policy.hash.to_string();
+    let meta = json!({"meta": policy.meta, "source": text, "fallback_name": null});
+    // Not active, so that the server reads it only for the job (a corrupt active row stops the server starting).
+    store.put_policy(&hash, "promo-torn", &policy.body, &meta, false).await.unwrap();
+    let h = Harness::start_on(store, dir, |_| {}).await;
+    let key = h.key(&["classify"]).await;
+    sqlx::query("UPDATE policies SET meta = '{\"meta\": {\"na' WHERE hash = $1")
+        .bind(&hash)
+        .execute(h.store.pool())
+        .await
+        .unwrap();
+    let request = json!({"content": {"kind": "text", "text": "hello"}, "policy_hashes": [hash],
+                         "settings": {"effort": "low", "mode": "separate", "max_tokens": null}});
+    let new = safeguard_store::NewJob { request, idempotency_key: None, webhook_url: None, submitted_by: None };
+    let (job, _) = h.store.enqueue_job(&new).await.unwrap();
+
+    let failed = poll_job(&h, &key, &job.id, |j| j["status"] == "failed" || j["status"] == "done").await;
+    assert_eq!((failed["status"].as_str(), failed["outcome"].as_str()), (Some("failed"), Some("needs_review")));
+    assert!(failed["error"].as_str().unwrap().contains("corrupt"), "{failed}");
+    assert_eq!(failed["attempts"], 1, "failed at its first claim, not handed back: {failed}");
+    assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), 0);
+}
+
 /// A job's lease outlives a passing store error: the worker keeps renewing it, so no second worker decides
 /// the job again while the first is still on it.
 #[tokio::test]
@@ -1688,6 +1719,39 @@ async fn a_job_lease_is_renewed_after_a_store_error() {
     assert_eq!(done["status"], "done", "{done}");
     assert_eq!(done["attempts"], 1, "the lease lapsed and a second worker took the job: {done}");
     assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), 1);
+}
+
+/// A store that refuses a job's decision but still takes the small update handing the job back (a full disk) does
+/// not have the job decided at the model's cost forever: each try counts as an attempt, and after
+/// `job_max_attempts` the job goes to a person once the store takes that.
+#[tokio::test]
+async fn a_job_whose_decision_the_store_refuses_is_not_decided_forever() {
+    let h = Harness::start(|c| {
+        c.job_max_attempts = 2;
+        c.job_lease = Duration::from_millis(1500);
+    })
+    .await;
+    let key = h.key(&["classify"]).await;
+    let refuse = "CREATE TRIGGER refuse_job_decisions BEFORE INSERT ON decisions WHEN NEW.job_id IS NOT NULL \
+                  BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END";
+    sqlx::query(refuse).execute(h.store.pool()).await.unwrap();
+    let (status, job) =
+        h.call("POST", "/v1/jobs", Some(&key), Some(json!({"text": "hello", "policies": ["spam"]}))).await;
+    assert_eq!(status, 202, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    // Two tries decided and refused, then a claim that only tries to fail the job to a person, refused as well.
+    let started = std::time::Instant::now();
+    while h.store.get_job(&id).await.unwrap().unwrap().attempts < 4 {
+        assert!(started.elapsed() < Duration::from_secs(20), "the job was not claimed again");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), 2, "one model call per counted try, and no more");
+    sqlx::query("DROP TRIGGER refuse_job_decisions").execute(h.store.pool()).await.unwrap();
+
+    let failed = poll_job(&h, &key, &id, |j| j["status"] == "failed" || j["status"] == "done").await;
+    assert_eq!((failed["status"].as_str(), failed["outcome"].as_str()), (Some("failed"), Some("needs_review")));
+    assert!(failed["error"].as_str().unwrap().contains("a store that refused it"), "{failed}");
+    assert_eq!(h.reasoner.calls.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]

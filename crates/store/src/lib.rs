@@ -43,7 +43,7 @@ use sqlite_commit::SqliteWriter;
 pub use decisions::{DecisionFilter, DecisionRecord, DecisionToStore};
 pub use export::{AuditState, ExportCursor, ExportPage, ExportRange};
 pub use group_commit::{GroupCommit, GroupCommitStats};
-pub use jobs::{JobRecord, JobStatus, NewJob, QueueDepth, scoped_idempotency_key};
+pub use jobs::{Claim, JobRecord, JobStatus, NewJob, QueueDepth, scoped_idempotency_key};
 pub use keys::{ApiKeyRecord, KeyInstall, hash_api_key};
 pub use policies::{MAX_POLICY_PAGE, POLICY_USE_RESOLUTION_MS, PolicyListing, PolicySummary, StoredPolicy};
 pub use retention::{Pruned, Retention};
@@ -103,6 +103,28 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether what is stored cannot be read as this version reads it (corrupt JSON, a value it does not know, a
+    /// column of the wrong type): asking again gets the same answer, where an outage or a lock passes.
+    pub fn is_unreadable_data(&self) -> bool {
+        match self {
+            StoreError::Json { .. } | StoreError::UnknownValue { .. } => true,
+            StoreError::Db(e) => matches!(
+                e,
+                sqlx::Error::ColumnDecode { .. }
+                    | sqlx::Error::Decode(_)
+                    | sqlx::Error::ColumnNotFound(_)
+                    | sqlx::Error::TypeNotFound { .. }
+            ),
+            StoreError::Sqlite(e) => matches!(
+                e,
+                rusqlite::Error::FromSqlConversionFailure(..)
+                    | rusqlite::Error::InvalidColumnType(..)
+                    | rusqlite::Error::IntegralValueOutOfRange(..)
+            ),
+            _ => false,
+        }
+    }
+
     /// Whether the error comes from one row's values (a duplicate id, a constraint), so that the row's neighbours
     /// in a batch would have been written without it.
     pub(crate) fn is_row_specific(&self) -> bool {

@@ -215,7 +215,8 @@ pub struct Args {
     /// --header-timeout-secs, so clients that open connections and send nothing cannot hold them.
     #[arg(long, value_name = "N", default_value_t = ConnectionLimits::default().max_connections)]
     pub max_connections: usize,
-    /// Seconds a connection has to send a request's headers once it starts one; then it is closed.
+    /// Seconds a connection has to send a request's headers, counted from accept and again between requests on
+    /// a kept-alive connection (so an idle one is closed then); behind a proxy, set it above the proxy's idle timeout.
     #[arg(long, value_name = "SECS", default_value_t = ConnectionLimits::default().header_read_timeout.as_secs())]
     pub header_timeout_secs: u64,
     /// Seconds a request's body has to arrive whole once its headers did; then the request fails (408).
