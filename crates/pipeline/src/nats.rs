@@ -860,7 +860,11 @@ impl Worker {
         // within the stream's duplicate window); the suffix is then not added twice.
         let key = if appeal && !key.ends_with(APPEAL_SUFFIX) { format!("{key}{APPEAL_SUFFIX}") } else { key };
         let line = String::from_utf8_lossy(&message.payload);
-        let item = parse_item(&line, &InputLimits { max_chars: self.limits.max_chars });
+        // Read without this worker's length limit, so that the body's digest, and the ledger's answer for it, is the
+        // same on every worker: one with a lower limit (a rolling deploy that lowered it) would take a redelivery of
+        // a body decided elsewhere for another body, and reject it over a decision nobody recorded. The limit is
+        // applied once the ledger is read, as the token limit is. The payload is bounded by the bus's own limit.
+        let item = parse_item(&line, &InputLimits { max_chars: usize::MAX });
         let requested = requested_policies(payload.as_ref());
         let digest = body_digest(
             item.as_ref().map(|i| &i.content).map_err(|_| &message.payload[..]),
@@ -919,11 +923,13 @@ impl Worker {
         // what is wrong with the event itself goes in the ledger.
         let item = match item {
             Ok(item) => item,
-            Err(e @ ItemError::TooLong { .. }) => {
-                return self.reject_for_now(message, key, item_id, &e.to_string(), this_body).await;
-            }
             Err(e) => return self.reject(message, key, item_id, &e.to_string(), digest, stop).await,
         };
+        let chars = item.content.prompt_chars();
+        if chars > self.limits.max_chars {
+            let why = ItemError::TooLong { chars, limit: self.limits.max_chars }.to_string();
+            return self.reject_for_now(message, key, item_id, &why, this_body).await;
+        }
         if let Some(why) = self.limits.over_tokens(&item.content) {
             return self.reject_for_now(message, key, item_id, &why, this_body).await;
         }
@@ -1067,13 +1073,20 @@ impl Worker {
         may_be_reviewed: bool,
         stop: &CancellationToken,
     ) -> bool {
-        let token = subject_token(&event.key);
+        let token = &subject_token(&event.key);
         let lasting = |e: &NatsError| matches!(e, NatsError::TooLarge(_));
-        let publishing = persist(stop, "publish the decision", &event.key, lasting, || async {
-            match event_id(event).filter(|_| may_be_reviewed) {
-                Some(id) => self.bus.publish_unless(msg_id, event, |last| reviews_decision(last, id)).await,
-                // Nobody has seen this decision yet: nobody can have reviewed it.
-                None => self.bus.publish_as(&token, msg_id, event).await.map(|()| Published::Sent),
+        // A decision this worker has just written to the ledger is its alone only until its first publish fails:
+        // the ledger's copy is then any worker's to announce on a redelivery, and a person may have answered it
+        // before this worker is heard again (minutes later, past the duplicate window).
+        let mut tried = false;
+        let publishing = persist(stop, "publish the decision", &event.key, lasting, || {
+            let conditional = may_be_reviewed || std::mem::replace(&mut tried, true);
+            async move {
+                match event_id(event).filter(|_| conditional) {
+                    Some(id) => self.bus.publish_unless(msg_id, event, |last| reviews_decision(last, id)).await,
+                    // Nobody has seen this decision yet: nobody can have reviewed it.
+                    None => self.bus.publish_as(token, msg_id, event).await.map(|()| Published::Sent),
+                }
             }
         });
         match keep_alive(message, self.ack_wait(), publishing).await {
@@ -1279,7 +1292,7 @@ impl Worker {
                     let event = whole.unwrap_or(candidate);
                     let detail =
                         format!("ledger conflict: this key's ledger slot holds the entry of key {:?}", other.key);
-                    let id = conflict_id(&key);
+                    let id = conflict_id(&key, event.body_digest.as_deref().unwrap_or_default());
                     return self.settle_apart(message, event, &detail, id, content, reasoning, stop).await;
                 }
                 Err(NatsError::TooLarge(why)) if whole.is_none() && candidate.decision.is_some() => {
@@ -1722,22 +1735,23 @@ struct Settled<'d> {
 impl Settled<'_> {
     /// Whether `last`, an event carrying no body digest (a person's answer, or a decision from before digests),
     /// answers this body. Any does while the key's entry is this body's; otherwise only a person's answer to the
-    /// decision this body was settled apart under (one id per key and body, or the key's conflict id).
+    /// decision this body was settled apart under (one id per key and body, for either reason).
     fn answered_by(&self, key: &str, last: &DecisionEvent) -> bool {
         if !self.slot_answers_another {
             return true;
         }
-        let apart = [reused_id(key, self.digest).to_string(), conflict_id(key).to_string()];
+        let apart = [reused_id(key, self.digest).to_string(), conflict_id(key, self.digest).to_string()];
         last.review.as_ref().is_some_and(|review| {
             apart.contains(&review.decision_id) || review.appeal_of.as_ref().is_some_and(|of| apart.contains(of))
         })
     }
 }
 
-/// The id of the decision a person gets for a key whose ledger slot holds another key's entry: the same for
-/// every delivery of the key, so the host, idempotent by id, records it once.
-fn conflict_id(key: &str) -> uuid::Uuid {
-    derived_id(&format!("safeguard ledger conflict\0{key}"))
+/// The id of the decision a person gets for a key whose ledger slot holds another key's entry: one per key and body,
+/// so the host, idempotent by id, records each delivery of it once, and an edited body sent again under the key is
+/// neither recorded as the first body's decision nor answered by a person's word on it.
+fn conflict_id(key: &str, digest: &str) -> uuid::Uuid {
+    derived_id(&format!("safeguard ledger conflict\0{key}\0{digest}"))
 }
 
 /// The id of the decision a person gets for a body sent under a key settled for another body: one per key and
@@ -2264,7 +2278,7 @@ mod tests {
         assert_eq!(old.body_digest, None);
         assert!(same_body(&old, Some(&named)));
         assert_ne!(reused_id("k", &plain), reused_id("k", &named));
-        assert_ne!(reused_id("k", &plain), conflict_id("k"));
+        assert_ne!(reused_id("k", &plain), conflict_id("k", &plain));
         assert_eq!(reused_id("k", &plain), reused_id("k", &plain));
     }
 
@@ -2350,8 +2364,9 @@ mod tests {
         assert_eq!(clip("short", 10), "short");
         let clipped = clip(&"é".repeat(100), 11);
         assert!(clipped.len() <= 11 && clipped.ends_with('…') && clipped.starts_with("éé"), "{clipped}");
-        assert_eq!(conflict_id("k"), conflict_id("k"), "one id per key, whatever the delivery");
-        assert_ne!(conflict_id("k"), conflict_id("k2"));
+        assert_eq!(conflict_id("k", "d"), conflict_id("k", "d"), "one id per key and body, whatever the delivery");
+        assert_ne!(conflict_id("k", "d"), conflict_id("k2", "d"));
+        assert_ne!(conflict_id("k", "d"), conflict_id("k", "d2"), "an edited body is not the first one");
     }
 
     /// A redelivery outside the duplicate window read the item's subject, found no person's word yet, and published

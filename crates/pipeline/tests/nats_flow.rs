@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use safeguard_core::{Classifier, ReasonError, ReasonOutput, ReasonRequest, Reasoner};
 use safeguard_pipeline::nats::{
-    Bus, DecisionEvent, EventStatus, HostError, NatsConfig, SettledItem, Worker, WorkerHost, subject_token,
+    Bus, ContentLimits, DecisionEvent, EventStatus, HostError, NatsConfig, SettledItem, Worker, WorkerHost,
+    subject_token,
 };
 use safeguard_pipeline::{CascadeDecision, Escalation, Pipeline, ReasoningBudget, RoutingConfig};
 use safeguard_policy::Policy;
@@ -1053,6 +1054,47 @@ async fn a_rejection_for_what_a_worker_holds_is_not_kept_in_the_ledger() {
     let decided = wait_for_event(&producer, "h1", EventStatus::Decided, Duration::from_secs(30)).await;
     let policies: Vec<&str> = decided.decision.as_ref().unwrap().policies.iter().map(|p| p.policy.as_str()).collect();
     assert_eq!(policies, ["hate"], "{decided:?}");
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    delete_streams(&producer).await;
+}
+
+/// A body decided by a worker that stopped before acking it, redelivered to a worker with a lower length limit (a
+/// rolling deploy that lowered it), is answered from the ledger: the same body, whatever the limit. It used to be
+/// read as another body, rejected over the decision in the ledger, and the decision never recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_decided_under_a_higher_length_limit_is_answered_from_the_ledger_under_a_lower_one() {
+    if !nats_up() {
+        eprintln!("skipped: NATS is not reachable at {URL} (bash scripts/setup.sh starts it)");
+        return;
+    }
+    let cfg = config();
+    let producer = Bus::connect(cfg.clone()).await.unwrap();
+    let reasoner = Arc::new(Slow { calls: AtomicUsize::new(0), pause: Duration::from_millis(10) });
+    let event = json!({"id": "long1", "text": "see you at lunch tomorrow", "policies": ["spam"]});
+    let (stop, task) = spawn(worker(Bus::connect(cfg.clone()).await.unwrap(), reasoner.clone(), None));
+    publish_by_id(&producer, &event).await;
+    wait_until_drained(&producer, Duration::from_secs(30)).await;
+    assert!(producer.decided("long1").await.unwrap().is_some(), "in the ledger");
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    let calls = reasoner.calls.load(Ordering::SeqCst);
+
+    let narrow = worker(Bus::connect(cfg.clone()).await.unwrap(), reasoner.clone(), None)
+        .with_limits(ContentLimits { max_chars: 5, max_tokens: None });
+    let (stop, task) = spawn(narrow);
+    publish_by_id(&producer, &event).await;
+    wait_until_drained(&producer, Duration::from_secs(30)).await;
+    let said = published(&producer).await.remove("long1").unwrap_or_default();
+    assert!(said.iter().all(|e| e.status != EventStatus::Rejected), "{said:?}");
+    assert_eq!(said.last().map(|e| e.status), Some(EventStatus::Decided), "{said:?}");
+    assert_eq!(reasoner.calls.load(Ordering::SeqCst), calls, "answered from the ledger, not decided again");
+
+    // A new body over the lower limit is still refused there.
+    let long = json!({"id": "long2", "text": "see you at lunch tomorrow", "policies": ["spam"]});
+    publish_by_id(&producer, &long).await;
+    let refused = wait_for_event(&producer, "long2", EventStatus::Rejected, Duration::from_secs(30)).await;
+    assert!(refused.error.as_deref().is_some_and(|e| e.contains("the limit is 5")), "{refused:?}");
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     delete_streams(&producer).await;

@@ -396,8 +396,12 @@ impl Store {
         if let Some(delivery) = delivery {
             crate::webhooks::insert_delivery_tx(&mut tx, self.backend, delivery, decided_at).await?;
         }
+        // Read before the commit: read after it, a failure would report a decision that was made as not made, and
+        // the person's retry would be refused as a decision already taken.
+        let row = sqlx::query(sql!("SELECT {COLUMNS} FROM reviews WHERE id = $1")).bind(id).fetch_one(&mut *tx).await?;
+        let decided = row_to_review(&row)?;
         tx.commit().await?;
-        self.get_review(id).await
+        Ok(Some(decided))
     }
 
     /// Decided reviews and appeals of decisions that came in over NATS whose outcome has not been published yet,
