@@ -1194,9 +1194,9 @@ impl Worker {
     /// Rejects an event for what this worker holds or allows now (a policy not stored, or not served here; a limit;
     /// the model's context), not for what it is: published, never written to the ledger, so the key stays free for
     /// the same event sent again. Not published over this body's
-    /// settled word (another delivery's decision, settled meanwhile, or a person's answer to it): the producer's
-    /// last word stays the settled one. Over another body's it is: an edited post the worker cannot judge yet
-    /// must not pass on the old body's `allow`.
+    /// settled word (another delivery's decision, settled meanwhile; a decision it was settled apart under, or a
+    /// person's answer to that): the producer's last word stays the settled one. Over another body's it is: an
+    /// edited post the worker cannot judge yet must not pass on the old body's `allow`.
     async fn reject_for_now(
         &self,
         message: &jetstream::Message,
@@ -1208,9 +1208,14 @@ impl Worker {
         warn!(?key, ?error, "rejecting a content event for what this worker holds now");
         let event = rejected(key, item_id, error);
         let id = per_delivery_id(message, &event);
+        // With no ledger entry for the key (it never had one, or it aged out under --retain-days while a person's
+        // later word outlived it), nothing ties a word without a digest to this body: the key sent again is a new
+        // item and hears its rejection. Only a word on a decision this body was settled apart under is its own.
         let settled = |last: &DecisionEvent| match (&last.status, &last.body_digest) {
             (EventStatus::Decided, Some(theirs)) => theirs.as_str() == this_body.digest,
-            (EventStatus::Decided | EventStatus::Reviewed, None) => this_body.answered_by(&event.key, last),
+            (EventStatus::Decided | EventStatus::Reviewed, None) => {
+                this_body.slot_answers_another && this_body.answered_by(&event.key, last)
+            }
             _ => false,
         };
         let published = self.bus.publish_unless(&id, &event, settled).await.map(|_| ());

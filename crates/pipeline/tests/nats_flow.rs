@@ -1099,3 +1099,36 @@ async fn a_body_decided_under_a_higher_length_limit_is_answered_from_the_ledger_
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     delete_streams(&producer).await;
 }
+
+/// A key sent again once its ledger entry aged out (`--retain-days`) is a new item, even though a person's word on
+/// the old one, published later, is still the subject's last: a worker that cannot judge it now says so, where it
+/// used to take that word for this body's answer and ack the event in silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_sent_again_after_its_ledger_entry_aged_out_hears_its_rejection() {
+    if !nats_up() {
+        eprintln!("skipped: NATS is not reachable at {URL} (bash scripts/setup.sh starts it)");
+        return;
+    }
+    let cfg = config();
+    let producer = Bus::connect(cfg.clone()).await.unwrap();
+    let reasoner = Arc::new(Slow { calls: AtomicUsize::new(0), pause: Duration::from_millis(10) });
+    let (stop, task) = spawn(worker(Bus::connect(cfg.clone()).await.unwrap(), reasoner.clone(), None));
+    consumer_set_up(&producer).await;
+    // What outlives the ledger entry: a person's word on the old item's decision.
+    let reviewed = json!({"key": "aged1", "item_id": "aged1", "status": "reviewed",
+        "review": {"decision_id": "0190a1b2-0000-7000-8000-000000000001", "review_id": "r1", "outcome": "allow",
+                   "rule_id": null, "policy_hash": null, "decided_at": null}});
+    let subject = cfg.decision_subject(&subject_token("aged1"));
+    producer.js.publish(subject, serde_json::to_vec(&reviewed).unwrap().into()).await.unwrap().await.unwrap();
+    assert!(producer.decided("aged1").await.unwrap().is_none(), "no ledger entry");
+    wait_for_event(&producer, "aged1", EventStatus::Reviewed, Duration::from_secs(5)).await;
+
+    // Names a policy this worker does not serve: rejected for now, whatever the subject said before.
+    publish_by_id(&producer, &json!({"id": "aged1", "text": "buy followers now", "policies": ["hate"]})).await;
+    let refused = wait_for_event(&producer, "aged1", EventStatus::Rejected, Duration::from_secs(30)).await;
+    assert!(refused.error.as_deref().is_some_and(|e| e.contains("does not serve")), "{refused:?}");
+    wait_until_drained(&producer, Duration::from_secs(30)).await;
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    delete_streams(&producer).await;
+}
