@@ -8,8 +8,9 @@
 //! never answers them leaves rotation even when every caller gives up first.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use tokio::time::Instant;
 use tokio::time::error::Elapsed;
 
 tokio::task_local! {

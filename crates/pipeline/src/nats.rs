@@ -1745,7 +1745,8 @@ impl Settled<'_> {
         if !self.slot_answers_another {
             return true;
         }
-        let apart = [reused_id(key, self.digest).to_string(), conflict_id(key, self.digest).to_string()];
+        let apart = [reused_id(key, self.digest), conflict_id(key, self.digest), legacy_conflict_id(key)]
+            .map(|id| id.to_string());
         last.review.as_ref().is_some_and(|review| {
             apart.contains(&review.decision_id) || review.appeal_of.as_ref().is_some_and(|of| apart.contains(of))
         })
@@ -1757,6 +1758,11 @@ impl Settled<'_> {
 /// neither recorded as the first body's decision nor answered by a person's word on it.
 fn conflict_id(key: &str, digest: &str) -> uuid::Uuid {
     derived_id(&format!("safeguard ledger conflict\0{key}\0{digest}"))
+}
+
+/// [`conflict_id`] as it was before it named the body: a person's answer given under it still answers the key.
+fn legacy_conflict_id(key: &str) -> uuid::Uuid {
+    derived_id(&format!("safeguard ledger conflict\0{key}"))
 }
 
 /// The id of the decision a person gets for a body sent under a key settled for another body: one per key and
@@ -2372,6 +2378,37 @@ mod tests {
         assert_eq!(conflict_id("k", "d"), conflict_id("k", "d"), "one id per key and body, whatever the delivery");
         assert_ne!(conflict_id("k", "d"), conflict_id("k2", "d"));
         assert_ne!(conflict_id("k", "d"), conflict_id("k", "d2"), "an edited body is not the first one");
+    }
+
+    #[test]
+    fn a_persons_word_answers_only_the_body_settled_apart_under_its_decision() {
+        let review = |decision_id: uuid::Uuid| DecisionEvent {
+            key: "k".into(),
+            item_id: None,
+            status: EventStatus::Reviewed,
+            decision: None,
+            error: None,
+            review: Some(ReviewedItem {
+                decision_id: decision_id.to_string(),
+                appeal_of: None,
+                review_id: "r".into(),
+                outcome: "allow".into(),
+                rule_id: None,
+                policy_hash: None,
+                decided_at: None,
+            }),
+            body_digest: None,
+        };
+        let first = Settled { digest: "d1", slot_answers_another: true };
+        let edited = Settled { digest: "d2", slot_answers_another: true };
+        for id in [conflict_id("k", "d1"), reused_id("k", "d1")] {
+            assert!(first.answered_by("k", &review(id)));
+            assert!(!edited.answered_by("k", &review(id)), "an edited body is not answered by the first one's review");
+            assert!(!first.answered_by("k2", &review(id)), "nor another key");
+        }
+        assert!(edited.answered_by("k", &review(legacy_conflict_id("k"))), "answers given before ids named the body");
+        let own_slot = Settled { digest: "d2", slot_answers_another: false };
+        assert!(own_slot.answered_by("k", &review(uuid::Uuid::nil())), "the key's own entry: any word is this body's");
     }
 
     /// A redelivery outside the duplicate window read the item's subject, found no person's word yet, and published

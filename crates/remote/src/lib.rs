@@ -18,7 +18,7 @@ mod wire;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -263,6 +263,11 @@ struct Endpoint {
     breaker: std::sync::Mutex<Breaker>,
     /// Set by health checks; a fresh endpoint is presumed healthy until a probe says otherwise.
     healthy: AtomicBool,
+    /// When the server last began an answer to a request of ours (its response headers arrived), in microseconds
+    /// since `born`: what tells a server that is slow from one that answers nothing. Health checks do not count:
+    /// a server whose engine is stuck may still list its models.
+    heard_us: AtomicU64,
+    born: Instant,
     /// The context one request may take there, as the server last reported it (its model list,
     /// [`wire::served_context`], or llama-server's `/props`, [`wire::llama_server_context`]); 0 while unknown.
     /// Kept through a failed probe: a server that restarts comes back with the settings it had.
@@ -368,6 +373,8 @@ impl RemoteReasoner {
                 assigned: AtomicUsize::new(0),
                 breaker: std::sync::Mutex::new(Breaker::new(config.breaker_threshold, config.breaker_cooldown)),
                 healthy: AtomicBool::new(true),
+                heard_us: AtomicU64::new(0),
+                born: Instant::now(),
                 reported_context: AtomicUsize::new(0),
             })
             .collect();
@@ -489,7 +496,7 @@ impl RemoteReasoner {
             let endpoint = &endpoints[index];
             let ticket = lock(&endpoint.breaker).try_acquire(now)?;
             endpoint.assigned.fetch_add(1, Ordering::Relaxed);
-            Some(Hold { index, endpoint, ticket, counted: false, settled: false })
+            Some(Hold { index, endpoint, ticket, sent_us: None, settled: false })
         })
     }
 
@@ -604,7 +611,7 @@ impl RemoteReasoner {
             });
         }
         endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
-        hold.counted = true;
+        hold.sent_us = Some(endpoint.clock_us());
         let started = Instant::now();
         let result = self.send(endpoint, body, sink).await;
         hold.settle(&result);
@@ -636,6 +643,7 @@ impl RemoteReasoner {
             .send()
             .await
             .map_err(|e| AttemptError::Retryable { detail: format!("{url}: {}", describe(&e)), retry_after: None })?;
+        endpoint.heard_us.fetch_max(endpoint.clock_us(), Ordering::Relaxed);
         let status = response.status();
         if !status.is_success() {
             let retry_after = response
@@ -831,17 +839,19 @@ impl DeltaSink<'_> {
 
 /// One attempt's claim on an endpoint: its place in `assigned` and `in_flight` and its breaker ticket, the probe
 /// slot when the breaker was half open. An attempt abandoned mid-way must release both; a probe slot left taken
-/// would shut the endpoint out for good. Abandoned once sent because its step's deadline passed
-/// ([`safeguard_core::deadline`]), it counts as the server's failure, as a request timeout does: a server that
-/// takes requests and never answers would otherwise stay in rotation whenever callers give up before
-/// `request_timeout`. Abandoned for any other reason (a client that hung up), it says nothing about the server.
+/// would shut the endpoint out for good.
 struct Hold<'a> {
     index: usize,
     endpoint: &'a Endpoint,
     ticket: Ticket,
-    counted: bool,
+    /// When it was sent (in the endpoint's clock, [`Endpoint::clock_us`]); `None` while it waits for a permit.
+    sent_us: Option<u64>,
     settled: bool,
 }
+
+/// The least an attempt must have waited in silence before its step's deadline blames the server: one sent just
+/// before the deadline (a retry after the step's time went on earlier tries) had no chance to be answered.
+const MIN_SILENCE_BLAMED: Duration = Duration::from_secs(1);
 
 impl Hold<'_> {
     fn settle(&mut self, result: &Result<ReasonOutput, AttemptError>) {
@@ -860,17 +870,40 @@ impl Hold<'_> {
         }
         self.settled = true;
     }
+
+    /// Whether an attempt abandoned unsettled counts as its server's failure: sent, dropped because its step's
+    /// deadline passed ([`safeguard_core::deadline`]), after at least [`MIN_SILENCE_BLAMED`], and with not a word
+    /// from the server since it went out, to this request or any other. Such a server takes requests and answers
+    /// none, and would otherwise stay in rotation whenever callers give up before `request_timeout`. A server
+    /// that began any answer meanwhile is slow, not stuck, and a step's deadline, when the many prompts of one
+    /// step miss it together, must not take every endpoint out at once. Abandoned for any other reason (a client
+    /// that hung up), an attempt says nothing about the server.
+    fn blamed_for_its_deadline(&self) -> bool {
+        let Some(sent) = self.sent_us else { return false };
+        let waited = self.endpoint.clock_us().saturating_sub(sent);
+        waited >= MIN_SILENCE_BLAMED.as_micros() as u64
+            && self.endpoint.heard_us.load(Ordering::Relaxed) < sent
+            && safeguard_core::deadline::passed()
+    }
+}
+
+impl Endpoint {
+    /// Microseconds since the endpoint was set up: a clock that fits an atomic.
+    fn clock_us(&self) -> u64 {
+        self.born.elapsed().as_micros() as u64
+    }
 }
 
 impl Drop for Hold<'_> {
     fn drop(&mut self) {
         self.endpoint.assigned.fetch_sub(1, Ordering::Relaxed);
-        if self.counted {
+        if self.sent_us.is_some() {
             self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
         if !self.settled {
+            let blamed = self.blamed_for_its_deadline();
             let mut breaker = lock(&self.endpoint.breaker);
-            if self.counted && safeguard_core::deadline::passed() {
+            if blamed {
                 breaker.on_failure(self.ticket, Instant::now());
             } else {
                 breaker.on_abandoned(self.ticket);

@@ -247,11 +247,14 @@ async fn a_timeout_is_an_error_not_an_answer() {
 }
 
 /// A server that takes requests and never answers, behind callers whose deadline comes before the request
-/// timeout: each attempt is dropped by its caller, not failed by the client. Dropped at its step's deadline, it
-/// still counts against the server, so the server leaves rotation; dropped by a caller that stopped waiting for
-/// another reason (a client that hung up), it does not.
+/// timeout: each attempt is dropped by its caller, not failed by the client. Dropped at its step's deadline, with
+/// no word from the server since it went out, it still counts against the server, so the server leaves rotation.
+/// Dropped by a caller that stopped waiting for another reason (a client that hung up), or while the server was
+/// answering other requests (slow, not stuck), it does not.
 #[tokio::test]
 async fn attempts_dropped_at_their_deadline_count_against_a_server_that_never_answers() {
+    // Past the least silence that blames a server.
+    const STEP: Duration = Duration::from_millis(1100);
     let wedged = || -> Script { Arc::new(|_| (StatusCode::OK, vllm_ok("0"), Some(Duration::from_secs(600)))) };
     let (wedged_url, stuck) = serve(wedged()).await;
     let (good_url, good) = serve(always(StatusCode::OK, vllm_ok("1"))).await;
@@ -262,7 +265,7 @@ async fn attempts_dropped_at_their_deadline_count_against_a_server_that_never_an
     let reasoner = RemoteReasoner::new(cfg).unwrap();
     let mut answered = 0;
     for _ in 0..8 {
-        let step = safeguard_core::deadline::within(Duration::from_millis(300), reasoner.reason(request()));
+        let step = safeguard_core::deadline::within(STEP, reasoner.reason(request()));
         if let Ok(Ok(out)) = step.await {
             assert_eq!(out.final_text.as_deref(), Some("1"));
             answered += 1;
@@ -287,13 +290,30 @@ async fn attempts_dropped_at_their_deadline_count_against_a_server_that_never_an
 
     // A batch's requests run as tasks of their own, aborted (a moment later) when the batch is dropped.
     let batch = reasoner.reason_batch(vec![request(), request()]);
-    assert!(safeguard_core::deadline::within(Duration::from_millis(300), batch).await.is_err());
+    assert!(safeguard_core::deadline::within(STEP, batch).await.is_err());
     let waited = std::time::Instant::now();
     while reasoner.status()[0].breaker != BreakerState::Open {
         assert!(waited.elapsed() < Duration::from_secs(5), "a batch dropped at its deadline counts too");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(stuck.calls.load(Ordering::SeqCst), 6);
+
+    // A server that answers some requests while others run past the step's deadline is slow, not stuck: the
+    // prompts of one step missing it together must not take it out of rotation.
+    let slow_for_some: Script = Arc::new(|n| {
+        let pause = if n % 2 == 0 { Duration::from_secs(600) } else { Duration::from_millis(100) };
+        (StatusCode::OK, vllm_ok("0"), Some(pause))
+    });
+    let (url, busy) = serve(slow_for_some).await;
+    let mut cfg = config(&[format!("{url}/v1")]);
+    cfg.breaker_threshold = 2;
+    let reasoner = RemoteReasoner::new(cfg).unwrap();
+    let batch = reasoner.reason_batch((0..4).map(|_| request()).collect());
+    assert!(safeguard_core::deadline::within(STEP, batch).await.is_err());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(busy.calls.load(Ordering::SeqCst), 4);
+    assert!(reasoner.status().iter().all(|s| s.in_flight == 0), "the dropped attempts are let go");
+    assert_eq!(reasoner.status()[0].breaker, BreakerState::Closed, "answering others, it is not blamed");
 }
 
 #[tokio::test]

@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use safeguard_harmony::Content;
 use safeguard_policy::Policy;
-use safeguard_store::{Claim, DecisionRecord, JobRecord, JobStatus, NewDelivery, NewJob, ReviewRecord, now_ms};
+use safeguard_store::{DecisionRecord, JobRecord, JobStatus, NewDelivery, NewJob, ReviewRecord, now_ms};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::Digest;
@@ -352,7 +352,10 @@ async fn fail(state: &AppState, job: &JobRecord, token: &str, error: String) {
         replay_of: None,
         submitted_by: job.submitted_by.clone(),
     };
-    let review = crate::reviews::review_for_person(&record.id, &policies, format!("job failed: {error}"));
+    let mut review = crate::reviews::review_for_person(&record.id, &policies, format!("job failed: {error}"));
+    if policies.len() < record.policy_hashes.len() {
+        review = crate::reviews::due_by_default_at_latest(review);
+    }
     let webhook = completed_webhook(job, &record);
     match state.store.fail_job(&job.id, token, &error, &record, &review, webhook.as_ref()).await {
         Ok(true) => {
@@ -403,7 +406,7 @@ async fn process(state: &AppState, job: JobRecord) -> bool {
         }
         Err(LoadError::Transient(err)) => {
             tracing::warn!(error = %err, "loading the job's policies failed; handing the job back");
-            hand_back(state, &job.id, &token, Claim::Untried, "its policies could not be loaded").await;
+            hand_back(state, &job.id, &token, "its policies could not be loaded").await;
             unused_call();
             return true;
         }
@@ -441,7 +444,7 @@ async fn process(state: &AppState, job: JobRecord) -> bool {
         decision = futures::FutureExt::catch_unwind(classify) => decision,
         () = state.jobs_abandoned.cancelled() => {
             drop(renew);
-            hand_back(state, &job.id, &token, Claim::Untried, "the server is shutting down").await;
+            hand_back(state, &job.id, &token, "the server is shutting down").await;
             return false;
         }
     };
@@ -469,12 +472,13 @@ async fn process(state: &AppState, job: JobRecord) -> bool {
             tracing::debug!(decision_id = %record.id, "job finished");
         }
         Ok(false) => tracing::warn!("job lease was lost before finishing; another worker owns it"),
-        // Nothing was written: the job is decided again after a pause, since claiming it straight back would meet
-        // the same store. The claim stays counted: a store that keeps refusing the result (a full disk that still
-        // takes the small update handing the job back) must not have it decided at the model's cost forever.
+        // Nothing was written. The job stays claimed until its lease runs out, and is then decided again as after
+        // a worker that never came back, its claim counted: handed back at once, uncounted, a store that keeps
+        // refusing the result (a full disk that still takes the small update handing the job back) had it decided
+        // at the model's cost forever; and the lease spaces the tries out, where a store down for seconds would
+        // have every worker spend the job's attempts within as many decisions. This worker pauses.
         Err(err) => {
-            tracing::error!(error = %err, "storing the job result failed");
-            hand_back(state, &job.id, &token, Claim::Tried, "its result could not be stored").await;
+            tracing::error!(error = %err, "storing the job result failed; the job is decided again once its lease ends");
             return true;
         }
     }
@@ -482,8 +486,8 @@ async fn process(state: &AppState, job: JobRecord) -> bool {
 }
 
 /// Hands a claimed job back to the queue untried; if even that fails, its lease runs out and it is claimed again.
-async fn hand_back(state: &AppState, job_id: &str, token: &str, claim: Claim, why: &str) {
-    match state.store.release_job(job_id, token, claim).await {
+async fn hand_back(state: &AppState, job_id: &str, token: &str, why: &str) {
+    match state.store.release_job(job_id, token).await {
         Ok(_) => tracing::info!(job_id, why, "job handed back to the queue"),
         Err(err) => tracing::warn!(error = %err, why, "handing the job back failed; it returns when its lease expires"),
     }

@@ -253,11 +253,13 @@ pub(crate) async fn store_cascade_item(
         record.replay_of = appeal_of.map(str::to_string);
     }
     let review = (cascade.decided_by == Stage::HumanReview).then(|| {
-        if cascade.is_appeal() {
+        let review = if cascade.is_appeal() {
             crate::reviews::appeal_review(&record.id, policies, format!("appeal: {}", person_reasons(cascade)))
         } else {
             crate::reviews::review_for_person(&record.id, policies, person_reasons(cascade))
-        }
+        };
+        // A bus item is recorded without the policies that can no longer be read.
+        if policies.len() < cascade.policies.len() { crate::reviews::due_by_default_at_latest(review) } else { review }
     });
     let (fresh, answered_by) = if let Some(stored) = state.store.get_decision(&record.id).await? {
         // Stored already, perhaps by a worker that had only the ledger's copy, without the chain of thought.

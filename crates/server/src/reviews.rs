@@ -124,6 +124,13 @@ pub(crate) fn review_for_person(decision_id: &str, policies: &[Policy], reason: 
     }
 }
 
+/// `review` for an item judged under policies some of which could not be read (a version gone, a corrupt row):
+/// their SLAs are unknown, so it is due no later than the default.
+pub(crate) fn due_by_default_at_latest(mut review: NewReview) -> NewReview {
+    review.sla_ms = review.sla_ms.map(|sla| sla.min(REVIEW_SLA_MS));
+    review
+}
+
 /// The shortest of the policies' SLAs, in milliseconds: each policy's own `review_sla`, or `default` for one that
 /// sets none. A policy may give its items longer than the default (`review_sla: 2d`) as well as shorter.
 fn soonest_due(policies: &[Policy], default: i64) -> i64 {
@@ -874,5 +881,7 @@ mod tests {
         let appeal = |policies: &[Policy]| appeal_review("d", policies, "r".into()).sla_ms;
         assert_eq!(appeal(&[relaxed]), Some(4 * hour), "an appeal is never due later than its own four hours");
         assert_eq!(appeal(&[urgent]), Some(90 * 60_000));
+        let unknown_too = due_by_default_at_latest(review_for_person("d", &[policy("review_sla: 2d\n")], "r".into()));
+        assert_eq!(unknown_too.sla_ms, Some(day), "a policy that could not be read may have wanted it sooner");
     }
 }

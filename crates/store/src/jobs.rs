@@ -41,15 +41,6 @@ impl JobStatus {
     }
 }
 
-/// Whether a job handed back to the queue cost its claim a decision ([`Store::release_job`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Claim {
-    /// Handed back before the model was asked.
-    Untried,
-    /// Decided, and the decision could not be stored.
-    Tried,
-}
-
 #[derive(Debug, Clone)]
 pub struct NewJob {
     pub request: serde_json::Value,
@@ -315,24 +306,20 @@ impl Store {
         Ok(true)
     }
 
-    /// Hands a running job back to the queue. An untried claim (its policies could not be loaded for a moment,
-    /// the server is shutting down) is not counted as an attempt: `attempts` counts the claims that cost a decision
-    /// and left none stored, a worker that never came back among them, which is what the server's cap on them is
-    /// about. A tried one (decided, and its result not stored) stays counted, so that a store which keeps
-    /// refusing the result does not have the job decided again forever.
-    pub async fn release_job(&self, job_id: &str, lease_token: &str, claim: Claim) -> Result<bool> {
-        let sql = match claim {
-            Claim::Untried => {
-                "UPDATE jobs SET status = 'pending', attempts = attempts - 1, lease_token = NULL, \
-                 locked_until = NULL, updated_at = $1 WHERE id = $2 AND status = 'running' AND lease_token = $3"
-            }
-            Claim::Tried => {
-                "UPDATE jobs SET status = 'pending', lease_token = NULL, locked_until = NULL, updated_at = $1 \
-                 WHERE id = $2 AND status = 'running' AND lease_token = $3"
-            }
-        };
-        let updated =
-            sqlx::query(sql).bind(now_ms()).bind(job_id).bind(lease_token).execute(&self.pool).await?.rows_affected();
+    /// Hands a running job back to the queue, untried (its policies could not be loaded for a moment). The claim
+    /// is not counted as an attempt: `attempts` counts the claims a worker never came back from, which is what
+    /// the server's cap on them (a job that crashes every worker that takes it) is about.
+    pub async fn release_job(&self, job_id: &str, lease_token: &str) -> Result<bool> {
+        let updated = sqlx::query(
+            "UPDATE jobs SET status = 'pending', attempts = attempts - 1, lease_token = NULL, locked_until = NULL, \
+             updated_at = $1 WHERE id = $2 AND status = 'running' AND lease_token = $3",
+        )
+        .bind(now_ms())
+        .bind(job_id)
+        .bind(lease_token)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
         Ok(updated == 1)
     }
 

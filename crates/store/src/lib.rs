@@ -43,7 +43,7 @@ use sqlite_commit::SqliteWriter;
 pub use decisions::{DecisionFilter, DecisionRecord, DecisionToStore};
 pub use export::{AuditState, ExportCursor, ExportPage, ExportRange};
 pub use group_commit::{GroupCommit, GroupCommitStats};
-pub use jobs::{Claim, JobRecord, JobStatus, NewJob, QueueDepth, scoped_idempotency_key};
+pub use jobs::{JobRecord, JobStatus, NewJob, QueueDepth, scoped_idempotency_key};
 pub use keys::{ApiKeyRecord, KeyInstall, hash_api_key};
 pub use policies::{MAX_POLICY_PAGE, POLICY_USE_RESOLUTION_MS, PolicyListing, PolicySummary, StoredPolicy};
 pub use retention::{Pruned, Retention};

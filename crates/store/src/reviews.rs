@@ -397,11 +397,11 @@ impl Store {
             crate::webhooks::insert_delivery_tx(&mut tx, self.backend, delivery, decided_at).await?;
         }
         // Read before the commit: read after it, a failure would report a decision that was made as not made, and
-        // the person's retry would be refused as a decision already taken.
+        // the person's retry would be refused as a decision already taken. Decoded after it: a row this version
+        // cannot decode must not stop a person's decision.
         let row = sqlx::query(sql!("SELECT {COLUMNS} FROM reviews WHERE id = $1")).bind(id).fetch_one(&mut *tx).await?;
-        let decided = row_to_review(&row)?;
         tx.commit().await?;
-        Ok(Some(decided))
+        row_to_review(&row).map(Some)
     }
 
     /// Decided reviews and appeals of decisions that came in over NATS whose outcome has not been published yet,

@@ -74,14 +74,16 @@ pub struct Args {
     /// Job workers deciding queued jobs.
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
-    /// Seconds a reasoning step may take before its decision becomes needs_review.
+    /// Seconds a reasoning step may take before its decision becomes needs_review. A --backend request still
+    /// unanswered then, from a server that has answered nothing since it was sent, counts against that server's
+    /// health, as one past --backend-timeout does.
     #[arg(long, default_value_t = 300)]
     pub reason_timeout: u64,
     /// Seconds a job stays claimed without a heartbeat before another worker may take it over (after a crash).
     #[arg(long, default_value_t = 120)]
     pub job_lease: u64,
     /// Claims a job may take before it is failed to a person: a job whose workers keep dying on it (a crash, out
-    /// of memory) is not handed to the next one forever.
+    /// of memory), or whose decision the store keeps refusing, is not decided again forever.
     #[arg(long, default_value_t = 3, value_name = "N")]
     pub job_max_attempts: u32,
     /// A host (name or address, as written in webhook URLs) that job webhooks may reach even at an internal
@@ -150,7 +152,8 @@ pub struct Args {
     #[arg(long, default_value = "act", value_name = "act|confirm|review")]
     pub on_triage_violation: safeguard_pipeline::OnTriageViolation,
     /// Seconds one reasoning step of the cascade may take; past it the step counts as failed and the item
-    /// escalates (then goes to a person). Unset: only --reason-timeout bounds it.
+    /// escalates (then goes to a person). Unset: only --reason-timeout bounds it. Counts against a --backend
+    /// server as --reason-timeout does.
     #[arg(long, value_name = "SECONDS")]
     pub stage_timeout: Option<f64>,
     /// Completion tokens one reasoning step of the cascade may spend (reasoning and answer together); an answer

@@ -429,7 +429,8 @@ fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let model = TriageModel::load_with_encoder(&args.model, args.encoder.as_deref())?;
     let rules = load_rules(&args, &model)?;
     // Served, a policy's rules run before the model: a report without them measures less than serving does.
-    let rules_from = args.policy.as_ref().or(args.rules.as_ref()).map(|path| path.display().to_string());
+    let given = args.policy.as_ref().or(args.rules.as_ref()).map(|path| path.display().to_string());
+    let rules_from = given.clone().filter(|_| rules.is_some());
     // Scored on the labels of the policy the model was trained for, as training read them.
     let version = (!args.fields.any_policy_version).then(|| model.meta.policy_hash.clone());
     let fields = DatasetFields {
@@ -531,9 +532,12 @@ fn eval(args: EvalArgs) -> anyhow::Result<ExitCode> {
             thresholds.allow_below,
             thresholds.violate_above.map_or("none".to_string(), |v| format!("{v:.4}"))
         );
-        match &rules_from {
-            Some(path) => println!("rules           from {path}"),
-            None => println!("rules           none: the model alone (--policy applies the policy's triage rules)"),
+        match (&rules_from, &given) {
+            (Some(path), _) => println!("rules           from {path}"),
+            (None, Some(path)) => println!("rules           none: {path} has no triage rules (the model alone)"),
+            (None, None) => {
+                println!("rules           none: the model alone (--policy applies the policy's triage rules)")
+            }
         }
         println!("recall          {}  (violations not let through)", show(recall));
         println!("skip_rate       {}  (benign items that skip the model)", show(skip_rate));
