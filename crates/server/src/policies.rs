@@ -56,17 +56,17 @@ async fn store_policy(
 }
 
 /// Every active policy name keeps a metrics label of its own (see [`safeguard_core::reserve_policy_label`]), read
-/// once as the server starts; names pinned later are reserved as they are pinned.
+/// once as the server starts; names pinned later are reserved as they are pinned. Only the names are read: one
+/// stored version that cannot be read must not keep the server from starting.
 pub(crate) async fn reserve_active_labels(store: &Store) -> Result<(), StoreError> {
     let mut after: Option<String> = None;
     loop {
-        let listing = PolicyListing { name: None, only_active: true, limit: MAX_POLICY_PAGE, after: after.as_deref() };
-        let page = store.policy_summaries(&listing).await?;
-        for summary in &page {
-            safeguard_core::reserve_policy_label(&summary.name);
+        let page = store.active_policy_names(after.as_deref(), MAX_POLICY_PAGE).await?;
+        for name in &page {
+            safeguard_core::reserve_policy_label(name);
         }
         match page.last() {
-            Some(last) if page.len() as i64 >= MAX_POLICY_PAGE => after = Some(last.hash.clone()),
+            Some(last) if page.len() as i64 >= MAX_POLICY_PAGE => after = Some(last.clone()),
             _ => return Ok(()),
         }
     }

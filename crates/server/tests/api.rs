@@ -1651,7 +1651,8 @@ async fn a_job_that_keeps_killing_its_workers_goes_to_a_person() {
 }
 
 /// A job whose policy row is corrupt (hand-edited, half restored) can never be decided as accepted: it goes to a
-/// person with the reason, instead of waiting in the queue for the store to "recover" forever.
+/// person with the reason, instead of waiting in the queue for the store to "recover" forever. The server starts
+/// all the same: one row it cannot read used to stop it at the start.
 #[tokio::test]
 async fn a_job_whose_stored_policy_is_corrupt_goes_to_a_person() {
     let dir = tempfile::tempdir().unwrap();
@@ -1660,19 +1661,18 @@ async fn a_job_whose_stored_policy_is_corrupt_goes_to_a_person() {
     let policy = safeguard_policy::Policy::parse(text).unwrap();
     let hash = policy.hash.to_string();
     let meta = json!({"meta": policy.meta, "source": text, "fallback_name": null});
-    // Not active, so that the server reads it only for the job (a corrupt active row stops the server starting).
-    store.put_policy(&hash, "promo-torn", &policy.body, &meta, false).await.unwrap();
-    let h = Harness::start_on(store, dir, |_| {}).await;
-    let key = h.key(&["classify"]).await;
+    store.put_policy(&hash, "promo-torn", &policy.body, &meta, true).await.unwrap();
     sqlx::query("UPDATE policies SET meta = '{\"meta\": {\"na' WHERE hash = $1")
         .bind(&hash)
-        .execute(h.store.pool())
+        .execute(store.pool())
         .await
         .unwrap();
     let request = json!({"content": {"kind": "text", "text": "hello"}, "policy_hashes": [hash],
                          "settings": {"effort": "low", "mode": "separate", "max_tokens": null}});
     let new = safeguard_store::NewJob { request, idempotency_key: None, webhook_url: None, submitted_by: None };
-    let (job, _) = h.store.enqueue_job(&new).await.unwrap();
+    let (job, _) = store.enqueue_job(&new).await.unwrap();
+    let h = Harness::start_on(store, dir, |_| {}).await;
+    let key = h.key(&["classify"]).await;
 
     let failed = poll_job(&h, &key, &job.id, |j| j["status"] == "failed" || j["status"] == "done").await;
     assert_eq!((failed["status"].as_str(), failed["outcome"].as_str()), (Some("failed"), Some("needs_review")));

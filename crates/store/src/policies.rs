@@ -259,6 +259,17 @@ impl Store {
         row.as_ref().map(row_to_policy).transpose()
     }
 
+    /// Names that have an active version, in order, after `after`, at most `limit` of them. Read from the pins
+    /// alone: a stored version this version cannot read (a corrupt row) does not hide the others' names.
+    pub async fn active_policy_names(&self, after: Option<&str>, limit: i64) -> Result<Vec<String>> {
+        let rows = sqlx::query("SELECT name FROM policy_pins WHERE $1 IS NULL OR name > $1 ORDER BY name LIMIT $2")
+            .bind(after)
+            .bind(limit.clamp(1, MAX_POLICY_PAGE))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|row| Ok(row.try_get("name")?)).collect()
+    }
+
     /// The active version of a named policy.
     pub async fn active_policy(&self, name: &str) -> Result<Option<StoredPolicy>> {
         let row = sqlx::query(sql!(

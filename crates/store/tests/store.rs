@@ -468,6 +468,10 @@ async fn policy_versions_are_immutable_and_pinned() {
         assert!(s.activate_policy("spam", "sha256:ccc").await.is_err(), "name mismatch refused ({})", t.label);
         assert!(s.activate_policy("spam", "sha256:nope").await.is_err());
         assert!(s.active_policy("missing").await.unwrap().is_none());
+        assert_eq!(s.active_policy_names(None, 10).await.unwrap(), ["other", "spam"], "{}", t.label);
+        assert_eq!(s.active_policy_names(None, 1).await.unwrap(), ["other"], "{}", t.label);
+        assert_eq!(s.active_policy_names(Some("other"), 1).await.unwrap(), ["spam"], "{}", t.label);
+        assert!(s.active_policy_names(Some("spam"), 10).await.unwrap().is_empty(), "{}", t.label);
         let (inline, _) = s.put_policy("sha256:ddd", "inline", "y", &json!({}), false).await.unwrap();
         assert!(!inline.active && s.active_policy("inline").await.unwrap().is_none(), "unpinned ({})", t.label);
         t.cleanup().await;
