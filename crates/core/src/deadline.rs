@@ -3,9 +3,9 @@
 //!
 //! A bound is a plain timeout: the step's future is dropped when it expires. A remote backend whose request is
 //! dropped that way cannot tell, from the drop alone, a server that never answered from a client that hung up;
-//! [`passed`] tells it. An attempt that ran into the deadline without an answer then counts against its server's
-//! health, as one that ran into the backend's own request timeout does, so a server that accepts requests and
-//! never answers them leaves rotation even when every caller gives up first.
+//! [`passed`] tells it. The remote client then counts an attempt that ran into the deadline, with no word from its
+//! server since it went out, against that server's health, as one that ran into its own request timeout: a server
+//! that accepts requests and never answers them leaves rotation even when every caller gives up first.
 
 use std::future::Future;
 use std::time::Duration;
