@@ -83,10 +83,7 @@ pub fn parse_item(line: &str, limits: &InputLimits) -> Result<Item, ItemError> {
 
 /// Checks a content that did not come from JSONL (e.g. `--text`) against the same limits.
 pub fn check_content(content: &Content, limits: &InputLimits) -> Result<(), ItemError> {
-    let chars = content.prompt_chars();
-    if chars > limits.max_chars {
-        return Err(ItemError::TooLong { chars, limit: limits.max_chars });
-    }
+    check_length(content, limits)?;
     let blank = match content {
         Content::Text { text } => text.trim().is_empty(),
         Content::Prompt { prompt } => prompt.trim().is_empty(),
@@ -96,6 +93,15 @@ pub fn check_content(content: &Content, limits: &InputLimits) -> Result<(), Item
     };
     if blank {
         return Err(ItemError::EmptyContent);
+    }
+    Ok(())
+}
+
+/// The length part of [`check_content`] alone, for content already read under another limit.
+pub fn check_length(content: &Content, limits: &InputLimits) -> Result<(), ItemError> {
+    let chars = content.prompt_chars();
+    if chars > limits.max_chars {
+        return Err(ItemError::TooLong { chars, limit: limits.max_chars });
     }
     Ok(())
 }

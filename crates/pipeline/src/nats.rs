@@ -54,7 +54,7 @@ use std::time::{Duration, Instant};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, AckKind, consumer, stream};
 use futures::{FutureExt, Stream, StreamExt};
-use safeguard_core::input::{InputLimits, ItemError, parse_item};
+use safeguard_core::input::{InputLimits, check_length, parse_item};
 use safeguard_harmony::{Content, Tokenizer, user_message_text};
 use safeguard_policy::Policy;
 use safeguard_verdict::Outcome;
@@ -925,10 +925,8 @@ impl Worker {
             Ok(item) => item,
             Err(e) => return self.reject(message, key, item_id, &e.to_string(), digest, stop).await,
         };
-        let chars = item.content.prompt_chars();
-        if chars > self.limits.max_chars {
-            let why = ItemError::TooLong { chars, limit: self.limits.max_chars }.to_string();
-            return self.reject_for_now(message, key, item_id, &why, this_body).await;
+        if let Err(e) = check_length(&item.content, &InputLimits { max_chars: self.limits.max_chars }) {
+            return self.reject_for_now(message, key, item_id, &e.to_string(), this_body).await;
         }
         if let Some(why) = self.limits.over_tokens(&item.content) {
             return self.reject_for_now(message, key, item_id, &why, this_body).await;
@@ -1210,11 +1208,12 @@ impl Worker {
         let id = per_delivery_id(message, &event);
         // With no ledger entry for the key (it never had one, or it aged out under --retain-days while a person's
         // later word outlived it), nothing ties a word without a digest to this body: the key sent again is a new
-        // item and hears its rejection. Only a word on a decision this body was settled apart under is its own.
+        // item and hears its rejection. While the entry is another body's, a word on a decision this body was
+        // settled apart under is its own.
         let settled = |last: &DecisionEvent| match (&last.status, &last.body_digest) {
             (EventStatus::Decided, Some(theirs)) => theirs.as_str() == this_body.digest,
             (EventStatus::Decided | EventStatus::Reviewed, None) => {
-                this_body.slot_answers_another && this_body.answered_by(&event.key, last)
+                this_body.slot_answers_another && this_body.answered_apart(&event.key, last)
             }
             _ => false,
         };
@@ -1742,9 +1741,11 @@ impl Settled<'_> {
     /// answers this body. Any does while the key's entry is this body's; otherwise only a person's answer to the
     /// decision this body was settled apart under (one id per key and body, for either reason).
     fn answered_by(&self, key: &str, last: &DecisionEvent) -> bool {
-        if !self.slot_answers_another {
-            return true;
-        }
+        !self.slot_answers_another || self.answered_apart(key, last)
+    }
+
+    /// Whether `last` is a person's answer to a decision this body was settled apart under.
+    fn answered_apart(&self, key: &str, last: &DecisionEvent) -> bool {
         let apart = [reused_id(key, self.digest), conflict_id(key, self.digest), legacy_conflict_id(key)]
             .map(|id| id.to_string());
         last.review.as_ref().is_some_and(|review| {

@@ -96,6 +96,14 @@ pub const MAX_REVIEW_PAGE: i64 = 1000;
 pub(crate) const COLUMNS: &str = "id, decision_id, status, kind, priority, reason, created_at, due_at, reviewer, rationale, rule_id, \
     policy_hash, outcome, overrides_model, decided_at, claimed_by, claimed_until";
 
+/// The row of review `id`, read through `executor`: the pool, or a transaction that must see its own writes.
+async fn review_row<'e, 'c: 'e, E>(executor: E, id: &'e str) -> Result<Option<AnyRow>>
+where
+    E: 'e + sqlx::Executor<'c, Database = Any>,
+{
+    Ok(sqlx::query(sql!("SELECT {COLUMNS} FROM reviews WHERE id = $1")).bind(id).fetch_optional(executor).await?)
+}
+
 pub(crate) fn row_to_review(row: &AnyRow) -> Result<ReviewRecord> {
     Ok(ReviewRecord {
         id: row.try_get("id")?,
@@ -277,11 +285,7 @@ impl Store {
     }
 
     pub async fn get_review(&self, id: &str) -> Result<Option<ReviewRecord>> {
-        let row = sqlx::query(sql!("SELECT {COLUMNS} FROM reviews WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(row_to_review).transpose()
+        review_row(&self.pool, id).await?.as_ref().map(row_to_review).transpose()
     }
 
     /// The queue in working order: pending reviews past their SLA first, the longest overdue first; then highest
@@ -399,9 +403,9 @@ impl Store {
         // Read before the commit: read after it, a failure would report a decision that was made as not made, and
         // the person's retry would be refused as a decision already taken. Decoded after it: a row this version
         // cannot decode must not stop a person's decision.
-        let row = sqlx::query(sql!("SELECT {COLUMNS} FROM reviews WHERE id = $1")).bind(id).fetch_one(&mut *tx).await?;
+        let row = review_row(&mut *tx, id).await?;
         tx.commit().await?;
-        row_to_review(&row).map(Some)
+        row.as_ref().map(row_to_review).transpose()
     }
 
     /// Decided reviews and appeals of decisions that came in over NATS whose outcome has not been published yet,
